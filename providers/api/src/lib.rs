@@ -1,0 +1,214 @@
+//! The contract between Keygate's broker core and its credential backends.
+//!
+//! The core knows no backend by name: it holds `Arc<dyn Provider>` values built
+//! from config and talks to them only through this crate. A provider mints a
+//! credential for one lease ([`Provider::issue`]), hands back the credential
+//! (secret parts wrapped in [`secrecy`] types) and an opaque [`RevokeHandle`]
+//! that never leaves the broker, and later revokes by that handle
+//! ([`Provider::revoke`]).
+//!
+//! Two rules every provider keeps:
+//! - **The lease id is the correlation key.** The broker writes the lease row
+//!   before calling `issue`; if it crashes before recording the handle, it calls
+//!   `revoke` with `handle: None`, and the provider must find and revoke what it
+//!   may have issued for that lease id (or say it cannot, with an error).
+//! - **Secrets stay secret.** Error messages, `Debug` output and revoke handles
+//!   never contain secret material.
+
+mod credential;
+mod error;
+
+use std::time::Duration;
+
+use async_trait::async_trait;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+pub use credential::{Credential, CredentialField};
+pub use error::ProviderError;
+
+/// A credential backend instance (one `[providers.<name>]` table in config).
+#[async_trait]
+pub trait Provider: Send + Sync + 'static {
+    /// The backend kind, as written in config (`local-ca`, `vault`, ...).
+    fn kind(&self) -> &'static str;
+
+    /// Checks a scope's provider parameters when config is loaded, so a typo is
+    /// a start-up error and not a failed request.
+    fn validate_scope(&self, scope: &ScopeSpec) -> Result<(), ProviderError>;
+
+    /// Mints one credential for the lease described by `req`.
+    async fn issue(&self, req: &IssueRequest) -> Result<Issued, ProviderError>;
+
+    /// Revokes what was issued for a lease. Must be idempotent: revoking
+    /// something already revoked or gone returns [`RevokeOutcome::AlreadyGone`]
+    /// or [`RevokeOutcome::Revoked`], never an error.
+    async fn revoke(&self, req: &RevokeRequest) -> Result<RevokeOutcome, ProviderError>;
+
+    /// Extends a lease where the backend allows it. The default says it cannot.
+    async fn renew(&self, _req: &RenewRequest) -> Result<Renewed, ProviderError> {
+        Err(ProviderError::Unsupported("renewal".into()))
+    }
+
+    /// A public document the provider publishes for relying parties (a CRL,
+    /// a trust bundle), served unauthenticated by the broker at
+    /// `GET /v1/providers/{instance}/{name}`. `Ok(None)` means no such document.
+    async fn document(&self, _name: &str) -> Result<Option<Document>, ProviderError> {
+        Ok(None)
+    }
+
+    /// Checks a credential this provider issued, as a relying party would,
+    /// honouring revocation. Served at `POST /v1/providers/{instance}/verify`.
+    async fn verify(&self, _presented: &serde_json::Value) -> Result<Verification, ProviderError> {
+        Err(ProviderError::Unsupported("verification".into()))
+    }
+}
+
+/// A public document published by a provider.
+#[derive(Debug, Clone)]
+pub struct Document {
+    /// MIME type, e.g. `application/pkix-crl`.
+    pub content_type: &'static str,
+    /// The bytes served.
+    pub body: Vec<u8>,
+}
+
+/// The verdict on a presented credential.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Verification {
+    /// Whether a relying party should accept it now.
+    pub valid: bool,
+    /// Why not, when not valid (`revoked`, `expired`, `bad_signature`, ...).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
+    /// The identity the credential asserts (a SPIFFE ID, a username).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub subject: Option<String>,
+    /// When it expires.
+    #[serde(skip_serializing_if = "Option::is_none", with = "time::serde::rfc3339::option")]
+    pub expires_at: Option<OffsetDateTime>,
+}
+
+/// A scope as the provider sees it at config load and at issue time.
+#[derive(Debug, Clone)]
+pub struct ScopeSpec {
+    /// The scope's name in config.
+    pub name: String,
+    /// The longest lease this scope allows.
+    pub max_ttl: Duration,
+    /// Provider-specific parameters (`[scopes.params]`), never secret.
+    pub params: serde_json::Value,
+}
+
+/// The agent a credential is minted for, as far as a provider needs to know.
+#[derive(Debug, Clone, Serialize)]
+pub struct AgentInfo {
+    /// Registered agent id, e.g. `finance-invoice-agent-v1`.
+    pub id: String,
+    /// Owning team.
+    pub team: String,
+    /// Accountable human sponsor.
+    pub sponsor: String,
+    /// Deployment environment (`dev`, `test`, `prod`).
+    pub environment: String,
+    /// Risk tier 1–3.
+    pub risk_tier: u8,
+}
+
+/// Everything a provider needs to mint one credential.
+#[derive(Debug, Clone)]
+pub struct IssueRequest {
+    /// The lease this credential belongs to; also the correlation key for
+    /// revoking an issue whose handle was never recorded.
+    pub lease_id: String,
+    /// The task (broker session) the lease belongs to.
+    pub task_id: String,
+    /// The agent the credential is for.
+    pub agent: AgentInfo,
+    /// The scope being minted.
+    pub scope: ScopeSpec,
+    /// Granted lifetime; the provider must not issue anything that outlives it.
+    pub ttl: Duration,
+    /// `now + ttl`, computed once by the broker.
+    pub expires_at: OffsetDateTime,
+    /// Per-request parameters the agent sent (e.g. a JWT-SVID audience).
+    pub request_params: serde_json::Value,
+}
+
+/// How a lease can be ended before its expiry.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Revocability {
+    /// The backend can kill the credential on request.
+    Revocable,
+    /// The credential cannot be killed; it lives until `expires_at`.
+    ExpiresAt,
+    /// Nothing was issued that could be revoked (e.g. a brokered read).
+    NotApplicable,
+}
+
+/// Opaque data a provider needs to revoke a credential (serial, accessor,
+/// lease id, key id). Stored by the broker; never returned to agents and never
+/// secret.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(transparent)]
+pub struct RevokeHandle(pub serde_json::Value);
+
+/// A freshly minted credential.
+#[derive(Debug)]
+pub struct Issued {
+    /// What the agent receives.
+    pub credential: Credential,
+    /// What the broker keeps to revoke it.
+    pub handle: RevokeHandle,
+    /// When the credential stops working by itself.
+    pub expires_at: OffsetDateTime,
+    /// Whether revocation before expiry is possible.
+    pub revocability: Revocability,
+}
+
+/// A request to revoke what was issued for one lease.
+#[derive(Debug, Clone)]
+pub struct RevokeRequest {
+    /// The lease being revoked.
+    pub lease_id: String,
+    /// The scope the lease was minted for.
+    pub scope: ScopeSpec,
+    /// The handle recorded at issue, or `None` when the broker crashed before
+    /// recording it.
+    pub handle: Option<RevokeHandle>,
+    /// The lease's expiry, for providers that can only wait it out.
+    pub expires_at: OffsetDateTime,
+}
+
+/// What a provider did with a revoke request.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum RevokeOutcome {
+    /// The backend confirmed the credential is dead.
+    Revoked,
+    /// The backend had no such credential (never issued, expired or revoked
+    /// before); counts as revoked.
+    AlreadyGone,
+    /// The backend cannot revoke it; it lives until this time.
+    LivesUntil(OffsetDateTime),
+}
+
+/// A request to extend a lease.
+#[derive(Debug, Clone)]
+pub struct RenewRequest {
+    /// The lease being renewed.
+    pub lease_id: String,
+    /// The scope, whose `max_ttl` caps the renewal.
+    pub scope: ScopeSpec,
+    /// The handle recorded at issue.
+    pub handle: RevokeHandle,
+    /// Requested extension.
+    pub increment: Duration,
+}
+
+/// The result of a renewal.
+#[derive(Debug, Clone)]
+pub struct Renewed {
+    /// The new expiry.
+    pub expires_at: OffsetDateTime,
+}

@@ -1,0 +1,259 @@
+//! The durable revocation list: an append-only JSON-lines file plus an
+//! in-memory index.
+//!
+//! Each revoke appends one line and fsyncs before reporting success, so a
+//! revocation the broker was told about survives a crash. On open the file
+//! is compacted: entries more than a day past their expiry are dropped (the
+//! credential is dead anyway) and torn lines from a crash are discarded.
+
+use std::collections::HashMap;
+use std::fs;
+use std::io::Write as _;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+
+use keygate_provider_api::ProviderError;
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::keys;
+
+/// How long past its expiry an entry is kept, for relying parties whose
+/// clocks run behind.
+const KEEP_AFTER_EXPIRY_SECS: i64 = 24 * 60 * 60;
+
+/// One line of the file.
+#[derive(Debug, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct Record {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    serial: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    jti: Option<String>,
+    /// Unix seconds.
+    expires_at: i64,
+    /// Unix seconds.
+    #[serde(default)]
+    revoked_at: i64,
+}
+
+/// When a revoked credential expires and when it was revoked, in unix seconds.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub(crate) struct Entry {
+    pub expires_at: i64,
+    pub revoked_at: i64,
+}
+
+#[derive(Default)]
+struct Index {
+    serials: HashMap<String, Entry>,
+    jtis: HashMap<String, Entry>,
+}
+
+struct Log {
+    /// Shared with the blocking task that writes and fsyncs.
+    file: Arc<fs::File>,
+    /// A write failed part-way; the next record starts on a fresh line so
+    /// the torn one can't swallow it.
+    torn: bool,
+}
+
+/// Revoked credentials still in use, each with its [`Entry`], sorted by key.
+pub(crate) struct Unexpired {
+    pub serials: Vec<(String, Entry)>,
+    pub jtis: Vec<(String, Entry)>,
+}
+
+/// Revoked X.509 serials (hex) and JWT ids.
+pub(crate) struct RevocationList {
+    path: PathBuf,
+    /// Held across append and fsync: serialises writers, so "was it new?"
+    /// and "is it durable?" are answered for one revoke at a time.
+    log: tokio::sync::Mutex<Log>,
+    /// Held only briefly, so `verify` never waits for an fsync.
+    index: Mutex<Index>,
+}
+
+impl RevocationList {
+    /// Loads and compacts the file (creating it if missing). Blocking.
+    pub(crate) fn open(path: &Path, now: OffsetDateTime) -> Result<Self, ProviderError> {
+        let mut index = Index::default();
+        if path.exists() {
+            let text = fs::read_to_string(path).map_err(|e| keys::io_error("read", path, &e))?;
+            load_lines(
+                &text,
+                path,
+                now.unix_timestamp() - KEEP_AFTER_EXPIRY_SECS,
+                &mut index,
+            );
+        }
+        keys::write_file_atomic(path, &compacted(&index), keys::PUBLIC_FILE_MODE)?;
+        let file = fs::OpenOptions::new()
+            .append(true)
+            .open(path)
+            .map_err(|e| keys::io_error("open", path, &e))?;
+        Ok(Self {
+            path: path.to_path_buf(),
+            log: tokio::sync::Mutex::new(Log {
+                file: Arc::new(file),
+                torn: false,
+            }),
+            index: Mutex::new(index),
+        })
+    }
+
+    /// Adds whichever of `serial` and `jti` are not listed yet and makes
+    /// them durable. Returns whether anything was added.
+    pub(crate) async fn revoke(
+        &self,
+        serial: Option<String>,
+        jti: Option<String>,
+        expires_at: i64,
+        now: OffsetDateTime,
+    ) -> Result<bool, ProviderError> {
+        let mut log = self.log.lock().await;
+        let (serial, jti) = {
+            let index = self.index();
+            (
+                serial.filter(|s| !index.serials.contains_key(s)),
+                jti.filter(|j| !index.jtis.contains_key(j)),
+            )
+        };
+        if serial.is_none() && jti.is_none() {
+            return Ok(false);
+        }
+        let entry = Entry {
+            expires_at,
+            revoked_at: now.unix_timestamp(),
+        };
+        let record = Record {
+            serial,
+            jti,
+            expires_at,
+            revoked_at: entry.revoked_at,
+        };
+        let mut line = if log.torn { b"\n".to_vec() } else { Vec::new() };
+        serde_json::to_writer(&mut line, &record)
+            .map_err(|e| ProviderError::Internal(e.to_string()))?;
+        line.push(b'\n');
+        log.torn = true;
+        let file = Arc::clone(&log.file);
+        let written = tokio::task::spawn_blocking(move || {
+            (&*file).write_all(&line)?;
+            file.sync_data()
+        })
+        .await
+        .map_err(std::io::Error::other)
+        .and_then(|r| r);
+        written.map_err(|e| {
+            ProviderError::Unavailable(format!("cannot append to `{}`: {e}", self.path.display()))
+        })?;
+        log.torn = false;
+        let mut index = self.index();
+        if let Some(s) = record.serial {
+            index.serials.insert(s, entry);
+        }
+        if let Some(j) = record.jti {
+            index.jtis.insert(j, entry);
+        }
+        Ok(true)
+    }
+
+    pub(crate) fn is_serial_revoked(&self, serial_hex: &str) -> bool {
+        self.index().serials.contains_key(serial_hex)
+    }
+
+    pub(crate) fn is_jti_revoked(&self, jti: &str) -> bool {
+        self.index().jtis.contains_key(jti)
+    }
+
+    /// Revoked serials and JWT ids whose credentials have not expired yet,
+    /// sorted so documents are stable.
+    pub(crate) fn unexpired(&self, now: OffsetDateTime) -> Unexpired {
+        let now = now.unix_timestamp();
+        let live = |m: &HashMap<String, Entry>| {
+            let mut v: Vec<_> = m
+                .iter()
+                .filter(|(_, e)| e.expires_at > now)
+                .map(|(k, e)| (k.clone(), *e))
+                .collect();
+            v.sort();
+            v
+        };
+        let index = self.index();
+        Unexpired {
+            serials: live(&index.serials),
+            jtis: live(&index.jtis),
+        }
+    }
+
+    fn index(&self) -> MutexGuard<'_, Index> {
+        // The index is only ever updated by whole inserts; a panic elsewhere
+        // can't leave it half-changed.
+        self.index.lock().unwrap_or_else(PoisonError::into_inner)
+    }
+}
+
+impl PartialOrd for Entry {
+    fn partial_cmp(&self, other: &Self) -> Option<std::cmp::Ordering> {
+        Some(self.cmp(other))
+    }
+}
+
+impl Ord for Entry {
+    fn cmp(&self, other: &Self) -> std::cmp::Ordering {
+        (self.expires_at, self.revoked_at).cmp(&(other.expires_at, other.revoked_at))
+    }
+}
+
+fn load_lines(text: &str, path: &Path, keep_after: i64, index: &mut Index) {
+    for (n, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let Ok(record) = serde_json::from_str::<Record>(line) else {
+            // Expected after a crash mid-append; that revoke was never confirmed.
+            tracing::warn!(path = %path.display(), line = n + 1, "skipping unreadable revocation record");
+            continue;
+        };
+        if record.expires_at < keep_after {
+            continue;
+        }
+        let entry = Entry {
+            expires_at: record.expires_at,
+            revoked_at: record.revoked_at,
+        };
+        if let Some(s) = record.serial {
+            index.serials.entry(s).or_insert(entry);
+        }
+        if let Some(j) = record.jti {
+            index.jtis.entry(j).or_insert(entry);
+        }
+    }
+}
+
+fn compacted(index: &Index) -> Vec<u8> {
+    let mut out = Vec::new();
+    let records = index
+        .serials
+        .iter()
+        .map(|(s, e)| Record {
+            serial: Some(s.clone()),
+            jti: None,
+            expires_at: e.expires_at,
+            revoked_at: e.revoked_at,
+        })
+        .chain(index.jtis.iter().map(|(j, e)| Record {
+            serial: None,
+            jti: Some(j.clone()),
+            expires_at: e.expires_at,
+            revoked_at: e.revoked_at,
+        }));
+    for record in records {
+        // Serialising a struct of strings and integers cannot fail.
+        if serde_json::to_writer(&mut out, &record).is_ok() {
+            out.push(b'\n');
+        }
+    }
+    out
+}

@@ -1,0 +1,105 @@
+//! The broker: agents, tasks, credentials and revocations, tied to the store,
+//! policy, providers and audit. The HTTP layer is a thin shell around this.
+
+mod agents;
+mod credentials;
+mod revocations;
+mod sessions;
+
+use std::sync::Arc;
+use std::time::Duration;
+
+use crate::config::Config;
+use crate::identity::SessionSigner;
+use crate::lease::LeaseEngine;
+use crate::metrics::Metrics;
+use crate::policy::PolicyEngine;
+use crate::providers::Registry;
+use crate::store::{Store, StoreError};
+
+pub use agents::{AgentSpec, seed_agents};
+pub use credentials::{CompletedTask, IssuedCredential, ReleasedLease};
+pub use revocations::{RevocationReport, RevocationRequest};
+pub use sessions::{Session, TokenRequest, TokenResponse};
+
+/// Why a broker operation failed. The server maps each variant to a status
+/// and a stable error code.
+#[derive(Debug, thiserror::Error)]
+pub enum BrokerError {
+    #[error("{0}")]
+    InvalidRequest(String),
+    #[error("{0}")]
+    NotFound(String),
+    #[error("{0}")]
+    Conflict(String),
+    #[error("{message}")]
+    PolicyDenied {
+        message: String,
+        policies: Vec<String>,
+    },
+    #[error("{0}")]
+    ApprovalRequired(String),
+    #[error("{0}")]
+    TaskEnded(String),
+    #[error("{0}")]
+    Provider(String),
+    #[error("{0}")]
+    Internal(String),
+}
+
+impl From<StoreError> for BrokerError {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::Conflict(what) => Self::Conflict(format!("{what} already exists")),
+            other => Self::Internal(other.to_string()),
+        }
+    }
+}
+
+pub type BrokerResult<T> = Result<T, BrokerError>;
+
+/// Everything a request handler needs.
+pub struct Broker {
+    pub config: Config,
+    pub store: Arc<dyn Store>,
+    pub policy: PolicyEngine,
+    pub signer: SessionSigner,
+    pub registry: Registry,
+    pub leases: LeaseEngine,
+    pub metrics: Arc<Metrics>,
+}
+
+impl std::fmt::Debug for Broker {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Broker")
+            .field("registry", &self.registry)
+            .field("policy", &self.policy)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Broker {
+    /// How long release, completion and revocation calls wait for providers
+    /// to confirm before answering with what is still pending.
+    pub const CONFIRM_WAIT: Duration = Duration::from_secs(5);
+
+    /// Waits until none of `lease_ids` is still queued, or `wait` passes.
+    pub(crate) async fn await_revocations(&self, lease_ids: &[String], wait: Duration) {
+        let deadline = tokio::time::Instant::now() + wait;
+        loop {
+            let mut pending = false;
+            for id in lease_ids {
+                if let Ok(Some(l)) = self.store.get_lease(id).await {
+                    if l.state == crate::model::LeaseState::Revoking {
+                        pending = true;
+                        break;
+                    }
+                }
+            }
+            if !pending || tokio::time::Instant::now() >= deadline {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}

@@ -1,0 +1,384 @@
+//! Credentials: decide, write the lease ahead, mint, hand over; release one;
+//! complete the task.
+
+use std::time::Duration;
+
+use keygate_provider_api::{IssueRequest, ProviderError, AgentInfo};
+use serde::Serialize;
+use time::OffsetDateTime;
+
+use super::{Broker, BrokerError, BrokerResult, Session};
+use crate::audit::{Actor, AuditEvent};
+use crate::model::{Lease, LeaseState, Revocability, RevocationProgress, TaskState, new_id, now};
+use crate::policy::{RequestFacts, ScopeFacts};
+use crate::store::{LeaseSelector, TaskSelector};
+
+/// What the agent receives for a granted credential.
+#[derive(Debug)]
+pub struct IssuedCredential {
+    pub lease_id: String,
+    pub scope: String,
+    pub provider: String,
+    pub expires_at: OffsetDateTime,
+    pub revocability: Revocability,
+    pub credential: keygate_provider_api::Credential,
+}
+
+/// The outcome of releasing one lease.
+#[derive(Debug, Serialize)]
+pub struct ReleasedLease {
+    pub lease_id: String,
+    pub state: LeaseState,
+    /// Set when the backend could not kill it: it lives until then.
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub lives_until: Option<OffsetDateTime>,
+    pub last_error: Option<String>,
+}
+
+/// The outcome of completing a task.
+#[derive(Debug, Serialize)]
+pub struct CompletedTask {
+    pub task_id: String,
+    pub state: TaskState,
+    pub leases: RevocationProgress,
+}
+
+impl Broker {
+    /// Grants one credential of `scope_name` to the session's agent.
+    pub async fn request_credential(
+        &self,
+        s: &Session,
+        scope_name: &str,
+        ttl: Option<u64>,
+        params: serde_json::Value,
+    ) -> BrokerResult<IssuedCredential> {
+        let result = self.try_request(s, scope_name, ttl, params).await;
+        self.metrics.credential(
+            scope_name,
+            match &result {
+                Ok(_) => "issued",
+                Err(BrokerError::PolicyDenied { .. }) => "denied",
+                Err(_) => "error",
+            },
+        );
+        result
+    }
+
+    async fn try_request(
+        &self,
+        s: &Session,
+        scope_name: &str,
+        ttl: Option<u64>,
+        params: serde_json::Value,
+    ) -> BrokerResult<IssuedCredential> {
+        let actor = Actor::Agent(s.agent.id.clone());
+        let (scope_cfg, spec) = self
+            .config
+            .scopes
+            .iter()
+            .find(|c| c.name == scope_name)
+            .zip(self.registry.scope(scope_name))
+            .ok_or_else(|| BrokerError::NotFound(format!("no scope `{scope_name}`")))?;
+        let t = now();
+        let remaining = (s.task.expires_at - t).whole_seconds().max(0) as u64;
+        let ttl = match ttl {
+            Some(0) => {
+                return Err(BrokerError::InvalidRequest("`ttl` must be positive".into()));
+            }
+            Some(n) => n,
+            None => scope_cfg.max_ttl_secs,
+        };
+        let granted = ttl.min(scope_cfg.max_ttl_secs).min(remaining);
+        if granted == 0 {
+            return Err(BrokerError::TaskEnded("the task has no time left".into()));
+        }
+        let decision = self
+            .policy
+            .decide(
+                &s.agent,
+                &ScopeFacts {
+                    name: scope_name,
+                    provider: &scope_cfg.provider,
+                    sensitive: scope_cfg.sensitive,
+                    max_ttl_secs: scope_cfg.max_ttl_secs,
+                },
+                &RequestFacts {
+                    task_id: &s.task.id,
+                    task_description: &s.task.description,
+                    requested_ttl_secs: ttl,
+                    now: t,
+                },
+            )
+            .map_err(|e| BrokerError::Internal(e.to_string()))?;
+        let decided = AuditEvent::new(&actor, "credential.requested")
+            .agent(&s.agent.id)
+            .task(&s.task.id)
+            .scope(scope_name)
+            .decision(decision.allow, decision.policy_ids.clone(), self.policy.hash())
+            .details(serde_json::json!({ "ttl": ttl, "errors": decision.errors }));
+        if !decision.allow {
+            let message = if decision.policy_ids.is_empty() {
+                format!("no policy permits agent `{}` to obtain scope `{scope_name}`", s.agent.id)
+            } else {
+                format!(
+                    "policy forbids agent `{}` to obtain scope `{scope_name}`",
+                    s.agent.id
+                )
+            };
+            self.audit_alone(decided.failure(message.clone())).await?;
+            return Err(BrokerError::PolicyDenied {
+                message,
+                policies: decision.policy_ids,
+            });
+        }
+        if scope_cfg.sensitive {
+            let message = format!(
+                "scope `{scope_name}` is sensitive and needs a human approval; approvals are not available in this version, so it cannot be granted"
+            );
+            self.audit_alone(decided.failure(message.clone())).await?;
+            return Err(BrokerError::ApprovalRequired(message));
+        }
+        let expires_at = t + time::Duration::seconds(granted as i64);
+        let lease = Lease {
+            id: new_id("ls"),
+            agent_id: s.agent.id.clone(),
+            task_id: s.task.id.clone(),
+            scope: scope_name.to_owned(),
+            provider: scope_cfg.provider.clone(),
+            state: LeaseState::Pending,
+            revocability: None,
+            handle: None,
+            created_at: t,
+            expires_at,
+            ended_at: None,
+            end_reason: None,
+            attempts: 0,
+            last_error: None,
+            next_attempt_at: None,
+            revocation_id: None,
+        };
+        // Write-ahead: the lease exists before the provider is asked, so a
+        // crash from here on leaves a row the reaper resolves.
+        let mut tx = self.store.begin().await?;
+        tx.insert_lease(&lease).await?;
+        tx.audit(decided.lease(&lease.id)).await?;
+        tx.commit().await?;
+
+        let provider = self
+            .registry
+            .provider(&lease.provider)
+            .ok_or_else(|| BrokerError::Internal(format!("provider `{}` missing", lease.provider)))?;
+        let req = IssueRequest {
+            lease_id: lease.id.clone(),
+            task_id: s.task.id.clone(),
+            agent: AgentInfo {
+                id: s.agent.id.clone(),
+                team: s.agent.team.clone(),
+                sponsor: s.agent.sponsor.clone(),
+                environment: s.agent.environment.to_string(),
+                risk_tier: s.agent.risk_tier,
+            },
+            scope: spec.clone(),
+            ttl: Duration::from_secs(granted),
+            expires_at,
+            request_params: params,
+        };
+        let timeout = Duration::from_secs(self.config.leases.issue_timeout_secs);
+        let issued = match tokio::time::timeout(timeout, provider.issue(&req)).await {
+            Ok(Ok(issued)) => issued,
+            Ok(Err(e)) => return Err(self.issue_failed(&lease, &actor, e).await),
+            Err(_) => {
+                let e = ProviderError::Unavailable(format!("no answer within {}s", timeout.as_secs()));
+                return Err(self.issue_failed(&lease, &actor, e).await);
+            }
+        };
+        if issued.expires_at > expires_at {
+            // A provider that outlives the lease breaks the broker's promise;
+            // kill what it issued rather than hand it over.
+            self.record_and_queue(&lease, &issued, &actor).await?;
+            let mut tx = self.store.begin().await?;
+            tx.queue_revocations(
+                &LeaseSelector::Lease(lease.id.clone()),
+                "the provider issued past the lease expiry",
+                None,
+                now(),
+            )
+            .await?;
+            tx.commit().await?;
+            self.leases.wake();
+            return Err(BrokerError::Provider(
+                "the provider issued a credential that outlives its lease; it is being revoked".into(),
+            ));
+        }
+        let state = self.record_and_queue(&lease, &issued, &actor).await?;
+        match state {
+            Some(LeaseState::Active) => Ok(IssuedCredential {
+                lease_id: lease.id,
+                scope: lease.scope,
+                provider: lease.provider,
+                expires_at: issued.expires_at,
+                revocability: issued.revocability.into(),
+                credential: issued.credential,
+            }),
+            _ => {
+                self.leases.wake();
+                Err(BrokerError::TaskEnded(
+                    "the task ended while the credential was being issued; it is being revoked"
+                        .into(),
+                ))
+            }
+        }
+    }
+
+    /// Records the handle; returns the lease state after recording.
+    async fn record_and_queue(
+        &self,
+        lease: &Lease,
+        issued: &keygate_provider_api::Issued,
+        actor: &Actor,
+    ) -> BrokerResult<Option<LeaseState>> {
+        let revocability: Revocability = issued.revocability.into();
+        let mut tx = self.store.begin().await?;
+        let state = tx
+            .record_issued(&lease.id, &issued.handle.0, revocability, issued.expires_at)
+            .await?;
+        tx.audit(
+            AuditEvent::new(actor, "lease.issued")
+                .agent(&lease.agent_id)
+                .task(&lease.task_id)
+                .scope(&lease.scope)
+                .lease(&lease.id)
+                .details(serde_json::json!({
+                    "provider": lease.provider,
+                    "expires_at": crate::model::unix(issued.expires_at),
+                    "revocability": revocability,
+                    "handle": issued.handle.0,
+                    "fields": issued.credential.field_names().collect::<Vec<_>>(),
+                })),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(state)
+    }
+
+    /// A provider error during issue: definitive refusals mean nothing
+    /// exists; anything else may have issued, so the lease is queued for
+    /// revocation by lease id.
+    async fn issue_failed(&self, lease: &Lease, actor: &Actor, e: ProviderError) -> BrokerError {
+        let msg = e.to_string();
+        tracing::warn!(lease = %lease.id, error = %msg, "provider failed to issue");
+        let definitive = matches!(
+            e,
+            ProviderError::InvalidParams(_) | ProviderError::Refused(_) | ProviderError::Unsupported(_)
+        );
+        let t = now();
+        let stored = async {
+            let mut tx = self.store.begin().await?;
+            if definitive {
+                tx.mark_failed(&lease.id, &msg, t).await?;
+            } else {
+                tx.queue_revocations(
+                    &LeaseSelector::Lease(lease.id.clone()),
+                    "issue failed; the provider may have issued",
+                    None,
+                    t,
+                )
+                .await?;
+            }
+            tx.audit(
+                AuditEvent::new(actor, "lease.issue_failed")
+                    .agent(&lease.agent_id)
+                    .task(&lease.task_id)
+                    .scope(&lease.scope)
+                    .lease(&lease.id)
+                    .failure(msg.clone()),
+            )
+            .await?;
+            tx.commit().await
+        }
+        .await;
+        if let Err(se) = stored {
+            tracing::error!(lease = %lease.id, error = %se, "cannot record a failed issue; the reaper will resolve the pending lease");
+        }
+        if !definitive {
+            self.leases.wake();
+        }
+        match e {
+            ProviderError::InvalidParams(m) => BrokerError::InvalidRequest(m),
+            other => BrokerError::Provider(other.to_string()),
+        }
+    }
+
+    /// Releases one lease of the session's task early.
+    pub async fn release(&self, s: &Session, lease_id: &str) -> BrokerResult<ReleasedLease> {
+        let lease = self
+            .store
+            .get_lease(lease_id)
+            .await?
+            .filter(|l| l.task_id == s.task.id)
+            .ok_or_else(|| BrokerError::NotFound(format!("no lease `{lease_id}` in this task")))?;
+        let actor = Actor::Agent(s.agent.id.clone());
+        let mut tx = self.store.begin().await?;
+        let queued = tx
+            .queue_revocations(&LeaseSelector::Lease(lease.id.clone()), "released by agent", None, now())
+            .await?;
+        tx.audit(
+            AuditEvent::new(&actor, "lease.released")
+                .agent(&lease.agent_id)
+                .task(&lease.task_id)
+                .scope(&lease.scope)
+                .lease(&lease.id)
+                .details(serde_json::json!({ "was": lease.state })),
+        )
+        .await?;
+        tx.commit().await?;
+        self.leases.wake();
+        self.await_revocations(&queued, Self::CONFIRM_WAIT).await;
+        let after = self.store.get_lease(lease_id).await?.unwrap_or(lease);
+        Ok(ReleasedLease {
+            lease_id: after.id,
+            state: after.state,
+            lives_until: (after.state == LeaseState::Expiring).then_some(after.expires_at),
+            last_error: after.last_error,
+        })
+    }
+
+    /// Ends the session's task: its token stops working at once and every
+    /// lease of the task is revoked.
+    pub async fn complete_task(&self, s: &Session) -> BrokerResult<CompletedTask> {
+        let actor = Actor::Agent(s.agent.id.clone());
+        let t = now();
+        let mut tx = self.store.begin().await?;
+        tx.end_tasks(&TaskSelector::Task(s.task.id.clone()), TaskState::Completed, "completed by agent", t)
+            .await?;
+        let queued = tx
+            .queue_revocations(&LeaseSelector::Task(s.task.id.clone()), "task completed", None, t)
+            .await?;
+        tx.audit(
+            AuditEvent::new(&actor, "task.completed")
+                .agent(&s.agent.id)
+                .task(&s.task.id)
+                .details(serde_json::json!({ "leases_queued": queued.len() })),
+        )
+        .await?;
+        tx.commit().await?;
+        self.leases.wake();
+        self.await_revocations(&queued, Self::CONFIRM_WAIT).await;
+        let mut progress = RevocationProgress::default();
+        for id in &queued {
+            if let Some(l) = self.store.get_lease(id).await? {
+                progress.found += 1;
+                match l.state {
+                    LeaseState::Revoked | LeaseState::Expired => progress.revoked += 1,
+                    LeaseState::Expiring => progress.expiring += 1,
+                    _ => progress.pending += 1,
+                }
+            }
+        }
+        Ok(CompletedTask {
+            task_id: s.task.id.clone(),
+            state: TaskState::Completed,
+            leases: progress,
+        })
+    }
+}

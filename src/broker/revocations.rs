@@ -1,0 +1,176 @@
+//! Emergency revocation: the SecOps kill switch.
+
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use super::{Broker, BrokerError, BrokerResult};
+use crate::audit::{Actor, AuditEvent};
+use crate::model::{
+    AgentStatus, Revocation, RevocationProgress, Selector, TaskState, new_id, now,
+};
+use crate::store::{LeaseSelector, TaskSelector};
+
+/// `POST /v1/revocations` body: exactly one selector and a reason.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RevocationRequest {
+    pub agent: Option<String>,
+    pub team: Option<String>,
+    pub provider: Option<String>,
+    #[serde(default)]
+    pub all: bool,
+    pub reason: Option<String>,
+    /// Also suspend the matching agents so they cannot open new tasks
+    /// (agent and team selectors only).
+    #[serde(default)]
+    pub suspend: bool,
+    /// Seconds to wait for providers to confirm before answering (default 5, at most 60).
+    pub wait: Option<u64>,
+}
+
+/// What a revocation found and did.
+#[derive(Debug, Serialize)]
+pub struct RevocationReport {
+    pub revocation_id: String,
+    pub selector: Selector,
+    pub reason: String,
+    /// Open tasks (session tokens) ended; their tokens fail from now on.
+    pub tasks_ended: u64,
+    pub agents_suspended: u64,
+    #[serde(flatten)]
+    pub leases: RevocationProgress,
+}
+
+impl RevocationRequest {
+    fn selector(&self) -> BrokerResult<Selector> {
+        let mut found = Vec::new();
+        if let Some(a) = &self.agent {
+            found.push(Selector::Agent(a.clone()));
+        }
+        if let Some(t) = &self.team {
+            found.push(Selector::Team(t.clone()));
+        }
+        if let Some(p) = &self.provider {
+            found.push(Selector::Provider(p.clone()));
+        }
+        if self.all {
+            found.push(Selector::All);
+        }
+        match found.len() {
+            1 => Ok(found.remove(0)),
+            _ => Err(BrokerError::InvalidRequest(
+                "give exactly one of `agent`, `team`, `provider` or `all: true`".into(),
+            )),
+        }
+    }
+}
+
+impl Broker {
+    /// Ends every matching session and queues every matching live lease.
+    pub async fn revoke(&self, operator: &str, req: RevocationRequest) -> BrokerResult<RevocationReport> {
+        let selector = req.selector()?;
+        let reason = req
+            .reason
+            .as_deref()
+            .map(str::trim)
+            .filter(|r| !r.is_empty())
+            .ok_or_else(|| BrokerError::InvalidRequest("`reason` is required".into()))?
+            .to_owned();
+        match &selector {
+            Selector::Agent(a) => {
+                self.agent(a).await?;
+            }
+            Selector::Provider(p) if self.registry.provider(p).is_none() => {
+                return Err(BrokerError::NotFound(format!("no provider `{p}`")));
+            }
+            _ => {}
+        }
+        if req.suspend && !matches!(selector, Selector::Agent(_) | Selector::Team(_)) {
+            return Err(BrokerError::InvalidRequest(
+                "`suspend` applies to `agent` and `team` revocations only".into(),
+            ));
+        }
+        let actor = Actor::Operator(operator.to_owned());
+        let t = now();
+        let id = new_id("rv");
+        let why = format!("emergency revocation {id}: {reason}");
+        let mut tx = self.store.begin().await?;
+        let tasks = tx
+            .end_tasks(&TaskSelector::Emergency(selector.clone()), TaskState::Revoked, &why, t)
+            .await?;
+        tx.insert_revocation(&Revocation {
+            id: id.clone(),
+            selector: selector.clone(),
+            reason: reason.clone(),
+            operator: operator.to_owned(),
+            created_at: t,
+            tasks_ended: tasks.len() as u64,
+        })
+        .await?;
+        let queued = tx
+            .queue_revocations(&LeaseSelector::Emergency(selector.clone()), &why, Some(&id), t)
+            .await?;
+        let mut suspended = 0u64;
+        if req.suspend {
+            for agent in self.store.list_agents().await? {
+                let hit = match &selector {
+                    Selector::Agent(a) => &agent.id == a,
+                    Selector::Team(team) => &agent.team == team,
+                    _ => false,
+                };
+                if hit && agent.status == AgentStatus::Active {
+                    tx.set_agent_status(&agent.id, AgentStatus::Suspended, t).await?;
+                    suspended += 1;
+                }
+            }
+        }
+        tx.audit(
+            AuditEvent::new(&actor, "revocation.emergency")
+                .reason(reason.clone())
+                .details(serde_json::json!({
+                    "revocation_id": id, "selector": selector,
+                    "tasks_ended": tasks.len(), "leases_queued": queued.len(),
+                    "agents_suspended": suspended,
+                })),
+        )
+        .await?;
+        tx.commit().await?;
+        tracing::warn!(revocation = %id, selector = %selector, leases = queued.len(), tasks = tasks.len(), "emergency revocation");
+        self.leases.wake();
+        let deadline =
+            tokio::time::Instant::now() + Duration::from_secs(req.wait.unwrap_or(5).min(60));
+        let leases = loop {
+            let p = self.store.revocation_progress(&id).await?;
+            if p.pending == 0 || tokio::time::Instant::now() >= deadline {
+                break p;
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        };
+        Ok(RevocationReport {
+            revocation_id: id,
+            selector,
+            reason,
+            tasks_ended: tasks.len() as u64,
+            agents_suspended: suspended,
+            leases,
+        })
+    }
+
+    /// Progress of an earlier revocation.
+    pub async fn revocation_status(&self, id: &str) -> BrokerResult<RevocationReport> {
+        let r = self
+            .store
+            .get_revocation(id)
+            .await?
+            .ok_or_else(|| BrokerError::NotFound(format!("no revocation `{id}`")))?;
+        Ok(RevocationReport {
+            leases: self.store.revocation_progress(id).await?,
+            revocation_id: r.id,
+            selector: r.selector,
+            reason: r.reason,
+            tasks_ended: r.tasks_ended,
+            agents_suspended: 0,
+        })
+    }
+}

@@ -1,0 +1,165 @@
+//! The `keygate` command line: `serve` runs the broker; every other command
+//! talks to a running broker over its HTTP API.
+
+mod audit;
+mod client;
+mod commands;
+
+use std::path::PathBuf;
+
+use clap::{Args, Parser, Subcommand};
+
+pub use commands::run;
+
+#[derive(Debug, Parser)]
+#[command(name = "keygate", version, about = "Credential broker for AI agents")]
+pub struct Cli {
+    #[command(subcommand)]
+    pub command: Command,
+}
+
+/// Where the broker is and who is asking.
+#[derive(Debug, Clone, Args)]
+pub struct Remote {
+    /// Broker base URL.
+    #[arg(long, env = "KEYGATE_SERVER", default_value = "http://127.0.0.1:8470", global = true)]
+    pub server: String,
+    // The operator token comes from KEYGATE_TOKEN only, never a flag, so it
+    // stays out of shell history and process lists.
+}
+
+#[derive(Debug, Subcommand)]
+pub enum Command {
+    /// Run the broker.
+    Serve {
+        /// Config file.
+        #[arg(long, short, env = "KEYGATE_CONFIG", default_value = "config/keygate.toml")]
+        config: PathBuf,
+        /// Override `server.listen` (e.g. 127.0.0.1:0 for a free port).
+        #[arg(long)]
+        listen: Option<std::net::SocketAddr>,
+    },
+    /// Manage the agent registry.
+    Agents {
+        #[command(subcommand)]
+        cmd: AgentsCmd,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// List leases.
+    Leases {
+        #[command(subcommand)]
+        cmd: LeasesCmd,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Emergency revocation (secops): end sessions and revoke live credentials.
+    Revoke {
+        #[arg(long, group = "selector")]
+        agent: Option<String>,
+        #[arg(long, group = "selector")]
+        team: Option<String>,
+        #[arg(long, group = "selector")]
+        provider: Option<String>,
+        #[arg(long, group = "selector")]
+        all: bool,
+        /// Why (recorded in the audit log).
+        #[arg(long)]
+        reason: String,
+        /// Also suspend the matching agents.
+        #[arg(long)]
+        suspend: bool,
+        /// Seconds to follow progress before returning.
+        #[arg(long, default_value_t = 60)]
+        timeout: u64,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Read and verify the audit log.
+    Audit {
+        #[command(subcommand)]
+        cmd: AuditCmd,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Generate an agent key pair for `private_key_jwt`.
+    Keys {
+        #[command(subcommand)]
+        cmd: KeysCmd,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AgentsCmd {
+    /// Register an agent from a TOML or JSON file (see config/agents/).
+    Register {
+        /// Agent definition file.
+        #[arg(long)]
+        file: PathBuf,
+    },
+    List,
+    Show { id: String },
+    Suspend {
+        id: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    Resume {
+        id: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    Decommission {
+        id: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum LeasesCmd {
+    List {
+        #[arg(long)]
+        agent: Option<String>,
+        #[arg(long)]
+        task: Option<String>,
+        #[arg(long)]
+        state: Option<String>,
+        #[arg(long)]
+        provider: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum AuditCmd {
+    /// Check the hash chain; exit 1 at the first broken link.
+    Verify {
+        /// Verify a database file directly instead of asking the server.
+        #[arg(long)]
+        db: Option<PathBuf>,
+    },
+    /// Print events as JSON lines.
+    Tail {
+        #[arg(long)]
+        agent: Option<String>,
+        #[arg(long)]
+        task: Option<String>,
+        #[arg(long)]
+        action: Option<String>,
+        /// Keep polling for new events.
+        #[arg(long)]
+        follow: bool,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum KeysCmd {
+    /// Write a private key (PKCS#8 PEM, mode 0600) and print the public JWKS.
+    Generate {
+        #[arg(long, default_value = "ES256", value_parser = ["ES256", "EdDSA"])]
+        alg: String,
+        /// Where to write the private key.
+        #[arg(long)]
+        out: PathBuf,
+    },
+}

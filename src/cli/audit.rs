@@ -1,0 +1,100 @@
+//! `keygate audit`: tail and verify the hash chain, over HTTP or straight
+//! from a database file (so an auditor need not trust the server).
+
+use std::path::Path;
+use std::time::Duration;
+
+use anyhow::bail;
+use reqwest::Method;
+
+use super::client::Client;
+use crate::audit::{AuditEvent, GENESIS_HASH, verify_chain};
+use crate::store::AuditFilter;
+
+const PAGE: u32 = 5000;
+
+async fn page(c: &Client, after: i64, extra: &[(&str, String)]) -> anyhow::Result<Vec<AuditEvent>> {
+    let mut q: Vec<(&str, String)> = vec![("after", after.to_string()), ("limit", PAGE.to_string())];
+    q.extend(extra.iter().cloned());
+    let text = c.send(c.request(Method::GET, "/v1/audit").query(&q)).await?.text().await?;
+    text.lines()
+        .filter(|l| !l.is_empty())
+        .map(|l| serde_json::from_str(l).map_err(anyhow::Error::from))
+        .collect()
+}
+
+fn report(result: Result<(i64, String), crate::audit::BrokenLink>) -> anyhow::Result<()> {
+    match result {
+        Ok((n, head)) => {
+            println!("audit chain intact: {n} events, head {head}");
+            Ok(())
+        }
+        Err(b) => bail!("audit chain broken at event {}: {}", b.seq, b.problem),
+    }
+}
+
+pub async fn verify_remote(c: &Client) -> anyhow::Result<()> {
+    let (mut seq, mut hash) = (0, GENESIS_HASH.to_owned());
+    loop {
+        let evs = page(c, seq, &[]).await?;
+        if evs.is_empty() {
+            return report(Ok((seq, hash)));
+        }
+        match verify_chain(&evs, seq, hash) {
+            Ok((s, h)) => (seq, hash) = (s, h),
+            Err(b) => return report(Err(b)),
+        }
+    }
+}
+
+pub async fn verify_db(path: &Path) -> anyhow::Result<()> {
+    if !path.exists() {
+        bail!("no database at `{}`", path.display());
+    }
+    let store = crate::store::SqliteStore::open(&path.to_string_lossy()).await?;
+    let (mut seq, mut hash) = (0, GENESIS_HASH.to_owned());
+    loop {
+        let f = AuditFilter {
+            after_seq: seq,
+            limit: PAGE,
+            ..Default::default()
+        };
+        let evs = crate::store::Store::audit_events(&store, &f).await?;
+        if evs.is_empty() {
+            return report(Ok((seq, hash)));
+        }
+        match verify_chain(&evs, seq, hash) {
+            Ok((s, h)) => (seq, hash) = (s, h),
+            Err(b) => return report(Err(b)),
+        }
+    }
+}
+
+pub async fn tail(
+    c: &Client,
+    agent: Option<String>,
+    task: Option<String>,
+    action: Option<String>,
+    follow: bool,
+) -> anyhow::Result<()> {
+    let mut extra = Vec::new();
+    for (k, v) in [("agent", agent), ("task", task), ("action", action)] {
+        if let Some(v) = v {
+            extra.push((k, v));
+        }
+    }
+    let mut after = 0;
+    loop {
+        let evs = page(c, after, &extra).await?;
+        for ev in &evs {
+            println!("{}", serde_json::to_string(ev)?);
+            after = ev.seq;
+        }
+        if evs.is_empty() {
+            if !follow {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_secs(1)).await;
+        }
+    }
+}

@@ -1,0 +1,133 @@
+//! What each CLI command does.
+
+use std::time::Duration;
+
+use anyhow::{Context, bail};
+use reqwest::Method;
+use secrecy::ExposeSecret;
+
+use super::client::Client;
+use super::{AgentsCmd, AuditCmd, Cli, Command, KeysCmd, LeasesCmd};
+
+/// Runs a parsed command line.
+pub async fn run(cli: Cli) -> anyhow::Result<()> {
+    match cli.command {
+        Command::Serve { config, listen } => crate::server::serve(&config, listen).await,
+        Command::Agents { cmd, remote } => agents(&Client::new(&remote)?, cmd).await,
+        Command::Leases { cmd: LeasesCmd::List { agent, task, state, provider }, remote } => {
+            let c = Client::new(&remote)?;
+            let mut q = Vec::new();
+            for (k, v) in [("agent", agent), ("task", task), ("state", state), ("provider", provider)] {
+                if let Some(v) = v {
+                    q.push((k, v));
+                }
+            }
+            print_json(&c.json(c.request(Method::GET, "/v1/leases").query(&q)).await?)
+        }
+        Command::Revoke { agent, team, provider, all, reason, suspend, timeout, remote } => {
+            let body = serde_json::json!({
+                "agent": agent, "team": team, "provider": provider, "all": all,
+                "reason": reason, "suspend": suspend, "wait": 0,
+            });
+            revoke(&Client::new(&remote)?, body, timeout).await
+        }
+        Command::Audit { cmd: AuditCmd::Verify { db }, remote } => match db {
+            Some(path) => super::audit::verify_db(&path).await,
+            None => super::audit::verify_remote(&Client::new(&remote)?).await,
+        },
+        Command::Audit { cmd: AuditCmd::Tail { agent, task, action, follow }, remote } => {
+            super::audit::tail(&Client::new(&remote)?, agent, task, action, follow).await
+        }
+        Command::Keys { cmd: KeysCmd::Generate { alg, out } } => {
+            if out.exists() {
+                bail!("`{}` exists; refusing to overwrite a key", out.display());
+            }
+            let (pem, public) = crate::identity::generate_agent_key(&alg)?;
+            crate::identity::write_private_file(&out, pem.expose_secret())
+                .with_context(|| format!("writing `{}`", out.display()))?;
+            eprintln!("private key written to {} (mode 0600); register the public JWKS below", out.display());
+            print_json(&serde_json::json!({ "keys": [public.jwk] }))
+        }
+    }
+}
+
+fn print_json(v: &serde_json::Value) -> anyhow::Result<()> {
+    println!("{}", serde_json::to_string_pretty(v)?);
+    Ok(())
+}
+
+async fn agents(c: &Client, cmd: AgentsCmd) -> anyhow::Result<()> {
+    let status = |id: &str, action: &str, reason: Option<String>| {
+        c.request(Method::POST, &format!("/v1/agents/{id}/{action}"))
+            .json(&serde_json::json!({ "reason": reason }))
+    };
+    let v = match cmd {
+        AgentsCmd::Register { file } => {
+            let text = std::fs::read_to_string(&file)
+                .with_context(|| format!("reading `{}`", file.display()))?;
+            let spec: serde_json::Value = if file.extension().is_some_and(|e| e == "json") {
+                serde_json::from_str(&text)?
+            } else {
+                toml::from_str(&text).with_context(|| format!("parsing `{}`", file.display()))?
+            };
+            c.json(c.request(Method::POST, "/v1/agents").json(&spec)).await?
+        }
+        AgentsCmd::List => {
+            let v = c.json(c.request(Method::GET, "/v1/agents")).await?;
+            println!("{:<32} {:<14} {:<10} {:<4} {:<5} SPONSOR", "ID", "TEAM", "STATUS", "TIER", "ENV");
+            for a in v.as_array().into_iter().flatten() {
+                println!(
+                    "{:<32} {:<14} {:<10} {:<4} {:<5} {}",
+                    a["id"].as_str().unwrap_or(""),
+                    a["team"].as_str().unwrap_or(""),
+                    a["status"].as_str().unwrap_or(""),
+                    a["risk_tier"],
+                    a["environment"].as_str().unwrap_or(""),
+                    a["sponsor"].as_str().unwrap_or(""),
+                );
+            }
+            return Ok(());
+        }
+        AgentsCmd::Show { id } => c.json(c.request(Method::GET, &format!("/v1/agents/{id}"))).await?,
+        AgentsCmd::Suspend { id, reason } => c.json(status(&id, "suspend", reason)).await?,
+        AgentsCmd::Resume { id, reason } => c.json(status(&id, "resume", reason)).await?,
+        AgentsCmd::Decommission { id, reason } => c.json(status(&id, "decommission", reason)).await?,
+    };
+    print_json(&v)
+}
+
+async fn revoke(c: &Client, body: serde_json::Value, timeout: u64) -> anyhow::Result<()> {
+    let first = c.json(c.request(Method::POST, "/v1/revocations").json(&body)).await?;
+    let id = first["revocation_id"].as_str().unwrap_or_default().to_owned();
+    let found = first["found"].as_u64().unwrap_or(0);
+    eprintln!(
+        "revocation {id}: {} session(s) ended; {found} live lease(s) queued",
+        first["tasks_ended"]
+    );
+    let bar = indicatif::ProgressBar::new(found);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} leases confirmed {msg}")
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+    );
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout);
+    let mut last = first;
+    loop {
+        let done = last["revoked"].as_u64().unwrap_or(0) + last["expiring"].as_u64().unwrap_or(0);
+        bar.set_position(done);
+        if last["pending"].as_u64().unwrap_or(0) == 0 || tokio::time::Instant::now() >= deadline {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(250)).await;
+        last = c.json(c.request(Method::GET, &format!("/v1/revocations/{id}"))).await?;
+    }
+    bar.finish_and_clear();
+    print_json(&last)?;
+    let pending = last["pending"].as_u64().unwrap_or(0);
+    if pending > 0 {
+        bail!("{pending} lease(s) still pending; the broker keeps retrying (see `keygate leases list --state revoking`)");
+    }
+    if last["expiring"].as_u64().unwrap_or(0) > 0 {
+        eprintln!("note: `expiring` leases are on backends that cannot revoke; they live until their expiry");
+    }
+    Ok(())
+}

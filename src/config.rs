@@ -1,0 +1,277 @@
+//! `keygate.toml`: the broker's configuration, loaded and checked at start-up.
+//!
+//! Config holds references to secrets (file paths, token hashes), never the
+//! secrets themselves.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::Deserialize;
+
+/// Why a config file was refused.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file `{path}`: {source}")]
+    Read {
+        path: PathBuf,
+        source: std::io::Error,
+    },
+    #[error("config file `{path}` is not valid: {message}")]
+    Parse { path: PathBuf, message: String },
+    #[error("invalid config: {0}")]
+    Invalid(String),
+}
+
+/// The whole config file.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    #[serde(default)]
+    pub store: StoreConfig,
+    pub sessions: SessionConfig,
+    #[serde(default)]
+    pub leases: LeaseConfig,
+    #[serde(default)]
+    pub policy: PolicyConfig,
+    #[serde(default)]
+    pub registry: RegistryConfig,
+    #[serde(default)]
+    pub operators: Vec<OperatorConfig>,
+    /// Provider instances by name; each table has a `kind` and the
+    /// provider's own settings.
+    #[serde(default)]
+    pub providers: BTreeMap<String, toml::Table>,
+    #[serde(default)]
+    pub scopes: Vec<ScopeConfig>,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    /// Address to listen on; port 0 picks a free port.
+    pub listen: SocketAddr,
+    /// The broker's issuer URL (RFC 8414); the token endpoint is
+    /// `{issuer}/oauth/token`.
+    pub issuer: String,
+    #[serde(default = "default_body_limit")]
+    pub body_limit_bytes: usize,
+    #[serde(default)]
+    pub log_format: LogFormat,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum LogFormat {
+    #[default]
+    Text,
+    Json,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct StoreConfig {
+    /// `sqlite://path/to/file.db` (created on first start).
+    pub url: String,
+}
+
+impl Default for StoreConfig {
+    fn default() -> Self {
+        Self {
+            url: "sqlite://data/keygate.db".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SessionConfig {
+    /// PKCS#8 PEM file with the broker's session-token signing key (P-256);
+    /// generated on first start.
+    pub signing_key_file: PathBuf,
+    #[serde(default = "default_session_ttl")]
+    pub default_ttl_secs: u64,
+    #[serde(default = "default_session_max_ttl")]
+    pub max_ttl_secs: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LeaseConfig {
+    /// How often the reaper expires leases and tasks and resolves orphans.
+    pub reaper_interval_secs: u64,
+    /// The longest a provider call may take; a lease pending for longer is
+    /// treated as orphaned and revoked.
+    pub issue_timeout_secs: u64,
+    /// Revocations in flight at once per provider instance.
+    pub revoke_concurrency: usize,
+    /// First retry delay after a failed revocation; doubles each attempt.
+    pub revoke_backoff_base_ms: u64,
+    /// Longest delay between revocation attempts.
+    pub revoke_backoff_max_secs: u64,
+}
+
+impl Default for LeaseConfig {
+    fn default() -> Self {
+        Self {
+            reaper_interval_secs: 2,
+            issue_timeout_secs: 30,
+            revoke_concurrency: 32,
+            revoke_backoff_base_ms: 500,
+            revoke_backoff_max_secs: 300,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyConfig {
+    /// Folder of `*.cedar` policy files and an optional `*.cedarschema`.
+    pub dir: PathBuf,
+}
+
+impl Default for PolicyConfig {
+    fn default() -> Self {
+        Self {
+            dir: "config/policies".into(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RegistryConfig {
+    /// Folder of `*.toml` agent definitions registered on start if absent.
+    pub seed_dir: Option<PathBuf>,
+}
+
+/// A human who may call the admin API.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct OperatorConfig {
+    pub name: String,
+    pub roles: Vec<Role>,
+    /// Hex SHA-256 of the operator's bearer token.
+    pub token_sha256: String,
+}
+
+/// What an operator may do.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Role {
+    Admin,
+    Secops,
+    Approver,
+    Auditor,
+}
+
+/// A named credential template bound to one provider instance.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ScopeConfig {
+    pub name: String,
+    pub provider: String,
+    pub max_ttl_secs: u64,
+    #[serde(default)]
+    pub sensitive: bool,
+    #[serde(default)]
+    pub description: String,
+    /// Provider-specific parameters.
+    #[serde(default)]
+    pub params: toml::Table,
+}
+
+impl ScopeConfig {
+    pub fn max_ttl(&self) -> Duration {
+        Duration::from_secs(self.max_ttl_secs)
+    }
+}
+
+fn default_body_limit() -> usize {
+    64 * 1024
+}
+fn default_session_ttl() -> u64 {
+    3600
+}
+fn default_session_max_ttl() -> u64 {
+    4 * 3600
+}
+
+impl Config {
+    /// Reads and checks a config file.
+    pub fn load(path: &Path) -> Result<Self, ConfigError> {
+        let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        let cfg: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+            path: path.to_owned(),
+            message: e.to_string(),
+        })?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let bad = |m: String| Err(ConfigError::Invalid(m));
+        if !(self.server.issuer.starts_with("https://") || self.server.issuer.starts_with("http://"))
+        {
+            return bad(format!(
+                "`server.issuer` must be an http(s) URL, got `{}`",
+                self.server.issuer
+            ));
+        }
+        if self.sessions.default_ttl_secs == 0
+            || self.sessions.default_ttl_secs > self.sessions.max_ttl_secs
+        {
+            return bad("`sessions.default_ttl_secs` must be between 1 and `max_ttl_secs`".into());
+        }
+        if self.leases.revoke_concurrency == 0 {
+            return bad("`leases.revoke_concurrency` must be at least 1".into());
+        }
+        let mut names = std::collections::BTreeSet::new();
+        for op in &self.operators {
+            if !names.insert(op.name.as_str()) {
+                return bad(format!("operator `{}` is declared twice", op.name));
+            }
+            let h = &op.token_sha256;
+            if h.len() != 64 || !h.bytes().all(|b| b.is_ascii_hexdigit()) {
+                return bad(format!(
+                    "operator `{}`: `token_sha256` must be 64 hex digits (sha256 of the token)",
+                    op.name
+                ));
+            }
+            if op.roles.is_empty() {
+                return bad(format!("operator `{}` has no roles", op.name));
+            }
+        }
+        let mut scopes = std::collections::BTreeSet::new();
+        for s in &self.scopes {
+            if !scopes.insert(s.name.as_str()) {
+                return bad(format!("scope `{}` is declared twice", s.name));
+            }
+            if !self.providers.contains_key(&s.provider) {
+                return bad(format!(
+                    "scope `{}` names provider `{}`, which is not declared under [providers]",
+                    s.name, s.provider
+                ));
+            }
+            if s.max_ttl_secs == 0 {
+                return bad(format!("scope `{}`: `max_ttl_secs` must be positive", s.name));
+            }
+        }
+        for (name, table) in &self.providers {
+            if !matches!(table.get("kind"), Some(toml::Value::String(_))) {
+                return bad(format!("provider `{name}` needs a `kind`"));
+            }
+        }
+        Ok(())
+    }
+
+    /// The token endpoint URL, which client assertions may name as `aud`.
+    pub fn token_endpoint(&self) -> String {
+        format!("{}/oauth/token", self.server.issuer.trim_end_matches('/'))
+    }
+}

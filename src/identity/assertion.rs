@@ -1,0 +1,137 @@
+//! RFC 7523 client assertions: a JWT the agent signs with its own key.
+
+use jsonwebtoken::jwk::{AlgorithmParameters, EllipticCurve, Jwk, JwkSet};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+
+use super::{AuthError, describe_jwt_error};
+
+/// The longest an assertion may be valid for, as RFC 7523 advises keeping
+/// them short-lived.
+pub const MAX_ASSERTION_LIFETIME_SECS: i64 = 300;
+/// Clock skew tolerated on `exp`, `nbf` and `iat`.
+pub const LEEWAY_SECS: i64 = 30;
+
+/// The claims Keygate reads from a verified assertion.
+#[derive(Debug, Clone, Deserialize)]
+pub struct AssertionClaims {
+    pub exp: i64,
+    #[serde(default)]
+    pub iat: Option<i64>,
+    #[serde(default)]
+    pub jti: Option<String>,
+}
+
+const ALLOWED: &[Algorithm] = &[
+    Algorithm::ES256,
+    Algorithm::ES384,
+    Algorithm::EdDSA,
+    Algorithm::RS256,
+    Algorithm::PS256,
+];
+
+/// Checks that a JWKS holds only public signing keys Keygate can verify.
+pub fn validate_public_jwks(jwks: &serde_json::Value) -> Result<(), String> {
+    let keys = jwks
+        .get("keys")
+        .and_then(|k| k.as_array())
+        .ok_or("the JWKS must be an object with a `keys` array")?;
+    if keys.is_empty() {
+        return Err("the JWKS has no keys".into());
+    }
+    for (i, k) in keys.iter().enumerate() {
+        for private in ["d", "p", "q", "dp", "dq", "qi", "k"] {
+            if k.get(private).is_some() {
+                return Err(format!(
+                    "key {i} contains the private member `{private}`: register public keys only"
+                ));
+            }
+        }
+        let jwk: Jwk =
+            serde_json::from_value(k.clone()).map_err(|e| format!("key {i} is not a JWK: {e}"))?;
+        if key_algorithms(&jwk).is_empty() {
+            return Err(format!(
+                "key {i} has an unsupported type (use EC P-256/P-384, Ed25519 or RSA)"
+            ));
+        }
+    }
+    Ok(())
+}
+
+/// The algorithms a key may verify; an HMAC key verifies nothing, so a
+/// public key can never be used as a shared secret (algorithm confusion).
+fn key_algorithms(jwk: &Jwk) -> Vec<Algorithm> {
+    match &jwk.algorithm {
+        AlgorithmParameters::EllipticCurve(ec) => match ec.curve {
+            EllipticCurve::P256 => vec![Algorithm::ES256],
+            EllipticCurve::P384 => vec![Algorithm::ES384],
+            _ => vec![],
+        },
+        AlgorithmParameters::OctetKeyPair(okp) if okp.curve == EllipticCurve::Ed25519 => {
+            vec![Algorithm::EdDSA]
+        }
+        AlgorithmParameters::RSA(_) => vec![Algorithm::RS256, Algorithm::PS256],
+        _ => vec![],
+    }
+}
+
+/// Verifies an agent's client assertion against its registered JWKS.
+///
+/// `audiences` are the values `aud` may carry (the issuer and the token
+/// endpoint URL). Replay (`jti` reuse) is the caller's check, against the store.
+pub fn verify_client_assertion(
+    token: &str,
+    agent_id: &str,
+    jwks: &serde_json::Value,
+    audiences: &[&str],
+    now: i64,
+) -> Result<AssertionClaims, AuthError> {
+    let header = jsonwebtoken::decode_header(token).map_err(|e| describe_jwt_error(&e))?;
+    if !ALLOWED.contains(&header.alg) {
+        return Err(AuthError::invalid(format!(
+            "the assertion `alg` {:?} is not allowed (use ES256, ES384, EdDSA, RS256 or PS256)",
+            header.alg
+        )));
+    }
+    let set: JwkSet = serde_json::from_value(jwks.clone())
+        .map_err(|_| AuthError::invalid("the agent's registered JWKS is unusable"))?;
+    let jwk = match &header.kid {
+        Some(kid) => set
+            .find(kid)
+            .ok_or_else(|| AuthError::invalid("the assertion `kid` is not a registered key of this agent"))?,
+        None if set.keys.len() == 1 => &set.keys[0],
+        None => {
+            return Err(AuthError::invalid(
+                "the assertion has no `kid` and the agent has several keys",
+            ));
+        }
+    };
+    if !key_algorithms(jwk).contains(&header.alg) {
+        return Err(AuthError::invalid("the assertion `alg` does not match the key"));
+    }
+    let key = DecodingKey::from_jwk(jwk)
+        .map_err(|_| AuthError::invalid("the agent's registered key is unusable"))?;
+    let mut v = Validation::new(header.alg);
+    v.set_audience(audiences);
+    v.set_issuer(&[agent_id]);
+    v.sub = Some(agent_id.to_owned());
+    v.leeway = LEEWAY_SECS as u64;
+    v.set_required_spec_claims(&["exp", "iss", "sub", "aud"]);
+    let claims = jsonwebtoken::decode::<AssertionClaims>(token, &key, &v)
+        .map_err(|e| describe_jwt_error(&e))?
+        .claims;
+    if claims.exp > now + MAX_ASSERTION_LIFETIME_SECS + LEEWAY_SECS {
+        return Err(AuthError::invalid(format!(
+            "the assertion `exp` is more than {MAX_ASSERTION_LIFETIME_SECS} seconds ahead"
+        )));
+    }
+    if claims.iat.is_some_and(|iat| iat > now + LEEWAY_SECS) {
+        return Err(AuthError::invalid("the assertion `iat` is in the future"));
+    }
+    match &claims.jti {
+        Some(j) if !j.is_empty() && j.len() <= 256 => Ok(claims),
+        _ => Err(AuthError::invalid(
+            "the assertion needs a `jti` (a unique id, at most 256 characters)",
+        )),
+    }
+}

@@ -1,0 +1,242 @@
+//! The lease engine's background half: the durable revocation queue and the
+//! reaper. Both resume from the store after a restart.
+//!
+//! The queue is the set of leases in state `revoking`. A worker takes due
+//! ones, calls the provider (at most `revoke_concurrency` at once per
+//! provider instance), and either records the confirmation or the error and
+//! the next attempt time (exponential backoff). A lease is never marked
+//! revoked without its provider's confirmation, and never dropped.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use keygate_provider_api::{RevokeHandle, RevokeOutcome, RevokeRequest, ScopeSpec};
+use time::OffsetDateTime;
+use tokio::sync::{Notify, Semaphore};
+
+use crate::audit::{Actor, AuditEvent};
+use crate::config::LeaseConfig;
+use crate::metrics::Metrics;
+use crate::model::{Lease, LeaseState, TaskState, now};
+use crate::providers::Registry;
+use crate::store::{LeaseSelector, Store, StoreResult, TaskSelector};
+
+/// Wakes the revocation worker; cheap to clone into request handlers.
+#[derive(Debug, Clone)]
+pub struct LeaseEngine {
+    wake: Arc<Notify>,
+    booted_at: OffsetDateTime,
+}
+
+impl Default for LeaseEngine {
+    fn default() -> Self {
+        Self {
+            wake: Arc::new(Notify::new()),
+            booted_at: now(),
+        }
+    }
+}
+
+/// What the background loops need.
+pub struct Worker {
+    pub store: Arc<dyn Store>,
+    pub registry: Registry,
+    pub config: LeaseConfig,
+    pub metrics: Arc<Metrics>,
+    pub engine: LeaseEngine,
+}
+
+impl LeaseEngine {
+    /// Asks the worker to look at the queue now.
+    pub fn wake(&self) {
+        self.wake.notify_one();
+    }
+
+    /// Pending leases created before this instant are orphans: the provider
+    /// call cannot still be in flight.
+    fn orphan_cutoff(&self, cfg: &LeaseConfig, t: OffsetDateTime) -> OffsetDateTime {
+        let by_age = t - Duration::from_secs(cfg.issue_timeout_secs + 5);
+        by_age.max(self.booted_at)
+    }
+}
+
+impl Worker {
+    /// Runs the revocation queue until the process ends.
+    pub async fn run_queue(self: Arc<Self>) {
+        let mut limits: BTreeMap<String, Arc<Semaphore>> = BTreeMap::new();
+        for name in self.registry.provider_names() {
+            limits.insert(name.to_owned(), Arc::new(Semaphore::new(self.config.revoke_concurrency)));
+        }
+        let limits = Arc::new(limits);
+        loop {
+            match Arc::clone(&self).drain(&limits).await {
+                Ok(true) => continue,
+                Ok(false) => {}
+                Err(e) => tracing::error!(error = %e, "revocation queue pass failed"),
+            }
+            tokio::select! {
+                _ = self.engine.wake.notified() => {}
+                _ = tokio::time::sleep(Duration::from_secs(1)) => {}
+            }
+        }
+    }
+
+    /// One pass over due leases. Returns whether more may be due at once.
+    async fn drain(
+        self: Arc<Self>,
+        limits: &Arc<BTreeMap<String, Arc<Semaphore>>>,
+    ) -> StoreResult<bool> {
+        const BATCH: u32 = 512;
+        let t = now();
+        let due = self
+            .store
+            .due_revocations(t, self.engine.orphan_cutoff(&self.config, t), BATCH)
+            .await?;
+        let full = due.len() as u32 == BATCH;
+        let mut set = tokio::task::JoinSet::new();
+        for lease in due {
+            let limit = limits.get(&lease.provider).cloned();
+            let me = Arc::clone(&self);
+            set.spawn(async move {
+                let _permit = match &limit {
+                    Some(s) => s.clone().acquire_owned().await.ok(),
+                    None => None,
+                };
+                me.revoke_one(lease).await
+            });
+        }
+        while let Some(r) = set.join_next().await {
+            match r {
+                Ok(Err(e)) => tracing::error!(error = %e, "recording a revocation failed"),
+                Err(e) => tracing::error!(error = %e, "revocation task failed"),
+                Ok(Ok(())) => {}
+            }
+        }
+        Ok(full)
+    }
+
+    async fn revoke_one(&self, lease: Lease) -> StoreResult<()> {
+        let outcome = match self.registry.provider(&lease.provider) {
+            None => Err(format!("provider `{}` is not configured", lease.provider)),
+            Some(p) => {
+                let scope = self.registry.scope(&lease.scope).cloned().unwrap_or(ScopeSpec {
+                    name: lease.scope.clone(),
+                    max_ttl: Duration::ZERO,
+                    params: serde_json::Value::Null,
+                });
+                let req = RevokeRequest {
+                    lease_id: lease.id.clone(),
+                    scope,
+                    handle: lease.handle.clone().map(RevokeHandle),
+                    expires_at: lease.expires_at,
+                };
+                let timeout = Duration::from_secs(self.config.issue_timeout_secs);
+                match tokio::time::timeout(timeout, p.revoke(&req)).await {
+                    Ok(r) => r.map_err(|e| e.to_string()),
+                    Err(_) => Err(format!("no answer within {}s", timeout.as_secs())),
+                }
+            }
+        };
+        let t = now();
+        let mut tx = self.store.begin().await?;
+        let ev = AuditEvent::new(&Actor::System, "lease.revoked")
+            .agent(&lease.agent_id)
+            .task(&lease.task_id)
+            .scope(&lease.scope)
+            .lease(&lease.id);
+        match outcome {
+            Ok(o) => {
+                let (state, detail) = match o {
+                    RevokeOutcome::Revoked => (LeaseState::Revoked, "revoked".to_owned()),
+                    RevokeOutcome::AlreadyGone => {
+                        (LeaseState::Revoked, "already gone at the provider".to_owned())
+                    }
+                    RevokeOutcome::LivesUntil(until) => (
+                        LeaseState::Expiring,
+                        format!("the backend cannot revoke it; it lives until {}", crate::model::unix(until)),
+                    ),
+                };
+                self.metrics.revocation("confirmed");
+                if tx.finish_revocation(&lease.id, state, t).await? {
+                    let reason = lease.end_reason.clone().unwrap_or_default();
+                    tx.audit(ev.reason(reason).details(serde_json::json!({ "result": detail, "state": state })))
+                        .await?;
+                }
+            }
+            Err(msg) => {
+                self.metrics.revocation("failed");
+                let next = t + self.backoff(lease.attempts);
+                tracing::warn!(lease = %lease.id, attempts = lease.attempts + 1, error = %msg, "revocation failed; will retry");
+                tx.revocation_failed(&lease.id, &msg, next).await?;
+                tx.audit(ev.failure(msg).details(serde_json::json!({
+                    "attempt": lease.attempts + 1,
+                    "next_attempt_at": crate::model::unix(next),
+                })))
+                .await?;
+            }
+        }
+        tx.commit().await
+    }
+
+    fn backoff(&self, attempts: u32) -> Duration {
+        let base = self.config.revoke_backoff_base_ms.max(1);
+        let ms = base.saturating_mul(1u64 << attempts.min(20));
+        Duration::from_millis(ms).min(Duration::from_secs(self.config.revoke_backoff_max_secs))
+    }
+
+    /// Runs the reaper until the process ends.
+    pub async fn run_reaper(self: Arc<Self>) {
+        let every = Duration::from_secs(self.config.reaper_interval_secs.max(1));
+        loop {
+            if let Err(e) = self.reap_once().await {
+                tracing::error!(error = %e, "reaper pass failed");
+            }
+            tokio::time::sleep(every).await;
+        }
+    }
+
+    /// One reaper pass: orphans, expired tasks, expired leases, old jtis.
+    pub async fn reap_once(&self) -> StoreResult<()> {
+        let t = now();
+        let mut tx = self.store.begin().await?;
+        let orphans = tx
+            .queue_orphans(self.engine.orphan_cutoff(&self.config, t), t)
+            .await?;
+        for id in &orphans {
+            tx.audit(
+                AuditEvent::new(&Actor::System, "lease.orphaned")
+                    .lease(id)
+                    .reason("the issue did not complete; revoking whatever the provider may have issued"),
+            )
+            .await?;
+        }
+        let mut queued = orphans.len();
+        for task in tx.expired_tasks(t).await? {
+            tx.end_tasks(&TaskSelector::Task(task.clone()), TaskState::Expired, "ttl reached", t)
+                .await?;
+            queued += tx
+                .queue_revocations(&LeaseSelector::Task(task.clone()), "task ttl reached", None, t)
+                .await?
+                .len();
+            tx.audit(AuditEvent::new(&Actor::System, "task.expired").task(&task))
+                .await?;
+        }
+        for lease in tx.expire_leases(t).await? {
+            tx.audit(
+                AuditEvent::new(&Actor::System, "lease.expired")
+                    .agent(&lease.agent_id)
+                    .task(&lease.task_id)
+                    .scope(&lease.scope)
+                    .lease(&lease.id),
+            )
+            .await?;
+        }
+        tx.prune_jtis(t).await?;
+        tx.commit().await?;
+        if queued > 0 {
+            self.engine.wake();
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,35 @@
+//! Keygate: a credential broker for AI agents.
+//!
+//! See `ARCHITECTURE.md` for the map of modules. In one line each:
+//! `config` reads keygate.toml; `store` persists state behind one interface;
+//! `identity` verifies agents and signs session tokens; `policy` decides with
+//! Cedar; `broker` implements agents, tasks, credentials and revocations;
+//! `lease` runs the revocation queue and reaper; `audit` hash-chains events;
+//! `server` is the HTTP API; `cli` the command line.
+
+pub mod audit;
+pub mod broker;
+pub mod cli;
+pub mod config;
+pub mod identity;
+pub mod lease;
+pub mod metrics;
+pub mod model;
+pub mod policy;
+pub mod providers;
+pub mod server;
+pub mod store;
+
+/// Installs the global `tracing` subscriber. `RUST_LOG` overrides the level.
+pub fn init_logging(format: config::LogFormat) {
+    use tracing_subscriber::EnvFilter;
+    let filter = EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,hyper=warn"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    let _ = match format {
+        config::LogFormat::Json => builder.json().try_init(),
+        config::LogFormat::Text => builder.try_init(),
+    };
+}

@@ -1,0 +1,92 @@
+//! Prometheus metrics served at `/metrics`.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct OutcomeLabels {
+    pub outcome: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ScopeLabels {
+    pub scope: String,
+    pub outcome: String,
+}
+
+/// The broker's counters.
+#[derive(Debug)]
+pub struct Metrics {
+    registry: Registry,
+    pub authentications: Family<OutcomeLabels, Counter>,
+    pub credentials: Family<ScopeLabels, Counter>,
+    pub revocations: Family<OutcomeLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        let mut registry = Registry::with_prefix("keygate");
+        let authentications = Family::<OutcomeLabels, Counter>::default();
+        let credentials = Family::<ScopeLabels, Counter>::default();
+        let revocations = Family::<OutcomeLabels, Counter>::default();
+        registry.register(
+            "authentications",
+            "Token endpoint calls by outcome",
+            authentications.clone(),
+        );
+        registry.register(
+            "credentials",
+            "Credential requests by scope and outcome",
+            credentials.clone(),
+        );
+        registry.register(
+            "revocation_attempts",
+            "Provider revocation attempts by outcome",
+            revocations.clone(),
+        );
+        Self {
+            registry,
+            authentications,
+            credentials,
+            revocations,
+        }
+    }
+}
+
+impl Metrics {
+    pub fn auth(&self, outcome: &str) {
+        self.authentications
+            .get_or_create(&OutcomeLabels {
+                outcome: outcome.into(),
+            })
+            .inc();
+    }
+
+    pub fn credential(&self, scope: &str, outcome: &str) {
+        self.credentials
+            .get_or_create(&ScopeLabels {
+                scope: scope.into(),
+                outcome: outcome.into(),
+            })
+            .inc();
+    }
+
+    pub fn revocation(&self, outcome: &str) {
+        self.revocations
+            .get_or_create(&OutcomeLabels {
+                outcome: outcome.into(),
+            })
+            .inc();
+    }
+
+    /// The text exposition format.
+    pub fn render(&self) -> String {
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out
+    }
+}

@@ -1,0 +1,282 @@
+//! The broker's records: agents, tasks, leases, revocations. Plain data; the
+//! rules that move them between states live in `broker` and `lease`.
+
+use std::collections::BTreeMap;
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+/// Declares a string-backed enum with `as_str`, `FromStr`, `Display` and serde
+/// in snake case, so the database, the API and the CLI spell states alike.
+macro_rules! string_enum {
+    ($(#[$m:meta])* $name:ident { $($(#[$vm:meta])* $variant:ident = $text:literal),+ $(,)? }) => {
+        $(#[$m])*
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        #[serde(rename_all = "snake_case")]
+        pub enum $name { $($(#[$vm])* $variant),+ }
+
+        impl $name {
+            /// The stable spelling used in the API, the CLI and the store.
+            pub fn as_str(self) -> &'static str {
+                match self { $(Self::$variant => $text),+ }
+            }
+            /// Every value, in declaration order.
+            pub const ALL: &'static [$name] = &[$(Self::$variant),+];
+        }
+
+        impl FromStr for $name {
+            type Err = String;
+            fn from_str(s: &str) -> Result<Self, String> {
+                match s {
+                    $($text => Ok(Self::$variant),)+
+                    other => Err(format!(
+                        "`{other}` is not one of: {}",
+                        [$($text),+].join(", ")
+                    )),
+                }
+            }
+        }
+
+        impl fmt::Display for $name {
+            fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+                f.write_str(self.as_str())
+            }
+        }
+    };
+}
+
+string_enum!(
+    /// Where an agent is in its lifecycle.
+    AgentStatus {
+        /// Registered, waiting for provisioning approval.
+        Pending = "pending",
+        /// May authenticate and request credentials.
+        Active = "active",
+        /// Temporarily barred; its leases were revoked.
+        Suspended = "suspended",
+        /// Retired for good; the record is kept as evidence.
+        Decommissioned = "decommissioned",
+    }
+);
+
+string_enum!(
+    /// The deployment environment an agent runs in.
+    Environment { Dev = "dev", Test = "test", Prod = "prod" }
+);
+
+string_enum!(
+    /// How an agent proves who it is.
+    AuthMethod {
+        /// RFC 7523 client assertion signed by a key in the agent's JWKS.
+        PrivateKeyJwt = "private_key_jwt",
+    }
+);
+
+string_enum!(
+    /// A task's state. Only `open` tasks accept their session token.
+    TaskState {
+        Open = "open",
+        Completed = "completed",
+        Expired = "expired",
+        Revoked = "revoked",
+    }
+);
+
+string_enum!(
+    /// A lease's state.
+    LeaseState {
+        /// Row written, provider call in flight (or the broker crashed in it).
+        Pending = "pending",
+        /// Issued and handed to the agent.
+        Active = "active",
+        /// Queued for revocation; retried until the provider confirms.
+        Revoking = "revoking",
+        /// The provider confirmed it is dead (or never existed).
+        Revoked = "revoked",
+        /// Released, but the backend cannot kill it: it lives until expiry.
+        Expiring = "expiring",
+        /// Reached its expiry.
+        Expired = "expired",
+        /// The provider refused to issue; nothing exists to revoke.
+        Failed = "failed",
+    }
+);
+
+impl LeaseState {
+    /// States from which a lease may still be a working credential.
+    pub fn is_live(self) -> bool {
+        matches!(
+            self,
+            Self::Pending | Self::Active | Self::Revoking | Self::Expiring
+        )
+    }
+}
+
+string_enum!(
+    /// Whether a lease can be killed before expiry.
+    Revocability {
+        Revocable = "revocable",
+        ExpiresAt = "expires_at",
+        NotApplicable = "not_applicable",
+    }
+);
+
+impl From<keygate_provider_api::Revocability> for Revocability {
+    fn from(r: keygate_provider_api::Revocability) -> Self {
+        use keygate_provider_api::Revocability as R;
+        match r {
+            R::Revocable => Self::Revocable,
+            R::ExpiresAt => Self::ExpiresAt,
+            R::NotApplicable => Self::NotApplicable,
+        }
+    }
+}
+
+/// A registered non-human principal.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Agent {
+    pub id: String,
+    pub team: String,
+    pub sponsor: String,
+    pub risk_tier: u8,
+    pub environment: Environment,
+    pub purpose: String,
+    pub labels: BTreeMap<String, String>,
+    pub status: AgentStatus,
+    pub auth_method: AuthMethod,
+    /// Public keys only (`private_key_jwt`); private members are refused at registration.
+    pub jwks: serde_json::Value,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub updated_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub last_used_at: Option<OffsetDateTime>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub last_review_at: Option<OffsetDateTime>,
+}
+
+/// One unit of agent work: a broker session.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Task {
+    pub id: String,
+    pub agent_id: String,
+    pub description: String,
+    pub state: TaskState,
+    #[serde(with = "time::serde::rfc3339")]
+    pub opened_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub expires_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub ended_at: Option<OffsetDateTime>,
+    pub end_reason: Option<String>,
+}
+
+/// One minted credential, as the broker remembers it. Holds the revoke handle,
+/// never the credential.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Lease {
+    pub id: String,
+    pub agent_id: String,
+    pub task_id: String,
+    pub scope: String,
+    pub provider: String,
+    pub state: LeaseState,
+    pub revocability: Option<Revocability>,
+    /// Opaque to the core; never sent to agents.
+    #[serde(skip_serializing)]
+    pub handle: Option<serde_json::Value>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub expires_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub ended_at: Option<OffsetDateTime>,
+    pub end_reason: Option<String>,
+    /// Revocation attempts so far.
+    pub attempts: u32,
+    /// The last revocation error, kept visible until the provider confirms.
+    pub last_error: Option<String>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub next_attempt_at: Option<OffsetDateTime>,
+    pub revocation_id: Option<String>,
+}
+
+/// Which leases and sessions an emergency revocation hits.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Selector {
+    Agent(String),
+    Team(String),
+    Provider(String),
+    All,
+}
+
+impl fmt::Display for Selector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        match self {
+            Self::Agent(a) => write!(f, "agent `{a}`"),
+            Self::Team(t) => write!(f, "team `{t}`"),
+            Self::Provider(p) => write!(f, "provider `{p}`"),
+            Self::All => f.write_str("all"),
+        }
+    }
+}
+
+/// An emergency revocation, and how far it has got.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Revocation {
+    pub id: String,
+    pub selector: Selector,
+    pub reason: String,
+    pub operator: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    /// Sessions ended by this revocation.
+    pub tasks_ended: u64,
+}
+
+/// Progress counts of the leases an emergency revocation queued.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct RevocationProgress {
+    /// Live leases that matched.
+    pub found: u64,
+    /// Confirmed dead by their provider.
+    pub revoked: u64,
+    /// Cannot be killed; they live until their expiry.
+    pub expiring: u64,
+    /// Still queued (some may be failing: see `GET /v1/leases?state=revoking`).
+    pub pending: u64,
+}
+
+/// Filters for listing leases.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct LeaseFilter {
+    pub agent: Option<String>,
+    pub task: Option<String>,
+    pub state: Option<LeaseState>,
+    pub provider: Option<String>,
+    pub limit: Option<u32>,
+}
+
+/// Unix seconds for the store.
+pub fn unix(t: OffsetDateTime) -> i64 {
+    t.unix_timestamp()
+}
+
+/// Back from unix seconds; out-of-range values clamp to the epoch rather than fail.
+pub fn from_unix(s: i64) -> OffsetDateTime {
+    OffsetDateTime::from_unix_timestamp(s).unwrap_or(OffsetDateTime::UNIX_EPOCH)
+}
+
+/// Now, truncated to whole seconds so a value survives a store round trip.
+pub fn now() -> OffsetDateTime {
+    from_unix(OffsetDateTime::now_utc().unix_timestamp())
+}
+
+/// A new opaque id with a kind prefix: `tk_…`, `ls_…`, `rv_…`.
+pub fn new_id(prefix: &str) -> String {
+    format!("{prefix}_{}", uuid::Uuid::now_v7().simple())
+}

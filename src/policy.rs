@@ -1,0 +1,268 @@
+//! Cedar policy: every credential request is decided here, deny by default.
+//!
+//! Policies live in `*.cedar` files under the configured folder; an optional
+//! `*.cedarschema` there is used to validate them at load, so a typo in an
+//! attribute name is a start-up error rather than a silent deny. A policy's id
+//! is its `@id("...")` annotation, or `<file>#<n>` without one. The set's
+//! content hash is recorded with every decision.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::str::FromStr;
+
+use cedar_policy::{
+    Authorizer, Context, Decision, Entities, Entity, EntityId, EntityTypeName, EntityUid, Policy,
+    PolicyId, PolicySet, Request, RestrictedExpression, Schema, ValidationMode, Validator,
+};
+use sha2::{Digest, Sha256};
+
+use crate::model::Agent;
+
+/// Why policies could not be loaded or evaluated.
+#[derive(Debug, thiserror::Error)]
+pub enum PolicyError {
+    #[error("cannot read policy folder `{path}`: {message}")]
+    Read { path: String, message: String },
+    #[error("policy file `{file}` does not parse: {message}")]
+    Parse { file: String, message: String },
+    #[error("policy schema `{file}` is invalid: {message}")]
+    Schema { file: String, message: String },
+    #[error("policies do not validate against the schema: {0}")]
+    Validation(String),
+    #[error("policy id `{0}` is used twice")]
+    DuplicateId(String),
+    #[error("cannot build the policy request: {0}")]
+    Request(String),
+}
+
+/// What the engine needs to know about the scope being requested.
+#[derive(Debug, Clone)]
+pub struct ScopeFacts<'a> {
+    pub name: &'a str,
+    pub provider: &'a str,
+    pub sensitive: bool,
+    pub max_ttl_secs: u64,
+}
+
+/// The request's context: when, for how long, within which task.
+#[derive(Debug, Clone)]
+pub struct RequestFacts<'a> {
+    pub task_id: &'a str,
+    pub task_description: &'a str,
+    pub requested_ttl_secs: u64,
+    pub now: time::OffsetDateTime,
+}
+
+/// A decision and the policies that made it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PolicyDecision {
+    pub allow: bool,
+    /// The policies that decided: the permits for an allow, the forbids for
+    /// an explicit deny, empty when nothing permitted (deny by default).
+    pub policy_ids: Vec<String>,
+    /// Errors met while evaluating (a policy that errors does not apply).
+    pub errors: Vec<String>,
+}
+
+/// The loaded policy set.
+pub struct PolicyEngine {
+    set: PolicySet,
+    schema: Option<Schema>,
+    hash: String,
+    authorizer: Authorizer,
+}
+
+impl std::fmt::Debug for PolicyEngine {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("PolicyEngine")
+            .field("hash", &self.hash)
+            .finish_non_exhaustive()
+    }
+}
+
+const AGENT: &str = "Keygate::Agent";
+const TEAM: &str = "Keygate::Team";
+const SCOPE: &str = "Keygate::Scope";
+const ACTION: &str = "Keygate::Action";
+/// The action every credential request is checked against.
+pub const REQUEST_CREDENTIAL: &str = "request_credential";
+
+impl PolicyEngine {
+    /// Loads every `*.cedar` file (and an optional `*.cedarschema`) in `dir`.
+    pub fn load(dir: &Path) -> Result<Self, PolicyError> {
+        let read_err = |e: std::io::Error| PolicyError::Read {
+            path: dir.display().to_string(),
+            message: e.to_string(),
+        };
+        let mut files: BTreeMap<String, String> = BTreeMap::new();
+        for entry in std::fs::read_dir(dir).map_err(read_err)? {
+            let path = entry.map_err(read_err)?.path();
+            let name = path
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+                .unwrap_or_default();
+            if name.ends_with(".cedar") || name.ends_with(".cedarschema") {
+                files.insert(name, std::fs::read_to_string(&path).map_err(read_err)?);
+            }
+        }
+        Self::from_files(&files)
+    }
+
+    /// Builds the engine from `(file name, content)` pairs.
+    pub fn from_files(files: &BTreeMap<String, String>) -> Result<Self, PolicyError> {
+        let mut hasher = Sha256::new();
+        let mut set = PolicySet::new();
+        let mut schema = None;
+        for (name, text) in files {
+            hasher.update(name.as_bytes());
+            hasher.update([0]);
+            hasher.update(text.as_bytes());
+            hasher.update([0]);
+            if name.ends_with(".cedarschema") {
+                let (s, _warnings) =
+                    Schema::from_cedarschema_str(text).map_err(|e| PolicyError::Schema {
+                        file: name.clone(),
+                        message: e.to_string(),
+                    })?;
+                schema = Some(s);
+                continue;
+            }
+            let parsed = PolicySet::from_str(text).map_err(|e| PolicyError::Parse {
+                file: name.clone(),
+                message: e.to_string(),
+            })?;
+            for (n, p) in parsed.policies().enumerate() {
+                let id = p
+                    .annotation("id")
+                    .map(str::to_owned)
+                    .unwrap_or_else(|| format!("{name}#{n}"));
+                let renamed: Policy = p.new_id(PolicyId::new(&id));
+                set.add(renamed)
+                    .map_err(|_| PolicyError::DuplicateId(id.clone()))?;
+            }
+        }
+        if let Some(s) = &schema {
+            let result = Validator::new(s.clone()).validate(&set, ValidationMode::default());
+            if !result.validation_passed() {
+                let msgs: Vec<String> = result
+                    .validation_errors()
+                    .map(|e| e.to_string())
+                    .collect();
+                return Err(PolicyError::Validation(msgs.join("; ")));
+            }
+        }
+        Ok(Self {
+            set,
+            schema,
+            hash: hex::encode(hasher.finalize()),
+            authorizer: Authorizer::new(),
+        })
+    }
+
+    /// The content hash of the loaded files (names and bytes).
+    pub fn hash(&self) -> &str {
+        &self.hash
+    }
+
+    /// How many policies are loaded.
+    pub fn len(&self) -> usize {
+        self.set.policies().count()
+    }
+
+    /// Whether no policy is loaded (then everything is denied).
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Decides whether `agent` may obtain `scope`.
+    pub fn decide(
+        &self,
+        agent: &Agent,
+        scope: &ScopeFacts<'_>,
+        req: &RequestFacts<'_>,
+    ) -> Result<PolicyDecision, PolicyError> {
+        let rerr = |e: &dyn std::fmt::Display| PolicyError::Request(e.to_string());
+        let principal = uid(AGENT, &agent.id)?;
+        let team = uid(TEAM, &agent.team)?;
+        let resource = uid(SCOPE, scope.name)?;
+        let action = uid(ACTION, REQUEST_CREDENTIAL)?;
+        let s = |v: &str| RestrictedExpression::new_string(v.to_owned());
+        let l = |v: u64| RestrictedExpression::new_long(i64::try_from(v).unwrap_or(i64::MAX));
+        let agent_entity = Entity::new_with_tags(
+            principal.clone(),
+            [
+                ("team".to_owned(), s(&agent.team)),
+                ("sponsor".to_owned(), s(&agent.sponsor)),
+                ("risk_tier".to_owned(), l(u64::from(agent.risk_tier))),
+                ("environment".to_owned(), s(agent.environment.as_str())),
+                ("purpose".to_owned(), s(&agent.purpose)),
+                ("status".to_owned(), s(agent.status.as_str())),
+            ],
+            [team.clone()],
+            agent.labels.iter().map(|(k, v)| (k.clone(), s(v))),
+        )
+        .map_err(|e| rerr(&e))?;
+        let team_entity = Entity::new_no_attrs(team, Default::default());
+        let scope_entity = Entity::new(
+            resource.clone(),
+            std::collections::HashMap::from([
+                ("provider".to_owned(), s(scope.provider)),
+                ("sensitive".to_owned(), RestrictedExpression::new_bool(scope.sensitive)),
+                ("max_ttl".to_owned(), l(scope.max_ttl_secs)),
+            ]),
+            std::collections::HashSet::new(),
+        )
+        .map_err(|e| rerr(&e))?;
+        let entities = Entities::from_entities(
+            [agent_entity, team_entity, scope_entity],
+            self.schema.as_ref(),
+        )
+        .map_err(|e| rerr(&e))?;
+        let now = req.now;
+        let context = Context::from_pairs([
+            ("environment".to_owned(), s(agent.environment.as_str())),
+            ("now".to_owned(), RestrictedExpression::new_long(now.unix_timestamp())),
+            ("hour_utc".to_owned(), l(u64::from(now.hour()))),
+            (
+                "weekday".to_owned(),
+                s(&now.weekday().to_string().to_lowercase()),
+            ),
+            ("ttl".to_owned(), l(req.requested_ttl_secs)),
+            (
+                "task".to_owned(),
+                RestrictedExpression::new_record([
+                    ("id".to_owned(), s(req.task_id)),
+                    ("description".to_owned(), s(req.task_description)),
+                ])
+                .map_err(|e| rerr(&e))?,
+            ),
+        ])
+        .map_err(|e| rerr(&e))?;
+        let request = Request::new(principal, action, resource, context, self.schema.as_ref())
+            .map_err(|e| rerr(&e))?;
+        let response = self.authorizer.is_authorized(&request, &self.set, &entities);
+        let mut policy_ids: Vec<String> = response
+            .diagnostics()
+            .reason()
+            .map(ToString::to_string)
+            .collect();
+        policy_ids.sort();
+        Ok(PolicyDecision {
+            allow: response.decision() == Decision::Allow,
+            policy_ids,
+            errors: response
+                .diagnostics()
+                .errors()
+                .map(ToString::to_string)
+                .collect(),
+        })
+    }
+}
+
+fn uid(ty: &str, id: &str) -> Result<EntityUid, PolicyError> {
+    let ty = EntityTypeName::from_str(ty).map_err(|e| PolicyError::Request(e.to_string()))?;
+    Ok(EntityUid::from_type_name_and_id(ty, EntityId::new(id)))
+}
+
+#[cfg(test)]
+mod tests;

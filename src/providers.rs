@@ -1,0 +1,87 @@
+//! Builds provider instances from `[providers.<name>]` tables: the one place
+//! that knows backends by kind.
+
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use keygate_provider_api::{Provider, ScopeSpec};
+
+use crate::config::{Config, ConfigError};
+
+/// Provider instances by name, and scopes as providers see them.
+#[derive(Clone)]
+pub struct Registry {
+    providers: BTreeMap<String, Arc<dyn Provider>>,
+    scopes: BTreeMap<String, ScopeSpec>,
+}
+
+impl std::fmt::Debug for Registry {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Registry")
+            .field("providers", &self.providers.keys().collect::<Vec<_>>())
+            .field("scopes", &self.scopes.keys().collect::<Vec<_>>())
+            .finish()
+    }
+}
+
+impl Registry {
+    /// Builds every configured provider and checks every scope against its
+    /// provider.
+    pub async fn build(cfg: &Config) -> Result<Self, ConfigError> {
+        let mut providers: BTreeMap<String, Arc<dyn Provider>> = BTreeMap::new();
+        for (name, table) in &cfg.providers {
+            providers.insert(name.clone(), build_one(name, table).await?);
+        }
+        let mut scopes = BTreeMap::new();
+        for s in &cfg.scopes {
+            let spec = ScopeSpec {
+                name: s.name.clone(),
+                max_ttl: s.max_ttl(),
+                params: serde_json::to_value(&s.params)
+                    .map_err(|e| ConfigError::Invalid(format!("scope `{}`: {e}", s.name)))?,
+            };
+            let provider = providers.get(&s.provider).ok_or_else(|| {
+                ConfigError::Invalid(format!("scope `{}`: unknown provider", s.name))
+            })?;
+            provider
+                .validate_scope(&spec)
+                .map_err(|e| ConfigError::Invalid(format!("scope `{}`: {e}", s.name)))?;
+            scopes.insert(s.name.clone(), spec);
+        }
+        Ok(Self { providers, scopes })
+    }
+
+    pub fn provider(&self, name: &str) -> Option<&Arc<dyn Provider>> {
+        self.providers.get(name)
+    }
+
+    pub fn scope(&self, name: &str) -> Option<&ScopeSpec> {
+        self.scopes.get(name)
+    }
+
+    pub fn provider_names(&self) -> impl Iterator<Item = &str> {
+        self.providers.keys().map(String::as_str)
+    }
+}
+
+async fn build_one(name: &str, table: &toml::Table) -> Result<Arc<dyn Provider>, ConfigError> {
+    let mut settings = table.clone();
+    let kind = match settings.remove("kind") {
+        Some(toml::Value::String(k)) => k,
+        _ => return Err(ConfigError::Invalid(format!("provider `{name}` needs a `kind`"))),
+    };
+    let invalid = |e: &dyn std::fmt::Display| ConfigError::Invalid(format!("provider `{name}`: {e}"));
+    match kind.as_str() {
+        "local-ca" => {
+            let cfg: keygate_provider_local_ca::LocalCaConfig =
+                toml::Value::Table(settings).try_into().map_err(|e| invalid(&e))?;
+            let ca = keygate_provider_local_ca::LocalCa::open(cfg)
+                .await
+                .map_err(|e| invalid(&e))?;
+            Ok(Arc::new(ca))
+        }
+        other => Err(ConfigError::Invalid(format!(
+            "provider `{name}`: unknown kind `{other}` (available: local-ca)"
+        ))),
+    }
+}

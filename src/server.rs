@@ -1,0 +1,139 @@
+//! The HTTP API (axum): routing, start-up and shutdown. Handlers are thin:
+//! they authenticate, parse, call the broker and shape the answer.
+
+mod admin;
+mod agent;
+mod auth;
+mod error;
+mod ops;
+
+use std::path::Path;
+use std::sync::Arc;
+
+use axum::Router;
+use axum::extract::DefaultBodyLimit;
+use axum::routing::{delete, get, post};
+use tokio::net::TcpListener;
+
+use crate::broker::{Broker, seed_agents};
+use crate::config::Config;
+use crate::identity::SessionSigner;
+use crate::lease::{LeaseEngine, Worker};
+use crate::metrics::Metrics;
+use crate::policy::PolicyEngine;
+use crate::providers::Registry;
+
+pub use error::ApiError;
+
+/// Shared state of every handler.
+pub type AppState = Arc<Broker>;
+
+/// Builds the broker from config: store, policy, signing key, providers, and
+/// the agents seeded from `registry.seed_dir`.
+pub async fn build_broker(config: Config) -> anyhow::Result<Broker> {
+    let store = crate::store::open(&config.store.url).await?;
+    let policy = PolicyEngine::load(&config.policy.dir)?;
+    if policy.is_empty() {
+        tracing::warn!(dir = %config.policy.dir.display(), "no policies loaded: every credential request will be denied");
+    }
+    let signer = SessionSigner::open(&config.sessions.signing_key_file, &config.server.issuer)?;
+    let registry = Registry::build(&config).await?;
+    let broker = Broker {
+        config,
+        store,
+        policy,
+        signer,
+        registry,
+        leases: LeaseEngine::default(),
+        metrics: Arc::new(Metrics::default()),
+    };
+    if let Some(dir) = broker.config.registry.seed_dir.clone() {
+        let n = seed_agents(&broker, &dir).await?;
+        if n > 0 {
+            tracing::info!(count = n, dir = %dir.display(), "registered seed agents");
+        }
+    }
+    Ok(broker)
+}
+
+/// The router with every route.
+pub fn router(state: AppState) -> Router {
+    let limit = state.config.server.body_limit_bytes;
+    Router::new()
+        .route("/healthz", get(ops::healthz))
+        .route("/readyz", get(ops::readyz))
+        .route("/metrics", get(ops::metrics))
+        .route("/.well-known/jwks.json", get(ops::jwks))
+        .route("/.well-known/oauth-authorization-server", get(ops::metadata))
+        .route("/oauth/token", post(agent::token))
+        .route("/v1/session", get(agent::whoami))
+        .route("/v1/credentials", post(agent::request_credential))
+        .route("/v1/credentials/{lease_id}", delete(agent::release))
+        .route("/v1/tasks/complete", post(agent::complete))
+        .route("/v1/agents", post(admin::register).get(admin::list_agents))
+        .route("/v1/agents/{id}", get(admin::show_agent))
+        .route("/v1/agents/{id}/{action}", post(admin::agent_action))
+        .route("/v1/leases", get(admin::list_leases))
+        .route("/v1/revocations", post(admin::revoke))
+        .route("/v1/revocations/{id}", get(admin::revocation))
+        .route("/v1/audit", get(admin::audit))
+        .route("/v1/providers/{name}/verify", post(ops::provider_verify))
+        .route("/v1/providers/{name}/{doc}", get(ops::provider_document))
+        .fallback(ops::not_found)
+        .layer(axum::middleware::from_fn(ops::log_requests))
+        .layer(DefaultBodyLimit::max(limit))
+        .with_state(state)
+}
+
+/// Runs the broker until SIGINT/SIGTERM. Prints `keygate listening on ADDR`
+/// on stdout once the socket is bound, for scripts and tests.
+pub async fn serve(config_path: &Path, listen: Option<std::net::SocketAddr>) -> anyhow::Result<()> {
+    let mut config = Config::load(config_path)?;
+    crate::init_logging(config.server.log_format);
+    if let Some(addr) = listen {
+        config.server.listen = addr;
+    }
+    let broker = Arc::new(build_broker(config).await?);
+    let worker = Arc::new(Worker {
+        store: broker.store.clone(),
+        registry: broker.registry.clone(),
+        config: broker.config.leases.clone(),
+        metrics: broker.metrics.clone(),
+        engine: broker.leases.clone(),
+    });
+    // The reaper's first pass resumes what a previous run left: orphaned
+    // pending leases, expired tasks, the revocation queue.
+    worker.reap_once().await?;
+    tokio::spawn(Arc::clone(&worker).run_queue());
+    tokio::spawn(worker.run_reaper());
+    let listener = TcpListener::bind(broker.config.server.listen).await?;
+    let addr = listener.local_addr()?;
+    tracing::info!(%addr, issuer = %broker.config.server.issuer, policy_hash = %broker.policy.hash(), "keygate ready");
+    println!("keygate listening on {addr}");
+    axum::serve(listener, router(broker))
+        .with_graceful_shutdown(shutdown_signal())
+        .await?;
+    Ok(())
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        _ = ctrl_c => {},
+        _ = term => {},
+    }
+    tracing::info!("shutting down");
+}

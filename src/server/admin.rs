@@ -1,0 +1,154 @@
+//! Operator endpoints: registry, leases, revocations, audit.
+
+use axum::Json;
+use axum::extract::{Path, Query, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::response::{IntoResponse, Response};
+use serde::Deserialize;
+
+use super::auth::Operator;
+use super::error::ApiJson;
+use super::{ApiError, AppState};
+use crate::broker::{AgentSpec, RevocationRequest};
+use crate::config::Role;
+use crate::model::{AgentStatus, LeaseFilter};
+use crate::store::AuditFilter;
+
+const READERS: &[Role] = &[Role::Admin, Role::Secops, Role::Auditor];
+
+/// `POST /v1/agents` (admin).
+pub async fn register(
+    State(b): State<AppState>,
+    op: Operator,
+    ApiJson(spec): ApiJson<AgentSpec>,
+) -> Result<impl IntoResponse, ApiError> {
+    op.require(&[Role::Admin])?;
+    let agent = b.register_agent(&op.actor(), spec).await?;
+    Ok((StatusCode::CREATED, Json(agent)))
+}
+
+/// `GET /v1/agents`.
+pub async fn list_agents(State(b): State<AppState>, op: Operator) -> Result<impl IntoResponse, ApiError> {
+    op.require(READERS)?;
+    Ok(Json(b.store.list_agents().await?))
+}
+
+/// `GET /v1/agents/{id}`.
+pub async fn show_agent(
+    State(b): State<AppState>,
+    op: Operator,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    op.require(READERS)?;
+    Ok(Json(b.agent(&id).await?))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ActionBody {
+    reason: Option<String>,
+}
+
+/// `POST /v1/agents/{id}/{suspend|resume|decommission}`.
+pub async fn agent_action(
+    State(b): State<AppState>,
+    op: Operator,
+    Path((id, action)): Path<(String, String)>,
+    body: axum::body::Bytes,
+) -> Result<impl IntoResponse, ApiError> {
+    let (to, roles): (AgentStatus, &[Role]) = match action.as_str() {
+        "suspend" => (AgentStatus::Suspended, &[Role::Admin, Role::Secops]),
+        "resume" => (AgentStatus::Active, &[Role::Admin]),
+        "decommission" => (AgentStatus::Decommissioned, &[Role::Admin]),
+        other => {
+            return Err(ApiError::not_found(format!(
+                "no agent action `{other}` (use suspend, resume or decommission)"
+            )));
+        }
+    };
+    op.require(roles)?;
+    // The body is optional: `{"reason": "..."}` or nothing.
+    let parsed: ActionBody = if body.is_empty() {
+        ActionBody::default()
+    } else {
+        serde_json::from_slice(&body)
+            .map_err(|e| ApiError::bad_request(format!("the body is not valid: {e}")))?
+    };
+    let reason = parsed
+        .reason
+        .unwrap_or_else(|| format!("{action} by {}", op.name));
+    Ok(Json(b.set_agent_status(&op.actor(), &id, to, &reason).await?))
+}
+
+/// `GET /v1/leases?agent=&task=&state=&provider=&limit=`.
+pub async fn list_leases(
+    State(b): State<AppState>,
+    op: Operator,
+    Query(f): Query<LeaseFilter>,
+) -> Result<impl IntoResponse, ApiError> {
+    op.require(READERS)?;
+    Ok(Json(b.store.list_leases(&f).await?))
+}
+
+/// `POST /v1/revocations` (secops, admin).
+pub async fn revoke(
+    State(b): State<AppState>,
+    op: Operator,
+    ApiJson(req): ApiJson<RevocationRequest>,
+) -> Result<impl IntoResponse, ApiError> {
+    op.require(&[Role::Secops, Role::Admin])?;
+    Ok(Json(b.revoke(&op.name, req).await?))
+}
+
+/// `GET /v1/revocations/{id}`.
+pub async fn revocation(
+    State(b): State<AppState>,
+    op: Operator,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    op.require(READERS)?;
+    Ok(Json(b.revocation_status(&id).await?))
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AuditQuery {
+    #[serde(default)]
+    after: i64,
+    agent: Option<String>,
+    task: Option<String>,
+    action: Option<String>,
+    limit: Option<u32>,
+}
+
+/// `GET /v1/audit`: JSON lines in `seq` order, one page at a time. The
+/// `x-next-after` header gives the `after` value for the next page.
+pub async fn audit(
+    State(b): State<AppState>,
+    op: Operator,
+    Query(q): Query<AuditQuery>,
+) -> Result<Response, ApiError> {
+    op.require(&[Role::Auditor, Role::Admin])?;
+    let filter = AuditFilter {
+        after_seq: q.after,
+        agent: q.agent,
+        task: q.task,
+        action: q.action,
+        limit: q.limit.unwrap_or(1000).clamp(1, 10_000),
+    };
+    let events = b.store.audit_events(&filter).await?;
+    let mut body = String::new();
+    for ev in &events {
+        body.push_str(&serde_json::to_string(ev).map_err(|e| ApiError::bad_request(e.to_string()))?);
+        body.push('\n');
+    }
+    let mut resp = (StatusCode::OK, body).into_response();
+    let h = resp.headers_mut();
+    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-ndjson"));
+    if let Some(last) = events.last() {
+        if let Ok(v) = HeaderValue::from_str(&last.seq.to_string()) {
+            h.insert("x-next-after", v);
+        }
+    }
+    Ok(resp)
+}

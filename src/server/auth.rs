@@ -1,0 +1,93 @@
+//! Request authentication: agents' session tokens and operators' bearer tokens.
+
+use axum::extract::FromRequestParts;
+use axum::http::header::AUTHORIZATION;
+use axum::http::request::Parts;
+use sha2::{Digest, Sha256};
+
+use super::{ApiError, AppState};
+use crate::audit::{Actor, AuditEvent};
+use crate::broker::Session;
+use crate::config::Role;
+
+fn bearer(parts: &Parts) -> Option<&str> {
+    let v = parts.headers.get(AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// An agent's verified session.
+pub struct AgentSession(pub Session);
+
+impl FromRequestParts<AppState> for AgentSession {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let token = bearer(parts)
+            .ok_or_else(|| ApiError::invalid_token("a session token is required (Authorization: Bearer)"))?;
+        state
+            .session(token)
+            .await
+            .map(AgentSession)
+            .map_err(ApiError::invalid_token)
+    }
+}
+
+/// A human operator, authenticated by a token whose SHA-256 is in config.
+pub struct Operator {
+    pub name: String,
+    pub roles: Vec<Role>,
+}
+
+impl Operator {
+    /// Refuses with 403 unless the operator holds one of `roles`.
+    pub fn require(&self, roles: &[Role]) -> Result<(), ApiError> {
+        if self.roles.iter().any(|r| roles.contains(r)) {
+            Ok(())
+        } else {
+            let names: Vec<String> = roles.iter().map(|r| format!("{r:?}").to_lowercase()).collect();
+            Err(ApiError::forbidden(format!(
+                "operator `{}` lacks the role for this call (needs one of: {})",
+                self.name,
+                names.join(", ")
+            )))
+        }
+    }
+
+    pub fn actor(&self) -> Actor {
+        Actor::Operator(self.name.clone())
+    }
+}
+
+/// Compares two equal-length byte strings without an early exit.
+fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
+    a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
+}
+
+impl FromRequestParts<AppState> for Operator {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let Some(token) = bearer(parts) else {
+            return Err(ApiError::unauthorized("an operator token is required (Authorization: Bearer)"));
+        };
+        let digest = hex::encode(Sha256::digest(token.as_bytes()));
+        let found = state.config.operators.iter().find(|o| {
+            constant_time_eq(o.token_sha256.to_ascii_lowercase().as_bytes(), digest.as_bytes())
+        });
+        match found {
+            Some(o) => Ok(Operator {
+                name: o.name.clone(),
+                roles: o.roles.clone(),
+            }),
+            None => {
+                let ev = AuditEvent::new(&Actor::Unauthenticated(None), "operator.auth")
+                    .failure(format!("unknown operator token on {}", parts.uri.path()));
+                if let Err(e) = state.audit_alone(ev).await {
+                    tracing::error!(error = %e, "cannot audit an operator authentication failure");
+                }
+                Err(ApiError::unauthorized("the operator token is not valid"))
+            }
+        }
+    }
+}

@@ -1,0 +1,116 @@
+//! Operational and public endpoints: health, metrics, discovery, provider
+//! documents; and request logging.
+
+use axum::Json;
+use axum::extract::{Path, Request, State};
+use axum::http::{HeaderValue, StatusCode, header};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use serde_json::json;
+
+use super::error::ApiJson;
+use super::{ApiError, AppState};
+
+pub async fn healthz() -> &'static str {
+    "ok"
+}
+
+pub async fn readyz(State(b): State<AppState>) -> Result<&'static str, ApiError> {
+    b.store.ping().await.map_err(|e| {
+        tracing::error!(error = %e, "store not ready");
+        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "the store does not answer")
+    })?;
+    Ok("ready")
+}
+
+pub async fn metrics(State(b): State<AppState>) -> impl IntoResponse {
+    (
+        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        b.metrics.render(),
+    )
+}
+
+pub async fn jwks(State(b): State<AppState>) -> Json<serde_json::Value> {
+    Json(b.signer.jwks())
+}
+
+/// RFC 8414 authorization-server metadata.
+pub async fn metadata(State(b): State<AppState>) -> Json<serde_json::Value> {
+    let issuer = b.config.server.issuer.trim_end_matches('/');
+    Json(json!({
+        "issuer": b.config.server.issuer,
+        "token_endpoint": b.config.token_endpoint(),
+        "jwks_uri": format!("{issuer}/.well-known/jwks.json"),
+        "grant_types_supported": ["client_credentials"],
+        "token_endpoint_auth_methods_supported": ["private_key_jwt"],
+        "token_endpoint_auth_signing_alg_values_supported": ["ES256", "ES384", "EdDSA", "RS256", "PS256"],
+        "response_types_supported": [],
+    }))
+}
+
+/// `GET /v1/providers/{name}/{doc}`: a provider's public document (CRL, bundle).
+pub async fn provider_document(
+    State(b): State<AppState>,
+    Path((name, doc)): Path<(String, String)>,
+) -> Result<Response, ApiError> {
+    let p = b
+        .registry
+        .provider(&name)
+        .ok_or_else(|| ApiError::not_found(format!("no provider `{name}`")))?;
+    let d = p
+        .document(&doc)
+        .await
+        .map_err(|e| ApiError::new(StatusCode::BAD_GATEWAY, "provider_error", e.to_string()))?
+        .ok_or_else(|| ApiError::not_found(format!("provider `{name}` publishes no `{doc}`")))?;
+    let mut resp = (StatusCode::OK, d.body).into_response();
+    resp.headers_mut().insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static(d.content_type),
+    );
+    Ok(resp)
+}
+
+/// `POST /v1/providers/{name}/verify`: checks a credential as a relying party
+/// would, honouring revocation.
+pub async fn provider_verify(
+    State(b): State<AppState>,
+    Path(name): Path<String>,
+    ApiJson(presented): ApiJson<serde_json::Value>,
+) -> Result<impl IntoResponse, ApiError> {
+    let p = b
+        .registry
+        .provider(&name)
+        .ok_or_else(|| ApiError::not_found(format!("no provider `{name}`")))?;
+    let v = p.verify(&presented).await.map_err(|e| match e {
+        keygate_provider_api::ProviderError::Unsupported(m) => {
+            ApiError::new(StatusCode::NOT_IMPLEMENTED, "unsupported", format!("not supported: {m}"))
+        }
+        other => ApiError::new(StatusCode::BAD_GATEWAY, "provider_error", other.to_string()),
+    })?;
+    Ok(Json(v))
+}
+
+pub async fn not_found() -> ApiError {
+    ApiError::not_found("no such endpoint")
+}
+
+/// Logs each request with an allow-list of fields: method, matched route,
+/// status, latency. Never headers, query strings or bodies.
+pub async fn log_requests(req: Request, next: Next) -> Response {
+    let method = req.method().clone();
+    let route = req
+        .extensions()
+        .get::<axum::extract::MatchedPath>()
+        .map(|p| p.as_str().to_owned())
+        .unwrap_or_else(|| "unmatched".into());
+    let started = std::time::Instant::now();
+    let resp = next.run(req).await;
+    tracing::info!(
+        %method,
+        route,
+        status = resp.status().as_u16(),
+        ms = started.elapsed().as_millis() as u64,
+        "request"
+    );
+    resp
+}

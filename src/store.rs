@@ -1,0 +1,191 @@
+//! The store interface. Callers see these traits only; `sqlite` is the
+//! embedded engine, and a PostgreSQL engine plugs in behind the same traits.
+//!
+//! Reads go through [`Store`]. Every change goes through a [`StoreTx`], which
+//! also appends the audit events describing the change, so state and evidence
+//! commit together or not at all.
+
+mod sqlite;
+
+use async_trait::async_trait;
+use time::OffsetDateTime;
+
+use crate::audit::AuditEvent;
+use crate::model::{
+    Agent, AgentStatus, Lease, LeaseFilter, LeaseState, Revocability, Revocation,
+    RevocationProgress, Selector, Task, TaskState,
+};
+
+pub use sqlite::SqliteStore;
+
+/// Why a store call failed.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("already exists: {0}")]
+    Conflict(String),
+    #[error("database error: {0}")]
+    Database(String),
+    #[error("stored data is corrupt: {0}")]
+    Corrupt(String),
+    #[error("unsupported store url `{0}` (supported: sqlite://path)")]
+    UnsupportedUrl(String),
+}
+
+pub type StoreResult<T> = Result<T, StoreError>;
+
+/// Audit events matching a filter, after a sequence number.
+#[derive(Debug, Clone, Default)]
+pub struct AuditFilter {
+    pub after_seq: i64,
+    pub agent: Option<String>,
+    pub task: Option<String>,
+    pub action: Option<String>,
+    pub limit: u32,
+}
+
+/// A lease the revocation queue should attempt now.
+#[derive(Debug, Clone)]
+pub struct DueRevocation {
+    pub lease: Lease,
+}
+
+/// Read access, and the way to start a change.
+#[async_trait]
+pub trait Store: Send + Sync + 'static {
+    /// Starts a write transaction.
+    async fn begin(&self) -> StoreResult<Box<dyn StoreTx>>;
+
+    async fn get_agent(&self, id: &str) -> StoreResult<Option<Agent>>;
+    async fn list_agents(&self) -> StoreResult<Vec<Agent>>;
+    async fn get_task(&self, id: &str) -> StoreResult<Option<Task>>;
+    async fn get_lease(&self, id: &str) -> StoreResult<Option<Lease>>;
+    async fn list_leases(&self, filter: &LeaseFilter) -> StoreResult<Vec<Lease>>;
+    /// Leases in `revoking` whose next attempt is due. Leases still pending
+    /// issue (no handle yet, younger than `orphan_before`) are left alone.
+    async fn due_revocations(
+        &self,
+        now: OffsetDateTime,
+        orphan_before: OffsetDateTime,
+        limit: u32,
+    ) -> StoreResult<Vec<Lease>>;
+    async fn get_revocation(&self, id: &str) -> StoreResult<Option<Revocation>>;
+    async fn revocation_progress(&self, id: &str) -> StoreResult<RevocationProgress>;
+    async fn audit_events(&self, filter: &AuditFilter) -> StoreResult<Vec<AuditEvent>>;
+    /// Whether the store answers (for `/readyz`).
+    async fn ping(&self) -> StoreResult<()>;
+}
+
+/// One atomic change. Dropping it without `commit` rolls back.
+#[async_trait]
+pub trait StoreTx: Send {
+    async fn commit(self: Box<Self>) -> StoreResult<()>;
+
+    /// Appends an audit event to the chain.
+    async fn audit(&mut self, event: AuditEvent) -> StoreResult<()>;
+
+    async fn insert_agent(&mut self, agent: &Agent) -> StoreResult<()>;
+    async fn set_agent_status(
+        &mut self,
+        id: &str,
+        status: AgentStatus,
+        now: OffsetDateTime,
+    ) -> StoreResult<()>;
+    async fn touch_agent(&mut self, id: &str, now: OffsetDateTime) -> StoreResult<()>;
+
+    /// Records a client-assertion `jti`; `false` when it was seen before.
+    async fn record_jti(
+        &mut self,
+        agent_id: &str,
+        jti: &str,
+        expires_at: OffsetDateTime,
+    ) -> StoreResult<bool>;
+    /// Forgets assertion ids that can no longer be replayed.
+    async fn prune_jtis(&mut self, now: OffsetDateTime) -> StoreResult<u64>;
+
+    async fn insert_task(&mut self, task: &Task) -> StoreResult<()>;
+    /// Ends open tasks matching the selector (for `Provider`: tasks holding a
+    /// live lease of that provider). Returns their ids.
+    async fn end_tasks(
+        &mut self,
+        selector: &TaskSelector,
+        state: TaskState,
+        reason: &str,
+        now: OffsetDateTime,
+    ) -> StoreResult<Vec<String>>;
+
+    async fn insert_lease(&mut self, lease: &Lease) -> StoreResult<()>;
+    /// Records what the provider issued. Returns the lease's state afterwards:
+    /// `Active`, or `Revoking` when a revocation overtook the issue (the
+    /// handle is kept so the queue can revoke it), or `None` if the lease
+    /// was no longer pending or revoking.
+    async fn record_issued(
+        &mut self,
+        id: &str,
+        handle: &serde_json::Value,
+        revocability: Revocability,
+        expires_at: OffsetDateTime,
+    ) -> StoreResult<Option<LeaseState>>;
+    /// A pending lease whose provider refused: nothing exists to revoke.
+    async fn mark_failed(&mut self, id: &str, error: &str, now: OffsetDateTime)
+    -> StoreResult<()>;
+    /// Queues live leases matching the selector for revocation. Returns the
+    /// ids queued.
+    async fn queue_revocations(
+        &mut self,
+        selector: &LeaseSelector,
+        reason: &str,
+        revocation_id: Option<&str>,
+        now: OffsetDateTime,
+    ) -> StoreResult<Vec<String>>;
+    /// The provider confirmed (or cannot act): `Revoked` or `Expiring`.
+    async fn finish_revocation(
+        &mut self,
+        id: &str,
+        state: LeaseState,
+        now: OffsetDateTime,
+    ) -> StoreResult<bool>;
+    /// A revocation attempt failed; it stays queued with its error.
+    async fn revocation_failed(
+        &mut self,
+        id: &str,
+        error: &str,
+        next_attempt_at: OffsetDateTime,
+    ) -> StoreResult<()>;
+    /// Active and expiring leases whose expiry passed become `Expired`.
+    async fn expire_leases(&mut self, now: OffsetDateTime) -> StoreResult<Vec<Lease>>;
+    /// Pending leases older than `before` (the broker crashed or the provider
+    /// hung): queued for revocation by lease id.
+    async fn queue_orphans(
+        &mut self,
+        before: OffsetDateTime,
+        now: OffsetDateTime,
+    ) -> StoreResult<Vec<String>>;
+    /// Open tasks past their expiry. Returns their ids (not yet ended).
+    async fn expired_tasks(&mut self, now: OffsetDateTime) -> StoreResult<Vec<String>>;
+
+    async fn insert_revocation(&mut self, revocation: &Revocation) -> StoreResult<()>;
+}
+
+/// Which open tasks to end.
+#[derive(Debug, Clone)]
+pub enum TaskSelector {
+    Task(String),
+    Emergency(Selector),
+}
+
+/// Which live leases to queue for revocation.
+#[derive(Debug, Clone)]
+pub enum LeaseSelector {
+    Lease(String),
+    Task(String),
+    Emergency(Selector),
+}
+
+/// Opens the store named by a URL, creating and migrating it if needed.
+pub async fn open(url: &str) -> StoreResult<std::sync::Arc<dyn Store>> {
+    if let Some(path) = url.strip_prefix("sqlite://") {
+        Ok(std::sync::Arc::new(SqliteStore::open(path).await?))
+    } else {
+        Err(StoreError::UnsupportedUrl(url.to_owned()))
+    }
+}

@@ -1,0 +1,620 @@
+//! The embedded engine: one SQLite file in WAL mode, created and migrated on
+//! first start.
+//!
+//! Writes go through a single connection, so transactions serialise in the
+//! process instead of fighting over SQLite's lock, and the audit chain's head
+//! is read and extended inside the same transaction. Reads use a pool.
+
+mod rows;
+
+use std::str::FromStr;
+use std::time::Duration;
+
+use async_trait::async_trait;
+use sqlx::sqlite::{
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+};
+use sqlx::{QueryBuilder, Row, Sqlite, Transaction};
+use time::OffsetDateTime;
+
+use super::{
+    AuditFilter, LeaseSelector, Store, StoreError, StoreResult, StoreTx, TaskSelector,
+};
+use crate::audit::{AuditEvent, GENESIS_HASH};
+use crate::model::{
+    Agent, AgentStatus, Lease, LeaseFilter, LeaseState, Revocability, Revocation,
+    RevocationProgress, Selector, Task, TaskState, unix,
+};
+use rows::{agent_from_row, audit_from_row, lease_from_row, revocation_from_row, task_from_row};
+
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        match &e {
+            sqlx::Error::Database(d) if d.is_unique_violation() => {
+                StoreError::Conflict(d.message().to_owned())
+            }
+            _ => StoreError::Database(e.to_string()),
+        }
+    }
+}
+
+/// SQLite-backed [`Store`].
+pub struct SqliteStore {
+    write: SqlitePool,
+    read: SqlitePool,
+}
+
+impl SqliteStore {
+    /// Opens (creating if absent) and migrates the database file at `path`.
+    pub async fn open(path: &str) -> StoreResult<Self> {
+        if let Some(dir) = std::path::Path::new(path).parent() {
+            if !dir.as_os_str().is_empty() {
+                std::fs::create_dir_all(dir).map_err(|e| {
+                    StoreError::Database(format!("cannot create `{}`: {e}", dir.display()))
+                })?;
+            }
+        }
+        let opts = SqliteConnectOptions::from_str(&format!("sqlite://{path}"))?
+            .create_if_missing(true)
+            .journal_mode(SqliteJournalMode::Wal)
+            // FULL: a committed lease row survives power loss, which the
+            // write-ahead lease rule depends on.
+            .synchronous(SqliteSynchronous::Full)
+            .foreign_keys(true)
+            .busy_timeout(Duration::from_secs(10));
+        let write = SqlitePoolOptions::new()
+            .max_connections(1)
+            .connect_with(opts.clone())
+            .await?;
+        sqlx::migrate!("./migrations/sqlite")
+            .run(&write)
+            .await
+            .map_err(|e| StoreError::Database(format!("migration failed: {e}")))?;
+        let read = SqlitePoolOptions::new()
+            .max_connections(8)
+            .connect_with(opts.read_only(true))
+            .await?;
+        Ok(Self { write, read })
+    }
+}
+
+#[async_trait]
+impl Store for SqliteStore {
+    async fn begin(&self) -> StoreResult<Box<dyn StoreTx>> {
+        Ok(Box::new(SqliteTx {
+            tx: self.write.begin().await?,
+        }))
+    }
+
+    async fn get_agent(&self, id: &str) -> StoreResult<Option<Agent>> {
+        sqlx::query("SELECT * FROM agents WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.read)
+            .await?
+            .map(|r| agent_from_row(&r))
+            .transpose()
+    }
+
+    async fn list_agents(&self) -> StoreResult<Vec<Agent>> {
+        sqlx::query("SELECT * FROM agents ORDER BY id")
+            .fetch_all(&self.read)
+            .await?
+            .iter()
+            .map(agent_from_row)
+            .collect()
+    }
+
+    async fn get_task(&self, id: &str) -> StoreResult<Option<Task>> {
+        sqlx::query("SELECT * FROM tasks WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.read)
+            .await?
+            .map(|r| task_from_row(&r))
+            .transpose()
+    }
+
+    async fn get_lease(&self, id: &str) -> StoreResult<Option<Lease>> {
+        sqlx::query("SELECT * FROM leases WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.read)
+            .await?
+            .map(|r| lease_from_row(&r))
+            .transpose()
+    }
+
+    async fn list_leases(&self, f: &LeaseFilter) -> StoreResult<Vec<Lease>> {
+        let mut q = QueryBuilder::<Sqlite>::new("SELECT * FROM leases WHERE 1=1");
+        if let Some(a) = &f.agent {
+            q.push(" AND agent_id = ").push_bind(a);
+        }
+        if let Some(t) = &f.task {
+            q.push(" AND task_id = ").push_bind(t);
+        }
+        if let Some(s) = f.state {
+            q.push(" AND state = ").push_bind(s.as_str());
+        }
+        if let Some(p) = &f.provider {
+            q.push(" AND provider = ").push_bind(p);
+        }
+        q.push(" ORDER BY created_at DESC, id DESC LIMIT ")
+            .push_bind(i64::from(f.limit.unwrap_or(1000)));
+        q.build()
+            .fetch_all(&self.read)
+            .await?
+            .iter()
+            .map(lease_from_row)
+            .collect()
+    }
+
+    async fn due_revocations(
+        &self,
+        now: OffsetDateTime,
+        orphan_before: OffsetDateTime,
+        limit: u32,
+    ) -> StoreResult<Vec<Lease>> {
+        sqlx::query(
+            "SELECT * FROM leases WHERE state = 'revoking' AND next_attempt_at <= ? \
+             AND (handle IS NOT NULL OR created_at < ?) ORDER BY next_attempt_at LIMIT ?",
+        )
+        .bind(unix(now))
+        .bind(unix(orphan_before))
+        .bind(i64::from(limit))
+        .fetch_all(&self.read)
+        .await?
+        .iter()
+        .map(lease_from_row)
+        .collect()
+    }
+
+    async fn get_revocation(&self, id: &str) -> StoreResult<Option<Revocation>> {
+        sqlx::query("SELECT * FROM revocations WHERE id = ?")
+            .bind(id)
+            .fetch_optional(&self.read)
+            .await?
+            .map(|r| revocation_from_row(&r))
+            .transpose()
+    }
+
+    async fn revocation_progress(&self, id: &str) -> StoreResult<RevocationProgress> {
+        let rows = sqlx::query(
+            "SELECT state, COUNT(*) AS n FROM leases WHERE revocation_id = ? GROUP BY state",
+        )
+        .bind(id)
+        .fetch_all(&self.read)
+        .await?;
+        let mut p = RevocationProgress::default();
+        for r in rows {
+            let n = r.try_get::<i64, _>("n")? as u64;
+            p.found += n;
+            match r.try_get::<String, _>("state")?.as_str() {
+                "revoked" | "expired" => p.revoked += n,
+                "expiring" => p.expiring += n,
+                _ => p.pending += n,
+            }
+        }
+        Ok(p)
+    }
+
+    async fn audit_events(&self, f: &AuditFilter) -> StoreResult<Vec<AuditEvent>> {
+        let mut q = QueryBuilder::<Sqlite>::new("SELECT * FROM audit_events WHERE seq > ");
+        q.push_bind(f.after_seq);
+        if let Some(a) = &f.agent {
+            q.push(" AND agent = ").push_bind(a);
+        }
+        if let Some(t) = &f.task {
+            q.push(" AND task = ").push_bind(t);
+        }
+        if let Some(a) = &f.action {
+            q.push(" AND action = ").push_bind(a);
+        }
+        q.push(" ORDER BY seq LIMIT ").push_bind(i64::from(f.limit));
+        q.build()
+            .fetch_all(&self.read)
+            .await?
+            .iter()
+            .map(audit_from_row)
+            .collect()
+    }
+
+    async fn ping(&self) -> StoreResult<()> {
+        sqlx::query("SELECT 1").execute(&self.read).await?;
+        Ok(())
+    }
+}
+
+struct SqliteTx {
+    tx: Transaction<'static, Sqlite>,
+}
+
+/// `SELECT` part matching live leases of an emergency selector.
+fn push_selector(q: &mut QueryBuilder<Sqlite>, sel: &Selector, agent_col: &str) {
+    match sel {
+        Selector::Agent(a) => {
+            q.push(format!(" AND {agent_col} = ")).push_bind(a.clone());
+        }
+        Selector::Team(t) => {
+            q.push(format!(
+                " AND {agent_col} IN (SELECT id FROM agents WHERE team = "
+            ))
+            .push_bind(t.clone())
+            .push(")");
+        }
+        Selector::Provider(p) => {
+            q.push(" AND provider = ").push_bind(p.clone());
+        }
+        Selector::All => {}
+    }
+}
+
+#[async_trait]
+impl StoreTx for SqliteTx {
+    async fn commit(self: Box<Self>) -> StoreResult<()> {
+        self.tx.commit().await?;
+        Ok(())
+    }
+
+    async fn audit(&mut self, mut ev: AuditEvent) -> StoreResult<()> {
+        let head = sqlx::query("SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1")
+            .fetch_optional(&mut *self.tx)
+            .await?;
+        let (seq, hash) = match head {
+            Some(r) => (r.try_get::<i64, _>("seq")?, r.try_get::<String, _>("hash")?),
+            None => (0, GENESIS_HASH.to_owned()),
+        };
+        ev.chain_after(seq, &hash);
+        sqlx::query(
+            "INSERT INTO audit_events (seq, at_ms, actor, action, agent, task, scope, lease, \
+             decision, policy_ids, policy_hash, outcome, reason, details, prev_hash, hash) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(ev.seq)
+        .bind(ev.at_ms)
+        .bind(&ev.actor)
+        .bind(&ev.action)
+        .bind(&ev.agent)
+        .bind(&ev.task)
+        .bind(&ev.scope)
+        .bind(&ev.lease)
+        .bind(&ev.decision)
+        .bind(serde_json::to_string(&ev.policy_ids).map_err(corrupt)?)
+        .bind(&ev.policy_hash)
+        .bind(&ev.outcome)
+        .bind(&ev.reason)
+        .bind(serde_json::to_string(&ev.details).map_err(corrupt)?)
+        .bind(&ev.prev_hash)
+        .bind(&ev.hash)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+
+    async fn insert_agent(&mut self, a: &Agent) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO agents (id, team, sponsor, risk_tier, environment, purpose, labels, \
+             status, auth_method, jwks, created_at, updated_at, last_used_at, last_review_at) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&a.id)
+        .bind(&a.team)
+        .bind(&a.sponsor)
+        .bind(i64::from(a.risk_tier))
+        .bind(a.environment.as_str())
+        .bind(&a.purpose)
+        .bind(serde_json::to_string(&a.labels).map_err(corrupt)?)
+        .bind(a.status.as_str())
+        .bind(a.auth_method.as_str())
+        .bind(serde_json::to_string(&a.jwks).map_err(corrupt)?)
+        .bind(unix(a.created_at))
+        .bind(unix(a.updated_at))
+        .bind(a.last_used_at.map(unix))
+        .bind(a.last_review_at.map(unix))
+        .execute(&mut *self.tx)
+        .await
+        .map_err(|e| match StoreError::from(e) {
+            StoreError::Conflict(_) => StoreError::Conflict(format!("agent `{}`", a.id)),
+            other => other,
+        })?;
+        Ok(())
+    }
+
+    async fn set_agent_status(
+        &mut self,
+        id: &str,
+        status: AgentStatus,
+        now: OffsetDateTime,
+    ) -> StoreResult<()> {
+        sqlx::query("UPDATE agents SET status = ?, updated_at = ? WHERE id = ?")
+            .bind(status.as_str())
+            .bind(unix(now))
+            .bind(id)
+            .execute(&mut *self.tx)
+            .await?;
+        Ok(())
+    }
+
+    async fn touch_agent(&mut self, id: &str, now: OffsetDateTime) -> StoreResult<()> {
+        sqlx::query("UPDATE agents SET last_used_at = ? WHERE id = ?")
+            .bind(unix(now))
+            .bind(id)
+            .execute(&mut *self.tx)
+            .await?;
+        Ok(())
+    }
+
+    async fn record_jti(
+        &mut self,
+        agent_id: &str,
+        jti: &str,
+        expires_at: OffsetDateTime,
+    ) -> StoreResult<bool> {
+        let done = sqlx::query(
+            "INSERT INTO assertion_jtis (agent_id, jti, expires_at) VALUES (?, ?, ?) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(agent_id)
+        .bind(jti)
+        .bind(unix(expires_at))
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn prune_jtis(&mut self, now: OffsetDateTime) -> StoreResult<u64> {
+        let done = sqlx::query("DELETE FROM assertion_jtis WHERE expires_at < ?")
+            .bind(unix(now) - 60)
+            .execute(&mut *self.tx)
+            .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn insert_task(&mut self, t: &Task) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO tasks (id, agent_id, description, state, opened_at, expires_at) \
+             VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&t.id)
+        .bind(&t.agent_id)
+        .bind(&t.description)
+        .bind(t.state.as_str())
+        .bind(unix(t.opened_at))
+        .bind(unix(t.expires_at))
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+
+    async fn end_tasks(
+        &mut self,
+        sel: &TaskSelector,
+        state: TaskState,
+        reason: &str,
+        now: OffsetDateTime,
+    ) -> StoreResult<Vec<String>> {
+        let mut q = QueryBuilder::<Sqlite>::new("UPDATE tasks SET state = ");
+        q.push_bind(state.as_str())
+            .push(", ended_at = ")
+            .push_bind(unix(now))
+            .push(", end_reason = ")
+            .push_bind(reason.to_owned())
+            .push(" WHERE state = 'open'");
+        match sel {
+            TaskSelector::Task(id) => {
+                q.push(" AND id = ").push_bind(id.clone());
+            }
+            TaskSelector::Emergency(Selector::Provider(p)) => {
+                q.push(
+                    " AND id IN (SELECT task_id FROM leases WHERE state IN \
+                     ('pending','active','revoking','expiring') AND provider = ",
+                )
+                .push_bind(p.clone())
+                .push(")");
+            }
+            TaskSelector::Emergency(s) => push_selector(&mut q, s, "agent_id"),
+        }
+        q.push(" RETURNING id");
+        let rows = q.build().fetch_all(&mut *self.tx).await?;
+        rows.iter()
+            .map(|r| r.try_get::<String, _>("id").map_err(StoreError::from))
+            .collect()
+    }
+
+    async fn insert_lease(&mut self, l: &Lease) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO leases (id, agent_id, task_id, scope, provider, state, created_at, \
+             expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&l.id)
+        .bind(&l.agent_id)
+        .bind(&l.task_id)
+        .bind(&l.scope)
+        .bind(&l.provider)
+        .bind(l.state.as_str())
+        .bind(unix(l.created_at))
+        .bind(unix(l.expires_at))
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+
+    async fn record_issued(
+        &mut self,
+        id: &str,
+        handle: &serde_json::Value,
+        revocability: Revocability,
+        expires_at: OffsetDateTime,
+    ) -> StoreResult<Option<LeaseState>> {
+        let row = sqlx::query(
+            "UPDATE leases SET handle = ?, revocability = ?, expires_at = ?, \
+             state = CASE WHEN state = 'pending' THEN 'active' ELSE state END \
+             WHERE id = ? AND state IN ('pending', 'revoking') RETURNING state",
+        )
+        .bind(serde_json::to_string(handle).map_err(corrupt)?)
+        .bind(revocability.as_str())
+        .bind(unix(expires_at))
+        .bind(id)
+        .fetch_optional(&mut *self.tx)
+        .await?;
+        row.map(|r| rows::parse_col::<LeaseState>(&r, "state"))
+            .transpose()
+    }
+
+    async fn mark_failed(&mut self, id: &str, error: &str, now: OffsetDateTime) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE leases SET state = 'failed', last_error = ?, ended_at = ? \
+             WHERE id = ? AND state = 'pending'",
+        )
+        .bind(error)
+        .bind(unix(now))
+        .bind(id)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+
+    async fn queue_revocations(
+        &mut self,
+        sel: &LeaseSelector,
+        reason: &str,
+        revocation_id: Option<&str>,
+        now: OffsetDateTime,
+    ) -> StoreResult<Vec<String>> {
+        let mut q = QueryBuilder::<Sqlite>::new(
+            "UPDATE leases SET state = 'revoking', attempts = 0, last_error = NULL, \
+             next_attempt_at = ",
+        );
+        q.push_bind(unix(now))
+            .push(", end_reason = ")
+            .push_bind(reason.to_owned())
+            .push(", revocation_id = COALESCE(")
+            .push_bind(revocation_id.map(str::to_owned))
+            .push(", revocation_id) WHERE state IN ('pending', 'active')");
+        match sel {
+            LeaseSelector::Lease(id) => {
+                q.push(" AND id = ").push_bind(id.clone());
+            }
+            LeaseSelector::Task(t) => {
+                q.push(" AND task_id = ").push_bind(t.clone());
+            }
+            LeaseSelector::Emergency(s) => push_selector(&mut q, s, "agent_id"),
+        }
+        q.push(" RETURNING id");
+        let rows = q.build().fetch_all(&mut *self.tx).await?;
+        let mut ids: Vec<String> = rows
+            .iter()
+            .map(|r| r.try_get::<String, _>("id"))
+            .collect::<Result<_, _>>()?;
+        // Leases already queued by an earlier call still count towards an
+        // emergency revocation's progress.
+        if let (Some(rid), LeaseSelector::Emergency(s)) = (revocation_id, sel) {
+            let mut q2 = QueryBuilder::<Sqlite>::new("UPDATE leases SET revocation_id = ");
+            q2.push_bind(rid.to_owned())
+                .push(" WHERE state = 'revoking' AND revocation_id IS NOT ")
+                .push_bind(rid.to_owned());
+            push_selector(&mut q2, s, "agent_id");
+            q2.push(" RETURNING id");
+            for r in q2.build().fetch_all(&mut *self.tx).await? {
+                ids.push(r.try_get::<String, _>("id")?);
+            }
+        }
+        Ok(ids)
+    }
+
+    async fn finish_revocation(
+        &mut self,
+        id: &str,
+        state: LeaseState,
+        now: OffsetDateTime,
+    ) -> StoreResult<bool> {
+        let done = sqlx::query(
+            "UPDATE leases SET state = ?, ended_at = ?, last_error = NULL, next_attempt_at = NULL \
+             WHERE id = ? AND state = 'revoking'",
+        )
+        .bind(state.as_str())
+        .bind(unix(now))
+        .bind(id)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn revocation_failed(
+        &mut self,
+        id: &str,
+        error: &str,
+        next_attempt_at: OffsetDateTime,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE leases SET attempts = attempts + 1, last_error = ?, next_attempt_at = ? \
+             WHERE id = ? AND state = 'revoking'",
+        )
+        .bind(error)
+        .bind(unix(next_attempt_at))
+        .bind(id)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+
+    async fn expire_leases(&mut self, now: OffsetDateTime) -> StoreResult<Vec<Lease>> {
+        let rows = sqlx::query(
+            "UPDATE leases SET state = 'expired', ended_at = ?, \
+             end_reason = COALESCE(end_reason, 'expired') \
+             WHERE state IN ('active', 'expiring') AND expires_at <= ? RETURNING *",
+        )
+        .bind(unix(now))
+        .bind(unix(now))
+        .fetch_all(&mut *self.tx)
+        .await?;
+        rows.iter().map(lease_from_row).collect()
+    }
+
+    async fn queue_orphans(
+        &mut self,
+        before: OffsetDateTime,
+        now: OffsetDateTime,
+    ) -> StoreResult<Vec<String>> {
+        let rows = sqlx::query(
+            "UPDATE leases SET state = 'revoking', next_attempt_at = ?, \
+             end_reason = 'orphaned: issue did not complete' \
+             WHERE state = 'pending' AND created_at < ? RETURNING id",
+        )
+        .bind(unix(now))
+        .bind(unix(before))
+        .fetch_all(&mut *self.tx)
+        .await?;
+        rows.iter()
+            .map(|r| r.try_get::<String, _>("id").map_err(StoreError::from))
+            .collect()
+    }
+
+    async fn expired_tasks(&mut self, now: OffsetDateTime) -> StoreResult<Vec<String>> {
+        let rows =
+            sqlx::query("SELECT id FROM tasks WHERE state = 'open' AND expires_at <= ? LIMIT 1000")
+                .bind(unix(now))
+                .fetch_all(&mut *self.tx)
+                .await?;
+        rows.iter()
+            .map(|r| r.try_get::<String, _>("id").map_err(StoreError::from))
+            .collect()
+    }
+
+    async fn insert_revocation(&mut self, r: &Revocation) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO revocations (id, selector, reason, operator, created_at, tasks_ended) \
+             VALUES (?, ?, ?, ?, ?, ?)",
+        )
+        .bind(&r.id)
+        .bind(serde_json::to_string(&r.selector).map_err(corrupt)?)
+        .bind(&r.reason)
+        .bind(&r.operator)
+        .bind(unix(r.created_at))
+        .bind(r.tasks_ended as i64)
+        .execute(&mut *self.tx)
+        .await?;
+        Ok(())
+    }
+}
+
+fn corrupt(e: serde_json::Error) -> StoreError {
+    StoreError::Corrupt(e.to_string())
+}
