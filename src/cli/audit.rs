@@ -83,13 +83,19 @@ pub async fn tail(
             extra.push((k, v));
         }
     }
+    use std::io::Write;
     let mut after = 0;
     loop {
         let evs = page(c, after, &extra).await?;
+        let mut out = std::io::stdout().lock();
         for ev in &evs {
-            println!("{}", serde_json::to_string(ev)?);
+            if writeln!(out, "{}", serde_json::to_string(ev)?).is_err() {
+                // The reader went away (`| head`): stop quietly.
+                return Ok(());
+            }
             after = ev.seq;
         }
+        drop(out);
         if evs.is_empty() {
             if !follow {
                 return Ok(());

@@ -75,6 +75,27 @@ fn key_algorithms(jwk: &Jwk) -> Vec<Algorithm> {
     }
 }
 
+/// Names `alg: none` and HMAC algorithms explicitly, which the JWT library
+/// would only call malformed or mismatched.
+fn refuse_unsigned(token: &str) -> Result<(), AuthError> {
+    use base64::Engine;
+    let alg = token
+        .split('.')
+        .next()
+        .and_then(|h| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(h).ok())
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|v| v.get("alg").and_then(|a| a.as_str()).map(str::to_owned));
+    match alg.as_deref() {
+        Some(a) if a.eq_ignore_ascii_case("none") => {
+            Err(AuthError::invalid("unsigned assertions (`alg: none`) are refused"))
+        }
+        Some(a) if a.starts_with("HS") => Err(AuthError::invalid(
+            "symmetric `alg` values are refused: sign with the agent's private key",
+        )),
+        _ => Ok(()),
+    }
+}
+
 /// Verifies an agent's client assertion against its registered JWKS.
 ///
 /// `audiences` are the values `aud` may carry (the issuer and the token
@@ -86,6 +107,7 @@ pub fn verify_client_assertion(
     audiences: &[&str],
     now: i64,
 ) -> Result<AssertionClaims, AuthError> {
+    refuse_unsigned(token)?;
     let header = jsonwebtoken::decode_header(token).map_err(|e| describe_jwt_error(&e))?;
     if !ALLOWED.contains(&header.alg) {
         return Err(AuthError::invalid(format!(
