@@ -75,6 +75,37 @@ fn key_algorithms(jwk: &Jwk) -> Vec<Algorithm> {
     }
 }
 
+/// Signs a client assertion for `client_id`, as an agent (or its SDK) does:
+/// `iss` = `sub` = the agent id, `aud` = the token endpoint, a fresh `jti`,
+/// valid for `lifetime_secs` (at most 300 are accepted). `alg` is `ES256` or
+/// `EdDSA`, matching the PKCS#8 PEM key.
+pub fn sign_client_assertion(
+    key_pem: &secrecy::SecretString,
+    alg: &str,
+    kid: Option<&str>,
+    client_id: &str,
+    audience: &str,
+    lifetime_secs: i64,
+) -> Result<String, AuthError> {
+    use secrecy::ExposeSecret;
+    let pem = key_pem.expose_secret().as_bytes();
+    let (alg, key) = match alg {
+        "ES256" => (Algorithm::ES256, jsonwebtoken::EncodingKey::from_ec_pem(pem)),
+        "EdDSA" => (Algorithm::EdDSA, jsonwebtoken::EncodingKey::from_ed_pem(pem)),
+        other => return Err(AuthError::Key(format!("cannot sign with `{other}`"))),
+    };
+    let key = key.map_err(|_| AuthError::Key("the agent key is not a PKCS#8 PEM of that type".into()))?;
+    let mut header = jsonwebtoken::Header::new(alg);
+    header.kid = kid.map(str::to_owned);
+    let now = time::OffsetDateTime::now_utc().unix_timestamp();
+    let claims = serde_json::json!({
+        "iss": client_id, "sub": client_id, "aud": audience,
+        "iat": now, "exp": now + lifetime_secs,
+        "jti": uuid::Uuid::new_v4().to_string(),
+    });
+    jsonwebtoken::encode(&header, &claims, &key).map_err(|e| AuthError::Key(format!("signing: {e}")))
+}
+
 /// Names `alg: none` and HMAC algorithms explicitly, which the JWT library
 /// would only call malformed or mismatched.
 fn refuse_unsigned(token: &str) -> Result<(), AuthError> {
