@@ -50,7 +50,11 @@ fn write_config(dir: &Path, jwk: &serde_json::Value) {
         "risk_tier": 1, "environment": "test", "purpose": "load benchmark",
         "jwks": { "keys": [jwk] },
     });
-    std::fs::write(dir.join("agents/bench.toml"), toml::to_string(&agent).unwrap()).unwrap();
+    std::fs::write(
+        dir.join("agents/bench.toml"),
+        toml::to_string(&agent).unwrap(),
+    )
+    .unwrap();
     let cfg = format!(
         r#"
 [server]
@@ -138,7 +142,13 @@ async fn open_task(http: &reqwest::Client, base: &str, key: &SecretString, kid: 
 }
 
 /// Runs `clients` loops for warm-up + `secs`; returns measured latencies.
-async fn level(base: &str, key: &SecretString, kid: &str, clients: usize, secs: u64) -> Vec<Duration> {
+async fn level(
+    base: &str,
+    key: &SecretString,
+    kid: &str,
+    clients: usize,
+    secs: u64,
+) -> Vec<Duration> {
     let http = reqwest::Client::new();
     let warm = Instant::now() + Duration::from_secs(2);
     let end = warm + Duration::from_secs(secs);
@@ -182,7 +192,10 @@ fn pct(sorted: &[Duration], p: f64) -> f64 {
 
 #[tokio::main]
 async fn main() {
-    let secs: u64 = std::env::var("BENCH_SECS").ok().and_then(|s| s.parse().ok()).unwrap_or(10);
+    let secs: u64 = std::env::var("BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
     let levels: Vec<usize> = std::env::var("BENCH_CONCURRENCY")
         .unwrap_or_else(|_| "1,8,32".into())
         .split(',')
@@ -194,7 +207,10 @@ async fn main() {
     let server = start(&dir);
     let key = Arc::new(key);
     let mut rows = Vec::new();
-    println!("{:>11} {:>9} {:>10} {:>9} {:>9}", "concurrency", "requests", "creds/s", "p50 ms", "p99 ms");
+    println!(
+        "{:>11} {:>9} {:>10} {:>9} {:>9}",
+        "concurrency", "requests", "creds/s", "p50 ms", "p99 ms"
+    );
     for c in levels {
         let lat = level(&server.base, &key, &public.kid, c, secs).await;
         let rps = lat.len() as f64 / secs as f64;
@@ -209,6 +225,10 @@ async fn main() {
     let out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench");
     std::fs::create_dir_all(&out).unwrap();
     let report = serde_json::json!({ "benchmark": "post_v1_credentials_local_ca_jwt_svid", "store": "sqlite wal synchronous=full", "levels": rows });
-    std::fs::write(out.join("credentials.json"), serde_json::to_string_pretty(&report).unwrap()).unwrap();
+    std::fs::write(
+        out.join("credentials.json"),
+        serde_json::to_string_pretty(&report).unwrap(),
+    )
+    .unwrap();
     let _ = std::fs::remove_dir_all(&dir);
 }

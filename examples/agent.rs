@@ -27,7 +27,9 @@ async fn main() -> anyhow::Result<()> {
         .context("is the broker running? start it with `cargo run -- serve`")?
         .json()
         .await?;
-    let token_endpoint = meta["token_endpoint"].as_str().context("no token_endpoint")?;
+    let token_endpoint = meta["token_endpoint"]
+        .as_str()
+        .context("no token_endpoint")?;
     let pem = std::fs::read(&key_path).with_context(|| format!("reading {key_path}"))?;
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
     let claims = json!({
@@ -46,7 +48,10 @@ async fn main() -> anyhow::Result<()> {
         .form(&[
             ("grant_type", "client_credentials"),
             ("client_id", agent.as_str()),
-            ("client_assertion_type", "urn:ietf:params:oauth:client-assertion-type:jwt-bearer"),
+            (
+                "client_assertion_type",
+                "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
+            ),
             ("client_assertion", assertion.as_str()),
             ("task", "demo: fetch a workload certificate"),
             ("ttl", "600"),
@@ -54,8 +59,14 @@ async fn main() -> anyhow::Result<()> {
         .send()
         .await?;
     let token: Value = check(resp).await?;
-    let session = token["access_token"].as_str().context("no access_token")?.to_owned();
-    println!("task {} opened, session expires in {}s", token["task_id"], token["expires_in"]);
+    let session = token["access_token"]
+        .as_str()
+        .context("no access_token")?
+        .to_owned();
+    println!(
+        "task {} opened, session expires in {}s",
+        token["task_id"], token["expires_in"]
+    );
 
     // 3. Ask for an X.509-SVID.
     let resp = http
@@ -78,7 +89,13 @@ async fn main() -> anyhow::Result<()> {
         let http = http.clone();
         let url = format!("{server}/v1/providers/ca/verify");
         async move {
-            let v: Value = http.post(url).json(&json!({ "x509_svid": cert })).send().await?.json().await?;
+            let v: Value = http
+                .post(url)
+                .json(&json!({ "x509_svid": cert }))
+                .send()
+                .await?
+                .json()
+                .await?;
             anyhow::Ok(v)
         }
     };
@@ -91,7 +108,10 @@ async fn main() -> anyhow::Result<()> {
         .send()
         .await?;
     println!("task completed: {}", check(resp).await?);
-    println!("  relying party check now: {}", verify(cert.to_owned()).await?);
+    println!(
+        "  relying party check now: {}",
+        verify(cert.to_owned()).await?
+    );
     let after = http
         .post(format!("{server}/v1/credentials"))
         .bearer_auth(&session)

@@ -242,7 +242,10 @@ mod tests {
     #[test]
     fn intact_chain_verifies() {
         let evs = chain(5);
-        assert_eq!(verify_chain(&evs, 0, GENESIS_HASH.into()).map(|r| r.0), Ok(5));
+        assert_eq!(
+            verify_chain(&evs, 0, GENESIS_HASH.into()).map(|r| r.0),
+            Ok(5)
+        );
     }
 
     #[test]

@@ -89,11 +89,11 @@ impl Broker {
         loop {
             let mut pending = false;
             for id in lease_ids {
-                if let Ok(Some(l)) = self.store.get_lease(id).await {
-                    if l.state == crate::model::LeaseState::Revoking {
-                        pending = true;
-                        break;
-                    }
+                if let Ok(Some(l)) = self.store.get_lease(id).await
+                    && l.state == crate::model::LeaseState::Revoking
+                {
+                    pending = true;
+                    break;
                 }
             }
             if !pending || tokio::time::Instant::now() >= deadline {

@@ -22,7 +22,12 @@ pub struct Cli {
 #[derive(Debug, Clone, Args)]
 pub struct Remote {
     /// Broker base URL.
-    #[arg(long, env = "KEYGATE_SERVER", default_value = "http://127.0.0.1:8470", global = true)]
+    #[arg(
+        long,
+        env = "KEYGATE_SERVER",
+        default_value = "http://127.0.0.1:8470",
+        global = true
+    )]
     pub server: String,
     // The operator token comes from KEYGATE_TOKEN only, never a flag, so it
     // stays out of shell history and process lists.
@@ -33,7 +38,12 @@ pub enum Command {
     /// Run the broker.
     Serve {
         /// Config file.
-        #[arg(long, short, env = "KEYGATE_CONFIG", default_value = "config/keygate.toml")]
+        #[arg(
+            long,
+            short,
+            env = "KEYGATE_CONFIG",
+            default_value = "config/keygate.toml"
+        )]
         config: PathBuf,
         /// Override `server.listen` (e.g. 127.0.0.1:0 for a free port).
         #[arg(long)]
@@ -98,7 +108,9 @@ pub enum AgentsCmd {
         file: PathBuf,
     },
     List,
-    Show { id: String },
+    Show {
+        id: String,
+    },
     Suspend {
         id: String,
         #[arg(long)]

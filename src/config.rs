@@ -216,7 +216,8 @@ impl Config {
 
     fn validate(&self) -> Result<(), ConfigError> {
         let bad = |m: String| Err(ConfigError::Invalid(m));
-        if !(self.server.issuer.starts_with("https://") || self.server.issuer.starts_with("http://"))
+        if !(self.server.issuer.starts_with("https://")
+            || self.server.issuer.starts_with("http://"))
         {
             return bad(format!(
                 "`server.issuer` must be an http(s) URL, got `{}`",
@@ -259,7 +260,10 @@ impl Config {
                 ));
             }
             if s.max_ttl_secs == 0 {
-                return bad(format!("scope `{}`: `max_ttl_secs` must be positive", s.name));
+                return bad(format!(
+                    "scope `{}`: `max_ttl_secs` must be positive",
+                    s.name
+                ));
             }
         }
         for (name, table) in &self.providers {

@@ -66,7 +66,10 @@ impl Worker {
     pub async fn run_queue(self: Arc<Self>) {
         let mut limits: BTreeMap<String, Arc<Semaphore>> = BTreeMap::new();
         for name in self.registry.provider_names() {
-            limits.insert(name.to_owned(), Arc::new(Semaphore::new(self.config.revoke_concurrency)));
+            limits.insert(
+                name.to_owned(),
+                Arc::new(Semaphore::new(self.config.revoke_concurrency)),
+            );
         }
         let limits = Arc::new(limits);
         loop {
@@ -120,11 +123,15 @@ impl Worker {
         let outcome = match self.registry.provider(&lease.provider) {
             None => Err(format!("provider `{}` is not configured", lease.provider)),
             Some(p) => {
-                let scope = self.registry.scope(&lease.scope).cloned().unwrap_or(ScopeSpec {
-                    name: lease.scope.clone(),
-                    max_ttl: Duration::ZERO,
-                    params: serde_json::Value::Null,
-                });
+                let scope = self
+                    .registry
+                    .scope(&lease.scope)
+                    .cloned()
+                    .unwrap_or(ScopeSpec {
+                        name: lease.scope.clone(),
+                        max_ttl: Duration::ZERO,
+                        params: serde_json::Value::Null,
+                    });
                 let req = RevokeRequest {
                     lease_id: lease.id.clone(),
                     scope,
@@ -149,19 +156,26 @@ impl Worker {
             Ok(o) => {
                 let (state, detail) = match o {
                     RevokeOutcome::Revoked => (LeaseState::Revoked, "revoked".to_owned()),
-                    RevokeOutcome::AlreadyGone => {
-                        (LeaseState::Revoked, "already gone at the provider".to_owned())
-                    }
+                    RevokeOutcome::AlreadyGone => (
+                        LeaseState::Revoked,
+                        "already gone at the provider".to_owned(),
+                    ),
                     RevokeOutcome::LivesUntil(until) => (
                         LeaseState::Expiring,
-                        format!("the backend cannot revoke it; it lives until {}", crate::model::unix(until)),
+                        format!(
+                            "the backend cannot revoke it; it lives until {}",
+                            crate::model::unix(until)
+                        ),
                     ),
                 };
                 self.metrics.revocation("confirmed");
                 if tx.finish_revocation(&lease.id, state, t).await? {
                     let reason = lease.end_reason.clone().unwrap_or_default();
-                    tx.audit(ev.reason(reason).details(serde_json::json!({ "result": detail, "state": state })))
-                        .await?;
+                    tx.audit(
+                        ev.reason(reason)
+                            .details(serde_json::json!({ "result": detail, "state": state })),
+                    )
+                    .await?;
                 }
             }
             Err(msg) => {
@@ -213,10 +227,20 @@ impl Worker {
         }
         let mut queued = orphans.len();
         for task in tx.expired_tasks(t).await? {
-            tx.end_tasks(&TaskSelector::Task(task.clone()), TaskState::Expired, "ttl reached", t)
-                .await?;
+            tx.end_tasks(
+                &TaskSelector::Task(task.clone()),
+                TaskState::Expired,
+                "ttl reached",
+                t,
+            )
+            .await?;
             queued += tx
-                .queue_revocations(&LeaseSelector::Task(task.clone()), "task ttl reached", None, t)
+                .queue_revocations(
+                    &LeaseSelector::Task(task.clone()),
+                    "task ttl reached",
+                    None,
+                    t,
+                )
                 .await?
                 .len();
             tx.audit(AuditEvent::new(&Actor::System, "task.expired").task(&task))

@@ -144,10 +144,7 @@ impl PolicyEngine {
         if let Some(s) = &schema {
             let result = Validator::new(s.clone()).validate(&set, ValidationMode::default());
             if !result.validation_passed() {
-                let msgs: Vec<String> = result
-                    .validation_errors()
-                    .map(|e| e.to_string())
-                    .collect();
+                let msgs: Vec<String> = result.validation_errors().map(|e| e.to_string()).collect();
                 return Err(PolicyError::Validation(msgs.join("; ")));
             }
         }
@@ -207,7 +204,10 @@ impl PolicyEngine {
             resource.clone(),
             std::collections::HashMap::from([
                 ("provider".to_owned(), s(scope.provider)),
-                ("sensitive".to_owned(), RestrictedExpression::new_bool(scope.sensitive)),
+                (
+                    "sensitive".to_owned(),
+                    RestrictedExpression::new_bool(scope.sensitive),
+                ),
                 ("max_ttl".to_owned(), l(scope.max_ttl_secs)),
             ]),
             std::collections::HashSet::new(),
@@ -221,7 +221,10 @@ impl PolicyEngine {
         let now = req.now;
         let context = Context::from_pairs([
             ("environment".to_owned(), s(agent.environment.as_str())),
-            ("now".to_owned(), RestrictedExpression::new_long(now.unix_timestamp())),
+            (
+                "now".to_owned(),
+                RestrictedExpression::new_long(now.unix_timestamp()),
+            ),
             ("hour_utc".to_owned(), l(u64::from(now.hour()))),
             (
                 "weekday".to_owned(),
@@ -240,7 +243,9 @@ impl PolicyEngine {
         .map_err(|e| rerr(&e))?;
         let request = Request::new(principal, action, resource, context, self.schema.as_ref())
             .map_err(|e| rerr(&e))?;
-        let response = self.authorizer.is_authorized(&request, &self.set, &entities);
+        let response = self
+            .authorizer
+            .is_authorized(&request, &self.set, &entities);
         let mut policy_ids: Vec<String> = response
             .diagnostics()
             .reason()

@@ -68,13 +68,19 @@ async fn build_one(name: &str, table: &toml::Table) -> Result<Arc<dyn Provider>,
     let mut settings = table.clone();
     let kind = match settings.remove("kind") {
         Some(toml::Value::String(k)) => k,
-        _ => return Err(ConfigError::Invalid(format!("provider `{name}` needs a `kind`"))),
+        _ => {
+            return Err(ConfigError::Invalid(format!(
+                "provider `{name}` needs a `kind`"
+            )));
+        }
     };
-    let invalid = |e: &dyn std::fmt::Display| ConfigError::Invalid(format!("provider `{name}`: {e}"));
+    let invalid =
+        |e: &dyn std::fmt::Display| ConfigError::Invalid(format!("provider `{name}`: {e}"));
     match kind.as_str() {
         "local-ca" => {
-            let cfg: keygate_provider_local_ca::LocalCaConfig =
-                toml::Value::Table(settings).try_into().map_err(|e| invalid(&e))?;
+            let cfg: keygate_provider_local_ca::LocalCaConfig = toml::Value::Table(settings)
+                .try_into()
+                .map_err(|e| invalid(&e))?;
             let ca = keygate_provider_local_ca::LocalCa::open(cfg)
                 .await
                 .map_err(|e| invalid(&e))?;

@@ -64,7 +64,10 @@ pub fn router(state: AppState) -> Router {
         .route("/readyz", get(ops::readyz))
         .route("/metrics", get(ops::metrics))
         .route("/.well-known/jwks.json", get(ops::jwks))
-        .route("/.well-known/oauth-authorization-server", get(ops::metadata))
+        .route(
+            "/.well-known/oauth-authorization-server",
+            get(ops::metadata),
+        )
         .route("/oauth/token", post(agent::token))
         .route("/v1/session", get(agent::whoami))
         .route("/v1/credentials", post(agent::request_credential))

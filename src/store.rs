@@ -126,8 +126,7 @@ pub trait StoreTx: Send {
         expires_at: OffsetDateTime,
     ) -> StoreResult<Option<LeaseState>>;
     /// A pending lease whose provider refused: nothing exists to revoke.
-    async fn mark_failed(&mut self, id: &str, error: &str, now: OffsetDateTime)
-    -> StoreResult<()>;
+    async fn mark_failed(&mut self, id: &str, error: &str, now: OffsetDateTime) -> StoreResult<()>;
     /// Queues live leases matching the selector for revocation. Returns the
     /// ids queued.
     async fn queue_revocations(

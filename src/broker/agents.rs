@@ -60,12 +60,16 @@ impl AgentSpec {
             return bad("`team` and `sponsor` are required".into());
         }
         if !(1..=3).contains(&self.risk_tier) {
-            return bad(format!("`risk_tier` must be 1, 2 or 3, got {}", self.risk_tier));
+            return bad(format!(
+                "`risk_tier` must be 1, 2 or 3, got {}",
+                self.risk_tier
+            ));
         }
         if self.purpose.trim().is_empty() {
             return bad("`purpose` is required: say what the agent is for".into());
         }
-        validate_public_jwks(&self.jwks).map_err(|m| BrokerError::InvalidRequest(format!("`jwks`: {m}")))
+        validate_public_jwks(&self.jwks)
+            .map_err(|m| BrokerError::InvalidRequest(format!("`jwks`: {m}")))
     }
 }
 
@@ -125,8 +129,10 @@ impl Broker {
         let agent = self.agent(id).await?;
         let allowed = matches!(
             (agent.status, to),
-            (AgentStatus::Active | AgentStatus::Pending, AgentStatus::Suspended)
-                | (AgentStatus::Suspended, AgentStatus::Active)
+            (
+                AgentStatus::Active | AgentStatus::Pending,
+                AgentStatus::Suspended
+            ) | (AgentStatus::Suspended, AgentStatus::Active)
                 | (
                     AgentStatus::Pending | AgentStatus::Active | AgentStatus::Suspended,
                     AgentStatus::Decommissioned
@@ -146,7 +152,12 @@ impl Broker {
             let why = format!("agent {to}: {reason}");
             let sel = Selector::Agent(id.to_owned());
             tasks = tx
-                .end_tasks(&TaskSelector::Emergency(sel.clone()), TaskState::Revoked, &why, t)
+                .end_tasks(
+                    &TaskSelector::Emergency(sel.clone()),
+                    TaskState::Revoked,
+                    &why,
+                    t,
+                )
                 .await?;
             leases = tx
                 .queue_revocations(&LeaseSelector::Emergency(sel), &why, None, t)

@@ -3,7 +3,7 @@
 
 use std::time::Duration;
 
-use keygate_provider_api::{IssueRequest, ProviderError, AgentInfo};
+use keygate_provider_api::{AgentInfo, IssueRequest, ProviderError};
 use serde::Serialize;
 use time::OffsetDateTime;
 
@@ -114,11 +114,18 @@ impl Broker {
             .agent(&s.agent.id)
             .task(&s.task.id)
             .scope(scope_name)
-            .decision(decision.allow, decision.policy_ids.clone(), self.policy.hash())
+            .decision(
+                decision.allow,
+                decision.policy_ids.clone(),
+                self.policy.hash(),
+            )
             .details(serde_json::json!({ "ttl": ttl, "errors": decision.errors }));
         if !decision.allow {
             let message = if decision.policy_ids.is_empty() {
-                format!("no policy permits agent `{}` to obtain scope `{scope_name}`", s.agent.id)
+                format!(
+                    "no policy permits agent `{}` to obtain scope `{scope_name}`",
+                    s.agent.id
+                )
             } else {
                 format!(
                     "policy forbids agent `{}` to obtain scope `{scope_name}`",
@@ -164,10 +171,9 @@ impl Broker {
         tx.audit(decided.lease(&lease.id)).await?;
         tx.commit().await?;
 
-        let provider = self
-            .registry
-            .provider(&lease.provider)
-            .ok_or_else(|| BrokerError::Internal(format!("provider `{}` missing", lease.provider)))?;
+        let provider = self.registry.provider(&lease.provider).ok_or_else(|| {
+            BrokerError::Internal(format!("provider `{}` missing", lease.provider))
+        })?;
         let req = IssueRequest {
             lease_id: lease.id.clone(),
             task_id: s.task.id.clone(),
@@ -188,7 +194,8 @@ impl Broker {
             Ok(Ok(issued)) => issued,
             Ok(Err(e)) => return Err(self.issue_failed(&lease, &actor, e).await),
             Err(_) => {
-                let e = ProviderError::Unavailable(format!("no answer within {}s", timeout.as_secs()));
+                let e =
+                    ProviderError::Unavailable(format!("no answer within {}s", timeout.as_secs()));
                 return Err(self.issue_failed(&lease, &actor, e).await);
             }
         };
@@ -207,7 +214,8 @@ impl Broker {
             tx.commit().await?;
             self.leases.wake();
             return Err(BrokerError::Provider(
-                "the provider issued a credential that outlives its lease; it is being revoked".into(),
+                "the provider issued a credential that outlives its lease; it is being revoked"
+                    .into(),
             ));
         }
         let state = self.record_and_queue(&lease, &issued, &actor).await?;
@@ -269,7 +277,9 @@ impl Broker {
         tracing::warn!(lease = %lease.id, error = %msg, "provider failed to issue");
         let definitive = matches!(
             e,
-            ProviderError::InvalidParams(_) | ProviderError::Refused(_) | ProviderError::Unsupported(_)
+            ProviderError::InvalidParams(_)
+                | ProviderError::Refused(_)
+                | ProviderError::Unsupported(_)
         );
         let t = now();
         let stored = async {
@@ -320,7 +330,12 @@ impl Broker {
         let actor = Actor::Agent(s.agent.id.clone());
         let mut tx = self.store.begin().await?;
         let queued = tx
-            .queue_revocations(&LeaseSelector::Lease(lease.id.clone()), "released by agent", None, now())
+            .queue_revocations(
+                &LeaseSelector::Lease(lease.id.clone()),
+                "released by agent",
+                None,
+                now(),
+            )
             .await?;
         tx.audit(
             AuditEvent::new(&actor, "lease.released")
@@ -349,10 +364,20 @@ impl Broker {
         let actor = Actor::Agent(s.agent.id.clone());
         let t = now();
         let mut tx = self.store.begin().await?;
-        tx.end_tasks(&TaskSelector::Task(s.task.id.clone()), TaskState::Completed, "completed by agent", t)
-            .await?;
+        tx.end_tasks(
+            &TaskSelector::Task(s.task.id.clone()),
+            TaskState::Completed,
+            "completed by agent",
+            t,
+        )
+        .await?;
         let queued = tx
-            .queue_revocations(&LeaseSelector::Task(s.task.id.clone()), "task completed", None, t)
+            .queue_revocations(
+                &LeaseSelector::Task(s.task.id.clone()),
+                "task completed",
+                None,
+                t,
+            )
             .await?;
         tx.audit(
             AuditEvent::new(&actor, "task.completed")

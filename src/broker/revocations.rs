@@ -6,9 +6,7 @@ use serde::{Deserialize, Serialize};
 
 use super::{Broker, BrokerError, BrokerResult};
 use crate::audit::{Actor, AuditEvent};
-use crate::model::{
-    AgentStatus, Revocation, RevocationProgress, Selector, TaskState, new_id, now,
-};
+use crate::model::{AgentStatus, Revocation, RevocationProgress, Selector, TaskState, new_id, now};
 use crate::store::{LeaseSelector, TaskSelector};
 
 /// `POST /v1/revocations` body: exactly one selector and a reason.
@@ -68,7 +66,11 @@ impl RevocationRequest {
 
 impl Broker {
     /// Ends every matching session and queues every matching live lease.
-    pub async fn revoke(&self, operator: &str, req: RevocationRequest) -> BrokerResult<RevocationReport> {
+    pub async fn revoke(
+        &self,
+        operator: &str,
+        req: RevocationRequest,
+    ) -> BrokerResult<RevocationReport> {
         let selector = req.selector()?;
         let reason = req
             .reason
@@ -97,7 +99,12 @@ impl Broker {
         let why = format!("emergency revocation {id}: {reason}");
         let mut tx = self.store.begin().await?;
         let tasks = tx
-            .end_tasks(&TaskSelector::Emergency(selector.clone()), TaskState::Revoked, &why, t)
+            .end_tasks(
+                &TaskSelector::Emergency(selector.clone()),
+                TaskState::Revoked,
+                &why,
+                t,
+            )
             .await?;
         tx.insert_revocation(&Revocation {
             id: id.clone(),
@@ -109,7 +116,12 @@ impl Broker {
         })
         .await?;
         let queued = tx
-            .queue_revocations(&LeaseSelector::Emergency(selector.clone()), &why, Some(&id), t)
+            .queue_revocations(
+                &LeaseSelector::Emergency(selector.clone()),
+                &why,
+                Some(&id),
+                t,
+            )
             .await?;
         let mut suspended = 0u64;
         if req.suspend {
@@ -120,7 +132,8 @@ impl Broker {
                     _ => false,
                 };
                 if hit && agent.status == AgentStatus::Active {
-                    tx.set_agent_status(&agent.id, AgentStatus::Suspended, t).await?;
+                    tx.set_agent_status(&agent.id, AgentStatus::Suspended, t)
+                        .await?;
                     suspended += 1;
                 }
             }

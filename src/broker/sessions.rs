@@ -71,8 +71,9 @@ impl Broker {
             Err(e) => {
                 self.metrics.auth("failure");
                 tracing::info!(client_id = ?claimed, error = e.error, reason = %e.description, "authentication failed");
-                let mut ev = AuditEvent::new(&Actor::Unauthenticated(claimed.clone()), "auth.token")
-                    .failure(format!("{}: {}", e.error, e.description));
+                let mut ev =
+                    AuditEvent::new(&Actor::Unauthenticated(claimed.clone()), "auth.token")
+                        .failure(format!("{}: {}", e.error, e.description));
                 if let Some(c) = &claimed {
                     ev = ev.agent(c);
                 }
@@ -93,7 +94,12 @@ impl Broker {
                     format!("grant_type `{other}` is not supported (use client_credentials)"),
                 ));
             }
-            None => return Err(OAuthError::new("invalid_request", "`grant_type` is required")),
+            None => {
+                return Err(OAuthError::new(
+                    "invalid_request",
+                    "`grant_type` is required",
+                ));
+            }
         }
         let client_id = req
             .client_id
@@ -123,10 +129,14 @@ impl Broker {
             .map_err(|e| internal(&e))?
             .ok_or_else(|| OAuthError::new("invalid_client", "unknown client"))?;
         let t = now();
-        let audiences = [self.config.server.issuer.as_str(), &self.config.token_endpoint()];
+        let audiences = [
+            self.config.server.issuer.as_str(),
+            &self.config.token_endpoint(),
+        ];
         let audiences: Vec<&str> = audiences.to_vec();
-        let claims = verify_client_assertion(assertion, &agent.id, &agent.jwks, &audiences, unix(t))
-            .map_err(|e| OAuthError::new("invalid_client", e.to_string()))?;
+        let claims =
+            verify_client_assertion(assertion, &agent.id, &agent.jwks, &audiences, unix(t))
+                .map_err(|e| OAuthError::new("invalid_client", e.to_string()))?;
         if agent.status != AgentStatus::Active {
             return Err(OAuthError::new(
                 "invalid_client",
@@ -156,7 +166,9 @@ impl Broker {
             ));
         }
         tx.insert_task(&task).await.map_err(|e| internal(&e))?;
-        tx.touch_agent(&agent.id, t).await.map_err(|e| internal(&e))?;
+        tx.touch_agent(&agent.id, t)
+            .await
+            .map_err(|e| internal(&e))?;
         tx.audit(
             AuditEvent::new(&Actor::Agent(agent.id.clone()), "task.opened")
                 .agent(&agent.id)
@@ -205,7 +217,9 @@ impl Broker {
                 }
             },
         };
-        Ok(time::Duration::seconds(i64::try_from(secs).unwrap_or(i64::MAX)))
+        Ok(time::Duration::seconds(
+            i64::try_from(secs).unwrap_or(i64::MAX),
+        ))
     }
 
     /// Checks a session token: signature, then that its task is still open

@@ -14,9 +14,14 @@ use crate::store::AuditFilter;
 const PAGE: u32 = 5000;
 
 async fn page(c: &Client, after: i64, extra: &[(&str, String)]) -> anyhow::Result<Vec<AuditEvent>> {
-    let mut q: Vec<(&str, String)> = vec![("after", after.to_string()), ("limit", PAGE.to_string())];
+    let mut q: Vec<(&str, String)> =
+        vec![("after", after.to_string()), ("limit", PAGE.to_string())];
     q.extend(extra.iter().cloned());
-    let text = c.send(c.request(Method::GET, "/v1/audit").query(&q)).await?.text().await?;
+    let text = c
+        .send(c.request(Method::GET, "/v1/audit").query(&q))
+        .await?
+        .text()
+        .await?;
     text.lines()
         .filter(|l| !l.is_empty())
         .map(|l| serde_json::from_str(l).map_err(anyhow::Error::from))

@@ -18,7 +18,9 @@ impl Client {
                 .timeout(std::time::Duration::from_secs(90))
                 .build()?,
             base: remote.server.trim_end_matches('/').to_owned(),
-            token: std::env::var("KEYGATE_TOKEN").ok().filter(|t| !t.is_empty()),
+            token: std::env::var("KEYGATE_TOKEN")
+                .ok()
+                .filter(|t| !t.is_empty()),
         })
     }
 

@@ -14,38 +14,79 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     match cli.command {
         Command::Serve { config, listen } => crate::server::serve(&config, listen).await,
         Command::Agents { cmd, remote } => agents(&Client::new(&remote)?, cmd).await,
-        Command::Leases { cmd: LeasesCmd::List { agent, task, state, provider }, remote } => {
+        Command::Leases {
+            cmd:
+                LeasesCmd::List {
+                    agent,
+                    task,
+                    state,
+                    provider,
+                },
+            remote,
+        } => {
             let c = Client::new(&remote)?;
             let mut q = Vec::new();
-            for (k, v) in [("agent", agent), ("task", task), ("state", state), ("provider", provider)] {
+            for (k, v) in [
+                ("agent", agent),
+                ("task", task),
+                ("state", state),
+                ("provider", provider),
+            ] {
                 if let Some(v) = v {
                     q.push((k, v));
                 }
             }
-            print_json(&c.json(c.request(Method::GET, "/v1/leases").query(&q)).await?)
+            print_json(
+                &c.json(c.request(Method::GET, "/v1/leases").query(&q))
+                    .await?,
+            )
         }
-        Command::Revoke { agent, team, provider, all, reason, suspend, timeout, remote } => {
+        Command::Revoke {
+            agent,
+            team,
+            provider,
+            all,
+            reason,
+            suspend,
+            timeout,
+            remote,
+        } => {
             let body = serde_json::json!({
                 "agent": agent, "team": team, "provider": provider, "all": all,
                 "reason": reason, "suspend": suspend, "wait": 0,
             });
             revoke(&Client::new(&remote)?, body, timeout).await
         }
-        Command::Audit { cmd: AuditCmd::Verify { db }, remote } => match db {
+        Command::Audit {
+            cmd: AuditCmd::Verify { db },
+            remote,
+        } => match db {
             Some(path) => super::audit::verify_db(&path).await,
             None => super::audit::verify_remote(&Client::new(&remote)?).await,
         },
-        Command::Audit { cmd: AuditCmd::Tail { agent, task, action, follow }, remote } => {
-            super::audit::tail(&Client::new(&remote)?, agent, task, action, follow).await
-        }
-        Command::Keys { cmd: KeysCmd::Generate { alg, out } } => {
+        Command::Audit {
+            cmd:
+                AuditCmd::Tail {
+                    agent,
+                    task,
+                    action,
+                    follow,
+                },
+            remote,
+        } => super::audit::tail(&Client::new(&remote)?, agent, task, action, follow).await,
+        Command::Keys {
+            cmd: KeysCmd::Generate { alg, out },
+        } => {
             if out.exists() {
                 bail!("`{}` exists; refusing to overwrite a key", out.display());
             }
             let (pem, public) = crate::identity::generate_agent_key(&alg)?;
             crate::identity::write_private_file(&out, pem.expose_secret())
                 .with_context(|| format!("writing `{}`", out.display()))?;
-            eprintln!("private key written to {} (mode 0600); register the public JWKS below", out.display());
+            eprintln!(
+                "private key written to {} (mode 0600); register the public JWKS below",
+                out.display()
+            );
             print_json(&serde_json::json!({ "keys": [public.jwk] }))
         }
     }
@@ -70,11 +111,15 @@ async fn agents(c: &Client, cmd: AgentsCmd) -> anyhow::Result<()> {
             } else {
                 toml::from_str(&text).with_context(|| format!("parsing `{}`", file.display()))?
             };
-            c.json(c.request(Method::POST, "/v1/agents").json(&spec)).await?
+            c.json(c.request(Method::POST, "/v1/agents").json(&spec))
+                .await?
         }
         AgentsCmd::List => {
             let v = c.json(c.request(Method::GET, "/v1/agents")).await?;
-            println!("{:<32} {:<14} {:<10} {:<4} {:<5} SPONSOR", "ID", "TEAM", "STATUS", "TIER", "ENV");
+            println!(
+                "{:<32} {:<14} {:<10} {:<4} {:<5} SPONSOR",
+                "ID", "TEAM", "STATUS", "TIER", "ENV"
+            );
             for a in v.as_array().into_iter().flatten() {
                 println!(
                     "{:<32} {:<14} {:<10} {:<4} {:<5} {}",
@@ -88,17 +133,27 @@ async fn agents(c: &Client, cmd: AgentsCmd) -> anyhow::Result<()> {
             }
             return Ok(());
         }
-        AgentsCmd::Show { id } => c.json(c.request(Method::GET, &format!("/v1/agents/{id}"))).await?,
+        AgentsCmd::Show { id } => {
+            c.json(c.request(Method::GET, &format!("/v1/agents/{id}")))
+                .await?
+        }
         AgentsCmd::Suspend { id, reason } => c.json(status(&id, "suspend", reason)).await?,
         AgentsCmd::Resume { id, reason } => c.json(status(&id, "resume", reason)).await?,
-        AgentsCmd::Decommission { id, reason } => c.json(status(&id, "decommission", reason)).await?,
+        AgentsCmd::Decommission { id, reason } => {
+            c.json(status(&id, "decommission", reason)).await?
+        }
     };
     print_json(&v)
 }
 
 async fn revoke(c: &Client, body: serde_json::Value, timeout: u64) -> anyhow::Result<()> {
-    let first = c.json(c.request(Method::POST, "/v1/revocations").json(&body)).await?;
-    let id = first["revocation_id"].as_str().unwrap_or_default().to_owned();
+    let first = c
+        .json(c.request(Method::POST, "/v1/revocations").json(&body))
+        .await?;
+    let id = first["revocation_id"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
     let found = first["found"].as_u64().unwrap_or(0);
     eprintln!(
         "revocation {id}: {} session(s) ended; {found} live lease(s) queued",
@@ -118,16 +173,22 @@ async fn revoke(c: &Client, body: serde_json::Value, timeout: u64) -> anyhow::Re
             break;
         }
         tokio::time::sleep(Duration::from_millis(250)).await;
-        last = c.json(c.request(Method::GET, &format!("/v1/revocations/{id}"))).await?;
+        last = c
+            .json(c.request(Method::GET, &format!("/v1/revocations/{id}")))
+            .await?;
     }
     bar.finish_and_clear();
     print_json(&last)?;
     let pending = last["pending"].as_u64().unwrap_or(0);
     if pending > 0 {
-        bail!("{pending} lease(s) still pending; the broker keeps retrying (see `keygate leases list --state revoking`)");
+        bail!(
+            "{pending} lease(s) still pending; the broker keeps retrying (see `keygate leases list --state revoking`)"
+        );
     }
     if last["expiring"].as_u64().unwrap_or(0) > 0 {
-        eprintln!("note: `expiring` leases are on backends that cannot revoke; they live until their expiry");
+        eprintln!(
+            "note: `expiring` leases are on backends that cannot revoke; they live until their expiry"
+        );
     }
     Ok(())
 }

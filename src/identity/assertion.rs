@@ -90,11 +90,18 @@ pub fn sign_client_assertion(
     use secrecy::ExposeSecret;
     let pem = key_pem.expose_secret().as_bytes();
     let (alg, key) = match alg {
-        "ES256" => (Algorithm::ES256, jsonwebtoken::EncodingKey::from_ec_pem(pem)),
-        "EdDSA" => (Algorithm::EdDSA, jsonwebtoken::EncodingKey::from_ed_pem(pem)),
+        "ES256" => (
+            Algorithm::ES256,
+            jsonwebtoken::EncodingKey::from_ec_pem(pem),
+        ),
+        "EdDSA" => (
+            Algorithm::EdDSA,
+            jsonwebtoken::EncodingKey::from_ed_pem(pem),
+        ),
         other => return Err(AuthError::Key(format!("cannot sign with `{other}`"))),
     };
-    let key = key.map_err(|_| AuthError::Key("the agent key is not a PKCS#8 PEM of that type".into()))?;
+    let key =
+        key.map_err(|_| AuthError::Key("the agent key is not a PKCS#8 PEM of that type".into()))?;
     let mut header = jsonwebtoken::Header::new(alg);
     header.kid = kid.map(str::to_owned);
     let now = time::OffsetDateTime::now_utc().unix_timestamp();
@@ -103,7 +110,8 @@ pub fn sign_client_assertion(
         "iat": now, "exp": now + lifetime_secs,
         "jti": uuid::Uuid::new_v4().to_string(),
     });
-    jsonwebtoken::encode(&header, &claims, &key).map_err(|e| AuthError::Key(format!("signing: {e}")))
+    jsonwebtoken::encode(&header, &claims, &key)
+        .map_err(|e| AuthError::Key(format!("signing: {e}")))
 }
 
 /// Names `alg: none` and HMAC algorithms explicitly, which the JWT library
@@ -113,13 +121,17 @@ fn refuse_unsigned(token: &str) -> Result<(), AuthError> {
     let alg = token
         .split('.')
         .next()
-        .and_then(|h| base64::engine::general_purpose::URL_SAFE_NO_PAD.decode(h).ok())
+        .and_then(|h| {
+            base64::engine::general_purpose::URL_SAFE_NO_PAD
+                .decode(h)
+                .ok()
+        })
         .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
         .and_then(|v| v.get("alg").and_then(|a| a.as_str()).map(str::to_owned));
     match alg.as_deref() {
-        Some(a) if a.eq_ignore_ascii_case("none") => {
-            Err(AuthError::invalid("unsigned assertions (`alg: none`) are refused"))
-        }
+        Some(a) if a.eq_ignore_ascii_case("none") => Err(AuthError::invalid(
+            "unsigned assertions (`alg: none`) are refused",
+        )),
         Some(a) if a.starts_with("HS") => Err(AuthError::invalid(
             "symmetric `alg` values are refused: sign with the agent's private key",
         )),
@@ -149,9 +161,9 @@ pub fn verify_client_assertion(
     let set: JwkSet = serde_json::from_value(jwks.clone())
         .map_err(|_| AuthError::invalid("the agent's registered JWKS is unusable"))?;
     let jwk = match &header.kid {
-        Some(kid) => set
-            .find(kid)
-            .ok_or_else(|| AuthError::invalid("the assertion `kid` is not a registered key of this agent"))?,
+        Some(kid) => set.find(kid).ok_or_else(|| {
+            AuthError::invalid("the assertion `kid` is not a registered key of this agent")
+        })?,
         None if set.keys.len() == 1 => &set.keys[0],
         None => {
             return Err(AuthError::invalid(
@@ -160,7 +172,9 @@ pub fn verify_client_assertion(
         }
     };
     if !key_algorithms(jwk).contains(&header.alg) {
-        return Err(AuthError::invalid("the assertion `alg` does not match the key"));
+        return Err(AuthError::invalid(
+            "the assertion `alg` does not match the key",
+        ));
     }
     let key = DecodingKey::from_jwk(jwk)
         .map_err(|_| AuthError::invalid("the agent's registered key is unusable"))?;
@@ -169,6 +183,7 @@ pub fn verify_client_assertion(
     v.set_issuer(&[agent_id]);
     v.sub = Some(agent_id.to_owned());
     v.leeway = LEEWAY_SECS as u64;
+    v.validate_nbf = true;
     v.set_required_spec_claims(&["exp", "iss", "sub", "aud"]);
     let claims = jsonwebtoken::decode::<AssertionClaims>(token, &key, &v)
         .map_err(|e| describe_jwt_error(&e))?

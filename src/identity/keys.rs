@@ -22,7 +22,9 @@ pub(crate) fn public_jwk(key: &KeyPair) -> Result<PublicKey, AuthError> {
     let raw = key.public_key_raw();
     let (members, alg) = if key.algorithm() == &PKCS_ECDSA_P256_SHA256 {
         if raw.len() != 65 || raw[0] != 4 {
-            return Err(AuthError::Key("unexpected P-256 public key encoding".into()));
+            return Err(AuthError::Key(
+                "unexpected P-256 public key encoding".into(),
+            ));
         }
         let x = B64.encode(&raw[1..33]);
         let y = B64.encode(&raw[33..65]);
@@ -32,9 +34,14 @@ pub(crate) fn public_jwk(key: &KeyPair) -> Result<PublicKey, AuthError> {
         )
     } else if key.algorithm() == &PKCS_ED25519 {
         let x = B64.encode(raw);
-        (format!(r#"{{"crv":"Ed25519","kty":"OKP","x":"{x}"}}"#), "EdDSA")
+        (
+            format!(r#"{{"crv":"Ed25519","kty":"OKP","x":"{x}"}}"#),
+            "EdDSA",
+        )
     } else {
-        return Err(AuthError::Key("only P-256 and Ed25519 keys are supported".into()));
+        return Err(AuthError::Key(
+            "only P-256 and Ed25519 keys are supported".into(),
+        ));
     };
     let kid = B64.encode(Sha256::digest(members.as_bytes()));
     let mut jwk: serde_json::Value = serde_json::from_str(&members)
@@ -69,8 +76,8 @@ pub(crate) fn load_or_generate(path: &Path) -> Result<(SecretString, KeyPair), A
     let pem = if path.exists() {
         SecretString::from(std::fs::read_to_string(path).map_err(io)?)
     } else {
-        let key =
-            KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).map_err(|e| AuthError::Key(e.to_string()))?;
+        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
+            .map_err(|e| AuthError::Key(e.to_string()))?;
         let pem = SecretString::from(key.serialize_pem());
         write_private(path, pem.expose_secret()).map_err(io)?;
         pem
@@ -83,10 +90,10 @@ pub(crate) fn load_or_generate(path: &Path) -> Result<(SecretString, KeyPair), A
 /// Writes a private file atomically with owner-only permissions.
 pub fn write_private(path: &Path, content: &str) -> std::io::Result<()> {
     use std::io::Write;
-    if let Some(dir) = path.parent() {
-        if !dir.as_os_str().is_empty() {
-            std::fs::create_dir_all(dir)?;
-        }
+    if let Some(dir) = path.parent()
+        && !dir.as_os_str().is_empty()
+    {
+        std::fs::create_dir_all(dir)?;
     }
     let tmp = path.with_extension("tmp");
     let mut opts = std::fs::OpenOptions::new();

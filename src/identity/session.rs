@@ -81,7 +81,9 @@ impl SessionSigner {
     pub fn verify(&self, token: &str) -> Result<SessionClaims, AuthError> {
         let header = jsonwebtoken::decode_header(token).map_err(|e| describe_jwt_error(&e))?;
         if header.kid.as_deref() != Some(self.public.kid.as_str()) {
-            return Err(AuthError::invalid("the session token was not signed by this broker"));
+            return Err(AuthError::invalid(
+                "the session token was not signed by this broker",
+            ));
         }
         let mut v = Validation::new(Algorithm::ES256);
         v.set_issuer(&[&self.issuer]);

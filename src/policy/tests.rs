@@ -1,3 +1,5 @@
+#![expect(clippy::unwrap_used, reason = "a failed setup fails the test")]
+
 use std::collections::BTreeMap;
 
 use proptest::prelude::*;
@@ -53,7 +55,7 @@ fn decide(e: &PolicyEngine, a: &Agent, scope: &str, ttl: u64) -> PolicyDecision 
 const PERMIT_FORBID: &str = r#"
 @id("team-a")
 permit (principal in Keygate::Team::"a", action == Keygate::Action::"request_credential", resource)
-when { resource.provider == "ca" && principal.getTag("data") == "pii" };
+when { resource.provider == "ca" && principal.hasTag("data") && principal.getTag("data") == "pii" };
 @id("short")
 forbid (principal, action, resource) when { context.ttl > 600 };
 "#;

@@ -28,7 +28,10 @@ pub async fn register(
 }
 
 /// `GET /v1/agents`.
-pub async fn list_agents(State(b): State<AppState>, op: Operator) -> Result<impl IntoResponse, ApiError> {
+pub async fn list_agents(
+    State(b): State<AppState>,
+    op: Operator,
+) -> Result<impl IntoResponse, ApiError> {
     op.require(READERS)?;
     Ok(Json(b.store.list_agents().await?))
 }
@@ -77,7 +80,9 @@ pub async fn agent_action(
     let reason = parsed
         .reason
         .unwrap_or_else(|| format!("{action} by {}", op.name));
-    Ok(Json(b.set_agent_status(&op.actor(), &id, to, &reason).await?))
+    Ok(Json(
+        b.set_agent_status(&op.actor(), &id, to, &reason).await?,
+    ))
 }
 
 /// `GET /v1/leases?agent=&task=&state=&provider=&limit=`.
@@ -139,16 +144,21 @@ pub async fn audit(
     let events = b.store.audit_events(&filter).await?;
     let mut body = String::new();
     for ev in &events {
-        body.push_str(&serde_json::to_string(ev).map_err(|e| ApiError::bad_request(e.to_string()))?);
+        body.push_str(
+            &serde_json::to_string(ev).map_err(|e| ApiError::bad_request(e.to_string()))?,
+        );
         body.push('\n');
     }
     let mut resp = (StatusCode::OK, body).into_response();
     let h = resp.headers_mut();
-    h.insert(header::CONTENT_TYPE, HeaderValue::from_static("application/x-ndjson"));
-    if let Some(last) = events.last() {
-        if let Ok(v) = HeaderValue::from_str(&last.seq.to_string()) {
-            h.insert("x-next-after", v);
-        }
+    h.insert(
+        header::CONTENT_TYPE,
+        HeaderValue::from_static("application/x-ndjson"),
+    );
+    if let Some(last) = events.last()
+        && let Ok(v) = HeaderValue::from_str(&last.seq.to_string())
+    {
+        h.insert("x-next-after", v);
     }
     Ok(resp)
 }

@@ -31,7 +31,10 @@ pub async fn token(
             return oauth_error(
                 StatusCode::BAD_REQUEST,
                 "invalid_request",
-                &format!("the body must be application/x-www-form-urlencoded: {}", e.body_text()),
+                &format!(
+                    "the body must be application/x-www-form-urlencoded: {}",
+                    e.body_text()
+                ),
             );
         }
     };

@@ -23,8 +23,9 @@ impl FromRequestParts<AppState> for AgentSession {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let token = bearer(parts)
-            .ok_or_else(|| ApiError::invalid_token("a session token is required (Authorization: Bearer)"))?;
+        let token = bearer(parts).ok_or_else(|| {
+            ApiError::invalid_token("a session token is required (Authorization: Bearer)")
+        })?;
         state
             .session(token)
             .await
@@ -45,7 +46,10 @@ impl Operator {
         if self.roles.iter().any(|r| roles.contains(r)) {
             Ok(())
         } else {
-            let names: Vec<String> = roles.iter().map(|r| format!("{r:?}").to_lowercase()).collect();
+            let names: Vec<String> = roles
+                .iter()
+                .map(|r| format!("{r:?}").to_lowercase())
+                .collect();
             Err(ApiError::forbidden(format!(
                 "operator `{}` lacks the role for this call (needs one of: {})",
                 self.name,
@@ -69,11 +73,16 @@ impl FromRequestParts<AppState> for Operator {
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
         let Some(token) = bearer(parts) else {
-            return Err(ApiError::unauthorized("an operator token is required (Authorization: Bearer)"));
+            return Err(ApiError::unauthorized(
+                "an operator token is required (Authorization: Bearer)",
+            ));
         };
         let digest = hex::encode(Sha256::digest(token.as_bytes()));
         let found = state.config.operators.iter().find(|o| {
-            constant_time_eq(o.token_sha256.to_ascii_lowercase().as_bytes(), digest.as_bytes())
+            constant_time_eq(
+                o.token_sha256.to_ascii_lowercase().as_bytes(),
+                digest.as_bytes(),
+            )
         });
         match found {
             Some(o) => Ok(Operator {

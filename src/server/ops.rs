@@ -18,14 +18,21 @@ pub async fn healthz() -> &'static str {
 pub async fn readyz(State(b): State<AppState>) -> Result<&'static str, ApiError> {
     b.store.ping().await.map_err(|e| {
         tracing::error!(error = %e, "store not ready");
-        ApiError::new(StatusCode::SERVICE_UNAVAILABLE, "not_ready", "the store does not answer")
+        ApiError::new(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "not_ready",
+            "the store does not answer",
+        )
     })?;
     Ok("ready")
 }
 
 pub async fn metrics(State(b): State<AppState>) -> impl IntoResponse {
     (
-        [(header::CONTENT_TYPE, "application/openmetrics-text; version=1.0.0; charset=utf-8")],
+        [(
+            header::CONTENT_TYPE,
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
+        )],
         b.metrics.render(),
     )
 }
@@ -82,9 +89,11 @@ pub async fn provider_verify(
         .provider(&name)
         .ok_or_else(|| ApiError::not_found(format!("no provider `{name}`")))?;
     let v = p.verify(&presented).await.map_err(|e| match e {
-        keygate_provider_api::ProviderError::Unsupported(m) => {
-            ApiError::new(StatusCode::NOT_IMPLEMENTED, "unsupported", format!("not supported: {m}"))
-        }
+        keygate_provider_api::ProviderError::Unsupported(m) => ApiError::new(
+            StatusCode::NOT_IMPLEMENTED,
+            "unsupported",
+            format!("not supported: {m}"),
+        ),
         other => ApiError::new(StatusCode::BAD_GATEWAY, "provider_error", other.to_string()),
     })?;
     Ok(Json(v))

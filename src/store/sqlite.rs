@@ -17,9 +17,7 @@ use sqlx::sqlite::{
 use sqlx::{QueryBuilder, Row, Sqlite, Transaction};
 use time::OffsetDateTime;
 
-use super::{
-    AuditFilter, LeaseSelector, Store, StoreError, StoreResult, StoreTx, TaskSelector,
-};
+use super::{AuditFilter, LeaseSelector, Store, StoreError, StoreResult, StoreTx, TaskSelector};
 use crate::audit::{AuditEvent, GENESIS_HASH};
 use crate::model::{
     Agent, AgentStatus, Lease, LeaseFilter, LeaseState, Revocability, Revocation,
@@ -47,12 +45,12 @@ pub struct SqliteStore {
 impl SqliteStore {
     /// Opens (creating if absent) and migrates the database file at `path`.
     pub async fn open(path: &str) -> StoreResult<Self> {
-        if let Some(dir) = std::path::Path::new(path).parent() {
-            if !dir.as_os_str().is_empty() {
-                std::fs::create_dir_all(dir).map_err(|e| {
-                    StoreError::Database(format!("cannot create `{}`: {e}", dir.display()))
-                })?;
-            }
+        if let Some(dir) = std::path::Path::new(path).parent()
+            && !dir.as_os_str().is_empty()
+        {
+            std::fs::create_dir_all(dir).map_err(|e| {
+                StoreError::Database(format!("cannot create `{}`: {e}", dir.display()))
+            })?;
         }
         let opts = SqliteConnectOptions::from_str(&format!("sqlite://{path}"))?
             .create_if_missing(true)

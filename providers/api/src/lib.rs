@@ -85,7 +85,10 @@ pub struct Verification {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub subject: Option<String>,
     /// When it expires.
-    #[serde(skip_serializing_if = "Option::is_none", with = "time::serde::rfc3339::option")]
+    #[serde(
+        skip_serializing_if = "Option::is_none",
+        with = "time::serde::rfc3339::option"
+    )]
     pub expires_at: Option<OffsetDateTime>,
 }
 

@@ -1,0 +1,151 @@
+//! The hash-chained audit log: an intact chain verifies, from the database
+//! file and through the server; an altered or deleted row is found.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::{TestAgent, TestBroker};
+use keygate::audit::{AuditEvent, GENESIS_HASH, verify_chain};
+
+/// Some history: registrations, a task with credentials, a refusal.
+async fn activity(b: &TestBroker) {
+    let agent = TestAgent::new("audited", "ES256");
+    b.register(&agent, "platform").await;
+    let s = b.token(&agent).await;
+    b.x509(&s.token, Some(120)).await;
+    b.jwt_svid(&s.token, Some(120)).await;
+    b.complete(&s.token).await.expect(200);
+    let r = b.token_with_assertion(&agent.id, "not.a.jwt").await;
+    assert_eq!(r.status, 401);
+}
+
+async fn api_events(b: &TestBroker) -> Vec<AuditEvent> {
+    b.audit("")
+        .await
+        .into_iter()
+        .map(|v| serde_json::from_value(v).unwrap())
+        .collect()
+}
+
+/// Runs `keygate audit verify` from the db file and through the server;
+/// returns (exit ok, stdout + stderr) for each.
+async fn verify_both(b: &TestBroker) -> [(bool, String); 2] {
+    let db = b.db_path();
+    let outs = [
+        b.cli(&["audit", "verify", "--db", db.to_str().unwrap()], None)
+            .await,
+        b.cli(&["audit", "verify"], Some(&b.ops.auditor)).await,
+    ];
+    outs.map(|o| {
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr)
+        );
+        (o.status.success(), text)
+    })
+}
+
+#[tokio::test]
+async fn an_intact_chain_verifies() {
+    let b = TestBroker::start().await;
+    activity(&b).await;
+    let events = api_events(&b).await;
+    assert!(events.len() >= 8, "{} events", events.len());
+    let (n, head) = verify_chain(&events, 0, GENESIS_HASH.into()).unwrap();
+    assert_eq!(n, events.last().unwrap().seq);
+    for (ok, text) in verify_both(&b).await {
+        assert!(ok, "{text}");
+        assert!(text.contains("audit chain intact"), "{text}");
+        // Later events may have been appended; the head we saw is a prefix.
+        assert!(text.contains("events, head "), "{text}");
+    }
+    assert_eq!(head.len(), 64);
+
+    // Without an operator token the server refuses, and the CLI says so.
+    let o = b.cli(&["audit", "verify"], None).await;
+    assert!(!o.status.success());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(
+        err.contains("401") && !err.contains("chain broken"),
+        "{err}"
+    );
+}
+
+#[tokio::test]
+async fn an_altered_row_is_the_reported_break() {
+    let b = TestBroker::start().await;
+    activity(&b).await;
+    let before = api_events(&b).await;
+    let target = before[before.len() / 2].seq;
+
+    // The schema refuses edits outright.
+    let mut db = b.db().await;
+    let refused = sqlx::query("UPDATE audit_events SET reason = 'edited' WHERE seq = ?")
+        .bind(target)
+        .execute(&mut db)
+        .await;
+    assert!(refused.unwrap_err().to_string().contains("append-only"));
+    let refused = sqlx::query("DELETE FROM audit_events WHERE seq = ?")
+        .bind(target)
+        .execute(&mut db)
+        .await;
+    assert!(refused.is_err());
+    assert_eq!(api_events(&b).await[..before.len()], before[..]);
+
+    // An attacker with file access drops the guard and rewrites history.
+    sqlx::query("DROP TRIGGER audit_events_no_update")
+        .execute(&mut db)
+        .await
+        .unwrap();
+    let done = sqlx::query("UPDATE audit_events SET reason = 'nothing to see here' WHERE seq = ?")
+        .bind(target)
+        .execute(&mut db)
+        .await
+        .unwrap();
+    assert_eq!(done.rows_affected(), 1);
+    sqlx::Connection::close(db).await.unwrap();
+    // The broker keeps appending after the edit; the break stays put.
+    activity(&b).await;
+
+    let broken = verify_chain(&api_events(&b).await, 0, GENESIS_HASH.into()).unwrap_err();
+    assert_eq!(broken.seq, target);
+    let want = format!("audit chain broken at event {target}:");
+    for (ok, text) in verify_both(&b).await {
+        assert!(!ok, "verify must fail: {text}");
+        assert!(text.contains(&want), "{text}");
+    }
+    // The file check does not need the server.
+    let mut b = b;
+    b.kill().await;
+    let db = b.db_path();
+    let o = b
+        .cli(&["audit", "verify", "--db", db.to_str().unwrap()], None)
+        .await;
+    assert!(!o.status.success());
+    assert!(String::from_utf8_lossy(&o.stderr).contains(&want));
+}
+
+#[tokio::test]
+async fn a_deleted_row_breaks_the_chain_at_the_next() {
+    let b = TestBroker::start().await;
+    activity(&b).await;
+    let events = api_events(&b).await;
+    let target = events[events.len() / 2].seq;
+    let mut db = b.db().await;
+    sqlx::query("DROP TRIGGER audit_events_no_delete")
+        .execute(&mut db)
+        .await
+        .unwrap();
+    sqlx::query("DELETE FROM audit_events WHERE seq = ?")
+        .bind(target)
+        .execute(&mut db)
+        .await
+        .unwrap();
+    sqlx::Connection::close(db).await.unwrap();
+    let want = format!("audit chain broken at event {}:", target + 1);
+    for (ok, text) in verify_both(&b).await {
+        assert!(!ok, "{text}");
+        assert!(text.contains(&want), "{text}");
+    }
+}

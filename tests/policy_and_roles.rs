@@ -1,0 +1,249 @@
+//! Cedar decisions as the agent and the auditor see them, and the operator
+//! role checks on every admin endpoint.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::{Setup, TestAgent, TestBroker};
+use reqwest::Method;
+use serde_json::{Value, json};
+
+const SENSITIVE_PERMIT: &str = r#"
+@id("payments-for-platform")
+permit (
+  principal in Keygate::Team::"platform",
+  action == Keygate::Action::"request_credential",
+  resource == Keygate::Scope::"payments-ca"
+);
+"#;
+
+/// The newest `credential.requested` event of `agent`.
+async fn last_decision(b: &TestBroker, agent: &str) -> Value {
+    let evs = b
+        .audit(&format!("action=credential.requested&agent={agent}"))
+        .await;
+    evs.last().cloned().expect("a credential.requested event")
+}
+
+#[tokio::test]
+async fn denials_name_their_policies_and_are_audited() {
+    let b = TestBroker::start_with(Setup {
+        policies: vec![("sensitive.cedar".into(), SENSITIVE_PERMIT.into())],
+        ..Setup::default()
+    })
+    .await;
+    let policy_hash = keygate::policy::PolicyEngine::load(&b.dir.join("policies"))
+        .unwrap()
+        .hash()
+        .to_owned();
+    assert!(
+        b.log().contains(&policy_hash),
+        "the server logs the same policy hash"
+    );
+
+    // A tier-3 platform agent: permitted, but the guardrail forbids long TTLs.
+    let tier3 = TestAgent::new("tier3", "ES256");
+    let mut spec = tier3.spec("platform");
+    spec["risk_tier"] = 3.into();
+    b.admin_post("/v1/agents", &spec).await.expect(201);
+    let s = b.token(&tier3).await;
+
+    let denied = b.credential(&s.token, "x509-svid", Some(1800), None).await;
+    let body = denied.expect(403);
+    assert_eq!(body["error"], "policy_denied");
+    assert_eq!(body["policies"], json!(["tier3-short-ttl"]));
+    assert!(body["message"].as_str().unwrap().contains("x509-svid"));
+    let ev = last_decision(&b, &tier3.id).await;
+    assert_eq!(ev["decision"], "deny", "{ev}");
+    assert_eq!(ev["outcome"], "failure");
+    assert_eq!(ev["policy_ids"], json!(["tier3-short-ttl"]));
+    assert_eq!(ev["policy_hash"], policy_hash.as_str());
+    assert_eq!(ev["scope"], "x509-svid");
+    assert_eq!(ev["task"], s.task_id.as_str());
+    assert!(ev["lease"].is_null(), "no lease for a denial");
+    assert!(b.leases(&format!("agent={}", tier3.id)).await.is_empty());
+
+    // Within the guardrail the permit decides, and says which one.
+    let ok = b.x509(&s.token, Some(600)).await;
+    let ev = last_decision(&b, &tier3.id).await;
+    assert_eq!(ev["decision"], "allow", "{ev}");
+    assert_eq!(ev["outcome"], "success");
+    assert_eq!(ev["policy_ids"], json!(["platform-svids"]));
+    assert_eq!(ev["policy_hash"], policy_hash.as_str());
+    assert_eq!(ev["lease"], ok["lease_id"]);
+
+    // Nothing permits another team: denied by default, no policy to name.
+    let outsider = TestAgent::new("outsider", "ES256");
+    b.register(&outsider, "marketing").await;
+    let os = b.token(&outsider).await;
+    let body = b
+        .credential(&os.token, "x509-svid", None, None)
+        .await
+        .expect(403);
+    assert_eq!(body["error"], "policy_denied");
+    assert_eq!(body["policies"], json!([]));
+    let ev = last_decision(&b, &outsider.id).await;
+    assert_eq!(ev["decision"], "deny");
+    assert_eq!(ev["policy_ids"], json!([]));
+    assert_eq!(ev["policy_hash"], policy_hash.as_str());
+
+    // A sensitive scope that a policy permits still needs a human.
+    let platform = TestAgent::new("platform", "EdDSA");
+    b.register(&platform, "platform").await;
+    let ps = b.token(&platform).await;
+    let body = b
+        .credential(&ps.token, "payments-ca", None, None)
+        .await
+        .expect(403);
+    assert_eq!(body["error"], "approval_required", "{body}");
+    let ev = last_decision(&b, &platform.id).await;
+    assert_eq!(ev["decision"], "allow");
+    assert_eq!(ev["policy_ids"], json!(["payments-for-platform"]));
+    assert_eq!(ev["outcome"], "failure");
+    assert!(b.leases(&format!("agent={}", platform.id)).await.is_empty());
+}
+
+/// Tokens by role name, plus the roles that must be refused.
+fn roles(b: &TestBroker) -> Vec<(&'static str, String)> {
+    vec![
+        ("admin", b.ops.admin.clone()),
+        ("secops", b.ops.secops.clone()),
+        ("auditor", b.ops.auditor.clone()),
+        ("approver", b.ops.approver.clone()),
+    ]
+}
+
+/// No token and a bad token get 401; every role outside `allowed` gets 403.
+async fn refused_to_others(
+    b: &TestBroker,
+    method: Method,
+    path: &str,
+    body: Option<&Value>,
+    allowed: &[&str],
+) {
+    let r = b.call(method.clone(), path, None, body).await;
+    assert_eq!(r.status, 401, "{method} {path} without a token: {}", r.text);
+    assert_eq!(r.error(), "unauthorized");
+    let r = b
+        .call(method.clone(), path, Some("not-an-operator-token"), body)
+        .await;
+    assert_eq!(
+        r.status, 401,
+        "{method} {path} with a bad token: {}",
+        r.text
+    );
+    assert_eq!(r.error(), "unauthorized");
+    for (role, token) in roles(b) {
+        if allowed.contains(&role) {
+            continue;
+        }
+        let r = b.call(method.clone(), path, Some(&token), body).await;
+        assert_eq!(r.status, 403, "{method} {path} as {role}: {}", r.text);
+        assert_eq!(r.error(), "forbidden");
+    }
+}
+
+fn token_of(b: &TestBroker, role: &str) -> String {
+    roles(b).into_iter().find(|(r, _)| *r == role).unwrap().1
+}
+
+#[tokio::test]
+async fn every_admin_endpoint_checks_roles() {
+    let b = TestBroker::start().await;
+    let target = TestAgent::new("target", "ES256");
+    b.register(&target, "platform").await;
+    let session = b.token(&target).await;
+    const READERS: &[&str] = &["admin", "secops", "auditor"];
+
+    // Registration: admin only.
+    let newcomer = TestAgent::new("newcomer", "ES256");
+    let spec = newcomer.spec("platform");
+    refused_to_others(&b, Method::POST, "/v1/agents", Some(&spec), &["admin"]).await;
+    b.post("/v1/agents", Some(&b.ops.admin), &spec)
+        .await
+        .expect(201);
+
+    // Reads.
+    let one = format!("/v1/agents/{}", target.id);
+    for path in ["/v1/agents", one.as_str(), "/v1/leases"] {
+        refused_to_others(&b, Method::GET, path, None, READERS).await;
+        for role in READERS {
+            b.get(path, Some(&token_of(&b, role))).await.expect(200);
+        }
+    }
+
+    // Suspend (admin, secops), resume (admin), decommission (admin).
+    let suspend = format!("/v1/agents/{}/suspend", target.id);
+    let resume = format!("/v1/agents/{}/resume", target.id);
+    refused_to_others(&b, Method::POST, &suspend, None, &["admin", "secops"]).await;
+    refused_to_others(&b, Method::POST, &resume, None, &["admin"]).await;
+    for role in ["admin", "secops"] {
+        let v = b
+            .post(
+                &suspend,
+                Some(&token_of(&b, role)),
+                &json!({ "reason": "role test" }),
+            )
+            .await
+            .expect(200);
+        assert_eq!(v["status"], "suspended");
+        let v = b
+            .post(&resume, Some(&b.ops.admin), &json!({}))
+            .await
+            .expect(200);
+        assert_eq!(v["status"], "active");
+    }
+    let decommission = format!("/v1/agents/{}/decommission", newcomer.id);
+    refused_to_others(&b, Method::POST, &decommission, None, &["admin"]).await;
+    let v = b
+        .post(&decommission, Some(&b.ops.admin), &json!({}))
+        .await
+        .expect(200);
+    assert_eq!(v["status"], "decommissioned");
+
+    // Emergency revocation (secops, admin) and its status (readers).
+    let rv = json!({ "agent": target.id, "reason": "role test" });
+    refused_to_others(
+        &b,
+        Method::POST,
+        "/v1/revocations",
+        Some(&rv),
+        &["secops", "admin"],
+    )
+    .await;
+    let mut ids = Vec::new();
+    for role in ["secops", "admin"] {
+        let v = b
+            .post("/v1/revocations", Some(&token_of(&b, role)), &rv)
+            .await
+            .expect(200);
+        ids.push(v["revocation_id"].as_str().unwrap().to_owned());
+    }
+    let status = format!("/v1/revocations/{}", ids[0]);
+    refused_to_others(&b, Method::GET, &status, None, READERS).await;
+    for role in READERS {
+        let v = b.get(&status, Some(&token_of(&b, role))).await.expect(200);
+        assert_eq!(v["revocation_id"], ids[0].as_str());
+    }
+
+    // Audit: auditor and admin.
+    refused_to_others(&b, Method::GET, "/v1/audit", None, &["auditor", "admin"]).await;
+    for role in ["auditor", "admin"] {
+        let r = b.get("/v1/audit", Some(&token_of(&b, role))).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        assert!(r.text.lines().count() > 5);
+    }
+
+    // An agent's session token is not an operator token.
+    let r = b.get("/v1/agents", Some(&session.token)).await;
+    assert_eq!(r.status, 401);
+    // Bad operator tokens are audited, without the token.
+    let fails = b.audit("action=operator.auth").await;
+    assert!(fails.len() >= 2, "{fails:?}");
+    assert!(fails.iter().all(|e| e["outcome"] == "failure"));
+    assert!(
+        !serde_json::to_string(&fails)
+            .unwrap()
+            .contains("not-an-operator-token")
+    );
+}

@@ -1,0 +1,193 @@
+//! Crashes (kill -9) and restarts on the same state, orphaned write-ahead
+//! leases, and tasks that run out of time on their own.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::{TestAgent, TestBroker, eventually, serial_for_lease, unix_now};
+use serde_json::{Value, json};
+
+async fn doc(b: &TestBroker, name: &str) -> String {
+    b.get(&format!("/v1/providers/ca/{name}"), None).await.text
+}
+
+#[tokio::test]
+async fn a_crash_mid_task_loses_nothing() {
+    let mut b = TestBroker::start().await;
+    let agent = TestAgent::new("crash", "ES256");
+    b.register(&agent, "platform").await;
+    let s = b.token(&agent).await;
+    let x509 = b.x509(&s.token, Some(900)).await;
+    let jwt = b.jwt_svid(&s.token, Some(600)).await;
+    let released = b.x509(&s.token, Some(900)).await;
+    let released_id = released["lease_id"].as_str().unwrap();
+    b.call(
+        reqwest::Method::DELETE,
+        &format!("/v1/credentials/{released_id}"),
+        Some(&s.token),
+        None,
+    )
+    .await
+    .expect(200);
+    let session_jwks = b.get("/.well-known/jwks.json", None).await.expect(200);
+    let (bundle, svid_jwks) = (doc(&b, "bundle.pem").await, doc(&b, "jwks.json").await);
+    let old_addr = b.addr;
+
+    b.restart().await;
+    assert_ne!(b.addr, old_addr, "a new process on a new port");
+    assert_eq!(
+        b.log().matches("keygate ready").count(),
+        2,
+        "two boots in one log"
+    );
+
+    // Same keys: the old session token, certificate and JWT-SVID still verify.
+    assert_eq!(
+        b.get("/.well-known/jwks.json", None).await.expect(200),
+        session_jwks
+    );
+    assert_eq!(doc(&b, "bundle.pem").await, bundle);
+    assert_eq!(doc(&b, "jwks.json").await, svid_jwks);
+    let who = b.get("/v1/session", Some(&s.token)).await.expect(200);
+    assert_eq!(who["task"]["id"], s.task_id.as_str());
+    assert_eq!(who["task"]["state"], "open");
+    let cert = json!({ "x509_svid": x509["credential"]["certificate"] });
+    let token = json!({ "jwt_svid": jwt["credential"]["token"], "audience": common::JWT_AUDIENCE });
+    assert_eq!(b.verify(&cert).await["valid"], true);
+    assert_eq!(b.verify(&token).await["valid"], true);
+    for l in [&x509, &jwt] {
+        assert_eq!(
+            b.lease_state(l["lease_id"].as_str().unwrap()).await,
+            "active"
+        );
+    }
+    // A revocation confirmed before the crash is still in force.
+    assert_eq!(b.lease_state(released_id).await, "revoked");
+    let released_cert = json!({ "x509_svid": released["credential"]["certificate"] });
+    assert_eq!(b.verify(&released_cert).await["reason"], "revoked");
+    // The task goes on: new credentials, then completion.
+    b.x509(&s.token, Some(60)).await;
+    let done = b.complete(&s.token).await.expect(200);
+    assert_eq!(
+        (
+            done["leases"]["found"].as_u64(),
+            done["leases"]["revoked"].as_u64()
+        ),
+        (Some(3), Some(3))
+    );
+    assert_eq!(b.verify(&cert).await["reason"], "revoked");
+    assert_eq!(b.verify(&token).await["reason"], "revoked");
+    assert_eq!(b.get("/v1/session", Some(&s.token)).await.status, 401);
+
+    // And once more: the ended task stays ended across a crash.
+    b.restart().await;
+    assert_eq!(b.get("/v1/session", Some(&s.token)).await.status, 401);
+    assert_eq!(b.verify(&cert).await["reason"], "revoked");
+}
+
+#[tokio::test]
+async fn an_orphaned_pending_lease_is_revoked_after_restart() {
+    let mut b = TestBroker::start().await;
+    let agent = TestAgent::new("orphan", "ES256");
+    b.register(&agent, "platform").await;
+    b.kill().await;
+
+    // As if the broker died between writing the lease and hearing back from
+    // the provider: a pending lease without a handle, from a past boot.
+    let now = unix_now();
+    let (task_id, lease_id) = (format!("tk_orphan{now}"), format!("ls_orphan{now}"));
+    let mut db = b.db().await;
+    sqlx::query(
+        "INSERT INTO tasks (id, agent_id, description, state, opened_at, expires_at) \
+         VALUES (?, ?, 'crashed mid-issue', 'open', ?, ?)",
+    )
+    .bind(&task_id)
+    .bind(&agent.id)
+    .bind(now - 600)
+    .bind(now + 600)
+    .execute(&mut db)
+    .await
+    .unwrap();
+    sqlx::query(
+        "INSERT INTO leases (id, agent_id, task_id, scope, provider, state, created_at, expires_at) \
+         VALUES (?, ?, ?, 'x509-svid', 'ca', 'pending', ?, ?)",
+    )
+    .bind(&lease_id)
+    .bind(&agent.id)
+    .bind(&task_id)
+    .bind(now - 600)
+    .bind(now + 600)
+    .execute(&mut db)
+    .await
+    .unwrap();
+    sqlx::Connection::close(db).await.unwrap();
+
+    b.restart().await;
+    eventually("the orphan is revoked", || async {
+        (b.lease_state(&lease_id).await == "revoked").then_some(())
+    })
+    .await;
+    let serial = serial_for_lease(&lease_id);
+    let revoked = b
+        .get("/v1/providers/ca/revoked.json", None)
+        .await
+        .expect(200);
+    let has = |list: &str, item: &str| revoked[list].as_array().unwrap().iter().any(|v| v == item);
+    assert!(
+        has("serials", &serial),
+        "derived serial {serial} in {revoked}"
+    );
+    assert!(has("jtis", &lease_id), "lease id as jti in {revoked}");
+    let orphaned = b.audit("action=lease.orphaned").await;
+    assert_eq!(orphaned.len(), 1);
+    assert_eq!(orphaned[0]["lease"], lease_id.as_str());
+    let lease = b.leases(&format!("task={task_id}")).await;
+    assert_eq!(lease[0]["end_reason"], "orphaned: issue did not complete");
+}
+
+#[tokio::test]
+async fn a_task_ends_when_its_ttl_runs_out() {
+    let b = TestBroker::start().await;
+    let agent = TestAgent::new("short", "EdDSA");
+    b.register(&agent, "platform").await;
+    let s = b.token_ttl(&agent, Some(2)).await;
+    let x509 = b.x509(&s.token, None).await;
+    let jwt = b.jwt_svid(&s.token, None).await;
+    let ids: Vec<String> = [&x509, &jwt]
+        .iter()
+        .map(|c| c["lease_id"].as_str().unwrap().to_owned())
+        .collect();
+    for c in [&x509, &jwt] {
+        // A lease never outlives its task.
+        let lease_end = common::rfc3339(&c["expires_at"]).unix_timestamp();
+        assert!(lease_end <= unix_now() + 2, "{c}");
+    }
+
+    eventually("the session token dies with its task", || async {
+        (b.get("/v1/session", Some(&s.token)).await.status == 401).then_some(())
+    })
+    .await;
+    let states: Vec<String> = eventually("the reaper ends the leases", || async {
+        let mut states = Vec::new();
+        for id in &ids {
+            states.push(b.lease_state(id).await);
+        }
+        states
+            .iter()
+            .all(|s| s == "revoked" || s == "expired")
+            .then_some(states)
+    })
+    .await;
+    assert_eq!(states.len(), 2);
+    let expired = eventually("the task expiry is audited", || async {
+        let evs: Vec<Value> = b.audit("action=task.expired").await;
+        (!evs.is_empty()).then_some(evs)
+    })
+    .await;
+    assert_eq!(expired[0]["task"], s.task_id.as_str());
+    assert_eq!(
+        b.credential(&s.token, "x509-svid", None, None).await.status,
+        401
+    );
+    assert_eq!(b.complete(&s.token).await.status, 401);
+}

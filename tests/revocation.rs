@@ -1,0 +1,206 @@
+//! The SecOps kill switch: emergency revocation by agent and by team.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::{Session, Setup, TestAgent, TestBroker};
+use serde_json::{Value, json};
+
+/// An agent with its open tasks and their leases (`(lease id, credential)`).
+struct Busy {
+    agent: TestAgent,
+    tasks: Vec<Session>,
+    leases: Vec<(String, Value)>,
+}
+
+/// Registers an agent and opens `tasks` tasks, each with an X.509-SVID and a
+/// JWT-SVID.
+async fn busy(b: &TestBroker, prefix: &str, team: &str, tasks: usize) -> Busy {
+    let agent = TestAgent::new(
+        prefix,
+        if tasks.is_multiple_of(2) {
+            "ES256"
+        } else {
+            "EdDSA"
+        },
+    );
+    b.register(&agent, team).await;
+    let mut out = Busy {
+        agent,
+        tasks: Vec::new(),
+        leases: Vec::new(),
+    };
+    for _ in 0..tasks {
+        let s = b.token(&out.agent).await;
+        for cred in [
+            b.x509(&s.token, Some(600)).await,
+            b.jwt_svid(&s.token, Some(600)).await,
+        ] {
+            out.leases
+                .push((cred["lease_id"].as_str().unwrap().to_owned(), cred));
+        }
+        out.tasks.push(s);
+    }
+    out
+}
+
+/// What a relying party says about a credential now.
+async fn still_valid(b: &TestBroker, cred: &Value) -> bool {
+    let c = &cred["credential"];
+    let presented = match c["certificate"].as_str() {
+        Some(cert) => json!({ "x509_svid": cert }),
+        None => json!({ "jwt_svid": c["token"], "audience": common::JWT_AUDIENCE }),
+    };
+    let v = b.verify(&presented).await;
+    assert!(v["valid"] == true || v["reason"] == "revoked", "{v}");
+    v["valid"] == true
+}
+
+/// Asserts every task token of `who` gets `status` and every lease is in
+/// `state` (and its credential valid iff the lease is active).
+async fn assert_agent(b: &TestBroker, who: &Busy, status: u16, state: &str) {
+    for s in &who.tasks {
+        let r = b.get("/v1/session", Some(&s.token)).await;
+        assert_eq!(r.status.as_u16(), status, "{}: {}", who.agent.id, r.text);
+    }
+    for (id, cred) in &who.leases {
+        assert_eq!(
+            b.lease_state(id).await,
+            state,
+            "lease {id} of {}",
+            who.agent.id
+        );
+        assert_eq!(
+            still_valid(b, cred).await,
+            state == "active",
+            "credential of {id}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn revocation_by_agent_then_by_team() {
+    let b = TestBroker::start_with(Setup::permissive()).await;
+    let red1 = busy(&b, "red-one", "red", 2).await;
+    let red2 = busy(&b, "red-two", "red", 1).await;
+    let blue = busy(&b, "blue-one", "blue", 1).await;
+
+    // By agent.
+    let secops = Some(b.ops.secops.as_str());
+    let body = json!({ "agent": red1.agent.id, "reason": "key leaked in a log" });
+    let rv = b.post("/v1/revocations", secops, &body).await.expect(200);
+    assert_eq!(rv["selector"], json!({ "agent": red1.agent.id }));
+    assert_eq!(rv["tasks_ended"], 2);
+    assert_eq!(
+        (rv["found"].as_u64(), rv["revoked"].as_u64()),
+        (Some(4), Some(4)),
+        "{rv}"
+    );
+    assert_eq!(
+        (rv["expiring"].as_u64(), rv["pending"].as_u64()),
+        (Some(0), Some(0))
+    );
+    assert_eq!(rv["agents_suspended"], 0);
+    assert_agent(&b, &red1, 401, "revoked").await;
+    assert_agent(&b, &red2, 200, "active").await;
+    assert_agent(&b, &blue, 200, "active").await;
+    let id = rv["revocation_id"].as_str().unwrap();
+    let status = b.admin_get(&format!("/v1/revocations/{id}")).await;
+    assert_eq!(
+        (status["found"].as_u64(), status["revoked"].as_u64()),
+        (Some(4), Some(4))
+    );
+    assert_eq!(status["tasks_ended"], 2);
+    let ev = b.audit("action=revocation.emergency").await;
+    assert_eq!(ev.len(), 1);
+    assert_eq!(ev[0]["actor"], "operator:test-secops");
+    assert_eq!(ev[0]["reason"], "key leaked in a log");
+    // Not suspended: red1 may open a new task (no leases in it).
+    let fresh = b.token(&red1.agent).await;
+
+    // By team, suspending its agents.
+    let body = json!({ "team": "red", "reason": "team compromised", "suspend": true });
+    let rv = b
+        .post("/v1/revocations", Some(&b.ops.admin), &body)
+        .await
+        .expect(200);
+    assert_eq!(
+        rv["tasks_ended"], 2,
+        "red2's task and red1's fresh one: {rv}"
+    );
+    assert_eq!(
+        (rv["found"].as_u64(), rv["revoked"].as_u64()),
+        (Some(2), Some(2)),
+        "{rv}"
+    );
+    assert_eq!(rv["pending"], 0);
+    assert_eq!(rv["agents_suspended"], 2);
+    assert_agent(&b, &red2, 401, "revoked").await;
+    assert_agent(&b, &red1, 401, "revoked").await;
+    assert_eq!(b.get("/v1/session", Some(&fresh.token)).await.status, 401);
+    assert_agent(&b, &blue, 200, "active").await;
+    for a in [&red1.agent, &red2.agent] {
+        assert_eq!(
+            b.admin_get(&format!("/v1/agents/{}", a.id)).await["status"],
+            "suspended"
+        );
+        let r = b.token_with_assertion(&a.id, &a.assertion()).await;
+        assert_eq!(
+            (r.status.as_u16(), r.error().as_str()),
+            (401, "invalid_client")
+        );
+    }
+    assert_eq!(
+        b.admin_get(&format!("/v1/agents/{}", blue.agent.id)).await["status"],
+        "active"
+    );
+    // The untouched team keeps working.
+    b.x509(&blue.tasks[0].token, Some(60)).await;
+}
+
+#[tokio::test]
+async fn revocation_requests_are_checked() {
+    let b = TestBroker::start_with(Setup::permissive()).await;
+    let who = busy(&b, "checked", "green", 1).await;
+    let secops = Some(b.ops.secops.as_str());
+    let id = who.agent.id.as_str();
+    for (body, status) in [
+        (json!({ "agent": id }), 400),
+        (json!({ "agent": id, "reason": "   " }), 400),
+        (json!({ "reason": "no selector" }), 400),
+        (
+            json!({ "agent": id, "team": "green", "reason": "two selectors" }),
+            400,
+        ),
+        (json!({ "all": true, "reason": "x", "suspend": true }), 400),
+        (json!({ "agent": "no-such-agent", "reason": "x" }), 404),
+        (
+            json!({ "provider": "no-such-provider", "reason": "x" }),
+            404,
+        ),
+        (json!({ "agent": id, "reason": "x", "extra": 1 }), 400),
+    ] {
+        let r = b.post("/v1/revocations", secops, &body).await;
+        assert_eq!(r.status.as_u16(), status, "{body}: {}", r.text);
+    }
+    // Nothing was revoked by the refused requests.
+    assert_agent(&b, &who, 200, "active").await;
+    assert!(b.audit("action=revocation.emergency").await.is_empty());
+
+    // By provider: every live lease of the CA, and the tasks holding them.
+    let rv = b
+        .post(
+            "/v1/revocations",
+            secops,
+            &json!({ "provider": "ca", "reason": "ca rotation" }),
+        )
+        .await
+        .expect(200);
+    assert_eq!(
+        (rv["found"].as_u64(), rv["revoked"].as_u64()),
+        (Some(2), Some(2)),
+        "{rv}"
+    );
+    assert_eq!(rv["tasks_ended"], 1);
+    assert_agent(&b, &who, 401, "revoked").await;
+}
