@@ -125,6 +125,14 @@ impl AuditEvent {
         self
     }
 
+    /// Names the lease, and its agent, task and scope.
+    pub fn about_lease(self, lease: &crate::model::Lease) -> Self {
+        self.agent(&lease.agent_id)
+            .task(&lease.task_id)
+            .scope(&lease.scope)
+            .lease(&lease.id)
+    }
+
     /// Records a policy decision and the policies that made it.
     pub fn decision(mut self, allow: bool, policy_ids: Vec<String>, policy_hash: &str) -> Self {
         self.decision = Some(if allow { "allow" } else { "deny" }.into());

@@ -20,7 +20,7 @@ use crate::store::{Store, StoreError};
 pub use agents::{AgentSpec, seed_agents};
 pub use credentials::{CompletedTask, IssuedCredential, ReleasedLease};
 pub use revocations::{RevocationReport, RevocationRequest};
-pub use sessions::{Session, TokenRequest, TokenResponse};
+pub use sessions::{OAuthError, Session, TokenRequest, TokenResponse};
 
 /// Why a broker operation failed. The server maps each variant to a status
 /// and a stable error code.

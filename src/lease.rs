@@ -147,11 +147,7 @@ impl Worker {
         };
         let t = now();
         let mut tx = self.store.begin().await?;
-        let ev = AuditEvent::new(&Actor::System, "lease.revoked")
-            .agent(&lease.agent_id)
-            .task(&lease.task_id)
-            .scope(&lease.scope)
-            .lease(&lease.id);
+        let ev = AuditEvent::new(&Actor::System, "lease.revoked").about_lease(&lease);
         match outcome {
             Ok(o) => {
                 let (state, detail) = match o {
@@ -247,14 +243,8 @@ impl Worker {
                 .await?;
         }
         for lease in tx.expire_leases(t).await? {
-            tx.audit(
-                AuditEvent::new(&Actor::System, "lease.expired")
-                    .agent(&lease.agent_id)
-                    .task(&lease.task_id)
-                    .scope(&lease.scope)
-                    .lease(&lease.id),
-            )
-            .await?;
+            tx.audit(AuditEvent::new(&Actor::System, "lease.expired").about_lease(&lease))
+                .await?;
         }
         tx.prune_jtis(t).await?;
         tx.commit().await?;

@@ -252,10 +252,7 @@ impl Broker {
             .await?;
         tx.audit(
             AuditEvent::new(actor, "lease.issued")
-                .agent(&lease.agent_id)
-                .task(&lease.task_id)
-                .scope(&lease.scope)
-                .lease(&lease.id)
+                .about_lease(lease)
                 .details(serde_json::json!({
                     "provider": lease.provider,
                     "expires_at": crate::model::unix(issued.expires_at),
@@ -297,10 +294,7 @@ impl Broker {
             }
             tx.audit(
                 AuditEvent::new(actor, "lease.issue_failed")
-                    .agent(&lease.agent_id)
-                    .task(&lease.task_id)
-                    .scope(&lease.scope)
-                    .lease(&lease.id)
+                    .about_lease(lease)
                     .failure(msg.clone()),
             )
             .await?;
@@ -339,10 +333,7 @@ impl Broker {
             .await?;
         tx.audit(
             AuditEvent::new(&actor, "lease.released")
-                .agent(&lease.agent_id)
-                .task(&lease.task_id)
-                .scope(&lease.scope)
-                .lease(&lease.id)
+                .about_lease(&lease)
                 .details(serde_json::json!({ "was": lease.state })),
         )
         .await?;

@@ -42,7 +42,7 @@ pub struct OAuthError {
 }
 
 impl OAuthError {
-    fn new(error: &'static str, description: impl Into<String>) -> Self {
+    pub fn new(error: &'static str, description: impl Into<String>) -> Self {
         Self {
             error,
             description: description.into(),
@@ -68,21 +68,24 @@ impl Broker {
                 self.metrics.auth("success");
                 tracing::info!(agent = %agent, task = %resp.task_id, "task opened");
             }
-            Err(e) => {
-                self.metrics.auth("failure");
-                tracing::info!(client_id = ?claimed, error = e.error, reason = %e.description, "authentication failed");
-                let mut ev =
-                    AuditEvent::new(&Actor::Unauthenticated(claimed.clone()), "auth.token")
-                        .failure(format!("{}: {}", e.error, e.description));
-                if let Some(c) = &claimed {
-                    ev = ev.agent(c);
-                }
-                if let Err(err) = self.audit_alone(ev).await {
-                    tracing::error!(error = %err, "cannot audit an authentication failure");
-                }
-            }
+            Err(e) => self.record_auth_failure(claimed, e).await,
         }
         result.map(|(r, _)| r)
+    }
+
+    /// Counts, logs and audits a failed token request, with the client id
+    /// the caller claimed (if any).
+    pub async fn record_auth_failure(&self, claimed: Option<String>, e: &OAuthError) {
+        self.metrics.auth("failure");
+        tracing::info!(client_id = ?claimed, error = e.error, reason = %e.description, "authentication failed");
+        let mut ev = AuditEvent::new(&Actor::Unauthenticated(claimed.clone()), "auth.token")
+            .failure(format!("{}: {}", e.error, e.description));
+        if let Some(c) = &claimed {
+            ev = ev.agent(c);
+        }
+        if let Err(err) = self.audit_alone(ev).await {
+            tracing::error!(error = %err, "cannot audit an authentication failure");
+        }
     }
 
     async fn try_token(&self, req: TokenRequest) -> Result<(TokenResponse, String), OAuthError> {

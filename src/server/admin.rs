@@ -1,13 +1,14 @@
 //! Operator endpoints: registry, leases, revocations, audit.
 
 use axum::Json;
-use axum::extract::{Path, Query, State};
+use axum::body::Bytes;
+use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 
 use super::auth::Operator;
-use super::error::ApiJson;
+use super::error::{parse_json, parse_query};
 use super::{ApiError, AppState};
 use crate::broker::{AgentSpec, RevocationRequest};
 use crate::config::Role;
@@ -20,9 +21,10 @@ const READERS: &[Role] = &[Role::Admin, Role::Secops, Role::Auditor];
 pub async fn register(
     State(b): State<AppState>,
     op: Operator,
-    ApiJson(spec): ApiJson<AgentSpec>,
+    body: Bytes,
 ) -> Result<impl IntoResponse, ApiError> {
     op.require(&[Role::Admin])?;
+    let spec: AgentSpec = parse_json(&body)?;
     let agent = b.register_agent(&op.actor(), spec).await?;
     Ok((StatusCode::CREATED, Json(agent)))
 }
@@ -74,8 +76,7 @@ pub async fn agent_action(
     let parsed: ActionBody = if body.is_empty() {
         ActionBody::default()
     } else {
-        serde_json::from_slice(&body)
-            .map_err(|e| ApiError::bad_request(format!("the body is not valid: {e}")))?
+        parse_json(&body)?
     };
     let reason = parsed
         .reason
@@ -89,9 +90,10 @@ pub async fn agent_action(
 pub async fn list_leases(
     State(b): State<AppState>,
     op: Operator,
-    Query(f): Query<LeaseFilter>,
+    RawQuery(q): RawQuery,
 ) -> Result<impl IntoResponse, ApiError> {
     op.require(READERS)?;
+    let f: LeaseFilter = parse_query(q.as_deref())?;
     Ok(Json(b.store.list_leases(&f).await?))
 }
 
@@ -99,9 +101,10 @@ pub async fn list_leases(
 pub async fn revoke(
     State(b): State<AppState>,
     op: Operator,
-    ApiJson(req): ApiJson<RevocationRequest>,
+    body: Bytes,
 ) -> Result<impl IntoResponse, ApiError> {
     op.require(&[Role::Secops, Role::Admin])?;
+    let req: RevocationRequest = parse_json(&body)?;
     Ok(Json(b.revoke(&op.name, req).await?))
 }
 
@@ -131,9 +134,10 @@ pub struct AuditQuery {
 pub async fn audit(
     State(b): State<AppState>,
     op: Operator,
-    Query(q): Query<AuditQuery>,
+    RawQuery(q): RawQuery,
 ) -> Result<Response, ApiError> {
     op.require(&[Role::Auditor, Role::Admin])?;
+    let q: AuditQuery = parse_query(q.as_deref())?;
     let filter = AuditFilter {
         after_seq: q.after,
         agent: q.agent,

@@ -10,7 +10,7 @@ use serde_json::json;
 use super::auth::AgentSession;
 use super::error::ApiJson;
 use super::{ApiError, AppState};
-use crate::broker::TokenRequest;
+use crate::broker::{OAuthError, TokenRequest};
 
 /// `POST /oauth/token` (form-encoded). Errors follow RFC 6749 §5.2.
 pub async fn token(
@@ -28,14 +28,15 @@ pub async fn token(
     let req = match form {
         Ok(axum::Form(r)) => r,
         Err(e) => {
-            return oauth_error(
-                StatusCode::BAD_REQUEST,
+            let err = OAuthError::new(
                 "invalid_request",
-                &format!(
+                format!(
                     "the body must be application/x-www-form-urlencoded: {}",
                     e.body_text()
                 ),
             );
+            b.record_auth_failure(None, &err).await;
+            return oauth_error(StatusCode::BAD_REQUEST, err.error, &err.description);
         }
     };
     match b.token(req).await {

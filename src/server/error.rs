@@ -137,3 +137,16 @@ where
         }
     }
 }
+
+/// Parses a JSON body read as bytes, for handlers that must check the
+/// caller's role before looking at the body.
+pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
+    serde_json::from_slice(body)
+        .map_err(|e| ApiError::bad_request(format!("the body is not valid: {e}")))
+}
+
+/// Parses a query string, after the role check, with a JSON error.
+pub fn parse_query<T: serde::de::DeserializeOwned>(query: Option<&str>) -> Result<T, ApiError> {
+    serde_urlencoded::from_str(query.unwrap_or(""))
+        .map_err(|e| ApiError::bad_request(format!("the query is not valid: {e}")))
+}
