@@ -3,6 +3,7 @@
 
 mod agents;
 mod credentials;
+mod renewals;
 mod revocations;
 mod sessions;
 
@@ -19,6 +20,7 @@ use crate::store::{Store, StoreError};
 
 pub use agents::{AgentSpec, seed_agents};
 pub use credentials::{CompletedTask, IssuedCredential, ReleasedLease};
+pub use renewals::RenewedLease;
 pub use revocations::{RevocationReport, RevocationRequest};
 pub use sessions::{OAuthError, Session, TokenRequest, TokenResponse};
 
@@ -41,6 +43,9 @@ pub enum BrokerError {
     ApprovalRequired(String),
     #[error("{0}")]
     TaskEnded(String),
+    /// The lease's provider (or scope kind) cannot extend a credential.
+    #[error("{0}")]
+    NotRenewable(String),
     #[error("{0}")]
     Provider(String),
     #[error("{0}")]

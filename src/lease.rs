@@ -65,11 +65,16 @@ impl Worker {
     /// Runs the revocation queue until the process ends.
     pub async fn run_queue(self: Arc<Self>) {
         let mut limits: BTreeMap<String, Arc<Semaphore>> = BTreeMap::new();
-        for name in self.registry.provider_names() {
-            limits.insert(
-                name.to_owned(),
-                Arc::new(Semaphore::new(self.config.revoke_concurrency)),
-            );
+        for (name, provider) in self.registry.providers() {
+            // The broker's limit, narrowed by the instance's own (e.g. a
+            // Vault server that must not be flooded by a mass revocation).
+            let limit = provider
+                .revoke_concurrency()
+                .map_or(self.config.revoke_concurrency, |n| {
+                    n.min(self.config.revoke_concurrency)
+                })
+                .max(1);
+            limits.insert(name.to_owned(), Arc::new(Semaphore::new(limit)));
         }
         let limits = Arc::new(limits);
         loop {

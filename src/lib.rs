@@ -20,11 +20,16 @@ pub mod providers;
 pub mod server;
 pub mod store;
 
+/// The log filter when `RUST_LOG` is unset. vaultrs and rustify log every
+/// non-2xx Vault answer at ERROR (a revoked token's 400 included); Keygate
+/// reports what matters itself.
+pub const DEFAULT_LOG_FILTER: &str = "info,sqlx=warn,hyper=warn,rustify=off,vaultrs=warn";
+
 /// Installs the global `tracing` subscriber. `RUST_LOG` overrides the level.
 pub fn init_logging(format: config::LogFormat) {
     use tracing_subscriber::EnvFilter;
-    let filter = EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| EnvFilter::new("info,sqlx=warn,hyper=warn"));
+    let filter =
+        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr);

@@ -62,6 +62,11 @@ impl Registry {
     pub fn provider_names(&self) -> impl Iterator<Item = &str> {
         self.providers.keys().map(String::as_str)
     }
+
+    /// Every provider instance with its name.
+    pub fn providers(&self) -> impl Iterator<Item = (&str, &Arc<dyn Provider>)> {
+        self.providers.iter().map(|(n, p)| (n.as_str(), p))
+    }
 }
 
 async fn build_one(name: &str, table: &toml::Table) -> Result<Arc<dyn Provider>, ConfigError> {
@@ -86,8 +91,25 @@ async fn build_one(name: &str, table: &toml::Table) -> Result<Arc<dyn Provider>,
                 .map_err(|e| invalid(&e))?;
             Ok(Arc::new(ca))
         }
+        #[cfg(feature = "vault")]
+        keygate_provider_vault::KIND => {
+            let cfg: keygate_provider_vault::VaultConfig = toml::Value::Table(settings)
+                .try_into()
+                .map_err(|e| invalid(&e))?;
+            let vault =
+                keygate_provider_vault::VaultProvider::open(cfg).map_err(|e| invalid(&e))?;
+            Ok(Arc::new(vault))
+        }
         other => Err(ConfigError::Invalid(format!(
-            "provider `{name}`: unknown kind `{other}` (available: local-ca)"
+            "provider `{name}`: unknown kind `{other}` (available: {})",
+            KINDS.join(", ")
         ))),
     }
 }
+
+/// The provider kinds this build knows.
+const KINDS: &[&str] = &[
+    "local-ca",
+    #[cfg(feature = "vault")]
+    "vault",
+];

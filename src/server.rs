@@ -72,6 +72,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/session", get(agent::whoami))
         .route("/v1/credentials", post(agent::request_credential))
         .route("/v1/credentials/{lease_id}", delete(agent::release))
+        .route("/v1/credentials/{lease_id}/renew", post(agent::renew))
         .route("/v1/tasks/complete", post(agent::complete))
         .route("/v1/agents", post(admin::register).get(admin::list_agents))
         .route("/v1/agents/{id}", get(admin::show_agent))

@@ -125,6 +125,9 @@ pub trait StoreTx: Send {
         revocability: Revocability,
         expires_at: OffsetDateTime,
     ) -> StoreResult<Option<LeaseState>>;
+    /// Moves an active lease's expiry after a renewal. Returns `false` when
+    /// the lease is no longer active (a revocation overtook the renewal).
+    async fn renew_lease(&mut self, id: &str, expires_at: OffsetDateTime) -> StoreResult<bool>;
     /// A pending lease whose provider refused: nothing exists to revoke.
     async fn mark_failed(&mut self, id: &str, error: &str, now: OffsetDateTime) -> StoreResult<()>;
     /// Queues live leases matching the selector for revocation. Returns the

@@ -111,6 +111,23 @@ pub async fn release(
     Ok(Json(b.release(&s, &lease_id).await?))
 }
 
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RenewBody {
+    /// Requested lifetime from now, in seconds.
+    increment: u64,
+}
+
+/// `POST /v1/credentials/{lease_id}/renew`.
+pub async fn renew(
+    State(b): State<AppState>,
+    AgentSession(s): AgentSession,
+    Path(lease_id): Path<String>,
+    ApiJson(body): ApiJson<RenewBody>,
+) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(b.renew(&s, &lease_id, body.increment).await?))
+}
+
 /// `POST /v1/tasks/complete`.
 pub async fn complete(
     State(b): State<AppState>,

@@ -62,6 +62,7 @@ impl From<BrokerError> for ApiError {
             },
             BrokerError::ApprovalRequired(m) => Self::new(S::FORBIDDEN, "approval_required", m),
             BrokerError::TaskEnded(m) => Self::new(S::CONFLICT, "task_ended", m),
+            BrokerError::NotRenewable(m) => Self::new(S::BAD_REQUEST, "not_renewable", m),
             BrokerError::Provider(m) => {
                 tracing::warn!(error = %m, "provider error");
                 Self::new(S::BAD_GATEWAY, "provider_error", m)

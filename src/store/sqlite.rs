@@ -456,6 +456,16 @@ impl StoreTx for SqliteTx {
             .transpose()
     }
 
+    async fn renew_lease(&mut self, id: &str, expires_at: OffsetDateTime) -> StoreResult<bool> {
+        let done =
+            sqlx::query("UPDATE leases SET expires_at = ? WHERE id = ? AND state = 'active'")
+                .bind(unix(expires_at))
+                .bind(id)
+                .execute(&mut *self.tx)
+                .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
     async fn mark_failed(&mut self, id: &str, error: &str, now: OffsetDateTime) -> StoreResult<()> {
         sqlx::query(
             "UPDATE leases SET state = 'failed', last_error = ?, ended_at = ? \

@@ -7,6 +7,8 @@
 mod agent;
 mod api;
 mod config;
+pub mod peers;
+pub mod vault;
 
 use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
@@ -156,7 +158,7 @@ impl TestBroker {
             .arg("--config")
             .arg(self.dir.join("keygate.toml"))
             .args(["--listen", "127.0.0.1:0"])
-            .env("RUST_LOG", "info")
+            .env("RUST_LOG", "info,rustify=off,vaultrs=warn")
             .current_dir(&self.dir)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

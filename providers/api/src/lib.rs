@@ -45,9 +45,20 @@ pub trait Provider: Send + Sync + 'static {
     /// or [`RevokeOutcome::Revoked`], never an error.
     async fn revoke(&self, req: &RevokeRequest) -> Result<RevokeOutcome, ProviderError>;
 
-    /// Extends a lease where the backend allows it. The default says it cannot.
+    /// Extends a lease where the backend allows it, never past
+    /// [`RenewRequest::not_after`]. The default says it cannot
+    /// ([`ProviderError::Unsupported`]), which the broker reports to the agent
+    /// as `not_renewable`.
     async fn renew(&self, _req: &RenewRequest) -> Result<Renewed, ProviderError> {
         Err(ProviderError::Unsupported("renewal".into()))
+    }
+
+    /// The most revocations this instance wants in flight at once. The broker
+    /// uses the smaller of this and its own `leases.revoke_concurrency`, so an
+    /// emergency revocation of thousands of leases does not flood a backend.
+    /// `None` (the default) leaves the broker's limit alone.
+    fn revoke_concurrency(&self) -> Option<usize> {
+        None
     }
 
     /// A public document the provider publishes for relying parties (a CRL,
@@ -205,8 +216,12 @@ pub struct RenewRequest {
     pub scope: ScopeSpec,
     /// The handle recorded at issue.
     pub handle: RevokeHandle,
-    /// Requested extension.
+    /// Requested lifetime from now.
     pub increment: Duration,
+    /// The latest expiry the broker allows: the lease's creation plus the
+    /// scope's `max_ttl`, and no later than the task's expiry. A provider
+    /// must not extend the credential past it.
+    pub not_after: OffsetDateTime,
 }
 
 /// The result of a renewal.

@@ -1,0 +1,82 @@
+//! Captures everything a provider logs (TRACE and up, every target) while
+//! it runs, so the suite can search the text for secrets.
+
+use std::future::Future;
+use std::io::Write;
+use std::sync::{Arc, Mutex};
+
+use tracing::Dispatch;
+use tracing::instrument::WithSubscriber;
+use tracing_subscriber::fmt::MakeWriter;
+
+/// A log buffer and the subscriber that fills it.
+#[derive(Clone)]
+pub struct LogCapture {
+    buf: Arc<Mutex<Vec<u8>>>,
+    dispatch: Dispatch,
+}
+
+impl std::fmt::Debug for LogCapture {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("LogCapture").finish_non_exhaustive()
+    }
+}
+
+#[derive(Clone)]
+struct Sink(Arc<Mutex<Vec<u8>>>);
+
+impl Write for Sink {
+    fn write(&mut self, data: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .extend_from_slice(data);
+        Ok(data.len())
+    }
+
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+impl<'a> MakeWriter<'a> for Sink {
+    type Writer = Sink;
+
+    fn make_writer(&'a self) -> Self::Writer {
+        self.clone()
+    }
+}
+
+impl Default for LogCapture {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl LogCapture {
+    /// A fresh, empty capture.
+    pub fn new() -> Self {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let subscriber = tracing_subscriber::fmt()
+            .with_max_level(tracing::Level::TRACE)
+            .with_ansi(false)
+            .with_writer(Sink(Arc::clone(&buf)))
+            .finish();
+        Self {
+            buf,
+            dispatch: Dispatch::new(subscriber),
+        }
+    }
+
+    /// Runs `fut` with this capture as its subscriber (on whatever thread
+    /// polls it).
+    pub fn around<F: Future>(&self, fut: F) -> impl Future<Output = F::Output> {
+        fut.with_subscriber(self.dispatch.clone())
+    }
+
+    /// Everything captured so far.
+    pub fn text(&self) -> String {
+        let buf = self.buf.lock().unwrap_or_else(|p| p.into_inner());
+        String::from_utf8_lossy(&buf).into_owned()
+    }
+}

@@ -1,0 +1,409 @@
+//! Real test peers: OpenBao (`bao`, dev mode or durable with init/unseal and
+//! restarts) and a throwaway PostgreSQL cluster. Both listen on 127.0.0.1
+//! only and die with their handle. A missing binary fails the test with the
+//! command that installs it.
+//!
+//! Self-contained (std, tokio, reqwest, serde_json) so the benchmarks can
+//! include it too.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(dead_code)]
+
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::process::{Child, Command};
+
+/// How long a peer may take to come up.
+const PEER_DEADLINE: Duration = Duration::from_secs(60);
+
+/// The root token of every test OpenBao.
+pub const ROOT_TOKEN: &str = "root";
+
+/// Finds a binary on PATH (or in PostgreSQL's versioned folders), or fails
+/// the test naming the installer.
+pub fn require_binary(name: &str) -> PathBuf {
+    let path = std::env::var_os("PATH").unwrap_or_default();
+    let mut dirs: Vec<PathBuf> = std::env::split_paths(&path).collect();
+    if let Ok(rd) = std::fs::read_dir("/usr/lib/postgresql") {
+        let mut versions: Vec<PathBuf> = rd.flatten().map(|e| e.path().join("bin")).collect();
+        versions.sort();
+        dirs.extend(versions.into_iter().rev());
+    }
+    dirs.into_iter()
+        .map(|d| d.join(name))
+        .find(|p| p.is_file())
+        .unwrap_or_else(|| {
+            panic!("`{name}` is not installed: run `scripts/install-peers` (it installs OpenBao and PostgreSQL)")
+        })
+}
+
+/// A free TCP port on 127.0.0.1 whose successor is free too (a dev OpenBao
+/// also binds PORT+1 as its cluster port).
+pub fn free_port_pair() -> u16 {
+    for _ in 0..50 {
+        let a = TcpListener::bind("127.0.0.1:0").unwrap();
+        let port = a.local_addr().unwrap().port();
+        if port < u16::MAX && TcpListener::bind(("127.0.0.1", port + 1)).is_ok() {
+            return port;
+        }
+    }
+    panic!("no free pair of ports on 127.0.0.1");
+}
+
+fn temp_dir(prefix: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("{prefix}-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    dir
+}
+
+/// How an OpenBao keeps its state.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Storage {
+    /// `bao server -dev`: in memory, unsealed, root token `root`.
+    Dev,
+    /// Raft storage (OpenBao 2 has no file storage): survives a restart,
+    /// initialised and unsealed by API, durable like Keygate's SQLite.
+    Raft,
+}
+
+/// A running OpenBao.
+pub struct Bao {
+    pub addr: String,
+    pub port: u16,
+    pub root: String,
+    pub storage: Storage,
+    dir: PathBuf,
+    child: Option<Child>,
+    unseal_key: Option<String>,
+    http: reqwest::Client,
+}
+
+impl Bao {
+    /// A dev server: in memory, ready in well under a second.
+    pub async fn dev() -> Self {
+        Self::start(Storage::Dev).await
+    }
+
+    /// A server whose state survives [`Bao::stop`] + [`Bao::restart`].
+    pub async fn start(storage: Storage) -> Self {
+        let port = free_port_pair();
+        let mut bao = Self {
+            addr: format!("http://127.0.0.1:{port}"),
+            port,
+            root: ROOT_TOKEN.into(),
+            storage,
+            dir: temp_dir("keygate-bao"),
+            child: None,
+            unseal_key: None,
+            http: reqwest::Client::builder()
+                .timeout(Duration::from_secs(30))
+                .build()
+                .unwrap(),
+        };
+        if storage != Storage::Dev {
+            bao.write_config();
+        }
+        bao.spawn().await;
+        if storage != Storage::Dev {
+            bao.init().await;
+            bao.unseal().await;
+        }
+        bao
+    }
+
+    fn write_config(&self) {
+        let (d, p) = (self.dir.display(), self.port);
+        let storage = format!(
+            "storage \"raft\" {{\n  path = \"{d}/raft\"\n  node_id = \"n1\"\n}}\ncluster_addr = \"http://127.0.0.1:{}\"",
+            p + 1
+        );
+        std::fs::create_dir_all(self.dir.join("raft")).unwrap();
+        let hcl = format!(
+            "{storage}\nlistener \"tcp\" {{\n  address = \"127.0.0.1:{p}\"\n  cluster_address = \"127.0.0.1:{}\"\n  tls_disable = true\n}}\napi_addr = \"http://127.0.0.1:{p}\"\nui = false\n",
+            p + 1
+        );
+        std::fs::write(self.dir.join("bao.hcl"), hcl).unwrap();
+    }
+
+    async fn spawn(&mut self) {
+        assert!(self.child.is_none(), "openbao is already running");
+        let bao = require_binary("bao");
+        let log = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(self.dir.join("bao.log"))
+            .unwrap();
+        let mut cmd = Command::new(bao);
+        cmd.arg("server");
+        if self.storage == Storage::Dev {
+            cmd.args(["-dev", "-dev-root-token-id", ROOT_TOKEN])
+                .arg(format!("-dev-listen-address=127.0.0.1:{}", self.port));
+        } else {
+            cmd.arg(format!("-config={}", self.dir.join("bao.hcl").display()));
+        }
+        let child = cmd
+            .env_remove("VAULT_ADDR")
+            .env_remove("BAO_ADDR")
+            .env("HOME", &self.dir)
+            .stdin(Stdio::null())
+            .stdout(Stdio::from(log.try_clone().unwrap()))
+            .stderr(Stdio::from(log))
+            .kill_on_drop(true)
+            .spawn()
+            .expect("spawning bao");
+        self.child = Some(child);
+        // Dev servers answer 200 once ready; durable ones 501/503 until
+        // initialised and unsealed: any answer means the API is up.
+        self.wait_health(|s| s != 0).await;
+    }
+
+    /// Polls `sys/health` until `ok(status)` (0 = no answer).
+    async fn wait_health(&mut self, ok: impl Fn(u16) -> bool) {
+        let deadline = tokio::time::Instant::now() + PEER_DEADLINE;
+        loop {
+            if let Some(Ok(Some(exit))) = self.child.as_mut().map(Child::try_wait) {
+                panic!("openbao exited ({exit}); its log:\n{}", self.log());
+            }
+            let status = match self
+                .http
+                .get(format!("{}/v1/sys/health", self.addr))
+                .send()
+                .await
+            {
+                Ok(r) => r.status().as_u16(),
+                Err(_) => 0,
+            };
+            if ok(status) {
+                return;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "openbao did not become ready (health {status}); its log:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        }
+    }
+
+    async fn init(&mut self) {
+        let v = self
+            .raw(
+                "PUT",
+                "sys/init",
+                None,
+                Some(json!({ "secret_shares": 1, "secret_threshold": 1 })),
+            )
+            .await;
+        self.unseal_key = Some(v["keys_base64"][0].as_str().unwrap().to_owned());
+        self.root = v["root_token"].as_str().unwrap().to_owned();
+    }
+
+    async fn unseal(&mut self) {
+        let key = self.unseal_key.clone().expect("an unseal key");
+        self.raw("PUT", "sys/unseal", None, Some(json!({ "key": key })))
+            .await;
+        self.wait_health(|s| s == 200).await;
+    }
+
+    /// Kills the server (its state stays on disk for durable storage).
+    pub async fn stop(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            c.kill().await.unwrap();
+        }
+        // The port must be closed before the test relies on the outage.
+        let deadline = tokio::time::Instant::now() + PEER_DEADLINE;
+        while std::net::TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "openbao did not stop"
+            );
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+
+    /// Starts a stopped durable server again on the same port and unseals it.
+    pub async fn restart(&mut self) {
+        assert!(self.storage != Storage::Dev, "a dev server loses its state");
+        self.spawn().await;
+        self.unseal().await;
+    }
+
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("bao.log")).unwrap_or_default()
+    }
+
+    /// One API call as root; panics unless 2xx. Returns the JSON body
+    /// (`Null` for 204).
+    pub async fn api(&self, method: &str, path: &str, body: Option<Value>) -> Value {
+        let root = self.root.clone();
+        self.raw(method, path, Some(&root), body).await
+    }
+
+    /// One API call as root: status and body, whatever the status.
+    pub async fn try_api(&self, method: &str, path: &str, body: Option<Value>) -> (u16, Value) {
+        self.request(method, path, Some(&self.root.clone()), body)
+            .await
+    }
+
+    /// One API call with `token`: status and body.
+    pub async fn request(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (u16, Value) {
+        let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
+        let mut rb = self.http.request(m, format!("{}/v1/{path}", self.addr));
+        if let Some(t) = token {
+            rb = rb.header("X-Vault-Token", t);
+        }
+        if let Some(b) = body {
+            rb = rb.json(&b);
+        }
+        let resp = rb
+            .send()
+            .await
+            .unwrap_or_else(|e| panic!("{method} {path}: {e}"));
+        let status = resp.status().as_u16();
+        let text = resp.text().await.unwrap();
+        (status, serde_json::from_str(&text).unwrap_or(Value::Null))
+    }
+
+    async fn raw(
+        &self,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> Value {
+        let (status, v) = self.request(method, path, token, body).await;
+        assert!(
+            (200..300).contains(&status),
+            "{method} {path}: {status} {v}"
+        );
+        v
+    }
+}
+
+impl Drop for Bao {
+    fn drop(&mut self) {
+        if let Some(c) = self.child.as_mut() {
+            let _ = c.start_kill();
+        }
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        } else {
+            eprintln!("keeping the openbao dir: {}", self.dir.display());
+        }
+    }
+}
+
+/// A throwaway PostgreSQL cluster with scram-sha-256 auth: only passwords
+/// log in. Stopped (immediate mode) and deleted on drop.
+pub struct Postgres {
+    pub port: u16,
+    /// The `postgres` superuser's password.
+    pub password: String,
+    dir: PathBuf,
+    pg_ctl: PathBuf,
+}
+
+/// PostgreSQL refuses to run as root: run its tools as `postgres` then.
+fn as_pg_user(bin: &Path) -> std::process::Command {
+    let root = std::process::Command::new("id")
+        .arg("-u")
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+        .unwrap_or(false);
+    if root {
+        let mut c = std::process::Command::new("runuser");
+        c.args(["-u", "postgres", "--"]).arg(bin);
+        c
+    } else {
+        std::process::Command::new(bin)
+    }
+}
+
+fn run(mut cmd: std::process::Command, what: &str) {
+    let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
+    assert!(
+        out.status.success(),
+        "{what} failed: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
+impl Postgres {
+    pub async fn start() -> Self {
+        let initdb = require_binary("initdb");
+        let pg_ctl = require_binary("pg_ctl");
+        let dir = temp_dir("keygate-pg");
+        let password = format!("pg-{}", uuid::Uuid::new_v4().simple());
+        std::fs::write(dir.join("pwfile"), &password).unwrap();
+        std::fs::create_dir_all(dir.join("sock")).unwrap();
+        // runuser's `postgres` must own the cluster's folder.
+        let _ = std::process::Command::new("chown")
+            .args(["-R", "postgres"])
+            .arg(&dir)
+            .output();
+        let port = free_port_pair();
+        let mut init = as_pg_user(&initdb);
+        init.arg("-D")
+            .arg(dir.join("data"))
+            .args(["-U", "postgres", "--auth=scram-sha-256", "--no-sync"])
+            .arg(format!("--pwfile={}", dir.join("pwfile").display()));
+        run(init, "initdb");
+        let mut start = as_pg_user(&pg_ctl);
+        start
+            .arg("-D")
+            .arg(dir.join("data"))
+            .arg("-l")
+            .arg(dir.join("pg.log"))
+            .arg("-o")
+            .arg(format!(
+                "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+                dir.join("sock").display()
+            ))
+            .args(["-w", "start"]);
+        run(start, "pg_ctl start");
+        Self {
+            port,
+            password,
+            dir,
+            pg_ctl,
+        }
+    }
+
+    /// Whether `user`/`password` can log in and run a query (via `psql`).
+    pub async fn can_login(&self, user: &str, password: &str) -> bool {
+        let psql = require_binary("psql");
+        Command::new(psql)
+            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", user])
+            .args(["-d", "postgres", "-w", "-tAc", "select 1"])
+            .env("PGPASSWORD", password)
+            .env("PGCONNECT_TIMEOUT", "10")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .status()
+            .await
+            .map(|s| s.success())
+            .unwrap_or(false)
+    }
+}
+
+impl Drop for Postgres {
+    fn drop(&mut self) {
+        let mut stop = as_pg_user(&self.pg_ctl);
+        stop.arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["-m", "immediate", "-w", "stop"]);
+        let _ = stop.output();
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}

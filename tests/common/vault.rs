@@ -1,0 +1,324 @@
+//! OpenBao configured for Keygate through its HTTP API: the database engine
+//! on a throwaway PostgreSQL, PKI with a SPIFFE role, KV v2, and an AppRole
+//! for Keygate with a policy allowing exactly what the provider needs.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+#![allow(dead_code)]
+
+use std::path::{Path, PathBuf};
+
+use serde_json::{Value, json};
+
+use super::peers::{Bao, Postgres, Storage};
+
+/// The policy a `token` scope grants agents (Keygate's own token must hold
+/// it too: Vault lets a token create children only with its own policies).
+pub const AGENT_POLICY: &str = "agent-reader";
+pub const SPIFFE_TD: &str = "example.org";
+pub const KV_PATH: &str = "team/db";
+pub const DB_ROLE: &str = "app";
+
+/// What Keygate needs: `auth/token/accessors` is a sudo path (orphan search).
+pub const KEYGATE_POLICY: &str = r#"
+path "auth/token/create" { capabilities = ["create", "update"] }
+path "auth/token/revoke-accessor" { capabilities = ["update"] }
+path "auth/token/lookup-accessor" { capabilities = ["update"] }
+path "auth/token/renew-accessor" { capabilities = ["update"] }
+path "auth/token/accessors" { capabilities = ["list", "sudo"] }
+path "database/creds/*" { capabilities = ["read"] }
+path "database/roles/*" { capabilities = ["read"] }
+path "sys/leases/revoke" { capabilities = ["update"] }
+path "sys/leases/renew" { capabilities = ["update"] }
+path "pki/issue/agent" { capabilities = ["create", "update"] }
+path "pki/revoke" { capabilities = ["create", "update"] }
+path "secret/data/team/*" { capabilities = ["read"] }
+"#;
+
+/// A configured OpenBao + PostgreSQL pair, and Keygate's AppRole login.
+pub struct VaultPeers {
+    pub bao: Bao,
+    pub pg: Postgres,
+    pub role_id: String,
+    /// Holds the AppRole secret id (mode 0600), as Keygate's config names it.
+    pub secret_id_file: PathBuf,
+    /// The values stored at `secret/team/db`.
+    pub kv_values: Value,
+    dir: PathBuf,
+}
+
+impl VaultPeers {
+    pub async fn start(storage: Storage) -> Self {
+        let (bao, pg) = tokio::join!(Bao::start(storage), Postgres::start());
+        let dir =
+            std::env::temp_dir().join(format!("keygate-approle-{}", uuid::Uuid::new_v4().simple()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let kv_values = json!({
+            "password": format!("kv-pw-{}", uuid::Uuid::new_v4().simple()),
+            "api_key": format!("kv-key-{}", uuid::Uuid::new_v4().simple()),
+        });
+        configure_engines(&bao, &pg, &kv_values).await;
+        let (role_id, secret_id) = configure_approle(&bao, "keygate", "1h").await;
+        let secret_id_file = dir.join("secret-id");
+        write_secret(&secret_id_file, &secret_id);
+        Self {
+            bao,
+            pg,
+            role_id,
+            secret_id_file,
+            kv_values,
+            dir,
+        }
+    }
+
+    /// The `[providers.vault]` table for Keygate's config.
+    pub fn provider_toml(&self, name: &str) -> String {
+        format!(
+            "[providers.{name}]\nkind = \"vault\"\naddress = \"{}\"\nmax_concurrent_revocations = 4\nrequest_timeout_secs = 3\nauth = {{ method = \"approle\", role_id = \"{}\", secret_id_file = \"{}\" }}\n",
+            self.bao.addr,
+            self.role_id,
+            self.secret_id_file.display()
+        )
+    }
+
+    /// The provider as a JSON config value (for opening it in-process).
+    pub fn provider_json(&self) -> Value {
+        json!({
+            "address": self.bao.addr,
+            "request_timeout_secs": 3,
+            "auth": {
+                "method": "approle",
+                "role_id": self.role_id,
+                "secret_id_file": self.secret_id_file,
+            },
+        })
+    }
+
+    /// Whether `token` still works (`auth/token/lookup-self`).
+    pub async fn token_works(&self, token: &str) -> bool {
+        self.bao
+            .request("GET", "auth/token/lookup-self", Some(token), None)
+            .await
+            .0
+            == 200
+    }
+
+    /// The `keygate_lease` metadata of every live token Keygate minted.
+    pub async fn live_keygate_tokens(&self) -> Vec<String> {
+        let (status, v) = self.bao.try_api("LIST", "auth/token/accessors", None).await;
+        if status == 404 {
+            return Vec::new();
+        }
+        assert_eq!(status, 200, "{v}");
+        let mut out = Vec::new();
+        for a in v["data"]["keys"].as_array().unwrap() {
+            let (s, meta) = self
+                .bao
+                .try_api(
+                    "POST",
+                    "auth/token/lookup-accessor",
+                    Some(json!({ "accessor": a })),
+                )
+                .await;
+            if s == 200
+                && let Some(l) = meta["data"]["meta"]["keygate_lease"].as_str()
+            {
+                out.push(l.to_owned());
+            }
+        }
+        out
+    }
+
+    /// Live Vault leases of the database role.
+    pub async fn live_db_leases(&self) -> Vec<String> {
+        let path = format!("sys/leases/lookup/database/creds/{DB_ROLE}/");
+        let (status, v) = self.bao.try_api("LIST", &path, None).await;
+        if status == 404 {
+            return Vec::new();
+        }
+        assert_eq!(status, 200, "{v}");
+        v["data"]["keys"]
+            .as_array()
+            .map(|a| a.iter().map(|k| k.as_str().unwrap().to_owned()).collect())
+            .unwrap_or_default()
+    }
+
+    /// Whether Vault lists the certificate `serial` as revoked.
+    pub async fn cert_revoked(&self, serial: &str) -> bool {
+        let v = self
+            .bao
+            .api("GET", &format!("pki/cert/{serial}"), None)
+            .await;
+        v["data"]["revocation_time"].as_i64().unwrap_or(0) > 0
+    }
+}
+
+impl Drop for VaultPeers {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+pub fn write_secret(path: &Path, value: &str) {
+    use std::os::unix::fs::PermissionsExt;
+    std::fs::write(path, value).unwrap();
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o600)).unwrap();
+}
+
+async fn configure_engines(bao: &Bao, pg: &Postgres, kv: &Value) {
+    bao.api(
+        "POST",
+        "sys/mounts/database",
+        Some(json!({ "type": "database" })),
+    )
+    .await;
+    bao.api(
+        "POST",
+        "database/config/pg",
+        Some(json!({
+            "plugin_name": "postgresql-database-plugin",
+            "allowed_roles": "*",
+            "connection_url": format!("postgresql://{{{{username}}}}:{{{{password}}}}@127.0.0.1:{}/postgres?sslmode=disable", pg.port),
+            "username": "postgres",
+            "password": pg.password,
+        })),
+    )
+    .await;
+    bao.api(
+        "POST",
+        &format!("database/roles/{DB_ROLE}"),
+        Some(json!({
+            "db_name": "pg",
+            "creation_statements": ["CREATE ROLE \"{{name}}\" WITH LOGIN PASSWORD '{{password}}' VALID UNTIL '{{expiration}}';"],
+            "default_ttl": "1h",
+            "max_ttl": "2h",
+        })),
+    )
+    .await;
+    bao.api(
+        "POST",
+        "sys/mounts/pki",
+        Some(json!({ "type": "pki", "config": { "max_lease_ttl": "87600h" } })),
+    )
+    .await;
+    bao.api(
+        "POST",
+        "pki/root/generate/internal",
+        Some(json!({ "common_name": "keygate-test-root", "ttl": "87600h" })),
+    )
+    .await;
+    bao.api(
+        "POST",
+        "pki/roles/agent",
+        Some(json!({
+            "allowed_uri_sans": [format!("spiffe://{SPIFFE_TD}/agent/*")],
+            "client_flag": true, "server_flag": false, "require_cn": false,
+            "key_type": "ec", "key_bits": 256, "max_ttl": "2h",
+        })),
+    )
+    .await;
+    if bao.storage != Storage::Dev {
+        // A dev server mounts KV v2 at `secret/` by itself.
+        bao.api(
+            "POST",
+            "sys/mounts/secret",
+            Some(json!({ "type": "kv", "options": { "version": "2" } })),
+        )
+        .await;
+    }
+    bao.api(
+        "POST",
+        &format!("secret/data/{KV_PATH}"),
+        Some(json!({ "data": kv })),
+    )
+    .await;
+    bao.api(
+        "PUT",
+        &format!("sys/policies/acl/{AGENT_POLICY}"),
+        Some(json!({ "policy": "path \"secret/data/agent/*\" { capabilities = [\"read\"] }" })),
+    )
+    .await;
+    bao.api(
+        "PUT",
+        "sys/policies/acl/keygate",
+        Some(json!({ "policy": KEYGATE_POLICY })),
+    )
+    .await;
+    bao.api(
+        "POST",
+        "sys/auth/approle",
+        Some(json!({ "type": "approle" })),
+    )
+    .await;
+}
+
+/// Creates AppRole `name` with Keygate's policies; returns role id and a
+/// fresh secret id.
+pub async fn configure_approle(bao: &Bao, name: &str, token_ttl: &str) -> (String, String) {
+    bao.api(
+        "POST",
+        &format!("auth/approle/role/{name}"),
+        Some(json!({
+            "token_policies": ["keygate", AGENT_POLICY],
+            "token_ttl": token_ttl,
+            "token_max_ttl": "24h",
+        })),
+    )
+    .await;
+    let role = bao
+        .api("GET", &format!("auth/approle/role/{name}/role-id"), None)
+        .await;
+    let secret = bao
+        .api(
+            "POST",
+            &format!("auth/approle/role/{name}/secret-id"),
+            Some(json!({})),
+        )
+        .await;
+    (
+        role["data"]["role_id"].as_str().unwrap().to_owned(),
+        secret["data"]["secret_id"].as_str().unwrap().to_owned(),
+    )
+}
+
+/// Lets any agent obtain any non-sensitive scope of provider `vault`.
+pub const PERMIT_VAULT: &str = r#"
+@id("test-permit-vault")
+permit (
+  principal,
+  action == Keygate::Action::"request_credential",
+  resource
+)
+when { resource.provider == "vault" && !resource.sensitive };
+"#;
+
+/// A broker config with the default CA scopes, a permit for vault scopes,
+/// and the tables of `config/examples/vault.toml` pointed at these peers (so
+/// the shipped example is what the tests run).
+pub fn broker_setup(peers: &VaultPeers) -> super::Setup {
+    let path = Path::new(env!("CARGO_MANIFEST_DIR")).join("config/examples/vault.toml");
+    let mut example: toml::Table = std::fs::read_to_string(path).unwrap().parse().unwrap();
+    let vault = example
+        .get_mut("providers")
+        .and_then(|p| p.get_mut("vault"))
+        .and_then(toml::Value::as_table_mut)
+        .expect("the example has [providers.vault]");
+    vault.insert("address".into(), peers.bao.addr.clone().into());
+    vault.insert("request_timeout_secs".into(), 3.into());
+    let auth = vault
+        .get_mut("auth")
+        .and_then(toml::Value::as_table_mut)
+        .unwrap();
+    auth.insert("role_id".into(), peers.role_id.clone().into());
+    auth.insert(
+        "secret_id_file".into(),
+        peers.secret_id_file.display().to_string().into(),
+    );
+    super::Setup {
+        policies: vec![("test-permit-vault.cedar".into(), PERMIT_VAULT.into())],
+        scopes: Some(format!(
+            "{}\n{}",
+            toml::to_string(&example).unwrap(),
+            super::DEFAULT_SCOPES
+        )),
+        ..super::Setup::default()
+    }
+}

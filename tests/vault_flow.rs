@@ -1,0 +1,206 @@
+//! Vault scopes through Keygate's HTTP API (the real binary, AppRole login
+//! with a secret id file) against a real OpenBao and PostgreSQL. The
+//! provider and scopes are those of `config/examples/vault.toml`.
+#![cfg(feature = "vault")]
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::peers::Storage;
+use common::vault::{VaultPeers, broker_setup};
+use common::{TestAgent, TestBroker, rfc3339};
+use reqwest::Method;
+use serde_json::json;
+
+async fn start() -> (VaultPeers, TestBroker, TestAgent) {
+    let peers = VaultPeers::start(Storage::Dev).await;
+    let b = TestBroker::start_with(broker_setup(&peers)).await;
+    let agent = TestAgent::new("vault", "ES256");
+    b.register(&agent, "platform").await;
+    (peers, b, agent)
+}
+
+#[tokio::test]
+async fn database_credentials_log_in_until_the_task_completes() {
+    let (peers, b, agent) = start().await;
+    let s = b.token(&agent).await;
+    let cred = b
+        .credential(&s.token, "vault-db", Some(300), None)
+        .await
+        .expect(201);
+    assert_eq!(cred["provider"], "vault");
+    assert_eq!(cred["revocation"], "revocable");
+    let user = cred["credential"]["username"].as_str().unwrap();
+    let pw = cred["credential"]["password"].as_str().unwrap();
+    assert!(
+        peers.pg.can_login(user, pw).await,
+        "fresh credentials do not log in"
+    );
+    assert_eq!(peers.live_db_leases().await.len(), 1);
+    // The Vault lease was shortened to the Keygate lease (the role says 1h).
+    let left = (rfc3339(&cred["expires_at"]) - time::OffsetDateTime::now_utc()).whole_seconds();
+    assert!((290..=300).contains(&left), "{left}");
+
+    let done = b.complete(&s.token).await.expect(200);
+    assert_eq!(done["leases"]["revoked"], 1, "{done}");
+    assert!(
+        !peers.pg.can_login(user, pw).await,
+        "credentials still log in after the task"
+    );
+    assert!(peers.live_db_leases().await.is_empty());
+    assert!(
+        !b.log().contains(pw),
+        "the password reached the broker's log"
+    );
+}
+
+#[tokio::test]
+async fn a_token_works_until_released() {
+    let (peers, b, agent) = start().await;
+    let s = b.token(&agent).await;
+    let cred = b
+        .credential(&s.token, "vault-token", Some(120), None)
+        .await
+        .expect(201);
+    let token = cred["credential"]["token"].as_str().unwrap();
+    let lease_id = cred["lease_id"].as_str().unwrap();
+    let (status, me) = peers
+        .bao
+        .request("GET", "auth/token/lookup-self", Some(token), None)
+        .await;
+    assert_eq!(status, 200);
+    assert!(
+        me["data"]["policies"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("agent-reader")),
+        "{me}"
+    );
+    assert_eq!(me["data"]["meta"]["agent"], agent.id.as_str());
+    assert_eq!(me["data"]["meta"]["task"], s.task_id.as_str());
+    assert_eq!(me["data"]["meta"]["scope"], "vault-token");
+    assert_eq!(me["data"]["meta"]["keygate_lease"], lease_id);
+    assert!(me["data"]["ttl"].as_u64().unwrap() <= 120);
+    assert_eq!(me["data"]["explicit_max_ttl"], 900);
+
+    let released = b
+        .call(
+            Method::DELETE,
+            &format!("/v1/credentials/{lease_id}"),
+            Some(&s.token),
+            None,
+        )
+        .await
+        .expect(200);
+    assert_eq!(released["state"], "revoked");
+    assert!(
+        !peers.token_works(token).await,
+        "lookup-self still works after revoke"
+    );
+    // The lease row keeps the accessor, never the token.
+    let leases = b.leases(&format!("task={}", s.task_id)).await;
+    assert!(!leases[0].to_string().contains(token));
+}
+
+#[tokio::test]
+async fn renewal_is_capped_and_refused_where_impossible() {
+    let (_peers, b, agent) = start().await;
+    let s = b.token(&agent).await;
+    let cred = b
+        .credential(&s.token, "vault-token", Some(60), None)
+        .await
+        .expect(201);
+    let lease_id = cred["lease_id"].as_str().unwrap();
+    let renew = |id: String, inc: u64| {
+        let (b, t) = (&b, s.token.clone());
+        async move {
+            b.post(
+                &format!("/v1/credentials/{id}/renew"),
+                Some(&t),
+                &json!({ "increment": inc }),
+            )
+            .await
+        }
+    };
+    let r = renew(lease_id.into(), 300).await.expect(200);
+    let left = (rfc3339(&r["expires_at"]) - time::OffsetDateTime::now_utc()).whole_seconds();
+    assert!((290..=300).contains(&left), "{r}");
+    // Past the scope's max_ttl (from issue): capped, not refused.
+    let r = renew(lease_id.into(), 100_000).await.expect(200);
+    assert!(rfc3339(&r["expires_at"]) <= rfc3339(&r["not_after"]), "{r}");
+    let lease = b.leases(&format!("task={}", s.task_id)).await;
+    assert_eq!(rfc3339(&lease[0]["expires_at"]), rfc3339(&r["expires_at"]));
+    assert_eq!(b.audit("action=lease.renewed").await.len(), 2);
+
+    let pki = b
+        .credential(&s.token, "vault-pki", Some(60), None)
+        .await
+        .expect(201);
+    let no = renew(pki["lease_id"].as_str().unwrap().into(), 60).await;
+    assert_eq!(
+        (no.status.as_u16(), no.error()),
+        (400, "not_renewable".into()),
+        "{}",
+        no.text
+    );
+    let svid = b.x509(&s.token, Some(60)).await;
+    let no = renew(svid["lease_id"].as_str().unwrap().into(), 60).await;
+    assert_eq!(no.error(), "not_renewable", "{}", no.text);
+    assert_eq!(renew("ls_nope".into(), 60).await.status.as_u16(), 404);
+    assert_eq!(renew(lease_id.into(), 0).await.status.as_u16(), 400);
+}
+
+#[tokio::test]
+async fn pki_and_kv_through_the_broker() {
+    let (peers, b, agent) = start().await;
+    let s = b.token(&agent).await;
+    let cert = b
+        .credential(&s.token, "vault-pki", Some(120), None)
+        .await
+        .expect(201);
+    assert_eq!(
+        cert["credential"]["spiffe_id"],
+        format!("spiffe://example.org/agent/{}", agent.id)
+    );
+    assert!(
+        cert["credential"]["private_key"]
+            .as_str()
+            .unwrap()
+            .contains("PRIVATE KEY")
+    );
+    let serial = cert["credential"]["serial"].as_str().unwrap();
+
+    let kv = b
+        .credential(&s.token, "vault-kv", Some(120), None)
+        .await
+        .expect(201);
+    assert_eq!(kv["revocation"], "not_applicable");
+    let pw = peers.kv_values["password"].as_str().unwrap();
+    assert_eq!(kv["credential"]["password"], pw);
+    // The value went to the agent only: not the database, audit or log.
+    let db = std::fs::read(b.db_path()).unwrap();
+    assert!(!String::from_utf8_lossy(&db).contains(pw));
+    assert!(!b.audit("").await.iter().any(|e| e.to_string().contains(pw)));
+    assert!(!b.log().contains(pw));
+
+    b.complete(&s.token).await.expect(200);
+    assert!(
+        peers.cert_revoked(serial).await,
+        "the certificate is not on vault's crl"
+    );
+    let leases = b.leases(&format!("task={}", s.task_id)).await;
+    let states: Vec<&str> = leases
+        .iter()
+        .map(|l| l["state"].as_str().unwrap())
+        .collect();
+    assert_eq!(states, ["revoked", "revoked"], "{leases:?}");
+    let kv_revoked = b
+        .audit(&format!("action=lease.revoked&task={}", s.task_id))
+        .await;
+    assert!(
+        kv_revoked
+            .iter()
+            .any(|e| e.to_string().contains("already gone")),
+        "{kv_revoked:?}"
+    );
+}
