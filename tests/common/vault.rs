@@ -224,11 +224,18 @@ async fn configure_engines(bao: &Bao, pg: &Postgres, kv: &Value) {
         )
         .await;
     }
-    bao.api(
-        "POST",
-        &format!("secret/data/{KV_PATH}"),
-        Some(json!({ "data": kv })),
-    )
+    // A freshly mounted KV v2 engine answers 400 ("upgrading from
+    // non-versioned to versioned data") for a moment: wait for it.
+    let path = format!("secret/data/{KV_PATH}");
+    let body = json!({ "data": kv });
+    super::eventually("the kv v2 mount to accept writes", || async {
+        let (status, v) = bao.try_api("POST", &path, Some(body.clone())).await;
+        match status {
+            200..=299 => Some(()),
+            400 if v.to_string().contains("pgrading") => None,
+            _ => panic!("POST {path}: {status} {v}"),
+        }
+    })
     .await;
     bao.api(
         "PUT",
