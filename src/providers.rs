@@ -86,8 +86,26 @@ async fn build_one(name: &str, table: &toml::Table) -> Result<Arc<dyn Provider>,
                 .map_err(|e| invalid(&e))?;
             Ok(Arc::new(ca))
         }
+        #[cfg(feature = "aws")]
+        keygate_provider_aws::KIND => {
+            let cfg: keygate_provider_aws::AwsConfig = toml::Value::Table(settings)
+                .try_into()
+                .map_err(|e| invalid(&e))?;
+            let aws = keygate_provider_aws::AwsProvider::open(cfg)
+                .await
+                .map_err(|e| invalid(&e))?;
+            Ok(Arc::new(aws))
+        }
         other => Err(ConfigError::Invalid(format!(
-            "provider `{name}`: unknown kind `{other}` (available: local-ca)"
+            "provider `{name}`: unknown kind `{other}` (available: {})",
+            AVAILABLE.join(", ")
         ))),
     }
 }
+
+/// The provider kinds this build knows.
+const AVAILABLE: &[&str] = &[
+    "local-ca",
+    #[cfg(feature = "aws")]
+    "aws",
+];
