@@ -225,6 +225,11 @@ impl SecretsManagerSource {
             client: aws_sdk_secretsmanager::Client::new(&sdk),
         })
     }
+
+    /// A source on an SDK client configured elsewhere.
+    pub fn from_client(client: aws_sdk_secretsmanager::Client) -> Self {
+        Self { client }
+    }
 }
 
 #[async_trait]
