@@ -430,9 +430,28 @@ impl Broker {
         tx.commit().await?;
         self.leases.wake();
         self.await_revocations(&queued, Self::CONFIRM_WAIT).await;
+        let (progress, lives_until) = self.lease_outcomes(&queued).await?;
+        let note = (!lives_until.is_empty()).then(|| {
+            "the backend cannot revoke the credentials in `lives_until`: they stay valid until then"
+                .to_owned()
+        });
+        Ok(CompletedTask {
+            task_id: s.task.id.clone(),
+            state: TaskState::Completed,
+            leases: progress,
+            lives_until,
+            note,
+        })
+    }
+
+    /// Where the leases of a completed task ended up, and which of them live on.
+    async fn lease_outcomes(
+        &self,
+        lease_ids: &[String],
+    ) -> BrokerResult<(RevocationProgress, Vec<LivesUntil>)> {
         let mut progress = RevocationProgress::default();
         let mut lives_until = Vec::new();
-        for id in &queued {
+        for id in lease_ids {
             if let Some(l) = self.store.get_lease(id).await? {
                 progress.found += 1;
                 match l.state {
@@ -449,16 +468,6 @@ impl Broker {
                 }
             }
         }
-        let note = (!lives_until.is_empty()).then(|| {
-            "the backend cannot revoke the credentials in `lives_until`: they stay valid until then"
-                .to_owned()
-        });
-        Ok(CompletedTask {
-            task_id: s.task.id.clone(),
-            state: TaskState::Completed,
-            leases: progress,
-            lives_until,
-            note,
-        })
+        Ok((progress, lives_until))
     }
 }

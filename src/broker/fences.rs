@@ -61,6 +61,27 @@ impl Broker {
         revoke_older_sessions: bool,
         at: OffsetDateTime,
     ) -> BrokerResult<FenceResults> {
+        let mut out = FenceResults::default();
+        for (provider, targets) in self.fence_targets(selector).await? {
+            self.fence_one(
+                &provider,
+                targets,
+                revocation_id,
+                revoke_older_sessions,
+                at,
+                &mut out,
+            )
+            .await;
+        }
+        self.record_fences(actor, revocation_id, &out).await?;
+        Ok(out)
+    }
+
+    /// The live leases `selector` hits, by provider.
+    async fn fence_targets(
+        &self,
+        selector: &Selector,
+    ) -> BrokerResult<BTreeMap<String, Vec<FenceTarget>>> {
         let mut by_provider: BTreeMap<String, Vec<FenceTarget>> = BTreeMap::new();
         for lease in self.store.live_leases(selector).await? {
             let scope = self
@@ -82,18 +103,16 @@ impl Broker {
                     handle: lease.handle.map(RevokeHandle),
                 });
         }
-        let mut out = FenceResults::default();
-        for (provider, targets) in by_provider {
-            self.fence_one(
-                &provider,
-                targets,
-                revocation_id,
-                revoke_older_sessions,
-                at,
-                &mut out,
-            )
-            .await;
-        }
+        Ok(by_provider)
+    }
+
+    /// Stores the fences put up and audits them and the failures, together.
+    async fn record_fences(
+        &self,
+        actor: &Actor,
+        revocation_id: &str,
+        out: &FenceResults,
+    ) -> BrokerResult<()> {
         let mut tx = self.store.begin().await?;
         for f in &out.fences {
             tx.insert_fence(f).await?;
@@ -112,8 +131,7 @@ impl Broker {
             )
             .await?;
         }
-        tx.commit().await?;
-        Ok(out)
+        Ok(tx.commit().await?)
     }
 
     async fn fence_one(
@@ -158,22 +176,21 @@ impl Broker {
                 return;
             }
         };
-        for f in fenced.fences {
-            out.fences.push(FenceRecord {
-                id: new_id("fn"),
-                revocation_id: revocation_id.to_owned(),
-                provider: provider.to_owned(),
-                target: f.target,
-                name: f.name,
-                agent: f.agent,
-                description: f.description,
-                handle: f.handle,
-                created_at: now(),
-                lifted_at: None,
-                lifted_by: None,
-                lift_reason: None,
-            });
-        }
+        let record = |f: Fence| FenceRecord {
+            id: new_id("fn"),
+            revocation_id: revocation_id.to_owned(),
+            provider: provider.to_owned(),
+            target: f.target,
+            name: f.name,
+            agent: f.agent,
+            description: f.description,
+            handle: f.handle,
+            created_at: now(),
+            lifted_at: None,
+            lifted_by: None,
+            lift_reason: None,
+        };
+        out.fences.extend(fenced.fences.into_iter().map(record));
         for (f, e) in fenced.failed {
             tracing::error!(provider, target = %f.target, fence = %f.name, error = %e, "fence not put up");
             out.failures.push(failure(Some(&f), e.to_string()));
@@ -213,22 +230,9 @@ impl Broker {
         let provider = self.registry.provider(&fence.provider).ok_or_else(|| {
             BrokerError::Provider(format!("provider `{}` is not configured", fence.provider))
         })?;
-        let standing = FenceFilter {
-            provider: Some(fence.provider.clone()),
-            active: true,
-            ..FenceFilter::default()
-        };
-        let remaining = self
-            .store
-            .list_fences(&standing)
-            .await?
-            .iter()
-            .filter(|f| f.id != fence.id && f.target == fence.target && f.name == fence.name)
-            .map(to_provider_fence)
-            .collect();
         let lift = LiftFenceRequest {
             fence: to_provider_fence(&fence),
-            remaining,
+            remaining: self.standing_twins(&fence).await?,
         };
         let actor = Actor::Operator(operator.to_owned());
         let event = AuditEvent::new(&actor, "fence.lifted").reason(reason.clone());
@@ -252,5 +256,23 @@ impl Broker {
             .get_fence(id)
             .await?
             .ok_or_else(|| BrokerError::Internal(format!("fence `{id}` vanished")))
+    }
+
+    /// Other standing fences of the same provider, target and name (put up
+    /// by other revocations), which lifting `fence` must keep in force.
+    async fn standing_twins(&self, fence: &FenceRecord) -> BrokerResult<Vec<Fence>> {
+        let standing = FenceFilter {
+            provider: Some(fence.provider.clone()),
+            active: true,
+            ..FenceFilter::default()
+        };
+        Ok(self
+            .store
+            .list_fences(&standing)
+            .await?
+            .iter()
+            .filter(|f| f.id != fence.id && f.target == fence.target && f.name == fence.name)
+            .map(to_provider_fence)
+            .collect())
     }
 }

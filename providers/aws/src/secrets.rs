@@ -9,7 +9,7 @@ use keygate_provider_api::{
     Credential, IssueRequest, Issued, ProviderError, Revocability, RevokeHandle, RevokeOutcome,
     RevokeRequest, SecretSource,
 };
-use secrecy::SecretString;
+use secrecy::{ExposeSecret, SecretString};
 use serde_json::{Value, json};
 
 use crate::scope::{Rotation, Secret};
@@ -159,13 +159,14 @@ impl AwsProvider {
         let mut bytes = [0u8; 32];
         getrandom::fill(&mut bytes)
             .map_err(|e| ProviderError::Internal(format!("no randomness for a new value: {e}")))?;
-        let value = URL_SAFE_NO_PAD.encode(bytes);
+        let value = SecretString::from(URL_SAFE_NO_PAD.encode(bytes));
+        bytes.fill(0);
         let sent = self
             .secrets
             .put_secret_value()
             .secret_id(secret_id)
             .client_request_token(lease_id)
-            .secret_string(value)
+            .secret_string(value.expose_secret())
             .send()
             .await;
         match sent {

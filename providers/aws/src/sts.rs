@@ -1,6 +1,7 @@
 //! `assume_role` scopes: STS AssumeRole sessions that cannot be revoked one
 //! by one, so they are kept short and revocation says how long they live.
 
+use aws_sdk_sts::operation::assume_role::builders::AssumeRoleFluentBuilder;
 use aws_sdk_sts::types::{PolicyDescriptorType, Tag};
 use keygate_provider_api::{
     Credential, IssueRequest, Issued, ProviderError, Revocability, RevokeHandle, RevokeOutcome,
@@ -43,30 +44,7 @@ impl AwsProvider {
         p: &AssumeRole,
     ) -> Result<Issued, ProviderError> {
         let duration = limits::session_duration(req.ttl.as_secs(), p.max_session_secs())?;
-        limits::role_session_name(&req.task_id)?;
-        limits::source_identity(&req.agent.id)?;
-        let tags = session_tags(req, p);
-        limits::session_tags(&tags)?;
-        let policy = p.compact_policy()?;
-        limits::policy_arns(&p.policy_arns)?;
-        let mut call = self
-            .sts
-            .assume_role()
-            .role_arn(&p.role_arn)
-            .role_session_name(&req.task_id)
-            .source_identity(&req.agent.id)
-            .duration_seconds(duration)
-            .set_policy(policy);
-        for (key, value) in tags {
-            let tag =
-                Tag::builder().key(key).value(value).build().map_err(|e| {
-                    ProviderError::Internal(format!("cannot build a session tag: {e}"))
-                })?;
-            call = call.tags(tag);
-        }
-        for arn in &p.policy_arns {
-            call = call.policy_arns(PolicyDescriptorType::builder().arn(arn).build());
-        }
+        let call = self.assume_role_call(req, p, duration)?;
         let out = call
             .send()
             .await
@@ -98,19 +76,47 @@ impl AwsProvider {
             "access_key_id": creds.access_key_id(),
             "expires_at": expires_at.unix_timestamp(),
         });
-        tracing::info!(
-            lease_id = %req.lease_id,
-            role = %p.role_arn,
-            access_key_id = %creds.access_key_id(),
-            duration_secs = duration,
-            "assumed role"
-        );
+        tracing::info!(lease_id = %req.lease_id, role = %p.role_arn, access_key_id = %creds.access_key_id(), duration_secs = duration, "assumed role");
         Ok(Issued {
             credential,
             handle: RevokeHandle(handle),
             expires_at,
             revocability: Revocability::ExpiresAt,
         })
+    }
+
+    /// The AssumeRole request, after checking every parameter against AWS's
+    /// limits.
+    fn assume_role_call(
+        &self,
+        req: &IssueRequest,
+        p: &AssumeRole,
+        duration: i32,
+    ) -> Result<AssumeRoleFluentBuilder, ProviderError> {
+        limits::role_session_name(&req.task_id)?;
+        limits::source_identity(&req.agent.id)?;
+        let tags = session_tags(req, p);
+        limits::session_tags(&tags)?;
+        limits::policy_arns(&p.policy_arns)?;
+        let mut call = self
+            .sts
+            .assume_role()
+            .role_arn(&p.role_arn)
+            .role_session_name(&req.task_id)
+            .source_identity(&req.agent.id)
+            .duration_seconds(duration)
+            .set_policy(p.compact_policy()?);
+        for (key, value) in tags {
+            let tag =
+                Tag::builder().key(key).value(value).build().map_err(|e| {
+                    ProviderError::Internal(format!("cannot build a session tag: {e}"))
+                })?;
+            call = call.tags(tag);
+        }
+        for arn in &p.policy_arns {
+            call = call.policy_arns(PolicyDescriptorType::builder().arn(arn).build());
+        }
+        Ok(call)
     }
 
     /// STS sessions cannot be revoked one by one: report how long it lives.
