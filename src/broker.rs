@@ -3,6 +3,7 @@
 
 mod agents;
 mod credentials;
+mod fences;
 mod renewals;
 mod revocations;
 mod sessions;
@@ -20,6 +21,7 @@ use crate::store::{Store, StoreError};
 
 pub use agents::{AgentSpec, seed_agents};
 pub use credentials::{CompletedTask, IssuedCredential, ReleasedLease};
+pub use fences::{FenceFailure, LiftRequest};
 pub use renewals::RenewedLease;
 pub use revocations::{RevocationReport, RevocationRequest};
 pub use sessions::{OAuthError, Session, TokenRequest, TokenResponse};

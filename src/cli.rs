@@ -79,9 +79,20 @@ pub enum Command {
         /// Also suspend the matching agents.
         #[arg(long)]
         suspend: bool,
+        /// On roles whose sessions cannot be revoked one by one (AWS), also
+        /// deny every session issued before now, whoever holds it.
+        #[arg(long)]
+        revoke_older_sessions: bool,
         /// Seconds to follow progress before returning.
         #[arg(long, default_value_t = 60)]
         timeout: u64,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Fences put up by emergency revocations (deny policies on AWS roles).
+    Fences {
+        #[command(subcommand)]
+        cmd: FencesCmd,
         #[command(flatten)]
         remote: Remote,
     },
@@ -139,6 +150,25 @@ pub enum LeasesCmd {
         state: Option<String>,
         #[arg(long)]
         provider: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum FencesCmd {
+    /// List fences (all, or only standing ones).
+    List {
+        #[arg(long)]
+        revocation: Option<String>,
+        /// Only fences not lifted yet.
+        #[arg(long)]
+        active: bool,
+    },
+    /// Take a fence down (secops, admin).
+    Lift {
+        id: String,
+        /// Why (recorded in the audit log).
+        #[arg(long)]
+        reason: String,
     },
 }
 

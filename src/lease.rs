@@ -18,7 +18,7 @@ use tokio::sync::{Notify, Semaphore};
 use crate::audit::{Actor, AuditEvent};
 use crate::config::LeaseConfig;
 use crate::metrics::Metrics;
-use crate::model::{Lease, LeaseState, TaskState, now};
+use crate::model::{Lease, LeaseState, Revocability, TaskState, now};
 use crate::providers::Registry;
 use crate::store::{LeaseSelector, Store, StoreResult, TaskSelector};
 
@@ -157,6 +157,11 @@ impl Worker {
             Ok(o) => {
                 let (state, detail) = match o {
                     RevokeOutcome::Revoked => (LeaseState::Revoked, "revoked".to_owned()),
+                    RevokeOutcome::AlreadyGone
+                        if lease.revocability == Some(Revocability::NotApplicable) =>
+                    {
+                        (LeaseState::Revoked, "nothing to revoke".to_owned())
+                    }
                     RevokeOutcome::AlreadyGone => (
                         LeaseState::Revoked,
                         "already gone at the provider".to_owned(),

@@ -280,3 +280,39 @@ pub fn now() -> OffsetDateTime {
 pub fn new_id(prefix: &str) -> String {
     format!("{prefix}_{}", uuid::Uuid::now_v7().simple())
 }
+
+/// A barrier an emergency revocation put up at a provider (an AWS deny
+/// policy on a role), until an operator lifts it.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct FenceRecord {
+    pub id: String,
+    pub revocation_id: String,
+    pub provider: String,
+    /// What it is attached to (a role ARN).
+    pub target: String,
+    /// Its name at the backend (an inline policy name).
+    pub name: String,
+    /// The agent it stops; `None` when it stops every session of the target.
+    pub agent: Option<String>,
+    /// What it does, in words.
+    pub description: String,
+    /// Opaque to the core: what the provider needs to lift it.
+    #[serde(skip_serializing)]
+    pub handle: serde_json::Value,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub lifted_at: Option<OffsetDateTime>,
+    pub lifted_by: Option<String>,
+    pub lift_reason: Option<String>,
+}
+
+/// Filters for listing fences.
+#[derive(Debug, Clone, Default, Deserialize)]
+pub struct FenceFilter {
+    pub revocation: Option<String>,
+    pub provider: Option<String>,
+    /// Only fences not lifted yet.
+    #[serde(default)]
+    pub active: bool,
+}

@@ -100,6 +100,16 @@ async fn build_one(name: &str, table: &toml::Table) -> Result<Arc<dyn Provider>,
                 keygate_provider_vault::VaultProvider::open(cfg).map_err(|e| invalid(&e))?;
             Ok(Arc::new(vault))
         }
+        #[cfg(feature = "aws")]
+        keygate_provider_aws::KIND => {
+            let cfg: keygate_provider_aws::AwsConfig = toml::Value::Table(settings)
+                .try_into()
+                .map_err(|e| invalid(&e))?;
+            let aws = keygate_provider_aws::AwsProvider::open(cfg)
+                .await
+                .map_err(|e| invalid(&e))?;
+            Ok(Arc::new(aws))
+        }
         other => Err(ConfigError::Invalid(format!(
             "provider `{name}`: unknown kind `{other}` (available: {})",
             KINDS.join(", ")
@@ -112,4 +122,6 @@ const KINDS: &[&str] = &[
     "local-ca",
     #[cfg(feature = "vault")]
     "vault",
+    #[cfg(feature = "aws")]
+    "aws",
 ];

@@ -80,6 +80,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/leases", get(admin::list_leases))
         .route("/v1/revocations", post(admin::revoke))
         .route("/v1/revocations/{id}", get(admin::revocation))
+        .route("/v1/fences", get(admin::list_fences))
+        .route("/v1/fences/{id}/lift", post(admin::lift_fence))
         .route("/v1/audit", get(admin::audit))
         .route("/v1/providers/{name}/verify", post(ops::provider_verify))
         .route("/v1/providers/{name}/{doc}", get(ops::provider_document))

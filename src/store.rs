@@ -12,8 +12,8 @@ use time::OffsetDateTime;
 
 use crate::audit::AuditEvent;
 use crate::model::{
-    Agent, AgentStatus, Lease, LeaseFilter, LeaseState, Revocability, Revocation,
-    RevocationProgress, Selector, Task, TaskState,
+    Agent, AgentStatus, FenceFilter, FenceRecord, Lease, LeaseFilter, LeaseState, Revocability,
+    Revocation, RevocationProgress, Selector, Task, TaskState,
 };
 
 pub use sqlite::SqliteStore;
@@ -70,6 +70,13 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<Vec<Lease>>;
     async fn get_revocation(&self, id: &str) -> StoreResult<Option<Revocation>>;
     async fn revocation_progress(&self, id: &str) -> StoreResult<RevocationProgress>;
+    /// Leases matching an emergency selector that may still be working
+    /// credentials: pending, active, revoking, and expiring (released, but
+    /// their backend cannot kill them).
+    async fn live_leases(&self, selector: &Selector) -> StoreResult<Vec<Lease>>;
+    async fn get_fence(&self, id: &str) -> StoreResult<Option<FenceRecord>>;
+    /// Fences, oldest first.
+    async fn list_fences(&self, filter: &FenceFilter) -> StoreResult<Vec<FenceRecord>>;
     async fn audit_events(&self, filter: &AuditFilter) -> StoreResult<Vec<AuditEvent>>;
     /// Whether the store answers (for `/readyz`).
     async fn ping(&self) -> StoreResult<()>;
@@ -166,6 +173,16 @@ pub trait StoreTx: Send {
     async fn expired_tasks(&mut self, now: OffsetDateTime) -> StoreResult<Vec<String>>;
 
     async fn insert_revocation(&mut self, revocation: &Revocation) -> StoreResult<()>;
+
+    async fn insert_fence(&mut self, fence: &FenceRecord) -> StoreResult<()>;
+    /// Marks a standing fence lifted; `false` when it was lifted already.
+    async fn lift_fence(
+        &mut self,
+        id: &str,
+        by: &str,
+        reason: &str,
+        now: OffsetDateTime,
+    ) -> StoreResult<bool>;
 }
 
 /// Which open tasks to end.

@@ -24,15 +24,36 @@ pub struct IssuedCredential {
     pub credential: keygate_provider_api::Credential,
 }
 
+/// How far past its lease a provider's clock may put a credential's expiry:
+/// a backend that counts the lifetime from its own mint time (AWS STS counts
+/// `DurationSeconds` from the AssumeRole call) ends up to the issue's
+/// duration later, plus the clock skew between Keygate and the backend.
+const BACKEND_CLOCK_SKEW: time::Duration = time::Duration::seconds(5);
+
 /// The outcome of releasing one lease.
 #[derive(Debug, Serialize)]
 pub struct ReleasedLease {
     pub lease_id: String,
     pub state: LeaseState,
+    /// How the lease's backend ends it (`revocable`, `expires_at`, `not_applicable`).
+    pub revocation: Option<Revocability>,
     /// Set when the backend could not kill it: it lives until then.
     #[serde(with = "time::serde::rfc3339::option")]
     pub lives_until: Option<OffsetDateTime>,
+    /// What release did, in words, when it is not a plain revocation.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
     pub last_error: Option<String>,
+}
+
+/// A lease whose credential outlives its task because its backend cannot
+/// revoke it.
+#[derive(Debug, Serialize)]
+pub struct LivesUntil {
+    pub lease_id: String,
+    pub scope: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub lives_until: OffsetDateTime,
 }
 
 /// The outcome of completing a task.
@@ -41,6 +62,29 @@ pub struct CompletedTask {
     pub task_id: String,
     pub state: TaskState,
     pub leases: RevocationProgress,
+    /// Credentials still valid after the task ended (counted as `expiring`).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub lives_until: Vec<LivesUntil>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub note: Option<String>,
+}
+
+/// What release did, in words, for leases that were not plainly revoked.
+fn release_note(lease: &Lease) -> Option<String> {
+    match (lease.state, lease.revocability) {
+        (LeaseState::Expiring, _) => Some(format!(
+            "the backend cannot revoke this credential: it stays valid until {}",
+            lease
+                .expires_at
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default()
+        )),
+        (LeaseState::Revoked, Some(Revocability::NotApplicable)) => Some(
+            "nothing to revoke: the credential was a read of a value keygate does not rotate; it stays valid until its owner changes it"
+                .into(),
+        ),
+        _ => None,
+    }
 }
 
 impl Broker {
@@ -199,7 +243,11 @@ impl Broker {
                 return Err(self.issue_failed(&lease, &actor, e).await);
             }
         };
-        if issued.expires_at > expires_at {
+        // A provider counting from its own mint time ends a little later than
+        // the lease; the lease then records the real expiry. Anything later
+        // breaks the lease's promise.
+        let slack = time::Duration::seconds((now() - t).whole_seconds() + 1) + BACKEND_CLOCK_SKEW;
+        if issued.expires_at > expires_at + slack {
             // A provider that outlives the lease breaks the broker's promise;
             // kill what it issued rather than hand it over.
             self.record_and_queue(&lease, &issued, &actor).await?;
@@ -342,6 +390,8 @@ impl Broker {
         self.await_revocations(&queued, Self::CONFIRM_WAIT).await;
         let after = self.store.get_lease(lease_id).await?.unwrap_or(lease);
         Ok(ReleasedLease {
+            note: release_note(&after),
+            revocation: after.revocability,
             lease_id: after.id,
             state: after.state,
             lives_until: (after.state == LeaseState::Expiring).then_some(after.expires_at),
@@ -380,21 +430,44 @@ impl Broker {
         tx.commit().await?;
         self.leases.wake();
         self.await_revocations(&queued, Self::CONFIRM_WAIT).await;
-        let mut progress = RevocationProgress::default();
-        for id in &queued {
-            if let Some(l) = self.store.get_lease(id).await? {
-                progress.found += 1;
-                match l.state {
-                    LeaseState::Revoked | LeaseState::Expired => progress.revoked += 1,
-                    LeaseState::Expiring => progress.expiring += 1,
-                    _ => progress.pending += 1,
-                }
-            }
-        }
+        let (progress, lives_until) = self.lease_outcomes(&queued).await?;
+        let note = (!lives_until.is_empty()).then(|| {
+            "the backend cannot revoke the credentials in `lives_until`: they stay valid until then"
+                .to_owned()
+        });
         Ok(CompletedTask {
             task_id: s.task.id.clone(),
             state: TaskState::Completed,
             leases: progress,
+            lives_until,
+            note,
         })
+    }
+
+    /// Where the leases of a completed task ended up, and which of them live on.
+    async fn lease_outcomes(
+        &self,
+        lease_ids: &[String],
+    ) -> BrokerResult<(RevocationProgress, Vec<LivesUntil>)> {
+        let mut progress = RevocationProgress::default();
+        let mut lives_until = Vec::new();
+        for id in lease_ids {
+            if let Some(l) = self.store.get_lease(id).await? {
+                progress.found += 1;
+                match l.state {
+                    LeaseState::Revoked | LeaseState::Expired => progress.revoked += 1,
+                    LeaseState::Expiring => {
+                        progress.expiring += 1;
+                        lives_until.push(LivesUntil {
+                            lease_id: l.id,
+                            scope: l.scope,
+                            lives_until: l.expires_at,
+                        });
+                    }
+                    _ => progress.pending += 1,
+                }
+            }
+        }
+        Ok((progress, lives_until))
     }
 }

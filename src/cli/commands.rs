@@ -7,7 +7,7 @@ use reqwest::Method;
 use secrecy::ExposeSecret;
 
 use super::client::Client;
-use super::{AgentsCmd, AuditCmd, Cli, Command, KeysCmd, LeasesCmd};
+use super::{AgentsCmd, AuditCmd, Cli, Command, FencesCmd, KeysCmd, LeasesCmd};
 
 /// Runs a parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -48,15 +48,18 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             all,
             reason,
             suspend,
+            revoke_older_sessions,
             timeout,
             remote,
         } => {
             let body = serde_json::json!({
                 "agent": agent, "team": team, "provider": provider, "all": all,
                 "reason": reason, "suspend": suspend, "wait": 0,
+                "revoke_older_sessions": revoke_older_sessions,
             });
             revoke(&Client::new(&remote)?, body, timeout).await
         }
+        Command::Fences { cmd, remote } => fences(&Client::new(&remote)?, cmd).await,
         Command::Audit {
             cmd: AuditCmd::Verify { db },
             remote,
@@ -159,6 +162,8 @@ async fn revoke(c: &Client, body: serde_json::Value, timeout: u64) -> anyhow::Re
         "revocation {id}: {} session(s) ended; {found} live lease(s) queued",
         first["tasks_ended"]
     );
+    print_fences(&first);
+    let fences_failed = !first["fence_failures"].as_array().is_none_or(Vec::is_empty);
     let bar = indicatif::ProgressBar::new(found);
     bar.set_style(
         indicatif::ProgressStyle::with_template("{bar:40} {pos}/{len} leases confirmed {msg}")
@@ -190,5 +195,53 @@ async fn revoke(c: &Client, body: serde_json::Value, timeout: u64) -> anyhow::Re
             "note: `expiring` leases are on backends that cannot revoke; they live until their expiry"
         );
     }
+    if fences_failed {
+        bail!(
+            "some fences could not be put up (see `fence_failures`); repeat the revocation to retry them"
+        );
+    }
     Ok(())
+}
+
+/// Says which roles an emergency revocation fenced, and how.
+fn print_fences(report: &serde_json::Value) {
+    let s = |v: &serde_json::Value| v.as_str().unwrap_or("").to_owned();
+    for f in report["fences"].as_array().into_iter().flatten() {
+        eprintln!(
+            "fenced {} ({} `{}`, fence {}): {}",
+            s(&f["target"]),
+            s(&f["provider"]),
+            s(&f["name"]),
+            s(&f["id"]),
+            s(&f["description"])
+        );
+    }
+    for f in report["fence_failures"].as_array().into_iter().flatten() {
+        eprintln!(
+            "NOT fenced {} ({} `{}`): {}",
+            f["target"].as_str().unwrap_or("-"),
+            s(&f["provider"]),
+            f["name"].as_str().unwrap_or("-"),
+            s(&f["error"])
+        );
+    }
+}
+
+async fn fences(c: &Client, cmd: FencesCmd) -> anyhow::Result<()> {
+    let v = match cmd {
+        FencesCmd::List { revocation, active } => {
+            let mut q = vec![("active", active.to_string())];
+            if let Some(r) = revocation {
+                q.push(("revocation", r));
+            }
+            c.json(c.request(Method::GET, "/v1/fences").query(&q))
+                .await?
+        }
+        FencesCmd::Lift { id, reason } => {
+            let path = format!("/v1/fences/{id}/lift");
+            let body = serde_json::json!({ "reason": reason });
+            c.json(c.request(Method::POST, &path).json(&body)).await?
+        }
+    };
+    print_json(&v)
 }

@@ -10,9 +10,9 @@ use serde::Deserialize;
 use super::auth::Operator;
 use super::error::{parse_json, parse_query};
 use super::{ApiError, AppState};
-use crate::broker::{AgentSpec, RevocationRequest};
+use crate::broker::{AgentSpec, LiftRequest, RevocationRequest};
 use crate::config::Role;
-use crate::model::{AgentStatus, LeaseFilter};
+use crate::model::{AgentStatus, FenceFilter, LeaseFilter};
 use crate::store::AuditFilter;
 
 const READERS: &[Role] = &[Role::Admin, Role::Secops, Role::Auditor];
@@ -116,6 +116,29 @@ pub async fn revocation(
 ) -> Result<impl IntoResponse, ApiError> {
     op.require(READERS)?;
     Ok(Json(b.revocation_status(&id).await?))
+}
+
+/// `GET /v1/fences?revocation=&provider=&active=true`.
+pub async fn list_fences(
+    State(b): State<AppState>,
+    op: Operator,
+    RawQuery(q): RawQuery,
+) -> Result<impl IntoResponse, ApiError> {
+    op.require(READERS)?;
+    let f: FenceFilter = parse_query(q.as_deref())?;
+    Ok(Json(b.fences(&f).await?))
+}
+
+/// `POST /v1/fences/{id}/lift` (secops, admin): `{"reason": "..."}`.
+pub async fn lift_fence(
+    State(b): State<AppState>,
+    op: Operator,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<impl IntoResponse, ApiError> {
+    op.require(&[Role::Secops, Role::Admin])?;
+    let req: LiftRequest = parse_json(&body)?;
+    Ok(Json(b.lift_fence(&op.name, &id, req).await?))
 }
 
 #[derive(Debug, Deserialize)]

@@ -5,6 +5,7 @@
 //! process instead of fighting over SQLite's lock, and the audit chain's head
 //! is read and extended inside the same transaction. Reads use a pool.
 
+mod fences;
 mod rows;
 
 use std::str::FromStr;
@@ -20,8 +21,8 @@ use time::OffsetDateTime;
 use super::{AuditFilter, LeaseSelector, Store, StoreError, StoreResult, StoreTx, TaskSelector};
 use crate::audit::{AuditEvent, GENESIS_HASH};
 use crate::model::{
-    Agent, AgentStatus, Lease, LeaseFilter, LeaseState, Revocability, Revocation,
-    RevocationProgress, Selector, Task, TaskState, unix,
+    Agent, AgentStatus, FenceFilter, FenceRecord, Lease, LeaseFilter, LeaseState, Revocability,
+    Revocation, RevocationProgress, Selector, Task, TaskState, unix,
 };
 use rows::{agent_from_row, audit_from_row, lease_from_row, revocation_from_row, task_from_row};
 
@@ -191,6 +192,28 @@ impl Store for SqliteStore {
             }
         }
         Ok(p)
+    }
+
+    async fn live_leases(&self, sel: &Selector) -> StoreResult<Vec<Lease>> {
+        let mut q = QueryBuilder::<Sqlite>::new(
+            "SELECT * FROM leases WHERE state IN ('pending', 'active', 'revoking', 'expiring')",
+        );
+        push_selector(&mut q, sel, "agent_id");
+        q.push(" ORDER BY created_at, id");
+        q.build()
+            .fetch_all(&self.read)
+            .await?
+            .iter()
+            .map(lease_from_row)
+            .collect()
+    }
+
+    async fn get_fence(&self, id: &str) -> StoreResult<Option<FenceRecord>> {
+        fences::get(&self.read, id).await
+    }
+
+    async fn list_fences(&self, filter: &FenceFilter) -> StoreResult<Vec<FenceRecord>> {
+        fences::list(&self.read, filter).await
     }
 
     async fn audit_events(&self, f: &AuditFilter) -> StoreResult<Vec<AuditEvent>> {
@@ -620,6 +643,20 @@ impl StoreTx for SqliteTx {
         .execute(&mut *self.tx)
         .await?;
         Ok(())
+    }
+
+    async fn insert_fence(&mut self, f: &FenceRecord) -> StoreResult<()> {
+        fences::insert(&mut *self.tx, f).await
+    }
+
+    async fn lift_fence(
+        &mut self,
+        id: &str,
+        by: &str,
+        reason: &str,
+        now: OffsetDateTime,
+    ) -> StoreResult<bool> {
+        fences::lift(&mut *self.tx, id, by, reason, now).await
     }
 }
 

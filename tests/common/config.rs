@@ -59,6 +59,10 @@ pub struct Setup {
     pub policies: Vec<(String, String)>,
     /// The `[[scopes]]` tables; `None` for [`DEFAULT_SCOPES`].
     pub scopes: Option<String>,
+    /// More config (e.g. `[providers.*]` tables), placed before the scopes.
+    pub extra_config: String,
+    /// Environment variables for the broker process.
+    pub env: Vec<(String, String)>,
 }
 
 impl Default for Setup {
@@ -67,6 +71,8 @@ impl Default for Setup {
             repo_policies: true,
             policies: Vec::new(),
             scopes: None,
+            extra_config: String::new(),
+            env: Vec::new(),
         }
     }
 }
@@ -113,7 +119,7 @@ max_ttl_secs = 600
 sensitive = true
 params = { kind = "x509_svid" }
 "#;
-pub(super) fn config_toml(dir: &Path, ops: &Operators, scopes: &str) -> String {
+pub(super) fn config_toml(dir: &Path, ops: &Operators, extra: &str, scopes: &str) -> String {
     let d = dir.display();
     format!(
         r#"[server]
@@ -147,6 +153,7 @@ key_file = "{d}/ca/ca-key.pem"
 cert_file = "{d}/ca/ca-cert.pem"
 jwt_key_file = "{d}/ca/jwt-svid-key.pem"
 revocation_file = "{d}/ca/revocations.jsonl"
+{extra}
 {scopes}"#,
         operators = ops.toml(),
     )

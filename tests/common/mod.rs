@@ -6,6 +6,7 @@
 
 mod agent;
 mod api;
+pub mod aws;
 mod config;
 pub mod peers;
 pub mod vault;
@@ -105,6 +106,8 @@ pub struct TestBroker {
     pub child: Option<Child>,
     pub http: reqwest::Client,
     pub ops: Operators,
+    /// Environment variables the server runs with.
+    pub env: Vec<(String, String)>,
     stdout: Option<Lines<BufReader<ChildStdout>>>,
 }
 
@@ -114,6 +117,13 @@ impl TestBroker {
     }
 
     pub async fn start_with(setup: Setup) -> Self {
+        let mut broker = Self::prepare(setup);
+        broker.spawn().await;
+        broker
+    }
+
+    /// Writes the dir, policies and config without starting the server.
+    pub fn prepare(setup: Setup) -> Self {
         let dir = std::env::temp_dir().join(format!("keygate-it-{}", uuid::Uuid::new_v4()));
         let policy_dir = dir.join("policies");
         std::fs::create_dir_all(&policy_dir).unwrap();
@@ -129,8 +139,9 @@ impl TestBroker {
         }
         let ops = Operators::generate();
         let scopes = setup.scopes.as_deref().unwrap_or(DEFAULT_SCOPES);
-        std::fs::write(dir.join("keygate.toml"), config_toml(&dir, &ops, scopes)).unwrap();
-        let mut broker = Self {
+        let toml = config_toml(&dir, &ops, &setup.extra_config, scopes);
+        std::fs::write(dir.join("keygate.toml"), toml).unwrap();
+        Self {
             dir,
             addr: SocketAddr::from(([127, 0, 0, 1], 0)),
             child: None,
@@ -139,10 +150,9 @@ impl TestBroker {
                 .build()
                 .unwrap(),
             ops,
+            env: setup.env,
             stdout: None,
-        };
-        broker.spawn().await;
-        broker
+        }
     }
 
     /// Starts the server on the existing dir and waits for its ready line.
@@ -159,6 +169,7 @@ impl TestBroker {
             .arg(self.dir.join("keygate.toml"))
             .args(["--listen", "127.0.0.1:0"])
             .env("RUST_LOG", "info,rustify=off,vaultrs=warn")
+            .envs(self.env.iter().map(|(k, v)| (k, v)))
             .current_dir(&self.dir)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())

@@ -17,6 +17,8 @@
 
 mod credential;
 mod error;
+mod fence;
+mod secret_ref;
 
 use std::time::Duration;
 
@@ -26,6 +28,8 @@ use time::OffsetDateTime;
 
 pub use credential::{Credential, CredentialField};
 pub use error::ProviderError;
+pub use fence::{Fence, FenceRequest, FenceTarget, Fenced, LiftFenceRequest};
+pub use secret_ref::{SecretRef, SecretResolver, SecretSource};
 
 /// A credential backend instance (one `[providers.<name>]` table in config).
 #[async_trait]
@@ -72,6 +76,23 @@ pub trait Provider: Send + Sync + 'static {
     /// honouring revocation. Served at `POST /v1/providers/{instance}/verify`.
     async fn verify(&self, _presented: &serde_json::Value) -> Result<Verification, ProviderError> {
         Err(ProviderError::Unsupported("verification".into()))
+    }
+
+    /// Emergency revocation for credentials the backend cannot revoke one by
+    /// one: puts up whatever barrier the backend offers (an AWS deny policy
+    /// on a role) against the sessions of the agents and scopes hit, and
+    /// reports what it put up and what it could not. Must be idempotent. The
+    /// default puts up nothing, for providers whose `revoke` already kills
+    /// credentials.
+    async fn fence(&self, _req: &FenceRequest) -> Result<Fenced, ProviderError> {
+        Ok(Fenced::default())
+    }
+
+    /// Takes down one fence returned by [`Provider::fence`], keeping in force
+    /// what the still-standing fences in `req.remaining` need. Idempotent: a
+    /// fence already gone is lifted.
+    async fn lift_fence(&self, _req: &LiftFenceRequest) -> Result<(), ProviderError> {
+        Err(ProviderError::Unsupported("fences".into()))
     }
 }
 

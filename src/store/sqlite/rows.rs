@@ -16,7 +16,7 @@ pub(super) fn parse_col<T: FromStr<Err = String>>(r: &SqliteRow, col: &str) -> S
         .map_err(|e| StoreError::Corrupt(format!("column `{col}`: {e}")))
 }
 
-fn json_col<T: serde::de::DeserializeOwned>(r: &SqliteRow, col: &str) -> StoreResult<T> {
+pub(super) fn json_col<T: serde::de::DeserializeOwned>(r: &SqliteRow, col: &str) -> StoreResult<T> {
     let s: String = r.try_get(col)?;
     serde_json::from_str(&s).map_err(|e| StoreError::Corrupt(format!("column `{col}`: {e}")))
 }

@@ -1,0 +1,278 @@
+//! Fences: what an emergency revocation puts up at providers whose
+//! credentials cannot be revoked one by one (AWS STS sessions), recorded and
+//! audited, until an operator lifts them.
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use keygate_provider_api::{
+    Fence, FenceRequest, FenceTarget, LiftFenceRequest, RevokeHandle, ScopeSpec,
+};
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use super::{Broker, BrokerError, BrokerResult};
+use crate::audit::{Actor, AuditEvent};
+use crate::model::{FenceFilter, FenceRecord, Selector, new_id, now};
+
+/// A fence a provider could not put up: the kill switch is incomplete there.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct FenceFailure {
+    pub provider: String,
+    /// The role (or other target) it was for, when the provider got that far.
+    pub target: Option<String>,
+    pub name: Option<String>,
+    pub agent: Option<String>,
+    pub error: String,
+}
+
+/// The fences an emergency revocation put up, and those that failed.
+#[derive(Debug, Default)]
+pub(super) struct FenceResults {
+    pub fences: Vec<FenceRecord>,
+    pub failures: Vec<FenceFailure>,
+}
+
+/// `POST /v1/fences/{id}/lift` body.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LiftRequest {
+    pub reason: Option<String>,
+}
+
+fn to_provider_fence(r: &FenceRecord) -> Fence {
+    Fence {
+        target: r.target.clone(),
+        name: r.name.clone(),
+        agent: r.agent.clone(),
+        description: r.description.clone(),
+        handle: r.handle.clone(),
+    }
+}
+
+impl Broker {
+    /// Asks every provider holding live leases that `selector` hits to fence
+    /// them, then records and audits what each did.
+    pub(super) async fn put_up_fences(
+        &self,
+        actor: &Actor,
+        revocation_id: &str,
+        selector: &Selector,
+        revoke_older_sessions: bool,
+        at: OffsetDateTime,
+    ) -> BrokerResult<FenceResults> {
+        let mut out = FenceResults::default();
+        for (provider, targets) in self.fence_targets(selector).await? {
+            self.fence_one(
+                &provider,
+                targets,
+                revocation_id,
+                revoke_older_sessions,
+                at,
+                &mut out,
+            )
+            .await;
+        }
+        self.record_fences(actor, revocation_id, &out).await?;
+        Ok(out)
+    }
+
+    /// The live leases `selector` hits, by provider.
+    async fn fence_targets(
+        &self,
+        selector: &Selector,
+    ) -> BrokerResult<BTreeMap<String, Vec<FenceTarget>>> {
+        let mut by_provider: BTreeMap<String, Vec<FenceTarget>> = BTreeMap::new();
+        for lease in self.store.live_leases(selector).await? {
+            let scope = self
+                .registry
+                .scope(&lease.scope)
+                .cloned()
+                .unwrap_or(ScopeSpec {
+                    name: lease.scope.clone(),
+                    max_ttl: Duration::ZERO,
+                    params: serde_json::Value::Null,
+                });
+            by_provider
+                .entry(lease.provider.clone())
+                .or_default()
+                .push(FenceTarget {
+                    lease_id: lease.id,
+                    agent_id: lease.agent_id,
+                    scope,
+                    handle: lease.handle.map(RevokeHandle),
+                });
+        }
+        Ok(by_provider)
+    }
+
+    /// Stores the fences put up and audits them and the failures, together.
+    async fn record_fences(
+        &self,
+        actor: &Actor,
+        revocation_id: &str,
+        out: &FenceResults,
+    ) -> BrokerResult<()> {
+        let mut tx = self.store.begin().await?;
+        for f in &out.fences {
+            tx.insert_fence(f).await?;
+            tx.audit(
+                AuditEvent::new(actor, "fence.applied").details(serde_json::json!({
+                    "revocation_id": revocation_id, "fence": f,
+                })),
+            )
+            .await?;
+        }
+        for f in &out.failures {
+            tx.audit(
+                AuditEvent::new(actor, "fence.failed")
+                    .failure(f.error.clone())
+                    .details(serde_json::json!({ "revocation_id": revocation_id, "fence": f })),
+            )
+            .await?;
+        }
+        Ok(tx.commit().await?)
+    }
+
+    async fn fence_one(
+        &self,
+        provider: &str,
+        targets: Vec<FenceTarget>,
+        revocation_id: &str,
+        revoke_older_sessions: bool,
+        at: OffsetDateTime,
+        out: &mut FenceResults,
+    ) {
+        let failure = |target: Option<&Fence>, error: String| FenceFailure {
+            provider: provider.to_owned(),
+            target: target.map(|f| f.target.clone()),
+            name: target.map(|f| f.name.clone()),
+            agent: target.and_then(|f| f.agent.clone()),
+            error,
+        };
+        let Some(p) = self.registry.provider(provider) else {
+            out.failures.push(failure(
+                None,
+                format!("provider `{provider}` is not configured"),
+            ));
+            return;
+        };
+        let req = FenceRequest {
+            revocation_id: revocation_id.to_owned(),
+            targets,
+            revoke_older_sessions,
+            issued_before: at,
+        };
+        let timeout = Duration::from_secs(self.config.leases.issue_timeout_secs);
+        let fenced = match tokio::time::timeout(timeout, p.fence(&req)).await {
+            Ok(Ok(fenced)) => fenced,
+            Ok(Err(e)) => {
+                out.failures.push(failure(None, e.to_string()));
+                return;
+            }
+            Err(_) => {
+                let msg = format!("no answer within {}s", timeout.as_secs());
+                out.failures.push(failure(None, msg));
+                return;
+            }
+        };
+        let record = |f: Fence| FenceRecord {
+            id: new_id("fn"),
+            revocation_id: revocation_id.to_owned(),
+            provider: provider.to_owned(),
+            target: f.target,
+            name: f.name,
+            agent: f.agent,
+            description: f.description,
+            handle: f.handle,
+            created_at: now(),
+            lifted_at: None,
+            lifted_by: None,
+            lift_reason: None,
+        };
+        out.fences.extend(fenced.fences.into_iter().map(record));
+        for (f, e) in fenced.failed {
+            tracing::error!(provider, target = %f.target, fence = %f.name, error = %e, "fence not put up");
+            out.failures.push(failure(Some(&f), e.to_string()));
+        }
+    }
+
+    /// Fences, for operators.
+    pub async fn fences(&self, filter: &FenceFilter) -> BrokerResult<Vec<FenceRecord>> {
+        Ok(self.store.list_fences(filter).await?)
+    }
+
+    /// Takes a standing fence down at its provider, then records who lifted
+    /// it and why.
+    pub async fn lift_fence(
+        &self,
+        operator: &str,
+        id: &str,
+        req: LiftRequest,
+    ) -> BrokerResult<FenceRecord> {
+        let reason = req
+            .reason
+            .as_deref()
+            .map(str::trim)
+            .filter(|r| !r.is_empty())
+            .ok_or_else(|| BrokerError::InvalidRequest("`reason` is required".into()))?
+            .to_owned();
+        let fence = self
+            .store
+            .get_fence(id)
+            .await?
+            .ok_or_else(|| BrokerError::NotFound(format!("no fence `{id}`")))?;
+        if fence.lifted_at.is_some() {
+            return Err(BrokerError::Conflict(format!(
+                "fence `{id}` was lifted already"
+            )));
+        }
+        let provider = self.registry.provider(&fence.provider).ok_or_else(|| {
+            BrokerError::Provider(format!("provider `{}` is not configured", fence.provider))
+        })?;
+        let lift = LiftFenceRequest {
+            fence: to_provider_fence(&fence),
+            remaining: self.standing_twins(&fence).await?,
+        };
+        let actor = Actor::Operator(operator.to_owned());
+        let event = AuditEvent::new(&actor, "fence.lifted").reason(reason.clone());
+        if let Err(e) = provider.lift_fence(&lift).await {
+            let msg = e.to_string();
+            self.audit_alone(
+                event
+                    .failure(msg.clone())
+                    .details(serde_json::json!({ "fence": fence })),
+            )
+            .await?;
+            return Err(BrokerError::Provider(msg));
+        }
+        let t = now();
+        let mut tx = self.store.begin().await?;
+        tx.lift_fence(id, operator, &reason, t).await?;
+        tx.audit(event.details(serde_json::json!({ "fence": fence })))
+            .await?;
+        tx.commit().await?;
+        self.store
+            .get_fence(id)
+            .await?
+            .ok_or_else(|| BrokerError::Internal(format!("fence `{id}` vanished")))
+    }
+
+    /// Other standing fences of the same provider, target and name (put up
+    /// by other revocations), which lifting `fence` must keep in force.
+    async fn standing_twins(&self, fence: &FenceRecord) -> BrokerResult<Vec<Fence>> {
+        let standing = FenceFilter {
+            provider: Some(fence.provider.clone()),
+            active: true,
+            ..FenceFilter::default()
+        };
+        Ok(self
+            .store
+            .list_fences(&standing)
+            .await?
+            .iter()
+            .filter(|f| f.id != fence.id && f.target == fence.target && f.name == fence.name)
+            .map(to_provider_fence)
+            .collect())
+    }
+}

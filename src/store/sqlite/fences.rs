@@ -1,0 +1,99 @@
+//! Fences in the SQLite engine.
+
+use sqlx::sqlite::SqliteRow;
+use sqlx::{QueryBuilder, Row, Sqlite, SqliteExecutor};
+use time::OffsetDateTime;
+
+use super::rows::json_col;
+use crate::model::{FenceFilter, FenceRecord, from_unix, unix};
+use crate::store::{StoreError, StoreResult};
+
+fn fence_from_row(r: &SqliteRow) -> StoreResult<FenceRecord> {
+    Ok(FenceRecord {
+        id: r.try_get("id")?,
+        revocation_id: r.try_get("revocation_id")?,
+        provider: r.try_get("provider")?,
+        target: r.try_get("target")?,
+        name: r.try_get("name")?,
+        agent: r.try_get("agent")?,
+        description: r.try_get("description")?,
+        handle: json_col(r, "handle")?,
+        created_at: from_unix(r.try_get("created_at")?),
+        lifted_at: r.try_get::<Option<i64>, _>("lifted_at")?.map(from_unix),
+        lifted_by: r.try_get("lifted_by")?,
+        lift_reason: r.try_get("lift_reason")?,
+    })
+}
+
+pub(super) async fn get(db: impl SqliteExecutor<'_>, id: &str) -> StoreResult<Option<FenceRecord>> {
+    sqlx::query("SELECT * FROM fences WHERE id = ?")
+        .bind(id)
+        .fetch_optional(db)
+        .await?
+        .map(|r| fence_from_row(&r))
+        .transpose()
+}
+
+pub(super) async fn list(
+    db: impl SqliteExecutor<'_>,
+    f: &FenceFilter,
+) -> StoreResult<Vec<FenceRecord>> {
+    let mut q = QueryBuilder::<Sqlite>::new("SELECT * FROM fences WHERE 1=1");
+    if let Some(r) = &f.revocation {
+        q.push(" AND revocation_id = ").push_bind(r.clone());
+    }
+    if let Some(p) = &f.provider {
+        q.push(" AND provider = ").push_bind(p.clone());
+    }
+    if f.active {
+        q.push(" AND lifted_at IS NULL");
+    }
+    q.push(" ORDER BY created_at, id LIMIT 10000");
+    q.build()
+        .fetch_all(db)
+        .await?
+        .iter()
+        .map(fence_from_row)
+        .collect()
+}
+
+pub(super) async fn insert(db: impl SqliteExecutor<'_>, f: &FenceRecord) -> StoreResult<()> {
+    let handle =
+        serde_json::to_string(&f.handle).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    sqlx::query(
+        "INSERT INTO fences (id, revocation_id, provider, target, name, agent, description, \
+         handle, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(&f.id)
+    .bind(&f.revocation_id)
+    .bind(&f.provider)
+    .bind(&f.target)
+    .bind(&f.name)
+    .bind(&f.agent)
+    .bind(&f.description)
+    .bind(handle)
+    .bind(unix(f.created_at))
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+pub(super) async fn lift(
+    db: impl SqliteExecutor<'_>,
+    id: &str,
+    by: &str,
+    reason: &str,
+    now: OffsetDateTime,
+) -> StoreResult<bool> {
+    let done = sqlx::query(
+        "UPDATE fences SET lifted_at = ?, lifted_by = ?, lift_reason = ? \
+         WHERE id = ? AND lifted_at IS NULL",
+    )
+    .bind(unix(now))
+    .bind(by)
+    .bind(reason)
+    .bind(id)
+    .execute(db)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
