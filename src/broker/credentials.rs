@@ -361,14 +361,18 @@ impl Broker {
         }
     }
 
-    /// Releases one lease of the session's task early.
-    pub async fn release(&self, s: &Session, lease_id: &str) -> BrokerResult<ReleasedLease> {
-        let lease = self
-            .store
+    /// A lease of the session's own task; another task's lease is "not found".
+    pub(crate) async fn task_lease(&self, s: &Session, lease_id: &str) -> BrokerResult<Lease> {
+        self.store
             .get_lease(lease_id)
             .await?
             .filter(|l| l.task_id == s.task.id)
-            .ok_or_else(|| BrokerError::NotFound(format!("no lease `{lease_id}` in this task")))?;
+            .ok_or_else(|| BrokerError::NotFound(format!("no lease `{lease_id}` in this task")))
+    }
+
+    /// Releases one lease of the session's task early.
+    pub async fn release(&self, s: &Session, lease_id: &str) -> BrokerResult<ReleasedLease> {
+        let lease = self.task_lease(s, lease_id).await?;
         let actor = Actor::Agent(s.agent.id.clone());
         let mut tx = self.store.begin().await?;
         let queued = tx

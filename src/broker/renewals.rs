@@ -37,12 +37,7 @@ impl Broker {
                 "`increment` must be positive".into(),
             ));
         }
-        let lease = self
-            .store
-            .get_lease(lease_id)
-            .await?
-            .filter(|l| l.task_id == s.task.id)
-            .ok_or_else(|| BrokerError::NotFound(format!("no lease `{lease_id}` in this task")))?;
+        let lease = self.task_lease(s, lease_id).await?;
         if lease.state != LeaseState::Active {
             return Err(BrokerError::Conflict(format!(
                 "lease `{lease_id}` is {}, not active",

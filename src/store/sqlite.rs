@@ -13,7 +13,8 @@ use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteSynchronous,
+    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
+    SqliteSynchronous,
 };
 use sqlx::{QueryBuilder, Row, Sqlite, Transaction};
 use time::OffsetDateTime;
@@ -77,6 +78,23 @@ impl SqliteStore {
     }
 }
 
+impl SqliteStore {
+    /// One row by primary key, mapped.
+    async fn by_id<T>(
+        &self,
+        sql: &'static str,
+        id: &str,
+        map: fn(&SqliteRow) -> StoreResult<T>,
+    ) -> StoreResult<Option<T>> {
+        sqlx::query(sql)
+            .bind(id)
+            .fetch_optional(&self.read)
+            .await?
+            .map(|r| map(&r))
+            .transpose()
+    }
+}
+
 #[async_trait]
 impl Store for SqliteStore {
     async fn begin(&self) -> StoreResult<Box<dyn StoreTx>> {
@@ -86,12 +104,8 @@ impl Store for SqliteStore {
     }
 
     async fn get_agent(&self, id: &str) -> StoreResult<Option<Agent>> {
-        sqlx::query("SELECT * FROM agents WHERE id = ?")
-            .bind(id)
-            .fetch_optional(&self.read)
-            .await?
-            .map(|r| agent_from_row(&r))
-            .transpose()
+        self.by_id("SELECT * FROM agents WHERE id = ?", id, agent_from_row)
+            .await
     }
 
     async fn list_agents(&self) -> StoreResult<Vec<Agent>> {
@@ -104,21 +118,13 @@ impl Store for SqliteStore {
     }
 
     async fn get_task(&self, id: &str) -> StoreResult<Option<Task>> {
-        sqlx::query("SELECT * FROM tasks WHERE id = ?")
-            .bind(id)
-            .fetch_optional(&self.read)
-            .await?
-            .map(|r| task_from_row(&r))
-            .transpose()
+        self.by_id("SELECT * FROM tasks WHERE id = ?", id, task_from_row)
+            .await
     }
 
     async fn get_lease(&self, id: &str) -> StoreResult<Option<Lease>> {
-        sqlx::query("SELECT * FROM leases WHERE id = ?")
-            .bind(id)
-            .fetch_optional(&self.read)
-            .await?
-            .map(|r| lease_from_row(&r))
-            .transpose()
+        self.by_id("SELECT * FROM leases WHERE id = ?", id, lease_from_row)
+            .await
     }
 
     async fn list_leases(&self, f: &LeaseFilter) -> StoreResult<Vec<Lease>> {
@@ -166,12 +172,12 @@ impl Store for SqliteStore {
     }
 
     async fn get_revocation(&self, id: &str) -> StoreResult<Option<Revocation>> {
-        sqlx::query("SELECT * FROM revocations WHERE id = ?")
-            .bind(id)
-            .fetch_optional(&self.read)
-            .await?
-            .map(|r| revocation_from_row(&r))
-            .transpose()
+        self.by_id(
+            "SELECT * FROM revocations WHERE id = ?",
+            id,
+            revocation_from_row,
+        )
+        .await
     }
 
     async fn revocation_progress(&self, id: &str) -> StoreResult<RevocationProgress> {
