@@ -120,7 +120,10 @@ pub trait StoreTx: Send {
         now: OffsetDateTime,
     ) -> StoreResult<Vec<String>>;
 
-    async fn insert_lease(&mut self, lease: &Lease) -> StoreResult<()>;
+    /// Writes a new lease, but only while its task is still open (checked in
+    /// the same transaction, so a task ended concurrently cannot gain a lease
+    /// nobody will revoke). Returns whether it was written.
+    async fn insert_lease(&mut self, lease: &Lease) -> StoreResult<bool>;
     /// Records what the provider issued. Returns the lease's state afterwards:
     /// `Active`, or `Revoking` when a revocation overtook the issue (the
     /// handle is kept so the queue can revoke it), or `None` if the lease
@@ -206,5 +209,91 @@ pub async fn open(url: &str) -> StoreResult<std::sync::Arc<dyn Store>> {
         Ok(std::sync::Arc::new(SqliteStore::open(path).await?))
     } else {
         Err(StoreError::UnsupportedUrl(url.to_owned()))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+    use super::*;
+    use crate::model::{AgentStatus, AuthMethod, Environment, LeaseState, new_id, now};
+
+    fn agent() -> Agent {
+        let t = now();
+        Agent {
+            id: "a1".into(),
+            team: "t".into(),
+            sponsor: "s".into(),
+            risk_tier: 1,
+            environment: Environment::Dev,
+            purpose: "p".into(),
+            labels: Default::default(),
+            status: AgentStatus::Active,
+            auth_method: AuthMethod::PrivateKeyJwt,
+            jwks: serde_json::json!({ "keys": [] }),
+            created_at: t,
+            updated_at: t,
+            last_used_at: None,
+            last_review_at: None,
+        }
+    }
+
+    fn lease(task: &str) -> Lease {
+        let t = now();
+        Lease {
+            id: new_id("ls"),
+            agent_id: "a1".into(),
+            task_id: task.into(),
+            scope: "s".into(),
+            provider: "p".into(),
+            state: LeaseState::Pending,
+            revocability: None,
+            handle: None,
+            created_at: t,
+            expires_at: t + time::Duration::minutes(5),
+            ended_at: None,
+            end_reason: None,
+            attempts: 0,
+            last_error: None,
+            next_attempt_at: None,
+            revocation_id: None,
+        }
+    }
+
+    /// A request that passed its session check just before its task ended
+    /// must not gain a lease that nothing would ever revoke.
+    #[tokio::test]
+    async fn no_lease_is_written_for_an_ended_task() {
+        let dir = std::env::temp_dir().join(format!("kg-store-{}", new_id("t")));
+        let store = open(&format!("sqlite://{}/k.db", dir.display()))
+            .await
+            .unwrap();
+        let t = now();
+        let task = Task {
+            id: "tk_1".into(),
+            agent_id: "a1".into(),
+            description: String::new(),
+            state: TaskState::Open,
+            opened_at: t,
+            expires_at: t + time::Duration::hours(1),
+            ended_at: None,
+            end_reason: None,
+        };
+        let mut tx = store.begin().await.unwrap();
+        tx.insert_agent(&agent()).await.unwrap();
+        tx.insert_task(&task).await.unwrap();
+        assert!(tx.insert_lease(&lease("tk_1")).await.unwrap());
+        tx.end_tasks(
+            &TaskSelector::Task("tk_1".into()),
+            TaskState::Revoked,
+            "test",
+            t,
+        )
+        .await
+        .unwrap();
+        assert!(!tx.insert_lease(&lease("tk_1")).await.unwrap());
+        tx.commit().await.unwrap();
+        let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -211,7 +211,11 @@ impl Broker {
         // Write-ahead: the lease exists before the provider is asked, so a
         // crash from here on leaves a row the reaper resolves.
         let mut tx = self.store.begin().await?;
-        tx.insert_lease(&lease).await?;
+        if !tx.insert_lease(&lease).await? {
+            // The task ended (completion, TTL, kill switch) after this
+            // request's session check: no credential for an ended task.
+            return Err(BrokerError::TaskEnded("the task has ended".into()));
+        }
         tx.audit(decided.lease(&lease.id)).await?;
         tx.commit().await?;
 

@@ -445,10 +445,11 @@ impl StoreTx for SqliteTx {
             .collect()
     }
 
-    async fn insert_lease(&mut self, l: &Lease) -> StoreResult<()> {
-        sqlx::query(
+    async fn insert_lease(&mut self, l: &Lease) -> StoreResult<bool> {
+        let done = sqlx::query(
             "INSERT INTO leases (id, agent_id, task_id, scope, provider, state, created_at, \
-             expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
+             expires_at) SELECT ?, ?, ?, ?, ?, ?, ?, ? \
+             WHERE EXISTS (SELECT 1 FROM tasks WHERE id = ? AND state = 'open')",
         )
         .bind(&l.id)
         .bind(&l.agent_id)
@@ -458,9 +459,10 @@ impl StoreTx for SqliteTx {
         .bind(l.state.as_str())
         .bind(unix(l.created_at))
         .bind(unix(l.expires_at))
+        .bind(&l.task_id)
         .execute(&mut *self.tx)
         .await?;
-        Ok(())
+        Ok(done.rows_affected() == 1)
     }
 
     async fn record_issued(
