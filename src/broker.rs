@@ -65,6 +65,15 @@ impl From<StoreError> for BrokerError {
 
 pub type BrokerResult<T> = Result<T, BrokerError>;
 
+/// A mandatory, non-blank `reason` (kill switch, lifting a fence).
+pub(crate) fn required_reason(reason: Option<&str>) -> BrokerResult<String> {
+    reason
+        .map(str::trim)
+        .filter(|r| !r.is_empty())
+        .map(str::to_owned)
+        .ok_or_else(|| BrokerError::InvalidRequest("`reason` is required".into()))
+}
+
 /// Everything a request handler needs.
 pub struct Broker {
     pub config: Config,

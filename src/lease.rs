@@ -11,7 +11,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use keygate_provider_api::{RevokeHandle, RevokeOutcome, RevokeRequest, ScopeSpec};
+use keygate_provider_api::{RevokeHandle, RevokeOutcome, RevokeRequest};
 use time::OffsetDateTime;
 use tokio::sync::{Notify, Semaphore};
 
@@ -128,15 +128,7 @@ impl Worker {
         let outcome = match self.registry.provider(&lease.provider) {
             None => Err(format!("provider `{}` is not configured", lease.provider)),
             Some(p) => {
-                let scope = self
-                    .registry
-                    .scope(&lease.scope)
-                    .cloned()
-                    .unwrap_or(ScopeSpec {
-                        name: lease.scope.clone(),
-                        max_ttl: Duration::ZERO,
-                        params: serde_json::Value::Null,
-                    });
+                let scope = self.registry.scope_or_removed(&lease.scope);
                 let req = RevokeRequest {
                     lease_id: lease.id.clone(),
                     scope,

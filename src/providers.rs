@@ -59,6 +59,16 @@ impl Registry {
         self.scopes.get(name)
     }
 
+    /// The scope a lease was minted for, or a bare stand-in when the scope
+    /// has since been removed from config (its leases must still be revoked).
+    pub fn scope_or_removed(&self, name: &str) -> ScopeSpec {
+        self.scopes.get(name).cloned().unwrap_or(ScopeSpec {
+            name: name.to_owned(),
+            max_ttl: std::time::Duration::ZERO,
+            params: serde_json::Value::Null,
+        })
+    }
+
     pub fn provider_names(&self) -> impl Iterator<Item = &str> {
         self.providers.keys().map(String::as_str)
     }

@@ -5,9 +5,7 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use keygate_provider_api::{
-    Fence, FenceRequest, FenceTarget, LiftFenceRequest, RevokeHandle, ScopeSpec,
-};
+use keygate_provider_api::{Fence, FenceRequest, FenceTarget, LiftFenceRequest, RevokeHandle};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 
@@ -84,15 +82,7 @@ impl Broker {
     ) -> BrokerResult<BTreeMap<String, Vec<FenceTarget>>> {
         let mut by_provider: BTreeMap<String, Vec<FenceTarget>> = BTreeMap::new();
         for lease in self.store.live_leases(selector).await? {
-            let scope = self
-                .registry
-                .scope(&lease.scope)
-                .cloned()
-                .unwrap_or(ScopeSpec {
-                    name: lease.scope.clone(),
-                    max_ttl: Duration::ZERO,
-                    params: serde_json::Value::Null,
-                });
+            let scope = self.registry.scope_or_removed(&lease.scope);
             by_provider
                 .entry(lease.provider.clone())
                 .or_default()
@@ -210,13 +200,7 @@ impl Broker {
         id: &str,
         req: LiftRequest,
     ) -> BrokerResult<FenceRecord> {
-        let reason = req
-            .reason
-            .as_deref()
-            .map(str::trim)
-            .filter(|r| !r.is_empty())
-            .ok_or_else(|| BrokerError::InvalidRequest("`reason` is required".into()))?
-            .to_owned();
+        let reason = super::required_reason(req.reason.as_deref())?;
         let fence = self
             .store
             .get_fence(id)

@@ -88,13 +88,7 @@ impl Broker {
         req: RevocationRequest,
     ) -> BrokerResult<RevocationReport> {
         let selector = req.selector()?;
-        let reason = req
-            .reason
-            .as_deref()
-            .map(str::trim)
-            .filter(|r| !r.is_empty())
-            .ok_or_else(|| BrokerError::InvalidRequest("`reason` is required".into()))?
-            .to_owned();
+        let reason = super::required_reason(req.reason.as_deref())?;
         match &selector {
             Selector::Agent(a) => {
                 self.agent(a).await?;
