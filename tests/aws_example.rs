@@ -46,13 +46,7 @@ async fn the_aws_example_config_serves_its_scopes() {
         ("example/reports/api-key", "key-1"),
         ("example/reports/db-readonly", "db-1"),
     ] {
-        moto.secrets()
-            .create_secret()
-            .name(name)
-            .secret_string(value)
-            .send()
-            .await
-            .unwrap();
+        moto.create_secret(name, value).await;
     }
     // The example, as shipped, with its endpoint line switched on.
     let repo = Path::new(env!("CARGO_MANIFEST_DIR"));

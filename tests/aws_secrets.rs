@@ -47,16 +47,6 @@ max_ttl_secs = 600
 params = { kind = "secret", secret_id = "rotated", rotate_on_release = true }
 "#;
 
-async fn create(moto: &Moto, name: &str, value: &str) {
-    moto.secrets()
-        .create_secret()
-        .name(name)
-        .secret_string(value)
-        .send()
-        .await
-        .unwrap();
-}
-
 /// The secret's current value and version id.
 async fn current(moto: &Moto, name: &str) -> (String, String) {
     let out = moto
@@ -106,7 +96,7 @@ async fn release(b: &TestBroker, session: &str, cred: &Value) -> Value {
 #[tokio::test]
 async fn brokered_reads_have_nothing_to_revoke() {
     let moto = Moto::start().await;
-    create(&moto, "plain", "db-password-1").await;
+    moto.create_secret("plain", "db-password-1").await;
     moto.secrets()
         .create_secret()
         .name("blob")
@@ -181,7 +171,7 @@ async fn brokered_reads_have_nothing_to_revoke() {
 #[tokio::test]
 async fn keygate_owned_values_are_replaced_when_the_lease_ends() {
     let moto = Moto::start().await;
-    create(&moto, "owned", "initial-value").await;
+    moto.create_secret("owned", "initial-value").await;
     let (b, s) = start(&moto).await;
 
     let cred = b
@@ -236,7 +226,7 @@ async fn keygate_owned_values_are_replaced_when_the_lease_ends() {
 #[tokio::test]
 async fn rotate_secret_is_confirmed_once_the_new_version_is_current() {
     let moto = Moto::start().await;
-    create(&moto, "rotated", "managed-value").await;
+    moto.create_secret("rotated", "managed-value").await;
     let (b, s) = start(&moto).await;
 
     let cred = b
@@ -281,7 +271,8 @@ async fn rotate_secret_is_confirmed_once_the_new_version_is_current() {
 #[tokio::test]
 async fn aws_sm_references_read_the_current_value() {
     let moto = Moto::start().await;
-    create(&moto, "keygate/vault-approle-secret-id", "first").await;
+    moto.create_secret("keygate/vault-approle-secret-id", "first")
+        .await;
     let resolver = SecretResolver::new().with_source(std::sync::Arc::new(
         keygate_provider_aws::SecretsManagerSource::from_client(moto.secrets()),
     ));

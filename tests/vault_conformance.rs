@@ -333,28 +333,16 @@ async fn keygate_keeps_its_own_token_alive() {
     }
     // Revoke Keygate's token behind its back: the next call logs in again.
     let now = OffsetDateTime::now_utc().unix_timestamp();
-    let (_, v) = peers
-        .bao
-        .try_api("LIST", "auth/token/accessors", None)
-        .await;
-    for a in v["data"]["keys"].as_array().unwrap() {
-        let (_, m) = peers
-            .bao
-            .try_api(
-                "POST",
-                "auth/token/lookup-accessor",
-                Some(json!({ "accessor": a })),
-            )
-            .await;
-        if m["data"]["meta"]["role_name"] == "short" {
+    for (a, m) in peers.live_tokens().await {
+        if m["meta"]["role_name"] == "short" {
             // Alive past its 6 s TTL, and created at the first call: it was
             // renewed, not replaced.
-            let age = now - m["data"]["creation_time"].as_i64().unwrap();
+            let age = now - m["creation_time"].as_i64().unwrap();
             assert!(
                 age >= 9,
                 "keygate's token is {age}s old: replaced, not renewed"
             );
-            accessors.insert(a.as_str().unwrap().to_owned());
+            accessors.insert(a.clone());
             peers
                 .bao
                 .api(

@@ -109,6 +109,17 @@ impl Moto {
         aws_sdk_sts::Client::from_conf(conf)
     }
 
+    /// Creates a Secrets Manager secret with a string value.
+    pub async fn create_secret(&self, name: &str, value: &str) {
+        self.secrets()
+            .create_secret()
+            .name(name)
+            .secret_string(value)
+            .send()
+            .await
+            .unwrap();
+    }
+
     /// Creates a role anyone may assume (moto does not check trust anyway).
     pub async fn create_role(&self, name: &str) {
         let trust = serde_json::json!({

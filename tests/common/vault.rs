@@ -101,8 +101,8 @@ impl VaultPeers {
             == 200
     }
 
-    /// The `keygate_lease` metadata of every live token Keygate minted.
-    pub async fn live_keygate_tokens(&self) -> Vec<String> {
+    /// `(accessor, lookup data)` of every live token in OpenBao.
+    pub async fn live_tokens(&self) -> Vec<(String, Value)> {
         let (status, v) = self.bao.try_api("LIST", "auth/token/accessors", None).await;
         if status == 404 {
             return Vec::new();
@@ -118,13 +118,20 @@ impl VaultPeers {
                     Some(json!({ "accessor": a })),
                 )
                 .await;
-            if s == 200
-                && let Some(l) = meta["data"]["meta"]["keygate_lease"].as_str()
-            {
-                out.push(l.to_owned());
+            if s == 200 {
+                out.push((a.as_str().unwrap().to_owned(), meta["data"].clone()));
             }
         }
         out
+    }
+
+    /// The `keygate_lease` metadata of every live token Keygate minted.
+    pub async fn live_keygate_tokens(&self) -> Vec<String> {
+        self.live_tokens()
+            .await
+            .into_iter()
+            .filter_map(|(_, d)| d["meta"]["keygate_lease"].as_str().map(str::to_owned))
+            .collect()
     }
 
     /// Live Vault leases of the database role.
