@@ -26,7 +26,19 @@ pub enum Actor {
 }
 
 impl Actor {
-    fn render(&self) -> String {
+    /// Reads back what [`Actor::render`] wrote.
+    pub fn from_rendered(s: &str) -> Self {
+        match s.split_once(':') {
+            Some(("agent", a)) => Self::Agent(a.to_owned()),
+            Some(("operator", o)) => Self::Operator(o.to_owned()),
+            Some(("unauthenticated", c)) => Self::Unauthenticated(Some(c.to_owned())),
+            _ if s == "unauthenticated" => Self::Unauthenticated(None),
+            _ => Self::System,
+        }
+    }
+
+    /// How the audit log names the actor: `agent:<id>`, `operator:<name>`, `system`.
+    pub fn render(&self) -> String {
         match self {
             Self::Agent(a) => format!("agent:{a}"),
             Self::Operator(o) => format!("operator:{o}"),

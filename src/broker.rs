@@ -2,6 +2,7 @@
 //! policy, providers and audit. The HTTP layer is a thin shell around this.
 
 mod agents;
+mod approvals;
 mod credentials;
 mod fences;
 mod renewals;
@@ -19,8 +20,11 @@ use crate::policy::PolicyEngine;
 use crate::providers::Registry;
 use crate::store::{Store, StoreError};
 
-pub use agents::{AgentSpec, seed_agents};
-pub use credentials::{CompletedTask, IssuedCredential, ReleasedLease};
+pub use agents::{AgentSpec, AgentUpdate, Registered, seed_agents};
+pub use approvals::{DecisionChannel, DecisionRequest};
+pub use credentials::{
+    CompletedTask, CredentialAsk, CredentialOutcome, IssuedCredential, ReleasedLease,
+};
 pub use fences::{FenceFailure, LiftRequest};
 pub use renewals::RenewedLease;
 pub use revocations::{RevocationReport, RevocationRequest};
@@ -41,8 +45,9 @@ pub enum BrokerError {
         message: String,
         policies: Vec<String>,
     },
+    /// The caller is known but may not do this (an ineligible approver).
     #[error("{0}")]
-    ApprovalRequired(String),
+    Forbidden(String),
     #[error("{0}")]
     TaskEnded(String),
     /// The lease's provider (or scope kind) cannot extend a credential.
@@ -83,6 +88,10 @@ pub struct Broker {
     pub registry: Registry,
     pub leases: LeaseEngine,
     pub metrics: Arc<Metrics>,
+    /// Announces approvals on Slack and webhooks through the outbox.
+    pub notifier: Arc<crate::notify::Notifier>,
+    /// Woken on every approval decision, for long-polling agents.
+    pub approvals_changed: Arc<tokio::sync::Notify>,
 }
 
 impl std::fmt::Debug for Broker {

@@ -96,6 +96,13 @@ pub enum Command {
         #[command(flatten)]
         remote: Remote,
     },
+    /// Approval requests: list them, approve or deny (approver role).
+    Approvals {
+        #[command(subcommand)]
+        cmd: ApprovalsCmd,
+        #[command(flatten)]
+        remote: Remote,
+    },
     /// Read and verify the audit log.
     Audit {
         #[command(subcommand)]
@@ -167,6 +174,33 @@ pub enum FencesCmd {
     Lift {
         id: String,
         /// Why (recorded in the audit log).
+        #[arg(long)]
+        reason: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ApprovalsCmd {
+    /// List approvals (default: pending ones).
+    List {
+        /// pending, approved, denied, expired, cancelled, or `all`.
+        #[arg(long, default_value = "pending")]
+        state: String,
+        #[arg(long)]
+        agent: Option<String>,
+    },
+    /// Show one approval with its decisions and notifications.
+    Show { id: String },
+    /// Approve a request.
+    Approve {
+        id: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
+    /// Deny a request; a denial ends it.
+    Deny {
+        id: String,
+        /// Why (shown to the requester and recorded in the audit log).
         #[arg(long)]
         reason: String,
     },

@@ -8,6 +8,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use keygate_provider_api::SecretRef;
 use serde::Deserialize;
 
 /// Why a config file was refused.
@@ -46,6 +47,128 @@ pub struct Config {
     pub providers: BTreeMap<String, toml::Table>,
     #[serde(default)]
     pub scopes: Vec<ScopeConfig>,
+    #[serde(default)]
+    pub approvals: ApprovalsConfig,
+    #[serde(default)]
+    pub provisioning: ProvisioningConfig,
+    #[serde(default)]
+    pub notify: NotifyConfig,
+}
+
+/// How sensitive-scope approvals work.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ApprovalsConfig {
+    /// How long a request waits for its approvers (never past its task).
+    pub expiry_secs: u64,
+    /// Approvals needed by the agent's risk tier (tier 1, 2, 3), unless the
+    /// scope sets `approvals`.
+    pub quorum_by_tier: [u32; 3],
+    /// Whether the agent's sponsor may be the only approver of its requests
+    /// (separation of duties says no).
+    pub sponsor_may_approve_alone: bool,
+    /// Risk tiers whose approvals cannot be decided by a Slack click: Slack
+    /// links to Keygate and the approver decides through the API or CLI.
+    pub confirm_in_api_tiers: Vec<u8>,
+    /// The longest `?wait=` an agent may long-poll an approval for.
+    pub max_wait_secs: u64,
+}
+
+impl Default for ApprovalsConfig {
+    fn default() -> Self {
+        Self {
+            expiry_secs: 3600,
+            quorum_by_tier: [1, 1, 2],
+            sponsor_may_approve_alone: false,
+            confirm_in_api_tiers: Vec::new(),
+            max_wait_secs: 60,
+        }
+    }
+}
+
+/// Sign-off for new agent identities and widened permissions.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ProvisioningConfig {
+    /// New agents start `pending` and changes that widen an agent's reachable
+    /// scopes wait, until approved.
+    pub require_approval: bool,
+    /// Approvals needed (seed 000: team lead + CISO office = 2).
+    pub approvals: u32,
+    /// Teams whose approvers may decide; empty means any approver.
+    pub approver_teams: Vec<String>,
+    pub sponsor_may_approve_alone: bool,
+    /// How long a provisioning request waits.
+    pub expiry_secs: u64,
+}
+
+impl Default for ProvisioningConfig {
+    fn default() -> Self {
+        Self {
+            require_approval: false,
+            approvals: 2,
+            approver_teams: Vec::new(),
+            sponsor_may_approve_alone: false,
+            expiry_secs: 7 * 24 * 3600,
+        }
+    }
+}
+
+/// Where approval requests are announced. Every channel is optional; the
+/// API and CLI always work.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct NotifyConfig {
+    pub slack: Option<SlackConfig>,
+    pub webhooks: Vec<WebhookConfig>,
+    /// First retry delay after a failed delivery; doubles each attempt.
+    pub retry_base_ms: u64,
+    /// Longest delay between delivery attempts.
+    pub retry_max_secs: u64,
+    /// The address approvers reach Keygate at, for links in messages
+    /// (defaults to `server.issuer`).
+    pub public_url: Option<String>,
+}
+
+impl Default for NotifyConfig {
+    fn default() -> Self {
+        Self {
+            slack: None,
+            webhooks: Vec::new(),
+            retry_base_ms: 1000,
+            retry_max_secs: 300,
+            public_url: None,
+        }
+    }
+}
+
+/// A Slack app: posts approval requests, receives button clicks.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct SlackConfig {
+    /// Reference to the bot token (`xoxb-…`): `env:NAME`, `file:PATH`, `aws-sm:ID`.
+    pub bot_token: SecretRef,
+    /// Reference to the app's signing secret.
+    pub signing_secret: SecretRef,
+    /// Channel for scopes that name none.
+    pub default_channel: String,
+    /// Slack's Web API base URL.
+    #[serde(default = "default_slack_api")]
+    pub api_url: String,
+}
+
+/// A generic webhook: signed JSON events; decisions come back via the API.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct WebhookConfig {
+    pub name: String,
+    pub url: String,
+    /// Reference to the HMAC key the events are signed with.
+    pub secret: SecretRef,
+}
+
+fn default_slack_api() -> String {
+    "https://slack.com/api".into()
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -155,6 +278,16 @@ pub struct OperatorConfig {
     pub roles: Vec<Role>,
     /// Hex SHA-256 of the operator's bearer token.
     pub token_sha256: String,
+    /// The operator's team, for approvals restricted to some teams.
+    #[serde(default)]
+    pub team: Option<String>,
+    /// The operator's email: an agent whose `sponsor` it is counts the
+    /// operator as its sponsor.
+    #[serde(default)]
+    pub email: Option<String>,
+    /// The operator's Slack user id (`U…`), for decisions made in Slack.
+    #[serde(default)]
+    pub slack_user_id: Option<String>,
 }
 
 /// What an operator may do.
@@ -178,6 +311,15 @@ pub struct ScopeConfig {
     pub sensitive: bool,
     #[serde(default)]
     pub description: String,
+    /// Approvals a sensitive request needs; default by the agent's risk tier.
+    #[serde(default)]
+    pub approvals: Option<u32>,
+    /// Teams whose approvers may decide; empty means any approver.
+    #[serde(default)]
+    pub approver_teams: Vec<String>,
+    /// Slack channel for this scope's approval requests.
+    #[serde(default)]
+    pub slack_channel: Option<String>,
     /// Provider-specific parameters.
     #[serde(default)]
     pub params: toml::Table,
@@ -266,6 +408,44 @@ impl Config {
                 ));
             }
         }
+        for op in &self.operators {
+            if let Some(u) = &op.slack_user_id
+                && self
+                    .operators
+                    .iter()
+                    .filter(|o| o.slack_user_id.as_ref() == Some(u))
+                    .count()
+                    > 1
+            {
+                return bad(format!(
+                    "Slack user `{u}` is mapped to more than one operator"
+                ));
+            }
+        }
+        for s in &self.scopes {
+            if s.approvals == Some(0) {
+                return bad(format!(
+                    "scope `{}`: `approvals` must be at least 1",
+                    s.name
+                ));
+            }
+        }
+        if self.approvals.quorum_by_tier.contains(&0) || self.provisioning.approvals == 0 {
+            return bad("approval quorums must be at least 1".into());
+        }
+        if self.approvals.expiry_secs == 0 || self.provisioning.expiry_secs == 0 {
+            return bad("approval expiries must be positive".into());
+        }
+        if let Some(slack) = &self.notify.slack {
+            check_outbound_url("notify.slack.api_url", &slack.api_url)?;
+        }
+        let mut hooks = std::collections::BTreeSet::new();
+        for h in &self.notify.webhooks {
+            if !hooks.insert(h.name.as_str()) {
+                return bad(format!("webhook `{}` is declared twice", h.name));
+            }
+            check_outbound_url(&format!("webhook `{}`", h.name), &h.url)?;
+        }
         for (name, table) in &self.providers {
             if !matches!(table.get("kind"), Some(toml::Value::String(_))) {
                 return bad(format!("provider `{name}` needs a `kind`"));
@@ -274,8 +454,36 @@ impl Config {
         Ok(())
     }
 
+    /// Where approvers reach Keygate, for links in messages.
+    pub fn public_url(&self) -> &str {
+        self.notify
+            .public_url
+            .as_deref()
+            .unwrap_or(&self.server.issuer)
+            .trim_end_matches('/')
+    }
+
     /// The token endpoint URL, which client assertions may name as `aud`.
     pub fn token_endpoint(&self) -> String {
         format!("{}/oauth/token", self.server.issuer.trim_end_matches('/'))
+    }
+}
+
+/// Outbound notification URLs must be https, except to this machine
+/// (development and tests).
+fn check_outbound_url(what: &str, raw: &str) -> Result<(), ConfigError> {
+    let url = url::Url::parse(raw)
+        .map_err(|e| ConfigError::Invalid(format!("{what}: `{raw}` is not a URL: {e}")))?;
+    let loopback = matches!(
+        url.host(),
+        Some(url::Host::Ipv4(a)) if a.is_loopback()
+    ) || matches!(url.host(), Some(url::Host::Ipv6(a)) if a.is_loopback())
+        || url.host_str() == Some("localhost");
+    match url.scheme() {
+        "https" => Ok(()),
+        "http" if loopback => Ok(()),
+        _ => Err(ConfigError::Invalid(format!(
+            "{what}: `{raw}` must be an https URL (plain http only to localhost)"
+        ))),
     }
 }

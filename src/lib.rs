@@ -5,6 +5,7 @@
 //! `identity` verifies agents and signs session tokens; `policy` decides with
 //! Cedar; `broker` implements agents, tasks, credentials and revocations;
 //! `lease` runs the revocation queue and reaper; `audit` hash-chains events;
+//! `notify` delivers approval requests to Slack and webhooks from an outbox;
 //! `server` is the HTTP API; `cli` the command line.
 
 pub mod audit;
@@ -15,6 +16,7 @@ pub mod identity;
 pub mod lease;
 pub mod metrics;
 pub mod model;
+pub mod notify;
 pub mod policy;
 pub mod providers;
 pub mod server;

@@ -86,6 +86,9 @@ const SCOPE: &str = "Keygate::Scope";
 const ACTION: &str = "Keygate::Action";
 /// The action every credential request is checked against.
 pub const REQUEST_CREDENTIAL: &str = "request_credential";
+/// The action a sensitive request is checked against before it waits for a
+/// human: a permit here approves it without one.
+pub const AUTO_APPROVE: &str = "auto_approve";
 
 impl PolicyEngine {
     /// Loads every `*.cedar` file (and an optional `*.cedarschema`) in `dir`.
@@ -178,11 +181,42 @@ impl PolicyEngine {
         scope: &ScopeFacts<'_>,
         req: &RequestFacts<'_>,
     ) -> Result<PolicyDecision, PolicyError> {
+        self.decide_action(REQUEST_CREDENTIAL, agent, scope, req)
+    }
+
+    /// Whether policy approves a sensitive request without a human. A schema
+    /// that does not declare `auto_approve` never auto-approves.
+    pub fn auto_approve(
+        &self,
+        agent: &Agent,
+        scope: &ScopeFacts<'_>,
+        req: &RequestFacts<'_>,
+    ) -> Result<PolicyDecision, PolicyError> {
+        let action = uid(ACTION, AUTO_APPROVE)?;
+        if let Some(schema) = &self.schema
+            && !schema.actions().any(|a| a == &action)
+        {
+            return Ok(PolicyDecision {
+                allow: false,
+                policy_ids: Vec::new(),
+                errors: Vec::new(),
+            });
+        }
+        self.decide_action(AUTO_APPROVE, agent, scope, req)
+    }
+
+    fn decide_action(
+        &self,
+        action: &str,
+        agent: &Agent,
+        scope: &ScopeFacts<'_>,
+        req: &RequestFacts<'_>,
+    ) -> Result<PolicyDecision, PolicyError> {
         let rerr = |e: &dyn std::fmt::Display| PolicyError::Request(e.to_string());
         let principal = uid(AGENT, &agent.id)?;
         let team = uid(TEAM, &agent.team)?;
         let resource = uid(SCOPE, scope.name)?;
-        let action = uid(ACTION, REQUEST_CREDENTIAL)?;
+        let action = uid(ACTION, action)?;
         let s = |v: &str| RestrictedExpression::new_string(v.to_owned());
         let l = |v: u64| RestrictedExpression::new_long(i64::try_from(v).unwrap_or(i64::MAX));
         let agent_entity = Entity::new_with_tags(

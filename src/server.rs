@@ -3,6 +3,7 @@
 
 mod admin;
 mod agent;
+mod approvals;
 mod auth;
 mod error;
 mod ops;
@@ -38,6 +39,11 @@ pub async fn build_broker(config: Config) -> anyhow::Result<Broker> {
     }
     let signer = SessionSigner::open(&config.sessions.signing_key_file, &config.server.issuer)?;
     let registry = Registry::build(&config).await?;
+    let notifier = crate::notify::Notifier::new(
+        config.notify.clone(),
+        config.public_url().to_owned(),
+        keygate_provider_api::SecretResolver::new(),
+    )?;
     let broker = Broker {
         config,
         store,
@@ -46,6 +52,8 @@ pub async fn build_broker(config: Config) -> anyhow::Result<Broker> {
         registry,
         leases: LeaseEngine::default(),
         metrics: Arc::new(Metrics::default()),
+        notifier: Arc::new(notifier),
+        approvals_changed: Arc::new(tokio::sync::Notify::new()),
     };
     if let Some(dir) = broker.config.registry.seed_dir.clone() {
         let n = seed_agents(&broker, &dir).await?;
@@ -75,8 +83,19 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/credentials/{lease_id}/renew", post(agent::renew))
         .route("/v1/tasks/complete", post(agent::complete))
         .route("/v1/agents", post(admin::register).get(admin::list_agents))
-        .route("/v1/agents/{id}", get(admin::show_agent))
+        .route(
+            "/v1/agents/{id}",
+            get(admin::show_agent).patch(admin::update_agent),
+        )
         .route("/v1/agents/{id}/{action}", post(admin::agent_action))
+        .route("/v1/approvals", get(approvals::list))
+        .route("/v1/approvals/{id}", get(approvals::show))
+        .route("/v1/approvals/{id}/decision", post(approvals::decide))
+        .route("/v1/approvals/{id}/redeem", post(approvals::redeem))
+        .route(
+            "/v1/hooks/slack/interactions",
+            post(approvals::slack_interaction),
+        )
         .route("/v1/leases", get(admin::list_leases))
         .route("/v1/revocations", post(admin::revoke))
         .route("/v1/revocations/{id}", get(admin::revocation))
@@ -112,6 +131,8 @@ pub async fn serve(config_path: &Path, listen: Option<std::net::SocketAddr>) -> 
     worker.reap_once().await?;
     tokio::spawn(Arc::clone(&worker).run_queue());
     tokio::spawn(worker.run_reaper());
+    tokio::spawn(Arc::clone(&broker.notifier).run(broker.store.clone()));
+    tokio::spawn(close_stale_approvals(Arc::clone(&broker)));
     let listener = TcpListener::bind(broker.config.server.listen).await?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, issuer = %broker.config.server.issuer, policy_hash = %broker.policy.hash(), "keygate ready");
@@ -120,6 +141,18 @@ pub async fn serve(config_path: &Path, listen: Option<std::net::SocketAddr>) -> 
         .with_graceful_shutdown(shutdown_signal())
         .await?;
     Ok(())
+}
+
+/// Expires approvals nobody decided in time and cancels those whose task
+/// ended, on the reaper's rhythm.
+async fn close_stale_approvals(broker: AppState) {
+    let every = std::time::Duration::from_secs(broker.config.leases.reaper_interval_secs.max(1));
+    loop {
+        if let Err(e) = broker.close_stale_approvals().await {
+            tracing::error!(error = %e, "closing stale approvals failed");
+        }
+        tokio::time::sleep(every).await;
+    }
 }
 
 async fn shutdown_signal() {

@@ -12,8 +12,9 @@ use time::OffsetDateTime;
 
 use crate::audit::AuditEvent;
 use crate::model::{
-    Agent, AgentStatus, FenceFilter, FenceRecord, Lease, LeaseFilter, LeaseState, Revocability,
-    Revocation, RevocationProgress, Selector, Task, TaskState,
+    Agent, AgentStatus, Approval, ApprovalDecision, ApprovalFilter, ApprovalState, FenceFilter,
+    FenceRecord, Lease, LeaseFilter, LeaseState, Notification, Revocability, Revocation,
+    RevocationProgress, Selector, Task, TaskState,
 };
 
 pub use sqlite::SqliteStore;
@@ -78,6 +79,25 @@ pub trait Store: Send + Sync + 'static {
     /// Fences, oldest first.
     async fn list_fences(&self, filter: &FenceFilter) -> StoreResult<Vec<FenceRecord>>;
     async fn audit_events(&self, filter: &AuditFilter) -> StoreResult<Vec<AuditEvent>>;
+    /// An approval with its decisions.
+    async fn get_approval(&self, id: &str) -> StoreResult<Option<Approval>>;
+    /// Approvals, newest first, with their decisions.
+    async fn list_approvals(&self, filter: &ApprovalFilter) -> StoreResult<Vec<Approval>>;
+    /// Notifications of one approval, oldest first.
+    async fn notifications(&self, approval_id: &str) -> StoreResult<Vec<Notification>>;
+    /// Notifications whose next delivery attempt is due.
+    async fn due_notifications(
+        &self,
+        now: OffsetDateTime,
+        limit: u32,
+    ) -> StoreResult<Vec<Notification>>;
+    /// What a channel answered when it delivered an approval's request (the
+    /// Slack message's channel and ts).
+    async fn notification_receipt(
+        &self,
+        approval_id: &str,
+        channel: &str,
+    ) -> StoreResult<Option<serde_json::Value>>;
     /// Whether the store answers (for `/readyz`).
     async fn ping(&self) -> StoreResult<()>;
 }
@@ -98,6 +118,8 @@ pub trait StoreTx: Send {
         now: OffsetDateTime,
     ) -> StoreResult<()>;
     async fn touch_agent(&mut self, id: &str, now: OffsetDateTime) -> StoreResult<()>;
+    /// Rewrites an agent's attributes (team, sponsor, tier, labels, keys…).
+    async fn update_agent(&mut self, agent: &Agent) -> StoreResult<()>;
 
     /// Records a client-assertion `jti`; `false` when it was seen before.
     async fn record_jti(
@@ -177,6 +199,50 @@ pub trait StoreTx: Send {
 
     async fn insert_revocation(&mut self, revocation: &Revocation) -> StoreResult<()>;
 
+    async fn insert_approval(&mut self, approval: &Approval) -> StoreResult<()>;
+    /// Reads an approval inside the transaction (decisions included).
+    async fn approval(&mut self, id: &str) -> StoreResult<Option<Approval>>;
+    /// Adds one approver's decision to a pending approval; `false` when the
+    /// approver decided before or the approval is no longer pending.
+    async fn add_decision(
+        &mut self,
+        approval_id: &str,
+        decision: &ApprovalDecision,
+    ) -> StoreResult<bool>;
+    /// Ends a pending approval; `false` when it was no longer pending.
+    async fn finish_approval(
+        &mut self,
+        id: &str,
+        state: ApprovalState,
+        reason: &str,
+        now: OffsetDateTime,
+    ) -> StoreResult<bool>;
+    /// Marks an approved credential request redeemed by `lease_id`; `false`
+    /// when it is not approved or was redeemed already.
+    async fn redeem_approval(
+        &mut self,
+        id: &str,
+        lease_id: &str,
+        now: OffsetDateTime,
+    ) -> StoreResult<bool>;
+    /// Expires pending approvals past their expiry and cancels those whose
+    /// task ended. Returns them in their new state.
+    async fn close_stale_approvals(&mut self, now: OffsetDateTime) -> StoreResult<Vec<Approval>>;
+    async fn insert_notification(&mut self, notification: &Notification) -> StoreResult<()>;
+    async fn notification_attempted(
+        &mut self,
+        id: &str,
+        outcome: &Delivery,
+        now: OffsetDateTime,
+    ) -> StoreResult<()>;
+    /// Records a signed inbound request's digest; `false` when it was seen
+    /// before (a replay).
+    async fn record_replay(
+        &mut self,
+        digest: &str,
+        expires_at: OffsetDateTime,
+    ) -> StoreResult<bool>;
+
     async fn insert_fence(&mut self, fence: &FenceRecord) -> StoreResult<()>;
     /// Marks a standing fence lifted; `false` when it was lifted already.
     async fn lift_fence(
@@ -186,6 +252,18 @@ pub trait StoreTx: Send {
         reason: &str,
         now: OffsetDateTime,
     ) -> StoreResult<bool>;
+}
+
+/// What one delivery attempt of a notification came to.
+#[derive(Debug, Clone)]
+pub enum Delivery {
+    /// Delivered; what the channel answered (e.g. a Slack message ts).
+    Delivered(serde_json::Value),
+    /// Not delivered: retry at `retry_at`, or never (`None`: given up).
+    Failed {
+        error: String,
+        retry_at: Option<OffsetDateTime>,
+    },
 }
 
 /// Which open tasks to end.

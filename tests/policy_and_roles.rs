@@ -92,14 +92,18 @@ async fn denials_name_their_policies_and_are_audited() {
     b.register(&platform, "platform").await;
     let ps = b.token(&platform).await;
     let body = b
-        .credential(&ps.token, "payments-ca", None, None)
+        .post(
+            "/v1/credentials",
+            Some(&ps.token),
+            &json!({ "scope": "payments-ca", "justification": "settle batch 7" }),
+        )
         .await
-        .expect(403);
-    assert_eq!(body["error"], "approval_required", "{body}");
+        .expect(202);
+    assert_eq!(body["status"], "pending", "{body}");
     let ev = last_decision(&b, &platform.id).await;
     assert_eq!(ev["decision"], "allow");
     assert_eq!(ev["policy_ids"], json!(["payments-for-platform"]));
-    assert_eq!(ev["outcome"], "failure");
+    assert_eq!(ev["details"]["outcome"], "approval_required");
     assert!(b.leases(&format!("agent={}", platform.id)).await.is_empty());
 }
 

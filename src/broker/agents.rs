@@ -73,11 +73,85 @@ impl AgentSpec {
     }
 }
 
+/// A change to an agent's attributes; absent fields stay as they are.
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct AgentUpdate {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub team: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub sponsor: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub risk_tier: Option<u8>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub environment: Option<Environment>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub purpose: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub labels: Option<BTreeMap<String, String>>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub jwks: Option<serde_json::Value>,
+    #[serde(
+        default,
+        skip_serializing_if = "Option::is_none",
+        with = "time::serde::rfc3339::option"
+    )]
+    pub last_review_at: Option<OffsetDateTime>,
+}
+
+impl AgentUpdate {
+    /// Applies the change to `agent`, checking the result as registration does.
+    pub fn apply(&self, agent: &mut Agent) -> BrokerResult<()> {
+        let spec = AgentSpec {
+            id: agent.id.clone(),
+            team: self.team.clone().unwrap_or_else(|| agent.team.clone()),
+            sponsor: self
+                .sponsor
+                .clone()
+                .unwrap_or_else(|| agent.sponsor.clone()),
+            risk_tier: self.risk_tier.unwrap_or(agent.risk_tier),
+            environment: self.environment.unwrap_or(agent.environment),
+            purpose: self
+                .purpose
+                .clone()
+                .unwrap_or_else(|| agent.purpose.clone()),
+            labels: self.labels.clone().unwrap_or_else(|| agent.labels.clone()),
+            auth_method: agent.auth_method,
+            jwks: self.jwks.clone().unwrap_or_else(|| agent.jwks.clone()),
+            last_review_at: self.last_review_at.or(agent.last_review_at),
+        };
+        spec.validate()?;
+        agent.team = spec.team;
+        agent.sponsor = spec.sponsor;
+        agent.risk_tier = spec.risk_tier;
+        agent.environment = spec.environment;
+        agent.purpose = spec.purpose;
+        agent.labels = spec.labels;
+        agent.jwks = spec.jwks;
+        agent.last_review_at = spec.last_review_at;
+        Ok(())
+    }
+}
+
+/// What registering or changing an agent came to.
+#[derive(Debug, serde::Serialize)]
+pub struct Registered {
+    pub agent: Agent,
+    /// Set when the change waits for provisioning approval.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub approval: Option<crate::model::Approval>,
+    /// Scopes the change would make reachable (a change waiting for approval).
+    #[serde(skip_serializing_if = "Vec::is_empty")]
+    pub widened_scopes: Vec<String>,
+}
+
 impl Broker {
-    /// Registers an agent. It starts `active` (provisioning approval is a later step).
-    pub async fn register_agent(&self, actor: &Actor, spec: AgentSpec) -> BrokerResult<Agent> {
+    /// Registers an agent. With `provisioning.require_approval` it starts
+    /// `pending` until its provisioning approval is met; otherwise `active`.
+    pub async fn register_agent(&self, actor: &Actor, spec: AgentSpec) -> BrokerResult<Registered> {
         spec.validate()?;
         let t = now();
+        let held = self.config.provisioning.require_approval;
         let agent = Agent {
             id: spec.id,
             team: spec.team,
@@ -86,7 +160,11 @@ impl Broker {
             environment: spec.environment,
             purpose: spec.purpose,
             labels: spec.labels,
-            status: AgentStatus::Active,
+            status: if held {
+                AgentStatus::Pending
+            } else {
+                AgentStatus::Active
+            },
             auth_method: spec.auth_method,
             jwks: spec.jwks,
             created_at: t,
@@ -106,8 +184,107 @@ impl Broker {
                 })),
         )
         .await?;
+        let approval = if held {
+            let reachable = self.reachable_scopes(&Agent {
+                status: AgentStatus::Active,
+                ..agent.clone()
+            });
+            Some(
+                self.open_provisioning_approval(
+                    &mut *tx,
+                    actor,
+                    &agent,
+                    serde_json::json!({
+                        "change": "register",
+                        "agent": {
+                            "team": agent.team, "sponsor": agent.sponsor,
+                            "risk_tier": agent.risk_tier, "environment": agent.environment,
+                            "purpose": agent.purpose, "labels": agent.labels,
+                        },
+                        "reachable_scopes": reachable,
+                    }),
+                    format!("new agent identity: {}", agent.purpose),
+                )
+                .await?,
+            )
+        } else {
+            None
+        };
         tx.commit().await?;
-        Ok(agent)
+        if approval.is_some() {
+            self.notifier.wake();
+        }
+        Ok(Registered {
+            agent,
+            approval,
+            widened_scopes: Vec::new(),
+        })
+    }
+
+    /// Changes an agent's attributes. A change that makes more scopes
+    /// reachable waits for provisioning approval when config requires it.
+    pub async fn update_agent(
+        &self,
+        actor: &Actor,
+        id: &str,
+        update: AgentUpdate,
+    ) -> BrokerResult<Registered> {
+        let before = self.agent(id).await?;
+        if before.status == AgentStatus::Decommissioned {
+            return Err(BrokerError::Conflict(format!(
+                "agent `{id}` is decommissioned; its record is kept as evidence and cannot change"
+            )));
+        }
+        let mut after = before.clone();
+        update.apply(&mut after)?;
+        after.updated_at = now();
+        let probe = |a: &Agent| {
+            self.reachable_scopes(&Agent {
+                status: AgentStatus::Active,
+                ..a.clone()
+            })
+        };
+        let was = probe(&before);
+        let widened: Vec<String> = probe(&after)
+            .into_iter()
+            .filter(|s| !was.contains(s))
+            .collect();
+        let change =
+            serde_json::to_value(&update).map_err(|e| BrokerError::Internal(e.to_string()))?;
+        let mut tx = self.store.begin().await?;
+        if !widened.is_empty() && self.config.provisioning.require_approval {
+            let approval = self
+                .open_provisioning_approval(
+                    &mut *tx,
+                    actor,
+                    &before,
+                    serde_json::json!({
+                        "change": "update", "update": change, "widened_scopes": widened,
+                    }),
+                    format!("widens agent `{id}` to: {}", widened.join(", ")),
+                )
+                .await?;
+            tx.commit().await?;
+            self.notifier.wake();
+            return Ok(Registered {
+                agent: before,
+                approval: Some(approval),
+                widened_scopes: widened,
+            });
+        }
+        tx.update_agent(&after).await?;
+        tx.audit(
+            AuditEvent::new(actor, "agent.updated")
+                .agent(id)
+                .details(serde_json::json!({ "update": change, "widened_scopes": widened })),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(Registered {
+            agent: after,
+            approval: None,
+            widened_scopes: Vec::new(),
+        })
     }
 
     pub async fn agent(&self, id: &str) -> BrokerResult<Agent> {

@@ -9,7 +9,10 @@ use time::OffsetDateTime;
 
 use super::{Broker, BrokerError, BrokerResult, Session};
 use crate::audit::{Actor, AuditEvent};
-use crate::model::{Lease, LeaseState, Revocability, RevocationProgress, TaskState, new_id, now};
+use crate::config::ScopeConfig;
+use crate::model::{
+    Approval, Lease, LeaseState, Revocability, RevocationProgress, TaskState, new_id, now,
+};
 use crate::policy::{RequestFacts, ScopeFacts};
 use crate::store::{LeaseSelector, TaskSelector};
 
@@ -69,6 +72,16 @@ pub struct CompletedTask {
     pub note: Option<String>,
 }
 
+/// The scope as policy sees it.
+pub(crate) fn scope_facts(c: &ScopeConfig) -> ScopeFacts<'_> {
+    ScopeFacts {
+        name: &c.name,
+        provider: &c.provider,
+        sensitive: c.sensitive,
+        max_ttl_secs: c.max_ttl_secs,
+    }
+}
+
 /// What release did, in words, for leases that were not plainly revoked.
 fn release_note(lease: &Lease) -> Option<String> {
     match (lease.state, lease.revocability) {
@@ -87,20 +100,40 @@ fn release_note(lease: &Lease) -> Option<String> {
     }
 }
 
+/// What a credential request came to: a credential, or a wait for approvers.
+#[derive(Debug)]
+pub enum CredentialOutcome {
+    Issued(IssuedCredential),
+    /// The scope is sensitive: the request waits for a human decision.
+    Pending(Box<Approval>),
+}
+
+/// What an agent asks for.
+#[derive(Debug, Clone)]
+pub struct CredentialAsk {
+    pub scope: String,
+    pub ttl: Option<u64>,
+    /// Provider-specific request parameters (e.g. a JWT-SVID `audience`).
+    pub params: serde_json::Value,
+    /// Why the agent needs it; shown to approvers of a sensitive scope.
+    pub justification: Option<String>,
+}
+
 impl Broker {
-    /// Grants one credential of `scope_name` to the session's agent.
+    /// Grants one credential to the session's agent, or opens an approval
+    /// when the scope is sensitive.
     pub async fn request_credential(
         &self,
         s: &Session,
-        scope_name: &str,
-        ttl: Option<u64>,
-        params: serde_json::Value,
-    ) -> BrokerResult<IssuedCredential> {
-        let result = self.try_request(s, scope_name, ttl, params).await;
+        ask: CredentialAsk,
+    ) -> BrokerResult<CredentialOutcome> {
+        let scope = ask.scope.clone();
+        let result = self.try_request(s, ask).await;
         self.metrics.credential(
-            scope_name,
+            &scope,
             match &result {
-                Ok(_) => "issued",
+                Ok(CredentialOutcome::Issued(_)) => "issued",
+                Ok(CredentialOutcome::Pending(_)) => "pending_approval",
                 Err(BrokerError::PolicyDenied { .. }) => "denied",
                 Err(_) => "error",
             },
@@ -108,44 +141,84 @@ impl Broker {
         result
     }
 
+    /// A configured scope with a provider behind it.
+    pub(crate) fn scope_config(&self, name: &str) -> BrokerResult<&ScopeConfig> {
+        self.config
+            .scopes
+            .iter()
+            .find(|c| c.name == name)
+            .filter(|_| self.registry.scope(name).is_some())
+            .ok_or_else(|| BrokerError::NotFound(format!("no scope `{name}`")))
+    }
+
     async fn try_request(
         &self,
         s: &Session,
-        scope_name: &str,
-        ttl: Option<u64>,
-        params: serde_json::Value,
-    ) -> BrokerResult<IssuedCredential> {
-        let actor = Actor::Agent(s.agent.id.clone());
-        let (scope_cfg, spec) = self
-            .config
-            .scopes
-            .iter()
-            .find(|c| c.name == scope_name)
-            .zip(self.registry.scope(scope_name))
-            .ok_or_else(|| BrokerError::NotFound(format!("no scope `{scope_name}`")))?;
-        let t = now();
-        let remaining = (s.task.expires_at - t).whole_seconds().max(0) as u64;
-        let ttl = match ttl {
+        ask: CredentialAsk,
+    ) -> BrokerResult<CredentialOutcome> {
+        let scope_cfg = self.scope_config(&ask.scope)?;
+        let ttl = match ask.ttl {
             Some(0) => {
                 return Err(BrokerError::InvalidRequest("`ttl` must be positive".into()));
             }
             Some(n) => n,
             None => scope_cfg.max_ttl_secs,
         };
-        let granted = ttl.min(scope_cfg.max_ttl_secs).min(remaining);
-        if granted == 0 {
-            return Err(BrokerError::TaskEnded("the task has no time left".into()));
+        let t = now();
+        let mut decided = self
+            .check_policy(s, scope_cfg, ttl, t, "credential.requested")
+            .await?;
+        if scope_cfg.sensitive {
+            let facts = RequestFacts {
+                task_id: &s.task.id,
+                task_description: &s.task.description,
+                requested_ttl_secs: ttl,
+                now: t,
+            };
+            let auto = self
+                .policy
+                .auto_approve(&s.agent, &scope_facts(scope_cfg), &facts)
+                .map_err(|e| BrokerError::Internal(e.to_string()))?;
+            if !auto.allow {
+                return self
+                    .open_credential_approval(s, scope_cfg, ttl, ask, decided)
+                    .await
+                    .map(|a| CredentialOutcome::Pending(Box::new(a)));
+            }
+            // Policy approved it without a human; the evidence names the
+            // policies that did.
+            self.audit_alone(
+                AuditEvent::new(&Actor::System, "approval.auto_approved")
+                    .agent(&s.agent.id)
+                    .task(&s.task.id)
+                    .scope(&ask.scope)
+                    .decision(true, auto.policy_ids.clone(), self.policy.hash()),
+            )
+            .await?;
+            decided.details["auto_approved_by"] = serde_json::json!(auto.policy_ids);
         }
+        self.mint(s, scope_cfg, ttl, ask.params, decided, None)
+            .await
+            .map(CredentialOutcome::Issued)
+    }
+
+    /// Evaluates policy for a request; a denial is audited and returned as
+    /// an error, an allow comes back as the event to record with the lease.
+    pub(crate) async fn check_policy(
+        &self,
+        s: &Session,
+        scope_cfg: &ScopeConfig,
+        ttl: u64,
+        t: OffsetDateTime,
+        action: &str,
+    ) -> BrokerResult<AuditEvent> {
+        let actor = Actor::Agent(s.agent.id.clone());
+        let scope_name = scope_cfg.name.as_str();
         let decision = self
             .policy
             .decide(
                 &s.agent,
-                &ScopeFacts {
-                    name: scope_name,
-                    provider: &scope_cfg.provider,
-                    sensitive: scope_cfg.sensitive,
-                    max_ttl_secs: scope_cfg.max_ttl_secs,
-                },
+                &scope_facts(scope_cfg),
                 &RequestFacts {
                     task_id: &s.task.id,
                     task_description: &s.task.description,
@@ -154,7 +227,7 @@ impl Broker {
                 },
             )
             .map_err(|e| BrokerError::Internal(e.to_string()))?;
-        let decided = AuditEvent::new(&actor, "credential.requested")
+        let decided = AuditEvent::new(&actor, action)
             .agent(&s.agent.id)
             .task(&s.task.id)
             .scope(scope_name)
@@ -182,12 +255,32 @@ impl Broker {
                 policies: decision.policy_ids,
             });
         }
-        if scope_cfg.sensitive {
-            let message = format!(
-                "scope `{scope_name}` is sensitive and needs a human approval; approvals are not available in this version, so it cannot be granted"
-            );
-            self.audit_alone(decided.failure(message.clone())).await?;
-            return Err(BrokerError::ApprovalRequired(message));
+        Ok(decided)
+    }
+
+    /// Writes the lease ahead, asks the provider, records what it issued.
+    /// With `redeem`, the approval is marked redeemed in the lease's own
+    /// commit, so an approval yields at most one credential.
+    pub(crate) async fn mint(
+        &self,
+        s: &Session,
+        scope_cfg: &ScopeConfig,
+        ttl: u64,
+        params: serde_json::Value,
+        decided: AuditEvent,
+        redeem: Option<&str>,
+    ) -> BrokerResult<IssuedCredential> {
+        let actor = Actor::Agent(s.agent.id.clone());
+        let scope_name = scope_cfg.name.as_str();
+        let spec = self
+            .registry
+            .scope(scope_name)
+            .ok_or_else(|| BrokerError::NotFound(format!("no scope `{scope_name}`")))?;
+        let t = now();
+        let remaining = (s.task.expires_at - t).whole_seconds().max(0) as u64;
+        let granted = ttl.min(scope_cfg.max_ttl_secs).min(remaining);
+        if granted == 0 {
+            return Err(BrokerError::TaskEnded("the task has no time left".into()));
         }
         let expires_at = t + time::Duration::seconds(granted as i64);
         let lease = Lease {
@@ -215,6 +308,13 @@ impl Broker {
             // The task ended (completion, TTL, kill switch) after this
             // request's session check: no credential for an ended task.
             return Err(BrokerError::TaskEnded("the task has ended".into()));
+        }
+        if let Some(approval_id) = redeem
+            && !tx.redeem_approval(approval_id, &lease.id, t).await?
+        {
+            return Err(BrokerError::Conflict(format!(
+                "approval `{approval_id}` was redeemed already: an approval yields one credential"
+            )));
         }
         tx.audit(decided.lease(&lease.id)).await?;
         tx.commit().await?;

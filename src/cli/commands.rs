@@ -7,7 +7,7 @@ use reqwest::Method;
 use secrecy::ExposeSecret;
 
 use super::client::Client;
-use super::{AgentsCmd, AuditCmd, Cli, Command, FencesCmd, KeysCmd, LeasesCmd};
+use super::{AgentsCmd, ApprovalsCmd, AuditCmd, Cli, Command, FencesCmd, KeysCmd, LeasesCmd};
 
 /// Runs a parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -60,6 +60,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             revoke(&Client::new(&remote)?, body, timeout).await
         }
         Command::Fences { cmd, remote } => fences(&Client::new(&remote)?, cmd).await,
+        Command::Approvals { cmd, remote } => approvals(&Client::new(&remote)?, cmd).await,
         Command::Audit {
             cmd: AuditCmd::Verify { db },
             remote,
@@ -244,4 +245,32 @@ async fn fences(c: &Client, cmd: FencesCmd) -> anyhow::Result<()> {
         }
     };
     print_json(&v)
+}
+
+async fn approvals(c: &Client, cmd: ApprovalsCmd) -> anyhow::Result<()> {
+    let decide = |id: String, decision: &str, reason: Option<String>| {
+        let body = serde_json::json!({ "decision": decision, "reason": reason });
+        c.request(Method::POST, &format!("/v1/approvals/{id}/decision"))
+            .json(&body)
+    };
+    let answer = match cmd {
+        ApprovalsCmd::List { state, agent } => {
+            let mut q = Vec::new();
+            if state != "all" {
+                q.push(("state", state));
+            }
+            if let Some(a) = agent {
+                q.push(("agent", a));
+            }
+            c.json(c.request(Method::GET, "/v1/approvals").query(&q))
+                .await?
+        }
+        ApprovalsCmd::Show { id } => {
+            c.json(c.request(Method::GET, &format!("/v1/approvals/{id}")))
+                .await?
+        }
+        ApprovalsCmd::Approve { id, reason } => c.json(decide(id, "approve", reason)).await?,
+        ApprovalsCmd::Deny { id, reason } => c.json(decide(id, "deny", Some(reason))).await?,
+    };
+    print_json(&answer)
 }

@@ -10,7 +10,7 @@ use serde::Deserialize;
 use super::auth::Operator;
 use super::error::{parse_json, parse_query};
 use super::{ApiError, AppState};
-use crate::broker::{AgentSpec, LiftRequest, RevocationRequest};
+use crate::broker::{AgentSpec, AgentUpdate, LiftRequest, Registered, RevocationRequest};
 use crate::config::Role;
 use crate::model::{AgentStatus, FenceFilter, LeaseFilter};
 use crate::store::AuditFilter;
@@ -25,8 +25,32 @@ pub async fn register(
 ) -> Result<impl IntoResponse, ApiError> {
     op.require(&[Role::Admin])?;
     let spec: AgentSpec = parse_json(&body)?;
-    let agent = b.register_agent(&op.actor(), spec).await?;
-    Ok((StatusCode::CREATED, Json(agent)))
+    let done = b.register_agent(&op.actor(), spec).await?;
+    Ok(held_or(done, StatusCode::CREATED))
+}
+
+/// 202 with the agent and its approval when a change waits for sign-off;
+/// otherwise `status` with the agent.
+fn held_or(done: Registered, status: StatusCode) -> Response {
+    if done.approval.is_some() {
+        (StatusCode::ACCEPTED, Json(serde_json::json!(done))).into_response()
+    } else {
+        (status, Json(done.agent)).into_response()
+    }
+}
+
+/// `PATCH /v1/agents/{id}` (admin): change attributes. A change that makes
+/// more scopes reachable waits for provisioning approval when required.
+pub async fn update_agent(
+    State(b): State<AppState>,
+    op: Operator,
+    Path(id): Path<String>,
+    body: Bytes,
+) -> Result<Response, ApiError> {
+    op.require(&[Role::Admin])?;
+    let update: AgentUpdate = parse_json(&body)?;
+    let done = b.update_agent(&op.actor(), &id, update).await?;
+    Ok(held_or(done, StatusCode::OK))
 }
 
 /// `GET /v1/agents`.

@@ -10,7 +10,7 @@ use serde_json::json;
 use super::auth::AgentSession;
 use super::error::ApiJson;
 use super::{ApiError, AppState};
-use crate::broker::{OAuthError, TokenRequest};
+use crate::broker::{CredentialAsk, CredentialOutcome, IssuedCredential, OAuthError, TokenRequest};
 
 /// `POST /oauth/token` (form-encoded). Errors follow RFC 6749 §5.2.
 pub async fn token(
@@ -70,36 +70,53 @@ pub struct CredentialBody {
     /// Provider-specific request parameters (e.g. a JWT-SVID `audience`).
     #[serde(default)]
     params: serde_json::Value,
+    /// Why the credential is needed; shown to approvers of sensitive scopes.
+    justification: Option<String>,
 }
 
-/// `POST /v1/credentials`.
+/// The 201 answer carrying a credential.
+pub(super) fn issued_body(issued: &IssuedCredential) -> Response {
+    let body = json!({
+        "lease_id": issued.lease_id,
+        "scope": issued.scope,
+        "provider": issued.provider,
+        "expires_at": crate::model::rfc3339(issued.expires_at),
+        "revocation": issued.revocability,
+        // The one place a secret leaves the broker: straight to its agent.
+        "credential": issued.credential.expose_to_agent(),
+    });
+    (
+        StatusCode::CREATED,
+        [(axum::http::header::CACHE_CONTROL, "no-store")],
+        Json(body),
+    )
+        .into_response()
+}
+
+/// `POST /v1/credentials`: 201 with the credential, or 202 with an
+/// approval to wait for when the scope is sensitive.
 pub async fn request_credential(
     State(b): State<AppState>,
     AgentSession(s): AgentSession,
     ApiJson(body): ApiJson<CredentialBody>,
 ) -> Result<Response, ApiError> {
-    let issued = b
-        .request_credential(&s, &body.scope, body.ttl, body.params)
-        .await?;
-    let expires_at = issued
-        .expires_at
-        .format(&time::format_description::well_known::Rfc3339)
-        .unwrap_or_default();
-    let body = json!({
-        "lease_id": issued.lease_id,
-        "scope": issued.scope,
-        "provider": issued.provider,
-        "expires_at": expires_at,
-        "revocation": issued.revocability,
-        // The one place a secret leaves the broker: straight to its agent.
-        "credential": issued.credential.expose_to_agent(),
-    });
-    Ok((
-        StatusCode::CREATED,
-        [(axum::http::header::CACHE_CONTROL, "no-store")],
-        Json(body),
-    )
-        .into_response())
+    let ask = CredentialAsk {
+        scope: body.scope,
+        ttl: body.ttl,
+        params: body.params,
+        justification: body.justification,
+    };
+    match b.request_credential(&s, ask).await? {
+        CredentialOutcome::Issued(issued) => Ok(issued_body(&issued)),
+        CredentialOutcome::Pending(a) => {
+            let mut view = super::approvals::agent_view(&a);
+            view["message"] = json!(format!(
+                "scope is sensitive: wait for approval (GET /v1/approvals/{0}?wait=30), then POST /v1/approvals/{0}/redeem",
+                a.id
+            ));
+            Ok((StatusCode::ACCEPTED, Json(view)).into_response())
+        }
+    }
 }
 
 /// `DELETE /v1/credentials/{lease_id}`.

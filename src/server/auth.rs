@@ -68,6 +68,51 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
     a.len() == b.len() && a.iter().zip(b).fold(0u8, |acc, (x, y)| acc | (x ^ y)) == 0
 }
 
+/// The operator whose token this is.
+fn find_operator(state: &AppState, token: &str) -> Option<Operator> {
+    let digest = hex::encode(Sha256::digest(token.as_bytes()));
+    state
+        .config
+        .operators
+        .iter()
+        .find(|o| {
+            constant_time_eq(
+                o.token_sha256.to_ascii_lowercase().as_bytes(),
+                digest.as_bytes(),
+            )
+        })
+        .map(|o| Operator {
+            name: o.name.clone(),
+            roles: o.roles.clone(),
+        })
+}
+
+/// An operator or an agent, for endpoints both may call.
+pub enum Caller {
+    Operator(Operator),
+    Agent(Box<Session>),
+}
+
+impl FromRequestParts<AppState> for Caller {
+    type Rejection = ApiError;
+
+    async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
+        let token = bearer(parts).ok_or_else(|| {
+            ApiError::unauthorized(
+                "an operator or session token is required (Authorization: Bearer)",
+            )
+        })?;
+        if let Some(op) = find_operator(state, token) {
+            return Ok(Self::Operator(op));
+        }
+        state
+            .session(token)
+            .await
+            .map(|s| Self::Agent(Box::new(s)))
+            .map_err(ApiError::invalid_token)
+    }
+}
+
 impl FromRequestParts<AppState> for Operator {
     type Rejection = ApiError;
 
@@ -77,18 +122,8 @@ impl FromRequestParts<AppState> for Operator {
                 "an operator token is required (Authorization: Bearer)",
             ));
         };
-        let digest = hex::encode(Sha256::digest(token.as_bytes()));
-        let found = state.config.operators.iter().find(|o| {
-            constant_time_eq(
-                o.token_sha256.to_ascii_lowercase().as_bytes(),
-                digest.as_bytes(),
-            )
-        });
-        match found {
-            Some(o) => Ok(Operator {
-                name: o.name.clone(),
-                roles: o.roles.clone(),
-            }),
+        match find_operator(state, token) {
+            Some(o) => Ok(o),
             None => {
                 let ev = AuditEvent::new(&Actor::Unauthenticated(None), "operator.auth")
                     .failure(format!("unknown operator token on {}", parts.uri.path()));

@@ -60,7 +60,7 @@ impl From<BrokerError> for ApiError {
                 message,
                 extra: Some(json!({ "policies": policies })),
             },
-            BrokerError::ApprovalRequired(m) => Self::new(S::FORBIDDEN, "approval_required", m),
+            BrokerError::Forbidden(m) => Self::new(S::FORBIDDEN, "forbidden", m),
             BrokerError::TaskEnded(m) => Self::new(S::CONFLICT, "task_ended", m),
             BrokerError::NotRenewable(m) => Self::new(S::BAD_REQUEST, "not_renewable", m),
             BrokerError::Provider(m) => {

@@ -5,6 +5,7 @@
 //! process instead of fighting over SQLite's lock, and the audit chain's head
 //! is read and extended inside the same transaction. Reads use a pool.
 
+mod approvals;
 mod fences;
 mod rows;
 
@@ -19,11 +20,14 @@ use sqlx::sqlite::{
 use sqlx::{QueryBuilder, Row, Sqlite, Transaction};
 use time::OffsetDateTime;
 
-use super::{AuditFilter, LeaseSelector, Store, StoreError, StoreResult, StoreTx, TaskSelector};
+use super::{
+    AuditFilter, Delivery, LeaseSelector, Store, StoreError, StoreResult, StoreTx, TaskSelector,
+};
 use crate::audit::{AuditEvent, GENESIS_HASH};
 use crate::model::{
-    Agent, AgentStatus, FenceFilter, FenceRecord, Lease, LeaseFilter, LeaseState, Revocability,
-    Revocation, RevocationProgress, Selector, Task, TaskState, unix,
+    Agent, AgentStatus, Approval, ApprovalDecision, ApprovalFilter, ApprovalState, FenceFilter,
+    FenceRecord, Lease, LeaseFilter, LeaseState, Notification, Revocability, Revocation,
+    RevocationProgress, Selector, Task, TaskState, unix,
 };
 use rows::{agent_from_row, audit_from_row, lease_from_row, revocation_from_row, task_from_row};
 
@@ -243,6 +247,36 @@ impl Store for SqliteStore {
             .collect()
     }
 
+    async fn get_approval(&self, id: &str) -> StoreResult<Option<Approval>> {
+        let mut conn = self.read.acquire().await?;
+        approvals::get(&mut conn, id).await
+    }
+
+    async fn list_approvals(&self, filter: &ApprovalFilter) -> StoreResult<Vec<Approval>> {
+        let mut conn = self.read.acquire().await?;
+        approvals::list(&mut conn, filter).await
+    }
+
+    async fn notifications(&self, approval_id: &str) -> StoreResult<Vec<Notification>> {
+        approvals::notifications_of(&self.read, approval_id).await
+    }
+
+    async fn due_notifications(
+        &self,
+        now: OffsetDateTime,
+        limit: u32,
+    ) -> StoreResult<Vec<Notification>> {
+        approvals::due_notifications(&self.read, now, limit).await
+    }
+
+    async fn notification_receipt(
+        &self,
+        approval_id: &str,
+        channel: &str,
+    ) -> StoreResult<Option<serde_json::Value>> {
+        approvals::receipt(&self.read, approval_id, channel).await
+    }
+
     async fn ping(&self) -> StoreResult<()> {
         sqlx::query("SELECT 1").execute(&self.read).await?;
         Ok(())
@@ -365,6 +399,26 @@ impl StoreTx for SqliteTx {
             .bind(id)
             .execute(&mut *self.tx)
             .await?;
+        Ok(())
+    }
+
+    async fn update_agent(&mut self, a: &Agent) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE agents SET team = ?, sponsor = ?, risk_tier = ?, environment = ?, \
+             purpose = ?, labels = ?, jwks = ?, last_review_at = ?, updated_at = ? WHERE id = ?",
+        )
+        .bind(&a.team)
+        .bind(&a.sponsor)
+        .bind(i64::from(a.risk_tier))
+        .bind(a.environment.as_str())
+        .bind(&a.purpose)
+        .bind(serde_json::to_string(&a.labels).map_err(corrupt)?)
+        .bind(serde_json::to_string(&a.jwks).map_err(corrupt)?)
+        .bind(a.last_review_at.map(unix))
+        .bind(unix(a.updated_at))
+        .bind(&a.id)
+        .execute(&mut *self.tx)
+        .await?;
         Ok(())
     }
 
@@ -651,6 +705,64 @@ impl StoreTx for SqliteTx {
         .execute(&mut *self.tx)
         .await?;
         Ok(())
+    }
+
+    async fn insert_approval(&mut self, a: &Approval) -> StoreResult<()> {
+        approvals::insert(&mut *self.tx, a).await
+    }
+
+    async fn approval(&mut self, id: &str) -> StoreResult<Option<Approval>> {
+        approvals::get(&mut self.tx, id).await
+    }
+
+    async fn add_decision(&mut self, id: &str, d: &ApprovalDecision) -> StoreResult<bool> {
+        approvals::add_decision(&mut *self.tx, id, d).await
+    }
+
+    async fn finish_approval(
+        &mut self,
+        id: &str,
+        state: ApprovalState,
+        reason: &str,
+        now: OffsetDateTime,
+    ) -> StoreResult<bool> {
+        approvals::finish(&mut *self.tx, id, state, reason, now).await
+    }
+
+    async fn redeem_approval(
+        &mut self,
+        id: &str,
+        lease_id: &str,
+        now: OffsetDateTime,
+    ) -> StoreResult<bool> {
+        approvals::redeem(&mut *self.tx, id, lease_id, now).await
+    }
+
+    async fn close_stale_approvals(&mut self, now: OffsetDateTime) -> StoreResult<Vec<Approval>> {
+        let closed = approvals::close_stale(&mut self.tx, now).await?;
+        approvals::prune_replays(&mut *self.tx, now).await?;
+        Ok(closed)
+    }
+
+    async fn insert_notification(&mut self, n: &Notification) -> StoreResult<()> {
+        approvals::insert_notification(&mut *self.tx, n).await
+    }
+
+    async fn notification_attempted(
+        &mut self,
+        id: &str,
+        outcome: &Delivery,
+        now: OffsetDateTime,
+    ) -> StoreResult<()> {
+        approvals::notification_attempted(&mut *self.tx, id, outcome, now).await
+    }
+
+    async fn record_replay(
+        &mut self,
+        digest: &str,
+        expires_at: OffsetDateTime,
+    ) -> StoreResult<bool> {
+        approvals::record_replay(&mut *self.tx, digest, expires_at).await
     }
 
     async fn insert_fence(&mut self, f: &FenceRecord) -> StoreResult<()> {

@@ -9,6 +9,7 @@ mod api;
 pub mod aws;
 mod config;
 pub mod peers;
+pub mod slack;
 pub mod vault;
 
 use std::net::SocketAddr;

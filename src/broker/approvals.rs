@@ -1,0 +1,604 @@
+//! Approvals: open a request for human sign-off, record decisions with their
+//! quorum and separation-of-duties rules, redeem an approved credential once.
+//!
+//! Every path, refusals included, leaves an audit event; the notification
+//! outbox rows are written in the same commit as the approval they announce.
+
+use std::time::Duration;
+
+use serde::Deserialize;
+use time::OffsetDateTime;
+
+use super::credentials::{CredentialAsk, IssuedCredential};
+use super::{Broker, BrokerError, BrokerResult, Session};
+use crate::audit::{Actor, AuditEvent};
+use crate::config::{OperatorConfig, Role, ScopeConfig};
+use crate::model::{
+    Agent, AgentStatus, Approval, ApprovalDecision, ApprovalKind, ApprovalState, Verdict, new_id,
+    now,
+};
+use crate::notify::Reply;
+use crate::store::StoreTx;
+
+/// An approver's decision as the API and Slack deliver it.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecisionRequest {
+    pub decision: Verdict,
+    #[serde(default)]
+    pub reason: Option<String>,
+}
+
+/// Where a decision was made.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DecisionChannel {
+    Api,
+    Slack,
+}
+
+impl DecisionChannel {
+    fn as_str(self) -> &'static str {
+        match self {
+            Self::Api => "api",
+            Self::Slack => "slack",
+        }
+    }
+}
+
+/// The approval event a refusal or decision is audited under.
+fn approval_event(actor: &Actor, action: &str, a: &Approval) -> AuditEvent {
+    let mut ev = AuditEvent::new(actor, action).agent(&a.agent_id);
+    if let Some(t) = &a.task_id {
+        ev = ev.task(t);
+    }
+    if let Some(s) = &a.scope {
+        ev = ev.scope(s);
+    }
+    ev.details(serde_json::json!({ "approval": a.id, "kind": a.kind }))
+}
+
+impl Broker {
+    /// The configured operator behind a name.
+    fn operator_config(&self, name: &str) -> BrokerResult<&OperatorConfig> {
+        self.config
+            .operators
+            .iter()
+            .find(|o| o.name == name)
+            .ok_or_else(|| BrokerError::Forbidden(format!("no operator `{name}`")))
+    }
+
+    /// Whether an operator is the sponsor named on an approval.
+    fn is_sponsor(op: &OperatorConfig, sponsor: &str) -> bool {
+        op.name.eq_ignore_ascii_case(sponsor)
+            || op
+                .email
+                .as_deref()
+                .is_some_and(|e| e.eq_ignore_ascii_case(sponsor))
+    }
+
+    /// Opens an approval for a sensitive scope that policy permits.
+    pub(crate) async fn open_credential_approval(
+        &self,
+        s: &Session,
+        scope_cfg: &ScopeConfig,
+        ttl: u64,
+        ask: CredentialAsk,
+        decided: AuditEvent,
+    ) -> BrokerResult<Approval> {
+        let justification = ask
+            .justification
+            .as_deref()
+            .map(str::trim)
+            .filter(|j| !j.is_empty())
+            .unwrap_or(s.task.description.trim())
+            .to_owned();
+        if justification.is_empty() {
+            return Err(BrokerError::InvalidRequest(format!(
+                "scope `{}` is sensitive: say why you need it in `justification` (or open the task with a description)",
+                scope_cfg.name
+            )));
+        }
+        let tier = usize::from(s.agent.risk_tier.clamp(1, 3)) - 1;
+        let cfg = &self.config.approvals;
+        let t = now();
+        let expires_at =
+            (t + time::Duration::seconds(cfg.expiry_secs as i64)).min(s.task.expires_at);
+        let approval = Approval {
+            id: new_id("ap"),
+            kind: ApprovalKind::Credential,
+            state: ApprovalState::Pending,
+            requester: format!("agent:{}", s.agent.id),
+            agent_id: s.agent.id.clone(),
+            task_id: Some(s.task.id.clone()),
+            scope: Some(scope_cfg.name.clone()),
+            request: serde_json::json!({ "ttl": ttl, "params": ask.params }),
+            justification,
+            required: scope_cfg.approvals.unwrap_or(cfg.quorum_by_tier[tier]),
+            approver_teams: scope_cfg.approver_teams.clone(),
+            sponsor: s.agent.sponsor.clone(),
+            sponsor_alone: cfg.sponsor_may_approve_alone,
+            confirm_in_api: cfg.confirm_in_api_tiers.contains(&s.agent.risk_tier),
+            created_at: t,
+            expires_at,
+            decided_at: None,
+            end_reason: None,
+            redeemed_at: None,
+            lease_id: None,
+            decisions: Vec::new(),
+        };
+        let mut tx = self.store.begin().await?;
+        tx.audit(decided.details(serde_json::json!({
+            "ttl": ttl, "approval": approval.id, "outcome": "approval_required",
+        })))
+        .await?;
+        self.insert_approval(&mut *tx, &approval, Some(scope_cfg))
+            .await?;
+        tx.commit().await?;
+        self.notifier.wake();
+        Ok(approval)
+    }
+
+    /// Writes an approval, its `approval.requested` event and its outbox rows.
+    pub(crate) async fn insert_approval(
+        &self,
+        tx: &mut dyn StoreTx,
+        approval: &Approval,
+        scope_cfg: Option<&ScopeConfig>,
+    ) -> BrokerResult<()> {
+        tx.insert_approval(approval).await?;
+        let requester = Actor::from_rendered(&approval.requester);
+        tx.audit(
+            approval_event(&requester, "approval.requested", approval).details(serde_json::json!({
+                "approval": approval.id,
+                "kind": approval.kind,
+                "required": approval.required,
+                "approver_teams": approval.approver_teams,
+                "expires_at": crate::model::unix(approval.expires_at),
+                "justification": approval.justification,
+                "request": approval.request,
+            })),
+        )
+        .await?;
+        for n in self.notifier.requested(approval, scope_cfg) {
+            tx.insert_notification(&n).await?;
+        }
+        Ok(())
+    }
+
+    /// An approval as an operator sees it.
+    pub async fn approval(&self, id: &str) -> BrokerResult<Approval> {
+        self.store
+            .get_approval(id)
+            .await?
+            .ok_or_else(|| BrokerError::NotFound(format!("no approval `{id}`")))
+    }
+
+    /// An approval of the session's own agent; others are "not found".
+    pub async fn agent_approval(&self, s: &Session, id: &str) -> BrokerResult<Approval> {
+        self.store
+            .get_approval(id)
+            .await?
+            .filter(|a| a.agent_id == s.agent.id)
+            .ok_or_else(|| BrokerError::NotFound(format!("no approval `{id}` for this agent")))
+    }
+
+    /// Waits up to `wait` for a pending approval to be decided, then returns it.
+    pub async fn await_approval(&self, a: Approval, wait: Duration) -> BrokerResult<Approval> {
+        let wait = wait.min(Duration::from_secs(self.config.approvals.max_wait_secs));
+        let deadline = tokio::time::Instant::now() + wait;
+        let mut current = a;
+        while current.state == ApprovalState::Pending && tokio::time::Instant::now() < deadline {
+            let changed = self.approvals_changed.notified();
+            // A decision, or the reaper's expiry, or the deadline.
+            let _ = tokio::time::timeout_at(
+                deadline.min(tokio::time::Instant::now() + Duration::from_secs(1)),
+                changed,
+            )
+            .await;
+            current = self.approval(&current.id).await?;
+        }
+        Ok(current)
+    }
+
+    /// Records one approver's decision. Refusals are audited and returned
+    /// as errors; `reply` is a Slack `response_url` answer queued with it.
+    pub async fn decide_approval(
+        &self,
+        operator: &str,
+        id: &str,
+        req: DecisionRequest,
+        channel: DecisionChannel,
+        reply: Option<Reply>,
+    ) -> BrokerResult<Approval> {
+        let actor = Actor::Operator(operator.to_owned());
+        match self
+            .try_decide(operator, id, &req, channel, reply.clone())
+            .await
+        {
+            Ok(a) => {
+                self.approvals_changed.notify_waiters();
+                self.notifier.wake();
+                Ok(a)
+            }
+            Err(e) => {
+                let mut ev = AuditEvent::new(&actor, "approval.decision")
+                    .details(serde_json::json!({
+                        "approval": id, "decision": req.decision,
+                        "channel": channel.as_str(),
+                    }))
+                    .failure(e.to_string());
+                if let Ok(Some(a)) = self.store.get_approval(id).await {
+                    ev.agent = Some(a.agent_id);
+                    ev.task = a.task_id;
+                    ev.scope = a.scope;
+                }
+                let mut tx = self.store.begin().await?;
+                tx.audit(ev).await?;
+                if let Some(r) = reply {
+                    tx.insert_notification(&self.notifier.reply(id, r.refused(&e.to_string())))
+                        .await?;
+                }
+                tx.commit().await?;
+                self.notifier.wake();
+                Err(e)
+            }
+        }
+    }
+
+    async fn try_decide(
+        &self,
+        operator: &str,
+        id: &str,
+        req: &DecisionRequest,
+        channel: DecisionChannel,
+        reply: Option<Reply>,
+    ) -> BrokerResult<Approval> {
+        let op = self.operator_config(operator)?;
+        if !op.roles.contains(&Role::Approver) {
+            return Err(BrokerError::Forbidden(format!(
+                "operator `{operator}` is not an approver"
+            )));
+        }
+        let t = now();
+        let mut tx = self.store.begin().await?;
+        let a = tx
+            .approval(id)
+            .await?
+            .ok_or_else(|| BrokerError::NotFound(format!("no approval `{id}`")))?;
+        if a.state != ApprovalState::Pending {
+            return Err(BrokerError::Conflict(format!(
+                "approval `{id}` is {}; it takes no more decisions",
+                a.state
+            )));
+        }
+        if a.expires_at <= t {
+            return Err(BrokerError::Conflict(format!(
+                "approval `{id}` expired at {}; it takes no more decisions",
+                crate::model::rfc3339(a.expires_at)
+            )));
+        }
+        if !a.approver_teams.is_empty()
+            && !op
+                .team
+                .as_ref()
+                .is_some_and(|t| a.approver_teams.contains(t))
+        {
+            return Err(BrokerError::Forbidden(format!(
+                "operator `{operator}` may not decide this approval: it is for approvers of team(s) {}",
+                a.approver_teams.join(", ")
+            )));
+        }
+        if a.requester == format!("operator:{operator}") {
+            return Err(BrokerError::Forbidden(format!(
+                "operator `{operator}` asked for this change and cannot also decide it"
+            )));
+        }
+        if channel == DecisionChannel::Slack && a.confirm_in_api {
+            return Err(BrokerError::Forbidden(format!(
+                "approval `{id}` must be decided in Keygate, not in Slack: `keygate approvals approve {id}` or POST /v1/approvals/{id}/decision"
+            )));
+        }
+        if let Some(d) = a.decisions.iter().find(|d| d.operator == operator) {
+            return Err(BrokerError::Conflict(format!(
+                "operator `{operator}` already decided ({}) on approval `{id}`; nobody decides twice",
+                d.decision
+            )));
+        }
+        let approvals = a.approvals().count() as u32 + 1;
+        let quorum = approvals >= a.required;
+        if req.decision == Verdict::Approve && quorum && !a.sponsor_alone {
+            let others = a.approvals().any(|d| {
+                self.operator_config(&d.operator)
+                    .map(|o| !Self::is_sponsor(o, &a.sponsor))
+                    .unwrap_or(true)
+            });
+            if Self::is_sponsor(op, &a.sponsor) && !others {
+                return Err(BrokerError::Forbidden(format!(
+                    "separation of duties: `{operator}` sponsors agent `{}` and cannot be the only approver of its request",
+                    a.agent_id
+                )));
+            }
+        }
+        let decision = ApprovalDecision {
+            operator: operator.to_owned(),
+            decision: req.decision,
+            channel: channel.as_str().to_owned(),
+            reason: req.reason.clone().filter(|r| !r.trim().is_empty()),
+            at: t,
+        };
+        if !tx.add_decision(id, &decision).await? {
+            return Err(BrokerError::Conflict(format!(
+                "operator `{operator}` already decided on approval `{id}`"
+            )));
+        }
+        let actor = Actor::Operator(operator.to_owned());
+        tx.audit(
+            approval_event(&actor, "approval.decision", &a)
+                .details(serde_json::json!({
+                    "approval": id, "decision": req.decision, "channel": channel.as_str(),
+                    "approvals": approvals, "required": a.required,
+                }))
+                .reason(decision.reason.clone().unwrap_or_default()),
+        )
+        .await?;
+        let outcome = match req.decision {
+            Verdict::Deny => Some((
+                ApprovalState::Denied,
+                format!(
+                    "denied by {operator}{}",
+                    decision
+                        .reason
+                        .as_deref()
+                        .map(|r| format!(": {r}"))
+                        .unwrap_or_default()
+                ),
+            )),
+            Verdict::Approve if quorum => Some((
+                ApprovalState::Approved,
+                format!("approved by {approvals} of {} required", a.required),
+            )),
+            Verdict::Approve => None,
+        };
+        if let Some((state, reason)) = &outcome {
+            tx.finish_approval(id, *state, reason, t).await?;
+            tx.audit(
+                approval_event(&actor, &format!("approval.{state}"), &a).reason(reason.clone()),
+            )
+            .await?;
+            if a.kind == ApprovalKind::Provisioning {
+                self.apply_provisioning(&mut *tx, &a, *state, &actor)
+                    .await?;
+            }
+        }
+        let after = tx
+            .approval(id)
+            .await?
+            .ok_or_else(|| BrokerError::Internal(format!("approval `{id}` vanished")))?;
+        if outcome.is_some() {
+            for n in self.notifier.decided(&after) {
+                tx.insert_notification(&n).await?;
+            }
+        }
+        if let Some(r) = reply {
+            tx.insert_notification(&self.notifier.reply(id, r.decided(&after, operator)))
+                .await?;
+        }
+        tx.commit().await?;
+        Ok(after)
+    }
+
+    /// Receives an approved credential, once, in the task that asked for it.
+    pub async fn redeem_approval(&self, s: &Session, id: &str) -> BrokerResult<IssuedCredential> {
+        let actor = Actor::Agent(s.agent.id.clone());
+        let result = self.try_redeem(s, id).await;
+        if let Err(e) = &result
+            && !matches!(e, BrokerError::PolicyDenied { .. })
+        {
+            self.audit_alone(
+                AuditEvent::new(&actor, "approval.redeem")
+                    .agent(&s.agent.id)
+                    .task(&s.task.id)
+                    .details(serde_json::json!({ "approval": id }))
+                    .failure(e.to_string()),
+            )
+            .await?;
+        }
+        result
+    }
+
+    async fn try_redeem(&self, s: &Session, id: &str) -> BrokerResult<IssuedCredential> {
+        let a = self
+            .store
+            .get_approval(id)
+            .await?
+            .ok_or_else(|| BrokerError::NotFound(format!("no approval `{id}`")))?;
+        if a.kind != ApprovalKind::Credential {
+            return Err(BrokerError::InvalidRequest(format!(
+                "approval `{id}` is a provisioning approval: there is no credential to redeem"
+            )));
+        }
+        if a.agent_id != s.agent.id || a.task_id.as_deref() != Some(s.task.id.as_str()) {
+            return Err(BrokerError::Forbidden(format!(
+                "approval `{id}` was granted to another agent or task; only the task that asked may redeem it"
+            )));
+        }
+        match a.state {
+            ApprovalState::Approved if a.redeemed_at.is_some() => {
+                return Err(BrokerError::Conflict(format!(
+                    "approval `{id}` was redeemed already (lease `{}`): an approval yields one credential",
+                    a.lease_id.as_deref().unwrap_or("?")
+                )));
+            }
+            ApprovalState::Approved => {}
+            ApprovalState::Pending => {
+                return Err(BrokerError::Conflict(format!(
+                    "approval `{id}` is still pending ({} of {} approvals)",
+                    a.approvals().count(),
+                    a.required
+                )));
+            }
+            other => {
+                return Err(BrokerError::Conflict(format!(
+                    "approval `{id}` is {other}: {}",
+                    a.end_reason.as_deref().unwrap_or("no credential")
+                )));
+            }
+        }
+        let scope_name = a.scope.clone().unwrap_or_default();
+        let scope_cfg = self.scope_config(&scope_name)?;
+        let ttl = a.request["ttl"].as_u64().unwrap_or(scope_cfg.max_ttl_secs);
+        // Policy is asked again: an approval does not outlive a policy change.
+        let decided = self
+            .check_policy(s, scope_cfg, ttl, now(), "credential.redeemed")
+            .await?
+            .details(serde_json::json!({ "ttl": ttl, "approval": id }));
+        self.mint(
+            s,
+            scope_cfg,
+            ttl,
+            a.request["params"].clone(),
+            decided,
+            Some(id),
+        )
+        .await
+    }
+
+    /// Applies (or settles) a provisioning change once its approval ends.
+    async fn apply_provisioning(
+        &self,
+        tx: &mut dyn StoreTx,
+        a: &Approval,
+        state: ApprovalState,
+        actor: &Actor,
+    ) -> BrokerResult<()> {
+        let t = now();
+        let change = a.request["change"].as_str().unwrap_or_default();
+        match (change, state) {
+            ("register", ApprovalState::Approved) => {
+                tx.set_agent_status(&a.agent_id, AgentStatus::Active, t)
+                    .await?;
+                tx.audit(
+                    approval_event(actor, "agent.active", a)
+                        .reason("provisioning approved".to_owned()),
+                )
+                .await?;
+            }
+            ("register", ApprovalState::Denied) => {
+                tx.set_agent_status(&a.agent_id, AgentStatus::Decommissioned, t)
+                    .await?;
+                tx.audit(
+                    approval_event(actor, "agent.decommissioned", a)
+                        .reason("provisioning denied".to_owned()),
+                )
+                .await?;
+            }
+            ("update", ApprovalState::Approved) => {
+                let Some(mut agent) = self.store.get_agent(&a.agent_id).await? else {
+                    return Err(BrokerError::NotFound(format!("no agent `{}`", a.agent_id)));
+                };
+                let update: super::agents::AgentUpdate =
+                    serde_json::from_value(a.request["update"].clone())
+                        .map_err(|e| BrokerError::Internal(format!("stored change: {e}")))?;
+                update.apply(&mut agent)?;
+                agent.updated_at = t;
+                tx.update_agent(&agent).await?;
+                tx.audit(
+                    approval_event(actor, "agent.updated", a).details(serde_json::json!({
+                        "approval": a.id, "update": a.request["update"],
+                        "widened_scopes": a.request["widened_scopes"],
+                    })),
+                )
+                .await?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Scopes policy lets `agent` reach, probed with the shortest sensible
+    /// request (a described task, a minute or the scope's max TTL, now).
+    pub(crate) fn reachable_scopes(&self, agent: &Agent) -> Vec<String> {
+        let t = now();
+        self.config
+            .scopes
+            .iter()
+            .filter(|c| {
+                self.policy
+                    .decide(
+                        agent,
+                        &super::credentials::scope_facts(c),
+                        &crate::policy::RequestFacts {
+                            task_id: "provisioning-review",
+                            task_description: "provisioning review",
+                            requested_ttl_secs: c.max_ttl_secs.min(60),
+                            now: t,
+                        },
+                    )
+                    .is_ok_and(|d| d.allow)
+            })
+            .map(|c| c.name.clone())
+            .collect()
+    }
+
+    /// Opens a provisioning approval for a new agent or a widening change.
+    pub(crate) async fn open_provisioning_approval(
+        &self,
+        tx: &mut dyn StoreTx,
+        requester: &Actor,
+        agent: &Agent,
+        request: serde_json::Value,
+        justification: String,
+    ) -> BrokerResult<Approval> {
+        let cfg = &self.config.provisioning;
+        let t = now();
+        let approval = Approval {
+            id: new_id("ap"),
+            kind: ApprovalKind::Provisioning,
+            state: ApprovalState::Pending,
+            requester: requester.render(),
+            agent_id: agent.id.clone(),
+            task_id: None,
+            scope: None,
+            request,
+            justification,
+            required: cfg.approvals,
+            approver_teams: cfg.approver_teams.clone(),
+            sponsor: agent.sponsor.clone(),
+            sponsor_alone: cfg.sponsor_may_approve_alone,
+            confirm_in_api: false,
+            created_at: t,
+            expires_at: t + time::Duration::seconds(cfg.expiry_secs as i64),
+            decided_at: None,
+            end_reason: None,
+            redeemed_at: None,
+            lease_id: None,
+            decisions: Vec::new(),
+        };
+        self.insert_approval(tx, &approval, None).await?;
+        Ok(approval)
+    }
+
+    /// The reaper's part: pending approvals past expiry expire, those whose
+    /// task ended are cancelled; each is audited and announced.
+    pub async fn close_stale_approvals(&self) -> BrokerResult<usize> {
+        let t: OffsetDateTime = now();
+        let mut tx = self.store.begin().await?;
+        let closed = tx.close_stale_approvals(t).await?;
+        for a in &closed {
+            tx.audit(
+                approval_event(&Actor::System, &format!("approval.{}", a.state), a)
+                    .reason(a.end_reason.clone().unwrap_or_default()),
+            )
+            .await?;
+            for n in self.notifier.decided(a) {
+                tx.insert_notification(&n).await?;
+            }
+        }
+        tx.commit().await?;
+        if !closed.is_empty() {
+            self.approvals_changed.notify_waiters();
+            self.notifier.wake();
+        }
+        Ok(closed.len())
+    }
+}

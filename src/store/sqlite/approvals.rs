@@ -1,0 +1,365 @@
+//! Approvals, their decisions, the notification outbox and the hook replay
+//! cache in the SQLite engine.
+
+use sqlx::sqlite::SqliteRow;
+use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection, SqliteExecutor};
+use time::OffsetDateTime;
+
+use super::rows::{json_col, parse_col};
+use crate::model::{
+    Approval, ApprovalDecision, ApprovalFilter, ApprovalState, Notification, from_unix, unix,
+};
+use crate::store::{StoreError, StoreResult};
+
+fn to_json<T: serde::Serialize>(v: &T) -> StoreResult<String> {
+    serde_json::to_string(v).map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
+fn approval_from_row(r: &SqliteRow) -> StoreResult<Approval> {
+    let opt_time = |c: &str| -> StoreResult<Option<OffsetDateTime>> {
+        Ok(r.try_get::<Option<i64>, _>(c)?.map(from_unix))
+    };
+    Ok(Approval {
+        id: r.try_get("id")?,
+        kind: parse_col(r, "kind")?,
+        state: parse_col(r, "state")?,
+        requester: r.try_get("requester")?,
+        agent_id: r.try_get("agent_id")?,
+        task_id: r.try_get("task_id")?,
+        scope: r.try_get("scope")?,
+        request: json_col(r, "request")?,
+        justification: r.try_get("justification")?,
+        required: u32::try_from(r.try_get::<i64, _>("required")?)
+            .map_err(|_| StoreError::Corrupt("approval quorum out of range".into()))?,
+        approver_teams: json_col(r, "approver_teams")?,
+        sponsor: r.try_get("sponsor")?,
+        sponsor_alone: r.try_get("sponsor_alone")?,
+        confirm_in_api: r.try_get("confirm_in_api")?,
+        created_at: from_unix(r.try_get("created_at")?),
+        expires_at: from_unix(r.try_get("expires_at")?),
+        decided_at: opt_time("decided_at")?,
+        end_reason: r.try_get("end_reason")?,
+        redeemed_at: opt_time("redeemed_at")?,
+        lease_id: r.try_get("lease_id")?,
+        decisions: Vec::new(),
+    })
+}
+
+fn decision_from_row(r: &SqliteRow) -> StoreResult<ApprovalDecision> {
+    Ok(ApprovalDecision {
+        operator: r.try_get("operator")?,
+        decision: parse_col(r, "decision")?,
+        channel: r.try_get("channel")?,
+        reason: r.try_get("reason")?,
+        at: from_unix(r.try_get("at")?),
+    })
+}
+
+fn notification_from_row(r: &SqliteRow) -> StoreResult<Notification> {
+    Ok(Notification {
+        id: r.try_get("id")?,
+        approval_id: r.try_get("approval_id")?,
+        channel: r.try_get("channel")?,
+        event: r.try_get("event")?,
+        payload: json_col(r, "payload")?,
+        created_at: from_unix(r.try_get("created_at")?),
+        attempts: u32::try_from(r.try_get::<i64, _>("attempts")?).unwrap_or(u32::MAX),
+        next_attempt_at: r
+            .try_get::<Option<i64>, _>("next_attempt_at")?
+            .map(from_unix),
+        last_error: r.try_get("last_error")?,
+        delivered_at: r.try_get::<Option<i64>, _>("delivered_at")?.map(from_unix),
+    })
+}
+
+async fn with_decisions(db: &mut SqliteConnection, mut a: Approval) -> StoreResult<Approval> {
+    a.decisions =
+        sqlx::query("SELECT * FROM approval_decisions WHERE approval_id = ? ORDER BY at, rowid")
+            .bind(&a.id)
+            .fetch_all(&mut *db)
+            .await?
+            .iter()
+            .map(decision_from_row)
+            .collect::<StoreResult<_>>()?;
+    Ok(a)
+}
+
+pub(super) async fn get(db: &mut SqliteConnection, id: &str) -> StoreResult<Option<Approval>> {
+    let Some(row) = sqlx::query("SELECT * FROM approvals WHERE id = ?")
+        .bind(id)
+        .fetch_optional(&mut *db)
+        .await?
+    else {
+        return Ok(None);
+    };
+    Ok(Some(with_decisions(db, approval_from_row(&row)?).await?))
+}
+
+pub(super) async fn list(
+    db: &mut SqliteConnection,
+    f: &ApprovalFilter,
+) -> StoreResult<Vec<Approval>> {
+    let mut q = QueryBuilder::<Sqlite>::new("SELECT * FROM approvals WHERE 1=1");
+    if let Some(s) = f.state {
+        q.push(" AND state = ").push_bind(s.as_str());
+    }
+    if let Some(k) = f.kind {
+        q.push(" AND kind = ").push_bind(k.as_str());
+    }
+    if let Some(a) = &f.agent {
+        q.push(" AND agent_id = ").push_bind(a.clone());
+    }
+    q.push(" ORDER BY created_at DESC, id DESC LIMIT ")
+        .push_bind(i64::from(f.limit.unwrap_or(1000)));
+    let rows = q.build().fetch_all(&mut *db).await?;
+    let mut out = Vec::with_capacity(rows.len());
+    for r in &rows {
+        out.push(with_decisions(db, approval_from_row(r)?).await?);
+    }
+    Ok(out)
+}
+
+pub(super) async fn insert(db: impl SqliteExecutor<'_>, a: &Approval) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO approvals (id, kind, state, requester, agent_id, task_id, scope, request, \
+         justification, required, approver_teams, sponsor, sponsor_alone, confirm_in_api, \
+         created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+    )
+    .bind(&a.id)
+    .bind(a.kind.as_str())
+    .bind(a.state.as_str())
+    .bind(&a.requester)
+    .bind(&a.agent_id)
+    .bind(&a.task_id)
+    .bind(&a.scope)
+    .bind(to_json(&a.request)?)
+    .bind(&a.justification)
+    .bind(i64::from(a.required))
+    .bind(to_json(&a.approver_teams)?)
+    .bind(&a.sponsor)
+    .bind(a.sponsor_alone)
+    .bind(a.confirm_in_api)
+    .bind(unix(a.created_at))
+    .bind(unix(a.expires_at))
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+pub(super) async fn add_decision(
+    db: impl SqliteExecutor<'_>,
+    approval_id: &str,
+    d: &ApprovalDecision,
+) -> StoreResult<bool> {
+    let done = sqlx::query(
+        "INSERT INTO approval_decisions (approval_id, operator, decision, channel, reason, at) \
+         SELECT ?, ?, ?, ?, ?, ? WHERE EXISTS \
+         (SELECT 1 FROM approvals WHERE id = ? AND state = 'pending') ON CONFLICT DO NOTHING",
+    )
+    .bind(approval_id)
+    .bind(&d.operator)
+    .bind(d.decision.as_str())
+    .bind(&d.channel)
+    .bind(&d.reason)
+    .bind(unix(d.at))
+    .bind(approval_id)
+    .execute(db)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+pub(super) async fn finish(
+    db: impl SqliteExecutor<'_>,
+    id: &str,
+    state: ApprovalState,
+    reason: &str,
+    now: OffsetDateTime,
+) -> StoreResult<bool> {
+    let done = sqlx::query(
+        "UPDATE approvals SET state = ?, decided_at = ?, end_reason = ? \
+         WHERE id = ? AND state = 'pending'",
+    )
+    .bind(state.as_str())
+    .bind(unix(now))
+    .bind(reason)
+    .bind(id)
+    .execute(db)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+pub(super) async fn redeem(
+    db: impl SqliteExecutor<'_>,
+    id: &str,
+    lease_id: &str,
+    now: OffsetDateTime,
+) -> StoreResult<bool> {
+    let done = sqlx::query(
+        "UPDATE approvals SET redeemed_at = ?, lease_id = ? \
+         WHERE id = ? AND state = 'approved' AND redeemed_at IS NULL",
+    )
+    .bind(unix(now))
+    .bind(lease_id)
+    .bind(id)
+    .execute(db)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+/// Pending approvals past their expiry, or whose task is no longer open,
+/// close. Returns `(id, agent, task, new state, reason)`.
+pub(super) async fn close_stale(
+    db: &mut SqliteConnection,
+    now: OffsetDateTime,
+) -> StoreResult<Vec<Approval>> {
+    let rows = sqlx::query(
+        "UPDATE approvals SET state = 'expired', decided_at = ?1, \
+         end_reason = 'no decision before the request expired' \
+         WHERE state = 'pending' AND expires_at <= ?1 RETURNING *",
+    )
+    .bind(unix(now))
+    .fetch_all(&mut *db)
+    .await?;
+    let mut out: Vec<Approval> = rows
+        .iter()
+        .map(approval_from_row)
+        .collect::<StoreResult<_>>()?;
+    let rows = sqlx::query(
+        "UPDATE approvals SET state = 'cancelled', decided_at = ?1, \
+         end_reason = 'the task ended before a decision' \
+         WHERE state = 'pending' AND task_id IS NOT NULL AND task_id IN \
+         (SELECT id FROM tasks WHERE state != 'open') RETURNING *",
+    )
+    .bind(unix(now))
+    .fetch_all(&mut *db)
+    .await?;
+    for r in &rows {
+        out.push(approval_from_row(r)?);
+    }
+    Ok(out)
+}
+
+pub(super) async fn insert_notification(
+    db: impl SqliteExecutor<'_>,
+    n: &Notification,
+) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO notifications (id, approval_id, channel, event, payload, created_at, \
+         attempts, next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, 0, ?)",
+    )
+    .bind(&n.id)
+    .bind(&n.approval_id)
+    .bind(&n.channel)
+    .bind(&n.event)
+    .bind(to_json(&n.payload)?)
+    .bind(unix(n.created_at))
+    .bind(n.next_attempt_at.map(unix))
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+pub(super) async fn due_notifications(
+    db: impl SqliteExecutor<'_>,
+    now: OffsetDateTime,
+    limit: u32,
+) -> StoreResult<Vec<Notification>> {
+    sqlx::query(
+        "SELECT * FROM notifications WHERE next_attempt_at IS NOT NULL AND next_attempt_at <= ? \
+         ORDER BY next_attempt_at, created_at LIMIT ?",
+    )
+    .bind(unix(now))
+    .bind(i64::from(limit))
+    .fetch_all(db)
+    .await?
+    .iter()
+    .map(notification_from_row)
+    .collect()
+}
+
+pub(super) async fn notifications_of(
+    db: impl SqliteExecutor<'_>,
+    approval_id: &str,
+) -> StoreResult<Vec<Notification>> {
+    sqlx::query("SELECT * FROM notifications WHERE approval_id = ? ORDER BY created_at, id")
+        .bind(approval_id)
+        .fetch_all(db)
+        .await?
+        .iter()
+        .map(notification_from_row)
+        .collect()
+}
+
+/// Records a delivery attempt's outcome: delivered (with the channel's
+/// receipt), failed (retry at `retry_at`), or given up (`retry_at` None and
+/// an error).
+pub(super) async fn notification_attempted(
+    db: impl SqliteExecutor<'_>,
+    id: &str,
+    outcome: &crate::store::Delivery,
+    now: OffsetDateTime,
+) -> StoreResult<()> {
+    use crate::store::Delivery;
+    let (delivered, error, retry, receipt) = match outcome {
+        Delivery::Delivered(receipt) => (Some(unix(now)), None, None, Some(to_json(receipt)?)),
+        Delivery::Failed { error, retry_at } => {
+            (None, Some(error.as_str()), retry_at.map(unix), None)
+        }
+    };
+    sqlx::query(
+        "UPDATE notifications SET attempts = attempts + 1, delivered_at = ?, last_error = ?, \
+         next_attempt_at = ?, receipt = COALESCE(?, receipt) WHERE id = ?",
+    )
+    .bind(delivered)
+    .bind(error)
+    .bind(retry)
+    .bind(receipt)
+    .bind(id)
+    .execute(db)
+    .await?;
+    Ok(())
+}
+
+/// The receipt of an approval's delivered notification on `channel` (the
+/// Slack message's channel and ts), for follow-up updates.
+pub(super) async fn receipt(
+    db: impl SqliteExecutor<'_>,
+    approval_id: &str,
+    channel: &str,
+) -> StoreResult<Option<serde_json::Value>> {
+    let row = sqlx::query(
+        "SELECT receipt FROM notifications WHERE approval_id = ? AND channel = ? \
+         AND event = 'requested' AND receipt IS NOT NULL LIMIT 1",
+    )
+    .bind(approval_id)
+    .bind(channel)
+    .fetch_optional(db)
+    .await?;
+    row.map(|r| json_col(&r, "receipt")).transpose()
+}
+
+pub(super) async fn record_replay(
+    db: impl SqliteExecutor<'_>,
+    digest: &str,
+    expires_at: OffsetDateTime,
+) -> StoreResult<bool> {
+    let done = sqlx::query(
+        "INSERT INTO hook_replays (digest, expires_at) VALUES (?, ?) ON CONFLICT DO NOTHING",
+    )
+    .bind(digest)
+    .bind(unix(expires_at))
+    .execute(db)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+pub(super) async fn prune_replays(
+    db: impl SqliteExecutor<'_>,
+    now: OffsetDateTime,
+) -> StoreResult<()> {
+    sqlx::query("DELETE FROM hook_replays WHERE expires_at < ?")
+        .bind(unix(now))
+        .execute(db)
+        .await?;
+    Ok(())
+}

@@ -1,0 +1,645 @@
+//! Approvals through the real server: sensitive scopes wait for humans, who
+//! decide by signed Slack clicks or the API, under quorum and separation of
+//! duties; every refusal is a clear error and an audit event. Slack's hosted
+//! API cannot run here, so `common::slack` stands in for it.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::slack::SlackFake;
+use common::{Setup, TestAgent, TestBroker, eventually, unix_now};
+use hmac::{Hmac, Mac};
+use serde_json::{Value, json};
+use sha2::Sha256;
+
+fn sha256_hex(s: &str) -> String {
+    use sha2::Digest;
+    hex::encode(Sha256::digest(s.as_bytes()))
+}
+
+const SIGNING_SECRET: &str = "8f742231b10e8888abcd99yyyzzz85a5";
+const BOT_TOKEN: &str = "xoxb-test-bot-token";
+const WEBHOOK_SECRET: &str = "whsec-test";
+
+/// Approvers beyond the harness's own: `alice` and `bob` (team payments),
+/// `carol` (team other), `owner` (the test agents' sponsor).
+struct Approvers {
+    alice: String,
+    bob: String,
+    carol: String,
+    owner: String,
+}
+
+impl Approvers {
+    fn new() -> Self {
+        let t = |n: &str| format!("kgop-{n}-{}", uuid::Uuid::new_v4().simple());
+        Self {
+            alice: t("alice"),
+            bob: t("bob"),
+            carol: t("carol"),
+            owner: t("owner"),
+        }
+    }
+
+    fn toml(&self) -> String {
+        let op = |name: &str, token: &str, extra: &str| {
+            format!(
+                "[[operators]]\nname = \"{name}\"\nroles = [\"approver\"]\ntoken_sha256 = \"{}\"\n{extra}\n",
+                sha256_hex(token)
+            )
+        };
+        [
+            op(
+                "alice",
+                &self.alice,
+                "team = \"payments\"\nslack_user_id = \"UALICE\"",
+            ),
+            op(
+                "bob",
+                &self.bob,
+                "team = \"payments\"\nslack_user_id = \"UBOB\"",
+            ),
+            op(
+                "carol",
+                &self.carol,
+                "team = \"other\"\nslack_user_id = \"UCAROL\"",
+            ),
+            op(
+                "owner",
+                &self.owner,
+                "email = \"owner@keygate.test\"\nslack_user_id = \"UOWNER\"",
+            ),
+        ]
+        .concat()
+    }
+}
+
+const SCOPES: &str = r##"
+[[scopes]]
+name = "x509-svid"
+provider = "ca"
+max_ttl_secs = 3600
+params = { kind = "x509_svid" }
+
+[[scopes]]
+name = "payments-ca"
+provider = "ca"
+max_ttl_secs = 600
+sensitive = true
+approver_teams = ["payments"]
+slack_channel = "#payments-approvals"
+params = { kind = "x509_svid" }
+
+[[scopes]]
+name = "any-approver"
+provider = "ca"
+max_ttl_secs = 600
+sensitive = true
+params = { kind = "x509_svid" }
+
+[[scopes]]
+name = "two-approvers"
+provider = "ca"
+max_ttl_secs = 600
+sensitive = true
+approvals = 2
+params = { kind = "x509_svid" }
+"##;
+
+const PERMIT_ALL_CA: &str = r#"
+@id("test-permit-all-ca")
+permit (principal, action == Keygate::Action::"request_credential", resource)
+when { resource.provider == "ca" && principal.risk_tier <= 2 };
+"#;
+
+struct World {
+    b: TestBroker,
+    slack: SlackFake,
+    ap: Approvers,
+}
+
+async fn world(extra: &str) -> World {
+    let slack = SlackFake::start(BOT_TOKEN).await;
+    let ap = Approvers::new();
+    let config = format!(
+        r##"{ops}
+[notify]
+retry_base_ms = 100
+retry_max_secs = 1
+
+[notify.slack]
+bot_token = "env:KG_TEST_SLACK_BOT"
+signing_secret = "env:KG_TEST_SLACK_SIGNING"
+default_channel = "#approvals"
+api_url = "{api}"
+
+[[notify.webhooks]]
+name = "bus"
+url = "{hook}"
+secret = "env:KG_TEST_WEBHOOK"
+{extra}
+"##,
+        ops = ap.toml(),
+        api = slack.api_url(),
+        hook = slack.webhook_url(),
+    );
+    let b = TestBroker::start_with(Setup {
+        policies: vec![("permit.cedar".into(), PERMIT_ALL_CA.into())],
+        scopes: Some(SCOPES.into()),
+        extra_config: config,
+        env: vec![
+            ("KG_TEST_SLACK_BOT".into(), BOT_TOKEN.into()),
+            ("KG_TEST_SLACK_SIGNING".into(), SIGNING_SECRET.into()),
+            ("KG_TEST_WEBHOOK".into(), WEBHOOK_SECRET.into()),
+        ],
+        ..Setup::default()
+    })
+    .await;
+    World { b, slack, ap }
+}
+
+/// A registered agent with an open task.
+async fn agent_session(b: &TestBroker) -> (TestAgent, common::Session) {
+    let agent = TestAgent::new("appr", "ES256");
+    b.register(&agent, "platform").await;
+    let s = b.token(&agent).await;
+    (agent, s)
+}
+
+/// Asks for a sensitive scope; asserts 202 and returns the approval id.
+async fn ask(b: &TestBroker, session: &str, scope: &str) -> String {
+    let body = b
+        .post(
+            "/v1/credentials",
+            Some(session),
+            &json!({ "scope": scope, "ttl": 300, "justification": "pay invoice 42" }),
+        )
+        .await
+        .expect(202);
+    assert_eq!(body["status"], "pending", "{body}");
+    body["approval_id"].as_str().unwrap().to_owned()
+}
+
+/// A Slack `block_actions` click, form-encoded as Slack sends it.
+fn click_body(user: &str, action: &str, approval: &str, response_url: &str) -> String {
+    let payload = json!({
+        "type": "block_actions",
+        "user": { "id": user, "username": user.to_lowercase(), "team_id": "T0001" },
+        "api_app_id": "A0001",
+        "container": { "type": "message", "message_ts": "1700000000.000100" },
+        "channel": { "id": "C0KEYGATE", "name": "payments-approvals" },
+        "response_url": response_url,
+        "actions": [{
+            "type": "button", "block_id": "keygate_approval", "action_id": action,
+            "value": approval, "action_ts": "1700000001.000200",
+        }],
+    });
+    format!(
+        "payload={}",
+        urlencoding::encode(&serde_json::to_string(&payload).unwrap())
+    )
+}
+
+fn slack_signature(secret: &str, ts: i64, body: &str) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(format!("v0:{ts}:{body}").as_bytes());
+    format!("v0={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// Posts an interaction as Slack would: signed with `secret` at `ts`.
+async fn post_click(b: &TestBroker, body: &str, secret: Option<&str>, ts: i64) -> common::Resp {
+    let mut rb = b
+        .http
+        .post(b.url("/v1/hooks/slack/interactions"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("x-slack-request-timestamp", ts.to_string())
+        .body(body.to_owned());
+    if let Some(s) = secret {
+        rb = rb.header("x-slack-signature", slack_signature(s, ts, body));
+    }
+    let resp = rb.send().await.unwrap();
+    common::Resp {
+        status: resp.status(),
+        text: resp.text().await.unwrap(),
+    }
+}
+
+async fn approval(b: &TestBroker, id: &str) -> Value {
+    b.admin_get(&format!("/v1/approvals/{id}")).await
+}
+
+async fn decide(b: &TestBroker, token: &str, id: &str, decision: &str) -> common::Resp {
+    b.post(
+        &format!("/v1/approvals/{id}/decision"),
+        Some(token),
+        &json!({ "decision": decision, "reason": format!("{decision} in test") }),
+    )
+    .await
+}
+
+async fn redeem(b: &TestBroker, session: &str, id: &str) -> common::Resp {
+    b.post(
+        &format!("/v1/approvals/{id}/redeem"),
+        Some(session),
+        &json!({}),
+    )
+    .await
+}
+
+/// Audit events of `action` that mention the approval.
+async fn audited(b: &TestBroker, action: &str, approval: &str) -> Vec<Value> {
+    b.audit(&format!("action={action}"))
+        .await
+        .into_iter()
+        .filter(|e| e["details"]["approval"] == approval)
+        .collect()
+}
+
+#[tokio::test]
+async fn sensitive_scope_waits_for_a_signed_slack_click_then_redeems_once() {
+    let w = world("").await;
+    let (b, slack) = (&w.b, &w.slack);
+    // Slack is down for the first two posts: the request is retried, not lost.
+    slack.fail_next_posts(2);
+    let (agent, s) = agent_session(b).await;
+    let id = ask(b, &s.token, "payments-ca").await;
+    assert!(b.leases(&format!("agent={}", agent.id)).await.is_empty());
+
+    let posted = eventually("the Slack request message", || async {
+        slack
+            .calls("/api/chat.postMessage")
+            .into_iter()
+            .find(|c| c.body["channel"] == "#payments-approvals")
+    })
+    .await;
+    let text = posted.body.to_string();
+    assert!(
+        text.contains(&id) && text.contains("keygate_approve") && text.contains("pay invoice 42"),
+        "{text}"
+    );
+    let n = eventually("delivery recorded after retries", || async {
+        let a = approval(b, &id).await;
+        a["notifications"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["channel"] == "slack" && n["delivered_at"].is_string())
+            .cloned()
+    })
+    .await;
+    assert!(n["attempts"].as_u64().unwrap() >= 3, "{n}");
+
+    // The agent sees pending, cannot redeem yet, and long-polls.
+    let mine = b
+        .get(&format!("/v1/approvals/{id}"), Some(&s.token))
+        .await
+        .expect(200);
+    assert_eq!(mine["status"], "pending");
+    let early = redeem(b, &s.token, &id).await;
+    assert_eq!(early.status, 409, "{}", early.text);
+    assert!(early.text.contains("still pending"), "{}", early.text);
+    let poll = {
+        let http = b.http.clone();
+        let url = b.url(&format!("/v1/approvals/{id}?wait=30"));
+        let token = s.token.clone();
+        tokio::spawn(async move {
+            http.get(url)
+                .bearer_auth(token)
+                .send()
+                .await
+                .unwrap()
+                .json::<Value>()
+                .await
+                .unwrap()
+        })
+    };
+
+    // Alice (team payments, mapped Slack user) approves with a signed click.
+    let body = click_body("UALICE", "keygate_approve", &id, &slack.response_url(1));
+    let r = post_click(b, &body, Some(SIGNING_SECRET), unix_now()).await;
+    let v = r.expect(200);
+    assert_eq!(v["ok"], true, "{v}");
+    assert_eq!(v["status"], "approved");
+    assert_eq!(poll.await.unwrap()["status"], "approved");
+    let reply = eventually("the response_url update", || async {
+        slack.calls("/actions/1").into_iter().next()
+    })
+    .await;
+    assert_eq!(reply.body["replace_original"], true);
+    let reply_text = reply.body["text"].as_str().unwrap();
+    assert!(
+        reply_text.contains("approved") && reply_text.contains("alice"),
+        "{reply_text}"
+    );
+    eventually("the request message closed with chat.update", || async {
+        slack.calls("/api/chat.update").into_iter().next()
+    })
+    .await;
+
+    // Only the asking task may redeem: not another agent, not another task.
+    let (_, other) = agent_session(b).await;
+    let r = redeem(b, &other.token, &id).await;
+    assert_eq!(r.status, 403, "{}", r.text);
+    assert!(r.text.contains("another agent or task"), "{}", r.text);
+    let second_task = b.token(&agent).await;
+    let r = redeem(b, &second_task.token, &id).await;
+    assert_eq!(r.status, 403, "{}", r.text);
+
+    let cred = redeem(b, &s.token, &id).await.expect(201);
+    assert!(
+        cred["credential"]["certificate_pem"].is_string() || cred["credential"].is_object(),
+        "{cred}"
+    );
+    let lease = cred["lease_id"].as_str().unwrap();
+    assert_eq!(b.lease_state(lease).await, "active");
+    let twice = redeem(b, &s.token, &id).await;
+    assert_eq!(twice.status, 409, "{}", twice.text);
+    assert!(twice.text.contains("redeemed already"), "{}", twice.text);
+
+    // Evidence: the request, Alice's Slack decision, the approval, the
+    // redemption's lease; the three refused redemptions.
+    assert_eq!(audited(b, "approval.requested", &id).await.len(), 1);
+    let d = audited(b, "approval.decision", &id).await;
+    assert_eq!(d.len(), 1);
+    assert_eq!(d[0]["actor"], "operator:alice");
+    assert_eq!(d[0]["details"]["channel"], "slack");
+    assert_eq!(audited(b, "approval.approved", &id).await.len(), 1);
+    let redeemed = audited(b, "credential.redeemed", &id).await;
+    assert_eq!(redeemed[0]["lease"], lease);
+    let refused = audited(b, "approval.redeem", &id).await;
+    assert_eq!(refused.len(), 4, "{refused:?}");
+    assert!(refused.iter().all(|e| e["outcome"] == "failure"));
+
+    // The webhook got signed events for the request and the decision.
+    let hooks = slack.calls("/hook");
+    let kinds: Vec<&str> = hooks
+        .iter()
+        .map(|c| c.body["type"].as_str().unwrap())
+        .collect();
+    assert!(
+        kinds.contains(&"approval.requested") && kinds.contains(&"approval.decided"),
+        "{kinds:?}"
+    );
+    for h in &hooks {
+        let ts = h.headers["keygate-timestamp"].to_str().unwrap();
+        let mut mac = Hmac::<Sha256>::new_from_slice(WEBHOOK_SECRET.as_bytes()).unwrap();
+        mac.update(format!("{ts}.").as_bytes());
+        mac.update(&h.raw);
+        let want = format!("v1={}", hex::encode(mac.finalize().into_bytes()));
+        assert_eq!(h.headers["keygate-signature"].to_str().unwrap(), want);
+    }
+    // No secret reached the log or audit.
+    let log = w.b.log();
+    for secret in [SIGNING_SECRET, BOT_TOKEN, WEBHOOK_SECRET] {
+        assert!(!log.contains(secret));
+        assert!(
+            !b.audit("")
+                .await
+                .iter()
+                .any(|e| e.to_string().contains(secret))
+        );
+    }
+}
+
+#[tokio::test]
+async fn forged_stale_replayed_and_unmapped_clicks_are_refused_and_audited() {
+    let w = world("").await;
+    let b = &w.b;
+    let (_, s) = agent_session(b).await;
+    let id = ask(b, &s.token, "payments-ca").await;
+    let now = unix_now();
+    let good = click_body("UALICE", "keygate_approve", &id, &w.slack.response_url(9));
+
+    let unsigned = post_click(b, &good, None, now).await;
+    assert_eq!(unsigned.status, 401, "{}", unsigned.text);
+    let forged = post_click(b, &good, Some("not-the-signing-secret"), now).await;
+    assert_eq!(forged.status, 401);
+    assert!(
+        forged.text.contains("signature does not match"),
+        "{}",
+        forged.text
+    );
+    let stale = post_click(b, &good, Some(SIGNING_SECRET), now - 400).await;
+    assert_eq!(stale.status, 401);
+    assert!(
+        stale.text.contains("older than 5 minutes"),
+        "{}",
+        stale.text
+    );
+    // A body altered after signing.
+    let sig = slack_signature(SIGNING_SECRET, now, &good);
+    let tampered = click_body("UALICE", "keygate_deny", &id, &w.slack.response_url(9));
+    let r = b
+        .http
+        .post(b.url("/v1/hooks/slack/interactions"))
+        .header("x-slack-request-timestamp", now.to_string())
+        .header("x-slack-signature", sig)
+        .body(tampered)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+
+    // Authentic clicks from people who may not decide.
+    let unknown = click_body("UNOBODY", "keygate_approve", &id, &w.slack.response_url(10));
+    let v = post_click(b, &unknown, Some(SIGNING_SECRET), now)
+        .await
+        .expect(200);
+    assert_eq!(v["ok"], false);
+    assert_eq!(v["error"], "unknown_user", "{v}");
+    let carol = click_body("UCAROL", "keygate_approve", &id, &w.slack.response_url(11));
+    let v = post_click(b, &carol, Some(SIGNING_SECRET), now)
+        .await
+        .expect(200);
+    assert_eq!(v["error"], "forbidden", "{v}");
+    assert!(v["message"].as_str().unwrap().contains("payments"), "{v}");
+    let ephemeral = eventually("Carol sees why", || async {
+        w.slack.calls("/actions/11").into_iter().next()
+    })
+    .await;
+    assert_eq!(ephemeral.body["response_type"], "ephemeral");
+    // The same signed request again is a replay.
+    let replay = post_click(b, &carol, Some(SIGNING_SECRET), now).await;
+    assert_eq!(replay.status, 401);
+    assert!(replay.text.contains("replay"), "{}", replay.text);
+
+    let a = approval(b, &id).await;
+    assert_eq!(a["state"], "pending");
+    assert_eq!(a["decisions"], json!([]));
+    let hook_failures: Vec<Value> = b
+        .audit("action=hook.slack")
+        .await
+        .into_iter()
+        .filter(|e| e["outcome"] == "failure")
+        .collect();
+    assert_eq!(hook_failures.len(), 5, "{hook_failures:?}");
+    let refused = audited(b, "approval.decision", &id).await;
+    assert_eq!(refused.len(), 2, "{refused:?}");
+    assert!(refused.iter().all(|e| e["outcome"] == "failure"));
+}
+
+#[tokio::test]
+async fn quorum_separation_of_duties_double_votes_and_denial() {
+    let w = world("").await;
+    let (b, ap) = (&w.b, &w.ap);
+    let (_, s) = agent_session(b).await;
+
+    // One approval needed, and the sponsor may not be the only one.
+    let id = ask(b, &s.token, "any-approver").await;
+    let r = decide(b, &ap.owner, &id, "approve").await;
+    assert_eq!(r.status, 403, "{}", r.text);
+    assert!(r.text.contains("separation of duties"), "{}", r.text);
+    // A non-approver role cannot decide at all.
+    let r = decide(b, &b.ops.admin, &id, "approve").await;
+    assert_eq!(r.status, 403);
+    let v = decide(b, &ap.carol, &id, "approve").await.expect(200);
+    assert_eq!(v["state"], "approved");
+    let late = decide(b, &ap.alice, &id, "approve").await;
+    assert_eq!(late.status, 409, "{}", late.text);
+
+    // Two needed: the sponsor may be one of them; nobody votes twice.
+    let id = ask(b, &s.token, "two-approvers").await;
+    let v = decide(b, &ap.owner, &id, "approve").await.expect(200);
+    assert_eq!(v["state"], "pending");
+    let twice = decide(b, &ap.owner, &id, "approve").await;
+    assert_eq!(twice.status, 409);
+    assert!(twice.text.contains("already decided"), "{}", twice.text);
+    let v = decide(b, &ap.bob, &id, "approve").await.expect(200);
+    assert_eq!(v["state"], "approved");
+    assert_eq!(v["decisions"].as_array().unwrap().len(), 2);
+    redeem(b, &s.token, &id).await.expect(201);
+
+    // A denial by any eligible approver ends the request.
+    let id = ask(b, &s.token, "two-approvers").await;
+    decide(b, &ap.alice, &id, "approve").await.expect(200);
+    let v = decide(b, &ap.bob, &id, "deny").await.expect(200);
+    assert_eq!(v["state"], "denied");
+    let r = redeem(b, &s.token, &id).await;
+    assert_eq!(r.status, 409);
+    assert!(r.text.contains("denied"), "{}", r.text);
+
+    // The CLI lists and decides too.
+    let id = ask(b, &s.token, "any-approver").await;
+    let out = b.cli(&["approvals", "list"], Some(&ap.alice)).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(String::from_utf8_lossy(&out.stdout).contains(&id));
+    let out = b
+        .cli(
+            &["approvals", "deny", &id, "--reason", "not today"],
+            Some(&ap.alice),
+        )
+        .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert_eq!(approval(b, &id).await["state"], "denied");
+
+    let refusals: Vec<Value> = b
+        .audit("action=approval.decision")
+        .await
+        .into_iter()
+        .filter(|e| e["outcome"] == "failure")
+        .collect();
+    assert_eq!(refusals.len(), 4, "{refusals:?}");
+}
+
+#[tokio::test]
+async fn approvals_expire_and_end_with_their_task() {
+    let w = world("[approvals]\nexpiry_secs = 2\n").await;
+    let (b, ap) = (&w.b, &w.ap);
+    let (_, s) = agent_session(b).await;
+    let id = ask(b, &s.token, "payments-ca").await;
+    eventually("the approval expires", || async {
+        (approval(b, &id).await["state"] == "expired").then_some(())
+    })
+    .await;
+    let r = decide(b, &ap.alice, &id, "approve").await;
+    assert_eq!(r.status, 409, "{}", r.text);
+    assert!(r.text.contains("expired"), "{}", r.text);
+    assert_eq!(audited(b, "approval.expired", &id).await.len(), 1);
+
+    let w2 = world("").await;
+    let b2 = &w2.b;
+    let (_, s2) = agent_session(b2).await;
+    let id = ask(b2, &s2.token, "payments-ca").await;
+    b2.complete(&s2.token).await.expect(200);
+    eventually("the approval is cancelled with its task", || async {
+        (approval(b2, &id).await["state"] == "cancelled").then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn provisioning_approval_holds_new_agents_and_widening_changes() {
+    let w = world(
+        "[provisioning]\nrequire_approval = true\napprovals = 2\napprover_teams = [\"payments\"]\n",
+    )
+    .await;
+    let (b, ap) = (&w.b, &w.ap);
+    let agent = TestAgent::new("prov", "ES256");
+    // Tier 3: the test policy lets it reach no scope.
+    let mut spec = agent.spec("finance");
+    spec["risk_tier"] = json!(3);
+    let held = b.admin_post("/v1/agents", &spec).await.expect(202);
+    assert_eq!(held["agent"]["status"], "pending");
+    let id = held["approval"]["id"].as_str().unwrap().to_owned();
+    assert_eq!(held["approval"]["kind"], "provisioning");
+    // A pending agent cannot open a task.
+    let r = b.token_with_assertion(&agent.id, &agent.assertion()).await;
+    assert_eq!(r.status, 401, "{}", r.text);
+    // The admin who asked cannot also approve (and lacks the role anyway);
+    // Carol is not in the approving team.
+    assert_eq!(decide(b, &b.ops.admin, &id, "approve").await.status, 403);
+    let r = decide(b, &ap.carol, &id, "approve").await;
+    assert_eq!(r.status, 403, "carol is not in payments: {}", r.text);
+    decide(b, &ap.alice, &id, "approve").await.expect(200);
+    let agent_url = format!("/v1/agents/{}", agent.id);
+    assert_eq!(b.admin_get(&agent_url).await["status"], "pending");
+    let v = decide(b, &ap.bob, &id, "approve").await.expect(200);
+    assert_eq!(v["state"], "approved");
+    assert_eq!(b.admin_get(&agent_url).await["status"], "active");
+    b.token(&agent).await;
+
+    let patch = |body: Value| {
+        let url = agent_url.clone();
+        async move {
+            b.call(
+                reqwest::Method::PATCH,
+                &url,
+                Some(&b.ops.admin),
+                Some(&body),
+            )
+            .await
+        }
+    };
+    // A change that reaches no new scope applies at once.
+    let r = patch(json!({ "purpose": "reconcile invoices" })).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(r.json()["purpose"], "reconcile invoices");
+
+    // Tier 2 makes every CA scope reachable: the change waits.
+    let r = patch(json!({ "risk_tier": 2 })).await;
+    let held = r.expect(202);
+    let widened = held["widened_scopes"].as_array().unwrap();
+    assert!(widened.contains(&json!("payments-ca")), "{held}");
+    assert_eq!(held["agent"]["risk_tier"], 3);
+    let change = held["approval"]["id"].as_str().unwrap().to_owned();
+    assert_eq!(b.admin_get(&agent_url).await["risk_tier"], 3);
+    decide(b, &ap.alice, &change, "approve").await.expect(200);
+    decide(b, &ap.bob, &change, "approve").await.expect(200);
+    assert_eq!(b.admin_get(&agent_url).await["risk_tier"], 2);
+
+    // The provisioning records an auditor asks for.
+    for a in [&id, &change] {
+        assert_eq!(audited(b, "approval.requested", a).await.len(), 1);
+        let want = if a == &id { 4 } else { 2 };
+        assert_eq!(audited(b, "approval.decision", a).await.len(), want);
+        assert_eq!(audited(b, "approval.approved", a).await.len(), 1);
+    }
+}
