@@ -119,6 +119,10 @@ struct World {
 }
 
 async fn world(extra: &str) -> World {
+    world_with(extra, &[]).await
+}
+
+async fn world_with(extra: &str, policies: &[(&str, &str)]) -> World {
     let slack = SlackFake::start(BOT_TOKEN).await;
     let ap = Approvers::new();
     let config = format!(
@@ -144,7 +148,10 @@ secret = "env:KG_TEST_WEBHOOK"
         hook = slack.webhook_url(),
     );
     let b = TestBroker::start_with(Setup {
-        policies: vec![("permit.cedar".into(), PERMIT_ALL_CA.into())],
+        policies: std::iter::once(("permit.cedar", PERMIT_ALL_CA))
+            .chain(policies.iter().copied())
+            .map(|(n, p)| (n.to_owned(), p.to_owned()))
+            .collect(),
         scopes: Some(SCOPES.into()),
         extra_config: config,
         env: vec![
@@ -642,4 +649,67 @@ async fn provisioning_approval_holds_new_agents_and_widening_changes() {
         assert_eq!(audited(b, "approval.decision", a).await.len(), want);
         assert_eq!(audited(b, "approval.approved", a).await.len(), 1);
     }
+}
+
+#[tokio::test]
+async fn policy_can_auto_approve_and_tier_three_must_confirm_in_keygate() {
+    const AUTO: &str = r#"
+@id("auto-approve-short-any-approver")
+permit (principal, action == Keygate::Action::"auto_approve", resource == Keygate::Scope::"any-approver")
+when { context.ttl <= 60 };
+"#;
+    let w = world_with(
+        "[approvals]\nconfirm_in_api_tiers = [2]\n",
+        &[("auto.cedar", AUTO)],
+    )
+    .await;
+    let (b, ap) = (&w.b, &w.ap);
+    let (agent, s) = agent_session(b).await;
+
+    // Short enough: policy approves without a human, and says which policy.
+    let cred = b
+        .post(
+            "/v1/credentials",
+            Some(&s.token),
+            &json!({ "scope": "any-approver", "ttl": 60, "justification": "quick check" }),
+        )
+        .await
+        .expect(201);
+    assert!(cred["lease_id"].is_string());
+    let auto = b.audit("action=approval.auto_approved").await;
+    assert_eq!(auto.len(), 1);
+    assert_eq!(auto[0]["agent"], agent.id.as_str());
+    assert_eq!(
+        auto[0]["policy_ids"],
+        json!(["auto-approve-short-any-approver"])
+    );
+
+    // Longer: a human decides, and for this tier not by a Slack click.
+    let id = ask(b, &s.token, "any-approver").await;
+    let posted = eventually("the Slack request message", || async {
+        w.slack
+            .calls("/api/chat.postMessage")
+            .into_iter()
+            .find(|c| c.body.to_string().contains(&id))
+    })
+    .await;
+    let text = posted.body.to_string();
+    assert!(
+        text.contains("Review in Keygate") && !text.contains("keygate_approve"),
+        "{text}"
+    );
+    let click = click_body("UALICE", "keygate_approve", &id, &w.slack.response_url(3));
+    let v = post_click(b, &click, Some(SIGNING_SECRET), unix_now())
+        .await
+        .expect(200);
+    assert_eq!(v["ok"], false);
+    assert!(
+        v["message"]
+            .as_str()
+            .unwrap()
+            .contains("must be decided in Keygate"),
+        "{v}"
+    );
+    let v = decide(b, &ap.alice, &id, "approve").await.expect(200);
+    assert_eq!(v["state"], "approved");
 }
