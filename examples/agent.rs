@@ -101,6 +101,50 @@ async fn main() -> anyhow::Result<()> {
     };
     println!("  relying party check: {}", verify(cert.to_owned()).await?);
 
+    // 3b. With ASK_SENSITIVE=1, ask for the sensitive `payments-ca` scope: it
+    //     waits for a human (`keygate approvals approve <id>` as an approver),
+    //     then the task redeems it once.
+    if std::env::var("ASK_SENSITIVE").is_ok() {
+        let resp = http
+            .post(format!("{server}/v1/credentials"))
+            .bearer_auth(&session)
+            .json(&json!({ "scope": "payments-ca", "ttl": 300, "justification": "demo: settle invoice 42" }))
+            .send()
+            .await?;
+        let pending: Value = check(resp).await?;
+        let id = pending["approval_id"].as_str().context("no approval_id")?;
+        println!("approval {id} pending; as an approver run:");
+        println!("  KEYGATE_TOKEN=dev-approver-token cargo run -- approvals approve {id}");
+        let mut status = pending["status"].clone();
+        for _ in 0..10 {
+            let v: Value = check(
+                http.get(format!("{server}/v1/approvals/{id}?wait=30"))
+                    .bearer_auth(&session)
+                    .send()
+                    .await?,
+            )
+            .await?;
+            status = v["status"].clone();
+            if status != "pending" {
+                break;
+            }
+        }
+        if status == "approved" {
+            let resp = http
+                .post(format!("{server}/v1/approvals/{id}/redeem"))
+                .bearer_auth(&session)
+                .send()
+                .await?;
+            let cred: Value = check(resp).await?;
+            println!(
+                "approved: lease {} until {}",
+                cred["lease_id"], cred["expires_at"]
+            );
+        } else {
+            println!("approval ended {status}: no credential");
+        }
+    }
+
     // 4. Complete the task: every lease is revoked, the token stops working.
     let resp = http
         .post(format!("{server}/v1/tasks/complete"))

@@ -96,9 +96,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
     }
 }
 
+/// Prints JSON to stdout; a closed pipe (`| head`) ends quietly.
 fn print_json(v: &serde_json::Value) -> anyhow::Result<()> {
-    println!("{}", serde_json::to_string_pretty(v)?);
-    Ok(())
+    use std::io::Write;
+    let text = serde_json::to_string_pretty(v)?;
+    match writeln!(std::io::stdout().lock(), "{text}") {
+        Err(e) if e.kind() == std::io::ErrorKind::BrokenPipe => Ok(()),
+        other => Ok(other?),
+    }
 }
 
 async fn agents(c: &Client, cmd: AgentsCmd) -> anyhow::Result<()> {
