@@ -5,7 +5,7 @@ use sqlx::sqlite::SqliteRow;
 use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection, SqliteExecutor};
 use time::OffsetDateTime;
 
-use super::rows::{json_col, parse_col};
+use super::rows::{json_col, opt_time_col, parse_col, time_col};
 use crate::model::{
     Approval, ApprovalDecision, ApprovalFilter, ApprovalState, Notification, from_unix, unix,
 };
@@ -16,9 +16,6 @@ fn to_json<T: serde::Serialize>(v: &T) -> StoreResult<String> {
 }
 
 fn approval_from_row(r: &SqliteRow) -> StoreResult<Approval> {
-    let opt_time = |c: &str| -> StoreResult<Option<OffsetDateTime>> {
-        Ok(r.try_get::<Option<i64>, _>(c)?.map(from_unix))
-    };
     Ok(Approval {
         id: r.try_get("id")?,
         kind: parse_col(r, "kind")?,
@@ -35,11 +32,11 @@ fn approval_from_row(r: &SqliteRow) -> StoreResult<Approval> {
         sponsor: r.try_get("sponsor")?,
         sponsor_alone: r.try_get("sponsor_alone")?,
         confirm_in_api: r.try_get("confirm_in_api")?,
-        created_at: from_unix(r.try_get("created_at")?),
-        expires_at: from_unix(r.try_get("expires_at")?),
-        decided_at: opt_time("decided_at")?,
+        created_at: time_col(r, "created_at")?,
+        expires_at: time_col(r, "expires_at")?,
+        decided_at: opt_time_col(r, "decided_at")?,
         end_reason: r.try_get("end_reason")?,
-        redeemed_at: opt_time("redeemed_at")?,
+        redeemed_at: opt_time_col(r, "redeemed_at")?,
         lease_id: r.try_get("lease_id")?,
         decisions: Vec::new(),
     })
@@ -51,7 +48,7 @@ fn decision_from_row(r: &SqliteRow) -> StoreResult<ApprovalDecision> {
         decision: parse_col(r, "decision")?,
         channel: r.try_get("channel")?,
         reason: r.try_get("reason")?,
-        at: from_unix(r.try_get("at")?),
+        at: time_col(r, "at")?,
     })
 }
 
@@ -62,13 +59,13 @@ fn notification_from_row(r: &SqliteRow) -> StoreResult<Notification> {
         channel: r.try_get("channel")?,
         event: r.try_get("event")?,
         payload: json_col(r, "payload")?,
-        created_at: from_unix(r.try_get("created_at")?),
+        created_at: time_col(r, "created_at")?,
         attempts: u32::try_from(r.try_get::<i64, _>("attempts")?).unwrap_or(u32::MAX),
         next_attempt_at: r
             .try_get::<Option<i64>, _>("next_attempt_at")?
             .map(from_unix),
         last_error: r.try_get("last_error")?,
-        delivered_at: r.try_get::<Option<i64>, _>("delivered_at")?.map(from_unix),
+        delivered_at: opt_time_col(r, "delivered_at")?,
     })
 }
 

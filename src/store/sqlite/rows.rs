@@ -21,11 +21,11 @@ pub(super) fn json_col<T: serde::de::DeserializeOwned>(r: &SqliteRow, col: &str)
     serde_json::from_str(&s).map_err(|e| StoreError::Corrupt(format!("column `{col}`: {e}")))
 }
 
-fn time_col(r: &SqliteRow, col: &str) -> StoreResult<time::OffsetDateTime> {
+pub(super) fn time_col(r: &SqliteRow, col: &str) -> StoreResult<time::OffsetDateTime> {
     Ok(from_unix(r.try_get::<i64, _>(col)?))
 }
 
-fn opt_time_col(r: &SqliteRow, col: &str) -> StoreResult<Option<time::OffsetDateTime>> {
+pub(super) fn opt_time_col(r: &SqliteRow, col: &str) -> StoreResult<Option<time::OffsetDateTime>> {
     Ok(r.try_get::<Option<i64>, _>(col)?.map(from_unix))
 }
 
