@@ -28,7 +28,7 @@ pub use credentials::{
 pub use fences::{FenceFailure, LiftRequest};
 pub use renewals::RenewedLease;
 pub use revocations::{RevocationReport, RevocationRequest};
-pub use sessions::{OAuthError, Session, TokenRequest, TokenResponse};
+pub use sessions::{OAuthError, Session, TOKEN_EXCHANGE, TokenRequest, TokenResponse};
 
 /// Why a broker operation failed. The server maps each variant to a status
 /// and a stable error code.

@@ -298,6 +298,8 @@ pub enum Role {
     Secops,
     Approver,
     Auditor,
+    /// A resource server that may introspect session tokens (RFC 7662).
+    Introspector,
 }
 
 /// A named credential template bound to one provider instance.

@@ -6,7 +6,8 @@ mod keys;
 mod session;
 
 pub use assertion::{
-    AssertionClaims, sign_client_assertion, validate_public_jwks, verify_client_assertion,
+    AssertionClaims, sign_client_assertion, unverified_issuer, validate_public_jwks,
+    verify_client_assertion,
 };
 pub use keys::{PublicKey, generate_agent_key, write_private as write_private_file};
 pub use session::{SessionClaims, SessionSigner};

@@ -156,6 +156,21 @@ pub struct Agent {
     pub last_used_at: Option<OffsetDateTime>,
     #[serde(with = "time::serde::rfc3339::option")]
     pub last_review_at: Option<OffsetDateTime>,
+    /// Whom the agent may delegate to, and how deep.
+    #[serde(default)]
+    pub delegation: Delegation,
+}
+
+/// An orchestrator's delegation rights (RFC 8693 token exchange).
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Delegation {
+    /// Levels of sub-agents that may hang below the agent's tasks; 0: none.
+    #[serde(default)]
+    pub max_depth: u8,
+    /// Agent ids it may delegate to.
+    #[serde(default)]
+    pub targets: Vec<String>,
 }
 
 /// One unit of agent work: a broker session.
@@ -172,6 +187,21 @@ pub struct Task {
     #[serde(with = "time::serde::rfc3339::option")]
     pub ended_at: Option<OffsetDateTime>,
     pub end_reason: Option<String>,
+    /// The orchestrator's task, for a delegated (child) task.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent_task_id: Option<String>,
+    /// 0 for a task opened by the agent itself; +1 per delegation.
+    #[serde(default)]
+    pub depth: u8,
+    /// How many more levels of delegation may hang below this task.
+    #[serde(default)]
+    pub delegation_budget: u8,
+    /// The scopes a delegated task may hold; `None`: whatever policy allows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scopes: Option<Vec<String>>,
+    /// The delegating agents, root orchestrator first.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub chain: Vec<String>,
 }
 
 /// One minted credential, as the broker remembers it. Holds the revoke handle,

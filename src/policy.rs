@@ -51,6 +51,8 @@ pub struct RequestFacts<'a> {
     pub task_description: &'a str,
     pub requested_ttl_secs: u64,
     pub now: time::OffsetDateTime,
+    /// The delegating agents above this task, root first (empty: not delegated).
+    pub chain: &'a [String],
 }
 
 /// A decision and the policies that made it.
@@ -265,6 +267,17 @@ impl PolicyEngine {
                 s(&now.weekday().to_string().to_lowercase()),
             ),
             ("ttl".to_owned(), l(req.requested_ttl_secs)),
+            (
+                "delegation".to_owned(),
+                RestrictedExpression::new_record([
+                    ("depth".to_owned(), l(req.chain.len() as u64)),
+                    (
+                        "chain".to_owned(),
+                        RestrictedExpression::new_set(req.chain.iter().map(|a| s(a))),
+                    ),
+                ])
+                .map_err(|e| rerr(&e))?,
+            ),
             (
                 "task".to_owned(),
                 RestrictedExpression::new_record([

@@ -77,6 +77,8 @@ pub fn router(state: AppState) -> Router {
             get(ops::metadata),
         )
         .route("/oauth/token", post(agent::token))
+        .route("/oauth/introspect", post(agent::introspect))
+        .route("/oauth/revoke", post(agent::revoke_token))
         .route("/v1/session", get(agent::whoami))
         .route("/v1/credentials", post(agent::request_credential))
         .route("/v1/credentials/{lease_id}", delete(agent::release))

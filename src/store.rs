@@ -314,6 +314,7 @@ mod tests {
             updated_at: t,
             last_used_at: None,
             last_review_at: None,
+            delegation: Default::default(),
         }
     }
 
@@ -357,6 +358,11 @@ mod tests {
             expires_at: t + time::Duration::hours(1),
             ended_at: None,
             end_reason: None,
+            parent_task_id: None,
+            depth: 0,
+            delegation_budget: 0,
+            scopes: None,
+            chain: Vec::new(),
         };
         let mut tx = store.begin().await.unwrap();
         tx.insert_agent(&agent()).await.unwrap();

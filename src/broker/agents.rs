@@ -9,7 +9,9 @@ use time::OffsetDateTime;
 use super::{Broker, BrokerError, BrokerResult};
 use crate::audit::{Actor, AuditEvent};
 use crate::identity::validate_public_jwks;
-use crate::model::{Agent, AgentStatus, AuthMethod, Environment, Selector, TaskState, now};
+use crate::model::{
+    Agent, AgentStatus, AuthMethod, Delegation, Environment, Selector, TaskState, now,
+};
 use crate::store::{LeaseSelector, TaskSelector};
 
 /// What a caller supplies to register an agent (HTTP body, CLI, seed file).
@@ -29,7 +31,13 @@ pub struct AgentSpec {
     pub jwks: serde_json::Value,
     #[serde(default, with = "time::serde::rfc3339::option")]
     pub last_review_at: Option<OffsetDateTime>,
+    /// Sub-agents it may delegate to (RFC 8693), and how deep.
+    #[serde(default)]
+    pub delegation: Delegation,
 }
+
+/// The deepest delegation chain an agent may start.
+const MAX_DELEGATION_DEPTH: u8 = 8;
 
 fn default_auth() -> AuthMethod {
     AuthMethod::PrivateKeyJwt
@@ -68,6 +76,17 @@ impl AgentSpec {
         if self.purpose.trim().is_empty() {
             return bad("`purpose` is required: say what the agent is for".into());
         }
+        if self.delegation.max_depth > MAX_DELEGATION_DEPTH {
+            return bad(format!(
+                "`delegation.max_depth` must be at most {MAX_DELEGATION_DEPTH}"
+            ));
+        }
+        if let Some(t) = self.delegation.targets.iter().find(|t| !valid_id(t)) {
+            return bad(format!("`delegation.targets`: `{t}` is not an agent id"));
+        }
+        if self.delegation.targets.contains(&self.id) {
+            return bad("`delegation.targets`: an agent cannot delegate to itself".into());
+        }
         validate_public_jwks(&self.jwks)
             .map_err(|m| BrokerError::InvalidRequest(format!("`jwks`: {m}")))
     }
@@ -97,6 +116,8 @@ pub struct AgentUpdate {
         with = "time::serde::rfc3339::option"
     )]
     pub last_review_at: Option<OffsetDateTime>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub delegation: Option<Delegation>,
 }
 
 impl AgentUpdate {
@@ -119,6 +140,10 @@ impl AgentUpdate {
             auth_method: agent.auth_method,
             jwks: self.jwks.clone().unwrap_or_else(|| agent.jwks.clone()),
             last_review_at: self.last_review_at.or(agent.last_review_at),
+            delegation: self
+                .delegation
+                .clone()
+                .unwrap_or_else(|| agent.delegation.clone()),
         };
         spec.validate()?;
         agent.team = spec.team;
@@ -129,6 +154,7 @@ impl AgentUpdate {
         agent.labels = spec.labels;
         agent.jwks = spec.jwks;
         agent.last_review_at = spec.last_review_at;
+        agent.delegation = spec.delegation;
         Ok(())
     }
 }
@@ -171,6 +197,7 @@ impl Broker {
             updated_at: t,
             last_used_at: None,
             last_review_at: spec.last_review_at,
+            delegation: spec.delegation,
         };
         let mut tx = self.store.begin().await?;
         tx.insert_agent(&agent).await?;

@@ -532,6 +532,7 @@ impl Broker {
                             task_description: "provisioning review",
                             requested_ttl_secs: c.max_ttl_secs.min(60),
                             now: t,
+                            chain: &[],
                         },
                     )
                     .is_ok_and(|d| d.allow)

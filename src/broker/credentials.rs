@@ -174,6 +174,7 @@ impl Broker {
                 task_description: &s.task.description,
                 requested_ttl_secs: ttl,
                 now: t,
+                chain: &s.task.chain,
             };
             let auto = self
                 .policy
@@ -214,6 +215,28 @@ impl Broker {
     ) -> BrokerResult<AuditEvent> {
         let actor = Actor::Agent(s.agent.id.clone());
         let scope_name = scope_cfg.name.as_str();
+        if let Some(allowed) = &s.task.scopes
+            && !allowed.iter().any(|a| a == scope_name)
+        {
+            let message = format!(
+                "task `{}` was delegated with scopes [{}]; `{scope_name}` is not among them",
+                s.task.id,
+                allowed.join(", ")
+            );
+            self.audit_alone(
+                AuditEvent::new(&actor, action)
+                    .agent(&s.agent.id)
+                    .task(&s.task.id)
+                    .scope(scope_name)
+                    .details(serde_json::json!({ "ttl": ttl, "chain": s.task.chain }))
+                    .failure(message.clone()),
+            )
+            .await?;
+            return Err(BrokerError::PolicyDenied {
+                message,
+                policies: Vec::new(),
+            });
+        }
         let decision = self
             .policy
             .decide(
@@ -224,6 +247,7 @@ impl Broker {
                     task_description: &s.task.description,
                     requested_ttl_secs: ttl,
                     now: t,
+                    chain: &s.task.chain,
                 },
             )
             .map_err(|e| BrokerError::Internal(e.to_string()))?;

@@ -5,11 +5,23 @@ use serde::{Deserialize, Serialize};
 
 use super::Broker;
 use crate::audit::{Actor, AuditEvent};
-use crate::identity::{SessionClaims, verify_client_assertion};
+use crate::identity::{AssertionClaims, SessionClaims, unverified_issuer, verify_client_assertion};
 use crate::model::{Agent, AgentStatus, Task, TaskState, new_id, now, unix};
 
 /// The assertion type RFC 7523 registers for `private_key_jwt`.
 pub const JWT_BEARER_ASSERTION: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+/// RFC 8693's grant type, for delegation to a sub-agent.
+pub const TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+/// RFC 8693 token type of Keygate's session tokens.
+pub const TOKEN_TYPE_ACCESS: &str = "urn:ietf:params:oauth:token-type:access_token";
+/// RFC 8693 token type of a JWT (the sub-agent's client assertion).
+pub const TOKEN_TYPE_JWT: &str = "urn:ietf:params:oauth:token-type:jwt";
+
+/// A store failure at the token endpoint: logged, answered generically.
+fn internal(e: &dyn std::fmt::Display) -> OAuthError {
+    tracing::error!(error = %e, "token endpoint failed");
+    OAuthError::new("server_error", "the broker could not complete the request")
+}
 
 /// `POST /oauth/token` form fields.
 #[derive(Debug, Default, Deserialize)]
@@ -22,7 +34,17 @@ pub struct TokenRequest {
     pub task: Option<String>,
     /// Requested session lifetime in seconds, capped by config.
     pub ttl: Option<String>,
+    /// Space-separated scopes (token exchange: what the sub-agent may hold).
     pub scope: Option<String>,
+    /// Token exchange (RFC 8693): the delegating task's session token.
+    pub subject_token: Option<String>,
+    pub subject_token_type: Option<String>,
+    /// Token exchange: the sub-agent's own client assertion.
+    pub actor_token: Option<String>,
+    pub actor_token_type: Option<String>,
+    pub requested_token_type: Option<String>,
+    pub audience: Option<String>,
+    pub resource: Option<String>,
 }
 
 /// A successful token response (RFC 6749 §5.1 plus `task_id`).
@@ -32,6 +54,9 @@ pub struct TokenResponse {
     pub token_type: &'static str,
     pub expires_in: i64,
     pub task_id: String,
+    /// Set on token exchange (RFC 8693 §2.2.1).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub issued_token_type: Option<&'static str>,
 }
 
 /// An RFC 6749 §5.2 error.
@@ -90,20 +115,53 @@ impl Broker {
 
     async fn try_token(&self, req: TokenRequest) -> Result<(TokenResponse, String), OAuthError> {
         match req.grant_type.as_deref() {
-            Some("client_credentials") => {}
-            Some(other) => {
-                return Err(OAuthError::new(
-                    "unsupported_grant_type",
-                    format!("grant_type `{other}` is not supported (use client_credentials)"),
-                ));
-            }
-            None => {
-                return Err(OAuthError::new(
-                    "invalid_request",
-                    "`grant_type` is required",
-                ));
-            }
+            Some("client_credentials") => self.client_credentials(req).await,
+            Some(TOKEN_EXCHANGE) => self.token_exchange(req).await,
+            Some(other) => Err(OAuthError::new(
+                "unsupported_grant_type",
+                format!(
+                    "grant_type `{other}` is not supported (use client_credentials, or {TOKEN_EXCHANGE} to delegate)"
+                ),
+            )),
+            None => Err(OAuthError::new(
+                "invalid_request",
+                "`grant_type` is required",
+            )),
         }
+    }
+
+    /// A client assertion, verified against the agent's registered keys.
+    async fn authenticate(
+        &self,
+        client_id: &str,
+        assertion: &str,
+    ) -> Result<(Agent, AssertionClaims), OAuthError> {
+        let agent = self
+            .store
+            .get_agent(client_id)
+            .await
+            .map_err(|e| internal(&e))?
+            .ok_or_else(|| OAuthError::new("invalid_client", "unknown client"))?;
+        let audiences = [
+            self.config.server.issuer.as_str(),
+            &self.config.token_endpoint(),
+        ];
+        let claims =
+            verify_client_assertion(assertion, &agent.id, &agent.jwks, &audiences, unix(now()))
+                .map_err(|e| OAuthError::new("invalid_client", e.to_string()))?;
+        if agent.status != AgentStatus::Active {
+            return Err(OAuthError::new(
+                "invalid_client",
+                format!("agent is {}", agent.status),
+            ));
+        }
+        Ok((agent, claims))
+    }
+
+    async fn client_credentials(
+        &self,
+        req: TokenRequest,
+    ) -> Result<(TokenResponse, String), OAuthError> {
         let client_id = req
             .client_id
             .as_deref()
@@ -121,31 +179,8 @@ impl Broker {
             .filter(|s| !s.is_empty())
             .ok_or_else(|| OAuthError::new("invalid_client", "`client_assertion` is required"))?;
         let ttl = self.session_ttl(req.ttl.as_deref())?;
-        let internal = |e: &dyn std::fmt::Display| {
-            tracing::error!(error = %e, "token endpoint failed");
-            OAuthError::new("server_error", "the broker could not complete the request")
-        };
-        let agent = self
-            .store
-            .get_agent(client_id)
-            .await
-            .map_err(|e| internal(&e))?
-            .ok_or_else(|| OAuthError::new("invalid_client", "unknown client"))?;
+        let (agent, claims) = self.authenticate(client_id, assertion).await?;
         let t = now();
-        let audiences = [
-            self.config.server.issuer.as_str(),
-            &self.config.token_endpoint(),
-        ];
-        let audiences: Vec<&str> = audiences.to_vec();
-        let claims =
-            verify_client_assertion(assertion, &agent.id, &agent.jwks, &audiences, unix(t))
-                .map_err(|e| OAuthError::new("invalid_client", e.to_string()))?;
-        if agent.status != AgentStatus::Active {
-            return Err(OAuthError::new(
-                "invalid_client",
-                format!("agent is {}", agent.status),
-            ));
-        }
         let task = Task {
             id: new_id("tk"),
             agent_id: agent.id.clone(),
@@ -155,9 +190,149 @@ impl Broker {
             expires_at: t + ttl,
             ended_at: None,
             end_reason: None,
+            parent_task_id: None,
+            depth: 0,
+            delegation_budget: agent.delegation.max_depth,
+            scopes: None,
+            chain: Vec::new(),
         };
+        let details = serde_json::json!({
+            "method": "private_key_jwt",
+            "description": task.description,
+            "expires_at": unix(task.expires_at),
+        });
+        self.open_task(&agent, &claims, task, "task.opened", details)
+            .await
+    }
+
+    /// RFC 8693 delegation: the orchestrator's session token (`subject_token`)
+    /// and the sub-agent's own client assertion (`actor_token`) give the
+    /// sub-agent a child task whose scopes are requested ∩ parent's ∩ its own.
+    async fn token_exchange(
+        &self,
+        req: TokenRequest,
+    ) -> Result<(TokenResponse, String), OAuthError> {
+        let required = |v: &Option<String>, name: &str, why: &str| {
+            v.as_deref()
+                .filter(|s| !s.is_empty())
+                .map(str::to_owned)
+                .ok_or_else(|| {
+                    OAuthError::new("invalid_request", format!("`{name}` is required: {why}"))
+                })
+        };
+        let subject = required(
+            &req.subject_token,
+            "subject_token",
+            "the delegating task's session token",
+        )?;
+        if req.subject_token_type.as_deref() != Some(TOKEN_TYPE_ACCESS) {
+            return Err(OAuthError::new(
+                "invalid_request",
+                format!("`subject_token_type` must be `{TOKEN_TYPE_ACCESS}`"),
+            ));
+        }
+        let actor = required(
+            &req.actor_token,
+            "actor_token",
+            "the sub-agent proves who it is with its own client assertion",
+        )?;
+        if req.actor_token_type.as_deref() != Some(TOKEN_TYPE_JWT) {
+            return Err(OAuthError::new(
+                "invalid_request",
+                format!("`actor_token_type` must be `{TOKEN_TYPE_JWT}`"),
+            ));
+        }
+        let parent = self
+            .session(&subject)
+            .await
+            .map_err(|e| OAuthError::new("invalid_grant", format!("subject_token: {e}")))?;
+        let actor_id = unverified_issuer(&actor)
+            .map_err(|e| OAuthError::new("invalid_client", format!("actor_token: {e}")))?;
+        if let Some(cid) = req.client_id.as_deref().filter(|c| !c.is_empty())
+            && cid != actor_id
+        {
+            return Err(OAuthError::new(
+                "invalid_client",
+                "`client_id` does not match the actor_token's issuer",
+            ));
+        }
+        let (child, claims) = self.authenticate(&actor_id, &actor).await?;
+        let from = &parent.agent;
+        if child.id == from.id {
+            return Err(OAuthError::new(
+                "invalid_target",
+                "an agent cannot delegate to itself; use its own session token",
+            ));
+        }
+        if !from.delegation.targets.contains(&child.id) {
+            return Err(OAuthError::new(
+                "invalid_target",
+                format!(
+                    "agent `{}` may not delegate to `{}` (not among its delegation targets)",
+                    from.id, child.id
+                ),
+            ));
+        }
+        if parent.task.delegation_budget == 0 {
+            return Err(OAuthError::new(
+                "invalid_grant",
+                format!(
+                    "delegation depth limit reached: task `{}` (depth {}) may not delegate further",
+                    parent.task.id, parent.task.depth
+                ),
+            ));
+        }
+        let parent_scopes = parent
+            .task
+            .scopes
+            .clone()
+            .unwrap_or_else(|| self.reachable_scopes(from));
+        let own = self.reachable_scopes(&child);
+        let requested = delegated_scopes(req.scope.as_deref(), &parent_scopes, &own, &child.id)?;
+        let t = now();
+        let ttl = self.session_ttl(req.ttl.as_deref())?;
+        let mut chain = parent.task.chain.clone();
+        chain.push(from.id.clone());
+        let task = Task {
+            id: new_id("tk"),
+            agent_id: child.id.clone(),
+            description: req.task.unwrap_or_else(|| parent.task.description.clone()),
+            state: TaskState::Open,
+            opened_at: t,
+            expires_at: (t + ttl).min(parent.task.expires_at),
+            ended_at: None,
+            end_reason: None,
+            parent_task_id: Some(parent.task.id.clone()),
+            depth: parent.task.depth + 1,
+            delegation_budget: (parent.task.delegation_budget - 1).min(child.delegation.max_depth),
+            scopes: Some(requested.clone()),
+            chain: chain.clone(),
+        };
+        let details = serde_json::json!({
+            "method": "token_exchange",
+            "parent_task": parent.task.id,
+            "chain": chain,
+            "depth": task.depth,
+            "scopes": requested,
+            "expires_at": unix(task.expires_at),
+        });
+        self.open_task(&child, &claims, task, "task.delegated", details)
+            .await
+    }
+
+    /// Records the assertion's `jti`, writes the task and its audit event,
+    /// and signs the session token.
+    async fn open_task(
+        &self,
+        agent: &Agent,
+        claims: &AssertionClaims,
+        task: Task,
+        action: &str,
+        details: serde_json::Value,
+    ) -> Result<(TokenResponse, String), OAuthError> {
+        let t = task.opened_at;
         let mut tx = self.store.begin().await.map_err(|e| internal(&e))?;
-        let jti = claims.jti.unwrap_or_default();
+        let jti = claims.jti.clone().unwrap_or_default();
         let fresh = tx
             .record_jti(&agent.id, &jti, crate::model::from_unix(claims.exp))
             .await
@@ -173,18 +348,25 @@ impl Broker {
             .await
             .map_err(|e| internal(&e))?;
         tx.audit(
-            AuditEvent::new(&Actor::Agent(agent.id.clone()), "task.opened")
+            AuditEvent::new(&Actor::Agent(agent.id.clone()), action)
                 .agent(&agent.id)
                 .task(&task.id)
-                .details(serde_json::json!({
-                    "method": "private_key_jwt",
-                    "description": task.description,
-                    "expires_at": unix(task.expires_at),
-                })),
+                .details(details),
         )
         .await
         .map_err(|e| internal(&e))?;
         tx.commit().await.map_err(|e| internal(&e))?;
+        // `act` nests the delegators, nearest first (RFC 8693 §4.1).
+        let act = task
+            .chain
+            .iter()
+            .fold(None, |inner: Option<serde_json::Value>, who| {
+                let mut a = serde_json::json!({ "sub": who });
+                if let Some(i) = inner {
+                    a["act"] = i;
+                }
+                Some(a)
+            });
         let session = SessionClaims {
             iss: self.config.server.issuer.clone(),
             sub: agent.id.clone(),
@@ -193,16 +375,18 @@ impl Broker {
             exp: unix(task.expires_at),
             jti: new_id("st"),
             task_id: task.id.clone(),
+            act,
         };
         let token = self.signer.sign(&session).map_err(|e| internal(&e))?;
         Ok((
             TokenResponse {
                 access_token: token,
                 token_type: "Bearer",
-                expires_in: ttl.whole_seconds(),
+                expires_in: (task.expires_at - t).whole_seconds(),
                 task_id: task.id,
+                issued_token_type: task.parent_task_id.as_ref().map(|_| TOKEN_TYPE_ACCESS),
             },
-            agent.id,
+            agent.id.clone(),
         ))
     }
 
@@ -262,5 +446,166 @@ impl Broker {
         let mut tx = self.store.begin().await?;
         tx.audit(ev).await?;
         tx.commit().await
+    }
+}
+
+impl Broker {
+    /// RFC 7662 introspection of a session token: `active` only while its
+    /// task is open and its agent active, so ended and revoked tokens turn
+    /// inactive at once.
+    pub async fn introspect(&self, token: &str) -> serde_json::Value {
+        let Ok(claims) = self.signer.verify(token) else {
+            return serde_json::json!({ "active": false });
+        };
+        match self.session(token).await {
+            Ok(s) => {
+                let mut v = serde_json::json!({
+                    "active": true,
+                    "token_type": "Bearer",
+                    "iss": claims.iss,
+                    "sub": claims.sub,
+                    "client_id": claims.sub,
+                    "aud": claims.aud,
+                    "iat": claims.iat,
+                    "exp": claims.exp,
+                    "jti": claims.jti,
+                    "task_id": s.task.id,
+                });
+                if let Some(scopes) = &s.task.scopes {
+                    v["scope"] = scopes.join(" ").into();
+                }
+                if let Some(act) = claims.act {
+                    v["act"] = act;
+                }
+                v
+            }
+            Err(_) => serde_json::json!({ "active": false }),
+        }
+    }
+
+    /// RFC 7009 revocation of a session token: its task ends (with any task
+    /// delegated from it) and every lease of those tasks is revoked. An
+    /// unknown or already dead token is not an error.
+    pub async fn revoke_session_token(
+        &self,
+        actor: &Actor,
+        token: &str,
+    ) -> super::BrokerResult<()> {
+        let Ok(claims) = self.signer.verify(token) else {
+            return Ok(());
+        };
+        let t = now();
+        let mut tx = self.store.begin().await?;
+        let ended = tx
+            .end_tasks(
+                &crate::store::TaskSelector::Task(claims.task_id.clone()),
+                TaskState::Revoked,
+                "session token revoked",
+                t,
+            )
+            .await?;
+        if ended.is_empty() {
+            return Ok(());
+        }
+        let queued = tx
+            .queue_revocations(
+                &crate::store::LeaseSelector::Task(claims.task_id.clone()),
+                "session token revoked",
+                None,
+                t,
+            )
+            .await?;
+        tx.audit(
+            AuditEvent::new(actor, "task.token_revoked")
+                .agent(&claims.sub)
+                .task(&claims.task_id)
+                .details(
+                    serde_json::json!({ "tasks_ended": ended, "leases_queued": queued.len() }),
+                ),
+        )
+        .await?;
+        tx.commit().await?;
+        self.leases.wake();
+        Ok(())
+    }
+}
+
+/// The scopes a delegated task gets: the requested ones (default: all the
+/// parent's that the sub-agent may hold), each of which must be both the
+/// parent's and permitted to the sub-agent. Never wider than either.
+pub(crate) fn delegated_scopes(
+    requested: Option<&str>,
+    parent: &[String],
+    own: &[String],
+    child: &str,
+) -> Result<Vec<String>, OAuthError> {
+    let requested: Vec<String> = match requested.map(str::trim).filter(|s| !s.is_empty()) {
+        Some(s) => {
+            let mut v: Vec<String> = s.split_whitespace().map(str::to_owned).collect();
+            v.sort();
+            v.dedup();
+            v
+        }
+        None => parent.iter().filter(|s| own.contains(s)).cloned().collect(),
+    };
+    for s in &requested {
+        if !parent.contains(s) {
+            return Err(OAuthError::new(
+                "invalid_scope",
+                format!(
+                    "scope `{s}` is beyond the delegating task's scopes: delegation only narrows"
+                ),
+            ));
+        }
+        if !own.contains(s) {
+            return Err(OAuthError::new(
+                "invalid_scope",
+                format!("policy does not permit agent `{child}` to obtain scope `{s}`"),
+            ));
+        }
+    }
+    if requested.is_empty() {
+        return Err(OAuthError::new(
+            "invalid_scope",
+            "no scope is both the delegating task's and permitted to the sub-agent",
+        ));
+    }
+    Ok(requested)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::delegated_scopes;
+    use proptest::prelude::*;
+
+    fn names() -> impl Strategy<Value = Vec<String>> {
+        proptest::collection::vec(prop::sample::select(vec!["a", "b", "c", "d", "e"]), 0..5)
+            .prop_map(|v| v.into_iter().map(str::to_owned).collect())
+    }
+
+    proptest! {
+        /// Along any chain of delegations, each task's scopes are a subset of
+        /// its parent's and of what its own agent may hold.
+        #[test]
+        fn delegation_only_narrows(
+            root in names(),
+            chain in proptest::collection::vec((names(), proptest::option::of(names())), 1..5),
+        ) {
+            let mut parent = root;
+            for (own, asked) in chain {
+                let asked = asked.map(|a| a.join(" "));
+                match delegated_scopes(asked.as_deref(), &parent, &own, "x") {
+                    Ok(child) => {
+                        prop_assert!(!child.is_empty());
+                        prop_assert!(child.iter().all(|s| parent.contains(s) && own.contains(s)));
+                        parent = child;
+                    }
+                    Err(e) => {
+                        prop_assert_eq!(e.error, "invalid_scope");
+                        break;
+                    }
+                }
+            }
+        }
     }
 }

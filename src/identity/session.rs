@@ -20,6 +20,10 @@ pub struct SessionClaims {
     pub jti: String,
     /// The task (broker session) this token belongs to.
     pub task_id: String,
+    /// For a delegated task (RFC 8693 §4.1): the agent that delegated, with
+    /// its own delegator nested inside, up to the root orchestrator.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub act: Option<serde_json::Value>,
 }
 
 /// Signs and verifies session tokens with the broker's key.

@@ -24,6 +24,7 @@ fn agent(team: &str, tier: u8) -> Agent {
         updated_at: now,
         last_used_at: None,
         last_review_at: None,
+        delegation: Default::default(),
     }
 }
 
@@ -48,6 +49,7 @@ fn decide(e: &PolicyEngine, a: &Agent, scope: &str, ttl: u64) -> PolicyDecision 
         task_description: "job",
         requested_ttl_secs: ttl,
         now: crate::model::now(),
+        chain: &[],
     };
     e.decide(a, &sf, &rf).unwrap()
 }

@@ -7,10 +7,12 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::auth::AgentSession;
+use super::auth::{AgentSession, Caller, Operator};
 use super::error::ApiJson;
 use super::{ApiError, AppState};
+use crate::audit::Actor;
 use crate::broker::{CredentialAsk, CredentialOutcome, IssuedCredential, OAuthError, TokenRequest};
+use crate::config::Role;
 
 /// `POST /oauth/token` (form-encoded). Errors follow RFC 6749 §5.2.
 pub async fn token(
@@ -151,4 +153,73 @@ pub async fn complete(
     AgentSession(s): AgentSession,
 ) -> Result<impl IntoResponse, ApiError> {
     Ok(Json(b.complete_task(&s).await?))
+}
+
+/// The form of `/oauth/introspect` and `/oauth/revoke`.
+#[derive(Debug, Deserialize)]
+pub struct TokenForm {
+    token: Option<String>,
+    #[allow(dead_code)] // accepted as RFC 7662/7009 allow; Keygate has one token type
+    token_type_hint: Option<String>,
+}
+
+fn token_field(
+    form: Result<axum::Form<TokenForm>, axum::extract::rejection::FormRejection>,
+) -> Result<String, ApiError> {
+    let axum::Form(f) = form.map_err(|e| {
+        ApiError::bad_request(format!(
+            "the body must be application/x-www-form-urlencoded: {}",
+            e.body_text()
+        ))
+    })?;
+    f.token
+        .filter(|t| !t.is_empty())
+        .ok_or_else(|| ApiError::bad_request("`token` is required"))
+}
+
+/// `POST /oauth/introspect` (RFC 7662), for resource servers: an operator
+/// token with the `introspector`, `admin` or `secops` role.
+pub async fn introspect(
+    State(b): State<AppState>,
+    op: Operator,
+    form: Result<axum::Form<TokenForm>, axum::extract::rejection::FormRejection>,
+) -> Result<Response, ApiError> {
+    op.require(&[Role::Introspector, Role::Admin, Role::Secops])?;
+    let token = token_field(form)?;
+    Ok((
+        StatusCode::OK,
+        [(axum::http::header::CACHE_CONTROL, "no-store")],
+        Json(b.introspect(&token).await),
+    )
+        .into_response())
+}
+
+/// `POST /oauth/revoke` (RFC 7009): by the token's own holder (the same
+/// token as bearer) or by secops/admin. Unknown tokens answer 200 too.
+pub async fn revoke_token(
+    State(b): State<AppState>,
+    caller: Caller,
+    form: Result<axum::Form<TokenForm>, axum::extract::rejection::FormRejection>,
+) -> Result<Response, ApiError> {
+    let token = token_field(form)?;
+    let actor = match &caller {
+        Caller::Operator(op) => {
+            op.require(&[Role::Secops, Role::Admin])?;
+            op.actor()
+        }
+        Caller::Agent(s) => {
+            let own = b
+                .signer
+                .verify(&token)
+                .is_ok_and(|c| c.task_id == s.task.id);
+            if !own {
+                return Err(ApiError::forbidden(
+                    "an agent may revoke only the session token it presents",
+                ));
+            }
+            Actor::Agent(s.agent.id.clone())
+        }
+    };
+    b.revoke_session_token(&actor, &token).await?;
+    Ok(StatusCode::OK.into_response())
 }

@@ -352,8 +352,8 @@ impl StoreTx for SqliteTx {
     async fn insert_agent(&mut self, a: &Agent) -> StoreResult<()> {
         sqlx::query(
             "INSERT INTO agents (id, team, sponsor, risk_tier, environment, purpose, labels, \
-             status, auth_method, jwks, created_at, updated_at, last_used_at, last_review_at) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             status, auth_method, jwks, created_at, updated_at, last_used_at, last_review_at, \
+             delegation) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&a.id)
         .bind(&a.team)
@@ -369,6 +369,7 @@ impl StoreTx for SqliteTx {
         .bind(unix(a.updated_at))
         .bind(a.last_used_at.map(unix))
         .bind(a.last_review_at.map(unix))
+        .bind(serde_json::to_string(&a.delegation).map_err(corrupt)?)
         .execute(&mut *self.tx)
         .await
         .map_err(|e| match StoreError::from(e) {
@@ -405,7 +406,8 @@ impl StoreTx for SqliteTx {
     async fn update_agent(&mut self, a: &Agent) -> StoreResult<()> {
         sqlx::query(
             "UPDATE agents SET team = ?, sponsor = ?, risk_tier = ?, environment = ?, \
-             purpose = ?, labels = ?, jwks = ?, last_review_at = ?, updated_at = ? WHERE id = ?",
+             purpose = ?, labels = ?, jwks = ?, last_review_at = ?, updated_at = ?, \
+             delegation = ? WHERE id = ?",
         )
         .bind(&a.team)
         .bind(&a.sponsor)
@@ -416,6 +418,7 @@ impl StoreTx for SqliteTx {
         .bind(serde_json::to_string(&a.jwks).map_err(corrupt)?)
         .bind(a.last_review_at.map(unix))
         .bind(unix(a.updated_at))
+        .bind(serde_json::to_string(&a.delegation).map_err(corrupt)?)
         .bind(&a.id)
         .execute(&mut *self.tx)
         .await?;
@@ -450,8 +453,9 @@ impl StoreTx for SqliteTx {
 
     async fn insert_task(&mut self, t: &Task) -> StoreResult<()> {
         sqlx::query(
-            "INSERT INTO tasks (id, agent_id, description, state, opened_at, expires_at) \
-             VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT INTO tasks (id, agent_id, description, state, opened_at, expires_at, \
+             parent_task_id, depth, delegation_budget, scopes, chain) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&t.id)
         .bind(&t.agent_id)
@@ -459,6 +463,17 @@ impl StoreTx for SqliteTx {
         .bind(t.state.as_str())
         .bind(unix(t.opened_at))
         .bind(unix(t.expires_at))
+        .bind(&t.parent_task_id)
+        .bind(i64::from(t.depth))
+        .bind(i64::from(t.delegation_budget))
+        .bind(
+            t.scopes
+                .as_ref()
+                .map(serde_json::to_string)
+                .transpose()
+                .map_err(corrupt)?,
+        )
+        .bind(serde_json::to_string(&t.chain).map_err(corrupt)?)
         .execute(&mut *self.tx)
         .await?;
         Ok(())
@@ -494,9 +509,39 @@ impl StoreTx for SqliteTx {
         }
         q.push(" RETURNING id");
         let rows = q.build().fetch_all(&mut *self.tx).await?;
-        rows.iter()
-            .map(|r| r.try_get::<String, _>("id").map_err(StoreError::from))
-            .collect()
+        let mut ended: Vec<String> = rows
+            .iter()
+            .map(|r| r.try_get::<String, _>("id"))
+            .collect::<Result<_, _>>()?;
+        // Delegated tasks end with their parent, level by level, and their
+        // leases are queued for revocation in the same commit.
+        loop {
+            let children: Vec<String> = sqlx::query(
+                "UPDATE tasks SET state = 'revoked', ended_at = ?, \
+                 end_reason = 'the parent task ended' WHERE state = 'open' AND parent_task_id IN \
+                 (SELECT id FROM tasks WHERE state != 'open') RETURNING id",
+            )
+            .bind(unix(now))
+            .fetch_all(&mut *self.tx)
+            .await?
+            .iter()
+            .map(|r| r.try_get::<String, _>("id"))
+            .collect::<Result<_, _>>()?;
+            if children.is_empty() {
+                break;
+            }
+            sqlx::query(
+                "UPDATE leases SET state = 'revoking', attempts = 0, last_error = NULL, \
+                 next_attempt_at = ?, end_reason = 'the parent task ended' \
+                 WHERE state IN ('pending', 'active') AND task_id IN (SELECT value FROM json_each(?))",
+            )
+            .bind(unix(now))
+            .bind(serde_json::to_string(&children).map_err(corrupt)?)
+            .execute(&mut *self.tx)
+            .await?;
+            ended.extend(children);
+        }
+        Ok(ended)
     }
 
     async fn insert_lease(&mut self, l: &Lease) -> StoreResult<bool> {

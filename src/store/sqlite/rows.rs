@@ -46,6 +46,7 @@ pub(super) fn agent_from_row(r: &SqliteRow) -> StoreResult<Agent> {
         updated_at: time_col(r, "updated_at")?,
         last_used_at: opt_time_col(r, "last_used_at")?,
         last_review_at: opt_time_col(r, "last_review_at")?,
+        delegation: json_col(r, "delegation")?,
     })
 }
 
@@ -59,6 +60,17 @@ pub(super) fn task_from_row(r: &SqliteRow) -> StoreResult<Task> {
         expires_at: time_col(r, "expires_at")?,
         ended_at: opt_time_col(r, "ended_at")?,
         end_reason: r.try_get("end_reason")?,
+        parent_task_id: r.try_get("parent_task_id")?,
+        depth: u8::try_from(r.try_get::<i64, _>("depth")?)
+            .map_err(|_| StoreError::Corrupt("task depth out of range".into()))?,
+        delegation_budget: u8::try_from(r.try_get::<i64, _>("delegation_budget")?)
+            .map_err(|_| StoreError::Corrupt("delegation budget out of range".into()))?,
+        scopes: r
+            .try_get::<Option<String>, _>("scopes")?
+            .map(|s| serde_json::from_str(&s))
+            .transpose()
+            .map_err(|e| StoreError::Corrupt(format!("column `scopes`: {e}")))?,
+        chain: json_col(r, "chain")?,
     })
 }
 
