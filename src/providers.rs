@@ -13,6 +13,8 @@ use crate::config::{Config, ConfigError};
 pub struct Registry {
     providers: BTreeMap<String, Arc<dyn Provider>>,
     scopes: BTreeMap<String, ScopeSpec>,
+    /// Each provider instance's scopes, for its sweeper.
+    by_provider: BTreeMap<String, Vec<ScopeSpec>>,
 }
 
 impl std::fmt::Debug for Registry {
@@ -33,6 +35,7 @@ impl Registry {
             providers.insert(name.clone(), build_one(name, table).await?);
         }
         let mut scopes = BTreeMap::new();
+        let mut by_provider: BTreeMap<String, Vec<ScopeSpec>> = BTreeMap::new();
         for s in &cfg.scopes {
             let spec = ScopeSpec {
                 name: s.name.clone(),
@@ -46,9 +49,17 @@ impl Registry {
             provider
                 .validate_scope(&spec)
                 .map_err(|e| ConfigError::Invalid(format!("scope `{}`: {e}", s.name)))?;
+            by_provider
+                .entry(s.provider.clone())
+                .or_default()
+                .push(spec.clone());
             scopes.insert(s.name.clone(), spec);
         }
-        Ok(Self { providers, scopes })
+        Ok(Self {
+            providers,
+            scopes,
+            by_provider,
+        })
     }
 
     pub fn provider(&self, name: &str) -> Option<&Arc<dyn Provider>> {
@@ -67,6 +78,11 @@ impl Registry {
             max_ttl: std::time::Duration::ZERO,
             params: serde_json::Value::Null,
         })
+    }
+
+    /// The scopes configured on one provider instance.
+    pub fn provider_scopes(&self, provider: &str) -> &[ScopeSpec] {
+        self.by_provider.get(provider).map_or(&[], Vec::as_slice)
     }
 
     pub fn provider_names(&self) -> impl Iterator<Item = &str> {

@@ -85,7 +85,7 @@ pub async fn request_credential(
         .expires_at
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default();
-    let body = json!({
+    let mut body = json!({
         "lease_id": issued.lease_id,
         "scope": issued.scope,
         "provider": issued.provider,
@@ -94,6 +94,9 @@ pub async fn request_credential(
         // The one place a secret leaves the broker: straight to its agent.
         "credential": issued.credential.expose_to_agent(),
     });
+    if let Some(note) = issued.note {
+        body["note"] = note.into();
+    }
     Ok((
         StatusCode::CREATED,
         [(axum::http::header::CACHE_CONTROL, "no-store")],
