@@ -9,6 +9,7 @@ mod api;
 pub mod aws;
 pub mod azure;
 mod config;
+pub mod example;
 mod graph_fake;
 pub mod peers;
 pub mod vault;
