@@ -69,7 +69,9 @@ impl Worker {
         if sweep.removed.is_empty() && sweep.errors.is_empty() {
             return Ok(());
         }
-        let mut tx = self.store.begin().await?;
+        // Name the lease's agent, task and scope where the store knows the
+        // lease (read before the write transaction holds the writer).
+        let mut events = Vec::with_capacity(sweep.removed.len());
         for s in &sweep.removed {
             let mut ev = AuditEvent::new(&Actor::System, "provider.swept")
                 .reason(s.reason.clone())
@@ -84,6 +86,10 @@ impl Worker {
                     None => ev.lease(id),
                 };
             }
+            events.push(ev);
+        }
+        let mut tx = self.store.begin().await?;
+        for ev in events {
             tx.audit(ev).await?;
         }
         if !sweep.errors.is_empty() {
