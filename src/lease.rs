@@ -1,11 +1,14 @@
-//! The lease engine's background half: the durable revocation queue and the
-//! reaper. Both resume from the store after a restart.
+//! The lease engine's background half: the durable revocation queue, the
+//! reaper, and the providers' sweepers (`sweep.rs`). All resume from the
+//! store after a restart.
 //!
 //! The queue is the set of leases in state `revoking`. A worker takes due
 //! ones, calls the provider (at most `revoke_concurrency` at once per
 //! provider instance), and either records the confirmation or the error and
 //! the next attempt time (exponential backoff). A lease is never marked
 //! revoked without its provider's confirmation, and never dropped.
+
+mod sweep;
 
 use std::collections::BTreeMap;
 use std::sync::Arc;

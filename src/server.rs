@@ -131,6 +131,8 @@ pub async fn serve(config_path: &Path, listen: Option<std::net::SocketAddr>) -> 
     // The reaper's first pass resumes what a previous run left: orphaned
     // pending leases, expired tasks, the revocation queue.
     worker.reap_once().await?;
+    // Sweepers start after that pass, so they see its orphans as queued.
+    worker.spawn_sweepers();
     tokio::spawn(Arc::clone(&worker).run_queue());
     tokio::spawn(worker.run_reaper());
     tokio::spawn(Arc::clone(&broker.notifier).run(broker.store.clone()));

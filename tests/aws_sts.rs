@@ -20,8 +20,8 @@
 mod common;
 
 use aws_credential_types::Credentials;
-use common::aws::{Moto, role_arn, start_refused};
-use common::{TestAgent, TestBroker, rfc3339, unix_now};
+use common::aws::{Moto, role_arn};
+use common::{TestAgent, TestBroker, rfc3339, start_refused, unix_now};
 use reqwest::Method;
 use serde_json::{Value, json};
 

@@ -24,6 +24,9 @@ pub struct IssuedCredential {
     pub provider: String,
     pub expires_at: OffsetDateTime,
     pub revocability: Revocability,
+    /// Set when the credential outlives the requested lease because its
+    /// backend fixes its lifetime (and cannot revoke it).
+    pub note: Option<String>,
     pub credential: keygate_provider_api::Credential,
 }
 
@@ -117,6 +120,17 @@ pub struct CredentialAsk {
     pub params: serde_json::Value,
     /// Why the agent needs it; shown to approvers of a sensitive scope.
     pub justification: Option<String>,
+}
+
+/// Why a credential outlives the ttl granted to its lease.
+fn outlives_note(issued: &keygate_provider_api::Issued, granted: u64) -> String {
+    format!(
+        "the backend sets this credential's lifetime and cannot revoke it: it stays valid until {}, past the {granted} s granted; releasing it or ending the task does not shorten that",
+        issued
+            .expires_at
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_default()
+    )
 }
 
 impl Broker {
@@ -373,9 +387,19 @@ impl Broker {
         };
         // A provider counting from its own mint time ends a little later than
         // the lease; the lease then records the real expiry. Anything later
-        // breaks the lease's promise.
+        // breaks the lease's promise, except for a credential whose backend
+        // fixes its lifetime and cannot revoke it (an Entra access token):
+        // that one may live up to the scope's max_ttl, and the agent is told.
         let slack = time::Duration::seconds((now() - t).whole_seconds() + 1) + BACKEND_CLOCK_SKEW;
-        if issued.expires_at > expires_at + slack {
+        let latest = match issued.revocability {
+            keygate_provider_api::Revocability::ExpiresAt => {
+                t + time::Duration::seconds(scope_cfg.max_ttl_secs as i64)
+            }
+            _ => expires_at,
+        };
+        let note =
+            (issued.expires_at > expires_at + slack).then(|| outlives_note(&issued, granted));
+        if issued.expires_at > latest + slack {
             // A provider that outlives the lease breaks the broker's promise;
             // kill what it issued rather than hand it over.
             self.record_and_queue(&lease, &issued, &actor).await?;
@@ -402,6 +426,7 @@ impl Broker {
                 provider: lease.provider,
                 expires_at: issued.expires_at,
                 revocability: issued.revocability.into(),
+                note,
                 credential: issued.credential,
             }),
             _ => {

@@ -78,7 +78,7 @@ pub struct CredentialBody {
 
 /// The 201 answer carrying a credential.
 pub(super) fn issued_body(issued: &IssuedCredential) -> Response {
-    let body = json!({
+    let mut body = json!({
         "lease_id": issued.lease_id,
         "scope": issued.scope,
         "provider": issued.provider,
@@ -87,6 +87,9 @@ pub(super) fn issued_body(issued: &IssuedCredential) -> Response {
         // The one place a secret leaves the broker: straight to its agent.
         "credential": issued.credential.expose_to_agent(),
     });
+    if let Some(note) = &issued.note {
+        body["note"] = note.clone().into();
+    }
     (
         StatusCode::CREATED,
         [(axum::http::header::CACHE_CONTROL, "no-store")],

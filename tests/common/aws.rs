@@ -4,13 +4,12 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::process::Stdio;
-use std::time::Duration;
 
 use aws_credential_types::Credentials;
 use aws_sdk_iam::config::{BehaviorVersion, Region};
 use tokio::process::{Child, Command};
 
-use super::{Setup, TestBroker, eventually};
+use super::{Setup, eventually};
 
 /// moto's account id.
 pub const ACCOUNT: &str = "123456789012";
@@ -196,32 +195,4 @@ impl Moto {
             ..Setup::default()
         }
     }
-}
-
-/// Runs `keygate serve` on `setup`'s config and expects it to refuse to
-/// start; returns what it printed.
-pub async fn start_refused(setup: Setup) -> String {
-    let b = TestBroker::prepare(setup);
-    let out = tokio::time::timeout(
-        Duration::from_secs(30),
-        Command::new(env!("CARGO_BIN_EXE_keygate"))
-            .arg("serve")
-            .arg("--config")
-            .arg(b.dir.join("keygate.toml"))
-            .args(["--listen", "127.0.0.1:0"])
-            .envs(b.env.iter().map(|(k, v)| (k, v)))
-            .current_dir(&b.dir)
-            .kill_on_drop(true)
-            .output(),
-    )
-    .await
-    .expect("keygate should refuse the config at once, not start")
-    .unwrap();
-    let text = format!(
-        "{}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-    assert!(!out.status.success(), "keygate started: {text}");
-    text
 }

@@ -7,7 +7,10 @@
 mod agent;
 mod api;
 pub mod aws;
+pub mod azure;
 mod config;
+pub mod example;
+mod graph_fake;
 pub mod peers;
 pub mod slack;
 pub mod vault;
@@ -264,6 +267,34 @@ impl Drop for TestBroker {
             let _ = std::fs::remove_dir_all(&self.dir);
         }
     }
+}
+
+/// Runs `keygate serve` on `setup`'s config and expects it to refuse to
+/// start; returns what it printed.
+pub async fn start_refused(setup: Setup) -> String {
+    let b = TestBroker::prepare(setup);
+    let out = tokio::time::timeout(
+        Duration::from_secs(30),
+        Command::new(env!("CARGO_BIN_EXE_keygate"))
+            .arg("serve")
+            .arg("--config")
+            .arg(b.dir.join("keygate.toml"))
+            .args(["--listen", "127.0.0.1:0"])
+            .envs(b.env.iter().map(|(k, v)| (k, v)))
+            .current_dir(&b.dir)
+            .kill_on_drop(true)
+            .output(),
+    )
+    .await
+    .expect("keygate should refuse the config at once, not start")
+    .unwrap();
+    let text = format!(
+        "{}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(!out.status.success(), "keygate started: {text}");
+    text
 }
 
 /// Polls `f` until it returns `Some`, failing the test after a deadline.

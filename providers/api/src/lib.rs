@@ -19,6 +19,7 @@ mod credential;
 mod error;
 mod fence;
 mod secret_ref;
+mod sweep;
 
 use std::time::Duration;
 
@@ -30,6 +31,7 @@ pub use credential::{Credential, CredentialField};
 pub use error::ProviderError;
 pub use fence::{Fence, FenceRequest, FenceTarget, Fenced, LiftFenceRequest};
 pub use secret_ref::{SecretRef, SecretResolver, SecretSource};
+pub use sweep::{LeaseLookup, Sweep, Swept};
 
 /// A credential backend instance (one `[providers.<name>]` table in config).
 #[async_trait]
@@ -93,6 +95,22 @@ pub trait Provider: Send + Sync + 'static {
     /// fence already gone is lifted.
     async fn lift_fence(&self, _req: &LiftFenceRequest) -> Result<(), ProviderError> {
         Err(ProviderError::Unsupported("fences".into()))
+    }
+
+    /// How often the broker should call [`Provider::sweep`] (also once at
+    /// start). `None` (the default): this provider leaves nothing to sweep.
+    fn sweep_interval(&self) -> Option<Duration> {
+        None
+    }
+
+    /// Removes what this provider created at its backend, for the `scopes`
+    /// configured on it, for leases that are no longer live (an issue that
+    /// crashed or timed out after the backend call), asking `leases` which
+    /// are, and never touching objects it did not create. Reports every
+    /// removal, for the audit log. Must be safe to run at any time, next to
+    /// issues and revocations.
+    async fn sweep(&self, _scopes: &[ScopeSpec], _leases: &dyn LeaseLookup) -> Sweep {
+        Sweep::default()
     }
 }
 
@@ -162,7 +180,11 @@ pub struct IssueRequest {
     pub agent: AgentInfo,
     /// The scope being minted.
     pub scope: ScopeSpec,
-    /// Granted lifetime; the provider must not issue anything that outlives it.
+    /// Granted lifetime; the provider must not issue anything that outlives
+    /// it, with one exception: a credential the backend gives a fixed
+    /// lifetime and cannot revoke ([`Revocability::ExpiresAt`], e.g. an Entra
+    /// access token) may live longer, up to the scope's `max_ttl` from now.
+    /// The broker then records its real expiry and tells the agent.
     pub ttl: Duration,
     /// `now + ttl`, computed once by the broker.
     pub expires_at: OffsetDateTime,

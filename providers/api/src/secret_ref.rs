@@ -41,8 +41,12 @@ impl FromStr for SecretRef {
     type Err = ProviderError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
+        // A value that is not a reference may be the secret itself, pasted
+        // where its reference belongs: the message never repeats it.
         let invalid = |why: &str| {
-            ProviderError::InvalidParams(format!("secret reference `{s}` is not valid: {why}"))
+            ProviderError::InvalidParams(format!(
+                "a secret reference is not valid (its value is not shown: it may be a secret): {why}"
+            ))
         };
         let (scheme, rest) = s
             .split_once(':')
@@ -54,9 +58,14 @@ impl FromStr for SecretRef {
             "env" => Ok(Self::Env(rest.to_owned())),
             "file" => Ok(Self::File(PathBuf::from(rest))),
             "aws-sm" => Ok(Self::AwsSecretsManager(rest.to_owned())),
-            other => Err(invalid(&format!(
-                "unknown scheme `{other}` (expected `env`, `file` or `aws-sm`)"
-            ))),
+            other if other.len() <= 16 && other.bytes().all(|b| b.is_ascii_lowercase()) => {
+                Err(invalid(&format!(
+                    "unknown scheme `{other}` (expected `env`, `file` or `aws-sm`)"
+                )))
+            }
+            _ => Err(invalid(
+                "unknown scheme (expected `env:NAME`, `file:PATH` or `aws-sm:SECRET-ID`)",
+            )),
         }
     }
 }
@@ -179,9 +188,14 @@ mod tests {
             ("plain-value", "write `env:NAME`"),
             ("env:", "nothing follows"),
             ("vault:kv/x", "unknown scheme `vault`"),
+            ("Zx8Q~secret:tail", "unknown scheme (expected"),
         ] {
             let err = bad.parse::<SecretRef>().unwrap_err().to_string();
             assert!(err.contains(needle), "{bad}: {err}");
+            // A pasted secret is never repeated back.
+            if bad != "env:" {
+                assert!(!err.contains(bad), "{bad}: {err}");
+            }
         }
     }
 
