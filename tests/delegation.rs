@@ -1,0 +1,273 @@
+//! Delegation through the real server (RFC 8693 token exchange): a sub-agent
+//! authenticates as itself and receives a narrower child task; limits on
+//! targets and depth hold; ending the parent ends the child. Introspection
+//! (RFC 7662) and token revocation (RFC 7009) see it all at once.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::{Resp, Setup, TestAgent, TestBroker, eventually};
+use serde_json::{Value, json};
+
+const EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+const ACCESS: &str = "urn:ietf:params:oauth:token-type:access_token";
+const JWT: &str = "urn:ietf:params:oauth:token-type:jwt";
+
+/// An orchestrator, two sub-agents and an outsider, in team `research`
+/// (the shipped policies favour no such team); `narrow` may not hold JWT-SVIDs.
+struct Cast {
+    orch: TestAgent,
+    sub: TestAgent,
+    narrow: TestAgent,
+    deep: TestAgent,
+    outsider: TestAgent,
+}
+
+async fn start() -> (TestBroker, Cast) {
+    let cast = Cast {
+        orch: TestAgent::new("orch", "ES256"),
+        sub: TestAgent::new("sub", "EdDSA"),
+        narrow: TestAgent::new("narrow", "ES256"),
+        deep: TestAgent::new("deep", "ES256"),
+        outsider: TestAgent::new("outsider", "ES256"),
+    };
+    let forbid = format!(
+        r#"@id("narrow-no-jwt")
+forbid (principal == Keygate::Agent::"{}", action, resource == Keygate::Scope::"jwt-svid");"#,
+        cast.narrow.id
+    );
+    let b = TestBroker::start_with(Setup {
+        policies: vec![
+            (
+                "permit.cedar".into(),
+                common::Setup::permissive().policies[0].1.clone(),
+            ),
+            ("narrow.cedar".into(), forbid),
+        ],
+        ..Setup::default()
+    })
+    .await;
+    let register = |a: &TestAgent, delegation: Value| {
+        let mut spec = a.spec("research");
+        spec["delegation"] = delegation;
+        let b = &b;
+        async move { b.admin_post("/v1/agents", &spec).await }
+    };
+    register(
+        &cast.orch,
+        json!({ "max_depth": 2, "targets": [cast.sub.id, cast.narrow.id] }),
+    )
+    .await
+    .expect(201);
+    register(
+        &cast.sub,
+        json!({ "max_depth": 1, "targets": [cast.deep.id] }),
+    )
+    .await
+    .expect(201);
+    register(
+        &cast.narrow,
+        json!({ "max_depth": 0, "targets": [cast.deep.id] }),
+    )
+    .await
+    .expect(201);
+    register(&cast.deep, json!({})).await.expect(201);
+    register(&cast.outsider, json!({})).await.expect(201);
+    (b, cast)
+}
+
+async fn exchange(b: &TestBroker, parent: &str, actor: &TestAgent, scope: Option<&str>) -> Resp {
+    let assertion = actor.assertion();
+    let mut form = vec![
+        ("grant_type", EXCHANGE),
+        ("subject_token", parent),
+        ("subject_token_type", ACCESS),
+        ("actor_token", assertion.as_str()),
+        ("actor_token_type", JWT),
+    ];
+    if let Some(s) = scope {
+        form.push(("scope", s));
+    }
+    b.token_form(&form).await
+}
+
+async fn introspect(b: &TestBroker, token: &str) -> Value {
+    let resp = b
+        .http
+        .post(b.url("/oauth/introspect"))
+        .bearer_auth(&b.ops.secops)
+        .form(&[("token", token)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(resp.status(), 200);
+    resp.json().await.unwrap()
+}
+
+async fn revoke(b: &TestBroker, bearer: &str, token: &str) -> u16 {
+    b.http
+        .post(b.url("/oauth/revoke"))
+        .bearer_auth(bearer)
+        .form(&[("token", token)])
+        .send()
+        .await
+        .unwrap()
+        .status()
+        .as_u16()
+}
+
+#[tokio::test]
+async fn a_sub_agent_gets_a_narrower_child_task_that_ends_with_its_parent() {
+    let (b, c) = start().await;
+    let parent = b.token(&c.orch).await;
+    let v = exchange(&b, &parent.token, &c.sub, Some("x509-svid"))
+        .await
+        .expect(200);
+    assert_eq!(v["issued_token_type"], ACCESS);
+    let child = v["access_token"].as_str().unwrap().to_owned();
+    let child_task = v["task_id"].as_str().unwrap().to_owned();
+
+    // Introspection shows the chain and the narrowed scope.
+    let i = introspect(&b, &child).await;
+    assert_eq!(i["active"], true);
+    assert_eq!(i["sub"], c.sub.id.as_str());
+    assert_eq!(i["act"]["sub"], c.orch.id.as_str());
+    assert_eq!(i["scope"], "x509-svid");
+
+    // The child holds only what it was given.
+    let lease = b.x509(&child, Some(300)).await["lease_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let r = b.credential(&child, "jwt-svid", None, None).await;
+    assert_eq!(r.status, 403, "{}", r.text);
+    assert!(r.text.contains("delegated with scopes"), "{}", r.text);
+    let delegated = b.audit("action=task.delegated").await;
+    assert_eq!(delegated.len(), 1);
+    assert_eq!(delegated[0]["task"], child_task.as_str());
+    assert_eq!(delegated[0]["details"]["chain"], json!([c.orch.id]));
+
+    // Ending the parent ends the child and revokes its lease.
+    b.complete(&parent.token).await.expect(200);
+    assert_eq!(introspect(&b, &child).await, json!({ "active": false }));
+    let r = b.credential(&child, "x509-svid", None, None).await;
+    assert_eq!(r.status, 401, "{}", r.text);
+    eventually("the child's lease revoked", || async {
+        (b.lease_state(&lease).await == "revoked").then_some(())
+    })
+    .await;
+}
+
+#[tokio::test]
+async fn delegation_only_narrows_and_respects_targets_and_depth() {
+    let (b, c) = start().await;
+    let parent = b.token(&c.orch).await;
+
+    // Escalation: a scope the parent cannot hold (sensitive, not permitted).
+    let r = exchange(&b, &parent.token, &c.sub, Some("x509-svid payments-ca")).await;
+    assert_eq!(r.status, 400, "{}", r.text);
+    assert_eq!(r.json()["error"], "invalid_scope");
+    assert!(r.text.contains("only narrows"), "{}", r.text);
+    // A scope the sub-agent's own policy forbids.
+    let r = exchange(&b, &parent.token, &c.narrow, Some("jwt-svid")).await;
+    assert_eq!(r.json()["error"], "invalid_scope", "{}", r.text);
+    // Without `scope`: the parent's ∩ the sub-agent's own.
+    let v = exchange(&b, &parent.token, &c.narrow, None)
+        .await
+        .expect(200);
+    let narrow_token = v["access_token"].as_str().unwrap().to_owned();
+    assert_eq!(introspect(&b, &narrow_token).await["scope"], "x509-svid");
+
+    // A target the orchestrator may not delegate to.
+    let r = exchange(&b, &parent.token, &c.outsider, None).await;
+    assert_eq!(r.json()["error"], "invalid_target", "{}", r.text);
+    // The sub-agent's own assertion is required, and must be its own.
+    let forged = c.outsider.assertion();
+    let r = b
+        .token_form(&[
+            ("grant_type", EXCHANGE),
+            ("subject_token", parent.token.as_str()),
+            ("subject_token_type", ACCESS),
+            ("actor_token", forged.as_str()),
+            ("actor_token_type", JWT),
+            ("client_id", c.sub.id.as_str()),
+        ])
+        .await;
+    assert_eq!(r.json()["error"], "invalid_client", "{}", r.text);
+
+    // Depth: orch (budget 2) → sub (budget min(1, 1)) → deep (budget 0) → no further.
+    let v = exchange(&b, &parent.token, &c.sub, None).await.expect(200);
+    let sub_token = v["access_token"].as_str().unwrap().to_owned();
+    let v = exchange(&b, &sub_token, &c.deep, Some("x509-svid"))
+        .await
+        .expect(200);
+    let deep_token = v["access_token"].as_str().unwrap().to_owned();
+    let i = introspect(&b, &deep_token).await;
+    assert_eq!(i["act"]["sub"], c.sub.id.as_str());
+    assert_eq!(i["act"]["act"]["sub"], c.orch.id.as_str());
+    // `narrow` has max_depth 0: it may not pass its task on even to a listed target.
+    let r = exchange(&b, &narrow_token, &c.deep, None).await;
+    assert_eq!(r.json()["error"], "invalid_grant", "{}", r.text);
+    assert!(r.text.contains("depth limit"), "{}", r.text);
+
+    // A dead parent token cannot delegate.
+    b.complete(&parent.token).await.expect(200);
+    let r = exchange(&b, &parent.token, &c.sub, None).await;
+    assert_eq!(r.json()["error"], "invalid_grant", "{}", r.text);
+    // The grandchild died with the root.
+    assert_eq!(introspect(&b, &deep_token).await["active"], false);
+}
+
+#[tokio::test]
+async fn introspection_and_revocation_of_session_tokens() {
+    let (b, c) = start().await;
+    let s = b.token(&c.orch).await;
+    let other = b.token(&c.outsider).await;
+
+    // Introspection needs a resource-server credential.
+    let r = b
+        .http
+        .post(b.url("/oauth/introspect"))
+        .form(&[("token", s.token.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let r = b
+        .http
+        .post(b.url("/oauth/introspect"))
+        .bearer_auth(&b.ops.auditor)
+        .form(&[("token", s.token.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 403);
+    assert_eq!(
+        introspect(&b, "not-a-token").await,
+        json!({ "active": false })
+    );
+    assert_eq!(introspect(&b, &s.token).await["active"], true);
+
+    // Another agent may not revoke it; its holder may; unknown tokens are fine.
+    assert_eq!(revoke(&b, &other.token, &s.token).await, 403);
+    assert_eq!(revoke(&b, &s.token, &s.token).await, 200);
+    assert_eq!(introspect(&b, &s.token).await, json!({ "active": false }));
+    assert_eq!(revoke(&b, &b.ops.secops, "garbage").await, 200);
+    // SecOps may revoke anyone's.
+    assert_eq!(revoke(&b, &b.ops.secops, &other.token).await, 200);
+    assert_eq!(introspect(&b, &other.token).await["active"], false);
+    let ev = b.audit("action=task.token_revoked").await;
+    assert_eq!(ev.len(), 2);
+
+    let meta = b
+        .get("/.well-known/oauth-authorization-server", None)
+        .await
+        .expect(200);
+    assert!(
+        meta["grant_types_supported"]
+            .as_array()
+            .unwrap()
+            .contains(&json!(EXCHANGE))
+    );
+    assert!(meta["introspection_endpoint"].is_string());
+}
