@@ -28,7 +28,9 @@ pub use credentials::{
 pub use fences::{FenceFailure, LiftRequest};
 pub use renewals::RenewedLease;
 pub use revocations::{RevocationReport, RevocationRequest};
-pub use sessions::{OAuthError, Session, TOKEN_EXCHANGE, TokenRequest, TokenResponse};
+pub use sessions::{
+    JWT_BEARER_GRANT, OAuthError, Session, TOKEN_EXCHANGE, TokenRequest, TokenResponse,
+};
 
 /// Why a broker operation failed. The server maps each variant to a status
 /// and a stable error code.
@@ -90,6 +92,8 @@ pub struct Broker {
     pub metrics: Arc<Metrics>,
     /// Announces approvals on Slack and webhooks through the outbox.
     pub notifier: Arc<crate::notify::Notifier>,
+    /// Trusted issuers for workload identity federation.
+    pub federation: crate::identity::Federation,
     /// Woken on every approval decision, for long-polling agents.
     pub approvals_changed: Arc<tokio::sync::Notify>,
 }

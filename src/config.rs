@@ -53,6 +53,51 @@ pub struct Config {
     pub provisioning: ProvisioningConfig,
     #[serde(default)]
     pub notify: NotifyConfig,
+    #[serde(default)]
+    pub federation: FederationConfig,
+}
+
+/// Issuers whose JWTs may authenticate agents (workload identity federation).
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FederationConfig {
+    #[serde(default)]
+    pub issuers: Vec<TrustedIssuer>,
+}
+
+/// One trusted issuer: a Kubernetes cluster, a CI system, a cloud.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TrustedIssuer {
+    /// The name agents' `federated.issuer` refers to.
+    pub name: String,
+    /// The exact `iss` of its tokens.
+    pub issuer: String,
+    /// Where its keys are; default: OIDC discovery at `{issuer}/.well-known/openid-configuration`.
+    #[serde(default)]
+    pub jwks_url: Option<String>,
+    /// The `aud` its tokens must carry for Keygate.
+    pub audience: String,
+    /// Signature algorithms accepted (asymmetric only).
+    #[serde(default = "default_federation_algs")]
+    pub algorithms: Vec<String>,
+    /// Claims that must have exactly these string values.
+    #[serde(default)]
+    pub required_claims: BTreeMap<String, String>,
+    /// The claim that names the workload (default `sub`).
+    #[serde(default = "default_subject_claim")]
+    pub subject_claim: String,
+    /// Extra trusted root (PEM) for fetching its keys.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
+}
+
+fn default_federation_algs() -> Vec<String> {
+    vec!["RS256".into(), "ES256".into()]
+}
+
+fn default_subject_claim() -> String {
+    "sub".into()
 }
 
 /// How sensitive-scope approvals work.
@@ -447,6 +492,22 @@ impl Config {
                 return bad(format!("webhook `{}` is declared twice", h.name));
             }
             check_outbound_url(&format!("webhook `{}`", h.name), &h.url)?;
+        }
+        let mut fed = std::collections::BTreeSet::new();
+        for i in &self.federation.issuers {
+            if !fed.insert(i.name.as_str()) {
+                return bad(format!("federation issuer `{}` is declared twice", i.name));
+            }
+            check_outbound_url(&format!("federation issuer `{}`", i.name), &i.issuer)?;
+            if let Some(u) = &i.jwks_url {
+                check_outbound_url(&format!("federation issuer `{}` jwks_url", i.name), u)?;
+            }
+            if i.audience.trim().is_empty() {
+                return bad(format!(
+                    "federation issuer `{}` needs an `audience`",
+                    i.name
+                ));
+            }
         }
         for (name, table) in &self.providers {
             if !matches!(table.get("kind"), Some(toml::Value::String(_))) {

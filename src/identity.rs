@@ -2,6 +2,7 @@
 //! the broker's own session tokens.
 
 mod assertion;
+mod federation;
 mod keys;
 mod session;
 
@@ -9,6 +10,7 @@ pub use assertion::{
     AssertionClaims, sign_client_assertion, unverified_issuer, validate_public_jwks,
     verify_client_assertion,
 };
+pub use federation::{Federated, Federation};
 pub use keys::{PublicKey, generate_agent_key, write_private as write_private_file};
 pub use session::{SessionClaims, SessionSigner};
 

@@ -159,6 +159,19 @@ pub struct Agent {
     /// Whom the agent may delegate to, and how deep.
     #[serde(default)]
     pub delegation: Delegation,
+    /// The workload identity it proves itself with instead of a key.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub federated: Option<FederatedSubject>,
+}
+
+/// A subject of a trusted issuer (e.g. `system:serviceaccount:ns:name` of
+/// issuer `k8s-prod`) bound to one agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FederatedSubject {
+    /// A `[[federation.issuers]]` name.
+    pub issuer: String,
+    pub subject: String,
 }
 
 /// An orchestrator's delegation rights (RFC 8693 token exchange).

@@ -39,6 +39,7 @@ pub async fn build_broker(config: Config) -> anyhow::Result<Broker> {
     }
     let signer = SessionSigner::open(&config.sessions.signing_key_file, &config.server.issuer)?;
     let registry = Registry::build(&config).await?;
+    let config_federation = config.federation.issuers.clone();
     let notifier = crate::notify::Notifier::new(
         config.notify.clone(),
         config.public_url().to_owned(),
@@ -53,6 +54,7 @@ pub async fn build_broker(config: Config) -> anyhow::Result<Broker> {
         leases: LeaseEngine::default(),
         metrics: Arc::new(Metrics::default()),
         notifier: Arc::new(notifier),
+        federation: crate::identity::Federation::new(config_federation)?,
         approvals_changed: Arc::new(tokio::sync::Notify::new()),
     };
     if let Some(dir) = broker.config.registry.seed_dir.clone() {

@@ -58,6 +58,8 @@ pub trait Store: Send + Sync + 'static {
 
     async fn get_agent(&self, id: &str) -> StoreResult<Option<Agent>>;
     async fn list_agents(&self) -> StoreResult<Vec<Agent>>;
+    /// The agent bound to a federated subject of a trusted issuer.
+    async fn agent_by_subject(&self, issuer: &str, subject: &str) -> StoreResult<Option<Agent>>;
     async fn get_task(&self, id: &str) -> StoreResult<Option<Task>>;
     async fn get_lease(&self, id: &str) -> StoreResult<Option<Lease>>;
     async fn list_leases(&self, filter: &LeaseFilter) -> StoreResult<Vec<Lease>>;
@@ -315,6 +317,7 @@ mod tests {
             last_used_at: None,
             last_review_at: None,
             delegation: Default::default(),
+            federated: None,
         }
     }
 

@@ -10,7 +10,8 @@ use super::{Broker, BrokerError, BrokerResult};
 use crate::audit::{Actor, AuditEvent};
 use crate::identity::validate_public_jwks;
 use crate::model::{
-    Agent, AgentStatus, AuthMethod, Delegation, Environment, Selector, TaskState, now,
+    Agent, AgentStatus, AuthMethod, Delegation, Environment, FederatedSubject, Selector, TaskState,
+    now,
 };
 use crate::store::{LeaseSelector, TaskSelector};
 
@@ -34,6 +35,10 @@ pub struct AgentSpec {
     /// Sub-agents it may delegate to (RFC 8693), and how deep.
     #[serde(default)]
     pub delegation: Delegation,
+    /// A workload identity (a subject of a `[[federation.issuers]]` entry)
+    /// it authenticates with instead of, or besides, its keys.
+    #[serde(default)]
+    pub federated: Option<FederatedSubject>,
 }
 
 /// The deepest delegation chain an agent may start.
@@ -86,6 +91,16 @@ impl AgentSpec {
         }
         if self.delegation.targets.contains(&self.id) {
             return bad("`delegation.targets`: an agent cannot delegate to itself".into());
+        }
+        if let Some(f) = &self.federated
+            && (f.issuer.trim().is_empty() || f.subject.trim().is_empty())
+        {
+            return bad("`federated` needs an `issuer` and a `subject`".into());
+        }
+        let no_keys = self.jwks["keys"].as_array().is_some_and(Vec::is_empty);
+        if self.federated.is_some() && no_keys {
+            // A federated agent may hold no key of its own.
+            return Ok(());
         }
         validate_public_jwks(&self.jwks)
             .map_err(|m| BrokerError::InvalidRequest(format!("`jwks`: {m}")))
@@ -144,6 +159,7 @@ impl AgentUpdate {
                 .delegation
                 .clone()
                 .unwrap_or_else(|| agent.delegation.clone()),
+            federated: agent.federated.clone(),
         };
         spec.validate()?;
         agent.team = spec.team;
@@ -176,6 +192,14 @@ impl Broker {
     /// `pending` until its provisioning approval is met; otherwise `active`.
     pub async fn register_agent(&self, actor: &Actor, spec: AgentSpec) -> BrokerResult<Registered> {
         spec.validate()?;
+        if let Some(f) = &spec.federated
+            && !self.federation.knows(&f.issuer)
+        {
+            return Err(BrokerError::InvalidRequest(format!(
+                "`federated.issuer`: no trusted issuer `{}` under [[federation.issuers]]",
+                f.issuer
+            )));
+        }
         let t = now();
         let held = self.config.provisioning.require_approval;
         let agent = Agent {
@@ -198,6 +222,7 @@ impl Broker {
             last_used_at: None,
             last_review_at: spec.last_review_at,
             delegation: spec.delegation,
+            federated: spec.federated,
         };
         let mut tx = self.store.begin().await?;
         tx.insert_agent(&agent).await?;

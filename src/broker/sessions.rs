@@ -10,6 +10,8 @@ use crate::model::{Agent, AgentStatus, Task, TaskState, new_id, now, unix};
 
 /// The assertion type RFC 7523 registers for `private_key_jwt`.
 pub const JWT_BEARER_ASSERTION: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+/// RFC 7523 §2.1's grant type: a federated workload identity token.
+pub const JWT_BEARER_GRANT: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
 /// RFC 8693's grant type, for delegation to a sub-agent.
 pub const TOKEN_EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
 /// RFC 8693 token type of Keygate's session tokens.
@@ -43,6 +45,8 @@ pub struct TokenRequest {
     pub actor_token: Option<String>,
     pub actor_token_type: Option<String>,
     pub requested_token_type: Option<String>,
+    /// JWT bearer grant: the token from a trusted issuer.
+    pub assertion: Option<String>,
     pub audience: Option<String>,
     pub resource: Option<String>,
 }
@@ -117,10 +121,11 @@ impl Broker {
         match req.grant_type.as_deref() {
             Some("client_credentials") => self.client_credentials(req).await,
             Some(TOKEN_EXCHANGE) => self.token_exchange(req).await,
+            Some(JWT_BEARER_GRANT) => self.federated(req).await,
             Some(other) => Err(OAuthError::new(
                 "unsupported_grant_type",
                 format!(
-                    "grant_type `{other}` is not supported (use client_credentials, or {TOKEN_EXCHANGE} to delegate)"
+                    "grant_type `{other}` is not supported (use client_credentials, {JWT_BEARER_GRANT} with a trusted issuer's token, or {TOKEN_EXCHANGE} to delegate)"
                 ),
             )),
             None => Err(OAuthError::new(
@@ -201,6 +206,82 @@ impl Broker {
             "description": task.description,
             "expires_at": unix(task.expires_at),
         });
+        self.open_task(&agent, &claims, task, "task.opened", details)
+            .await
+    }
+
+    /// Workload identity federation (RFC 7523 §2.1): a JWT from a trusted
+    /// issuer authenticates the one agent bound to its subject.
+    async fn federated(&self, req: TokenRequest) -> Result<(TokenResponse, String), OAuthError> {
+        let token = req
+            .assertion
+            .as_deref()
+            .filter(|s| !s.is_empty())
+            .ok_or_else(|| OAuthError::new("invalid_request", "`assertion` is required"))?;
+        let ttl = self.session_ttl(req.ttl.as_deref())?;
+        let fed = self
+            .federation
+            .verify(token)
+            .await
+            .map_err(|e| OAuthError::new("invalid_grant", e.to_string()))?;
+        let agent = self
+            .store
+            .agent_by_subject(&fed.issuer, &fed.subject)
+            .await
+            .map_err(|e| internal(&e))?
+            .ok_or_else(|| {
+                OAuthError::new(
+                    "invalid_grant",
+                    format!(
+                        "no agent is bound to subject `{}` of issuer `{}`",
+                        fed.subject, fed.issuer
+                    ),
+                )
+            })?;
+        if let Some(cid) = req.client_id.as_deref().filter(|c| !c.is_empty())
+            && cid != agent.id
+        {
+            return Err(OAuthError::new(
+                "invalid_client",
+                "`client_id` is not the agent bound to this subject",
+            ));
+        }
+        if agent.status != AgentStatus::Active {
+            return Err(OAuthError::new(
+                "invalid_client",
+                format!("agent is {}", agent.status),
+            ));
+        }
+        let t = now();
+        let task = Task {
+            id: new_id("tk"),
+            agent_id: agent.id.clone(),
+            description: req.task.unwrap_or_default(),
+            state: TaskState::Open,
+            opened_at: t,
+            expires_at: t + ttl,
+            ended_at: None,
+            end_reason: None,
+            parent_task_id: None,
+            depth: 0,
+            delegation_budget: agent.delegation.max_depth,
+            scopes: None,
+            chain: Vec::new(),
+        };
+        let details = serde_json::json!({
+            "method": "jwt_bearer",
+            "issuer": fed.issuer,
+            "subject": fed.subject,
+            "description": task.description,
+            "expires_at": unix(task.expires_at),
+        });
+        // A token without `jti` cannot be checked for replay; its issuer's
+        // short lifetimes bound it instead.
+        let claims = AssertionClaims {
+            exp: fed.exp,
+            iat: None,
+            jti: Some(fed.jti.unwrap_or_else(|| new_id("nojti"))),
+        };
         self.open_task(&agent, &claims, task, "task.opened", details)
             .await
     }

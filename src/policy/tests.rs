@@ -25,6 +25,7 @@ fn agent(team: &str, tier: u8) -> Agent {
         last_used_at: None,
         last_review_at: None,
         delegation: Default::default(),
+        federated: None,
     }
 }
 

@@ -112,6 +112,16 @@ impl Store for SqliteStore {
             .await
     }
 
+    async fn agent_by_subject(&self, issuer: &str, subject: &str) -> StoreResult<Option<Agent>> {
+        sqlx::query("SELECT * FROM agents WHERE federated_issuer = ? AND federated_subject = ?")
+            .bind(issuer)
+            .bind(subject)
+            .fetch_optional(&self.read)
+            .await?
+            .map(|r| agent_from_row(&r))
+            .transpose()
+    }
+
     async fn list_agents(&self) -> StoreResult<Vec<Agent>> {
         sqlx::query("SELECT * FROM agents ORDER BY id")
             .fetch_all(&self.read)
@@ -353,7 +363,8 @@ impl StoreTx for SqliteTx {
         sqlx::query(
             "INSERT INTO agents (id, team, sponsor, risk_tier, environment, purpose, labels, \
              status, auth_method, jwks, created_at, updated_at, last_used_at, last_review_at, \
-             delegation) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             delegation, federated_issuer, federated_subject) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&a.id)
         .bind(&a.team)
@@ -370,9 +381,15 @@ impl StoreTx for SqliteTx {
         .bind(a.last_used_at.map(unix))
         .bind(a.last_review_at.map(unix))
         .bind(serde_json::to_string(&a.delegation).map_err(corrupt)?)
+        .bind(a.federated.as_ref().map(|f| f.issuer.clone()))
+        .bind(a.federated.as_ref().map(|f| f.subject.clone()))
         .execute(&mut *self.tx)
         .await
         .map_err(|e| match StoreError::from(e) {
+            StoreError::Conflict(m) if m.contains("federated") => StoreError::Conflict(format!(
+                "an agent bound to that federated subject (agent `{}`)",
+                a.id
+            )),
             StoreError::Conflict(_) => StoreError::Conflict(format!("agent `{}`", a.id)),
             other => other,
         })?;
@@ -407,7 +424,7 @@ impl StoreTx for SqliteTx {
         sqlx::query(
             "UPDATE agents SET team = ?, sponsor = ?, risk_tier = ?, environment = ?, \
              purpose = ?, labels = ?, jwks = ?, last_review_at = ?, updated_at = ?, \
-             delegation = ? WHERE id = ?",
+             delegation = ?, federated_issuer = ?, federated_subject = ? WHERE id = ?",
         )
         .bind(&a.team)
         .bind(&a.sponsor)
@@ -419,6 +436,8 @@ impl StoreTx for SqliteTx {
         .bind(a.last_review_at.map(unix))
         .bind(unix(a.updated_at))
         .bind(serde_json::to_string(&a.delegation).map_err(corrupt)?)
+        .bind(a.federated.as_ref().map(|f| f.issuer.clone()))
+        .bind(a.federated.as_ref().map(|f| f.subject.clone()))
         .bind(&a.id)
         .execute(&mut *self.tx)
         .await?;

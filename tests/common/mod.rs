@@ -11,6 +11,7 @@ pub mod azure;
 mod config;
 pub mod example;
 mod graph_fake;
+pub mod oidc;
 pub mod peers;
 pub mod slack;
 pub mod vault;

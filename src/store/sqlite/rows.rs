@@ -47,6 +47,15 @@ pub(super) fn agent_from_row(r: &SqliteRow) -> StoreResult<Agent> {
         last_used_at: opt_time_col(r, "last_used_at")?,
         last_review_at: opt_time_col(r, "last_review_at")?,
         delegation: json_col(r, "delegation")?,
+        federated: match (
+            r.try_get::<Option<String>, _>("federated_issuer")?,
+            r.try_get::<Option<String>, _>("federated_subject")?,
+        ) {
+            (Some(issuer), Some(subject)) => {
+                Some(crate::model::FederatedSubject { issuer, subject })
+            }
+            _ => None,
+        },
     })
 }
 

@@ -1,0 +1,176 @@
+//! Workload identity federation against a real OIDC issuer (npm
+//! `oauth2-mock-server`): a Kubernetes-style service-account token opens a
+//! task for the one agent bound to its subject; everything else is refused
+//! with a precise `invalid_grant` and audited.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::oidc::{OidcIssuer, kid_of};
+use common::{Resp, Setup, TestAgent, TestBroker, eventually, unix_now};
+use serde_json::{Value, json};
+
+const GRANT: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
+const AUDIENCE: &str = "https://keygate.test";
+const SUBJECT: &str = "system:serviceaccount:agents:reporter";
+
+async fn start() -> (TestBroker, OidcIssuer, TestAgent) {
+    let oidc = OidcIssuer::start().await;
+    let b = TestBroker::start_with(Setup {
+        extra_config: format!(
+            r#"
+[[federation.issuers]]
+name = "k8s"
+issuer = "{}"
+audience = "{AUDIENCE}"
+algorithms = ["RS256"]
+required_claims = {{ "kubernetes.io/namespace" = "agents" }}
+"#,
+            oidc.issuer
+        ),
+        ..Setup::permissive()
+    })
+    .await;
+    let agent = TestAgent::new("reporter", "ES256");
+    let mut spec = agent.spec("platform");
+    spec["jwks"] = json!({ "keys": [] });
+    spec["federated"] = json!({ "issuer": "k8s", "subject": SUBJECT });
+    b.admin_post("/v1/agents", &spec).await.expect(201);
+    (b, oidc, agent)
+}
+
+fn claims(extra: Value) -> Value {
+    let mut c = json!({
+        "sub": SUBJECT,
+        "aud": AUDIENCE,
+        "kubernetes.io/namespace": "agents",
+        "jti": uuid::Uuid::new_v4().to_string(),
+    });
+    for (k, v) in extra.as_object().unwrap() {
+        c[k] = v.clone();
+    }
+    c
+}
+
+async fn exchange(b: &TestBroker, token: &str) -> Resp {
+    b.token_form(&[
+        ("grant_type", GRANT),
+        ("assertion", token),
+        ("task", "nightly report"),
+    ])
+    .await
+}
+
+fn refused(r: &Resp, fragment: &str) {
+    assert_eq!(r.status, 400, "{}", r.text);
+    assert_eq!(r.json()["error"], "invalid_grant", "{}", r.text);
+    assert!(r.text.contains(fragment), "want `{fragment}` in {}", r.text);
+}
+
+#[tokio::test]
+async fn a_service_account_token_opens_a_task_for_its_bound_agent() {
+    let (b, oidc, agent) = start().await;
+    let v = exchange(&b, &oidc.mint(&claims(json!({}))).await)
+        .await
+        .expect(200);
+    let session = v["access_token"].as_str().unwrap();
+    let who = b.get("/v1/session", Some(session)).await.expect(200);
+    assert_eq!(who["agent"], agent.id.as_str());
+    b.x509(session, Some(300)).await;
+    let opened = b.audit("action=task.opened").await;
+    let ev = opened.last().unwrap();
+    assert_eq!(ev["details"]["method"], "jwt_bearer");
+    assert_eq!(ev["details"]["subject"], SUBJECT);
+
+    // The same token twice is a replay (it carries a jti).
+    let once = oidc.mint(&claims(json!({}))).await;
+    exchange(&b, &once).await.expect(200);
+    let r = exchange(&b, &once).await;
+    assert_eq!(r.json()["error"], "invalid_client", "{}", r.text);
+
+    // One subject binds one agent.
+    let twin = TestAgent::new("twin", "ES256");
+    let mut spec = twin.spec("platform");
+    spec["federated"] = json!({ "issuer": "k8s", "subject": SUBJECT });
+    let r = b.admin_post("/v1/agents", &spec).await;
+    assert_eq!(r.status, 409, "{}", r.text);
+    let mut spec = twin.spec("platform");
+    spec["federated"] = json!({ "issuer": "nowhere", "subject": "x" });
+    let r = b.admin_post("/v1/agents", &spec).await;
+    assert_eq!(r.status, 400, "{}", r.text);
+}
+
+#[tokio::test]
+async fn foreign_wrong_expired_and_unbound_tokens_are_refused_and_audited() {
+    let (b, mut oidc, _agent) = start().await;
+    let now = unix_now();
+    let cases = [
+        (
+            claims(json!({ "iss": "https://evil.example" })),
+            "is not trusted",
+        ),
+        (
+            claims(json!({ "aud": "https://someone-else" })),
+            "`aud` does not name",
+        ),
+        (
+            claims(json!({ "exp": now - 120, "iat": now - 600, "nbf": now - 600 })),
+            "expired",
+        ),
+        (
+            claims(json!({ "kubernetes.io/namespace": "default" })),
+            "kubernetes.io/namespace",
+        ),
+        (
+            claims(json!({ "sub": "system:serviceaccount:agents:intruder" })),
+            "no agent is bound",
+        ),
+    ];
+    for (c, why) in &cases {
+        let r = exchange(&b, &oidc.mint(c).await).await;
+        refused(&r, why);
+    }
+    // A kid the issuer never published.
+    let forged = b
+        .http
+        .post(format!("{}/token", oidc.issuer))
+        .form(&[
+            ("grant_type", "client_credentials"),
+            ("claims", &claims(json!({})).to_string()),
+            ("kid", "no-such-key"),
+        ])
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap();
+    let r = exchange(&b, forged["access_token"].as_str().unwrap()).await;
+    refused(&r, "no key `no-such-key`");
+    let failures: Vec<Value> = b
+        .audit("action=auth.token")
+        .await
+        .into_iter()
+        .filter(|e| e["outcome"] == "failure")
+        .collect();
+    assert_eq!(failures.len(), cases.len() + 1, "{failures:?}");
+
+    // Key rotation: a token signed by a key published after Keygate cached
+    // the JWKS is accepted once Keygate refreshes on the unknown kid.
+    let new_kid = oidc.rotate().await;
+    let rotated = eventually("a token signed with the new key", || async {
+        let t = oidc.mint(&claims(json!({}))).await;
+        (kid_of(&t) == new_kid).then_some(t)
+    })
+    .await;
+    let v = eventually("the rotated key accepted", || {
+        let t = rotated.clone();
+        let b = &b;
+        async move {
+            let r = exchange(b, &t).await;
+            (r.status == 200).then(|| r.json())
+        }
+    })
+    .await;
+    assert!(v["access_token"].is_string());
+}
