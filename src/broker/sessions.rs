@@ -19,6 +19,26 @@ pub const TOKEN_TYPE_ACCESS: &str = "urn:ietf:params:oauth:token-type:access_tok
 /// RFC 8693 token type of a JWT (the sub-agent's client assertion).
 pub const TOKEN_TYPE_JWT: &str = "urn:ietf:params:oauth:token-type:jwt";
 
+/// A task an agent opens for itself (not delegated).
+fn root_task(agent: &Agent, description: String, ttl: time::Duration) -> Task {
+    let t = now();
+    Task {
+        id: new_id("tk"),
+        agent_id: agent.id.clone(),
+        description,
+        state: TaskState::Open,
+        opened_at: t,
+        expires_at: t + ttl,
+        ended_at: None,
+        end_reason: None,
+        parent_task_id: None,
+        depth: 0,
+        delegation_budget: agent.delegation.max_depth,
+        scopes: None,
+        chain: Vec::new(),
+    }
+}
+
 /// A store failure at the token endpoint: logged, answered generically.
 fn internal(e: &dyn std::fmt::Display) -> OAuthError {
     tracing::error!(error = %e, "token endpoint failed");
@@ -185,22 +205,7 @@ impl Broker {
             .ok_or_else(|| OAuthError::new("invalid_client", "`client_assertion` is required"))?;
         let ttl = self.session_ttl(req.ttl.as_deref())?;
         let (agent, claims) = self.authenticate(client_id, assertion).await?;
-        let t = now();
-        let task = Task {
-            id: new_id("tk"),
-            agent_id: agent.id.clone(),
-            description: req.task.unwrap_or_default(),
-            state: TaskState::Open,
-            opened_at: t,
-            expires_at: t + ttl,
-            ended_at: None,
-            end_reason: None,
-            parent_task_id: None,
-            depth: 0,
-            delegation_budget: agent.delegation.max_depth,
-            scopes: None,
-            chain: Vec::new(),
-        };
+        let task = root_task(&agent, req.task.unwrap_or_default(), ttl);
         let details = serde_json::json!({
             "method": "private_key_jwt",
             "description": task.description,
@@ -252,22 +257,7 @@ impl Broker {
                 format!("agent is {}", agent.status),
             ));
         }
-        let t = now();
-        let task = Task {
-            id: new_id("tk"),
-            agent_id: agent.id.clone(),
-            description: req.task.unwrap_or_default(),
-            state: TaskState::Open,
-            opened_at: t,
-            expires_at: t + ttl,
-            ended_at: None,
-            end_reason: None,
-            parent_task_id: None,
-            depth: 0,
-            delegation_budget: agent.delegation.max_depth,
-            scopes: None,
-            chain: Vec::new(),
-        };
+        let task = root_task(&agent, req.task.unwrap_or_default(), ttl);
         let details = serde_json::json!({
             "method": "jwt_bearer",
             "issuer": fed.issuer,

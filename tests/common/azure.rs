@@ -14,7 +14,7 @@ use std::time::Duration;
 use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::{Child, Command};
+use tokio::process::Child;
 use tokio_rustls::rustls;
 
 use super::Setup;
@@ -39,8 +39,6 @@ pub const KEYGATE_SECRET_ENV: &str = "KEYGATE_TEST_AZURE_GRAPH_SECRET";
 pub const READER_SECRET_ENV: &str = "KEYGATE_TEST_AZURE_READER_SECRET";
 /// How long the reader app's tokens live (the token server's setting).
 pub const READER_TOKEN_SECS: u64 = 1200;
-
-const INSTALL_HINT: &str = "run `scripts/install-peers` (it installs node's oauth2-mock-server@8.2.3 into tests/azure/node_modules with `npm ci`)";
 
 /// Lets any agent obtain any non-sensitive scope of the `azure` provider.
 pub const PERMIT_AZURE: &str = r#"
@@ -101,29 +99,7 @@ impl TokenServer {
     }
 
     async fn start(config: &Path) -> Self {
-        let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
-        let script = repo.join("tests/azure/token-server.mjs");
-        if !repo
-            .join("tests/azure/node_modules/oauth2-mock-server/package.json")
-            .is_file()
-        {
-            panic!("oauth2-mock-server is not installed: {INSTALL_HINT}");
-        }
-        let mut child = match Command::new("node")
-            .arg(&script)
-            .arg(config)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-        {
-            Ok(c) => c,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                panic!("node is not installed: {INSTALL_HINT}; it needs node 20.19+")
-            }
-            Err(e) => panic!("cannot start node: {e}"),
-        };
+        let mut child = super::peers::spawn_node("token-server.mjs", &[config], Stdio::null());
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
         let line = tokio::time::timeout(Duration::from_secs(30), lines.next_line())
             .await

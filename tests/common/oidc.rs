@@ -3,15 +3,12 @@
 //! with whatever claims a test asks for, and rotating its keys on demand.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
 
 use serde_json::Value;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader, Lines};
-use tokio::process::{Child, ChildStdin, ChildStdout, Command};
-
-const INSTALL_HINT: &str = "run `scripts/install-peers` (it installs node's oauth2-mock-server@8.2.3 into tests/azure/node_modules with `npm ci`)";
+use tokio::process::{Child, ChildStdin, ChildStdout};
 
 pub struct OidcIssuer {
     pub issuer: String,
@@ -23,27 +20,7 @@ pub struct OidcIssuer {
 
 impl OidcIssuer {
     pub async fn start() -> Self {
-        let repo = Path::new(env!("CARGO_MANIFEST_DIR"));
-        if !repo
-            .join("tests/azure/node_modules/oauth2-mock-server/package.json")
-            .is_file()
-        {
-            panic!("oauth2-mock-server is not installed: {INSTALL_HINT}");
-        }
-        let mut child = match Command::new("node")
-            .arg(repo.join("tests/azure/oidc-issuer.mjs"))
-            .stdin(Stdio::piped())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .kill_on_drop(true)
-            .spawn()
-        {
-            Ok(c) => c,
-            Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
-                panic!("node is not installed: {INSTALL_HINT}; it needs node 20.19+")
-            }
-            Err(e) => panic!("cannot start node: {e}"),
-        };
+        let mut child = super::peers::spawn_node("oidc-issuer.mjs", &[], Stdio::piped());
         let stdin = child.stdin.take().unwrap();
         let mut stdout = BufReader::new(child.stdout.take().unwrap()).lines();
         let v = next_json(&mut stdout).await;

@@ -407,3 +407,38 @@ impl Drop for Postgres {
         let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
+
+/// How the npm-based stand-ins get installed.
+pub const NODE_INSTALL_HINT: &str = "run `scripts/install-peers` (it installs node's oauth2-mock-server@8.2.3 into tests/azure/node_modules with `npm ci`)";
+
+/// Starts a node script from `tests/azure/` (where `oauth2-mock-server` is
+/// installed); a missing node or package fails the test with the command
+/// that installs it.
+pub fn spawn_node(
+    script: &str,
+    args: &[&std::path::Path],
+    stdin: std::process::Stdio,
+) -> tokio::process::Child {
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    if !repo
+        .join("tests/azure/node_modules/oauth2-mock-server/package.json")
+        .is_file()
+    {
+        panic!("oauth2-mock-server is not installed: {NODE_INSTALL_HINT}");
+    }
+    match tokio::process::Command::new("node")
+        .arg(repo.join("tests/azure").join(script))
+        .args(args)
+        .stdin(stdin)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::inherit())
+        .kill_on_drop(true)
+        .spawn()
+    {
+        Ok(c) => c,
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+            panic!("node is not installed: {NODE_INSTALL_HINT}; it needs node 20.19+")
+        }
+        Err(e) => panic!("cannot start node: {e}"),
+    }
+}
