@@ -69,6 +69,9 @@ pub struct AuditEvent {
     pub reason: Option<String>,
     /// Extra non-secret facts (a certificate serial, counts, a selector).
     pub details: serde_json::Value,
+    /// The user the event's task acts for, if any (filled in by the store).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_behalf_of: Option<String>,
     pub prev_hash: String,
     pub hash: String,
 }
@@ -90,6 +93,10 @@ struct Hashed<'a> {
     outcome: &'a str,
     reason: &'a Option<String>,
     details: &'a serde_json::Value,
+    // Absent from events without a user, so chains written before the field
+    // existed still verify.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    on_behalf_of: &'a Option<String>,
     prev_hash: &'a str,
 }
 
@@ -112,6 +119,7 @@ impl AuditEvent {
             outcome: "success".into(),
             reason: None,
             details: serde_json::Value::Null,
+            on_behalf_of: None,
             prev_hash: String::new(),
             hash: String::new(),
         }
@@ -187,6 +195,7 @@ impl AuditEvent {
             outcome: &self.outcome,
             reason: &self.reason,
             details: &self.details,
+            on_behalf_of: &self.on_behalf_of,
             prev_hash: &self.prev_hash,
         };
         // Serialising a struct of plain fields cannot fail; an empty input

@@ -90,6 +90,17 @@ pub struct TrustedIssuer {
     /// Extra trusted root (PEM) for fetching its keys.
     #[serde(default)]
     pub ca_file: Option<PathBuf>,
+    /// `true`: it issues users' ID tokens (for tasks acting on behalf of a
+    /// user), not workload identities.
+    #[serde(default)]
+    pub users: bool,
+    /// The claim listing a user's groups (default `groups`).
+    #[serde(default = "default_groups_claim")]
+    pub groups_claim: String,
+}
+
+fn default_groups_claim() -> String {
+    "groups".into()
 }
 
 fn default_federation_algs() -> Vec<String> {

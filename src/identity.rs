@@ -2,6 +2,7 @@
 //! the broker's own session tokens.
 
 mod assertion;
+pub mod dpop;
 mod federation;
 mod keys;
 mod session;

@@ -162,6 +162,22 @@ pub struct Agent {
     /// The workload identity it proves itself with instead of a key.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub federated: Option<FederatedSubject>,
+    /// Whether it may name the user it acts for without a user ID token
+    /// (`on_behalf_of` at the token endpoint); an admin's decision.
+    #[serde(default)]
+    pub may_assert_users: bool,
+}
+
+/// The user a task acts for.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct UserContext {
+    pub id: String,
+    /// The trusted issuer that vouched for the user, or `asserted`.
+    pub issuer: String,
+    /// Groups from the user's token (Cedar `Keygate::Group`s).
+    #[serde(default)]
+    pub groups: Vec<String>,
 }
 
 /// A subject of a trusted issuer (e.g. `system:serviceaccount:ns:name` of
@@ -215,6 +231,9 @@ pub struct Task {
     /// The delegating agents, root orchestrator first.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub chain: Vec<String>,
+    /// The user the task acts for; policy must permit both agent and user.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub on_behalf_of: Option<UserContext>,
 }
 
 /// One minted credential, as the broker remembers it. Holds the revoke handle,

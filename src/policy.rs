@@ -16,7 +16,7 @@ use cedar_policy::{
 };
 use sha2::{Digest, Sha256};
 
-use crate::model::Agent;
+use crate::model::{Agent, UserContext};
 
 /// Why policies could not be loaded or evaluated.
 #[derive(Debug, thiserror::Error)]
@@ -88,6 +88,10 @@ const SCOPE: &str = "Keygate::Scope";
 const ACTION: &str = "Keygate::Action";
 /// The action every credential request is checked against.
 pub const REQUEST_CREDENTIAL: &str = "request_credential";
+/// The action checked for the user a task acts for, beside the agent's.
+pub const REQUEST_FOR_USER: &str = "request_credential_for_user";
+const USER: &str = "Keygate::User";
+const GROUP: &str = "Keygate::Group";
 /// The action a sensitive request is checked against before it waits for a
 /// human: a permit here approves it without one.
 pub const AUTO_APPROVE: &str = "auto_approve";
@@ -207,6 +211,31 @@ impl PolicyEngine {
         self.decide_action(AUTO_APPROVE, agent, scope, req)
     }
 
+    /// Whether the user a task acts for may have `scope` obtained for them
+    /// (`request_credential_for_user`, principal `Keygate::User`, in its
+    /// `Keygate::Group`s). A schema without that action permits no user.
+    pub fn decide_for_user(
+        &self,
+        agent: &Agent,
+        user: &UserContext,
+        scope: &ScopeFacts<'_>,
+        req: &RequestFacts<'_>,
+    ) -> Result<PolicyDecision, PolicyError> {
+        let action = uid(ACTION, REQUEST_FOR_USER)?;
+        if let Some(schema) = &self.schema
+            && !schema.actions().any(|a| a == &action)
+        {
+            return Ok(PolicyDecision {
+                allow: false,
+                policy_ids: Vec::new(),
+                errors: vec![format!(
+                    "the schema declares no `{REQUEST_FOR_USER}` action"
+                )],
+            });
+        }
+        self.evaluate(REQUEST_FOR_USER, agent, Some(user), scope, req)
+    }
+
     fn decide_action(
         &self,
         action: &str,
@@ -214,15 +243,28 @@ impl PolicyEngine {
         scope: &ScopeFacts<'_>,
         req: &RequestFacts<'_>,
     ) -> Result<PolicyDecision, PolicyError> {
+        self.evaluate(action, agent, None, scope, req)
+    }
+
+    /// One Cedar request: the agent (or, with `user`, the user it acts for)
+    /// as principal, the scope as resource, the request as context.
+    fn evaluate(
+        &self,
+        action: &str,
+        agent: &Agent,
+        user: Option<&UserContext>,
+        scope: &ScopeFacts<'_>,
+        req: &RequestFacts<'_>,
+    ) -> Result<PolicyDecision, PolicyError> {
         let rerr = |e: &dyn std::fmt::Display| PolicyError::Request(e.to_string());
-        let principal = uid(AGENT, &agent.id)?;
         let team = uid(TEAM, &agent.team)?;
         let resource = uid(SCOPE, scope.name)?;
         let action = uid(ACTION, action)?;
         let s = |v: &str| RestrictedExpression::new_string(v.to_owned());
         let l = |v: u64| RestrictedExpression::new_long(i64::try_from(v).unwrap_or(i64::MAX));
+        let agent_uid = uid(AGENT, &agent.id)?;
         let agent_entity = Entity::new_with_tags(
-            principal.clone(),
+            agent_uid.clone(),
             [
                 ("team".to_owned(), s(&agent.team)),
                 ("sponsor".to_owned(), s(&agent.sponsor)),
@@ -249,11 +291,36 @@ impl PolicyEngine {
             std::collections::HashSet::new(),
         )
         .map_err(|e| rerr(&e))?;
-        let entities = Entities::from_entities(
-            [agent_entity, team_entity, scope_entity],
-            self.schema.as_ref(),
-        )
-        .map_err(|e| rerr(&e))?;
+        let mut all = vec![scope_entity];
+        let principal = match user {
+            None => {
+                all.extend([agent_entity, team_entity]);
+                agent_uid
+            }
+            Some(u) => {
+                let user_uid = uid(USER, &u.id)?;
+                let groups = u
+                    .groups
+                    .iter()
+                    .map(|g| uid(GROUP, g))
+                    .collect::<Result<Vec<_>, _>>()?;
+                all.push(
+                    Entity::new(
+                        user_uid.clone(),
+                        std::collections::HashMap::from([("issuer".to_owned(), s(&u.issuer))]),
+                        groups.iter().cloned().collect(),
+                    )
+                    .map_err(|e| rerr(&e))?,
+                );
+                all.extend(
+                    groups
+                        .into_iter()
+                        .map(|g| Entity::new_no_attrs(g, Default::default())),
+                );
+                user_uid
+            }
+        };
+        let entities = Entities::from_entities(all, self.schema.as_ref()).map_err(|e| rerr(&e))?;
         let now = req.now;
         let context = Context::from_pairs([
             ("environment".to_owned(), s(agent.environment.as_str())),

@@ -318,6 +318,7 @@ mod tests {
             last_review_at: None,
             delegation: Default::default(),
             federated: None,
+            may_assert_users: false,
         }
     }
 
@@ -366,6 +367,7 @@ mod tests {
             delegation_budget: 0,
             scopes: None,
             chain: Vec::new(),
+            on_behalf_of: None,
         };
         let mut tx = store.begin().await.unwrap();
         tx.insert_agent(&agent()).await.unwrap();

@@ -39,6 +39,9 @@ pub struct AgentSpec {
     /// it authenticates with instead of, or besides, its keys.
     #[serde(default)]
     pub federated: Option<FederatedSubject>,
+    /// May name the user it acts for without the user's ID token.
+    #[serde(default)]
+    pub may_assert_users: bool,
 }
 
 /// The deepest delegation chain an agent may start.
@@ -160,6 +163,7 @@ impl AgentUpdate {
                 .clone()
                 .unwrap_or_else(|| agent.delegation.clone()),
             federated: agent.federated.clone(),
+            may_assert_users: agent.may_assert_users,
         };
         spec.validate()?;
         agent.team = spec.team;
@@ -223,6 +227,7 @@ impl Broker {
             last_review_at: spec.last_review_at,
             delegation: spec.delegation,
             federated: spec.federated,
+            may_assert_users: spec.may_assert_users,
         };
         let mut tx = self.store.begin().await?;
         tx.insert_agent(&agent).await?;

@@ -265,16 +265,68 @@ impl Broker {
                 },
             )
             .map_err(|e| BrokerError::Internal(e.to_string()))?;
+        // Acting for a user: the user must be permitted too (agent ∩ user).
+        let user_decision = match &s.task.on_behalf_of {
+            Some(u) => Some(
+                self.policy
+                    .decide_for_user(
+                        &s.agent,
+                        u,
+                        &scope_facts(scope_cfg),
+                        &RequestFacts {
+                            task_id: &s.task.id,
+                            task_description: &s.task.description,
+                            requested_ttl_secs: ttl,
+                            now: t,
+                            chain: &s.task.chain,
+                        },
+                    )
+                    .map_err(|e| BrokerError::Internal(e.to_string()))?,
+            ),
+            None => None,
+        };
+        let user_denied = user_decision.as_ref().is_some_and(|d| !d.allow);
+        let mut policy_ids = decision.policy_ids.clone();
+        if let Some(d) = &user_decision {
+            policy_ids.extend(d.policy_ids.iter().cloned());
+        }
         let decided = AuditEvent::new(&actor, action)
             .agent(&s.agent.id)
             .task(&s.task.id)
             .scope(scope_name)
             .decision(
-                decision.allow,
-                decision.policy_ids.clone(),
+                decision.allow && !user_denied,
+                policy_ids,
                 self.policy.hash(),
             )
-            .details(serde_json::json!({ "ttl": ttl, "errors": decision.errors }));
+            .details(serde_json::json!({
+                "ttl": ttl,
+                "errors": decision.errors,
+                "user": user_decision.as_ref().map(|d| serde_json::json!({
+                    "allow": d.allow, "policy_ids": d.policy_ids, "errors": d.errors,
+                })),
+            }));
+        if decision.allow
+            && user_denied
+            && let (Some(u), Some(d)) = (&s.task.on_behalf_of, user_decision)
+        {
+            let message = if d.policy_ids.is_empty() {
+                format!(
+                    "agent `{}` acts for user `{}`, and no policy permits that user scope `{scope_name}`",
+                    s.agent.id, u.id
+                )
+            } else {
+                format!(
+                    "agent `{}` acts for user `{}`, and policy forbids that user scope `{scope_name}`",
+                    s.agent.id, u.id
+                )
+            };
+            self.audit_alone(decided.failure(message.clone())).await?;
+            return Err(BrokerError::PolicyDenied {
+                message,
+                policies: d.policy_ids,
+            });
+        }
         if !decision.allow {
             let message = if decision.policy_ids.is_empty() {
                 format!(

@@ -6,7 +6,7 @@ use serde::{Deserialize, Serialize};
 use super::Broker;
 use crate::audit::{Actor, AuditEvent};
 use crate::identity::{AssertionClaims, SessionClaims, unverified_issuer, verify_client_assertion};
-use crate::model::{Agent, AgentStatus, Task, TaskState, new_id, now, unix};
+use crate::model::{Agent, AgentStatus, Task, TaskState, UserContext, new_id, now, unix};
 
 /// The assertion type RFC 7523 registers for `private_key_jwt`.
 pub const JWT_BEARER_ASSERTION: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
@@ -36,6 +36,7 @@ fn root_task(agent: &Agent, description: String, ttl: time::Duration) -> Task {
         delegation_budget: agent.delegation.max_depth,
         scopes: None,
         chain: Vec::new(),
+        on_behalf_of: None,
     }
 }
 
@@ -67,6 +68,13 @@ pub struct TokenRequest {
     pub requested_token_type: Option<String>,
     /// JWT bearer grant: the token from a trusted issuer.
     pub assertion: Option<String>,
+    /// The user the task acts for: their ID token from a users' issuer…
+    pub user_token: Option<String>,
+    /// …or their id, from an agent allowed to assert users.
+    pub on_behalf_of: Option<String>,
+    /// The verified DPoP proof of the request (from its `DPoP` header).
+    #[serde(skip)]
+    pub dpop: Option<crate::identity::dpop::Proof>,
     pub audience: Option<String>,
     pub resource: Option<String>,
 }
@@ -104,14 +112,27 @@ impl OAuthError {
 pub struct Session {
     pub agent: Agent,
     pub task: Task,
+    /// The DPoP key the token is bound to (its RFC 7638 thumbprint).
+    pub jkt: Option<String>,
 }
 
 impl Broker {
     /// Handles `grant_type=client_credentials` with a client assertion. Every
     /// outcome is audited; failures with the client id the caller claimed.
-    pub async fn token(&self, req: TokenRequest) -> Result<TokenResponse, OAuthError> {
+    pub async fn token(
+        &self,
+        req: TokenRequest,
+        dpop: Option<&str>,
+    ) -> Result<TokenResponse, OAuthError> {
         let claimed = req.client_id.clone();
-        let result = self.try_token(req).await;
+        let mut req = req;
+        let result = match dpop.map(|p| self.token_dpop(p)).transpose() {
+            Ok(proof) => {
+                req.dpop = proof;
+                self.try_token(req).await
+            }
+            Err(e) => Err(e),
+        };
         match &result {
             Ok((resp, agent)) => {
                 self.metrics.auth("success");
@@ -205,14 +226,22 @@ impl Broker {
             .ok_or_else(|| OAuthError::new("invalid_client", "`client_assertion` is required"))?;
         let ttl = self.session_ttl(req.ttl.as_deref())?;
         let (agent, claims) = self.authenticate(client_id, assertion).await?;
-        let task = root_task(&agent, req.task.unwrap_or_default(), ttl);
+        let mut task = root_task(&agent, req.task.clone().unwrap_or_default(), ttl);
+        task.on_behalf_of = self.user_context(&agent, &req).await?;
         let details = serde_json::json!({
             "method": "private_key_jwt",
             "description": task.description,
             "expires_at": unix(task.expires_at),
         });
-        self.open_task(&agent, &claims, task, "task.opened", details)
-            .await
+        self.open_task(
+            &agent,
+            &claims,
+            task,
+            "task.opened",
+            details,
+            req.dpop.as_ref(),
+        )
+        .await
     }
 
     /// Workload identity federation (RFC 7523 §2.1): a JWT from a trusted
@@ -229,6 +258,15 @@ impl Broker {
             .verify(token)
             .await
             .map_err(|e| OAuthError::new("invalid_grant", e.to_string()))?;
+        if fed.users {
+            return Err(OAuthError::new(
+                "invalid_grant",
+                format!(
+                    "issuer `{}` vouches for users, not workloads: pass its tokens as `user_token`",
+                    fed.issuer
+                ),
+            ));
+        }
         let agent = self
             .store
             .agent_by_subject(&fed.issuer, &fed.subject)
@@ -257,7 +295,8 @@ impl Broker {
                 format!("agent is {}", agent.status),
             ));
         }
-        let task = root_task(&agent, req.task.unwrap_or_default(), ttl);
+        let mut task = root_task(&agent, req.task.clone().unwrap_or_default(), ttl);
+        task.on_behalf_of = self.user_context(&agent, &req).await?;
         let details = serde_json::json!({
             "method": "jwt_bearer",
             "issuer": fed.issuer,
@@ -272,8 +311,73 @@ impl Broker {
             iat: None,
             jti: Some(fed.jti.unwrap_or_else(|| new_id("nojti"))),
         };
-        self.open_task(&agent, &claims, task, "task.opened", details)
-            .await
+        self.open_task(
+            &agent,
+            &claims,
+            task,
+            "task.opened",
+            details,
+            req.dpop.as_ref(),
+        )
+        .await
+    }
+
+    /// The user a new task acts for: a verified `user_token` from a users'
+    /// issuer, or an `on_behalf_of` id from an agent allowed to assert users.
+    async fn user_context(
+        &self,
+        agent: &Agent,
+        req: &TokenRequest,
+    ) -> Result<Option<UserContext>, OAuthError> {
+        let token = req.user_token.as_deref().filter(|s| !s.is_empty());
+        let asserted = req
+            .on_behalf_of
+            .as_deref()
+            .map(str::trim)
+            .filter(|s| !s.is_empty());
+        match (token, asserted) {
+            (None, None) => Ok(None),
+            (Some(_), Some(_)) => Err(OAuthError::new(
+                "invalid_request",
+                "send either `user_token` or `on_behalf_of`, not both",
+            )),
+            (Some(t), None) => {
+                let fed =
+                    self.federation.verify(t).await.map_err(|e| {
+                        OAuthError::new("invalid_grant", format!("user_token: {e}"))
+                    })?;
+                if !fed.users {
+                    return Err(OAuthError::new(
+                        "invalid_grant",
+                        format!(
+                            "user_token: issuer `{}` vouches for workloads, not users",
+                            fed.issuer
+                        ),
+                    ));
+                }
+                Ok(Some(UserContext {
+                    id: fed.subject,
+                    issuer: fed.issuer,
+                    groups: fed.groups,
+                }))
+            }
+            (None, Some(id)) => {
+                if !agent.may_assert_users {
+                    return Err(OAuthError::new(
+                        "invalid_request",
+                        format!(
+                            "agent `{}` may not assert the user it acts for: send the user's ID token as `user_token`",
+                            agent.id
+                        ),
+                    ));
+                }
+                Ok(Some(UserContext {
+                    id: id.to_owned(),
+                    issuer: "asserted".into(),
+                    groups: Vec::new(),
+                }))
+            }
+        }
     }
 
     /// RFC 8693 delegation: the orchestrator's session token (`subject_token`)
@@ -317,6 +421,12 @@ impl Broker {
             .session(&subject)
             .await
             .map_err(|e| OAuthError::new("invalid_grant", format!("subject_token: {e}")))?;
+        if parent.jkt.is_some() {
+            return Err(OAuthError::new(
+                "invalid_grant",
+                "subject_token is DPoP-bound; exchanging DPoP-bound tokens is not supported yet",
+            ));
+        }
         let actor_id = unverified_issuer(&actor)
             .map_err(|e| OAuthError::new("invalid_client", format!("actor_token: {e}")))?;
         if let Some(cid) = req.client_id.as_deref().filter(|c| !c.is_empty())
@@ -378,6 +488,8 @@ impl Broker {
             delegation_budget: (parent.task.delegation_budget - 1).min(child.delegation.max_depth),
             scopes: Some(requested.clone()),
             chain: chain.clone(),
+            // A sub-agent acts for whomever its orchestrator acts for.
+            on_behalf_of: parent.task.on_behalf_of.clone(),
         };
         let details = serde_json::json!({
             "method": "token_exchange",
@@ -387,8 +499,15 @@ impl Broker {
             "scopes": requested,
             "expires_at": unix(task.expires_at),
         });
-        self.open_task(&child, &claims, task, "task.delegated", details)
-            .await
+        self.open_task(
+            &child,
+            &claims,
+            task,
+            "task.delegated",
+            details,
+            req.dpop.as_ref(),
+        )
+        .await
     }
 
     /// Records the assertion's `jti`, writes the task and its audit event,
@@ -400,9 +519,25 @@ impl Broker {
         task: Task,
         action: &str,
         details: serde_json::Value,
+        dpop: Option<&crate::identity::dpop::Proof>,
     ) -> Result<(TokenResponse, String), OAuthError> {
         let t = task.opened_at;
         let mut tx = self.store.begin().await.map_err(|e| internal(&e))?;
+        if let Some(p) = dpop
+            && !tx
+                .record_jti(
+                    &format!("dpop:{}", p.jkt),
+                    &p.jti,
+                    crate::model::from_unix(p.iat + 2 * crate::identity::dpop::MAX_SKEW_SECS),
+                )
+                .await
+                .map_err(|e| internal(&e))?
+        {
+            return Err(OAuthError::new(
+                "invalid_dpop_proof",
+                "the DPoP proof was already used (`jti` replayed)",
+            ));
+        }
         let jti = claims.jti.clone().unwrap_or_default();
         let fresh = tx
             .record_jti(&agent.id, &jti, crate::model::from_unix(claims.exp))
@@ -447,12 +582,13 @@ impl Broker {
             jti: new_id("st"),
             task_id: task.id.clone(),
             act,
+            cnf: dpop.map(|p| serde_json::json!({ "jkt": p.jkt })),
         };
         let token = self.signer.sign(&session).map_err(|e| internal(&e))?;
         Ok((
             TokenResponse {
                 access_token: token,
-                token_type: "Bearer",
+                token_type: if dpop.is_some() { "DPoP" } else { "Bearer" },
                 expires_in: (task.expires_at - t).whole_seconds(),
                 task_id: task.id,
                 issued_token_type: task.parent_task_id.as_ref().map(|_| TOKEN_TYPE_ACCESS),
@@ -509,7 +645,15 @@ impl Broker {
         if agent.status != AgentStatus::Active {
             return Err(format!("agent is {}", agent.status));
         }
-        Ok(Session { agent, task })
+        Ok(Session {
+            agent,
+            task,
+            jkt: claims
+                .cnf
+                .as_ref()
+                .and_then(|c| c["jkt"].as_str())
+                .map(str::to_owned),
+        })
     }
 
     /// Appends one audit event in its own transaction.
@@ -547,6 +691,9 @@ impl Broker {
                 }
                 if let Some(act) = claims.act {
                     v["act"] = act;
+                }
+                if let Some(u) = &s.task.on_behalf_of {
+                    v["on_behalf_of"] = serde_json::json!({ "sub": u.id, "issuer": u.issuer });
                 }
                 v
             }
@@ -642,6 +789,78 @@ pub(crate) fn delegated_scopes(
         ));
     }
     Ok(requested)
+}
+
+impl Broker {
+    /// Verifies the DPoP proof sent to the token endpoint.
+    fn token_dpop(&self, proof: &str) -> Result<crate::identity::dpop::Proof, OAuthError> {
+        crate::identity::dpop::verify_proof(
+            proof,
+            "POST",
+            &self.config.token_endpoint(),
+            None,
+            unix(now()),
+        )
+        .map_err(|e| OAuthError::new("invalid_dpop_proof", e.to_string()))
+    }
+
+    /// Sender constraint of a session (RFC 9449 §7): a DPoP-bound token must
+    /// come as `Authorization: DPoP` with a fresh, unreplayed proof by its
+    /// key for this method and URL; an unbound one as `Bearer`.
+    pub async fn check_sender(
+        &self,
+        s: &Session,
+        scheme: &str,
+        token: &str,
+        proof: Option<&str>,
+        method: &str,
+        path: &str,
+    ) -> Result<(), String> {
+        let dpop_scheme = scheme.eq_ignore_ascii_case("dpop");
+        let Some(jkt) = &s.jkt else {
+            return if dpop_scheme {
+                Err(
+                    "this session token is not DPoP-bound: send it as `Authorization: Bearer`"
+                        .into(),
+                )
+            } else {
+                Ok(())
+            };
+        };
+        if !dpop_scheme {
+            return Err("this session token is bound to a DPoP key: send `Authorization: DPoP <token>` with a `DPoP` proof".into());
+        }
+        let proof = proof.ok_or("a `DPoP` proof header is required with this token")?;
+        let url = format!("{}{path}", self.config.server.issuer.trim_end_matches('/'));
+        let p = crate::identity::dpop::verify_proof(proof, method, &url, Some(token), unix(now()))
+            .map_err(|e| e.to_string())?;
+        if &p.jkt != jkt {
+            return Err(
+                "the DPoP proof is signed by another key than the token is bound to".into(),
+            );
+        }
+        let fresh = async {
+            let mut tx = self.store.begin().await?;
+            let fresh = tx
+                .record_jti(
+                    &format!("dpop:{jkt}"),
+                    &p.jti,
+                    crate::model::from_unix(p.iat + 2 * crate::identity::dpop::MAX_SKEW_SECS),
+                )
+                .await?;
+            tx.commit().await?;
+            Ok::<bool, crate::store::StoreError>(fresh)
+        }
+        .await
+        .map_err(|e| {
+            tracing::error!(error = %e, "cannot record a DPoP proof");
+            "the DPoP proof cannot be checked right now".to_owned()
+        })?;
+        if !fresh {
+            return Err("the DPoP proof was already used (`jti` replayed): send a fresh proof with each request".into());
+        }
+        Ok(())
+    }
 }
 
 #[cfg(test)]

@@ -37,6 +37,10 @@ pub struct Federated {
     pub subject: String,
     pub exp: i64,
     pub jti: Option<String>,
+    /// Whether the issuer vouches for users (ID tokens) rather than workloads.
+    pub users: bool,
+    /// The `groups_claim` values (users' issuers).
+    pub groups: Vec<String>,
 }
 
 /// The trusted issuers and their key caches.
@@ -235,11 +239,21 @@ impl Federation {
             .filter(|s| !s.is_empty())
             .ok_or_else(|| AuthError::invalid(format!("the token has no `{}`", i.subject_claim)))?
             .to_owned();
+        let groups = claims[i.groups_claim.as_str()]
+            .as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|g| g.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default();
         Ok(Federated {
             issuer: i.name.clone(),
             subject,
             exp: claims["exp"].as_i64().unwrap_or_default(),
             jti: claims["jti"].as_str().map(str::to_owned),
+            users: i.users,
+            groups,
         })
     }
 }

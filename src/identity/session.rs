@@ -24,6 +24,9 @@ pub struct SessionClaims {
     /// its own delegator nested inside, up to the root orchestrator.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub act: Option<serde_json::Value>,
+    /// DPoP binding (RFC 9449 §6): `{"jkt": <key thumbprint>}`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cnf: Option<serde_json::Value>,
 }
 
 /// Signs and verifies session tokens with the broker's key.

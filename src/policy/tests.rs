@@ -26,6 +26,7 @@ fn agent(team: &str, tier: u8) -> Agent {
         last_review_at: None,
         delegation: Default::default(),
         federated: None,
+        may_assert_users: false,
     }
 }
 

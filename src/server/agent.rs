@@ -17,6 +17,7 @@ use crate::config::Role;
 /// `POST /oauth/token` (form-encoded). Errors follow RFC 6749 §5.2.
 pub async fn token(
     State(b): State<AppState>,
+    headers: axum::http::HeaderMap,
     form: Result<axum::Form<TokenRequest>, axum::extract::rejection::FormRejection>,
 ) -> Response {
     let oauth_error = |status: StatusCode, error: &str, description: &str| {
@@ -41,7 +42,8 @@ pub async fn token(
             return oauth_error(StatusCode::BAD_REQUEST, err.error, &err.description);
         }
     };
-    match b.token(req).await {
+    let dpop = headers.get("dpop").and_then(|v| v.to_str().ok());
+    match b.token(req, dpop).await {
         Ok(resp) => (
             StatusCode::OK,
             [(axum::http::header::CACHE_CONTROL, "no-store")],

@@ -10,10 +10,43 @@ use crate::audit::{Actor, AuditEvent};
 use crate::broker::Session;
 use crate::config::Role;
 
-fn bearer(parts: &Parts) -> Option<&str> {
+/// `Authorization: Bearer <token>` or `Authorization: DPoP <token>`.
+fn authorization(parts: &Parts) -> Option<(&str, &str)> {
     let v = parts.headers.get(AUTHORIZATION)?.to_str().ok()?;
     let (scheme, token) = v.split_once(' ')?;
-    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+    (scheme.eq_ignore_ascii_case("bearer") || scheme.eq_ignore_ascii_case("dpop"))
+        .then(|| (scheme, token.trim()))
+}
+
+fn bearer(parts: &Parts) -> Option<&str> {
+    authorization(parts)
+        .filter(|(scheme, _)| scheme.eq_ignore_ascii_case("bearer"))
+        .map(|(_, t)| t)
+}
+
+/// A session token checked for its task, its agent and, when DPoP-bound,
+/// the proof of possession that must come with it.
+async fn agent_session(parts: &Parts, state: &AppState) -> Result<Session, ApiError> {
+    let (scheme, token) = authorization(parts).ok_or_else(|| {
+        ApiError::invalid_token("a session token is required (Authorization: Bearer)")
+    })?;
+    let s = state
+        .session(token)
+        .await
+        .map_err(ApiError::invalid_token)?;
+    let proof = parts.headers.get("dpop").and_then(|v| v.to_str().ok());
+    state
+        .check_sender(
+            &s,
+            scheme,
+            token,
+            proof,
+            parts.method.as_str(),
+            parts.uri.path(),
+        )
+        .await
+        .map_err(ApiError::invalid_token)?;
+    Ok(s)
 }
 
 /// An agent's verified session.
@@ -23,14 +56,7 @@ impl FromRequestParts<AppState> for AgentSession {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let token = bearer(parts).ok_or_else(|| {
-            ApiError::invalid_token("a session token is required (Authorization: Bearer)")
-        })?;
-        state
-            .session(token)
-            .await
-            .map(AgentSession)
-            .map_err(ApiError::invalid_token)
+        agent_session(parts, state).await.map(AgentSession)
     }
 }
 
@@ -97,19 +123,17 @@ impl FromRequestParts<AppState> for Caller {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        let token = bearer(parts).ok_or_else(|| {
-            ApiError::unauthorized(
+        if authorization(parts).is_none() {
+            return Err(ApiError::unauthorized(
                 "an operator or session token is required (Authorization: Bearer)",
-            )
-        })?;
-        if let Some(op) = find_operator(state, token) {
+            ));
+        }
+        if let Some(op) = bearer(parts).and_then(|t| find_operator(state, t)) {
             return Ok(Self::Operator(op));
         }
-        state
-            .session(token)
+        agent_session(parts, state)
             .await
             .map(|s| Self::Agent(Box::new(s)))
-            .map_err(ApiError::invalid_token)
     }
 }
 

@@ -49,6 +49,7 @@ pub async fn metadata(State(b): State<AppState>) -> Json<serde_json::Value> {
         "token_endpoint": b.config.token_endpoint(),
         "jwks_uri": format!("{issuer}/.well-known/jwks.json"),
         "grant_types_supported": ["client_credentials", crate::broker::JWT_BEARER_GRANT, crate::broker::TOKEN_EXCHANGE],
+        "dpop_signing_alg_values_supported": ["ES256", "ES384", "EdDSA", "RS256", "PS256"],
         "introspection_endpoint": format!("{}/oauth/introspect", b.config.server.issuer.trim_end_matches('/')),
         "revocation_endpoint": format!("{}/oauth/revoke", b.config.server.issuer.trim_end_matches('/')),
         "token_endpoint_auth_methods_supported": ["private_key_jwt"],

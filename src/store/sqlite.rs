@@ -332,11 +332,23 @@ impl StoreTx for SqliteTx {
             Some(r) => (r.try_get::<i64, _>("seq")?, r.try_get::<String, _>("hash")?),
             None => (0, GENESIS_HASH.to_owned()),
         };
+        // Every event of a task that acts for a user names the user.
+        if ev.on_behalf_of.is_none()
+            && let Some(task) = &ev.task
+        {
+            ev.on_behalf_of = sqlx::query_scalar(
+                "SELECT json_extract(on_behalf_of, '$.id') FROM tasks WHERE id = ?",
+            )
+            .bind(task)
+            .fetch_optional(&mut *self.tx)
+            .await?
+            .flatten();
+        }
         ev.chain_after(seq, &hash);
         sqlx::query(
             "INSERT INTO audit_events (seq, at_ms, actor, action, agent, task, scope, lease, \
-             decision, policy_ids, policy_hash, outcome, reason, details, prev_hash, hash) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             decision, policy_ids, policy_hash, outcome, reason, details, prev_hash, hash, \
+             on_behalf_of) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(ev.seq)
         .bind(ev.at_ms)
@@ -354,6 +366,7 @@ impl StoreTx for SqliteTx {
         .bind(serde_json::to_string(&ev.details).map_err(corrupt)?)
         .bind(&ev.prev_hash)
         .bind(&ev.hash)
+        .bind(&ev.on_behalf_of)
         .execute(&mut *self.tx)
         .await?;
         Ok(())
@@ -363,8 +376,8 @@ impl StoreTx for SqliteTx {
         sqlx::query(
             "INSERT INTO agents (id, team, sponsor, risk_tier, environment, purpose, labels, \
              status, auth_method, jwks, created_at, updated_at, last_used_at, last_review_at, \
-             delegation, federated_issuer, federated_subject) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             delegation, federated_issuer, federated_subject, may_assert_users) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&a.id)
         .bind(&a.team)
@@ -383,6 +396,7 @@ impl StoreTx for SqliteTx {
         .bind(serde_json::to_string(&a.delegation).map_err(corrupt)?)
         .bind(a.federated.as_ref().map(|f| f.issuer.clone()))
         .bind(a.federated.as_ref().map(|f| f.subject.clone()))
+        .bind(a.may_assert_users)
         .execute(&mut *self.tx)
         .await
         .map_err(|e| match StoreError::from(e) {
@@ -424,7 +438,8 @@ impl StoreTx for SqliteTx {
         sqlx::query(
             "UPDATE agents SET team = ?, sponsor = ?, risk_tier = ?, environment = ?, \
              purpose = ?, labels = ?, jwks = ?, last_review_at = ?, updated_at = ?, \
-             delegation = ?, federated_issuer = ?, federated_subject = ? WHERE id = ?",
+             delegation = ?, federated_issuer = ?, federated_subject = ?, may_assert_users = ? \
+             WHERE id = ?",
         )
         .bind(&a.team)
         .bind(&a.sponsor)
@@ -438,6 +453,7 @@ impl StoreTx for SqliteTx {
         .bind(serde_json::to_string(&a.delegation).map_err(corrupt)?)
         .bind(a.federated.as_ref().map(|f| f.issuer.clone()))
         .bind(a.federated.as_ref().map(|f| f.subject.clone()))
+        .bind(a.may_assert_users)
         .bind(&a.id)
         .execute(&mut *self.tx)
         .await?;
@@ -473,8 +489,8 @@ impl StoreTx for SqliteTx {
     async fn insert_task(&mut self, t: &Task) -> StoreResult<()> {
         sqlx::query(
             "INSERT INTO tasks (id, agent_id, description, state, opened_at, expires_at, \
-             parent_task_id, depth, delegation_budget, scopes, chain) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             parent_task_id, depth, delegation_budget, scopes, chain, on_behalf_of) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&t.id)
         .bind(&t.agent_id)
@@ -493,6 +509,13 @@ impl StoreTx for SqliteTx {
                 .map_err(corrupt)?,
         )
         .bind(serde_json::to_string(&t.chain).map_err(corrupt)?)
+        .bind(
+            t.on_behalf_of
+                .as_ref()
+                .map(serde_json::to_string)
+                .transpose()
+                .map_err(corrupt)?,
+        )
         .execute(&mut *self.tx)
         .await?;
         Ok(())

@@ -56,6 +56,7 @@ pub(super) fn agent_from_row(r: &SqliteRow) -> StoreResult<Agent> {
             }
             _ => None,
         },
+        may_assert_users: r.try_get("may_assert_users")?,
     })
 }
 
@@ -80,6 +81,11 @@ pub(super) fn task_from_row(r: &SqliteRow) -> StoreResult<Task> {
             .transpose()
             .map_err(|e| StoreError::Corrupt(format!("column `scopes`: {e}")))?,
         chain: json_col(r, "chain")?,
+        on_behalf_of: r
+            .try_get::<Option<String>, _>("on_behalf_of")?
+            .map(|s| serde_json::from_str(&s))
+            .transpose()
+            .map_err(|e| StoreError::Corrupt(format!("column `on_behalf_of`: {e}")))?,
     })
 }
 
@@ -139,6 +145,7 @@ pub(super) fn audit_from_row(r: &SqliteRow) -> StoreResult<AuditEvent> {
         outcome: r.try_get("outcome")?,
         reason: r.try_get("reason")?,
         details: json_col(r, "details")?,
+        on_behalf_of: r.try_get("on_behalf_of")?,
         prev_hash: r.try_get("prev_hash")?,
         hash: r.try_get("hash")?,
     })

@@ -1,0 +1,134 @@
+//! DPoP (RFC 9449): proof-of-possession for session tokens. An agent that
+//! presents a DPoP proof at the token endpoint gets a token bound to its key
+//! (`cnf.jkt`); every later call must carry a fresh proof by the same key for
+//! that method and URL, over that token (`ath`). A stolen token alone is useless.
+//!
+//! This module checks a proof's form and signature; replay (`jti`) is the
+//! caller's check against the store.
+
+use base64::Engine;
+use base64::engine::general_purpose::URL_SAFE_NO_PAD;
+use jsonwebtoken::jwk::{AlgorithmParameters, Jwk};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+
+use super::AuthError;
+
+/// How far a proof's `iat` may be from now.
+pub const MAX_SKEW_SECS: i64 = 60;
+
+const ALLOWED: &[Algorithm] = &[
+    Algorithm::ES256,
+    Algorithm::ES384,
+    Algorithm::EdDSA,
+    Algorithm::RS256,
+    Algorithm::PS256,
+];
+
+#[derive(Debug, Deserialize)]
+struct ProofClaims {
+    jti: Option<String>,
+    htm: Option<String>,
+    htu: Option<String>,
+    iat: Option<i64>,
+    ath: Option<String>,
+}
+
+/// A verified proof: the key's thumbprint and the proof's `jti`.
+#[derive(Debug, Clone)]
+pub struct Proof {
+    pub jkt: String,
+    pub jti: String,
+    pub iat: i64,
+}
+
+/// RFC 7638 thumbprint of a public JWK: SHA-256 over its required members
+/// in lexicographic order, base64url.
+pub fn thumbprint(jwk: &Jwk) -> Result<String, AuthError> {
+    let canonical = match &jwk.algorithm {
+        AlgorithmParameters::EllipticCurve(ec) => {
+            let crv = serde_json::to_value(&ec.curve)
+                .map_err(|_| AuthError::invalid("DPoP key: unknown curve"))?;
+            format!(
+                r#"{{"crv":{},"kty":"EC","x":"{}","y":"{}"}}"#,
+                crv, ec.x, ec.y
+            )
+        }
+        AlgorithmParameters::RSA(rsa) => {
+            format!(r#"{{"e":"{}","kty":"RSA","n":"{}"}}"#, rsa.e, rsa.n)
+        }
+        AlgorithmParameters::OctetKeyPair(okp) => {
+            let crv = serde_json::to_value(&okp.curve)
+                .map_err(|_| AuthError::invalid("DPoP key: unknown curve"))?;
+            format!(r#"{{"crv":{},"kty":"OKP","x":"{}"}}"#, crv, okp.x)
+        }
+        _ => {
+            return Err(AuthError::invalid(
+                "DPoP key: only EC, RSA and OKP public keys can prove possession",
+            ));
+        }
+    };
+    Ok(URL_SAFE_NO_PAD.encode(Sha256::digest(canonical.as_bytes())))
+}
+
+/// `ath`: base64url SHA-256 of the access token.
+pub fn token_hash(token: &str) -> String {
+    URL_SAFE_NO_PAD.encode(Sha256::digest(token.as_bytes()))
+}
+
+/// Verifies a DPoP proof for `method` and `url` (without query or
+/// fragment); with `access_token`, also its `ath`.
+pub fn verify_proof(
+    proof: &str,
+    method: &str,
+    url: &str,
+    access_token: Option<&str>,
+    now: i64,
+) -> Result<Proof, AuthError> {
+    let bad = |m: &str| AuthError::invalid(format!("DPoP proof: {m}"));
+    let header = jsonwebtoken::decode_header(proof).map_err(|_| bad("not a JWT"))?;
+    if header.typ.as_deref() != Some("dpop+jwt") {
+        return Err(bad("`typ` must be `dpop+jwt`"));
+    }
+    if !ALLOWED.contains(&header.alg) {
+        return Err(bad("`alg` must be an asymmetric signature algorithm"));
+    }
+    let jwk = header
+        .jwk
+        .ok_or_else(|| bad("the header carries no `jwk`"))?;
+    let jkt = thumbprint(&jwk)?;
+    let key = DecodingKey::from_jwk(&jwk).map_err(|_| bad("the `jwk` is unusable"))?;
+    let mut v = Validation::new(header.alg);
+    v.set_required_spec_claims::<&str>(&[]);
+    v.validate_exp = false;
+    v.validate_aud = false;
+    let claims = jsonwebtoken::decode::<ProofClaims>(proof, &key, &v)
+        .map_err(|_| bad("the signature does not verify with its `jwk`"))?
+        .claims;
+    let jti = claims
+        .jti
+        .filter(|j| !j.is_empty() && j.len() <= 256)
+        .ok_or_else(|| bad("`jti` is required"))?;
+    if claims.htm.as_deref() != Some(method) {
+        return Err(bad(&format!("`htm` must be `{method}`")));
+    }
+    let strip = |u: &str| u.split(['?', '#']).next().unwrap_or(u).to_owned();
+    if claims.htu.as_deref().map(strip).as_deref() != Some(url) {
+        return Err(bad(&format!("`htu` must be `{url}`")));
+    }
+    let iat = claims.iat.ok_or_else(|| bad("`iat` is required"))?;
+    if (now - iat).abs() > MAX_SKEW_SECS {
+        return Err(bad(
+            "`iat` is not recent: send a fresh proof with each request",
+        ));
+    }
+    if let Some(token) = access_token
+        && claims.ath.as_deref() != Some(token_hash(token).as_str())
+    {
+        return Err(bad(
+            "`ath` must be the hash of the access token it accompanies",
+        ));
+    }
+    Ok(Proof { jkt, jti, iat })
+}
