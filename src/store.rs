@@ -227,6 +227,10 @@ pub trait StoreTx: Send {
         lease_id: &str,
         now: OffsetDateTime,
     ) -> StoreResult<bool>;
+    /// Undoes a redemption whose lease never became a working credential
+    /// (failed, or being revoked), so the approval can be redeemed again.
+    /// Returns whether it was undone.
+    async fn release_redemption(&mut self, id: &str) -> StoreResult<bool>;
     /// Expires pending approvals past their expiry and cancels those whose
     /// task ended. Returns them in their new state.
     async fn close_stale_approvals(&mut self, now: OffsetDateTime) -> StoreResult<Vec<Approval>>;

@@ -98,6 +98,13 @@ sensitive = true
 params = { kind = "x509_svid" }
 
 [[scopes]]
+name = "sensitive-jwt"
+provider = "ca"
+max_ttl_secs = 600
+sensitive = true
+params = { kind = "jwt_svid", audiences = ["https://payments.keygate.test"] }
+
+[[scopes]]
 name = "two-approvers"
 provider = "ca"
 max_ttl_secs = 600
@@ -712,4 +719,36 @@ when { context.ttl <= 60 };
     );
     let v = decide(b, &ap.alice, &id, "approve").await.expect(200);
     assert_eq!(v["state"], "approved");
+}
+
+#[tokio::test]
+async fn a_redeem_the_provider_refuses_does_not_spend_the_approval() {
+    let w = world("").await;
+    let (b, ap) = (&w.b, &w.ap);
+    let (_, s) = agent_session(b).await;
+    // The audience is outside the scope's allow-list: the CA refuses at issue.
+    let id = b
+        .post(
+            "/v1/credentials",
+            Some(&s.token),
+            &json!({
+                "scope": "sensitive-jwt", "ttl": 300, "justification": "settle",
+                "params": { "audience": "https://elsewhere.test" },
+            }),
+        )
+        .await
+        .expect(202)["approval_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    decide(b, &ap.carol, &id, "approve").await.expect(200);
+    let r = redeem(b, &s.token, &id).await;
+    assert_eq!(r.status, 400, "{}", r.text);
+    let a = approval(b, &id).await;
+    assert_eq!(a["state"], "approved");
+    assert_eq!(a["redeemed_at"], Value::Null, "{a}");
+    assert_eq!(
+        audited(b, "approval.redemption_released", &id).await.len(),
+        1
+    );
 }

@@ -452,15 +452,30 @@ impl Broker {
             .check_policy(s, scope_cfg, ttl, now(), "credential.redeemed")
             .await?
             .details(serde_json::json!({ "ttl": ttl, "approval": id }));
-        self.mint(
-            s,
-            scope_cfg,
-            ttl,
-            a.request["params"].clone(),
-            decided,
-            Some(id),
-        )
-        .await
+        let minted = self
+            .mint(
+                s,
+                scope_cfg,
+                ttl,
+                a.request["params"].clone(),
+                decided,
+                Some(id),
+            )
+            .await;
+        if minted.is_err() {
+            // The provider did not deliver: the approval is not spent.
+            let mut tx = self.store.begin().await?;
+            if tx.release_redemption(id).await? {
+                tx.audit(
+                    approval_event(&Actor::System, "approval.redemption_released", &a).reason(
+                        "the credential was not issued; the approval may be redeemed again",
+                    ),
+                )
+                .await?;
+            }
+            tx.commit().await?;
+        }
+        minted
     }
 
     /// Applies (or settles) a provisioning change once its approval ends.

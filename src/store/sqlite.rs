@@ -825,6 +825,10 @@ impl StoreTx for SqliteTx {
         approvals::redeem(&mut *self.tx, id, lease_id, now).await
     }
 
+    async fn release_redemption(&mut self, id: &str) -> StoreResult<bool> {
+        approvals::release_redemption(&mut *self.tx, id).await
+    }
+
     async fn close_stale_approvals(&mut self, now: OffsetDateTime) -> StoreResult<Vec<Approval>> {
         let closed = approvals::close_stale(&mut self.tx, now).await?;
         approvals::prune_replays(&mut *self.tx, now).await?;

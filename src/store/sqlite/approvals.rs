@@ -203,6 +203,17 @@ pub(super) async fn redeem(
     Ok(done.rows_affected() == 1)
 }
 
+pub(super) async fn release_redemption(db: impl SqliteExecutor<'_>, id: &str) -> StoreResult<bool> {
+    let done = sqlx::query(
+        "UPDATE approvals SET redeemed_at = NULL, lease_id = NULL WHERE id = ? AND lease_id IN \
+         (SELECT id FROM leases WHERE state IN ('failed', 'revoking', 'revoked'))",
+    )
+    .bind(id)
+    .execute(db)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
 /// Pending approvals past their expiry, or whose task is no longer open,
 /// close. Returns `(id, agent, task, new state, reason)`.
 pub(super) async fn close_stale(
