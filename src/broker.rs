@@ -29,7 +29,7 @@ pub use fences::{FenceFailure, LiftRequest};
 pub use renewals::RenewedLease;
 pub use revocations::{RevocationReport, RevocationRequest};
 pub use sessions::{
-    JWT_BEARER_GRANT, OAuthError, Session, TOKEN_EXCHANGE, TokenRequest, TokenResponse,
+    JWT_BEARER_GRANT, OAuthError, Presented, Session, TOKEN_EXCHANGE, TokenRequest, TokenResponse,
 };
 
 /// Why a broker operation failed. The server maps each variant to a status

@@ -239,6 +239,24 @@ pub struct ServerConfig {
     pub body_limit_bytes: usize,
     #[serde(default)]
     pub log_format: LogFormat,
+    /// An optional second listener with mTLS (RFC 8705 `tls_client_auth`).
+    #[serde(default)]
+    pub tls: Option<TlsConfig>,
+}
+
+/// The mTLS listener: agents present X.509-SVIDs chaining to `client_ca_file`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TlsConfig {
+    pub listen: SocketAddr,
+    /// The broker's certificate chain (PEM).
+    pub cert_file: PathBuf,
+    /// Its private key (PEM).
+    pub key_file: PathBuf,
+    /// The trust bundle client certificates must chain to (PEM).
+    pub client_ca_file: PathBuf,
+    /// The SPIFFE trust domain client certificates must be in.
+    pub trust_domain: String,
 }
 
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize)]

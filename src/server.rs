@@ -7,6 +7,7 @@ mod approvals;
 mod auth;
 mod error;
 mod ops;
+pub mod tls;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -25,6 +26,7 @@ use crate::policy::PolicyEngine;
 use crate::providers::Registry;
 
 pub use error::ApiError;
+pub use tls::ClientConn;
 
 /// Shared state of every handler.
 pub type AppState = Arc<Broker>;
@@ -143,9 +145,30 @@ pub async fn serve(config_path: &Path, listen: Option<std::net::SocketAddr>) -> 
     let addr = listener.local_addr()?;
     tracing::info!(%addr, issuer = %broker.config.server.issuer, policy_hash = %broker.policy.hash(), "keygate ready");
     println!("keygate listening on {addr}");
-    axum::serve(listener, router(broker))
-        .with_graceful_shutdown(shutdown_signal())
-        .await?;
+    let app = router(Arc::clone(&broker));
+    if let Some(tls) = &broker.config.server.tls {
+        let tls_listener = tls::TlsListener::bind(tls).await?;
+        let tls_addr = axum::serve::Listener::local_addr(&tls_listener)?.addr;
+        tracing::info!(addr = %tls_addr, trust_domain = %tls.trust_domain, "mTLS listener ready");
+        println!("keygate mtls listening on {tls_addr}");
+        let tls_app = app.clone();
+        tokio::spawn(async move {
+            let served = axum::serve(
+                tls_listener,
+                tls_app.into_make_service_with_connect_info::<ClientConn>(),
+            )
+            .await;
+            if let Err(e) = served {
+                tracing::error!(error = %e, "the mTLS listener stopped");
+            }
+        });
+    }
+    axum::serve(
+        listener,
+        app.into_make_service_with_connect_info::<ClientConn>(),
+    )
+    .with_graceful_shutdown(shutdown_signal())
+    .await?;
     Ok(())
 }
 

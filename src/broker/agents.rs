@@ -197,6 +197,23 @@ impl Broker {
     pub async fn register_agent(&self, actor: &Actor, spec: AgentSpec) -> BrokerResult<Registered> {
         spec.validate()?;
         if let Some(f) = &spec.federated
+            && f.issuer == super::sessions::SPIFFE_ISSUER
+        {
+            let Some(tls) = &self.config.server.tls else {
+                return Err(BrokerError::InvalidRequest(
+                    "`federated.issuer = \"spiffe\"` needs the mTLS listener ([server.tls])".into(),
+                ));
+            };
+            if !f
+                .subject
+                .starts_with(&format!("spiffe://{}/", tls.trust_domain))
+            {
+                return Err(BrokerError::InvalidRequest(format!(
+                    "`federated.subject` must be a SPIFFE ID in trust domain `{}`",
+                    tls.trust_domain
+                )));
+            }
+        } else if let Some(f) = &spec.federated
             && !self.federation.knows(&f.issuer)
         {
             return Err(BrokerError::InvalidRequest(format!(

@@ -10,6 +10,22 @@ use crate::model::{Agent, AgentStatus, Task, TaskState, UserContext, new_id, now
 
 /// The assertion type RFC 7523 registers for `private_key_jwt`.
 pub const JWT_BEARER_ASSERTION: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
+/// What a request presented with its session token, for sender checks.
+#[derive(Debug, Clone, Copy)]
+pub struct Presented<'a> {
+    /// `Bearer` or `DPoP`.
+    pub scheme: &'a str,
+    pub token: &'a str,
+    /// The `DPoP` header.
+    pub proof: Option<&'a str>,
+    /// The mTLS client certificate (DER).
+    pub cert: Option<&'a [u8]>,
+    pub method: &'a str,
+    pub path: &'a str,
+}
+
+/// The federated issuer name agents bind SPIFFE IDs under (mTLS).
+pub const SPIFFE_ISSUER: &str = "spiffe";
 /// RFC 7523 §2.1's grant type: a federated workload identity token.
 pub const JWT_BEARER_GRANT: &str = "urn:ietf:params:oauth:grant-type:jwt-bearer";
 /// RFC 8693's grant type, for delegation to a sub-agent.
@@ -75,6 +91,10 @@ pub struct TokenRequest {
     /// The verified DPoP proof of the request (from its `DPoP` header).
     #[serde(skip)]
     pub dpop: Option<crate::identity::dpop::Proof>,
+    /// The client certificate of an mTLS connection (DER), verified against
+    /// the trust bundle by the TLS layer.
+    #[serde(skip)]
+    pub client_cert: Option<std::sync::Arc<Vec<u8>>>,
     pub audience: Option<String>,
     pub resource: Option<String>,
 }
@@ -114,6 +134,8 @@ pub struct Session {
     pub task: Task,
     /// The DPoP key the token is bound to (its RFC 7638 thumbprint).
     pub jkt: Option<String>,
+    /// The client certificate the token is bound to (`x5t#S256`, RFC 8705).
+    pub x5t: Option<String>,
 }
 
 impl Broker {
@@ -213,6 +235,11 @@ impl Broker {
             .as_deref()
             .filter(|s| !s.is_empty())
             .ok_or_else(|| OAuthError::new("invalid_request", "`client_id` is required"))?;
+        if req.client_assertion.as_deref().is_none_or(str::is_empty)
+            && let Some(cert) = req.client_cert.clone()
+        {
+            return self.tls_client_auth(client_id.to_owned(), &cert, req).await;
+        }
         if req.client_assertion_type.as_deref() != Some(JWT_BEARER_ASSERTION) {
             return Err(OAuthError::new(
                 "invalid_client",
@@ -240,6 +267,73 @@ impl Broker {
             "task.opened",
             details,
             req.dpop.as_ref(),
+        )
+        .await
+    }
+
+    /// RFC 8705 `tls_client_auth`: the mTLS client certificate (an
+    /// X.509-SVID) authenticates the agent bound to its SPIFFE ID, and the
+    /// session token is bound to that certificate.
+    async fn tls_client_auth(
+        &self,
+        client_id: String,
+        cert: &[u8],
+        req: TokenRequest,
+    ) -> Result<(TokenResponse, String), OAuthError> {
+        let trust_domain = self
+            .config
+            .server
+            .tls
+            .as_ref()
+            .map(|t| t.trust_domain.clone())
+            .ok_or_else(|| OAuthError::new("invalid_client", "mTLS is not configured"))?;
+        let id = crate::server::tls::spiffe_id(cert, &trust_domain)
+            .map_err(|e| OAuthError::new("invalid_client", e))?;
+        let agent = self
+            .store
+            .agent_by_subject(SPIFFE_ISSUER, &id)
+            .await
+            .map_err(|e| internal(&e))?
+            .ok_or_else(|| {
+                OAuthError::new(
+                    "invalid_client",
+                    format!("no agent is bound to SPIFFE ID `{id}`"),
+                )
+            })?;
+        if agent.id != client_id {
+            return Err(OAuthError::new(
+                "invalid_client",
+                format!("SPIFFE ID `{id}` belongs to another agent than `client_id`"),
+            ));
+        }
+        if agent.status != AgentStatus::Active {
+            return Err(OAuthError::new(
+                "invalid_client",
+                format!("agent is {}", agent.status),
+            ));
+        }
+        let ttl = self.session_ttl(req.ttl.as_deref())?;
+        let mut task = root_task(&agent, req.task.clone().unwrap_or_default(), ttl);
+        task.on_behalf_of = self.user_context(&agent, &req).await?;
+        let details = serde_json::json!({
+            "method": "tls_client_auth",
+            "spiffe_id": id,
+            "description": task.description,
+            "expires_at": unix(task.expires_at),
+        });
+        let claims = AssertionClaims {
+            exp: unix(task.expires_at),
+            iat: None,
+            jti: Some(new_id("mtls")),
+        };
+        self.open_task_bound(
+            &agent,
+            &claims,
+            task,
+            "task.opened",
+            details,
+            req.dpop.as_ref(),
+            Some(crate::server::tls::thumbprint(cert)),
         )
         .await
     }
@@ -521,6 +615,23 @@ impl Broker {
         details: serde_json::Value,
         dpop: Option<&crate::identity::dpop::Proof>,
     ) -> Result<(TokenResponse, String), OAuthError> {
+        self.open_task_bound(agent, claims, task, action, details, dpop, None)
+            .await
+    }
+
+    /// [`Self::open_task`], optionally binding the token to a client
+    /// certificate thumbprint.
+    #[allow(clippy::too_many_arguments)]
+    async fn open_task_bound(
+        &self,
+        agent: &Agent,
+        claims: &AssertionClaims,
+        task: Task,
+        action: &str,
+        details: serde_json::Value,
+        dpop: Option<&crate::identity::dpop::Proof>,
+        x5t: Option<String>,
+    ) -> Result<(TokenResponse, String), OAuthError> {
         let t = task.opened_at;
         let mut tx = self.store.begin().await.map_err(|e| internal(&e))?;
         if let Some(p) = dpop
@@ -582,7 +693,19 @@ impl Broker {
             jti: new_id("st"),
             task_id: task.id.clone(),
             act,
-            cnf: dpop.map(|p| serde_json::json!({ "jkt": p.jkt })),
+            cnf: match (dpop, &x5t) {
+                (None, None) => None,
+                (d, x) => {
+                    let mut c = serde_json::json!({});
+                    if let Some(p) = d {
+                        c["jkt"] = p.jkt.clone().into();
+                    }
+                    if let Some(t) = x {
+                        c["x5t#S256"] = t.clone().into();
+                    }
+                    Some(c)
+                }
+            },
         };
         let token = self.signer.sign(&session).map_err(|e| internal(&e))?;
         Ok((
@@ -652,6 +775,11 @@ impl Broker {
                 .cnf
                 .as_ref()
                 .and_then(|c| c["jkt"].as_str())
+                .map(str::to_owned),
+            x5t: claims
+                .cnf
+                .as_ref()
+                .and_then(|c| c["x5t#S256"].as_str())
                 .map(str::to_owned),
         })
     }
@@ -807,15 +935,20 @@ impl Broker {
     /// Sender constraint of a session (RFC 9449 §7): a DPoP-bound token must
     /// come as `Authorization: DPoP` with a fresh, unreplayed proof by its
     /// key for this method and URL; an unbound one as `Bearer`.
-    pub async fn check_sender(
-        &self,
-        s: &Session,
-        scheme: &str,
-        token: &str,
-        proof: Option<&str>,
-        method: &str,
-        path: &str,
-    ) -> Result<(), String> {
+    pub async fn check_sender(&self, s: &Session, req: &Presented<'_>) -> Result<(), String> {
+        let Presented {
+            scheme,
+            token,
+            proof,
+            cert,
+            method,
+            path,
+        } = *req;
+        if let Some(x5t) = &s.x5t
+            && cert.map(crate::server::tls::thumbprint).as_ref() != Some(x5t)
+        {
+            return Err("this session token is bound to a client certificate: call over mTLS with that certificate".into());
+        }
         let dpop_scheme = scheme.eq_ignore_ascii_case("dpop");
         let Some(jkt) = &s.jkt else {
             return if dpop_scheme {

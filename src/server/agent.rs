@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::auth::{AgentSession, Caller, Operator};
+use super::auth::{AgentSession, Caller, Operator, PeerCert};
 use super::error::ApiJson;
 use super::{ApiError, AppState};
 use crate::audit::Actor;
@@ -17,6 +17,7 @@ use crate::config::Role;
 /// `POST /oauth/token` (form-encoded). Errors follow RFC 6749 §5.2.
 pub async fn token(
     State(b): State<AppState>,
+    PeerCert(cert): PeerCert,
     headers: axum::http::HeaderMap,
     form: Result<axum::Form<TokenRequest>, axum::extract::rejection::FormRejection>,
 ) -> Response {
@@ -28,7 +29,7 @@ pub async fn token(
         )
             .into_response()
     };
-    let req = match form {
+    let mut req = match form {
         Ok(axum::Form(r)) => r,
         Err(e) => {
             let err = OAuthError::new(
@@ -42,6 +43,7 @@ pub async fn token(
             return oauth_error(StatusCode::BAD_REQUEST, err.error, &err.description);
         }
     };
+    req.client_cert = cert;
     let dpop = headers.get("dpop").and_then(|v| v.to_str().ok());
     match b.token(req, dpop).await {
         Ok(resp) => (

@@ -35,18 +35,39 @@ async fn agent_session(parts: &Parts, state: &AppState) -> Result<Session, ApiEr
         .await
         .map_err(ApiError::invalid_token)?;
     let proof = parts.headers.get("dpop").and_then(|v| v.to_str().ok());
+    let cert = client_cert(parts);
+    let presented = crate::broker::Presented {
+        scheme,
+        token,
+        proof,
+        cert: cert.as_deref().map(Vec::as_slice),
+        method: parts.method.as_str(),
+        path: parts.uri.path(),
+    };
     state
-        .check_sender(
-            &s,
-            scheme,
-            token,
-            proof,
-            parts.method.as_str(),
-            parts.uri.path(),
-        )
+        .check_sender(&s, &presented)
         .await
         .map_err(ApiError::invalid_token)?;
     Ok(s)
+}
+
+/// The connection's client certificate, if it came over mTLS with one.
+pub struct PeerCert(pub Option<std::sync::Arc<Vec<u8>>>);
+
+impl<S: Send + Sync> FromRequestParts<S> for PeerCert {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Self(client_cert(parts)))
+    }
+}
+
+/// The client certificate of the connection (mTLS listener only).
+pub fn client_cert(parts: &Parts) -> Option<std::sync::Arc<Vec<u8>>> {
+    parts
+        .extensions
+        .get::<axum::extract::ConnectInfo<super::ClientConn>>()
+        .and_then(|c| c.0.cert.clone())
 }
 
 /// An agent's verified session.

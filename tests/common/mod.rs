@@ -203,6 +203,24 @@ impl TestBroker {
         self.stdout = Some(lines);
     }
 
+    /// The rest of the next stdout line that starts with `prefix`.
+    pub async fn stdout_line(&mut self, prefix: &str) -> String {
+        let lines = self.stdout.as_mut().expect("the server is running");
+        let found = tokio::time::timeout(DEADLINE, async {
+            while let Ok(Some(line)) = lines.next_line().await {
+                if let Some(rest) = line.strip_prefix(prefix) {
+                    return Some(rest.trim().to_owned());
+                }
+            }
+            None
+        })
+        .await;
+        found
+            .ok()
+            .flatten()
+            .unwrap_or_else(|| panic!("the server never printed `{prefix}`"))
+    }
+
     /// Kills the server with SIGKILL (a crash) and waits for it to die.
     pub async fn kill(&mut self) {
         if let Some(mut child) = self.child.take() {

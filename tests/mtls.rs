@@ -1,0 +1,248 @@
+//! mTLS with SPIFFE X.509-SVIDs (RFC 8705 `tls_client_auth`) through the
+//! real server's TLS listener: a client certificate chaining to the trust
+//! bundle, in the trust domain, with one SPIFFE URI SAN, authenticates the
+//! agent bound to that SPIFFE ID, and the session token only works over a
+//! connection with that same certificate.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::{Setup, TRUST_DOMAIN, TestAgent, TestBroker};
+use rcgen::{
+    BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair, SanType, date_time_ymd,
+};
+use serde_json::{Value, json};
+
+struct Ca {
+    issuer: Issuer<'static, KeyPair>,
+    pem: String,
+}
+
+fn ca(name: &str) -> Ca {
+    let key = KeyPair::generate().unwrap();
+    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+    p.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
+    p.distinguished_name.push(DnType::CommonName, name);
+    let cert = p.self_signed(&key).unwrap();
+    Ca {
+        pem: cert.pem(),
+        issuer: Issuer::new(p, key),
+    }
+}
+
+/// A leaf signed by `ca`: (cert PEM, key PEM).
+fn leaf(ca: &Ca, uri: Option<&str>, expired: bool) -> (String, String) {
+    let key = KeyPair::generate().unwrap();
+    let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
+    if let Some(u) = uri {
+        p.subject_alt_names = vec![SanType::URI(u.try_into().unwrap())];
+    }
+    if expired {
+        p.not_before = date_time_ymd(2020, 1, 1);
+        p.not_after = date_time_ymd(2021, 1, 1);
+    }
+    (
+        p.signed_by(&key, &ca.issuer).unwrap().pem(),
+        key.serialize_pem(),
+    )
+}
+
+struct World {
+    b: TestBroker,
+    mtls: String,
+    ca: Ca,
+    dir: std::path::PathBuf,
+}
+
+impl Drop for World {
+    fn drop(&mut self) {
+        if !std::thread::panicking() {
+            let _ = std::fs::remove_dir_all(&self.dir);
+        }
+    }
+}
+
+async fn start() -> World {
+    let ca = ca("keygate mtls test ca");
+    let dir = std::env::temp_dir().join(format!("keygate-mtls-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let server_key = KeyPair::generate().unwrap();
+    let server = CertificateParams::new(vec!["127.0.0.1".to_owned()])
+        .unwrap()
+        .signed_by(&server_key, &ca.issuer)
+        .unwrap();
+    std::fs::write(dir.join("server.pem"), server.pem()).unwrap();
+    std::fs::write(dir.join("server-key.pem"), server_key.serialize_pem()).unwrap();
+    std::fs::write(dir.join("clients.pem"), &ca.pem).unwrap();
+    let mut b = TestBroker::start_with(Setup {
+        extra_config: format!(
+            r#"
+[server.tls]
+listen = "127.0.0.1:0"
+cert_file = "{d}/server.pem"
+key_file = "{d}/server-key.pem"
+client_ca_file = "{d}/clients.pem"
+trust_domain = "{TRUST_DOMAIN}"
+"#,
+            d = dir.display()
+        ),
+        ..Setup::permissive()
+    })
+    .await;
+    let addr = b.stdout_line("keygate mtls listening on ").await;
+    World {
+        b,
+        mtls: format!("https://{addr}"),
+        ca,
+        dir,
+    }
+}
+
+fn client(ca: &Ca, identity: Option<&(String, String)>) -> reqwest::Client {
+    let mut c = reqwest::Client::builder()
+        .add_root_certificate(reqwest::Certificate::from_pem(ca.pem.as_bytes()).unwrap());
+    if let Some((cert, key)) = identity {
+        c = c.identity(reqwest::Identity::from_pem(format!("{cert}{key}").as_bytes()).unwrap());
+    }
+    c.build().unwrap()
+}
+
+async fn register_spiffe(b: &TestBroker, agent: &TestAgent) -> String {
+    let id = format!("spiffe://{TRUST_DOMAIN}/agent/{}", agent.id);
+    let mut spec = agent.spec("platform");
+    spec["jwks"] = json!({ "keys": [] });
+    spec["federated"] = json!({ "issuer": "spiffe", "subject": id });
+    b.admin_post("/v1/agents", &spec).await.expect(201);
+    id
+}
+
+async fn token(
+    c: &reqwest::Client,
+    w: &World,
+    client_id: &str,
+) -> Result<(u16, Value), reqwest::Error> {
+    let r = c
+        .post(format!("{}/oauth/token", w.mtls))
+        .form(&[
+            ("grant_type", "client_credentials"),
+            ("client_id", client_id),
+        ])
+        .send()
+        .await?;
+    Ok((r.status().as_u16(), r.json().await.unwrap_or_default()))
+}
+
+#[tokio::test]
+async fn an_x509_svid_authenticates_its_agent_and_binds_the_token() {
+    let w = start().await;
+    let agent = TestAgent::new("svid", "ES256");
+    let id = register_spiffe(&w.b, &agent).await;
+    let good = leaf(&w.ca, Some(&id), false);
+    let c = client(&w.ca, Some(&good));
+    let (status, v) = token(&c, &w, &agent.id).await.unwrap();
+    assert_eq!(status, 200, "{v}");
+    let t = v["access_token"].as_str().unwrap().to_owned();
+    let opened = w.b.audit("action=task.opened").await;
+    assert_eq!(
+        opened.last().unwrap()["details"]["method"],
+        "tls_client_auth"
+    );
+
+    // Over the same certificate: accepted, credentials flow.
+    let r = c
+        .get(format!("{}/v1/session", w.mtls))
+        .bearer_auth(&t)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    let r = c
+        .post(format!("{}/v1/credentials", w.mtls))
+        .bearer_auth(&t)
+        .json(&json!({ "scope": "x509-svid", "ttl": 300 }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 201);
+
+    // The token elsewhere: without a certificate, or with another one.
+    let r = w.b.get("/v1/session", Some(&t)).await;
+    assert_eq!(r.status, 401, "{}", r.text);
+    assert!(
+        r.text.contains("bound to a client certificate"),
+        "{}",
+        r.text
+    );
+    let other_agent = TestAgent::new("other", "ES256");
+    let other_id = register_spiffe(&w.b, &other_agent).await;
+    let other = client(&w.ca, Some(&leaf(&w.ca, Some(&other_id), false)));
+    let r = other
+        .get(format!("{}/v1/session", w.mtls))
+        .bearer_auth(&t)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+
+    // A certificate for one agent cannot open another's task.
+    let (status, v) = token(&c, &w, &other_agent.id).await.unwrap();
+    assert_eq!(status, 401, "{v}");
+}
+
+#[tokio::test]
+async fn wrong_trust_domain_no_san_expired_and_untrusted_certificates_fail() {
+    let w = start().await;
+    let agent = TestAgent::new("svid", "ES256");
+    register_spiffe(&w.b, &agent).await;
+
+    let foreign = leaf(
+        &w.ca,
+        Some(&format!("spiffe://other.test/agent/{}", agent.id)),
+        false,
+    );
+    let (status, v) = token(&client(&w.ca, Some(&foreign)), &w, &agent.id)
+        .await
+        .unwrap();
+    assert_eq!(status, 401, "{v}");
+    assert!(
+        v["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("trust domain"),
+        "{v}"
+    );
+
+    let bare = leaf(&w.ca, None, false);
+    let (status, v) = token(&client(&w.ca, Some(&bare)), &w, &agent.id)
+        .await
+        .unwrap();
+    assert_eq!(status, 401, "{v}");
+    assert!(
+        v["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("spiffe://"),
+        "{v}"
+    );
+
+    // The TLS layer refuses these before any request is read.
+    let id = format!("spiffe://{TRUST_DOMAIN}/agent/{}", agent.id);
+    let expired = leaf(&w.ca, Some(&id), true);
+    assert!(
+        token(&client(&w.ca, Some(&expired)), &w, &agent.id)
+            .await
+            .is_err()
+    );
+    let rogue_ca = ca("rogue");
+    let rogue = leaf(&rogue_ca, Some(&id), false);
+    assert!(
+        token(&client(&w.ca, Some(&rogue)), &w, &agent.id)
+            .await
+            .is_err()
+    );
+
+    // Without a certificate the mTLS listener still serves the other methods.
+    let (status, v) = token(&client(&w.ca, None), &w, &agent.id).await.unwrap();
+    assert_eq!(status, 401, "{v}");
+    assert_eq!(v["error"], "invalid_client");
+}
