@@ -251,22 +251,36 @@ impl Broker {
             .as_deref()
             .filter(|s| !s.is_empty())
             .ok_or_else(|| OAuthError::new("invalid_client", "`client_assertion` is required"))?;
-        let ttl = self.session_ttl(req.ttl.as_deref())?;
+        self.session_ttl(req.ttl.as_deref())?;
         let (agent, claims) = self.authenticate(client_id, assertion).await?;
-        let mut task = root_task(&agent, req.task.clone().unwrap_or_default(), ttl);
-        task.on_behalf_of = self.user_context(&agent, &req).await?;
-        let details = serde_json::json!({
-            "method": "private_key_jwt",
-            "description": task.description,
-            "expires_at": unix(task.expires_at),
-        });
-        self.open_task(
-            &agent,
-            &claims,
+        let method = serde_json::json!({ "method": "private_key_jwt" });
+        self.open_own_task(&agent, &claims, &req, method, None)
+            .await
+    }
+
+    /// Opens a task the agent starts for itself (not delegated), for the
+    /// user the request names if any; `method` says how it authenticated.
+    async fn open_own_task(
+        &self,
+        agent: &Agent,
+        claims: &AssertionClaims,
+        req: &TokenRequest,
+        mut details: serde_json::Value,
+        x5t: Option<String>,
+    ) -> Result<(TokenResponse, String), OAuthError> {
+        let ttl = self.session_ttl(req.ttl.as_deref())?;
+        let mut task = root_task(agent, req.task.clone().unwrap_or_default(), ttl);
+        task.on_behalf_of = self.user_context(agent, req).await?;
+        details["description"] = task.description.clone().into();
+        details["expires_at"] = unix(task.expires_at).into();
+        self.open_task_bound(
+            agent,
+            claims,
             task,
             "task.opened",
             details,
             req.dpop.as_ref(),
+            x5t,
         )
         .await
     }
@@ -312,27 +326,18 @@ impl Broker {
                 format!("agent is {}", agent.status),
             ));
         }
-        let ttl = self.session_ttl(req.ttl.as_deref())?;
-        let mut task = root_task(&agent, req.task.clone().unwrap_or_default(), ttl);
-        task.on_behalf_of = self.user_context(&agent, &req).await?;
-        let details = serde_json::json!({
-            "method": "tls_client_auth",
-            "spiffe_id": id,
-            "description": task.description,
-            "expires_at": unix(task.expires_at),
-        });
+        // No assertion to replay: each TLS handshake proves possession anew.
         let claims = AssertionClaims {
-            exp: unix(task.expires_at),
+            exp: unix(now() + time::Duration::minutes(5)),
             iat: None,
             jti: Some(new_id("mtls")),
         };
-        self.open_task_bound(
+        let method = serde_json::json!({ "method": "tls_client_auth", "spiffe_id": id });
+        self.open_own_task(
             &agent,
             &claims,
-            task,
-            "task.opened",
-            details,
-            req.dpop.as_ref(),
+            &req,
+            method,
             Some(crate::server::tls::thumbprint(cert)),
         )
         .await
@@ -346,7 +351,7 @@ impl Broker {
             .as_deref()
             .filter(|s| !s.is_empty())
             .ok_or_else(|| OAuthError::new("invalid_request", "`assertion` is required"))?;
-        let ttl = self.session_ttl(req.ttl.as_deref())?;
+        self.session_ttl(req.ttl.as_deref())?;
         let fed = self
             .federation
             .verify(token)
@@ -389,14 +394,8 @@ impl Broker {
                 format!("agent is {}", agent.status),
             ));
         }
-        let mut task = root_task(&agent, req.task.clone().unwrap_or_default(), ttl);
-        task.on_behalf_of = self.user_context(&agent, &req).await?;
-        let details = serde_json::json!({
-            "method": "jwt_bearer",
-            "issuer": fed.issuer,
-            "subject": fed.subject,
-            "description": task.description,
-            "expires_at": unix(task.expires_at),
+        let method = serde_json::json!({
+            "method": "jwt_bearer", "issuer": fed.issuer, "subject": fed.subject,
         });
         // A token without `jti` cannot be checked for replay; its issuer's
         // short lifetimes bound it instead.
@@ -405,15 +404,8 @@ impl Broker {
             iat: None,
             jti: Some(fed.jti.unwrap_or_else(|| new_id("nojti"))),
         };
-        self.open_task(
-            &agent,
-            &claims,
-            task,
-            "task.opened",
-            details,
-            req.dpop.as_ref(),
-        )
-        .await
+        self.open_own_task(&agent, &claims, &req, method, None)
+            .await
     }
 
     /// The user a new task acts for: a verified `user_token` from a users'
