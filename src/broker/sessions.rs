@@ -35,6 +35,18 @@ pub const TOKEN_TYPE_ACCESS: &str = "urn:ietf:params:oauth:token-type:access_tok
 /// RFC 8693 token type of a JWT (the sub-agent's client assertion).
 pub const TOKEN_TYPE_JWT: &str = "urn:ietf:params:oauth:token-type:jwt";
 
+/// Only active agents open tasks (not pending, suspended or decommissioned).
+fn ensure_active(agent: &Agent) -> Result<(), OAuthError> {
+    if agent.status == AgentStatus::Active {
+        Ok(())
+    } else {
+        Err(OAuthError::new(
+            "invalid_client",
+            format!("agent is {}", agent.status),
+        ))
+    }
+}
+
 /// A task an agent opens for itself (not delegated).
 fn root_task(agent: &Agent, description: String, ttl: time::Duration) -> Task {
     let t = now();
@@ -217,12 +229,7 @@ impl Broker {
         let claims =
             verify_client_assertion(assertion, &agent.id, &agent.jwks, &audiences, unix(now()))
                 .map_err(|e| OAuthError::new("invalid_client", e.to_string()))?;
-        if agent.status != AgentStatus::Active {
-            return Err(OAuthError::new(
-                "invalid_client",
-                format!("agent is {}", agent.status),
-            ));
-        }
+        ensure_active(&agent)?;
         Ok((agent, claims))
     }
 
@@ -320,12 +327,7 @@ impl Broker {
                 format!("SPIFFE ID `{id}` belongs to another agent than `client_id`"),
             ));
         }
-        if agent.status != AgentStatus::Active {
-            return Err(OAuthError::new(
-                "invalid_client",
-                format!("agent is {}", agent.status),
-            ));
-        }
+        ensure_active(&agent)?;
         // No assertion to replay: each TLS handshake proves possession anew.
         let claims = AssertionClaims {
             exp: unix(now() + time::Duration::minutes(5)),
@@ -388,12 +390,7 @@ impl Broker {
                 "`client_id` is not the agent bound to this subject",
             ));
         }
-        if agent.status != AgentStatus::Active {
-            return Err(OAuthError::new(
-                "invalid_client",
-                format!("agent is {}", agent.status),
-            ));
-        }
+        ensure_active(&agent)?;
         let method = serde_json::json!({
             "method": "jwt_bearer", "issuer": fed.issuer, "subject": fed.subject,
         });
