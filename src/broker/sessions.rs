@@ -93,7 +93,6 @@ pub struct TokenRequest {
     /// Token exchange: the sub-agent's own client assertion.
     pub actor_token: Option<String>,
     pub actor_token_type: Option<String>,
-    pub requested_token_type: Option<String>,
     /// JWT bearer grant: the token from a trusted issuer.
     pub assertion: Option<String>,
     /// The user the task acts for: their ID token from a users' issuer…
@@ -107,8 +106,6 @@ pub struct TokenRequest {
     /// the trust bundle by the TLS layer.
     #[serde(skip)]
     pub client_cert: Option<std::sync::Arc<Vec<u8>>>,
-    pub audience: Option<String>,
-    pub resource: Option<String>,
 }
 
 /// A successful token response (RFC 6749 §5.1 plus `task_id`).

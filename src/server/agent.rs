@@ -166,8 +166,7 @@ pub async fn complete(
 #[derive(Debug, Deserialize)]
 pub struct TokenForm {
     token: Option<String>,
-    #[allow(dead_code)] // accepted as RFC 7662/7009 allow; Keygate has one token type
-    token_type_hint: Option<String>,
+    // `token_type_hint` is accepted and ignored: Keygate has one token type.
 }
 
 fn token_field(

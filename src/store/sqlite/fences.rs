@@ -4,8 +4,8 @@ use sqlx::sqlite::SqliteRow;
 use sqlx::{QueryBuilder, Row, Sqlite, SqliteExecutor};
 use time::OffsetDateTime;
 
-use super::rows::json_col;
-use crate::model::{FenceFilter, FenceRecord, from_unix, unix};
+use super::rows::{json_col, opt_time_col, time_col};
+use crate::model::{FenceFilter, FenceRecord, unix};
 use crate::store::{StoreError, StoreResult};
 
 fn fence_from_row(r: &SqliteRow) -> StoreResult<FenceRecord> {
@@ -18,8 +18,8 @@ fn fence_from_row(r: &SqliteRow) -> StoreResult<FenceRecord> {
         agent: r.try_get("agent")?,
         description: r.try_get("description")?,
         handle: json_col(r, "handle")?,
-        created_at: from_unix(r.try_get("created_at")?),
-        lifted_at: r.try_get::<Option<i64>, _>("lifted_at")?.map(from_unix),
+        created_at: time_col(r, "created_at")?,
+        lifted_at: opt_time_col(r, "lifted_at")?,
         lifted_by: r.try_get("lifted_by")?,
         lift_reason: r.try_get("lift_reason")?,
     })
