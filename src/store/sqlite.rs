@@ -3,10 +3,12 @@
 //!
 //! Writes go through a single connection, so transactions serialise in the
 //! process instead of fighting over SQLite's lock, and the audit chain's head
-//! is read and extended inside the same transaction. Reads use a pool.
+//! is read and extended inside the same transaction. Transactions that
+//! commit together share one fsync (`group.rs`). Reads use a pool.
 
 mod approvals;
 mod fences;
+mod group;
 mod rows;
 
 use std::str::FromStr;
@@ -17,7 +19,7 @@ use sqlx::sqlite::{
     SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
     SqliteSynchronous,
 };
-use sqlx::{QueryBuilder, Row, Sqlite, Transaction};
+use sqlx::{ConnectOptions, QueryBuilder, Row, Sqlite};
 use time::OffsetDateTime;
 
 use super::{
@@ -44,7 +46,7 @@ impl From<sqlx::Error> for StoreError {
 
 /// SQLite-backed [`Store`].
 pub struct SqliteStore {
-    write: SqlitePool,
+    write: group::Writer,
     read: SqlitePool,
 }
 
@@ -66,14 +68,12 @@ impl SqliteStore {
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
             .busy_timeout(Duration::from_secs(10));
-        let write = SqlitePoolOptions::new()
-            .max_connections(1)
-            .connect_with(opts.clone())
-            .await?;
+        let mut conn = opts.connect().await?;
         sqlx::migrate!("./migrations/sqlite")
-            .run(&write)
+            .run(&mut conn)
             .await
             .map_err(|e| StoreError::Database(format!("migration failed: {e}")))?;
+        let write = group::Writer::start(conn);
         let read = SqlitePoolOptions::new()
             .max_connections(8)
             .connect_with(opts.read_only(true))
@@ -294,7 +294,7 @@ impl Store for SqliteStore {
 }
 
 struct SqliteTx {
-    tx: Transaction<'static, Sqlite>,
+    tx: group::WriteTx,
 }
 
 /// `SELECT` part matching live leases of an emergency selector.
@@ -320,13 +320,12 @@ fn push_selector(q: &mut QueryBuilder<Sqlite>, sel: &Selector, agent_col: &str) 
 #[async_trait]
 impl StoreTx for SqliteTx {
     async fn commit(self: Box<Self>) -> StoreResult<()> {
-        self.tx.commit().await?;
-        Ok(())
+        self.tx.commit().await
     }
 
     async fn audit(&mut self, mut ev: AuditEvent) -> StoreResult<()> {
         let head = sqlx::query("SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1")
-            .fetch_optional(&mut *self.tx)
+            .fetch_optional(&mut self.tx.state.conn)
             .await?;
         let (seq, hash) = match head {
             Some(r) => (r.try_get::<i64, _>("seq")?, r.try_get::<String, _>("hash")?),
@@ -340,7 +339,7 @@ impl StoreTx for SqliteTx {
                 "SELECT json_extract(on_behalf_of, '$.id') FROM tasks WHERE id = ?",
             )
             .bind(task)
-            .fetch_optional(&mut *self.tx)
+            .fetch_optional(&mut self.tx.state.conn)
             .await?
             .flatten();
         }
@@ -367,7 +366,7 @@ impl StoreTx for SqliteTx {
         .bind(&ev.prev_hash)
         .bind(&ev.hash)
         .bind(&ev.on_behalf_of)
-        .execute(&mut *self.tx)
+        .execute(&mut self.tx.state.conn)
         .await?;
         Ok(())
     }
@@ -397,7 +396,7 @@ impl StoreTx for SqliteTx {
         .bind(a.federated.as_ref().map(|f| f.issuer.clone()))
         .bind(a.federated.as_ref().map(|f| f.subject.clone()))
         .bind(a.may_assert_users)
-        .execute(&mut *self.tx)
+        .execute(&mut self.tx.state.conn)
         .await
         .map_err(|e| match StoreError::from(e) {
             StoreError::Conflict(m) if m.contains("federated") => StoreError::Conflict(format!(
@@ -420,7 +419,7 @@ impl StoreTx for SqliteTx {
             .bind(status.as_str())
             .bind(unix(now))
             .bind(id)
-            .execute(&mut *self.tx)
+            .execute(&mut self.tx.state.conn)
             .await?;
         Ok(())
     }
@@ -429,7 +428,7 @@ impl StoreTx for SqliteTx {
         sqlx::query("UPDATE agents SET last_used_at = ? WHERE id = ?")
             .bind(unix(now))
             .bind(id)
-            .execute(&mut *self.tx)
+            .execute(&mut self.tx.state.conn)
             .await?;
         Ok(())
     }
@@ -455,7 +454,7 @@ impl StoreTx for SqliteTx {
         .bind(a.federated.as_ref().map(|f| f.subject.clone()))
         .bind(a.may_assert_users)
         .bind(&a.id)
-        .execute(&mut *self.tx)
+        .execute(&mut self.tx.state.conn)
         .await?;
         Ok(())
     }
@@ -473,7 +472,7 @@ impl StoreTx for SqliteTx {
         .bind(agent_id)
         .bind(jti)
         .bind(unix(expires_at))
-        .execute(&mut *self.tx)
+        .execute(&mut self.tx.state.conn)
         .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -481,7 +480,7 @@ impl StoreTx for SqliteTx {
     async fn prune_jtis(&mut self, now: OffsetDateTime) -> StoreResult<u64> {
         let done = sqlx::query("DELETE FROM assertion_jtis WHERE expires_at < ?")
             .bind(unix(now) - 60)
-            .execute(&mut *self.tx)
+            .execute(&mut self.tx.state.conn)
             .await?;
         Ok(done.rows_affected())
     }
@@ -516,7 +515,7 @@ impl StoreTx for SqliteTx {
                 .transpose()
                 .map_err(corrupt)?,
         )
-        .execute(&mut *self.tx)
+        .execute(&mut self.tx.state.conn)
         .await?;
         Ok(())
     }
@@ -550,7 +549,7 @@ impl StoreTx for SqliteTx {
             TaskSelector::Emergency(s) => push_selector(&mut q, s, "agent_id"),
         }
         q.push(" RETURNING id");
-        let rows = q.build().fetch_all(&mut *self.tx).await?;
+        let rows = q.build().fetch_all(&mut self.tx.state.conn).await?;
         let mut ended: Vec<String> = rows
             .iter()
             .map(|r| r.try_get::<String, _>("id"))
@@ -564,7 +563,7 @@ impl StoreTx for SqliteTx {
                  (SELECT id FROM tasks WHERE state != 'open') RETURNING id",
             )
             .bind(unix(now))
-            .fetch_all(&mut *self.tx)
+            .fetch_all(&mut self.tx.state.conn)
             .await?
             .iter()
             .map(|r| r.try_get::<String, _>("id"))
@@ -579,7 +578,7 @@ impl StoreTx for SqliteTx {
             )
             .bind(unix(now))
             .bind(serde_json::to_string(&children).map_err(corrupt)?)
-            .execute(&mut *self.tx)
+            .execute(&mut self.tx.state.conn)
             .await?;
             ended.extend(children);
         }
@@ -601,7 +600,7 @@ impl StoreTx for SqliteTx {
         .bind(unix(l.created_at))
         .bind(unix(l.expires_at))
         .bind(&l.task_id)
-        .execute(&mut *self.tx)
+        .execute(&mut self.tx.state.conn)
         .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -622,7 +621,7 @@ impl StoreTx for SqliteTx {
         .bind(revocability.as_str())
         .bind(unix(expires_at))
         .bind(id)
-        .fetch_optional(&mut *self.tx)
+        .fetch_optional(&mut self.tx.state.conn)
         .await?;
         row.map(|r| rows::parse_col::<LeaseState>(&r, "state"))
             .transpose()
@@ -633,7 +632,7 @@ impl StoreTx for SqliteTx {
             sqlx::query("UPDATE leases SET expires_at = ? WHERE id = ? AND state = 'active'")
                 .bind(unix(expires_at))
                 .bind(id)
-                .execute(&mut *self.tx)
+                .execute(&mut self.tx.state.conn)
                 .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -646,7 +645,7 @@ impl StoreTx for SqliteTx {
         .bind(error)
         .bind(unix(now))
         .bind(id)
-        .execute(&mut *self.tx)
+        .execute(&mut self.tx.state.conn)
         .await?;
         Ok(())
     }
@@ -678,7 +677,7 @@ impl StoreTx for SqliteTx {
             LeaseSelector::Emergency(s) => push_selector(&mut q, s, "agent_id"),
         }
         q.push(" RETURNING id");
-        let rows = q.build().fetch_all(&mut *self.tx).await?;
+        let rows = q.build().fetch_all(&mut self.tx.state.conn).await?;
         let mut ids: Vec<String> = rows
             .iter()
             .map(|r| r.try_get::<String, _>("id"))
@@ -692,7 +691,7 @@ impl StoreTx for SqliteTx {
                 .push_bind(rid.to_owned());
             push_selector(&mut q2, s, "agent_id");
             q2.push(" RETURNING id");
-            for r in q2.build().fetch_all(&mut *self.tx).await? {
+            for r in q2.build().fetch_all(&mut self.tx.state.conn).await? {
                 ids.push(r.try_get::<String, _>("id")?);
             }
         }
@@ -712,7 +711,7 @@ impl StoreTx for SqliteTx {
         .bind(state.as_str())
         .bind(unix(now))
         .bind(id)
-        .execute(&mut *self.tx)
+        .execute(&mut self.tx.state.conn)
         .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -730,7 +729,7 @@ impl StoreTx for SqliteTx {
         .bind(error)
         .bind(unix(next_attempt_at))
         .bind(id)
-        .execute(&mut *self.tx)
+        .execute(&mut self.tx.state.conn)
         .await?;
         Ok(())
     }
@@ -743,7 +742,7 @@ impl StoreTx for SqliteTx {
         )
         .bind(unix(now))
         .bind(unix(now))
-        .fetch_all(&mut *self.tx)
+        .fetch_all(&mut self.tx.state.conn)
         .await?;
         rows.iter().map(lease_from_row).collect()
     }
@@ -760,7 +759,7 @@ impl StoreTx for SqliteTx {
         )
         .bind(unix(now))
         .bind(unix(before))
-        .fetch_all(&mut *self.tx)
+        .fetch_all(&mut self.tx.state.conn)
         .await?;
         rows.iter()
             .map(|r| r.try_get::<String, _>("id").map_err(StoreError::from))
@@ -771,7 +770,7 @@ impl StoreTx for SqliteTx {
         let rows =
             sqlx::query("SELECT id FROM tasks WHERE state = 'open' AND expires_at <= ? LIMIT 1000")
                 .bind(unix(now))
-                .fetch_all(&mut *self.tx)
+                .fetch_all(&mut self.tx.state.conn)
                 .await?;
         rows.iter()
             .map(|r| r.try_get::<String, _>("id").map_err(StoreError::from))
@@ -789,21 +788,21 @@ impl StoreTx for SqliteTx {
         .bind(&r.operator)
         .bind(unix(r.created_at))
         .bind(r.tasks_ended as i64)
-        .execute(&mut *self.tx)
+        .execute(&mut self.tx.state.conn)
         .await?;
         Ok(())
     }
 
     async fn insert_approval(&mut self, a: &Approval) -> StoreResult<()> {
-        approvals::insert(&mut *self.tx, a).await
+        approvals::insert(&mut self.tx.state.conn, a).await
     }
 
     async fn approval(&mut self, id: &str) -> StoreResult<Option<Approval>> {
-        approvals::get(&mut self.tx, id).await
+        approvals::get(&mut self.tx.state.conn, id).await
     }
 
     async fn add_decision(&mut self, id: &str, d: &ApprovalDecision) -> StoreResult<bool> {
-        approvals::add_decision(&mut *self.tx, id, d).await
+        approvals::add_decision(&mut self.tx.state.conn, id, d).await
     }
 
     async fn finish_approval(
@@ -813,7 +812,7 @@ impl StoreTx for SqliteTx {
         reason: &str,
         now: OffsetDateTime,
     ) -> StoreResult<bool> {
-        approvals::finish(&mut *self.tx, id, state, reason, now).await
+        approvals::finish(&mut self.tx.state.conn, id, state, reason, now).await
     }
 
     async fn redeem_approval(
@@ -822,21 +821,21 @@ impl StoreTx for SqliteTx {
         lease_id: &str,
         now: OffsetDateTime,
     ) -> StoreResult<bool> {
-        approvals::redeem(&mut *self.tx, id, lease_id, now).await
+        approvals::redeem(&mut self.tx.state.conn, id, lease_id, now).await
     }
 
     async fn release_redemption(&mut self, id: &str) -> StoreResult<bool> {
-        approvals::release_redemption(&mut *self.tx, id).await
+        approvals::release_redemption(&mut self.tx.state.conn, id).await
     }
 
     async fn close_stale_approvals(&mut self, now: OffsetDateTime) -> StoreResult<Vec<Approval>> {
-        let closed = approvals::close_stale(&mut self.tx, now).await?;
-        approvals::prune_replays(&mut *self.tx, now).await?;
+        let closed = approvals::close_stale(&mut self.tx.state.conn, now).await?;
+        approvals::prune_replays(&mut self.tx.state.conn, now).await?;
         Ok(closed)
     }
 
     async fn insert_notification(&mut self, n: &Notification) -> StoreResult<()> {
-        approvals::insert_notification(&mut *self.tx, n).await
+        approvals::insert_notification(&mut self.tx.state.conn, n).await
     }
 
     async fn notification_attempted(
@@ -845,7 +844,7 @@ impl StoreTx for SqliteTx {
         outcome: &Delivery,
         now: OffsetDateTime,
     ) -> StoreResult<()> {
-        approvals::notification_attempted(&mut *self.tx, id, outcome, now).await
+        approvals::notification_attempted(&mut self.tx.state.conn, id, outcome, now).await
     }
 
     async fn record_replay(
@@ -853,11 +852,11 @@ impl StoreTx for SqliteTx {
         digest: &str,
         expires_at: OffsetDateTime,
     ) -> StoreResult<bool> {
-        approvals::record_replay(&mut *self.tx, digest, expires_at).await
+        approvals::record_replay(&mut self.tx.state.conn, digest, expires_at).await
     }
 
     async fn insert_fence(&mut self, f: &FenceRecord) -> StoreResult<()> {
-        fences::insert(&mut *self.tx, f).await
+        fences::insert(&mut self.tx.state.conn, f).await
     }
 
     async fn lift_fence(
@@ -867,7 +866,7 @@ impl StoreTx for SqliteTx {
         reason: &str,
         now: OffsetDateTime,
     ) -> StoreResult<bool> {
-        fences::lift(&mut *self.tx, id, by, reason, now).await
+        fences::lift(&mut self.tx.state.conn, id, by, reason, now).await
     }
 }
 

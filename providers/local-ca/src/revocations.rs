@@ -2,11 +2,12 @@
 //! in-memory index.
 //!
 //! Each revoke appends one line and fsyncs before reporting success, so a
-//! revocation the broker was told about survives a crash. On open the file
+//! revocation the broker was told about survives a crash; revokes that
+//! arrive together share one write and one fsync. On open the file
 //! is compacted: entries more than a day past their expiry are dropped (the
 //! credential is dead anyway) and torn lines from a crash are discarded.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::fs;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
@@ -15,6 +16,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use keygate_provider_api::ProviderError;
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
+use tokio::sync::watch;
 
 use crate::keys;
 
@@ -48,6 +50,43 @@ pub(crate) struct Entry {
 struct Index {
     serials: HashMap<String, Entry>,
     jtis: HashMap<String, Entry>,
+    /// Revokes waiting for the next write; not listed until it is durable.
+    pending: Batch,
+    /// The batch being written and fsynced.
+    writing: Batch,
+}
+
+/// Records waiting to be written together, and how their write ended.
+struct Batch {
+    lines: Vec<u8>,
+    records: Vec<Record>,
+    serials: HashSet<String>,
+    jtis: HashSet<String>,
+    done: watch::Sender<Option<Result<(), String>>>,
+}
+
+impl Default for Batch {
+    fn default() -> Self {
+        Self {
+            lines: Vec::new(),
+            records: Vec::new(),
+            serials: HashSet::new(),
+            jtis: HashSet::new(),
+            done: watch::channel(None).0,
+        }
+    }
+}
+
+impl Batch {
+    fn push(&mut self, record: Record) -> Result<(), ProviderError> {
+        serde_json::to_writer(&mut self.lines, &record)
+            .map_err(|e| ProviderError::Internal(e.to_string()))?;
+        self.lines.push(b'\n');
+        self.serials.extend(record.serial.clone());
+        self.jtis.extend(record.jti.clone());
+        self.records.push(record);
+        Ok(())
+    }
 }
 
 struct Log {
@@ -67,10 +106,10 @@ pub(crate) struct Unexpired {
 /// Revoked X.509 serials (hex) and JWT ids.
 pub(crate) struct RevocationList {
     path: PathBuf,
-    /// Held across append and fsync: serialises writers, so "was it new?"
-    /// and "is it durable?" are answered for one revoke at a time.
+    /// Held across append and fsync: one batch is written at a time.
     log: tokio::sync::Mutex<Log>,
-    /// Held only briefly, so `verify` never waits for an fsync.
+    /// Held only briefly, so `verify` never waits for an fsync. "Was it
+    /// new?" is answered here, against the list and the pending batch.
     index: Mutex<Index>,
 }
 
@@ -104,6 +143,11 @@ impl RevocationList {
 
     /// Adds whichever of `serial` and `jti` are not listed yet and makes
     /// them durable. Returns whether anything was added.
+    ///
+    /// Group commit: records join a pending batch; whoever takes the file
+    /// next writes the whole batch with one fsync, and every revoke in it
+    /// returns once that fsync is done (so a mass revocation pays one fsync
+    /// per batch, not per credential).
     pub(crate) async fn revoke(
         &self,
         serial: Option<String>,
@@ -111,52 +155,101 @@ impl RevocationList {
         expires_at: i64,
         now: OffsetDateTime,
     ) -> Result<bool, ProviderError> {
+        let (mut done, added) = {
+            let mut index = self.index();
+            let Index {
+                serials,
+                jtis,
+                pending,
+                writing,
+            } = &mut *index;
+            let listed = |b: &Batch| {
+                serial.as_ref().is_some_and(|s| b.serials.contains(s))
+                    || jti.as_ref().is_some_and(|j| b.jtis.contains(j))
+            };
+            let (in_pending, in_writing) = (listed(pending), listed(writing));
+            let new = |k: &String,
+                       done: &HashMap<String, Entry>,
+                       p: &HashSet<String>,
+                       w: &HashSet<String>| {
+                !done.contains_key(k) && !p.contains(k) && !w.contains(k)
+            };
+            let serial = serial.filter(|s| new(s, serials, &pending.serials, &writing.serials));
+            let jti = jti.filter(|j| new(j, jtis, &pending.jtis, &writing.jtis));
+            if serial.is_some() || jti.is_some() {
+                pending.push(Record {
+                    serial,
+                    jti,
+                    expires_at,
+                    revoked_at: now.unix_timestamp(),
+                })?;
+                (pending.done.subscribe(), true)
+            } else if in_pending {
+                // Listed by a revoke still in flight: answer once durable.
+                (pending.done.subscribe(), false)
+            } else if in_writing {
+                (writing.done.subscribe(), false)
+            } else {
+                return Ok(false);
+            }
+        };
         let mut log = self.log.lock().await;
-        let (serial, jti) = {
-            let index = self.index();
-            (
-                serial.filter(|s| !index.serials.contains_key(s)),
-                jti.filter(|j| !index.jtis.contains_key(j)),
-            )
-        };
-        if serial.is_none() && jti.is_none() {
-            return Ok(false);
+        if done.borrow_and_update().is_none() {
+            // Nobody has written this batch yet: write it (with whatever
+            // joined it meanwhile). While it is written it stays listed as
+            // in flight, so a repeat revoke neither adds it again nor
+            // returns before it is durable.
+            let lines = {
+                let mut index = self.index();
+                index.writing = std::mem::take(&mut index.pending);
+                index.writing.lines.clone()
+            };
+            let result = self.write(&mut log, lines).await;
+            let mut index = self.index();
+            let batch = std::mem::take(&mut index.writing);
+            if result.is_ok() {
+                for r in batch.records {
+                    let entry = Entry {
+                        expires_at: r.expires_at,
+                        revoked_at: r.revoked_at,
+                    };
+                    if let Some(s) = r.serial {
+                        index.serials.insert(s, entry);
+                    }
+                    if let Some(j) = r.jti {
+                        index.jtis.insert(j, entry);
+                    }
+                }
+            }
+            batch.done.send_replace(Some(result));
         }
-        let entry = Entry {
-            expires_at,
-            revoked_at: now.unix_timestamp(),
-        };
-        let record = Record {
-            serial,
-            jti,
-            expires_at,
-            revoked_at: entry.revoked_at,
-        };
-        let mut line = if log.torn { b"\n".to_vec() } else { Vec::new() };
-        serde_json::to_writer(&mut line, &record)
-            .map_err(|e| ProviderError::Internal(e.to_string()))?;
-        line.push(b'\n');
+        drop(log);
+        let outcome = done.borrow().clone();
+        match outcome {
+            Some(Ok(())) => Ok(added),
+            Some(Err(e)) => Err(ProviderError::Unavailable(e)),
+            None => Err(ProviderError::Internal(
+                "revocation batch ended without an outcome".into(),
+            )),
+        }
+    }
+
+    /// Appends a batch's lines and fsyncs them; the error is for the agent.
+    async fn write(&self, log: &mut Log, batch: Vec<u8>) -> Result<(), String> {
+        let mut lines = if log.torn { b"\n".to_vec() } else { Vec::new() };
+        lines.extend_from_slice(&batch);
         log.torn = true;
         let file = Arc::clone(&log.file);
-        let written = tokio::task::spawn_blocking(move || {
-            (&*file).write_all(&line)?;
+        tokio::task::spawn_blocking(move || {
+            (&*file).write_all(&lines)?;
             file.sync_data()
         })
         .await
         .map_err(std::io::Error::other)
-        .and_then(|r| r);
-        written.map_err(|e| {
-            ProviderError::Unavailable(format!("cannot append to `{}`: {e}", self.path.display()))
-        })?;
+        .and_then(|r| r)
+        .map_err(|e| format!("cannot append to `{}`: {e}", self.path.display()))?;
         log.torn = false;
-        let mut index = self.index();
-        if let Some(s) = record.serial {
-            index.serials.insert(s, entry);
-        }
-        if let Some(j) = record.jti {
-            index.jtis.insert(j, entry);
-        }
-        Ok(true)
+        Ok(())
     }
 
     pub(crate) fn is_serial_revoked(&self, serial_hex: &str) -> bool {
