@@ -324,27 +324,42 @@ impl StoreTx for SqliteTx {
     }
 
     async fn audit(&mut self, mut ev: AuditEvent) -> StoreResult<()> {
-        let head = sqlx::query("SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1")
-            .fetch_optional(&mut self.tx.state.conn)
-            .await?;
-        let (seq, hash) = match head {
-            Some(r) => (r.try_get::<i64, _>("seq")?, r.try_get::<String, _>("hash")?),
-            None => (0, GENESIS_HASH.to_owned()),
+        let st = &mut *self.tx.state;
+        let (seq, hash) = match st.head.clone() {
+            Some(head) => head,
+            None => {
+                let head =
+                    sqlx::query("SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1")
+                        .fetch_optional(&mut st.conn)
+                        .await?;
+                match head {
+                    Some(r) => (r.try_get::<i64, _>("seq")?, r.try_get::<String, _>("hash")?),
+                    None => (0, GENESIS_HASH.to_owned()),
+                }
+            }
         };
         // Every event of a task that acts for a user names the user.
         if ev.on_behalf_of.is_none()
             && let Some(task) = &ev.task
         {
-            ev.on_behalf_of = sqlx::query_scalar(
-                "SELECT json_extract(on_behalf_of, '$.id') FROM tasks WHERE id = ?",
-            )
-            .bind(task)
-            .fetch_optional(&mut self.tx.state.conn)
-            .await?
-            .flatten();
+            ev.on_behalf_of = match st.users.get(task) {
+                Some(user) => user.clone(),
+                None => {
+                    let row: Option<Option<String>> = sqlx::query_scalar(
+                        "SELECT json_extract(on_behalf_of, '$.id') FROM tasks WHERE id = ?",
+                    )
+                    .bind(task)
+                    .fetch_optional(&mut st.conn)
+                    .await?;
+                    if let Some(user) = &row {
+                        st.remember_user(task, user.clone());
+                    }
+                    row.flatten()
+                }
+            };
         }
         ev.chain_after(seq, &hash);
-        sqlx::query(
+        let inserted = sqlx::query(
             "INSERT INTO audit_events (seq, at_ms, actor, action, agent, task, scope, lease, \
              decision, policy_ids, policy_hash, outcome, reason, details, prev_hash, hash, \
              on_behalf_of) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
@@ -366,9 +381,20 @@ impl StoreTx for SqliteTx {
         .bind(&ev.prev_hash)
         .bind(&ev.hash)
         .bind(&ev.on_behalf_of)
-        .execute(&mut self.tx.state.conn)
-        .await?;
-        Ok(())
+        .execute(&mut st.conn)
+        .await;
+        match inserted {
+            Ok(_) => {
+                st.head = Some((ev.seq, ev.hash));
+                Ok(())
+            }
+            Err(e) => {
+                // Another writer on the file? Read the head again next time
+                // (the seq key refuses a fork).
+                st.head = None;
+                Err(e.into())
+            }
+        }
     }
 
     async fn insert_agent(&mut self, a: &Agent) -> StoreResult<()> {
@@ -517,6 +543,9 @@ impl StoreTx for SqliteTx {
         )
         .execute(&mut self.tx.state.conn)
         .await?;
+        self.tx
+            .state
+            .remember_user(&t.id, t.on_behalf_of.as_ref().map(|u| u.id.clone()));
         Ok(())
     }
 

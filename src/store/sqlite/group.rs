@@ -16,6 +16,7 @@
 //! is durable unless it is. The read pool sees a group only once it is
 //! committed, so nothing is read before it is durable.
 
+use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 
 use sqlx::{Executor, SqliteConnection};
@@ -36,6 +37,14 @@ pub(super) struct State {
     /// Transactions committed into the open group.
     members: usize,
     group: watch::Sender<Outcome>,
+    /// The audit chain's head (seq, hash) as the connection sees it, so an
+    /// event needs no read first; `None`: read it from the table.
+    pub(super) head: Option<(i64, String)>,
+    /// The head when the open savepoint was taken, restored on rollback.
+    head_at_savepoint: Option<(i64, String)>,
+    /// Each task's user (`on_behalf_of`), which never changes once the task
+    /// exists; bounded.
+    pub(super) users: HashMap<String, Option<String>>,
 }
 
 /// The shared writer: a fair (FIFO) lock over the connection, and the
@@ -78,6 +87,9 @@ impl Writer {
             savepoint: false,
             members: 0,
             group: watch::channel(None).0,
+            head: None,
+            head_at_savepoint: None,
+            users: HashMap::new(),
         }));
         let flush = Arc::new(Notify::new());
         tokio::spawn(flusher(Arc::downgrade(&state), Arc::clone(&flush)));
@@ -98,6 +110,7 @@ impl Writer {
             return Err(state.abort(e).await);
         }
         state.savepoint = true;
+        state.head_at_savepoint = state.head.clone();
         Ok(WriteTx {
             state,
             flush: Arc::clone(&self.flush),
@@ -135,6 +148,17 @@ impl WriteTx {
 }
 
 impl State {
+    /// Notes the user a task acts for (ids are never reused, so even a
+    /// task whose insert is rolled back cannot mislead a later event).
+    pub(super) fn remember_user(&mut self, task: &str, user: Option<String>) {
+        /// How many tasks' users are kept.
+        const KEEP: usize = 50_000;
+        if self.users.len() >= KEEP {
+            self.users.clear();
+        }
+        self.users.insert(task.to_owned(), user);
+    }
+
     /// Rolls back the savepoint a dropped transaction left open.
     async fn settle(&mut self) -> StoreResult<()> {
         if self.savepoint {
@@ -142,6 +166,7 @@ impl State {
                 return Err(self.abort(e).await);
             }
             self.savepoint = false;
+            self.head = self.head_at_savepoint.take();
         }
         Ok(())
     }
@@ -160,6 +185,9 @@ impl State {
 
     /// Ends the group: members waiting on it learn `result`.
     fn finish(&mut self, result: Result<(), String>) {
+        if result.is_err() {
+            self.head = None;
+        }
         self.open = false;
         self.savepoint = false;
         self.members = 0;

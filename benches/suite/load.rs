@@ -1,0 +1,111 @@
+//! The load generator: N concurrent clients, each calling one operation in
+//! a loop, either for a warm-up plus a fixed duration (throughput and
+//! latency) or until a number of calls is done (filling a store).
+
+use std::future::Future;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::{Duration, Instant};
+
+use serde::Serialize;
+
+/// What one measured run did.
+#[derive(Debug, Clone, Serialize)]
+pub struct Stats {
+    pub clients: usize,
+    pub requests: usize,
+    pub seconds: f64,
+    pub per_sec: f64,
+    pub p50_ms: f64,
+    pub p99_ms: f64,
+    pub max_ms: f64,
+}
+
+impl Stats {
+    fn of(clients: usize, mut lat: Vec<Duration>, seconds: f64) -> Self {
+        lat.sort();
+        let pct = |p: f64| {
+            if lat.is_empty() {
+                return 0.0;
+            }
+            let i = ((lat.len() as f64 - 1.0) * p).round() as usize;
+            lat[i].as_secs_f64() * 1000.0
+        };
+        Self {
+            clients,
+            requests: lat.len(),
+            seconds,
+            per_sec: lat.len() as f64 / seconds,
+            p50_ms: pct(0.50),
+            p99_ms: pct(0.99),
+            max_ms: pct(1.0),
+        }
+    }
+}
+
+/// Runs `clients` loops of `op(client index)` for `warm` plus `secs`;
+/// the calls started after the warm-up are measured.
+pub async fn timed<F, Fut>(clients: usize, warm: Duration, secs: Duration, op: F) -> Stats
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = ()> + Send,
+{
+    let op = Arc::new(op);
+    let measure_from = Instant::now() + warm;
+    let end = measure_from + secs;
+    let mut handles = Vec::new();
+    for i in 0..clients {
+        let op = Arc::clone(&op);
+        handles.push(tokio::spawn(async move {
+            let mut lat = Vec::new();
+            loop {
+                let t0 = Instant::now();
+                if t0 >= end {
+                    break;
+                }
+                op(i).await;
+                if t0 >= measure_from {
+                    lat.push(t0.elapsed());
+                }
+            }
+            lat
+        }));
+    }
+    let mut all = Vec::new();
+    for h in handles {
+        all.extend(h.await.expect("load client panicked"));
+    }
+    Stats::of(clients, all, secs.as_secs_f64())
+}
+
+/// Calls `op(call number)` `total` times from `clients` loops; returns what
+/// each call returned, in call-number order.
+pub async fn fill<F, Fut, T>(clients: usize, total: usize, op: F) -> Vec<T>
+where
+    F: Fn(usize) -> Fut + Send + Sync + 'static,
+    Fut: Future<Output = T> + Send,
+    T: Send + 'static,
+{
+    let (op, next) = (Arc::new(op), Arc::new(AtomicUsize::new(0)));
+    let mut handles = Vec::new();
+    for _ in 0..clients {
+        let (op, next) = (Arc::clone(&op), Arc::clone(&next));
+        handles.push(tokio::spawn(async move {
+            let mut out = Vec::new();
+            loop {
+                let n = next.fetch_add(1, Ordering::Relaxed);
+                if n >= total {
+                    break;
+                }
+                out.push((n, op(n).await));
+            }
+            out
+        }));
+    }
+    let mut all = Vec::with_capacity(total);
+    for h in handles {
+        all.extend(h.await.expect("fill client panicked"));
+    }
+    all.sort_by_key(|(n, _)| *n);
+    all.into_iter().map(|(_, v)| v).collect()
+}

@@ -1,0 +1,303 @@
+//! The benchmark suite: Keygate beside OpenBao, in one run on one machine.
+//!
+//! Starts OpenBao 2 with raft storage (durable) and the release `keygate`
+//! binary on its default store (SQLite, WAL, synchronous=FULL), both on
+//! loopback, and drives each with the same Rust load generator:
+//!
+//! 1. issuance at each concurrency level: Keygate `POST /v1/credentials`
+//!    (local-ca JWT-SVID, X.509-SVID, and a Vault `token` scope minted by
+//!    the same OpenBao) against OpenBao `auth/token/create`; Keygate
+//!    `/oauth/token` (a task opened with a private_key_jwt assertion)
+//!    against OpenBao `auth/jwt/login` with a JWT signed by the same key;
+//! 2. emergency revocation of N live leases: Keygate's kill switch on one
+//!    agent (until every lease is confirmed revoked, and until every
+//!    session token of the agent is refused) against OpenBao
+//!    `sys/leases/revoke-prefix` over N tokens;
+//! 3. Keygate's restart-to-ready time and memory with 100k and 1M live
+//!    leases in its store.
+//!
+//! Prints one table of ratios (Keygate / OpenBao) and writes the raw
+//! figures to `target/bench/suite.json`.
+//!
+//! Run with: scripts/bench
+//! Env: BENCH_SECS (measured seconds per run, default 10; 2 s warm-up
+//!      before each), BENCH_CONCURRENCY (default "1,8,32,128"),
+//!      BENCH_REVOKE (leases per kill switch, default "1000,10000"),
+//!      BENCH_STORE (live leases for the restart, default "100000,1000000").
+
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod keygate;
+mod load;
+mod openbao;
+#[path = "../../tests/common/peers.rs"]
+mod peers;
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+
+use crate::keygate::Keygate;
+use crate::load::Stats;
+use crate::openbao::{Anchor, Timing};
+use crate::peers::{Bao, Storage};
+
+fn list(var: &str, default: &str) -> Vec<usize> {
+    std::env::var(var)
+        .unwrap_or_else(|_| default.into())
+        .split(',')
+        .filter_map(|s| s.trim().replace('_', "").parse().ok())
+        .collect()
+}
+
+/// One issuance comparison at one concurrency.
+struct Pair {
+    keygate: &'static str,
+    openbao: &'static str,
+    k: Stats,
+    o: Stats,
+}
+
+#[tokio::main]
+async fn main() {
+    let secs: u64 = std::env::var("BENCH_SECS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(10);
+    let timing = Timing {
+        warm: Duration::from_secs(2),
+        secs: Duration::from_secs(secs),
+    };
+    let levels = list("BENCH_CONCURRENCY", "1,8,32,128");
+    let revoke_sizes = list("BENCH_REVOKE", "1000,10000");
+    let mut store_sizes = list("BENCH_STORE", "100000,1000000");
+    store_sizes.sort_unstable();
+
+    eprintln!("starting OpenBao (raft) and Keygate (SQLite)…");
+    let bao = Bao::start(Storage::Raft).await;
+    let dir = std::env::temp_dir().join(format!("keygate-bench-{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let (key, public) = ::keygate::identity::generate_agent_key("ES256").unwrap();
+    let anchor = Anchor::configure(&bao, &key).await;
+    let kg = Keygate::configure(&dir, &anchor, key, public);
+    let (server, _) = kg.start().await;
+    let http = reqwest::Client::new();
+
+    let mut pairs = Vec::new();
+    for &c in &levels {
+        eprintln!("issuance at {c} clients…");
+        let create = anchor.token_create(&http, c, timing).await;
+        for (label, scope) in [
+            ("credentials jwt-svid", "jwt-svid"),
+            ("credentials x509-svid", "x509-svid"),
+            ("credentials vault token", "vault-token"),
+        ] {
+            let k = kg.credentials(&server.base, scope, c, timing).await;
+            pairs.push(Pair {
+                keygate: label,
+                openbao: "auth/token/create",
+                k,
+                o: create.clone(),
+            });
+        }
+        let o = anchor.jwt_login(&http, &kg.key, c, timing).await;
+        let k = kg.task_opens(&server.base, c, timing).await;
+        pairs.push(Pair {
+            keygate: "oauth/token (task open)",
+            openbao: "auth/jwt/login",
+            k,
+            o,
+        });
+    }
+
+    let mut revocations = Vec::new();
+    for &n in &revoke_sizes {
+        eprintln!("kill switch over {n} leases…");
+        let k = kg.kill_switch(&server.base, n, 8).await;
+        eprintln!("revoke-prefix over {n} tokens…");
+        let o = anchor.revoke_prefix(&http, n).await;
+        revocations.push((n, k, o));
+    }
+    server.stop();
+
+    let mut restarts = Vec::new();
+    let mut seeded = kg.live_leases().await as usize;
+    for (batch, &target) in store_sizes.iter().enumerate() {
+        if target > seeded {
+            eprintln!("seeding to {target} live leases…");
+            kg.seed_leases(target - seeded, batch).await;
+            seeded = target;
+        }
+        let live = kg.live_leases().await;
+        let (server, ready) = kg.start().await;
+        let (rss_ready, _) = server.rss_mib();
+        let load = kg
+            .credentials(
+                &server.base,
+                "jwt-svid",
+                32,
+                Timing {
+                    warm: Duration::ZERO,
+                    secs: Duration::from_secs(3),
+                },
+            )
+            .await;
+        let (rss_load, peak) = server.rss_mib();
+        server.stop();
+        restarts.push(json!({
+            "live_leases": live, "ready_ms": ready.as_secs_f64() * 1000.0,
+            "rss_ready_mib": rss_ready, "rss_after_load_mib": rss_load, "peak_rss_mib": peak,
+            "load_after_restart": load,
+        }));
+    }
+
+    let report = print_and_collect(&pairs, &revocations, &restarts, secs);
+    write_report(&report);
+    drop(bao);
+    let _ = std::fs::remove_dir_all(&dir);
+}
+
+fn ratio(a: f64, b: f64) -> f64 {
+    a / b.max(f64::MIN_POSITIVE)
+}
+
+fn print_and_collect(
+    pairs: &[Pair],
+    revocations: &[(usize, keygate::KillSwitch, Duration)],
+    restarts: &[Value],
+    secs: u64,
+) -> Value {
+    println!();
+    println!(
+        "Keygate / OpenBao, same run, same machine ({} cores); {secs} s measured after a 2 s warm-up",
+        std::thread::available_parallelism().map_or(0, |n| n.get())
+    );
+    println!(
+        "{:<26} {:<18} {:>4} | {:>8} {:>7} {:>7} | {:>8} {:>7} {:>7} | {:>6} {:>6} {:>6}",
+        "keygate",
+        "openbao",
+        "clts",
+        "kg /s",
+        "p50 ms",
+        "p99 ms",
+        "bao /s",
+        "p50 ms",
+        "p99 ms",
+        "rate×",
+        "p50×",
+        "p99×"
+    );
+    let mut rows = Vec::new();
+    for p in pairs {
+        let (r, m, t) = (
+            ratio(p.k.per_sec, p.o.per_sec),
+            ratio(p.k.p50_ms, p.o.p50_ms),
+            ratio(p.k.p99_ms, p.o.p99_ms),
+        );
+        println!(
+            "{:<26} {:<18} {:>4} | {:>8.0} {:>7.2} {:>7.2} | {:>8.0} {:>7.2} {:>7.2} | {:>6.2} {:>6.2} {:>6.2}",
+            p.keygate,
+            p.openbao,
+            p.k.clients,
+            p.k.per_sec,
+            p.k.p50_ms,
+            p.k.p99_ms,
+            p.o.per_sec,
+            p.o.p50_ms,
+            p.o.p99_ms,
+            r,
+            m,
+            t
+        );
+        rows.push(json!({
+            "keygate": p.keygate, "openbao": p.openbao, "clients": p.k.clients,
+            "keygate_stats": p.k, "openbao_stats": p.o,
+            "rate_ratio": r, "p50_ratio": m, "p99_ratio": t,
+        }));
+    }
+    println!();
+    println!(
+        "{:<34} | {:>12} {:>14} {:>12} | {:>14} | {:>6}",
+        "emergency revocation",
+        "kg answered",
+        "kg all revoked",
+        "kg tokens",
+        "bao revoke-pfx",
+        "time×"
+    );
+    let mut revs = Vec::new();
+    for (n, k, o) in revocations {
+        let r = ratio(k.all_revoked.as_secs_f64(), o.as_secs_f64());
+        println!(
+            "{:<34} | {:>10.3} s {:>12.3} s {:>10.3} s | {:>12.3} s | {:>6.3}",
+            format!("{n} live leases (kill switch)"),
+            k.answered.as_secs_f64(),
+            k.all_revoked.as_secs_f64(),
+            k.tokens_rejected.as_secs_f64(),
+            o.as_secs_f64(),
+            r
+        );
+        revs.push(json!({
+            "leases": n,
+            "keygate_answered_s": k.answered.as_secs_f64(),
+            "keygate_all_revoked_s": k.all_revoked.as_secs_f64(),
+            "keygate_all_session_tokens_refused_s": k.tokens_rejected.as_secs_f64(),
+            "openbao_revoke_prefix_s": o.as_secs_f64(),
+            "time_ratio": r,
+        }));
+    }
+    println!();
+    println!(
+        "{:<34} | {:>10} {:>10} {:>12} {:>10} | {:>14}",
+        "keygate restart (no openbao row)",
+        "ready",
+        "RSS ready",
+        "RSS loaded",
+        "peak RSS",
+        "creds/s after"
+    );
+    for r in restarts {
+        println!(
+            "{:<34} | {:>7.0} ms {:>6.1} MiB {:>8.1} MiB {:>6.1} MiB | {:>14.0}",
+            format!("{} live leases", r["live_leases"]),
+            r["ready_ms"].as_f64().unwrap_or(0.0),
+            r["rss_ready_mib"].as_f64().unwrap_or(0.0),
+            r["rss_after_load_mib"].as_f64().unwrap_or(0.0),
+            r["peak_rss_mib"].as_f64().unwrap_or(0.0),
+            r["load_after_restart"]["per_sec"].as_f64().unwrap_or(0.0),
+        );
+    }
+    json!({
+        "machine": machine(),
+        "keygate_store": "sqlite wal synchronous=full, group commit",
+        "openbao_storage": "raft",
+        "measured_secs": secs, "warm_up_secs": 2,
+        "issuance": rows, "revocation": revs, "restart": restarts,
+    })
+}
+
+/// What the run ran on.
+fn machine() -> Value {
+    let cpu = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find_map(|l| l.strip_prefix("model name"))
+                .map(|v| v.trim_start_matches([' ', '\t', ':']).to_owned())
+        })
+        .unwrap_or_default();
+    json!({
+        "cpu": cpu,
+        "cores": std::thread::available_parallelism().map_or(0, |n| n.get()),
+        "os": std::env::consts::OS,
+    })
+}
+
+fn write_report(report: &Value) {
+    let out = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("target/bench");
+    std::fs::create_dir_all(&out).unwrap();
+    let path = out.join("suite.json");
+    std::fs::write(&path, serde_json::to_string_pretty(report).unwrap()).unwrap();
+    println!("\nraw figures: {}", path.display());
+}

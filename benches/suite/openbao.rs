@@ -1,0 +1,258 @@
+//! The anchor: OpenBao with raft storage (durable, like Keygate's SQLite),
+//! set up by API the way a user would put it in front of agents: an
+//! AppRole for Keygate (or a direct client), a JWT auth method that trusts
+//! the agent's key, and a token role whose tokens can be mass-revoked by
+//! prefix.
+
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use secrecy::SecretString;
+use serde_json::json;
+
+use crate::load::{self, Stats};
+use crate::peers::Bao;
+
+const KEYGATE_POLICY: &str = r#"
+path "auth/token/create" { capabilities = ["create", "update"] }
+path "auth/token/revoke-accessor" { capabilities = ["update"] }
+path "auth/token/lookup-accessor" { capabilities = ["update"] }
+path "auth/token/renew-accessor" { capabilities = ["update"] }
+"#;
+
+/// The token role whose tokens the revocation phase creates and revokes.
+const REVOKE_ROLE: &str = "bench-revoke";
+
+/// What the setup made.
+pub struct Anchor {
+    pub addr: String,
+    root: String,
+    /// Keygate's AppRole.
+    pub role_id: String,
+    pub secret_id: String,
+    /// A token from a second AppRole login, for the direct clients.
+    token: String,
+}
+
+/// The JWT auth role agents log in with.
+const JWT_ROLE: &str = "agent";
+/// The `aud` OpenBao's JWT role requires.
+pub const JWT_AUDIENCE: &str = "openbao";
+
+impl Anchor {
+    /// Configures `bao`; `agent_key` is the PKCS#8 PEM of the agent key
+    /// whose public half the JWT auth method trusts.
+    pub async fn configure(bao: &Bao, agent_key: &SecretString) -> Self {
+        use secrecy::ExposeSecret;
+        bao.api(
+            "PUT",
+            "sys/policies/acl/keygate",
+            Some(json!({ "policy": KEYGATE_POLICY })),
+        )
+        .await;
+        bao.api(
+            "PUT",
+            "sys/policies/acl/agent-reader",
+            Some(json!({ "policy": "path \"secret/data/agent/*\" { capabilities = [\"read\"] }" })),
+        )
+        .await;
+        bao.api(
+            "POST",
+            "sys/auth/approle",
+            Some(json!({ "type": "approle" })),
+        )
+        .await;
+        bao.api(
+            "POST",
+            "auth/approle/role/keygate",
+            Some(json!({
+                "token_policies": ["keygate", "agent-reader"], "token_ttl": "2h", "token_max_ttl": "24h",
+            })),
+        )
+        .await;
+        let role_id = bao
+            .api("GET", "auth/approle/role/keygate/role-id", None)
+            .await["data"]["role_id"]
+            .as_str()
+            .expect("role_id")
+            .to_owned();
+        let mut secrets = Vec::new();
+        for _ in 0..2 {
+            let v = bao
+                .api(
+                    "POST",
+                    "auth/approle/role/keygate/secret-id",
+                    Some(json!({})),
+                )
+                .await;
+            secrets.push(
+                v["data"]["secret_id"]
+                    .as_str()
+                    .expect("secret_id")
+                    .to_owned(),
+            );
+        }
+        let (_, login) = bao
+            .request(
+                "POST",
+                "auth/approle/login",
+                None,
+                Some(json!({ "role_id": role_id, "secret_id": secrets[1] })),
+            )
+            .await;
+        let token = login["auth"]["client_token"]
+            .as_str()
+            .expect("token")
+            .to_owned();
+
+        // JWT auth: the agent signs a JWT with its own key, as it signs its
+        // client assertion for Keygate.
+        let public = rcgen::KeyPair::from_pem(agent_key.expose_secret())
+            .expect("agent key")
+            .public_key_pem();
+        bao.api("POST", "sys/auth/jwt", Some(json!({ "type": "jwt" })))
+            .await;
+        bao.api(
+            "POST",
+            "auth/jwt/config",
+            Some(json!({ "jwt_validation_pubkeys": [public] })),
+        )
+        .await;
+        bao.api(
+            "POST",
+            &format!("auth/jwt/role/{JWT_ROLE}"),
+            Some(json!({
+                "role_type": "jwt", "user_claim": "sub", "bound_audiences": [JWT_AUDIENCE],
+                "token_policies": ["agent-reader"], "token_ttl": "1h",
+            })),
+        )
+        .await;
+        bao.api(
+            "POST",
+            &format!("auth/token/roles/{REVOKE_ROLE}"),
+            Some(json!({ "allowed_policies": ["agent-reader"] })),
+        )
+        .await;
+        Self {
+            addr: bao.addr.clone(),
+            root: bao.root.clone(),
+            role_id,
+            secret_id: secrets.swap_remove(0),
+            token,
+        }
+    }
+
+    /// `auth/token/create` with the same body Keygate's vault provider sends.
+    pub async fn token_create(&self, http: &reqwest::Client, clients: usize, t: Timing) -> Stats {
+        let (h, url, token) = (
+            http.clone(),
+            format!("{}/v1/auth/token/create", self.addr),
+            self.token.clone(),
+        );
+        load::timed(clients, t.warm, t.secs, move |i| {
+            let body = json!({
+                "policies": ["agent-reader"], "ttl": "3600s", "explicit_max_ttl": "3600s",
+                "renewable": true, "display_name": "keygate-bench-agent",
+                "meta": { "agent": "bench-agent", "task": "tk_direct", "scope": "vault-token",
+                          "keygate_lease": format!("direct-{i}") },
+            });
+            let req = h.post(&url).header("X-Vault-Token", &token).json(&body);
+            async move {
+                let r = req.send().await.expect("openbao unreachable");
+                assert_eq!(r.status(), 200, "auth/token/create failed");
+                let _ = r.bytes().await;
+            }
+        })
+        .await
+    }
+
+    /// `auth/jwt/login` with a fresh JWT signed by the agent's key per call.
+    pub async fn jwt_login(
+        &self,
+        http: &reqwest::Client,
+        key: &SecretString,
+        clients: usize,
+        t: Timing,
+    ) -> Stats {
+        let (h, url, key) = (
+            http.clone(),
+            format!("{}/v1/auth/jwt/login", self.addr),
+            Arc::new(key.clone()),
+        );
+        load::timed(clients, t.warm, t.secs, move |_| {
+            let jwt = keygate::identity::sign_client_assertion(
+                &key,
+                "ES256",
+                None,
+                crate::keygate::LOAD_AGENT,
+                JWT_AUDIENCE,
+                60,
+            )
+            .expect("sign");
+            let req = h.post(&url).json(&json!({ "role": JWT_ROLE, "jwt": jwt }));
+            async move {
+                let r = req.send().await.expect("openbao unreachable");
+                assert_eq!(r.status(), 200, "auth/jwt/login failed");
+                let _ = r.bytes().await;
+            }
+        })
+        .await
+    }
+
+    /// Creates `n` tokens under the revoke role, then times `revoke-prefix`
+    /// over them and checks one is dead.
+    pub async fn revoke_prefix(&self, http: &reqwest::Client, n: usize) -> Duration {
+        let (h, url, root) = (
+            http.clone(),
+            format!("{}/v1/auth/token/create/{REVOKE_ROLE}", self.addr),
+            self.root.clone(),
+        );
+        let tokens = load::fill(32, n, move |_| {
+            let req = h
+                .post(&url)
+                .header("X-Vault-Token", &root)
+                .json(&json!({ "policies": ["agent-reader"], "ttl": "3600s" }));
+            async move {
+                let r = req.send().await.expect("openbao unreachable");
+                assert_eq!(r.status(), 200, "token create failed");
+                let v: serde_json::Value = r.json().await.expect("json");
+                v["auth"]["client_token"]
+                    .as_str()
+                    .expect("client_token")
+                    .to_owned()
+            }
+        })
+        .await;
+        let lookup = |token: &str| {
+            http.get(format!("{}/v1/auth/token/lookup-self", self.addr))
+                .header("X-Vault-Token", token)
+                .send()
+        };
+        let alive = lookup(&tokens[n - 1]).await.expect("lookup");
+        assert_eq!(alive.status(), 200, "a fresh token must work");
+        let t0 = Instant::now();
+        let r = http
+            .put(format!(
+                "{}/v1/sys/leases/revoke-prefix/auth/token/create/{REVOKE_ROLE}",
+                self.addr
+            ))
+            .header("X-Vault-Token", &self.root)
+            .send()
+            .await
+            .expect("revoke-prefix");
+        let took = t0.elapsed();
+        assert!(r.status().is_success(), "revoke-prefix: {}", r.status());
+        for t in [&tokens[0], &tokens[n / 2], &tokens[n - 1]] {
+            let dead = lookup(t).await.expect("lookup");
+            assert_eq!(dead.status(), 403, "a revoked token must be refused");
+        }
+        took
+    }
+}
+
+/// Warm-up and measured time of a timed run.
+#[derive(Debug, Clone, Copy)]
+pub struct Timing {
+    pub warm: Duration,
+    pub secs: Duration,
+}
