@@ -61,6 +61,14 @@ pub trait Store: Send + Sync + 'static {
     /// The agent bound to a federated subject of a trusted issuer.
     async fn agent_by_subject(&self, issuer: &str, subject: &str) -> StoreResult<Option<Agent>>;
     async fn get_task(&self, id: &str) -> StoreResult<Option<Task>>;
+    /// A task and its agent, as a session check needs them on every call.
+    async fn task_with_agent(&self, task_id: &str) -> StoreResult<Option<(Task, Option<Agent>)>> {
+        let Some(task) = self.get_task(task_id).await? else {
+            return Ok(None);
+        };
+        let agent = self.get_agent(&task.agent_id).await?;
+        Ok(Some((task, agent)))
+    }
     async fn get_lease(&self, id: &str) -> StoreResult<Option<Lease>>;
     async fn list_leases(&self, filter: &LeaseFilter) -> StoreResult<Vec<Lease>>;
     /// Leases in `revoking` whose next attempt is due. Leases still pending

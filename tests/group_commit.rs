@@ -79,6 +79,21 @@ async fn concurrent_commits_all_land_and_dropped_ones_take_nothing() {
     assert_eq!(reasons(&evs), expected, "exactly the committed events");
     verify_chain(&evs, 0, GENESIS_HASH.to_owned()).expect("one unbroken chain");
 
+    // One transaction with more events than one insert statement carries,
+    // then one dropped with events of its own, last before the flush.
+    let mut tx = store.begin().await.unwrap();
+    for i in 0..1200 {
+        tx.audit(AuditEvent::new(&Actor::System, "test.write").reason(format!("m{i:04}")))
+            .await
+            .unwrap();
+        expected.push(format!("m{i:04}"));
+    }
+    tx.commit().await.unwrap();
+    let mut tx = store.begin().await.unwrap();
+    tx.audit(AuditEvent::new(&Actor::System, "test.write").reason("dropped"))
+        .await
+        .unwrap();
+    drop(tx);
     // A commit after the last dropped transaction still works, and the
     // reopened file holds everything a commit returned for.
     let mut tx = store.begin().await.unwrap();

@@ -729,9 +729,9 @@ impl Broker {
     /// and its agent still active. Ended tasks fail here at once.
     pub async fn session(&self, token: &str) -> Result<Session, String> {
         let claims = self.signer.verify(token).map_err(|e| e.to_string())?;
-        let task = self
+        let (task, agent) = self
             .store
-            .get_task(&claims.task_id)
+            .task_with_agent(&claims.task_id)
             .await
             .map_err(|e| {
                 tracing::error!(error = %e, "session lookup failed");
@@ -744,13 +744,7 @@ impl Broker {
         if task.state != TaskState::Open || task.expires_at <= now() {
             return Err(format!("the task has ended ({})", task.state));
         }
-        let agent = self
-            .store
-            .get_agent(&task.agent_id)
-            .await
-            .ok()
-            .flatten()
-            .ok_or("the session's agent does not exist")?;
+        let agent = agent.ok_or("the session's agent does not exist")?;
         if agent.status != AgentStatus::Active {
             return Err(format!("agent is {}", agent.status));
         }

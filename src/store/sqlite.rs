@@ -136,6 +136,24 @@ impl Store for SqliteStore {
             .await
     }
 
+    async fn task_with_agent(&self, task_id: &str) -> StoreResult<Option<(Task, Option<Agent>)>> {
+        // Both rows in one round trip to SQLite's thread: the task's row
+        // comes first, then its agent's (the only one without `agent_id`).
+        let rows = sqlx::query(
+            "SELECT * FROM tasks WHERE id = ?1; \
+             SELECT * FROM agents WHERE id = (SELECT agent_id FROM tasks WHERE id = ?1)",
+        )
+        .bind(task_id)
+        .fetch_all(&self.read)
+        .await?;
+        let mut rows = rows.iter();
+        let Some(task) = rows.next().map(task_from_row).transpose()? else {
+            return Ok(None);
+        };
+        let agent = rows.next().map(agent_from_row).transpose()?;
+        Ok(Some((task, agent)))
+    }
+
     async fn get_lease(&self, id: &str) -> StoreResult<Option<Lease>> {
         self.by_id("SELECT * FROM leases WHERE id = ?", id, lease_from_row)
             .await
@@ -359,42 +377,16 @@ impl StoreTx for SqliteTx {
             };
         }
         ev.chain_after(seq, &hash);
-        let inserted = sqlx::query(
-            "INSERT INTO audit_events (seq, at_ms, actor, action, agent, task, scope, lease, \
-             decision, policy_ids, policy_hash, outcome, reason, details, prev_hash, hash, \
-             on_behalf_of) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(ev.seq)
-        .bind(ev.at_ms)
-        .bind(&ev.actor)
-        .bind(&ev.action)
-        .bind(&ev.agent)
-        .bind(&ev.task)
-        .bind(&ev.scope)
-        .bind(&ev.lease)
-        .bind(&ev.decision)
-        .bind(serde_json::to_string(&ev.policy_ids).map_err(corrupt)?)
-        .bind(&ev.policy_hash)
-        .bind(&ev.outcome)
-        .bind(&ev.reason)
-        .bind(serde_json::to_string(&ev.details).map_err(corrupt)?)
-        .bind(&ev.prev_hash)
-        .bind(&ev.hash)
-        .bind(&ev.on_behalf_of)
-        .execute(&mut st.conn)
-        .await;
-        match inserted {
-            Ok(_) => {
-                st.head = Some((ev.seq, ev.hash));
-                Ok(())
-            }
-            Err(e) => {
-                // Another writer on the file? Read the head again next time
-                // (the seq key refuses a fork).
-                st.head = None;
-                Err(e.into())
-            }
-        }
+        // Written with the connection's next round trip, still inside this
+        // transaction's savepoint (group.rs).
+        let pending = group::PendingEvent {
+            policy_ids: serde_json::to_string(&ev.policy_ids).map_err(corrupt)?,
+            details: serde_json::to_string(&ev.details).map_err(corrupt)?,
+            ev,
+        };
+        st.head = Some((pending.ev.seq, pending.ev.hash.clone()));
+        st.deferred.push(pending);
+        Ok(())
     }
 
     async fn insert_agent(&mut self, a: &Agent) -> StoreResult<()> {

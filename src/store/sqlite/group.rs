@@ -1,10 +1,15 @@
 //! Group commit: many write transactions, one fsync.
 //!
 //! Every write transaction runs on the one writer connection, inside a
-//! savepoint of an outer `BEGIN IMMEDIATE` transaction. Committing releases
-//! the savepoint and then waits for the flusher to commit the outer
+//! savepoint of an outer `BEGIN IMMEDIATE` transaction. Committing keeps
+//! the savepoint's changes and waits for the flusher to commit the outer
 //! transaction, so a commit returns only once its rows are on disk (WAL,
-//! `synchronous=FULL`). Transactions that commit while the previous group
+//! `synchronous=FULL`). The savepoint is released by whoever uses the
+//! connection next, in the same round trip as its own `SAVEPOINT` (or by
+//! the outer `COMMIT`): every trip to SQLite's thread costs a wake-up.
+//! Audit events ride along the same way: a transaction's events are
+//! chained at once (the writer keeps the chain's head) and inserted, still
+//! inside its savepoint, in the round trip that releases it. Transactions that commit while the previous group
 //! is being written share the next group's fsync; under load the group
 //! grows with the queue, alone a transaction pays one fsync as before.
 //!
@@ -19,9 +24,10 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 
-use sqlx::{Executor, SqliteConnection};
+use sqlx::{Executor, QueryBuilder, Sqlite, SqliteConnection};
 use tokio::sync::{Mutex, Notify, OwnedMutexGuard, watch};
 
+use crate::audit::AuditEvent;
 use crate::store::{StoreError, StoreResult};
 
 /// How a group ended: `None` while it is open.
@@ -32,8 +38,8 @@ pub(super) struct State {
     pub(super) conn: SqliteConnection,
     /// The outer transaction is open.
     open: bool,
-    /// A savepoint is open: a transaction runs, or was dropped mid-way.
-    savepoint: bool,
+    /// What the last transaction left on the connection.
+    savepoint: Savepoint,
     /// Transactions committed into the open group.
     members: usize,
     group: watch::Sender<Outcome>,
@@ -45,6 +51,26 @@ pub(super) struct State {
     /// Each task's user (`on_behalf_of`), which never changes once the task
     /// exists; bounded.
     pub(super) users: HashMap<String, Option<String>>,
+    /// Audit events of the open savepoint, chained, not yet inserted.
+    pub(super) deferred: Vec<PendingEvent>,
+}
+
+/// A chained audit event waiting for its insert, with its JSON columns.
+pub(super) struct PendingEvent {
+    pub(super) ev: AuditEvent,
+    pub(super) policy_ids: String,
+    pub(super) details: String,
+}
+
+/// The savepoint of the last transaction on the connection.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Savepoint {
+    /// None open.
+    None,
+    /// Open: a transaction runs on it, or was dropped (roll it back).
+    Open,
+    /// Committed; released by the next statement batch or the outer commit.
+    Kept,
 }
 
 /// The shared writer: a fair (FIFO) lock over the connection, and the
@@ -84,12 +110,13 @@ impl Writer {
         let state = Arc::new(Mutex::new(State {
             conn,
             open: false,
-            savepoint: false,
+            savepoint: Savepoint::None,
             members: 0,
             group: watch::channel(None).0,
             head: None,
             head_at_savepoint: None,
             users: HashMap::new(),
+            deferred: Vec::new(),
         }));
         let flush = Arc::new(Notify::new());
         tokio::spawn(flusher(Arc::downgrade(&state), Arc::clone(&flush)));
@@ -99,17 +126,23 @@ impl Writer {
     /// Waits for the connection (in arrival order) and opens a savepoint.
     pub(super) async fn begin(&self) -> StoreResult<WriteTx> {
         let mut state = Arc::clone(&self.state).lock_owned().await;
-        state.settle().await?;
-        if !state.open {
-            if let Err(e) = state.conn.execute("BEGIN IMMEDIATE").await {
-                return Err(e.into());
-            }
-            state.open = true;
+        if state.savepoint == Savepoint::Open {
+            // Left by a dropped transaction: none of it is kept.
+            state.discard_savepoint();
         }
-        if let Err(e) = state.conn.execute("SAVEPOINT kg").await {
+        // One round trip: close what the last transaction left, open ours.
+        let tail = match (state.open, state.savepoint) {
+            (false, _) => "BEGIN IMMEDIATE; SAVEPOINT kg",
+            (true, Savepoint::None) => "SAVEPOINT kg",
+            (true, Savepoint::Kept) => "RELEASE kg; SAVEPOINT kg",
+            (true, Savepoint::Open) => "ROLLBACK TO kg; RELEASE kg; SAVEPOINT kg",
+        };
+        let mut q = state.with_deferred(tail);
+        if let Err(e) = q.build().execute(&mut state.conn).await {
             return Err(state.abort(e).await);
         }
-        state.savepoint = true;
+        state.open = true;
+        state.savepoint = Savepoint::Open;
         state.head_at_savepoint = state.head.clone();
         Ok(WriteTx {
             state,
@@ -120,14 +153,11 @@ impl Writer {
 }
 
 impl WriteTx {
-    /// Releases the savepoint into the group and waits until the group is
-    /// durable.
+    /// Keeps the savepoint's changes in the group (released later, with no
+    /// round trip of its own) and waits until the group is durable.
     pub(super) async fn commit(mut self) -> StoreResult<()> {
         let st = &mut *self.state;
-        if let Err(e) = st.conn.execute("RELEASE kg").await {
-            return Err(st.abort(e).await);
-        }
-        st.savepoint = false;
+        st.savepoint = Savepoint::Kept;
         st.members += 1;
         let mut done = st.group.subscribe();
         self.committed = true;
@@ -159,26 +189,70 @@ impl State {
         self.users.insert(task.to_owned(), user);
     }
 
-    /// Rolls back the savepoint a dropped transaction left open.
-    async fn settle(&mut self) -> StoreResult<()> {
-        if self.savepoint {
-            if let Err(e) = self.conn.execute("ROLLBACK TO kg; RELEASE kg").await {
-                return Err(self.abort(e).await);
-            }
-            self.savepoint = false;
-            self.head = self.head_at_savepoint.take();
+    /// Forgets what a dropped transaction did: its events and its head.
+    fn discard_savepoint(&mut self) {
+        self.deferred.clear();
+        self.head = self.head_at_savepoint.take();
+    }
+
+    /// `tail`, preceded by the inserts of the deferred audit events.
+    fn with_deferred(&mut self, tail: &str) -> QueryBuilder<Sqlite> {
+        /// Events per `INSERT` (17 columns each; SQLite allows 32,766 variables).
+        const CHUNK: usize = 500;
+        let mut q = QueryBuilder::new("");
+        let mut events = std::mem::take(&mut self.deferred).into_iter().peekable();
+        while events.peek().is_some() {
+            q.push(
+                "INSERT INTO audit_events (seq, at_ms, actor, action, agent, task, scope, \
+                 lease, decision, policy_ids, policy_hash, outcome, reason, details, prev_hash, \
+                 hash, on_behalf_of) ",
+            );
+            q.push_values(events.by_ref().take(CHUNK), |mut b, p| {
+                let ev = p.ev;
+                b.push_bind(ev.seq)
+                    .push_bind(ev.at_ms)
+                    .push_bind(ev.actor)
+                    .push_bind(ev.action)
+                    .push_bind(ev.agent)
+                    .push_bind(ev.task)
+                    .push_bind(ev.scope)
+                    .push_bind(ev.lease)
+                    .push_bind(ev.decision)
+                    .push_bind(p.policy_ids)
+                    .push_bind(ev.policy_hash)
+                    .push_bind(ev.outcome)
+                    .push_bind(ev.reason)
+                    .push_bind(p.details)
+                    .push_bind(ev.prev_hash)
+                    .push_bind(ev.hash)
+                    .push_bind(ev.on_behalf_of);
+            });
+            q.push("; ");
         }
-        Ok(())
+        q.push(tail);
+        q
+    }
+
+    /// Commits the outer transaction (with every kept savepoint and its
+    /// events) after rolling back one a dropped transaction left open.
+    async fn flush(&mut self) -> Result<(), sqlx::Error> {
+        let tail = match self.savepoint {
+            Savepoint::Open => {
+                self.discard_savepoint();
+                "ROLLBACK TO kg; RELEASE kg; COMMIT"
+            }
+            Savepoint::None | Savepoint::Kept => "COMMIT",
+        };
+        let mut q = self.with_deferred(tail);
+        q.build().execute(&mut self.conn).await.map(|_| ())
     }
 
     /// Rolls back the whole group after SQLite failed, tells its members,
     /// and returns the error for the caller.
     async fn abort(&mut self, e: sqlx::Error) -> StoreError {
-        if self.open {
-            // The outer transaction may already be gone (SQLite rolls back
-            // on some errors); either way nothing of it is kept.
-            let _ = self.conn.execute("ROLLBACK").await;
-        }
+        // The outer transaction may already be gone (SQLite rolls back on
+        // some errors, or it never began); either way nothing of it is kept.
+        let _ = self.conn.execute("ROLLBACK").await;
         self.finish(Err(format!("the group was rolled back: {e}")));
         e.into()
     }
@@ -188,8 +262,9 @@ impl State {
         if result.is_err() {
             self.head = None;
         }
+        self.deferred.clear();
         self.open = false;
-        self.savepoint = false;
+        self.savepoint = Savepoint::None;
         self.members = 0;
         let group = std::mem::replace(&mut self.group, watch::channel(None).0);
         group.send_replace(Some(result));
@@ -206,11 +281,11 @@ async fn flusher(state: Weak<Mutex<State>>, flush: Arc<Notify>) {
         // Fair lock: every transaction already waiting runs (and joins the
         // group) before the flusher gets the connection.
         let mut st = state.lock().await;
-        if st.settle().await.is_err() || !st.open {
+        if !st.open {
             continue;
         }
-        match st.conn.execute("COMMIT").await {
-            Ok(_) => st.finish(Ok(())),
+        match st.flush().await {
+            Ok(()) => st.finish(Ok(())),
             Err(e) => {
                 tracing::error!(error = %e, "group commit failed; its transactions are rolled back");
                 let _ = st.abort(e).await;
