@@ -138,3 +138,47 @@ async fn a_failed_statement_leaves_the_group_intact() {
     assert_eq!(reasons(&events(store.as_ref()).await), ["kept"]);
     assert!(store.get_agent("dup").await.unwrap().is_some());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_wal_stays_bounded_under_constant_reads() {
+    let (_dir, path) = db_path();
+    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&path).await.unwrap());
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let reader = {
+        let (store, done) = (Arc::clone(&store), Arc::clone(&done));
+        tokio::spawn(async move {
+            while !done.load(std::sync::atomic::Ordering::Relaxed) {
+                store.ping().await.unwrap();
+                let _ = store.get_task("none").await.unwrap();
+            }
+        })
+    };
+    // About 24 MiB of audit rows, several groups' worth at a time.
+    let filler = "x".repeat(4096);
+    for round in 0..60 {
+        let mut set = tokio::task::JoinSet::new();
+        for i in 0..100 {
+            let (store, filler) = (Arc::clone(&store), filler.clone());
+            set.spawn(async move {
+                let mut tx = store.begin().await.unwrap();
+                tx.audit(
+                    AuditEvent::new(&Actor::System, "test.fill")
+                        .reason(format!("{round}-{i}"))
+                        .details(serde_json::json!({ "filler": filler })),
+                )
+                .await
+                .unwrap();
+                tx.commit().await.unwrap();
+            });
+        }
+        while set.join_next().await.is_some() {}
+    }
+    done.store(true, std::sync::atomic::Ordering::Relaxed);
+    reader.await.unwrap();
+    let wal = std::fs::metadata(format!("{path}-wal")).map_or(0, |m| m.len());
+    assert!(
+        wal < 16 << 20,
+        "the WAL grew to {wal} bytes: checkpoints are not keeping up"
+    );
+    assert_eq!(events(store.as_ref()).await.len(), 6000);
+}

@@ -12,7 +12,6 @@ mod group;
 mod rows;
 
 use std::str::FromStr;
-use std::time::Duration;
 
 use async_trait::async_trait;
 use sqlx::sqlite::{
@@ -67,13 +66,19 @@ impl SqliteStore {
             // write-ahead lease rule depends on.
             .synchronous(SqliteSynchronous::Full)
             .foreign_keys(true)
-            .busy_timeout(Duration::from_secs(10));
-        let mut conn = opts.connect().await?;
+            .busy_timeout(group::BUSY_TIMEOUT);
+        // The writer checkpoints between groups itself (group.rs), so
+        // SQLite's own checkpoint at every commit past 1000 pages is off.
+        let mut conn = opts
+            .clone()
+            .pragma("wal_autocheckpoint", "0")
+            .connect()
+            .await?;
         sqlx::migrate!("./migrations/sqlite")
             .run(&mut conn)
             .await
             .map_err(|e| StoreError::Database(format!("migration failed: {e}")))?;
-        let write = group::Writer::start(conn);
+        let write = group::Writer::start(conn, format!("{path}-wal").into());
         let read = SqlitePoolOptions::new()
             .max_connections(8)
             .connect_with(opts.read_only(true))

@@ -22,13 +22,22 @@
 //! committed, so nothing is read before it is durable.
 
 use std::collections::HashMap;
+use std::path::PathBuf;
 use std::sync::{Arc, Weak};
+use std::time::{Duration, Instant};
 
 use sqlx::{Executor, QueryBuilder, Sqlite, SqliteConnection};
 use tokio::sync::{Mutex, Notify, OwnedMutexGuard, watch};
 
 use crate::audit::AuditEvent;
 use crate::store::{StoreError, StoreResult};
+
+/// WAL size past which the flusher checkpoints and truncates it.
+const WAL_LIMIT: u64 = 8 << 20;
+/// How long after a busy checkpoint the next is tried.
+const CHECKPOINT_RETRY: Duration = Duration::from_secs(1);
+/// The writer's busy timeout otherwise (as the store opens it).
+pub(super) const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How a group ended: `None` while it is open.
 type Outcome = Option<Result<(), String>>;
@@ -106,7 +115,7 @@ impl Drop for WriteTx {
 
 impl Writer {
     /// Takes over `conn` (migrated, in autocommit) and starts the flusher.
-    pub(super) fn start(conn: SqliteConnection) -> Self {
+    pub(super) fn start(conn: SqliteConnection, wal: PathBuf) -> Self {
         let state = Arc::new(Mutex::new(State {
             conn,
             open: false,
@@ -119,7 +128,7 @@ impl Writer {
             deferred: Vec::new(),
         }));
         let flush = Arc::new(Notify::new());
-        tokio::spawn(flusher(Arc::downgrade(&state), Arc::clone(&flush)));
+        tokio::spawn(flusher(Arc::downgrade(&state), Arc::clone(&flush), wal));
         Self { state, flush }
     }
 
@@ -187,6 +196,27 @@ impl State {
             self.users.clear();
         }
         self.users.insert(task.to_owned(), user);
+    }
+
+    /// Copies the WAL into the database and truncates it, waiting at most
+    /// 20 ms for readers of older snapshots. Returns whether it got through.
+    async fn checkpoint(&mut self) -> bool {
+        let _ = self.conn.execute("PRAGMA busy_timeout = 20").await;
+        let done: Result<(i64, i64, i64), _> = sqlx::query_as("PRAGMA wal_checkpoint(TRUNCATE)")
+            .fetch_one(&mut self.conn)
+            .await;
+        let _ = self.conn.execute("PRAGMA busy_timeout = 10000").await; // BUSY_TIMEOUT
+        match done {
+            Ok((0, _, _)) => true,
+            Ok(_) => {
+                tracing::debug!("checkpoint busy (a long read); retrying later");
+                false
+            }
+            Err(e) => {
+                tracing::warn!(error = %e, "checkpoint failed; the WAL grows until one succeeds");
+                false
+            }
+        }
     }
 
     /// Forgets what a dropped transaction did: its events and its head.
@@ -272,7 +302,8 @@ impl State {
 }
 
 /// Commits each group once the transactions queued before it have joined.
-async fn flusher(state: Weak<Mutex<State>>, flush: Arc<Notify>) {
+async fn flusher(state: Weak<Mutex<State>>, flush: Arc<Notify>, wal: PathBuf) {
+    let mut next_checkpoint = Instant::now();
     loop {
         flush.notified().await;
         let Some(state) = state.upgrade() else {
@@ -289,7 +320,14 @@ async fn flusher(state: Weak<Mutex<State>>, flush: Arc<Notify>) {
             Err(e) => {
                 tracing::error!(error = %e, "group commit failed; its transactions are rolled back");
                 let _ = st.abort(e).await;
+                continue;
             }
+        }
+        if Instant::now() >= next_checkpoint
+            && std::fs::metadata(&wal).is_ok_and(|m| m.len() > WAL_LIMIT)
+            && !st.checkpoint().await
+        {
+            next_checkpoint = Instant::now() + CHECKPOINT_RETRY;
         }
     }
 }
