@@ -114,21 +114,40 @@ impl Worker {
                     Some(s) => s.clone().acquire_owned().await.ok(),
                     None => None,
                 };
-                me.revoke_one(lease).await
+                let outcome = me.call_provider(&lease).await;
+                (lease, outcome)
             });
         }
+        // Outcomes are recorded as they come, up to RECORD at a time in one
+        // transaction: a mass revocation is bound by its providers, not by
+        // a commit per lease.
+        const RECORD: usize = 64;
+        let mut done = Vec::with_capacity(RECORD);
+        let take = |r: Result<_, tokio::task::JoinError>, done: &mut Vec<_>| match r {
+            Ok(outcome) => done.push(outcome),
+            Err(e) => tracing::error!(error = %e, "revocation task failed"),
+        };
         while let Some(r) = set.join_next().await {
-            match r {
-                Ok(Err(e)) => tracing::error!(error = %e, "recording a revocation failed"),
-                Err(e) => tracing::error!(error = %e, "revocation task failed"),
-                Ok(Ok(())) => {}
+            take(r, &mut done);
+            while done.len() < RECORD
+                && let Some(r) = set.try_join_next()
+            {
+                take(r, &mut done);
+            }
+            if !done.is_empty()
+                && let Err(e) = self.record(std::mem::take(&mut done)).await
+            {
+                // The leases stay `revoking` and are retried; revoking twice
+                // is harmless (already gone counts as revoked).
+                tracing::error!(error = %e, "recording revocations failed");
             }
         }
         Ok(full)
     }
 
-    async fn revoke_one(&self, lease: Lease) -> StoreResult<()> {
-        let outcome = match self.registry.provider(&lease.provider) {
+    /// Asks the lease's provider to revoke it.
+    async fn call_provider(&self, lease: &Lease) -> Result<RevokeOutcome, String> {
+        match self.registry.provider(&lease.provider) {
             None => Err(format!("provider `{}` is not configured", lease.provider)),
             Some(p) => {
                 let scope = self.registry.scope_or_removed(&lease.scope);
@@ -144,51 +163,61 @@ impl Worker {
                     Err(_) => Err(format!("no answer within {}s", timeout.as_secs())),
                 }
             }
-        };
+        }
+    }
+
+    /// Records providers' answers: confirmations end their leases, errors
+    /// schedule the next attempt. One transaction for the lot.
+    async fn record(
+        &self,
+        outcomes: Vec<(Lease, Result<RevokeOutcome, String>)>,
+    ) -> StoreResult<()> {
         let t = now();
         let mut tx = self.store.begin().await?;
-        let ev = AuditEvent::new(&Actor::System, "lease.revoked").about_lease(&lease);
-        match outcome {
-            Ok(o) => {
-                let (state, detail) = match o {
-                    RevokeOutcome::Revoked => (LeaseState::Revoked, "revoked".to_owned()),
-                    RevokeOutcome::AlreadyGone
-                        if lease.revocability == Some(Revocability::NotApplicable) =>
-                    {
-                        (LeaseState::Revoked, "nothing to revoke".to_owned())
-                    }
-                    RevokeOutcome::AlreadyGone => (
-                        LeaseState::Revoked,
-                        "already gone at the provider".to_owned(),
-                    ),
-                    RevokeOutcome::LivesUntil(until) => (
-                        LeaseState::Expiring,
-                        format!(
-                            "the backend cannot revoke it; it lives until {}",
-                            crate::model::unix(until)
+        for (lease, outcome) in outcomes {
+            let ev = AuditEvent::new(&Actor::System, "lease.revoked").about_lease(&lease);
+            match outcome {
+                Ok(o) => {
+                    let (state, detail) = match o {
+                        RevokeOutcome::Revoked => (LeaseState::Revoked, "revoked".to_owned()),
+                        RevokeOutcome::AlreadyGone
+                            if lease.revocability == Some(Revocability::NotApplicable) =>
+                        {
+                            (LeaseState::Revoked, "nothing to revoke".to_owned())
+                        }
+                        RevokeOutcome::AlreadyGone => (
+                            LeaseState::Revoked,
+                            "already gone at the provider".to_owned(),
                         ),
-                    ),
-                };
-                self.metrics.revocation("confirmed");
-                if tx.finish_revocation(&lease.id, state, t).await? {
-                    let reason = lease.end_reason.clone().unwrap_or_default();
-                    tx.audit(
-                        ev.reason(reason)
-                            .details(serde_json::json!({ "result": detail, "state": state })),
-                    )
+                        RevokeOutcome::LivesUntil(until) => (
+                            LeaseState::Expiring,
+                            format!(
+                                "the backend cannot revoke it; it lives until {}",
+                                crate::model::unix(until)
+                            ),
+                        ),
+                    };
+                    self.metrics.revocation("confirmed");
+                    if tx.finish_revocation(&lease.id, state, t).await? {
+                        let reason = lease.end_reason.clone().unwrap_or_default();
+                        tx.audit(
+                            ev.reason(reason)
+                                .details(serde_json::json!({ "result": detail, "state": state })),
+                        )
+                        .await?;
+                    }
+                }
+                Err(msg) => {
+                    self.metrics.revocation("failed");
+                    let next = t + self.backoff(lease.attempts);
+                    tracing::warn!(lease = %lease.id, attempts = lease.attempts + 1, error = %msg, "revocation failed; will retry");
+                    tx.revocation_failed(&lease.id, &msg, next).await?;
+                    tx.audit(ev.failure(msg).details(serde_json::json!({
+                        "attempt": lease.attempts + 1,
+                        "next_attempt_at": crate::model::unix(next),
+                    })))
                     .await?;
                 }
-            }
-            Err(msg) => {
-                self.metrics.revocation("failed");
-                let next = t + self.backoff(lease.attempts);
-                tracing::warn!(lease = %lease.id, attempts = lease.attempts + 1, error = %msg, "revocation failed; will retry");
-                tx.revocation_failed(&lease.id, &msg, next).await?;
-                tx.audit(ev.failure(msg).details(serde_json::json!({
-                    "attempt": lease.attempts + 1,
-                    "next_attempt_at": crate::model::unix(next),
-                })))
-                .await?;
             }
         }
         tx.commit().await
