@@ -4,22 +4,31 @@
 //! savepoint of an outer `BEGIN IMMEDIATE` transaction. Committing keeps
 //! the savepoint's changes and waits for the flusher to commit the outer
 //! transaction, so a commit returns only once its rows are on disk (WAL,
-//! `synchronous=FULL`). The savepoint is released by whoever uses the
-//! connection next, in the same round trip as its own `SAVEPOINT` (or by
-//! the outer `COMMIT`): every trip to SQLite's thread costs a wake-up.
-//! Audit events ride along the same way: a transaction's events are
-//! chained at once (the writer keeps the chain's head) and inserted, still
-//! inside its savepoint, in the round trip that releases it. Transactions that commit while the previous group
+//! `synchronous=FULL`). Transactions that commit while the previous group
 //! is being written share the next group's fsync; under load the group
 //! grows with the queue, alone a transaction pays one fsync as before.
+//!
+//! Every trip to SQLite's thread costs a wake-up, so a committed savepoint
+//! is released by whoever uses the connection next, in the same round trip
+//! as its own `SAVEPOINT` (or by the outer `COMMIT`). Audit events ride
+//! along the same way: a transaction's events are chained at once (the
+//! writer keeps the chain's head) and inserted, still inside its
+//! savepoint, in the round trip that releases it.
 //!
 //! A transaction dropped without commit (an error, a cancelled request)
 //! leaves its savepoint open; whoever takes the connection next rolls back
 //! to it first, so it takes nothing else with it. If SQLite itself fails
-//! (a savepoint or the outer commit), the whole group is rolled back and
-//! every transaction waiting on it gets the error: nobody is told a write
-//! is durable unless it is. The read pool sees a group only once it is
-//! committed, so nothing is read before it is durable.
+//! (a savepoint, a deferred insert or the outer commit), the whole group is
+//! rolled back and every transaction waiting on it gets the error: nobody
+//! is told a write is durable unless it is. The read pool sees a group only
+//! once it is committed, so nothing is read before it is durable.
+//!
+//! Checkpoints: with readers always active, SQLite's automatic checkpoint
+//! never gets to restart the WAL, which then grows without bound and makes
+//! every later commit try (and pay for) a checkpoint again. The flusher
+//! instead runs a `TRUNCATE` checkpoint after a commit once the WAL passes
+//! [`WAL_LIMIT`]: it waits at most 20 ms for readers of old snapshots, and
+//! the next group starts the WAL from the beginning.
 
 use std::collections::HashMap;
 use std::path::PathBuf;
