@@ -9,10 +9,9 @@ mod common;
 
 use std::time::Duration;
 
+use common::bao_setup::{AGENT_POLICY, configure_approle};
 use common::peers::Storage;
-use common::vault::{
-    AGENT_POLICY, DB_ROLE, KV_PATH, SPIFFE_TD, VaultPeers, configure_approle, write_secret,
-};
+use common::vault::{DB_ROLE, KV_PATH, SPIFFE_TD, VaultPeers, write_secret};
 use keygate_provider_api::{
     IssueRequest, Provider, RenewRequest, RevokeHandle, RevokeOutcome, RevokeRequest, ScopeSpec,
 };

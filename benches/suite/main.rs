@@ -27,6 +27,8 @@
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
+#[path = "../../tests/common/bao_setup.rs"]
+mod bao_setup;
 mod keygate;
 mod load;
 mod openbao;

@@ -10,15 +10,9 @@ use std::time::{Duration, Instant};
 use secrecy::SecretString;
 use serde_json::json;
 
+use crate::bao_setup::{self, AGENT_POLICY};
 use crate::load::{self, Stats};
 use crate::peers::Bao;
-
-const KEYGATE_POLICY: &str = r#"
-path "auth/token/create" { capabilities = ["create", "update"] }
-path "auth/token/revoke-accessor" { capabilities = ["update"] }
-path "auth/token/lookup-accessor" { capabilities = ["update"] }
-path "auth/token/renew-accessor" { capabilities = ["update"] }
-"#;
 
 /// The token role whose tokens the revocation phase creates and revokes.
 const REVOKE_ROLE: &str = "bench-revoke";
@@ -44,60 +38,16 @@ impl Anchor {
     /// whose public half the JWT auth method trusts.
     pub async fn configure(bao: &Bao, agent_key: &SecretString) -> Self {
         use secrecy::ExposeSecret;
-        bao.api(
-            "PUT",
-            "sys/policies/acl/keygate",
-            Some(json!({ "policy": KEYGATE_POLICY })),
-        )
-        .await;
-        bao.api(
-            "PUT",
-            "sys/policies/acl/agent-reader",
-            Some(json!({ "policy": "path \"secret/data/agent/*\" { capabilities = [\"read\"] }" })),
-        )
-        .await;
-        bao.api(
-            "POST",
-            "sys/auth/approle",
-            Some(json!({ "type": "approle" })),
-        )
-        .await;
-        bao.api(
-            "POST",
-            "auth/approle/role/keygate",
-            Some(json!({
-                "token_policies": ["keygate", "agent-reader"], "token_ttl": "2h", "token_max_ttl": "24h",
-            })),
-        )
-        .await;
-        let role_id = bao
-            .api("GET", "auth/approle/role/keygate/role-id", None)
-            .await["data"]["role_id"]
-            .as_str()
-            .expect("role_id")
-            .to_owned();
-        let mut secrets = Vec::new();
-        for _ in 0..2 {
-            let v = bao
-                .api(
-                    "POST",
-                    "auth/approle/role/keygate/secret-id",
-                    Some(json!({})),
-                )
-                .await;
-            secrets.push(
-                v["data"]["secret_id"]
-                    .as_str()
-                    .expect("secret_id")
-                    .to_owned(),
-            );
-        }
+        bao_setup::keygate_footing(bao).await;
+        // One secret id for Keygate, one for the direct clients' login.
+        let (role_id, secret_id) = bao_setup::configure_approle(bao, "keygate", "2h").await;
+        let (_, direct_secret) = bao_setup::configure_approle(bao, "keygate", "2h").await;
         let (_, login) = bao
             .request(
                 "POST",
                 "auth/approle/login",
                 None,
-                Some(json!({ "role_id": role_id, "secret_id": secrets[1] })),
+                Some(json!({ "role_id": role_id, "secret_id": direct_secret })),
             )
             .await;
         let token = login["auth"]["client_token"]
@@ -123,21 +73,21 @@ impl Anchor {
             &format!("auth/jwt/role/{JWT_ROLE}"),
             Some(json!({
                 "role_type": "jwt", "user_claim": "sub", "bound_audiences": [JWT_AUDIENCE],
-                "token_policies": ["agent-reader"], "token_ttl": "1h",
+                "token_policies": [AGENT_POLICY], "token_ttl": "1h",
             })),
         )
         .await;
         bao.api(
             "POST",
             &format!("auth/token/roles/{REVOKE_ROLE}"),
-            Some(json!({ "allowed_policies": ["agent-reader"] })),
+            Some(json!({ "allowed_policies": [AGENT_POLICY] })),
         )
         .await;
         Self {
             addr: bao.addr.clone(),
             root: bao.root.clone(),
             role_id,
-            secret_id: secrets.swap_remove(0),
+            secret_id,
             token,
         }
     }
@@ -151,7 +101,7 @@ impl Anchor {
         );
         load::timed(clients, t.warm, t.secs, move |i| {
             let body = json!({
-                "policies": ["agent-reader"], "ttl": "3600s", "explicit_max_ttl": "3600s",
+                "policies": [AGENT_POLICY], "ttl": "3600s", "explicit_max_ttl": "3600s",
                 "renewable": true, "display_name": "keygate-bench-agent",
                 "meta": { "agent": "bench-agent", "task": "tk_direct", "scope": "vault-token",
                           "keygate_lease": format!("direct-{i}") },
@@ -211,7 +161,7 @@ impl Anchor {
             let req = h
                 .post(&url)
                 .header("X-Vault-Token", &root)
-                .json(&json!({ "policies": ["agent-reader"], "ttl": "3600s" }));
+                .json(&json!({ "policies": [AGENT_POLICY], "ttl": "3600s" }));
             async move {
                 let r = req.send().await.expect("openbao unreachable");
                 assert_eq!(r.status(), 200, "token create failed");

@@ -8,6 +8,7 @@ mod agent;
 mod api;
 pub mod aws;
 pub mod azure;
+pub mod bao_setup;
 mod config;
 pub mod example;
 mod graph_fake;
