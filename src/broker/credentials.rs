@@ -251,36 +251,22 @@ impl Broker {
                 policies: Vec::new(),
             });
         }
+        let facts = RequestFacts {
+            task_id: &s.task.id,
+            task_description: &s.task.description,
+            requested_ttl_secs: ttl,
+            now: t,
+            chain: &s.task.chain,
+        };
         let decision = self
             .policy
-            .decide(
-                &s.agent,
-                &scope_facts(scope_cfg),
-                &RequestFacts {
-                    task_id: &s.task.id,
-                    task_description: &s.task.description,
-                    requested_ttl_secs: ttl,
-                    now: t,
-                    chain: &s.task.chain,
-                },
-            )
+            .decide(&s.agent, &scope_facts(scope_cfg), &facts)
             .map_err(|e| BrokerError::Internal(e.to_string()))?;
         // Acting for a user: the user must be permitted too (agent ∩ user).
         let user_decision = match &s.task.on_behalf_of {
             Some(u) => Some(
                 self.policy
-                    .decide_for_user(
-                        &s.agent,
-                        u,
-                        &scope_facts(scope_cfg),
-                        &RequestFacts {
-                            task_id: &s.task.id,
-                            task_description: &s.task.description,
-                            requested_ttl_secs: ttl,
-                            now: t,
-                            chain: &s.task.chain,
-                        },
-                    )
+                    .decide_for_user(&s.agent, u, &scope_facts(scope_cfg), &facts)
                     .map_err(|e| BrokerError::Internal(e.to_string()))?,
             ),
             None => None,

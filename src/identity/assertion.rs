@@ -22,7 +22,7 @@ pub struct AssertionClaims {
     pub jti: Option<String>,
 }
 
-const ALLOWED: &[Algorithm] = &[
+pub(crate) const ALLOWED: &[Algorithm] = &[
     Algorithm::ES256,
     Algorithm::ES384,
     Algorithm::EdDSA,

@@ -9,22 +9,16 @@
 use base64::Engine;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::jwk::{AlgorithmParameters, Jwk};
-use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use jsonwebtoken::{DecodingKey, Validation};
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 
 use super::AuthError;
+// The same asymmetric algorithms as client assertions.
+use super::assertion::ALLOWED;
 
 /// How far a proof's `iat` may be from now.
 pub const MAX_SKEW_SECS: i64 = 60;
-
-const ALLOWED: &[Algorithm] = &[
-    Algorithm::ES256,
-    Algorithm::ES384,
-    Algorithm::EdDSA,
-    Algorithm::RS256,
-    Algorithm::PS256,
-];
 
 #[derive(Debug, Deserialize)]
 struct ProofClaims {
