@@ -57,6 +57,12 @@ pub enum BrokerError {
     NotRenewable(String),
     #[error("{0}")]
     Provider(String),
+    /// Refused by a rate limit or a cap; try again after the given seconds.
+    #[error("{message}")]
+    RateLimited {
+        message: String,
+        retry_after_secs: u64,
+    },
     #[error("{0}")]
     Internal(String),
 }
@@ -96,6 +102,10 @@ pub struct Broker {
     pub federation: crate::identity::Federation,
     /// Woken on every approval decision, for long-polling agents.
     pub approvals_changed: Arc<tokio::sync::Notify>,
+    /// Rate limits by source address, claimed client id and agent.
+    pub limits: crate::limits::RateLimits,
+    /// Failed authentications waiting to be audited as counts.
+    pub auth_failures: crate::limits::AuthFailures,
 }
 
 impl std::fmt::Debug for Broker {
@@ -108,6 +118,20 @@ impl std::fmt::Debug for Broker {
 }
 
 impl Broker {
+    /// One credential operation by `agent` against its rate limit.
+    pub fn check_agent_rate(&self, agent: &str) -> BrokerResult<()> {
+        self.limits.check_agent(agent).map_err(|l| {
+            self.metrics.limited(l.limit);
+            BrokerError::RateLimited {
+                message: format!(
+                    "agent `{agent}` is over its rate limit ([limits] per_agent_per_minute); retry in {} s",
+                    l.retry_after_secs()
+                ),
+                retry_after_secs: l.retry_after_secs(),
+            }
+        })
+    }
+
     /// How long release, completion and revocation calls wait for providers
     /// to confirm before answering with what is still pending.
     pub const CONFIRM_WAIT: Duration = Duration::from_secs(5);

@@ -23,6 +23,10 @@ pub enum AuthError {
     InvalidToken(String),
     #[error("signing key problem: {0}")]
     Key(String),
+    /// The check could not be made now (an issuer's keys cannot be
+    /// fetched); the token may be fine, so the caller should retry.
+    #[error("{0}")]
+    Unavailable(String),
 }
 
 impl AuthError {

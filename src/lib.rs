@@ -14,6 +14,7 @@ pub mod cli;
 pub mod config;
 pub mod identity;
 pub mod lease;
+pub mod limits;
 pub mod metrics;
 pub mod model;
 pub mod notify;
@@ -34,6 +35,8 @@ pub fn init_logging(format: config::LogFormat) {
         EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        // Colours only for a person at a terminal, never into a log file.
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .with_writer(std::io::stderr);
     let _ = match format {
         config::LogFormat::Json => builder.json().try_init(),

@@ -11,6 +11,12 @@ pub struct OutcomeLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LimitLabels {
+    /// Which limit refused: `address`, `client` or `agent`.
+    pub limit: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ScopeLabels {
     pub scope: String,
     pub outcome: String,
@@ -23,6 +29,7 @@ pub struct Metrics {
     pub authentications: Family<OutcomeLabels, Counter>,
     pub credentials: Family<ScopeLabels, Counter>,
     pub revocations: Family<OutcomeLabels, Counter>,
+    pub rate_limited: Family<LimitLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -31,6 +38,12 @@ impl Default for Metrics {
         let authentications = Family::<OutcomeLabels, Counter>::default();
         let credentials = Family::<ScopeLabels, Counter>::default();
         let revocations = Family::<OutcomeLabels, Counter>::default();
+        let rate_limited = Family::<LimitLabels, Counter>::default();
+        registry.register(
+            "rate_limited",
+            "Requests refused with 429 by the limit that refused them",
+            rate_limited.clone(),
+        );
         registry.register(
             "authentications",
             "Token endpoint calls by outcome",
@@ -51,6 +64,7 @@ impl Default for Metrics {
             authentications,
             credentials,
             revocations,
+            rate_limited,
         }
     }
 }
@@ -77,6 +91,14 @@ impl Metrics {
         self.revocations
             .get_or_create(&OutcomeLabels {
                 outcome: outcome.into(),
+            })
+            .inc();
+    }
+
+    pub fn limited(&self, limit: &str) {
+        self.rate_limited
+            .get_or_create(&LimitLabels {
+                limit: limit.into(),
             })
             .inc();
     }

@@ -166,6 +166,10 @@ pub struct Agent {
     /// (`on_behalf_of` at the token endpoint); an admin's decision.
     #[serde(default)]
     pub may_assert_users: bool,
+    /// While suspended: the state a resume returns it to (`pending` for an
+    /// agent whose provisioning approval was never granted).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub suspended_from: Option<AgentStatus>,
 }
 
 /// The user a task acts for.

@@ -72,6 +72,9 @@ pub struct PolicyEngine {
     schema: Option<Schema>,
     hash: String,
     authorizer: Authorizer,
+    /// Whether any policy reads the clock (`context.now`, `hour_utc`,
+    /// `weekday`): then what an agent may reach depends on when one asks.
+    clock_sensitive: bool,
 }
 
 impl std::fmt::Debug for PolicyEngine {
@@ -122,6 +125,7 @@ impl PolicyEngine {
         let mut hasher = Sha256::new();
         let mut set = PolicySet::new();
         let mut schema = None;
+        let mut clock_sensitive = false;
         for (name, text) in files {
             hasher.update(name.as_bytes());
             hasher.update([0]);
@@ -136,6 +140,10 @@ impl PolicyEngine {
                 schema = Some(s);
                 continue;
             }
+            // A plain word test: a mention in a comment only costs more probes.
+            clock_sensitive |= text
+                .split(|c: char| !(c.is_ascii_alphanumeric() || c == '_'))
+                .any(|w| matches!(w, "now" | "hour_utc" | "weekday"));
             let parsed = PolicySet::from_str(text).map_err(|e| PolicyError::Parse {
                 file: name.clone(),
                 message: e.to_string(),
@@ -162,7 +170,21 @@ impl PolicyEngine {
             schema,
             hash: hex::encode(hasher.finalize()),
             authorizer: Authorizer::new(),
+            clock_sensitive,
         })
+    }
+
+    /// The instants at which to ask what an agent may reach, so that the
+    /// answer does not depend on when it is asked: `at` alone when no policy
+    /// reads the clock; otherwise every hour of the week from `at` (each
+    /// `hour_utc` x `weekday` pair once). A scope permitted at any of them is
+    /// reachable — a policy that opens a team only on Sundays at 03:00 widens
+    /// it now, not at that hour.
+    pub fn probe_instants(&self, at: time::OffsetDateTime) -> Vec<time::OffsetDateTime> {
+        if !self.clock_sensitive {
+            return vec![at];
+        }
+        (0..7 * 24).map(|h| at + time::Duration::hours(h)).collect()
     }
 
     /// The content hash of the loaded files (names and bytes).

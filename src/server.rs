@@ -6,6 +6,7 @@ mod agent;
 mod approvals;
 mod auth;
 mod error;
+mod listen;
 mod ops;
 pub mod tls;
 
@@ -42,6 +43,7 @@ pub async fn build_broker(config: Config) -> anyhow::Result<Broker> {
     let signer = SessionSigner::open(&config.sessions.signing_key_file, &config.server.issuer)?;
     let registry = Registry::build(&config).await?;
     let config_federation = config.federation.issuers.clone();
+    let config_limits = config.limits;
     let notifier = crate::notify::Notifier::new(
         config.notify.clone(),
         config.public_url().to_owned(),
@@ -58,6 +60,10 @@ pub async fn build_broker(config: Config) -> anyhow::Result<Broker> {
         notifier: Arc::new(notifier),
         federation: crate::identity::Federation::new(config_federation)?,
         approvals_changed: Arc::new(tokio::sync::Notify::new()),
+        limits: crate::limits::RateLimits::new(&config_limits),
+        auth_failures: crate::limits::AuthFailures::new(std::time::Duration::from_secs(
+            config_limits.auth_failure_interval_secs,
+        )),
     };
     if let Some(dir) = broker.config.registry.seed_dir.clone() {
         let n = seed_agents(&broker, &dir).await?;
@@ -111,6 +117,10 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/providers/{name}/verify", post(ops::provider_verify))
         .route("/v1/providers/{name}/{doc}", get(ops::provider_document))
         .fallback(ops::not_found)
+        .layer(axum::middleware::from_fn_with_state(
+            Arc::clone(&state),
+            ops::limit_by_address,
+        ))
         .layer(axum::middleware::from_fn(ops::log_requests))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)
@@ -141,35 +151,48 @@ pub async fn serve(config_path: &Path, listen: Option<std::net::SocketAddr>) -> 
     tokio::spawn(worker.run_reaper());
     tokio::spawn(Arc::clone(&broker.notifier).run(broker.store.clone()));
     tokio::spawn(close_stale_approvals(Arc::clone(&broker)));
+    tokio::spawn(flush_auth_failures(Arc::clone(&broker)));
     let listener = TcpListener::bind(broker.config.server.listen).await?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, issuer = %broker.config.server.issuer, policy_hash = %broker.policy.hash(), "keygate ready");
     println!("keygate listening on {addr}");
     let app = router(Arc::clone(&broker));
+    let limits = broker.config.server.connections;
     if let Some(tls) = &broker.config.server.tls {
-        let tls_listener = tls::TlsListener::bind(tls).await?;
-        let tls_addr = axum::serve::Listener::local_addr(&tls_listener)?.addr;
+        let tls_listener = TcpListener::bind(tls.listen).await?;
+        let acceptor = tls::acceptor(tls)?;
+        let tls_addr = tls_listener.local_addr()?;
         tracing::info!(addr = %tls_addr, trust_domain = %tls.trust_domain, "mTLS listener ready");
         println!("keygate mtls listening on {tls_addr}");
         let tls_app = app.clone();
-        tokio::spawn(async move {
-            let served = axum::serve(
-                tls_listener,
-                tls_app.into_make_service_with_connect_info::<ClientConn>(),
-            )
-            .await;
-            if let Err(e) = served {
-                tracing::error!(error = %e, "the mTLS listener stopped");
-            }
-        });
+        // Ends with the process: the plain listener's shutdown ends `main`.
+        tokio::spawn(listen::serve(
+            tls_listener,
+            Some(acceptor),
+            tls_app,
+            limits,
+            std::future::pending(),
+        ));
     }
-    axum::serve(
-        listener,
-        app.into_make_service_with_connect_info::<ClientConn>(),
-    )
-    .with_graceful_shutdown(shutdown_signal())
-    .await?;
+    listen::serve(listener, None, app, limits, shutdown_signal()).await;
+    // Counted failures not yet in the audit log go in before exit.
+    if let Err(e) = broker.flush_auth_failures(true).await {
+        tracing::error!(error = %e, "auditing counted authentication failures failed");
+    }
     Ok(())
+}
+
+/// Audits counted authentication failures once their interval ends, and
+/// lets rate limiters forget idle keys.
+async fn flush_auth_failures(broker: AppState) {
+    let every = broker.auth_failures.interval();
+    loop {
+        tokio::time::sleep(every).await;
+        if let Err(e) = broker.flush_auth_failures(false).await {
+            tracing::error!(error = %e, "auditing counted authentication failures failed");
+        }
+        broker.limits.forget_idle();
+    }
 }
 
 /// Expires approvals nobody decided in time and cancels those whose task

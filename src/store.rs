@@ -121,12 +121,17 @@ pub trait StoreTx: Send {
     async fn audit(&mut self, event: AuditEvent) -> StoreResult<()>;
 
     async fn insert_agent(&mut self, agent: &Agent) -> StoreResult<()>;
+    /// Moves an agent from one of `from` to `to`, in this transaction and only
+    /// if it is still in one of `from` (so a change decided on a stale read
+    /// cannot apply). Suspending remembers the state left, for resume.
+    /// Returns the state it left, or `None` when it was in none of `from`.
     async fn set_agent_status(
         &mut self,
         id: &str,
-        status: AgentStatus,
+        from: &[AgentStatus],
+        to: AgentStatus,
         now: OffsetDateTime,
-    ) -> StoreResult<()>;
+    ) -> StoreResult<Option<AgentStatus>>;
     async fn touch_agent(&mut self, id: &str, now: OffsetDateTime) -> StoreResult<()>;
     /// Rewrites an agent's attributes (team, sponsor, tier, labels, keys…).
     async fn update_agent(&mut self, agent: &Agent) -> StoreResult<()>;
@@ -292,6 +297,8 @@ pub enum TaskSelector {
 pub enum LeaseSelector {
     Lease(String),
     Task(String),
+    /// Every live lease of these tasks (tasks an emergency revocation ended).
+    Tasks(Vec<String>),
     Emergency(Selector),
 }
 
@@ -331,6 +338,7 @@ mod tests {
             delegation: Default::default(),
             federated: None,
             may_assert_users: false,
+            suspended_from: None,
         }
     }
 

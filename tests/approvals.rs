@@ -749,3 +749,91 @@ async fn a_redeem_the_provider_refuses_does_not_spend_the_approval() {
         1
     );
 }
+
+#[tokio::test]
+async fn slack_text_is_inert_replays_are_byte_keyed_and_response_urls_stay_hidden() {
+    let w = world("").await;
+    let b = &w.b;
+    let (_, s) = agent_session(b).await;
+    // Agent-supplied text aimed at the approvers' channel.
+    let body = b
+        .post(
+            "/v1/credentials",
+            Some(&s.token),
+            &json!({
+                "scope": "payments-ca", "ttl": 300,
+                "justification": "<!channel> urgent: see <https://evil.example|the invoice> & pay",
+            }),
+        )
+        .await
+        .expect(202);
+    let id = body["approval_id"].as_str().unwrap().to_owned();
+    let posted = eventually("the Slack request message", || async {
+        w.slack
+            .calls("/api/chat.postMessage")
+            .into_iter()
+            .find(|c| c.body.to_string().contains(&id))
+    })
+    .await;
+    let text = posted.body.to_string();
+    assert!(!text.contains("<!channel>"), "{text}");
+    assert!(!text.contains("<https://evil.example|"), "{text}");
+    assert!(
+        text.contains("&lt;!channel&gt;") && text.contains("&amp; pay"),
+        "{text}"
+    );
+
+    // The same signed click with its MAC spelled in upper-case hex is a replay.
+    let now = unix_now();
+    let click = click_body("UCAROL", "keygate_approve", &id, &w.slack.response_url(21));
+    let sig = slack_signature(SIGNING_SECRET, now, &click);
+    let send = |sig: String| {
+        let click = click.clone();
+        async move {
+            let r = b
+                .http
+                .post(b.url("/v1/hooks/slack/interactions"))
+                .header("content-type", "application/x-www-form-urlencoded")
+                .header("x-slack-request-timestamp", now.to_string())
+                .header("x-slack-signature", sig)
+                .body(click)
+                .send()
+                .await
+                .unwrap();
+            (r.status().as_u16(), r.text().await.unwrap())
+        }
+    };
+    let (status, text) = send(sig.clone()).await;
+    assert_eq!(status, 200, "{text}");
+    let upper = format!("v0={}", sig.trim_start_matches("v0=").to_ascii_uppercase());
+    let (status, text) = send(upper).await;
+    assert_eq!(status, 401, "{text}");
+    assert!(text.contains("replay"), "{text}");
+    // A timestamp at the end of the range is refused, not an overflow.
+    let r = b
+        .http
+        .post(b.url("/v1/hooks/slack/interactions"))
+        .header("x-slack-request-timestamp", i64::MIN.to_string())
+        .header(
+            "x-slack-signature",
+            slack_signature(SIGNING_SECRET, i64::MIN, &click),
+        )
+        .body(click.clone())
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+
+    // Carol's refusal went back through her click's response_url; no reader
+    // sees that URL (a capability to post into the channel).
+    eventually("the ephemeral reply", || async {
+        w.slack.calls("/actions/21").into_iter().next()
+    })
+    .await;
+    for reader in [&b.ops.auditor, &b.ops.admin, &b.ops.approver] {
+        let r = b.get(&format!("/v1/approvals/{id}"), Some(reader)).await;
+        assert_eq!(r.status, 200, "{}", r.text);
+        assert!(!r.text.contains("/actions/21"), "{}", r.text);
+        assert!(r.text.contains("[redacted]"), "{}", r.text);
+    }
+}

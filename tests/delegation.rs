@@ -271,3 +271,50 @@ async fn introspection_and_revocation_of_session_tokens() {
     );
     assert!(meta["introspection_endpoint"].is_string());
 }
+
+#[tokio::test]
+async fn a_delegated_request_may_not_exceed_any_delegator() {
+    // The shipped guardrail caps tier-3 agents at 900 s; a tier-1 child of a
+    // tier-3 parent must not get more through delegation.
+    let b = TestBroker::start_with(Setup::permissive()).await;
+    let parent = TestAgent::new("tier3", "ES256");
+    let child = TestAgent::new("tier1", "ES256");
+    let mut spec = parent.spec("research");
+    spec["risk_tier"] = json!(3);
+    spec["delegation"] = json!({ "max_depth": 1, "targets": [child.id] });
+    b.admin_post("/v1/agents", &spec).await.expect(201);
+    let mut spec = child.spec("research");
+    spec["risk_tier"] = json!(1);
+    b.admin_post("/v1/agents", &spec).await.expect(201);
+    let p = b.token(&parent).await;
+    let v = exchange(&b, &p.token, &child, Some("x509-svid"))
+        .await
+        .expect(200);
+    let delegated = v["access_token"].as_str().unwrap();
+
+    let r = b.credential(delegated, "x509-svid", Some(3600), None).await;
+    assert_eq!(r.status, 403, "{}", r.text);
+    let body = r.json();
+    assert_eq!(body["error"], "policy_denied");
+    assert!(
+        body["message"].as_str().unwrap().contains(&parent.id),
+        "{body}"
+    );
+    assert_eq!(body["policies"], json!(["tier3-short-ttl"]), "{body}");
+    let denied = b
+        .audit(&format!("agent={}&action=credential.requested", child.id))
+        .await;
+    let last = denied.last().unwrap();
+    assert_eq!(last["outcome"], "failure");
+    assert_eq!(
+        last["details"]["delegators"][0]["agent"],
+        parent.id.as_str()
+    );
+
+    // Within the parent's terms: granted, and the decision names both.
+    let ok = b
+        .credential(delegated, "x509-svid", Some(600), None)
+        .await
+        .expect(201);
+    assert!(ok["lease_id"].is_string());
+}

@@ -150,3 +150,128 @@ async fn a_dpop_bound_token_needs_a_fresh_proof_by_its_key() {
     let body: Value = r.json().await.unwrap();
     assert_eq!(body["error"], "invalid_dpop_proof", "{body}");
 }
+
+/// `POST /oauth/introspect` as secops.
+async fn introspect(b: &TestBroker, token: &str) -> Value {
+    b.http
+        .post(b.url("/oauth/introspect"))
+        .bearer_auth(&b.ops.secops)
+        .form(&[("token", token)])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap()
+}
+
+/// The token endpoint's answer to a DPoP proof, with a valid assertion.
+async fn token_with_proof(b: &TestBroker, agent: &TestAgent, proof: &str) -> Resp {
+    let assertion = agent.assertion();
+    let r = b
+        .http
+        .post(b.url("/oauth/token"))
+        .header("dpop", proof)
+        .form(&[
+            ("grant_type", "client_credentials"),
+            ("client_id", agent.id.as_str()),
+            ("client_assertion_type", JWT_BEARER),
+            ("client_assertion", assertion.as_str()),
+        ])
+        .send()
+        .await
+        .unwrap();
+    Resp {
+        status: r.status(),
+        text: r.text().await.unwrap(),
+    }
+}
+
+#[tokio::test]
+async fn introspection_challenges_and_proof_keys_follow_rfc_9449() {
+    use base64::Engine;
+    let b64 = |v: &Value| {
+        base64::engine::general_purpose::URL_SAFE_NO_PAD.encode(v.to_string().as_bytes())
+    };
+    let b = TestBroker::start().await;
+    let agent = TestAgent::new("dpopi", "ES256");
+    b.register(&agent, "platform").await;
+    let v = bound_token(&b, &agent, &agent).await;
+    let token = v["access_token"].as_str().unwrap().to_owned();
+
+    // Introspection names the binding a resource server must check (§6.2).
+    let claims: Value = serde_json::from_slice(
+        &base64::engine::general_purpose::URL_SAFE_NO_PAD
+            .decode(token.split('.').nth(1).unwrap())
+            .unwrap(),
+    )
+    .unwrap();
+    let i = introspect(&b, &token).await;
+    assert_eq!(i["active"], true, "{i}");
+    assert_eq!(i["token_type"], "DPoP", "{i}");
+    assert_eq!(i["cnf"]["jkt"], claims["cnf"]["jkt"], "{i}");
+    let plain = b.token(&agent).await;
+    let i = introspect(&b, &plain.token).await;
+    assert_eq!(
+        (i["token_type"].as_str(), i.get("cnf")),
+        (Some("Bearer"), None),
+        "{i}"
+    );
+
+    // A 401 for a DPoP-bound token challenges with the DPoP scheme (§7.1).
+    let r = b
+        .http
+        .get(b.url("/v1/session"))
+        .header("authorization", format!("DPoP {token}"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let challenge = r.headers()["www-authenticate"].to_str().unwrap().to_owned();
+    assert!(challenge.starts_with("DPoP "), "{challenge}");
+    assert!(challenge.contains("algs="), "{challenge}");
+    let r = b
+        .http
+        .get(b.url("/v1/session"))
+        .bearer_auth(&plain.token[..plain.token.len() - 2])
+        .send()
+        .await
+        .unwrap();
+    assert!(
+        r.headers()["www-authenticate"]
+            .to_str()
+            .unwrap()
+            .starts_with("Bearer")
+    );
+
+    // A proof whose `jwk` carries the private key is refused (§4.3).
+    let mut jwk = agent.jwk.clone();
+    jwk.as_object_mut().unwrap().remove("kid");
+    jwk["d"] = json!("c2VjcmV0LXByaXZhdGUta2V5LW1hdGVyaWFsLWhlcmUtMzI");
+    let header = json!({ "typ": "dpop+jwt", "alg": "ES256", "jwk": jwk });
+    let body = json!({
+        "jti": uuid::Uuid::new_v4().to_string(), "iat": unix_now(),
+        "htm": "POST", "htu": format!("{ISSUER}/oauth/token"),
+    });
+    let private = format!("{}.{}.AAAA", b64(&header), b64(&body));
+    let r = token_with_proof(&b, &agent, &private).await;
+    assert_eq!(r.status, 400, "{}", r.text);
+    assert!(r.text.contains("private key"), "{}", r.text);
+    assert!(
+        !r.text.contains("c2VjcmV0"),
+        "the key is not echoed: {}",
+        r.text
+    );
+
+    // An `iat` at the end of the range is refused, not an overflow.
+    for iat in [i64::MIN, i64::MAX] {
+        let p = proof_with(
+            &agent,
+            json!({ "htm": "POST", "htu": format!("{ISSUER}/oauth/token"), "iat": iat }),
+            None,
+        );
+        let r = token_with_proof(&b, &agent, &p).await;
+        assert_eq!(r.status, 400, "iat {iat}: {}", r.text);
+        assert!(r.text.contains("`iat`"), "{}", r.text);
+    }
+}

@@ -174,3 +174,135 @@ async fn foreign_wrong_expired_and_unbound_tokens_are_refused_and_audited() {
     .await;
     assert!(v["access_token"].is_string());
 }
+
+/// A JWKS endpoint that misbehaves: `stuck` never answers, `broken` answers
+/// 500 (counting requests), `endless` streams a body that never ends.
+async fn bad_jwks(kind: &'static str) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use std::sync::atomic::Ordering;
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/jwks", listener.local_addr().unwrap());
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = hits.clone();
+    tokio::spawn(async move {
+        let mut held = Vec::new();
+        loop {
+            let Ok((mut s, _)) = listener.accept().await else {
+                return;
+            };
+            counter.fetch_add(1, Ordering::SeqCst);
+            match kind {
+                "stuck" => held.push(s),
+                "broken" => {
+                    let mut buf = [0u8; 4096];
+                    let _ = s.read(&mut buf).await;
+                    let _ = s
+                        .write_all(b"HTTP/1.1 500 Internal Server Error\r\ncontent-length: 0\r\nconnection: close\r\n\r\n")
+                        .await;
+                }
+                _ => {
+                    tokio::spawn(async move {
+                        let mut buf = [0u8; 4096];
+                        let _ = s.read(&mut buf).await;
+                        let _ = s
+                            .write_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n\r\n")
+                            .await;
+                        let chunk = format!("10000\r\n{}\r\n", " ".repeat(0x10000));
+                        while s.write_all(chunk.as_bytes()).await.is_ok() {}
+                    });
+                }
+            }
+        }
+    });
+    (url, hits)
+}
+
+#[tokio::test]
+async fn a_slow_or_broken_issuer_delays_no_other_and_is_not_hammered() {
+    let oidc = OidcIssuer::start().await;
+    let (stuck, _) = bad_jwks("stuck").await;
+    let (broken, broken_hits) = bad_jwks("broken").await;
+    let (endless, _) = bad_jwks("endless").await;
+    let issuer = |name: &str, jwks: &str| {
+        format!(
+            "[[federation.issuers]]\nname = \"{name}\"\nissuer = \"https://{name}.test\"\njwks_url = \"{jwks}\"\naudience = \"{AUDIENCE}\"\nalgorithms = [\"ES256\"]\n"
+        )
+    };
+    let b = TestBroker::start_with(Setup {
+        extra_config: format!(
+            "[[federation.issuers]]\nname = \"k8s\"\nissuer = \"{}\"\naudience = \"{AUDIENCE}\"\nalgorithms = [\"RS256\"]\n{}{}{}",
+            oidc.issuer,
+            issuer("stuck", &stuck),
+            issuer("broken", &broken),
+            issuer("endless", &endless),
+        ),
+        ..Setup::permissive()
+    })
+    .await;
+    let agent = TestAgent::new("fed", "ES256");
+    let mut spec = agent.spec("platform");
+    spec["jwks"] = json!({ "keys": [] });
+    spec["federated"] = json!({ "issuer": "k8s", "subject": SUBJECT });
+    b.admin_post("/v1/agents", &spec).await.expect(201);
+    // The good issuer's keys are cached by a first login.
+    exchange(&b, &oidc.mint(&claims(json!({}))).await)
+        .await
+        .expect(200);
+    let signer = TestAgent::new("issuer-key", "ES256");
+    let foreign = |name: &str| {
+        signer.sign(&json!({
+            "iss": format!("https://{name}.test"), "sub": "x", "aud": AUDIENCE,
+            "exp": unix_now() + 300, "jti": uuid::Uuid::new_v4().to_string(),
+        }))
+    };
+
+    // A login through the stuck issuer waits on its fetch…
+    let (http, url) = (b.http.clone(), b.url("/oauth/token"));
+    let stuck_token = foreign("stuck");
+    let waiting = tokio::spawn(async move {
+        http.post(url)
+            .form(&[("grant_type", GRANT), ("assertion", stuck_token.as_str())])
+            .send()
+            .await
+    });
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    // …while another issuer's logins go through at once.
+    let quick = reqwest::Client::builder()
+        .timeout(std::time::Duration::from_secs(5))
+        .build()
+        .unwrap();
+    let fresh = oidc.mint(&claims(json!({}))).await;
+    let r = quick
+        .post(b.url("/oauth/token"))
+        .form(&[("grant_type", GRANT), ("assertion", fresh.as_str())])
+        .send()
+        .await
+        .expect("not held up by the stuck issuer");
+    assert_eq!(r.status(), 200);
+
+    // A broken issuer: "try again" (503), and it is asked once per floor.
+    for _ in 0..3 {
+        let r = exchange(&b, &foreign("broken")).await;
+        assert_eq!(r.status, 503, "{}", r.text);
+        assert_eq!(r.json()["error"], "temporarily_unavailable", "{}", r.text);
+    }
+    assert_eq!(
+        broken_hits.load(std::sync::atomic::Ordering::SeqCst),
+        1,
+        "failures are cached for the refresh floor"
+    );
+
+    // An endless JWKS is cut off at the cap while it streams.
+    let r = quick
+        .post(b.url("/oauth/token"))
+        .form(&[
+            ("grant_type", GRANT),
+            ("assertion", foreign("endless").as_str()),
+        ])
+        .send()
+        .await
+        .expect("answered, not stuck reading");
+    assert_eq!(r.status(), 503);
+    assert!(r.text().await.unwrap().contains("larger than"));
+    waiting.abort();
+}

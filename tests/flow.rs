@@ -263,6 +263,18 @@ async fn releasing_one_lease_revokes_only_it() {
 
     let unknown = b.credential(&s.token, "no-such-scope", None, None).await;
     assert_eq!(unknown.status, 404);
+    for i in 0..20 {
+        let made_up = format!("made-up-scope-{i}");
+        assert_eq!(
+            b.credential(&s.token, &made_up, None, None).await.status,
+            404
+        );
+    }
     let metrics = b.get("/metrics", None).await;
     assert_eq!(metrics.status, 200);
+    // Only configured scope names label series; the rest share one.
+    assert!(!metrics.text.contains("made-up-scope"), "{}", metrics.text);
+    assert!(!metrics.text.contains("no-such-scope"), "{}", metrics.text);
+    assert!(metrics.text.contains("(unknown)"), "{}", metrics.text);
+    assert!(metrics.text.contains("x509-svid"), "{}", metrics.text);
 }

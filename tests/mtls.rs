@@ -63,6 +63,13 @@ impl Drop for World {
 }
 
 async fn start() -> World {
+    start_trusting(None).await
+}
+
+/// With `client_ca`, client certificates must chain to that file instead of
+/// the test CA (e.g. `ca/ca-cert.pem`: the broker's own local CA, relative
+/// to its directory).
+async fn start_trusting(client_ca: Option<&str>) -> World {
     let ca = ca("keygate mtls test ca");
     let dir = std::env::temp_dir().join(format!("keygate-mtls-{}", uuid::Uuid::new_v4()));
     std::fs::create_dir_all(&dir).unwrap();
@@ -81,10 +88,13 @@ async fn start() -> World {
 listen = "127.0.0.1:0"
 cert_file = "{d}/server.pem"
 key_file = "{d}/server-key.pem"
-client_ca_file = "{d}/clients.pem"
+client_ca_file = "{bundle}"
 trust_domain = "{TRUST_DOMAIN}"
 "#,
-            d = dir.display()
+            d = dir.display(),
+            bundle = client_ca
+                .map(str::to_owned)
+                .unwrap_or_else(|| format!("{}/clients.pem", dir.display())),
         ),
         ..Setup::permissive()
     })
@@ -245,4 +255,128 @@ async fn wrong_trust_domain_no_san_expired_and_untrusted_certificates_fail() {
     let (status, v) = token(&client(&w.ca, None), &w, &agent.id).await.unwrap();
     assert_eq!(status, 401, "{v}");
     assert_eq!(v["error"], "invalid_client");
+}
+
+/// Opens a task over mTLS with the X.509-SVID in `cred` (a local-CA credential).
+fn svid_client(w: &World, cred: &Value) -> reqwest::Client {
+    let c = &cred["credential"];
+    let identity = (
+        c["certificate"].as_str().unwrap().to_owned(),
+        c["private_key"].as_str().unwrap().to_owned(),
+    );
+    client(&w.ca, Some(&identity))
+}
+
+#[tokio::test]
+async fn a_certificate_keygate_revoked_no_longer_authenticates() {
+    // The mTLS listener trusts the broker's own CA: its X.509-SVIDs log in.
+    let w = start_trusting(Some("ca/ca-cert.pem")).await;
+    let agent = TestAgent::new("revsvid", "ES256");
+    let mut spec = agent.spec("platform");
+    spec["federated"] = json!({
+        "issuer": "spiffe",
+        "subject": format!("spiffe://{TRUST_DOMAIN}/agent/{}", agent.id),
+    });
+    w.b.admin_post("/v1/agents", &spec).await.expect(201);
+    let s = w.b.token(&agent).await;
+    let cred = w.b.x509(&s.token, Some(600)).await;
+    let c = svid_client(&w, &cred);
+    let (status, v) = token(&c, &w, &agent.id).await.unwrap();
+    assert_eq!(status, 200, "a live SVID logs in: {v}");
+
+    // Released: on the CA's revocation list, and refused at the door.
+    let lease = cred["lease_id"].as_str().unwrap();
+    let r =
+        w.b.call(
+            reqwest::Method::DELETE,
+            &format!("/v1/credentials/{lease}"),
+            Some(&s.token),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    assert_eq!(w.b.lease_state(lease).await, "revoked");
+    let (status, v) = token(&svid_client(&w, &cred), &w, &agent.id).await.unwrap();
+    assert_eq!(status, 401, "a revoked SVID must not open a task: {v}");
+    assert!(
+        v["error_description"].as_str().unwrap().contains("revoked"),
+        "{v}"
+    );
+
+    // Task end revokes too.
+    let cred = w.b.x509(&s.token, Some(600)).await;
+    w.b.complete(&s.token).await;
+    let (status, _) = token(&svid_client(&w, &cred), &w, &agent.id).await.unwrap();
+    assert_eq!(status, 401);
+}
+
+#[tokio::test]
+async fn a_certificate_bound_token_is_not_exchanged_without_its_certificate() {
+    let w = start().await;
+    let orchestrator = TestAgent::new("bound", "ES256");
+    let sub = TestAgent::new("sub", "ES256");
+    w.b.register(&sub, "platform").await;
+    let id = format!("spiffe://{TRUST_DOMAIN}/agent/{}", orchestrator.id);
+    let mut spec = orchestrator.spec("platform");
+    spec["jwks"] = json!({ "keys": [] });
+    spec["federated"] = json!({ "issuer": "spiffe", "subject": id });
+    spec["delegation"] = json!({ "max_depth": 1, "targets": [sub.id] });
+    w.b.admin_post("/v1/agents", &spec).await.expect(201);
+    let cert = leaf(&w.ca, Some(&id), false);
+    let c = client(&w.ca, Some(&cert));
+    let (status, v) = token(&c, &w, &orchestrator.id).await.unwrap();
+    assert_eq!(status, 200, "{v}");
+    let bound = v["access_token"].as_str().unwrap().to_owned();
+    // Introspection names the certificate (RFC 8705 §3.2).
+    let i: Value =
+        w.b.http
+            .post(w.b.url("/oauth/introspect"))
+            .bearer_auth(&w.b.ops.secops)
+            .form(&[("token", bound.as_str())])
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+    assert_eq!(i["active"], true, "{i}");
+    assert!(i["cnf"]["x5t#S256"].is_string(), "{i}");
+
+    let exchange = |actor: String| {
+        vec![
+            (
+                "grant_type".to_owned(),
+                "urn:ietf:params:oauth:grant-type:token-exchange".to_owned(),
+            ),
+            ("subject_token".to_owned(), bound.clone()),
+            (
+                "subject_token_type".to_owned(),
+                "urn:ietf:params:oauth:token-type:access_token".to_owned(),
+            ),
+            ("actor_token".to_owned(), actor),
+            (
+                "actor_token_type".to_owned(),
+                "urn:ietf:params:oauth:token-type:jwt".to_owned(),
+            ),
+            ("scope".to_owned(), "x509-svid".to_owned()),
+        ]
+    };
+    // On the plain listener, without the certificate: refused.
+    let form = exchange(sub.assertion());
+    let pairs: Vec<(&str, &str)> = form.iter().map(|(k, v)| (k.as_str(), v.as_str())).collect();
+    let r = w.b.token_form(&pairs).await;
+    assert_eq!(r.status, 400, "{}", r.text);
+    assert_eq!(r.json()["error"], "invalid_grant", "{}", r.text);
+    assert!(r.text.contains("client certificate"), "{}", r.text);
+
+    // Over mTLS with the certificate the token is bound to: delegated.
+    let r = c
+        .post(format!("{}/oauth/token", w.mtls))
+        .form(&exchange(sub.assertion()))
+        .send()
+        .await
+        .unwrap();
+    let status = r.status();
+    let text = r.text().await.unwrap();
+    assert_eq!(status, 200, "{text}");
 }

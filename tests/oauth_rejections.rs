@@ -162,8 +162,26 @@ async fn bad_assertions_are_invalid_client() {
         let resp = b.token_with_assertion(id, assertion).await;
         refused(&b, resp, 401, "invalid_client", Some(id), case).await;
     }
+    // Each distinct refusal is audited at once; one repeated with the same
+    // reason is counted, and its count audited when the interval ends.
     let failures = b.audit("action=auth.token").await;
-    assert_eq!(failures.len(), cases.len(), "one audit event per refusal");
+    let mut reasons: Vec<&str> = failures
+        .iter()
+        .map(|e| e["reason"].as_str().unwrap())
+        .collect();
+    let distinct = reasons.len();
+    reasons.dedup();
+    assert_eq!(reasons.len(), distinct, "a reason audited twice at once");
+    common::eventually("every refusal accounted for", || async {
+        let counted: usize = b
+            .audit("action=auth.token_failures")
+            .await
+            .iter()
+            .map(|e| e["details"]["count"].as_u64().unwrap() as usize)
+            .sum();
+        (distinct + counted == cases.len()).then_some(())
+    })
+    .await;
 
     // A valid assertion still works, once.
     let good = agent.assertion();

@@ -204,3 +204,62 @@ async fn revocation_requests_are_checked() {
     assert_eq!(rv["tasks_ended"], 1);
     assert_agent(&b, &who, 401, "revoked").await;
 }
+
+#[tokio::test]
+async fn a_kill_switch_by_provider_revokes_every_lease_of_the_tasks_it_ends() {
+    // Two CAs: a task holding a lease of each, hit by provider `ca2` alone.
+    let mut setup = Setup::permissive();
+    setup.extra_config = r#"
+[providers.ca2]
+kind = "local-ca"
+trust_domain = "keygate.test"
+key_file = "ca2/ca-key.pem"
+cert_file = "ca2/ca-cert.pem"
+jwt_key_file = "ca2/jwt-svid-key.pem"
+revocation_file = "ca2/revocations.jsonl"
+"#
+    .into();
+    setup.scopes = Some(format!(
+        "{}\n[[scopes]]\nname = \"x509-b\"\nprovider = \"ca2\"\nmax_ttl_secs = 600\nparams = {{ kind = \"x509_svid\" }}\n",
+        common::DEFAULT_SCOPES
+    ));
+    setup.policies.push((
+        "ca2.cedar".into(),
+        r#"permit (principal, action == Keygate::Action::"request_credential", resource == Keygate::Scope::"x509-b");"#.into(),
+    ));
+    let b = TestBroker::start_with(setup).await;
+    let agent = TestAgent::new("two-cas", "ES256");
+    b.register(&agent, "violet").await;
+    let s = b.token(&agent).await;
+    let a = b.x509(&s.token, Some(600)).await;
+    let other = b
+        .credential(&s.token, "x509-b", Some(600), None)
+        .await
+        .expect(201);
+    let rv = b
+        .post(
+            "/v1/revocations",
+            Some(&b.ops.secops),
+            &json!({ "provider": "ca2", "reason": "ca2 key compromised" }),
+        )
+        .await
+        .expect(200);
+    assert_eq!(rv["tasks_ended"], 1, "{rv}");
+    assert_eq!(
+        (
+            rv["found"].as_u64(),
+            rv["revoked"].as_u64(),
+            rv["pending"].as_u64()
+        ),
+        (Some(2), Some(2), Some(0)),
+        "the ended task's `ca` lease is revoked too: {rv}"
+    );
+    for l in [&a, &other] {
+        assert_eq!(
+            b.lease_state(l["lease_id"].as_str().unwrap()).await,
+            "revoked"
+        );
+    }
+    assert!(!still_valid(&b, &a).await);
+    assert_eq!(b.get("/v1/session", Some(&s.token)).await.status, 401);
+}

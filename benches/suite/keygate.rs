@@ -109,6 +109,13 @@ impl Keygate {
 [server]
 listen = "127.0.0.1:0"
 issuer = "{ISSUER}"
+[server.connections]
+max_connections = 4096
+[limits]
+# The load comes from one address and a few agents: limits off (0).
+per_address_per_minute = 0
+per_client_per_minute = 0
+per_agent_per_minute = 0
 [store]
 url = "sqlite://{d}/keygate.db"
 [sessions]

@@ -136,6 +136,30 @@ pub struct AgentUpdate {
     pub last_review_at: Option<OffsetDateTime>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub delegation: Option<Delegation>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub may_assert_users: Option<bool>,
+}
+
+/// The attributes that prove an agent's identity or say who answers for it
+/// (and its risk tier, which sets approval quorums) that differ between
+/// `before` and `after`. Under `provisioning.require_approval` a change to
+/// any of them waits for approval like a widening does.
+fn identity_changes(before: &Agent, after: &Agent) -> Vec<&'static str> {
+    [
+        ("jwks", before.jwks != after.jwks),
+        ("federated", before.federated != after.federated),
+        (
+            "may_assert_users",
+            before.may_assert_users != after.may_assert_users,
+        ),
+        ("delegation", before.delegation != after.delegation),
+        ("risk_tier", before.risk_tier != after.risk_tier),
+        ("sponsor", before.sponsor != after.sponsor),
+        ("team", before.team != after.team),
+    ]
+    .into_iter()
+    .filter_map(|(name, changed)| changed.then_some(name))
+    .collect()
 }
 
 impl AgentUpdate {
@@ -163,7 +187,7 @@ impl AgentUpdate {
                 .clone()
                 .unwrap_or_else(|| agent.delegation.clone()),
             federated: agent.federated.clone(),
-            may_assert_users: agent.may_assert_users,
+            may_assert_users: self.may_assert_users.unwrap_or(agent.may_assert_users),
         };
         spec.validate()?;
         agent.team = spec.team;
@@ -175,6 +199,7 @@ impl AgentUpdate {
         agent.jwks = spec.jwks;
         agent.last_review_at = spec.last_review_at;
         agent.delegation = spec.delegation;
+        agent.may_assert_users = spec.may_assert_users;
         Ok(())
     }
 }
@@ -245,6 +270,7 @@ impl Broker {
             delegation: spec.delegation,
             federated: spec.federated,
             may_assert_users: spec.may_assert_users,
+            suspended_from: None,
         };
         let mut tx = self.store.begin().await?;
         tx.insert_agent(&agent).await?;
@@ -259,27 +285,9 @@ impl Broker {
         )
         .await?;
         let approval = if held {
-            let reachable = self.reachable_scopes(&Agent {
-                status: AgentStatus::Active,
-                ..agent.clone()
-            });
             Some(
-                self.open_provisioning_approval(
-                    &mut *tx,
-                    actor,
-                    &agent,
-                    serde_json::json!({
-                        "change": "register",
-                        "agent": {
-                            "team": agent.team, "sponsor": agent.sponsor,
-                            "risk_tier": agent.risk_tier, "environment": agent.environment,
-                            "purpose": agent.purpose, "labels": agent.labels,
-                        },
-                        "reachable_scopes": reachable,
-                    }),
-                    format!("new agent identity: {}", agent.purpose),
-                )
-                .await?,
+                self.open_registration_approval(&mut *tx, actor, &agent)
+                    .await?,
             )
         } else {
             None
@@ -325,8 +333,18 @@ impl Broker {
             .collect();
         let change =
             serde_json::to_value(&update).map_err(|e| BrokerError::Internal(e.to_string()))?;
+        let identity = identity_changes(&before, &after);
         let mut tx = self.store.begin().await?;
-        if !widened.is_empty() && self.config.provisioning.require_approval {
+        if (!widened.is_empty() || !identity.is_empty())
+            && self.config.provisioning.require_approval
+        {
+            let mut what = Vec::new();
+            if !widened.is_empty() {
+                what.push(format!("widens it to: {}", widened.join(", ")));
+            }
+            if !identity.is_empty() {
+                what.push(format!("changes its {}", identity.join(", ")));
+            }
             let approval = self
                 .open_provisioning_approval(
                     &mut *tx,
@@ -334,8 +352,9 @@ impl Broker {
                     &before,
                     serde_json::json!({
                         "change": "update", "update": change, "widened_scopes": widened,
+                        "identity_changes": identity,
                     }),
-                    format!("widens agent `{id}` to: {}", widened.join(", ")),
+                    format!("agent `{id}`: {}", what.join("; ")),
                 )
                 .await?;
             tx.commit().await?;
@@ -370,6 +389,9 @@ impl Broker {
 
     /// Moves an agent to `to`. Suspending or decommissioning ends its open
     /// tasks and queues every live lease for revocation, in the same commit.
+    /// Resume (`to = active`) returns the agent to the state it was suspended
+    /// from: an agent suspended while `pending` goes back to `pending` with a
+    /// fresh provisioning approval, never to `active` on one admin's word.
     pub async fn set_agent_status(
         &self,
         actor: &Actor,
@@ -378,56 +400,135 @@ impl Broker {
         reason: &str,
     ) -> BrokerResult<Agent> {
         let agent = self.agent(id).await?;
-        let allowed = matches!(
-            (agent.status, to),
-            (
-                AgentStatus::Active | AgentStatus::Pending,
-                AgentStatus::Suspended
-            ) | (AgentStatus::Suspended, AgentStatus::Active)
-                | (
-                    AgentStatus::Pending | AgentStatus::Active | AgentStatus::Suspended,
-                    AgentStatus::Decommissioned
-                )
-        );
-        if !allowed {
-            return Err(BrokerError::Conflict(format!(
-                "agent `{id}` is {}; it cannot become {to}",
-                agent.status
-            )));
+        let from: &[AgentStatus] = match to {
+            AgentStatus::Suspended => &[AgentStatus::Active, AgentStatus::Pending],
+            AgentStatus::Active => &[AgentStatus::Suspended],
+            AgentStatus::Decommissioned => &[
+                AgentStatus::Pending,
+                AgentStatus::Active,
+                AgentStatus::Suspended,
+            ],
+            AgentStatus::Pending => &[],
+        };
+        let conflict = |status: AgentStatus| {
+            BrokerError::Conflict(format!("agent `{id}` is {status}; it cannot become {to}"))
+        };
+        if !from.contains(&agent.status) {
+            return Err(conflict(agent.status));
         }
+        // Resume goes back where suspend came from.
+        let target = match to {
+            AgentStatus::Active => agent.suspended_from.unwrap_or(AgentStatus::Active),
+            other => other,
+        };
         let t = now();
         let mut tx = self.store.begin().await?;
-        tx.set_agent_status(id, to, t).await?;
+        if tx.set_agent_status(id, from, target, t).await?.is_none() {
+            // Changed since it was read: decide again on what it is now.
+            let current = self.agent(id).await?;
+            return Err(conflict(current.status));
+        }
         let (mut tasks, mut leases) = (Vec::new(), Vec::new());
-        if to != AgentStatus::Active {
+        if matches!(target, AgentStatus::Suspended | AgentStatus::Decommissioned) {
             let why = format!("agent {to}: {reason}");
-            let sel = Selector::Agent(id.to_owned());
-            tasks = tx
-                .end_tasks(
-                    &TaskSelector::Emergency(sel.clone()),
-                    TaskState::Revoked,
-                    &why,
-                    t,
-                )
-                .await?;
-            leases = tx
-                .queue_revocations(&LeaseSelector::Emergency(sel), &why, None, t)
+            (tasks, leases) = self.end_agent_work(&mut *tx, id, &why, t).await?;
+        }
+        // Leaving `pending` (or leaving for good) ends the provisioning
+        // approvals still open: granting one later must not bring it back.
+        let mut cancelled = Vec::new();
+        if agent.status == AgentStatus::Pending || target == AgentStatus::Decommissioned {
+            cancelled = self
+                .cancel_provisioning(&mut *tx, actor, id, &format!("agent {to}: {reason}"))
                 .await?;
         }
+        let action = if to == AgentStatus::Active {
+            "agent.resumed".to_owned()
+        } else {
+            format!("agent.{to}")
+        };
         tx.audit(
-            AuditEvent::new(actor, &format!("agent.{to}"))
+            AuditEvent::new(actor, &action)
                 .agent(id)
                 .reason(reason)
                 .details(serde_json::json!({
-                    "from": agent.status, "to": to,
+                    "from": agent.status, "to": target,
                     "tasks_ended": tasks.len(), "leases_queued": leases.len(),
+                    "approvals_cancelled": cancelled,
                 })),
         )
         .await?;
+        let reopened = if target == AgentStatus::Pending {
+            let mut pending = agent.clone();
+            pending.status = AgentStatus::Pending;
+            Some(
+                self.open_registration_approval(&mut *tx, actor, &pending)
+                    .await?,
+            )
+        } else {
+            None
+        };
         tx.commit().await?;
+        if reopened.is_some() || !cancelled.is_empty() {
+            self.notifier.wake();
+            self.approvals_changed.notify_waiters();
+        }
         self.leases.wake();
         self.await_revocations(&leases, Self::CONFIRM_WAIT).await;
         self.agent(id).await
+    }
+
+    /// Ends an agent's open tasks and queues every live lease for revocation
+    /// (suspend, decommission, a denied registration). Returns (tasks, leases).
+    pub(crate) async fn end_agent_work(
+        &self,
+        tx: &mut dyn crate::store::StoreTx,
+        id: &str,
+        why: &str,
+        t: OffsetDateTime,
+    ) -> BrokerResult<(Vec<String>, Vec<String>)> {
+        let sel = Selector::Agent(id.to_owned());
+        let tasks = tx
+            .end_tasks(
+                &TaskSelector::Emergency(sel.clone()),
+                TaskState::Revoked,
+                why,
+                t,
+            )
+            .await?;
+        let leases = tx
+            .queue_revocations(&LeaseSelector::Emergency(sel), why, None, t)
+            .await?;
+        Ok((tasks, leases))
+    }
+
+    /// The provisioning approval that a new (or returning) `pending` agent
+    /// waits for.
+    pub(crate) async fn open_registration_approval(
+        &self,
+        tx: &mut dyn crate::store::StoreTx,
+        actor: &Actor,
+        agent: &Agent,
+    ) -> BrokerResult<crate::model::Approval> {
+        let reachable = self.reachable_scopes(&Agent {
+            status: AgentStatus::Active,
+            ..agent.clone()
+        });
+        self.open_provisioning_approval(
+            tx,
+            actor,
+            agent,
+            serde_json::json!({
+                "change": "register",
+                "agent": {
+                    "team": agent.team, "sponsor": agent.sponsor,
+                    "risk_tier": agent.risk_tier, "environment": agent.environment,
+                    "purpose": agent.purpose, "labels": agent.labels,
+                },
+                "reachable_scopes": reachable,
+            }),
+            format!("new agent identity: {}", agent.purpose),
+        )
+        .await
     }
 }
 

@@ -98,6 +98,51 @@ impl Broker {
                 scope_cfg.name
             )));
         }
+        let request = serde_json::json!({ "ttl": ttl, "params": ask.params });
+        let waiting = self
+            .store
+            .list_approvals(&crate::model::ApprovalFilter {
+                state: Some(ApprovalState::Pending),
+                kind: Some(ApprovalKind::Credential),
+                agent: Some(s.agent.id.clone()),
+                limit: None,
+            })
+            .await?;
+        // The same request asked again while it waits is the same request:
+        // no second message to the approvers.
+        if let Some(same) = waiting.iter().find(|a| {
+            a.task_id.as_deref() == Some(s.task.id.as_str())
+                && a.scope.as_deref() == Some(scope_cfg.name.as_str())
+                && a.request == request
+        }) {
+            return Ok(same.clone());
+        }
+        let limits = &self.config.limits;
+        let in_task = waiting
+            .iter()
+            .filter(|a| a.task_id.as_deref() == Some(s.task.id.as_str()))
+            .count();
+        let capped = |what: String| BrokerError::RateLimited {
+            message: format!("{what}: wait for a decision before asking again"),
+            retry_after_secs: 30,
+        };
+        if limits.max_pending_approvals_per_task > 0
+            && in_task >= limits.max_pending_approvals_per_task as usize
+        {
+            return Err(capped(format!(
+                "task `{}` already has {in_task} approvals waiting ([limits] max_pending_approvals_per_task)",
+                s.task.id
+            )));
+        }
+        if limits.max_pending_approvals_per_agent > 0
+            && waiting.len() >= limits.max_pending_approvals_per_agent as usize
+        {
+            return Err(capped(format!(
+                "agent `{}` already has {} approvals waiting ([limits] max_pending_approvals_per_agent)",
+                s.agent.id,
+                waiting.len()
+            )));
+        }
         let tier = usize::from(s.agent.risk_tier.clamp(1, 3)) - 1;
         let cfg = &self.config.approvals;
         let t = now();
@@ -111,7 +156,7 @@ impl Broker {
             agent_id: s.agent.id.clone(),
             task_id: Some(s.task.id.clone()),
             scope: Some(scope_cfg.name.clone()),
-            request: serde_json::json!({ "ttl": ttl, "params": ask.params }),
+            request,
             justification,
             required: scope_cfg.approvals.unwrap_or(cfg.quorum_by_tier[tier]),
             approver_teams: scope_cfg.approver_teams.clone(),
@@ -478,7 +523,9 @@ impl Broker {
         minted
     }
 
-    /// Applies (or settles) a provisioning change once its approval ends.
+    /// Applies (or settles) a provisioning change once its approval ends,
+    /// conditional on the agent's state now: a registration activates only
+    /// a `pending` agent, and nothing applies to a decommissioned one.
     async fn apply_provisioning(
         &self,
         tx: &mut dyn StoreTx,
@@ -488,10 +535,17 @@ impl Broker {
     ) -> BrokerResult<()> {
         let t = now();
         let change = a.request["change"].as_str().unwrap_or_default();
+        let not_pending = || {
+            BrokerError::Conflict(format!(
+                "agent `{}` is no longer pending; its registration approval cannot apply",
+                a.agent_id
+            ))
+        };
         match (change, state) {
             ("register", ApprovalState::Approved) => {
-                tx.set_agent_status(&a.agent_id, AgentStatus::Active, t)
-                    .await?;
+                tx.set_agent_status(&a.agent_id, &[AgentStatus::Pending], AgentStatus::Active, t)
+                    .await?
+                    .ok_or_else(not_pending)?;
                 tx.audit(
                     approval_event(actor, "agent.active", a)
                         .reason("provisioning approved".to_owned()),
@@ -499,18 +553,40 @@ impl Broker {
                 .await?;
             }
             ("register", ApprovalState::Denied) => {
-                tx.set_agent_status(&a.agent_id, AgentStatus::Decommissioned, t)
+                tx.set_agent_status(
+                    &a.agent_id,
+                    &[AgentStatus::Pending],
+                    AgentStatus::Decommissioned,
+                    t,
+                )
+                .await?
+                .ok_or_else(not_pending)?;
+                // Like any decommission: whatever it holds ends now.
+                let (tasks, leases) = self
+                    .end_agent_work(tx, &a.agent_id, "provisioning denied", t)
                     .await?;
                 tx.audit(
                     approval_event(actor, "agent.decommissioned", a)
-                        .reason("provisioning denied".to_owned()),
+                        .reason("provisioning denied".to_owned())
+                        .details(serde_json::json!({
+                            "tasks_ended": tasks.len(), "leases_queued": leases.len(),
+                        })),
                 )
                 .await?;
+                if !leases.is_empty() {
+                    self.leases.wake();
+                }
             }
             ("update", ApprovalState::Approved) => {
                 let Some(mut agent) = self.store.get_agent(&a.agent_id).await? else {
                     return Err(BrokerError::NotFound(format!("no agent `{}`", a.agent_id)));
                 };
+                if agent.status == AgentStatus::Decommissioned {
+                    return Err(BrokerError::Conflict(format!(
+                        "agent `{}` is decommissioned; the change cannot apply",
+                        a.agent_id
+                    )));
+                }
                 let update: super::agents::AgentUpdate =
                     serde_json::from_value(a.request["update"].clone())
                         .map_err(|e| BrokerError::Internal(format!("stored change: {e}")))?;
@@ -530,27 +606,75 @@ impl Broker {
         Ok(())
     }
 
-    /// Scopes policy lets `agent` reach, probed with the shortest sensible
-    /// request (a described task, a minute or the scope's max TTL, now).
-    pub(crate) fn reachable_scopes(&self, agent: &Agent) -> Vec<String> {
+    /// Cancels the agent's open provisioning approvals (it left `pending`, or
+    /// was decommissioned): each is audited and announced. Returns their ids.
+    pub(crate) async fn cancel_provisioning(
+        &self,
+        tx: &mut dyn StoreTx,
+        actor: &Actor,
+        agent_id: &str,
+        reason: &str,
+    ) -> BrokerResult<Vec<String>> {
+        let open = self
+            .store
+            .list_approvals(&crate::model::ApprovalFilter {
+                state: Some(ApprovalState::Pending),
+                kind: Some(ApprovalKind::Provisioning),
+                agent: Some(agent_id.to_owned()),
+                limit: None,
+            })
+            .await?;
         let t = now();
+        let mut cancelled = Vec::new();
+        for a in open {
+            if !tx
+                .finish_approval(&a.id, ApprovalState::Cancelled, reason, t)
+                .await?
+            {
+                continue;
+            }
+            let Some(after) = tx.approval(&a.id).await? else {
+                continue;
+            };
+            tx.audit(approval_event(actor, "approval.cancelled", &after).reason(reason.to_owned()))
+                .await?;
+            for n in self.notifier.decided(&after) {
+                tx.insert_notification(&n).await?;
+            }
+            cancelled.push(a.id);
+        }
+        Ok(cancelled)
+    }
+
+    /// Scopes policy lets `agent` reach at some time: probed with the
+    /// shortest and the longest TTL the scope allows, at every instant that
+    /// [`crate::policy::PolicyEngine::probe_instants`] names, so the answer
+    /// does not depend on the hour or weekday it is asked at.
+    pub(crate) fn reachable_scopes(&self, agent: &Agent) -> Vec<String> {
+        let instants = self.policy.probe_instants(now());
         self.config
             .scopes
             .iter()
             .filter(|c| {
-                self.policy
-                    .decide(
-                        agent,
-                        &super::credentials::scope_facts(c),
-                        &crate::policy::RequestFacts {
-                            task_id: "provisioning-review",
-                            task_description: "provisioning review",
-                            requested_ttl_secs: c.max_ttl_secs.min(60),
-                            now: t,
-                            chain: &[],
-                        },
-                    )
-                    .is_ok_and(|d| d.allow)
+                let facts = super::credentials::scope_facts(c);
+                let ttls = [c.max_ttl_secs.min(60), c.max_ttl_secs];
+                instants.iter().any(|&at| {
+                    ttls.iter().any(|&ttl| {
+                        self.policy
+                            .decide(
+                                agent,
+                                &facts,
+                                &crate::policy::RequestFacts {
+                                    task_id: "provisioning-review",
+                                    task_description: "provisioning review",
+                                    requested_ttl_secs: ttl,
+                                    now: at,
+                                    chain: &[],
+                                },
+                            )
+                            .is_ok_and(|d| d.allow)
+                    })
+                })
             })
             .map(|c| c.name.clone())
             .collect()

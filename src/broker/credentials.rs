@@ -141,7 +141,13 @@ impl Broker {
         s: &Session,
         ask: CredentialAsk,
     ) -> BrokerResult<CredentialOutcome> {
-        let scope = ask.scope.clone();
+        // Metrics are labelled with configured names only: an agent sending
+        // made-up scope names must not create a time series per string.
+        let scope = if self.config.scopes.iter().any(|c| c.name == ask.scope) {
+            ask.scope.clone()
+        } else {
+            "(unknown)".to_owned()
+        };
         let result = self.try_request(s, ask).await;
         self.metrics.credential(
             &scope,
@@ -276,7 +282,7 @@ impl Broker {
         if let Some(d) = &user_decision {
             policy_ids.extend(d.policy_ids.iter().cloned());
         }
-        let decided = AuditEvent::new(&actor, action)
+        let mut decided = AuditEvent::new(&actor, action)
             .agent(&s.agent.id)
             .task(&s.task.id)
             .scope(scope_name)
@@ -330,6 +336,47 @@ impl Broker {
                 message,
                 policies: decision.policy_ids,
             });
+        }
+        // A delegated request may not exceed any delegator: each one up the
+        // chain must be permitted the same request (scope, ttl, time, task),
+        // with the chain as it stood above it.
+        let mut delegators = Vec::new();
+        for (i, id) in s.task.chain.iter().enumerate() {
+            let above = RequestFacts {
+                chain: &s.task.chain[..i],
+                ..facts.clone()
+            };
+            let d = match self.store.get_agent(id).await? {
+                Some(delegator) => self
+                    .policy
+                    .decide(&delegator, &scope_facts(scope_cfg), &above)
+                    .map_err(|e| BrokerError::Internal(e.to_string()))?,
+                None => crate::policy::PolicyDecision {
+                    allow: false,
+                    policy_ids: Vec::new(),
+                    errors: vec![format!("delegator `{id}` is not registered")],
+                },
+            };
+            delegators.push(
+                serde_json::json!({ "agent": id, "allow": d.allow, "policy_ids": d.policy_ids }),
+            );
+            if !d.allow {
+                let message = format!(
+                    "task `{}` is delegated from `{id}`, and policy does not permit `{id}` scope `{scope_name}` on these terms (ttl {ttl} s): a delegated request may not exceed its delegators",
+                    s.task.id
+                );
+                decided.details["delegators"] = delegators.into();
+                let mut denied = decided.failure(message.clone());
+                denied.decision = Some("deny".into());
+                self.audit_alone(denied).await?;
+                return Err(BrokerError::PolicyDenied {
+                    message,
+                    policies: d.policy_ids,
+                });
+            }
+        }
+        if !delegators.is_empty() {
+            decided.details["delegators"] = delegators.into();
         }
         Ok(decided)
     }

@@ -125,7 +125,7 @@ impl Broker {
             tasks_ended: tasks.len() as u64,
         })
         .await?;
-        let queued = tx
+        let mut queued = tx
             .queue_revocations(
                 &LeaseSelector::Emergency(selector.clone()),
                 &why,
@@ -133,6 +133,15 @@ impl Broker {
                 t,
             )
             .await?;
+        // One rule for every way a task ends: all of its live leases are
+        // queued in the same commit. A selector by provider ends whole tasks,
+        // so their leases of other providers go too.
+        if !tasks.is_empty() {
+            queued.extend(
+                tx.queue_revocations(&LeaseSelector::Tasks(tasks.clone()), &why, Some(&id), t)
+                    .await?,
+            );
+        }
         let mut suspended = 0u64;
         if req.suspend {
             for agent in self.store.list_agents().await? {
@@ -141,9 +150,17 @@ impl Broker {
                     Selector::Team(team) => &agent.team == team,
                     _ => false,
                 };
-                if hit && agent.status == AgentStatus::Active {
-                    tx.set_agent_status(&agent.id, AgentStatus::Suspended, t)
-                        .await?;
+                if hit
+                    && tx
+                        .set_agent_status(
+                            &agent.id,
+                            &[AgentStatus::Active],
+                            AgentStatus::Suspended,
+                            t,
+                        )
+                        .await?
+                        .is_some()
+                {
                     suspended += 1;
                 }
             }

@@ -106,6 +106,9 @@ pub struct TokenRequest {
     /// the trust bundle by the TLS layer.
     #[serde(skip)]
     pub client_cert: Option<std::sync::Arc<Vec<u8>>>,
+    /// Where the request came from (for counting failures per source).
+    #[serde(skip)]
+    pub source: Option<std::net::IpAddr>,
 }
 
 /// A successful token response (RFC 6749 §5.1 plus `task_id`).
@@ -136,6 +139,18 @@ impl OAuthError {
     }
 }
 
+/// A federated token that failed: `invalid_grant` when the token is bad,
+/// `temporarily_unavailable` (503, retry) when its issuer's keys cannot be
+/// had right now — the token may be fine.
+fn federation_error(e: &crate::identity::AuthError, prefix: &str) -> OAuthError {
+    match e {
+        crate::identity::AuthError::Unavailable(m) => {
+            OAuthError::new("temporarily_unavailable", format!("{prefix}{m}"))
+        }
+        other => OAuthError::new("invalid_grant", format!("{prefix}{other}")),
+    }
+}
+
 /// A verified session: the agent and its open task.
 #[derive(Debug, Clone)]
 pub struct Session {
@@ -156,6 +171,7 @@ impl Broker {
         dpop: Option<&str>,
     ) -> Result<TokenResponse, OAuthError> {
         let claimed = req.client_id.clone();
+        let source = req.source;
         let mut req = req;
         let result = match dpop.map(|p| self.token_dpop(p)).transpose() {
             Ok(proof) => {
@@ -169,24 +185,75 @@ impl Broker {
                 self.metrics.auth("success");
                 tracing::info!(agent = %agent, task = %resp.task_id, "task opened");
             }
-            Err(e) => self.record_auth_failure(claimed, e).await,
+            Err(e) => self.record_auth_failure(source, claimed, e).await,
         }
         result.map(|(r, _)| r)
     }
 
     /// Counts, logs and audits a failed token request, with the client id
-    /// the caller claimed (if any).
-    pub async fn record_auth_failure(&self, claimed: Option<String>, e: &OAuthError) {
+    /// the caller claimed (if any; cut to a safe length). The first failure
+    /// from a source for a client in an interval is audited at once; the
+    /// rest of the burst as one count when the interval ends
+    /// ([`Broker::flush_auth_failures`]).
+    pub async fn record_auth_failure(
+        &self,
+        source: Option<std::net::IpAddr>,
+        claimed: Option<String>,
+        e: &OAuthError,
+    ) {
         self.metrics.auth("failure");
-        tracing::info!(client_id = ?claimed, error = e.error, reason = %e.description, "authentication failed");
+        let claimed = claimed.map(|c| crate::limits::claimed_label(&c));
+        let source = source.map_or_else(|| "unknown".to_owned(), |s| s.to_string());
+        let failure = format!(
+            "{}: {}",
+            e.error,
+            crate::limits::claimed_label(&e.description)
+        );
+        tracing::info!(client_id = ?claimed, %source, error = e.error, reason = %failure, "authentication failed");
+        if !self
+            .auth_failures
+            .record(&source, claimed.as_deref().unwrap_or(""), &failure)
+        {
+            return;
+        }
         let mut ev = AuditEvent::new(&Actor::Unauthenticated(claimed.clone()), "auth.token")
-            .failure(format!("{}: {}", e.error, e.description));
+            .failure(failure)
+            .details(serde_json::json!({ "source": source }));
         if let Some(c) = &claimed {
             ev = ev.agent(c);
         }
         if let Err(err) = self.audit_alone(ev).await {
             tracing::error!(error = %err, "cannot audit an authentication failure");
         }
+    }
+
+    /// Audits the failures counted since the first of each burst (all of
+    /// them with `all`, at shutdown): one `auth.token_failures` event per
+    /// source and client. Returns how many events were written.
+    pub async fn flush_auth_failures(&self, all: bool) -> super::BrokerResult<usize> {
+        let counts = self.auth_failures.drain(all);
+        if counts.is_empty() {
+            return Ok(0);
+        }
+        let mut tx = self.store.begin().await?;
+        for c in &counts {
+            let claimed = (!c.client_id.is_empty()).then(|| c.client_id.clone());
+            let mut ev = AuditEvent::new(
+                &Actor::Unauthenticated(claimed.clone()),
+                "auth.token_failures",
+            )
+            .failure(c.error.clone())
+            .details(serde_json::json!({
+                "source": c.source, "count": c.count,
+                "interval_secs": self.auth_failures.interval().as_secs(),
+            }));
+            if let Some(cid) = claimed {
+                ev = ev.agent(&cid);
+            }
+            tx.audit(ev).await?;
+        }
+        tx.commit().await?;
+        Ok(counts.len())
     }
 
     async fn try_token(&self, req: TokenRequest) -> Result<(TokenResponse, String), OAuthError> {
@@ -307,6 +374,18 @@ impl Broker {
             .ok_or_else(|| OAuthError::new("invalid_client", "mTLS is not configured"))?;
         let id = crate::server::tls::spiffe_id(cert, &trust_domain)
             .map_err(|e| OAuthError::new("invalid_client", e))?;
+        // A certificate Keygate itself revoked (release, task end, kill
+        // switch) chains to the bundle still: ask the CAs that issued it.
+        if let Some((name, _)) = self
+            .registry
+            .providers()
+            .find(|(_, p)| p.certificate_revoked(cert))
+        {
+            return Err(OAuthError::new(
+                "invalid_client",
+                format!("the client certificate was revoked by provider `{name}`"),
+            ));
+        }
         let agent = self
             .store
             .agent_by_subject(SPIFFE_ISSUER, &id)
@@ -355,7 +434,7 @@ impl Broker {
             .federation
             .verify(token)
             .await
-            .map_err(|e| OAuthError::new("invalid_grant", e.to_string()))?;
+            .map_err(|e| federation_error(&e, ""))?;
         if fed.users {
             return Err(OAuthError::new(
                 "invalid_grant",
@@ -422,10 +501,11 @@ impl Broker {
                 "send either `user_token` or `on_behalf_of`, not both",
             )),
             (Some(t), None) => {
-                let fed =
-                    self.federation.verify(t).await.map_err(|e| {
-                        OAuthError::new("invalid_grant", format!("user_token: {e}"))
-                    })?;
+                let fed = self
+                    .federation
+                    .verify(t)
+                    .await
+                    .map_err(|e| federation_error(&e, "user_token: "))?;
                 if !fed.users {
                     return Err(OAuthError::new(
                         "invalid_grant",
@@ -505,6 +585,21 @@ impl Broker {
             return Err(OAuthError::new(
                 "invalid_grant",
                 "subject_token is DPoP-bound; exchanging DPoP-bound tokens is not supported yet",
+            ));
+        }
+        // A certificate-bound token is refused on any connection without
+        // that certificate, here as at every other endpoint (RFC 8705 §3).
+        if let Some(x5t) = &parent.x5t
+            && req
+                .client_cert
+                .as_deref()
+                .map(|c| crate::server::tls::thumbprint(c))
+                .as_ref()
+                != Some(x5t)
+        {
+            return Err(OAuthError::new(
+                "invalid_grant",
+                "subject_token is bound to a client certificate (cnf.x5t#S256): exchange it over the mTLS listener with that certificate",
             ));
         }
         let actor_id = unverified_issuer(&actor)
@@ -802,6 +897,15 @@ impl Broker {
                 }
                 if let Some(u) = &s.task.on_behalf_of {
                     v["on_behalf_of"] = serde_json::json!({ "sub": u.id, "issuer": u.issuer });
+                }
+                // The binding a resource server must check (RFC 9449 §6.2,
+                // RFC 8705 §3.2).
+                if let Some(jkt) = &s.jkt {
+                    v["token_type"] = "DPoP".into();
+                    v["cnf"]["jkt"] = jkt.clone().into();
+                }
+                if let Some(x5t) = &s.x5t {
+                    v["cnf"]["x5t#S256"] = x5t.clone().into();
                 }
                 v
             }

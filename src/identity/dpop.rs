@@ -66,6 +66,22 @@ pub fn thumbprint(jwk: &Jwk) -> Result<String, AuthError> {
     Ok(URL_SAFE_NO_PAD.encode(Sha256::digest(canonical.as_bytes())))
 }
 
+/// Whether the proof header's `jwk` holds private key members (`d` for EC
+/// and OKP; `p`, `q`, `dp`, `dq`, `qi`, `oth` for RSA; `k` for a symmetric
+/// key). The parsed [`Jwk`] drops them, so the raw header is read.
+fn jwk_has_private_members(proof: &str) -> bool {
+    let Some(Ok(bytes)) = proof.split('.').next().map(|h| URL_SAFE_NO_PAD.decode(h)) else {
+        return false;
+    };
+    serde_json::from_slice::<serde_json::Value>(&bytes).is_ok_and(|h| {
+        h["jwk"].as_object().is_some_and(|k| {
+            ["d", "p", "q", "dp", "dq", "qi", "oth", "k"]
+                .iter()
+                .any(|m| k.contains_key(*m))
+        })
+    })
+}
+
 /// `ath`: base64url SHA-256 of the access token.
 pub fn token_hash(token: &str) -> String {
     URL_SAFE_NO_PAD.encode(Sha256::digest(token.as_bytes()))
@@ -91,6 +107,12 @@ pub fn verify_proof(
     let jwk = header
         .jwk
         .ok_or_else(|| bad("the header carries no `jwk`"))?;
+    if jwk_has_private_members(proof) {
+        // RFC 9449 §4.3: the `jwk` must not contain a private key.
+        return Err(bad(
+            "the `jwk` must be a public key: it carries private key members",
+        ));
+    }
     let jkt = thumbprint(&jwk)?;
     let key = DecodingKey::from_jwk(&jwk).map_err(|_| bad("the `jwk` is unusable"))?;
     let mut v = Validation::new(header.alg);
@@ -112,7 +134,7 @@ pub fn verify_proof(
         return Err(bad(&format!("`htu` must be `{url}`")));
     }
     let iat = claims.iat.ok_or_else(|| bad("`iat` is required"))?;
-    if (now - iat).abs() > MAX_SKEW_SECS {
+    if now.checked_sub(iat).is_none_or(|d| d.abs() > MAX_SKEW_SECS) {
         return Err(bad(
             "`iat` is not recent: send a fresh proof with each request",
         ));

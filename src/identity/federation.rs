@@ -5,6 +5,11 @@
 //! Each issuer's JWKS is fetched from config (`jwks_url`, or OIDC discovery)
 //! and cached; a token with an unknown `kid` triggers one refresh, at most
 //! every [`REFRESH_FLOOR`], so a flood of bogus kids cannot hammer the issuer.
+//! Each issuer refreshes on its own (single flight: one fetch at a time, the
+//! others wait for its result, never for another issuer's), a failed fetch is
+//! remembered for the same floor (negative cache), keys past their TTL are
+//! served while one request refreshes them, and a JWKS body is cut off while
+//! it streams in once it passes [`MAX_JWKS_BYTES`].
 
 use std::collections::HashMap;
 use std::time::{Duration, Instant};
@@ -23,9 +28,31 @@ pub const REFRESH_FLOOR: Duration = Duration::from_secs(2);
 const MAX_JWKS_BYTES: usize = 256 * 1024;
 const LEEWAY_SECS: u64 = 30;
 
-struct Cached {
-    set: JwkSet,
-    fetched: Instant,
+/// What is known of one issuer's keys.
+#[derive(Default)]
+struct KeyState {
+    set: Option<JwkSet>,
+    /// When `set` was fetched.
+    fetched: Option<Instant>,
+    /// When a fetch last finished, and its error if it failed.
+    attempted: Option<Instant>,
+    failure: Option<String>,
+}
+
+/// One issuer's cache: state behind a short lock, refreshes one at a time.
+#[derive(Default)]
+struct IssuerKeys {
+    state: std::sync::Mutex<KeyState>,
+    refresh: tokio::sync::Mutex<()>,
+}
+
+impl IssuerKeys {
+    /// The state, briefly; never held across an await.
+    fn lock(&self, issuer: &str) -> Result<std::sync::MutexGuard<'_, KeyState>, AuthError> {
+        self.state
+            .lock()
+            .map_err(|_| AuthError::Unavailable(format!("issuer `{issuer}`: key cache poisoned")))
+    }
 }
 
 /// A verified federated token.
@@ -43,11 +70,19 @@ pub struct Federated {
     pub groups: Vec<String>,
 }
 
+fn no_such_key(i: &TrustedIssuer, kid: Option<&str>) -> AuthError {
+    AuthError::invalid(format!(
+        "issuer `{}` has no key `{}`",
+        i.name,
+        kid.unwrap_or("(no kid)")
+    ))
+}
+
 /// The trusted issuers and their key caches.
 pub struct Federation {
     issuers: Vec<TrustedIssuer>,
     http: reqwest::Client,
-    cache: tokio::sync::Mutex<HashMap<String, Cached>>,
+    cache: HashMap<String, IssuerKeys>,
 }
 
 impl std::fmt::Debug for Federation {
@@ -97,10 +132,14 @@ impl Federation {
                 builder = builder.add_root_certificate(reqwest::Certificate::from_pem(&pem)?);
             }
         }
+        let cache = issuers
+            .iter()
+            .map(|i| (i.name.clone(), IssuerKeys::default()))
+            .collect();
         Ok(Self {
             issuers,
             http: builder.build()?,
-            cache: tokio::sync::Mutex::new(HashMap::new()),
+            cache,
         })
     }
 
@@ -111,7 +150,7 @@ impl Federation {
 
     async fn fetch(&self, i: &TrustedIssuer) -> Result<JwkSet, AuthError> {
         let unavailable = |why: String| {
-            AuthError::invalid(format!("issuer `{}`: keys unavailable: {why}", i.name))
+            AuthError::Unavailable(format!("issuer `{}`: keys unavailable: {why}", i.name))
         };
         let url = match &i.jwks_url {
             Some(u) => u.clone(),
@@ -136,18 +175,32 @@ impl Federation {
                     .to_owned()
             }
         };
-        let body = self
+        let mut resp = self
             .http
             .get(&url)
             .send()
             .await
             .and_then(reqwest::Response::error_for_status)
-            .map_err(|e| unavailable(e.without_url().to_string()))?
-            .bytes()
+            .map_err(|e| unavailable(e.without_url().to_string()))?;
+        let too_large = || unavailable(format!("the JWKS is larger than {MAX_JWKS_BYTES} bytes"));
+        if resp
+            .content_length()
+            .is_some_and(|n| n > MAX_JWKS_BYTES as u64)
+        {
+            return Err(too_large());
+        }
+        // Read chunk by chunk and stop at the cap: a huge or endless body
+        // never sits in memory.
+        let mut body = Vec::new();
+        while let Some(chunk) = resp
+            .chunk()
             .await
-            .map_err(|e| unavailable(e.to_string()))?;
-        if body.len() > MAX_JWKS_BYTES {
-            return Err(unavailable("the JWKS is too large".into()));
+            .map_err(|e| unavailable(e.without_url().to_string()))?
+        {
+            if body.len() + chunk.len() > MAX_JWKS_BYTES {
+                return Err(too_large());
+            }
+            body.extend_from_slice(&chunk);
         }
         serde_json::from_slice(&body).map_err(|e| unavailable(format!("not a JWKS: {e}")))
     }
@@ -158,41 +211,75 @@ impl Federation {
         i: &TrustedIssuer,
         kid: Option<&str>,
     ) -> Result<jsonwebtoken::jwk::Jwk, AuthError> {
-        let mut cache = self.cache.lock().await;
         let find = |set: &JwkSet| match kid {
             Some(k) => set.find(k).cloned(),
             None if set.keys.len() == 1 => set.keys.first().cloned(),
             None => None,
         };
-        let stale = cache
-            .get(&i.name)
-            .is_none_or(|c| c.fetched.elapsed() > JWKS_TTL);
-        if !stale && let Some(k) = cache.get(&i.name).and_then(|c| find(&c.set)) {
-            return Ok(k);
+        let Some(keys) = self.cache.get(&i.name) else {
+            return Err(AuthError::invalid(format!(
+                "issuer `{}` is not configured",
+                i.name
+            )));
+        };
+        // 1. A known key: fresh, or stale while someone else refreshes.
+        let (known, fresh) = {
+            let st = keys.lock(&i.name)?;
+            let known = st.set.as_ref().and_then(find);
+            let fresh = st.fetched.is_some_and(|f| f.elapsed() <= JWKS_TTL);
+            (known, fresh)
+        };
+        if let Some(k) = &known
+            && fresh
+        {
+            return Ok(k.clone());
         }
-        let may_refresh = cache
-            .get(&i.name)
-            .is_none_or(|c| c.fetched.elapsed() >= REFRESH_FLOOR);
-        if may_refresh {
-            let set = self.fetch(i).await?;
-            cache.insert(
-                i.name.clone(),
-                Cached {
-                    set,
-                    fetched: Instant::now(),
-                },
-            );
+        let refresh = match (&known, keys.refresh.try_lock()) {
+            (Some(k), Err(_)) => return Ok(k.clone()),
+            (_, Ok(g)) => g,
+            // Unknown key and a refresh under way: wait for its result.
+            (None, Err(_)) => keys.refresh.lock().await,
+        };
+        // 2. Under the issuer's refresh lock: maybe someone just fetched.
+        {
+            let st = keys.lock(&i.name)?;
+            let recent = st.attempted.is_some_and(|a| a.elapsed() < REFRESH_FLOOR);
+            if recent {
+                if let Some(k) = st.set.as_ref().and_then(find) {
+                    return Ok(k);
+                }
+                // Negative cache: the issuer failed a moment ago.
+                if let Some(why) = &st.failure {
+                    return Err(AuthError::Unavailable(why.clone()));
+                }
+                return Err(no_such_key(i, kid));
+            }
         }
-        cache
-            .get(&i.name)
-            .and_then(|c| find(&c.set))
-            .ok_or_else(|| {
-                AuthError::invalid(format!(
-                    "issuer `{}` has no key `{}`",
-                    i.name,
-                    kid.unwrap_or("(no kid)")
-                ))
-            })
+        // 3. Fetch, holding only this issuer's refresh lock.
+        let fetched = self.fetch(i).await;
+        let mut st = keys.lock(&i.name)?;
+        st.attempted = Some(Instant::now());
+        match fetched {
+            Ok(set) => {
+                st.set = Some(set);
+                st.fetched = st.attempted;
+                st.failure = None;
+            }
+            Err(e) => {
+                st.failure = Some(e.to_string());
+                // A key we hold stays usable while the issuer is down.
+                if let Some(k) = known {
+                    tracing::warn!(issuer = %i.name, error = %e, "JWKS refresh failed; serving the cached keys");
+                    return Ok(k);
+                }
+                return Err(e);
+            }
+        }
+        drop(refresh);
+        st.set
+            .as_ref()
+            .and_then(find)
+            .ok_or_else(|| no_such_key(i, kid))
     }
 
     /// Verifies a federated token: trusted `iss`, allowed `alg`, signature by

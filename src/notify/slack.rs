@@ -49,7 +49,10 @@ pub fn verify(
         .trim()
         .parse()
         .map_err(|_| SignatureError::BadTimestamp)?;
-    if (now_unix - ts_num).abs() > MAX_AGE_SECS {
+    if now_unix
+        .checked_sub(ts_num)
+        .is_none_or(|age| age.abs() > MAX_AGE_SECS)
+    {
         return Err(SignatureError::Stale);
     }
     let given = sig
@@ -75,6 +78,29 @@ pub fn sign(signing_secret: &[u8], timestamp: i64, body: &[u8]) -> String {
     mac.update(format!("v0:{timestamp}:").as_bytes());
     mac.update(body);
     format!("v0={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// The longest agent- or operator-supplied text put in a message.
+const MAX_FREE_TEXT: usize = 500;
+
+/// Text from outside (an agent's justification, a reason) made inert in
+/// Slack mrkdwn: `&`, `<` and `>` escaped as Slack documents, so `<!channel>`
+/// and `<https://…|disguised>` links show as typed; cut to `max` characters.
+pub fn escape_mrkdwn(text: &str, max: usize) -> String {
+    let mut out = String::with_capacity(text.len().min(max) + 8);
+    for (i, c) in text.chars().enumerate() {
+        if i == max {
+            out.push('…');
+            break;
+        }
+        match c {
+            '&' => out.push_str("&amp;"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            c => out.push(c),
+        }
+    }
+    out
 }
 
 fn summary(a: &Approval) -> String {
@@ -118,12 +144,12 @@ pub fn outcome_text(a: &Approval, by: Option<&str>) -> String {
         ApprovalState::Denied => format!(
             ":x: {} — *denied*: {}",
             summary(a),
-            a.end_reason.as_deref().unwrap_or("")
+            escape_mrkdwn(a.end_reason.as_deref().unwrap_or(""), MAX_FREE_TEXT)
         ),
         other => format!(
             ":hourglass: {} — *{other}*: {}",
             summary(a),
-            a.end_reason.as_deref().unwrap_or("")
+            escape_mrkdwn(a.end_reason.as_deref().unwrap_or(""), MAX_FREE_TEXT)
         ),
     }
 }
@@ -141,7 +167,7 @@ pub fn closed_blocks(a: &Approval, by: Option<&str>) -> serde_json::Value {
 pub fn request_message(a: &Approval, channel: &str, public_url: &str) -> serde_json::Value {
     let details = format!(
         "*Justification:* {}\n*Approvals needed:* {}{}\n*Expires:* {}\n*Request:* `{}`",
-        a.justification,
+        escape_mrkdwn(&a.justification, MAX_FREE_TEXT),
         a.required,
         if a.approver_teams.is_empty() {
             String::new()
@@ -338,6 +364,15 @@ pub fn parse_click(payload: &str) -> Result<Click, String> {
 mod tests {
     #![allow(clippy::unwrap_used)]
     use super::*;
+
+    #[test]
+    fn outside_text_cannot_mention_or_link() {
+        let s = escape_mrkdwn("<!here> <https://x.test|ok> & done", 100);
+        assert_eq!(s, "&lt;!here&gt; &lt;https://x.test|ok&gt; &amp; done");
+        let long = escape_mrkdwn(&"a".repeat(2000), 500);
+        assert_eq!(long.chars().count(), 501);
+        assert!(long.ends_with('…'));
+    }
 
     #[test]
     fn signature_round_trip_and_rejections() {

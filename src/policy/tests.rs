@@ -27,6 +27,7 @@ fn agent(team: &str, tier: u8) -> Agent {
         delegation: Default::default(),
         federated: None,
         may_assert_users: false,
+        suspended_from: None,
     }
 }
 

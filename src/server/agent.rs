@@ -7,7 +7,7 @@ use axum::response::{IntoResponse, Response};
 use serde::Deserialize;
 use serde_json::json;
 
-use super::auth::{AgentSession, Caller, Operator, PeerCert};
+use super::auth::{AgentSession, Caller, Operator, PeerAddr, PeerCert};
 use super::error::ApiJson;
 use super::{ApiError, AppState};
 use crate::audit::Actor;
@@ -18,6 +18,7 @@ use crate::config::Role;
 pub async fn token(
     State(b): State<AppState>,
     PeerCert(cert): PeerCert,
+    PeerAddr(source): PeerAddr,
     headers: axum::http::HeaderMap,
     form: Result<axum::Form<TokenRequest>, axum::extract::rejection::FormRejection>,
 ) -> Response {
@@ -39,11 +40,26 @@ pub async fn token(
                     e.body_text()
                 ),
             );
-            b.record_auth_failure(None, &err).await;
+            b.record_auth_failure(source, None, &err).await;
             return oauth_error(StatusCode::BAD_REQUEST, err.error, &err.description);
         }
     };
     req.client_cert = cert;
+    req.source = source;
+    if let Some(cid) = req.client_id.as_deref().filter(|c| !c.is_empty())
+        && let Err(l) = b.limits.check_client(cid)
+    {
+        b.metrics.limited(l.limit);
+        let secs = l.retry_after_secs();
+        let mut resp = oauth_error(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limited",
+            &format!("too many token requests for this client_id; retry in {secs} s"),
+        );
+        resp.headers_mut()
+            .insert(axum::http::header::RETRY_AFTER, secs.into());
+        return resp;
+    }
     let dpop = headers.get("dpop").and_then(|v| v.to_str().ok());
     match b.token(req, dpop).await {
         Ok(resp) => (
@@ -56,6 +72,7 @@ pub async fn token(
             let status = match e.error {
                 "invalid_client" => StatusCode::UNAUTHORIZED,
                 "server_error" => StatusCode::INTERNAL_SERVER_ERROR,
+                "temporarily_unavailable" => StatusCode::SERVICE_UNAVAILABLE,
                 _ => StatusCode::BAD_REQUEST,
             };
             oauth_error(status, e.error, &e.description)
@@ -109,6 +126,7 @@ pub async fn request_credential(
     AgentSession(s): AgentSession,
     ApiJson(body): ApiJson<CredentialBody>,
 ) -> Result<Response, ApiError> {
+    b.check_agent_rate(&s.agent.id)?;
     let ask = CredentialAsk {
         scope: body.scope,
         ttl: body.ttl,
@@ -134,6 +152,7 @@ pub async fn release(
     AgentSession(s): AgentSession,
     Path(lease_id): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
+    b.check_agent_rate(&s.agent.id)?;
     Ok(Json(b.release(&s, &lease_id).await?))
 }
 
@@ -151,6 +170,7 @@ pub async fn renew(
     Path(lease_id): Path<String>,
     ApiJson(body): ApiJson<RenewBody>,
 ) -> Result<impl IntoResponse, ApiError> {
+    b.check_agent_rate(&s.agent.id)?;
     Ok(Json(b.renew(&s, &lease_id, body.increment).await?))
 }
 

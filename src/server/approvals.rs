@@ -73,7 +73,12 @@ pub async fn show(
         Caller::Operator(op) => {
             op.require(READERS)?;
             let a = b.await_approval(b.approval(&id).await?, wait).await?;
-            let notifications = b.store.notifications(&id).await?;
+            let mut notifications = b.store.notifications(&id).await?;
+            // A Slack `response_url` is a capability to post into the
+            // channel: no reader role gets to see it.
+            for n in &mut notifications {
+                redact_response_urls(&mut n.payload);
+            }
             let mut body =
                 serde_json::to_value(&a).map_err(|e| ApiError::bad_request(e.to_string()))?;
             body["notifications"] = json!(notifications);
@@ -110,6 +115,7 @@ pub async fn redeem(
     AgentSession(s): AgentSession,
     Path(id): Path<String>,
 ) -> Result<Response, ApiError> {
+    b.check_agent_rate(&s.agent.id)?;
     let issued = b.redeem_approval(&s, &id).await?;
     Ok(issued_body(&issued))
 }
@@ -170,8 +176,14 @@ pub async fn slack_interaction(
     ) {
         return reject(e.to_string()).await;
     }
-    // A valid signature is unique to its timestamp and body: seen twice is a replay.
-    let digest = hex::encode(Sha256::digest(signature.unwrap_or_default().as_bytes()));
+    // A valid signature is unique to its timestamp and body: seen twice is a
+    // replay. Keyed on the MAC's bytes, so a re-spelling of its hex (upper
+    // case) is the same request.
+    let mac = signature
+        .and_then(|s| s.strip_prefix("v0="))
+        .and_then(|h| hex::decode(h).ok())
+        .unwrap_or_default();
+    let digest = hex::encode(Sha256::digest(&mac));
     let mut tx = b.store.begin().await?;
     let fresh = tx
         .record_replay(
@@ -270,5 +282,22 @@ fn response_url_ok(u: &str) -> bool {
                     && matches!(url.host_str(), Some("127.0.0.1" | "localhost" | "[::1]")))
         }
         Err(_) => false,
+    }
+}
+
+/// Replaces every `response_url` in a notification payload, at any depth.
+fn redact_response_urls(v: &mut serde_json::Value) {
+    match v {
+        serde_json::Value::Object(map) => {
+            for (k, child) in map.iter_mut() {
+                if k == "response_url" {
+                    *child = json!("[redacted]");
+                } else {
+                    redact_response_urls(child);
+                }
+            }
+        }
+        serde_json::Value::Array(items) => items.iter_mut().for_each(redact_response_urls),
+        _ => {}
     }
 }

@@ -30,10 +30,15 @@ async fn agent_session(parts: &Parts, state: &AppState) -> Result<Session, ApiEr
     let (scheme, token) = authorization(parts).ok_or_else(|| {
         ApiError::invalid_token("a session token is required (Authorization: Bearer)")
     })?;
+    let dpop_scheme = scheme.eq_ignore_ascii_case("dpop");
+    let challenge = |e: ApiError, bound: bool| {
+        if bound { e.with_dpop_challenge() } else { e }
+    };
     let s = state
         .session(token)
         .await
-        .map_err(ApiError::invalid_token)?;
+        .map_err(|e| challenge(ApiError::invalid_token(e), dpop_scheme))?;
+    let bound = dpop_scheme || s.jkt.is_some();
     let proof = parts.headers.get("dpop").and_then(|v| v.to_str().ok());
     let cert = client_cert(parts);
     let presented = crate::broker::Presented {
@@ -47,7 +52,7 @@ async fn agent_session(parts: &Parts, state: &AppState) -> Result<Session, ApiEr
     state
         .check_sender(&s, &presented)
         .await
-        .map_err(ApiError::invalid_token)?;
+        .map_err(|e| challenge(ApiError::invalid_token(e), bound))?;
     Ok(s)
 }
 
@@ -59,6 +64,22 @@ impl<S: Send + Sync> FromRequestParts<S> for PeerCert {
 
     async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
         Ok(Self(client_cert(parts)))
+    }
+}
+
+/// The connection's source address.
+pub struct PeerAddr(pub Option<std::net::IpAddr>);
+
+impl<S: Send + Sync> FromRequestParts<S> for PeerAddr {
+    type Rejection = std::convert::Infallible;
+
+    async fn from_request_parts(parts: &mut Parts, _: &S) -> Result<Self, Self::Rejection> {
+        Ok(Self(
+            parts
+                .extensions
+                .get::<axum::extract::ConnectInfo<super::ClientConn>>()
+                .map(|c| c.0.addr.ip()),
+        ))
     }
 }
 

@@ -7,13 +7,22 @@ use serde_json::json;
 
 use crate::broker::BrokerError;
 
+/// RFC 9449 §7.1: the DPoP challenge, with the proof algorithms accepted
+/// (those of `identity::assertion::ALLOWED`).
+const DPOP_CHALLENGE: &str = "DPoP error=\"invalid_token\", algs=\"ES256 ES384 EdDSA RS256 PS256\"";
+
 /// An error answer: `{"error": "<code>", "message": "..."}`.
 #[derive(Debug)]
 pub struct ApiError {
     pub status: StatusCode,
     pub code: &'static str,
     pub message: String,
-    pub extra: Option<serde_json::Value>,
+    pub extra: Option<Box<serde_json::Value>>,
+    /// A 401 for a DPoP-bound token challenges with the `DPoP` scheme
+    /// (RFC 9449 §7.1) instead of `Bearer`.
+    pub dpop_challenge: bool,
+    /// Seconds for `Retry-After` (a 429).
+    pub retry_after: Option<u64>,
 }
 
 impl ApiError {
@@ -23,7 +32,22 @@ impl ApiError {
             code,
             message: message.into(),
             extra: None,
+            dpop_challenge: false,
+            retry_after: None,
         }
+    }
+
+    /// 429 with `Retry-After`.
+    pub fn rate_limited(message: impl Into<String>, retry_after_secs: u64) -> Self {
+        let mut e = Self::new(StatusCode::TOO_MANY_REQUESTS, "rate_limited", message);
+        e.retry_after = Some(retry_after_secs);
+        e
+    }
+
+    /// Challenges with `WWW-Authenticate: DPoP …` if this is a 401.
+    pub fn with_dpop_challenge(mut self) -> Self {
+        self.dpop_challenge = true;
+        self
     }
 
     pub fn bad_request(message: impl Into<String>) -> Self {
@@ -58,7 +82,9 @@ impl From<BrokerError> for ApiError {
                 status: S::FORBIDDEN,
                 code: "policy_denied",
                 message,
-                extra: Some(json!({ "policies": policies })),
+                extra: Some(Box::new(json!({ "policies": policies }))),
+                dpop_challenge: false,
+                retry_after: None,
             },
             BrokerError::Forbidden(m) => Self::new(S::FORBIDDEN, "forbidden", m),
             BrokerError::TaskEnded(m) => Self::new(S::CONFLICT, "task_ended", m),
@@ -67,6 +93,10 @@ impl From<BrokerError> for ApiError {
                 tracing::warn!(error = %m, "provider error");
                 Self::new(S::BAD_GATEWAY, "provider_error", m)
             }
+            BrokerError::RateLimited {
+                message,
+                retry_after_secs,
+            } => Self::rate_limited(message, retry_after_secs),
             BrokerError::Internal(m) => {
                 tracing::error!(error = %m, "internal error");
                 Self::new(
@@ -89,16 +119,20 @@ impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut body = json!({ "error": self.code, "message": self.message });
         if let (Some(serde_json::Value::Object(extra)), Some(obj)) =
-            (self.extra, body.as_object_mut())
+            (self.extra.map(|e| *e), body.as_object_mut())
         {
             obj.extend(extra);
         }
         let mut resp = (self.status, Json(body)).into_response();
+        if let Some(secs) = self.retry_after {
+            resp.headers_mut()
+                .insert(header::RETRY_AFTER, HeaderValue::from(secs));
+        }
         if self.status == StatusCode::UNAUTHORIZED {
-            let v = if self.code == "invalid_token" {
-                "Bearer error=\"invalid_token\""
-            } else {
-                "Bearer"
+            let v = match (self.dpop_challenge, self.code == "invalid_token") {
+                (true, _) => DPOP_CHALLENGE,
+                (false, true) => "Bearer error=\"invalid_token\"",
+                (false, false) => "Bearer",
             };
             resp.headers_mut()
                 .insert(header::WWW_AUTHENTICATE, HeaderValue::from_static(v));

@@ -126,3 +126,42 @@ pub async fn log_requests(req: Request, next: Next) -> Response {
     );
     resp
 }
+
+/// Rate-limits the unauthenticated doors by source address, before anything
+/// else runs (authentication, body parsing, audit writes): the token,
+/// introspection and revocation endpoints and the Slack hook.
+pub async fn limit_by_address(State(b): State<AppState>, req: Request, next: Next) -> Response {
+    let door = match req.uri().path() {
+        "/oauth/token" => "token",
+        "/oauth/introspect" => "introspect",
+        "/oauth/revoke" => "revoke",
+        "/v1/hooks/slack/interactions" => "slack",
+        _ => return next.run(req).await,
+    };
+    let source = req
+        .extensions()
+        .get::<axum::extract::ConnectInfo<super::ClientConn>>()
+        .map(|c| c.0.addr.ip());
+    let Some(source) = source else {
+        return next.run(req).await;
+    };
+    match b.limits.check_address(door, source) {
+        Ok(()) => next.run(req).await,
+        Err(l) => {
+            b.metrics.limited(l.limit);
+            let secs = l.retry_after_secs();
+            let message = format!(
+                "too many requests from this address to {}; retry in {secs} s",
+                req.uri().path()
+            );
+            let mut e = ApiError::rate_limited(message.clone(), secs);
+            if door != "slack" {
+                // The OAuth endpoints' error shape (RFC 6749 §5.2).
+                e.extra = Some(Box::new(
+                    serde_json::json!({ "error_description": message }),
+                ));
+            }
+            e.into_response()
+        }
+    }
+}

@@ -5,18 +5,13 @@
 
 use std::net::SocketAddr;
 use std::sync::Arc;
-use std::time::Duration;
 
 use anyhow::Context;
-use axum::extract::connect_info::Connected;
-use axum::serve::IncomingStream;
-use tokio::net::{TcpListener, TcpStream};
 use tokio_rustls::TlsAcceptor;
 use tokio_rustls::rustls::pki_types::pem::PemObject;
 use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
 use tokio_rustls::rustls::server::WebPkiClientVerifier;
 use tokio_rustls::rustls::{self, RootCertStore};
-use tokio_rustls::server::TlsStream;
 
 use crate::config::TlsConfig;
 
@@ -28,69 +23,11 @@ pub struct ClientConn {
     pub cert: Option<Arc<Vec<u8>>>,
 }
 
-impl Connected<IncomingStream<'_, TcpListener>> for ClientConn {
-    fn connect_info(stream: IncomingStream<'_, TcpListener>) -> Self {
-        Self {
-            addr: *stream.remote_addr(),
-            cert: None,
-        }
-    }
-}
-
-impl Connected<IncomingStream<'_, TlsListener>> for ClientConn {
-    fn connect_info(stream: IncomingStream<'_, TlsListener>) -> Self {
-        stream.remote_addr().clone()
-    }
-}
-
-/// Accepts TCP, completes the TLS handshake, then hands the connection on.
-pub struct TlsListener {
-    tcp: TcpListener,
-    acceptor: TlsAcceptor,
-}
-
-impl TlsListener {
-    pub async fn bind(cfg: &TlsConfig) -> anyhow::Result<Self> {
-        Ok(Self {
-            tcp: TcpListener::bind(cfg.listen).await?,
-            acceptor: TlsAcceptor::from(server_config(cfg)?),
-        })
-    }
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
-    type Addr = ClientConn;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        loop {
-            let Ok((tcp, addr)) = self.tcp.accept().await else {
-                continue;
-            };
-            match tokio::time::timeout(Duration::from_secs(10), self.acceptor.accept(tcp)).await {
-                Ok(Ok(tls)) => {
-                    let cert = tls
-                        .get_ref()
-                        .1
-                        .peer_certificates()
-                        .and_then(|c| c.first())
-                        .map(|c| Arc::new(c.as_ref().to_vec()));
-                    return (tls, ClientConn { addr, cert });
-                }
-                Ok(Err(e)) => {
-                    tracing::info!(%addr, error = %e, "TLS handshake refused");
-                }
-                Err(_) => tracing::info!(%addr, "TLS handshake timed out"),
-            }
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        Ok(ClientConn {
-            addr: self.tcp.local_addr()?,
-            cert: None,
-        })
-    }
+/// The TLS acceptor of the mTLS listener: its certificate, and client
+/// certificates verified against the trust bundle (optional at the TLS
+/// layer; the token endpoint decides what one proves).
+pub fn acceptor(cfg: &TlsConfig) -> anyhow::Result<TlsAcceptor> {
+    Ok(TlsAcceptor::from(server_config(cfg)?))
 }
 
 fn server_config(cfg: &TlsConfig) -> anyhow::Result<Arc<rustls::ServerConfig>> {

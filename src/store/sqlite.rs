@@ -435,16 +435,34 @@ impl StoreTx for SqliteTx {
     async fn set_agent_status(
         &mut self,
         id: &str,
-        status: AgentStatus,
+        from: &[AgentStatus],
+        to: AgentStatus,
         now: OffsetDateTime,
-    ) -> StoreResult<()> {
-        sqlx::query("UPDATE agents SET status = ?, updated_at = ? WHERE id = ?")
-            .bind(status.as_str())
-            .bind(unix(now))
+    ) -> StoreResult<Option<AgentStatus>> {
+        // Read and write in one transaction on the one writer connection:
+        // nothing changes the row in between.
+        let Some(row) = sqlx::query("SELECT status FROM agents WHERE id = ?")
             .bind(id)
-            .execute(&mut self.tx.state.conn)
-            .await?;
-        Ok(())
+            .fetch_optional(&mut self.tx.state.conn)
+            .await?
+        else {
+            return Ok(None);
+        };
+        let was: AgentStatus = rows::parse_col(&row, "status")?;
+        if !from.contains(&was) {
+            return Ok(None);
+        }
+        let suspended_from = (to == AgentStatus::Suspended).then_some(was.as_str());
+        sqlx::query(
+            "UPDATE agents SET status = ?, suspended_from = ?, updated_at = ? WHERE id = ?",
+        )
+        .bind(to.as_str())
+        .bind(suspended_from)
+        .bind(unix(now))
+        .bind(id)
+        .execute(&mut self.tx.state.conn)
+        .await?;
+        Ok(Some(was))
     }
 
     async fn touch_agent(&mut self, id: &str, now: OffsetDateTime) -> StoreResult<()> {
@@ -699,6 +717,11 @@ impl StoreTx for SqliteTx {
             }
             LeaseSelector::Task(t) => {
                 q.push(" AND task_id = ").push_bind(t.clone());
+            }
+            LeaseSelector::Tasks(ts) => {
+                q.push(" AND task_id IN (SELECT value FROM json_each(")
+                    .push_bind(serde_json::to_string(ts).map_err(corrupt)?)
+                    .push("))");
             }
             LeaseSelector::Emergency(s) => push_selector(&mut q, s, "agent_id"),
         }

@@ -80,6 +80,13 @@ pub trait Provider: Send + Sync + 'static {
         Err(ProviderError::Unsupported("verification".into()))
     }
 
+    /// Whether `cert_der` (a client certificate presented to Keygate's mTLS
+    /// listener) is one this provider issued and has since revoked, so it
+    /// must not authenticate anyone. The default knows no certificate.
+    fn certificate_revoked(&self, _cert_der: &[u8]) -> bool {
+        false
+    }
+
     /// Emergency revocation for credentials the backend cannot revoke one by
     /// one: puts up whatever barrier the backend offers (an AWS deny policy
     /// on a role) against the sessions of the agents and scopes hit, and

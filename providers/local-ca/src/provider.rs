@@ -106,6 +106,12 @@ impl Provider for LocalCa {
         Ok(Some(doc))
     }
 
+    fn certificate_revoked(&self, cert_der: &[u8]) -> bool {
+        x509::is_revoked_here(&self.ca, cert_der, |s| {
+            self.revocations.is_serial_revoked(s)
+        })
+    }
+
     async fn verify(&self, presented: &Value) -> Result<Verification, ProviderError> {
         let now = OffsetDateTime::now_utc();
         let str_field = |key: &str| presented.get(key).and_then(Value::as_str);

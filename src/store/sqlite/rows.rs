@@ -57,6 +57,10 @@ pub(super) fn agent_from_row(r: &SqliteRow) -> StoreResult<Agent> {
             _ => None,
         },
         may_assert_users: r.try_get("may_assert_users")?,
+        suspended_from: r
+            .try_get::<Option<String>, _>("suspended_from")?
+            .map(|s| s.parse().map_err(StoreError::Corrupt))
+            .transpose()?,
     })
 }
 

@@ -1,0 +1,241 @@
+//! The two-person rule on agent identities, through the real server, tried
+//! as one admin acting alone would: a `pending` agent becomes `active` only by
+//! a granted provisioning approval (suspend then resume returns it to
+//! `pending`), an approval granted after the agent left `pending` revives
+//! nothing, and a change to what proves an agent's identity or who answers
+//! for it waits for approval like a widening does — whatever the hour.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::{Setup, TestAgent, TestBroker};
+use serde_json::{Value, json};
+
+const PROVISIONING: &str = "[provisioning]\nrequire_approval = true\napprovals = 1\n";
+
+async fn start(policies: Vec<(String, String)>) -> TestBroker {
+    let mut setup = Setup::permissive();
+    setup.policies.extend(policies);
+    setup.extra_config = PROVISIONING.into();
+    TestBroker::start_with(setup).await
+}
+
+async fn decide(b: &TestBroker, id: &str, decision: &str) -> common::Resp {
+    b.post(
+        &format!("/v1/approvals/{id}/decision"),
+        Some(&b.ops.approver),
+        &json!({ "decision": decision, "reason": "checked" }),
+    )
+    .await
+}
+
+async fn admin(b: &TestBroker, agent: &str, verb: &str) -> common::Resp {
+    b.admin_post(
+        &format!("/v1/agents/{agent}/{verb}"),
+        &json!({ "reason": "one admin alone" }),
+    )
+    .await
+}
+
+async fn patch(b: &TestBroker, agent: &str, body: Value) -> common::Resp {
+    b.call(
+        reqwest::Method::PATCH,
+        &format!("/v1/agents/{agent}"),
+        Some(&b.ops.admin),
+        Some(&body),
+    )
+    .await
+}
+
+/// Registers `agent` (held); returns its provisioning approval id.
+async fn register_pending(b: &TestBroker, agent: &TestAgent) -> String {
+    register_in(b, agent, "platform").await
+}
+
+async fn register_in(b: &TestBroker, agent: &TestAgent, team: &str) -> String {
+    let held = b
+        .admin_post("/v1/agents", &agent.spec(team))
+        .await
+        .expect(202);
+    assert_eq!(held["agent"]["status"], "pending", "{held}");
+    held["approval"]["id"].as_str().unwrap().to_owned()
+}
+
+async fn status(b: &TestBroker, agent: &str) -> Value {
+    b.admin_get(&format!("/v1/agents/{agent}")).await["status"].clone()
+}
+
+async fn approval(b: &TestBroker, id: &str) -> Value {
+    b.admin_get(&format!("/v1/approvals/{id}")).await
+}
+
+/// Open provisioning approvals of `agent`.
+async fn open_approvals(b: &TestBroker, agent: &str) -> Vec<Value> {
+    b.admin_get(&format!(
+        "/v1/approvals?state=pending&kind=provisioning&agent={agent}"
+    ))
+    .await
+    .as_array()
+    .cloned()
+    .unwrap_or_default()
+}
+
+#[tokio::test]
+async fn suspend_then_resume_returns_a_pending_agent_to_pending() {
+    let b = start(Vec::new()).await;
+    let agent = TestAgent::new("pend", "ES256");
+    let first = register_pending(&b, &agent).await;
+
+    admin(&b, &agent.id, "suspend").await.expect(200);
+    assert_eq!(status(&b, &agent.id).await, "suspended");
+    // Leaving `pending` cancels the approval it waited for.
+    assert_eq!(approval(&b, &first).await["state"], "cancelled");
+
+    let resumed = admin(&b, &agent.id, "resume").await.expect(200);
+    assert_eq!(resumed["status"], "pending", "{resumed}");
+    let r = b.token_with_assertion(&agent.id, &agent.assertion()).await;
+    assert_eq!(r.status, 401, "a pending agent opens no task: {}", r.text);
+
+    // The cancelled approval can no longer activate it; a fresh one can.
+    let r = decide(&b, &first, "approve").await;
+    assert_eq!(r.status, 409, "{}", r.text);
+    let open = open_approvals(&b, &agent.id).await;
+    assert_eq!(open.len(), 1, "resume opens a new provisioning approval");
+    let second = open[0]["id"].as_str().unwrap();
+    assert_ne!(second, first);
+    decide(&b, second, "approve").await.expect(200);
+    assert_eq!(status(&b, &agent.id).await, "active");
+    b.token(&agent).await;
+
+    // An agent suspended while active resumes to active.
+    admin(&b, &agent.id, "suspend").await.expect(200);
+    assert_eq!(
+        admin(&b, &agent.id, "resume").await.expect(200)["status"],
+        "active"
+    );
+    let resumed = b
+        .audit(&format!("agent={}&action=agent.resumed", agent.id))
+        .await;
+    assert_eq!(resumed.len(), 2, "{resumed:?}");
+}
+
+#[tokio::test]
+async fn an_approval_granted_after_the_agent_left_pending_revives_nothing() {
+    let b = start(Vec::new()).await;
+    // Decommissioned while pending.
+    let gone = TestAgent::new("gone", "ES256");
+    let id = register_pending(&b, &gone).await;
+    admin(&b, &gone.id, "decommission").await.expect(200);
+    let r = decide(&b, &id, "approve").await;
+    assert_eq!(r.status, 409, "{}", r.text);
+    assert_eq!(status(&b, &gone.id).await, "decommissioned");
+    let r = b.token_with_assertion(&gone.id, &gone.assertion()).await;
+    assert_eq!(r.status, 401, "{}", r.text);
+
+    // Suspended while pending: still suspended after the old approval.
+    let held = TestAgent::new("held", "ES256");
+    let id = register_pending(&b, &held).await;
+    admin(&b, &held.id, "suspend").await.expect(200);
+    assert_eq!(decide(&b, &id, "approve").await.status, 409);
+    assert_eq!(status(&b, &held.id).await, "suspended");
+    let cancelled = b
+        .audit(&format!("agent={}&action=approval.cancelled", held.id))
+        .await;
+    assert_eq!(cancelled.len(), 1, "{cancelled:?}");
+
+    // A denied registration decommissions the agent.
+    let denied = TestAgent::new("deny", "ES256");
+    let id = register_pending(&b, &denied).await;
+    decide(&b, &id, "deny").await.expect(200);
+    assert_eq!(status(&b, &denied.id).await, "decommissioned");
+}
+
+#[tokio::test]
+async fn changes_to_identity_or_accountability_wait_for_approval() {
+    let b = start(Vec::new()).await;
+    let agent = TestAgent::new("ident", "ES256");
+    let id = register_pending(&b, &agent).await;
+    decide(&b, &id, "approve").await.expect(200);
+    b.token(&agent).await;
+
+    // An attacker's key, a new sponsor, a lower tier, delegation rights, a
+    // new team, asserting users: each is held, and nothing changes yet.
+    let attacker = TestAgent::new("ident", "ES256");
+    let changes = [
+        json!({ "jwks": { "keys": [attacker.jwk] } }),
+        json!({ "sponsor": "mallory@keygate.test" }),
+        json!({ "risk_tier": 1 }),
+        json!({ "delegation": { "max_depth": 1, "targets": ["someone-else"] } }),
+        json!({ "team": "finance" }),
+        json!({ "may_assert_users": true }),
+    ];
+    let before = b.admin_get(&format!("/v1/agents/{}", agent.id)).await;
+    let mut held = Vec::new();
+    for change in changes {
+        let r = patch(&b, &agent.id, change.clone()).await;
+        let body = r.expect(202);
+        assert_eq!(body["approval"]["kind"], "provisioning", "{change}: {body}");
+        held.push(body["approval"]["id"].as_str().unwrap().to_owned());
+    }
+    let now = b.admin_get(&format!("/v1/agents/{}", agent.id)).await;
+    for field in [
+        "jwks",
+        "sponsor",
+        "risk_tier",
+        "delegation",
+        "team",
+        "may_assert_users",
+    ] {
+        assert_eq!(
+            now[field], before[field],
+            "{field} changed without approval"
+        );
+    }
+    // The attacker's key opens nothing while the change waits.
+    let mut forged = attacker.clone();
+    forged.id = agent.id.clone();
+    let r = b.token_with_assertion(&agent.id, &forged.assertion()).await;
+    assert_eq!(r.status, 401, "{}", r.text);
+
+    // Approved, the key change applies.
+    decide(&b, &held[0], "approve").await.expect(200);
+    b.token(&forged).await;
+
+    // What neither proves identity nor widens applies at once.
+    let r = patch(&b, &agent.id, json!({ "purpose": "reconcile invoices" })).await;
+    assert_eq!(r.expect(200)["purpose"], "reconcile invoices");
+}
+
+#[tokio::test]
+async fn widening_is_found_whatever_the_hour_it_is_asked_at() {
+    // A permit that opens a scope only on a day that is not today (UTC), at
+    // one hour: a widening now, not only on that day at that hour.
+    let tomorrow = (time::OffsetDateTime::now_utc() + time::Duration::days(1))
+        .weekday()
+        .to_string()
+        .to_lowercase();
+    let night = format!(
+        r#"
+@id("night-shift-jwt")
+permit (principal, action == Keygate::Action::"request_credential", resource == Keygate::Scope::"jwt-svid")
+when {{ principal.purpose == "night shift" && context.weekday == "{tomorrow}" && context.hour_utc == 3 }};
+"#
+    );
+    let b = TestBroker::start_with(Setup {
+        policies: vec![("night.cedar".into(), night)],
+        extra_config: PROVISIONING.into(),
+        ..Setup::default()
+    })
+    .await;
+    let agent = TestAgent::new("night", "ES256");
+    let id = register_in(&b, &agent, "night").await;
+    decide(&b, &id, "approve").await.expect(200);
+
+    let r = patch(&b, &agent.id, json!({ "purpose": "night shift" })).await;
+    let body = r.expect(202);
+    assert_eq!(body["widened_scopes"], json!(["jwt-svid"]), "{body}");
+    assert_eq!(
+        b.admin_get(&format!("/v1/agents/{}", agent.id)).await["purpose"],
+        "integration test agent"
+    );
+}
