@@ -320,11 +320,13 @@ impl PolicyEngine {
                 agent_uid
             }
             Some(u) => {
-                let user_uid = uid(USER, &u.id)?;
+                // Users and groups are namespaced by the issuer that vouched
+                // for them: `corp-sso/alice` is not `other-sso/alice`.
+                let user_uid = uid(USER, &format!("{}/{}", u.issuer, u.id))?;
                 let groups = u
                     .groups
                     .iter()
-                    .map(|g| uid(GROUP, g))
+                    .map(|g| uid(GROUP, &format!("{}/{g}", u.issuer)))
                     .collect::<Result<Vec<_>, _>>()?;
                 all.push(
                     Entity::new(

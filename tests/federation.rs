@@ -82,11 +82,13 @@ async fn a_service_account_token_opens_a_task_for_its_bound_agent() {
     assert_eq!(ev["details"]["method"], "jwt_bearer");
     assert_eq!(ev["details"]["subject"], SUBJECT);
 
-    // The same token twice is a replay (it carries a jti).
+    // The same token twice is a replay (it carries a jti): a bad grant
+    // (RFC 7523 §3.1), not a bad client.
     let once = oidc.mint(&claims(json!({}))).await;
     exchange(&b, &once).await.expect(200);
     let r = exchange(&b, &once).await;
-    assert_eq!(r.json()["error"], "invalid_client", "{}", r.text);
+    assert_eq!(r.status, 400, "{}", r.text);
+    assert_eq!(r.json()["error"], "invalid_grant", "{}", r.text);
 
     // One subject binds one agent.
     let twin = TestAgent::new("twin", "ES256");

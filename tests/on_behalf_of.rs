@@ -16,37 +16,48 @@ const JWT_BEARER: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer
 const USER_POLICIES: &str = r#"
 @id("engineers-get-x509")
 permit (
-  principal in Keygate::Group::"engineering",
+  principal in Keygate::Group::"corp-sso/engineering",
   action == Keygate::Action::"request_credential_for_user",
   resource == Keygate::Scope::"x509-svid"
 );
 
 @id("carol-gets-x509")
 permit (
-  principal == Keygate::User::"carol@example.com",
+  principal == Keygate::User::"asserted/carol@example.com",
   action == Keygate::Action::"request_credential_for_user",
   resource == Keygate::Scope::"x509-svid"
 );
 "#;
 
 async fn start() -> (TestBroker, OidcIssuer) {
+    let (b, sso, _) = start_with(false).await;
+    (b, sso)
+}
+
+/// With `second`, a second users' issuer `other-sso` is trusted too.
+async fn start_with(second: bool) -> (TestBroker, OidcIssuer, Option<OidcIssuer>) {
     let sso = OidcIssuer::start().await;
+    let other = if second {
+        Some(OidcIssuer::start().await)
+    } else {
+        None
+    };
+    let users = |name: &str, issuer: &str| {
+        format!(
+            "[[federation.issuers]]\nname = \"{name}\"\nissuer = \"{issuer}\"\naudience = \"keygate\"\nusers = true\n"
+        )
+    };
+    let mut extra = users("corp-sso", &sso.issuer);
+    if let Some(o) = &other {
+        extra.push_str(&users("other-sso", &o.issuer));
+    }
     let b = TestBroker::start_with(Setup {
         policies: vec![("users.cedar".into(), USER_POLICIES.into())],
-        extra_config: format!(
-            r#"
-[[federation.issuers]]
-name = "corp-sso"
-issuer = "{}"
-audience = "keygate"
-users = true
-"#,
-            sso.issuer
-        ),
+        extra_config: extra,
         ..Setup::default()
     })
     .await;
-    (b, sso)
+    (b, sso, other)
 }
 
 async fn user_token(sso: &OidcIssuer, sub: &str, groups: Value) -> String {
@@ -193,4 +204,72 @@ async fn asserted_users_need_the_agent_to_be_allowed_and_bad_user_tokens_fail() 
         .await;
     assert_eq!(r.json()["error"], "invalid_grant", "{}", r.text);
     assert!(r.text.contains("vouches for users"), "{}", r.text);
+}
+
+#[tokio::test]
+async fn user_tokens_are_namespaced_single_use_addressed_and_bound_in_time() {
+    let (b, sso, other) = start_with(true).await;
+    let other = other.unwrap();
+    let agent = TestAgent::new("assistant", "ES256");
+    b.register(&agent, "platform").await;
+
+    // Another issuer's "engineering" is not corp-sso's.
+    let impostor = user_token(&other, "alice@example.com", json!(["engineering"])).await;
+    let s = token(
+        &open(&b, &agent, &[("user_token", &impostor)])
+            .await
+            .expect(200),
+    );
+    let r = b.credential(&s, "x509-svid", None, None).await;
+    assert_eq!(r.status, 403, "{}", r.text);
+
+    // A user token opens one task; the same token again is a replay.
+    let alice = user_token(&sso, "alice@example.com", json!(["engineering"])).await;
+    let s = token(
+        &open(&b, &agent, &[("user_token", &alice)])
+            .await
+            .expect(200),
+    );
+    b.x509(&s, Some(60)).await;
+    let r = open(&b, &agent, &[("user_token", &alice)]).await;
+    assert_eq!(r.status, 400, "{}", r.text);
+    assert_eq!(r.json()["error"], "invalid_grant");
+    assert!(r.text.contains("already used"), "{}", r.text);
+    let thief = TestAgent::new("thief", "ES256");
+    b.register(&thief, "platform").await;
+    let r = open(&b, &thief, &[("user_token", &alice)]).await;
+    assert_eq!(r.status, 400, "another agent cannot replay it: {}", r.text);
+
+    // Issued to another client (`azp`): refused; to this broker or to the
+    // presenting agent: accepted.
+    let mint = |azp: &str| {
+        let claims = json!({
+            "sub": "alice@example.com", "aud": "keygate", "azp": azp, "groups": ["engineering"],
+        });
+        let sso = &sso;
+        async move { sso.mint(&claims).await }
+    };
+    let elsewhere = mint("some-other-app").await;
+    let r = open(&b, &agent, &[("user_token", &elsewhere)]).await;
+    assert_eq!(r.status, 400, "{}", r.text);
+    assert!(r.text.contains("azp"), "{}", r.text);
+    open(&b, &agent, &[("user_token", &mint("keygate").await)])
+        .await
+        .expect(200);
+    open(&b, &agent, &[("user_token", &mint(&agent.id).await)])
+        .await
+        .expect(200);
+
+    // The task ends when the user token does.
+    let soon = sso
+        .mint(&json!({
+            "sub": "alice@example.com", "aud": "keygate", "groups": ["engineering"],
+            "exp": common::unix_now() + 120,
+        }))
+        .await;
+    let v = open(&b, &agent, &[("user_token", &soon), ("ttl", "3600")])
+        .await
+        .expect(200);
+    let expires_in = v["expires_in"].as_i64().unwrap();
+    assert!(expires_in <= 120, "{v}");
 }

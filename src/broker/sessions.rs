@@ -151,6 +151,21 @@ fn federation_error(e: &crate::identity::AuthError, prefix: &str) -> OAuthError 
     }
 }
 
+/// The user a new task acts for, and the user token that vouched (if any).
+struct VerifiedUser {
+    context: UserContext,
+    token: Option<UserTokenUse>,
+}
+
+/// A user token spent by opening a task: recorded with the task so it
+/// cannot open another, and the task ends when it expires.
+#[derive(Debug, Clone)]
+struct UserTokenUse {
+    issuer: String,
+    jti: String,
+    exp: i64,
+}
+
 /// A verified session: the agent and its open task.
 #[derive(Debug, Clone)]
 pub struct Session {
@@ -341,7 +356,16 @@ impl Broker {
     ) -> Result<(TokenResponse, String), OAuthError> {
         let ttl = self.session_ttl(req.ttl.as_deref())?;
         let mut task = root_task(agent, req.task.clone().unwrap_or_default(), ttl);
-        task.on_behalf_of = self.user_context(agent, req).await?;
+        let user = self.user_context(agent, req).await?;
+        let mut spent = None;
+        if let Some(u) = user {
+            // A task acting for a user never outlives the token that vouched.
+            if let Some(proof) = &u.token {
+                task.expires_at = task.expires_at.min(crate::model::from_unix(proof.exp));
+                spent = Some(proof.clone());
+            }
+            task.on_behalf_of = Some(u.context);
+        }
         details["description"] = task.description.clone().into();
         details["expires_at"] = unix(task.expires_at).into();
         self.open_task_bound(
@@ -352,6 +376,7 @@ impl Broker {
             details,
             req.dpop.as_ref(),
             x5t,
+            spent,
         )
         .await
     }
@@ -487,7 +512,7 @@ impl Broker {
         &self,
         agent: &Agent,
         req: &TokenRequest,
-    ) -> Result<Option<UserContext>, OAuthError> {
+    ) -> Result<Option<VerifiedUser>, OAuthError> {
         let token = req.user_token.as_deref().filter(|s| !s.is_empty());
         let asserted = req
             .on_behalf_of
@@ -515,10 +540,37 @@ impl Broker {
                         ),
                     ));
                 }
-                Ok(Some(UserContext {
-                    id: fed.subject,
-                    issuer: fed.issuer,
-                    groups: fed.groups,
+                // Issued to this broker or to the agent presenting it, not
+                // to some other client that passed it on.
+                if let Some(azp) = &fed.azp
+                    && azp != &fed.audience
+                    && azp != &agent.id
+                {
+                    return Err(OAuthError::new(
+                        "invalid_grant",
+                        format!(
+                            "user_token: it was issued to `{}` (azp), not to this broker or agent `{}`",
+                            crate::limits::claimed_label(azp),
+                            agent.id
+                        ),
+                    ));
+                }
+                // Single use: its `jti`, or its hash when it has none.
+                let jti = fed.jti.clone().unwrap_or_else(|| {
+                    use sha2::Digest;
+                    format!("sha256:{}", hex::encode(sha2::Sha256::digest(t.as_bytes())))
+                });
+                Ok(Some(VerifiedUser {
+                    token: Some(UserTokenUse {
+                        issuer: fed.issuer.clone(),
+                        jti,
+                        exp: fed.exp,
+                    }),
+                    context: UserContext {
+                        id: fed.subject,
+                        issuer: fed.issuer,
+                        groups: fed.groups,
+                    },
                 }))
             }
             (None, Some(id)) => {
@@ -531,10 +583,13 @@ impl Broker {
                         ),
                     ));
                 }
-                Ok(Some(UserContext {
-                    id: id.to_owned(),
-                    issuer: "asserted".into(),
-                    groups: Vec::new(),
+                Ok(Some(VerifiedUser {
+                    token: None,
+                    context: UserContext {
+                        id: id.to_owned(),
+                        issuer: "asserted".into(),
+                        groups: Vec::new(),
+                    },
                 }))
             }
         }
@@ -696,7 +751,7 @@ impl Broker {
         details: serde_json::Value,
         dpop: Option<&crate::identity::dpop::Proof>,
     ) -> Result<(TokenResponse, String), OAuthError> {
-        self.open_task_bound(agent, claims, task, action, details, dpop, None)
+        self.open_task_bound(agent, claims, task, action, details, dpop, None, None)
             .await
     }
 
@@ -712,9 +767,25 @@ impl Broker {
         details: serde_json::Value,
         dpop: Option<&crate::identity::dpop::Proof>,
         x5t: Option<String>,
+        user_token: Option<UserTokenUse>,
     ) -> Result<(TokenResponse, String), OAuthError> {
         let t = task.opened_at;
         let mut tx = self.store.begin().await.map_err(|e| internal(&e))?;
+        if let Some(u) = &user_token
+            && !tx
+                .record_jti(
+                    &format!("user:{}", u.issuer),
+                    &u.jti,
+                    crate::model::from_unix(u.exp),
+                )
+                .await
+                .map_err(|e| internal(&e))?
+        {
+            return Err(OAuthError::new(
+                "invalid_grant",
+                "user_token: it was already used to open a task (replayed)",
+            ));
+        }
         if let Some(p) = dpop
             && !tx
                 .record_jti(
@@ -736,8 +807,16 @@ impl Broker {
             .await
             .map_err(|e| internal(&e))?;
         if !fresh {
+            // A replayed grant (a federated token) is `invalid_grant` (RFC
+            // 7523 §3.1); a replayed client assertion is client
+            // authentication failing (§3.2).
+            let code = if details["method"] == "jwt_bearer" {
+                "invalid_grant"
+            } else {
+                "invalid_client"
+            };
             return Err(OAuthError::new(
-                "invalid_client",
+                code,
                 "the assertion was already used (`jti` replayed)",
             ));
         }

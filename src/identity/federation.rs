@@ -68,6 +68,10 @@ pub struct Federated {
     pub users: bool,
     /// The `groups_claim` values (users' issuers).
     pub groups: Vec<String>,
+    /// The party the token was issued to (`azp`), if it says.
+    pub azp: Option<String>,
+    /// The audience the issuer is configured with (the token carries it).
+    pub audience: String,
 }
 
 fn no_such_key(i: &TrustedIssuer, kid: Option<&str>) -> AuthError {
@@ -341,6 +345,8 @@ impl Federation {
             jti: claims["jti"].as_str().map(str::to_owned),
             users: i.users,
             groups,
+            azp: claims["azp"].as_str().map(str::to_owned),
+            audience: i.audience.clone(),
         })
     }
 }

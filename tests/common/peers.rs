@@ -89,8 +89,24 @@ impl Bao {
 
     /// A server whose state survives [`Bao::stop`] + [`Bao::restart`].
     pub async fn start(storage: Storage) -> Self {
+        // A free port can be taken between choosing it and OpenBao binding it
+        // (other tests start peers at the same time): choose again then.
+        for _ in 0..4 {
+            let mut bao = Self::prepare(storage);
+            if bao.try_spawn().await {
+                if storage != Storage::Dev {
+                    bao.init().await;
+                    bao.unseal().await;
+                }
+                return bao;
+            }
+        }
+        panic!("openbao could not bind a free port in four tries");
+    }
+
+    fn prepare(storage: Storage) -> Self {
         let port = free_port_pair();
-        let mut bao = Self {
+        let bao = Self {
             addr: format!("http://127.0.0.1:{port}"),
             port,
             root: ROOT_TOKEN.into(),
@@ -105,11 +121,6 @@ impl Bao {
         };
         if storage != Storage::Dev {
             bao.write_config();
-        }
-        bao.spawn().await;
-        if storage != Storage::Dev {
-            bao.init().await;
-            bao.unseal().await;
         }
         bao
     }
@@ -129,6 +140,15 @@ impl Bao {
     }
 
     async fn spawn(&mut self) {
+        assert!(
+            self.try_spawn().await,
+            "openbao's port was taken; its log:\n{}",
+            self.log()
+        );
+    }
+
+    /// Starts OpenBao; `false` when its port was taken meanwhile.
+    async fn try_spawn(&mut self) -> bool {
         assert!(self.child.is_none(), "openbao is already running");
         let bao = require_binary("bao");
         let log = std::fs::OpenOptions::new()
@@ -157,15 +177,21 @@ impl Bao {
         self.child = Some(child);
         // Dev servers answer 200 once ready; durable ones 501/503 until
         // initialised and unsealed: any answer means the API is up.
-        self.wait_health(|s| s != 0).await;
+        self.wait_health(|s| s != 0).await
     }
 
-    /// Polls `sys/health` until `ok(status)` (0 = no answer).
-    async fn wait_health(&mut self, ok: impl Fn(u16) -> bool) {
+    /// Polls `sys/health` until `ok(status)` (0 = no answer). `false` when
+    /// OpenBao exited because its port was taken.
+    async fn wait_health(&mut self, ok: impl Fn(u16) -> bool) -> bool {
         let deadline = tokio::time::Instant::now() + PEER_DEADLINE;
         loop {
             if let Some(Ok(Some(exit))) = self.child.as_mut().map(Child::try_wait) {
-                panic!("openbao exited ({exit}); its log:\n{}", self.log());
+                let log = self.log();
+                if log.contains("address already in use") {
+                    self.child = None;
+                    return false;
+                }
+                panic!("openbao exited ({exit}); its log:\n{log}");
             }
             let status = match self
                 .http
@@ -177,7 +203,7 @@ impl Bao {
                 Err(_) => 0,
             };
             if ok(status) {
-                return;
+                return true;
             }
             assert!(
                 tokio::time::Instant::now() < deadline,
@@ -205,7 +231,7 @@ impl Bao {
         let key = self.unseal_key.clone().expect("an unseal key");
         self.raw("PUT", "sys/unseal", None, Some(json!({ "key": key })))
             .await;
-        self.wait_health(|s| s == 200).await;
+        assert!(self.wait_health(|s| s == 200).await);
     }
 
     /// Kills the server (its state stays on disk for durable storage).
