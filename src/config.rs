@@ -483,7 +483,61 @@ fn default_session_max_ttl() -> u64 {
     4 * 3600
 }
 
+/// A TOML error without the offending text: the line it quotes may hold a
+/// secret pasted where its reference belongs. Says where (line, column) and
+/// what, with any quoted value replaced by `…`.
+fn describe_toml_error(e: &toml::de::Error, text: &str) -> String {
+    let at = e
+        .span()
+        .map(|span| {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.len() - before.rfind('\n').map_or(0, |i| i + 1) + 1;
+            format!(" (line {line}, column {column})")
+        })
+        .unwrap_or_default();
+    format!("{}{at}", redact_quoted(e.message().trim()))
+}
+
+/// Replaces the inside of every `"…"` in a message.
+fn redact_quoted(message: &str) -> String {
+    let mut out = String::with_capacity(message.len());
+    let mut inside = false;
+    for c in message.chars() {
+        if c == '"' {
+            if inside {
+                out.push('…');
+            }
+            inside = !inside;
+            out.push(c);
+        } else if !inside {
+            out.push(c);
+        }
+    }
+    out
+}
+
 impl Config {
+    /// Every secret reference in the config, with the setting it fills
+    /// (`notify.slack.signing_secret`, …), for checking them all at start.
+    pub fn secret_references(&self) -> Vec<(String, keygate_provider_api::SecretRef)> {
+        let mut refs = Vec::new();
+        if let Some(slack) = &self.notify.slack {
+            refs.push(("notify.slack.bot_token".to_owned(), slack.bot_token.clone()));
+            refs.push((
+                "notify.slack.signing_secret".to_owned(),
+                slack.signing_secret.clone(),
+            ));
+        }
+        for w in &self.notify.webhooks {
+            refs.push((
+                format!("notify.webhooks `{}` secret", w.name),
+                w.secret.clone(),
+            ));
+        }
+        refs
+    }
+
     /// Reads and checks a config file.
     pub fn load(path: &Path) -> Result<Self, ConfigError> {
         let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
@@ -492,7 +546,7 @@ impl Config {
         })?;
         let cfg: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
-            message: e.to_string(),
+            message: describe_toml_error(&e, &text),
         })?;
         cfg.validate()?;
         Ok(cfg)

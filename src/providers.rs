@@ -29,11 +29,13 @@ impl std::fmt::Debug for Registry {
 impl Registry {
     /// Builds every configured provider and checks every scope against its
     /// provider.
-    pub async fn build(cfg: &Config) -> Result<Self, ConfigError> {
-        let resolver = secret_resolver(cfg).await?;
+    pub async fn build(cfg: &Config, resolver: &SecretResolver) -> Result<Self, ConfigError> {
+        // Every table is checked before any provider is opened (opening may
+        // create files or call a backend).
+        check_configs(cfg)?;
         let mut providers: BTreeMap<String, Arc<dyn Provider>> = BTreeMap::new();
         for (name, table) in &cfg.providers {
-            providers.insert(name.clone(), build_one(name, table, &resolver).await?);
+            providers.insert(name.clone(), build_one(name, table, resolver).await?);
         }
         let mut scopes = BTreeMap::new();
         let mut by_provider: BTreeMap<String, Vec<ScopeSpec>> = BTreeMap::new();
@@ -99,7 +101,7 @@ impl Registry {
 /// Reads Keygate's own secret references (`env:`, `file:`, and `aws-sm:`
 /// through the settings of the one `aws` provider, when there is exactly
 /// one), for the providers that take root secrets by reference.
-async fn secret_resolver(cfg: &Config) -> Result<SecretResolver, ConfigError> {
+pub async fn secret_resolver(cfg: &Config) -> Result<SecretResolver, ConfigError> {
     let resolver = SecretResolver::new();
     #[cfg(feature = "aws")]
     {
@@ -137,13 +139,28 @@ async fn secret_resolver(cfg: &Config) -> Result<SecretResolver, ConfigError> {
     Ok(resolver)
 }
 
-async fn build_one(
-    name: &str,
-    table: &toml::Table,
-    resolver: &SecretResolver,
-) -> Result<Arc<dyn Provider>, ConfigError> {
-    #[cfg(not(feature = "azure"))]
-    let _ = resolver;
+/// A provider table, parsed and checked, not yet opened.
+enum Parsed {
+    LocalCa(keygate_provider_local_ca::LocalCaConfig),
+    #[cfg(feature = "vault")]
+    Vault(keygate_provider_vault::VaultConfig),
+    #[cfg(feature = "aws")]
+    Aws(keygate_provider_aws::AwsConfig),
+    #[cfg(feature = "azure")]
+    Azure(keygate_provider_azure::AzureConfig),
+}
+
+/// Parses and checks every `[providers.*]` table without side effects (no
+/// file is created, no backend called): a bad table, or a secret written
+/// where its reference belongs, stops Keygate before it writes anything.
+pub fn check_configs(cfg: &Config) -> Result<(), ConfigError> {
+    for (name, table) in &cfg.providers {
+        parse_one(name, table)?;
+    }
+    Ok(())
+}
+
+fn parse_one(name: &str, table: &toml::Table) -> Result<Parsed, ConfigError> {
     let mut settings = table.clone();
     let kind = match settings.remove("kind") {
         Some(toml::Value::String(k)) => k,
@@ -155,48 +172,64 @@ async fn build_one(
     };
     let invalid =
         |e: &dyn std::fmt::Display| ConfigError::Invalid(format!("provider `{name}`: {e}"));
+    let table = toml::Value::Table(settings);
     match kind.as_str() {
-        "local-ca" => {
-            let cfg: keygate_provider_local_ca::LocalCaConfig = toml::Value::Table(settings)
-                .try_into()
-                .map_err(|e| invalid(&e))?;
+        "local-ca" => Ok(Parsed::LocalCa(table.try_into().map_err(|e| invalid(&e))?)),
+        #[cfg(feature = "vault")]
+        keygate_provider_vault::KIND => {
+            let cfg: keygate_provider_vault::VaultConfig =
+                table.try_into().map_err(|e| invalid(&e))?;
+            cfg.check().map_err(|e| invalid(&e))?;
+            Ok(Parsed::Vault(cfg))
+        }
+        #[cfg(feature = "aws")]
+        keygate_provider_aws::KIND => Ok(Parsed::Aws(table.try_into().map_err(|e| invalid(&e))?)),
+        #[cfg(feature = "azure")]
+        keygate_provider_azure::KIND => {
+            Ok(Parsed::Azure(table.try_into().map_err(|e| invalid(&e))?))
+        }
+        other => Err(ConfigError::Invalid(format!(
+            "provider `{name}`: unknown kind `{other}` (available: {})",
+            KINDS.join(", ")
+        ))),
+    }
+}
+
+async fn build_one(
+    name: &str,
+    table: &toml::Table,
+    resolver: &SecretResolver,
+) -> Result<Arc<dyn Provider>, ConfigError> {
+    #[cfg(not(feature = "azure"))]
+    let _ = resolver;
+    let invalid =
+        |e: &dyn std::fmt::Display| ConfigError::Invalid(format!("provider `{name}`: {e}"));
+    match parse_one(name, table)? {
+        Parsed::LocalCa(cfg) => {
             let ca = keygate_provider_local_ca::LocalCa::open(cfg)
                 .await
                 .map_err(|e| invalid(&e))?;
             Ok(Arc::new(ca))
         }
         #[cfg(feature = "vault")]
-        keygate_provider_vault::KIND => {
-            let cfg: keygate_provider_vault::VaultConfig = toml::Value::Table(settings)
-                .try_into()
-                .map_err(|e| invalid(&e))?;
+        Parsed::Vault(cfg) => {
             let vault =
                 keygate_provider_vault::VaultProvider::open(cfg).map_err(|e| invalid(&e))?;
             Ok(Arc::new(vault))
         }
         #[cfg(feature = "aws")]
-        keygate_provider_aws::KIND => {
-            let cfg: keygate_provider_aws::AwsConfig = toml::Value::Table(settings)
-                .try_into()
-                .map_err(|e| invalid(&e))?;
+        Parsed::Aws(cfg) => {
             let aws = keygate_provider_aws::AwsProvider::open(cfg)
                 .await
                 .map_err(|e| invalid(&e))?;
             Ok(Arc::new(aws))
         }
         #[cfg(feature = "azure")]
-        keygate_provider_azure::KIND => {
-            let cfg: keygate_provider_azure::AzureConfig = toml::Value::Table(settings)
-                .try_into()
-                .map_err(|e| invalid(&e))?;
+        Parsed::Azure(cfg) => {
             let azure = keygate_provider_azure::AzureProvider::open(cfg, resolver.clone())
                 .map_err(|e| invalid(&e))?;
             Ok(Arc::new(azure))
         }
-        other => Err(ConfigError::Invalid(format!(
-            "provider `{name}`: unknown kind `{other}` (available: {})",
-            KINDS.join(", ")
-        ))),
     }
 }
 

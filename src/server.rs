@@ -35,19 +35,31 @@ pub type AppState = Arc<Broker>;
 /// Builds the broker from config: store, policy, signing key, providers, and
 /// the agents seeded from `registry.seed_dir`.
 pub async fn build_broker(config: Config) -> anyhow::Result<Broker> {
-    let store = crate::store::open(&config.store.url).await?;
+    // First what can fail without a side effect: provider tables, policies,
+    // and every secret reference, resolved now (a missing Slack secret is a
+    // start-up error, not a 500 at the first click).
+    crate::providers::check_configs(&config)?;
     let policy = PolicyEngine::load(&config.policy.dir)?;
     if policy.is_empty() {
         tracing::warn!(dir = %config.policy.dir.display(), "no policies loaded: every credential request will be denied");
     }
+    let resolver = crate::providers::secret_resolver(&config).await?;
+    for (setting, reference) in config.secret_references() {
+        resolver
+            .resolve(&reference)
+            .await
+            .map_err(|e| anyhow::anyhow!("`{setting}` ({reference}) cannot be read: {e}"))?;
+    }
+    let store = crate::store::open(&config.store.url).await?;
     let signer = SessionSigner::open(&config.sessions.signing_key_file, &config.server.issuer)?;
-    let registry = Registry::build(&config).await?;
+    let registry = Registry::build(&config, &resolver).await?;
     let config_federation = config.federation.issuers.clone();
     let config_limits = config.limits;
+    // Every reference resolves through the same resolver (`aws-sm:` too).
     let notifier = crate::notify::Notifier::new(
         config.notify.clone(),
         config.public_url().to_owned(),
-        keygate_provider_api::SecretResolver::new(),
+        resolver,
     )?;
     let broker = Broker {
         config,
@@ -121,6 +133,7 @@ pub fn router(state: AppState) -> Router {
             Arc::clone(&state),
             ops::limit_by_address,
         ))
+        .layer(axum::middleware::from_fn(ops::json_errors))
         .layer(axum::middleware::from_fn(ops::log_requests))
         .layer(DefaultBodyLimit::max(limit))
         .with_state(state)

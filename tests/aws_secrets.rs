@@ -298,3 +298,51 @@ async fn aws_sm_references_read_the_current_value() {
         "{err}"
     );
 }
+
+/// Slack's signing secret by `aws-sm:` reference: the hook verifies clicks
+/// with it (a forged click is 401, a signed one is read), where before the
+/// notifier had no `aws-sm` source and every click got 500.
+#[tokio::test]
+async fn slack_secrets_resolve_through_aws_secrets_manager() {
+    use hmac::{Hmac, Mac};
+    let moto = Moto::start().await;
+    moto.create_secret("keygate/slack-signing", "slack-signing-secret-value")
+        .await;
+    moto.create_secret("keygate/slack-bot", "xoxb-from-secrets-manager")
+        .await;
+    let mut setup = moto.setup(SCOPES);
+    setup.extra_config.push_str(
+        r##"
+[notify.slack]
+bot_token = "aws-sm:keygate/slack-bot"
+signing_secret = "aws-sm:keygate/slack-signing"
+default_channel = "#approvals"
+api_url = "http://127.0.0.1:1/api"
+"##,
+    );
+    let b = TestBroker::start_with(setup).await;
+    let body = "payload=%7B%22type%22%3A%22block_actions%22%7D";
+    let ts = common::unix_now();
+    let sign = |secret: &str| {
+        let mut mac = Hmac::<sha2::Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+        mac.update(format!("v0:{ts}:{body}").as_bytes());
+        format!("v0={}", hex::encode(mac.finalize().into_bytes()))
+    };
+    let post = |sig: String| {
+        b.http
+            .post(b.url("/v1/hooks/slack/interactions"))
+            .header("content-type", "application/x-www-form-urlencoded")
+            .header("x-slack-request-timestamp", ts.to_string())
+            .header("x-slack-signature", sig)
+            .body(body)
+            .send()
+    };
+    let forged = post(sign("not-the-secret")).await.unwrap();
+    assert_eq!(forged.status(), 401);
+    let signed = post(sign("slack-signing-secret-value")).await.unwrap();
+    let status = signed.status();
+    let text = signed.text().await.unwrap();
+    assert_ne!(status, 500, "{text}");
+    assert_ne!(status, 401, "the signature checks out: {text}");
+    assert!(!b.log().contains("slack-signing-secret-value"));
+}

@@ -277,4 +277,23 @@ async fn releasing_one_lease_revokes_only_it() {
     assert!(!metrics.text.contains("no-such-scope"), "{}", metrics.text);
     assert!(metrics.text.contains("(unknown)"), "{}", metrics.text);
     assert!(metrics.text.contains("x509-svid"), "{}", metrics.text);
+
+    // One JSON error contract, operator endpoints included: an oversized
+    // body, a wrong method.
+    let huge = json!({ "reason": "x".repeat(100_000) });
+    let r = b
+        .admin_post(&format!("/v1/agents/{}/suspend", other.id), &huge)
+        .await;
+    assert_eq!(r.status, 413, "{}", r.text);
+    assert_eq!(r.json()["error"], "payload_too_large", "{}", r.text);
+    let r = b
+        .call(reqwest::Method::PUT, "/v1/leases", Some(&b.ops.admin), None)
+        .await;
+    assert_eq!(r.status, 405, "{}", r.text);
+    assert_eq!(r.json()["error"], "method_not_allowed", "{}", r.text);
+    assert_eq!(
+        b.admin_get(&format!("/v1/agents/{}", other.id)).await["status"],
+        "active",
+        "nothing changed"
+    );
 }

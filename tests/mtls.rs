@@ -235,6 +235,20 @@ async fn wrong_trust_domain_no_san_expired_and_untrusted_certificates_fail() {
         "{v}"
     );
 
+    // Discovery says the mTLS method and bound tokens are on (RFC 8705 §3.3).
+    let meta =
+        w.b.get("/.well-known/oauth-authorization-server", None)
+            .await
+            .expect(200);
+    assert!(
+        meta["token_endpoint_auth_methods_supported"]
+            .as_array()
+            .unwrap()
+            .contains(&json!("tls_client_auth")),
+        "{meta}"
+    );
+    assert_eq!(meta["tls_client_certificate_bound_access_tokens"], true);
+
     // The TLS layer refuses these before any request is read.
     let id = format!("spiffe://{TRUST_DOMAIN}/agent/{}", agent.id);
     let expired = leaf(&w.ca, Some(&id), true);

@@ -46,7 +46,8 @@ async fn denials_name_their_policies_and_are_audited() {
     let mut spec = tier3.spec("platform");
     spec["risk_tier"] = 3.into();
     b.admin_post("/v1/agents", &spec).await.expect(201);
-    let s = b.token(&tier3).await;
+    // A task long enough that 1800 s is what would be granted.
+    let s = b.token_ttl(&tier3, Some(3600)).await;
 
     let denied = b.credential(&s.token, "x509-svid", Some(1800), None).await;
     let body = denied.expect(403);
@@ -251,4 +252,36 @@ async fn every_admin_endpoint_checks_roles() {
             .unwrap()
             .contains("not-an-operator-token")
     );
+}
+
+#[tokio::test]
+async fn policy_judges_the_ttl_that_would_be_granted_and_names_it_when_it_refuses() {
+    let b = TestBroker::start().await;
+    let agent = TestAgent::new("ttl", "ES256");
+    b.register(&agent, "platform").await;
+    let s = b.token_ttl(&agent, Some(3600)).await;
+    // jwt-svid's max_ttl is 900: asking 4000 s is asking 900 s, which the
+    // platform permit (ttl <= 3600) allows.
+    let audience = serde_json::json!({ "audience": common::JWT_AUDIENCE });
+    let v = b
+        .credential(&s.token, "jwt-svid", Some(4000), Some(audience))
+        .await
+        .expect(201);
+    let granted = common::rfc3339(&v["expires_at"]) - time::OffsetDateTime::now_utc();
+    assert!(granted.whole_seconds() <= 900, "{v}");
+
+    // A tier-3 agent is held to 900 s by the guardrail: the error says the
+    // ttl was refused, and what would pass.
+    let t3 = TestAgent::new("ttl3", "ES256");
+    let mut spec = t3.spec("platform");
+    spec["risk_tier"] = serde_json::json!(3);
+    b.admin_post("/v1/agents", &spec).await.expect(201);
+    let s = b.token_ttl(&t3, Some(3600)).await;
+    let r = b.credential(&s.token, "x509-svid", Some(1800), None).await;
+    assert_eq!(r.status, 403, "{}", r.text);
+    let message = r.json()["message"].as_str().unwrap().to_owned();
+    assert!(message.contains("900 s is permitted"), "{message}");
+    b.credential(&s.token, "x509-svid", Some(900), None)
+        .await
+        .expect(201);
 }

@@ -185,6 +185,10 @@ impl Broker {
             None => scope_cfg.max_ttl_secs,
         };
         let t = now();
+        // Policy judges what would be granted: the ask capped by the scope's
+        // max_ttl and what is left of the task.
+        let remaining = (s.task.expires_at - t).whole_seconds().max(1) as u64;
+        let ttl = ttl.min(scope_cfg.max_ttl_secs).min(remaining);
         let mut decided = self
             .check_policy(s, scope_cfg, ttl, t, "credential.requested")
             .await?;
@@ -320,7 +324,7 @@ impl Broker {
             });
         }
         if !decision.allow {
-            let message = if decision.policy_ids.is_empty() {
+            let mut message = if decision.policy_ids.is_empty() {
                 format!(
                     "no policy permits agent `{}` to obtain scope `{scope_name}`",
                     s.agent.id
@@ -331,6 +335,11 @@ impl Broker {
                     s.agent.id
                 )
             };
+            if let Some(shorter) = self.longest_permitted_ttl(s, scope_cfg, &facts) {
+                message.push_str(&format!(
+                    " for {ttl} s; the ttl is what policy refused: {shorter} s is permitted"
+                ));
+            }
             self.audit_alone(decided.failure(message.clone())).await?;
             return Err(BrokerError::PolicyDenied {
                 message,
@@ -379,6 +388,40 @@ impl Broker {
             decided.details["delegators"] = delegators.into();
         }
         Ok(decided)
+    }
+
+    /// When policy refused `facts.requested_ttl_secs`, the longest shorter
+    /// ttl it permits (a binary search, checked), so the agent is told the
+    /// ttl was the problem; `None` when no ttl would do.
+    fn longest_permitted_ttl(
+        &self,
+        s: &Session,
+        scope_cfg: &ScopeConfig,
+        facts: &RequestFacts<'_>,
+    ) -> Option<u64> {
+        let allows = |ttl: u64| {
+            let probe = RequestFacts {
+                requested_ttl_secs: ttl,
+                ..facts.clone()
+            };
+            self.policy
+                .decide(&s.agent, &scope_facts(scope_cfg), &probe)
+                .is_ok_and(|d| d.allow)
+        };
+        let (mut lo, mut hi) = (1u64, facts.requested_ttl_secs);
+        if hi <= 1 || !allows(lo) {
+            return None;
+        }
+        // Invariant: `lo` is permitted, `hi` is not.
+        while hi - lo > 1 {
+            let mid = lo + (hi - lo) / 2;
+            if allows(mid) {
+                lo = mid;
+            } else {
+                hi = mid;
+            }
+        }
+        Some(lo)
     }
 
     /// Writes the lease ahead, asks the provider, records what it issued.

@@ -44,6 +44,11 @@ pub async fn jwks(State(b): State<AppState>) -> Json<serde_json::Value> {
 /// RFC 8414 authorization-server metadata.
 pub async fn metadata(State(b): State<AppState>) -> Json<serde_json::Value> {
     let issuer = b.config.server.issuer.trim_end_matches('/');
+    let mut auth_methods = vec!["private_key_jwt"];
+    let mtls = b.config.server.tls.is_some();
+    if mtls {
+        auth_methods.push("tls_client_auth");
+    }
     Json(json!({
         "issuer": b.config.server.issuer,
         "token_endpoint": b.config.token_endpoint(),
@@ -52,7 +57,9 @@ pub async fn metadata(State(b): State<AppState>) -> Json<serde_json::Value> {
         "dpop_signing_alg_values_supported": ["ES256", "ES384", "EdDSA", "RS256", "PS256"],
         "introspection_endpoint": format!("{}/oauth/introspect", b.config.server.issuer.trim_end_matches('/')),
         "revocation_endpoint": format!("{}/oauth/revoke", b.config.server.issuer.trim_end_matches('/')),
-        "token_endpoint_auth_methods_supported": ["private_key_jwt"],
+        "token_endpoint_auth_methods_supported": auth_methods,
+        // RFC 8705 §3.3: tokens bound to the client certificate over mTLS.
+        "tls_client_certificate_bound_access_tokens": mtls,
         "token_endpoint_auth_signing_alg_values_supported": ["ES256", "ES384", "EdDSA", "RS256", "PS256"],
         "response_types_supported": [],
     }))
@@ -164,4 +171,46 @@ pub async fn limit_by_address(State(b): State<AppState>, req: Request, next: Nex
             e.into_response()
         }
     }
+}
+
+/// One JSON error contract: a rejection axum answers in plain text (a body
+/// over the limit, a wrong method or content type, a malformed path) is
+/// rewritten as `{"error", "message"}` with the same status.
+pub async fn json_errors(req: Request, next: Next) -> Response {
+    let resp = next.run(req).await;
+    let status = resp.status();
+    let is_json = resp
+        .headers()
+        .get(header::CONTENT_TYPE)
+        .and_then(|v| v.to_str().ok())
+        .is_some_and(|v| v.starts_with("application/json"));
+    if !(status.is_client_error() || status.is_server_error()) || is_json {
+        return resp;
+    }
+    let code = match status {
+        StatusCode::PAYLOAD_TOO_LARGE => "payload_too_large",
+        StatusCode::METHOD_NOT_ALLOWED => "method_not_allowed",
+        StatusCode::UNSUPPORTED_MEDIA_TYPE => "unsupported_media_type",
+        StatusCode::NOT_FOUND => "not_found",
+        s if s.is_server_error() => "internal",
+        _ => "invalid_request",
+    };
+    let (parts, body) = resp.into_parts();
+    let text = axum::body::to_bytes(body, 4096)
+        .await
+        .map(|b| String::from_utf8_lossy(&b).trim().to_owned())
+        .unwrap_or_default();
+    let message = if text.is_empty() {
+        status.canonical_reason().unwrap_or("error").to_owned()
+    } else {
+        text
+    };
+    let mut out = ApiError::new(status, code, message).into_response();
+    // Keep what the original answer said beyond its body (e.g. `Allow`).
+    for (name, value) in &parts.headers {
+        if name != header::CONTENT_TYPE && name != header::CONTENT_LENGTH {
+            out.headers_mut().insert(name.clone(), value.clone());
+        }
+    }
+    out
 }

@@ -158,6 +158,14 @@ fn invalid(msg: String) -> ProviderError {
 }
 
 impl VaultConfig {
+    /// Checks the table without side effects: the login method (no secret
+    /// written in the file) and the address.
+    pub fn check(&self) -> Result<(), ProviderError> {
+        self.login()?;
+        self.checked_address()?;
+        Ok(())
+    }
+
     /// Checks the table and returns the login method.
     pub(crate) fn login(&self) -> Result<Login, ProviderError> {
         let a = &self.auth;

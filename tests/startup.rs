@@ -1,0 +1,98 @@
+//! Start-up refuses a bad config before it writes anything, says which
+//! setting is wrong, and never repeats a value that may be a secret.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::time::Duration;
+
+use common::{Setup, TestBroker};
+
+/// Runs `keygate serve` on the prepared dir; it must exit with an error.
+/// Returns its stderr.
+async fn refused(b: &TestBroker) -> String {
+    let out = tokio::time::timeout(
+        Duration::from_secs(30),
+        tokio::process::Command::new(env!("CARGO_BIN_EXE_keygate"))
+            .args(["serve", "--config"])
+            .arg(b.dir.join("keygate.toml"))
+            .current_dir(&b.dir)
+            .env_remove("KG_TEST_MISSING_SECRET")
+            .output(),
+    )
+    .await
+    .expect("keygate exits")
+    .unwrap();
+    assert!(!out.status.success(), "keygate started");
+    String::from_utf8_lossy(&out.stderr).into_owned()
+}
+
+/// Nothing of the broker's state was created.
+fn nothing_written(b: &TestBroker) {
+    for f in [
+        "keygate.db",
+        "session-signing-key.pem",
+        "ca/ca-key.pem",
+        "ca/ca-cert.pem",
+    ] {
+        assert!(!b.dir.join(f).exists(), "`{f}` was created");
+    }
+}
+
+#[tokio::test]
+async fn a_literal_secret_is_refused_before_any_side_effect() {
+    let b = TestBroker::prepare(Setup {
+        extra_config: r#"
+[providers.vault]
+kind = "vault"
+address = "http://127.0.0.1:1"
+auth = { method = "approle", role_id = "r", secret_id = "s3cr3t-literal-value" }
+"#
+        .into(),
+        ..Setup::default()
+    });
+    let err = refused(&b).await;
+    assert!(err.contains("never put a secret in the config"), "{err}");
+    assert!(!err.contains("s3cr3t-literal-value"), "{err}");
+    nothing_written(&b);
+}
+
+#[tokio::test]
+async fn a_parse_error_says_where_without_echoing_the_line() {
+    let b = TestBroker::prepare(Setup {
+        extra_config: "[notify.slack]\nbot_token = xoxb-1234-literal-token\n".into(),
+        ..Setup::default()
+    });
+    let err = refused(&b).await;
+    assert!(err.contains("line "), "{err}");
+    assert!(!err.contains("xoxb-1234-literal-token"), "{err}");
+    assert!(!err.contains("1234"), "{err}");
+    nothing_written(&b);
+
+    // A quoted value of the wrong type is not repeated either.
+    let b = TestBroker::prepare(Setup {
+        extra_config: "[limits]\nper_agent_per_minute = \"hunter2-password\"\n".into(),
+        ..Setup::default()
+    });
+    let err = refused(&b).await;
+    assert!(!err.contains("hunter2"), "{err}");
+    assert!(err.contains("line "), "{err}");
+}
+
+#[tokio::test]
+async fn a_missing_secret_reference_stops_start_up_and_is_named() {
+    let b = TestBroker::prepare(Setup {
+        extra_config: r##"
+[notify.slack]
+bot_token = "env:KG_TEST_MISSING_SECRET"
+signing_secret = "file:/nonexistent/keygate-signing-secret"
+default_channel = "#approvals"
+"##
+        .into(),
+        ..Setup::default()
+    });
+    let err = refused(&b).await;
+    assert!(err.contains("notify.slack.bot_token"), "{err}");
+    assert!(err.contains("env:KG_TEST_MISSING_SECRET"), "{err}");
+    nothing_written(&b);
+}
