@@ -29,14 +29,16 @@ use crate::store::{LeaseSelector, Store, StoreResult, TaskSelector};
 #[derive(Debug, Clone)]
 pub struct LeaseEngine {
     wake: Arc<Notify>,
-    booted_at: OffsetDateTime,
+    /// This process: every lease it writes carries it, so a pending lease
+    /// of any other boot is known at once to be an orphan.
+    boot_id: Arc<str>,
 }
 
 impl Default for LeaseEngine {
     fn default() -> Self {
         Self {
             wake: Arc::new(Notify::new()),
-            booted_at: now(),
+            boot_id: crate::model::new_id("boot").into(),
         }
     }
 }
@@ -56,11 +58,16 @@ impl LeaseEngine {
         self.wake.notify_one();
     }
 
-    /// Pending leases created before this instant are orphans: the provider
-    /// call cannot still be in flight.
+    /// The id of this process, written on every lease it creates.
+    pub fn boot_id(&self) -> &str {
+        &self.boot_id
+    }
+
+    /// Pending leases of this process created before this instant are
+    /// orphans: the provider call cannot still be in flight. (Those of an
+    /// earlier process are orphans whatever their age.)
     fn orphan_cutoff(&self, cfg: &LeaseConfig, t: OffsetDateTime) -> OffsetDateTime {
-        let by_age = t - Duration::from_secs(cfg.issue_timeout_secs + 5);
-        by_age.max(self.booted_at)
+        t - Duration::from_secs(cfg.issue_timeout_secs + 5)
     }
 }
 
@@ -102,7 +109,12 @@ impl Worker {
         let t = now();
         let due = self
             .store
-            .due_revocations(t, self.engine.orphan_cutoff(&self.config, t), BATCH)
+            .due_revocations(
+                t,
+                self.engine.orphan_cutoff(&self.config, t),
+                self.engine.boot_id(),
+                BATCH,
+            )
             .await?;
         let full = due.len() as u32 == BATCH;
         let mut set = tokio::task::JoinSet::new();
@@ -245,7 +257,11 @@ impl Worker {
         let t = now();
         let mut tx = self.store.begin().await?;
         let orphans = tx
-            .queue_orphans(self.engine.orphan_cutoff(&self.config, t), t)
+            .queue_orphans(
+                self.engine.orphan_cutoff(&self.config, t),
+                self.engine.boot_id(),
+                t,
+            )
             .await?;
         for id in &orphans {
             tx.audit(

@@ -268,6 +268,9 @@ pub struct Lease {
     #[serde(with = "time::serde::rfc3339::option")]
     pub next_attempt_at: Option<OffsetDateTime>,
     pub revocation_id: Option<String>,
+    /// The process that wrote it (see `LeaseEngine::boot_id`).
+    #[serde(skip)]
+    pub boot_id: Option<String>,
 }
 
 /// Which leases and sessions an emergency revocation hits.

@@ -71,12 +71,14 @@ pub trait Store: Send + Sync + 'static {
     }
     async fn get_lease(&self, id: &str) -> StoreResult<Option<Lease>>;
     async fn list_leases(&self, filter: &LeaseFilter) -> StoreResult<Vec<Lease>>;
-    /// Leases in `revoking` whose next attempt is due. Leases still pending
-    /// issue (no handle yet, younger than `orphan_before`) are left alone.
+    /// Leases in `revoking` whose next attempt is due. Leases whose issue
+    /// may still be in flight (no handle yet, written by this process —
+    /// `boot_id` — and younger than `orphan_before`) are left alone.
     async fn due_revocations(
         &self,
         now: OffsetDateTime,
         orphan_before: OffsetDateTime,
+        boot_id: &str,
         limit: u32,
     ) -> StoreResult<Vec<Lease>>;
     async fn get_revocation(&self, id: &str) -> StoreResult<Option<Revocation>>;
@@ -202,11 +204,13 @@ pub trait StoreTx: Send {
     ) -> StoreResult<()>;
     /// Active and expiring leases whose expiry passed become `Expired`.
     async fn expire_leases(&mut self, now: OffsetDateTime) -> StoreResult<Vec<Lease>>;
-    /// Pending leases older than `before` (the broker crashed or the provider
+    /// Pending leases written by another process than `boot_id` (it crashed:
+    /// their issue cannot be in flight), or older than `before` (the provider
     /// hung): queued for revocation by lease id.
     async fn queue_orphans(
         &mut self,
         before: OffsetDateTime,
+        boot_id: &str,
         now: OffsetDateTime,
     ) -> StoreResult<Vec<String>>;
     /// Open tasks past their expiry. Returns their ids (not yet ended).
@@ -361,6 +365,7 @@ mod tests {
             last_error: None,
             next_attempt_at: None,
             revocation_id: None,
+            boot_id: None,
         }
     }
 

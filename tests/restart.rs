@@ -191,3 +191,69 @@ async fn a_task_ends_when_its_ttl_runs_out() {
     );
     assert_eq!(b.complete(&s.token).await.status, 401);
 }
+
+#[tokio::test]
+async fn leases_in_flight_at_a_crash_are_resolved_at_once_after_a_fast_restart() {
+    let mut b = TestBroker::start().await;
+    let agent = TestAgent::new("storm", "ES256");
+    b.register(&agent, "platform").await;
+    for round in 0..3 {
+        // An issuing storm, killed mid-way.
+        let s = b.token_ttl(&agent, Some(3600)).await;
+        let mut storm = Vec::new();
+        for _ in 0..16 {
+            let (http, url, token) = (b.http.clone(), b.url("/v1/credentials"), s.token.clone());
+            storm.push(tokio::spawn(async move {
+                let _ = http
+                    .post(url)
+                    .bearer_auth(token)
+                    .json(&serde_json::json!({ "scope": "x509-svid", "ttl": 600 }))
+                    .send()
+                    .await;
+            }));
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(15 * round)).await;
+        b.kill().await;
+        for h in storm {
+            let _ = h.await;
+        }
+        // And one written in the very second the next process starts, as a
+        // crash can leave it: whole-second clocks cannot tell it apart.
+        let lease_id = format!("ls_samesecond{round}{}", unix_now());
+        let mut db = b.db().await;
+        sqlx::query(
+            "INSERT INTO leases (id, agent_id, task_id, scope, provider, state, created_at, expires_at, boot_id) \
+             VALUES (?, ?, ?, 'x509-svid', 'ca', 'pending', ?, ?, 'boot_crashed')",
+        )
+        .bind(&lease_id)
+        .bind(&agent.id)
+        .bind(&s.task_id)
+        .bind(unix_now() + 1)
+        .bind(unix_now() + 600)
+        .execute(&mut db)
+        .await
+        .unwrap();
+        sqlx::Connection::close(db).await.unwrap();
+        b.restart().await;
+        // Well inside the age rule (issue timeout 5 s + 5 s): nothing of the
+        // crashed process may still be pending, nor sit unrevoked.
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(4);
+        loop {
+            let stuck: Vec<_> = b
+                .leases(&format!("agent={}", agent.id))
+                .await
+                .into_iter()
+                .filter(|l| l["state"] == "pending" || l["state"] == "revoking")
+                .collect();
+            if stuck.is_empty() {
+                break;
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "round {round}: still unresolved after restart: {stuck:?}"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+        }
+        assert_eq!(b.lease_state(&lease_id).await, "revoked");
+    }
+}

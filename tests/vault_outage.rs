@@ -122,3 +122,95 @@ async fn the_queue_resumes_after_a_keygate_crash() {
     all_leases(&b, &s.task_id, "revoked", false).await;
     nothing_left(&peers, &creds).await;
 }
+
+/// A Vault that answers every request 503 after reading it.
+async fn failing_vault() -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            tokio::spawn(async move {
+                let mut buf = [0u8; 8192];
+                let _ = s.read(&mut buf).await;
+                let body = r#"{"errors":["Vault is sealed"]}"#;
+                let _ = s
+                    .write_all(
+                        format!(
+                            "HTTP/1.1 503 Service Unavailable\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n{body}",
+                            body.len()
+                        )
+                        .as_bytes(),
+                    )
+                    .await;
+            });
+        }
+    });
+    addr
+}
+
+/// An issue whose request never reached Vault minted nothing: the lease is
+/// `failed` at once. One that reached a failing Vault may have minted: it is
+/// queued for revocation with the reason visible from the start.
+#[tokio::test]
+async fn an_issue_that_never_reached_vault_is_failed_not_revoking() {
+    let closed = {
+        let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        format!("http://{}", l.local_addr().unwrap())
+    };
+    let failing = failing_vault().await;
+    let provider = |name: &str, addr: &str| {
+        format!(
+            "[providers.{name}]\nkind = \"vault\"\naddress = \"{addr}\"\nrequest_timeout_secs = 3\nauth = {{ method = \"token\", token_env = \"KG_TEST_VAULT_TOKEN\" }}\n"
+        )
+    };
+    let scopes = |name: &str| {
+        format!(
+            "[[scopes]]\nname = \"{name}-token\"\nprovider = \"{name}\"\nmax_ttl_secs = 600\nparams = {{ kind = \"token\", policies = [\"agent-reader\"] }}\n"
+        )
+    };
+    let b = TestBroker::start_with(common::Setup {
+        policies: vec![(
+            "permit.cedar".into(),
+            r#"permit (principal, action == Keygate::Action::"request_credential", resource)
+when { resource.provider == "gone" || resource.provider == "sealed" };"#
+                .into(),
+        )],
+        extra_config: format!(
+            "{}{}",
+            provider("gone", &closed),
+            provider("sealed", &failing)
+        ),
+        scopes: Some(format!("{}{}", scopes("gone"), scopes("sealed"))),
+        env: vec![("KG_TEST_VAULT_TOKEN".into(), "s.not-a-real-token".into())],
+        ..common::Setup::default()
+    })
+    .await;
+    let agent = TestAgent::new("unreached", "ES256");
+    b.register(&agent, "platform").await;
+    let s = b.token(&agent).await;
+
+    let r = b.credential(&s.token, "gone-token", Some(60), None).await;
+    assert_eq!(r.status, 502, "{}", r.text);
+    let leases = b.leases(&format!("task={}", s.task_id)).await;
+    assert_eq!(leases.len(), 1);
+    assert_eq!(leases[0]["state"], "failed", "{leases:?}");
+    assert!(
+        leases[0]["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("not reached")
+    );
+
+    let r = b.credential(&s.token, "sealed-token", Some(60), None).await;
+    assert_eq!(r.status, 502, "{}", r.text);
+    let sealed: Vec<Value> = b
+        .leases(&format!("task={}", s.task_id))
+        .await
+        .into_iter()
+        .filter(|l| l["scope"] == "sealed-token")
+        .collect();
+    assert_eq!(sealed[0]["state"], "revoking", "{sealed:?}");
+    let reason = sealed[0]["end_reason"].as_str().unwrap();
+    assert!(reason.contains("Vault is sealed"), "{reason}");
+}

@@ -466,6 +466,7 @@ impl Broker {
             last_error: None,
             next_attempt_at: None,
             revocation_id: None,
+            boot_id: Some(self.leases.boot_id().to_owned()),
         };
         // Write-ahead: the lease exists before the provider is asked, so a
         // crash from here on leaves a row the reaper resolves.
@@ -601,11 +602,13 @@ impl Broker {
     async fn issue_failed(&self, lease: &Lease, actor: &Actor, e: ProviderError) -> BrokerError {
         let msg = e.to_string();
         tracing::warn!(lease = %lease.id, error = %msg, "provider failed to issue");
+        // Nothing can exist at the backend: refused, or never sent.
         let definitive = matches!(
             e,
             ProviderError::InvalidParams(_)
                 | ProviderError::Refused(_)
                 | ProviderError::Unsupported(_)
+                | ProviderError::NotSent(_)
         );
         let t = now();
         let stored = async {
@@ -613,9 +616,13 @@ impl Broker {
             if definitive {
                 tx.mark_failed(&lease.id, &msg, t).await?;
             } else {
+                // The reason, with the provider's error, is visible on the
+                // lease from the start (`end_reason`).
                 tx.queue_revocations(
                     &LeaseSelector::Lease(lease.id.clone()),
-                    "issue failed; the provider may have issued",
+                    &format!(
+                        "the issue failed ({msg}); revoking whatever the provider may have issued"
+                    ),
                     None,
                     t,
                 )

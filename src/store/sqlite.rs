@@ -192,14 +192,17 @@ impl Store for SqliteStore {
         &self,
         now: OffsetDateTime,
         orphan_before: OffsetDateTime,
+        boot_id: &str,
         limit: u32,
     ) -> StoreResult<Vec<Lease>> {
         sqlx::query(
             "SELECT * FROM leases WHERE state = 'revoking' AND next_attempt_at <= ? \
-             AND (handle IS NOT NULL OR created_at < ?) ORDER BY next_attempt_at LIMIT ?",
+             AND (handle IS NOT NULL OR created_at < ? OR boot_id IS NOT ?) \
+             ORDER BY next_attempt_at LIMIT ?",
         )
         .bind(unix(now))
         .bind(unix(orphan_before))
+        .bind(boot_id)
         .bind(i64::from(limit))
         .fetch_all(&self.read)
         .await?
@@ -632,7 +635,7 @@ impl StoreTx for SqliteTx {
     async fn insert_lease(&mut self, l: &Lease) -> StoreResult<bool> {
         let done = sqlx::query(
             "INSERT INTO leases (id, agent_id, task_id, scope, provider, state, created_at, \
-             expires_at) SELECT ?, ?, ?, ?, ?, ?, ?, ? \
+             expires_at, boot_id) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ? \
              WHERE EXISTS (SELECT 1 FROM tasks WHERE id = ? AND state = 'open')",
         )
         .bind(&l.id)
@@ -643,6 +646,7 @@ impl StoreTx for SqliteTx {
         .bind(l.state.as_str())
         .bind(unix(l.created_at))
         .bind(unix(l.expires_at))
+        .bind(&l.boot_id)
         .bind(&l.task_id)
         .execute(&mut self.tx.state.conn)
         .await?;
@@ -799,15 +803,17 @@ impl StoreTx for SqliteTx {
     async fn queue_orphans(
         &mut self,
         before: OffsetDateTime,
+        boot_id: &str,
         now: OffsetDateTime,
     ) -> StoreResult<Vec<String>> {
         let rows = sqlx::query(
             "UPDATE leases SET state = 'revoking', next_attempt_at = ?, \
              end_reason = 'orphaned: issue did not complete' \
-             WHERE state = 'pending' AND created_at < ? RETURNING id",
+             WHERE state = 'pending' AND (created_at < ? OR boot_id IS NOT ?) RETURNING id",
         )
         .bind(unix(now))
         .bind(unix(before))
+        .bind(boot_id)
         .fetch_all(&mut self.tx.state.conn)
         .await?;
         rows.iter()

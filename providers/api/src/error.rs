@@ -10,9 +10,15 @@ pub enum ProviderError {
     /// The backend refused (permission denied, quota, policy).
     #[error("backend refused: {0}")]
     Refused(String),
-    /// The backend could not be reached or failed; retrying may help.
+    /// The backend could not be reached or failed; retrying may help. An
+    /// issue that fails so may have minted something.
     #[error("backend unavailable: {0}")]
     Unavailable(String),
+    /// The request provably never reached the backend (connection refused,
+    /// name not resolved, TLS handshake refused): nothing was done there.
+    /// Retrying may help; an issue that fails so minted nothing.
+    #[error("backend not reached: {0}")]
+    NotSent(String),
     /// The provider does not support this operation.
     #[error("not supported by this provider: {0}")]
     Unsupported(String),
@@ -24,6 +30,9 @@ pub enum ProviderError {
 impl ProviderError {
     /// Whether retrying the same call later may succeed.
     pub fn is_transient(&self) -> bool {
-        matches!(self, Self::Unavailable(_) | Self::Internal(_))
+        matches!(
+            self,
+            Self::Unavailable(_) | Self::NotSent(_) | Self::Internal(_)
+        )
     }
 }

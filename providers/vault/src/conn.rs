@@ -219,7 +219,7 @@ impl Conn {
                         return Ok(());
                     }
                 }
-                Err(e @ VaultError::Unavailable(_)) => return Err(e),
+                Err(e @ (VaultError::Unavailable(_) | VaultError::NotSent(_))) => return Err(e),
                 Err(e) => tracing::info!(error = %e, "cannot renew keygate's vault token"),
             }
         }

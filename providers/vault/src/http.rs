@@ -77,6 +77,8 @@ pub(crate) enum VaultError {
     /// Vault could not be reached, or answered 5xx (sealed, standby, failing)
     /// or 429: retrying later may work.
     Unavailable(String),
+    /// The request never reached Vault (connection refused, DNS, TLS).
+    NotSent(String),
     /// Vault answered 4xx.
     Api { status: u16, errors: String },
     /// An answer we could not understand, or a local problem.
@@ -86,7 +88,7 @@ pub(crate) enum VaultError {
 impl fmt::Display for VaultError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         match self {
-            Self::Unavailable(m) | Self::Other(m) => f.write_str(m),
+            Self::Unavailable(m) | Self::NotSent(m) | Self::Other(m) => f.write_str(m),
             Self::Api { status, errors } if errors.is_empty() => {
                 write!(f, "vault answered {status}")
             }
@@ -115,6 +117,7 @@ impl VaultError {
         let msg = format!("{doing}: {self}");
         match self {
             Self::Unavailable(_) => ProviderError::Unavailable(msg),
+            Self::NotSent(_) => ProviderError::NotSent(msg),
             Self::Api { .. } => ProviderError::Refused(msg),
             Self::Other(_) => ProviderError::Internal(msg),
         }
@@ -156,6 +159,16 @@ pub(crate) fn classify(e: RestError) -> VaultError {
                     errors,
                 }
             }
+        }
+        // A connection that never opened (refused, unresolved, TLS refused)
+        // carried no request: Vault did nothing.
+        RestError::RequestError { source, .. }
+            if source.chain().any(|c| {
+                c.downcast_ref::<reqwest::Error>()
+                    .is_some_and(reqwest::Error::is_connect)
+            }) =>
+        {
+            VaultError::NotSent(format!("cannot reach vault: {source:#}"))
         }
         RestError::RequestError { source, .. } | RestError::ResponseError { source } => {
             VaultError::Unavailable(format!("cannot reach vault: {source:#}"))

@@ -119,6 +119,7 @@ pub(super) fn lease_from_row(r: &SqliteRow) -> StoreResult<Lease> {
         last_error: r.try_get("last_error")?,
         next_attempt_at: opt_time_col(r, "next_attempt_at")?,
         revocation_id: r.try_get("revocation_id")?,
+        boot_id: r.try_get("boot_id")?,
     })
 }
 
