@@ -197,6 +197,12 @@ impl Worker {
                         {
                             (LeaseState::Revoked, "nothing to revoke".to_owned())
                         }
+                        // An orphan (no handle) the provider searched for
+                        // and did not find: nothing of it exists.
+                        RevokeOutcome::AlreadyGone if lease.handle.is_none() => (
+                            LeaseState::Revoked,
+                            "not found at the provider: never issued, or already gone".to_owned(),
+                        ),
                         RevokeOutcome::AlreadyGone => (
                             LeaseState::Revoked,
                             "already gone at the provider".to_owned(),

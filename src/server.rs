@@ -192,6 +192,10 @@ pub async fn serve(config_path: &Path, listen: Option<std::net::SocketAddr>) -> 
     if let Err(e) = broker.flush_auth_failures(true).await {
         tracing::error!(error = %e, "auditing counted authentication failures failed");
     }
+    // Providers release what they hold of their own (Vault: the login).
+    for (_, p) in broker.registry.providers() {
+        p.shutdown().await;
+    }
     Ok(())
 }
 

@@ -214,3 +214,109 @@ when { resource.provider == "gone" || resource.provider == "sealed" };"#
     let reason = sealed[0]["end_reason"].as_str().unwrap();
     assert!(reason.contains("Vault is sealed"), "{reason}");
 }
+
+/// OpenBao keeps accessor entries whose token is gone (they answer 403 even
+/// to root until `auth/token/tidy`); such a state cannot be produced on
+/// demand in a real server, so this small stand-in serves exactly the token
+/// API calls the orphan search makes, with one stale entry among the others.
+async fn vault_with_a_stale_accessor(
+    lease: String,
+) -> (String, std::sync::Arc<std::sync::Mutex<Vec<String>>>) {
+    use axum::body::Bytes;
+    use axum::http::{Method, StatusCode, Uri};
+    use axum::response::IntoResponse;
+    let revoked = std::sync::Arc::new(std::sync::Mutex::new(Vec::new()));
+    let seen = revoked.clone();
+    let app = axum::Router::new().fallback(move |method: Method, uri: Uri, body: Bytes| {
+        let (seen, lease) = (seen.clone(), lease.clone());
+        async move {
+            let body: Value = serde_json::from_slice(&body).unwrap_or(Value::Null);
+            let accessor = body["accessor"].as_str().unwrap_or_default().to_owned();
+            let ok = |v: Value| (StatusCode::OK, axum::Json(v)).into_response();
+            match (method.as_str(), uri.path()) {
+                ("GET", "/v1/auth/token/lookup-self") => ok(serde_json::json!({
+                    "data": { "accessor": "own", "path": "auth/token/create", "ttl": 0, "renewable": false }
+                })),
+                ("LIST", "/v1/auth/token/accessors") | ("GET", "/v1/auth/token/accessors") => {
+                    ok(serde_json::json!({ "data": { "keys": ["stale", "minted", "unrelated"] } }))
+                }
+                ("POST", "/v1/auth/token/lookup-accessor") => match accessor.as_str() {
+                    "stale" => (
+                        StatusCode::FORBIDDEN,
+                        axum::Json(serde_json::json!({ "errors": ["permission denied"] })),
+                    )
+                        .into_response(),
+                    "minted" => ok(serde_json::json!({
+                        "data": { "path": "auth/token/create", "meta": { "keygate_lease": lease } }
+                    })),
+                    _ => ok(serde_json::json!({ "data": { "path": "auth/token/create", "meta": null } })),
+                },
+                ("POST", "/v1/auth/token/revoke-accessor") => {
+                    seen.lock().unwrap().push(accessor);
+                    StatusCode::NO_CONTENT.into_response()
+                }
+                _ => StatusCode::NOT_FOUND.into_response(),
+            }
+        }
+    });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (addr, revoked)
+}
+
+#[tokio::test]
+async fn a_stale_accessor_does_not_stop_the_orphan_search() {
+    let mut b = TestBroker::prepare(common::Setup::default());
+    let minted = format!("ls_minted{}", common::unix_now());
+    let never = format!("ls_never{}", common::unix_now());
+    let (addr, revoked) = vault_with_a_stale_accessor(minted.clone()).await;
+    let mut toml = std::fs::read_to_string(b.dir.join("keygate.toml")).unwrap();
+    toml.push_str(&format!(
+        "\n[providers.vault]\nkind = \"vault\"\naddress = \"{addr}\"\nrequest_timeout_secs = 3\nauth = {{ method = \"token\", token_env = \"KG_TEST_VAULT_TOKEN\" }}\n\n[[scopes]]\nname = \"vault-token\"\nprovider = \"vault\"\nmax_ttl_secs = 600\nparams = {{ kind = \"token\", policies = [\"agent-reader\"] }}\n"
+    ));
+    std::fs::write(b.dir.join("keygate.toml"), toml).unwrap();
+    b.env.push(("KG_TEST_VAULT_TOKEN".into(), "s.test".into()));
+    b.start_again().await;
+    let agent = TestAgent::new("orphans", "ES256");
+    b.register(&agent, "platform").await;
+    let s = b.token_ttl(&agent, Some(3600)).await;
+    b.kill().await;
+    // Two leases a crashed process left pending: one whose token exists.
+    let mut db = b.db().await;
+    for id in [&minted, &never] {
+        sqlx::query(
+            "INSERT INTO leases (id, agent_id, task_id, scope, provider, state, created_at, expires_at, boot_id) \
+             VALUES (?, ?, ?, 'vault-token', 'vault', 'pending', ?, ?, 'boot_crashed')",
+        )
+        .bind(id)
+        .bind(&agent.id)
+        .bind(&s.task_id)
+        .bind(common::unix_now())
+        .bind(common::unix_now() + 600)
+        .execute(&mut db)
+        .await
+        .unwrap();
+    }
+    sqlx::Connection::close(db).await.unwrap();
+    b.restart().await;
+    eventually("both orphans resolved", || async {
+        let done =
+            b.lease_state(&minted).await == "revoked" && b.lease_state(&never).await == "revoked";
+        done.then_some(())
+    })
+    .await;
+    assert_eq!(*revoked.lock().unwrap(), vec!["minted".to_owned()]);
+    let events = b.audit("action=lease.revoked").await;
+    let never_event = events
+        .iter()
+        .find(|e| e["lease"] == never.as_str())
+        .unwrap();
+    assert!(
+        never_event["details"]["result"]
+            .as_str()
+            .unwrap()
+            .contains("never issued"),
+        "{never_event}"
+    );
+}

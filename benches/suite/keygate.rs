@@ -139,6 +139,7 @@ revocation_file = "{d}/ca/revoked.jsonl"
 [providers.vault]
 kind = "vault"
 address = "{addr}"
+token_role = "keygate-agent"
 auth = {{ method = "approle", role_id = "{role_id}", secret_id_file = "{d}/secret-id" }}
 [[scopes]]
 name = "jwt-svid"

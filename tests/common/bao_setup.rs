@@ -11,9 +11,14 @@ use super::peers::Bao;
 /// The policy a `token` scope grants agents (Keygate's own token must hold
 /// it too: Vault lets a token create children only with its own policies).
 pub const AGENT_POLICY: &str = "agent-reader";
+/// The token role agents' tokens are created against: orphans, so they live
+/// exactly their lease whatever happens to Keygate's own login.
+pub const TOKEN_ROLE: &str = "keygate-agent";
 /// What Keygate needs: `auth/token/accessors` is a sudo path (orphan search).
 pub const KEYGATE_POLICY: &str = r#"
 path "auth/token/create" { capabilities = ["create", "update"] }
+path "auth/token/create/keygate-agent" { capabilities = ["create", "update"] }
+path "auth/token/roles/keygate-agent" { capabilities = ["read"] }
 path "auth/token/revoke-accessor" { capabilities = ["update"] }
 path "auth/token/lookup-accessor" { capabilities = ["update"] }
 path "auth/token/renew-accessor" { capabilities = ["update"] }
@@ -45,6 +50,16 @@ pub async fn keygate_footing(bao: &Bao) {
         "POST",
         "sys/auth/approle",
         Some(json!({ "type": "approle" })),
+    )
+    .await;
+    bao.api(
+        "POST",
+        &format!("auth/token/roles/{TOKEN_ROLE}"),
+        Some(json!({
+            "allowed_policies": [AGENT_POLICY],
+            "orphan": true,
+            "renewable": true,
+        })),
     )
     .await;
 }

@@ -230,6 +230,28 @@ impl TestBroker {
         self.stdout = None;
     }
 
+    /// Starts the server on a dir made by [`TestBroker::prepare`] (after
+    /// the test changed its config).
+    pub async fn start_again(&mut self) {
+        self.spawn().await;
+    }
+
+    /// Stops the server as an operator would (SIGTERM) and waits for it.
+    pub async fn stop_gracefully(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            let pid = child.id().expect("a running server has a pid");
+            let status = Command::new("kill")
+                .args(["-TERM", &pid.to_string()])
+                .status()
+                .await
+                .unwrap();
+            assert!(status.success(), "kill -TERM {pid}");
+            let exited = tokio::time::timeout(DEADLINE, child.wait()).await;
+            assert!(exited.is_ok(), "keygate did not stop on SIGTERM");
+        }
+        self.stdout = None;
+    }
+
     /// Crash and start again on the same dir (a new port).
     pub async fn restart(&mut self) {
         self.kill().await;

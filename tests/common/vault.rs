@@ -54,7 +54,7 @@ impl VaultPeers {
     /// The `[providers.vault]` table for Keygate's config.
     pub fn provider_toml(&self, name: &str) -> String {
         format!(
-            "[providers.{name}]\nkind = \"vault\"\naddress = \"{}\"\nmax_concurrent_revocations = 4\nrequest_timeout_secs = 3\nauth = {{ method = \"approle\", role_id = \"{}\", secret_id_file = \"{}\" }}\n",
+            "[providers.{name}]\nkind = \"vault\"\naddress = \"{}\"\nmax_concurrent_revocations = 4\nrequest_timeout_secs = 3\ntoken_role = \"keygate-agent\"\nauth = {{ method = \"approle\", role_id = \"{}\", secret_id_file = \"{}\" }}\n",
             self.bao.addr,
             self.role_id,
             self.secret_id_file.display()
@@ -66,6 +66,7 @@ impl VaultPeers {
         json!({
             "address": self.bao.addr,
             "request_timeout_secs": 3,
+            "token_role": super::bao_setup::TOKEN_ROLE,
             "auth": {
                 "method": "approle",
                 "role_id": self.role_id,

@@ -104,6 +104,10 @@ pub trait Provider: Send + Sync + 'static {
         Err(ProviderError::Unsupported("fences".into()))
     }
 
+    /// Called once when Keygate shuts down gracefully: release what the
+    /// provider holds of its own (e.g. its login to the backend).
+    async fn shutdown(&self) {}
+
     /// How often the broker should call [`Provider::sweep`] (also once at
     /// start). `None` (the default): this provider leaves nothing to sweep.
     fn sweep_interval(&self) -> Option<Duration> {

@@ -35,6 +35,13 @@ pub struct VaultConfig {
     /// Timeout of one HTTP call to Vault.
     #[serde(default = "default_timeout")]
     pub request_timeout_secs: u64,
+    /// A token role (`auth/token/roles/<name>`, with `orphan = true` and the
+    /// scopes' policies in `allowed_policies`) that agents' tokens are
+    /// created against: they have no parent, so they live exactly their
+    /// lease whatever happens to Keygate's own login. Without it, agents'
+    /// tokens are children of Keygate's login and die with it.
+    #[serde(default)]
+    pub token_role: Option<String>,
 }
 
 fn default_timeout() -> u64 {
@@ -163,6 +170,9 @@ impl VaultConfig {
     pub fn check(&self) -> Result<(), ProviderError> {
         self.login()?;
         self.checked_address()?;
+        if let Some(role) = &self.token_role {
+            crate::scope::check_path(role, "token role")?;
+        }
         Ok(())
     }
 

@@ -31,6 +31,12 @@ pub(crate) struct Conn {
     login: Login,
     state: RwLock<Option<TokenState>>,
     relogin: tokio::sync::Mutex<()>,
+    /// Whether a login Keygate replaces may be revoked: only when agents'
+    /// tokens are not its children (a token role makes them orphans).
+    revoke_replaced: bool,
+    /// When the current token was last confirmed valid (`lookup-self`), so a
+    /// burst of 403s (a walk over stale accessors) checks it once.
+    verified: std::sync::Mutex<Option<Instant>>,
 }
 
 impl fmt::Debug for Conn {
@@ -73,12 +79,15 @@ impl Conn {
             login,
             state: RwLock::new(None),
             relogin: tokio::sync::Mutex::new(()),
+            revoke_replaced: cfg.token_role.is_some(),
+            verified: std::sync::Mutex::new(None),
         }))
     }
 
-    /// Calls Vault with Keygate's token. A 403 (token expired or revoked
-    /// behind our back) triggers one fresh login and one retry; a second 403
-    /// is a real refusal.
+    /// Calls Vault with Keygate's token. A 403 is either Keygate's token
+    /// gone (expired, revoked behind our back) or a real refusal (a path
+    /// its policy does not allow, a stale accessor): only when `lookup-self`
+    /// says the token is gone does Keygate log in again and retry once.
     pub(crate) async fn call<E: Endpoint>(
         &self,
         make: impl Fn() -> E,
@@ -86,12 +95,77 @@ impl Conn {
         let token = self.token().await?;
         match self.exec(make(), Some(&token)).await {
             Err(e) if e.status() == Some(403) => {
-                tracing::info!(error = %e, "vault refused keygate's token; logging in again");
+                if self.still_valid(&token).await? {
+                    return Err(e);
+                }
+                tracing::info!(error = %e, "keygate's vault token is gone; logging in again");
                 let token = self.relogin(Some(&token)).await?;
                 self.exec(make(), Some(&token)).await
             }
             other => other,
         }
+    }
+
+    /// Whether `token` still works (`lookup-self`), remembered for a second.
+    async fn still_valid(&self, token: &SecretString) -> Result<bool, VaultError> {
+        let recent = |v: &std::sync::Mutex<Option<Instant>>| {
+            v.lock()
+                .map(|g| g.is_some_and(|at| at.elapsed() < Duration::from_secs(1)))
+                .unwrap_or(false)
+        };
+        let current = self
+            .current()
+            .is_some_and(|c| c.expose_secret() == token.expose_secret());
+        if current && recent(&self.verified) {
+            return Ok(true);
+        }
+        match self
+            .exec(Raw::get("auth/token/lookup-self"), Some(token))
+            .await
+        {
+            Ok(_) => {
+                if current && let Ok(mut g) = self.verified.lock() {
+                    *g = Some(Instant::now());
+                }
+                Ok(true)
+            }
+            Err(e) if e.status() == Some(403) => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+
+    /// The current token's own `lookup-self` data (logging in if needed).
+    pub(crate) async fn lookup_self(&self) -> Result<Value, VaultError> {
+        self.call(|| Raw::get("auth/token/lookup-self")).await
+    }
+
+    /// Revokes Keygate's current login (graceful shutdown), when agents'
+    /// tokens do not depend on it.
+    pub(crate) async fn revoke_own(&self) {
+        if !self.revoke_replaced || matches!(self.login, Login::Token(_)) {
+            return;
+        }
+        let token = self
+            .state
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .take()
+            .map(|s| s.token);
+        if let Some(t) = token {
+            match self
+                .exec(Raw::post("auth/token/revoke-self", json!({})), Some(&t))
+                .await
+            {
+                Ok(_) => tracing::info!("revoked keygate's vault login"),
+                Err(e) => tracing::warn!(error = %e, "could not revoke keygate's vault login"),
+            }
+        }
+    }
+
+    /// Whether this connection's logins are Keygate's own to clean up
+    /// (AppRole, with agents' tokens independent of them).
+    pub(crate) fn owns_logins(&self) -> bool {
+        self.revoke_replaced && matches!(self.login, Login::AppRole { .. })
     }
 
     /// Sends one request with `token` (or none, for a login).
@@ -140,7 +214,24 @@ impl Conn {
             renewable = state.renewable,
             "logged in to vault"
         );
-        *self.state.write().unwrap_or_else(|p| p.into_inner()) = Some(state);
+        let replaced = self
+            .state
+            .write()
+            .unwrap_or_else(|p| p.into_inner())
+            .replace(state)
+            .map(|s| s.token);
+        // The login replaced is revoked, so Keygate's own tokens do not pile
+        // up (only when agents' tokens are not its children).
+        if let Some(old) = replaced
+            && self.owns_logins()
+            && old.expose_secret() != token.expose_secret()
+            && let Err(e) = self
+                .exec(Raw::post("auth/token/revoke-self", json!({})), Some(&old))
+                .await
+            && e.status() != Some(403)
+        {
+            tracing::warn!(error = %e, "could not revoke the vault login keygate replaced");
+        }
         Ok(token)
     }
 

@@ -13,7 +13,7 @@
 //!
 //! | kind | mints | handle | revoke | renew | orphan (handle never recorded) |
 //! |---|---|---|---|---|---|
-//! | `token` | a child token of Keygate's token: the scope's `policies`, TTL = the lease, `explicit_max_ttl` = the scope's `max_ttl`, optional `num_uses`, metadata `agent`, `task`, `scope`, `keygate_lease` | accessor | `auth/token/revoke-accessor` (children die too) | `renew-accessor` | found by its `keygate_lease` metadata among `auth/token/accessors` and revoked |
+//! | `token` | an orphan token created against `token_role` (else a child of Keygate's token): the scope's `policies`, TTL = the lease, `explicit_max_ttl` = the scope's `max_ttl`, optional `num_uses`, metadata `agent`, `task`, `scope`, `keygate_lease` | accessor | `auth/token/revoke-accessor` (children die too) | `renew-accessor` | found by its `keygate_lease` metadata in a shared walk over `auth/token/accessors` (`walk.rs`) and revoked |
 //! | `database` | dynamic credentials from a database secrets engine role; the Vault lease is shortened to the Keygate lease if the role's default is longer | Vault lease id | `sys/leases/revoke` | `sys/leases/renew` | cannot be found (Vault leases name no Keygate lease): `LivesUntil(now + role max_ttl)`, or an error that keeps the lease visible when the role has no `max_ttl` |
 //! | `pki` | a certificate with URI SAN `spiffe://<trust_domain>/agent/<agent id>`, a fresh key, TTL = the lease | serial | `pki/revoke` (the serial goes on Vault's CRL; relying parties must check it) | no | `LivesUntil(lease expiry)`: it was requested with the lease TTL |
 //! | `kv` | a read of a KV v2 secret; the values go to the agent only and are never stored | none | nothing to revoke: `AlreadyGone`, and the lease records `not_applicable` | no | nothing to revoke |
@@ -36,7 +36,9 @@ mod lifetime;
 mod pki;
 mod provider;
 mod scope;
+mod stale_logins;
 mod token;
+mod walk;
 
 use std::fmt;
 use std::sync::Arc;
@@ -53,6 +55,10 @@ pub struct VaultProvider {
     conn: Arc<conn::Conn>,
     address: String,
     max_revocations: Option<usize>,
+    /// The token role agents' tokens are created against (orphans).
+    token_role: Option<String>,
+    /// The shared accessor walk (orphans, stale logins).
+    walker: Arc<walk::Walker>,
 }
 
 impl fmt::Debug for VaultProvider {
@@ -72,11 +78,25 @@ impl VaultProvider {
         let conn = conn::Conn::new(&cfg)?;
         conn::spawn_renewer(&conn);
         let address = cfg.checked_address()?;
+        if cfg.token_role.is_none() {
+            tracing::warn!(
+                "vault: no `token_role`: agents' tokens are children of keygate's own login and die with it; set a token role with orphan = true"
+            );
+        }
+        let walker = Arc::new(walk::Walker::default());
+        if conn.owns_logins() {
+            tokio::spawn(stale_logins::clean_up(
+                Arc::clone(&conn),
+                Arc::clone(&walker),
+            ));
+        }
         tracing::info!(address = %address, "vault provider ready");
         Ok(Self {
             conn,
             address,
             max_revocations: cfg.max_concurrent_revocations,
+            token_role: cfg.token_role,
+            walker,
         })
     }
 

@@ -75,6 +75,12 @@ impl Provider for VaultProvider {
         let field = |k: &str| req.handle.0.get(k).and_then(Value::as_str);
         let expires_at = match (field("kind"), field("accessor"), field("lease_id")) {
             (Some("token"), Some(accessor), _) => {
+                if req.handle.0.get("renewable").and_then(Value::as_bool) == Some(false) {
+                    return Err(ProviderError::Unsupported(
+                        "renewal of this vault token: it was issued with `renewable = false`"
+                            .into(),
+                    ));
+                }
                 self.renew_token(accessor, increment, req.not_after).await?
             }
             (Some("database"), _, Some(lease_id)) => {
@@ -98,6 +104,10 @@ impl Provider for VaultProvider {
 
     fn revoke_concurrency(&self) -> Option<usize> {
         self.max_revocations
+    }
+
+    async fn shutdown(&self) {
+        self.conn.revoke_own().await;
     }
 }
 

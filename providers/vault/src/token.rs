@@ -9,12 +9,11 @@ use secrecy::SecretString;
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 use vaultrs::api::token::requests::{
-    CreateTokenRequest, ListAccessorRequest, LookupTokenAccessorRequest, RenewTokenAccessorRequest,
-    RevokeTokenAccessorRequest,
+    CreateTokenRequest, RenewTokenAccessorRequest, RevokeTokenAccessorRequest,
 };
 
 use crate::VaultProvider;
-use crate::http::{VaultError, str_at, u64_at};
+use crate::http::{Raw, VaultError, str_at, u64_at};
 use crate::lifetime::{expiry, remaining_secs, rfc3339};
 
 /// The token metadata key naming the Keygate lease, used to find a token
@@ -40,21 +39,37 @@ impl VaultProvider {
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect();
         let max_ttl = req.scope.max_ttl.as_secs().max(ttl);
-        let make = || CreateTokenRequest {
-            policies: Some(policies.to_vec()),
-            ttl: Some(format!("{ttl}s")),
-            explicit_max_ttl: Some(format!("{max_ttl}s")),
-            meta: Some(meta.clone()),
-            num_uses,
-            renewable: Some(renewable),
-            display_name: Some(format!("keygate-{}", req.agent.id)),
-            ..Default::default()
+        let created = match &self.token_role {
+            // Against the token role: an orphan, living exactly its lease.
+            Some(role) => {
+                let body = json!({
+                    "policies": policies,
+                    "ttl": format!("{ttl}s"),
+                    "explicit_max_ttl": format!("{max_ttl}s"),
+                    "meta": meta,
+                    "num_uses": num_uses.unwrap_or(0),
+                    "renewable": renewable,
+                    "display_name": format!("keygate-{}", req.agent.id),
+                });
+                self.conn
+                    .call(|| Raw::post(format!("auth/token/create/{role}"), body.clone()))
+                    .await
+            }
+            None => {
+                let make = || CreateTokenRequest {
+                    policies: Some(policies.to_vec()),
+                    ttl: Some(format!("{ttl}s")),
+                    explicit_max_ttl: Some(format!("{max_ttl}s")),
+                    meta: Some(meta.clone()),
+                    num_uses,
+                    renewable: Some(renewable),
+                    display_name: Some(format!("keygate-{}", req.agent.id)),
+                    ..Default::default()
+                };
+                self.conn.call(make).await
+            }
         };
-        let v = self
-            .conn
-            .call(make)
-            .await
-            .map_err(|e| e.into_provider("creating a vault token"))?;
+        let v = created.map_err(|e| e.into_provider("creating a vault token"))?;
         let internal = |e: VaultError| e.into_provider("reading vault's token answer");
         let token = SecretString::from(
             str_at(&v, "/auth/client_token")
@@ -73,7 +88,9 @@ impl VaultProvider {
                 .public("vault_addr", self.address.clone())
                 .public("renewable", renewable)
                 .public("expires_at", rfc3339(expires_at)?),
-            handle: RevokeHandle(json!({ "kind": "token", "accessor": accessor })),
+            handle: RevokeHandle(
+                json!({ "kind": "token", "accessor": accessor, "renewable": renewable }),
+            ),
             expires_at,
             revocability: Revocability::Revocable,
         })
@@ -110,46 +127,32 @@ impl VaultProvider {
     }
 
     /// A lease whose accessor was never recorded: find the token by its
-    /// `keygate_lease` metadata among all accessors and revoke it.
+    /// `keygate_lease` metadata in a walk over all accessors (shared with
+    /// other orphans, see `walk.rs`) and revoke it; a finished walk that
+    /// did not find it proves there is nothing to revoke.
     pub(crate) async fn revoke_token_orphan(
         &self,
         lease_id: &str,
     ) -> Result<RevokeOutcome, ProviderError> {
-        let listed = self.conn.call(ListAccessorRequest::default).await;
-        let v = match listed {
-            Ok(v) => v,
-            Err(e) if e.status() == Some(404) => return Ok(RevokeOutcome::AlreadyGone),
-            Err(e) => return Err(e.into_provider("listing vault token accessors")),
-        };
-        let accessors: Vec<String> = v
-            .pointer("/data/keys")
-            .and_then(Value::as_array)
-            .map(|a| {
-                a.iter()
-                    .filter_map(Value::as_str)
-                    .map(str::to_owned)
-                    .collect()
-            })
-            .unwrap_or_default();
-        for accessor in accessors {
-            let make = || LookupTokenAccessorRequest {
-                accessor: accessor.clone(),
-            };
-            let meta = match self.conn.call(make).await {
-                Ok(v) => v,
-                Err(e) if gone(&e) => continue,
-                Err(e) => return Err(e.into_provider("looking up a vault token accessor")),
-            };
-            if meta
-                .pointer(&format!("/data/meta/{LEASE_META}"))
-                .and_then(Value::as_str)
-                == Some(lease_id)
-            {
-                tracing::info!(lease_id, accessor = %accessor, "found the orphaned lease's vault token");
-                return self.revoke_token(&accessor).await;
+        let walk = self.walker.walk(&self.conn).await;
+        let walk = walk
+            .as_ref()
+            .as_ref()
+            .map_err(|e| ProviderError::Unavailable(e.clone()))?;
+        match walk.by_lease.get(lease_id) {
+            Some(found) => {
+                tracing::info!(lease_id, accessor = %found.accessor, "found the orphaned lease's vault token");
+                self.revoke_token(&found.accessor).await
+            }
+            None => {
+                tracing::info!(
+                    lease_id,
+                    skipped = walk.skipped,
+                    "no vault token carries this lease: it was never minted or is gone"
+                );
+                Ok(RevokeOutcome::AlreadyGone)
             }
         }
-        Ok(RevokeOutcome::AlreadyGone)
     }
 
     pub(crate) async fn renew_token(
