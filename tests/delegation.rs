@@ -286,13 +286,24 @@ async fn a_delegated_request_may_not_exceed_any_delegator() {
     let mut spec = child.spec("research");
     spec["risk_tier"] = json!(1);
     b.admin_post("/v1/agents", &spec).await.expect(201);
-    let p = b.token(&parent).await;
-    let v = exchange(&b, &p.token, &child, Some("x509-svid"))
+    // Tasks long enough that 1800 s is what would be granted.
+    let p = b.token_ttl(&parent, Some(3600)).await;
+    let assertion = child.assertion();
+    let v = b
+        .token_form(&[
+            ("grant_type", EXCHANGE),
+            ("subject_token", p.token.as_str()),
+            ("subject_token_type", ACCESS),
+            ("actor_token", assertion.as_str()),
+            ("actor_token_type", JWT),
+            ("scope", "x509-svid"),
+            ("ttl", "3600"),
+        ])
         .await
         .expect(200);
     let delegated = v["access_token"].as_str().unwrap();
 
-    let r = b.credential(delegated, "x509-svid", Some(3600), None).await;
+    let r = b.credential(delegated, "x509-svid", Some(1800), None).await;
     assert_eq!(r.status, 403, "{}", r.text);
     let body = r.json();
     assert_eq!(body["error"], "policy_denied");
