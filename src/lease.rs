@@ -190,6 +190,10 @@ impl Worker {
             let ev = AuditEvent::new(&Actor::System, "lease.revoked").about_lease(&lease);
             match outcome {
                 Ok(o) => {
+                    let lives_until = match o {
+                        RevokeOutcome::LivesUntil(until) => Some(until),
+                        _ => None,
+                    };
                     let (state, detail) = match o {
                         RevokeOutcome::Revoked => (LeaseState::Revoked, "revoked".to_owned()),
                         RevokeOutcome::AlreadyGone
@@ -216,13 +220,16 @@ impl Worker {
                         ),
                     };
                     self.metrics.revocation("confirmed");
-                    if tx.finish_revocation(&lease.id, state, t).await? {
+                    if tx
+                        .finish_revocation(&lease.id, state, lives_until, t)
+                        .await?
+                    {
                         let reason = lease.end_reason.clone().unwrap_or_default();
-                        tx.audit(
-                            ev.reason(reason)
-                                .details(serde_json::json!({ "result": detail, "state": state })),
-                        )
-                        .await?;
+                        let mut details = serde_json::json!({ "result": detail, "state": state });
+                        if let Some(until) = lives_until {
+                            details["expires_at"] = crate::model::unix(until).into();
+                        }
+                        tx.audit(ev.reason(reason).details(details)).await?;
                     }
                 }
                 Err(msg) => {
@@ -297,6 +304,18 @@ impl Worker {
                 .len();
             tx.audit(AuditEvent::new(&Actor::System, "task.expired").task(&task))
                 .await?;
+        }
+        // A lease whose provider must act at its TTL (rotate a secret) goes
+        // through the queue; the rest die by themselves.
+        let acting = self.registry.scopes_acting_at_expiry();
+        for id in tx.queue_expired(&acting, t).await? {
+            tx.audit(
+                AuditEvent::new(&Actor::System, "lease.ttl_reached")
+                    .lease(&id)
+                    .reason("ttl reached; its provider acts at expiry"),
+            )
+            .await?;
+            queued += 1;
         }
         for lease in tx.expire_leases(t).await? {
             tx.audit(AuditEvent::new(&Actor::System, "lease.expired").about_lease(&lease))

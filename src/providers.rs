@@ -84,6 +84,23 @@ impl Registry {
     }
 
     /// The scopes configured on one provider instance.
+    /// The scopes whose provider must act when a lease reaches its TTL.
+    pub fn scopes_acting_at_expiry(&self) -> Vec<String> {
+        let mut out = Vec::new();
+        for (provider, specs) in &self.by_provider {
+            let Some(p) = self.providers.get(provider) else {
+                continue;
+            };
+            out.extend(
+                specs
+                    .iter()
+                    .filter(|s| p.acts_at_expiry(s))
+                    .map(|s| s.name.clone()),
+            );
+        }
+        out
+    }
+
     pub fn provider_scopes(&self, provider: &str) -> &[ScopeSpec] {
         self.by_provider.get(provider).map_or(&[], Vec::as_slice)
     }

@@ -188,11 +188,14 @@ pub trait StoreTx: Send {
         revocation_id: Option<&str>,
         now: OffsetDateTime,
     ) -> StoreResult<Vec<String>>;
-    /// The provider confirmed (or cannot act): `Revoked` or `Expiring`.
+    /// The provider confirmed (or cannot act): `Revoked`, or `Expiring` with
+    /// the time the credential really lives until (the lease's expiry then
+    /// says so, in the API, the CLI and the audit log alike).
     async fn finish_revocation(
         &mut self,
         id: &str,
         state: LeaseState,
+        lives_until: Option<OffsetDateTime>,
         now: OffsetDateTime,
     ) -> StoreResult<bool>;
     /// A revocation attempt failed; it stays queued with its error.
@@ -202,6 +205,13 @@ pub trait StoreTx: Send {
         error: &str,
         next_attempt_at: OffsetDateTime,
     ) -> StoreResult<()>;
+    /// Active leases of `scopes` (whose provider must act at expiry) whose
+    /// expiry passed are queued for revocation. Returns their ids.
+    async fn queue_expired(
+        &mut self,
+        scopes: &[String],
+        now: OffsetDateTime,
+    ) -> StoreResult<Vec<String>>;
     /// Active and expiring leases whose expiry passed become `Expired`.
     async fn expire_leases(&mut self, now: OffsetDateTime) -> StoreResult<Vec<Lease>>;
     /// Pending leases written by another process than `boot_id` (it crashed:

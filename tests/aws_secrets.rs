@@ -346,3 +346,29 @@ api_url = "http://127.0.0.1:1/api"
     assert_ne!(status, 401, "the signature checks out: {text}");
     assert!(!b.log().contains("slack-signing-secret-value"));
 }
+
+/// A secret read with `rotate_on_release` whose lease simply runs out is
+/// rotated then too (it goes through the revocation queue at its TTL), so
+/// the value the agent saw does not stay current forever.
+#[tokio::test]
+async fn a_rotating_secret_is_rotated_when_its_lease_runs_out() {
+    let moto = Moto::start().await;
+    moto.create_secret("owned", "value-at-read").await;
+    let (b, s) = start(&moto).await;
+    let cred = b
+        .credential(&s.token, "owned", Some(2), None)
+        .await
+        .expect(201);
+    let lease = cred["lease_id"].as_str().unwrap().to_owned();
+    eventually("the lease to end through the queue", || async {
+        (b.lease_state(&lease).await == "revoked").then_some(())
+    })
+    .await;
+    let (value, _) = current(&moto, "owned").await;
+    assert_ne!(
+        value, "value-at-read",
+        "the value the agent saw is no longer current"
+    );
+    let ev = b.audit("action=lease.ttl_reached").await;
+    assert!(ev.iter().any(|e| e["lease"] == lease.as_str()), "{ev:?}");
+}

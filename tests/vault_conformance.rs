@@ -88,8 +88,7 @@ struct KvCheck<'a>(&'a VaultPeers);
 
 impl Check for KvCheck<'_> {
     async fn works(&self, c: &Value) -> Result<bool, String> {
-        Ok(c["password"] == self.0.kv_values["password"]
-            && c["api_key"] == self.0.kv_values["api_key"])
+        Ok(c["data"] == self.0.kv_values)
     }
 }
 
@@ -376,7 +375,7 @@ async fn a_token_from_a_file_works_too() {
     let req = issue_req(scope("k", json!({ "kind": "kv", "path": KV_PATH })), 60);
     let issued = p.issue(&req).await.unwrap();
     assert_eq!(
-        issued.credential.expose_to_agent()["password"],
+        issued.credential.expose_to_agent()["data"]["password"],
         peers.kv_values["password"]
     );
     // A bad token is a refusal that names no secret.

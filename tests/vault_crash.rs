@@ -119,10 +119,23 @@ async fn agents_tokens_live_their_lease_and_refusals_cost_no_login() {
     let mut setup = broker_setup(&peers);
     // A scope whose policy Keygate's role may not grant, and a non-renewable one.
     setup.scopes = Some(format!(
-        "{}\n[[scopes]]\nname = \"vault-forbidden\"\nprovider = \"vault\"\nmax_ttl_secs = 600\nparams = {{ kind = \"kv\", path = \"forbidden/x\" }}\n\n[[scopes]]\nname = \"vault-once\"\nprovider = \"vault\"\nmax_ttl_secs = 600\nparams = {{ kind = \"token\", policies = [\"agent-reader\"], renewable = false }}\n",
+        "{}\n[[scopes]]\nname = \"vault-forbidden\"\nprovider = \"vault\"\nmax_ttl_secs = 600\nparams = {{ kind = \"kv\", path = \"forbidden/x\" }}\n\n[[scopes]]\nname = \"vault-once\"\nprovider = \"vault\"\nmax_ttl_secs = 600\nparams = {{ kind = \"token\", policies = [\"agent-reader\"], renewable = false }}\n\n[[scopes]]\nname = \"vault-writer\"\nprovider = \"vault\"\nmax_ttl_secs = 600\nparams = {{ kind = \"token\", policies = [\"agent-writer\"] }}\n",
         setup.scopes.unwrap()
     ));
     let mut b = TestBroker::start_with(setup).await;
+    // A scope granting a policy the token role does not allow: said once,
+    // clearly, at start.
+    let warned = common::eventually("the start-up warning", || async {
+        b.log()
+            .lines()
+            .find(|l| l.contains("vault-writer") && l.contains("agent-writer"))
+            .map(str::to_owned)
+    })
+    .await;
+    assert!(
+        warned.contains("token role `keygate-agent` allows"),
+        "{warned}"
+    );
     let agent = TestAgent::new("lives", "ES256");
     b.register(&agent, "platform").await;
     let s = b.token_ttl(&agent, Some(3600)).await;

@@ -176,7 +176,12 @@ async fn pki_and_kv_through_the_broker() {
         .expect(201);
     assert_eq!(kv["revocation"], "not_applicable");
     let pw = peers.kv_values["password"].as_str().unwrap();
-    assert_eq!(kv["credential"]["password"], pw);
+    // The secret's fields keep their JSON types, apart from Keygate's own.
+    assert_eq!(kv["credential"]["data"], peers.kv_values);
+    assert_eq!(kv["credential"]["data"]["port"], 5432);
+    assert!(kv["credential"]["data"]["replicas"].is_object());
+    assert_ne!(kv["credential"]["expires_at"], "never-trust-this");
+    assert_eq!(kv["credential"]["expires_at"], kv["expires_at"]);
     // The value went to the agent only: not the database, audit or log.
     let db = std::fs::read(b.db_path()).unwrap();
     assert!(!String::from_utf8_lossy(&db).contains(pw));

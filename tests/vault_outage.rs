@@ -324,3 +324,45 @@ async fn a_stale_accessor_does_not_stop_the_orphan_search() {
         "{never_event}"
     );
 }
+
+/// Database credentials minted by a process that died before it heard the
+/// answer cannot be found (Vault's leases name no Keygate lease): the lease
+/// says how long they may live — the role's max_ttl — not its own expiry.
+#[tokio::test]
+async fn an_orphaned_database_lease_records_how_long_its_user_may_live() {
+    let peers = VaultPeers::start(Storage::Dev).await;
+    let mut b = TestBroker::start_with(broker_setup(&peers)).await;
+    let agent = TestAgent::new("dborphan", "ES256");
+    b.register(&agent, "platform").await;
+    let s = b.token_ttl(&agent, Some(3600)).await;
+    b.kill().await;
+    let lease_id = format!("ls_dborphan{}", common::unix_now());
+    let mut db = b.db().await;
+    sqlx::query(
+        "INSERT INTO leases (id, agent_id, task_id, scope, provider, state, created_at, expires_at, boot_id) \
+         VALUES (?, ?, ?, 'vault-db', 'vault', 'pending', ?, ?, 'boot_crashed')",
+    )
+    .bind(&lease_id)
+    .bind(&agent.id)
+    .bind(&s.task_id)
+    .bind(common::unix_now())
+    .bind(common::unix_now() + 300)
+    .execute(&mut db)
+    .await
+    .unwrap();
+    sqlx::Connection::close(db).await.unwrap();
+    b.restart().await;
+    let lease = eventually("the orphan resolved", || async {
+        let l = b.leases(&format!("task={}", s.task_id)).await;
+        l.into_iter()
+            .find(|l| l["id"] == lease_id.as_str() && l["state"] == "expiring")
+    })
+    .await;
+    // The role's max_ttl is 2 h: far past the lease's own 5 minutes.
+    let until = common::rfc3339(&lease["expires_at"]);
+    let left = (until - time::OffsetDateTime::now_utc()).whole_seconds();
+    assert!((7000..=7300).contains(&left), "{lease}");
+    let ev = b.audit("action=lease.revoked").await;
+    let ev = ev.iter().find(|e| e["lease"] == lease_id.as_str()).unwrap();
+    assert_eq!(ev["details"]["expires_at"], until.unix_timestamp(), "{ev}");
+}

@@ -755,14 +755,16 @@ impl StoreTx for SqliteTx {
         &mut self,
         id: &str,
         state: LeaseState,
+        lives_until: Option<OffsetDateTime>,
         now: OffsetDateTime,
     ) -> StoreResult<bool> {
         let done = sqlx::query(
-            "UPDATE leases SET state = ?, ended_at = ?, last_error = NULL, next_attempt_at = NULL \
-             WHERE id = ? AND state = 'revoking'",
+            "UPDATE leases SET state = ?, ended_at = ?, last_error = NULL, next_attempt_at = NULL, \
+             expires_at = COALESCE(?, expires_at) WHERE id = ? AND state = 'revoking'",
         )
         .bind(state.as_str())
         .bind(unix(now))
+        .bind(lives_until.map(unix))
         .bind(id)
         .execute(&mut self.tx.state.conn)
         .await?;
@@ -785,6 +787,30 @@ impl StoreTx for SqliteTx {
         .execute(&mut self.tx.state.conn)
         .await?;
         Ok(())
+    }
+
+    async fn queue_expired(
+        &mut self,
+        scopes: &[String],
+        now: OffsetDateTime,
+    ) -> StoreResult<Vec<String>> {
+        if scopes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = sqlx::query(
+            "UPDATE leases SET state = 'revoking', attempts = 0, last_error = NULL, \
+             next_attempt_at = ?, end_reason = 'ttl reached; its provider acts at expiry' \
+             WHERE state = 'active' AND expires_at <= ? \
+             AND scope IN (SELECT value FROM json_each(?)) RETURNING id",
+        )
+        .bind(unix(now))
+        .bind(unix(now))
+        .bind(serde_json::to_string(scopes).map_err(corrupt)?)
+        .fetch_all(&mut self.tx.state.conn)
+        .await?;
+        rows.iter()
+            .map(|r| r.try_get::<String, _>("id").map_err(StoreError::from))
+            .collect()
     }
 
     async fn expire_leases(&mut self, now: OffsetDateTime) -> StoreResult<Vec<Lease>> {

@@ -33,9 +33,13 @@ impl VaultPeers {
         let dir =
             std::env::temp_dir().join(format!("keygate-approle-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).unwrap();
+        // Typed values, and a key named like one of Keygate's own fields.
         let kv_values = json!({
             "password": format!("kv-pw-{}", uuid::Uuid::new_v4().simple()),
             "api_key": format!("kv-key-{}", uuid::Uuid::new_v4().simple()),
+            "port": 5432,
+            "replicas": { "primary": "db-1", "count": 2 },
+            "expires_at": "never-trust-this",
         });
         configure_engines(&bao, &pg, &kv_values).await;
         let (role_id, secret_id) = configure_approle(&bao, "keygate", "1h").await;

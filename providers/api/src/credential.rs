@@ -12,6 +12,9 @@ pub enum CredentialField {
     /// Secret material (a private key, a token, a password). Only ever exposed
     /// when the credential is serialised into the response to its agent.
     Secret(SecretString),
+    /// Secret structured data (a KV secret's fields, with their JSON types),
+    /// held as JSON text and exposed to the agent as that JSON.
+    SecretJson(SecretString),
 }
 
 impl fmt::Debug for CredentialField {
@@ -19,6 +22,7 @@ impl fmt::Debug for CredentialField {
         match self {
             Self::Public(v) => f.debug_tuple("Public").field(v).finish(),
             Self::Secret(_) => f.write_str("Secret([REDACTED])"),
+            Self::SecretJson(_) => f.write_str("SecretJson([REDACTED])"),
         }
     }
 }
@@ -53,6 +57,16 @@ impl Credential {
         self
     }
 
+    /// Adds a secret field holding structured data; its JSON types (numbers,
+    /// objects) reach the agent as they are.
+    pub fn secret_json(mut self, name: &str, value: serde_json::Value) -> Self {
+        self.fields.insert(
+            name.to_owned(),
+            CredentialField::SecretJson(SecretString::from(value.to_string())),
+        );
+        self
+    }
+
     /// Looks a field up.
     pub fn get(&self, name: &str) -> Option<&CredentialField> {
         self.fields.get(name)
@@ -70,7 +84,7 @@ impl Credential {
             .iter()
             .filter_map(|(k, v)| match v {
                 CredentialField::Public(v) => Some((k.clone(), v.clone())),
-                CredentialField::Secret(_) => None,
+                CredentialField::Secret(_) | CredentialField::SecretJson(_) => None,
             })
             .collect();
         serde_json::Value::Object(map)
@@ -79,19 +93,21 @@ impl Credential {
     /// Every field, secrets included, as JSON for the agent's response. Call
     /// it only where the value goes straight to the agent.
     pub fn expose_to_agent(&self) -> serde_json::Value {
-        let map = self
-            .fields
-            .iter()
-            .map(|(k, v)| {
-                let v = match v {
-                    CredentialField::Public(v) => v.clone(),
-                    CredentialField::Secret(s) => {
-                        serde_json::Value::String(s.expose_secret().to_owned())
-                    }
-                };
-                (k.clone(), v)
-            })
-            .collect();
+        let map =
+            self.fields
+                .iter()
+                .map(|(k, v)| {
+                    let v = match v {
+                        CredentialField::Public(v) => v.clone(),
+                        CredentialField::Secret(s) => {
+                            serde_json::Value::String(s.expose_secret().to_owned())
+                        }
+                        CredentialField::SecretJson(s) => serde_json::from_str(s.expose_secret())
+                            .unwrap_or(serde_json::Value::Null),
+                    };
+                    (k.clone(), v)
+                })
+                .collect();
         serde_json::Value::Object(map)
     }
 }

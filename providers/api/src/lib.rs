@@ -104,6 +104,14 @@ pub trait Provider: Send + Sync + 'static {
         Err(ProviderError::Unsupported("fences".into()))
     }
 
+    /// Whether a credential of `scope` needs this provider to act when its
+    /// lease reaches its TTL (e.g. rotate a secret whose value the agent
+    /// saw). Such leases go through the revocation queue at expiry; others
+    /// die by themselves and are simply marked `expired`.
+    fn acts_at_expiry(&self, _scope: &ScopeSpec) -> bool {
+        false
+    }
+
     /// Called once when Keygate shuts down gracefully: release what the
     /// provider holds of its own (e.g. its login to the backend).
     async fn shutdown(&self) {}

@@ -21,6 +21,15 @@ impl Provider for AwsProvider {
         scope::validate(&scope.params, scope.max_ttl)
     }
 
+    /// A secret read with `rotate_on_release` is rotated at TTL too: the
+    /// value the agent saw must not stay current.
+    fn acts_at_expiry(&self, scope: &ScopeSpec) -> bool {
+        matches!(
+            scope::parse(&scope.params),
+            Ok(scope::ScopeKind::Secret(s)) if s.rotate_on_release
+        )
+    }
+
     async fn issue(&self, req: &IssueRequest) -> Result<Issued, ProviderError> {
         if !matches!(&req.request_params, Value::Null)
             && req.request_params.as_object().is_none_or(|o| !o.is_empty())

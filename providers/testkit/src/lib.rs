@@ -371,6 +371,19 @@ fn secret_values(issued: &Issued) -> Vec<String> {
     let exposed = issued.credential.expose_to_agent();
     let mut out = Vec::new();
     for name in issued.credential.field_names() {
+        // Structured secrets: every string inside them.
+        if let Some(CredentialField::SecretJson(_)) = issued.credential.get(name) {
+            let mut stack: Vec<&Value> = exposed.get(name).into_iter().collect();
+            while let Some(v) = stack.pop() {
+                match v {
+                    Value::String(s) => out.push(s.clone()),
+                    Value::Array(a) => stack.extend(a),
+                    Value::Object(o) => stack.extend(o.values()),
+                    _ => {}
+                }
+            }
+            continue;
+        }
         if let Some(CredentialField::Secret(_)) = issued.credential.get(name)
             && let Some(v) = exposed.get(name).and_then(Value::as_str)
         {

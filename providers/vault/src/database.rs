@@ -67,14 +67,21 @@ impl VaultProvider {
         match self.renew_vault_lease(lease_id, ttl).await {
             Ok(g) if g <= ttl => Ok(g),
             outcome => {
-                let _ = self.revoke_vault_lease(lease_id).await;
                 let why = outcome
                     .err()
                     .map(|e| e.to_string())
                     .unwrap_or_else(|| "vault kept the longer ttl".into());
-                Err(ProviderError::Refused(format!(
-                    "role `{role}` grants {granted}s, more than the lease's {ttl}s, and shortening failed ({why}); lower the role's default_ttl"
-                )))
+                match self.revoke_vault_lease(lease_id).await {
+                    // Gone: nothing lives, the issue simply failed.
+                    Ok(_) => Err(ProviderError::Refused(format!(
+                        "role `{role}` grants {granted}s, more than the lease's {ttl}s, and shortening failed ({why}); lower the role's default_ttl"
+                    ))),
+                    // The user may live on: an error the broker queues for
+                    // revocation (bounded by the role's max_ttl), never `failed`.
+                    Err(e) => Err(ProviderError::Unavailable(format!(
+                        "role `{role}` grants {granted}s, more than the lease's {ttl}s; shortening failed ({why}) and so did revoking the credentials ({e})"
+                    ))),
+                }
             }
         }
     }

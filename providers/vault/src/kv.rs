@@ -4,7 +4,6 @@
 use keygate_provider_api::{
     Credential, IssueRequest, Issued, ProviderError, Revocability, RevokeHandle,
 };
-use secrecy::SecretString;
 use serde_json::{Value, json};
 use vaultrs::api::kv2::requests::ReadSecretRequest;
 
@@ -39,17 +38,14 @@ impl VaultProvider {
             .pointer("/data/metadata/version")
             .cloned()
             .unwrap_or(Value::Null);
-        let mut credential = Credential::new()
+        // The secret's fields under `data`, with their JSON types, apart
+        // from Keygate's own fields (a secret key `expires_at` cannot
+        // overwrite the credential's).
+        let credential = Credential::new()
             .public("kv_path", format!("{mount}/{path}"))
             .public("kv_version", read_version)
-            .public("expires_at", rfc3339(req.expires_at)?);
-        for (key, value) in data {
-            let text = match value {
-                Value::String(s) => s,
-                other => other.to_string(),
-            };
-            credential = credential.secret(&key, SecretString::from(text));
-        }
+            .public("expires_at", rfc3339(req.expires_at)?)
+            .secret_json("data", Value::Object(data));
         tracing::info!(lease_id = %req.lease_id, path = %format!("{mount}/{path}"), "brokered a kv read");
         Ok(Issued {
             credential,

@@ -18,7 +18,20 @@ impl Provider for VaultProvider {
     }
 
     fn validate_scope(&self, scope: &ScopeSpec) -> Result<(), ProviderError> {
-        scope::parse(&scope.params).map(|_| ())
+        if let ScopeKind::Token { policies, .. } = scope::parse(&scope.params)? {
+            // Once Vault answers: say, once, which policies Keygate could
+            // not grant, instead of a refusal at every request.
+            let Ok(runtime) = tokio::runtime::Handle::try_current() else {
+                return Ok(());
+            };
+            runtime.spawn(crate::stale_logins::check_grantable(
+                std::sync::Arc::clone(&self.conn),
+                self.token_role.clone(),
+                scope.name.clone(),
+                policies,
+            ));
+        }
+        Ok(())
     }
 
     async fn issue(&self, req: &IssueRequest) -> Result<Issued, ProviderError> {
