@@ -71,6 +71,7 @@ impl From<StoreError> for BrokerError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::Conflict(what) => Self::Conflict(format!("{what} already exists")),
+            StoreError::Invalid(m) => Self::InvalidRequest(m),
             other => Self::Internal(other.to_string()),
         }
     }

@@ -148,6 +148,8 @@ pub enum AgentsCmd {
 
 #[derive(Debug, Subcommand)]
 pub enum LeasesCmd {
+    /// List leases, newest first. One page (`--limit`, at most 1000) unless
+    /// `--all`; a page that is not the end says so on stderr.
     List {
         #[arg(long)]
         agent: Option<String>,
@@ -157,7 +159,20 @@ pub enum LeasesCmd {
         state: Option<String>,
         #[arg(long)]
         provider: Option<String>,
+        #[command(flatten)]
+        page: Page,
     },
+}
+
+/// Paging of a list command.
+#[derive(Debug, Clone, clap::Args)]
+pub struct Page {
+    /// Rows per page (1 to 1000).
+    #[arg(long, default_value_t = 1000)]
+    pub limit: u32,
+    /// Follow every page to the end.
+    #[arg(long)]
+    pub all: bool,
 }
 
 #[derive(Debug, Subcommand)]
@@ -188,6 +203,8 @@ pub enum ApprovalsCmd {
         state: String,
         #[arg(long)]
         agent: Option<String>,
+        #[command(flatten)]
+        page: Page,
     },
     /// Show one approval with its decisions and notifications.
     Show { id: String },

@@ -327,7 +327,41 @@ pub struct LeaseFilter {
     pub task: Option<String>,
     pub state: Option<LeaseState>,
     pub provider: Option<String>,
+    /// At most this many (1 to [`MAX_PAGE`], default [`MAX_PAGE`]).
     pub limit: Option<u32>,
+    /// Continue after this row (`Keygate-Next-Cursor` of the previous page).
+    pub cursor: Option<String>,
+}
+
+/// The largest page a list endpoint answers.
+pub const MAX_PAGE: u32 = 1000;
+
+/// A list page's size: the asked limit, clamped to 1..=[`MAX_PAGE`].
+pub fn page_size(limit: Option<u32>) -> u32 {
+    limit.unwrap_or(MAX_PAGE).clamp(1, MAX_PAGE)
+}
+
+/// A position in a list ordered newest first: `<created_at>.<id>`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Cursor {
+    pub created_at: i64,
+    pub id: String,
+}
+
+impl Cursor {
+    pub fn of(created_at: OffsetDateTime, id: &str) -> String {
+        format!("{}.{id}", unix(created_at))
+    }
+
+    pub fn parse(s: &str) -> Result<Self, String> {
+        let bad =
+            || format!("`cursor` `{s}` is not one this broker gave (use Keygate-Next-Cursor)");
+        let (t, id) = s.split_once('.').ok_or_else(bad)?;
+        Ok(Self {
+            created_at: t.parse().map_err(|_| bad())?,
+            id: id.to_owned(),
+        })
+    }
 }
 
 /// Unix seconds for the store.
@@ -484,6 +518,9 @@ pub struct ApprovalFilter {
     pub kind: Option<ApprovalKind>,
     pub agent: Option<String>,
     pub limit: Option<u32>,
+    /// Continue after this row (`Keygate-Next-Cursor` of the previous page).
+    #[serde(default)]
+    pub cursor: Option<String>,
 }
 
 /// A message waiting in the notification outbox.

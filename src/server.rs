@@ -86,6 +86,37 @@ pub async fn build_broker(config: Config) -> anyhow::Result<Broker> {
     Ok(broker)
 }
 
+/// A list page: when more rows follow, `Keygate-Next-Cursor` carries the
+/// cursor and `Link: <…&cursor=…>; rel="next"` the next page's address, so a
+/// full page never passes for the whole list.
+pub(crate) fn paged(
+    body: impl axum::response::IntoResponse,
+    path: &str,
+    query: Option<&str>,
+    next: Option<String>,
+) -> axum::response::Response {
+    let mut resp = body.into_response();
+    if let Some(cursor) = next {
+        let mut q: Vec<(String, String)> =
+            serde_urlencoded::from_str(query.unwrap_or_default()).unwrap_or_default();
+        q.retain(|(k, _)| k != "cursor");
+        q.push(("cursor".into(), cursor.clone()));
+        let link = format!(
+            "<{path}?{}>; rel=\"next\"",
+            serde_urlencoded::to_string(&q).unwrap_or_default()
+        );
+        let headers = resp.headers_mut();
+        if let (Ok(c), Ok(l)) = (
+            axum::http::HeaderValue::from_str(&cursor),
+            axum::http::HeaderValue::from_str(&link),
+        ) {
+            headers.insert("keygate-next-cursor", c);
+            headers.insert(axum::http::header::LINK, l);
+        }
+    }
+    resp
+}
+
 /// The router with every route.
 pub fn router(state: AppState) -> Router {
     let limit = state.config.server.body_limit_bytes;

@@ -28,6 +28,9 @@ pub enum StoreError {
     Database(String),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
+    /// A caller's argument the store cannot use (a bad cursor).
+    #[error("{0}")]
+    Invalid(String),
     #[error("unsupported store url `{0}` (supported: sqlite://path)")]
     UnsupportedUrl(String),
 }

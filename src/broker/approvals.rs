@@ -106,6 +106,7 @@ impl Broker {
                 kind: Some(ApprovalKind::Credential),
                 agent: Some(s.agent.id.clone()),
                 limit: None,
+                cursor: None,
             })
             .await?;
         // The same request asked again while it waits is the same request:
@@ -622,6 +623,7 @@ impl Broker {
                 kind: Some(ApprovalKind::Provisioning),
                 agent: Some(agent_id.to_owned()),
                 limit: None,
+                cursor: None,
             })
             .await?;
         let t = now();

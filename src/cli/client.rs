@@ -56,4 +56,43 @@ impl Client {
     pub async fn json(&self, rb: RequestBuilder) -> anyhow::Result<serde_json::Value> {
         Ok(self.send(rb).await?.json().await?)
     }
+
+    /// A list endpoint: one page, or with `--all` every page (following
+    /// `Keygate-Next-Cursor`). A page that is not the end is said on
+    /// stderr, so nobody takes it for the whole list.
+    pub async fn list(
+        &self,
+        path: &str,
+        mut query: Vec<(&'static str, String)>,
+        page: &super::Page,
+    ) -> anyhow::Result<serde_json::Value> {
+        query.push(("limit", page.limit.clamp(1, 1000).to_string()));
+        let mut all = Vec::new();
+        loop {
+            let resp = self
+                .send(self.request(reqwest::Method::GET, path).query(&query))
+                .await?;
+            let next = resp
+                .headers()
+                .get("keygate-next-cursor")
+                .and_then(|v| v.to_str().ok())
+                .map(str::to_owned);
+            let rows: Vec<serde_json::Value> = resp.json().await?;
+            all.extend(rows);
+            match next {
+                Some(cursor) if page.all => {
+                    query.retain(|(k, _)| *k != "cursor");
+                    query.push(("cursor", cursor));
+                }
+                Some(cursor) => {
+                    eprintln!(
+                        "more rows follow: --all to list every page, or `cursor={cursor}` for the next"
+                    );
+                    break;
+                }
+                None => break,
+            }
+        }
+        Ok(serde_json::Value::Array(all))
+    }
 }

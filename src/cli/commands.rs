@@ -21,6 +21,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     task,
                     state,
                     provider,
+                    page,
                 },
             remote,
         } => {
@@ -36,10 +37,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                     q.push((k, v));
                 }
             }
-            print_json(
-                &c.json(c.request(Method::GET, "/v1/leases").query(&q))
-                    .await?,
-            )
+            print_json(&c.list("/v1/leases", q, &page).await?)
         }
         Command::Revoke {
             agent,
@@ -259,7 +257,7 @@ async fn approvals(c: &Client, cmd: ApprovalsCmd) -> anyhow::Result<()> {
             .json(&body)
     };
     let answer = match cmd {
-        ApprovalsCmd::List { state, agent } => {
+        ApprovalsCmd::List { state, agent, page } => {
             let mut q = Vec::new();
             if state != "all" {
                 q.push(("state", state));
@@ -267,8 +265,7 @@ async fn approvals(c: &Client, cmd: ApprovalsCmd) -> anyhow::Result<()> {
             if let Some(a) = agent {
                 q.push(("agent", a));
             }
-            c.json(c.request(Method::GET, "/v1/approvals").query(&q))
-                .await?
+            c.list("/v1/approvals", q, &page).await?
         }
         ApprovalsCmd::Show { id } => {
             c.json(c.request(Method::GET, &format!("/v1/approvals/{id}")))

@@ -118,7 +118,12 @@ pub async fn list_leases(
 ) -> Result<impl IntoResponse, ApiError> {
     op.require(READERS)?;
     let f: LeaseFilter = parse_query(q.as_deref())?;
-    Ok(Json(b.store.list_leases(&f).await?))
+    let leases = b.store.list_leases(&f).await?;
+    let next = (leases.len() == crate::model::page_size(f.limit) as usize)
+        .then(|| leases.last())
+        .flatten()
+        .map(|l| crate::model::Cursor::of(l.created_at, &l.id));
+    Ok(super::paged(Json(leases), "/v1/leases", q.as_deref(), next))
 }
 
 /// `POST /v1/revocations` (secops, admin).

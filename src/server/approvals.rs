@@ -49,7 +49,17 @@ pub async fn list(
 ) -> Result<impl IntoResponse, ApiError> {
     op.require(READERS)?;
     let f: ApprovalFilter = parse_query(q.as_deref())?;
-    Ok(Json(b.store.list_approvals(&f).await?))
+    let list = b.store.list_approvals(&f).await?;
+    let next = (list.len() == crate::model::page_size(f.limit) as usize)
+        .then(|| list.last())
+        .flatten()
+        .map(|a| crate::model::Cursor::of(a.created_at, &a.id));
+    Ok(super::paged(
+        Json(list),
+        "/v1/approvals",
+        q.as_deref(),
+        next,
+    ))
 }
 
 #[derive(Debug, Default, Deserialize)]

@@ -178,8 +178,18 @@ impl Store for SqliteStore {
         if let Some(p) = &f.provider {
             q.push(" AND provider = ").push_bind(p);
         }
+        if let Some(c) = &f.cursor {
+            let c = crate::model::Cursor::parse(c).map_err(StoreError::Invalid)?;
+            q.push(" AND (created_at < ")
+                .push_bind(c.created_at)
+                .push(" OR (created_at = ")
+                .push_bind(c.created_at)
+                .push(" AND id < ")
+                .push_bind(c.id)
+                .push("))");
+        }
         q.push(" ORDER BY created_at DESC, id DESC LIMIT ")
-            .push_bind(i64::from(f.limit.unwrap_or(1000)));
+            .push_bind(i64::from(crate::model::page_size(f.limit)));
         q.build()
             .fetch_all(&self.read)
             .await?
