@@ -308,3 +308,39 @@ async fn a_slow_or_broken_issuer_delays_no_other_and_is_not_hammered() {
     assert!(r.text().await.unwrap().contains("larger than"));
     waiting.abort();
 }
+
+/// A federated sub-agent (no key of its own) acts in a delegation with its
+/// workload token as `actor_token`.
+#[tokio::test]
+async fn a_federated_sub_agent_takes_a_delegated_task_with_its_workload_token() {
+    let (b, oidc, fed) = start().await;
+    let orchestrator = TestAgent::new("orch", "ES256");
+    let mut spec = orchestrator.spec("platform");
+    spec["delegation"] = json!({ "max_depth": 1, "targets": [fed.id] });
+    b.admin_post("/v1/agents", &spec).await.expect(201);
+    let parent = b.token(&orchestrator).await;
+    let workload = oidc.mint(&claims(json!({}))).await;
+    let form = [
+        (
+            "grant_type",
+            "urn:ietf:params:oauth:grant-type:token-exchange",
+        ),
+        ("subject_token", parent.token.as_str()),
+        (
+            "subject_token_type",
+            "urn:ietf:params:oauth:token-type:access_token",
+        ),
+        ("actor_token", workload.as_str()),
+        ("actor_token_type", "urn:ietf:params:oauth:token-type:jwt"),
+        ("scope", "x509-svid"),
+    ];
+    let v = b.token_form(&form).await.expect(200);
+    let child = v["access_token"].as_str().unwrap();
+    let who = b.get("/v1/session", Some(child)).await.expect(200);
+    assert_eq!(who["agent"], fed.id.as_str());
+    assert_eq!(who["task"]["parent_task_id"], parent.task_id.as_str());
+    b.x509(child, Some(60)).await;
+    // The same workload token again is a replay.
+    let r = b.token_form(&form).await;
+    assert_eq!(r.status, 401, "{}", r.text);
+}

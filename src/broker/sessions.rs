@@ -506,6 +506,43 @@ impl Broker {
             .await
     }
 
+    /// A federated workload token as `actor_token`: the one agent bound to
+    /// its subject, active.
+    async fn federated_actor(&self, token: &str) -> Result<(Agent, AssertionClaims), OAuthError> {
+        let fed = self
+            .federation
+            .verify(token)
+            .await
+            .map_err(|e| federation_error(&e, "actor_token: "))?;
+        if fed.users {
+            return Err(OAuthError::new(
+                "invalid_client",
+                "actor_token: a user's ID token cannot act as a sub-agent",
+            ));
+        }
+        let agent = self
+            .store
+            .agent_by_subject(&fed.issuer, &fed.subject)
+            .await
+            .map_err(|e| internal(&e))?
+            .ok_or_else(|| {
+                OAuthError::new(
+                    "invalid_client",
+                    format!(
+                        "actor_token: no agent is bound to subject `{}` of issuer `{}`",
+                        fed.subject, fed.issuer
+                    ),
+                )
+            })?;
+        ensure_active(&agent)?;
+        let claims = AssertionClaims {
+            exp: fed.exp,
+            iat: None,
+            jti: Some(fed.jti.unwrap_or_else(|| new_id("nojti"))),
+        };
+        Ok((agent, claims))
+    }
+
     /// The user a new task acts for: a verified `user_token` from a users'
     /// issuer, or an `on_behalf_of` id from an agent allowed to assert users.
     async fn user_context(
@@ -657,17 +694,24 @@ impl Broker {
                 "subject_token is bound to a client certificate (cnf.x5t#S256): exchange it over the mTLS listener with that certificate",
             ));
         }
-        let actor_id = unverified_issuer(&actor)
+        let actor_iss = unverified_issuer(&actor)
             .map_err(|e| OAuthError::new("invalid_client", format!("actor_token: {e}")))?;
+        // The sub-agent proves itself with its client assertion (`iss` = its
+        // id) or, for a federated agent with no key, its workload token
+        // (`iss` = a trusted issuer), verified as at the token endpoint.
+        let (child, claims) = if self.federation.trusts_issuer_url(&actor_iss) {
+            self.federated_actor(&actor).await?
+        } else {
+            self.authenticate(&actor_iss, &actor).await?
+        };
         if let Some(cid) = req.client_id.as_deref().filter(|c| !c.is_empty())
-            && cid != actor_id
+            && cid != child.id
         {
             return Err(OAuthError::new(
                 "invalid_client",
-                "`client_id` does not match the actor_token's issuer",
+                "`client_id` does not match the agent the actor_token proves",
             ));
         }
-        let (child, claims) = self.authenticate(&actor_id, &actor).await?;
         let from = &parent.agent;
         if child.id == from.id {
             return Err(OAuthError::new(

@@ -147,6 +147,11 @@ impl Federation {
         })
     }
 
+    /// Whether a token with this `iss` comes from a trusted issuer.
+    pub fn trusts_issuer_url(&self, iss: &str) -> bool {
+        self.issuers.iter().any(|i| i.issuer == iss)
+    }
+
     /// Whether an issuer of this name is configured.
     pub fn knows(&self, name: &str) -> bool {
         self.issuers.iter().any(|i| i.name == name)
