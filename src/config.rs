@@ -544,9 +544,14 @@ impl Config {
             path: path.to_owned(),
             source,
         })?;
-        let cfg: Config = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        Self::parse(&text, path)
+    }
+
+    /// Parses and checks config text (`path` only names it in errors).
+    pub fn parse(text: &str, path: &Path) -> Result<Self, ConfigError> {
+        let cfg: Config = toml::from_str(text).map_err(|e| ConfigError::Parse {
             path: path.to_owned(),
-            message: describe_toml_error(&e, &text),
+            message: describe_toml_error(&e, text),
         })?;
         cfg.validate()?;
         Ok(cfg)
