@@ -4,10 +4,12 @@
 mod agents;
 mod approvals;
 mod credentials;
+mod delegation;
 mod fences;
 mod renewals;
 mod revocations;
 mod sessions;
+mod users;
 
 use std::sync::Arc;
 use std::time::Duration;

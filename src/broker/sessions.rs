@@ -4,9 +4,10 @@
 use serde::{Deserialize, Serialize};
 
 use super::Broker;
+use super::users::UserTokenUse;
 use crate::audit::{Actor, AuditEvent};
-use crate::identity::{AssertionClaims, SessionClaims, unverified_issuer, verify_client_assertion};
-use crate::model::{Agent, AgentStatus, Task, TaskState, UserContext, new_id, now, unix};
+use crate::identity::{AssertionClaims, SessionClaims, verify_client_assertion};
+use crate::model::{Agent, AgentStatus, Task, TaskState, new_id, now, unix};
 
 /// The assertion type RFC 7523 registers for `private_key_jwt`.
 pub const JWT_BEARER_ASSERTION: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
@@ -36,7 +37,7 @@ pub const TOKEN_TYPE_ACCESS: &str = "urn:ietf:params:oauth:token-type:access_tok
 pub const TOKEN_TYPE_JWT: &str = "urn:ietf:params:oauth:token-type:jwt";
 
 /// Only active agents open tasks (not pending, suspended or decommissioned).
-fn ensure_active(agent: &Agent) -> Result<(), OAuthError> {
+pub(super) fn ensure_active(agent: &Agent) -> Result<(), OAuthError> {
     if agent.status == AgentStatus::Active {
         Ok(())
     } else {
@@ -48,7 +49,7 @@ fn ensure_active(agent: &Agent) -> Result<(), OAuthError> {
 }
 
 /// A task an agent opens for itself (not delegated).
-fn root_task(agent: &Agent, description: String, ttl: time::Duration) -> Task {
+pub(super) fn root_task(agent: &Agent, description: String, ttl: time::Duration) -> Task {
     let t = now();
     Task {
         id: new_id("tk"),
@@ -69,7 +70,7 @@ fn root_task(agent: &Agent, description: String, ttl: time::Duration) -> Task {
 }
 
 /// A store failure at the token endpoint: logged, answered generically.
-fn internal(e: &dyn std::fmt::Display) -> OAuthError {
+pub(super) fn internal(e: &dyn std::fmt::Display) -> OAuthError {
     tracing::error!(error = %e, "token endpoint failed");
     OAuthError::new("server_error", "the broker could not complete the request")
 }
@@ -142,28 +143,13 @@ impl OAuthError {
 /// A federated token that failed: `invalid_grant` when the token is bad,
 /// `temporarily_unavailable` (503, retry) when its issuer's keys cannot be
 /// had right now — the token may be fine.
-fn federation_error(e: &crate::identity::AuthError, prefix: &str) -> OAuthError {
+pub(super) fn federation_error(e: &crate::identity::AuthError, prefix: &str) -> OAuthError {
     match e {
         crate::identity::AuthError::Unavailable(m) => {
             OAuthError::new("temporarily_unavailable", format!("{prefix}{m}"))
         }
         other => OAuthError::new("invalid_grant", format!("{prefix}{other}")),
     }
-}
-
-/// The user a new task acts for, and the user token that vouched (if any).
-struct VerifiedUser {
-    context: UserContext,
-    token: Option<UserTokenUse>,
-}
-
-/// A user token spent by opening a task: recorded with the task so it
-/// cannot open another, and the task ends when it expires.
-#[derive(Debug, Clone)]
-struct UserTokenUse {
-    issuer: String,
-    jti: String,
-    exp: i64,
 }
 
 /// A verified session: the agent and its open task.
@@ -290,7 +276,7 @@ impl Broker {
     }
 
     /// A client assertion, verified against the agent's registered keys.
-    async fn authenticate(
+    pub(super) async fn authenticate(
         &self,
         client_id: &str,
         assertion: &str,
@@ -506,287 +492,9 @@ impl Broker {
             .await
     }
 
-    /// A federated workload token as `actor_token`: the one agent bound to
-    /// its subject, active.
-    async fn federated_actor(&self, token: &str) -> Result<(Agent, AssertionClaims), OAuthError> {
-        let fed = self
-            .federation
-            .verify(token)
-            .await
-            .map_err(|e| federation_error(&e, "actor_token: "))?;
-        if fed.users {
-            return Err(OAuthError::new(
-                "invalid_client",
-                "actor_token: a user's ID token cannot act as a sub-agent",
-            ));
-        }
-        let agent = self
-            .store
-            .agent_by_subject(&fed.issuer, &fed.subject)
-            .await
-            .map_err(|e| internal(&e))?
-            .ok_or_else(|| {
-                OAuthError::new(
-                    "invalid_client",
-                    format!(
-                        "actor_token: no agent is bound to subject `{}` of issuer `{}`",
-                        fed.subject, fed.issuer
-                    ),
-                )
-            })?;
-        ensure_active(&agent)?;
-        let claims = AssertionClaims {
-            exp: fed.exp,
-            iat: None,
-            jti: Some(fed.jti.unwrap_or_else(|| new_id("nojti"))),
-        };
-        Ok((agent, claims))
-    }
-
-    /// The user a new task acts for: a verified `user_token` from a users'
-    /// issuer, or an `on_behalf_of` id from an agent allowed to assert users.
-    async fn user_context(
-        &self,
-        agent: &Agent,
-        req: &TokenRequest,
-    ) -> Result<Option<VerifiedUser>, OAuthError> {
-        let token = req.user_token.as_deref().filter(|s| !s.is_empty());
-        let asserted = req
-            .on_behalf_of
-            .as_deref()
-            .map(str::trim)
-            .filter(|s| !s.is_empty());
-        match (token, asserted) {
-            (None, None) => Ok(None),
-            (Some(_), Some(_)) => Err(OAuthError::new(
-                "invalid_request",
-                "send either `user_token` or `on_behalf_of`, not both",
-            )),
-            (Some(t), None) => {
-                let fed = self
-                    .federation
-                    .verify(t)
-                    .await
-                    .map_err(|e| federation_error(&e, "user_token: "))?;
-                if !fed.users {
-                    return Err(OAuthError::new(
-                        "invalid_grant",
-                        format!(
-                            "user_token: issuer `{}` vouches for workloads, not users",
-                            fed.issuer
-                        ),
-                    ));
-                }
-                // Issued to this broker or to the agent presenting it, not
-                // to some other client that passed it on.
-                if let Some(azp) = &fed.azp
-                    && azp != &fed.audience
-                    && azp != &agent.id
-                {
-                    return Err(OAuthError::new(
-                        "invalid_grant",
-                        format!(
-                            "user_token: it was issued to `{}` (azp), not to this broker or agent `{}`",
-                            crate::limits::claimed_label(azp),
-                            agent.id
-                        ),
-                    ));
-                }
-                // Single use: its `jti`, or its hash when it has none.
-                let jti = fed.jti.clone().unwrap_or_else(|| {
-                    use sha2::Digest;
-                    format!("sha256:{}", hex::encode(sha2::Sha256::digest(t.as_bytes())))
-                });
-                Ok(Some(VerifiedUser {
-                    token: Some(UserTokenUse {
-                        issuer: fed.issuer.clone(),
-                        jti,
-                        exp: fed.exp,
-                    }),
-                    context: UserContext {
-                        id: fed.subject,
-                        issuer: fed.issuer,
-                        groups: fed.groups,
-                    },
-                }))
-            }
-            (None, Some(id)) => {
-                if !agent.may_assert_users {
-                    return Err(OAuthError::new(
-                        "invalid_request",
-                        format!(
-                            "agent `{}` may not assert the user it acts for: send the user's ID token as `user_token`",
-                            agent.id
-                        ),
-                    ));
-                }
-                Ok(Some(VerifiedUser {
-                    token: None,
-                    context: UserContext {
-                        id: id.to_owned(),
-                        issuer: "asserted".into(),
-                        groups: Vec::new(),
-                    },
-                }))
-            }
-        }
-    }
-
-    /// RFC 8693 delegation: the orchestrator's session token (`subject_token`)
-    /// and the sub-agent's own client assertion (`actor_token`) give the
-    /// sub-agent a child task whose scopes are requested ∩ parent's ∩ its own.
-    async fn token_exchange(
-        &self,
-        req: TokenRequest,
-    ) -> Result<(TokenResponse, String), OAuthError> {
-        let required = |v: &Option<String>, name: &str, why: &str| {
-            v.as_deref()
-                .filter(|s| !s.is_empty())
-                .map(str::to_owned)
-                .ok_or_else(|| {
-                    OAuthError::new("invalid_request", format!("`{name}` is required: {why}"))
-                })
-        };
-        let subject = required(
-            &req.subject_token,
-            "subject_token",
-            "the delegating task's session token",
-        )?;
-        if req.subject_token_type.as_deref() != Some(TOKEN_TYPE_ACCESS) {
-            return Err(OAuthError::new(
-                "invalid_request",
-                format!("`subject_token_type` must be `{TOKEN_TYPE_ACCESS}`"),
-            ));
-        }
-        let actor = required(
-            &req.actor_token,
-            "actor_token",
-            "the sub-agent proves who it is with its own client assertion",
-        )?;
-        if req.actor_token_type.as_deref() != Some(TOKEN_TYPE_JWT) {
-            return Err(OAuthError::new(
-                "invalid_request",
-                format!("`actor_token_type` must be `{TOKEN_TYPE_JWT}`"),
-            ));
-        }
-        let parent = self
-            .session(&subject)
-            .await
-            .map_err(|e| OAuthError::new("invalid_grant", format!("subject_token: {e}")))?;
-        if parent.jkt.is_some() {
-            return Err(OAuthError::new(
-                "invalid_grant",
-                "subject_token is DPoP-bound; exchanging DPoP-bound tokens is not supported yet",
-            ));
-        }
-        // A certificate-bound token is refused on any connection without
-        // that certificate, here as at every other endpoint (RFC 8705 §3).
-        if let Some(x5t) = &parent.x5t
-            && req
-                .client_cert
-                .as_deref()
-                .map(|c| crate::server::tls::thumbprint(c))
-                .as_ref()
-                != Some(x5t)
-        {
-            return Err(OAuthError::new(
-                "invalid_grant",
-                "subject_token is bound to a client certificate (cnf.x5t#S256): exchange it over the mTLS listener with that certificate",
-            ));
-        }
-        let actor_iss = unverified_issuer(&actor)
-            .map_err(|e| OAuthError::new("invalid_client", format!("actor_token: {e}")))?;
-        // The sub-agent proves itself with its client assertion (`iss` = its
-        // id) or, for a federated agent with no key, its workload token
-        // (`iss` = a trusted issuer), verified as at the token endpoint.
-        let (child, claims) = if self.federation.trusts_issuer_url(&actor_iss) {
-            self.federated_actor(&actor).await?
-        } else {
-            self.authenticate(&actor_iss, &actor).await?
-        };
-        if let Some(cid) = req.client_id.as_deref().filter(|c| !c.is_empty())
-            && cid != child.id
-        {
-            return Err(OAuthError::new(
-                "invalid_client",
-                "`client_id` does not match the agent the actor_token proves",
-            ));
-        }
-        let from = &parent.agent;
-        if child.id == from.id {
-            return Err(OAuthError::new(
-                "invalid_target",
-                "an agent cannot delegate to itself; use its own session token",
-            ));
-        }
-        if !from.delegation.targets.contains(&child.id) {
-            return Err(OAuthError::new(
-                "invalid_target",
-                format!(
-                    "agent `{}` may not delegate to `{}` (not among its delegation targets)",
-                    from.id, child.id
-                ),
-            ));
-        }
-        if parent.task.delegation_budget == 0 {
-            return Err(OAuthError::new(
-                "invalid_grant",
-                format!(
-                    "delegation depth limit reached: task `{}` (depth {}) may not delegate further",
-                    parent.task.id, parent.task.depth
-                ),
-            ));
-        }
-        let parent_scopes = parent
-            .task
-            .scopes
-            .clone()
-            .unwrap_or_else(|| self.reachable_scopes(from));
-        let own = self.reachable_scopes(&child);
-        let requested = delegated_scopes(req.scope.as_deref(), &parent_scopes, &own, &child.id)?;
-        let t = now();
-        let ttl = self.session_ttl(req.ttl.as_deref())?;
-        let mut chain = parent.task.chain.clone();
-        chain.push(from.id.clone());
-        let task = Task {
-            id: new_id("tk"),
-            agent_id: child.id.clone(),
-            description: req.task.unwrap_or_else(|| parent.task.description.clone()),
-            state: TaskState::Open,
-            opened_at: t,
-            expires_at: (t + ttl).min(parent.task.expires_at),
-            ended_at: None,
-            end_reason: None,
-            parent_task_id: Some(parent.task.id.clone()),
-            depth: parent.task.depth + 1,
-            delegation_budget: (parent.task.delegation_budget - 1).min(child.delegation.max_depth),
-            scopes: Some(requested.clone()),
-            chain: chain.clone(),
-            // A sub-agent acts for whomever its orchestrator acts for.
-            on_behalf_of: parent.task.on_behalf_of.clone(),
-        };
-        let details = serde_json::json!({
-            "method": "token_exchange",
-            "parent_task": parent.task.id,
-            "chain": chain,
-            "depth": task.depth,
-            "scopes": requested,
-            "expires_at": unix(task.expires_at),
-        });
-        self.open_task(
-            &child,
-            &claims,
-            task,
-            "task.delegated",
-            details,
-            req.dpop.as_ref(),
-        )
-        .await
-    }
-
     /// Records the assertion's `jti`, writes the task and its audit event,
     /// and signs the session token.
-    async fn open_task(
+    pub(super) async fn open_task(
         &self,
         agent: &Agent,
         claims: &AssertionClaims,
@@ -924,7 +632,7 @@ impl Broker {
         ))
     }
 
-    fn session_ttl(&self, raw: Option<&str>) -> Result<time::Duration, OAuthError> {
+    pub(super) fn session_ttl(&self, raw: Option<&str>) -> Result<time::Duration, OAuthError> {
         let s = &self.config.sessions;
         let secs = match raw.filter(|r| !r.is_empty()) {
             None => s.default_ttl_secs,
@@ -1083,49 +791,6 @@ impl Broker {
     }
 }
 
-/// The scopes a delegated task gets: the requested ones (default: all the
-/// parent's that the sub-agent may hold), each of which must be both the
-/// parent's and permitted to the sub-agent. Never wider than either.
-pub(crate) fn delegated_scopes(
-    requested: Option<&str>,
-    parent: &[String],
-    own: &[String],
-    child: &str,
-) -> Result<Vec<String>, OAuthError> {
-    let requested: Vec<String> = match requested.map(str::trim).filter(|s| !s.is_empty()) {
-        Some(s) => {
-            let mut v: Vec<String> = s.split_whitespace().map(str::to_owned).collect();
-            v.sort();
-            v.dedup();
-            v
-        }
-        None => parent.iter().filter(|s| own.contains(s)).cloned().collect(),
-    };
-    for s in &requested {
-        if !parent.contains(s) {
-            return Err(OAuthError::new(
-                "invalid_scope",
-                format!(
-                    "scope `{s}` is beyond the delegating task's scopes: delegation only narrows"
-                ),
-            ));
-        }
-        if !own.contains(s) {
-            return Err(OAuthError::new(
-                "invalid_scope",
-                format!("policy does not permit agent `{child}` to obtain scope `{s}`"),
-            ));
-        }
-    }
-    if requested.is_empty() {
-        return Err(OAuthError::new(
-            "invalid_scope",
-            "no scope is both the delegating task's and permitted to the sub-agent",
-        ));
-    }
-    Ok(requested)
-}
-
 impl Broker {
     /// Verifies the DPoP proof sent to the token endpoint.
     fn token_dpop(&self, proof: &str) -> Result<crate::identity::dpop::Proof, OAuthError> {
@@ -1200,42 +865,5 @@ impl Broker {
             return Err("the DPoP proof was already used (`jti` replayed): send a fresh proof with each request".into());
         }
         Ok(())
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::delegated_scopes;
-    use proptest::prelude::*;
-
-    fn names() -> impl Strategy<Value = Vec<String>> {
-        proptest::collection::vec(prop::sample::select(vec!["a", "b", "c", "d", "e"]), 0..5)
-            .prop_map(|v| v.into_iter().map(str::to_owned).collect())
-    }
-
-    proptest! {
-        /// Along any chain of delegations, each task's scopes are a subset of
-        /// its parent's and of what its own agent may hold.
-        #[test]
-        fn delegation_only_narrows(
-            root in names(),
-            chain in proptest::collection::vec((names(), proptest::option::of(names())), 1..5),
-        ) {
-            let mut parent = root;
-            for (own, asked) in chain {
-                let asked = asked.map(|a| a.join(" "));
-                match delegated_scopes(asked.as_deref(), &parent, &own, "x") {
-                    Ok(child) => {
-                        prop_assert!(!child.is_empty());
-                        prop_assert!(child.iter().all(|s| parent.contains(s) && own.contains(s)));
-                        parent = child;
-                    }
-                    Err(e) => {
-                        prop_assert_eq!(e.error, "invalid_scope");
-                        break;
-                    }
-                }
-            }
-        }
     }
 }
