@@ -296,4 +296,8 @@ async fn releasing_one_lease_revokes_only_it() {
         "active",
         "nothing changed"
     );
+    // The log goes to a file here, not a terminal: no colour codes in it.
+    let log = b.log();
+    assert!(log.contains("request"), "the server logged");
+    assert!(!log.contains('\u{1b}'), "ANSI escapes in a log file");
 }
