@@ -3,11 +3,15 @@
 
 mod agents;
 mod approvals;
+mod auth_failures;
 mod credentials;
+mod decisions;
 mod delegation;
 mod fences;
+mod provisioning;
 mod renewals;
 mod revocations;
+mod session_checks;
 mod sessions;
 mod users;
 

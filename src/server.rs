@@ -86,6 +86,19 @@ pub async fn build_broker(config: Config) -> anyhow::Result<Broker> {
     Ok(broker)
 }
 
+/// The cursor after a full page (`None`: the list ended here).
+pub(crate) fn next_cursor<T>(
+    rows: &[T],
+    limit: Option<u32>,
+    key: impl Fn(&T) -> (time::OffsetDateTime, &str),
+) -> Option<String> {
+    let last = rows.last()?;
+    (rows.len() == crate::model::page_size(limit) as usize).then(|| {
+        let (at, id) = key(last);
+        crate::model::Cursor::of(at, id)
+    })
+}
+
 /// A list page: when more rows follow, `Keygate-Next-Cursor` carries the
 /// cursor and `Link: <…&cursor=…>; rel="next"` the next page's address, so a
 /// full page never passes for the whole list.

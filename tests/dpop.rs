@@ -38,26 +38,9 @@ fn proof_with(key: &TestAgent, claims: Value, token: Option<&str>) -> String {
 }
 
 async fn bound_token(b: &TestBroker, agent: &TestAgent, dpop_key: &TestAgent) -> Value {
-    let assertion = agent.assertion();
-    let resp = b
-        .http
-        .post(b.url("/oauth/token"))
-        .header("dpop", proof(dpop_key, "POST", "/oauth/token", None))
-        .form(&[
-            ("grant_type", "client_credentials"),
-            ("client_id", agent.id.as_str()),
-            ("client_assertion_type", JWT_BEARER),
-            ("client_assertion", assertion.as_str()),
-        ])
-        .send()
+    token_with_proof(b, agent, &proof(dpop_key, "POST", "/oauth/token", None))
         .await
-        .unwrap();
-    let status = resp.status();
-    Resp {
-        status,
-        text: resp.text().await.unwrap(),
-    }
-    .expect(200)
+        .expect(200)
 }
 
 async fn call(b: &TestBroker, scheme: &str, token: &str, dpop: Option<String>) -> Resp {

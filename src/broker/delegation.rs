@@ -5,7 +5,7 @@
 use super::Broker;
 use super::sessions::{
     OAuthError, TOKEN_TYPE_ACCESS, TOKEN_TYPE_JWT, TokenRequest, TokenResponse, ensure_active,
-    federation_error, internal,
+    federation_error,
 };
 use crate::identity::{AssertionClaims, unverified_issuer};
 use crate::model::{Agent, Task, TaskState, new_id, now, unix};
@@ -25,26 +25,10 @@ impl Broker {
                 "actor_token: a user's ID token cannot act as a sub-agent",
             ));
         }
-        let agent = self
-            .store
-            .agent_by_subject(&fed.issuer, &fed.subject)
-            .await
-            .map_err(|e| internal(&e))?
-            .ok_or_else(|| {
-                OAuthError::new(
-                    "invalid_client",
-                    format!(
-                        "actor_token: no agent is bound to subject `{}` of issuer `{}`",
-                        fed.subject, fed.issuer
-                    ),
-                )
-            })?;
+        let (agent, claims) = self
+            .bound_workload(&fed, "invalid_client", "actor_token: ")
+            .await?;
         ensure_active(&agent)?;
-        let claims = AssertionClaims {
-            exp: fed.exp,
-            iat: None,
-            jti: Some(fed.jti.unwrap_or_else(|| new_id("nojti"))),
-        };
         Ok((agent, claims))
     }
 

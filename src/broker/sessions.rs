@@ -191,72 +191,6 @@ impl Broker {
         result.map(|(r, _)| r)
     }
 
-    /// Counts, logs and audits a failed token request, with the client id
-    /// the caller claimed (if any; cut to a safe length). The first failure
-    /// from a source for a client in an interval is audited at once; the
-    /// rest of the burst as one count when the interval ends
-    /// ([`Broker::flush_auth_failures`]).
-    pub async fn record_auth_failure(
-        &self,
-        source: Option<std::net::IpAddr>,
-        claimed: Option<String>,
-        e: &OAuthError,
-    ) {
-        self.metrics.auth("failure");
-        let claimed = claimed.map(|c| crate::limits::claimed_label(&c));
-        let source = source.map_or_else(|| "unknown".to_owned(), |s| s.to_string());
-        let failure = format!(
-            "{}: {}",
-            e.error,
-            crate::limits::claimed_label(&e.description)
-        );
-        tracing::info!(client_id = ?claimed, %source, error = e.error, reason = %failure, "authentication failed");
-        if !self
-            .auth_failures
-            .record(&source, claimed.as_deref().unwrap_or(""), &failure)
-        {
-            return;
-        }
-        let mut ev = AuditEvent::new(&Actor::Unauthenticated(claimed.clone()), "auth.token")
-            .failure(failure)
-            .details(serde_json::json!({ "source": source }));
-        if let Some(c) = &claimed {
-            ev = ev.agent(c);
-        }
-        if let Err(err) = self.audit_alone(ev).await {
-            tracing::error!(error = %err, "cannot audit an authentication failure");
-        }
-    }
-
-    /// Audits the failures counted since the first of each burst (all of
-    /// them with `all`, at shutdown): one `auth.token_failures` event per
-    /// source and client. Returns how many events were written.
-    pub async fn flush_auth_failures(&self, all: bool) -> super::BrokerResult<usize> {
-        let counts = self.auth_failures.drain(all);
-        if counts.is_empty() {
-            return Ok(0);
-        }
-        let mut tx = self.store.begin().await?;
-        for c in &counts {
-            let claimed = (!c.client_id.is_empty()).then(|| c.client_id.clone());
-            let mut ev = AuditEvent::new(
-                &Actor::Unauthenticated(claimed.clone()),
-                "auth.token_failures",
-            )
-            .failure(c.error.clone())
-            .details(serde_json::json!({
-                "source": c.source, "count": c.count,
-                "interval_secs": self.auth_failures.interval().as_secs(),
-            }));
-            if let Some(cid) = claimed {
-                ev = ev.agent(&cid);
-            }
-            tx.audit(ev).await?;
-        }
-        tx.commit().await?;
-        Ok(counts.len())
-    }
-
     async fn try_token(&self, req: TokenRequest) -> Result<(TokenResponse, String), OAuthError> {
         match req.grant_type.as_deref() {
             Some("client_credentials") => self.client_credentials(req).await,
@@ -455,20 +389,7 @@ impl Broker {
                 ),
             ));
         }
-        let agent = self
-            .store
-            .agent_by_subject(&fed.issuer, &fed.subject)
-            .await
-            .map_err(|e| internal(&e))?
-            .ok_or_else(|| {
-                OAuthError::new(
-                    "invalid_grant",
-                    format!(
-                        "no agent is bound to subject `{}` of issuer `{}`",
-                        fed.subject, fed.issuer
-                    ),
-                )
-            })?;
+        let (agent, claims) = self.bound_workload(&fed, "invalid_grant", "").await?;
         if let Some(cid) = req.client_id.as_deref().filter(|c| !c.is_empty())
             && cid != agent.id
         {
@@ -481,15 +402,40 @@ impl Broker {
         let method = serde_json::json!({
             "method": "jwt_bearer", "issuer": fed.issuer, "subject": fed.subject,
         });
-        // A token without `jti` cannot be checked for replay; its issuer's
-        // short lifetimes bound it instead.
+        self.open_own_task(&agent, &claims, &req, method, None)
+            .await
+    }
+
+    /// The agent bound to a verified workload token's subject (refused with
+    /// `code`, the message prefixed), and the token's claims for the replay
+    /// check. A token without `jti` cannot be checked for replay; its
+    /// issuer's short lifetimes bound it instead.
+    pub(super) async fn bound_workload(
+        &self,
+        fed: &crate::identity::Federated,
+        code: &'static str,
+        prefix: &str,
+    ) -> Result<(Agent, AssertionClaims), OAuthError> {
+        let agent = self
+            .store
+            .agent_by_subject(&fed.issuer, &fed.subject)
+            .await
+            .map_err(|e| internal(&e))?
+            .ok_or_else(|| {
+                OAuthError::new(
+                    code,
+                    format!(
+                        "{prefix}no agent is bound to subject `{}` of issuer `{}`",
+                        fed.subject, fed.issuer
+                    ),
+                )
+            })?;
         let claims = AssertionClaims {
             exp: fed.exp,
             iat: None,
-            jti: Some(fed.jti.unwrap_or_else(|| new_id("nojti"))),
+            jti: Some(fed.jti.clone().unwrap_or_else(|| new_id("nojti"))),
         };
-        self.open_own_task(&agent, &claims, &req, method, None)
-            .await
+        Ok((agent, claims))
     }
 
     /// Records the assertion's `jti`, writes the task and its audit event,
@@ -651,143 +597,11 @@ impl Broker {
         ))
     }
 
-    /// Checks a session token: signature, then that its task is still open
-    /// and its agent still active. Ended tasks fail here at once.
-    pub async fn session(&self, token: &str) -> Result<Session, String> {
-        let claims = self.signer.verify(token).map_err(|e| e.to_string())?;
-        let (task, agent) = self
-            .store
-            .task_with_agent(&claims.task_id)
-            .await
-            .map_err(|e| {
-                tracing::error!(error = %e, "session lookup failed");
-                "the session cannot be checked right now".to_owned()
-            })?
-            .ok_or("the session's task does not exist")?;
-        if task.agent_id != claims.sub {
-            return Err("the session token does not match its task".into());
-        }
-        if task.state != TaskState::Open || task.expires_at <= now() {
-            return Err(format!("the task has ended ({})", task.state));
-        }
-        let agent = agent.ok_or("the session's agent does not exist")?;
-        if agent.status != AgentStatus::Active {
-            return Err(format!("agent is {}", agent.status));
-        }
-        Ok(Session {
-            agent,
-            task,
-            jkt: claims
-                .cnf
-                .as_ref()
-                .and_then(|c| c["jkt"].as_str())
-                .map(str::to_owned),
-            x5t: claims
-                .cnf
-                .as_ref()
-                .and_then(|c| c["x5t#S256"].as_str())
-                .map(str::to_owned),
-        })
-    }
-
     /// Appends one audit event in its own transaction.
     pub(crate) async fn audit_alone(&self, ev: AuditEvent) -> Result<(), crate::store::StoreError> {
         let mut tx = self.store.begin().await?;
         tx.audit(ev).await?;
         tx.commit().await
-    }
-}
-
-impl Broker {
-    /// RFC 7662 introspection of a session token: `active` only while its
-    /// task is open and its agent active, so ended and revoked tokens turn
-    /// inactive at once.
-    pub async fn introspect(&self, token: &str) -> serde_json::Value {
-        let Ok(claims) = self.signer.verify(token) else {
-            return serde_json::json!({ "active": false });
-        };
-        match self.session(token).await {
-            Ok(s) => {
-                let mut v = serde_json::json!({
-                    "active": true,
-                    "token_type": "Bearer",
-                    "iss": claims.iss,
-                    "sub": claims.sub,
-                    "client_id": claims.sub,
-                    "aud": claims.aud,
-                    "iat": claims.iat,
-                    "exp": claims.exp,
-                    "jti": claims.jti,
-                    "task_id": s.task.id,
-                });
-                if let Some(scopes) = &s.task.scopes {
-                    v["scope"] = scopes.join(" ").into();
-                }
-                if let Some(act) = claims.act {
-                    v["act"] = act;
-                }
-                if let Some(u) = &s.task.on_behalf_of {
-                    v["on_behalf_of"] = serde_json::json!({ "sub": u.id, "issuer": u.issuer });
-                }
-                // The binding a resource server must check (RFC 9449 §6.2,
-                // RFC 8705 §3.2).
-                if let Some(jkt) = &s.jkt {
-                    v["token_type"] = "DPoP".into();
-                    v["cnf"]["jkt"] = jkt.clone().into();
-                }
-                if let Some(x5t) = &s.x5t {
-                    v["cnf"]["x5t#S256"] = x5t.clone().into();
-                }
-                v
-            }
-            Err(_) => serde_json::json!({ "active": false }),
-        }
-    }
-
-    /// RFC 7009 revocation of a session token: its task ends (with any task
-    /// delegated from it) and every lease of those tasks is revoked. An
-    /// unknown or already dead token is not an error.
-    pub async fn revoke_session_token(
-        &self,
-        actor: &Actor,
-        token: &str,
-    ) -> super::BrokerResult<()> {
-        let Ok(claims) = self.signer.verify(token) else {
-            return Ok(());
-        };
-        let t = now();
-        let mut tx = self.store.begin().await?;
-        let ended = tx
-            .end_tasks(
-                &crate::store::TaskSelector::Task(claims.task_id.clone()),
-                TaskState::Revoked,
-                "session token revoked",
-                t,
-            )
-            .await?;
-        if ended.is_empty() {
-            return Ok(());
-        }
-        let queued = tx
-            .queue_revocations(
-                &crate::store::LeaseSelector::Task(claims.task_id.clone()),
-                "session token revoked",
-                None,
-                t,
-            )
-            .await?;
-        tx.audit(
-            AuditEvent::new(actor, "task.token_revoked")
-                .agent(&claims.sub)
-                .task(&claims.task_id)
-                .details(
-                    serde_json::json!({ "tasks_ended": ended, "leases_queued": queued.len() }),
-                ),
-        )
-        .await?;
-        tx.commit().await?;
-        self.leases.wake();
-        Ok(())
     }
 }
 
@@ -802,68 +616,5 @@ impl Broker {
             unix(now()),
         )
         .map_err(|e| OAuthError::new("invalid_dpop_proof", e.to_string()))
-    }
-
-    /// Sender constraint of a session (RFC 9449 §7): a DPoP-bound token must
-    /// come as `Authorization: DPoP` with a fresh, unreplayed proof by its
-    /// key for this method and URL; an unbound one as `Bearer`.
-    pub async fn check_sender(&self, s: &Session, req: &Presented<'_>) -> Result<(), String> {
-        let Presented {
-            scheme,
-            token,
-            proof,
-            cert,
-            method,
-            path,
-        } = *req;
-        if let Some(x5t) = &s.x5t
-            && cert.map(crate::server::tls::thumbprint).as_ref() != Some(x5t)
-        {
-            return Err("this session token is bound to a client certificate: call over mTLS with that certificate".into());
-        }
-        let dpop_scheme = scheme.eq_ignore_ascii_case("dpop");
-        let Some(jkt) = &s.jkt else {
-            return if dpop_scheme {
-                Err(
-                    "this session token is not DPoP-bound: send it as `Authorization: Bearer`"
-                        .into(),
-                )
-            } else {
-                Ok(())
-            };
-        };
-        if !dpop_scheme {
-            return Err("this session token is bound to a DPoP key: send `Authorization: DPoP <token>` with a `DPoP` proof".into());
-        }
-        let proof = proof.ok_or("a `DPoP` proof header is required with this token")?;
-        let url = format!("{}{path}", self.config.server.issuer.trim_end_matches('/'));
-        let p = crate::identity::dpop::verify_proof(proof, method, &url, Some(token), unix(now()))
-            .map_err(|e| e.to_string())?;
-        if &p.jkt != jkt {
-            return Err(
-                "the DPoP proof is signed by another key than the token is bound to".into(),
-            );
-        }
-        let fresh = async {
-            let mut tx = self.store.begin().await?;
-            let fresh = tx
-                .record_jti(
-                    &format!("dpop:{jkt}"),
-                    &p.jti,
-                    crate::model::from_unix(p.iat + 2 * crate::identity::dpop::MAX_SKEW_SECS),
-                )
-                .await?;
-            tx.commit().await?;
-            Ok::<bool, crate::store::StoreError>(fresh)
-        }
-        .await
-        .map_err(|e| {
-            tracing::error!(error = %e, "cannot record a DPoP proof");
-            "the DPoP proof cannot be checked right now".to_owned()
-        })?;
-        if !fresh {
-            return Err("the DPoP proof was already used (`jti` replayed): send a fresh proof with each request".into());
-        }
-        Ok(())
     }
 }

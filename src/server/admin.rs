@@ -119,10 +119,7 @@ pub async fn list_leases(
     op.require(READERS)?;
     let f: LeaseFilter = parse_query(q.as_deref())?;
     let leases = b.store.list_leases(&f).await?;
-    let next = (leases.len() == crate::model::page_size(f.limit) as usize)
-        .then(|| leases.last())
-        .flatten()
-        .map(|l| crate::model::Cursor::of(l.created_at, &l.id));
+    let next = super::next_cursor(&leases, f.limit, |l| (l.created_at, &l.id));
     Ok(super::paged(Json(leases), "/v1/leases", q.as_deref(), next))
 }
 

@@ -50,10 +50,7 @@ pub async fn list(
     op.require(READERS)?;
     let f: ApprovalFilter = parse_query(q.as_deref())?;
     let list = b.store.list_approvals(&f).await?;
-    let next = (list.len() == crate::model::page_size(f.limit) as usize)
-        .then(|| list.last())
-        .flatten()
-        .map(|a| crate::model::Cursor::of(a.created_at, &a.id));
+    let next = super::next_cursor(&list, f.limit, |a| (a.created_at, &a.id));
     Ok(super::paged(
         Json(list),
         "/v1/approvals",

@@ -178,18 +178,7 @@ impl Store for SqliteStore {
         if let Some(p) = &f.provider {
             q.push(" AND provider = ").push_bind(p);
         }
-        if let Some(c) = &f.cursor {
-            let c = crate::model::Cursor::parse(c).map_err(StoreError::Invalid)?;
-            q.push(" AND (created_at < ")
-                .push_bind(c.created_at)
-                .push(" OR (created_at = ")
-                .push_bind(c.created_at)
-                .push(" AND id < ")
-                .push_bind(c.id)
-                .push("))");
-        }
-        q.push(" ORDER BY created_at DESC, id DESC LIMIT ")
-            .push_bind(i64::from(crate::model::page_size(f.limit)));
+        push_page(&mut q, f.cursor.as_deref(), f.limit)?;
         q.build()
             .fetch_all(&self.read)
             .await?
@@ -331,6 +320,28 @@ impl Store for SqliteStore {
 
 struct SqliteTx {
     tx: group::WriteTx,
+}
+
+/// The page of a newest-first list: rows after `cursor` (`created_at`, then
+/// `id`), ordered, at most `page_size(limit)`.
+pub(super) fn push_page(
+    q: &mut QueryBuilder<Sqlite>,
+    cursor: Option<&str>,
+    limit: Option<u32>,
+) -> StoreResult<()> {
+    if let Some(c) = cursor {
+        let c = crate::model::Cursor::parse(c).map_err(StoreError::Invalid)?;
+        q.push(" AND (created_at < ")
+            .push_bind(c.created_at)
+            .push(" OR (created_at = ")
+            .push_bind(c.created_at)
+            .push(" AND id < ")
+            .push_bind(c.id)
+            .push("))");
+    }
+    q.push(" ORDER BY created_at DESC, id DESC LIMIT ")
+        .push_bind(i64::from(crate::model::page_size(limit)));
+    Ok(())
 }
 
 /// `SELECT` part matching live leases of an emergency selector.

@@ -106,18 +106,7 @@ pub(super) async fn list(
     if let Some(a) = &f.agent {
         q.push(" AND agent_id = ").push_bind(a.clone());
     }
-    if let Some(c) = &f.cursor {
-        let c = crate::model::Cursor::parse(c).map_err(crate::store::StoreError::Invalid)?;
-        q.push(" AND (created_at < ")
-            .push_bind(c.created_at)
-            .push(" OR (created_at = ")
-            .push_bind(c.created_at)
-            .push(" AND id < ")
-            .push_bind(c.id)
-            .push("))");
-    }
-    q.push(" ORDER BY created_at DESC, id DESC LIMIT ")
-        .push_bind(i64::from(crate::model::page_size(f.limit)));
+    super::push_page(&mut q, f.cursor.as_deref(), f.limit)?;
     let rows = q.build().fetch_all(&mut *db).await?;
     let mut out = Vec::with_capacity(rows.len());
     for r in &rows {

@@ -1,0 +1,208 @@
+//! Provisioning: the approvals that hold a new agent identity, or a change
+//! to one, until approvers sign off; applying or settling them on decision;
+//! and what policy lets an agent reach (at any time), which says whether a
+//! change widens it.
+
+use super::approvals::approval_event;
+use super::{Broker, BrokerError, BrokerResult};
+use crate::audit::Actor;
+use crate::model::{Agent, AgentStatus, Approval, ApprovalKind, ApprovalState, new_id, now};
+use crate::store::StoreTx;
+
+impl Broker {
+    /// Applies (or settles) a provisioning change once its approval ends,
+    /// conditional on the agent's state now: a registration activates only
+    /// a `pending` agent, and nothing applies to a decommissioned one.
+    pub(super) async fn apply_provisioning(
+        &self,
+        tx: &mut dyn StoreTx,
+        a: &Approval,
+        state: ApprovalState,
+        actor: &Actor,
+    ) -> BrokerResult<()> {
+        let t = now();
+        let change = a.request["change"].as_str().unwrap_or_default();
+        let not_pending = || {
+            BrokerError::Conflict(format!(
+                "agent `{}` is no longer pending; its registration approval cannot apply",
+                a.agent_id
+            ))
+        };
+        match (change, state) {
+            ("register", ApprovalState::Approved) => {
+                tx.set_agent_status(&a.agent_id, &[AgentStatus::Pending], AgentStatus::Active, t)
+                    .await?
+                    .ok_or_else(not_pending)?;
+                tx.audit(
+                    approval_event(actor, "agent.active", a)
+                        .reason("provisioning approved".to_owned()),
+                )
+                .await?;
+            }
+            ("register", ApprovalState::Denied) => {
+                tx.set_agent_status(
+                    &a.agent_id,
+                    &[AgentStatus::Pending],
+                    AgentStatus::Decommissioned,
+                    t,
+                )
+                .await?
+                .ok_or_else(not_pending)?;
+                // Like any decommission: whatever it holds ends now.
+                let (tasks, leases) = self
+                    .end_agent_work(tx, &a.agent_id, "provisioning denied", t)
+                    .await?;
+                tx.audit(
+                    approval_event(actor, "agent.decommissioned", a)
+                        .reason("provisioning denied".to_owned())
+                        .details(serde_json::json!({
+                            "tasks_ended": tasks.len(), "leases_queued": leases.len(),
+                        })),
+                )
+                .await?;
+                if !leases.is_empty() {
+                    self.leases.wake();
+                }
+            }
+            ("update", ApprovalState::Approved) => {
+                let Some(mut agent) = self.store.get_agent(&a.agent_id).await? else {
+                    return Err(BrokerError::NotFound(format!("no agent `{}`", a.agent_id)));
+                };
+                if agent.status == AgentStatus::Decommissioned {
+                    return Err(BrokerError::Conflict(format!(
+                        "agent `{}` is decommissioned; the change cannot apply",
+                        a.agent_id
+                    )));
+                }
+                let update: super::agents::AgentUpdate =
+                    serde_json::from_value(a.request["update"].clone())
+                        .map_err(|e| BrokerError::Internal(format!("stored change: {e}")))?;
+                update.apply(&mut agent)?;
+                agent.updated_at = t;
+                tx.update_agent(&agent).await?;
+                tx.audit(
+                    approval_event(actor, "agent.updated", a).details(serde_json::json!({
+                        "approval": a.id, "update": a.request["update"],
+                        "widened_scopes": a.request["widened_scopes"],
+                    })),
+                )
+                .await?;
+            }
+            _ => {}
+        }
+        Ok(())
+    }
+
+    /// Cancels the agent's open provisioning approvals (it left `pending`, or
+    /// was decommissioned): each is audited and announced. Returns their ids.
+    pub(crate) async fn cancel_provisioning(
+        &self,
+        tx: &mut dyn StoreTx,
+        actor: &Actor,
+        agent_id: &str,
+        reason: &str,
+    ) -> BrokerResult<Vec<String>> {
+        let open = self
+            .store
+            .list_approvals(&crate::model::ApprovalFilter {
+                state: Some(ApprovalState::Pending),
+                kind: Some(ApprovalKind::Provisioning),
+                agent: Some(agent_id.to_owned()),
+                limit: None,
+                cursor: None,
+            })
+            .await?;
+        let t = now();
+        let mut cancelled = Vec::new();
+        for a in open {
+            if !tx
+                .finish_approval(&a.id, ApprovalState::Cancelled, reason, t)
+                .await?
+            {
+                continue;
+            }
+            let Some(after) = tx.approval(&a.id).await? else {
+                continue;
+            };
+            tx.audit(approval_event(actor, "approval.cancelled", &after).reason(reason.to_owned()))
+                .await?;
+            for n in self.notifier.decided(&after) {
+                tx.insert_notification(&n).await?;
+            }
+            cancelled.push(a.id);
+        }
+        Ok(cancelled)
+    }
+
+    /// Scopes policy lets `agent` reach at some time: probed with the
+    /// shortest and the longest TTL the scope allows, at every instant that
+    /// [`crate::policy::PolicyEngine::probe_instants`] names, so the answer
+    /// does not depend on the hour or weekday it is asked at.
+    pub(crate) fn reachable_scopes(&self, agent: &Agent) -> Vec<String> {
+        let instants = self.policy.probe_instants(now());
+        self.config
+            .scopes
+            .iter()
+            .filter(|c| {
+                let facts = super::credentials::scope_facts(c);
+                let ttls = [c.max_ttl_secs.min(60), c.max_ttl_secs];
+                instants.iter().any(|&at| {
+                    ttls.iter().any(|&ttl| {
+                        self.policy
+                            .decide(
+                                agent,
+                                &facts,
+                                &crate::policy::RequestFacts {
+                                    task_id: "provisioning-review",
+                                    task_description: "provisioning review",
+                                    requested_ttl_secs: ttl,
+                                    now: at,
+                                    chain: &[],
+                                },
+                            )
+                            .is_ok_and(|d| d.allow)
+                    })
+                })
+            })
+            .map(|c| c.name.clone())
+            .collect()
+    }
+
+    /// Opens a provisioning approval for a new agent or a widening change.
+    pub(crate) async fn open_provisioning_approval(
+        &self,
+        tx: &mut dyn StoreTx,
+        requester: &Actor,
+        agent: &Agent,
+        request: serde_json::Value,
+        justification: String,
+    ) -> BrokerResult<Approval> {
+        let cfg = &self.config.provisioning;
+        let t = now();
+        let approval = Approval {
+            id: new_id("ap"),
+            kind: ApprovalKind::Provisioning,
+            state: ApprovalState::Pending,
+            requester: requester.render(),
+            agent_id: agent.id.clone(),
+            task_id: None,
+            scope: None,
+            request,
+            justification,
+            required: cfg.approvals,
+            approver_teams: cfg.approver_teams.clone(),
+            sponsor: agent.sponsor.clone(),
+            sponsor_alone: cfg.sponsor_may_approve_alone,
+            confirm_in_api: false,
+            created_at: t,
+            expires_at: t + time::Duration::seconds(cfg.expiry_secs as i64),
+            decided_at: None,
+            end_reason: None,
+            redeemed_at: None,
+            lease_id: None,
+            decisions: Vec::new(),
+        };
+        self.insert_approval(tx, &approval, None).await?;
+        Ok(approval)
+    }
+}
