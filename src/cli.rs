@@ -125,7 +125,11 @@ pub enum AgentsCmd {
         #[arg(long)]
         file: PathBuf,
     },
-    List,
+    /// List agents by id. One page (`--limit`) unless `--all`.
+    List {
+        #[command(flatten)]
+        page: Page,
+    },
     Show {
         id: String,
     },
@@ -177,13 +181,16 @@ pub struct Page {
 
 #[derive(Debug, Subcommand)]
 pub enum FencesCmd {
-    /// List fences (all, or only standing ones).
+    /// List fences (all, or only standing ones), oldest first. One page
+    /// (`--limit`) unless `--all`.
     List {
         #[arg(long)]
         revocation: Option<String>,
         /// Only fences not lifted yet.
         #[arg(long)]
         active: bool,
+        #[command(flatten)]
+        page: Page,
     },
     /// Take a fence down (secops, admin).
     Lift {

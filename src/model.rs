@@ -424,6 +424,10 @@ pub struct FenceFilter {
     /// Only fences not lifted yet.
     #[serde(default)]
     pub active: bool,
+    /// At most this many (every one when `None`; the API clamps it to a page).
+    pub limit: Option<u32>,
+    /// Continue after this row (`Keygate-Next-Cursor` of the previous page).
+    pub cursor: Option<String>,
 }
 
 string_enum!(

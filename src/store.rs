@@ -60,7 +60,10 @@ pub trait Store: Send + Sync + 'static {
     async fn begin(&self) -> StoreResult<Box<dyn StoreTx>>;
 
     async fn get_agent(&self, id: &str) -> StoreResult<Option<Agent>>;
-    async fn list_agents(&self) -> StoreResult<Vec<Agent>>;
+    /// Agents ordered by id: those after `after`, at most `limit` (all
+    /// when `None`).
+    async fn list_agents(&self, after: Option<&str>, limit: Option<u32>)
+    -> StoreResult<Vec<Agent>>;
     /// The agent bound to a federated subject of a trusted issuer.
     async fn agent_by_subject(&self, issuer: &str, subject: &str) -> StoreResult<Option<Agent>>;
     async fn get_task(&self, id: &str) -> StoreResult<Option<Task>>;

@@ -311,4 +311,30 @@ async fn overlapping_fences_stand_until_the_last_is_lifted_and_the_cli_says_what
             format!("keygate-fence-{}", second.id)
         ]
     );
+
+    // Fences page like every list: one a page says more follow, `--all`
+    // walks every page, oldest first, each fence once.
+    let every = b.get("/v1/fences", Some(&b.ops.auditor)).await.expect(200);
+    let ids = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|f| f["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    assert_eq!(ids(&every).len(), 4, "{every}");
+    let out = b
+        .cli(&["fences", "list", "--limit", "1"], Some(&b.ops.auditor))
+        .await;
+    let one_page: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(ids(&one_page), ids(&every)[..1]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("more rows follow"));
+    let out = b
+        .cli(
+            &["fences", "list", "--limit", "1", "--all"],
+            Some(&b.ops.auditor),
+        )
+        .await;
+    let walked: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(ids(&walked), ids(&every));
 }

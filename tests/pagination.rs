@@ -93,3 +93,63 @@ async fn lease_lists_page_with_a_cursor_and_the_cli_follows_it() {
     let rows: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(rows.len(), 25);
 }
+
+#[tokio::test]
+async fn agent_lists_page_by_id() {
+    let b = TestBroker::start_with(Setup::permissive()).await;
+    for i in 0..5 {
+        b.register(&TestAgent::new(&format!("paged-{i}"), "ES256"), "platform")
+            .await;
+    }
+    let every = b.get("/v1/agents", Some(&b.ops.auditor)).await.expect(200);
+    let ids = |v: &Value| -> Vec<String> {
+        v.as_array()
+            .unwrap()
+            .iter()
+            .map(|a| a["id"].as_str().unwrap().to_owned())
+            .collect()
+    };
+    let all = ids(&every);
+    assert!(all.len() >= 5 && all.is_sorted(), "{all:?}");
+
+    let mut walked = Vec::new();
+    let mut query = "limit=2".to_owned();
+    loop {
+        let r = b
+            .http
+            .get(b.url(&format!("/v1/agents?{query}")))
+            .bearer_auth(&b.ops.auditor)
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 200);
+        let next = r
+            .headers()
+            .get("keygate-next-cursor")
+            .map(|v| v.to_str().unwrap().to_owned());
+        walked.extend(ids(&r.json().await.unwrap()));
+        match next {
+            Some(c) => query = format!("limit=2&cursor={}", urlencoding::encode(&c)),
+            None => break,
+        }
+    }
+    assert_eq!(walked, all);
+
+    let out = b
+        .cli(&["agents", "list", "--limit", "2"], Some(&b.ops.auditor))
+        .await;
+    assert!(out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("more rows follow"));
+    let out = b
+        .cli(
+            &["agents", "list", "--limit", "2", "--all"],
+            Some(&b.ops.auditor),
+        )
+        .await;
+    let table = String::from_utf8_lossy(&out.stdout);
+    for id in &all {
+        assert!(table.contains(id.as_str()), "{id} missing from\n{table}");
+    }
+    let r = b.get("/v1/agents?page=2", Some(&b.ops.auditor)).await;
+    assert_eq!(r.status, 400, "{}", r.text);
+}

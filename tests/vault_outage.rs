@@ -366,3 +366,65 @@ async fn an_orphaned_database_lease_records_how_long_its_user_may_live() {
     let ev = ev.iter().find(|e| e["lease"] == lease_id.as_str()).unwrap();
     assert_eq!(ev["details"]["expires_at"], until.unix_timestamp(), "{ev}");
 }
+
+/// Database credentials whose Vault lease can be neither shortened to the
+/// Keygate lease nor revoked at once (Keygate's Vault policy lacks both
+/// paths) are a live database user: the lease keeps Vault's lease and stays
+/// queued until Vault takes the revocation, never `failed` and forgotten.
+#[tokio::test]
+async fn a_database_user_that_cannot_be_shortened_or_revoked_stays_queued() {
+    use common::bao_setup::KEYGATE_POLICY;
+    let peers = VaultPeers::start(Storage::Dev).await;
+    let b = TestBroker::start_with(broker_setup(&peers)).await;
+    let agent = TestAgent::new("dbstuck", "ES256");
+    b.register(&agent, "platform").await;
+    let s = b.token_ttl(&agent, Some(3600)).await;
+    let set_policy = |policy: String| {
+        let bao = &peers.bao;
+        async move {
+            bao.api(
+                "PUT",
+                "sys/policies/acl/keygate",
+                Some(serde_json::json!({ "policy": policy })),
+            )
+            .await;
+        }
+    };
+    // Vault's `default` policy allows renewing: deny it outright.
+    let crippled: String = KEYGATE_POLICY
+        .lines()
+        .filter(|l| !l.contains("sys/leases/"))
+        .chain([
+            r#"path "sys/leases/renew" { capabilities = ["deny"] }"#,
+            r#"path "sys/leases/revoke" { capabilities = ["deny"] }"#,
+        ])
+        .collect::<Vec<_>>()
+        .join("\n");
+    set_policy(crippled).await;
+
+    // The role's default_ttl (1 h) is longer than the 300 s asked for.
+    let r = b.credential(&s.token, "vault-db", Some(300), None).await;
+    assert_eq!(r.status, 502, "{}", r.text);
+    assert!(r.text.contains("being revoked"), "{}", r.text);
+    assert!(!r.text.contains("password"), "{}", r.text);
+    assert_eq!(peers.live_db_leases().await.len(), 1, "vault holds the user");
+    let lease = eventually("the lease queued with its error", || async {
+        let l = b.leases(&format!("task={}", s.task_id)).await;
+        l.into_iter()
+            .find(|l| l["state"] == "revoking" && l["last_error"].is_string())
+    })
+    .await;
+    assert!(
+        lease["end_reason"].as_str().unwrap().contains("past the lease"),
+        "{lease}"
+    );
+
+    // Once Vault lets Keygate revoke, the queue finishes the job.
+    set_policy(KEYGATE_POLICY.to_owned()).await;
+    eventually("the lease revoked", || async {
+        let l = b.leases(&format!("task={}", s.task_id)).await;
+        (l.len() == 1 && l[0]["state"] == "revoked").then_some(())
+    })
+    .await;
+    assert!(peers.live_db_leases().await.is_empty(), "the user lives on");
+}

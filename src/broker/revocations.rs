@@ -144,7 +144,7 @@ impl Broker {
         }
         let mut suspended = 0u64;
         if req.suspend {
-            for agent in self.store.list_agents().await? {
+            for agent in self.store.list_agents(None, None).await? {
                 let hit = match &selector {
                     Selector::Agent(a) => &agent.id == a,
                     Selector::Team(team) => &agent.team == team,

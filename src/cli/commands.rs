@@ -121,8 +121,8 @@ async fn agents(c: &Client, cmd: AgentsCmd) -> anyhow::Result<()> {
             c.json(c.request(Method::POST, "/v1/agents").json(&spec))
                 .await?
         }
-        AgentsCmd::List => {
-            let v = c.json(c.request(Method::GET, "/v1/agents")).await?;
+        AgentsCmd::List { page } => {
+            let v = c.list("/v1/agents", Vec::new(), &page).await?;
             println!(
                 "{:<32} {:<14} {:<10} {:<4} {:<5} SPONSOR",
                 "ID", "TEAM", "STATUS", "TIER", "ENV"
@@ -233,13 +233,16 @@ fn print_fences(report: &serde_json::Value) {
 
 async fn fences(c: &Client, cmd: FencesCmd) -> anyhow::Result<()> {
     let v = match cmd {
-        FencesCmd::List { revocation, active } => {
+        FencesCmd::List {
+            revocation,
+            active,
+            page,
+        } => {
             let mut q = vec![("active", active.to_string())];
             if let Some(r) = revocation {
                 q.push(("revocation", r));
             }
-            c.json(c.request(Method::GET, "/v1/fences").query(&q))
-                .await?
+            c.list("/v1/fences", q, &page).await?
         }
         FencesCmd::Lift { id, reason } => {
             let path = format!("/v1/fences/{id}/lift");

@@ -53,13 +53,28 @@ pub async fn update_agent(
     Ok(held_or(done, StatusCode::OK))
 }
 
-/// `GET /v1/agents`.
+/// A page of a list ordered by id.
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IdPage {
+    limit: Option<u32>,
+    cursor: Option<String>,
+}
+
+/// `GET /v1/agents?limit=&cursor=`, ordered by id.
 pub async fn list_agents(
     State(b): State<AppState>,
     op: Operator,
+    RawQuery(q): RawQuery,
 ) -> Result<impl IntoResponse, ApiError> {
     op.require(READERS)?;
-    Ok(Json(b.store.list_agents().await?))
+    let p: IdPage = parse_query(q.as_deref())?;
+    let size = crate::model::page_size(p.limit);
+    let agents = b.store.list_agents(p.cursor.as_deref(), Some(size)).await?;
+    let next = (agents.len() == size as usize)
+        .then(|| agents.last().map(|a| a.id.clone()))
+        .flatten();
+    Ok(super::paged(Json(agents), "/v1/agents", q.as_deref(), next))
 }
 
 /// `GET /v1/agents/{id}`.
@@ -144,15 +159,18 @@ pub async fn revocation(
     Ok(Json(b.revocation_status(&id).await?))
 }
 
-/// `GET /v1/fences?revocation=&provider=&active=true`.
+/// `GET /v1/fences?revocation=&provider=&active=true&limit=&cursor=`, oldest first.
 pub async fn list_fences(
     State(b): State<AppState>,
     op: Operator,
     RawQuery(q): RawQuery,
 ) -> Result<impl IntoResponse, ApiError> {
     op.require(READERS)?;
-    let f: FenceFilter = parse_query(q.as_deref())?;
-    Ok(Json(b.fences(&f).await?))
+    let mut f: FenceFilter = parse_query(q.as_deref())?;
+    f.limit = Some(crate::model::page_size(f.limit));
+    let fences = b.fences(&f).await?;
+    let next = super::next_cursor(&fences, f.limit, |f| (f.created_at, &f.id));
+    Ok(super::paged(Json(fences), "/v1/fences", q.as_deref(), next))
 }
 
 /// `POST /v1/fences/{id}/lift` (secops, admin): `{"reason": "..."}`.

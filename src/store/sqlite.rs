@@ -127,8 +127,14 @@ impl Store for SqliteStore {
             .transpose()
     }
 
-    async fn list_agents(&self) -> StoreResult<Vec<Agent>> {
-        sqlx::query("SELECT * FROM agents ORDER BY id")
+    async fn list_agents(
+        &self,
+        after: Option<&str>,
+        limit: Option<u32>,
+    ) -> StoreResult<Vec<Agent>> {
+        sqlx::query("SELECT * FROM agents WHERE id > ? ORDER BY id LIMIT ?")
+            .bind(after.unwrap_or(""))
+            .bind(limit.map_or(-1, i64::from))
             .fetch_all(&self.read)
             .await?
             .iter()

@@ -38,8 +38,9 @@ impl VaultProvider {
         let password =
             SecretString::from(str_at(&v, "/data/password").map_err(internal)?.to_owned());
         let granted = u64_at(&v, "/lease_duration").map_err(internal)?;
-        let granted = self.fit_to_lease(&lease_id, role, granted, ttl).await?;
-        let expires_at = expiry(req.expires_at, granted);
+        let expires_at = self
+            .fit_to_lease(&lease_id, role, granted, ttl, req.expires_at)
+            .await?;
         tracing::info!(lease_id = %req.lease_id, vault_lease = %lease_id, username = %username, ttl_secs = granted, "issued database credentials");
         Ok(Issued {
             credential: Credential::new()
@@ -53,35 +54,37 @@ impl VaultProvider {
     }
 
     /// The role's default_ttl may be longer than the lease: shorten the
-    /// Vault lease to the Keygate lease, or revoke it and refuse.
+    /// Vault lease to the Keygate lease, or revoke it and refuse. Returns the
+    /// credentials' expiry.
+    ///
+    /// When neither works the database user lives on: the answer is then
+    /// the issue with its true, longer expiry, so the broker records the
+    /// Vault lease and queues it for revocation (retried until Vault takes
+    /// it) instead of forgetting a live user.
     async fn fit_to_lease(
         &self,
         lease_id: &str,
         role: &str,
         granted: u64,
         ttl: u64,
-    ) -> Result<u64, ProviderError> {
+        cap: OffsetDateTime,
+    ) -> Result<OffsetDateTime, ProviderError> {
         if granted <= ttl {
-            return Ok(granted);
+            return Ok(expiry(cap, granted));
         }
-        match self.renew_vault_lease(lease_id, ttl).await {
-            Ok(g) if g <= ttl => Ok(g),
-            outcome => {
-                let why = outcome
-                    .err()
-                    .map(|e| e.to_string())
-                    .unwrap_or_else(|| "vault kept the longer ttl".into());
-                match self.revoke_vault_lease(lease_id).await {
-                    // Gone: nothing lives, the issue simply failed.
-                    Ok(_) => Err(ProviderError::Refused(format!(
-                        "role `{role}` grants {granted}s, more than the lease's {ttl}s, and shortening failed ({why}); lower the role's default_ttl"
-                    ))),
-                    // The user may live on: an error the broker queues for
-                    // revocation (bounded by the role's max_ttl), never `failed`.
-                    Err(e) => Err(ProviderError::Unavailable(format!(
-                        "role `{role}` grants {granted}s, more than the lease's {ttl}s; shortening failed ({why}) and so did revoking the credentials ({e})"
-                    ))),
-                }
+        let why = match self.renew_vault_lease(lease_id, ttl).await {
+            Ok(g) if g <= ttl => return Ok(expiry(cap, g)),
+            Ok(_) => "vault kept the longer ttl".to_owned(),
+            Err(e) => e.to_string(),
+        };
+        match self.revoke_vault_lease(lease_id).await {
+            // Gone: nothing lives, the issue simply failed.
+            Ok(_) => Err(ProviderError::Refused(format!(
+                "role `{role}` grants {granted}s, more than the lease's {ttl}s, and shortening failed ({why}); lower the role's default_ttl"
+            ))),
+            Err(e) => {
+                tracing::warn!(vault_lease = %lease_id, role, granted_secs = granted, error = %e, "database credentials outlive their lease: shortening ({why}) and revoking failed");
+                Ok(expiry(OffsetDateTime::now_utc() + time::Duration::days(36_500), granted))
             }
         }
     }

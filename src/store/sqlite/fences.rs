@@ -48,7 +48,18 @@ pub(super) async fn list(
     if f.active {
         q.push(" AND lifted_at IS NULL");
     }
-    q.push(" ORDER BY created_at, id LIMIT 10000");
+    if let Some(c) = &f.cursor {
+        let c = crate::model::Cursor::parse(c).map_err(StoreError::Invalid)?;
+        q.push(" AND (created_at > ")
+            .push_bind(c.created_at)
+            .push(" OR (created_at = ")
+            .push_bind(c.created_at)
+            .push(" AND id > ")
+            .push_bind(c.id)
+            .push("))");
+    }
+    q.push(" ORDER BY created_at, id LIMIT ")
+        .push_bind(f.limit.map_or(-1, i64::from));
     q.build()
         .fetch_all(db)
         .await?
