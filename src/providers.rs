@@ -217,7 +217,7 @@ async fn build_one(
     table: &toml::Table,
     resolver: &SecretResolver,
 ) -> Result<Arc<dyn Provider>, ConfigError> {
-    #[cfg(not(feature = "azure"))]
+    #[cfg(not(any(feature = "azure", feature = "vault")))]
     let _ = resolver;
     let invalid =
         |e: &dyn std::fmt::Display| ConfigError::Invalid(format!("provider `{name}`: {e}"));
@@ -230,8 +230,8 @@ async fn build_one(
         }
         #[cfg(feature = "vault")]
         Parsed::Vault(cfg) => {
-            let vault =
-                keygate_provider_vault::VaultProvider::open(cfg).map_err(|e| invalid(&e))?;
+            let vault = keygate_provider_vault::VaultProvider::open(cfg, resolver.clone())
+                .map_err(|e| invalid(&e))?;
             Ok(Arc::new(vault))
         }
         #[cfg(feature = "aws")]

@@ -14,6 +14,7 @@ use common::peers::Storage;
 use common::vault::{DB_ROLE, KV_PATH, SPIFFE_TD, VaultPeers, write_secret};
 use keygate_provider_api::{
     IssueRequest, Provider, RenewRequest, RevokeHandle, RevokeOutcome, RevokeRequest, ScopeSpec,
+    SecretResolver,
 };
 use keygate_provider_testkit::{Case, Check, run, test_agent};
 use keygate_provider_vault::{VaultConfig, VaultProvider};
@@ -22,7 +23,7 @@ use time::OffsetDateTime;
 
 fn provider(peers: &VaultPeers) -> VaultProvider {
     let cfg: VaultConfig = serde_json::from_value(peers.provider_json()).unwrap();
-    VaultProvider::open(cfg).unwrap()
+    VaultProvider::open(cfg, SecretResolver::new()).unwrap()
 }
 
 fn scope(name: &str, params: Value) -> ScopeSpec {
@@ -319,7 +320,8 @@ async fn keygate_keeps_its_own_token_alive() {
     let mut cfg = peers.provider_json();
     cfg["auth"]["role_id"] = role_id.into();
     cfg["auth"]["secret_id_file"] = json!(file);
-    let p = VaultProvider::open(serde_json::from_value(cfg).unwrap()).unwrap();
+    let p =
+        VaultProvider::open(serde_json::from_value(cfg).unwrap(), SecretResolver::new()).unwrap();
     let scope = scope("t", json!({ "kind": "token", "policies": [AGENT_POLICY] }));
     p.issue(&issue_req(scope.clone(), 30)).await.unwrap();
     // Calls keep working past the first token's 6 s TTL.
@@ -371,7 +373,8 @@ async fn a_token_from_a_file_works_too() {
     write_secret(&file, &peers.bao.root);
     let cfg =
         json!({ "address": peers.bao.addr, "auth": { "method": "token", "token_file": file } });
-    let p = VaultProvider::open(serde_json::from_value(cfg).unwrap()).unwrap();
+    let p =
+        VaultProvider::open(serde_json::from_value(cfg).unwrap(), SecretResolver::new()).unwrap();
     let req = issue_req(scope("k", json!({ "kind": "kv", "path": KV_PATH })), 60);
     let issued = p.issue(&req).await.unwrap();
     assert_eq!(
@@ -382,7 +385,8 @@ async fn a_token_from_a_file_works_too() {
     write_secret(&file, "not-a-real-token");
     let cfg =
         json!({ "address": peers.bao.addr, "auth": { "method": "token", "token_file": file } });
-    let p = VaultProvider::open(serde_json::from_value(cfg).unwrap()).unwrap();
+    let p =
+        VaultProvider::open(serde_json::from_value(cfg).unwrap(), SecretResolver::new()).unwrap();
     let err = p.issue(&req).await.unwrap_err().to_string();
     assert!(
         err.contains("login was refused") && !err.contains("not-a-real-token"),

@@ -209,3 +209,39 @@ async fn pki_and_kv_through_the_broker() {
         "{kv_revoked:?}"
     );
 }
+
+/// Keygate's AppRole secret id by `aws-sm:` reference (a moto server here):
+/// the login reads it through the same resolver as every other reference,
+/// and a Vault scope issues. Before, only `secret_id_file`/`_env` existed.
+#[cfg(feature = "aws")]
+#[tokio::test]
+async fn the_approle_secret_id_comes_from_aws_secrets_manager() {
+    use common::aws::Moto;
+    let (peers, moto) = tokio::join!(VaultPeers::start(Storage::Dev), Moto::start());
+    let secret_id = std::fs::read_to_string(&peers.secret_id_file).unwrap();
+    moto.create_secret("keygate/vault-approle", secret_id.trim())
+        .await;
+    let mut setup = broker_setup(&peers);
+    let file_line = format!("secret_id_file = \"{}\"", peers.secret_id_file.display());
+    let scopes = setup.scopes.take().unwrap();
+    assert!(scopes.contains(&file_line), "{scopes}");
+    // The file is gone: only Secrets Manager holds the secret id.
+    std::fs::remove_file(&peers.secret_id_file).unwrap();
+    setup.scopes = Some(scopes.replace(&file_line, "secret_id = \"aws-sm:keygate/vault-approle\""));
+    setup.extra_config.push_str(&moto.provider_toml());
+    setup.env.extend(Moto::broker_env());
+    let b = TestBroker::start_with(setup).await;
+    let agent = TestAgent::new("vaultsm", "ES256");
+    b.register(&agent, "platform").await;
+    let s = b.token_ttl(&agent, Some(600)).await;
+    let cred = b
+        .credential(&s.token, "vault-token", Some(60), None)
+        .await
+        .expect(201);
+    let token = cred["credential"]["token"].as_str().unwrap();
+    assert!(peers.token_works(token).await);
+    assert!(
+        !b.log().contains(secret_id.trim()),
+        "the secret id was logged"
+    );
+}

@@ -407,7 +407,11 @@ async fn a_database_user_that_cannot_be_shortened_or_revoked_stays_queued() {
     assert_eq!(r.status, 502, "{}", r.text);
     assert!(r.text.contains("being revoked"), "{}", r.text);
     assert!(!r.text.contains("password"), "{}", r.text);
-    assert_eq!(peers.live_db_leases().await.len(), 1, "vault holds the user");
+    assert_eq!(
+        peers.live_db_leases().await.len(),
+        1,
+        "vault holds the user"
+    );
     let lease = eventually("the lease queued with its error", || async {
         let l = b.leases(&format!("task={}", s.task_id)).await;
         l.into_iter()
@@ -415,7 +419,10 @@ async fn a_database_user_that_cannot_be_shortened_or_revoked_stays_queued() {
     })
     .await;
     assert!(
-        lease["end_reason"].as_str().unwrap().contains("past the lease"),
+        lease["end_reason"]
+            .as_str()
+            .unwrap()
+            .contains("past the lease"),
         "{lease}"
     );
 

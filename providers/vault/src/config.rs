@@ -1,17 +1,17 @@
 //! The `[providers.<name>]` table of a `vault` provider.
 //!
-//! Config names where Keygate's own Vault credentials live (a file or an
-//! environment variable), never the credentials themselves: a `secret_id` or
-//! `token` key is refused at load time.
+//! Config names where Keygate's own Vault credentials live (a file, an
+//! environment variable, or a secret reference such as `aws-sm:ID`), never
+//! the credentials themselves: a literal `secret_id` or `token` is refused
+//! at load time without being repeated.
 
 use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use keygate_provider_api::ProviderError;
+use keygate_provider_api::{ProviderError, SecretRef, SecretResolver};
 use secrecy::SecretString;
 use serde::Deserialize;
-use serde::de::IgnoredAny;
 
 /// How to reach one Vault or OpenBao server, and how Keygate logs in to it.
 #[derive(Clone, Deserialize)]
@@ -86,12 +86,13 @@ pub struct AuthConfig {
     /// Environment variable holding a Vault token.
     #[serde(default)]
     pub token_env: Option<String>,
-    /// Refused: a literal secret id does not belong in config.
+    /// A reference to the AppRole secret id: `env:NAME`, `file:PATH` or
+    /// `aws-sm:SECRET-ID`. A literal secret id is refused (never repeated).
     #[serde(default)]
-    secret_id: Option<IgnoredAny>,
-    /// Refused: a literal token does not belong in config.
+    pub secret_id: Option<String>,
+    /// A reference to a Vault token, as `secret_id`.
     #[serde(default)]
-    token: Option<IgnoredAny>,
+    pub token: Option<String>,
 }
 
 impl AuthConfig {
@@ -105,12 +106,19 @@ impl AuthConfig {
 pub(crate) enum SecretSource {
     File(PathBuf),
     Env(String),
+    /// A secret reference, read through the broker's resolver (`aws-sm:`).
+    Ref(SecretRef),
 }
 
 impl SecretSource {
-    /// Reads the secret now (a rotated file is picked up at the next login).
-    pub(crate) fn read(&self) -> Result<SecretString, ProviderError> {
+    /// Reads the secret now (a rotated file or secret is picked up at the
+    /// next login).
+    pub(crate) async fn read(
+        &self,
+        resolver: &SecretResolver,
+    ) -> Result<SecretString, ProviderError> {
         let raw = match self {
+            Self::Ref(r) => return resolver.resolve(r).await,
             Self::File(p) => std::fs::read_to_string(p).map_err(|e| {
                 ProviderError::Internal(format!("cannot read `{}`: {e}", p.display()))
             })?,
@@ -131,6 +139,7 @@ impl fmt::Display for SecretSource {
         match self {
             Self::File(p) => write!(f, "file `{}`", p.display()),
             Self::Env(v) => write!(f, "environment variable `{v}`"),
+            Self::Ref(r) => write!(f, "secret `{r}`"),
         }
     }
 }
@@ -147,15 +156,21 @@ pub(crate) enum Login {
 }
 
 fn one_source(
+    reference: &Option<String>,
     file: &Option<PathBuf>,
     env: &Option<String>,
     what: &str,
 ) -> Result<SecretSource, ProviderError> {
-    match (file, env) {
-        (Some(f), None) => Ok(SecretSource::File(f.clone())),
-        (None, Some(e)) => Ok(SecretSource::Env(e.clone())),
+    match (reference, file, env) {
+        (Some(r), None, None) => r.parse().map(SecretSource::Ref).map_err(|e| {
+            invalid(format!(
+                "`{what}` must be a reference (`env:NAME`, `file:PATH`, `aws-sm:SECRET-ID`), never the secret: {e}"
+            ))
+        }),
+        (None, Some(f), None) => Ok(SecretSource::File(f.clone())),
+        (None, None, Some(e)) => Ok(SecretSource::Env(e.clone())),
         _ => Err(invalid(format!(
-            "give exactly one of `{what}_file` and `{what}_env`"
+            "give exactly one of `{what}` (a reference), `{what}_file` and `{what}_env`"
         ))),
     }
 }
@@ -179,16 +194,11 @@ impl VaultConfig {
     /// Checks the table and returns the login method.
     pub(crate) fn login(&self) -> Result<Login, ProviderError> {
         let a = &self.auth;
-        if a.secret_id.is_some() || a.token.is_some() {
-            return Err(invalid(
-                "never put a secret in the config file: use `secret_id_file`/`secret_id_env` or `token_file`/`token_env`".into(),
-            ));
-        }
         match a.method.as_str() {
             "approle" => {
-                if a.token_file.is_some() || a.token_env.is_some() {
+                if a.token.is_some() || a.token_file.is_some() || a.token_env.is_some() {
                     return Err(invalid(
-                        "`token_file`/`token_env` belong to `method = \"token\"`".into(),
+                        "`token`/`token_file`/`token_env` belong to `method = \"token\"`".into(),
                     ));
                 }
                 let role_id = a
@@ -201,16 +211,26 @@ impl VaultConfig {
                 Ok(Login::AppRole {
                     mount,
                     role_id,
-                    secret_id: one_source(&a.secret_id_file, &a.secret_id_env, "secret_id")?,
+                    secret_id: one_source(
+                        &a.secret_id,
+                        &a.secret_id_file,
+                        &a.secret_id_env,
+                        "secret_id",
+                    )?,
                 })
             }
             "token" => {
-                if a.role_id.is_some() || a.secret_id_file.is_some() || a.secret_id_env.is_some() {
+                if a.role_id.is_some()
+                    || a.secret_id.is_some()
+                    || a.secret_id_file.is_some()
+                    || a.secret_id_env.is_some()
+                {
                     return Err(invalid(
                         "`role_id`/`secret_id_*` belong to `method = \"approle\"`".into(),
                     ));
                 }
                 Ok(Login::Token(one_source(
+                    &a.token,
                     &a.token_file,
                     &a.token_env,
                     "token",
@@ -275,24 +295,44 @@ mod tests {
         let e = parse(r#"{"method": "approle", "role_id": "r", "secret_id": "s3cr3t"}"#)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("never put a secret"), "{e}");
+        assert!(e.contains("never the secret"), "{e}");
         assert!(!e.contains("s3cr3t"), "{e}");
         let e = parse(r#"{"method": "token", "token": "hvs.x"}"#)
             .unwrap_err()
             .to_string();
-        assert!(e.contains("never put a secret"), "{e}");
+        assert!(
+            e.contains("never the secret") && !e.contains("hvs.x"),
+            "{e}"
+        );
     }
 
     #[test]
     fn sources() {
         assert!(parse(r#"{"method": "approle", "role_id": "r", "secret_id_file": "/f"}"#).is_ok());
         assert!(parse(r#"{"method": "approle", "role_id": "r", "secret_id_env": "E"}"#).is_ok());
+        for reference in ["aws-sm:prod/keygate-approle", "env:E", "file:/f"] {
+            let auth =
+                format!(r#"{{"method": "approle", "role_id": "r", "secret_id": "{reference}"}}"#);
+            assert!(
+                matches!(parse(&auth), Ok(Login::AppRole { secret_id: SecretSource::Ref(r), .. }) if r.to_string() == reference),
+                "{reference}"
+            );
+        }
+        assert!(matches!(
+            parse(r#"{"method": "token", "token": "aws-sm:vault-token"}"#),
+            Ok(Login::Token(SecretSource::Ref(_)))
+        ));
         assert!(parse(r#"{"method": "approle", "role_id": "r"}"#).is_err());
         assert!(
             parse(r#"{"method": "approle", "role_id": "r", "secret_id_env": "E", "secret_id_file": "/f"}"#)
                 .is_err()
         );
+        assert!(
+            parse(r#"{"method": "approle", "role_id": "r", "secret_id": "env:E", "secret_id_file": "/f"}"#)
+                .is_err()
+        );
         assert!(parse(r#"{"method": "token", "token_env": "VAULT_TOKEN"}"#).is_ok());
+        assert!(parse(r#"{"method": "token", "secret_id": "env:E"}"#).is_err());
         assert!(parse(r#"{"method": "ldap"}"#).is_err());
     }
 

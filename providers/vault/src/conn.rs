@@ -29,6 +29,8 @@ struct TokenState {
 pub(crate) struct Conn {
     client: VaultClient,
     login: Login,
+    /// Reads `aws-sm:` (and `env:`/`file:`) references at each login.
+    secrets: keygate_provider_api::SecretResolver,
     state: RwLock<Option<TokenState>>,
     relogin: tokio::sync::Mutex<()>,
     /// Whether a login Keygate replaces may be revoked: only when agents'
@@ -51,7 +53,10 @@ impl fmt::Debug for Conn {
 impl Conn {
     /// Builds the client. Does not contact Vault: Keygate must start (and
     /// resume its revocation queue) while Vault is down.
-    pub(crate) fn new(cfg: &VaultConfig) -> Result<Arc<Self>, keygate_provider_api::ProviderError> {
+    pub(crate) fn new(
+        cfg: &VaultConfig,
+        secrets: keygate_provider_api::SecretResolver,
+    ) -> Result<Arc<Self>, keygate_provider_api::ProviderError> {
         let address = cfg.checked_address()?;
         let login = cfg.login()?;
         let invalid = |m: String| keygate_provider_api::ProviderError::InvalidParams(m);
@@ -77,6 +82,7 @@ impl Conn {
         Ok(Arc::new(Self {
             client,
             login,
+            secrets,
             state: RwLock::new(None),
             relogin: tokio::sync::Mutex::new(()),
             revoke_replaced: cfg.token_role.is_some(),
@@ -243,7 +249,7 @@ impl Conn {
                 role_id,
                 secret_id,
             } => {
-                let secret_id = secret_id.read().map_err(local)?;
+                let secret_id = secret_id.read(&self.secrets).await.map_err(local)?;
                 let ep = LoginWithApproleRequest {
                     mount: mount.clone(),
                     role_id: role_id.clone(),
@@ -261,7 +267,7 @@ impl Conn {
                 })
             }
             Login::Token(source) => {
-                let token = source.read().map_err(local)?;
+                let token = source.read(&self.secrets).await.map_err(local)?;
                 let v = self
                     .exec(Raw::get("auth/token/lookup-self"), Some(&token))
                     .await

@@ -84,7 +84,10 @@ impl VaultProvider {
             ))),
             Err(e) => {
                 tracing::warn!(vault_lease = %lease_id, role, granted_secs = granted, error = %e, "database credentials outlive their lease: shortening ({why}) and revoking failed");
-                Ok(expiry(OffsetDateTime::now_utc() + time::Duration::days(36_500), granted))
+                Ok(expiry(
+                    OffsetDateTime::now_utc() + time::Duration::days(36_500),
+                    granted,
+                ))
             }
         }
     }

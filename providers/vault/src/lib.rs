@@ -43,7 +43,7 @@ mod walk;
 use std::fmt;
 use std::sync::Arc;
 
-use keygate_provider_api::ProviderError;
+use keygate_provider_api::{ProviderError, SecretResolver};
 
 pub use config::{AuthConfig, VaultConfig};
 
@@ -74,8 +74,10 @@ impl VaultProvider {
     /// Checks the config and builds the client. Does not need Vault to be up:
     /// Keygate logs in at the first call and keeps its token renewed from
     /// then on. Must be called inside a tokio runtime.
-    pub fn open(cfg: VaultConfig) -> Result<Self, ProviderError> {
-        let conn = conn::Conn::new(&cfg)?;
+    /// Opens the provider; `secrets` reads the login's secret references
+    /// (`aws-sm:` needs the broker's AWS source).
+    pub fn open(cfg: VaultConfig, secrets: SecretResolver) -> Result<Self, ProviderError> {
+        let conn = conn::Conn::new(&cfg, secrets)?;
         conn::spawn_renewer(&conn);
         let address = cfg.checked_address()?;
         if cfg.token_role.is_none() {
