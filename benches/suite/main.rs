@@ -6,7 +6,10 @@
 //!
 //! 1. issuance at each concurrency level: Keygate `POST /v1/credentials`
 //!    (local-ca JWT-SVID, X.509-SVID, and a Vault `token` scope minted by
-//!    the same OpenBao) against OpenBao `auth/token/create`; Keygate
+//!    the same OpenBao) against OpenBao `auth/token/create`, twice: its
+//!    fastest path (root token, minimal body: the anchor of the speed
+//!    goals) and the path Keygate's provider takes (an AppRole token and
+//!    Keygate's body, with `meta` and `explicit_max_ttl`); Keygate
 //!    `/oauth/token` (a task opened with a private_key_jwt assertion)
 //!    against OpenBao `auth/jwt/login` with a JWT signed by the same key;
 //! 2. emergency revocation of N live leases: Keygate's kill switch on one
@@ -89,7 +92,11 @@ async fn main() {
     let mut pairs = Vec::new();
     for &c in &levels {
         eprintln!("issuance at {c} clients…");
-        let create = anchor.token_create(&http, c, timing).await;
+        // Two anchors, both kept: OpenBao's fastest path (root token,
+        // minimal body) and the path Keygate's own vault provider takes
+        // (AppRole token, Keygate's body).
+        let fastest = anchor.token_create_root(&http, c, timing).await;
+        let approle = anchor.token_create(&http, c, timing).await;
         for (label, scope) in [
             ("credentials jwt-svid", "jwt-svid"),
             ("credentials x509-svid", "x509-svid"),
@@ -98,9 +105,15 @@ async fn main() {
             let k = kg.credentials(&server.base, scope, c, timing).await;
             pairs.push(Pair {
                 keygate: label,
-                openbao: "auth/token/create",
+                openbao: "token/create root,min",
+                k: k.clone(),
+                o: fastest.clone(),
+            });
+            pairs.push(Pair {
+                keygate: label,
+                openbao: "token/create approle",
                 k,
-                o: create.clone(),
+                o: approle.clone(),
             });
         }
         let o = anchor.jwt_login(&http, &kg.key, c, timing).await;
@@ -176,7 +189,7 @@ fn print_and_collect(
         std::thread::available_parallelism().map_or(0, |n| n.get())
     );
     println!(
-        "{:<26} {:<18} {:>4} | {:>8} {:>7} {:>7} | {:>8} {:>7} {:>7} | {:>6} {:>6} {:>6}",
+        "{:<26} {:<22} {:>4} | {:>8} {:>7} {:>7} | {:>8} {:>7} {:>7} | {:>6} {:>6} {:>6}",
         "keygate",
         "openbao",
         "clts",
@@ -198,7 +211,7 @@ fn print_and_collect(
             ratio(p.k.p99_ms, p.o.p99_ms),
         );
         println!(
-            "{:<26} {:<18} {:>4} | {:>8.0} {:>7.2} {:>7.2} | {:>8.0} {:>7.2} {:>7.2} | {:>6.2} {:>6.2} {:>6.2}",
+            "{:<26} {:<22} {:>4} | {:>8.0} {:>7.2} {:>7.2} | {:>8.0} {:>7.2} {:>7.2} | {:>6.2} {:>6.2} {:>6.2}",
             p.keygate,
             p.openbao,
             p.k.clients,

@@ -92,7 +92,35 @@ impl Anchor {
         }
     }
 
-    /// `auth/token/create` with the same body Keygate's vault provider sends.
+    /// OpenBao's fastest comparable path: `auth/token/create` with the root
+    /// token and a minimal body (the agent's policy and a TTL). Root skips
+    /// the policy checks a non-root parent pays for; this is the anchor the
+    /// speed goals are measured against.
+    pub async fn token_create_root(
+        &self,
+        http: &reqwest::Client,
+        clients: usize,
+        t: Timing,
+    ) -> Stats {
+        let (h, url, token) = (
+            http.clone(),
+            format!("{}/v1/auth/token/create", self.addr),
+            self.root.clone(),
+        );
+        let body = json!({ "policies": [AGENT_POLICY], "ttl": "3600s" });
+        load::timed(clients, t.warm, t.secs, move |_| {
+            let req = h.post(&url).header("X-Vault-Token", &token).json(&body);
+            async move {
+                let r = req.send().await.expect("openbao unreachable");
+                assert_eq!(r.status(), 200, "auth/token/create (root) failed");
+                let _ = r.bytes().await;
+            }
+        })
+        .await
+    }
+
+    /// `auth/token/create` through a non-root AppRole token with the same
+    /// body Keygate's vault provider sends (what Keygate itself pays).
     pub async fn token_create(&self, http: &reqwest::Client, clients: usize, t: Timing) -> Stats {
         let (h, url, token) = (
             http.clone(),
