@@ -103,6 +103,19 @@ pub enum Command {
         #[command(flatten)]
         remote: Remote,
     },
+    /// Governance: findings and running the sweep now.
+    Governance {
+        #[command(subcommand)]
+        cmd: GovernanceCmd,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// The maturity score: every agent's level and the estate's, with the
+    /// criteria that fail.
+    Maturity {
+        #[command(flatten)]
+        remote: Remote,
+    },
     /// Read and verify the audit log.
     Audit {
         #[command(subcommand)]
@@ -133,6 +146,11 @@ pub enum AgentsCmd {
     Show {
         id: String,
     },
+    /// The agent's governance record: lifecycle policy, permitted scopes and
+    /// their last use, compliance issues, maturity.
+    Compliance {
+        id: String,
+    },
     Suspend {
         id: String,
         #[arg(long)]
@@ -148,6 +166,20 @@ pub enum AgentsCmd {
         #[arg(long)]
         reason: Option<String>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum GovernanceCmd {
+    /// Findings (compliance issues the sweep recorded), oldest first.
+    Findings {
+        #[arg(long)]
+        agent: Option<String>,
+        /// Only those not resolved yet.
+        #[arg(long)]
+        open: bool,
+    },
+    /// Run the governance sweep now (admin).
+    Sweep,
 }
 
 #[derive(Debug, Subcommand)]

@@ -11,7 +11,9 @@ use std::time::Duration;
 use keygate_provider_api::SecretRef;
 use serde::Deserialize;
 
+pub mod lifecycle;
 mod limits;
+pub use lifecycle::{GovernanceConfig, LifecycleAction, LifecyclePolicy};
 pub use limits::{ConnectionLimits, RateLimitConfig};
 
 /// Why a config file was refused.
@@ -60,6 +62,11 @@ pub struct Config {
     pub federation: FederationConfig,
     #[serde(default)]
     pub limits: RateLimitConfig,
+    #[serde(default)]
+    pub governance: GovernanceConfig,
+    /// Lifecycle policies by risk tier, environment or label.
+    #[serde(default)]
+    pub lifecycle: Vec<LifecyclePolicy>,
 }
 
 /// Issuers whose JWTs may authenticate agents (workload identity federation).
@@ -513,6 +520,10 @@ impl Config {
             || self.sessions.default_ttl_secs > self.sessions.max_ttl_secs
         {
             return bad("`sessions.default_ttl_secs` must be between 1 and `max_ttl_secs`".into());
+        }
+        lifecycle::validate(&self.lifecycle).map_err(ConfigError::Invalid)?;
+        if self.governance.sweep_interval_secs == 0 {
+            return bad("`governance.sweep_interval_secs` must be at least 1".into());
         }
         if self.leases.revoke_concurrency == 0 {
             return bad("`leases.revoke_concurrency` must be at least 1".into());

@@ -12,6 +12,7 @@ pub mod audit;
 pub mod broker;
 pub mod cli;
 pub mod config;
+pub mod governance;
 pub mod identity;
 pub mod lease;
 pub mod limits;

@@ -3,6 +3,7 @@
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::registry::Registry;
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -14,6 +15,12 @@ pub struct OutcomeLabels {
 pub struct LimitLabels {
     /// Which limit refused: `address`, `client` or `agent`.
     pub limit: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct LevelLabels {
+    /// A maturity level: `initial` … `optimizing`.
+    pub level: String,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -30,6 +37,7 @@ pub struct Metrics {
     pub credentials: Family<ScopeLabels, Counter>,
     pub revocations: Family<OutcomeLabels, Counter>,
     pub rate_limited: Family<LimitLabels, Counter>,
+    pub maturity: Family<LevelLabels, Gauge>,
 }
 
 impl Default for Metrics {
@@ -39,6 +47,12 @@ impl Default for Metrics {
         let credentials = Family::<ScopeLabels, Counter>::default();
         let revocations = Family::<OutcomeLabels, Counter>::default();
         let rate_limited = Family::<LimitLabels, Counter>::default();
+        let maturity = Family::<LevelLabels, Gauge>::default();
+        registry.register(
+            "agents_by_maturity",
+            "Agents (not decommissioned) at each maturity level, as of the last governance sweep",
+            maturity.clone(),
+        );
         registry.register(
             "rate_limited",
             "Requests refused with 429 by the limit that refused them",
@@ -65,6 +79,7 @@ impl Default for Metrics {
             credentials,
             revocations,
             rate_limited,
+            maturity,
         }
     }
 }
@@ -101,6 +116,14 @@ impl Metrics {
                 limit: limit.into(),
             })
             .inc();
+    }
+
+    pub fn set_maturity(&self, level: &str, agents: usize) {
+        self.maturity
+            .get_or_create(&LevelLabels {
+                level: level.into(),
+            })
+            .set(i64::try_from(agents).unwrap_or(i64::MAX));
     }
 
     /// The text exposition format.

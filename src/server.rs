@@ -6,6 +6,7 @@ mod agent;
 mod approvals;
 mod auth;
 mod error;
+mod governance;
 mod listen;
 mod ops;
 pub mod tls;
@@ -156,6 +157,13 @@ pub fn router(state: AppState) -> Router {
             get(admin::show_agent).patch(admin::update_agent),
         )
         .route("/v1/agents/{id}/{action}", post(admin::agent_action))
+        .route(
+            "/v1/agents/{id}/compliance",
+            get(governance::agent_compliance),
+        )
+        .route("/v1/findings", get(governance::findings))
+        .route("/v1/maturity", get(governance::maturity))
+        .route("/v1/governance/sweep", post(governance::sweep))
         .route("/v1/approvals", get(approvals::list))
         .route("/v1/approvals/{id}", get(approvals::show))
         .route("/v1/approvals/{id}/decision", post(approvals::decide))
@@ -209,6 +217,7 @@ pub async fn serve(config_path: &Path, listen: Option<std::net::SocketAddr>) -> 
     tokio::spawn(Arc::clone(&broker.notifier).run(broker.store.clone()));
     tokio::spawn(close_stale_approvals(Arc::clone(&broker)));
     tokio::spawn(flush_auth_failures(Arc::clone(&broker)));
+    tokio::spawn(run_governance(Arc::clone(&broker)));
     let listener = TcpListener::bind(broker.config.server.listen).await?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, issuer = %broker.config.server.issuer, policy_hash = %broker.policy.hash(), "keygate ready");
@@ -263,6 +272,27 @@ async fn close_stale_approvals(broker: AppState) {
     loop {
         if let Err(e) = broker.close_stale_approvals().await {
             tracing::error!(error = %e, "closing stale approvals failed");
+        }
+        tokio::time::sleep(every).await;
+    }
+}
+
+/// The governance sweep: at start, then every `governance.sweep_interval_secs`.
+async fn run_governance(broker: AppState) {
+    let every = std::time::Duration::from_secs(broker.config.governance.sweep_interval_secs.max(1));
+    loop {
+        match broker.governance_sweep().await {
+            Ok(r) if !(r.opened.is_empty() && r.closed.is_empty() && r.acted.is_empty()) => {
+                tracing::info!(
+                    agents = r.agents,
+                    opened = r.opened.len(),
+                    closed = r.closed.len(),
+                    acted = r.acted.len(),
+                    "governance sweep"
+                );
+            }
+            Ok(_) => {}
+            Err(e) => tracing::error!(error = %e, "governance sweep failed"),
         }
         tokio::time::sleep(every).await;
     }

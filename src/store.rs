@@ -118,6 +118,14 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<Option<serde_json::Value>>;
     /// Whether the store answers (for `/readyz`).
     async fn ping(&self) -> StoreResult<()>;
+    /// Per scope: when the agent was last issued a credential, and how many.
+    async fn scope_usage(&self, agent_id: &str) -> StoreResult<Vec<crate::governance::ScopeUsage>>;
+    /// Governance findings, of one agent or all, open only or all.
+    async fn findings(
+        &self,
+        agent_id: Option<&str>,
+        open_only: bool,
+    ) -> StoreResult<Vec<crate::governance::Finding>>;
 }
 
 /// One atomic change. Dropping it without `commit` rolls back.
@@ -283,6 +291,19 @@ pub trait StoreTx: Send {
     ) -> StoreResult<bool>;
 
     async fn insert_fence(&mut self, fence: &FenceRecord) -> StoreResult<()>;
+    /// Records a finding unless one of its agent, kind and subject is open
+    /// (that one's detail and deadline are brought up to date); whether it
+    /// was recorded.
+    async fn open_finding(&mut self, finding: &crate::governance::Finding) -> StoreResult<bool>;
+    /// Closes an open finding; whether it was open.
+    async fn close_finding(
+        &mut self,
+        id: &str,
+        reason: &str,
+        now: OffsetDateTime,
+    ) -> StoreResult<bool>;
+    /// Marks an open finding's lifecycle action done; whether it was pending.
+    async fn finding_acted(&mut self, id: &str, now: OffsetDateTime) -> StoreResult<bool>;
     /// Marks a standing fence lifted; `false` when it was lifted already.
     async fn lift_fence(
         &mut self,

@@ -52,7 +52,7 @@ auth = { method = "approle", role_id = "r", secret_id = "s3cr3t-literal-value" }
         ..Setup::default()
     });
     let err = refused(&b).await;
-    assert!(err.contains("never put a secret in the config"), "{err}");
+    assert!(err.contains("never the secret itself"), "{err}");
     assert!(!err.contains("s3cr3t-literal-value"), "{err}");
     nothing_written(&b);
 }

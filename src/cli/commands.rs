@@ -7,7 +7,9 @@ use reqwest::Method;
 use secrecy::ExposeSecret;
 
 use super::client::Client;
-use super::{AgentsCmd, ApprovalsCmd, AuditCmd, Cli, Command, FencesCmd, KeysCmd, LeasesCmd};
+use super::{
+    AgentsCmd, ApprovalsCmd, AuditCmd, Cli, Command, FencesCmd, GovernanceCmd, KeysCmd, LeasesCmd,
+};
 
 /// Runs a parsed command line.
 pub async fn run(cli: Cli) -> anyhow::Result<()> {
@@ -76,6 +78,30 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 },
             remote,
         } => super::audit::tail(&Client::new(&remote)?, agent, task, action, follow).await,
+        Command::Governance { cmd, remote } => {
+            let c = Client::new(&remote)?;
+            let v = match cmd {
+                GovernanceCmd::Findings { agent, open } => {
+                    let mut q = vec![("open", open.to_string())];
+                    if let Some(a) = agent {
+                        q.push(("agent", a));
+                    }
+                    c.json(c.request(Method::GET, "/v1/findings").query(&q))
+                        .await?
+                }
+                GovernanceCmd::Sweep => {
+                    c.json(c.request(Method::POST, "/v1/governance/sweep"))
+                        .await?
+                }
+            };
+            print_json(&v)
+        }
+        Command::Maturity { remote } => {
+            let c = Client::new(&remote)?;
+            let v = c.json(c.request(Method::GET, "/v1/maturity")).await?;
+            eprintln!("overall: {}", v["level"].as_str().unwrap_or("-"));
+            print_json(&v)
+        }
         Command::Keys {
             cmd: KeysCmd::Generate { alg, out },
         } => {
@@ -142,6 +168,10 @@ async fn agents(c: &Client, cmd: AgentsCmd) -> anyhow::Result<()> {
         }
         AgentsCmd::Show { id } => {
             c.json(c.request(Method::GET, &format!("/v1/agents/{id}")))
+                .await?
+        }
+        AgentsCmd::Compliance { id } => {
+            c.json(c.request(Method::GET, &format!("/v1/agents/{id}/compliance")))
                 .await?
         }
         AgentsCmd::Suspend { id, reason } => c.json(status(&id, "suspend", reason)).await?,

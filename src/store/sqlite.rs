@@ -8,6 +8,7 @@
 
 mod approvals;
 mod fences;
+mod findings;
 mod group;
 mod rows;
 
@@ -291,6 +292,18 @@ impl Store for SqliteStore {
     async fn get_approval(&self, id: &str) -> StoreResult<Option<Approval>> {
         let mut conn = self.read.acquire().await?;
         approvals::get(&mut conn, id).await
+    }
+
+    async fn scope_usage(&self, agent_id: &str) -> StoreResult<Vec<crate::governance::ScopeUsage>> {
+        findings::scope_usage(&self.read, agent_id).await
+    }
+
+    async fn findings(
+        &self,
+        agent_id: Option<&str>,
+        open_only: bool,
+    ) -> StoreResult<Vec<crate::governance::Finding>> {
+        findings::list(&self.read, agent_id, open_only).await
     }
 
     async fn list_approvals(&self, filter: &ApprovalFilter) -> StoreResult<Vec<Approval>> {
@@ -965,6 +978,23 @@ impl StoreTx for SqliteTx {
 
     async fn insert_fence(&mut self, f: &FenceRecord) -> StoreResult<()> {
         fences::insert(&mut self.tx.state.conn, f).await
+    }
+
+    async fn open_finding(&mut self, f: &crate::governance::Finding) -> StoreResult<bool> {
+        findings::open(&mut self.tx.state.conn, f).await
+    }
+
+    async fn close_finding(
+        &mut self,
+        id: &str,
+        reason: &str,
+        now: OffsetDateTime,
+    ) -> StoreResult<bool> {
+        findings::close(&mut self.tx.state.conn, id, reason, now).await
+    }
+
+    async fn finding_acted(&mut self, id: &str, now: OffsetDateTime) -> StoreResult<bool> {
+        findings::acted(&mut self.tx.state.conn, id, now).await
     }
 
     async fn lift_fence(

@@ -162,9 +162,9 @@ fn one_source(
     what: &str,
 ) -> Result<SecretSource, ProviderError> {
     match (reference, file, env) {
-        (Some(r), None, None) => r.parse().map(SecretSource::Ref).map_err(|e| {
+        (Some(r), None, None) => r.parse().map(SecretSource::Ref).map_err(|_| {
             invalid(format!(
-                "`{what}` must be a reference (`env:NAME`, `file:PATH`, `aws-sm:SECRET-ID`), never the secret: {e}"
+                "`{what}` must be a reference (`env:NAME`, `file:PATH`, `aws-sm:SECRET-ID`), never the secret itself (the value is not shown)"
             ))
         }),
         (None, Some(f), None) => Ok(SecretSource::File(f.clone())),

@@ -1,0 +1,330 @@
+//! An agent's compliance issues under its effective lifecycle policy, like
+//! Entra's `complianceIssues`: computed from facts alone (the agent, the
+//! scopes policy lets it reach, its per-scope use, the time), so the API,
+//! the sweep and the tests agree.
+
+use serde::Serialize;
+use time::{Duration, OffsetDateTime};
+
+use super::ScopeUsage;
+use crate::config::{LifecycleAction, LifecyclePolicy};
+use crate::model::{Agent, AgentStatus};
+
+/// A scope policy lets the agent reach (at some time, with some TTL).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Reachable {
+    pub scope: String,
+    pub max_ttl_secs: u64,
+}
+
+/// One compliance issue.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct Issue {
+    /// `shared_identity`, `no_sponsor`, `review_due`, `review_overdue`, `dormant`,
+    /// `unused_scope`, `long_ttl`.
+    pub kind: &'static str,
+    /// The scope, for `unused_scope` and `long_ttl`; empty otherwise.
+    pub subject: String,
+    pub detail: String,
+    /// What happens when nobody acts, and when.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub action: Option<LifecycleAction>,
+    #[serde(
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub action_due_at: Option<OffsetDateTime>,
+}
+
+/// Everything the issues are computed from.
+pub struct Facts<'a> {
+    pub agent: &'a Agent,
+    pub policy: &'a LifecyclePolicy,
+    pub reachable: &'a [Reachable],
+    pub usage: &'a [ScopeUsage],
+    /// Other agents (not decommissioned) registered with one of its keys.
+    pub shares_key_with: &'a [String],
+    pub now: OffsetDateTime,
+}
+
+/// The public members of each key in a JWKS, for comparing keys whatever
+/// their `kid`, `alg` or `use`.
+pub fn key_fingerprints(jwks: &serde_json::Value) -> Vec<String> {
+    jwks["keys"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .map(|k| {
+            ["kty", "crv", "x", "y", "n", "e"]
+                .iter()
+                .map(|m| k[m].as_str().unwrap_or(""))
+                .collect::<Vec<_>>()
+                .join("|")
+        })
+        .collect()
+}
+
+fn days(n: u32) -> Duration {
+    Duration::days(i64::from(n))
+}
+
+fn date(t: OffsetDateTime) -> String {
+    t.date().to_string()
+}
+
+/// When the agent's next review is due: `review_every_days` after the last
+/// review, or after registration if it was never reviewed.
+pub fn next_review_due(agent: &Agent, policy: &LifecyclePolicy) -> OffsetDateTime {
+    agent.last_review_at.unwrap_or(agent.created_at) + days(policy.review_every_days)
+}
+
+/// The action of a deadline: `None` when it only notifies.
+fn acting(
+    action: LifecycleAction,
+    due: OffsetDateTime,
+) -> (Option<LifecycleAction>, Option<OffsetDateTime>) {
+    match action {
+        LifecycleAction::Notify => (Some(action), None),
+        other => (Some(other), Some(due)),
+    }
+}
+
+/// The agent's open compliance issues now. A decommissioned agent has none.
+pub fn issues(f: &Facts<'_>) -> Vec<Issue> {
+    let (a, p, now) = (f.agent, f.policy, f.now);
+    let mut out = Vec::new();
+    if a.status == AgentStatus::Decommissioned {
+        return out;
+    }
+    let mut push = |kind,
+                    subject: &str,
+                    detail: String,
+                    act: (Option<LifecycleAction>, Option<OffsetDateTime>)| {
+        out.push(Issue {
+            kind,
+            subject: subject.to_owned(),
+            detail,
+            action: act.0,
+            action_due_at: act.1,
+        });
+    };
+    if !f.shares_key_with.is_empty() {
+        push(
+            "shared_identity",
+            "",
+            format!(
+                "its key is also registered to {}: not a distinct identity",
+                f.shares_key_with.join(", ")
+            ),
+            (None, None),
+        );
+    }
+    if a.sponsor.trim().is_empty() {
+        push(
+            "no_sponsor",
+            "",
+            "the agent has no sponsor".into(),
+            (None, None),
+        );
+    }
+    let due = next_review_due(a, p);
+    if now >= due {
+        push(
+            "review_overdue",
+            "",
+            format!(
+                "review was due on {} (every {} days)",
+                date(due),
+                p.review_every_days
+            ),
+            acting(p.overdue_action, due + days(p.grace_days)),
+        );
+    } else if now >= due - days(p.remind_before_days) {
+        push(
+            "review_due",
+            "",
+            format!("review due on {}", date(due)),
+            (None, None),
+        );
+    }
+    let last_auth = a.last_used_at.unwrap_or(a.created_at).max(a.created_at);
+    let dormant_since = last_auth + days(p.dormant_after_days);
+    if now >= dormant_since {
+        let never = a.last_used_at.is_none();
+        push(
+            "dormant",
+            "",
+            if never {
+                format!(
+                    "never authenticated since registration on {}",
+                    date(a.created_at)
+                )
+            } else {
+                format!("no authentication since {}", date(last_auth))
+            },
+            acting(p.dormant_action, dormant_since + days(p.dormant_grace_days)),
+        );
+    }
+    for r in f.reachable {
+        let used = f.usage.iter().find(|u| u.scope == r.scope);
+        let last = used.map_or(a.created_at, |u| u.last_used_at.max(a.created_at));
+        if now >= last + days(p.unused_scope_after_days) {
+            push(
+                "unused_scope",
+                &r.scope,
+                match used {
+                    Some(u) => format!("`{}` last used on {}", r.scope, date(u.last_used_at)),
+                    None => format!("`{}` reachable but never used", r.scope),
+                },
+                (None, None),
+            );
+        }
+        if r.max_ttl_secs > p.max_credential_ttl_secs {
+            push(
+                "long_ttl",
+                &r.scope,
+                format!(
+                    "`{}` allows credentials of {} s, more than the {} s this policy accepts",
+                    r.scope, r.max_ttl_secs, p.max_credential_ttl_secs
+                ),
+                (None, None),
+            );
+        }
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use super::*;
+
+    fn agent(created_days_ago: i64, used_days_ago: Option<i64>, now: OffsetDateTime) -> Agent {
+        Agent {
+            id: "a".into(),
+            team: "platform".into(),
+            sponsor: "s@example.com".into(),
+            risk_tier: 1,
+            environment: crate::model::Environment::Dev,
+            purpose: "test".into(),
+            labels: Default::default(),
+            status: AgentStatus::Active,
+            auth_method: crate::model::AuthMethod::PrivateKeyJwt,
+            jwks: serde_json::json!({"keys": []}),
+            created_at: now - Duration::days(created_days_ago),
+            updated_at: now,
+            last_used_at: used_days_ago.map(|d| now - Duration::days(d)),
+            last_review_at: None,
+            delegation: Default::default(),
+            federated: None,
+            may_assert_users: false,
+            suspended_from: None,
+        }
+    }
+
+    fn kinds(v: &[Issue]) -> Vec<&str> {
+        v.iter().map(|i| i.kind).collect()
+    }
+
+    #[test]
+    fn dormancy_review_and_unused_scopes_follow_the_policy() {
+        let now = OffsetDateTime::now_utc();
+        let p = LifecyclePolicy::default();
+        let reach = [Reachable {
+            scope: "s".into(),
+            max_ttl_secs: 600,
+        }];
+        let used = [ScopeUsage {
+            scope: "s".into(),
+            last_used_at: now - Duration::days(1),
+            credentials: 3,
+        }];
+
+        let fresh = agent(10, Some(1), now);
+        let f = Facts {
+            agent: &fresh,
+            policy: &p,
+            reachable: &reach,
+            usage: &used,
+            shares_key_with: &[],
+            now,
+        };
+        assert!(issues(&f).is_empty(), "{:?}", issues(&f));
+
+        // 61 days without authentication: dormant, suspended 14 days later.
+        let idle = agent(100, Some(61), now);
+        let f = Facts {
+            agent: &idle,
+            policy: &p,
+            reachable: &reach,
+            usage: &[],
+            shares_key_with: &[],
+            now,
+        };
+        let got = issues(&f);
+        assert_eq!(kinds(&got), ["review_overdue", "dormant", "unused_scope"]);
+        let dormant = &got[1];
+        assert_eq!(dormant.action, Some(LifecycleAction::Suspend));
+        assert_eq!(
+            dormant.action_due_at,
+            Some(now - Duration::days(61) + Duration::days(74))
+        );
+        // Overdue reviews only notify by default.
+        assert_eq!(
+            (got[0].action, got[0].action_due_at),
+            (Some(LifecycleAction::Notify), None)
+        );
+
+        // Review reminders start 14 days before the due date.
+        let soon = agent(80, Some(1), now);
+        let f = Facts {
+            agent: &soon,
+            policy: &p,
+            reachable: &reach,
+            usage: &used,
+            shares_key_with: &[],
+            now,
+        };
+        assert_eq!(kinds(&issues(&f)), ["review_due"]);
+
+        let mut gone = agent(100, Some(70), now);
+        gone.status = AgentStatus::Decommissioned;
+        let f = Facts {
+            agent: &gone,
+            policy: &p,
+            reachable: &reach,
+            usage: &[],
+            shares_key_with: &[],
+            now,
+        };
+        assert!(issues(&f).is_empty());
+    }
+
+    #[test]
+    fn long_ttls_and_missing_sponsors_are_issues() {
+        let now = OffsetDateTime::now_utc();
+        let p = LifecyclePolicy::default();
+        let mut a = agent(1, Some(0), now);
+        a.sponsor = " ".into();
+        let reach = [Reachable {
+            scope: "day".into(),
+            max_ttl_secs: 2 * 86_400,
+        }];
+        let used = [ScopeUsage {
+            scope: "day".into(),
+            last_used_at: now,
+            credentials: 1,
+        }];
+        let f = Facts {
+            agent: &a,
+            policy: &p,
+            reachable: &reach,
+            usage: &used,
+            shares_key_with: &[],
+            now,
+        };
+        let got = issues(&f);
+        assert_eq!(kinds(&got), ["no_sponsor", "long_ttl"]);
+        assert_eq!(got[1].subject, "day");
+    }
+}

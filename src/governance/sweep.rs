@@ -1,0 +1,346 @@
+//! The governance sweep and the compliance view: per agent, the effective
+//! lifecycle policy, what it may reach and has used, its open issues and its
+//! maturity; the sweep records issues as findings, carries out a lifecycle
+//! action once its deadline passes, and closes what was resolved. Every
+//! step is audited in the transaction that makes it.
+
+use serde::Serialize;
+use time::OffsetDateTime;
+
+use super::compliance::{self, Facts, Issue, Reachable};
+use super::maturity::{self, AgentMaturity};
+use super::{Finding, ScopeUsage};
+use crate::audit::{Actor, AuditEvent};
+use crate::broker::{Broker, BrokerResult};
+use crate::config::{LifecycleAction, LifecyclePolicy, lifecycle};
+use crate::model::{Agent, AgentStatus, ApprovalFilter, ApprovalKind, ApprovalState, new_id, now};
+
+/// One reachable scope with its use.
+#[derive(Debug, Clone, Serialize)]
+pub struct ScopeView {
+    pub scope: String,
+    pub max_ttl_secs: u64,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub last_used_at: Option<OffsetDateTime>,
+    pub credentials: u64,
+}
+
+/// An agent's governance record (seed 000's registry row and more).
+#[derive(Debug, Clone, Serialize)]
+pub struct AgentCompliance {
+    pub agent_id: String,
+    pub status: AgentStatus,
+    pub team: String,
+    pub sponsor: String,
+    pub risk_tier: u8,
+    /// The `[[lifecycle]]` entry that governs it.
+    pub lifecycle: LifecyclePolicy,
+    /// The scopes policy lets it reach, whatever the hour, with their use.
+    pub permitted_scopes: Vec<ScopeView>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub last_used_at: Option<OffsetDateTime>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub last_review_at: Option<OffsetDateTime>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub next_review_due: OffsetDateTime,
+    pub issues: Vec<Issue>,
+    pub maturity: AgentMaturity,
+}
+
+/// What one sweep did.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct SweepReport {
+    pub agents: usize,
+    pub opened: Vec<Finding>,
+    pub closed: Vec<String>,
+    /// `(agent, action)` carried out.
+    pub acted: Vec<(String, LifecycleAction)>,
+}
+
+/// The estate's maturity: every agent's level, and the lowest.
+#[derive(Debug, Clone, Serialize)]
+pub struct MaturityReport {
+    pub level: &'static str,
+    /// Agents (not decommissioned) per level.
+    pub counts: std::collections::BTreeMap<&'static str, usize>,
+    pub agents: Vec<AgentLevel>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct AgentLevel {
+    pub agent_id: String,
+    pub level: &'static str,
+    /// The criteria not met.
+    pub failing: Vec<&'static str>,
+}
+
+/// Which agents (not decommissioned) hold each public key.
+type KeyIndex = std::collections::HashMap<String, Vec<String>>;
+
+fn key_index(agents: &[Agent]) -> KeyIndex {
+    let mut index = KeyIndex::new();
+    for a in agents {
+        if a.status == AgentStatus::Decommissioned {
+            continue;
+        }
+        for k in compliance::key_fingerprints(&a.jwks) {
+            index.entry(k).or_default().push(a.id.clone());
+        }
+    }
+    index
+}
+
+impl Broker {
+    /// The agent's governance record, now.
+    pub async fn compliance(&self, agent: &Agent) -> BrokerResult<AgentCompliance> {
+        let keys = key_index(&self.store.list_agents(None, None).await?);
+        self.compliance_at(agent, &keys, now()).await
+    }
+
+    async fn compliance_at(
+        &self,
+        a: &Agent,
+        keys: &KeyIndex,
+        t: OffsetDateTime,
+    ) -> BrokerResult<AgentCompliance> {
+        let policy = lifecycle::effective(&self.config.lifecycle, a);
+        let names = self.reachable_scopes(a);
+        let reachable: Vec<Reachable> = self
+            .config
+            .scopes
+            .iter()
+            .filter(|s| names.contains(&s.name))
+            .map(|s| Reachable {
+                scope: s.name.clone(),
+                max_ttl_secs: s.max_ttl_secs,
+            })
+            .collect();
+        let usage: Vec<ScopeUsage> = self.store.scope_usage(&a.id).await?;
+        let mut shares_key_with: Vec<String> = compliance::key_fingerprints(&a.jwks)
+            .iter()
+            .filter_map(|k| keys.get(k))
+            .flatten()
+            .filter(|o| **o != a.id)
+            .cloned()
+            .collect();
+        shares_key_with.sort();
+        shares_key_with.dedup();
+        let issues = compliance::issues(&Facts {
+            agent: a,
+            policy: &policy,
+            reachable: &reachable,
+            usage: &usage,
+            shares_key_with: &shares_key_with,
+            now: t,
+        });
+        let approved_provisioning = self
+            .store
+            .list_approvals(&ApprovalFilter {
+                kind: Some(ApprovalKind::Provisioning),
+                agent: Some(a.id.clone()),
+                state: Some(ApprovalState::Approved),
+                ..ApprovalFilter::default()
+            })
+            .await?
+            .into_iter()
+            .next()
+            .is_some();
+        let maturity = maturity::of_agent(&maturity::Inputs {
+            agent: a,
+            reachable: &reachable,
+            issues: &issues,
+            approved_provisioning,
+            short_ttl_secs: self.config.governance.short_ttl_secs,
+        });
+        let permitted_scopes = reachable
+            .iter()
+            .map(|r| {
+                let u = usage.iter().find(|u| u.scope == r.scope);
+                ScopeView {
+                    scope: r.scope.clone(),
+                    max_ttl_secs: r.max_ttl_secs,
+                    last_used_at: u.map(|u| u.last_used_at),
+                    credentials: u.map_or(0, |u| u.credentials),
+                }
+            })
+            .collect();
+        Ok(AgentCompliance {
+            agent_id: a.id.clone(),
+            status: a.status,
+            team: a.team.clone(),
+            sponsor: a.sponsor.clone(),
+            risk_tier: a.risk_tier,
+            next_review_due: compliance::next_review_due(a, &policy),
+            lifecycle: policy,
+            permitted_scopes,
+            last_used_at: a.last_used_at,
+            last_review_at: a.last_review_at,
+            issues,
+            maturity,
+        })
+    }
+
+    /// Every agent's level, and the estate's (the lowest of them).
+    pub async fn maturity(&self) -> BrokerResult<MaturityReport> {
+        let mut agents = Vec::new();
+        let mut counts: std::collections::BTreeMap<&'static str, usize> =
+            maturity::LEVELS.iter().map(|l| (*l, 0)).collect();
+        let all = self.store.list_agents(None, None).await?;
+        let keys = key_index(&all);
+        for a in all {
+            if a.status == AgentStatus::Decommissioned {
+                continue;
+            }
+            let c = self.compliance_at(&a, &keys, now()).await?;
+            *counts.entry(c.maturity.level).or_default() += 1;
+            agents.push(AgentLevel {
+                agent_id: a.id,
+                level: c.maturity.level,
+                failing: c
+                    .maturity
+                    .criteria
+                    .iter()
+                    .filter(|c| !c.met)
+                    .map(|c| c.name)
+                    .collect(),
+            });
+        }
+        for (level, n) in &counts {
+            self.metrics.set_maturity(level, *n);
+        }
+        Ok(MaturityReport {
+            level: maturity::overall(agents.iter().map(|a| a.level)),
+            counts,
+            agents,
+        })
+    }
+
+    /// One governance pass over every agent that is not decommissioned.
+    pub async fn governance_sweep(&self) -> BrokerResult<SweepReport> {
+        let mut report = SweepReport::default();
+        let all = self.store.list_agents(None, None).await?;
+        let keys = key_index(&all);
+        for a in &all {
+            if a.status == AgentStatus::Decommissioned {
+                continue;
+            }
+            report.agents += 1;
+            self.sweep_agent(a, &keys, &mut report).await?;
+        }
+        self.maturity().await?;
+        Ok(report)
+    }
+
+    async fn sweep_agent(
+        &self,
+        a: &Agent,
+        keys: &KeyIndex,
+        report: &mut SweepReport,
+    ) -> BrokerResult<()> {
+        let t = now();
+        let c = self.compliance_at(a, keys, t).await?;
+        let open = self.store.findings(Some(&a.id), true).await?;
+        let key = |kind: &str, subject: &str| format!("{kind}\u{0}{subject}");
+        let current: std::collections::BTreeSet<String> =
+            c.issues.iter().map(|i| key(i.kind, &i.subject)).collect();
+        let mut tx = self.store.begin().await?;
+        for f in &open {
+            if !current.contains(&key(&f.kind, &f.subject))
+                && tx.close_finding(&f.id, "resolved", t).await?
+            {
+                tx.audit(
+                    AuditEvent::new(&Actor::System, "governance.finding_closed")
+                        .agent(&a.id)
+                        .reason("resolved")
+                        .details(serde_json::json!({ "finding": f.id, "kind": f.kind, "subject": f.subject })),
+                )
+                .await?;
+                report.closed.push(f.id.clone());
+            }
+        }
+        for i in &c.issues {
+            // `review_due` is a reminder, not a finding.
+            if i.kind == "review_due" {
+                continue;
+            }
+            let f = Finding {
+                id: new_id("fd"),
+                agent_id: a.id.clone(),
+                kind: i.kind.to_owned(),
+                subject: i.subject.clone(),
+                detail: i.detail.clone(),
+                opened_at: t,
+                action_due_at: i.action_due_at,
+                action: i.action,
+                acted_at: None,
+                closed_at: None,
+                close_reason: None,
+            };
+            if tx.open_finding(&f).await? {
+                tx.audit(
+                    AuditEvent::new(&Actor::System, "governance.finding_opened")
+                        .agent(&a.id)
+                        .reason(f.detail.clone())
+                        .details(serde_json::json!({
+                            "finding": f.id, "kind": f.kind, "subject": f.subject,
+                            "action": f.action,
+                            "action_due_at": f.action_due_at.map(crate::model::unix),
+                        })),
+                )
+                .await?;
+                report.opened.push(f);
+            }
+        }
+        tx.commit().await?;
+
+        // Deadlines: the first due action that changes the agent's state.
+        let due = self
+            .store
+            .findings(Some(&a.id), true)
+            .await?
+            .into_iter()
+            .filter(|f| f.acted_at.is_none() && f.action_due_at.is_some_and(|d| d <= t));
+        for f in due {
+            let Some(action) = f.action else { continue };
+            let to = match action {
+                LifecycleAction::Notify => continue,
+                LifecycleAction::Suspend => AgentStatus::Suspended,
+                LifecycleAction::Decommission => AgentStatus::Decommissioned,
+            };
+            let current = self.agent(&a.id).await?.status;
+            let applies = match to {
+                AgentStatus::Suspended => {
+                    matches!(current, AgentStatus::Active | AgentStatus::Pending)
+                }
+                _ => current != AgentStatus::Decommissioned,
+            };
+            let reason = format!(
+                "lifecycle `{}`: {} ({})",
+                c.lifecycle.name, f.kind, f.detail
+            );
+            if applies {
+                self.set_agent_status(&Actor::System, &a.id, to, &reason)
+                    .await?;
+                report.acted.push((a.id.clone(), action));
+            }
+            let mut tx = self.store.begin().await?;
+            if tx.finding_acted(&f.id, now()).await? {
+                tx.audit(
+                    AuditEvent::new(&Actor::System, "governance.action")
+                        .agent(&a.id)
+                        .reason(reason)
+                        .details(serde_json::json!({
+                            "finding": f.id, "kind": f.kind, "action": action,
+                            "applied": applies, "status_before": current,
+                        })),
+                )
+                .await?;
+            }
+            tx.commit().await?;
+            if applies {
+                break;
+            }
+        }
+        Ok(())
+    }
+}
