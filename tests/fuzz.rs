@@ -6,9 +6,9 @@
 //! return (never panic), and no error may echo a large input back.
 //!
 //! `cargo test` runs a short pass (`KEYGATE_FUZZ_CASES`, default 1500 per
-//! target); `scripts/fuzz` runs a long one in release mode and prints the
-//! executions per target. This is random and mutation-based fuzzing, not
-//! coverage-guided: this machine has no nightly toolchain for cargo-fuzz.
+//! target) with every provider compiled in. This is random and
+//! mutation-based; the coverage-guided targets are in `fuzz/` (libFuzzer
+//! through cargo-fuzz on stable, `scripts/fuzz`).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 mod common;
