@@ -8,6 +8,7 @@ mod credentials;
 mod decisions;
 mod delegation;
 mod fences;
+mod policy_changes;
 mod provisioning;
 mod renewals;
 mod revocations;
@@ -22,7 +23,6 @@ use crate::config::Config;
 use crate::identity::SessionSigner;
 use crate::lease::LeaseEngine;
 use crate::metrics::Metrics;
-use crate::policy::PolicyEngine;
 use crate::providers::Registry;
 use crate::store::{Store, StoreError};
 
@@ -32,6 +32,7 @@ pub use credentials::{
     CompletedTask, CredentialAsk, CredentialOutcome, IssuedCredential, ReleasedLease,
 };
 pub use fences::{FenceFailure, LiftRequest};
+pub use policy_changes::{OnChange, PolicyDiff, PolicyFiles, PolicyReload};
 pub use renewals::RenewedLease;
 pub use revocations::{RevocationReport, RevocationRequest};
 pub use sessions::{
@@ -98,7 +99,8 @@ pub(crate) fn required_reason(reason: Option<&str>) -> BrokerResult<String> {
 pub struct Broker {
     pub config: Config,
     pub store: Arc<dyn Store>,
-    pub policy: PolicyEngine,
+    /// The active Cedar policy set; reloadable (`POST /v1/policy/reload`).
+    pub policy: crate::policy::PolicyHandle,
     pub signer: SessionSigner,
     pub registry: Registry,
     pub leases: LeaseEngine,

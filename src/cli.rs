@@ -110,6 +110,13 @@ pub enum Command {
         #[command(flatten)]
         remote: Remote,
     },
+    /// The Cedar policy set: show, preview a change, reload without restart.
+    Policy {
+        #[command(subcommand)]
+        cmd: PolicyCmd,
+        #[command(flatten)]
+        remote: Remote,
+    },
     /// The maturity score: every agent's level and the estate's, with the
     /// criteria that fail.
     Maturity {
@@ -166,6 +173,18 @@ pub enum AgentsCmd {
         #[arg(long)]
         reason: Option<String>,
     },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PolicyCmd {
+    /// The active set's content hash.
+    Show,
+    /// What the policy files in DIR would change: scopes each agent gains
+    /// and loses (whatever the hour), live leases no longer permitted.
+    Diff { dir: PathBuf },
+    /// Load the broker's policy directory again (admin); an invalid set is
+    /// refused and the running one stays.
+    Reload,
 }
 
 #[derive(Debug, Subcommand)]

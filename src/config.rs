@@ -342,12 +342,17 @@ impl Default for LeaseConfig {
 pub struct PolicyConfig {
     /// Folder of `*.cedar` policy files and an optional `*.cedarschema`.
     pub dir: PathBuf,
+    /// What a reload does to live leases the new set no longer permits:
+    /// `revoke` (default) or `report`.
+    #[serde(default)]
+    pub on_change: crate::broker::OnChange,
 }
 
 impl Default for PolicyConfig {
     fn default() -> Self {
         Self {
             dir: "config/policies".into(),
+            on_change: crate::broker::OnChange::default(),
         }
     }
 }

@@ -409,3 +409,37 @@ fn uid(ty: &str, id: &str) -> Result<EntityUid, PolicyError> {
 
 #[cfg(test)]
 mod tests;
+
+/// The active policy set, replaced whole on reload. A request takes one
+/// snapshot ([`PolicyHandle::current`]) and decides everything with it, so
+/// no decision mixes two sets.
+#[derive(Debug)]
+pub struct PolicyHandle {
+    active: std::sync::RwLock<std::sync::Arc<PolicyEngine>>,
+    reload: tokio::sync::Mutex<()>,
+}
+
+impl PolicyHandle {
+    pub fn new(engine: PolicyEngine) -> Self {
+        Self {
+            active: std::sync::RwLock::new(std::sync::Arc::new(engine)),
+            reload: tokio::sync::Mutex::new(()),
+        }
+    }
+
+    /// The set in force now.
+    pub fn current(&self) -> std::sync::Arc<PolicyEngine> {
+        std::sync::Arc::clone(&self.active.read().unwrap_or_else(|p| p.into_inner()))
+    }
+
+    /// Makes `engine` the set in force; returns the one it replaced.
+    pub fn replace(&self, engine: PolicyEngine) -> std::sync::Arc<PolicyEngine> {
+        let mut g = self.active.write().unwrap_or_else(|p| p.into_inner());
+        std::mem::replace(&mut *g, std::sync::Arc::new(engine))
+    }
+
+    /// Held for the whole of one reload, so two never interleave.
+    pub async fn reloading(&self) -> tokio::sync::MutexGuard<'_, ()> {
+        self.reload.lock().await
+    }
+}

@@ -65,7 +65,7 @@ pub async fn build_broker(config: Config) -> anyhow::Result<Broker> {
     let broker = Broker {
         config,
         store,
-        policy,
+        policy: crate::policy::PolicyHandle::new(policy),
         signer,
         registry,
         leases: LeaseEngine::default(),
@@ -164,6 +164,9 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/findings", get(governance::findings))
         .route("/v1/maturity", get(governance::maturity))
         .route("/v1/governance/sweep", post(governance::sweep))
+        .route("/v1/policy", get(governance::policy))
+        .route("/v1/policy/diff", post(governance::policy_diff))
+        .route("/v1/policy/reload", post(governance::policy_reload))
         .route("/v1/approvals", get(approvals::list))
         .route("/v1/approvals/{id}", get(approvals::show))
         .route("/v1/approvals/{id}/decision", post(approvals::decide))
@@ -218,9 +221,10 @@ pub async fn serve(config_path: &Path, listen: Option<std::net::SocketAddr>) -> 
     tokio::spawn(close_stale_approvals(Arc::clone(&broker)));
     tokio::spawn(flush_auth_failures(Arc::clone(&broker)));
     tokio::spawn(run_governance(Arc::clone(&broker)));
+    tokio::spawn(reload_on_sighup(Arc::clone(&broker)));
     let listener = TcpListener::bind(broker.config.server.listen).await?;
     let addr = listener.local_addr()?;
-    tracing::info!(%addr, issuer = %broker.config.server.issuer, policy_hash = %broker.policy.hash(), "keygate ready");
+    tracing::info!(%addr, issuer = %broker.config.server.issuer, policy_hash = %broker.policy.current().hash(), "keygate ready");
     println!("keygate listening on {addr}");
     let app = router(Arc::clone(&broker));
     let limits = broker.config.server.connections;
@@ -275,6 +279,28 @@ async fn close_stale_approvals(broker: AppState) {
         }
         tokio::time::sleep(every).await;
     }
+}
+
+/// SIGHUP reloads the policy directory, like `POST /v1/policy/reload`.
+async fn reload_on_sighup(broker: AppState) {
+    #[cfg(unix)]
+    {
+        let Ok(mut hup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup())
+        else {
+            return;
+        };
+        while hup.recv().await.is_some() {
+            let actor = crate::audit::Actor::Operator("sighup".into());
+            if let Err(e) = broker
+                .reload_policy(&actor, &crate::broker::PolicyFiles::default())
+                .await
+            {
+                tracing::error!(error = %e, "policy reload on SIGHUP refused; the running set stays");
+            }
+        }
+    }
+    #[cfg(not(unix))]
+    let _ = broker;
 }
 
 /// The governance sweep: at start, then every `governance.sweep_interval_secs`.

@@ -373,6 +373,8 @@ impl Broker {
         )
         .await?;
         tx.commit().await?;
+        // What the agent holds is judged again on its new attributes.
+        self.recheck_agent(actor, id).await?;
         Ok(Registered {
             agent: after,
             approval: None,

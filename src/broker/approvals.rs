@@ -492,7 +492,14 @@ impl Broker {
         let ttl = a.request["ttl"].as_u64().unwrap_or(scope_cfg.max_ttl_secs);
         // Policy is asked again: an approval does not outlive a policy change.
         let decided = self
-            .check_policy(s, scope_cfg, ttl, now(), "credential.redeemed")
+            .check_policy(
+                &self.policy.current(),
+                s,
+                scope_cfg,
+                ttl,
+                now(),
+                "credential.redeemed",
+            )
             .await?
             .details(serde_json::json!({ "ttl": ttl, "approval": id }));
         let minted = self

@@ -189,8 +189,10 @@ impl Broker {
         // max_ttl and what is left of the task.
         let remaining = (s.task.expires_at - t).whole_seconds().max(1) as u64;
         let ttl = ttl.min(scope_cfg.max_ttl_secs).min(remaining);
+        // One policy snapshot for every decision of this request.
+        let policy = self.policy.current();
         let mut decided = self
-            .check_policy(s, scope_cfg, ttl, t, "credential.requested")
+            .check_policy(&policy, s, scope_cfg, ttl, t, "credential.requested")
             .await?;
         if scope_cfg.sensitive {
             let facts = RequestFacts {
@@ -200,8 +202,7 @@ impl Broker {
                 now: t,
                 chain: &s.task.chain,
             };
-            let auto = self
-                .policy
+            let auto = policy
                 .auto_approve(&s.agent, &scope_facts(scope_cfg), &facts)
                 .map_err(|e| BrokerError::Internal(e.to_string()))?;
             if !auto.allow {
@@ -217,7 +218,7 @@ impl Broker {
                     .agent(&s.agent.id)
                     .task(&s.task.id)
                     .scope(&ask.scope)
-                    .decision(true, auto.policy_ids.clone(), self.policy.hash()),
+                    .decision(true, auto.policy_ids.clone(), policy.hash()),
             )
             .await?;
             decided.details["auto_approved_by"] = serde_json::json!(auto.policy_ids);

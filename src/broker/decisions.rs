@@ -8,13 +8,14 @@ use super::credentials::scope_facts;
 use super::{Broker, BrokerError, BrokerResult, Session};
 use crate::audit::{Actor, AuditEvent};
 use crate::config::ScopeConfig;
-use crate::policy::RequestFacts;
+use crate::policy::{PolicyEngine, RequestFacts};
 
 impl Broker {
     /// Evaluates policy for a request; a denial is audited and returned as
     /// an error, an allow comes back as the event to record with the lease.
     pub(crate) async fn check_policy(
         &self,
+        policy: &PolicyEngine,
         s: &Session,
         scope_cfg: &ScopeConfig,
         ttl: u64,
@@ -52,14 +53,13 @@ impl Broker {
             now: t,
             chain: &s.task.chain,
         };
-        let decision = self
-            .policy
+        let decision = policy
             .decide(&s.agent, &scope_facts(scope_cfg), &facts)
             .map_err(|e| BrokerError::Internal(e.to_string()))?;
         // Acting for a user: the user must be permitted too (agent ∩ user).
         let user_decision = match &s.task.on_behalf_of {
             Some(u) => Some(
-                self.policy
+                policy
                     .decide_for_user(&s.agent, u, &scope_facts(scope_cfg), &facts)
                     .map_err(|e| BrokerError::Internal(e.to_string()))?,
             ),
@@ -74,11 +74,7 @@ impl Broker {
             .agent(&s.agent.id)
             .task(&s.task.id)
             .scope(scope_name)
-            .decision(
-                decision.allow && !user_denied,
-                policy_ids,
-                self.policy.hash(),
-            )
+            .decision(decision.allow && !user_denied, policy_ids, policy.hash())
             .details(serde_json::json!({
                 "ttl": ttl,
                 "errors": decision.errors,
@@ -119,7 +115,7 @@ impl Broker {
                     s.agent.id
                 )
             };
-            if let Some(shorter) = self.longest_permitted_ttl(s, scope_cfg, &facts) {
+            if let Some(shorter) = self.longest_permitted_ttl(policy, s, scope_cfg, &facts) {
                 message.push_str(&format!(
                     " for {ttl} s; the ttl is what policy refused: {shorter} s is permitted"
                 ));
@@ -140,8 +136,7 @@ impl Broker {
                 ..facts.clone()
             };
             let d = match self.store.get_agent(id).await? {
-                Some(delegator) => self
-                    .policy
+                Some(delegator) => policy
                     .decide(&delegator, &scope_facts(scope_cfg), &above)
                     .map_err(|e| BrokerError::Internal(e.to_string()))?,
                 None => crate::policy::PolicyDecision {
@@ -179,6 +174,7 @@ impl Broker {
     /// ttl was the problem; `None` when no ttl would do.
     fn longest_permitted_ttl(
         &self,
+        policy: &PolicyEngine,
         s: &Session,
         scope_cfg: &ScopeConfig,
         facts: &RequestFacts<'_>,
@@ -188,7 +184,7 @@ impl Broker {
                 requested_ttl_secs: ttl,
                 ..facts.clone()
             };
-            self.policy
+            policy
                 .decide(&s.agent, &scope_facts(scope_cfg), &probe)
                 .is_ok_and(|d| d.allow)
         };

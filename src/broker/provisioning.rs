@@ -139,7 +139,16 @@ impl Broker {
     /// [`crate::policy::PolicyEngine::probe_instants`] names, so the answer
     /// does not depend on the hour or weekday it is asked at.
     pub(crate) fn reachable_scopes(&self, agent: &Agent) -> Vec<String> {
-        let instants = self.policy.probe_instants(now());
+        self.reachable_scopes_under(&self.policy.current(), agent)
+    }
+
+    /// [`Self::reachable_scopes`] under a given policy set.
+    pub(crate) fn reachable_scopes_under(
+        &self,
+        policy: &crate::policy::PolicyEngine,
+        agent: &Agent,
+    ) -> Vec<String> {
+        let instants = policy.probe_instants(now());
         self.config
             .scopes
             .iter()
@@ -148,7 +157,7 @@ impl Broker {
                 let ttls = [c.max_ttl_secs.min(60), c.max_ttl_secs];
                 instants.iter().any(|&at| {
                     ttls.iter().any(|&ttl| {
-                        self.policy
+                        policy
                             .decide(
                                 agent,
                                 &facts,

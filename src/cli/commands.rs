@@ -9,6 +9,7 @@ use secrecy::ExposeSecret;
 use super::client::Client;
 use super::{
     AgentsCmd, ApprovalsCmd, AuditCmd, Cli, Command, FencesCmd, GovernanceCmd, KeysCmd, LeasesCmd,
+    PolicyCmd,
 };
 
 /// Runs a parsed command line.
@@ -96,6 +97,20 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             print_json(&v)
         }
+        Command::Policy { cmd, remote } => {
+            let c = Client::new(&remote)?;
+            let v = match cmd {
+                PolicyCmd::Show => c.json(c.request(Method::GET, "/v1/policy")).await?,
+                PolicyCmd::Diff { dir } => {
+                    let files = policy_files(&dir)?;
+                    let body = serde_json::json!({ "files": files });
+                    c.json(c.request(Method::POST, "/v1/policy/diff").json(&body))
+                        .await?
+                }
+                PolicyCmd::Reload => c.json(c.request(Method::POST, "/v1/policy/reload")).await?,
+            };
+            print_json(&v)
+        }
         Command::Maturity { remote } => {
             let c = Client::new(&remote)?;
             let v = c.json(c.request(Method::GET, "/v1/maturity")).await?;
@@ -118,6 +133,29 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             print_json(&serde_json::json!({ "keys": [public.jwk] }))
         }
     }
+}
+
+/// The `*.cedar` and `*.cedarschema` files of `dir`, by name.
+fn policy_files(
+    dir: &std::path::Path,
+) -> anyhow::Result<std::collections::BTreeMap<String, String>> {
+    let mut files = std::collections::BTreeMap::new();
+    for entry in std::fs::read_dir(dir).with_context(|| format!("reading `{}`", dir.display()))? {
+        let path = entry?.path();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if name.ends_with(".cedar") || name.ends_with(".cedarschema") {
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading `{}`", path.display()))?;
+            files.insert(name, text);
+        }
+    }
+    if files.is_empty() {
+        bail!("no *.cedar file in `{}`", dir.display());
+    }
+    Ok(files)
 }
 
 /// Prints JSON to stdout; a closed pipe (`| head`) ends quietly.

@@ -1,5 +1,6 @@
 //! Governance endpoints: an agent's compliance record, findings, the
-//! maturity score, and running the governance sweep now.
+//! maturity score, running the governance sweep now; and the policy set:
+//! what is active, what a candidate would change, reloading it.
 
 use axum::Json;
 use axum::extract::{Path, RawQuery, State};
@@ -58,4 +59,50 @@ pub async fn maturity(
 pub async fn sweep(State(b): State<AppState>, op: Operator) -> Result<impl IntoResponse, ApiError> {
     op.require(&[Role::Admin])?;
     Ok(Json(b.governance_sweep().await?))
+}
+
+/// `GET /v1/policy`: the active set's content hash and size.
+pub async fn policy(
+    State(b): State<AppState>,
+    op: Operator,
+) -> Result<impl IntoResponse, ApiError> {
+    op.require(READERS)?;
+    let p = b.policy.current();
+    Ok(Json(serde_json::json!({
+        "hash": p.hash(), "policies": p.len(), "dir": b.config.policy.dir,
+        "on_change": b.config.policy.on_change,
+    })))
+}
+
+/// `POST /v1/policy/diff` (admin): `{"files": {name: content}}` → who gains
+/// and loses what, and the live leases the candidate would not permit.
+pub async fn policy_diff(
+    State(b): State<AppState>,
+    op: Operator,
+    body: axum::body::Bytes,
+) -> Result<impl IntoResponse, ApiError> {
+    op.require(&[Role::Admin])?;
+    let files: crate::broker::PolicyFiles = super::error::parse_json(&body)?;
+    if files.files.is_none() {
+        return Err(ApiError::bad_request(
+            "`files` is required: the candidate set as {\"file.cedar\": \"content\", ...}",
+        ));
+    }
+    Ok(Json(b.policy_diff(&files).await?))
+}
+
+/// `POST /v1/policy/reload` (admin): the policy directory again (or the
+/// body's `files`), active at once; what it revoked or would revoke.
+pub async fn policy_reload(
+    State(b): State<AppState>,
+    op: Operator,
+    body: axum::body::Bytes,
+) -> Result<impl IntoResponse, ApiError> {
+    op.require(&[Role::Admin])?;
+    let files: crate::broker::PolicyFiles = if body.is_empty() {
+        crate::broker::PolicyFiles::default()
+    } else {
+        super::error::parse_json(&body)?
+    };
+    Ok(Json(b.reload_policy(&op.actor(), &files).await?))
 }

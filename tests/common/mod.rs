@@ -252,6 +252,14 @@ impl TestBroker {
         self.stdout = None;
     }
 
+    /// The running server's process id (for signals).
+    pub fn pid(&self) -> u32 {
+        self.child
+            .as_ref()
+            .and_then(Child::id)
+            .expect("the server is running")
+    }
+
     /// Crash and start again on the same dir (a new port).
     pub async fn restart(&mut self) {
         self.kill().await;

@@ -1,0 +1,374 @@
+//! Policy changes: previewing a candidate set (who gains and loses which
+//! scopes, whatever the hour, and which live leases it would no longer
+//! permit), reloading the set without a restart (atomically, audited), and
+//! revoking what the new set no longer permits — each lease judged on the
+//! facts of its original request (agent, scope, ttl, task, user, delegators,
+//! time of issue).
+
+use std::collections::{BTreeMap, HashMap};
+
+use serde::{Deserialize, Serialize};
+
+use super::credentials::scope_facts;
+use super::{Broker, BrokerError, BrokerResult};
+use crate::audit::{Actor, AuditEvent};
+use crate::model::{AgentStatus, Lease, Selector, Task, now};
+use crate::policy::{PolicyEngine, RequestFacts};
+use crate::store::LeaseSelector;
+
+/// What a policy set changes for one agent.
+#[derive(Debug, Clone, Serialize)]
+pub struct AgentDiff {
+    pub agent: String,
+    pub gained: Vec<String>,
+    pub lost: Vec<String>,
+}
+
+/// A live lease a policy set does not permit.
+#[derive(Debug, Clone, Serialize)]
+pub struct NotPermitted {
+    pub lease: String,
+    pub agent: String,
+    pub scope: String,
+    pub task: String,
+}
+
+/// The difference between the active set and another.
+#[derive(Debug, Clone, Serialize)]
+pub struct PolicyDiff {
+    pub from_hash: String,
+    pub to_hash: String,
+    /// Agents whose reach changes (those unchanged are left out).
+    pub agents: Vec<AgentDiff>,
+    /// Live leases the new set would not permit.
+    pub leases_not_permitted: Vec<NotPermitted>,
+}
+
+/// What a reload did.
+#[derive(Debug, Clone, Serialize)]
+pub struct PolicyReload {
+    #[serde(flatten)]
+    pub diff: PolicyDiff,
+    /// `revoke` or `report` (`policy.on_change`).
+    pub on_change: OnChange,
+    /// Leases queued for revocation (empty in `report` mode).
+    pub revoked: Vec<String>,
+}
+
+/// `[policy] on_change`: what happens to live leases the new set no longer
+/// permits.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum OnChange {
+    /// Queue them for revocation (the default).
+    #[default]
+    Revoke,
+    /// List them only.
+    Report,
+}
+
+/// `POST /v1/policy/diff` and `/reload` bodies: a candidate set as
+/// `{file name: content}`; reload without one reads the policy directory.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PolicyFiles {
+    #[serde(default)]
+    pub files: Option<BTreeMap<String, String>>,
+}
+
+impl Broker {
+    fn candidate(&self, files: Option<&BTreeMap<String, String>>) -> BrokerResult<PolicyEngine> {
+        let loaded = match files {
+            Some(f) => PolicyEngine::from_files(f),
+            None => PolicyEngine::load(&self.config.policy.dir),
+        };
+        loaded.map_err(|e| {
+            BrokerError::InvalidRequest(format!(
+                "the policy set is not valid, nothing changed: {e}"
+            ))
+        })
+    }
+
+    /// The difference `candidate` would make.
+    pub async fn policy_diff(&self, files: &PolicyFiles) -> BrokerResult<PolicyDiff> {
+        let candidate = self.candidate(files.files.as_ref())?;
+        self.diff_against(&self.policy.current(), &candidate).await
+    }
+
+    async fn diff_against(
+        &self,
+        old: &PolicyEngine,
+        new: &PolicyEngine,
+    ) -> BrokerResult<PolicyDiff> {
+        let mut agents = Vec::new();
+        for a in self.store.list_agents(None, None).await? {
+            if a.status == AgentStatus::Decommissioned {
+                continue;
+            }
+            let before = self.reachable_scopes_under(old, &a);
+            let after = self.reachable_scopes_under(new, &a);
+            let gained: Vec<String> = after
+                .iter()
+                .filter(|s| !before.contains(s))
+                .cloned()
+                .collect();
+            let lost: Vec<String> = before
+                .iter()
+                .filter(|s| !after.contains(s))
+                .cloned()
+                .collect();
+            if !gained.is_empty() || !lost.is_empty() {
+                agents.push(AgentDiff {
+                    agent: a.id,
+                    gained,
+                    lost,
+                });
+            }
+        }
+        Ok(PolicyDiff {
+            from_hash: old.hash().to_owned(),
+            to_hash: new.hash().to_owned(),
+            agents,
+            leases_not_permitted: self.not_permitted(new, &Selector::All).await?,
+        })
+    }
+
+    /// Live leases of `selector` that `policy` does not permit on the facts
+    /// of their original request.
+    pub(crate) async fn not_permitted(
+        &self,
+        policy: &PolicyEngine,
+        selector: &Selector,
+    ) -> BrokerResult<Vec<NotPermitted>> {
+        let mut tasks: HashMap<String, Option<Task>> = HashMap::new();
+        let mut agents = HashMap::new();
+        let mut out = Vec::new();
+        for l in self.store.live_leases(selector).await? {
+            if !tasks.contains_key(&l.task_id) {
+                let t = self.store.get_task(&l.task_id).await?;
+                tasks.insert(l.task_id.clone(), t);
+            }
+            if !agents.contains_key(&l.agent_id) {
+                let a = self.store.get_agent(&l.agent_id).await?;
+                agents.insert(l.agent_id.clone(), a);
+            }
+            let (Some(Some(task)), Some(Some(agent))) =
+                (tasks.get(&l.task_id), agents.get(&l.agent_id))
+            else {
+                continue;
+            };
+            if !self.still_permitted(policy, agent, task, &l).await? {
+                out.push(NotPermitted {
+                    lease: l.id.clone(),
+                    agent: l.agent_id.clone(),
+                    scope: l.scope.clone(),
+                    task: l.task_id.clone(),
+                });
+            }
+        }
+        Ok(out)
+    }
+
+    async fn still_permitted(
+        &self,
+        policy: &PolicyEngine,
+        agent: &crate::model::Agent,
+        task: &Task,
+        l: &Lease,
+    ) -> BrokerResult<bool> {
+        // A scope removed from config cannot be judged here; its leases are
+        // the reaper's and the operator's, not policy's.
+        let Some(scope_cfg) = self.config.scopes.iter().find(|c| c.name == l.scope) else {
+            return Ok(true);
+        };
+        let facts = RequestFacts {
+            task_id: &task.id,
+            task_description: &task.description,
+            requested_ttl_secs: (l.expires_at - l.created_at).whole_seconds().max(1) as u64,
+            now: l.created_at,
+            chain: &task.chain,
+        };
+        let scope = scope_facts(scope_cfg);
+        let internal = |e: crate::policy::PolicyError| BrokerError::Internal(e.to_string());
+        if !policy
+            .decide(agent, &scope, &facts)
+            .map_err(internal)?
+            .allow
+        {
+            return Ok(false);
+        }
+        if let Some(u) = &task.on_behalf_of
+            && !policy
+                .decide_for_user(agent, u, &scope, &facts)
+                .map_err(internal)?
+                .allow
+        {
+            return Ok(false);
+        }
+        for (i, id) in task.chain.iter().enumerate() {
+            let above = RequestFacts {
+                chain: &task.chain[..i],
+                ..facts.clone()
+            };
+            let permitted = match self.store.get_agent(id).await? {
+                Some(d) => policy.decide(&d, &scope, &above).map_err(internal)?.allow,
+                None => false,
+            };
+            if !permitted {
+                return Ok(false);
+            }
+        }
+        Ok(true)
+    }
+
+    /// Loads the policy directory (or `files`) again and makes it the active
+    /// set at once; an invalid set is refused and the running one stays.
+    /// Live leases the new set does not permit are queued for revocation
+    /// (`policy.on_change = "revoke"`) or listed (`"report"`).
+    pub async fn reload_policy(
+        &self,
+        actor: &Actor,
+        files: &PolicyFiles,
+    ) -> BrokerResult<PolicyReload> {
+        let _one_at_a_time = self.policy.reloading().await;
+        let candidate = match self.candidate(files.files.as_ref()) {
+            Ok(c) => c,
+            Err(e) => {
+                self.audit_alone(
+                    AuditEvent::new(actor, "policy.reload_refused").failure(e.to_string()),
+                )
+                .await?;
+                return Err(e);
+            }
+        };
+        let old = self.policy.current();
+        let mut diff = self.diff_against(&old, &candidate).await?;
+        let new_hash = candidate.hash().to_owned();
+        self.policy.replace(candidate);
+        // Leases issued between the diff and the swap were judged by the
+        // old set: look again under the new one.
+        diff.leases_not_permitted = self
+            .not_permitted(&self.policy.current(), &Selector::All)
+            .await?;
+        let on_change = self.config.policy.on_change;
+        let reason = format!(
+            "policy {} no longer permits it (was {})",
+            short(&new_hash),
+            short(old.hash())
+        );
+        let t = now();
+        let mut tx = self.store.begin().await?;
+        tx.audit(
+            AuditEvent::new(actor, "policy.reloaded").details(serde_json::json!({
+                "from_hash": old.hash(),
+                "to_hash": new_hash,
+                "on_change": on_change,
+                "agents": diff.agents,
+                "leases_not_permitted": diff.leases_not_permitted.len(),
+            })),
+        )
+        .await?;
+        let revoked = if on_change == OnChange::Revoke {
+            queue_not_permitted(
+                &mut *tx,
+                actor,
+                &diff.leases_not_permitted,
+                &reason,
+                &new_hash,
+                t,
+            )
+            .await?
+        } else {
+            Vec::new()
+        };
+        tx.commit().await?;
+        if !revoked.is_empty() {
+            self.leases.wake();
+        }
+        tracing::info!(from = %short(old.hash()), to = %short(&new_hash), revoked = revoked.len(), "policy reloaded");
+        Ok(PolicyReload {
+            diff,
+            on_change,
+            revoked,
+        })
+    }
+}
+
+impl Broker {
+    /// After an agent's attributes changed: its live leases the active set
+    /// no longer permits are queued for revocation (`policy.on_change =
+    /// "revoke"`) or only reported in the audit log (`"report"`).
+    pub(crate) async fn recheck_agent(
+        &self,
+        actor: &Actor,
+        agent_id: &str,
+    ) -> BrokerResult<Vec<String>> {
+        let policy = self.policy.current();
+        let gone = self
+            .not_permitted(&policy, &Selector::Agent(agent_id.to_owned()))
+            .await?;
+        if gone.is_empty() {
+            return Ok(Vec::new());
+        }
+        let reason = format!(
+            "agent `{agent_id}` changed; policy {} no longer permits it",
+            short(policy.hash())
+        );
+        let mut tx = self.store.begin().await?;
+        let revoked = match self.config.policy.on_change {
+            OnChange::Revoke => {
+                queue_not_permitted(&mut *tx, actor, &gone, &reason, policy.hash(), now()).await?
+            }
+            OnChange::Report => {
+                tx.audit(
+                    AuditEvent::new(actor, "agent.leases_not_permitted")
+                        .agent(agent_id)
+                        .reason(reason)
+                        .details(serde_json::json!({ "leases": gone })),
+                )
+                .await?;
+                Vec::new()
+            }
+        };
+        tx.commit().await?;
+        if !revoked.is_empty() {
+            self.leases.wake();
+        }
+        Ok(revoked)
+    }
+}
+
+/// Queues each lease for revocation with an audit event naming the change.
+async fn queue_not_permitted(
+    tx: &mut dyn crate::store::StoreTx,
+    actor: &Actor,
+    leases: &[NotPermitted],
+    reason: &str,
+    policy_hash: &str,
+    t: time::OffsetDateTime,
+) -> BrokerResult<Vec<String>> {
+    let mut revoked = Vec::new();
+    for n in leases {
+        let queued = tx
+            .queue_revocations(&LeaseSelector::Lease(n.lease.clone()), reason, None, t)
+            .await?;
+        if !queued.is_empty() {
+            tx.audit(
+                AuditEvent::new(actor, "lease.policy_revoked")
+                    .agent(&n.agent)
+                    .task(&n.task)
+                    .scope(&n.scope)
+                    .lease(&n.lease)
+                    .reason(reason.to_owned())
+                    .details(serde_json::json!({ "policy_hash": policy_hash })),
+            )
+            .await?;
+            revoked.extend(queued);
+        }
+    }
+    Ok(revoked)
+}
+
+fn short(hash: &str) -> &str {
+    hash.get(..12).unwrap_or(hash)
+}

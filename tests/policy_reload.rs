@@ -1,0 +1,204 @@
+//! Policy changes through the real server: a candidate set is previewed
+//! (who gains and loses what, which live leases it would end), reloaded
+//! without a restart (an invalid set is refused and changes nothing), and a
+//! reload revokes exactly the live leases the new set no longer permits —
+//! or, in `report` mode, only lists them.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use std::collections::BTreeMap;
+
+use common::{Setup, TestAgent, TestBroker, eventually};
+use serde_json::{Value, json};
+
+/// The shipped `agents.cedar` with the platform team narrowed to JWT-SVIDs.
+fn narrowed() -> String {
+    let shipped = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/policies/agents.cedar"),
+    )
+    .unwrap();
+    let from = "  resource.provider == \"ca\" &&\n  !resource.sensitive &&";
+    assert!(shipped.contains(from), "the shipped policy changed");
+    shipped.replacen(
+        from,
+        "  resource == Keygate::Scope::\"jwt-svid\" &&\n  !resource.sensitive &&",
+        1,
+    )
+}
+
+fn policy_dir(b: &TestBroker) -> std::path::PathBuf {
+    b.dir.join("policies")
+}
+
+async fn hash(b: &TestBroker) -> String {
+    b.get("/v1/policy", Some(&b.ops.auditor)).await.expect(200)["hash"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+/// A platform agent with a live X.509-SVID and a live JWT-SVID; the
+/// certificate, and the two lease ids.
+async fn platform_with_leases(
+    b: &TestBroker,
+) -> (TestAgent, common::Session, String, String, String) {
+    let agent = TestAgent::new("reload", "ES256");
+    b.register(&agent, "platform").await;
+    let s = b.token_ttl(&agent, Some(3600)).await;
+    let x509 = b.x509(&s.token, Some(600)).await;
+    let jwt = b.jwt_svid(&s.token, Some(600)).await;
+    let id = |v: &Value| v["lease_id"].as_str().unwrap().to_owned();
+    let cert = x509["credential"]["certificate"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    (agent, s, cert, id(&x509), id(&jwt))
+}
+
+#[tokio::test]
+async fn a_reload_revokes_what_the_new_set_no_longer_permits_and_nothing_else() {
+    let b = TestBroker::start_with(Setup::default()).await;
+    let (agent, s, cert, x509, jwt) = platform_with_leases(&b).await;
+    let before = hash(&b).await;
+
+    // Preview: the platform agent loses x509-svid; its X.509 lease would end.
+    let mut files = BTreeMap::new();
+    for entry in std::fs::read_dir(policy_dir(&b)).unwrap() {
+        let p = entry.unwrap().path();
+        files.insert(
+            p.file_name().unwrap().to_string_lossy().into_owned(),
+            std::fs::read_to_string(&p).unwrap(),
+        );
+    }
+    files.insert("agents.cedar".into(), narrowed());
+    let diff = b
+        .post(
+            "/v1/policy/diff",
+            Some(&b.ops.admin),
+            &json!({ "files": files }),
+        )
+        .await
+        .expect(200);
+    let mine = diff["agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["agent"] == agent.id.as_str())
+        .unwrap_or_else(|| panic!("{diff}"));
+    assert_eq!(mine["lost"], json!(["x509-svid"]), "{diff}");
+    let ending: Vec<&str> = diff["leases_not_permitted"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|l| l["lease"].as_str().unwrap())
+        .collect();
+    assert_eq!(ending, [x509.as_str()], "{diff}");
+    assert_eq!(hash(&b).await, before, "a diff changes nothing");
+    assert_eq!(b.lease_state(&x509).await, "active");
+
+    // A set with a syntax error is refused; nothing changes.
+    std::fs::write(policy_dir(&b).join("broken.cedar"), "permit (principal,").unwrap();
+    let r = b
+        .post("/v1/policy/reload", Some(&b.ops.admin), &json!({}))
+        .await;
+    assert_eq!(r.status, 400, "{}", r.text);
+    assert!(r.text.contains("nothing changed"), "{}", r.text);
+    assert_eq!(hash(&b).await, before);
+    std::fs::remove_file(policy_dir(&b).join("broken.cedar")).unwrap();
+
+    // The reload: the X.509 lease is revoked (its serial on the CRL), the
+    // JWT-SVID lease lives on, new X.509 requests are denied.
+    std::fs::write(policy_dir(&b).join("agents.cedar"), narrowed()).unwrap();
+    let out = b.cli(&["policy", "reload"], Some(&b.ops.admin)).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let done: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(done["revoked"], json!([x509]), "{done}");
+    assert_ne!(hash(&b).await, before);
+    eventually("the x509 lease revoked", || async {
+        (b.lease_state(&x509).await == "revoked").then_some(())
+    })
+    .await;
+    assert_eq!(b.lease_state(&jwt).await, "active");
+    let presented = b.verify(&json!({ "x509_svid": cert })).await;
+    assert_eq!(
+        presented["valid"], false,
+        "the serial is on the CRL: {presented}"
+    );
+    let denied = b.credential(&s.token, "x509-svid", Some(60), None).await;
+    assert_eq!(denied.status, 403, "{}", denied.text);
+    b.jwt_svid(&s.token, Some(60)).await;
+
+    let ev = b.audit("action=policy.reloaded").await;
+    let ev = ev.last().unwrap();
+    assert_eq!(ev["actor"], "operator:test-admin", "{ev}");
+    assert_eq!(ev["details"]["from_hash"], before.as_str());
+    let ev = b.audit("action=lease.policy_revoked").await;
+    assert!(ev.iter().any(|e| e["lease"] == x509.as_str()), "{ev:?}");
+}
+
+#[tokio::test]
+async fn report_mode_lists_and_changes_nothing_and_sighup_reloads() {
+    let mut b = TestBroker::prepare(Setup::default());
+    let config = b.dir.join("keygate.toml");
+    let text = std::fs::read_to_string(&config).unwrap();
+    let text = text.replacen("[policy]\n", "[policy]\non_change = \"report\"\n", 1);
+    std::fs::write(&config, text).unwrap();
+    b.start_again().await;
+    let (_, _, _, x509, _) = platform_with_leases(&b).await;
+    let before = hash(&b).await;
+    std::fs::write(policy_dir(&b).join("agents.cedar"), narrowed()).unwrap();
+    let pid = b.pid();
+    let killed = std::process::Command::new("kill")
+        .args(["-HUP", &pid.to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    eventually("SIGHUP reloaded the set", || async {
+        (hash(&b).await != before).then_some(())
+    })
+    .await;
+    let ev = eventually("the reload audited", || async {
+        b.audit("action=policy.reloaded").await.pop()
+    })
+    .await;
+    assert_eq!(ev["actor"], "operator:sighup", "{ev}");
+    assert_eq!(ev["details"]["on_change"], "report");
+    assert_eq!(ev["details"]["leases_not_permitted"], 1, "{ev}");
+    assert_eq!(
+        b.lease_state(&x509).await,
+        "active",
+        "report mode revokes nothing"
+    );
+}
+
+#[tokio::test]
+async fn an_agent_moved_to_a_team_without_access_loses_what_it_holds() {
+    let b = TestBroker::start_with(Setup::default()).await;
+    let (agent, _, _, x509, jwt) = platform_with_leases(&b).await;
+    let r = b
+        .call(
+            reqwest::Method::PATCH,
+            &format!("/v1/agents/{}", agent.id),
+            Some(&b.ops.admin),
+            Some(&json!({ "team": "research" })),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    for lease in [&x509, &jwt] {
+        eventually("the lease revoked", || async {
+            (b.lease_state(lease).await == "revoked").then_some(())
+        })
+        .await;
+    }
+    let ev = b.audit("action=lease.policy_revoked").await;
+    assert_eq!(ev.len(), 2, "{ev:?}");
+    assert!(
+        ev[0]["reason"].as_str().unwrap().contains("changed"),
+        "{ev:?}"
+    );
+}
