@@ -4,6 +4,8 @@
 mod audit;
 mod client;
 mod commands;
+mod evidence;
+mod report;
 
 use std::path::PathBuf;
 
@@ -117,6 +119,26 @@ pub enum Command {
         #[command(flatten)]
         remote: Remote,
     },
+    /// The auditor's evidence pack for a period (seed 000's five items):
+    /// `evidence --from 2026-10-01 --to 2026-12-31 --out pack/` writes CSV and
+    /// JSON per item, report.html and manifest.json; `evidence verify pack/`
+    /// checks one.
+    #[command(args_conflicts_with_subcommands = true)]
+    Evidence {
+        #[command(subcommand)]
+        cmd: Option<EvidenceCmd>,
+        /// First day (YYYY-MM-DD) or instant (RFC 3339).
+        #[arg(long, requires_all = ["to", "out"])]
+        from: Option<String>,
+        /// Last day, included (YYYY-MM-DD), or an instant (RFC 3339, excluded).
+        #[arg(long)]
+        to: Option<String>,
+        /// Folder to write (created).
+        #[arg(long)]
+        out: Option<PathBuf>,
+        #[command(flatten)]
+        remote: Remote,
+    },
     /// The maturity score: every agent's level and the estate's, with the
     /// criteria that fail.
     Maturity {
@@ -172,6 +194,17 @@ pub enum AgentsCmd {
         id: String,
         #[arg(long)]
         reason: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum EvidenceCmd {
+    /// Check a pack's files against its manifest; with `--db`, that its
+    /// audit head is in that database's intact audit chain.
+    Verify {
+        dir: PathBuf,
+        #[arg(long)]
+        db: Option<PathBuf>,
     },
 }
 

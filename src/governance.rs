@@ -10,6 +10,7 @@
 //!   every step audited in the same transaction.
 
 pub mod compliance;
+pub mod evidence;
 pub mod maturity;
 pub mod sweep;
 

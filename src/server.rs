@@ -164,6 +164,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/findings", get(governance::findings))
         .route("/v1/maturity", get(governance::maturity))
         .route("/v1/governance/sweep", post(governance::sweep))
+        .route("/v1/evidence", get(governance::evidence))
         .route("/v1/policy", get(governance::policy))
         .route("/v1/policy/diff", post(governance::policy_diff))
         .route("/v1/policy/reload", post(governance::policy_reload))

@@ -118,6 +118,8 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<Option<serde_json::Value>>;
     /// Whether the store answers (for `/readyz`).
     async fn ping(&self) -> StoreResult<()>;
+    /// The last audit event's `seq` and hash (`None`: the log is empty).
+    async fn audit_head(&self) -> StoreResult<Option<(i64, String)>>;
     /// Per scope: when the agent was last issued a credential, and how many.
     async fn scope_usage(&self, agent_id: &str) -> StoreResult<Vec<crate::governance::ScopeUsage>>;
     /// Governance findings, of one agent or all, open only or all.

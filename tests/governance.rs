@@ -309,3 +309,177 @@ async fn maturity_places_agents_built_for_each_level() {
         "{metrics}"
     );
 }
+
+#[tokio::test]
+async fn the_evidence_pack_holds_the_periods_records_and_verifies_against_the_audit_log() {
+    let mut setup = Setup::permissive();
+    setup.extra_config = PROVISIONING.into();
+    let b = TestBroker::start_with(setup).await;
+    let approve = |id: String| {
+        let b = &b;
+        async move {
+            b.post(
+                &format!("/v1/approvals/{id}/decision"),
+                Some(&b.ops.approver),
+                &json!({ "decision": "approve", "reason": "checked" }),
+            )
+            .await
+            .expect(200);
+        }
+    };
+    let register = |agent: &TestAgent| {
+        let b = &b;
+        let spec = agent.spec("platform");
+        async move {
+            let held = b.admin_post("/v1/agents", &spec).await.expect(202);
+            held["approval"]["id"].as_str().unwrap().to_owned()
+        }
+    };
+    let worker = TestAgent::new("worker", "ES256");
+    approve(register(&worker).await).await;
+    let s = b.token(&worker).await;
+    b.x509(&s.token, Some(300)).await;
+    b.jwt_svid(&s.token, Some(300)).await;
+    b.complete(&s.token).await.expect(200);
+    let retired = TestAgent::new("retired", "ES256");
+    approve(register(&retired).await).await;
+    let rs = b.token(&retired).await;
+    b.x509(&rs.token, Some(300)).await;
+    b.admin_post(
+        &format!("/v1/agents/{}/decommission", retired.id),
+        &json!({ "reason": "project ended" }),
+    )
+    .await
+    .expect(200);
+    common::eventually("the retired agent's lease revoked", || async {
+        let l = b.leases(&format!("agent={}", retired.id)).await;
+        l.iter().all(|l| l["state"] == "revoked").then_some(())
+    })
+    .await;
+
+    let today = time::OffsetDateTime::now_utc().date().to_string();
+    let out = b.dir.join("pack");
+    let run = b
+        .cli(
+            &[
+                "evidence",
+                "--from",
+                &today,
+                "--to",
+                &today,
+                "--out",
+                out.to_str().unwrap(),
+            ],
+            Some(&b.ops.auditor),
+        )
+        .await;
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let read = |name: &str| -> Value {
+        serde_json::from_slice(&std::fs::read(out.join(name)).unwrap()).unwrap()
+    };
+    let registry = read("registry.json");
+    let ids: Vec<&str> = registry
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|r| r["agent"].as_str().unwrap())
+        .collect();
+    assert_eq!(ids.len(), 2, "{registry}");
+    let provisioning = read("provisioning.json");
+    let approved: Vec<&Value> = provisioning
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|p| p["state"] == "approved")
+        .collect();
+    assert_eq!(approved.len(), 2, "{provisioning}");
+    assert!(
+        approved.iter().all(|p| p["approved_by"] != ""),
+        "{provisioning}"
+    );
+    let credentials = read("credentials.json");
+    let mine = credentials
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|c| c["agent"] == worker.id.as_str())
+        .count();
+    assert_eq!(mine, 2, "{credentials}");
+    let deprovisioning = read("deprovisioning.json");
+    assert_eq!(
+        deprovisioning.as_array().unwrap().len(),
+        1,
+        "{deprovisioning}"
+    );
+    assert_eq!(deprovisioning[0]["agent"], retired.id.as_str());
+    assert_eq!(deprovisioning[0]["fully_revoked"], true);
+    assert_eq!(deprovisioning[0]["trigger"], "project ended");
+    let csv = std::fs::read_to_string(out.join("credentials.csv")).unwrap();
+    assert_eq!(csv.lines().count(), 4, "a header and three rows: {csv}");
+    let html = std::fs::read_to_string(out.join("report.html")).unwrap();
+    assert!(html.contains("<svg"), "a chart");
+    for external in ["src=", "href=", "<link", "<script", "url("] {
+        assert!(!html.contains(external), "self-contained, yet `{external}`");
+    }
+
+    // Verified: the files against the manifest, the head against the log.
+    let db = b.db_path();
+    let verify = |args: Vec<String>| {
+        let b = &b;
+        async move {
+            let args: Vec<&str> = args.iter().map(String::as_str).collect();
+            b.cli(&args, None).await
+        }
+    };
+    let pack = out.to_str().unwrap().to_owned();
+    let with_db = vec![
+        "evidence".into(),
+        "verify".into(),
+        pack.clone(),
+        "--db".into(),
+        db.to_str().unwrap().to_owned(),
+    ];
+    let ok = verify(with_db.clone()).await;
+    assert!(
+        ok.status.success(),
+        "{}",
+        String::from_utf8_lossy(&ok.stderr)
+    );
+    assert!(String::from_utf8_lossy(&ok.stdout).contains("is in it"));
+
+    // One altered file fails the check.
+    let original = std::fs::read(out.join("registry.csv")).unwrap();
+    std::fs::write(out.join("registry.csv"), b"agent\nsomeone-else\n").unwrap();
+    let bad = verify(vec!["evidence".into(), "verify".into(), pack.clone()]).await;
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("`registry.csv` was changed"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+    std::fs::write(out.join("registry.csv"), original).unwrap();
+
+    // One altered audit row fails it too (someone with the file drops the
+    // append-only trigger first).
+    let mut conn = b.db().await;
+    sqlx::query("DROP TRIGGER audit_events_no_update")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    sqlx::query("UPDATE audit_events SET reason = 'rewritten' WHERE seq = 2")
+        .execute(&mut conn)
+        .await
+        .unwrap();
+    sqlx::Connection::close(conn).await.unwrap();
+    let bad = verify(with_db).await;
+    assert!(!bad.status.success());
+    assert!(
+        String::from_utf8_lossy(&bad.stderr).contains("audit chain broken at event 2"),
+        "{}",
+        String::from_utf8_lossy(&bad.stderr)
+    );
+}

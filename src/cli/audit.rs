@@ -75,6 +75,36 @@ pub async fn verify_db(path: &Path) -> anyhow::Result<()> {
     }
 }
 
+/// Verifies the whole chain in the database at `path` and returns the hash
+/// of event `at` (an evidence pack's head), or an error naming the break.
+pub async fn verified_hash_at(path: &Path, at: i64) -> anyhow::Result<String> {
+    if !path.exists() {
+        bail!("no database at `{}`", path.display());
+    }
+    let store = crate::store::SqliteStore::open(&path.to_string_lossy()).await?;
+    let (mut seq, mut hash) = (0, GENESIS_HASH.to_owned());
+    let mut found = None;
+    loop {
+        let f = AuditFilter {
+            after_seq: seq,
+            limit: PAGE,
+            ..Default::default()
+        };
+        let evs = crate::store::Store::audit_events(&store, &f).await?;
+        if evs.is_empty() {
+            break;
+        }
+        if let Some(e) = evs.iter().find(|e| e.seq == at) {
+            found = Some(e.hash.clone());
+        }
+        match verify_chain(&evs, seq, hash) {
+            Ok((s, h)) => (seq, hash) = (s, h),
+            Err(b) => bail!("audit chain broken at event {}: {}", b.seq, b.problem),
+        }
+    }
+    found.ok_or_else(|| anyhow::anyhow!("the audit log has no event {at}"))
+}
+
 pub async fn tail(
     c: &Client,
     agent: Option<String>,

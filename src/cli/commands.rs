@@ -8,8 +8,8 @@ use secrecy::ExposeSecret;
 
 use super::client::Client;
 use super::{
-    AgentsCmd, ApprovalsCmd, AuditCmd, Cli, Command, FencesCmd, GovernanceCmd, KeysCmd, LeasesCmd,
-    PolicyCmd,
+    AgentsCmd, ApprovalsCmd, AuditCmd, Cli, Command, EvidenceCmd, FencesCmd, GovernanceCmd,
+    KeysCmd, LeasesCmd, PolicyCmd,
 };
 
 /// Runs a parsed command line.
@@ -110,6 +110,22 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 PolicyCmd::Reload => c.json(c.request(Method::POST, "/v1/policy/reload")).await?,
             };
             print_json(&v)
+        }
+        Command::Evidence {
+            cmd: Some(EvidenceCmd::Verify { dir, db }),
+            ..
+        } => super::evidence::verify(&dir, db.as_deref()).await,
+        Command::Evidence {
+            cmd: None,
+            from: Some(from),
+            to: Some(to),
+            out: Some(out),
+            remote,
+        } => super::evidence::write(&Client::new(&remote)?, &from, &to, &out).await,
+        Command::Evidence { .. } => {
+            bail!(
+                "give `--from`, `--to` and `--out` to write a pack, or `verify <dir>` to check one"
+            )
         }
         Command::Maturity { remote } => {
             let c = Client::new(&remote)?;

@@ -106,3 +106,50 @@ pub async fn policy_reload(
     };
     Ok(Json(b.reload_policy(&op.actor(), &files).await?))
 }
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EvidenceQuery {
+    from: String,
+    to: String,
+}
+
+/// `2026-10-01` (a day: its start, or for `to` the end of it) or an RFC
+/// 3339 instant.
+fn instant(s: &str, end_of_day: bool, name: &str) -> Result<time::OffsetDateTime, ApiError> {
+    use time::format_description::well_known::Rfc3339;
+    if let Ok(t) = time::OffsetDateTime::parse(s, &Rfc3339) {
+        return Ok(t);
+    }
+    let day = time::Date::parse(s, time::macros::format_description!("[year]-[month]-[day]"))
+        .map_err(|_| {
+            ApiError::bad_request(format!(
+                "`{name}` must be a day (2026-10-01) or an RFC 3339 instant"
+            ))
+        })?;
+    let start = day.midnight().assume_utc();
+    Ok(if end_of_day {
+        start + time::Duration::days(1)
+    } else {
+        start
+    })
+}
+
+/// `GET /v1/evidence?from=&to=` (auditor, admin): the evidence pack for the
+/// period as JSON (`keygate evidence` writes it as files).
+pub async fn evidence(
+    State(b): State<AppState>,
+    op: Operator,
+    RawQuery(q): RawQuery,
+) -> Result<impl IntoResponse, ApiError> {
+    op.require(&[Role::Auditor, Role::Admin])?;
+    let q: EvidenceQuery = parse_query(q.as_deref())?;
+    let (from, to) = (
+        instant(&q.from, false, "from")?,
+        instant(&q.to, true, "to")?,
+    );
+    if from >= to {
+        return Err(ApiError::bad_request("`from` must be before `to`"));
+    }
+    Ok(Json(b.evidence(from, to).await?))
+}

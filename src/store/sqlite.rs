@@ -294,6 +294,16 @@ impl Store for SqliteStore {
         approvals::get(&mut conn, id).await
     }
 
+    async fn audit_head(&self) -> StoreResult<Option<(i64, String)>> {
+        Ok(
+            sqlx::query("SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1")
+                .fetch_optional(&self.read)
+                .await?
+                .map(|r| Ok::<_, sqlx::Error>((r.try_get("seq")?, r.try_get("hash")?)))
+                .transpose()?,
+        )
+    }
+
     async fn scope_usage(&self, agent_id: &str) -> StoreResult<Vec<crate::governance::ScopeUsage>> {
         findings::scope_usage(&self.read, agent_id).await
     }

@@ -1,0 +1,444 @@
+//! The auditor's evidence pack for a period: seed 000's five items, built
+//! from the store and the audit log only, with the audit-chain head it was
+//! built from.
+//!
+//! 1. the registry (every agent: team, sponsor, permitted scopes,
+//!    credential types, TTL, last review, state, maturity);
+//! 2. provisioning records (each creation and widening with its approvals,
+//!    and whether it took effect without one);
+//! 3. access review records (findings opened, closed and acted on, and the
+//!    identities deprovisioned by lifecycle actions);
+//! 4. credential audit (every credential live in the period: issue, scope,
+//!    end);
+//! 5. deprovisioning records (each agent retired in the period, the
+//!    trigger, and whether every credential was confirmed ended).
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use crate::audit::AuditEvent;
+use crate::broker::{Broker, BrokerResult};
+use crate::model::{
+    AgentStatus, ApprovalFilter, ApprovalKind, ApprovalState, LeaseFilter, LeaseState, from_unix,
+};
+use crate::store::AuditFilter;
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct EvidencePack {
+    #[serde(with = "time::serde::rfc3339")]
+    pub from: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub to: OffsetDateTime,
+    #[serde(with = "time::serde::rfc3339")]
+    pub generated_at: OffsetDateTime,
+    /// The last audit event when the pack was built (`seq`, `hash`).
+    pub audit_head: Option<(i64, String)>,
+    pub summary: Summary,
+    pub registry: Vec<RegistryRow>,
+    pub provisioning: Vec<ProvisioningRecord>,
+    pub reviews: Vec<ReviewRecord>,
+    pub credentials: Vec<CredentialRecord>,
+    pub deprovisioning: Vec<DeprovisioningRecord>,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct Summary {
+    pub agents: usize,
+    pub maturity: String,
+    pub provisioning_records: usize,
+    pub provisioned_without_approval: usize,
+    pub findings_opened: usize,
+    pub findings_closed: usize,
+    pub lifecycle_actions: usize,
+    pub credentials: usize,
+    pub credentials_still_live: usize,
+    pub deprovisioned: usize,
+    pub deprovisioned_fully_revoked: usize,
+    /// Credentials issued per ISO week (`2026-W40`), for the report's chart.
+    pub credentials_per_week: Vec<(String, usize)>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct RegistryRow {
+    pub agent: String,
+    pub team: String,
+    pub sponsor: String,
+    pub risk_tier: u8,
+    pub environment: String,
+    pub status: String,
+    pub permitted_scopes: String,
+    pub credential_types: String,
+    pub max_ttl_secs: u64,
+    pub created_at: String,
+    pub last_used_at: String,
+    pub last_review_at: String,
+    pub next_review_due: String,
+    pub maturity: String,
+    pub open_issues: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ProvisioningRecord {
+    pub agent: String,
+    /// `registration` or `update`.
+    pub change: String,
+    pub approval: String,
+    pub state: String,
+    pub requested_by: String,
+    pub requested_at: String,
+    pub approved_by: String,
+    pub decided_at: String,
+    /// Scopes a widening change asked for.
+    pub widened_scopes: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct ReviewRecord {
+    pub agent: String,
+    pub kind: String,
+    pub subject: String,
+    pub detail: String,
+    pub opened_at: String,
+    pub action: String,
+    pub acted_at: String,
+    pub closed_at: String,
+    pub close_reason: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct CredentialRecord {
+    pub lease: String,
+    pub agent: String,
+    pub task: String,
+    pub scope: String,
+    pub provider: String,
+    pub issued_at: String,
+    /// The agent obtained it then; Keygate does not see its later use at
+    /// the backend.
+    pub last_use: String,
+    pub expires_at: String,
+    pub ended_at: String,
+    pub state: String,
+    pub end_reason: String,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct DeprovisioningRecord {
+    pub agent: String,
+    pub decommissioned_at: String,
+    pub by: String,
+    pub trigger: String,
+    pub credentials: usize,
+    /// Leases confirmed revoked or expired.
+    pub credentials_ended: usize,
+    /// Every credential confirmed ended.
+    pub fully_revoked: bool,
+}
+
+fn ts(t: OffsetDateTime) -> String {
+    t.format(&time::format_description::well_known::Rfc3339)
+        .unwrap_or_default()
+}
+
+fn opt(t: Option<OffsetDateTime>) -> String {
+    t.map(ts).unwrap_or_default()
+}
+
+impl Broker {
+    /// Every audit event with `action` in the period, in order.
+    async fn events(
+        &self,
+        action: &str,
+        from: OffsetDateTime,
+        to: OffsetDateTime,
+    ) -> BrokerResult<Vec<AuditEvent>> {
+        let (lo, hi) = (from.unix_timestamp() * 1000, to.unix_timestamp() * 1000);
+        let mut out = Vec::new();
+        let mut after = 0;
+        loop {
+            let page = self
+                .store
+                .audit_events(&AuditFilter {
+                    after_seq: after,
+                    agent: None,
+                    task: None,
+                    action: Some(action.to_owned()),
+                    limit: 5000,
+                })
+                .await?;
+            let Some(last) = page.last() else { break };
+            after = last.seq;
+            out.extend(page.into_iter().filter(|e| (lo..hi).contains(&e.at_ms)));
+        }
+        Ok(out)
+    }
+
+    /// The evidence pack for `[from, to)`.
+    pub async fn evidence(
+        &self,
+        from: OffsetDateTime,
+        to: OffsetDateTime,
+    ) -> BrokerResult<EvidencePack> {
+        let generated_at = crate::model::now();
+        let audit_head = self.store.audit_head().await?;
+        let maturity = self.maturity().await?;
+        let agents = self.store.list_agents(None, None).await?;
+        let mut summary = Summary {
+            maturity: maturity.level.to_owned(),
+            ..Summary::default()
+        };
+
+        // 1. Registry.
+        let mut registry = Vec::new();
+        for a in &agents {
+            let c = self.compliance(a).await?;
+            let providers: std::collections::BTreeSet<String> = c
+                .permitted_scopes
+                .iter()
+                .filter_map(|s| self.config.scopes.iter().find(|x| x.name == s.scope))
+                .map(|s| s.provider.clone())
+                .collect();
+            registry.push(RegistryRow {
+                agent: a.id.clone(),
+                team: a.team.clone(),
+                sponsor: a.sponsor.clone(),
+                risk_tier: a.risk_tier,
+                environment: a.environment.to_string(),
+                status: a.status.to_string(),
+                permitted_scopes: c
+                    .permitted_scopes
+                    .iter()
+                    .map(|s| s.scope.as_str())
+                    .collect::<Vec<_>>()
+                    .join(" "),
+                credential_types: providers.into_iter().collect::<Vec<_>>().join(" "),
+                max_ttl_secs: c
+                    .permitted_scopes
+                    .iter()
+                    .map(|s| s.max_ttl_secs)
+                    .max()
+                    .unwrap_or(0),
+                created_at: ts(a.created_at),
+                last_used_at: opt(a.last_used_at),
+                last_review_at: opt(a.last_review_at),
+                next_review_due: ts(c.next_review_due),
+                maturity: c.maturity.level.to_owned(),
+                open_issues: c
+                    .issues
+                    .iter()
+                    .map(|i| i.kind)
+                    .collect::<Vec<_>>()
+                    .join(" "),
+            });
+        }
+        summary.agents = agents
+            .iter()
+            .filter(|a| a.status != AgentStatus::Decommissioned)
+            .count();
+
+        // 2. Provisioning: approvals in the period, and agents created in
+        // it with none granted.
+        let mut approvals = Vec::new();
+        let mut cursor = None;
+        loop {
+            let page = self
+                .store
+                .list_approvals(&ApprovalFilter {
+                    kind: Some(ApprovalKind::Provisioning),
+                    cursor: cursor.clone(),
+                    ..ApprovalFilter::default()
+                })
+                .await?;
+            let full = page.len() == crate::model::MAX_PAGE as usize;
+            cursor = page
+                .last()
+                .map(|a| crate::model::Cursor::of(a.created_at, &a.id));
+            approvals.extend(page);
+            if !full {
+                break;
+            }
+        }
+        let mut provisioning = Vec::new();
+        for ap in approvals
+            .iter()
+            .filter(|ap| ap.created_at >= from && ap.created_at < to)
+        {
+            let approvers: Vec<&str> = ap
+                .decisions
+                .iter()
+                .filter(|d| d.decision == crate::model::Verdict::Approve)
+                .map(|d| d.operator.as_str())
+                .collect();
+            provisioning.push(ProvisioningRecord {
+                agent: ap.agent_id.clone(),
+                change: ap.request["change"]
+                    .as_str()
+                    .unwrap_or("registration")
+                    .to_owned(),
+                approval: ap.id.clone(),
+                state: ap.state.to_string(),
+                requested_by: ap.requester.clone(),
+                requested_at: ts(ap.created_at),
+                approved_by: approvers.join(" "),
+                decided_at: opt(ap.decided_at),
+                widened_scopes: ap.request["widened_scopes"]
+                    .as_array()
+                    .map(|v| {
+                        v.iter()
+                            .filter_map(|s| s.as_str())
+                            .collect::<Vec<_>>()
+                            .join(" ")
+                    })
+                    .unwrap_or_default(),
+            });
+        }
+        for a in agents
+            .iter()
+            .filter(|a| a.created_at >= from && a.created_at < to)
+        {
+            let granted = approvals
+                .iter()
+                .any(|ap| ap.agent_id == a.id && ap.state == ApprovalState::Approved);
+            if !granted {
+                summary.provisioned_without_approval += 1;
+                provisioning.push(ProvisioningRecord {
+                    agent: a.id.clone(),
+                    change: "registration".into(),
+                    approval: String::new(),
+                    state: "without_approval".into(),
+                    requested_by: String::new(),
+                    requested_at: ts(a.created_at),
+                    approved_by: String::new(),
+                    decided_at: String::new(),
+                    widened_scopes: String::new(),
+                });
+            }
+        }
+        summary.provisioning_records = provisioning.len();
+
+        // 3. Reviews: findings touched in the period.
+        let mut reviews = Vec::new();
+        for f in self.store.findings(None, false).await? {
+            let touched = |t: Option<OffsetDateTime>| t.is_some_and(|t| t >= from && t < to);
+            if !(touched(Some(f.opened_at)) || touched(f.closed_at) || touched(f.acted_at)) {
+                continue;
+            }
+            summary.findings_opened += usize::from(touched(Some(f.opened_at)));
+            summary.findings_closed += usize::from(touched(f.closed_at));
+            summary.lifecycle_actions += usize::from(touched(f.acted_at));
+            reviews.push(ReviewRecord {
+                agent: f.agent_id,
+                kind: f.kind,
+                subject: f.subject,
+                detail: f.detail,
+                opened_at: ts(f.opened_at),
+                action: f
+                    .action
+                    .and_then(|a| serde_json::to_value(a).ok())
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default(),
+                acted_at: opt(f.acted_at),
+                closed_at: opt(f.closed_at),
+                close_reason: f.close_reason.unwrap_or_default(),
+            });
+        }
+
+        // 4. Credentials live in the period.
+        let mut credentials = Vec::new();
+        let mut per_week: std::collections::BTreeMap<String, usize> = Default::default();
+        let mut cursor = None;
+        loop {
+            let page = self
+                .store
+                .list_leases(&LeaseFilter {
+                    cursor: cursor.clone(),
+                    ..LeaseFilter::default()
+                })
+                .await?;
+            let full = page.len() == crate::model::MAX_PAGE as usize;
+            cursor = page
+                .last()
+                .map(|l| crate::model::Cursor::of(l.created_at, &l.id));
+            for l in page {
+                let ended = l.ended_at.unwrap_or(l.expires_at.max(generated_at));
+                if l.created_at >= to || ended < from || l.state == LeaseState::Failed {
+                    continue;
+                }
+                if l.created_at >= from {
+                    let (y, w, _) = l.created_at.to_iso_week_date();
+                    *per_week.entry(format!("{y}-W{w:02}")).or_default() += 1;
+                }
+                summary.credentials_still_live += usize::from(matches!(
+                    l.state,
+                    LeaseState::Active | LeaseState::Pending | LeaseState::Revoking
+                ));
+                credentials.push(CredentialRecord {
+                    lease: l.id,
+                    agent: l.agent_id,
+                    task: l.task_id,
+                    scope: l.scope,
+                    provider: l.provider,
+                    issued_at: ts(l.created_at),
+                    last_use: ts(l.created_at),
+                    expires_at: ts(l.expires_at),
+                    ended_at: opt(l.ended_at),
+                    state: l.state.to_string(),
+                    end_reason: l.end_reason.unwrap_or_default(),
+                });
+            }
+            if !full {
+                break;
+            }
+        }
+        summary.credentials = credentials.len();
+        summary.credentials_per_week = per_week.into_iter().collect();
+
+        // 5. Deprovisioning: agents decommissioned in the period.
+        let mut deprovisioning = Vec::new();
+        for e in self.events("agent.decommissioned", from, to).await? {
+            let Some(agent) = e.agent.clone() else {
+                continue;
+            };
+            let leases = self
+                .store
+                .list_leases(&LeaseFilter {
+                    agent: Some(agent.clone()),
+                    ..LeaseFilter::default()
+                })
+                .await?;
+            let issued: Vec<_> = leases
+                .iter()
+                .filter(|l| l.state != LeaseState::Failed)
+                .collect();
+            let ended = issued
+                .iter()
+                .filter(|l| matches!(l.state, LeaseState::Revoked | LeaseState::Expired))
+                .count();
+            let fully = ended == issued.len();
+            summary.deprovisioned += 1;
+            summary.deprovisioned_fully_revoked += usize::from(fully);
+            deprovisioning.push(DeprovisioningRecord {
+                agent,
+                decommissioned_at: ts(from_unix(e.at_ms / 1000)),
+                by: e.actor.clone(),
+                trigger: e.reason.clone().unwrap_or_default(),
+                credentials: issued.len(),
+                credentials_ended: ended,
+                fully_revoked: fully,
+            });
+        }
+
+        Ok(EvidencePack {
+            from,
+            to,
+            generated_at,
+            audit_head,
+            summary,
+            registry,
+            provisioning,
+            reviews,
+            credentials,
+            deprovisioning,
+        })
+    }
+}
