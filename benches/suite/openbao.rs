@@ -39,15 +39,18 @@ impl Anchor {
     pub async fn configure(bao: &Bao, agent_key: &SecretString) -> Self {
         use secrecy::ExposeSecret;
         bao_setup::keygate_footing(bao).await;
-        // One secret id for Keygate, one for the direct clients' login.
+        // Keygate's AppRole, and another for the direct clients: a login of
+        // Keygate's own role that Keygate did not make is a stale login to
+        // it, which it revokes.
         let (role_id, secret_id) = bao_setup::configure_approle(bao, "keygate", "2h").await;
-        let (_, direct_secret) = bao_setup::configure_approle(bao, "keygate", "2h").await;
+        let (direct_role, direct_secret) =
+            bao_setup::configure_approle(bao, "bench-direct", "2h").await;
         let (_, login) = bao
             .request(
                 "POST",
                 "auth/approle/login",
                 None,
-                Some(json!({ "role_id": role_id, "secret_id": direct_secret })),
+                Some(json!({ "role_id": direct_role, "secret_id": direct_secret })),
             )
             .await;
         let token = login["auth"]["client_token"]
