@@ -178,6 +178,16 @@ match = { label = "suite=other" }
         kinds(&c).is_empty(),
         "a decommissioned agent has no issues: {c}"
     );
+    // Its findings close on the next sweep: nothing is left to fix.
+    sweep(&b).await;
+    let open = b
+        .get(
+            &format!("/v1/findings?agent={}&open=true", agent.id),
+            Some(&b.ops.auditor),
+        )
+        .await
+        .expect(200);
+    assert_eq!(open, json!([]), "{open}");
 
     // A bad policy is refused at start with a message that names it.
     let mut bad = Setup::permissive();

@@ -117,7 +117,8 @@ pub fn html(p: &EvidencePack) -> String {
         h,
         "<h1>Agent identity evidence, {} to {}</h1><p class=note>Generated {} by Keygate from its store and audit log; audit-chain head {}.</p>",
         day(p.from),
-        day(p.to),
+        // `to` is exclusive: the last day covered is the one before.
+        day(p.to - time::Duration::seconds(1)),
         esc(&p.generated_at.to_string()),
         esc(&head)
     );

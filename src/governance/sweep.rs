@@ -222,6 +222,9 @@ impl Broker {
         let keys = key_index(&all);
         for a in &all {
             if a.status == AgentStatus::Decommissioned {
+                // Nothing is left to fix on a retired agent: its findings close.
+                self.close_findings(a, "agent decommissioned", &mut report)
+                    .await?;
                 continue;
             }
             report.agents += 1;
@@ -229,6 +232,33 @@ impl Broker {
         }
         self.maturity().await?;
         Ok(report)
+    }
+
+    async fn close_findings(
+        &self,
+        a: &Agent,
+        reason: &str,
+        report: &mut SweepReport,
+    ) -> BrokerResult<()> {
+        let open = self.store.findings(Some(&a.id), true).await?;
+        if open.is_empty() {
+            return Ok(());
+        }
+        let t = now();
+        let mut tx = self.store.begin().await?;
+        for f in &open {
+            if tx.close_finding(&f.id, reason, t).await? {
+                tx.audit(
+                    AuditEvent::new(&Actor::System, "governance.finding_closed")
+                        .agent(&a.id)
+                        .reason(reason)
+                        .details(serde_json::json!({ "finding": f.id, "kind": f.kind, "subject": f.subject })),
+                )
+                .await?;
+                report.closed.push(f.id.clone());
+            }
+        }
+        tx.commit().await.map_err(Into::into)
     }
 
     async fn sweep_agent(
