@@ -175,6 +175,13 @@ pub enum AgentsCmd {
     Show {
         id: String,
     },
+    /// Seed 000's registry table for every agent: team, sponsor, permitted
+    /// scopes, credential types, TTL, last use and review, state, maturity.
+    Export {
+        /// `csv` or `json`.
+        #[arg(long, default_value = "csv", value_parser = ["csv", "json"])]
+        format: String,
+    },
     /// The agent's governance record: lifecycle policy, permitted scopes and
     /// their last use, compliance issues, maturity.
     Compliance {

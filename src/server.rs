@@ -162,6 +162,7 @@ pub fn router(state: AppState) -> Router {
             get(governance::agent_compliance),
         )
         .route("/v1/findings", get(governance::findings))
+        .route("/v1/registry", get(governance::registry))
         .route("/v1/maturity", get(governance::maturity))
         .route("/v1/governance/sweep", post(governance::sweep))
         .route("/v1/evidence", get(governance::evidence))

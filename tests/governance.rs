@@ -304,6 +304,42 @@ async fn maturity_places_agents_built_for_each_level() {
         .await;
     let c: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert!(kinds(&c).contains(&"shared_identity".to_owned()), "{c}");
+    // Seed 000's registry table, as CSV and JSON.
+    let out = b
+        .cli(
+            &["agents", "export", "--format", "csv"],
+            Some(&b.ops.auditor),
+        )
+        .await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let csv = String::from_utf8_lossy(&out.stdout).into_owned();
+    let header = csv.lines().next().unwrap();
+    for column in [
+        "agent",
+        "team",
+        "sponsor",
+        "permitted_scopes",
+        "credential_types",
+        "max_ttl_secs",
+        "last_review_at",
+    ] {
+        assert!(header.split(',').any(|c| c == column), "{header}");
+    }
+    assert_eq!(csv.lines().count(), 1 + 6, "{csv}");
+    let out = b
+        .cli(
+            &["agents", "export", "--format", "json"],
+            Some(&b.ops.auditor),
+        )
+        .await;
+    let rows: Vec<Value> = serde_json::from_slice(&out.stdout).unwrap();
+    let row = rows.iter().find(|r| r["agent"] == opt.id.as_str()).unwrap();
+    assert_eq!(row["maturity"], "optimizing", "{row}");
+    assert_eq!(row["credential_types"], "ca", "{row}");
     sweep(&b).await;
     let metrics = b
         .http

@@ -224,6 +224,22 @@ async fn agents(c: &Client, cmd: AgentsCmd) -> anyhow::Result<()> {
             c.json(c.request(Method::GET, &format!("/v1/agents/{id}")))
                 .await?
         }
+        AgentsCmd::Export { format } => {
+            let rows: Vec<crate::governance::evidence::RegistryRow> = c
+                .send(c.request(Method::GET, "/v1/registry"))
+                .await?
+                .json()
+                .await?;
+            if format == "json" {
+                return print_json(&serde_json::to_value(rows)?);
+            }
+            let mut w = csv::Writer::from_writer(std::io::stdout().lock());
+            for r in &rows {
+                w.serialize(r)?;
+            }
+            w.flush()?;
+            return Ok(());
+        }
         AgentsCmd::Compliance { id } => {
             c.json(c.request(Method::GET, &format!("/v1/agents/{id}/compliance")))
                 .await?

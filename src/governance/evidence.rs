@@ -173,24 +173,13 @@ impl Broker {
         Ok(out)
     }
 
-    /// The evidence pack for `[from, to)`.
-    pub async fn evidence(
+    /// Seed 000's registry table: one row per agent.
+    pub async fn registry_rows(
         &self,
-        from: OffsetDateTime,
-        to: OffsetDateTime,
-    ) -> BrokerResult<EvidencePack> {
-        let generated_at = crate::model::now();
-        let audit_head = self.store.audit_head().await?;
-        let maturity = self.maturity().await?;
-        let agents = self.store.list_agents(None, None).await?;
-        let mut summary = Summary {
-            maturity: maturity.level.to_owned(),
-            ..Summary::default()
-        };
-
-        // 1. Registry.
+        agents: &[crate::model::Agent],
+    ) -> BrokerResult<Vec<RegistryRow>> {
         let mut registry = Vec::new();
-        for a in &agents {
+        for a in agents {
             let c = self.compliance(a).await?;
             let providers: std::collections::BTreeSet<String> = c
                 .permitted_scopes
@@ -231,6 +220,26 @@ impl Broker {
                     .join(" "),
             });
         }
+        Ok(registry)
+    }
+
+    /// The evidence pack for `[from, to)`.
+    pub async fn evidence(
+        &self,
+        from: OffsetDateTime,
+        to: OffsetDateTime,
+    ) -> BrokerResult<EvidencePack> {
+        let generated_at = crate::model::now();
+        let audit_head = self.store.audit_head().await?;
+        let maturity = self.maturity().await?;
+        let agents = self.store.list_agents(None, None).await?;
+        let mut summary = Summary {
+            maturity: maturity.level.to_owned(),
+            ..Summary::default()
+        };
+
+        // 1. Registry.
+        let registry = self.registry_rows(&agents).await?;
         summary.agents = agents
             .iter()
             .filter(|a| a.status != AgentStatus::Decommissioned)

@@ -35,6 +35,16 @@ pub struct FindingsQuery {
     open: bool,
 }
 
+/// `GET /v1/registry`: seed 000's registry table, one row per agent.
+pub async fn registry(
+    State(b): State<AppState>,
+    op: Operator,
+) -> Result<impl IntoResponse, ApiError> {
+    op.require(READERS)?;
+    let agents = b.store.list_agents(None, None).await?;
+    Ok(Json(b.registry_rows(&agents).await?))
+}
+
 /// `GET /v1/findings?agent=&open=true`.
 pub async fn findings(
     State(b): State<AppState>,
