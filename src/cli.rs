@@ -225,6 +225,14 @@ pub enum PolicyCmd {
     /// Load the broker's policy directory again (admin); an invalid set is
     /// refused and the running one stays.
     Reload,
+    /// Run policy test cases against the policy files in DIR, locally (no
+    /// broker): each case's request and the decision it must get.
+    Test {
+        dir: PathBuf,
+        /// The cases file (TOML; see config/policy-cases.toml).
+        #[arg(long)]
+        cases: PathBuf,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -18,6 +18,8 @@ use sha2::{Digest, Sha256};
 
 use crate::model::{Agent, UserContext};
 
+pub mod cases;
+
 /// Why policies could not be loaded or evaluated.
 #[derive(Debug, thiserror::Error)]
 pub enum PolicyError {

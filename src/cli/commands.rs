@@ -97,6 +97,10 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             };
             print_json(&v)
         }
+        Command::Policy {
+            cmd: PolicyCmd::Test { dir, cases },
+            ..
+        } => policy_test(&dir, &cases),
         Command::Policy { cmd, remote } => {
             let c = Client::new(&remote)?;
             let v = match cmd {
@@ -108,6 +112,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                         .await?
                 }
                 PolicyCmd::Reload => c.json(c.request(Method::POST, "/v1/policy/reload")).await?,
+                PolicyCmd::Test { .. } => unreachable!("handled above"),
             };
             print_json(&v)
         }
@@ -149,6 +154,39 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             print_json(&serde_json::json!({ "keys": [public.jwk] }))
         }
     }
+}
+
+/// `keygate policy test`: every case against the set in `dir`.
+fn policy_test(dir: &std::path::Path, cases: &std::path::Path) -> anyhow::Result<()> {
+    let engine = crate::policy::PolicyEngine::load(dir)?;
+    let text =
+        std::fs::read_to_string(cases).with_context(|| format!("reading `{}`", cases.display()))?;
+    let file: crate::policy::cases::CasesFile =
+        toml::from_str(&text).with_context(|| format!("parsing `{}`", cases.display()))?;
+    if file.cases.is_empty() {
+        bail!("no [[case]] in `{}`", cases.display());
+    }
+    let outcomes = crate::policy::cases::run(&engine, &file);
+    let failed = outcomes.iter().filter(|o| o.failure.is_some()).count();
+    for o in &outcomes {
+        match &o.failure {
+            None => println!("ok    {}", o.name),
+            Some(why) => println!("FAIL  {}: {why}", o.name),
+        }
+    }
+    if failed > 0 {
+        bail!(
+            "{failed} of {} policy cases failed (policy set {})",
+            outcomes.len(),
+            engine.hash()
+        );
+    }
+    println!(
+        "{} policy cases passed (policy set {})",
+        outcomes.len(),
+        engine.hash()
+    );
+    Ok(())
 }
 
 /// The `*.cedar` and `*.cedarschema` files of `dir`, by name.
