@@ -59,7 +59,9 @@ policy = "finance-x509"
     let (ok, text) = run(&cases);
     assert!(!ok, "{text}");
     assert!(
-        text.contains("FAIL  tier-3 for half an hour: expected allow, got deny (decided by tier3-short-ttl)"),
+        text.contains(
+            "FAIL  tier-3 for half an hour: expected allow, got deny (decided by tier3-short-ttl)"
+        ),
         "{text}"
     );
     assert!(

@@ -179,7 +179,7 @@ async fn report_mode_lists_and_changes_nothing_and_sighup_reloads() {
 #[tokio::test]
 async fn an_agent_moved_to_a_team_without_access_loses_what_it_holds() {
     let b = TestBroker::start_with(Setup::default()).await;
-    let (agent, _, _, x509, jwt) = platform_with_leases(&b).await;
+    let (agent, s, _, x509, jwt) = platform_with_leases(&b).await;
     let r = b
         .call(
             reqwest::Method::PATCH,
@@ -201,4 +201,10 @@ async fn an_agent_moved_to_a_team_without_access_loses_what_it_holds() {
         ev[0]["reason"].as_str().unwrap().contains("changed"),
         "{ev:?}"
     );
+    // It may reach nothing now: its task ended and its token is refused.
+    let refused = b.credential(&s.token, "jwt-svid", Some(60), None).await;
+    assert_eq!(refused.status, 401, "{}", refused.text);
+    let ev = b.audit("action=agent.tasks_ended_by_policy").await;
+    assert_eq!(ev.len(), 1, "{ev:?}");
+    assert_eq!(ev[0]["details"]["tasks"], json!([s.task_id]), "{ev:?}");
 }

@@ -22,6 +22,8 @@ pub struct AgentDiff {
     pub agent: String,
     pub gained: Vec<String>,
     pub lost: Vec<String>,
+    /// What it may reach under the new set (empty: nothing at all).
+    pub reaches: Vec<String>,
 }
 
 /// A live lease a policy set does not permit.
@@ -53,6 +55,8 @@ pub struct PolicyReload {
     pub on_change: OnChange,
     /// Leases queued for revocation (empty in `report` mode).
     pub revoked: Vec<String>,
+    /// Open tasks ended because their agent may reach no scope any more.
+    pub tasks_ended: Vec<String>,
 }
 
 /// `[policy] on_change`: what happens to live leases the new set no longer
@@ -122,6 +126,7 @@ impl Broker {
                     agent: a.id,
                     gained,
                     lost,
+                    reaches: after,
                 });
             }
         }
@@ -268,8 +273,9 @@ impl Broker {
             })),
         )
         .await?;
-        let revoked = if on_change == OnChange::Revoke {
-            queue_not_permitted(
+        let (mut revoked, mut tasks_ended) = (Vec::new(), Vec::new());
+        if on_change == OnChange::Revoke {
+            revoked = queue_not_permitted(
                 &mut *tx,
                 actor,
                 &diff.leases_not_permitted,
@@ -277,10 +283,15 @@ impl Broker {
                 &new_hash,
                 t,
             )
-            .await?
-        } else {
-            Vec::new()
-        };
+            .await?;
+            for a in diff.agents.iter().filter(|a| a.reaches.is_empty()) {
+                let (tasks, leases) = self
+                    .end_when_nothing_left(&mut *tx, actor, &a.agent, &reason, t)
+                    .await?;
+                tasks_ended.extend(tasks);
+                revoked.extend(leases);
+            }
+        }
         tx.commit().await?;
         if !revoked.is_empty() {
             self.leases.wake();
@@ -290,6 +301,7 @@ impl Broker {
             diff,
             on_change,
             revoked,
+            tasks_ended,
         })
     }
 }
@@ -317,7 +329,17 @@ impl Broker {
         let mut tx = self.store.begin().await?;
         let revoked = match self.config.policy.on_change {
             OnChange::Revoke => {
-                queue_not_permitted(&mut *tx, actor, &gone, &reason, policy.hash(), now()).await?
+                let t = now();
+                let mut revoked =
+                    queue_not_permitted(&mut *tx, actor, &gone, &reason, policy.hash(), t).await?;
+                let agent = self.agent(agent_id).await?;
+                if self.reachable_scopes_under(&policy, &agent).is_empty() {
+                    let (_, leases) = self
+                        .end_when_nothing_left(&mut *tx, actor, agent_id, &reason, t)
+                        .await?;
+                    revoked.extend(leases);
+                }
+                revoked
             }
             OnChange::Report => {
                 tx.audit(
@@ -335,6 +357,33 @@ impl Broker {
             self.leases.wake();
         }
         Ok(revoked)
+    }
+}
+
+impl Broker {
+    /// An agent that may reach no scope at all has nothing left to do: its
+    /// open tasks end (their tokens stop working) and any lease left goes
+    /// to the revocation queue, audited as `agent.tasks_ended_by_policy`.
+    async fn end_when_nothing_left(
+        &self,
+        tx: &mut dyn crate::store::StoreTx,
+        actor: &Actor,
+        agent_id: &str,
+        reason: &str,
+        t: time::OffsetDateTime,
+    ) -> BrokerResult<(Vec<String>, Vec<String>)> {
+        let why = format!("{reason}: the agent may reach no scope");
+        let (tasks, leases) = self.end_agent_work(tx, agent_id, &why, t).await?;
+        if !tasks.is_empty() || !leases.is_empty() {
+            tx.audit(
+                AuditEvent::new(actor, "agent.tasks_ended_by_policy")
+                    .agent(agent_id)
+                    .reason(why)
+                    .details(serde_json::json!({ "tasks": tasks, "leases": leases })),
+            )
+            .await?;
+        }
+        Ok((tasks, leases))
     }
 }
 
