@@ -208,3 +208,34 @@ async fn an_agent_moved_to_a_team_without_access_loses_what_it_holds() {
     assert_eq!(ev.len(), 1, "{ev:?}");
     assert_eq!(ev[0]["details"]["tasks"], json!([s.task_id]), "{ev:?}");
 }
+
+/// A lease is judged on the ttl policy decided when it was issued, not on
+/// its recorded expiry, which a backend's clock (up to 5 s) or a renewal may
+/// have moved: a reload that changes nothing revokes nothing.
+#[tokio::test]
+async fn a_reload_judges_the_decided_ttl_not_the_moved_expiry() {
+    let b = TestBroker::start_with(Setup::default()).await;
+    let agent = TestAgent::new("tier3", "ES256");
+    let mut spec = agent.spec("platform");
+    spec["risk_tier"] = json!(3);
+    b.admin_post("/v1/agents", &spec).await.expect(201);
+    let s = b.token_ttl(&agent, Some(3600)).await;
+    // Tier 3: at most 900 s (guardrail `tier3-short-ttl`).
+    let lease = b.jwt_svid(&s.token, Some(900)).await["lease_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let mut db = b.db().await;
+    sqlx::query("UPDATE leases SET expires_at = expires_at + 5 WHERE id = ?")
+        .bind(&lease)
+        .execute(&mut db)
+        .await
+        .unwrap();
+    sqlx::Connection::close(db).await.unwrap();
+    let done = b
+        .post("/v1/policy/reload", Some(&b.ops.admin), &json!({}))
+        .await
+        .expect(200);
+    assert_eq!(done["leases_not_permitted"], json!([]), "{done}");
+    assert_eq!(b.lease_state(&lease).await, "active");
+}

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use super::credentials::scope_facts;
 use super::{Broker, BrokerError, BrokerResult};
 use crate::audit::{Actor, AuditEvent};
-use crate::model::{AgentStatus, Lease, Selector, Task, now};
+use crate::model::{AgentStatus, Lease, LeaseState, Selector, Task, now};
 use crate::policy::{PolicyEngine, RequestFacts};
 use crate::store::LeaseSelector;
 
@@ -147,11 +147,17 @@ impl Broker {
     ) -> BrokerResult<Vec<NotPermitted>> {
         let mut tasks: HashMap<String, Option<Task>> = HashMap::new();
         let mut agents = HashMap::new();
+        let mut decided_ttls: HashMap<String, u64> = HashMap::new();
         let mut out = Vec::new();
         for l in self.store.live_leases(selector).await? {
+            // Leases already on their way out are not judged again.
+            if !matches!(l.state, LeaseState::Active | LeaseState::Pending) {
+                continue;
+            }
             if !tasks.contains_key(&l.task_id) {
                 let t = self.store.get_task(&l.task_id).await?;
                 tasks.insert(l.task_id.clone(), t);
+                decided_ttls.extend(self.decided_ttls(&l.task_id).await?);
             }
             if !agents.contains_key(&l.agent_id) {
                 let a = self.store.get_agent(&l.agent_id).await?;
@@ -162,7 +168,8 @@ impl Broker {
             else {
                 continue;
             };
-            if !self.still_permitted(policy, agent, task, &l).await? {
+            let ttl = decided_ttls.get(&l.id).copied();
+            if !self.still_permitted(policy, agent, task, &l, ttl).await? {
                 out.push(NotPermitted {
                     lease: l.id.clone(),
                     agent: l.agent_id.clone(),
@@ -174,12 +181,43 @@ impl Broker {
         Ok(out)
     }
 
+    /// The ttl policy judged for each lease of a task, from the audit log
+    /// (the lease's own expiry may since have moved: the backend's clock,
+    /// a renewal).
+    async fn decided_ttls(&self, task_id: &str) -> BrokerResult<HashMap<String, u64>> {
+        let mut out = HashMap::new();
+        for action in ["credential.requested", "credential.redeemed"] {
+            let mut after = 0;
+            loop {
+                let page = self
+                    .store
+                    .audit_events(&crate::store::AuditFilter {
+                        after_seq: after,
+                        agent: None,
+                        task: Some(task_id.to_owned()),
+                        action: Some(action.to_owned()),
+                        limit: 1000,
+                    })
+                    .await?;
+                let Some(last) = page.last() else { break };
+                after = last.seq;
+                for e in page {
+                    if let (Some(lease), Some(ttl)) = (e.lease, e.details["ttl"].as_u64()) {
+                        out.insert(lease, ttl);
+                    }
+                }
+            }
+        }
+        Ok(out)
+    }
+
     async fn still_permitted(
         &self,
         policy: &PolicyEngine,
         agent: &crate::model::Agent,
         task: &Task,
         l: &Lease,
+        decided_ttl: Option<u64>,
     ) -> BrokerResult<bool> {
         // A scope removed from config cannot be judged here; its leases are
         // the reaper's and the operator's, not policy's.
@@ -189,7 +227,8 @@ impl Broker {
         let facts = RequestFacts {
             task_id: &task.id,
             task_description: &task.description,
-            requested_ttl_secs: (l.expires_at - l.created_at).whole_seconds().max(1) as u64,
+            requested_ttl_secs: decided_ttl
+                .unwrap_or_else(|| (l.expires_at - l.created_at).whole_seconds().max(1) as u64),
             now: l.created_at,
             chain: &task.chain,
         };
