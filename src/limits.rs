@@ -18,6 +18,24 @@ use crate::config::RateLimitConfig;
 /// logs and limiter keys); longer ones are cut and tagged with their hash.
 pub const MAX_CLAIMED_ID: usize = 128;
 
+/// The longest error message built from a parser's words about untrusted
+/// input (which may quote that input back).
+pub const MAX_PARSE_MESSAGE: usize = 400;
+
+/// A parser's message about untrusted input, cut to
+/// [`MAX_PARSE_MESSAGE`] bytes: serde quotes unknown field names and values,
+/// and an attacker chooses how long those are.
+pub fn clip_message(msg: &str) -> String {
+    if msg.len() <= MAX_PARSE_MESSAGE {
+        return msg.to_owned();
+    }
+    let mut cut = MAX_PARSE_MESSAGE;
+    while !msg.is_char_boundary(cut) {
+        cut -= 1;
+    }
+    format!("{}… (cut)", &msg[..cut])
+}
+
 /// A claimed identifier (a `client_id` nobody verified) made safe to keep:
 /// at most [`MAX_CLAIMED_ID`] bytes, with a hash that still tells two long
 /// ones apart.

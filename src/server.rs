@@ -27,7 +27,7 @@ use crate::metrics::Metrics;
 use crate::policy::PolicyEngine;
 use crate::providers::Registry;
 
-pub use error::ApiError;
+pub use error::{ApiError, parse_json, parse_query};
 pub use tls::ClientConn;
 
 /// Shared state of every handler.

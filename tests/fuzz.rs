@@ -235,8 +235,8 @@ fn api_bodies() {
     ];
     proptest!(config(), |(b in input(seeds))| {
         ran(3);
-        if let Err(e) = serde_json::from_slice::<AgentSpec>(&b) {
-            bounded(&e.to_string(), b.len());
+        if let Err(e) = keygate::server::parse_json::<AgentSpec>(&b) {
+            bounded(&e.message, b.len());
         }
         let _ = serde_json::from_slice::<AgentUpdate>(&b);
         let _ = serde_json::from_slice::<RevocationRequest>(&b);

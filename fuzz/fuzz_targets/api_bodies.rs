@@ -1,5 +1,7 @@
-//! The JSON and form bodies of the HTTP API: agent registration and
-//! updates, revocations, approval decisions, and the token endpoint's form.
+//! The JSON and form bodies of the HTTP API, through the parsers the
+//! handlers use: agent registration and updates, revocations, approval
+//! decisions, and the token endpoint's form. An error may not quote a large
+//! input back.
 #![no_main]
 
 #[path = "common/mod.rs"]
@@ -7,14 +9,27 @@ mod common;
 
 use common::bounded;
 use keygate::broker::{AgentSpec, AgentUpdate, DecisionRequest, RevocationRequest, TokenRequest};
+use keygate::server::{parse_json, parse_query};
 use libfuzzer_sys::fuzz_target;
 
 fuzz_target!(|data: &[u8]| {
-    if let Err(e) = serde_json::from_slice::<AgentSpec>(data) {
-        bounded(&e.to_string(), data.len());
+    let check = |e: keygate::server::ApiError| bounded(&e.message, data.len());
+    if let Err(e) = parse_json::<AgentSpec>(data) {
+        check(e);
     }
-    let _ = serde_json::from_slice::<AgentUpdate>(data);
-    let _ = serde_json::from_slice::<RevocationRequest>(data);
-    let _ = serde_json::from_slice::<DecisionRequest>(data);
-    let _ = serde_urlencoded::from_bytes::<TokenRequest>(data);
+    if let Err(e) = parse_json::<AgentUpdate>(data) {
+        check(e);
+    }
+    if let Err(e) = parse_json::<RevocationRequest>(data) {
+        check(e);
+    }
+    if let Err(e) = parse_json::<DecisionRequest>(data) {
+        check(e);
+    }
+    // The token endpoint's form (axum's Form is serde_urlencoded), with the
+    // clipping its error message gets.
+    if let Err(e) = serde_urlencoded::from_bytes::<TokenRequest>(data) {
+        bounded(&keygate::limits::clip_message(&e.to_string()), data.len());
+    }
+    let _ = parse_query::<DecisionRequest>(Some(&String::from_utf8_lossy(data)));
 });

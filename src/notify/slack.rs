@@ -336,12 +336,16 @@ pub struct Click {
 
 /// Parses the `payload` form field of an interaction request.
 pub fn parse_click(payload: &str) -> Result<Click, String> {
-    let v: serde_json::Value =
-        serde_json::from_str(payload).map_err(|e| format!("`payload` is not JSON: {e}"))?;
+    let v: serde_json::Value = serde_json::from_str(payload).map_err(|e| {
+        format!(
+            "`payload` is not JSON: {}",
+            crate::limits::clip_message(&e.to_string())
+        )
+    })?;
     if v["type"] != "block_actions" {
         return Err(format!(
             "unsupported interaction type `{}` (Keygate handles block_actions)",
-            v["type"].as_str().unwrap_or("?")
+            crate::limits::claimed_label(v["type"].as_str().unwrap_or("?"))
         ));
     }
     let user_id = v["user"]["id"]

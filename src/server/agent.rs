@@ -37,7 +37,7 @@ pub async fn token(
                 "invalid_request",
                 format!(
                     "the body must be application/x-www-form-urlencoded: {}",
-                    e.body_text()
+                    crate::limits::clip_message(&e.body_text())
                 ),
             );
             b.record_auth_failure(source, None, &err).await;
@@ -195,7 +195,7 @@ fn token_field(
     let axum::Form(f) = form.map_err(|e| {
         ApiError::bad_request(format!(
             "the body must be application/x-www-form-urlencoded: {}",
-            e.body_text()
+            crate::limits::clip_message(&e.body_text())
         ))
     })?;
     f.token

@@ -167,7 +167,7 @@ where
             )),
             Err(r) => Err(ApiError::bad_request(format!(
                 "the body is not valid: {}",
-                r.body_text()
+                crate::limits::clip_message(&r.body_text())
             ))),
         }
     }
@@ -175,13 +175,22 @@ where
 
 /// Parses a JSON body read as bytes, for handlers that must check the
 /// caller's role before looking at the body.
+/// A message that quotes the body is cut ([`crate::limits::clip_message`]).
 pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiError> {
-    serde_json::from_slice(body)
-        .map_err(|e| ApiError::bad_request(format!("the body is not valid: {e}")))
+    serde_json::from_slice(body).map_err(|e| {
+        ApiError::bad_request(format!(
+            "the body is not valid: {}",
+            crate::limits::clip_message(&e.to_string())
+        ))
+    })
 }
 
 /// Parses a query string, after the role check, with a JSON error.
 pub fn parse_query<T: serde::de::DeserializeOwned>(query: Option<&str>) -> Result<T, ApiError> {
-    serde_urlencoded::from_str(query.unwrap_or(""))
-        .map_err(|e| ApiError::bad_request(format!("the query is not valid: {e}")))
+    serde_urlencoded::from_str(query.unwrap_or("")).map_err(|e| {
+        ApiError::bad_request(format!(
+            "the query is not valid: {}",
+            crate::limits::clip_message(&e.to_string())
+        ))
+    })
 }
