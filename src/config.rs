@@ -450,7 +450,8 @@ fn describe_toml_error(e: &toml::de::Error, text: &str) -> String {
             format!(" (line {line}, column {column})")
         })
         .unwrap_or_default();
-    format!("{}{at}", redact_quoted(e.message().trim()))
+    let message = redact_variant(&redact_quoted(e.message().trim()));
+    format!("{}{at}", crate::limits::clip_message(&message))
 }
 
 /// Replaces the inside of every `"…"` in a message.
@@ -469,6 +470,20 @@ fn redact_quoted(message: &str) -> String {
         }
     }
     out
+}
+
+/// serde's "unknown variant `<value>`" quotes a value from the file (which
+/// may be a secret pasted in the wrong place): the value is replaced, the
+/// variants it expected are kept.
+fn redact_variant(message: &str) -> String {
+    const MARK: &str = "unknown variant `";
+    let Some(start) = message.find(MARK).map(|i| i + MARK.len()) else {
+        return message.to_owned();
+    };
+    match message[start..].find('`') {
+        Some(len) => format!("{}…{}", &message[..start], &message[start + len..]),
+        None => message.to_owned(),
+    }
 }
 
 impl Config {

@@ -96,3 +96,22 @@ default_channel = "#approvals"
     assert!(err.contains("env:KG_TEST_MISSING_SECRET"), "{err}");
     nothing_written(&b);
 }
+
+/// serde names an unknown enum value back ("unknown variant `…`"): a secret
+/// pasted into `roles` is not repeated, the accepted values are (found by
+/// the coverage-guided config fuzzer).
+#[tokio::test]
+async fn an_unknown_value_is_named_by_its_setting_not_repeated() {
+    let b = TestBroker::prepare(Setup {
+        extra_config: "[[operators]]\nname = \"pasted\"\nroles = [\"xoxb-5678-pasted-secret\"]\ntoken_sha256 = \"0000000000000000000000000000000000000000000000000000000000000000\"\n".into(),
+        ..Setup::default()
+    });
+    let err = refused(&b).await;
+    assert!(err.contains("unknown variant `…`"), "{err}");
+    assert!(err.contains("expected one of"), "{err}");
+    assert!(
+        !err.contains("5678") && !err.contains("pasted-secret"),
+        "{err}"
+    );
+    nothing_written(&b);
+}
