@@ -52,12 +52,17 @@ pub async fn verify_remote(c: &Client) -> anyhow::Result<()> {
     }
 }
 
-pub async fn verify_db(path: &Path) -> anyhow::Result<()> {
+/// Walks the whole chain in the database at `path`: `Ok((last seq, head
+/// hash, hash of event `at`))`, or the first broken link.
+async fn walk_db(
+    path: &Path,
+    at: Option<i64>,
+) -> anyhow::Result<Result<(i64, String, Option<String>), crate::audit::BrokenLink>> {
     if !path.exists() {
         bail!("no database at `{}`", path.display());
     }
     let store = crate::store::SqliteStore::open(&path.to_string_lossy()).await?;
-    let (mut seq, mut hash) = (0, GENESIS_HASH.to_owned());
+    let (mut seq, mut hash, mut found) = (0, GENESIS_HASH.to_owned(), None);
     loop {
         let f = AuditFilter {
             after_seq: seq,
@@ -66,43 +71,30 @@ pub async fn verify_db(path: &Path) -> anyhow::Result<()> {
         };
         let evs = crate::store::Store::audit_events(&store, &f).await?;
         if evs.is_empty() {
-            return report(Ok((seq, hash)));
+            return Ok(Ok((seq, hash, found)));
+        }
+        if let Some(e) = at.and_then(|at| evs.iter().find(|e| e.seq == at)) {
+            found = Some(e.hash.clone());
         }
         match verify_chain(&evs, seq, hash) {
             Ok((s, h)) => (seq, hash) = (s, h),
-            Err(b) => return report(Err(b)),
+            Err(b) => return Ok(Err(b)),
         }
     }
+}
+
+pub async fn verify_db(path: &Path) -> anyhow::Result<()> {
+    report(walk_db(path, None).await?.map(|(seq, hash, _)| (seq, hash)))
 }
 
 /// Verifies the whole chain in the database at `path` and returns the hash
 /// of event `at` (an evidence pack's head), or an error naming the break.
 pub async fn verified_hash_at(path: &Path, at: i64) -> anyhow::Result<String> {
-    if !path.exists() {
-        bail!("no database at `{}`", path.display());
+    match walk_db(path, Some(at)).await? {
+        Ok((_, _, Some(hash))) => Ok(hash),
+        Ok((_, _, None)) => bail!("the audit log has no event {at}"),
+        Err(b) => bail!("audit chain broken at event {}: {}", b.seq, b.problem),
     }
-    let store = crate::store::SqliteStore::open(&path.to_string_lossy()).await?;
-    let (mut seq, mut hash) = (0, GENESIS_HASH.to_owned());
-    let mut found = None;
-    loop {
-        let f = AuditFilter {
-            after_seq: seq,
-            limit: PAGE,
-            ..Default::default()
-        };
-        let evs = crate::store::Store::audit_events(&store, &f).await?;
-        if evs.is_empty() {
-            break;
-        }
-        if let Some(e) = evs.iter().find(|e| e.seq == at) {
-            found = Some(e.hash.clone());
-        }
-        match verify_chain(&evs, seq, hash) {
-            Ok((s, h)) => (seq, hash) = (s, h),
-            Err(b) => bail!("audit chain broken at event {}: {}", b.seq, b.problem),
-        }
-    }
-    found.ok_or_else(|| anyhow::anyhow!("the audit log has no event {at}"))
 }
 
 pub async fn tail(
