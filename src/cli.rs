@@ -112,6 +112,20 @@ pub enum Command {
         #[command(flatten)]
         remote: Remote,
     },
+    /// Access review campaigns: start one, list, show, decide items.
+    Reviews {
+        #[command(subcommand)]
+        cmd: ReviewsCmd,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// The people directory: list it, mark someone departed.
+    People {
+        #[command(subcommand)]
+        cmd: PeopleCmd,
+        #[command(flatten)]
+        remote: Remote,
+    },
     /// The Cedar policy set: show, preview a change, reload without restart.
     Policy {
         #[command(subcommand)]
@@ -187,6 +201,21 @@ pub enum AgentsCmd {
     Compliance {
         id: String,
     },
+    /// Deny the agent SCOPE in the registry whatever policy says, revoking
+    /// what it holds of it, until `include` lifts it (admin).
+    Exclude {
+        id: String,
+        scope: String,
+        #[arg(long)]
+        reason: String,
+    },
+    /// Lift an exclusion: policy alone decides SCOPE again (admin).
+    Include {
+        id: String,
+        scope: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
     Suspend {
         id: String,
         #[arg(long)]
@@ -247,6 +276,55 @@ pub enum GovernanceCmd {
     },
     /// Run the governance sweep now (admin).
     Sweep,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum ReviewsCmd {
+    /// Start a campaign: one item per agent (of `--team`) that may reach a
+    /// scope, assigned to its sponsor or its team's lead (admin).
+    Start {
+        #[arg(long)]
+        name: String,
+        #[arg(long)]
+        team: Option<String>,
+        /// Due after this many days (`14` or `14d`; default
+        /// `governance.review_due_days`).
+        #[arg(long)]
+        due: Option<String>,
+    },
+    /// Every campaign with its open and decided counts.
+    List,
+    /// A campaign (by id or name) and its items.
+    Show { campaign: String },
+    /// One item: the snapshot the reviewer judges, and the decisions so far.
+    Item { id: String },
+    /// Decide an item: exactly one of `--attest`, `--narrow`, `--retire`.
+    Decide {
+        item: String,
+        #[arg(long, conflicts_with_all = ["narrow", "retire"])]
+        attest: bool,
+        /// Scopes to take away, comma-separated.
+        #[arg(long, value_delimiter = ',', conflicts_with = "retire")]
+        narrow: Vec<String>,
+        #[arg(long)]
+        retire: bool,
+        #[arg(long, default_value = "")]
+        note: String,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PeopleCmd {
+    /// Everyone the directory knows, with who left and when.
+    List,
+    /// Mark a person departed: their agents need a new sponsor within
+    /// `sponsor_reassign_within_days`, their operator token stops working
+    /// (admin).
+    Depart {
+        email: String,
+        #[arg(long)]
+        reason: Option<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -69,6 +69,10 @@ pub struct Config {
     /// Lifecycle policies by risk tier, environment or label.
     #[serde(default)]
     pub lifecycle: Vec<LifecyclePolicy>,
+    /// The people directory: sponsors, reviewers, team leads (operators
+    /// with an `email` are people too).
+    #[serde(default)]
+    pub people: Vec<crate::governance::people::PersonConfig>,
 }
 
 /// Issuers whose JWTs may authenticate agents (workload identity federation).
@@ -495,6 +499,7 @@ impl Config {
             return bad("`sessions.default_ttl_secs` must be between 1 and `max_ttl_secs`".into());
         }
         lifecycle::validate(&self.lifecycle).map_err(ConfigError::Invalid)?;
+        crate::governance::people::validate(&self.people).map_err(ConfigError::Invalid)?;
         if self.governance.sweep_interval_secs == 0 {
             return bad("`governance.sweep_interval_secs` must be at least 1".into());
         }

@@ -5,13 +5,19 @@
 //!   `no_sponsor`, `long_ttl`, …), computed from facts the store holds;
 //! - [`maturity`]: seed 000's maturity level per agent and overall, with the
 //!   criteria each level needs and which fail;
+//! - [`people`]: the people directory (sponsors, reviewers, team leads)
+//!   and departures; [`reviews`]: access review campaigns; `exclusions`:
+//!   the registry's per-agent scope exclusions and recording departures;
 //! - [`sweep`]: the periodic pass that records issues as findings, acts when
 //!   a deadline passes (suspend, decommission), and closes resolved ones —
 //!   every step audited in the same transaction.
 
 pub mod compliance;
 pub mod evidence;
+mod exclusions;
 pub mod maturity;
+pub mod people;
+pub mod reviews;
 pub mod sweep;
 
 use serde::{Deserialize, Serialize};

@@ -170,6 +170,47 @@ pub struct Agent {
     /// agent whose provisioning approval was never granted).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub suspended_from: Option<AgentStatus>,
+    /// The longest any session or credential of the agent may live, below
+    /// the broker's and the scopes' own limits (seed 000's per-agent TTL).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_ttl_secs: Option<u64>,
+    /// Scopes the registry denies it whatever policy says (a review's
+    /// `narrow`, an unused scope removed, an admin's exclusion), until an
+    /// admin lifts them: Keygate cannot edit the Cedar files, so it narrows
+    /// here. A lifted exclusion stays, with who lifted it and when.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub excluded_scopes: BTreeMap<String, Exclusion>,
+}
+
+/// Why and by whom a scope was excluded from an agent.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Exclusion {
+    pub reason: String,
+    pub by: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub lifted_by: Option<String>,
+    #[serde(
+        default,
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub lifted_at: Option<OffsetDateTime>,
+}
+
+impl Agent {
+    /// The registry's standing (not lifted) exclusion of `scope`.
+    pub fn exclusion(&self, scope: &str) -> Option<&Exclusion> {
+        self.excluded_scopes
+            .get(scope)
+            .filter(|e| e.lifted_at.is_none())
+    }
+
+    /// `secs` capped by the agent's own `max_ttl_secs`.
+    pub fn cap_ttl(&self, secs: u64) -> u64 {
+        self.max_ttl_secs.map_or(secs, |cap| secs.min(cap))
+    }
 }
 
 /// The user a task acts for.

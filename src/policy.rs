@@ -57,6 +57,9 @@ pub struct RequestFacts<'a> {
     pub chain: &'a [String],
 }
 
+/// The policy id a decision names when the registry excluded the scope.
+pub const EXCLUSION_POLICY_ID: &str = "keygate:registry-exclusion";
+
 /// A decision and the policies that made it.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct PolicyDecision {
@@ -104,6 +107,11 @@ pub const AUTO_APPROVE: &str = "auto_approve";
 impl PolicyEngine {
     /// Loads every `*.cedar` file (and an optional `*.cedarschema`) in `dir`.
     pub fn load(dir: &Path) -> Result<Self, PolicyError> {
+        Self::from_files(&Self::read_dir(dir)?)
+    }
+
+    /// The policy and schema files of `dir`, by file name.
+    pub fn read_dir(dir: &Path) -> Result<BTreeMap<String, String>, PolicyError> {
         let read_err = |e: std::io::Error| PolicyError::Read {
             path: dir.display().to_string(),
             message: e.to_string(),
@@ -119,7 +127,7 @@ impl PolicyEngine {
                 files.insert(name, std::fs::read_to_string(&path).map_err(read_err)?);
             }
         }
-        Self::from_files(&files)
+        Ok(files)
     }
 
     /// Builds the engine from `(file name, content)` pairs.
@@ -211,6 +219,14 @@ impl PolicyEngine {
         scope: &ScopeFacts<'_>,
         req: &RequestFacts<'_>,
     ) -> Result<PolicyDecision, PolicyError> {
+        // The registry's exclusions deny before any policy is read.
+        if let Some(e) = agent.exclusion(scope.name) {
+            return Ok(PolicyDecision {
+                allow: false,
+                policy_ids: vec![EXCLUSION_POLICY_ID.to_owned()],
+                errors: vec![format!("excluded by {}: {}", e.by, e.reason)],
+            });
+        }
         self.decide_action(REQUEST_CREDENTIAL, agent, scope, req)
     }
 

@@ -9,6 +9,7 @@ mod error;
 mod governance;
 mod listen;
 mod ops;
+mod reviews;
 pub mod tls;
 
 use std::path::Path;
@@ -161,6 +162,17 @@ pub fn router(state: AppState) -> Router {
             "/v1/agents/{id}/compliance",
             get(governance::agent_compliance),
         )
+        .route("/v1/agents/{id}/exclusions", post(reviews::exclude))
+        .route(
+            "/v1/agents/{id}/exclusions/{scope}",
+            delete(reviews::include),
+        )
+        .route("/v1/reviews", post(reviews::start).get(reviews::list))
+        .route("/v1/reviews/{key}", get(reviews::show))
+        .route("/v1/reviews/items/{id}", get(reviews::item))
+        .route("/v1/reviews/items/{id}/decision", post(reviews::decide))
+        .route("/v1/people", get(reviews::people))
+        .route("/v1/people/{email}/depart", post(reviews::depart))
         .route("/v1/findings", get(governance::findings))
         .route("/v1/registry", get(governance::registry))
         .route("/v1/maturity", get(governance::maturity))
@@ -293,11 +305,17 @@ async fn reload_on_sighup(broker: AppState) {
         };
         while hup.recv().await.is_some() {
             let actor = crate::audit::Actor::Operator("sighup".into());
-            if let Err(e) = broker
+            match broker
                 .reload_policy(&actor, &crate::broker::PolicyFiles::default())
                 .await
             {
-                tracing::error!(error = %e, "policy reload on SIGHUP refused; the running set stays");
+                Err(e) => {
+                    tracing::error!(error = %e, "policy reload on SIGHUP refused; the running set stays");
+                }
+                Ok(r) if r.held.is_some() => {
+                    tracing::warn!(approval = %r.held.as_ref().map(|a| a.id.as_str()).unwrap_or_default(), "the new policy set widens access: it waits for provisioning approval");
+                }
+                Ok(_) => {}
             }
         }
     }

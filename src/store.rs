@@ -128,6 +128,18 @@ pub trait Store: Send + Sync + 'static {
         agent_id: Option<&str>,
         open_only: bool,
     ) -> StoreResult<Vec<crate::governance::Finding>>;
+    /// Every recorded departure from the people directory.
+    async fn departures(&self) -> StoreResult<Vec<crate::governance::people::Departure>>;
+    /// Every review campaign, newest first.
+    async fn review_campaigns(&self) -> StoreResult<Vec<crate::governance::reviews::Campaign>>;
+    async fn review_items(
+        &self,
+        filter: &crate::governance::reviews::ReviewFilter,
+    ) -> StoreResult<Vec<crate::governance::reviews::ReviewItem>>;
+    async fn review_item(
+        &self,
+        id: &str,
+    ) -> StoreResult<Option<crate::governance::reviews::ReviewItem>>;
 }
 
 /// One atomic change. Dropping it without `commit` rolls back.
@@ -306,6 +318,41 @@ pub trait StoreTx: Send {
     ) -> StoreResult<bool>;
     /// Marks an open finding's lifecycle action done; whether it was pending.
     async fn finding_acted(&mut self, id: &str, now: OffsetDateTime) -> StoreResult<bool>;
+    /// Writes the agent's exclusion of `scope` if it changes whether one
+    /// stands: a new one (no `lifted_at`) where none stands, or a lifted one
+    /// where one stands; whether it was written.
+    async fn put_exclusion(
+        &mut self,
+        agent_id: &str,
+        scope: &str,
+        exclusion: &crate::model::Exclusion,
+    ) -> StoreResult<bool>;
+    /// Records a departure unless that email departed already; whether it did.
+    async fn record_departure(
+        &mut self,
+        departure: &crate::governance::people::Departure,
+    ) -> StoreResult<bool>;
+    /// Sets the agent's `last_review_at`.
+    async fn mark_reviewed(&mut self, agent_id: &str, at: OffsetDateTime) -> StoreResult<()>;
+    /// A campaign of the same name is a `Conflict`.
+    async fn insert_campaign(
+        &mut self,
+        campaign: &crate::governance::reviews::Campaign,
+    ) -> StoreResult<()>;
+    async fn insert_review_item(
+        &mut self,
+        item: &crate::governance::reviews::ReviewItem,
+    ) -> StoreResult<()>;
+    /// The item as this transaction sees it.
+    async fn review_item(
+        &mut self,
+        id: &str,
+    ) -> StoreResult<Option<crate::governance::reviews::ReviewItem>>;
+    /// Writes the item's state, decisions and dates.
+    async fn save_review_item(
+        &mut self,
+        item: &crate::governance::reviews::ReviewItem,
+    ) -> StoreResult<()>;
     /// Marks a standing fence lifted; `false` when it was lifted already.
     async fn lift_fence(
         &mut self,
@@ -382,6 +429,8 @@ mod tests {
             federated: None,
             may_assert_users: false,
             suspended_from: None,
+            excluded_scopes: Default::default(),
+            max_ttl_secs: None,
         }
     }
 

@@ -6,16 +6,12 @@
 
 mod common;
 
+use common::config::sha256_hex;
 use common::slack::SlackFake;
 use common::{Setup, TestAgent, TestBroker, eventually, unix_now};
 use hmac::{Hmac, Mac};
 use serde_json::{Value, json};
 use sha2::Sha256;
-
-fn sha256_hex(s: &str) -> String {
-    use sha2::Digest;
-    hex::encode(Sha256::digest(s.as_bytes()))
-}
 
 const SIGNING_SECRET: &str = "8f742231b10e8888abcd99yyyzzz85a5";
 const BOT_TOKEN: &str = "xoxb-test-bot-token";

@@ -239,3 +239,131 @@ async fn a_reload_judges_the_decided_ttl_not_the_moved_expiry() {
     assert_eq!(done["leases_not_permitted"], json!([]), "{done}");
     assert_eq!(b.lease_state(&lease).await, "active");
 }
+
+/// Lets the research team obtain JWT-SVIDs.
+const RESEARCH_JWT: &str = r#"
+@id("research-jwt")
+permit (
+  principal,
+  action == Keygate::Action::"request_credential",
+  resource == Keygate::Scope::"jwt-svid"
+)
+when { principal.team == "research" };
+"#;
+
+async fn approve(b: &TestBroker, id: &str) -> common::Resp {
+    b.post(
+        &format!("/v1/approvals/{id}/decision"),
+        Some(&b.ops.approver),
+        &json!({ "decision": "approve", "reason": "reviewed the diff" }),
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_widening_reload_waits_for_provisioning_approval_and_a_stale_one_is_refused() {
+    let b = TestBroker::start_with(Setup {
+        extra_config: "[provisioning]\nrequire_approval = true\napprovals = 1\n".into(),
+        ..Setup::default()
+    })
+    .await;
+    let agent = TestAgent::new("researcher", "ES256");
+    let held = b
+        .admin_post("/v1/agents", &agent.spec("research"))
+        .await
+        .expect(202);
+    approve(&b, held["approval"]["id"].as_str().unwrap())
+        .await
+        .expect(200);
+    let s = b.token(&agent).await;
+    let before = hash(&b).await;
+    let denied = b
+        .credential(
+            &s.token,
+            "jwt-svid",
+            Some(60),
+            Some(json!({ "audience": common::JWT_AUDIENCE })),
+        )
+        .await;
+    assert_eq!(denied.status, 403, "{}", denied.text);
+
+    // The widening set waits: 202, the active set unchanged, still denied.
+    std::fs::write(policy_dir(&b).join("research.cedar"), RESEARCH_JWT).unwrap();
+    let r = b
+        .post("/v1/policy/reload", Some(&b.ops.admin), &json!({}))
+        .await;
+    assert_eq!(r.status, 202, "{}", r.text);
+    let r = r.json();
+    let approval = r["held"]["id"].as_str().unwrap().to_owned();
+    let why = r["held"]["justification"].as_str().unwrap();
+    assert!(
+        why.contains(&format!("{} gains jwt-svid", agent.id)),
+        "{why}"
+    );
+    assert_eq!(hash(&b).await, before);
+    let still = b
+        .credential(
+            &s.token,
+            "jwt-svid",
+            Some(60),
+            Some(json!({ "audience": common::JWT_AUDIENCE })),
+        )
+        .await;
+    assert_eq!(still.status, 403, "{}", still.text);
+    // Asking again (a second SIGHUP) is the same approval, not another.
+    let again = b
+        .post("/v1/policy/reload", Some(&b.ops.admin), &json!({}))
+        .await
+        .expect(202);
+    assert_eq!(again["held"]["id"], approval.as_str());
+
+    // Approved: exactly that set becomes active, audited with the approval.
+    approve(&b, &approval).await.expect(200);
+    assert_ne!(hash(&b).await, before);
+    b.jwt_svid(&s.token, Some(60)).await;
+    let ev = b.audit("action=policy.reloaded").await;
+    assert_eq!(
+        ev.last().unwrap()["details"]["approval"],
+        approval.as_str(),
+        "{ev:?}"
+    );
+
+    // A narrowing reload is not held.
+    std::fs::remove_file(policy_dir(&b).join("research.cedar")).unwrap();
+    let narrowed_hash = {
+        let r = b
+            .post("/v1/policy/reload", Some(&b.ops.admin), &json!({}))
+            .await
+            .expect(200);
+        r["to_hash"].as_str().unwrap().to_owned()
+    };
+    assert_eq!(hash(&b).await, narrowed_hash);
+
+    // A held set whose base moved on is refused when approved, and the
+    // active set stays.
+    std::fs::write(policy_dir(&b).join("research.cedar"), RESEARCH_JWT).unwrap();
+    let stale = b
+        .post("/v1/policy/reload", Some(&b.ops.admin), &json!({}))
+        .await
+        .expect(202)["held"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    std::fs::write(
+        policy_dir(&b).join("other.cedar"),
+        "@id(\"nothing\")\nforbid (principal in Keygate::Team::\"nobody\", action == Keygate::Action::\"request_credential\", resource);\n",
+    )
+    .unwrap();
+    std::fs::remove_file(policy_dir(&b).join("research.cedar")).unwrap();
+    let moved = b
+        .post("/v1/policy/reload", Some(&b.ops.admin), &json!({}))
+        .await
+        .expect(200)["to_hash"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let r = approve(&b, &stale).await;
+    assert_eq!(r.status, 409, "{}", r.text);
+    assert!(r.text.contains("changed since it was asked"), "{}", r.text);
+    assert_eq!(hash(&b).await, moved);
+}

@@ -42,6 +42,9 @@ pub struct AgentSpec {
     /// May name the user it acts for without the user's ID token.
     #[serde(default)]
     pub may_assert_users: bool,
+    /// The longest any session or credential of the agent may live.
+    #[serde(default)]
+    pub max_ttl_secs: Option<u64>,
 }
 
 /// The deepest delegation chain an agent may start.
@@ -83,6 +86,9 @@ impl AgentSpec {
         }
         if self.purpose.trim().is_empty() {
             return bad("`purpose` is required: say what the agent is for".into());
+        }
+        if self.max_ttl_secs == Some(0) {
+            return bad("`max_ttl_secs` must be at least 1 (omit it for no cap of its own)".into());
         }
         if self.delegation.max_depth > MAX_DELEGATION_DEPTH {
             return bad(format!(
@@ -138,6 +144,8 @@ pub struct AgentUpdate {
     pub delegation: Option<Delegation>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub may_assert_users: Option<bool>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_ttl_secs: Option<u64>,
 }
 
 /// The attributes that prove an agent's identity or say who answers for it
@@ -156,6 +164,11 @@ fn identity_changes(before: &Agent, after: &Agent) -> Vec<&'static str> {
         ("risk_tier", before.risk_tier != after.risk_tier),
         ("sponsor", before.sponsor != after.sponsor),
         ("team", before.team != after.team),
+        // A longer (or no) cap lets its credentials live longer: a widening.
+        (
+            "max_ttl_secs",
+            after.max_ttl_secs.unwrap_or(u64::MAX) > before.max_ttl_secs.unwrap_or(u64::MAX),
+        ),
     ]
     .into_iter()
     .filter_map(|(name, changed)| changed.then_some(name))
@@ -188,6 +201,7 @@ impl AgentUpdate {
                 .unwrap_or_else(|| agent.delegation.clone()),
             federated: agent.federated.clone(),
             may_assert_users: self.may_assert_users.unwrap_or(agent.may_assert_users),
+            max_ttl_secs: self.max_ttl_secs.or(agent.max_ttl_secs),
         };
         spec.validate()?;
         agent.team = spec.team;
@@ -200,6 +214,7 @@ impl AgentUpdate {
         agent.last_review_at = spec.last_review_at;
         agent.delegation = spec.delegation;
         agent.may_assert_users = spec.may_assert_users;
+        agent.max_ttl_secs = spec.max_ttl_secs;
         Ok(())
     }
 }
@@ -221,6 +236,7 @@ impl Broker {
     /// `pending` until its provisioning approval is met; otherwise `active`.
     pub async fn register_agent(&self, actor: &Actor, spec: AgentSpec) -> BrokerResult<Registered> {
         spec.validate()?;
+        self.check_sponsor(&spec.sponsor).await?;
         if let Some(f) = &spec.federated
             && f.issuer == super::sessions::SPIFFE_ISSUER
         {
@@ -271,6 +287,8 @@ impl Broker {
             federated: spec.federated,
             may_assert_users: spec.may_assert_users,
             suspended_from: None,
+            excluded_scopes: Default::default(),
+            max_ttl_secs: spec.max_ttl_secs,
         };
         let mut tx = self.store.begin().await?;
         tx.insert_agent(&agent).await?;
@@ -319,6 +337,9 @@ impl Broker {
         }
         let mut after = before.clone();
         update.apply(&mut after)?;
+        if after.sponsor != before.sponsor {
+            self.check_sponsor(&after.sponsor).await?;
+        }
         after.updated_at = now();
         let probe = |a: &Agent| {
             self.reachable_scopes(&Agent {
@@ -380,6 +401,23 @@ impl Broker {
             approval: None,
             widened_scopes: Vec::new(),
         })
+    }
+
+    /// A sponsor must be an active person when the directory is configured.
+    async fn check_sponsor(&self, sponsor: &str) -> BrokerResult<()> {
+        use crate::governance::people::Standing;
+        match self.directory().await?.standing(sponsor) {
+            Standing::Active | Standing::Unknown => Ok(()),
+            Standing::Departed(at) => Err(BrokerError::InvalidRequest(format!(
+                "sponsor `{}` left on {}: name an active person",
+                crate::limits::claimed_label(sponsor),
+                at.date()
+            ))),
+            Standing::Gone => Err(BrokerError::InvalidRequest(format!(
+                "sponsor `{}` is not an active person in the people directory (`[[people]]`)",
+                crate::limits::claimed_label(sponsor)
+            ))),
+        }
     }
 
     pub async fn agent(&self, id: &str) -> BrokerResult<Agent> {

@@ -297,6 +297,12 @@ impl Broker {
         reply: Option<Reply>,
     ) -> BrokerResult<Approval> {
         let op = self.operator_config(operator)?;
+        if let Some(d) = self.operator_departure(operator).await? {
+            return Err(BrokerError::Forbidden(format!(
+                "operator `{operator}` departed on {}; their decisions no longer count",
+                d.departed_at.date()
+            )));
+        }
         if !op.roles.contains(&Role::Approver) {
             return Err(BrokerError::Forbidden(format!(
                 "operator `{operator}` is not an approver"
@@ -427,6 +433,17 @@ impl Broker {
                 .await?;
         }
         tx.commit().await?;
+        if after.kind == ApprovalKind::Provisioning
+            && after.state == ApprovalState::Approved
+            && after.request["change"] == "policy"
+        {
+            // The set it held becomes active now (or the refusal says why).
+            self.apply_approved_policy(&after).await.map_err(|e| {
+                BrokerError::Conflict(format!(
+                    "approval `{id}` is granted, but its policy set was not made active: {e}"
+                ))
+            })?;
+        }
         Ok(after)
     }
 

@@ -188,7 +188,9 @@ impl Broker {
         // Policy judges what would be granted: the ask capped by the scope's
         // max_ttl and what is left of the task.
         let remaining = (s.task.expires_at - t).whole_seconds().max(1) as u64;
-        let ttl = ttl.min(scope_cfg.max_ttl_secs).min(remaining);
+        let ttl = s
+            .agent
+            .cap_ttl(ttl.min(scope_cfg.max_ttl_secs).min(remaining));
         // One policy snapshot for every decision of this request.
         let policy = self.policy.current();
         let mut decided = self
@@ -248,7 +250,9 @@ impl Broker {
             .ok_or_else(|| BrokerError::NotFound(format!("no scope `{scope_name}`")))?;
         let t = now();
         let remaining = (s.task.expires_at - t).whole_seconds().max(0) as u64;
-        let granted = ttl.min(scope_cfg.max_ttl_secs).min(remaining);
+        let granted = s
+            .agent
+            .cap_ttl(ttl.min(scope_cfg.max_ttl_secs).min(remaining));
         if granted == 0 {
             return Err(BrokerError::TaskEnded("the task has no time left".into()));
         }
@@ -322,11 +326,12 @@ impl Broker {
         // the lease; the lease then records the real expiry. Anything later
         // breaks the lease's promise, except for a credential whose backend
         // fixes its lifetime and cannot revoke it (an Entra access token):
-        // that one may live up to the scope's max_ttl, and the agent is told.
+        // that one may live up to the scope's max_ttl (never past the agent's
+        // own `max_ttl_secs`: seed 000's promise), and the agent is told.
         let slack = time::Duration::seconds((now() - t).whole_seconds() + 1) + BACKEND_CLOCK_SKEW;
         let latest = match issued.revocability {
             keygate_provider_api::Revocability::ExpiresAt => {
-                t + time::Duration::seconds(scope_cfg.max_ttl_secs as i64)
+                t + time::Duration::seconds(s.agent.cap_ttl(scope_cfg.max_ttl_secs) as i64)
             }
             _ => expires_at,
         };

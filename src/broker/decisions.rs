@@ -104,7 +104,12 @@ impl Broker {
             });
         }
         if !decision.allow {
-            let mut message = if decision.policy_ids.is_empty() {
+            let mut message = if let Some(e) = s.agent.exclusion(scope_name) {
+                format!(
+                    "scope `{scope_name}` is excluded from agent `{}` in the registry ({}: {}); an admin lifts it with `keygate agents include {} {scope_name}`",
+                    s.agent.id, e.by, e.reason, s.agent.id
+                )
+            } else if decision.policy_ids.is_empty() {
                 format!(
                     "no policy permits agent `{}` to obtain scope `{scope_name}`",
                     s.agent.id
@@ -115,7 +120,10 @@ impl Broker {
                     s.agent.id
                 )
             };
-            if let Some(shorter) = self.longest_permitted_ttl(policy, s, scope_cfg, &facts) {
+            if let Some(shorter) = self
+                .longest_permitted_ttl(policy, s, scope_cfg, &facts)
+                .filter(|_| s.agent.exclusion(scope_name).is_none())
+            {
                 message.push_str(&format!(
                     " for {ttl} s; the ttl is what policy refused: {shorter} s is permitted"
                 ));

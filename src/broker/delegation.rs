@@ -154,7 +154,7 @@ impl Broker {
             description: req.task.unwrap_or_else(|| parent.task.description.clone()),
             state: TaskState::Open,
             opened_at: t,
-            expires_at: (t + ttl).min(parent.task.expires_at),
+            expires_at: (t + super::sessions::capped(&child, ttl)).min(parent.task.expires_at),
             ended_at: None,
             end_reason: None,
             parent_task_id: Some(parent.task.id.clone()),

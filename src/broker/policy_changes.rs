@@ -57,6 +57,10 @@ pub struct PolicyReload {
     pub revoked: Vec<String>,
     /// Open tasks ended because their agent may reach no scope any more.
     pub tasks_ended: Vec<String>,
+    /// The set widens some agent's reach under `[provisioning]
+    /// require_approval`: it waits for this approval and is not active yet.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub held: Option<crate::model::Approval>,
 }
 
 /// `[policy] on_change`: what happens to live leases the new set no longer
@@ -82,15 +86,24 @@ pub struct PolicyFiles {
 
 impl Broker {
     fn candidate(&self, files: Option<&BTreeMap<String, String>>) -> BrokerResult<PolicyEngine> {
-        let loaded = match files {
-            Some(f) => PolicyEngine::from_files(f),
-            None => PolicyEngine::load(&self.config.policy.dir),
-        };
-        loaded.map_err(|e| {
+        self.candidate_files(files).map(|(engine, _)| engine)
+    }
+
+    /// The candidate set and the files it was built from.
+    fn candidate_files(
+        &self,
+        files: Option<&BTreeMap<String, String>>,
+    ) -> BrokerResult<(PolicyEngine, BTreeMap<String, String>)> {
+        let invalid = |e: crate::policy::PolicyError| {
             BrokerError::InvalidRequest(format!(
                 "the policy set is not valid, nothing changed: {e}"
             ))
-        })
+        };
+        let files = match files {
+            Some(f) => f.clone(),
+            None => PolicyEngine::read_dir(&self.config.policy.dir).map_err(invalid)?,
+        };
+        Ok((PolicyEngine::from_files(&files).map_err(invalid)?, files))
     }
 
     /// The difference `candidate` would make.
@@ -274,8 +287,32 @@ impl Broker {
         actor: &Actor,
         files: &PolicyFiles,
     ) -> BrokerResult<PolicyReload> {
+        self.reload_inner(actor, files.files.as_ref(), None).await
+    }
+
+    /// Makes a set that waited for provisioning approval active, once the
+    /// approval is granted, if the active set is still the one it was
+    /// compared with.
+    pub(crate) async fn apply_approved_policy(
+        &self,
+        approval: &crate::model::Approval,
+    ) -> BrokerResult<PolicyReload> {
+        let files: BTreeMap<String, String> =
+            serde_json::from_value(approval.request["files"].clone())
+                .map_err(|e| BrokerError::Internal(format!("stored policy set: {e}")))?;
+        let actor = Actor::System;
+        self.reload_inner(&actor, Some(&files), Some(approval))
+            .await
+    }
+
+    async fn reload_inner(
+        &self,
+        actor: &Actor,
+        files: Option<&BTreeMap<String, String>>,
+        approved: Option<&crate::model::Approval>,
+    ) -> BrokerResult<PolicyReload> {
         let _one_at_a_time = self.policy.reloading().await;
-        let candidate = match self.candidate(files.files.as_ref()) {
+        let candidate = match self.candidate_files(files) {
             Ok(c) => c,
             Err(e) => {
                 self.audit_alone(
@@ -285,9 +322,36 @@ impl Broker {
                 return Err(e);
             }
         };
+        let (candidate, contents) = candidate;
         let old = self.policy.current();
         let mut diff = self.diff_against(&old, &candidate).await?;
         let new_hash = candidate.hash().to_owned();
+        if let Some(a) = approved
+            && a.request["from_hash"].as_str() != Some(old.hash())
+        {
+            let why = format!(
+                "approval `{}` is granted, but the active policy set changed since it was asked (it was compared with {}, the active set is {}): nothing changed; reload again",
+                a.id,
+                short(a.request["from_hash"].as_str().unwrap_or_default()),
+                short(old.hash())
+            );
+            self.audit_alone(AuditEvent::new(actor, "policy.reload_refused").failure(why.clone()))
+                .await?;
+            return Err(BrokerError::Conflict(why));
+        }
+        if approved.is_none()
+            && self.config.provisioning.require_approval
+            && diff.agents.iter().any(|a| !a.gained.is_empty())
+        {
+            let held = self.hold_policy(actor, &diff, contents, old.hash()).await?;
+            return Ok(PolicyReload {
+                diff,
+                on_change: self.config.policy.on_change,
+                revoked: Vec::new(),
+                tasks_ended: Vec::new(),
+                held: Some(held),
+            });
+        }
         self.policy.replace(candidate);
         // Leases issued between the diff and the swap were judged by the
         // old set: look again under the new one.
@@ -306,6 +370,7 @@ impl Broker {
             AuditEvent::new(actor, "policy.reloaded").details(serde_json::json!({
                 "from_hash": old.hash(),
                 "to_hash": new_hash,
+                "approval": approved.map(|a| &a.id),
                 "on_change": on_change,
                 "agents": diff.agents,
                 "leases_not_permitted": diff.leases_not_permitted.len(),
@@ -341,7 +406,81 @@ impl Broker {
             on_change,
             revoked,
             tasks_ended,
+            held: None,
         })
+    }
+
+    /// Holds a widening set for provisioning approval: the files travel in
+    /// the approval, so what is approved is exactly what becomes active. A
+    /// set already waiting (the same content) is not asked for twice.
+    async fn hold_policy(
+        &self,
+        actor: &Actor,
+        diff: &PolicyDiff,
+        files: BTreeMap<String, String>,
+        from_hash: &str,
+    ) -> BrokerResult<crate::model::Approval> {
+        let waiting = self
+            .store
+            .list_approvals(&crate::model::ApprovalFilter {
+                kind: Some(crate::model::ApprovalKind::Provisioning),
+                state: Some(crate::model::ApprovalState::Pending),
+                ..crate::model::ApprovalFilter::default()
+            })
+            .await?
+            .into_iter()
+            .find(|a| {
+                a.request["change"] == "policy"
+                    && a.request["to_hash"] == diff.to_hash.as_str()
+                    && a.request["from_hash"] == from_hash
+            });
+        if let Some(a) = waiting {
+            return Ok(a);
+        }
+        let widened: Vec<&AgentDiff> = diff
+            .agents
+            .iter()
+            .filter(|a| !a.gained.is_empty())
+            .collect();
+        let Some(first) = widened.first() else {
+            return Err(BrokerError::Internal("nothing widens".into()));
+        };
+        // The approval hangs on the first agent it widens; nobody is its
+        // sponsor, so no sponsor approves a policy change alone.
+        let mut anchor = self.agent(&first.agent).await?;
+        anchor.sponsor = String::new();
+        let what: Vec<String> = widened
+            .iter()
+            .map(|a| format!("{} gains {}", a.agent, a.gained.join(", ")))
+            .collect();
+        let mut tx = self.store.begin().await?;
+        let approval = self
+            .open_provisioning_approval(
+                &mut *tx,
+                actor,
+                &anchor,
+                serde_json::json!({
+                    "change": "policy", "files": files, "from_hash": from_hash,
+                    "to_hash": diff.to_hash,
+                    "widened": widened.iter().map(|a| serde_json::json!({ "agent": a.agent, "gained": a.gained })).collect::<Vec<_>>(),
+                }),
+                format!(
+                    "policy set {} widens: {}",
+                    short(&diff.to_hash),
+                    what.join("; ")
+                ),
+            )
+            .await?;
+        tx.audit(
+            AuditEvent::new(actor, "policy.reload_held").details(serde_json::json!({
+                "approval": approval.id, "from_hash": from_hash, "to_hash": diff.to_hash,
+                "widened": widened.iter().map(|a| &a.agent).collect::<Vec<_>>(),
+            })),
+        )
+        .await?;
+        tx.commit().await?;
+        self.notifier.wake();
+        Ok(approval)
     }
 }
 

@@ -18,7 +18,8 @@ pub struct RenewedLease {
     pub lease_id: String,
     #[serde(with = "time::serde::rfc3339")]
     pub expires_at: OffsetDateTime,
-    /// The latest expiry any renewal can reach (scope `max_ttl`, task expiry).
+    /// The latest expiry any renewal can reach (scope `max_ttl`, the agent's
+    /// `max_ttl_secs`, task expiry).
     #[serde(with = "time::serde::rfc3339")]
     pub not_after: OffsetDateTime,
 }
@@ -57,12 +58,12 @@ impl Broker {
         let handle = lease.handle.clone().ok_or_else(|| {
             BrokerError::Internal(format!("active lease `{lease_id}` has no handle"))
         })?;
-        let max_ttl = time::Duration::seconds(spec.max_ttl.as_secs() as i64);
+        let max_ttl = time::Duration::seconds(s.agent.cap_ttl(spec.max_ttl.as_secs()) as i64);
         let not_after = (lease.created_at + max_ttl).min(s.task.expires_at);
         let t = now();
         if not_after <= t + time::Duration::seconds(1) {
             return Err(BrokerError::NotRenewable(format!(
-                "lease `{lease_id}` has reached its limit (scope `max_ttl` or the task's expiry)"
+                "lease `{lease_id}` has reached its limit (scope `max_ttl`, the agent's `max_ttl_secs` or the task's expiry)"
             )));
         }
         let req = RenewRequest {

@@ -48,6 +48,12 @@ pub(super) fn ensure_active(agent: &Agent) -> Result<(), OAuthError> {
     }
 }
 
+/// `ttl` capped by the agent's own `max_ttl_secs`.
+pub(super) fn capped(agent: &Agent, ttl: time::Duration) -> time::Duration {
+    let secs = u64::try_from(ttl.whole_seconds()).unwrap_or(0);
+    time::Duration::seconds(i64::try_from(agent.cap_ttl(secs)).unwrap_or(i64::MAX))
+}
+
 /// A task an agent opens for itself (not delegated).
 pub(super) fn root_task(agent: &Agent, description: String, ttl: time::Duration) -> Task {
     let t = now();
@@ -57,7 +63,7 @@ pub(super) fn root_task(agent: &Agent, description: String, ttl: time::Duration)
         description,
         state: TaskState::Open,
         opened_at: t,
-        expires_at: t + ttl,
+        expires_at: t + capped(agent, ttl),
         ended_at: None,
         end_reason: None,
         parent_task_id: None,

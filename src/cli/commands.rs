@@ -9,7 +9,7 @@ use secrecy::ExposeSecret;
 use super::client::Client;
 use super::{
     AgentsCmd, ApprovalsCmd, AuditCmd, Cli, Command, EvidenceCmd, FencesCmd, GovernanceCmd,
-    KeysCmd, LeasesCmd, PolicyCmd,
+    KeysCmd, LeasesCmd, PeopleCmd, PolicyCmd, ReviewsCmd,
 };
 
 /// Runs a parsed command line.
@@ -79,6 +79,21 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 },
             remote,
         } => super::audit::tail(&Client::new(&remote)?, agent, task, action, follow).await,
+        Command::Reviews { cmd, remote } => reviews(&Client::new(&remote)?, cmd).await,
+        Command::People { cmd, remote } => {
+            let c = Client::new(&remote)?;
+            let v = match cmd {
+                PeopleCmd::List => c.json(c.request(Method::GET, "/v1/people")).await?,
+                PeopleCmd::Depart { email, reason } => {
+                    c.json(
+                        c.request(Method::POST, &format!("/v1/people/{email}/depart"))
+                            .json(&serde_json::json!({ "reason": reason.unwrap_or_default() })),
+                    )
+                    .await?
+                }
+            };
+            print_json(&v)
+        }
         Command::Governance { cmd, remote } => {
             let c = Client::new(&remote)?;
             let v = match cmd {
@@ -282,6 +297,23 @@ async fn agents(c: &Client, cmd: AgentsCmd) -> anyhow::Result<()> {
             c.json(c.request(Method::GET, &format!("/v1/agents/{id}/compliance")))
                 .await?
         }
+        AgentsCmd::Exclude { id, scope, reason } => {
+            c.json(
+                c.request(Method::POST, &format!("/v1/agents/{id}/exclusions"))
+                    .json(&serde_json::json!({ "scope": scope, "reason": reason })),
+            )
+            .await?
+        }
+        AgentsCmd::Include { id, scope, reason } => {
+            c.json(
+                c.request(
+                    Method::DELETE,
+                    &format!("/v1/agents/{id}/exclusions/{scope}"),
+                )
+                .json(&serde_json::json!({ "reason": reason.unwrap_or_default() })),
+            )
+            .await?
+        }
         AgentsCmd::Suspend { id, reason } => c.json(status(&id, "suspend", reason)).await?,
         AgentsCmd::Resume { id, reason } => c.json(status(&id, "resume", reason)).await?,
         AgentsCmd::Decommission { id, reason } => {
@@ -416,4 +448,52 @@ async fn approvals(c: &Client, cmd: ApprovalsCmd) -> anyhow::Result<()> {
         ApprovalsCmd::Deny { id, reason } => c.json(decide(id, "deny", Some(reason))).await?,
     };
     print_json(&answer)
+}
+
+async fn reviews(c: &Client, cmd: ReviewsCmd) -> anyhow::Result<()> {
+    let v = match cmd {
+        ReviewsCmd::Start { name, team, due } => {
+            let due_days = due
+                .map(|d| {
+                    d.trim_end_matches('d')
+                        .parse::<u32>()
+                        .with_context(|| format!("`--due {d}`: a number of days, like `14d`"))
+                })
+                .transpose()?;
+            c.json(
+                c.request(Method::POST, "/v1/reviews")
+                    .json(&serde_json::json!({ "name": name, "team": team, "due_days": due_days })),
+            )
+            .await?
+        }
+        ReviewsCmd::List => c.json(c.request(Method::GET, "/v1/reviews")).await?,
+        ReviewsCmd::Show { campaign } => {
+            c.json(c.request(Method::GET, &format!("/v1/reviews/{campaign}")))
+                .await?
+        }
+        ReviewsCmd::Item { id } => {
+            c.json(c.request(Method::GET, &format!("/v1/reviews/items/{id}")))
+                .await?
+        }
+        ReviewsCmd::Decide {
+            item,
+            attest,
+            narrow,
+            retire,
+            note,
+        } => {
+            let decision = match (attest, narrow.is_empty(), retire) {
+                (true, true, false) => "attest",
+                (false, false, false) => "narrow",
+                (false, true, true) => "retire",
+                _ => bail!("say exactly one of --attest, --narrow SCOPES, --retire"),
+            };
+            c.json(
+                c.request(Method::POST, &format!("/v1/reviews/items/{item}/decision"))
+                    .json(&serde_json::json!({ "decision": decision, "scopes": narrow, "note": note })),
+            )
+            .await?
+        }
+    };
+    print_json(&v)
 }

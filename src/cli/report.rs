@@ -128,6 +128,7 @@ pub fn html(p: &EvidencePack) -> String {
          <tr><td>Maturity (weakest agent)</td><td>{}</td></tr>\
          <tr><td>Agents (not decommissioned)</td><td>{}</td></tr>\
          <tr><td>Provisioning records</td><td>{} <span class={}>{} {} without approval</span></td></tr>\
+         <tr><td>Access reviews</td><td>{} review items, {} decided</td></tr>\
          <tr><td>Review findings</td><td>{} opened, {} closed, {} lifecycle actions</td></tr>\
          <tr><td>Credentials live in the period</td><td>{} ({} still live at generation)</td></tr>\
          <tr><td>Agents deprovisioned</td><td>{} <span class={}>{} {} with every credential confirmed ended</span></td></tr></table>",
@@ -141,6 +142,8 @@ pub fn html(p: &EvidencePack) -> String {
         },
         check(s.provisioned_without_approval == 0),
         s.provisioned_without_approval,
+        s.review_items,
+        s.review_items_decided,
         s.findings_opened,
         s.findings_closed,
         s.lifecycle_actions,

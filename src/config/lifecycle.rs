@@ -15,6 +15,13 @@ pub struct GovernanceConfig {
     /// A credential this long-lived or longer is not "short-lived" for the
     /// maturity score's Optimizing level.
     pub short_ttl_secs: u64,
+    /// Days a review campaign's items are due after it starts, unless
+    /// `--due` says otherwise.
+    pub review_due_days: u32,
+    /// Separation of duties in reviews: a sponsor's attestation never
+    /// stands alone; someone who does not sponsor the agent attests too.
+    /// (Tier-3 agents always need that second reviewer.)
+    pub review_separation: bool,
 }
 
 impl Default for GovernanceConfig {
@@ -22,6 +29,8 @@ impl Default for GovernanceConfig {
         Self {
             sweep_interval_secs: 3600,
             short_ttl_secs: 3600,
+            review_due_days: 14,
+            review_separation: false,
         }
     }
 }
@@ -94,6 +103,13 @@ pub struct LifecyclePolicy {
     pub unused_scope_after_days: u32,
     /// A reachable scope whose `max_ttl_secs` passes this → `long_ttl`.
     pub max_credential_ttl_secs: u64,
+    /// An `unused_scope` finding also excludes the scope from the agent in
+    /// the registry (an admin lifts it: `keygate agents include`).
+    pub remove_unused: bool,
+    /// When the sponsor leaves, this many business days to name another
+    /// before `orphan_action`.
+    pub sponsor_reassign_within_days: u32,
+    pub orphan_action: LifecycleAction,
 }
 
 impl Default for LifecyclePolicy {
@@ -110,6 +126,9 @@ impl Default for LifecyclePolicy {
             dormant_action: LifecycleAction::Suspend,
             unused_scope_after_days: 30,
             max_credential_ttl_secs: 86_400,
+            remove_unused: false,
+            sponsor_reassign_within_days: 5,
+            orphan_action: LifecycleAction::Suspend,
         }
     }
 }

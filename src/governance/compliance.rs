@@ -7,6 +7,7 @@ use serde::Serialize;
 use time::{Duration, OffsetDateTime};
 
 use super::ScopeUsage;
+use super::people::{Standing, add_business_days};
 use crate::config::{LifecycleAction, LifecyclePolicy};
 use crate::model::{Agent, AgentStatus};
 
@@ -20,8 +21,8 @@ pub struct Reachable {
 /// One compliance issue.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Issue {
-    /// `shared_identity`, `no_sponsor`, `review_due`, `review_overdue`, `dormant`,
-    /// `unused_scope`, `long_ttl`.
+    /// `shared_identity`, `no_sponsor`, `sponsor_departed`, `review_due`,
+    /// `review_overdue`, `dormant`, `unused_scope`, `long_ttl`.
     pub kind: &'static str,
     /// The scope, for `unused_scope` and `long_ttl`; empty otherwise.
     pub subject: String,
@@ -44,6 +45,8 @@ pub struct Facts<'a> {
     pub usage: &'a [ScopeUsage],
     /// Other agents (not decommissioned) registered with one of its keys.
     pub shares_key_with: &'a [String],
+    /// Where its sponsor stands in the people directory.
+    pub sponsor: Standing,
     pub now: OffsetDateTime,
 }
 
@@ -127,6 +130,32 @@ pub fn issues(f: &Facts<'_>) -> Vec<Issue> {
             (None, None),
         );
     }
+    match f.sponsor {
+        Standing::Departed(at) => push(
+            "sponsor_departed",
+            "",
+            format!(
+                "sponsor `{}` left on {}: name another within {} business days",
+                a.sponsor,
+                date(at),
+                p.sponsor_reassign_within_days
+            ),
+            acting(
+                p.orphan_action,
+                add_business_days(at, p.sponsor_reassign_within_days),
+            ),
+        ),
+        Standing::Gone => push(
+            "sponsor_departed",
+            "",
+            format!(
+                "sponsor `{}` is no longer an active person in the directory",
+                a.sponsor
+            ),
+            (Some(p.orphan_action), None),
+        ),
+        Standing::Active | Standing::Unknown => {}
+    }
     let due = next_review_due(a, p);
     if now >= due {
         push(
@@ -167,7 +196,16 @@ pub fn issues(f: &Facts<'_>) -> Vec<Issue> {
     }
     for r in f.reachable {
         let used = f.usage.iter().find(|u| u.scope == r.scope);
-        let last = used.map_or(a.created_at, |u| u.last_used_at.max(a.created_at));
+        // An admin lifting an exclusion restarts the clock: the sweep does
+        // not take the scope away again the moment it is given back.
+        let lifted = a
+            .excluded_scopes
+            .get(&r.scope)
+            .and_then(|e| e.lifted_at)
+            .unwrap_or(a.created_at);
+        let last = used
+            .map_or(a.created_at, |u| u.last_used_at.max(a.created_at))
+            .max(lifted);
         if now >= last + days(p.unused_scope_after_days) {
             push(
                 "unused_scope",
@@ -179,13 +217,14 @@ pub fn issues(f: &Facts<'_>) -> Vec<Issue> {
                 (None, None),
             );
         }
-        if r.max_ttl_secs > p.max_credential_ttl_secs {
+        let ttl = a.cap_ttl(r.max_ttl_secs);
+        if ttl > p.max_credential_ttl_secs {
             push(
                 "long_ttl",
                 &r.scope,
                 format!(
-                    "`{}` allows credentials of {} s, more than the {} s this policy accepts",
-                    r.scope, r.max_ttl_secs, p.max_credential_ttl_secs
+                    "`{}` allows credentials of {} s, more than the {} s this policy accepts (set the agent's `max_ttl_secs`)",
+                    r.scope, ttl, p.max_credential_ttl_secs
                 ),
                 (None, None),
             );
@@ -219,6 +258,8 @@ mod tests {
             federated: None,
             may_assert_users: false,
             suspended_from: None,
+            excluded_scopes: Default::default(),
+            max_ttl_secs: None,
         }
     }
 
@@ -247,6 +288,7 @@ mod tests {
             reachable: &reach,
             usage: &used,
             shares_key_with: &[],
+            sponsor: Standing::Unknown,
             now,
         };
         assert!(issues(&f).is_empty(), "{:?}", issues(&f));
@@ -259,6 +301,7 @@ mod tests {
             reachable: &reach,
             usage: &[],
             shares_key_with: &[],
+            sponsor: Standing::Unknown,
             now,
         };
         let got = issues(&f);
@@ -283,6 +326,7 @@ mod tests {
             reachable: &reach,
             usage: &used,
             shares_key_with: &[],
+            sponsor: Standing::Unknown,
             now,
         };
         assert_eq!(kinds(&issues(&f)), ["review_due"]);
@@ -295,6 +339,7 @@ mod tests {
             reachable: &reach,
             usage: &[],
             shares_key_with: &[],
+            sponsor: Standing::Unknown,
             now,
         };
         assert!(issues(&f).is_empty());
@@ -321,6 +366,7 @@ mod tests {
             reachable: &reach,
             usage: &used,
             shares_key_with: &[],
+            sponsor: Standing::Unknown,
             now,
         };
         let got = issues(&f);

@@ -6,7 +6,8 @@
 //!    credential types, TTL, last review, state, maturity);
 //! 2. provisioning records (each creation and widening with its approvals,
 //!    and whether it took effect without one);
-//! 3. access review records (findings opened, closed and acted on, and the
+//! 3. access review records (review campaign items with their decisions
+//!    and who made them; findings opened, closed and acted on, and the
 //!    identities deprovisioned by lifecycle actions);
 //! 4. credential audit (every credential live in the period: issue, scope,
 //!    end);
@@ -49,6 +50,12 @@ pub struct Summary {
     pub provisioned_without_approval: usize,
     pub findings_opened: usize,
     pub findings_closed: usize,
+    /// Review campaign items opened or decided in the period, and how many
+    /// of them are decided.
+    #[serde(default)]
+    pub review_items: usize,
+    #[serde(default)]
+    pub review_items_decided: usize,
     pub lifecycle_actions: usize,
     pub credentials: usize,
     pub credentials_still_live: usize,
@@ -204,7 +211,7 @@ impl Broker {
                 max_ttl_secs: c
                     .permitted_scopes
                     .iter()
-                    .map(|s| s.max_ttl_secs)
+                    .map(|s| a.cap_ttl(s.max_ttl_secs))
                     .max()
                     .unwrap_or(0),
                 created_at: ts(a.created_at),
@@ -349,6 +356,64 @@ impl Broker {
                 acted_at: opt(f.acted_at),
                 closed_at: opt(f.closed_at),
                 close_reason: f.close_reason.unwrap_or_default(),
+            });
+        }
+
+        // ... and review campaign items opened or decided in the period: one
+        // row each, its decisions and who made them.
+        let campaigns = self.store.review_campaigns().await?;
+        for i in self
+            .store
+            .review_items(&super::reviews::ReviewFilter::default())
+            .await?
+        {
+            let Some(c) = campaigns.iter().find(|c| c.id == i.campaign_id) else {
+                continue;
+            };
+            let touched = |t: Option<OffsetDateTime>| t.is_some_and(|t| t >= from && t < to);
+            if !(touched(Some(c.created_at)) || touched(i.decided_at) || touched(i.escalated_at)) {
+                continue;
+            }
+            summary.review_items += 1;
+            summary.review_items_decided += usize::from(i.decided_at.is_some());
+            let decisions: Vec<String> = i
+                .decisions
+                .iter()
+                .map(|d| {
+                    let verdict = serde_json::to_value(d.decision)
+                        .ok()
+                        .and_then(|v| v.as_str().map(str::to_owned))
+                        .unwrap_or_default();
+                    let scopes = if d.scopes.is_empty() {
+                        String::new()
+                    } else {
+                        format!(" {}", d.scopes.join(","))
+                    };
+                    format!("{verdict}{scopes} by {} at {}", d.by, ts(d.at))
+                })
+                .collect();
+            reviews.push(ReviewRecord {
+                agent: i.agent_id,
+                kind: "review_item".into(),
+                subject: c.name.clone(),
+                detail: format!(
+                    "reviewer {}; {} attestation(s) needed; {}",
+                    i.reviewer,
+                    i.attestations,
+                    if decisions.is_empty() {
+                        "no decision".to_owned()
+                    } else {
+                        decisions.join("; ")
+                    }
+                ),
+                opened_at: ts(c.created_at),
+                action: i
+                    .escalated_at
+                    .map(|t| format!("escalated at {}", ts(t)))
+                    .unwrap_or_default(),
+                acted_at: opt(i.decided_at),
+                closed_at: opt(i.decided_at),
+                close_reason: i.state.as_str().to_owned(),
             });
         }
 

@@ -9,6 +9,8 @@ use time::OffsetDateTime;
 
 use super::compliance::{self, Facts, Issue, Reachable};
 use super::maturity::{self, AgentMaturity};
+use super::people::{Directory, Standing};
+use super::reviews::{ReviewFilter, ReviewState};
 use super::{Finding, ScopeUsage};
 use crate::audit::{Actor, AuditEvent};
 use crate::broker::{Broker, BrokerResult};
@@ -33,6 +35,12 @@ pub struct AgentCompliance {
     pub team: String,
     pub sponsor: String,
     pub risk_tier: u8,
+    /// Its own cap on session and credential lifetime.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_ttl_secs: Option<u64>,
+    /// Scopes the registry denies it whatever policy says.
+    #[serde(skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub excluded_scopes: std::collections::BTreeMap<String, crate::model::Exclusion>,
     /// The `[[lifecycle]]` entry that governs it.
     pub lifecycle: LifecyclePolicy,
     /// The scopes policy lets it reach, whatever the hour, with their use.
@@ -55,6 +63,10 @@ pub struct SweepReport {
     pub closed: Vec<String>,
     /// `(agent, action)` carried out.
     pub acted: Vec<(String, LifecycleAction)>,
+    /// Review items escalated for being overdue.
+    pub escalated: usize,
+    /// `(agent, scope)` excluded as unused (`remove_unused`).
+    pub excluded: Vec<(String, String)>,
 }
 
 /// The estate's maturity: every agent's level, and the lowest.
@@ -77,6 +89,15 @@ pub struct AgentLevel {
 /// Which agents (not decommissioned) hold each public key.
 type KeyIndex = std::collections::HashMap<String, Vec<String>>;
 
+/// What judging every agent needs, read once per pass.
+pub(crate) struct Context {
+    keys: KeyIndex,
+    pub(crate) people: Directory,
+    /// Open review items past their campaign's due date: agent → (campaign
+    /// name, due).
+    overdue_reviews: std::collections::HashMap<String, (String, OffsetDateTime)>,
+}
+
 fn key_index(agents: &[Agent]) -> KeyIndex {
     let mut index = KeyIndex::new();
     for a in agents {
@@ -93,16 +114,52 @@ fn key_index(agents: &[Agent]) -> KeyIndex {
 impl Broker {
     /// The agent's governance record, now.
     pub async fn compliance(&self, agent: &Agent) -> BrokerResult<AgentCompliance> {
-        let keys = key_index(&self.store.list_agents(None, None).await?);
-        self.compliance_at(agent, &keys, now()).await
+        let ctx = self.governance_context().await?;
+        self.compliance_in(agent, &ctx, now()).await
     }
 
-    async fn compliance_at(
+    /// The people directory: config's people and operators, less departures.
+    pub async fn directory(&self) -> BrokerResult<Directory> {
+        Ok(Directory::build(
+            &self.config.people,
+            &self.config.operators,
+            self.store.departures().await?,
+        ))
+    }
+
+    pub(crate) async fn governance_context(&self) -> BrokerResult<Context> {
+        let keys = key_index(&self.store.list_agents(None, None).await?);
+        let t = now();
+        let campaigns = self.store.review_campaigns().await?;
+        let mut overdue_reviews = std::collections::HashMap::new();
+        for i in self
+            .store
+            .review_items(&ReviewFilter {
+                open_only: true,
+                ..ReviewFilter::default()
+            })
+            .await?
+        {
+            if let Some(c) = campaigns.iter().find(|c| c.id == i.campaign_id)
+                && c.due_at <= t
+            {
+                overdue_reviews.insert(i.agent_id, (c.name.clone(), c.due_at));
+            }
+        }
+        Ok(Context {
+            keys,
+            people: self.directory().await?,
+            overdue_reviews,
+        })
+    }
+
+    pub(crate) async fn compliance_in(
         &self,
         a: &Agent,
-        keys: &KeyIndex,
+        ctx: &Context,
         t: OffsetDateTime,
     ) -> BrokerResult<AgentCompliance> {
+        let keys = &ctx.keys;
         let policy = lifecycle::effective(&self.config.lifecycle, a);
         let names = self.reachable_scopes(a);
         let reachable: Vec<Reachable> = self
@@ -125,14 +182,36 @@ impl Broker {
             .collect();
         shares_key_with.sort();
         shares_key_with.dedup();
-        let issues = compliance::issues(&Facts {
+        let mut issues = compliance::issues(&Facts {
             agent: a,
             policy: &policy,
             reachable: &reachable,
             usage: &usage,
             shares_key_with: &shares_key_with,
+            sponsor: ctx.people.standing(&a.sponsor),
             now: t,
         });
+        if a.status != AgentStatus::Decommissioned
+            && let Some((name, due)) = ctx.overdue_reviews.get(&a.id)
+        {
+            let (action, at) = match policy.overdue_action {
+                LifecycleAction::Notify => (Some(LifecycleAction::Notify), None),
+                other => (
+                    Some(other),
+                    Some(*due + time::Duration::days(i64::from(policy.grace_days))),
+                ),
+            };
+            issues.push(Issue {
+                kind: "review_item_overdue",
+                subject: name.clone(),
+                detail: format!(
+                    "its item in review campaign `{name}` was due on {}",
+                    due.date()
+                ),
+                action,
+                action_due_at: at,
+            });
+        }
         let approved_provisioning = self
             .store
             .list_approvals(&ApprovalFilter {
@@ -170,6 +249,8 @@ impl Broker {
             team: a.team.clone(),
             sponsor: a.sponsor.clone(),
             risk_tier: a.risk_tier,
+            max_ttl_secs: a.max_ttl_secs,
+            excluded_scopes: a.excluded_scopes.clone(),
             next_review_due: compliance::next_review_due(a, &policy),
             lifecycle: policy,
             permitted_scopes,
@@ -186,12 +267,12 @@ impl Broker {
         let mut counts: std::collections::BTreeMap<&'static str, usize> =
             maturity::LEVELS.iter().map(|l| (*l, 0)).collect();
         let all = self.store.list_agents(None, None).await?;
-        let keys = key_index(&all);
+        let ctx = self.governance_context().await?;
         for a in all {
             if a.status == AgentStatus::Decommissioned {
                 continue;
             }
-            let c = self.compliance_at(&a, &keys, now()).await?;
+            let c = self.compliance_in(&a, &ctx, now()).await?;
             *counts.entry(c.maturity.level).or_default() += 1;
             agents.push(AgentLevel {
                 agent_id: a.id,
@@ -219,16 +300,20 @@ impl Broker {
     pub async fn governance_sweep(&self) -> BrokerResult<SweepReport> {
         let mut report = SweepReport::default();
         let all = self.store.list_agents(None, None).await?;
-        let keys = key_index(&all);
+        self.record_departures(&all).await?;
+        report.escalated = self.escalate_reviews(now()).await?;
+        let ctx = self.governance_context().await?;
         for a in &all {
             if a.status == AgentStatus::Decommissioned {
-                // Nothing is left to fix on a retired agent: its findings close.
+                // Nothing is left to fix on a retired agent: its findings
+                // close, and nobody is asked to review it.
                 self.close_findings(a, "agent decommissioned", &mut report)
                     .await?;
+                self.cancel_reviews(a).await?;
                 continue;
             }
             report.agents += 1;
-            self.sweep_agent(a, &keys, &mut report).await?;
+            self.sweep_agent(a, &ctx, &mut report).await?;
         }
         self.maturity().await?;
         Ok(report)
@@ -261,14 +346,65 @@ impl Broker {
         tx.commit().await.map_err(Into::into)
     }
 
+    /// Sponsors no longer active in a configured directory (departed in
+    /// config, or gone from it) are recorded as departed now, which starts
+    /// `sponsor_reassign_within_days`.
+    async fn record_departures(&self, agents: &[Agent]) -> BrokerResult<()> {
+        let people = self.directory().await?;
+        let mut seen = std::collections::BTreeSet::new();
+        for a in agents {
+            if a.status == AgentStatus::Decommissioned
+                || people.standing(&a.sponsor) != Standing::Gone
+                || !seen.insert(super::people::normalize(&a.sponsor))
+            {
+                continue;
+            }
+            let reason = if people.get(&a.sponsor).is_some() {
+                "marked departed in the people directory"
+            } else {
+                "no longer in the people directory"
+            };
+            self.record_departure(&Actor::System, &a.sponsor, reason)
+                .await?;
+        }
+        Ok(())
+    }
+
+    /// Open review items of a decommissioned agent are cancelled.
+    async fn cancel_reviews(&self, a: &Agent) -> BrokerResult<()> {
+        let open = self
+            .store
+            .review_items(&ReviewFilter {
+                agent_id: Some(a.id.clone()),
+                open_only: true,
+                ..ReviewFilter::default()
+            })
+            .await?;
+        for mut i in open {
+            i.state = ReviewState::Cancelled;
+            i.decided_at = Some(now());
+            let mut tx = self.store.begin().await?;
+            tx.save_review_item(&i).await?;
+            tx.audit(
+                AuditEvent::new(&Actor::System, "review.cancelled")
+                    .agent(&a.id)
+                    .reason("agent decommissioned")
+                    .details(serde_json::json!({ "campaign": i.campaign_id, "item": i.id })),
+            )
+            .await?;
+            tx.commit().await?;
+        }
+        Ok(())
+    }
+
     async fn sweep_agent(
         &self,
         a: &Agent,
-        keys: &KeyIndex,
+        ctx: &Context,
         report: &mut SweepReport,
     ) -> BrokerResult<()> {
         let t = now();
-        let c = self.compliance_at(a, keys, t).await?;
+        let c = self.compliance_in(a, ctx, t).await?;
         let open = self.store.findings(Some(&a.id), true).await?;
         let key = |kind: &str, subject: &str| format!("{kind}\u{0}{subject}");
         let current: std::collections::BTreeSet<String> =
@@ -322,6 +458,18 @@ impl Broker {
             }
         }
         tx.commit().await?;
+
+        // `remove_unused`: an unused scope is excluded in the registry.
+        if c.lifecycle.remove_unused {
+            for i in c.issues.iter().filter(|i| i.kind == "unused_scope") {
+                if a.exclusion(&i.subject).is_none() {
+                    let reason = format!("lifecycle `{}`: {}", c.lifecycle.name, i.detail);
+                    self.exclude_scope(&Actor::System, &a.id, &i.subject, &reason)
+                        .await?;
+                    report.excluded.push((a.id.clone(), i.subject.clone()));
+                }
+            }
+        }
 
         // Deadlines: the first due action that changes the agent's state.
         let due = self

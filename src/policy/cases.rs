@@ -131,6 +131,8 @@ fn run_one(engine: &PolicyEngine, c: &Case) -> Outcome {
         federated: None,
         may_assert_users: false,
         suspended_from: None,
+        excluded_scopes: Default::default(),
+        max_ttl_secs: None,
     };
     let scope = ScopeFacts {
         name: &c.scope.name,

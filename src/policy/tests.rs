@@ -28,6 +28,8 @@ fn agent(team: &str, tier: u8) -> Agent {
         federated: None,
         may_assert_users: false,
         suspended_from: None,
+        excluded_scopes: Default::default(),
+        max_ttl_secs: None,
     }
 }
 

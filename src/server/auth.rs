@@ -170,8 +170,14 @@ impl FromRequestParts<AppState> for Caller {
                 "an operator or session token is required (Authorization: Bearer)",
             ));
         }
-        if let Some(op) = bearer(parts).and_then(|t| find_operator(state, t)) {
-            return Ok(Self::Operator(op));
+        if bearer(parts)
+            .and_then(|t| find_operator(state, t))
+            .is_some()
+        {
+            // The operator path, departures included.
+            return Operator::from_request_parts(parts, state)
+                .await
+                .map(Self::Operator);
         }
         agent_session(parts, state)
             .await
@@ -189,7 +195,25 @@ impl FromRequestParts<AppState> for Operator {
             ));
         };
         match find_operator(state, token) {
-            Some(o) => Ok(o),
+            Some(o) => match state.operator_departure(&o.name).await? {
+                None => Ok(o),
+                Some(d) => {
+                    let why = format!(
+                        "operator `{}` departed on {}; its token no longer works",
+                        o.name,
+                        d.departed_at.date()
+                    );
+                    let ev = AuditEvent::new(
+                        &Actor::Unauthenticated(Some(o.name.clone())),
+                        "operator.auth",
+                    )
+                    .failure(why.clone());
+                    if let Err(e) = state.audit_alone(ev).await {
+                        tracing::error!(error = %e, "cannot audit an operator authentication failure");
+                    }
+                    Err(ApiError::unauthorized(why))
+                }
+            },
             None => {
                 let ev = AuditEvent::new(&Actor::Unauthenticated(None), "operator.auth")
                     .failure(format!("unknown operator token on {}", parts.uri.path()));

@@ -114,7 +114,13 @@ pub async fn policy_reload(
     } else {
         super::error::parse_json(&body)?
     };
-    Ok(Json(b.reload_policy(&op.actor(), &files).await?))
+    let r = b.reload_policy(&op.actor(), &files).await?;
+    let status = if r.held.is_some() {
+        axum::http::StatusCode::ACCEPTED
+    } else {
+        axum::http::StatusCode::OK
+    };
+    Ok((status, Json(r)))
 }
 
 #[derive(Debug, Deserialize)]

@@ -10,6 +10,7 @@ mod approvals;
 mod fences;
 mod findings;
 mod group;
+mod reviews;
 mod rows;
 
 use std::str::FromStr;
@@ -316,6 +317,28 @@ impl Store for SqliteStore {
         findings::list(&self.read, agent_id, open_only).await
     }
 
+    async fn departures(&self) -> StoreResult<Vec<crate::governance::people::Departure>> {
+        reviews::departures(&self.read).await
+    }
+
+    async fn review_campaigns(&self) -> StoreResult<Vec<crate::governance::reviews::Campaign>> {
+        reviews::campaigns(&self.read).await
+    }
+
+    async fn review_items(
+        &self,
+        filter: &crate::governance::reviews::ReviewFilter,
+    ) -> StoreResult<Vec<crate::governance::reviews::ReviewItem>> {
+        reviews::items(&self.read, filter).await
+    }
+
+    async fn review_item(
+        &self,
+        id: &str,
+    ) -> StoreResult<Option<crate::governance::reviews::ReviewItem>> {
+        reviews::item(&self.read, id).await
+    }
+
     async fn list_approvals(&self, filter: &ApprovalFilter) -> StoreResult<Vec<Approval>> {
         let mut conn = self.read.acquire().await?;
         approvals::list(&mut conn, filter).await
@@ -451,8 +474,8 @@ impl StoreTx for SqliteTx {
         sqlx::query(
             "INSERT INTO agents (id, team, sponsor, risk_tier, environment, purpose, labels, \
              status, auth_method, jwks, created_at, updated_at, last_used_at, last_review_at, \
-             delegation, federated_issuer, federated_subject, may_assert_users) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+             delegation, federated_issuer, federated_subject, may_assert_users, max_ttl_secs) \
+             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&a.id)
         .bind(&a.team)
@@ -472,6 +495,7 @@ impl StoreTx for SqliteTx {
         .bind(a.federated.as_ref().map(|f| f.issuer.clone()))
         .bind(a.federated.as_ref().map(|f| f.subject.clone()))
         .bind(a.may_assert_users)
+        .bind(a.max_ttl_secs.map(|n| i64::try_from(n).unwrap_or(i64::MAX)))
         .execute(&mut self.tx.state.conn)
         .await
         .map_err(|e| match StoreError::from(e) {
@@ -531,8 +555,8 @@ impl StoreTx for SqliteTx {
         sqlx::query(
             "UPDATE agents SET team = ?, sponsor = ?, risk_tier = ?, environment = ?, \
              purpose = ?, labels = ?, jwks = ?, last_review_at = ?, updated_at = ?, \
-             delegation = ?, federated_issuer = ?, federated_subject = ?, may_assert_users = ? \
-             WHERE id = ?",
+             delegation = ?, federated_issuer = ?, federated_subject = ?, may_assert_users = ?, \
+             max_ttl_secs = ? WHERE id = ?",
         )
         .bind(&a.team)
         .bind(&a.sponsor)
@@ -547,6 +571,7 @@ impl StoreTx for SqliteTx {
         .bind(a.federated.as_ref().map(|f| f.issuer.clone()))
         .bind(a.federated.as_ref().map(|f| f.subject.clone()))
         .bind(a.may_assert_users)
+        .bind(a.max_ttl_secs.map(|n| i64::try_from(n).unwrap_or(i64::MAX)))
         .bind(&a.id)
         .execute(&mut self.tx.state.conn)
         .await?;
@@ -1005,6 +1030,54 @@ impl StoreTx for SqliteTx {
 
     async fn finding_acted(&mut self, id: &str, now: OffsetDateTime) -> StoreResult<bool> {
         findings::acted(&mut self.tx.state.conn, id, now).await
+    }
+
+    async fn put_exclusion(
+        &mut self,
+        agent_id: &str,
+        scope: &str,
+        exclusion: &crate::model::Exclusion,
+    ) -> StoreResult<bool> {
+        reviews::put_exclusion(&mut self.tx.state.conn, agent_id, scope, exclusion).await
+    }
+
+    async fn record_departure(
+        &mut self,
+        d: &crate::governance::people::Departure,
+    ) -> StoreResult<bool> {
+        reviews::record_departure(&mut self.tx.state.conn, d).await
+    }
+
+    async fn mark_reviewed(&mut self, agent_id: &str, at: OffsetDateTime) -> StoreResult<()> {
+        reviews::mark_reviewed(&mut self.tx.state.conn, agent_id, at).await
+    }
+
+    async fn insert_campaign(
+        &mut self,
+        c: &crate::governance::reviews::Campaign,
+    ) -> StoreResult<()> {
+        reviews::insert_campaign(&mut self.tx.state.conn, c).await
+    }
+
+    async fn insert_review_item(
+        &mut self,
+        i: &crate::governance::reviews::ReviewItem,
+    ) -> StoreResult<()> {
+        reviews::insert_item(&mut self.tx.state.conn, i).await
+    }
+
+    async fn review_item(
+        &mut self,
+        id: &str,
+    ) -> StoreResult<Option<crate::governance::reviews::ReviewItem>> {
+        reviews::item(&mut self.tx.state.conn, id).await
+    }
+
+    async fn save_review_item(
+        &mut self,
+        i: &crate::governance::reviews::ReviewItem,
+    ) -> StoreResult<()> {
+        reviews::save_item(&mut self.tx.state.conn, i).await
     }
 
     async fn lift_fence(

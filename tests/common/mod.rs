@@ -9,7 +9,7 @@ mod api;
 pub mod aws;
 pub mod azure;
 pub mod bao_setup;
-mod config;
+pub mod config;
 pub mod example;
 mod graph_fake;
 pub mod oidc;

@@ -61,6 +61,10 @@ pub(super) fn agent_from_row(r: &SqliteRow) -> StoreResult<Agent> {
             .try_get::<Option<String>, _>("suspended_from")?
             .map(|s| s.parse().map_err(StoreError::Corrupt))
             .transpose()?,
+        max_ttl_secs: r
+            .try_get::<Option<i64>, _>("max_ttl_secs")?
+            .map(|n| u64::try_from(n).unwrap_or(0)),
+        excluded_scopes: json_col(r, "excluded_scopes")?,
     })
 }
 

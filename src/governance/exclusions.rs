@@ -1,0 +1,233 @@
+//! Registry exclusions and departures: the two governance changes that take
+//! effect without editing config. An exclusion denies an agent one scope
+//! whatever the Cedar policies say (a review's `narrow`, `remove_unused`, an
+//! admin), revoking what the scope holds, until an admin lifts it. A
+//! departure marks a person gone: their agents need a new sponsor, and their
+//! operator token stops working.
+
+use crate::audit::{Actor, AuditEvent};
+use crate::broker::{Broker, BrokerError, BrokerResult};
+use crate::model::{AgentStatus, Exclusion, LeaseState, Selector, now};
+use crate::store::LeaseSelector;
+
+use super::people::{Departure, Person, normalize};
+
+impl Broker {
+    /// Excludes `scope` from `agent_id` and queues its live leases of that
+    /// scope for revocation, in one commit. Excluding an excluded scope
+    /// changes nothing (`false`).
+    pub async fn exclude_scope(
+        &self,
+        actor: &Actor,
+        agent_id: &str,
+        scope: &str,
+        reason: &str,
+    ) -> BrokerResult<bool> {
+        if !self.config.scopes.iter().any(|s| s.name == scope) {
+            return Err(BrokerError::NotFound(format!(
+                "no scope `{}`",
+                crate::limits::claimed_label(scope)
+            )));
+        }
+        let reason = reason.trim();
+        if reason.is_empty() {
+            return Err(BrokerError::InvalidRequest(
+                "an exclusion needs a `reason`".into(),
+            ));
+        }
+        let agent = self.agent(agent_id).await?;
+        if agent.status == AgentStatus::Decommissioned {
+            return Err(BrokerError::Conflict(format!(
+                "agent `{agent_id}` is decommissioned; its record cannot change"
+            )));
+        }
+        let t = now();
+        let exclusion = Exclusion {
+            reason: crate::limits::clip_message(reason),
+            by: actor.render(),
+            at: t,
+            lifted_by: None,
+            lifted_at: None,
+        };
+        let live: Vec<String> = self
+            .store
+            .live_leases(&Selector::Agent(agent_id.to_owned()))
+            .await?
+            .into_iter()
+            .filter(|l| {
+                l.scope == scope && matches!(l.state, LeaseState::Active | LeaseState::Pending)
+            })
+            .map(|l| l.id)
+            .collect();
+        let mut tx = self.store.begin().await?;
+        if !tx.put_exclusion(agent_id, scope, &exclusion).await? {
+            return Ok(false);
+        }
+        let mut revoked = Vec::new();
+        for id in &live {
+            revoked.extend(
+                tx.queue_revocations(
+                    &LeaseSelector::Lease(id.clone()),
+                    &exclusion.reason,
+                    None,
+                    t,
+                )
+                .await?,
+            );
+        }
+        tx.audit(
+            AuditEvent::new(actor, "agent.scope_excluded")
+                .agent(agent_id)
+                .scope(scope)
+                .reason(exclusion.reason.clone())
+                .details(serde_json::json!({ "revoked": revoked })),
+        )
+        .await?;
+        tx.commit().await?;
+        if !revoked.is_empty() {
+            self.leases.wake();
+        }
+        Ok(true)
+    }
+
+    /// Lifts an exclusion: policy alone decides the scope again.
+    pub async fn include_scope(
+        &self,
+        actor: &Actor,
+        agent_id: &str,
+        scope: &str,
+        reason: &str,
+    ) -> BrokerResult<()> {
+        let agent = self.agent(agent_id).await?;
+        let Some(was) = agent.exclusion(scope) else {
+            return Err(BrokerError::NotFound(format!(
+                "agent `{agent_id}` has no standing exclusion of scope `{}`",
+                crate::limits::claimed_label(scope)
+            )));
+        };
+        let lifted = Exclusion {
+            lifted_by: Some(actor.render()),
+            lifted_at: Some(now()),
+            ..was.clone()
+        };
+        let mut tx = self.store.begin().await?;
+        if !tx.put_exclusion(agent_id, scope, &lifted).await? {
+            return Err(BrokerError::Conflict(format!(
+                "the exclusion of `{scope}` from `{agent_id}` was lifted already"
+            )));
+        }
+        tx.audit(
+            AuditEvent::new(actor, "agent.scope_included")
+                .agent(agent_id)
+                .scope(scope)
+                .reason(crate::limits::clip_message(reason.trim()))
+                .details(serde_json::json!({
+                    "excluded_by": was.by, "excluded_for": was.reason,
+                })),
+        )
+        .await?;
+        tx.commit().await.map_err(Into::into)
+    }
+
+    /// Records that `email` left (idempotent: the first departure stands).
+    pub(crate) async fn record_departure(
+        &self,
+        actor: &Actor,
+        email: &str,
+        reason: &str,
+    ) -> BrokerResult<Option<Departure>> {
+        let d = Departure {
+            email: normalize(email),
+            departed_at: now(),
+            actor: actor.render(),
+            reason: crate::limits::clip_message(reason.trim()),
+        };
+        let sponsored: Vec<String> = self
+            .store
+            .list_agents(None, None)
+            .await?
+            .into_iter()
+            .filter(|a| a.status != AgentStatus::Decommissioned && normalize(&a.sponsor) == d.email)
+            .map(|a| a.id)
+            .collect();
+        let mut tx = self.store.begin().await?;
+        if !tx.record_departure(&d).await? {
+            return Ok(None);
+        }
+        tx.audit(
+            AuditEvent::new(actor, "person.departed")
+                .reason(d.reason.clone())
+                .details(serde_json::json!({ "email": d.email, "sponsor_of": sponsored })),
+        )
+        .await?;
+        tx.commit().await?;
+        Ok(Some(d))
+    }
+
+    /// The departure of the person an operator is, if they left: their
+    /// token and Slack clicks no longer count.
+    pub async fn operator_departure(&self, name: &str) -> BrokerResult<Option<Departure>> {
+        let Some(email) = self
+            .config
+            .operators
+            .iter()
+            .find(|o| o.name == name)
+            .and_then(|o| o.email.as_deref())
+        else {
+            return Ok(None);
+        };
+        let email = normalize(email);
+        Ok(self
+            .store
+            .departures()
+            .await?
+            .into_iter()
+            .find(|d| d.email == email))
+    }
+
+    /// `POST /v1/people/{email}/depart`: the person must be known (in the
+    /// directory, or some agent's sponsor) and not departed already.
+    pub async fn depart_person(
+        &self,
+        actor: &Actor,
+        email: &str,
+        reason: &str,
+    ) -> BrokerResult<Person> {
+        let people = self.directory().await?;
+        let known = people.get(email).is_some()
+            || self
+                .store
+                .list_agents(None, None)
+                .await?
+                .iter()
+                .any(|a| normalize(&a.sponsor) == normalize(email));
+        if !known {
+            return Err(BrokerError::NotFound(format!(
+                "no person `{}` in the directory or among sponsors",
+                crate::limits::claimed_label(email)
+            )));
+        }
+        let reason = if reason.trim().is_empty() {
+            "departed"
+        } else {
+            reason
+        };
+        if self.record_departure(actor, email, reason).await?.is_none() {
+            return Err(BrokerError::Conflict(format!(
+                "`{}` has departed already",
+                normalize(email)
+            )));
+        }
+        let people = self.directory().await?;
+        Ok(people.get(email).cloned().unwrap_or_else(|| Person {
+            email: normalize(email),
+            name: String::new(),
+            team: None,
+            manager: None,
+            lead: false,
+            operator: None,
+            status: super::people::PersonStatus::Departed,
+            departed_at: Some(now()),
+        }))
+    }
+}

@@ -1,0 +1,575 @@
+//! Access reviews: a campaign puts one item per agent in front of its
+//! sponsor (or its team's lead), with a snapshot of what the agent may reach
+//! and has used. Decisions: `attest` (still needed), `narrow` (the registry
+//! excludes the named scopes, revoking what they hold), `retire`
+//! (decommission). Taking access away needs one reviewer; confirming it
+//! needs two distinct ones for a tier-3 agent or under
+//! `governance.review_separation`, so a sponsor never attests alone there.
+
+use serde::{Deserialize, Serialize};
+use time::OffsetDateTime;
+
+use super::people::Standing;
+use crate::audit::{Actor, AuditEvent};
+use crate::broker::{Broker, BrokerError, BrokerResult};
+use crate::model::{AgentStatus, new_id, now, unix};
+
+/// A review campaign.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct Campaign {
+    pub id: String,
+    pub name: String,
+    /// Only this team's agents (`None`: every team).
+    pub team: Option<String>,
+    #[serde(with = "time::serde::rfc3339")]
+    pub created_at: OffsetDateTime,
+    pub created_by: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub due_at: OffsetDateTime,
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum ReviewState {
+    Open,
+    Attested,
+    Narrowed,
+    Retired,
+    /// The agent was decommissioned by other means before anyone decided.
+    Cancelled,
+}
+
+impl ReviewState {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Open => "open",
+            Self::Attested => "attested",
+            Self::Narrowed => "narrowed",
+            Self::Retired => "retired",
+            Self::Cancelled => "cancelled",
+        }
+    }
+}
+
+impl std::str::FromStr for ReviewState {
+    type Err = String;
+    fn from_str(s: &str) -> Result<Self, String> {
+        Ok(match s {
+            "open" => Self::Open,
+            "attested" => Self::Attested,
+            "narrowed" => Self::Narrowed,
+            "retired" => Self::Retired,
+            "cancelled" => Self::Cancelled,
+            other => return Err(format!("unknown review state `{other}`")),
+        })
+    }
+}
+
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[serde(rename_all = "snake_case")]
+pub enum Verdict {
+    Attest,
+    Narrow,
+    Retire,
+}
+
+/// One reviewer's decision on an item.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+pub struct ReviewDecision {
+    /// The operator who decided.
+    pub by: String,
+    /// Their email, when the directory knows them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub email: Option<String>,
+    pub decision: Verdict,
+    /// The scopes a `narrow` removes.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub scopes: Vec<String>,
+    #[serde(default)]
+    pub note: String,
+    #[serde(with = "time::serde::rfc3339")]
+    pub at: OffsetDateTime,
+}
+
+/// One agent in one campaign.
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+pub struct ReviewItem {
+    pub id: String,
+    pub campaign_id: String,
+    pub agent_id: String,
+    /// Who is asked: the sponsor, else the team's lead.
+    pub reviewer: String,
+    /// Distinct attestations needed (2: tier 3 or separation).
+    pub attestations: u8,
+    /// What the reviewer is shown, as it stood when the campaign started.
+    pub snapshot: serde_json::Value,
+    pub state: ReviewState,
+    pub decisions: Vec<ReviewDecision>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub decided_at: Option<OffsetDateTime>,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub escalated_at: Option<OffsetDateTime>,
+}
+
+/// Which items to list.
+#[derive(Debug, Clone, Default)]
+pub struct ReviewFilter {
+    pub campaign_id: Option<String>,
+    pub agent_id: Option<String>,
+    pub open_only: bool,
+}
+
+/// What starting a campaign came to.
+#[derive(Debug, Clone, Serialize)]
+pub struct Started {
+    pub campaign: Campaign,
+    pub items: Vec<ReviewItem>,
+    /// Agents left out, and why (nothing to review, decommissioned).
+    pub skipped: Vec<Skipped>,
+}
+
+#[derive(Debug, Clone, Serialize)]
+pub struct Skipped {
+    pub agent_id: String,
+    pub reason: String,
+}
+
+/// A campaign with its items and how far it got.
+#[derive(Debug, Clone, Serialize)]
+pub struct CampaignView {
+    #[serde(flatten)]
+    pub campaign: Campaign,
+    pub open: usize,
+    pub decided: usize,
+    pub items: Vec<ReviewItem>,
+}
+
+/// The operator deciding, as the broker sees them.
+#[derive(Debug, Clone)]
+pub struct Reviewer {
+    pub operator: String,
+    /// May decide any item (admin, approver); else only items assigned to
+    /// their email.
+    pub any_item: bool,
+}
+
+/// A decision as asked for.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DecisionRequest {
+    pub decision: Verdict,
+    #[serde(default)]
+    pub scopes: Vec<String>,
+    #[serde(default)]
+    pub note: String,
+}
+
+/// Campaign names appear in URLs and file names: keep them plain.
+fn valid_name(n: &str) -> bool {
+    (1..=64).contains(&n.len())
+        && n.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b"-._".contains(&b))
+}
+
+impl Broker {
+    /// Starts a campaign: one item per agent (of `team`, if given) that is
+    /// not decommissioned and may reach at least one scope.
+    pub async fn start_review(
+        &self,
+        actor: &Actor,
+        name: &str,
+        team: Option<String>,
+        due_days: Option<u32>,
+    ) -> BrokerResult<Started> {
+        if !valid_name(name) {
+            return Err(BrokerError::InvalidRequest(
+                "a campaign `name` is 1-64 characters of letters, digits, `-`, `.`, `_` (e.g. `2026-Q4`)"
+                    .into(),
+            ));
+        }
+        let due_days = due_days.unwrap_or(self.config.governance.review_due_days);
+        if !(1..=366).contains(&due_days) {
+            return Err(BrokerError::InvalidRequest(
+                "`due` must be 1 to 366 days".into(),
+            ));
+        }
+        let t = now();
+        let campaign = Campaign {
+            id: new_id("rv"),
+            name: name.to_owned(),
+            team: team.clone(),
+            created_at: t,
+            created_by: actor.render(),
+            due_at: t + time::Duration::days(i64::from(due_days)),
+        };
+        let ctx = self.governance_context().await?;
+        let mut items = Vec::new();
+        let mut skipped = Vec::new();
+        for a in self.store.list_agents(None, None).await? {
+            if team.as_deref().is_some_and(|t| t != a.team) {
+                continue;
+            }
+            if a.status == AgentStatus::Decommissioned {
+                continue;
+            }
+            let c = self.compliance_in(&a, &ctx, t).await?;
+            if c.permitted_scopes.is_empty() {
+                skipped.push(Skipped {
+                    agent_id: a.id.clone(),
+                    reason: "it may reach no scope: nothing to review".into(),
+                });
+                continue;
+            }
+            let reviewer = match ctx.people.standing(&a.sponsor) {
+                Standing::Active | Standing::Unknown => a.sponsor.clone(),
+                Standing::Departed(_) | Standing::Gone => ctx
+                    .people
+                    .team_lead(&a.team)
+                    .map_or_else(|| a.sponsor.clone(), |p| p.email.clone()),
+            };
+            let two = a.risk_tier >= 3 || self.config.governance.review_separation;
+            items.push(ReviewItem {
+                id: new_id("ri"),
+                campaign_id: campaign.id.clone(),
+                agent_id: a.id.clone(),
+                reviewer,
+                attestations: if two { 2 } else { 1 },
+                snapshot: serde_json::json!({
+                    "status": c.status,
+                    "team": c.team,
+                    "sponsor": c.sponsor,
+                    "risk_tier": c.risk_tier,
+                    "max_ttl_secs": a.max_ttl_secs,
+                    "permitted_scopes": c.permitted_scopes,
+                    "excluded_scopes": a.excluded_scopes,
+                    "last_used_at": c.last_used_at.map(unix),
+                    "last_review_at": c.last_review_at.map(unix),
+                    "issues": c.issues,
+                }),
+                state: ReviewState::Open,
+                decisions: Vec::new(),
+                decided_at: None,
+                escalated_at: None,
+            });
+        }
+        let mut tx = self.store.begin().await?;
+        tx.insert_campaign(&campaign).await?;
+        tx.audit(
+            AuditEvent::new(actor, "review.campaign_started").details(serde_json::json!({
+                "campaign": campaign.id, "name": campaign.name, "team": campaign.team,
+                "due_at": unix(campaign.due_at), "items": items.len(),
+                "skipped": skipped.iter().map(|s| &s.agent_id).collect::<Vec<_>>(),
+            })),
+        )
+        .await?;
+        for i in &items {
+            tx.insert_review_item(i).await?;
+            tx.audit(
+                AuditEvent::new(actor, "review.item_opened")
+                    .agent(&i.agent_id)
+                    .details(serde_json::json!({
+                        "campaign": campaign.id, "item": i.id, "reviewer": i.reviewer,
+                        "attestations": i.attestations,
+                        "permitted_scopes": i.snapshot["permitted_scopes"]
+                            .as_array().map(|v| v.iter().map(|s| s["scope"].clone()).collect::<Vec<_>>()),
+                    })),
+            )
+            .await?;
+        }
+        tx.commit().await?;
+        Ok(Started {
+            campaign,
+            items,
+            skipped,
+        })
+    }
+
+    /// Every campaign, newest first, with its counts (no items).
+    pub async fn review_campaigns(&self) -> BrokerResult<Vec<CampaignView>> {
+        let mut out = Vec::new();
+        for c in self.store.review_campaigns().await? {
+            let mut v = self.campaign_view(c).await?;
+            v.items.clear();
+            out.push(v);
+        }
+        Ok(out)
+    }
+
+    /// One campaign by id or name, with its items.
+    pub async fn review_campaign(&self, key: &str) -> BrokerResult<CampaignView> {
+        let c = self
+            .store
+            .review_campaigns()
+            .await?
+            .into_iter()
+            .find(|c| c.id == key || c.name == key)
+            .ok_or_else(|| BrokerError::NotFound(format!("no review campaign `{key}`")))?;
+        self.campaign_view(c).await
+    }
+
+    async fn campaign_view(&self, c: Campaign) -> BrokerResult<CampaignView> {
+        let items = self
+            .store
+            .review_items(&ReviewFilter {
+                campaign_id: Some(c.id.clone()),
+                ..ReviewFilter::default()
+            })
+            .await?;
+        let open = items
+            .iter()
+            .filter(|i| i.state == ReviewState::Open)
+            .count();
+        Ok(CampaignView {
+            campaign: c,
+            open,
+            decided: items.len() - open,
+            items,
+        })
+    }
+
+    pub async fn review_item(&self, id: &str) -> BrokerResult<ReviewItem> {
+        self.store
+            .review_item(id)
+            .await?
+            .ok_or_else(|| BrokerError::NotFound(format!("no review item `{id}`")))
+    }
+
+    /// Records one reviewer's decision and carries it out once it stands.
+    pub async fn decide_review(
+        &self,
+        who: &Reviewer,
+        item_id: &str,
+        req: DecisionRequest,
+    ) -> BrokerResult<ReviewItem> {
+        let actor = Actor::Operator(who.operator.clone());
+        let people = self.directory().await?;
+        let email = people.operator(&who.operator).map(|p| p.email.clone());
+        let item = self.review_item(item_id).await?;
+        if item.state != ReviewState::Open {
+            return Err(BrokerError::Conflict(format!(
+                "review item `{item_id}` is {} already",
+                item.state.as_str()
+            )));
+        }
+        let assigned = email.as_deref().map(super::people::normalize)
+            == Some(super::people::normalize(&item.reviewer));
+        if !who.any_item && !assigned {
+            return Err(BrokerError::Forbidden(format!(
+                "review item `{item_id}` is assigned to `{}`; operator `{}` may decide it only with the admin or approver role",
+                item.reviewer, who.operator
+            )));
+        }
+        let agent = self.agent(&item.agent_id).await?;
+        if agent.status == AgentStatus::Decommissioned {
+            return Err(BrokerError::Conflict(format!(
+                "agent `{}` was decommissioned meanwhile; the sweep cancels its review item",
+                agent.id
+            )));
+        }
+        let is_sponsor = email.as_deref().is_some_and(|e| {
+            super::people::normalize(e) == super::people::normalize(&agent.sponsor)
+        });
+        let decision = ReviewDecision {
+            by: who.operator.clone(),
+            email: email.clone(),
+            decision: req.decision,
+            scopes: req.scopes.clone(),
+            note: crate::limits::clip_message(req.note.trim()),
+            at: now(),
+        };
+        match req.decision {
+            Verdict::Attest => {
+                if !req.scopes.is_empty() {
+                    return Err(BrokerError::InvalidRequest(
+                        "`scopes` goes with `narrow`, not `attest`".into(),
+                    ));
+                }
+                if item.decisions.iter().any(|d| d.by == who.operator) {
+                    return Err(BrokerError::Conflict(format!(
+                        "operator `{}` has attested review item `{item_id}` already; a second reviewer must",
+                        who.operator
+                    )));
+                }
+                let attested = item.decisions.len() + 1;
+                if attested < usize::from(item.attestations) {
+                    self.record_review_decision(&actor, &item, decision, None, is_sponsor)
+                        .await
+                } else {
+                    self.record_review_decision(
+                        &actor,
+                        &item,
+                        decision,
+                        Some(ReviewState::Attested),
+                        is_sponsor,
+                    )
+                    .await
+                }
+            }
+            Verdict::Narrow => {
+                let permitted: Vec<String> = item.snapshot["permitted_scopes"]
+                    .as_array()
+                    .into_iter()
+                    .flatten()
+                    .filter_map(|s| s["scope"].as_str().map(str::to_owned))
+                    .collect();
+                if req.scopes.is_empty() {
+                    return Err(BrokerError::InvalidRequest(
+                        "`narrow` needs `scopes`: the scopes to take away".into(),
+                    ));
+                }
+                if let Some(s) = req.scopes.iter().find(|s| !permitted.contains(s)) {
+                    return Err(BrokerError::InvalidRequest(format!(
+                        "`{}` is not among the scopes under review ({})",
+                        crate::limits::claimed_label(s),
+                        permitted.join(", ")
+                    )));
+                }
+                let reason = format!(
+                    "review `{}`: narrowed by {}",
+                    item.campaign_id, who.operator
+                );
+                for s in &req.scopes {
+                    self.exclude_scope(&actor, &item.agent_id, s, &reason)
+                        .await?;
+                }
+                self.record_review_decision(
+                    &actor,
+                    &item,
+                    decision,
+                    Some(ReviewState::Narrowed),
+                    is_sponsor,
+                )
+                .await
+            }
+            Verdict::Retire => {
+                if !req.scopes.is_empty() {
+                    return Err(BrokerError::InvalidRequest(
+                        "`scopes` goes with `narrow`, not `retire`".into(),
+                    ));
+                }
+                let item = self
+                    .record_review_decision(
+                        &actor,
+                        &item,
+                        decision,
+                        Some(ReviewState::Retired),
+                        is_sponsor,
+                    )
+                    .await?;
+                if agent.status != AgentStatus::Decommissioned {
+                    self.set_agent_status(
+                        &actor,
+                        &item.agent_id,
+                        AgentStatus::Decommissioned,
+                        &format!("retired in review item `{}`", item.id),
+                    )
+                    .await?;
+                }
+                Ok(item)
+            }
+        }
+    }
+
+    /// Appends `decision` and, with `done`, closes the item (an attest or a
+    /// narrow also counts as the agent's review: `last_review_at`).
+    async fn record_review_decision(
+        &self,
+        actor: &Actor,
+        item: &ReviewItem,
+        decision: ReviewDecision,
+        done: Option<ReviewState>,
+        is_sponsor: bool,
+    ) -> BrokerResult<ReviewItem> {
+        let mut tx = self.store.begin().await?;
+        let mut cur = tx
+            .review_item(&item.id)
+            .await?
+            .ok_or_else(|| BrokerError::NotFound(format!("no review item `{}`", item.id)))?;
+        if cur.state != ReviewState::Open || cur.decisions != item.decisions {
+            return Err(BrokerError::Conflict(format!(
+                "review item `{}` changed while deciding; read it again",
+                item.id
+            )));
+        }
+        let t = decision.at;
+        cur.decisions.push(decision.clone());
+        let action = match done {
+            Some(state) => {
+                cur.state = state;
+                cur.decided_at = Some(t);
+                if matches!(state, ReviewState::Attested | ReviewState::Narrowed) {
+                    tx.mark_reviewed(&cur.agent_id, t).await?;
+                }
+                format!("review.{}", state.as_str())
+            }
+            None => "review.attestation_recorded".to_owned(),
+        };
+        tx.save_review_item(&cur).await?;
+        let mut ev = AuditEvent::new(actor, &action)
+            .agent(&cur.agent_id)
+            .details(serde_json::json!({
+                "campaign": cur.campaign_id, "item": cur.id, "decision": decision.decision,
+                "scopes": decision.scopes, "note": decision.note, "sponsor": is_sponsor,
+                "attested_by": cur.decisions.iter().filter(|d| d.decision == Verdict::Attest)
+                    .map(|d| &d.by).collect::<Vec<_>>(),
+                "attestations_needed": cur.attestations,
+            }));
+        if done.is_none() {
+            ev = ev.reason(format!(
+                "{} of {} attestations: another reviewer must attest",
+                cur.decisions.len(),
+                cur.attestations
+            ));
+        }
+        tx.audit(ev).await?;
+        tx.commit().await?;
+        Ok(cur)
+    }
+
+    /// Open items past their campaign's due date, not yet escalated: each is
+    /// escalated to the agent's team lead (audited as `review.escalated`);
+    /// the overdue item is a compliance issue with the lifecycle's
+    /// `overdue_action`.
+    pub(crate) async fn escalate_reviews(&self, t: OffsetDateTime) -> BrokerResult<usize> {
+        let campaigns = self.store.review_campaigns().await?;
+        let open = self
+            .store
+            .review_items(&ReviewFilter {
+                open_only: true,
+                ..ReviewFilter::default()
+            })
+            .await?;
+        let people = self.directory().await?;
+        let mut n = 0;
+        for mut i in open {
+            let Some(c) = campaigns.iter().find(|c| c.id == i.campaign_id) else {
+                continue;
+            };
+            if i.escalated_at.is_some() || c.due_at > t {
+                continue;
+            }
+            let team = i.snapshot["team"].as_str().unwrap_or_default().to_owned();
+            let lead = people.team_lead(&team).map(|p| p.email.clone());
+            i.escalated_at = Some(t);
+            let mut tx = self.store.begin().await?;
+            tx.save_review_item(&i).await?;
+            tx.audit(
+                AuditEvent::new(&Actor::System, "review.escalated")
+                    .agent(&i.agent_id)
+                    .reason(format!(
+                        "review item of campaign `{}` was due on {}",
+                        c.name,
+                        c.due_at.date()
+                    ))
+                    .details(serde_json::json!({
+                        "campaign": c.id, "item": i.id, "reviewer": i.reviewer,
+                        "escalated_to": lead, "team": team,
+                    })),
+            )
+            .await?;
+            tx.commit().await?;
+            n += 1;
+        }
+        Ok(n)
+    }
+}

@@ -1,0 +1,163 @@
+//! Access reviews, the people directory and registry exclusions over HTTP.
+
+use axum::Json;
+use axum::extract::{Path, State};
+use axum::http::StatusCode;
+use axum::response::IntoResponse;
+use serde::Deserialize;
+
+use super::auth::Operator;
+use super::error::parse_json;
+use super::{ApiError, AppState};
+use crate::config::Role;
+use crate::governance::reviews::{DecisionRequest, Reviewer};
+
+const READERS: &[Role] = &[Role::Admin, Role::Secops, Role::Auditor, Role::Approver];
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct StartBody {
+    name: String,
+    #[serde(default)]
+    team: Option<String>,
+    /// Days until the items are due (default `governance.review_due_days`).
+    #[serde(default)]
+    due_days: Option<u32>,
+}
+
+/// `POST /v1/reviews` (admin): starts a campaign.
+pub async fn start(
+    State(b): State<AppState>,
+    op: Operator,
+    body: axum::body::Bytes,
+) -> Result<impl IntoResponse, ApiError> {
+    op.require(&[Role::Admin])?;
+    let s: StartBody = parse_json(&body)?;
+    let started = b
+        .start_review(&op.actor(), &s.name, s.team, s.due_days)
+        .await?;
+    Ok((StatusCode::CREATED, Json(started)))
+}
+
+/// `GET /v1/reviews`: every campaign with its counts.
+pub async fn list(State(b): State<AppState>, op: Operator) -> Result<impl IntoResponse, ApiError> {
+    op.require(READERS)?;
+    Ok(Json(b.review_campaigns().await?))
+}
+
+/// `GET /v1/reviews/{id or name}`: a campaign and its items.
+pub async fn show(
+    State(b): State<AppState>,
+    op: Operator,
+    Path(key): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    op.require(READERS)?;
+    Ok(Json(b.review_campaign(&key).await?))
+}
+
+/// `GET /v1/reviews/items/{id}`: one item, its snapshot and decisions. Any
+/// operator: a reviewer may hold no role but their email.
+pub async fn item(
+    State(b): State<AppState>,
+    _op: Operator,
+    Path(id): Path<String>,
+) -> Result<impl IntoResponse, ApiError> {
+    Ok(Json(b.review_item(&id).await?))
+}
+
+/// `POST /v1/reviews/items/{id}/decision`: `{"decision": "attest" |
+/// "narrow" | "retire", "scopes": [...], "note": "..."}`. The assigned
+/// reviewer (by email) may decide; admins and approvers may decide any item.
+pub async fn decide(
+    State(b): State<AppState>,
+    op: Operator,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<impl IntoResponse, ApiError> {
+    let req: DecisionRequest = parse_json(&body)?;
+    let who = Reviewer {
+        operator: op.name.clone(),
+        any_item: op
+            .roles
+            .iter()
+            .any(|r| matches!(r, Role::Admin | Role::Approver)),
+    };
+    Ok(Json(b.decide_review(&who, &id, req).await?))
+}
+
+/// `GET /v1/people`: the directory with who left and when.
+pub async fn people(
+    State(b): State<AppState>,
+    op: Operator,
+) -> Result<impl IntoResponse, ApiError> {
+    op.require(READERS)?;
+    let d = b.directory().await?;
+    Ok(Json(d.all().cloned().collect::<Vec<_>>()))
+}
+
+#[derive(Debug, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ReasonBody {
+    #[serde(default)]
+    reason: String,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ExcludeBody {
+    scope: String,
+    reason: String,
+}
+
+fn optional_reason(body: &[u8]) -> Result<ReasonBody, ApiError> {
+    if body.is_empty() {
+        Ok(ReasonBody::default())
+    } else {
+        parse_json(body)
+    }
+}
+
+/// `POST /v1/people/{email}/depart` (admin): the person left; their agents
+/// need a new sponsor and their operator token stops working.
+pub async fn depart(
+    State(b): State<AppState>,
+    op: Operator,
+    Path(email): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<impl IntoResponse, ApiError> {
+    op.require(&[Role::Admin])?;
+    let r = optional_reason(&body)?;
+    Ok(Json(b.depart_person(&op.actor(), &email, &r.reason).await?))
+}
+
+/// `POST /v1/agents/{id}/exclusions` (admin): `{"scope", "reason"}`.
+pub async fn exclude(
+    State(b): State<AppState>,
+    op: Operator,
+    Path(id): Path<String>,
+    body: axum::body::Bytes,
+) -> Result<impl IntoResponse, ApiError> {
+    op.require(&[Role::Admin])?;
+    let e: ExcludeBody = parse_json(&body)?;
+    b.exclude_scope(&op.actor(), &id, &e.scope, &e.reason)
+        .await?;
+    Ok(Json(b.agent(&id).await?))
+}
+
+/// `DELETE /v1/agents/{id}/exclusions/{scope}` (admin): lifts it.
+pub async fn include(
+    State(b): State<AppState>,
+    op: Operator,
+    Path((id, scope)): Path<(String, String)>,
+    body: axum::body::Bytes,
+) -> Result<impl IntoResponse, ApiError> {
+    op.require(&[Role::Admin])?;
+    let r = optional_reason(&body)?;
+    let reason = if r.reason.trim().is_empty() {
+        format!("lifted by {}", op.name)
+    } else {
+        r.reason
+    };
+    b.include_scope(&op.actor(), &id, &scope, &reason).await?;
+    Ok(Json(b.agent(&id).await?))
+}

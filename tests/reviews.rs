@@ -1,0 +1,677 @@
+//! Access reviews, the people directory, registry exclusions and per-agent
+//! TTL caps through the real server. Time passes by moving dates back in the
+//! store, never by sleeping.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::config::sha256_hex;
+use common::{Setup, TestAgent, TestBroker};
+use serde_json::{Value, json};
+
+const DAY: i64 = 86_400;
+const SPONSOR: &str = "owner@keygate.test";
+
+/// A sponsor who signs in as operator `olga` (no role but her email), a
+/// second admin, and a directory where `lead@keygate.test` leads `platform`.
+struct People {
+    olga: String,
+    root2: String,
+}
+
+impl People {
+    fn new() -> Self {
+        let t = |n: &str| format!("kgop-{n}-{}", uuid::Uuid::new_v4().simple());
+        Self {
+            olga: t("olga"),
+            root2: t("root2"),
+        }
+    }
+
+    fn toml(&self) -> String {
+        format!(
+            r#"
+[[operators]]
+name = "olga"
+roles = ["auditor"]
+email = "{SPONSOR}"
+token_sha256 = "{}"
+
+[[operators]]
+name = "root2"
+roles = ["admin"]
+email = "root2@keygate.test"
+token_sha256 = "{}"
+
+[[people]]
+email = "{SPONSOR}"
+name = "Olga Owner"
+team = "platform"
+
+[[people]]
+email = "lead@keygate.test"
+name = "Lee Lead"
+team = "platform"
+lead = true
+
+[[people]]
+email = "next@keygate.test"
+name = "Nia Next"
+team = "platform"
+"#,
+            sha256_hex(&self.olga),
+            sha256_hex(&self.root2)
+        )
+    }
+}
+
+async fn start(extra: &str) -> (TestBroker, People) {
+    let people = People::new();
+    let mut setup = Setup::permissive();
+    setup.extra_config = format!("{}\n{extra}", people.toml());
+    (TestBroker::start_with(setup).await, people)
+}
+
+async fn sweep(b: &TestBroker) -> Value {
+    b.post("/v1/governance/sweep", Some(&b.ops.admin), &json!({}))
+        .await
+        .expect(200)
+}
+
+async fn compliance(b: &TestBroker, agent: &str) -> Value {
+    b.get(
+        &format!("/v1/agents/{agent}/compliance"),
+        Some(&b.ops.auditor),
+    )
+    .await
+    .expect(200)
+}
+
+fn issue<'a>(c: &'a Value, kind: &str) -> Option<&'a Value> {
+    c["issues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["kind"] == kind)
+}
+
+async fn exec(b: &TestBroker, sql: &'static str, binds: &[&str]) {
+    let mut db = b.db().await;
+    let mut q = sqlx::query(sql);
+    for v in binds {
+        q = q.bind(v.to_string());
+    }
+    q.execute(&mut db).await.unwrap();
+    sqlx::Connection::close(db).await.unwrap();
+}
+
+fn item_of<'a>(started: &'a Value, agent: &str) -> &'a Value {
+    started["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["agent_id"] == agent)
+        .unwrap_or_else(|| panic!("no item for {agent}: {started}"))
+}
+
+async fn decide(b: &TestBroker, token: &str, item: &str, body: Value) -> common::Resp {
+    b.post(
+        &format!("/v1/reviews/items/{item}/decision"),
+        Some(token),
+        &body,
+    )
+    .await
+}
+
+#[tokio::test]
+async fn a_campaign_attests_narrows_and_retires_and_skips_agents_with_nothing_to_review() {
+    let (b, people) = start("").await;
+    let keep = TestAgent::new("rv-keep", "ES256");
+    let narrow = TestAgent::new("rv-narrow", "ES256");
+    let retire = TestAgent::new("rv-retire", "ES256");
+    let empty = TestAgent::new("rv-empty", "ES256");
+    for a in [&keep, &narrow, &retire, &empty] {
+        b.register(a, "platform").await;
+    }
+    // `empty` may reach nothing once every scope is excluded: no reviewer
+    // is asked about it.
+    for scope in ["x509-svid", "jwt-svid", "payments-ca"] {
+        b.admin_post(
+            &format!("/v1/agents/{}/exclusions", empty.id),
+            &json!({ "scope": scope, "reason": "not needed" }),
+        )
+        .await
+        .expect(200);
+    }
+    let s = b.token(&narrow).await;
+    let held = b.x509(&s.token, Some(600)).await;
+
+    let started = b
+        .admin_post(
+            "/v1/reviews",
+            &json!({ "name": "2026-Q4", "team": "platform" }),
+        )
+        .await
+        .expect(201);
+    let skipped: Vec<&str> = started["skipped"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["agent_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(skipped, [empty.id.as_str()], "{started}");
+    let it = item_of(&started, &narrow.id);
+    assert_eq!(it["reviewer"], SPONSOR);
+    assert_eq!(it["attestations"], 1);
+    let snap_scopes: Vec<&str> = it["snapshot"]["permitted_scopes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|s| s["scope"].as_str().unwrap())
+        .collect();
+    assert!(snap_scopes.contains(&"x509-svid"), "{it}");
+    let used = it["snapshot"]["permitted_scopes"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["scope"] == "x509-svid")
+        .unwrap();
+    assert_eq!(
+        used["credentials"], 1,
+        "per-scope use in the snapshot: {used}"
+    );
+    // The same name twice is a conflict, not a second campaign.
+    let dup = b
+        .admin_post("/v1/reviews", &json!({ "name": "2026-Q4" }))
+        .await;
+    assert_eq!(dup.status, 409, "{}", dup.text);
+
+    // The sponsor attests her own tier-2 agent: that is enough.
+    let keep_item = item_of(&started, &keep.id)["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let r = decide(
+        &b,
+        &people.olga,
+        &keep_item,
+        json!({ "decision": "attest", "note": "still runs the nightly job" }),
+    )
+    .await
+    .expect(200);
+    assert_eq!(r["state"], "attested", "{r}");
+    let a = b.admin_get(&format!("/v1/agents/{}", keep.id)).await;
+    assert!(a["last_review_at"].is_string(), "{a}");
+    // A decided item cannot be decided again.
+    let again = decide(
+        &b,
+        &b.ops.admin,
+        &keep_item,
+        json!({ "decision": "retire" }),
+    )
+    .await;
+    assert_eq!(again.status, 409, "{}", again.text);
+
+    // Narrow: x509-svid is taken away; the held certificate's lease is
+    // revoked and a new request is refused with the reason and the way back.
+    let narrow_item = item_of(&started, &narrow.id)["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let bad = decide(
+        &b,
+        &b.ops.admin,
+        &narrow_item,
+        json!({ "decision": "narrow", "scopes": ["no-such"] }),
+    )
+    .await;
+    assert_eq!(bad.status, 400, "{}", bad.text);
+    assert!(
+        bad.text.contains("not among the scopes under review"),
+        "{}",
+        bad.text
+    );
+    let r = decide(
+        &b,
+        &b.ops.admin,
+        &narrow_item,
+        json!({ "decision": "narrow", "scopes": ["x509-svid"] }),
+    )
+    .await
+    .expect(200);
+    assert_eq!(r["state"], "narrowed", "{r}");
+    let lease = held["lease_id"].as_str().unwrap();
+    common::eventually("the narrowed scope's lease revoked", || async {
+        (b.lease_state(lease).await == "revoked").then_some(())
+    })
+    .await;
+    let refused = b.credential(&s.token, "x509-svid", Some(60), None).await;
+    assert_eq!(refused.status, 403, "{}", refused.text);
+    assert!(
+        refused.text.contains("excluded from agent"),
+        "{}",
+        refused.text
+    );
+    assert!(
+        refused.text.contains("keygate agents include"),
+        "{}",
+        refused.text
+    );
+    // Other scopes still work, and the compliance view no longer counts it.
+    b.jwt_svid(&s.token, Some(60)).await;
+    let c = compliance(&b, &narrow.id).await;
+    assert!(c["excluded_scopes"]["x509-svid"].is_object(), "{c}");
+    assert!(
+        !c["permitted_scopes"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|p| p["scope"] == "x509-svid"),
+        "{c}"
+    );
+    // An admin lifts it: policy alone decides again.
+    b.call(
+        reqwest::Method::DELETE,
+        &format!("/v1/agents/{}/exclusions/x509-svid", narrow.id),
+        Some(&b.ops.admin),
+        None,
+    )
+    .await
+    .expect(200);
+    b.x509(&s.token, Some(60)).await;
+
+    // Retire: the agent is decommissioned and its sessions stop.
+    let retire_item = item_of(&started, &retire.id)["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let rs = b.token(&retire).await;
+    // Olga is the reviewer of every item here, but an auditor who is not
+    // assigned may not decide: she may, as the assigned reviewer.
+    let r = decide(
+        &b,
+        &people.olga,
+        &retire_item,
+        json!({ "decision": "retire", "note": "project ended" }),
+    )
+    .await
+    .expect(200);
+    assert_eq!(r["state"], "retired");
+    let a = b.admin_get(&format!("/v1/agents/{}", retire.id)).await;
+    assert_eq!(a["status"], "decommissioned", "{a}");
+    let dead = b.credential(&rs.token, "jwt-svid", Some(60), None).await;
+    assert_eq!(dead.status, 401, "{}", dead.text);
+
+    // The campaign's counts, and the audit trail of each decision.
+    let view = b
+        .get("/v1/reviews/2026-Q4", Some(&b.ops.auditor))
+        .await
+        .expect(200);
+    assert_eq!(
+        (view["open"].as_u64(), view["decided"].as_u64()),
+        (Some(0), Some(3)),
+        "{view}"
+    );
+    for action in [
+        "review.campaign_started",
+        "review.attested",
+        "review.narrowed",
+        "review.retired",
+        "agent.scope_excluded",
+        "agent.scope_included",
+    ] {
+        assert!(
+            !b.audit(&format!("action={action}")).await.is_empty(),
+            "{action} audited"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_tier_3_agent_needs_a_second_reviewer_who_is_not_the_sponsor() {
+    let (b, people) = start("").await;
+    let agent = TestAgent::new("rv-tier3", "ES256");
+    let mut spec = agent.spec("platform");
+    spec["risk_tier"] = 3.into();
+    b.admin_post("/v1/agents", &spec).await.expect(201);
+    let started = b
+        .admin_post("/v1/reviews", &json!({ "name": "t3", "due_days": 7 }))
+        .await
+        .expect(201);
+    let it = item_of(&started, &agent.id);
+    assert_eq!(it["attestations"], 2, "{it}");
+    let id = it["id"].as_str().unwrap().to_owned();
+
+    // An operator who is neither the reviewer nor an admin/approver: refused.
+    let auditor = decide(&b, &b.ops.auditor, &id, json!({ "decision": "attest" })).await;
+    assert_eq!(auditor.status, 403, "{}", auditor.text);
+
+    let first = decide(&b, &people.olga, &id, json!({ "decision": "attest" }))
+        .await
+        .expect(200);
+    assert_eq!(
+        first["state"], "open",
+        "the sponsor alone is not enough: {first}"
+    );
+    let twice = decide(&b, &people.olga, &id, json!({ "decision": "attest" })).await;
+    assert_eq!(twice.status, 409, "{}", twice.text);
+    let a = b.admin_get(&format!("/v1/agents/{}", agent.id)).await;
+    assert!(a["last_review_at"].is_null(), "not reviewed yet: {a}");
+
+    let done = decide(&b, &b.ops.approver, &id, json!({ "decision": "attest" }))
+        .await
+        .expect(200);
+    assert_eq!(done["state"], "attested", "{done}");
+    let by: Vec<&str> = done["decisions"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|d| d["by"].as_str().unwrap())
+        .collect();
+    assert_eq!(by, ["olga", "test-approver"]);
+    let ev = b.audit("action=review.attestation_recorded").await;
+    assert!(
+        ev[0]["reason"]
+            .as_str()
+            .unwrap()
+            .contains("another reviewer"),
+        "{ev:?}"
+    );
+}
+
+#[tokio::test]
+async fn an_overdue_review_escalates_to_the_team_lead_then_the_overdue_action() {
+    let (b, _people) =
+        start("[[lifecycle]]\nname = \"strict\"\noverdue_action = \"suspend\"\ngrace_days = 3\n")
+            .await;
+    let agent = TestAgent::new("rv-late", "ES256");
+    b.register(&agent, "platform").await;
+    let started = b
+        .admin_post("/v1/reviews", &json!({ "name": "late", "due_days": 7 }))
+        .await
+        .expect(201);
+    let cid = started["campaign"]["id"].as_str().unwrap().to_owned();
+    assert!(sweep(&b).await["escalated"] == 0);
+
+    // Eight days on: due yesterday. Escalated once, to the lead.
+    let now = common::unix_now();
+    exec(
+        &b,
+        "UPDATE review_campaigns SET due_at = ? WHERE id = ?",
+        &[&(now - DAY).to_string(), &cid],
+    )
+    .await;
+    let r = sweep(&b).await;
+    assert_eq!(r["escalated"], 1, "{r}");
+    assert_eq!(sweep(&b).await["escalated"], 0, "escalated once");
+    let ev = b.audit("action=review.escalated").await;
+    assert_eq!(
+        ev[0]["details"]["escalated_to"], "lead@keygate.test",
+        "{ev:?}"
+    );
+    let c = compliance(&b, &agent.id).await;
+    let overdue = issue(&c, "review_item_overdue").unwrap();
+    assert_eq!(overdue["action"], "suspend", "{c}");
+    assert_eq!(c["status"], "active");
+
+    // Past the grace: suspended without an operator.
+    exec(
+        &b,
+        "UPDATE review_campaigns SET due_at = ? WHERE id = ?",
+        &[&(now - 4 * DAY).to_string(), &cid],
+    )
+    .await;
+    sweep(&b).await;
+    let a = b.admin_get(&format!("/v1/agents/{}", agent.id)).await;
+    assert_eq!(a["status"], "suspended", "{a}");
+}
+
+#[tokio::test]
+async fn a_departed_sponsor_orphans_the_agent_after_five_business_days() {
+    let (b, people) = start("").await;
+    let agent = TestAgent::new("rv-orphan", "ES256");
+    // A sponsor the directory does not know is refused at registration.
+    let mut spec = agent.spec("platform");
+    spec["sponsor"] = "stranger@keygate.test".into();
+    let r = b.admin_post("/v1/agents", &spec).await;
+    assert_eq!(r.status, 400, "{}", r.text);
+    assert!(
+        r.text
+            .contains("not an active person in the people directory"),
+        "{}",
+        r.text
+    );
+    b.register(&agent, "platform").await;
+    assert!(issue(&compliance(&b, &agent.id).await, "sponsor_departed").is_none());
+
+    // Olga leaves: her agent needs a new sponsor, her token stops working.
+    b.admin_post(
+        &format!("/v1/people/{SPONSOR}/depart"),
+        &json!({ "reason": "left the company" }),
+    )
+    .await
+    .expect(200);
+    let again = b
+        .admin_post(&format!("/v1/people/{SPONSOR}/depart"), &json!({}))
+        .await;
+    assert_eq!(again.status, 409, "{}", again.text);
+    let gone = b.get("/v1/reviews", Some(&people.olga)).await;
+    assert_eq!(gone.status, 401, "{}", gone.text);
+    assert!(gone.text.contains("departed"), "{}", gone.text);
+    let c = compliance(&b, &agent.id).await;
+    let i = issue(&c, "sponsor_departed").expect("sponsor_departed");
+    assert_eq!(i["action"], "suspend", "{c}");
+    // Not an active person: she cannot be named sponsor again.
+    let other = TestAgent::new("rv-orphan-2", "ES256");
+    let r = b.admin_post("/v1/agents", &other.spec("platform")).await;
+    assert_eq!(r.status, 400, "{}", r.text);
+    assert!(r.text.contains("left on"), "{}", r.text);
+
+    // Eight calendar days later (at least five business days): suspended.
+    exec(
+        &b,
+        "UPDATE departures SET departed_at = departed_at - ?",
+        &[&(8 * DAY).to_string()],
+    )
+    .await;
+    let r = sweep(&b).await;
+    assert!(
+        r["acted"]
+            .as_array()
+            .unwrap()
+            .contains(&json!([agent.id, "suspend"])),
+        "{r}"
+    );
+
+    // A new sponsor resolves it; resumed, the agent stays active.
+    b.call(
+        reqwest::Method::PATCH,
+        &format!("/v1/agents/{}", agent.id),
+        Some(&b.ops.admin),
+        Some(&json!({ "sponsor": "next@keygate.test" })),
+    )
+    .await
+    .expect(200);
+    b.admin_post(&format!("/v1/agents/{}/resume", agent.id), &json!({}))
+        .await
+        .expect(200);
+    sweep(&b).await;
+    let c = compliance(&b, &agent.id).await;
+    assert!(issue(&c, "sponsor_departed").is_none(), "{c}");
+    assert_eq!(c["status"], "active");
+    let list = b.get("/v1/people", Some(&b.ops.auditor)).await.expect(200);
+    let olga = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["email"] == SPONSOR)
+        .unwrap();
+    assert_eq!(olga["status"], "departed", "{olga}");
+    assert_eq!(olga["operator"], "olga");
+}
+
+#[tokio::test]
+async fn the_agents_ttl_cap_bounds_sessions_credentials_and_renewals() {
+    let (b, _people) = start("").await;
+    let agent = TestAgent::new("rv-capped", "ES256");
+    let mut spec = agent.spec("platform");
+    spec["max_ttl_secs"] = 120.into();
+    b.admin_post("/v1/agents", &spec).await.expect(201);
+    let zero = {
+        let other = TestAgent::new("rv-zero", "ES256");
+        let mut s = other.spec("platform");
+        s["max_ttl_secs"] = 0.into();
+        b.admin_post("/v1/agents", &s).await
+    };
+    assert_eq!(zero.status, 400, "{}", zero.text);
+
+    let s = b.token_ttl(&agent, Some(3600)).await;
+    let now = common::unix_now();
+    let opened = b
+        .audit(&format!("action=task.opened&agent={}", agent.id))
+        .await;
+    let task_exp = opened[0]["details"]["expires_at"].as_i64().unwrap();
+    assert!(task_exp <= now + 121, "session capped at 120 s: {opened:?}");
+    let cred = b.x509(&s.token, Some(3600)).await;
+    let exp = time::OffsetDateTime::parse(
+        cred["expires_at"].as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap()
+    .unix_timestamp();
+    assert!(exp <= now + 121, "credential capped at 120 s: {cred}");
+    let c = compliance(&b, &agent.id).await;
+    assert_eq!(c["max_ttl_secs"], 120);
+    assert!(issue(&c, "long_ttl").is_none(), "{c}");
+}
+
+#[tokio::test]
+async fn remove_unused_excludes_an_unused_scope_until_an_admin_lifts_it() {
+    let (b, _people) = start(
+        "[[lifecycle]]\nname = \"tidy\"\nremove_unused = true\nunused_scope_after_days = 30\n",
+    )
+    .await;
+    let agent = TestAgent::new("rv-unused", "ES256");
+    b.register(&agent, "platform").await;
+    let s = b.token(&agent).await;
+    b.x509(&s.token, Some(60)).await;
+    // Registered 40 days ago; x509-svid used today, jwt-svid never.
+    let now = common::unix_now();
+    exec(
+        &b,
+        "UPDATE agents SET created_at = ? WHERE id = ?",
+        &[&(now - 40 * DAY).to_string(), &agent.id],
+    )
+    .await;
+    let r = sweep(&b).await;
+    let excluded = r["excluded"].as_array().unwrap();
+    assert!(excluded.contains(&json!([agent.id, "jwt-svid"])), "{r}");
+    assert!(!excluded.contains(&json!([agent.id, "x509-svid"])), "{r}");
+    let refused = b
+        .credential(
+            &s.token,
+            "jwt-svid",
+            Some(60),
+            Some(json!({ "audience": common::JWT_AUDIENCE })),
+        )
+        .await;
+    assert_eq!(refused.status, 403, "{}", refused.text);
+    // The next sweep closes the finding: the scope is no longer reachable.
+    sweep(&b).await;
+    let c = compliance(&b, &agent.id).await;
+    assert!(
+        !c["issues"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i["kind"] == "unused_scope" && i["subject"] == "jwt-svid"),
+        "{c}"
+    );
+    b.call(
+        reqwest::Method::DELETE,
+        &format!("/v1/agents/{}/exclusions/jwt-svid", agent.id),
+        Some(&b.ops.admin),
+        None,
+    )
+    .await
+    .expect(200);
+    b.jwt_svid(&s.token, Some(60)).await;
+    // Lifting twice: nothing to lift.
+    let twice = b
+        .call(
+            reqwest::Method::DELETE,
+            &format!("/v1/agents/{}/exclusions/jwt-svid", agent.id),
+            Some(&b.ops.admin),
+            None,
+        )
+        .await;
+    assert_eq!(twice.status, 404, "{}", twice.text);
+}
+
+#[tokio::test]
+async fn racing_reviewers_and_a_decommission_mid_review_leave_a_consistent_record() {
+    let (b, people) = start("").await;
+    let agent = TestAgent::new("rv-race", "ES256");
+    let mut spec = agent.spec("platform");
+    spec["risk_tier"] = 3.into();
+    b.admin_post("/v1/agents", &spec).await.expect(201);
+    let gone = TestAgent::new("rv-gone", "ES256");
+    b.register(&gone, "platform").await;
+    let started = b
+        .admin_post("/v1/reviews", &json!({ "name": "race" }))
+        .await
+        .expect(201);
+    let id = item_of(&started, &agent.id)["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+
+    // Two reviewers attest at once: never attested on one attestation, and
+    // never the same reviewer twice.
+    let body = json!({ "decision": "attest" });
+    let (r1, r2) = tokio::join!(
+        decide(&b, &b.ops.admin, &id, body.clone()),
+        decide(&b, &people.root2, &id, body.clone()),
+    );
+    for r in [&r1, &r2] {
+        assert!(r.status == 200 || r.status == 409, "{}", r.text);
+    }
+    let item = b
+        .get(&format!("/v1/reviews/items/{id}"), Some(&b.ops.auditor))
+        .await
+        .expect(200);
+    let n = item["decisions"].as_array().unwrap().len();
+    match item["state"].as_str().unwrap() {
+        "attested" => assert_eq!(n, 2, "{item}"),
+        "open" => assert_eq!(n, 1, "{item}"),
+        other => panic!("unexpected state {other}: {item}"),
+    }
+
+    // Decommissioned by an admin while its item is open: deciding is a
+    // conflict, and the sweep cancels the item.
+    let gid = item_of(&started, &gone.id)["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    b.admin_post(&format!("/v1/agents/{}/decommission", gone.id), &json!({}))
+        .await
+        .expect(200);
+    let late = decide(&b, &b.ops.admin, &gid, json!({ "decision": "attest" })).await;
+    assert_eq!(late.status, 409, "{}", late.text);
+    sweep(&b).await;
+    let item = b
+        .get(&format!("/v1/reviews/items/{gid}"), Some(&b.ops.auditor))
+        .await
+        .expect(200);
+    assert_eq!(item["state"], "cancelled", "{item}");
+
+    // Unknown items, bad bodies and bad names are clear errors.
+    let r = decide(&b, &b.ops.admin, "ri_nope", json!({ "decision": "attest" })).await;
+    assert_eq!(r.status, 404, "{}", r.text);
+    let r = decide(&b, &b.ops.admin, &id, json!({ "decision": "approve" })).await;
+    assert_eq!(r.status, 400, "{}", r.text);
+    let r = b
+        .admin_post("/v1/reviews", &json!({ "name": "../../etc" }))
+        .await;
+    assert_eq!(r.status, 400, "{}", r.text);
+}
