@@ -367,3 +367,186 @@ async fn a_widening_reload_waits_for_provisioning_approval_and_a_stale_one_is_re
     assert!(r.text.contains("changed since it was asked"), "{}", r.text);
     assert_eq!(hash(&b).await, moved);
 }
+
+#[tokio::test]
+async fn a_risk_tier_raised_to_3_revokes_the_leases_the_tier_guardrail_forbids() {
+    // The shipped guardrail: a tier-3 agent never holds a credential for
+    // more than 15 minutes.
+    let b = TestBroker::start_with(Setup::default()).await;
+    let agent = TestAgent::new("tiered", "ES256");
+    b.register(&agent, "platform").await;
+    let s = b.token_ttl(&agent, Some(3600)).await;
+    let long = b.x509(&s.token, Some(1800)).await["lease_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let short = b.x509(&s.token, Some(600)).await["lease_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    b.call(
+        reqwest::Method::PATCH,
+        &format!("/v1/agents/{}", agent.id),
+        Some(&b.ops.admin),
+        Some(&json!({ "risk_tier": 3 })),
+    )
+    .await
+    .expect(200);
+    eventually("the 30-minute lease revoked", || async {
+        (b.lease_state(&long).await == "revoked").then_some(())
+    })
+    .await;
+    assert_eq!(
+        b.lease_state(&short).await,
+        "active",
+        "10 minutes is allowed"
+    );
+    let ev = b.audit("action=lease.policy_revoked").await;
+    let leases: Vec<&str> = ev.iter().map(|e| e["lease"].as_str().unwrap()).collect();
+    assert_eq!(leases, [long.as_str()], "{ev:?}");
+    // New asks follow the guardrail, and say the ttl was the problem.
+    let denied = b.credential(&s.token, "x509-svid", Some(1800), None).await;
+    assert_eq!(denied.status, 403, "{}", denied.text);
+    assert!(
+        denied.text.contains("900 s is permitted"),
+        "{}",
+        denied.text
+    );
+}
+
+#[tokio::test]
+async fn a_diff_reports_what_a_time_conditioned_policy_grants_at_another_hour() {
+    let b = TestBroker::start_with(Setup::default()).await;
+    let agent = TestAgent::new("nightly", "ES256");
+    b.register(&agent, "research").await;
+    // Permitted only at an hour that is not now.
+    let hour = (time::OffsetDateTime::now_utc().hour() + 6) % 24;
+    let mut files = BTreeMap::new();
+    for entry in std::fs::read_dir(policy_dir(&b)).unwrap() {
+        let p = entry.unwrap().path();
+        files.insert(
+            p.file_name().unwrap().to_string_lossy().into_owned(),
+            std::fs::read_to_string(&p).unwrap(),
+        );
+    }
+    files.insert(
+        "nightly.cedar".into(),
+        format!(
+            "@id(\"nightly-jwt\")\npermit (principal, action == Keygate::Action::\"request_credential\", resource == Keygate::Scope::\"jwt-svid\")\nwhen {{ principal.team == \"research\" && context.hour_utc == {hour} }};\n"
+        ),
+    );
+    let diff = b
+        .post(
+            "/v1/policy/diff",
+            Some(&b.ops.admin),
+            &json!({ "files": files }),
+        )
+        .await
+        .expect(200);
+    let mine = diff["agents"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|a| a["agent"] == agent.id.as_str())
+        .unwrap_or_else(|| panic!("the gain at {hour}:00 is reported now: {diff}"));
+    assert_eq!(mine["gained"], json!(["jwt-svid"]), "{diff}");
+}
+
+/// Two sets, swapped back and forth while 32 clients ask for credentials:
+/// every request gets an answer, and every decision is the one the set it
+/// names (its `policy_hash`) gives — never a mix.
+#[tokio::test]
+async fn a_reload_under_load_loses_no_request_and_never_mixes_two_sets() {
+    let b = std::sync::Arc::new(TestBroker::start_with(Setup::default()).await);
+    let mut sessions = Vec::new();
+    for i in 0..4 {
+        let agent = TestAgent::new(&format!("loaded{i}"), "ES256");
+        b.register(&agent, "platform").await;
+        for _ in 0..8 {
+            sessions.push(b.token_ttl(&agent, Some(3600)).await.token);
+        }
+    }
+    let wide = hash(&b).await;
+    let shipped = std::fs::read_to_string(policy_dir(&b).join("agents.cedar")).unwrap();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut clients = Vec::new();
+    for token in sessions {
+        let (b, stop) = (b.clone(), stop.clone());
+        clients.push(tokio::spawn(async move {
+            let mut answers = Vec::new();
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let r = b.credential(&token, "x509-svid", Some(60), None).await;
+                answers.push(r.status.as_u16());
+                let params = json!({ "audience": common::JWT_AUDIENCE });
+                let r = b
+                    .credential(&token, "jwt-svid", Some(60), Some(params))
+                    .await;
+                answers.push(r.status.as_u16());
+            }
+            answers
+        }));
+    }
+    let mut narrow_hash = String::new();
+    for round in 0..4 {
+        let text = if round % 2 == 0 {
+            narrowed()
+        } else {
+            shipped.clone()
+        };
+        std::fs::write(policy_dir(&b).join("agents.cedar"), text).unwrap();
+        let r = b
+            .post("/v1/policy/reload", Some(&b.ops.admin), &json!({}))
+            .await
+            .expect(200);
+        if round % 2 == 0 {
+            narrow_hash = r["to_hash"].as_str().unwrap().to_owned();
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    }
+    // End on the narrowed set.
+    std::fs::write(policy_dir(&b).join("agents.cedar"), narrowed()).unwrap();
+    b.post("/v1/policy/reload", Some(&b.ops.admin), &json!({}))
+        .await
+        .expect(200);
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut sent = 0;
+    for c in clients {
+        for status in c.await.unwrap() {
+            assert!(
+                status == 201 || status == 403,
+                "every request answered by a decision, got {status}"
+            );
+            sent += 1;
+        }
+    }
+    let decided = b.audit("action=credential.requested").await;
+    assert_eq!(decided.len(), sent, "one audited decision per request");
+    let (mut under_wide, mut under_narrow) = (0, 0);
+    for e in &decided {
+        let h = e["policy_hash"].as_str().unwrap();
+        let allow = e["decision"] == "allow";
+        match (e["scope"].as_str().unwrap(), h) {
+            ("jwt-svid", _) => assert!(allow, "{e}"),
+            ("x509-svid", h) if h == wide => {
+                under_wide += 1;
+                assert!(allow, "the wide set allows x509: {e}");
+            }
+            ("x509-svid", h) if h == narrow_hash => {
+                under_narrow += 1;
+                assert!(!allow, "the narrow set denies x509: {e}");
+            }
+            other => panic!("a decision under an unknown set: {other:?} {e}"),
+        }
+    }
+    assert!(
+        under_wide > 0 && under_narrow > 0,
+        "{under_wide} {under_narrow}"
+    );
+    // Whatever the wide set issued is gone under the narrow one.
+    eventually("no live x509 lease under the narrowed set", || async {
+        let live = b.leases("state=active&limit=10000").await;
+        (!live.iter().any(|l| l["scope"] == "x509-svid")).then_some(())
+    })
+    .await;
+}

@@ -224,7 +224,7 @@ impl Broker {
         Ok(out)
     }
 
-    async fn still_permitted(
+    pub(super) async fn still_permitted(
         &self,
         policy: &PolicyEngine,
         agent: &crate::model::Agent,
