@@ -112,6 +112,23 @@ pub enum Command {
         #[command(flatten)]
         remote: Remote,
     },
+    /// What applying the agent files in a folder would change (agents
+    /// created, changed field by field, retired; generated policies; scopes
+    /// gained and lost). Exit code 2 when there are changes, 0 when none.
+    Plan {
+        #[command(flatten)]
+        files: AgentFiles,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Make the registry and the generated policies match the agent files
+    /// (admin); approvals apply as through the API.
+    Apply {
+        #[command(flatten)]
+        files: AgentFiles,
+        #[command(flatten)]
+        remote: Remote,
+    },
     /// Access review campaigns: start one, list, show, decide items.
     Reviews {
         #[command(subcommand)]
@@ -276,6 +293,17 @@ pub enum GovernanceCmd {
     },
     /// Run the governance sweep now (admin).
     Sweep,
+}
+
+/// The agents folder of `plan` and `apply`.
+#[derive(Debug, clap::Args)]
+pub struct AgentFiles {
+    /// Folder of agent files (`*.toml`, `*.yaml`) and the mapping table.
+    #[arg(short = 'f', long = "file")]
+    pub dir: PathBuf,
+    /// Also retire agents an earlier apply managed that are no longer declared.
+    #[arg(long)]
+    pub prune: bool,
 }
 
 #[derive(Debug, Subcommand)]

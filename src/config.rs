@@ -13,7 +13,7 @@ use serde::Deserialize;
 
 pub mod lifecycle;
 mod messages;
-use messages::describe_toml_error;
+pub(crate) use messages::{describe_toml_error, describe_yaml_error};
 mod limits;
 pub use lifecycle::{GovernanceConfig, LifecycleAction, LifecyclePolicy};
 pub use limits::{ConnectionLimits, RateLimitConfig};

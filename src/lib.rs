@@ -8,6 +8,7 @@
 //! `notify` delivers approval requests to Slack and webhooks from an outbox;
 //! `server` is the HTTP API; `cli` the command line.
 
+pub mod ascode;
 pub mod audit;
 pub mod broker;
 pub mod cli;

@@ -171,6 +171,8 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/reviews/{key}", get(reviews::show))
         .route("/v1/reviews/items/{id}", get(reviews::item))
         .route("/v1/reviews/items/{id}/decision", post(reviews::decide))
+        .route("/v1/ascode/plan", post(reviews::ascode_plan))
+        .route("/v1/ascode/apply", post(reviews::ascode_apply))
         .route("/v1/people", get(reviews::people))
         .route("/v1/people/{email}/depart", post(reviews::depart))
         .route("/v1/findings", get(governance::findings))

@@ -67,6 +67,12 @@ fn valid_id(id: &str) -> bool {
 }
 
 impl AgentSpec {
+    /// The checks registration makes, for callers that build specs
+    /// themselves (`keygate plan`).
+    pub fn check(&self) -> BrokerResult<()> {
+        self.validate()
+    }
+
     fn validate(&self) -> BrokerResult<()> {
         let bad = |m: String| Err(BrokerError::InvalidRequest(m));
         if !valid_id(&self.id) {
@@ -572,28 +578,25 @@ impl Broker {
     }
 }
 
-/// Registers every `*.toml` agent in `dir` that is not registered yet.
+/// Registers every agent declared in `dir` (`*.toml`, `*.yaml`, the
+/// agents-as-code format) that is not registered yet, and writes the
+/// generated policies of those with an `agent_policy`.
 pub async fn seed_agents(broker: &Broker, dir: &Path) -> anyhow::Result<usize> {
-    let mut added = 0;
-    let mut entries: Vec<_> = std::fs::read_dir(dir)
+    let mut files = std::collections::BTreeMap::new();
+    for e in std::fs::read_dir(dir)
         .map_err(|e| anyhow::anyhow!("cannot read agent seed folder `{}`: {e}", dir.display()))?
-        .filter_map(Result::ok)
-        .map(|e| e.path())
-        .filter(|p| p.extension().is_some_and(|x| x == "toml"))
-        .collect();
-    entries.sort();
-    for path in entries {
-        let text = std::fs::read_to_string(&path)?;
-        let spec: AgentSpec = toml::from_str(&text)
-            .map_err(|e| anyhow::anyhow!("agent file `{}`: {e}", path.display()))?;
-        if broker.store.get_agent(&spec.id).await?.is_some() {
-            continue;
+    {
+        let path = e?.path();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if [".toml", ".yaml", ".yml"].iter().any(|x| name.ends_with(x)) {
+            files.insert(name, std::fs::read_to_string(&path)?);
         }
-        broker
-            .register_agent(&Actor::System, spec)
-            .await
-            .map_err(|e| anyhow::anyhow!("agent file `{}`: {e}", path.display()))?;
-        added += 1;
     }
-    Ok(added)
+    broker
+        .seed_declared(files)
+        .await
+        .map_err(|e| anyhow::anyhow!("agent seed folder `{}`: {e}", dir.display()))
 }

@@ -79,6 +79,31 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
                 },
             remote,
         } => super::audit::tail(&Client::new(&remote)?, agent, task, action, follow).await,
+        Command::Plan { files, remote } => {
+            let c = Client::new(&remote)?;
+            let v = c
+                .json(
+                    c.request(Method::POST, "/v1/ascode/plan")
+                        .json(&agent_files(&files)?),
+                )
+                .await?;
+            print_json(&v)?;
+            if v["changes"].as_u64().unwrap_or(0) > 0 {
+                // Changes pending: CI fails the step or posts the plan.
+                std::process::exit(2);
+            }
+            Ok(())
+        }
+        Command::Apply { files, remote } => {
+            let c = Client::new(&remote)?;
+            let v = c
+                .json(
+                    c.request(Method::POST, "/v1/ascode/apply")
+                        .json(&agent_files(&files)?),
+                )
+                .await?;
+            print_json(&v)
+        }
         Command::Reviews { cmd, remote } => reviews(&Client::new(&remote)?, cmd).await,
         Command::People { cmd, remote } => {
             let c = Client::new(&remote)?;
@@ -496,4 +521,24 @@ async fn reviews(c: &Client, cmd: ReviewsCmd) -> anyhow::Result<()> {
         }
     };
     print_json(&v)
+}
+
+/// The agent files of a folder (not its subfolders), by name.
+fn agent_files(f: &super::AgentFiles) -> anyhow::Result<serde_json::Value> {
+    let mut files = std::collections::BTreeMap::new();
+    let entries =
+        std::fs::read_dir(&f.dir).with_context(|| format!("reading `{}`", f.dir.display()))?;
+    for e in entries {
+        let path = e?.path();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if [".toml", ".yaml", ".yml"].iter().any(|x| name.ends_with(x)) {
+            let text = std::fs::read_to_string(&path)
+                .with_context(|| format!("reading `{}`", path.display()))?;
+            files.insert(name, text);
+        }
+    }
+    Ok(serde_json::json!({ "files": files, "prune": f.prune }))
 }

@@ -5,7 +5,7 @@
 /// A TOML error without the offending text: the line it quotes may hold a
 /// secret pasted where its reference belongs. Says where (line, column) and
 /// what, with any quoted value replaced by `…`.
-pub(super) fn describe_toml_error(e: &toml::de::Error, text: &str) -> String {
+pub(crate) fn describe_toml_error(e: &toml::de::Error, text: &str) -> String {
     let at = e
         .span()
         .map(|span| {
@@ -16,6 +16,20 @@ pub(super) fn describe_toml_error(e: &toml::de::Error, text: &str) -> String {
         })
         .unwrap_or_default();
     let message = redact_variant(&redact_quoted(e.message().trim()));
+    format!("{}{at}", crate::limits::clip_message(&message))
+}
+
+/// A YAML error, like [`describe_toml_error`]: where, and what without the
+/// values it quotes.
+pub(crate) fn describe_yaml_error(e: &yaml_serde::Error) -> String {
+    let at = e
+        .location()
+        .map(|l| format!(" (line {}, column {})", l.line(), l.column()))
+        .unwrap_or_default();
+    let message = e.to_string();
+    // The library appends its own " at line N column M".
+    let message = message.split(" at line ").next().unwrap_or_default().trim();
+    let message = redact_variant(&redact_quoted(message));
     format!("{}{at}", crate::limits::clip_message(&message))
 }
 

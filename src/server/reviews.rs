@@ -1,4 +1,5 @@
-//! Access reviews, the people directory and registry exclusions over HTTP.
+//! Access reviews, the people directory, registry exclusions and agents as
+//! code (plan, apply) over HTTP.
 
 use axum::Json;
 use axum::extract::{Path, State};
@@ -160,4 +161,28 @@ pub async fn include(
     };
     b.include_scope(&op.actor(), &id, &scope, &reason).await?;
     Ok(Json(b.agent(&id).await?))
+}
+
+/// `POST /v1/ascode/plan` (admin, auditor): what applying the agent files
+/// would change; changes nothing.
+pub async fn ascode_plan(
+    State(b): State<AppState>,
+    op: Operator,
+    body: axum::body::Bytes,
+) -> Result<impl IntoResponse, ApiError> {
+    op.require(&[Role::Admin, Role::Auditor])?;
+    let req: crate::ascode::apply::PlanRequest = parse_json(&body)?;
+    Ok(Json(b.plan_agents(&req).await?))
+}
+
+/// `POST /v1/ascode/apply` (admin): makes the registry and the generated
+/// policies match the agent files.
+pub async fn ascode_apply(
+    State(b): State<AppState>,
+    op: Operator,
+    body: axum::body::Bytes,
+) -> Result<impl IntoResponse, ApiError> {
+    op.require(&[Role::Admin])?;
+    let req: crate::ascode::apply::PlanRequest = parse_json(&body)?;
+    Ok(Json(b.apply_agents(&op.actor(), &req).await?))
 }
