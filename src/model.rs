@@ -180,6 +180,14 @@ pub struct Agent {
     /// here. A lifted exclusion stays, with who lifted it and when.
     #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
     pub excluded_scopes: BTreeMap<String, Exclusion>,
+    /// When its keys last changed (`None`: never since registration), for
+    /// the rotation its declared `credential.rotation_days` asks.
+    #[serde(
+        default,
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub keys_rotated_at: Option<OffsetDateTime>,
 }
 
 /// Why and by whom a scope was excluded from an agent.

@@ -177,6 +177,22 @@ async fn plan_apply_edit_and_prune_a_folder_of_agents() {
     let a = b.admin_get(&format!("/v1/agents/{}", research.id)).await;
     assert_eq!(a["delegation"]["max_depth"], 2, "{a}");
     assert_eq!(a["labels"]["credential_rotation_days"], "30", "{a}");
+    // Seed 001's `credential.expires` (2026-08-11) has passed: an issue.
+    let c = b
+        .get(
+            &format!("/v1/agents/{}/compliance", research.id),
+            Some(&b.ops.auditor),
+        )
+        .await
+        .expect(200);
+    assert!(
+        c["issues"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i["kind"] == "credential_expired"),
+        "{c}"
+    );
 
     // Editing one file shows exactly that change.
     f.write("builder.toml", &plain(&builder, "builds more things"));

@@ -7,6 +7,8 @@ ALTER TABLE agents ADD COLUMN max_ttl_secs INTEGER;
 -- Scopes the registry denies the agent whatever policy says, until an admin
 -- lifts them: JSON object scope -> {reason, by, at}.
 ALTER TABLE agents ADD COLUMN excluded_scopes TEXT NOT NULL DEFAULT '{}';
+-- When its keys last changed (NULL: never since registration).
+ALTER TABLE agents ADD COLUMN keys_rotated_at INTEGER;
 
 -- People who left, by email: marked through the API, or noticed by the sweep
 -- when a sponsor is no longer in the directory. The directory itself is

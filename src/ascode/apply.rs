@@ -151,6 +151,7 @@ fn as_agent(d: &Declared, before: Option<&Agent>) -> Agent {
         may_assert_users: s.may_assert_users,
         suspended_from: None,
         max_ttl_secs: s.max_ttl_secs,
+        keys_rotated_at: base.as_ref().and_then(|a| a.keys_rotated_at),
         excluded_scopes: base.map(|a| a.excluded_scopes).unwrap_or_default(),
     }
 }

@@ -216,6 +216,9 @@ impl AgentUpdate {
         agent.environment = spec.environment;
         agent.purpose = spec.purpose;
         agent.labels = spec.labels;
+        if agent.jwks != spec.jwks {
+            agent.keys_rotated_at = Some(crate::model::now());
+        }
         agent.jwks = spec.jwks;
         agent.last_review_at = spec.last_review_at;
         agent.delegation = spec.delegation;
@@ -295,6 +298,7 @@ impl Broker {
             suspended_from: None,
             excluded_scopes: Default::default(),
             max_ttl_secs: spec.max_ttl_secs,
+            keys_rotated_at: None,
         };
         let mut tx = self.store.begin().await?;
         tx.insert_agent(&agent).await?;

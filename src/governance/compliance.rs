@@ -92,6 +92,51 @@ fn acting(
     }
 }
 
+/// What its declared `credential` block asks (agents as code records it as
+/// the labels `credential_expires` and `credential_rotation_days`): a key
+/// past its expiry, a key older than its rotation period.
+fn credential_issues(
+    a: &Agent,
+    now: OffsetDateTime,
+    push: &mut impl FnMut(&'static str, &str, String, (Option<LifecycleAction>, Option<OffsetDateTime>)),
+) {
+    let rfc3339 = &time::format_description::well_known::Rfc3339;
+    if let Some(exp) = a
+        .labels
+        .get("credential_expires")
+        .and_then(|e| OffsetDateTime::parse(e, rfc3339).ok())
+        && now >= exp
+    {
+        push(
+            "credential_expired",
+            "",
+            format!(
+                "its declared credential expired on {}: rotate its key and update `credential.expires`",
+                date(exp)
+            ),
+            (None, None),
+        );
+    }
+    if let Some(every) = a
+        .labels
+        .get("credential_rotation_days")
+        .and_then(|d| d.parse::<u32>().ok())
+    {
+        let since = a.keys_rotated_at.unwrap_or(a.created_at);
+        if now >= since + days(every) {
+            push(
+                "key_rotation_due",
+                "",
+                format!(
+                    "its keys were last set on {}; `credential.rotation_days` asks for new ones every {every} days",
+                    date(since)
+                ),
+                (None, None),
+            );
+        }
+    }
+}
+
 /// The agent's open compliance issues now. A decommissioned agent has none.
 pub fn issues(f: &Facts<'_>) -> Vec<Issue> {
     let (a, p, now) = (f.agent, f.policy, f.now);
@@ -156,6 +201,7 @@ pub fn issues(f: &Facts<'_>) -> Vec<Issue> {
         ),
         Standing::Active | Standing::Unknown => {}
     }
+    credential_issues(a, now, &mut push);
     let due = next_review_due(a, p);
     if now >= due {
         push(
@@ -260,6 +306,7 @@ mod tests {
             suspended_from: None,
             excluded_scopes: Default::default(),
             max_ttl_secs: None,
+            keys_rotated_at: None,
         }
     }
 
@@ -372,5 +419,34 @@ mod tests {
         let got = issues(&f);
         assert_eq!(kinds(&got), ["no_sponsor", "long_ttl"]);
         assert_eq!(got[1].subject, "day");
+    }
+
+    #[test]
+    fn a_declared_credential_expiry_and_rotation_period_are_issues() {
+        let now = OffsetDateTime::now_utc();
+        let p = LifecyclePolicy::default();
+        let mut a = agent(40, Some(0), now);
+        a.labels
+            .insert("credential_expires".into(), "2020-08-11T00:00:00Z".into());
+        a.labels
+            .insert("credential_rotation_days".into(), "30".into());
+        let f = |a: &Agent| {
+            issues(&Facts {
+                agent: a,
+                policy: &p,
+                reachable: &[],
+                usage: &[],
+                shares_key_with: &[],
+                sponsor: Standing::Unknown,
+                now,
+            })
+        };
+        let got = f(&a);
+        let k = kinds(&got);
+        assert!(k.contains(&"key_rotation_due"), "{k:?}");
+        assert!(k.contains(&"credential_expired"), "{k:?}");
+        // New keys ten days ago: no rotation due.
+        a.keys_rotated_at = Some(now - Duration::days(10));
+        assert!(!kinds(&f(&a)).contains(&"key_rotation_due"));
     }
 }

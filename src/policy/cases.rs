@@ -133,6 +133,7 @@ fn run_one(engine: &PolicyEngine, c: &Case) -> Outcome {
         suspended_from: None,
         excluded_scopes: Default::default(),
         max_ttl_secs: None,
+        keys_rotated_at: None,
     };
     let scope = ScopeFacts {
         name: &c.scope.name,

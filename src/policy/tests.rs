@@ -30,6 +30,7 @@ fn agent(team: &str, tier: u8) -> Agent {
         suspended_from: None,
         excluded_scopes: Default::default(),
         max_ttl_secs: None,
+        keys_rotated_at: None,
     }
 }
 

@@ -556,7 +556,7 @@ impl StoreTx for SqliteTx {
             "UPDATE agents SET team = ?, sponsor = ?, risk_tier = ?, environment = ?, \
              purpose = ?, labels = ?, jwks = ?, last_review_at = ?, updated_at = ?, \
              delegation = ?, federated_issuer = ?, federated_subject = ?, may_assert_users = ?, \
-             max_ttl_secs = ? WHERE id = ?",
+             max_ttl_secs = ?, keys_rotated_at = ? WHERE id = ?",
         )
         .bind(&a.team)
         .bind(&a.sponsor)
@@ -572,6 +572,7 @@ impl StoreTx for SqliteTx {
         .bind(a.federated.as_ref().map(|f| f.subject.clone()))
         .bind(a.may_assert_users)
         .bind(a.max_ttl_secs.map(|n| i64::try_from(n).unwrap_or(i64::MAX)))
+        .bind(a.keys_rotated_at.map(unix))
         .bind(&a.id)
         .execute(&mut self.tx.state.conn)
         .await?;

@@ -65,6 +65,7 @@ pub(super) fn agent_from_row(r: &SqliteRow) -> StoreResult<Agent> {
             .try_get::<Option<i64>, _>("max_ttl_secs")?
             .map(|n| u64::try_from(n).unwrap_or(0)),
         excluded_scopes: json_col(r, "excluded_scopes")?,
+        keys_rotated_at: opt_time_col(r, "keys_rotated_at")?,
     })
 }
 
