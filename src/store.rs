@@ -431,6 +431,7 @@ mod tests {
             suspended_from: None,
             excluded_scopes: Default::default(),
             max_ttl_secs: None,
+            keys_rotated_at: None,
         }
     }
 

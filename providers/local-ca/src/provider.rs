@@ -188,7 +188,7 @@ impl LocalCa {
             .map_err(|e| ProviderError::Internal(e.to_string()))?;
         if expires_at <= now {
             return Err(ProviderError::InvalidParams(
-                "the lease has already expired".into(),
+                "the lease has already expired (its ttl ran out before issue; X.509 and JWT times are whole seconds): ask for a longer ttl".into(),
             ));
         }
         let token: SecretString =

@@ -53,7 +53,7 @@ pub(crate) fn issue(
         .map_err(|e| ProviderError::Internal(e.to_string()))?;
     if not_after <= now {
         return Err(ProviderError::InvalidParams(
-            "the lease has already expired".into(),
+            "the lease has already expired (its ttl ran out before issue; X.509 and JWT times are whole seconds): ask for a longer ttl".into(),
         ));
     }
     if not_after > ca.not_after() {
