@@ -208,6 +208,23 @@ fn line_containing(text: &str, needle: &str) -> usize {
         .map_or(1, |i| i + 1)
 }
 
+/// The agent files and mapping table of a folder (not its subfolders), by
+/// file name: what `plan`, `apply` and start-up seeding read.
+pub fn read_folder(dir: &std::path::Path) -> std::io::Result<BTreeMap<String, String>> {
+    let mut files = BTreeMap::new();
+    for e in std::fs::read_dir(dir)? {
+        let path = e?.path();
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if name.ends_with(".toml") || is_yaml(&name) {
+            files.insert(name, std::fs::read_to_string(&path)?);
+        }
+    }
+    Ok(files)
+}
+
 /// Reads the mapping table from `files`, if there is one.
 pub fn mapping(files: &BTreeMap<String, String>) -> Result<Mapping, String> {
     let found: Vec<&String> = files

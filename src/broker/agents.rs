@@ -586,19 +586,8 @@ impl Broker {
 /// agents-as-code format) that is not registered yet, and writes the
 /// generated policies of those with an `agent_policy`.
 pub async fn seed_agents(broker: &Broker, dir: &Path) -> anyhow::Result<usize> {
-    let mut files = std::collections::BTreeMap::new();
-    for e in std::fs::read_dir(dir)
-        .map_err(|e| anyhow::anyhow!("cannot read agent seed folder `{}`: {e}", dir.display()))?
-    {
-        let path = e?.path();
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        if [".toml", ".yaml", ".yml"].iter().any(|x| name.ends_with(x)) {
-            files.insert(name, std::fs::read_to_string(&path)?);
-        }
-    }
+    let files = crate::ascode::format::read_folder(dir)
+        .map_err(|e| anyhow::anyhow!("cannot read agent seed folder `{}`: {e}", dir.display()))?;
     broker
         .seed_declared(files)
         .await

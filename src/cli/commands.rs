@@ -525,20 +525,7 @@ async fn reviews(c: &Client, cmd: ReviewsCmd) -> anyhow::Result<()> {
 
 /// The agent files of a folder (not its subfolders), by name.
 fn agent_files(f: &super::AgentFiles) -> anyhow::Result<serde_json::Value> {
-    let mut files = std::collections::BTreeMap::new();
-    let entries =
-        std::fs::read_dir(&f.dir).with_context(|| format!("reading `{}`", f.dir.display()))?;
-    for e in entries {
-        let path = e?.path();
-        let name = path
-            .file_name()
-            .map(|n| n.to_string_lossy().into_owned())
-            .unwrap_or_default();
-        if [".toml", ".yaml", ".yml"].iter().any(|x| name.ends_with(x)) {
-            let text = std::fs::read_to_string(&path)
-                .with_context(|| format!("reading `{}`", path.display()))?;
-            files.insert(name, text);
-        }
-    }
+    let files = crate::ascode::format::read_folder(&f.dir)
+        .with_context(|| format!("reading the agent files in `{}`", f.dir.display()))?;
     Ok(serde_json::json!({ "files": files, "prune": f.prune }))
 }
