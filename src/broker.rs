@@ -9,6 +9,7 @@ mod decisions;
 mod delegation;
 mod fences;
 mod policy_changes;
+mod policy_reload;
 mod provisioning;
 mod renewals;
 mod revocations;

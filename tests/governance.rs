@@ -7,6 +7,7 @@
 
 mod common;
 
+use common::governance::{compliance, sweep};
 use common::{Setup, TestAgent, TestBroker};
 use serde_json::{Value, json};
 
@@ -32,21 +33,6 @@ async fn status(b: &TestBroker, agent: &str) -> String {
         .as_str()
         .unwrap()
         .to_owned()
-}
-
-async fn sweep(b: &TestBroker) -> Value {
-    b.post("/v1/governance/sweep", Some(&b.ops.admin), &json!({}))
-        .await
-        .expect(200)
-}
-
-async fn compliance(b: &TestBroker, agent: &str) -> Value {
-    b.get(
-        &format!("/v1/agents/{agent}/compliance"),
-        Some(&b.ops.auditor),
-    )
-    .await
-    .expect(200)
 }
 
 fn kinds(c: &Value) -> Vec<String> {

@@ -1,7 +1,7 @@
 //! Policy changes: previewing a candidate set (who gains and loses which
 //! scopes, whatever the hour, and which live leases it would no longer
-//! permit), reloading the set without a restart (atomically, audited), and
-//! revoking what the new set no longer permits — each lease judged on the
+//! permit), and revoking what the active set (reloaded: `policy_reload.rs`)
+//! or an agent's new attributes no longer permit — each lease judged on the
 //! facts of its original request (agent, scope, ttl, task, user, delegators,
 //! time of issue).
 
@@ -90,7 +90,7 @@ impl Broker {
     }
 
     /// The candidate set and the files it was built from.
-    fn candidate_files(
+    pub(super) fn candidate_files(
         &self,
         files: Option<&BTreeMap<String, String>>,
     ) -> BrokerResult<(PolicyEngine, BTreeMap<String, String>)> {
@@ -112,7 +112,7 @@ impl Broker {
         self.diff_against(&self.policy.current(), &candidate).await
     }
 
-    async fn diff_against(
+    pub(super) async fn diff_against(
         &self,
         old: &PolicyEngine,
         new: &PolicyEngine,
@@ -277,211 +277,6 @@ impl Broker {
         }
         Ok(true)
     }
-
-    /// Loads the policy directory (or `files`) again and makes it the active
-    /// set at once; an invalid set is refused and the running one stays.
-    /// Live leases the new set does not permit are queued for revocation
-    /// (`policy.on_change = "revoke"`) or listed (`"report"`).
-    pub async fn reload_policy(
-        &self,
-        actor: &Actor,
-        files: &PolicyFiles,
-    ) -> BrokerResult<PolicyReload> {
-        self.reload_inner(actor, files.files.as_ref(), None).await
-    }
-
-    /// Makes a set that waited for provisioning approval active, once the
-    /// approval is granted, if the active set is still the one it was
-    /// compared with.
-    pub(crate) async fn apply_approved_policy(
-        &self,
-        approval: &crate::model::Approval,
-    ) -> BrokerResult<PolicyReload> {
-        let files: BTreeMap<String, String> =
-            serde_json::from_value(approval.request["files"].clone())
-                .map_err(|e| BrokerError::Internal(format!("stored policy set: {e}")))?;
-        let actor = Actor::System;
-        self.reload_inner(&actor, Some(&files), Some(approval))
-            .await
-    }
-
-    async fn reload_inner(
-        &self,
-        actor: &Actor,
-        files: Option<&BTreeMap<String, String>>,
-        approved: Option<&crate::model::Approval>,
-    ) -> BrokerResult<PolicyReload> {
-        let _one_at_a_time = self.policy.reloading().await;
-        let candidate = match self.candidate_files(files) {
-            Ok(c) => c,
-            Err(e) => {
-                self.audit_alone(
-                    AuditEvent::new(actor, "policy.reload_refused").failure(e.to_string()),
-                )
-                .await?;
-                return Err(e);
-            }
-        };
-        let (candidate, contents) = candidate;
-        let old = self.policy.current();
-        let mut diff = self.diff_against(&old, &candidate).await?;
-        let new_hash = candidate.hash().to_owned();
-        if let Some(a) = approved
-            && a.request["from_hash"].as_str() != Some(old.hash())
-        {
-            let why = format!(
-                "approval `{}` is granted, but the active policy set changed since it was asked (it was compared with {}, the active set is {}): nothing changed; reload again",
-                a.id,
-                short(a.request["from_hash"].as_str().unwrap_or_default()),
-                short(old.hash())
-            );
-            self.audit_alone(AuditEvent::new(actor, "policy.reload_refused").failure(why.clone()))
-                .await?;
-            return Err(BrokerError::Conflict(why));
-        }
-        if approved.is_none()
-            && self.config.provisioning.require_approval
-            && diff.agents.iter().any(|a| !a.gained.is_empty())
-        {
-            let held = self.hold_policy(actor, &diff, contents, old.hash()).await?;
-            return Ok(PolicyReload {
-                diff,
-                on_change: self.config.policy.on_change,
-                revoked: Vec::new(),
-                tasks_ended: Vec::new(),
-                held: Some(held),
-            });
-        }
-        self.policy.replace(candidate);
-        // Leases issued between the diff and the swap were judged by the
-        // old set: look again under the new one.
-        diff.leases_not_permitted = self
-            .not_permitted(&self.policy.current(), &Selector::All)
-            .await?;
-        let on_change = self.config.policy.on_change;
-        let reason = format!(
-            "policy {} no longer permits it (was {})",
-            short(&new_hash),
-            short(old.hash())
-        );
-        let t = now();
-        let mut tx = self.store.begin().await?;
-        tx.audit(
-            AuditEvent::new(actor, "policy.reloaded").details(serde_json::json!({
-                "from_hash": old.hash(),
-                "to_hash": new_hash,
-                "approval": approved.map(|a| &a.id),
-                "on_change": on_change,
-                "agents": diff.agents,
-                "leases_not_permitted": diff.leases_not_permitted.len(),
-            })),
-        )
-        .await?;
-        let (mut revoked, mut tasks_ended) = (Vec::new(), Vec::new());
-        if on_change == OnChange::Revoke {
-            revoked = queue_not_permitted(
-                &mut *tx,
-                actor,
-                &diff.leases_not_permitted,
-                &reason,
-                &new_hash,
-                t,
-            )
-            .await?;
-            for a in diff.agents.iter().filter(|a| a.reaches.is_empty()) {
-                let (tasks, leases) = self
-                    .end_when_nothing_left(&mut *tx, actor, &a.agent, &reason, t)
-                    .await?;
-                tasks_ended.extend(tasks);
-                revoked.extend(leases);
-            }
-        }
-        tx.commit().await?;
-        if !revoked.is_empty() {
-            self.leases.wake();
-        }
-        tracing::info!(from = %short(old.hash()), to = %short(&new_hash), revoked = revoked.len(), "policy reloaded");
-        Ok(PolicyReload {
-            diff,
-            on_change,
-            revoked,
-            tasks_ended,
-            held: None,
-        })
-    }
-
-    /// Holds a widening set for provisioning approval: the files travel in
-    /// the approval, so what is approved is exactly what becomes active. A
-    /// set already waiting (the same content) is not asked for twice.
-    async fn hold_policy(
-        &self,
-        actor: &Actor,
-        diff: &PolicyDiff,
-        files: BTreeMap<String, String>,
-        from_hash: &str,
-    ) -> BrokerResult<crate::model::Approval> {
-        let waiting = self
-            .store
-            .list_approvals(&crate::model::ApprovalFilter {
-                kind: Some(crate::model::ApprovalKind::Provisioning),
-                state: Some(crate::model::ApprovalState::Pending),
-                ..crate::model::ApprovalFilter::default()
-            })
-            .await?
-            .into_iter()
-            .find(|a| {
-                a.request["change"] == "policy"
-                    && a.request["to_hash"] == diff.to_hash.as_str()
-                    && a.request["from_hash"] == from_hash
-            });
-        if let Some(a) = waiting {
-            return Ok(a);
-        }
-        let widened: Vec<&AgentDiff> = diff
-            .agents
-            .iter()
-            .filter(|a| !a.gained.is_empty())
-            .collect();
-        let Some(first) = widened.first() else {
-            return Err(BrokerError::Internal("nothing widens".into()));
-        };
-        // The approval hangs on the first agent it widens; nobody is its
-        // sponsor, so no sponsor approves a policy change alone.
-        let mut anchor = self.agent(&first.agent).await?;
-        anchor.sponsor = String::new();
-        let what: Vec<String> = widened
-            .iter()
-            .map(|a| format!("{} gains {}", a.agent, a.gained.join(", ")))
-            .collect();
-        let mut tx = self.store.begin().await?;
-        let approval = self
-            .open_provisioning_approval(
-                &mut *tx,
-                actor,
-                &anchor,
-                serde_json::json!({
-                    "change": "policy", "files": files, "from_hash": from_hash,
-                    "to_hash": diff.to_hash,
-                    "widened": widened.iter().map(|a| serde_json::json!({ "agent": a.agent, "gained": a.gained })).collect::<Vec<_>>(),
-                }),
-                format!(
-                    "policy set {} widens: {}",
-                    short(&diff.to_hash),
-                    what.join("; ")
-                ),
-            )
-            .await?;
-        tx.audit(
-            AuditEvent::new(actor, "policy.reload_held").details(serde_json::json!({
-                "approval": approval.id, "from_hash": from_hash, "to_hash": diff.to_hash,
-                "widened": widened.iter().map(|a| &a.agent).collect::<Vec<_>>(),
-            })),
-        )
-        .await?;
-        tx.commit().await?;
-        self.notifier.wake();
-        Ok(approval)
-    }
 }
 
 impl Broker {
@@ -542,7 +337,7 @@ impl Broker {
     /// An agent that may reach no scope at all has nothing left to do: its
     /// open tasks end (their tokens stop working) and any lease left goes
     /// to the revocation queue, audited as `agent.tasks_ended_by_policy`.
-    async fn end_when_nothing_left(
+    pub(super) async fn end_when_nothing_left(
         &self,
         tx: &mut dyn crate::store::StoreTx,
         actor: &Actor,
@@ -566,7 +361,7 @@ impl Broker {
 }
 
 /// Queues each lease for revocation with an audit event naming the change.
-async fn queue_not_permitted(
+pub(super) async fn queue_not_permitted(
     tx: &mut dyn crate::store::StoreTx,
     actor: &Actor,
     leases: &[NotPermitted],
@@ -596,6 +391,6 @@ async fn queue_not_permitted(
     Ok(revoked)
 }
 
-fn short(hash: &str) -> &str {
+pub(super) fn short(hash: &str) -> &str {
     hash.get(..12).unwrap_or(hash)
 }

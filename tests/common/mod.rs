@@ -11,6 +11,7 @@ pub mod azure;
 pub mod bao_setup;
 pub mod config;
 pub mod example;
+pub mod governance;
 mod graph_fake;
 pub mod oidc;
 pub mod peers;

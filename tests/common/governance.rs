@@ -1,0 +1,105 @@
+//! Governance tests' harness: a people directory with a sponsor who signs
+//! in as an operator, sweeps, compliance records, and moving dates in the
+//! store (time passes without sleeping).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use serde_json::{Value, json};
+
+use super::config::sha256_hex;
+use super::{Setup, TestBroker};
+
+pub const DAY: i64 = 86_400;
+pub const SPONSOR: &str = "owner@keygate.test";
+
+/// A sponsor who signs in as operator `olga` (no role but her email), a
+/// second admin, and a directory where `lead@keygate.test` leads `platform`.
+pub struct People {
+    pub olga: String,
+    pub root2: String,
+}
+
+impl People {
+    pub fn new() -> Self {
+        let t = |n: &str| format!("kgop-{n}-{}", uuid::Uuid::new_v4().simple());
+        Self {
+            olga: t("olga"),
+            root2: t("root2"),
+        }
+    }
+
+    pub fn toml(&self) -> String {
+        format!(
+            r#"
+[[operators]]
+name = "olga"
+roles = ["auditor"]
+email = "{SPONSOR}"
+token_sha256 = "{}"
+
+[[operators]]
+name = "root2"
+roles = ["admin"]
+email = "root2@keygate.test"
+token_sha256 = "{}"
+
+[[people]]
+email = "{SPONSOR}"
+name = "Olga Owner"
+team = "platform"
+
+[[people]]
+email = "lead@keygate.test"
+name = "Lee Lead"
+team = "platform"
+lead = true
+
+[[people]]
+email = "next@keygate.test"
+name = "Nia Next"
+team = "platform"
+"#,
+            sha256_hex(&self.olga),
+            sha256_hex(&self.root2)
+        )
+    }
+}
+
+pub async fn start(extra: &str) -> (TestBroker, People) {
+    let people = People::new();
+    let mut setup = Setup::permissive();
+    setup.extra_config = format!("{}\n{extra}", people.toml());
+    (TestBroker::start_with(setup).await, people)
+}
+
+pub async fn sweep(b: &TestBroker) -> Value {
+    b.post("/v1/governance/sweep", Some(&b.ops.admin), &json!({}))
+        .await
+        .expect(200)
+}
+
+pub async fn compliance(b: &TestBroker, agent: &str) -> Value {
+    b.get(
+        &format!("/v1/agents/{agent}/compliance"),
+        Some(&b.ops.auditor),
+    )
+    .await
+    .expect(200)
+}
+
+pub fn issue<'a>(c: &'a Value, kind: &str) -> Option<&'a Value> {
+    c["issues"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["kind"] == kind)
+}
+
+pub async fn exec(b: &TestBroker, sql: &'static str, binds: &[&str]) {
+    let mut db = b.db().await;
+    let mut q = sqlx::query(sql);
+    for v in binds {
+        q = q.bind(v.to_string());
+    }
+    q.execute(&mut db).await.unwrap();
+    sqlx::Connection::close(db).await.unwrap();
+}

@@ -1,0 +1,193 @@
+//! The people directory, registry exclusions and per-agent TTL caps
+//! through the real server: a departed sponsor orphans an agent, an unused
+//! scope is excluded until an admin lifts it, the cap bounds every
+//! credential. Time passes by moving dates back in the store.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+use common::TestAgent;
+use common::governance::{DAY, SPONSOR, compliance, exec, issue, start, sweep};
+use serde_json::json;
+
+#[tokio::test]
+async fn a_departed_sponsor_orphans_the_agent_after_five_business_days() {
+    let (b, people) = start("").await;
+    let agent = TestAgent::new("rv-orphan", "ES256");
+    // A sponsor the directory does not know is refused at registration.
+    let mut spec = agent.spec("platform");
+    spec["sponsor"] = "stranger@keygate.test".into();
+    let r = b.admin_post("/v1/agents", &spec).await;
+    assert_eq!(r.status, 400, "{}", r.text);
+    assert!(
+        r.text
+            .contains("not an active person in the people directory"),
+        "{}",
+        r.text
+    );
+    b.register(&agent, "platform").await;
+    assert!(issue(&compliance(&b, &agent.id).await, "sponsor_departed").is_none());
+
+    // Olga leaves: her agent needs a new sponsor, her token stops working.
+    b.admin_post(
+        &format!("/v1/people/{SPONSOR}/depart"),
+        &json!({ "reason": "left the company" }),
+    )
+    .await
+    .expect(200);
+    let again = b
+        .admin_post(&format!("/v1/people/{SPONSOR}/depart"), &json!({}))
+        .await;
+    assert_eq!(again.status, 409, "{}", again.text);
+    let gone = b.get("/v1/reviews", Some(&people.olga)).await;
+    assert_eq!(gone.status, 401, "{}", gone.text);
+    assert!(gone.text.contains("departed"), "{}", gone.text);
+    let c = compliance(&b, &agent.id).await;
+    let i = issue(&c, "sponsor_departed").expect("sponsor_departed");
+    assert_eq!(i["action"], "suspend", "{c}");
+    // Not an active person: she cannot be named sponsor again.
+    let other = TestAgent::new("rv-orphan-2", "ES256");
+    let r = b.admin_post("/v1/agents", &other.spec("platform")).await;
+    assert_eq!(r.status, 400, "{}", r.text);
+    assert!(r.text.contains("left on"), "{}", r.text);
+
+    // Eight calendar days later (at least five business days): suspended.
+    exec(
+        &b,
+        "UPDATE departures SET departed_at = departed_at - ?",
+        &[&(8 * DAY).to_string()],
+    )
+    .await;
+    let r = sweep(&b).await;
+    assert!(
+        r["acted"]
+            .as_array()
+            .unwrap()
+            .contains(&json!([agent.id, "suspend"])),
+        "{r}"
+    );
+
+    // A new sponsor resolves it; resumed, the agent stays active.
+    b.call(
+        reqwest::Method::PATCH,
+        &format!("/v1/agents/{}", agent.id),
+        Some(&b.ops.admin),
+        Some(&json!({ "sponsor": "next@keygate.test" })),
+    )
+    .await
+    .expect(200);
+    b.admin_post(&format!("/v1/agents/{}/resume", agent.id), &json!({}))
+        .await
+        .expect(200);
+    sweep(&b).await;
+    let c = compliance(&b, &agent.id).await;
+    assert!(issue(&c, "sponsor_departed").is_none(), "{c}");
+    assert_eq!(c["status"], "active");
+    let list = b.get("/v1/people", Some(&b.ops.auditor)).await.expect(200);
+    let olga = list
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|p| p["email"] == SPONSOR)
+        .unwrap();
+    assert_eq!(olga["status"], "departed", "{olga}");
+    assert_eq!(olga["operator"], "olga");
+}
+
+#[tokio::test]
+async fn the_agents_ttl_cap_bounds_sessions_credentials_and_renewals() {
+    let (b, _people) = start("").await;
+    let agent = TestAgent::new("rv-capped", "ES256");
+    let mut spec = agent.spec("platform");
+    spec["max_ttl_secs"] = 120.into();
+    b.admin_post("/v1/agents", &spec).await.expect(201);
+    let zero = {
+        let other = TestAgent::new("rv-zero", "ES256");
+        let mut s = other.spec("platform");
+        s["max_ttl_secs"] = 0.into();
+        b.admin_post("/v1/agents", &s).await
+    };
+    assert_eq!(zero.status, 400, "{}", zero.text);
+
+    let s = b.token_ttl(&agent, Some(3600)).await;
+    let now = common::unix_now();
+    let opened = b
+        .audit(&format!("action=task.opened&agent={}", agent.id))
+        .await;
+    let task_exp = opened[0]["details"]["expires_at"].as_i64().unwrap();
+    assert!(task_exp <= now + 121, "session capped at 120 s: {opened:?}");
+    let cred = b.x509(&s.token, Some(3600)).await;
+    let exp = time::OffsetDateTime::parse(
+        cred["expires_at"].as_str().unwrap(),
+        &time::format_description::well_known::Rfc3339,
+    )
+    .unwrap()
+    .unix_timestamp();
+    assert!(exp <= now + 121, "credential capped at 120 s: {cred}");
+    let c = compliance(&b, &agent.id).await;
+    assert_eq!(c["max_ttl_secs"], 120);
+    assert!(issue(&c, "long_ttl").is_none(), "{c}");
+}
+
+#[tokio::test]
+async fn remove_unused_excludes_an_unused_scope_until_an_admin_lifts_it() {
+    let (b, _people) = start(
+        "[[lifecycle]]\nname = \"tidy\"\nremove_unused = true\nunused_scope_after_days = 30\n",
+    )
+    .await;
+    let agent = TestAgent::new("rv-unused", "ES256");
+    b.register(&agent, "platform").await;
+    let s = b.token(&agent).await;
+    b.x509(&s.token, Some(60)).await;
+    // Registered 40 days ago; x509-svid used today, jwt-svid never.
+    let now = common::unix_now();
+    exec(
+        &b,
+        "UPDATE agents SET created_at = ? WHERE id = ?",
+        &[&(now - 40 * DAY).to_string(), &agent.id],
+    )
+    .await;
+    let r = sweep(&b).await;
+    let excluded = r["excluded"].as_array().unwrap();
+    assert!(excluded.contains(&json!([agent.id, "jwt-svid"])), "{r}");
+    assert!(!excluded.contains(&json!([agent.id, "x509-svid"])), "{r}");
+    let refused = b
+        .credential(
+            &s.token,
+            "jwt-svid",
+            Some(60),
+            Some(json!({ "audience": common::JWT_AUDIENCE })),
+        )
+        .await;
+    assert_eq!(refused.status, 403, "{}", refused.text);
+    // The next sweep closes the finding: the scope is no longer reachable.
+    sweep(&b).await;
+    let c = compliance(&b, &agent.id).await;
+    assert!(
+        !c["issues"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|i| i["kind"] == "unused_scope" && i["subject"] == "jwt-svid"),
+        "{c}"
+    );
+    b.call(
+        reqwest::Method::DELETE,
+        &format!("/v1/agents/{}/exclusions/jwt-svid", agent.id),
+        Some(&b.ops.admin),
+        None,
+    )
+    .await
+    .expect(200);
+    b.jwt_svid(&s.token, Some(60)).await;
+    // Lifting twice: nothing to lift.
+    let twice = b
+        .call(
+            reqwest::Method::DELETE,
+            &format!("/v1/agents/{}/exclusions/jwt-svid", agent.id),
+            Some(&b.ops.admin),
+            None,
+        )
+        .await;
+    assert_eq!(twice.status, 404, "{}", twice.text);
+}
