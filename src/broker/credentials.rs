@@ -233,49 +233,6 @@ impl Broker {
     /// Writes the lease ahead, asks the provider, records what it issued.
     /// With `redeem`, the approval is marked redeemed in the lease's own
     /// commit, so an approval yields at most one credential.
-    /// A reload may swap the policy set after this request was decided and
-    /// before its lease row was written — too late for the reload's scan of
-    /// live leases. With the lease written, a set that changed meanwhile
-    /// judges it again; if it does not permit it, nothing is minted.
-    async fn judge_again_if_reloaded(
-        &self,
-        s: &Session,
-        lease: &Lease,
-        ttl: u64,
-        decided_hash: Option<&str>,
-    ) -> BrokerResult<()> {
-        let policy = self.policy.current();
-        if decided_hash.is_none_or(|h| h == policy.hash())
-            || self.config.policy.on_change != super::OnChange::Revoke
-            || self
-                .still_permitted(&policy, &s.agent, &s.task, lease, Some(ttl))
-                .await?
-        {
-            return Ok(());
-        }
-        let message = format!(
-            "the policy set changed while this request was decided; the set now active ({}) does not permit it",
-            &policy.hash()[..12.min(policy.hash().len())]
-        );
-        let mut tx = self.store.begin().await?;
-        tx.mark_failed(&lease.id, &message, now()).await?;
-        tx.audit(
-            AuditEvent::new(&Actor::Agent(s.agent.id.clone()), "lease.policy_revoked")
-                .agent(&s.agent.id)
-                .task(&s.task.id)
-                .scope(&lease.scope)
-                .lease(&lease.id)
-                .reason(message.clone())
-                .details(serde_json::json!({ "policy_hash": policy.hash(), "before_issue": true })),
-        )
-        .await?;
-        tx.commit().await?;
-        Err(BrokerError::PolicyDenied {
-            message,
-            policies: Vec::new(),
-        })
-    }
-
     pub(crate) async fn mint(
         &self,
         s: &Session,

@@ -1,16 +1,17 @@
 //! Reloading the policy set without a restart: atomically, audited, with
 //! what it no longer permits revoked (`policy.on_change`); a set that
 //! widens any agent's reach under `[provisioning] require_approval` is held
-//! for a provisioning approval that carries its exact files.
+//! for a provisioning approval that carries its exact files; and a request
+//! decided under a set a reload just replaced is judged again before issue.
 
 use std::collections::BTreeMap;
 
 use super::policy_changes::{
     AgentDiff, OnChange, PolicyDiff, PolicyFiles, PolicyReload, queue_not_permitted, short,
 };
-use super::{Broker, BrokerError, BrokerResult};
+use super::{Broker, BrokerError, BrokerResult, Session};
 use crate::audit::{Actor, AuditEvent};
-use crate::model::{Selector, now};
+use crate::model::{Lease, Selector, now};
 
 impl Broker {
     /// Loads the policy directory (or `files`) again and makes it the active
@@ -216,5 +217,48 @@ impl Broker {
         tx.commit().await?;
         self.notifier.wake();
         Ok(approval)
+    }
+
+    /// A reload may swap the policy set after this request was decided and
+    /// before its lease row was written — too late for the reload's scan of
+    /// live leases. With the lease written, a set that changed meanwhile
+    /// judges it again; if it does not permit it, nothing is minted.
+    pub(super) async fn judge_again_if_reloaded(
+        &self,
+        s: &Session,
+        lease: &Lease,
+        ttl: u64,
+        decided_hash: Option<&str>,
+    ) -> BrokerResult<()> {
+        let policy = self.policy.current();
+        if decided_hash.is_none_or(|h| h == policy.hash())
+            || self.config.policy.on_change != super::OnChange::Revoke
+            || self
+                .still_permitted(&policy, &s.agent, &s.task, lease, Some(ttl))
+                .await?
+        {
+            return Ok(());
+        }
+        let message = format!(
+            "the policy set changed while this request was decided; the set now active ({}) does not permit it",
+            &policy.hash()[..12.min(policy.hash().len())]
+        );
+        let mut tx = self.store.begin().await?;
+        tx.mark_failed(&lease.id, &message, now()).await?;
+        tx.audit(
+            AuditEvent::new(&Actor::Agent(s.agent.id.clone()), "lease.policy_revoked")
+                .agent(&s.agent.id)
+                .task(&s.task.id)
+                .scope(&lease.scope)
+                .lease(&lease.id)
+                .reason(message.clone())
+                .details(serde_json::json!({ "policy_hash": policy.hash(), "before_issue": true })),
+        )
+        .await?;
+        tx.commit().await?;
+        Err(BrokerError::PolicyDenied {
+            message,
+            policies: Vec::new(),
+        })
     }
 }
