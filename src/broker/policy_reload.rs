@@ -219,8 +219,9 @@ impl Broker {
         Ok(approval)
     }
 
-    /// A reload may swap the policy set after this request was decided and
-    /// before its lease row was written — too late for the reload's scan of
+    /// A reload may swap the policy set (or an admin or review exclude the
+    /// scope) after this request was decided and before its lease row was
+    /// written — too late for the reload's scan of
     /// live leases. With the lease written, a set that changed meanwhile
     /// judges it again; if it does not permit it, nothing is minted.
     pub(super) async fn judge_again_if_reloaded(
@@ -231,18 +232,31 @@ impl Broker {
         decided_hash: Option<&str>,
     ) -> BrokerResult<()> {
         let policy = self.policy.current();
-        if decided_hash.is_none_or(|h| h == policy.hash())
+        // An exclusion committed after the decision, whose scan of live
+        // leases ran before this lease was written, is the same race.
+        let excluded = self
+            .store
+            .get_agent(&s.agent.id)
+            .await?
+            .and_then(|a| a.exclusion(&lease.scope).cloned());
+        let message = if let Some(e) = excluded {
+            format!(
+                "scope `{}` was excluded from agent `{}` while this request was decided ({}: {})",
+                lease.scope, s.agent.id, e.by, e.reason
+            )
+        } else if decided_hash.is_none_or(|h| h == policy.hash())
             || self.config.policy.on_change != super::OnChange::Revoke
             || self
                 .still_permitted(&policy, &s.agent, &s.task, lease, Some(ttl))
                 .await?
         {
             return Ok(());
-        }
-        let message = format!(
-            "the policy set changed while this request was decided; the set now active ({}) does not permit it",
-            &policy.hash()[..12.min(policy.hash().len())]
-        );
+        } else {
+            format!(
+                "the policy set changed while this request was decided; the set now active ({}) does not permit it",
+                &policy.hash()[..12.min(policy.hash().len())]
+            )
+        };
         let mut tx = self.store.begin().await?;
         tx.mark_failed(&lease.id, &message, now()).await?;
         tx.audit(
