@@ -463,6 +463,14 @@ pub struct FenceRecord {
     pub lifted_at: Option<OffsetDateTime>,
     pub lifted_by: Option<String>,
     pub lift_reason: Option<String>,
+    /// When the fence becomes moot (every session it denies has expired):
+    /// Keygate lifts it then. `None`: it stands until an operator lifts it.
+    #[serde(
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none",
+        default
+    )]
+    pub expires_at: Option<OffsetDateTime>,
 }
 
 /// Filters for listing fences.
@@ -477,6 +485,9 @@ pub struct FenceFilter {
     pub limit: Option<u32>,
     /// Continue after this row (`Keygate-Next-Cursor` of the previous page).
     pub cursor: Option<String>,
+    /// Only fences moot by this time (internal: the sweep that lifts them).
+    #[serde(skip)]
+    pub moot_at: Option<OffsetDateTime>,
 }
 
 string_enum!(

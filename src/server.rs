@@ -286,12 +286,16 @@ async fn flush_auth_failures(broker: AppState) {
 }
 
 /// Expires approvals nobody decided in time and cancels those whose task
-/// ended, on the reaper's rhythm.
+/// ended, and lifts fences whose sessions have all expired, on the reaper's
+/// rhythm.
 async fn close_stale_approvals(broker: AppState) {
     let every = std::time::Duration::from_secs(broker.config.leases.reaper_interval_secs.max(1));
     loop {
         if let Err(e) = broker.close_stale_approvals().await {
             tracing::error!(error = %e, "closing stale approvals failed");
+        }
+        if let Err(e) = broker.lift_moot_fences().await {
+            tracing::error!(error = %e, "lifting moot fences failed");
         }
         tokio::time::sleep(every).await;
     }

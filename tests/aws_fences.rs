@@ -26,14 +26,24 @@ fn scopes() -> String {
     format!("{}\n{}", scope("reports"), scope("billing"))
 }
 
-/// Registers an agent, opens a long task and takes a credential per scope.
+/// Registers a platform agent, opens a long task and takes a credential
+/// per scope.
 async fn with_sessions(
     b: &TestBroker,
     prefix: &str,
     scopes: &[&str],
 ) -> (TestAgent, String, Vec<String>) {
+    with_sessions_in(b, "platform", prefix, scopes).await
+}
+
+async fn with_sessions_in(
+    b: &TestBroker,
+    team: &str,
+    prefix: &str,
+    scopes: &[&str],
+) -> (TestAgent, String, Vec<String>) {
     let agent = TestAgent::new(prefix, "ES256");
-    b.register(&agent, "platform").await;
+    b.register(&agent, team).await;
     let s = b.token_ttl(&agent, Some(3600)).await;
     let mut leases = Vec::new();
     for scope in scopes {
@@ -337,4 +347,184 @@ async fn overlapping_fences_stand_until_the_last_is_lifted_and_the_cli_says_what
         .await;
     let walked: Value = serde_json::from_slice(&out.stdout).unwrap();
     assert_eq!(ids(&walked), ids(&every));
+}
+
+/// The policy set `test-permit-aws.cedar` becomes on reload: `reports` is
+/// no longer permitted to anyone.
+const WITHOUT_REPORTS: &str = r#"
+@id("test-permit-aws")
+permit (
+  principal,
+  action == Keygate::Action::"request_credential",
+  resource
+)
+when { resource.provider == "aws" && !resource.sensitive && resource != Keygate::Scope::"reports" };
+"#;
+
+/// The fences standing on `role` named `name`.
+async fn standing(b: &TestBroker, role: &str, name: &str) -> Vec<Value> {
+    b.admin_get("/v1/fences?active=true")
+        .await
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["target"] == role_arn(role) && f["name"] == name)
+        .cloned()
+        .collect()
+}
+
+/// STS sessions cannot be revoked one by one, so a reload that stops
+/// permitting a scope fences exactly the revoked sessions (by session
+/// name, which is the task id), per agent and role, leaves every other
+/// session alone, and the fence lifts itself once those sessions expire.
+/// An exclusion does the same.
+#[tokio::test]
+async fn a_policy_change_fences_exactly_the_sessions_it_revoked_until_they_expire() {
+    let moto = Moto::start().await;
+    moto.create_role("reports").await;
+    moto.create_role("billing").await;
+    let b = TestBroker::start_with(moto.setup(&scopes())).await;
+    // Not the platform team, which the shipped `aws.cedar` lets reach
+    // every AWS scope.
+    let (red, red_token, red_leases) =
+        with_sessions_in(&b, "research", "red", &["reports", "billing"]).await;
+    let (blue, _, blue_leases) = with_sessions_in(&b, "research", "blue", &["reports"]).await;
+    let leases = b.admin_get("/v1/leases").await;
+    let lease = |id: &str| {
+        leases
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["id"] == id)
+            .unwrap()
+            .clone()
+    };
+    let task_of = |id: &str| lease(id)["task_id"].as_str().unwrap().to_owned();
+    let (red_task, blue_task) = (task_of(&red_leases[0]), task_of(&blue_leases[0]));
+
+    std::fs::write(
+        b.dir.join("policies/test-permit-aws.cedar"),
+        WITHOUT_REPORTS,
+    )
+    .unwrap();
+    let reload = b
+        .post("/v1/policy/reload", Some(&b.ops.admin), &json!({}))
+        .await
+        .expect(200);
+    assert_eq!(reload["revoked"].as_array().unwrap().len(), 2, "{reload}");
+    let hash = reload["to_hash"].as_str().unwrap()[..12].to_owned();
+
+    for (agent, task) in [(&red.id, &red_task), (&blue.id, &blue_task)] {
+        let name = format!("keygate-revoked-sessions-{agent}");
+        let fences = standing(&b, "reports", &name).await;
+        assert_eq!(fences.len(), 1, "{fences:?}");
+        assert_eq!(fences[0]["revocation_id"], format!("policy-{hash}"));
+        assert_eq!(fences[0]["agent"], agent.as_str());
+        assert!(fences[0]["expires_at"].is_string(), "{fences:?}");
+        let doc = moto.role_policy("reports", &name).await.unwrap();
+        let cond = deny_condition(&doc);
+        assert_eq!(cond["StringEquals"]["aws:SourceIdentity"], agent.as_str());
+        assert_eq!(
+            cond["StringLike"]["aws:userid"],
+            json!([format!("*:{task}")])
+        );
+    }
+    // Nothing fenced where nothing was revoked; the kill switch's fence
+    // name is not used.
+    let red_billing = format!("keygate-revoked-sessions-{}", red.id);
+    assert!(moto.role_policy("billing", &red_billing).await.is_none());
+    assert!(
+        moto.role_policy("reports", &format!("keygate-fence-{}", red.id))
+            .await
+            .is_none()
+    );
+    let leases = b.admin_get("/v1/leases").await;
+    let state = |id: &str| {
+        leases
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|l| l["id"] == id)
+            .map(|l| l["state"].clone())
+    };
+    assert_eq!(state(&red_leases[1]), Some(json!("active")), "{leases}");
+    assert_eq!(state(&red_leases[0]), Some(json!("expiring")), "{leases}");
+
+    // An exclusion of `billing` fences red's billing session too.
+    b.post(
+        &format!("/v1/agents/{}/exclusions", red.id),
+        Some(&b.ops.admin),
+        &json!({ "scope": "billing", "reason": "unused" }),
+    )
+    .await
+    .expect(200);
+    let fences = standing(&b, "billing", &red_billing).await;
+    assert_eq!(fences.len(), 1, "{fences:?}");
+    assert_eq!(fences[0]["revocation_id"], "exclusion");
+    // The exclusion holds for new requests too.
+    b.credential(&red_token, "billing", Some(900), None)
+        .await
+        .expect(403);
+
+    // Once red's reports session has expired the fence is moot: Keygate
+    // lifts it (here, its expiry is moved back in the store) and audits
+    // that; blue's stands.
+    let red_reports = format!("keygate-revoked-sessions-{}", red.id);
+    let id = standing(&b, "reports", &red_reports).await[0]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let id: &'static str = Box::leak(id.into_boxed_str());
+    common::governance::exec(&b, "UPDATE fences SET expires_at = 1 WHERE id = ?", &[id]).await;
+    common::eventually("the moot fence's policy is deleted", || async {
+        moto.role_policy("reports", &red_reports)
+            .await
+            .is_none()
+            .then_some(())
+    })
+    .await;
+    let lifted = b.admin_get("/v1/fences").await;
+    let lifted = lifted
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|f| f["id"] == id)
+        .unwrap()
+        .clone();
+    assert_eq!(lifted["lifted_by"], "keygate", "{lifted}");
+    let blue_reports = format!("keygate-revoked-sessions-{}", blue.id);
+    assert!(moto.role_policy("reports", &blue_reports).await.is_some());
+    let audit = b.audit("action=fence.lifted").await;
+    assert_eq!(audit.len(), 1, "{audit:?}");
+    assert_eq!(audit[0]["actor"], "system", "{audit:?}");
+
+    // Suspending blue fences its still-living session again: two fences,
+    // one policy. The policy change's going moot keeps the suspension's.
+    b.post(
+        &format!("/v1/agents/{}/suspend", blue.id),
+        Some(&b.ops.secops),
+        &json!({ "reason": "incident" }),
+    )
+    .await
+    .expect(200);
+    let twins = standing(&b, "reports", &blue_reports).await;
+    let causes: Vec<&str> = twins
+        .iter()
+        .map(|f| f["revocation_id"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        causes,
+        [format!("policy-{hash}").as_str(), "agent-suspended"]
+    );
+    let id: &'static str = Box::leak(twins[0]["id"].as_str().unwrap().to_owned().into_boxed_str());
+    common::governance::exec(&b, "UPDATE fences SET expires_at = 1 WHERE id = ?", &[id]).await;
+    common::eventually("the policy change's fence is lifted", || async {
+        (standing(&b, "reports", &blue_reports).await.len() == 1).then_some(())
+    })
+    .await;
+    let doc = moto.role_policy("reports", &blue_reports).await.unwrap();
+    assert_eq!(
+        deny_condition(&doc)["StringLike"]["aws:userid"],
+        json!([format!("*:{blue_task}")])
+    );
 }

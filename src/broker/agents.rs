@@ -523,6 +523,18 @@ impl Broker {
             self.approvals_changed.notify_waiters();
         }
         self.leases.wake();
+        if matches!(target, AgentStatus::Suspended | AgentStatus::Decommissioned) {
+            // Sessions released earlier may still live (STS): fence them all.
+            let live: Vec<String> = self
+                .store
+                .live_leases(&Selector::Agent(id.to_owned()))
+                .await?
+                .into_iter()
+                .map(|l| l.id)
+                .collect();
+            self.fence_sessions(actor, &format!("agent-{target}"), &live)
+                .await;
+        }
         self.await_revocations(&leases, Self::CONFIRM_WAIT).await;
         self.agent(id).await
     }

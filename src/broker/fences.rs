@@ -11,7 +11,7 @@ use time::OffsetDateTime;
 
 use super::{Broker, BrokerError, BrokerResult};
 use crate::audit::{Actor, AuditEvent};
-use crate::model::{FenceFilter, FenceRecord, Selector, new_id, now};
+use crate::model::{FenceFilter, FenceRecord, Lease, Selector, new_id, now};
 
 /// A fence a provider could not put up: the kill switch is incomplete there.
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -45,6 +45,7 @@ fn to_provider_fence(r: &FenceRecord) -> Fence {
         agent: r.agent.clone(),
         description: r.description.clone(),
         handle: r.handle.clone(),
+        expires_at: r.expires_at,
     }
 }
 
@@ -60,28 +61,99 @@ impl Broker {
         at: OffsetDateTime,
     ) -> BrokerResult<FenceResults> {
         let mut out = FenceResults::default();
-        for (provider, targets) in self.fence_targets(selector).await? {
-            self.fence_one(
-                &provider,
+        let leases = self.store.live_leases(selector).await?;
+        for (provider, targets) in self.fence_targets(leases) {
+            let req = FenceRequest {
+                revocation_id: revocation_id.to_owned(),
                 targets,
-                revocation_id,
                 revoke_older_sessions,
-                at,
-                &mut out,
-            )
-            .await;
+                issued_before: at,
+                sessions_only: false,
+                standing: Vec::new(),
+            };
+            self.fence_one(&provider, req, &mut out).await;
         }
         self.record_fences(actor, revocation_id, &out).await?;
         Ok(out)
     }
 
-    /// The live leases `selector` hits, by provider.
-    async fn fence_targets(
+    /// After a policy change, an exclusion or a suspension queued `leases`
+    /// for revocation: where the provider cannot revoke them one by one,
+    /// fences exactly their sessions, under `cause` (`policy-<hash>`,
+    /// `exclusion`, `agent-suspended`, …; stored as the fence's
+    /// `revocation_id`). Such fences lift themselves once those sessions
+    /// have expired ([`Self::lift_moot_fences`]). A failure is logged and
+    /// audited (`fence.failed`); the revocation itself stands.
+    pub(crate) async fn fence_sessions(&self, actor: &Actor, cause: &str, leases: &[String]) {
+        if let Err(e) = self.try_fence_sessions(actor, cause, leases).await {
+            tracing::error!(cause, error = %e, "fencing the sessions a policy change revoked failed");
+        }
+    }
+
+    async fn try_fence_sessions(
         &self,
-        selector: &Selector,
-    ) -> BrokerResult<BTreeMap<String, Vec<FenceTarget>>> {
+        actor: &Actor,
+        cause: &str,
+        leases: &[String],
+    ) -> BrokerResult<()> {
+        let mut found = Vec::new();
+        for id in leases {
+            found.extend(self.store.get_lease(id).await?);
+        }
+        let mut out = FenceResults::default();
+        for (provider, targets) in self.fence_targets(found) {
+            let standing = FenceFilter {
+                provider: Some(provider.clone()),
+                active: true,
+                ..FenceFilter::default()
+            };
+            let req = FenceRequest {
+                revocation_id: cause.to_owned(),
+                targets,
+                revoke_older_sessions: false,
+                issued_before: now(),
+                sessions_only: true,
+                standing: self
+                    .store
+                    .list_fences(&standing)
+                    .await?
+                    .iter()
+                    .map(to_provider_fence)
+                    .collect(),
+            };
+            self.fence_one(&provider, req, &mut out).await;
+        }
+        if !out.fences.is_empty() || !out.failures.is_empty() {
+            self.record_fences(actor, cause, &out).await?;
+        }
+        Ok(())
+    }
+
+    /// Lifts the fences whose every denied session has expired (a policy
+    /// change's), on the reaper's rhythm, as `keygate`.
+    pub async fn lift_moot_fences(&self) -> BrokerResult<usize> {
+        let moot = FenceFilter {
+            active: true,
+            moot_at: Some(now()),
+            ..FenceFilter::default()
+        };
+        let mut lifted = 0;
+        for fence in self.store.list_fences(&moot).await? {
+            let reason = "every session it denied has expired";
+            match self.take_down(&fence, &Actor::System, reason).await {
+                Ok(_) => lifted += 1,
+                Err(e) => {
+                    tracing::error!(fence = %fence.id, error = %e, "lifting a moot fence failed")
+                }
+            }
+        }
+        Ok(lifted)
+    }
+
+    /// `leases` as fence targets, by provider.
+    fn fence_targets(&self, leases: Vec<Lease>) -> BTreeMap<String, Vec<FenceTarget>> {
         let mut by_provider: BTreeMap<String, Vec<FenceTarget>> = BTreeMap::new();
-        for lease in self.store.live_leases(selector).await? {
+        for lease in leases {
             let scope = self.registry.scope_or_removed(&lease.scope);
             by_provider
                 .entry(lease.provider.clone())
@@ -91,9 +163,11 @@ impl Broker {
                     agent_id: lease.agent_id,
                     scope,
                     handle: lease.handle.map(RevokeHandle),
+                    task_id: lease.task_id,
+                    expires_at: lease.expires_at,
                 });
         }
-        Ok(by_provider)
+        by_provider
     }
 
     /// Stores the fences put up and audits them and the failures, together.
@@ -124,15 +198,7 @@ impl Broker {
         Ok(tx.commit().await?)
     }
 
-    async fn fence_one(
-        &self,
-        provider: &str,
-        targets: Vec<FenceTarget>,
-        revocation_id: &str,
-        revoke_older_sessions: bool,
-        at: OffsetDateTime,
-        out: &mut FenceResults,
-    ) {
+    async fn fence_one(&self, provider: &str, req: FenceRequest, out: &mut FenceResults) {
         let failure = |target: Option<&Fence>, error: String| FenceFailure {
             provider: provider.to_owned(),
             target: target.map(|f| f.target.clone()),
@@ -146,12 +212,6 @@ impl Broker {
                 format!("provider `{provider}` is not configured"),
             ));
             return;
-        };
-        let req = FenceRequest {
-            revocation_id: revocation_id.to_owned(),
-            targets,
-            revoke_older_sessions,
-            issued_before: at,
         };
         let timeout = Duration::from_secs(self.config.leases.issue_timeout_secs);
         let fenced = match tokio::time::timeout(timeout, p.fence(&req)).await {
@@ -168,7 +228,7 @@ impl Broker {
         };
         let record = |f: Fence| FenceRecord {
             id: new_id("fn"),
-            revocation_id: revocation_id.to_owned(),
+            revocation_id: req.revocation_id.clone(),
             provider: provider.to_owned(),
             target: f.target,
             name: f.name,
@@ -179,6 +239,7 @@ impl Broker {
             lifted_at: None,
             lifted_by: None,
             lift_reason: None,
+            expires_at: f.expires_at,
         };
         out.fences.extend(fenced.fences.into_iter().map(record));
         for (f, e) in fenced.failed {
@@ -211,15 +272,31 @@ impl Broker {
                 "fence `{id}` was lifted already"
             )));
         }
+        let actor = Actor::Operator(operator.to_owned());
+        self.take_down(&fence, &actor, &reason).await
+    }
+
+    /// Takes `fence` down at its provider (keeping its standing twins in
+    /// force) and records who lifted it (`keygate` for the broker).
+    async fn take_down(
+        &self,
+        fence: &FenceRecord,
+        actor: &Actor,
+        reason: &str,
+    ) -> BrokerResult<FenceRecord> {
+        let id = fence.id.as_str();
+        let by = match actor {
+            Actor::Operator(name) => name.clone(),
+            _ => "keygate".to_owned(),
+        };
         let provider = self.registry.provider(&fence.provider).ok_or_else(|| {
             BrokerError::Provider(format!("provider `{}` is not configured", fence.provider))
         })?;
         let lift = LiftFenceRequest {
-            fence: to_provider_fence(&fence),
-            remaining: self.standing_twins(&fence).await?,
+            fence: to_provider_fence(fence),
+            remaining: self.standing_twins(fence).await?,
         };
-        let actor = Actor::Operator(operator.to_owned());
-        let event = AuditEvent::new(&actor, "fence.lifted").reason(reason.clone());
+        let event = AuditEvent::new(actor, "fence.lifted").reason(reason.to_owned());
         if let Err(e) = provider.lift_fence(&lift).await {
             let msg = e.to_string();
             self.audit_alone(
@@ -232,7 +309,7 @@ impl Broker {
         }
         let t = now();
         let mut tx = self.store.begin().await?;
-        tx.lift_fence(id, operator, &reason, t).await?;
+        tx.lift_fence(id, &by, reason, t).await?;
         tx.audit(event.details(serde_json::json!({ "fence": fence })))
             .await?;
         tx.commit().await?;

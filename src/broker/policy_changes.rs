@@ -328,6 +328,8 @@ impl Broker {
         tx.commit().await?;
         if !revoked.is_empty() {
             self.leases.wake();
+            let cause = format!("policy-{}", short(policy.hash()));
+            self.fence_sessions(actor, &cause, &revoked).await;
         }
         Ok(revoked)
     }

@@ -135,6 +135,8 @@ impl Broker {
         tx.commit().await?;
         if !revoked.is_empty() {
             self.leases.wake();
+            let cause = format!("policy-{}", short(&new_hash));
+            self.fence_sessions(actor, &cause, &revoked).await;
         }
         tracing::info!(from = %short(old.hash()), to = %short(&new_hash), revoked = revoked.len(), "policy reloaded");
         Ok(PolicyReload {

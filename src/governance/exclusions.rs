@@ -86,6 +86,7 @@ impl Broker {
         tx.commit().await?;
         if !revoked.is_empty() {
             self.leases.wake();
+            self.fence_sessions(actor, "exclusion", &revoked).await;
         }
         Ok(true)
     }

@@ -1,6 +1,7 @@
-//! Fences: the emergency barrier for credentials that cannot be revoked one
-//! by one (AWS STS sessions). A fence is put up by an emergency revocation
-//! and stays until an operator lifts it.
+//! Fences: the barrier for credentials that cannot be revoked one by one
+//! (AWS STS sessions). An emergency revocation puts up fences that stay
+//! until an operator lifts them; a policy change puts up fences against
+//! exactly the sessions it stopped permitting, lifted once they expire.
 
 use serde::Serialize;
 use time::OffsetDateTime;
@@ -20,6 +21,13 @@ pub struct FenceRequest {
     pub revoke_older_sessions: bool,
     /// The cut-off for `revoke_older_sessions`: the revocation's time.
     pub issued_before: OffsetDateTime,
+    /// Fence only the sessions of these leases, not every session of their
+    /// agents: a policy change stopped permitting exactly these. Such a
+    /// fence is moot once they have all expired ([`Fence::expires_at`]).
+    pub sessions_only: bool,
+    /// This provider's fences still standing (put up earlier): a fence that
+    /// shares a name with one of them must keep denying what it denies.
+    pub standing: Vec<Fence>,
 }
 
 /// One live lease hit by an emergency revocation.
@@ -34,6 +42,11 @@ pub struct FenceTarget {
     /// The revoke handle recorded at issue (`None` if the issue never
     /// completed).
     pub handle: Option<RevokeHandle>,
+    /// The task the lease belongs to (its session's name, where the backend
+    /// names sessions).
+    pub task_id: String,
+    /// When the lease's TTL ends, as Keygate recorded it.
+    pub expires_at: OffsetDateTime,
 }
 
 /// A barrier a provider put up. Never secret: it is stored, audited and
@@ -51,6 +64,10 @@ pub struct Fence {
     pub description: String,
     /// What the provider needs to lift or rebuild it.
     pub handle: serde_json::Value,
+    /// When it becomes moot because everything it denies has expired (the
+    /// broker lifts it then); `None`: it stands until an operator lifts it.
+    #[serde(skip)]
+    pub expires_at: Option<OffsetDateTime>,
 }
 
 /// What [`crate::Provider::fence`] did.

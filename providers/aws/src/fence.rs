@@ -8,6 +8,11 @@
 //!   every session of the role issued before the revocation
 //!   (`aws:TokenIssueTime`), whoever holds it: AWS's "revoke active
 //!   sessions".
+//! - `keygate-revoked-sessions-<agent>` (a policy change) denies every
+//!   action to the agent's sessions of the role whose names (Keygate names a
+//!   session after its task) are those the change stopped permitting, until
+//!   they expire: `aws:userid` of an assumed-role session ends in
+//!   `:<session name>`. It is moot after the last of them expires.
 //!
 //! Inline policy names are unique per role, so the same fence put up twice
 //! is one policy; lifting rebuilds it from the fences still standing.
@@ -18,6 +23,7 @@ use keygate_provider_api::{
     Fence, FenceRequest, FenceTarget, Fenced, LiftFenceRequest, ProviderError,
 };
 use serde_json::{Value, json};
+use time::OffsetDateTime;
 
 use crate::scope::{self, ScopeKind};
 use crate::{AwsProvider, error, limits, rfc3339};
@@ -27,6 +33,9 @@ const AGENT_FENCE_PREFIX: &str = "keygate-fence-";
 /// The role-wide deny of sessions issued before a time. Its prefix differs
 /// from the agent fences', so no agent id can collide with it.
 const OLDER_SESSIONS_FENCE: &str = "keygate-revoke-older-sessions";
+/// Prefix of the per-agent denies of named sessions (a policy change).
+/// `keygate-revoked-` differs from both names above at its 15th character.
+const SESSIONS_FENCE_PREFIX: &str = "keygate-revoked-sessions-";
 
 /// The role an `assume_role` lease was for: from its handle, else its scope.
 fn role_of(t: &FenceTarget) -> Option<String> {
@@ -66,6 +75,7 @@ fn agent_fence(role_arn: &str, role_name: &str, agent: &str) -> Fence {
             "inline policy denies every action to sessions of this role whose aws:SourceIdentity is `{agent}` (every session keygate issued the agent here, and sessions chained from them), until lifted"
         ),
         handle: json!({ "kind": "source_identity", "role_name": role_name, "agent": agent }),
+        expires_at: None,
     }
 }
 
@@ -78,20 +88,83 @@ fn older_sessions_fence(role_arn: &str, role_name: &str, at: &str) -> Fence {
             "inline policy denies every action to every session of this role issued before {at} (aws:TokenIssueTime), whoever holds it, until lifted"
         ),
         handle: json!({ "kind": "issued_before", "role_name": role_name, "issued_before": at }),
+        expires_at: None,
     }
 }
 
-/// The policy document a fence (or several fences of one name) needs.
-fn document(fences: &[&Fence]) -> Result<String, ProviderError> {
+/// When the session of an `assume_role` lease expires: as STS said at
+/// issue, else (an issue that never completed) the lease's end plus the
+/// margin a late session could have.
+fn session_expiry(t: &FenceTarget) -> OffsetDateTime {
+    t.handle
+        .as_ref()
+        .and_then(|h| h.0.get("expires_at"))
+        .and_then(Value::as_i64)
+        .and_then(|t| OffsetDateTime::from_unix_timestamp(t).ok())
+        .unwrap_or(t.expires_at + crate::sts::ORPHAN_MARGIN)
+}
+
+/// The fence against `sessions` (task id → when its session expires) of
+/// `agent` on a role.
+fn sessions_fence(
+    role_arn: &str,
+    role_name: &str,
+    agent: &str,
+    sessions: &BTreeMap<String, i64>,
+) -> Result<Fence, ProviderError> {
+    let last = sessions.values().max().copied().unwrap_or_default();
+    let until = OffsetDateTime::from_unix_timestamp(last)
+        .map_err(|e| ProviderError::Internal(format!("a session expiry is out of range: {e}")))?;
+    let names = sessions.keys().cloned().collect::<Vec<_>>().join(", ");
+    Ok(Fence {
+        target: role_arn.to_owned(),
+        name: format!("{SESSIONS_FENCE_PREFIX}{agent}"),
+        agent: Some(agent.to_owned()),
+        description: format!(
+            "inline policy denies every action to the sessions of this role named {names} with aws:SourceIdentity `{agent}` (a policy change stopped permitting them), until they expire at {}",
+            rfc3339(until)?
+        ),
+        handle: json!({
+            "kind": "sessions", "role_name": role_name, "agent": agent, "sessions": sessions,
+        }),
+        expires_at: Some(until),
+    })
+}
+
+/// The policy document a fence (or several fences of one name) needs, or
+/// `None` when nothing is left to deny (every session named has expired).
+fn document(fences: &[&Fence], now: OffsetDateTime) -> Result<Option<String>, ProviderError> {
     let bad = || ProviderError::Internal("a fence record is unreadable".into());
     let first = fences.first().ok_or_else(bad)?;
     match first.handle.get("kind").and_then(Value::as_str) {
         Some("source_identity") => {
             let agent = first.agent.as_deref().ok_or_else(bad)?;
-            Ok(deny_all(
+            Ok(Some(deny_all(
                 "KeygateFenceSourceIdentity",
                 json!({ "StringEquals": { "aws:SourceIdentity": agent } }),
-            ))
+            )))
+        }
+        Some("sessions") => {
+            let agent = first.agent.as_deref().ok_or_else(bad)?;
+            let mut live = BTreeSet::new();
+            for f in fences {
+                let sessions = f.handle.get("sessions").and_then(Value::as_object);
+                for (task, until) in sessions.ok_or_else(bad)? {
+                    if until.as_i64().ok_or_else(bad)? > now.unix_timestamp() {
+                        live.insert(format!("*:{task}"));
+                    }
+                }
+            }
+            if live.is_empty() {
+                return Ok(None);
+            }
+            Ok(Some(deny_all(
+                "KeygateRevokedSessions",
+                json!({
+                    "StringEquals": { "aws:SourceIdentity": agent },
+                    "StringLike": { "aws:userid": live },
+                }),
+            )))
         }
         Some("issued_before") => {
             // Several revocations: the latest cut-off covers the earlier ones.
@@ -100,10 +173,10 @@ fn document(fences: &[&Fence]) -> Result<String, ProviderError> {
                 .filter_map(|f| f.handle.get("issued_before").and_then(Value::as_str))
                 .max()
                 .ok_or_else(bad)?;
-            Ok(deny_all(
+            Ok(Some(deny_all(
                 "KeygateRevokeOlderSessions",
                 json!({ "DateLessThan": { "aws:TokenIssueTime": latest } }),
-            ))
+            )))
         }
         _ => Err(bad()),
     }
@@ -120,6 +193,9 @@ fn role_name_of(f: &Fence) -> Result<String, ProviderError> {
 impl AwsProvider {
     /// Puts up the fences for every role the revocation's live leases are on.
     pub(crate) async fn put_fences(&self, req: &FenceRequest) -> Result<Fenced, ProviderError> {
+        if req.sessions_only {
+            return self.fence_sessions(req).await;
+        }
         let cut_off = rfc3339(req.issued_before)?;
         let mut roles: BTreeMap<String, BTreeSet<&str>> = BTreeMap::new();
         for t in &req.targets {
@@ -148,10 +224,46 @@ impl AwsProvider {
         Ok(out)
     }
 
-    /// Writes the inline policy for `fence`, built from `all` of that name.
+    /// Fences exactly the sessions of `req.targets`, per role and agent.
+    async fn fence_sessions(&self, req: &FenceRequest) -> Result<Fenced, ProviderError> {
+        type Sessions = BTreeMap<String, i64>;
+        let mut by_role: BTreeMap<(String, &str), Sessions> = BTreeMap::new();
+        for t in &req.targets {
+            if let Some(role) = role_of(t) {
+                let until = session_expiry(t);
+                by_role
+                    .entry((role, t.agent_id.as_str()))
+                    .or_default()
+                    .insert(t.task_id.clone(), until.unix_timestamp());
+            }
+        }
+        let mut out = Fenced::default();
+        for ((role_arn, agent), sessions) in &by_role {
+            let role_name = limits::role_name(role_arn)?;
+            let f = sessions_fence(role_arn, role_name, agent, sessions)?;
+            // Fences of one name are one policy: keep denying what the
+            // standing ones of this name deny.
+            let mut all = vec![&f];
+            all.extend(
+                req.standing
+                    .iter()
+                    .filter(|s| s.target == f.target && s.name == f.name),
+            );
+            match self.put_policy(&f, &all).await {
+                Ok(()) => out.fences.push(f),
+                Err(e) => out.failed.push((f, e)),
+            }
+        }
+        Ok(out)
+    }
+
+    /// Writes the inline policy for `fence`, built from `all` of that name
+    /// (deletes it when nothing in them is left to deny).
     async fn put_policy(&self, fence: &Fence, all: &[&Fence]) -> Result<(), ProviderError> {
         let role_name = role_name_of(fence)?;
-        let doc = document(all)?;
+        let Some(doc) = document(all, OffsetDateTime::now_utc())? else {
+            return self.delete_policy(fence).await;
+        };
         self.iam
             .put_role_policy()
             .role_name(&role_name)
@@ -175,12 +287,16 @@ impl AwsProvider {
         if let Some(first) = same.first() {
             return self.put_policy(first, &same).await;
         }
-        let role_name = role_name_of(&req.fence)?;
+        self.delete_policy(&req.fence).await
+    }
+
+    async fn delete_policy(&self, fence: &Fence) -> Result<(), ProviderError> {
+        let role_name = role_name_of(fence)?;
         let deleted = self
             .iam
             .delete_role_policy()
             .role_name(&role_name)
-            .policy_name(&req.fence.name)
+            .policy_name(&fence.name)
             .send()
             .await;
         match deleted {
@@ -188,7 +304,7 @@ impl AwsProvider {
             Err(e) if error::code(&e) == Some("NoSuchEntity") => {}
             Err(e) => return Err(error::from_sdk("iam:DeleteRolePolicy", e)),
         }
-        tracing::warn!(role = %req.fence.target, policy = %req.fence.name, "fence lifted");
+        tracing::warn!(role = %fence.target, policy = %fence.name, "fence lifted");
         Ok(())
     }
 }
@@ -204,7 +320,8 @@ mod tests {
     fn documents() {
         let f = agent_fence(ROLE, "reports", "agent-1");
         assert_eq!(f.name, "keygate-fence-agent-1");
-        let doc: Value = serde_json::from_str(&document(&[&f]).unwrap()).unwrap();
+        let now = OffsetDateTime::now_utc();
+        let doc: Value = serde_json::from_str(&document(&[&f], now).unwrap().unwrap()).unwrap();
         let st = &doc["Statement"][0];
         assert_eq!(
             (st["Effect"].as_str(), st["Action"].as_str()),
@@ -219,11 +336,42 @@ mod tests {
         let late = older_sessions_fence(ROLE, "reports", "2027-01-15T08:00:00Z");
         assert_eq!(early.name, OLDER_SESSIONS_FENCE);
         assert!(early.agent.is_none());
-        let doc: Value = serde_json::from_str(&document(&[&early, &late]).unwrap()).unwrap();
+        let doc: Value =
+            serde_json::from_str(&document(&[&early, &late], now).unwrap().unwrap()).unwrap();
         assert_eq!(
             doc["Statement"][0]["Condition"]["DateLessThan"]["aws:TokenIssueTime"],
             "2027-01-15T08:00:00Z"
         );
         assert!(!OLDER_SESSIONS_FENCE.starts_with(AGENT_FENCE_PREFIX));
+        assert!(!OLDER_SESSIONS_FENCE.starts_with(SESSIONS_FENCE_PREFIX));
+        assert!(!SESSIONS_FENCE_PREFIX.starts_with(AGENT_FENCE_PREFIX));
+    }
+
+    /// Two policy changes fence two sessions of one agent on one role: one
+    /// policy denies both while they live, drops each as it expires, and is
+    /// gone (nothing to deny) once both have.
+    #[test]
+    fn session_fences_merge_and_expire() {
+        let t0 = OffsetDateTime::from_unix_timestamp(1_800_000_000).unwrap();
+        let at = |secs: i64| t0 + time::Duration::seconds(secs);
+        let one = BTreeMap::from([("tk_one".to_owned(), at(900).unix_timestamp())]);
+        let two = BTreeMap::from([("tk_two".to_owned(), at(3600).unix_timestamp())]);
+        let a = sessions_fence(ROLE, "reports", "agent-1", &one).unwrap();
+        let b = sessions_fence(ROLE, "reports", "agent-1", &two).unwrap();
+        assert_eq!(
+            (a.name.as_str(), b.expires_at),
+            ("keygate-revoked-sessions-agent-1", Some(at(3600)))
+        );
+        let userids = |now| -> Option<Value> {
+            document(&[&a, &b], now).unwrap().map(|d| {
+                let doc: Value = serde_json::from_str(&d).unwrap();
+                let cond = &doc["Statement"][0]["Condition"];
+                assert_eq!(cond["StringEquals"]["aws:SourceIdentity"], "agent-1");
+                cond["StringLike"]["aws:userid"].clone()
+            })
+        };
+        assert_eq!(userids(t0), Some(json!(["*:tk_one", "*:tk_two"])));
+        assert_eq!(userids(at(901)), Some(json!(["*:tk_two"])));
+        assert_eq!(userids(at(3600)), None);
     }
 }

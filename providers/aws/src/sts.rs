@@ -20,7 +20,7 @@ pub(crate) const KEYGATE_TAGS: [&str; 5] = ["agent", "team", "sponsor", "task", 
 /// When an issue never recorded its handle, whatever STS may have issued
 /// lives at most this long past the lease's expiry (the issue started
 /// before the lease's clock and took at most the issue timeout).
-const ORPHAN_MARGIN: time::Duration = time::Duration::minutes(5);
+pub(crate) const ORPHAN_MARGIN: time::Duration = time::Duration::minutes(5);
 
 /// Keygate's tags for one session, then the scope's own.
 fn session_tags(req: &IssueRequest, p: &AssumeRole) -> Vec<(String, String)> {

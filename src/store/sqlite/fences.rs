@@ -22,6 +22,7 @@ fn fence_from_row(r: &SqliteRow) -> StoreResult<FenceRecord> {
         lifted_at: opt_time_col(r, "lifted_at")?,
         lifted_by: r.try_get("lifted_by")?,
         lift_reason: r.try_get("lift_reason")?,
+        expires_at: opt_time_col(r, "expires_at")?,
     })
 }
 
@@ -48,6 +49,9 @@ pub(super) async fn list(
     if f.active {
         q.push(" AND lifted_at IS NULL");
     }
+    if let Some(t) = f.moot_at {
+        q.push(" AND expires_at <= ").push_bind(unix(t));
+    }
     if let Some(c) = &f.cursor {
         let c = crate::model::Cursor::parse(c).map_err(StoreError::Invalid)?;
         q.push(" AND (created_at > ")
@@ -73,7 +77,7 @@ pub(super) async fn insert(db: impl SqliteExecutor<'_>, f: &FenceRecord) -> Stor
         serde_json::to_string(&f.handle).map_err(|e| StoreError::Corrupt(e.to_string()))?;
     sqlx::query(
         "INSERT INTO fences (id, revocation_id, provider, target, name, agent, description, \
-         handle, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+         handle, created_at, expires_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
     )
     .bind(&f.id)
     .bind(&f.revocation_id)
@@ -84,6 +88,7 @@ pub(super) async fn insert(db: impl SqliteExecutor<'_>, f: &FenceRecord) -> Stor
     .bind(&f.description)
     .bind(handle)
     .bind(unix(f.created_at))
+    .bind(f.expires_at.map(unix))
     .execute(db)
     .await?;
     Ok(())
