@@ -33,6 +33,15 @@ pub struct ScopeUsage {
     pub last_used_at: OffsetDateTime,
     /// Credentials issued for it, ever.
     pub credentials: u64,
+    /// The client addresses they were asked from (the most recent
+    /// [`ScopeUsage::MAX_SOURCES`] distinct ones).
+    #[serde(default)]
+    pub sources: Vec<String>,
+}
+
+impl ScopeUsage {
+    /// How many distinct source addresses a scope's usage lists.
+    pub const MAX_SOURCES: usize = 16;
 }
 
 /// A compliance issue the sweep recorded, open until resolved.

@@ -188,6 +188,15 @@ pub struct Agent {
         skip_serializing_if = "Option::is_none"
     )]
     pub keys_rotated_at: Option<OffsetDateTime>,
+    /// When its team or sponsor last changed (`None`: never since
+    /// registration): a review is due within the lifecycle's
+    /// `deprovision_within_hours`.
+    #[serde(
+        default,
+        with = "time::serde::rfc3339::option",
+        skip_serializing_if = "Option::is_none"
+    )]
+    pub owner_changed_at: Option<OffsetDateTime>,
 }
 
 /// Why and by whom a scope was excluded from an agent.
@@ -320,6 +329,9 @@ pub struct Lease {
     /// The process that wrote it (see `LeaseEngine::boot_id`).
     #[serde(skip)]
     pub boot_id: Option<String>,
+    /// The client address the credential was asked from.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub source: Option<String>,
 }
 
 /// Which leases and sessions an emergency revocation hits.

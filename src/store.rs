@@ -432,6 +432,7 @@ mod tests {
             excluded_scopes: Default::default(),
             max_ttl_secs: None,
             keys_rotated_at: None,
+            owner_changed_at: None,
         }
     }
 
@@ -455,6 +456,7 @@ mod tests {
             next_attempt_at: None,
             revocation_id: None,
             boot_id: None,
+            source: None,
         }
     }
 

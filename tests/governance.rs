@@ -389,6 +389,55 @@ async fn the_evidence_pack_holds_the_periods_records_and_verifies_against_the_au
     })
     .await;
 
+    // The worker changes team (an identity change: approved first). Its
+    // new owner must review it: an `ownership_changed` issue until an
+    // admin records the review.
+    let patch = |body: Value| {
+        let b = &b;
+        let path = format!("/v1/agents/{}", worker.id);
+        async move {
+            b.call(
+                reqwest::Method::PATCH,
+                &path,
+                Some(&b.ops.admin),
+                Some(&body),
+            )
+            .await
+        }
+    };
+    let held = patch(json!({ "team": "research" })).await.expect(202);
+    approve(held["approval"]["id"].as_str().unwrap().to_owned()).await;
+    let compliance = b
+        .admin_get(&format!("/v1/agents/{}/compliance", worker.id))
+        .await;
+    let issue = common::governance::issue(&compliance, "ownership_changed")
+        .unwrap_or_else(|| panic!("{compliance}"));
+    assert!(
+        issue["detail"]
+            .as_str()
+            .unwrap()
+            .contains("the new owner reviews it by"),
+        "{issue}"
+    );
+    // Per-scope usage names where the credentials were asked from.
+    let scopes = compliance["permitted_scopes"].as_array().unwrap();
+    let used: Vec<&Value> = scopes.iter().filter(|s| s["credentials"] != 0).collect();
+    assert!(!used.is_empty(), "{compliance}");
+    for s in used {
+        assert_eq!(s["sources"], json!(["127.0.0.1"]), "{compliance}");
+    }
+    let now = time::OffsetDateTime::now_utc()
+        .format(&time::format_description::well_known::Rfc3339)
+        .unwrap();
+    patch(json!({ "last_review_at": now })).await.expect(200);
+    let compliance = b
+        .admin_get(&format!("/v1/agents/{}/compliance", worker.id))
+        .await;
+    assert!(
+        common::governance::issue(&compliance, "ownership_changed").is_none(),
+        "{compliance}"
+    );
+
     let today = time::OffsetDateTime::now_utc().date().to_string();
     let out = b.dir.join("pack");
     let run = b
@@ -428,7 +477,8 @@ async fn the_evidence_pack_holds_the_periods_records_and_verifies_against_the_au
         .iter()
         .filter(|p| p["state"] == "approved")
         .collect();
-    assert_eq!(approved.len(), 2, "{provisioning}");
+    // Two registrations and the worker's change of team.
+    assert_eq!(approved.len(), 3, "{provisioning}");
     assert!(
         approved.iter().all(|p| p["approved_by"] != ""),
         "{provisioning}"
@@ -444,12 +494,33 @@ async fn the_evidence_pack_holds_the_periods_records_and_verifies_against_the_au
     let deprovisioning = read("deprovisioning.json");
     assert_eq!(
         deprovisioning.as_array().unwrap().len(),
-        1,
+        2,
         "{deprovisioning}"
     );
-    assert_eq!(deprovisioning[0]["agent"], retired.id.as_str());
-    assert_eq!(deprovisioning[0]["fully_revoked"], true);
-    assert_eq!(deprovisioning[0]["trigger"], "project ended");
+    let retirement = &deprovisioning[0];
+    assert_eq!(retirement["agent"], retired.id.as_str());
+    assert_eq!(retirement["kind"], "retired");
+    assert_eq!(retirement["fully_revoked"], true);
+    assert_eq!(retirement["trigger"], "project ended");
+    assert_eq!(
+        (&retirement["credentials"], &retirement["credentials_ended"]),
+        (&json!(1), &json!(1)),
+        "{retirement}"
+    );
+    assert_eq!(retirement["within_deadline"], true, "{retirement}");
+    assert!(retirement["done_at"].as_str().unwrap() <= retirement["deadline"].as_str().unwrap());
+    let change = &deprovisioning[1];
+    assert_eq!(
+        (&change["agent"], &change["kind"], &change["trigger"]),
+        (
+            &json!(worker.id),
+            &json!("ownership_change"),
+            &json!("team platform -> research")
+        ),
+        "{change}"
+    );
+    assert_eq!(change["within_deadline"], true, "{change}");
+    assert_eq!(change["fully_revoked"], Value::Null, "{change}");
     let csv = std::fs::read_to_string(out.join("credentials.csv")).unwrap();
     assert_eq!(csv.lines().count(), 4, "a header and three rows: {csv}");
     let html = std::fs::read_to_string(out.join("report.html")).unwrap();
@@ -481,7 +552,43 @@ async fn the_evidence_pack_holds_the_periods_records_and_verifies_against_the_au
         "{}",
         String::from_utf8_lossy(&ok.stderr)
     );
-    assert!(String::from_utf8_lossy(&ok.stdout).contains("is in it"));
+    let said = String::from_utf8_lossy(&ok.stdout).into_owned();
+    assert!(said.contains("is in it"), "{said}");
+    assert!(
+        said.contains("every record traced to the audit log"),
+        "{said}"
+    );
+
+    // A record the log does not hold fails the trace, even with the
+    // manifest rewritten to match: one lease's scope is forged.
+    let forged_path = out.join("credentials.json");
+    let original_json = std::fs::read(&forged_path).unwrap();
+    let mut forged: Value = serde_json::from_slice(&original_json).unwrap();
+    forged[0]["scope"] = json!("payments-ca");
+    let forged_bytes = serde_json::to_vec_pretty(&forged).unwrap();
+    std::fs::write(&forged_path, &forged_bytes).unwrap();
+    let manifest_path = out.join("manifest.json");
+    let original_manifest = std::fs::read(&manifest_path).unwrap();
+    let mut manifest: Value = serde_json::from_slice(&original_manifest).unwrap();
+    manifest["files"]["credentials.json"] = json!(common::config::sha256_hex(
+        std::str::from_utf8(&forged_bytes).unwrap()
+    ));
+    std::fs::write(&manifest_path, serde_json::to_vec(&manifest).unwrap()).unwrap();
+    let files_only = verify(vec!["evidence".into(), "verify".into(), pack.clone()]).await;
+    assert!(
+        files_only.status.success(),
+        "the manifest alone cannot tell"
+    );
+    let traced = verify(with_db.clone()).await;
+    assert!(!traced.status.success());
+    let err = String::from_utf8_lossy(&traced.stderr);
+    assert!(
+        err.contains("credentials.json: lease")
+            && err.contains("has no matching `lease.issued` event"),
+        "{err}"
+    );
+    std::fs::write(&forged_path, original_json).unwrap();
+    std::fs::write(&manifest_path, original_manifest).unwrap();
 
     // One altered file fails the check.
     let original = std::fs::read(out.join("registry.csv")).unwrap();

@@ -152,6 +152,11 @@ fn as_agent(d: &Declared, before: Option<&Agent>) -> Agent {
         suspended_from: None,
         max_ttl_secs: s.max_ttl_secs,
         keys_rotated_at: base.as_ref().and_then(|a| a.keys_rotated_at),
+        owner_changed_at: match &base {
+            Some(a) if a.team != s.team || a.sponsor != s.sponsor => Some(t),
+            Some(a) => a.owner_changed_at,
+            None => None,
+        },
         excluded_scopes: base.map(|a| a.excluded_scopes).unwrap_or_default(),
     }
 }

@@ -181,6 +181,23 @@ fn identity_changes(before: &Agent, after: &Agent) -> Vec<&'static str> {
     .collect()
 }
 
+/// What changed of who answers for the agent, `{"team": [old, new],
+/// "sponsor": [old, new]}` (only what changed), for `agent.updated`: the
+/// evidence pack's ownership-change records are read from it.
+pub(crate) fn ownership_change(before: &Agent, after: &Agent) -> Option<serde_json::Value> {
+    let mut out = serde_json::Map::new();
+    if before.team != after.team {
+        out.insert("team".into(), serde_json::json!([before.team, after.team]));
+    }
+    if before.sponsor != after.sponsor {
+        out.insert(
+            "sponsor".into(),
+            serde_json::json!([before.sponsor, after.sponsor]),
+        );
+    }
+    (!out.is_empty()).then_some(serde_json::Value::Object(out))
+}
+
 impl AgentUpdate {
     /// Applies the change to `agent`, checking the result as registration does.
     pub fn apply(&self, agent: &mut Agent) -> BrokerResult<()> {
@@ -210,6 +227,9 @@ impl AgentUpdate {
             max_ttl_secs: self.max_ttl_secs.or(agent.max_ttl_secs),
         };
         spec.validate()?;
+        if agent.team != spec.team || agent.sponsor != spec.sponsor {
+            agent.owner_changed_at = Some(crate::model::now());
+        }
         agent.team = spec.team;
         agent.sponsor = spec.sponsor;
         agent.risk_tier = spec.risk_tier;
@@ -299,6 +319,7 @@ impl Broker {
             excluded_scopes: Default::default(),
             max_ttl_secs: spec.max_ttl_secs,
             keys_rotated_at: None,
+            owner_changed_at: None,
         };
         let mut tx = self.store.begin().await?;
         tx.insert_agent(&agent).await?;
@@ -400,7 +421,10 @@ impl Broker {
         tx.audit(
             AuditEvent::new(actor, "agent.updated")
                 .agent(id)
-                .details(serde_json::json!({ "update": change, "widened_scopes": widened })),
+                .details(serde_json::json!({
+                    "update": change, "widened_scopes": widened,
+                    "ownership": ownership_change(&before, &after),
+                })),
         )
         .await?;
         tx.commit().await?;

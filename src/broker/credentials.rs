@@ -275,6 +275,7 @@ impl Broker {
             next_attempt_at: None,
             revocation_id: None,
             boot_id: Some(self.leases.boot_id().to_owned()),
+            source: s.source.map(|ip| ip.to_string()),
         };
         // Write-ahead: the lease exists before the provider is asked, so a
         // crash from here on leaves a row the reaper resolves.

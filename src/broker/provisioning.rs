@@ -77,6 +77,7 @@ impl Broker {
                 let update: super::agents::AgentUpdate =
                     serde_json::from_value(a.request["update"].clone())
                         .map_err(|e| BrokerError::Internal(format!("stored change: {e}")))?;
+                let before = agent.clone();
                 update.apply(&mut agent)?;
                 agent.updated_at = t;
                 tx.update_agent(&agent).await?;
@@ -84,6 +85,7 @@ impl Broker {
                     approval_event(actor, "agent.updated", a).details(serde_json::json!({
                         "approval": a.id, "update": a.request["update"],
                         "widened_scopes": a.request["widened_scopes"],
+                        "ownership": super::agents::ownership_change(&before, &agent),
                     })),
                 )
                 .await?;

@@ -44,6 +44,7 @@ impl Broker {
                 .as_ref()
                 .and_then(|c| c["x5t#S256"].as_str())
                 .map(str::to_owned),
+            source: None,
         })
     }
 

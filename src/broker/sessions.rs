@@ -167,6 +167,9 @@ pub struct Session {
     pub jkt: Option<String>,
     /// The client certificate the token is bound to (`x5t#S256`, RFC 8705).
     pub x5t: Option<String>,
+    /// The address this request came from (set by the HTTP layer), kept
+    /// with each credential it mints for per-scope usage.
+    pub source: Option<std::net::IpAddr>,
 }
 
 impl Broker {

@@ -53,10 +53,12 @@ pub async fn verify_remote(c: &Client) -> anyhow::Result<()> {
 }
 
 /// Walks the whole chain in the database at `path`: `Ok((last seq, head
-/// hash, hash of event `at`))`, or the first broken link.
+/// hash, hash of event `at`))`, or the first broken link. Events up to
+/// `at` that `keep` selects are handed to it as they pass.
 async fn walk_db(
     path: &Path,
     at: Option<i64>,
+    keep: &mut dyn FnMut(&AuditEvent),
 ) -> anyhow::Result<Result<(i64, String, Option<String>), crate::audit::BrokenLink>> {
     if !path.exists() {
         bail!("no database at `{}`", path.display());
@@ -76,6 +78,9 @@ async fn walk_db(
         if let Some(e) = at.and_then(|at| evs.iter().find(|e| e.seq == at)) {
             found = Some(e.hash.clone());
         }
+        for e in evs.iter().filter(|e| at.is_none_or(|at| e.seq <= at)) {
+            keep(e);
+        }
         match verify_chain(&evs, seq, hash) {
             Ok((s, h)) => (seq, hash) = (s, h),
             Err(b) => return Ok(Err(b)),
@@ -84,13 +89,22 @@ async fn walk_db(
 }
 
 pub async fn verify_db(path: &Path) -> anyhow::Result<()> {
-    report(walk_db(path, None).await?.map(|(seq, hash, _)| (seq, hash)))
+    report(
+        walk_db(path, None, &mut |_| {})
+            .await?
+            .map(|(seq, hash, _)| (seq, hash)),
+    )
 }
 
 /// Verifies the whole chain in the database at `path` and returns the hash
-/// of event `at` (an evidence pack's head), or an error naming the break.
-pub async fn verified_hash_at(path: &Path, at: i64) -> anyhow::Result<String> {
-    match walk_db(path, Some(at)).await? {
+/// of event `at` (an evidence pack's head), or an error naming the break;
+/// `keep` sees every event up to `at`.
+pub async fn verified_hash_at(
+    path: &Path,
+    at: i64,
+    keep: &mut dyn FnMut(&AuditEvent),
+) -> anyhow::Result<String> {
+    match walk_db(path, Some(at), keep).await? {
         Ok((_, _, Some(hash))) => Ok(hash),
         Ok((_, _, None)) => bail!("the audit log has no event {at}"),
         Err(b) => bail!("audit chain broken at event {}: {}", b.seq, b.problem),

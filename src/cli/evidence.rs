@@ -2,7 +2,7 @@
 //! CSV and JSON, one self-contained HTML report, a manifest with every
 //! file's SHA-256 and the audit-chain head), and verifies one.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 
 use anyhow::{Context, bail};
@@ -11,6 +11,7 @@ use serde::Serialize;
 use sha2::{Digest, Sha256};
 
 use super::client::Client;
+use crate::audit::AuditEvent;
 use crate::governance::evidence::EvidencePack;
 
 const ITEMS: [&str; 5] = [
@@ -95,7 +96,8 @@ pub async fn write(c: &Client, from: &str, to: &str, out: &Path) -> anyhow::Resu
 }
 
 /// Checks every file against the manifest, and with `db` that the pack's
-/// audit head is an event of that database's intact chain.
+/// audit head is an event of that database's intact chain and that every
+/// record of the five items is traced to events at or before that head.
 pub async fn verify(pack: &Path, db: Option<&Path>) -> anyhow::Result<()> {
     let manifest: serde_json::Value = serde_json::from_slice(
         &std::fs::read(pack.join("manifest.json"))
@@ -134,13 +136,210 @@ pub async fn verify(pack: &Path, db: Option<&Path>) -> anyhow::Result<()> {
         let (Some(seq), Some(hash)) = (head["seq"].as_i64(), head["hash"].as_str()) else {
             bail!("the manifest has no audit head to check");
         };
-        let found = super::audit::verified_hash_at(db, seq).await?;
+        let mut log = Log::default();
+        let found = super::audit::verified_hash_at(db, seq, &mut |e| log.add(e)).await?;
         if found != hash {
             bail!(
                 "the pack's audit head (event {seq}) does not match the database: the log was altered or the pack is from another broker"
             );
         }
         println!("audit chain intact; the pack's head, event {seq}, is in it");
+        let (traced, problems) = log.trace(pack)?;
+        if !problems.is_empty() {
+            let shown: Vec<&String> = problems.iter().take(20).collect();
+            bail!(
+                "{} record(s) of the pack are not in the audit log up to its head:\n  {}{}",
+                problems.len(),
+                shown
+                    .iter()
+                    .map(|s| s.as_str())
+                    .collect::<Vec<_>>()
+                    .join("\n  "),
+                if problems.len() > shown.len() {
+                    "\n  …"
+                } else {
+                    ""
+                }
+            );
+        }
+        println!("every record traced to the audit log: {traced} records");
     }
     Ok(())
+}
+
+/// What the audit log (up to a pack's head) says happened, indexed by what
+/// the pack's records name.
+#[derive(Default)]
+struct Log {
+    registered: HashSet<String>,
+    /// lease → (agent, task, scope) of its `lease.issued`.
+    issued: HashMap<String, (String, String, String)>,
+    /// Leases with an event after their issue (released, revoked, expired).
+    ended: HashSet<String>,
+    /// approval → agent of its `approval.requested`.
+    requested: HashMap<String, String>,
+    /// approval or review item → the actors who decided it.
+    deciders: HashMap<String, HashSet<String>>,
+    /// finding → (agent, kind) of its `governance.finding_opened`.
+    findings: HashMap<String, (String, String)>,
+    /// review item → agent of its `review.item_opened`.
+    items: HashMap<String, String>,
+    /// (agent, actor) of `agent.decommissioned` and of `agent.updated`
+    /// events that changed team or sponsor.
+    decommissioned: HashSet<(String, String)>,
+    owner_changes: HashSet<(String, String)>,
+}
+
+impl Log {
+    fn add(&mut self, e: &AuditEvent) {
+        let agent = e.agent.clone().unwrap_or_default();
+        let detail = |k: &str| e.details[k].as_str().map(str::to_owned);
+        match e.action.as_str() {
+            "agent.registered" => {
+                self.registered.insert(agent);
+            }
+            "lease.issued" => {
+                if let Some(l) = &e.lease {
+                    let task = e.task.clone().unwrap_or_default();
+                    let scope = e.scope.clone().unwrap_or_default();
+                    self.issued.insert(l.clone(), (agent, task, scope));
+                }
+            }
+            "lease.released" | "lease.revoked" | "lease.expired" | "lease.ttl_reached"
+            | "lease.orphaned" => {
+                if let Some(l) = &e.lease {
+                    self.ended.insert(l.clone());
+                }
+            }
+            "approval.requested" => {
+                if let Some(a) = detail("approval") {
+                    self.requested.insert(a, agent);
+                }
+            }
+            "approval.decision" => {
+                if let Some(a) = detail("approval") {
+                    self.deciders.entry(a).or_default().insert(e.actor.clone());
+                }
+            }
+            "governance.finding_opened" => {
+                if let (Some(f), Some(k)) = (detail("finding"), detail("kind")) {
+                    self.findings.insert(f, (agent, k));
+                }
+            }
+            "review.item_opened" => {
+                if let Some(i) = detail("item") {
+                    self.items.insert(i, agent);
+                }
+            }
+            a if a.starts_with("review.") => {
+                if let Some(i) = detail("item") {
+                    self.deciders.entry(i).or_default().insert(e.actor.clone());
+                }
+            }
+            "agent.decommissioned" => {
+                self.decommissioned.insert((agent, e.actor.clone()));
+            }
+            "agent.updated" if e.details["ownership"].is_object() => {
+                self.owner_changes.insert((agent, e.actor.clone()));
+            }
+            _ => {}
+        }
+    }
+
+    fn decided(&self, id: &str, names: &str) -> Option<String> {
+        let by = self.deciders.get(id);
+        names
+            .split_whitespace()
+            .find(|n| by.is_none_or(|b| !b.contains(&format!("operator:{n}"))))
+            .map(|n| format!("no decision by `{n}` on `{id}`"))
+    }
+
+    /// Checks every record of the pack's JSON items against the log: how
+    /// many records it checked, and those it could not trace.
+    fn trace(&self, pack: &Path) -> anyhow::Result<(usize, Vec<String>)> {
+        let read = |item: &str| -> anyhow::Result<Vec<serde_json::Value>> {
+            let path = pack.join(format!("{item}.json"));
+            let bytes =
+                std::fs::read(&path).with_context(|| format!("reading `{}`", path.display()))?;
+            serde_json::from_slice(&bytes)
+                .with_context(|| format!("`{item}.json` is not a JSON list"))
+        };
+        let s = |v: &serde_json::Value, k: &str| v[k].as_str().unwrap_or_default().to_owned();
+        let (mut n, mut problems) = (0, Vec::new());
+        let mut check = |item: &str, why: Option<String>| {
+            n += 1;
+            if let Some(why) = why {
+                problems.push(format!("{item}.json: {why}"));
+            }
+        };
+        for r in read("registry")? {
+            let a = s(&r, "agent");
+            let why = (!self.registered.contains(&a))
+                .then(|| format!("agent `{a}` has no `agent.registered` event"));
+            check("registry", why);
+        }
+        for r in read("provisioning")? {
+            let (a, ap) = (s(&r, "agent"), s(&r, "approval"));
+            let why = if ap.is_empty() {
+                (!self.registered.contains(&a))
+                    .then(|| format!("agent `{a}` has no `agent.registered` event"))
+            } else if self.requested.get(&ap) != Some(&a) {
+                Some(format!(
+                    "approval `{ap}` for agent `{a}` has no `approval.requested` event"
+                ))
+            } else {
+                self.decided(&ap, &s(&r, "approved_by"))
+            };
+            check("provisioning", why);
+        }
+        for r in read("reviews")? {
+            let (id, a, kind) = (s(&r, "id"), s(&r, "agent"), s(&r, "kind"));
+            let why = if kind == "review_item" {
+                if self.items.get(&id) != Some(&a) {
+                    Some(format!(
+                        "review item `{id}` of agent `{a}` has no `review.item_opened` event"
+                    ))
+                } else {
+                    self.decided(&id, &s(&r, "decided_by"))
+                }
+            } else {
+                (self.findings.get(&id) != Some(&(a.clone(), kind.clone()))).then(|| {
+                    format!("finding `{id}` ({kind} of agent `{a}`) has no `governance.finding_opened` event")
+                })
+            };
+            check("reviews", why);
+        }
+        for r in read("credentials")? {
+            let l = s(&r, "lease");
+            let want = (s(&r, "agent"), s(&r, "task"), s(&r, "scope"));
+            let why = if self.issued.get(&l) != Some(&want) {
+                Some(format!(
+                    "lease `{l}` ({} of agent `{}`) has no matching `lease.issued` event",
+                    want.2, want.0
+                ))
+            } else if matches!(s(&r, "state").as_str(), "revoked" | "expired")
+                && !self.ended.contains(&l)
+            {
+                Some(format!(
+                    "lease `{l}` is {} but the log never says it ended",
+                    s(&r, "state")
+                ))
+            } else {
+                None
+            };
+            check("credentials", why);
+        }
+        for r in read("deprovisioning")? {
+            let key = (s(&r, "agent"), s(&r, "by"));
+            let (set, action) = if s(&r, "kind") == "ownership_change" {
+                (&self.owner_changes, "agent.updated (team or sponsor)")
+            } else {
+                (&self.decommissioned, "agent.decommissioned")
+            };
+            let why = (!set.contains(&key))
+                .then(|| format!("agent `{}` has no `{action}` event by `{}`", key.0, key.1));
+            check("deprovisioning", why);
+        }
+        Ok((n, problems))
+    }
 }

@@ -106,6 +106,7 @@ pub fn html(p: &EvidencePack) -> String {
             format!("event {seq}, {hash}")
         });
     let check = |ok: bool| if ok { "✔" } else { "✘" };
+    let ok_class = |ok: bool| if ok { "ok" } else { "bad" };
     let mut h = String::from(
         "<!doctype html><html lang=en><head><meta charset=utf-8><title>Keygate evidence pack</title><style>\
          body{font:14px/1.4 system-ui,sans-serif;margin:2em;color:#222}table{border-collapse:collapse;margin:.5em 0 1.5em;font-size:12px}\
@@ -131,7 +132,8 @@ pub fn html(p: &EvidencePack) -> String {
          <tr><td>Access reviews</td><td>{} review items, {} decided</td></tr>\
          <tr><td>Review findings</td><td>{} opened, {} closed, {} lifecycle actions</td></tr>\
          <tr><td>Credentials live in the period</td><td>{} ({} still live at generation)</td></tr>\
-         <tr><td>Agents deprovisioned</td><td>{} <span class={}>{} {} with every credential confirmed ended</span></td></tr></table>",
+         <tr><td>Agents deprovisioned</td><td>{} <span class={}>{} {} with every credential confirmed ended</span>, <span class={}>{} {} within the deadline</span></td></tr>\
+         <tr><td>Team or sponsor changes</td><td>{} <span class={}>{} {} reviewed by the new owner within the deadline</span></td></tr></table>",
         esc(&s.maturity),
         s.agents,
         s.provisioning_records,
@@ -157,6 +159,13 @@ pub fn html(p: &EvidencePack) -> String {
         },
         check(s.deprovisioned_fully_revoked == s.deprovisioned),
         s.deprovisioned_fully_revoked,
+        ok_class(s.deprovisioned_within_deadline == s.deprovisioned),
+        check(s.deprovisioned_within_deadline == s.deprovisioned),
+        s.deprovisioned_within_deadline,
+        s.ownership_changes,
+        ok_class(s.ownership_changes_reviewed_in_time == s.ownership_changes),
+        check(s.ownership_changes_reviewed_in_time == s.ownership_changes),
+        s.ownership_changes_reviewed_in_time,
     );
     h.push_str("<h2>Credentials issued per week</h2>");
     h.push_str(&chart(&s.credentials_per_week));

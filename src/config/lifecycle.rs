@@ -110,6 +110,10 @@ pub struct LifecyclePolicy {
     /// before `orphan_action`.
     pub sponsor_reassign_within_days: u32,
     pub orphan_action: LifecycleAction,
+    /// After retirement every credential must be confirmed ended, and
+    /// after a team or sponsor change the agent reviewed, within this many
+    /// hours; the evidence pack's deprovisioning records say whether.
+    pub deprovision_within_hours: u32,
 }
 
 impl Default for LifecyclePolicy {
@@ -129,6 +133,7 @@ impl Default for LifecyclePolicy {
             remove_unused: false,
             sponsor_reassign_within_days: 5,
             orphan_action: LifecycleAction::Suspend,
+            deprovision_within_hours: 24,
         }
     }
 }
@@ -158,6 +163,7 @@ pub fn validate(policies: &[LifecyclePolicy]) -> Result<(), String> {
             ("review_every_days", p.review_every_days),
             ("dormant_after_days", p.dormant_after_days),
             ("unused_scope_after_days", p.unused_scope_after_days),
+            ("deprovision_within_hours", p.deprovision_within_hours),
         ] {
             if v == 0 {
                 return Err(format!(

@@ -22,7 +22,8 @@ pub struct Reachable {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 pub struct Issue {
     /// `shared_identity`, `no_sponsor`, `sponsor_departed`, `review_due`,
-    /// `review_overdue`, `dormant`, `unused_scope`, `long_ttl`.
+    /// `review_overdue`, `dormant`, `unused_scope`, `long_ttl`,
+    /// `credential_expired`, `key_rotation_due`, `ownership_changed`.
     pub kind: &'static str,
     /// The scope, for `unused_scope` and `long_ttl`; empty otherwise.
     pub subject: String,
@@ -202,6 +203,31 @@ pub fn issues(f: &Facts<'_>) -> Vec<Issue> {
         Standing::Active | Standing::Unknown => {}
     }
     credential_issues(a, now, &mut push);
+    if let Some(changed) = a.owner_changed_at
+        && a.last_review_at.is_none_or(|r| r < changed)
+    {
+        let by = changed + Duration::hours(i64::from(p.deprovision_within_hours));
+        let rfc = |t: OffsetDateTime| {
+            t.format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_default()
+        };
+        push(
+            "ownership_changed",
+            "",
+            format!(
+                "its team or sponsor changed at {}: the new owner reviews it by {} (`deprovision_within_hours` = {}){}",
+                rfc(changed),
+                rfc(by),
+                p.deprovision_within_hours,
+                if now >= by {
+                    "; that time has passed"
+                } else {
+                    ""
+                }
+            ),
+            (None, None),
+        );
+    }
     let due = next_review_due(a, p);
     if now >= due {
         push(
@@ -307,11 +333,41 @@ mod tests {
             excluded_scopes: Default::default(),
             max_ttl_secs: None,
             keys_rotated_at: None,
+            owner_changed_at: None,
         }
     }
 
     fn kinds(v: &[Issue]) -> Vec<&str> {
         v.iter().map(|i| i.kind).collect()
+    }
+
+    /// A team or sponsor change asks the new owner for a review within
+    /// `deprovision_within_hours`; a review after the change ends it.
+    #[test]
+    fn an_ownership_change_needs_a_review_in_time() {
+        let now = OffsetDateTime::now_utc();
+        let p = LifecyclePolicy::default();
+        let mut a = agent(10, Some(1), now);
+        a.last_review_at = Some(now - Duration::days(5));
+        let facts = |a: &Agent| -> Vec<Issue> {
+            issues(&Facts {
+                agent: a,
+                policy: &p,
+                reachable: &[],
+                usage: &[],
+                shares_key_with: &[],
+                sponsor: Standing::Unknown,
+                now,
+            })
+        };
+        a.owner_changed_at = Some(now - Duration::hours(2));
+        let got = facts(&a);
+        assert_eq!(kinds(&got), ["ownership_changed"]);
+        assert!(!got[0].detail.contains("has passed"), "{}", got[0].detail);
+        a.owner_changed_at = Some(now - Duration::hours(25));
+        assert!(facts(&a)[0].detail.ends_with("that time has passed"));
+        a.last_review_at = Some(now - Duration::hours(1));
+        assert!(facts(&a).is_empty());
     }
 
     #[test]
@@ -326,6 +382,7 @@ mod tests {
             scope: "s".into(),
             last_used_at: now - Duration::days(1),
             credentials: 3,
+            sources: Vec::new(),
         }];
 
         let fresh = agent(10, Some(1), now);
@@ -406,6 +463,7 @@ mod tests {
             scope: "day".into(),
             last_used_at: now,
             credentials: 1,
+            sources: Vec::new(),
         }];
         let f = Facts {
             agent: &a,

@@ -11,8 +11,9 @@
 //!    identities deprovisioned by lifecycle actions);
 //! 4. credential audit (every credential live in the period: issue, scope,
 //!    end);
-//! 5. deprovisioning records (each agent retired in the period, the
-//!    trigger, and whether every credential was confirmed ended).
+//! 5. deprovisioning records (each agent retired in the period and each
+//!    team or sponsor change: the trigger, the deadline, and whether every
+//!    credential was confirmed ended, or the agent reviewed, by then).
 
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
@@ -20,9 +21,12 @@ use time::OffsetDateTime;
 use crate::audit::AuditEvent;
 use crate::broker::{Broker, BrokerResult};
 use crate::model::{
-    AgentStatus, ApprovalFilter, ApprovalKind, ApprovalState, LeaseFilter, LeaseState, from_unix,
+    AgentStatus, ApprovalFilter, ApprovalKind, ApprovalState, LeaseFilter, LeaseState,
 };
 use crate::store::AuditFilter;
+
+mod deprovisioning;
+pub use deprovisioning::DeprovisioningRecord;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EvidencePack {
@@ -61,6 +65,15 @@ pub struct Summary {
     pub credentials_still_live: usize,
     pub deprovisioned: usize,
     pub deprovisioned_fully_revoked: usize,
+    /// Retirements whose every credential was confirmed ended or fenced
+    /// within `deprovision_within_hours`.
+    #[serde(default)]
+    pub deprovisioned_within_deadline: usize,
+    /// Team or sponsor changes, and how many were reviewed in time.
+    #[serde(default)]
+    pub ownership_changes: usize,
+    #[serde(default)]
+    pub ownership_changes_reviewed_in_time: usize,
     /// Credentials issued per ISO week (`2026-W40`), for the report's chart.
     pub credentials_per_week: Vec<(String, usize)>,
 }
@@ -101,6 +114,8 @@ pub struct ProvisioningRecord {
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct ReviewRecord {
+    /// The finding's id, or the review item's.
+    pub id: String,
     pub agent: String,
     pub kind: String,
     pub subject: String,
@@ -110,6 +125,9 @@ pub struct ReviewRecord {
     pub acted_at: String,
     pub closed_at: String,
     pub close_reason: String,
+    /// Review items: the operators who decided, space-separated.
+    #[serde(default)]
+    pub decided_by: String,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -129,19 +147,6 @@ pub struct CredentialRecord {
     pub end_reason: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct DeprovisioningRecord {
-    pub agent: String,
-    pub decommissioned_at: String,
-    pub by: String,
-    pub trigger: String,
-    pub credentials: usize,
-    /// Leases confirmed revoked or expired.
-    pub credentials_ended: usize,
-    /// Every credential confirmed ended.
-    pub fully_revoked: bool,
-}
-
 fn ts(t: OffsetDateTime) -> String {
     t.format(&time::format_description::well_known::Rfc3339)
         .unwrap_or_default()
@@ -152,10 +157,12 @@ fn opt(t: Option<OffsetDateTime>) -> String {
 }
 
 impl Broker {
-    /// Every audit event with `action` in the period, in order.
+    /// Every audit event with `action` (of `agent`, if given) in the
+    /// period, in order.
     async fn events(
         &self,
         action: &str,
+        agent: Option<&str>,
         from: OffsetDateTime,
         to: OffsetDateTime,
     ) -> BrokerResult<Vec<AuditEvent>> {
@@ -167,7 +174,7 @@ impl Broker {
                 .store
                 .audit_events(&AuditFilter {
                     after_seq: after,
-                    agent: None,
+                    agent: agent.map(str::to_owned),
                     task: None,
                     action: Some(action.to_owned()),
                     limit: 5000,
@@ -237,7 +244,6 @@ impl Broker {
         to: OffsetDateTime,
     ) -> BrokerResult<EvidencePack> {
         let generated_at = crate::model::now();
-        let audit_head = self.store.audit_head().await?;
         let maturity = self.maturity().await?;
         let agents = self.store.list_agents(None, None).await?;
         let mut summary = Summary {
@@ -343,6 +349,7 @@ impl Broker {
             summary.findings_closed += usize::from(touched(f.closed_at));
             summary.lifecycle_actions += usize::from(touched(f.acted_at));
             reviews.push(ReviewRecord {
+                id: f.id,
                 agent: f.agent_id,
                 kind: f.kind,
                 subject: f.subject,
@@ -356,6 +363,7 @@ impl Broker {
                 acted_at: opt(f.acted_at),
                 closed_at: opt(f.closed_at),
                 close_reason: f.close_reason.unwrap_or_default(),
+                decided_by: String::new(),
             });
         }
 
@@ -392,7 +400,10 @@ impl Broker {
                     format!("{verdict}{scopes} by {} at {}", d.by, ts(d.at))
                 })
                 .collect();
+            let decided_by: Vec<&str> = i.decisions.iter().map(|d| d.by.as_str()).collect();
             reviews.push(ReviewRecord {
+                id: i.id.clone(),
+                decided_by: decided_by.join(" "),
                 agent: i.agent_id,
                 kind: "review_item".into(),
                 subject: c.name.clone(),
@@ -467,41 +478,12 @@ impl Broker {
         summary.credentials = credentials.len();
         summary.credentials_per_week = per_week.into_iter().collect();
 
-        // 5. Deprovisioning: agents decommissioned in the period.
-        let mut deprovisioning = Vec::new();
-        for e in self.events("agent.decommissioned", from, to).await? {
-            let Some(agent) = e.agent.clone() else {
-                continue;
-            };
-            let leases = self
-                .store
-                .list_leases(&LeaseFilter {
-                    agent: Some(agent.clone()),
-                    ..LeaseFilter::default()
-                })
-                .await?;
-            let issued: Vec<_> = leases
-                .iter()
-                .filter(|l| l.state != LeaseState::Failed)
-                .collect();
-            let ended = issued
-                .iter()
-                .filter(|l| matches!(l.state, LeaseState::Revoked | LeaseState::Expired))
-                .count();
-            let fully = ended == issued.len();
-            summary.deprovisioned += 1;
-            summary.deprovisioned_fully_revoked += usize::from(fully);
-            deprovisioning.push(DeprovisioningRecord {
-                agent,
-                decommissioned_at: ts(from_unix(e.at_ms / 1000)),
-                by: e.actor.clone(),
-                trigger: e.reason.clone().unwrap_or_default(),
-                credentials: issued.len(),
-                credentials_ended: ended,
-                fully_revoked: fully,
-            });
-        }
+        // 5. Deprovisioning: retirements and ownership changes.
+        let deprovisioning = self.deprovisioning(from, to, &mut summary).await?;
 
+        // The head last: every record above has its events at or before it,
+        // so `evidence verify --db` can trace each one in the log.
+        let audit_head = self.store.audit_head().await?;
         Ok(EvidencePack {
             from,
             to,

@@ -25,6 +25,9 @@ pub struct ScopeView {
     #[serde(with = "time::serde::rfc3339::option")]
     pub last_used_at: Option<OffsetDateTime>,
     pub credentials: u64,
+    /// The client addresses its credentials were asked from (the most
+    /// recent distinct ones).
+    pub sources: Vec<String>,
 }
 
 /// An agent's governance record (seed 000's registry row and more).
@@ -240,6 +243,7 @@ impl Broker {
                     max_ttl_secs: r.max_ttl_secs,
                     last_used_at: u.map(|u| u.last_used_at),
                     credentials: u.map_or(0, |u| u.credentials),
+                    sources: u.map(|u| u.sources.clone()).unwrap_or_default(),
                 }
             })
             .collect();

@@ -134,6 +134,7 @@ fn run_one(engine: &PolicyEngine, c: &Case) -> Outcome {
         excluded_scopes: Default::default(),
         max_ttl_secs: None,
         keys_rotated_at: None,
+        owner_changed_at: None,
     };
     let scope = ScopeFacts {
         name: &c.scope.name,

@@ -31,6 +31,7 @@ fn agent(team: &str, tier: u8) -> Agent {
         excluded_scopes: Default::default(),
         max_ttl_secs: None,
         keys_rotated_at: None,
+        owner_changed_at: None,
     }
 }
 

@@ -98,7 +98,14 @@ impl FromRequestParts<AppState> for AgentSession {
     type Rejection = ApiError;
 
     async fn from_request_parts(parts: &mut Parts, state: &AppState) -> Result<Self, ApiError> {
-        agent_session(parts, state).await.map(AgentSession)
+        let source = PeerAddr::from_request_parts(parts, state)
+            .await
+            .ok()
+            .and_then(|p| p.0);
+        agent_session(parts, state).await.map(|mut s| {
+            s.source = source;
+            AgentSession(s)
+        })
     }
 }
 

@@ -556,7 +556,7 @@ impl StoreTx for SqliteTx {
             "UPDATE agents SET team = ?, sponsor = ?, risk_tier = ?, environment = ?, \
              purpose = ?, labels = ?, jwks = ?, last_review_at = ?, updated_at = ?, \
              delegation = ?, federated_issuer = ?, federated_subject = ?, may_assert_users = ?, \
-             max_ttl_secs = ?, keys_rotated_at = ? WHERE id = ?",
+             max_ttl_secs = ?, keys_rotated_at = ?, owner_changed_at = ? WHERE id = ?",
         )
         .bind(&a.team)
         .bind(&a.sponsor)
@@ -573,6 +573,7 @@ impl StoreTx for SqliteTx {
         .bind(a.may_assert_users)
         .bind(a.max_ttl_secs.map(|n| i64::try_from(n).unwrap_or(i64::MAX)))
         .bind(a.keys_rotated_at.map(unix))
+        .bind(a.owner_changed_at.map(unix))
         .bind(&a.id)
         .execute(&mut self.tx.state.conn)
         .await?;
@@ -711,7 +712,7 @@ impl StoreTx for SqliteTx {
     async fn insert_lease(&mut self, l: &Lease) -> StoreResult<bool> {
         let done = sqlx::query(
             "INSERT INTO leases (id, agent_id, task_id, scope, provider, state, created_at, \
-             expires_at, boot_id) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ? \
+             expires_at, boot_id, source) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ? \
              WHERE EXISTS (SELECT 1 FROM tasks WHERE id = ? AND state = 'open')",
         )
         .bind(&l.id)
@@ -723,6 +724,7 @@ impl StoreTx for SqliteTx {
         .bind(unix(l.created_at))
         .bind(unix(l.expires_at))
         .bind(&l.boot_id)
+        .bind(&l.source)
         .bind(&l.task_id)
         .execute(&mut self.tx.state.conn)
         .await?;

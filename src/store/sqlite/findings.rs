@@ -34,22 +34,39 @@ pub(super) async fn scope_usage(
     db: impl SqliteExecutor<'_>,
     agent_id: &str,
 ) -> StoreResult<Vec<ScopeUsage>> {
-    sqlx::query(
-        "SELECT scope, MAX(created_at) AS last, COUNT(*) AS n FROM leases \
-         WHERE agent_id = ? AND state != 'failed' GROUP BY scope ORDER BY scope",
+    // One read: per scope and source, the last use; folded per scope below.
+    let rows = sqlx::query(
+        "SELECT scope, source, MAX(created_at) AS last, COUNT(*) AS n FROM leases \
+         WHERE agent_id = ? AND state != 'failed' GROUP BY scope, source \
+         ORDER BY scope, last DESC",
     )
     .bind(agent_id)
     .fetch_all(db)
-    .await?
-    .iter()
-    .map(|r| {
-        Ok(ScopeUsage {
-            scope: r.try_get("scope")?,
-            last_used_at: time_col(r, "last")?,
-            credentials: r.try_get::<i64, _>("n")?.max(0) as u64,
-        })
-    })
-    .collect()
+    .await?;
+    let mut out: Vec<ScopeUsage> = Vec::new();
+    for r in &rows {
+        let scope: String = r.try_get("scope")?;
+        let last = time_col(r, "last")?;
+        let n = r.try_get::<i64, _>("n")?.max(0) as u64;
+        let source: Option<String> = r.try_get("source")?;
+        if out.last().is_none_or(|u| u.scope != scope) {
+            out.push(ScopeUsage {
+                scope,
+                last_used_at: last,
+                credentials: 0,
+                sources: Vec::new(),
+            });
+        }
+        let Some(u) = out.last_mut() else { continue };
+        u.last_used_at = u.last_used_at.max(last);
+        u.credentials += n;
+        if let Some(s) = source
+            && u.sources.len() < ScopeUsage::MAX_SOURCES
+        {
+            u.sources.push(s);
+        }
+    }
+    Ok(out)
 }
 
 pub(super) async fn list(

@@ -66,6 +66,7 @@ pub(super) fn agent_from_row(r: &SqliteRow) -> StoreResult<Agent> {
             .map(|n| u64::try_from(n).unwrap_or(0)),
         excluded_scopes: json_col(r, "excluded_scopes")?,
         keys_rotated_at: opt_time_col(r, "keys_rotated_at")?,
+        owner_changed_at: opt_time_col(r, "owner_changed_at")?,
     })
 }
 
@@ -125,6 +126,7 @@ pub(super) fn lease_from_row(r: &SqliteRow) -> StoreResult<Lease> {
         next_attempt_at: opt_time_col(r, "next_attempt_at")?,
         revocation_id: r.try_get("revocation_id")?,
         boot_id: r.try_get("boot_id")?,
+        source: r.try_get("source")?,
     })
 }
 
