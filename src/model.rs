@@ -603,10 +603,16 @@ pub struct ApprovalFilter {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Notification {
     pub id: String,
-    pub approval_id: String,
+    /// The approval it is about, or (`None`) the review item.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub approval_id: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub review_item_id: Option<String>,
     /// `slack` or `webhook:<name>`.
     pub channel: String,
-    /// `requested`, `decided` or `reply` (an answer to one Slack click).
+    /// `requested`, `decided` or `reply` (an answer to one Slack click);
+    /// for review items `review_requested`, `review_escalated`,
+    /// `review_decided` or `reply`.
     pub event: String,
     pub payload: serde_json::Value,
     #[serde(with = "time::serde::rfc3339")]

@@ -1,11 +1,12 @@
-//! Approval notifications: Slack messages and signed webhooks, delivered
-//! from a durable outbox.
+//! Approval and review notifications: Slack messages and signed webhooks,
+//! delivered from a durable outbox.
 //!
 //! Rows are written in the same commit as the approval change they announce
 //! ([`Notifier::requested`], [`Notifier::decided`], [`Notifier::reply`]); the
 //! worker ([`Notifier::run`]) delivers them, retrying with backoff, so a
 //! channel outage delays a message but never loses the request behind it.
 
+pub mod reviews;
 pub mod slack;
 mod webhook;
 
@@ -52,6 +53,13 @@ impl Reply {
             },
         })
     }
+}
+
+/// What an outbox row is about.
+#[derive(Debug, Clone, Copy)]
+enum About<'a> {
+    Approval(&'a str),
+    Review(&'a str),
 }
 
 /// Builds outbox rows and delivers them.
@@ -107,15 +115,20 @@ impl Notifier {
 
     fn row(
         &self,
-        approval_id: &str,
+        about: About<'_>,
         channel: &str,
         event: &str,
         payload: serde_json::Value,
     ) -> Notification {
         let t = now();
+        let (approval_id, review_item_id) = match about {
+            About::Approval(id) => (Some(id.to_owned()), None),
+            About::Review(id) => (None, Some(id.to_owned())),
+        };
         Notification {
             id: new_id("nt"),
-            approval_id: approval_id.to_owned(),
+            approval_id,
+            review_item_id,
             channel: channel.to_owned(),
             event: event.to_owned(),
             payload,
@@ -133,7 +146,12 @@ impl Notifier {
             .iter()
             .map(|h| {
                 let payload = webhook::event(a, event, &self.public_url);
-                self.row(&a.id, &format!("webhook:{}", h.name), event, payload)
+                self.row(
+                    About::Approval(&a.id),
+                    &format!("webhook:{}", h.name),
+                    event,
+                    payload,
+                )
             })
             .collect()
     }
@@ -146,7 +164,7 @@ impl Notifier {
                 .and_then(|s| s.slack_channel.clone())
                 .unwrap_or_else(|| slack.default_channel.clone());
             rows.push(self.row(
-                &a.id,
+                About::Approval(&a.id),
                 SLACK,
                 "requested",
                 serde_json::json!({ "channel": channel }),
@@ -159,14 +177,19 @@ impl Notifier {
     pub fn decided(&self, a: &Approval) -> Vec<Notification> {
         let mut rows = self.webhook_rows(a, "approval.decided");
         if self.cfg.slack.is_some() {
-            rows.push(self.row(&a.id, SLACK, "decided", serde_json::json!({})));
+            rows.push(self.row(
+                About::Approval(&a.id),
+                SLACK,
+                "decided",
+                serde_json::json!({}),
+            ));
         }
         rows
     }
 
     /// A row answering one Slack click through its `response_url`.
     pub fn reply(&self, approval_id: &str, payload: serde_json::Value) -> Notification {
-        self.row(approval_id, SLACK, "reply", payload)
+        self.row(About::Approval(approval_id), SLACK, "reply", payload)
     }
 
     fn backoff(&self, attempts: u32) -> Duration {
@@ -195,7 +218,7 @@ impl Notifier {
             let outcome = match self.deliver(store, n).await {
                 Ok(receipt) => Delivery::Delivered(receipt),
                 Err(Attempt::GiveUp(error)) => {
-                    tracing::warn!(notification = %n.id, approval = %n.approval_id, channel = %n.channel, error = %error, "notification given up");
+                    tracing::warn!(notification = %n.id, approval = ?n.approval_id, review_item = ?n.review_item_id, channel = %n.channel, error = %error, "notification given up");
                     Delivery::Failed {
                         error,
                         retry_at: None,
@@ -204,7 +227,7 @@ impl Notifier {
                 Err(Attempt::Retry(error)) => {
                     let retry_at = now() + self.backoff(n.attempts);
                     let stale = t - n.created_at > self.give_up_after(&n.event);
-                    tracing::warn!(notification = %n.id, approval = %n.approval_id, channel = %n.channel, attempts = n.attempts + 1, error = %error, "notification not delivered");
+                    tracing::warn!(notification = %n.id, approval = ?n.approval_id, review_item = ?n.review_item_id, channel = %n.channel, attempts = n.attempts + 1, error = %error, "notification not delivered");
                     Delivery::Failed {
                         error,
                         retry_at: (!stale).then_some(retry_at),
@@ -252,11 +275,16 @@ impl Notifier {
             .slack
             .as_ref()
             .ok_or_else(|| Attempt::GiveUp("Slack is no longer configured".into()))?;
+        let approval_id = match (&n.approval_id, &n.review_item_id) {
+            (Some(a), _) => a,
+            (None, Some(item)) => return self.deliver_review(store, slack, n, item).await,
+            (None, None) => return Err(Attempt::GiveUp("a notification about nothing".into())),
+        };
         let approval = store
-            .get_approval(&n.approval_id)
+            .get_approval(approval_id)
             .await
             .map_err(|e| Attempt::Retry(e.to_string()))?
-            .ok_or_else(|| Attempt::GiveUp(format!("no approval `{}`", n.approval_id)))?;
+            .ok_or_else(|| Attempt::GiveUp(format!("no approval `{approval_id}`")))?;
         match n.event.as_str() {
             "requested" => {
                 if approval.state != ApprovalState::Pending {
@@ -273,7 +301,7 @@ impl Notifier {
             }
             "decided" => {
                 let Some(receipt) = store
-                    .notification_receipt(&n.approval_id, SLACK)
+                    .notification_receipt(approval_id, SLACK)
                     .await
                     .map_err(|e| Attempt::Retry(e.to_string()))?
                 else {

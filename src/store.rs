@@ -101,19 +101,19 @@ pub trait Store: Send + Sync + 'static {
     async fn get_approval(&self, id: &str) -> StoreResult<Option<Approval>>;
     /// Approvals, newest first, with their decisions.
     async fn list_approvals(&self, filter: &ApprovalFilter) -> StoreResult<Vec<Approval>>;
-    /// Notifications of one approval, oldest first.
-    async fn notifications(&self, approval_id: &str) -> StoreResult<Vec<Notification>>;
+    /// Notifications of one approval or review item (by its id), oldest first.
+    async fn notifications(&self, subject: &str) -> StoreResult<Vec<Notification>>;
     /// Notifications whose next delivery attempt is due.
     async fn due_notifications(
         &self,
         now: OffsetDateTime,
         limit: u32,
     ) -> StoreResult<Vec<Notification>>;
-    /// What a channel answered when it delivered an approval's request (the
-    /// Slack message's channel and ts).
+    /// What a channel answered when it delivered the request of an approval
+    /// or review item (by its id): the Slack message's channel and ts.
     async fn notification_receipt(
         &self,
-        approval_id: &str,
+        subject: &str,
         channel: &str,
     ) -> StoreResult<Option<serde_json::Value>>;
     /// Whether the store answers (for `/readyz`).

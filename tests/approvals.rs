@@ -7,7 +7,7 @@
 mod common;
 
 use common::config::sha256_hex;
-use common::slack::SlackFake;
+use common::slack::{SlackFake, click_body, post_click, slack_signature};
 use common::{Setup, TestAgent, TestBroker, eventually, unix_now};
 use hmac::{Hmac, Mac};
 use serde_json::{Value, json};
@@ -188,50 +188,6 @@ async fn ask(b: &TestBroker, session: &str, scope: &str) -> String {
         .expect(202);
     assert_eq!(body["status"], "pending", "{body}");
     body["approval_id"].as_str().unwrap().to_owned()
-}
-
-/// A Slack `block_actions` click, form-encoded as Slack sends it.
-fn click_body(user: &str, action: &str, approval: &str, response_url: &str) -> String {
-    let payload = json!({
-        "type": "block_actions",
-        "user": { "id": user, "username": user.to_lowercase(), "team_id": "T0001" },
-        "api_app_id": "A0001",
-        "container": { "type": "message", "message_ts": "1700000000.000100" },
-        "channel": { "id": "C0KEYGATE", "name": "payments-approvals" },
-        "response_url": response_url,
-        "actions": [{
-            "type": "button", "block_id": "keygate_approval", "action_id": action,
-            "value": approval, "action_ts": "1700000001.000200",
-        }],
-    });
-    format!(
-        "payload={}",
-        urlencoding::encode(&serde_json::to_string(&payload).unwrap())
-    )
-}
-
-fn slack_signature(secret: &str, ts: i64, body: &str) -> String {
-    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
-    mac.update(format!("v0:{ts}:{body}").as_bytes());
-    format!("v0={}", hex::encode(mac.finalize().into_bytes()))
-}
-
-/// Posts an interaction as Slack would: signed with `secret` at `ts`.
-async fn post_click(b: &TestBroker, body: &str, secret: Option<&str>, ts: i64) -> common::Resp {
-    let mut rb = b
-        .http
-        .post(b.url("/v1/hooks/slack/interactions"))
-        .header("content-type", "application/x-www-form-urlencoded")
-        .header("x-slack-request-timestamp", ts.to_string())
-        .body(body.to_owned());
-    if let Some(s) = secret {
-        rb = rb.header("x-slack-signature", slack_signature(s, ts, body));
-    }
-    let resp = rb.send().await.unwrap();
-    common::Resp {
-        status: resp.status(),
-        text: resp.text().await.unwrap(),
-    }
 }
 
 async fn approval(b: &TestBroker, id: &str) -> Value {

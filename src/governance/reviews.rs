@@ -275,8 +275,16 @@ impl Broker {
                     })),
             )
             .await?;
+            let slack_to = self.slack_user_of(&i.reviewer);
+            for n in self
+                .notifier
+                .review_requested(i, &campaign, slack_to.as_deref())
+            {
+                tx.insert_notification(&n).await?;
+            }
         }
         tx.commit().await?;
+        self.notifier.wake();
         Ok(Started {
             campaign,
             items,
@@ -332,6 +340,20 @@ impl Broker {
             .review_item(id)
             .await?
             .ok_or_else(|| BrokerError::NotFound(format!("no review item `{id}`")))
+    }
+
+    /// The Slack user id of the operator with this email, for reminders
+    /// sent as a direct message.
+    fn slack_user_of(&self, email: &str) -> Option<String> {
+        self.config
+            .operators
+            .iter()
+            .find(|o| {
+                o.email
+                    .as_deref()
+                    .is_some_and(|e| e.eq_ignore_ascii_case(email))
+            })
+            .and_then(|o| o.slack_user_id.clone())
     }
 
     /// Records one reviewer's decision and carries it out once it stands.
@@ -505,6 +527,18 @@ impl Broker {
             None => "review.attestation_recorded".to_owned(),
         };
         tx.save_review_item(&cur).await?;
+        if done.is_some()
+            && let Some(c) = self
+                .store
+                .review_campaigns()
+                .await?
+                .into_iter()
+                .find(|c| c.id == cur.campaign_id)
+        {
+            for n in self.notifier.review_decided(&cur, &c) {
+                tx.insert_notification(&n).await?;
+            }
+        }
         let mut ev = AuditEvent::new(actor, &action)
             .agent(&cur.agent_id)
             .details(serde_json::json!({
@@ -523,6 +557,9 @@ impl Broker {
         }
         tx.audit(ev).await?;
         tx.commit().await?;
+        if done.is_some() {
+            self.notifier.wake();
+        }
         Ok(cur)
     }
 
@@ -567,7 +604,15 @@ impl Broker {
                     })),
             )
             .await?;
+            let slack_to = lead.as_deref().and_then(|l| self.slack_user_of(l));
+            for row in self
+                .notifier
+                .review_escalated(&i, c, lead.as_deref(), slack_to.as_deref())
+            {
+                tx.insert_notification(&row).await?;
+            }
             tx.commit().await?;
+            self.notifier.wake();
             n += 1;
         }
         Ok(n)

@@ -81,7 +81,7 @@ pub fn sign(signing_secret: &[u8], timestamp: i64, body: &[u8]) -> String {
 }
 
 /// The longest agent- or operator-supplied text put in a message.
-const MAX_FREE_TEXT: usize = 500;
+pub(crate) const MAX_FREE_TEXT: usize = 500;
 
 /// Text from outside (an agent's justification, a reason) made inert in
 /// Slack mrkdwn: `&`, `<` and `>` escaped as Slack documents, so `<!channel>`
@@ -154,7 +154,7 @@ pub fn outcome_text(a: &Approval, by: Option<&str>) -> String {
     }
 }
 
-fn section(text: String) -> serde_json::Value {
+pub(crate) fn section(text: String) -> serde_json::Value {
     serde_json::json!({ "type": "section", "text": { "type": "mrkdwn", "text": text } })
 }
 
@@ -330,7 +330,8 @@ pub async fn respond(
 pub struct Click {
     pub user_id: String,
     pub action_id: String,
-    pub approval_id: String,
+    /// The button's value: the approval's or the review item's id.
+    pub value: String,
     pub response_url: Option<String>,
 }
 
@@ -359,7 +360,7 @@ pub fn parse_click(payload: &str) -> Result<Click, String> {
     Ok(Click {
         user_id,
         action_id: action["action_id"].as_str().unwrap_or_default().to_owned(),
-        approval_id: action["value"].as_str().unwrap_or_default().to_owned(),
+        value: action["value"].as_str().unwrap_or_default().to_owned(),
         response_url: v["response_url"].as_str().map(str::to_owned),
     })
 }
@@ -415,7 +416,7 @@ mod tests {
         let c = parse_click(p).unwrap();
         assert_eq!(c.user_id, "U1");
         assert_eq!(c.action_id, APPROVE_ACTION);
-        assert_eq!(c.approval_id, "ap_1");
+        assert_eq!(c.value, "ap_1");
         assert!(parse_click(r#"{"type":"view_submission"}"#).is_err());
     }
 }

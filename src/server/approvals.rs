@@ -20,8 +20,9 @@ use super::{ApiError, AppState};
 use crate::audit::{Actor, AuditEvent};
 use crate::broker::{DecisionChannel, DecisionRequest};
 use crate::config::Role;
+use crate::governance::reviews::Verdict as ReviewVerdict;
 use crate::model::{Approval, ApprovalFilter, Verdict, now};
-use crate::notify::{Reply, slack};
+use crate::notify::{Reply, reviews, slack};
 
 /// Operators who may read approvals.
 const READERS: &[Role] = &[Role::Approver, Role::Admin, Role::Secops, Role::Auditor];
@@ -130,7 +131,7 @@ pub async fn redeem(
 /// A refusal Slack's user should see; the HTTP answer still says 200 so
 /// Slack does not show a generic failure, and the reason goes to the clicker
 /// through `response_url`.
-fn slack_answer(ok: bool, code: &str, message: &str) -> Response {
+pub(super) fn slack_answer(ok: bool, code: &str, message: &str) -> Response {
     (
         StatusCode::OK,
         Json(json!({ "ok": ok, "error": (!ok).then_some(code), "message": message })),
@@ -138,7 +139,8 @@ fn slack_answer(ok: bool, code: &str, message: &str) -> Response {
         .into_response()
 }
 
-/// `POST /v1/hooks/slack/interactions`: an Approve or Deny click.
+/// `POST /v1/hooks/slack/interactions`: an Approve or Deny click, or an
+/// Attest or Retire click on an access review reminder.
 ///
 /// Unsigned, badly signed, stale or replayed requests get 401 and an audit
 /// event; an authentic click from someone who may not decide gets 200 with
@@ -218,6 +220,12 @@ pub async fn slack_interaction(
     let verdict = match click.action_id.as_str() {
         slack::APPROVE_ACTION => Verdict::Approve,
         slack::DENY_ACTION => Verdict::Deny,
+        reviews::ATTEST_ACTION => {
+            return super::reviews::slack_click(&b, &click, reply, ReviewVerdict::Attest).await;
+        }
+        reviews::RETIRE_ACTION => {
+            return super::reviews::slack_click(&b, &click, reply, ReviewVerdict::Retire).await;
+        }
         other => {
             return Ok(slack_answer(
                 false,
@@ -242,12 +250,12 @@ pub async fn slack_interaction(
                 &Actor::Unauthenticated(Some(format!("slack:{}", click.user_id))),
                 "approval.decision",
             )
-            .details(json!({ "approval": click.approval_id, "channel": "slack" }))
+            .details(json!({ "approval": click.value, "channel": "slack" }))
             .failure(why.clone()),
         )
         .await?;
         if let Some(r) = &reply {
-            tx.insert_notification(&b.notifier.reply(&click.approval_id, r.refused(&why)))
+            tx.insert_notification(&b.notifier.reply(&click.value, r.refused(&why)))
                 .await?;
         }
         tx.commit().await?;
@@ -261,7 +269,7 @@ pub async fn slack_interaction(
     match b
         .decide_approval(
             &operator.name,
-            &click.approval_id,
+            &click.value,
             req,
             DecisionChannel::Slack,
             reply,
@@ -293,7 +301,7 @@ fn response_url_ok(u: &str) -> bool {
 }
 
 /// Replaces every `response_url` in a notification payload, at any depth.
-fn redact_response_urls(v: &mut serde_json::Value) {
+pub(super) fn redact_response_urls(v: &mut serde_json::Value) {
     match v {
         serde_json::Value::Object(map) => {
             for (k, child) in map.iter_mut() {

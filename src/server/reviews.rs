@@ -11,7 +11,7 @@ use super::auth::Operator;
 use super::error::parse_json;
 use super::{ApiError, AppState};
 use crate::config::Role;
-use crate::governance::reviews::{DecisionRequest, Reviewer};
+use crate::governance::reviews::{DecisionRequest, Reviewer, Verdict};
 
 const READERS: &[Role] = &[Role::Admin, Role::Secops, Role::Auditor, Role::Approver];
 
@@ -63,7 +63,15 @@ pub async fn item(
     _op: Operator,
     Path(id): Path<String>,
 ) -> Result<impl IntoResponse, ApiError> {
-    Ok(Json(b.review_item(&id).await?))
+    let item = b.review_item(&id).await?;
+    // Its reminders and whether they were delivered (no `response_url`).
+    let mut notifications = b.store.notifications(&item.id).await?;
+    for n in &mut notifications {
+        super::approvals::redact_response_urls(&mut n.payload);
+    }
+    let mut body = serde_json::to_value(&item).map_err(|e| ApiError::bad_request(e.to_string()))?;
+    body["notifications"] = serde_json::json!(notifications);
+    Ok(Json(body))
 }
 
 /// `POST /v1/reviews/items/{id}/decision`: `{"decision": "attest" |
@@ -185,4 +193,108 @@ pub async fn ascode_apply(
     op.require(&[Role::Admin])?;
     let req: crate::ascode::apply::PlanRequest = parse_json(&body)?;
     Ok(Json(b.apply_agents(&op.actor(), &req).await?))
+}
+
+/// An authentic Attest or Retire click on a review reminder (the signature
+/// and replay checks are done): decided as the operator the Slack user maps
+/// to, with the same rules as over HTTP. A refusal is audited and explained
+/// to the clicker alone; a decision replaces the message with the outcome.
+pub(super) async fn slack_click(
+    b: &AppState,
+    click: &crate::notify::slack::Click,
+    reply: Option<crate::notify::Reply>,
+    decision: Verdict,
+) -> Result<axum::response::Response, ApiError> {
+    use crate::audit::{Actor, AuditEvent};
+    let item_id = click.value.as_str();
+    let operator = b
+        .config
+        .operators
+        .iter()
+        .find(|o| o.slack_user_id.as_deref() == Some(click.user_id.as_str()));
+    let outcome = match operator {
+        None => Err((
+            Actor::Unauthenticated(Some(format!("slack:{}", click.user_id))),
+            "unknown_user".to_owned(),
+            format!(
+                "Slack user `{}` is not mapped to a Keygate operator",
+                click.user_id
+            ),
+        )),
+        Some(op) => {
+            let who = Reviewer {
+                operator: op.name.clone(),
+                any_item: op
+                    .roles
+                    .iter()
+                    .any(|r| matches!(r, Role::Admin | Role::Approver)),
+            };
+            let req = DecisionRequest {
+                decision,
+                scopes: Vec::new(),
+                note: "in Slack".into(),
+            };
+            b.decide_review(&who, item_id, req).await.map_err(|e| {
+                let e = ApiError::from(e);
+                (
+                    Actor::Operator(op.name.clone()),
+                    e.code.to_owned(),
+                    e.message,
+                )
+            })
+        }
+    };
+    // Answers go through the outbox only for an item that exists.
+    let known = b.store.review_item(item_id).await?.is_some();
+    let mut tx = b.store.begin().await?;
+    let answer = match outcome {
+        Ok(item) => {
+            if let (Some(r), Some(c)) = (
+                &reply,
+                b.store
+                    .review_campaigns()
+                    .await?
+                    .into_iter()
+                    .find(|c| c.id == item.campaign_id),
+            ) {
+                let text = crate::notify::reviews::outcome_text(&item, &c);
+                let body = serde_json::json!({
+                    "response_url": r.response_url,
+                    "body": {
+                        "replace_original": true,
+                        "text": text,
+                        "blocks": [crate::notify::slack::section(text.clone())],
+                    },
+                });
+                tx.insert_notification(&b.notifier.review_reply(item_id, body))
+                    .await?;
+            }
+            (
+                StatusCode::OK,
+                Json(serde_json::json!({
+                    "ok": true, "review_item": item.id, "status": item.state.as_str(),
+                })),
+            )
+                .into_response()
+        }
+        Err((actor, code, why)) => {
+            tx.audit(
+                AuditEvent::new(&actor, "review.decision_refused")
+                    .details(serde_json::json!({
+                        "item": crate::limits::claimed_label(item_id),
+                        "decision": decision, "channel": "slack",
+                    }))
+                    .failure(why.clone()),
+            )
+            .await?;
+            if let Some(r) = reply.as_ref().filter(|_| known) {
+                tx.insert_notification(&b.notifier.review_reply(item_id, r.refused(&why)))
+                    .await?;
+            }
+            super::approvals::slack_answer(false, &code, &why)
+        }
+    };
+    tx.commit().await?;
+    b.notifier.wake();
+    Ok(answer)
 }

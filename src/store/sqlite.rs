@@ -344,8 +344,8 @@ impl Store for SqliteStore {
         approvals::list(&mut conn, filter).await
     }
 
-    async fn notifications(&self, approval_id: &str) -> StoreResult<Vec<Notification>> {
-        approvals::notifications_of(&self.read, approval_id).await
+    async fn notifications(&self, subject: &str) -> StoreResult<Vec<Notification>> {
+        approvals::notifications_of(&self.read, subject).await
     }
 
     async fn due_notifications(
@@ -358,10 +358,10 @@ impl Store for SqliteStore {
 
     async fn notification_receipt(
         &self,
-        approval_id: &str,
+        subject: &str,
         channel: &str,
     ) -> StoreResult<Option<serde_json::Value>> {
-        approvals::receipt(&self.read, approval_id, channel).await
+        approvals::receipt(&self.read, subject, channel).await
     }
 
     async fn ping(&self) -> StoreResult<()> {

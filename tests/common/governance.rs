@@ -34,12 +34,14 @@ impl People {
 name = "olga"
 roles = ["auditor"]
 email = "{SPONSOR}"
+slack_user_id = "UOLGA"
 token_sha256 = "{}"
 
 [[operators]]
 name = "root2"
 roles = ["admin"]
 email = "root2@keygate.test"
+slack_user_id = "UROOT2"
 token_sha256 = "{}"
 
 [[people]]
@@ -65,9 +67,15 @@ team = "platform"
 }
 
 pub async fn start(extra: &str) -> (TestBroker, People) {
+    start_env(extra, Vec::new()).await
+}
+
+/// [`start`] with environment variables for the server (secrets by `env:`).
+pub async fn start_env(extra: &str, env: Vec<(String, String)>) -> (TestBroker, People) {
     let people = People::new();
     let mut setup = Setup::permissive();
     setup.extra_config = format!("{}\n{extra}", people.toml());
+    setup.env = env;
     (TestBroker::start_with(setup).await, people)
 }
 

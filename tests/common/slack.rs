@@ -13,7 +13,9 @@ use axum::body::Bytes;
 use axum::extract::{Path, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::routing::post;
+use hmac::{Hmac, Mac};
 use serde_json::{Value, json};
+use sha2::Sha256;
 
 /// One request the fake received.
 #[derive(Debug, Clone)]
@@ -164,5 +166,54 @@ impl SlackFake {
             .filter(|c| c.path == path)
             .cloned()
             .collect()
+    }
+}
+
+/// A Slack `block_actions` click, form-encoded as Slack sends it.
+pub fn click_body(user: &str, action: &str, approval: &str, response_url: &str) -> String {
+    let payload = json!({
+        "type": "block_actions",
+        "user": { "id": user, "username": user.to_lowercase(), "team_id": "T0001" },
+        "api_app_id": "A0001",
+        "container": { "type": "message", "message_ts": "1700000000.000100" },
+        "channel": { "id": "C0KEYGATE", "name": "payments-approvals" },
+        "response_url": response_url,
+        "actions": [{
+            "type": "button", "block_id": "keygate", "action_id": action,
+            "value": approval, "action_ts": "1700000001.000200",
+        }],
+    });
+    format!(
+        "payload={}",
+        urlencoding::encode(&serde_json::to_string(&payload).unwrap())
+    )
+}
+
+pub fn slack_signature(secret: &str, ts: i64, body: &str) -> String {
+    let mut mac = Hmac::<Sha256>::new_from_slice(secret.as_bytes()).unwrap();
+    mac.update(format!("v0:{ts}:{body}").as_bytes());
+    format!("v0={}", hex::encode(mac.finalize().into_bytes()))
+}
+
+/// Posts an interaction as Slack would: signed with `secret` at `ts`.
+pub async fn post_click(
+    b: &super::TestBroker,
+    body: &str,
+    secret: Option<&str>,
+    ts: i64,
+) -> super::Resp {
+    let mut rb = b
+        .http
+        .post(b.url("/v1/hooks/slack/interactions"))
+        .header("content-type", "application/x-www-form-urlencoded")
+        .header("x-slack-request-timestamp", ts.to_string())
+        .body(body.to_owned());
+    if let Some(s) = secret {
+        rb = rb.header("x-slack-signature", slack_signature(s, ts, body));
+    }
+    let resp = rb.send().await.unwrap();
+    super::Resp {
+        status: resp.status(),
+        text: resp.text().await.unwrap(),
     }
 }

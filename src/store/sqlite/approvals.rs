@@ -56,6 +56,7 @@ fn notification_from_row(r: &SqliteRow) -> StoreResult<Notification> {
     Ok(Notification {
         id: r.try_get("id")?,
         approval_id: r.try_get("approval_id")?,
+        review_item_id: r.try_get("review_item_id")?,
         channel: r.try_get("channel")?,
         event: r.try_get("event")?,
         payload: json_col(r, "payload")?,
@@ -251,11 +252,12 @@ pub(super) async fn insert_notification(
     n: &Notification,
 ) -> StoreResult<()> {
     sqlx::query(
-        "INSERT INTO notifications (id, approval_id, channel, event, payload, created_at, \
-         attempts, next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, 0, ?)",
+        "INSERT INTO notifications (id, approval_id, review_item_id, channel, event, payload, \
+         created_at, attempts, next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?)",
     )
     .bind(&n.id)
     .bind(&n.approval_id)
+    .bind(&n.review_item_id)
     .bind(&n.channel)
     .bind(&n.event)
     .bind(to_json(&n.payload)?)
@@ -286,15 +288,19 @@ pub(super) async fn due_notifications(
 
 pub(super) async fn notifications_of(
     db: impl SqliteExecutor<'_>,
-    approval_id: &str,
+    subject: &str,
 ) -> StoreResult<Vec<Notification>> {
-    sqlx::query("SELECT * FROM notifications WHERE approval_id = ? ORDER BY created_at, id")
-        .bind(approval_id)
-        .fetch_all(db)
-        .await?
-        .iter()
-        .map(notification_from_row)
-        .collect()
+    sqlx::query(
+        "SELECT * FROM notifications WHERE approval_id = ? OR review_item_id = ? \
+         ORDER BY created_at, id",
+    )
+    .bind(subject)
+    .bind(subject)
+    .fetch_all(db)
+    .await?
+    .iter()
+    .map(notification_from_row)
+    .collect()
 }
 
 /// Records a delivery attempt's outcome: delivered (with the channel's
@@ -327,18 +333,20 @@ pub(super) async fn notification_attempted(
     Ok(())
 }
 
-/// The receipt of an approval's delivered notification on `channel` (the
-/// Slack message's channel and ts), for follow-up updates.
+/// The receipt of the delivered request of an approval or review item on
+/// `channel` (the Slack message's channel and ts), for follow-up updates.
 pub(super) async fn receipt(
     db: impl SqliteExecutor<'_>,
-    approval_id: &str,
+    subject: &str,
     channel: &str,
 ) -> StoreResult<Option<serde_json::Value>> {
     let row = sqlx::query(
-        "SELECT receipt FROM notifications WHERE approval_id = ? AND channel = ? \
-         AND event = 'requested' AND receipt IS NOT NULL LIMIT 1",
+        "SELECT receipt FROM notifications WHERE (approval_id = ? OR review_item_id = ?) \
+         AND channel = ? AND event IN ('requested', 'review_requested') \
+         AND receipt IS NOT NULL ORDER BY created_at LIMIT 1",
     )
-    .bind(approval_id)
+    .bind(subject)
+    .bind(subject)
     .bind(channel)
     .fetch_optional(db)
     .await?;
