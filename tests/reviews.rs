@@ -602,3 +602,46 @@ secret = "env:KG_REVIEW_HOOK"
     assert_eq!(a["status"], "decommissioned", "{a}");
     drop(people);
 }
+
+/// `review_every_days` schedules reviews: an agent whose review falls due
+/// (from `remind_before_days` before) is put in an automatic campaign by
+/// the sweep, once; a fresh agent is not; attesting ends it.
+#[tokio::test]
+async fn the_sweep_schedules_a_review_when_one_falls_due_once() {
+    let (b, people) = start("").await;
+    let due = TestAgent::new("rv-due", "ES256");
+    b.register(&due, "platform").await;
+    let fresh = TestAgent::new("rv-fresh", "ES256");
+    b.register(&fresh, "platform").await;
+    // Registered 80 days ago: due in ten days, inside the 14-day reminder.
+    let then = (common::unix_now() - 80 * DAY).to_string();
+    exec(
+        &b,
+        "UPDATE agents SET created_at = ? WHERE id = ?",
+        &[&then, &due.id],
+    )
+    .await;
+
+    let r = sweep(&b).await;
+    let name = r["scheduled"]
+        .as_str()
+        .unwrap_or_else(|| panic!("{r}"))
+        .to_owned();
+    assert!(name.starts_with("auto-"), "{name}");
+    let campaign = b.admin_get(&format!("/v1/reviews/{name}")).await;
+    let items = campaign["items"].as_array().unwrap();
+    assert_eq!(items.len(), 1, "only the due agent: {campaign}");
+    assert_eq!(items[0]["agent_id"], due.id.as_str());
+    assert_eq!(items[0]["reviewer"], SPONSOR);
+    let started = b.audit("action=review.campaign_started").await;
+    assert_eq!(started[0]["actor"], "system", "{started:?}");
+
+    // Its item is open: the next sweep schedules nothing.
+    assert!(sweep(&b).await.get("scheduled").is_none());
+    // Attested, the review is no longer due.
+    let item = items[0]["id"].as_str().unwrap();
+    decide(&b, &people.olga, item, json!({ "decision": "attest" }))
+        .await
+        .expect(200);
+    assert!(sweep(&b).await.get("scheduled").is_none());
+}

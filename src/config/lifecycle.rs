@@ -22,6 +22,10 @@ pub struct GovernanceConfig {
     /// stands alone; someone who does not sponsor the agent attests too.
     /// (Tier-3 agents always need that second reviewer.)
     pub review_separation: bool,
+    /// The sweep starts a review campaign by itself for agents whose review
+    /// is due (`review_every_days`, from `remind_before_days` before) and
+    /// not already in an open item.
+    pub schedule_reviews: bool,
 }
 
 impl Default for GovernanceConfig {
@@ -31,6 +35,7 @@ impl Default for GovernanceConfig {
             short_ttl_secs: 3600,
             review_due_days: 14,
             review_separation: false,
+            schedule_reviews: true,
         }
     }
 }

@@ -181,6 +181,65 @@ impl Broker {
         team: Option<String>,
         due_days: Option<u32>,
     ) -> BrokerResult<Started> {
+        self.open_campaign(actor, name, team, None, due_days).await
+    }
+
+    /// The sweep's scheduling: every agent whose review is due within its
+    /// lifecycle's `remind_before_days` (or overdue), that may reach a scope
+    /// and has no open review item, goes into an automatic campaign
+    /// `auto-<date>-<time>` (actor `system`). Returns it, if one was needed.
+    pub(crate) async fn schedule_reviews(
+        &self,
+        agents: &[crate::model::Agent],
+        t: OffsetDateTime,
+    ) -> BrokerResult<Option<Started>> {
+        let open: std::collections::BTreeSet<String> = self
+            .store
+            .review_items(&ReviewFilter {
+                open_only: true,
+                ..ReviewFilter::default()
+            })
+            .await?
+            .into_iter()
+            .map(|i| i.agent_id)
+            .collect();
+        let due: Vec<String> = agents
+            .iter()
+            .filter(|a| matches!(a.status, AgentStatus::Active | AgentStatus::Suspended))
+            .filter(|a| !open.contains(&a.id))
+            .filter(|a| {
+                let p = crate::config::lifecycle::effective(&self.config.lifecycle, a);
+                let remind = time::Duration::days(i64::from(p.remind_before_days));
+                super::compliance::next_review_due(a, &p) - remind <= t
+            })
+            .filter(|a| !self.reachable_scopes(a).is_empty())
+            .map(|a| a.id.clone())
+            .collect();
+        if due.is_empty() {
+            return Ok(None);
+        }
+        let name = format!(
+            "auto-{}-{:02}{:02}{:02}",
+            t.date(),
+            t.hour(),
+            t.minute(),
+            t.second()
+        );
+        self.open_campaign(&Actor::System, &name, None, Some(&due), None)
+            .await
+            .map(Some)
+    }
+
+    /// A campaign over the agents of `team` (or every team), or only those
+    /// in `only`.
+    async fn open_campaign(
+        &self,
+        actor: &Actor,
+        name: &str,
+        team: Option<String>,
+        only: Option<&[String]>,
+        due_days: Option<u32>,
+    ) -> BrokerResult<Started> {
         if !valid_name(name) {
             return Err(BrokerError::InvalidRequest(
                 "a campaign `name` is 1-64 characters of letters, digits, `-`, `.`, `_` (e.g. `2026-Q4`)"
@@ -206,7 +265,9 @@ impl Broker {
         let mut items = Vec::new();
         let mut skipped = Vec::new();
         for a in self.store.list_agents(None, None).await? {
-            if team.as_deref().is_some_and(|t| t != a.team) {
+            if team.as_deref().is_some_and(|t| t != a.team)
+                || only.is_some_and(|ids| !ids.contains(&a.id))
+            {
                 continue;
             }
             if a.status == AgentStatus::Decommissioned {

@@ -70,6 +70,10 @@ pub struct SweepReport {
     pub escalated: usize,
     /// `(agent, scope)` excluded as unused (`remove_unused`).
     pub excluded: Vec<(String, String)>,
+    /// The automatic review campaign this sweep started, if any
+    /// (`governance.schedule_reviews`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub scheduled: Option<String>,
 }
 
 /// The estate's maturity: every agent's level, and the lowest.
@@ -318,6 +322,11 @@ impl Broker {
             }
             report.agents += 1;
             self.sweep_agent(a, &ctx, &mut report).await?;
+        }
+        if self.config.governance.schedule_reviews
+            && let Some(started) = self.schedule_reviews(&all, now()).await?
+        {
+            report.scheduled = Some(started.campaign.name);
         }
         self.maturity().await?;
         Ok(report)
