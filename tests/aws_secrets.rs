@@ -154,18 +154,8 @@ async fn brokered_reads_have_nothing_to_revoke() {
     let ev = b.audit("action=lease.revoked").await;
     assert_eq!(ev[0]["details"]["result"], "nothing to revoke", "{ev:?}");
     // The value itself is nowhere in the broker's records.
-    let db = String::from_utf8_lossy(&std::fs::read(b.db_path()).unwrap()).into_owned();
-    let wal =
-        String::from_utf8_lossy(&std::fs::read(b.dir.join("keygate.db-wal")).unwrap_or_default())
-            .into_owned();
-    for text in [
-        db,
-        wal,
-        b.log(),
-        serde_json::to_string(&b.audit("").await).unwrap(),
-    ] {
-        assert!(!text.contains("db-password-1"));
-    }
+    b.assert_kept_nowhere(&["db-password-1"], cred["lease_id"].as_str().unwrap())
+        .await;
 }
 
 #[tokio::test]

@@ -71,6 +71,13 @@ impl Check for DbCheck<'_> {
         let pw = c["password"].as_str().ok_or("no password")?;
         Ok(self.0.pg.can_login(user, pw).await)
     }
+
+    /// Vault's own ttl of the live database lease (the kit holds one at a
+    /// time when it asks).
+    async fn backend_ttl(&self, _c: &Value) -> Option<Duration> {
+        let ttls = self.0.db_lease_ttls().await;
+        ttls.iter().max().map(|t| Duration::from_secs(*t))
+    }
 }
 
 struct PkiCheck<'a>(&'a VaultPeers);

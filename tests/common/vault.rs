@@ -135,6 +135,21 @@ impl VaultPeers {
             .unwrap_or_default()
     }
 
+    /// The remaining ttl Vault itself gives each live database lease
+    /// (`sys/leases/lookup`), in seconds.
+    pub async fn db_lease_ttls(&self) -> Vec<u64> {
+        let mut out = Vec::new();
+        for key in self.live_db_leases().await {
+            let id = format!("database/creds/{DB_ROLE}/{key}");
+            let v = self
+                .bao
+                .api("PUT", "sys/leases/lookup", Some(serde_json::json!({ "lease_id": id })))
+                .await;
+            out.push(v["data"]["ttl"].as_u64().unwrap_or_else(|| panic!("{v}")));
+        }
+        out
+    }
+
     /// Whether Vault lists the certificate `serial` as revoked.
     pub async fn cert_revoked(&self, serial: &str) -> bool {
         let v = self
