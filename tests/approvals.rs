@@ -18,12 +18,14 @@ const BOT_TOKEN: &str = "xoxb-test-bot-token";
 const WEBHOOK_SECRET: &str = "whsec-test";
 
 /// Approvers beyond the harness's own: `alice` and `bob` (team payments),
-/// `carol` (team other), `owner` (the test agents' sponsor).
+/// `carol` (team other), `owner` (the test agents' sponsor), and `dave`
+/// (team payments, admin and approver both).
 struct Approvers {
     alice: String,
     bob: String,
     carol: String,
     owner: String,
+    dave: String,
 }
 
 impl Approvers {
@@ -34,13 +36,19 @@ impl Approvers {
             bob: t("bob"),
             carol: t("carol"),
             owner: t("owner"),
+            dave: t("dave"),
         }
     }
 
     fn toml(&self) -> String {
         let op = |name: &str, token: &str, extra: &str| {
+            let roles = if name == "dave" {
+                r#"["admin", "approver"]"#
+            } else {
+                r#"["approver"]"#
+            };
             format!(
-                "[[operators]]\nname = \"{name}\"\nroles = [\"approver\"]\ntoken_sha256 = \"{}\"\n{extra}\n",
+                "[[operators]]\nname = \"{name}\"\nroles = {roles}\ntoken_sha256 = \"{}\"\n{extra}\n",
                 sha256_hex(token)
             )
         };
@@ -65,6 +73,7 @@ impl Approvers {
                 &self.owner,
                 "email = \"owner@keygate.test\"\nslack_user_id = \"UOWNER\"",
             ),
+            op("dave", &self.dave, "team = \"payments\""),
         ]
         .concat()
     }
@@ -280,13 +289,22 @@ async fn sensitive_scope_waits_for_a_signed_slack_click_then_redeems_once() {
         })
     };
 
+    // The poll is in flight: the server holds it rather than answering
+    // `pending` at once.
+    tokio::time::sleep(std::time::Duration::from_millis(500)).await;
+    assert!(!poll.is_finished(), "the long-poll answered before any decision");
+
     // Alice (team payments, mapped Slack user) approves with a signed click.
     let body = click_body("UALICE", "keygate_approve", &id, &slack.response_url(1));
     let r = post_click(b, &body, Some(SIGNING_SECRET), unix_now()).await;
     let v = r.expect(200);
     assert_eq!(v["ok"], true, "{v}");
     assert_eq!(v["status"], "approved");
-    assert_eq!(poll.await.unwrap()["status"], "approved");
+    // It wakes on the decision, far sooner than its 30 s wait.
+    let woke = tokio::time::timeout(std::time::Duration::from_secs(5), poll)
+        .await
+        .expect("the long-poll did not wake on the decision");
+    assert_eq!(woke.unwrap()["status"], "approved");
     let reply = eventually("the response_url update", || async {
         slack.calls("/actions/1").into_iter().next()
     })
@@ -556,16 +574,28 @@ async fn provisioning_approval_holds_new_agents_and_widening_changes() {
     // A pending agent cannot open a task.
     let r = b.token_with_assertion(&agent.id, &agent.assertion()).await;
     assert_eq!(r.status, 401, "{}", r.text);
-    // The admin who asked cannot also approve (and lacks the role anyway);
-    // Carol is not in the approving team.
+    // An admin without the approver role cannot approve; Carol is not in
+    // the approving team.
     assert_eq!(decide(b, &b.ops.admin, &id, "approve").await.status, 403);
     let r = decide(b, &ap.carol, &id, "approve").await;
     assert_eq!(r.status, 403, "carol is not in payments: {}", r.text);
     decide(b, &ap.alice, &id, "approve").await.expect(200);
     let agent_url = format!("/v1/agents/{}", agent.id);
     assert_eq!(b.admin_get(&agent_url).await["status"], "pending");
-    let v = decide(b, &ap.bob, &id, "approve").await.expect(200);
-    assert_eq!(v["state"], "approved");
+
+    // Dave holds both roles and is in the team: only the requester rule
+    // can stop him approving the agent he registered himself.
+    let own = TestAgent::new("prov-own", "ES256");
+    let mine = b
+        .post("/v1/agents", Some(&ap.dave), &own.spec("finance"))
+        .await
+        .expect(202);
+    let mine = mine["approval"]["id"].as_str().unwrap().to_owned();
+    let r = decide(b, &ap.dave, &mine, "approve").await;
+    assert_eq!(r.status, 403, "{}", r.text);
+    assert!(r.text.contains("asked for this change and cannot also decide it"), "{}", r.text);
+    // ... while he may approve what someone else asked for.
+    decide(b, &ap.dave, &id, "approve").await.expect(200);
     assert_eq!(b.admin_get(&agent_url).await["status"], "active");
     b.token(&agent).await;
 
