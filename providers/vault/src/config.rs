@@ -338,12 +338,24 @@ mod tests {
 
     #[test]
     fn debug_shows_no_paths_to_secrets_or_values() {
-        let cfg: VaultConfig = serde_json::from_value(serde_json::json!({
-            "address": "http://127.0.0.1:8200",
-            "auth": {"method": "approle", "role_id": "r", "secret_id_env": "E"},
-        }))
-        .unwrap();
-        let d = format!("{cfg:?}");
-        assert!(d.contains("approle") && d.contains("127.0.0.1"), "{d}");
+        for auth in [
+            serde_json::json!({"method": "approle", "role_id": "role-id-7f3a", "secret_id_env": "VAULT_SECRET_ENV_9c1"}),
+            serde_json::json!({"method": "approle", "role_id": "role-id-7f3a", "secret_id_file": "/run/secrets/approle-9c1"}),
+            serde_json::json!({"method": "token", "token": "env:VAULT_TOKEN_ENV_9c1"}),
+        ] {
+            let cfg: VaultConfig = serde_json::from_value(serde_json::json!({
+                "address": "http://127.0.0.1:8200",
+                "auth": auth,
+            }))
+            .unwrap();
+            let d = format!("{cfg:?}");
+            // What it shows: where Vault is and how Keygate logs in.
+            assert!(d.contains("127.0.0.1"), "{d}");
+            assert!(d.contains("approle") || d.contains("token"), "{d}");
+            // What it never shows: the role id, or where a secret is kept.
+            for hidden in ["role-id-7f3a", "VAULT_SECRET_ENV_9c1", "/run/secrets", "VAULT_TOKEN_ENV_9c1"] {
+                assert!(!d.contains(hidden), "`{hidden}` in {d}");
+            }
+        }
     }
 }
