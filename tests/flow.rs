@@ -272,11 +272,40 @@ async fn releasing_one_lease_revokes_only_it() {
     }
     let metrics = b.get("/metrics", None).await;
     assert_eq!(metrics.status, 200);
-    // Only configured scope names label series; the rest share one.
+    // Only configured scope names label series; the rest share one, and
+    // the counts are what happened: 21 unknown, two certificates issued,
+    // two tokens (one per task opened).
     assert!(!metrics.text.contains("made-up-scope"), "{}", metrics.text);
     assert!(!metrics.text.contains("no-such-scope"), "{}", metrics.text);
-    assert!(metrics.text.contains("(unknown)"), "{}", metrics.text);
-    assert!(metrics.text.contains("x509-svid"), "{}", metrics.text);
+    let value = |series: &str| -> Option<f64> {
+        metrics
+            .text
+            .lines()
+            .find_map(|l| l.strip_prefix(series)?.trim().parse().ok())
+    };
+    assert_eq!(
+        value(r#"keygate_credentials_total{scope="(unknown)",outcome="error"}"#),
+        Some(21.0),
+        "{}",
+        metrics.text
+    );
+    assert_eq!(
+        value(r#"keygate_credentials_total{scope="x509-svid",outcome="issued"}"#),
+        Some(2.0),
+        "{}",
+        metrics.text
+    );
+    assert_eq!(
+        value(r#"keygate_authentications_total{outcome="success"}"#),
+        Some(2.0),
+        "{}",
+        metrics.text
+    );
+    assert!(
+        metrics.text.contains("# TYPE keygate_credentials counter"),
+        "{}",
+        metrics.text
+    );
 
     // One JSON error contract, operator endpoints included: an oversized
     // body, a wrong method.

@@ -251,18 +251,29 @@ async fn wrong_trust_domain_no_san_expired_and_untrusted_certificates_fail() {
 
     // The TLS layer refuses these before any request is read.
     let id = format!("spiffe://{TRUST_DOMAIN}/agent/{}", agent.id);
+    // The refusal is the handshake's (a TLS alert about the certificate),
+    // not any transport error: a wrong port or a dead server would not do.
+    let handshake_refused = |e: reqwest::Error, alert: &str| {
+        let chain = format!("{e:?}");
+        assert!(
+            chain.contains(&format!("AlertReceived({alert})")),
+            "not the `{alert}` alert: {chain}"
+        );
+    };
     let expired = leaf(&w.ca, Some(&id), true);
-    assert!(
+    handshake_refused(
         token(&client(&w.ca, Some(&expired)), &w, &agent.id)
             .await
-            .is_err()
+            .unwrap_err(),
+        "CertificateExpired",
     );
     let rogue_ca = ca("rogue");
     let rogue = leaf(&rogue_ca, Some(&id), false);
-    assert!(
+    handshake_refused(
         token(&client(&w.ca, Some(&rogue)), &w, &agent.id)
             .await
-            .is_err()
+            .unwrap_err(),
+        "UnknownCA",
     );
 
     // Without a certificate the mTLS listener still serves the other methods.
