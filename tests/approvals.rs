@@ -292,7 +292,10 @@ async fn sensitive_scope_waits_for_a_signed_slack_click_then_redeems_once() {
     // The poll is in flight: the server holds it rather than answering
     // `pending` at once.
     tokio::time::sleep(std::time::Duration::from_millis(500)).await;
-    assert!(!poll.is_finished(), "the long-poll answered before any decision");
+    assert!(
+        !poll.is_finished(),
+        "the long-poll answered before any decision"
+    );
 
     // Alice (team payments, mapped Slack user) approves with a signed click.
     let body = click_body("UALICE", "keygate_approve", &id, &slack.response_url(1));
@@ -593,7 +596,12 @@ async fn provisioning_approval_holds_new_agents_and_widening_changes() {
     let mine = mine["approval"]["id"].as_str().unwrap().to_owned();
     let r = decide(b, &ap.dave, &mine, "approve").await;
     assert_eq!(r.status, 403, "{}", r.text);
-    assert!(r.text.contains("asked for this change and cannot also decide it"), "{}", r.text);
+    assert!(
+        r.text
+            .contains("asked for this change and cannot also decide it"),
+        "{}",
+        r.text
+    );
     // ... while he may approve what someone else asked for.
     decide(b, &ap.dave, &id, "approve").await.expect(200);
     assert_eq!(b.admin_get(&agent_url).await["status"], "active");

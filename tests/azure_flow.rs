@@ -125,11 +125,8 @@ async fn app_passwords_live_and_die_with_their_leases() {
 
     // No secret reaches the store, the log or the audit trail: the app
     // passwords and Keygate's own client secret alike.
-    b.assert_kept_nowhere(
-        &[&secret, &second_secret, &peers.keygate_secret],
-        &lease,
-    )
-    .await;
+    b.assert_kept_nowhere(&[&secret, &second_secret, &peers.keygate_secret], &lease)
+        .await;
 }
 
 #[tokio::test]

@@ -69,7 +69,10 @@ async fn refused(
             .find(|e| same_reason(&e["reason"], &want) && e["agent"].as_str() == client)
             .unwrap_or_else(|| panic!("{case}: no event, and no earlier one of its kind `{want}`"))
     };
-    assert!(same_reason(&event["reason"], &want), "{case}: {event} is not `{want}`");
+    assert!(
+        same_reason(&event["reason"], &want),
+        "{case}: {event} is not `{want}`"
+    );
     assert_eq!(event["agent"].as_str(), client, "{case}: {event}");
     match client {
         Some(c) => assert_eq!(event["actor"], format!("unauthenticated:{c}"), "{case}"),

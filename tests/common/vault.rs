@@ -143,7 +143,11 @@ impl VaultPeers {
             let id = format!("database/creds/{DB_ROLE}/{key}");
             let v = self
                 .bao
-                .api("PUT", "sys/leases/lookup", Some(serde_json::json!({ "lease_id": id })))
+                .api(
+                    "PUT",
+                    "sys/leases/lookup",
+                    Some(serde_json::json!({ "lease_id": id })),
+                )
                 .await;
             out.push(v["data"]["ttl"].as_u64().unwrap_or_else(|| panic!("{v}")));
         }

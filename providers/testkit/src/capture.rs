@@ -1,5 +1,8 @@
 //! Captures everything a provider logs (TRACE and up, every target) while
-//! it runs, so the suite can search the text for secrets.
+//! it runs, so the suite can search the text for secrets: what its calls
+//! log (a subscriber around each call), and what tasks it spawns log (a
+//! process-wide subscriber, installed once, read from the capture's start;
+//! the test binary must not install another global subscriber).
 
 use std::future::Future;
 use std::io::Write;
@@ -14,6 +17,27 @@ use tracing_subscriber::fmt::MakeWriter;
 pub struct LogCapture {
     buf: Arc<Mutex<Vec<u8>>>,
     dispatch: Dispatch,
+    /// The process-wide buffer, and where it stood when this began.
+    global: Option<(Arc<Mutex<Vec<u8>>>, usize)>,
+}
+
+/// The process-wide buffer behind the global subscriber, if this process
+/// could install it.
+fn global() -> Option<&'static Arc<Mutex<Vec<u8>>>> {
+    static GLOBAL: std::sync::OnceLock<Option<Arc<Mutex<Vec<u8>>>>> = std::sync::OnceLock::new();
+    GLOBAL
+        .get_or_init(|| {
+            let buf = Arc::new(Mutex::new(Vec::new()));
+            let subscriber = tracing_subscriber::fmt()
+                .with_max_level(tracing::Level::TRACE)
+                .with_ansi(false)
+                .with_writer(Sink(Arc::clone(&buf)))
+                .finish();
+            tracing::subscriber::set_global_default(subscriber)
+                .ok()
+                .map(|()| buf)
+        })
+        .as_ref()
 }
 
 impl std::fmt::Debug for LogCapture {
@@ -62,10 +86,21 @@ impl LogCapture {
             .with_ansi(false)
             .with_writer(Sink(Arc::clone(&buf)))
             .finish();
+        let global = global().map(|g| {
+            let start = g.lock().unwrap_or_else(|p| p.into_inner()).len();
+            (Arc::clone(g), start)
+        });
         Self {
             buf,
             dispatch: Dispatch::new(subscriber),
+            global,
         }
+    }
+
+    /// Whether tasks the provider spawns are captured too (this process
+    /// installed the global subscriber).
+    pub fn captures_spawned_tasks(&self) -> bool {
+        self.global.is_some()
     }
 
     /// Runs `fut` with this capture as its subscriber (on whatever thread
@@ -74,9 +109,20 @@ impl LogCapture {
         fut.with_subscriber(self.dispatch.clone())
     }
 
-    /// Everything captured so far.
+    /// Everything captured so far: the calls' own logs, then what any
+    /// thread logged since this capture began (other tests' lines too, when
+    /// they run in parallel: more text searched, never less).
     pub fn text(&self) -> String {
-        let buf = self.buf.lock().unwrap_or_else(|p| p.into_inner());
-        String::from_utf8_lossy(&buf).into_owned()
+        let mut out = {
+            let buf = self.buf.lock().unwrap_or_else(|p| p.into_inner());
+            String::from_utf8_lossy(&buf).into_owned()
+        };
+        if let Some((g, start)) = &self.global {
+            let g = g.lock().unwrap_or_else(|p| p.into_inner());
+            out.push_str(&String::from_utf8_lossy(
+                g.get(*start..).unwrap_or_default(),
+            ));
+        }
+        out
     }
 }

@@ -12,8 +12,10 @@
 //! 2. revoke → the credential no longer works (for revocable credentials;
 //!    a credential that can only expire must say until when, and a brokered
 //!    read must say there was nothing to revoke);
-//! 3. revoking twice is fine, and so is revoking something never issued or
-//!    already gone;
+//! 3. revoking twice answers as the first revoke did, revoking something
+//!    never issued says nothing lives, and revoking by lease id alone
+//!    (`handle: None`, an issue that crashed before its handle was
+//!    recorded) kills what was created or says how long it lives;
 //! 4. no secret value appears in the `Debug` output of the credential, the
 //!    issue result, the handle or any error, nor in anything the provider
 //!    logged meanwhile (a capturing `tracing` subscriber at TRACE level is
@@ -131,6 +133,11 @@ pub async fn run(provider: &dyn Provider, case: &Case, check: &impl Check) -> Re
         .logs
         .around(async { tracing::trace!("{CAPTURE_MARKER}") })
         .await;
+    // A task spawned outside any call's subscriber (as a provider's
+    // background renewer is) must be captured too.
+    let spawned = format!("conformance spawned-task capture {}", nonce());
+    let line = spawned.clone();
+    let _ = tokio::spawn(async move { tracing::trace!("{line}") }).await;
     let issued = match suite.logs.around(provider.issue(&suite.req)).await {
         Ok(i) => i,
         Err(e) => {
@@ -146,9 +153,15 @@ pub async fn run(provider: &dyn Provider, case: &Case, check: &impl Check) -> Re
     let exposed = issued.credential.expose_to_agent();
     suite.check_issued(&issued, &exposed, check).await;
     suite.check_revocations(&issued, &exposed, check).await;
+    suite.check_orphan(check).await;
     suite.check_expired_lease(&issued).await;
     let secrets = secret_values(&issued);
     let logs = suite.logs.text();
+    suite.report.check(
+        "logs of spawned tasks were captured",
+        logs.contains(&spawned),
+        || "a task spawned outside the provider's calls logged unseen: install no other global tracing subscriber in a conformance test binary".into(),
+    );
     check_no_leaks(
         &mut suite.report,
         &secrets,
@@ -258,20 +271,108 @@ impl<'a> Suite<'a> {
         }
         let second = self.logs.around(self.provider.revoke(&req)).await;
         self.debug(&second);
+        // Again: nothing is left, or (a backend that cannot revoke) it
+        // still lives until the same time, never longer.
+        let again_ok = match (issued.revocability, &second) {
+            (Revocability::Revocable, Ok(RevokeOutcome::Revoked | RevokeOutcome::AlreadyGone)) => {
+                true
+            }
+            (Revocability::ExpiresAt, Ok(RevokeOutcome::LivesUntil(t))) => *t <= issued.expires_at,
+            (
+                Revocability::ExpiresAt | Revocability::NotApplicable,
+                Ok(RevokeOutcome::AlreadyGone),
+            ) => true,
+            _ => false,
+        };
         self.report
-            .check("revoke twice is fine", second.is_ok(), || {
-                format!("{second:?}")
+            .check("revoke twice answers as the first did", again_ok, || {
+                format!(
+                    "revocability {:?}, second revoke said {second:?}",
+                    issued.revocability
+                )
             });
         if let Some(h) = self.case.never_issued.clone() {
             let req = self.revoke_req(Some(h), &format!("ls_never_{}", nonce()), issued);
             let r = self.logs.around(self.provider.revoke(&req)).await;
             self.debug(&r);
+            // Nothing was issued: nothing can live on.
             self.report.check(
-                "revoke of something never issued is fine",
-                r.is_ok(),
+                "revoke of something never issued: nothing lives",
+                matches!(r, Ok(RevokeOutcome::AlreadyGone | RevokeOutcome::Revoked)),
                 || format!("{r:?}"),
             );
         }
+    }
+
+    /// The write-ahead contract: an issue whose handle was never recorded
+    /// (a crash between the backend's answer and Keygate's commit) is
+    /// revoked by lease id alone, `handle: None`. What it created must then
+    /// be dead, or reported as living until a time no later than its end.
+    async fn check_orphan(&mut self, check: &impl Check) {
+        let mut req = self.req.clone();
+        req.lease_id = format!("ls_orphan_{}", nonce());
+        let issued = match self.logs.around(self.provider.issue(&req)).await {
+            Ok(i) => i,
+            Err(e) => {
+                return self
+                    .report
+                    .check("issue for the orphan check", false, || format!("{e}"));
+            }
+        };
+        self.debug(&issued);
+        let exposed = issued.credential.expose_to_agent();
+        let orphan = RevokeRequest {
+            lease_id: req.lease_id.clone(),
+            scope: self.case.scope.clone(),
+            handle: None,
+            expires_at: req.expires_at,
+        };
+        let r = self.logs.around(self.provider.revoke(&orphan)).await;
+        self.debug(&r);
+        match (&r, issued.revocability) {
+            // "Gone" must be true: a backend that can revoke must have.
+            (Ok(RevokeOutcome::Revoked | RevokeOutcome::AlreadyGone), Revocability::Revocable) => {
+                check_works(
+                    &mut self.report,
+                    check,
+                    &exposed,
+                    false,
+                    "no longer works after a revoke without its handle",
+                )
+                .await;
+            }
+            (
+                Ok(RevokeOutcome::AlreadyGone),
+                Revocability::NotApplicable | Revocability::ExpiresAt,
+            ) => {
+                self.report
+                    .check("revoke without its handle", true, String::new);
+            }
+            // An orphan the backend cannot find is honestly bounded: it
+            // lives until a time still ahead (the provider documents how it
+            // bounds it, e.g. a role's max ttl).
+            (Ok(RevokeOutcome::LivesUntil(t)), _) => {
+                let now = OffsetDateTime::now_utc();
+                self.report.check(
+                    "an orphan it cannot find is bounded by a time ahead",
+                    *t > now,
+                    || format!("lives until {t}, which is not after now ({now})"),
+                );
+            }
+            _ => self.report.check("revoke without its handle", false, || {
+                format!(
+                    "revocability {:?}, revoke by lease id alone said {r:?}",
+                    issued.revocability
+                )
+            }),
+        }
+        // Clean up as the broker would once it learnt the handle: nothing
+        // this check created outlives the run.
+        let with_handle = RevokeRequest {
+            handle: Some(issued.handle.clone()),
+            ..orphan
+        };
+        let _ = self.logs.around(self.provider.revoke(&with_handle)).await;
     }
 
     /// An error path: a lease that has already expired must not be issued,

@@ -353,7 +353,12 @@ mod tests {
             assert!(d.contains("127.0.0.1"), "{d}");
             assert!(d.contains("approle") || d.contains("token"), "{d}");
             // What it never shows: the role id, or where a secret is kept.
-            for hidden in ["role-id-7f3a", "VAULT_SECRET_ENV_9c1", "/run/secrets", "VAULT_TOKEN_ENV_9c1"] {
+            for hidden in [
+                "role-id-7f3a",
+                "VAULT_SECRET_ENV_9c1",
+                "/run/secrets",
+                "VAULT_TOKEN_ENV_9c1",
+            ] {
                 assert!(!d.contains(hidden), "`{hidden}` in {d}");
             }
         }

@@ -39,6 +39,7 @@ impl VaultProvider {
         .map(|(k, v)| (k.to_owned(), v.to_owned()))
         .collect();
         let max_ttl = req.scope.max_ttl.as_secs().max(ttl);
+        self.walker.issuing();
         let created = match &self.token_role {
             // Against the token role: an orphan, living exactly its lease.
             Some(role) => {

@@ -13,9 +13,12 @@
 //!   gives up (the revocation timeout) does not waste it;
 //! - an accessor that cannot be looked up (OpenBao keeps entries whose token
 //!   is gone, answering 403 even to root until `auth/token/tidy`) is skipped
-//!   and counted, never the end of the walk. Orphans are only looked for
-//!   once the process that minted them is dead, so a finished walk that did
-//!   not find a lease's token proves there is none to revoke.
+//!   and counted, never the end of the walk.
+//! - a walk is only reused if it started after the newest token creation
+//!   this process began: a token minted after a walk started may be missing
+//!   from it (an issue the broker gave up on while it was still running),
+//!   so "not found" proves nothing is left only for a walk that could have
+//!   seen it.
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -62,15 +65,29 @@ type Shared = watch::Receiver<Option<Arc<Result<Walk, String>>>>;
 #[derive(Default)]
 pub(crate) struct Walker {
     current: Mutex<Option<(Instant, Shared)>>,
+    /// When this process last began creating a token.
+    newest_issue: std::sync::Mutex<Option<Instant>>,
 }
 
 impl Walker {
-    /// The result of a walk that started at most [`FRESH`] ago, or of a new one.
+    /// Called as a token creation begins: walks started before now may
+    /// miss that token.
+    pub(crate) fn issuing(&self) {
+        *self.newest_issue.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+    }
+
+    /// The result of a walk that started at most [`FRESH`] ago and after
+    /// the newest token creation began, or of a new one.
     pub(crate) async fn walk(&self, conn: &Arc<Conn>) -> Arc<Result<Walk, String>> {
+        let newest = *self.newest_issue.lock().unwrap_or_else(|p| p.into_inner());
         let mut rx = {
             let mut cur = self.current.lock().await;
             match cur.as_ref() {
-                Some((started, rx)) if started.elapsed() < FRESH => rx.clone(),
+                Some((started, rx))
+                    if started.elapsed() < FRESH && newest.is_none_or(|n| *started > n) =>
+                {
+                    rx.clone()
+                }
                 _ => {
                     let (tx, rx) = watch::channel(None);
                     let conn = Arc::clone(conn);
