@@ -30,11 +30,36 @@ pub mod store;
 /// reports what matters itself.
 pub const DEFAULT_LOG_FILTER: &str = "info,sqlx=warn,hyper=warn,rustify=off,vaultrs=warn";
 
-/// Installs the global `tracing` subscriber. `RUST_LOG` overrides the level.
-pub fn init_logging(format: config::LogFormat) {
+/// Caps no `RUST_LOG` can lift: below these levels the AWS SDK logs the
+/// canonical request it signs (with `x-amz-security-token`) and the wire
+/// bodies (STS answers carry credentials), and HTTP clients log headers.
+pub const LOG_CAPS: [&str; 6] = [
+    "aws_sigv4=info",
+    "aws_smithy_runtime=debug",
+    "aws_smithy_runtime_api=debug",
+    "aws_smithy_http=debug",
+    "hyper=info",
+    "h2=info",
+];
+
+/// The filter for `RUST_LOG` (or the default), with [`LOG_CAPS`] applied.
+pub fn log_filter(rust_log: Option<&str>) -> tracing_subscriber::EnvFilter {
     use tracing_subscriber::EnvFilter;
-    let filter =
-        EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new(DEFAULT_LOG_FILTER));
+    let mut filter = rust_log
+        .and_then(|v| EnvFilter::try_new(v).ok())
+        .unwrap_or_else(|| EnvFilter::new(DEFAULT_LOG_FILTER));
+    for cap in LOG_CAPS {
+        if let Ok(d) = cap.parse() {
+            filter = filter.add_directive(d);
+        }
+    }
+    filter
+}
+
+/// Installs the global `tracing` subscriber. `RUST_LOG` overrides the level
+/// (never past [`LOG_CAPS`]).
+pub fn init_logging(format: config::LogFormat) {
+    let filter = log_filter(std::env::var("RUST_LOG").ok().as_deref());
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         // Colours only for a person at a terminal, never into a log file.
@@ -44,4 +69,46 @@ pub fn init_logging(format: config::LogFormat) {
         config::LogFormat::Json => builder.json().try_init(),
         config::LogFormat::Text => builder.try_init(),
     };
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used)]
+    use std::io::Write;
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Buf(Arc<Mutex<Vec<u8>>>);
+    impl Write for Buf {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// `RUST_LOG=trace` still keeps the AWS SDK's signing and wire logs
+    /// (which carry security tokens and STS answers) out.
+    #[test]
+    fn rust_log_trace_cannot_lift_the_caps() {
+        let buf = Buf::default();
+        let w = buf.clone();
+        let sub = tracing_subscriber::fmt()
+            .with_env_filter(super::log_filter(Some("trace")))
+            .with_writer(move || w.clone())
+            .finish();
+        tracing::subscriber::with_default(sub, || {
+            tracing::trace!(target: "aws_sigv4::http_request::sign", "canonical request: x-amz-security-token:TOKEN-1");
+            tracing::trace!(target: "aws_smithy_runtime::client::orchestrator", "response body TOKEN-2");
+            tracing::trace!(target: "keygate::broker", "keygate's own trace line");
+        });
+        let text = String::from_utf8(buf.0.lock().unwrap().clone()).unwrap();
+        assert!(text.contains("keygate's own trace line"), "{text}");
+        assert!(
+            !text.contains("TOKEN-1") && !text.contains("TOKEN-2"),
+            "{text}"
+        );
+    }
 }

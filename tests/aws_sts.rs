@@ -244,3 +244,103 @@ async fn scopes_aws_would_reject_stop_the_broker_at_start() {
         );
     }
 }
+
+/// The conformance kit against moto, as for every provider: an
+/// `assume_role` session (it cannot be revoked: it must say until when it
+/// lives), a plain secret read (nothing to revoke) and a secret Keygate
+/// owns and rotates when the lease ends (revocable: the value read stops
+/// being current).
+#[tokio::test]
+async fn the_aws_provider_passes_the_conformance_kit() {
+    use keygate_provider_api::{RevokeHandle, ScopeSpec};
+    use keygate_provider_testkit::{Case, Check, run};
+    use std::time::Duration;
+
+    struct Session<'a>(&'a Moto);
+    impl Check for Session<'_> {
+        /// Works: GetCallerIdentity with it names the assumed role (moto
+        /// maps the session's key to it; a key it never issued does not).
+        async fn works(&self, c: &Value) -> Result<bool, String> {
+            let creds = sdk_creds(&json!({ "credential": c }));
+            let who = self.0.sts_as(creds).get_caller_identity().send().await;
+            Ok(who.is_ok_and(|w| {
+                w.arn()
+                    .is_some_and(|a| a.contains(":assumed-role/reports/"))
+            }))
+        }
+    }
+    struct Secret<'a>(&'a Moto, &'a str);
+    impl Check for Secret<'_> {
+        /// Works: the value read is still the secret's current value.
+        async fn works(&self, c: &Value) -> Result<bool, String> {
+            let out = self
+                .0
+                .secrets()
+                .get_secret_value()
+                .secret_id(self.1)
+                .send()
+                .await
+                .map_err(|e| format!("{e:?}"))?;
+            Ok(out.secret_string() == c["value"].as_str())
+        }
+    }
+
+    let moto = Moto::start().await;
+    moto.create_role("reports").await;
+    moto.create_secret("plain", "plain-value-1").await;
+    moto.create_secret("owned", "owned-value-1").await;
+    let p = moto.provider();
+    let scope = |name: &str, params: Value| ScopeSpec {
+        name: name.into(),
+        max_ttl: Duration::from_secs(3600),
+        params,
+    };
+    let case = |scope: ScopeSpec, never: Value| Case {
+        scope,
+        request_params: Value::Null,
+        ttl: Duration::from_secs(900),
+        never_issued: Some(RevokeHandle(never)),
+    };
+    let session = case(
+        scope(
+            "reports",
+            json!({ "kind": "assume_role", "role_arn": role_arn("reports") }),
+        ),
+        json!({ "kind": "assume_role", "role_arn": role_arn("reports"), "expires_at": 1 }),
+    );
+    let plain = case(
+        scope("plain", json!({ "kind": "secret", "secret_id": "plain" })),
+        json!({ "kind": "secret", "secret_id": "plain", "version_id": "never-issued", "rotation": "none" }),
+    );
+    let owned = case(
+        scope(
+            "owned",
+            json!({ "kind": "secret", "secret_id": "owned", "rotate_on_release": true, "keygate_owns_value": true }),
+        ),
+        json!({ "kind": "secret", "secret_id": "owned", "version_id": "never-issued", "rotation": "keygate" }),
+    );
+    let mut failures = Vec::new();
+    for (kind, r) in [
+        ("assume_role", run(&p, &session, &Session(&moto)).await),
+        (
+            "secret read",
+            run(&p, &plain, &Secret(&moto, "plain")).await,
+        ),
+        (
+            "owned secret",
+            run(&p, &owned, &Secret(&moto, "owned")).await,
+        ),
+    ] {
+        assert!(
+            r.passed.len() >= 8,
+            "{kind}: too few checks ran: {:?}",
+            r.passed
+        );
+        failures.extend(r.failed.iter().map(|f| format!("{kind}: {f}")));
+    }
+    assert!(
+        failures.is_empty(),
+        "conformance failures:\n{}",
+        failures.join("\n")
+    );
+}

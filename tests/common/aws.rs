@@ -97,6 +97,24 @@ impl Moto {
         aws_sdk_secretsmanager::Client::from_conf(conf)
     }
 
+    /// The AWS provider in this process, on this server, with the dummy
+    /// credentials (for the conformance kit).
+    pub fn provider(&self) -> keygate_provider_aws::AwsProvider {
+        let sdk = aws_config::SdkConfig::builder()
+            .behavior_version(BehaviorVersion::latest())
+            .region(Region::new(REGION))
+            .endpoint_url(&self.url)
+            .credentials_provider(
+                aws_credential_types::provider::SharedCredentialsProvider::new(Self::creds()),
+            )
+            .build();
+        let cfg: keygate_provider_aws::AwsConfig = serde_json::from_value(serde_json::json!({
+            "region": REGION, "endpoint_url": self.url,
+        }))
+        .unwrap();
+        keygate_provider_aws::AwsProvider::with_sdk_config(cfg, &sdk).unwrap()
+    }
+
     /// An STS client signing with the given (e.g. Keygate-issued) credentials.
     pub fn sts_as(&self, creds: Credentials) -> aws_sdk_sts::Client {
         let conf = aws_sdk_sts::Config::builder()

@@ -64,11 +64,22 @@ impl AwsProvider {
         cfg.validate()?;
         let sdk = cfg.sdk_config().await;
         tracing::info!(region = %cfg.region, profile = cfg.profile.as_deref().unwrap_or("-"), endpoint = cfg.endpoint_url.as_deref().unwrap_or("-"), "aws provider ready");
+        Self::with_sdk_config(cfg, &sdk)
+    }
+
+    /// Builds the provider on an SDK configuration the embedder made (its
+    /// own credential chain, endpoint or retry settings); `cfg` gives the
+    /// revocation limit, and its region names the provider in logs.
+    pub fn with_sdk_config(
+        cfg: AwsConfig,
+        sdk: &aws_config::SdkConfig,
+    ) -> Result<Self, ProviderError> {
+        cfg.validate()?;
         Ok(Self {
             region: cfg.region,
-            sts: aws_sdk_sts::Client::new(&sdk),
-            secrets: aws_sdk_secretsmanager::Client::new(&sdk),
-            iam: aws_sdk_iam::Client::new(&sdk),
+            sts: aws_sdk_sts::Client::new(sdk),
+            secrets: aws_sdk_secretsmanager::Client::new(sdk),
+            iam: aws_sdk_iam::Client::new(sdk),
             revocations: cfg.max_concurrent_revocations.map(Semaphore::new),
         })
     }

@@ -55,6 +55,24 @@ async fn get_value(
     })
 }
 
+/// The client request token (and so the version id) of the rotation that
+/// ends a lease: the lease id itself when AWS accepts it (32-64 characters
+/// of letters, digits, `-` and `_`, as Keygate's lease ids are), else the
+/// SHA-256 of it in hex — the same every time, so a retry or an orphan's
+/// revocation finds the version an earlier attempt made.
+pub(crate) fn request_token(lease_id: &str) -> String {
+    let fits = (32..=64).contains(&lease_id.len())
+        && lease_id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_');
+    if fits {
+        lease_id.to_owned()
+    } else {
+        use sha2::Digest;
+        hex::encode(sha2::Sha256::digest(lease_id.as_bytes()))
+    }
+}
+
 impl AwsProvider {
     /// GetSecretValue for the lease. The value goes to the agent only.
     pub(crate) async fn read_secret(
@@ -62,6 +80,12 @@ impl AwsProvider {
         req: &IssueRequest,
         p: &Secret,
     ) -> Result<Issued, ProviderError> {
+        if req.expires_at <= time::OffsetDateTime::now_utc() {
+            return Err(ProviderError::InvalidParams(format!(
+                "lease `{}` has already expired: nothing is read for it",
+                req.lease_id
+            )));
+        }
         let read = get_value(&self.secrets, &p.secret_id, p.version_stage.as_deref()).await?;
         let rotation = p.rotation();
         let credential = Credential::new()
@@ -116,9 +140,10 @@ impl AwsProvider {
             })?;
         let _permit = self.revocation_permit().await?;
         let current = self.current_version(secret_id).await?;
-        // The lease id is the rotation's client request token, so it names
-        // the version the rotation creates and retries are idempotent.
-        if current.as_deref() == Some(req.lease_id.as_str()) {
+        // The lease's request token names the version the rotation creates,
+        // so retries are idempotent and an orphan's rotation is recognised.
+        let token = request_token(&req.lease_id);
+        if current.as_deref() == Some(token.as_str()) {
             return Ok(RevokeOutcome::Revoked);
         }
         if let Some(seen) = field("version_id")
@@ -128,8 +153,8 @@ impl AwsProvider {
             return Ok(RevokeOutcome::AlreadyGone);
         }
         match rotation {
-            Rotation::PutValue => self.put_fresh_value(secret_id, &req.lease_id).await,
-            _ => self.start_rotation(secret_id, &req.lease_id).await,
+            Rotation::PutValue => self.put_fresh_value(secret_id, &token).await,
+            _ => self.start_rotation(secret_id, &token).await,
         }
     }
 
@@ -154,7 +179,7 @@ impl AwsProvider {
     async fn put_fresh_value(
         &self,
         secret_id: &str,
-        lease_id: &str,
+        token: &str,
     ) -> Result<RevokeOutcome, ProviderError> {
         let mut bytes = [0u8; 32];
         getrandom::fill(&mut bytes)
@@ -165,7 +190,7 @@ impl AwsProvider {
             .secrets
             .put_secret_value()
             .secret_id(secret_id)
-            .client_request_token(lease_id)
+            .client_request_token(token)
             .secret_string(value.expose_secret())
             .send()
             .await;
@@ -175,7 +200,7 @@ impl AwsProvider {
             Err(e) if error::code(&e) == Some("ResourceExistsException") => {}
             Err(e) => return Err(error::from_sdk("secretsmanager:PutSecretValue", e)),
         }
-        tracing::info!(lease_id, secret = %secret_id, "rotated secret to a fresh value");
+        tracing::info!(version = token, secret = %secret_id, "rotated secret to a fresh value");
         Ok(RevokeOutcome::Revoked)
     }
 
@@ -185,13 +210,13 @@ impl AwsProvider {
     async fn start_rotation(
         &self,
         secret_id: &str,
-        lease_id: &str,
+        token: &str,
     ) -> Result<RevokeOutcome, ProviderError> {
         let sent = self
             .secrets
             .rotate_secret()
             .secret_id(secret_id)
-            .client_request_token(lease_id)
+            .client_request_token(token)
             .rotate_immediately(true)
             .send()
             .await;
@@ -199,7 +224,7 @@ impl AwsProvider {
             Ok(_) => {}
             // AWS refuses a second rotation while one is in progress.
             Err(e) if error::code(&e) == Some("InvalidRequestException") => {
-                tracing::info!(lease_id, secret = %secret_id, error = %error::from_sdk("secretsmanager:RotateSecret", e), "rotation not started");
+                tracing::info!(version = token, secret = %secret_id, error = %error::from_sdk("secretsmanager:RotateSecret", e), "rotation not started");
             }
             Err(e) => return Err(error::from_sdk("secretsmanager:RotateSecret", e)),
         }

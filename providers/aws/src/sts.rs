@@ -146,3 +146,85 @@ pub(crate) fn to_time(
     OffsetDateTime::from_unix_timestamp(secs)
         .map_err(|e| ProviderError::Internal(format!("sts sent an unusable expiry: {e}")))
 }
+
+#[cfg(test)]
+mod tests {
+    #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+    use std::time::Duration;
+
+    use keygate_provider_api::{AgentInfo, ScopeSpec};
+    use serde_json::json;
+
+    use super::*;
+    use crate::scope::{self, ScopeKind};
+
+    /// Every fence rests on what AssumeRole is sent: the task id as the
+    /// session name (`aws:userid` ends with it), the agent id as the source
+    /// identity (`aws:SourceIdentity`), and the session tags. Checked on the
+    /// request the SDK would send, with no AWS to call.
+    #[tokio::test]
+    async fn assume_role_names_the_task_and_the_agent() {
+        let cfg: crate::AwsConfig = serde_json::from_value(json!({
+            "region": "eu-west-1", "endpoint_url": "http://127.0.0.1:9",
+        }))
+        .unwrap();
+        let p = AwsProvider::open(cfg).await.unwrap();
+        let params = json!({
+            "kind": "assume_role", "role_arn": "arn:aws:iam::123456789012:role/reports",
+            "session_tags": { "cost-center": "42" },
+        });
+        let ScopeKind::AssumeRole(role) = scope::parse(&params).unwrap() else {
+            panic!("not assume_role");
+        };
+        let req = IssueRequest {
+            lease_id: "ls_1".into(),
+            task_id: "tk_01abc".into(),
+            agent: AgentInfo {
+                id: "invoice-agent".into(),
+                team: "finance".into(),
+                sponsor: "owner@example.com".into(),
+                environment: "prod".into(),
+                risk_tier: 2,
+            },
+            scope: ScopeSpec {
+                name: "reports".into(),
+                max_ttl: Duration::from_secs(3600),
+                params: params.clone(),
+            },
+            ttl: Duration::from_secs(900),
+            expires_at: OffsetDateTime::now_utc() + Duration::from_secs(900),
+            request_params: serde_json::Value::Null,
+        };
+        let input = p
+            .assume_role_call(&req, &role, 900)
+            .unwrap()
+            .as_input()
+            .clone();
+        assert_eq!(input.get_role_session_name().as_deref(), Some("tk_01abc"));
+        assert_eq!(
+            input.get_source_identity().as_deref(),
+            Some("invoice-agent")
+        );
+        assert_eq!(input.get_duration_seconds(), &Some(900));
+        let tags: Vec<(String, String)> = input
+            .get_tags()
+            .as_ref()
+            .unwrap()
+            .iter()
+            .map(|t| (t.key().to_owned(), t.value().to_owned()))
+            .collect();
+        for want in [
+            ("agent", "invoice-agent"),
+            ("team", "finance"),
+            ("sponsor", "owner@example.com"),
+            ("task", "tk_01abc"),
+            ("environment", "prod"),
+            ("cost-center", "42"),
+        ] {
+            assert!(
+                tags.contains(&(want.0.to_owned(), want.1.to_owned())),
+                "{want:?} not in {tags:?}"
+            );
+        }
+    }
+}

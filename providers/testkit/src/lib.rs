@@ -35,6 +35,7 @@ use keygate_provider_api::{
 };
 use serde_json::Value;
 use time::OffsetDateTime;
+use tracing::instrument::WithSubscriber;
 
 pub use capture::LogCapture;
 
@@ -245,7 +246,8 @@ impl<'a> Suite<'a> {
             || format!("{} is after {want}", issued.expires_at),
         );
         check_works(&mut self.report, check, exposed, true, "works after issue").await;
-        if let Some(ttl) = check.backend_ttl(exposed).await {
+        let muted = tracing::subscriber::NoSubscriber::default();
+        if let Some(ttl) = check.backend_ttl(exposed).with_subscriber(muted).await {
             self.report
                 .check("backend ttl within the lease", ttl <= lease, || {
                     format!("backend says {ttl:?}, the lease allows {lease:?}")
@@ -429,7 +431,10 @@ async fn check_works(
     // A backend may take a moment to apply a revocation; poll, don't sleep.
     let deadline = tokio::time::Instant::now() + REVOKE_DEADLINE;
     loop {
-        match check.works(cred).await {
+        // The check's own calls (an SDK signing with the credential) are not
+        // the provider's logs: they run without any subscriber.
+        let muted = tracing::subscriber::NoSubscriber::default();
+        match check.works(cred).with_subscriber(muted).await {
             Ok(got) if got == want => return report.check(name, true, String::new),
             Ok(got) if want || tokio::time::Instant::now() >= deadline => {
                 return report.check(name, false, || format!("the backend says works = {got}"));
@@ -458,7 +463,17 @@ fn check_no_leaks(
     ] {
         let leaked = secrets.iter().any(|s| text.contains(s.as_str()));
         report.check(&format!("no secret in {where_}"), !leaked, || {
-            format!("a secret value appears in {where_}")
+            // Where, without the secret: the start of the first line with it.
+            let line = text
+                .lines()
+                .find(|l| secrets.iter().any(|s| l.contains(s.as_str())))
+                .unwrap_or_default();
+            let mut shown = line.to_owned();
+            for s in secrets {
+                shown = shown.replace(s.as_str(), "[SECRET]");
+            }
+            let shown: String = shown.chars().take(240).collect();
+            format!("a secret value appears in {where_}: {shown}")
         });
     }
     report.check("logs were captured", logs.contains(CAPTURE_MARKER), || {
