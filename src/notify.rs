@@ -224,21 +224,32 @@ impl Notifier {
                         retry_at: None,
                     }
                 }
-                Err(Attempt::Retry(error)) => {
-                    let retry_at = now() + self.backoff(n.attempts);
-                    let stale = t - n.created_at > self.give_up_after(&n.event);
-                    tracing::warn!(notification = %n.id, approval = ?n.approval_id, review_item = ?n.review_item_id, channel = %n.channel, attempts = n.attempts + 1, error = %error, "notification not delivered");
-                    Delivery::Failed {
-                        error,
-                        retry_at: (!stale).then_some(retry_at),
-                    }
-                }
+                Err(Attempt::Retry(error)) => self.failed(n, t, error, Duration::ZERO),
+                Err(Attempt::RetryAfter(error, after)) => self.failed(n, t, error, after),
             };
             let mut tx = store.begin().await?;
             tx.notification_attempted(&n.id, &outcome, now()).await?;
             tx.commit().await?;
         }
         Ok(due.len())
+    }
+
+    /// A failed attempt worth retrying: after the backoff, and not before
+    /// what the channel asked (`after`); given up once stale.
+    fn failed(
+        &self,
+        n: &Notification,
+        t: OffsetDateTime,
+        error: String,
+        after: Duration,
+    ) -> Delivery {
+        let retry_at = now() + self.backoff(n.attempts).max(after);
+        let stale = t - n.created_at > self.give_up_after(&n.event);
+        tracing::warn!(notification = %n.id, approval = ?n.approval_id, review_item = ?n.review_item_id, channel = %n.channel, attempts = n.attempts + 1, error = %error, "notification not delivered");
+        Delivery::Failed {
+            error,
+            retry_at: (!stale).then_some(retry_at),
+        }
     }
 
     /// How long a notification is worth retrying: a Slack `response_url`
@@ -321,6 +332,8 @@ impl Notifier {
 pub enum Attempt {
     /// Worth trying again later.
     Retry(String),
+    /// The channel said when (HTTP 429 with `Retry-After`): not before.
+    RetryAfter(String, Duration),
     /// Will never succeed.
     GiveUp(String),
 }

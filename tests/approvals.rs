@@ -827,3 +827,77 @@ async fn slack_text_is_inert_replays_are_byte_keyed_and_response_urls_stay_hidde
         assert!(r.text.contains("[redacted]"), "{}", r.text);
     }
 }
+
+/// Slack as Slack answers: a rate-limited post (429 with `Retry-After`) is
+/// retried no sooner than Slack asked; a justification far past Block
+/// Kit's limits still makes a message the fake's validation accepts; a
+/// `response_url` used up (five answers) is given up, visibly.
+#[tokio::test]
+async fn slack_rate_limits_block_kit_limits_and_used_up_response_urls() {
+    let w = world("").await;
+    let (b, slack) = (&w.b, &w.slack);
+    slack.rate_limit_next(1, 3);
+    let (_, s) = agent_session(b).await;
+    let body = json!({ "scope": "payments-ca", "ttl": 300, "justification": "x".repeat(10_000) });
+    let held = b
+        .post("/v1/credentials", Some(&s.token), &body)
+        .await
+        .expect(202);
+    let id = held["approval_id"].as_str().unwrap().to_owned();
+    let n = eventually("the request is posted after the rate limit", || async {
+        let a = approval(b, &id).await;
+        a["notifications"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["channel"] == "slack" && n["delivered_at"].is_string())
+            .cloned()
+    })
+    .await;
+    assert_eq!(n["attempts"], 2, "{n}");
+    let posts = slack.calls("/api/chat.postMessage");
+    let (first, second) = (&posts[0], &posts[posts.len() - 1]);
+    let at = |c: &common::slack::Call| c.at;
+    assert!(
+        at(second) - at(first) >= std::time::Duration::from_millis(2900),
+        "retried {:?} after a Retry-After of 3 s",
+        at(second) - at(first)
+    );
+    let text = second.body.to_string();
+    assert!(
+        text.contains("xxx…"),
+        "the justification is cut: {}",
+        &text[..200]
+    );
+
+    // Six clicks on one message: the sixth answer finds the URL used up.
+    let url = slack.response_url(9);
+    for i in 0..6 {
+        let click = click_body("UCAROL", "keygate_approve", &id, &url);
+        post_click(b, &click, Some(SIGNING_SECRET), unix_now() - i)
+            .await
+            .expect(200);
+    }
+    let gave_up = eventually("the sixth answer is given up", || async {
+        let a = approval(b, &id).await;
+        a["notifications"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| {
+                n["event"] == "reply"
+                    && n["next_attempt_at"].is_null()
+                    && n["delivered_at"].is_null()
+                    && n["attempts"] == 1
+            })
+            .cloned()
+    })
+    .await;
+    assert!(
+        gave_up["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("expired or used up"),
+        "{gave_up}"
+    );
+}

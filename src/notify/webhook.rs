@@ -65,6 +65,16 @@ pub async fn send(
     let status = resp.status();
     if status.is_success() {
         Ok(serde_json::json!({ "status": status.as_u16() }))
+    } else if status == reqwest::StatusCode::TOO_MANY_REQUESTS {
+        let after = super::slack::retry_after(resp.headers());
+        Err(Attempt::RetryAfter(
+            format!(
+                "webhook `{}`: HTTP 429, retry after {}s",
+                hook.name,
+                after.as_secs()
+            ),
+            after,
+        ))
     } else {
         Err(Attempt::Retry(format!(
             "webhook `{}`: HTTP {status}",

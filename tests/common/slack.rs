@@ -2,6 +2,13 @@
 //! `chat.postMessage` and `chat.update` with bearer-token checks and Slack's
 //! `{"ok": …}` answers, `response_url` endpoints, and a generic webhook
 //! receiver. It records every call so tests can assert what Keygate sent.
+//!
+//! Faithful where Keygate's behaviour depends on it (Slack's documented
+//! answers): Block Kit limits (at most 50 blocks, section text 3000
+//! characters, button text 75, button value 2000, `action_id` 255, a
+//! top-level `text` or blocks) answered with `ok: false, invalid_blocks`;
+//! rate limiting as HTTP 429 with `Retry-After`; a `response_url` that
+//! takes at most five answers, then 404 `expired_url`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::net::SocketAddr;
@@ -21,6 +28,8 @@ use sha2::Sha256;
 #[derive(Debug, Clone)]
 pub struct Call {
     pub path: String,
+    /// When it arrived.
+    pub at: std::time::Instant,
     pub headers: HeaderMap,
     pub raw: Vec<u8>,
     pub body: Value,
@@ -31,6 +40,11 @@ struct Inner {
     calls: Mutex<Vec<Call>>,
     /// `chat.postMessage` calls to fail with HTTP 500 before succeeding.
     fail_posts: AtomicUsize,
+    /// Web API calls to answer 429 (`Retry-After: retry_after`) first.
+    rate_limited: AtomicUsize,
+    retry_after: AtomicUsize,
+    /// Answers given per `response_url`.
+    answers: Mutex<std::collections::HashMap<String, usize>>,
     bot_token: String,
 }
 
@@ -44,9 +58,10 @@ async fn web_api(
     Path(method): Path<String>,
     headers: HeaderMap,
     raw: Bytes,
-) -> (StatusCode, Json<Value>) {
+) -> (StatusCode, HeaderMap, Json<Value>) {
     let body: Value = serde_json::from_slice(&raw).unwrap_or(Value::Null);
     s.calls.lock().unwrap().push(Call {
+        at: std::time::Instant::now(),
         path: format!("/api/{method}"),
         headers: headers.clone(),
         raw: raw.to_vec(),
@@ -59,10 +74,78 @@ async fn web_api(
     if auth != format!("Bearer {}", s.bot_token) {
         return (
             StatusCode::OK,
+            HeaderMap::new(),
             Json(json!({ "ok": false, "error": "invalid_auth" })),
         );
     }
-    match method.as_str() {
+    if s.rate_limited
+        .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+        .is_ok()
+    {
+        let mut h = HeaderMap::new();
+        h.insert(
+            "retry-after",
+            s.retry_after
+                .load(Ordering::SeqCst)
+                .to_string()
+                .parse()
+                .unwrap(),
+        );
+        return (
+            StatusCode::TOO_MANY_REQUESTS,
+            h,
+            Json(json!({ "ok": false, "error": "ratelimited" })),
+        );
+    }
+    if let Some(why) = block_kit_problem(&body) {
+        return (
+            StatusCode::OK,
+            HeaderMap::new(),
+            Json(json!({ "ok": false, "error": "invalid_blocks", "errors": [why] })),
+        );
+    }
+    let (status, body) = answer(&s, &method, &body);
+    (status, HeaderMap::new(), body)
+}
+
+/// What Slack's Block Kit validation would refuse in a message, if anything.
+fn block_kit_problem(body: &Value) -> Option<String> {
+    let blocks = body["blocks"].as_array();
+    if body["text"].as_str().is_none_or(str::is_empty) && blocks.is_none_or(Vec::is_empty) {
+        return Some("no_text: a message needs `text` or blocks".into());
+    }
+    let blocks = blocks?;
+    if blocks.len() > 50 {
+        return Some(format!("{} blocks, at most 50", blocks.len()));
+    }
+    for b in blocks {
+        if b["type"] == "section" {
+            let n = b["text"]["text"].as_str().map_or(0, |t| t.chars().count());
+            if n > 3000 {
+                return Some(format!("section text of {n} characters, at most 3000"));
+            }
+        }
+        for e in b["elements"].as_array().into_iter().flatten() {
+            if e["type"] != "button" {
+                continue;
+            }
+            let len = |v: &Value| v.as_str().map_or(0, |t| t.chars().count());
+            if len(&e["text"]["text"]) > 75 {
+                return Some("button text over 75 characters".into());
+            }
+            if len(&e["value"]) > 2000 {
+                return Some("button value over 2000 characters".into());
+            }
+            if len(&e["action_id"]) > 255 {
+                return Some("action_id over 255 characters".into());
+            }
+        }
+    }
+    None
+}
+
+fn answer(s: &Inner, method: &str, body: &Value) -> (StatusCode, Json<Value>) {
+    match method {
         "chat.postMessage" => {
             if s.fail_posts
                 .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
@@ -112,15 +195,26 @@ async fn record(
     Path(rest): Path<String>,
     headers: HeaderMap,
     raw: Bytes,
-) -> StatusCode {
+) -> (StatusCode, &'static str) {
     let body: Value = serde_json::from_slice(&raw).unwrap_or(Value::Null);
+    let path = format!("/{rest}");
     s.calls.lock().unwrap().push(Call {
-        path: format!("/{rest}"),
+        at: std::time::Instant::now(),
+        path: path.clone(),
         headers,
         raw: raw.to_vec(),
         body,
     });
-    StatusCode::OK
+    // A `response_url` takes five answers, then is gone.
+    if path.starts_with("/actions/") {
+        let mut answers = s.answers.lock().unwrap();
+        let n = answers.entry(path).or_default();
+        *n += 1;
+        if *n > 5 {
+            return (StatusCode::NOT_FOUND, "expired_url");
+        }
+    }
+    (StatusCode::OK, "ok")
 }
 
 impl SlackFake {
@@ -155,6 +249,12 @@ impl SlackFake {
     /// Makes the next `n` `chat.postMessage` calls fail with HTTP 500.
     pub fn fail_next_posts(&self, n: usize) {
         self.inner.fail_posts.store(n, Ordering::SeqCst);
+    }
+
+    /// Answers the next `n` Web API calls with 429 and `Retry-After: secs`.
+    pub fn rate_limit_next(&self, n: usize, secs: usize) {
+        self.inner.retry_after.store(secs, Ordering::SeqCst);
+        self.inner.rate_limited.store(n, Ordering::SeqCst);
     }
 
     pub fn calls(&self, path: &str) -> Vec<Call> {
