@@ -263,3 +263,99 @@ revocation_file = "ca2/revocations.jsonl"
     assert!(!still_valid(&b, &a).await);
     assert_eq!(b.get("/v1/session", Some(&s.token)).await.status, 401);
 }
+
+/// `{"all": true}` ends every open task and revokes every lease of every
+/// team at once; the agents stay active (no `suspend` with `all`), so each
+/// can open a new task after.
+#[tokio::test]
+async fn the_kill_switch_for_all_ends_every_task_of_every_team() {
+    let b = TestBroker::start_with(Setup::permissive()).await;
+    let platform = busy(&b, "all-a", "platform", 2).await;
+    let finance = busy(&b, "all-b", "finance", 1).await;
+    let rv = b
+        .post(
+            "/v1/revocations",
+            Some(&b.ops.secops),
+            &json!({ "all": true, "reason": "credential store breach" }),
+        )
+        .await
+        .expect(200);
+    assert_eq!(rv["selector"], "all", "{rv}");
+    assert_eq!(rv["tasks_ended"], 3, "{rv}");
+    assert_eq!(rv["agents_suspended"], 0, "{rv}");
+    for who in [&platform, &finance] {
+        assert_agent(&b, who, 401, "revoked").await;
+        b.token(&who.agent).await;
+    }
+    let audited = b.audit("action=revocation.emergency").await;
+    assert_eq!(audited[0]["reason"], "credential store breach", "{audited:?}");
+}
+
+/// Suspending an agent revokes what it holds and ends its tasks:
+/// introspection (the `introspector` role, as a resource server calls it)
+/// says `active: false` for its old token; a resumed agent's old token stays
+/// dead, a new one works; decommissioning does the same for good. Roles
+/// without introspection are refused.
+#[tokio::test]
+async fn suspend_and_decommission_revoke_and_introspection_says_inactive() {
+    let rs_token = format!("kgop-rs-{}", uuid::Uuid::new_v4().simple());
+    let setup = Setup {
+        extra_config: format!(
+            "[[operators]]\nname = \"orders-api\"\nroles = [\"introspector\"]\ntoken_sha256 = \"{}\"\n",
+            common::config::sha256_hex(&rs_token)
+        ),
+        ..Setup::default()
+    };
+    let b = TestBroker::start_with(setup).await;
+    let introspect = |bearer: String, token: String| {
+        let b = &b;
+        async move {
+            let resp = b
+                .http
+                .post(b.url("/oauth/introspect"))
+                .bearer_auth(bearer)
+                .form(&[("token", token)])
+                .send()
+                .await
+                .unwrap();
+            (resp.status().as_u16(), resp.json::<Value>().await.unwrap())
+        }
+    };
+    let who = busy(&b, "susp", "platform", 1).await;
+    let token = who.tasks[0].token.clone();
+    let (status, v) = introspect(rs_token.clone(), token.clone()).await;
+    assert_eq!((status, &v["active"]), (200, &json!(true)), "{v}");
+    assert_eq!(v["sub"], who.agent.id.as_str(), "{v}");
+    // An auditor may read the audit log, not introspect tokens.
+    assert_eq!(introspect(b.ops.auditor.clone(), token.clone()).await.0, 403);
+
+    let path = |action: &str| format!("/v1/agents/{}/{action}", who.agent.id);
+    b.admin_post(&path("suspend"), &json!({ "reason": "incident" }))
+        .await
+        .expect(200);
+    assert_agent(&b, &who, 401, "revoked").await;
+    let (_, v) = introspect(rs_token.clone(), token.clone()).await;
+    assert_eq!(v, json!({ "active": false }));
+    let refused = b.token_with_assertion(&who.agent.id, &who.agent.assertion()).await;
+    assert_eq!(refused.status, 401, "{}", refused.text);
+
+    b.admin_post(&path("resume"), &json!({ "reason": "cleared" }))
+        .await
+        .expect(200);
+    assert_eq!(introspect(rs_token.clone(), token).await.1, json!({ "active": false }));
+    let fresh = b.token(&who.agent).await;
+    let cred = b.x509(&fresh.token, Some(600)).await;
+    assert_eq!(introspect(rs_token.clone(), fresh.token.clone()).await.1["active"], true);
+
+    b.admin_post(&path("decommission"), &json!({ "reason": "retired" }))
+        .await
+        .expect(200);
+    assert_eq!(
+        b.lease_state(cred["lease_id"].as_str().unwrap()).await,
+        "revoked"
+    );
+    assert!(!still_valid(&b, &cred).await);
+    assert_eq!(introspect(rs_token, fresh.token).await.1, json!({ "active": false }));
+    let refused = b.token_with_assertion(&who.agent.id, &who.agent.assertion()).await;
+    assert_eq!(refused.status, 401, "{}", refused.text);
+}
