@@ -901,3 +901,54 @@ async fn slack_rate_limits_block_kit_limits_and_used_up_response_urls() {
         "{gave_up}"
     );
 }
+
+/// A webhook that fails is retried with the same `Keygate-Event-Id` (so a
+/// receiver can drop duplicates) and a fresh signature; another agent
+/// cannot read this agent's approval.
+#[tokio::test]
+async fn webhook_retries_keep_their_event_id_and_approvals_stay_private() {
+    let w = world("").await;
+    let (b, slack) = (&w.b, &w.slack);
+    slack.fail_next_hooks(2);
+    let (_, s) = agent_session(b).await;
+    let id = ask(b, &s.token, "payments-ca").await;
+    let hooks = eventually("three deliveries of the request", || async {
+        let calls: Vec<common::slack::Call> = slack
+            .calls("/hook")
+            .into_iter()
+            .filter(|c| {
+                c.body["approval"]["id"] == id.as_str() && c.body["type"] == "approval.requested"
+            })
+            .collect();
+        (calls.len() >= 3).then_some(calls)
+    })
+    .await;
+    let header =
+        |c: &common::slack::Call, h: &str| c.headers.get(h).unwrap().to_str().unwrap().to_owned();
+    let ids: std::collections::BTreeSet<String> = hooks
+        .iter()
+        .map(|c| header(c, "keygate-event-id"))
+        .collect();
+    assert_eq!(ids.len(), 1, "one event id across retries: {ids:?}");
+    let n = approval(b, &id).await;
+    let delivered = n["notifications"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|n| n["channel"] == "webhook:bus" && n["event"] == "approval.requested")
+        .cloned()
+        .unwrap();
+    assert_eq!(delivered["attempts"], 3, "{delivered}");
+    assert_eq!(
+        ids.iter().next().unwrap(),
+        delivered["id"].as_str().unwrap()
+    );
+
+    // Another agent's session cannot see it (nor learn that it exists).
+    let (_, other) = agent_session(b).await;
+    let r = b
+        .get(&format!("/v1/approvals/{id}"), Some(&other.token))
+        .await;
+    assert_eq!(r.status, 404, "{}", r.text);
+    assert!(!r.text.contains("pay invoice"), "{}", r.text);
+}

@@ -232,6 +232,30 @@ async fn every_admin_endpoint_checks_roles() {
         assert_eq!(v["revocation_id"], ids[0].as_str());
     }
 
+    // Changing an agent: admin only (and nothing changed for the others).
+    let change = json!({ "purpose": "role test" });
+    refused_to_others(&b, Method::PATCH, &one, Some(&change), &["admin"]).await;
+    assert_ne!(b.admin_get(&one).await["purpose"], "role test");
+    let r = b
+        .call(Method::PATCH, &one, Some(&b.ops.admin), Some(&change))
+        .await;
+    assert_eq!(r.expect(200)["purpose"], "role test");
+
+    // Fences: readers; approvals: readers and approvers.
+    refused_to_others(&b, Method::GET, "/v1/fences", None, READERS).await;
+    for role in READERS {
+        b.get("/v1/fences", Some(&token_of(&b, role)))
+            .await
+            .expect(200);
+    }
+    let approval_readers = ["admin", "secops", "auditor", "approver"];
+    refused_to_others(&b, Method::GET, "/v1/approvals", None, &approval_readers).await;
+    for role in approval_readers {
+        b.get("/v1/approvals", Some(&token_of(&b, role)))
+            .await
+            .expect(200);
+    }
+
     // Audit: auditor and admin.
     refused_to_others(&b, Method::GET, "/v1/audit", None, &["auditor", "admin"]).await;
     for role in ["auditor", "admin"] {

@@ -463,11 +463,11 @@ secret = "env:KG_REVIEW_HOOK"
     );
     let hook = common::eventually("the review webhook", || async {
         slack.calls("/hook").into_iter().find(|c| {
-            c.body["event"] == "review.requested" && c.body["review_item"] == item.as_str()
+            c.body["type"] == "review.requested" && c.body["review_item"]["id"] == item.as_str()
         })
     })
     .await;
-    assert_eq!(hook.body["reviewer"], SPONSOR);
+    assert_eq!(hook.body["review_item"]["reviewer"], SPONSOR);
     assert!(
         hook.headers.get("keygate-signature").is_some(),
         "signed: {:?}",

@@ -288,7 +288,10 @@ async fn the_kill_switch_for_all_ends_every_task_of_every_team() {
         b.token(&who.agent).await;
     }
     let audited = b.audit("action=revocation.emergency").await;
-    assert_eq!(audited[0]["reason"], "credential store breach", "{audited:?}");
+    assert_eq!(
+        audited[0]["reason"], "credential store breach",
+        "{audited:?}"
+    );
 }
 
 /// Suspending an agent revokes what it holds and ends its tasks:
@@ -327,7 +330,10 @@ async fn suspend_and_decommission_revoke_and_introspection_says_inactive() {
     assert_eq!((status, &v["active"]), (200, &json!(true)), "{v}");
     assert_eq!(v["sub"], who.agent.id.as_str(), "{v}");
     // An auditor may read the audit log, not introspect tokens.
-    assert_eq!(introspect(b.ops.auditor.clone(), token.clone()).await.0, 403);
+    assert_eq!(
+        introspect(b.ops.auditor.clone(), token.clone()).await.0,
+        403
+    );
 
     let path = |action: &str| format!("/v1/agents/{}/{action}", who.agent.id);
     b.admin_post(&path("suspend"), &json!({ "reason": "incident" }))
@@ -336,16 +342,24 @@ async fn suspend_and_decommission_revoke_and_introspection_says_inactive() {
     assert_agent(&b, &who, 401, "revoked").await;
     let (_, v) = introspect(rs_token.clone(), token.clone()).await;
     assert_eq!(v, json!({ "active": false }));
-    let refused = b.token_with_assertion(&who.agent.id, &who.agent.assertion()).await;
+    let refused = b
+        .token_with_assertion(&who.agent.id, &who.agent.assertion())
+        .await;
     assert_eq!(refused.status, 401, "{}", refused.text);
 
     b.admin_post(&path("resume"), &json!({ "reason": "cleared" }))
         .await
         .expect(200);
-    assert_eq!(introspect(rs_token.clone(), token).await.1, json!({ "active": false }));
+    assert_eq!(
+        introspect(rs_token.clone(), token).await.1,
+        json!({ "active": false })
+    );
     let fresh = b.token(&who.agent).await;
     let cred = b.x509(&fresh.token, Some(600)).await;
-    assert_eq!(introspect(rs_token.clone(), fresh.token.clone()).await.1["active"], true);
+    assert_eq!(
+        introspect(rs_token.clone(), fresh.token.clone()).await.1["active"],
+        true
+    );
 
     b.admin_post(&path("decommission"), &json!({ "reason": "retired" }))
         .await
@@ -355,7 +369,12 @@ async fn suspend_and_decommission_revoke_and_introspection_says_inactive() {
         "revoked"
     );
     assert!(!still_valid(&b, &cred).await);
-    assert_eq!(introspect(rs_token, fresh.token).await.1, json!({ "active": false }));
-    let refused = b.token_with_assertion(&who.agent.id, &who.agent.assertion()).await;
+    assert_eq!(
+        introspect(rs_token, fresh.token).await.1,
+        json!({ "active": false })
+    );
+    let refused = b
+        .token_with_assertion(&who.agent.id, &who.agent.assertion())
+        .await;
     assert_eq!(refused.status, 401, "{}", refused.text);
 }

@@ -19,7 +19,8 @@ pub const ATTEST_ACTION: &str = "keygate_review_attest";
 /// Slack button: the reviewer retires (decommissions) the agent.
 pub const RETIRE_ACTION: &str = "keygate_review_retire";
 
-/// The webhook body for a review event; never secret.
+/// The webhook body for a review event, shaped like an approval's (`type`,
+/// the subject, `links`); never secret.
 fn webhook_event(
     item: &ReviewItem,
     campaign: &Campaign,
@@ -28,16 +29,21 @@ fn webhook_event(
     public_url: &str,
 ) -> Value {
     json!({
-        "event": event,
-        "review_item": item.id,
-        "campaign": campaign.name,
-        "campaign_id": campaign.id,
-        "agent": item.agent_id,
-        "reviewer": item.reviewer,
-        "state": item.state.as_str(),
-        "due_at": when(campaign.due_at),
-        "escalated_to": escalated_to,
-        "url": format!("{public_url}/v1/reviews/items/{}", item.id),
+        "type": event,
+        "review_item": {
+            "id": item.id,
+            "campaign": campaign.name,
+            "campaign_id": campaign.id,
+            "agent": item.agent_id,
+            "reviewer": item.reviewer,
+            "state": item.state.as_str(),
+            "due_at": when(campaign.due_at),
+            "escalated_to": escalated_to,
+        },
+        "links": {
+            "item": format!("{public_url}/v1/reviews/items/{}", item.id),
+            "decision": format!("{public_url}/v1/reviews/items/{}/decision", item.id),
+        },
     })
 }
 

@@ -43,6 +43,8 @@ struct Inner {
     /// Web API calls to answer 429 (`Retry-After: retry_after`) first.
     rate_limited: AtomicUsize,
     retry_after: AtomicUsize,
+    /// Webhook deliveries to `/hook` to answer with HTTP 503 first.
+    fail_hooks: AtomicUsize,
     /// Answers given per `response_url`.
     answers: Mutex<std::collections::HashMap<String, usize>>,
     bot_token: String,
@@ -205,6 +207,13 @@ async fn record(
         raw: raw.to_vec(),
         body,
     });
+    if path == "/hook"
+        && s.fail_hooks
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+    {
+        return (StatusCode::SERVICE_UNAVAILABLE, "down");
+    }
     // A `response_url` takes five answers, then is gone.
     if path.starts_with("/actions/") {
         let mut answers = s.answers.lock().unwrap();
@@ -249,6 +258,11 @@ impl SlackFake {
     /// Makes the next `n` `chat.postMessage` calls fail with HTTP 500.
     pub fn fail_next_posts(&self, n: usize) {
         self.inner.fail_posts.store(n, Ordering::SeqCst);
+    }
+
+    /// Answers the next `n` webhook deliveries with HTTP 503.
+    pub fn fail_next_hooks(&self, n: usize) {
+        self.inner.fail_hooks.store(n, Ordering::SeqCst);
     }
 
     /// Answers the next `n` Web API calls with 429 and `Retry-After: secs`.
