@@ -952,3 +952,41 @@ async fn webhook_retries_keep_their_event_id_and_approvals_stay_private() {
     assert_eq!(r.status, 404, "{}", r.text);
     assert!(!r.text.contains("pay invoice"), "{}", r.text);
 }
+
+/// The outbox is in the store: a request whose Slack message could not be
+/// sent before the broker was killed is sent by the next process.
+#[tokio::test]
+async fn the_notification_outbox_survives_a_crash() {
+    let mut w = world("").await;
+    w.slack.fail_next_posts(usize::MAX / 2);
+    let (_, s) = agent_session(&w.b).await;
+    let id = ask(&w.b, &s.token, "payments-ca").await;
+    eventually("a first attempt failed", || async {
+        let a = approval(&w.b, &id).await;
+        a["notifications"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["channel"] == "slack" && n["attempts"].as_u64() >= Some(1))
+            .cloned()
+    })
+    .await;
+    w.b.kill().await;
+    w.slack.fail_next_posts(0);
+    w.b.start_again().await;
+    // Every post failed before the kill: a delivery now is the new
+    // process's, from the row the old one left.
+    let n = eventually("the message is sent after the restart", || async {
+        let a = approval(&w.b, &id).await;
+        a["notifications"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["channel"] == "slack" && n["delivered_at"].is_string())
+            .cloned()
+    })
+    .await;
+    assert!(n["attempts"].as_u64().unwrap() >= 2, "{n}");
+    let a = approval(&w.b, &id).await;
+    assert_eq!(a["state"], "pending", "{a}");
+}
