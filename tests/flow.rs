@@ -330,3 +330,220 @@ async fn releasing_one_lease_revokes_only_it() {
     assert!(log.contains("request"), "the server logged");
     assert!(!log.contains('\u{1b}'), "ANSI escapes in a log file");
 }
+
+/// The README's operator walkthrough, command by command, as a newcomer
+/// runs it: the `keygate` binary as a subprocess against a running broker,
+/// each answer read.
+#[tokio::test]
+async fn the_readmes_operator_commands_do_what_it_says() {
+    let b = TestBroker::start().await;
+    let ok = |out: &std::process::Output, what: &str| -> (String, String) {
+        let (stdout, stderr) = (
+            String::from_utf8_lossy(&out.stdout).into_owned(),
+            String::from_utf8_lossy(&out.stderr).into_owned(),
+        );
+        assert!(out.status.success(), "{what}: {stderr}");
+        (stdout, stderr)
+    };
+
+    // keys generate: a 0600 private key, and the public JWKS on stdout.
+    let out = b
+        .cli(
+            &[
+                "keys",
+                "generate",
+                "--alg",
+                "ES256",
+                "--out",
+                "my-agent.pem",
+            ],
+            None,
+        )
+        .await;
+    let (jwks, _) = ok(&out, "keys generate");
+    let jwks: Value = serde_json::from_str(&jwks).unwrap();
+    let jwk = jwks["keys"][0].clone();
+    assert_eq!(
+        (jwk["kty"].as_str(), jwk["crv"].as_str()),
+        (Some("EC"), Some("P-256")),
+        "{jwks}"
+    );
+    let pem_path = b.dir.join("my-agent.pem");
+    let pem = std::fs::read_to_string(&pem_path).unwrap();
+    assert!(pem.contains("PRIVATE KEY"));
+    assert!(
+        !jwks.to_string().contains("\"d\""),
+        "no private part in the JWKS"
+    );
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let mode = std::fs::metadata(&pem_path).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600);
+    }
+
+    // agents register --file: the generated key, in a definition file.
+    let id = format!(
+        "cli-agent-{}",
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    let def = format!(
+        "id = \"{id}\"\nteam = \"platform\"\nsponsor = \"owner@keygate.test\"\nrisk_tier = 2\nenvironment = \"dev\"\npurpose = \"cli test\"\nauth_method = \"private_key_jwt\"\njwks = {}\n",
+        toml_inline(&jwks)
+    );
+    std::fs::write(b.dir.join("agent.toml"), def).unwrap();
+    let admin = Some(b.ops.admin.as_str());
+    ok(
+        &b.cli(&["agents", "register", "--file", "agent.toml"], admin)
+            .await,
+        "agents register",
+    );
+    let (list, _) = ok(&b.cli(&["agents", "list"], admin).await, "agents list");
+    assert!(list.contains(&id), "{list}");
+
+    // The generated key signs in as the agent, and it gets a credential.
+    let agent = TestAgent {
+        id: id.clone(),
+        alg: jsonwebtoken::Algorithm::ES256,
+        pem,
+        kid: jwk["kid"].as_str().unwrap().to_owned(),
+        jwk,
+    };
+    let s = b.token(&agent).await;
+    let cred = b.x509(&s.token, Some(300)).await;
+    let lease = cred["lease_id"].as_str().unwrap();
+
+    // A sensitive ask, approved and denied from the CLI.
+    // (One pending approval per task and scope: the second ask is its own task.)
+    let s2 = b.token(&agent).await;
+    let ask = |token: String| {
+        let b = &b;
+        async move {
+            let body = json!({ "scope": "payments-ca", "ttl": 300, "justification": "cli test" });
+            let held = b
+                .post("/v1/credentials", Some(&token), &body)
+                .await
+                .expect(202);
+            held["approval_id"].as_str().unwrap().to_owned()
+        }
+    };
+    let (first, second) = (ask(s.token.clone()).await, ask(s2.token.clone()).await);
+    assert_ne!(first, second);
+    let approver = Some(b.ops.approver.as_str());
+    let (pending, _) = ok(
+        &b.cli(&["approvals", "list"], approver).await,
+        "approvals list",
+    );
+    assert!(
+        pending.contains(&first) && pending.contains(&second),
+        "{pending}"
+    );
+    let (approved, _) = ok(
+        &b.cli(
+            &["approvals", "approve", &first, "--reason", "ticket 17"],
+            approver,
+        )
+        .await,
+        "approvals approve",
+    );
+    assert!(approved.contains("approved"), "{approved}");
+    let (denied, _) = ok(
+        &b.cli(
+            &[
+                "approvals",
+                "deny",
+                &second,
+                "--reason",
+                "not during the freeze",
+            ],
+            approver,
+        )
+        .await,
+        "approvals deny",
+    );
+    assert!(denied.contains("denied"), "{denied}");
+
+    // agents suspend revokes its leases; leases list shows what is left.
+    ok(
+        &b.cli(
+            &["agents", "suspend", &id, "--reason", "investigating"],
+            admin,
+        )
+        .await,
+        "agents suspend",
+    );
+    assert_eq!(b.lease_state(lease).await, "revoked");
+    let (revoking, _) = ok(
+        &b.cli(&["leases", "list", "--state", "revoking", "--all"], admin)
+            .await,
+        "leases list",
+    );
+    assert_eq!(serde_json::from_str::<Value>(&revoking).unwrap(), json!([]));
+
+    // The kill switch by team, as secops.
+    let (rv, _) = ok(
+        &b.cli(
+            &["revoke", "--team", "finance", "--reason", "incident 42"],
+            Some(&b.ops.secops),
+        )
+        .await,
+        "revoke --team",
+    );
+    assert_eq!(
+        serde_json::from_str::<Value>(&rv).unwrap()["selector"]["team"],
+        "finance"
+    );
+
+    // The auditor verifies the chain and tails the agent's events.
+    let auditor = Some(b.ops.auditor.as_str());
+    let (verified, _) = ok(&b.cli(&["audit", "verify"], auditor).await, "audit verify");
+    assert!(verified.contains("audit chain intact"), "{verified}");
+    let (tail, _) = ok(
+        &b.cli(&["audit", "tail", "--agent", &id], auditor).await,
+        "audit tail",
+    );
+    let actions: Vec<String> = tail
+        .lines()
+        .map(|l| {
+            serde_json::from_str::<Value>(l).unwrap()["action"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        })
+        .collect();
+    for want in [
+        "agent.registered",
+        "lease.issued",
+        "approval.requested",
+        "agent.suspended",
+    ] {
+        assert!(
+            actions.iter().any(|a| a == want),
+            "{want} not in {actions:?}"
+        );
+    }
+    assert!(
+        tail.lines()
+            .all(|l| serde_json::from_str::<Value>(l).unwrap()["agent"] == id.as_str()),
+        "only this agent's events"
+    );
+}
+
+/// A JSON value as a TOML inline value (for agent definition files).
+fn toml_inline(v: &Value) -> String {
+    match v {
+        Value::Object(m) => format!(
+            "{{ {} }}",
+            m.iter()
+                .map(|(k, v)| format!("{k} = {}", toml_inline(v)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        Value::Array(a) => format!(
+            "[{}]",
+            a.iter().map(toml_inline).collect::<Vec<_>>().join(", ")
+        ),
+        Value::String(s) => format!("{s:?}"),
+        other => other.to_string(),
+    }
+}
