@@ -41,6 +41,19 @@ async fn main() -> anyhow::Result<()> {
     let server = std::env::var("KEYGATE_SERVER").unwrap_or_else(|_| "http://127.0.0.1:8470".into());
     let http = reqwest::Client::new();
     let token_endpoint = format!("{server}/oauth/token");
+    // Assertions name the broker as it names itself (RFC 8414 metadata),
+    // which differs from `server` behind a proxy or on another port.
+    let meta = check(
+        http.get(format!("{server}/.well-known/oauth-authorization-server"))
+            .send()
+            .await
+            .context("is the broker running? start it with `scripts/serve`")?,
+    )
+    .await?;
+    let audience = meta["token_endpoint"]
+        .as_str()
+        .context("no token_endpoint in the broker's metadata")?
+        .to_owned();
 
     // 1. The orchestrator opens its own task.
     let parent = check(
@@ -54,11 +67,7 @@ async fn main() -> anyhow::Result<()> {
                 ),
                 (
                     "client_assertion",
-                    &assertion(
-                        "demo-agent",
-                        "examples/keys/demo-agent.pem",
-                        &token_endpoint,
-                    )?,
+                    &assertion("demo-agent", "examples/keys/demo-agent.pem", &audience)?,
                 ),
                 ("task", "demo: orchestrate a report"),
             ])
@@ -86,7 +95,7 @@ async fn main() -> anyhow::Result<()> {
                     &assertion(
                         "demo-subagent",
                         "examples/keys/demo-subagent.pem",
-                        &token_endpoint,
+                        &audience,
                     )?,
                 ),
                 ("actor_token_type", "urn:ietf:params:oauth:token-type:jwt"),

@@ -115,3 +115,41 @@ async fn an_unknown_value_is_named_by_its_setting_not_repeated() {
     );
     nothing_written(&b);
 }
+
+/// The shipped `config/keygate.toml`, started as shipped (only the listen
+/// address moved to a free port), serves the README's examples: the demo
+/// agent's `cargo run --example agent` and `--example delegation` run
+/// against it and succeed.
+#[tokio::test]
+async fn the_shipped_config_serves_the_readmes_examples() {
+    let text = std::fs::read_to_string(
+        std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("config/keygate.toml"),
+    )
+    .unwrap();
+    let b = common::example::ExampleBroker::start("keygate.toml", &text, Vec::new()).await;
+    for (example, says) in [
+        ("agent", vec!["revoked"]),
+        (
+            "delegation",
+            vec![
+                "(delegated)",
+                "outside its slice gets: 403",
+                "token gets: 401",
+            ],
+        ),
+    ] {
+        let out = b.run_example(example, &[]).await;
+        let stdout = String::from_utf8_lossy(&out.stdout);
+        assert!(
+            out.status.success(),
+            "example `{example}`: {stdout}\n{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        for s in says {
+            assert!(
+                stdout.contains(s),
+                "example `{example}` does not say `{s}`: {stdout}"
+            );
+        }
+    }
+}

@@ -86,6 +86,36 @@ impl ExampleBroker {
         format!("http://{}{path}", self.addr)
     }
 
+    /// `http://<address>`, as `KEYGATE_SERVER` takes it.
+    pub fn server(&self) -> String {
+        self.url("")
+    }
+
+    /// Runs a shipped example binary (`examples/<name>.rs`, built by
+    /// `cargo test --examples`, which the README's test command runs)
+    /// against this broker, from the repository root as the README does.
+    pub async fn run_example(&self, name: &str, env: &[(&str, &str)]) -> std::process::Output {
+        let deps = std::env::current_exe().unwrap();
+        let bin = deps
+            .parent()
+            .and_then(Path::parent)
+            .unwrap()
+            .join("examples")
+            .join(name);
+        assert!(
+            bin.exists(),
+            "example `{name}` is not built at {}: build the examples first (`cargo test --examples`, as scripts/test does)",
+            bin.display()
+        );
+        Command::new(bin)
+            .env("KEYGATE_SERVER", self.server())
+            .envs(env.iter().copied())
+            .current_dir(env!("CARGO_MANIFEST_DIR"))
+            .output()
+            .await
+            .unwrap()
+    }
+
     /// Opens a task as the demo agent (its committed demo key); returns the
     /// session token.
     pub async fn demo_session(&self) -> String {
