@@ -18,7 +18,7 @@ use common::azure::{
     APP_CLIENT, APP_OBJECT, AzurePeers, KEYGATE_WI_CLIENT, READER_TOKEN_SECS, RESOURCE, TENANT,
     scopes,
 };
-use common::{Session, TestAgent, TestBroker, rfc3339, start_refused, unix_now};
+use common::{Session, TestBroker, rfc3339, start_refused, unix_now};
 use reqwest::Method;
 use serde_json::Value;
 
@@ -33,13 +33,6 @@ async fn release(b: &TestBroker, s: &Session, lease: &str) -> Value {
     .expect(200)
 }
 
-async fn agent_session(b: &TestBroker, name: &str) -> (TestAgent, Session) {
-    let agent = TestAgent::new(name, "ES256");
-    b.register(&agent, "platform").await;
-    let s = b.token_ttl(&agent, Some(1800)).await;
-    (agent, s)
-}
-
 #[tokio::test]
 async fn app_passwords_live_and_die_with_their_leases() {
     let peers = AzurePeers::start().await;
@@ -50,7 +43,7 @@ async fn app_passwords_live_and_die_with_their_leases() {
         time::OffsetDateTime::now_utc() + time::Duration::days(30),
     );
     let b = TestBroker::start_with(peers.setup(&scopes(5))).await;
-    let (agent, s) = agent_session(&b, "deployer").await;
+    let (agent, s) = b.agent_with_task("deployer", "platform").await;
 
     let before = unix_now();
     let cred = b
@@ -138,7 +131,7 @@ async fn an_app_holds_at_most_max_passwords_keygate_passwords() {
         .graph
         .add_password(APP_OBJECT, "CI deploy secret", far);
     let b = TestBroker::start_with(peers.setup(&scopes(2))).await;
-    let (_, s) = agent_session(&b, "busy").await;
+    let (_, s) = b.agent_with_task("busy", "platform").await;
     let first = b
         .credential(&s.token, "deploy-app", Some(300), None)
         .await
@@ -174,7 +167,7 @@ async fn an_app_holds_at_most_max_passwords_keygate_passwords() {
 async fn access_tokens_cannot_be_revoked_and_say_so() {
     let peers = AzurePeers::start().await;
     let b = TestBroker::start_with(peers.setup(&scopes(5))).await;
-    let (_, s) = agent_session(&b, "reader").await;
+    let (_, s) = b.agent_with_task("reader", "platform").await;
 
     // Entra gives the token its own lifetime (20 minutes here), longer than
     // the 5 minutes asked for: the lease keeps the real expiry and says so.
@@ -234,7 +227,7 @@ async fn a_token_longer_than_the_scope_allows_is_not_handed_over() {
     // The same reader app, but a scope capped below Entra's token lifetime.
     let toml = scopes(5).replace("max_ttl_secs = 3600", "max_ttl_secs = 600");
     let b = TestBroker::start_with(peers.setup(&toml)).await;
-    let (_, s) = agent_session(&b, "capped").await;
+    let (_, s) = b.agent_with_task("capped", "platform").await;
     let refused = b
         .credential(&s.token, "arm-reader", None, None)
         .await
@@ -267,7 +260,7 @@ async fn keygate_can_be_a_workload_identity() {
         ),
     );
     let b = TestBroker::start_with(setup).await;
-    let (_, s) = agent_session(&b, "wi").await;
+    let (_, s) = b.agent_with_task("wi", "platform").await;
     let cred = b
         .credential(&s.token, "deploy-app", Some(300), None)
         .await
@@ -288,7 +281,7 @@ async fn a_refused_keygate_secret_is_a_clear_error_without_the_secret() {
         }
     }
     let b = TestBroker::start_with(setup).await;
-    let (_, s) = agent_session(&b, "refused").await;
+    let (_, s) = b.agent_with_task("refused", "platform").await;
     let r = b
         .credential(&s.token, "deploy-app", Some(300), None)
         .await
@@ -371,7 +364,7 @@ async fn graph_refuses_a_token_for_another_audience() {
         &format!("sweep_interval_secs = 300\ngraph_scope = \"{RESOURCE}/.default\""),
     );
     let b = TestBroker::start_with(setup).await;
-    let (_, s) = agent_session(&b, "misaimed").await;
+    let (_, s) = b.agent_with_task("misaimed", "platform").await;
     let r = b
         .credential(&s.token, "deploy-app", Some(300), None)
         .await

@@ -8,17 +8,10 @@
 mod common;
 
 use common::azure::{APP_OBJECT, AzurePeers, scopes};
-use common::{Session, TestAgent, TestBroker, eventually};
+use common::{TestBroker, eventually};
 use reqwest::Method;
 use serde_json::{Value, json};
 use time::OffsetDateTime;
-
-async fn agent_session(b: &TestBroker, name: &str) -> (TestAgent, Session) {
-    let agent = TestAgent::new(name, "ES256");
-    b.register(&agent, "platform").await;
-    let s = b.token_ttl(&agent, Some(1800)).await;
-    (agent, s)
-}
 
 /// How many times the Graph fake has answered an application read (each
 /// sweep reads the app once).
@@ -35,7 +28,7 @@ fn app_reads(peers: &AzurePeers) -> usize {
 async fn a_crash_after_add_password_is_revoked_by_name_on_restart() {
     let peers = AzurePeers::start().await;
     let mut b = TestBroker::start_with(peers.setup(&scopes(5))).await;
-    let (agent, s) = agent_session(&b, "crashy").await;
+    let (agent, s) = b.agent_with_task("crashy", "platform").await;
     // Graph adds the password but does not answer; the broker dies waiting.
     let hold = peers.graph.hold_next_add();
     let url = b.url("/v1/credentials");
@@ -148,7 +141,7 @@ async fn the_sweeper_removes_leftovers_and_nothing_else() {
     assert_eq!(left, kept);
 
     // A live lease's password survives later sweeps.
-    let (_, s) = agent_session(&b, "live").await;
+    let (_, s) = b.agent_with_task("live", "platform").await;
     let cred = b
         .credential(&s.token, "deploy-app", Some(600), None)
         .await
@@ -179,7 +172,7 @@ async fn the_sweeper_removes_leftovers_and_nothing_else() {
 async fn revocations_wait_out_a_graph_outage() {
     let peers = AzurePeers::start().await;
     let b = TestBroker::start_with(peers.setup(&scopes(5))).await;
-    let (_, s) = agent_session(&b, "patient").await;
+    let (_, s) = b.agent_with_task("patient", "platform").await;
     let cred = b
         .credential(&s.token, "deploy-app", Some(600), None)
         .await

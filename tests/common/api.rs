@@ -87,6 +87,14 @@ impl TestBroker {
     }
 
     /// Opens a task with a session `ttl` in seconds.
+    /// A fresh agent of `team`, registered, with an open 30-minute task.
+    pub async fn agent_with_task(&self, prefix: &str, team: &str) -> (TestAgent, Session) {
+        let agent = TestAgent::new(prefix, "ES256");
+        self.register(&agent, team).await;
+        let s = self.token_ttl(&agent, Some(1800)).await;
+        (agent, s)
+    }
+
     pub async fn token_ttl(&self, agent: &TestAgent, ttl: Option<u64>) -> Session {
         let assertion = agent.assertion();
         let ttl = ttl.map(|t| t.to_string());

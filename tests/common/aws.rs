@@ -22,17 +22,6 @@ pub fn role_arn(name: &str) -> String {
     format!("arn:aws:iam::{ACCOUNT}:role/{name}")
 }
 
-/// Lets any agent obtain any non-sensitive scope of the `aws` provider.
-pub const PERMIT_AWS: &str = r#"
-@id("test-permit-aws")
-permit (
-  principal,
-  action == Keygate::Action::"request_credential",
-  resource
-)
-when { resource.provider == "aws" && !resource.sensitive };
-"#;
-
 /// A running `moto_server` on a free port; killed on drop.
 pub struct Moto {
     pub url: String,
@@ -206,7 +195,7 @@ impl Moto {
     /// policy permitting every `aws` scope.
     pub fn setup(&self, scopes: &str) -> Setup {
         Setup {
-            policies: vec![("test-permit-aws.cedar".into(), PERMIT_AWS.into())],
+            policies: vec![super::config::permit_provider("aws")],
             scopes: Some(scopes.to_owned()),
             extra_config: self.provider_toml(),
             env: Self::broker_env(),

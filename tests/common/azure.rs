@@ -40,17 +40,6 @@ pub const READER_SECRET_ENV: &str = "KEYGATE_TEST_AZURE_READER_SECRET";
 /// How long the reader app's tokens live (the token server's setting).
 pub const READER_TOKEN_SECS: u64 = 1200;
 
-/// Lets any agent obtain any non-sensitive scope of the `azure` provider.
-pub const PERMIT_AZURE: &str = r#"
-@id("test-permit-azure")
-permit (
-  principal,
-  action == Keygate::Action::"request_credential",
-  resource
-)
-when { resource.provider == "azure" && !resource.sensitive };
-"#;
-
 /// The test CA and the server certificate both stand-ins present.
 struct TestPki {
     ca_pem: String,
@@ -227,7 +216,7 @@ client_secret = "env:{KEYGATE_SECRET_ENV}"
     /// a policy permitting every `azure` scope.
     pub fn setup(&self, scopes: &str) -> Setup {
         Setup {
-            policies: vec![("test-permit-azure.cedar".into(), PERMIT_AZURE.into())],
+            policies: vec![super::config::permit_provider("azure")],
             scopes: Some(scopes.to_owned()),
             extra_config: self.provider_toml(300),
             env: self.broker_env(),

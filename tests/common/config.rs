@@ -99,6 +99,24 @@ impl Setup {
     }
 }
 
+/// A policy file letting any agent obtain any non-sensitive scope of
+/// `provider`: `(file name, text)` for [`Setup::policies`].
+pub fn permit_provider(provider: &str) -> (String, String) {
+    (
+        format!("test-permit-{provider}.cedar"),
+        format!(
+            r#"@id("test-permit-{provider}")
+permit (
+  principal,
+  action == Keygate::Action::"request_credential",
+  resource
+)
+when {{ resource.provider == "{provider}" && !resource.sensitive }};
+"#
+        ),
+    )
+}
+
 pub const DEFAULT_SCOPES: &str = r#"
 [[scopes]]
 name = "x509-svid"

@@ -253,17 +253,6 @@ async fn configure_engines(bao: &Bao, pg: &Postgres, kv: &Value) {
     super::bao_setup::keygate_footing(bao).await;
 }
 
-/// Lets any agent obtain any non-sensitive scope of provider `vault`.
-pub const PERMIT_VAULT: &str = r#"
-@id("test-permit-vault")
-permit (
-  principal,
-  action == Keygate::Action::"request_credential",
-  resource
-)
-when { resource.provider == "vault" && !resource.sensitive };
-"#;
-
 /// A broker config with the default CA scopes, a permit for vault scopes,
 /// and the tables of `config/examples/vault.toml` pointed at these peers (so
 /// the shipped example is what the tests run).
@@ -287,7 +276,7 @@ pub fn broker_setup(peers: &VaultPeers) -> super::Setup {
         peers.secret_id_file.display().to_string().into(),
     );
     super::Setup {
-        policies: vec![("test-permit-vault.cedar".into(), PERMIT_VAULT.into())],
+        policies: vec![super::config::permit_provider("vault")],
         scopes: Some(format!(
             "{}\n{}",
             toml::to_string(&example).unwrap(),
