@@ -80,32 +80,32 @@ async fn an_altered_row_is_the_reported_break() {
     let target = before[before.len() / 2].seq;
 
     // The schema refuses edits outright.
-    let mut db = b.db().await;
-    let refused = sqlx::query("UPDATE audit_events SET reason = 'edited' WHERE seq = ?")
-        .bind(target)
-        .execute(&mut db)
-        .await;
-    assert!(refused.unwrap_err().to_string().contains("append-only"));
-    let refused = sqlx::query("DELETE FROM audit_events WHERE seq = ?")
-        .bind(target)
-        .execute(&mut db)
-        .await;
-    let why = refused.unwrap_err().to_string();
+    let seq = target.to_string();
+    let why = b
+        .store_exec(
+            "UPDATE audit_events SET reason = 'edited' WHERE seq = ?",
+            &[&seq],
+        )
+        .await
+        .unwrap_err();
+    assert!(why.contains("audit events are append-only"), "{why}");
+    let why = b
+        .store_exec("DELETE FROM audit_events WHERE seq = ?", &[&seq])
+        .await
+        .unwrap_err();
     assert!(why.contains("audit events are append-only"), "{why}");
     assert_eq!(api_events(&b).await[..before.len()], before[..]);
 
-    // An attacker with file access drops the guard and rewrites history.
-    sqlx::query("DROP TRIGGER audit_events_no_update")
-        .execute(&mut db)
+    // An attacker with write access lifts the guards and rewrites history.
+    b.lift_audit_guards().await;
+    let done = b
+        .store_exec(
+            "UPDATE audit_events SET reason = 'nothing to see here' WHERE seq = ?",
+            &[&seq],
+        )
         .await
         .unwrap();
-    let done = sqlx::query("UPDATE audit_events SET reason = 'nothing to see here' WHERE seq = ?")
-        .bind(target)
-        .execute(&mut db)
-        .await
-        .unwrap();
-    assert_eq!(done.rows_affected(), 1);
-    sqlx::Connection::close(db).await.unwrap();
+    assert_eq!(done, 1);
     // The broker keeps appending after the edit; the break stays put.
     activity(&b).await;
 
@@ -133,17 +133,15 @@ async fn a_deleted_row_breaks_the_chain_at_the_next() {
     activity(&b).await;
     let events = api_events(&b).await;
     let target = events[events.len() / 2].seq;
-    let mut db = b.db().await;
-    sqlx::query("DROP TRIGGER audit_events_no_delete")
-        .execute(&mut db)
+    b.lift_audit_guards().await;
+    let done = b
+        .store_exec(
+            "DELETE FROM audit_events WHERE seq = ?",
+            &[&target.to_string()],
+        )
         .await
         .unwrap();
-    sqlx::query("DELETE FROM audit_events WHERE seq = ?")
-        .bind(target)
-        .execute(&mut db)
-        .await
-        .unwrap();
-    sqlx::Connection::close(db).await.unwrap();
+    assert_eq!(done, 1);
     let want = format!("audit chain broken at event {}:", target + 1);
     for (ok, text) in verify_both(&b).await {
         assert!(!ok, "{text}");

@@ -604,16 +604,13 @@ async fn the_evidence_pack_holds_the_periods_records_and_verifies_against_the_au
 
     // One altered audit row fails it too (someone with the file drops the
     // append-only trigger first).
-    let mut conn = b.db().await;
-    sqlx::query("DROP TRIGGER audit_events_no_update")
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    sqlx::query("UPDATE audit_events SET reason = 'rewritten' WHERE seq = 2")
-        .execute(&mut conn)
-        .await
-        .unwrap();
-    sqlx::Connection::close(conn).await.unwrap();
+    b.lift_audit_guards().await;
+    b.store_exec(
+        "UPDATE audit_events SET reason = 'rewritten' WHERE seq = 2",
+        &[],
+    )
+    .await
+    .unwrap();
     let bad = verify(with_db).await;
     assert!(!bad.status.success());
     assert!(

@@ -146,7 +146,7 @@ issuer = "{ISSUER}"
 log_format = "text"
 
 [store]
-url = "sqlite://{d}/keygate.db"
+url = "{store}"
 
 [sessions]
 signing_key_file = "{d}/session-signing-key.pem"
@@ -174,5 +174,6 @@ revocation_file = "{d}/ca/revocations.jsonl"
 {extra}
 {scopes}"#,
         operators = ops.toml(),
+        store = super::store::engine().url(dir),
     )
 }

@@ -103,11 +103,5 @@ pub fn issue<'a>(c: &'a Value, kind: &str) -> Option<&'a Value> {
 }
 
 pub async fn exec(b: &TestBroker, sql: &'static str, binds: &[&str]) {
-    let mut db = b.db().await;
-    let mut q = sqlx::query(sql);
-    for v in binds {
-        q = q.bind(v.to_string());
-    }
-    q.execute(&mut db).await.unwrap();
-    sqlx::Connection::close(db).await.unwrap();
+    b.store_exec(sql, binds).await.unwrap();
 }

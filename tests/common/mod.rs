@@ -17,6 +17,7 @@ mod graph_fake;
 pub mod oidc;
 pub mod peers;
 pub mod slack;
+pub mod store;
 pub mod vault;
 
 use std::net::SocketAddr;

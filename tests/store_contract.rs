@@ -1,13 +1,24 @@
-//! Group commit in the SQLite store: concurrent transactions share fsyncs
-//! but keep their own fate. Committed ones are all there (and survive a
-//! reopen), a dropped or failed one takes nothing else with it, and the
-//! audit chain stays one unbroken chain.
+//! The store contract every engine keeps, run on the harness's engine
+//! (`KEYGATE_TEST_STORE`, see `common/store.rs`): concurrent transactions
+//! keep their own fate (committed ones are all there and survive a reopen,
+//! a dropped or failed one takes nothing else with it), the audit chain
+//! stays one unbroken chain, and no lease is written for an ended task.
+//! What only one engine does (SQLite's WAL) is checked for that engine.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
 
 use std::sync::Arc;
 
+use common::store::{Engine, engine};
 use keygate::audit::{Actor, AuditEvent, GENESIS_HASH, verify_chain};
-use keygate::store::{AuditFilter, SqliteStore, Store, StoreError};
+use keygate::store::{AuditFilter, Store, StoreError};
+
+/// The engine's store at `path`'s directory, opened (or reopened).
+async fn open(path: &str) -> Arc<dyn Store> {
+    let dir = std::path::Path::new(path).parent().unwrap();
+    keygate::store::open(&engine().url(dir)).await.unwrap()
+}
 
 /// A database path in a fresh temp dir (removed on drop).
 struct Db(std::path::PathBuf);
@@ -47,7 +58,7 @@ fn reasons(evs: &[AuditEvent]) -> Vec<String> {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn concurrent_commits_all_land_and_dropped_ones_take_nothing() {
     let (_dir, path) = db_path();
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&path).await.unwrap());
+    let store = open(&path).await;
     let mut handles = Vec::new();
     for i in 0..200 {
         let store = Arc::clone(&store);
@@ -102,8 +113,8 @@ async fn concurrent_commits_all_land_and_dropped_ones_take_nothing() {
         .unwrap();
     tx.commit().await.unwrap();
     drop(store);
-    let reopened = SqliteStore::open(&path).await.unwrap();
-    let evs = events(&reopened).await;
+    let reopened = open(&path).await;
+    let evs = events(reopened.as_ref()).await;
     expected.push("last".into());
     expected.sort();
     assert_eq!(reasons(&evs), expected);
@@ -113,7 +124,7 @@ async fn concurrent_commits_all_land_and_dropped_ones_take_nothing() {
 #[tokio::test]
 async fn a_failed_statement_leaves_the_group_intact() {
     let (_dir, path) = db_path();
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&path).await.unwrap());
+    let store = open(&path).await;
     let agent: keygate::model::Agent = serde_json::from_value(serde_json::json!({
         "id": "dup", "team": "t", "sponsor": "s@example.com", "risk_tier": 1,
         "environment": "test", "purpose": "p", "labels": {}, "status": "active",
@@ -140,9 +151,12 @@ async fn a_failed_statement_leaves_the_group_intact() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn the_wal_stays_bounded_under_constant_reads() {
+async fn sqlite_the_wal_stays_bounded_under_constant_reads() {
+    if engine() != Engine::Sqlite {
+        return; // SQLite's write-ahead log only; no other engine has one.
+    }
     let (_dir, path) = db_path();
-    let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&path).await.unwrap());
+    let store = open(&path).await;
     let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
     let reader = {
         let (store, done) = (Arc::clone(&store), Arc::clone(&done));
@@ -181,4 +195,73 @@ async fn the_wal_stays_bounded_under_constant_reads() {
         "the WAL grew to {wal} bytes: checkpoints are not keeping up"
     );
     assert_eq!(events(store.as_ref()).await.len(), 6000);
+}
+
+/// A request that passed its session check just before its task ended must
+/// not gain a lease that nothing would ever revoke.
+#[tokio::test]
+async fn no_lease_is_written_for_an_ended_task() {
+    use keygate::model::{Lease, LeaseState, Task, TaskState, now};
+    use keygate::store::TaskSelector;
+    let (_dir, path) = db_path();
+    let store = open(&path).await;
+    let t = now();
+    let agent: keygate::model::Agent = serde_json::from_value(serde_json::json!({
+        "id": "a1", "team": "t", "sponsor": "s@example.com", "risk_tier": 1,
+        "environment": "test", "purpose": "p", "labels": {}, "status": "active",
+        "auth_method": "private_key_jwt", "jwks": { "keys": [] },
+        "created_at": "2026-01-01T00:00:00Z", "updated_at": "2026-01-01T00:00:00Z",
+        "last_used_at": null, "last_review_at": null,
+    }))
+    .unwrap();
+    let task = Task {
+        id: "tk_1".into(),
+        agent_id: "a1".into(),
+        description: String::new(),
+        state: TaskState::Open,
+        opened_at: t,
+        expires_at: t + time::Duration::hours(1),
+        ended_at: None,
+        end_reason: None,
+        parent_task_id: None,
+        depth: 0,
+        delegation_budget: 0,
+        scopes: None,
+        chain: Vec::new(),
+        on_behalf_of: None,
+    };
+    let lease = || Lease {
+        id: keygate::model::new_id("ls"),
+        agent_id: "a1".into(),
+        task_id: "tk_1".into(),
+        scope: "s".into(),
+        provider: "p".into(),
+        state: LeaseState::Pending,
+        revocability: None,
+        handle: None,
+        created_at: t,
+        expires_at: t + time::Duration::minutes(5),
+        ended_at: None,
+        end_reason: None,
+        attempts: 0,
+        last_error: None,
+        next_attempt_at: None,
+        revocation_id: None,
+        boot_id: None,
+        source: None,
+    };
+    let mut tx = store.begin().await.unwrap();
+    tx.insert_agent(&agent).await.unwrap();
+    tx.insert_task(&task).await.unwrap();
+    assert!(tx.insert_lease(&lease()).await.unwrap());
+    tx.end_tasks(
+        &TaskSelector::Task("tk_1".into()),
+        TaskState::Revoked,
+        "test",
+        t,
+    )
+    .await
+    .unwrap();
+    assert!(!tx.insert_lease(&lease()).await.unwrap());
+    tx.commit().await.unwrap();
 }
