@@ -990,3 +990,39 @@ async fn the_notification_outbox_survives_a_crash() {
     let a = approval(&w.b, &id).await;
     assert_eq!(a["state"], "pending", "{a}");
 }
+
+/// An approval never outlives its task (a 2-minute task gets an approval
+/// that expires with it, however long `approvals` would wait), and policy
+/// is asked again at redeem: a grant the active policy no longer permits
+/// yields nothing.
+#[tokio::test]
+async fn an_approval_ends_with_its_task_and_redeem_asks_policy_again() {
+    let w = world("").await;
+    let b = &w.b;
+    let agent = TestAgent::new("appr-short", "ES256");
+    b.register(&agent, "platform").await;
+    let before = time::OffsetDateTime::now_utc();
+    let s = b.token_ttl(&agent, Some(120)).await;
+    let id = ask(b, &s.token, "payments-ca").await;
+    let a = approval(b, &id).await;
+    let expires = common::rfc3339(&a["expires_at"]);
+    assert!(
+        expires <= before + time::Duration::seconds(125),
+        "the approval outlives its 2-minute task: {a}"
+    );
+
+    // Granted, then the policy that permitted it is withdrawn.
+    let s2 = b.token_ttl(&agent, Some(3600)).await;
+    let id = ask(b, &s2.token, "payments-ca").await;
+    decide(b, &w.ap.alice, &id, "approve").await.expect(200);
+    let forbid = r#"@id("freeze-payments")
+forbid (principal, action, resource == Keygate::Scope::"payments-ca");"#;
+    std::fs::write(b.dir.join("policies/freeze.cedar"), forbid).unwrap();
+    b.post("/v1/policy/reload", Some(&b.ops.admin), &json!({}))
+        .await
+        .expect(200);
+    let r = redeem(b, &s2.token, &id).await;
+    assert_eq!(r.status, 403, "{}", r.text);
+    assert!(r.text.contains("freeze-payments"), "{}", r.text);
+    assert!(b.leases(&format!("agent={}", agent.id)).await.is_empty());
+}

@@ -329,3 +329,77 @@ async fn a_delegated_request_may_not_exceed_any_delegator() {
         .expect(201);
     assert!(ok["lease_id"].is_string());
 }
+
+/// A chain two deep (orchestrator → sub → deep) ends from its top however
+/// the top ends: its TTL running out (the reaper), token revocation (RFC
+/// 7009) or the kill switch on the orchestrator. Every task below is ended
+/// and its credentials revoked.
+#[tokio::test]
+async fn however_a_parent_ends_every_task_below_it_ends() {
+    let (b, c) = start().await;
+    // One chain: the parent's token, the deepest token and its lease.
+    let chain = || {
+        let (b, c) = (&b, &c);
+        async move {
+            let parent = b.token_ttl(&c.orch, Some(3600)).await;
+            let mid = exchange(b, &parent.token, &c.sub, Some("x509-svid"))
+                .await
+                .expect(200);
+            let mid = mid["access_token"].as_str().unwrap().to_owned();
+            let deep = exchange(b, &mid, &c.deep, Some("x509-svid"))
+                .await
+                .expect(200);
+            let deep = deep["access_token"].as_str().unwrap().to_owned();
+            let lease = b.x509(&deep, Some(300)).await["lease_id"]
+                .as_str()
+                .unwrap()
+                .to_owned();
+            (parent, mid, deep, lease)
+        }
+    };
+    let ended = |mid: String, deep: String, lease: String, how: &'static str| {
+        let b = &b;
+        async move {
+            eventually(how, || async {
+                let gone = introspect(b, &mid).await == json!({ "active": false })
+                    && introspect(b, &deep).await == json!({ "active": false })
+                    && b.lease_state(&lease).await == "revoked";
+                gone.then_some(())
+            })
+            .await;
+        }
+    };
+
+    // 1. The parent's TTL runs out (moved back in the store; the reaper acts).
+    let (parent, mid, deep, lease) = chain().await;
+    let past = (common::unix_now() - 1).to_string();
+    b.store_exec(
+        "UPDATE tasks SET expires_at = ? WHERE id = ?",
+        &[&past, &parent.task_id],
+    )
+    .await
+    .unwrap();
+    ended(mid, deep, lease, "the chain ends with its parent's TTL").await;
+
+    // 2. The parent's token is revoked (RFC 7009, by the orchestrator).
+    let (parent, mid, deep, lease) = chain().await;
+    assert_eq!(revoke(&b, &parent.token, &parent.token).await, 200);
+    ended(mid, deep, lease, "the chain ends with its revoked parent").await;
+
+    // 3. The kill switch hits the orchestrator only.
+    let (_parent, mid, deep, lease) = chain().await;
+    b.post(
+        "/v1/revocations",
+        Some(&b.ops.secops),
+        &json!({ "agent": c.orch.id, "reason": "compromised orchestrator" }),
+    )
+    .await
+    .expect(200);
+    ended(
+        mid,
+        deep,
+        lease,
+        "the chain ends with the kill switch on its top",
+    )
+    .await;
+}

@@ -103,6 +103,33 @@ async fn a_dpop_bound_token_needs_a_fresh_proof_by_its_key() {
             ),
             "another key",
         ),
+        // From the future, past the clock skew allowed.
+        (
+            proof_with(
+                &agent,
+                json!({ "htm": "GET", "htu": format!("{ISSUER}/v1/session"), "iat": unix_now() + 600 }),
+                Some(&token),
+            ),
+            "`iat`",
+        ),
+        // A JWT that is not a DPoP proof (`typ` is not `dpop+jwt`).
+        (
+            {
+                let mut header = Header::new(Algorithm::ES256);
+                header.typ = Some("JWT".into());
+                let mut jwk = agent.jwk.clone();
+                jwk.as_object_mut().unwrap().remove("kid");
+                header.jwk = Some(serde_json::from_value(jwk).unwrap());
+                agent.sign_with(
+                    &header,
+                    &json!({
+                        "jti": uuid::Uuid::new_v4().to_string(), "iat": unix_now(),
+                        "htm": "GET", "htu": format!("{ISSUER}/v1/session"),
+                    }),
+                )
+            },
+            "typ",
+        ),
     ];
     for (p, why) in cases {
         let r = call(&b, "DPoP", &token, Some(p)).await;

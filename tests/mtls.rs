@@ -32,11 +32,17 @@ fn ca(name: &str) -> Ca {
 
 /// A leaf signed by `ca`: (cert PEM, key PEM).
 fn leaf(ca: &Ca, uri: Option<&str>, expired: bool) -> (String, String) {
+    leaf_with(ca, uri.into_iter().collect(), expired)
+}
+
+/// A leaf certificate with these URI SANs.
+fn leaf_with(ca: &Ca, uris: Vec<&str>, expired: bool) -> (String, String) {
     let key = KeyPair::generate().unwrap();
     let mut p = CertificateParams::new(Vec::<String>::new()).unwrap();
-    if let Some(u) = uri {
-        p.subject_alt_names = vec![SanType::URI(u.try_into().unwrap())];
-    }
+    p.subject_alt_names = uris
+        .into_iter()
+        .map(|u| SanType::URI(u.try_into().unwrap()))
+        .collect();
     if expired {
         p.not_before = date_time_ymd(2020, 1, 1);
         p.not_after = date_time_ymd(2021, 1, 1);
@@ -232,6 +238,22 @@ async fn wrong_trust_domain_no_san_expired_and_untrusted_certificates_fail() {
             .as_str()
             .unwrap()
             .contains("spiffe://"),
+        "{v}"
+    );
+
+    // Two SPIFFE IDs (the agent's and another's): which one is it? Refused.
+    let own = format!("spiffe://{TRUST_DOMAIN}/agent/{}", agent.id);
+    let other = format!("spiffe://{TRUST_DOMAIN}/agent/someone-else");
+    let two = leaf_with(&w.ca, vec![&own, &other], false);
+    let (status, v) = token(&client(&w.ca, Some(&two)), &w, &agent.id)
+        .await
+        .unwrap();
+    assert_eq!(status, 401, "{v}");
+    assert!(
+        v["error_description"]
+            .as_str()
+            .unwrap()
+            .contains("exactly one spiffe:// URI SAN (found 2)"),
         "{v}"
     );
 

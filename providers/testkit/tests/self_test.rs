@@ -19,6 +19,8 @@ use serde_json::{Value, json};
 struct Fake {
     live: Mutex<BTreeSet<String>>,
     leaky: bool,
+    /// Ignores a revoke without its handle, yet says it revoked.
+    forgets_orphans: bool,
 }
 
 #[async_trait]
@@ -46,11 +48,12 @@ impl Provider for Fake {
         })
     }
     async fn revoke(&self, req: &RevokeRequest) -> Result<RevokeOutcome, ProviderError> {
-        let id = req
-            .handle
-            .as_ref()
-            .and_then(|h| h.0["id"].as_str())
-            .unwrap_or_default();
+        // The handle is the lease id: an orphan is found by it too.
+        let id = match req.handle.as_ref() {
+            Some(h) => h.0["id"].as_str().unwrap_or_default(),
+            None if self.forgets_orphans => "",
+            None => req.lease_id.as_str(),
+        };
         if !self.leaky {
             self.live
                 .lock()
@@ -92,6 +95,7 @@ async fn a_good_provider_passes() {
     let p = Fake {
         live: Mutex::default(),
         leaky: false,
+        forgets_orphans: false,
     };
     let r = run(&p, &case(), &FakeCheck(&p)).await;
     assert!(r.failed.is_empty(), "{:?}", r.failed);
@@ -99,10 +103,25 @@ async fn a_good_provider_passes() {
 }
 
 #[tokio::test]
+async fn a_provider_that_cannot_find_its_orphans_fails() {
+    let p = Fake {
+        live: Mutex::default(),
+        leaky: false,
+        forgets_orphans: true,
+    };
+    let r = run(&p, &case(), &FakeCheck(&p)).await;
+    assert_eq!(
+        r.failed,
+        ["no longer works after a revoke without its handle: the backend says works = true"]
+    );
+}
+
+#[tokio::test]
 async fn leaks_and_fake_revocations_fail() {
     let p = Fake {
         live: Mutex::default(),
         leaky: true,
+        forgets_orphans: false,
     };
     let r = run(&p, &case(), &FakeCheck(&p)).await;
     let failed = r.failed.join("\n");
