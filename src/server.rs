@@ -286,16 +286,23 @@ async fn flush_auth_failures(broker: AppState) {
 }
 
 /// Expires approvals nobody decided in time and cancels those whose task
-/// ended, and lifts fences whose sessions have all expired, on the reaper's
-/// rhythm.
+/// ended, on the reaper's rhythm, and lifts fences whose sessions have all
+/// expired, every tenth pass.
 async fn close_stale_approvals(broker: AppState) {
     let every = std::time::Duration::from_secs(broker.config.leases.reaper_interval_secs.max(1));
+    // Moot fences every tenth pass, at most once a minute apart: a fence
+    // that cannot come down is retried without a log line every pass.
+    let fence_every = (every * 10).min(std::time::Duration::from_secs(60));
+    let mut fences_due = tokio::time::Instant::now();
     loop {
         if let Err(e) = broker.close_stale_approvals().await {
             tracing::error!(error = %e, "closing stale approvals failed");
         }
-        if let Err(e) = broker.lift_moot_fences().await {
-            tracing::error!(error = %e, "lifting moot fences failed");
+        if tokio::time::Instant::now() >= fences_due {
+            fences_due = tokio::time::Instant::now() + fence_every;
+            if let Err(e) = broker.lift_moot_fences().await {
+                tracing::error!(error = %e, "lifting moot fences failed");
+            }
         }
         tokio::time::sleep(every).await;
     }

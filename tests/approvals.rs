@@ -1026,3 +1026,39 @@ forbid (principal, action, resource == Keygate::Scope::"payments-ca");"#;
     assert!(r.text.contains("freeze-payments"), "{}", r.text);
     assert!(b.leases(&format!("agent={}", agent.id)).await.is_empty());
 }
+
+/// Without `approvals` on the scope, the quorum follows the agent's risk
+/// tier (default 1, 1, 2); `sponsor_may_approve_alone = true` lets the
+/// sponsor be the only approver.
+#[tokio::test]
+async fn quorum_follows_the_risk_tier_and_the_sponsor_may_be_allowed_alone() {
+    const TIER3: &str = r#"@id("test-permit-tier-3")
+permit (principal, action == Keygate::Action::"request_credential", resource == Keygate::Scope::"any-approver")
+when { principal.risk_tier == 3 };"#;
+    let w = world_with(
+        "[approvals]\nsponsor_may_approve_alone = true\n",
+        &[("tier3.cedar", TIER3)],
+    )
+    .await;
+    let (b, ap) = (&w.b, &w.ap);
+
+    // Tier 2: one approval, and it may be the sponsor's.
+    let (_, s) = agent_session(b).await;
+    let id = ask(b, &s.token, "any-approver").await;
+    assert_eq!(approval(b, &id).await["required"], 1);
+    let v = decide(b, &ap.owner, &id, "approve").await.expect(200);
+    assert_eq!(v["state"], "approved", "{v}");
+
+    // Tier 3: two approvals.
+    let agent = TestAgent::new("tier3", "ES256");
+    let mut spec = agent.spec("platform");
+    spec["risk_tier"] = json!(3);
+    b.admin_post("/v1/agents", &spec).await.expect(201);
+    let s3 = b.token(&agent).await;
+    let id = ask(b, &s3.token, "any-approver").await;
+    assert_eq!(approval(b, &id).await["required"], 2);
+    let v = decide(b, &ap.alice, &id, "approve").await.expect(200);
+    assert_eq!(v["state"], "pending", "{v}");
+    let v = decide(b, &ap.bob, &id, "approve").await.expect(200);
+    assert_eq!(v["state"], "approved", "{v}");
+}

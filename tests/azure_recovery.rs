@@ -231,4 +231,42 @@ async fn revocations_wait_out_a_graph_outage() {
     .await;
     assert!(!peers.graph.secret_works(APP_OBJECT, &secret));
     assert!(peers.keygate_passwords().is_empty());
+
+    // Throttled (429 `TooManyRequests` with `Retry-After`): a release waits
+    // in the queue with Graph's answer, and completes once Graph lets it.
+    let (_, s) = b.agent_with_task("throttled", "platform").await;
+    let cred = b
+        .credential(&s.token, "deploy-app", Some(600), None)
+        .await
+        .expect(201);
+    let lease = cred["lease_id"].as_str().unwrap().to_owned();
+    let secret = cred["credential"]["client_secret"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    peers.graph.throttle_next(usize::MAX / 2);
+    let released = b
+        .call(
+            Method::DELETE,
+            &format!("/v1/credentials/{lease}"),
+            Some(&s.token),
+            None,
+        )
+        .await
+        .expect(200);
+    assert_eq!(released["state"], "revoking", "{released}");
+    assert!(
+        released["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("answered 429 TooManyRequests"),
+        "{released}"
+    );
+    assert!(peers.graph.secret_works(APP_OBJECT, &secret));
+    peers.graph.throttle_next(0);
+    eventually("the throttled release completes", || async {
+        (b.lease_state(&lease).await == "revoked").then_some(())
+    })
+    .await;
+    assert!(!peers.graph.secret_works(APP_OBJECT, &secret));
 }

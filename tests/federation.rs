@@ -127,11 +127,21 @@ async fn foreign_wrong_expired_and_unbound_tokens_are_refused_and_audited() {
             claims(json!({ "sub": "system:serviceaccount:agents:intruder" })),
             "no agent is bound",
         ),
+        (
+            claims(json!({ "nbf": now + 600 })),
+            "not valid yet (`nbf` in the future)",
+        ),
     ];
     for (c, why) in &cases {
         let r = exchange(&b, &oidc.mint(c).await).await;
         refused(&r, why);
     }
+    // An algorithm the issuer is not configured for (it is RS256-only):
+    // refused before any key is looked at, whoever signed it.
+    let signer = common::TestAgent::new("not-the-issuer", "ES256");
+    let es256 = signer.sign(&claims(json!({ "iss": oidc.issuer })));
+    let r = exchange(&b, &es256).await;
+    refused(&r, "`alg` ES256 is not allowed for issuer `k8s`");
     // A kid the issuer never published.
     let forged = b
         .http
@@ -155,7 +165,7 @@ async fn foreign_wrong_expired_and_unbound_tokens_are_refused_and_audited() {
         .into_iter()
         .filter(|e| e["outcome"] == "failure")
         .collect();
-    assert_eq!(failures.len(), cases.len() + 1, "{failures:?}");
+    assert_eq!(failures.len(), cases.len() + 2, "{failures:?}");
 
     // Key rotation: a token signed by a key published after Keygate cached
     // the JWKS is accepted once Keygate refreshes on the unknown kid.

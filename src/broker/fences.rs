@@ -130,7 +130,10 @@ impl Broker {
     }
 
     /// Lifts the fences whose every denied session has expired (a policy
-    /// change's), on the reaper's rhythm, as `keygate`.
+    /// change's), as `keygate`; the server calls it every tenth reaper pass
+    /// (20 s by default, at most a minute). One that
+    /// cannot be lifted stays listed (`fences list --active`, its
+    /// `expires_at` past) and is tried again.
     pub async fn lift_moot_fences(&self) -> BrokerResult<usize> {
         let moot = FenceFilter {
             active: true,
@@ -299,12 +302,17 @@ impl Broker {
         let event = AuditEvent::new(actor, "fence.lifted").reason(reason.to_owned());
         if let Err(e) = provider.lift_fence(&lift).await {
             let msg = e.to_string();
-            self.audit_alone(
-                event
-                    .failure(msg.clone())
-                    .details(serde_json::json!({ "fence": fence })),
-            )
-            .await?;
+            // An operator's failed lift is audited; the broker's own retries
+            // of a moot fence (harmless while it stands) are only logged,
+            // so a backend that stays down cannot fill the audit log.
+            if !matches!(actor, Actor::System) {
+                self.audit_alone(
+                    event
+                        .failure(msg.clone())
+                        .details(serde_json::json!({ "fence": fence })),
+                )
+                .await?;
+            }
             return Err(BrokerError::Provider(msg));
         }
         let t = now();

@@ -92,19 +92,21 @@ impl ExampleBroker {
     }
 
     /// Runs a shipped example binary (`examples/<name>.rs`, built by
-    /// `cargo test --examples`, which the README's test command runs)
+    /// `cargo build --examples`, which the README's test command runs)
     /// against this broker, from the repository root as the README does.
     pub async fn run_example(&self, name: &str, env: &[(&str, &str)]) -> std::process::Output {
-        let deps = std::env::current_exe().unwrap();
-        let bin = deps
+        let bin = std::env::current_exe()
+            .unwrap()
             .parent()
             .and_then(Path::parent)
             .unwrap()
             .join("examples")
             .join(name);
+        // `cargo test --examples` builds them as test harnesses; the
+        // runnable ones come from `cargo build --examples`.
         assert!(
             bin.exists(),
-            "example `{name}` is not built at {}: build the examples first (`cargo test --examples`, as scripts/test does)",
+            "example `{name}` is not built at {}: run `cargo build --examples` first (scripts/test does)",
             bin.display()
         );
         Command::new(bin)

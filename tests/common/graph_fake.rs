@@ -62,6 +62,8 @@ struct FakeState {
     calls: Mutex<Vec<Call>>,
     verifier: Verifier,
     outage: AtomicBool,
+    /// Calls to throttle first (429, `Retry-After: 1`, `TooManyRequests`).
+    throttled: std::sync::atomic::AtomicUsize,
     /// When set, `addPassword` adds the password, then waits for this
     /// before answering.
     hold_add: Mutex<Option<Arc<Notify>>>,
@@ -144,6 +146,7 @@ impl GraphFake {
             calls: Mutex::new(Vec::new()),
             verifier: Verifier { keys, validation },
             outage: AtomicBool::new(false),
+            throttled: std::sync::atomic::AtomicUsize::new(0),
             hold_add: Mutex::new(None),
         });
         let app = Router::new()
@@ -235,6 +238,12 @@ impl GraphFake {
         self.state.outage.store(on, Ordering::SeqCst);
     }
 
+    /// Throttles the next `n` calls as Graph does: HTTP 429 with
+    /// `Retry-After` and the error code `TooManyRequests`.
+    pub fn throttle_next(&self, n: usize) {
+        self.state.throttled.store(n, Ordering::SeqCst);
+    }
+
     /// Makes the next `addPassword` add its password and then wait, without
     /// answering, until the returned handle is notified (or forever).
     pub fn hold_next_add(&self) -> Arc<Notify> {
@@ -267,6 +276,19 @@ impl FakeState {
 
     /// Outage and bearer checks every call goes through.
     fn gate(&self, headers: &HeaderMap) -> Option<Response> {
+        if self
+            .throttled
+            .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+            .is_ok()
+        {
+            let mut r = graph_error(
+                StatusCode::TOO_MANY_REQUESTS,
+                "TooManyRequests",
+                "Too many requests are being made. Please try again later.",
+            );
+            r.headers_mut().insert("retry-after", "1".parse().unwrap());
+            return Some(r);
+        }
         if self.outage.load(Ordering::SeqCst) {
             return Some(graph_error(
                 StatusCode::SERVICE_UNAVAILABLE,
