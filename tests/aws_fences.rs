@@ -476,21 +476,18 @@ async fn a_policy_change_fences_exactly_the_sessions_it_revoked_until_they_expir
         .to_owned();
     let id: &'static str = Box::leak(id.into_boxed_str());
     common::governance::exec(&b, "UPDATE fences SET expires_at = 1 WHERE id = ?", &[id]).await;
-    common::eventually("the moot fence's policy is deleted", || async {
-        moto.role_policy("reports", &red_reports)
+    // The provider's policy goes first, then the record: wait for the record.
+    let lifted = common::eventually("the moot fence is lifted", || async {
+        b.admin_get("/v1/fences")
             .await
-            .is_none()
-            .then_some(())
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|f| f["id"] == id && f["lifted_at"].is_string())
+            .cloned()
     })
     .await;
-    let lifted = b.admin_get("/v1/fences").await;
-    let lifted = lifted
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|f| f["id"] == id)
-        .unwrap()
-        .clone();
+    assert!(moto.role_policy("reports", &red_reports).await.is_none());
     assert_eq!(lifted["lifted_by"], "keygate", "{lifted}");
     let blue_reports = format!("keygate-revoked-sessions-{}", blue.id);
     assert!(moto.role_policy("reports", &blue_reports).await.is_some());

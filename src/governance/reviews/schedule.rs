@@ -1,0 +1,113 @@
+//! Reviews that start and escalate without an operator: the sweep's
+//! automatic campaigns (`governance.schedule_reviews`, from each agent's
+//! `review_every_days`) and the escalation of items past their due date.
+
+use time::OffsetDateTime;
+
+use super::{ReviewFilter, Started};
+use crate::audit::{Actor, AuditEvent};
+use crate::broker::{Broker, BrokerResult};
+use crate::model::AgentStatus;
+
+impl Broker {
+    /// The sweep's scheduling: every agent whose review is due within its
+    /// lifecycle's `remind_before_days` (or overdue), that may reach a scope
+    /// and has no open review item, goes into an automatic campaign
+    /// `auto-<date>-<time>` (actor `system`). Returns it, if one was needed.
+    pub(crate) async fn schedule_reviews(
+        &self,
+        agents: &[crate::model::Agent],
+        t: OffsetDateTime,
+    ) -> BrokerResult<Option<Started>> {
+        let open: std::collections::BTreeSet<String> = self
+            .store
+            .review_items(&ReviewFilter {
+                open_only: true,
+                ..ReviewFilter::default()
+            })
+            .await?
+            .into_iter()
+            .map(|i| i.agent_id)
+            .collect();
+        let due: Vec<String> = agents
+            .iter()
+            .filter(|a| matches!(a.status, AgentStatus::Active | AgentStatus::Suspended))
+            .filter(|a| !open.contains(&a.id))
+            .filter(|a| {
+                let p = crate::config::lifecycle::effective(&self.config.lifecycle, a);
+                let remind = time::Duration::days(i64::from(p.remind_before_days));
+                crate::governance::compliance::next_review_due(a, &p) - remind <= t
+            })
+            .filter(|a| !self.reachable_scopes(a).is_empty())
+            .map(|a| a.id.clone())
+            .collect();
+        if due.is_empty() {
+            return Ok(None);
+        }
+        let name = format!(
+            "auto-{}-{:02}{:02}{:02}",
+            t.date(),
+            t.hour(),
+            t.minute(),
+            t.second()
+        );
+        self.open_campaign(&Actor::System, &name, None, Some(&due), None)
+            .await
+            .map(Some)
+    }
+
+    /// Open items past their campaign's due date, not yet escalated: each is
+    /// escalated to the agent's team lead (audited as `review.escalated`);
+    /// the overdue item is a compliance issue with the lifecycle's
+    /// `overdue_action`.
+    pub(crate) async fn escalate_reviews(&self, t: OffsetDateTime) -> BrokerResult<usize> {
+        let campaigns = self.store.review_campaigns().await?;
+        let open = self
+            .store
+            .review_items(&ReviewFilter {
+                open_only: true,
+                ..ReviewFilter::default()
+            })
+            .await?;
+        let people = self.directory().await?;
+        let mut n = 0;
+        for mut i in open {
+            let Some(c) = campaigns.iter().find(|c| c.id == i.campaign_id) else {
+                continue;
+            };
+            if i.escalated_at.is_some() || c.due_at > t {
+                continue;
+            }
+            let team = i.snapshot["team"].as_str().unwrap_or_default().to_owned();
+            let lead = people.team_lead(&team).map(|p| p.email.clone());
+            i.escalated_at = Some(t);
+            let mut tx = self.store.begin().await?;
+            tx.save_review_item(&i).await?;
+            tx.audit(
+                AuditEvent::new(&Actor::System, "review.escalated")
+                    .agent(&i.agent_id)
+                    .reason(format!(
+                        "review item of campaign `{}` was due on {}",
+                        c.name,
+                        c.due_at.date()
+                    ))
+                    .details(serde_json::json!({
+                        "campaign": c.id, "item": i.id, "reviewer": i.reviewer,
+                        "escalated_to": lead, "team": team,
+                    })),
+            )
+            .await?;
+            let slack_to = lead.as_deref().and_then(|l| self.slack_user_of(l));
+            for row in self
+                .notifier
+                .review_escalated(&i, c, lead.as_deref(), slack_to.as_deref())
+            {
+                tx.insert_notification(&row).await?;
+            }
+            tx.commit().await?;
+            self.notifier.wake();
+            n += 1;
+        }
+        Ok(n)
+    }
+}
