@@ -47,26 +47,8 @@ fn plain(agent: &TestAgent, purpose: &str) -> String {
     format!(
         "id = \"{}\"\nteam = \"platform\"\nsponsor = \"owner@keygate.test\"\nrisk_tier = 2\nenvironment = \"dev\"\npurpose = \"{purpose}\"\njwks = {}\n",
         agent.id,
-        toml_inline(&json!({ "keys": [agent.jwk] }))
+        common::config::toml_inline(&json!({ "keys": [agent.jwk] }))
     )
-}
-
-/// A JSON value as a TOML inline value.
-fn toml_inline(v: &Value) -> String {
-    match v {
-        Value::Object(m) => format!(
-            "{{ {} }}",
-            m.iter()
-                .map(|(k, v)| format!("{k} = {}", toml_inline(v)))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-        Value::Array(a) => format!(
-            "[{}]",
-            a.iter().map(toml_inline).collect::<Vec<_>>().join(", ")
-        ),
-        other => other.to_string(),
-    }
 }
 
 struct Folder(PathBuf);

@@ -389,7 +389,7 @@ async fn the_readmes_operator_commands_do_what_it_says() {
     );
     let def = format!(
         "id = \"{id}\"\nteam = \"platform\"\nsponsor = \"owner@keygate.test\"\nrisk_tier = 2\nenvironment = \"dev\"\npurpose = \"cli test\"\nauth_method = \"private_key_jwt\"\njwks = {}\n",
-        toml_inline(&jwks)
+        common::config::toml_inline(&jwks)
     );
     std::fs::write(b.dir.join("agent.toml"), def).unwrap();
     let admin = Some(b.ops.admin.as_str());
@@ -527,23 +527,4 @@ async fn the_readmes_operator_commands_do_what_it_says() {
             .all(|l| serde_json::from_str::<Value>(l).unwrap()["agent"] == id.as_str()),
         "only this agent's events"
     );
-}
-
-/// A JSON value as a TOML inline value (for agent definition files).
-fn toml_inline(v: &Value) -> String {
-    match v {
-        Value::Object(m) => format!(
-            "{{ {} }}",
-            m.iter()
-                .map(|(k, v)| format!("{k} = {}", toml_inline(v)))
-                .collect::<Vec<_>>()
-                .join(", ")
-        ),
-        Value::Array(a) => format!(
-            "[{}]",
-            a.iter().map(toml_inline).collect::<Vec<_>>().join(", ")
-        ),
-        Value::String(s) => format!("{s:?}"),
-        other => other.to_string(),
-    }
 }

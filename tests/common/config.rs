@@ -177,3 +177,22 @@ revocation_file = "{d}/ca/revocations.jsonl"
         store = super::store::engine().url(dir),
     )
 }
+
+/// A JSON value as a TOML inline value (agent definition files in tests).
+pub fn toml_inline(v: &serde_json::Value) -> String {
+    use serde_json::Value;
+    match v {
+        Value::Object(m) => format!(
+            "{{ {} }}",
+            m.iter()
+                .map(|(k, v)| format!("{k} = {}", toml_inline(v)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+        Value::Array(a) => format!(
+            "[{}]",
+            a.iter().map(toml_inline).collect::<Vec<_>>().join(", ")
+        ),
+        other => other.to_string(),
+    }
+}

@@ -105,3 +105,13 @@ pub fn issue<'a>(c: &'a Value, kind: &str) -> Option<&'a Value> {
 pub async fn exec(b: &TestBroker, sql: &'static str, binds: &[&str]) {
     b.store_exec(sql, binds).await.unwrap();
 }
+
+/// The item of `agent` in a started campaign.
+pub fn item_of<'a>(started: &'a Value, agent: &str) -> &'a Value {
+    started["items"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|i| i["agent_id"] == agent)
+        .unwrap_or_else(|| panic!("no item for {agent}: {started}"))
+}
