@@ -1,6 +1,7 @@
 //! The broker: agents, tasks, credentials and revocations, tied to the store,
 //! policy, providers and audit. The HTTP layer is a thin shell around this.
 
+mod agent_update;
 mod agents;
 mod approvals;
 mod auth_failures;
