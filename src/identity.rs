@@ -11,7 +11,7 @@ pub use assertion::{
     AssertionClaims, sign_client_assertion, unverified_issuer, validate_public_jwks,
     verify_client_assertion,
 };
-pub use federation::{Federated, Federation};
+pub use federation::{Federated, Federation, REFRESH_FLOOR as JWKS_REFRESH_FLOOR};
 pub use keys::{PublicKey, generate_agent_key, write_private as write_private_file};
 pub use session::{SessionClaims, SessionSigner};
 

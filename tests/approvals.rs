@@ -4,7 +4,7 @@
 //! API cannot run here, so `common::slack` stands in for it.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+use crate::common;
 
 use common::config::sha256_hex;
 use common::slack::{SlackFake, click_body, post_click, slack_signature};

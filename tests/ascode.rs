@@ -3,7 +3,7 @@
 //! `agent_policy` block as written), compiled to Cedar.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+use crate::common;
 
 use std::path::{Path, PathBuf};
 

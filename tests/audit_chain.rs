@@ -2,7 +2,7 @@
 //! file and through the server; an altered or deleted row is found.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+use crate::common;
 
 use common::{TestAgent, TestBroker};
 use keygate::audit::{AuditEvent, GENESIS_HASH, verify_chain};

@@ -4,7 +4,7 @@
 #![cfg(feature = "aws")]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+use crate::common;
 
 use common::aws::Moto;
 use common::example::{ExampleBroker, example_text, switch_line};

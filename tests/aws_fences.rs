@@ -9,7 +9,7 @@
 #![cfg(feature = "aws")]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+use crate::common;
 
 use common::aws::{Moto, role_arn};
 use common::{TestAgent, TestBroker};

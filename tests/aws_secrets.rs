@@ -11,7 +11,7 @@
 #![cfg(feature = "aws")]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+use crate::common;
 
 use aws_sdk_secretsmanager::primitives::Blob;
 use common::aws::Moto;

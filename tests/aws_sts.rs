@@ -17,7 +17,7 @@
 #![cfg(feature = "aws")]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+use crate::common;
 
 use aws_credential_types::Credentials;
 use common::aws::{Moto, role_arn};

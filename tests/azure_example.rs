@@ -5,7 +5,7 @@
 #![cfg(feature = "azure")]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+use crate::common;
 
 use common::azure::{
     APP_CLIENT, APP_OBJECT, AzurePeers, KEYGATE_CLIENT, READER_CLIENT, RESOURCE, TENANT,

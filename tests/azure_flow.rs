@@ -12,7 +12,7 @@
 #![cfg(feature = "azure")]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+use crate::common;
 
 use common::azure::{
     APP_CLIENT, APP_OBJECT, AzurePeers, KEYGATE_WI_CLIENT, READER_TOKEN_SECS, RESOURCE, TENANT,
@@ -248,26 +248,34 @@ async fn a_token_longer_than_the_scope_allows_is_not_handed_over() {
     assert!((1198..=1202).contains(&secs), "{msg}");
 }
 
+/// Keygate as a workload identity: its federated token file holds a token
+/// from the issuer Entra trusts for its app (the stand-in checks signature,
+/// issuer, subject, audience and time range, as Entra does); a token Entra
+/// would not match is a clear error that never echoes the token.
 #[tokio::test]
 async fn keygate_can_be_a_workload_identity() {
+    use common::azure::WI_SUBJECT;
     let peers = AzurePeers::start().await;
-    let token_file = peers.dir.join("federated-token");
-    std::fs::write(&token_file, "eyJhbGciOiJub25lIn0.eyJzdWIiOiJrZXlnYXRlIn0.").unwrap();
-    let mut setup = peers.setup(&scopes(5));
-    let client_secret_auth = setup
-        .extra_config
-        .split("[providers.azure.auth]")
-        .nth(1)
-        .unwrap()
-        .to_owned();
-    setup.extra_config = setup.extra_config.replace(
-        &client_secret_auth,
-        &format!(
-            "\nmethod = \"workload_identity\"\nclient_id = \"{KEYGATE_WI_CLIENT}\"\ntoken_file = \"{}\"\n",
-            token_file.display()
-        ),
-    );
-    let b = TestBroker::start_with(setup).await;
+    let broker = |name: &str, token: String| {
+        let token_file = peers.dir.join(name);
+        std::fs::write(&token_file, &token).unwrap();
+        let mut setup = peers.setup(&scopes(5));
+        let client_secret_auth = setup
+            .extra_config
+            .split("[providers.azure.auth]")
+            .nth(1)
+            .unwrap()
+            .to_owned();
+        setup.extra_config = setup.extra_config.replace(
+            &client_secret_auth,
+            &format!(
+                "\nmethod = \"workload_identity\"\nclient_id = \"{KEYGATE_WI_CLIENT}\"\ntoken_file = \"{}\"\n",
+                token_file.display()
+            ),
+        );
+        async move { (TestBroker::start_with(setup).await, token) }
+    };
+    let (b, _) = broker("federated-token", peers.workload_token(WI_SUBJECT, 3600)).await;
     let (_, s) = b.agent_with_task("wi", "platform").await;
     let cred = b
         .credential(&s.token, "deploy-app", Some(300), None)
@@ -276,6 +284,34 @@ async fn keygate_can_be_a_workload_identity() {
     assert_eq!(peers.keygate_passwords().len(), 1);
     release(&b, &s, cred["lease_id"].as_str().unwrap()).await;
     assert!(peers.keygate_passwords().is_empty());
+
+    for (file, token, code) in [
+        (
+            "other-subject",
+            peers.workload_token("system:serviceaccount:other:app", 3600),
+            "AADSTS70021",
+        ),
+        (
+            "expired",
+            peers.workload_token(WI_SUBJECT, -600),
+            "AADSTS700024",
+        ),
+    ] {
+        let (b, token) = broker(file, token).await;
+        let (_, s) = b.agent_with_task("wi-refused", "platform").await;
+        let r = b
+            .credential(&s.token, "deploy-app", Some(300), None)
+            .await
+            .expect(502);
+        let msg = r["message"].as_str().unwrap();
+        assert!(msg.contains(code), "{file}: {msg}");
+        let signature = token.rsplit('.').next().unwrap();
+        assert!(
+            !msg.contains(signature) && !b.log().contains(signature),
+            "{msg}"
+        );
+        assert!(peers.keygate_passwords().is_empty());
+    }
 }
 
 #[tokio::test]

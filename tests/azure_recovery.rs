@@ -5,7 +5,7 @@
 #![cfg(feature = "azure")]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+use crate::common;
 
 use common::azure::{APP_OBJECT, AzurePeers, scopes};
 use common::{TestBroker, eventually};
@@ -269,4 +269,86 @@ async fn revocations_wait_out_a_graph_outage() {
     })
     .await;
     assert!(!peers.graph.secret_works(APP_OBJECT, &secret));
+}
+
+/// Keygate's client secret by `file:` reference is read at first use and
+/// read again after Entra refuses it: rotating the secret on disk (as a
+/// secrets operator does) heals the broker without a restart.
+#[tokio::test]
+async fn a_rotated_client_secret_is_read_again_after_a_refusal() {
+    let peers = AzurePeers::start().await;
+    let secret_file = peers.dir.join("rotating-secret");
+    std::fs::write(&secret_file, "kg~an-old-rotated-out-secret").unwrap();
+    let mut setup = peers.setup(&scopes(5));
+    setup.extra_config = setup.extra_config.replace(
+        &format!("env:{}", common::azure::KEYGATE_SECRET_ENV),
+        &format!("file:{}", secret_file.display()),
+    );
+    assert!(
+        setup.extra_config.contains("file:"),
+        "{}",
+        setup.extra_config
+    );
+    let b = TestBroker::start_with(setup).await;
+    let (_, s) = b.agent_with_task("rotated", "platform").await;
+    let r = b
+        .credential(&s.token, "deploy-app", Some(300), None)
+        .await
+        .expect(502);
+    assert!(
+        r["message"].as_str().unwrap().contains("AADSTS7000215"),
+        "{r}"
+    );
+    // Rotated on disk: the next request reads it and gets in.
+    std::fs::write(&secret_file, &peers.keygate_secret).unwrap();
+    let cred = b
+        .credential(&s.token, "deploy-app", Some(300), None)
+        .await
+        .expect(201);
+    assert_eq!(peers.keygate_passwords().len(), 1);
+    assert!(!b.log().contains(&peers.keygate_secret));
+    b.complete(&s.token).await.expect(200);
+    assert!(peers.keygate_passwords().is_empty(), "{cred}");
+}
+
+/// A sweep Graph cuts short is audited as `provider.sweep_failed` with
+/// Graph's answer, removes nothing, and the next sweep finishes the job.
+#[tokio::test]
+async fn a_sweep_cut_short_is_audited_and_retried() {
+    let peers = AzurePeers::start().await;
+    let now = OffsetDateTime::now_utc();
+    let ghost = peers.graph.add_password(
+        APP_OBJECT,
+        "keygate:ghost-agent:tk_ghost:ls_ghost",
+        now + time::Duration::days(1),
+    );
+    peers.graph.set_outage(true);
+    let mut setup = peers.setup(&scopes(5));
+    setup.extra_config = peers.provider_toml(1);
+    let b = TestBroker::start_with(setup).await;
+    let failed = eventually("a failed sweep audited", || async {
+        b.audit("action=provider.sweep_failed").await.pop()
+    })
+    .await;
+    assert_eq!(failed["actor"], "system");
+    assert_eq!(failed["outcome"], "failure");
+    assert_eq!(failed["details"]["provider"], "azure");
+    assert!(
+        failed["reason"].as_str().unwrap().contains("503"),
+        "{failed}"
+    );
+    assert_eq!(
+        peers.graph.passwords(APP_OBJECT).len(),
+        1,
+        "nothing removed"
+    );
+    assert!(b.audit("action=provider.swept").await.is_empty());
+
+    peers.graph.set_outage(false);
+    let swept = eventually("the next sweep removes the leftover", || async {
+        b.audit("action=provider.swept").await.pop()
+    })
+    .await;
+    assert_eq!(swept["details"]["backend"]["key_id"], ghost.as_str());
+    assert!(peers.graph.passwords(APP_OBJECT).is_empty());
 }

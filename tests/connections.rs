@@ -4,7 +4,7 @@
 //! delay no other client, and the connection limit holds.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

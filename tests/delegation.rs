@@ -4,7 +4,7 @@
 //! (RFC 7662) and token revocation (RFC 7009) see it all at once.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+use crate::common;
 
 use common::{Resp, Setup, TestAgent, TestBroker, eventually};
 use serde_json::{Value, json};

@@ -2,7 +2,7 @@
 //! is useless without a fresh proof by that key for the exact method and URL.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+use crate::common;
 
 use common::{ISSUER, JWT_BEARER, Resp, TestAgent, TestBroker, unix_now};
 use jsonwebtoken::{Algorithm, Header};

@@ -4,7 +4,7 @@
 //! or an altered audit row).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+use crate::common;
 
 use common::{Setup, TestAgent, TestBroker};
 use serde_json::{Value, json};

@@ -4,7 +4,7 @@
 //! with a precise `invalid_grant` and audited.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+use crate::common;
 
 use common::oidc::{OidcIssuer, kid_of};
 use common::{Resp, Setup, TestAgent, TestBroker, eventually, unix_now};
@@ -353,4 +353,98 @@ async fn a_federated_sub_agent_takes_a_delegated_task_with_its_workload_token() 
     // The same workload token again is a replay.
     let r = b.token_form(&form).await;
     assert_eq!(r.status, 401, "{}", r.text);
+}
+
+/// A JWKS endpoint serving whatever `keys` holds, counting its fetches.
+async fn counting_jwks(
+    keys: std::sync::Arc<std::sync::Mutex<Value>>,
+) -> (String, std::sync::Arc<std::sync::atomic::AtomicUsize>) {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let url = format!("http://{}/jwks", listener.local_addr().unwrap());
+    let hits = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counter = hits.clone();
+    tokio::spawn(async move {
+        while let Ok((mut s, _)) = listener.accept().await {
+            counter.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            let body = keys.lock().unwrap().to_string();
+            tokio::spawn(async move {
+                let mut buf = [0u8; 4096];
+                let _ = s.read(&mut buf).await;
+                let head = format!(
+                    "HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: {}\r\nconnection: close\r\n\r\n",
+                    body.len()
+                );
+                let _ = s.write_all(head.as_bytes()).await;
+                let _ = s.write_all(body.as_bytes()).await;
+            });
+        }
+    });
+    (url, hits)
+}
+
+/// The README's cache promise: fetched keys are reused, an unknown `kid`
+/// refreshes at most once per floor however many arrive, and a rotated key
+/// is picked up by the next refresh after the floor.
+#[tokio::test]
+async fn keys_are_cached_and_unknown_kids_refresh_at_most_once_per_floor() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let old = TestAgent::new("issuer-old", "ES256");
+    let new = TestAgent::new("issuer-new", "ES256");
+    let served = std::sync::Arc::new(std::sync::Mutex::new(json!({ "keys": [old.jwk] })));
+    let (jwks, hits) = counting_jwks(served.clone()).await;
+    let b = TestBroker::start_with(Setup {
+        extra_config: format!(
+            "[[federation.issuers]]\nname = \"ci\"\nissuer = \"https://ci.test\"\njwks_url = \"{jwks}\"\naudience = \"{AUDIENCE}\"\nalgorithms = [\"ES256\"]\n"
+        ),
+        ..Setup::permissive()
+    })
+    .await;
+    let agent = TestAgent::new("built", "ES256");
+    let mut spec = agent.spec("platform");
+    spec["jwks"] = json!({ "keys": [] });
+    spec["federated"] = json!({ "issuer": "ci", "subject": "pipeline" });
+    b.admin_post("/v1/agents", &spec).await.expect(201);
+    let token = |signer: &TestAgent, kid: &str| {
+        let mut h = signer.header();
+        h.kid = Some(kid.to_owned());
+        signer.sign_with(
+            &h,
+            &json!({
+                "iss": "https://ci.test", "sub": "pipeline", "aud": AUDIENCE,
+                "exp": unix_now() + 300, "jti": uuid::Uuid::new_v4().to_string(),
+            }),
+        )
+    };
+    assert_eq!(hits.load(SeqCst), 0, "nothing is fetched before a login");
+
+    // Fetched once, then served from the cache.
+    for _ in 0..3 {
+        exchange(&b, &token(&old, &old.kid)).await.expect(200);
+    }
+    assert_eq!(hits.load(SeqCst), 1, "the JWKS is cached");
+
+    // A flood of unknown kids, past the floor since that fetch: one
+    // refresh, every one refused.
+    tokio::time::sleep(keygate::identity::JWKS_REFRESH_FLOOR).await;
+    for n in 0..10 {
+        let r = exchange(&b, &token(&old, &format!("bogus-{n}"))).await;
+        refused(&r, "bogus");
+    }
+    assert_eq!(hits.load(SeqCst), 2, "one refresh per floor");
+    // The known key still works meanwhile, without a fetch.
+    exchange(&b, &token(&old, &old.kid)).await.expect(200);
+    assert_eq!(hits.load(SeqCst), 2);
+
+    // The issuer rotates. Within the floor the new kid is not fetched for…
+    *served.lock().unwrap() = json!({ "keys": [old.jwk, new.jwk] });
+    let r = exchange(&b, &token(&new, &new.kid)).await;
+    refused(&r, &new.kid);
+    assert_eq!(hits.load(SeqCst), 2);
+    // …after it, the next login with the new kid refreshes and gets in.
+    tokio::time::sleep(keygate::identity::JWKS_REFRESH_FLOOR).await;
+    exchange(&b, &token(&new, &new.kid)).await.expect(200);
+    assert_eq!(hits.load(SeqCst), 3);
+    exchange(&b, &token(&new, &new.kid)).await.expect(200);
+    assert_eq!(hits.load(SeqCst), 3, "the rotated set is cached too");
 }

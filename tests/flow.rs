@@ -2,7 +2,7 @@
 //! obtain an SVID, check it as a relying party, complete, and see it revoked.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+use crate::common;
 
 use common::{JWT_AUDIENCE, TRUST_DOMAIN, TestAgent, TestBroker, rfc3339};
 use jsonwebtoken::jwk::JwkSet;

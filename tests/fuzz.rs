@@ -11,7 +11,7 @@
 //! through cargo-fuzz on stable, `scripts/fuzz`).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+use crate::common;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 

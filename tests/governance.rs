@@ -5,7 +5,7 @@
 //! (never a sleep), then asking for a sweep (`POST /v1/governance/sweep`).
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+use crate::common;
 
 use common::governance::{compliance, sweep};
 use common::{Setup, TestAgent, TestBroker};

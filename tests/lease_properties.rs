@@ -11,7 +11,7 @@
 //! expiry, and every revoked, unexpired credential is refused by the CA.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+use crate::common;
 
 use std::collections::{HashMap, HashSet};
 use std::time::Duration;

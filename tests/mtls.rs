@@ -5,7 +5,7 @@
 //! connection with that same certificate.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+use crate::common;
 
 use common::{Setup, TRUST_DOMAIN, TestAgent, TestBroker};
 use rcgen::{

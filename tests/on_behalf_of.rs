@@ -5,7 +5,7 @@
 //! names the user.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+use crate::common;
 
 use common::oidc::OidcIssuer;
 use common::{Resp, Setup, TestAgent, TestBroker};
@@ -272,4 +272,84 @@ async fn user_tokens_are_namespaced_single_use_addressed_and_bound_in_time() {
         .expect(200);
     let expires_in = v["expires_in"].as_i64().unwrap();
     assert!(expires_in <= 120, "{v}");
+}
+
+/// A sub-agent's delegated task acts for the same user as its parent: its
+/// credentials need the user to be permitted too, its audit events and its
+/// introspection name the user, and it cannot shed the user by delegating.
+#[tokio::test]
+async fn sub_agents_of_a_task_act_for_the_same_user() {
+    const EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+    let (b, sso) = start().await;
+    let orch = TestAgent::new("assistant", "ES256");
+    let sub = TestAgent::new("helper", "EdDSA");
+    let mut spec = orch.spec("platform");
+    spec["delegation"] = json!({ "max_depth": 1, "targets": [sub.id] });
+    b.admin_post("/v1/agents", &spec).await.expect(201);
+    b.register(&sub, "platform").await;
+    let delegate = |parent: String| {
+        let (b, sub) = (&b, &sub);
+        async move {
+            let assertion = sub.assertion();
+            b.token_form(&[
+                ("grant_type", EXCHANGE),
+                ("subject_token", parent.as_str()),
+                (
+                    "subject_token_type",
+                    "urn:ietf:params:oauth:token-type:access_token",
+                ),
+                ("actor_token", assertion.as_str()),
+                ("actor_token_type", "urn:ietf:params:oauth:token-type:jwt"),
+            ])
+            .await
+        }
+    };
+    // The sub-agent alone may hold both scopes (the shipped policies).
+    let own = b.token(&sub).await;
+    b.jwt_svid(&own.token, None).await;
+
+    // Alice's task, delegated: x509 (Alice may), not jwt-svid (she may not).
+    let alice = user_token(&sso, "alice@example.com", json!(["engineering"])).await;
+    let parent = token(&open(&b, &orch, &[("user_token", &alice)]).await.expect(200));
+    let v = delegate(parent).await.expect(200);
+    let child = token(&v);
+    let child_task = v["task_id"].as_str().unwrap().to_owned();
+    b.x509(&child, Some(60)).await;
+    let r = b.credential(&child, "jwt-svid", None, None).await;
+    assert_eq!(r.status, 403, "{}", r.text);
+    assert!(
+        r.text.contains("acts for user `alice@example.com`"),
+        "{}",
+        r.text
+    );
+    let i = b
+        .http
+        .post(b.url("/oauth/introspect"))
+        .bearer_auth(&b.ops.admin)
+        .form(&[("token", child.as_str())])
+        .send()
+        .await
+        .unwrap()
+        .json::<Value>()
+        .await
+        .unwrap();
+    assert_eq!(i["active"], true, "{i}");
+    assert_eq!(i["on_behalf_of"]["sub"], "alice@example.com", "{i}");
+    let events = b.audit(&format!("task={child_task}")).await;
+    assert!(events.len() >= 2, "{events:?}");
+    for e in &events {
+        assert_eq!(e["on_behalf_of"], "alice@example.com", "{e}");
+    }
+
+    // Bob may hold nothing; neither may a sub-agent acting for him.
+    let bob = user_token(&sso, "bob@example.com", json!([])).await;
+    let parent = token(&open(&b, &orch, &[("user_token", &bob)]).await.expect(200));
+    let child = token(&delegate(parent).await.expect(200));
+    let r = b.credential(&child, "x509-svid", None, None).await;
+    assert_eq!(r.status, 403, "{}", r.text);
+    assert!(
+        r.text.contains("acts for user `bob@example.com`"),
+        "{}",
+        r.text
+    );
 }

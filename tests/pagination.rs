@@ -3,7 +3,7 @@
 //! and the CLI follows the pages with `--all` or says that more follow.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeSet;
 

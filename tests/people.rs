@@ -4,7 +4,7 @@
 //! credential. Time passes by moving dates back in the store.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+use crate::common;
 
 use common::TestAgent;
 use common::governance::{DAY, SPONSOR, compliance, exec, issue, start, sweep};

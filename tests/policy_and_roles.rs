@@ -2,7 +2,7 @@
 //! role checks on every admin endpoint.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+use crate::common;
 
 use common::{Setup, TestAgent, TestBroker};
 use reqwest::Method;

@@ -5,7 +5,7 @@
 //! or, in `report` mode, only lists them.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+use crate::common;
 
 use std::collections::BTreeMap;
 

@@ -6,7 +6,7 @@
 //! for it waits for approval like a widening does — whatever the hour.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+use crate::common;
 
 use common::{Setup, TestAgent, TestBroker};
 use serde_json::{Value, json};

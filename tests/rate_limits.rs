@@ -5,7 +5,7 @@
 //! huge client ids costs a bounded number of small audit rows.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+use crate::common;
 
 use common::{JWT_BEARER, Resp, Setup, TestAgent, TestBroker, eventually};
 use serde_json::json;

@@ -2,7 +2,7 @@
 //! leases, and tasks that run out of time on their own.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+use crate::common;
 
 use common::{TestAgent, TestBroker, eventually, serial_for_lease, unix_now};
 use serde_json::{Value, json};

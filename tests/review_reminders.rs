@@ -3,7 +3,7 @@
 //! and escalations.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+use crate::common;
 
 use common::TestAgent;
 use common::governance::{DAY, SPONSOR, exec, item_of, sweep};

@@ -3,7 +3,7 @@
 //! passes by moving dates back in the store, never by sleeping.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+use crate::common;
 
 use common::governance::{DAY, SPONSOR, compliance, exec, issue, item_of, start, sweep};
 use common::{TestAgent, TestBroker};

@@ -1,7 +1,7 @@
 //! The SecOps kill switch: emergency revocation by agent and by team.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+use crate::common;
 
 use common::{Session, Setup, TestAgent, TestBroker};
 use serde_json::{Value, json};

@@ -2,7 +2,7 @@
 //! revoke every kind of credential, then search all three for each secret.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+use crate::common;
 
 use common::{TestAgent, TestBroker};
 use serde_json::json;

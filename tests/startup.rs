@@ -2,7 +2,7 @@
 //! setting is wrong, and never repeats a value that may be a secret.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

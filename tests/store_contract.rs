@@ -6,7 +6,7 @@
 //! What only one engine does (SQLite's WAL) is checked for that engine.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+use crate::common;
 
 use std::sync::Arc;
 

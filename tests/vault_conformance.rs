@@ -5,7 +5,7 @@
 #![cfg(feature = "vault")]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+use crate::common;
 
 use std::time::Duration;
 

@@ -4,7 +4,7 @@
 #![cfg(feature = "vault")]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+use crate::common;
 
 use common::peers::Storage;
 use common::vault::{VaultPeers, broker_setup};
@@ -247,4 +247,109 @@ async fn the_approle_secret_id_comes_from_aws_secrets_manager() {
         !b.log().contains(secret_id.trim()),
         "the secret id was logged"
     );
+}
+
+/// `address = "https://…"` with `ca_cert_file`, and `namespace`: tokens are
+/// minted in the namespace, over TLS verified against that CA only, and
+/// revoked there. Without the CA the same Vault is not trusted: the lease
+/// fails at once, nothing minted.
+#[tokio::test]
+async fn https_with_a_ca_cert_file_and_a_namespace() {
+    use common::peers::Bao;
+    let bao = Bao::start(Storage::DevTls).await;
+    assert!(bao.addr.starts_with("https://"));
+    bao.api("POST", "sys/namespaces/team-a", Some(json!({})))
+        .await;
+    let provider = |name: &str, ca: Option<&std::path::Path>| {
+        let ca = ca
+            .map(|c| format!("ca_cert_file = \"{}\"\n", c.display()))
+            .unwrap_or_default();
+        format!(
+            "[providers.{name}]\nkind = \"vault\"\naddress = \"{}\"\nnamespace = \"team-a\"\n{ca}request_timeout_secs = 3\nauth = {{ method = \"token\", token_env = \"KG_TEST_VAULT_TOKEN\" }}\n",
+            bao.addr
+        )
+    };
+    let scope = |name: &str| {
+        format!(
+            "[[scopes]]\nname = \"{name}-token\"\nprovider = \"{name}\"\nmax_ttl_secs = 600\nparams = {{ kind = \"token\", policies = [\"default\"] }}\n"
+        )
+    };
+    let b = TestBroker::start_with(common::Setup {
+        policies: vec![(
+            "permit.cedar".into(),
+            r#"permit (principal, action == Keygate::Action::"request_credential", resource)
+when { resource.provider == "tenant" || resource.provider == "untrusted" };"#
+                .into(),
+        )],
+        extra_config: format!(
+            "{}{}",
+            provider("tenant", Some(&bao.ca_file())),
+            provider("untrusted", None)
+        ),
+        scopes: Some(format!("{}{}", scope("tenant"), scope("untrusted"))),
+        env: vec![("KG_TEST_VAULT_TOKEN".into(), bao.root.clone())],
+        ..common::Setup::default()
+    })
+    .await;
+    let agent = TestAgent::new("tenant", "ES256");
+    b.register(&agent, "platform").await;
+    let s = b.token(&agent).await;
+
+    let cred = b
+        .credential(&s.token, "tenant-token", Some(120), None)
+        .await
+        .expect(201);
+    let token = cred["credential"]["token"].as_str().unwrap();
+    let (status, me) = bao
+        .request_in(
+            Some("team-a"),
+            "GET",
+            "auth/token/lookup-self",
+            Some(token),
+            None,
+        )
+        .await;
+    assert_eq!(status, 200, "the token lives in team-a: {me}");
+    assert_eq!(me["data"]["namespace_path"], "team-a/", "{me}");
+    let accessor = me["data"]["accessor"].as_str().unwrap().to_owned();
+    let (_, root_accessors) = bao
+        .request("LIST", "auth/token/accessors", Some(&bao.root), None)
+        .await;
+    assert!(
+        !root_accessors.to_string().contains(&accessor),
+        "minted in the root namespace too"
+    );
+
+    // The same Vault without its CA: refused before any request was sent.
+    let r = b
+        .credential(&s.token, "untrusted-token", Some(60), None)
+        .await;
+    assert_eq!(r.status, 502, "{}", r.text);
+    let failed = b
+        .leases(&format!("task={}", s.task_id))
+        .await
+        .into_iter()
+        .find(|l| l["scope"] == "untrusted-token")
+        .unwrap();
+    assert_eq!(failed["state"], "failed", "{failed}");
+    assert!(
+        failed["last_error"]
+            .as_str()
+            .unwrap()
+            .contains("not reached"),
+        "{failed}"
+    );
+
+    let done = b.complete(&s.token).await.expect(200);
+    assert_eq!(done["leases"]["revoked"], 1, "{done}");
+    let (status, _) = bao
+        .request_in(
+            Some("team-a"),
+            "GET",
+            "auth/token/lookup-self",
+            Some(token),
+            None,
+        )
+        .await;
+    assert_eq!(status, 403, "revoked in its namespace");
 }

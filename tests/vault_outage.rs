@@ -4,7 +4,7 @@
 #![cfg(feature = "vault")]
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-mod common;
+use crate::common;
 
 use common::peers::Storage;
 use common::vault::{VaultPeers, broker_setup};
@@ -434,4 +434,110 @@ async fn a_database_user_that_cannot_be_shortened_or_revoked_stays_queued() {
     })
     .await;
     assert!(peers.live_db_leases().await.is_empty(), "the user lives on");
+}
+
+/// A gateway in front of OpenBao, as a load balancer is: it passes requests
+/// through while `refuse` is 0, and otherwise answers each one itself with
+/// that status (a 5xx, or a 429 with `Retry-After` as rate-limit quotas do).
+async fn gateway(upstream: String) -> (String, std::sync::Arc<std::sync::atomic::AtomicU16>) {
+    use axum::body::Bytes;
+    use axum::http::{HeaderMap, Method, StatusCode, Uri};
+    use axum::response::IntoResponse;
+    use std::sync::atomic::Ordering::SeqCst;
+    let refuse = std::sync::Arc::new(std::sync::atomic::AtomicU16::new(0));
+    let mode = refuse.clone();
+    let http = reqwest::Client::new();
+    let app = axum::Router::new().fallback(
+        move |method: Method, uri: Uri, mut headers: HeaderMap, body: Bytes| {
+            let (mode, http, upstream) = (mode.clone(), http.clone(), upstream.clone());
+            async move {
+                let status = mode.load(SeqCst);
+                if status == 429 {
+                    let errors = serde_json::json!({ "errors": ["rate limit quota exceeded"] });
+                    return (
+                        StatusCode::TOO_MANY_REQUESTS,
+                        [("retry-after", "1")],
+                        axum::Json(errors),
+                    )
+                        .into_response();
+                }
+                if status != 0 {
+                    let errors = serde_json::json!({ "errors": ["upstream connect error"] });
+                    return (StatusCode::from_u16(status).unwrap(), axum::Json(errors))
+                        .into_response();
+                }
+                headers.remove("host");
+                let r = http
+                    .request(method, format!("{upstream}{uri}"))
+                    .headers(headers)
+                    .body(body)
+                    .send()
+                    .await
+                    .unwrap();
+                let status = r.status();
+                let headers = r.headers().clone();
+                let bytes = r.bytes().await.unwrap();
+                let mut resp = (status, bytes).into_response();
+                if let Some(ct) = headers.get("content-type") {
+                    resp.headers_mut().insert("content-type", ct.clone());
+                }
+                resp
+            }
+        },
+    );
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = format!("http://{}", listener.local_addr().unwrap());
+    tokio::spawn(async move { axum::serve(listener, app).await });
+    (addr, refuse)
+}
+
+/// Waits until every lease of the task has been retried with an error that
+/// contains `want`.
+async fn all_failing_with(b: &TestBroker, task: &str, want: &str) {
+    eventually(&format!("every lease retried with `{want}`"), || async {
+        let leases = b.leases(&format!("task={task}")).await;
+        let ok = leases.len() == 3
+            && leases.iter().all(|l| {
+                l["state"] == "revoking"
+                    && l["last_error"].as_str().is_some_and(|e| e.contains(want))
+            });
+        ok.then_some(())
+    })
+    .await;
+}
+
+/// Revocation meets every way a Vault says "not now": a 5xx from a gateway,
+/// a 429 from a rate limit, and a sealed Vault. Each leaves the leases
+/// queued with that error, the credentials alive (that is the outage), and
+/// once Vault answers again every one is revoked.
+#[tokio::test]
+async fn revocation_waits_out_5xx_429_and_a_sealed_vault() {
+    use std::sync::atomic::Ordering::SeqCst;
+    let mut peers = VaultPeers::start(Storage::Raft).await;
+    let (gw, refuse) = gateway(peers.bao.addr.clone()).await;
+    let mut setup = broker_setup(&peers);
+    setup.scopes = setup.scopes.map(|s| s.replace(&peers.bao.addr, &gw));
+    let b = TestBroker::start_with(setup).await;
+    let agent = TestAgent::new("refused", "ES256");
+    b.register(&agent, "platform").await;
+    let s = b.token(&agent).await;
+    let creds = mint(&b, &s).await;
+
+    refuse.store(500, SeqCst);
+    let done = b.complete(&s.token).await.expect(200);
+    assert_eq!(done["leases"]["pending"], 3, "{done}");
+    all_failing_with(&b, &s.task_id, "vault answered 500").await;
+    refuse.store(429, SeqCst);
+    all_failing_with(&b, &s.task_id, "vault answered 429").await;
+    refuse.store(0, SeqCst);
+    peers.bao.seal().await;
+    all_failing_with(&b, &s.task_id, "Vault is sealed").await;
+    assert!(
+        peers.pg.can_login(&creds.0, &creds.1).await,
+        "nothing was revoked while Vault refused"
+    );
+
+    peers.bao.unseal().await;
+    all_leases(&b, &s.task_id, "revoked", false).await;
+    nothing_left(&peers, &creds).await;
 }

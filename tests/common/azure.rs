@@ -39,6 +39,12 @@ pub const KEYGATE_SECRET_ENV: &str = "KEYGATE_TEST_AZURE_GRAPH_SECRET";
 pub const READER_SECRET_ENV: &str = "KEYGATE_TEST_AZURE_READER_SECRET";
 /// How long the reader app's tokens live (the token server's setting).
 pub const READER_TOKEN_SECS: u64 = 1200;
+/// The federated identity credential on [`KEYGATE_WI_CLIENT`]: the
+/// workload issuer and subject Entra trusts, and the audience Entra
+/// requires of every federated assertion.
+pub const WI_ISSUER: &str = "https://oidc.cluster.test";
+pub const WI_SUBJECT: &str = "system:serviceaccount:keygate:broker";
+pub const WI_AUDIENCE: &str = "api://AzureADTokenExchange";
 
 /// The test CA and the server certificate both stand-ins present.
 struct TestPki {
@@ -117,6 +123,8 @@ pub struct AzurePeers {
     pub reader_secret: String,
     /// A client that trusts the test CA.
     pub http: reqwest::Client,
+    /// The workload issuer's signing key (PKCS#8 PEM, ES256) and `kid`.
+    wi_key: (String, String),
 }
 
 impl Drop for AzurePeers {
@@ -139,6 +147,7 @@ impl AzurePeers {
         std::fs::write(&ca_file, &pki.ca_pem).unwrap();
         std::fs::write(dir.join("server.pem"), &pki.server_cert_pem).unwrap();
         std::fs::write(dir.join("server-key.pem"), &pki.server_key_pem).unwrap();
+        let (wi_pem, wi_public) = keygate::identity::generate_agent_key("ES256").unwrap();
         let keygate_secret = format!("kg~{}", uuid::Uuid::new_v4().simple());
         let reader_secret = format!("rd~{}", uuid::Uuid::new_v4().simple());
         let config = json!({
@@ -147,7 +156,13 @@ impl AzurePeers {
             "tenant": TENANT,
             "clients": {
                 KEYGATE_CLIENT: { "secret": keygate_secret, "lifetime": 3600 },
-                KEYGATE_WI_CLIENT: { "secret": null, "lifetime": 3600 },
+                KEYGATE_WI_CLIENT: {
+                    "secret": null, "lifetime": 3600,
+                    "federated": {
+                        "issuer": WI_ISSUER, "subject": WI_SUBJECT,
+                        "audience": WI_AUDIENCE, "jwk": wi_public.jwk,
+                    },
+                },
                 READER_CLIENT: { "secret": reader_secret, "lifetime": READER_TOKEN_SECS },
             },
         });
@@ -178,7 +193,27 @@ impl AzurePeers {
             keygate_secret,
             reader_secret,
             http,
+            wi_key: (
+                secrecy::ExposeSecret::expose_secret(&wi_pem).to_owned(),
+                wi_public.kid,
+            ),
         }
+    }
+
+    /// A workload token from the federation issuer Entra trusts for
+    /// [`KEYGATE_WI_CLIENT`], for `subject`, expiring in `exp_in` seconds
+    /// (negative: already expired) — what a projected service-account
+    /// token file holds.
+    pub fn workload_token(&self, subject: &str, exp_in: i64) -> String {
+        let now = super::unix_now();
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        header.kid = Some(self.wi_key.1.clone());
+        let key = jsonwebtoken::EncodingKey::from_ec_pem(self.wi_key.0.as_bytes()).unwrap();
+        let claims = json!({
+            "iss": WI_ISSUER, "sub": subject, "aud": [WI_AUDIENCE],
+            "iat": now, "nbf": now, "exp": now + exp_in,
+        });
+        jsonwebtoken::encode(&header, &claims, &key).unwrap()
     }
 
     /// The `[providers.azure]` tables pointing at the stand-ins, Keygate

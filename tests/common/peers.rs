@@ -67,6 +67,15 @@ pub enum Storage {
     /// Raft storage (OpenBao 2 has no file storage): survives a restart,
     /// initialised and unsealed by API, durable like Keygate's SQLite.
     Raft,
+    /// A dev server on https (`-dev-tls`): its own CA, written to
+    /// [`Bao::ca_file`].
+    DevTls,
+}
+
+impl Storage {
+    pub fn is_dev(self) -> bool {
+        matches!(self, Self::Dev | Self::DevTls)
+    }
 }
 
 /// A running OpenBao.
@@ -94,7 +103,7 @@ impl Bao {
         for _ in 0..4 {
             let mut bao = Self::prepare(storage);
             if bao.try_spawn().await {
-                if storage != Storage::Dev {
+                if !storage.is_dev() {
                     bao.init().await;
                     bao.unseal().await;
                 }
@@ -106,8 +115,13 @@ impl Bao {
 
     fn prepare(storage: Storage) -> Self {
         let port = free_port_pair();
+        let scheme = if storage == Storage::DevTls {
+            "https"
+        } else {
+            "http"
+        };
         let bao = Self {
-            addr: format!("http://127.0.0.1:{port}"),
+            addr: format!("{scheme}://127.0.0.1:{port}"),
             port,
             root: ROOT_TOKEN.into(),
             storage,
@@ -119,7 +133,7 @@ impl Bao {
                 .build()
                 .unwrap(),
         };
-        if storage != Storage::Dev {
+        if !storage.is_dev() {
             bao.write_config();
         }
         bao
@@ -158,9 +172,13 @@ impl Bao {
             .unwrap();
         let mut cmd = Command::new(bao);
         cmd.arg("server");
-        if self.storage == Storage::Dev {
+        if self.storage.is_dev() {
             cmd.args(["-dev", "-dev-root-token-id", ROOT_TOKEN])
                 .arg(format!("-dev-listen-address=127.0.0.1:{}", self.port));
+            if self.storage == Storage::DevTls {
+                cmd.arg("-dev-tls")
+                    .arg(format!("-dev-tls-cert-dir={}", self.dir.display()));
+            }
         } else {
             cmd.arg(format!("-config={}", self.dir.join("bao.hcl").display()));
         }
@@ -175,6 +193,9 @@ impl Bao {
             .spawn()
             .expect("spawning bao");
         self.child = Some(child);
+        if self.storage == Storage::DevTls {
+            self.trust_own_ca().await;
+        }
         // Dev servers answer 200 once ready; durable ones 501/503 until
         // initialised and unsealed: any answer means the API is up.
         self.wait_health(|s| s != 0).await
@@ -214,6 +235,33 @@ impl Bao {
         }
     }
 
+    /// The CA a `DevTls` server wrote (it signs the server's certificate).
+    pub fn ca_file(&self) -> PathBuf {
+        self.dir.join("vault-ca.pem")
+    }
+
+    /// Waits for a `DevTls` server's CA and trusts it from then on.
+    async fn trust_own_ca(&mut self) {
+        let deadline = tokio::time::Instant::now() + PEER_DEADLINE;
+        let pem = loop {
+            match std::fs::read(self.ca_file()) {
+                Ok(pem) if pem.ends_with(b"-----END CERTIFICATE-----\n") => break pem,
+                _ => {}
+            }
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "openbao wrote no CA; its log:\n{}",
+                self.log()
+            );
+            tokio::time::sleep(Duration::from_millis(50)).await;
+        };
+        self.http = reqwest::Client::builder()
+            .timeout(Duration::from_secs(30))
+            .tls_certs_only(reqwest::Certificate::from_pem_bundle(&pem).unwrap())
+            .build()
+            .unwrap();
+    }
+
     async fn init(&mut self) {
         let v = self
             .raw(
@@ -227,7 +275,14 @@ impl Bao {
         self.root = v["root_token"].as_str().unwrap().to_owned();
     }
 
-    async fn unseal(&mut self) {
+    /// Seals a durable server (`sys/seal`): it answers 503 "Vault is
+    /// sealed" until [`Bao::unseal`].
+    pub async fn seal(&mut self) {
+        self.api("PUT", "sys/seal", None).await;
+        assert!(self.wait_health(|s| s == 503).await);
+    }
+
+    pub async fn unseal(&mut self) {
         let key = self.unseal_key.clone().expect("an unseal key");
         self.raw("PUT", "sys/unseal", None, Some(json!({ "key": key })))
             .await;
@@ -252,7 +307,7 @@ impl Bao {
 
     /// Starts a stopped durable server again on the same port and unseals it.
     pub async fn restart(&mut self) {
-        assert!(self.storage != Storage::Dev, "a dev server loses its state");
+        assert!(!self.storage.is_dev(), "a dev server loses its state");
         self.spawn().await;
         self.unseal().await;
     }
@@ -282,8 +337,23 @@ impl Bao {
         token: Option<&str>,
         body: Option<Value>,
     ) -> (u16, Value) {
+        self.request_in(None, method, path, token, body).await
+    }
+
+    /// One API call with `token` in `namespace` (`X-Vault-Namespace`).
+    pub async fn request_in(
+        &self,
+        namespace: Option<&str>,
+        method: &str,
+        path: &str,
+        token: Option<&str>,
+        body: Option<Value>,
+    ) -> (u16, Value) {
         let m = reqwest::Method::from_bytes(method.as_bytes()).unwrap();
         let mut rb = self.http.request(m, format!("{}/v1/{path}", self.addr));
+        if let Some(ns) = namespace {
+            rb = rb.header("X-Vault-Namespace", ns);
+        }
         if let Some(t) = token {
             rb = rb.header("X-Vault-Token", t);
         }

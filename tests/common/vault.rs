@@ -228,7 +228,7 @@ async fn configure_engines(bao: &Bao, pg: &Postgres, kv: &Value) {
         })),
     )
     .await;
-    if bao.storage != Storage::Dev {
+    if !bao.storage.is_dev() {
         // A dev server mounts KV v2 at `secret/` by itself.
         bao.api(
             "POST",

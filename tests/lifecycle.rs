@@ -1,0 +1,21 @@
+//! Policy and governance: approvals, agents as code, the evidence pack, lifecycle findings, people, policy reloads and cases, provisioning, reviews and revocation.
+//!
+//! One test binary per group of suites (each `mod` is one file under
+//! `tests/`): every binary links the whole broker, so fewer binaries link
+//! faster and take less disk. Run one suite with `cargo test --test lifecycle <module>::`.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+mod common;
+
+mod approvals;
+mod ascode;
+mod evidence;
+mod governance;
+mod people;
+mod policy_and_roles;
+mod policy_cases;
+mod policy_reload;
+mod provisioning;
+mod review_reminders;
+mod reviews;
+mod revocation;
