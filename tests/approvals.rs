@@ -177,14 +177,6 @@ secret = "env:KG_TEST_WEBHOOK"
     World { b, slack, ap }
 }
 
-/// A registered agent with an open task.
-async fn agent_session(b: &TestBroker) -> (TestAgent, common::Session) {
-    let agent = TestAgent::new("appr", "ES256");
-    b.register(&agent, "platform").await;
-    let s = b.token(&agent).await;
-    (agent, s)
-}
-
 /// Asks for a sensitive scope; asserts 202 and returns the approval id.
 async fn ask(b: &TestBroker, session: &str, scope: &str) -> String {
     let body = b
@@ -236,7 +228,7 @@ async fn sensitive_scope_waits_for_a_signed_slack_click_then_redeems_once() {
     let (b, slack) = (&w.b, &w.slack);
     // Slack is down for the first two posts: the request is retried, not lost.
     slack.fail_next_posts(2);
-    let (agent, s) = agent_session(b).await;
+    let (agent, s) = b.agent_with_task("appr", "platform").await;
     let id = ask(b, &s.token, "payments-ca").await;
     assert!(b.leases(&format!("agent={}", agent.id)).await.is_empty());
 
@@ -324,7 +316,7 @@ async fn sensitive_scope_waits_for_a_signed_slack_click_then_redeems_once() {
     .await;
 
     // Only the asking task may redeem: not another agent, not another task.
-    let (_, other) = agent_session(b).await;
+    let (_, other) = b.agent_with_task("appr", "platform").await;
     let r = redeem(b, &other.token, &id).await;
     assert_eq!(r.status, 403, "{}", r.text);
     assert!(r.text.contains("another agent or task"), "{}", r.text);
@@ -389,7 +381,7 @@ async fn sensitive_scope_waits_for_a_signed_slack_click_then_redeems_once() {
 async fn forged_stale_replayed_and_unmapped_clicks_are_refused_and_audited() {
     let w = world("").await;
     let b = &w.b;
-    let (_, s) = agent_session(b).await;
+    let (_, s) = b.agent_with_task("appr", "platform").await;
     let id = ask(b, &s.token, "payments-ca").await;
     let now = unix_now();
     let good = click_body("UALICE", "keygate_approve", &id, &w.slack.response_url(9));
@@ -466,7 +458,7 @@ async fn forged_stale_replayed_and_unmapped_clicks_are_refused_and_audited() {
 async fn quorum_separation_of_duties_double_votes_and_denial() {
     let w = world("").await;
     let (b, ap) = (&w.b, &w.ap);
-    let (_, s) = agent_session(b).await;
+    let (_, s) = b.agent_with_task("appr", "platform").await;
 
     // One approval needed, and the sponsor may not be the only one.
     let id = ask(b, &s.token, "any-approver").await;
@@ -537,7 +529,7 @@ async fn quorum_separation_of_duties_double_votes_and_denial() {
 async fn approvals_expire_and_end_with_their_task() {
     let w = world("[approvals]\nexpiry_secs = 2\n").await;
     let (b, ap) = (&w.b, &w.ap);
-    let (_, s) = agent_session(b).await;
+    let (_, s) = b.agent_with_task("appr", "platform").await;
     let id = ask(b, &s.token, "payments-ca").await;
     eventually("the approval expires", || async {
         (approval(b, &id).await["state"] == "expired").then_some(())
@@ -550,7 +542,7 @@ async fn approvals_expire_and_end_with_their_task() {
 
     let w2 = world("").await;
     let b2 = &w2.b;
-    let (_, s2) = agent_session(b2).await;
+    let (_, s2) = b2.agent_with_task("appr", "platform").await;
     let id = ask(b2, &s2.token, "payments-ca").await;
     b2.complete(&s2.token).await.expect(200);
     eventually("the approval is cancelled with its task", || async {
@@ -658,7 +650,7 @@ when { context.ttl <= 60 };
     )
     .await;
     let (b, ap) = (&w.b, &w.ap);
-    let (agent, s) = agent_session(b).await;
+    let (agent, s) = b.agent_with_task("appr", "platform").await;
 
     // Short enough: policy approves without a human, and says which policy.
     let cred = b
@@ -712,7 +704,7 @@ when { context.ttl <= 60 };
 async fn a_redeem_the_provider_refuses_does_not_spend_the_approval() {
     let w = world("").await;
     let (b, ap) = (&w.b, &w.ap);
-    let (_, s) = agent_session(b).await;
+    let (_, s) = b.agent_with_task("appr", "platform").await;
     // The audience is outside the scope's allow-list: the CA refuses at issue.
     let id = b
         .post(
@@ -744,7 +736,7 @@ async fn a_redeem_the_provider_refuses_does_not_spend_the_approval() {
 async fn slack_text_is_inert_replays_are_byte_keyed_and_response_urls_stay_hidden() {
     let w = world("").await;
     let b = &w.b;
-    let (_, s) = agent_session(b).await;
+    let (_, s) = b.agent_with_task("appr", "platform").await;
     // Agent-supplied text aimed at the approvers' channel.
     let body = b
         .post(
@@ -837,7 +829,7 @@ async fn slack_rate_limits_block_kit_limits_and_used_up_response_urls() {
     let w = world("").await;
     let (b, slack) = (&w.b, &w.slack);
     slack.rate_limit_next(1, 3);
-    let (_, s) = agent_session(b).await;
+    let (_, s) = b.agent_with_task("appr", "platform").await;
     let body = json!({ "scope": "payments-ca", "ttl": 300, "justification": "x".repeat(10_000) });
     let held = b
         .post("/v1/credentials", Some(&s.token), &body)
@@ -910,7 +902,7 @@ async fn webhook_retries_keep_their_event_id_and_approvals_stay_private() {
     let w = world("").await;
     let (b, slack) = (&w.b, &w.slack);
     slack.fail_next_hooks(2);
-    let (_, s) = agent_session(b).await;
+    let (_, s) = b.agent_with_task("appr", "platform").await;
     let id = ask(b, &s.token, "payments-ca").await;
     let hooks = eventually("three deliveries of the request", || async {
         let calls: Vec<common::slack::Call> = slack
@@ -945,7 +937,7 @@ async fn webhook_retries_keep_their_event_id_and_approvals_stay_private() {
     );
 
     // Another agent's session cannot see it (nor learn that it exists).
-    let (_, other) = agent_session(b).await;
+    let (_, other) = b.agent_with_task("appr", "platform").await;
     let r = b
         .get(&format!("/v1/approvals/{id}"), Some(&other.token))
         .await;
@@ -959,7 +951,7 @@ async fn webhook_retries_keep_their_event_id_and_approvals_stay_private() {
 async fn the_notification_outbox_survives_a_crash() {
     let mut w = world("").await;
     w.slack.fail_next_posts(usize::MAX / 2);
-    let (_, s) = agent_session(&w.b).await;
+    let (_, s) = w.b.agent_with_task("appr", "platform").await;
     let id = ask(&w.b, &s.token, "payments-ca").await;
     eventually("a first attempt failed", || async {
         let a = approval(&w.b, &id).await;
@@ -1043,7 +1035,7 @@ when { principal.risk_tier == 3 };"#;
     let (b, ap) = (&w.b, &w.ap);
 
     // Tier 2: one approval, and it may be the sponsor's.
-    let (_, s) = agent_session(b).await;
+    let (_, s) = b.agent_with_task("appr", "platform").await;
     let id = ask(b, &s.token, "any-approver").await;
     assert_eq!(approval(b, &id).await["required"], 1);
     let v = decide(b, &ap.owner, &id, "approve").await.expect(200);

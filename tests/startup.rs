@@ -13,10 +13,7 @@ use common::{Setup, TestBroker};
 async fn refused(b: &TestBroker) -> String {
     let out = tokio::time::timeout(
         Duration::from_secs(30),
-        tokio::process::Command::new(env!("CARGO_BIN_EXE_keygate"))
-            .args(["serve", "--config"])
-            .arg(b.dir.join("keygate.toml"))
-            .current_dir(&b.dir)
+        common::serve_command(&b.dir.join("keygate.toml"), &b.dir)
             .env_remove("KG_TEST_MISSING_SECRET")
             .output(),
     )

@@ -275,12 +275,10 @@ async fn https_with_a_ca_cert_file_and_a_namespace() {
         )
     };
     let b = TestBroker::start_with(common::Setup {
-        policies: vec![(
-            "permit.cedar".into(),
-            r#"permit (principal, action == Keygate::Action::"request_credential", resource)
-when { resource.provider == "tenant" || resource.provider == "untrusted" };"#
-                .into(),
-        )],
+        policies: vec![
+            common::config::permit_provider("tenant"),
+            common::config::permit_provider("untrusted"),
+        ],
         extra_config: format!(
             "{}{}",
             provider("tenant", Some(&bao.ca_file())),

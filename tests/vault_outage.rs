@@ -174,12 +174,10 @@ async fn an_issue_that_never_reached_vault_is_failed_not_revoking() {
         )
     };
     let b = TestBroker::start_with(common::Setup {
-        policies: vec![(
-            "permit.cedar".into(),
-            r#"permit (principal, action == Keygate::Action::"request_credential", resource)
-when { resource.provider == "gone" || resource.provider == "sealed" };"#
-                .into(),
-        )],
+        policies: vec![
+            common::config::permit_provider("gone"),
+            common::config::permit_provider("sealed"),
+        ],
         extra_config: format!(
             "{}{}",
             provider("gone", &closed),

@@ -54,26 +54,18 @@ impl ExampleBroker {
         copy_dir(&repo.join("config/policies"), &dir.join("config/policies"));
         copy_dir(&repo.join("config/agents"), &dir.join("config/agents"));
         std::fs::write(dir.join(name), text).unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_keygate"))
-            .args(["serve", "--config", name, "--listen", "127.0.0.1:0"])
+        let mut child = super::serve_command(Path::new(name), &dir)
             .envs(env)
-            .current_dir(&dir)
             .stdout(Stdio::piped())
             .stderr(Stdio::null())
-            .kill_on_drop(true)
             .spawn()
             .unwrap();
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let addr = tokio::time::timeout(Duration::from_secs(30), async {
-            while let Ok(Some(line)) = lines.next_line().await {
-                if let Some(a) = line.strip_prefix("keygate listening on ") {
-                    return a.trim().to_owned();
-                }
-            }
-            panic!("keygate exited without serving the example config");
-        })
-        .await
-        .expect("keygate to start on the example config");
+        let addr = tokio::time::timeout(Duration::from_secs(30), super::listening_addr(&mut lines))
+            .await
+            .expect("keygate to start on the example config")
+            .expect("keygate exited without serving the example config")
+            .to_string();
         Self {
             dir,
             addr,

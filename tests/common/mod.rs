@@ -172,30 +172,16 @@ impl TestBroker {
             .append(true)
             .open(self.log_path())
             .unwrap();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_keygate"))
-            .arg("serve")
-            .arg("--config")
-            .arg(self.dir.join("keygate.toml"))
-            .args(["--listen", "127.0.0.1:0"])
+        let mut child = serve_command(&self.dir.join("keygate.toml"), &self.dir)
             .env("RUST_LOG", "info,rustify=off,vaultrs=warn")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
-            .current_dir(&self.dir)
             .stdin(Stdio::null())
             .stdout(Stdio::piped())
             .stderr(Stdio::from(log))
-            .kill_on_drop(true)
             .spawn()
             .expect("spawning the keygate binary");
         let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
-        let ready = tokio::time::timeout(DEADLINE, async {
-            while let Ok(Some(line)) = lines.next_line().await {
-                if let Some(addr) = line.strip_prefix("keygate listening on ") {
-                    return Some(addr.trim().parse::<SocketAddr>().unwrap());
-                }
-            }
-            None
-        })
-        .await;
+        let ready = tokio::time::timeout(DEADLINE, listening_addr(&mut lines)).await;
         match ready {
             Ok(Some(addr)) => self.addr = addr,
             _ => {
@@ -322,20 +308,38 @@ impl Drop for TestBroker {
     }
 }
 
+/// `keygate serve --config <config> --listen 127.0.0.1:0` run in `dir`,
+/// killed when dropped: the one way the harness starts the broker.
+pub fn serve_command(config: &Path, dir: &Path) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_keygate"));
+    cmd.arg("serve")
+        .arg("--config")
+        .arg(config)
+        .args(["--listen", "127.0.0.1:0"])
+        .current_dir(dir)
+        .kill_on_drop(true);
+    cmd
+}
+
+/// Reads the broker's stdout up to its ready line; the address it listens
+/// on, or `None` when it exited first.
+pub async fn listening_addr(lines: &mut Lines<BufReader<ChildStdout>>) -> Option<SocketAddr> {
+    while let Ok(Some(line)) = lines.next_line().await {
+        if let Some(addr) = line.strip_prefix("keygate listening on ") {
+            return Some(addr.trim().parse().unwrap());
+        }
+    }
+    None
+}
+
 /// Runs `keygate serve` on `setup`'s config and expects it to refuse to
 /// start; returns what it printed.
 pub async fn start_refused(setup: Setup) -> String {
     let b = TestBroker::prepare(setup);
     let out = tokio::time::timeout(
         Duration::from_secs(30),
-        Command::new(env!("CARGO_BIN_EXE_keygate"))
-            .arg("serve")
-            .arg("--config")
-            .arg(b.dir.join("keygate.toml"))
-            .args(["--listen", "127.0.0.1:0"])
+        serve_command(&b.dir.join("keygate.toml"), &b.dir)
             .envs(b.env.iter().map(|(k, v)| (k, v)))
-            .current_dir(&b.dir)
-            .kill_on_drop(true)
             .output(),
     )
     .await
