@@ -291,14 +291,21 @@ pub enum LogFormat {
 #[derive(Debug, Clone, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct StoreConfig {
-    /// `sqlite://path/to/file.db` (created on first start).
+    /// `sqlite://path/to/file.db` (created on first start), or
+    /// `postgres://user@host:5432/db?sslmode=verify-full&sslrootcert=…`
+    /// (several replicas may share it).
     pub url: String,
+    /// PostgreSQL's password, by reference (`env:`, `file:`, `aws-sm:`):
+    /// never in the URL.
+    #[serde(default)]
+    pub password: Option<SecretRef>,
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
         Self {
             url: "sqlite://data/keygate.db".into(),
+            password: None,
         }
     }
 }
@@ -448,6 +455,9 @@ impl Config {
     /// (`notify.slack.signing_secret`, …), for checking them all at start.
     pub fn secret_references(&self) -> Vec<(String, keygate_provider_api::SecretRef)> {
         let mut refs = Vec::new();
+        if let Some(p) = &self.store.password {
+            refs.push(("store.password".to_owned(), p.clone()));
+        }
         if let Some(slack) = &self.notify.slack {
             refs.push(("notify.slack.bot_token".to_owned(), slack.bot_token.clone()));
             refs.push((

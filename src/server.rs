@@ -52,7 +52,14 @@ pub async fn build_broker(config: Config) -> anyhow::Result<Broker> {
             .await
             .map_err(|e| anyhow::anyhow!("`{setting}` ({reference}) cannot be read: {e}"))?;
     }
-    let store = crate::store::open(&config.store.url).await?;
+    let store_password =
+        match &config.store.password {
+            Some(reference) => Some(resolver.resolve(reference).await.map_err(|e| {
+                anyhow::anyhow!("`store.password` ({reference}) cannot be read: {e}")
+            })?),
+            None => None,
+        };
+    let store = crate::store::open_with(&config.store.url, store_password.as_ref()).await?;
     let signer = SessionSigner::open(&config.sessions.signing_key_file, &config.server.issuer)?;
     let registry = Registry::build(&config, &resolver).await?;
     let config_federation = config.federation.issuers.clone();

@@ -5,6 +5,9 @@
 //! also appends the audit events describing the change, so state and evidence
 //! commit together or not at all.
 
+mod postgres;
+mod rows;
+mod sql;
 mod sqlite;
 
 use async_trait::async_trait;
@@ -17,6 +20,7 @@ use crate::model::{
     RevocationProgress, Selector, Task, TaskState,
 };
 
+pub use postgres::PostgresStore;
 pub use sqlite::SqliteStore;
 
 /// Why a store call failed.
@@ -31,7 +35,7 @@ pub enum StoreError {
     /// A caller's argument the store cannot use (a bad cursor).
     #[error("{0}")]
     Invalid(String),
-    #[error("unsupported store url `{0}` (supported: sqlite://path)")]
+    #[error("unsupported store url `{0}` (supported: sqlite://path, postgres://user@host/db)")]
     UnsupportedUrl(String),
 }
 
@@ -394,9 +398,36 @@ pub enum LeaseSelector {
 
 /// Opens the store named by a URL, creating and migrating it if needed.
 pub async fn open(url: &str) -> StoreResult<std::sync::Arc<dyn Store>> {
+    open_with(url, None).await
+}
+
+/// Opens the store named by a URL with the database password (PostgreSQL;
+/// SQLite has none), creating and migrating it if needed.
+pub async fn open_with(
+    url: &str,
+    password: Option<&secrecy::SecretString>,
+) -> StoreResult<std::sync::Arc<dyn Store>> {
     if let Some(path) = url.strip_prefix("sqlite://") {
+        if password.is_some() {
+            return Err(StoreError::Invalid(
+                "`store.password` is for PostgreSQL; a SQLite store has none".into(),
+            ));
+        }
         Ok(std::sync::Arc::new(SqliteStore::open(path).await?))
+    } else if url.starts_with("postgres://") || url.starts_with("postgresql://") {
+        Ok(std::sync::Arc::new(
+            PostgresStore::open(url, password).await?,
+        ))
     } else {
-        Err(StoreError::UnsupportedUrl(url.to_owned()))
+        Err(StoreError::UnsupportedUrl(without_userinfo(url)))
+    }
+}
+
+/// A URL for an error message: whatever stood before an `@` (a user and
+/// perhaps a password) is cut out.
+fn without_userinfo(url: &str) -> String {
+    match (url.split_once("://"), url.rfind('@')) {
+        (Some((scheme, _)), Some(at)) => format!("{scheme}://…{}", &url[at..]),
+        _ => url.to_owned(),
     }
 }

@@ -16,8 +16,7 @@ use keygate::store::{AuditFilter, Store, StoreError};
 
 /// The engine's store at `path`'s directory, opened (or reopened).
 async fn open(path: &str) -> Arc<dyn Store> {
-    let dir = std::path::Path::new(path).parent().unwrap();
-    keygate::store::open(&engine().url(dir)).await.unwrap()
+    common::store::open_store(std::path::Path::new(path).parent().unwrap()).await
 }
 
 /// A database path in a fresh temp dir (removed on drop).

@@ -11,7 +11,6 @@ mod fences;
 mod findings;
 mod group;
 mod reviews;
-mod rows;
 
 use std::str::FromStr;
 
@@ -23,6 +22,10 @@ use sqlx::sqlite::{
 use sqlx::{ConnectOptions, QueryBuilder, Row, Sqlite};
 use time::OffsetDateTime;
 
+use super::rows::{
+    agent_from_row, audit_from_row, lease_from_row, revocation_from_row, task_from_row,
+};
+use super::sql::{push_page, push_selector};
 use super::{
     AuditFilter, Delivery, LeaseSelector, Store, StoreError, StoreResult, StoreTx, TaskSelector,
 };
@@ -32,7 +35,6 @@ use crate::model::{
     FenceRecord, Lease, LeaseFilter, LeaseState, Notification, Revocability, Revocation,
     RevocationProgress, Selector, Task, TaskState, unix,
 };
-use rows::{agent_from_row, audit_from_row, lease_from_row, revocation_from_row, task_from_row};
 
 impl From<sqlx::Error> for StoreError {
     fn from(e: sqlx::Error) -> Self {
@@ -374,48 +376,6 @@ struct SqliteTx {
     tx: group::WriteTx,
 }
 
-/// The page of a newest-first list: rows after `cursor` (`created_at`, then
-/// `id`), ordered, at most `page_size(limit)`.
-pub(super) fn push_page(
-    q: &mut QueryBuilder<Sqlite>,
-    cursor: Option<&str>,
-    limit: Option<u32>,
-) -> StoreResult<()> {
-    if let Some(c) = cursor {
-        let c = crate::model::Cursor::parse(c).map_err(StoreError::Invalid)?;
-        q.push(" AND (created_at < ")
-            .push_bind(c.created_at)
-            .push(" OR (created_at = ")
-            .push_bind(c.created_at)
-            .push(" AND id < ")
-            .push_bind(c.id)
-            .push("))");
-    }
-    q.push(" ORDER BY created_at DESC, id DESC LIMIT ")
-        .push_bind(i64::from(crate::model::page_size(limit)));
-    Ok(())
-}
-
-/// `SELECT` part matching live leases of an emergency selector.
-fn push_selector(q: &mut QueryBuilder<Sqlite>, sel: &Selector, agent_col: &str) {
-    match sel {
-        Selector::Agent(a) => {
-            q.push(format!(" AND {agent_col} = ")).push_bind(a.clone());
-        }
-        Selector::Team(t) => {
-            q.push(format!(
-                " AND {agent_col} IN (SELECT id FROM agents WHERE team = "
-            ))
-            .push_bind(t.clone())
-            .push(")");
-        }
-        Selector::Provider(p) => {
-            q.push(" AND provider = ").push_bind(p.clone());
-        }
-        Selector::All => {}
-    }
-}
-
 #[async_trait]
 impl StoreTx for SqliteTx {
     async fn commit(self: Box<Self>) -> StoreResult<()> {
@@ -525,7 +485,7 @@ impl StoreTx for SqliteTx {
         else {
             return Ok(None);
         };
-        let was: AgentStatus = rows::parse_col(&row, "status")?;
+        let was: AgentStatus = super::rows::parse_col(&row, "status")?;
         if !from.contains(&was) {
             return Ok(None);
         }
@@ -749,7 +709,7 @@ impl StoreTx for SqliteTx {
         .bind(id)
         .fetch_optional(&mut self.tx.state.conn)
         .await?;
-        row.map(|r| rows::parse_col::<LeaseState>(&r, "state"))
+        row.map(|r| super::rows::parse_col::<LeaseState>(&r, "state"))
             .transpose()
     }
 

@@ -146,7 +146,7 @@ issuer = "{ISSUER}"
 log_format = "text"
 
 [store]
-url = "{store}"
+{store}
 
 [sessions]
 signing_key_file = "{d}/session-signing-key.pem"
@@ -174,7 +174,7 @@ revocation_file = "{d}/ca/revocations.jsonl"
 {extra}
 {scopes}"#,
         operators = ops.toml(),
-        store = super::store::engine().url(dir),
+        store = super::store::engine().store_toml(dir),
     )
 }
 

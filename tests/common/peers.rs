@@ -436,6 +436,12 @@ fn run(mut cmd: std::process::Command, what: &str) {
 
 impl Postgres {
     pub async fn start() -> Self {
+        Self::start_blocking()
+    }
+
+    /// [`Postgres::start`] for callers outside a runtime (every step is a
+    /// blocking command anyway).
+    pub fn start_blocking() -> Self {
         let initdb = require_binary("initdb");
         let pg_ctl = require_binary("pg_ctl");
         let dir = temp_dir("keygate-pg");
@@ -473,6 +479,64 @@ impl Postgres {
             dir,
             pg_ctl,
         }
+    }
+
+    /// A cluster kept in a `static` is never dropped: this stops and
+    /// deletes it once the current process has exited, whatever way.
+    // The watchdog must outlive this process, so nobody here waits for it.
+    #[allow(clippy::zombie_processes)]
+    pub fn stop_when_process_exits(&self) {
+        let stop = format!(
+            "while [ -d /proc/{pid} ]; do sleep 1; done; {pg_ctl} -D {data} -m immediate -w stop; rm -rf {dir}",
+            pid = std::process::id(),
+            pg_ctl = self.pg_ctl.display(),
+            data = self.dir.join("data").display(),
+            dir = self.dir.display(),
+        );
+        let root = std::process::Command::new("id")
+            .arg("-u")
+            .output()
+            .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
+            .unwrap_or(false);
+        let mut cmd = if root {
+            let mut c = std::process::Command::new("runuser");
+            c.args(["-u", "postgres", "--", "sh", "-c", &stop]);
+            c
+        } else {
+            let mut c = std::process::Command::new("sh");
+            c.args(["-c", &stop]);
+            c
+        };
+        cmd.stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .expect("spawning the cluster's watchdog");
+    }
+
+    /// A fresh database owned by `postgres`; its URL without the password.
+    pub fn create_database(&self, name: &str) -> String {
+        let psql = require_binary("psql");
+        let out = std::process::Command::new(psql)
+            .args([
+                "-h",
+                "127.0.0.1",
+                "-p",
+                &self.port.to_string(),
+                "-U",
+                "postgres",
+            ])
+            .args(["-d", "postgres", "-w", "-v", "ON_ERROR_STOP=1", "-c"])
+            .arg(format!("CREATE DATABASE \"{name}\""))
+            .env("PGPASSWORD", &self.password)
+            .output()
+            .expect("running psql");
+        assert!(
+            out.status.success(),
+            "CREATE DATABASE {name}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        format!("postgres://postgres@127.0.0.1:{}/{name}", self.port)
     }
 
     /// Whether `user`/`password` can log in and run a query (via `psql`).

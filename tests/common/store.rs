@@ -1,18 +1,24 @@
 //! The store engine the harness runs on, chosen once for every test binary
-//! by `KEYGATE_TEST_STORE` (`sqlite`, the default). Everything a test does
-//! to a store below the API — its URL, tampering with audit rows, moving
-//! dates — goes through here, so a second engine adds its branch here and
-//! the tests stay as they are.
+//! by `KEYGATE_TEST_STORE` (`sqlite`, the default, or `postgres`).
+//! Everything a test does to a store below the API — its URL, tampering
+//! with audit rows, moving dates — goes through here, so the tests stay as
+//! they are whatever the engine.
+//!
+//! `postgres`: one throwaway cluster per test binary (started by the first
+//! broker, stopped when the binary exits), one fresh database per broker.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::path::Path;
+use std::sync::OnceLock;
 
 use super::TestBroker;
+use super::peers::Postgres;
 
 /// A store engine the harness can run a broker on.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Engine {
     Sqlite,
+    Postgres,
 }
 
 /// The engine chosen by `KEYGATE_TEST_STORE`; an unknown one is an error,
@@ -20,19 +26,119 @@ pub enum Engine {
 pub fn engine() -> Engine {
     match std::env::var("KEYGATE_TEST_STORE").as_deref() {
         Err(_) | Ok("" | "sqlite") => Engine::Sqlite,
+        Ok("postgres") => Engine::Postgres,
         Ok(other) => {
-            panic!("KEYGATE_TEST_STORE=`{other}`: this harness runs the `sqlite` engine only")
+            panic!("KEYGATE_TEST_STORE=`{other}`: the harness runs `sqlite` or `postgres`")
         }
     }
 }
 
+/// This test binary's PostgreSQL cluster.
+pub fn cluster() -> &'static Postgres {
+    static CLUSTER: OnceLock<Postgres> = OnceLock::new();
+    CLUSTER.get_or_init(|| {
+        // Its own thread: the caller may be inside a runtime, where a
+        // blocking start is not allowed.
+        let pg = std::thread::spawn(Postgres::start_blocking)
+            .join()
+            .expect("starting PostgreSQL");
+        pg.stop_when_process_exits();
+        pg
+    })
+}
+
 impl Engine {
-    /// The `[store] url` of a fresh store for a broker living in `dir`.
+    /// The `[store]` table's body for a fresh store of a broker living in
+    /// `dir` (for PostgreSQL a new database, its password in a file there).
+    pub fn store_toml(self, dir: &Path) -> String {
+        match self {
+            Self::Sqlite => format!("url = \"sqlite://{}/keygate.db\"", dir.display()),
+            Self::Postgres => {
+                let pg = cluster();
+                let url = pg.create_database(&database_name(dir));
+                let password = dir.join("store-password");
+                std::fs::write(&password, &pg.password).unwrap();
+                format!(
+                    "url = \"{url}\"\npassword = \"file:{}\"",
+                    password.display()
+                )
+            }
+        }
+    }
+
+    /// The URL of the store of the broker living in `dir`, with the
+    /// password where the engine has one (for a direct connection).
     pub fn url(self, dir: &Path) -> String {
         match self {
             Self::Sqlite => format!("sqlite://{}/keygate.db", dir.display()),
+            Self::Postgres => {
+                let pg = cluster();
+                format!(
+                    "postgres://postgres:{}@127.0.0.1:{}/{}",
+                    pg.password,
+                    pg.port,
+                    database_name(dir)
+                )
+            }
         }
     }
+}
+
+/// Opens (creating on first use, reopening after) the engine's store for
+/// the dir `dir`, in process, as the broker does.
+pub async fn open_store(dir: &Path) -> std::sync::Arc<dyn keygate::store::Store> {
+    match engine() {
+        Engine::Sqlite => keygate::store::open(&Engine::Sqlite.url(dir))
+            .await
+            .unwrap(),
+        Engine::Postgres => {
+            let pg = cluster();
+            let name = database_name(dir);
+            if !dir.join("store-created").exists() {
+                pg.create_database(&name);
+                std::fs::write(dir.join("store-created"), "").unwrap();
+            }
+            let url = format!("postgres://postgres@127.0.0.1:{}/{name}", pg.port);
+            let password = secrecy::SecretString::from(pg.password.clone());
+            keygate::store::open_with(&url, Some(&password))
+                .await
+                .unwrap()
+        }
+    }
+}
+
+/// One database per broker dir (unique: the dir's random name).
+fn database_name(dir: &Path) -> String {
+    let name: String = dir
+        .file_name()
+        .unwrap()
+        .to_string_lossy()
+        .chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() {
+                c.to_ascii_lowercase()
+            } else {
+                '_'
+            }
+        })
+        .collect();
+    format!("kg_{name}")
+}
+
+/// `?` placeholders as PostgreSQL's `$1, $2, …` (test SQL has no `?` in
+/// its literals).
+fn numbered(sql: &str) -> String {
+    let mut out = String::with_capacity(sql.len() + 8);
+    let mut n = 0;
+    for c in sql.chars() {
+        if c == '?' {
+            n += 1;
+            out.push_str(&format!("${n}"));
+        } else {
+            out.push(c);
+        }
+    }
+    out
 }
 
 impl TestBroker {
@@ -51,6 +157,19 @@ impl TestBroker {
                 sqlx::Connection::close(db).await.unwrap();
                 done.map(|d| d.rows_affected())
             }
+            Engine::Postgres => {
+                use sqlx::Connection;
+                let mut db = sqlx::PgConnection::connect(&Engine::Postgres.url(&self.dir))
+                    .await
+                    .unwrap();
+                let mut q = sqlx::query(sqlx::AssertSqlSafe(numbered(sql)));
+                for v in binds {
+                    q = q.bind(v.to_string());
+                }
+                let done = q.execute(&mut db).await.map_err(|e| e.to_string());
+                db.close().await.unwrap();
+                done.map(|d| d.rows_affected())
+            }
         }
     }
 
@@ -61,6 +180,13 @@ impl TestBroker {
             Engine::Sqlite => {
                 for t in ["audit_events_no_update", "audit_events_no_delete"] {
                     self.store_exec(&format!("DROP TRIGGER IF EXISTS {t}"), &[])
+                        .await
+                        .unwrap();
+                }
+            }
+            Engine::Postgres => {
+                for t in ["audit_events_no_update", "audit_events_no_truncate"] {
+                    self.store_exec(&format!("DROP TRIGGER IF EXISTS {t} ON audit_events"), &[])
                         .await
                         .unwrap();
                 }

@@ -1,73 +1,15 @@
 //! Approvals, their decisions, the notification outbox and the hook replay
 //! cache in the SQLite engine.
 
-use sqlx::sqlite::SqliteRow;
-use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection, SqliteExecutor};
+use sqlx::{QueryBuilder, Sqlite, SqliteConnection, SqliteExecutor};
 use time::OffsetDateTime;
 
-use super::rows::{json_col, opt_time_col, parse_col, time_col};
-use crate::model::{
-    Approval, ApprovalDecision, ApprovalFilter, ApprovalState, Notification, from_unix, unix,
-};
+use crate::model::{Approval, ApprovalDecision, ApprovalFilter, ApprovalState, Notification, unix};
+use crate::store::rows::{approval_from_row, decision_from_row, json_col, notification_from_row};
 use crate::store::{StoreError, StoreResult};
 
 fn to_json<T: serde::Serialize>(v: &T) -> StoreResult<String> {
     serde_json::to_string(v).map_err(|e| StoreError::Corrupt(e.to_string()))
-}
-
-fn approval_from_row(r: &SqliteRow) -> StoreResult<Approval> {
-    Ok(Approval {
-        id: r.try_get("id")?,
-        kind: parse_col(r, "kind")?,
-        state: parse_col(r, "state")?,
-        requester: r.try_get("requester")?,
-        agent_id: r.try_get("agent_id")?,
-        task_id: r.try_get("task_id")?,
-        scope: r.try_get("scope")?,
-        request: json_col(r, "request")?,
-        justification: r.try_get("justification")?,
-        required: u32::try_from(r.try_get::<i64, _>("required")?)
-            .map_err(|_| StoreError::Corrupt("approval quorum out of range".into()))?,
-        approver_teams: json_col(r, "approver_teams")?,
-        sponsor: r.try_get("sponsor")?,
-        sponsor_alone: r.try_get("sponsor_alone")?,
-        confirm_in_api: r.try_get("confirm_in_api")?,
-        created_at: time_col(r, "created_at")?,
-        expires_at: time_col(r, "expires_at")?,
-        decided_at: opt_time_col(r, "decided_at")?,
-        end_reason: r.try_get("end_reason")?,
-        redeemed_at: opt_time_col(r, "redeemed_at")?,
-        lease_id: r.try_get("lease_id")?,
-        decisions: Vec::new(),
-    })
-}
-
-fn decision_from_row(r: &SqliteRow) -> StoreResult<ApprovalDecision> {
-    Ok(ApprovalDecision {
-        operator: r.try_get("operator")?,
-        decision: parse_col(r, "decision")?,
-        channel: r.try_get("channel")?,
-        reason: r.try_get("reason")?,
-        at: time_col(r, "at")?,
-    })
-}
-
-fn notification_from_row(r: &SqliteRow) -> StoreResult<Notification> {
-    Ok(Notification {
-        id: r.try_get("id")?,
-        approval_id: r.try_get("approval_id")?,
-        review_item_id: r.try_get("review_item_id")?,
-        channel: r.try_get("channel")?,
-        event: r.try_get("event")?,
-        payload: json_col(r, "payload")?,
-        created_at: time_col(r, "created_at")?,
-        attempts: u32::try_from(r.try_get::<i64, _>("attempts")?).unwrap_or(u32::MAX),
-        next_attempt_at: r
-            .try_get::<Option<i64>, _>("next_attempt_at")?
-            .map(from_unix),
-        last_error: r.try_get("last_error")?,
-        delivered_at: opt_time_col(r, "delivered_at")?,
-    })
 }
 
 async fn with_decisions(db: &mut SqliteConnection, mut a: Approval) -> StoreResult<Approval> {

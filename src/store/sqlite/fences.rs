@@ -1,30 +1,11 @@
 //! Fences in the SQLite engine.
 
-use sqlx::sqlite::SqliteRow;
-use sqlx::{QueryBuilder, Row, Sqlite, SqliteExecutor};
+use sqlx::{QueryBuilder, Sqlite, SqliteExecutor};
 use time::OffsetDateTime;
 
-use super::rows::{json_col, opt_time_col, time_col};
 use crate::model::{FenceFilter, FenceRecord, unix};
+use crate::store::rows::fence_from_row;
 use crate::store::{StoreError, StoreResult};
-
-fn fence_from_row(r: &SqliteRow) -> StoreResult<FenceRecord> {
-    Ok(FenceRecord {
-        id: r.try_get("id")?,
-        revocation_id: r.try_get("revocation_id")?,
-        provider: r.try_get("provider")?,
-        target: r.try_get("target")?,
-        name: r.try_get("name")?,
-        agent: r.try_get("agent")?,
-        description: r.try_get("description")?,
-        handle: json_col(r, "handle")?,
-        created_at: time_col(r, "created_at")?,
-        lifted_at: opt_time_col(r, "lifted_at")?,
-        lifted_by: r.try_get("lifted_by")?,
-        lift_reason: r.try_get("lift_reason")?,
-        expires_at: opt_time_col(r, "expires_at")?,
-    })
-}
 
 pub(super) async fn get(db: impl SqliteExecutor<'_>, id: &str) -> StoreResult<Option<FenceRecord>> {
     sqlx::query("SELECT * FROM fences WHERE id = ?")

@@ -1,34 +1,13 @@
 //! Governance in the SQLite engine: findings, and per-scope use read from
 //! the leases table (no write per request).
 
-use sqlx::sqlite::SqliteRow;
 use sqlx::{QueryBuilder, Row, Sqlite, SqliteExecutor};
 use time::OffsetDateTime;
 
-use super::rows::{opt_time_col, time_col};
 use crate::governance::{Finding, ScopeUsage};
 use crate::model::unix;
+use crate::store::rows::{finding_from_row, time_col};
 use crate::store::{StoreError, StoreResult};
-
-fn finding_from_row(r: &SqliteRow) -> StoreResult<Finding> {
-    let action: Option<String> = r.try_get("action")?;
-    Ok(Finding {
-        id: r.try_get("id")?,
-        agent_id: r.try_get("agent_id")?,
-        kind: r.try_get("kind")?,
-        subject: r.try_get("subject")?,
-        detail: r.try_get("detail")?,
-        opened_at: time_col(r, "opened_at")?,
-        action_due_at: opt_time_col(r, "action_due_at")?,
-        action: action
-            .map(|a| serde_json::from_value(serde_json::Value::String(a)))
-            .transpose()
-            .map_err(|e| StoreError::Corrupt(format!("column `action`: {e}")))?,
-        acted_at: opt_time_col(r, "acted_at")?,
-        closed_at: opt_time_col(r, "closed_at")?,
-        close_reason: r.try_get("close_reason")?,
-    })
-}
 
 pub(super) async fn scope_usage(
     db: impl SqliteExecutor<'_>,

@@ -3,14 +3,13 @@
 
 use std::collections::BTreeMap;
 
-use sqlx::sqlite::SqliteRow;
 use sqlx::{QueryBuilder, Row, Sqlite, SqliteConnection, SqliteExecutor};
 use time::OffsetDateTime;
 
-use super::rows::{json_col, opt_time_col, parse_col, time_col};
 use crate::governance::people::Departure;
 use crate::governance::reviews::{Campaign, ReviewFilter, ReviewItem};
 use crate::model::{Exclusion, unix};
+use crate::store::rows::{campaign_from_row, item_from_row, json_col, time_col};
 use crate::store::{StoreError, StoreResult};
 
 fn corrupt(e: serde_json::Error) -> StoreError {
@@ -89,32 +88,6 @@ pub(super) async fn mark_reviewed(
         .execute(db)
         .await?;
     Ok(())
-}
-
-fn campaign_from_row(r: &SqliteRow) -> StoreResult<Campaign> {
-    Ok(Campaign {
-        id: r.try_get("id")?,
-        name: r.try_get("name")?,
-        team: r.try_get("team")?,
-        created_at: time_col(r, "created_at")?,
-        created_by: r.try_get("created_by")?,
-        due_at: time_col(r, "due_at")?,
-    })
-}
-
-fn item_from_row(r: &SqliteRow) -> StoreResult<ReviewItem> {
-    Ok(ReviewItem {
-        id: r.try_get("id")?,
-        campaign_id: r.try_get("campaign_id")?,
-        agent_id: r.try_get("agent_id")?,
-        reviewer: r.try_get("reviewer")?,
-        attestations: u8::try_from(r.try_get::<i64, _>("attestations")?).unwrap_or(1),
-        snapshot: json_col(r, "snapshot")?,
-        state: parse_col(r, "state")?,
-        decisions: json_col(r, "decisions")?,
-        decided_at: opt_time_col(r, "decided_at")?,
-        escalated_at: opt_time_col(r, "escalated_at")?,
-    })
 }
 
 pub(super) async fn campaigns(db: impl SqliteExecutor<'_>) -> StoreResult<Vec<Campaign>> {

@@ -1,0 +1,56 @@
+//! SQL fragments both engines build the same way (`QueryBuilder` writes each
+//! engine's placeholders itself).
+
+use sqlx::{Database, Encode, QueryBuilder, Type};
+
+use super::{StoreError, StoreResult};
+use crate::model::Selector;
+
+/// The page of a newest-first list: rows after `cursor` (`created_at`, then
+/// `id`), ordered, at most `page_size(limit)`.
+pub(super) fn push_page<DB: Database>(
+    q: &mut QueryBuilder<DB>,
+    cursor: Option<&str>,
+    limit: Option<u32>,
+) -> StoreResult<()>
+where
+    for<'t> i64: Encode<'t, DB> + Type<DB>,
+    for<'t> String: Encode<'t, DB> + Type<DB>,
+{
+    if let Some(c) = cursor {
+        let c = crate::model::Cursor::parse(c).map_err(StoreError::Invalid)?;
+        q.push(" AND (created_at < ")
+            .push_bind(c.created_at)
+            .push(" OR (created_at = ")
+            .push_bind(c.created_at)
+            .push(" AND id < ")
+            .push_bind(c.id)
+            .push("))");
+    }
+    q.push(" ORDER BY created_at DESC, id DESC LIMIT ")
+        .push_bind(i64::from(crate::model::page_size(limit)));
+    Ok(())
+}
+
+/// The condition matching live leases (or tasks) of an emergency selector.
+pub(super) fn push_selector<DB: Database>(q: &mut QueryBuilder<DB>, sel: &Selector, agent_col: &str)
+where
+    for<'t> String: Encode<'t, DB> + Type<DB>,
+{
+    match sel {
+        Selector::Agent(a) => {
+            q.push(format!(" AND {agent_col} = ")).push_bind(a.clone());
+        }
+        Selector::Team(t) => {
+            q.push(format!(
+                " AND {agent_col} IN (SELECT id FROM agents WHERE team = "
+            ))
+            .push_bind(t.clone())
+            .push(")");
+        }
+        Selector::Provider(p) => {
+            q.push(" AND provider = ").push_bind(p.clone());
+        }
+        Selector::All => {}
+    }
+}
