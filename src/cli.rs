@@ -256,8 +256,8 @@ pub enum EvidenceCmd {
     /// audit head is in that database's intact audit chain.
     Verify {
         dir: PathBuf,
-        #[arg(long)]
-        db: Option<PathBuf>,
+        #[command(flatten)]
+        db: OfflineStore,
     },
 }
 
@@ -435,13 +435,25 @@ pub enum ApprovalsCmd {
     },
 }
 
+/// A store read directly, without the server (its files or its database).
+#[derive(Debug, Clone, clap::Args)]
+pub struct OfflineStore {
+    /// The store: a SQLite file (`data/keygate.db`), or a store URL
+    /// (`sqlite://…`, `postgres://user@host/db`), instead of asking the
+    /// server.
+    #[arg(long = "db")]
+    pub location: Option<String>,
+    /// PostgreSQL's password, by reference (`env:NAME` or `file:PATH`).
+    #[arg(long = "db-password", requires = "location")]
+    pub password: Option<keygate_provider_api::SecretRef>,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum AuditCmd {
     /// Check the hash chain; exit 1 at the first broken link.
     Verify {
-        /// Verify a database file directly instead of asking the server.
-        #[arg(long)]
-        db: Option<PathBuf>,
+        #[command(flatten)]
+        db: OfflineStore,
     },
     /// Print events as JSON lines.
     Tail {

@@ -864,9 +864,12 @@ async fn slack_rate_limits_block_kit_limits_and_used_up_response_urls() {
 
     // Six clicks on one message: the sixth answer finds the URL used up.
     let url = slack.response_url(9);
+    // Distinct timestamps (one base: a second ticking over between two
+    // clicks must not make two of them the same request, a replay).
+    let base = unix_now();
     for i in 0..6 {
         let click = click_body("UCAROL", "keygate_approve", &id, &url);
-        post_click(b, &click, Some(SIGNING_SECRET), unix_now() - i)
+        post_click(b, &click, Some(SIGNING_SECRET), base - i)
             .await
             .expect(200);
     }

@@ -30,10 +30,11 @@ async fn api_events(b: &TestBroker) -> Vec<AuditEvent> {
 /// Runs `keygate audit verify` from the db file and through the server;
 /// returns (exit ok, stdout + stderr) for each.
 async fn verify_both(b: &TestBroker) -> [(bool, String); 2] {
-    let db = b.db_path();
+    let mut offline = vec!["audit".to_owned(), "verify".to_owned()];
+    offline.extend(b.store_args());
+    let offline: Vec<&str> = offline.iter().map(String::as_str).collect();
     let outs = [
-        b.cli(&["audit", "verify", "--db", db.to_str().unwrap()], None)
-            .await,
+        b.cli(&offline, None).await,
         b.cli(&["audit", "verify"], Some(&b.ops.auditor)).await,
     ];
     outs.map(|o| {
@@ -119,10 +120,10 @@ async fn an_altered_row_is_the_reported_break() {
     // The file check does not need the server.
     let mut b = b;
     b.kill().await;
-    let db = b.db_path();
-    let o = b
-        .cli(&["audit", "verify", "--db", db.to_str().unwrap()], None)
-        .await;
+    let mut offline = vec!["audit".to_owned(), "verify".to_owned()];
+    offline.extend(b.store_args());
+    let offline: Vec<&str> = offline.iter().map(String::as_str).collect();
+    let o = b.cli(&offline, None).await;
     assert!(!o.status.success());
     assert!(String::from_utf8_lossy(&o.stderr).contains(&want));
 }

@@ -199,7 +199,6 @@ async fn the_evidence_pack_holds_the_periods_records_and_verifies_against_the_au
     }
 
     // Verified: the files against the manifest, the head against the log.
-    let db = b.db_path();
     let verify = |args: Vec<String>| {
         let b = &b;
         async move {
@@ -208,13 +207,8 @@ async fn the_evidence_pack_holds_the_periods_records_and_verifies_against_the_au
         }
     };
     let pack = out.to_str().unwrap().to_owned();
-    let with_db = vec![
-        "evidence".into(),
-        "verify".into(),
-        pack.clone(),
-        "--db".into(),
-        db.to_str().unwrap().to_owned(),
-    ];
+    let mut with_db = vec!["evidence".into(), "verify".into(), pack.clone()];
+    with_db.extend(b.store_args());
     let ok = verify(with_db.clone()).await;
     assert!(
         ok.status.success(),

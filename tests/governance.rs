@@ -17,15 +17,25 @@ const DAY: i64 = 86_400;
 /// Moves an agent's registration and last authentication back in time.
 async fn age(b: &TestBroker, agent: &str, created_days_ago: i64, used_days_ago: Option<i64>) {
     let now = common::unix_now();
-    let mut db = b.db().await;
-    sqlx::query("UPDATE agents SET created_at = ?, last_used_at = ? WHERE id = ?")
-        .bind(now - created_days_ago * DAY)
-        .bind(used_days_ago.map(|d| now - d * DAY))
-        .bind(agent)
-        .execute(&mut db)
-        .await
-        .unwrap();
-    sqlx::Connection::close(db).await.unwrap();
+    let created = (now - created_days_ago * DAY).to_string();
+    let done = match used_days_ago {
+        Some(d) => {
+            let used = (now - d * DAY).to_string();
+            b.store_exec(
+                "UPDATE agents SET created_at = ?, last_used_at = ? WHERE id = ?",
+                &[&created, &used, agent],
+            )
+            .await
+        }
+        None => {
+            b.store_exec(
+                "UPDATE agents SET created_at = ?, last_used_at = NULL WHERE id = ?",
+                &[&created, agent],
+            )
+            .await
+        }
+    };
+    done.unwrap();
 }
 
 async fn status(b: &TestBroker, agent: &str) -> String {
@@ -228,13 +238,12 @@ async fn maturity_places_agents_built_for_each_level() {
     let developing = TestAgent::new("developing", "ES256");
     let id = register(&developing, developing.spec("platform")).await;
     approve(id.clone()).await;
-    let mut db = b.db().await;
-    sqlx::query("UPDATE approvals SET state = 'expired' WHERE id = ?")
-        .bind(&id)
-        .execute(&mut db)
-        .await
-        .unwrap();
-    sqlx::Connection::close(db).await.unwrap();
+    b.store_exec(
+        "UPDATE approvals SET state = 'expired' WHERE id = ?",
+        &[&id],
+    )
+    .await
+    .unwrap();
     // Initial: two agents registered with one key — neither is a distinct
     // identity.
     let initial = TestAgent::new("initial", "ES256");

@@ -225,13 +225,12 @@ async fn a_reload_judges_the_decided_ttl_not_the_moved_expiry() {
         .as_str()
         .unwrap()
         .to_owned();
-    let mut db = b.db().await;
-    sqlx::query("UPDATE leases SET expires_at = expires_at + 5 WHERE id = ?")
-        .bind(&lease)
-        .execute(&mut db)
-        .await
-        .unwrap();
-    sqlx::Connection::close(db).await.unwrap();
+    b.store_exec(
+        "UPDATE leases SET expires_at = expires_at + 5 WHERE id = ?",
+        &[&lease],
+    )
+    .await
+    .unwrap();
     let done = b
         .post("/v1/policy/reload", Some(&b.ops.admin), &json!({}))
         .await

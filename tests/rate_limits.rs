@@ -191,7 +191,12 @@ async fn a_flood_of_failed_logins_costs_a_bounded_audit_log() {
     .await;
     let all = b.get("/v1/audit", Some(&b.ops.auditor)).await.text;
     assert!(all.len() < 20_000, "{} bytes of audit log", all.len());
-    let db = std::fs::metadata(b.dir.join("keygate.db")).unwrap().len()
-        + std::fs::metadata(b.dir.join("keygate.db-wal")).map_or(0, |m| m.len());
-    assert!(db < 4_000_000, "the database grew to {db} bytes");
+    let kept: usize = b
+        .store_at_rest()
+        .await
+        .iter()
+        .filter(|p| p.name != "store files")
+        .map(|p| p.bytes.len())
+        .sum();
+    assert!(kept < 4_000_000, "the store grew to {kept} bytes");
 }

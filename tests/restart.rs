@@ -96,31 +96,21 @@ async fn an_orphaned_pending_lease_is_revoked_after_restart() {
     // the provider: a pending lease without a handle, from a past boot.
     let now = unix_now();
     let (task_id, lease_id) = (format!("tk_orphan{now}"), format!("ls_orphan{now}"));
-    let mut db = b.db().await;
-    sqlx::query(
+    let (before, after) = ((now - 600).to_string(), (now + 600).to_string());
+    b.store_exec(
         "INSERT INTO tasks (id, agent_id, description, state, opened_at, expires_at) \
          VALUES (?, ?, 'crashed mid-issue', 'open', ?, ?)",
+        &[&task_id, &agent.id, &before, &after],
     )
-    .bind(&task_id)
-    .bind(&agent.id)
-    .bind(now - 600)
-    .bind(now + 600)
-    .execute(&mut db)
     .await
     .unwrap();
-    sqlx::query(
+    b.store_exec(
         "INSERT INTO leases (id, agent_id, task_id, scope, provider, state, created_at, expires_at) \
          VALUES (?, ?, ?, 'x509-svid', 'ca', 'pending', ?, ?)",
+        &[&lease_id, &agent.id, &task_id, &before, &after],
     )
-    .bind(&lease_id)
-    .bind(&agent.id)
-    .bind(&task_id)
-    .bind(now - 600)
-    .bind(now + 600)
-    .execute(&mut db)
     .await
     .unwrap();
-    sqlx::Connection::close(db).await.unwrap();
 
     b.restart().await;
     eventually("the orphan is revoked", || async {
@@ -220,20 +210,19 @@ async fn leases_in_flight_at_a_crash_are_resolved_at_once_after_a_fast_restart()
         // And one written in the very second the next process starts, as a
         // crash can leave it: whole-second clocks cannot tell it apart.
         let lease_id = format!("ls_samesecond{round}{}", unix_now());
-        let mut db = b.db().await;
-        sqlx::query(
+        b.store_exec(
             "INSERT INTO leases (id, agent_id, task_id, scope, provider, state, created_at, expires_at, boot_id) \
              VALUES (?, ?, ?, 'x509-svid', 'ca', 'pending', ?, ?, 'boot_crashed')",
+            &[
+                &lease_id,
+                &agent.id,
+                &s.task_id,
+                &(unix_now() + 1).to_string(),
+                &(unix_now() + 600).to_string(),
+            ],
         )
-        .bind(&lease_id)
-        .bind(&agent.id)
-        .bind(&s.task_id)
-        .bind(unix_now() + 1)
-        .bind(unix_now() + 600)
-        .execute(&mut db)
         .await
         .unwrap();
-        sqlx::Connection::close(db).await.unwrap();
         b.restart().await;
         // Well inside the age rule (issue timeout 5 s + 5 s): nothing of the
         // crashed process may still be pending, nor sit unrevoked.

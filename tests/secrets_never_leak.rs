@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use crate::common;
+use common::at_rest::contains;
 
 use common::{TestAgent, TestBroker};
 use serde_json::json;
@@ -23,10 +24,6 @@ fn jwt_parts(token: &str) -> Vec<String> {
     let sig = token.rsplit('.').next().unwrap();
     assert!(sig.len() >= 40, "a signed JWT");
     vec![token.to_owned(), sig.to_owned()]
-}
-
-fn contains(haystack: &[u8], needle: &[u8]) -> bool {
-    haystack.windows(needle.len()).any(|w| w == needle)
 }
 
 #[tokio::test]
@@ -116,20 +113,15 @@ async fn secrets_stay_out_of_logs_audit_and_database() {
         if when != "running" {
             b.kill().await;
         }
-        for file in ["keygate.db", "keygate.db-wal", "keygate.db-shm"] {
-            let path = b.dir.join(file);
-            if let Ok(bytes) = std::fs::read(&path) {
-                places.push((file, bytes));
-            } else {
-                assert_ne!(file, "keygate.db", "the database exists");
-            }
+        for p in b.store_at_rest().await {
+            places.push((p.name, p.bytes));
         }
     }
     places.push(("server log", b.log().into_bytes()));
 
     // The places are the right ones: each kind holds the public facts.
     for fact in &public {
-        for kind in ["audit", "keygate.db", "server log"] {
+        for kind in ["audit", "store", "server log"] {
             let found = places
                 .iter()
                 .filter(|(p, _)| p.starts_with(kind))

@@ -6,7 +6,7 @@ use crate::common;
 
 use std::time::Duration;
 
-use common::{Setup, TestBroker};
+use common::{Setup, TestAgent, TestBroker};
 
 /// Runs `keygate serve` on the prepared dir; it must exit with an error.
 /// Returns its stderr.
@@ -149,4 +149,60 @@ async fn the_shipped_config_serves_the_readmes_examples() {
             );
         }
     }
+}
+
+/// `config/examples/postgres.toml`'s `[store]` serves a broker: pointed at
+/// a real PostgreSQL (its host, port, database and user swapped for the
+/// harness cluster's, TLS off for a cluster without it), with its password
+/// by the example's reference.
+#[tokio::test]
+async fn the_postgres_example_store_serves_a_broker() {
+    let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let example: toml::Table = std::fs::read_to_string(repo.join("config/examples/postgres.toml"))
+        .unwrap()
+        .parse()
+        .unwrap();
+    let store = example["store"].as_table().unwrap();
+    let shipped_url = store["url"].as_str().unwrap();
+    let reference = store["password"].as_str().unwrap();
+    let env = reference
+        .strip_prefix("env:")
+        .expect("the example names its password by env: reference");
+    let pg = common::store::cluster();
+    let db = format!("kg_example_{}", uuid::Uuid::new_v4().simple());
+    let url = pg.create_database(&db);
+    let (_, query) = shipped_url.split_once('?').unwrap();
+    assert!(query.contains("sslmode=verify-full"), "{shipped_url}");
+
+    let mut b = TestBroker::prepare(Setup::default());
+    let config = std::fs::read_to_string(b.dir.join("keygate.toml")).unwrap();
+    let start = config.find("[store]\n").unwrap();
+    let end = start + config[start..].find("\n\n").unwrap();
+    let ours = format!("[store]\nurl = \"{url}?sslmode=disable\"\npassword = \"{reference}\"");
+    std::fs::write(
+        b.dir.join("keygate.toml"),
+        format!("{}{ours}{}", &config[..start], &config[end..]),
+    )
+    .unwrap();
+    b.env.push((env.to_owned(), pg.password.clone()));
+    b.start_again().await;
+    let agent = TestAgent::new("on-postgres", "ES256");
+    b.register(&agent, "platform").await;
+    let s = b.token(&agent).await;
+    b.x509(&s.token, Some(60)).await;
+    b.complete(&s.token).await.expect(200);
+    assert!(
+        !b.dir.join("keygate.db").exists(),
+        "the broker used SQLite, not the example's store"
+    );
+    assert!(
+        !b.log().contains(&pg.password),
+        "the password reached the log"
+    );
+    let out = b.cli(&["audit", "verify"], Some(&b.ops.auditor)).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

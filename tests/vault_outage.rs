@@ -285,22 +285,21 @@ async fn a_stale_accessor_does_not_stop_the_orphan_search() {
     let s = b.token_ttl(&agent, Some(3600)).await;
     b.kill().await;
     // Two leases a crashed process left pending: one whose token exists.
-    let mut db = b.db().await;
     for id in [&minted, &never] {
-        sqlx::query(
+        b.store_exec(
             "INSERT INTO leases (id, agent_id, task_id, scope, provider, state, created_at, expires_at, boot_id) \
              VALUES (?, ?, ?, 'vault-token', 'vault', 'pending', ?, ?, 'boot_crashed')",
+            &[
+                id,
+                &agent.id,
+                &s.task_id,
+                &common::unix_now().to_string(),
+                &(common::unix_now() + 600).to_string(),
+            ],
         )
-        .bind(id)
-        .bind(&agent.id)
-        .bind(&s.task_id)
-        .bind(common::unix_now())
-        .bind(common::unix_now() + 600)
-        .execute(&mut db)
         .await
         .unwrap();
     }
-    sqlx::Connection::close(db).await.unwrap();
     b.restart().await;
     eventually("both orphans resolved", || async {
         let done =
@@ -335,20 +334,19 @@ async fn an_orphaned_database_lease_records_how_long_its_user_may_live() {
     let s = b.token_ttl(&agent, Some(3600)).await;
     b.kill().await;
     let lease_id = format!("ls_dborphan{}", common::unix_now());
-    let mut db = b.db().await;
-    sqlx::query(
+    b.store_exec(
         "INSERT INTO leases (id, agent_id, task_id, scope, provider, state, created_at, expires_at, boot_id) \
          VALUES (?, ?, ?, 'vault-db', 'vault', 'pending', ?, ?, 'boot_crashed')",
+        &[
+            &lease_id,
+            &agent.id,
+            &s.task_id,
+            &common::unix_now().to_string(),
+            &(common::unix_now() + 300).to_string(),
+        ],
     )
-    .bind(&lease_id)
-    .bind(&agent.id)
-    .bind(&s.task_id)
-    .bind(common::unix_now())
-    .bind(common::unix_now() + 300)
-    .execute(&mut db)
     .await
     .unwrap();
-    sqlx::Connection::close(db).await.unwrap();
     b.restart().await;
     let lease = eventually("the orphan resolved", || async {
         let l = b.leases(&format!("task={}", s.task_id)).await;

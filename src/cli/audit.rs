@@ -52,18 +52,45 @@ pub async fn verify_remote(c: &Client) -> anyhow::Result<()> {
     }
 }
 
-/// Walks the whole chain in the database at `path`: `Ok((last seq, head
-/// hash, hash of event `at`))`, or the first broken link. Events up to
-/// `at` that `keep` selects are handed to it as they pass.
+impl super::OfflineStore {
+    /// Opens the store it names; a file that is not there is an error (it
+    /// would otherwise be created empty).
+    pub async fn open(&self) -> anyhow::Result<std::sync::Arc<dyn crate::store::Store>> {
+        let Some(location) = &self.location else {
+            bail!("no store given (`--db`)");
+        };
+        let url = if location.contains("://") {
+            location.clone()
+        } else {
+            format!("sqlite://{location}")
+        };
+        if let Some(path) = url.strip_prefix("sqlite://")
+            && !Path::new(path).exists()
+        {
+            bail!("no database at `{path}`");
+        }
+        let password = match &self.password {
+            Some(r) => Some(
+                keygate_provider_api::SecretResolver::new()
+                    .resolve(r)
+                    .await
+                    .map_err(|e| anyhow::anyhow!("`--db-password` ({r}) cannot be read: {e}"))?,
+            ),
+            None => None,
+        };
+        Ok(crate::store::open_with(&url, password.as_ref()).await?)
+    }
+}
+
+/// Walks the whole chain in the store `db`: `Ok((last seq, head hash, hash
+/// of event `at`))`, or the first broken link. Events up to `at` that
+/// `keep` selects are handed to it as they pass.
 async fn walk_db(
-    path: &Path,
+    db: &super::OfflineStore,
     at: Option<i64>,
     keep: &mut dyn FnMut(&AuditEvent),
 ) -> anyhow::Result<Result<(i64, String, Option<String>), crate::audit::BrokenLink>> {
-    if !path.exists() {
-        bail!("no database at `{}`", path.display());
-    }
-    let store = crate::store::SqliteStore::open(&path.to_string_lossy()).await?;
+    let store = db.open().await?;
     let (mut seq, mut hash, mut found) = (0, GENESIS_HASH.to_owned(), None);
     loop {
         let f = AuditFilter {
@@ -71,7 +98,7 @@ async fn walk_db(
             limit: PAGE,
             ..Default::default()
         };
-        let evs = crate::store::Store::audit_events(&store, &f).await?;
+        let evs = store.audit_events(&f).await?;
         if evs.is_empty() {
             return Ok(Ok((seq, hash, found)));
         }
@@ -88,9 +115,9 @@ async fn walk_db(
     }
 }
 
-pub async fn verify_db(path: &Path) -> anyhow::Result<()> {
+pub async fn verify_db(db: &super::OfflineStore) -> anyhow::Result<()> {
     report(
-        walk_db(path, None, &mut |_| {})
+        walk_db(db, None, &mut |_| {})
             .await?
             .map(|(seq, hash, _)| (seq, hash)),
     )
@@ -100,11 +127,11 @@ pub async fn verify_db(path: &Path) -> anyhow::Result<()> {
 /// of event `at` (an evidence pack's head), or an error naming the break;
 /// `keep` sees every event up to `at`.
 pub async fn verified_hash_at(
-    path: &Path,
+    db: &super::OfflineStore,
     at: i64,
     keep: &mut dyn FnMut(&AuditEvent),
 ) -> anyhow::Result<String> {
-    match walk_db(path, Some(at), keep).await? {
+    match walk_db(db, Some(at), keep).await? {
         Ok((_, _, Some(hash))) => Ok(hash),
         Ok((_, _, None)) => bail!("the audit log has no event {at}"),
         Err(b) => bail!("audit chain broken at event {}: {}", b.seq, b.problem),

@@ -65,8 +65,8 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Audit {
             cmd: AuditCmd::Verify { db },
             remote,
-        } => match db {
-            Some(path) => super::audit::verify_db(&path).await,
+        } => match db.location {
+            Some(_) => super::audit::verify_db(&db).await,
             None => super::audit::verify_remote(&Client::new(&remote)?).await,
         },
         Command::Audit {
@@ -159,7 +159,7 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         Command::Evidence {
             cmd: Some(EvidenceCmd::Verify { dir, db }),
             ..
-        } => super::evidence::verify(&dir, db.as_deref()).await,
+        } => super::evidence::verify(&dir, db.location.is_some().then_some(&db)).await,
         Command::Evidence {
             cmd: None,
             from: Some(from),

@@ -98,7 +98,7 @@ pub async fn write(c: &Client, from: &str, to: &str, out: &Path) -> anyhow::Resu
 /// Checks every file against the manifest, and with `db` that the pack's
 /// audit head is an event of that database's intact chain and that every
 /// record of the five items is traced to events at or before that head.
-pub async fn verify(pack: &Path, db: Option<&Path>) -> anyhow::Result<()> {
+pub async fn verify(pack: &Path, db: Option<&super::OfflineStore>) -> anyhow::Result<()> {
     let manifest: serde_json::Value = serde_json::from_slice(
         &std::fs::read(pack.join("manifest.json"))
             .with_context(|| format!("reading `{}`", pack.join("manifest.json").display()))?,

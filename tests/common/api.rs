@@ -179,17 +179,28 @@ impl TestBroker {
 
     /// Every audit event matching `query`, as the auditor.
     pub async fn audit(&self, query: &str) -> Vec<Value> {
-        let resp = self
-            .get(
-                &format!("/v1/audit?limit=10000&{query}"),
-                Some(&self.ops.auditor),
-            )
-            .await;
-        assert_eq!(resp.status, StatusCode::OK, "{}", resp.text);
-        resp.text
-            .lines()
-            .filter(|l| !l.is_empty())
-            .map(|l| serde_json::from_str(l).unwrap())
-            .collect()
+        // Paged by sequence number: a busy test can log more than a page.
+        let mut all: Vec<Value> = Vec::new();
+        loop {
+            let after = all.last().map_or(0, |e| e["seq"].as_i64().unwrap());
+            let resp = self
+                .get(
+                    &format!("/v1/audit?limit=10000&after={after}&{query}"),
+                    Some(&self.ops.auditor),
+                )
+                .await;
+            assert_eq!(resp.status, StatusCode::OK, "{}", resp.text);
+            let page: Vec<Value> = resp
+                .text
+                .lines()
+                .filter(|l| !l.is_empty())
+                .map(|l| serde_json::from_str(l).unwrap())
+                .collect();
+            let full = page.len() == 10000;
+            all.extend(page);
+            if !full {
+                return all;
+            }
+        }
     }
 }

@@ -6,7 +6,7 @@
 
 mod agent;
 mod api;
-mod at_rest;
+pub mod at_rest;
 pub mod aws;
 pub mod azure;
 pub mod bao_setup;

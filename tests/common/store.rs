@@ -142,9 +142,31 @@ fn numbered(sql: &str) -> String {
 }
 
 impl TestBroker {
+    /// The CLI's arguments naming this broker's store for a check without
+    /// the server (`--db`, and `--db-password` where the engine has one).
+    pub fn store_args(&self) -> Vec<String> {
+        match engine() {
+            Engine::Sqlite => vec!["--db".into(), self.db_path().display().to_string()],
+            Engine::Postgres => {
+                let pg = cluster();
+                vec![
+                    "--db".into(),
+                    format!(
+                        "postgres://postgres@127.0.0.1:{}/{}",
+                        pg.port,
+                        database_name(&self.dir)
+                    ),
+                    "--db-password".into(),
+                    format!("file:{}", self.dir.join("store-password").display()),
+                ]
+            }
+        }
+    }
+
     /// Runs `sql` against the broker's store as someone with write access
-    /// to it would; `?` placeholders, bound as text, in order. Returns the
-    /// rows affected, or the store's refusal.
+    /// to it would; `?` placeholders, bound in order (as integers where they
+    /// are whole numbers, as text otherwise). Returns the rows affected, or
+    /// the store's refusal.
     pub async fn store_exec(&self, sql: &str, binds: &[&str]) -> Result<u64, String> {
         match engine() {
             Engine::Sqlite => {
@@ -163,8 +185,13 @@ impl TestBroker {
                     .await
                     .unwrap();
                 let mut q = sqlx::query(sqlx::AssertSqlSafe(numbered(sql)));
+                // PostgreSQL types its parameters: whole numbers (times,
+                // counts, sequence numbers) as BIGINT, the rest as text.
                 for v in binds {
-                    q = q.bind(v.to_string());
+                    q = match v.parse::<i64>() {
+                        Ok(n) => q.bind(n),
+                        Err(_) => q.bind(v.to_string()),
+                    };
                 }
                 let done = q.execute(&mut db).await.map_err(|e| e.to_string());
                 db.close().await.unwrap();
