@@ -15,6 +15,7 @@ mod provisioning;
 mod renewals;
 mod revocations;
 mod session_checks;
+pub use session_checks::SessionRefusal;
 mod sessions;
 mod users;
 

@@ -246,3 +246,60 @@ async fn leases_in_flight_at_a_crash_are_resolved_at_once_after_a_fast_restart()
         assert_eq!(b.lease_state(&lease_id).await, "revoked");
     }
 }
+
+/// A broker whose PostgreSQL goes away answers `/readyz` 503 and requests
+/// with a clear error, and recovers by itself when the database is back:
+/// nothing it acknowledged is lost. (Its own cluster, to stop under it;
+/// SQLite's store is a file the broker holds open, so only this engine can
+/// show it.)
+#[tokio::test]
+async fn readyz_says_not_ready_while_the_database_is_gone_and_recovers() {
+    use common::peers::Postgres;
+    let pg = Postgres::start().await;
+    let url = pg.create_database("keygate");
+    let mut b = TestBroker::prepare(common::Setup::default());
+    std::fs::write(b.dir.join("db-password"), &pg.password).unwrap();
+    b.set_store_table(&format!(
+        "url = \"{url}\"\npassword = \"file:{}\"",
+        b.dir.join("db-password").display()
+    ));
+    b.start_again().await;
+    let agent = TestAgent::new("readyz", "ES256");
+    b.register(&agent, "platform").await;
+    let s = b.token_ttl(&agent, Some(3600)).await;
+    let kept = b.x509(&s.token, Some(600)).await["lease_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    assert_eq!(b.get("/readyz", None).await.status, 200);
+
+    pg.halt();
+    let down = eventually("/readyz to say not ready", || async {
+        let r = b.get("/readyz", None).await;
+        (r.status == 503).then_some(r)
+    })
+    .await;
+    assert_eq!(down.json()["error"], "not_ready", "{}", down.text);
+    // Not "your token is invalid" (401): the token is fine, the store is
+    // not there to say so; the agent keeps it and retries.
+    let r = b.credential(&s.token, "x509-svid", Some(60), None).await;
+    assert_eq!(r.status, 503, "{}", r.text);
+    assert_eq!(r.json()["error"], "temporarily_unavailable", "{}", r.text);
+    assert!(!r.text.contains(&pg.password), "{}", r.text);
+
+    pg.resume();
+    eventually("/readyz to say ready again", || async {
+        (b.get("/readyz", None).await.status == 200).then_some(())
+    })
+    .await;
+    assert_eq!(
+        b.lease_state(&kept).await,
+        "active",
+        "the lease is still there"
+    );
+    b.x509(&s.token, Some(60)).await;
+    assert!(
+        !b.log().contains(&pg.password),
+        "the password reached the log"
+    );
+}

@@ -175,15 +175,9 @@ async fn the_postgres_example_store_serves_a_broker() {
     assert!(query.contains("sslmode=verify-full"), "{shipped_url}");
 
     let mut b = TestBroker::prepare(Setup::default());
-    let config = std::fs::read_to_string(b.dir.join("keygate.toml")).unwrap();
-    let start = config.find("[store]\n").unwrap();
-    let end = start + config[start..].find("\n\n").unwrap();
-    let ours = format!("[store]\nurl = \"{url}?sslmode=disable\"\npassword = \"{reference}\"");
-    std::fs::write(
-        b.dir.join("keygate.toml"),
-        format!("{}{ours}{}", &config[..start], &config[end..]),
-    )
-    .unwrap();
+    b.set_store_table(&format!(
+        "url = \"{url}?sslmode=disable\"\npassword = \"{reference}\""
+    ));
     b.env.push((env.to_owned(), pg.password.clone()));
     b.start_again().await;
     let agent = TestAgent::new("on-postgres", "ES256");

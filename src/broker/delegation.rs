@@ -69,10 +69,12 @@ impl Broker {
                 format!("`actor_token_type` must be `{TOKEN_TYPE_JWT}`"),
             ));
         }
-        let parent = self
-            .session(&subject)
-            .await
-            .map_err(|e| OAuthError::new("invalid_grant", format!("subject_token: {e}")))?;
+        let parent = self.session(&subject).await.map_err(|e| match e {
+            super::SessionRefusal::Invalid(m) => {
+                OAuthError::new("invalid_grant", format!("subject_token: {m}"))
+            }
+            super::SessionRefusal::Unavailable(m) => OAuthError::new("temporarily_unavailable", m),
+        })?;
         if parent.jkt.is_some() {
             return Err(OAuthError::new(
                 "invalid_grant",

@@ -7,10 +7,40 @@ use super::sessions::{Presented, Session};
 use crate::audit::{Actor, AuditEvent};
 use crate::model::{AgentStatus, TaskState, now, unix};
 
+/// Why a session token was not accepted.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum SessionRefusal {
+    /// The token, its task, its agent or its sender binding says no (401).
+    Invalid(String),
+    /// The store could not be asked: nothing is known about the token, so
+    /// the caller should retry rather than drop it (503).
+    Unavailable(String),
+}
+
+impl std::fmt::Display for SessionRefusal {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Invalid(m) | Self::Unavailable(m) => f.write_str(m),
+        }
+    }
+}
+
+impl From<String> for SessionRefusal {
+    fn from(m: String) -> Self {
+        Self::Invalid(m)
+    }
+}
+
+impl From<&str> for SessionRefusal {
+    fn from(m: &str) -> Self {
+        Self::Invalid(m.to_owned())
+    }
+}
+
 impl Broker {
     /// Checks a session token: signature, then that its task is still open
     /// and its agent still active. Ended tasks fail here at once.
-    pub async fn session(&self, token: &str) -> Result<Session, String> {
+    pub async fn session(&self, token: &str) -> Result<Session, SessionRefusal> {
         let claims = self.signer.verify(token).map_err(|e| e.to_string())?;
         let (task, agent) = self
             .store
@@ -18,18 +48,20 @@ impl Broker {
             .await
             .map_err(|e| {
                 tracing::error!(error = %e, "session lookup failed");
-                "the session cannot be checked right now".to_owned()
+                SessionRefusal::Unavailable(
+                    "the session cannot be checked right now: try again shortly".to_owned(),
+                )
             })?
             .ok_or("the session's task does not exist")?;
         if task.agent_id != claims.sub {
             return Err("the session token does not match its task".into());
         }
         if task.state != TaskState::Open || task.expires_at <= now() {
-            return Err(format!("the task has ended ({})", task.state));
+            return Err(format!("the task has ended ({})", task.state).into());
         }
         let agent = agent.ok_or("the session's agent does not exist")?;
         if agent.status != AgentStatus::Active {
-            return Err(format!("agent is {}", agent.status));
+            return Err(format!("agent is {}", agent.status).into());
         }
         Ok(Session {
             agent,
@@ -142,7 +174,11 @@ impl Broker {
     /// Sender constraint of a session (RFC 9449 §7): a DPoP-bound token must
     /// come as `Authorization: DPoP` with a fresh, unreplayed proof by its
     /// key for this method and URL; an unbound one as `Bearer`.
-    pub async fn check_sender(&self, s: &Session, req: &Presented<'_>) -> Result<(), String> {
+    pub async fn check_sender(
+        &self,
+        s: &Session,
+        req: &Presented<'_>,
+    ) -> Result<(), SessionRefusal> {
         let Presented {
             scheme,
             token,
@@ -194,7 +230,9 @@ impl Broker {
         .await
         .map_err(|e| {
             tracing::error!(error = %e, "cannot record a DPoP proof");
-            "the DPoP proof cannot be checked right now".to_owned()
+            SessionRefusal::Unavailable(
+                "the DPoP proof cannot be checked right now: try again shortly".to_owned(),
+            )
         })?;
         if !fresh {
             return Err("the DPoP proof was already used (`jti` replayed): send a fresh proof with each request".into());

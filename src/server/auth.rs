@@ -1,5 +1,6 @@
 //! Request authentication: agents' session tokens and operators' bearer tokens.
 
+use crate::broker::SessionRefusal;
 use axum::extract::FromRequestParts;
 use axum::http::header::AUTHORIZATION;
 use axum::http::request::Parts;
@@ -31,13 +32,26 @@ async fn agent_session(parts: &Parts, state: &AppState) -> Result<Session, ApiEr
         ApiError::invalid_token("a session token is required (Authorization: Bearer)")
     })?;
     let dpop_scheme = scheme.eq_ignore_ascii_case("dpop");
-    let challenge = |e: ApiError, bound: bool| {
-        if bound { e.with_dpop_challenge() } else { e }
+    // A refused token is a 401 (with the DPoP challenge when bound); a
+    // store that cannot be asked is a 503, so the agent keeps its token and
+    // retries instead of starting over.
+    let refused = |e: SessionRefusal, bound: bool| match e {
+        SessionRefusal::Invalid(m) if bound => ApiError::invalid_token(m).with_dpop_challenge(),
+        SessionRefusal::Invalid(m) => ApiError::invalid_token(m),
+        SessionRefusal::Unavailable(m) => {
+            let mut e = ApiError::new(
+                axum::http::StatusCode::SERVICE_UNAVAILABLE,
+                "temporarily_unavailable",
+                m,
+            );
+            e.retry_after = Some(1);
+            e
+        }
     };
     let s = state
         .session(token)
         .await
-        .map_err(|e| challenge(ApiError::invalid_token(e), dpop_scheme))?;
+        .map_err(|e| refused(e, dpop_scheme))?;
     let bound = dpop_scheme || s.jkt.is_some();
     let proof = parts.headers.get("dpop").and_then(|v| v.to_str().ok());
     let cert = client_cert(parts);
@@ -52,7 +66,7 @@ async fn agent_session(parts: &Parts, state: &AppState) -> Result<Session, ApiEr
     state
         .check_sender(&s, &presented)
         .await
-        .map_err(|e| challenge(ApiError::invalid_token(e), bound))?;
+        .map_err(|e| refused(e, bound))?;
     Ok(s)
 }
 

@@ -460,25 +460,42 @@ impl Postgres {
             .args(["-U", "postgres", "--auth=scram-sha-256", "--no-sync"])
             .arg(format!("--pwfile={}", dir.join("pwfile").display()));
         run(init, "initdb");
-        let mut start = as_pg_user(&pg_ctl);
-        start
-            .arg("-D")
-            .arg(dir.join("data"))
-            .arg("-l")
-            .arg(dir.join("pg.log"))
-            .arg("-o")
-            .arg(format!(
-                "-p {port} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
-                dir.join("sock").display()
-            ))
-            .args(["-w", "start"]);
-        run(start, "pg_ctl start");
-        Self {
+        let pg = Self {
             port,
             password,
             dir,
             pg_ctl,
-        }
+        };
+        pg.resume();
+        pg
+    }
+
+    /// Starts the (stopped) cluster again, on its port.
+    pub fn resume(&self) {
+        let mut start = as_pg_user(&self.pg_ctl);
+        start
+            .arg("-D")
+            .arg(self.dir.join("data"))
+            .arg("-l")
+            .arg(self.dir.join("pg.log"))
+            .arg("-o")
+            .arg(format!(
+                "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+                self.port,
+                self.dir.join("sock").display()
+            ))
+            .args(["-w", "start"]);
+        run(start, "pg_ctl start");
+    }
+
+    /// Stops the cluster at once (`immediate`: as a crash or a lost
+    /// network would look to a client).
+    pub fn halt(&self) {
+        let mut stop = as_pg_user(&self.pg_ctl);
+        stop.arg("-D")
+            .arg(self.dir.join("data"))
+            .args(["-m", "immediate", "-w", "stop"]);
+        run(stop, "pg_ctl stop");
     }
 
     /// A cluster kept in a `static` is never dropped: this stops and

@@ -142,6 +142,17 @@ fn numbered(sql: &str) -> String {
 }
 
 impl TestBroker {
+    /// Replaces the `[store]` table of the prepared config with `body`
+    /// (a store of the test's own rather than the harness's).
+    pub fn set_store_table(&self, body: &str) {
+        let path = self.dir.join("keygate.toml");
+        let config = std::fs::read_to_string(&path).unwrap();
+        let start = config.find("[store]\n").unwrap();
+        let end = start + config[start..].find("\n\n").unwrap();
+        let new = format!("{}[store]\n{body}{}", &config[..start], &config[end..]);
+        std::fs::write(path, new).unwrap();
+    }
+
     /// The CLI's arguments naming this broker's store for a check without
     /// the server (`--db`, and `--db-password` where the engine has one).
     pub fn store_args(&self) -> Vec<String> {
