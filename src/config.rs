@@ -293,7 +293,7 @@ pub enum LogFormat {
 pub struct StoreConfig {
     /// `sqlite://path/to/file.db` (created on first start), or
     /// `postgres://user@host:5432/db?sslmode=verify-full&sslrootcert=…`
-    /// (several replicas may share it).
+    /// (one Keygate process per database for now: README "The store").
     pub url: String,
     /// PostgreSQL's password, by reference (`env:`, `file:`, `aws-sm:`):
     /// never in the URL.

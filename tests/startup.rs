@@ -55,6 +55,16 @@ auth = { method = "approle", role_id = "r", secret_id = "s3cr3t-literal-value" }
 }
 
 #[tokio::test]
+async fn a_password_in_the_store_url_is_refused_without_being_repeated() {
+    let b = TestBroker::prepare(Setup::default());
+    b.set_store_table("url = \"postgres://keygate:pg-literal-pw-42@127.0.0.1:1/keygate\"");
+    let err = refused(&b).await;
+    assert!(err.contains("`store.password`"), "{err}");
+    assert!(!err.contains("pg-literal-pw-42"), "{err}");
+    nothing_written(&b);
+}
+
+#[tokio::test]
 async fn a_parse_error_says_where_without_echoing_the_line() {
     let b = TestBroker::prepare(Setup {
         extra_config: "[notify.slack]\nbot_token = xoxb-1234-literal-token\n".into(),

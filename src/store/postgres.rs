@@ -48,21 +48,24 @@ use crate::model::{
 /// to differ from the migration lock's).
 const AUDIT_CHAIN_LOCK: i64 = 0x6b65_7967_6174_6561;
 
-/// How many connections one replica keeps.
+/// How many connections one replica keeps in each of its two pools.
 const POOL_SIZE: u32 = 16;
 
 /// PostgreSQL-backed [`Store`].
+///
+/// Transactions and plain reads draw from separate pools: a transaction
+/// that reads through the store while it holds its connection never waits
+/// for a connection another transaction holds (as SQLite's engine keeps
+/// its writer apart from its read pool).
 pub struct PostgresStore {
-    pool: PgPool,
+    write: PgPool,
+    read: PgPool,
 }
 
 impl PostgresStore {
     /// Connects to `url` (`postgres://user@host:port/db?sslmode=verify-full&…`)
     /// with `password` (never part of the URL) and applies the migrations.
     pub async fn open(url: &str, password: Option<&SecretString>) -> StoreResult<Self> {
-        let mut opts = PgConnectOptions::from_str(url).map_err(|e| {
-            StoreError::Invalid(format!("store url: {}", redact(&e.to_string(), password)))
-        })?;
         if url::Url::parse(url).is_ok_and(|u| u.password().is_some()) {
             return Err(StoreError::Invalid(
                 "the store url carries a password: give it as `store.password`, a secret \
@@ -70,26 +73,33 @@ impl PostgresStore {
                     .into(),
             ));
         }
+        let mut opts = PgConnectOptions::from_str(url).map_err(|e| {
+            StoreError::Invalid(format!("store url: {}", redact(&e.to_string(), password)))
+        })?;
         if let Some(p) = password {
             opts = opts.password(p.expose_secret());
         }
         opts = opts.application_name("keygate");
-        let pool = PgPoolOptions::new()
-            .max_connections(POOL_SIZE)
-            .acquire_timeout(std::time::Duration::from_secs(5))
-            .connect_with(opts)
-            .await
-            .map_err(|e| {
-                StoreError::Database(format!(
-                    "cannot connect to the store: {}",
-                    redact(&e.to_string(), password)
-                ))
-            })?;
+        let pool = |opts: PgConnectOptions| async move {
+            PgPoolOptions::new()
+                .max_connections(POOL_SIZE)
+                .acquire_timeout(std::time::Duration::from_secs(5))
+                .connect_with(opts)
+                .await
+                .map_err(|e| {
+                    StoreError::Database(format!(
+                        "cannot connect to the store: {}",
+                        redact(&e.to_string(), password)
+                    ))
+                })
+        };
+        let write = pool(opts.clone()).await?;
         sqlx::migrate!("./migrations/postgres")
-            .run(&pool)
+            .run(&write)
             .await
             .map_err(|e| StoreError::Database(format!("migration failed: {e}")))?;
-        Ok(Self { pool })
+        let read = pool(opts).await?;
+        Ok(Self { write, read })
     }
 
     /// One row by primary key, mapped.
@@ -101,7 +111,7 @@ impl PostgresStore {
     ) -> StoreResult<Option<T>> {
         sqlx::query(sql)
             .bind(id)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.read)
             .await?
             .map(|r| map(&r))
             .transpose()
@@ -123,7 +133,7 @@ fn redact(message: &str, password: Option<&SecretString>) -> String {
 impl Store for PostgresStore {
     async fn begin(&self) -> StoreResult<Box<dyn StoreTx>> {
         Ok(Box::new(PostgresTx {
-            tx: self.pool.begin().await?,
+            tx: self.write.begin().await?,
             events: Vec::new(),
             users: HashMap::new(),
         }))
@@ -140,7 +150,7 @@ impl Store for PostgresStore {
         sqlx::query("SELECT * FROM agents WHERE federated_issuer = $1 AND federated_subject = $2")
             .bind(issuer)
             .bind(subject)
-            .fetch_optional(&self.pool)
+            .fetch_optional(&self.read)
             .await?
             .map(|r| agent_from_row(&r))
             .transpose()
@@ -154,7 +164,7 @@ impl Store for PostgresStore {
         sqlx::query("SELECT * FROM agents WHERE id > $1 ORDER BY id LIMIT $2")
             .bind(after.unwrap_or(""))
             .bind(limit.map(i64::from))
-            .fetch_all(&self.pool)
+            .fetch_all(&self.read)
             .await?
             .iter()
             .map(agent_from_row)
@@ -191,7 +201,7 @@ impl Store for PostgresStore {
         }
         push_page(&mut q, f.cursor.as_deref(), f.limit)?;
         q.build()
-            .fetch_all(&self.pool)
+            .fetch_all(&self.read)
             .await?
             .iter()
             .map(lease_from_row)
@@ -214,7 +224,7 @@ impl Store for PostgresStore {
         .bind(unix(orphan_before))
         .bind(boot_id)
         .bind(i64::from(limit))
-        .fetch_all(&self.pool)
+        .fetch_all(&self.read)
         .await?
         .iter()
         .map(lease_from_row)
@@ -233,7 +243,7 @@ impl Store for PostgresStore {
             "SELECT state, COUNT(*) AS n FROM leases WHERE revocation_id = $1 GROUP BY state",
         )
         .bind(id)
-        .fetch_all(&self.pool)
+        .fetch_all(&self.read)
         .await?;
         let mut p = RevocationProgress::default();
         for r in rows {
@@ -255,7 +265,7 @@ impl Store for PostgresStore {
         push_selector(&mut q, sel, "agent_id");
         q.push(" ORDER BY created_at, id");
         q.build()
-            .fetch_all(&self.pool)
+            .fetch_all(&self.read)
             .await?
             .iter()
             .map(lease_from_row)
@@ -263,11 +273,11 @@ impl Store for PostgresStore {
     }
 
     async fn get_fence(&self, id: &str) -> StoreResult<Option<FenceRecord>> {
-        fences::get(&self.pool, id).await
+        fences::get(&self.read, id).await
     }
 
     async fn list_fences(&self, filter: &FenceFilter) -> StoreResult<Vec<FenceRecord>> {
-        fences::list(&self.pool, filter).await
+        fences::list(&self.read, filter).await
     }
 
     async fn audit_events(&self, f: &AuditFilter) -> StoreResult<Vec<AuditEvent>> {
@@ -284,7 +294,7 @@ impl Store for PostgresStore {
         }
         q.push(" ORDER BY seq LIMIT ").push_bind(i64::from(f.limit));
         q.build()
-            .fetch_all(&self.pool)
+            .fetch_all(&self.read)
             .await?
             .iter()
             .map(audit_from_row)
@@ -292,17 +302,17 @@ impl Store for PostgresStore {
     }
 
     async fn get_approval(&self, id: &str) -> StoreResult<Option<Approval>> {
-        let mut conn = self.pool.acquire().await?;
+        let mut conn = self.read.acquire().await?;
         approvals::get(&mut conn, id).await
     }
 
     async fn list_approvals(&self, filter: &ApprovalFilter) -> StoreResult<Vec<Approval>> {
-        let mut conn = self.pool.acquire().await?;
+        let mut conn = self.read.acquire().await?;
         approvals::list(&mut conn, filter).await
     }
 
     async fn notifications(&self, subject: &str) -> StoreResult<Vec<Notification>> {
-        approvals::notifications_of(&self.pool, subject).await
+        approvals::notifications_of(&self.read, subject).await
     }
 
     async fn due_notifications(
@@ -310,7 +320,7 @@ impl Store for PostgresStore {
         now: OffsetDateTime,
         limit: u32,
     ) -> StoreResult<Vec<Notification>> {
-        approvals::due_notifications(&self.pool, now, limit).await
+        approvals::due_notifications(&self.read, now, limit).await
     }
 
     async fn notification_receipt(
@@ -318,13 +328,13 @@ impl Store for PostgresStore {
         subject: &str,
         channel: &str,
     ) -> StoreResult<Option<serde_json::Value>> {
-        approvals::receipt(&self.pool, subject, channel).await
+        approvals::receipt(&self.read, subject, channel).await
     }
 
     async fn ping(&self) -> StoreResult<()> {
         // A read of a real table: the database is there and has the schema.
         sqlx::query("SELECT 1 FROM agents LIMIT 1")
-            .execute(&self.pool)
+            .execute(&self.read)
             .await?;
         Ok(())
     }
@@ -332,7 +342,7 @@ impl Store for PostgresStore {
     async fn audit_head(&self) -> StoreResult<Option<(i64, String)>> {
         Ok(
             sqlx::query("SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1")
-                .fetch_optional(&self.pool)
+                .fetch_optional(&self.read)
                 .await?
                 .map(|r| Ok::<_, sqlx::Error>((r.try_get("seq")?, r.try_get("hash")?)))
                 .transpose()?,
@@ -340,7 +350,7 @@ impl Store for PostgresStore {
     }
 
     async fn scope_usage(&self, agent_id: &str) -> StoreResult<Vec<crate::governance::ScopeUsage>> {
-        findings::scope_usage(&self.pool, agent_id).await
+        findings::scope_usage(&self.read, agent_id).await
     }
 
     async fn findings(
@@ -348,29 +358,29 @@ impl Store for PostgresStore {
         agent_id: Option<&str>,
         open_only: bool,
     ) -> StoreResult<Vec<crate::governance::Finding>> {
-        findings::list(&self.pool, agent_id, open_only).await
+        findings::list(&self.read, agent_id, open_only).await
     }
 
     async fn departures(&self) -> StoreResult<Vec<crate::governance::people::Departure>> {
-        reviews::departures(&self.pool).await
+        reviews::departures(&self.read).await
     }
 
     async fn review_campaigns(&self) -> StoreResult<Vec<crate::governance::reviews::Campaign>> {
-        reviews::campaigns(&self.pool).await
+        reviews::campaigns(&self.read).await
     }
 
     async fn review_items(
         &self,
         filter: &crate::governance::reviews::ReviewFilter,
     ) -> StoreResult<Vec<crate::governance::reviews::ReviewItem>> {
-        reviews::items(&self.pool, filter).await
+        reviews::items(&self.read, filter).await
     }
 
     async fn review_item(
         &self,
         id: &str,
     ) -> StoreResult<Option<crate::governance::reviews::ReviewItem>> {
-        reviews::item(&self.pool, id).await
+        reviews::item(&self.read, id).await
     }
 }
 
