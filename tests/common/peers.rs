@@ -480,7 +480,9 @@ impl Postgres {
             .arg(self.dir.join("pg.log"))
             .arg("-o")
             .arg(format!(
-                "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off",
+                // Every test broker of a binary shares the cluster, with two
+                // pools of 16 each: far more than the default 100 clients.
+                "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=500",
                 self.port,
                 self.dir.join("sock").display()
             ))
