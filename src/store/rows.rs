@@ -312,3 +312,36 @@ pub(crate) fn item_from_row(r: &impl Get) -> StoreResult<ReviewItem> {
         escalated_at: opt_time_col(r, "escalated_at")?,
     })
 }
+
+/// Per-scope use from rows of (`scope`, `source`, `last_at`, `n`) ordered by
+/// scope, then most recent first: one entry per scope, its last use, its
+/// count, and up to [`ScopeUsage::MAX_SOURCES`] addresses.
+pub(crate) fn usage_from_rows(
+    rows: &[impl Get],
+) -> StoreResult<Vec<crate::governance::ScopeUsage>> {
+    use crate::governance::ScopeUsage;
+    let mut out: Vec<ScopeUsage> = Vec::new();
+    for r in rows {
+        let scope: String = r.get("scope")?;
+        let last = time_col(r, "last_at")?;
+        let n = u64::try_from(r.get::<i64>("n")?).unwrap_or(0);
+        let source: Option<String> = r.get("source")?;
+        if out.last().is_none_or(|u| u.scope != scope) {
+            out.push(ScopeUsage {
+                scope,
+                last_used_at: last,
+                credentials: 0,
+                sources: Vec::new(),
+            });
+        }
+        let Some(u) = out.last_mut() else { continue };
+        u.last_used_at = u.last_used_at.max(last);
+        u.credentials += n;
+        if let Some(s) = source
+            && u.sources.len() < ScopeUsage::MAX_SOURCES
+        {
+            u.sources.push(s);
+        }
+    }
+    Ok(out)
+}

@@ -1,12 +1,12 @@
 //! Governance in the PostgreSQL engine: findings, and per-scope use read from
 //! the leases table (no write per request).
 
-use sqlx::{PgConnection, PgExecutor, Postgres, QueryBuilder, Row};
+use sqlx::{PgConnection, PgExecutor, Postgres, QueryBuilder};
 use time::OffsetDateTime;
 
 use crate::governance::{Finding, ScopeUsage};
 use crate::model::unix;
-use crate::store::rows::{finding_from_row, time_col};
+use crate::store::rows::{finding_from_row, usage_from_rows};
 use crate::store::{StoreError, StoreResult};
 
 pub(super) async fn scope_usage(
@@ -26,30 +26,7 @@ pub(super) async fn scope_usage(
     .bind(agent_id)
     .fetch_all(db)
     .await?;
-    let mut out: Vec<ScopeUsage> = Vec::new();
-    for r in &rows {
-        let scope: String = r.try_get("scope")?;
-        let last = time_col(r, "last_at")?;
-        let n = u64::try_from(r.try_get::<i64, _>("n")?).unwrap_or(0);
-        let source: Option<String> = r.try_get("source")?;
-        if out.last().is_none_or(|u| u.scope != scope) {
-            out.push(ScopeUsage {
-                scope,
-                last_used_at: last,
-                credentials: 0,
-                sources: Vec::new(),
-            });
-        }
-        let Some(u) = out.last_mut() else { continue };
-        u.last_used_at = u.last_used_at.max(last);
-        u.credentials += n;
-        if let Some(s) = source
-            && u.sources.len() < ScopeUsage::MAX_SOURCES
-        {
-            u.sources.push(s);
-        }
-    }
-    Ok(out)
+    usage_from_rows(&rows)
 }
 
 pub(super) async fn list(

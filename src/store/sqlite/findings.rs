@@ -1,12 +1,12 @@
 //! Governance in the SQLite engine: findings, and per-scope use read from
 //! the leases table (no write per request).
 
-use sqlx::{QueryBuilder, Row, Sqlite, SqliteExecutor};
+use sqlx::{QueryBuilder, Sqlite, SqliteExecutor};
 use time::OffsetDateTime;
 
 use crate::governance::{Finding, ScopeUsage};
 use crate::model::unix;
-use crate::store::rows::{finding_from_row, time_col};
+use crate::store::rows::{finding_from_row, usage_from_rows};
 use crate::store::{StoreError, StoreResult};
 
 pub(super) async fn scope_usage(
@@ -15,37 +15,14 @@ pub(super) async fn scope_usage(
 ) -> StoreResult<Vec<ScopeUsage>> {
     // One read: per scope and source, the last use; folded per scope below.
     let rows = sqlx::query(
-        "SELECT scope, source, MAX(created_at) AS last, COUNT(*) AS n FROM leases \
+        "SELECT scope, source, MAX(created_at) AS last_at, COUNT(*) AS n FROM leases \
          WHERE agent_id = ? AND state != 'failed' GROUP BY scope, source \
-         ORDER BY scope, last DESC",
+         ORDER BY scope, last_at DESC",
     )
     .bind(agent_id)
     .fetch_all(db)
     .await?;
-    let mut out: Vec<ScopeUsage> = Vec::new();
-    for r in &rows {
-        let scope: String = r.try_get("scope")?;
-        let last = time_col(r, "last")?;
-        let n = r.try_get::<i64, _>("n")?.max(0) as u64;
-        let source: Option<String> = r.try_get("source")?;
-        if out.last().is_none_or(|u| u.scope != scope) {
-            out.push(ScopeUsage {
-                scope,
-                last_used_at: last,
-                credentials: 0,
-                sources: Vec::new(),
-            });
-        }
-        let Some(u) = out.last_mut() else { continue };
-        u.last_used_at = u.last_used_at.max(last);
-        u.credentials += n;
-        if let Some(s) = source
-            && u.sources.len() < ScopeUsage::MAX_SOURCES
-        {
-            u.sources.push(s);
-        }
-    }
-    Ok(out)
+    usage_from_rows(&rows)
 }
 
 pub(super) async fn list(

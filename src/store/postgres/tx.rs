@@ -1,0 +1,786 @@
+//! Changes in the PostgreSQL engine: one [`StoreTx`] is one PostgreSQL
+//! transaction; its audit events are chained and appended at commit.
+
+use std::collections::HashMap;
+
+use async_trait::async_trait;
+use sqlx::postgres::PgRow;
+use sqlx::{Postgres, QueryBuilder, Row, Transaction};
+use time::OffsetDateTime;
+
+use super::{AUDIT_CHAIN_LOCK, approvals, fences, findings, reviews};
+use crate::audit::{AuditEvent, GENESIS_HASH};
+use crate::model::{
+    Agent, AgentStatus, Approval, ApprovalDecision, ApprovalState, FenceRecord, Lease, LeaseState,
+    Notification, Revocability, Revocation, Selector, Task, TaskState, unix,
+};
+use crate::store::rows::{lease_from_row, parse_col};
+use crate::store::sql::push_selector;
+use crate::store::{Delivery, LeaseSelector, StoreError, StoreResult, StoreTx, TaskSelector};
+
+pub(super) struct PostgresTx {
+    pub(super) tx: Transaction<'static, Postgres>,
+    /// Audit events of this transaction, chained and inserted at commit.
+    pub(super) events: Vec<AuditEvent>,
+    /// Each task's user (`on_behalf_of`) as this transaction learnt it.
+    pub(super) users: HashMap<String, Option<String>>,
+}
+
+impl PostgresTx {
+    /// The connection of this transaction.
+    fn conn(&mut self) -> &mut sqlx::PgConnection {
+        &mut self.tx
+    }
+
+    /// The user a task acts for, if any.
+    async fn user_of(&mut self, task: &str) -> StoreResult<Option<String>> {
+        if let Some(user) = self.users.get(task) {
+            return Ok(user.clone());
+        }
+        let row: Option<Option<String>> =
+            sqlx::query_scalar("SELECT on_behalf_of::jsonb ->> 'id' FROM tasks WHERE id = $1")
+                .bind(task)
+                .fetch_optional(self.conn())
+                .await?;
+        if let Some(user) = &row {
+            self.users.insert(task.to_owned(), user.clone());
+        }
+        Ok(row.flatten())
+    }
+
+    /// Chains this transaction's events after the current head and inserts
+    /// them, holding the chain's lock until the transaction ends.
+    async fn append_events(&mut self) -> StoreResult<()> {
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(AUDIT_CHAIN_LOCK)
+            .execute(self.conn())
+            .await?;
+        let head = sqlx::query("SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1")
+            .fetch_optional(self.conn())
+            .await?;
+        let (mut seq, mut hash) = match head {
+            Some(r) => (r.try_get::<i64, _>("seq")?, r.try_get::<String, _>("hash")?),
+            None => (0, GENESIS_HASH.to_owned()),
+        };
+        let mut rows = Vec::with_capacity(self.events.len());
+        for mut ev in std::mem::take(&mut self.events) {
+            ev.chain_after(seq, &hash);
+            seq = ev.seq;
+            hash.clone_from(&ev.hash);
+            let policy_ids = serde_json::to_string(&ev.policy_ids).map_err(corrupt)?;
+            let details = serde_json::to_string(&ev.details).map_err(corrupt)?;
+            rows.push((ev, policy_ids, details));
+        }
+        // 17 binds a row: 1,000 rows stay well under the 65,535 limit.
+        for chunk in rows.chunks(1000) {
+            let mut q = QueryBuilder::<Postgres>::new(
+                "INSERT INTO audit_events (seq, at_ms, actor, action, agent, task, scope, lease, \
+                 decision, policy_ids, policy_hash, outcome, reason, details, prev_hash, hash, \
+                 on_behalf_of) ",
+            );
+            q.push_values(chunk, |mut b, (ev, policy_ids, details)| {
+                b.push_bind(ev.seq)
+                    .push_bind(ev.at_ms)
+                    .push_bind(ev.actor.clone())
+                    .push_bind(ev.action.clone())
+                    .push_bind(ev.agent.clone())
+                    .push_bind(ev.task.clone())
+                    .push_bind(ev.scope.clone())
+                    .push_bind(ev.lease.clone())
+                    .push_bind(ev.decision.clone())
+                    .push_bind(policy_ids.clone())
+                    .push_bind(ev.policy_hash.clone())
+                    .push_bind(ev.outcome.clone())
+                    .push_bind(ev.reason.clone())
+                    .push_bind(details.clone())
+                    .push_bind(ev.prev_hash.clone())
+                    .push_bind(ev.hash.clone())
+                    .push_bind(ev.on_behalf_of.clone());
+            });
+            q.build().execute(self.conn()).await?;
+        }
+        Ok(())
+    }
+
+    /// Ids from a `RETURNING id` statement.
+    fn ids(rows: &[PgRow]) -> StoreResult<Vec<String>> {
+        rows.iter()
+            .map(|r| r.try_get::<String, _>("id").map_err(StoreError::from))
+            .collect()
+    }
+}
+
+#[async_trait]
+impl StoreTx for PostgresTx {
+    async fn commit(mut self: Box<Self>) -> StoreResult<()> {
+        if !self.events.is_empty() {
+            self.append_events().await?;
+        }
+        self.tx.commit().await?;
+        Ok(())
+    }
+
+    async fn audit(&mut self, mut ev: AuditEvent) -> StoreResult<()> {
+        // Every event of a task that acts for a user names the user.
+        if ev.on_behalf_of.is_none()
+            && let Some(task) = ev.task.clone()
+        {
+            ev.on_behalf_of = self.user_of(&task).await?;
+        }
+        self.events.push(ev);
+        Ok(())
+    }
+
+    async fn insert_agent(&mut self, a: &Agent) -> StoreResult<()> {
+        let insert = sqlx::query(
+            "INSERT INTO agents (id, team, sponsor, risk_tier, environment, purpose, labels, \
+             status, auth_method, jwks, created_at, updated_at, last_used_at, last_review_at, \
+             delegation, federated_issuer, federated_subject, may_assert_users, max_ttl_secs) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
+             $18, $19)",
+        )
+        .bind(&a.id)
+        .bind(&a.team)
+        .bind(&a.sponsor)
+        .bind(i64::from(a.risk_tier))
+        .bind(a.environment.as_str())
+        .bind(&a.purpose)
+        .bind(serde_json::to_string(&a.labels).map_err(corrupt)?)
+        .bind(a.status.as_str())
+        .bind(a.auth_method.as_str())
+        .bind(serde_json::to_string(&a.jwks).map_err(corrupt)?)
+        .bind(unix(a.created_at))
+        .bind(unix(a.updated_at))
+        .bind(a.last_used_at.map(unix))
+        .bind(a.last_review_at.map(unix))
+        .bind(serde_json::to_string(&a.delegation).map_err(corrupt)?)
+        .bind(a.federated.as_ref().map(|f| f.issuer.clone()))
+        .bind(a.federated.as_ref().map(|f| f.subject.clone()))
+        .bind(a.may_assert_users)
+        .bind(a.max_ttl_secs.map(|n| i64::try_from(n).unwrap_or(i64::MAX)));
+        let mut sp = sqlx::Connection::begin(self.conn()).await?;
+        let done = insert.execute(&mut *sp).await.map_err(StoreError::from);
+        settle(sp, done).await.map_err(|e| match e {
+            StoreError::Conflict(m) if m.contains("federated") => StoreError::Conflict(format!(
+                "an agent bound to that federated subject (agent `{}`)",
+                a.id
+            )),
+            StoreError::Conflict(_) => StoreError::Conflict(format!("agent `{}`", a.id)),
+            other => other,
+        })?;
+        Ok(())
+    }
+
+    async fn set_agent_status(
+        &mut self,
+        id: &str,
+        from: &[AgentStatus],
+        to: AgentStatus,
+        now: OffsetDateTime,
+    ) -> StoreResult<Option<AgentStatus>> {
+        // The row stays locked until commit: a concurrent change on another
+        // replica waits and then sees this one.
+        let Some(row) = sqlx::query("SELECT status FROM agents WHERE id = $1 FOR UPDATE")
+            .bind(id)
+            .fetch_optional(self.conn())
+            .await?
+        else {
+            return Ok(None);
+        };
+        let was: AgentStatus = parse_col(&row, "status")?;
+        if !from.contains(&was) {
+            return Ok(None);
+        }
+        let suspended_from = (to == AgentStatus::Suspended).then_some(was.as_str());
+        sqlx::query(
+            "UPDATE agents SET status = $1, suspended_from = $2, updated_at = $3 WHERE id = $4",
+        )
+        .bind(to.as_str())
+        .bind(suspended_from)
+        .bind(unix(now))
+        .bind(id)
+        .execute(self.conn())
+        .await?;
+        Ok(Some(was))
+    }
+
+    async fn touch_agent(&mut self, id: &str, now: OffsetDateTime) -> StoreResult<()> {
+        sqlx::query("UPDATE agents SET last_used_at = $1 WHERE id = $2")
+            .bind(unix(now))
+            .bind(id)
+            .execute(self.conn())
+            .await?;
+        Ok(())
+    }
+
+    async fn update_agent(&mut self, a: &Agent) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE agents SET team = $1, sponsor = $2, risk_tier = $3, environment = $4, \
+             purpose = $5, labels = $6, jwks = $7, last_review_at = $8, updated_at = $9, \
+             delegation = $10, federated_issuer = $11, federated_subject = $12, \
+             may_assert_users = $13, max_ttl_secs = $14, keys_rotated_at = $15, \
+             owner_changed_at = $16 WHERE id = $17",
+        )
+        .bind(&a.team)
+        .bind(&a.sponsor)
+        .bind(i64::from(a.risk_tier))
+        .bind(a.environment.as_str())
+        .bind(&a.purpose)
+        .bind(serde_json::to_string(&a.labels).map_err(corrupt)?)
+        .bind(serde_json::to_string(&a.jwks).map_err(corrupt)?)
+        .bind(a.last_review_at.map(unix))
+        .bind(unix(a.updated_at))
+        .bind(serde_json::to_string(&a.delegation).map_err(corrupt)?)
+        .bind(a.federated.as_ref().map(|f| f.issuer.clone()))
+        .bind(a.federated.as_ref().map(|f| f.subject.clone()))
+        .bind(a.may_assert_users)
+        .bind(a.max_ttl_secs.map(|n| i64::try_from(n).unwrap_or(i64::MAX)))
+        .bind(a.keys_rotated_at.map(unix))
+        .bind(a.owner_changed_at.map(unix))
+        .bind(&a.id)
+        .execute(self.conn())
+        .await?;
+        Ok(())
+    }
+
+    async fn record_jti(
+        &mut self,
+        agent_id: &str,
+        jti: &str,
+        expires_at: OffsetDateTime,
+    ) -> StoreResult<bool> {
+        let done = sqlx::query(
+            "INSERT INTO assertion_jtis (agent_id, jti, expires_at) VALUES ($1, $2, $3) \
+             ON CONFLICT DO NOTHING",
+        )
+        .bind(agent_id)
+        .bind(jti)
+        .bind(unix(expires_at))
+        .execute(self.conn())
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn prune_jtis(&mut self, now: OffsetDateTime) -> StoreResult<u64> {
+        let done = sqlx::query("DELETE FROM assertion_jtis WHERE expires_at < $1")
+            .bind(unix(now) - 60)
+            .execute(self.conn())
+            .await?;
+        Ok(done.rows_affected())
+    }
+
+    async fn insert_task(&mut self, t: &Task) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO tasks (id, agent_id, description, state, opened_at, expires_at, \
+             parent_task_id, depth, delegation_budget, scopes, chain, on_behalf_of) \
+             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+        )
+        .bind(&t.id)
+        .bind(&t.agent_id)
+        .bind(&t.description)
+        .bind(t.state.as_str())
+        .bind(unix(t.opened_at))
+        .bind(unix(t.expires_at))
+        .bind(&t.parent_task_id)
+        .bind(i64::from(t.depth))
+        .bind(i64::from(t.delegation_budget))
+        .bind(
+            t.scopes
+                .as_ref()
+                .map(serde_json::to_string)
+                .transpose()
+                .map_err(corrupt)?,
+        )
+        .bind(serde_json::to_string(&t.chain).map_err(corrupt)?)
+        .bind(
+            t.on_behalf_of
+                .as_ref()
+                .map(serde_json::to_string)
+                .transpose()
+                .map_err(corrupt)?,
+        )
+        .execute(self.conn())
+        .await?;
+        self.users
+            .insert(t.id.clone(), t.on_behalf_of.as_ref().map(|u| u.id.clone()));
+        Ok(())
+    }
+
+    async fn end_tasks(
+        &mut self,
+        sel: &TaskSelector,
+        state: TaskState,
+        reason: &str,
+        now: OffsetDateTime,
+    ) -> StoreResult<Vec<String>> {
+        let mut q = QueryBuilder::<Postgres>::new("UPDATE tasks SET state = ");
+        q.push_bind(state.as_str())
+            .push(", ended_at = ")
+            .push_bind(unix(now))
+            .push(", end_reason = ")
+            .push_bind(reason.to_owned())
+            .push(" WHERE state = 'open'");
+        match sel {
+            TaskSelector::Task(id) => {
+                q.push(" AND id = ").push_bind(id.clone());
+            }
+            TaskSelector::Emergency(Selector::Provider(p)) => {
+                q.push(
+                    " AND id IN (SELECT task_id FROM leases WHERE state IN \
+                     ('pending','active','revoking','expiring') AND provider = ",
+                )
+                .push_bind(p.clone())
+                .push(")");
+            }
+            TaskSelector::Emergency(s) => push_selector(&mut q, s, "agent_id"),
+        }
+        q.push(" RETURNING id");
+        let rows = q.build().fetch_all(self.conn()).await?;
+        let mut ended = Self::ids(&rows)?;
+        // Delegated tasks end with their parent, level by level, and their
+        // leases are queued for revocation in the same commit.
+        let mut level = ended.clone();
+        while !level.is_empty() {
+            let rows = sqlx::query(
+                "UPDATE tasks SET state = 'revoked', ended_at = $1, \
+                 end_reason = 'the parent task ended' WHERE state = 'open' \
+                 AND parent_task_id = ANY($2) RETURNING id",
+            )
+            .bind(unix(now))
+            .bind(&level)
+            .fetch_all(self.conn())
+            .await?;
+            let children = Self::ids(&rows)?;
+            if children.is_empty() {
+                break;
+            }
+            sqlx::query(
+                "UPDATE leases SET state = 'revoking', attempts = 0, last_error = NULL, \
+                 next_attempt_at = $1, end_reason = 'the parent task ended' \
+                 WHERE state IN ('pending', 'active') AND task_id = ANY($2)",
+            )
+            .bind(unix(now))
+            .bind(&children)
+            .execute(self.conn())
+            .await?;
+            ended.extend(children.iter().cloned());
+            level = children;
+        }
+        Ok(ended)
+    }
+
+    async fn insert_lease(&mut self, l: &Lease) -> StoreResult<bool> {
+        // FOR SHARE: the task cannot be ended until this transaction ends,
+        // and one ended meanwhile is seen ended (READ COMMITTED re-checks a
+        // locked row), so a lease never lands on an ended task.
+        let done = sqlx::query(
+            "INSERT INTO leases (id, agent_id, task_id, scope, provider, state, created_at, \
+             expires_at, boot_id, source) SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10 \
+             WHERE EXISTS (SELECT 1 FROM tasks WHERE id = $3 AND state = 'open' FOR SHARE)",
+        )
+        .bind(&l.id)
+        .bind(&l.agent_id)
+        .bind(&l.task_id)
+        .bind(&l.scope)
+        .bind(&l.provider)
+        .bind(l.state.as_str())
+        .bind(unix(l.created_at))
+        .bind(unix(l.expires_at))
+        .bind(&l.boot_id)
+        .bind(&l.source)
+        .execute(self.conn())
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn record_issued(
+        &mut self,
+        id: &str,
+        handle: &serde_json::Value,
+        revocability: Revocability,
+        expires_at: OffsetDateTime,
+    ) -> StoreResult<Option<LeaseState>> {
+        let row = sqlx::query(
+            "UPDATE leases SET handle = $1, revocability = $2, expires_at = $3, \
+             state = CASE WHEN state = 'pending' THEN 'active' ELSE state END \
+             WHERE id = $4 AND state IN ('pending', 'revoking') RETURNING state",
+        )
+        .bind(serde_json::to_string(handle).map_err(corrupt)?)
+        .bind(revocability.as_str())
+        .bind(unix(expires_at))
+        .bind(id)
+        .fetch_optional(self.conn())
+        .await?;
+        row.map(|r| parse_col::<LeaseState>(&r, "state"))
+            .transpose()
+    }
+
+    async fn renew_lease(&mut self, id: &str, expires_at: OffsetDateTime) -> StoreResult<bool> {
+        let done =
+            sqlx::query("UPDATE leases SET expires_at = $1 WHERE id = $2 AND state = 'active'")
+                .bind(unix(expires_at))
+                .bind(id)
+                .execute(self.conn())
+                .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn mark_failed(&mut self, id: &str, error: &str, now: OffsetDateTime) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE leases SET state = 'failed', last_error = $1, ended_at = $2 \
+             WHERE id = $3 AND state = 'pending'",
+        )
+        .bind(error)
+        .bind(unix(now))
+        .bind(id)
+        .execute(self.conn())
+        .await?;
+        Ok(())
+    }
+
+    async fn queue_revocations(
+        &mut self,
+        sel: &LeaseSelector,
+        reason: &str,
+        revocation_id: Option<&str>,
+        now: OffsetDateTime,
+    ) -> StoreResult<Vec<String>> {
+        let mut q = QueryBuilder::<Postgres>::new(
+            "UPDATE leases SET state = 'revoking', attempts = 0, last_error = NULL, \
+             next_attempt_at = ",
+        );
+        q.push_bind(unix(now))
+            .push(", end_reason = ")
+            .push_bind(reason.to_owned())
+            .push(", revocation_id = COALESCE(")
+            .push_bind(revocation_id.map(str::to_owned))
+            .push(", revocation_id) WHERE state IN ('pending', 'active')");
+        match sel {
+            LeaseSelector::Lease(id) => {
+                q.push(" AND id = ").push_bind(id.clone());
+            }
+            LeaseSelector::Task(t) => {
+                q.push(" AND task_id = ").push_bind(t.clone());
+            }
+            LeaseSelector::Tasks(ts) => {
+                q.push(" AND task_id = ANY(")
+                    .push_bind(ts.clone())
+                    .push(")");
+            }
+            LeaseSelector::Emergency(s) => push_selector(&mut q, s, "agent_id"),
+        }
+        q.push(" RETURNING id");
+        let rows = q.build().fetch_all(self.conn()).await?;
+        let mut ids = Self::ids(&rows)?;
+        // Leases already queued by an earlier call still count towards an
+        // emergency revocation's progress.
+        if let (Some(rid), LeaseSelector::Emergency(s)) = (revocation_id, sel) {
+            let mut q2 = QueryBuilder::<Postgres>::new("UPDATE leases SET revocation_id = ");
+            q2.push_bind(rid.to_owned())
+                .push(" WHERE state = 'revoking' AND revocation_id IS DISTINCT FROM ")
+                .push_bind(rid.to_owned());
+            push_selector(&mut q2, s, "agent_id");
+            q2.push(" RETURNING id");
+            let rows = q2.build().fetch_all(self.conn()).await?;
+            ids.extend(Self::ids(&rows)?);
+        }
+        Ok(ids)
+    }
+
+    async fn finish_revocation(
+        &mut self,
+        id: &str,
+        state: LeaseState,
+        lives_until: Option<OffsetDateTime>,
+        now: OffsetDateTime,
+    ) -> StoreResult<bool> {
+        let done = sqlx::query(
+            "UPDATE leases SET state = $1, ended_at = $2, last_error = NULL, \
+             next_attempt_at = NULL, expires_at = COALESCE($3, expires_at) \
+             WHERE id = $4 AND state = 'revoking'",
+        )
+        .bind(state.as_str())
+        .bind(unix(now))
+        .bind(lives_until.map(unix))
+        .bind(id)
+        .execute(self.conn())
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn revocation_failed(
+        &mut self,
+        id: &str,
+        error: &str,
+        next_attempt_at: OffsetDateTime,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE leases SET attempts = attempts + 1, last_error = $1, next_attempt_at = $2 \
+             WHERE id = $3 AND state = 'revoking'",
+        )
+        .bind(error)
+        .bind(unix(next_attempt_at))
+        .bind(id)
+        .execute(self.conn())
+        .await?;
+        Ok(())
+    }
+
+    async fn queue_expired(
+        &mut self,
+        scopes: &[String],
+        now: OffsetDateTime,
+    ) -> StoreResult<Vec<String>> {
+        if scopes.is_empty() {
+            return Ok(Vec::new());
+        }
+        let rows = sqlx::query(
+            "UPDATE leases SET state = 'revoking', attempts = 0, last_error = NULL, \
+             next_attempt_at = $1, end_reason = 'ttl reached; its provider acts at expiry' \
+             WHERE state = 'active' AND expires_at <= $1 AND scope = ANY($2) RETURNING id",
+        )
+        .bind(unix(now))
+        .bind(scopes)
+        .fetch_all(self.conn())
+        .await?;
+        Self::ids(&rows)
+    }
+
+    async fn expire_leases(&mut self, now: OffsetDateTime) -> StoreResult<Vec<Lease>> {
+        let rows = sqlx::query(
+            "UPDATE leases SET state = 'expired', ended_at = $1, \
+             end_reason = COALESCE(end_reason, 'expired') \
+             WHERE state IN ('active', 'expiring') AND expires_at <= $1 RETURNING *",
+        )
+        .bind(unix(now))
+        .fetch_all(self.conn())
+        .await?;
+        rows.iter().map(lease_from_row).collect()
+    }
+
+    async fn queue_orphans(
+        &mut self,
+        before: OffsetDateTime,
+        boot_id: &str,
+        now: OffsetDateTime,
+    ) -> StoreResult<Vec<String>> {
+        let rows = sqlx::query(
+            "UPDATE leases SET state = 'revoking', next_attempt_at = $1, \
+             end_reason = 'orphaned: issue did not complete' \
+             WHERE state = 'pending' AND (created_at < $2 OR boot_id IS DISTINCT FROM $3) \
+             RETURNING id",
+        )
+        .bind(unix(now))
+        .bind(unix(before))
+        .bind(boot_id)
+        .fetch_all(self.conn())
+        .await?;
+        Self::ids(&rows)
+    }
+
+    async fn expired_tasks(&mut self, now: OffsetDateTime) -> StoreResult<Vec<String>> {
+        let rows = sqlx::query(
+            "SELECT id FROM tasks WHERE state = 'open' AND expires_at <= $1 LIMIT 1000",
+        )
+        .bind(unix(now))
+        .fetch_all(self.conn())
+        .await?;
+        Self::ids(&rows)
+    }
+
+    async fn insert_revocation(&mut self, r: &Revocation) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO revocations (id, selector, reason, operator, created_at, tasks_ended) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
+        )
+        .bind(&r.id)
+        .bind(serde_json::to_string(&r.selector).map_err(corrupt)?)
+        .bind(&r.reason)
+        .bind(&r.operator)
+        .bind(unix(r.created_at))
+        .bind(i64::try_from(r.tasks_ended).unwrap_or(i64::MAX))
+        .execute(self.conn())
+        .await?;
+        Ok(())
+    }
+
+    async fn insert_approval(&mut self, a: &Approval) -> StoreResult<()> {
+        approvals::insert(self.conn(), a).await
+    }
+
+    async fn approval(&mut self, id: &str) -> StoreResult<Option<Approval>> {
+        // Read to decide on (a quorum, a redemption): locked until commit,
+        // so two replicas deciding at once take turns and the second sees
+        // the first's decision.
+        sqlx::query("SELECT 1 FROM approvals WHERE id = $1 FOR UPDATE")
+            .bind(id)
+            .execute(self.conn())
+            .await?;
+        approvals::get(self.conn(), id).await
+    }
+
+    async fn add_decision(&mut self, id: &str, d: &ApprovalDecision) -> StoreResult<bool> {
+        approvals::add_decision(self.conn(), id, d).await
+    }
+
+    async fn finish_approval(
+        &mut self,
+        id: &str,
+        state: ApprovalState,
+        reason: &str,
+        now: OffsetDateTime,
+    ) -> StoreResult<bool> {
+        approvals::finish(self.conn(), id, state, reason, now).await
+    }
+
+    async fn redeem_approval(
+        &mut self,
+        id: &str,
+        lease_id: &str,
+        now: OffsetDateTime,
+    ) -> StoreResult<bool> {
+        approvals::redeem(self.conn(), id, lease_id, now).await
+    }
+
+    async fn release_redemption(&mut self, id: &str) -> StoreResult<bool> {
+        approvals::release_redemption(self.conn(), id).await
+    }
+
+    async fn close_stale_approvals(&mut self, now: OffsetDateTime) -> StoreResult<Vec<Approval>> {
+        let closed = approvals::close_stale(self.conn(), now).await?;
+        approvals::prune_replays(self.conn(), now).await?;
+        Ok(closed)
+    }
+
+    async fn insert_notification(&mut self, n: &Notification) -> StoreResult<()> {
+        approvals::insert_notification(self.conn(), n).await
+    }
+
+    async fn notification_attempted(
+        &mut self,
+        id: &str,
+        outcome: &Delivery,
+        now: OffsetDateTime,
+    ) -> StoreResult<()> {
+        approvals::notification_attempted(self.conn(), id, outcome, now).await
+    }
+
+    async fn record_replay(
+        &mut self,
+        digest: &str,
+        expires_at: OffsetDateTime,
+    ) -> StoreResult<bool> {
+        approvals::record_replay(self.conn(), digest, expires_at).await
+    }
+
+    async fn insert_fence(&mut self, f: &FenceRecord) -> StoreResult<()> {
+        fences::insert(self.conn(), f).await
+    }
+
+    async fn open_finding(&mut self, f: &crate::governance::Finding) -> StoreResult<bool> {
+        findings::open(self.conn(), f).await
+    }
+
+    async fn close_finding(
+        &mut self,
+        id: &str,
+        reason: &str,
+        now: OffsetDateTime,
+    ) -> StoreResult<bool> {
+        findings::close(self.conn(), id, reason, now).await
+    }
+
+    async fn finding_acted(&mut self, id: &str, now: OffsetDateTime) -> StoreResult<bool> {
+        findings::acted(self.conn(), id, now).await
+    }
+
+    async fn put_exclusion(
+        &mut self,
+        agent_id: &str,
+        scope: &str,
+        exclusion: &crate::model::Exclusion,
+    ) -> StoreResult<bool> {
+        reviews::put_exclusion(self.conn(), agent_id, scope, exclusion).await
+    }
+
+    async fn record_departure(
+        &mut self,
+        d: &crate::governance::people::Departure,
+    ) -> StoreResult<bool> {
+        reviews::record_departure(self.conn(), d).await
+    }
+
+    async fn mark_reviewed(&mut self, agent_id: &str, at: OffsetDateTime) -> StoreResult<()> {
+        reviews::mark_reviewed(self.conn(), agent_id, at).await
+    }
+
+    async fn insert_campaign(
+        &mut self,
+        c: &crate::governance::reviews::Campaign,
+    ) -> StoreResult<()> {
+        let mut sp = sqlx::Connection::begin(self.conn()).await?;
+        let done = reviews::insert_campaign(&mut *sp, c).await;
+        settle(sp, done).await
+    }
+
+    async fn insert_review_item(
+        &mut self,
+        i: &crate::governance::reviews::ReviewItem,
+    ) -> StoreResult<()> {
+        let mut sp = sqlx::Connection::begin(self.conn()).await?;
+        let done = reviews::insert_item(&mut *sp, i).await;
+        settle(sp, done).await
+    }
+
+    async fn review_item(
+        &mut self,
+        id: &str,
+    ) -> StoreResult<Option<crate::governance::reviews::ReviewItem>> {
+        // Read to be decided on and written back: locked until commit, so a
+        // decision on another replica waits and then sees this one.
+        sqlx::query("SELECT * FROM review_items WHERE id = $1 FOR UPDATE")
+            .bind(id)
+            .fetch_optional(self.conn())
+            .await?
+            .map(|r| crate::store::rows::item_from_row(&r))
+            .transpose()
+    }
+
+    async fn save_review_item(
+        &mut self,
+        i: &crate::governance::reviews::ReviewItem,
+    ) -> StoreResult<()> {
+        reviews::save_item(self.conn(), i).await
+    }
+
+    async fn lift_fence(
+        &mut self,
+        id: &str,
+        by: &str,
+        reason: &str,
+        now: OffsetDateTime,
+    ) -> StoreResult<bool> {
+        fences::lift(self.conn(), id, by, reason, now).await
+    }
+}
+
+/// Ends the savepoint of a write that may fail on a constraint: kept when
+/// it worked, rolled back when not. PostgreSQL aborts the whole transaction
+/// at a failed statement; the store contract (as SQLite) fails only the
+/// statement, so the transaction can go on and record what happened.
+async fn settle<T>(sp: Transaction<'_, Postgres>, done: StoreResult<T>) -> StoreResult<T> {
+    match done {
+        Ok(v) => {
+            sp.commit().await?;
+            Ok(v)
+        }
+        Err(e) => {
+            sp.rollback().await?;
+            Err(e)
+        }
+    }
+}
+
+fn corrupt(e: serde_json::Error) -> StoreError {
+    StoreError::Corrupt(e.to_string())
+}
