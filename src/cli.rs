@@ -5,6 +5,7 @@ mod audit;
 mod client;
 mod commands;
 mod evidence;
+mod migrate;
 mod report;
 
 use std::path::PathBuf;
@@ -175,6 +176,11 @@ pub enum Command {
     Maturity {
         #[command(flatten)]
         remote: Remote,
+    },
+    /// Move the store to another engine.
+    Store {
+        #[command(subcommand)]
+        cmd: StoreCmd,
     },
     /// Read and verify the audit log.
     Audit {
@@ -446,6 +452,29 @@ pub struct OfflineStore {
     /// PostgreSQL's password, by reference (`env:NAME` or `file:PATH`).
     #[arg(long = "db-password", requires = "location")]
     pub password: Option<keygate_provider_api::SecretRef>,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum StoreCmd {
+    /// Copy a SQLite store into a new PostgreSQL database: every row, the
+    /// audit chain verified before and after. Stop the broker first (the
+    /// copy holds the SQLite file's lock, and refuses while a broker does).
+    Migrate {
+        /// The SQLite store: `sqlite://data/keygate.db` or a path.
+        #[arg(long)]
+        from: String,
+        /// The PostgreSQL store: `postgres://user@host:port/db` (empty;
+        /// its schema is created).
+        #[arg(long)]
+        to: String,
+        /// Its password, by reference (`env:NAME`, `file:PATH`).
+        #[arg(long = "to-password")]
+        to_password: Option<keygate_provider_api::SecretRef>,
+        /// A local CA's revocation list to carry over, as `NAME=FILE`
+        /// (its provider name and `revocation_file`); once per local CA.
+        #[arg(long = "ca-revocations", value_name = "NAME=FILE")]
+        ca_revocations: Vec<String>,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -63,6 +63,19 @@ impl LeaseEngine {
         &self.boot_id
     }
 
+    /// Claims the periodic job `name` for this process for `hold` (renewed
+    /// by each run): whether to run it now. With one process, always.
+    pub async fn claim_job(
+        &self,
+        store: &dyn Store,
+        name: &str,
+        hold: Duration,
+    ) -> StoreResult<bool> {
+        let until = now() + hold;
+        let until_ms = i64::try_from(until.unix_timestamp_nanos() / 1_000_000).unwrap_or(i64::MAX);
+        store.claim_job(name, self.boot_id(), until_ms).await
+    }
+
     /// Pending leases of this process created before this instant are
     /// orphans: the provider call cannot still be in flight. (Those of an
     /// earlier process are orphans whatever their age.)
@@ -107,12 +120,16 @@ impl Worker {
     ) -> StoreResult<bool> {
         const BATCH: u32 = 512;
         let t = now();
+        // Claimed past the provider call's own timeout: another replica
+        // takes a lease over only once this one is dead or gave up on it.
+        let claim_until = t + Duration::from_secs(self.config.issue_timeout_secs + 30);
         let due = self
             .store
-            .due_revocations(
+            .claim_revocations(
                 t,
                 self.engine.orphan_cutoff(&self.config, t),
                 self.engine.boot_id(),
+                claim_until,
                 BATCH,
             )
             .await?;
@@ -265,8 +282,21 @@ impl Worker {
         }
     }
 
-    /// One reaper pass: orphans, expired tasks, expired leases, old jtis.
+    /// One reaper pass: orphans, expired tasks, expired leases, old jtis —
+    /// unless another live replica is the reaper now.
     pub async fn reap_once(&self) -> StoreResult<()> {
+        let every = self.config.reaper_interval_secs.max(1);
+        if !self
+            .engine
+            .claim_job(
+                self.store.as_ref(),
+                "reaper",
+                Duration::from_secs(3 * every),
+            )
+            .await?
+        {
+            return Ok(());
+        }
         let t = now();
         let mut tx = self.store.begin().await?;
         let orphans = tx

@@ -199,9 +199,9 @@ impl Notifier {
     }
 
     /// Delivers due notifications until the process ends.
-    pub async fn run(self: Arc<Self>, store: Arc<dyn Store>) {
+    pub async fn run(self: Arc<Self>, store: Arc<dyn Store>, boot_id: String) {
         loop {
-            match self.deliver_due(&store).await {
+            match self.deliver_due(&store, &boot_id).await {
                 Ok(n) if n > 0 => continue,
                 Ok(_) => {}
                 Err(e) => tracing::error!(error = %e, "notification pass failed"),
@@ -210,10 +210,20 @@ impl Notifier {
         }
     }
 
-    /// One pass over the due notifications. Returns how many were attempted.
-    pub async fn deliver_due(&self, store: &Arc<dyn Store>) -> crate::store::StoreResult<usize> {
+    /// One pass over the due notifications, claimed for this process
+    /// (`boot_id`) so no other replica sends them too. Returns how many
+    /// were attempted.
+    pub async fn deliver_due(
+        &self,
+        store: &Arc<dyn Store>,
+        boot_id: &str,
+    ) -> crate::store::StoreResult<usize> {
         let t = now();
-        let due = store.due_notifications(t, 32).await?;
+        // Long enough for a batch's attempts; a dead replica's claim is
+        // void at once anyway.
+        let due = store
+            .claim_notifications(t, boot_id, t + Duration::from_secs(300), 32)
+            .await?;
         for n in &due {
             let outcome = match self.deliver(store, n).await {
                 Ok(receipt) => Delivery::Delivered(receipt),

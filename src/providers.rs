@@ -29,13 +29,22 @@ impl std::fmt::Debug for Registry {
 impl Registry {
     /// Builds every configured provider and checks every scope against its
     /// provider.
-    pub async fn build(cfg: &Config, resolver: &SecretResolver) -> Result<Self, ConfigError> {
+    /// With `journal` (a store shared by several replicas), providers keep
+    /// what every replica must see there (the local CA's revocation list).
+    pub async fn build(
+        cfg: &Config,
+        resolver: &SecretResolver,
+        journal: Option<Arc<dyn keygate_provider_api::RevocationJournal>>,
+    ) -> Result<Self, ConfigError> {
         // Every table is checked before any provider is opened (opening may
         // create files or call a backend).
         check_configs(cfg)?;
         let mut providers: BTreeMap<String, Arc<dyn Provider>> = BTreeMap::new();
         for (name, table) in &cfg.providers {
-            providers.insert(name.clone(), build_one(name, table, resolver).await?);
+            providers.insert(
+                name.clone(),
+                build_one(name, table, resolver, journal.clone()).await?,
+            );
         }
         let mut scopes = BTreeMap::new();
         let mut by_provider: BTreeMap<String, Vec<ScopeSpec>> = BTreeMap::new();
@@ -216,6 +225,7 @@ async fn build_one(
     name: &str,
     table: &toml::Table,
     resolver: &SecretResolver,
+    journal: Option<Arc<dyn keygate_provider_api::RevocationJournal>>,
 ) -> Result<Arc<dyn Provider>, ConfigError> {
     #[cfg(not(any(feature = "azure", feature = "vault")))]
     let _ = resolver;
@@ -223,7 +233,8 @@ async fn build_one(
         |e: &dyn std::fmt::Display| ConfigError::Invalid(format!("provider `{name}`: {e}"));
     match parse_one(name, table)? {
         Parsed::LocalCa(cfg) => {
-            let ca = keygate_provider_local_ca::LocalCa::open(cfg)
+            let shared = journal.map(|j| (j, name.to_owned()));
+            let ca = keygate_provider_local_ca::LocalCa::open_shared(cfg, shared)
                 .await
                 .map_err(|e| invalid(&e))?;
             Ok(Arc::new(ca))

@@ -60,8 +60,12 @@ pub async fn build_broker(config: Config) -> anyhow::Result<Broker> {
             None => None,
         };
     let store = crate::store::open_with(&config.store.url, store_password.as_ref()).await?;
+    // From here on this process serves: SQLite takes its file's lock,
+    // PostgreSQL counts it among the live replicas.
+    let leases = LeaseEngine::default();
+    store.register_replica(leases.boot_id()).await?;
     let signer = SessionSigner::open(&config.sessions.signing_key_file, &config.server.issuer)?;
-    let registry = Registry::build(&config, &resolver).await?;
+    let registry = Registry::build(&config, &resolver, store.revocation_journal()).await?;
     let config_federation = config.federation.issuers.clone();
     let config_limits = config.limits;
     // Every reference resolves through the same resolver (`aws-sm:` too).
@@ -76,7 +80,7 @@ pub async fn build_broker(config: Config) -> anyhow::Result<Broker> {
         policy: crate::policy::PolicyHandle::new(policy),
         signer,
         registry,
-        leases: LeaseEngine::default(),
+        leases,
         metrics: Arc::new(Metrics::default()),
         notifier: Arc::new(notifier),
         federation: crate::identity::Federation::new(config_federation)?,
@@ -240,7 +244,9 @@ pub async fn serve(config_path: &Path, listen: Option<std::net::SocketAddr>) -> 
     worker.spawn_sweepers();
     tokio::spawn(Arc::clone(&worker).run_queue());
     tokio::spawn(worker.run_reaper());
-    tokio::spawn(Arc::clone(&broker.notifier).run(broker.store.clone()));
+    tokio::spawn(
+        Arc::clone(&broker.notifier).run(broker.store.clone(), broker.leases.boot_id().to_owned()),
+    );
     tokio::spawn(close_stale_approvals(Arc::clone(&broker)));
     tokio::spawn(flush_auth_failures(Arc::clone(&broker)));
     tokio::spawn(run_governance(Arc::clone(&broker)));
@@ -302,6 +308,10 @@ async fn close_stale_approvals(broker: AppState) {
     let fence_every = (every * 10).min(std::time::Duration::from_secs(60));
     let mut fences_due = tokio::time::Instant::now();
     loop {
+        if !holds_job(&broker, "approvals", 3 * every).await {
+            tokio::time::sleep(every).await;
+            continue;
+        }
         if let Err(e) = broker.close_stale_approvals().await {
             tracing::error!(error = %e, "closing stale approvals failed");
         }
@@ -343,10 +353,31 @@ async fn reload_on_sighup(broker: AppState) {
     let _ = broker;
 }
 
-/// The governance sweep: at start, then every `governance.sweep_interval_secs`.
+/// Whether this replica runs the periodic job `name` now (one replica at a
+/// time does; see `Store::claim_job`). A store error skips this turn.
+async fn holds_job(broker: &AppState, name: &str, hold: std::time::Duration) -> bool {
+    match broker
+        .leases
+        .claim_job(broker.store.as_ref(), name, hold)
+        .await
+    {
+        Ok(held) => held,
+        Err(e) => {
+            tracing::error!(job = name, error = %e, "claiming a periodic job failed");
+            false
+        }
+    }
+}
+
+/// The governance sweep: at start, then every `governance.sweep_interval_secs`,
+/// on one replica at a time.
 async fn run_governance(broker: AppState) {
     let every = std::time::Duration::from_secs(broker.config.governance.sweep_interval_secs.max(1));
     loop {
+        if !holds_job(&broker, "governance", 2 * every).await {
+            tokio::time::sleep(every).await;
+            continue;
+        }
         match broker.governance_sweep().await {
             Ok(r) if !(r.opened.is_empty() && r.closed.is_empty() && r.acted.is_empty()) => {
                 tracing::info!(

@@ -5,6 +5,7 @@
 //! also appends the audit events describing the change, so state and evidence
 //! commit together or not at all.
 
+pub mod copy;
 mod postgres;
 mod rows;
 mod sql;
@@ -21,6 +22,7 @@ use crate::model::{
 };
 
 pub use postgres::PostgresStore;
+pub(crate) use postgres::connect_options as postgres_options;
 pub use sqlite::SqliteStore;
 
 /// Why a store call failed.
@@ -81,16 +83,35 @@ pub trait Store: Send + Sync + 'static {
     }
     async fn get_lease(&self, id: &str) -> StoreResult<Option<Lease>>;
     async fn list_leases(&self, filter: &LeaseFilter) -> StoreResult<Vec<Lease>>;
-    /// Leases in `revoking` whose next attempt is due. Leases whose issue
-    /// may still be in flight (no handle yet, written by this process —
-    /// `boot_id` — and younger than `orphan_before`) are left alone.
-    async fn due_revocations(
+    /// This process (`boot_id`) starts serving from this store. SQLite: it
+    /// takes the file's lock (one process per file; any other boot is
+    /// dead). PostgreSQL: it registers as a replica and holds its liveness
+    /// lock while it runs, so the others know at once when it dies.
+    async fn register_replica(&self, boot_id: &str) -> StoreResult<()>;
+    /// Leases in `revoking` whose next attempt is due, claimed for
+    /// `boot_id` until `claim_until` so no other replica attempts them
+    /// meanwhile (a claim of a dead replica is void). Leases whose issue
+    /// may still be in flight (no handle yet, written by a live process and
+    /// younger than `orphan_before`) are left alone.
+    async fn claim_revocations(
         &self,
         now: OffsetDateTime,
         orphan_before: OffsetDateTime,
         boot_id: &str,
+        claim_until: OffsetDateTime,
         limit: u32,
     ) -> StoreResult<Vec<Lease>>;
+    /// Claims the periodic job `name` for `holder` until `until` (unix ms)
+    /// if no live replica holds it: whether this replica should run it now.
+    /// The holder renews its claim each run.
+    async fn claim_job(&self, name: &str, holder: &str, until_ms: i64) -> StoreResult<bool>;
+    /// Where a provider keeps a revocation list every replica must share
+    /// (`None`: one process, the provider's own files do).
+    fn revocation_journal(
+        &self,
+    ) -> Option<std::sync::Arc<dyn keygate_provider_api::RevocationJournal>> {
+        None
+    }
     async fn get_revocation(&self, id: &str) -> StoreResult<Option<Revocation>>;
     async fn revocation_progress(&self, id: &str) -> StoreResult<RevocationProgress>;
     /// Leases matching an emergency selector that may still be working
@@ -107,10 +128,13 @@ pub trait Store: Send + Sync + 'static {
     async fn list_approvals(&self, filter: &ApprovalFilter) -> StoreResult<Vec<Approval>>;
     /// Notifications of one approval or review item (by its id), oldest first.
     async fn notifications(&self, subject: &str) -> StoreResult<Vec<Notification>>;
-    /// Notifications whose next delivery attempt is due.
-    async fn due_notifications(
+    /// Notifications whose next delivery attempt is due, claimed for
+    /// `boot_id` until `claim_until` (as [`Store::claim_revocations`]).
+    async fn claim_notifications(
         &self,
         now: OffsetDateTime,
+        boot_id: &str,
+        claim_until: OffsetDateTime,
         limit: u32,
     ) -> StoreResult<Vec<Notification>>;
     /// What a channel answered when it delivered the request of an approval
@@ -246,9 +270,11 @@ pub trait StoreTx: Send {
     ) -> StoreResult<Vec<String>>;
     /// Active and expiring leases whose expiry passed become `Expired`.
     async fn expire_leases(&mut self, now: OffsetDateTime) -> StoreResult<Vec<Lease>>;
-    /// Pending leases written by another process than `boot_id` (it crashed:
-    /// their issue cannot be in flight), or older than `before` (the provider
-    /// hung): queued for revocation by lease id.
+    /// Pending leases written by a process that is no longer alive (it
+    /// crashed: their issue cannot be in flight; SQLite: any other than
+    /// `boot_id`; PostgreSQL: a replica whose liveness lock is gone), or
+    /// older than `before` (the provider hung): queued for revocation by
+    /// lease id.
     async fn queue_orphans(
         &mut self,
         before: OffsetDateTime,

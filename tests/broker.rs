@@ -1,4 +1,4 @@
-//! The broker's own doors: OAuth grants and their refusals, federation, mTLS, DPoP, delegation, on-behalf-of, rate limits, the audit chain, restarts and crashes, the store contract, startup and leaks.
+//! The broker's own doors: OAuth grants and their refusals, federation, mTLS, DPoP, delegation, on-behalf-of, rate limits, the audit chain, restarts and crashes, several replicas on one database, the store contract, startup and leaks.
 //!
 //! One test binary per group of suites (each `mod` is one file under
 //! `tests/`): every binary links the whole broker, so fewer binaries link
@@ -20,10 +20,12 @@ mod oauth_rejections;
 mod on_behalf_of;
 mod pagination;
 mod rate_limits;
+mod replicas;
 mod restart;
 mod secrets_never_leak;
 mod startup;
 mod store_contract;
+mod store_migrate;
 
 /// With `autotests = false`, a suite file no binary lists would never run:
 /// every `tests/*.rs` is a binary's root or a `mod` of exactly one.

@@ -90,7 +90,24 @@ async fn walk_db(
     at: Option<i64>,
     keep: &mut dyn FnMut(&AuditEvent),
 ) -> anyhow::Result<Result<(i64, String, Option<String>), crate::audit::BrokenLink>> {
-    let store = db.open().await?;
+    walk_store(db.open().await?.as_ref(), at, keep).await
+}
+
+/// The whole chain in `store` verified: its last seq and head hash, or the
+/// first broken link.
+pub async fn verify_store(
+    store: &dyn crate::store::Store,
+) -> anyhow::Result<Result<(i64, String), crate::audit::BrokenLink>> {
+    Ok(walk_store(store, None, &mut |_| {})
+        .await?
+        .map(|(seq, hash, _)| (seq, hash)))
+}
+
+async fn walk_store(
+    store: &dyn crate::store::Store,
+    at: Option<i64>,
+    keep: &mut dyn FnMut(&AuditEvent),
+) -> anyhow::Result<Result<(i64, String, Option<String>), crate::audit::BrokenLink>> {
     let (mut seq, mut hash, mut found) = (0, GENESIS_HASH.to_owned(), None);
     loop {
         let f = AuditFilter {

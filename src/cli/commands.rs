@@ -9,7 +9,7 @@ use secrecy::ExposeSecret;
 use super::client::Client;
 use super::{
     AgentsCmd, ApprovalsCmd, AuditCmd, Cli, Command, EvidenceCmd, FencesCmd, GovernanceCmd,
-    KeysCmd, LeasesCmd, PeopleCmd, PolicyCmd, ReviewsCmd,
+    KeysCmd, LeasesCmd, PeopleCmd, PolicyCmd, ReviewsCmd, StoreCmd,
 };
 
 /// Runs a parsed command line.
@@ -62,6 +62,15 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Fences { cmd, remote } => fences(&Client::new(&remote)?, cmd).await,
         Command::Approvals { cmd, remote } => approvals(&Client::new(&remote)?, cmd).await,
+        Command::Store {
+            cmd:
+                StoreCmd::Migrate {
+                    from,
+                    to,
+                    to_password,
+                    ca_revocations,
+                },
+        } => super::migrate::run(&from, &to, to_password.as_ref(), &ca_revocations).await,
         Command::Audit {
             cmd: AuditCmd::Verify { db },
             remote,

@@ -73,18 +73,41 @@ pub fn generate_agent_key(alg: &str) -> Result<(SecretString, PublicKey), AuthEr
 /// the file does not exist (mode 0600).
 pub(crate) fn load_or_generate(path: &Path) -> Result<(SecretString, KeyPair), AuthError> {
     let io = |e: std::io::Error| AuthError::Key(format!("`{}`: {e}", path.display()));
-    let pem = if path.exists() {
-        SecretString::from(std::fs::read_to_string(path).map_err(io)?)
-    } else {
+    let mut pem = None;
+    if !path.exists() {
         let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
             .map_err(|e| AuthError::Key(e.to_string()))?;
-        let pem = SecretString::from(key.serialize_pem());
-        write_private(path, pem.expose_secret()).map_err(io)?;
-        pem
+        let new = SecretString::from(key.serialize_pem());
+        // Replicas starting together on shared files: the first one's key
+        // is everyone's.
+        if create_private(path, new.expose_secret()).map_err(io)? {
+            pem = Some(new);
+        }
+    }
+    let pem = match pem {
+        Some(p) => p,
+        None => SecretString::from(std::fs::read_to_string(path).map_err(io)?),
     };
     let key = KeyPair::from_pem(pem.expose_secret())
         .map_err(|_| AuthError::Key(format!("`{}` is not a PKCS#8 PEM key", path.display())))?;
     Ok((pem, key))
+}
+
+/// Creates a private file (owner-only) unless it exists, atomically even
+/// against another process doing the same: a temporary file hard-linked
+/// into place. Returns whether this call created it.
+fn create_private(path: &Path, content: &str) -> std::io::Result<bool> {
+    let mut tmp = path.as_os_str().to_owned();
+    tmp.push(format!(".{}.tmp", std::process::id()));
+    let tmp = std::path::PathBuf::from(tmp);
+    write_private(&tmp, content)?;
+    let linked = std::fs::hard_link(&tmp, path);
+    let _ = std::fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => Ok(true),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(e),
+    }
 }
 
 /// Writes a private file atomically with owner-only permissions.

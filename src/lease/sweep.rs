@@ -43,9 +43,24 @@ impl Worker {
             let me = Arc::clone(self);
             let name = name.to_owned();
             tokio::spawn(async move {
+                let job = format!("sweep:{name}");
                 loop {
-                    if let Err(e) = me.sweep_once(&name).await {
-                        tracing::error!(provider = %name, error = %e, "recording a sweep failed");
+                    // One replica sweeps a provider; another takes over
+                    // when it dies or misses two of its turns.
+                    match me
+                        .engine
+                        .claim_job(me.store.as_ref(), &job, 2 * every)
+                        .await
+                    {
+                        Ok(true) => {
+                            if let Err(e) = me.sweep_once(&name).await {
+                                tracing::error!(provider = %name, error = %e, "recording a sweep failed");
+                            }
+                        }
+                        Ok(false) => {}
+                        Err(e) => {
+                            tracing::error!(provider = %name, error = %e, "claiming the sweep failed")
+                        }
                     }
                     tokio::time::sleep(every).await;
                 }

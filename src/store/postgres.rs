@@ -18,6 +18,7 @@
 mod approvals;
 mod fences;
 mod findings;
+mod replicas;
 mod reviews;
 mod tx;
 
@@ -38,7 +39,7 @@ use super::{AuditFilter, Store, StoreError, StoreResult, StoreTx};
 use crate::audit::AuditEvent;
 use crate::model::{
     Agent, Approval, ApprovalFilter, FenceFilter, FenceRecord, Lease, LeaseFilter, Notification,
-    Revocation, RevocationProgress, Selector, Task, unix,
+    Revocation, RevocationProgress, Selector, Task,
 };
 use tx::PostgresTx;
 
@@ -54,26 +55,17 @@ const POOL_SIZE: u32 = 16;
 pub struct PostgresStore {
     write: PgPool,
     read: PgPool,
+    /// For the replica lock's own connection.
+    opts: PgConnectOptions,
+    /// Whether this replica holds its liveness lock (once registered).
+    registered: std::sync::OnceLock<std::sync::Arc<std::sync::atomic::AtomicBool>>,
 }
 
 impl PostgresStore {
     /// Connects to `url` (`postgres://user@host:port/db?sslmode=verify-full&…`)
     /// with `password` (never part of the URL) and applies the migrations.
     pub async fn open(url: &str, password: Option<&SecretString>) -> StoreResult<Self> {
-        if url::Url::parse(url).is_ok_and(|u| u.password().is_some()) {
-            return Err(StoreError::Invalid(
-                "the store url carries a password: give it as `store.password`, a secret \
-                 reference (env:, file:, aws-sm:), so it is never written in the config"
-                    .into(),
-            ));
-        }
-        let mut opts = PgConnectOptions::from_str(url).map_err(|e| {
-            StoreError::Invalid(format!("store url: {}", redact(&e.to_string(), password)))
-        })?;
-        if let Some(p) = password {
-            opts = opts.password(p.expose_secret());
-        }
-        opts = opts.application_name("keygate");
+        let opts = connect_options(url, password)?;
         let pool = |opts: PgConnectOptions| async move {
             PgPoolOptions::new()
                 .max_connections(POOL_SIZE)
@@ -87,7 +79,7 @@ impl PostgresStore {
                     ))
                 })
         };
-        let write = pool(opts).await?;
+        let write = pool(opts.clone()).await?;
         sqlx::migrate!("./migrations/postgres")
             .run(&write)
             .await
@@ -96,7 +88,12 @@ impl PostgresStore {
         // under load (tests/policy_reload.rs) stalled past the acquire
         // timeout, and the cause is not understood yet.
         let read = write.clone();
-        Ok(Self { write, read })
+        Ok(Self {
+            write,
+            read,
+            opts,
+            registered: std::sync::OnceLock::new(),
+        })
     }
 
     /// One row by primary key, mapped.
@@ -113,6 +110,28 @@ impl PostgresStore {
             .map(|r| map(&r))
             .transpose()
     }
+}
+
+/// How to connect to `url` with `password`; a password in the URL is
+/// refused (it would sit in the config in clear).
+pub(crate) fn connect_options(
+    url: &str,
+    password: Option<&SecretString>,
+) -> StoreResult<PgConnectOptions> {
+    if url::Url::parse(url).is_ok_and(|u| u.password().is_some()) {
+        return Err(StoreError::Invalid(
+            "the store url carries a password: give it as `store.password`, a secret \
+             reference (env:, file:, aws-sm:), so it is never written in the config"
+                .into(),
+        ));
+    }
+    let mut opts = PgConnectOptions::from_str(url).map_err(|e| {
+        StoreError::Invalid(format!("store url: {}", redact(&e.to_string(), password)))
+    })?;
+    if let Some(p) = password {
+        opts = opts.password(p.expose_secret());
+    }
+    Ok(opts.application_name("keygate"))
 }
 
 /// A driver message with the password cut out, should a driver ever quote
@@ -205,27 +224,33 @@ impl Store for PostgresStore {
             .collect()
     }
 
-    async fn due_revocations(
+    async fn register_replica(&self, boot_id: &str) -> StoreResult<()> {
+        let held = replicas::register(self.opts.clone(), &self.write, boot_id).await?;
+        self.registered
+            .set(held)
+            .map_err(|_| StoreError::Invalid("this store registered its replica already".into()))
+    }
+
+    async fn claim_revocations(
         &self,
         now: OffsetDateTime,
         orphan_before: OffsetDateTime,
         boot_id: &str,
+        claim_until: OffsetDateTime,
         limit: u32,
     ) -> StoreResult<Vec<Lease>> {
-        sqlx::query(
-            "SELECT * FROM leases WHERE state = 'revoking' AND next_attempt_at <= $1 \
-             AND (handle IS NOT NULL OR created_at < $2 OR boot_id IS DISTINCT FROM $3) \
-             ORDER BY next_attempt_at LIMIT $4",
-        )
-        .bind(unix(now))
-        .bind(unix(orphan_before))
-        .bind(boot_id)
-        .bind(i64::from(limit))
-        .fetch_all(&self.read)
-        .await?
-        .iter()
-        .map(lease_from_row)
-        .collect()
+        replicas::claim_revocations(&self.write, now, orphan_before, boot_id, claim_until, limit)
+            .await
+    }
+
+    async fn claim_job(&self, name: &str, holder: &str, until_ms: i64) -> StoreResult<bool> {
+        replicas::claim_job(&self.write, name, holder, until_ms).await
+    }
+
+    fn revocation_journal(
+        &self,
+    ) -> Option<std::sync::Arc<dyn keygate_provider_api::RevocationJournal>> {
+        Some(std::sync::Arc::new(replicas::Journal(self.write.clone())))
     }
 
     async fn get_revocation(&self, id: &str) -> StoreResult<Option<Revocation>> {
@@ -312,12 +337,14 @@ impl Store for PostgresStore {
         approvals::notifications_of(&self.read, subject).await
     }
 
-    async fn due_notifications(
+    async fn claim_notifications(
         &self,
         now: OffsetDateTime,
+        boot_id: &str,
+        claim_until: OffsetDateTime,
         limit: u32,
     ) -> StoreResult<Vec<Notification>> {
-        approvals::due_notifications(&self.read, now, limit).await
+        replicas::claim_notifications(&self.write, now, boot_id, claim_until, limit).await
     }
 
     async fn notification_receipt(
@@ -333,6 +360,17 @@ impl Store for PostgresStore {
         sqlx::query("SELECT 1 FROM agents LIMIT 1")
             .execute(&self.read)
             .await?;
+        // A replica without its lock may see its in-flight work revoked by
+        // the others: not ready until it holds it again.
+        if self
+            .registered
+            .get()
+            .is_some_and(|held| !held.load(std::sync::atomic::Ordering::SeqCst))
+        {
+            return Err(StoreError::Database(
+                "this replica lost its liveness lock; reconnecting".into(),
+            ));
+        }
         Ok(())
     }
 

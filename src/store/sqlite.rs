@@ -50,6 +50,9 @@ impl From<sqlx::Error> for StoreError {
 pub struct SqliteStore {
     write: group::Writer,
     read: SqlitePool,
+    path: String,
+    /// The file lock of a serving process (`register_replica`).
+    lock: std::sync::Mutex<Option<std::fs::File>>,
 }
 
 impl SqliteStore {
@@ -86,7 +89,12 @@ impl SqliteStore {
             .max_connections(8)
             .connect_with(opts.read_only(true))
             .await?;
-        Ok(Self { write, read })
+        Ok(Self {
+            write,
+            read,
+            path: path.to_owned(),
+            lock: std::sync::Mutex::new(None),
+        })
     }
 }
 
@@ -196,11 +204,47 @@ impl Store for SqliteStore {
             .collect()
     }
 
-    async fn due_revocations(
+    async fn register_replica(&self, _boot_id: &str) -> StoreResult<()> {
+        // One process per file: the lock is held as long as the store lives,
+        // and released by the kernel however the process ends.
+        let path = format!("{}.lock", self.path);
+        let file = std::fs::OpenOptions::new()
+            .create(true)
+            .truncate(false)
+            .write(true)
+            .open(&path)
+            .map_err(|e| StoreError::Database(format!("cannot open `{path}`: {e}")))?;
+        match file.try_lock() {
+            Ok(()) => {}
+            Err(std::fs::TryLockError::WouldBlock) => {
+                return Err(StoreError::Database(format!(
+                    "another keygate process is serving from `{}`: a SQLite store serves one \
+                     process (use PostgreSQL for several replicas)",
+                    self.path
+                )));
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                return Err(StoreError::Database(format!("cannot lock `{path}`: {e}")));
+            }
+        }
+        if let Ok(mut held) = self.lock.lock() {
+            *held = Some(file);
+        }
+        Ok(())
+    }
+
+    async fn claim_job(&self, _name: &str, _holder: &str, _until_ms: i64) -> StoreResult<bool> {
+        // One process per file: every job is this one's.
+        Ok(true)
+    }
+
+    /// One process per file, one worker: nothing to claim against.
+    async fn claim_revocations(
         &self,
         now: OffsetDateTime,
         orphan_before: OffsetDateTime,
         boot_id: &str,
+        _claim_until: OffsetDateTime,
         limit: u32,
     ) -> StoreResult<Vec<Lease>> {
         sqlx::query(
@@ -349,9 +393,11 @@ impl Store for SqliteStore {
         approvals::notifications_of(&self.read, subject).await
     }
 
-    async fn due_notifications(
+    async fn claim_notifications(
         &self,
         now: OffsetDateTime,
+        _boot_id: &str,
+        _claim_until: OffsetDateTime,
         limit: u32,
     ) -> StoreResult<Vec<Notification>> {
         approvals::due_notifications(&self.read, now, limit).await

@@ -118,6 +118,9 @@ pub struct TestBroker {
     /// Environment variables the server runs with.
     pub env: Vec<(String, String)>,
     stdout: Option<Lines<BufReader<ChildStdout>>>,
+    /// Another replica's view of the first one's dir: it leaves the dir to
+    /// that one.
+    shares_dir: bool,
 }
 
 impl TestBroker {
@@ -161,6 +164,23 @@ impl TestBroker {
             ops,
             env: setup.env,
             stdout: None,
+            shares_dir: false,
+        }
+    }
+
+    /// Another replica of this broker, not started yet: the same dir and
+    /// config, so the same store, keys, policies and operators; its own
+    /// process and port once started (its log lines go to the same log).
+    pub fn replica(&self) -> Self {
+        Self {
+            dir: self.dir.clone(),
+            addr: SocketAddr::from(([127, 0, 0, 1], 0)),
+            child: None,
+            http: self.http.clone(),
+            ops: self.ops.clone(),
+            env: self.env.clone(),
+            stdout: None,
+            shares_dir: true,
         }
     }
 
@@ -299,6 +319,9 @@ impl Drop for TestBroker {
     fn drop(&mut self) {
         if let Some(child) = self.child.as_mut() {
             let _ = child.start_kill();
+        }
+        if self.shares_dir {
+            return;
         }
         if std::thread::panicking() {
             eprintln!("keeping the failed test's dir: {}", self.dir.display());

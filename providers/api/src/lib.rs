@@ -19,6 +19,7 @@ mod credential;
 mod error;
 mod fence;
 mod secret_ref;
+mod shared;
 mod sweep;
 
 use std::time::Duration;
@@ -31,6 +32,7 @@ pub use credential::{Credential, CredentialField};
 pub use error::ProviderError;
 pub use fence::{Fence, FenceRequest, FenceTarget, Fenced, LiftFenceRequest};
 pub use secret_ref::{SecretRef, SecretResolver, SecretSource};
+pub use shared::{RevocationJournal, Revoked, RevokedKind};
 pub use sweep::{LeaseLookup, Sweep, Swept};
 
 /// A credential backend instance (one `[providers.<name>]` table in config).
@@ -82,8 +84,10 @@ pub trait Provider: Send + Sync + 'static {
 
     /// Whether `cert_der` (a client certificate presented to Keygate's mTLS
     /// listener) is one this provider issued and has since revoked, so it
-    /// must not authenticate anyone. The default knows no certificate.
-    fn certificate_revoked(&self, _cert_der: &[u8]) -> bool {
+    /// must not authenticate anyone. The default knows no certificate. A
+    /// provider that cannot tell (its revocation list is unreachable) says
+    /// it is revoked: the mTLS door fails closed.
+    async fn certificate_revoked(&self, _cert_der: &[u8]) -> bool {
         false
     }
 

@@ -67,13 +67,20 @@ impl Ca {
             )));
         }
         let key = keys::load_or_generate_key(key_file, "ca key")?;
-        let cert_pem = if cert_file.exists() {
-            fs::read_to_string(cert_file).map_err(|e| keys::io_error("read", cert_file, &e))?
-        } else {
+        let mut cert_pem = None;
+        if !cert_file.exists() {
             let pem = self_signed_cert(trust_domain, &key)?;
-            keys::write_file_atomic(cert_file, pem.as_bytes(), keys::PUBLIC_FILE_MODE)?;
-            tracing::info!(path = %cert_file.display(), "generated ca certificate");
-            pem
+            // Another replica may write it first (then its is read below).
+            if keys::create_file_atomic(cert_file, pem.as_bytes(), keys::PUBLIC_FILE_MODE)? {
+                tracing::info!(path = %cert_file.display(), "generated ca certificate");
+                cert_pem = Some(pem);
+            }
+        }
+        let cert_pem = match cert_pem {
+            Some(pem) => pem,
+            None => {
+                fs::read_to_string(cert_file).map_err(|e| keys::io_error("read", cert_file, &e))?
+            }
         };
         let bad = |why: &str| {
             ProviderError::Internal(format!("ca certificate `{}`: {why}", cert_file.display()))

@@ -36,9 +36,40 @@ pub(crate) fn load_or_generate_key(path: &Path, what: &str) -> Result<KeyPair, P
     }
     let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256)
         .map_err(|e| ProviderError::Internal(format!("cannot generate {what}: {e}")))?;
-    write_file_atomic(path, key.serialize_pem().as_bytes(), KEY_FILE_MODE)?;
+    if !create_file_atomic(path, key.serialize_pem().as_bytes(), KEY_FILE_MODE)? {
+        // Another replica starting beside this one on shared files wrote
+        // it first: use that one, so both sign with the same key.
+        return load_or_generate_key(path, what);
+    }
     tracing::info!(path = %path.display(), "generated {what}");
     Ok(key)
+}
+
+/// Creates `path` with `contents` unless it exists, atomically even against
+/// another process doing the same (a temporary file hard-linked into
+/// place). Returns whether this call created it.
+pub(crate) fn create_file_atomic(
+    path: &Path,
+    contents: &[u8],
+    mode: u32,
+) -> Result<bool, ProviderError> {
+    let dir = parent_dir(path);
+    fs::create_dir_all(&dir).map_err(|e| io_error("create directory", &dir, &e))?;
+    let mut tmp = tmp_path(path).into_os_string();
+    tmp.push(format!(".{}", std::process::id()));
+    let tmp = PathBuf::from(tmp);
+    let mut file = open_for_write(&tmp, mode).map_err(|e| io_error("create", &tmp, &e))?;
+    file.write_all(contents)
+        .and_then(|()| file.sync_all())
+        .map_err(|e| io_error("write", &tmp, &e))?;
+    drop(file);
+    let linked = fs::hard_link(&tmp, path);
+    let _ = fs::remove_file(&tmp);
+    match linked {
+        Ok(()) => sync_dir(&dir).map(|()| true),
+        Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => Ok(false),
+        Err(e) => Err(io_error("link into place", path, &e)),
+    }
 }
 
 /// A fresh P-256 key pair for one SVID.

@@ -27,16 +27,17 @@ mod x509;
 mod tests;
 
 use std::fmt;
+use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
-use keygate_provider_api::ProviderError;
+use keygate_provider_api::{ProviderError, RevocationJournal};
 use time::OffsetDateTime;
 
 pub use config::LocalCaConfig;
 
 use crate::ca::Ca;
 use crate::jwt::JwtKeys;
-use crate::revocations::RevocationList;
+use crate::revocations::{FileList, RevocationList};
 
 /// The `kind` of this provider in config.
 pub const KIND: &str = "local-ca";
@@ -67,17 +68,36 @@ impl LocalCa {
     /// creating whatever does not exist yet (first start). Reopening the same
     /// files gives the same CA certificate, JWT key id and revocations.
     pub async fn open(cfg: LocalCaConfig) -> Result<Self, ProviderError> {
+        Self::open_shared(cfg, None).await
+    }
+
+    /// Like [`LocalCa::open`], but with `shared` (the broker's journal and
+    /// this instance's name) the revocation list is kept there, shared by
+    /// every replica, and `revocation_file` is not used.
+    pub async fn open_shared(
+        cfg: LocalCaConfig,
+        shared: Option<(Arc<dyn RevocationJournal>, String)>,
+    ) -> Result<Self, ProviderError> {
         config::validate_trust_domain(&cfg.trust_domain)?;
-        tokio::task::spawn_blocking(move || Self::open_blocking(cfg))
+        tokio::task::spawn_blocking(move || Self::open_blocking(cfg, shared))
             .await
             .map_err(|e| ProviderError::Internal(format!("opening the local ca failed: {e}")))?
     }
 
-    fn open_blocking(cfg: LocalCaConfig) -> Result<Self, ProviderError> {
+    fn open_blocking(
+        cfg: LocalCaConfig,
+        shared: Option<(Arc<dyn RevocationJournal>, String)>,
+    ) -> Result<Self, ProviderError> {
         let ca = Ca::open(&cfg.trust_domain, &cfg.key_file, &cfg.cert_file)?;
         let jwt = JwtKeys::open(&cfg.jwt_key_file)?;
-        let revocations = RevocationList::open(&cfg.revocation_file, OffsetDateTime::now_utc())?;
-        tracing::info!(trust_domain = %cfg.trust_domain, jwt_kid = %jwt.kid(), "local ca ready");
+        let revocations = match shared {
+            Some((journal, provider)) => RevocationList::Shared { journal, provider },
+            None => RevocationList::File(Box::new(FileList::open(
+                &cfg.revocation_file,
+                OffsetDateTime::now_utc(),
+            )?)),
+        };
+        tracing::info!(trust_domain = %cfg.trust_domain, jwt_kid = %jwt.kid(), shared_revocations = matches!(revocations, RevocationList::Shared { .. }), "local ca ready");
         Ok(Self {
             trust_domain: cfg.trust_domain,
             ca,

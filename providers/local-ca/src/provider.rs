@@ -3,7 +3,7 @@
 use async_trait::async_trait;
 use keygate_provider_api::{
     Credential, Document, IssueRequest, Issued, Provider, ProviderError, Revocability,
-    RevokeHandle, RevokeOutcome, RevokeRequest, ScopeSpec, Verification,
+    RevokeHandle, RevokeOutcome, RevokeRequest, RevokedKind, ScopeSpec, Verification,
 };
 use secrecy::SecretString;
 use serde_json::{Value, json};
@@ -66,9 +66,9 @@ impl Provider for LocalCa {
         let now = OffsetDateTime::now_utc();
         let doc = match name {
             "crl.pem" | "crl.der" => {
-                let crl = self
-                    .ca
-                    .crl(self.crl_entries(now), self.next_crl_number(now), now)?;
+                let crl =
+                    self.ca
+                        .crl(self.crl_entries(now).await?, self.next_crl_number(now), now)?;
                 if name == "crl.pem" {
                     let pem = crl.pem().map_err(|e| {
                         ProviderError::Internal(format!("cannot encode the crl: {e}"))
@@ -93,7 +93,7 @@ impl Provider for LocalCa {
                 body: to_json(&self.jwt.jwks())?,
             },
             "revoked.json" => {
-                let Unexpired { serials, jtis } = self.revocations.unexpired(now);
+                let Unexpired { serials, jtis } = self.revocations.unexpired(now).await?;
                 let keys = |v: Vec<(String, _)>| v.into_iter().map(|(k, _)| k).collect::<Vec<_>>();
                 let body = json!({ "serials": keys(serials), "jtis": keys(jtis) });
                 Document {
@@ -106,10 +106,22 @@ impl Provider for LocalCa {
         Ok(Some(doc))
     }
 
-    fn certificate_revoked(&self, cert_der: &[u8]) -> bool {
-        x509::is_revoked_here(&self.ca, cert_der, |s| {
-            self.revocations.is_serial_revoked(s)
-        })
+    async fn certificate_revoked(&self, cert_der: &[u8]) -> bool {
+        let Some(serial) = x509::serial_if_ours(&self.ca, cert_der) else {
+            return false;
+        };
+        match self
+            .revocations
+            .is_revoked(RevokedKind::Serial, &serial)
+            .await
+        {
+            Ok(revoked) => revoked,
+            Err(e) => {
+                // Unknown is refused: the door fails closed.
+                tracing::warn!(error = %e, "cannot read the revocation list; refusing the certificate");
+                true
+            }
+        }
     }
 
     async fn verify(&self, presented: &Value) -> Result<Verification, ProviderError> {
@@ -119,23 +131,40 @@ impl Provider for LocalCa {
             Some(obj) => obj.keys().map(String::as_str).collect(),
             None => return Ok(verdict::invalid("malformed")),
         };
-        let verdict = match keys.as_slice() {
+        // The signature and times are checked first; the revocation list
+        // (perhaps the database) is read only for what passes them.
+        let asked = std::sync::Mutex::new(None);
+        let asked_ref = &asked;
+        let ask = |kind: RevokedKind| {
+            move |key: &str| {
+                if let Ok(mut a) = asked_ref.lock() {
+                    *a = Some((kind, key.to_owned()));
+                }
+                false
+            }
+        };
+        let mut verdict = match keys.as_slice() {
             ["audience", "jwt_svid"] | ["jwt_svid", "audience"] => {
                 match (str_field("jwt_svid"), str_field("audience")) {
-                    (Some(token), Some(audience)) => self.jwt.verify(token, audience, now, |jti| {
-                        self.revocations.is_jti_revoked(jti)
-                    }),
+                    (Some(token), Some(audience)) => {
+                        self.jwt.verify(token, audience, now, ask(RevokedKind::Jti))
+                    }
                     _ => verdict::invalid("malformed"),
                 }
             }
             ["x509_svid"] => match str_field("x509_svid") {
-                Some(pem) => x509::verify(&self.ca, pem, now, |s| {
-                    self.revocations.is_serial_revoked(s)
-                }),
+                Some(pem) => x509::verify(&self.ca, pem, now, ask(RevokedKind::Serial)),
                 None => verdict::invalid("malformed"),
             },
             _ => verdict::invalid("malformed"),
         };
+        let asked = asked.into_inner().ok().flatten();
+        if let Some((kind, key)) = asked
+            && verdict.valid
+            && self.revocations.is_revoked(kind, &key).await?
+        {
+            verdict = verdict::with_reason(Some("revoked"), verdict.subject, verdict.expires_at);
+        }
         tracing::debug!(
             valid = verdict.valid,
             reason = verdict.reason.as_deref().unwrap_or("-"),
@@ -213,9 +242,9 @@ impl LocalCa {
         })
     }
 
-    fn crl_entries(&self, now: OffsetDateTime) -> Vec<CrlEntry> {
-        let serials = self.revocations.unexpired(now).serials;
-        serials
+    async fn crl_entries(&self, now: OffsetDateTime) -> Result<Vec<CrlEntry>, ProviderError> {
+        let serials = self.revocations.unexpired(now).await?.serials;
+        Ok(serials
             .into_iter()
             .filter_map(|(serial, e)| {
                 Some(CrlEntry {
@@ -223,7 +252,7 @@ impl LocalCa {
                     revoked_at: OffsetDateTime::from_unix_timestamp(e.revoked_at).unwrap_or(now),
                 })
             })
-            .collect()
+            .collect())
     }
 }
 

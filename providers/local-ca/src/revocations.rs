@@ -1,5 +1,7 @@
 //! The durable revocation list: an append-only JSON-lines file plus an
-//! in-memory index.
+//! in-memory index (one broker process), or the broker's shared
+//! [`RevocationJournal`] in its database (several replicas), read on every
+//! check so no replica answers from a stale copy.
 //!
 //! Each revoke appends one line and fsyncs before reporting success, so a
 //! revocation the broker was told about survives a crash; revokes that
@@ -13,7 +15,7 @@ use std::io::Write as _;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 
-use keygate_provider_api::ProviderError;
+use keygate_provider_api::{ProviderError, RevocationJournal, Revoked, RevokedKind};
 use serde::{Deserialize, Serialize};
 use time::OffsetDateTime;
 use tokio::sync::watch;
@@ -103,8 +105,87 @@ pub(crate) struct Unexpired {
     pub jtis: Vec<(String, Entry)>,
 }
 
-/// Revoked X.509 serials (hex) and JWT ids.
-pub(crate) struct RevocationList {
+/// Revoked X.509 serials (hex) and JWT ids, wherever they are kept.
+pub(crate) enum RevocationList {
+    File(Box<FileList>),
+    Shared {
+        journal: Arc<dyn RevocationJournal>,
+        /// This provider instance's name: the journal's key.
+        provider: String,
+    },
+}
+
+impl RevocationList {
+    /// Lists whichever of `serial` and `jti` are not listed yet, durably.
+    /// Returns whether anything was added.
+    pub(crate) async fn revoke(
+        &self,
+        serial: Option<String>,
+        jti: Option<String>,
+        expires_at: i64,
+        now: OffsetDateTime,
+    ) -> Result<bool, ProviderError> {
+        match self {
+            Self::File(f) => f.revoke(serial, jti, expires_at, now).await,
+            Self::Shared { journal, provider } => {
+                let entry = |kind, key| Revoked {
+                    kind,
+                    key,
+                    expires_at,
+                    revoked_at: now.unix_timestamp(),
+                };
+                let entries: Vec<Revoked> = serial
+                    .map(|s| entry(RevokedKind::Serial, s))
+                    .into_iter()
+                    .chain(jti.map(|j| entry(RevokedKind::Jti, j)))
+                    .collect();
+                journal.revoke(provider, &entries).await
+            }
+        }
+    }
+
+    pub(crate) async fn is_revoked(
+        &self,
+        kind: RevokedKind,
+        key: &str,
+    ) -> Result<bool, ProviderError> {
+        match self {
+            Self::File(f) => Ok(match kind {
+                RevokedKind::Serial => f.is_serial_revoked(key),
+                RevokedKind::Jti => f.is_jti_revoked(key),
+            }),
+            Self::Shared { journal, provider } => journal.is_revoked(provider, kind, key).await,
+        }
+    }
+
+    /// Revoked serials and JWT ids whose credentials have not expired yet,
+    /// sorted so documents are stable.
+    pub(crate) async fn unexpired(&self, now: OffsetDateTime) -> Result<Unexpired, ProviderError> {
+        match self {
+            Self::File(f) => Ok(f.unexpired(now)),
+            Self::Shared { journal, provider } => {
+                let mut out = Unexpired {
+                    serials: Vec::new(),
+                    jtis: Vec::new(),
+                };
+                for r in journal.unexpired(provider, now.unix_timestamp()).await? {
+                    let entry = Entry {
+                        expires_at: r.expires_at,
+                        revoked_at: r.revoked_at,
+                    };
+                    match r.kind {
+                        RevokedKind::Serial => out.serials.push((r.key, entry)),
+                        RevokedKind::Jti => out.jtis.push((r.key, entry)),
+                    }
+                }
+                Ok(out)
+            }
+        }
+    }
+}
+
+/// The list in a local file.
+pub(crate) struct FileList {
     path: PathBuf,
     /// Held across append and fsync: one batch is written at a time.
     log: tokio::sync::Mutex<Log>,
@@ -113,7 +194,7 @@ pub(crate) struct RevocationList {
     index: Mutex<Index>,
 }
 
-impl RevocationList {
+impl FileList {
     /// Loads and compacts the file (creating it if missing). Blocking.
     pub(crate) fn open(path: &Path, now: OffsetDateTime) -> Result<Self, ProviderError> {
         let mut index = Index::default();

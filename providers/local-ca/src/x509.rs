@@ -126,18 +126,14 @@ pub(crate) fn verify(
     verdict::with_reason(reason, subject, Some(expires_at))
 }
 
-/// Whether `der` was signed by this CA and its serial is on the revocation
-/// list (a certificate of another CA is not ours to judge).
-pub(crate) fn is_revoked_here(ca: &Ca, der: &[u8], is_revoked: impl Fn(&str) -> bool) -> bool {
-    let Ok((_, cert)) = x509_parser::parse_x509_certificate(der) else {
-        return false;
-    };
-    let Ok((_, ca_cert)) = x509_parser::parse_x509_certificate(ca.cert_der()) else {
-        return false;
-    };
-    cert.issuer() == ca_cert.subject()
-        && cert.verify_signature(Some(ca_cert.public_key())).is_ok()
-        && is_revoked(&hex::encode(cert.raw_serial()))
+/// The serial (hex) of `der` when this CA signed it (a certificate of
+/// another CA is not ours to judge).
+pub(crate) fn serial_if_ours(ca: &Ca, der: &[u8]) -> Option<String> {
+    let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
+    let (_, ca_cert) = x509_parser::parse_x509_certificate(ca.cert_der()).ok()?;
+    (cert.issuer() == ca_cert.subject()
+        && cert.verify_signature(Some(ca_cert.public_key())).is_ok())
+    .then(|| hex::encode(cert.raw_serial()))
 }
 
 /// The certificate's one `spiffe://` URI SAN; `None` if there is not exactly one.

@@ -219,24 +219,6 @@ pub(super) async fn insert_notification(
     Ok(())
 }
 
-pub(super) async fn due_notifications(
-    db: impl PgExecutor<'_>,
-    now: OffsetDateTime,
-    limit: u32,
-) -> StoreResult<Vec<Notification>> {
-    sqlx::query(
-        "SELECT * FROM notifications WHERE next_attempt_at IS NOT NULL AND next_attempt_at <= $1 \
-         ORDER BY next_attempt_at, created_at LIMIT $2",
-    )
-    .bind(unix(now))
-    .bind(i64::from(limit))
-    .fetch_all(db)
-    .await?
-    .iter()
-    .map(notification_from_row)
-    .collect()
-}
-
 pub(super) async fn notifications_of(
     db: impl PgExecutor<'_>,
     subject: &str,
@@ -271,7 +253,8 @@ pub(super) async fn notification_attempted(
     };
     sqlx::query(
         "UPDATE notifications SET attempts = attempts + 1, delivered_at = $1, last_error = $2, \
-         next_attempt_at = $3, receipt = COALESCE($4, receipt) WHERE id = $5",
+         next_attempt_at = $3, receipt = COALESCE($4, receipt), claimed_by = NULL, \
+         claim_until = NULL WHERE id = $5",
     )
     .bind(delivered)
     .bind(error)

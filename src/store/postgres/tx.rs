@@ -266,6 +266,12 @@ impl StoreTx for PostgresTx {
             .bind(unix(now) - 60)
             .execute(self.conn())
             .await?;
+        // The local CA's shared revocation list keeps an entry a day past
+        // its credential's expiry, as its file does.
+        sqlx::query("DELETE FROM ca_revocations WHERE expires_at < $1")
+            .bind(unix(now) - 86_400)
+            .execute(self.conn())
+            .await?;
         Ok(done.rows_affected())
     }
 
@@ -496,8 +502,8 @@ impl StoreTx for PostgresTx {
     ) -> StoreResult<bool> {
         let done = sqlx::query(
             "UPDATE leases SET state = $1, ended_at = $2, last_error = NULL, \
-             next_attempt_at = NULL, expires_at = COALESCE($3, expires_at) \
-             WHERE id = $4 AND state = 'revoking'",
+             next_attempt_at = NULL, expires_at = COALESCE($3, expires_at), \
+             claimed_by = NULL, claim_until = NULL WHERE id = $4 AND state = 'revoking'",
         )
         .bind(state.as_str())
         .bind(unix(now))
@@ -515,8 +521,8 @@ impl StoreTx for PostgresTx {
         next_attempt_at: OffsetDateTime,
     ) -> StoreResult<()> {
         sqlx::query(
-            "UPDATE leases SET attempts = attempts + 1, last_error = $1, next_attempt_at = $2 \
-             WHERE id = $3 AND state = 'revoking'",
+            "UPDATE leases SET attempts = attempts + 1, last_error = $1, next_attempt_at = $2, \
+             claimed_by = NULL, claim_until = NULL WHERE id = $3 AND state = 'revoking'",
         )
         .bind(error)
         .bind(unix(next_attempt_at))
@@ -561,18 +567,20 @@ impl StoreTx for PostgresTx {
     async fn queue_orphans(
         &mut self,
         before: OffsetDateTime,
-        boot_id: &str,
+        _boot_id: &str,
         now: OffsetDateTime,
     ) -> StoreResult<Vec<String>> {
-        let rows = sqlx::query(
+        // Another boot's pending lease is an orphan only once that replica
+        // is dead (its lock is gone): a live one may be issuing it now.
+        let rows = sqlx::query(concat!(
             "UPDATE leases SET state = 'revoking', next_attempt_at = $1, \
              end_reason = 'orphaned: issue did not complete' \
-             WHERE state = 'pending' AND (created_at < $2 OR boot_id IS DISTINCT FROM $3) \
-             RETURNING id",
-        )
+             WHERE state = 'pending' AND (created_at < $2 OR boot_id IS NULL OR boot_id NOT IN (",
+            super::replicas::live_boots!(),
+            ")) RETURNING id"
+        ))
         .bind(unix(now))
         .bind(unix(before))
-        .bind(boot_id)
         .fetch_all(self.conn())
         .await?;
         Self::ids(&rows)
