@@ -41,7 +41,8 @@ pub async fn build_broker(config: Config) -> anyhow::Result<Broker> {
     // and every secret reference, resolved now (a missing Slack secret is a
     // start-up error, not a 500 at the first click).
     crate::providers::check_configs(&config)?;
-    let policy = PolicyEngine::load(&config.policy.dir)?;
+    let policy_files = PolicyEngine::read_dir(&config.policy.dir)?;
+    let policy = PolicyEngine::from_files(&policy_files)?;
     if policy.is_empty() {
         tracing::warn!(dir = %config.policy.dir.display(), "no policies loaded: every credential request will be denied");
     }
@@ -64,6 +65,8 @@ pub async fn build_broker(config: Config) -> anyhow::Result<Broker> {
     // PostgreSQL counts it among the live replicas.
     let leases = LeaseEngine::default();
     store.register_replica(leases.boot_id()).await?;
+    // The set this replica starts with is every replica's (as a reload).
+    store.publish_policy(policy.hash(), &policy_files).await?;
     let signer = SessionSigner::open(&config.sessions.signing_key_file, &config.server.issuer)?;
     let registry = Registry::build(&config, &resolver, store.revocation_journal()).await?;
     let config_federation = config.federation.issuers.clone();
@@ -240,6 +243,13 @@ pub async fn serve(config_path: &Path, listen: Option<std::net::SocketAddr>) -> 
     // The reaper's first pass resumes what a previous run left: orphaned
     // pending leases, expired tasks, the revocation queue.
     worker.reap_once().await?;
+    // So does the first governance sweep: what fell due while the broker
+    // was down is acted on before it serves again.
+    governance_pass(
+        &broker,
+        std::time::Duration::from_secs(broker.config.governance.sweep_interval_secs.max(1)),
+    )
+    .await;
     // Sweepers start after that pass, so they see its orphans as queued.
     worker.spawn_sweepers();
     tokio::spawn(Arc::clone(&worker).run_queue());
@@ -251,6 +261,7 @@ pub async fn serve(config_path: &Path, listen: Option<std::net::SocketAddr>) -> 
     tokio::spawn(flush_auth_failures(Arc::clone(&broker)));
     tokio::spawn(run_governance(Arc::clone(&broker)));
     tokio::spawn(reload_on_sighup(Arc::clone(&broker)));
+    tokio::spawn(follow_policy(Arc::clone(&broker)));
     let listener = TcpListener::bind(broker.config.server.listen).await?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, issuer = %broker.config.server.issuer, policy_hash = %broker.policy.current().hash(), "keygate ready");
@@ -325,6 +336,17 @@ async fn close_stale_approvals(broker: AppState) {
     }
 }
 
+/// Several replicas: every second, takes up the policy set another replica
+/// made active (one process: nothing to follow).
+async fn follow_policy(broker: AppState) {
+    loop {
+        tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        if let Err(e) = broker.follow_policy().await {
+            tracing::error!(error = %e, "following the active policy set failed");
+        }
+    }
+}
+
 /// SIGHUP reloads the policy directory, like `POST /v1/policy/reload`.
 async fn reload_on_sighup(broker: AppState) {
     #[cfg(unix)]
@@ -369,15 +391,20 @@ async fn holds_job(broker: &AppState, name: &str, hold: std::time::Duration) -> 
     }
 }
 
-/// The governance sweep: at start, then every `governance.sweep_interval_secs`,
-/// on one replica at a time.
+/// The governance sweep every `governance.sweep_interval_secs` after the
+/// first (at start), on one replica at a time.
 async fn run_governance(broker: AppState) {
     let every = std::time::Duration::from_secs(broker.config.governance.sweep_interval_secs.max(1));
     loop {
-        if !holds_job(&broker, "governance", 2 * every).await {
-            tokio::time::sleep(every).await;
-            continue;
-        }
+        // The first pass ran before the broker served (`serve`).
+        tokio::time::sleep(every).await;
+        governance_pass(&broker, every).await;
+    }
+}
+
+/// One governance sweep, if this replica holds the job.
+async fn governance_pass(broker: &AppState, every: std::time::Duration) {
+    if holds_job(broker, "governance", 2 * every).await {
         match broker.governance_sweep().await {
             Ok(r) if !(r.opened.is_empty() && r.closed.is_empty() && r.acted.is_empty()) => {
                 tracing::info!(
@@ -391,7 +418,6 @@ async fn run_governance(broker: AppState) {
             Ok(_) => {}
             Err(e) => tracing::error!(error = %e, "governance sweep failed"),
         }
-        tokio::time::sleep(every).await;
     }
 }
 

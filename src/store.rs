@@ -105,6 +105,23 @@ pub trait Store: Send + Sync + 'static {
     /// if no live replica holds it: whether this replica should run it now.
     /// The holder renews its claim each run.
     async fn claim_job(&self, name: &str, holder: &str, until_ms: i64) -> StoreResult<bool>;
+    /// Makes `files` (whose content hash is `hash`) the policy set every
+    /// replica decides with. One process (SQLite): nothing to share.
+    async fn publish_policy(
+        &self,
+        _hash: &str,
+        _files: &std::collections::BTreeMap<String, String>,
+    ) -> StoreResult<()> {
+        Ok(())
+    }
+    /// The policy set the replicas decide with, when it is not `unless`
+    /// (the hash this replica has): its hash and files.
+    async fn published_policy(
+        &self,
+        _unless: &str,
+    ) -> StoreResult<Option<(String, std::collections::BTreeMap<String, String>)>> {
+        Ok(None)
+    }
     /// Where a provider keeps a revocation list every replica must share
     /// (`None`: one process, the provider's own files do).
     fn revocation_journal(

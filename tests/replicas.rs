@@ -363,3 +363,135 @@ async fn replicas_killed_again_and_again_under_load_lose_nothing() {
     let log = r[0].log();
     assert!(!log.contains("panicked"), "a replica panicked:\n{log}");
 }
+
+async fn policy_hash(b: &TestBroker) -> String {
+    b.get("/v1/policy", Some(&b.ops.auditor)).await.expect(200)["hash"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_policy_reload_on_one_replica_is_every_replicas_within_a_second() {
+    let (r, _db) = replicas(Setup::default()).await;
+    let agent = TestAgent::new("narrowed", "ES256");
+    r[0].register(&agent, "platform").await;
+    let s = r[2].token_ttl(&agent, Some(3600)).await;
+    let held = r[2].x509(&s.token, Some(600)).await;
+    let before = policy_hash(&r[0]).await;
+    for b in &r {
+        assert_eq!(policy_hash(b).await, before);
+    }
+
+    // Only replica 0 is told: the platform team loses X.509-SVIDs.
+    let shipped = std::fs::read_to_string(r[0].dir.join("policies/agents.cedar")).unwrap();
+    let from = "  resource.provider == \"ca\" &&\n  !resource.sensitive &&";
+    assert!(shipped.contains(from), "the shipped policy changed");
+    let narrowed = shipped.replacen(
+        from,
+        "  resource == Keygate::Scope::\"jwt-svid\" &&\n  !resource.sensitive &&",
+        1,
+    );
+    std::fs::write(r[0].dir.join("policies/agents.cedar"), narrowed).unwrap();
+    r[0].post("/v1/policy/reload", Some(&r[0].ops.admin), &json!({}))
+        .await
+        .expect(200);
+    let after = policy_hash(&r[0]).await;
+    assert_ne!(after, before);
+    // The others follow by themselves and refuse what the new set forbids.
+    for b in &r[1..] {
+        eventually("the replica to follow the new policy set", || async {
+            (policy_hash(b).await == after).then_some(())
+        })
+        .await;
+        let resp = b.credential(&s.token, "x509-svid", Some(60), None).await;
+        assert_eq!(resp.status, 403, "{}", resp.text);
+        b.jwt_svid(&s.token, Some(60)).await;
+    }
+    // What replica 2 issued under the old set is revoked.
+    let id = held["lease_id"].as_str().unwrap();
+    eventually("the old set's certificate revoked", || async {
+        (r[1].lease_state(id).await == "revoked").then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn replicas_wait_out_a_postgresql_restart_under_load_and_lose_nothing() {
+    // A cluster of its own: this one is stopped under the replicas.
+    let pg = common::peers::Postgres::start().await;
+    let url = pg.create_database("keygate");
+    let mut a = TestBroker::prepare(Setup::default());
+    std::fs::write(a.dir.join("db-password"), &pg.password).unwrap();
+    a.set_store_table(&format!(
+        "url = \"{url}\"\npassword = \"file:{}\"",
+        a.dir.join("db-password").display()
+    ));
+    let mut b = a.replica();
+    tokio::join!(a.start_again(), b.start_again());
+    let addrs = Arc::new(RwLock::new(vec![a.addr, b.addr]));
+    let load = Arc::new(Load::default());
+    let mut agents = Vec::new();
+    for i in 0..4 {
+        let agent = TestAgent::new(&format!("pgload{i}"), "ES256");
+        a.register(&agent, "platform").await;
+        agents.push(tokio::spawn(agent_loop(
+            agent,
+            Arc::clone(&addrs),
+            Arc::clone(&load),
+            i,
+        )));
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    pg.halt();
+    for r in [&a, &b] {
+        eventually("the replica to say not ready", || async {
+            (r.get("/readyz", None).await.status == 503).then_some(())
+        })
+        .await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    pg.resume();
+    for r in [&a, &b] {
+        eventually("the replica to be ready again", || async {
+            (r.get("/readyz", None).await.status == 200).then_some(())
+        })
+        .await;
+    }
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    load.stop.store(true, Ordering::SeqCst);
+    for t in agents {
+        t.await.unwrap();
+    }
+    let returned = load.returned.lock().unwrap().clone();
+    assert!(returned.len() > 10, "too little load: {}", returned.len());
+    // Every credential acknowledged before, during or after the outage has
+    // its lease, and every lease settles.
+    let all = a.leases("limit=10000").await;
+    for id in &returned {
+        assert!(
+            all.iter().any(|l| l["id"] == id.as_str()),
+            "lease {id}, returned to an agent, is gone"
+        );
+    }
+    eventually("every lease settled", || async {
+        let live = a
+            .leases("limit=10000")
+            .await
+            .into_iter()
+            .filter(|l| ["pending", "active", "revoking"].contains(&l["state"].as_str().unwrap()))
+            .count();
+        (live == 0).then_some(())
+    })
+    .await;
+    let out = a.cli(&["audit", "verify"], Some(&a.ops.auditor)).await;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        !a.log().contains(&pg.password),
+        "the password reached the log"
+    );
+}

@@ -161,12 +161,12 @@ async fn the_shipped_config_serves_the_readmes_examples() {
     }
 }
 
-/// `config/examples/postgres.toml`'s `[store]` serves a broker: pointed at
-/// a real PostgreSQL (its host, port, database and user swapped for the
+/// `config/examples/postgres.toml`'s `[store]` serves two replicas: pointed
+/// at a real PostgreSQL (its host, port, database and user swapped for the
 /// harness cluster's, TLS off for a cluster without it), with its password
-/// by the example's reference.
+/// by the example's reference. A task opened on one is served by the other.
 #[tokio::test]
-async fn the_postgres_example_store_serves_a_broker() {
+async fn the_postgres_example_store_serves_two_replicas() {
     let repo = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
     let example: toml::Table = std::fs::read_to_string(repo.join("config/examples/postgres.toml"))
         .unwrap()
@@ -190,11 +190,15 @@ async fn the_postgres_example_store_serves_a_broker() {
     ));
     b.env.push((env.to_owned(), pg.password.clone()));
     b.start_again().await;
+    let mut other = b.replica();
+    other.start_again().await;
     let agent = TestAgent::new("on-postgres", "ES256");
     b.register(&agent, "platform").await;
     let s = b.token(&agent).await;
-    b.x509(&s.token, Some(60)).await;
-    b.complete(&s.token).await.expect(200);
+    other.x509(&s.token, Some(60)).await;
+    other.complete(&s.token).await.expect(200);
+    let r = b.credential(&s.token, "x509-svid", Some(60), None).await;
+    assert_eq!(r.status, 401, "{}", r.text);
     assert!(
         !b.dir.join("keygate.db").exists(),
         "the broker used SQLite, not the example's store"

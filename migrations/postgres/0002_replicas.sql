@@ -44,3 +44,13 @@ CREATE TABLE ca_revocations (
     PRIMARY KEY (provider, kind, key)
 );
 CREATE INDEX ca_revocations_expiry ON ca_revocations (expires_at);
+
+-- The policy set every replica decides with: the one a replica last started
+-- with or reloaded (its files, by name). The others follow it within a
+-- second (`Broker::follow_policy`).
+CREATE TABLE policy_active (
+    id          BIGINT PRIMARY KEY CHECK (id = 1),
+    hash        TEXT NOT NULL,
+    files       TEXT NOT NULL,
+    at          BIGINT NOT NULL
+);

@@ -41,6 +41,59 @@ impl Broker {
             .await
     }
 
+    /// Several replicas: when another one made a different set active,
+    /// makes it this one's too, and revokes what it no longer permits that
+    /// this replica issued before it followed (the other replica's own scan
+    /// could not see those). Returns whether it changed the set.
+    pub async fn follow_policy(&self) -> BrokerResult<bool> {
+        // Read under the reload lock: a reload here swaps its set before it
+        // publishes it, and must not be undone by a read taken before.
+        let _one_at_a_time = self.policy.reloading().await;
+        let Some((hash, files)) = self
+            .store
+            .published_policy(self.policy.current().hash())
+            .await?
+        else {
+            return Ok(false);
+        };
+        let candidate = crate::policy::PolicyEngine::from_files(&files).map_err(|e| {
+            BrokerError::Internal(format!("the active policy set in the store: {e}"))
+        })?;
+        if candidate.hash() != hash {
+            return Err(BrokerError::Internal(format!(
+                "the active policy set in the store hashes to {}, not {}",
+                short(candidate.hash()),
+                short(&hash)
+            )));
+        }
+        let old = self.policy.replace(candidate);
+        tracing::info!(from = %short(old.hash()), to = %short(&hash), "following the policy set another replica made active");
+        if self.config.policy.on_change != OnChange::Revoke {
+            return Ok(true);
+        }
+        let gone = self
+            .not_permitted(&self.policy.current(), &Selector::All)
+            .await?;
+        if gone.is_empty() {
+            return Ok(true);
+        }
+        let reason = format!(
+            "policy {} no longer permits it (was {})",
+            short(&hash),
+            short(old.hash())
+        );
+        let mut tx = self.store.begin().await?;
+        let revoked =
+            queue_not_permitted(&mut *tx, &Actor::System, &gone, &reason, &hash, now()).await?;
+        tx.commit().await?;
+        if !revoked.is_empty() {
+            self.leases.wake();
+            let cause = format!("policy-{}", short(&hash));
+            self.fence_sessions(&Actor::System, &cause, &revoked).await;
+        }
+        Ok(true)
+    }
+
     async fn reload_inner(
         &self,
         actor: &Actor,
@@ -133,6 +186,8 @@ impl Broker {
             }
         }
         tx.commit().await?;
+        // Every other replica follows within a second (`follow_policy`).
+        self.store.publish_policy(&new_hash, &contents).await?;
         if !revoked.is_empty() {
             self.leases.wake();
             let cause = format!("policy-{}", short(&new_hash));

@@ -509,11 +509,20 @@ impl Broker {
                 "lifecycle `{}`: {} ({})",
                 c.lifecycle.name, f.kind, f.detail
             );
-            if applies {
-                self.set_agent_status(&Actor::System, &a.id, to, &reason)
-                    .await?;
-                report.acted.push((a.id.clone(), action));
-            }
+            let applies = applies
+                && match self
+                    .set_agent_status(&Actor::System, &a.id, to, &reason)
+                    .await
+                {
+                    Ok(_) => {
+                        report.acted.push((a.id.clone(), action));
+                        true
+                    }
+                    // Another sweep (on another replica, or the API's
+                    // beside the periodic one) moved the agent first.
+                    Err(crate::broker::BrokerError::Conflict(_)) => false,
+                    Err(e) => return Err(e),
+                };
             let mut tx = self.store.begin().await?;
             if tx.finding_acted(&f.id, now()).await? {
                 tx.audit(

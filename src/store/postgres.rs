@@ -253,6 +253,21 @@ impl Store for PostgresStore {
         Some(std::sync::Arc::new(replicas::Journal(self.write.clone())))
     }
 
+    async fn publish_policy(
+        &self,
+        hash: &str,
+        files: &std::collections::BTreeMap<String, String>,
+    ) -> StoreResult<()> {
+        replicas::publish_policy(&self.write, hash, files).await
+    }
+
+    async fn published_policy(
+        &self,
+        unless: &str,
+    ) -> StoreResult<Option<(String, std::collections::BTreeMap<String, String>)>> {
+        replicas::published_policy(&self.read, unless).await
+    }
+
     async fn get_revocation(&self, id: &str) -> StoreResult<Option<Revocation>> {
         self.by_id("SELECT * FROM revocations WHERE id = $1", id, |r| {
             revocation_from_row(r)

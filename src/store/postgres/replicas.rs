@@ -18,6 +18,7 @@
 //! holder renews each run and any other takes once it runs out or its holder
 //! is dead.
 
+use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Duration;
@@ -215,6 +216,43 @@ pub(super) async fn claim_job(
     .fetch_optional(pool)
     .await?
     .is_some())
+}
+
+pub(super) async fn publish_policy(
+    pool: &PgPool,
+    hash: &str,
+    files: &BTreeMap<String, String>,
+) -> StoreResult<()> {
+    let files = serde_json::to_string(files)
+        .map_err(|e| StoreError::Invalid(format!("policy files: {e}")))?;
+    sqlx::query(
+        "INSERT INTO policy_active (id, hash, files, at) VALUES (1, $1, $2, $3) \
+         ON CONFLICT (id) DO UPDATE SET hash = EXCLUDED.hash, files = EXCLUDED.files, at = EXCLUDED.at",
+    )
+    .bind(hash)
+    .bind(files)
+    .bind(unix(OffsetDateTime::now_utc()))
+    .execute(pool)
+    .await?;
+    Ok(())
+}
+
+pub(super) async fn published_policy(
+    pool: &PgPool,
+    unless: &str,
+) -> StoreResult<Option<(String, BTreeMap<String, String>)>> {
+    let Some(row) =
+        sqlx::query("SELECT hash, files FROM policy_active WHERE id = 1 AND hash <> $1")
+            .bind(unless)
+            .fetch_optional(pool)
+            .await?
+    else {
+        return Ok(None);
+    };
+    let files: String = row.try_get("files")?;
+    let files = serde_json::from_str(&files)
+        .map_err(|e| StoreError::Corrupt(format!("the active policy set's files: {e}")))?;
+    Ok(Some((row.try_get("hash")?, files)))
 }
 
 /// The local CA's revocation list in `ca_revocations`.
