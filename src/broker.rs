@@ -39,7 +39,8 @@ pub use policy_changes::{OnChange, PolicyDiff, PolicyFiles, PolicyReload};
 pub use renewals::RenewedLease;
 pub use revocations::{RevocationReport, RevocationRequest};
 pub use sessions::{
-    JWT_BEARER_GRANT, OAuthError, Presented, Session, TOKEN_EXCHANGE, TokenRequest, TokenResponse,
+    JWT_BEARER_ASSERTION, JWT_BEARER_GRANT, OAuthError, Presented, Session, TOKEN_EXCHANGE,
+    TokenRequest, TokenResponse,
 };
 
 /// Why a broker operation failed. The server maps each variant to a status

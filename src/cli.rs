@@ -4,7 +4,9 @@
 mod audit;
 mod client;
 mod commands;
+mod credential_process;
 mod evidence;
+mod exec;
 mod migrate;
 mod report;
 
@@ -177,6 +179,15 @@ pub enum Command {
         #[command(flatten)]
         remote: Remote,
     },
+    /// Run a command inside a task (as an agent): its credentials in its
+    /// environment and in private files, kept fresh while it runs, every
+    /// one revoked when it exits. `keygate exec --agent ID --key-file PEM
+    /// --scope S … -- COMMAND ARGS…`; exits with the command's code.
+    Exec(exec::ExecArgs),
+    /// Print an AWS scope's session as the AWS SDKs' `credential_process`
+    /// reads it (`Version: 1`), keeping the task between calls in a private
+    /// cache file.
+    CredentialProcess(credential_process::CredentialProcessArgs),
     /// Move the store to another engine.
     Store {
         #[command(subcommand)]

@@ -81,6 +81,45 @@ pub trait Store: Send + Sync + 'static {
         let agent = self.get_agent(&task.agent_id).await?;
         Ok(Some((task, agent)))
     }
+    /// The tasks of `ids` that exist (one round trip where the engine has
+    /// a network between it and the broker).
+    async fn tasks(&self, ids: &[String]) -> StoreResult<Vec<Task>> {
+        let mut out = Vec::with_capacity(ids.len());
+        for id in ids {
+            out.extend(self.get_task(id).await?);
+        }
+        Ok(out)
+    }
+    /// Every audit event of the tasks `ids` with one of `actions`, in
+    /// chain order.
+    async fn audit_of_tasks(
+        &self,
+        ids: &[String],
+        actions: &[&str],
+    ) -> StoreResult<Vec<AuditEvent>> {
+        let mut out = Vec::new();
+        for id in ids {
+            for action in actions {
+                let mut after = 0;
+                loop {
+                    let page = self
+                        .audit_events(&AuditFilter {
+                            after_seq: after,
+                            agent: None,
+                            task: Some(id.clone()),
+                            action: Some((*action).to_owned()),
+                            limit: 1000,
+                        })
+                        .await?;
+                    let Some(last) = page.last() else { break };
+                    after = last.seq;
+                    out.extend(page);
+                }
+            }
+        }
+        out.sort_by_key(|e| e.seq);
+        Ok(out)
+    }
     async fn get_lease(&self, id: &str) -> StoreResult<Option<Lease>>;
     async fn list_leases(&self, filter: &LeaseFilter) -> StoreResult<Vec<Lease>>;
     /// This process (`boot_id`) starts serving from this store. SQLite: it
@@ -433,6 +472,8 @@ pub enum TaskSelector {
 #[derive(Debug, Clone)]
 pub enum LeaseSelector {
     Lease(String),
+    /// These leases (one statement for many: a policy change's).
+    Leases(Vec<String>),
     Task(String),
     /// Every live lease of these tasks (tasks an emergency revocation ended).
     Tasks(Vec<String>),

@@ -7,6 +7,7 @@
 
 mod common;
 
+mod aws_credential_process;
 mod aws_example;
 mod aws_fences;
 mod aws_secrets;

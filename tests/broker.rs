@@ -20,6 +20,7 @@ mod oauth_rejections;
 mod on_behalf_of;
 mod pagination;
 mod rate_limits;
+mod replica_claims;
 mod replicas;
 mod restart;
 mod secrets_never_leak;

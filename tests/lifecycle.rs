@@ -1,4 +1,4 @@
-//! Policy and governance: approvals, agents as code, the evidence pack, lifecycle findings, people, policy reloads and cases, provisioning, reviews and revocation.
+//! Policy, governance and the agent side: `keygate exec`, approvals, agents as code, the evidence pack, lifecycle findings, people, policy reloads and cases, provisioning, reviews and revocation.
 //!
 //! One test binary per group of suites (each `mod` is one file under
 //! `tests/`): every binary links the whole broker, so fewer binaries link
@@ -7,6 +7,7 @@
 
 mod common;
 
+mod agent_exec;
 mod approvals;
 mod ascode;
 mod evidence;

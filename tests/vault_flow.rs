@@ -351,3 +351,45 @@ async fn https_with_a_ca_cert_file_and_a_namespace() {
         .await;
     assert_eq!(status, 403, "revoked in its namespace");
 }
+
+/// `keygate exec` hands a Vault token as `VAULT_TOKEN` and `VAULT_ADDR`; it
+/// works while the command runs and dies when it exits.
+#[tokio::test]
+async fn keygate_exec_hands_a_vault_token_that_dies_with_the_command() {
+    let (peers, b, agent) = start().await;
+    let key = b.dir.join("agent.pem");
+    std::fs::write(&key, &agent.pem).unwrap();
+    let mut child = tokio::process::Command::new(env!("CARGO_BIN_EXE_keygate"))
+        .args(["exec", "--server", &b.url(""), "--agent", &agent.id])
+        .args(["--key-file", key.to_str().unwrap(), "--scope", "vault-token"])
+        .args([
+            "--",
+            "sh",
+            "-c",
+            "printf '%s\\n%s\\n' \"$VAULT_TOKEN\" \"$VAULT_ADDR\" > vault.tmp && mv vault.tmp vault.txt; \
+             while [ ! -f go ]; do sleep 0.1; done",
+        ])
+        .current_dir(&b.dir)
+        .kill_on_drop(true)
+        .spawn()
+        .unwrap();
+    let file = b.dir.join("vault.txt");
+    let text = common::eventually("the command to start", || async {
+        std::fs::read_to_string(&file).ok()
+    })
+    .await;
+    let mut lines = text.lines();
+    let (token, addr) = (lines.next().unwrap().to_owned(), lines.next().unwrap());
+    assert_eq!(addr, peers.bao.addr.as_str(), "VAULT_ADDR");
+    assert!(
+        peers.token_works(&token).await,
+        "the token works while it runs"
+    );
+    std::fs::write(b.dir.join("go"), "").unwrap();
+    let status = child.wait().await.unwrap();
+    assert!(status.success());
+    common::eventually("the token revoked with the task", || async {
+        (!peers.token_works(&token).await).then_some(())
+    })
+    .await;
+}

@@ -169,13 +169,36 @@ params = {{ kind = "token", policies = ["agent-reader"] }}
         }
     }
 
+    /// The same config on a PostgreSQL store (`url`, its password in a
+    /// file beside): the config file for every replica.
+    pub fn configure_postgres(&self, url: &str, password: &str) -> PathBuf {
+        let sqlite = format!("url = \"sqlite://{}/keygate.db\"", self.dir.display());
+        let cfg = std::fs::read_to_string(self.dir.join("keygate.toml")).expect("config");
+        assert!(cfg.contains(&sqlite), "the config's store line changed");
+        let pw = self.dir.join("pg-password");
+        std::fs::write(&pw, password).expect("password file");
+        let cfg = cfg.replacen(
+            &sqlite,
+            &format!("url = \"{url}\"\npassword = \"file:{}\"", pw.display()),
+            1,
+        );
+        let path = self.dir.join("keygate-pg.toml");
+        std::fs::write(&path, cfg).expect("config");
+        path
+    }
+
     /// Starts the release binary; returns it once `/readyz` answers 200,
     /// and how long that took from the spawn.
     pub async fn start(&self) -> (Server, Duration) {
+        self.start_config(&self.dir.join("keygate.toml")).await
+    }
+
+    /// [`Keygate::start`] on another config file (another replica).
+    pub async fn start_config(&self, config: &Path) -> (Server, Duration) {
         let t0 = Instant::now();
         let mut child = Command::new(env!("CARGO_BIN_EXE_keygate"))
             .args(["serve", "--config"])
-            .arg(self.dir.join("keygate.toml"))
+            .arg(config)
             .env("RUST_LOG", "warn,rustify=off,vaultrs=warn")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
@@ -255,6 +278,37 @@ params = {{ kind = "token", policies = ["agent-reader"] }}
         let body = credential_body(scope);
         load::timed(clients, t.warm, t.secs, move |i| {
             let req = h.post(&url).bearer_auth(&tokens[i]).json(&body);
+            async move {
+                let r = req.send().await.expect("keygate unreachable");
+                assert_eq!(r.status(), 201, "credential request failed");
+                let _ = r.bytes().await;
+            }
+        })
+        .await
+    }
+
+    /// [`Keygate::credentials`] with the clients spread over replicas:
+    /// client `i` opens its task on, and asks, `bases[i % n]`.
+    pub async fn credentials_spread(
+        &self,
+        bases: &[String],
+        scope: &str,
+        clients: usize,
+        t: Timing,
+    ) -> Stats {
+        let mut targets = Vec::new();
+        for i in 0..clients {
+            let base = &bases[i % bases.len()];
+            targets.push((
+                format!("{base}/v1/credentials"),
+                self.open_task(base, LOAD_AGENT).await,
+            ));
+        }
+        let (targets, h) = (Arc::new(targets), self.http.clone());
+        let body = credential_body(scope);
+        load::timed(clients, t.warm, t.secs, move |i| {
+            let (url, token) = &targets[i];
+            let req = h.post(url).bearer_auth(token).json(&body);
             async move {
                 let r = req.send().await.expect("keygate unreachable");
                 assert_eq!(r.status(), 201, "credential request failed");

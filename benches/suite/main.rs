@@ -17,7 +17,10 @@
 //!    session token of the agent is refused) against OpenBao
 //!    `sys/leases/revoke-prefix` over N tokens;
 //! 3. Keygate's restart-to-ready time and memory with 100k and 1M live
-//!    leases in its store.
+//!    leases in its store;
+//! 4. X.509-SVID issuance with the store on PostgreSQL (fsync on), one
+//!    replica and then two on the same database, against the same OpenBao
+//!    fastest path.
 //!
 //! Prints one table of ratios (Keygate / OpenBao) and writes the raw
 //! figures to `target/bench/suite.json`.
@@ -26,7 +29,9 @@
 //! Env: BENCH_SECS (measured seconds per run, default 10; 2 s warm-up
 //!      before each), BENCH_CONCURRENCY (default "1,8,32,128"),
 //!      BENCH_REVOKE (leases per kill switch, default "1000,10000"),
-//!      BENCH_STORE (live leases for the restart, default "100000,1000000").
+//!      BENCH_STORE (live leases for the restart, default "100000,1000000"),
+//!      BENCH_REPLICAS (replicas on PostgreSQL, default "1,2"; empty: skip),
+//!      BENCH_PG_CONCURRENCY (clients for those runs, default "32").
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -37,6 +42,8 @@ mod load;
 mod openbao;
 #[path = "../../tests/common/peers.rs"]
 mod peers;
+#[path = "../../tests/common/postgres.rs"]
+mod postgres;
 
 use std::path::PathBuf;
 use std::time::Duration;
@@ -58,7 +65,7 @@ fn list(var: &str, default: &str) -> Vec<usize> {
 
 /// One issuance comparison at one concurrency.
 struct Pair {
-    keygate: &'static str,
+    keygate: String,
     openbao: &'static str,
     k: Stats,
     o: Stats,
@@ -90,6 +97,8 @@ async fn main() {
     let http = reqwest::Client::new();
 
     let mut pairs = Vec::new();
+    // OpenBao's fastest path at each level: the anchor of the replica rows.
+    let mut fastest_at = std::collections::BTreeMap::new();
     for &c in &levels {
         eprintln!("issuance at {c} clients…");
         // Two anchors, both kept: OpenBao's fastest path (root token,
@@ -104,13 +113,13 @@ async fn main() {
         ] {
             let k = kg.credentials(&server.base, scope, c, timing).await;
             pairs.push(Pair {
-                keygate: label,
+                keygate: label.to_owned(),
                 openbao: "token/create root,min",
                 k: k.clone(),
                 o: fastest.clone(),
             });
             pairs.push(Pair {
-                keygate: label,
+                keygate: label.to_owned(),
                 openbao: "token/create approle",
                 k,
                 o: approle.clone(),
@@ -118,8 +127,9 @@ async fn main() {
         }
         let o = anchor.jwt_login(&http, &kg.key, c, timing).await;
         let k = kg.task_opens(&server.base, c, timing).await;
+        fastest_at.insert(c, fastest.clone());
         pairs.push(Pair {
-            keygate: "oauth/token (task open)",
+            keygate: "oauth/token (task open)".to_owned(),
             openbao: "auth/jwt/login",
             k,
             o,
@@ -165,6 +175,42 @@ async fn main() {
             "rss_ready_mib": rss_ready, "rss_after_load_mib": rss_load, "peak_rss_mib": peak,
             "load_after_restart": load,
         }));
+    }
+
+    // Several replicas on one PostgreSQL (durable: fsync on, synchronous
+    // commits) beside the same OpenBao: X.509-SVIDs at the levels of
+    // BENCH_PG_CONCURRENCY, one replica and then two.
+    let replica_counts = list("BENCH_REPLICAS", "1,2");
+    if !replica_counts.is_empty() {
+        eprintln!("starting a durable PostgreSQL…");
+        let pg = peers::Postgres::start_durable();
+        for &c in &list("BENCH_PG_CONCURRENCY", "32") {
+            for &n in &replica_counts {
+                let db = format!("bench_{n}_{c}");
+                let url = pg.create_database(&db);
+                let config = kg.configure_postgres(&url, &pg.password);
+                let mut servers = Vec::new();
+                for _ in 0..n {
+                    servers.push(kg.start_config(&config).await.0);
+                }
+                let bases: Vec<String> = servers.iter().map(|s| s.base.clone()).collect();
+                eprintln!("x509-svid on PostgreSQL, {n} replica(s), {c} clients…");
+                let k = kg.credentials_spread(&bases, "x509-svid", c, timing).await;
+                for s in servers {
+                    s.stop();
+                }
+                let o = match fastest_at.get(&c) {
+                    Some(o) => o.clone(),
+                    None => anchor.token_create_root(&http, c, timing).await,
+                };
+                pairs.push(Pair {
+                    keygate: format!("x509 postgres ×{n} replica"),
+                    openbao: "token/create root,min",
+                    k,
+                    o,
+                });
+            }
+        }
     }
 
     let report = print_and_collect(&pairs, &revocations, &restarts, secs);
@@ -285,7 +331,7 @@ fn print_and_collect(
     }
     json!({
         "machine": machine(),
-        "keygate_store": "sqlite wal synchronous=full, group commit",
+        "keygate_store": "sqlite wal synchronous=full, group commit (rows `postgres`: PostgreSQL, fsync on, synchronous_commit on)",
         "openbao_storage": "raft",
         "measured_secs": secs, "warm_up_secs": 2,
         "issuance": rows, "revocation": revs, "restart": restarts,

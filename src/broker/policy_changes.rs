@@ -158,20 +158,33 @@ impl Broker {
         policy: &PolicyEngine,
         selector: &Selector,
     ) -> BrokerResult<Vec<NotPermitted>> {
-        let mut tasks: HashMap<String, Option<Task>> = HashMap::new();
         let mut agents = HashMap::new();
-        let mut decided_ttls: HashMap<String, u64> = HashMap::new();
         let mut out = Vec::new();
-        for l in self.store.live_leases(selector).await? {
-            // Leases already on their way out are not judged again.
-            if !matches!(l.state, LeaseState::Active | LeaseState::Pending) {
-                continue;
-            }
-            if !tasks.contains_key(&l.task_id) {
-                let t = self.store.get_task(&l.task_id).await?;
-                tasks.insert(l.task_id.clone(), t);
-                decided_ttls.extend(self.decided_ttls(&l.task_id).await?);
-            }
+        // Leases already on their way out are not judged again.
+        let leases: Vec<Lease> = self
+            .store
+            .live_leases(selector)
+            .await?
+            .into_iter()
+            .filter(|l| matches!(l.state, LeaseState::Active | LeaseState::Pending))
+            .collect();
+        // Their tasks and decisions in two reads, not two per task: under
+        // load every read waits its turn for a connection.
+        let task_ids: Vec<String> = leases
+            .iter()
+            .map(|l| l.task_id.clone())
+            .collect::<std::collections::BTreeSet<_>>()
+            .into_iter()
+            .collect();
+        let tasks: HashMap<String, Option<Task>> = self
+            .store
+            .tasks(&task_ids)
+            .await?
+            .into_iter()
+            .map(|t| (t.id.clone(), Some(t)))
+            .collect();
+        let decided_ttls = self.decided_ttls(&task_ids).await?;
+        for l in leases {
             if !agents.contains_key(&l.agent_id) {
                 let a = self.store.get_agent(&l.agent_id).await?;
                 agents.insert(l.agent_id.clone(), a);
@@ -197,28 +210,15 @@ impl Broker {
     /// The ttl policy judged for each lease of a task, from the audit log
     /// (the lease's own expiry may since have moved: the backend's clock,
     /// a renewal).
-    async fn decided_ttls(&self, task_id: &str) -> BrokerResult<HashMap<String, u64>> {
+    async fn decided_ttls(&self, task_ids: &[String]) -> BrokerResult<HashMap<String, u64>> {
         let mut out = HashMap::new();
-        for action in ["credential.requested", "credential.redeemed"] {
-            let mut after = 0;
-            loop {
-                let page = self
-                    .store
-                    .audit_events(&crate::store::AuditFilter {
-                        after_seq: after,
-                        agent: None,
-                        task: Some(task_id.to_owned()),
-                        action: Some(action.to_owned()),
-                        limit: 1000,
-                    })
-                    .await?;
-                let Some(last) = page.last() else { break };
-                after = last.seq;
-                for e in page {
-                    if let (Some(lease), Some(ttl)) = (e.lease, e.details["ttl"].as_u64()) {
-                        out.insert(lease, ttl);
-                    }
-                }
+        let events = self
+            .store
+            .audit_of_tasks(task_ids, &["credential.requested", "credential.redeemed"])
+            .await?;
+        for e in events {
+            if let (Some(lease), Some(ttl)) = (e.lease, e.details["ttl"].as_u64()) {
+                out.insert(lease, ttl);
             }
         }
         Ok(out)
@@ -371,24 +371,29 @@ pub(super) async fn queue_not_permitted(
     policy_hash: &str,
     t: time::OffsetDateTime,
 ) -> BrokerResult<Vec<String>> {
+    if leases.is_empty() {
+        return Ok(Vec::new());
+    }
+    // One statement for the lot (a reload under load may end thousands).
+    let ids = leases.iter().map(|n| n.lease.clone()).collect();
+    let queued: std::collections::HashSet<String> = tx
+        .queue_revocations(&LeaseSelector::Leases(ids), reason, None, t)
+        .await?
+        .into_iter()
+        .collect();
     let mut revoked = Vec::new();
-    for n in leases {
-        let queued = tx
-            .queue_revocations(&LeaseSelector::Lease(n.lease.clone()), reason, None, t)
-            .await?;
-        if !queued.is_empty() {
-            tx.audit(
-                AuditEvent::new(actor, "lease.policy_revoked")
-                    .agent(&n.agent)
-                    .task(&n.task)
-                    .scope(&n.scope)
-                    .lease(&n.lease)
-                    .reason(reason.to_owned())
-                    .details(serde_json::json!({ "policy_hash": policy_hash })),
-            )
-            .await?;
-            revoked.extend(queued);
-        }
+    for n in leases.iter().filter(|n| queued.contains(&n.lease)) {
+        tx.audit(
+            AuditEvent::new(actor, "lease.policy_revoked")
+                .agent(&n.agent)
+                .task(&n.task)
+                .scope(&n.scope)
+                .lease(&n.lease)
+                .reason(reason.to_owned())
+                .details(serde_json::json!({ "policy_hash": policy_hash })),
+        )
+        .await?;
+        revoked.push(n.lease.clone());
     }
     Ok(revoked)
 }

@@ -62,6 +62,13 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
         }
         Command::Fences { cmd, remote } => fences(&Client::new(&remote)?, cmd).await,
         Command::Approvals { cmd, remote } => approvals(&Client::new(&remote)?, cmd).await,
+        Command::CredentialProcess(args) => super::credential_process::run(args).await,
+        Command::Exec(args) => {
+            let code = super::exec::run(args).await?;
+            // The task is completed and the files are gone: exit as the
+            // command did.
+            std::process::exit(code)
+        }
         Command::Store {
             cmd:
                 StoreCmd::Migrate {

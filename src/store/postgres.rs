@@ -194,6 +194,33 @@ impl Store for PostgresStore {
         .await
     }
 
+    async fn tasks(&self, ids: &[String]) -> StoreResult<Vec<Task>> {
+        sqlx::query("SELECT * FROM tasks WHERE id = ANY($1)")
+            .bind(ids)
+            .fetch_all(&self.read)
+            .await?
+            .iter()
+            .map(task_from_row)
+            .collect()
+    }
+
+    async fn audit_of_tasks(
+        &self,
+        ids: &[String],
+        actions: &[&str],
+    ) -> StoreResult<Vec<AuditEvent>> {
+        sqlx::query(
+            "SELECT * FROM audit_events WHERE task = ANY($1) AND action = ANY($2) ORDER BY seq",
+        )
+        .bind(ids)
+        .bind(actions)
+        .fetch_all(&self.read)
+        .await?
+        .iter()
+        .map(audit_from_row)
+        .collect()
+    }
+
     async fn get_lease(&self, id: &str) -> StoreResult<Option<Lease>> {
         self.by_id("SELECT * FROM leases WHERE id = $1", id, |r| {
             lease_from_row(r)

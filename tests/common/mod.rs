@@ -16,6 +16,7 @@ pub mod governance;
 mod graph_fake;
 pub mod oidc;
 pub mod peers;
+pub mod postgres;
 pub mod slack;
 pub mod store;
 pub mod vault;

@@ -1,6 +1,6 @@
 //! Real test peers: OpenBao (`bao`, dev mode or durable with init/unseal and
-//! restarts) and a throwaway PostgreSQL cluster. Both listen on 127.0.0.1
-//! only and die with their handle. A missing binary fails the test with the
+//! restarts) here, and a throwaway PostgreSQL cluster (`postgres.rs`). Both
+//! listen on 127.0.0.1 only and die with their handle. A missing binary fails the test with the
 //! command that installs it.
 //!
 //! Self-contained (std, tokio, reqwest, serde_json) so the benchmarks can
@@ -8,8 +8,10 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 #![allow(dead_code)]
 
+pub use super::postgres::Postgres;
+
 use std::net::TcpListener;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
@@ -53,7 +55,7 @@ pub fn free_port_pair() -> u16 {
     panic!("no free pair of ports on 127.0.0.1");
 }
 
-fn temp_dir(prefix: &str) -> PathBuf {
+pub fn temp_dir(prefix: &str) -> PathBuf {
     let dir = std::env::temp_dir().join(format!("{prefix}-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).unwrap();
     dir
@@ -395,195 +397,6 @@ impl Drop for Bao {
         } else {
             eprintln!("keeping the openbao dir: {}", self.dir.display());
         }
-    }
-}
-
-/// A throwaway PostgreSQL cluster with scram-sha-256 auth: only passwords
-/// log in. Stopped (immediate mode) and deleted on drop.
-pub struct Postgres {
-    pub port: u16,
-    /// The `postgres` superuser's password.
-    pub password: String,
-    dir: PathBuf,
-    pg_ctl: PathBuf,
-}
-
-/// PostgreSQL refuses to run as root: run its tools as `postgres` then.
-fn as_pg_user(bin: &Path) -> std::process::Command {
-    let root = std::process::Command::new("id")
-        .arg("-u")
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-        .unwrap_or(false);
-    if root {
-        let mut c = std::process::Command::new("runuser");
-        c.args(["-u", "postgres", "--"]).arg(bin);
-        c
-    } else {
-        std::process::Command::new(bin)
-    }
-}
-
-fn run(mut cmd: std::process::Command, what: &str) {
-    let out = cmd.output().unwrap_or_else(|e| panic!("{what}: {e}"));
-    assert!(
-        out.status.success(),
-        "{what} failed: {}{}",
-        String::from_utf8_lossy(&out.stdout),
-        String::from_utf8_lossy(&out.stderr)
-    );
-}
-
-impl Postgres {
-    pub async fn start() -> Self {
-        Self::start_blocking()
-    }
-
-    /// [`Postgres::start`] for callers outside a runtime (every step is a
-    /// blocking command anyway).
-    pub fn start_blocking() -> Self {
-        let initdb = require_binary("initdb");
-        let pg_ctl = require_binary("pg_ctl");
-        let dir = temp_dir("keygate-pg");
-        let password = format!("pg-{}", uuid::Uuid::new_v4().simple());
-        std::fs::write(dir.join("pwfile"), &password).unwrap();
-        std::fs::create_dir_all(dir.join("sock")).unwrap();
-        // runuser's `postgres` must own the cluster's folder.
-        let _ = std::process::Command::new("chown")
-            .args(["-R", "postgres"])
-            .arg(&dir)
-            .output();
-        let port = free_port_pair();
-        let mut init = as_pg_user(&initdb);
-        init.arg("-D")
-            .arg(dir.join("data"))
-            .args(["-U", "postgres", "--auth=scram-sha-256", "--no-sync"])
-            .arg(format!("--pwfile={}", dir.join("pwfile").display()));
-        run(init, "initdb");
-        let pg = Self {
-            port,
-            password,
-            dir,
-            pg_ctl,
-        };
-        pg.resume();
-        pg
-    }
-
-    /// Starts the (stopped) cluster again, on its port.
-    pub fn resume(&self) {
-        let mut start = as_pg_user(&self.pg_ctl);
-        start
-            .arg("-D")
-            .arg(self.dir.join("data"))
-            .arg("-l")
-            .arg(self.dir.join("pg.log"))
-            .arg("-o")
-            .arg(format!(
-                // Every test broker of a binary shares the cluster, with two
-                // pools of 16 each: far more than the default 100 clients.
-                "-p {} -k {} -c listen_addresses=127.0.0.1 -c fsync=off -c max_connections=500",
-                self.port,
-                self.dir.join("sock").display()
-            ))
-            .args(["-w", "start"]);
-        run(start, "pg_ctl start");
-    }
-
-    /// Stops the cluster at once (`immediate`: as a crash or a lost
-    /// network would look to a client).
-    pub fn halt(&self) {
-        let mut stop = as_pg_user(&self.pg_ctl);
-        stop.arg("-D")
-            .arg(self.dir.join("data"))
-            .args(["-m", "immediate", "-w", "stop"]);
-        run(stop, "pg_ctl stop");
-    }
-
-    /// A cluster kept in a `static` is never dropped: this stops and
-    /// deletes it once the current process has exited, whatever way.
-    // The watchdog must outlive this process, so nobody here waits for it.
-    #[allow(clippy::zombie_processes)]
-    pub fn stop_when_process_exits(&self) {
-        let stop = format!(
-            "while [ -d /proc/{pid} ]; do sleep 1; done; {pg_ctl} -D {data} -m immediate -w stop; rm -rf {dir}",
-            pid = std::process::id(),
-            pg_ctl = self.pg_ctl.display(),
-            data = self.dir.join("data").display(),
-            dir = self.dir.display(),
-        );
-        let root = std::process::Command::new("id")
-            .arg("-u")
-            .output()
-            .map(|o| String::from_utf8_lossy(&o.stdout).trim() == "0")
-            .unwrap_or(false);
-        let mut cmd = if root {
-            let mut c = std::process::Command::new("runuser");
-            c.args(["-u", "postgres", "--", "sh", "-c", &stop]);
-            c
-        } else {
-            let mut c = std::process::Command::new("sh");
-            c.args(["-c", &stop]);
-            c
-        };
-        cmd.stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .spawn()
-            .expect("spawning the cluster's watchdog");
-    }
-
-    /// A fresh database owned by `postgres`; its URL without the password.
-    pub fn create_database(&self, name: &str) -> String {
-        let psql = require_binary("psql");
-        let out = std::process::Command::new(psql)
-            .args([
-                "-h",
-                "127.0.0.1",
-                "-p",
-                &self.port.to_string(),
-                "-U",
-                "postgres",
-            ])
-            .args(["-d", "postgres", "-w", "-v", "ON_ERROR_STOP=1", "-c"])
-            .arg(format!("CREATE DATABASE \"{name}\""))
-            .env("PGPASSWORD", &self.password)
-            .output()
-            .expect("running psql");
-        assert!(
-            out.status.success(),
-            "CREATE DATABASE {name}: {}",
-            String::from_utf8_lossy(&out.stderr)
-        );
-        format!("postgres://postgres@127.0.0.1:{}/{name}", self.port)
-    }
-
-    /// Whether `user`/`password` can log in and run a query (via `psql`).
-    pub async fn can_login(&self, user: &str, password: &str) -> bool {
-        let psql = require_binary("psql");
-        Command::new(psql)
-            .args(["-h", "127.0.0.1", "-p", &self.port.to_string(), "-U", user])
-            .args(["-d", "postgres", "-w", "-tAc", "select 1"])
-            .env("PGPASSWORD", password)
-            .env("PGCONNECT_TIMEOUT", "10")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .await
-            .map(|s| s.success())
-            .unwrap_or(false)
-    }
-}
-
-impl Drop for Postgres {
-    fn drop(&mut self) {
-        let mut stop = as_pg_user(&self.pg_ctl);
-        stop.arg("-D")
-            .arg(self.dir.join("data"))
-            .args(["-m", "immediate", "-w", "stop"]);
-        let _ = stop.output();
-        let _ = std::fs::remove_dir_all(&self.dir);
     }
 }
 

@@ -473,6 +473,9 @@ impl StoreTx for PostgresTx {
                     .push_bind(ts.clone())
                     .push(")");
             }
+            LeaseSelector::Leases(ids) => {
+                q.push(" AND id = ANY(").push_bind(ids.clone()).push(")");
+            }
             LeaseSelector::Emergency(s) => push_selector(&mut q, s, "agent_id"),
         }
         q.push(" RETURNING id");

@@ -409,6 +409,11 @@ impl StoreTx for SqliteTx {
                     .push_bind(serde_json::to_string(ts).map_err(corrupt)?)
                     .push("))");
             }
+            LeaseSelector::Leases(ids) => {
+                q.push(" AND id IN (SELECT value FROM json_each(")
+                    .push_bind(serde_json::to_string(ids).map_err(corrupt)?)
+                    .push("))");
+            }
             LeaseSelector::Emergency(s) => push_selector(&mut q, s, "agent_id"),
         }
         q.push(" RETURNING id");

@@ -1,0 +1,147 @@
+//! `keygate credential-process`: the AWS SDKs' `credential_process` for a
+//! Keygate scope. Each call prints a fresh AWS session as the SDKs read it
+//! (`Version: 1`, `Expiration`); the task is kept between calls in a private
+//! cache file (0600), so an SDK refreshing its credentials does not open a
+//! task each time. When the cached task has ended (completed, expired, or
+//! ended by the kill switch), the next call opens a new one.
+//!
+//! The cache holds the task's session token: it is the agent's own secret,
+//! as its key file is, and lives beside it with the same permissions.
+
+use std::path::PathBuf;
+
+use anyhow::{Context, bail};
+use secrecy::{ExposeSecret, SecretString};
+use serde::{Deserialize, Serialize};
+use serde_json::{Value, json};
+use time::OffsetDateTime;
+
+use super::exec::{AgentArgs, Refused, Session};
+
+/// `keygate credential-process` options.
+#[derive(Debug, clap::Args)]
+pub struct CredentialProcessArgs {
+    #[command(flatten)]
+    pub agent: AgentArgs,
+    /// The AWS scope.
+    #[arg(long)]
+    pub scope: String,
+    /// Each session's lifetime in seconds (the scope's default when absent;
+    /// STS allows 900 at least).
+    #[arg(long)]
+    pub credential_ttl: Option<u64>,
+    /// The cached task's lifetime in seconds.
+    #[arg(long, default_value_t = 3600)]
+    pub ttl: u64,
+    /// What the task is for.
+    #[arg(long, default_value = "aws credential_process")]
+    pub task: String,
+    /// Where the task is kept between calls (default:
+    /// `$XDG_CACHE_HOME/keygate/` or `~/.cache/keygate/`, one file per
+    /// agent and scope).
+    #[arg(long)]
+    pub cache_file: Option<PathBuf>,
+}
+
+/// The cache file's content.
+#[derive(Serialize, Deserialize)]
+struct Cached {
+    server: String,
+    agent: String,
+    task_id: String,
+    session_token: String,
+    /// Unix seconds.
+    task_expires_at: i64,
+}
+
+fn cache_path(args: &CredentialProcessArgs) -> anyhow::Result<PathBuf> {
+    if let Some(p) = &args.cache_file {
+        return Ok(p.clone());
+    }
+    let base = std::env::var_os("XDG_CACHE_HOME")
+        .map(PathBuf::from)
+        .or_else(|| std::env::var_os("HOME").map(|h| PathBuf::from(h).join(".cache")))
+        .context("no cache directory: set --cache-file")?;
+    let name = format!(
+        "credential-process-{}-{}.json",
+        super::exec::var_part(&args.agent.agent).to_lowercase(),
+        super::exec::var_part(&args.scope).to_lowercase()
+    );
+    Ok(base.join("keygate").join(name))
+}
+
+/// The cached task if it is this agent's on this broker and lives a while
+/// yet.
+fn load(path: &std::path::Path, args: &CredentialProcessArgs) -> Option<Session> {
+    let text = std::fs::read_to_string(path).ok()?;
+    let c: Cached = serde_json::from_str(&text).ok()?;
+    let fresh = c.task_expires_at > OffsetDateTime::now_utc().unix_timestamp() + 60;
+    (fresh && c.server == args.agent.server && c.agent == args.agent.agent)
+        .then(|| Session::resume(&c.server, SecretString::from(c.session_token), c.task_id).ok())
+        .flatten()
+}
+
+fn store(path: &std::path::Path, args: &CredentialProcessArgs, s: &Session) -> anyhow::Result<()> {
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir)?;
+        #[cfg(unix)]
+        {
+            use std::os::unix::fs::PermissionsExt;
+            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
+        }
+    }
+    let c = Cached {
+        server: args.agent.server.clone(),
+        agent: args.agent.agent.clone(),
+        task_id: s.task_id.clone(),
+        session_token: s.token().expose_secret().to_owned(),
+        task_expires_at: OffsetDateTime::now_utc().unix_timestamp() + s.expires_in as i64,
+    };
+    super::exec::write_private(path, serde_json::to_string(&c)?.as_bytes())
+}
+
+/// Prints the `credential_process` JSON for the scope.
+pub async fn run(args: CredentialProcessArgs) -> anyhow::Result<()> {
+    let path = cache_path(&args)?;
+    let wait = std::time::Duration::from_secs(600);
+    let cred = match load(&path, &args) {
+        Some(s) => match s.credential(&args.scope, args.credential_ttl, wait).await {
+            Ok(c) => Some(c),
+            // The cached task ended (or the token is no longer good): a
+            // new task below. Anything else is the answer.
+            Err(e) if e.downcast_ref::<Refused>().is_some_and(|r| r.status == 401) => None,
+            Err(e) => return Err(e),
+        },
+        None => None,
+    };
+    let cred = match cred {
+        Some(c) => c,
+        None => {
+            let s = Session::open(&args.agent, &args.task, Some(args.ttl)).await?;
+            store(&path, &args, &s)?;
+            s.credential(&args.scope, args.credential_ttl, wait).await?
+        }
+    };
+    println!(
+        "{}",
+        serde_json::to_string(&process_json(&args.scope, &cred)?)?
+    );
+    Ok(())
+}
+
+/// The SDKs' shape of an AWS session credential.
+fn process_json(scope: &str, cred: &Value) -> anyhow::Result<Value> {
+    let c = &cred["credential"];
+    let field = |k: &str| c[k].as_str();
+    let (Some(id), Some(secret)) = (field("access_key_id"), field("secret_access_key")) else {
+        bail!("scope `{scope}` is not an AWS session (its credential has no access_key_id)");
+    };
+    let mut out = json!({ "Version": 1, "AccessKeyId": id, "SecretAccessKey": secret });
+    if let Some(t) = field("session_token") {
+        out["SessionToken"] = t.into();
+    }
+    if let Some(e) = field("expiration").or(cred["expires_at"].as_str()) {
+        out["Expiration"] = e.into();
+    }
+    Ok(out)
+}

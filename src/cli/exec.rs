@@ -1,0 +1,295 @@
+//! `keygate exec`: a command run inside a task. It opens the task, obtains
+//! each scope (waiting out approvals), hands the credentials to the command
+//! (`exec/env.rs`), keeps them fresh while it runs, forwards signals to it,
+//! and completes the task when it exits — however it exits, and also when
+//! `keygate exec` is told to stop — so every credential is revoked. If
+//! `keygate exec` itself is killed with SIGKILL, the task's TTL ends it.
+//!
+//! Refresh: at two thirds of a credential's life it is renewed where its
+//! backend allows, else issued again; its files are rewritten and the
+//! command gets `--refresh-signal` (SIGHUP by default). Variables cannot
+//! change under a running process: a command that outlives its credentials
+//! reads the `_FILE` paths or `<scope>.json` again when signalled.
+
+mod env;
+mod session;
+
+use std::collections::BTreeMap;
+use std::time::Duration;
+
+use anyhow::Context;
+use secrecy::ExposeSecret;
+use serde_json::Value;
+use time::OffsetDateTime;
+use time::format_description::well_known::Rfc3339;
+
+pub use env::{Mapping, var_part, write_private};
+pub use session::{AgentArgs, Refused, Session};
+
+/// `keygate exec` options.
+#[derive(Debug, clap::Args)]
+pub struct ExecArgs {
+    #[command(flatten)]
+    pub agent: AgentArgs,
+    /// A scope to obtain (repeat for several).
+    #[arg(long = "scope", required = true)]
+    pub scopes: Vec<String>,
+    /// What the task is for (recorded on the task and in the audit log).
+    #[arg(long, default_value = "keygate exec")]
+    pub task: String,
+    /// The task's lifetime in seconds (the broker's default when absent);
+    /// the command's credentials end with it at the latest.
+    #[arg(long)]
+    pub ttl: Option<u64>,
+    /// Each credential's lifetime in seconds (the scope's default when
+    /// absent).
+    #[arg(long)]
+    pub credential_ttl: Option<u64>,
+    /// Name a variable yourself: NAME=SCOPE.FIELD (a file field gives its
+    /// path).
+    #[arg(long = "env", value_name = "NAME=SCOPE.FIELD")]
+    pub env: Vec<Mapping>,
+    /// Also give the command the session token (`KEYGATE_SESSION_TOKEN`),
+    /// e.g. to ask for more credentials itself.
+    #[arg(long)]
+    pub pass_session: bool,
+    /// How long to wait for approvers of a sensitive scope, in seconds.
+    #[arg(long, default_value_t = 600)]
+    pub approval_timeout: u64,
+    /// The signal the command gets after its credentials were refreshed
+    /// (`HUP`, `USR1`, `USR2`, or `none`).
+    #[arg(long, default_value = "HUP", value_parser = ["HUP", "USR1", "USR2", "none"])]
+    pub refresh_signal: String,
+    /// The command and its arguments.
+    #[arg(required = true, last = true)]
+    pub command: Vec<String>,
+}
+
+/// Runs the command; returns its exit code (128 + signal when a signal
+/// ended it), after the task was completed.
+pub async fn run(args: ExecArgs) -> anyhow::Result<i32> {
+    let session = Session::open(&args.agent, &args.task, args.ttl).await?;
+    eprintln!("keygate: task {} opened", session.task_id);
+    let outcome = run_in_task(&args, &session).await;
+    // However the command ended (or failed to start), the task ends and
+    // the broker revokes everything it issued.
+    match session.complete().await {
+        Ok(()) => eprintln!(
+            "keygate: task {} completed; its credentials are revoked",
+            session.task_id
+        ),
+        Err(e) => eprintln!(
+            "keygate: completing task {} failed ({e}); its ttl will end it",
+            session.task_id
+        ),
+    }
+    outcome
+}
+
+async fn run_in_task(args: &ExecArgs, session: &Session) -> anyhow::Result<i32> {
+    let wait = Duration::from_secs(args.approval_timeout);
+    let mut creds: BTreeMap<String, Value> = BTreeMap::new();
+    for scope in &args.scopes {
+        let v = session.credential(scope, args.credential_ttl, wait).await?;
+        creds.insert(scope.clone(), stamped(v));
+    }
+    // 0700, removed when dropped (any return from here on).
+    let dir = tempfile::Builder::new()
+        .prefix("keygate-exec-")
+        .permissions(std::os::unix::fs::PermissionsExt::from_mode(0o700))
+        .tempdir()
+        .context("creating the credentials directory")?;
+    let vars = env::materialize(dir.path(), &creds, &args.env)?;
+    let (program, rest) = args
+        .command
+        .split_first()
+        .context("no command given after --")?;
+    let mut cmd = tokio::process::Command::new(program);
+    cmd.args(rest)
+        .envs(&vars)
+        .env("KEYGATE_TASK_ID", &session.task_id)
+        .env("KEYGATE_CREDENTIALS_DIR", dir.path())
+        .env_remove("KEYGATE_SESSION_TOKEN");
+    if args.pass_session {
+        cmd.env("KEYGATE_SESSION_TOKEN", session.token().expose_secret());
+    }
+    let mut child = cmd
+        .spawn()
+        .with_context(|| format!("cannot run `{program}`"))?;
+    let pid = child.id().context("the command exited at once")?;
+    let refresh_signal = match args.refresh_signal.as_str() {
+        "HUP" => Some(rustix::process::Signal::HUP),
+        "USR1" => Some(rustix::process::Signal::USR1),
+        "USR2" => Some(rustix::process::Signal::USR2),
+        _ => None,
+    };
+    let mut signals = Signals::new()?;
+    loop {
+        let next = next_refresh(&creds);
+        tokio::select! {
+            status = child.wait() => {
+                let status = status?;
+                use std::os::unix::process::ExitStatusExt;
+                return Ok(status
+                    .code()
+                    .or_else(|| status.signal().map(|s| 128 + s))
+                    .unwrap_or(1));
+            }
+            sig = signals.next() => {
+                // The command decides what a signal means; it is told.
+                send(pid, sig);
+            }
+            () = sleep_until(next) => {
+                let mut changed = false;
+                for (scope, v) in creds.iter_mut() {
+                    if due(v) {
+                        match refresh(session, scope, v, args.credential_ttl, wait).await {
+                            Ok(new) => {
+                                *v = new;
+                                changed = true;
+                            }
+                            Err(e) => eprintln!("keygate: refreshing `{scope}` failed: {e}; retrying"),
+                        }
+                    }
+                }
+                if changed {
+                    env::materialize(dir.path(), &creds, &args.env)?;
+                    if let Some(s) = refresh_signal {
+                        send(pid, s);
+                    }
+                }
+            }
+        }
+    }
+}
+
+/// A credential's expiry, from its response.
+fn expiry(v: &Value) -> Option<OffsetDateTime> {
+    v["expires_at"]
+        .as_str()
+        .and_then(|s| OffsetDateTime::parse(s, &Rfc3339).ok())
+}
+
+/// Notes when a credential was obtained (`issued_at`, ours), to plan its
+/// refresh.
+fn stamped(mut v: Value) -> Value {
+    if let Ok(now) = OffsetDateTime::now_utc().format(&Rfc3339) {
+        v["issued_at"] = Value::String(now);
+    }
+    v
+}
+
+/// When a credential is due for refresh: two thirds into its life.
+fn refresh_at(v: &Value) -> Option<OffsetDateTime> {
+    let until = expiry(v)?;
+    let issued = v["issued_at"]
+        .as_str()
+        .and_then(|s| OffsetDateTime::parse(s, &Rfc3339).ok())?;
+    let life = (until - issued).max(time::Duration::seconds(3));
+    Some(until - life / 3)
+}
+
+fn due(v: &Value) -> bool {
+    refresh_at(v).is_some_and(|t| t <= OffsetDateTime::now_utc())
+}
+
+fn next_refresh(creds: &BTreeMap<String, Value>) -> Option<OffsetDateTime> {
+    creds.values().filter_map(refresh_at).min()
+}
+
+async fn sleep_until(at: Option<OffsetDateTime>) {
+    match at {
+        Some(t) => {
+            let left = (t - OffsetDateTime::now_utc()).max(time::Duration::seconds(1));
+            tokio::time::sleep(left.unsigned_abs()).await;
+        }
+        None => std::future::pending().await,
+    }
+}
+
+/// Renews the credential where its backend can, else asks again.
+async fn refresh(
+    session: &Session,
+    scope: &str,
+    v: &Value,
+    ttl: Option<u64>,
+    wait: Duration,
+) -> anyhow::Result<Value> {
+    let lease = v["lease_id"].as_str().unwrap_or_default();
+    let life = match (expiry(v), refresh_at(v)) {
+        (Some(until), Some(at)) => {
+            let third: time::Duration = until - at;
+            (third.whole_seconds() * 3).max(1) as u64
+        }
+        _ => ttl.unwrap_or(300),
+    };
+    if let Some(renewed) = session.renew(lease, ttl.unwrap_or(life)).await?
+        && let Some(e) = renewed.get("expires_at")
+    {
+        let mut v = stamped(v.clone());
+        v["expires_at"] = e.clone();
+        return Ok(v);
+    }
+    Ok(stamped(session.credential(scope, ttl, wait).await?))
+}
+
+fn send(pid: u32, sig: rustix::process::Signal) {
+    let Some(pid) = i32::try_from(pid)
+        .ok()
+        .and_then(rustix::process::Pid::from_raw)
+    else {
+        return;
+    };
+    // The command may have exited meanwhile: nothing to tell then.
+    let _ = rustix::process::kill_process(pid, sig);
+}
+
+/// The signals `keygate exec` passes on to the command.
+struct Signals(Vec<(rustix::process::Signal, tokio::signal::unix::Signal)>);
+
+impl Signals {
+    fn new() -> anyhow::Result<Self> {
+        use rustix::process::Signal as S;
+        use tokio::signal::unix::{SignalKind, signal};
+        let mut out = Vec::new();
+        for (s, k) in [
+            (S::INT, SignalKind::interrupt()),
+            (S::TERM, SignalKind::terminate()),
+            (S::HUP, SignalKind::hangup()),
+            (S::QUIT, SignalKind::quit()),
+            (S::USR1, SignalKind::user_defined1()),
+            (S::USR2, SignalKind::user_defined2()),
+        ] {
+            out.push((s, signal(k)?));
+        }
+        Ok(Self(out))
+    }
+
+    async fn next(&mut self) -> rustix::process::Signal {
+        let futures = self
+            .0
+            .iter_mut()
+            .map(|(s, sig)| {
+                let s = *s;
+                Box::pin(async move {
+                    sig.recv().await;
+                    s
+                })
+            })
+            .collect::<Vec<_>>();
+        select_all(futures).await
+    }
+}
+
+/// The first of `futures` to finish.
+async fn select_all<F: std::future::Future + Unpin>(mut futures: Vec<F>) -> F::Output {
+    std::future::poll_fn(|cx| {
+        for f in &mut futures {
+            if let std::task::Poll::Ready(v) = std::pin::Pin::new(f).poll(cx) {
+                return std::task::Poll::Ready(v);
+            }
+        }
+        std::task::Poll::Pending
+    })
+    .await
+}

@@ -1,0 +1,282 @@
+//! `keygate exec`: the agent side of "revoked at task end". The real binary
+//! runs a real command inside a task against a real broker: the command
+//! gets its credentials (variables, private files), its exit code passes
+//! through, signals reach it, a sensitive scope waits for its approval, a
+//! short-lived credential is refreshed under it, and whenever it ends the
+//! task is completed and every credential revoked.
+
+use std::process::Stdio;
+use std::time::Duration;
+
+use serde_json::{Value, json};
+use tokio::io::{AsyncBufReadExt, BufReader};
+use tokio::process::Command;
+
+use crate::common;
+use common::{Setup, TestAgent, TestBroker, eventually};
+
+/// A registered agent with its key in a file in the broker's dir.
+async fn agent(b: &TestBroker, prefix: &str) -> (TestAgent, String) {
+    let agent = TestAgent::new(prefix, "ES256");
+    b.register(&agent, "platform").await;
+    let key = b.dir.join(format!("{}.pem", agent.id));
+    std::fs::write(&key, &agent.pem).unwrap();
+    (agent, key.display().to_string())
+}
+
+/// `keygate exec` for `agent` with `args` before `--`, then `sh -c script`.
+fn exec(b: &TestBroker, agent: &TestAgent, key: &str, args: &[&str], script: &str) -> Command {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_keygate"));
+    cmd.arg("exec")
+        .args(["--server", &b.url("")])
+        .args(["--agent", &agent.id, "--key-file", key])
+        .args(args)
+        .args(["--", "sh", "-c", script])
+        .current_dir(&b.dir)
+        .env_remove("KEYGATE_SESSION_TOKEN")
+        .kill_on_drop(true);
+    cmd
+}
+
+async fn leases_of(b: &TestBroker, agent: &TestAgent) -> Vec<Value> {
+    b.leases(&format!("agent={}&limit=1000", agent.id)).await
+}
+
+async fn all_revoked(b: &TestBroker, agent: &TestAgent) {
+    eventually("every lease of the agent revoked", || async {
+        let leases = leases_of(b, agent).await;
+        (!leases.is_empty() && leases.iter().all(|l| l["state"] == "revoked")).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn the_command_gets_its_credentials_and_they_die_with_it() {
+    let b = TestBroker::start_with(Setup::default()).await;
+    let (agent, key) = agent(&b, "exec").await;
+    let script = r#"
+        {
+          echo "dir=$KEYGATE_CREDENTIALS_DIR"
+          echo "dirmode=$(stat -c %a "$KEYGATE_CREDENTIALS_DIR")"
+          echo "keymode=$(stat -c %a "$KEYGATE_X509_SVID_PRIVATE_KEY_FILE")"
+          echo "cert=$CERT"
+          echo "spiffe=$KEYGATE_X509_SVID_SPIFFE_ID"
+          echo "task=$KEYGATE_TASK_ID"
+          echo "session=${KEYGATE_SESSION_TOKEN:-none}"
+          head -1 "$CERT"
+        } > out.txt
+        cp "$CERT" cert.pem
+        exit 7
+    "#;
+    let out = exec(
+        &b,
+        &agent,
+        &key,
+        &[
+            "--scope",
+            "x509-svid",
+            "--ttl",
+            "600",
+            "--env",
+            "CERT=x509-svid.certificate",
+        ],
+        script,
+    )
+    .output()
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(7), "the command's code: {stderr}");
+    let seen = std::fs::read_to_string(b.dir.join("out.txt")).unwrap();
+    let get = |k: &str| {
+        seen.lines()
+            .find_map(|l| l.strip_prefix(&format!("{k}=")))
+            .unwrap_or_else(|| panic!("no {k} in {seen}"))
+            .to_owned()
+    };
+    assert_eq!(get("dirmode"), "700", "{seen}");
+    assert_eq!(get("keymode"), "600", "{seen}");
+    assert_eq!(
+        get("spiffe"),
+        format!("spiffe://keygate.test/agent/{}", agent.id)
+    );
+    assert_eq!(
+        get("session"),
+        "none",
+        "the session token is not the command's"
+    );
+    assert!(seen.contains("-----BEGIN CERTIFICATE-----"), "{seen}");
+    assert!(get("cert").starts_with(&get("dir")), "{seen}");
+    // Gone with the command: the files, the task, every credential.
+    assert!(
+        !std::path::Path::new(&get("dir")).exists(),
+        "the private dir is left"
+    );
+    all_revoked(&b, &agent).await;
+    // It was a real certificate of the CA, and it is revoked there now.
+    let cert = std::fs::read_to_string(b.dir.join("cert.pem")).unwrap();
+    let v = b.verify(&json!({ "x509_svid": cert })).await;
+    assert_eq!(v["reason"], "revoked", "{v}");
+    let task = get("task");
+    let ended = b.audit(&format!("task={task}&action=task.completed")).await;
+    assert_eq!(ended.len(), 1, "{ended:?}");
+    assert!(!stderr.contains("PRIVATE KEY"), "{stderr}");
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_signal_reaches_the_command_and_the_task_still_completes() {
+    let b = TestBroker::start_with(Setup::default()).await;
+    let (agent, key) = agent(&b, "exec-sig").await;
+    let script = r#"trap 'echo got-term > term.txt; exit 3' TERM
+        echo started > started.txt
+        while true; do sleep 0.1; done"#;
+    let mut child = exec(&b, &agent, &key, &["--scope", "x509-svid"], script)
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let started = b.dir.join("started.txt");
+    eventually("the command to start", || async {
+        started.exists().then_some(())
+    })
+    .await;
+    let pid = child.id().unwrap().to_string();
+    Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("keygate exec ends with its command")
+        .unwrap();
+    assert_eq!(status.code(), Some(3));
+    assert_eq!(
+        std::fs::read_to_string(b.dir.join("term.txt"))
+            .unwrap()
+            .trim(),
+        "got-term"
+    );
+    all_revoked(&b, &agent).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sensitive_scope_waits_for_its_approval() {
+    let b = TestBroker::start_with(Setup::default()).await;
+    let (agent, key) = agent(&b, "exec-appr").await;
+    let mut child = exec(
+        &b,
+        &agent,
+        &key,
+        &["--scope", "payments-ca", "--approval-timeout", "60"],
+        "test -f \"$KEYGATE_PAYMENTS_CA_CERTIFICATE_FILE\"",
+    )
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let id = tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if let Some(rest) = line.split("waits for approval ").nth(1) {
+                return rest.split_whitespace().next().unwrap().to_owned();
+            }
+        }
+        panic!("keygate exec never named the approval")
+    })
+    .await
+    .unwrap();
+    b.post(
+        &format!("/v1/approvals/{id}/decision"),
+        Some(&b.ops.approver),
+        &json!({ "decision": "approve", "reason": "exec test" }),
+    )
+    .await
+    .expect(200);
+    let status = tokio::time::timeout(Duration::from_secs(60), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "the command saw its certificate");
+    all_revoked(&b, &agent).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_short_lived_credential_is_refreshed_under_the_running_command() {
+    let b = TestBroker::start_with(Setup::default()).await;
+    let (agent, key) = agent(&b, "exec-fresh").await;
+    // Every USR1, the certificate file's first serial line is noted.
+    let script = r#"trap 'cksum < "$KEYGATE_X509_SVID_CERTIFICATE_FILE" >> seen.txt' USR1
+        cksum < "$KEYGATE_X509_SVID_CERTIFICATE_FILE" > seen.txt
+        i=0; while [ $i -lt 120 ]; do sleep 0.1; i=$((i+1)); done"#;
+    let out = exec(
+        &b,
+        &agent,
+        &key,
+        &[
+            "--scope",
+            "x509-svid",
+            "--credential-ttl",
+            "6",
+            "--refresh-signal",
+            "USR1",
+        ],
+        script,
+    )
+    .output()
+    .await
+    .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let seen = std::fs::read_to_string(b.dir.join("seen.txt")).unwrap();
+    let sums: std::collections::BTreeSet<&str> = seen.lines().collect();
+    assert!(sums.len() >= 2, "the file never changed: {seen}");
+    let leases = leases_of(&b, &agent).await;
+    assert!(leases.len() >= 2, "not issued again: {leases:?}");
+    // Those that ran out before the command ended expired; the rest were
+    // revoked with the task.
+    eventually("every lease of the agent ended", || async {
+        let leases = leases_of(&b, &agent).await;
+        let ended = leases
+            .iter()
+            .all(|l| l["state"] == "revoked" || l["state"] == "expired");
+        (ended && leases.iter().any(|l| l["state"] == "revoked")).then_some(())
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refused_scope_runs_nothing_and_ends_the_task() {
+    let b = TestBroker::start_with(Setup::default()).await;
+    let (agent, key) = agent(&b, "exec-no").await;
+    let out = exec(
+        &b,
+        &agent,
+        &key,
+        &["--scope", "x509-svid", "--scope", "no-such-scope"],
+        "touch ran.txt",
+    )
+    .output()
+    .await
+    .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{stderr}");
+    assert!(stderr.contains("no-such-scope"), "{stderr}");
+    assert!(!b.dir.join("ran.txt").exists(), "the command ran");
+    // The first scope's credential was issued, and is revoked with the task.
+    all_revoked(&b, &agent).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_command_killed_by_a_signal_still_ends_its_task() {
+    let b = TestBroker::start_with(Setup::default()).await;
+    let (agent, key) = agent(&b, "exec-kill").await;
+    let out = exec(&b, &agent, &key, &["--scope", "x509-svid"], "kill -KILL $$")
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(out.status.code(), Some(128 + 9));
+    all_revoked(&b, &agent).await;
+}

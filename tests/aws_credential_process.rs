@@ -1,0 +1,226 @@
+//! `keygate credential-process`: an AWS SDK's `credential_process` on a
+//! Keygate scope, against moto. Each call prints a working session in the
+//! SDKs' shape; calls share one task through a private cache file; when the
+//! task is ended, the next call opens another.
+
+use crate::common;
+
+use aws_credential_types::Credentials;
+use common::aws::{Moto, role_arn};
+use common::{TestAgent, TestBroker};
+use serde_json::{Value, json};
+
+fn scopes() -> String {
+    format!(
+        r#"
+[[scopes]]
+name = "reports"
+provider = "aws"
+max_ttl_secs = 3600
+params = {{ kind = "assume_role", role_arn = "{}" }}
+"#,
+        role_arn("reports")
+    ) + common::config::DEFAULT_SCOPES
+}
+
+async fn process(b: &TestBroker, agent: &TestAgent, scope: &str) -> (bool, String, String) {
+    let key = b.dir.join("agent.pem");
+    std::fs::write(&key, &agent.pem).unwrap();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_keygate"))
+        .args(["credential-process", "--server", &b.url("")])
+        .args(["--agent", &agent.id, "--key-file", key.to_str().unwrap()])
+        .args(["--scope", scope, "--credential-ttl", "900"])
+        .args([
+            "--cache-file",
+            b.dir.join("cache/process.json").to_str().unwrap(),
+        ])
+        .output()
+        .await
+        .unwrap();
+    (
+        out.status.success(),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// The role session's name (the task id) of a printed session.
+async fn session_name(moto: &Moto, printed: &str) -> String {
+    let v: Value = serde_json::from_str(printed).unwrap();
+    assert_eq!(v["Version"], 1, "{v}");
+    assert!(v["Expiration"].as_str().is_some(), "{v}");
+    let creds = Credentials::new(
+        v["AccessKeyId"].as_str().unwrap(),
+        v["SecretAccessKey"].as_str().unwrap(),
+        v["SessionToken"].as_str().map(str::to_owned),
+        None,
+        "credential-process",
+    );
+    let who = moto
+        .sts_as(creds)
+        .get_caller_identity()
+        .send()
+        .await
+        .unwrap();
+    who.arn().unwrap().rsplit('/').next().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn sdk_refreshes_share_one_task_until_it_ends() {
+    let moto = Moto::start().await;
+    moto.create_role("reports").await;
+    let b = TestBroker::start_with(moto.setup(&scopes())).await;
+    let agent = TestAgent::new("sdk", "ES256");
+    b.register(&agent, "platform").await;
+
+    let (ok, first, err) = process(&b, &agent, "reports").await;
+    assert!(ok, "{err}");
+    let task = session_name(&moto, &first).await;
+    assert!(task.starts_with("tk_"), "{task}");
+    let (ok, second, err) = process(&b, &agent, "reports").await;
+    assert!(ok, "{err}");
+    assert_ne!(first, second, "a fresh session each call");
+    assert_eq!(
+        session_name(&moto, &second).await,
+        task,
+        "one task for both"
+    );
+    #[cfg(unix)]
+    {
+        use std::os::unix::fs::PermissionsExt;
+        let cache = b.dir.join("cache/process.json");
+        let mode = std::fs::metadata(&cache).unwrap().permissions().mode() & 0o777;
+        assert_eq!(mode, 0o600);
+    }
+
+    // The kill switch ends the task: the next call opens another.
+    let body = json!({ "agent": agent.id, "reason": "rotate" });
+    b.post("/v1/revocations", Some(&b.ops.secops), &body)
+        .await
+        .expect(200);
+    let (ok, third, err) = process(&b, &agent, "reports").await;
+    assert!(ok, "{err}");
+    assert_ne!(session_name(&moto, &third).await, task);
+
+    // A scope that is not an AWS session is refused, saying so.
+    let (ok, out, err) = process(&b, &agent, "x509-svid").await;
+    assert!(!ok, "{out}");
+    assert!(err.contains("not an AWS session"), "{err}");
+    assert!(!err.contains("PRIVATE KEY"), "{err}");
+}
+
+/// A Python with boto3: the one `scripts/install-peers` installed moto into
+/// (moto depends on boto3). Missing, it fails the test with the fix.
+fn moto_python() -> String {
+    let ok = std::process::Command::new("python3")
+        .args(["-c", "import boto3"])
+        .status()
+        .is_ok_and(|s| s.success());
+    assert!(
+        ok,
+        "python3 cannot import boto3: run scripts/install-peers (it installs moto[server], which brings boto3)"
+    );
+    "python3".to_owned()
+}
+
+#[tokio::test]
+async fn boto3_reads_the_session_through_its_credential_process() {
+    let moto = Moto::start().await;
+    moto.create_role("reports").await;
+    let b = TestBroker::start_with(moto.setup(&scopes())).await;
+    let agent = TestAgent::new("boto", "ES256");
+    b.register(&agent, "platform").await;
+    let key = b.dir.join("agent.pem");
+    std::fs::write(&key, &agent.pem).unwrap();
+    let config = b.dir.join("aws-config");
+    std::fs::write(
+        &config,
+        format!(
+            "[profile kg]\nregion = us-east-1\ncredential_process = {} credential-process --server {} --agent {} --key-file {} --scope reports --credential-ttl 900 --cache-file {}\n",
+            env!("CARGO_BIN_EXE_keygate"),
+            b.url(""),
+            agent.id,
+            key.display(),
+            b.dir.join("cache.json").display()
+        ),
+    )
+    .unwrap();
+    let python = moto_python();
+    let out = tokio::process::Command::new(&python)
+        .args([
+            "-c",
+            "import boto3,sys; s = boto3.Session(profile_name='kg'); \
+             print(s.client('sts', endpoint_url=sys.argv[1]).get_caller_identity()['Arn'])",
+            &moto.url,
+        ])
+        .env("AWS_CONFIG_FILE", &config)
+        .env(
+            "AWS_SHARED_CREDENTIALS_FILE",
+            "/nonexistent/keygate-test-aws-credentials",
+        )
+        .env("AWS_EC2_METADATA_DISABLED", "true")
+        .env_remove("AWS_ACCESS_KEY_ID")
+        .env_remove("AWS_SECRET_ACCESS_KEY")
+        .env_remove("AWS_SESSION_TOKEN")
+        .env_remove("AWS_PROFILE")
+        .output()
+        .await
+        .unwrap();
+    let arn = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{arn}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        arn.trim()
+            .starts_with("arn:aws:sts::123456789012:assumed-role/reports/tk_"),
+        "{arn}"
+    );
+}
+
+#[tokio::test]
+async fn keygate_exec_hands_an_aws_session_to_its_command() {
+    let moto = Moto::start().await;
+    moto.create_role("reports").await;
+    let b = TestBroker::start_with(moto.setup(&scopes())).await;
+    let agent = TestAgent::new("exec-aws", "ES256");
+    b.register(&agent, "platform").await;
+    let key = b.dir.join("agent.pem");
+    std::fs::write(&key, &agent.pem).unwrap();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_keygate"))
+        .args(["exec", "--server", &b.url(""), "--agent", &agent.id])
+        .args(["--key-file", key.to_str().unwrap()])
+        .args(["--scope", "reports", "--ttl", "3600", "--credential-ttl", "900"])
+        .args([
+            "--",
+            "sh",
+            "-c",
+            "printf '%s\\n%s\\n%s\\n' \"$AWS_ACCESS_KEY_ID\" \"$AWS_SECRET_ACCESS_KEY\" \"$AWS_SESSION_TOKEN\" > aws.txt",
+        ])
+        .current_dir(&b.dir)
+        .output()
+        .await
+        .unwrap();
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let text = std::fs::read_to_string(b.dir.join("aws.txt")).unwrap();
+    let lines: Vec<&str> = text.lines().collect();
+    let printed = json!({
+        "Version": 1, "AccessKeyId": lines[0], "SecretAccessKey": lines[1], "SessionToken": lines[2],
+        "Expiration": "2099-01-01T00:00:00Z",
+    })
+    .to_string();
+    // The session the command got works at AWS (moto) as the role, for its
+    // task; AWS cannot revoke it (it lives until its expiry, and the lease
+    // says so), but the task is over.
+    assert!(session_name(&moto, &printed).await.starts_with("tk_"));
+    let leases = b.leases(&format!("agent={}", agent.id)).await;
+    assert!(
+        leases.iter().all(|l| l["state"] == "expiring"),
+        "{leases:?}"
+    );
+}
