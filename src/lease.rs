@@ -30,7 +30,8 @@ use crate::store::{LeaseSelector, Store, StoreResult, TaskSelector};
 pub struct LeaseEngine {
     wake: Arc<Notify>,
     /// This process: every lease it writes carries it, so a pending lease
-    /// of any other boot is known at once to be an orphan.
+    /// of a dead boot is known at once to be an orphan (SQLite: any other
+    /// boot; PostgreSQL: a replica whose liveness lock is gone).
     boot_id: Arc<str>,
 }
 
@@ -76,9 +77,9 @@ impl LeaseEngine {
         store.claim_job(name, self.boot_id(), until_ms).await
     }
 
-    /// Pending leases of this process created before this instant are
-    /// orphans: the provider call cannot still be in flight. (Those of an
-    /// earlier process are orphans whatever their age.)
+    /// Pending leases of this process (or of another live replica) created
+    /// before this instant are orphans: the provider call cannot still be in
+    /// flight. (Those of a dead process are orphans whatever their age.)
     fn orphan_cutoff(&self, cfg: &LeaseConfig, t: OffsetDateTime) -> OffsetDateTime {
         t - Duration::from_secs(cfg.issue_timeout_secs + 5)
     }

@@ -28,7 +28,10 @@ const FILE_FIELDS: [&str; 4] = ["certificate", "private_key", "ca_bundle", "ca_c
 
 /// A tool's convention: the fields that say a credential is its kind, and
 /// each field's standard variable.
-type Convention = (&'static [&'static str], &'static [(&'static str, &'static str)]);
+type Convention = (
+    &'static [&'static str],
+    &'static [(&'static str, &'static str)],
+);
 
 /// The standard variables of well-known credentials, applied when every
 /// one of the needed fields is present.
