@@ -24,16 +24,22 @@ params = {{ kind = "assume_role", role_arn = "{}" }}
 }
 
 async fn process(b: &TestBroker, agent: &TestAgent, scope: &str) -> (bool, String, String) {
+    process_cached(b, agent, scope, &b.dir.join("cache/process.json")).await
+}
+
+async fn process_cached(
+    b: &TestBroker,
+    agent: &TestAgent,
+    scope: &str,
+    cache: &std::path::Path,
+) -> (bool, String, String) {
     let key = b.dir.join("agent.pem");
     std::fs::write(&key, &agent.pem).unwrap();
     let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_keygate"))
         .args(["credential-process", "--server", &b.url("")])
         .args(["--agent", &agent.id, "--key-file", key.to_str().unwrap()])
         .args(["--scope", scope, "--credential-ttl", "900"])
-        .args([
-            "--cache-file",
-            b.dir.join("cache/process.json").to_str().unwrap(),
-        ])
+        .args(["--cache-file", cache.to_str().unwrap()])
         .output()
         .await
         .unwrap();
@@ -91,6 +97,24 @@ async fn sdk_refreshes_share_one_task_until_it_ends() {
         let cache = b.dir.join("cache/process.json");
         let mode = std::fs::metadata(&cache).unwrap().permissions().mode() & 0o777;
         assert_eq!(mode, 0o600);
+        let mode_of = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode();
+        assert_eq!(
+            mode_of(&b.dir.join("cache")) & 0o7777,
+            0o700,
+            "a new cache dir is private"
+        );
+        // A cache file in a directory that exists leaves the directory as
+        // it was (a first cut made /tmp 0700).
+        let shared = b.dir.join("shared");
+        std::fs::create_dir(&shared).unwrap();
+        std::fs::set_permissions(&shared, std::fs::Permissions::from_mode(0o1777)).unwrap();
+        let (ok, _, err) = process_cached(&b, &agent, "reports", &shared.join("c.json")).await;
+        assert!(ok, "{err}");
+        assert_eq!(
+            mode_of(&shared) & 0o7777,
+            0o1777,
+            "the directory's mode changed"
+        );
     }
 
     // The kill switch ends the task: the next call opens another.

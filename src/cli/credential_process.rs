@@ -82,13 +82,19 @@ fn load(path: &std::path::Path, args: &CredentialProcessArgs) -> Option<Session>
 }
 
 fn store(path: &std::path::Path, args: &CredentialProcessArgs, s: &Session) -> anyhow::Result<()> {
-    if let Some(dir) = path.parent() {
-        std::fs::create_dir_all(dir)?;
+    // A directory that is not there yet is created private (0700); one
+    // that exists is the user's and keeps its permissions (the cache file
+    // itself is 0600 either way).
+    if let Some(dir) = path.parent()
+        && !dir.as_os_str().is_empty()
+        && !dir.exists()
+    {
+        let mut b = std::fs::DirBuilder::new();
+        b.recursive(true);
         #[cfg(unix)]
-        {
-            use std::os::unix::fs::PermissionsExt;
-            std::fs::set_permissions(dir, std::fs::Permissions::from_mode(0o700))?;
-        }
+        std::os::unix::fs::DirBuilderExt::mode(&mut b, 0o700);
+        b.create(dir)
+            .with_context(|| format!("creating `{}`", dir.display()))?;
     }
     let c = Cached {
         server: args.agent.server.clone(),

@@ -3,18 +3,21 @@
 
 use std::collections::HashMap;
 
+mod chain;
+mod leases;
+
 use async_trait::async_trait;
 use sqlx::postgres::PgRow;
 use sqlx::{Postgres, QueryBuilder, Row, Transaction};
 use time::OffsetDateTime;
 
-use super::{AUDIT_CHAIN_LOCK, approvals, fences, findings, reviews};
-use crate::audit::{AuditEvent, GENESIS_HASH};
+use super::{approvals, fences, findings, reviews};
+use crate::audit::AuditEvent;
 use crate::model::{
     Agent, AgentStatus, Approval, ApprovalDecision, ApprovalState, FenceRecord, Lease, LeaseState,
     Notification, Revocability, Revocation, Selector, Task, TaskState, unix,
 };
-use crate::store::rows::{lease_from_row, parse_col};
+use crate::store::rows::parse_col;
 use crate::store::sql::push_selector;
 use crate::store::{Delivery, LeaseSelector, StoreError, StoreResult, StoreTx, TaskSelector};
 
@@ -27,83 +30,8 @@ pub(super) struct PostgresTx {
 }
 
 impl PostgresTx {
-    /// The connection of this transaction.
-    fn conn(&mut self) -> &mut sqlx::PgConnection {
-        &mut self.tx
-    }
-
-    /// The user a task acts for, if any.
-    async fn user_of(&mut self, task: &str) -> StoreResult<Option<String>> {
-        if let Some(user) = self.users.get(task) {
-            return Ok(user.clone());
-        }
-        let row: Option<Option<String>> =
-            sqlx::query_scalar("SELECT on_behalf_of::jsonb ->> 'id' FROM tasks WHERE id = $1")
-                .bind(task)
-                .fetch_optional(self.conn())
-                .await?;
-        if let Some(user) = &row {
-            self.users.insert(task.to_owned(), user.clone());
-        }
-        Ok(row.flatten())
-    }
-
-    /// Chains this transaction's events after the current head and inserts
-    /// them, holding the chain's lock until the transaction ends.
-    async fn append_events(&mut self) -> StoreResult<()> {
-        sqlx::query("SELECT pg_advisory_xact_lock($1)")
-            .bind(AUDIT_CHAIN_LOCK)
-            .execute(self.conn())
-            .await?;
-        let head = sqlx::query("SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1")
-            .fetch_optional(self.conn())
-            .await?;
-        let (mut seq, mut hash) = match head {
-            Some(r) => (r.try_get::<i64, _>("seq")?, r.try_get::<String, _>("hash")?),
-            None => (0, GENESIS_HASH.to_owned()),
-        };
-        let mut rows = Vec::with_capacity(self.events.len());
-        for mut ev in std::mem::take(&mut self.events) {
-            ev.chain_after(seq, &hash);
-            seq = ev.seq;
-            hash.clone_from(&ev.hash);
-            let policy_ids = serde_json::to_string(&ev.policy_ids).map_err(corrupt)?;
-            let details = serde_json::to_string(&ev.details).map_err(corrupt)?;
-            rows.push((ev, policy_ids, details));
-        }
-        // 17 binds a row: 1,000 rows stay well under the 65,535 limit.
-        for chunk in rows.chunks(1000) {
-            let mut q = QueryBuilder::<Postgres>::new(
-                "INSERT INTO audit_events (seq, at_ms, actor, action, agent, task, scope, lease, \
-                 decision, policy_ids, policy_hash, outcome, reason, details, prev_hash, hash, \
-                 on_behalf_of) ",
-            );
-            q.push_values(chunk, |mut b, (ev, policy_ids, details)| {
-                b.push_bind(ev.seq)
-                    .push_bind(ev.at_ms)
-                    .push_bind(ev.actor.clone())
-                    .push_bind(ev.action.clone())
-                    .push_bind(ev.agent.clone())
-                    .push_bind(ev.task.clone())
-                    .push_bind(ev.scope.clone())
-                    .push_bind(ev.lease.clone())
-                    .push_bind(ev.decision.clone())
-                    .push_bind(policy_ids.clone())
-                    .push_bind(ev.policy_hash.clone())
-                    .push_bind(ev.outcome.clone())
-                    .push_bind(ev.reason.clone())
-                    .push_bind(details.clone())
-                    .push_bind(ev.prev_hash.clone())
-                    .push_bind(ev.hash.clone())
-                    .push_bind(ev.on_behalf_of.clone());
-            });
-            q.build().execute(self.conn()).await?;
-        }
-        Ok(())
-    }
-
     /// Ids from a `RETURNING id` statement.
-    fn ids(rows: &[PgRow]) -> StoreResult<Vec<String>> {
+    pub(super) fn ids(rows: &[PgRow]) -> StoreResult<Vec<String>> {
         rows.iter()
             .map(|r| r.try_get::<String, _>("id").map_err(StoreError::from))
             .collect()
@@ -376,27 +304,7 @@ impl StoreTx for PostgresTx {
     }
 
     async fn insert_lease(&mut self, l: &Lease) -> StoreResult<bool> {
-        // FOR SHARE: the task cannot be ended until this transaction ends,
-        // and one ended meanwhile is seen ended (READ COMMITTED re-checks a
-        // locked row), so a lease never lands on an ended task.
-        let done = sqlx::query(
-            "INSERT INTO leases (id, agent_id, task_id, scope, provider, state, created_at, \
-             expires_at, boot_id, source) SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10 \
-             WHERE EXISTS (SELECT 1 FROM tasks WHERE id = $3 AND state = 'open' FOR SHARE)",
-        )
-        .bind(&l.id)
-        .bind(&l.agent_id)
-        .bind(&l.task_id)
-        .bind(&l.scope)
-        .bind(&l.provider)
-        .bind(l.state.as_str())
-        .bind(unix(l.created_at))
-        .bind(unix(l.expires_at))
-        .bind(&l.boot_id)
-        .bind(&l.source)
-        .execute(self.conn())
-        .await?;
-        Ok(done.rows_affected() == 1)
+        leases::insert_lease(self, l).await
     }
 
     async fn record_issued(
@@ -406,42 +314,15 @@ impl StoreTx for PostgresTx {
         revocability: Revocability,
         expires_at: OffsetDateTime,
     ) -> StoreResult<Option<LeaseState>> {
-        let row = sqlx::query(
-            "UPDATE leases SET handle = $1, revocability = $2, expires_at = $3, \
-             state = CASE WHEN state = 'pending' THEN 'active' ELSE state END \
-             WHERE id = $4 AND state IN ('pending', 'revoking') RETURNING state",
-        )
-        .bind(serde_json::to_string(handle).map_err(corrupt)?)
-        .bind(revocability.as_str())
-        .bind(unix(expires_at))
-        .bind(id)
-        .fetch_optional(self.conn())
-        .await?;
-        row.map(|r| parse_col::<LeaseState>(&r, "state"))
-            .transpose()
+        leases::record_issued(self, id, handle, revocability, expires_at).await
     }
 
     async fn renew_lease(&mut self, id: &str, expires_at: OffsetDateTime) -> StoreResult<bool> {
-        let done =
-            sqlx::query("UPDATE leases SET expires_at = $1 WHERE id = $2 AND state = 'active'")
-                .bind(unix(expires_at))
-                .bind(id)
-                .execute(self.conn())
-                .await?;
-        Ok(done.rows_affected() == 1)
+        leases::renew_lease(self, id, expires_at).await
     }
 
     async fn mark_failed(&mut self, id: &str, error: &str, now: OffsetDateTime) -> StoreResult<()> {
-        sqlx::query(
-            "UPDATE leases SET state = 'failed', last_error = $1, ended_at = $2 \
-             WHERE id = $3 AND state = 'pending'",
-        )
-        .bind(error)
-        .bind(unix(now))
-        .bind(id)
-        .execute(self.conn())
-        .await?;
-        Ok(())
+        leases::mark_failed(self, id, error, now).await
     }
 
     async fn queue_revocations(
@@ -451,49 +332,7 @@ impl StoreTx for PostgresTx {
         revocation_id: Option<&str>,
         now: OffsetDateTime,
     ) -> StoreResult<Vec<String>> {
-        let mut q = QueryBuilder::<Postgres>::new(
-            "UPDATE leases SET state = 'revoking', attempts = 0, last_error = NULL, \
-             next_attempt_at = ",
-        );
-        q.push_bind(unix(now))
-            .push(", end_reason = ")
-            .push_bind(reason.to_owned())
-            .push(", revocation_id = COALESCE(")
-            .push_bind(revocation_id.map(str::to_owned))
-            .push(", revocation_id) WHERE state IN ('pending', 'active')");
-        match sel {
-            LeaseSelector::Lease(id) => {
-                q.push(" AND id = ").push_bind(id.clone());
-            }
-            LeaseSelector::Task(t) => {
-                q.push(" AND task_id = ").push_bind(t.clone());
-            }
-            LeaseSelector::Tasks(ts) => {
-                q.push(" AND task_id = ANY(")
-                    .push_bind(ts.clone())
-                    .push(")");
-            }
-            LeaseSelector::Leases(ids) => {
-                q.push(" AND id = ANY(").push_bind(ids.clone()).push(")");
-            }
-            LeaseSelector::Emergency(s) => push_selector(&mut q, s, "agent_id"),
-        }
-        q.push(" RETURNING id");
-        let rows = q.build().fetch_all(self.conn()).await?;
-        let mut ids = Self::ids(&rows)?;
-        // Leases already queued by an earlier call still count towards an
-        // emergency revocation's progress.
-        if let (Some(rid), LeaseSelector::Emergency(s)) = (revocation_id, sel) {
-            let mut q2 = QueryBuilder::<Postgres>::new("UPDATE leases SET revocation_id = ");
-            q2.push_bind(rid.to_owned())
-                .push(" WHERE state = 'revoking' AND revocation_id IS DISTINCT FROM ")
-                .push_bind(rid.to_owned());
-            push_selector(&mut q2, s, "agent_id");
-            q2.push(" RETURNING id");
-            let rows = q2.build().fetch_all(self.conn()).await?;
-            ids.extend(Self::ids(&rows)?);
-        }
-        Ok(ids)
+        leases::queue_revocations(self, sel, reason, revocation_id, now).await
     }
 
     async fn finish_revocation(
@@ -503,18 +342,7 @@ impl StoreTx for PostgresTx {
         lives_until: Option<OffsetDateTime>,
         now: OffsetDateTime,
     ) -> StoreResult<bool> {
-        let done = sqlx::query(
-            "UPDATE leases SET state = $1, ended_at = $2, last_error = NULL, \
-             next_attempt_at = NULL, expires_at = COALESCE($3, expires_at), \
-             claimed_by = NULL, claim_until = NULL WHERE id = $4 AND state = 'revoking'",
-        )
-        .bind(state.as_str())
-        .bind(unix(now))
-        .bind(lives_until.map(unix))
-        .bind(id)
-        .execute(self.conn())
-        .await?;
-        Ok(done.rows_affected() == 1)
+        leases::finish_revocation(self, id, state, lives_until, now).await
     }
 
     async fn revocation_failed(
@@ -523,16 +351,7 @@ impl StoreTx for PostgresTx {
         error: &str,
         next_attempt_at: OffsetDateTime,
     ) -> StoreResult<()> {
-        sqlx::query(
-            "UPDATE leases SET attempts = attempts + 1, last_error = $1, next_attempt_at = $2, \
-             claimed_by = NULL, claim_until = NULL WHERE id = $3 AND state = 'revoking'",
-        )
-        .bind(error)
-        .bind(unix(next_attempt_at))
-        .bind(id)
-        .execute(self.conn())
-        .await?;
-        Ok(())
+        leases::revocation_failed(self, id, error, next_attempt_at).await
     }
 
     async fn queue_expired(
@@ -540,31 +359,11 @@ impl StoreTx for PostgresTx {
         scopes: &[String],
         now: OffsetDateTime,
     ) -> StoreResult<Vec<String>> {
-        if scopes.is_empty() {
-            return Ok(Vec::new());
-        }
-        let rows = sqlx::query(
-            "UPDATE leases SET state = 'revoking', attempts = 0, last_error = NULL, \
-             next_attempt_at = $1, end_reason = 'ttl reached; its provider acts at expiry' \
-             WHERE state = 'active' AND expires_at <= $1 AND scope = ANY($2) RETURNING id",
-        )
-        .bind(unix(now))
-        .bind(scopes)
-        .fetch_all(self.conn())
-        .await?;
-        Self::ids(&rows)
+        leases::queue_expired(self, scopes, now).await
     }
 
     async fn expire_leases(&mut self, now: OffsetDateTime) -> StoreResult<Vec<Lease>> {
-        let rows = sqlx::query(
-            "UPDATE leases SET state = 'expired', ended_at = $1, \
-             end_reason = COALESCE(end_reason, 'expired') \
-             WHERE state IN ('active', 'expiring') AND expires_at <= $1 RETURNING *",
-        )
-        .bind(unix(now))
-        .fetch_all(self.conn())
-        .await?;
-        rows.iter().map(lease_from_row).collect()
+        leases::expire_leases(self, now).await
     }
 
     async fn queue_orphans(
@@ -573,20 +372,7 @@ impl StoreTx for PostgresTx {
         _boot_id: &str,
         now: OffsetDateTime,
     ) -> StoreResult<Vec<String>> {
-        // Another boot's pending lease is an orphan only once that replica
-        // is dead (its lock is gone): a live one may be issuing it now.
-        let rows = sqlx::query(concat!(
-            "UPDATE leases SET state = 'revoking', next_attempt_at = $1, \
-             end_reason = 'orphaned: issue did not complete' \
-             WHERE state = 'pending' AND (created_at < $2 OR boot_id IS NULL OR boot_id NOT IN (",
-            super::replicas::live_boots!(),
-            ")) RETURNING id"
-        ))
-        .bind(unix(now))
-        .bind(unix(before))
-        .fetch_all(self.conn())
-        .await?;
-        Self::ids(&rows)
+        leases::queue_orphans(self, before, _boot_id, now).await
     }
 
     async fn expired_tasks(&mut self, now: OffsetDateTime) -> StoreResult<Vec<String>> {

@@ -1,6 +1,8 @@
 //! Changes in the SQLite engine: each [`StoreTx`] runs on the one writer
 //! connection (group commit, `group.rs`), its audit events chained at once.
 
+mod leases;
+
 use async_trait::async_trait;
 use sqlx::{QueryBuilder, Row, Sqlite};
 use time::OffsetDateTime;
@@ -10,7 +12,6 @@ use crate::model::{
     Agent, AgentStatus, Approval, ApprovalDecision, ApprovalState, FenceRecord, Lease, LeaseState,
     Notification, Revocability, Revocation, Selector, Task, TaskState, unix,
 };
-use crate::store::rows::lease_from_row;
 use crate::store::sql::push_selector;
 use crate::store::{Delivery, LeaseSelector, StoreError, StoreResult, StoreTx, TaskSelector};
 
@@ -314,25 +315,7 @@ impl StoreTx for SqliteTx {
     }
 
     async fn insert_lease(&mut self, l: &Lease) -> StoreResult<bool> {
-        let done = sqlx::query(
-            "INSERT INTO leases (id, agent_id, task_id, scope, provider, state, created_at, \
-             expires_at, boot_id, source) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ? \
-             WHERE EXISTS (SELECT 1 FROM tasks WHERE id = ? AND state = 'open')",
-        )
-        .bind(&l.id)
-        .bind(&l.agent_id)
-        .bind(&l.task_id)
-        .bind(&l.scope)
-        .bind(&l.provider)
-        .bind(l.state.as_str())
-        .bind(unix(l.created_at))
-        .bind(unix(l.expires_at))
-        .bind(&l.boot_id)
-        .bind(&l.source)
-        .bind(&l.task_id)
-        .execute(&mut self.tx.state.conn)
-        .await?;
-        Ok(done.rows_affected() == 1)
+        leases::insert_lease(self, l).await
     }
 
     async fn record_issued(
@@ -342,42 +325,15 @@ impl StoreTx for SqliteTx {
         revocability: Revocability,
         expires_at: OffsetDateTime,
     ) -> StoreResult<Option<LeaseState>> {
-        let row = sqlx::query(
-            "UPDATE leases SET handle = ?, revocability = ?, expires_at = ?, \
-             state = CASE WHEN state = 'pending' THEN 'active' ELSE state END \
-             WHERE id = ? AND state IN ('pending', 'revoking') RETURNING state",
-        )
-        .bind(serde_json::to_string(handle).map_err(corrupt)?)
-        .bind(revocability.as_str())
-        .bind(unix(expires_at))
-        .bind(id)
-        .fetch_optional(&mut self.tx.state.conn)
-        .await?;
-        row.map(|r| crate::store::rows::parse_col::<LeaseState>(&r, "state"))
-            .transpose()
+        leases::record_issued(self, id, handle, revocability, expires_at).await
     }
 
     async fn renew_lease(&mut self, id: &str, expires_at: OffsetDateTime) -> StoreResult<bool> {
-        let done =
-            sqlx::query("UPDATE leases SET expires_at = ? WHERE id = ? AND state = 'active'")
-                .bind(unix(expires_at))
-                .bind(id)
-                .execute(&mut self.tx.state.conn)
-                .await?;
-        Ok(done.rows_affected() == 1)
+        leases::renew_lease(self, id, expires_at).await
     }
 
     async fn mark_failed(&mut self, id: &str, error: &str, now: OffsetDateTime) -> StoreResult<()> {
-        sqlx::query(
-            "UPDATE leases SET state = 'failed', last_error = ?, ended_at = ? \
-             WHERE id = ? AND state = 'pending'",
-        )
-        .bind(error)
-        .bind(unix(now))
-        .bind(id)
-        .execute(&mut self.tx.state.conn)
-        .await?;
-        Ok(())
+        leases::mark_failed(self, id, error, now).await
     }
 
     async fn queue_revocations(
@@ -387,55 +343,7 @@ impl StoreTx for SqliteTx {
         revocation_id: Option<&str>,
         now: OffsetDateTime,
     ) -> StoreResult<Vec<String>> {
-        let mut q = QueryBuilder::<Sqlite>::new(
-            "UPDATE leases SET state = 'revoking', attempts = 0, last_error = NULL, \
-             next_attempt_at = ",
-        );
-        q.push_bind(unix(now))
-            .push(", end_reason = ")
-            .push_bind(reason.to_owned())
-            .push(", revocation_id = COALESCE(")
-            .push_bind(revocation_id.map(str::to_owned))
-            .push(", revocation_id) WHERE state IN ('pending', 'active')");
-        match sel {
-            LeaseSelector::Lease(id) => {
-                q.push(" AND id = ").push_bind(id.clone());
-            }
-            LeaseSelector::Task(t) => {
-                q.push(" AND task_id = ").push_bind(t.clone());
-            }
-            LeaseSelector::Tasks(ts) => {
-                q.push(" AND task_id IN (SELECT value FROM json_each(")
-                    .push_bind(serde_json::to_string(ts).map_err(corrupt)?)
-                    .push("))");
-            }
-            LeaseSelector::Leases(ids) => {
-                q.push(" AND id IN (SELECT value FROM json_each(")
-                    .push_bind(serde_json::to_string(ids).map_err(corrupt)?)
-                    .push("))");
-            }
-            LeaseSelector::Emergency(s) => push_selector(&mut q, s, "agent_id"),
-        }
-        q.push(" RETURNING id");
-        let rows = q.build().fetch_all(&mut self.tx.state.conn).await?;
-        let mut ids: Vec<String> = rows
-            .iter()
-            .map(|r| r.try_get::<String, _>("id"))
-            .collect::<Result<_, _>>()?;
-        // Leases already queued by an earlier call still count towards an
-        // emergency revocation's progress.
-        if let (Some(rid), LeaseSelector::Emergency(s)) = (revocation_id, sel) {
-            let mut q2 = QueryBuilder::<Sqlite>::new("UPDATE leases SET revocation_id = ");
-            q2.push_bind(rid.to_owned())
-                .push(" WHERE state = 'revoking' AND revocation_id IS NOT ")
-                .push_bind(rid.to_owned());
-            push_selector(&mut q2, s, "agent_id");
-            q2.push(" RETURNING id");
-            for r in q2.build().fetch_all(&mut self.tx.state.conn).await? {
-                ids.push(r.try_get::<String, _>("id")?);
-            }
-        }
-        Ok(ids)
+        leases::queue_revocations(self, sel, reason, revocation_id, now).await
     }
 
     async fn finish_revocation(
@@ -445,17 +353,7 @@ impl StoreTx for SqliteTx {
         lives_until: Option<OffsetDateTime>,
         now: OffsetDateTime,
     ) -> StoreResult<bool> {
-        let done = sqlx::query(
-            "UPDATE leases SET state = ?, ended_at = ?, last_error = NULL, next_attempt_at = NULL, \
-             expires_at = COALESCE(?, expires_at) WHERE id = ? AND state = 'revoking'",
-        )
-        .bind(state.as_str())
-        .bind(unix(now))
-        .bind(lives_until.map(unix))
-        .bind(id)
-        .execute(&mut self.tx.state.conn)
-        .await?;
-        Ok(done.rows_affected() == 1)
+        leases::finish_revocation(self, id, state, lives_until, now).await
     }
 
     async fn revocation_failed(
@@ -464,16 +362,7 @@ impl StoreTx for SqliteTx {
         error: &str,
         next_attempt_at: OffsetDateTime,
     ) -> StoreResult<()> {
-        sqlx::query(
-            "UPDATE leases SET attempts = attempts + 1, last_error = ?, next_attempt_at = ? \
-             WHERE id = ? AND state = 'revoking'",
-        )
-        .bind(error)
-        .bind(unix(next_attempt_at))
-        .bind(id)
-        .execute(&mut self.tx.state.conn)
-        .await?;
-        Ok(())
+        leases::revocation_failed(self, id, error, next_attempt_at).await
     }
 
     async fn queue_expired(
@@ -481,36 +370,11 @@ impl StoreTx for SqliteTx {
         scopes: &[String],
         now: OffsetDateTime,
     ) -> StoreResult<Vec<String>> {
-        if scopes.is_empty() {
-            return Ok(Vec::new());
-        }
-        let rows = sqlx::query(
-            "UPDATE leases SET state = 'revoking', attempts = 0, last_error = NULL, \
-             next_attempt_at = ?, end_reason = 'ttl reached; its provider acts at expiry' \
-             WHERE state = 'active' AND expires_at <= ? \
-             AND scope IN (SELECT value FROM json_each(?)) RETURNING id",
-        )
-        .bind(unix(now))
-        .bind(unix(now))
-        .bind(serde_json::to_string(scopes).map_err(corrupt)?)
-        .fetch_all(&mut self.tx.state.conn)
-        .await?;
-        rows.iter()
-            .map(|r| r.try_get::<String, _>("id").map_err(StoreError::from))
-            .collect()
+        leases::queue_expired(self, scopes, now).await
     }
 
     async fn expire_leases(&mut self, now: OffsetDateTime) -> StoreResult<Vec<Lease>> {
-        let rows = sqlx::query(
-            "UPDATE leases SET state = 'expired', ended_at = ?, \
-             end_reason = COALESCE(end_reason, 'expired') \
-             WHERE state IN ('active', 'expiring') AND expires_at <= ? RETURNING *",
-        )
-        .bind(unix(now))
-        .bind(unix(now))
-        .fetch_all(&mut self.tx.state.conn)
-        .await?;
-        rows.iter().map(lease_from_row).collect()
+        leases::expire_leases(self, now).await
     }
 
     async fn queue_orphans(
@@ -519,19 +383,7 @@ impl StoreTx for SqliteTx {
         boot_id: &str,
         now: OffsetDateTime,
     ) -> StoreResult<Vec<String>> {
-        let rows = sqlx::query(
-            "UPDATE leases SET state = 'revoking', next_attempt_at = ?, \
-             end_reason = 'orphaned: issue did not complete' \
-             WHERE state = 'pending' AND (created_at < ? OR boot_id IS NOT ?) RETURNING id",
-        )
-        .bind(unix(now))
-        .bind(unix(before))
-        .bind(boot_id)
-        .fetch_all(&mut self.tx.state.conn)
-        .await?;
-        rows.iter()
-            .map(|r| r.try_get::<String, _>("id").map_err(StoreError::from))
-            .collect()
+        leases::queue_orphans(self, before, boot_id, now).await
     }
 
     async fn expired_tasks(&mut self, now: OffsetDateTime) -> StoreResult<Vec<String>> {

@@ -1,0 +1,235 @@
+//! A lease's life in the PostgreSQL engine: written ahead, issued, renewed, queued for revocation, finished; expiry and orphans.
+
+use time::OffsetDateTime;
+
+use super::{PostgresTx, corrupt};
+use crate::model::{Lease, LeaseState, Revocability, unix};
+use crate::store::rows::{lease_from_row, parse_col};
+use crate::store::sql::push_selector;
+use crate::store::{LeaseSelector, StoreResult};
+use sqlx::{Postgres, QueryBuilder};
+
+pub(super) async fn insert_lease(tx: &mut PostgresTx, l: &Lease) -> StoreResult<bool> {
+    // FOR SHARE: the task cannot be ended until this transaction ends,
+    // and one ended meanwhile is seen ended (READ COMMITTED re-checks a
+    // locked row), so a lease never lands on an ended task.
+    let done = sqlx::query(
+        "INSERT INTO leases (id, agent_id, task_id, scope, provider, state, created_at, \
+         expires_at, boot_id, source) SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10 \
+         WHERE EXISTS (SELECT 1 FROM tasks WHERE id = $3 AND state = 'open' FOR SHARE)",
+    )
+    .bind(&l.id)
+    .bind(&l.agent_id)
+    .bind(&l.task_id)
+    .bind(&l.scope)
+    .bind(&l.provider)
+    .bind(l.state.as_str())
+    .bind(unix(l.created_at))
+    .bind(unix(l.expires_at))
+    .bind(&l.boot_id)
+    .bind(&l.source)
+    .execute(tx.conn())
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+pub(super) async fn record_issued(
+    tx: &mut PostgresTx,
+    id: &str,
+    handle: &serde_json::Value,
+    revocability: Revocability,
+    expires_at: OffsetDateTime,
+) -> StoreResult<Option<LeaseState>> {
+    let row = sqlx::query(
+        "UPDATE leases SET handle = $1, revocability = $2, expires_at = $3, \
+         state = CASE WHEN state = 'pending' THEN 'active' ELSE state END \
+         WHERE id = $4 AND state IN ('pending', 'revoking') RETURNING state",
+    )
+    .bind(serde_json::to_string(handle).map_err(corrupt)?)
+    .bind(revocability.as_str())
+    .bind(unix(expires_at))
+    .bind(id)
+    .fetch_optional(tx.conn())
+    .await?;
+    row.map(|r| parse_col::<LeaseState>(&r, "state"))
+        .transpose()
+}
+
+pub(super) async fn renew_lease(
+    tx: &mut PostgresTx,
+    id: &str,
+    expires_at: OffsetDateTime,
+) -> StoreResult<bool> {
+    let done = sqlx::query("UPDATE leases SET expires_at = $1 WHERE id = $2 AND state = 'active'")
+        .bind(unix(expires_at))
+        .bind(id)
+        .execute(tx.conn())
+        .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+pub(super) async fn mark_failed(
+    tx: &mut PostgresTx,
+    id: &str,
+    error: &str,
+    now: OffsetDateTime,
+) -> StoreResult<()> {
+    sqlx::query(
+        "UPDATE leases SET state = 'failed', last_error = $1, ended_at = $2 \
+         WHERE id = $3 AND state = 'pending'",
+    )
+    .bind(error)
+    .bind(unix(now))
+    .bind(id)
+    .execute(tx.conn())
+    .await?;
+    Ok(())
+}
+
+pub(super) async fn queue_revocations(
+    tx: &mut PostgresTx,
+    sel: &LeaseSelector,
+    reason: &str,
+    revocation_id: Option<&str>,
+    now: OffsetDateTime,
+) -> StoreResult<Vec<String>> {
+    let mut q = QueryBuilder::<Postgres>::new(
+        "UPDATE leases SET state = 'revoking', attempts = 0, last_error = NULL, \
+         next_attempt_at = ",
+    );
+    q.push_bind(unix(now))
+        .push(", end_reason = ")
+        .push_bind(reason.to_owned())
+        .push(", revocation_id = COALESCE(")
+        .push_bind(revocation_id.map(str::to_owned))
+        .push(", revocation_id) WHERE state IN ('pending', 'active')");
+    match sel {
+        LeaseSelector::Lease(id) => {
+            q.push(" AND id = ").push_bind(id.clone());
+        }
+        LeaseSelector::Task(t) => {
+            q.push(" AND task_id = ").push_bind(t.clone());
+        }
+        LeaseSelector::Tasks(ts) => {
+            q.push(" AND task_id = ANY(")
+                .push_bind(ts.clone())
+                .push(")");
+        }
+        LeaseSelector::Leases(ids) => {
+            q.push(" AND id = ANY(").push_bind(ids.clone()).push(")");
+        }
+        LeaseSelector::Emergency(s) => push_selector(&mut q, s, "agent_id"),
+    }
+    q.push(" RETURNING id");
+    let rows = q.build().fetch_all(tx.conn()).await?;
+    let mut ids = PostgresTx::ids(&rows)?;
+    // Leases already queued by an earlier call still count towards an
+    // emergency revocation's progress.
+    if let (Some(rid), LeaseSelector::Emergency(s)) = (revocation_id, sel) {
+        let mut q2 = QueryBuilder::<Postgres>::new("UPDATE leases SET revocation_id = ");
+        q2.push_bind(rid.to_owned())
+            .push(" WHERE state = 'revoking' AND revocation_id IS DISTINCT FROM ")
+            .push_bind(rid.to_owned());
+        push_selector(&mut q2, s, "agent_id");
+        q2.push(" RETURNING id");
+        let rows = q2.build().fetch_all(tx.conn()).await?;
+        ids.extend(PostgresTx::ids(&rows)?);
+    }
+    Ok(ids)
+}
+
+pub(super) async fn finish_revocation(
+    tx: &mut PostgresTx,
+    id: &str,
+    state: LeaseState,
+    lives_until: Option<OffsetDateTime>,
+    now: OffsetDateTime,
+) -> StoreResult<bool> {
+    let done = sqlx::query(
+        "UPDATE leases SET state = $1, ended_at = $2, last_error = NULL, \
+         next_attempt_at = NULL, expires_at = COALESCE($3, expires_at), \
+         claimed_by = NULL, claim_until = NULL WHERE id = $4 AND state = 'revoking'",
+    )
+    .bind(state.as_str())
+    .bind(unix(now))
+    .bind(lives_until.map(unix))
+    .bind(id)
+    .execute(tx.conn())
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+pub(super) async fn revocation_failed(
+    tx: &mut PostgresTx,
+    id: &str,
+    error: &str,
+    next_attempt_at: OffsetDateTime,
+) -> StoreResult<()> {
+    sqlx::query(
+        "UPDATE leases SET attempts = attempts + 1, last_error = $1, next_attempt_at = $2, \
+         claimed_by = NULL, claim_until = NULL WHERE id = $3 AND state = 'revoking'",
+    )
+    .bind(error)
+    .bind(unix(next_attempt_at))
+    .bind(id)
+    .execute(tx.conn())
+    .await?;
+    Ok(())
+}
+
+pub(super) async fn queue_expired(
+    tx: &mut PostgresTx,
+    scopes: &[String],
+    now: OffsetDateTime,
+) -> StoreResult<Vec<String>> {
+    if scopes.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows = sqlx::query(
+        "UPDATE leases SET state = 'revoking', attempts = 0, last_error = NULL, \
+         next_attempt_at = $1, end_reason = 'ttl reached; its provider acts at expiry' \
+         WHERE state = 'active' AND expires_at <= $1 AND scope = ANY($2) RETURNING id",
+    )
+    .bind(unix(now))
+    .bind(scopes)
+    .fetch_all(tx.conn())
+    .await?;
+    PostgresTx::ids(&rows)
+}
+
+pub(super) async fn expire_leases(
+    tx: &mut PostgresTx,
+    now: OffsetDateTime,
+) -> StoreResult<Vec<Lease>> {
+    let rows = sqlx::query(
+        "UPDATE leases SET state = 'expired', ended_at = $1, \
+         end_reason = COALESCE(end_reason, 'expired') \
+         WHERE state IN ('active', 'expiring') AND expires_at <= $1 RETURNING *",
+    )
+    .bind(unix(now))
+    .fetch_all(tx.conn())
+    .await?;
+    rows.iter().map(lease_from_row).collect()
+}
+
+pub(super) async fn queue_orphans(
+    tx: &mut PostgresTx,
+    before: OffsetDateTime,
+    _boot_id: &str,
+    now: OffsetDateTime,
+) -> StoreResult<Vec<String>> {
+    // Another boot's pending lease is an orphan only once that replica
+    // is dead (its lock is gone): a live one may be issuing it now.
+    let rows = sqlx::query(concat!(
+        "UPDATE leases SET state = 'revoking', next_attempt_at = $1, \
+         end_reason = 'orphaned: issue did not complete' \
+         WHERE state = 'pending' AND (created_at < $2 OR boot_id IS NULL OR boot_id NOT IN (",
+        crate::store::postgres::replicas::live_boots!(),
+        ")) RETURNING id"
+    ))
+    .bind(unix(now))
+    .bind(unix(before))
+    .fetch_all(tx.conn())
+    .await?;
+    PostgresTx::ids(&rows)
+}

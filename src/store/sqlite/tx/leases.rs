@@ -1,0 +1,242 @@
+//! A lease's life in the SQLite engine: written ahead, issued, renewed, queued for revocation, finished; expiry and orphans.
+
+use time::OffsetDateTime;
+
+use super::{SqliteTx, corrupt};
+use crate::model::{Lease, LeaseState, Revocability, unix};
+use crate::store::rows::lease_from_row;
+use crate::store::sql::push_selector;
+use crate::store::{LeaseSelector, StoreError, StoreResult};
+use sqlx::{QueryBuilder, Row, Sqlite};
+
+pub(super) async fn insert_lease(tx: &mut SqliteTx, l: &Lease) -> StoreResult<bool> {
+    let done = sqlx::query(
+        "INSERT INTO leases (id, agent_id, task_id, scope, provider, state, created_at, \
+         expires_at, boot_id, source) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ? \
+         WHERE EXISTS (SELECT 1 FROM tasks WHERE id = ? AND state = 'open')",
+    )
+    .bind(&l.id)
+    .bind(&l.agent_id)
+    .bind(&l.task_id)
+    .bind(&l.scope)
+    .bind(&l.provider)
+    .bind(l.state.as_str())
+    .bind(unix(l.created_at))
+    .bind(unix(l.expires_at))
+    .bind(&l.boot_id)
+    .bind(&l.source)
+    .bind(&l.task_id)
+    .execute(&mut tx.tx.state.conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+pub(super) async fn record_issued(
+    tx: &mut SqliteTx,
+    id: &str,
+    handle: &serde_json::Value,
+    revocability: Revocability,
+    expires_at: OffsetDateTime,
+) -> StoreResult<Option<LeaseState>> {
+    let row = sqlx::query(
+        "UPDATE leases SET handle = ?, revocability = ?, expires_at = ?, \
+         state = CASE WHEN state = 'pending' THEN 'active' ELSE state END \
+         WHERE id = ? AND state IN ('pending', 'revoking') RETURNING state",
+    )
+    .bind(serde_json::to_string(handle).map_err(corrupt)?)
+    .bind(revocability.as_str())
+    .bind(unix(expires_at))
+    .bind(id)
+    .fetch_optional(&mut tx.tx.state.conn)
+    .await?;
+    row.map(|r| crate::store::rows::parse_col::<LeaseState>(&r, "state"))
+        .transpose()
+}
+
+pub(super) async fn renew_lease(
+    tx: &mut SqliteTx,
+    id: &str,
+    expires_at: OffsetDateTime,
+) -> StoreResult<bool> {
+    let done = sqlx::query("UPDATE leases SET expires_at = ? WHERE id = ? AND state = 'active'")
+        .bind(unix(expires_at))
+        .bind(id)
+        .execute(&mut tx.tx.state.conn)
+        .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+pub(super) async fn mark_failed(
+    tx: &mut SqliteTx,
+    id: &str,
+    error: &str,
+    now: OffsetDateTime,
+) -> StoreResult<()> {
+    sqlx::query(
+        "UPDATE leases SET state = 'failed', last_error = ?, ended_at = ? \
+         WHERE id = ? AND state = 'pending'",
+    )
+    .bind(error)
+    .bind(unix(now))
+    .bind(id)
+    .execute(&mut tx.tx.state.conn)
+    .await?;
+    Ok(())
+}
+
+pub(super) async fn queue_revocations(
+    tx: &mut SqliteTx,
+    sel: &LeaseSelector,
+    reason: &str,
+    revocation_id: Option<&str>,
+    now: OffsetDateTime,
+) -> StoreResult<Vec<String>> {
+    let mut q = QueryBuilder::<Sqlite>::new(
+        "UPDATE leases SET state = 'revoking', attempts = 0, last_error = NULL, \
+         next_attempt_at = ",
+    );
+    q.push_bind(unix(now))
+        .push(", end_reason = ")
+        .push_bind(reason.to_owned())
+        .push(", revocation_id = COALESCE(")
+        .push_bind(revocation_id.map(str::to_owned))
+        .push(", revocation_id) WHERE state IN ('pending', 'active')");
+    match sel {
+        LeaseSelector::Lease(id) => {
+            q.push(" AND id = ").push_bind(id.clone());
+        }
+        LeaseSelector::Task(t) => {
+            q.push(" AND task_id = ").push_bind(t.clone());
+        }
+        LeaseSelector::Tasks(ts) => {
+            q.push(" AND task_id IN (SELECT value FROM json_each(")
+                .push_bind(serde_json::to_string(ts).map_err(corrupt)?)
+                .push("))");
+        }
+        LeaseSelector::Leases(ids) => {
+            q.push(" AND id IN (SELECT value FROM json_each(")
+                .push_bind(serde_json::to_string(ids).map_err(corrupt)?)
+                .push("))");
+        }
+        LeaseSelector::Emergency(s) => push_selector(&mut q, s, "agent_id"),
+    }
+    q.push(" RETURNING id");
+    let rows = q.build().fetch_all(&mut tx.tx.state.conn).await?;
+    let mut ids: Vec<String> = rows
+        .iter()
+        .map(|r| r.try_get::<String, _>("id"))
+        .collect::<Result<_, _>>()?;
+    // Leases already queued by an earlier call still count towards an
+    // emergency revocation's progress.
+    if let (Some(rid), LeaseSelector::Emergency(s)) = (revocation_id, sel) {
+        let mut q2 = QueryBuilder::<Sqlite>::new("UPDATE leases SET revocation_id = ");
+        q2.push_bind(rid.to_owned())
+            .push(" WHERE state = 'revoking' AND revocation_id IS NOT ")
+            .push_bind(rid.to_owned());
+        push_selector(&mut q2, s, "agent_id");
+        q2.push(" RETURNING id");
+        for r in q2.build().fetch_all(&mut tx.tx.state.conn).await? {
+            ids.push(r.try_get::<String, _>("id")?);
+        }
+    }
+    Ok(ids)
+}
+
+pub(super) async fn finish_revocation(
+    tx: &mut SqliteTx,
+    id: &str,
+    state: LeaseState,
+    lives_until: Option<OffsetDateTime>,
+    now: OffsetDateTime,
+) -> StoreResult<bool> {
+    let done = sqlx::query(
+        "UPDATE leases SET state = ?, ended_at = ?, last_error = NULL, next_attempt_at = NULL, \
+         expires_at = COALESCE(?, expires_at) WHERE id = ? AND state = 'revoking'",
+    )
+    .bind(state.as_str())
+    .bind(unix(now))
+    .bind(lives_until.map(unix))
+    .bind(id)
+    .execute(&mut tx.tx.state.conn)
+    .await?;
+    Ok(done.rows_affected() == 1)
+}
+
+pub(super) async fn revocation_failed(
+    tx: &mut SqliteTx,
+    id: &str,
+    error: &str,
+    next_attempt_at: OffsetDateTime,
+) -> StoreResult<()> {
+    sqlx::query(
+        "UPDATE leases SET attempts = attempts + 1, last_error = ?, next_attempt_at = ? \
+         WHERE id = ? AND state = 'revoking'",
+    )
+    .bind(error)
+    .bind(unix(next_attempt_at))
+    .bind(id)
+    .execute(&mut tx.tx.state.conn)
+    .await?;
+    Ok(())
+}
+
+pub(super) async fn queue_expired(
+    tx: &mut SqliteTx,
+    scopes: &[String],
+    now: OffsetDateTime,
+) -> StoreResult<Vec<String>> {
+    if scopes.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows = sqlx::query(
+        "UPDATE leases SET state = 'revoking', attempts = 0, last_error = NULL, \
+         next_attempt_at = ?, end_reason = 'ttl reached; its provider acts at expiry' \
+         WHERE state = 'active' AND expires_at <= ? \
+         AND scope IN (SELECT value FROM json_each(?)) RETURNING id",
+    )
+    .bind(unix(now))
+    .bind(unix(now))
+    .bind(serde_json::to_string(scopes).map_err(corrupt)?)
+    .fetch_all(&mut tx.tx.state.conn)
+    .await?;
+    rows.iter()
+        .map(|r| r.try_get::<String, _>("id").map_err(StoreError::from))
+        .collect()
+}
+
+pub(super) async fn expire_leases(
+    tx: &mut SqliteTx,
+    now: OffsetDateTime,
+) -> StoreResult<Vec<Lease>> {
+    let rows = sqlx::query(
+        "UPDATE leases SET state = 'expired', ended_at = ?, \
+         end_reason = COALESCE(end_reason, 'expired') \
+         WHERE state IN ('active', 'expiring') AND expires_at <= ? RETURNING *",
+    )
+    .bind(unix(now))
+    .bind(unix(now))
+    .fetch_all(&mut tx.tx.state.conn)
+    .await?;
+    rows.iter().map(lease_from_row).collect()
+}
+
+pub(super) async fn queue_orphans(
+    tx: &mut SqliteTx,
+    before: OffsetDateTime,
+    boot_id: &str,
+    now: OffsetDateTime,
+) -> StoreResult<Vec<String>> {
+    let rows = sqlx::query(
+        "UPDATE leases SET state = 'revoking', next_attempt_at = ?, \
+         end_reason = 'orphaned: issue did not complete' \
+         WHERE state = 'pending' AND (created_at < ? OR boot_id IS NOT ?) RETURNING id",
+    )
+    .bind(unix(now))
+    .bind(unix(before))
+    .bind(boot_id)
+    .fetch_all(&mut tx.tx.state.conn)
+    .await?;
+    rows.iter()
+        .map(|r| r.try_get::<String, _>("id").map_err(StoreError::from))
+        .collect()
+}
