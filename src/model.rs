@@ -13,7 +13,7 @@ use time::OffsetDateTime;
 macro_rules! string_enum {
     ($(#[$m:meta])* $name:ident { $($(#[$vm:meta])* $variant:ident = $text:literal),+ $(,)? }) => {
         $(#[$m])*
-        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+        #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, utoipa::ToSchema)]
         #[serde(rename_all = "snake_case")]
         pub enum $name { $($(#[$vm])* $variant),+ }
 
@@ -135,7 +135,7 @@ impl From<keygate_provider_api::Revocability> for Revocability {
 }
 
 /// A registered non-human principal.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Agent {
     pub id: String,
     pub team: String,
@@ -200,7 +200,7 @@ pub struct Agent {
 }
 
 /// Why and by whom a scope was excluded from an agent.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Exclusion {
     pub reason: String,
     pub by: String,
@@ -231,7 +231,7 @@ impl Agent {
 }
 
 /// The user a task acts for.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct UserContext {
     pub id: String,
@@ -244,7 +244,7 @@ pub struct UserContext {
 
 /// A subject of a trusted issuer (e.g. `system:serviceaccount:ns:name` of
 /// issuer `k8s-prod`) bound to one agent.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct FederatedSubject {
     /// A `[[federation.issuers]]` name.
@@ -253,7 +253,7 @@ pub struct FederatedSubject {
 }
 
 /// An orchestrator's delegation rights (RFC 8693 token exchange).
-#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct Delegation {
     /// Levels of sub-agents that may hang below the agent's tasks; 0: none.
@@ -265,7 +265,7 @@ pub struct Delegation {
 }
 
 /// One unit of agent work: a broker session.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Task {
     pub id: String,
     pub agent_id: String,
@@ -300,7 +300,7 @@ pub struct Task {
 
 /// One minted credential, as the broker remembers it. Holds the revoke handle,
 /// never the credential.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Lease {
     pub id: String,
     pub agent_id: String,
@@ -311,6 +311,7 @@ pub struct Lease {
     pub revocability: Option<Revocability>,
     /// Opaque to the core; never sent to agents.
     #[serde(skip_serializing)]
+    #[schema(ignore)]
     pub handle: Option<serde_json::Value>,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,
@@ -335,7 +336,7 @@ pub struct Lease {
 }
 
 /// Which leases and sessions an emergency revocation hits.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum Selector {
     Agent(String),
@@ -356,7 +357,7 @@ impl fmt::Display for Selector {
 }
 
 /// An emergency revocation, and how far it has got.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Revocation {
     pub id: String,
     pub selector: Selector,
@@ -369,7 +370,7 @@ pub struct Revocation {
 }
 
 /// Progress counts of the leases an emergency revocation queued.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RevocationProgress {
     /// Live leases that matched.
     pub found: u64,
@@ -453,7 +454,7 @@ pub fn new_id(prefix: &str) -> String {
 
 /// A barrier an emergency revocation put up at a provider (an AWS deny
 /// policy on a role), until an operator lifts it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct FenceRecord {
     pub id: String,
     pub revocation_id: String,
@@ -468,6 +469,7 @@ pub struct FenceRecord {
     pub description: String,
     /// Opaque to the core: what the provider needs to lift it.
     #[serde(skip_serializing)]
+    #[schema(ignore)]
     pub handle: serde_json::Value,
     #[serde(with = "time::serde::rfc3339")]
     pub created_at: OffsetDateTime,

@@ -8,6 +8,7 @@ mod auth;
 mod error;
 mod governance;
 mod listen;
+mod openapi;
 mod ops;
 mod reviews;
 pub mod tls;
@@ -17,7 +18,6 @@ use std::sync::Arc;
 
 use axum::Router;
 use axum::extract::DefaultBodyLimit;
-use axum::routing::{delete, get, post};
 use tokio::net::TcpListener;
 
 use crate::broker::{Broker, seed_agents};
@@ -149,70 +149,8 @@ pub(crate) fn paged(
 /// The router with every route.
 pub fn router(state: AppState) -> Router {
     let limit = state.config.server.body_limit_bytes;
-    Router::new()
-        .route("/healthz", get(ops::healthz))
-        .route("/readyz", get(ops::readyz))
-        .route("/metrics", get(ops::metrics))
-        .route("/.well-known/jwks.json", get(ops::jwks))
-        .route(
-            "/.well-known/oauth-authorization-server",
-            get(ops::metadata),
-        )
-        .route("/oauth/token", post(agent::token))
-        .route("/oauth/introspect", post(agent::introspect))
-        .route("/oauth/revoke", post(agent::revoke_token))
-        .route("/v1/session", get(agent::whoami))
-        .route("/v1/credentials", post(agent::request_credential))
-        .route("/v1/credentials/{lease_id}", delete(agent::release))
-        .route("/v1/credentials/{lease_id}/renew", post(agent::renew))
-        .route("/v1/tasks/complete", post(agent::complete))
-        .route("/v1/agents", post(admin::register).get(admin::list_agents))
-        .route(
-            "/v1/agents/{id}",
-            get(admin::show_agent).patch(admin::update_agent),
-        )
-        .route("/v1/agents/{id}/{action}", post(admin::agent_action))
-        .route(
-            "/v1/agents/{id}/compliance",
-            get(governance::agent_compliance),
-        )
-        .route("/v1/agents/{id}/exclusions", post(reviews::exclude))
-        .route(
-            "/v1/agents/{id}/exclusions/{scope}",
-            delete(reviews::include),
-        )
-        .route("/v1/reviews", post(reviews::start).get(reviews::list))
-        .route("/v1/reviews/{key}", get(reviews::show))
-        .route("/v1/reviews/items/{id}", get(reviews::item))
-        .route("/v1/reviews/items/{id}/decision", post(reviews::decide))
-        .route("/v1/ascode/plan", post(reviews::ascode_plan))
-        .route("/v1/ascode/apply", post(reviews::ascode_apply))
-        .route("/v1/people", get(reviews::people))
-        .route("/v1/people/{email}/depart", post(reviews::depart))
-        .route("/v1/findings", get(governance::findings))
-        .route("/v1/registry", get(governance::registry))
-        .route("/v1/maturity", get(governance::maturity))
-        .route("/v1/governance/sweep", post(governance::sweep))
-        .route("/v1/evidence", get(governance::evidence))
-        .route("/v1/policy", get(governance::policy))
-        .route("/v1/policy/diff", post(governance::policy_diff))
-        .route("/v1/policy/reload", post(governance::policy_reload))
-        .route("/v1/approvals", get(approvals::list))
-        .route("/v1/approvals/{id}", get(approvals::show))
-        .route("/v1/approvals/{id}/decision", post(approvals::decide))
-        .route("/v1/approvals/{id}/redeem", post(approvals::redeem))
-        .route(
-            "/v1/hooks/slack/interactions",
-            post(approvals::slack_interaction),
-        )
-        .route("/v1/leases", get(admin::list_leases))
-        .route("/v1/revocations", post(admin::revoke))
-        .route("/v1/revocations/{id}", get(admin::revocation))
-        .route("/v1/fences", get(admin::list_fences))
-        .route("/v1/fences/{id}/lift", post(admin::lift_fence))
-        .route("/v1/audit", get(admin::audit))
-        .route("/v1/providers/{name}/verify", post(ops::provider_verify))
-        .route("/v1/providers/{name}/{doc}", get(ops::provider_document))
+    let (router, _) = openapi::routes().split_for_parts();
+    router
         .fallback(ops::not_found)
         .layer(axum::middleware::from_fn_with_state(
             Arc::clone(&state),

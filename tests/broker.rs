@@ -18,6 +18,7 @@ mod lease_properties;
 mod mtls;
 mod oauth_rejections;
 mod on_behalf_of;
+mod openapi;
 mod pagination;
 mod rate_limits;
 mod replica_claims;

@@ -13,7 +13,7 @@ use super::agents::AgentSpec;
 use crate::model::{Agent, Delegation, Environment};
 
 /// A change to an agent's attributes; absent fields stay as they are.
-#[derive(Debug, Clone, Default, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AgentUpdate {
     #[serde(default, skip_serializing_if = "Option::is_none")]

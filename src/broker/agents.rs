@@ -20,7 +20,7 @@ use super::agent_update::identity_changes;
 pub(crate) use super::agent_update::ownership_change;
 
 /// What a caller supplies to register an agent (HTTP body, CLI, seed file).
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct AgentSpec {
     pub id: String,
@@ -127,7 +127,7 @@ impl AgentSpec {
 }
 
 /// What registering or changing an agent came to.
-#[derive(Debug, serde::Serialize)]
+#[derive(Debug, serde::Serialize, utoipa::ToSchema)]
 pub struct Registered {
     pub agent: Agent,
     /// Set when the change waits for provisioning approval.

@@ -13,12 +13,14 @@ use super::credentials::{CredentialAsk, IssuedCredential};
 use super::{Broker, BrokerError, BrokerResult, Session};
 use crate::audit::{Actor, AuditEvent};
 use crate::config::{OperatorConfig, Role, ScopeConfig};
-use crate::model::{Approval, ApprovalDecision, ApprovalKind, ApprovalState, Verdict, new_id, now};
+use crate::model::{
+    Approval, ApprovalDecision, ApprovalKind, ApprovalState, TaskState, Verdict, new_id, now,
+};
 use crate::notify::Reply;
 use crate::store::StoreTx;
 
 /// An approver's decision as the API and Slack deliver it.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct DecisionRequest {
     pub decision: Verdict,
@@ -324,6 +326,18 @@ impl Broker {
             return Err(BrokerError::Conflict(format!(
                 "approval `{id}` expired at {}; it takes no more decisions",
                 crate::model::rfc3339(a.expires_at)
+            )));
+        }
+        // A credential approval lives only as long as its task: one whose
+        // task ended (completed, expired, killed) is cancelled by the next
+        // reaper pass and takes no decision meanwhile.
+        if a.kind == ApprovalKind::Credential
+            && let Some(task_id) = &a.task_id
+            && let Some(task) = self.store.get_task(task_id).await?
+            && (task.state != TaskState::Open || task.expires_at <= t)
+        {
+            return Err(BrokerError::Conflict(format!(
+                "approval `{id}` is for task `{task_id}`, which has ended; it takes no more decisions"
             )));
         }
         if !a.approver_teams.is_empty()

@@ -37,7 +37,7 @@ pub struct IssuedCredential {
 const BACKEND_CLOCK_SKEW: time::Duration = time::Duration::seconds(5);
 
 /// The outcome of releasing one lease.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct ReleasedLease {
     pub lease_id: String,
     pub state: LeaseState,
@@ -54,7 +54,7 @@ pub struct ReleasedLease {
 
 /// A lease whose credential outlives its task because its backend cannot
 /// revoke it.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct LivesUntil {
     pub lease_id: String,
     pub scope: String,
@@ -63,7 +63,7 @@ pub struct LivesUntil {
 }
 
 /// The outcome of completing a task.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct CompletedTask {
     pub task_id: String,
     pub state: TaskState,

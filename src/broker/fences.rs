@@ -14,7 +14,7 @@ use crate::audit::{Actor, AuditEvent};
 use crate::model::{FenceFilter, FenceRecord, Lease, Selector, new_id, now};
 
 /// A fence a provider could not put up: the kill switch is incomplete there.
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct FenceFailure {
     pub provider: String,
     /// The role (or other target) it was for, when the provider got that far.
@@ -32,7 +32,7 @@ pub(super) struct FenceResults {
 }
 
 /// `POST /v1/fences/{id}/lift` body.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct LiftRequest {
     pub reason: Option<String>,

@@ -13,7 +13,7 @@ use crate::audit::{Actor, AuditEvent};
 use crate::model::{LeaseState, from_unix, now, unix};
 
 /// The outcome of a renewal.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct RenewedLease {
     pub lease_id: String,
     #[serde(with = "time::serde::rfc3339")]

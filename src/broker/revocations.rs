@@ -14,7 +14,7 @@ use crate::model::{
 use crate::store::{LeaseSelector, TaskSelector};
 
 /// `POST /v1/revocations` body: exactly one selector and a reason.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RevocationRequest {
     pub agent: Option<String>,
@@ -37,7 +37,7 @@ pub struct RevocationRequest {
 }
 
 /// What a revocation found and did.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct RevocationReport {
     pub revocation_id: String,
     pub selector: Selector,

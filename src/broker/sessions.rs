@@ -84,7 +84,7 @@ pub(super) fn internal(e: &dyn std::fmt::Display) -> OAuthError {
 }
 
 /// `POST /oauth/token` form fields.
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 pub struct TokenRequest {
     pub grant_type: Option<String>,
     pub client_id: Option<String>,
@@ -121,7 +121,7 @@ pub struct TokenRequest {
 }
 
 /// A successful token response (RFC 6749 §5.1 plus `task_id`).
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct TokenResponse {
     pub access_token: String,
     pub token_type: &'static str,

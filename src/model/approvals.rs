@@ -34,7 +34,7 @@ string_enum!(
 );
 
 /// A request for human sign-off, with every decision made on it.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Approval {
     pub id: String,
     pub kind: ApprovalKind,
@@ -80,7 +80,7 @@ impl Approval {
 }
 
 /// One approver's decision on an approval.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ApprovalDecision {
     pub operator: String,
     pub decision: Verdict,
@@ -105,7 +105,7 @@ pub struct ApprovalFilter {
 }
 
 /// A message waiting in the notification outbox.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Notification {
     pub id: String,
     /// The approval it is about, or (`None`) the review item.

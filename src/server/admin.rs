@@ -9,15 +9,25 @@ use serde::Deserialize;
 
 use super::auth::Operator;
 use super::error::{parse_json, parse_query};
+use super::openapi::OPERATOR;
 use super::{ApiError, AppState};
-use crate::broker::{AgentSpec, AgentUpdate, LiftRequest, Registered, RevocationRequest};
+use crate::broker::{
+    AgentSpec, AgentUpdate, LiftRequest, Registered, RevocationReport, RevocationRequest,
+};
 use crate::config::Role;
-use crate::model::{AgentStatus, FenceFilter, LeaseFilter};
+use crate::model::{Agent, AgentStatus, FenceFilter, FenceRecord, Lease, LeaseFilter, LeaseState};
 use crate::store::AuditFilter;
 
 const READERS: &[Role] = &[Role::Admin, Role::Secops, Role::Auditor];
 
 /// `POST /v1/agents` (admin).
+#[utoipa::path(post, path = "/v1/agents", tag = OPERATOR,
+    summary = "Register an agent (admin); held for provisioning approval when required",
+    request_body = AgentSpec,
+    responses(
+        (status = 201, description = "The agent", body = Agent),
+        (status = 202, description = "The agent, `pending`, with the approval it waits for", body = Registered),
+    ))]
 pub async fn register(
     State(b): State<AppState>,
     op: Operator,
@@ -41,6 +51,14 @@ fn held_or(done: Registered, status: StatusCode) -> Response {
 
 /// `PATCH /v1/agents/{id}` (admin): change attributes. A change that makes
 /// more scopes reachable waits for provisioning approval when required.
+#[utoipa::path(patch, path = "/v1/agents/{id}", tag = OPERATOR,
+    summary = "Change an agent (admin); a widening change waits for provisioning approval when required",
+    params(("id" = String, Path, description = "The agent")),
+    request_body = AgentUpdate,
+    responses(
+        (status = 200, description = "The agent", body = Agent),
+        (status = 202, description = "The change waits for approval", body = Registered),
+    ))]
 pub async fn update_agent(
     State(b): State<AppState>,
     op: Operator,
@@ -62,6 +80,13 @@ pub struct IdPage {
 }
 
 /// `GET /v1/agents?limit=&cursor=`, ordered by id.
+#[utoipa::path(get, path = "/v1/agents", tag = OPERATOR,
+    summary = "Agents by id (admin, secops, auditor)",
+    params(
+        ("limit" = Option<u32>, Query, description = "Page size, 1 to 1000"),
+        ("cursor" = Option<String>, Query, description = "`Keygate-Next-Cursor` of the previous page"),
+    ),
+    responses((status = 200, description = "A page", body = Vec<Agent>)))]
 pub async fn list_agents(
     State(b): State<AppState>,
     op: Operator,
@@ -78,6 +103,9 @@ pub async fn list_agents(
 }
 
 /// `GET /v1/agents/{id}`.
+#[utoipa::path(get, path = "/v1/agents/{id}", tag = OPERATOR,
+    params(("id" = String, Path, description = "The agent")),
+    responses((status = 200, description = "The agent", body = Agent)))]
 pub async fn show_agent(
     State(b): State<AppState>,
     op: Operator,
@@ -87,13 +115,21 @@ pub async fn show_agent(
     Ok(Json(b.agent(&id).await?))
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct ActionBody {
     reason: Option<String>,
 }
 
 /// `POST /v1/agents/{id}/{suspend|resume|decommission}`.
+#[utoipa::path(post, path = "/v1/agents/{id}/{action}", tag = OPERATOR,
+    summary = "Suspend (admin, secops), resume or decommission (admin) an agent; suspend and decommission revoke its leases",
+    params(
+        ("id" = String, Path, description = "The agent"),
+        ("action" = String, Path, description = "`suspend`, `resume` or `decommission`"),
+    ),
+    request_body(content = Option<ActionBody>, description = "Optional: `{\"reason\"}`"),
+    responses((status = 200, description = "The agent", body = Agent)))]
 pub async fn agent_action(
     State(b): State<AppState>,
     op: Operator,
@@ -126,6 +162,17 @@ pub async fn agent_action(
 }
 
 /// `GET /v1/leases?agent=&task=&state=&provider=&limit=`.
+#[utoipa::path(get, path = "/v1/leases", tag = OPERATOR,
+    summary = "Leases, newest first (admin, secops, auditor); never a credential",
+    params(
+        ("agent" = Option<String>, Query),
+        ("task" = Option<String>, Query),
+        ("state" = Option<LeaseState>, Query),
+        ("provider" = Option<String>, Query),
+        ("limit" = Option<u32>, Query, description = "Page size, 1 to 1000"),
+        ("cursor" = Option<String>, Query, description = "`Keygate-Next-Cursor` of the previous page"),
+    ),
+    responses((status = 200, description = "A page", body = Vec<Lease>)))]
 pub async fn list_leases(
     State(b): State<AppState>,
     op: Operator,
@@ -139,6 +186,10 @@ pub async fn list_leases(
 }
 
 /// `POST /v1/revocations` (secops, admin).
+#[utoipa::path(post, path = "/v1/revocations", tag = OPERATOR,
+    summary = "The kill switch (secops, admin): end the selected tasks and revoke their leases",
+    request_body = RevocationRequest,
+    responses((status = 200, description = "What it found and did", body = RevocationReport)))]
 pub async fn revoke(
     State(b): State<AppState>,
     op: Operator,
@@ -150,6 +201,10 @@ pub async fn revoke(
 }
 
 /// `GET /v1/revocations/{id}`.
+#[utoipa::path(get, path = "/v1/revocations/{id}", tag = OPERATOR,
+    summary = "A revocation and how far it has got",
+    params(("id" = String, Path, description = "The revocation")),
+    responses((status = 200, description = "Its progress", body = RevocationReport)))]
 pub async fn revocation(
     State(b): State<AppState>,
     op: Operator,
@@ -160,6 +215,16 @@ pub async fn revocation(
 }
 
 /// `GET /v1/fences?revocation=&provider=&active=true&limit=&cursor=`, oldest first.
+#[utoipa::path(get, path = "/v1/fences", tag = OPERATOR,
+    summary = "Fences emergency revocations put up, oldest first",
+    params(
+        ("revocation" = Option<String>, Query),
+        ("provider" = Option<String>, Query),
+        ("active" = Option<bool>, Query, description = "Only fences not lifted yet"),
+        ("limit" = Option<u32>, Query, description = "Page size, 1 to 1000"),
+        ("cursor" = Option<String>, Query, description = "`Keygate-Next-Cursor` of the previous page"),
+    ),
+    responses((status = 200, description = "A page", body = Vec<FenceRecord>)))]
 pub async fn list_fences(
     State(b): State<AppState>,
     op: Operator,
@@ -174,6 +239,11 @@ pub async fn list_fences(
 }
 
 /// `POST /v1/fences/{id}/lift` (secops, admin): `{"reason": "..."}`.
+#[utoipa::path(post, path = "/v1/fences/{id}/lift", tag = OPERATOR,
+    summary = "Lift a fence (secops, admin)",
+    params(("id" = String, Path, description = "The fence")),
+    request_body = LiftRequest,
+    responses((status = 200, description = "The fence, lifted", body = FenceRecord)))]
 pub async fn lift_fence(
     State(b): State<AppState>,
     op: Operator,
@@ -198,6 +268,16 @@ pub struct AuditQuery {
 
 /// `GET /v1/audit`: JSON lines in `seq` order, one page at a time. The
 /// `x-next-after` header gives the `after` value for the next page.
+#[utoipa::path(get, path = "/v1/audit", tag = OPERATOR,
+    summary = "The audit log (auditor, admin) as JSON lines in `seq` order; `x-next-after` gives the next page's `after`",
+    params(
+        ("after" = Option<i64>, Query, description = "Events after this `seq`"),
+        ("agent" = Option<String>, Query),
+        ("task" = Option<String>, Query),
+        ("action" = Option<String>, Query),
+        ("limit" = Option<u32>, Query, description = "1 to 10000, default 1000"),
+    ),
+    responses((status = 200, description = "One event per line", content_type = "application/x-ndjson", body = String)))]
 pub async fn audit(
     State(b): State<AppState>,
     op: Operator,

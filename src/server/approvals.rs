@@ -9,40 +9,74 @@ use axum::body::Bytes;
 use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode};
 use axum::response::{IntoResponse, Response};
-use serde::Deserialize;
+use serde::{Deserialize, Serialize};
 use serde_json::json;
 use sha2::{Digest, Sha256};
+use time::OffsetDateTime;
+use utoipa::ToSchema;
 
 use super::agent::issued_body;
 use super::auth::{AgentSession, Caller, Operator};
 use super::error::{parse_json, parse_query};
+use super::openapi::{AGENT, OPERATOR, PUBLIC};
 use super::{ApiError, AppState};
 use crate::audit::{Actor, AuditEvent};
 use crate::broker::{DecisionChannel, DecisionRequest};
 use crate::config::Role;
 use crate::governance::reviews::Verdict as ReviewVerdict;
-use crate::model::{Approval, ApprovalFilter, Verdict, now};
+use crate::model::{Approval, ApprovalFilter, ApprovalState, Verdict, now};
 use crate::notify::{Reply, reviews, slack};
 
 /// Operators who may read approvals.
 const READERS: &[Role] = &[Role::Approver, Role::Admin, Role::Secops, Role::Auditor];
 
 /// What an agent sees of its own approval: no approver names or reasons.
-pub fn agent_view(a: &Approval) -> serde_json::Value {
-    json!({
-        "approval_id": a.id,
-        "status": a.state,
-        "scope": a.scope,
-        "task_id": a.task_id,
-        "required": a.required,
-        "approvals": a.approvals().count(),
-        "expires_at": crate::model::rfc3339(a.expires_at),
-        "redeemed": a.redeemed_at.is_some(),
-        "reason": a.end_reason,
-    })
+#[derive(Serialize, ToSchema)]
+pub struct AgentApprovalView {
+    pub approval_id: String,
+    pub status: ApprovalState,
+    pub scope: Option<String>,
+    pub task_id: Option<String>,
+    /// Approvals needed.
+    pub required: u32,
+    /// Approvals so far.
+    pub approvals: usize,
+    #[serde(with = "time::serde::rfc3339")]
+    pub expires_at: OffsetDateTime,
+    pub redeemed: bool,
+    /// Why it ended, once it has.
+    pub reason: Option<String>,
+    /// What to do next (the 202 of `POST /v1/credentials`).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub message: Option<String>,
+}
+
+pub fn agent_view(a: &Approval) -> AgentApprovalView {
+    AgentApprovalView {
+        approval_id: a.id.clone(),
+        status: a.state,
+        scope: a.scope.clone(),
+        task_id: a.task_id.clone(),
+        required: a.required,
+        approvals: a.approvals().count(),
+        expires_at: a.expires_at,
+        redeemed: a.redeemed_at.is_some(),
+        reason: a.end_reason.clone(),
+        message: None,
+    }
 }
 
 /// `GET /v1/approvals?state=&kind=&agent=&limit=`.
+#[utoipa::path(get, path = "/v1/approvals", tag = OPERATOR,
+    summary = "Approvals, newest first (approver, admin, secops, auditor)",
+    params(
+        ("state" = Option<ApprovalState>, Query, description = "Only in this state"),
+        ("kind" = Option<crate::model::ApprovalKind>, Query, description = "`credential` or `provisioning`"),
+        ("agent" = Option<String>, Query, description = "Only this agent's"),
+        ("limit" = Option<u32>, Query, description = "Page size, 1 to 1000"),
+        ("cursor" = Option<String>, Query, description = "`Keygate-Next-Cursor` of the previous page"),
+    ),
+    responses((status = 200, description = "A page (`Keygate-Next-Cursor` and `Link` name the next)", body = Vec<Approval>)))]
 pub async fn list(
     State(b): State<AppState>,
     op: Operator,
@@ -69,6 +103,14 @@ pub struct ShowQuery {
 
 /// `GET /v1/approvals/{id}[?wait=30]`: operators see the whole record and
 /// its notifications; an agent sees its own approvals' status.
+#[utoipa::path(get, path = "/v1/approvals/{id}", tag = AGENT,
+    summary = "An approval: an agent sees its own (below); an operator (approver, admin, secops, auditor) the whole `Approval` with its `notifications`",
+    params(
+        ("id" = String, Path, description = "The approval"),
+        ("wait" = Option<u64>, Query, description = "Long-poll: answer as soon as it is decided, or after this many seconds (at most `approvals.max_wait_secs`)"),
+    ),
+    responses((status = 200, description = "Its status", body = AgentApprovalView)),
+    security(("session" = []), ("operator" = [])))]
 pub async fn show(
     State(b): State<AppState>,
     caller: Caller,
@@ -102,6 +144,11 @@ pub async fn show(
 }
 
 /// `POST /v1/approvals/{id}/decision` (approver): `{"decision", "reason"}`.
+#[utoipa::path(post, path = "/v1/approvals/{id}/decision", tag = OPERATOR,
+    summary = "Approve or deny (approver; separation of duties applies)",
+    params(("id" = String, Path, description = "The approval")),
+    request_body = DecisionRequest,
+    responses((status = 200, description = "The approval after the decision", body = Approval)))]
 pub async fn decide(
     State(b): State<AppState>,
     op: Operator,
@@ -118,6 +165,10 @@ pub async fn decide(
 }
 
 /// `POST /v1/approvals/{id}/redeem`: the approved credential, once.
+#[utoipa::path(post, path = "/v1/approvals/{id}/redeem", tag = AGENT,
+    summary = "The approved credential, once, in the task that asked (policy is asked again)",
+    params(("id" = String, Path, description = "The approval")),
+    responses((status = 201, description = "The credential", body = super::agent::IssuedBody)))]
 pub async fn redeem(
     State(b): State<AppState>,
     AgentSession(s): AgentSession,
@@ -145,6 +196,10 @@ pub(super) fn slack_answer(ok: bool, code: &str, message: &str) -> Response {
 /// Unsigned, badly signed, stale or replayed requests get 401 and an audit
 /// event; an authentic click from someone who may not decide gets 200 with
 /// `ok: false` and an ephemeral explanation in Slack.
+#[utoipa::path(post, path = "/v1/hooks/slack/interactions", tag = PUBLIC,
+    summary = "Slack's interactivity hook (signed with the app's signing secret, v0)",
+    request_body(content = String, content_type = "application/x-www-form-urlencoded", description = "Slack's `payload` form field"),
+    responses((status = 200, description = "`{ok, error, message}`: a refused click still answers 200, explained in Slack", body = Object)))]
 pub async fn slack_interaction(
     State(b): State<AppState>,
     headers: HeaderMap,

@@ -11,6 +11,45 @@ use crate::broker::BrokerError;
 /// (those of `identity::assertion::ALLOWED`).
 const DPOP_CHALLENGE: &str = "DPoP error=\"invalid_token\", algs=\"ES256 ES384 EdDSA RS256 PS256\"";
 
+/// Every code a JSON API refusal may carry (`ErrorCode` in the OpenAPI
+/// document; the Python client has a class for each). A new code is added
+/// here first: debug builds refuse to answer with an unlisted one.
+pub const ERROR_CODES: &[&str] = &[
+    "invalid_request",
+    "unauthorized",
+    "invalid_token",
+    "forbidden",
+    "not_found",
+    "method_not_allowed",
+    "conflict",
+    "policy_denied",
+    "task_ended",
+    "not_renewable",
+    "payload_too_large",
+    "unsupported_media_type",
+    "rate_limited",
+    "provider_error",
+    "unsupported",
+    "invalid_signature",
+    "not_ready",
+    "internal",
+];
+
+/// Every code the token endpoint answers with (RFC 6749 §5.2, RFC 8693,
+/// RFC 9449, and `rate_limited`).
+pub const OAUTH_ERROR_CODES: &[&str] = &[
+    "invalid_request",
+    "invalid_client",
+    "invalid_grant",
+    "invalid_scope",
+    "invalid_target",
+    "unsupported_grant_type",
+    "invalid_dpop_proof",
+    "server_error",
+    "temporarily_unavailable",
+    "rate_limited",
+];
+
 /// An error answer: `{"error": "<code>", "message": "..."}`.
 #[derive(Debug)]
 pub struct ApiError {
@@ -117,6 +156,11 @@ impl From<crate::store::StoreError> for ApiError {
 
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
+        debug_assert!(
+            ERROR_CODES.contains(&self.code),
+            "`{}` is not in ERROR_CODES",
+            self.code
+        );
         let mut body = json!({ "error": self.code, "message": self.message });
         if let (Some(serde_json::Value::Object(extra)), Some(obj)) =
             (self.extra.map(|e| *e), body.as_object_mut())

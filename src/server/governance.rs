@@ -9,6 +9,7 @@ use serde::Deserialize;
 
 use super::auth::Operator;
 use super::error::parse_query;
+use super::openapi::OPERATOR;
 use super::{ApiError, AppState};
 use crate::config::Role;
 
@@ -16,6 +17,10 @@ const READERS: &[Role] = &[Role::Admin, Role::Secops, Role::Auditor];
 
 /// `GET /v1/agents/{id}/compliance`: effective lifecycle policy, permitted
 /// scopes with their last use, open issues, maturity.
+#[utoipa::path(get, path = "/v1/agents/{id}/compliance", tag = OPERATOR,
+    summary = "An agent's effective lifecycle policy, permitted scopes with their last use, open issues, maturity (admin, secops, auditor)",
+    params(("id" = String, Path, description = "The agent")),
+    responses((status = 200, description = "The compliance record", body = Object)))]
 pub async fn agent_compliance(
     State(b): State<AppState>,
     op: Operator,
@@ -36,6 +41,9 @@ pub struct FindingsQuery {
 }
 
 /// `GET /v1/registry`: seed 000's registry table, one row per agent.
+#[utoipa::path(get, path = "/v1/registry", tag = OPERATOR,
+    summary = "Seed 000's registry table, one row per agent (admin, secops, auditor)",
+    responses((status = 200, description = "One row per agent", body = Vec<Object>)))]
 pub async fn registry(
     State(b): State<AppState>,
     op: Operator,
@@ -46,6 +54,10 @@ pub async fn registry(
 }
 
 /// `GET /v1/findings?agent=&open=true`.
+#[utoipa::path(get, path = "/v1/findings", tag = OPERATOR,
+    summary = "Governance findings (admin, secops, auditor)",
+    params(("agent" = Option<String>, Query), ("open" = Option<bool>, Query, description = "Only findings not closed yet")),
+    responses((status = 200, description = "The findings", body = Vec<Object>)))]
 pub async fn findings(
     State(b): State<AppState>,
     op: Operator,
@@ -57,6 +69,9 @@ pub async fn findings(
 }
 
 /// `GET /v1/maturity`: every agent's level and the estate's.
+#[utoipa::path(get, path = "/v1/maturity", tag = OPERATOR,
+    summary = "Every agent's maturity level and the estate's (admin, secops, auditor)",
+    responses((status = 200, description = "Levels with the criteria each needs", body = Object)))]
 pub async fn maturity(
     State(b): State<AppState>,
     op: Operator,
@@ -66,12 +81,18 @@ pub async fn maturity(
 }
 
 /// `POST /v1/governance/sweep` (admin): one sweep now.
+#[utoipa::path(post, path = "/v1/governance/sweep", tag = OPERATOR,
+    summary = "Run one governance sweep now (admin)",
+    responses((status = 200, description = "What the sweep found, acted on and closed", body = Object)))]
 pub async fn sweep(State(b): State<AppState>, op: Operator) -> Result<impl IntoResponse, ApiError> {
     op.require(&[Role::Admin])?;
     Ok(Json(b.governance_sweep().await?))
 }
 
 /// `GET /v1/policy`: the active set's content hash and size.
+#[utoipa::path(get, path = "/v1/policy", tag = OPERATOR,
+    summary = "The active policy set: content hash, size, directory, on_change (admin, secops, auditor)",
+    responses((status = 200, description = "`{hash, policies, dir, on_change}`", body = Object)))]
 pub async fn policy(
     State(b): State<AppState>,
     op: Operator,
@@ -86,6 +107,10 @@ pub async fn policy(
 
 /// `POST /v1/policy/diff` (admin): `{"files": {name: content}}` → who gains
 /// and loses what, and the live leases the candidate would not permit.
+#[utoipa::path(post, path = "/v1/policy/diff", tag = OPERATOR,
+    summary = "What a candidate policy set would change: who gains and loses what, live leases it would not permit (admin)",
+    request_body(content = Object, description = "`{\"files\": {\"name.cedar\": \"content\"}}`"),
+    responses((status = 200, description = "The diff", body = Object)))]
 pub async fn policy_diff(
     State(b): State<AppState>,
     op: Operator,
@@ -103,6 +128,13 @@ pub async fn policy_diff(
 
 /// `POST /v1/policy/reload` (admin): the policy directory again (or the
 /// body's `files`), active at once; what it revoked or would revoke.
+#[utoipa::path(post, path = "/v1/policy/reload", tag = OPERATOR,
+    summary = "Reload the policy directory (or the body's `files`), active at once; a widening set may be held for approval (admin)",
+    request_body(content = Option<Object>, description = "Optional: `{\"files\": {…}}`"),
+    responses(
+        (status = 200, description = "Active; what it revoked or would revoke", body = Object),
+        (status = 202, description = "Held for approval", body = Object),
+    ))]
 pub async fn policy_reload(
     State(b): State<AppState>,
     op: Operator,
@@ -153,6 +185,13 @@ fn instant(s: &str, end_of_day: bool, name: &str) -> Result<time::OffsetDateTime
 
 /// `GET /v1/evidence?from=&to=` (auditor, admin): the evidence pack for the
 /// period as JSON (`keygate evidence` writes it as files).
+#[utoipa::path(get, path = "/v1/evidence", tag = OPERATOR,
+    summary = "The auditor's evidence pack for a period, as JSON (auditor, admin)",
+    params(
+        ("from" = String, Query, description = "A day (`2026-10-01`) or an RFC 3339 instant"),
+        ("to" = String, Query, description = "A day (its end) or an RFC 3339 instant"),
+    ),
+    responses((status = 200, description = "The evidence pack", body = Object)))]
 pub async fn evidence(
     State(b): State<AppState>,
     op: Operator,

@@ -9,12 +9,22 @@ use axum::response::{IntoResponse, Response};
 use serde_json::json;
 
 use super::error::ApiJson;
+use super::openapi::PUBLIC;
 use super::{ApiError, AppState};
 
+#[utoipa::path(get, path = "/healthz", tag = PUBLIC,
+    summary = "The process answers",
+    responses((status = 200, description = "`ok`", content_type = "text/plain", body = String)))]
 pub async fn healthz() -> &'static str {
     "ok"
 }
 
+#[utoipa::path(get, path = "/readyz", tag = PUBLIC,
+    summary = "The store answers and (several replicas) this replica holds its liveness lock",
+    responses(
+        (status = 200, description = "`ready`", content_type = "text/plain", body = String),
+        (status = 503, description = "`not_ready`", body = super::openapi::ErrorBody),
+    ))]
 pub async fn readyz(State(b): State<AppState>) -> Result<&'static str, ApiError> {
     b.store.ping().await.map_err(|e| {
         tracing::error!(error = %e, "store not ready");
@@ -27,6 +37,9 @@ pub async fn readyz(State(b): State<AppState>) -> Result<&'static str, ApiError>
     Ok("ready")
 }
 
+#[utoipa::path(get, path = "/metrics", tag = PUBLIC,
+    summary = "Prometheus metrics (OpenMetrics text)",
+    responses((status = 200, description = "The metrics", content_type = "application/openmetrics-text", body = String)))]
 pub async fn metrics(State(b): State<AppState>) -> impl IntoResponse {
     (
         [(
@@ -37,11 +50,17 @@ pub async fn metrics(State(b): State<AppState>) -> impl IntoResponse {
     )
 }
 
+#[utoipa::path(get, path = "/.well-known/jwks.json", tag = PUBLIC,
+    summary = "The keys session tokens are signed with",
+    responses((status = 200, description = "A JWK set", body = Object)))]
 pub async fn jwks(State(b): State<AppState>) -> Json<serde_json::Value> {
     Json(b.signer.jwks())
 }
 
 /// RFC 8414 authorization-server metadata.
+#[utoipa::path(get, path = "/.well-known/oauth-authorization-server", tag = PUBLIC,
+    summary = "RFC 8414 metadata: `issuer` (DPoP `htu` base) and `token_endpoint` (client assertions' `aud`)",
+    responses((status = 200, description = "The metadata", body = Object)))]
 pub async fn metadata(State(b): State<AppState>) -> Json<serde_json::Value> {
     let issuer = b.config.server.issuer.trim_end_matches('/');
     let mut auth_methods = vec!["private_key_jwt"];
@@ -66,6 +85,10 @@ pub async fn metadata(State(b): State<AppState>) -> Json<serde_json::Value> {
 }
 
 /// `GET /v1/providers/{name}/{doc}`: a provider's public document (CRL, bundle).
+#[utoipa::path(get, path = "/v1/providers/{name}/{doc}", tag = PUBLIC,
+    summary = "A provider's public document (the local CA's `crl`, `bundle`, `revoked.json`, `jwks`)",
+    params(("name" = String, Path, description = "The provider"), ("doc" = String, Path, description = "The document")),
+    responses((status = 200, description = "The document, in its own content type", body = String)))]
 pub async fn provider_document(
     State(b): State<AppState>,
     Path((name, doc)): Path<(String, String)>,
@@ -89,6 +112,11 @@ pub async fn provider_document(
 
 /// `POST /v1/providers/{name}/verify`: checks a credential as a relying party
 /// would, honouring revocation.
+#[utoipa::path(post, path = "/v1/providers/{name}/verify", tag = PUBLIC,
+    summary = "Check a credential as a relying party would, honouring revocation",
+    params(("name" = String, Path, description = "The provider")),
+    request_body(content = Object, description = "What the provider verifies (e.g. `{\"x509_svid\": PEM}` or `{\"jwt_svid\", \"audience\"}`)"),
+    responses((status = 200, description = "`{valid, reason?, …}`", body = Object)))]
 pub async fn provider_verify(
     State(b): State<AppState>,
     Path(name): Path<String>,

@@ -9,6 +9,7 @@ use serde::Deserialize;
 
 use super::auth::Operator;
 use super::error::parse_json;
+use super::openapi::OPERATOR;
 use super::{ApiError, AppState};
 use crate::config::Role;
 use crate::governance::reviews::{DecisionRequest, Reviewer, Verdict};
@@ -27,6 +28,10 @@ struct StartBody {
 }
 
 /// `POST /v1/reviews` (admin): starts a campaign.
+#[utoipa::path(post, path = "/v1/reviews", tag = OPERATOR,
+    summary = "Start an access review campaign (admin)",
+    request_body(content = Object, description = "`{\"name\", \"team\"?, \"due_days\"?}`"),
+    responses((status = 201, description = "The campaign", body = Object)))]
 pub async fn start(
     State(b): State<AppState>,
     op: Operator,
@@ -41,12 +46,19 @@ pub async fn start(
 }
 
 /// `GET /v1/reviews`: every campaign with its counts.
+#[utoipa::path(get, path = "/v1/reviews", tag = OPERATOR,
+    summary = "Every campaign with its counts (admin, secops, auditor, approver)",
+    responses((status = 200, description = "The campaigns", body = Vec<Object>)))]
 pub async fn list(State(b): State<AppState>, op: Operator) -> Result<impl IntoResponse, ApiError> {
     op.require(READERS)?;
     Ok(Json(b.review_campaigns().await?))
 }
 
 /// `GET /v1/reviews/{id or name}`: a campaign and its items.
+#[utoipa::path(get, path = "/v1/reviews/{key}", tag = OPERATOR,
+    summary = "A campaign and its items",
+    params(("key" = String, Path, description = "The campaign's id or name")),
+    responses((status = 200, description = "The campaign", body = Object)))]
 pub async fn show(
     State(b): State<AppState>,
     op: Operator,
@@ -58,6 +70,10 @@ pub async fn show(
 
 /// `GET /v1/reviews/items/{id}`: one item, its snapshot and decisions. Any
 /// operator: a reviewer may hold no role but their email.
+#[utoipa::path(get, path = "/v1/reviews/items/{id}", tag = OPERATOR,
+    summary = "One review item, its snapshot and decisions (any operator: a reviewer may hold no role but their email)",
+    params(("id" = String, Path, description = "The item")),
+    responses((status = 200, description = "The item", body = Object)))]
 pub async fn item(
     State(b): State<AppState>,
     _op: Operator,
@@ -77,6 +93,11 @@ pub async fn item(
 /// `POST /v1/reviews/items/{id}/decision`: `{"decision": "attest" |
 /// "narrow" | "retire", "scopes": [...], "note": "..."}`. The assigned
 /// reviewer (by email) may decide; admins and approvers may decide any item.
+#[utoipa::path(post, path = "/v1/reviews/items/{id}/decision", tag = OPERATOR,
+    summary = "Attest, narrow or retire (the assigned reviewer, admins, approvers)",
+    params(("id" = String, Path, description = "The item")),
+    request_body(content = Object, description = "`{\"decision\": \"attest\" | \"narrow\" | \"retire\", \"scopes\": [...], \"note\"}`"),
+    responses((status = 200, description = "The item after the decision", body = Object)))]
 pub async fn decide(
     State(b): State<AppState>,
     op: Operator,
@@ -95,6 +116,9 @@ pub async fn decide(
 }
 
 /// `GET /v1/people`: the directory with who left and when.
+#[utoipa::path(get, path = "/v1/people", tag = OPERATOR,
+    summary = "The people directory with who left and when",
+    responses((status = 200, description = "The people", body = Vec<Object>)))]
 pub async fn people(
     State(b): State<AppState>,
     op: Operator,
@@ -128,6 +152,11 @@ fn optional_reason(body: &[u8]) -> Result<ReasonBody, ApiError> {
 
 /// `POST /v1/people/{email}/depart` (admin): the person left; their agents
 /// need a new sponsor and their operator token stops working.
+#[utoipa::path(post, path = "/v1/people/{email}/depart", tag = OPERATOR,
+    summary = "Record that a person left: their agents need a new sponsor, their operator token stops working (admin)",
+    params(("email" = String, Path, description = "The person")),
+    request_body(content = Option<Object>, description = "Optional: `{\"reason\"}`"),
+    responses((status = 200, description = "The departure and what it affects", body = Object)))]
 pub async fn depart(
     State(b): State<AppState>,
     op: Operator,
@@ -140,6 +169,11 @@ pub async fn depart(
 }
 
 /// `POST /v1/agents/{id}/exclusions` (admin): `{"scope", "reason"}`.
+#[utoipa::path(post, path = "/v1/agents/{id}/exclusions", tag = OPERATOR,
+    summary = "Deny an agent a scope whatever policy says (admin)",
+    params(("id" = String, Path, description = "The agent")),
+    request_body(content = Object, description = "`{\"scope\", \"reason\"}`"),
+    responses((status = 200, description = "The agent", body = crate::model::Agent)))]
 pub async fn exclude(
     State(b): State<AppState>,
     op: Operator,
@@ -154,6 +188,11 @@ pub async fn exclude(
 }
 
 /// `DELETE /v1/agents/{id}/exclusions/{scope}` (admin): lifts it.
+#[utoipa::path(delete, path = "/v1/agents/{id}/exclusions/{scope}", tag = OPERATOR,
+    summary = "Lift an exclusion (admin)",
+    params(("id" = String, Path, description = "The agent"), ("scope" = String, Path, description = "The scope")),
+    request_body(content = Option<Object>, description = "Optional: `{\"reason\"}`"),
+    responses((status = 200, description = "The agent", body = crate::model::Agent)))]
 pub async fn include(
     State(b): State<AppState>,
     op: Operator,
@@ -173,6 +212,10 @@ pub async fn include(
 
 /// `POST /v1/ascode/plan` (admin, auditor): what applying the agent files
 /// would change; changes nothing.
+#[utoipa::path(post, path = "/v1/ascode/plan", tag = OPERATOR,
+    summary = "What applying the agent files would change; changes nothing (admin, auditor)",
+    request_body(content = Object, description = "The agent files"),
+    responses((status = 200, description = "The plan", body = Object)))]
 pub async fn ascode_plan(
     State(b): State<AppState>,
     op: Operator,
@@ -185,6 +228,10 @@ pub async fn ascode_plan(
 
 /// `POST /v1/ascode/apply` (admin): makes the registry and the generated
 /// policies match the agent files.
+#[utoipa::path(post, path = "/v1/ascode/apply", tag = OPERATOR,
+    summary = "Make the registry and the generated policies match the agent files (admin)",
+    request_body(content = Object, description = "The agent files"),
+    responses((status = 200, description = "What was applied", body = Object)))]
 pub async fn ascode_apply(
     State(b): State<AppState>,
     op: Operator,
