@@ -8,7 +8,10 @@ async fn main() -> std::process::ExitCode {
     match keygate::cli::run(cli).await {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
-            eprintln!("error: {e:#}");
+            // Not `eprintln!`: with stderr closed it would panic (exit 101)
+            // instead of failing with the documented code.
+            use std::io::Write as _;
+            let _ = writeln!(std::io::stderr(), "error: {e:#}");
             std::process::ExitCode::FAILURE
         }
     }

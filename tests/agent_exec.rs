@@ -159,20 +159,25 @@ async fn a_signal_reaches_the_command_and_the_task_still_completes() {
     all_revoked(&b, &agent).await;
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_sensitive_scope_waits_for_its_approval() {
-    let b = TestBroker::start_with(Setup::default()).await;
-    let (agent, key) = agent(&b, "exec-appr").await;
-    let mut child = exec(
-        &b,
-        &agent,
-        &key,
-        &["--scope", "payments-ca", "--approval-timeout", "60"],
-        "test -f \"$KEYGATE_PAYMENTS_CA_CERTIFICATE_FILE\"",
-    )
-    .stderr(Stdio::piped())
-    .spawn()
-    .unwrap();
+/// `keygate exec` asking for `payments-ca` with `first` before it, and the
+/// approval id it names on stderr (the rest of stderr stays readable).
+async fn exec_waiting(
+    b: &TestBroker,
+    agent: &TestAgent,
+    key: &str,
+    first: &[&str],
+    script: &str,
+) -> (
+    tokio::process::Child,
+    String,
+    tokio::io::Lines<BufReader<tokio::process::ChildStderr>>,
+) {
+    let mut args = first.to_vec();
+    args.extend(["--scope", "payments-ca", "--approval-timeout", "60"]);
+    let mut child = exec(b, agent, key, &args, script)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
     let id = tokio::time::timeout(Duration::from_secs(30), async {
         while let Some(line) = lines.next_line().await.unwrap() {
@@ -184,6 +189,23 @@ async fn a_sensitive_scope_waits_for_its_approval() {
     })
     .await
     .unwrap();
+    (child, id, lines)
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_sensitive_scope_waits_for_its_approval() {
+    let b = TestBroker::start_with(Setup::default()).await;
+    let (agent, key) = agent(&b, "exec-appr").await;
+    // Its stderr is closed from here on (the reader is dropped): what exec
+    // still has to say must not stop it (a first cut died of the EPIPE).
+    let (mut child, id, _) = exec_waiting(
+        &b,
+        &agent,
+        &key,
+        &[],
+        "test -f \"$KEYGATE_PAYMENTS_CA_CERTIFICATE_FILE\"",
+    )
+    .await;
     b.post(
         &format!("/v1/approvals/{id}/decision"),
         Some(&b.ops.approver),
@@ -197,6 +219,67 @@ async fn a_sensitive_scope_waits_for_its_approval() {
         .unwrap();
     assert_eq!(status.code(), Some(0), "the command saw its certificate");
     all_revoked(&b, &agent).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_denial_or_a_kill_switch_while_exec_waits_runs_nothing_and_revokes_what_it_had() {
+    let b = TestBroker::start_with(Setup::default()).await;
+    // Denied: the command never runs; the SVID obtained first is revoked.
+    let (denied, key) = agent(&b, "exec-deny").await;
+    let (mut child, id, mut lines) = exec_waiting(
+        &b,
+        &denied,
+        &key,
+        &["--scope", "x509-svid"],
+        "touch ran.txt",
+    )
+    .await;
+    b.post(
+        &format!("/v1/approvals/{id}/decision"),
+        Some(&b.ops.approver),
+        &json!({ "decision": "deny", "reason": "not tonight" }),
+    )
+    .await
+    .expect(200);
+    let status = tokio::time::timeout(Duration::from_secs(60), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(1));
+    let mut rest = String::new();
+    while let Ok(Some(l)) = lines.next_line().await {
+        rest.push_str(&l);
+        rest.push('\n');
+    }
+    assert!(rest.contains("denied"), "{rest}");
+    assert!(!b.dir.join("ran.txt").exists(), "the command ran");
+    all_revoked(&b, &denied).await;
+
+    // The kill switch while it waits: the approval is cancelled with the
+    // task, and exec says so instead of waiting out its timeout.
+    let (killed, key) = agent(&b, "exec-killed").await;
+    let (mut child, _, _) = exec_waiting(
+        &b,
+        &killed,
+        &key,
+        &["--scope", "x509-svid"],
+        "touch ran2.txt",
+    )
+    .await;
+    b.post(
+        "/v1/revocations",
+        Some(&b.ops.secops),
+        &json!({ "agent": killed.id, "reason": "incident" }),
+    )
+    .await
+    .expect(200);
+    let status = tokio::time::timeout(Duration::from_secs(45), child.wait())
+        .await
+        .expect("exec waited out its approval timeout after the kill switch")
+        .unwrap();
+    assert_eq!(status.code(), Some(1));
+    assert!(!b.dir.join("ran2.txt").exists(), "the command ran");
+    all_revoked(&b, &killed).await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -279,4 +362,90 @@ async fn a_command_killed_by_a_signal_still_ends_its_task() {
         .unwrap();
     assert_eq!(out.status.code(), Some(128 + 9));
     all_revoked(&b, &agent).await;
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_dpop_bound_run_keeps_working_and_its_token_alone_is_refused() {
+    let b = TestBroker::start_with(Setup::default()).await;
+    let (agent, key) = agent(&b, "exec-dpop").await;
+    // The command hands out its session token (as a careless tool might),
+    // and lives through a refresh of a 6 s credential, which the DPoP-bound
+    // session must re-issue with proofs of its own.
+    let script = r#"printf %s "$KEYGATE_SESSION_TOKEN" > token.txt
+        trap 'echo refreshed >> seen.txt' USR1
+        i=0; while [ ! -f go ] && [ $i -lt 300 ]; do sleep 0.1; i=$((i+1)); done"#;
+    let child = exec(
+        &b,
+        &agent,
+        &key,
+        &[
+            "--dpop",
+            "--pass-session",
+            "--scope",
+            "x509-svid",
+            "--credential-ttl",
+            "6",
+            "--refresh-signal",
+            "USR1",
+        ],
+        script,
+    )
+    .stderr(Stdio::piped())
+    .spawn()
+    .unwrap();
+    let token_file = b.dir.join("token.txt");
+    let token = eventually("the command wrote the token", || async {
+        std::fs::read_to_string(&token_file)
+            .ok()
+            .filter(|t| !t.is_empty())
+    })
+    .await;
+    // Copied elsewhere, the token alone is useless.
+    for scheme in ["Bearer", "DPoP"] {
+        let r = b
+            .http
+            .get(b.url("/v1/session"))
+            .header("authorization", format!("{scheme} {token}"))
+            .send()
+            .await
+            .unwrap();
+        assert_eq!(r.status(), 401, "{scheme} without a proof");
+    }
+    let intro: Value = b
+        .http
+        .post(b.url("/oauth/introspect"))
+        .bearer_auth(&b.ops.admin)
+        .form(&[("token", token.as_str())])
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(intro["active"], true, "{intro}");
+    assert_eq!(intro["token_type"], "DPoP", "{intro}");
+    assert!(intro["cnf"]["jkt"].is_string(), "{intro}");
+    // The refresh, signed by exec's key, happens while the command runs.
+    let seen = b.dir.join("seen.txt");
+    eventually("a refresh under DPoP", || async {
+        seen.exists().then_some(())
+    })
+    .await;
+    std::fs::write(b.dir.join("go"), "").unwrap();
+    let out = child.wait_with_output().await.unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(leases_of(&b, &agent).await.len() >= 2, "not issued again");
+    eventually("every lease ended", || async {
+        let leases = leases_of(&b, &agent).await;
+        leases
+            .iter()
+            .all(|l| l["state"] == "revoked" || l["state"] == "expired")
+            .then_some(())
+    })
+    .await;
 }

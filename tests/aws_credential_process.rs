@@ -131,6 +131,25 @@ async fn sdk_refreshes_share_one_task_until_it_ends() {
     assert!(!ok, "{out}");
     assert!(err.contains("not an AWS session"), "{err}");
     assert!(!err.contains("PRIVATE KEY"), "{err}");
+    // …and what it issued does not stay alive in the cached task.
+    let leases: serde_json::Value = b
+        .http
+        .get(b.url(&format!("/v1/leases?agent={}", agent.id)))
+        .bearer_auth(&b.ops.auditor)
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    let svids: Vec<_> = leases
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|l| l["scope"] == "x509-svid")
+        .collect();
+    assert_eq!(svids.len(), 1, "{leases}");
+    assert_eq!(svids[0]["state"], "revoked", "{leases}");
 }
 
 /// A Python with boto3: the one `scripts/install-peers` installed moto into

@@ -427,3 +427,63 @@ async fn a_certificate_bound_token_is_not_exchanged_without_its_certificate() {
     let text = r.text().await.unwrap();
     assert_eq!(status, 200, "{text}");
 }
+
+#[tokio::test]
+async fn keygate_exec_authenticates_with_an_x509_svid_and_stays_on_it() {
+    let w = start().await;
+    let agent = TestAgent::new("exec-svid", "ES256");
+    let id = register_spiffe(&w.b, &agent).await;
+    let (cert, key) = leaf(&w.ca, Some(&id), false);
+    std::fs::write(w.dir.join("agent.pem"), &cert).unwrap();
+    std::fs::write(w.dir.join("agent-key.pem"), &key).unwrap();
+    std::fs::write(w.dir.join("ca.pem"), &w.ca.pem).unwrap();
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_keygate"))
+        .arg("exec")
+        .args(["--server", &w.mtls, "--agent", &agent.id])
+        .arg("--client-cert")
+        .arg(w.dir.join("agent.pem"))
+        .arg("--client-key")
+        .arg(w.dir.join("agent-key.pem"))
+        .arg("--ca-file")
+        .arg(w.dir.join("ca.pem"))
+        .args(["--scope", "x509-svid", "--pass-session"])
+        .args([
+            "--",
+            "sh",
+            "-c",
+            r#"printf %s "$KEYGATE_SESSION_TOKEN" > token.txt; test -s "$KEYGATE_X509_SVID_CERTIFICATE_FILE""#,
+        ])
+        .current_dir(&w.dir)
+        .output()
+        .await
+        .unwrap();
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let opened = w.b.audit("action=task.opened").await;
+    assert_eq!(
+        opened.last().unwrap()["details"]["method"],
+        "tls_client_auth"
+    );
+    // The task ended with the command (its completion went over the same
+    // certificate), and its credential with it.
+    let token = std::fs::read_to_string(w.dir.join("token.txt")).unwrap();
+    let intro: Value =
+        w.b.http
+            .post(w.b.url("/oauth/introspect"))
+            .bearer_auth(&w.b.ops.admin)
+            .form(&[("token", token.as_str())])
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap();
+    assert_eq!(intro["active"], false, "{intro}");
+    let leases = w.b.leases(&format!("agent={}", agent.id)).await;
+    assert_eq!(leases.len(), 1);
+    assert_eq!(leases[0]["state"], "revoked");
+}

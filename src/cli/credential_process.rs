@@ -77,7 +77,7 @@ fn load(path: &std::path::Path, args: &CredentialProcessArgs) -> Option<Session>
     let c: Cached = serde_json::from_str(&text).ok()?;
     let fresh = c.task_expires_at > OffsetDateTime::now_utc().unix_timestamp() + 60;
     (fresh && c.server == args.agent.server && c.agent == args.agent.agent)
-        .then(|| Session::resume(&c.server, SecretString::from(c.session_token), c.task_id).ok())
+        .then(|| Session::resume(&args.agent, SecretString::from(c.session_token), c.task_id).ok())
         .flatten()
 }
 
@@ -108,11 +108,16 @@ fn store(path: &std::path::Path, args: &CredentialProcessArgs, s: &Session) -> a
 
 /// Prints the `credential_process` JSON for the scope.
 pub async fn run(args: CredentialProcessArgs) -> anyhow::Result<()> {
+    if args.agent.dpop {
+        bail!(
+            "--dpop binds a task to a key that lives in one process, and credential-process keeps its task between calls in a file: use `keygate exec --dpop` for a DPoP-bound task"
+        );
+    }
     let path = cache_path(&args)?;
     let wait = std::time::Duration::from_secs(600);
-    let cred = match load(&path, &args) {
+    let cached = match load(&path, &args) {
         Some(s) => match s.credential(&args.scope, args.credential_ttl, wait).await {
-            Ok(c) => Some(c),
+            Ok(c) => Some((s, c)),
             // The cached task ended (or the token is no longer good): a
             // new task below. Anything else is the answer.
             Err(e) if e.downcast_ref::<Refused>().is_some_and(|r| r.status == 401) => None,
@@ -120,19 +125,30 @@ pub async fn run(args: CredentialProcessArgs) -> anyhow::Result<()> {
         },
         None => None,
     };
-    let cred = match cred {
-        Some(c) => c,
+    let (session, cred) = match cached {
+        Some(found) => found,
         None => {
             let s = Session::open(&args.agent, &args.task, Some(args.ttl)).await?;
             store(&path, &args, &s)?;
-            s.credential(&args.scope, args.credential_ttl, wait).await?
+            let c = s.credential(&args.scope, args.credential_ttl, wait).await?;
+            (s, c)
         }
     };
-    println!(
-        "{}",
-        serde_json::to_string(&process_json(&args.scope, &cred)?)?
-    );
-    Ok(())
+    match process_json(&args.scope, &cred) {
+        Ok(out) => {
+            println!("{}", serde_json::to_string(&out)?);
+            Ok(())
+        }
+        Err(e) => {
+            // Not an AWS session: nothing the SDK can use may stay alive.
+            if let Some(lease) = cred["lease_id"].as_str()
+                && let Err(r) = session.release(lease).await
+            {
+                super::exec::note!("keygate: releasing lease {lease}: {r:#}");
+            }
+            Err(e)
+        }
+    }
 }
 
 /// The SDKs' shape of an AWS session credential.

@@ -11,6 +11,16 @@
 //! change under a running process: a command that outlives its credentials
 //! reads the `_FILE` paths or `<scope>.json` again when signalled.
 
+/// A line on stderr. Unlike `eprintln!`, a closed stderr (its reader, a
+/// pipe, went away) is ignored: exec must still end its task.
+macro_rules! note {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+pub(crate) use note;
+
 mod env;
 mod session;
 
@@ -69,16 +79,16 @@ pub struct ExecArgs {
 /// ended it), after the task was completed.
 pub async fn run(args: ExecArgs) -> anyhow::Result<i32> {
     let session = Session::open(&args.agent, &args.task, args.ttl).await?;
-    eprintln!("keygate: task {} opened", session.task_id);
+    note!("keygate: task {} opened", session.task_id);
     let outcome = run_in_task(&args, &session).await;
     // However the command ended (or failed to start), the task ends and
     // the broker revokes everything it issued.
     match session.complete().await {
-        Ok(()) => eprintln!(
+        Ok(()) => note!(
             "keygate: task {} completed; its credentials are revoked",
             session.task_id
         ),
-        Err(e) => eprintln!(
+        Err(e) => note!(
             "keygate: completing task {} failed ({e}); its ttl will end it",
             session.task_id
         ),
@@ -148,7 +158,7 @@ async fn run_in_task(args: &ExecArgs, session: &Session) -> anyhow::Result<i32> 
                                 *v = new;
                                 changed = true;
                             }
-                            Err(e) => eprintln!("keygate: refreshing `{scope}` failed: {e}; retrying"),
+                            Err(e) => note!("keygate: refreshing `{scope}` failed: {e}; retrying"),
                         }
                     }
                 }

@@ -178,7 +178,7 @@ pub fn materialize(
             }
         } else if claiming.len() > 1 {
             let names: Vec<&str> = names.iter().map(|(_, n)| *n).collect();
-            eprintln!(
+            super::note!(
                 "keygate: scopes {claiming:?} would all set {}; none does (use --env)",
                 names.join(", ")
             );

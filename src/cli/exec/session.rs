@@ -24,7 +24,7 @@ pub struct AgentArgs {
     #[arg(
         long,
         env = "KEYGATE_AGENT_KEY_FILE",
-        required_unless_present = "federated_token_file"
+        required_unless_present_any = ["federated_token_file", "client_cert"]
     )]
     pub key_file: Option<PathBuf>,
     /// The key's algorithm.
@@ -32,14 +32,36 @@ pub struct AgentArgs {
     pub alg: String,
     /// A token from a trusted issuer instead of a key (Kubernetes or CI
     /// workload identity), read afresh at every task open.
-    #[arg(long, conflicts_with = "key_file")]
+    #[arg(long, conflicts_with_all = ["key_file", "client_cert"])]
     pub federated_token_file: Option<PathBuf>,
+    /// A client certificate (PEM; an X.509-SVID) to authenticate with over
+    /// the broker's mTLS listener (`tls_client_auth`) instead of a key; the
+    /// session is bound to it, so every call presents it.
+    #[arg(long, conflicts_with = "key_file", requires = "client_key")]
+    pub client_cert: Option<PathBuf>,
+    /// The client certificate's private key (PKCS#8 PEM).
+    #[arg(long, requires = "client_cert")]
+    pub client_key: Option<PathBuf>,
+    /// CA certificates (PEM) to trust for the broker's TLS certificate,
+    /// besides the system's.
+    #[arg(long)]
+    pub ca_file: Option<PathBuf>,
+    /// Bind the session token to a key made for this run and never written
+    /// (DPoP, RFC 9449): every call carries a fresh proof, so the token
+    /// alone, copied elsewhere, is refused.
+    #[arg(long)]
+    pub dpop: bool,
 }
 
 /// An open task.
 pub struct Session {
     http: reqwest::Client,
     server: String,
+    /// The broker's `issuer`: DPoP proofs name URLs under it.
+    issuer: String,
+    /// `Bearer`, or `DPoP` for a token bound to `dpop`.
+    token_type: String,
+    dpop: Option<crate::identity::dpop::ProofKey>,
     token: SecretString,
     pub task_id: String,
     /// Seconds the session lives from its opening.
@@ -51,6 +73,7 @@ impl std::fmt::Debug for Session {
         f.debug_struct("Session")
             .field("server", &self.server)
             .field("task_id", &self.task_id)
+            .field("token_type", &self.token_type)
             .finish_non_exhaustive()
     }
 }
@@ -63,10 +86,32 @@ pub enum Asked {
     Pending { approval_id: String },
 }
 
-fn client() -> anyhow::Result<reqwest::Client> {
-    Ok(reqwest::Client::builder()
-        .timeout(Duration::from_secs(60))
-        .build()?)
+/// The HTTP client, presenting the agent's certificate when it has one.
+fn client_for(args: &AgentArgs) -> anyhow::Result<reqwest::Client> {
+    let mut b = reqwest::Client::builder().timeout(Duration::from_secs(60));
+    if let Some(path) = &args.ca_file {
+        let pem = std::fs::read(path).with_context(|| format!("reading `{}`", path.display()))?;
+        for cert in reqwest::Certificate::from_pem_bundle(&pem)
+            .with_context(|| format!("`{}` holds no PEM certificate", path.display()))?
+        {
+            b = b.add_root_certificate(cert);
+        }
+    }
+    if let (Some(cert), Some(key)) = (&args.client_cert, &args.client_key) {
+        let mut pem =
+            std::fs::read(cert).with_context(|| format!("reading `{}`", cert.display()))?;
+        pem.extend(std::fs::read(key).with_context(|| format!("reading `{}`", key.display()))?);
+        // Say which files, never what is in them.
+        let identity = reqwest::Identity::from_pem(&pem).map_err(|_| {
+            anyhow::anyhow!(
+                "`{}` and `{}` are not a PEM certificate and its PKCS#8 key",
+                cert.display(),
+                key.display()
+            )
+        })?;
+        b = b.identity(identity);
+    }
+    Ok(b.build()?)
 }
 
 /// A refusal by the broker, with its stable error code.
@@ -98,8 +143,35 @@ impl Session {
     /// Opens a task for `args.agent` lasting `ttl` seconds (the broker's
     /// default when `None`).
     pub async fn open(args: &AgentArgs, task: &str, ttl: Option<u64>) -> anyhow::Result<Self> {
-        let http = client()?;
+        let http = client_for(args)?;
         let server = args.server.trim_end_matches('/').to_owned();
+        // The assertion's audience is the token endpoint the broker
+        // announces (RFC 8414), and DPoP proofs name URLs under its issuer.
+        let meta: Value = http
+            .get(format!("{server}/.well-known/oauth-authorization-server"))
+            .send()
+            .await
+            .with_context(|| format!("cannot reach the broker at {server}"))?
+            .json()
+            .await
+            .context("the broker's metadata is not JSON")?;
+        let audience = meta["token_endpoint"]
+            .as_str()
+            .context("the broker announces no token_endpoint")?
+            .to_owned();
+        let issuer = meta["issuer"]
+            .as_str()
+            .context("the broker announces no issuer")?
+            .trim_end_matches('/')
+            .to_owned();
+        let dpop = if args.dpop {
+            Some(
+                crate::identity::dpop::ProofKey::generate()
+                    .map_err(|e| anyhow::anyhow!("making the DPoP key: {e}"))?,
+            )
+        } else {
+            None
+        };
         let mut form: Vec<(&str, String)> = vec![("task", task.to_owned())];
         if let Some(t) = ttl {
             form.push(("ttl", t.to_string()));
@@ -109,31 +181,22 @@ impl Session {
                 .with_context(|| format!("reading `{}`", path.display()))?;
             form.push(("grant_type", crate::broker::JWT_BEARER_GRANT.to_owned()));
             form.push(("assertion", token.trim().to_owned()));
+        } else if args.client_cert.is_some() {
+            // RFC 8705 `tls_client_auth`: the certificate is the proof.
+            form.push(("grant_type", "client_credentials".to_owned()));
+            form.push(("client_id", args.agent.clone()));
         } else {
             let path = args.key_file.as_ref().context("give --key-file")?;
             let key = SecretString::from(
                 std::fs::read_to_string(path)
                     .with_context(|| format!("reading `{}`", path.display()))?,
             );
-            // The assertion's audience is the token endpoint the broker
-            // announces (RFC 8414).
-            let meta: Value = http
-                .get(format!("{server}/.well-known/oauth-authorization-server"))
-                .send()
-                .await
-                .with_context(|| format!("cannot reach the broker at {server}"))?
-                .json()
-                .await
-                .context("the broker's metadata is not JSON")?;
-            let audience = meta["token_endpoint"]
-                .as_str()
-                .context("the broker announces no token_endpoint")?;
             let assertion = crate::identity::sign_client_assertion(
                 &key,
                 &args.alg,
                 None,
                 &args.agent,
-                audience,
+                &audience,
                 60,
             )
             .map_err(|e| anyhow::anyhow!("signing the client assertion: {e}"))?;
@@ -145,9 +208,14 @@ impl Session {
             ));
             form.push(("client_assertion", assertion));
         }
-        let resp = http
-            .post(format!("{server}/oauth/token"))
-            .form(&form)
+        let mut req = http.post(format!("{server}/oauth/token")).form(&form);
+        if let Some(k) = &dpop {
+            let proof = k
+                .proof("POST", &audience, None)
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            req = req.header("DPoP", proof);
+        }
+        let resp = req
             .send()
             .await
             .with_context(|| format!("cannot reach the broker at {server}"))?;
@@ -155,9 +223,16 @@ impl Session {
             return Err(refusal(resp, "opening the task").await);
         }
         let v: Value = resp.json().await?;
+        let token_type = v["token_type"].as_str().unwrap_or("Bearer").to_owned();
+        if dpop.is_some() && token_type != "DPoP" {
+            bail!("the broker did not bind the session to the DPoP key (token_type {token_type})");
+        }
         Ok(Self {
             http,
             server,
+            issuer,
+            token_type,
+            dpop,
             token: SecretString::from(
                 v["access_token"]
                     .as_str()
@@ -169,11 +244,17 @@ impl Session {
         })
     }
 
-    /// A session known from before (`credential-process`'s cache).
-    pub fn resume(server: &str, token: SecretString, task_id: String) -> anyhow::Result<Self> {
+    /// A session known from before (`credential-process`'s cache), on the
+    /// same connection settings (a certificate-bound one needs its
+    /// certificate).
+    pub fn resume(args: &AgentArgs, token: SecretString, task_id: String) -> anyhow::Result<Self> {
+        let server = args.server.trim_end_matches('/').to_owned();
         Ok(Self {
-            http: client()?,
-            server: server.trim_end_matches('/').to_owned(),
+            http: client_for(args)?,
+            issuer: server.clone(),
+            server,
+            token_type: "Bearer".into(),
+            dpop: None,
             token,
             task_id,
             expires_in: 0,
@@ -186,10 +267,28 @@ impl Session {
         &self.token
     }
 
-    fn post(&self, path: &str) -> reqwest::RequestBuilder {
-        self.http
-            .post(format!("{}{path}", self.server))
-            .bearer_auth(self.token.expose_secret())
+    /// A call with the session token, and a DPoP proof when it is bound.
+    fn call(&self, method: reqwest::Method, path: &str) -> anyhow::Result<reqwest::RequestBuilder> {
+        let token = self.token.expose_secret();
+        let mut req = self
+            .http
+            .request(method.clone(), format!("{}{path}", self.server))
+            .header(
+                reqwest::header::AUTHORIZATION,
+                format!("{} {token}", self.token_type),
+            );
+        if let Some(k) = &self.dpop {
+            let url = format!("{}{path}", self.issuer);
+            let proof = k
+                .proof(method.as_str(), &url, Some(token))
+                .map_err(|e| anyhow::anyhow!("{e}"))?;
+            req = req.header("DPoP", proof);
+        }
+        Ok(req)
+    }
+
+    fn post(&self, path: &str) -> anyhow::Result<reqwest::RequestBuilder> {
+        self.call(reqwest::Method::POST, path)
     }
 
     /// Asks for `scope` for `ttl` seconds (the scope's default when `None`).
@@ -198,7 +297,7 @@ impl Session {
         if let Some(t) = ttl {
             body["ttl"] = t.into();
         }
-        let resp = self.post("/v1/credentials").json(&body).send().await?;
+        let resp = self.post("/v1/credentials")?.json(&body).send().await?;
         match resp.status().as_u16() {
             201 => Ok(Asked::Issued(resp.json().await?)),
             202 => {
@@ -227,7 +326,7 @@ impl Session {
             Asked::Issued(v) => return Ok(v),
             Asked::Pending { approval_id } => approval_id,
         };
-        eprintln!(
+        super::note!(
             "keygate: scope `{scope}` waits for approval {approval_id} (up to {} s)",
             wait.as_secs()
         );
@@ -239,12 +338,10 @@ impl Session {
             }
             let poll = left.as_secs().clamp(1, 30);
             let resp = self
-                .http
-                .get(format!(
-                    "{}/v1/approvals/{approval_id}?wait={poll}",
-                    self.server
-                ))
-                .bearer_auth(self.token.expose_secret())
+                .call(
+                    reqwest::Method::GET,
+                    &format!("/v1/approvals/{approval_id}?wait={poll}"),
+                )?
                 .send()
                 .await?;
             if !resp.status().is_success() {
@@ -258,7 +355,7 @@ impl Session {
             }
         }
         let resp = self
-            .post(&format!("/v1/approvals/{approval_id}/redeem"))
+            .post(&format!("/v1/approvals/{approval_id}/redeem"))?
             .send()
             .await?;
         if resp.status().as_u16() != 201 && !resp.status().is_success() {
@@ -271,7 +368,7 @@ impl Session {
     /// cannot renew it (then it must be issued again).
     pub async fn renew(&self, lease_id: &str, increment: u64) -> anyhow::Result<Option<Value>> {
         let resp = self
-            .post(&format!("/v1/credentials/{lease_id}/renew"))
+            .post(&format!("/v1/credentials/{lease_id}/renew"))?
             .json(&json!({ "increment": increment }))
             .send()
             .await?;
@@ -289,10 +386,25 @@ impl Session {
         )
     }
 
+    /// Releases (revokes) one credential before the task ends.
+    pub async fn release(&self, lease_id: &str) -> anyhow::Result<()> {
+        let resp = self
+            .call(
+                reqwest::Method::DELETE,
+                &format!("/v1/credentials/{lease_id}"),
+            )?
+            .send()
+            .await?;
+        if !resp.status().is_success() {
+            return Err(refusal(resp, &format!("releasing lease {lease_id}")).await);
+        }
+        Ok(())
+    }
+
     /// Completes the task: the broker revokes every credential of it.
     pub async fn complete(&self) -> anyhow::Result<()> {
         let resp = self
-            .post("/v1/tasks/complete")
+            .post("/v1/tasks/complete")?
             .json(&json!({}))
             .send()
             .await?;
