@@ -26,7 +26,7 @@ use time::OffsetDateTime;
 use crate::config::LifecycleAction;
 
 /// How an agent used one scope: read from its leases, no write per request.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ScopeUsage {
     pub scope: String,
     #[serde(with = "time::serde::rfc3339")]
@@ -45,7 +45,7 @@ impl ScopeUsage {
 }
 
 /// A compliance issue the sweep recorded, open until resolved.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Finding {
     pub id: String,
     pub agent_id: String,

@@ -21,7 +21,7 @@ use crate::policy::PolicyEngine;
 /// `POST /v1/ascode/plan` and `/apply`: the files of the agents directory
 /// by name, and whether agents an earlier apply managed that are no longer
 /// declared are decommissioned.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PlanRequest {
     pub files: BTreeMap<String, String>,
@@ -29,14 +29,14 @@ pub struct PlanRequest {
     pub prune: bool,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct FieldChange {
     pub field: &'static str,
     pub from: serde_json::Value,
     pub to: serde_json::Value,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum AgentAction {
     Create,
@@ -48,7 +48,7 @@ pub enum AgentAction {
     Absent,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct AgentPlan {
     pub agent: String,
     #[serde(skip_serializing_if = "Option::is_none")]
@@ -61,7 +61,7 @@ pub struct AgentPlan {
     pub lost: Vec<String>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct PolicyPlan {
     pub file: String,
     /// `add`, `change` or `remove`.
@@ -69,7 +69,7 @@ pub struct PolicyPlan {
 }
 
 /// What would change.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Plan {
     pub agents: Vec<AgentPlan>,
     pub policies: Vec<PolicyPlan>,
@@ -78,7 +78,7 @@ pub struct Plan {
 }
 
 /// What an apply did.
-#[derive(Debug, Serialize)]
+#[derive(Debug, Serialize, utoipa::ToSchema)]
 pub struct Applied {
     pub plan: Plan,
     /// Registrations and updates, with the approvals they wait for.

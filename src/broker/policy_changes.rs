@@ -17,7 +17,7 @@ use crate::policy::{PolicyEngine, RequestFacts};
 use crate::store::LeaseSelector;
 
 /// What a policy set changes for one agent.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct AgentDiff {
     pub agent: String,
     pub gained: Vec<String>,
@@ -27,7 +27,7 @@ pub struct AgentDiff {
 }
 
 /// A live lease a policy set does not permit.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct NotPermitted {
     pub lease: String,
     pub agent: String,
@@ -36,7 +36,7 @@ pub struct NotPermitted {
 }
 
 /// The difference between the active set and another.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct PolicyDiff {
     pub from_hash: String,
     pub to_hash: String,
@@ -47,7 +47,7 @@ pub struct PolicyDiff {
 }
 
 /// What a reload did.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct PolicyReload {
     #[serde(flatten)]
     pub diff: PolicyDiff,
@@ -65,7 +65,7 @@ pub struct PolicyReload {
 
 /// `[policy] on_change`: what happens to live leases the new set no longer
 /// permits.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum OnChange {
     /// Queue them for revocation (the default).
@@ -77,7 +77,7 @@ pub enum OnChange {
 
 /// `POST /v1/policy/diff` and `/reload` bodies: a candidate set as
 /// `{file name: content}`; reload without one reads the policy directory.
-#[derive(Debug, Clone, Default, Deserialize)]
+#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PolicyFiles {
     #[serde(default)]

@@ -41,7 +41,7 @@ impl Default for GovernanceConfig {
 }
 
 /// What happens to an agent when a deadline passes with nobody acting.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, serde::Serialize, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum LifecycleAction {
     /// Record the finding (audit log, compliance issues) and nothing else.
@@ -54,7 +54,7 @@ pub enum LifecycleAction {
 
 /// Which agents a `[[lifecycle]]` entry applies to; every given field must
 /// match. An entry without `match` is the default for all.
-#[derive(Debug, Clone, Default, Deserialize, serde::Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Deserialize, serde::Serialize, utoipa::ToSchema, PartialEq, Eq)]
 #[serde(deny_unknown_fields)]
 pub struct LifecycleMatch {
     pub risk_tier: Option<u8>,
@@ -83,7 +83,7 @@ impl LifecycleMatch {
 
 /// One `[[lifecycle]]` entry. Days throughout; omitted fields take the
 /// defaults below.
-#[derive(Debug, Clone, Deserialize, serde::Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, serde::Serialize, utoipa::ToSchema, PartialEq, Eq)]
 #[serde(deny_unknown_fields, default)]
 pub struct LifecyclePolicy {
     /// A name for messages and the agent's effective policy.

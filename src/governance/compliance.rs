@@ -12,14 +12,14 @@ use crate::config::{LifecycleAction, LifecyclePolicy};
 use crate::model::{Agent, AgentStatus};
 
 /// A scope policy lets the agent reach (at some time, with some TTL).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Reachable {
     pub scope: String,
     pub max_ttl_secs: u64,
 }
 
 /// One compliance issue.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Issue {
     /// `shared_identity`, `no_sponsor`, `sponsor_departed`, `review_due`,
     /// `review_overdue`, `dormant`, `unused_scope`, `long_ttl`,

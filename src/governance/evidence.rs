@@ -28,7 +28,7 @@ use crate::store::AuditFilter;
 mod deprovisioning;
 pub use deprovisioning::DeprovisioningRecord;
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct EvidencePack {
     #[serde(with = "time::serde::rfc3339")]
     pub from: OffsetDateTime,
@@ -46,7 +46,7 @@ pub struct EvidencePack {
     pub deprovisioning: Vec<DeprovisioningRecord>,
 }
 
-#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+#[derive(Debug, Clone, Default, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct Summary {
     pub agents: usize,
     pub maturity: String,
@@ -78,7 +78,7 @@ pub struct Summary {
     pub credentials_per_week: Vec<(String, usize)>,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct RegistryRow {
     pub agent: String,
     pub team: String,
@@ -97,7 +97,7 @@ pub struct RegistryRow {
     pub open_issues: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ProvisioningRecord {
     pub agent: String,
     /// `registration` or `update`.
@@ -112,7 +112,7 @@ pub struct ProvisioningRecord {
     pub widened_scopes: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct ReviewRecord {
     /// The finding's id, or the review item's.
     pub id: String,
@@ -130,7 +130,7 @@ pub struct ReviewRecord {
     pub decided_by: String,
 }
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct CredentialRecord {
     pub lease: String,
     pub agent: String,

@@ -12,7 +12,7 @@ use crate::model::Agent;
 pub const LEVELS: [&str; 5] = ["initial", "developing", "defined", "managed", "optimizing"];
 
 /// One criterion of one level.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct Criterion {
     pub level: &'static str,
     pub name: &'static str,
@@ -22,7 +22,7 @@ pub struct Criterion {
 
 /// An agent's level: the highest whose criteria, and those of every level
 /// below, are all met.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, utoipa::ToSchema)]
 pub struct AgentMaturity {
     pub level: &'static str,
     pub criteria: Vec<Criterion>,

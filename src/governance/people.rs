@@ -12,7 +12,7 @@ use time::{Duration, OffsetDateTime, Weekday};
 use crate::config::OperatorConfig;
 
 /// One `[[people]]` entry.
-#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Deserialize, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct PersonConfig {
     pub email: String,
@@ -31,7 +31,7 @@ pub struct PersonConfig {
     pub status: PersonStatus,
 }
 
-#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, Deserialize, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum PersonStatus {
     #[default]
@@ -40,7 +40,7 @@ pub enum PersonStatus {
 }
 
 /// A departure the store holds.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct Departure {
     pub email: String,
     #[serde(with = "time::serde::rfc3339")]
@@ -50,7 +50,7 @@ pub struct Departure {
 }
 
 /// A person as the directory knows them now.
-#[derive(Debug, Clone, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct Person {
     pub email: String,
     pub name: String,

@@ -17,7 +17,7 @@ use crate::model::{AgentStatus, new_id, now, unix};
 mod schedule;
 
 /// A review campaign.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct Campaign {
     pub id: String,
     pub name: String,
@@ -30,7 +30,7 @@ pub struct Campaign {
     pub due_at: OffsetDateTime,
 }
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
 pub enum ReviewState {
     Open,
@@ -67,8 +67,9 @@ impl std::str::FromStr for ReviewState {
     }
 }
 
-#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 #[serde(rename_all = "snake_case")]
+#[schema(as = ReviewVerdict)]
 pub enum Verdict {
     Attest,
     Narrow,
@@ -76,7 +77,7 @@ pub enum Verdict {
 }
 
 /// One reviewer's decision on an item.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, Eq, utoipa::ToSchema)]
 pub struct ReviewDecision {
     /// The operator who decided.
     pub by: String,
@@ -94,7 +95,7 @@ pub struct ReviewDecision {
 }
 
 /// One agent in one campaign.
-#[derive(Debug, Clone, Serialize, Deserialize, PartialEq)]
+#[derive(Debug, Clone, Serialize, Deserialize, PartialEq, utoipa::ToSchema)]
 pub struct ReviewItem {
     pub id: String,
     pub campaign_id: String,
@@ -122,7 +123,7 @@ pub struct ReviewFilter {
 }
 
 /// What starting a campaign came to.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Started {
     pub campaign: Campaign,
     pub items: Vec<ReviewItem>,
@@ -130,14 +131,14 @@ pub struct Started {
     pub skipped: Vec<Skipped>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct Skipped {
     pub agent_id: String,
     pub reason: String,
 }
 
 /// A campaign with its items and how far it got.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct CampaignView {
     #[serde(flatten)]
     pub campaign: Campaign,
@@ -156,8 +157,9 @@ pub struct Reviewer {
 }
 
 /// A decision as asked for.
-#[derive(Debug, Clone, Deserialize)]
+#[derive(Debug, Clone, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
+#[schema(as = ReviewDecisionRequest)]
 pub struct DecisionRequest {
     pub decision: Verdict,
     #[serde(default)]

@@ -18,7 +18,7 @@ use crate::config::{LifecycleAction, LifecyclePolicy, lifecycle};
 use crate::model::{Agent, AgentStatus, ApprovalFilter, ApprovalKind, ApprovalState, new_id, now};
 
 /// One reachable scope with its use.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct ScopeView {
     pub scope: String,
     pub max_ttl_secs: u64,
@@ -31,7 +31,7 @@ pub struct ScopeView {
 }
 
 /// An agent's governance record (seed 000's registry row and more).
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct AgentCompliance {
     pub agent_id: String,
     pub status: AgentStatus,
@@ -59,7 +59,7 @@ pub struct AgentCompliance {
 }
 
 /// What one sweep did.
-#[derive(Debug, Clone, Default, Serialize)]
+#[derive(Debug, Clone, Default, Serialize, utoipa::ToSchema)]
 pub struct SweepReport {
     pub agents: usize,
     pub opened: Vec<Finding>,
@@ -77,7 +77,7 @@ pub struct SweepReport {
 }
 
 /// The estate's maturity: every agent's level, and the lowest.
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct MaturityReport {
     pub level: &'static str,
     /// Agents (not decommissioned) per level.
@@ -85,7 +85,7 @@ pub struct MaturityReport {
     pub agents: Vec<AgentLevel>,
 }
 
-#[derive(Debug, Clone, Serialize)]
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
 pub struct AgentLevel {
     pub agent_id: String,
     pub level: &'static str,

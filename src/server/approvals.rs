@@ -67,7 +67,7 @@ pub fn agent_view(a: &Approval) -> AgentApprovalView {
 }
 
 /// `GET /v1/approvals?state=&kind=&agent=&limit=`.
-#[utoipa::path(get, path = "/v1/approvals", tag = OPERATOR,
+#[utoipa::path(get, path = "/v1/approvals", operation_id = "list_approvals", tag = OPERATOR,
     summary = "Approvals, newest first (approver, admin, secops, auditor)",
     params(
         ("state" = Option<ApprovalState>, Query, description = "Only in this state"),
@@ -103,7 +103,7 @@ pub struct ShowQuery {
 
 /// `GET /v1/approvals/{id}[?wait=30]`: operators see the whole record and
 /// its notifications; an agent sees its own approvals' status.
-#[utoipa::path(get, path = "/v1/approvals/{id}", tag = AGENT,
+#[utoipa::path(get, path = "/v1/approvals/{id}", operation_id = "show_approval", tag = AGENT,
     summary = "An approval: an agent sees its own (below); an operator (approver, admin, secops, auditor) the whole `Approval` with its `notifications`",
     params(
         ("id" = String, Path, description = "The approval"),
@@ -144,7 +144,7 @@ pub async fn show(
 }
 
 /// `POST /v1/approvals/{id}/decision` (approver): `{"decision", "reason"}`.
-#[utoipa::path(post, path = "/v1/approvals/{id}/decision", tag = OPERATOR,
+#[utoipa::path(post, path = "/v1/approvals/{id}/decision", operation_id = "decide_approval", tag = OPERATOR,
     summary = "Approve or deny (approver; separation of duties applies)",
     params(("id" = String, Path, description = "The approval")),
     request_body = DecisionRequest,
@@ -165,7 +165,7 @@ pub async fn decide(
 }
 
 /// `POST /v1/approvals/{id}/redeem`: the approved credential, once.
-#[utoipa::path(post, path = "/v1/approvals/{id}/redeem", tag = AGENT,
+#[utoipa::path(post, path = "/v1/approvals/{id}/redeem", operation_id = "redeem_approval", tag = AGENT,
     summary = "The approved credential, once, in the task that asked (policy is asked again)",
     params(("id" = String, Path, description = "The approval")),
     responses((status = 201, description = "The credential", body = super::agent::IssuedBody)))]

@@ -32,6 +32,7 @@ pub const ERROR_CODES: &[&str] = &[
     "unsupported",
     "invalid_signature",
     "not_ready",
+    "temporarily_unavailable",
     "internal",
 ];
 

@@ -20,7 +20,7 @@ const READERS: &[Role] = &[Role::Admin, Role::Secops, Role::Auditor];
 #[utoipa::path(get, path = "/v1/agents/{id}/compliance", tag = OPERATOR,
     summary = "An agent's effective lifecycle policy, permitted scopes with their last use, open issues, maturity (admin, secops, auditor)",
     params(("id" = String, Path, description = "The agent")),
-    responses((status = 200, description = "The compliance record", body = Object)))]
+    responses((status = 200, description = "The compliance record", body = crate::governance::sweep::AgentCompliance)))]
 pub async fn agent_compliance(
     State(b): State<AppState>,
     op: Operator,
@@ -43,7 +43,7 @@ pub struct FindingsQuery {
 /// `GET /v1/registry`: seed 000's registry table, one row per agent.
 #[utoipa::path(get, path = "/v1/registry", tag = OPERATOR,
     summary = "Seed 000's registry table, one row per agent (admin, secops, auditor)",
-    responses((status = 200, description = "One row per agent", body = Vec<Object>)))]
+    responses((status = 200, description = "One row per agent", body = Vec<crate::governance::evidence::RegistryRow>)))]
 pub async fn registry(
     State(b): State<AppState>,
     op: Operator,
@@ -57,7 +57,7 @@ pub async fn registry(
 #[utoipa::path(get, path = "/v1/findings", tag = OPERATOR,
     summary = "Governance findings (admin, secops, auditor)",
     params(("agent" = Option<String>, Query), ("open" = Option<bool>, Query, description = "Only findings not closed yet")),
-    responses((status = 200, description = "The findings", body = Vec<Object>)))]
+    responses((status = 200, description = "The findings", body = Vec<crate::governance::Finding>)))]
 pub async fn findings(
     State(b): State<AppState>,
     op: Operator,
@@ -71,7 +71,7 @@ pub async fn findings(
 /// `GET /v1/maturity`: every agent's level and the estate's.
 #[utoipa::path(get, path = "/v1/maturity", tag = OPERATOR,
     summary = "Every agent's maturity level and the estate's (admin, secops, auditor)",
-    responses((status = 200, description = "Levels with the criteria each needs", body = Object)))]
+    responses((status = 200, description = "Levels with the criteria each needs", body = crate::governance::sweep::MaturityReport)))]
 pub async fn maturity(
     State(b): State<AppState>,
     op: Operator,
@@ -83,34 +83,49 @@ pub async fn maturity(
 /// `POST /v1/governance/sweep` (admin): one sweep now.
 #[utoipa::path(post, path = "/v1/governance/sweep", tag = OPERATOR,
     summary = "Run one governance sweep now (admin)",
-    responses((status = 200, description = "What the sweep found, acted on and closed", body = Object)))]
+    responses((status = 200, description = "What the sweep found, acted on and closed", body = crate::governance::sweep::SweepReport)))]
 pub async fn sweep(State(b): State<AppState>, op: Operator) -> Result<impl IntoResponse, ApiError> {
     op.require(&[Role::Admin])?;
     Ok(Json(b.governance_sweep().await?))
 }
 
+/// The active policy set.
+#[derive(serde::Serialize, utoipa::ToSchema)]
+pub struct PolicyInfo {
+    /// The set's content hash (what `keygate policy` and the audit log name).
+    pub hash: String,
+    /// How many policies it holds.
+    pub policies: usize,
+    /// The directory it is read from.
+    pub dir: String,
+    /// What a reload does to live leases the new set no longer permits.
+    pub on_change: crate::broker::OnChange,
+}
+
 /// `GET /v1/policy`: the active set's content hash and size.
 #[utoipa::path(get, path = "/v1/policy", tag = OPERATOR,
     summary = "The active policy set: content hash, size, directory, on_change (admin, secops, auditor)",
-    responses((status = 200, description = "`{hash, policies, dir, on_change}`", body = Object)))]
+    responses((status = 200, description = "The active set", body = PolicyInfo)))]
 pub async fn policy(
     State(b): State<AppState>,
     op: Operator,
 ) -> Result<impl IntoResponse, ApiError> {
     op.require(READERS)?;
     let p = b.policy.current();
-    Ok(Json(serde_json::json!({
-        "hash": p.hash(), "policies": p.len(), "dir": b.config.policy.dir,
-        "on_change": b.config.policy.on_change,
-    })))
+    Ok(Json(PolicyInfo {
+        hash: p.hash().to_owned(),
+        policies: p.len(),
+        dir: b.config.policy.dir.display().to_string(),
+        on_change: b.config.policy.on_change,
+    }))
 }
 
 /// `POST /v1/policy/diff` (admin): `{"files": {name: content}}` → who gains
 /// and loses what, and the live leases the candidate would not permit.
 #[utoipa::path(post, path = "/v1/policy/diff", tag = OPERATOR,
     summary = "What a candidate policy set would change: who gains and loses what, live leases it would not permit (admin)",
-    request_body(content = Object, description = "`{\"files\": {\"name.cedar\": \"content\"}}`"),
-    responses((status = 200, description = "The diff", body = Object)))]
+    request_body = crate::broker::PolicyFiles,
+    responses((status = 200, description = "The diff", body = crate::broker::PolicyDiff)))]
 pub async fn policy_diff(
     State(b): State<AppState>,
     op: Operator,
@@ -130,10 +145,10 @@ pub async fn policy_diff(
 /// body's `files`), active at once; what it revoked or would revoke.
 #[utoipa::path(post, path = "/v1/policy/reload", tag = OPERATOR,
     summary = "Reload the policy directory (or the body's `files`), active at once; a widening set may be held for approval (admin)",
-    request_body(content = Option<Object>, description = "Optional: `{\"files\": {…}}`"),
+    request_body(content = Option<crate::broker::PolicyFiles>, description = "Optional: without `files`, the policy directory"),
     responses(
-        (status = 200, description = "Active; what it revoked or would revoke", body = Object),
-        (status = 202, description = "Held for approval", body = Object),
+        (status = 200, description = "Active; what it revoked or would revoke", body = crate::broker::PolicyReload),
+        (status = 202, description = "Held for approval", body = crate::broker::PolicyReload),
     ))]
 pub async fn policy_reload(
     State(b): State<AppState>,
@@ -191,7 +206,7 @@ fn instant(s: &str, end_of_day: bool, name: &str) -> Result<time::OffsetDateTime
         ("from" = String, Query, description = "A day (`2026-10-01`) or an RFC 3339 instant"),
         ("to" = String, Query, description = "A day (its end) or an RFC 3339 instant"),
     ),
-    responses((status = 200, description = "The evidence pack", body = Object)))]
+    responses((status = 200, description = "The evidence pack", body = crate::governance::evidence::EvidencePack)))]
 pub async fn evidence(
     State(b): State<AppState>,
     op: Operator,

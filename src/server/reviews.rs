@@ -16,9 +16,9 @@ use crate::governance::reviews::{DecisionRequest, Reviewer, Verdict};
 
 const READERS: &[Role] = &[Role::Admin, Role::Secops, Role::Auditor, Role::Approver];
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct StartBody {
+pub struct StartBody {
     name: String,
     #[serde(default)]
     team: Option<String>,
@@ -28,10 +28,10 @@ struct StartBody {
 }
 
 /// `POST /v1/reviews` (admin): starts a campaign.
-#[utoipa::path(post, path = "/v1/reviews", tag = OPERATOR,
+#[utoipa::path(post, path = "/v1/reviews", operation_id = "start_review", tag = OPERATOR,
     summary = "Start an access review campaign (admin)",
-    request_body(content = Object, description = "`{\"name\", \"team\"?, \"due_days\"?}`"),
-    responses((status = 201, description = "The campaign", body = Object)))]
+    request_body = StartBody,
+    responses((status = 201, description = "The campaign and its items", body = crate::governance::reviews::Started)))]
 pub async fn start(
     State(b): State<AppState>,
     op: Operator,
@@ -46,19 +46,19 @@ pub async fn start(
 }
 
 /// `GET /v1/reviews`: every campaign with its counts.
-#[utoipa::path(get, path = "/v1/reviews", tag = OPERATOR,
+#[utoipa::path(get, path = "/v1/reviews", operation_id = "list_reviews", tag = OPERATOR,
     summary = "Every campaign with its counts (admin, secops, auditor, approver)",
-    responses((status = 200, description = "The campaigns", body = Vec<Object>)))]
+    responses((status = 200, description = "The campaigns", body = Vec<crate::governance::reviews::CampaignView>)))]
 pub async fn list(State(b): State<AppState>, op: Operator) -> Result<impl IntoResponse, ApiError> {
     op.require(READERS)?;
     Ok(Json(b.review_campaigns().await?))
 }
 
 /// `GET /v1/reviews/{id or name}`: a campaign and its items.
-#[utoipa::path(get, path = "/v1/reviews/{key}", tag = OPERATOR,
+#[utoipa::path(get, path = "/v1/reviews/{key}", operation_id = "show_review", tag = OPERATOR,
     summary = "A campaign and its items",
     params(("key" = String, Path, description = "The campaign's id or name")),
-    responses((status = 200, description = "The campaign", body = Object)))]
+    responses((status = 200, description = "The campaign", body = crate::governance::reviews::CampaignView)))]
 pub async fn show(
     State(b): State<AppState>,
     op: Operator,
@@ -70,10 +70,10 @@ pub async fn show(
 
 /// `GET /v1/reviews/items/{id}`: one item, its snapshot and decisions. Any
 /// operator: a reviewer may hold no role but their email.
-#[utoipa::path(get, path = "/v1/reviews/items/{id}", tag = OPERATOR,
+#[utoipa::path(get, path = "/v1/reviews/items/{id}", operation_id = "show_review_item", tag = OPERATOR,
     summary = "One review item, its snapshot and decisions (any operator: a reviewer may hold no role but their email)",
     params(("id" = String, Path, description = "The item")),
-    responses((status = 200, description = "The item", body = Object)))]
+    responses((status = 200, description = "The item", body = crate::governance::reviews::ReviewItem)))]
 pub async fn item(
     State(b): State<AppState>,
     _op: Operator,
@@ -93,11 +93,11 @@ pub async fn item(
 /// `POST /v1/reviews/items/{id}/decision`: `{"decision": "attest" |
 /// "narrow" | "retire", "scopes": [...], "note": "..."}`. The assigned
 /// reviewer (by email) may decide; admins and approvers may decide any item.
-#[utoipa::path(post, path = "/v1/reviews/items/{id}/decision", tag = OPERATOR,
+#[utoipa::path(post, path = "/v1/reviews/items/{id}/decision", operation_id = "decide_review_item", tag = OPERATOR,
     summary = "Attest, narrow or retire (the assigned reviewer, admins, approvers)",
     params(("id" = String, Path, description = "The item")),
-    request_body(content = Object, description = "`{\"decision\": \"attest\" | \"narrow\" | \"retire\", \"scopes\": [...], \"note\"}`"),
-    responses((status = 200, description = "The item after the decision", body = Object)))]
+    request_body = DecisionRequest,
+    responses((status = 200, description = "The item after the decision", body = crate::governance::reviews::ReviewItem)))]
 pub async fn decide(
     State(b): State<AppState>,
     op: Operator,
@@ -118,7 +118,7 @@ pub async fn decide(
 /// `GET /v1/people`: the directory with who left and when.
 #[utoipa::path(get, path = "/v1/people", tag = OPERATOR,
     summary = "The people directory with who left and when",
-    responses((status = 200, description = "The people", body = Vec<Object>)))]
+    responses((status = 200, description = "The people", body = Vec<crate::governance::people::Person>)))]
 pub async fn people(
     State(b): State<AppState>,
     op: Operator,
@@ -128,16 +128,16 @@ pub async fn people(
     Ok(Json(d.all().cloned().collect::<Vec<_>>()))
 }
 
-#[derive(Debug, Default, Deserialize)]
+#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct ReasonBody {
+pub struct ReasonBody {
     #[serde(default)]
     reason: String,
 }
 
-#[derive(Debug, Deserialize)]
+#[derive(Debug, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
-struct ExcludeBody {
+pub struct ExcludeBody {
     scope: String,
     reason: String,
 }
@@ -155,8 +155,8 @@ fn optional_reason(body: &[u8]) -> Result<ReasonBody, ApiError> {
 #[utoipa::path(post, path = "/v1/people/{email}/depart", tag = OPERATOR,
     summary = "Record that a person left: their agents need a new sponsor, their operator token stops working (admin)",
     params(("email" = String, Path, description = "The person")),
-    request_body(content = Option<Object>, description = "Optional: `{\"reason\"}`"),
-    responses((status = 200, description = "The departure and what it affects", body = Object)))]
+    request_body(content = Option<ReasonBody>, description = "Optional"),
+    responses((status = 200, description = "The person, departed", body = crate::governance::people::Person)))]
 pub async fn depart(
     State(b): State<AppState>,
     op: Operator,
@@ -172,7 +172,7 @@ pub async fn depart(
 #[utoipa::path(post, path = "/v1/agents/{id}/exclusions", tag = OPERATOR,
     summary = "Deny an agent a scope whatever policy says (admin)",
     params(("id" = String, Path, description = "The agent")),
-    request_body(content = Object, description = "`{\"scope\", \"reason\"}`"),
+    request_body = ExcludeBody,
     responses((status = 200, description = "The agent", body = crate::model::Agent)))]
 pub async fn exclude(
     State(b): State<AppState>,
@@ -191,7 +191,7 @@ pub async fn exclude(
 #[utoipa::path(delete, path = "/v1/agents/{id}/exclusions/{scope}", tag = OPERATOR,
     summary = "Lift an exclusion (admin)",
     params(("id" = String, Path, description = "The agent"), ("scope" = String, Path, description = "The scope")),
-    request_body(content = Option<Object>, description = "Optional: `{\"reason\"}`"),
+    request_body(content = Option<ReasonBody>, description = "Optional"),
     responses((status = 200, description = "The agent", body = crate::model::Agent)))]
 pub async fn include(
     State(b): State<AppState>,
@@ -214,8 +214,8 @@ pub async fn include(
 /// would change; changes nothing.
 #[utoipa::path(post, path = "/v1/ascode/plan", tag = OPERATOR,
     summary = "What applying the agent files would change; changes nothing (admin, auditor)",
-    request_body(content = Object, description = "The agent files"),
-    responses((status = 200, description = "The plan", body = Object)))]
+    request_body = crate::ascode::apply::PlanRequest,
+    responses((status = 200, description = "The plan", body = crate::ascode::apply::Plan)))]
 pub async fn ascode_plan(
     State(b): State<AppState>,
     op: Operator,
@@ -230,8 +230,8 @@ pub async fn ascode_plan(
 /// policies match the agent files.
 #[utoipa::path(post, path = "/v1/ascode/apply", tag = OPERATOR,
     summary = "Make the registry and the generated policies match the agent files (admin)",
-    request_body(content = Object, description = "The agent files"),
-    responses((status = 200, description = "What was applied", body = Object)))]
+    request_body = crate::ascode::apply::PlanRequest,
+    responses((status = 200, description = "What was applied", body = crate::ascode::apply::Applied)))]
 pub async fn ascode_apply(
     State(b): State<AppState>,
     op: Operator,

@@ -13,7 +13,7 @@ use crate::broker::{Broker, BrokerResult};
 use crate::config::lifecycle;
 use crate::model::{FenceFilter, LeaseFilter, LeaseState, from_unix};
 
-#[derive(Debug, Clone, Serialize, Deserialize)]
+#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct DeprovisioningRecord {
     pub agent: String,
     /// `retired` (decommissioned) or `ownership_change` (team or sponsor
