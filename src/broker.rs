@@ -119,6 +119,8 @@ pub struct Broker {
     pub limits: crate::limits::RateLimits,
     /// Failed authentications waiting to be audited as counts.
     pub auth_failures: crate::limits::AuthFailures,
+    /// Continuous validation: per-agent signals and the detectors over them.
+    pub validation: crate::validation::Validation,
 }
 
 impl std::fmt::Debug for Broker {

@@ -7,6 +7,7 @@ mod commands;
 mod credential_process;
 mod evidence;
 mod exec;
+mod incidents;
 mod migrate;
 mod report;
 
@@ -91,6 +92,13 @@ pub enum Command {
         /// Seconds to follow progress before returning.
         #[arg(long, default_value_t = 60)]
         timeout: u64,
+        #[command(flatten)]
+        remote: Remote,
+    },
+    /// Incidents continuous validation opened (`[[detectors]]`).
+    Incidents {
+        #[command(subcommand)]
+        cmd: IncidentsCmd,
         #[command(flatten)]
         remote: Remote,
     },
@@ -399,6 +407,29 @@ pub struct Page {
     /// Follow every page to the end.
     #[arg(long)]
     pub all: bool,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum IncidentsCmd {
+    /// List incidents, newest first (secops, admin, auditor).
+    List {
+        /// Only this agent's.
+        #[arg(long)]
+        agent: Option<String>,
+        /// Only those not resolved yet.
+        #[arg(long)]
+        open: bool,
+    },
+    /// One incident: the detector, what it saw, what was done.
+    Show { id: String },
+    /// Close an incident (secops, admin). A suspended agent stays
+    /// suspended: `keygate agents resume` is a decision of its own.
+    Resolve {
+        id: String,
+        /// Why (recorded in the audit log).
+        #[arg(long)]
+        reason: String,
+    },
 }
 
 #[derive(Debug, Subcommand)]

@@ -73,6 +73,12 @@ pub struct Config {
     /// with an `email` are people too).
     #[serde(default)]
     pub people: Vec<crate::governance::people::PersonConfig>,
+    /// Continuous validation: what every detector shares.
+    #[serde(default)]
+    pub validation: crate::validation::ValidationConfig,
+    /// Detectors over each agent's behaviour, and what each does.
+    #[serde(default)]
+    pub detectors: Vec<crate::validation::DetectorConfig>,
 }
 
 /// Issuers whose JWTs may authenticate agents (workload identity federation).
@@ -509,6 +515,7 @@ impl Config {
             return bad("`sessions.default_ttl_secs` must be between 1 and `max_ttl_secs`".into());
         }
         lifecycle::validate(&self.lifecycle).map_err(ConfigError::Invalid)?;
+        crate::validation::validate(&self.detectors).map_err(ConfigError::Invalid)?;
         crate::governance::people::validate(&self.people).map_err(ConfigError::Invalid)?;
         if self.governance.sweep_interval_secs == 0 {
             return bad("`governance.sweep_interval_secs` must be at least 1".into());

@@ -24,6 +24,7 @@ pub mod policy;
 pub mod providers;
 pub mod server;
 pub mod store;
+pub mod validation;
 
 /// The log filter when `RUST_LOG` is unset. vaultrs and rustify log every
 /// non-2xx Vault answer at ERROR (a revoked token's 400 included); Keygate

@@ -24,6 +24,12 @@ pub struct LevelLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct DetectorLabels {
+    /// A configured `[[detectors]]` name.
+    pub detector: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ScopeLabels {
     pub scope: String,
     pub outcome: String,
@@ -38,6 +44,7 @@ pub struct Metrics {
     pub revocations: Family<OutcomeLabels, Counter>,
     pub rate_limited: Family<LimitLabels, Counter>,
     pub maturity: Family<LevelLabels, Gauge>,
+    pub incidents: Family<DetectorLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -48,6 +55,12 @@ impl Default for Metrics {
         let revocations = Family::<OutcomeLabels, Counter>::default();
         let rate_limited = Family::<LimitLabels, Counter>::default();
         let maturity = Family::<LevelLabels, Gauge>::default();
+        let incidents = Family::<DetectorLabels, Counter>::default();
+        registry.register(
+            "incidents",
+            "Incidents continuous validation opened, by detector",
+            incidents.clone(),
+        );
         registry.register(
             "agents_by_maturity",
             "Agents (not decommissioned) at each maturity level, as of the last governance sweep",
@@ -80,11 +93,20 @@ impl Default for Metrics {
             revocations,
             rate_limited,
             maturity,
+            incidents,
         }
     }
 }
 
 impl Metrics {
+    pub fn incident(&self, detector: &str) {
+        self.incidents
+            .get_or_create(&DetectorLabels {
+                detector: detector.into(),
+            })
+            .inc();
+    }
+
     pub fn auth(&self, outcome: &str) {
         self.authentications
             .get_or_create(&OutcomeLabels {

@@ -7,6 +7,7 @@ mod approvals;
 mod auth;
 mod error;
 mod governance;
+mod incidents;
 mod listen;
 mod openapi;
 mod ops;
@@ -71,6 +72,8 @@ pub async fn build_broker(config: Config) -> anyhow::Result<Broker> {
     let registry = Registry::build(&config, &resolver, store.revocation_journal()).await?;
     let config_federation = config.federation.issuers.clone();
     let config_limits = config.limits;
+    let validation =
+        crate::validation::Validation::new(config.validation, config.detectors.clone());
     // Every reference resolves through the same resolver (`aws-sm:` too).
     let notifier = crate::notify::Notifier::new(
         config.notify.clone(),
@@ -92,6 +95,7 @@ pub async fn build_broker(config: Config) -> anyhow::Result<Broker> {
         auth_failures: crate::limits::AuthFailures::new(std::time::Duration::from_secs(
             config_limits.auth_failure_interval_secs,
         )),
+        validation,
     };
     if let Some(dir) = broker.config.registry.seed_dir.clone() {
         let n = seed_agents(&broker, &dir).await?;

@@ -1,4 +1,4 @@
-//! Policy, governance and the agent side: `keygate exec`, approvals, agents as code, the evidence pack, lifecycle findings, people, policy reloads and cases, provisioning, reviews and revocation.
+//! Policy, governance and the agent side: `keygate exec`, approvals, agents as code, the evidence pack, lifecycle findings, people, policy reloads and cases, provisioning, reviews, revocation and continuous validation.
 //!
 //! One test binary per group of suites (each `mod` is one file under
 //! `tests/`): every binary links the whole broker, so fewer binaries link
@@ -20,3 +20,4 @@ mod provisioning;
 mod review_reminders;
 mod reviews;
 mod revocation;
+mod validation;

@@ -306,6 +306,9 @@ impl Broker {
         )
         .await?;
         tx.commit().await?;
+        // A legitimate change: what the agent uses from now on is learned,
+        // not flagged as new (continuous validation).
+        self.validation.relearn(Some(id));
         // What the agent holds is judged again on its new attributes.
         self.recheck_agent(actor, id).await?;
         Ok(Registered {

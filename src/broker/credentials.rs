@@ -149,6 +149,20 @@ impl Broker {
             "(unknown)".to_owned()
         };
         let result = self.try_request(s, ask).await;
+        if self.validation.enabled() {
+            // An unknown scope (named `(unknown)`, so made-up names do not
+            // grow what is learned) counts as a denial.
+            let denied = matches!(
+                result,
+                Err(BrokerError::PolicyDenied { .. } | BrokerError::NotFound(_))
+            );
+            let observed = crate::validation::Observation::Request {
+                scope: scope.clone(),
+                denied,
+                source: s.source,
+            };
+            self.observe(&s.agent.id, observed).await;
+        }
         self.metrics.credential(
             &scope,
             match &result {

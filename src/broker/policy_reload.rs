@@ -67,6 +67,7 @@ impl Broker {
             )));
         }
         let old = self.policy.replace(candidate);
+        self.validation.relearn(None);
         tracing::info!(from = %short(old.hash()), to = %short(&hash), "following the policy set another replica made active");
         if self.config.policy.on_change != OnChange::Revoke {
             return Ok(true);
@@ -142,6 +143,8 @@ impl Broker {
             });
         }
         self.policy.replace(candidate);
+        // What agents do under the new set is learned, not flagged as new.
+        self.validation.relearn(None);
         // Leases issued between the diff and the swap were judged by the
         // old set: look again under the new one.
         diff.leases_not_permitted = self

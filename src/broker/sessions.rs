@@ -196,8 +196,21 @@ impl Broker {
             Ok((resp, agent)) => {
                 self.metrics.auth("success");
                 tracing::info!(agent = %agent, task = %resp.task_id, "task opened");
+                self.observe(agent, crate::validation::Observation::TaskOpened { source })
+                    .await;
             }
-            Err(e) => self.record_auth_failure(source, claimed, e).await,
+            Err(e) => {
+                self.record_auth_failure(source, claimed.clone(), e).await;
+                // Only for registered agents: made-up client ids must not
+                // grow what continuous validation keeps.
+                if self.validation.enabled()
+                    && let Some(c) = &claimed
+                    && matches!(self.store.get_agent(c).await, Ok(Some(_)))
+                {
+                    self.observe(c, crate::validation::Observation::AuthFailure { source })
+                        .await;
+                }
+            }
         }
         result.map(|(r, _)| r)
     }

@@ -61,6 +61,9 @@ pub async fn run(cli: Cli) -> anyhow::Result<()> {
             revoke(&Client::new(&remote)?, body, timeout).await
         }
         Command::Fences { cmd, remote } => fences(&Client::new(&remote)?, cmd).await,
+        Command::Incidents { cmd, remote } => {
+            super::incidents::run(&Client::new(&remote)?, cmd).await
+        }
         Command::Approvals { cmd, remote } => approvals(&Client::new(&remote)?, cmd).await,
         Command::CredentialProcess(args) => super::credential_process::run(args).await,
         Command::Exec(args) => {
@@ -269,7 +272,7 @@ fn policy_files(
 }
 
 /// Prints JSON to stdout; a closed pipe (`| head`) ends quietly.
-fn print_json(v: &serde_json::Value) -> anyhow::Result<()> {
+pub(super) fn print_json(v: &serde_json::Value) -> anyhow::Result<()> {
     use std::io::Write;
     let text = serde_json::to_string_pretty(v)?;
     match writeln!(std::io::stdout().lock(), "{text}") {

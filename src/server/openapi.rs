@@ -16,7 +16,7 @@ use utoipa_axum::router::OpenApiRouter;
 use utoipa_axum::routes;
 
 use super::error::{ERROR_CODES, OAUTH_ERROR_CODES};
-use super::{AppState, admin, agent, approvals, governance, ops, reviews};
+use super::{AppState, admin, agent, approvals, governance, incidents, ops, reviews};
 
 /// Tags: who calls an operation, which decides how it authenticates.
 pub const AGENT: &str = "agent";
@@ -89,6 +89,9 @@ pub fn routes() -> OpenApiRouter<AppState> {
         .routes(routes!(admin::revocation))
         .routes(routes!(admin::list_fences))
         .routes(routes!(admin::lift_fence))
+        .routes(routes!(incidents::list))
+        .routes(routes!(incidents::show))
+        .routes(routes!(incidents::resolve))
         .routes(routes!(admin::audit))
         .routes(routes!(ops::provider_verify))
         .routes(routes!(ops::provider_document))
@@ -270,6 +273,7 @@ mod tests {
             include_str!("agent.rs"),
             include_str!("approvals.rs"),
             include_str!("governance.rs"),
+            include_str!("incidents.rs"),
             include_str!("ops.rs"),
             include_str!("reviews.rs"),
         ] {
@@ -287,6 +291,37 @@ mod tests {
             .filter(|m| file.contains(&format!("pub async fn {m}(")))
             .count();
             assert_eq!(handlers - middleware, documented, "an undocumented handler");
+        }
+    }
+
+    #[test]
+    fn every_code_an_error_is_built_with_is_listed() {
+        // `ApiError::new(status, "code", …)` anywhere in the server: the
+        // code is the first string literal after the call opens.
+        for (name, file) in [
+            ("admin.rs", include_str!("admin.rs")),
+            ("agent.rs", include_str!("agent.rs")),
+            ("approvals.rs", include_str!("approvals.rs")),
+            ("auth.rs", include_str!("auth.rs")),
+            ("error.rs", include_str!("error.rs")),
+            ("governance.rs", include_str!("governance.rs")),
+            ("incidents.rs", include_str!("incidents.rs")),
+            ("ops.rs", include_str!("ops.rs")),
+            ("reviews.rs", include_str!("reviews.rs")),
+        ] {
+            for (i, _) in file.match_indices("ApiError::new(") {
+                let rest = &file[i..];
+                if rest.starts_with("ApiError::new(status, code") {
+                    continue; // the constructor itself
+                }
+                let open = rest.find('"').unwrap();
+                let code = &rest[open + 1..];
+                let code = &code[..code.find('"').unwrap()];
+                assert!(
+                    ERROR_CODES.contains(&code),
+                    "{name}: `{code}` is not in ERROR_CODES"
+                );
+            }
         }
     }
 
@@ -312,6 +347,14 @@ mod tests {
             }
         }
         assert!(operations >= 52, "only {operations} operations");
+        // Operation ids are unique (clients generate method names from them).
+        let mut ids = std::collections::BTreeSet::new();
+        for item in paths.values() {
+            for op in item.as_object().unwrap().values() {
+                let id = op["operationId"].as_str().unwrap();
+                assert!(ids.insert(id.to_owned()), "operationId `{id}` twice");
+            }
+        }
         let codes = &doc["components"]["schemas"]["ErrorCode"]["enum"];
         assert_eq!(codes.as_array().unwrap().len(), ERROR_CODES.len());
     }

@@ -1,0 +1,136 @@
+//! `[validation]` and `[[detectors]]`.
+
+use serde::{Deserialize, Serialize};
+
+/// `[validation]`: what every detector shares.
+#[derive(Debug, Clone, Copy, Deserialize)]
+#[serde(deny_unknown_fields, default)]
+pub struct ValidationConfig {
+    /// Incidents record what would have been done, and nothing is done.
+    pub dry_run: bool,
+    /// Observations of an agent (requests, task opens) before its
+    /// novelties (`new_scope`, `new_source_network`) count: what it does
+    /// first, or first after a change to its policy or registry entry, is
+    /// learned, not flagged.
+    pub warm_up_observations: u32,
+}
+
+impl Default for ValidationConfig {
+    fn default() -> Self {
+        Self {
+            dry_run: false,
+            warm_up_observations: 20,
+        }
+    }
+}
+
+/// What a detector watches, per agent.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Signal {
+    /// Credential requests policy denied, in the window.
+    Denials,
+    /// Credential requests, in the window.
+    CredentialRequests,
+    /// Failed authentications claiming the agent, in the window.
+    FailedAuth,
+    /// Distinct scopes asked for, in the window.
+    DistinctScopes,
+    /// Distinct source addresses, in the window.
+    SourceAddresses,
+    /// A request or task from a network (/24, /48) the agent was not seen on.
+    NewSourceNetwork,
+    /// A credential granted for a scope the agent was not seen to use.
+    NewScope,
+}
+
+impl Signal {
+    fn counts(self) -> bool {
+        !matches!(self, Self::NewSourceNetwork | Self::NewScope)
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Severity {
+    Low,
+    Medium,
+    High,
+    Critical,
+}
+
+/// What happens when a detector fires (always: an incident in the audit
+/// log, with the detector and its evidence).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum Action {
+    /// The incident only.
+    Record,
+    /// The incident, and a warning in the broker's log and metrics for
+    /// whoever watches them.
+    Alert,
+    /// The kill switch for the agent: suspended, its tasks ended, its
+    /// credentials revoked (fences where a provider needs them).
+    Suspend,
+}
+
+/// One `[[detectors]]` entry.
+#[derive(Debug, Clone, PartialEq, Eq, Deserialize, Serialize, utoipa::ToSchema)]
+#[serde(deny_unknown_fields)]
+pub struct DetectorConfig {
+    pub name: String,
+    pub signal: Signal,
+    /// A counting signal fires when it passes this within the window;
+    /// novelties ignore it.
+    #[serde(default)]
+    pub threshold: u32,
+    /// The window, and how long a detector that fired stays quiet for the
+    /// agent.
+    #[serde(default = "default_window")]
+    pub window_secs: u64,
+    pub severity: Severity,
+    pub action: Action,
+    /// This detector only records what it would do.
+    #[serde(default)]
+    pub dry_run: bool,
+}
+
+fn default_window() -> u64 {
+    300
+}
+
+/// Names unique and plain, windows positive, counting signals with a
+/// threshold.
+pub fn validate(detectors: &[DetectorConfig]) -> Result<(), String> {
+    let mut names = std::collections::BTreeSet::new();
+    for d in detectors {
+        if d.name.is_empty()
+            || d.name.len() > 64
+            || !d
+                .name
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(format!(
+                "`[[detectors]]` name `{}` must be 1 to 64 letters, digits, `-` or `_`",
+                d.name
+            ));
+        }
+        if !names.insert(d.name.as_str()) {
+            return Err(format!("`[[detectors]]` `{}` is declared twice", d.name));
+        }
+        if d.window_secs == 0 || d.window_secs > 86_400 {
+            return Err(format!(
+                "`[[detectors]]` `{}`: `window_secs` must be 1 to 86400",
+                d.name
+            ));
+        }
+        if d.signal.counts() && d.threshold == 0 {
+            return Err(format!(
+                "`[[detectors]]` `{}`: a counting signal needs a `threshold` of at least 1 (it fires when the count passes it)",
+                d.name
+            ));
+        }
+    }
+    Ok(())
+}

@@ -1,0 +1,223 @@
+//! The broker's response to a detector that fired, and incidents: each is
+//! an `incident.opened` audit event (the detector, the signal, what was
+//! observed against what), and `incident.resolved` when an operator closes
+//! it. Kept in the audit log, so they are durable, chained and shared by
+//! every replica.
+
+use serde::Serialize;
+use serde_json::json;
+
+use super::{Action, Observation, Trigger};
+use crate::audit::{Actor, AuditEvent};
+use crate::broker::{Broker, BrokerError, BrokerResult, RevocationRequest};
+use crate::model::{from_unix, new_id, now};
+use crate::store::AuditFilter;
+
+/// Who the kill switch names when continuous validation pulls it.
+pub const ACTOR: &str = "continuous-validation";
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum IncidentState {
+    Open,
+    Resolved,
+}
+
+/// A detector that fired, and what came of it.
+#[derive(Debug, Clone, Serialize, utoipa::ToSchema)]
+pub struct Incident {
+    pub id: String,
+    pub agent: String,
+    pub state: IncidentState,
+    pub detector: String,
+    pub signal: super::Signal,
+    pub severity: super::Severity,
+    pub action: Action,
+    /// The action was only recorded, not taken.
+    pub dry_run: bool,
+    pub observed: u64,
+    /// What the value was compared with (threshold and window, or the
+    /// novelty and what was known).
+    #[schema(value_type = Object)]
+    pub evidence: serde_json::Value,
+    #[serde(with = "time::serde::rfc3339")]
+    pub opened_at: time::OffsetDateTime,
+    /// The audit event that opened it.
+    pub opened_seq: i64,
+    #[serde(with = "time::serde::rfc3339::option")]
+    pub resolved_at: Option<time::OffsetDateTime>,
+    pub resolved_by: Option<String>,
+    pub resolution: Option<String>,
+}
+
+fn opened(ev: &AuditEvent) -> Option<Incident> {
+    let d = &ev.details;
+    Some(Incident {
+        id: d["incident"].as_str()?.to_owned(),
+        agent: ev.agent.clone()?,
+        state: IncidentState::Open,
+        detector: d["detector"].as_str()?.to_owned(),
+        signal: serde_json::from_value(d["signal"].clone()).ok()?,
+        severity: serde_json::from_value(d["severity"].clone()).ok()?,
+        action: serde_json::from_value(d["action"].clone()).ok()?,
+        dry_run: d["dry_run"].as_bool().unwrap_or(false),
+        observed: d["observed"].as_u64().unwrap_or(0),
+        evidence: d["evidence"].clone(),
+        opened_at: from_unix(ev.at_ms / 1000),
+        opened_seq: ev.seq,
+        resolved_at: None,
+        resolved_by: None,
+        resolution: None,
+    })
+}
+
+impl Broker {
+    /// Tells continuous validation what `agent` did, and responds to the
+    /// detectors that fire. Never fails the request it observes: a failed
+    /// response is logged.
+    pub(crate) async fn observe(&self, agent: &str, obs: Observation) {
+        if !self.validation.enabled() {
+            return;
+        }
+        let fired = self.validation.observe(agent, obs, now().unix_timestamp());
+        for t in fired {
+            if let Err(e) = self.respond(t).await {
+                tracing::error!(error = %e, "continuous validation could not respond to a detector");
+            }
+        }
+    }
+
+    async fn respond(&self, t: Trigger) -> BrokerResult<()> {
+        let d = &t.detector;
+        let dry_run = self.validation.dry_run(d);
+        let id = new_id("in");
+        let ev = AuditEvent::new(&Actor::System, "incident.opened")
+            .agent(&t.agent)
+            .reason(format!(
+                "detector `{}` ({:?}) fired: {}{}",
+                d.name,
+                d.signal,
+                t.evidence,
+                if dry_run { " (dry run)" } else { "" }
+            ))
+            .details(json!({
+                "incident": id,
+                "detector": d.name,
+                "signal": d.signal,
+                "severity": d.severity,
+                "action": d.action,
+                "dry_run": dry_run,
+                "observed": t.observed,
+                "evidence": t.evidence,
+            }));
+        self.audit_alone(ev).await?;
+        self.metrics.incident(&d.name);
+        if dry_run {
+            return Ok(());
+        }
+        match d.action {
+            Action::Record => {}
+            Action::Alert => {
+                tracing::warn!(incident = %id, agent = %t.agent, detector = %d.name, severity = ?d.severity, "continuous validation: incident opened");
+            }
+            Action::Suspend => {
+                tracing::warn!(incident = %id, agent = %t.agent, detector = %d.name, "continuous validation: suspending the agent");
+                self.revoke(
+                    ACTOR,
+                    RevocationRequest {
+                        agent: Some(t.agent.clone()),
+                        reason: Some(format!("incident {id}: detector `{}`", d.name)),
+                        suspend: true,
+                        // Answer now; the revocation queue finishes the work.
+                        wait: Some(0),
+                        ..RevocationRequest::default()
+                    },
+                )
+                .await?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Every incident (of `agent`), newest first.
+    pub async fn incidents(&self, agent: Option<&str>) -> BrokerResult<Vec<Incident>> {
+        let events = |action: &'static str| {
+            let agent = agent.map(str::to_owned);
+            async move {
+                let mut out = Vec::new();
+                let mut after = 0;
+                loop {
+                    let page = self
+                        .store
+                        .audit_events(&AuditFilter {
+                            after_seq: after,
+                            agent: agent.clone(),
+                            task: None,
+                            action: Some(action.to_owned()),
+                            limit: 10_000,
+                        })
+                        .await?;
+                    let Some(last) = page.last() else { break };
+                    after = last.seq;
+                    out.extend(page);
+                }
+                Ok::<_, BrokerError>(out)
+            }
+        };
+        let mut list: Vec<Incident> = events("incident.opened")
+            .await?
+            .iter()
+            .filter_map(opened)
+            .collect();
+        for ev in events("incident.resolved").await? {
+            if let Some(i) = list
+                .iter_mut()
+                .find(|i| Some(i.id.as_str()) == ev.details["incident"].as_str())
+            {
+                i.state = IncidentState::Resolved;
+                i.resolved_at = Some(from_unix(ev.at_ms / 1000));
+                i.resolved_by = Some(ev.actor.clone());
+                i.resolution = ev.reason.clone();
+            }
+        }
+        list.reverse();
+        Ok(list)
+    }
+
+    pub async fn incident(&self, id: &str) -> BrokerResult<Incident> {
+        self.incidents(None)
+            .await?
+            .into_iter()
+            .find(|i| i.id == id)
+            .ok_or_else(|| BrokerError::NotFound(format!("no incident `{id}`")))
+    }
+
+    /// Closes an incident. It does not resume a suspended agent: that is
+    /// `keygate agents resume`, a decision of its own.
+    pub async fn resolve_incident(
+        &self,
+        actor: &Actor,
+        id: &str,
+        reason: &str,
+    ) -> BrokerResult<Incident> {
+        let reason = crate::broker::required_reason(Some(reason))?;
+        let mut i = self.incident(id).await?;
+        if i.state == IncidentState::Resolved {
+            return Err(BrokerError::Conflict(format!(
+                "incident `{id}` is already resolved"
+            )));
+        }
+        self.audit_alone(
+            AuditEvent::new(actor, "incident.resolved")
+                .agent(&i.agent)
+                .reason(reason.clone())
+                .details(json!({ "incident": id })),
+        )
+        .await?;
+        i.state = IncidentState::Resolved;
+        i.resolved_at = Some(now());
+        i.resolved_by = Some(actor.render());
+        i.resolution = Some(reason);
+        Ok(i)
+    }
+}
