@@ -125,6 +125,14 @@ pub fn validate(detectors: &[DetectorConfig]) -> Result<(), String> {
                 d.name
             ));
         }
+        if d.signal == Signal::FailedAuth && d.action == Action::Suspend {
+            // Anyone who knows an agent's id can fail logins as it: a
+            // suspension there would be a way to switch agents off.
+            return Err(format!(
+                "`[[detectors]]` `{}`: `failed_auth` cannot `suspend` (whoever knows the agent's id could fail logins to suspend it); use `alert` or `record`",
+                d.name
+            ));
+        }
         if d.signal.counts() && d.threshold == 0 {
             return Err(format!(
                 "`[[detectors]]` `{}`: a counting signal needs a `threshold` of at least 1 (it fires when the count passes it)",
@@ -133,4 +141,36 @@ pub fn validate(detectors: &[DetectorConfig]) -> Result<(), String> {
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn d(signal: Signal, threshold: u32, action: Action) -> DetectorConfig {
+        DetectorConfig {
+            name: "d".into(),
+            signal,
+            threshold,
+            window_secs: 60,
+            severity: Severity::Low,
+            action,
+            dry_run: false,
+        }
+    }
+
+    #[test]
+    fn detectors_that_cannot_work_or_could_be_abused_are_refused() {
+        assert!(validate(&[d(Signal::Denials, 5, Action::Suspend)]).is_ok());
+        assert!(validate(&[d(Signal::NewScope, 0, Action::Record)]).is_ok());
+        let no_threshold = validate(&[d(Signal::Denials, 0, Action::Record)]);
+        assert!(no_threshold.is_err_and(|e| e.contains("threshold")));
+        let abusable = validate(&[d(Signal::FailedAuth, 3, Action::Suspend)]);
+        assert!(abusable.is_err_and(|e| e.contains("cannot `suspend`")));
+        let twice = validate(&[
+            d(Signal::Denials, 1, Action::Record),
+            d(Signal::Denials, 2, Action::Record),
+        ]);
+        assert!(twice.is_err_and(|e| e.contains("twice")));
+    }
 }
