@@ -17,6 +17,7 @@ mod revocations;
 mod session_checks;
 pub use session_checks::SessionRefusal;
 mod sessions;
+mod usage;
 mod users;
 
 use std::sync::Arc;

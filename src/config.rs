@@ -438,6 +438,10 @@ pub struct ScopeConfig {
     /// Provider-specific parameters.
     #[serde(default)]
     pub params: toml::Table,
+    /// Usage limit: live credentials of this scope one agent may hold at
+    /// once; more are refused with 429.
+    #[serde(default)]
+    pub max_live_leases_per_agent: Option<u32>,
 }
 
 impl ScopeConfig {

@@ -59,7 +59,7 @@ pub fn claimed_label(id: &str) -> String {
 /// A request refused by a limit: which one, and when to try again.
 #[derive(Debug, Clone)]
 pub struct Limited {
-    /// `address`, `client` or `agent`.
+    /// `address`, `client`, `agent` or `usage`.
     pub limit: &'static str,
     pub retry_after: Duration,
 }
@@ -76,6 +76,9 @@ pub struct RateLimits {
     address: Option<DefaultKeyedRateLimiter<(&'static str, IpAddr)>>,
     client: Option<DefaultKeyedRateLimiter<String>>,
     agent: Option<DefaultKeyedRateLimiter<String>>,
+    /// Per-agent usage quotas (`[[lifecycle]] max_credentials_per_minute`):
+    /// one keyed limiter per distinct quota, made when first needed.
+    quotas: Mutex<HashMap<u32, std::sync::Arc<DefaultKeyedRateLimiter<String>>>>,
     clock: DefaultClock,
 }
 
@@ -99,6 +102,7 @@ impl RateLimits {
             address: limiter(cfg.per_address_per_minute),
             client: limiter(cfg.per_client_per_minute),
             agent: limiter(cfg.per_agent_per_minute),
+            quotas: Mutex::new(HashMap::new()),
             clock: DefaultClock::default(),
         }
     }
@@ -131,8 +135,31 @@ impl RateLimits {
         self.check(self.agent.as_ref(), &agent.to_owned(), "agent")
     }
 
+    /// One credential for `agent` under its usage quota of `per_minute`
+    /// (that many at once, refilled at that rate).
+    pub fn check_agent_quota(&self, agent: &str, per_minute: u32) -> Result<(), Limited> {
+        let Some(rate) = NonZeroU32::new(per_minute) else {
+            return Ok(());
+        };
+        let l = match self.quotas.lock() {
+            Ok(mut m) => m
+                .entry(per_minute)
+                .or_insert_with(|| std::sync::Arc::new(RateLimiter::keyed(Quota::per_minute(rate))))
+                .clone(),
+            // A poisoned map: refuse nothing rather than everything.
+            Err(_) => return Ok(()),
+        };
+        self.check(Some(&*l), &agent.to_owned(), "usage")
+    }
+
     /// Forgets keys whose limits are back to full (bounded memory).
     pub fn forget_idle(&self) {
+        if let Ok(m) = self.quotas.lock() {
+            for l in m.values() {
+                l.retain_recent();
+                l.shrink_to_fit();
+            }
+        }
         if let Some(l) = &self.address {
             l.retain_recent();
             l.shrink_to_fit();

@@ -275,6 +275,17 @@ pub trait StoreTx: Send {
     /// the same transaction, so a task ended concurrently cannot gain a lease
     /// nobody will revoke). Returns whether it was written.
     async fn insert_lease(&mut self, lease: &Lease) -> StoreResult<bool>;
+    /// Live leases (pending or active, unexpired at `now`) of `agent`, of
+    /// `scope` when given: what a usage limit counts. Callers for one agent
+    /// are serialised until commit (PostgreSQL: a transaction-scoped
+    /// advisory lock; SQLite: the one writer), so concurrent requests cannot
+    /// both pass a limit.
+    async fn live_lease_count(
+        &mut self,
+        agent: &str,
+        scope: Option<&str>,
+        now: OffsetDateTime,
+    ) -> StoreResult<u64>;
     /// Records what the provider issued. Returns the lease's state afterwards:
     /// `Active`, or `Revoking` when a revocation overtook the issue (the
     /// handle is kept so the queue can revoke it), or `None` if the lease

@@ -335,3 +335,147 @@ action = "record"
     assert_eq!(ask(&b, &home, &t, "jwt-svid").await, 201);
     assert!(incidents(&b, &reloaded).await.is_empty());
 }
+
+#[tokio::test]
+async fn usage_limits_refuse_with_429_count_concurrent_requests_and_are_audited() {
+    let b = TestBroker::start_with(Setup {
+        extra_config: r#"
+[[lifecycle]]
+name = "capped"
+max_live_leases = 3
+max_credentials_per_minute = 6
+"#
+        .into(),
+        scopes: Some(common::DEFAULT_SCOPES.replace(
+            "params = { kind = \"x509_svid\" }\n\n[[scopes]]\nname = \"jwt-svid\"",
+            "params = { kind = \"x509_svid\" }\nmax_live_leases_per_agent = 1\n\n[[scopes]]\nname = \"jwt-svid\"",
+        )),
+        ..Setup::permissive()
+    })
+    .await;
+    let http = reqwest::Client::new();
+    let agent = TestAgent::new("capped", "ES256");
+    b.register(&agent, "platform").await;
+    let t = open_task(&b, &http, &agent).await;
+    let get = |scope: &'static str| {
+        let (b, http, t) = (&b, http.clone(), t.clone());
+        async move {
+            let mut body = json!({ "scope": scope, "ttl": 300 });
+            if scope == "jwt-svid" {
+                body["params"] = json!({ "audience": "https://api.keygate.test" });
+            }
+            let r = http
+                .post(b.url("/v1/credentials"))
+                .bearer_auth(&t)
+                .json(&body)
+                .send()
+                .await
+                .unwrap();
+            let status = r.status().as_u16();
+            let retry = r
+                .headers()
+                .get("retry-after")
+                .map(|v| v.to_str().unwrap().to_owned());
+            (status, retry, r.json::<Value>().await.unwrap())
+        }
+    };
+    let (s, _, first) = get("x509-svid").await;
+    assert_eq!(s, 201);
+    // One x509-svid at a time (the scope's limit).
+    let (s, retry, body) = get("x509-svid").await;
+    assert_eq!(
+        (s, body["error"].as_str()),
+        (429, Some("rate_limited")),
+        "{body}"
+    );
+    assert!(retry.is_some(), "no Retry-After");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("max_live_leases_per_agent")
+    );
+    assert_eq!(get("jwt-svid").await.0, 201);
+    assert_eq!(get("jwt-svid").await.0, 201);
+    // Three live in all (the lifecycle's limit).
+    let (s, _, body) = get("jwt-svid").await;
+    assert_eq!(s, 429, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("max_live_leases = 3"),
+        "{body}"
+    );
+    // Releasing one makes room.
+    let lease = first["lease_id"].as_str().unwrap();
+    let r = http
+        .delete(b.url(&format!("/v1/credentials/{lease}")))
+        .bearer_auth(&t)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 200);
+    assert_eq!(get("jwt-svid").await.0, 201);
+    // Six granted-or-limited asks so far this minute: the seventh is over
+    // the rate, whatever is live.
+    let (s, retry, body) = get("x509-svid").await;
+    assert_eq!(s, 429, "{body}");
+    assert!(
+        body["message"]
+            .as_str()
+            .unwrap()
+            .contains("max_credentials_per_minute"),
+        "{body}"
+    );
+    assert!(retry.unwrap().parse::<u64>().unwrap() >= 1);
+    let limited = b
+        .audit(&format!("action=credential.limited&agent={}", agent.id))
+        .await;
+    let limits: Vec<&str> = limited
+        .iter()
+        .map(|e| e["details"]["limit"].as_str().unwrap())
+        .collect();
+    assert_eq!(
+        limits,
+        [
+            "max_live_leases_per_agent",
+            "max_live_leases",
+            "max_credentials_per_minute"
+        ]
+    );
+
+    // Concurrent asks cannot pass the live limit together.
+    let racer = TestAgent::new("racer", "ES256");
+    b.register(&racer, "platform").await;
+    let t = open_task(&b, &http, &racer).await;
+    let url = b.url("/v1/credentials");
+    let mut asks = tokio::task::JoinSet::new();
+    for _ in 0..6 {
+        let (http, t, url) = (http.clone(), t.clone(), url.clone());
+        asks.spawn(async move {
+            let body = json!({
+                "scope": "jwt-svid", "ttl": 300,
+                "params": { "audience": "https://api.keygate.test" },
+            });
+            http.post(url)
+                .bearer_auth(&t)
+                .json(&body)
+                .send()
+                .await
+                .unwrap()
+                .status()
+                .as_u16()
+        });
+    }
+    let statuses: Vec<u16> = asks.join_all().await;
+    assert_eq!(
+        statuses.iter().filter(|s| **s == 201).count(),
+        3,
+        "{statuses:?}"
+    );
+    assert!(
+        statuses.iter().all(|s| *s == 201 || *s == 429),
+        "{statuses:?}"
+    );
+}

@@ -210,6 +210,8 @@ impl Broker {
         let mut decided = self
             .check_policy(&policy, s, scope_cfg, ttl, t, "credential.requested")
             .await?;
+        // Within its usage limit (after policy: a refusal spends nothing).
+        self.check_usage_rate(s, &ask.scope).await?;
         if scope_cfg.sensitive {
             let facts = RequestFacts {
                 task_id: &s.task.id,
@@ -294,6 +296,11 @@ impl Broker {
         // Write-ahead: the lease exists before the provider is asked, so a
         // crash from here on leaves a row the reaper resolves.
         let mut tx = self.store.begin().await?;
+        if let Some(over) = self.over_live_leases(&mut *tx, s, scope_cfg, t).await? {
+            // The transaction ends unwritten before the refusal is audited.
+            drop(tx);
+            return Err(self.refuse_live(s, scope_name, over).await);
+        }
         if !tx.insert_lease(&lease).await? {
             // The task ended (completion, TTL, kill switch) after this
             // request's session check: no credential for an ended task.

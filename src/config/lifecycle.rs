@@ -119,6 +119,14 @@ pub struct LifecyclePolicy {
     /// after a team or sponsor change the agent reviewed, within this many
     /// hours; the evidence pack's deprovisioning records say whether.
     pub deprovision_within_hours: u32,
+    /// Usage limit: credentials the agent may obtain per minute (that
+    /// many at once, refilled at that rate); more are refused with 429.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_credentials_per_minute: Option<u32>,
+    /// Usage limit: live (pending or active, unexpired) credentials the
+    /// agent may hold at once; more are refused with 429.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_live_leases: Option<u32>,
 }
 
 impl Default for LifecyclePolicy {
@@ -139,6 +147,8 @@ impl Default for LifecyclePolicy {
             sponsor_reassign_within_days: 5,
             orphan_action: LifecycleAction::Suspend,
             deprovision_within_hours: 24,
+            max_credentials_per_minute: None,
+            max_live_leases: None,
         }
     }
 }

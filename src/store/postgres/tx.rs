@@ -307,6 +307,15 @@ impl StoreTx for PostgresTx {
         leases::insert_lease(self, l).await
     }
 
+    async fn live_lease_count(
+        &mut self,
+        agent: &str,
+        scope: Option<&str>,
+        now: OffsetDateTime,
+    ) -> StoreResult<u64> {
+        leases::live_lease_count(self, agent, scope, now).await
+    }
+
     async fn record_issued(
         &mut self,
         id: &str,

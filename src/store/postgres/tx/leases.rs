@@ -33,6 +33,36 @@ pub(super) async fn insert_lease(tx: &mut PostgresTx, l: &Lease) -> StoreResult<
     Ok(done.rows_affected() == 1)
 }
 
+/// The advisory lock class that serialises one agent's usage-limit checks
+/// (the key is the agent id's hash); it differs from the replica liveness
+/// class (19271).
+const USAGE_LIMIT_LOCK_CLASS: i32 = 19273;
+
+pub(super) async fn live_lease_count(
+    tx: &mut PostgresTx,
+    agent: &str,
+    scope: Option<&str>,
+    now: OffsetDateTime,
+) -> StoreResult<u64> {
+    // Held until commit: a concurrent request of the same agent counts
+    // after this one's lease is in.
+    sqlx::query("SELECT pg_advisory_xact_lock($1, hashtext($2))")
+        .bind(USAGE_LIMIT_LOCK_CLASS)
+        .bind(agent)
+        .execute(tx.conn())
+        .await?;
+    let n: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM leases WHERE agent_id = $1 AND state IN ('pending', 'active') \
+         AND expires_at > $2 AND ($3::text IS NULL OR scope = $3)",
+    )
+    .bind(agent)
+    .bind(unix(now))
+    .bind(scope)
+    .fetch_one(tx.conn())
+    .await?;
+    Ok(n.max(0) as u64)
+}
+
 pub(super) async fn record_issued(
     tx: &mut PostgresTx,
     id: &str,

@@ -31,6 +31,27 @@ pub(super) async fn insert_lease(tx: &mut SqliteTx, l: &Lease) -> StoreResult<bo
     Ok(done.rows_affected() == 1)
 }
 
+pub(super) async fn live_lease_count(
+    tx: &mut SqliteTx,
+    agent: &str,
+    scope: Option<&str>,
+    now: OffsetDateTime,
+) -> StoreResult<u64> {
+    // The one writer runs this transaction alone: nothing lands between
+    // this count and the insert that follows it.
+    let n: i64 = sqlx::query_scalar(
+        "SELECT COUNT(*) FROM leases WHERE agent_id = ? AND state IN ('pending', 'active') \
+         AND expires_at > ? AND (? IS NULL OR scope = ?)",
+    )
+    .bind(agent)
+    .bind(unix(now))
+    .bind(scope)
+    .bind(scope)
+    .fetch_one(&mut tx.tx.state.conn)
+    .await?;
+    Ok(n.max(0) as u64)
+}
+
 pub(super) async fn record_issued(
     tx: &mut SqliteTx,
     id: &str,
