@@ -187,6 +187,57 @@ params = {{ kind = "token", policies = ["agent-reader"] }}
         path
     }
 
+    /// The same config with continuous validation on — four detectors of
+    /// each kind, none of which fires under this load — on a store and a
+    /// revocation file of its own (it runs beside the main instance).
+    pub fn configure_detectors(&self) -> PathBuf {
+        let d = self.dir.display();
+        let cfg = std::fs::read_to_string(self.dir.join("keygate.toml")).expect("config");
+        let store = format!("url = \"sqlite://{d}/keygate.db\"");
+        let revoked = format!("revocation_file = \"{d}/ca/revoked.jsonl\"");
+        assert!(cfg.contains(&store) && cfg.contains(&revoked), "the config changed");
+        let cfg = cfg
+            .replacen(&store, &format!("url = \"sqlite://{d}/keygate-detect.db\""), 1)
+            .replacen(
+                &revoked,
+                &format!("revocation_file = \"{d}/ca/revoked-detect.jsonl\""),
+                1,
+            );
+        let detectors = r#"
+[validation]
+warm_up_observations = 20
+[[detectors]]
+name = "denials"
+signal = "denials"
+threshold = 1000
+window_secs = 300
+severity = "high"
+action = "suspend"
+[[detectors]]
+name = "requests"
+signal = "credential_requests"
+threshold = 100000000
+window_secs = 60
+severity = "low"
+action = "record"
+[[detectors]]
+name = "new-network"
+signal = "new_source_network"
+severity = "medium"
+action = "alert"
+[[detectors]]
+name = "new-scope"
+signal = "new_scope"
+severity = "low"
+action = "record"
+"#;
+        // Top-level tables must come before the first `[[scopes]]`.
+        let cfg = cfg.replacen("[[scopes]]", &format!("{detectors}\n[[scopes]]"), 1);
+        let path = self.dir.join("keygate-detect.toml");
+        std::fs::write(&path, cfg).expect("config");
+        path
+    }
+
     /// Starts the release binary; returns it once `/readyz` answers 200,
     /// and how long that took from the spawn.
     pub async fn start(&self) -> (Server, Duration) {

@@ -31,7 +31,9 @@
 //!      BENCH_REVOKE (leases per kill switch, default "1000,10000"),
 //!      BENCH_STORE (live leases for the restart, default "100000,1000000"),
 //!      BENCH_REPLICAS (replicas on PostgreSQL, default "1,2"; empty: skip),
-//!      BENCH_PG_CONCURRENCY (clients for those runs, default "32").
+//!      BENCH_PG_CONCURRENCY (clients for those runs, default "32"),
+//!      BENCH_DETECTORS (clients for the detectors-on run beside the same
+//!      without, default "32"; empty: skip).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -133,6 +135,22 @@ async fn main() {
             openbao: "auth/jwt/login",
             k,
             o,
+        });
+    }
+
+    // Continuous validation's cost: X.509-SVIDs with four detectors on,
+    // against the same without, back to back (BENCH_DETECTORS levels).
+    for &c in &list("BENCH_DETECTORS", "32") {
+        eprintln!("x509-svid with detectors at {c} clients…");
+        let (detecting, _) = kg.start_config(&kg.configure_detectors()).await;
+        let on = kg.credentials(&detecting.base, "x509-svid", c, timing).await;
+        detecting.stop();
+        let off = kg.credentials(&server.base, "x509-svid", c, timing).await;
+        pairs.push(Pair {
+            keygate: "x509 + 4 detectors".to_owned(),
+            openbao: "keygate x509, none",
+            k: on,
+            o: off,
         });
     }
 
