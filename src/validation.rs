@@ -2,7 +2,9 @@
 //! The broker reports what it sees (credential requests and their
 //! denials, failed logins, task opens with their source address) to
 //! [`Validation::observe`], which keeps per-agent signals in memory over
-//! sliding windows and answers with the `[[detectors]]` that fired. The
+//! sliding windows (per-second buckets, and per detector a running value
+//! updated as buckets enter and leave its window: constant work per
+//! observation) and answers with the `[[detectors]]` that fired. The
 //! broker then responds (`validation/respond.rs`): an incident in the audit
 //! log, and for `suspend` the kill switch for that agent.
 //!
@@ -25,9 +27,6 @@ use std::sync::Mutex;
 /// not grow memory without bound: failed logins are observed only for
 /// registered agents, and this is the backstop).
 const MAX_AGENTS: usize = 100_000;
-/// The most observations kept per agent (the longest window's worth,
-/// capped).
-const MAX_EVENTS: usize = 10_000;
 
 /// What the broker saw an agent do.
 #[derive(Debug, Clone)]
@@ -44,15 +43,44 @@ pub enum Observation {
     TaskOpened { source: Option<IpAddr> },
 }
 
-#[derive(Debug, Clone)]
-struct Event {
-    at: i64,
-    obs: Observation,
+/// One second of an agent's observations, folded.
+#[derive(Debug, Default)]
+struct Bucket {
+    sec: i64,
+    requests: u32,
+    denials: u32,
+    failures: u32,
+    /// Scopes asked for and source addresses, with how often.
+    scopes: Vec<(String, u32)>,
+    sources: Vec<(IpAddr, u32)>,
+}
+
+fn bump<K: PartialEq>(list: &mut Vec<(K, u32)>, key: K) {
+    match list.iter_mut().find(|(k, _)| *k == key) {
+        Some((_, n)) => *n += 1,
+        None => list.push((key, 1)),
+    }
+}
+
+/// One detector's running view of one agent: the value over its window,
+/// kept up to date as observations arrive and buckets leave the window
+/// (constant work per observation, whatever the window holds).
+#[derive(Debug, Default)]
+struct Running {
+    /// Absolute index of the first bucket inside the window.
+    cursor: u64,
+    count: u64,
+    /// For the distinct signals: each value in the window, with how often.
+    distinct: HashMap<String, u32>,
 }
 
 #[derive(Debug, Default)]
 struct AgentSignals {
-    events: VecDeque<Event>,
+    buckets: VecDeque<Bucket>,
+    /// Absolute index of `buckets[0]`.
+    base: u64,
+    /// Per detector, in `detectors` order.
+    running: Vec<Running>,
     /// Networks (/24 for IPv4, /48 for IPv6) and scopes seen since the
     /// last reset, and how many observations taught them.
     networks: BTreeSet<String>,
@@ -60,6 +88,35 @@ struct AgentSignals {
     learned: u32,
     /// Per detector: until when it stays quiet after firing.
     quiet_until: HashMap<String, i64>,
+}
+
+/// What `obs` (or a bucket of `n` such) adds to a counting signal.
+fn counted(signal: Signal, obs: &Observation) -> u64 {
+    match (signal, obs) {
+        (Signal::Denials, Observation::Request { denied: true, .. })
+        | (Signal::CredentialRequests, Observation::Request { .. })
+        | (Signal::FailedAuth, Observation::AuthFailure { .. }) => 1,
+        _ => 0,
+    }
+}
+
+/// The bucket's share of a counting signal.
+fn bucket_count(signal: Signal, b: &Bucket) -> u64 {
+    u64::from(match signal {
+        Signal::Denials => b.denials,
+        Signal::CredentialRequests => b.requests,
+        Signal::FailedAuth => b.failures,
+        _ => 0,
+    })
+}
+
+/// The value `obs` brings to a distinct signal.
+fn distinct_key(signal: Signal, obs: &Observation) -> Option<String> {
+    match (signal, obs) {
+        (Signal::DistinctScopes, Observation::Request { scope, .. }) => Some(scope.clone()),
+        (Signal::SourceAddresses, o) => source_of(o).map(|ip| ip.to_string()),
+        _ => None,
+    }
 }
 
 /// A detector that fired, with what it saw.
@@ -135,16 +192,74 @@ impl Validation {
             return Vec::new();
         }
         let a = agents.entry(agent.to_owned()).or_default();
-        let longest = self
-            .detectors
-            .iter()
-            .map(|d| d.window_secs as i64)
-            .max()
-            .unwrap_or(0);
-        while a.events.front().is_some_and(|e| e.at <= now - longest)
-            || a.events.len() >= MAX_EVENTS
-        {
-            a.events.pop_front();
+        if a.running.len() != self.detectors.len() {
+            a.running = self.detectors.iter().map(|_| Running::default()).collect();
+            a.running
+                .iter_mut()
+                .for_each(|r| r.cursor = a.base + a.buckets.len() as u64);
+        }
+        // This second's bucket takes the observation (a clock that stepped
+        // back adds to the latest one).
+        if a.buckets.back().is_none_or(|b| b.sec < now) {
+            a.buckets.push_back(Bucket {
+                sec: now,
+                ..Bucket::default()
+            });
+        }
+        if let Some(b) = a.buckets.back_mut() {
+            match &obs {
+                Observation::Request { scope, denied, .. } => {
+                    b.requests += 1;
+                    b.denials += u32::from(*denied);
+                    bump(&mut b.scopes, scope.clone());
+                }
+                Observation::AuthFailure { .. } => b.failures += 1,
+                Observation::TaskOpened { .. } => {}
+            }
+            if let Some(ip) = source_of(&obs) {
+                bump(&mut b.sources, ip);
+            }
+        }
+        // Each detector adds the observation and lets go of the buckets
+        // that left its window.
+        for (d, r) in self.detectors.iter().zip(a.running.iter_mut()) {
+            r.count += counted(d.signal, &obs);
+            if let Some(k) = distinct_key(d.signal, &obs) {
+                *r.distinct.entry(k).or_insert(0) += 1;
+            }
+            let edge = now - d.window_secs as i64;
+            while let Some(b) = r
+                .cursor
+                .checked_sub(a.base)
+                .and_then(|i| a.buckets.get(i as usize))
+                .filter(|b| b.sec <= edge)
+            {
+                r.count = r.count.saturating_sub(bucket_count(d.signal, b));
+                let leaving: Vec<String> = match d.signal {
+                    Signal::DistinctScopes => b.scopes.iter().map(|(k, _)| k.clone()).collect(),
+                    Signal::SourceAddresses => b.sources.iter().map(|(k, _)| k.to_string()).collect(),
+                    _ => Vec::new(),
+                };
+                let counts: Vec<u32> = match d.signal {
+                    Signal::DistinctScopes => b.scopes.iter().map(|(_, n)| *n).collect(),
+                    Signal::SourceAddresses => b.sources.iter().map(|(_, n)| *n).collect(),
+                    _ => Vec::new(),
+                };
+                for (k, n) in leaving.into_iter().zip(counts) {
+                    if let Some(c) = r.distinct.get_mut(&k) {
+                        *c = c.saturating_sub(n);
+                        if *c == 0 {
+                            r.distinct.remove(&k);
+                        }
+                    }
+                }
+                r.cursor += 1;
+            }
+        }
+        // Buckets every detector is past are gone.
+        let oldest = a.running.iter().map(|r| r.cursor).min().unwrap_or(a.base);
+        while a.base < oldest && a.buckets.pop_front().is_some() {
+            a.base += 1;
         }
         // Novelties are judged before this observation is learned.
         let warm = a.learned >= self.config.warm_up_observations;
@@ -168,52 +283,18 @@ impl Validation {
         if !matches!(obs, Observation::AuthFailure { .. }) {
             a.learned = a.learned.saturating_add(1);
         }
-        a.events.push_back(Event {
-            at: now,
-            obs: obs.clone(),
-        });
 
         let mut fired = Vec::new();
-        for d in &self.detectors {
+        for (d, r) in self.detectors.iter().zip(&a.running) {
             if a.quiet_until.get(&d.name).is_some_and(|t| *t > now) {
                 continue;
             }
-            let since = now - d.window_secs as i64;
-            let recent = || a.events.iter().filter(|e| e.at > since);
             let (observed, hit) = match d.signal {
-                Signal::Denials => {
-                    let n = recent()
-                        .filter(|e| matches!(e.obs, Observation::Request { denied: true, .. }))
-                        .count() as u64;
-                    (n, n > u64::from(d.threshold))
+                Signal::Denials | Signal::CredentialRequests | Signal::FailedAuth => {
+                    (r.count, r.count > u64::from(d.threshold))
                 }
-                Signal::CredentialRequests => {
-                    let n = recent()
-                        .filter(|e| matches!(e.obs, Observation::Request { .. }))
-                        .count() as u64;
-                    (n, n > u64::from(d.threshold))
-                }
-                Signal::FailedAuth => {
-                    let n = recent()
-                        .filter(|e| matches!(e.obs, Observation::AuthFailure { .. }))
-                        .count() as u64;
-                    (n, n > u64::from(d.threshold))
-                }
-                Signal::DistinctScopes => {
-                    let n = recent()
-                        .filter_map(|e| match &e.obs {
-                            Observation::Request { scope, .. } => Some(scope.as_str()),
-                            _ => None,
-                        })
-                        .collect::<BTreeSet<_>>()
-                        .len() as u64;
-                    (n, n > u64::from(d.threshold))
-                }
-                Signal::SourceAddresses => {
-                    let n = recent()
-                        .filter_map(|e| source_of(&e.obs))
-                        .collect::<BTreeSet<_>>()
-                        .len() as u64;
+                Signal::DistinctScopes | Signal::SourceAddresses => {
+                    let n = r.distinct.len() as u64;
                     (n, n > u64::from(d.threshold))
                 }
                 Signal::NewSourceNetwork => (u64::from(new_network), new_network),
@@ -296,6 +377,74 @@ mod tests {
             denied,
             source: Some(ip.parse().unwrap()),
         }
+    }
+
+    /// The running values of `agent`, per detector.
+    fn values(v: &Validation, agent: &str) -> Vec<u64> {
+        let agents = v.agents.lock().unwrap();
+        let a = &agents[agent];
+        v.detectors
+            .iter()
+            .zip(&a.running)
+            .map(|(d, r)| match d.signal {
+                Signal::DistinctScopes | Signal::SourceAddresses => r.distinct.len() as u64,
+                _ => r.count,
+            })
+            .collect()
+    }
+
+    #[test]
+    fn running_values_match_a_recount_of_the_window() {
+        let detectors = vec![
+            detector("d", Signal::Denials, u32::MAX, 7),
+            detector("r", Signal::CredentialRequests, u32::MAX, 3),
+            detector("f", Signal::FailedAuth, u32::MAX, 11),
+            detector("s", Signal::DistinctScopes, u32::MAX, 5),
+            detector("a", Signal::SourceAddresses, u32::MAX, 2),
+        ];
+        let v = Validation::new(ValidationConfig::default(), detectors.clone());
+        let mut seen: Vec<(i64, Observation)> = Vec::new();
+        let mut x: u64 = 42;
+        let mut now = 1_000;
+        for _ in 0..2_000 {
+            // A small linear congruential walk: times that step 0 to 2 s,
+            // a few scopes and addresses, some denials and failures.
+            x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
+            now += (x >> 60) as i64 % 3;
+            let ip = format!("10.0.{}.1", (x >> 40) % 4);
+            let obs = match (x >> 33) % 4 {
+                0 => Observation::AuthFailure {
+                    source: Some(ip.parse().unwrap()),
+                },
+                1 => Observation::TaskOpened {
+                    source: Some(ip.parse().unwrap()),
+                },
+                k => Observation::Request {
+                    scope: format!("s{}", (x >> 20) % 5),
+                    denied: k == 3,
+                    source: Some(ip.parse().unwrap()),
+                },
+            };
+            v.observe("a", obs.clone(), now);
+            seen.push((now, obs));
+            let recount: Vec<u64> = detectors
+                .iter()
+                .map(|d| {
+                    let inside = seen.iter().filter(|(t, _)| *t > now - d.window_secs as i64);
+                    match d.signal {
+                        Signal::DistinctScopes | Signal::SourceAddresses => inside
+                            .filter_map(|(_, o)| distinct_key(d.signal, o))
+                            .collect::<BTreeSet<_>>()
+                            .len() as u64,
+                        _ => inside.map(|(_, o)| counted(d.signal, o)).sum(),
+                    }
+                })
+                .collect();
+            assert_eq!(values(&v, "a"), recount, "at {now}");
+        }
+        // What every window has left behind is gone.
+        let agents = v.agents.lock().unwrap();
+        assert!(agents["a"].buckets.len() <= 12);
     }
 
     #[test]

@@ -187,20 +187,22 @@ params = {{ kind = "token", policies = ["agent-reader"] }}
         path
     }
 
-    /// The same config with continuous validation on — four detectors of
-    /// each kind, none of which fires under this load — on a store and a
-    /// revocation file of its own (it runs beside the main instance).
-    pub fn configure_detectors(&self) -> PathBuf {
+    /// The same config on a fresh store and revocation file of its own (it
+    /// runs beside the main instance), with continuous validation on —
+    /// four detectors of each kind, none of which fires under this load —
+    /// or not, so the two are measured alike.
+    pub fn configure_detectors(&self, on: bool) -> PathBuf {
+        let name = if on { "detect" } else { "plain" };
         let d = self.dir.display();
         let cfg = std::fs::read_to_string(self.dir.join("keygate.toml")).expect("config");
         let store = format!("url = \"sqlite://{d}/keygate.db\"");
         let revoked = format!("revocation_file = \"{d}/ca/revoked.jsonl\"");
         assert!(cfg.contains(&store) && cfg.contains(&revoked), "the config changed");
         let cfg = cfg
-            .replacen(&store, &format!("url = \"sqlite://{d}/keygate-detect.db\""), 1)
+            .replacen(&store, &format!("url = \"sqlite://{d}/keygate-{name}.db\""), 1)
             .replacen(
                 &revoked,
-                &format!("revocation_file = \"{d}/ca/revoked-detect.jsonl\""),
+                &format!("revocation_file = \"{d}/ca/revoked-{name}.jsonl\""),
                 1,
             );
         let detectors = r#"
@@ -232,8 +234,12 @@ severity = "low"
 action = "record"
 "#;
         // Top-level tables must come before the first `[[scopes]]`.
-        let cfg = cfg.replacen("[[scopes]]", &format!("{detectors}\n[[scopes]]"), 1);
-        let path = self.dir.join("keygate-detect.toml");
+        let cfg = if on {
+            cfg.replacen("[[scopes]]", &format!("{detectors}\n[[scopes]]"), 1)
+        } else {
+            cfg
+        };
+        let path = self.dir.join(format!("keygate-{name}.toml"));
         std::fs::write(&path, cfg).expect("config");
         path
     }

@@ -139,13 +139,26 @@ async fn main() {
     }
 
     // Continuous validation's cost: X.509-SVIDs with four detectors on,
-    // against the same without, back to back (BENCH_DETECTORS levels).
+    // against the same without, each on a fresh store, back to back
+    // (BENCH_DETECTORS levels).
     for &c in &list("BENCH_DETECTORS", "32") {
-        eprintln!("x509-svid with detectors at {c} clients…");
-        let (detecting, _) = kg.start_config(&kg.configure_detectors()).await;
-        let on = kg.credentials(&detecting.base, "x509-svid", c, timing).await;
-        detecting.stop();
-        let off = kg.credentials(&server.base, "x509-svid", c, timing).await;
+        eprintln!("x509-svid without and with detectors at {c} clients…");
+        // Alternated twice, the better run of each kept: this VM's
+        // run-to-run noise (±10% between two 8 s runs) is larger than
+        // the cost being measured.
+        let mut best: [Option<Stats>; 2] = [None, None];
+        for on in [false, true, false, true] {
+            let (instance, _) = kg.start_config(&kg.configure_detectors(on)).await;
+            let run = kg.credentials(&instance.base, "x509-svid", c, timing).await;
+            instance.stop();
+            let slot = &mut best[usize::from(on)];
+            if slot.as_ref().is_none_or(|b| run.per_sec > b.per_sec) {
+                *slot = Some(run);
+            }
+        }
+        let [Some(off), Some(on)] = best else {
+            continue;
+        };
         pairs.push(Pair {
             keygate: "x509 + 4 detectors".to_owned(),
             openbao: "keygate x509, none",
