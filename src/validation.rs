@@ -237,7 +237,9 @@ impl Validation {
                 r.count = r.count.saturating_sub(bucket_count(d.signal, b));
                 let leaving: Vec<String> = match d.signal {
                     Signal::DistinctScopes => b.scopes.iter().map(|(k, _)| k.clone()).collect(),
-                    Signal::SourceAddresses => b.sources.iter().map(|(k, _)| k.to_string()).collect(),
+                    Signal::SourceAddresses => {
+                        b.sources.iter().map(|(k, _)| k.to_string()).collect()
+                    }
                     _ => Vec::new(),
                 };
                 let counts: Vec<u32> = match d.signal {
@@ -435,7 +437,8 @@ mod tests {
                         Signal::DistinctScopes | Signal::SourceAddresses => inside
                             .filter_map(|(_, o)| distinct_key(d.signal, o))
                             .collect::<BTreeSet<_>>()
-                            .len() as u64,
+                            .len()
+                            as u64,
                         _ => inside.map(|(_, o)| counted(d.signal, o)).sum(),
                     }
                 })

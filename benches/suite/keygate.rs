@@ -197,9 +197,16 @@ params = {{ kind = "token", policies = ["agent-reader"] }}
         let cfg = std::fs::read_to_string(self.dir.join("keygate.toml")).expect("config");
         let store = format!("url = \"sqlite://{d}/keygate.db\"");
         let revoked = format!("revocation_file = \"{d}/ca/revoked.jsonl\"");
-        assert!(cfg.contains(&store) && cfg.contains(&revoked), "the config changed");
+        assert!(
+            cfg.contains(&store) && cfg.contains(&revoked),
+            "the config changed"
+        );
         let cfg = cfg
-            .replacen(&store, &format!("url = \"sqlite://{d}/keygate-{name}.db\""), 1)
+            .replacen(
+                &store,
+                &format!("url = \"sqlite://{d}/keygate-{name}.db\""),
+                1,
+            )
             .replacen(
                 &revoked,
                 &format!("revocation_file = \"{d}/ca/revoked-{name}.jsonl\""),
