@@ -411,17 +411,7 @@ async fn a_dpop_bound_run_keeps_working_and_its_token_alone_is_refused() {
             .unwrap();
         assert_eq!(r.status(), 401, "{scheme} without a proof");
     }
-    let intro: Value = b
-        .http
-        .post(b.url("/oauth/introspect"))
-        .bearer_auth(&b.ops.admin)
-        .form(&[("token", token.as_str())])
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let intro = b.introspect(&token).await;
     assert_eq!(intro["active"], true, "{intro}");
     assert_eq!(intro["token_type"], "DPoP", "{intro}");
     assert!(intro["cnf"]["jkt"].is_string(), "{intro}");

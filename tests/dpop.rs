@@ -161,20 +161,6 @@ async fn a_dpop_bound_token_needs_a_fresh_proof_by_its_key() {
     assert_eq!(body["error"], "invalid_dpop_proof", "{body}");
 }
 
-/// `POST /oauth/introspect` as secops.
-async fn introspect(b: &TestBroker, token: &str) -> Value {
-    b.http
-        .post(b.url("/oauth/introspect"))
-        .bearer_auth(&b.ops.secops)
-        .form(&[("token", token)])
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap()
-}
-
 /// The token endpoint's answer to a DPoP proof, with a valid assertion.
 async fn token_with_proof(b: &TestBroker, agent: &TestAgent, proof: &str) -> Resp {
     let assertion = agent.assertion();
@@ -216,12 +202,12 @@ async fn introspection_challenges_and_proof_keys_follow_rfc_9449() {
             .unwrap(),
     )
     .unwrap();
-    let i = introspect(&b, &token).await;
+    let i = b.introspect(&token).await;
     assert_eq!(i["active"], true, "{i}");
     assert_eq!(i["token_type"], "DPoP", "{i}");
     assert_eq!(i["cnf"]["jkt"], claims["cnf"]["jkt"], "{i}");
     let plain = b.token(&agent).await;
-    let i = introspect(&b, &plain.token).await;
+    let i = b.introspect(&plain.token).await;
     assert_eq!(
         (i["token_type"].as_str(), i.get("cnf")),
         (Some("Bearer"), None),

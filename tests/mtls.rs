@@ -375,17 +375,7 @@ async fn a_certificate_bound_token_is_not_exchanged_without_its_certificate() {
     assert_eq!(status, 200, "{v}");
     let bound = v["access_token"].as_str().unwrap().to_owned();
     // Introspection names the certificate (RFC 8705 §3.2).
-    let i: Value =
-        w.b.http
-            .post(w.b.url("/oauth/introspect"))
-            .bearer_auth(&w.b.ops.secops)
-            .form(&[("token", bound.as_str())])
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+    let i = w.b.introspect(&bound).await;
     assert_eq!(i["active"], true, "{i}");
     assert!(i["cnf"]["x5t#S256"].is_string(), "{i}");
 
@@ -471,17 +461,7 @@ async fn keygate_exec_authenticates_with_an_x509_svid_and_stays_on_it() {
     // The task ended with the command (its completion went over the same
     // certificate), and its credential with it.
     let token = std::fs::read_to_string(w.dir.join("token.txt")).unwrap();
-    let intro: Value =
-        w.b.http
-            .post(w.b.url("/oauth/introspect"))
-            .bearer_auth(&w.b.ops.admin)
-            .form(&[("token", token.as_str())])
-            .send()
-            .await
-            .unwrap()
-            .json()
-            .await
-            .unwrap();
+    let intro = w.b.introspect(&token).await;
     assert_eq!(intro["active"], false, "{intro}");
     let leases = w.b.leases(&format!("agent={}", agent.id)).await;
     assert_eq!(leases.len(), 1);

@@ -95,85 +95,45 @@ fn agrees(doc: &Value, schema: &str, answer: &Value) {
 
 #[tokio::test]
 async fn agent_answers_agree_with_their_schemas() {
+    use reqwest::Method;
     let b = TestBroker::start_with(Setup::permissive()).await;
-    let doc: Value = b
-        .http
-        .get(b.url("/openapi.json"))
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let doc = b.get("/openapi.json", None).await.expect(200);
     let agent = TestAgent::new("schema-agent", "ES256");
     b.register(&agent, "platform").await;
     let s = b.token_ttl(&agent, Some(600)).await;
-    let whoami: Value = b
-        .http
-        .get(b.url("/v1/session"))
-        .bearer_auth(&s.token)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+    let whoami = b.get("/v1/session", Some(&s.token)).await.expect(200);
     agrees(&doc, "WhoAmI", &whoami);
     agrees(&doc, "Task", &whoami["task"]);
     let cred = b.x509(&s.token, Some(60)).await;
     agrees(&doc, "IssuedBody", &cred);
     let lease = cred["lease_id"].as_str().unwrap();
-    let renew = b
-        .http
-        .post(b.url(&format!("/v1/credentials/{lease}/renew")))
-        .bearer_auth(&s.token)
-        .json(&serde_json::json!({ "increment": 30 }))
-        .send()
+    let body = serde_json::json!({ "increment": 30 });
+    let refusal = b
+        .post(
+            &format!("/v1/credentials/{lease}/renew"),
+            Some(&s.token),
+            &body,
+        )
         .await
-        .unwrap();
-    assert_eq!(renew.status(), 400);
-    let refusal: Value = renew.json().await.unwrap();
+        .expect(400);
     agrees(&doc, "ErrorBody", &refusal);
     let codes = doc["components"]["schemas"]["ErrorCode"]["enum"]
         .as_array()
         .unwrap();
     assert!(codes.contains(&refusal["error"]));
-    let released: Value = b
-        .http
-        .delete(b.url(&format!("/v1/credentials/{lease}")))
-        .bearer_auth(&s.token)
-        .send()
+    let path = format!("/v1/credentials/{lease}");
+    let released = b
+        .call(Method::DELETE, &path, Some(&s.token), None)
         .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .expect(200);
     agrees(&doc, "ReleasedLease", &released);
-    let done: Value = b
-        .http
-        .post(b.url("/v1/tasks/complete"))
-        .bearer_auth(&s.token)
-        .send()
+    let done = b
+        .call(Method::POST, "/v1/tasks/complete", Some(&s.token), None)
         .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
+        .expect(200);
     agrees(&doc, "CompletedTask", &done);
-    let leases: Value = b
-        .http
-        .get(b.url(&format!(
-            "/v1/leases?task={}",
-            whoami["task"]["id"].as_str().unwrap()
-        )))
-        .bearer_auth(&b.ops.auditor)
-        .send()
-        .await
-        .unwrap()
-        .json()
-        .await
-        .unwrap();
-    for l in leases.as_array().unwrap() {
-        agrees(&doc, "Lease", l);
+    let task = whoami["task"]["id"].as_str().unwrap();
+    for l in b.leases(&format!("task={task}")).await {
+        agrees(&doc, "Lease", &l);
     }
 }

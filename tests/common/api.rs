@@ -162,6 +162,20 @@ impl TestBroker {
     }
 
     /// `GET /v1/leases?{query}` as the admin.
+    /// `POST /oauth/introspect` as secops.
+    pub async fn introspect(&self, token: &str) -> Value {
+        self.http
+            .post(self.url("/oauth/introspect"))
+            .bearer_auth(&self.ops.secops)
+            .form(&[("token", token)])
+            .send()
+            .await
+            .unwrap()
+            .json()
+            .await
+            .unwrap()
+    }
+
     pub async fn leases(&self, query: &str) -> Vec<Value> {
         let v = self.admin_get(&format!("/v1/leases?{query}")).await;
         v.as_array().unwrap().clone()

@@ -46,11 +46,11 @@ def test_an_unknown_lease_is_not_found(broker, agent_factory):
             task.release("ls_00000000000000000000000000")
 
 
-def test_an_unknown_scope_is_refused_as_invalid_request(broker, agent_factory):
+def test_an_unknown_scope_is_not_found(broker, agent_factory):
     with agent_factory().task("python: unknown scope") as task:
-        with pytest.raises(keygate.KeygateError) as e:
+        with pytest.raises(keygate.NotFound) as e:
             task.credential("no-such-scope")
-    assert e.value.status in (400, 403, 404) and e.value.code in keygate.ERRORS
+    assert e.value.status == 404 and "no-such-scope" in e.value.message
 
 
 def test_a_completed_task_token_is_invalid_token(broker, agent_factory):

@@ -286,5 +286,21 @@ def approval_outcome(approval_id: str, scope: str, body: Dict[str, Any]) -> Opti
     return cls(text, approval_id=approval_id)
 
 
+def next_wait(approval_id: str, deadline: float, timeout: float) -> int:
+    """Seconds for the next long poll of an approval (1 to 30), or
+    :class:`ApprovalTimeout` once the client has waited ``timeout``."""
+    import time
+
+    from .errors import ApprovalTimeout
+
+    left = deadline - time.monotonic()
+    if left <= 0:
+        raise ApprovalTimeout(
+            f"approval {approval_id} was not decided within {timeout:.0f} s",
+            approval_id=approval_id,
+        )
+    return max(1, min(30, int(left)))
+
+
 def lease_id_of(lease: "Credential | str") -> str:
     return lease.lease_id if isinstance(lease, Credential) else lease

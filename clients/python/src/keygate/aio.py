@@ -10,7 +10,7 @@ import httpx
 
 from . import _model as m
 from .client import DEFAULT_SERVER, PathLike, _Identity, log
-from .errors import ApprovalTimeout, KeygateError
+from .errors import KeygateError
 
 
 class AsyncAgent(_Identity):
@@ -180,13 +180,7 @@ class AsyncTask:
         scope = pending.scope if isinstance(pending, m.PendingApproval) else ""
         deadline = time.monotonic() + timeout
         while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise ApprovalTimeout(
-                    f"approval {approval_id} was not decided within {timeout:.0f} s",
-                    approval_id=approval_id,
-                )
-            wait = max(1, min(30, int(left)))
+            wait = m.next_wait(approval_id, deadline, timeout)
             resp = await self._call("GET", f"/v1/approvals/{approval_id}?wait={wait}", timeout=wait + 30)
             body = m.check(resp)
             failed = m.approval_outcome(approval_id, scope or body.get("scope", ""), body)

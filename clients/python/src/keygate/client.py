@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from . import _jws
 from . import _model as m
-from .errors import ApprovalTimeout, ConfigurationError, KeygateError
+from .errors import ConfigurationError, KeygateError
 
 DEFAULT_SERVER = "http://127.0.0.1:8470"
 log = logging.getLogger("keygate")
@@ -250,13 +250,7 @@ class Task:
         scope = pending.scope if isinstance(pending, m.PendingApproval) else ""
         deadline = time.monotonic() + timeout
         while True:
-            left = deadline - time.monotonic()
-            if left <= 0:
-                raise ApprovalTimeout(
-                    f"approval {approval_id} was not decided within {timeout:.0f} s",
-                    approval_id=approval_id,
-                )
-            wait = max(1, min(30, int(left)))
+            wait = m.next_wait(approval_id, deadline, timeout)
             body = m.check(self._call("GET", f"/v1/approvals/{approval_id}?wait={wait}", timeout=wait + 30))
             failed = m.approval_outcome(approval_id, scope or body.get("scope", ""), body)
             if failed is not None:
