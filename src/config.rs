@@ -354,7 +354,8 @@ impl Config {
             return bad("`sessions.default_ttl_secs` must be between 1 and `max_ttl_secs`".into());
         }
         lifecycle::validate(&self.lifecycle).map_err(ConfigError::Invalid)?;
-        crate::validation::validate(&self.detectors).map_err(ConfigError::Invalid)?;
+        crate::validation::validate(&self.validation, &self.detectors)
+            .map_err(ConfigError::Invalid)?;
         crate::governance::people::validate(&self.people).map_err(ConfigError::Invalid)?;
         if self.governance.sweep_interval_secs == 0 {
             return bad("`governance.sweep_interval_secs` must be at least 1".into());

@@ -197,6 +197,21 @@ pub struct Agent {
         skip_serializing_if = "Option::is_none"
     )]
     pub owner_changed_at: Option<OffsetDateTime>,
+    /// Continuous validation's step-up: while set, its credential requests
+    /// need a human (see [`StepUp`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_up: Option<StepUp>,
+}
+
+/// An incident's step-up on an agent: its requests (every scope, or the
+/// sensitive ones without policy's automatic approval) need a human until
+/// an operator resolves the incident.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct StepUp {
+    pub incident: String,
+    pub scopes: crate::validation::StepUpScopes,
+    #[serde(with = "time::serde::rfc3339")]
+    pub since: OffsetDateTime,
 }
 
 /// Why and by whom a scope was excluded from an agent.

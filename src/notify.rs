@@ -1,11 +1,12 @@
-//! Approval and review notifications: Slack messages and signed webhooks,
-//! delivered from a durable outbox.
+//! Approval, review and incident notifications: Slack messages and signed
+//! webhooks, delivered from a durable outbox.
 //!
 //! Rows are written in the same commit as the approval change they announce
 //! ([`Notifier::requested`], [`Notifier::decided`], [`Notifier::reply`]); the
 //! worker ([`Notifier::run`]) delivers them, retrying with backoff, so a
 //! channel outage delays a message but never loses the request behind it.
 
+mod incidents;
 pub mod reviews;
 pub mod slack;
 mod webhook;
@@ -60,6 +61,7 @@ impl Reply {
 enum About<'a> {
     Approval(&'a str),
     Review(&'a str),
+    Incident(&'a str),
 }
 
 /// Builds outbox rows and delivers them.
@@ -121,14 +123,17 @@ impl Notifier {
         payload: serde_json::Value,
     ) -> Notification {
         let t = now();
-        let (approval_id, review_item_id) = match about {
-            About::Approval(id) => (Some(id.to_owned()), None),
-            About::Review(id) => (None, Some(id.to_owned())),
-        };
+        let (mut approval_id, mut review_item_id, mut incident_id) = (None, None, None);
+        match about {
+            About::Approval(id) => approval_id = Some(id.to_owned()),
+            About::Review(id) => review_item_id = Some(id.to_owned()),
+            About::Incident(id) => incident_id = Some(id.to_owned()),
+        }
         Notification {
             id: new_id("nt"),
             approval_id,
             review_item_id,
+            incident_id,
             channel: channel.to_owned(),
             event: event.to_owned(),
             payload,
@@ -296,10 +301,15 @@ impl Notifier {
             .slack
             .as_ref()
             .ok_or_else(|| Attempt::GiveUp("Slack is no longer configured".into()))?;
-        let approval_id = match (&n.approval_id, &n.review_item_id) {
-            (Some(a), _) => a,
-            (None, Some(item)) => return self.deliver_review(store, slack, n, item).await,
-            (None, None) => return Err(Attempt::GiveUp("a notification about nothing".into())),
+        let approval_id = match (&n.approval_id, &n.review_item_id, &n.incident_id) {
+            (Some(a), _, _) => a,
+            (None, Some(item), _) => return self.deliver_review(store, slack, n, item).await,
+            (None, None, Some(_)) => {
+                return slack::post_message(&self.http, &self.secrets, slack, &n.payload).await;
+            }
+            (None, None, None) => {
+                return Err(Attempt::GiveUp("a notification about nothing".into()));
+            }
         };
         let approval = store
             .get_approval(approval_id)

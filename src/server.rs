@@ -97,6 +97,17 @@ pub async fn build_broker(config: Config) -> anyhow::Result<Broker> {
         )),
         validation,
     };
+    if broker.validation.enabled() {
+        let n = broker
+            .validation
+            .restore(broker.store.validation_states().await?);
+        if n > 0 {
+            tracing::info!(
+                agents = n,
+                "continuous validation: read back what agents were learned to do"
+            );
+        }
+    }
     if let Some(dir) = broker.config.registry.seed_dir.clone() {
         let n = seed_agents(&broker, &dir).await?;
         if n > 0 {
@@ -204,6 +215,7 @@ pub async fn serve(config_path: &Path, listen: Option<std::net::SocketAddr>) -> 
     tokio::spawn(run_governance(Arc::clone(&broker)));
     tokio::spawn(reload_on_sighup(Arc::clone(&broker)));
     tokio::spawn(follow_policy(Arc::clone(&broker)));
+    tokio::spawn(snapshot_validation(Arc::clone(&broker)));
     let listener = TcpListener::bind(broker.config.server.listen).await?;
     let addr = listener.local_addr()?;
     tracing::info!(%addr, issuer = %broker.config.server.issuer, policy_hash = %broker.policy.current().hash(), "keygate ready");
@@ -227,6 +239,8 @@ pub async fn serve(config_path: &Path, listen: Option<std::net::SocketAddr>) -> 
         ));
     }
     listen::serve(listener, None, app, limits, shutdown_signal()).await;
+    // What agents were learned to do since the last snapshot is kept.
+    save_validation(&broker).await;
     // Counted failures not yet in the audit log go in before exit.
     if let Err(e) = broker.flush_auth_failures(true).await {
         tracing::error!(error = %e, "auditing counted authentication failures failed");
@@ -236,6 +250,37 @@ pub async fn serve(config_path: &Path, listen: Option<std::net::SocketAddr>) -> 
         p.shutdown().await;
     }
     Ok(())
+}
+
+/// Saves what continuous validation learned of each agent, every
+/// `snapshot_secs` (one transaction per pass, never per request).
+async fn snapshot_validation(broker: AppState) {
+    if !broker.validation.enabled() {
+        return;
+    }
+    loop {
+        tokio::time::sleep(broker.validation.snapshot_every()).await;
+        save_validation(&broker).await;
+    }
+}
+
+async fn save_validation(broker: &AppState) {
+    let saved = broker.validation.take_snapshots();
+    if saved.is_empty() {
+        return;
+    }
+    let write = async {
+        let mut tx = broker.store.begin().await?;
+        let t = crate::model::now();
+        for s in &saved {
+            tx.save_validation_state(s, t).await?;
+        }
+        tx.commit().await
+    };
+    if let Err(e) = write.await {
+        broker.validation.unsaved(&saved);
+        tracing::error!(error = %e, agents = saved.len(), "saving continuous validation's learning failed");
+    }
 }
 
 /// Audits counted authentication failures once their interval ends, and

@@ -214,6 +214,8 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<Vec<crate::governance::Finding>>;
     /// Every recorded departure from the people directory.
     async fn departures(&self) -> StoreResult<Vec<crate::governance::people::Departure>>;
+    /// What continuous validation saved of every agent's learning.
+    async fn validation_states(&self) -> StoreResult<Vec<crate::validation::Snapshot>>;
     /// Every review campaign, newest first.
     async fn review_campaigns(&self) -> StoreResult<Vec<crate::governance::reviews::Campaign>>;
     async fn review_items(
@@ -247,6 +249,20 @@ pub trait StoreTx: Send {
         now: OffsetDateTime,
     ) -> StoreResult<Option<AgentStatus>>;
     async fn touch_agent(&mut self, id: &str, now: OffsetDateTime) -> StoreResult<()>;
+    /// Sets or clears an agent's step-up, only if its current one is
+    /// `replacing` when that is given; `false` when nothing changed.
+    async fn set_step_up(
+        &mut self,
+        id: &str,
+        step_up: Option<&crate::model::StepUp>,
+        replacing: Option<&crate::model::StepUp>,
+    ) -> StoreResult<bool>;
+    /// Saves one agent's continuous validation learning (replacing the last).
+    async fn save_validation_state(
+        &mut self,
+        snapshot: &crate::validation::Snapshot,
+        now: OffsetDateTime,
+    ) -> StoreResult<()>;
     /// Rewrites an agent's attributes (team, sponsor, tier, labels, keys…).
     async fn update_agent(&mut self, agent: &Agent) -> StoreResult<()>;
 

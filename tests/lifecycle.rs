@@ -1,4 +1,4 @@
-//! Policy, governance and the agent side: `keygate exec`, approvals, agents as code, the evidence pack, lifecycle findings, people, policy reloads and cases, provisioning, reviews, revocation and continuous validation.
+//! Policy, governance and the agent side: `keygate exec`, approvals, agents as code, the evidence pack, lifecycle findings, people, policy reloads and cases, provisioning, reviews, revocation and continuous validation (its detectors and its responses).
 //!
 //! One test binary per group of suites (each `mod` is one file under
 //! `tests/`): every binary links the whole broker, so fewer binaries link
@@ -21,3 +21,4 @@ mod review_reminders;
 mod reviews;
 mod revocation;
 mod validation;
+mod validation_responses;

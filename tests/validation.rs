@@ -49,14 +49,14 @@ async fn start(extra: &str) -> TestBroker {
 
 /// An HTTP client whose connections come from `ip` (any 127/8 address is
 /// this host's), so the broker sees another network.
-fn client_from(ip: &str) -> reqwest::Client {
+pub(crate) fn client_from(ip: &str) -> reqwest::Client {
     reqwest::Client::builder()
         .local_address(Some(ip.parse().unwrap()))
         .build()
         .unwrap()
 }
 
-async fn open_task(b: &TestBroker, http: &reqwest::Client, agent: &TestAgent) -> String {
+pub(crate) async fn open_task(b: &TestBroker, http: &reqwest::Client, agent: &TestAgent) -> String {
     let r = http
         .post(b.url("/oauth/token"))
         .form(&[
@@ -77,7 +77,7 @@ async fn open_task(b: &TestBroker, http: &reqwest::Client, agent: &TestAgent) ->
     v["access_token"].as_str().unwrap().to_owned()
 }
 
-async fn ask(b: &TestBroker, http: &reqwest::Client, token: &str, scope: &str) -> u16 {
+pub(crate) async fn ask(b: &TestBroker, http: &reqwest::Client, token: &str, scope: &str) -> u16 {
     let mut body = json!({ "scope": scope, "ttl": 300 });
     if scope == "jwt-svid" {
         body["params"] = json!({ "audience": "https://api.keygate.test" });
@@ -92,7 +92,7 @@ async fn ask(b: &TestBroker, http: &reqwest::Client, token: &str, scope: &str) -
         .as_u16()
 }
 
-async fn incidents(b: &TestBroker, agent: &TestAgent) -> Vec<Value> {
+pub(crate) async fn incidents(b: &TestBroker, agent: &TestAgent) -> Vec<Value> {
     b.get(
         &format!("/v1/incidents?agent={}", agent.id),
         Some(&b.ops.secops),
@@ -104,7 +104,7 @@ async fn incidents(b: &TestBroker, agent: &TestAgent) -> Vec<Value> {
     .clone()
 }
 
-fn detectors_of(list: &[Value]) -> Vec<String> {
+pub(crate) fn detectors_of(list: &[Value]) -> Vec<String> {
     let mut d: Vec<String> = list
         .iter()
         .map(|i| i["detector"].as_str().unwrap().to_owned())

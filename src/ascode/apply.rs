@@ -150,6 +150,7 @@ fn as_agent(d: &Declared, before: Option<&Agent>) -> Agent {
         federated: s.federated.clone(),
         may_assert_users: s.may_assert_users,
         suspended_from: None,
+        step_up: None,
         max_ttl_secs: s.max_ttl_secs,
         keys_rotated_at: base.as_ref().and_then(|a| a.keys_rotated_at),
         owner_changed_at: match &base {

@@ -194,6 +194,7 @@ impl Broker {
             federated: spec.federated,
             may_assert_users: spec.may_assert_users,
             suspended_from: None,
+            step_up: None,
             excluded_scopes: Default::default(),
             max_ttl_secs: spec.max_ttl_secs,
             keys_rotated_at: None,

@@ -91,13 +91,22 @@ impl Broker {
             .filter(|j| !j.is_empty())
             .unwrap_or(s.task.description.trim())
             .to_owned();
+        let step_up = s.agent.step_up.as_ref().map(|u| u.incident.clone());
         if justification.is_empty() {
+            let why = match &step_up {
+                Some(incident) => format!("needs an approval while incident `{incident}` holds"),
+                None => "is sensitive".to_owned(),
+            };
             return Err(BrokerError::InvalidRequest(format!(
-                "scope `{}` is sensitive: say why you need it in `justification` (or open the task with a description)",
+                "scope `{}` {why}: say why you need it in `justification` (or open the task with a description)",
                 scope_cfg.name
             )));
         }
-        let request = serde_json::json!({ "ttl": ttl, "params": ask.params });
+        let mut request = serde_json::json!({ "ttl": ttl, "params": ask.params });
+        if let Some(incident) = step_up {
+            // Approvers see why a scope that needs no approval asks for one.
+            request["step_up"] = serde_json::json!(incident);
+        }
         let waiting = self
             .store
             .list_approvals(&crate::model::ApprovalFilter {
@@ -447,6 +456,13 @@ impl Broker {
                 .await?;
         }
         tx.commit().await?;
+        if after.kind == ApprovalKind::Credential && after.state == ApprovalState::Denied {
+            self.observe(
+                &after.agent_id,
+                crate::validation::Observation::ApprovalDenied,
+            )
+            .await;
+        }
         if after.kind == ApprovalKind::Provisioning
             && after.state == ApprovalState::Approved
             && after.request["change"] == "policy"

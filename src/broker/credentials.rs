@@ -212,6 +212,18 @@ impl Broker {
             .await?;
         // Within its usage limit (after policy: a refusal spends nothing).
         self.check_usage_rate(s, &ask.scope).await?;
+        // An incident's step-up sends this request to a human: every scope,
+        // or the sensitive ones without policy's automatic approval.
+        let step_up =
+            s.agent.step_up.as_ref().filter(|u| {
+                u.scopes == crate::validation::StepUpScopes::All || scope_cfg.sensitive
+            });
+        if step_up.is_some() {
+            return self
+                .open_credential_approval(s, scope_cfg, ttl, ask, decided)
+                .await
+                .map(|a| CredentialOutcome::Pending(Box::new(a)));
+        }
         if scope_cfg.sensitive {
             let facts = RequestFacts {
                 task_id: &s.task.id,

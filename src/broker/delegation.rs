@@ -148,6 +148,7 @@ impl Broker {
         let requested = delegated_scopes(req.scope.as_deref(), &parent_scopes, &own, &child.id)?;
         let t = now();
         let ttl = self.session_ttl(req.ttl.as_deref())?;
+        let source = req.source;
         let mut chain = parent.task.chain.clone();
         chain.push(from.id.clone());
         let task = Task {
@@ -175,15 +176,27 @@ impl Broker {
             "scopes": requested,
             "expires_at": unix(task.expires_at),
         });
-        self.open_task(
-            &child,
-            &claims,
-            task,
-            "task.delegated",
-            details,
-            req.dpop.as_ref(),
+        let opened = self
+            .open_task(
+                &child,
+                &claims,
+                task,
+                "task.delegated",
+                details,
+                req.dpop.as_ref(),
+            )
+            .await?;
+        // The delegating agent did this (the sub-agent's task open is
+        // observed as its own).
+        self.observe(
+            &from.id,
+            crate::validation::Observation::Delegated {
+                target: child.id.clone(),
+                source,
+            },
         )
-        .await
+        .await;
+        Ok(opened)
     }
 }
 

@@ -131,6 +131,7 @@ pub fn html(p: &EvidencePack) -> String {
          <tr><td>Provisioning records</td><td>{} <span class={}>{} {} without approval</span></td></tr>\
          <tr><td>Access reviews</td><td>{} review items, {} decided</td></tr>\
          <tr><td>Review findings</td><td>{} opened, {} closed, {} lifecycle actions</td></tr>\
+         <tr><td>Continuous validation incidents</td><td>{} opened, {} resolved</td></tr>\
          <tr><td>Credentials live in the period</td><td>{} ({} still live at generation)</td></tr>\
          <tr><td>Agents deprovisioned</td><td>{} <span class={}>{} {} with every credential confirmed ended</span>, <span class={}>{} {} within the deadline</span></td></tr>\
          <tr><td>Team or sponsor changes</td><td>{} <span class={}>{} {} reviewed by the new owner within the deadline</span></td></tr></table>",
@@ -149,6 +150,8 @@ pub fn html(p: &EvidencePack) -> String {
         s.findings_opened,
         s.findings_closed,
         s.lifecycle_actions,
+        s.incidents_opened,
+        s.incidents_resolved,
         s.credentials,
         s.credentials_still_live,
         s.deprovisioned,

@@ -159,6 +159,10 @@ pub struct SlackConfig {
     pub signing_secret: SecretRef,
     /// Channel for scopes that name none.
     pub default_channel: String,
+    /// Channel for continuous validation's `alert` incidents (SecOps);
+    /// `default_channel` when unset.
+    #[serde(default)]
+    pub incident_channel: Option<String>,
     /// Slack's Web API base URL.
     #[serde(default = "default_slack_api")]
     pub api_url: String,

@@ -7,8 +7,9 @@
 //! 2. provisioning records (each creation and widening with its approvals,
 //!    and whether it took effect without one);
 //! 3. access review records (review campaign items with their decisions
-//!    and who made them; findings opened, closed and acted on, and the
-//!    identities deprovisioned by lifecycle actions);
+//!    and who made them; findings opened, closed and acted on, the
+//!    identities deprovisioned by lifecycle actions, and continuous
+//!    validation's incidents with what was done and who resolved them);
 //! 4. credential audit (every credential live in the period: issue, scope,
 //!    end);
 //! 5. deprovisioning records (each agent retired in the period and each
@@ -61,6 +62,12 @@ pub struct Summary {
     #[serde(default)]
     pub review_items_decided: usize,
     pub lifecycle_actions: usize,
+    /// Continuous validation's incidents opened in the period, and how
+    /// many of those are resolved.
+    #[serde(default)]
+    pub incidents_opened: usize,
+    #[serde(default)]
+    pub incidents_resolved: usize,
     pub credentials: usize,
     pub credentials_still_live: usize,
     pub deprovisioned: usize,
@@ -425,6 +432,44 @@ impl Broker {
                 acted_at: opt(i.decided_at),
                 closed_at: opt(i.decided_at),
                 close_reason: i.state.as_str().to_owned(),
+            });
+        }
+
+        // ... and continuous validation's incidents opened in the period.
+        for i in self.incidents(None).await? {
+            if i.opened_at < from || i.opened_at >= to {
+                continue;
+            }
+            let name = |v: serde_json::Value| v.as_str().unwrap_or_default().to_owned();
+            let action = name(serde_json::json!(i.action));
+            summary.incidents_opened += 1;
+            summary.incidents_resolved += usize::from(i.resolved_at.is_some());
+            reviews.push(ReviewRecord {
+                id: i.id,
+                agent: i.agent,
+                kind: "incident".into(),
+                subject: i.detector,
+                detail: format!(
+                    "{} ({} severity): observed {}; {}",
+                    name(serde_json::json!(i.signal)),
+                    name(serde_json::json!(i.severity)),
+                    i.observed,
+                    i.evidence
+                ),
+                opened_at: ts(i.opened_at),
+                action: if i.dry_run {
+                    format!("{action} (dry run: not taken)")
+                } else {
+                    action
+                },
+                acted_at: if i.dry_run {
+                    String::new()
+                } else {
+                    ts(i.opened_at)
+                },
+                closed_at: opt(i.resolved_at),
+                close_reason: i.resolution.unwrap_or_default(),
+                decided_by: i.resolved_by.unwrap_or_default(),
             });
         }
 

@@ -113,6 +113,9 @@ pub struct Notification {
     pub approval_id: Option<String>,
     #[serde(skip_serializing_if = "Option::is_none")]
     pub review_item_id: Option<String>,
+    /// The incident it alerts about (continuous validation).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub incident_id: Option<String>,
     /// `slack` or `webhook:<name>`.
     pub channel: String,
     /// `requested`, `decided` or `reply` (an answer to one Slack click);

@@ -28,6 +28,7 @@ fn agent(team: &str, tier: u8) -> Agent {
         federated: None,
         may_assert_users: false,
         suspended_from: None,
+        step_up: None,
         excluded_scopes: Default::default(),
         max_ttl_secs: None,
         keys_rotated_at: None,

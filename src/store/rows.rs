@@ -100,6 +100,10 @@ pub(crate) fn agent_from_row(r: &impl Get) -> StoreResult<Agent> {
         excluded_scopes: json_col(r, "excluded_scopes")?,
         keys_rotated_at: opt_time_col(r, "keys_rotated_at")?,
         owner_changed_at: opt_time_col(r, "owner_changed_at")?,
+        step_up: r
+            .get::<Option<String>>("step_up")?
+            .map(|s| serde_json::from_str(&s).map_err(|e| StoreError::Corrupt(e.to_string())))
+            .transpose()?,
     })
 }
 
@@ -238,6 +242,7 @@ pub(crate) fn notification_from_row(r: &impl Get) -> StoreResult<Notification> {
         id: r.get("id")?,
         approval_id: r.get("approval_id")?,
         review_item_id: r.get("review_item_id")?,
+        incident_id: r.get("incident_id")?,
         channel: r.get("channel")?,
         event: r.get("event")?,
         payload: json_col(r, "payload")?,

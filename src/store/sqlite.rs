@@ -362,6 +362,20 @@ impl Store for SqliteStore {
         findings::list(&self.read, agent_id, open_only).await
     }
 
+    async fn validation_states(&self) -> StoreResult<Vec<crate::validation::Snapshot>> {
+        sqlx::query("SELECT agent_id, state FROM validation_state ORDER BY agent_id")
+            .fetch_all(&self.read)
+            .await?
+            .iter()
+            .map(|r| {
+                Ok(crate::validation::Snapshot {
+                    agent: r.try_get("agent_id")?,
+                    state: r.try_get("state")?,
+                })
+            })
+            .collect()
+    }
+
     async fn departures(&self) -> StoreResult<Vec<crate::governance::people::Departure>> {
         reviews::departures(&self.read).await
     }

@@ -13,6 +13,16 @@ pub struct ValidationConfig {
     /// first, or first after a change to its policy or registry entry, is
     /// learned, not flagged.
     pub warm_up_observations: u32,
+    /// How much each closed hour weighs in the learned request rate
+    /// (`request_rate_baseline`): 0 < alpha <= 1, higher forgets sooner.
+    pub baseline_alpha: f32,
+    /// Hours a slot (an hour of the week, or of the day while the week is
+    /// young) must have learned before the rate in it is judged.
+    pub baseline_min_samples: u16,
+    /// How often what each agent has been seen to do (networks, scopes,
+    /// delegates, its learned rate) is saved to the store, so a restart
+    /// does not start every agent's warm-up again. Windows are not saved.
+    pub snapshot_secs: u64,
 }
 
 impl Default for ValidationConfig {
@@ -20,6 +30,9 @@ impl Default for ValidationConfig {
         Self {
             dry_run: false,
             warm_up_observations: 20,
+            baseline_alpha: 0.2,
+            baseline_min_samples: 3,
+            snapshot_secs: 60,
         }
     }
 }
@@ -42,11 +55,22 @@ pub enum Signal {
     NewSourceNetwork,
     /// A credential granted for a scope the agent was not seen to use.
     NewScope,
+    /// A delegation (token exchange) to an agent it was not seen to
+    /// delegate to.
+    NewDelegationTarget,
+    /// Approvals of its requests a human denied, in the window.
+    ApprovalDenials,
+    /// Credential requests this hour, against what the agent learned to do
+    /// in this hour of the week: fires past `threshold` standard deviations.
+    RequestRateBaseline,
 }
 
 impl Signal {
     fn counts(self) -> bool {
-        !matches!(self, Self::NewSourceNetwork | Self::NewScope)
+        !matches!(
+            self,
+            Self::NewSourceNetwork | Self::NewScope | Self::NewDelegationTarget
+        )
     }
 }
 
@@ -69,9 +93,25 @@ pub enum Action {
     /// The incident, and a warning in the broker's log and metrics for
     /// whoever watches them.
     Alert,
+    /// The agent's next credential requests need a human's approval (every
+    /// scope, or only the sensitive ones even where policy would approve
+    /// them itself: `step_up_scopes`) until an operator resolves the
+    /// incident.
+    StepUp,
     /// The kill switch for the agent: suspended, its tasks ended, its
     /// credentials revoked (fences where a provider needs them).
     Suspend,
+}
+
+/// Which requests a `step_up` sends to a human.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Deserialize, Serialize, utoipa::ToSchema)]
+#[serde(rename_all = "snake_case")]
+pub enum StepUpScopes {
+    /// Every scope.
+    #[default]
+    All,
+    /// Sensitive scopes, with no automatic approval by policy.
+    Sensitive,
 }
 
 /// One `[[detectors]]` entry.
@@ -93,6 +133,9 @@ pub struct DetectorConfig {
     /// This detector only records what it would do.
     #[serde(default)]
     pub dry_run: bool,
+    /// With `action = "step_up"`: which requests need a human.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub step_up_scopes: Option<StepUpScopes>,
 }
 
 fn default_window() -> u64 {
@@ -100,8 +143,17 @@ fn default_window() -> u64 {
 }
 
 /// Names unique and plain, windows positive, counting signals with a
-/// threshold.
-pub fn validate(detectors: &[DetectorConfig]) -> Result<(), String> {
+/// threshold, the shared settings in range.
+pub fn validate(v: &ValidationConfig, detectors: &[DetectorConfig]) -> Result<(), String> {
+    if !(v.baseline_alpha > 0.0 && v.baseline_alpha <= 1.0) {
+        return Err("`[validation]` `baseline_alpha` must be above 0 and at most 1".into());
+    }
+    if v.baseline_min_samples == 0 {
+        return Err("`[validation]` `baseline_min_samples` must be at least 1".into());
+    }
+    if v.snapshot_secs == 0 {
+        return Err("`[validation]` `snapshot_secs` must be at least 1".into());
+    }
     let mut names = std::collections::BTreeSet::new();
     for d in detectors {
         if d.name.is_empty()
@@ -133,6 +185,12 @@ pub fn validate(detectors: &[DetectorConfig]) -> Result<(), String> {
                 d.name
             ));
         }
+        if d.step_up_scopes.is_some() && d.action != Action::StepUp {
+            return Err(format!(
+                "`[[detectors]]` `{}`: `step_up_scopes` applies to `action = \"step_up\"` only",
+                d.name
+            ));
+        }
         if d.signal.counts() && d.threshold == 0 {
             return Err(format!(
                 "`[[detectors]]` `{}`: a counting signal needs a `threshold` of at least 1 (it fires when the count passes it)",
@@ -156,21 +214,43 @@ mod tests {
             severity: Severity::Low,
             action,
             dry_run: false,
+            step_up_scopes: None,
         }
     }
 
     #[test]
     fn detectors_that_cannot_work_or_could_be_abused_are_refused() {
-        assert!(validate(&[d(Signal::Denials, 5, Action::Suspend)]).is_ok());
-        assert!(validate(&[d(Signal::NewScope, 0, Action::Record)]).is_ok());
-        let no_threshold = validate(&[d(Signal::Denials, 0, Action::Record)]);
+        assert!(
+            validate(
+                &ValidationConfig::default(),
+                &[d(Signal::Denials, 5, Action::Suspend)]
+            )
+            .is_ok()
+        );
+        assert!(
+            validate(
+                &ValidationConfig::default(),
+                &[d(Signal::NewScope, 0, Action::Record)]
+            )
+            .is_ok()
+        );
+        let no_threshold = validate(
+            &ValidationConfig::default(),
+            &[d(Signal::Denials, 0, Action::Record)],
+        );
         assert!(no_threshold.is_err_and(|e| e.contains("threshold")));
-        let abusable = validate(&[d(Signal::FailedAuth, 3, Action::Suspend)]);
+        let abusable = validate(
+            &ValidationConfig::default(),
+            &[d(Signal::FailedAuth, 3, Action::Suspend)],
+        );
         assert!(abusable.is_err_and(|e| e.contains("cannot `suspend`")));
-        let twice = validate(&[
-            d(Signal::Denials, 1, Action::Record),
-            d(Signal::Denials, 2, Action::Record),
-        ]);
+        let twice = validate(
+            &ValidationConfig::default(),
+            &[
+                d(Signal::Denials, 1, Action::Record),
+                d(Signal::Denials, 2, Action::Record),
+            ],
+        );
         assert!(twice.is_err_and(|e| e.contains("twice")));
     }
 }

@@ -7,7 +7,7 @@
 use serde::Serialize;
 use serde_json::json;
 
-use super::{Action, Observation, Trigger};
+use super::{Action, Observation, StepUp, Trigger};
 use crate::audit::{Actor, AuditEvent};
 use crate::broker::{Broker, BrokerError, BrokerResult, RevocationRequest};
 use crate::model::{from_unix, new_id, now};
@@ -79,7 +79,7 @@ impl Broker {
         if !self.validation.enabled() {
             return;
         }
-        let fired = self.validation.observe(agent, obs, now().unix_timestamp());
+        let fired = self.validation.observe(agent, obs, self.validation.now());
         for t in fired {
             if let Err(e) = self.respond(t).await {
                 tracing::error!(error = %e, "continuous validation could not respond to a detector");
@@ -90,7 +90,26 @@ impl Broker {
     async fn respond(&self, t: Trigger) -> BrokerResult<()> {
         let d = &t.detector;
         let dry_run = self.validation.dry_run(d);
-        let id = new_id("in");
+        let t_now = now();
+        let incident = Incident {
+            id: new_id("in"),
+            agent: t.agent.clone(),
+            state: IncidentState::Open,
+            detector: d.name.clone(),
+            signal: d.signal,
+            severity: d.severity,
+            action: d.action,
+            dry_run,
+            observed: t.observed,
+            evidence: t.evidence.clone(),
+            opened_at: t_now,
+            // Not known before the event is written; alerts leave it out.
+            opened_seq: 0,
+            resolved_at: None,
+            resolved_by: None,
+            resolution: None,
+        };
+        let id = incident.id.clone();
         let ev = AuditEvent::new(&Actor::System, "incident.opened")
             .agent(&t.agent)
             .reason(format!(
@@ -110,7 +129,31 @@ impl Broker {
                 "observed": t.observed,
                 "evidence": t.evidence,
             }));
-        self.audit_alone(ev).await?;
+        // The incident, its step-up and its alerts commit together: an
+        // alert is never sent for an incident that was not recorded, nor
+        // lost for one that was.
+        let mut tx = self.store.begin().await?;
+        tx.audit(ev).await?;
+        if !dry_run && d.action == Action::StepUp {
+            let step_up = StepUp {
+                incident: id.clone(),
+                scopes: d.step_up_scopes.unwrap_or_default(),
+                since: t_now,
+            };
+            tx.set_step_up(&t.agent, Some(&step_up), None).await?;
+        }
+        let alerts = if dry_run || d.action == Action::Record {
+            Vec::new()
+        } else {
+            self.notifier.incident_opened(&incident)
+        };
+        for n in &alerts {
+            tx.insert_notification(n).await?;
+        }
+        tx.commit().await?;
+        if !alerts.is_empty() {
+            self.notifier.wake();
+        }
         self.metrics.incident(&d.name);
         if dry_run {
             return Ok(());
@@ -119,6 +162,9 @@ impl Broker {
             Action::Record => {}
             Action::Alert => {
                 tracing::warn!(incident = %id, agent = %t.agent, detector = %d.name, severity = ?d.severity, "continuous validation: incident opened");
+            }
+            Action::StepUp => {
+                tracing::warn!(incident = %id, agent = %t.agent, detector = %d.name, "continuous validation: the agent's requests need an approval until the incident is resolved");
             }
             Action::Suspend => {
                 tracing::warn!(incident = %id, agent = %t.agent, detector = %d.name, "continuous validation: suspending the agent");
@@ -192,8 +238,9 @@ impl Broker {
             .ok_or_else(|| BrokerError::NotFound(format!("no incident `{id}`")))
     }
 
-    /// Closes an incident. It does not resume a suspended agent: that is
-    /// `keygate agents resume`, a decision of its own.
+    /// Closes an incident, lifting the step-up it put on the agent. It does
+    /// not resume a suspended agent: that is `keygate agents resume`, a
+    /// decision of its own.
     pub async fn resolve_incident(
         &self,
         actor: &Actor,
@@ -207,13 +254,24 @@ impl Broker {
                 "incident `{id}` is already resolved"
             )));
         }
-        self.audit_alone(
+        // The step-up this incident put on the agent ends with it (one a
+        // later incident put there stays).
+        let agent = self.store.get_agent(&i.agent).await?;
+        let step_up = agent.and_then(|a| a.step_up).filter(|s| s.incident == id);
+        let mut tx = self.store.begin().await?;
+        // Only if it is still this incident's (a newer one replaced it: it stays).
+        let lifts = match &step_up {
+            Some(s) => tx.set_step_up(&i.agent, None, Some(s)).await?,
+            None => false,
+        };
+        tx.audit(
             AuditEvent::new(actor, "incident.resolved")
                 .agent(&i.agent)
                 .reason(reason.clone())
-                .details(json!({ "incident": id })),
+                .details(json!({ "incident": id, "step_up_lifted": lifts })),
         )
         .await?;
+        tx.commit().await?;
         i.state = IncidentState::Resolved;
         i.resolved_at = Some(now());
         i.resolved_by = Some(actor.render());

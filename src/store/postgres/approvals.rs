@@ -203,12 +203,13 @@ pub(super) async fn insert_notification(
     n: &Notification,
 ) -> StoreResult<()> {
     sqlx::query(
-        "INSERT INTO notifications (id, approval_id, review_item_id, channel, event, payload, \
-         created_at, attempts, next_attempt_at) VALUES ($1, $2, $3, $4, $5, $6, $7, 0, $8)",
+        "INSERT INTO notifications (id, approval_id, review_item_id, incident_id, channel, event, \
+         payload, created_at, attempts, next_attempt_at) VALUES ($1, $2, $3, $4, $5, $6, $7, $8, 0, $9)",
     )
     .bind(&n.id)
     .bind(&n.approval_id)
     .bind(&n.review_item_id)
+    .bind(&n.incident_id)
     .bind(&n.channel)
     .bind(&n.event)
     .bind(to_json(&n.payload)?)
@@ -224,7 +225,7 @@ pub(super) async fn notifications_of(
     subject: &str,
 ) -> StoreResult<Vec<Notification>> {
     sqlx::query(
-        "SELECT * FROM notifications WHERE approval_id = $1 OR review_item_id = $1 \
+        "SELECT * FROM notifications WHERE approval_id = $1 OR review_item_id = $1 OR incident_id = $1 \
          ORDER BY created_at, id",
     )
     .bind(subject)

@@ -194,12 +194,13 @@ pub(super) async fn insert_notification(
     n: &Notification,
 ) -> StoreResult<()> {
     sqlx::query(
-        "INSERT INTO notifications (id, approval_id, review_item_id, channel, event, payload, \
-         created_at, attempts, next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?, 0, ?)",
+        "INSERT INTO notifications (id, approval_id, review_item_id, incident_id, channel, event, \
+         payload, created_at, attempts, next_attempt_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, 0, ?)",
     )
     .bind(&n.id)
     .bind(&n.approval_id)
     .bind(&n.review_item_id)
+    .bind(&n.incident_id)
     .bind(&n.channel)
     .bind(&n.event)
     .bind(to_json(&n.payload)?)
@@ -233,10 +234,9 @@ pub(super) async fn notifications_of(
     subject: &str,
 ) -> StoreResult<Vec<Notification>> {
     sqlx::query(
-        "SELECT * FROM notifications WHERE approval_id = ? OR review_item_id = ? \
+        "SELECT * FROM notifications WHERE approval_id = ?1 OR review_item_id = ?1 OR incident_id = ?1 \
          ORDER BY created_at, id",
     )
-    .bind(subject)
     .bind(subject)
     .fetch_all(db)
     .await?

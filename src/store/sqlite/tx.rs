@@ -147,6 +147,45 @@ impl StoreTx for SqliteTx {
         Ok(Some(was))
     }
 
+    async fn set_step_up(
+        &mut self,
+        id: &str,
+        step_up: Option<&crate::model::StepUp>,
+        replacing: Option<&crate::model::StepUp>,
+    ) -> StoreResult<bool> {
+        let json = |s: Option<&crate::model::StepUp>| {
+            s.map(serde_json::to_string)
+                .transpose()
+                .map_err(|e| StoreError::Corrupt(e.to_string()))
+        };
+        let done = sqlx::query(
+            "UPDATE agents SET step_up = ?1 WHERE id = ?2 AND (?3 IS NULL OR step_up = ?3)",
+        )
+        .bind(json(step_up)?)
+        .bind(id)
+        .bind(json(replacing)?)
+        .execute(&mut self.tx.state.conn)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
+    async fn save_validation_state(
+        &mut self,
+        snapshot: &crate::validation::Snapshot,
+        now: OffsetDateTime,
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "INSERT INTO validation_state (agent_id, state, saved_at) VALUES (?, ?, ?) \
+             ON CONFLICT (agent_id) DO UPDATE SET state = excluded.state, saved_at = excluded.saved_at",
+        )
+        .bind(&snapshot.agent)
+        .bind(&snapshot.state)
+        .bind(unix(now))
+        .execute(&mut self.tx.state.conn)
+        .await?;
+        Ok(())
+    }
+
     async fn touch_agent(&mut self, id: &str, now: OffsetDateTime) -> StoreResult<()> {
         sqlx::query("UPDATE agents SET last_used_at = ? WHERE id = ?")
             .bind(unix(now))
