@@ -369,6 +369,31 @@ action = "record"
             .collect::<Vec<_>>(),
         [false, true]
     );
+    // The auditor's evidence pack carries both, with who resolved them.
+    let day = time::OffsetDateTime::now_utc().date();
+    let pack = b
+        .get(
+            &format!("/v1/evidence?from={day}&to={day}"),
+            Some(&b.ops.auditor),
+        )
+        .await
+        .expect(200);
+    assert_eq!(
+        pack["summary"]["incidents_opened"], 2,
+        "{}",
+        pack["summary"]
+    );
+    assert_eq!(pack["summary"]["incidents_resolved"], 2);
+    let row = pack["reviews"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["id"] == incident.as_str())
+        .unwrap();
+    assert_eq!(row["kind"], "incident");
+    assert_eq!(row["action"], "step_up");
+    assert_eq!(row["decided_by"], "operator:test-secops");
+    assert_eq!(row["close_reason"], "checked: a new office");
     // No secret reached the log or the audit trail.
     let log = b.log();
     let audit = b.audit("").await;
@@ -376,4 +401,74 @@ action = "record"
         assert!(!log.contains(secret));
         assert!(!audit.iter().any(|e| e.to_string().contains(secret)));
     }
+}
+
+const EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+const ACCESS: &str = "urn:ietf:params:oauth:token-type:access_token";
+const JWT: &str = "urn:ietf:params:oauth:token-type:jwt";
+
+/// A child task for `actor` under the session `parent`: its token.
+async fn delegate(b: &TestBroker, parent: &str, actor: &TestAgent) -> String {
+    let assertion = actor.assertion();
+    let r = b
+        .token_form(&[
+            ("grant_type", EXCHANGE),
+            ("subject_token", parent),
+            ("subject_token_type", ACCESS),
+            ("actor_token", assertion.as_str()),
+            ("actor_token_type", JWT),
+        ])
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let v: Value = serde_json::from_str(&r.text).unwrap();
+    v["access_token"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn a_new_delegation_target_steps_up_the_orchestrator_and_every_request_made_below_it() {
+    let b = TestBroker::start_with(Setup {
+        extra_config: r#"
+[validation]
+warm_up_observations = 3
+
+[[detectors]]
+name = "new-delegate"
+signal = "new_delegation_target"
+severity = "high"
+action = "step_up"
+"#
+        .into(),
+        ..Setup::permissive()
+    })
+    .await;
+    let (orch, first, second) = (
+        TestAgent::new("orch", "ES256"),
+        TestAgent::new("helper", "ES256"),
+        TestAgent::new("stranger", "ES256"),
+    );
+    let mut spec = orch.spec("platform");
+    spec["delegation"] = json!({ "max_depth": 2, "targets": [first.id, second.id] });
+    b.admin_post("/v1/agents", &spec).await.expect(201);
+    b.register(&first, "platform").await;
+    b.register(&second, "platform").await;
+    let http = reqwest::Client::new();
+    let t = open_task(&b, &http, &orch).await;
+    assert_eq!(ask(&b, &http, &t, "x509-svid").await, 201);
+    // Its usual helper, learned during the warm-up, then again.
+    let helper = delegate(&b, &t, &first).await;
+    delegate(&b, &t, &first).await;
+    assert_eq!(ask(&b, &http, &helper, "x509-svid").await, 201);
+    assert!(incidents(&b, &orch).await.is_empty());
+    // A target it never delegated to: the orchestrator is stepped up.
+    let stranger = delegate(&b, &t, &second).await;
+    let list = incidents(&b, &orch).await;
+    assert_eq!(detectors_of(&list), ["new-delegate"], "{list:?}");
+    assert_eq!(list[0]["evidence"]["target"], second.id.as_str());
+    // Its own requests, and those of every task below it (opened before
+    // or after), need a human; the sub-agents' own tasks do not.
+    assert_eq!(ask(&b, &http, &t, "x509-svid").await, 202);
+    assert_eq!(ask(&b, &http, &helper, "x509-svid").await, 202);
+    assert_eq!(ask(&b, &http, &stranger, "x509-svid").await, 202);
+    let own = open_task(&b, &http, &second).await;
+    assert_eq!(ask(&b, &http, &own, "x509-svid").await, 201);
 }

@@ -138,7 +138,7 @@ async fn main() {
         });
     }
 
-    // Continuous validation's cost: X.509-SVIDs with four detectors on,
+    // Continuous validation's cost: X.509-SVIDs with five detectors on,
     // against the same without, each on a fresh store, back to back
     // (BENCH_DETECTORS levels).
     for &c in &list("BENCH_DETECTORS", "32") {

@@ -75,7 +75,8 @@ impl Broker {
                 .is_some_and(|e| e.eq_ignore_ascii_case(sponsor))
     }
 
-    /// Opens an approval for a sensitive scope that policy permits.
+    /// Opens an approval for a sensitive scope that policy permits, or for
+    /// any scope while an incident's step-up (`step_up`) holds.
     pub(crate) async fn open_credential_approval(
         &self,
         s: &Session,
@@ -83,6 +84,7 @@ impl Broker {
         ttl: u64,
         ask: CredentialAsk,
         decided: AuditEvent,
+        step_up: Option<&crate::model::StepUp>,
     ) -> BrokerResult<Approval> {
         let justification = ask
             .justification
@@ -91,7 +93,7 @@ impl Broker {
             .filter(|j| !j.is_empty())
             .unwrap_or(s.task.description.trim())
             .to_owned();
-        let step_up = s.agent.step_up.as_ref().map(|u| u.incident.clone());
+        let step_up = step_up.map(|u| u.incident.clone());
         if justification.is_empty() {
             let why = match &step_up {
                 Some(incident) => format!("needs an approval while incident `{incident}` holds"),

@@ -175,6 +175,21 @@ impl Broker {
         result
     }
 
+    /// The step-up on the session's agent, or on any agent that delegated
+    /// to it along the task's chain: a stepped-up orchestrator's requests
+    /// through its sub-agents need a human too.
+    async fn step_up_of(&self, s: &Session) -> BrokerResult<Option<crate::model::StepUp>> {
+        if let Some(u) = &s.agent.step_up {
+            return Ok(Some(u.clone()));
+        }
+        for id in &s.task.chain {
+            if let Some(u) = self.store.get_agent(id).await?.and_then(|a| a.step_up) {
+                return Ok(Some(u));
+            }
+        }
+        Ok(None)
+    }
+
     /// A configured scope with a provider behind it.
     pub(crate) fn scope_config(&self, name: &str) -> BrokerResult<&ScopeConfig> {
         self.config
@@ -214,13 +229,13 @@ impl Broker {
         self.check_usage_rate(s, &ask.scope).await?;
         // An incident's step-up sends this request to a human: every scope,
         // or the sensitive ones without policy's automatic approval.
-        let step_up =
-            s.agent.step_up.as_ref().filter(|u| {
-                u.scopes == crate::validation::StepUpScopes::All || scope_cfg.sensitive
-            });
+        let step_up = self
+            .step_up_of(s)
+            .await?
+            .filter(|u| u.scopes == crate::validation::StepUpScopes::All || scope_cfg.sensitive);
         if step_up.is_some() {
             return self
-                .open_credential_approval(s, scope_cfg, ttl, ask, decided)
+                .open_credential_approval(s, scope_cfg, ttl, ask, decided, step_up.as_ref())
                 .await
                 .map(|a| CredentialOutcome::Pending(Box::new(a)));
         }
@@ -237,7 +252,7 @@ impl Broker {
                 .map_err(|e| BrokerError::Internal(e.to_string()))?;
             if !auto.allow {
                 return self
-                    .open_credential_approval(s, scope_cfg, ttl, ask, decided)
+                    .open_credential_approval(s, scope_cfg, ttl, ask, decided, None)
                     .await
                     .map(|a| CredentialOutcome::Pending(Box::new(a)));
             }

@@ -132,7 +132,8 @@ params = {{ kind = "token", policies = ["agent-reader"] }}
 
     /// The same config on a fresh store and revocation file of its own (it
     /// runs beside the main instance), with continuous validation on —
-    /// four detectors of each kind, none of which fires under this load —
+    /// five detectors (counting, novelty, the learned hourly rate), none of
+    /// which fires under this load —
     /// or not, so the two are measured alike.
     pub fn configure_detectors(&self, on: bool) -> PathBuf {
         let name = if on { "detect" } else { "plain" };
@@ -182,6 +183,12 @@ name = "new-scope"
 signal = "new_scope"
 severity = "low"
 action = "record"
+[[detectors]]
+name = "rate"
+signal = "request_rate_baseline"
+threshold = 1000
+severity = "high"
+action = "step_up"
 "#;
         // Top-level tables must come before the first `[[scopes]]`.
         let cfg = if on {
