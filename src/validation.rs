@@ -28,7 +28,7 @@ pub use respond::{Incident, IncidentState};
 use baseline::Baseline;
 use serde::{Deserialize, Serialize};
 
-use std::collections::{BTreeSet, HashMap, VecDeque};
+use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::net::IpAddr;
 use std::sync::Mutex;
 
@@ -58,6 +58,8 @@ pub enum Observation {
     },
     /// A human denied an approval of the agent's request.
     ApprovalDenied,
+    /// A credential of the agent's renewed.
+    Renewed { source: Option<IpAddr> },
 }
 
 /// One second of an agent's observations, folded.
@@ -68,6 +70,7 @@ struct Bucket {
     denials: u32,
     failures: u32,
     approval_denials: u32,
+    renewals: u32,
     /// Scopes asked for and source addresses, with how often.
     scopes: Vec<(String, u32)>,
     sources: Vec<(IpAddr, u32)>,
@@ -97,11 +100,11 @@ struct Running {
 #[derive(Debug, Default, Clone, Serialize, Deserialize)]
 struct Learned {
     /// Networks (/24 for IPv4, /48 for IPv6), granted scopes and
-    /// delegation targets seen.
-    networks: BTreeSet<String>,
-    scopes: BTreeSet<String>,
+    /// delegation targets seen, each with when it was last seen (unix s).
+    networks: BTreeMap<String, i64>,
+    scopes: BTreeMap<String, i64>,
     #[serde(default)]
-    delegates: BTreeSet<String>,
+    delegates: BTreeMap<String, i64>,
     /// How many observations taught them.
     observations: u32,
     /// The learned hourly request rate (with a `request_rate_baseline`
@@ -115,9 +118,32 @@ struct Learned {
 /// growing without bound.
 const MAX_LEARNED: usize = 4_096;
 
-fn learn(set: &mut BTreeSet<String>, value: String) {
-    if set.len() < MAX_LEARNED {
-        set.insert(value);
+fn learn(seen: &mut BTreeMap<String, i64>, value: String, now: i64) {
+    if let Some(t) = seen.get_mut(&value) {
+        *t = (*t).max(now);
+    } else if seen.len() < MAX_LEARNED {
+        seen.insert(value, now);
+    }
+}
+
+/// For a novelty's evidence: how many other values were known, and when
+/// this one was last seen if it was (a stale value).
+fn known(seen: &BTreeMap<String, i64>, last: Option<Option<i64>>) -> (usize, Option<String>) {
+    let last = last.flatten();
+    let others = seen.len().saturating_sub(usize::from(last.is_none()));
+    (
+        others,
+        last.map(|t| crate::model::rfc3339(crate::model::from_unix(t))),
+    )
+}
+
+/// Whether a novelty detector takes a value last seen at `last` (`None`:
+/// never) as new at `now`: never seen, or not for `stale_after_days`.
+fn novel(d: &DetectorConfig, last: Option<i64>, now: i64) -> bool {
+    match (last, d.stale_after_days) {
+        (None, _) => true,
+        (Some(t), Some(days)) => now - t > i64::from(days) * 86_400,
+        (Some(_), None) => false,
     }
 }
 
@@ -141,7 +167,8 @@ fn counted(signal: Signal, obs: &Observation) -> u64 {
         (Signal::Denials, Observation::Request { denied: true, .. })
         | (Signal::CredentialRequests, Observation::Request { .. })
         | (Signal::FailedAuth, Observation::AuthFailure { .. })
-        | (Signal::ApprovalDenials, Observation::ApprovalDenied) => 1,
+        | (Signal::ApprovalDenials, Observation::ApprovalDenied)
+        | (Signal::Renewals, Observation::Renewed { .. }) => 1,
         _ => 0,
     }
 }
@@ -153,6 +180,7 @@ fn bucket_count(signal: Signal, b: &Bucket) -> u64 {
         Signal::CredentialRequests => b.requests,
         Signal::FailedAuth => b.failures,
         Signal::ApprovalDenials => b.approval_denials,
+        Signal::Renewals => b.renewals,
         _ => 0,
     })
 }
@@ -206,7 +234,8 @@ fn source_of(obs: &Observation) -> Option<IpAddr> {
         Observation::Request { source, .. }
         | Observation::AuthFailure { source }
         | Observation::TaskOpened { source }
-        | Observation::Delegated { source, .. } => *source,
+        | Observation::Delegated { source, .. }
+        | Observation::Renewed { source } => *source,
         Observation::ApprovalDenied => None,
     }
 }
@@ -308,6 +337,7 @@ impl Validation {
                 }
                 Observation::AuthFailure { .. } => b.failures += 1,
                 Observation::ApprovalDenied => b.approval_denials += 1,
+                Observation::Renewed { .. } => b.renewals += 1,
                 Observation::TaskOpened { .. } | Observation::Delegated { .. } => {}
             }
             if let Some(ip) = source_of(&obs) {
@@ -361,11 +391,22 @@ impl Validation {
         let l = &mut a.learned;
         let warm = l.observations >= self.config.warm_up_observations;
         let net = source_of(&obs).map(network);
-        let new_network = warm && net.as_ref().is_some_and(|n| !l.networks.contains(n));
-        let new_scope = warm
-            && matches!(&obs, Observation::Request { scope, denied: false, .. } if !l.scopes.contains(scope));
-        let new_delegate = warm
-            && matches!(&obs, Observation::Delegated { target, .. } if !l.delegates.contains(target));
+        // Per novelty: whether the observation has one, and when its value
+        // was last seen.
+        let last = |seen: &BTreeMap<String, i64>, k: &str| seen.get(k).copied();
+        let seen_network = net.as_ref().map(|n| last(&l.networks, n));
+        let seen_scope = match &obs {
+            Observation::Request {
+                scope,
+                denied: false,
+                ..
+            } => Some(last(&l.scopes, scope)),
+            _ => None,
+        };
+        let seen_delegate = match &obs {
+            Observation::Delegated { target, .. } => Some(last(&l.delegates, target)),
+            _ => None,
+        };
         let deviation = match (&obs, self.keeps_baseline()) {
             (Observation::Request { .. }, true) => l
                 .baseline
@@ -379,15 +420,17 @@ impl Validation {
         };
         if teaches(&obs) {
             if let Some(n) = net {
-                learn(&mut l.networks, n);
+                learn(&mut l.networks, n, now);
             }
             match &obs {
                 Observation::Request {
                     scope,
                     denied: false,
                     ..
-                } => learn(&mut l.scopes, scope.clone()),
-                Observation::Delegated { target, .. } => learn(&mut l.delegates, target.clone()),
+                } => learn(&mut l.scopes, scope.clone(), now),
+                Observation::Delegated { target, .. } => {
+                    learn(&mut l.delegates, target.clone(), now)
+                }
                 _ => {}
             }
             l.observations = l.observations.saturating_add(1);
@@ -403,14 +446,21 @@ impl Validation {
                 Signal::Denials
                 | Signal::CredentialRequests
                 | Signal::FailedAuth
-                | Signal::ApprovalDenials => (r.count, r.count > u64::from(d.threshold)),
+                | Signal::ApprovalDenials
+                | Signal::Renewals => (r.count, r.count > u64::from(d.threshold)),
                 Signal::DistinctScopes | Signal::SourceAddresses => {
                     let n = r.distinct.len() as u64;
                     (n, n > u64::from(d.threshold))
                 }
-                Signal::NewSourceNetwork => (u64::from(new_network), new_network),
-                Signal::NewScope => (u64::from(new_scope), new_scope),
-                Signal::NewDelegationTarget => (u64::from(new_delegate), new_delegate),
+                Signal::NewSourceNetwork | Signal::NewScope | Signal::NewDelegationTarget => {
+                    let seen = match d.signal {
+                        Signal::NewSourceNetwork => seen_network,
+                        Signal::NewScope => seen_scope,
+                        _ => seen_delegate,
+                    };
+                    let hit = warm && seen.is_some_and(|last| novel(d, last, now));
+                    (u64::from(hit), hit)
+                }
                 Signal::RequestRateBaseline => match &deviation {
                     Some(dev) => (u64::from(dev.observed), dev.sigmas > d.threshold as f32),
                     None => (0, false),
@@ -427,18 +477,30 @@ impl Validation {
             a.quiet_until.insert(d.name.clone(), quiet);
             let l = &a.learned;
             let evidence = match d.signal {
-                Signal::NewSourceNetwork => serde_json::json!({
-                    "network": source_of(&obs).map(network),
-                    "known_networks": l.networks.len().saturating_sub(1),
-                }),
-                Signal::NewScope => serde_json::json!({
-                    "scope": match &obs { Observation::Request { scope, .. } => Some(scope), _ => None },
-                    "known_scopes": l.scopes.len().saturating_sub(1),
-                }),
-                Signal::NewDelegationTarget => serde_json::json!({
-                    "target": match &obs { Observation::Delegated { target, .. } => Some(target), _ => None },
-                    "known_targets": l.delegates.len().saturating_sub(1),
-                }),
+                Signal::NewSourceNetwork => {
+                    let (n, last_seen) = known(&l.networks, seen_network);
+                    serde_json::json!({
+                        "network": source_of(&obs).map(network),
+                        "known_networks": n,
+                        "last_seen": last_seen,
+                    })
+                }
+                Signal::NewScope => {
+                    let (n, last_seen) = known(&l.scopes, seen_scope);
+                    serde_json::json!({
+                        "scope": match &obs { Observation::Request { scope, .. } => Some(scope), _ => None },
+                        "known_scopes": n,
+                        "last_seen": last_seen,
+                    })
+                }
+                Signal::NewDelegationTarget => {
+                    let (n, last_seen) = known(&l.delegates, seen_delegate);
+                    serde_json::json!({
+                        "target": match &obs { Observation::Delegated { target, .. } => Some(target), _ => None },
+                        "known_targets": n,
+                        "last_seen": last_seen,
+                    })
+                }
                 Signal::RequestRateBaseline => serde_json::json!({
                     "baseline": deviation,
                     "threshold_sigmas": d.threshold,

@@ -115,6 +115,11 @@ impl Broker {
         .await?;
         tx.commit().await?;
         tracing::info!(lease = %lease.id, expires_at = unix(expires_at), "lease renewed");
+        self.observe(
+            &s.agent.id,
+            crate::validation::Observation::Renewed { source: s.source },
+        )
+        .await;
         Ok(RenewedLease {
             lease_id: lease.id,
             expires_at,

@@ -60,6 +60,8 @@ pub enum Signal {
     NewDelegationTarget,
     /// Approvals of its requests a human denied, in the window.
     ApprovalDenials,
+    /// Renewals of its credentials, in the window.
+    Renewals,
     /// Credential requests this hour, against what the agent learned to do
     /// in this hour of the week: fires past `threshold` standard deviations.
     RequestRateBaseline,
@@ -133,6 +135,12 @@ pub struct DetectorConfig {
     /// This detector only records what it would do.
     #[serde(default)]
     pub dry_run: bool,
+    /// For a novelty (`new_scope`, `new_source_network`,
+    /// `new_delegation_target`): a value last seen longer ago than this
+    /// counts as new again (`new_scope` with 30: a scope not used in 30
+    /// days). Unset: once seen, known until the next change.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub stale_after_days: Option<u32>,
     /// With `action = "step_up"`: which requests need a human.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub step_up_scopes: Option<StepUpScopes>,
@@ -185,6 +193,18 @@ pub fn validate(v: &ValidationConfig, detectors: &[DetectorConfig]) -> Result<()
                 d.name
             ));
         }
+        if d.stale_after_days.is_some() && d.signal.counts() {
+            return Err(format!(
+                "`[[detectors]]` `{}`: `stale_after_days` applies to the novelties (`new_scope`, `new_source_network`, `new_delegation_target`) only",
+                d.name
+            ));
+        }
+        if d.stale_after_days == Some(0) {
+            return Err(format!(
+                "`[[detectors]]` `{}`: `stale_after_days` must be at least 1",
+                d.name
+            ));
+        }
         if d.step_up_scopes.is_some() && d.action != Action::StepUp {
             return Err(format!(
                 "`[[detectors]]` `{}`: `step_up_scopes` applies to `action = \"step_up\"` only",
@@ -214,6 +234,7 @@ mod tests {
             severity: Severity::Low,
             action,
             dry_run: false,
+            stale_after_days: None,
             step_up_scopes: None,
         }
     }

@@ -3,6 +3,7 @@
 #![allow(clippy::unwrap_used)]
 
 use super::*;
+use std::collections::BTreeSet;
 
 fn detector(name: &str, signal: Signal, threshold: u32, window_secs: u64) -> DetectorConfig {
     DetectorConfig {
@@ -13,6 +14,7 @@ fn detector(name: &str, signal: Signal, threshold: u32, window_secs: u64) -> Det
         severity: Severity::High,
         action: Action::Record,
         dry_run: false,
+        stale_after_days: None,
         step_up_scopes: None,
     }
 }
@@ -47,6 +49,7 @@ fn running_values_match_a_recount_of_the_window() {
         detector("f", Signal::FailedAuth, u32::MAX, 11),
         detector("s", Signal::DistinctScopes, u32::MAX, 5),
         detector("a", Signal::SourceAddresses, u32::MAX, 2),
+        detector("n", Signal::Renewals, u32::MAX, 4),
     ];
     let v = Validation::new(ValidationConfig::default(), detectors.clone());
     let mut seen: Vec<(i64, Observation)> = Vec::new();
@@ -58,8 +61,11 @@ fn running_values_match_a_recount_of_the_window() {
         x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
         now += (x >> 60) as i64 % 3;
         let ip = format!("10.0.{}.1", (x >> 40) % 4);
-        let obs = match (x >> 33) % 4 {
+        let obs = match (x >> 33) % 5 {
             0 => Observation::AuthFailure {
+                source: Some(ip.parse().unwrap()),
+            },
+            4 => Observation::Renewed {
                 source: Some(ip.parse().unwrap()),
             },
             1 => Observation::TaskOpened {
@@ -274,4 +280,46 @@ fn delegation_targets_and_denied_approvals_are_signals() {
     let t = v.observe("a", Observation::ApprovalDenied, 6);
     assert_eq!(t.len(), 1);
     assert_eq!(t[0].detector.name, "denied");
+}
+
+#[test]
+fn a_scope_not_used_for_its_stale_days_is_new_again() {
+    let mut stale = detector("stale-scope", Signal::NewScope, 0, 60);
+    stale.stale_after_days = Some(30);
+    let v = Validation::new(
+        ValidationConfig {
+            warm_up_observations: 1,
+            ..ValidationConfig::default()
+        },
+        vec![stale, detector("new-scope", Signal::NewScope, 0, 60)],
+    );
+    let day = 86_400;
+    assert!(
+        v.observe("a", request("s", false, "10.0.0.1"), 0)
+            .is_empty()
+    );
+    assert!(
+        v.observe("a", request("s", false, "10.0.0.1"), 10 * day)
+            .is_empty()
+    );
+    // Thirty days after its last use (day 10), not after its first.
+    assert!(
+        v.observe("a", request("s", false, "10.0.0.1"), 39 * day)
+            .is_empty()
+    );
+    let t = v.observe("a", request("s", false, "10.0.0.1"), 70 * day);
+    let names: Vec<_> = t.iter().map(|t| t.detector.name.as_str()).collect();
+    assert_eq!(names, ["stale-scope"], "only the detector that forgets");
+    assert_eq!(t[0].evidence["known_scopes"], 1);
+    assert!(t[0].evidence["last_seen"].is_string(), "{}", t[0].evidence);
+    assert!(
+        config::validate(
+            &ValidationConfig::default(),
+            &[DetectorConfig {
+                stale_after_days: Some(3),
+                ..detector("d", Signal::Denials, 1, 60)
+            }]
+        )
+        .is_err_and(|e| e.contains("novelties"))
+    );
 }
