@@ -13,6 +13,7 @@ pub mod audit;
 pub mod broker;
 pub mod cli;
 pub mod config;
+pub mod console;
 pub mod governance;
 pub mod identity;
 pub mod lease;

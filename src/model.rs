@@ -203,6 +203,16 @@ pub struct Agent {
     pub step_up: Option<StepUp>,
 }
 
+/// A person signed in to the web console.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ConsoleSession {
+    pub operator: String,
+    /// How they signed in: `token` or `oidc`.
+    pub method: String,
+    pub created_at: OffsetDateTime,
+    pub expires_at: OffsetDateTime,
+}
+
 /// An incident's step-up on an agent: its requests (every scope, or the
 /// sensitive ones without policy's automatic approval) need a human until
 /// an operator resolves the incident.

@@ -29,6 +29,7 @@ use crate::metrics::Metrics;
 use crate::policy::PolicyEngine;
 use crate::providers::Registry;
 
+pub use auth::find_operator;
 pub use error::{ApiError, parse_json, parse_query};
 pub use tls::ClientConn;
 
@@ -174,7 +175,12 @@ pub fn router(state: AppState) -> Router {
         .layer(axum::middleware::from_fn(ops::json_errors))
         .layer(axum::middleware::from_fn(ops::log_requests))
         .layer(DefaultBodyLimit::max(limit))
-        .with_state(state)
+        .with_state(Arc::clone(&state))
+        // The web console's pages are HTML with their own headers and
+        // errors; rate limiting per address applies to them too.
+        .merge(crate::console::router(Arc::clone(&state)).layer(
+            axum::middleware::from_fn_with_state(state, ops::limit_by_address),
+        ))
 }
 
 /// Runs the broker until SIGINT/SIGTERM. Prints `keygate listening on ADDR`

@@ -214,6 +214,11 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<Vec<crate::governance::Finding>>;
     /// Every recorded departure from the people directory.
     async fn departures(&self) -> StoreResult<Vec<crate::governance::people::Departure>>;
+    /// The console session whose cookie hashes to `id_sha256`, expired or not.
+    async fn console_session(
+        &self,
+        id_sha256: &str,
+    ) -> StoreResult<Option<crate::model::ConsoleSession>>;
     /// What continuous validation saved of every agent's learning.
     async fn validation_states(&self) -> StoreResult<Vec<crate::validation::Snapshot>>;
     /// Every review campaign, newest first.
@@ -257,6 +262,14 @@ pub trait StoreTx: Send {
         step_up: Option<&crate::model::StepUp>,
         replacing: Option<&crate::model::StepUp>,
     ) -> StoreResult<bool>;
+    /// Starts a console session (and forgets the expired ones).
+    async fn insert_console_session(
+        &mut self,
+        id_sha256: &str,
+        session: &crate::model::ConsoleSession,
+    ) -> StoreResult<()>;
+    /// Ends a console session; `false` when there was none.
+    async fn delete_console_session(&mut self, id_sha256: &str) -> StoreResult<bool>;
     /// Saves one agent's continuous validation learning (replacing the last).
     async fn save_validation_state(
         &mut self,

@@ -1,4 +1,4 @@
-//! Policy, governance and the agent side: `keygate exec`, approvals, agents as code, the evidence pack, lifecycle findings, people, policy reloads and cases, provisioning, reviews, revocation and continuous validation (its detectors and its responses).
+//! Policy, governance and the agent side: `keygate exec`, approvals, agents as code, the evidence pack, lifecycle findings, people, policy reloads and cases, provisioning, reviews, revocation continuous validation (its detectors and its responses) and the web console in a real browser.
 //!
 //! One test binary per group of suites (each `mod` is one file under
 //! `tests/`): every binary links the whole broker, so fewer binaries link
@@ -10,6 +10,7 @@ mod common;
 mod agent_exec;
 mod approvals;
 mod ascode;
+mod console;
 mod evidence;
 mod governance;
 mod people;

@@ -160,7 +160,7 @@ async fn main() {
             continue;
         };
         pairs.push(Pair {
-            keygate: "x509 + 4 detectors".to_owned(),
+            keygate: "x509 + 5 detectors".to_owned(),
             openbao: "keygate x509, none",
             k: on,
             o: off,

@@ -33,6 +33,8 @@ pub struct DecisionRequest {
 pub enum DecisionChannel {
     Api,
     Slack,
+    /// The web console (a signed-in operator, like the API).
+    Console,
 }
 
 impl DecisionChannel {
@@ -40,6 +42,7 @@ impl DecisionChannel {
         match self {
             Self::Api => "api",
             Self::Slack => "slack",
+            Self::Console => "console",
         }
     }
 }

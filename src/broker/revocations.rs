@@ -57,7 +57,7 @@ pub struct RevocationReport {
 }
 
 impl RevocationRequest {
-    fn selector(&self) -> BrokerResult<Selector> {
+    pub fn selector(&self) -> BrokerResult<Selector> {
         let mut found = Vec::new();
         if let Some(a) = &self.agent {
             found.push(Selector::Agent(a.clone()));

@@ -158,7 +158,7 @@ fn constant_time_eq(a: &[u8], b: &[u8]) -> bool {
 }
 
 /// The operator whose token this is.
-fn find_operator(state: &AppState, token: &str) -> Option<Operator> {
+pub fn find_operator(state: &AppState, token: &str) -> Option<Operator> {
     let digest = hex::encode(Sha256::digest(token.as_bytes()));
     state
         .config

@@ -362,6 +362,25 @@ impl Store for SqliteStore {
         findings::list(&self.read, agent_id, open_only).await
     }
 
+    async fn console_session(
+        &self,
+        id_sha256: &str,
+    ) -> StoreResult<Option<crate::model::ConsoleSession>> {
+        sqlx::query("SELECT * FROM console_sessions WHERE id_sha256 = ?")
+            .bind(id_sha256)
+            .fetch_optional(&self.read)
+            .await?
+            .map(|r| {
+                Ok(crate::model::ConsoleSession {
+                    operator: r.try_get("operator")?,
+                    method: r.try_get("method")?,
+                    created_at: crate::model::from_unix(r.try_get("created_at")?),
+                    expires_at: crate::model::from_unix(r.try_get("expires_at")?),
+                })
+            })
+            .transpose()
+    }
+
     async fn validation_states(&self) -> StoreResult<Vec<crate::validation::Snapshot>> {
         sqlx::query("SELECT agent_id, state FROM validation_state ORDER BY agent_id")
             .fetch_all(&self.read)

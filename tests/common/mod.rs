@@ -10,6 +10,7 @@ pub mod at_rest;
 pub mod aws;
 pub mod azure;
 pub mod bao_setup;
+pub mod browser;
 pub mod config;
 pub mod example;
 pub mod governance;

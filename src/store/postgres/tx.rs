@@ -154,6 +154,37 @@ impl StoreTx for PostgresTx {
         Ok(done.rows_affected() == 1)
     }
 
+    async fn insert_console_session(
+        &mut self,
+        id_sha256: &str,
+        s: &crate::model::ConsoleSession,
+    ) -> StoreResult<()> {
+        sqlx::query("DELETE FROM console_sessions WHERE expires_at <= $1")
+            .bind(unix(s.created_at))
+            .execute(self.conn())
+            .await?;
+        sqlx::query(
+            "INSERT INTO console_sessions (id_sha256, operator, method, created_at, expires_at) \
+             VALUES ($1, $2, $3, $4, $5)",
+        )
+        .bind(id_sha256)
+        .bind(&s.operator)
+        .bind(&s.method)
+        .bind(unix(s.created_at))
+        .bind(unix(s.expires_at))
+        .execute(self.conn())
+        .await?;
+        Ok(())
+    }
+
+    async fn delete_console_session(&mut self, id_sha256: &str) -> StoreResult<bool> {
+        let done = sqlx::query("DELETE FROM console_sessions WHERE id_sha256 = $1")
+            .bind(id_sha256)
+            .execute(self.conn())
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
     async fn save_validation_state(
         &mut self,
         snapshot: &crate::validation::Snapshot,

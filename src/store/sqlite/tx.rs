@@ -169,6 +169,37 @@ impl StoreTx for SqliteTx {
         Ok(done.rows_affected() == 1)
     }
 
+    async fn insert_console_session(
+        &mut self,
+        id_sha256: &str,
+        s: &crate::model::ConsoleSession,
+    ) -> StoreResult<()> {
+        sqlx::query("DELETE FROM console_sessions WHERE expires_at <= ?")
+            .bind(unix(s.created_at))
+            .execute(&mut self.tx.state.conn)
+            .await?;
+        sqlx::query(
+            "INSERT INTO console_sessions (id_sha256, operator, method, created_at, expires_at) \
+             VALUES (?, ?, ?, ?, ?)",
+        )
+        .bind(id_sha256)
+        .bind(&s.operator)
+        .bind(&s.method)
+        .bind(unix(s.created_at))
+        .bind(unix(s.expires_at))
+        .execute(&mut self.tx.state.conn)
+        .await?;
+        Ok(())
+    }
+
+    async fn delete_console_session(&mut self, id_sha256: &str) -> StoreResult<bool> {
+        let done = sqlx::query("DELETE FROM console_sessions WHERE id_sha256 = ?")
+            .bind(id_sha256)
+            .execute(&mut self.tx.state.conn)
+            .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
     async fn save_validation_state(
         &mut self,
         snapshot: &crate::validation::Snapshot,
