@@ -60,6 +60,7 @@ pub fn router(state: AppState) -> Router {
         .route("/ui/incidents/{id}/resolve", post(audit::resolve_incident))
         .route("/ui/{*rest}", get(page::not_found).post(page::not_found))
         .layer(axum::middleware::from_fn(security_headers))
+        .layer(axum::middleware::from_fn(crate::server::log_requests))
         .layer(DefaultBodyLimit::max(BODY_LIMIT))
         .with_state(state)
 }

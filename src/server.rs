@@ -31,6 +31,7 @@ use crate::providers::Registry;
 
 pub use auth::find_operator;
 pub use error::{ApiError, parse_json, parse_query};
+pub use ops::log_requests;
 pub use tls::ClientConn;
 
 /// Shared state of every handler.

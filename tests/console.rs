@@ -64,6 +64,10 @@ async fn an_approver_approves_in_the_console_and_the_agent_redeems_while_script_
         !br.has("nav a.danger").await,
         "an approver sees the kill switch"
     );
+    // Nor the registry, which the API keeps from approvers too.
+    assert!(!br.has("nav a[href='/ui/agents']").await);
+    br.goto(&format!("{}/ui/agents", base(&b))).await;
+    assert!(br.text("p.error").await.contains("roles do not allow"));
     br.goto(&format!("{}/ui/kill", base(&b))).await;
     assert!(
         br.text("p.error").await.contains("roles do not allow"),

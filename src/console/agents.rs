@@ -43,8 +43,14 @@ fn select(name: &str, label: &str, current: &str, options: &[&str]) -> maud::Mar
     }
 }
 
+/// Who reads the registry (as `GET /v1/agents`).
+pub const READERS: &[Role] = &[Role::Admin, Role::Secops, Role::Auditor];
+
 /// `GET /ui/agents?team=&status=&tier=&environment=&issue=`.
 pub async fn list(State(b): State<AppState>, v: Viewer, Query(f): Query<Filters>) -> Response {
+    if let Err(r) = v.require(READERS) {
+        return *r;
+    }
     let agents = match b.store.list_agents(None, None).await {
         Ok(a) => a,
         Err(e) => return broker_error(&v, e.into()),
@@ -108,6 +114,9 @@ pub async fn list(State(b): State<AppState>, v: Viewer, Query(f): Query<Filters>
 
 /// `GET /ui/agents/{id}`.
 pub async fn show(State(b): State<AppState>, v: Viewer, Path(id): Path<String>) -> Response {
+    if let Err(r) = v.require(READERS) {
+        return *r;
+    }
     let agent = match b.agent(&id).await {
         Ok(a) => a,
         Err(e) => return broker_error(&v, e),
@@ -116,8 +125,7 @@ pub async fn show(State(b): State<AppState>, v: Viewer, Path(id): Path<String>) 
         Ok(c) => c,
         Err(e) => return broker_error(&v, e),
     };
-    let readers = [Role::Admin, Role::Secops, Role::Auditor];
-    let leases = if v.has(&readers) {
+    let leases = {
         b.store
             .list_leases(&LeaseFilter {
                 agent: Some(id.clone()),
@@ -133,9 +141,7 @@ pub async fn show(State(b): State<AppState>, v: Viewer, Path(id): Path<String>) 
                     LeaseState::Pending | LeaseState::Active | LeaseState::Revoking
                 )
             })
-            .collect()
-    } else {
-        Vec::new()
+            .collect::<Vec<_>>()
     };
     let events = if v.has(&[Role::Admin, Role::Auditor]) {
         recent_events(&b, &id).await
@@ -171,20 +177,18 @@ pub async fn show(State(b): State<AppState>, v: Viewer, Path(id): Path<String>) 
         } @else {
             ul { @for i in &compliance.issues { li { strong { (i.kind) } " " (i.subject) ": " (i.detail) } } }
         }
-        @if v.has(&readers) {
-            h2 { "Live credentials" }
-            @if leases.is_empty() {
-                p.empty { "None." }
-            } @else {
-                table {
-                    thead { tr { th { "Lease" } th { "Scope" } th { "State" } th { "Expires" } th { "Last error" } } }
-                    tbody { @for l in &leases { tr {
-                        td { code { (l.id) } } td { (l.scope) }
-                        td { span class={ "state " (l.state) } { (l.state) } }
-                        td { (when(l.expires_at)) }
-                        td { (l.last_error.as_deref().unwrap_or("")) }
-                    } } }
-                }
+        h2 { "Live credentials" }
+        @if leases.is_empty() {
+            p.empty { "None." }
+        } @else {
+            table {
+                thead { tr { th { "Lease" } th { "Scope" } th { "State" } th { "Expires" } th { "Last error" } } }
+                tbody { @for l in &leases { tr {
+                    td { code { (l.id) } } td { (l.scope) }
+                    td { span class={ "state " (l.state) } { (l.state) } }
+                    td { (when(l.expires_at)) }
+                    td { (l.last_error.as_deref().unwrap_or("")) }
+                } } }
             }
         }
         @if !events.is_empty() {

@@ -14,11 +14,18 @@ use serde::Deserialize;
 use super::agents::urlencode;
 use super::page::{Viewer, broker_error, error_page, layout, respond, when};
 use crate::broker::{DecisionChannel, DecisionRequest};
+use crate::config::Role;
 use crate::model::{ApprovalFilter, ApprovalState, Verdict};
 use crate::server::AppState;
 
+/// Who reads approvals (as `GET /v1/approvals`).
+const READERS: &[Role] = &[Role::Approver, Role::Admin, Role::Secops, Role::Auditor];
+
 /// `GET /ui/approvals`: pending first, then the last decided.
 pub async fn list(State(b): State<AppState>, v: Viewer) -> Response {
+    if let Err(r) = v.require(READERS) {
+        return *r;
+    }
     let all = match b
         .store
         .list_approvals(&ApprovalFilter {
@@ -71,6 +78,9 @@ pub async fn list(State(b): State<AppState>, v: Viewer) -> Response {
 
 /// `GET /ui/approvals/{id}`.
 pub async fn show(State(b): State<AppState>, v: Viewer, Path(id): Path<String>) -> Response {
+    if let Err(r) = v.require(READERS) {
+        return *r;
+    }
     let a = match b.approval(&id).await {
         Ok(a) => a,
         Err(e) => return broker_error(&v, e),
@@ -96,7 +106,13 @@ pub async fn show(State(b): State<AppState>, v: Viewer, Path(id): Path<String>) 
     let body = html! {
         dl.facts {
             dt { "State" } dd { span class={ "state " (a.state) } { (a.state) } }
-            dt { "Agent" } dd { a href={ "/ui/agents/" (urlencode(&a.agent_id)) } { (a.agent_id) } }
+            dt { "Agent" } dd {
+                @if v.has(super::agents::READERS) {
+                    a href={ "/ui/agents/" (urlencode(&a.agent_id)) } { (a.agent_id) }
+                } @else {
+                    (a.agent_id)
+                }
+            }
             dt { "Asked by" } dd { (a.requester) }
             @if let Some(s) = &a.scope { dt { "Scope" } dd { code { (s) } } }
             @if let Some(t) = &a.task_id { dt { "Task" } dd { code { (t) } } }

@@ -211,9 +211,11 @@ pub fn layout_refreshing(viewer: Option<&Viewer>, title: &str, body: Markup, sec
                     a.brand href="/ui" { "Keygate" }
                     @if let Some(v) = viewer {
                         nav aria-label="Main" {
-                            a href="/ui/agents" { "Agents" }
-                            a href="/ui/approvals" { "Approvals" }
+                            @if has(&[Role::Admin, Role::Secops, Role::Auditor, Role::Approver]) {
+                                a href="/ui/approvals" { "Approvals" }
+                            }
                             @if has(&[Role::Admin, Role::Secops, Role::Auditor]) {
+                                a href="/ui/agents" { "Agents" }
                                 a href="/ui/leases" { "Leases" }
                                 a href="/ui/incidents" { "Incidents" }
                             }
@@ -275,9 +277,11 @@ pub async fn home(State(b): State<AppState>, v: Viewer) -> Response {
     let body = html! {
         p { "Signed in as " strong { (v.name) } " (" (roles(&v)) ")." }
         ul.cards {
-            li { a href="/ui/approvals" { (pending) " pending approval" @if pending != 1 { "s" } } }
-            li { a href="/ui/agents" { "The agent registry" } }
+            @if v.has(&[Role::Admin, Role::Secops, Role::Auditor, Role::Approver]) {
+                li { a href="/ui/approvals" { (pending) " pending approval" @if pending != 1 { "s" } } }
+            }
             @if v.has(&[Role::Admin, Role::Secops, Role::Auditor]) {
+                li { a href="/ui/agents" { "The agent registry" } }
                 li { a href="/ui/leases" { "Live credentials and fences" } }
                 li { a href="/ui/incidents?open=true" { "Open incidents" } }
             }
