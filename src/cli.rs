@@ -9,7 +9,6 @@ mod evidence;
 mod exec;
 mod incidents;
 mod migrate;
-mod report;
 
 use std::path::PathBuf;
 

@@ -84,6 +84,25 @@ pub struct Config {
     /// Detectors over each agent's behaviour, and what each does.
     #[serde(default)]
     pub detectors: Vec<crate::validation::DetectorConfig>,
+    /// The web console.
+    #[serde(default)]
+    pub console: ConsoleConfig,
+}
+
+/// `[console]`: how people sign in to the web console.
+#[derive(Debug, Clone, Default, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ConsoleConfig {
+    /// Sign-in through an OIDC issuer (authorization code + PKCE): the name
+    /// of a `[[federation.issuers]]` entry with `users = true`, whose
+    /// `audience` is the console's client id. An operator signs in as the
+    /// `[[operators]]` entry whose `oidc_subject` is the ID token's subject.
+    #[serde(default)]
+    pub oidc_issuer: Option<String>,
+    /// The client secret, for issuers that want one (a secret reference);
+    /// without it the console is a public client and PKCE alone binds the code.
+    #[serde(default)]
+    pub oidc_client_secret: Option<keygate_provider_api::SecretRef>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -236,6 +255,10 @@ pub struct OperatorConfig {
     /// The operator's Slack user id (`U…`), for decisions made in Slack.
     #[serde(default)]
     pub slack_user_id: Option<String>,
+    /// The subject of the operator's ID token at `[console] oidc_issuer`,
+    /// for signing in to the console without the token.
+    #[serde(default)]
+    pub oidc_subject: Option<String>,
 }
 
 /// What an operator may do.
@@ -434,6 +457,17 @@ impl Config {
                 return bad(format!("webhook `{}` is declared twice", h.name));
             }
             check_outbound_url(&format!("webhook `{}`", h.name), &h.url)?;
+        }
+        if let Some(name) = &self.console.oidc_issuer
+            && !self
+                .federation
+                .issuers
+                .iter()
+                .any(|i| &i.name == name && i.users)
+        {
+            return bad(format!(
+                "`[console] oidc_issuer` names `{name}`, which is not a `[[federation.issuers]]` entry with `users = true`"
+            ));
         }
         let mut fed = std::collections::BTreeSet::new();
         for i in &self.federation.issuers {

@@ -16,7 +16,9 @@ mod agents;
 mod approvals;
 mod audit;
 mod leases;
+mod oidc;
 mod page;
+mod reviews;
 mod session;
 
 use axum::Router;
@@ -39,6 +41,8 @@ pub fn router(state: AppState) -> Router {
         .route("/ui", get(page::home))
         .route("/ui/static/console.css", get(page::stylesheet))
         .route("/ui/login", get(session::login_page).post(session::login))
+        .route("/ui/login/oidc", get(oidc::start))
+        .route("/ui/login/oidc/callback", get(oidc::callback))
         .route("/ui/logout", post(session::logout))
         .route("/ui/agents", get(agents::list))
         .route("/ui/agents/{id}", get(agents::show))
@@ -57,6 +61,10 @@ pub fn router(state: AppState) -> Router {
         .route("/ui/audit/verify", get(audit::verify))
         .route("/ui/audit/export", get(audit::export))
         .route("/ui/incidents", get(audit::incidents))
+        .route("/ui/reviews", get(reviews::list))
+        .route("/ui/reviews/items/{id}", get(reviews::item))
+        .route("/ui/reviews/items/{id}/decision", post(reviews::decide))
+        .route("/ui/evidence", get(reviews::evidence))
         .route("/ui/incidents/{id}/resolve", post(audit::resolve_incident))
         .route("/ui/{*rest}", get(page::not_found).post(page::not_found))
         .layer(axum::middleware::from_fn(security_headers))

@@ -358,3 +358,177 @@ async fn forged_forms_are_refused_and_signing_out_ends_the_session() {
     assert_eq!(signed, ["console.signed_in", "console.signed_out"]);
     br.close().await;
 }
+
+#[tokio::test]
+async fn an_operator_signs_in_through_the_oidc_issuer_with_pkce() {
+    let oidc = common::oidc::OidcIssuer::start().await;
+    // The issuer sends the browser back to the console's public address,
+    // so the broker listens where its config says.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let mut b = TestBroker::prepare(Setup {
+        extra_config: format!(
+            r#"
+[notify]
+public_url = "http://127.0.0.1:{port}"
+
+[[federation.issuers]]
+name = "corp"
+issuer = "{issuer}"
+audience = "keygate-console"
+algorithms = ["RS256"]
+users = true
+
+[console]
+oidc_issuer = "corp"
+
+[[operators]]
+name = "oidc-secops"
+roles = ["secops"]
+token_sha256 = "{unused}"
+oidc_subject = "johndoe"
+"#,
+            issuer = oidc.issuer,
+            unused = common::config::sha256_hex(&uuid::Uuid::new_v4().to_string()),
+        ),
+        ..Setup::permissive()
+    });
+    b.listen = format!("127.0.0.1:{port}");
+    b.start_again().await;
+    let base = base(&b);
+
+    let br = Browser::start().await;
+    br.goto(&format!("{base}/ui/login?next=%2Fui%2Fincidents"))
+        .await;
+    assert_eq!(br.text("a.oidc").await, "Sign in with corp");
+    br.click("a.oidc").await;
+    // The issuer signs `johndoe` in and sends the browser back; the console
+    // checks state, PKCE and nonce and moves on to where it was going.
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    while br.path().await != "/ui/incidents" {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "not signed in: at {}\n{}",
+            br.client.current_url().await.unwrap(),
+            br.source().await
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(br.text("header").await.contains("oidc-secops"));
+    let signed = b.audit("action=console.signed_in").await;
+    assert_eq!(signed.last().unwrap()["actor"], "operator:oidc-secops");
+    assert_eq!(signed.last().unwrap()["details"]["method"], "oidc");
+
+    // A callback this browser did not start is refused.
+    br.goto(&format!(
+        "{base}/ui/login/oidc/callback?code=forged&state=0000"
+    ))
+    .await;
+    assert!(
+        br.text("p.error").await.contains("did not start here")
+            || br.text("p.error").await.contains("state does not match"),
+        "{}",
+        br.source().await
+    );
+    // A state that differs from this browser's is refused too.
+    br.goto(&format!("{base}/ui/login")).await;
+    let http = reqwest::Client::builder()
+        .redirect(reqwest::redirect::Policy::none())
+        .build()
+        .unwrap();
+    let started = http
+        .get(format!("{base}/ui/login/oidc"))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(started.status(), 303);
+    let flow = started.headers()["set-cookie"].to_str().unwrap().to_owned();
+    assert!(
+        flow.contains("HttpOnly") && flow.contains("SameSite=Lax"),
+        "{flow}"
+    );
+    let location = started.headers()["location"].to_str().unwrap();
+    assert!(
+        location.contains("code_challenge_method=S256") && location.contains("nonce="),
+        "{location}"
+    );
+    let cookie = flow.split(';').next().unwrap();
+    let r = http
+        .get(format!(
+            "{base}/ui/login/oidc/callback?code=x&state=not-the-state"
+        ))
+        .header("cookie", cookie)
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    assert!(r.text().await.unwrap().contains("state does not match"));
+    br.close().await;
+}
+
+#[tokio::test]
+async fn a_sponsor_attests_an_item_assigned_to_her_and_downloads_the_evidence_pack() {
+    let (b, people) = common::governance::start("").await;
+    let agent = TestAgent::new("reviewed", "ES256");
+    b.register(&agent, "platform").await;
+    b.admin_post("/v1/reviews", &json!({ "name": "2026-Q4" }))
+        .await
+        .expect(201);
+    let br = Browser::start().await;
+    // Olga is the agent's sponsor: the item waits for her.
+    br.sign_in(&base(&b), &people.olga).await;
+    br.goto(&format!("{}/ui/reviews", base(&b))).await;
+    let mine = br.text("main table").await;
+    assert!(mine.contains(&agent.id), "{mine}\n{}", br.source().await);
+    br.screenshot("reviews").await;
+    br.submit("main table tbody a").await;
+    br.fill("#note", "still needed for the nightly build").await;
+    br.submit("button[value='attest']").await;
+    assert_eq!(br.text("dd span.state").await, "attested");
+    let items = b
+        .get("/v1/reviews/2026-Q4", Some(&b.ops.auditor))
+        .await
+        .expect(200);
+    let item = &items["items"][0];
+    assert_eq!(item["state"], "attested", "{item}");
+    assert_eq!(item["decisions"][0]["by"], "olga");
+
+    // She is an auditor too: the evidence pack for today, as a download.
+    let cookie = br
+        .client
+        .get_named_cookie("keygate_console")
+        .await
+        .unwrap()
+        .value()
+        .to_owned();
+    let day = time::OffsetDateTime::now_utc().date();
+    let http = reqwest::Client::new();
+    let get = |format: &'static str| {
+        http.get(format!(
+            "{}/ui/evidence?from={day}&to={day}&format={format}",
+            base(&b)
+        ))
+        .header("cookie", format!("keygate_console={cookie}"))
+        .send()
+    };
+    let r = get("json").await.unwrap();
+    assert_eq!(r.status(), 200);
+    assert!(
+        r.headers()["content-disposition"]
+            .to_str()
+            .unwrap()
+            .starts_with("attachment"),
+    );
+    let pack: Value = r.json().await.unwrap();
+    assert!(
+        pack["summary"]["review_items_decided"].as_u64().unwrap() >= 1,
+        "{}",
+        pack["summary"]
+    );
+    let html = get("html").await.unwrap().text().await.unwrap();
+    assert!(html.contains("Agent identity evidence"), "{html:.200}");
+    br.close().await;
+}

@@ -66,7 +66,7 @@ pub async fn write(c: &Client, from: &str, to: &str, out: &Path) -> anyhow::Resu
     );
     files.insert(
         "report.html".into(),
-        super::report::html(&pack).into_bytes(),
+        crate::governance::evidence::report::html(&pack).into_bytes(),
     );
     for (name, bytes) in &files {
         std::fs::write(out.join(name), bytes)

@@ -193,6 +193,20 @@ pub fn layout(viewer: Option<&Viewer>, title: &str, body: Markup) -> Markup {
 
 /// A page that reloads itself every `secs` seconds (0: never).
 pub fn layout_refreshing(viewer: Option<&Viewer>, title: &str, body: Markup, secs: u32) -> Markup {
+    page(viewer, title, body, (secs > 0).then(|| secs.to_string()))
+}
+
+/// A page that moves on to `to` (a console path) at once.
+pub fn layout_refreshing_to(
+    viewer: Option<&Viewer>,
+    title: &str,
+    body: Markup,
+    to: &str,
+) -> Markup {
+    page(viewer, title, body, Some(format!("0; url={to}")))
+}
+
+fn page(viewer: Option<&Viewer>, title: &str, body: Markup, refresh: Option<String>) -> Markup {
     let has = |roles: &[Role]| viewer.is_some_and(|v| v.has(roles));
     html! {
         (DOCTYPE)
@@ -201,8 +215,8 @@ pub fn layout_refreshing(viewer: Option<&Viewer>, title: &str, body: Markup, sec
                 meta charset="utf-8";
                 meta name="viewport" content="width=device-width, initial-scale=1";
                 title { (title) " · Keygate" }
-                @if secs > 0 {
-                    meta http-equiv="refresh" content=(secs);
+                @if let Some(r) = &refresh {
+                    meta http-equiv="refresh" content=(r);
                 }
                 link rel="stylesheet" href="/ui/static/console.css";
             }
@@ -225,6 +239,7 @@ pub fn layout_refreshing(viewer: Option<&Viewer>, title: &str, body: Markup, sec
                             @if has(&[Role::Admin, Role::Auditor]) {
                                 a href="/ui/audit" { "Audit" }
                             }
+                            a href="/ui/reviews" { "Reviews" }
                         }
                         form.signout method="post" action="/ui/logout" {
                             (v.csrf_field())
@@ -291,6 +306,7 @@ pub async fn home(State(b): State<AppState>, v: Viewer) -> Response {
             @if v.has(&[Role::Admin, Role::Auditor]) {
                 li { a href="/ui/audit" { "The audit log, and its chain" } }
             }
+            li { a href="/ui/reviews" { "Access reviews assigned to you" @if v.has(&[Role::Admin, Role::Auditor]) { ", and the evidence pack" } } }
         }
     };
     respond(StatusCode::OK, layout(Some(&v), "Console", body))

@@ -26,13 +26,13 @@ const LOGIN_COOKIE: &str = "keygate_console_login";
 /// 256 random bits, in hex. The operating system's generator does not fail
 /// once the process runs; if it ever did, this would not hand out a
 /// guessable value: the caller refuses to sign in.
-fn random_hex() -> Option<String> {
+pub(super) fn random_hex() -> Option<String> {
     let mut bytes = [0u8; 32];
     getrandom::fill(&mut bytes).ok()?;
     Some(hex::encode(bytes))
 }
 
-fn no_randomness() -> Response {
+pub(super) fn no_randomness() -> Response {
     tracing::error!("the operating system's random generator failed");
     error_page(
         None,
@@ -42,11 +42,16 @@ fn no_randomness() -> Response {
 }
 
 /// Whether cookies must be `Secure`: the console's public address is https.
-fn secure(b: &AppState) -> bool {
+pub(super) fn secure(b: &AppState) -> bool {
     b.config.public_url().starts_with("https://")
 }
 
-fn set_cookie(name: &str, value: &str, max_age: Option<time::Duration>, secure: bool) -> String {
+pub(super) fn set_cookie(
+    name: &str,
+    value: &str,
+    max_age: Option<time::Duration>,
+    secure: bool,
+) -> String {
     let mut c = cookie::Cookie::build((name.to_owned(), value.to_owned()))
         .path("/ui")
         .http_only(true)
@@ -59,7 +64,7 @@ fn set_cookie(name: &str, value: &str, max_age: Option<time::Duration>, secure: 
 }
 
 /// Only a console path may be returned to after signing in.
-fn safe_next(next: Option<&str>) -> &str {
+pub(super) fn safe_next(next: Option<&str>) -> &str {
     next.filter(|n| {
         n.starts_with("/ui") && !n.starts_with("/ui//") && !n.contains('\\') && !n.contains("://")
     })
@@ -68,10 +73,11 @@ fn safe_next(next: Option<&str>) -> &str {
 
 #[derive(Debug, Default, Deserialize)]
 pub struct LoginQuery {
-    next: Option<String>,
+    pub next: Option<String>,
 }
 
-fn login_form(next: &str, nonce: &str, error: Option<&str>) -> maud::Markup {
+fn login_form(b: &AppState, next: &str, nonce: &str, error: Option<&str>) -> maud::Markup {
+    let oidc = b.config.console.oidc_issuer.as_deref();
     html! {
         @if let Some(e) = error {
             p.error role="alert" { (e) }
@@ -82,6 +88,9 @@ fn login_form(next: &str, nonce: &str, error: Option<&str>) -> maud::Markup {
             label for="token" { "Operator token" }
             input id="token" type="password" name="token" autocomplete="off" required autofocus;
             button type="submit" { "Sign in" }
+        }
+        @if let Some(name) = oidc {
+            p { a.oidc href={ "/ui/login/oidc?next=" (super::agents::urlencode(next)) } { "Sign in with " (name) } }
         }
         p.note {
             "Your operator token (the one `keygate` commands use) is checked and then forgotten: "
@@ -98,7 +107,7 @@ pub async fn login_page(State(b): State<AppState>, Query(q): Query<LoginQuery>) 
     let next = safe_next(q.next.as_deref());
     let mut resp = respond(
         StatusCode::OK,
-        layout(None, "Sign in", login_form(next, &nonce, None)),
+        layout(None, "Sign in", login_form(&b, next, &nonce, None)),
     );
     if let Ok(v) = set_cookie(LOGIN_COOKIE, &nonce, None, secure(&b)).parse() {
         resp.headers_mut().insert(header::SET_COOKIE, v);
@@ -137,7 +146,11 @@ pub async fn login(
         };
         let mut resp = respond(
             StatusCode::UNAUTHORIZED,
-            layout(None, "Sign in", login_form(&next, &nonce, Some(message))),
+            layout(
+                None,
+                "Sign in",
+                login_form(&b, &next, &nonce, Some(message)),
+            ),
         );
         if let Ok(v) = set_cookie(LOGIN_COOKIE, &nonce, None, secure(&b)).parse() {
             resp.headers_mut().insert(header::SET_COOKIE, v);
@@ -170,13 +183,27 @@ pub async fn login(
             );
         }
     }
+    begin(&b, &op.name, "token", &next, false).await
+}
+
+/// Starts a console session for `operator` (signed in by `method`) and
+/// sends the browser to `next`: by redirect, or (`via_page`, after a
+/// cross-site sign-in where a `SameSite=Strict` cookie would not follow a
+/// redirect) by a page of our own that moves on at once.
+pub(super) async fn begin(
+    b: &AppState,
+    operator: &str,
+    method: &str,
+    next: &str,
+    via_page: bool,
+) -> Response {
     let Some(value) = random_hex() else {
         return no_randomness();
     };
     let t = now();
     let session = ConsoleSession {
-        operator: op.name.clone(),
-        method: "token".into(),
+        operator: operator.to_owned(),
+        method: method.to_owned(),
         created_at: t,
         expires_at: t + time::Duration::hours(SESSION_HOURS),
     };
@@ -185,8 +212,8 @@ pub async fn login(
         tx.insert_console_session(&sha256_hex(&value), &session)
             .await?;
         tx.audit(
-            AuditEvent::new(&Actor::Operator(op.name.clone()), "console.signed_in")
-                .details(serde_json::json!({ "method": "token" })),
+            AuditEvent::new(&Actor::Operator(operator.to_owned()), "console.signed_in")
+                .details(serde_json::json!({ "method": method })),
         )
         .await?;
         tx.commit().await
@@ -199,15 +226,25 @@ pub async fn login(
             "Signing in is not possible right now: try again shortly.",
         );
     }
-    let mut resp = Redirect::to(&next).into_response();
+    let mut resp = if via_page {
+        let body = html! {
+            p { "Signed in as " strong { (operator) } ". " a href=(next) { "Continue" } }
+        };
+        respond(
+            StatusCode::OK,
+            super::page::layout_refreshing_to(None, "Signed in", body, next),
+        )
+    } else {
+        Redirect::to(next).into_response()
+    };
     let cookies = [
         set_cookie(
             COOKIE,
             &value,
             Some(time::Duration::hours(SESSION_HOURS)),
-            secure(&b),
+            secure(b),
         ),
-        set_cookie(LOGIN_COOKIE, "", Some(time::Duration::ZERO), secure(&b)),
+        set_cookie(LOGIN_COOKIE, "", Some(time::Duration::ZERO), secure(b)),
     ];
     for c in cookies {
         if let Ok(v) = c.parse() {

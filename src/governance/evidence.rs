@@ -27,7 +27,25 @@ use crate::model::{
 use crate::store::AuditFilter;
 
 mod deprovisioning;
+pub mod report;
 pub use deprovisioning::DeprovisioningRecord;
+
+/// A period's bound: a day (`2026-10-01`: its start, or with `end_of_day`
+/// the start of the next) or an RFC 3339 instant.
+pub fn parse_instant(s: &str, end_of_day: bool) -> Option<OffsetDateTime> {
+    use time::format_description::well_known::Rfc3339;
+    if let Ok(t) = OffsetDateTime::parse(s, &Rfc3339) {
+        return Some(t);
+    }
+    let day =
+        time::Date::parse(s, time::macros::format_description!("[year]-[month]-[day]")).ok()?;
+    let start = day.midnight().assume_utc();
+    Some(if end_of_day {
+        start + time::Duration::days(1)
+    } else {
+        start
+    })
+}
 
 #[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
 pub struct EvidencePack {

@@ -72,6 +72,8 @@ pub struct Federated {
     pub azp: Option<String>,
     /// The audience the issuer is configured with (the token carries it).
     pub audience: String,
+    /// The `nonce` of an ID token (OIDC sign-in binds it to the browser).
+    pub nonce: Option<String>,
 }
 
 fn no_such_key(i: &TrustedIssuer, kid: Option<&str>) -> AuthError {
@@ -148,6 +150,16 @@ impl Federation {
     }
 
     /// Whether a token with this `iss` comes from a trusted issuer.
+    /// A trusted issuer, by its configured name.
+    pub fn issuer(&self, name: &str) -> Option<&TrustedIssuer> {
+        self.issuers.iter().find(|i| i.name == name)
+    }
+
+    /// The client that talks to the issuers (their extra roots included).
+    pub fn http(&self) -> &reqwest::Client {
+        &self.http
+    }
+
     pub fn trusts_issuer_url(&self, iss: &str) -> bool {
         self.issuers.iter().any(|i| i.issuer == iss)
     }
@@ -352,6 +364,7 @@ impl Federation {
             groups,
             azp: claims["azp"].as_str().map(str::to_owned),
             audience: i.audience.clone(),
+            nonce: claims["nonce"].as_str().map(str::to_owned),
         })
     }
 }

@@ -180,21 +180,10 @@ pub struct EvidenceQuery {
 /// `2026-10-01` (a day: its start, or for `to` the end of it) or an RFC
 /// 3339 instant.
 fn instant(s: &str, end_of_day: bool, name: &str) -> Result<time::OffsetDateTime, ApiError> {
-    use time::format_description::well_known::Rfc3339;
-    if let Ok(t) = time::OffsetDateTime::parse(s, &Rfc3339) {
-        return Ok(t);
-    }
-    let day = time::Date::parse(s, time::macros::format_description!("[year]-[month]-[day]"))
-        .map_err(|_| {
-            ApiError::bad_request(format!(
-                "`{name}` must be a day (2026-10-01) or an RFC 3339 instant"
-            ))
-        })?;
-    let start = day.midnight().assume_utc();
-    Ok(if end_of_day {
-        start + time::Duration::days(1)
-    } else {
-        start
+    crate::governance::evidence::parse_instant(s, end_of_day).ok_or_else(|| {
+        ApiError::bad_request(format!(
+            "`{name}` must be a day (2026-10-01) or an RFC 3339 instant"
+        ))
     })
 }
 

@@ -119,6 +119,8 @@ pub struct TestBroker {
     pub ops: Operators,
     /// Environment variables the server runs with.
     pub env: Vec<(String, String)>,
+    /// Where it listens (`127.0.0.1:0`: any free port).
+    pub listen: String,
     stdout: Option<Lines<BufReader<ChildStdout>>>,
     /// Another replica's view of the first one's dir: it leaves the dir to
     /// that one.
@@ -165,6 +167,7 @@ impl TestBroker {
                 .unwrap(),
             ops,
             env: setup.env,
+            listen: "127.0.0.1:0".into(),
             stdout: None,
             shares_dir: false,
         }
@@ -181,6 +184,7 @@ impl TestBroker {
             http: self.http.clone(),
             ops: self.ops.clone(),
             env: self.env.clone(),
+            listen: "127.0.0.1:0".into(),
             stdout: None,
             shares_dir: true,
         }
@@ -194,7 +198,7 @@ impl TestBroker {
             .append(true)
             .open(self.log_path())
             .unwrap();
-        let mut child = serve_command(&self.dir.join("keygate.toml"), &self.dir)
+        let mut child = serve_command_on(&self.dir.join("keygate.toml"), &self.dir, &self.listen)
             .env("RUST_LOG", "info,rustify=off,vaultrs=warn")
             .envs(self.env.iter().map(|(k, v)| (k, v)))
             .stdin(Stdio::null())
@@ -336,11 +340,16 @@ impl Drop for TestBroker {
 /// `keygate serve --config <config> --listen 127.0.0.1:0` run in `dir`,
 /// killed when dropped: the one way the harness starts the broker.
 pub fn serve_command(config: &Path, dir: &Path) -> Command {
+    serve_command_on(config, dir, "127.0.0.1:0")
+}
+
+/// The same, listening on `listen`.
+pub fn serve_command_on(config: &Path, dir: &Path, listen: &str) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_keygate"));
     cmd.arg("serve")
         .arg("--config")
         .arg(config)
-        .args(["--listen", "127.0.0.1:0"])
+        .args(["--listen", listen])
         .current_dir(dir)
         .kill_on_drop(true);
     cmd
