@@ -379,6 +379,16 @@ impl Config {
         lifecycle::validate(&self.lifecycle).map_err(ConfigError::Invalid)?;
         crate::validation::validate(&self.validation, &self.detectors)
             .map_err(ConfigError::Invalid)?;
+        if let Some(d) = self.detectors.iter().find(|d| {
+            d.scope
+                .as_ref()
+                .is_some_and(|s| !self.scopes.iter().any(|c| &c.name == s))
+        }) {
+            return bad(format!(
+                "`[[detectors]]` `{}`: `scope` names no configured scope",
+                d.name
+            ));
+        }
         crate::governance::people::validate(&self.people).map_err(ConfigError::Invalid)?;
         if self.governance.sweep_interval_secs == 0 {
             return bad("`governance.sweep_interval_secs` must be at least 1".into());

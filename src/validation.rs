@@ -58,6 +58,8 @@ pub enum Observation {
     },
     /// A human denied an approval of the agent's request.
     ApprovalDenied,
+    /// One of its credential requests now waits for a human.
+    ApprovalRequested,
     /// A credential of the agent's renewed.
     Renewed { source: Option<IpAddr> },
 }
@@ -70,7 +72,10 @@ struct Bucket {
     denials: u32,
     failures: u32,
     approval_denials: u32,
+    approval_requests: u32,
     renewals: u32,
+    /// Scopes of the denied requests, with how often.
+    denied_scopes: Vec<(String, u32)>,
     /// Scopes asked for and source addresses, with how often.
     scopes: Vec<(String, u32)>,
     sources: Vec<(IpAddr, u32)>,
@@ -161,26 +166,44 @@ struct AgentSignals {
     quiet_until: HashMap<String, i64>,
 }
 
-/// What `obs` (or a bucket of `n` such) adds to a counting signal.
-fn counted(signal: Signal, obs: &Observation) -> u64 {
-    match (signal, obs) {
+/// What `obs` adds to a detector's counting signal (of its `scope` only,
+/// when it names one).
+fn counted(d: &DetectorConfig, obs: &Observation) -> u64 {
+    if let (Some(only), Observation::Request { scope, .. }) = (&d.scope, obs)
+        && only != scope
+    {
+        return 0;
+    }
+    match (d.signal, obs) {
         (Signal::Denials, Observation::Request { denied: true, .. })
         | (Signal::CredentialRequests, Observation::Request { .. })
         | (Signal::FailedAuth, Observation::AuthFailure { .. })
         | (Signal::ApprovalDenials, Observation::ApprovalDenied)
+        | (Signal::ApprovalRequests, Observation::ApprovalRequested)
         | (Signal::Renewals, Observation::Renewed { .. }) => 1,
         _ => 0,
     }
 }
 
-/// The bucket's share of a counting signal.
-fn bucket_count(signal: Signal, b: &Bucket) -> u64 {
-    u64::from(match signal {
-        Signal::Denials => b.denials,
-        Signal::CredentialRequests => b.requests,
-        Signal::FailedAuth => b.failures,
-        Signal::ApprovalDenials => b.approval_denials,
-        Signal::Renewals => b.renewals,
+/// The count of `key` in a bucket's per-value list.
+fn count_of(list: &[(String, u32)], key: &str) -> u32 {
+    list.iter()
+        .find(|(k, _)| k == key)
+        .map(|(_, n)| *n)
+        .unwrap_or(0)
+}
+
+/// The bucket's share of a detector's counting signal.
+fn bucket_count(d: &DetectorConfig, b: &Bucket) -> u64 {
+    u64::from(match (d.signal, &d.scope) {
+        (Signal::Denials, Some(s)) => count_of(&b.denied_scopes, s),
+        (Signal::CredentialRequests, Some(s)) => count_of(&b.scopes, s),
+        (Signal::Denials, None) => b.denials,
+        (Signal::CredentialRequests, None) => b.requests,
+        (Signal::FailedAuth, _) => b.failures,
+        (Signal::ApprovalDenials, _) => b.approval_denials,
+        (Signal::ApprovalRequests, _) => b.approval_requests,
+        (Signal::Renewals, _) => b.renewals,
         _ => 0,
     })
 }
@@ -236,7 +259,7 @@ fn source_of(obs: &Observation) -> Option<IpAddr> {
         | Observation::TaskOpened { source }
         | Observation::Delegated { source, .. }
         | Observation::Renewed { source } => *source,
-        Observation::ApprovalDenied => None,
+        Observation::ApprovalDenied | Observation::ApprovalRequested => None,
     }
 }
 
@@ -334,7 +357,11 @@ impl Validation {
                     b.requests += 1;
                     b.denials += u32::from(*denied);
                     bump(&mut b.scopes, scope.clone());
+                    if *denied {
+                        bump(&mut b.denied_scopes, scope.clone());
+                    }
                 }
+                Observation::ApprovalRequested => b.approval_requests += 1,
                 Observation::AuthFailure { .. } => b.failures += 1,
                 Observation::ApprovalDenied => b.approval_denials += 1,
                 Observation::Renewed { .. } => b.renewals += 1,
@@ -347,7 +374,7 @@ impl Validation {
         // Each detector adds the observation and lets go of the buckets
         // that left its window.
         for (d, r) in self.detectors.iter().zip(a.running.iter_mut()) {
-            r.count += counted(d.signal, &obs);
+            r.count += counted(d, &obs);
             if let Some(k) = distinct_key(d.signal, &obs) {
                 *r.distinct.entry(k).or_insert(0) += 1;
             }
@@ -358,7 +385,7 @@ impl Validation {
                 .and_then(|i| a.buckets.get(i as usize))
                 .filter(|b| b.sec <= edge)
             {
-                r.count = r.count.saturating_sub(bucket_count(d.signal, b));
+                r.count = r.count.saturating_sub(bucket_count(d, b));
                 let leaving: Vec<String> = match d.signal {
                     Signal::DistinctScopes => b.scopes.iter().map(|(k, _)| k.clone()).collect(),
                     Signal::SourceAddresses => {
@@ -447,6 +474,7 @@ impl Validation {
                 | Signal::CredentialRequests
                 | Signal::FailedAuth
                 | Signal::ApprovalDenials
+                | Signal::ApprovalRequests
                 | Signal::Renewals => (r.count, r.count > u64::from(d.threshold)),
                 Signal::DistinctScopes | Signal::SourceAddresses => {
                     let n = r.distinct.len() as u64;

@@ -211,6 +211,23 @@ threshold = 1
 window_secs = 60
 severity = "low"
 action = "record"
+
+[[detectors]]
+name = "waiting"
+signal = "approval_requests"
+threshold = 1
+window_secs = 60
+severity = "low"
+action = "record"
+
+[[detectors]]
+name = "x509-burst"
+signal = "credential_requests"
+scope = "x509-svid"
+threshold = 3
+window_secs = 60
+severity = "low"
+action = "record"
 "##,
             api = slack.api_url(),
             hook = slack.webhook_url(),
@@ -378,8 +395,14 @@ action = "record"
         )
         .await
         .expect(200);
+    // Two requests waited for a human (the second passed the threshold of
+    // one), and x509-svid alone was asked for a fourth time in a minute.
     assert_eq!(
-        pack["summary"]["incidents_opened"], 2,
+        detectors_of(&incidents(&b, &agent).await),
+        ["new-network", "scopes", "waiting", "x509-burst"]
+    );
+    assert_eq!(
+        pack["summary"]["incidents_opened"], 4,
         "{}",
         pack["summary"]
     );

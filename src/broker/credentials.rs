@@ -162,6 +162,13 @@ impl Broker {
                 source: s.source,
             };
             self.observe(&s.agent.id, observed).await;
+            if matches!(result, Ok(CredentialOutcome::Pending(_))) {
+                self.observe(
+                    &s.agent.id,
+                    crate::validation::Observation::ApprovalRequested,
+                )
+                .await;
+            }
         }
         self.metrics.credential(
             &scope,

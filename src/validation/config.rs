@@ -60,6 +60,8 @@ pub enum Signal {
     NewDelegationTarget,
     /// Approvals of its requests a human denied, in the window.
     ApprovalDenials,
+    /// Its credential requests that had to wait for a human, in the window.
+    ApprovalRequests,
     /// Renewals of its credentials, in the window.
     Renewals,
     /// Credential requests this hour, against what the agent learned to do
@@ -141,6 +143,9 @@ pub struct DetectorConfig {
     /// days). Unset: once seen, known until the next change.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub stale_after_days: Option<u32>,
+    /// `credential_requests` or `denials` of this scope only.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub scope: Option<String>,
     /// With `action = "step_up"`: which requests need a human.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub step_up_scopes: Option<StepUpScopes>,
@@ -205,6 +210,12 @@ pub fn validate(v: &ValidationConfig, detectors: &[DetectorConfig]) -> Result<()
                 d.name
             ));
         }
+        if d.scope.is_some() && !matches!(d.signal, Signal::CredentialRequests | Signal::Denials) {
+            return Err(format!(
+                "`[[detectors]]` `{}`: `scope` applies to `credential_requests` and `denials` only",
+                d.name
+            ));
+        }
         if d.step_up_scopes.is_some() && d.action != Action::StepUp {
             return Err(format!(
                 "`[[detectors]]` `{}`: `step_up_scopes` applies to `action = \"step_up\"` only",
@@ -235,6 +246,7 @@ mod tests {
             action,
             dry_run: false,
             stale_after_days: None,
+            scope: None,
             step_up_scopes: None,
         }
     }

@@ -15,6 +15,7 @@ fn detector(name: &str, signal: Signal, threshold: u32, window_secs: u64) -> Det
         action: Action::Record,
         dry_run: false,
         stale_after_days: None,
+        scope: None,
         step_up_scopes: None,
     }
 }
@@ -50,6 +51,15 @@ fn running_values_match_a_recount_of_the_window() {
         detector("s", Signal::DistinctScopes, u32::MAX, 5),
         detector("a", Signal::SourceAddresses, u32::MAX, 2),
         detector("n", Signal::Renewals, u32::MAX, 4),
+        detector("q", Signal::ApprovalRequests, u32::MAX, 6),
+        DetectorConfig {
+            scope: Some("s1".into()),
+            ..detector("sr", Signal::CredentialRequests, u32::MAX, 5)
+        },
+        DetectorConfig {
+            scope: Some("s2".into()),
+            ..detector("sd", Signal::Denials, u32::MAX, 9)
+        },
     ];
     let v = Validation::new(ValidationConfig::default(), detectors.clone());
     let mut seen: Vec<(i64, Observation)> = Vec::new();
@@ -61,7 +71,8 @@ fn running_values_match_a_recount_of_the_window() {
         x = x.wrapping_mul(6_364_136_223_846_793_005).wrapping_add(1);
         now += (x >> 60) as i64 % 3;
         let ip = format!("10.0.{}.1", (x >> 40) % 4);
-        let obs = match (x >> 33) % 5 {
+        let obs = match (x >> 33) % 6 {
+            5 => Observation::ApprovalRequested,
             0 => Observation::AuthFailure {
                 source: Some(ip.parse().unwrap()),
             },
@@ -89,7 +100,7 @@ fn running_values_match_a_recount_of_the_window() {
                         .collect::<BTreeSet<_>>()
                         .len()
                         as u64,
-                    _ => inside.map(|(_, o)| counted(d.signal, o)).sum(),
+                    _ => inside.map(|(_, o)| counted(d, o)).sum(),
                 }
             })
             .collect();
