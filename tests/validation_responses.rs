@@ -226,8 +226,8 @@ signal = "credential_requests"
 scope = "x509-svid"
 threshold = 3
 window_secs = 60
-severity = "low"
-action = "record"
+severity = "medium"
+action = "step_up"
 "##,
             api = slack.api_url(),
             hook = slack.webhook_url(),
@@ -370,13 +370,24 @@ action = "record"
         }
     };
     resolve(recorded_id.to_owned()).await;
+    // The fourth x509-svid in a minute: a second step-up incident, which
+    // now holds the agent's step-up.
     assert_eq!(ask(&b, &home, &t, "x509-svid").await, 202);
+    let step_up_of = || async {
+        b.get(&format!("/v1/agents/{}", agent.id), Some(&b.ops.admin))
+            .await
+            .expect(200)["step_up"]
+            .clone()
+    };
+    let burst = step_up_of().await["incident"].as_str().unwrap().to_owned();
+    assert_ne!(burst, incident);
+    // Resolving the newer leaves the older one holding it: still a human.
+    resolve(burst.clone()).await;
+    assert_eq!(step_up_of().await["incident"], incident.as_str());
+    assert_eq!(ask(&b, &home, &t, "jwt-svid").await, 202);
+    // Resolving the last one lifts it.
     resolve(incident.clone()).await;
-    let shown = b
-        .get(&format!("/v1/agents/{}", agent.id), Some(&b.ops.admin))
-        .await
-        .expect(200);
-    assert!(shown["step_up"].is_null(), "{shown}");
+    assert!(step_up_of().await.is_null());
     assert_eq!(ask(&b, &home, &t, "x509-svid").await, 201);
     let lifted = b.audit("action=incident.resolved").await;
     assert_eq!(
@@ -384,8 +395,9 @@ action = "record"
             .iter()
             .map(|e| e["details"]["step_up_lifted"].as_bool().unwrap())
             .collect::<Vec<_>>(),
-        [false, true]
+        [false, false, true]
     );
+    assert_eq!(lifted[1]["details"]["step_up_held_by"], incident.as_str());
     // The auditor's evidence pack carries both, with who resolved them.
     let day = time::OffsetDateTime::now_utc().date();
     let pack = b
@@ -406,7 +418,7 @@ action = "record"
         "{}",
         pack["summary"]
     );
-    assert_eq!(pack["summary"]["incidents_resolved"], 2);
+    assert_eq!(pack["summary"]["incidents_resolved"], 3);
     let row = pack["reviews"]
         .as_array()
         .unwrap()

@@ -254,21 +254,51 @@ impl Broker {
                 "incident `{id}` is already resolved"
             )));
         }
-        // The step-up this incident put on the agent ends with it (one a
-        // later incident put there stays).
+        // The step-up this incident holds on the agent ends with it, unless
+        // another open step-up incident of the agent still holds one: then
+        // that one (the newest) holds it. A step-up another incident holds
+        // stays as it is.
         let agent = self.store.get_agent(&i.agent).await?;
         let step_up = agent.and_then(|a| a.step_up).filter(|s| s.incident == id);
+        let next = match &step_up {
+            Some(_) => self
+                .incidents(Some(&i.agent))
+                .await?
+                .into_iter()
+                .find(|o| {
+                    o.id != id
+                        && o.state == IncidentState::Open
+                        && o.action == Action::StepUp
+                        && !o.dry_run
+                })
+                .map(|o| StepUp {
+                    scopes: self
+                        .config
+                        .detectors
+                        .iter()
+                        .find(|d| d.name == o.detector)
+                        .and_then(|d| d.step_up_scopes)
+                        .unwrap_or_default(),
+                    incident: o.id,
+                    since: o.opened_at,
+                }),
+            None => None,
+        };
         let mut tx = self.store.begin().await?;
-        // Only if it is still this incident's (a newer one replaced it: it stays).
+        // Compare-and-set: a step-up written meanwhile is not undone.
         let lifts = match &step_up {
-            Some(s) => tx.set_step_up(&i.agent, None, Some(s)).await?,
+            Some(s) => tx.set_step_up(&i.agent, next.as_ref(), Some(s)).await? && next.is_none(),
             None => false,
         };
         tx.audit(
             AuditEvent::new(actor, "incident.resolved")
                 .agent(&i.agent)
                 .reason(reason.clone())
-                .details(json!({ "incident": id, "step_up_lifted": lifts })),
+                .details(json!({
+                    "incident": id,
+                    "step_up_lifted": lifts,
+                    "step_up_held_by": next.as_ref().map(|n| &n.incident),
+                })),
         )
         .await?;
         tx.commit().await?;
