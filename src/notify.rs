@@ -258,7 +258,11 @@ impl Notifier {
         error: String,
         after: Duration,
     ) -> Delivery {
-        let retry_at = now() + self.backoff(n.attempts).max(after);
+        let due = OffsetDateTime::now_utc() + self.backoff(n.attempts).max(after);
+        // Kept in whole seconds: rounded up, so a channel's `Retry-After`
+        // is never cut short by the truncation (it was, by up to a second).
+        let retry_at =
+            crate::model::from_unix(due.unix_timestamp() + i64::from(due.nanosecond() > 0));
         let stale = t - n.created_at > self.give_up_after(&n.event);
         tracing::warn!(notification = %n.id, approval = ?n.approval_id, review_item = ?n.review_item_id, channel = %n.channel, attempts = n.attempts + 1, error = %error, "notification not delivered");
         Delivery::Failed {
