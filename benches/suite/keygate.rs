@@ -39,6 +39,10 @@ impl Drop for Server {
 }
 
 impl Server {
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
     /// SIGTERM, then waits for the graceful exit.
     pub fn stop(mut self) {
         let pid = self.child.id().to_string();

@@ -4,7 +4,7 @@
 
 use std::future::Future;
 use std::sync::Arc;
-use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -19,6 +19,27 @@ pub struct Stats {
     pub p50_ms: f64,
     pub p99_ms: f64,
     pub max_ms: f64,
+    /// CPU time (user + system) the server under test spent per measured
+    /// request, when one is watched ([`watch`]).
+    pub cpu_ms_per_req: Option<f64>,
+}
+
+/// The server process the next timed runs charge CPU time to (0: none).
+static WATCHED: AtomicU32 = AtomicU32::new(0);
+
+/// Charges the CPU time of process `pid` to the next timed runs.
+pub fn watch(pid: Option<u32>) {
+    WATCHED.store(pid.unwrap_or(0), Ordering::SeqCst);
+}
+
+/// The process's user + system CPU time so far, in seconds
+/// (`/proc/<pid>/stat` fields 14 and 15, in clock ticks).
+fn cpu_secs(pid: u32) -> Option<f64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
+    // The command name may hold spaces: fields are counted after its ")".
+    let fields: Vec<&str> = stat.rsplit_once(')')?.1.split_whitespace().collect();
+    let ticks = fields.get(11)?.parse::<u64>().ok()? + fields.get(12)?.parse::<u64>().ok()?;
+    Some(ticks as f64 / rustix::param::clock_ticks_per_second() as f64)
 }
 
 impl Stats {
@@ -39,6 +60,7 @@ impl Stats {
             p50_ms: pct(0.50),
             p99_ms: pct(0.99),
             max_ms: pct(1.0),
+            cpu_ms_per_req: None,
         }
     }
 }
@@ -53,6 +75,17 @@ where
     let op = Arc::new(op);
     let measure_from = Instant::now() + warm;
     let end = measure_from + secs;
+    // The watched server's CPU time over the measured window.
+    let pid = WATCHED.load(Ordering::SeqCst);
+    let cpu = tokio::spawn(async move {
+        if pid == 0 {
+            return None;
+        }
+        tokio::time::sleep_until(measure_from.into()).await;
+        let start = cpu_secs(pid)?;
+        tokio::time::sleep_until(end.into()).await;
+        Some(cpu_secs(pid)? - start)
+    });
     let mut handles = Vec::new();
     for i in 0..clients {
         let op = Arc::clone(&op);
@@ -75,7 +108,13 @@ where
     for h in handles {
         all.extend(h.await.expect("load client panicked"));
     }
-    Stats::of(clients, all, secs.as_secs_f64())
+    let mut stats = Stats::of(clients, all, secs.as_secs_f64());
+    if let Ok(Some(used)) = cpu.await
+        && stats.requests > 0
+    {
+        stats.cpu_ms_per_req = Some(used * 1000.0 / stats.requests as f64);
+    }
+    stats
 }
 
 /// Calls `op(call number)` `total` times from `clients` loops; returns what

@@ -106,8 +106,10 @@ async fn main() {
         // Two anchors, both kept: OpenBao's fastest path (root token,
         // minimal body) and the path Keygate's own vault provider takes
         // (AppRole token, Keygate's body).
+        load::watch(bao.pid());
         let fastest = anchor.token_create_root(&http, c, timing).await;
         let approle = anchor.token_create(&http, c, timing).await;
+        load::watch(Some(server.pid()));
         for (label, scope) in [
             ("credentials jwt-svid", "jwt-svid"),
             ("credentials x509-svid", "x509-svid"),
@@ -127,8 +129,11 @@ async fn main() {
                 o: approle.clone(),
             });
         }
+        load::watch(bao.pid());
         let o = anchor.jwt_login(&http, &kg.key, c, timing).await;
+        load::watch(Some(server.pid()));
         let k = kg.task_opens(&server.base, c, timing).await;
+        load::watch(None);
         fastest_at.insert(c, fastest.clone());
         pairs.push(Pair {
             keygate: "oauth/token (task open)".to_owned(),
@@ -307,6 +312,27 @@ fn print_and_collect(
             "keygate_stats": p.k, "openbao_stats": p.o,
             "rate_ratio": r, "p50_ratio": m, "p99_ratio": t,
         }));
+    }
+    // CPU per request of each server process over the same windows: the
+    // cost a request puts on the machine, whatever the load generator (on
+    // the same two cores) leaves them.
+    println!();
+    println!(
+        "{:<26} {:<22} {:>4} | {:>12} {:>12} | {:>6}",
+        "CPU per request (server)", "", "clts", "kg ms/req", "bao ms/req", "cpu×"
+    );
+    for p in pairs {
+        if let (Some(k), Some(o)) = (p.k.cpu_ms_per_req, p.o.cpu_ms_per_req) {
+            println!(
+                "{:<26} {:<22} {:>4} | {:>12.3} {:>12.3} | {:>6.2}",
+                p.keygate,
+                p.openbao,
+                p.k.clients,
+                k,
+                o,
+                ratio(k, o)
+            );
+        }
     }
     println!();
     println!(

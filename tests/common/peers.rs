@@ -93,6 +93,11 @@ pub struct Bao {
 }
 
 impl Bao {
+    /// The server's process id, while it runs.
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(Child::id)
+    }
+
     /// A dev server: in memory, ready in well under a second.
     pub async fn dev() -> Self {
         Self::start(Storage::Dev).await
