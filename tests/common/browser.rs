@@ -7,8 +7,13 @@ use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
+use fantoccini::error::{CmdError, ErrorStatus};
 use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::json;
+
+fn is_stale(e: &CmdError) -> bool {
+    matches!(e, CmdError::Standard(w) if w.error == ErrorStatus::StaleElementReference)
+}
 
 /// A browser session; dropping it ends ChromeDriver and its Chromium.
 pub struct Browser {
@@ -85,16 +90,28 @@ impl Browser {
         self.client.goto(url).await.unwrap();
     }
 
-    /// The text of the first element matching `css`.
+    /// The text of the first element matching `css`. A page that refreshes
+    /// itself (the revocation progress page does) can replace the element
+    /// between finding it and reading it; that is read again from the new
+    /// page, never taken as an answer.
     pub async fn text(&self, css: &str) -> String {
-        match self.client.find(Locator::Css(css)).await {
-            Ok(e) => e.text().await.unwrap(),
-            Err(e) => panic!(
-                "no `{css}` on {}: {e}\n{}",
-                self.path().await,
-                self.source().await
-            ),
+        for _ in 0..20 {
+            match self.client.find(Locator::Css(css)).await {
+                Ok(e) => match e.text().await {
+                    Ok(t) => return t,
+                    Err(e) if is_stale(&e) => {}
+                    Err(e) => panic!("reading `{css}`: {e}"),
+                },
+                Err(e) if is_stale(&e) => {}
+                Err(e) => panic!(
+                    "no `{css}` on {}: {e}\n{}",
+                    self.path().await,
+                    self.source().await
+                ),
+            }
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
+        panic!("`{css}` kept being replaced while it was read")
     }
 
     /// Whether anything matches `css`.
