@@ -123,6 +123,20 @@ pub struct CredentialAsk {
 }
 
 /// Why a credential outlives the ttl granted to its lease.
+/// The audit event of a lease's credential issued: what, never the secret.
+fn issued_event(lease: &Lease, issued: &keygate_provider_api::Issued, actor: &Actor) -> AuditEvent {
+    let revocability: Revocability = issued.revocability.into();
+    AuditEvent::new(actor, "lease.issued")
+        .about_lease(lease)
+        .details(serde_json::json!({
+            "provider": lease.provider,
+            "expires_at": crate::model::unix(issued.expires_at),
+            "revocability": revocability,
+            "handle": issued.handle.0,
+            "fields": issued.credential.field_names().collect::<Vec<_>>(),
+        }))
+}
+
 fn outlives_note(issued: &keygate_provider_api::Issued, granted: u64) -> String {
     format!(
         "the backend sets this credential's lifetime and cannot revoke it: it stays valid until {}, past the {granted} s granted; releasing it or ending the task does not shorten that",
@@ -327,32 +341,6 @@ impl Broker {
             boot_id: Some(self.leases.boot_id().to_owned()),
             source: s.source.map(|ip| ip.to_string()),
         };
-        // Write-ahead: the lease exists before the provider is asked, so a
-        // crash from here on leaves a row the reaper resolves.
-        let mut tx = self.store.begin().await?;
-        if let Some(over) = self.over_live_leases(&mut *tx, s, scope_cfg, t).await? {
-            // The transaction ends unwritten before the refusal is audited.
-            drop(tx);
-            return Err(self.refuse_live(s, scope_name, over).await);
-        }
-        if !tx.insert_lease(&lease).await? {
-            // The task ended (completion, TTL, kill switch) after this
-            // request's session check: no credential for an ended task.
-            return Err(BrokerError::TaskEnded("the task has ended".into()));
-        }
-        if let Some(approval_id) = redeem
-            && !tx.redeem_approval(approval_id, &lease.id, t).await?
-        {
-            return Err(BrokerError::Conflict(format!(
-                "approval `{approval_id}` was redeemed already: an approval yields one credential"
-            )));
-        }
-        let decided_hash = decided.policy_hash.clone();
-        tx.audit(decided.lease(&lease.id)).await?;
-        tx.commit().await?;
-        self.judge_again_if_reloaded(s, &lease, ttl, decided_hash.as_deref())
-            .await?;
-
         let provider = self.registry.provider(&lease.provider).ok_or_else(|| {
             BrokerError::Internal(format!("provider `{}` missing", lease.provider))
         })?;
@@ -371,14 +359,35 @@ impl Broker {
             expires_at,
             request_params: params,
         };
+        let decided_hash = decided.policy_hash.clone();
+        // Write-ahead: the lease exists before a backend is asked, so a
+        // crash from here on leaves a row the reaper resolves. A provider
+        // that creates nothing outside this process (the local CA) is asked
+        // first instead, and its lease written once with what it issued:
+        // until that commit the credential exists nowhere but here.
+        let mut unwritten = Some(decided);
+        if !provider.issues_in_process() {
+            if let Some(decided) = unwritten.take() {
+                self.write_lease(s, scope_cfg, &lease, redeem, decided, None)
+                    .await?;
+            }
+            self.judge_again_if_reloaded(s, &lease, ttl, decided_hash.as_deref(), false)
+                .await?;
+        }
         let timeout = Duration::from_secs(self.config.leases.issue_timeout_secs);
         let issued = match tokio::time::timeout(timeout, provider.issue(&req)).await {
             Ok(Ok(issued)) => issued,
-            Ok(Err(e)) => return Err(self.issue_failed(&lease, &actor, e).await),
+            Ok(Err(e)) => {
+                return Err(self
+                    .failed_before_handover(s, scope_cfg, &lease, redeem, unwritten, &actor, e)
+                    .await);
+            }
             Err(_) => {
                 let e =
                     ProviderError::Unavailable(format!("no answer within {}s", timeout.as_secs()));
-                return Err(self.issue_failed(&lease, &actor, e).await);
+                return Err(self
+                    .failed_before_handover(s, scope_cfg, &lease, redeem, unwritten, &actor, e)
+                    .await);
             }
         };
         // A provider counting from its own mint time ends a little later than
@@ -397,6 +406,16 @@ impl Broker {
         let note =
             (issued.expires_at > expires_at + slack).then(|| outlives_note(&issued, granted));
         if issued.expires_at > latest + slack {
+            if unwritten.is_some() {
+                // Issued in process: dropping it is all it takes.
+                let e = ProviderError::Internal(
+                    "the provider issued a credential that outlives its lease; it was discarded"
+                        .into(),
+                );
+                return Err(self
+                    .failed_before_handover(s, scope_cfg, &lease, redeem, unwritten, &actor, e)
+                    .await);
+            }
             // A provider that outlives the lease breaks the broker's promise;
             // kill what it issued rather than hand it over.
             self.record_and_queue(&lease, &issued, &actor).await?;
@@ -415,7 +434,23 @@ impl Broker {
                     .into(),
             ));
         }
-        let state = self.record_and_queue(&lease, &issued, &actor).await?;
+        let state = match unwritten {
+            Some(decided) => {
+                self.write_lease(
+                    s,
+                    scope_cfg,
+                    &lease,
+                    redeem,
+                    decided,
+                    Some((&issued, &actor)),
+                )
+                .await?;
+                self.judge_again_if_reloaded(s, &lease, ttl, decided_hash.as_deref(), true)
+                    .await?;
+                Some(LeaseState::Active)
+            }
+            None => self.record_and_queue(&lease, &issued, &actor).await?,
+        };
         match state {
             Some(LeaseState::Active) => Ok(IssuedCredential {
                 lease_id: lease.id,
@@ -436,6 +471,52 @@ impl Broker {
         }
     }
 
+    /// Writes a new lease with the decision that granted it, within the
+    /// agent's live-lease limit and only while its task is open; with
+    /// `issued`, what the provider issued is recorded in the same commit.
+    async fn write_lease(
+        &self,
+        s: &Session,
+        scope_cfg: &ScopeConfig,
+        lease: &Lease,
+        redeem: Option<&str>,
+        decided: AuditEvent,
+        issued: Option<(&keygate_provider_api::Issued, &Actor)>,
+    ) -> BrokerResult<()> {
+        let t = lease.created_at;
+        let mut tx = self.store.begin().await?;
+        if let Some(over) = self.over_live_leases(&mut *tx, s, scope_cfg, t).await? {
+            // The transaction ends unwritten before the refusal is audited.
+            drop(tx);
+            return Err(self.refuse_live(s, &lease.scope, over).await);
+        }
+        if !tx.insert_lease(lease).await? {
+            // The task ended (completion, TTL, kill switch) after this
+            // request's session check: no credential for an ended task.
+            return Err(BrokerError::TaskEnded("the task has ended".into()));
+        }
+        if let Some(approval_id) = redeem
+            && !tx.redeem_approval(approval_id, &lease.id, t).await?
+        {
+            return Err(BrokerError::Conflict(format!(
+                "approval `{approval_id}` was redeemed already: an approval yields one credential"
+            )));
+        }
+        tx.audit(decided.lease(&lease.id)).await?;
+        if let Some((issued, actor)) = issued {
+            tx.record_issued(
+                &lease.id,
+                &issued.handle.0,
+                issued.revocability.into(),
+                issued.expires_at,
+            )
+            .await?;
+            tx.audit(issued_event(lease, issued, actor)).await?;
+        }
+        tx.commit().await?;
+        Ok(())
+    }
+
     /// Records the handle; returns the lease state after recording.
     async fn record_and_queue(
         &self,
@@ -443,41 +524,67 @@ impl Broker {
         issued: &keygate_provider_api::Issued,
         actor: &Actor,
     ) -> BrokerResult<Option<LeaseState>> {
-        let revocability: Revocability = issued.revocability.into();
         let mut tx = self.store.begin().await?;
         let state = tx
-            .record_issued(&lease.id, &issued.handle.0, revocability, issued.expires_at)
+            .record_issued(
+                &lease.id,
+                &issued.handle.0,
+                issued.revocability.into(),
+                issued.expires_at,
+            )
             .await?;
-        tx.audit(
-            AuditEvent::new(actor, "lease.issued")
-                .about_lease(lease)
-                .details(serde_json::json!({
-                    "provider": lease.provider,
-                    "expires_at": crate::model::unix(issued.expires_at),
-                    "revocability": revocability,
-                    "handle": issued.handle.0,
-                    "fields": issued.credential.field_names().collect::<Vec<_>>(),
-                })),
-        )
-        .await?;
+        tx.audit(issued_event(lease, issued, actor)).await?;
         tx.commit().await?;
         Ok(state)
+    }
+
+    /// An issue that failed before anything was handed over. A lease not
+    /// yet written (an in-process provider's) is written now with its
+    /// decision, and fails: nothing exists anywhere to revoke.
+    #[allow(clippy::too_many_arguments)]
+    async fn failed_before_handover(
+        &self,
+        s: &Session,
+        scope_cfg: &ScopeConfig,
+        lease: &Lease,
+        redeem: Option<&str>,
+        unwritten: Option<AuditEvent>,
+        actor: &Actor,
+        e: ProviderError,
+    ) -> BrokerError {
+        let in_process = unwritten.is_some();
+        if let Some(decided) = unwritten
+            && let Err(refused) = self
+                .write_lease(s, scope_cfg, lease, redeem, decided, None)
+                .await
+        {
+            return refused;
+        }
+        self.issue_failed(lease, actor, e, in_process).await
     }
 
     /// A provider error during issue: definitive refusals mean nothing
     /// exists; anything else may have issued, so the lease is queued for
     /// revocation by lease id.
-    async fn issue_failed(&self, lease: &Lease, actor: &Actor, e: ProviderError) -> BrokerError {
+    async fn issue_failed(
+        &self,
+        lease: &Lease,
+        actor: &Actor,
+        e: ProviderError,
+        in_process: bool,
+    ) -> BrokerError {
         let msg = e.to_string();
         tracing::warn!(lease = %lease.id, error = %msg, "provider failed to issue");
-        // Nothing can exist at the backend: refused, or never sent.
-        let definitive = matches!(
-            e,
-            ProviderError::InvalidParams(_)
-                | ProviderError::Refused(_)
-                | ProviderError::Unsupported(_)
-                | ProviderError::NotSent(_)
-        );
+        // Nothing can exist at the backend: refused, never sent, or never
+        // outside this process.
+        let definitive = in_process
+            || matches!(
+                e,
+                ProviderError::InvalidParams(_)
+                    | ProviderError::Refused(_)
+                    | ProviderError::Unsupported(_)
+                    | ProviderError::NotSent(_)
+            );
         let t = now();
         let stored = async {
             let mut tx = self.store.begin().await?;

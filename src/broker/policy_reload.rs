@@ -283,13 +283,17 @@ impl Broker {
     /// scope) after this request was decided and before its lease row was
     /// written — too late for the reload's scan of
     /// live leases. With the lease written, a set that changed meanwhile
-    /// judges it again; if it does not permit it, nothing is minted.
+    /// judges it again; if it does not permit it, nothing is handed over:
+    /// a lease written ahead fails before the provider is asked, and one
+    /// written with its credential (`issued`, an in-process provider's) is
+    /// revoked.
     pub(super) async fn judge_again_if_reloaded(
         &self,
         s: &Session,
         lease: &Lease,
         ttl: u64,
         decided_hash: Option<&str>,
+        issued: bool,
     ) -> BrokerResult<()> {
         let policy = self.policy.current();
         // An exclusion committed after the decision, whose scan of live
@@ -318,7 +322,17 @@ impl Broker {
             )
         };
         let mut tx = self.store.begin().await?;
-        tx.mark_failed(&lease.id, &message, now()).await?;
+        if issued {
+            tx.queue_revocations(
+                &crate::store::LeaseSelector::Lease(lease.id.clone()),
+                &message,
+                None,
+                now(),
+            )
+            .await?;
+        } else {
+            tx.mark_failed(&lease.id, &message, now()).await?;
+        }
         tx.audit(
             AuditEvent::new(&Actor::Agent(s.agent.id.clone()), "lease.policy_revoked")
                 .agent(&s.agent.id)
@@ -326,10 +340,15 @@ impl Broker {
                 .scope(&lease.scope)
                 .lease(&lease.id)
                 .reason(message.clone())
-                .details(serde_json::json!({ "policy_hash": policy.hash(), "before_issue": true })),
+                .details(
+                    serde_json::json!({ "policy_hash": policy.hash(), "before_issue": !issued }),
+                ),
         )
         .await?;
         tx.commit().await?;
+        if issued {
+            self.leases.wake();
+        }
         Err(BrokerError::PolicyDenied {
             message,
             policies: Vec::new(),

@@ -108,6 +108,17 @@ pub trait Provider: Send + Sync + 'static {
         Err(ProviderError::Unsupported("fences".into()))
     }
 
+    /// Whether [`Provider::issue`] creates nothing outside this process: the
+    /// credential exists only in the returned value until the broker hands
+    /// it over (a local CA signing in memory). The broker then writes the
+    /// lease once, after the call, instead of ahead of it and again after
+    /// it: a crash before that commit leaves nothing anywhere to revoke, and
+    /// nothing is handed over before the lease is on disk. The default,
+    /// `false`, is right for every provider that calls a backend.
+    fn issues_in_process(&self) -> bool {
+        false
+    }
+
     /// Whether a credential of `scope` needs this provider to act when its
     /// lease reaches its TTL (e.g. rotate a secret whose value the agent
     /// saw). Such leases go through the revocation queue at expiry; others

@@ -25,6 +25,12 @@ impl Provider for LocalCa {
         scope::parse_scope(&scope.params).map(|_| ())
     }
 
+    /// Certificates and JWTs are signed in memory; the revocation list
+    /// changes only on revoke.
+    fn issues_in_process(&self) -> bool {
+        true
+    }
+
     async fn issue(&self, req: &IssueRequest) -> Result<Issued, ProviderError> {
         let kind = scope::parse_scope(&req.scope.params)?;
         let spiffe_id = self.spiffe_id(&req.agent.id)?;
