@@ -151,7 +151,7 @@ impl Worker {
         // Outcomes are recorded as they come, up to RECORD at a time in one
         // transaction: a mass revocation is bound by its providers, not by
         // a commit per lease.
-        const RECORD: usize = 64;
+        const RECORD: usize = 256;
         let mut done = Vec::with_capacity(RECORD);
         let take = |r: Result<_, tokio::task::JoinError>, done: &mut Vec<_>| match r {
             Ok(outcome) => done.push(outcome),
@@ -197,56 +197,66 @@ impl Worker {
     }
 
     /// Records providers' answers: confirmations end their leases, errors
-    /// schedule the next attempt. One transaction for the lot.
+    /// schedule the next attempt. One transaction for the lot, and one
+    /// statement for every plain confirmation in it.
     async fn record(
         &self,
         outcomes: Vec<(Lease, Result<RevokeOutcome, String>)>,
     ) -> StoreResult<()> {
         let t = now();
         let mut tx = self.store.begin().await?;
+        let mut confirmed = Vec::new();
+        let mut others = Vec::new();
         for (lease, outcome) in outcomes {
+            match outcome {
+                Ok(RevokeOutcome::LivesUntil(until)) => others.push((lease, Ok(until))),
+                Ok(o) => {
+                    let detail = confirmation(&lease, &o);
+                    confirmed.push((lease, detail));
+                }
+                Err(msg) => others.push((lease, Err(msg))),
+            }
+        }
+        let ids: Vec<String> = confirmed.iter().map(|(l, _)| l.id.clone()).collect();
+        let ended: std::collections::HashSet<String> = tx
+            .finish_revocations(&ids, LeaseState::Revoked, t)
+            .await?
+            .into_iter()
+            .collect();
+        for (lease, detail) in confirmed {
+            self.metrics.revocation("confirmed");
+            // A lease another pass ended first is not recorded twice.
+            if ended.contains(&lease.id) {
+                let reason = lease.end_reason.clone().unwrap_or_default();
+                let details = serde_json::json!({ "result": detail, "state": LeaseState::Revoked });
+                tx.audit(
+                    AuditEvent::new(&Actor::System, "lease.revoked")
+                        .about_lease(&lease)
+                        .reason(reason)
+                        .details(details),
+                )
+                .await?;
+            }
+        }
+        for (lease, outcome) in others {
             let ev = AuditEvent::new(&Actor::System, "lease.revoked").about_lease(&lease);
             match outcome {
-                Ok(o) => {
-                    let lives_until = match o {
-                        RevokeOutcome::LivesUntil(until) => Some(until),
-                        _ => None,
-                    };
-                    let (state, detail) = match o {
-                        RevokeOutcome::Revoked => (LeaseState::Revoked, "revoked".to_owned()),
-                        RevokeOutcome::AlreadyGone
-                            if lease.revocability == Some(Revocability::NotApplicable) =>
-                        {
-                            (LeaseState::Revoked, "nothing to revoke".to_owned())
-                        }
-                        // An orphan (no handle) the provider searched for
-                        // and did not find: nothing of it exists.
-                        RevokeOutcome::AlreadyGone if lease.handle.is_none() => (
-                            LeaseState::Revoked,
-                            "not found at the provider: never issued, or already gone".to_owned(),
-                        ),
-                        RevokeOutcome::AlreadyGone => (
-                            LeaseState::Revoked,
-                            "already gone at the provider".to_owned(),
-                        ),
-                        RevokeOutcome::LivesUntil(until) => (
-                            LeaseState::Expiring,
-                            format!(
-                                "the backend cannot revoke it; it lives until {}",
-                                crate::model::unix(until)
-                            ),
-                        ),
-                    };
+                Ok(until) => {
                     self.metrics.revocation("confirmed");
+                    let state = LeaseState::Expiring;
                     if tx
-                        .finish_revocation(&lease.id, state, lives_until, t)
+                        .finish_revocation(&lease.id, state, Some(until), t)
                         .await?
                     {
                         let reason = lease.end_reason.clone().unwrap_or_default();
-                        let mut details = serde_json::json!({ "result": detail, "state": state });
-                        if let Some(until) = lives_until {
-                            details["expires_at"] = crate::model::unix(until).into();
-                        }
+                        let details = serde_json::json!({
+                            "result": format!(
+                                "the backend cannot revoke it; it lives until {}",
+                                crate::model::unix(until)
+                            ),
+                            "state": state,
+                            "expires_at": crate::model::unix(until),
+                        });
                         tx.audit(ev.reason(reason).details(details)).await?;
                     }
                 }
@@ -358,5 +368,21 @@ impl Worker {
             self.engine.wake();
         }
         Ok(())
+    }
+}
+
+/// What a provider's confirmation means for the lease's record.
+fn confirmation(lease: &Lease, o: &RevokeOutcome) -> &'static str {
+    match o {
+        RevokeOutcome::AlreadyGone if lease.revocability == Some(Revocability::NotApplicable) => {
+            "nothing to revoke"
+        }
+        // An orphan (no handle) the provider searched for and did not
+        // find: nothing of it exists.
+        RevokeOutcome::AlreadyGone if lease.handle.is_none() => {
+            "not found at the provider: never issued, or already gone"
+        }
+        RevokeOutcome::AlreadyGone => "already gone at the provider",
+        _ => "revoked",
     }
 }

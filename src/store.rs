@@ -350,6 +350,15 @@ pub trait StoreTx: Send {
         lives_until: Option<OffsetDateTime>,
         now: OffsetDateTime,
     ) -> StoreResult<bool>;
+    /// [`StoreTx::finish_revocation`] for many leases confirmed alike (no
+    /// `lives_until`) in one statement; returns the ids it ended (those
+    /// still `revoking`).
+    async fn finish_revocations(
+        &mut self,
+        ids: &[String],
+        state: LeaseState,
+        now: OffsetDateTime,
+    ) -> StoreResult<Vec<String>>;
     /// A revocation attempt failed; it stays queued with its error.
     async fn revocation_failed(
         &mut self,

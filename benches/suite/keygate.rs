@@ -86,7 +86,13 @@ impl Keygate {
         let mut child = Command::new(env!("CARGO_BIN_EXE_keygate"))
             .args(["serve", "--config"])
             .arg(config)
-            .env("RUST_LOG", "warn,rustify=off,vaultrs=warn")
+            // BENCH_LOG: Keygate's log filter for a run being diagnosed
+            // (e.g. `warn,sqlx::query=debug` for every statement's time).
+            .env(
+                "RUST_LOG",
+                std::env::var("BENCH_LOG")
+                    .unwrap_or_else(|_| "warn,rustify=off,vaultrs=warn".into()),
+            )
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
             .spawn()
@@ -118,7 +124,12 @@ impl Keygate {
                 t0.elapsed() < Duration::from_secs(120),
                 "keygate never got ready"
             );
-            tokio::time::sleep(Duration::from_millis(5)).await;
+            // As a SecOps console would, not flat out: every 100 ms, more
+            // often while the revocation is young (a 1,000-lease one is over
+            // in about 0.25 s).
+            let pause =
+                (t0.elapsed() / 20).clamp(Duration::from_millis(5), Duration::from_millis(100));
+            tokio::time::sleep(pause).await;
         }
         (server, t0.elapsed())
     }

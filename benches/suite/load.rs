@@ -22,6 +22,55 @@ pub struct Stats {
     /// CPU time (user + system) the server under test spent per measured
     /// request, when one is watched ([`watch`]).
     pub cpu_ms_per_req: Option<f64>,
+    /// The machine's idle share (all cores, `/proc/stat`) over the
+    /// measured window: what neither the servers nor the load generator
+    /// used.
+    pub idle_share: Option<f64>,
+    /// How many measured windows these figures are the median of.
+    pub windows: usize,
+}
+
+/// Machine-wide (idle, total) jiffies so far (`/proc/stat`, first line;
+/// iowait counts as idle).
+fn machine_jiffies() -> Option<(u64, u64)> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let cpu = stat.lines().next()?.strip_prefix("cpu ")?;
+    let v: Vec<u64> = cpu
+        .split_whitespace()
+        .filter_map(|f| f.parse().ok())
+        .collect();
+    let idle = v.get(3)? + v.get(4).copied().unwrap_or(0);
+    Some((idle, v.iter().take(8).sum()))
+}
+
+/// The median of each figure over several windows of the same run (for
+/// two, their mean); requests and seconds add up.
+pub fn median(runs: &[Stats]) -> Stats {
+    fn mid(mut v: Vec<f64>) -> f64 {
+        v.sort_by(f64::total_cmp);
+        match v.len() {
+            0 => 0.0,
+            n if n % 2 == 1 => v[n / 2],
+            n => (v[n / 2 - 1] + v[n / 2]) / 2.0,
+        }
+    }
+    let of = |f: fn(&Stats) -> f64| mid(runs.iter().map(f).collect());
+    let opt = |f: fn(&Stats) -> Option<f64>| {
+        let v: Vec<f64> = runs.iter().filter_map(f).collect();
+        (!v.is_empty()).then(|| mid(v))
+    };
+    Stats {
+        clients: runs.first().map_or(0, |r| r.clients),
+        requests: runs.iter().map(|r| r.requests).sum(),
+        seconds: runs.iter().map(|r| r.seconds).sum(),
+        per_sec: of(|r| r.per_sec),
+        p50_ms: of(|r| r.p50_ms),
+        p99_ms: of(|r| r.p99_ms),
+        max_ms: of(|r| r.max_ms),
+        cpu_ms_per_req: opt(|r| r.cpu_ms_per_req),
+        idle_share: opt(|r| r.idle_share),
+        windows: runs.iter().map(|r| r.windows).sum(),
+    }
 }
 
 /// The server process the next timed runs charge CPU time to (0: none).
@@ -61,6 +110,8 @@ impl Stats {
             p99_ms: pct(0.99),
             max_ms: pct(1.0),
             cpu_ms_per_req: None,
+            idle_share: None,
+            windows: 1,
         }
     }
 }
@@ -78,13 +129,17 @@ where
     // The watched server's CPU time over the measured window.
     let pid = WATCHED.load(Ordering::SeqCst);
     let cpu = tokio::spawn(async move {
-        if pid == 0 {
-            return None;
-        }
         tokio::time::sleep_until(measure_from.into()).await;
-        let start = cpu_secs(pid)?;
+        let (start, machine) = (cpu_secs(pid), machine_jiffies());
         tokio::time::sleep_until(end.into()).await;
-        Some(cpu_secs(pid)? - start)
+        let used = (pid != 0).then(|| Some(cpu_secs(pid)? - start?)).flatten();
+        let idle = match (machine, machine_jiffies()) {
+            (Some((i0, t0)), Some((i1, t1))) if t1 > t0 => {
+                Some((i1 - i0) as f64 / (t1 - t0) as f64)
+            }
+            _ => None,
+        };
+        (used, idle)
     });
     let mut handles = Vec::new();
     for i in 0..clients {
@@ -109,10 +164,13 @@ where
         all.extend(h.await.expect("load client panicked"));
     }
     let mut stats = Stats::of(clients, all, secs.as_secs_f64());
-    if let Ok(Some(used)) = cpu.await
-        && stats.requests > 0
-    {
-        stats.cpu_ms_per_req = Some(used * 1000.0 / stats.requests as f64);
+    if let Ok((used, idle)) = cpu.await {
+        stats.idle_share = idle;
+        if let Some(used) = used
+            && stats.requests > 0
+        {
+            stats.cpu_ms_per_req = Some(used * 1000.0 / stats.requests as f64);
+        }
     }
     stats
 }

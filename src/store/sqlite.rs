@@ -247,8 +247,13 @@ impl Store for SqliteStore {
         _claim_until: OffsetDateTime,
         limit: u32,
     ) -> StoreResult<Vec<Lease>> {
+        // The queue's own index, named: left to itself the planner takes
+        // (state, expires_at) and sorts every queued lease on each pass, so
+        // a kill switch over 100,000 leases scanned and sorted all of them
+        // 200 times (26 s, not 3).
         sqlx::query(
-            "SELECT * FROM leases WHERE state = 'revoking' AND next_attempt_at <= ? \
+            "SELECT * FROM leases INDEXED BY leases_queue \
+             WHERE state = 'revoking' AND next_attempt_at <= ? \
              AND (handle IS NOT NULL OR created_at < ? OR boot_id IS NOT ?) \
              ORDER BY next_attempt_at LIMIT ?",
         )

@@ -424,6 +424,15 @@ impl StoreTx for PostgresTx {
         leases::finish_revocation(self, id, state, lives_until, now).await
     }
 
+    async fn finish_revocations(
+        &mut self,
+        ids: &[String],
+        state: LeaseState,
+        now: OffsetDateTime,
+    ) -> StoreResult<Vec<String>> {
+        leases::finish_revocations(self, ids, state, now).await
+    }
+
     async fn revocation_failed(
         &mut self,
         id: &str,

@@ -373,7 +373,7 @@ impl StoreTx for SqliteTx {
             sqlx::query(
                 "UPDATE leases SET state = 'revoking', attempts = 0, last_error = NULL, \
                  next_attempt_at = ?, end_reason = 'the parent task ended' \
-                 WHERE state IN ('pending', 'active') AND task_id IN (SELECT value FROM json_each(?))",
+                 WHERE +state IN ('pending', 'active') AND task_id IN (SELECT value FROM json_each(?))",
             )
             .bind(unix(now))
             .bind(serde_json::to_string(&children).map_err(corrupt)?)
@@ -433,6 +433,15 @@ impl StoreTx for SqliteTx {
         now: OffsetDateTime,
     ) -> StoreResult<bool> {
         leases::finish_revocation(self, id, state, lives_until, now).await
+    }
+
+    async fn finish_revocations(
+        &mut self,
+        ids: &[String],
+        state: LeaseState,
+        now: OffsetDateTime,
+    ) -> StoreResult<Vec<String>> {
+        leases::finish_revocations(self, ids, state, now).await
     }
 
     async fn revocation_failed(

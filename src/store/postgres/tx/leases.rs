@@ -189,6 +189,28 @@ pub(super) async fn finish_revocation(
     Ok(done.rows_affected() == 1)
 }
 
+pub(super) async fn finish_revocations(
+    tx: &mut PostgresTx,
+    ids: &[String],
+    state: LeaseState,
+    now: OffsetDateTime,
+) -> StoreResult<Vec<String>> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    let rows = sqlx::query(
+        "UPDATE leases SET state = $1, ended_at = $2, last_error = NULL, \
+         next_attempt_at = NULL, claimed_by = NULL, claim_until = NULL \
+         WHERE id = ANY($3) AND state = 'revoking' RETURNING id",
+    )
+    .bind(state.as_str())
+    .bind(unix(now))
+    .bind(ids)
+    .fetch_all(tx.conn())
+    .await?;
+    PostgresTx::ids(&rows)
+}
+
 pub(super) async fn revocation_failed(
     tx: &mut PostgresTx,
     id: &str,

@@ -121,7 +121,14 @@ pub(super) async fn queue_revocations(
         .push_bind(reason.to_owned())
         .push(", revocation_id = COALESCE(")
         .push_bind(revocation_id.map(str::to_owned))
-        .push(", revocation_id) WHERE state IN ('pending', 'active')");
+        .push(", revocation_id) WHERE ");
+    // Where ids or tasks are named, they pick the rows and the state is only
+    // checked (`+state`): SQLite, without statistics, would otherwise walk
+    // every live lease through the state index and test each against the
+    // list.
+    let named = matches!(sel, LeaseSelector::Tasks(_) | LeaseSelector::Leases(_));
+    q.push(if named { "+state" } else { "state" })
+        .push(" IN ('pending', 'active')");
     match sel {
         LeaseSelector::Lease(id) => {
             q.push(" AND id = ").push_bind(id.clone());
@@ -181,6 +188,30 @@ pub(super) async fn finish_revocation(
     .execute(&mut tx.tx.state.conn)
     .await?;
     Ok(done.rows_affected() == 1)
+}
+
+pub(super) async fn finish_revocations(
+    tx: &mut SqliteTx,
+    ids: &[String],
+    state: LeaseState,
+    now: OffsetDateTime,
+) -> StoreResult<Vec<String>> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
+    // By id (the primary key); `+state` keeps SQLite off the state index.
+    let rows = sqlx::query(
+        "UPDATE leases SET state = ?, ended_at = ?, last_error = NULL, next_attempt_at = NULL \
+         WHERE id IN (SELECT value FROM json_each(?)) AND +state = 'revoking' RETURNING id",
+    )
+    .bind(state.as_str())
+    .bind(unix(now))
+    .bind(serde_json::to_string(ids).map_err(corrupt)?)
+    .fetch_all(&mut tx.tx.state.conn)
+    .await?;
+    rows.iter()
+        .map(|r| r.try_get::<String, _>("id").map_err(Into::into))
+        .collect()
 }
 
 pub(super) async fn revocation_failed(
