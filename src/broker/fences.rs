@@ -61,6 +61,11 @@ impl Broker {
         at: OffsetDateTime,
     ) -> BrokerResult<FenceResults> {
         let mut out = FenceResults::default();
+        if !self.registry.providers().any(|(_, p)| p.puts_up_fences()) {
+            // Nothing configured can fence: no need to read every lease
+            // hit (100,000 of them took 2 s before the kill switch answered).
+            return Ok(out);
+        }
         let leases = self.store.live_leases(selector).await?;
         for (provider, targets) in self.fence_targets(leases) {
             let req = FenceRequest {

@@ -101,6 +101,13 @@ pub trait Provider: Send + Sync + 'static {
         Ok(Fenced::default())
     }
 
+    /// Whether [`Provider::fence`] can put anything up. `false` (the
+    /// default, with the default `fence`) lets a kill switch skip reading
+    /// every lease it hits to look for fence targets.
+    fn puts_up_fences(&self) -> bool {
+        false
+    }
+
     /// Takes down one fence returned by [`Provider::fence`], keeping in force
     /// what the still-standing fences in `req.remaining` need. Idempotent: a
     /// fence already gone is lifted.

@@ -75,6 +75,10 @@ impl Provider for AwsProvider {
         self.put_fences(req).await
     }
 
+    fn puts_up_fences(&self) -> bool {
+        true
+    }
+
     async fn lift_fence(&self, req: &LiftFenceRequest) -> Result<(), ProviderError> {
         self.take_down(req).await
     }
