@@ -9,6 +9,7 @@ mod credentials;
 mod decisions;
 mod delegation;
 mod fences;
+mod minting;
 mod policy_changes;
 mod policy_reload;
 mod provisioning;
