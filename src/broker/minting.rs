@@ -33,6 +33,26 @@ fn issued_event(lease: &Lease, issued: &keygate_provider_api::Issued, actor: &Ac
         }))
 }
 
+/// Records what the provider issued on the lease, with its audit event;
+/// returns the lease state after recording.
+async fn record_issued(
+    tx: &mut dyn crate::store::StoreTx,
+    lease: &Lease,
+    issued: &keygate_provider_api::Issued,
+    actor: &Actor,
+) -> BrokerResult<Option<LeaseState>> {
+    let state = tx
+        .record_issued(
+            &lease.id,
+            &issued.handle.0,
+            issued.revocability.into(),
+            issued.expires_at,
+        )
+        .await?;
+    tx.audit(issued_event(lease, issued, actor)).await?;
+    Ok(state)
+}
+
 /// Why a credential outlives the ttl granted to its lease.
 fn outlives_note(issued: &keygate_provider_api::Issued, granted: u64) -> String {
     format!(
@@ -255,14 +275,7 @@ impl Broker {
         }
         tx.audit(decided.lease(&lease.id)).await?;
         if let Some((issued, actor)) = issued {
-            tx.record_issued(
-                &lease.id,
-                &issued.handle.0,
-                issued.revocability.into(),
-                issued.expires_at,
-            )
-            .await?;
-            tx.audit(issued_event(lease, issued, actor)).await?;
+            record_issued(&mut *tx, lease, issued, actor).await?;
         }
         tx.commit().await?;
         Ok(())
@@ -276,15 +289,7 @@ impl Broker {
         actor: &Actor,
     ) -> BrokerResult<Option<LeaseState>> {
         let mut tx = self.store.begin().await?;
-        let state = tx
-            .record_issued(
-                &lease.id,
-                &issued.handle.0,
-                issued.revocability.into(),
-                issued.expires_at,
-            )
-            .await?;
-        tx.audit(issued_event(lease, issued, actor)).await?;
+        let state = record_issued(&mut *tx, lease, issued, actor).await?;
         tx.commit().await?;
         Ok(state)
     }
