@@ -17,6 +17,7 @@ mod people;
 mod policy_and_roles;
 mod policy_cases;
 mod policy_reload;
+mod policy_reload_races;
 mod provisioning;
 mod review_reminders;
 mod reviews;

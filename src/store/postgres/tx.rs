@@ -3,22 +3,22 @@
 
 use std::collections::HashMap;
 
+mod agents;
 mod chain;
 mod leases;
+mod tasks;
 
 use async_trait::async_trait;
 use sqlx::postgres::PgRow;
-use sqlx::{Postgres, QueryBuilder, Row, Transaction};
+use sqlx::{Postgres, Row, Transaction};
 use time::OffsetDateTime;
 
 use super::{approvals, fences, findings, reviews};
 use crate::audit::AuditEvent;
 use crate::model::{
     Agent, AgentStatus, Approval, ApprovalDecision, ApprovalState, FenceRecord, Lease, LeaseState,
-    Notification, Revocability, Revocation, Selector, Task, TaskState, unix,
+    Notification, Revocability, Revocation, Task, TaskState, unix,
 };
-use crate::store::rows::parse_col;
-use crate::store::sql::push_selector;
 use crate::store::{Delivery, LeaseSelector, StoreError, StoreResult, StoreTx, TaskSelector};
 
 pub(super) struct PostgresTx {
@@ -60,43 +60,7 @@ impl StoreTx for PostgresTx {
     }
 
     async fn insert_agent(&mut self, a: &Agent) -> StoreResult<()> {
-        let insert = sqlx::query(
-            "INSERT INTO agents (id, team, sponsor, risk_tier, environment, purpose, labels, \
-             status, auth_method, jwks, created_at, updated_at, last_used_at, last_review_at, \
-             delegation, federated_issuer, federated_subject, may_assert_users, max_ttl_secs) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12, $13, $14, $15, $16, $17, \
-             $18, $19)",
-        )
-        .bind(&a.id)
-        .bind(&a.team)
-        .bind(&a.sponsor)
-        .bind(i64::from(a.risk_tier))
-        .bind(a.environment.as_str())
-        .bind(&a.purpose)
-        .bind(serde_json::to_string(&a.labels).map_err(corrupt)?)
-        .bind(a.status.as_str())
-        .bind(a.auth_method.as_str())
-        .bind(serde_json::to_string(&a.jwks).map_err(corrupt)?)
-        .bind(unix(a.created_at))
-        .bind(unix(a.updated_at))
-        .bind(a.last_used_at.map(unix))
-        .bind(a.last_review_at.map(unix))
-        .bind(serde_json::to_string(&a.delegation).map_err(corrupt)?)
-        .bind(a.federated.as_ref().map(|f| f.issuer.clone()))
-        .bind(a.federated.as_ref().map(|f| f.subject.clone()))
-        .bind(a.may_assert_users)
-        .bind(a.max_ttl_secs.map(|n| i64::try_from(n).unwrap_or(i64::MAX)));
-        let mut sp = sqlx::Connection::begin(self.conn()).await?;
-        let done = insert.execute(&mut *sp).await.map_err(StoreError::from);
-        settle(sp, done).await.map_err(|e| match e {
-            StoreError::Conflict(m) if m.contains("federated") => StoreError::Conflict(format!(
-                "an agent bound to that federated subject (agent `{}`)",
-                a.id
-            )),
-            StoreError::Conflict(_) => StoreError::Conflict(format!("agent `{}`", a.id)),
-            other => other,
-        })?;
-        Ok(())
+        agents::insert_agent(self, a).await
     }
 
     async fn set_agent_status(
@@ -106,30 +70,7 @@ impl StoreTx for PostgresTx {
         to: AgentStatus,
         now: OffsetDateTime,
     ) -> StoreResult<Option<AgentStatus>> {
-        // The row stays locked until commit: a concurrent change on another
-        // replica waits and then sees this one.
-        let Some(row) = sqlx::query("SELECT status FROM agents WHERE id = $1 FOR UPDATE")
-            .bind(id)
-            .fetch_optional(self.conn())
-            .await?
-        else {
-            return Ok(None);
-        };
-        let was: AgentStatus = parse_col(&row, "status")?;
-        if !from.contains(&was) {
-            return Ok(None);
-        }
-        let suspended_from = (to == AgentStatus::Suspended).then_some(was.as_str());
-        sqlx::query(
-            "UPDATE agents SET status = $1, suspended_from = $2, updated_at = $3 WHERE id = $4",
-        )
-        .bind(to.as_str())
-        .bind(suspended_from)
-        .bind(unix(now))
-        .bind(id)
-        .execute(self.conn())
-        .await?;
-        Ok(Some(was))
+        agents::set_agent_status(self, id, from, to, now).await
     }
 
     async fn set_step_up(
@@ -138,20 +79,7 @@ impl StoreTx for PostgresTx {
         step_up: Option<&crate::model::StepUp>,
         replacing: Option<&crate::model::StepUp>,
     ) -> StoreResult<bool> {
-        let json = |s: Option<&crate::model::StepUp>| {
-            s.map(serde_json::to_string)
-                .transpose()
-                .map_err(|e| StoreError::Corrupt(e.to_string()))
-        };
-        let done = sqlx::query(
-            "UPDATE agents SET step_up = $1 WHERE id = $2 AND ($3::text IS NULL OR step_up = $3)",
-        )
-        .bind(json(step_up)?)
-        .bind(id)
-        .bind(json(replacing)?)
-        .execute(self.conn())
-        .await?;
-        Ok(done.rows_affected() == 1)
+        agents::set_step_up(self, id, step_up, replacing).await
     }
 
     async fn insert_console_session(
@@ -212,33 +140,7 @@ impl StoreTx for PostgresTx {
     }
 
     async fn update_agent(&mut self, a: &Agent) -> StoreResult<()> {
-        sqlx::query(
-            "UPDATE agents SET team = $1, sponsor = $2, risk_tier = $3, environment = $4, \
-             purpose = $5, labels = $6, jwks = $7, last_review_at = $8, updated_at = $9, \
-             delegation = $10, federated_issuer = $11, federated_subject = $12, \
-             may_assert_users = $13, max_ttl_secs = $14, keys_rotated_at = $15, \
-             owner_changed_at = $16 WHERE id = $17",
-        )
-        .bind(&a.team)
-        .bind(&a.sponsor)
-        .bind(i64::from(a.risk_tier))
-        .bind(a.environment.as_str())
-        .bind(&a.purpose)
-        .bind(serde_json::to_string(&a.labels).map_err(corrupt)?)
-        .bind(serde_json::to_string(&a.jwks).map_err(corrupt)?)
-        .bind(a.last_review_at.map(unix))
-        .bind(unix(a.updated_at))
-        .bind(serde_json::to_string(&a.delegation).map_err(corrupt)?)
-        .bind(a.federated.as_ref().map(|f| f.issuer.clone()))
-        .bind(a.federated.as_ref().map(|f| f.subject.clone()))
-        .bind(a.may_assert_users)
-        .bind(a.max_ttl_secs.map(|n| i64::try_from(n).unwrap_or(i64::MAX)))
-        .bind(a.keys_rotated_at.map(unix))
-        .bind(a.owner_changed_at.map(unix))
-        .bind(&a.id)
-        .execute(self.conn())
-        .await?;
-        Ok(())
+        agents::update_agent(self, a).await
     }
 
     async fn record_jti(
@@ -247,16 +149,7 @@ impl StoreTx for PostgresTx {
         jti: &str,
         expires_at: OffsetDateTime,
     ) -> StoreResult<bool> {
-        let done = sqlx::query(
-            "INSERT INTO assertion_jtis (agent_id, jti, expires_at) VALUES ($1, $2, $3) \
-             ON CONFLICT DO NOTHING",
-        )
-        .bind(agent_id)
-        .bind(jti)
-        .bind(unix(expires_at))
-        .execute(self.conn())
-        .await?;
-        Ok(done.rows_affected() == 1)
+        tasks::record_jti(self, agent_id, jti, expires_at).await
     }
 
     async fn prune_jtis(&mut self, now: OffsetDateTime) -> StoreResult<u64> {
@@ -274,40 +167,7 @@ impl StoreTx for PostgresTx {
     }
 
     async fn insert_task(&mut self, t: &Task) -> StoreResult<()> {
-        sqlx::query(
-            "INSERT INTO tasks (id, agent_id, description, state, opened_at, expires_at, \
-             parent_task_id, depth, delegation_budget, scopes, chain, on_behalf_of) \
-             VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
-        )
-        .bind(&t.id)
-        .bind(&t.agent_id)
-        .bind(&t.description)
-        .bind(t.state.as_str())
-        .bind(unix(t.opened_at))
-        .bind(unix(t.expires_at))
-        .bind(&t.parent_task_id)
-        .bind(i64::from(t.depth))
-        .bind(i64::from(t.delegation_budget))
-        .bind(
-            t.scopes
-                .as_ref()
-                .map(serde_json::to_string)
-                .transpose()
-                .map_err(corrupt)?,
-        )
-        .bind(serde_json::to_string(&t.chain).map_err(corrupt)?)
-        .bind(
-            t.on_behalf_of
-                .as_ref()
-                .map(serde_json::to_string)
-                .transpose()
-                .map_err(corrupt)?,
-        )
-        .execute(self.conn())
-        .await?;
-        self.users
-            .insert(t.id.clone(), t.on_behalf_of.as_ref().map(|u| u.id.clone()));
-        Ok(())
+        tasks::insert_task(self, t).await
     }
 
     async fn end_tasks(
@@ -317,60 +177,7 @@ impl StoreTx for PostgresTx {
         reason: &str,
         now: OffsetDateTime,
     ) -> StoreResult<Vec<String>> {
-        let mut q = QueryBuilder::<Postgres>::new("UPDATE tasks SET state = ");
-        q.push_bind(state.as_str())
-            .push(", ended_at = ")
-            .push_bind(unix(now))
-            .push(", end_reason = ")
-            .push_bind(reason.to_owned())
-            .push(" WHERE state = 'open'");
-        match sel {
-            TaskSelector::Task(id) => {
-                q.push(" AND id = ").push_bind(id.clone());
-            }
-            TaskSelector::Emergency(Selector::Provider(p)) => {
-                q.push(
-                    " AND id IN (SELECT task_id FROM leases WHERE state IN \
-                     ('pending','active','revoking','expiring') AND provider = ",
-                )
-                .push_bind(p.clone())
-                .push(")");
-            }
-            TaskSelector::Emergency(s) => push_selector(&mut q, s, "agent_id"),
-        }
-        q.push(" RETURNING id");
-        let rows = q.build().fetch_all(self.conn()).await?;
-        let mut ended = Self::ids(&rows)?;
-        // Delegated tasks end with their parent, level by level, and their
-        // leases are queued for revocation in the same commit.
-        let mut level = ended.clone();
-        while !level.is_empty() {
-            let rows = sqlx::query(
-                "UPDATE tasks SET state = 'revoked', ended_at = $1, \
-                 end_reason = 'the parent task ended' WHERE state = 'open' \
-                 AND parent_task_id = ANY($2) RETURNING id",
-            )
-            .bind(unix(now))
-            .bind(&level)
-            .fetch_all(self.conn())
-            .await?;
-            let children = Self::ids(&rows)?;
-            if children.is_empty() {
-                break;
-            }
-            sqlx::query(
-                "UPDATE leases SET state = 'revoking', attempts = 0, last_error = NULL, \
-                 next_attempt_at = $1, end_reason = 'the parent task ended' \
-                 WHERE state IN ('pending', 'active') AND task_id = ANY($2)",
-            )
-            .bind(unix(now))
-            .bind(&children)
-            .execute(self.conn())
-            .await?;
-            ended.extend(children.iter().cloned());
-            level = children;
-        }
-        Ok(ended)
+        tasks::end_tasks(self, sel, state, reason, now).await
     }
 
     async fn insert_lease(&mut self, l: &Lease) -> StoreResult<bool> {

@@ -1,18 +1,19 @@
 //! Changes in the SQLite engine: each [`StoreTx`] runs on the one writer
 //! connection (group commit, `group.rs`), its audit events chained at once.
 
+mod agents;
 mod leases;
+mod tasks;
 
 use async_trait::async_trait;
-use sqlx::{QueryBuilder, Row, Sqlite};
+use sqlx::Row;
 use time::OffsetDateTime;
 
 use crate::audit::{AuditEvent, GENESIS_HASH};
 use crate::model::{
     Agent, AgentStatus, Approval, ApprovalDecision, ApprovalState, FenceRecord, Lease, LeaseState,
-    Notification, Revocability, Revocation, Selector, Task, TaskState, unix,
+    Notification, Revocability, Revocation, Task, TaskState, unix,
 };
-use crate::store::sql::push_selector;
 use crate::store::{Delivery, LeaseSelector, StoreError, StoreResult, StoreTx, TaskSelector};
 
 use super::{approvals, fences, findings, group, reviews};
@@ -76,42 +77,7 @@ impl StoreTx for SqliteTx {
     }
 
     async fn insert_agent(&mut self, a: &Agent) -> StoreResult<()> {
-        sqlx::query(
-            "INSERT INTO agents (id, team, sponsor, risk_tier, environment, purpose, labels, \
-             status, auth_method, jwks, created_at, updated_at, last_used_at, last_review_at, \
-             delegation, federated_issuer, federated_subject, may_assert_users, max_ttl_secs) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(&a.id)
-        .bind(&a.team)
-        .bind(&a.sponsor)
-        .bind(i64::from(a.risk_tier))
-        .bind(a.environment.as_str())
-        .bind(&a.purpose)
-        .bind(serde_json::to_string(&a.labels).map_err(corrupt)?)
-        .bind(a.status.as_str())
-        .bind(a.auth_method.as_str())
-        .bind(serde_json::to_string(&a.jwks).map_err(corrupt)?)
-        .bind(unix(a.created_at))
-        .bind(unix(a.updated_at))
-        .bind(a.last_used_at.map(unix))
-        .bind(a.last_review_at.map(unix))
-        .bind(serde_json::to_string(&a.delegation).map_err(corrupt)?)
-        .bind(a.federated.as_ref().map(|f| f.issuer.clone()))
-        .bind(a.federated.as_ref().map(|f| f.subject.clone()))
-        .bind(a.may_assert_users)
-        .bind(a.max_ttl_secs.map(|n| i64::try_from(n).unwrap_or(i64::MAX)))
-        .execute(&mut self.tx.state.conn)
-        .await
-        .map_err(|e| match StoreError::from(e) {
-            StoreError::Conflict(m) if m.contains("federated") => StoreError::Conflict(format!(
-                "an agent bound to that federated subject (agent `{}`)",
-                a.id
-            )),
-            StoreError::Conflict(_) => StoreError::Conflict(format!("agent `{}`", a.id)),
-            other => other,
-        })?;
-        Ok(())
+        agents::insert_agent(self, a).await
     }
 
     async fn set_agent_status(
@@ -121,30 +87,7 @@ impl StoreTx for SqliteTx {
         to: AgentStatus,
         now: OffsetDateTime,
     ) -> StoreResult<Option<AgentStatus>> {
-        // Read and write in one transaction on the one writer connection:
-        // nothing changes the row in between.
-        let Some(row) = sqlx::query("SELECT status FROM agents WHERE id = ?")
-            .bind(id)
-            .fetch_optional(&mut self.tx.state.conn)
-            .await?
-        else {
-            return Ok(None);
-        };
-        let was: AgentStatus = crate::store::rows::parse_col(&row, "status")?;
-        if !from.contains(&was) {
-            return Ok(None);
-        }
-        let suspended_from = (to == AgentStatus::Suspended).then_some(was.as_str());
-        sqlx::query(
-            "UPDATE agents SET status = ?, suspended_from = ?, updated_at = ? WHERE id = ?",
-        )
-        .bind(to.as_str())
-        .bind(suspended_from)
-        .bind(unix(now))
-        .bind(id)
-        .execute(&mut self.tx.state.conn)
-        .await?;
-        Ok(Some(was))
+        agents::set_agent_status(self, id, from, to, now).await
     }
 
     async fn set_step_up(
@@ -153,20 +96,7 @@ impl StoreTx for SqliteTx {
         step_up: Option<&crate::model::StepUp>,
         replacing: Option<&crate::model::StepUp>,
     ) -> StoreResult<bool> {
-        let json = |s: Option<&crate::model::StepUp>| {
-            s.map(serde_json::to_string)
-                .transpose()
-                .map_err(|e| StoreError::Corrupt(e.to_string()))
-        };
-        let done = sqlx::query(
-            "UPDATE agents SET step_up = ?1 WHERE id = ?2 AND (?3 IS NULL OR step_up = ?3)",
-        )
-        .bind(json(step_up)?)
-        .bind(id)
-        .bind(json(replacing)?)
-        .execute(&mut self.tx.state.conn)
-        .await?;
-        Ok(done.rows_affected() == 1)
+        agents::set_step_up(self, id, step_up, replacing).await
     }
 
     async fn insert_console_session(
@@ -227,32 +157,7 @@ impl StoreTx for SqliteTx {
     }
 
     async fn update_agent(&mut self, a: &Agent) -> StoreResult<()> {
-        sqlx::query(
-            "UPDATE agents SET team = ?, sponsor = ?, risk_tier = ?, environment = ?, \
-             purpose = ?, labels = ?, jwks = ?, last_review_at = ?, updated_at = ?, \
-             delegation = ?, federated_issuer = ?, federated_subject = ?, may_assert_users = ?, \
-             max_ttl_secs = ?, keys_rotated_at = ?, owner_changed_at = ? WHERE id = ?",
-        )
-        .bind(&a.team)
-        .bind(&a.sponsor)
-        .bind(i64::from(a.risk_tier))
-        .bind(a.environment.as_str())
-        .bind(&a.purpose)
-        .bind(serde_json::to_string(&a.labels).map_err(corrupt)?)
-        .bind(serde_json::to_string(&a.jwks).map_err(corrupt)?)
-        .bind(a.last_review_at.map(unix))
-        .bind(unix(a.updated_at))
-        .bind(serde_json::to_string(&a.delegation).map_err(corrupt)?)
-        .bind(a.federated.as_ref().map(|f| f.issuer.clone()))
-        .bind(a.federated.as_ref().map(|f| f.subject.clone()))
-        .bind(a.may_assert_users)
-        .bind(a.max_ttl_secs.map(|n| i64::try_from(n).unwrap_or(i64::MAX)))
-        .bind(a.keys_rotated_at.map(unix))
-        .bind(a.owner_changed_at.map(unix))
-        .bind(&a.id)
-        .execute(&mut self.tx.state.conn)
-        .await?;
-        Ok(())
+        agents::update_agent(self, a).await
     }
 
     async fn record_jti(
@@ -261,16 +166,7 @@ impl StoreTx for SqliteTx {
         jti: &str,
         expires_at: OffsetDateTime,
     ) -> StoreResult<bool> {
-        let done = sqlx::query(
-            "INSERT INTO assertion_jtis (agent_id, jti, expires_at) VALUES (?, ?, ?) \
-             ON CONFLICT DO NOTHING",
-        )
-        .bind(agent_id)
-        .bind(jti)
-        .bind(unix(expires_at))
-        .execute(&mut self.tx.state.conn)
-        .await?;
-        Ok(done.rows_affected() == 1)
+        tasks::record_jti(self, agent_id, jti, expires_at).await
     }
 
     async fn prune_jtis(&mut self, now: OffsetDateTime) -> StoreResult<u64> {
@@ -282,41 +178,7 @@ impl StoreTx for SqliteTx {
     }
 
     async fn insert_task(&mut self, t: &Task) -> StoreResult<()> {
-        sqlx::query(
-            "INSERT INTO tasks (id, agent_id, description, state, opened_at, expires_at, \
-             parent_task_id, depth, delegation_budget, scopes, chain, on_behalf_of) \
-             VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-        )
-        .bind(&t.id)
-        .bind(&t.agent_id)
-        .bind(&t.description)
-        .bind(t.state.as_str())
-        .bind(unix(t.opened_at))
-        .bind(unix(t.expires_at))
-        .bind(&t.parent_task_id)
-        .bind(i64::from(t.depth))
-        .bind(i64::from(t.delegation_budget))
-        .bind(
-            t.scopes
-                .as_ref()
-                .map(serde_json::to_string)
-                .transpose()
-                .map_err(corrupt)?,
-        )
-        .bind(serde_json::to_string(&t.chain).map_err(corrupt)?)
-        .bind(
-            t.on_behalf_of
-                .as_ref()
-                .map(serde_json::to_string)
-                .transpose()
-                .map_err(corrupt)?,
-        )
-        .execute(&mut self.tx.state.conn)
-        .await?;
-        self.tx
-            .state
-            .remember_user(&t.id, t.on_behalf_of.as_ref().map(|u| u.id.clone()));
-        Ok(())
+        tasks::insert_task(self, t).await
     }
 
     async fn end_tasks(
@@ -326,62 +188,7 @@ impl StoreTx for SqliteTx {
         reason: &str,
         now: OffsetDateTime,
     ) -> StoreResult<Vec<String>> {
-        let mut q = QueryBuilder::<Sqlite>::new("UPDATE tasks SET state = ");
-        q.push_bind(state.as_str())
-            .push(", ended_at = ")
-            .push_bind(unix(now))
-            .push(", end_reason = ")
-            .push_bind(reason.to_owned())
-            .push(" WHERE state = 'open'");
-        match sel {
-            TaskSelector::Task(id) => {
-                q.push(" AND id = ").push_bind(id.clone());
-            }
-            TaskSelector::Emergency(Selector::Provider(p)) => {
-                q.push(
-                    " AND id IN (SELECT task_id FROM leases WHERE state IN \
-                     ('pending','active','revoking','expiring') AND provider = ",
-                )
-                .push_bind(p.clone())
-                .push(")");
-            }
-            TaskSelector::Emergency(s) => push_selector(&mut q, s, "agent_id"),
-        }
-        q.push(" RETURNING id");
-        let rows = q.build().fetch_all(&mut self.tx.state.conn).await?;
-        let mut ended: Vec<String> = rows
-            .iter()
-            .map(|r| r.try_get::<String, _>("id"))
-            .collect::<Result<_, _>>()?;
-        // Delegated tasks end with their parent, level by level, and their
-        // leases are queued for revocation in the same commit.
-        loop {
-            let children: Vec<String> = sqlx::query(
-                "UPDATE tasks SET state = 'revoked', ended_at = ?, \
-                 end_reason = 'the parent task ended' WHERE state = 'open' AND parent_task_id IN \
-                 (SELECT id FROM tasks WHERE state != 'open') RETURNING id",
-            )
-            .bind(unix(now))
-            .fetch_all(&mut self.tx.state.conn)
-            .await?
-            .iter()
-            .map(|r| r.try_get::<String, _>("id"))
-            .collect::<Result<_, _>>()?;
-            if children.is_empty() {
-                break;
-            }
-            sqlx::query(
-                "UPDATE leases SET state = 'revoking', attempts = 0, last_error = NULL, \
-                 next_attempt_at = ?, end_reason = 'the parent task ended' \
-                 WHERE +state IN ('pending', 'active') AND task_id IN (SELECT value FROM json_each(?))",
-            )
-            .bind(unix(now))
-            .bind(serde_json::to_string(&children).map_err(corrupt)?)
-            .execute(&mut self.tx.state.conn)
-            .await?;
-            ended.extend(children);
-        }
-        Ok(ended)
+        tasks::end_tasks(self, sel, state, reason, now).await
     }
 
     async fn insert_lease(&mut self, l: &Lease) -> StoreResult<bool> {

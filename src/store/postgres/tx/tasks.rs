@@ -1,0 +1,127 @@
+//! Tasks in the PostgreSQL engine: opened, ended (with their delegated tasks and live leases), and the assertion ids that may not be replayed.
+
+use sqlx::{Postgres, QueryBuilder};
+use time::OffsetDateTime;
+
+use super::{PostgresTx, corrupt};
+use crate::model::{Selector, Task, TaskState, unix};
+use crate::store::sql::push_selector;
+use crate::store::{StoreResult, TaskSelector};
+
+pub(super) async fn insert_task(tx: &mut PostgresTx, t: &Task) -> StoreResult<()> {
+    sqlx::query(
+        "INSERT INTO tasks (id, agent_id, description, state, opened_at, expires_at, \
+         parent_task_id, depth, delegation_budget, scopes, chain, on_behalf_of) \
+         VALUES ($1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12)",
+    )
+    .bind(&t.id)
+    .bind(&t.agent_id)
+    .bind(&t.description)
+    .bind(t.state.as_str())
+    .bind(unix(t.opened_at))
+    .bind(unix(t.expires_at))
+    .bind(&t.parent_task_id)
+    .bind(i64::from(t.depth))
+    .bind(i64::from(t.delegation_budget))
+    .bind(
+        t.scopes
+            .as_ref()
+            .map(serde_json::to_string)
+            .transpose()
+            .map_err(corrupt)?,
+    )
+    .bind(serde_json::to_string(&t.chain).map_err(corrupt)?)
+    .bind(
+        t.on_behalf_of
+            .as_ref()
+            .map(serde_json::to_string)
+            .transpose()
+            .map_err(corrupt)?,
+    )
+    .execute(tx.conn())
+    .await?;
+    tx.users
+        .insert(t.id.clone(), t.on_behalf_of.as_ref().map(|u| u.id.clone()));
+    Ok(())
+}
+
+pub(super) async fn end_tasks(
+    tx: &mut PostgresTx,
+    sel: &TaskSelector,
+    state: TaskState,
+    reason: &str,
+    now: OffsetDateTime,
+) -> StoreResult<Vec<String>> {
+    let mut q = QueryBuilder::<Postgres>::new("UPDATE tasks SET state = ");
+    q.push_bind(state.as_str())
+        .push(", ended_at = ")
+        .push_bind(unix(now))
+        .push(", end_reason = ")
+        .push_bind(reason.to_owned())
+        .push(" WHERE state = 'open'");
+    match sel {
+        TaskSelector::Task(id) => {
+            q.push(" AND id = ").push_bind(id.clone());
+        }
+        TaskSelector::Emergency(Selector::Provider(p)) => {
+            q.push(
+                " AND id IN (SELECT task_id FROM leases WHERE state IN \
+                 ('pending','active','revoking','expiring') AND provider = ",
+            )
+            .push_bind(p.clone())
+            .push(")");
+        }
+        TaskSelector::Emergency(s) => push_selector(&mut q, s, "agent_id"),
+    }
+    q.push(" RETURNING id");
+    let rows = q.build().fetch_all(tx.conn()).await?;
+    let mut ended = PostgresTx::ids(&rows)?;
+    // Delegated tasks end with their parent, level by level, and their
+    // leases are queued for revocation in the same commit.
+    let mut level = ended.clone();
+    while !level.is_empty() {
+        let rows = sqlx::query(
+            "UPDATE tasks SET state = 'revoked', ended_at = $1, \
+             end_reason = 'the parent task ended' WHERE state = 'open' \
+             AND parent_task_id = ANY($2) RETURNING id",
+        )
+        .bind(unix(now))
+        .bind(&level)
+        .fetch_all(tx.conn())
+        .await?;
+        let children = PostgresTx::ids(&rows)?;
+        if children.is_empty() {
+            break;
+        }
+        sqlx::query(
+            "UPDATE leases SET state = 'revoking', attempts = 0, last_error = NULL, \
+             next_attempt_at = $1, end_reason = 'the parent task ended' \
+             WHERE state IN ('pending', 'active') AND task_id = ANY($2)",
+        )
+        .bind(unix(now))
+        .bind(&children)
+        .execute(tx.conn())
+        .await?;
+        ended.extend(children.iter().cloned());
+        level = children;
+    }
+    Ok(ended)
+}
+
+pub(super) async fn record_jti(
+    tx: &mut PostgresTx,
+    agent_id: &str,
+    jti: &str,
+    expires_at: OffsetDateTime,
+) -> StoreResult<bool> {
+    let done = sqlx::query(
+        "INSERT INTO assertion_jtis (agent_id, jti, expires_at) VALUES ($1, $2, $3) \
+         ON CONFLICT DO NOTHING",
+    )
+    .bind(agent_id)
+    .bind(jti)
+    .bind(unix(expires_at))
+    .execute(tx.conn())
+    .await?;
+    Ok(done.rows_affected() == 1)
+}

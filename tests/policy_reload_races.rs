@@ -1,0 +1,86 @@
+//! Policy reloads racing what they judge: credential requests decided
+//! under the old set while the new one forbids them.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use crate::common;
+
+use common::{Setup, TestAgent, TestBroker, eventually};
+use serde_json::{Value, json};
+
+use crate::policy_reload::{narrowed, policy_dir};
+
+/// X.509-SVID requests racing a reload that forbids them: the local CA
+/// signs before its lease is written (one commit, nothing exists outside
+/// the process until then), so a request decided under the old set can
+/// commit its lease after the reload's scan. Whatever the interleaving,
+/// once the reload has answered and the requests stopped, no X.509 lease
+/// of the agent is live and every certificate handed over is on the CRL.
+#[tokio::test]
+async fn requests_racing_a_reload_that_forbids_them_leave_nothing_live() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let b = Arc::new(TestBroker::start_with(Setup::default()).await);
+    let agent = TestAgent::new("racer", "ES256");
+    b.register(&agent, "platform").await;
+    let s = b.token_ttl(&agent, Some(3600)).await;
+    let issued = Arc::new(AtomicUsize::new(0));
+    let mut workers = Vec::new();
+    for _ in 0..4 {
+        let (b, token, issued) = (b.clone(), s.token.clone(), issued.clone());
+        workers.push(tokio::spawn(async move {
+            let mut certs = Vec::new();
+            for _ in 0..150 {
+                let r = b.credential(&token, "x509-svid", Some(600), None).await;
+                match r.status.as_u16() {
+                    201 => {
+                        let v: Value = serde_json::from_str(&r.text).unwrap();
+                        certs.push(v["credential"]["certificate"].as_str().unwrap().to_owned());
+                        issued.fetch_add(1, Ordering::SeqCst);
+                    }
+                    // Denied by the new set, or judged again and refused.
+                    403 => break,
+                    other => panic!("unexpected {other}: {}", r.text),
+                }
+            }
+            certs
+        }));
+    }
+    eventually("some certificates issued", || async {
+        (issued.load(Ordering::SeqCst) >= 20).then_some(())
+    })
+    .await;
+    std::fs::write(policy_dir(&b).join("agents.cedar"), narrowed()).unwrap();
+    b.post("/v1/policy/reload", Some(&b.ops.admin), &json!({}))
+        .await
+        .expect(200);
+    let mut certs = Vec::new();
+    for w in workers {
+        certs.extend(w.await.unwrap());
+    }
+    assert!(certs.len() >= 20, "{}", certs.len());
+    let leases = |state: &'static str| {
+        let b = b.clone();
+        let agent = agent.id.clone();
+        async move {
+            b.leases(&format!("agent={agent}&state={state}&limit=1000"))
+                .await
+                .into_iter()
+                .filter(|l| l["scope"] == "x509-svid")
+                .count()
+        }
+    };
+    eventually("every x509 lease ended", || async {
+        (leases("active").await + leases("pending").await + leases("revoking").await == 0)
+            .then_some(())
+    })
+    .await;
+    assert!(
+        leases("revoked").await >= certs.len(),
+        "every one handed over was revoked"
+    );
+    for cert in &certs {
+        let v = b.verify(&json!({ "x509_svid": cert })).await;
+        assert_eq!(v["valid"], false, "a certificate outlived the reload: {v}");
+    }
+}
