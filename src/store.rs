@@ -234,6 +234,28 @@ pub trait Store: Send + Sync + 'static {
 }
 
 /// One atomic change. Dropping it without `commit` rolls back.
+/// What [`StoreTx::insert_lease`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum LeaseInsert {
+    /// The task had ended: nothing was written.
+    TaskEnded,
+    Written {
+        /// Whether the registry excludes the lease's scope from its agent,
+        /// as this transaction sees it. `None`: the engine cannot tell
+        /// from inside the transaction whether an exclusion being committed
+        /// alongside it will see this lease (PostgreSQL's concurrent
+        /// writers); the caller reads the agent after the commit.
+        excluded: Option<bool>,
+    },
+}
+
+impl LeaseInsert {
+    /// The lease was written.
+    pub fn written(self) -> bool {
+        matches!(self, Self::Written { .. })
+    }
+}
+
 #[async_trait]
 pub trait StoreTx: Send {
     async fn commit(self: Box<Self>) -> StoreResult<()>;
@@ -300,10 +322,11 @@ pub trait StoreTx: Send {
         now: OffsetDateTime,
     ) -> StoreResult<Vec<String>>;
 
-    /// Writes a new lease, but only while its task is still open (checked in
-    /// the same transaction, so a task ended concurrently cannot gain a lease
-    /// nobody will revoke). Returns whether it was written.
-    async fn insert_lease(&mut self, lease: &Lease) -> StoreResult<bool>;
+    /// Writes a new lease (with its handle and revocability when the
+    /// credential was issued before the write), but only while its task is
+    /// still open (checked in the same transaction, so a task ended
+    /// concurrently cannot gain a lease nobody will revoke).
+    async fn insert_lease(&mut self, lease: &Lease) -> StoreResult<LeaseInsert>;
     /// Live leases (pending or active, unexpired at `now`) of `agent`, of
     /// `scope` when given: what a usage limit counts. Callers for one agent
     /// are serialised until commit (PostgreSQL: a transaction-scoped
@@ -526,6 +549,11 @@ pub enum LeaseSelector {
     Task(String),
     /// Every live lease of these tasks (tasks an emergency revocation ended).
     Tasks(Vec<String>),
+    /// Every live lease of one agent in one scope (an exclusion's).
+    AgentScope {
+        agent: String,
+        scope: String,
+    },
     Emergency(Selector),
 }
 

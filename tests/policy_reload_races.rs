@@ -84,3 +84,89 @@ async fn requests_racing_a_reload_that_forbids_them_leave_nothing_live() {
         assert_eq!(v["valid"], false, "a certificate outlived the reload: {v}");
     }
 }
+
+/// X.509-SVID requests racing an admin's exclusion of their scope.
+/// Whatever the interleaving — the exclusion committed before a lease's
+/// write (the write sees it and the lease is revoked at once), or after
+/// (the exclusion's own transaction finds the lease) — once the exclusion
+/// has answered and the requests stopped, no lease of the excluded scope
+/// is live, and every certificate handed over is on the CRL.
+#[tokio::test]
+async fn requests_racing_an_exclusion_leave_nothing_live_in_its_scope() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let b = Arc::new(TestBroker::start_with(Setup::default()).await);
+    let agent = TestAgent::new("excluded-racer", "ES256");
+    b.register(&agent, "platform").await;
+    let s = b.token_ttl(&agent, Some(3600)).await;
+    let issued = Arc::new(AtomicUsize::new(0));
+    let mut workers = Vec::new();
+    for _ in 0..4 {
+        let (b, token, issued) = (b.clone(), s.token.clone(), issued.clone());
+        workers.push(tokio::spawn(async move {
+            let mut certs = Vec::new();
+            for _ in 0..200 {
+                let r = b.credential(&token, "x509-svid", Some(600), None).await;
+                match r.status.as_u16() {
+                    201 => {
+                        let v: Value = serde_json::from_str(&r.text).unwrap();
+                        certs.push(v["credential"]["certificate"].as_str().unwrap().to_owned());
+                        issued.fetch_add(1, Ordering::SeqCst);
+                    }
+                    // Excluded: refused by policy's check, or judged again.
+                    403 => break,
+                    other => panic!("unexpected {other}: {}", r.text),
+                }
+            }
+            certs
+        }));
+    }
+    eventually("some certificates issued", || async {
+        (issued.load(Ordering::SeqCst) >= 20).then_some(())
+    })
+    .await;
+    b.post(
+        &format!("/v1/agents/{}/exclusions", agent.id),
+        Some(&b.ops.admin),
+        &json!({ "scope": "x509-svid", "reason": "racing test" }),
+    )
+    .await
+    .expect(200);
+    let mut certs = Vec::new();
+    for w in workers {
+        certs.extend(w.await.unwrap());
+    }
+    assert!(certs.len() >= 20, "{}", certs.len());
+    let live = || {
+        let b = b.clone();
+        let agent = agent.id.clone();
+        async move {
+            let mut n = 0;
+            for state in ["active", "pending", "revoking"] {
+                n += b
+                    .leases(&format!("agent={agent}&state={state}&limit=1000"))
+                    .await
+                    .into_iter()
+                    .filter(|l| l["scope"] == "x509-svid")
+                    .count();
+            }
+            n
+        }
+    };
+    eventually("every x509 lease ended", || async {
+        (live().await == 0).then_some(())
+    })
+    .await;
+    for cert in &certs {
+        let v = b.verify(&json!({ "x509_svid": cert })).await;
+        assert_eq!(
+            v["valid"], false,
+            "a certificate outlived the exclusion: {v}"
+        );
+    }
+    // The exclusion holds for new requests.
+    b.credential(&s.token, "x509-svid", Some(60), None)
+        .await
+        .expect(403);
+}

@@ -252,7 +252,7 @@ async fn no_lease_is_written_for_an_ended_task() {
     let mut tx = store.begin().await.unwrap();
     tx.insert_agent(&agent).await.unwrap();
     tx.insert_task(&task).await.unwrap();
-    assert!(tx.insert_lease(&lease()).await.unwrap());
+    assert!(tx.insert_lease(&lease()).await.unwrap().written());
     tx.end_tasks(
         &TaskSelector::Task("tk_1".into()),
         TaskState::Revoked,
@@ -261,6 +261,6 @@ async fn no_lease_is_written_for_an_ended_task() {
     )
     .await
     .unwrap();
-    assert!(!tx.insert_lease(&lease()).await.unwrap());
+    assert!(!tx.insert_lease(&lease()).await.unwrap().written());
     tx.commit().await.unwrap();
 }

@@ -12,7 +12,7 @@ use super::{Broker, BrokerError, BrokerResult, Session};
 use crate::audit::{Actor, AuditEvent};
 use crate::config::ScopeConfig;
 use crate::model::{Lease, LeaseState, Revocability, new_id, now};
-use crate::store::LeaseSelector;
+use crate::store::{LeaseInsert, LeaseSelector};
 
 /// How far past its lease a provider's clock may put a credential's expiry:
 /// a backend that counts the lifetime from its own mint time (AWS STS counts
@@ -138,11 +138,13 @@ impl Broker {
         // until that commit the credential exists nowhere but here.
         let mut unwritten = Some(decided);
         if !provider.issues_in_process() {
+            let mut excluded = None;
             if let Some(decided) = unwritten.take() {
-                self.write_lease(s, scope_cfg, &lease, redeem, decided, None)
+                excluded = self
+                    .write_lease(s, scope_cfg, &lease, redeem, decided, None)
                     .await?;
             }
-            self.judge_again_if_reloaded(s, &lease, ttl, decided_hash.as_deref(), false)
+            self.judge_again_if_reloaded(s, &lease, ttl, decided_hash.as_deref(), false, excluded)
                 .await?;
         }
         let timeout = Duration::from_secs(self.config.leases.issue_timeout_secs);
@@ -207,17 +209,25 @@ impl Broker {
         }
         let state = match unwritten {
             Some(decided) => {
-                self.write_lease(
+                let excluded = self
+                    .write_lease(
+                        s,
+                        scope_cfg,
+                        &lease,
+                        redeem,
+                        decided,
+                        Some((&issued, &actor)),
+                    )
+                    .await?;
+                self.judge_again_if_reloaded(
                     s,
-                    scope_cfg,
                     &lease,
-                    redeem,
-                    decided,
-                    Some((&issued, &actor)),
+                    ttl,
+                    decided_hash.as_deref(),
+                    true,
+                    excluded,
                 )
                 .await?;
-                self.judge_again_if_reloaded(s, &lease, ttl, decided_hash.as_deref(), true)
-                    .await?;
                 Some(LeaseState::Active)
             }
             None => self.record_and_queue(&lease, &issued, &actor).await?,
@@ -244,7 +254,9 @@ impl Broker {
 
     /// Writes a new lease with the decision that granted it, within the
     /// agent's live-lease limit and only while its task is open; with
-    /// `issued`, what the provider issued is recorded in the same commit.
+    /// `issued`, the lease is written active with what the provider issued,
+    /// in the same statement. Returns whether the registry excluded its
+    /// scope, as the write saw it (`None`: the engine cannot tell).
     async fn write_lease(
         &self,
         s: &Session,
@@ -253,7 +265,7 @@ impl Broker {
         redeem: Option<&str>,
         decided: AuditEvent,
         issued: Option<(&keygate_provider_api::Issued, &Actor)>,
-    ) -> BrokerResult<()> {
+    ) -> BrokerResult<Option<bool>> {
         let t = lease.created_at;
         let mut tx = self.store.begin().await?;
         if let Some(over) = self.over_live_leases(&mut *tx, s, scope_cfg, t).await? {
@@ -261,11 +273,22 @@ impl Broker {
             drop(tx);
             return Err(self.refuse_live(s, &lease.scope, over).await);
         }
-        if !tx.insert_lease(lease).await? {
+        let inserted = match issued {
+            Some((issued, _)) => {
+                let mut active = lease.clone();
+                active.state = LeaseState::Active;
+                active.handle = Some(issued.handle.0.clone());
+                active.revocability = Some(issued.revocability.into());
+                active.expires_at = issued.expires_at;
+                tx.insert_lease(&active).await?
+            }
+            None => tx.insert_lease(lease).await?,
+        };
+        let LeaseInsert::Written { excluded } = inserted else {
             // The task ended (completion, TTL, kill switch) after this
             // request's session check: no credential for an ended task.
             return Err(BrokerError::TaskEnded("the task has ended".into()));
-        }
+        };
         if let Some(approval_id) = redeem
             && !tx.redeem_approval(approval_id, &lease.id, t).await?
         {
@@ -275,10 +298,10 @@ impl Broker {
         }
         tx.audit(decided.lease(&lease.id)).await?;
         if let Some((issued, actor)) = issued {
-            record_issued(&mut *tx, lease, issued, actor).await?;
+            tx.audit(issued_event(lease, issued, actor)).await?;
         }
         tx.commit().await?;
-        Ok(())
+        Ok(excluded)
     }
 
     /// Records the handle; returns the lease state after recording.

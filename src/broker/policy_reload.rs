@@ -294,15 +294,21 @@ impl Broker {
         ttl: u64,
         decided_hash: Option<&str>,
         issued: bool,
+        excluded_at_write: Option<bool>,
     ) -> BrokerResult<()> {
         let policy = self.policy.current();
         // An exclusion committed after the decision, whose scan of live
-        // leases ran before this lease was written, is the same race.
-        let excluded = self
-            .store
-            .get_agent(&s.agent.id)
-            .await?
-            .and_then(|a| a.exclusion(&lease.scope).cloned());
+        // leases ran before this lease was written, is the same race. The
+        // write itself says whether it saw one, when its engine can tell;
+        // otherwise the agent is read now that the lease is committed.
+        let excluded = match excluded_at_write {
+            Some(false) => None,
+            Some(true) | None => self
+                .store
+                .get_agent(&s.agent.id)
+                .await?
+                .and_then(|a| a.exclusion(&lease.scope).cloned()),
+        };
         let message = if let Some(e) = excluded {
             format!(
                 "scope `{}` was excluded from agent `{}` while this request was decided ({}: {})",

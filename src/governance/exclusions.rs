@@ -7,7 +7,7 @@
 
 use crate::audit::{Actor, AuditEvent};
 use crate::broker::{Broker, BrokerError, BrokerResult};
-use crate::model::{AgentStatus, Exclusion, LeaseState, Selector, now};
+use crate::model::{AgentStatus, Exclusion, now};
 use crate::store::LeaseSelector;
 
 use super::people::{Departure, Person, normalize};
@@ -49,32 +49,24 @@ impl Broker {
             lifted_by: None,
             lifted_at: None,
         };
-        let live: Vec<String> = self
-            .store
-            .live_leases(&Selector::Agent(agent_id.to_owned()))
-            .await?
-            .into_iter()
-            .filter(|l| {
-                l.scope == scope && matches!(l.state, LeaseState::Active | LeaseState::Pending)
-            })
-            .map(|l| l.id)
-            .collect();
         let mut tx = self.store.begin().await?;
         if !tx.put_exclusion(agent_id, scope, &exclusion).await? {
             return Ok(false);
         }
-        let mut revoked = Vec::new();
-        for id in &live {
-            revoked.extend(
-                tx.queue_revocations(
-                    &LeaseSelector::Lease(id.clone()),
-                    &exclusion.reason,
-                    None,
-                    t,
-                )
-                .await?,
-            );
-        }
+        // Its live leases, found in the same transaction after the
+        // exclusion is written: a lease written before it is queued here,
+        // one written after it sees the exclusion (`judge_again_if_reloaded`).
+        let revoked = tx
+            .queue_revocations(
+                &LeaseSelector::AgentScope {
+                    agent: agent_id.to_owned(),
+                    scope: scope.to_owned(),
+                },
+                &exclusion.reason,
+                None,
+                t,
+            )
+            .await?;
         tx.audit(
             AuditEvent::new(actor, "agent.scope_excluded")
                 .agent(agent_id)

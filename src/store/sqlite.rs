@@ -4,22 +4,21 @@
 //! Writes go through a single connection, so transactions serialise in the
 //! process instead of fighting over SQLite's lock, and the audit chain's head
 //! is read and extended inside the same transaction. Transactions that
-//! commit together share one fsync (`group.rs`). Reads use a pool.
+//! commit together share one fsync (`group.rs`). Reads use a few read-only
+//! connections (`reads.rs`).
 
 mod approvals;
 mod fences;
 mod findings;
 mod group;
+mod reads;
 mod reviews;
 mod tx;
 
 use std::str::FromStr;
 
 use async_trait::async_trait;
-use sqlx::sqlite::{
-    SqliteConnectOptions, SqliteJournalMode, SqlitePool, SqlitePoolOptions, SqliteRow,
-    SqliteSynchronous,
-};
+use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteRow, SqliteSynchronous};
 use sqlx::{ConnectOptions, QueryBuilder, Row, Sqlite};
 use time::OffsetDateTime;
 
@@ -49,7 +48,7 @@ impl From<sqlx::Error> for StoreError {
 /// SQLite-backed [`Store`].
 pub struct SqliteStore {
     write: group::Writer,
-    read: SqlitePool,
+    read: reads::Reads,
     path: String,
     /// The file lock of a serving process (`register_replica`).
     lock: std::sync::Mutex<Option<std::fs::File>>,
@@ -85,10 +84,7 @@ impl SqliteStore {
             .await
             .map_err(|e| StoreError::Database(format!("migration failed: {e}")))?;
         let write = group::Writer::start(conn, format!("{path}-wal").into());
-        let read = SqlitePoolOptions::new()
-            .max_connections(8)
-            .connect_with(opts.read_only(true))
-            .await?;
+        let read = reads::Reads::new(opts, 8);
         Ok(Self {
             write,
             read,
@@ -108,7 +104,7 @@ impl SqliteStore {
     ) -> StoreResult<Option<T>> {
         sqlx::query(sql)
             .bind(id)
-            .fetch_optional(&self.read)
+            .fetch_optional(&mut *self.read.get().await?)
             .await?
             .map(|r| map(&r))
             .transpose()
@@ -132,7 +128,7 @@ impl Store for SqliteStore {
         sqlx::query("SELECT * FROM agents WHERE federated_issuer = ? AND federated_subject = ?")
             .bind(issuer)
             .bind(subject)
-            .fetch_optional(&self.read)
+            .fetch_optional(&mut *self.read.get().await?)
             .await?
             .map(|r| agent_from_row(&r))
             .transpose()
@@ -146,7 +142,7 @@ impl Store for SqliteStore {
         sqlx::query("SELECT * FROM agents WHERE id > ? ORDER BY id LIMIT ?")
             .bind(after.unwrap_or(""))
             .bind(limit.map_or(-1, i64::from))
-            .fetch_all(&self.read)
+            .fetch_all(&mut *self.read.get().await?)
             .await?
             .iter()
             .map(agent_from_row)
@@ -166,7 +162,7 @@ impl Store for SqliteStore {
              SELECT * FROM agents WHERE id = (SELECT agent_id FROM tasks WHERE id = ?1)",
         )
         .bind(task_id)
-        .fetch_all(&self.read)
+        .fetch_all(&mut *self.read.get().await?)
         .await?;
         let mut rows = rows.iter();
         let Some(task) = rows.next().map(task_from_row).transpose()? else {
@@ -197,7 +193,7 @@ impl Store for SqliteStore {
         }
         push_page(&mut q, f.cursor.as_deref(), f.limit)?;
         q.build()
-            .fetch_all(&self.read)
+            .fetch_all(&mut *self.read.get().await?)
             .await?
             .iter()
             .map(lease_from_row)
@@ -261,7 +257,7 @@ impl Store for SqliteStore {
         .bind(unix(orphan_before))
         .bind(boot_id)
         .bind(i64::from(limit))
-        .fetch_all(&self.read)
+        .fetch_all(&mut *self.read.get().await?)
         .await?
         .iter()
         .map(lease_from_row)
@@ -282,7 +278,7 @@ impl Store for SqliteStore {
             "SELECT state, COUNT(*) AS n FROM leases WHERE revocation_id = ? GROUP BY state",
         )
         .bind(id)
-        .fetch_all(&self.read)
+        .fetch_all(&mut *self.read.get().await?)
         .await?;
         let mut p = RevocationProgress::default();
         for r in rows {
@@ -304,7 +300,7 @@ impl Store for SqliteStore {
         push_selector(&mut q, sel, "agent_id");
         q.push(" ORDER BY created_at, id");
         q.build()
-            .fetch_all(&self.read)
+            .fetch_all(&mut *self.read.get().await?)
             .await?
             .iter()
             .map(lease_from_row)
@@ -312,11 +308,11 @@ impl Store for SqliteStore {
     }
 
     async fn get_fence(&self, id: &str) -> StoreResult<Option<FenceRecord>> {
-        fences::get(&self.read, id).await
+        fences::get(&mut *self.read.get().await?, id).await
     }
 
     async fn list_fences(&self, filter: &FenceFilter) -> StoreResult<Vec<FenceRecord>> {
-        fences::list(&self.read, filter).await
+        fences::list(&mut *self.read.get().await?, filter).await
     }
 
     async fn audit_events(&self, f: &AuditFilter) -> StoreResult<Vec<AuditEvent>> {
@@ -333,7 +329,7 @@ impl Store for SqliteStore {
         }
         q.push(" ORDER BY seq LIMIT ").push_bind(i64::from(f.limit));
         q.build()
-            .fetch_all(&self.read)
+            .fetch_all(&mut *self.read.get().await?)
             .await?
             .iter()
             .map(audit_from_row)
@@ -341,14 +337,14 @@ impl Store for SqliteStore {
     }
 
     async fn get_approval(&self, id: &str) -> StoreResult<Option<Approval>> {
-        let mut conn = self.read.acquire().await?;
+        let mut conn = self.read.get().await?;
         approvals::get(&mut conn, id).await
     }
 
     async fn audit_head(&self) -> StoreResult<Option<(i64, String)>> {
         Ok(
             sqlx::query("SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1")
-                .fetch_optional(&self.read)
+                .fetch_optional(&mut *self.read.get().await?)
                 .await?
                 .map(|r| Ok::<_, sqlx::Error>((r.try_get("seq")?, r.try_get("hash")?)))
                 .transpose()?,
@@ -356,7 +352,7 @@ impl Store for SqliteStore {
     }
 
     async fn scope_usage(&self, agent_id: &str) -> StoreResult<Vec<crate::governance::ScopeUsage>> {
-        findings::scope_usage(&self.read, agent_id).await
+        findings::scope_usage(&mut *self.read.get().await?, agent_id).await
     }
 
     async fn findings(
@@ -364,7 +360,7 @@ impl Store for SqliteStore {
         agent_id: Option<&str>,
         open_only: bool,
     ) -> StoreResult<Vec<crate::governance::Finding>> {
-        findings::list(&self.read, agent_id, open_only).await
+        findings::list(&mut *self.read.get().await?, agent_id, open_only).await
     }
 
     async fn console_session(
@@ -373,7 +369,7 @@ impl Store for SqliteStore {
     ) -> StoreResult<Option<crate::model::ConsoleSession>> {
         sqlx::query("SELECT * FROM console_sessions WHERE id_sha256 = ?")
             .bind(id_sha256)
-            .fetch_optional(&self.read)
+            .fetch_optional(&mut *self.read.get().await?)
             .await?
             .map(|r| {
                 Ok(crate::model::ConsoleSession {
@@ -388,7 +384,7 @@ impl Store for SqliteStore {
 
     async fn validation_states(&self) -> StoreResult<Vec<crate::validation::Snapshot>> {
         sqlx::query("SELECT agent_id, state FROM validation_state ORDER BY agent_id")
-            .fetch_all(&self.read)
+            .fetch_all(&mut *self.read.get().await?)
             .await?
             .iter()
             .map(|r| {
@@ -401,34 +397,34 @@ impl Store for SqliteStore {
     }
 
     async fn departures(&self) -> StoreResult<Vec<crate::governance::people::Departure>> {
-        reviews::departures(&self.read).await
+        reviews::departures(&mut *self.read.get().await?).await
     }
 
     async fn review_campaigns(&self) -> StoreResult<Vec<crate::governance::reviews::Campaign>> {
-        reviews::campaigns(&self.read).await
+        reviews::campaigns(&mut *self.read.get().await?).await
     }
 
     async fn review_items(
         &self,
         filter: &crate::governance::reviews::ReviewFilter,
     ) -> StoreResult<Vec<crate::governance::reviews::ReviewItem>> {
-        reviews::items(&self.read, filter).await
+        reviews::items(&mut *self.read.get().await?, filter).await
     }
 
     async fn review_item(
         &self,
         id: &str,
     ) -> StoreResult<Option<crate::governance::reviews::ReviewItem>> {
-        reviews::item(&self.read, id).await
+        reviews::item(&mut *self.read.get().await?, id).await
     }
 
     async fn list_approvals(&self, filter: &ApprovalFilter) -> StoreResult<Vec<Approval>> {
-        let mut conn = self.read.acquire().await?;
+        let mut conn = self.read.get().await?;
         approvals::list(&mut conn, filter).await
     }
 
     async fn notifications(&self, subject: &str) -> StoreResult<Vec<Notification>> {
-        approvals::notifications_of(&self.read, subject).await
+        approvals::notifications_of(&mut *self.read.get().await?, subject).await
     }
 
     async fn claim_notifications(
@@ -438,7 +434,7 @@ impl Store for SqliteStore {
         _claim_until: OffsetDateTime,
         limit: u32,
     ) -> StoreResult<Vec<Notification>> {
-        approvals::due_notifications(&self.read, now, limit).await
+        approvals::due_notifications(&mut *self.read.get().await?, now, limit).await
     }
 
     async fn notification_receipt(
@@ -446,11 +442,13 @@ impl Store for SqliteStore {
         subject: &str,
         channel: &str,
     ) -> StoreResult<Option<serde_json::Value>> {
-        approvals::receipt(&self.read, subject, channel).await
+        approvals::receipt(&mut *self.read.get().await?, subject, channel).await
     }
 
     async fn ping(&self) -> StoreResult<()> {
-        sqlx::query("SELECT 1").execute(&self.read).await?;
+        sqlx::query("SELECT 1")
+            .execute(&mut *self.read.get().await?)
+            .await?;
         Ok(())
     }
 }

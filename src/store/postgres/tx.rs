@@ -180,7 +180,7 @@ impl StoreTx for PostgresTx {
         tasks::end_tasks(self, sel, state, reason, now).await
     }
 
-    async fn insert_lease(&mut self, l: &Lease) -> StoreResult<bool> {
+    async fn insert_lease(&mut self, l: &Lease) -> StoreResult<crate::store::LeaseInsert> {
         leases::insert_lease(self, l).await
     }
 

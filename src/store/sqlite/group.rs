@@ -8,15 +8,19 @@
 //! is being written share the next group's fsync; under load the group
 //! grows with the queue, alone a transaction pays one fsync as before.
 //!
-//! Every trip to SQLite's thread costs a wake-up, so a committed savepoint
-//! is released by whoever uses the connection next, in the same round trip
-//! as its own `SAVEPOINT` (or by the outer `COMMIT`). Audit events ride
-//! along the same way: a transaction's events are chained at once (the
-//! writer keeps the chain's head) and inserted, still inside its
-//! savepoint, in the round trip that releases it.
+//! Every trip to SQLite's thread costs two thread wake-ups, so nothing
+//! gets a trip of its own that can ride along with another:
+//! - a transaction's savepoint is opened by its first statement's trip
+//!   (`WriteTx::opening`), or by the first call that needs the connection;
+//!   a transaction that never touches it costs nothing;
+//! - a committed savepoint is released by whoever uses the connection
+//!   next, in the trip that opens their own (or by the outer `COMMIT`);
+//! - audit events are chained at once (the writer keeps the chain's head)
+//!   and inserted, still inside their savepoint, in the trip that releases
+//!   it.
 //!
 //! A transaction dropped without commit (an error, a cancelled request)
-//! leaves its savepoint open; whoever takes the connection next rolls back
+//! leaves its savepoint open; whoever uses the connection next rolls back
 //! to it first, so it takes nothing else with it. If SQLite itself fails
 //! (a savepoint, a deferred insert or the outer commit), the whole group is
 //! rolled back and every transaction waiting on it gets the error: nobody
@@ -87,6 +91,9 @@ enum Savepoint {
     None,
     /// Open: a transaction runs on it, or was dropped (roll it back).
     Open,
+    /// Open in SQLite, but its transaction was dropped and forgotten here:
+    /// rolled back by the next trip.
+    Dropped,
     /// Committed; released by the next statement batch or the outer commit.
     Kept,
 }
@@ -103,6 +110,8 @@ pub(super) struct WriteTx {
     pub(super) state: OwnedMutexGuard<State>,
     flush: Arc<Notify>,
     committed: bool,
+    /// Its savepoint is open (the first trip on the connection opens it).
+    begun: bool,
 }
 
 impl Drop for Writer {
@@ -141,31 +150,20 @@ impl Writer {
         Self { state, flush }
     }
 
-    /// Waits for the connection (in arrival order) and opens a savepoint.
+    /// Waits for the connection (in arrival order). The savepoint opens
+    /// with the first trip that uses it.
     pub(super) async fn begin(&self) -> StoreResult<WriteTx> {
         let mut state = Arc::clone(&self.state).lock_owned().await;
         if state.savepoint == Savepoint::Open {
             // Left by a dropped transaction: none of it is kept.
             state.discard_savepoint();
+            state.savepoint = Savepoint::Dropped;
         }
-        // One round trip: close what the last transaction left, open ours.
-        let tail = match (state.open, state.savepoint) {
-            (false, _) => "BEGIN IMMEDIATE; SAVEPOINT kg",
-            (true, Savepoint::None) => "SAVEPOINT kg",
-            (true, Savepoint::Kept) => "RELEASE kg; SAVEPOINT kg",
-            (true, Savepoint::Open) => "ROLLBACK TO kg; RELEASE kg; SAVEPOINT kg",
-        };
-        let mut q = state.with_deferred(tail);
-        if let Err(e) = q.build().execute(&mut state.conn).await {
-            return Err(state.abort(e).await);
-        }
-        state.open = true;
-        state.savepoint = Savepoint::Open;
-        state.head_at_savepoint = state.head.clone();
         Ok(WriteTx {
             state,
             flush: Arc::clone(&self.flush),
             committed: false,
+            begun: false,
         })
     }
 }
@@ -174,6 +172,11 @@ impl WriteTx {
     /// Keeps the savepoint's changes in the group (released later, with no
     /// round trip of its own) and waits until the group is durable.
     pub(super) async fn commit(mut self) -> StoreResult<()> {
+        if !self.begun {
+            // Nothing was written: nothing to keep or wait for.
+            self.committed = true;
+            return Ok(());
+        }
         let st = &mut *self.state;
         st.savepoint = Savepoint::Kept;
         st.members += 1;
@@ -192,6 +195,60 @@ impl WriteTx {
             Some(Err(e)) => Err(StoreError::Database(format!("commit failed: {e}"))),
             None => Err(StoreError::Database("commit outcome lost".into())),
         }
+    }
+}
+
+impl WriteTx {
+    /// The trip that opens this transaction's savepoint (closing what the
+    /// last one left, with its audit events), for the caller to append its
+    /// first statement to and run through [`Self::opened`]; `None` once it
+    /// is open.
+    pub(super) fn opening(&mut self) -> Option<QueryBuilder<Sqlite>> {
+        if self.begun {
+            return None;
+        }
+        let st = &mut *self.state;
+        let tail = match (st.open, st.savepoint) {
+            (false, _) => "BEGIN IMMEDIATE; SAVEPOINT kg; ",
+            (true, Savepoint::None) => "SAVEPOINT kg; ",
+            (true, Savepoint::Kept) => "RELEASE kg; SAVEPOINT kg; ",
+            (true, Savepoint::Open | Savepoint::Dropped) => {
+                "ROLLBACK TO kg; RELEASE kg; SAVEPOINT kg; "
+            }
+        };
+        Some(st.with_deferred(tail))
+    }
+
+    /// Its savepoint is open.
+    pub(super) fn begun(&self) -> bool {
+        self.begun
+    }
+
+    /// Notes the savepoint open after the trip [`Self::opening`] gave; if
+    /// that trip failed, the whole group is rolled back (what failed may be
+    /// another transaction's release or its audit events).
+    pub(super) async fn opened<T>(&mut self, trip: Result<T, sqlx::Error>) -> StoreResult<T> {
+        let st = &mut *self.state;
+        match trip {
+            Ok(v) => {
+                st.open = true;
+                st.savepoint = Savepoint::Open;
+                st.head_at_savepoint = st.head.clone();
+                self.begun = true;
+                Ok(v)
+            }
+            Err(e) => Err(st.abort(e).await),
+        }
+    }
+
+    /// The connection, inside this transaction's savepoint (opened now, in
+    /// a trip of its own, if no statement has opened it yet).
+    pub(super) async fn conn(&mut self) -> StoreResult<&mut SqliteConnection> {
+        if let Some(mut q) = self.opening() {
+            let trip = q.build().execute(&mut self.state.conn).await;
+            self.opened(trip).await?;
+        }
+        Ok(&mut self.state.conn)
     }
 }
 
@@ -280,6 +337,7 @@ impl State {
                 self.discard_savepoint();
                 "ROLLBACK TO kg; RELEASE kg; COMMIT"
             }
+            Savepoint::Dropped => "ROLLBACK TO kg; RELEASE kg; COMMIT",
             Savepoint::None | Savepoint::Kept => "COMMIT",
         };
         let mut q = self.with_deferred(tail);

@@ -29,6 +29,9 @@ impl StoreTx for SqliteTx {
     }
 
     async fn audit(&mut self, mut ev: AuditEvent) -> StoreResult<()> {
+        // The event belongs to this transaction's savepoint: it must be open
+        // before the event joins the deferred inserts.
+        self.tx.conn().await?;
         let st = &mut *self.tx.state;
         let (seq, hash) = match st.head.clone() {
             Some(head) => head,
@@ -106,7 +109,7 @@ impl StoreTx for SqliteTx {
     ) -> StoreResult<()> {
         sqlx::query("DELETE FROM console_sessions WHERE expires_at <= ?")
             .bind(unix(s.created_at))
-            .execute(&mut self.tx.state.conn)
+            .execute(self.tx.conn().await?)
             .await?;
         sqlx::query(
             "INSERT INTO console_sessions (id_sha256, operator, method, created_at, expires_at) \
@@ -117,7 +120,7 @@ impl StoreTx for SqliteTx {
         .bind(&s.method)
         .bind(unix(s.created_at))
         .bind(unix(s.expires_at))
-        .execute(&mut self.tx.state.conn)
+        .execute(self.tx.conn().await?)
         .await?;
         Ok(())
     }
@@ -125,7 +128,7 @@ impl StoreTx for SqliteTx {
     async fn delete_console_session(&mut self, id_sha256: &str) -> StoreResult<bool> {
         let done = sqlx::query("DELETE FROM console_sessions WHERE id_sha256 = ?")
             .bind(id_sha256)
-            .execute(&mut self.tx.state.conn)
+            .execute(self.tx.conn().await?)
             .await?;
         Ok(done.rows_affected() == 1)
     }
@@ -142,7 +145,7 @@ impl StoreTx for SqliteTx {
         .bind(&snapshot.agent)
         .bind(&snapshot.state)
         .bind(unix(now))
-        .execute(&mut self.tx.state.conn)
+        .execute(self.tx.conn().await?)
         .await?;
         Ok(())
     }
@@ -151,7 +154,7 @@ impl StoreTx for SqliteTx {
         sqlx::query("UPDATE agents SET last_used_at = ? WHERE id = ?")
             .bind(unix(now))
             .bind(id)
-            .execute(&mut self.tx.state.conn)
+            .execute(self.tx.conn().await?)
             .await?;
         Ok(())
     }
@@ -172,7 +175,7 @@ impl StoreTx for SqliteTx {
     async fn prune_jtis(&mut self, now: OffsetDateTime) -> StoreResult<u64> {
         let done = sqlx::query("DELETE FROM assertion_jtis WHERE expires_at < ?")
             .bind(unix(now) - 60)
-            .execute(&mut self.tx.state.conn)
+            .execute(self.tx.conn().await?)
             .await?;
         Ok(done.rows_affected())
     }
@@ -191,7 +194,7 @@ impl StoreTx for SqliteTx {
         tasks::end_tasks(self, sel, state, reason, now).await
     }
 
-    async fn insert_lease(&mut self, l: &Lease) -> StoreResult<bool> {
+    async fn insert_lease(&mut self, l: &Lease) -> StoreResult<crate::store::LeaseInsert> {
         leases::insert_lease(self, l).await
     }
 
@@ -285,7 +288,7 @@ impl StoreTx for SqliteTx {
         let rows =
             sqlx::query("SELECT id FROM tasks WHERE state = 'open' AND expires_at <= ? LIMIT 1000")
                 .bind(unix(now))
-                .fetch_all(&mut self.tx.state.conn)
+                .fetch_all(self.tx.conn().await?)
                 .await?;
         rows.iter()
             .map(|r| r.try_get::<String, _>("id").map_err(StoreError::from))
@@ -303,21 +306,21 @@ impl StoreTx for SqliteTx {
         .bind(&r.operator)
         .bind(unix(r.created_at))
         .bind(r.tasks_ended as i64)
-        .execute(&mut self.tx.state.conn)
+        .execute(self.tx.conn().await?)
         .await?;
         Ok(())
     }
 
     async fn insert_approval(&mut self, a: &Approval) -> StoreResult<()> {
-        approvals::insert(&mut self.tx.state.conn, a).await
+        approvals::insert(self.tx.conn().await?, a).await
     }
 
     async fn approval(&mut self, id: &str) -> StoreResult<Option<Approval>> {
-        approvals::get(&mut self.tx.state.conn, id).await
+        approvals::get(self.tx.conn().await?, id).await
     }
 
     async fn add_decision(&mut self, id: &str, d: &ApprovalDecision) -> StoreResult<bool> {
-        approvals::add_decision(&mut self.tx.state.conn, id, d).await
+        approvals::add_decision(self.tx.conn().await?, id, d).await
     }
 
     async fn finish_approval(
@@ -327,7 +330,7 @@ impl StoreTx for SqliteTx {
         reason: &str,
         now: OffsetDateTime,
     ) -> StoreResult<bool> {
-        approvals::finish(&mut self.tx.state.conn, id, state, reason, now).await
+        approvals::finish(self.tx.conn().await?, id, state, reason, now).await
     }
 
     async fn redeem_approval(
@@ -336,21 +339,21 @@ impl StoreTx for SqliteTx {
         lease_id: &str,
         now: OffsetDateTime,
     ) -> StoreResult<bool> {
-        approvals::redeem(&mut self.tx.state.conn, id, lease_id, now).await
+        approvals::redeem(self.tx.conn().await?, id, lease_id, now).await
     }
 
     async fn release_redemption(&mut self, id: &str) -> StoreResult<bool> {
-        approvals::release_redemption(&mut self.tx.state.conn, id).await
+        approvals::release_redemption(self.tx.conn().await?, id).await
     }
 
     async fn close_stale_approvals(&mut self, now: OffsetDateTime) -> StoreResult<Vec<Approval>> {
-        let closed = approvals::close_stale(&mut self.tx.state.conn, now).await?;
-        approvals::prune_replays(&mut self.tx.state.conn, now).await?;
+        let closed = approvals::close_stale(self.tx.conn().await?, now).await?;
+        approvals::prune_replays(self.tx.conn().await?, now).await?;
         Ok(closed)
     }
 
     async fn insert_notification(&mut self, n: &Notification) -> StoreResult<()> {
-        approvals::insert_notification(&mut self.tx.state.conn, n).await
+        approvals::insert_notification(self.tx.conn().await?, n).await
     }
 
     async fn notification_attempted(
@@ -359,7 +362,7 @@ impl StoreTx for SqliteTx {
         outcome: &Delivery,
         now: OffsetDateTime,
     ) -> StoreResult<()> {
-        approvals::notification_attempted(&mut self.tx.state.conn, id, outcome, now).await
+        approvals::notification_attempted(self.tx.conn().await?, id, outcome, now).await
     }
 
     async fn record_replay(
@@ -367,15 +370,15 @@ impl StoreTx for SqliteTx {
         digest: &str,
         expires_at: OffsetDateTime,
     ) -> StoreResult<bool> {
-        approvals::record_replay(&mut self.tx.state.conn, digest, expires_at).await
+        approvals::record_replay(self.tx.conn().await?, digest, expires_at).await
     }
 
     async fn insert_fence(&mut self, f: &FenceRecord) -> StoreResult<()> {
-        fences::insert(&mut self.tx.state.conn, f).await
+        fences::insert(self.tx.conn().await?, f).await
     }
 
     async fn open_finding(&mut self, f: &crate::governance::Finding) -> StoreResult<bool> {
-        findings::open(&mut self.tx.state.conn, f).await
+        findings::open(self.tx.conn().await?, f).await
     }
 
     async fn close_finding(
@@ -384,11 +387,11 @@ impl StoreTx for SqliteTx {
         reason: &str,
         now: OffsetDateTime,
     ) -> StoreResult<bool> {
-        findings::close(&mut self.tx.state.conn, id, reason, now).await
+        findings::close(self.tx.conn().await?, id, reason, now).await
     }
 
     async fn finding_acted(&mut self, id: &str, now: OffsetDateTime) -> StoreResult<bool> {
-        findings::acted(&mut self.tx.state.conn, id, now).await
+        findings::acted(self.tx.conn().await?, id, now).await
     }
 
     async fn put_exclusion(
@@ -397,46 +400,46 @@ impl StoreTx for SqliteTx {
         scope: &str,
         exclusion: &crate::model::Exclusion,
     ) -> StoreResult<bool> {
-        reviews::put_exclusion(&mut self.tx.state.conn, agent_id, scope, exclusion).await
+        reviews::put_exclusion(self.tx.conn().await?, agent_id, scope, exclusion).await
     }
 
     async fn record_departure(
         &mut self,
         d: &crate::governance::people::Departure,
     ) -> StoreResult<bool> {
-        reviews::record_departure(&mut self.tx.state.conn, d).await
+        reviews::record_departure(self.tx.conn().await?, d).await
     }
 
     async fn mark_reviewed(&mut self, agent_id: &str, at: OffsetDateTime) -> StoreResult<()> {
-        reviews::mark_reviewed(&mut self.tx.state.conn, agent_id, at).await
+        reviews::mark_reviewed(self.tx.conn().await?, agent_id, at).await
     }
 
     async fn insert_campaign(
         &mut self,
         c: &crate::governance::reviews::Campaign,
     ) -> StoreResult<()> {
-        reviews::insert_campaign(&mut self.tx.state.conn, c).await
+        reviews::insert_campaign(self.tx.conn().await?, c).await
     }
 
     async fn insert_review_item(
         &mut self,
         i: &crate::governance::reviews::ReviewItem,
     ) -> StoreResult<()> {
-        reviews::insert_item(&mut self.tx.state.conn, i).await
+        reviews::insert_item(self.tx.conn().await?, i).await
     }
 
     async fn review_item(
         &mut self,
         id: &str,
     ) -> StoreResult<Option<crate::governance::reviews::ReviewItem>> {
-        reviews::item(&mut self.tx.state.conn, id).await
+        reviews::item(self.tx.conn().await?, id).await
     }
 
     async fn save_review_item(
         &mut self,
         i: &crate::governance::reviews::ReviewItem,
     ) -> StoreResult<()> {
-        reviews::save_item(&mut self.tx.state.conn, i).await
+        reviews::save_item(self.tx.conn().await?, i).await
     }
 
     async fn lift_fence(
@@ -446,7 +449,7 @@ impl StoreTx for SqliteTx {
         reason: &str,
         now: OffsetDateTime,
     ) -> StoreResult<bool> {
-        fences::lift(&mut self.tx.state.conn, id, by, reason, now).await
+        fences::lift(self.tx.conn().await?, id, by, reason, now).await
     }
 }
 

@@ -6,16 +6,23 @@ use super::{PostgresTx, corrupt};
 use crate::model::{Lease, LeaseState, Revocability, unix};
 use crate::store::rows::{lease_from_row, parse_col};
 use crate::store::sql::push_selector;
-use crate::store::{LeaseSelector, StoreResult};
+use crate::store::{LeaseInsert, LeaseSelector, StoreResult};
 use sqlx::{Postgres, QueryBuilder};
 
-pub(super) async fn insert_lease(tx: &mut PostgresTx, l: &Lease) -> StoreResult<bool> {
+pub(super) async fn insert_lease(tx: &mut PostgresTx, l: &Lease) -> StoreResult<LeaseInsert> {
     // FOR SHARE: the task cannot be ended until this transaction ends,
     // and one ended meanwhile is seen ended (READ COMMITTED re-checks a
     // locked row), so a lease never lands on an ended task.
+    let handle = l
+        .handle
+        .as_ref()
+        .map(serde_json::to_string)
+        .transpose()
+        .map_err(corrupt)?;
     let done = sqlx::query(
         "INSERT INTO leases (id, agent_id, task_id, scope, provider, state, created_at, \
-         expires_at, boot_id, source) SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10 \
+         expires_at, boot_id, source, handle, revocability) \
+         SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12 \
          WHERE EXISTS (SELECT 1 FROM tasks WHERE id = $3 AND state = 'open' FOR SHARE)",
     )
     .bind(&l.id)
@@ -28,9 +35,17 @@ pub(super) async fn insert_lease(tx: &mut PostgresTx, l: &Lease) -> StoreResult<
     .bind(unix(l.expires_at))
     .bind(&l.boot_id)
     .bind(&l.source)
+    .bind(handle)
+    .bind(l.revocability.map(|r| r.as_str()))
     .execute(tx.conn())
     .await?;
-    Ok(done.rows_affected() == 1)
+    Ok(if done.rows_affected() == 1 {
+        // An exclusion committed by a concurrent writer may not see this
+        // lease yet: the caller reads the agent once this commits.
+        LeaseInsert::Written { excluded: None }
+    } else {
+        LeaseInsert::TaskEnded
+    })
 }
 
 /// The advisory lock class that serialises one agent's usage-limit checks
@@ -139,6 +154,12 @@ pub(super) async fn queue_revocations(
         }
         LeaseSelector::Task(t) => {
             q.push(" AND task_id = ").push_bind(t.clone());
+        }
+        LeaseSelector::AgentScope { agent, scope } => {
+            q.push(" AND agent_id = ")
+                .push_bind(agent.clone())
+                .push(" AND scope = ")
+                .push_bind(scope.clone());
         }
         LeaseSelector::Tasks(ts) => {
             q.push(" AND task_id = ANY(")

@@ -32,7 +32,7 @@ pub(super) async fn insert_agent(tx: &mut SqliteTx, a: &Agent) -> StoreResult<()
     .bind(a.federated.as_ref().map(|f| f.subject.clone()))
     .bind(a.may_assert_users)
     .bind(a.max_ttl_secs.map(|n| i64::try_from(n).unwrap_or(i64::MAX)))
-    .execute(&mut tx.tx.state.conn)
+    .execute(tx.tx.conn().await?)
     .await
     .map_err(|e| match StoreError::from(e) {
         StoreError::Conflict(m) if m.contains("federated") => StoreError::Conflict(format!(
@@ -56,7 +56,7 @@ pub(super) async fn set_agent_status(
     // nothing changes the row in between.
     let Some(row) = sqlx::query("SELECT status FROM agents WHERE id = ?")
         .bind(id)
-        .fetch_optional(&mut tx.tx.state.conn)
+        .fetch_optional(tx.tx.conn().await?)
         .await?
     else {
         return Ok(None);
@@ -71,7 +71,7 @@ pub(super) async fn set_agent_status(
         .bind(suspended_from)
         .bind(unix(now))
         .bind(id)
-        .execute(&mut tx.tx.state.conn)
+        .execute(tx.tx.conn().await?)
         .await?;
     Ok(Some(was))
 }
@@ -93,7 +93,7 @@ pub(super) async fn set_step_up(
     .bind(json(step_up)?)
     .bind(id)
     .bind(json(replacing)?)
-    .execute(&mut tx.tx.state.conn)
+    .execute(tx.tx.conn().await?)
     .await?;
     Ok(done.rows_affected() == 1)
 }
@@ -122,7 +122,7 @@ pub(super) async fn update_agent(tx: &mut SqliteTx, a: &Agent) -> StoreResult<()
     .bind(a.keys_rotated_at.map(unix))
     .bind(a.owner_changed_at.map(unix))
     .bind(&a.id)
-    .execute(&mut tx.tx.state.conn)
+    .execute(tx.tx.conn().await?)
     .await?;
     Ok(())
 }

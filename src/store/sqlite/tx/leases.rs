@@ -6,29 +6,63 @@ use super::{SqliteTx, corrupt};
 use crate::model::{Lease, LeaseState, Revocability, unix};
 use crate::store::rows::lease_from_row;
 use crate::store::sql::push_selector;
-use crate::store::{LeaseSelector, StoreError, StoreResult};
+use crate::store::{LeaseInsert, LeaseSelector, StoreError, StoreResult};
 use sqlx::{QueryBuilder, Row, Sqlite};
 
-pub(super) async fn insert_lease(tx: &mut SqliteTx, l: &Lease) -> StoreResult<bool> {
-    let done = sqlx::query(
+pub(super) async fn insert_lease(tx: &mut SqliteTx, l: &Lease) -> StoreResult<LeaseInsert> {
+    // One trip, usually the transaction's first: it opens the savepoint,
+    // writes the lease (with what was issued, for an in-process provider)
+    // and says whether the agent's registry excludes its scope. The one
+    // writer runs this alone, so an exclusion committed before it is seen
+    // here, and one committed after it finds this lease when it scans the
+    // agent's live leases.
+    let mut q = tx.tx.opening().unwrap_or_default();
+    q.push(
         "INSERT INTO leases (id, agent_id, task_id, scope, provider, state, created_at, \
-         expires_at, boot_id, source) SELECT ?, ?, ?, ?, ?, ?, ?, ?, ?, ? \
-         WHERE EXISTS (SELECT 1 FROM tasks WHERE id = ? AND state = 'open')",
-    )
-    .bind(&l.id)
-    .bind(&l.agent_id)
-    .bind(&l.task_id)
-    .bind(&l.scope)
-    .bind(&l.provider)
-    .bind(l.state.as_str())
-    .bind(unix(l.created_at))
-    .bind(unix(l.expires_at))
-    .bind(&l.boot_id)
-    .bind(&l.source)
-    .bind(&l.task_id)
-    .execute(&mut tx.tx.state.conn)
-    .await?;
-    Ok(done.rows_affected() == 1)
+         expires_at, boot_id, source, handle, revocability) SELECT ",
+    );
+    let handle = l
+        .handle
+        .as_ref()
+        .map(serde_json::to_string)
+        .transpose()
+        .map_err(corrupt)?;
+    let mut v = q.separated(", ");
+    v.push_bind(l.id.clone())
+        .push_bind(l.agent_id.clone())
+        .push_bind(l.task_id.clone())
+        .push_bind(l.scope.clone())
+        .push_bind(l.provider.clone())
+        .push_bind(l.state.as_str())
+        .push_bind(unix(l.created_at))
+        .push_bind(unix(l.expires_at))
+        .push_bind(l.boot_id.clone())
+        .push_bind(l.source.clone())
+        .push_bind(handle)
+        .push_bind(l.revocability.map(|r| r.as_str()));
+    q.push(" WHERE EXISTS (SELECT 1 FROM tasks WHERE id = ")
+        .push_bind(l.task_id.clone())
+        .push(
+            " AND state = 'open') RETURNING EXISTS (SELECT 1 FROM agents, \
+             json_each(agents.excluded_scopes) AS x WHERE agents.id = ",
+        )
+        .push_bind(l.agent_id.clone())
+        .push(" AND x.key = ")
+        .push_bind(l.scope.clone())
+        .push(" AND json_extract(x.value, '$.lifted_at') IS NULL) AS excluded");
+    let opening = !tx.tx.begun();
+    let trip = q.build().fetch_optional(&mut tx.tx.state.conn).await;
+    let row = if opening {
+        tx.tx.opened(trip).await?
+    } else {
+        trip?
+    };
+    Ok(match row {
+        None => LeaseInsert::TaskEnded,
+        Some(r) => LeaseInsert::Written {
+            excluded: Some(r.try_get::<bool, _>("excluded")?),
+        },
+    })
 }
 
 pub(super) async fn live_lease_count(
@@ -47,7 +81,7 @@ pub(super) async fn live_lease_count(
     .bind(unix(now))
     .bind(scope)
     .bind(scope)
-    .fetch_one(&mut tx.tx.state.conn)
+    .fetch_one(tx.tx.conn().await?)
     .await?;
     Ok(n.max(0) as u64)
 }
@@ -68,7 +102,7 @@ pub(super) async fn record_issued(
     .bind(revocability.as_str())
     .bind(unix(expires_at))
     .bind(id)
-    .fetch_optional(&mut tx.tx.state.conn)
+    .fetch_optional(tx.tx.conn().await?)
     .await?;
     row.map(|r| crate::store::rows::parse_col::<LeaseState>(&r, "state"))
         .transpose()
@@ -82,7 +116,7 @@ pub(super) async fn renew_lease(
     let done = sqlx::query("UPDATE leases SET expires_at = ? WHERE id = ? AND state = 'active'")
         .bind(unix(expires_at))
         .bind(id)
-        .execute(&mut tx.tx.state.conn)
+        .execute(tx.tx.conn().await?)
         .await?;
     Ok(done.rows_affected() == 1)
 }
@@ -100,7 +134,7 @@ pub(super) async fn mark_failed(
     .bind(error)
     .bind(unix(now))
     .bind(id)
-    .execute(&mut tx.tx.state.conn)
+    .execute(tx.tx.conn().await?)
     .await?;
     Ok(())
 }
@@ -122,11 +156,14 @@ pub(super) async fn queue_revocations(
         .push(", revocation_id = COALESCE(")
         .push_bind(revocation_id.map(str::to_owned))
         .push(", revocation_id) WHERE ");
-    // Where ids or tasks are named, they pick the rows and the state is only
+    // Where ids, tasks or an agent's scope are named, they pick the rows and the state is only
     // checked (`+state`): SQLite, without statistics, would otherwise walk
     // every live lease through the state index and test each against the
     // list.
-    let named = matches!(sel, LeaseSelector::Tasks(_) | LeaseSelector::Leases(_));
+    let named = matches!(
+        sel,
+        LeaseSelector::Tasks(_) | LeaseSelector::Leases(_) | LeaseSelector::AgentScope { .. }
+    );
     q.push(if named { "+state" } else { "state" })
         .push(" IN ('pending', 'active')");
     match sel {
@@ -135,6 +172,12 @@ pub(super) async fn queue_revocations(
         }
         LeaseSelector::Task(t) => {
             q.push(" AND task_id = ").push_bind(t.clone());
+        }
+        LeaseSelector::AgentScope { agent, scope } => {
+            q.push(" AND agent_id = ")
+                .push_bind(agent.clone())
+                .push(" AND scope = ")
+                .push_bind(scope.clone());
         }
         LeaseSelector::Tasks(ts) => {
             q.push(" AND task_id IN (SELECT value FROM json_each(")
@@ -149,7 +192,7 @@ pub(super) async fn queue_revocations(
         LeaseSelector::Emergency(s) => push_selector(&mut q, s, "agent_id"),
     }
     q.push(" RETURNING id");
-    let rows = q.build().fetch_all(&mut tx.tx.state.conn).await?;
+    let rows = q.build().fetch_all(tx.tx.conn().await?).await?;
     let mut ids: Vec<String> = rows
         .iter()
         .map(|r| r.try_get::<String, _>("id"))
@@ -163,7 +206,7 @@ pub(super) async fn queue_revocations(
             .push_bind(rid.to_owned());
         push_selector(&mut q2, s, "agent_id");
         q2.push(" RETURNING id");
-        for r in q2.build().fetch_all(&mut tx.tx.state.conn).await? {
+        for r in q2.build().fetch_all(tx.tx.conn().await?).await? {
             ids.push(r.try_get::<String, _>("id")?);
         }
     }
@@ -185,7 +228,7 @@ pub(super) async fn finish_revocation(
     .bind(unix(now))
     .bind(lives_until.map(unix))
     .bind(id)
-    .execute(&mut tx.tx.state.conn)
+    .execute(tx.tx.conn().await?)
     .await?;
     Ok(done.rows_affected() == 1)
 }
@@ -207,7 +250,7 @@ pub(super) async fn finish_revocations(
     .bind(state.as_str())
     .bind(unix(now))
     .bind(serde_json::to_string(ids).map_err(corrupt)?)
-    .fetch_all(&mut tx.tx.state.conn)
+    .fetch_all(tx.tx.conn().await?)
     .await?;
     rows.iter()
         .map(|r| r.try_get::<String, _>("id").map_err(Into::into))
@@ -227,7 +270,7 @@ pub(super) async fn revocation_failed(
     .bind(error)
     .bind(unix(next_attempt_at))
     .bind(id)
-    .execute(&mut tx.tx.state.conn)
+    .execute(tx.tx.conn().await?)
     .await?;
     Ok(())
 }
@@ -249,7 +292,7 @@ pub(super) async fn queue_expired(
     .bind(unix(now))
     .bind(unix(now))
     .bind(serde_json::to_string(scopes).map_err(corrupt)?)
-    .fetch_all(&mut tx.tx.state.conn)
+    .fetch_all(tx.tx.conn().await?)
     .await?;
     rows.iter()
         .map(|r| r.try_get::<String, _>("id").map_err(StoreError::from))
@@ -267,7 +310,7 @@ pub(super) async fn expire_leases(
     )
     .bind(unix(now))
     .bind(unix(now))
-    .fetch_all(&mut tx.tx.state.conn)
+    .fetch_all(tx.tx.conn().await?)
     .await?;
     rows.iter().map(lease_from_row).collect()
 }
@@ -286,7 +329,7 @@ pub(super) async fn queue_orphans(
     .bind(unix(now))
     .bind(unix(before))
     .bind(boot_id)
-    .fetch_all(&mut tx.tx.state.conn)
+    .fetch_all(tx.tx.conn().await?)
     .await?;
     rows.iter()
         .map(|r| r.try_get::<String, _>("id").map_err(StoreError::from))

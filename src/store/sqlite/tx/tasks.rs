@@ -38,7 +38,7 @@ pub(super) async fn insert_task(tx: &mut SqliteTx, t: &Task) -> StoreResult<()> 
             .transpose()
             .map_err(corrupt)?,
     )
-    .execute(&mut tx.tx.state.conn)
+    .execute(tx.tx.conn().await?)
     .await?;
     tx.tx
         .state
@@ -75,7 +75,7 @@ pub(super) async fn end_tasks(
         TaskSelector::Emergency(s) => push_selector(&mut q, s, "agent_id"),
     }
     q.push(" RETURNING id");
-    let rows = q.build().fetch_all(&mut tx.tx.state.conn).await?;
+    let rows = q.build().fetch_all(tx.tx.conn().await?).await?;
     let mut ended: Vec<String> = rows
         .iter()
         .map(|r| r.try_get::<String, _>("id"))
@@ -89,7 +89,7 @@ pub(super) async fn end_tasks(
              (SELECT id FROM tasks WHERE state != 'open') RETURNING id",
         )
         .bind(unix(now))
-        .fetch_all(&mut tx.tx.state.conn)
+        .fetch_all(tx.tx.conn().await?)
         .await?
         .iter()
         .map(|r| r.try_get::<String, _>("id"))
@@ -104,7 +104,7 @@ pub(super) async fn end_tasks(
         )
         .bind(unix(now))
         .bind(serde_json::to_string(&children).map_err(corrupt)?)
-        .execute(&mut tx.tx.state.conn)
+        .execute(tx.tx.conn().await?)
         .await?;
         ended.extend(children);
     }
@@ -124,7 +124,7 @@ pub(super) async fn record_jti(
     .bind(agent_id)
     .bind(jti)
     .bind(unix(expires_at))
-    .execute(&mut tx.tx.state.conn)
+    .execute(tx.tx.conn().await?)
     .await?;
     Ok(done.rows_affected() == 1)
 }
