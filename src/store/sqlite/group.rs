@@ -17,7 +17,11 @@
 //!   next, in the trip that opens their own (or by the outer `COMMIT`);
 //! - audit events are chained at once (the writer keeps the chain's head)
 //!   and inserted, still inside their savepoint, in the trip that releases
-//!   it.
+//!   it; so are statements whose outcome nobody reads (`WriteTx::defer`),
+//!   or with the transaction's own next statement, whichever comes first.
+//!   One of them failing fails the trip that carries it: its own
+//!   transaction's statement, or the whole group when it is another's
+//!   opening or the outer commit (nobody is told a failed write landed).
 //!
 //! A transaction dropped without commit (an error, a cancelled request)
 //! leaves its savepoint open; whoever uses the connection next rolls back
@@ -75,6 +79,11 @@ pub(super) struct State {
     pub(super) users: HashMap<String, Option<String>>,
     /// Audit events of the open savepoint, chained, not yet inserted.
     pub(super) deferred: Vec<PendingEvent>,
+    /// Statements of the open savepoint whose outcome nobody reads (a new
+    /// task's row), not yet run: they ride with the next trip.
+    later: QueryBuilder<Sqlite>,
+    /// How many statements `later` holds.
+    later_count: usize,
 }
 
 /// A chained audit event waiting for its insert, with its JSON columns.
@@ -112,6 +121,9 @@ pub(super) struct WriteTx {
     committed: bool,
     /// Its savepoint is open (the first trip on the connection opens it).
     begun: bool,
+    /// A trip carrying its deferred statements failed: they may not have
+    /// run, so it cannot commit.
+    poisoned: bool,
 }
 
 impl Drop for Writer {
@@ -144,6 +156,8 @@ impl Writer {
             head_at_savepoint: None,
             users: HashMap::new(),
             deferred: Vec::new(),
+            later: QueryBuilder::default(),
+            later_count: 0,
         }));
         let flush = Arc::new(Notify::new());
         tokio::spawn(flusher(Arc::downgrade(&state), Arc::clone(&flush), wal));
@@ -164,6 +178,7 @@ impl Writer {
             flush: Arc::clone(&self.flush),
             committed: false,
             begun: false,
+            poisoned: false,
         })
     }
 }
@@ -176,6 +191,12 @@ impl WriteTx {
             // Nothing was written: nothing to keep or wait for.
             self.committed = true;
             return Ok(());
+        }
+        if self.poisoned {
+            // Dropped uncommitted: the savepoint is rolled back.
+            return Err(StoreError::Database(
+                "a statement of this transaction failed; nothing of it was kept".into(),
+            ));
         }
         let st = &mut *self.state;
         st.savepoint = Savepoint::Kept;
@@ -199,56 +220,109 @@ impl WriteTx {
 }
 
 impl WriteTx {
-    /// The trip that opens this transaction's savepoint (closing what the
-    /// last one left, with its audit events), for the caller to append its
-    /// first statement to and run through [`Self::opened`]; `None` once it
-    /// is open.
-    pub(super) fn opening(&mut self) -> Option<QueryBuilder<Sqlite>> {
-        if self.begun {
-            return None;
-        }
+    /// The next trip for the caller to append its statement to (with what
+    /// must run first: the savepoint's opening, this transaction's deferred
+    /// statements); run it, then hand its result to [`Trip::done`].
+    pub(super) fn trip(&mut self) -> Trip {
+        let opening = !self.begun;
         let st = &mut *self.state;
-        let tail = match (st.open, st.savepoint) {
-            (false, _) => "BEGIN IMMEDIATE; SAVEPOINT kg; ",
-            (true, Savepoint::None) => "SAVEPOINT kg; ",
-            (true, Savepoint::Kept) => "RELEASE kg; SAVEPOINT kg; ",
-            (true, Savepoint::Open | Savepoint::Dropped) => {
-                "ROLLBACK TO kg; RELEASE kg; SAVEPOINT kg; "
+        let tail = if !opening {
+            ""
+        } else {
+            match (st.open, st.savepoint) {
+                (false, _) => "BEGIN IMMEDIATE; SAVEPOINT kg; ",
+                (true, Savepoint::None) => "SAVEPOINT kg; ",
+                (true, Savepoint::Kept) => "RELEASE kg; SAVEPOINT kg; ",
+                (true, Savepoint::Open | Savepoint::Dropped) => {
+                    "ROLLBACK TO kg; RELEASE kg; SAVEPOINT kg; "
+                }
             }
         };
-        Some(st.with_deferred(tail))
-    }
-
-    /// Its savepoint is open.
-    pub(super) fn begun(&self) -> bool {
-        self.begun
-    }
-
-    /// Notes the savepoint open after the trip [`Self::opening`] gave; if
-    /// that trip failed, the whole group is rolled back (what failed may be
-    /// another transaction's release or its audit events).
-    pub(super) async fn opened<T>(&mut self, trip: Result<T, sqlx::Error>) -> StoreResult<T> {
-        let st = &mut *self.state;
-        match trip {
-            Ok(v) => {
-                st.open = true;
-                st.savepoint = Savepoint::Open;
-                st.head_at_savepoint = st.head.clone();
-                self.begun = true;
-                Ok(v)
-            }
-            Err(e) => Err(st.abort(e).await),
+        let carries = st.later_count > 0;
+        let q = if opening || carries {
+            st.with_deferred(tail)
+        } else {
+            QueryBuilder::default()
+        };
+        Trip {
+            q,
+            opening,
+            carries: !opening && carries,
         }
     }
 
-    /// The connection, inside this transaction's savepoint (opened now, in
-    /// a trip of its own, if no statement has opened it yet).
+    /// Opens the savepoint now, in a trip of its own, if no statement has.
+    pub(super) async fn begin_now(&mut self) -> StoreResult<()> {
+        if !self.begun {
+            let mut trip = self.trip();
+            let r = trip.q.build().execute(&mut self.state.conn).await;
+            trip.done(self, r).await?;
+        }
+        Ok(())
+    }
+
+    /// The connection, inside this transaction's savepoint, with its
+    /// deferred statements run (in a trip of their own, if any wait).
     pub(super) async fn conn(&mut self) -> StoreResult<&mut SqliteConnection> {
-        if let Some(mut q) = self.opening() {
-            let trip = q.build().execute(&mut self.state.conn).await;
-            self.opened(trip).await?;
+        if !self.begun || self.state.later_count > 0 {
+            let mut trip = self.trip();
+            let r = trip.q.build().execute(&mut self.state.conn).await;
+            trip.done(self, r).await?;
         }
         Ok(&mut self.state.conn)
+    }
+
+    /// Queues a statement whose outcome nobody reads, to run inside this
+    /// transaction's savepoint with the next trip; `push` appends it (one
+    /// statement, `?` placeholders) to the builder.
+    pub(super) async fn defer(
+        &mut self,
+        push: impl FnOnce(&mut QueryBuilder<Sqlite>),
+    ) -> StoreResult<()> {
+        self.begin_now().await?;
+        let st = &mut *self.state;
+        push(&mut st.later);
+        st.later.push("; ");
+        st.later_count += 1;
+        Ok(())
+    }
+}
+
+/// One trip to SQLite's thread, built by [`WriteTx::trip`].
+pub(super) struct Trip {
+    pub(super) q: QueryBuilder<Sqlite>,
+    opening: bool,
+    /// It runs this transaction's deferred statements.
+    carries: bool,
+}
+
+impl Trip {
+    /// Notes the savepoint open after an opening trip. A failed opening
+    /// rolls back the whole group (what failed may be another
+    /// transaction's release or its deferred writes); a failed trip of an
+    /// open savepoint fails this transaction only.
+    pub(super) async fn done<T>(
+        self,
+        tx: &mut WriteTx,
+        r: Result<T, sqlx::Error>,
+    ) -> StoreResult<T> {
+        let st = &mut *tx.state;
+        match r {
+            Ok(v) => {
+                if self.opening {
+                    st.open = true;
+                    st.savepoint = Savepoint::Open;
+                    st.head_at_savepoint = st.head.clone();
+                    tx.begun = true;
+                }
+                Ok(v)
+            }
+            Err(e) if self.opening => Err(st.abort(e).await),
+            Err(e) => {
+                tx.poisoned |= self.carries;
+                Err(e.into())
+            }
+        }
     }
 }
 
@@ -288,14 +362,18 @@ impl State {
     /// Forgets what a dropped transaction did: its events and its head.
     fn discard_savepoint(&mut self) {
         self.deferred.clear();
+        self.later = QueryBuilder::default();
+        self.later_count = 0;
         self.head = self.head_at_savepoint.take();
     }
 
-    /// `tail`, preceded by the inserts of the deferred audit events.
+    /// `tail`, preceded by the deferred statements and the inserts of the
+    /// deferred audit events.
     fn with_deferred(&mut self, tail: &str) -> QueryBuilder<Sqlite> {
         /// Events per `INSERT` (17 columns each; SQLite allows 32,766 variables).
         const CHUNK: usize = 500;
-        let mut q = QueryBuilder::new("");
+        let mut q = std::mem::take(&mut self.later);
+        self.later_count = 0;
         let mut events = std::mem::take(&mut self.deferred).into_iter().peekable();
         while events.peek().is_some() {
             q.push(
@@ -360,6 +438,8 @@ impl State {
             self.head = None;
         }
         self.deferred.clear();
+        self.later = QueryBuilder::default();
+        self.later_count = 0;
         self.open = false;
         self.savepoint = Savepoint::None;
         self.members = 0;

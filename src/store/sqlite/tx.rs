@@ -31,7 +31,7 @@ impl StoreTx for SqliteTx {
     async fn audit(&mut self, mut ev: AuditEvent) -> StoreResult<()> {
         // The event belongs to this transaction's savepoint: it must be open
         // before the event joins the deferred inserts.
-        self.tx.conn().await?;
+        self.tx.begin_now().await?;
         let st = &mut *self.tx.state;
         let (seq, hash) = match st.head.clone() {
             Some(head) => head,
@@ -151,12 +151,16 @@ impl StoreTx for SqliteTx {
     }
 
     async fn touch_agent(&mut self, id: &str, now: OffsetDateTime) -> StoreResult<()> {
-        sqlx::query("UPDATE agents SET last_used_at = ? WHERE id = ?")
-            .bind(unix(now))
-            .bind(id)
-            .execute(self.tx.conn().await?)
-            .await?;
-        Ok(())
+        // Nobody reads its outcome: it rides with the next trip.
+        let id = id.to_owned();
+        self.tx
+            .defer(|q| {
+                q.push("UPDATE agents SET last_used_at = ")
+                    .push_bind(unix(now))
+                    .push(" WHERE id = ")
+                    .push_bind(id);
+            })
+            .await
     }
 
     async fn update_agent(&mut self, a: &Agent) -> StoreResult<()> {

@@ -10,13 +10,14 @@ use crate::store::{LeaseInsert, LeaseSelector, StoreError, StoreResult};
 use sqlx::{QueryBuilder, Row, Sqlite};
 
 pub(super) async fn insert_lease(tx: &mut SqliteTx, l: &Lease) -> StoreResult<LeaseInsert> {
-    // One trip, usually the transaction's first: it opens the savepoint,
-    // writes the lease (with what was issued, for an in-process provider)
+    // One trip, usually the transaction's first: it opens the savepoint
+    // (`WriteTx::trip`), writes the lease (with what was issued, for an in-process provider)
     // and says whether the agent's registry excludes its scope. The one
     // writer runs this alone, so an exclusion committed before it is seen
     // here, and one committed after it finds this lease when it scans the
     // agent's live leases.
-    let mut q = tx.tx.opening().unwrap_or_default();
+    let mut trip = tx.tx.trip();
+    let q = &mut trip.q;
     q.push(
         "INSERT INTO leases (id, agent_id, task_id, scope, provider, state, created_at, \
          expires_at, boot_id, source, handle, revocability) SELECT ",
@@ -50,13 +51,8 @@ pub(super) async fn insert_lease(tx: &mut SqliteTx, l: &Lease) -> StoreResult<Le
         .push(" AND x.key = ")
         .push_bind(l.scope.clone())
         .push(" AND json_extract(x.value, '$.lifted_at') IS NULL) AS excluded");
-    let opening = !tx.tx.begun();
-    let trip = q.build().fetch_optional(&mut tx.tx.state.conn).await;
-    let row = if opening {
-        tx.tx.opened(trip).await?
-    } else {
-        trip?
-    };
+    let r = trip.q.build().fetch_optional(&mut tx.tx.state.conn).await;
+    let row = trip.done(&mut tx.tx, r).await?;
     Ok(match row {
         None => LeaseInsert::TaskEnded,
         Some(r) => LeaseInsert::Written {

@@ -9,37 +9,45 @@ use crate::store::sql::push_selector;
 use crate::store::{StoreResult, TaskSelector};
 
 pub(super) async fn insert_task(tx: &mut SqliteTx, t: &Task) -> StoreResult<()> {
-    sqlx::query(
-        "INSERT INTO tasks (id, agent_id, description, state, opened_at, expires_at, \
-         parent_task_id, depth, delegation_budget, scopes, chain, on_behalf_of) \
-         VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-    )
-    .bind(&t.id)
-    .bind(&t.agent_id)
-    .bind(&t.description)
-    .bind(t.state.as_str())
-    .bind(unix(t.opened_at))
-    .bind(unix(t.expires_at))
-    .bind(&t.parent_task_id)
-    .bind(i64::from(t.depth))
-    .bind(i64::from(t.delegation_budget))
-    .bind(
-        t.scopes
-            .as_ref()
-            .map(serde_json::to_string)
-            .transpose()
-            .map_err(corrupt)?,
-    )
-    .bind(serde_json::to_string(&t.chain).map_err(corrupt)?)
-    .bind(
-        t.on_behalf_of
-            .as_ref()
-            .map(serde_json::to_string)
-            .transpose()
-            .map_err(corrupt)?,
-    )
-    .execute(tx.tx.conn().await?)
-    .await?;
+    let scopes = t
+        .scopes
+        .as_ref()
+        .map(serde_json::to_string)
+        .transpose()
+        .map_err(corrupt)?;
+    let chain = serde_json::to_string(&t.chain).map_err(corrupt)?;
+    let on_behalf_of = t
+        .on_behalf_of
+        .as_ref()
+        .map(serde_json::to_string)
+        .transpose()
+        .map_err(corrupt)?;
+    // Nobody reads its outcome: it rides with the transaction's next trip
+    // (its own next statement, or the commit), still inside its savepoint.
+    // Task ids are fresh and the agent exists, so it fails only as the
+    // whole store would.
+    tx.tx
+        .defer(|q| {
+            q.push(
+                "INSERT INTO tasks (id, agent_id, description, state, opened_at, expires_at, \
+                 parent_task_id, depth, delegation_budget, scopes, chain, on_behalf_of) VALUES (",
+            );
+            q.separated(", ")
+                .push_bind(t.id.clone())
+                .push_bind(t.agent_id.clone())
+                .push_bind(t.description.clone())
+                .push_bind(t.state.as_str())
+                .push_bind(unix(t.opened_at))
+                .push_bind(unix(t.expires_at))
+                .push_bind(t.parent_task_id.clone())
+                .push_bind(i64::from(t.depth))
+                .push_bind(i64::from(t.delegation_budget))
+                .push_bind(scopes)
+                .push_bind(chain)
+                .push_bind(on_behalf_of);
+            q.push(")");
+        })
+        .await?;
     tx.tx
         .state
         .remember_user(&t.id, t.on_behalf_of.as_ref().map(|u| u.id.clone()));
@@ -117,14 +125,17 @@ pub(super) async fn record_jti(
     jti: &str,
     expires_at: OffsetDateTime,
 ) -> StoreResult<bool> {
-    let done = sqlx::query(
-        "INSERT INTO assertion_jtis (agent_id, jti, expires_at) VALUES (?, ?, ?) \
-         ON CONFLICT DO NOTHING",
-    )
-    .bind(agent_id)
-    .bind(jti)
-    .bind(unix(expires_at))
-    .execute(tx.tx.conn().await?)
-    .await?;
-    Ok(done.rows_affected() == 1)
+    // Usually the transaction's first statement: one trip opens the
+    // savepoint and records the jti (a row back: it was fresh).
+    let mut trip = tx.tx.trip();
+    trip.q
+        .push("INSERT INTO assertion_jtis (agent_id, jti, expires_at) VALUES (")
+        .push_bind(agent_id.to_owned())
+        .push(", ")
+        .push_bind(jti.to_owned())
+        .push(", ")
+        .push_bind(unix(expires_at))
+        .push(") ON CONFLICT DO NOTHING RETURNING 1");
+    let r = trip.q.build().fetch_optional(&mut tx.tx.state.conn).await;
+    Ok(trip.done(&mut tx.tx, r).await?.is_some())
 }
