@@ -77,6 +77,10 @@ impl SqliteStore {
         let mut conn = opts
             .clone()
             .pragma("wal_autocheckpoint", "0")
+            // The writer's savepoints journal in memory, not in a temporary
+            // file, and it keeps the hot pages of the indexes it appends to.
+            .pragma("temp_store", "memory")
+            .pragma("cache_size", "-32768")
             .connect()
             .await?;
         sqlx::migrate!("./migrations/sqlite")
