@@ -6,6 +6,13 @@ use sqlx::{Database, Encode, QueryBuilder, Type};
 use super::{StoreError, StoreResult};
 use crate::model::Selector;
 
+/// An optional value as its JSON column (`None` stays NULL).
+pub(super) fn json_opt<T: serde::Serialize>(v: Option<&T>) -> StoreResult<Option<String>> {
+    v.map(serde_json::to_string)
+        .transpose()
+        .map_err(|e| StoreError::Corrupt(e.to_string()))
+}
+
 /// The page of a newest-first list: rows after `cursor` (`created_at`, then
 /// `id`), ordered, at most `page_size(limit)`.
 pub(super) fn push_page<DB: Database>(

@@ -5,6 +5,7 @@ use time::OffsetDateTime;
 use super::{PostgresTx, corrupt, settle};
 use crate::model::{Agent, AgentStatus, unix};
 use crate::store::rows::parse_col;
+use crate::store::sql::json_opt;
 use crate::store::{StoreError, StoreResult};
 
 pub(super) async fn insert_agent(tx: &mut PostgresTx, a: &Agent) -> StoreResult<()> {
@@ -86,17 +87,12 @@ pub(super) async fn set_step_up(
     step_up: Option<&crate::model::StepUp>,
     replacing: Option<&crate::model::StepUp>,
 ) -> StoreResult<bool> {
-    let json = |s: Option<&crate::model::StepUp>| {
-        s.map(serde_json::to_string)
-            .transpose()
-            .map_err(|e| StoreError::Corrupt(e.to_string()))
-    };
     let done = sqlx::query(
         "UPDATE agents SET step_up = $1 WHERE id = $2 AND ($3::text IS NULL OR step_up = $3)",
     )
-    .bind(json(step_up)?)
+    .bind(json_opt(step_up)?)
     .bind(id)
-    .bind(json(replacing)?)
+    .bind(json_opt(replacing)?)
     .execute(tx.conn())
     .await?;
     Ok(done.rows_affected() == 1)

@@ -5,7 +5,7 @@ use time::OffsetDateTime;
 use super::{PostgresTx, corrupt};
 use crate::model::{Lease, LeaseState, Revocability, unix};
 use crate::store::rows::{lease_from_row, parse_col};
-use crate::store::sql::push_selector;
+use crate::store::sql::{json_opt, push_selector};
 use crate::store::{LeaseInsert, LeaseSelector, StoreResult};
 use sqlx::{Postgres, QueryBuilder};
 
@@ -13,12 +13,7 @@ pub(super) async fn insert_lease(tx: &mut PostgresTx, l: &Lease) -> StoreResult<
     // FOR SHARE: the task cannot be ended until this transaction ends,
     // and one ended meanwhile is seen ended (READ COMMITTED re-checks a
     // locked row), so a lease never lands on an ended task.
-    let handle = l
-        .handle
-        .as_ref()
-        .map(serde_json::to_string)
-        .transpose()
-        .map_err(corrupt)?;
+    let handle = json_opt(l.handle.as_ref())?;
     let done = sqlx::query(
         "INSERT INTO leases (id, agent_id, task_id, scope, provider, state, created_at, \
          expires_at, boot_id, source, handle, revocability) \

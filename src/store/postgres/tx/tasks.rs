@@ -5,7 +5,7 @@ use time::OffsetDateTime;
 
 use super::{PostgresTx, corrupt};
 use crate::model::{Selector, Task, TaskState, unix};
-use crate::store::sql::push_selector;
+use crate::store::sql::{json_opt, push_selector};
 use crate::store::{StoreResult, TaskSelector};
 
 pub(super) async fn insert_task(tx: &mut PostgresTx, t: &Task) -> StoreResult<()> {
@@ -23,21 +23,9 @@ pub(super) async fn insert_task(tx: &mut PostgresTx, t: &Task) -> StoreResult<()
     .bind(&t.parent_task_id)
     .bind(i64::from(t.depth))
     .bind(i64::from(t.delegation_budget))
-    .bind(
-        t.scopes
-            .as_ref()
-            .map(serde_json::to_string)
-            .transpose()
-            .map_err(corrupt)?,
-    )
+    .bind(json_opt(t.scopes.as_ref())?)
     .bind(serde_json::to_string(&t.chain).map_err(corrupt)?)
-    .bind(
-        t.on_behalf_of
-            .as_ref()
-            .map(serde_json::to_string)
-            .transpose()
-            .map_err(corrupt)?,
-    )
+    .bind(json_opt(t.on_behalf_of.as_ref())?)
     .execute(tx.conn())
     .await?;
     tx.users

@@ -4,6 +4,7 @@ use time::OffsetDateTime;
 
 use super::{SqliteTx, corrupt};
 use crate::model::{Agent, AgentStatus, unix};
+use crate::store::sql::json_opt;
 use crate::store::{StoreError, StoreResult};
 
 pub(super) async fn insert_agent(tx: &mut SqliteTx, a: &Agent) -> StoreResult<()> {
@@ -82,17 +83,12 @@ pub(super) async fn set_step_up(
     step_up: Option<&crate::model::StepUp>,
     replacing: Option<&crate::model::StepUp>,
 ) -> StoreResult<bool> {
-    let json = |s: Option<&crate::model::StepUp>| {
-        s.map(serde_json::to_string)
-            .transpose()
-            .map_err(|e| StoreError::Corrupt(e.to_string()))
-    };
     let done = sqlx::query(
         "UPDATE agents SET step_up = ?1 WHERE id = ?2 AND (?3 IS NULL OR step_up = ?3)",
     )
-    .bind(json(step_up)?)
+    .bind(json_opt(step_up)?)
     .bind(id)
-    .bind(json(replacing)?)
+    .bind(json_opt(replacing)?)
     .execute(tx.tx.conn().await?)
     .await?;
     Ok(done.rows_affected() == 1)

@@ -5,7 +5,7 @@ use time::OffsetDateTime;
 use super::{SqliteTx, corrupt};
 use crate::model::{Lease, LeaseState, Revocability, unix};
 use crate::store::rows::lease_from_row;
-use crate::store::sql::push_selector;
+use crate::store::sql::{json_opt, push_selector};
 use crate::store::{LeaseInsert, LeaseSelector, StoreError, StoreResult};
 use sqlx::{QueryBuilder, Row, Sqlite};
 
@@ -22,12 +22,7 @@ pub(super) async fn insert_lease(tx: &mut SqliteTx, l: &Lease) -> StoreResult<Le
         "INSERT INTO leases (id, agent_id, task_id, scope, provider, state, created_at, \
          expires_at, boot_id, source, handle, revocability) SELECT ",
     );
-    let handle = l
-        .handle
-        .as_ref()
-        .map(serde_json::to_string)
-        .transpose()
-        .map_err(corrupt)?;
+    let handle = json_opt(l.handle.as_ref())?;
     let mut v = q.separated(", ");
     v.push_bind(l.id.clone())
         .push_bind(l.agent_id.clone())

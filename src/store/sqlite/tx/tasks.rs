@@ -5,23 +5,13 @@ use time::OffsetDateTime;
 
 use super::{SqliteTx, corrupt};
 use crate::model::{Selector, Task, TaskState, unix};
-use crate::store::sql::push_selector;
+use crate::store::sql::{json_opt, push_selector};
 use crate::store::{StoreResult, TaskSelector};
 
 pub(super) async fn insert_task(tx: &mut SqliteTx, t: &Task) -> StoreResult<()> {
-    let scopes = t
-        .scopes
-        .as_ref()
-        .map(serde_json::to_string)
-        .transpose()
-        .map_err(corrupt)?;
+    let scopes = json_opt(t.scopes.as_ref())?;
     let chain = serde_json::to_string(&t.chain).map_err(corrupt)?;
-    let on_behalf_of = t
-        .on_behalf_of
-        .as_ref()
-        .map(serde_json::to_string)
-        .transpose()
-        .map_err(corrupt)?;
+    let on_behalf_of = json_opt(t.on_behalf_of.as_ref())?;
     // Nobody reads its outcome: it rides with the transaction's next trip
     // (its own next statement, or the commit), still inside its savepoint.
     // Task ids are fresh and the agent exists, so it fails only as the
