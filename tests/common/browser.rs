@@ -12,7 +12,13 @@ use fantoccini::{Client, ClientBuilder, Locator};
 use serde_json::json;
 
 fn is_stale(e: &CmdError) -> bool {
-    matches!(e, CmdError::Standard(w) if w.error == ErrorStatus::StaleElementReference)
+    // ChromeDriver says so in two ways: the standard stale element error,
+    // or, when the page is replaced while it reads the node, an "unknown
+    // error" from DevTools that the node left the document.
+    matches!(e, CmdError::Standard(w)
+        if w.error == ErrorStatus::StaleElementReference
+            || (w.error == ErrorStatus::UnknownError
+                && w.message.contains("does not belong to the document")))
 }
 
 /// A browser session; dropping it ends ChromeDriver and its Chromium.
