@@ -6,6 +6,7 @@
 //! commit together or not at all.
 
 pub mod copy;
+mod lease_insert;
 mod postgres;
 mod rows;
 mod sql;
@@ -21,6 +22,8 @@ use crate::model::{
     RevocationProgress, Selector, Task, TaskState,
 };
 
+pub use lease_insert::LeaseInsert;
+pub(crate) use lease_insert::insert_lease_alone;
 pub use postgres::PostgresStore;
 pub(crate) use postgres::connect_options as postgres_options;
 pub use sqlite::SqliteStore;
@@ -64,6 +67,16 @@ pub struct DueRevocation {
 pub trait Store: Send + Sync + 'static {
     /// Starts a write transaction.
     async fn begin(&self) -> StoreResult<Box<dyn StoreTx>>;
+    /// Writes a lease as [`StoreTx::insert_lease`] does and, if it was
+    /// written, `events`, as one durable change; an engine may batch it with
+    /// other lease writes.
+    async fn insert_lease_audited(
+        &self,
+        lease: &Lease,
+        events: Vec<AuditEvent>,
+    ) -> StoreResult<LeaseInsert> {
+        insert_lease_alone(self.begin().await?, lease, events).await
+    }
 
     async fn get_agent(&self, id: &str) -> StoreResult<Option<Agent>>;
     /// Agents ordered by id: those after `after`, at most `limit` (all
@@ -234,28 +247,6 @@ pub trait Store: Send + Sync + 'static {
 }
 
 /// One atomic change. Dropping it without `commit` rolls back.
-/// What [`StoreTx::insert_lease`] did.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum LeaseInsert {
-    /// The task had ended: nothing was written.
-    TaskEnded,
-    Written {
-        /// Whether the registry excludes the lease's scope from its agent,
-        /// as this transaction sees it. `None`: the engine cannot tell
-        /// from inside the transaction whether an exclusion being committed
-        /// alongside it will see this lease (PostgreSQL's concurrent
-        /// writers); the caller reads the agent after the commit.
-        excluded: Option<bool>,
-    },
-}
-
-impl LeaseInsert {
-    /// The lease was written.
-    pub fn written(self) -> bool {
-        matches!(self, Self::Written { .. })
-    }
-}
-
 #[async_trait]
 pub trait StoreTx: Send {
     async fn commit(self: Box<Self>) -> StoreResult<()>;

@@ -196,14 +196,10 @@ async fn sqlite_the_wal_stays_bounded_under_constant_reads() {
     assert_eq!(events(store.as_ref()).await.len(), 6000);
 }
 
-/// A request that passed its session check just before its task ended must
-/// not gain a lease that nothing would ever revoke.
-#[tokio::test]
-async fn no_lease_is_written_for_an_ended_task() {
-    use keygate::model::{Lease, LeaseState, Task, TaskState, now};
+/// An agent `a1`, and `tasks` of it, open unless named in `ended`.
+async fn agent_with_tasks(store: &dyn Store, tasks: &[&str], ended: &[&str]) {
+    use keygate::model::{Task, TaskState, now};
     use keygate::store::TaskSelector;
-    let (_dir, path) = db_path();
-    let store = open(&path).await;
     let t = now();
     let agent: keygate::model::Agent = serde_json::from_value(serde_json::json!({
         "id": "a1", "team": "t", "sponsor": "s@example.com", "risk_tier": 1,
@@ -213,29 +209,50 @@ async fn no_lease_is_written_for_an_ended_task() {
         "last_used_at": null, "last_review_at": null,
     }))
     .unwrap();
-    let task = Task {
-        id: "tk_1".into(),
-        agent_id: "a1".into(),
-        description: String::new(),
-        state: TaskState::Open,
-        opened_at: t,
-        expires_at: t + time::Duration::hours(1),
-        ended_at: None,
-        end_reason: None,
-        parent_task_id: None,
-        depth: 0,
-        delegation_budget: 0,
-        scopes: None,
-        chain: Vec::new(),
-        on_behalf_of: None,
-    };
-    let lease = || Lease {
+    let mut tx = store.begin().await.unwrap();
+    tx.insert_agent(&agent).await.unwrap();
+    for id in tasks {
+        let task = Task {
+            id: (*id).into(),
+            agent_id: "a1".into(),
+            description: String::new(),
+            state: TaskState::Open,
+            opened_at: t,
+            expires_at: t + time::Duration::hours(1),
+            ended_at: None,
+            end_reason: None,
+            parent_task_id: None,
+            depth: 0,
+            delegation_budget: 0,
+            scopes: None,
+            chain: Vec::new(),
+            on_behalf_of: None,
+        };
+        tx.insert_task(&task).await.unwrap();
+    }
+    for id in ended {
+        tx.end_tasks(
+            &TaskSelector::Task((*id).into()),
+            TaskState::Revoked,
+            "test",
+            t,
+        )
+        .await
+        .unwrap();
+    }
+    tx.commit().await.unwrap();
+}
+
+/// A pending lease of `a1` in `task`, with a fresh id.
+fn lease_in(task: &str) -> keygate::model::Lease {
+    let t = keygate::model::now();
+    keygate::model::Lease {
         id: keygate::model::new_id("ls"),
         agent_id: "a1".into(),
-        task_id: "tk_1".into(),
+        task_id: task.into(),
         scope: "s".into(),
         provider: "p".into(),
-        state: LeaseState::Pending,
+        state: keygate::model::LeaseState::Pending,
         revocability: None,
         handle: None,
         created_at: t,
@@ -248,19 +265,112 @@ async fn no_lease_is_written_for_an_ended_task() {
         revocation_id: None,
         boot_id: None,
         source: None,
-    };
+    }
+}
+
+/// A request that passed its session check just before its task ended must
+/// not gain a lease that nothing would ever revoke.
+#[tokio::test]
+async fn no_lease_is_written_for_an_ended_task() {
+    use keygate::model::{TaskState, now};
+    use keygate::store::TaskSelector;
+    let (_dir, path) = db_path();
+    let store = open(&path).await;
+    agent_with_tasks(store.as_ref(), &["tk_1"], &[]).await;
     let mut tx = store.begin().await.unwrap();
-    tx.insert_agent(&agent).await.unwrap();
-    tx.insert_task(&task).await.unwrap();
-    assert!(tx.insert_lease(&lease()).await.unwrap().written());
+    assert!(tx.insert_lease(&lease_in("tk_1")).await.unwrap().written());
     tx.end_tasks(
         &TaskSelector::Task("tk_1".into()),
         TaskState::Revoked,
         "test",
-        t,
+        now(),
     )
     .await
     .unwrap();
-    assert!(!tx.insert_lease(&lease()).await.unwrap().written());
+    assert!(!tx.insert_lease(&lease_in("tk_1")).await.unwrap().written());
     tx.commit().await.unwrap();
+}
+
+/// Lease writes racing each other (the SQLite engine batches them into
+/// one statement): each keeps its own fate. A lease of an ended task is
+/// refused without taking the others in its batch with it, every lease
+/// reported written is there with its event, nothing else is, and the audit
+/// chain stays unbroken. Then a duplicate id among them: whatever it costs
+/// the others, nobody is told a lease was written that is not, and the
+/// duplicate is not written twice.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_lease_writes_keep_each_its_fate() {
+    use keygate::model::LeaseFilter;
+    use keygate::store::LeaseInsert;
+    let (_dir, path) = db_path();
+    let store = open(&path).await;
+    agent_with_tasks(store.as_ref(), &["tk_open", "tk_gone"], &["tk_gone"]).await;
+    // Round by round: every lease of an open task; every fifth one of an
+    // ended task; then also two with the same id.
+    let gone = |round: usize, i: usize| round > 0 && i % 5 == 0;
+    let mut written = Vec::new();
+    let mut dup_written = 0;
+    for round in 0..3 {
+        let mut set = tokio::task::JoinSet::new();
+        for i in 0..120 {
+            let store = Arc::clone(&store);
+            let mut lease = lease_in(if gone(round, i) { "tk_gone" } else { "tk_open" });
+            if round == 2 && (i == 41 || i == 42) {
+                lease.id = "ls_dup".into();
+            }
+            set.spawn(async move {
+                let ev = AuditEvent::new(&Actor::System, "test.lease")
+                    .lease(&lease.id)
+                    .reason(lease.id.clone());
+                let r = store.insert_lease_audited(&lease, vec![ev]).await;
+                (i, lease.id, r)
+            });
+        }
+        for (i, id, r) in set.join_all().await {
+            match r {
+                Ok(LeaseInsert::Written { .. }) => {
+                    assert!(!gone(round, i), "lease {i} of the ended task was written");
+                    dup_written += usize::from(id == "ls_dup");
+                    written.push(id);
+                }
+                Ok(LeaseInsert::TaskEnded) => {
+                    assert!(gone(round, i), "lease {i} (round {round}) was refused");
+                }
+                // A failed statement may cost the others in its group (the
+                // duplicate's round only); they are told.
+                Err(e) => assert!(
+                    round == 2 && !gone(round, i),
+                    "lease {i} (round {round}): {e}"
+                ),
+            }
+        }
+        if round < 2 {
+            assert_eq!(written.len(), if round == 0 { 120 } else { 216 });
+        }
+    }
+    assert!(
+        dup_written <= 1,
+        "the duplicate id was reported written twice"
+    );
+    written.sort();
+    let mut stored: Vec<String> = store
+        .list_leases(&LeaseFilter::default())
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|l| l.id)
+        .collect();
+    stored.sort();
+    assert_eq!(
+        stored, written,
+        "the leases stored are those reported written"
+    );
+    let evs = events(store.as_ref()).await;
+    let mut audited: Vec<String> = evs.iter().filter_map(|e| e.reason.clone()).collect();
+    audited.sort();
+    assert_eq!(
+        audited, written,
+        "each written lease has its event, no other has one"
+    );
+    verify_chain(&evs, 0, GENESIS_HASH.to_owned()).expect("one unbroken chain");
 }

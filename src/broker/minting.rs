@@ -20,6 +20,12 @@ use crate::store::{LeaseInsert, LeaseSelector};
 /// duration later, plus the clock skew between Keygate and the backend.
 const BACKEND_CLOCK_SKEW: time::Duration = time::Duration::seconds(5);
 /// The audit event of a lease's credential issued: what, never the secret.
+/// The task ended (completion, TTL, kill switch) after this request's
+/// session check: no credential for an ended task.
+fn task_ended() -> BrokerError {
+    BrokerError::TaskEnded("the task has ended".into())
+}
+
 fn issued_event(lease: &Lease, issued: &keygate_provider_api::Issued, actor: &Actor) -> AuditEvent {
     let revocability: Revocability = issued.revocability.into();
     AuditEvent::new(actor, "lease.issued")
@@ -267,27 +273,35 @@ impl Broker {
         issued: Option<(&keygate_provider_api::Issued, &Actor)>,
     ) -> BrokerResult<Option<bool>> {
         let t = lease.created_at;
+        let active = issued.map(|(issued, _)| {
+            let mut active = lease.clone();
+            active.state = LeaseState::Active;
+            active.handle = Some(issued.handle.0.clone());
+            active.revocability = Some(issued.revocability.into());
+            active.expires_at = issued.expires_at;
+            active
+        });
+        let written = active.as_ref().unwrap_or(lease);
+        let mut events = vec![decided.lease(&lease.id)];
+        if let Some((issued, actor)) = issued {
+            events.push(issued_event(lease, issued, actor));
+        }
+        if redeem.is_none() && !self.limits_live_leases(s, scope_cfg) {
+            // Nothing to check inside the transaction: the store may batch
+            // this write with other requests' (SQLite does).
+            return match self.store.insert_lease_audited(written, events).await? {
+                LeaseInsert::Written { excluded } => Ok(excluded),
+                LeaseInsert::TaskEnded => Err(task_ended()),
+            };
+        }
         let mut tx = self.store.begin().await?;
         if let Some(over) = self.over_live_leases(&mut *tx, s, scope_cfg, t).await? {
             // The transaction ends unwritten before the refusal is audited.
             drop(tx);
             return Err(self.refuse_live(s, &lease.scope, over).await);
         }
-        let inserted = match issued {
-            Some((issued, _)) => {
-                let mut active = lease.clone();
-                active.state = LeaseState::Active;
-                active.handle = Some(issued.handle.0.clone());
-                active.revocability = Some(issued.revocability.into());
-                active.expires_at = issued.expires_at;
-                tx.insert_lease(&active).await?
-            }
-            None => tx.insert_lease(lease).await?,
-        };
-        let LeaseInsert::Written { excluded } = inserted else {
-            // The task ended (completion, TTL, kill switch) after this
-            // request's session check: no credential for an ended task.
-            return Err(BrokerError::TaskEnded("the task has ended".into()));
+        let LeaseInsert::Written { excluded } = tx.insert_lease(written).await? else {
+            return Err(task_ended());
         };
         if let Some(approval_id) = redeem
             && !tx.redeem_approval(approval_id, &lease.id, t).await?
@@ -296,9 +310,8 @@ impl Broker {
                 "approval `{approval_id}` was redeemed already: an approval yields one credential"
             )));
         }
-        tx.audit(decided.lease(&lease.id)).await?;
-        if let Some((issued, actor)) = issued {
-            tx.audit(issued_event(lease, issued, actor)).await?;
+        for ev in events {
+            tx.audit(ev).await?;
         }
         tx.commit().await?;
         Ok(excluded)

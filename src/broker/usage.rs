@@ -60,6 +60,15 @@ impl Broker {
 
     /// The live-lease part, inside the write-ahead transaction before the
     /// lease is inserted: `Some(refusal)` when the agent holds its limit.
+    /// Whether a live-lease limit applies to this agent's leases of this
+    /// scope (what [`Self::over_live_leases`] counts).
+    pub(super) fn limits_live_leases(&self, s: &Session, scope_cfg: &ScopeConfig) -> bool {
+        scope_cfg.max_live_leases_per_agent.is_some()
+            || self
+                .usage_policy(s)
+                .is_some_and(|p| p.max_live_leases.is_some())
+    }
+
     pub(super) async fn over_live_leases(
         &self,
         tx: &mut dyn StoreTx,

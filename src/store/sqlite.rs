@@ -8,6 +8,8 @@
 //! connections (`reads.rs`).
 
 mod approvals;
+mod batch;
+mod chain;
 mod fences;
 mod findings;
 mod group;
@@ -81,6 +83,9 @@ impl SqliteStore {
             // file, and it keeps the hot pages of the indexes it appends to.
             .pragma("temp_store", "memory")
             .pragma("cache_size", "-32768")
+            // A batch's statement differs with its size (batch.rs): room
+            // for each size next to the other statements.
+            .statement_cache_capacity(512)
             .connect()
             .await?;
         sqlx::migrate!("./migrations/sqlite")
@@ -121,6 +126,17 @@ impl Store for SqliteStore {
         Ok(Box::new(SqliteTx {
             tx: self.write.begin().await?,
         }))
+    }
+
+    async fn insert_lease_audited(
+        &self,
+        lease: &Lease,
+        events: Vec<AuditEvent>,
+    ) -> StoreResult<super::LeaseInsert> {
+        if let Some(done) = self.write.insert_lease_batched(lease, &events).await? {
+            return Ok(done);
+        }
+        super::insert_lease_alone(self.begin().await?, lease, events).await
     }
 
     async fn get_agent(&self, id: &str) -> StoreResult<Option<Agent>> {

@@ -57,7 +57,7 @@ const CHECKPOINT_RETRY: Duration = Duration::from_secs(1);
 pub(super) const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// How a group ended: `None` while it is open.
-type Outcome = Option<Result<(), String>>;
+pub(super) type Outcome = Option<Result<(), String>>;
 
 /// The writer connection and the group being built on it.
 pub(super) struct State {
@@ -112,6 +112,8 @@ enum Savepoint {
 pub(super) struct Writer {
     state: Arc<Mutex<State>>,
     flush: Arc<Notify>,
+    /// Lease writes waiting for the batcher (`batch.rs`).
+    pub(super) batch: Arc<super::batch::Queue>,
 }
 
 /// A write transaction holding the writer connection.
@@ -128,8 +130,9 @@ pub(super) struct WriteTx {
 
 impl Drop for Writer {
     fn drop(&mut self) {
-        // Lets the flusher see that the store is gone.
+        // Lets the flusher and the batcher see that the store is gone.
         self.flush.notify_one();
+        self.batch.wake.notify_one();
     }
 }
 
@@ -160,26 +163,55 @@ impl Writer {
             later_count: 0,
         }));
         let flush = Arc::new(Notify::new());
+        let batch = Arc::new(super::batch::Queue::default());
         tokio::spawn(flusher(Arc::downgrade(&state), Arc::clone(&flush), wal));
-        Self { state, flush }
+        tokio::spawn(super::batch::batcher(
+            Arc::downgrade(&state),
+            Arc::clone(&flush),
+            Arc::clone(&batch),
+        ));
+        Self {
+            state,
+            flush,
+            batch,
+        }
     }
 
     /// Waits for the connection (in arrival order). The savepoint opens
     /// with the first trip that uses it.
     pub(super) async fn begin(&self) -> StoreResult<WriteTx> {
-        let mut state = Arc::clone(&self.state).lock_owned().await;
-        if state.savepoint == Savepoint::Open {
-            // Left by a dropped transaction: none of it is kept.
-            state.discard_savepoint();
-            state.savepoint = Savepoint::Dropped;
-        }
-        Ok(WriteTx {
-            state,
-            flush: Arc::clone(&self.flush),
-            committed: false,
-            begun: false,
-            poisoned: false,
-        })
+        Ok(begin_on(Arc::clone(&self.state), Arc::clone(&self.flush)).await)
+    }
+}
+
+/// Waits for the connection behind `state` (in arrival order).
+pub(super) async fn begin_on(state: Arc<Mutex<State>>, flush: Arc<Notify>) -> WriteTx {
+    let mut state = state.lock_owned().await;
+    if state.savepoint == Savepoint::Open {
+        // Left by a dropped transaction: none of it is kept.
+        state.discard_savepoint();
+        state.savepoint = Savepoint::Dropped;
+    }
+    WriteTx {
+        state,
+        flush,
+        committed: false,
+        begun: false,
+        poisoned: false,
+    }
+}
+
+/// Waits until the group behind `done` is durable (or rolled back).
+pub(super) async fn durable(mut done: watch::Receiver<Outcome>) -> StoreResult<()> {
+    let outcome = done
+        .wait_for(Option::is_some)
+        .await
+        .map_err(|_| StoreError::Database("the store closed before the commit".into()))?
+        .clone();
+    match outcome {
+        Some(Ok(())) => Ok(()),
+        Some(Err(e)) => Err(StoreError::Database(format!("commit failed: {e}"))),
+        None => Err(StoreError::Database("commit outcome lost".into())),
     }
 }
 
@@ -192,6 +224,12 @@ impl WriteTx {
             self.committed = true;
             return Ok(());
         }
+        durable(self.keep()?).await
+    }
+
+    /// Keeps the savepoint's changes in the group and hands the connection
+    /// on; the receiver learns when the group is durable ([`durable`]).
+    pub(super) fn keep(mut self) -> StoreResult<watch::Receiver<Outcome>> {
         if self.poisoned {
             // Dropped uncommitted: the savepoint is rolled back.
             return Err(StoreError::Database(
@@ -201,21 +239,12 @@ impl WriteTx {
         let st = &mut *self.state;
         st.savepoint = Savepoint::Kept;
         st.members += 1;
-        let mut done = st.group.subscribe();
+        let done = st.group.subscribe();
         self.committed = true;
         let flush = Arc::clone(&self.flush);
         drop(self); // hands the connection to the next in line
         flush.notify_one();
-        let outcome = done
-            .wait_for(Option::is_some)
-            .await
-            .map_err(|_| StoreError::Database("the store closed before the commit".into()))?
-            .clone();
-        match outcome {
-            Some(Ok(())) => Ok(()),
-            Some(Err(e)) => Err(StoreError::Database(format!("commit failed: {e}"))),
-            None => Err(StoreError::Database("commit outcome lost".into())),
-        }
+        Ok(done)
     }
 }
 
@@ -370,39 +399,9 @@ impl State {
     /// `tail`, preceded by the deferred statements and the inserts of the
     /// deferred audit events.
     fn with_deferred(&mut self, tail: &str) -> QueryBuilder<Sqlite> {
-        /// Events per `INSERT` (17 columns each; SQLite allows 32,766 variables).
-        const CHUNK: usize = 500;
         let mut q = std::mem::take(&mut self.later);
         self.later_count = 0;
-        let mut events = std::mem::take(&mut self.deferred).into_iter().peekable();
-        while events.peek().is_some() {
-            q.push(
-                "INSERT INTO audit_events (seq, at_ms, actor, action, agent, task, scope, \
-                 lease, decision, policy_ids, policy_hash, outcome, reason, details, prev_hash, \
-                 hash, on_behalf_of) ",
-            );
-            q.push_values(events.by_ref().take(CHUNK), |mut b, p| {
-                let ev = p.ev;
-                b.push_bind(ev.seq)
-                    .push_bind(ev.at_ms)
-                    .push_bind(ev.actor)
-                    .push_bind(ev.action)
-                    .push_bind(ev.agent)
-                    .push_bind(ev.task)
-                    .push_bind(ev.scope)
-                    .push_bind(ev.lease)
-                    .push_bind(ev.decision)
-                    .push_bind(p.policy_ids)
-                    .push_bind(ev.policy_hash)
-                    .push_bind(ev.outcome)
-                    .push_bind(ev.reason)
-                    .push_bind(p.details)
-                    .push_bind(ev.prev_hash)
-                    .push_bind(ev.hash)
-                    .push_bind(ev.on_behalf_of);
-            });
-            q.push("; ");
-        }
+        push_events(&mut q, std::mem::take(&mut self.deferred));
         q.push(tail);
         q
     }
@@ -445,6 +444,41 @@ impl State {
         self.members = 0;
         let group = std::mem::replace(&mut self.group, watch::channel(None).0);
         group.send_replace(Some(result));
+    }
+}
+
+/// Appends the inserts of chained `events` (in order) to `q`.
+pub(super) fn push_events(q: &mut QueryBuilder<Sqlite>, events: Vec<PendingEvent>) {
+    /// Events per `INSERT` (17 columns each; SQLite allows 32,766 variables).
+    const CHUNK: usize = 500;
+    let mut events = events.into_iter().peekable();
+    while events.peek().is_some() {
+        q.push(
+            "INSERT INTO audit_events (seq, at_ms, actor, action, agent, task, scope, \
+             lease, decision, policy_ids, policy_hash, outcome, reason, details, prev_hash, \
+             hash, on_behalf_of) ",
+        );
+        q.push_values(events.by_ref().take(CHUNK), |mut b, p| {
+            let ev = p.ev;
+            b.push_bind(ev.seq)
+                .push_bind(ev.at_ms)
+                .push_bind(ev.actor)
+                .push_bind(ev.action)
+                .push_bind(ev.agent)
+                .push_bind(ev.task)
+                .push_bind(ev.scope)
+                .push_bind(ev.lease)
+                .push_bind(ev.decision)
+                .push_bind(p.policy_ids)
+                .push_bind(ev.policy_hash)
+                .push_bind(ev.outcome)
+                .push_bind(ev.reason)
+                .push_bind(p.details)
+                .push_bind(ev.prev_hash)
+                .push_bind(ev.hash)
+                .push_bind(ev.on_behalf_of);
+        });
+        q.push("; ");
     }
 }
 

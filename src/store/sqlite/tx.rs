@@ -9,7 +9,7 @@ use async_trait::async_trait;
 use sqlx::Row;
 use time::OffsetDateTime;
 
-use crate::audit::{AuditEvent, GENESIS_HASH};
+use crate::audit::AuditEvent;
 use crate::model::{
     Agent, AgentStatus, Approval, ApprovalDecision, ApprovalState, FenceRecord, Lease, LeaseState,
     Notification, Revocability, Revocation, Task, TaskState, unix,
@@ -33,47 +33,12 @@ impl StoreTx for SqliteTx {
         // before the event joins the deferred inserts.
         self.tx.begin_now().await?;
         let st = &mut *self.tx.state;
-        let (seq, hash) = match st.head.clone() {
-            Some(head) => head,
-            None => {
-                let head =
-                    sqlx::query("SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1")
-                        .fetch_optional(&mut st.conn)
-                        .await?;
-                match head {
-                    Some(r) => (r.try_get::<i64, _>("seq")?, r.try_get::<String, _>("hash")?),
-                    None => (0, GENESIS_HASH.to_owned()),
-                }
-            }
-        };
-        // Every event of a task that acts for a user names the user.
-        if ev.on_behalf_of.is_none()
-            && let Some(task) = &ev.task
-        {
-            ev.on_behalf_of = match st.users.get(task) {
-                Some(user) => user.clone(),
-                None => {
-                    let row: Option<Option<String>> = sqlx::query_scalar(
-                        "SELECT json_extract(on_behalf_of, '$.id') FROM tasks WHERE id = ?",
-                    )
-                    .bind(task)
-                    .fetch_optional(&mut st.conn)
-                    .await?;
-                    if let Some(user) = &row {
-                        st.remember_user(task, user.clone());
-                    }
-                    row.flatten()
-                }
-            };
-        }
+        let (seq, hash) = st.chain_head().await?;
+        st.name_user(&mut ev).await?;
         ev.chain_after(seq, &hash);
         // Written with the connection's next round trip, still inside this
         // transaction's savepoint (group.rs).
-        let pending = group::PendingEvent {
-            policy_ids: serde_json::to_string(&ev.policy_ids).map_err(corrupt)?,
-            details: serde_json::to_string(&ev.details).map_err(corrupt)?,
-            ev,
-        };
+        let pending = group::PendingEvent::new(ev)?;
         st.head = Some((pending.ev.seq, pending.ev.hash.clone()));
         st.deferred.push(pending);
         Ok(())
@@ -457,6 +422,6 @@ impl StoreTx for SqliteTx {
     }
 }
 
-fn corrupt(e: serde_json::Error) -> StoreError {
+pub(super) fn corrupt(e: serde_json::Error) -> StoreError {
     StoreError::Corrupt(e.to_string())
 }

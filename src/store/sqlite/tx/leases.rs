@@ -2,50 +2,19 @@
 
 use time::OffsetDateTime;
 
+use super::super::batch::push_lease_inserts;
 use super::{SqliteTx, corrupt};
 use crate::model::{Lease, LeaseState, Revocability, unix};
 use crate::store::rows::lease_from_row;
-use crate::store::sql::{json_opt, push_selector};
+use crate::store::sql::push_selector;
 use crate::store::{LeaseInsert, LeaseSelector, StoreError, StoreResult};
 use sqlx::{QueryBuilder, Row, Sqlite};
 
 pub(super) async fn insert_lease(tx: &mut SqliteTx, l: &Lease) -> StoreResult<LeaseInsert> {
     // One trip, usually the transaction's first: it opens the savepoint
-    // (`WriteTx::trip`), writes the lease (with what was issued, for an in-process provider)
-    // and says whether the agent's registry excludes its scope. The one
-    // writer runs this alone, so an exclusion committed before it is seen
-    // here, and one committed after it finds this lease when it scans the
-    // agent's live leases.
+    // (`WriteTx::trip`) and writes the lease with the batcher's statement.
     let mut trip = tx.tx.trip();
-    let q = &mut trip.q;
-    q.push(
-        "INSERT INTO leases (id, agent_id, task_id, scope, provider, state, created_at, \
-         expires_at, boot_id, source, handle, revocability) SELECT ",
-    );
-    let handle = json_opt(l.handle.as_ref())?;
-    let mut v = q.separated(", ");
-    v.push_bind(l.id.clone())
-        .push_bind(l.agent_id.clone())
-        .push_bind(l.task_id.clone())
-        .push_bind(l.scope.clone())
-        .push_bind(l.provider.clone())
-        .push_bind(l.state.as_str())
-        .push_bind(unix(l.created_at))
-        .push_bind(unix(l.expires_at))
-        .push_bind(l.boot_id.clone())
-        .push_bind(l.source.clone())
-        .push_bind(handle)
-        .push_bind(l.revocability.map(|r| r.as_str()));
-    q.push(" WHERE EXISTS (SELECT 1 FROM tasks WHERE id = ")
-        .push_bind(l.task_id.clone())
-        .push(
-            " AND state = 'open') RETURNING EXISTS (SELECT 1 FROM agents, \
-             json_each(agents.excluded_scopes) AS x WHERE agents.id = ",
-        )
-        .push_bind(l.agent_id.clone())
-        .push(" AND x.key = ")
-        .push_bind(l.scope.clone())
-        .push(" AND json_extract(x.value, '$.lifted_at') IS NULL) AS excluded");
+    push_lease_inserts(&mut trip.q, [l])?;
     let r = trip.q.build().fetch_optional(&mut tx.tx.state.conn).await;
     let row = trip.done(&mut tx.tx, r).await?;
     Ok(match row {
