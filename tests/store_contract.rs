@@ -374,3 +374,54 @@ async fn racing_lease_writes_keep_each_its_fate() {
     );
     verify_chain(&evs, 0, GENESIS_HASH.to_owned()).expect("one unbroken chain");
 }
+
+/// Session checks racing each other (the SQLite engine reads them in
+/// batches): each gets its own task and agent, a task asked for by many at
+/// once is answered to each, an unknown one is `None`, and a task ended
+/// before a check is seen ended by it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_session_reads_each_get_their_own_task() {
+    use keygate::model::{TaskState, now};
+    use keygate::store::TaskSelector;
+    let (_dir, path) = db_path();
+    let store = open(&path).await;
+    agent_with_tasks(store.as_ref(), &["tk_a", "tk_b", "tk_c"], &["tk_c"]).await;
+    let read_all = |ids: Vec<&'static str>| {
+        let mut set = tokio::task::JoinSet::new();
+        for (i, id) in ids.into_iter().cycle().take(200).enumerate() {
+            let store = Arc::clone(&store);
+            set.spawn(async move { (i, id, store.task_with_agent(id).await.unwrap()) });
+        }
+        set.join_all()
+    };
+    for (i, id, found) in read_all(vec!["tk_a", "tk_b", "tk_c", "tk_none", "tk_a"]).await {
+        match (id, found) {
+            ("tk_none", None) => {}
+            (_, Some((task, agent))) => {
+                assert_eq!(task.id, id, "read {i}");
+                assert_eq!(agent.expect("its agent").id, "a1");
+                let ended = task.state != TaskState::Open;
+                assert_eq!(ended, id == "tk_c", "read {i}: {id} is {:?}", task.state);
+            }
+            (id, None) => panic!("read {i}: {id} not found"),
+        }
+    }
+    let mut tx = store.begin().await.unwrap();
+    tx.end_tasks(
+        &TaskSelector::Task("tk_a".into()),
+        TaskState::Revoked,
+        "test",
+        now(),
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    for (i, _, found) in read_all(vec!["tk_a"]).await {
+        let (task, _) = found.expect("tk_a");
+        assert_ne!(
+            task.state,
+            TaskState::Open,
+            "read {i} after the end saw it open"
+        );
+    }
+}

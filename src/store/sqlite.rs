@@ -15,6 +15,7 @@ mod findings;
 mod group;
 mod reads;
 mod reviews;
+mod sessions;
 mod tx;
 
 use std::str::FromStr;
@@ -51,6 +52,7 @@ impl From<sqlx::Error> for StoreError {
 pub struct SqliteStore {
     write: group::Writer,
     read: reads::Reads,
+    sessions: std::sync::Arc<sessions::SessionReads>,
     path: String,
     /// The file lock of a serving process (`register_replica`).
     lock: std::sync::Mutex<Option<std::fs::File>>,
@@ -97,6 +99,7 @@ impl SqliteStore {
         Ok(Self {
             write,
             read,
+            sessions: Default::default(),
             path: path.to_owned(),
             lock: std::sync::Mutex::new(None),
         })
@@ -175,21 +178,8 @@ impl Store for SqliteStore {
     }
 
     async fn task_with_agent(&self, task_id: &str) -> StoreResult<Option<(Task, Option<Agent>)>> {
-        // Both rows in one round trip to SQLite's thread: the task's row
-        // comes first, then its agent's (the only one without `agent_id`).
-        let rows = sqlx::query(
-            "SELECT * FROM tasks WHERE id = ?1; \
-             SELECT * FROM agents WHERE id = (SELECT agent_id FROM tasks WHERE id = ?1)",
-        )
-        .bind(task_id)
-        .fetch_all(&mut *self.read.get().await?)
-        .await?;
-        let mut rows = rows.iter();
-        let Some(task) = rows.next().map(task_from_row).transpose()? else {
-            return Ok(None);
-        };
-        let agent = rows.next().map(agent_from_row).transpose()?;
-        Ok(Some((task, agent)))
+        // Read with the other session checks waiting (sessions.rs).
+        self.sessions.task_with_agent(&self.read, task_id).await
     }
 
     async fn get_lease(&self, id: &str) -> StoreResult<Option<Lease>> {

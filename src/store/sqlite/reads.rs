@@ -19,7 +19,9 @@ use tokio::sync::{OwnedSemaphorePermit, Semaphore};
 
 use crate::store::{StoreError, StoreResult};
 
-/// Up to `size` read-only connections, opened on first need.
+/// Up to `size` read-only connections, opened on first need (a clone
+/// shares them).
+#[derive(Clone)]
 pub(super) struct Reads {
     opts: SqliteConnectOptions,
     idle: Arc<Mutex<Vec<SqliteConnection>>>,
