@@ -307,7 +307,7 @@ async fn racing_lease_writes_keep_each_its_fate() {
     agent_with_tasks(store.as_ref(), &["tk_open", "tk_gone"], &["tk_gone"]).await;
     // Round by round: every lease of an open task; every fifth one of an
     // ended task; then also two with the same id.
-    let gone = |round: usize, i: usize| round > 0 && i % 5 == 0;
+    let gone = |round: usize, i: usize| round > 0 && i.is_multiple_of(5);
     let mut written = Vec::new();
     let mut dup_written = 0;
     for round in 0..3 {
