@@ -22,8 +22,8 @@ use crate::model::{
     RevocationProgress, Selector, Task, TaskState,
 };
 
-pub use lease_insert::LeaseInsert;
-pub(crate) use lease_insert::insert_lease_alone;
+pub use lease_insert::{JtiUse, LeaseInsert};
+pub(crate) use lease_insert::{insert_lease_alone, open_task_alone};
 pub use postgres::PostgresStore;
 pub(crate) use postgres::connect_options as postgres_options;
 pub use sqlite::SqliteStore;
@@ -76,6 +76,17 @@ pub trait Store: Send + Sync + 'static {
         events: Vec<AuditEvent>,
     ) -> StoreResult<LeaseInsert> {
         insert_lease_alone(self.begin().await?, lease, events).await
+    }
+    /// Opens `task`: records `jti` (`false`, and nothing written, when it
+    /// was seen before), writes the task, marks its agent used and appends
+    /// `events`, as one durable change; an engine may batch it with others.
+    async fn open_task_recorded(
+        &self,
+        jti: &JtiUse,
+        task: &Task,
+        events: Vec<AuditEvent>,
+    ) -> StoreResult<bool> {
+        open_task_alone(self.begin().await?, jti, task, events).await
     }
 
     async fn get_agent(&self, id: &str) -> StoreResult<Option<Agent>>;

@@ -425,3 +425,109 @@ async fn racing_session_reads_each_get_their_own_task() {
         );
     }
 }
+
+/// Task opens racing each other (the SQLite engine batches them): each
+/// `jti` opens one task however many present it at once, a `jti` seen
+/// before opens none, and every task reported open is there with its
+/// event, nothing else is, with the audit chain unbroken.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_task_opens_spend_each_jti_once() {
+    use keygate::model::{Task, TaskState, now};
+    use keygate::store::JtiUse;
+    let (_dir, path) = db_path();
+    let store = open(&path).await;
+    agent_with_tasks(store.as_ref(), &[], &[]).await;
+    let t = now();
+    // First 60 distinct ids at once, then 150 where every tenth id is
+    // presented three times at once.
+    let round = |ids: std::ops::Range<usize>| {
+        let mut set = tokio::task::JoinSet::new();
+        for i in ids {
+            let store = Arc::clone(&store);
+            let jti = if i < 1000 && i % 10 < 3 {
+                format!("j-shared-{}", i / 10)
+            } else {
+                format!("j-{i}")
+            };
+            set.spawn(async move {
+                let task = Task {
+                    id: format!("tk_{i:04}"),
+                    agent_id: "a1".into(),
+                    description: String::new(),
+                    state: TaskState::Open,
+                    opened_at: t,
+                    expires_at: t + time::Duration::hours(1),
+                    ended_at: None,
+                    end_reason: None,
+                    parent_task_id: None,
+                    depth: 0,
+                    delegation_budget: 0,
+                    scopes: None,
+                    chain: Vec::new(),
+                    on_behalf_of: None,
+                };
+                let use_ = JtiUse {
+                    agent_id: "a1".into(),
+                    jti: jti.clone(),
+                    expires_at: t + time::Duration::minutes(5),
+                };
+                let ev = AuditEvent::new(&Actor::System, "test.open")
+                    .task(&task.id)
+                    .reason(task.id.clone());
+                let fresh = store
+                    .open_task_recorded(&use_, &task, vec![ev])
+                    .await
+                    .unwrap();
+                (jti, task.id, fresh)
+            });
+        }
+        set.join_all()
+    };
+    let mut results = round(1000..1060).await;
+    results.extend(round(0..150).await);
+    let mut opened = Vec::new();
+    let mut per_jti = std::collections::HashMap::<String, usize>::new();
+    for (jti, task, fresh) in results {
+        if fresh {
+            *per_jti.entry(jti).or_default() += 1;
+            opened.push(task);
+        }
+    }
+    assert_eq!(per_jti.len(), 60 + 150 - 15 * 2, "every jti opened a task");
+    assert!(
+        per_jti.values().all(|n| *n == 1),
+        "a jti opened two tasks: {per_jti:?}"
+    );
+    // A jti seen before opens nothing, alone as in a batch.
+    let again = JtiUse {
+        agent_id: "a1".into(),
+        jti: "j-5".into(),
+        expires_at: t + time::Duration::minutes(5),
+    };
+    let mut task = store.get_task(&opened[0]).await.unwrap().unwrap();
+    task.id = "tk_replayed".into();
+    assert!(
+        !store
+            .open_task_recorded(&again, &task, Vec::new())
+            .await
+            .unwrap()
+    );
+    assert!(store.get_task("tk_replayed").await.unwrap().is_none());
+    for id in &opened {
+        assert!(
+            store.get_task(id).await.unwrap().is_some(),
+            "{id} reported open, not stored"
+        );
+    }
+    opened.sort();
+    let evs = events(store.as_ref()).await;
+    let mut audited: Vec<String> = evs.iter().filter_map(|e| e.reason.clone()).collect();
+    audited.sort();
+    assert_eq!(
+        audited, opened,
+        "each opened task has its event, no other has one"
+    );
+    verify_chain(&evs, 0, GENESIS_HASH.to_owned()).expect("one unbroken chain");
+    let agent = store.get_agent("a1").await.unwrap().unwrap();
+    assert!(agent.last_used_at.is_some(), "the agent is marked used");
+}

@@ -10,6 +10,7 @@ use super::users::UserTokenUse;
 use crate::audit::{Actor, AuditEvent};
 use crate::identity::{AssertionClaims, SessionClaims, verify_client_assertion};
 use crate::model::{Agent, AgentStatus, Task, TaskState, new_id, now, unix};
+use crate::store::JtiUse;
 
 /// The assertion type RFC 7523 registers for `private_key_jwt`.
 pub const JWT_BEARER_ASSERTION: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
@@ -323,69 +324,40 @@ impl Broker {
         user_token: Option<UserTokenUse>,
     ) -> Result<(TokenResponse, String), OAuthError> {
         let t = task.opened_at;
-        let mut tx = self.store.begin().await.map_err(|e| internal(&e))?;
-        if let Some(u) = &user_token
-            && !tx
-                .record_jti(
-                    &format!("user:{}", u.issuer),
-                    &u.jti,
-                    crate::model::from_unix(u.exp),
-                )
+        // A replayed grant (a federated token) is `invalid_grant` (RFC 7523
+        // §3.1); a replayed client assertion is client authentication
+        // failing (§3.2).
+        let replayed = if details["method"] == "jwt_bearer" {
+            "invalid_grant"
+        } else {
+            "invalid_client"
+        };
+        let event = AuditEvent::new(&Actor::Agent(agent.id.clone()), action)
+            .agent(&agent.id)
+            .task(&task.id)
+            .details(details);
+        let jti = JtiUse {
+            agent_id: agent.id.clone(),
+            jti: claims.jti.clone().unwrap_or_default(),
+            expires_at: crate::model::from_unix(claims.exp),
+        };
+        let fresh = if user_token.is_none() && dpop.is_none() {
+            // One assertion id to record: the store may batch the open
+            // with other requests' (SQLite does).
+            self.store
+                .open_task_recorded(&jti, &task, vec![event])
                 .await
                 .map_err(|e| internal(&e))?
-        {
-            return Err(OAuthError::new(
-                "invalid_grant",
-                "user_token: it was already used to open a task (replayed)",
-            ));
-        }
-        if let Some(p) = dpop
-            && !tx
-                .record_jti(
-                    &format!("dpop:{}", p.jkt),
-                    &p.jti,
-                    crate::model::from_unix(p.iat + 2 * crate::identity::dpop::MAX_SKEW_SECS),
-                )
-                .await
-                .map_err(|e| internal(&e))?
-        {
-            return Err(OAuthError::new(
-                "invalid_dpop_proof",
-                "the DPoP proof was already used (`jti` replayed)",
-            ));
-        }
-        let jti = claims.jti.clone().unwrap_or_default();
-        let fresh = tx
-            .record_jti(&agent.id, &jti, crate::model::from_unix(claims.exp))
-            .await
-            .map_err(|e| internal(&e))?;
+        } else {
+            self.open_task_proofs(&jti, &task, event, dpop, user_token.as_ref())
+                .await?
+        };
         if !fresh {
-            // A replayed grant (a federated token) is `invalid_grant` (RFC
-            // 7523 §3.1); a replayed client assertion is client
-            // authentication failing (§3.2).
-            let code = if details["method"] == "jwt_bearer" {
-                "invalid_grant"
-            } else {
-                "invalid_client"
-            };
             return Err(OAuthError::new(
-                code,
+                replayed,
                 "the assertion was already used (`jti` replayed)",
             ));
         }
-        tx.insert_task(&task).await.map_err(|e| internal(&e))?;
-        tx.touch_agent(&agent.id, t)
-            .await
-            .map_err(|e| internal(&e))?;
-        tx.audit(
-            AuditEvent::new(&Actor::Agent(agent.id.clone()), action)
-                .agent(&agent.id)
-                .task(&task.id)
-                .details(details),
-        )
-        .await
-        .map_err(|e| internal(&e))?;
-        tx.commit().await.map_err(|e| internal(&e))?;
         // `act` nests the delegators, nearest first (RFC 8693 §4.1).
         let act = task
             .chain
@@ -471,5 +443,65 @@ impl Broker {
             unix(now()),
         )
         .map_err(|e| OAuthError::new("invalid_dpop_proof", e.to_string()))
+    }
+}
+
+impl Broker {
+    /// A task open that also spends a DPoP proof's or a user token's id:
+    /// every id recorded, the task written, in one transaction. `false`:
+    /// the assertion's own id was seen before.
+    async fn open_task_proofs(
+        &self,
+        jti: &JtiUse,
+        task: &Task,
+        event: AuditEvent,
+        dpop: Option<&crate::identity::dpop::Proof>,
+        user_token: Option<&UserTokenUse>,
+    ) -> Result<bool, OAuthError> {
+        let mut tx = self.store.begin().await.map_err(|e| internal(&e))?;
+        if let Some(u) = user_token
+            && !tx
+                .record_jti(
+                    &format!("user:{}", u.issuer),
+                    &u.jti,
+                    crate::model::from_unix(u.exp),
+                )
+                .await
+                .map_err(|e| internal(&e))?
+        {
+            return Err(OAuthError::new(
+                "invalid_grant",
+                "user_token: it was already used to open a task (replayed)",
+            ));
+        }
+        if let Some(p) = dpop
+            && !tx
+                .record_jti(
+                    &format!("dpop:{}", p.jkt),
+                    &p.jti,
+                    crate::model::from_unix(p.iat + 2 * crate::identity::dpop::MAX_SKEW_SECS),
+                )
+                .await
+                .map_err(|e| internal(&e))?
+        {
+            return Err(OAuthError::new(
+                "invalid_dpop_proof",
+                "the DPoP proof was already used (`jti` replayed)",
+            ));
+        }
+        if !tx
+            .record_jti(&jti.agent_id, &jti.jti, jti.expires_at)
+            .await
+            .map_err(|e| internal(&e))?
+        {
+            return Ok(false);
+        }
+        tx.insert_task(task).await.map_err(|e| internal(&e))?;
+        tx.touch_agent(&task.agent_id, task.opened_at)
+            .await
+            .map_err(|e| internal(&e))?;
+        tx.audit(event).await.map_err(|e| internal(&e))?;
+        tx.commit().await.map_err(|e| internal(&e))?;
+        Ok(true)
     }
 }

@@ -1,8 +1,11 @@
-//! What a lease write reports, and a lease written with its events in a
+//! The writes a store may batch, as one call each: a lease with its
+//! events, and a task opened with its assertion's `jti`; and each in a
 //! transaction of its own (what an engine that does not batch does).
 
+use time::OffsetDateTime;
+
 use crate::audit::AuditEvent;
-use crate::model::Lease;
+use crate::model::{Lease, Task};
 
 use super::{StoreResult, StoreTx};
 
@@ -42,4 +45,35 @@ pub(crate) async fn insert_lease_alone(
         tx.commit().await?;
     }
     Ok(inserted)
+}
+
+/// An assertion id to record once (`StoreTx::record_jti`).
+#[derive(Debug, Clone)]
+pub struct JtiUse {
+    pub agent_id: String,
+    pub jti: String,
+    /// When the assertion expires; it may be forgotten after.
+    pub expires_at: OffsetDateTime,
+}
+
+/// [`super::Store::open_task_recorded`] in a transaction of its own.
+pub(crate) async fn open_task_alone(
+    mut tx: Box<dyn StoreTx>,
+    jti: &JtiUse,
+    task: &Task,
+    events: Vec<AuditEvent>,
+) -> StoreResult<bool> {
+    if !tx
+        .record_jti(&jti.agent_id, &jti.jti, jti.expires_at)
+        .await?
+    {
+        return Ok(false);
+    }
+    tx.insert_task(task).await?;
+    tx.touch_agent(&task.agent_id, task.opened_at).await?;
+    for ev in events {
+        tx.audit(ev).await?;
+    }
+    tx.commit().await?;
+    Ok(true)
 }

@@ -142,6 +142,18 @@ impl Store for SqliteStore {
         super::insert_lease_alone(self.begin().await?, lease, events).await
     }
 
+    async fn open_task_recorded(
+        &self,
+        jti: &super::JtiUse,
+        task: &Task,
+        events: Vec<AuditEvent>,
+    ) -> StoreResult<bool> {
+        if let Some(fresh) = self.write.open_task_batched(jti, task, &events).await? {
+            return Ok(fresh);
+        }
+        super::open_task_alone(self.begin().await?, jti, task, events).await
+    }
+
     async fn get_agent(&self, id: &str) -> StoreResult<Option<Agent>> {
         self.by_id("SELECT * FROM agents WHERE id = ?", id, agent_from_row)
             .await

@@ -1,11 +1,14 @@
-//! Lease writes, batched: many credentials' leases in one trip.
+//! Lease writes and task opens, batched: many requests' rows in one trip.
 //!
 //! Issuing a credential writes its lease and two audit events, and nothing
 //! of that transaction is read back but whether the lease was written (its
-//! task still open) and whether the registry excludes its scope. So the
-//! write need not be interactive: a request queues it as data, and one
+//! task still open) and whether the registry excludes its scope. Opening a
+//! task records the assertion's `jti`, writes the task, marks the agent used
+//! and audits it; only whether the `jti` was fresh is read back. So neither
+//! write needs to be interactive: a request queues it as data, and one
 //! batcher task takes every queued write at once, runs them in a single trip
-//! to SQLite's thread (one multi-row `INSERT … RETURNING` for the leases,
+//! to SQLite's thread (a multi-row `INSERT … RETURNING` each for the `jti`s
+//! and the leases, one for the tasks, one `UPDATE` of the agents' last use,
 //! then the events, chained in queue order, in one savepoint) and keeps that
 //! savepoint in the open group. Each request then waits for the group's
 //! fsync as any transaction does (`group.rs`): a lease is reported written
@@ -15,25 +18,27 @@
 //! credential, the cost that set the pace before; alone, a request pays one
 //! task hand-off more than writing it itself.
 //!
-//! What the batch cannot settle is handed back, and the request writes its
-//! lease in a transaction of its own, exactly as without the batcher: a
-//! statement of the batch failed (nothing of the batch is kept), or some
-//! member's task had ended (the events were chained through its lease, so
-//! the savepoint is rolled back; those members learn their task ended, the
-//! others write alone). A request cancelled before the batch runs is left
-//! out of it.
+//! What the batch cannot settle is handed back, and the request writes in
+//! a transaction of its own, exactly as without the batcher: a statement of
+//! the batch failed (nothing of the batch is kept), or some member was
+//! refused, a lease's task had ended or a `jti` had been seen (the events
+//! were chained through it, so the savepoint is rolled back; the refused
+//! learn it, the others write alone: a `jti` used twice in one batch is
+//! thus settled one at a time). A request cancelled before the batch runs
+//! is left out of it. The agents of a batch's opens are marked used at the
+//! latest open's time (`last_used_at` is kept in seconds).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 
-use sqlx::{QueryBuilder, Row, Sqlite};
+use sqlx::{Column, QueryBuilder, Row, Sqlite};
 use tokio::sync::{Mutex, Notify, oneshot, watch};
 
 use super::group::{self, Outcome, PendingEvent, State, WriteTx};
 use crate::audit::AuditEvent;
-use crate::model::{Lease, unix};
+use crate::model::{Lease, Task, unix};
 use crate::store::sql::json_opt;
-use crate::store::{LeaseInsert, StoreResult};
+use crate::store::{JtiUse, LeaseInsert, StoreError, StoreResult};
 
 /// Most lease writes one trip carries (12 variables a lease and 17 an
 /// event, well under SQLite's 32,766).
@@ -47,9 +52,14 @@ pub(super) struct Queue {
 }
 
 struct Item {
-    lease: Lease,
+    write: Write,
     events: Vec<AuditEvent>,
     reply: oneshot::Sender<Reply>,
+}
+
+enum Write {
+    Lease(Lease),
+    Open(Box<(JtiUse, Task)>),
 }
 
 enum Reply {
@@ -57,7 +67,8 @@ enum Reply {
         excluded: bool,
         durable: watch::Receiver<Outcome>,
     },
-    TaskEnded,
+    /// A lease's task had ended, or a task's `jti` had been seen.
+    Refused,
     /// Not settled by the batch: the request writes it alone.
     Alone,
 }
@@ -80,9 +91,43 @@ impl group::Writer {
         lease: &Lease,
         events: &[AuditEvent],
     ) -> StoreResult<Option<LeaseInsert>> {
+        Ok(
+            match self.batched(Write::Lease(lease.clone()), events).await? {
+                Some(Some(excluded)) => Some(LeaseInsert::Written {
+                    excluded: Some(excluded),
+                }),
+                Some(None) => Some(LeaseInsert::TaskEnded),
+                None => None,
+            },
+        )
+    }
+
+    /// Opens `task` as [`crate::store::Store::open_task_recorded`] does, in
+    /// the next batch; returns once durable. `None`: the batch could not
+    /// settle it, the caller opens it alone.
+    pub(super) async fn open_task_batched(
+        &self,
+        jti: &JtiUse,
+        task: &Task,
+        events: &[AuditEvent],
+    ) -> StoreResult<Option<bool>> {
+        let write = Write::Open(Box::new((jti.clone(), task.clone())));
+        Ok(self
+            .batched(write, events)
+            .await?
+            .map(|done| done.is_some()))
+    }
+
+    /// Queues `write`; `Some(Some(excluded))`: written and durable,
+    /// `Some(None)`: refused, `None`: write it alone.
+    async fn batched(
+        &self,
+        write: Write,
+        events: &[AuditEvent],
+    ) -> StoreResult<Option<Option<bool>>> {
         let (reply, answer) = oneshot::channel();
         self.batch.items().push(Item {
-            lease: lease.clone(),
+            write,
             events: events.to_vec(),
             reply,
         });
@@ -90,11 +135,9 @@ impl group::Writer {
         match answer.await {
             Ok(Reply::Written { excluded, durable }) => {
                 group::durable(durable).await?;
-                Ok(Some(LeaseInsert::Written {
-                    excluded: Some(excluded),
-                }))
+                Ok(Some(Some(excluded)))
             }
-            Ok(Reply::TaskEnded) => Ok(Some(LeaseInsert::TaskEnded)),
+            Ok(Reply::Refused) => Ok(Some(None)),
             // Dropped unanswered: the store is closing.
             Ok(Reply::Alone) | Err(_) => Ok(None),
         }
@@ -131,29 +174,52 @@ async fn write(tx: WriteTx, mut items: Vec<Item>) {
         return;
     }
     let mut tx = tx;
-    let written = match run(&mut tx, &mut items).await {
-        Ok(written) => written,
+    let done = match run(&mut tx, &mut items).await {
+        Ok(done) => done,
         Err(e) => {
-            tracing::warn!(error = %e, leases = items.len(), "a batch of lease writes failed; each is written alone");
+            tracing::warn!(error = %e, writes = items.len(), "a batch of writes failed; each is written alone");
             drop(tx);
             return answer_each(items, |_| Reply::Alone);
         }
     };
-    if written.len() < items.len() {
-        // Some task had ended: the batch's events were chained through its
-        // lease, so none of the batch is kept (dropping it rolls back).
+    if !done.all {
+        // Some member was refused: the batch's events were chained through
+        // it, so none of the batch is kept (dropping it rolls back).
         drop(tx);
-        return answer_each(items, |i| match written.get(&i.lease.id) {
+        return answer_each(items, |i| match done.accepted(&i.write) {
             Some(_) => Reply::Alone,
-            None => Reply::TaskEnded,
+            None => Reply::Refused,
         });
     }
     match tx.keep() {
         Ok(durable) => answer_each(items, |i| Reply::Written {
-            excluded: written.get(&i.lease.id).copied().unwrap_or(false),
+            excluded: done.accepted(&i.write).unwrap_or(false),
             durable: durable.clone(),
         }),
         Err(_) => answer_each(items, |_| Reply::Alone),
+    }
+}
+
+/// What a batch's trip wrote.
+struct Done {
+    /// Each lease written, and whether its scope is excluded.
+    leases: HashMap<String, bool>,
+    /// Each (agent, `jti`) recorded fresh.
+    jtis: std::collections::HashSet<(String, String)>,
+    /// Every member was written.
+    all: bool,
+}
+
+impl Done {
+    /// `Some(excluded)` when `write` went in (`false` for a task open).
+    fn accepted(&self, write: &Write) -> Option<bool> {
+        match write {
+            Write::Lease(l) => self.leases.get(&l.id).copied(),
+            Write::Open(o) => self
+                .jtis
+                .contains(&(o.0.agent_id.clone(), o.0.jti.clone()))
+                .then_some(false),
+        }
     }
 }
 
@@ -165,11 +231,19 @@ fn answer_each(items: Vec<Item>, reply: impl Fn(&Item) -> Reply) {
     }
 }
 
-/// One trip: the savepoint opens, the leases go in, and the events of
-/// the batch, chained in order, follow. Returns each written lease and
-/// whether its scope is excluded; the chain's head moves only when every
-/// lease was written (the caller keeps the savepoint only then).
-async fn run(tx: &mut WriteTx, items: &mut [Item]) -> StoreResult<HashMap<String, bool>> {
+/// One trip: the savepoint opens, the `jti`s, tasks and leases go in,
+/// and the events of the batch, chained in order, follow. The chain's head
+/// moves only when every member was written (the caller keeps the
+/// savepoint only then).
+async fn run(tx: &mut WriteTx, items: &mut [Item]) -> StoreResult<Done> {
+    for item in items.iter() {
+        if let Write::Open(o) = &item.write {
+            // Its events name its user with no read (ids are never reused,
+            // so a task rolled back with the batch misleads nobody).
+            let user = o.1.on_behalf_of.as_ref().map(|u| u.id.clone());
+            tx.state.remember_user(&o.1.id, user);
+        }
+    }
     let st = &*tx.state;
     let reads = st.head.is_none()
         || items
@@ -192,23 +266,110 @@ async fn run(tx: &mut WriteTx, items: &mut [Item]) -> StoreResult<HashMap<String
             events.push(PendingEvent::new(ev)?);
         }
     }
+    let (mut leases, mut opens) = (Vec::new(), Vec::new());
+    for item in items.iter() {
+        match &item.write {
+            Write::Lease(l) => leases.push(l),
+            Write::Open(o) => opens.push(&**o),
+        }
+    }
     let mut trip = tx.trip();
-    push_lease_inserts(&mut trip.q, items.iter().map(|i| &i.lease))?;
-    trip.q.push("; ");
+    if !opens.is_empty() {
+        push_opens(&mut trip.q, &opens)?;
+    }
+    if !leases.is_empty() {
+        push_lease_inserts(&mut trip.q, leases.iter().copied())?;
+        trip.q.push("; ");
+    }
     group::push_events(&mut trip.q, events);
     let r = trip.q.build().fetch_all(&mut tx.state.conn).await;
     let rows = trip.done(tx, r).await?;
-    let mut written = HashMap::with_capacity(rows.len());
+    let mut done = Done {
+        leases: HashMap::with_capacity(leases.len()),
+        jtis: Default::default(),
+        all: false,
+    };
+    let mut fresh = 0;
     for r in rows {
-        written.insert(
-            r.try_get::<String, _>("id")?,
-            r.try_get::<bool, _>("excluded")?,
-        );
+        if r.columns().iter().any(|c| c.name() == "excluded") {
+            done.leases.insert(
+                r.try_get::<String, _>("id")?,
+                r.try_get::<bool, _>("excluded")?,
+            );
+        } else {
+            fresh += 1;
+            done.jtis.insert((
+                r.try_get::<String, _>("agent_id")?,
+                r.try_get::<String, _>("jti")?,
+            ));
+        }
     }
-    if written.len() == items.len() {
+    done.all = done.leases.len() == leases.len() && fresh == opens.len();
+    if done.all {
         tx.state.head = Some(head);
     }
-    Ok(written)
+    Ok(done)
+}
+
+/// The statements of task opens: each `jti` recorded unless seen (a row
+/// back when fresh), the tasks written, their agents marked used.
+fn push_opens(q: &mut QueryBuilder<Sqlite>, opens: &[&(JtiUse, Task)]) -> StoreResult<()> {
+    q.push("INSERT INTO assertion_jtis (agent_id, jti, expires_at) ");
+    q.push_values(opens, |mut v, (j, _)| {
+        v.push_bind(j.agent_id.clone())
+            .push_bind(j.jti.clone())
+            .push_bind(unix(j.expires_at));
+    });
+    q.push(" ON CONFLICT DO NOTHING RETURNING agent_id, jti; ");
+    push_task_inserts(q, opens.iter().map(|o| &o.1))?;
+    q.push("; ");
+    let agents: Vec<&str> = opens.iter().map(|o| o.1.agent_id.as_str()).collect();
+    let agents = serde_json::to_string(&agents).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+    let latest = opens.iter().map(|o| unix(o.1.opened_at)).max();
+    q.push("UPDATE agents SET last_used_at = ")
+        .push_bind(latest)
+        .push(" WHERE id IN (SELECT value FROM json_each(")
+        .push_bind(agents)
+        .push(")); ");
+    Ok(())
+}
+
+/// One statement writing `tasks`.
+pub(super) fn push_task_inserts<'a>(
+    q: &mut QueryBuilder<Sqlite>,
+    tasks: impl IntoIterator<Item = &'a Task>,
+) -> StoreResult<()> {
+    let corrupt = |e: serde_json::Error| StoreError::Corrupt(e.to_string());
+    let rows = tasks
+        .into_iter()
+        .map(|t| {
+            Ok((
+                t,
+                json_opt(t.scopes.as_ref())?,
+                serde_json::to_string(&t.chain).map_err(corrupt)?,
+                json_opt(t.on_behalf_of.as_ref())?,
+            ))
+        })
+        .collect::<StoreResult<Vec<_>>>()?;
+    q.push(
+        "INSERT INTO tasks (id, agent_id, description, state, opened_at, expires_at, \
+         parent_task_id, depth, delegation_budget, scopes, chain, on_behalf_of) ",
+    );
+    q.push_values(rows, |mut v, (t, scopes, chain, on_behalf_of)| {
+        v.push_bind(t.id.clone())
+            .push_bind(t.agent_id.clone())
+            .push_bind(t.description.clone())
+            .push_bind(t.state.as_str())
+            .push_bind(unix(t.opened_at))
+            .push_bind(unix(t.expires_at))
+            .push_bind(t.parent_task_id.clone())
+            .push_bind(i64::from(t.depth))
+            .push_bind(i64::from(t.delegation_budget))
+            .push_bind(scopes)
+            .push_bind(chain)
+            .push_bind(on_behalf_of);
+    });
+    Ok(())
 }
 
 /// One statement writing `leases` (each with what was issued, for an

@@ -3,41 +3,20 @@
 use sqlx::{QueryBuilder, Row, Sqlite};
 use time::OffsetDateTime;
 
+use super::super::batch::push_task_inserts;
 use super::{SqliteTx, corrupt};
 use crate::model::{Selector, Task, TaskState, unix};
-use crate::store::sql::{json_opt, push_selector};
+use crate::store::sql::push_selector;
 use crate::store::{StoreResult, TaskSelector};
 
 pub(super) async fn insert_task(tx: &mut SqliteTx, t: &Task) -> StoreResult<()> {
-    let scopes = json_opt(t.scopes.as_ref())?;
-    let chain = serde_json::to_string(&t.chain).map_err(corrupt)?;
-    let on_behalf_of = json_opt(t.on_behalf_of.as_ref())?;
     // Nobody reads its outcome: it rides with the transaction's next trip
     // (its own next statement, or the commit), still inside its savepoint.
     // Task ids are fresh and the agent exists, so it fails only as the
-    // whole store would.
-    tx.tx
-        .defer(|q| {
-            q.push(
-                "INSERT INTO tasks (id, agent_id, description, state, opened_at, expires_at, \
-                 parent_task_id, depth, delegation_budget, scopes, chain, on_behalf_of) VALUES (",
-            );
-            q.separated(", ")
-                .push_bind(t.id.clone())
-                .push_bind(t.agent_id.clone())
-                .push_bind(t.description.clone())
-                .push_bind(t.state.as_str())
-                .push_bind(unix(t.opened_at))
-                .push_bind(unix(t.expires_at))
-                .push_bind(t.parent_task_id.clone())
-                .push_bind(i64::from(t.depth))
-                .push_bind(i64::from(t.delegation_budget))
-                .push_bind(scopes)
-                .push_bind(chain)
-                .push_bind(on_behalf_of);
-            q.push(")");
-        })
-        .await?;
+    // whole store would. The statement is the batcher's (batch.rs).
+    let mut pushed = Ok(());
+    tx.tx.defer(|q| pushed = push_task_inserts(q, [t])).await?;
+    pushed?;
     tx.tx
         .state
         .remember_user(&t.id, t.on_behalf_of.as_ref().map(|u| u.id.clone()));
