@@ -58,7 +58,7 @@ struct Item {
 }
 
 enum Write {
-    Lease(Lease),
+    Lease(Box<Lease>),
     Open(Box<(JtiUse, Task)>),
 }
 
@@ -92,7 +92,10 @@ impl group::Writer {
         events: &[AuditEvent],
     ) -> StoreResult<Option<LeaseInsert>> {
         Ok(
-            match self.batched(Write::Lease(lease.clone()), events).await? {
+            match self
+                .batched(Write::Lease(Box::new(lease.clone())), events)
+                .await?
+            {
                 Some(Some(excluded)) => Some(LeaseInsert::Written {
                     excluded: Some(excluded),
                 }),
@@ -269,7 +272,7 @@ async fn run(tx: &mut WriteTx, items: &mut [Item]) -> StoreResult<Done> {
     let (mut leases, mut opens) = (Vec::new(), Vec::new());
     for item in items.iter() {
         match &item.write {
-            Write::Lease(l) => leases.push(l),
+            Write::Lease(l) => leases.push(&**l),
             Write::Open(o) => opens.push(&**o),
         }
     }
