@@ -489,19 +489,9 @@ impl Broker {
                 "the DPoP proof was already used (`jti` replayed)",
             ));
         }
-        if !tx
-            .record_jti(&jti.agent_id, &jti.jti, jti.expires_at)
+        // The rest as any open, in this same transaction.
+        crate::store::open_task_alone(tx, jti, task, vec![event])
             .await
-            .map_err(|e| internal(&e))?
-        {
-            return Ok(false);
-        }
-        tx.insert_task(task).await.map_err(|e| internal(&e))?;
-        tx.touch_agent(&task.agent_id, task.opened_at)
-            .await
-            .map_err(|e| internal(&e))?;
-        tx.audit(event).await.map_err(|e| internal(&e))?;
-        tx.commit().await.map_err(|e| internal(&e))?;
-        Ok(true)
+            .map_err(|e| internal(&e))
     }
 }
