@@ -5,8 +5,8 @@
 //! also appends the audit events describing the change, so state and evidence
 //! commit together or not at all.
 
+mod batchable;
 pub mod copy;
-mod lease_insert;
 mod postgres;
 mod rows;
 mod sql;
@@ -22,8 +22,8 @@ use crate::model::{
     RevocationProgress, Selector, Task, TaskState,
 };
 
-pub use lease_insert::{JtiUse, LeaseInsert};
-pub(crate) use lease_insert::{insert_lease_alone, open_task_alone};
+pub use batchable::{JtiUse, LeaseInsert};
+pub(crate) use batchable::{insert_lease_alone, open_task_alone};
 pub use postgres::PostgresStore;
 pub(crate) use postgres::connect_options as postgres_options;
 pub use sqlite::SqliteStore;

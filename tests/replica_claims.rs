@@ -15,7 +15,7 @@ use common::eventually;
 /// leases and its in-flight issues at once, not when the claims expire.
 #[tokio::test(flavor = "multi_thread")]
 async fn claims_are_disjoint_while_both_live_and_a_dead_ones_are_void_at_once() {
-    use keygate::model::{Lease, LeaseState, Task, TaskState, now};
+    use keygate::model::{Lease, LeaseState, now};
     use keygate::store::{LeaseSelector, Store};
     let pg = common::store::cluster();
     let name = format!("kg_claims_{}", uuid::Uuid::new_v4().simple());
@@ -35,30 +35,8 @@ async fn claims_are_disjoint_while_both_live_and_a_dead_ones_are_void_at_once() 
     b.register_replica("boot-b").await.unwrap();
 
     let t = now();
-    let agent: keygate::model::Agent = serde_json::from_value(json!({
-        "id": "a1", "team": "t", "sponsor": "s@example.com", "risk_tier": 1,
-        "environment": "test", "purpose": "p", "labels": {}, "status": "active",
-        "auth_method": "private_key_jwt", "jwks": { "keys": [] },
-        "created_at": "2026-01-01T00:00:00Z", "updated_at": "2026-01-01T00:00:00Z",
-        "last_used_at": null, "last_review_at": null,
-    }))
-    .unwrap();
-    let task = |id: &str| Task {
-        id: id.into(),
-        agent_id: "a1".into(),
-        description: String::new(),
-        state: TaskState::Open,
-        opened_at: t,
-        expires_at: t + time::Duration::hours(1),
-        ended_at: None,
-        end_reason: None,
-        parent_task_id: None,
-        depth: 0,
-        delegation_budget: 0,
-        scopes: None,
-        chain: Vec::new(),
-        on_behalf_of: None,
-    };
+    let agent = common::store::test_agent();
+    let task = |id: &str| common::store::open_task(id, t);
     let lease = |task: &str, boot: &str| Lease {
         id: keygate::model::new_id("ls"),
         agent_id: "a1".into(),

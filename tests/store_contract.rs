@@ -198,36 +198,14 @@ async fn sqlite_the_wal_stays_bounded_under_constant_reads() {
 
 /// An agent `a1`, and `tasks` of it, open unless named in `ended`.
 async fn agent_with_tasks(store: &dyn Store, tasks: &[&str], ended: &[&str]) {
-    use keygate::model::{Task, TaskState, now};
+    use keygate::model::{TaskState, now};
     use keygate::store::TaskSelector;
     let t = now();
-    let agent: keygate::model::Agent = serde_json::from_value(serde_json::json!({
-        "id": "a1", "team": "t", "sponsor": "s@example.com", "risk_tier": 1,
-        "environment": "test", "purpose": "p", "labels": {}, "status": "active",
-        "auth_method": "private_key_jwt", "jwks": { "keys": [] },
-        "created_at": "2026-01-01T00:00:00Z", "updated_at": "2026-01-01T00:00:00Z",
-        "last_used_at": null, "last_review_at": null,
-    }))
-    .unwrap();
+    let agent = common::store::test_agent();
     let mut tx = store.begin().await.unwrap();
     tx.insert_agent(&agent).await.unwrap();
     for id in tasks {
-        let task = Task {
-            id: (*id).into(),
-            agent_id: "a1".into(),
-            description: String::new(),
-            state: TaskState::Open,
-            opened_at: t,
-            expires_at: t + time::Duration::hours(1),
-            ended_at: None,
-            end_reason: None,
-            parent_task_id: None,
-            depth: 0,
-            delegation_budget: 0,
-            scopes: None,
-            chain: Vec::new(),
-            on_behalf_of: None,
-        };
+        let task = common::store::open_task(id, t);
         tx.insert_task(&task).await.unwrap();
     }
     for id in ended {
@@ -432,7 +410,7 @@ async fn racing_session_reads_each_get_their_own_task() {
 /// event, nothing else is, with the audit chain unbroken.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn racing_task_opens_spend_each_jti_once() {
-    use keygate::model::{Task, TaskState, now};
+    use keygate::model::now;
     use keygate::store::JtiUse;
     let (_dir, path) = db_path();
     let store = open(&path).await;
@@ -450,22 +428,7 @@ async fn racing_task_opens_spend_each_jti_once() {
                 format!("j-{i}")
             };
             set.spawn(async move {
-                let task = Task {
-                    id: format!("tk_{i:04}"),
-                    agent_id: "a1".into(),
-                    description: String::new(),
-                    state: TaskState::Open,
-                    opened_at: t,
-                    expires_at: t + time::Duration::hours(1),
-                    ended_at: None,
-                    end_reason: None,
-                    parent_task_id: None,
-                    depth: 0,
-                    delegation_budget: 0,
-                    scopes: None,
-                    chain: Vec::new(),
-                    on_behalf_of: None,
-                };
+                let task = common::store::open_task(&format!("tk_{i:04}"), t);
                 let use_ = JtiUse {
                     agent_id: "a1".into(),
                     jti: jti.clone(),

@@ -232,3 +232,35 @@ impl TestBroker {
         }
     }
 }
+
+/// Agent `a1`, active, as the store tests write it.
+pub fn test_agent() -> keygate::model::Agent {
+    serde_json::from_value(serde_json::json!({
+        "id": "a1", "team": "t", "sponsor": "s@example.com", "risk_tier": 1,
+        "environment": "test", "purpose": "p", "labels": {}, "status": "active",
+        "auth_method": "private_key_jwt", "jwks": { "keys": [] },
+        "created_at": "2026-01-01T00:00:00Z", "updated_at": "2026-01-01T00:00:00Z",
+        "last_used_at": null, "last_review_at": null,
+    }))
+    .expect("a valid agent")
+}
+
+/// Task `id` of agent `a1`, opened at `t` for an hour.
+pub fn open_task(id: &str, t: time::OffsetDateTime) -> keygate::model::Task {
+    keygate::model::Task {
+        id: id.into(),
+        agent_id: "a1".into(),
+        description: String::new(),
+        state: keygate::model::TaskState::Open,
+        opened_at: t,
+        expires_at: t + time::Duration::hours(1),
+        ended_at: None,
+        end_reason: None,
+        parent_task_id: None,
+        depth: 0,
+        delegation_budget: 0,
+        scopes: None,
+        chain: Vec::new(),
+        on_behalf_of: None,
+    }
+}
