@@ -166,9 +166,10 @@ async fn sqlite_the_wal_stays_bounded_under_constant_reads() {
             }
         })
     };
-    // About 24 MiB of audit rows, several groups' worth at a time.
+    // About 48 MiB of audit rows, several groups' worth at a time: three
+    // times what the WAL may hold (16 MiB, to which each restart cuts it).
     let filler = "x".repeat(4096);
-    for round in 0..60 {
+    for round in 0..120 {
         let mut set = tokio::task::JoinSet::new();
         for i in 0..100 {
             let (store, filler) = (Arc::clone(&store), filler.clone());
@@ -189,11 +190,12 @@ async fn sqlite_the_wal_stays_bounded_under_constant_reads() {
     done.store(true, std::sync::atomic::Ordering::Relaxed);
     reader.await.unwrap();
     let wal = std::fs::metadata(format!("{path}-wal")).map_or(0, |m| m.len());
+    // At most the limit, and what the groups since the last restart added.
     assert!(
-        wal < 16 << 20,
+        wal < 20 << 20,
         "the WAL grew to {wal} bytes: checkpoints are not keeping up"
     );
-    assert_eq!(events(store.as_ref()).await.len(), 6000);
+    assert_eq!(events(store.as_ref()).await.len(), 12000);
 }
 
 /// An agent `a1`, and `tasks` of it, open unless named in `ended`.

@@ -22,7 +22,7 @@ use std::str::FromStr;
 
 use async_trait::async_trait;
 use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteRow, SqliteSynchronous};
-use sqlx::{ConnectOptions, QueryBuilder, Row, Sqlite};
+use sqlx::{ConnectOptions, Executor, QueryBuilder, Row, Sqlite};
 use time::OffsetDateTime;
 
 use super::rows::{
@@ -81,6 +81,9 @@ impl SqliteStore {
         let mut conn = opts
             .clone()
             .pragma("wal_autocheckpoint", "0")
+            // What the WAL file is cut back to when a checkpoint restarts
+            // it (below this, it is reused as it is: group.rs).
+            .pragma("journal_size_limit", group::WAL_FILE_LIMIT.to_string())
             // The writer's savepoints journal in memory, not in a temporary
             // file, and it keeps the hot pages of the indexes it appends to.
             .pragma("temp_store", "memory")
@@ -94,6 +97,8 @@ impl SqliteStore {
             .run(&mut conn)
             .await
             .map_err(|e| StoreError::Database(format!("migration failed: {e}")))?;
+        // What stops a batch's trip before its commit (batch.rs).
+        conn.execute(batch::REFUSAL_CHECK).await?;
         let write = group::Writer::start(conn, format!("{path}-wal").into());
         let read = reads::Reads::new(opts, 8);
         Ok(Self {

@@ -9,22 +9,26 @@
 //! batcher task takes every queued write at once, runs them in a single trip
 //! to SQLite's thread (a multi-row `INSERT … RETURNING` each for the `jti`s
 //! and the leases, one for the tasks, one `UPDATE` of the agents' last use,
-//! then the events, chained in queue order, in one savepoint) and keeps that
-//! savepoint in the open group. Each request then waits for the group's
-//! fsync as any transaction does (`group.rs`): a lease is reported written
-//! only once it is durable.
+//! then the events, chained in queue order, in one savepoint) and, in the
+//! same trip, commits the group: the batch and every transaction kept in it
+//! before (`group.rs`), one fsync, with no trip of its own for the commit.
+//! A lease is reported written only once that commit is done: durable.
 //!
 //! Under load the writer no longer holds the connection for one trip per
 //! credential, the cost that set the pace before; alone, a request pays one
-//! task hand-off more than writing it itself.
+//! task hand-off more than writing it itself, and one trip less than a
+//! transaction committed by the flusher.
 //!
 //! What the batch cannot settle is handed back, and the request writes in
-//! a transaction of its own, exactly as without the batcher: a statement of
-//! the batch failed (nothing of the batch is kept), or some member was
-//! refused, a lease's task had ended or a `jti` had been seen (the events
-//! were chained through it, so the savepoint is rolled back; the refused
-//! learn it, the others write alone: a `jti` used twice in one batch is
-//! thus settled one at a time). A request cancelled before the batch runs
+//! a transaction of its own, exactly as without the batcher: some member
+//! was refused, a lease's task had ended or a `jti` had been seen (a check
+//! in the trip stops it before the commit; the events were chained through
+//! the refused member, so the savepoint is rolled back, and each member
+//! writes alone, the refused learning it then: a `jti` used twice in one
+//! batch is thus settled one at a time), or a statement of the batch failed
+//! (nothing of the batch is kept). When the trip failed and cannot tell
+//! whether before its commit or in it, the whole group is rolled back, as
+//! when a commit fails: nobody is told a write landed that did not. A request cancelled before the batch runs
 //! is left out of it. The agents of a batch's opens are marked used at the
 //! latest open's time (`last_used_at` is kept in seconds).
 
@@ -185,22 +189,23 @@ async fn write(tx: WriteTx, mut items: Vec<Item>) {
             return answer_each(items, |_| Reply::Alone);
         }
     };
-    if !done.all {
+    if !done.committed {
         // Some member was refused: the batch's events were chained through
-        // it, so none of the batch is kept (dropping it rolls back).
+        // it, so none of the batch is kept (dropping it rolls back). Who
+        // was refused learns it writing alone.
         drop(tx);
-        return answer_each(items, |i| match done.accepted(&i.write) {
-            Some(_) => Reply::Alone,
-            None => Reply::Refused,
-        });
+        return answer_each(items, |_| Reply::Alone);
     }
-    match tx.keep() {
-        Ok(durable) => answer_each(items, |i| Reply::Written {
-            excluded: done.accepted(&i.write).unwrap_or(false),
+    let durable = tx.committed_in_trip();
+    answer_each(items, |i| match done.accepted(&i.write) {
+        Some(excluded) => Reply::Written {
+            excluded,
             durable: durable.clone(),
-        }),
-        Err(_) => answer_each(items, |_| Reply::Alone),
-    }
+        },
+        // Cannot be: the trip commits only when every member went in.
+        None => Reply::Refused,
+    });
+    tx.state.checkpoint_if_due().await;
 }
 
 /// What a batch's trip wrote.
@@ -209,8 +214,8 @@ struct Done {
     leases: HashMap<String, bool>,
     /// Each (agent, `jti`) recorded fresh.
     jtis: std::collections::HashSet<(String, String)>,
-    /// Every member was written.
-    all: bool,
+    /// Every member was written and the trip committed the group.
+    committed: bool,
 }
 
 impl Done {
@@ -235,9 +240,16 @@ fn answer_each(items: Vec<Item>, reply: impl Fn(&Item) -> Reply) {
 }
 
 /// One trip: the savepoint opens, the `jti`s, tasks and leases go in,
-/// and the events of the batch, chained in order, follow. The chain's head
-/// moves only when every member was written (the caller keeps the
-/// savepoint only then).
+/// the events of the batch, chained in order, follow, and the group is
+/// committed, every transaction kept in it with the batch: the fsync of the
+/// commit is the last thing the trip waits for, with no second trip for it.
+/// A member refused (a `jti` not recorded, a lease not written) stops the
+/// trip before the commit ([`REFUSED`]): nothing of the batch is kept and
+/// the group stays open for the next; so does a constraint failing one of
+/// the batch's statements. Any other failure of the trip rolls the whole
+/// group back: it cannot tell whether it failed before the commit or in
+/// it, and nobody is told a write landed that did not. The chain's head
+/// moves only when the trip committed.
 async fn run(tx: &mut WriteTx, items: &mut [Item]) -> StoreResult<Done> {
     for item in items.iter() {
         if let Write::Open(o) = &item.write {
@@ -283,14 +295,28 @@ async fn run(tx: &mut WriteTx, items: &mut [Item]) -> StoreResult<Done> {
     if !leases.is_empty() {
         push_lease_inserts(&mut trip.q, leases.iter().copied())?;
         trip.q.push("; ");
+        push_refusal_check(&mut trip.q, leases.len());
     }
     group::push_events(&mut trip.q, events);
-    let r = trip.q.build().fetch_all(&mut tx.state.conn).await;
-    let rows = trip.done(tx, r).await?;
+    trip.q.push("COMMIT");
     let mut done = Done {
         leases: HashMap::with_capacity(leases.len()),
         jtis: Default::default(),
-        all: false,
+        committed: false,
+    };
+    let r = trip.q.build().fetch_all(&mut tx.state.conn).await;
+    let rows = match r {
+        Err(e) if is_refusal(&e) => {
+            // Stopped before the commit, the savepoint open.
+            trip.done(tx, Ok(())).await?;
+            return Ok(done);
+        }
+        // A constraint fails a statement, never the commit (none is
+        // deferred): when the trip had no one else's statements (an
+        // opening), it failed this batch's, before the commit.
+        Err(e) if !trip.opening() && is_constraint(&e) => return trip.done(tx, Err(e)).await,
+        Err(e) => return Err(tx.state.abort(e).await),
+        Ok(rows) => trip.done(tx, Ok(rows)).await?,
     };
     let mut fresh = 0;
     for r in rows {
@@ -307,11 +333,37 @@ async fn run(tx: &mut WriteTx, items: &mut [Item]) -> StoreResult<Done> {
             ));
         }
     }
-    done.all = done.leases.len() == leases.len() && fresh == opens.len();
-    if done.all {
-        tx.state.head = Some(head);
+    done.committed = true;
+    if done.leases.len() != leases.len() || fresh != opens.len() {
+        tracing::error!("a batch committed with a member refused; its check did not stop it");
     }
+    tx.state.head = Some(head);
     Ok(done)
+}
+
+/// The message of the check that stops a batch's trip before its commit.
+const REFUSED: &str = "keygate: a member of the batch was refused";
+
+/// Creates, on the writer's connection, the table whose inserts fail with
+/// [`REFUSED`] (temporary: it lives with the connection, in memory).
+pub(super) const REFUSAL_CHECK: &str = "CREATE TEMP TABLE IF NOT EXISTS batch_refused (x); \
+     CREATE TEMP TRIGGER IF NOT EXISTS batch_refused_stop BEFORE INSERT ON batch_refused \
+     BEGIN SELECT raise(ABORT, 'keygate: a member of the batch was refused'); END";
+
+/// Fails the trip (with [`REFUSED`]) unless the statement just run changed
+/// `expected` rows.
+fn push_refusal_check(q: &mut QueryBuilder<Sqlite>, expected: usize) {
+    q.push("INSERT INTO temp.batch_refused SELECT 1 WHERE changes() <> ")
+        .push_bind(i64::try_from(expected).unwrap_or(i64::MAX))
+        .push("; ");
+}
+
+fn is_refusal(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.message() == REFUSED)
+}
+
+fn is_constraint(e: &sqlx::Error) -> bool {
+    matches!(e, sqlx::Error::Database(d) if d.kind() != sqlx::error::ErrorKind::Other)
 }
 
 /// The statements of task opens: each `jti` recorded unless seen (a row
@@ -324,6 +376,7 @@ fn push_opens(q: &mut QueryBuilder<Sqlite>, opens: &[&(JtiUse, Task)]) -> StoreR
             .push_bind(unix(j.expires_at));
     });
     q.push(" ON CONFLICT DO NOTHING RETURNING agent_id, jti; ");
+    push_refusal_check(q, opens.len());
     push_task_inserts(q, opens.iter().map(|o| &o.1))?;
     q.push("; ");
     let agents: Vec<&str> = opens.iter().map(|o| o.1.agent_id.as_str()).collect();

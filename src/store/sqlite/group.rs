@@ -6,7 +6,9 @@
 //! transaction, so a commit returns only once its rows are on disk (WAL,
 //! `synchronous=FULL`). Transactions that commit while the previous group
 //! is being written share the next group's fsync; under load the group
-//! grows with the queue, alone a transaction pays one fsync as before.
+//! grows with the queue, alone a transaction pays one fsync as before. The
+//! batcher of lease writes and task opens (`batch.rs`) commits the group in
+//! its own trip instead, with whatever is kept in it.
 //!
 //! Every trip to SQLite's thread costs two thread wake-ups, so nothing
 //! gets a trip of its own that can ride along with another:
@@ -34,12 +36,21 @@
 //! Checkpoints: with readers always active, SQLite's automatic checkpoint
 //! never gets to restart the WAL, which then grows without bound and makes
 //! every later commit try (and pay for) a checkpoint again. The flusher
-//! instead runs a `TRUNCATE` checkpoint after a commit once the WAL passes
-//! [`WAL_LIMIT`]: it waits at most 20 ms for readers of old snapshots, and
-//! the next group starts the WAL from the beginning.
+//! instead runs a `RESTART` checkpoint after a commit once the WAL holds
+//! about [`WAL_LIMIT_FRAMES`]: it waits at most 20 ms for readers of old
+//! snapshots, and the next group writes the WAL from its beginning again.
+//! The file keeps its size, so a commit overwrites blocks the file already
+//! has and its fsync flushes data only; a truncated WAL would grow again
+//! and every fsync would also commit the file system's journal (its new
+//! size). The WAL's length is not known between checkpoints, so the
+//! flusher counts groups: each checkpoint reports how many frames the
+//! groups since the last one wrote, which sets how many groups to wait
+//! for next. Should larger groups come, the file outgrowing
+//! [`WAL_FILE_LIMIT`] (to which SQLite cuts it back at each restart,
+//! `journal_size_limit`) checkpoints it at once.
 
 use std::collections::HashMap;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Weak};
 use std::time::{Duration, Instant};
 
@@ -49,8 +60,12 @@ use tokio::sync::{Mutex, Notify, OwnedMutexGuard, watch};
 use crate::audit::AuditEvent;
 use crate::store::{StoreError, StoreResult};
 
-/// WAL size past which the flusher checkpoints and truncates it.
-const WAL_LIMIT: u64 = 8 << 20;
+/// WAL frames (pages written) past which the flusher checkpoints and
+/// restarts it: about 8 MiB of 4 KiB pages.
+const WAL_LIMIT_FRAMES: u64 = 2048;
+/// The WAL file's size past which it is checkpointed whatever the count
+/// says; SQLite cuts it back to this at each restart (`journal_size_limit`).
+pub(super) const WAL_FILE_LIMIT: u64 = 16 << 20;
 /// How long after a busy checkpoint the next is tried.
 const CHECKPOINT_RETRY: Duration = Duration::from_secs(1);
 /// The writer's busy timeout otherwise (as the store opens it).
@@ -84,6 +99,9 @@ pub(super) struct State {
     later: QueryBuilder<Sqlite>,
     /// How many statements `later` holds.
     later_count: usize,
+    /// When to checkpoint the WAL, and where it is.
+    pace: CheckpointPace,
+    wal: PathBuf,
 }
 
 /// A chained audit event waiting for its insert, with its JSON columns.
@@ -161,10 +179,12 @@ impl Writer {
             deferred: Vec::new(),
             later: QueryBuilder::default(),
             later_count: 0,
+            pace: CheckpointPace::new(),
+            wal,
         }));
         let flush = Arc::new(Notify::new());
         let batch = Arc::new(super::batch::Queue::default());
-        tokio::spawn(flusher(Arc::downgrade(&state), Arc::clone(&flush), wal));
+        tokio::spawn(flusher(Arc::downgrade(&state), Arc::clone(&flush)));
         tokio::spawn(super::batch::batcher(
             Arc::downgrade(&state),
             Arc::clone(&flush),
@@ -249,6 +269,19 @@ impl WriteTx {
 }
 
 impl WriteTx {
+    /// The trip that ran this transaction's statements also committed the
+    /// outer transaction (`…; COMMIT`, see `batch.rs`): the group ends,
+    /// durable, and its members learn it. The receiver (already answered)
+    /// tells the same to whoever this transaction wrote for. The caller
+    /// checkpoints after answering them ([`State::checkpoint_if_due`]).
+    pub(super) fn committed_in_trip(&mut self) -> watch::Receiver<Outcome> {
+        let st = &mut *self.state;
+        let done = st.group.subscribe();
+        st.finish(Ok(()));
+        self.committed = true;
+        done
+    }
+
     /// The next trip for the caller to append its statement to (with what
     /// must run first: the savepoint's opening, this transaction's deferred
     /// statements); run it, then hand its result to [`Trip::done`].
@@ -326,6 +359,11 @@ pub(super) struct Trip {
 }
 
 impl Trip {
+    /// It opens the savepoint, after statements of other transactions.
+    pub(super) fn opening(&self) -> bool {
+        self.opening
+    }
+
     /// Notes the savepoint open after an opening trip. A failed opening
     /// rolls back the whole group (what failed may be another
     /// transaction's release or its deferred writes); a failed trip of an
@@ -367,24 +405,34 @@ impl State {
         self.users.insert(task.to_owned(), user);
     }
 
-    /// Copies the WAL into the database and truncates it, waiting at most
-    /// 20 ms for readers of older snapshots. Returns whether it got through.
-    async fn checkpoint(&mut self) -> bool {
+    /// Copies the WAL into the database and has the next group restart it,
+    /// waiting at most 20 ms for readers of older snapshots. Returns the
+    /// frames the WAL held, or `None` if it could not get through.
+    async fn checkpoint(&mut self) -> Option<u64> {
         let _ = self.conn.execute("PRAGMA busy_timeout = 20").await;
-        let done: Result<(i64, i64, i64), _> = sqlx::query_as("PRAGMA wal_checkpoint(TRUNCATE)")
+        let done: Result<(i64, i64, i64), _> = sqlx::query_as("PRAGMA wal_checkpoint(RESTART)")
             .fetch_one(&mut self.conn)
             .await;
         let _ = self.conn.execute("PRAGMA busy_timeout = 10000").await; // BUSY_TIMEOUT
         match done {
-            Ok((0, _, _)) => true,
+            Ok((0, frames, _)) => Some(u64::try_from(frames).unwrap_or(0)),
             Ok(_) => {
                 tracing::debug!("checkpoint busy (a long read); retrying later");
-                false
+                None
             }
             Err(e) => {
                 tracing::warn!(error = %e, "checkpoint failed; the WAL grows until one succeeds");
-                false
+                None
             }
+        }
+    }
+
+    /// After a group's commit (its members told): checkpoints the WAL if
+    /// it is due.
+    pub(super) async fn checkpoint_if_due(&mut self) {
+        if self.pace.committed(&self.wal) {
+            let frames = self.checkpoint().await;
+            self.pace.checkpointed(frames);
         }
     }
 
@@ -423,7 +471,7 @@ impl State {
 
     /// Rolls back the whole group after SQLite failed, tells its members,
     /// and returns the error for the caller.
-    async fn abort(&mut self, e: sqlx::Error) -> StoreError {
+    pub(super) async fn abort(&mut self, e: sqlx::Error) -> StoreError {
         // The outer transaction may already be gone (SQLite rolls back on
         // some errors, or it never began); either way nothing of it is kept.
         let _ = self.conn.execute("ROLLBACK").await;
@@ -432,7 +480,7 @@ impl State {
     }
 
     /// Ends the group: members waiting on it learn `result`.
-    fn finish(&mut self, result: Result<(), String>) {
+    pub(super) fn finish(&mut self, result: Result<(), String>) {
         if result.is_err() {
             self.head = None;
         }
@@ -482,9 +530,48 @@ pub(super) fn push_events(q: &mut QueryBuilder<Sqlite>, events: Vec<PendingEvent
     }
 }
 
+/// When to checkpoint: after how many groups, learnt from what each
+/// checkpoint reports.
+struct CheckpointPace {
+    /// Groups committed since the last checkpoint.
+    groups: u64,
+    /// Groups expected to fill the WAL to [`WAL_LIMIT_FRAMES`].
+    every: u64,
+    /// No checkpoint before this (one was busy).
+    not_before: Instant,
+}
+
+impl CheckpointPace {
+    fn new() -> Self {
+        Self {
+            groups: 0,
+            every: 64,
+            not_before: Instant::now(),
+        }
+    }
+
+    /// A group was committed: is it time to checkpoint?
+    fn committed(&mut self, wal: &Path) -> bool {
+        self.groups += 1;
+        (self.groups >= self.every
+            || std::fs::metadata(wal).is_ok_and(|m| m.len() > WAL_FILE_LIMIT))
+            && Instant::now() >= self.not_before
+    }
+
+    /// The checkpoint found `frames` in the WAL (`None`: it was busy).
+    fn checkpointed(&mut self, frames: Option<u64>) {
+        let Some(frames) = frames else {
+            self.not_before = Instant::now() + CHECKPOINT_RETRY;
+            return;
+        };
+        let per_group = frames.div_ceil(self.groups.max(1)).max(1);
+        self.every = (WAL_LIMIT_FRAMES / per_group).clamp(1, 100_000);
+        self.groups = 0;
+    }
+}
+
 /// Commits each group once the transactions queued before it have joined.
-async fn flusher(state: Weak<Mutex<State>>, flush: Arc<Notify>, wal: PathBuf) {
-    let mut next_checkpoint = Instant::now();
+async fn flusher(state: Weak<Mutex<State>>, flush: Arc<Notify>) {
     loop {
         flush.notified().await;
         let Some(state) = state.upgrade() else {
@@ -504,11 +591,6 @@ async fn flusher(state: Weak<Mutex<State>>, flush: Arc<Notify>, wal: PathBuf) {
                 continue;
             }
         }
-        if Instant::now() >= next_checkpoint
-            && std::fs::metadata(&wal).is_ok_and(|m| m.len() > WAL_LIMIT)
-            && !st.checkpoint().await
-        {
-            next_checkpoint = Instant::now() + CHECKPOINT_RETRY;
-        }
+        st.checkpoint_if_due().await;
     }
 }
