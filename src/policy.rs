@@ -421,7 +421,19 @@ impl PolicyEngine {
 }
 
 fn uid(ty: &str, id: &str) -> Result<EntityUid, PolicyError> {
-    let ty = EntityTypeName::from_str(ty).map_err(|e| PolicyError::Request(e.to_string()))?;
+    /// Keygate's entity types, parsed once: Cedar parses a type name with
+    /// its whole grammar, several times per decision otherwise.
+    static PARSED: std::sync::LazyLock<Vec<(&str, EntityTypeName)>> =
+        std::sync::LazyLock::new(|| {
+            [AGENT, TEAM, SCOPE, ACTION, USER, GROUP]
+                .into_iter()
+                .filter_map(|t| Some((t, EntityTypeName::from_str(t).ok()?)))
+                .collect()
+        });
+    let ty = match PARSED.iter().find(|(name, _)| *name == ty) {
+        Some((_, parsed)) => parsed.clone(),
+        None => EntityTypeName::from_str(ty).map_err(|e| PolicyError::Request(e.to_string()))?,
+    };
     Ok(EntityUid::from_type_name_and_id(ty, EntityId::new(id)))
 }
 
