@@ -28,9 +28,10 @@
 //! batch is thus settled one at a time), or a statement of the batch failed
 //! (nothing of the batch is kept). When the trip failed and cannot tell
 //! whether before its commit or in it, the whole group is rolled back, as
-//! when a commit fails: nobody is told a write landed that did not. A request cancelled before the batch runs
-//! is left out of it. The agents of a batch's opens are marked used at the
-//! latest open's time (`last_used_at` is kept in seconds).
+//! when a commit fails: nobody is told a write landed that did not. A
+//! request cancelled before the batch runs is left out of it. The agents of
+//! a batch's opens are marked used at the latest open's time
+//! (`last_used_at` is kept in seconds).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
@@ -342,13 +343,22 @@ async fn run(tx: &mut WriteTx, items: &mut [Item]) -> StoreResult<Done> {
 }
 
 /// The message of the check that stops a batch's trip before its commit.
-const REFUSED: &str = "keygate: a member of the batch was refused";
+macro_rules! refused {
+    () => {
+        "keygate: a member of the batch was refused"
+    };
+}
+const REFUSED: &str = refused!();
 
 /// Creates, on the writer's connection, the table whose inserts fail with
 /// [`REFUSED`] (temporary: it lives with the connection, in memory).
-pub(super) const REFUSAL_CHECK: &str = "CREATE TEMP TABLE IF NOT EXISTS batch_refused (x); \
+pub(super) const REFUSAL_CHECK: &str = concat!(
+    "CREATE TEMP TABLE IF NOT EXISTS batch_refused (x); \
      CREATE TEMP TRIGGER IF NOT EXISTS batch_refused_stop BEFORE INSERT ON batch_refused \
-     BEGIN SELECT raise(ABORT, 'keygate: a member of the batch was refused'); END";
+     BEGIN SELECT raise(ABORT, '",
+    refused!(),
+    "'); END"
+);
 
 /// Fails the trip (with [`REFUSED`]) unless the statement just run changed
 /// `expected` rows.

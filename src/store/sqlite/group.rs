@@ -35,15 +35,15 @@
 //!
 //! Checkpoints: with readers always active, SQLite's automatic checkpoint
 //! never gets to restart the WAL, which then grows without bound and makes
-//! every later commit try (and pay for) a checkpoint again. The flusher
+//! every later commit try (and pay for) a checkpoint again. The writer
 //! instead runs a `RESTART` checkpoint after a commit once the WAL holds
 //! about [`WAL_LIMIT_FRAMES`]: it waits at most 20 ms for readers of old
 //! snapshots, and the next group writes the WAL from its beginning again.
 //! The file keeps its size, so a commit overwrites blocks the file already
 //! has and its fsync flushes data only; a truncated WAL would grow again
 //! and every fsync would also commit the file system's journal (its new
-//! size). The WAL's length is not known between checkpoints, so the
-//! flusher counts groups: each checkpoint reports how many frames the
+//! size). The WAL's length is not known between checkpoints, so whoever
+//! commits (the flusher, the batcher) counts groups: each checkpoint reports how many frames the
 //! groups since the last one wrote, which sets how many groups to wait
 //! for next. Should larger groups come, the file outgrowing
 //! [`WAL_FILE_LIMIT`] (to which SQLite cuts it back at each restart,
