@@ -406,6 +406,63 @@ async fn racing_session_reads_each_get_their_own_task() {
     }
 }
 
+/// Agent lookups racing each other (the SQLite engine reads them in
+/// batches, like session checks): each gets the agent it named, one named
+/// by many at once is answered to each, an unknown one is `None`, and an
+/// agent suspended before a lookup is seen suspended by it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn racing_agent_lookups_each_get_their_own_agent() {
+    use keygate::model::AgentStatus;
+    let (_dir, path) = db_path();
+    let store = open(&path).await;
+    let mut tx = store.begin().await.unwrap();
+    for id in ["a1", "a2"] {
+        let mut agent = common::store::test_agent();
+        agent.id = id.into();
+        tx.insert_agent(&agent).await.unwrap();
+    }
+    tx.commit().await.unwrap();
+    let look_up = |ids: Vec<&'static str>| {
+        let mut set = tokio::task::JoinSet::new();
+        for (i, id) in ids.into_iter().cycle().take(200).enumerate() {
+            let store = Arc::clone(&store);
+            set.spawn(async move { (i, id, store.get_agent(id).await.unwrap()) });
+        }
+        set.join_all()
+    };
+    for (i, id, found) in look_up(vec!["a1", "a2", "none", "a1"]).await {
+        match (id, found) {
+            ("none", None) => {}
+            (_, Some(agent)) => {
+                assert_eq!(agent.id, id, "lookup {i}");
+                assert_eq!(agent.status, AgentStatus::Active, "lookup {i}");
+            }
+            (id, None) => panic!("lookup {i}: {id} not found"),
+        }
+    }
+    let mut tx = store.begin().await.unwrap();
+    let left = tx
+        .set_agent_status(
+            "a2",
+            &[AgentStatus::Active],
+            AgentStatus::Suspended,
+            keygate::model::now(),
+        )
+        .await
+        .unwrap();
+    assert_eq!(left, Some(AgentStatus::Active));
+    tx.commit().await.unwrap();
+    for (i, id, found) in look_up(vec!["a1", "a2"]).await {
+        let agent = found.expect("found");
+        let suspended = agent.status == AgentStatus::Suspended;
+        assert_eq!(
+            suspended,
+            id == "a2",
+            "lookup {i} of {id} after the suspension"
+        );
+    }
+}
+
 /// Task opens racing each other (the SQLite engine batches them): each
 /// `jti` opens one task however many present it at once, a `jti` seen
 /// before opens none, and every task reported open is there with its

@@ -13,9 +13,9 @@ mod chain;
 mod fences;
 mod findings;
 mod group;
+mod read_batches;
 mod reads;
 mod reviews;
-mod sessions;
 mod tx;
 
 use std::str::FromStr;
@@ -52,7 +52,9 @@ impl From<sqlx::Error> for StoreError {
 pub struct SqliteStore {
     write: group::Writer,
     read: reads::Reads,
-    sessions: std::sync::Arc<sessions::SessionReads>,
+    /// Session checks and agent lookups, read in batches (read_batches.rs).
+    sessions: std::sync::Arc<read_batches::Batched<read_batches::TaskWithAgent>>,
+    agents: std::sync::Arc<read_batches::Batched<read_batches::AgentById>>,
     path: String,
     /// The file lock of a serving process (`register_replica`).
     lock: std::sync::Mutex<Option<std::fs::File>>,
@@ -105,6 +107,7 @@ impl SqliteStore {
             write,
             read,
             sessions: Default::default(),
+            agents: Default::default(),
             path: path.to_owned(),
             lock: std::sync::Mutex::new(None),
         })
@@ -160,8 +163,8 @@ impl Store for SqliteStore {
     }
 
     async fn get_agent(&self, id: &str) -> StoreResult<Option<Agent>> {
-        self.by_id("SELECT * FROM agents WHERE id = ?", id, agent_from_row)
-            .await
+        // Read with the other agent lookups waiting (read_batches.rs).
+        self.agents.get(&self.read, id).await
     }
 
     async fn agent_by_subject(&self, issuer: &str, subject: &str) -> StoreResult<Option<Agent>> {
@@ -195,8 +198,8 @@ impl Store for SqliteStore {
     }
 
     async fn task_with_agent(&self, task_id: &str) -> StoreResult<Option<(Task, Option<Agent>)>> {
-        // Read with the other session checks waiting (sessions.rs).
-        self.sessions.task_with_agent(&self.read, task_id).await
+        // Read with the other session checks waiting (read_batches.rs).
+        self.sessions.get(&self.read, task_id).await
     }
 
     async fn get_lease(&self, id: &str) -> StoreResult<Option<Lease>> {
