@@ -247,6 +247,129 @@ async fn leases_in_flight_at_a_crash_are_resolved_at_once_after_a_fast_restart()
     }
 }
 
+/// Credentials and task opens racing (the SQLite engine writes them in
+/// batches whose trip ends with the group's commit), killed mid-way:
+/// whatever a client was given is there after the restart — each lease
+/// returned is active, each task opened is open — and the audit chain is
+/// unbroken.
+#[tokio::test]
+async fn a_crash_amid_racing_writes_keeps_everything_it_returned() {
+    use std::sync::{Arc, Mutex};
+    let mut b = TestBroker::start().await;
+    let mut agents = Vec::new();
+    let mut sessions = Vec::new();
+    for i in 0..4 {
+        let agent = TestAgent::new(&format!("race{i}"), "ES256");
+        b.register(&agent, "platform").await;
+        sessions.push(b.token_ttl(&agent, Some(3600)).await);
+        agents.push(Arc::new(agent));
+    }
+    let leases = Arc::new(Mutex::new(Vec::<String>::new()));
+    let tokens = Arc::new(Mutex::new(Vec::<String>::new()));
+    let mut racers = Vec::new();
+    for i in 0..24 {
+        let (http, url) = (b.http.clone(), b.url("/v1/credentials"));
+        let token = sessions[i % sessions.len()].token.clone();
+        let leases = Arc::clone(&leases);
+        racers.push(tokio::spawn(async move {
+            let body = if i % 2 == 0 {
+                json!({ "scope": "x509-svid", "ttl": 600 })
+            } else {
+                json!({ "scope": "jwt-svid", "ttl": 600, "params": { "audience": common::JWT_AUDIENCE } })
+            };
+            // Until the server is gone (a refusal, such as a rate limit, is
+            // not an answer to keep: try again).
+            while let Ok(r) = http.post(&url).bearer_auth(&token).json(&body).send().await {
+                if r.status() != 201 {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    continue;
+                }
+                let Ok(v) = r.json::<Value>().await else { break };
+                leases.lock().unwrap().push(v["lease_id"].as_str().unwrap().to_owned());
+            }
+        }));
+    }
+    for agent in &agents {
+        let (http, url) = (b.http.clone(), b.url("/oauth/token"));
+        let agent = Arc::clone(agent);
+        let tokens = Arc::clone(&tokens);
+        racers.push(tokio::spawn(async move {
+            loop {
+                let assertion = agent.assertion();
+                let form = [
+                    ("grant_type", "client_credentials"),
+                    ("client_id", agent.id.as_str()),
+                    ("client_assertion_type", common::JWT_BEARER),
+                    ("client_assertion", assertion.as_str()),
+                    ("task", "racing"),
+                ];
+                let Ok(r) = http.post(&url).form(&form).send().await else {
+                    break;
+                };
+                if r.status() != 200 {
+                    tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+                    continue;
+                }
+                let Ok(v) = r.json::<Value>().await else {
+                    break;
+                };
+                tokens
+                    .lock()
+                    .unwrap()
+                    .push(v["access_token"].as_str().unwrap().to_owned());
+            }
+        }));
+    }
+    eventually("200 credentials returned", || {
+        let n = leases.lock().unwrap().len();
+        async move { (n >= 200).then_some(()) }
+    })
+    .await;
+    b.kill().await;
+    for r in racers {
+        r.await.unwrap();
+    }
+    b.start_again().await;
+    let returned = leases.lock().unwrap().clone();
+    let states: std::collections::HashMap<String, String> = b
+        .leases("limit=10000")
+        .await
+        .into_iter()
+        .map(|l| {
+            (
+                l["id"].as_str().unwrap().to_owned(),
+                l["state"].as_str().unwrap().to_owned(),
+            )
+        })
+        .collect();
+    for id in &returned {
+        assert_eq!(
+            states.get(id).map(String::as_str),
+            Some("active"),
+            "lease {id} was returned"
+        );
+    }
+    let opened = tokens.lock().unwrap().clone();
+    assert!(!opened.is_empty(), "no task was opened while racing");
+    for t in &opened {
+        assert_eq!(
+            b.get("/v1/session", Some(t)).await.status,
+            200,
+            "a task opened before the crash"
+        );
+    }
+    let mut verify = vec!["audit".to_owned(), "verify".to_owned()];
+    verify.extend(b.store_args());
+    let verify: Vec<&str> = verify.iter().map(String::as_str).collect();
+    let out = b.cli(&verify, None).await;
+    assert!(
+        out.status.success(),
+        "the audit chain after the crash: {}{}",
+        String::from_utf8_lossy(&out.stdout),
+        String::from_utf8_lossy(&out.stderr)
+    );
+}
+
 /// A broker whose PostgreSQL goes away answers `/readyz` 503 and requests
 /// with a clear error, and recovers by itself when the database is back:
 /// nothing it acknowledged is lost. (Its own cluster, to stop under it;
