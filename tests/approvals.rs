@@ -925,14 +925,21 @@ async fn webhook_retries_keep_their_event_id_and_approvals_stay_private() {
         .map(|c| header(c, "keygate-event-id"))
         .collect();
     assert_eq!(ids.len(), 1, "one event id across retries: {ids:?}");
-    let n = approval(b, &id).await;
-    let delivered = n["notifications"]
-        .as_array()
-        .unwrap()
-        .iter()
-        .find(|n| n["channel"] == "webhook:bus" && n["event"] == "approval.requested")
-        .cloned()
-        .unwrap();
+    // The receiver has the third delivery before the broker records its
+    // outcome: wait for the record.
+    let delivered = eventually("the third delivery recorded", || async {
+        approval(b, &id).await["notifications"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| {
+                n["channel"] == "webhook:bus"
+                    && n["event"] == "approval.requested"
+                    && !n["delivered_at"].is_null()
+            })
+            .cloned()
+    })
+    .await;
     assert_eq!(delivered["attempts"], 3, "{delivered}");
     assert_eq!(
         ids.iter().next().unwrap(),
