@@ -7,25 +7,25 @@
 use crate::common;
 
 use common::config::sha256_hex;
-use common::slack::{SlackFake, click_body, post_click, slack_signature};
+use common::slack::{SlackFake, click_body, post_click};
 use common::{Setup, TestAgent, TestBroker, eventually, unix_now};
 use hmac::{Hmac, Mac};
 use serde_json::{Value, json};
 use sha2::Sha256;
 
-const SIGNING_SECRET: &str = "8f742231b10e8888abcd99yyyzzz85a5";
-const BOT_TOKEN: &str = "xoxb-test-bot-token";
-const WEBHOOK_SECRET: &str = "whsec-test";
+pub(super) const SIGNING_SECRET: &str = "8f742231b10e8888abcd99yyyzzz85a5";
+pub(super) const BOT_TOKEN: &str = "xoxb-test-bot-token";
+pub(super) const WEBHOOK_SECRET: &str = "whsec-test";
 
 /// Approvers beyond the harness's own: `alice` and `bob` (team payments),
 /// `carol` (team other), `owner` (the test agents' sponsor), and `dave`
 /// (team payments, admin and approver both).
-struct Approvers {
-    alice: String,
-    bob: String,
-    carol: String,
-    owner: String,
-    dave: String,
+pub(super) struct Approvers {
+    pub(super) alice: String,
+    pub(super) bob: String,
+    pub(super) carol: String,
+    pub(super) owner: String,
+    pub(super) dave: String,
 }
 
 impl Approvers {
@@ -79,7 +79,7 @@ impl Approvers {
     }
 }
 
-const SCOPES: &str = r##"
+pub(super) const SCOPES: &str = r##"
 [[scopes]]
 name = "x509-svid"
 provider = "ca"
@@ -118,23 +118,23 @@ approvals = 2
 params = { kind = "x509_svid" }
 "##;
 
-const PERMIT_ALL_CA: &str = r#"
+pub(super) const PERMIT_ALL_CA: &str = r#"
 @id("test-permit-all-ca")
 permit (principal, action == Keygate::Action::"request_credential", resource)
 when { resource.provider == "ca" && principal.risk_tier <= 2 };
 "#;
 
-struct World {
-    b: TestBroker,
-    slack: SlackFake,
-    ap: Approvers,
+pub(super) struct World {
+    pub(super) b: TestBroker,
+    pub(super) slack: SlackFake,
+    pub(super) ap: Approvers,
 }
 
-async fn world(extra: &str) -> World {
+pub(super) async fn world(extra: &str) -> World {
     world_with(extra, &[]).await
 }
 
-async fn world_with(extra: &str, policies: &[(&str, &str)]) -> World {
+pub(super) async fn world_with(extra: &str, policies: &[(&str, &str)]) -> World {
     let slack = SlackFake::start(BOT_TOKEN).await;
     let ap = Approvers::new();
     let config = format!(
@@ -178,7 +178,7 @@ secret = "env:KG_TEST_WEBHOOK"
 }
 
 /// Asks for a sensitive scope; asserts 202 and returns the approval id.
-async fn ask(b: &TestBroker, session: &str, scope: &str) -> String {
+pub(super) async fn ask(b: &TestBroker, session: &str, scope: &str) -> String {
     let body = b
         .post(
             "/v1/credentials",
@@ -191,11 +191,11 @@ async fn ask(b: &TestBroker, session: &str, scope: &str) -> String {
     body["approval_id"].as_str().unwrap().to_owned()
 }
 
-async fn approval(b: &TestBroker, id: &str) -> Value {
+pub(super) async fn approval(b: &TestBroker, id: &str) -> Value {
     b.admin_get(&format!("/v1/approvals/{id}")).await
 }
 
-async fn decide(b: &TestBroker, token: &str, id: &str, decision: &str) -> common::Resp {
+pub(super) async fn decide(b: &TestBroker, token: &str, id: &str, decision: &str) -> common::Resp {
     b.post(
         &format!("/v1/approvals/{id}/decision"),
         Some(token),
@@ -204,7 +204,7 @@ async fn decide(b: &TestBroker, token: &str, id: &str, decision: &str) -> common
     .await
 }
 
-async fn redeem(b: &TestBroker, session: &str, id: &str) -> common::Resp {
+pub(super) async fn redeem(b: &TestBroker, session: &str, id: &str) -> common::Resp {
     b.post(
         &format!("/v1/approvals/{id}/redeem"),
         Some(session),
@@ -214,7 +214,7 @@ async fn redeem(b: &TestBroker, session: &str, id: &str) -> common::Resp {
 }
 
 /// Audit events of `action` that mention the approval.
-async fn audited(b: &TestBroker, action: &str, approval: &str) -> Vec<Value> {
+pub(super) async fn audited(b: &TestBroker, action: &str, approval: &str) -> Vec<Value> {
     b.audit(&format!("action={action}"))
         .await
         .into_iter()
@@ -378,83 +378,6 @@ async fn sensitive_scope_waits_for_a_signed_slack_click_then_redeems_once() {
 }
 
 #[tokio::test]
-async fn forged_stale_replayed_and_unmapped_clicks_are_refused_and_audited() {
-    let w = world("").await;
-    let b = &w.b;
-    let (_, s) = b.agent_with_task("appr", "platform").await;
-    let id = ask(b, &s.token, "payments-ca").await;
-    let now = unix_now();
-    let good = click_body("UALICE", "keygate_approve", &id, &w.slack.response_url(9));
-
-    let unsigned = post_click(b, &good, None, now).await;
-    assert_eq!(unsigned.status, 401, "{}", unsigned.text);
-    let forged = post_click(b, &good, Some("not-the-signing-secret"), now).await;
-    assert_eq!(forged.status, 401);
-    assert!(
-        forged.text.contains("signature does not match"),
-        "{}",
-        forged.text
-    );
-    let stale = post_click(b, &good, Some(SIGNING_SECRET), now - 400).await;
-    assert_eq!(stale.status, 401);
-    assert!(
-        stale.text.contains("older than 5 minutes"),
-        "{}",
-        stale.text
-    );
-    // A body altered after signing.
-    let sig = slack_signature(SIGNING_SECRET, now, &good);
-    let tampered = click_body("UALICE", "keygate_deny", &id, &w.slack.response_url(9));
-    let r = b
-        .http
-        .post(b.url("/v1/hooks/slack/interactions"))
-        .header("x-slack-request-timestamp", now.to_string())
-        .header("x-slack-signature", sig)
-        .body(tampered)
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 401);
-
-    // Authentic clicks from people who may not decide.
-    let unknown = click_body("UNOBODY", "keygate_approve", &id, &w.slack.response_url(10));
-    let v = post_click(b, &unknown, Some(SIGNING_SECRET), now)
-        .await
-        .expect(200);
-    assert_eq!(v["ok"], false);
-    assert_eq!(v["error"], "unknown_user", "{v}");
-    let carol = click_body("UCAROL", "keygate_approve", &id, &w.slack.response_url(11));
-    let v = post_click(b, &carol, Some(SIGNING_SECRET), now)
-        .await
-        .expect(200);
-    assert_eq!(v["error"], "forbidden", "{v}");
-    assert!(v["message"].as_str().unwrap().contains("payments"), "{v}");
-    let ephemeral = eventually("Carol sees why", || async {
-        w.slack.calls("/actions/11").into_iter().next()
-    })
-    .await;
-    assert_eq!(ephemeral.body["response_type"], "ephemeral");
-    // The same signed request again is a replay.
-    let replay = post_click(b, &carol, Some(SIGNING_SECRET), now).await;
-    assert_eq!(replay.status, 401);
-    assert!(replay.text.contains("replay"), "{}", replay.text);
-
-    let a = approval(b, &id).await;
-    assert_eq!(a["state"], "pending");
-    assert_eq!(a["decisions"], json!([]));
-    let hook_failures: Vec<Value> = b
-        .audit("action=hook.slack")
-        .await
-        .into_iter()
-        .filter(|e| e["outcome"] == "failure")
-        .collect();
-    assert_eq!(hook_failures.len(), 5, "{hook_failures:?}");
-    let refused = audited(b, "approval.decision", &id).await;
-    assert_eq!(refused.len(), 2, "{refused:?}");
-    assert!(refused.iter().all(|e| e["outcome"] == "failure"));
-}
-
-#[tokio::test]
 async fn quorum_separation_of_duties_double_votes_and_denial() {
     let w = world("").await;
     let (b, ap) = (&w.b, &w.ap);
@@ -552,155 +475,6 @@ async fn approvals_expire_and_end_with_their_task() {
 }
 
 #[tokio::test]
-async fn provisioning_approval_holds_new_agents_and_widening_changes() {
-    let w = world(
-        "[provisioning]\nrequire_approval = true\napprovals = 2\napprover_teams = [\"payments\"]\n",
-    )
-    .await;
-    let (b, ap) = (&w.b, &w.ap);
-    let agent = TestAgent::new("prov", "ES256");
-    // Tier 3: the test policy lets it reach no scope.
-    let mut spec = agent.spec("finance");
-    spec["risk_tier"] = json!(3);
-    let held = b.admin_post("/v1/agents", &spec).await.expect(202);
-    assert_eq!(held["agent"]["status"], "pending");
-    let id = held["approval"]["id"].as_str().unwrap().to_owned();
-    assert_eq!(held["approval"]["kind"], "provisioning");
-    // A pending agent cannot open a task.
-    let r = b.token_with_assertion(&agent.id, &agent.assertion()).await;
-    assert_eq!(r.status, 401, "{}", r.text);
-    // An admin without the approver role cannot approve; Carol is not in
-    // the approving team.
-    assert_eq!(decide(b, &b.ops.admin, &id, "approve").await.status, 403);
-    let r = decide(b, &ap.carol, &id, "approve").await;
-    assert_eq!(r.status, 403, "carol is not in payments: {}", r.text);
-    decide(b, &ap.alice, &id, "approve").await.expect(200);
-    let agent_url = format!("/v1/agents/{}", agent.id);
-    assert_eq!(b.admin_get(&agent_url).await["status"], "pending");
-
-    // Dave holds both roles and is in the team: only the requester rule
-    // can stop him approving the agent he registered himself.
-    let own = TestAgent::new("prov-own", "ES256");
-    let mine = b
-        .post("/v1/agents", Some(&ap.dave), &own.spec("finance"))
-        .await
-        .expect(202);
-    let mine = mine["approval"]["id"].as_str().unwrap().to_owned();
-    let r = decide(b, &ap.dave, &mine, "approve").await;
-    assert_eq!(r.status, 403, "{}", r.text);
-    assert!(
-        r.text
-            .contains("asked for this change and cannot also decide it"),
-        "{}",
-        r.text
-    );
-    // ... while he may approve what someone else asked for.
-    decide(b, &ap.dave, &id, "approve").await.expect(200);
-    assert_eq!(b.admin_get(&agent_url).await["status"], "active");
-    b.token(&agent).await;
-
-    let patch = |body: Value| {
-        let url = agent_url.clone();
-        async move {
-            b.call(
-                reqwest::Method::PATCH,
-                &url,
-                Some(&b.ops.admin),
-                Some(&body),
-            )
-            .await
-        }
-    };
-    // A change that reaches no new scope applies at once.
-    let r = patch(json!({ "purpose": "reconcile invoices" })).await;
-    assert_eq!(r.status, 200, "{}", r.text);
-    assert_eq!(r.json()["purpose"], "reconcile invoices");
-
-    // Tier 2 makes every CA scope reachable: the change waits.
-    let r = patch(json!({ "risk_tier": 2 })).await;
-    let held = r.expect(202);
-    let widened = held["widened_scopes"].as_array().unwrap();
-    assert!(widened.contains(&json!("payments-ca")), "{held}");
-    assert_eq!(held["agent"]["risk_tier"], 3);
-    let change = held["approval"]["id"].as_str().unwrap().to_owned();
-    assert_eq!(b.admin_get(&agent_url).await["risk_tier"], 3);
-    decide(b, &ap.alice, &change, "approve").await.expect(200);
-    decide(b, &ap.bob, &change, "approve").await.expect(200);
-    assert_eq!(b.admin_get(&agent_url).await["risk_tier"], 2);
-
-    // The provisioning records an auditor asks for.
-    for a in [&id, &change] {
-        assert_eq!(audited(b, "approval.requested", a).await.len(), 1);
-        let want = if a == &id { 4 } else { 2 };
-        assert_eq!(audited(b, "approval.decision", a).await.len(), want);
-        assert_eq!(audited(b, "approval.approved", a).await.len(), 1);
-    }
-}
-
-#[tokio::test]
-async fn policy_can_auto_approve_and_tier_three_must_confirm_in_keygate() {
-    const AUTO: &str = r#"
-@id("auto-approve-short-any-approver")
-permit (principal, action == Keygate::Action::"auto_approve", resource == Keygate::Scope::"any-approver")
-when { context.ttl <= 60 };
-"#;
-    let w = world_with(
-        "[approvals]\nconfirm_in_api_tiers = [2]\n",
-        &[("auto.cedar", AUTO)],
-    )
-    .await;
-    let (b, ap) = (&w.b, &w.ap);
-    let (agent, s) = b.agent_with_task("appr", "platform").await;
-
-    // Short enough: policy approves without a human, and says which policy.
-    let cred = b
-        .post(
-            "/v1/credentials",
-            Some(&s.token),
-            &json!({ "scope": "any-approver", "ttl": 60, "justification": "quick check" }),
-        )
-        .await
-        .expect(201);
-    assert!(cred["lease_id"].is_string());
-    let auto = b.audit("action=approval.auto_approved").await;
-    assert_eq!(auto.len(), 1);
-    assert_eq!(auto[0]["agent"], agent.id.as_str());
-    assert_eq!(
-        auto[0]["policy_ids"],
-        json!(["auto-approve-short-any-approver"])
-    );
-
-    // Longer: a human decides, and for this tier not by a Slack click.
-    let id = ask(b, &s.token, "any-approver").await;
-    let posted = eventually("the Slack request message", || async {
-        w.slack
-            .calls("/api/chat.postMessage")
-            .into_iter()
-            .find(|c| c.body.to_string().contains(&id))
-    })
-    .await;
-    let text = posted.body.to_string();
-    assert!(
-        text.contains("Review in Keygate") && !text.contains("keygate_approve"),
-        "{text}"
-    );
-    let click = click_body("UALICE", "keygate_approve", &id, &w.slack.response_url(3));
-    let v = post_click(b, &click, Some(SIGNING_SECRET), unix_now())
-        .await
-        .expect(200);
-    assert_eq!(v["ok"], false);
-    assert!(
-        v["message"]
-            .as_str()
-            .unwrap()
-            .contains("must be decided in Keygate"),
-        "{v}"
-    );
-    let v = decide(b, &ap.alice, &id, "approve").await.expect(200);
-    assert_eq!(v["state"], "approved");
-}
-
-#[tokio::test]
 async fn a_redeem_the_provider_refuses_does_not_spend_the_approval() {
     let w = world("").await;
     let (b, ap) = (&w.b, &w.ap);
@@ -730,267 +504,6 @@ async fn a_redeem_the_provider_refuses_does_not_spend_the_approval() {
         audited(b, "approval.redemption_released", &id).await.len(),
         1
     );
-}
-
-#[tokio::test]
-async fn slack_text_is_inert_replays_are_byte_keyed_and_response_urls_stay_hidden() {
-    let w = world("").await;
-    let b = &w.b;
-    let (_, s) = b.agent_with_task("appr", "platform").await;
-    // Agent-supplied text aimed at the approvers' channel.
-    let body = b
-        .post(
-            "/v1/credentials",
-            Some(&s.token),
-            &json!({
-                "scope": "payments-ca", "ttl": 300,
-                "justification": "<!channel> urgent: see <https://evil.example|the invoice> & pay",
-            }),
-        )
-        .await
-        .expect(202);
-    let id = body["approval_id"].as_str().unwrap().to_owned();
-    let posted = eventually("the Slack request message", || async {
-        w.slack
-            .calls("/api/chat.postMessage")
-            .into_iter()
-            .find(|c| c.body.to_string().contains(&id))
-    })
-    .await;
-    let text = posted.body.to_string();
-    assert!(!text.contains("<!channel>"), "{text}");
-    assert!(!text.contains("<https://evil.example|"), "{text}");
-    assert!(
-        text.contains("&lt;!channel&gt;") && text.contains("&amp; pay"),
-        "{text}"
-    );
-
-    // The same signed click with its MAC spelled in upper-case hex is a replay.
-    let now = unix_now();
-    let click = click_body("UCAROL", "keygate_approve", &id, &w.slack.response_url(21));
-    let sig = slack_signature(SIGNING_SECRET, now, &click);
-    let send = |sig: String| {
-        let click = click.clone();
-        async move {
-            let r = b
-                .http
-                .post(b.url("/v1/hooks/slack/interactions"))
-                .header("content-type", "application/x-www-form-urlencoded")
-                .header("x-slack-request-timestamp", now.to_string())
-                .header("x-slack-signature", sig)
-                .body(click)
-                .send()
-                .await
-                .unwrap();
-            (r.status().as_u16(), r.text().await.unwrap())
-        }
-    };
-    let (status, text) = send(sig.clone()).await;
-    assert_eq!(status, 200, "{text}");
-    let upper = format!("v0={}", sig.trim_start_matches("v0=").to_ascii_uppercase());
-    let (status, text) = send(upper).await;
-    assert_eq!(status, 401, "{text}");
-    assert!(text.contains("replay"), "{text}");
-    // A timestamp at the end of the range is refused, not an overflow.
-    let r = b
-        .http
-        .post(b.url("/v1/hooks/slack/interactions"))
-        .header("x-slack-request-timestamp", i64::MIN.to_string())
-        .header(
-            "x-slack-signature",
-            slack_signature(SIGNING_SECRET, i64::MIN, &click),
-        )
-        .body(click.clone())
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 401);
-
-    // Carol's refusal went back through her click's response_url; no reader
-    // sees that URL (a capability to post into the channel).
-    eventually("the ephemeral reply", || async {
-        w.slack.calls("/actions/21").into_iter().next()
-    })
-    .await;
-    for reader in [&b.ops.auditor, &b.ops.admin, &b.ops.approver] {
-        let r = b.get(&format!("/v1/approvals/{id}"), Some(reader)).await;
-        assert_eq!(r.status, 200, "{}", r.text);
-        assert!(!r.text.contains("/actions/21"), "{}", r.text);
-        assert!(r.text.contains("[redacted]"), "{}", r.text);
-    }
-}
-
-/// Slack as Slack answers: a rate-limited post (429 with `Retry-After`) is
-/// retried no sooner than Slack asked; a justification far past Block
-/// Kit's limits still makes a message the fake's validation accepts; a
-/// `response_url` used up (five answers) is given up, visibly.
-#[tokio::test]
-async fn slack_rate_limits_block_kit_limits_and_used_up_response_urls() {
-    let w = world("").await;
-    let (b, slack) = (&w.b, &w.slack);
-    slack.rate_limit_next(1, 3);
-    let (_, s) = b.agent_with_task("appr", "platform").await;
-    let body = json!({ "scope": "payments-ca", "ttl": 300, "justification": "x".repeat(10_000) });
-    let held = b
-        .post("/v1/credentials", Some(&s.token), &body)
-        .await
-        .expect(202);
-    let id = held["approval_id"].as_str().unwrap().to_owned();
-    let n = eventually("the request is posted after the rate limit", || async {
-        let a = approval(b, &id).await;
-        a["notifications"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|n| n["channel"] == "slack" && n["delivered_at"].is_string())
-            .cloned()
-    })
-    .await;
-    assert_eq!(n["attempts"], 2, "{n}");
-    let posts = slack.calls("/api/chat.postMessage");
-    let (first, second) = (&posts[0], &posts[posts.len() - 1]);
-    let at = |c: &common::slack::Call| c.at;
-    assert!(
-        at(second) - at(first) >= std::time::Duration::from_millis(2900),
-        "retried {:?} after a Retry-After of 3 s",
-        at(second) - at(first)
-    );
-    let text = second.body.to_string();
-    assert!(
-        text.contains("xxx…"),
-        "the justification is cut: {}",
-        &text[..200]
-    );
-
-    // Six clicks on one message: the sixth answer finds the URL used up.
-    let url = slack.response_url(9);
-    // Distinct timestamps (one base: a second ticking over between two
-    // clicks must not make two of them the same request, a replay).
-    let base = unix_now();
-    for i in 0..6 {
-        let click = click_body("UCAROL", "keygate_approve", &id, &url);
-        post_click(b, &click, Some(SIGNING_SECRET), base - i)
-            .await
-            .expect(200);
-    }
-    let gave_up = eventually("the sixth answer is given up", || async {
-        let a = approval(b, &id).await;
-        a["notifications"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|n| {
-                n["event"] == "reply"
-                    && n["next_attempt_at"].is_null()
-                    && n["delivered_at"].is_null()
-                    && n["attempts"] == 1
-            })
-            .cloned()
-    })
-    .await;
-    assert!(
-        gave_up["last_error"]
-            .as_str()
-            .unwrap()
-            .contains("expired or used up"),
-        "{gave_up}"
-    );
-}
-
-/// A webhook that fails is retried with the same `Keygate-Event-Id` (so a
-/// receiver can drop duplicates) and a fresh signature; another agent
-/// cannot read this agent's approval.
-#[tokio::test]
-async fn webhook_retries_keep_their_event_id_and_approvals_stay_private() {
-    let w = world("").await;
-    let (b, slack) = (&w.b, &w.slack);
-    slack.fail_next_hooks(2);
-    let (_, s) = b.agent_with_task("appr", "platform").await;
-    let id = ask(b, &s.token, "payments-ca").await;
-    let hooks = eventually("three deliveries of the request", || async {
-        let calls: Vec<common::slack::Call> = slack
-            .calls("/hook")
-            .into_iter()
-            .filter(|c| {
-                c.body["approval"]["id"] == id.as_str() && c.body["type"] == "approval.requested"
-            })
-            .collect();
-        (calls.len() >= 3).then_some(calls)
-    })
-    .await;
-    let header =
-        |c: &common::slack::Call, h: &str| c.headers.get(h).unwrap().to_str().unwrap().to_owned();
-    let ids: std::collections::BTreeSet<String> = hooks
-        .iter()
-        .map(|c| header(c, "keygate-event-id"))
-        .collect();
-    assert_eq!(ids.len(), 1, "one event id across retries: {ids:?}");
-    // The receiver has the third delivery before the broker records its
-    // outcome: wait for the record.
-    let delivered = eventually("the third delivery recorded", || async {
-        approval(b, &id).await["notifications"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|n| {
-                n["channel"] == "webhook:bus"
-                    && n["event"] == "approval.requested"
-                    && !n["delivered_at"].is_null()
-            })
-            .cloned()
-    })
-    .await;
-    assert_eq!(delivered["attempts"], 3, "{delivered}");
-    assert_eq!(
-        ids.iter().next().unwrap(),
-        delivered["id"].as_str().unwrap()
-    );
-
-    // Another agent's session cannot see it (nor learn that it exists).
-    let (_, other) = b.agent_with_task("appr", "platform").await;
-    let r = b
-        .get(&format!("/v1/approvals/{id}"), Some(&other.token))
-        .await;
-    assert_eq!(r.status, 404, "{}", r.text);
-    assert!(!r.text.contains("pay invoice"), "{}", r.text);
-}
-
-/// The outbox is in the store: a request whose Slack message could not be
-/// sent before the broker was killed is sent by the next process.
-#[tokio::test]
-async fn the_notification_outbox_survives_a_crash() {
-    let mut w = world("").await;
-    w.slack.fail_next_posts(usize::MAX / 2);
-    let (_, s) = w.b.agent_with_task("appr", "platform").await;
-    let id = ask(&w.b, &s.token, "payments-ca").await;
-    eventually("a first attempt failed", || async {
-        let a = approval(&w.b, &id).await;
-        a["notifications"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|n| n["channel"] == "slack" && n["attempts"].as_u64() >= Some(1))
-            .cloned()
-    })
-    .await;
-    w.b.kill().await;
-    w.slack.fail_next_posts(0);
-    w.b.start_again().await;
-    // Every post failed before the kill: a delivery now is the new
-    // process's, from the row the old one left.
-    let n = eventually("the message is sent after the restart", || async {
-        let a = approval(&w.b, &id).await;
-        a["notifications"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|n| n["channel"] == "slack" && n["delivered_at"].is_string())
-            .cloned()
-    })
-    .await;
-    assert!(n["attempts"].as_u64().unwrap() >= 2, "{n}");
-    let a = approval(&w.b, &id).await;
-    assert_eq!(a["state"], "pending", "{a}");
 }
 
 /// An approval never outlives its task (a 2-minute task gets an approval

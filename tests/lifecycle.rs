@@ -8,6 +8,8 @@
 mod common;
 
 mod agent_exec;
+mod approval_notifications;
+mod approval_policy;
 mod approvals;
 mod ascode;
 mod console;
