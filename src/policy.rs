@@ -6,9 +6,10 @@
 //! is its `@id("...")` annotation, or `<file>#<n>` without one. The set's
 //! content hash is recorded with every decision.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::path::Path;
 use std::str::FromStr;
+use std::sync::Arc;
 
 use cedar_policy::{
     Authorizer, Context, Decision, Entities, Entity, EntityId, EntityTypeName, EntityUid, Policy,
@@ -19,6 +20,7 @@ use sha2::{Digest, Sha256};
 use crate::model::{Agent, UserContext};
 
 pub mod cases;
+mod prepared;
 
 /// Why policies could not be loaded or evaluated.
 #[derive(Debug, thiserror::Error)]
@@ -77,6 +79,8 @@ pub struct PolicyEngine {
     schema: Option<Schema>,
     hash: String,
     authorizer: Authorizer,
+    /// Entities and request checks reused across decisions.
+    prepared: prepared::Prepared,
     /// Whether any policy reads the clock (`context.now`, `hour_utc`,
     /// `weekday`): then what an agent may reach depends on when one asks.
     clock_sensitive: bool,
@@ -180,6 +184,7 @@ impl PolicyEngine {
             schema,
             hash: hex::encode(hasher.finalize()),
             authorizer: Authorizer::new(),
+            prepared: Default::default(),
             clock_sensitive,
         })
     }
@@ -297,108 +302,32 @@ impl PolicyEngine {
         req: &RequestFacts<'_>,
     ) -> Result<PolicyDecision, PolicyError> {
         let rerr = |e: &dyn std::fmt::Display| PolicyError::Request(e.to_string());
-        let team = uid(TEAM, &agent.team)?;
         let resource = uid(SCOPE, scope.name)?;
-        let action = uid(ACTION, action)?;
-        let s = |v: &str| RestrictedExpression::new_string(v.to_owned());
-        let l = |v: u64| RestrictedExpression::new_long(i64::try_from(v).unwrap_or(i64::MAX));
-        let agent_uid = uid(AGENT, &agent.id)?;
-        let agent_entity = Entity::new_with_tags(
-            agent_uid.clone(),
-            [
-                ("team".to_owned(), s(&agent.team)),
-                ("sponsor".to_owned(), s(&agent.sponsor)),
-                ("risk_tier".to_owned(), l(u64::from(agent.risk_tier))),
-                ("environment".to_owned(), s(agent.environment.as_str())),
-                ("purpose".to_owned(), s(&agent.purpose)),
-                ("status".to_owned(), s(agent.status.as_str())),
-            ],
-            [team.clone()],
-            agent.labels.iter().map(|(k, v)| (k.clone(), s(v))),
-        )
-        .map_err(|e| rerr(&e))?;
-        let team_entity = Entity::new_no_attrs(team, Default::default());
-        let scope_entity = Entity::new(
-            resource.clone(),
-            std::collections::HashMap::from([
-                ("provider".to_owned(), s(scope.provider)),
-                (
-                    "sensitive".to_owned(),
-                    RestrictedExpression::new_bool(scope.sensitive),
-                ),
-                ("max_ttl".to_owned(), l(scope.max_ttl_secs)),
-            ]),
-            std::collections::HashSet::new(),
-        )
-        .map_err(|e| rerr(&e))?;
-        let mut all = vec![scope_entity];
-        let principal = match user {
-            None => {
-                all.extend([agent_entity, team_entity]);
-                agent_uid
-            }
+        let action_uid = uid(ACTION, action)?;
+        let (principal, entities) = match user {
+            None => (
+                uid(AGENT, &agent.id)?,
+                self.prepared
+                    .entities(agent, scope, || self.agent_entities(agent, scope))?,
+            ),
             Some(u) => {
                 // Users and groups are namespaced by the issuer that vouched
                 // for them: `corp-sso/alice` is not `other-sso/alice`.
                 let user_uid = uid(USER, &format!("{}/{}", u.issuer, u.id))?;
-                let groups = u
-                    .groups
-                    .iter()
-                    .map(|g| uid(GROUP, &format!("{}/{g}", u.issuer)))
-                    .collect::<Result<Vec<_>, _>>()?;
-                all.push(
-                    Entity::new(
-                        user_uid.clone(),
-                        std::collections::HashMap::from([("issuer".to_owned(), s(&u.issuer))]),
-                        groups.iter().cloned().collect(),
-                    )
-                    .map_err(|e| rerr(&e))?,
-                );
-                all.extend(
-                    groups
-                        .into_iter()
-                        .map(|g| Entity::new_no_attrs(g, Default::default())),
-                );
-                user_uid
+                (user_uid, Arc::new(self.user_entities(u, scope)?))
             }
         };
-        let entities = Entities::from_entities(all, self.schema.as_ref()).map_err(|e| rerr(&e))?;
-        let now = req.now;
-        let context = Context::from_pairs([
-            ("environment".to_owned(), s(agent.environment.as_str())),
-            (
-                "now".to_owned(),
-                RestrictedExpression::new_long(now.unix_timestamp()),
-            ),
-            ("hour_utc".to_owned(), l(u64::from(now.hour()))),
-            (
-                "weekday".to_owned(),
-                s(&now.weekday().to_string().to_lowercase()),
-            ),
-            ("ttl".to_owned(), l(req.requested_ttl_secs)),
-            (
-                "delegation".to_owned(),
-                RestrictedExpression::new_record([
-                    ("depth".to_owned(), l(req.chain.len() as u64)),
-                    (
-                        "chain".to_owned(),
-                        RestrictedExpression::new_set(req.chain.iter().map(|a| s(a))),
-                    ),
-                ])
-                .map_err(|e| rerr(&e))?,
-            ),
-            (
-                "task".to_owned(),
-                RestrictedExpression::new_record([
-                    ("id".to_owned(), s(req.task_id)),
-                    ("description".to_owned(), s(req.task_description)),
-                ])
-                .map_err(|e| rerr(&e))?,
-            ),
-        ])
-        .map_err(|e| rerr(&e))?;
-        let request = Request::new(principal, action, resource, context, self.schema.as_ref())
-            .map_err(|e| rerr(&e))?;
+        let context = context(agent, req)?;
+        // The schema's check of a request depends only on its shape: once
+        // an agent's request of this shape passed it, it is not run again.
+        let chain_empty = req.chain.is_empty();
+        let skip_check = user.is_none() && self.prepared.request_checked(action, chain_empty);
+        let schema = self.schema.as_ref().filter(|_| !skip_check);
+        let request =
+            Request::new(principal, action_uid, resource, context, schema).map_err(|e| rerr(&e))?;
+        if user.is_none() && schema.is_some() {
+            self.prepared.request_passed(action, chain_empty);
+        }
         let response = self
             .authorizer
             .is_authorized(&request, &self.set, &entities);
@@ -418,6 +347,128 @@ impl PolicyEngine {
                 .collect(),
         })
     }
+
+    /// The agent in its team, and the scope: checked against the schema,
+    /// with the schema's actions.
+    fn agent_entities(
+        &self,
+        agent: &Agent,
+        scope: &ScopeFacts<'_>,
+    ) -> Result<Entities, PolicyError> {
+        let rerr = |e: &dyn std::fmt::Display| PolicyError::Request(e.to_string());
+        let team = uid(TEAM, &agent.team)?;
+        let agent_entity = Entity::new_with_tags(
+            uid(AGENT, &agent.id)?,
+            [
+                ("team".to_owned(), s(&agent.team)),
+                ("sponsor".to_owned(), s(&agent.sponsor)),
+                ("risk_tier".to_owned(), l(u64::from(agent.risk_tier))),
+                ("environment".to_owned(), s(agent.environment.as_str())),
+                ("purpose".to_owned(), s(&agent.purpose)),
+                ("status".to_owned(), s(agent.status.as_str())),
+            ],
+            [team.clone()],
+            agent.labels.iter().map(|(k, v)| (k.clone(), s(v))),
+        )
+        .map_err(|e| rerr(&e))?;
+        let team_entity = Entity::new_no_attrs(team, Default::default());
+        let all = [scope_entity(scope)?, agent_entity, team_entity];
+        Entities::from_entities(all, self.schema.as_ref()).map_err(|e| rerr(&e))
+    }
+
+    /// The user in its groups, and the scope.
+    fn user_entities(
+        &self,
+        u: &UserContext,
+        scope: &ScopeFacts<'_>,
+    ) -> Result<Entities, PolicyError> {
+        let rerr = |e: &dyn std::fmt::Display| PolicyError::Request(e.to_string());
+        let user_uid = uid(USER, &format!("{}/{}", u.issuer, u.id))?;
+        let groups = u
+            .groups
+            .iter()
+            .map(|g| uid(GROUP, &format!("{}/{g}", u.issuer)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let mut all = vec![
+            scope_entity(scope)?,
+            Entity::new(
+                user_uid,
+                HashMap::from([("issuer".to_owned(), s(&u.issuer))]),
+                groups.iter().cloned().collect(),
+            )
+            .map_err(|e| rerr(&e))?,
+        ];
+        all.extend(
+            groups
+                .into_iter()
+                .map(|g| Entity::new_no_attrs(g, Default::default())),
+        );
+        Entities::from_entities(all, self.schema.as_ref()).map_err(|e| rerr(&e))
+    }
+}
+
+fn s(v: &str) -> RestrictedExpression {
+    RestrictedExpression::new_string(v.to_owned())
+}
+
+fn l(v: u64) -> RestrictedExpression {
+    RestrictedExpression::new_long(i64::try_from(v).unwrap_or(i64::MAX))
+}
+
+fn scope_entity(scope: &ScopeFacts<'_>) -> Result<Entity, PolicyError> {
+    Entity::new(
+        uid(SCOPE, scope.name)?,
+        HashMap::from([
+            ("provider".to_owned(), s(scope.provider)),
+            (
+                "sensitive".to_owned(),
+                RestrictedExpression::new_bool(scope.sensitive),
+            ),
+            ("max_ttl".to_owned(), l(scope.max_ttl_secs)),
+        ]),
+        HashSet::new(),
+    )
+    .map_err(|e| PolicyError::Request(e.to_string()))
+}
+
+/// The request's context: when, for how long, within which task, delegated
+/// by whom.
+fn context(agent: &Agent, req: &RequestFacts<'_>) -> Result<Context, PolicyError> {
+    let rerr = |e: &dyn std::fmt::Display| PolicyError::Request(e.to_string());
+    let now = req.now;
+    Context::from_pairs([
+        ("environment".to_owned(), s(agent.environment.as_str())),
+        (
+            "now".to_owned(),
+            RestrictedExpression::new_long(now.unix_timestamp()),
+        ),
+        ("hour_utc".to_owned(), l(u64::from(now.hour()))),
+        (
+            "weekday".to_owned(),
+            s(&now.weekday().to_string().to_lowercase()),
+        ),
+        ("ttl".to_owned(), l(req.requested_ttl_secs)),
+        (
+            "delegation".to_owned(),
+            RestrictedExpression::new_record([
+                ("depth".to_owned(), l(req.chain.len() as u64)),
+                (
+                    "chain".to_owned(),
+                    RestrictedExpression::new_set(req.chain.iter().map(|a| s(a))),
+                ),
+            ])
+            .map_err(|e| rerr(&e))?,
+        ),
+        (
+            "task".to_owned(),
+            RestrictedExpression::new_record([
+                ("id".to_owned(), s(req.task_id)),
+                ("description".to_owned(), s(req.task_description)),
+            ])
+            .map_err(|e| rerr(&e))?,
+        ),
+    ])
+    .map_err(|e| rerr(&e))
 }
 
 fn uid(ty: &str, id: &str) -> Result<EntityUid, PolicyError> {

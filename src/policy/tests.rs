@@ -123,6 +123,132 @@ fn example_policies_load() {
     assert!(e.len() >= 3);
 }
 
+fn decide_with_chain(
+    e: &PolicyEngine,
+    a: &Agent,
+    sf: &ScopeFacts<'_>,
+    chain: &[String],
+) -> Result<PolicyDecision, PolicyError> {
+    let rf = RequestFacts {
+        task_id: "tk_1",
+        task_description: "job",
+        requested_ttl_secs: 60,
+        now: crate::model::now(),
+        chain,
+    };
+    e.decide(a, sf, &rf)
+}
+
+const CA: ScopeFacts<'static> = ScopeFacts {
+    name: "s",
+    provider: "ca",
+    sensitive: false,
+    max_ttl_secs: 3600,
+};
+
+// The entities kept between decisions are reused only while every fact
+// they carry is unchanged: each change below flips the decision.
+#[test]
+fn a_changed_agent_or_scope_is_decided_on_what_it_is_now() {
+    let e = engine(
+        r#"
+@id("labelled")
+permit (principal in Keygate::Team::"a", action == Keygate::Action::"request_credential", resource)
+when { resource.provider == "ca" && principal.hasTag("data") && principal.getTag("data") == "pii"
+       && principal.status == "active" && principal.risk_tier < 3 && principal.sponsor == "s@example.com"
+       && principal.purpose == "test" && principal.environment == "dev" && resource.max_ttl >= 60
+       && !resource.sensitive };
+"#,
+    );
+    let a = agent("a", 1);
+    let allowed = |a: &Agent, sf: &ScopeFacts<'_>| decide_with_chain(&e, a, sf, &[]).unwrap().allow;
+    assert!(allowed(&a, &CA));
+    let changes: Vec<Box<dyn Fn(&mut Agent)>> = vec![
+        Box::new(|a| a.team = "b".into()),
+        Box::new(|a| {
+            a.labels.insert("data".into(), "public".into());
+        }),
+        Box::new(|a| a.labels.clear()),
+        Box::new(|a| a.status = AgentStatus::Suspended),
+        Box::new(|a| a.risk_tier = 3),
+        Box::new(|a| a.sponsor = "t@example.com".into()),
+        Box::new(|a| a.purpose = "other".into()),
+        Box::new(|a| a.environment = Environment::Prod),
+    ];
+    for change in &changes {
+        let mut changed = a.clone();
+        change(&mut changed);
+        assert!(
+            !allowed(&changed, &CA),
+            "a changed agent was decided as before"
+        );
+        // And back: the original facts are allowed again.
+        assert!(allowed(&a, &CA));
+    }
+    for sf in [
+        ScopeFacts {
+            provider: "vault",
+            ..CA
+        },
+        ScopeFacts {
+            sensitive: true,
+            ..CA
+        },
+        ScopeFacts {
+            max_ttl_secs: 30,
+            ..CA
+        },
+    ] {
+        assert!(!allowed(&a, &sf), "a changed scope was decided as before");
+        assert!(allowed(&a, &CA));
+    }
+    // Another agent of another team, same id shape, same scope.
+    let mut other = agent("b", 1);
+    other.id = "a2".into();
+    assert!(!allowed(&other, &CA));
+    assert!(allowed(&a, &CA));
+}
+
+// The schema's check of a request is skipped only for requests of a shape
+// that passed it: an empty chain conforms to any set, a non-empty chain of
+// agent ids does not conform to a set of numbers.
+#[test]
+fn a_request_the_schema_refuses_is_refused_every_time() {
+    let schema = include_str!("../../config/policies/keygate.cedarschema")
+        .replace("chain: Set<String>", "chain: Set<Long>");
+    let files = BTreeMap::from([
+        ("keygate.cedarschema".to_owned(), schema),
+        ("p.cedar".to_owned(), PERMIT_FORBID.to_owned()),
+    ]);
+    let e = PolicyEngine::from_files(&files).unwrap();
+    let a = agent("a", 1);
+    let delegated = ["root".to_owned()];
+    for _ in 0..3 {
+        assert!(decide_with_chain(&e, &a, &CA, &[]).unwrap().allow);
+        assert!(matches!(
+            decide_with_chain(&e, &a, &CA, &delegated),
+            Err(PolicyError::Request(_))
+        ));
+    }
+    // With the schema's own declaration, both shapes pass, every time.
+    let e = engine(PERMIT_FORBID);
+    for _ in 0..3 {
+        assert!(decide_with_chain(&e, &a, &CA, &[]).unwrap().allow);
+        assert!(decide_with_chain(&e, &a, &CA, &delegated).unwrap().allow);
+    }
+}
+
+// More agents than are kept: each is still decided on its own facts.
+#[test]
+fn more_agents_than_are_kept_are_each_decided_on_their_own() {
+    let e = engine(PERMIT_FORBID);
+    for i in 0..(prepared::MAX_AGENTS + 50) {
+        let mut a = agent(if i % 2 == 0 { "a" } else { "b" }, 1);
+        a.id = format!("a{i}");
+        assert_eq!(decide(&e, &a, "s", 60).allow, i % 2 == 0, "agent {i}");
+    }
+}
+
 proptest! {
     // The engine agrees with a simple model of the policies above: allowed
     // exactly when team is `a`, the tag matches, and the ttl is at most 600.
