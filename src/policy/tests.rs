@@ -163,19 +163,19 @@ when { resource.provider == "ca" && principal.hasTag("data") && principal.getTag
     let a = agent("a", 1);
     let allowed = |a: &Agent, sf: &ScopeFacts<'_>| decide_with_chain(&e, a, sf, &[]).unwrap().allow;
     assert!(allowed(&a, &CA));
-    let changes: Vec<Box<dyn Fn(&mut Agent)>> = vec![
-        Box::new(|a| a.team = "b".into()),
-        Box::new(|a| {
+    let changes: [fn(&mut Agent); 8] = [
+        |a| a.team = "b".into(),
+        |a| {
             a.labels.insert("data".into(), "public".into());
-        }),
-        Box::new(|a| a.labels.clear()),
-        Box::new(|a| a.status = AgentStatus::Suspended),
-        Box::new(|a| a.risk_tier = 3),
-        Box::new(|a| a.sponsor = "t@example.com".into()),
-        Box::new(|a| a.purpose = "other".into()),
-        Box::new(|a| a.environment = Environment::Prod),
+        },
+        |a| a.labels.clear(),
+        |a| a.status = AgentStatus::Suspended,
+        |a| a.risk_tier = 3,
+        |a| a.sponsor = "t@example.com".into(),
+        |a| a.purpose = "other".into(),
+        |a| a.environment = Environment::Prod,
     ];
-    for change in &changes {
+    for change in changes {
         let mut changed = a.clone();
         change(&mut changed);
         assert!(
