@@ -2,13 +2,15 @@
 //! the libraries Keygate uses, on one core. Keygate's CPU per request is
 //! compared with it (the goal: at most 3×).
 //!
-//! - X.509-SVID: a P-256 key generated, a leaf certificate with a SPIFFE
-//!   URI SAN signed by a P-256 CA (rcgen on aws-lc-rs, as the local CA),
+//! - X.509-SVID: a P-256 key generated and serialized (the local CA's
+//!   `LeafKey`, aws-lc-rs), a leaf certificate with a SPIFFE URI SAN signed
+//!   by a P-256 CA (rcgen on aws-lc-rs, as the local CA),
 //!   and one session token verified (`SessionSigner::verify_afresh`: what
 //!   `verify` does the first time it sees a token; it remembers verified
 //!   tokens, so the floor does not call it).
-//! - JWT-SVID: one ES256 signature (`SessionSigner::sign`, jsonwebtoken on
-//!   aws-lc-rs, as the local CA's JWT-SVIDs) and one session token verified.
+//! - JWT-SVID: one ES256 signature (`SessionSigner::sign`: aws-lc-rs with
+//!   the key parsed once, as the local CA's JWT-SVIDs) and one session
+//!   token verified.
 //! - Task open: one ES256 client assertion verified and one session token
 //!   signed.
 
@@ -76,7 +78,7 @@ pub fn measure(dir: &std::path::Path) -> Floor {
     let issuer = Issuer::from_ca_cert_pem(&ca_cert.pem(), ca_key).expect("issuer");
     let now = time::OffsetDateTime::now_utc();
     let x509_svid_us = per_call(window, || {
-        let key = KeyPair::generate_for(&PKCS_ECDSA_P256_SHA256).expect("leaf key");
+        let key = keygate_provider_local_ca::LeafKey::generate().expect("leaf key");
         let mut p = CertificateParams::default();
         p.distinguished_name = DistinguishedName::new();
         p.subject_alt_names = vec![SanType::URI(
@@ -85,7 +87,7 @@ pub fn measure(dir: &std::path::Path) -> Floor {
         p.not_before = now;
         p.not_after = now + time::Duration::minutes(10);
         let cert = p.signed_by(&key, &issuer).expect("leaf");
-        std::hint::black_box((cert.der().len(), key.serialize_pem().len()));
+        std::hint::black_box((cert.der().len(), key.pem().len()));
         verify(&token);
     });
     let jwt_svid_us = per_call(window, || {

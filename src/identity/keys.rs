@@ -71,7 +71,7 @@ pub fn generate_agent_key(alg: &str) -> Result<(SecretString, PublicKey), AuthEr
 
 /// Loads a PKCS#8 PEM key from `path`, generating a P-256 key there first if
 /// the file does not exist (mode 0600).
-pub(crate) fn load_or_generate(path: &Path) -> Result<(SecretString, KeyPair), AuthError> {
+pub(crate) fn load_or_generate(path: &Path) -> Result<KeyPair, AuthError> {
     let io = |e: std::io::Error| AuthError::Key(format!("`{}`: {e}", path.display()));
     let mut pem = None;
     if !path.exists() {
@@ -88,9 +88,8 @@ pub(crate) fn load_or_generate(path: &Path) -> Result<(SecretString, KeyPair), A
         Some(p) => p,
         None => SecretString::from(std::fs::read_to_string(path).map_err(io)?),
     };
-    let key = KeyPair::from_pem(pem.expose_secret())
-        .map_err(|_| AuthError::Key(format!("`{}` is not a PKCS#8 PEM key", path.display())))?;
-    Ok((pem, key))
+    KeyPair::from_pem(pem.expose_secret())
+        .map_err(|_| AuthError::Key(format!("`{}` is not a PKCS#8 PEM key", path.display())))
 }
 
 /// Creates a private file (owner-only) unless it exists, atomically even

@@ -2,8 +2,8 @@
 
 use std::path::Path;
 
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
-use secrecy::ExposeSecret;
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use keygate_provider_api::jws::Es256Signer;
 use serde::{Deserialize, Serialize};
 
 use super::keys::{PublicKey, load_or_generate, public_jwk};
@@ -39,7 +39,8 @@ const VERIFIED_MAX: usize = 65_536;
 pub struct SessionSigner {
     issuer: String,
     public: PublicKey,
-    encoding: EncodingKey,
+    /// Parsed once: each token costs one signature.
+    signing: Es256Signer,
     decoding: DecodingKey,
     /// Tokens whose signature, issuer and audience were verified, by the
     /// SHA-256 of the whole token (never the token itself), with their
@@ -61,9 +62,9 @@ impl std::fmt::Debug for SessionSigner {
 impl SessionSigner {
     /// Loads the signing key from `path`, generating it on first start.
     pub fn open(path: &Path, issuer: &str) -> Result<Self, AuthError> {
-        let (pem, key) = load_or_generate(path)?;
+        let key = load_or_generate(path)?;
         let public = public_jwk(&key)?;
-        let encoding = EncodingKey::from_ec_pem(pem.expose_secret().as_bytes())
+        let signing = Es256Signer::from_pkcs8(key.serialized_der())
             .map_err(|e| AuthError::Key(format!("session signing key: {e}")))?;
         let x = public.jwk["x"].as_str().unwrap_or_default();
         let y = public.jwk["y"].as_str().unwrap_or_default();
@@ -72,7 +73,7 @@ impl SessionSigner {
         Ok(Self {
             issuer: issuer.to_owned(),
             public,
-            encoding,
+            signing,
             decoding,
             verified: Default::default(),
         })
@@ -89,10 +90,8 @@ impl SessionSigner {
 
     /// Signs a session token.
     pub fn sign(&self, claims: &SessionClaims) -> Result<String, AuthError> {
-        let mut header = Header::new(Algorithm::ES256);
-        header.kid = Some(self.public.kid.clone());
-        header.typ = Some("at+jwt".into());
-        jsonwebtoken::encode(&header, claims, &self.encoding)
+        self.signing
+            .sign(Some(&self.public.kid), Some("at+jwt"), claims)
             .map_err(|e| AuthError::Key(format!("signing: {e}")))
     }
 

@@ -18,6 +18,7 @@
 mod credential;
 mod error;
 mod fence;
+pub mod jws;
 mod secret_ref;
 mod shared;
 mod sweep;

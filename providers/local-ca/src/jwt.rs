@@ -7,7 +7,8 @@ use std::path::Path;
 use base64::Engine as _;
 use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use jsonwebtoken::errors::ErrorKind;
-use jsonwebtoken::{Algorithm, DecodingKey, EncodingKey, Header, Validation};
+use jsonwebtoken::{Algorithm, DecodingKey, Validation};
+use keygate_provider_api::jws::Es256Signer;
 use keygate_provider_api::{ProviderError, Verification};
 use rcgen::PublicKeyData as _;
 use secrecy::SecretString;
@@ -18,7 +19,8 @@ use crate::{keys, verdict};
 
 /// The JWT-SVID signing key and what relying parties need to check it.
 pub(crate) struct JwtKeys {
-    encoding: EncodingKey,
+    /// Parsed once: each JWT-SVID costs one signature.
+    signing: Es256Signer,
     decoding: DecodingKey,
     kid: String,
     /// The public key's affine coordinates, base64url, for the JWKS.
@@ -74,7 +76,8 @@ impl JwtKeys {
             }
         };
         Ok(Self {
-            encoding: EncodingKey::from_ec_der(key.serialized_der()),
+            signing: Es256Signer::from_pkcs8(key.serialized_der())
+                .map_err(|e| ProviderError::Internal(format!("jwt key: {e}")))?,
             decoding: DecodingKey::from_ec_der(point),
             kid: keys::key_id(&key.subject_public_key_info()),
             x: URL_SAFE_NO_PAD.encode(x),
@@ -111,9 +114,6 @@ impl JwtKeys {
         expires_at: OffsetDateTime,
         now: OffsetDateTime,
     ) -> Result<SecretString, ProviderError> {
-        let mut header = Header::new(Algorithm::ES256);
-        header.kid = Some(self.kid.clone());
-        header.typ = Some("JWT".into());
         let claims = Claims {
             sub: spiffe_id,
             aud: audiences,
@@ -121,7 +121,8 @@ impl JwtKeys {
             iat: now.unix_timestamp(),
             jti,
         };
-        jsonwebtoken::encode(&header, &claims, &self.encoding)
+        self.signing
+            .sign(Some(&self.kid), Some("JWT"), &claims)
             .map(SecretString::from)
             .map_err(|e| ProviderError::Internal(format!("cannot sign the jwt-svid: {e}")))
     }

@@ -34,6 +34,9 @@ use keygate_provider_api::{ProviderError, RevocationJournal};
 use time::OffsetDateTime;
 
 pub use config::LocalCaConfig;
+/// The leaf key of an X.509-SVID, as issued (public for the benchmark's
+/// crypto floor, which generates keys the same way).
+pub use keys::LeafKey;
 
 use crate::ca::Ca;
 use crate::jwt::JwtKeys;

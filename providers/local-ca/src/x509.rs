@@ -78,11 +78,11 @@ pub(crate) fn issue(
     params.not_after = not_after;
     params.serial_number = Some(SerialNumber::from_slice(&serial));
     params.use_authority_key_identifier_extension = true;
-    let key = keys::generate_leaf_key()?;
+    let key = keys::LeafKey::generate()?;
     let cert = params.signed_by(&key, ca.issuer()).map_err(internal)?;
     Ok(Svid {
         cert_pem: cert.pem(),
-        key_pem: SecretString::from(key.serialize_pem()),
+        key_pem: SecretString::from(key.pem()),
         serial_hex: hex::encode(serial),
         not_after,
     })

@@ -409,13 +409,21 @@ impl State {
     /// waiting at most 20 ms for readers of older snapshots. Returns the
     /// frames the WAL held, or `None` if it could not get through.
     async fn checkpoint(&mut self) -> Option<u64> {
+        let started = std::time::Instant::now();
         let _ = self.conn.execute("PRAGMA busy_timeout = 20").await;
         let done: Result<(i64, i64, i64), _> = sqlx::query_as("PRAGMA wal_checkpoint(RESTART)")
             .fetch_one(&mut self.conn)
             .await;
         let _ = self.conn.execute("PRAGMA busy_timeout = 10000").await; // BUSY_TIMEOUT
         match done {
-            Ok((0, frames, _)) => Some(u64::try_from(frames).unwrap_or(0)),
+            Ok((0, frames, _)) => {
+                tracing::debug!(
+                    frames,
+                    took_ms = started.elapsed().as_millis(),
+                    "checkpointed"
+                );
+                Some(u64::try_from(frames).unwrap_or(0))
+            }
             Ok(_) => {
                 tracing::debug!("checkpoint busy (a long read); retrying later");
                 None
