@@ -10,6 +10,7 @@
 mod approvals;
 mod batch;
 mod chain;
+mod checkpoint;
 mod fences;
 mod findings;
 mod group;
@@ -85,7 +86,7 @@ impl SqliteStore {
             .pragma("wal_autocheckpoint", "0")
             // What the WAL file is cut back to when a checkpoint restarts
             // it (below this, it is reused as it is: group.rs).
-            .pragma("journal_size_limit", group::WAL_FILE_LIMIT.to_string())
+            .pragma("journal_size_limit", checkpoint::WAL_FILE_LIMIT.to_string())
             // The writer's savepoints journal in memory, not in a temporary
             // file, and it keeps the hot pages of the indexes it appends to.
             .pragma("temp_store", "memory")
@@ -101,7 +102,15 @@ impl SqliteStore {
             .map_err(|e| StoreError::Database(format!("migration failed: {e}")))?;
         // What stops a batch's trip before its commit (batch.rs).
         conn.execute(batch::REFUSAL_CHECK).await?;
-        let write = group::Writer::start(conn, format!("{path}-wal").into());
+        // A connection of its own copies the WAL into the database in the
+        // background while the writer goes on (checkpoint.rs).
+        let copier = opts
+            .clone()
+            .pragma("wal_autocheckpoint", "0")
+            .connect()
+            .await?;
+        let checkpoints = checkpoint::Checkpoints::new(format!("{path}-wal").into(), Some(copier));
+        let write = group::Writer::start(conn, checkpoints);
         let read = reads::Reads::new(opts, 8);
         Ok(Self {
             write,

@@ -33,26 +33,11 @@
 //! is told a write is durable unless it is. The read pool sees a group only
 //! once it is committed, so nothing is read before it is durable.
 //!
-//! Checkpoints: with readers always active, SQLite's automatic checkpoint
-//! never gets to restart the WAL, which then grows without bound and makes
-//! every later commit try (and pay for) a checkpoint again. The writer
-//! instead runs a `RESTART` checkpoint after a commit once the WAL holds
-//! about [`WAL_LIMIT_FRAMES`]: it waits at most 20 ms for readers of old
-//! snapshots, and the next group writes the WAL from its beginning again.
-//! The file keeps its size, so a commit overwrites blocks the file already
-//! has and its fsync flushes data only; a truncated WAL would grow again
-//! and every fsync would also commit the file system's journal (its new
-//! size). The WAL's length is not known between checkpoints, so whoever
-//! commits (the flusher, the batcher) counts groups: each checkpoint reports how many frames the
-//! groups since the last one wrote, which sets how many groups to wait
-//! for next. Should larger groups come, the file outgrowing
-//! [`WAL_FILE_LIMIT`] (to which SQLite cuts it back at each restart,
-//! `journal_size_limit`) checkpoints it at once.
+//! Checkpoints: `checkpoint.rs`.
 
 use std::collections::HashMap;
-use std::path::{Path, PathBuf};
 use std::sync::{Arc, Weak};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 use sqlx::{Executor, QueryBuilder, Sqlite, SqliteConnection};
 use tokio::sync::{Mutex, Notify, OwnedMutexGuard, watch};
@@ -60,14 +45,6 @@ use tokio::sync::{Mutex, Notify, OwnedMutexGuard, watch};
 use crate::audit::AuditEvent;
 use crate::store::{StoreError, StoreResult};
 
-/// WAL frames (pages written) past which the flusher checkpoints and
-/// restarts it: about 8 MiB of 4 KiB pages.
-const WAL_LIMIT_FRAMES: u64 = 2048;
-/// The WAL file's size past which it is checkpointed whatever the count
-/// says; SQLite cuts it back to this at each restart (`journal_size_limit`).
-pub(super) const WAL_FILE_LIMIT: u64 = 16 << 20;
-/// How long after a busy checkpoint the next is tried.
-const CHECKPOINT_RETRY: Duration = Duration::from_secs(1);
 /// The writer's busy timeout otherwise (as the store opens it).
 pub(super) const BUSY_TIMEOUT: Duration = Duration::from_secs(10);
 
@@ -99,9 +76,8 @@ pub(super) struct State {
     later: QueryBuilder<Sqlite>,
     /// How many statements `later` holds.
     later_count: usize,
-    /// When to checkpoint the WAL, and where it is.
-    pace: CheckpointPace,
-    wal: PathBuf,
+    /// When and how to checkpoint the WAL.
+    pub(super) checkpoints: super::checkpoint::Checkpoints,
 }
 
 /// A chained audit event waiting for its insert, with its JSON columns.
@@ -166,7 +142,10 @@ impl Drop for WriteTx {
 
 impl Writer {
     /// Takes over `conn` (migrated, in autocommit) and starts the flusher.
-    pub(super) fn start(conn: SqliteConnection, wal: PathBuf) -> Self {
+    pub(super) fn start(
+        conn: SqliteConnection,
+        checkpoints: super::checkpoint::Checkpoints,
+    ) -> Self {
         let state = Arc::new(Mutex::new(State {
             conn,
             open: false,
@@ -179,8 +158,7 @@ impl Writer {
             deferred: Vec::new(),
             later: QueryBuilder::default(),
             later_count: 0,
-            pace: CheckpointPace::new(),
-            wal,
+            checkpoints,
         }));
         let flush = Arc::new(Notify::new());
         let batch = Arc::new(super::batch::Queue::default());
@@ -405,45 +383,6 @@ impl State {
         self.users.insert(task.to_owned(), user);
     }
 
-    /// Copies the WAL into the database and has the next group restart it,
-    /// waiting at most 20 ms for readers of older snapshots. Returns the
-    /// frames the WAL held, or `None` if it could not get through.
-    async fn checkpoint(&mut self) -> Option<u64> {
-        let started = std::time::Instant::now();
-        let _ = self.conn.execute("PRAGMA busy_timeout = 20").await;
-        let done: Result<(i64, i64, i64), _> = sqlx::query_as("PRAGMA wal_checkpoint(RESTART)")
-            .fetch_one(&mut self.conn)
-            .await;
-        let _ = self.conn.execute("PRAGMA busy_timeout = 10000").await; // BUSY_TIMEOUT
-        match done {
-            Ok((0, frames, _)) => {
-                tracing::debug!(
-                    frames,
-                    took_ms = started.elapsed().as_millis(),
-                    "checkpointed"
-                );
-                Some(u64::try_from(frames).unwrap_or(0))
-            }
-            Ok(_) => {
-                tracing::debug!("checkpoint busy (a long read); retrying later");
-                None
-            }
-            Err(e) => {
-                tracing::warn!(error = %e, "checkpoint failed; the WAL grows until one succeeds");
-                None
-            }
-        }
-    }
-
-    /// After a group's commit (its members told): checkpoints the WAL if
-    /// it is due.
-    pub(super) async fn checkpoint_if_due(&mut self) {
-        if self.pace.committed(&self.wal) {
-            let frames = self.checkpoint().await;
-            self.pace.checkpointed(frames);
-        }
-    }
-
     /// Forgets what a dropped transaction did: its events and its head.
     fn discard_savepoint(&mut self) {
         self.deferred.clear();
@@ -535,46 +474,6 @@ pub(super) fn push_events(q: &mut QueryBuilder<Sqlite>, events: Vec<PendingEvent
                 .push_bind(ev.on_behalf_of);
         });
         q.push("; ");
-    }
-}
-
-/// When to checkpoint: after how many groups, learnt from what each
-/// checkpoint reports.
-struct CheckpointPace {
-    /// Groups committed since the last checkpoint.
-    groups: u64,
-    /// Groups expected to fill the WAL to [`WAL_LIMIT_FRAMES`].
-    every: u64,
-    /// No checkpoint before this (one was busy).
-    not_before: Instant,
-}
-
-impl CheckpointPace {
-    fn new() -> Self {
-        Self {
-            groups: 0,
-            every: 64,
-            not_before: Instant::now(),
-        }
-    }
-
-    /// A group was committed: is it time to checkpoint?
-    fn committed(&mut self, wal: &Path) -> bool {
-        self.groups += 1;
-        (self.groups >= self.every
-            || std::fs::metadata(wal).is_ok_and(|m| m.len() > WAL_FILE_LIMIT))
-            && Instant::now() >= self.not_before
-    }
-
-    /// The checkpoint found `frames` in the WAL (`None`: it was busy).
-    fn checkpointed(&mut self, frames: Option<u64>) {
-        let Some(frames) = frames else {
-            self.not_before = Instant::now() + CHECKPOINT_RETRY;
-            return;
-        };
-        let per_group = frames.div_ceil(self.groups.max(1)).max(1);
-        self.every = (WAL_LIMIT_FRAMES / per_group).clamp(1, 100_000);
-        self.groups = 0;
     }
 }
 
