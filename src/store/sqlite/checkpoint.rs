@@ -26,7 +26,9 @@
 //! frames the groups since the last one wrote, which sets how many groups
 //! to wait for next. Should larger groups come, the file outgrowing
 //! [`WAL_FILE_LIMIT`] (to which SQLite cuts it back at each restart,
-//! `journal_size_limit`) has the writer restart it at once.
+//! `journal_size_limit`) has the writer restart it at once, or as soon as
+//! a copy under way is done (a restart during one would only wait for its
+//! lock and give up).
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -102,17 +104,24 @@ enum Wal {
 impl State {
     /// After a group's commit (its members told): starts the background
     /// copy of the WAL when a checkpoint is due, and restarts the WAL once
-    /// the copy is done (at once when the file outgrew its limit).
+    /// the copy is done (at once when the file outgrew its limit and no
+    /// copy runs).
     pub(super) async fn checkpoint_if_due(&mut self) {
         let cp = &mut self.checkpoints;
         let due = cp.pace.committed(&cp.wal);
         if due == Wal::Short {
             return;
         }
-        if due == Wal::Full
-            && let Some(c) = &mut cp.copier
-        {
-            if !c.copying {
+        if let Some(c) = &mut cp.copier {
+            if c.copying {
+                if c.done.load(Ordering::Acquire) != c.asked {
+                    // The copy runs, holding SQLite's checkpoint lock: a
+                    // restart now would only wait for it and give up. The
+                    // writer goes on; the first commit after the copy
+                    // restarts the WAL, even one past its limit.
+                    return;
+                }
+            } else if due == Wal::Full {
                 // Copy first, in the background; restart once it is done.
                 c.asked += 1;
                 if c.ask.try_send(c.asked).is_ok() {
@@ -120,9 +129,6 @@ impl State {
                     return;
                 }
                 // The copier is gone: the restart copies it all.
-            } else if c.done.load(Ordering::Acquire) != c.asked {
-                // Still copying: the writer goes on meanwhile.
-                return;
             }
         }
         let frames = self.restart().await;
