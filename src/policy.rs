@@ -301,7 +301,6 @@ impl PolicyEngine {
         scope: &ScopeFacts<'_>,
         req: &RequestFacts<'_>,
     ) -> Result<PolicyDecision, PolicyError> {
-        let rerr = |e: &dyn std::fmt::Display| PolicyError::Request(e.to_string());
         let resource = uid(SCOPE, scope.name)?;
         let action_uid = uid(ACTION, action)?;
         let (principal, entities) = match user {
@@ -314,7 +313,8 @@ impl PolicyEngine {
                 // Users and groups are namespaced by the issuer that vouched
                 // for them: `corp-sso/alice` is not `other-sso/alice`.
                 let user_uid = uid(USER, &format!("{}/{}", u.issuer, u.id))?;
-                (user_uid, Arc::new(self.user_entities(u, scope)?))
+                let entities = self.user_entities(u, user_uid.clone(), scope)?;
+                (user_uid, Arc::new(entities))
             }
         };
         let context = context(agent, req)?;
@@ -323,8 +323,8 @@ impl PolicyEngine {
         let chain_empty = req.chain.is_empty();
         let skip_check = user.is_none() && self.prepared.request_checked(action, chain_empty);
         let schema = self.schema.as_ref().filter(|_| !skip_check);
-        let request =
-            Request::new(principal, action_uid, resource, context, schema).map_err(|e| rerr(&e))?;
+        let request = Request::new(principal, action_uid, resource, context, schema)
+            .map_err(request_error)?;
         if user.is_none() && schema.is_some() {
             self.prepared.request_passed(action, chain_empty);
         }
@@ -355,7 +355,6 @@ impl PolicyEngine {
         agent: &Agent,
         scope: &ScopeFacts<'_>,
     ) -> Result<Entities, PolicyError> {
-        let rerr = |e: &dyn std::fmt::Display| PolicyError::Request(e.to_string());
         let team = uid(TEAM, &agent.team)?;
         let agent_entity = Entity::new_with_tags(
             uid(AGENT, &agent.id)?,
@@ -370,20 +369,19 @@ impl PolicyEngine {
             [team.clone()],
             agent.labels.iter().map(|(k, v)| (k.clone(), s(v))),
         )
-        .map_err(|e| rerr(&e))?;
+        .map_err(request_error)?;
         let team_entity = Entity::new_no_attrs(team, Default::default());
         let all = [scope_entity(scope)?, agent_entity, team_entity];
-        Entities::from_entities(all, self.schema.as_ref()).map_err(|e| rerr(&e))
+        Entities::from_entities(all, self.schema.as_ref()).map_err(request_error)
     }
 
-    /// The user in its groups, and the scope.
+    /// The user (`user_uid`) in its groups, and the scope.
     fn user_entities(
         &self,
         u: &UserContext,
+        user_uid: EntityUid,
         scope: &ScopeFacts<'_>,
     ) -> Result<Entities, PolicyError> {
-        let rerr = |e: &dyn std::fmt::Display| PolicyError::Request(e.to_string());
-        let user_uid = uid(USER, &format!("{}/{}", u.issuer, u.id))?;
         let groups = u
             .groups
             .iter()
@@ -396,15 +394,20 @@ impl PolicyEngine {
                 HashMap::from([("issuer".to_owned(), s(&u.issuer))]),
                 groups.iter().cloned().collect(),
             )
-            .map_err(|e| rerr(&e))?,
+            .map_err(request_error)?,
         ];
         all.extend(
             groups
                 .into_iter()
                 .map(|g| Entity::new_no_attrs(g, Default::default())),
         );
-        Entities::from_entities(all, self.schema.as_ref()).map_err(|e| rerr(&e))
+        Entities::from_entities(all, self.schema.as_ref()).map_err(request_error)
     }
+}
+
+/// A request Cedar refused to build (never a secret: ids and facts only).
+fn request_error(e: impl std::fmt::Display) -> PolicyError {
+    PolicyError::Request(e.to_string())
 }
 
 fn s(v: &str) -> RestrictedExpression {
@@ -428,13 +431,12 @@ fn scope_entity(scope: &ScopeFacts<'_>) -> Result<Entity, PolicyError> {
         ]),
         HashSet::new(),
     )
-    .map_err(|e| PolicyError::Request(e.to_string()))
+    .map_err(request_error)
 }
 
 /// The request's context: when, for how long, within which task, delegated
 /// by whom.
 fn context(agent: &Agent, req: &RequestFacts<'_>) -> Result<Context, PolicyError> {
-    let rerr = |e: &dyn std::fmt::Display| PolicyError::Request(e.to_string());
     let now = req.now;
     Context::from_pairs([
         ("environment".to_owned(), s(agent.environment.as_str())),
@@ -457,7 +459,7 @@ fn context(agent: &Agent, req: &RequestFacts<'_>) -> Result<Context, PolicyError
                     RestrictedExpression::new_set(req.chain.iter().map(|a| s(a))),
                 ),
             ])
-            .map_err(|e| rerr(&e))?,
+            .map_err(request_error)?,
         ),
         (
             "task".to_owned(),
@@ -465,10 +467,10 @@ fn context(agent: &Agent, req: &RequestFacts<'_>) -> Result<Context, PolicyError
                 ("id".to_owned(), s(req.task_id)),
                 ("description".to_owned(), s(req.task_description)),
             ])
-            .map_err(|e| rerr(&e))?,
+            .map_err(request_error)?,
         ),
     ])
-    .map_err(|e| rerr(&e))
+    .map_err(request_error)
 }
 
 fn uid(ty: &str, id: &str) -> Result<EntityUid, PolicyError> {
@@ -483,7 +485,7 @@ fn uid(ty: &str, id: &str) -> Result<EntityUid, PolicyError> {
         });
     let ty = match PARSED.iter().find(|(name, _)| *name == ty) {
         Some((_, parsed)) => parsed.clone(),
-        None => EntityTypeName::from_str(ty).map_err(|e| PolicyError::Request(e.to_string()))?,
+        None => EntityTypeName::from_str(ty).map_err(request_error)?,
     };
     Ok(EntityUid::from_type_name_and_id(ty, EntityId::new(id)))
 }

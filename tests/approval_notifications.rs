@@ -115,16 +115,7 @@ async fn slack_rate_limits_block_kit_limits_and_used_up_response_urls() {
         .await
         .expect(202);
     let id = held["approval_id"].as_str().unwrap().to_owned();
-    let n = eventually("the request is posted after the rate limit", || async {
-        let a = approval(b, &id).await;
-        a["notifications"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|n| n["channel"] == "slack" && n["delivered_at"].is_string())
-            .cloned()
-    })
-    .await;
+    let n = slack_delivered(b, &id, "the request is posted after the rate limit").await;
     assert_eq!(n["attempts"], 2, "{n}");
     let posts = slack.calls("/api/chat.postMessage");
     let (first, second) = (&posts[0], &posts[posts.len() - 1]);
@@ -257,16 +248,7 @@ async fn the_notification_outbox_survives_a_crash() {
     w.b.start_again().await;
     // Every post failed before the kill: a delivery now is the new
     // process's, from the row the old one left.
-    let n = eventually("the message is sent after the restart", || async {
-        let a = approval(&w.b, &id).await;
-        a["notifications"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|n| n["channel"] == "slack" && n["delivered_at"].is_string())
-            .cloned()
-    })
-    .await;
+    let n = slack_delivered(&w.b, &id, "the message is sent after the restart").await;
     assert!(n["attempts"].as_u64().unwrap() >= 2, "{n}");
     let a = approval(&w.b, &id).await;
     assert_eq!(a["state"], "pending", "{a}");

@@ -195,6 +195,21 @@ pub(super) async fn approval(b: &TestBroker, id: &str) -> Value {
     b.admin_get(&format!("/v1/approvals/{id}")).await
 }
 
+/// The approval's Slack notification once its delivery is recorded
+/// (`what`: what the wait is for, in a timeout's message).
+pub(super) async fn slack_delivered(b: &TestBroker, id: &str, what: &str) -> Value {
+    eventually(what, || async {
+        let a = approval(b, id).await;
+        a["notifications"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .find(|n| n["channel"] == "slack" && n["delivered_at"].is_string())
+            .cloned()
+    })
+    .await
+}
+
 pub(super) async fn decide(b: &TestBroker, token: &str, id: &str, decision: &str) -> common::Resp {
     b.post(
         &format!("/v1/approvals/{id}/decision"),
@@ -244,16 +259,7 @@ async fn sensitive_scope_waits_for_a_signed_slack_click_then_redeems_once() {
         text.contains(&id) && text.contains("keygate_approve") && text.contains("pay invoice 42"),
         "{text}"
     );
-    let n = eventually("delivery recorded after retries", || async {
-        let a = approval(b, &id).await;
-        a["notifications"]
-            .as_array()
-            .unwrap()
-            .iter()
-            .find(|n| n["channel"] == "slack" && n["delivered_at"].is_string())
-            .cloned()
-    })
-    .await;
+    let n = slack_delivered(b, &id, "delivery recorded after retries").await;
     assert!(n["attempts"].as_u64().unwrap() >= 3, "{n}");
 
     // The agent sees pending, cannot redeem yet, and long-polls.
