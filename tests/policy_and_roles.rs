@@ -309,3 +309,51 @@ async fn policy_judges_the_ttl_that_would_be_granted_and_names_it_when_it_refuse
         .await
         .expect(201);
 }
+
+/// Cedar's entities are kept per agent between decisions (`policy/
+/// prepared.rs`): an agent changed through the API between two requests of
+/// one task is judged on what it is now at the very next one, both ways.
+#[tokio::test]
+async fn an_agent_changed_between_two_requests_is_judged_as_it_is_now() {
+    let b = TestBroker::start().await;
+    let agent = TestAgent::new("changing", "ES256");
+    b.register(&agent, "platform").await;
+    let s = b.token_ttl(&agent, Some(3600)).await;
+    let path = format!("/v1/agents/{}", agent.id);
+    let set_tier = |tier: u8| {
+        let (b, path) = (&b, &path);
+        async move {
+            let r = b
+                .call(
+                    Method::PATCH,
+                    path,
+                    Some(&b.ops.admin),
+                    Some(&json!({ "risk_tier": tier })),
+                )
+                .await;
+            assert_eq!(r.status, 200, "{}", r.text);
+        }
+    };
+    // Tier 2: 1800 s is permitted, and the agent's entities are now kept.
+    b.credential(&s.token, "x509-svid", Some(1800), None)
+        .await
+        .expect(201);
+    set_tier(3).await;
+    let r = b.credential(&s.token, "x509-svid", Some(1800), None).await;
+    assert_eq!(r.status, 403, "{}", r.text);
+    assert_eq!(
+        r.json()["policies"],
+        json!(["tier3-short-ttl"]),
+        "{}",
+        r.text
+    );
+    let ev = last_decision(&b, &agent.id).await;
+    assert_eq!(ev["decision"], "deny", "{ev}");
+    // Back to tier 2: permitted again, in the same task.
+    set_tier(2).await;
+    b.credential(&s.token, "x509-svid", Some(1800), None)
+        .await
+        .expect(201);
+    let ev = last_decision(&b, &agent.id).await;
+    assert_eq!(ev["decision"], "allow", "{ev}");
+}
