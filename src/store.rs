@@ -90,6 +90,12 @@ pub trait Store: Send + Sync + 'static {
     }
 
     async fn get_agent(&self, id: &str) -> StoreResult<Option<Agent>>;
+    /// An agent presenting itself to open a task (its keys and status), on
+    /// every task open: the engine may answer with what it read before if
+    /// it knows nothing has changed since.
+    async fn agent_to_authenticate(&self, id: &str) -> StoreResult<Option<Agent>> {
+        self.get_agent(id).await
+    }
     /// Agents ordered by id: those after `after`, at most `limit` (all
     /// when `None`).
     async fn list_agents(&self, after: Option<&str>, limit: Option<u32>)
@@ -97,7 +103,9 @@ pub trait Store: Send + Sync + 'static {
     /// The agent bound to a federated subject of a trusted issuer.
     async fn agent_by_subject(&self, issuer: &str, subject: &str) -> StoreResult<Option<Agent>>;
     async fn get_task(&self, id: &str) -> StoreResult<Option<Task>>;
-    /// A task and its agent, as a session check needs them on every call.
+    /// A task and its agent, as a session check needs them on every call
+    /// (the engine may answer with what it read before if it knows nothing
+    /// has changed since).
     async fn task_with_agent(&self, task_id: &str) -> StoreResult<Option<(Task, Option<Agent>)>> {
         let Some(task) = self.get_task(task_id).await? else {
             return Ok(None);

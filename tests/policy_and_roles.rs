@@ -357,3 +357,67 @@ async fn an_agent_changed_between_two_requests_is_judged_as_it_is_now() {
     let ev = last_decision(&b, &agent.id).await;
     assert_eq!(ev["decision"], "allow", "{ev}");
 }
+
+/// What a call reads of its agent and task is never older than the last
+/// change through the API, however recently the same agent was seen: its
+/// key replaced right after a task open and a credential, the old key is
+/// refused and the new one accepted at the next call; suspended, its open
+/// session and its key are refused at once; resumed, its key opens a task
+/// again. (The SQLite engine answers repeated session checks and task opens
+/// from memory while nothing changed: this is the sequence that would
+/// catch a change it missed.)
+#[tokio::test]
+async fn a_key_replaced_or_an_agent_suspended_is_seen_by_the_next_call() {
+    let b = TestBroker::start().await;
+    let old = TestAgent::new("rekeyed", "ES256");
+    b.register(&old, "platform").await;
+    // Seen twice: a task open and a credential in its task.
+    b.token(&old).await;
+    let s = b.token(&old).await;
+    b.credential(&s.token, "x509-svid", Some(300), None)
+        .await
+        .expect(201);
+    let mut new = TestAgent::new("rekeyed", "ES256");
+    new.id = old.id.clone();
+    let path = format!("/v1/agents/{}", old.id);
+    let r = b
+        .call(
+            Method::PATCH,
+            &path,
+            Some(&b.ops.admin),
+            Some(&json!({ "jwks": { "keys": [new.jwk] } })),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let r = b.token_with_assertion(&old.id, &old.assertion()).await;
+    assert_eq!(
+        r.status, 401,
+        "the replaced key still opens a task: {}",
+        r.text
+    );
+    assert_eq!(r.json()["error"], "invalid_client", "{}", r.text);
+    let s = b.token(&new).await;
+    b.credential(&s.token, "x509-svid", Some(300), None)
+        .await
+        .expect(201);
+
+    b.admin_post(&format!("{path}/suspend"), &json!({ "reason": "test" }))
+        .await
+        .expect(200);
+    let r = b.credential(&s.token, "x509-svid", Some(300), None).await;
+    assert_eq!(r.status, 401, "a suspended agent's session: {}", r.text);
+    let r = b.token_with_assertion(&new.id, &new.assertion()).await;
+    assert!(
+        r.status.is_client_error(),
+        "a suspended agent opened a task: {} {}",
+        r.status,
+        r.text
+    );
+    b.admin_post(&format!("{path}/resume"), &json!({}))
+        .await
+        .expect(200);
+    let s = b.token(&new).await;
+    b.credential(&s.token, "x509-svid", Some(300), None)
+        .await
+        .expect(201);
+}

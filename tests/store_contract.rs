@@ -553,3 +553,97 @@ async fn racing_task_opens_spend_each_jti_once() {
     let agent = store.get_agent("a1").await.unwrap().unwrap();
     assert!(agent.last_used_at.is_some(), "the agent is marked used");
 }
+
+/// Reads `a1`, `tk_a` and `tk_b` as a session check and a task open do, and
+/// asserts they are what plain reads of the store find, twice (the first
+/// may read the store, the second may be answered from memory).
+async fn assert_current(store: &dyn Store, step: &str) {
+    for _ in 0..2 {
+        let remembered = store.agent_to_authenticate("a1").await.unwrap();
+        let sessions = [
+            store.task_with_agent("tk_a").await.unwrap(),
+            store.task_with_agent("tk_b").await.unwrap(),
+        ];
+        let agent = store.get_agent("a1").await.unwrap();
+        assert_eq!(remembered, agent, "{step}: the agent a task open reads");
+        for (id, found) in ["tk_a", "tk_b"].into_iter().zip(sessions) {
+            let task = store.get_task(id).await.unwrap().unwrap();
+            assert_eq!(
+                found,
+                Some((task, agent.clone())),
+                "{step}: what a session check of {id} reads"
+            );
+        }
+    }
+}
+
+/// What a session check or a task open reads (the SQLite engine answers
+/// them from memory while nothing changed) is what the store holds after
+/// every kind of write, each made right after both were read: task opens
+/// in the same second (the agent's `last_used_at` unchanged), in a later
+/// one and in an earlier one (moved), a lease written, a transaction
+/// dropped, a task ended, the agent suspended.
+#[tokio::test]
+async fn what_a_session_check_reads_is_what_the_store_holds() {
+    use keygate::model::{AgentStatus, TaskState, now};
+    use keygate::store::{JtiUse, TaskSelector};
+    let (_dir, path) = db_path();
+    let store = open(&path).await;
+    agent_with_tasks(store.as_ref(), &["tk_a", "tk_b"], &[]).await;
+    assert_current(store.as_ref(), "at the start").await;
+    let t = now();
+    let open_at = |n: u32, at: time::OffsetDateTime| {
+        let store = Arc::clone(&store);
+        async move {
+            let task = common::store::open_task(&format!("tk_open{n}"), at);
+            let jti = JtiUse {
+                agent_id: "a1".into(),
+                jti: format!("j-{n}"),
+                expires_at: at + time::Duration::minutes(5),
+            };
+            assert!(store.open_task_recorded(&jti, &task, vec![]).await.unwrap());
+        }
+    };
+    open_at(1, t).await;
+    assert_current(store.as_ref(), "after a task open").await;
+    open_at(2, t).await;
+    assert_current(store.as_ref(), "after a task open in the same second").await;
+    open_at(3, t + time::Duration::seconds(7)).await;
+    assert_current(store.as_ref(), "after a task open 7 s later").await;
+    open_at(4, t - time::Duration::seconds(60)).await;
+    assert_current(store.as_ref(), "after a task open a minute earlier").await;
+    match store
+        .insert_lease_audited(&lease_in("tk_a"), vec![])
+        .await
+        .unwrap()
+    {
+        keygate::store::LeaseInsert::Written { .. } => {}
+        other => panic!("the lease was not written: {other:?}"),
+    }
+    assert_current(store.as_ref(), "after a lease write").await;
+    let mut tx = store.begin().await.unwrap();
+    tx.set_agent_status("a1", &[AgentStatus::Active], AgentStatus::Suspended, t)
+        .await
+        .unwrap();
+    drop(tx);
+    assert_current(store.as_ref(), "after a dropped suspension").await;
+    let mut tx = store.begin().await.unwrap();
+    tx.end_tasks(
+        &TaskSelector::Task("tk_a".into()),
+        TaskState::Completed,
+        "test",
+        t,
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    assert_current(store.as_ref(), "after a task ended").await;
+    let mut tx = store.begin().await.unwrap();
+    tx.set_agent_status("a1", &[AgentStatus::Active], AgentStatus::Suspended, t)
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    assert_current(store.as_ref(), "after the agent was suspended").await;
+    let agent = store.get_agent("a1").await.unwrap().unwrap();
+    assert_eq!(agent.status, AgentStatus::Suspended);
+}

@@ -242,7 +242,7 @@ impl Broker {
     ) -> Result<(Agent, AssertionClaims), OAuthError> {
         let agent = self
             .store
-            .get_agent(client_id)
+            .agent_to_authenticate(client_id)
             .await
             .map_err(|e| internal(&e))?
             .ok_or_else(|| OAuthError::new("invalid_client", "unknown client"))?;

@@ -11,6 +11,7 @@ mod approvals;
 mod batch;
 mod chain;
 mod checkpoint;
+mod current;
 mod fences;
 mod findings;
 mod group;
@@ -56,6 +57,8 @@ pub struct SqliteStore {
     /// Session checks and agent lookups, read in batches (read_batches.rs).
     sessions: std::sync::Arc<read_batches::Batched<read_batches::TaskWithAgent>>,
     agents: std::sync::Arc<read_batches::Batched<read_batches::AgentById>>,
+    /// What those reads found, while nothing has changed (current.rs).
+    current: current::Current,
     path: String,
     /// The file lock of a serving process (`register_replica`).
     lock: std::sync::Mutex<Option<std::fs::File>>,
@@ -112,11 +115,13 @@ impl SqliteStore {
         let checkpoints = checkpoint::Checkpoints::new(format!("{path}-wal").into(), Some(copier));
         let write = group::Writer::start(conn, checkpoints);
         let read = reads::Reads::new(opts, 8);
+        let current = current::Current::new(std::sync::Arc::clone(&write.changes));
         Ok(Self {
             write,
             read,
             sessions: Default::default(),
             agents: Default::default(),
+            current,
             path: path.to_owned(),
             lock: std::sync::Mutex::new(None),
         })
@@ -206,9 +211,27 @@ impl Store for SqliteStore {
             .await
     }
 
+    async fn agent_to_authenticate(&self, id: &str) -> StoreResult<Option<Agent>> {
+        if let Some(a) = self.current.agent(id) {
+            return Ok(Some(a));
+        }
+        let at = self.current.count();
+        let agent = self.get_agent(id).await?;
+        self.current.remember(at, None, agent.as_ref());
+        Ok(agent)
+    }
+
     async fn task_with_agent(&self, task_id: &str) -> StoreResult<Option<(Task, Option<Agent>)>> {
+        if let Some(found) = self.current.task_with_agent(task_id) {
+            return Ok(Some(found));
+        }
+        let at = self.current.count();
         // Read with the other session checks waiting (read_batches.rs).
-        self.sessions.get(&self.read, task_id).await
+        let found = self.sessions.get(&self.read, task_id).await?;
+        if let Some((task, Some(agent))) = &found {
+            self.current.remember(at, Some(task), Some(agent));
+        }
+        Ok(found)
     }
 
     async fn get_lease(&self, id: &str) -> StoreResult<Option<Lease>> {

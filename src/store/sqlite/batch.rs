@@ -7,12 +7,20 @@
 //! and audits it; only whether the `jti` was fresh is read back. So neither
 //! write needs to be interactive: a request queues it as data, and one
 //! batcher task takes every queued write at once, runs them in a single trip
-//! to SQLite's thread (a multi-row `INSERT … RETURNING` each for the `jti`s
-//! and the leases, one for the tasks, one `UPDATE` of the agents' last use,
-//! then the events, chained in queue order, in one savepoint) and, in the
-//! same trip, commits the group: the batch and every transaction kept in it
-//! before (`group.rs`), one fsync, with no trip of its own for the commit.
-//! A lease is reported written only once that commit is done: durable.
+//! to SQLite's thread (a multi-row `INSERT` each for the `jti`s, the tasks
+//! and the leases, one `UPDATE` of the agents' last use, then the events,
+//! chained in queue order, in one savepoint) and, in the same trip, commits
+//! the group: the batch and every transaction kept in it before
+//! (`group.rs`), one fsync, with no trip of its own for the commit. A lease
+//! is reported written only once that commit is done: durable. Nothing
+//! before the commit returns a row (each row is a message that wakes the
+//! batcher, and one before the fsync wakes it twice): the trip commits only
+//! if every member went in, and which leases' scopes the registry excludes
+//! is read after the commit, in the same trip, on the one writer (nothing
+//! can land in between). Should that read fail, the group is treated as
+//! failed although it committed, as when a commit's outcome is unknown:
+//! its members are refused (written alone, each finds its row already
+//! there), a lease nobody received lives until its TTL; nothing is lost.
 //!
 //! Under load the writer no longer holds the connection for one trip per
 //! credential, the cost that set the pace before; alone, a request pays one
@@ -36,7 +44,7 @@
 use std::collections::HashMap;
 use std::sync::{Arc, Weak};
 
-use sqlx::{Column, QueryBuilder, Row, Sqlite};
+use sqlx::{QueryBuilder, Row, Sqlite};
 use tokio::sync::{Mutex, Notify, oneshot, watch};
 
 use super::group::{self, Outcome, PendingEvent, State, WriteTx};
@@ -48,6 +56,9 @@ use crate::store::{JtiUse, LeaseInsert, StoreError, StoreResult};
 /// Most lease writes one trip carries (12 variables a lease and 17 an
 /// event, well under SQLite's 32,766).
 const MAX_BATCH: usize = 128;
+
+/// Most agents whose `last_used_at` set by batches is remembered.
+const KEEP_USED: usize = 50_000;
 
 /// Lease writes waiting for the batcher.
 #[derive(Default)]
@@ -289,17 +300,41 @@ async fn run(tx: &mut WriteTx, items: &mut [Item]) -> StoreResult<Done> {
             Write::Open(o) => opens.push(&**o),
         }
     }
+    // The agents of the opens are marked used at the latest open's second:
+    // a change to what a task open remembers (`current.rs`) only when that
+    // moves an agent's `last_used_at`, once a second at most.
+    let used = opens.iter().map(|o| unix(o.1.opened_at)).max();
+    let moved = used.filter(|u| {
+        opens
+            .iter()
+            .any(|o| st.last_used.get(&o.1.agent_id) != Some(u))
+    });
+    st.changed |= moved.is_some();
     let mut trip = tx.trip();
     if !opens.is_empty() {
         push_opens(&mut trip.q, &opens)?;
     }
     if !leases.is_empty() {
-        push_lease_inserts(&mut trip.q, leases.iter().copied())?;
+        push_lease_rows(&mut trip.q, leases.iter().copied())?;
         trip.q.push("; ");
         push_refusal_check(&mut trip.q, leases.len());
     }
     group::push_events(&mut trip.q, events);
     trip.q.push("COMMIT");
+    // Nothing before the commit returns a row: each row is a message from
+    // SQLite's thread that wakes this task, and one sent before the fsync
+    // wakes it once more than the commit does. Past the commit, on the one
+    // writer, nothing else can have landed: which leases' scopes are
+    // excluded is what it was when they went in (usually none: no row).
+    let ids: Vec<&str> = leases.iter().map(|l| l.id.as_str()).collect();
+    if !ids.is_empty() {
+        let ids = serde_json::to_string(&ids).map_err(|e| StoreError::Corrupt(e.to_string()))?;
+        trip.q
+            .push("; SELECT id FROM leases WHERE id IN (SELECT value FROM json_each(")
+            .push_bind(ids)
+            .push(")) AND ")
+            .push(EXCLUDED);
+    }
     let mut done = Done {
         leases: HashMap::with_capacity(leases.len()),
         jtis: Default::default(),
@@ -319,24 +354,27 @@ async fn run(tx: &mut WriteTx, items: &mut [Item]) -> StoreResult<Done> {
         Err(e) => return Err(tx.state.abort(e).await),
         Ok(rows) => trip.done(tx, Ok(rows)).await?,
     };
-    let mut fresh = 0;
-    for r in rows {
-        if r.columns().iter().any(|c| c.name() == "excluded") {
-            done.leases.insert(
-                r.try_get::<String, _>("id")?,
-                r.try_get::<bool, _>("excluded")?,
-            );
-        } else {
-            fresh += 1;
-            done.jtis.insert((
-                r.try_get::<String, _>("agent_id")?,
-                r.try_get::<String, _>("jti")?,
-            ));
-        }
+    // The trip committed: the refusal checks let it only with every member
+    // written.
+    let excluded = rows
+        .iter()
+        .map(|r| r.try_get::<String, _>("id"))
+        .collect::<Result<std::collections::HashSet<_>, _>>()?;
+    for l in &leases {
+        done.leases.insert(l.id.clone(), excluded.contains(&l.id));
+    }
+    for o in &opens {
+        done.jtis.insert((o.0.agent_id.clone(), o.0.jti.clone()));
     }
     done.committed = true;
-    if done.leases.len() != leases.len() || fresh != opens.len() {
-        tracing::error!("a batch committed with a member refused; its check did not stop it");
+    if let Some(used) = moved {
+        let st = &mut *tx.state;
+        if st.last_used.len() >= KEEP_USED {
+            st.last_used.clear();
+        }
+        for o in &opens {
+            st.last_used.insert(o.1.agent_id.clone(), used);
+        }
     }
     tx.state.head = Some(head);
     Ok(done)
@@ -385,7 +423,7 @@ fn push_opens(q: &mut QueryBuilder<Sqlite>, opens: &[&(JtiUse, Task)]) -> StoreR
             .push_bind(j.jti.clone())
             .push_bind(unix(j.expires_at));
     });
-    q.push(" ON CONFLICT DO NOTHING RETURNING agent_id, jti; ");
+    q.push(" ON CONFLICT DO NOTHING; ");
     push_refusal_check(q, opens.len());
     push_task_inserts(q, opens.iter().map(|o| &o.1))?;
     q.push("; ");
@@ -438,6 +476,12 @@ pub(super) fn push_task_inserts<'a>(
     Ok(())
 }
 
+/// Whether the registry of a lease's agent excludes its scope (an
+/// expression over `leases`).
+const EXCLUDED: &str = "EXISTS (SELECT 1 FROM agents, json_each(agents.excluded_scopes) AS x \
+     WHERE agents.id = leases.agent_id AND x.key = leases.scope \
+     AND json_extract(x.value, '$.lifted_at') IS NULL)";
+
 /// One statement writing `leases` (each with what was issued, for an
 /// in-process provider), each only while its task is open; it returns the
 /// id of each lease written and whether its agent's registry excludes its
@@ -445,6 +489,18 @@ pub(super) fn push_task_inserts<'a>(
 /// it is seen here, and one committed after it finds these leases when it
 /// scans the agent's live leases.
 pub(super) fn push_lease_inserts<'a>(
+    q: &mut QueryBuilder<Sqlite>,
+    leases: impl IntoIterator<Item = &'a Lease>,
+) -> StoreResult<()> {
+    push_lease_rows(q, leases)?;
+    q.push(" RETURNING id, ")
+        .push(EXCLUDED)
+        .push(" AS excluded");
+    Ok(())
+}
+
+/// [`push_lease_inserts`] returning nothing.
+fn push_lease_rows<'a>(
     q: &mut QueryBuilder<Sqlite>,
     leases: impl IntoIterator<Item = &'a Lease>,
 ) -> StoreResult<()> {
@@ -470,11 +526,6 @@ pub(super) fn push_lease_inserts<'a>(
             .push_bind(handle)
             .push_bind(l.revocability.map(|r| r.as_str()));
     });
-    q.push(
-        ") AS v WHERE EXISTS (SELECT 1 FROM tasks WHERE id = v.column3 AND state = 'open') \
-         RETURNING id, EXISTS (SELECT 1 FROM agents, json_each(agents.excluded_scopes) AS x \
-         WHERE agents.id = leases.agent_id AND x.key = leases.scope \
-         AND json_extract(x.value, '$.lifted_at') IS NULL) AS excluded",
-    );
+    q.push(") AS v WHERE EXISTS (SELECT 1 FROM tasks WHERE id = v.column3 AND state = 'open')");
     Ok(())
 }

@@ -36,6 +36,7 @@
 //! Checkpoints: `checkpoint.rs`.
 
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
@@ -78,6 +79,14 @@ pub(super) struct State {
     later_count: usize,
     /// When and how to checkpoint the WAL.
     pub(super) checkpoints: super::checkpoint::Checkpoints,
+    /// Counts the groups that changed something a session check or a task
+    /// open may have remembered (`current.rs`), once each, after its commit.
+    pub(super) changes: Arc<AtomicU64>,
+    /// The open group changes such a thing.
+    pub(super) changed: bool,
+    /// The `last_used_at` batches of task opens gave each agent since the
+    /// last other change (`batch.rs`); bounded.
+    pub(super) last_used: HashMap<String, i64>,
 }
 
 /// A chained audit event waiting for its insert, with its JSON columns.
@@ -108,6 +117,8 @@ pub(super) struct Writer {
     flush: Arc<Notify>,
     /// Lease writes waiting for the batcher (`batch.rs`).
     pub(super) batch: Arc<super::batch::Queue>,
+    /// The count of changing groups (`State::changes`).
+    pub(super) changes: Arc<AtomicU64>,
 }
 
 /// A write transaction holding the writer connection.
@@ -146,6 +157,7 @@ impl Writer {
         conn: SqliteConnection,
         checkpoints: super::checkpoint::Checkpoints,
     ) -> Self {
+        let changes = Arc::new(AtomicU64::new(0));
         let state = Arc::new(Mutex::new(State {
             conn,
             open: false,
@@ -159,6 +171,9 @@ impl Writer {
             later: QueryBuilder::default(),
             later_count: 0,
             checkpoints,
+            changes: Arc::clone(&changes),
+            changed: false,
+            last_used: HashMap::new(),
         }));
         let flush = Arc::new(Notify::new());
         let batch = Arc::new(super::batch::Queue::default());
@@ -172,6 +187,7 @@ impl Writer {
             state,
             flush,
             batch,
+            changes,
         }
     }
 
@@ -237,6 +253,10 @@ impl WriteTx {
         let st = &mut *self.state;
         st.savepoint = Savepoint::Kept;
         st.members += 1;
+        // Whatever it wrote, it may have changed a task or an agent, their
+        // `last_used_at` included.
+        st.changed = true;
+        st.last_used.clear();
         let done = st.group.subscribe();
         self.committed = true;
         let flush = Arc::clone(&self.flush);
@@ -430,6 +450,13 @@ impl State {
     pub(super) fn finish(&mut self, result: Result<(), String>) {
         if result.is_err() {
             self.head = None;
+            self.last_used.clear();
+        }
+        if self.changed || result.is_err() {
+            // Before the members learn it: each returns only once what was
+            // read before the change is no longer answered from memory.
+            self.changes.fetch_add(1, Ordering::AcqRel);
+            self.changed = false;
         }
         self.deferred.clear();
         self.later = QueryBuilder::default();
