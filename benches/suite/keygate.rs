@@ -219,19 +219,15 @@ impl Keygate {
     /// `POST /oauth/token`: a task opened with a fresh private_key_jwt
     /// assertion per call.
     pub async fn task_opens(&self, base: &str, clients: usize, t: Timing) -> Stats {
-        let (h, base, key, kid) = (
-            self.http.clone(),
-            base.to_owned(),
-            Arc::new(self.key.clone()),
-            self.kid.clone(),
+        let (h, base) = (self.http.clone(), base.to_owned());
+        let assertions = load::Assertions::new(
+            &self.key,
+            Some(&self.kid),
+            LOAD_AGENT,
+            &format!("{ISSUER}/oauth/token"),
         );
         load::timed(clients, t.warm, t.secs, move |_| {
-            let req = token_request(
-                &h,
-                &base,
-                LOAD_AGENT,
-                &Self::assertion(&key, &kid, LOAD_AGENT),
-            );
+            let req = token_request(&h, &base, LOAD_AGENT, &assertions.next());
             async move {
                 let r = req.send().await.expect("keygate unreachable");
                 assert_eq!(r.status(), 200, "task open failed");

@@ -206,3 +206,48 @@ where
     all.sort_by_key(|(n, _)| *n);
     all.into_iter().map(|(_, v)| v).collect()
 }
+
+/// An agent's `private_key_jwt` assertions for the load: its key parsed
+/// once, as a long-lived agent holds it, and a fresh `jti` and `iat` per
+/// call (the claims and header of `keygate::identity::sign_client_assertion`,
+/// which parses the PEM on every call). Both systems' task-open loops sign
+/// with it, so what the load generator spends per call on the two shared
+/// cores is the same small amount for either.
+pub struct Assertions {
+    signer: keygate_provider_api::jws::Es256Signer,
+    kid: Option<String>,
+    agent: String,
+    audience: String,
+}
+
+impl Assertions {
+    pub fn new(
+        key: &secrecy::SecretString,
+        kid: Option<&str>,
+        agent: &str,
+        audience: &str,
+    ) -> Self {
+        use secrecy::ExposeSecret;
+        let pair = rcgen::KeyPair::from_pem(key.expose_secret()).expect("the agent's PKCS#8 key");
+        Self {
+            signer: keygate_provider_api::jws::Es256Signer::from_pkcs8(pair.serialized_der())
+                .expect("a P-256 key"),
+            kid: kid.map(str::to_owned),
+            agent: agent.to_owned(),
+            audience: audience.to_owned(),
+        }
+    }
+
+    /// A fresh assertion, valid for 60 s.
+    pub fn next(&self) -> String {
+        let now = time::OffsetDateTime::now_utc().unix_timestamp();
+        let claims = serde_json::json!({
+            "iss": self.agent, "sub": self.agent, "aud": self.audience,
+            "iat": now, "exp": now + 60,
+            "jti": uuid::Uuid::new_v4().to_string(),
+        });
+        self.signer
+            .sign(self.kid.as_deref(), Some("JWT"), &claims)
+            .expect("sign")
+    }
+}

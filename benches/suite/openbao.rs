@@ -4,7 +4,6 @@
 //! the agent's key, and a token role whose tokens can be mass-revoked by
 //! prefix.
 
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use secrecy::SecretString;
@@ -155,21 +154,10 @@ impl Anchor {
         clients: usize,
         t: Timing,
     ) -> Stats {
-        let (h, url, key) = (
-            http.clone(),
-            format!("{}/v1/auth/jwt/login", self.addr),
-            Arc::new(key.clone()),
-        );
+        let (h, url) = (http.clone(), format!("{}/v1/auth/jwt/login", self.addr));
+        let assertions = load::Assertions::new(key, None, crate::keygate::LOAD_AGENT, JWT_AUDIENCE);
         load::timed(clients, t.warm, t.secs, move |_| {
-            let jwt = keygate::identity::sign_client_assertion(
-                &key,
-                "ES256",
-                None,
-                crate::keygate::LOAD_AGENT,
-                JWT_AUDIENCE,
-                60,
-            )
-            .expect("sign");
+            let jwt = assertions.next();
             let req = h.post(&url).json(&json!({ "role": JWT_ROLE, "jwt": jwt }));
             async move {
                 let r = req.send().await.expect("openbao unreachable");
