@@ -41,7 +41,7 @@
 //! a batch's opens are marked used at the latest open's time
 //! (`last_used_at` is kept in seconds).
 
-use std::collections::HashMap;
+use std::collections::HashSet;
 use std::sync::{Arc, Weak};
 
 use sqlx::{QueryBuilder, Row, Sqlite};
@@ -83,9 +83,8 @@ enum Reply {
         excluded: bool,
         durable: watch::Receiver<Outcome>,
     },
-    /// A lease's task had ended, or a task's `jti` had been seen.
-    Refused,
-    /// Not settled by the batch: the request writes it alone.
+    /// Not settled by the batch (a lease's task had ended, a `jti` had
+    /// been seen, a statement failed): the request writes it alone.
     Alone,
 }
 
@@ -107,18 +106,12 @@ impl group::Writer {
         lease: &Lease,
         events: &[AuditEvent],
     ) -> StoreResult<Option<LeaseInsert>> {
-        Ok(
-            match self
-                .batched(Write::Lease(Box::new(lease.clone())), events)
-                .await?
-            {
-                Some(Some(excluded)) => Some(LeaseInsert::Written {
-                    excluded: Some(excluded),
-                }),
-                Some(None) => Some(LeaseInsert::TaskEnded),
-                None => None,
-            },
-        )
+        Ok(self
+            .batched(Write::Lease(Box::new(lease.clone())), events)
+            .await?
+            .map(|excluded| LeaseInsert::Written {
+                excluded: Some(excluded),
+            }))
     }
 
     /// Opens `task` as [`crate::store::Store::open_task_recorded`] does, in
@@ -131,19 +124,12 @@ impl group::Writer {
         events: &[AuditEvent],
     ) -> StoreResult<Option<bool>> {
         let write = Write::Open(Box::new((jti.clone(), task.clone())));
-        Ok(self
-            .batched(write, events)
-            .await?
-            .map(|done| done.is_some()))
+        Ok(self.batched(write, events).await?.map(|_| true))
     }
 
-    /// Queues `write`; `Some(Some(excluded))`: written and durable,
-    /// `Some(None)`: refused, `None`: write it alone.
-    async fn batched(
-        &self,
-        write: Write,
-        events: &[AuditEvent],
-    ) -> StoreResult<Option<Option<bool>>> {
+    /// Queues `write`; `Some(excluded)`: written and durable (whether the
+    /// registry excludes a lease's scope), `None`: write it alone.
+    async fn batched(&self, write: Write, events: &[AuditEvent]) -> StoreResult<Option<bool>> {
         let (reply, answer) = oneshot::channel();
         self.batch.items().push(Item {
             write,
@@ -154,9 +140,8 @@ impl group::Writer {
         match answer.await {
             Ok(Reply::Written { excluded, durable }) => {
                 group::durable(durable).await?;
-                Ok(Some(Some(excluded)))
+                Ok(Some(excluded))
             }
-            Ok(Reply::Refused) => Ok(Some(None)),
             // Dropped unanswered: the store is closing.
             Ok(Reply::Alone) | Err(_) => Ok(None),
         }
@@ -209,38 +194,21 @@ async fn write(tx: WriteTx, mut items: Vec<Item>) {
         return answer_each(items, |_| Reply::Alone);
     }
     let durable = tx.committed_in_trip();
-    answer_each(items, |i| match done.accepted(&i.write) {
-        Some(excluded) => Reply::Written {
-            excluded,
-            durable: durable.clone(),
-        },
-        // Cannot be: the trip commits only when every member went in.
-        None => Reply::Refused,
+    // The trip commits only when every member went in.
+    answer_each(items, |i| Reply::Written {
+        excluded: matches!(&i.write, Write::Lease(l) if done.excluded.contains(&l.id)),
+        durable: durable.clone(),
     });
     tx.state.checkpoint_if_due().await;
 }
 
 /// What a batch's trip wrote.
+#[derive(Default)]
 struct Done {
-    /// Each lease written, and whether its scope is excluded.
-    leases: HashMap<String, bool>,
-    /// Each (agent, `jti`) recorded fresh.
-    jtis: std::collections::HashSet<(String, String)>,
     /// Every member was written and the trip committed the group.
     committed: bool,
-}
-
-impl Done {
-    /// `Some(excluded)` when `write` went in (`false` for a task open).
-    fn accepted(&self, write: &Write) -> Option<bool> {
-        match write {
-            Write::Lease(l) => self.leases.get(&l.id).copied(),
-            Write::Open(o) => self
-                .jtis
-                .contains(&(o.0.agent_id.clone(), o.0.jti.clone()))
-                .then_some(false),
-        }
-    }
+    /// The leases whose agent's registry excludes their scope.
+    excluded: HashSet<String>,
 }
 
 fn answer_each(items: Vec<Item>, reply: impl Fn(&Item) -> Reply) {
@@ -335,17 +303,12 @@ async fn run(tx: &mut WriteTx, items: &mut [Item]) -> StoreResult<Done> {
             .push(")) AND ")
             .push(EXCLUDED);
     }
-    let mut done = Done {
-        leases: HashMap::with_capacity(leases.len()),
-        jtis: Default::default(),
-        committed: false,
-    };
     let r = trip.q.build().fetch_all(&mut tx.state.conn).await;
     let rows = match r {
         Err(e) if is_refusal(&e) => {
             // Stopped before the commit, the savepoint open.
             trip.done(tx, Ok(())).await?;
-            return Ok(done);
+            return Ok(Done::default());
         }
         // A constraint fails a statement, never the commit (none is
         // deferred): when the trip had no one else's statements (an
@@ -356,17 +319,13 @@ async fn run(tx: &mut WriteTx, items: &mut [Item]) -> StoreResult<Done> {
     };
     // The trip committed: the refusal checks let it only with every member
     // written.
-    let excluded = rows
-        .iter()
-        .map(|r| r.try_get::<String, _>("id"))
-        .collect::<Result<std::collections::HashSet<_>, _>>()?;
-    for l in &leases {
-        done.leases.insert(l.id.clone(), excluded.contains(&l.id));
-    }
-    for o in &opens {
-        done.jtis.insert((o.0.agent_id.clone(), o.0.jti.clone()));
-    }
-    done.committed = true;
+    let done = Done {
+        committed: true,
+        excluded: rows
+            .iter()
+            .map(|r| r.try_get::<String, _>("id"))
+            .collect::<Result<_, _>>()?,
+    };
     if let Some(used) = moved {
         let st = &mut *tx.state;
         if st.last_used.len() >= KEEP_USED {
