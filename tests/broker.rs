@@ -28,6 +28,7 @@ mod secrets_never_leak;
 mod startup;
 mod store_contract;
 mod store_migrate;
+mod store_reads;
 
 /// With `autotests = false`, a suite file no binary lists would never run:
 /// every `tests/*.rs` is a binary's root or a `mod` of exactly one.
