@@ -16,6 +16,41 @@ use clap::{Args, Parser, Subcommand};
 
 pub use commands::run;
 
+/// The variable that sets how many threads run the runtime's tasks.
+const WORKERS_VAR: &str = "TOKIO_WORKER_THREADS";
+
+/// The runtime every command runs on: `TOKIO_WORKER_THREADS` worker
+/// threads if set (a whole number above 0; anything else is refused here,
+/// where tokio itself would panic), otherwise one a core but one, and at
+/// least one. The spare core is for what runs outside the runtime on every
+/// write: SQLite's writer thread and its fsync. Given every core, a worker
+/// woken by that thread wakes another to look for work, which finds none
+/// and parks again: on two cores that doubled the thread switches per
+/// credential at one client and cost about a fifth of its CPU (README,
+/// Performance).
+pub fn runtime() -> anyhow::Result<tokio::runtime::Runtime> {
+    let workers = match std::env::var(WORKERS_VAR) {
+        Ok(v) => v
+            .trim()
+            .parse::<usize>()
+            .ok()
+            .filter(|n| *n > 0)
+            .ok_or_else(|| {
+                anyhow::anyhow!("{WORKERS_VAR} must be a whole number above 0 (it is `{v}`)")
+            })?,
+        Err(std::env::VarError::NotPresent) => std::thread::available_parallelism()
+            .map_or(1, |n| n.get().saturating_sub(1))
+            .max(1),
+        Err(std::env::VarError::NotUnicode(_)) => {
+            anyhow::bail!("{WORKERS_VAR} must be a whole number above 0")
+        }
+    };
+    Ok(tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(workers)
+        .enable_all()
+        .build()?)
+}
+
 #[derive(Debug, Parser)]
 #[command(name = "keygate", version, about = "Credential broker for AI agents")]
 pub struct Cli {

@@ -10,10 +10,10 @@ use clap::Parser;
 #[global_allocator]
 static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
 
-#[tokio::main]
-async fn main() -> std::process::ExitCode {
+fn main() -> std::process::ExitCode {
     let cli = keygate::cli::Cli::parse();
-    match keygate::cli::run(cli).await {
+    let done = keygate::cli::runtime().and_then(|rt| rt.block_on(keygate::cli::run(cli)));
+    match done {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             // Not `eprintln!`: with stderr closed it would panic (exit 101)

@@ -214,3 +214,48 @@ async fn the_postgres_example_store_serves_two_replicas() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+#[tokio::test]
+async fn a_bad_worker_count_is_refused_by_name_and_a_good_one_serves() {
+    let b = TestBroker::prepare(Setup::default());
+    let config = b.dir.join("keygate.toml");
+    // Tokio itself would panic on these (exit 101, a backtrace hint).
+    for bad in ["0", "two", "-1", "", "1.5"] {
+        let out = tokio::time::timeout(
+            Duration::from_secs(30),
+            common::serve_command(&config, &b.dir)
+                .env("TOKIO_WORKER_THREADS", bad)
+                .output(),
+        )
+        .await
+        .expect("keygate exits")
+        .unwrap();
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "`{bad}`: {err}");
+        assert!(
+            err.contains("TOKIO_WORKER_THREADS must be a whole number above 0"),
+            "`{bad}`: {err}"
+        );
+        assert!(!err.contains("panicked"), "`{bad}`: {err}");
+        nothing_written(&b);
+    }
+    // One thread, and more threads than cores: both serve.
+    for good in ["1", "5"] {
+        let mut child = common::serve_command(&config, &b.dir)
+            .env("TOKIO_WORKER_THREADS", good)
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap();
+        let mut lines = tokio::io::AsyncBufReadExt::lines(tokio::io::BufReader::new(
+            child.stdout.take().unwrap(),
+        ));
+        let addr =
+            tokio::time::timeout(Duration::from_secs(30), common::listening_addr(&mut lines))
+                .await
+                .expect("keygate starts")
+                .unwrap_or_else(|| panic!("keygate with {good} worker threads exited"));
+        let r = reqwest::get(format!("http://{addr}/readyz")).await.unwrap();
+        assert_eq!(r.status(), 200, "{good} worker threads");
+        child.kill().await.unwrap();
+    }
+}

@@ -83,8 +83,8 @@ impl Keygate {
     /// [`Keygate::start`] on another config file (another replica).
     pub async fn start_config(&self, config: &Path) -> (Server, Duration) {
         let t0 = Instant::now();
-        let mut child = Command::new(env!("CARGO_BIN_EXE_keygate"))
-            .args(["serve", "--config"])
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_keygate"));
+        cmd.args(["serve", "--config"])
             .arg(config)
             // BENCH_LOG: Keygate's log filter for a run being diagnosed
             // (e.g. `warn,sqlx::query=debug` for every statement's time).
@@ -94,9 +94,13 @@ impl Keygate {
                     .unwrap_or_else(|_| "warn,rustify=off,vaultrs=warn".into()),
             )
             .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("start keygate");
+            .stderr(Stdio::inherit());
+        // BENCH_KEYGATE_WORKERS: Keygate's runtime threads (tokio's
+        // default: one a core), for a run measuring their effect.
+        if let Ok(n) = std::env::var("BENCH_KEYGATE_WORKERS") {
+            cmd.env("TOKIO_WORKER_THREADS", n);
+        }
+        let mut child = cmd.spawn().expect("start keygate");
         let mut line = String::new();
         BufReader::new(child.stdout.take().expect("stdout"))
             .read_line(&mut line)

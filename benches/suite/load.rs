@@ -26,6 +26,10 @@ pub struct Stats {
     /// measured window: what neither the servers nor the load generator
     /// used.
     pub idle_share: Option<f64>,
+    /// Context switches of the watched server's threads (voluntary and
+    /// not) per measured request: how often a request's work went to
+    /// sleep and was woken.
+    pub switches_per_req: Option<f64>,
     /// How many measured windows these figures are the median of.
     pub windows: usize,
 }
@@ -69,6 +73,7 @@ pub fn median(runs: &[Stats]) -> Stats {
         max_ms: of(|r| r.max_ms),
         cpu_ms_per_req: opt(|r| r.cpu_ms_per_req),
         idle_share: opt(|r| r.idle_share),
+        switches_per_req: opt(|r| r.switches_per_req),
         windows: runs.iter().map(|r| r.windows).sum(),
     }
 }
@@ -91,6 +96,24 @@ fn cpu_secs(pid: u32) -> Option<f64> {
     Some(ticks as f64 / rustix::param::clock_ticks_per_second() as f64)
 }
 
+/// Context switches of every thread of process `pid` so far
+/// (`/proc/<pid>/task/*/status`; threads that ended meanwhile are lost,
+/// the server's are long-lived).
+fn switches(pid: u32) -> Option<u64> {
+    let mut total = 0;
+    for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
+        let Ok(status) = std::fs::read_to_string(task.ok()?.path().join("status")) else {
+            continue;
+        };
+        total += status
+            .lines()
+            .filter(|l| l.contains("ctxt_switches:"))
+            .filter_map(|l| l.split_whitespace().nth(1)?.parse::<u64>().ok())
+            .sum::<u64>();
+    }
+    Some(total)
+}
+
 impl Stats {
     fn of(clients: usize, mut lat: Vec<Duration>, seconds: f64) -> Self {
         lat.sort();
@@ -111,6 +134,7 @@ impl Stats {
             max_ms: pct(1.0),
             cpu_ms_per_req: None,
             idle_share: None,
+            switches_per_req: None,
             windows: 1,
         }
     }
@@ -130,16 +154,17 @@ where
     let pid = WATCHED.load(Ordering::SeqCst);
     let cpu = tokio::spawn(async move {
         tokio::time::sleep_until(measure_from.into()).await;
-        let (start, machine) = (cpu_secs(pid), machine_jiffies());
+        let (start, machine, sw) = (cpu_secs(pid), machine_jiffies(), switches(pid));
         tokio::time::sleep_until(end.into()).await;
         let used = (pid != 0).then(|| Some(cpu_secs(pid)? - start?)).flatten();
+        let sw = (pid != 0).then(|| Some(switches(pid)? - sw?)).flatten();
         let idle = match (machine, machine_jiffies()) {
             (Some((i0, t0)), Some((i1, t1))) if t1 > t0 => {
                 Some((i1 - i0) as f64 / (t1 - t0) as f64)
             }
             _ => None,
         };
-        (used, idle)
+        (used, idle, sw)
     });
     let mut handles = Vec::new();
     for i in 0..clients {
@@ -164,12 +189,12 @@ where
         all.extend(h.await.expect("load client panicked"));
     }
     let mut stats = Stats::of(clients, all, secs.as_secs_f64());
-    if let Ok((used, idle)) = cpu.await {
+    if let Ok((used, idle, sw)) = cpu.await {
         stats.idle_share = idle;
-        if let Some(used) = used
-            && stats.requests > 0
-        {
-            stats.cpu_ms_per_req = Some(used * 1000.0 / stats.requests as f64);
+        if stats.requests > 0 {
+            let n = stats.requests as f64;
+            stats.cpu_ms_per_req = used.map(|u| u * 1000.0 / n);
+            stats.switches_per_req = sw.map(|s| s as f64 / n);
         }
     }
     stats

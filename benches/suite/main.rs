@@ -61,6 +61,12 @@ use crate::load::Stats;
 use crate::openbao::{Anchor, Timing};
 use crate::peers::{Bao, Storage};
 
+/// Context switches per request, as printed.
+fn switches(s: &Stats) -> String {
+    s.switches_per_req
+        .map_or("—".to_owned(), |x| format!("{x:.1}"))
+}
+
 fn list(var: &str, default: &str) -> Vec<usize> {
     std::env::var(var)
         .unwrap_or_else(|_| default.into())
@@ -371,7 +377,7 @@ fn print_and_collect(
         floor.x509_svid_us, floor.jwt_svid_us, floor.task_open_us
     );
     println!(
-        "{:<26} {:<22} {:>4} | {:>10} {:>10} | {:>6} | {:>7} | {:>7} {:>7}",
+        "{:<26} {:<22} {:>4} | {:>10} {:>10} | {:>6} | {:>7} | {:>7} {:>7} | {:>7} {:>7}",
         "CPU per request (server)",
         "",
         "clts",
@@ -380,13 +386,15 @@ fn print_and_collect(
         "cpu×",
         "×floor",
         "kg idle",
-        "bao idle"
+        "bao idle",
+        "kg csw",
+        "bao csw"
     );
     for p in pairs {
         if let (Some(k), Some(o)) = (p.k.cpu_ms_per_req, p.o.cpu_ms_per_req) {
             let over_floor = floor_of(floor, &p.keygate).map(|f| k * 1000.0 / f);
             println!(
-                "{:<26} {:<22} {:>4} | {:>10.3} {:>10.3} | {:>6.2} | {:>7} | {:>6.0}% {:>6.0}%",
+                "{:<26} {:<22} {:>4} | {:>10.3} {:>10.3} | {:>6.2} | {:>7} | {:>6.0}% {:>6.0}% | {:>7} {:>7}",
                 p.keygate,
                 p.openbao,
                 p.k.clients,
@@ -396,6 +404,8 @@ fn print_and_collect(
                 over_floor.map_or("—".to_owned(), |x| format!("{x:.1}")),
                 p.k.idle_share.unwrap_or(0.0) * 100.0,
                 p.o.idle_share.unwrap_or(0.0) * 100.0,
+                switches(&p.k),
+                switches(&p.o),
             );
         }
     }
