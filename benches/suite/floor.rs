@@ -13,6 +13,10 @@
 //!   token verified.
 //! - Task open: one ES256 client assertion verified and one session token
 //!   signed.
+//!
+//! Beside it, outside the goal: one durable commit of one row, alone
+//! ([`Commit`]), what a write costs on this machine before any of Keygate's
+//! own work.
 
 use std::time::{Duration, Instant};
 
@@ -28,6 +32,61 @@ pub struct Floor {
     pub x509_svid_us: f64,
     pub jwt_svid_us: f64,
     pub task_open_us: f64,
+    /// Not crypto, and not in the goal: one durable commit of one small row
+    /// on its own, as Keygate's store makes it ([`commit`]).
+    pub commit: Commit,
+}
+
+/// One SQLite commit of one row, alone, from one task: the store Keygate
+/// ships (sqlx, WAL, `synchronous=FULL`), so the fsync and sqlx's hand-off
+/// to its SQLite thread and back.
+#[derive(Debug, Clone, Serialize)]
+pub struct Commit {
+    /// Wall time per commit.
+    pub wall_us: f64,
+    /// CPU time of this process (every thread) per commit.
+    pub cpu_us: f64,
+}
+
+/// Measures [`Commit`] in `dir` for about 1.5 s.
+async fn commit(dir: &std::path::Path) -> Commit {
+    use sqlx::ConnectOptions as _;
+    use sqlx::sqlite::{SqliteConnectOptions, SqliteJournalMode, SqliteSynchronous};
+    let mut conn = SqliteConnectOptions::new()
+        .filename(dir.join("floor-commit.db"))
+        .create_if_missing(true)
+        .journal_mode(SqliteJournalMode::Wal)
+        .synchronous(SqliteSynchronous::Full)
+        .connect()
+        .await
+        .expect("floor database");
+    sqlx::query("CREATE TABLE t (id TEXT PRIMARY KEY, v TEXT)")
+        .execute(&mut conn)
+        .await
+        .expect("floor table");
+    let (mut n, mut start, mut cpu) = (0u64, Instant::now(), 0.0);
+    loop {
+        sqlx::query("INSERT INTO t (id, v) VALUES (?, ?)")
+            .bind(format!("row-{n}"))
+            .bind("0123456789abcdef0123456789abcdef")
+            .execute(&mut conn)
+            .await
+            .expect("floor insert");
+        n += 1;
+        // 50 to warm up, then the measured window.
+        if n == 50 {
+            (start, cpu) = (Instant::now(), crate::load::own_cpu_secs());
+        } else if n > 50 && start.elapsed() >= Duration::from_millis(1500) {
+            break;
+        }
+    }
+    let n = n - 50;
+    let wall = start.elapsed().as_secs_f64();
+    let cpu = crate::load::own_cpu_secs() - cpu;
+    Commit {
+        wall_us: wall * 1e6 / n as f64,
+        cpu_us: cpu * 1e6 / n as f64,
+    }
 }
 
 /// Runs `op` for about `window` on this thread; microseconds per call.
@@ -61,8 +120,9 @@ fn claims(signer: &SessionSigner) -> SessionClaims {
     }
 }
 
-/// Measures the floor on one core (the calling thread, blocking).
-pub fn measure(dir: &std::path::Path) -> Floor {
+/// Measures the floor on one core (the crypto on the calling thread,
+/// blocking), then the commit.
+pub async fn measure(dir: &std::path::Path) -> Floor {
     let window = Duration::from_millis(1500);
     let signer = SessionSigner::open(&dir.join("floor-session.pem"), "https://floor.invalid")
         .expect("session key");
@@ -104,5 +164,6 @@ pub fn measure(dir: &std::path::Path) -> Floor {
         x509_svid_us,
         jwt_svid_us,
         task_open_us,
+        commit: commit(dir).await,
     }
 }

@@ -95,8 +95,8 @@ impl Keygate {
             )
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit());
-        // BENCH_KEYGATE_WORKERS: Keygate's runtime threads (tokio's
-        // default: one a core), for a run measuring their effect.
+        // BENCH_KEYGATE_WORKERS: Keygate's runtime threads (its default:
+        // one a core but one), for a run measuring their effect.
         if let Ok(n) = std::env::var("BENCH_KEYGATE_WORKERS") {
             cmd.env("TOKIO_WORKER_THREADS", n);
         }

@@ -114,6 +114,11 @@ fn switches(pid: u32) -> Option<u64> {
     Some(total)
 }
 
+/// This process's user + system CPU time so far, in seconds.
+pub fn own_cpu_secs() -> f64 {
+    cpu_secs(std::process::id()).expect("/proc/self/stat")
+}
+
 impl Stats {
     fn of(clients: usize, mut lat: Vec<Duration>, seconds: f64) -> Self {
         lat.sort();
@@ -198,6 +203,26 @@ where
         }
     }
     stats
+}
+
+/// `GET url` from `clients` loops, each answer a 200 (for [`timed`]).
+pub async fn get(
+    http: &reqwest::Client,
+    url: String,
+    clients: usize,
+    warm: Duration,
+    secs: Duration,
+) -> Stats {
+    let h = http.clone();
+    timed(clients, warm, secs, move |_| {
+        let req = h.get(&url);
+        async move {
+            let r = req.send().await.expect("server unreachable");
+            assert_eq!(r.status(), 200, "GET failed");
+            let _ = r.bytes().await;
+        }
+    })
+    .await
 }
 
 /// Calls `op(call number)` `total` times from `clients` loops; returns what

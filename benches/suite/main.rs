@@ -12,6 +12,8 @@
 //!    Keygate's body, with `meta` and `explicit_max_ttl`); Keygate
 //!    `/oauth/token` (a task opened with a private_key_jwt assertion)
 //!    against OpenBao `auth/jwt/login` with a JWT signed by the same key;
+//!    and a request that does no work on either side (`/healthz`,
+//!    `sys/health`: what an HTTP request alone costs each server);
 //! 2. emergency revocation of N live leases: Keygate's kill switch on one
 //!    agent (until every lease is confirmed revoked, and until every
 //!    session token of the agent is refused) against OpenBao
@@ -36,7 +38,8 @@
 //!      BENCH_REPLICAS (replicas on PostgreSQL, default "1,2"; empty: skip),
 //!      BENCH_PG_CONCURRENCY (clients for those runs, default "32"),
 //!      BENCH_DETECTORS (clients for the detectors-on run beside the same
-//!      without, default "32"; empty: skip).
+//!      without, default "32"; empty: skip), BENCH_KEYGATE_WORKERS
+//!      (Keygate's runtime threads, `TOKIO_WORKER_THREADS`).
 
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
@@ -84,6 +87,9 @@ const KEYGATE_SERIES: [(&str, &str); 3] = [
 const FASTEST: &str = "token/create root,min";
 const APPROLE: &str = "token/create approle";
 const JWT_LOGIN: &str = "auth/jwt/login";
+/// A request that does no work, on either side.
+const NOOP: &str = "no-op request (healthz)";
+const HEALTH: &str = "sys/health";
 
 /// One issuance comparison at one concurrency.
 struct Pair {
@@ -124,7 +130,7 @@ async fn main() {
     let dir = std::env::temp_dir().join(format!("keygate-bench-{}", uuid::Uuid::new_v4().simple()));
     std::fs::create_dir_all(&dir).unwrap();
     eprintln!("measuring the crypto floor on one core…");
-    let floor = floor::measure(&dir);
+    let floor = floor::measure(&dir).await;
     let (key, public) = ::keygate::identity::generate_agent_key("ES256").unwrap();
     let anchor = Anchor::configure(&bao, &key).await;
     let kg = Keygate::configure(&dir, &anchor, key, public);
@@ -155,6 +161,9 @@ async fn main() {
                     }
                     let k = kg.task_opens(&server.base, c, timing).await;
                     runs.entry("oauth/token (task open)").or_default().push(k);
+                    let url = format!("{}/healthz", server.base);
+                    let k = load::get(&http, url, c, timing.warm, timing.secs).await;
+                    runs.entry(NOOP).or_default().push(k);
                 } else {
                     // Two anchors, both kept: OpenBao's fastest path (root
                     // token, minimal body) and the path Keygate's own vault
@@ -166,6 +175,9 @@ async fn main() {
                     runs.entry(APPROLE).or_default().push(o);
                     let o = anchor.jwt_login(&http, &kg.key, c, timing).await;
                     runs.entry(JWT_LOGIN).or_default().push(o);
+                    let url = format!("{}/v1/sys/health", bao.addr);
+                    let o = load::get(&http, url, c, timing.warm, timing.secs).await;
+                    runs.entry(HEALTH).or_default().push(o);
                 }
             }
         }
@@ -189,6 +201,14 @@ async fn main() {
             openbao: JWT_LOGIN,
             k: m("oauth/token (task open)"),
             o: m(JWT_LOGIN),
+        });
+        // What a request costs that does no work: no goal, the fixed cost
+        // of an HTTP request on this machine for each server.
+        pairs.push(Pair {
+            keygate: NOOP.to_owned(),
+            openbao: HEALTH,
+            k: m(NOOP),
+            o: m(HEALTH),
         });
     }
 
@@ -375,6 +395,11 @@ fn print_and_collect(
         "crypto floor, one core: x509-svid {:.0} µs, jwt-svid {:.0} µs, task open {:.0} µs \
          (key generation, signature, session-token verification; benches/suite/floor.rs)",
         floor.x509_svid_us, floor.jwt_svid_us, floor.task_open_us
+    );
+    println!(
+        "one durable SQLite commit of one row, alone (sqlx, WAL, synchronous=FULL): \
+         {:.0} µs of wall time, {:.0} µs of CPU (not in the goal)",
+        floor.commit.wall_us, floor.commit.cpu_us
     );
     println!(
         "{:<26} {:<22} {:>4} | {:>10} {:>10} | {:>6} | {:>7} | {:>7} {:>7} | {:>7} {:>7}",
