@@ -97,11 +97,14 @@ impl Browser {
     }
 
     /// The text of the first element matching `css`. A page that refreshes
-    /// itself (the revocation progress page does) can replace the element
-    /// between finding it and reading it; that is read again from the new
-    /// page, never taken as an answer.
+    /// itself (the revocation progress page does) can be between two
+    /// documents when it is asked: the element is missing from the one still
+    /// loading, or replaced between finding it and reading it. Either is
+    /// asked again (for up to two seconds, well past a reload), never taken
+    /// as an answer; an element still missing after that fails the test.
     pub async fn text(&self, css: &str) -> String {
-        for _ in 0..20 {
+        let mut missing = None;
+        for _ in 0..40 {
             match self.client.find(Locator::Css(css)).await {
                 Ok(e) => match e.text().await {
                     Ok(t) => return t,
@@ -109,15 +112,21 @@ impl Browser {
                     Err(e) => panic!("reading `{css}`: {e}"),
                 },
                 Err(e) if is_stale(&e) => {}
-                Err(e) => panic!(
-                    "no `{css}` on {}: {e}\n{}",
-                    self.path().await,
-                    self.source().await
-                ),
+                Err(CmdError::Standard(w)) if w.error == ErrorStatus::NoSuchElement => {
+                    missing = Some(w)
+                }
+                Err(e) => panic!("finding `{css}` on {}: {e}", self.path().await),
             }
             tokio::time::sleep(Duration::from_millis(50)).await;
         }
-        panic!("`{css}` kept being replaced while it was read")
+        match missing {
+            Some(e) => panic!(
+                "no `{css}` on {}: {e}\n{}",
+                self.path().await,
+                self.source().await
+            ),
+            None => panic!("`{css}` kept being replaced while it was read"),
+        }
     }
 
     /// Whether anything matches `css`.
