@@ -98,7 +98,8 @@ fn cpu_secs(pid: u32) -> Option<f64> {
 
 /// Context switches of every thread of process `pid` so far
 /// (`/proc/<pid>/task/*/status`; threads that ended meanwhile are lost,
-/// the server's are long-lived).
+/// the server's are long-lived, and a window that lost more than it
+/// counted reports none).
 fn switches(pid: u32) -> Option<u64> {
     let mut total = 0;
     for task in std::fs::read_dir(format!("/proc/{pid}/task")).ok()? {
@@ -162,7 +163,11 @@ where
         let (start, machine, sw) = (cpu_secs(pid), machine_jiffies(), switches(pid));
         tokio::time::sleep_until(end.into()).await;
         let used = (pid != 0).then(|| Some(cpu_secs(pid)? - start?)).flatten();
-        let sw = (pid != 0).then(|| Some(switches(pid)? - sw?)).flatten();
+        // A thread that ended inside the window takes its switches with it:
+        // a total lower than at the start is no figure, not a wrapped one.
+        let sw = (pid != 0)
+            .then(|| switches(pid)?.checked_sub(sw?))
+            .flatten();
         let idle = match (machine, machine_jiffies()) {
             (Some((i0, t0)), Some((i1, t1))) if t1 > t0 => {
                 Some((i1 - i0) as f64 / (t1 - t0) as f64)
