@@ -103,8 +103,8 @@ impl SqliteStore {
             .run(&mut conn)
             .await
             .map_err(|e| StoreError::Database(format!("migration failed: {e}")))?;
-        // What stops a batch's trip before its commit (batch.rs).
-        conn.execute(batch::REFUSAL_CHECK).await?;
+        // The view a batch's rows go in by, in one statement (batch.rs).
+        conn.execute(batch::BATCH_ROWS).await?;
         // A connection of its own copies the WAL into the database in the
         // background while the writer goes on (checkpoint.rs).
         let copier = opts

@@ -6,18 +6,22 @@
 //! task records the assertion's `jti`, writes the task, marks the agent used
 //! and audits it; only whether the `jti` was fresh is read back. So neither
 //! write needs to be interactive: a request queues it as data, and one
-//! batcher task takes every queued write at once, runs them in a single trip
-//! to SQLite's thread (a multi-row `INSERT` each for the `jti`s, the tasks
-//! and the leases, one `UPDATE` of the agents' last use, then the events,
-//! chained in queue order, in one savepoint) and, in the same trip, commits
+//! batcher task takes every queued write at once and runs them in a single
+//! trip to SQLite's thread, as one statement: a multi-row `INSERT` into a
+//! temporary view whose triggers write each row where it belongs (the
+//! `jti`s, the tasks and the agents' last use, the leases, then the
+//! events, chained in queue order). With nothing else open on the
+//! connection (alone, and usually under load) that statement runs in
+//! autocommit: SQLite commits it, one fsync, before it returns. Otherwise
+//! it runs in a savepoint of the open group and, in the same trip, commits
 //! the group: the batch and every transaction kept in it before
 //! (`group.rs`), one fsync, with no trip of its own for the commit. A lease
 //! is reported written only once that commit is done: durable. Nothing
-//! before the commit returns a row (each row is a message that wakes the
-//! batcher, and one before the fsync wakes it twice): the trip commits only
-//! if every member went in, and which leases' scopes the registry excludes
-//! is read after the commit, in the same trip, on the one writer (nothing
-//! can land in between). Should that read fail, the group is treated as
+//! before the commit returns a row or ends a statement (each is a message
+//! that wakes the batcher, and one before the fsync wakes it twice): the
+//! statement commits only if every member went in, and which leases'
+//! scopes the registry excludes is read after the commit, in the same
+//! trip, on the one writer (nothing can land in between). Should that read fail, the group is treated as
 //! failed although it committed, as when a commit's outcome is unknown:
 //! its members are refused (written alone, each finds its row already
 //! there), a lease nobody received lives until its TTL; nothing is lost.
@@ -44,7 +48,8 @@
 use std::collections::HashSet;
 use std::sync::{Arc, Weak};
 
-use sqlx::{QueryBuilder, Row, Sqlite};
+use sqlx::query_builder::Separated;
+use sqlx::{QueryBuilder, Row as _, Sqlite};
 use tokio::sync::{Mutex, Notify, oneshot, watch};
 
 use super::group::{self, Outcome, PendingEvent, State, WriteTx};
@@ -153,6 +158,10 @@ pub(super) async fn batcher(state: Weak<Mutex<State>>, flush: Arc<Notify>, queue
     loop {
         queue.wake.notified().await;
         while !queue.items().is_empty() {
+            // Requests already ready to run queue their writes first: the
+            // first one's wake-up would otherwise run this task straight
+            // after it (tokio's LIFO slot), in a batch of one.
+            tokio::task::yield_now().await;
             let Some(state) = state.upgrade() else {
                 return;
             };
@@ -219,14 +228,15 @@ fn answer_each(items: Vec<Item>, reply: impl Fn(&Item) -> Reply) {
     }
 }
 
-/// One trip: the savepoint opens, the `jti`s, tasks and leases go in,
-/// the events of the batch, chained in order, follow, and the group is
-/// committed, every transaction kept in it with the batch: the fsync of the
+/// One trip: the `jti`s, tasks and leases go in, the events of the batch,
+/// chained in order, follow, all in one statement, and it is committed:
+/// alone in autocommit, or in the open group's savepoint with the group's
+/// commit, every transaction kept in it with the batch. The fsync of the
 /// commit is the last thing the trip waits for, with no second trip for it.
 /// A member refused (a `jti` not recorded, a lease not written) stops the
-/// trip before the commit ([`REFUSED`]): nothing of the batch is kept and
-/// the group stays open for the next; so does a constraint failing one of
-/// the batch's statements. Any other failure of the trip rolls the whole
+/// statement before the commit ([`REFUSED`]): nothing of the batch is kept
+/// and the group, if open, stays open for the next; so does a constraint
+/// failing the batch's statement. Any other failure of the trip rolls the whole
 /// group back: it cannot tell whether it failed before the commit or in
 /// it, and nobody is told a write landed that did not. The chain's head
 /// moves only when the trip committed.
@@ -278,22 +288,24 @@ async fn run(tx: &mut WriteTx, items: &mut [Item]) -> StoreResult<Done> {
             .any(|o| st.last_used.get(&o.1.agent_id) != Some(u))
     });
     st.changed |= moved.is_some();
-    let mut trip = tx.trip();
-    if !opens.is_empty() {
-        push_opens(&mut trip.q, &opens)?;
+    // Alone on the connection (no group open, as at one client and usually
+    // under load), the batch is one statement in autocommit: SQLite commits
+    // it, fsync and all, before the statement returns. Otherwise it runs in
+    // the group's savepoint and the trip commits the group.
+    let alone = tx.trip_alone();
+    let in_group = alone.is_none();
+    let mut trip = alone.unwrap_or_else(|| tx.trip());
+    push_rows(&mut trip.q, &opens, used, &leases, events)?;
+    if in_group {
+        trip.q.push("COMMIT");
     }
-    if !leases.is_empty() {
-        push_lease_rows(&mut trip.q, leases.iter().copied())?;
-        trip.q.push("; ");
-        push_refusal_check(&mut trip.q, leases.len());
-    }
-    group::push_events(&mut trip.q, events);
-    trip.q.push("COMMIT");
-    // Nothing before the commit returns a row: each row is a message from
-    // SQLite's thread that wakes this task, and one sent before the fsync
-    // wakes it once more than the commit does. Past the commit, on the one
-    // writer, nothing else can have landed: which leases' scopes are
-    // excluded is what it was when they went in (usually none: no row).
+    // Nothing before the commit returns a row or ends a statement: each is
+    // a message from SQLite's thread that wakes this task, and one sent
+    // before the fsync wakes it once more than the commit does (so a trip
+    // in the group still sends one: its savepoint's opening). Past the
+    // commit, on the one writer, nothing else can have landed: which
+    // leases' scopes are excluded is what it was when they went in
+    // (usually none: no row).
     let ids: Vec<&str> = leases.iter().map(|l| l.id.as_str()).collect();
     if !ids.is_empty() {
         let ids = serde_json::to_string(&ids).map_err(|e| StoreError::Corrupt(e.to_string()))?;
@@ -306,13 +318,14 @@ async fn run(tx: &mut WriteTx, items: &mut [Item]) -> StoreResult<Done> {
     let r = trip.q.build().fetch_all(&mut tx.state.conn).await;
     let rows = match r {
         Err(e) if is_refusal(&e) => {
-            // Stopped before the commit, the savepoint open.
+            // Stopped before the commit: alone, nothing of it is kept; in
+            // the group, the savepoint is open.
             trip.done(tx, Ok(())).await?;
             return Ok(Done::default());
         }
         // A constraint fails a statement, never the commit (none is
-        // deferred): when the trip had no one else's statements (an
-        // opening), it failed this batch's, before the commit.
+        // deferred): when the trip had no one else's statements (alone, or
+        // not an opening), it failed this batch's, before the commit.
         Err(e) if !trip.opening() && is_constraint(&e) => return trip.done(tx, Err(e)).await,
         Err(e) => return Err(tx.state.abort(e).await),
         Ok(rows) => trip.done(tx, Ok(rows)).await?,
@@ -339,7 +352,7 @@ async fn run(tx: &mut WriteTx, items: &mut [Item]) -> StoreResult<Done> {
     Ok(done)
 }
 
-/// The message of the check that stops a batch's trip before its commit.
+/// The message of the check that stops a batch's statement before its commit.
 macro_rules! refused {
     () => {
         "keygate: a member of the batch was refused"
@@ -347,23 +360,50 @@ macro_rules! refused {
 }
 const REFUSED: &str = refused!();
 
-/// Creates, on the writer's connection, the table whose inserts fail with
-/// [`REFUSED`] (temporary: it lives with the connection, in memory).
-pub(super) const REFUSAL_CHECK: &str = concat!(
-    "CREATE TEMP TABLE IF NOT EXISTS batch_refused (x); \
-     CREATE TEMP TRIGGER IF NOT EXISTS batch_refused_stop BEFORE INSERT ON batch_refused \
-     BEGIN SELECT raise(ABORT, '",
+/// Creates, on the writer's connection, the view a batch's rows are
+/// inserted into, in one statement: its triggers write each row where it
+/// belongs, and stop the statement (with [`REFUSED`]) on a `jti` seen
+/// before or a lease whose task is not open. An agent's `last_used_at` is
+/// rewritten only when it moves (once a second at most): its page is not
+/// written again with every group. Temporary: they live with the
+/// connection, in memory.
+pub(super) const BATCH_ROWS: &str = concat!(
+    "CREATE TEMP VIEW IF NOT EXISTS batch_rows \
+     (kind, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15, c16, c17) AS \
+     SELECT NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, NULL, \
+     NULL, NULL, NULL, NULL, NULL; \
+     CREATE TEMP TRIGGER IF NOT EXISTS batch_open INSTEAD OF INSERT ON batch_rows \
+     WHEN NEW.kind = 'open' BEGIN \
+     INSERT INTO assertion_jtis (agent_id, jti, expires_at) VALUES (NEW.c1, NEW.c2, NEW.c3) \
+     ON CONFLICT DO NOTHING; \
+     SELECT raise(ABORT, '",
     refused!(),
-    "'); END"
+    "') WHERE changes() = 0; \
+     INSERT INTO tasks (id, agent_id, description, state, opened_at, expires_at, \
+     parent_task_id, depth, delegation_budget, scopes, chain, on_behalf_of) VALUES \
+     (NEW.c4, NEW.c5, NEW.c6, NEW.c7, NEW.c8, NEW.c9, NEW.c10, NEW.c11, NEW.c12, NEW.c13, \
+     NEW.c14, NEW.c15); \
+     UPDATE agents SET last_used_at = NEW.c16 WHERE id = NEW.c5 \
+     AND last_used_at IS NOT NEW.c16; \
+     END; \
+     CREATE TEMP TRIGGER IF NOT EXISTS batch_lease INSTEAD OF INSERT ON batch_rows \
+     WHEN NEW.kind = 'lease' BEGIN \
+     INSERT INTO leases (id, agent_id, task_id, scope, provider, state, created_at, \
+     expires_at, boot_id, source, handle, revocability) SELECT NEW.c1, NEW.c2, NEW.c3, \
+     NEW.c4, NEW.c5, NEW.c6, NEW.c7, NEW.c8, NEW.c9, NEW.c10, NEW.c11, NEW.c12 \
+     WHERE EXISTS (SELECT 1 FROM tasks WHERE id = NEW.c3 AND state = 'open'); \
+     SELECT raise(ABORT, '",
+    refused!(),
+    "') WHERE changes() = 0; \
+     END; \
+     CREATE TEMP TRIGGER IF NOT EXISTS batch_event INSTEAD OF INSERT ON batch_rows \
+     WHEN NEW.kind = 'event' BEGIN \
+     INSERT INTO audit_events (seq, at_ms, actor, action, agent, task, scope, lease, \
+     decision, policy_ids, policy_hash, outcome, reason, details, prev_hash, hash, \
+     on_behalf_of) VALUES (NEW.c1, NEW.c2, NEW.c3, NEW.c4, NEW.c5, NEW.c6, NEW.c7, NEW.c8, \
+     NEW.c9, NEW.c10, NEW.c11, NEW.c12, NEW.c13, NEW.c14, NEW.c15, NEW.c16, NEW.c17); \
+     END"
 );
-
-/// Fails the trip (with [`REFUSED`]) unless the statement just run changed
-/// `expected` rows.
-fn push_refusal_check(q: &mut QueryBuilder<Sqlite>, expected: usize) {
-    q.push("INSERT INTO temp.batch_refused SELECT 1 WHERE changes() <> ")
-        .push_bind(i64::try_from(expected).unwrap_or(i64::MAX))
-        .push("; ");
-}
 
 fn is_refusal(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(d) if d.message() == REFUSED)
@@ -373,28 +413,102 @@ fn is_constraint(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(d) if d.kind() != sqlx::error::ErrorKind::Other)
 }
 
-/// The statements of task opens: each `jti` recorded unless seen (a row
-/// back when fresh), the tasks written, their agents marked used.
-fn push_opens(q: &mut QueryBuilder<Sqlite>, opens: &[&(JtiUse, Task)]) -> StoreResult<()> {
-    q.push("INSERT INTO assertion_jtis (agent_id, jti, expires_at) ");
-    q.push_values(opens, |mut v, (j, _)| {
-        v.push_bind(j.agent_id.clone())
-            .push_bind(j.jti.clone())
-            .push_bind(unix(j.expires_at));
+/// A row of a batch's statement ([`BATCH_ROWS`]).
+enum Row<'a> {
+    /// A task open: its `jti`, its task, when its agent was used.
+    Open(&'a JtiUse, TaskRow<'a>, Option<i64>),
+    Lease(LeaseRow<'a>),
+    Event(PendingEvent),
+}
+
+/// Appends the batch's one statement: the task opens (each `jti` recorded
+/// unless seen, the task written, its agent marked used at `used`), the
+/// leases (each only while its task is open), then the chained `events`.
+fn push_rows(
+    q: &mut QueryBuilder<Sqlite>,
+    opens: &[&(JtiUse, Task)],
+    used: Option<i64>,
+    leases: &[&Lease],
+    events: Vec<PendingEvent>,
+) -> StoreResult<()> {
+    let mut rows = Vec::with_capacity(opens.len() + leases.len() + events.len());
+    for (jti, task) in opens.iter().map(|o| (&o.0, &o.1)) {
+        rows.push(Row::Open(jti, task_row(task)?, used));
+    }
+    for l in leases {
+        rows.push(Row::Lease(lease_row(l)?));
+    }
+    rows.extend(events.into_iter().map(Row::Event));
+    if rows.is_empty() {
+        return Ok(());
+    }
+    q.push(
+        "INSERT INTO temp.batch_rows \
+         (kind, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15, c16, c17) ",
+    );
+    q.push_values(rows, |mut v, row| {
+        // The columns a kind leaves unused are NULL.
+        let unused = match row {
+            Row::Open(j, t, used) => {
+                v.push("'open'")
+                    .push_bind(j.agent_id.clone())
+                    .push_bind(j.jti.clone())
+                    .push_bind(unix(j.expires_at));
+                bind_task(&mut v, t);
+                v.push_bind(used);
+                1
+            }
+            Row::Lease(l) => {
+                v.push("'lease'");
+                bind_lease(&mut v, l);
+                5
+            }
+            Row::Event(e) => {
+                v.push("'event'");
+                group::bind_event(&mut v, e);
+                0
+            }
+        };
+        for _ in 0..unused {
+            v.push("NULL");
+        }
     });
-    q.push(" ON CONFLICT DO NOTHING; ");
-    push_refusal_check(q, opens.len());
-    push_task_inserts(q, opens.iter().map(|o| &o.1))?;
     q.push("; ");
-    let agents: Vec<&str> = opens.iter().map(|o| o.1.agent_id.as_str()).collect();
-    let agents = serde_json::to_string(&agents).map_err(|e| StoreError::Corrupt(e.to_string()))?;
-    let latest = opens.iter().map(|o| unix(o.1.opened_at)).max();
-    q.push("UPDATE agents SET last_used_at = ")
-        .push_bind(latest)
-        .push(" WHERE id IN (SELECT value FROM json_each(")
-        .push_bind(agents)
-        .push(")); ");
     Ok(())
+}
+
+/// A task's row, its JSON columns encoded.
+struct TaskRow<'a> {
+    t: &'a Task,
+    scopes: Option<String>,
+    chain: String,
+    on_behalf_of: Option<String>,
+}
+
+fn task_row(t: &Task) -> StoreResult<TaskRow<'_>> {
+    Ok(TaskRow {
+        t,
+        scopes: json_opt(t.scopes.as_ref())?,
+        chain: serde_json::to_string(&t.chain).map_err(|e| StoreError::Corrupt(e.to_string()))?,
+        on_behalf_of: json_opt(t.on_behalf_of.as_ref())?,
+    })
+}
+
+/// Binds the 12 columns of a task's row, in [`push_task_inserts`]' order.
+fn bind_task(v: &mut Separated<'_, Sqlite, &'static str>, r: TaskRow<'_>) {
+    let t = r.t;
+    v.push_bind(t.id.clone())
+        .push_bind(t.agent_id.clone())
+        .push_bind(t.description.clone())
+        .push_bind(t.state.as_str())
+        .push_bind(unix(t.opened_at))
+        .push_bind(unix(t.expires_at))
+        .push_bind(t.parent_task_id.clone())
+        .push_bind(i64::from(t.depth))
+        .push_bind(i64::from(t.delegation_budget))
+        .push_bind(r.scopes)
+        .push_bind(r.chain)
+        .push_bind(r.on_behalf_of);
 }
 
 /// One statement writing `tasks`.
@@ -402,36 +516,15 @@ pub(super) fn push_task_inserts<'a>(
     q: &mut QueryBuilder<Sqlite>,
     tasks: impl IntoIterator<Item = &'a Task>,
 ) -> StoreResult<()> {
-    let corrupt = |e: serde_json::Error| StoreError::Corrupt(e.to_string());
     let rows = tasks
         .into_iter()
-        .map(|t| {
-            Ok((
-                t,
-                json_opt(t.scopes.as_ref())?,
-                serde_json::to_string(&t.chain).map_err(corrupt)?,
-                json_opt(t.on_behalf_of.as_ref())?,
-            ))
-        })
+        .map(task_row)
         .collect::<StoreResult<Vec<_>>>()?;
     q.push(
         "INSERT INTO tasks (id, agent_id, description, state, opened_at, expires_at, \
          parent_task_id, depth, delegation_budget, scopes, chain, on_behalf_of) ",
     );
-    q.push_values(rows, |mut v, (t, scopes, chain, on_behalf_of)| {
-        v.push_bind(t.id.clone())
-            .push_bind(t.agent_id.clone())
-            .push_bind(t.description.clone())
-            .push_bind(t.state.as_str())
-            .push_bind(unix(t.opened_at))
-            .push_bind(unix(t.expires_at))
-            .push_bind(t.parent_task_id.clone())
-            .push_bind(i64::from(t.depth))
-            .push_bind(i64::from(t.delegation_budget))
-            .push_bind(scopes)
-            .push_bind(chain)
-            .push_bind(on_behalf_of);
-    });
+    q.push_values(rows, |mut v, r| bind_task(&mut v, r));
     Ok(())
 }
 
@@ -440,6 +533,36 @@ pub(super) fn push_task_inserts<'a>(
 const EXCLUDED: &str = "EXISTS (SELECT 1 FROM agents, json_each(agents.excluded_scopes) AS x \
      WHERE agents.id = leases.agent_id AND x.key = leases.scope \
      AND json_extract(x.value, '$.lifted_at') IS NULL)";
+
+/// A lease's row, its handle encoded.
+struct LeaseRow<'a> {
+    l: &'a Lease,
+    handle: Option<String>,
+}
+
+fn lease_row(l: &Lease) -> StoreResult<LeaseRow<'_>> {
+    Ok(LeaseRow {
+        l,
+        handle: json_opt(l.handle.as_ref())?,
+    })
+}
+
+/// Binds the 12 columns of a lease's row, in [`push_lease_inserts`]' order.
+fn bind_lease(v: &mut Separated<'_, Sqlite, &'static str>, r: LeaseRow<'_>) {
+    let l = r.l;
+    v.push_bind(l.id.clone())
+        .push_bind(l.agent_id.clone())
+        .push_bind(l.task_id.clone())
+        .push_bind(l.scope.clone())
+        .push_bind(l.provider.clone())
+        .push_bind(l.state.as_str())
+        .push_bind(unix(l.created_at))
+        .push_bind(unix(l.expires_at))
+        .push_bind(l.boot_id.clone())
+        .push_bind(l.source.clone())
+        .push_bind(r.handle)
+        .push_bind(l.revocability.map(|r| r.as_str()));
+}
 
 /// One statement writing `leases` (each with what was issued, for an
 /// in-process provider), each only while its task is open; it returns the
@@ -451,40 +574,18 @@ pub(super) fn push_lease_inserts<'a>(
     q: &mut QueryBuilder<Sqlite>,
     leases: impl IntoIterator<Item = &'a Lease>,
 ) -> StoreResult<()> {
-    push_lease_rows(q, leases)?;
-    q.push(" RETURNING id, ")
-        .push(EXCLUDED)
-        .push(" AS excluded");
-    Ok(())
-}
-
-/// [`push_lease_inserts`] returning nothing.
-fn push_lease_rows<'a>(
-    q: &mut QueryBuilder<Sqlite>,
-    leases: impl IntoIterator<Item = &'a Lease>,
-) -> StoreResult<()> {
     let rows = leases
         .into_iter()
-        .map(|l| Ok((l, json_opt(l.handle.as_ref())?)))
+        .map(lease_row)
         .collect::<StoreResult<Vec<_>>>()?;
     q.push(
         "INSERT INTO leases (id, agent_id, task_id, scope, provider, state, created_at, \
          expires_at, boot_id, source, handle, revocability) SELECT * FROM (",
     );
-    q.push_values(rows, |mut v, (l, handle)| {
-        v.push_bind(l.id.clone())
-            .push_bind(l.agent_id.clone())
-            .push_bind(l.task_id.clone())
-            .push_bind(l.scope.clone())
-            .push_bind(l.provider.clone())
-            .push_bind(l.state.as_str())
-            .push_bind(unix(l.created_at))
-            .push_bind(unix(l.expires_at))
-            .push_bind(l.boot_id.clone())
-            .push_bind(l.source.clone())
-            .push_bind(handle)
-            .push_bind(l.revocability.map(|r| r.as_str()));
-    });
+    q.push_values(rows, |mut v, r| bind_lease(&mut v, r));
     q.push(") AS v WHERE EXISTS (SELECT 1 FROM tasks WHERE id = v.column3 AND state = 'open')");
+    q.push(" RETURNING id, ")
+        .push(EXCLUDED)
+        .push(" AS excluded");
     Ok(())
 }

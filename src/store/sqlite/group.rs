@@ -40,6 +40,7 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::time::Duration;
 
+use sqlx::query_builder::Separated;
 use sqlx::{Executor, QueryBuilder, Sqlite, SqliteConnection};
 use tokio::sync::{Mutex, Notify, OwnedMutexGuard, watch};
 
@@ -311,6 +312,26 @@ impl WriteTx {
         }
     }
 
+    /// A trip for one statement run alone, in autocommit, when nothing is
+    /// open on the connection (no group, no savepoint of this transaction):
+    /// SQLite commits it, fsync included, before the statement returns, so
+    /// the trip sends nothing back before its rows are durable (`batch.rs`).
+    /// A failed statement leaves nothing behind. `None`: something is open;
+    /// take [`WriteTx::trip`] and commit the group in it.
+    pub(super) fn trip_alone(&mut self) -> Option<Trip> {
+        let st = &*self.state;
+        if self.begun || st.open {
+            return None;
+        }
+        debug_assert!(st.savepoint == Savepoint::None && st.later_count == 0);
+        debug_assert!(st.deferred.is_empty());
+        Some(Trip {
+            q: QueryBuilder::default(),
+            opening: false,
+            carries: false,
+        })
+    }
+
     /// Opens the savepoint now, in a trip of its own, if no statement has.
     pub(super) async fn begin_now(&mut self) -> StoreResult<()> {
         if !self.begun {
@@ -481,27 +502,32 @@ pub(super) fn push_events(q: &mut QueryBuilder<Sqlite>, events: Vec<PendingEvent
              hash, on_behalf_of) ",
         );
         q.push_values(events.by_ref().take(CHUNK), |mut b, p| {
-            let ev = p.ev;
-            b.push_bind(ev.seq)
-                .push_bind(ev.at_ms)
-                .push_bind(ev.actor)
-                .push_bind(ev.action)
-                .push_bind(ev.agent)
-                .push_bind(ev.task)
-                .push_bind(ev.scope)
-                .push_bind(ev.lease)
-                .push_bind(ev.decision)
-                .push_bind(p.policy_ids)
-                .push_bind(ev.policy_hash)
-                .push_bind(ev.outcome)
-                .push_bind(ev.reason)
-                .push_bind(p.details)
-                .push_bind(ev.prev_hash)
-                .push_bind(ev.hash)
-                .push_bind(ev.on_behalf_of);
+            bind_event(&mut b, p)
         });
         q.push("; ");
     }
+}
+
+/// Binds the 17 columns of an audit event's row, in `audit_events`' order.
+pub(super) fn bind_event(b: &mut Separated<'_, Sqlite, &'static str>, p: PendingEvent) {
+    let ev = p.ev;
+    b.push_bind(ev.seq)
+        .push_bind(ev.at_ms)
+        .push_bind(ev.actor)
+        .push_bind(ev.action)
+        .push_bind(ev.agent)
+        .push_bind(ev.task)
+        .push_bind(ev.scope)
+        .push_bind(ev.lease)
+        .push_bind(ev.decision)
+        .push_bind(p.policy_ids)
+        .push_bind(ev.policy_hash)
+        .push_bind(ev.outcome)
+        .push_bind(ev.reason)
+        .push_bind(p.details)
+        .push_bind(ev.prev_hash)
+        .push_bind(ev.hash)
+        .push_bind(ev.on_behalf_of);
 }
 
 /// Commits each group once the transactions queued before it have joined.
