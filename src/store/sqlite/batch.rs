@@ -158,10 +158,6 @@ pub(super) async fn batcher(state: Weak<Mutex<State>>, flush: Arc<Notify>, queue
     loop {
         queue.wake.notified().await;
         while !queue.items().is_empty() {
-            // Requests already ready to run queue their writes first: the
-            // first one's wake-up would otherwise run this task straight
-            // after it (tokio's LIFO slot), in a batch of one.
-            tokio::task::yield_now().await;
             let Some(state) = state.upgrade() else {
                 return;
             };
