@@ -409,7 +409,8 @@ fn is_constraint(e: &sqlx::Error) -> bool {
     matches!(e, sqlx::Error::Database(d) if d.kind() != sqlx::error::ErrorKind::Other)
 }
 
-/// A row of a batch's statement ([`BATCH_ROWS`]).
+/// A row of a batch's statement ([`BATCH_ROWS`]), made as it is bound.
+#[allow(clippy::large_enum_variant)] // never stored: one at a time
 enum Row<'a> {
     /// A task open: its `jti`, its task, when its agent was used.
     Open(&'a JtiUse, TaskRow<'a>, Option<i64>),
@@ -427,17 +428,20 @@ fn push_rows(
     leases: &[&Lease],
     events: Vec<PendingEvent>,
 ) -> StoreResult<()> {
-    let mut rows = Vec::with_capacity(opens.len() + leases.len() + events.len());
-    for (jti, task) in opens.iter().map(|o| (&o.0, &o.1)) {
-        rows.push(Row::Open(jti, task_row(task)?, used));
-    }
-    for l in leases {
-        rows.push(Row::Lease(lease_row(l)?));
-    }
-    rows.extend(events.into_iter().map(Row::Event));
-    if rows.is_empty() {
+    let opens = opens
+        .iter()
+        .map(|o| Ok((&o.0, task_row(&o.1)?)))
+        .collect::<StoreResult<Vec<_>>>()?;
+    let leases = leases
+        .iter()
+        .map(|l| lease_row(l))
+        .collect::<StoreResult<Vec<_>>>()?;
+    if opens.is_empty() && leases.is_empty() && events.is_empty() {
         return Ok(());
     }
+    let rows = (opens.into_iter().map(|(j, t)| Row::Open(j, t, used)))
+        .chain(leases.into_iter().map(Row::Lease))
+        .chain(events.into_iter().map(Row::Event));
     q.push(
         "INSERT INTO temp.batch_rows \
          (kind, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15, c16, c17) ",
