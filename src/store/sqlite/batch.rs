@@ -21,8 +21,9 @@
 //! that wakes the batcher, and one before the fsync wakes it twice): the
 //! statement commits only if every member went in, and which leases'
 //! scopes the registry excludes is read after the commit, in the same
-//! trip, on the one writer (nothing can land in between). Should that read fail, the group is treated as
-//! failed although it committed, as when a commit's outcome is unknown:
+//! trip, on the one writer (nothing can land in between). Should that read
+//! fail, the group is treated as failed although it committed, as when a
+//! commit's outcome is unknown:
 //! its members are refused (written alone, each finds its row already
 //! there), a lease nobody received lives until its TTL; nothing is lost.
 //!
