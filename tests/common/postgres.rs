@@ -78,26 +78,51 @@ impl Postgres {
             .args(["-R", "postgres"])
             .arg(&dir)
             .output();
-        let port = free_port_pair();
         let mut init = as_pg_user(&initdb);
         init.arg("-D")
             .arg(dir.join("data"))
             .args(["-U", "postgres", "--auth=scram-sha-256", "--no-sync"])
             .arg(format!("--pwfile={}", dir.join("pwfile").display()));
         run(init, "initdb");
-        let pg = Self {
-            port,
+        let mut pg = Self {
+            port: 0,
             password,
             dir,
             pg_ctl,
             durable,
         };
-        pg.resume();
-        pg
+        // A free port can be taken between choosing it and PostgreSQL
+        // binding it (other tests start peers, and open connections, at the
+        // same time): choose again then, as `Bao::start` does.
+        for _ in 0..4 {
+            pg.port = free_port_pair();
+            // The log is appended to: each try reads only its own.
+            let _ = std::fs::remove_file(pg.dir.join("pg.log"));
+            match pg.try_resume() {
+                Ok(()) => return pg,
+                Err(_) if pg.log().contains("Address already in use") => {
+                    eprintln!("postgres: port {} was taken; choosing again", pg.port);
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
+        panic!("postgres could not bind a free port in four tries");
+    }
+
+    /// PostgreSQL's server log (empty if none yet).
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("pg.log")).unwrap_or_default()
     }
 
     /// Starts the (stopped) cluster again, on its port.
     pub fn resume(&self) {
+        if let Err(e) = self.try_resume() {
+            panic!("{e}");
+        }
+    }
+
+    /// `pg_ctl start`; the error carries pg_ctl's output and the server log.
+    fn try_resume(&self) -> Result<(), String> {
         let mut start = as_pg_user(&self.pg_ctl);
         start
             .arg("-D")
@@ -115,7 +140,16 @@ impl Postgres {
                 if self.durable { "" } else { " -c fsync=off" }
             ))
             .args(["-w", "start"]);
-        run(start, "pg_ctl start");
+        let out = start.output().map_err(|e| format!("pg_ctl start: {e}"))?;
+        if out.status.success() {
+            return Ok(());
+        }
+        Err(format!(
+            "pg_ctl start failed: {}{}\nits server log:\n{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr),
+            self.log()
+        ))
     }
 
     /// Stops the cluster at once (`immediate`: as a crash or a lost
