@@ -159,6 +159,14 @@ pub(super) async fn batcher(state: Weak<Mutex<State>>, flush: Arc<Notify>, queue
     loop {
         queue.wake.notified().await;
         while !queue.items().is_empty() {
+            if queue.items().len() == 1 {
+                // A lone write was most likely queued by the request whose
+                // wake-up runs this task straight after it (tokio's LIFO
+                // slot): requests already ready to run queue theirs first.
+                // With more queued there is a batch to write now, and the
+                // writer is not kept waiting behind every ready request.
+                tokio::task::yield_now().await;
+            }
             let Some(state) = state.upgrade() else {
                 return;
             };
