@@ -22,7 +22,7 @@ use crate::model::{
     Revocation, RevocationProgress, Selector, Task,
 };
 
-pub use batchable::{JtiUse, LeaseInsert};
+pub use batchable::{JtiUse, LeaseInsert, TaskOpen};
 pub(crate) use batchable::{insert_lease_alone, open_task_alone};
 pub use postgres::PostgresStore;
 pub(crate) use postgres::connect_options as postgres_options;
@@ -78,15 +78,16 @@ pub trait Store: Send + Sync + 'static {
     ) -> StoreResult<LeaseInsert> {
         insert_lease_alone(self.begin().await?, lease, events).await
     }
-    /// Opens `task`: records `jti` (`false`, and nothing written, when it
-    /// was seen before), writes the task, marks its agent used and appends
-    /// `events`, as one durable change; an engine may batch it with others.
+    /// Opens `task`: records `jti`, writes the task, marks its agent used
+    /// and appends `events`, as one durable change, only while the `jti`
+    /// is unseen, the agent active and the parent task (if any) open
+    /// ([`TaskOpen`]); an engine may batch it with others.
     async fn open_task_recorded(
         &self,
         jti: &JtiUse,
         task: &Task,
         events: Vec<AuditEvent>,
-    ) -> StoreResult<bool> {
+    ) -> StoreResult<TaskOpen> {
         open_task_alone(self.begin().await?, jti, task, events).await
     }
 

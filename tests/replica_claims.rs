@@ -59,8 +59,8 @@ async fn claims_are_disjoint_while_both_live_and_a_dead_ones_are_void_at_once() 
     };
     let mut tx = a.begin().await.unwrap();
     tx.insert_agent(&agent).await.unwrap();
-    tx.insert_task(&task("queued")).await.unwrap();
-    tx.insert_task(&task("in-flight")).await.unwrap();
+    assert!(tx.insert_task(&task("queued")).await.unwrap());
+    assert!(tx.insert_task(&task("in-flight")).await.unwrap());
     for _ in 0..300 {
         let l = lease("queued", "boot-a");
         tx.insert_lease(&l).await.unwrap();

@@ -431,3 +431,104 @@ async fn a_kill_switch_over_many_leases_records_each_revocation_once() {
         String::from_utf8_lossy(&out.stderr)
     );
 }
+
+/// The kill switch with `suspend`, and a suspension, while the agent opens
+/// tasks and mints credentials as fast as it can: each request either
+/// lands first and is ended with the rest, or is refused. After the agent
+/// is resumed no task token from before works (a task opened after the
+/// suspension, from an agent read before it, would come back to life) and
+/// every credential minted is revoked. Several rounds, the suspension
+/// falling at different points of the race.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tasks_and_credentials_racing_a_suspension_do_not_outlive_it() {
+    use std::time::Duration;
+    // As many task opens as the race needs (the per-client limit's burst
+    // is 60).
+    let b = TestBroker::start_with(Setup {
+        extra_config: "[limits]\nper_client_per_minute = 0\n".into(),
+        ..Setup::permissive()
+    })
+    .await;
+    let agent = TestAgent::new("racer", "ES256");
+    b.register(&agent, "red").await;
+    let (mut opened, mut refused_opens) = (Vec::new(), 0);
+    let mut minted: Vec<(String, Value)> = Vec::new();
+    for round in 0..10u64 {
+        let s = b.token(&agent).await;
+        let mut set = tokio::task::JoinSet::new();
+        for i in 0..24 {
+            let (http, url) = (b.http.clone(), b.url("/oauth/token"));
+            let form = [
+                ("grant_type", "client_credentials".to_owned()),
+                ("client_id", agent.id.clone()),
+                ("client_assertion_type", common::JWT_BEARER.to_owned()),
+                ("client_assertion", agent.assertion()),
+                ("task", format!("race {round}")),
+            ];
+            set.spawn(async move {
+                let r = http.post(url).form(&form).send().await.unwrap();
+                (true, r.status().as_u16(), r.json::<Value>().await.unwrap())
+            });
+            let (http, url) = (b.http.clone(), b.url("/v1/credentials"));
+            let body = if i % 2 == 0 {
+                json!({ "scope": "x509-svid", "ttl": 600 })
+            } else {
+                json!({ "scope": "jwt-svid", "ttl": 600, "params": { "audience": common::JWT_AUDIENCE } })
+            };
+            let token = s.token.clone();
+            set.spawn(async move {
+                let r = http
+                    .post(url)
+                    .bearer_auth(token)
+                    .json(&body)
+                    .send()
+                    .await
+                    .unwrap();
+                (false, r.status().as_u16(), r.json::<Value>().await.unwrap())
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(3 * round)).await;
+        let stopped = if round % 2 == 0 {
+            let body = json!({ "agent": agent.id, "reason": "race", "suspend": true });
+            b.post("/v1/revocations", Some(&b.ops.secops), &body).await
+        } else {
+            let path = format!("/v1/agents/{}/suspend", agent.id);
+            b.admin_post(&path, &json!({ "reason": "race" })).await
+        };
+        stopped.expect(200);
+        for (open, status, v) in set.join_all().await {
+            match (open, status) {
+                (true, 200) => opened.push(v["access_token"].as_str().unwrap().to_owned()),
+                (false, 201) => minted.push((v["lease_id"].as_str().unwrap().to_owned(), v)),
+                (true, 401) => refused_opens += 1,
+                // The task found ended at the lease write.
+                (false, 401 | 403 | 409) => {}
+                _ => panic!("round {round}: {status} {v}"),
+            }
+        }
+        let path = format!("/v1/agents/{}/resume", agent.id);
+        b.admin_post(&path, &json!({ "reason": "cleared" }))
+            .await
+            .expect(200);
+    }
+    assert_eq!(opened.len() + refused_opens, 10 * 24, "every open answered");
+    assert!(
+        !minted.is_empty(),
+        "the suspension never fell inside the race: nothing minted before it"
+    );
+    for token in &opened {
+        let r = b.get("/v1/session", Some(token)).await;
+        assert_eq!(
+            r.status, 401,
+            "a task from before the suspension lives: {}",
+            r.text
+        );
+    }
+    for (id, cred) in &minted {
+        assert_eq!(b.lease_state(id).await, "revoked", "lease {id}");
+        assert!(!still_valid(&b, cred).await, "credential of {id}");
+    }
+    // The resumed agent works.
+    let s = b.token(&agent).await;
+    b.x509(&s.token, Some(60)).await;
+}

@@ -209,7 +209,7 @@ pub(crate) async fn agent_with_tasks(store: &dyn Store, tasks: &[&str], ended: &
     tx.insert_agent(&agent).await.unwrap();
     for id in tasks {
         let task = common::store::open_task(id, t);
-        tx.insert_task(&task).await.unwrap();
+        assert!(tx.insert_task(&task).await.unwrap());
     }
     for id in ended {
         tx.end_tasks(
@@ -383,7 +383,7 @@ async fn racing_lease_writes_keep_each_its_fate() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn racing_task_opens_spend_each_jti_once() {
     use keygate::model::now;
-    use keygate::store::JtiUse;
+    use keygate::store::{JtiUse, TaskOpen};
     let (_dir, path) = db_path();
     let store = open(&path).await;
     agent_with_tasks(store.as_ref(), &[], &[]).await;
@@ -409,11 +409,11 @@ async fn racing_task_opens_spend_each_jti_once() {
                 let ev = AuditEvent::new(&Actor::System, "test.open")
                     .task(&task.id)
                     .reason(task.id.clone());
-                let fresh = store
+                let opened = store
                     .open_task_recorded(&use_, &task, vec![ev])
                     .await
                     .unwrap();
-                (jti, task.id, fresh)
+                (jti, task.id, opened == TaskOpen::Opened)
             });
         }
         set.join_all()
@@ -441,11 +441,12 @@ async fn racing_task_opens_spend_each_jti_once() {
     };
     let mut task = store.get_task(&opened[0]).await.unwrap().unwrap();
     task.id = "tk_replayed".into();
-    assert!(
-        !store
+    assert_eq!(
+        store
             .open_task_recorded(&again, &task, Vec::new())
             .await
-            .unwrap()
+            .unwrap(),
+        TaskOpen::Replayed
     );
     assert!(store.get_task("tk_replayed").await.unwrap().is_none());
     for id in &opened {
@@ -465,4 +466,126 @@ async fn racing_task_opens_spend_each_jti_once() {
     verify_chain(&evs, 0, GENESIS_HASH.to_owned()).expect("one unbroken chain");
     let agent = store.get_agent("a1").await.unwrap().unwrap();
     assert!(agent.last_used_at.is_some(), "the agent is marked used");
+}
+
+/// A task open that finds its agent no longer active, or its parent task
+/// ended, writes nothing, in a batch as alone: it read them before a
+/// suspension, the kill switch or the parent's end committed, and no task
+/// outlives those (a token for it would come back to life when the agent
+/// is resumed). Its `jti` is not spent either.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_task_open_overtaken_by_a_suspension_or_its_parents_end_writes_nothing() {
+    use keygate::model::{AgentStatus, Task, TaskState, now};
+    use keygate::store::{JtiUse, TaskOpen, TaskSelector};
+    let (_dir, path) = db_path();
+    let store = open(&path).await;
+    agent_with_tasks(store.as_ref(), &["tk_parent"], &[]).await;
+    let t = now();
+    let child = |id: &str| {
+        let mut c = common::store::open_task(id, t);
+        c.parent_task_id = Some("tk_parent".into());
+        c.depth = 1;
+        c
+    };
+    // Opens at once (batched where the engine batches), each with its
+    // event; what each did.
+    let opens = |tasks: Vec<(Task, &'static str)>| {
+        let mut set = tokio::task::JoinSet::new();
+        for (task, jti) in tasks {
+            let store = Arc::clone(&store);
+            set.spawn(async move {
+                let use_ = JtiUse {
+                    agent_id: "a1".into(),
+                    jti: jti.into(),
+                    expires_at: t + time::Duration::minutes(5),
+                };
+                let ev = AuditEvent::new(&Actor::System, "test.open")
+                    .task(&task.id)
+                    .reason(task.id.clone());
+                let r = store.open_task_recorded(&use_, &task, vec![ev]).await;
+                (task.id, r.unwrap())
+            });
+        }
+        set.join_all()
+    };
+    const JTIS: [&str; 6] = ["j-0", "j-1", "j-2", "j-3", "j-4", "j-5"];
+    let r = opens(vec![(child("tk_child"), "j-child")]).await;
+    assert_eq!(r, vec![("tk_child".to_owned(), TaskOpen::Opened)]);
+
+    let end = |sel: TaskSelector| {
+        let store = Arc::clone(&store);
+        async move {
+            let mut tx = store.begin().await.unwrap();
+            tx.end_tasks(&sel, TaskState::Revoked, "test", t)
+                .await
+                .unwrap();
+            tx.commit().await.unwrap();
+        }
+    };
+    end(TaskSelector::Task("tk_parent".into())).await;
+    let children = JTIS.iter().enumerate();
+    let r = opens(
+        children
+            .map(|(i, j)| (child(&format!("tk_late{i}")), *j))
+            .collect(),
+    )
+    .await;
+    assert!(
+        r.iter().all(|(_, o)| *o == TaskOpen::Overtaken),
+        "a child opened under an ended parent: {r:?}"
+    );
+    // Not spent: the same `jti`s open tasks of the agent's own.
+    let roots = JTIS.iter().enumerate();
+    let r = opens(
+        roots
+            .map(|(i, j)| (common::store::open_task(&format!("tk_root{i}"), t), *j))
+            .collect(),
+    )
+    .await;
+    assert!(r.iter().all(|(_, o)| *o == TaskOpen::Opened), "{r:?}");
+
+    let mut tx = store.begin().await.unwrap();
+    let suspended = tx
+        .set_agent_status("a1", &[AgentStatus::Active], AgentStatus::Suspended, t)
+        .await
+        .unwrap();
+    assert!(suspended.is_some());
+    tx.commit().await.unwrap();
+    let late = (0..6).map(|i| (common::store::open_task(&format!("tk_gone{i}"), t), JTIS[i]));
+    let mut late: Vec<_> = late.collect();
+    late.push((common::store::open_task("tk_gone_fresh", t), "j-fresh"));
+    let r = opens(late).await;
+    assert!(
+        r.iter().all(|(_, o)| *o != TaskOpen::Opened),
+        "a task opened for a suspended agent: {r:?}"
+    );
+    assert!(r.contains(&("tk_gone_fresh".to_owned(), TaskOpen::Overtaken)));
+
+    let mut named: Vec<String> = ["tk_parent", "tk_child", "tk_gone_fresh"]
+        .map(String::from)
+        .to_vec();
+    for i in 0..6 {
+        named.extend([
+            format!("tk_late{i}"),
+            format!("tk_root{i}"),
+            format!("tk_gone{i}"),
+        ]);
+    }
+    let mut stored: Vec<String> = store
+        .tasks(&named)
+        .await
+        .unwrap()
+        .into_iter()
+        .map(|t| t.id)
+        .collect();
+    stored.sort();
+    let mut expected: Vec<String> = ["tk_child", "tk_parent"].map(String::from).to_vec();
+    expected.extend((0..6).map(|i| format!("tk_root{i}")));
+    expected.sort();
+    assert_eq!(stored, expected, "only the tasks reported open are stored");
+    let mut opened = expected.clone();
+    opened.retain(|id| id != "tk_parent");
+    assert_eq!(reasons(&events(store.as_ref()).await), opened);
+    let evs = events(store.as_ref()).await;
+    verify_chain(&evs, 0, GENESIS_HASH.to_owned()).expect("one unbroken chain");
 }

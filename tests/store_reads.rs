@@ -165,7 +165,10 @@ async fn what_a_session_check_reads_is_what_the_store_holds() {
                 jti: format!("j-{n}"),
                 expires_at: at + time::Duration::minutes(5),
             };
-            assert!(store.open_task_recorded(&jti, &task, vec![]).await.unwrap());
+            assert_eq!(
+                store.open_task_recorded(&jti, &task, vec![]).await.unwrap(),
+                keygate::store::TaskOpen::Opened
+            );
         }
     };
     open_at(1, t).await;

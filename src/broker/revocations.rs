@@ -108,6 +108,32 @@ impl Broker {
         let id = new_id("rv");
         let why = format!("emergency revocation {id}: {reason}");
         let mut tx = self.store.begin().await?;
+        // Suspended before their tasks end: a task open racing this either
+        // lands first and is ended below, or finds its agent suspended and
+        // writes nothing (PostgreSQL: the agent's row lock orders them).
+        let mut suspended = 0u64;
+        if req.suspend {
+            for agent in self.store.list_agents(None, None).await? {
+                let hit = match &selector {
+                    Selector::Agent(a) => &agent.id == a,
+                    Selector::Team(team) => &agent.team == team,
+                    _ => false,
+                };
+                if hit
+                    && tx
+                        .set_agent_status(
+                            &agent.id,
+                            &[AgentStatus::Active],
+                            AgentStatus::Suspended,
+                            t,
+                        )
+                        .await?
+                        .is_some()
+                {
+                    suspended += 1;
+                }
+            }
+        }
         let tasks = tx
             .end_tasks(
                 &TaskSelector::Emergency(selector.clone()),
@@ -141,29 +167,6 @@ impl Broker {
                 tx.queue_revocations(&LeaseSelector::Tasks(tasks.clone()), &why, Some(&id), t)
                     .await?,
             );
-        }
-        let mut suspended = 0u64;
-        if req.suspend {
-            for agent in self.store.list_agents(None, None).await? {
-                let hit = match &selector {
-                    Selector::Agent(a) => &agent.id == a,
-                    Selector::Team(team) => &agent.team == team,
-                    _ => false,
-                };
-                if hit
-                    && tx
-                        .set_agent_status(
-                            &agent.id,
-                            &[AgentStatus::Active],
-                            AgentStatus::Suspended,
-                            t,
-                        )
-                        .await?
-                        .is_some()
-                {
-                    suspended += 1;
-                }
-            }
         }
         tx.audit(
             AuditEvent::new(&actor, "revocation.emergency")

@@ -10,7 +10,7 @@ use super::users::UserTokenUse;
 use crate::audit::{Actor, AuditEvent};
 use crate::identity::{AssertionClaims, SessionClaims, verify_client_assertion};
 use crate::model::{Agent, AgentStatus, Task, TaskState, new_id, now, unix};
-use crate::store::JtiUse;
+use crate::store::{JtiUse, TaskOpen};
 
 /// The assertion type RFC 7523 registers for `private_key_jwt`.
 pub const JWT_BEARER_ASSERTION: &str = "urn:ietf:params:oauth:client-assertion-type:jwt-bearer";
@@ -341,7 +341,7 @@ impl Broker {
             jti: claims.jti.clone().unwrap_or_default(),
             expires_at: crate::model::from_unix(claims.exp),
         };
-        let fresh = if user_token.is_none() && dpop.is_none() {
+        let opened = if user_token.is_none() && dpop.is_none() {
             // One assertion id to record: the store may batch the open
             // with other requests' (SQLite does).
             self.store
@@ -352,11 +352,28 @@ impl Broker {
             self.open_task_proofs(&jti, &task, event, dpop, user_token.as_ref())
                 .await?
         };
-        if !fresh {
-            return Err(OAuthError::new(
-                replayed,
-                "the assertion was already used (`jti` replayed)",
-            ));
+        match opened {
+            TaskOpen::Opened => {}
+            TaskOpen::Replayed => {
+                return Err(OAuthError::new(
+                    replayed,
+                    "the assertion was already used (`jti` replayed)",
+                ));
+            }
+            // A suspension, the kill switch or the parent's end committed
+            // after the agent (or the parent) was read: no task outlives it.
+            TaskOpen::Overtaken if task.parent_task_id.is_some() => {
+                return Err(OAuthError::new(
+                    "invalid_grant",
+                    "the delegating task ended, or the agent stopped being active, while the task was being opened; no task was opened",
+                ));
+            }
+            TaskOpen::Overtaken => {
+                return Err(OAuthError::new(
+                    "invalid_client",
+                    "the agent stopped being active while the task was being opened; no task was opened",
+                ));
+            }
         }
         // `act` nests the delegators, nearest first (RFC 8693 §4.1).
         let act = task
@@ -457,7 +474,7 @@ impl Broker {
         event: AuditEvent,
         dpop: Option<&crate::identity::dpop::Proof>,
         user_token: Option<&UserTokenUse>,
-    ) -> Result<bool, OAuthError> {
+    ) -> Result<TaskOpen, OAuthError> {
         let mut tx = self.store.begin().await.map_err(|e| internal(&e))?;
         if let Some(u) = user_token
             && !tx

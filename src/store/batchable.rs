@@ -56,24 +56,41 @@ pub struct JtiUse {
     pub expires_at: OffsetDateTime,
 }
 
+/// What [`super::Store::open_task_recorded`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TaskOpen {
+    /// The task is open and the `jti` recorded, durably.
+    Opened,
+    /// The `jti` was seen before: nothing was written.
+    Replayed,
+    /// The agent is no longer active, or the parent task no longer open,
+    /// as the write finds them (a suspension, the kill switch or the
+    /// parent's end committed after the request read them): nothing was
+    /// written, so no task outlives what ended its agent's work.
+    Overtaken,
+}
+
 /// [`super::Store::open_task_recorded`] in a transaction of its own.
 pub(crate) async fn open_task_alone(
     mut tx: Box<dyn StoreTx>,
     jti: &JtiUse,
     task: &Task,
     events: Vec<AuditEvent>,
-) -> StoreResult<bool> {
+) -> StoreResult<TaskOpen> {
     if !tx
         .record_jti(&jti.agent_id, &jti.jti, jti.expires_at)
         .await?
     {
-        return Ok(false);
+        return Ok(TaskOpen::Replayed);
     }
-    tx.insert_task(task).await?;
+    if !tx.insert_task(task).await? {
+        // Dropped: the `jti` is not kept either.
+        return Ok(TaskOpen::Overtaken);
+    }
     tx.touch_agent(&task.agent_id, task.opened_at).await?;
     for ev in events {
         tx.audit(ev).await?;
     }
     tx.commit().await?;
-    Ok(true)
+    Ok(TaskOpen::Opened)
 }

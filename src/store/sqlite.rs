@@ -169,9 +169,9 @@ impl Store for SqliteStore {
         jti: &super::JtiUse,
         task: &Task,
         events: Vec<AuditEvent>,
-    ) -> StoreResult<bool> {
-        if let Some(fresh) = self.write.open_task_batched(jti, task, &events).await? {
-            return Ok(fresh);
+    ) -> StoreResult<super::TaskOpen> {
+        if let Some(opened) = self.write.open_task_batched(jti, task, &events).await? {
+            return Ok(opened);
         }
         super::open_task_alone(self.begin().await?, jti, task, events).await
     }

@@ -67,7 +67,9 @@ pub trait StoreTx: Send {
     /// Forgets assertion ids that can no longer be replayed.
     async fn prune_jtis(&mut self, now: OffsetDateTime) -> StoreResult<u64>;
 
-    async fn insert_task(&mut self, task: &Task) -> StoreResult<()>;
+    /// Writes `task` only while its agent is active and its parent task
+    /// (if any) open, as this transaction finds them; `false`: not written.
+    async fn insert_task(&mut self, task: &Task) -> StoreResult<bool>;
     /// Ends open tasks matching the selector (for `Provider`: tasks holding a
     /// live lease of that provider). Returns their ids.
     async fn end_tasks(

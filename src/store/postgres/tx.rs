@@ -166,7 +166,7 @@ impl StoreTx for PostgresTx {
         Ok(done.rows_affected())
     }
 
-    async fn insert_task(&mut self, t: &Task) -> StoreResult<()> {
+    async fn insert_task(&mut self, t: &Task) -> StoreResult<bool> {
         tasks::insert_task(self, t).await
     }
 

@@ -4,7 +4,8 @@
 //! of that transaction is read back but whether the lease was written (its
 //! task still open) and whether the registry excludes its scope. Opening a
 //! task records the assertion's `jti`, writes the task, marks the agent used
-//! and audits it; only whether the `jti` was fresh is read back. So neither
+//! and audits it, only while the agent is active and the parent task (if
+//! any) open; only whether it was written is read back. So neither
 //! write needs to be interactive: a request queues it as data, and one
 //! batcher task takes every queued write at once and runs them in a single
 //! trip to SQLite's thread, as one statement: a multi-row `INSERT` into a
@@ -34,7 +35,9 @@
 //!
 //! What the batch cannot settle is handed back, and the request writes in
 //! a transaction of its own, exactly as without the batcher: some member
-//! was refused, a lease's task had ended or a `jti` had been seen (a check
+//! was refused, a lease's task had ended, a `jti` had been seen, or a
+//! task's agent was no longer active or its parent task no longer open (a
+//! check
 //! in the trip stops it before the commit; the events were chained through
 //! the refused member, so the savepoint is rolled back, and each member
 //! writes alone, the refused learning it then: a `jti` used twice in one
@@ -57,7 +60,7 @@ use super::group::{self, Outcome, PendingEvent, State, WriteTx};
 use crate::audit::AuditEvent;
 use crate::model::{Lease, Task, unix};
 use crate::store::sql::json_opt;
-use crate::store::{JtiUse, LeaseInsert, StoreError, StoreResult};
+use crate::store::{JtiUse, LeaseInsert, StoreError, StoreResult, TaskOpen};
 
 /// Most lease writes one trip carries (12 variables a lease and 17 an
 /// event, well under SQLite's 32,766).
@@ -122,15 +125,15 @@ impl group::Writer {
 
     /// Opens `task` as [`crate::store::Store::open_task_recorded`] does, in
     /// the next batch; returns once durable. `None`: the batch could not
-    /// settle it, the caller opens it alone.
+    /// settle it (a refusal among others), the caller opens it alone.
     pub(super) async fn open_task_batched(
         &self,
         jti: &JtiUse,
         task: &Task,
         events: &[AuditEvent],
-    ) -> StoreResult<Option<bool>> {
+    ) -> StoreResult<Option<TaskOpen>> {
         let write = Write::Open(Box::new((jti.clone(), task.clone())));
-        Ok(self.batched(write, events).await?.map(|_| true))
+        Ok(self.batched(write, events).await?.map(|_| TaskOpen::Opened))
     }
 
     /// Queues `write`; `Some(excluded)`: written and durable (whether the
@@ -367,8 +370,10 @@ const REFUSED: &str = refused!();
 
 /// Creates, on the writer's connection, the view a batch's rows are
 /// inserted into, in one statement: its triggers write each row where it
-/// belongs, and stop the statement (with [`REFUSED`]) on a `jti` seen
-/// before or a lease whose task is not open. An agent's `last_used_at` is
+/// belongs, and stop the statement (with [`REFUSED`]) on a task whose
+/// agent is not active or whose parent task is not open (a suspension, the
+/// kill switch or the parent's end committed after the request read them),
+/// a `jti` seen before, or a lease whose task is not open. An agent's `last_used_at` is
 /// rewritten only when it moves (once a second at most): its page is not
 /// written again with every group. Temporary: they live with the
 /// connection, in memory.
@@ -379,6 +384,11 @@ pub(super) const BATCH_ROWS: &str = concat!(
      NULL, NULL, NULL, NULL, NULL; \
      CREATE TEMP TRIGGER IF NOT EXISTS batch_open INSTEAD OF INSERT ON batch_rows \
      WHEN NEW.kind = 'open' BEGIN \
+     SELECT raise(ABORT, '",
+    refused!(),
+    "') WHERE NOT EXISTS (SELECT 1 FROM agents WHERE id = NEW.c5 AND status = 'active') \
+     OR (NEW.c10 IS NOT NULL AND NOT EXISTS \
+     (SELECT 1 FROM tasks WHERE id = NEW.c10 AND state = 'open')); \
      INSERT INTO assertion_jtis (agent_id, jti, expires_at) VALUES (NEW.c1, NEW.c2, NEW.c3) \
      ON CONFLICT DO NOTHING; \
      SELECT raise(ABORT, '",
@@ -503,7 +513,7 @@ fn task_row(t: &Task) -> StoreResult<TaskRow<'_>> {
     })
 }
 
-/// Binds the 12 columns of a task's row, in [`push_task_inserts`]' order.
+/// Binds the 12 columns of a task's row, in [`push_task_insert`]'s order.
 fn bind_task(v: &mut Separated<'_, Sqlite, &'static str>, r: TaskRow<'_>) {
     let t = r.t;
     v.push_bind(t.id.clone())
@@ -520,20 +530,22 @@ fn bind_task(v: &mut Separated<'_, Sqlite, &'static str>, r: TaskRow<'_>) {
         .push_bind(r.on_behalf_of);
 }
 
-/// One statement writing `tasks`.
-pub(super) fn push_task_inserts<'a>(
-    q: &mut QueryBuilder<Sqlite>,
-    tasks: impl IntoIterator<Item = &'a Task>,
-) -> StoreResult<()> {
-    let rows = tasks
-        .into_iter()
-        .map(task_row)
-        .collect::<StoreResult<Vec<_>>>()?;
+/// One statement writing `t` only while its agent is active and its
+/// parent task (if any) open, as the batch's trigger ([`BATCH_ROWS`]) checks.
+pub(super) fn push_task_insert(q: &mut QueryBuilder<Sqlite>, t: &Task) -> StoreResult<()> {
+    let row = task_row(t)?;
     q.push(
         "INSERT INTO tasks (id, agent_id, description, state, opened_at, expires_at, \
-         parent_task_id, depth, delegation_budget, scopes, chain, on_behalf_of) ",
+         parent_task_id, depth, delegation_budget, scopes, chain, on_behalf_of) SELECT ",
     );
-    q.push_values(rows, |mut v, r| bind_task(&mut v, r));
+    bind_task(&mut q.separated(", "), row);
+    q.push(" WHERE EXISTS (SELECT 1 FROM agents WHERE id = ")
+        .push_bind(t.agent_id.clone())
+        .push(" AND status = 'active') AND (")
+        .push_bind(t.parent_task_id.clone())
+        .push(" IS NULL OR EXISTS (SELECT 1 FROM tasks WHERE id = ")
+        .push_bind(t.parent_task_id.clone())
+        .push(" AND state = 'open'))");
     Ok(())
 }
 

@@ -149,7 +149,7 @@ impl StoreTx for SqliteTx {
         Ok(done.rows_affected())
     }
 
-    async fn insert_task(&mut self, t: &Task) -> StoreResult<()> {
+    async fn insert_task(&mut self, t: &Task) -> StoreResult<bool> {
         tasks::insert_task(self, t).await
     }
 

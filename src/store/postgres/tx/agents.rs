@@ -56,8 +56,11 @@ pub(super) async fn set_agent_status(
     now: OffsetDateTime,
 ) -> StoreResult<Option<AgentStatus>> {
     // The row stays locked until commit: a concurrent change on another
-    // replica waits and then sees this one.
-    let Some(row) = sqlx::query("SELECT status FROM agents WHERE id = $1 FOR UPDATE")
+    // replica, or a task open, waits and then sees this one. Not `FOR
+    // UPDATE`: no key changes, so a lease's foreign-key check (`FOR KEY
+    // SHARE`) does not wait for it, which would deadlock with the kill
+    // switch ending that lease's task next.
+    let Some(row) = sqlx::query("SELECT status FROM agents WHERE id = $1 FOR NO KEY UPDATE")
         .bind(id)
         .fetch_optional(tx.conn())
         .await?

@@ -8,7 +8,32 @@ use crate::model::{Selector, Task, TaskState, unix};
 use crate::store::sql::{json_opt, push_selector};
 use crate::store::{StoreResult, TaskSelector};
 
-pub(super) async fn insert_task(tx: &mut PostgresTx, t: &Task) -> StoreResult<()> {
+pub(super) async fn insert_task(tx: &mut PostgresTx, t: &Task) -> StoreResult<bool> {
+    // The agent's row, and the parent task's, locked: a suspension (or the
+    // parent's end) committing meanwhile either waits for this transaction,
+    // and its end of the agent's tasks, a later statement, sees this one;
+    // or this one waits for it and reads what it wrote (read committed
+    // locks the newest version). The agent's row in the mode the open's
+    // `last_used_at` update takes next: two opens sharing it and each then
+    // waiting to update it would deadlock.
+    let status: Option<String> =
+        sqlx::query_scalar("SELECT status FROM agents WHERE id = $1 FOR NO KEY UPDATE")
+            .bind(&t.agent_id)
+            .fetch_optional(tx.conn())
+            .await?;
+    if status.as_deref() != Some("active") {
+        return Ok(false);
+    }
+    if let Some(parent) = &t.parent_task_id {
+        let state: Option<String> =
+            sqlx::query_scalar("SELECT state FROM tasks WHERE id = $1 FOR SHARE")
+                .bind(parent)
+                .fetch_optional(tx.conn())
+                .await?;
+        if state.as_deref() != Some("open") {
+            return Ok(false);
+        }
+    }
     sqlx::query(
         "INSERT INTO tasks (id, agent_id, description, state, opened_at, expires_at, \
          parent_task_id, depth, delegation_budget, scopes, chain, on_behalf_of) \
@@ -30,7 +55,7 @@ pub(super) async fn insert_task(tx: &mut PostgresTx, t: &Task) -> StoreResult<()
     .await?;
     tx.users
         .insert(t.id.clone(), t.on_behalf_of.as_ref().map(|u| u.id.clone()));
-    Ok(())
+    Ok(true)
 }
 
 pub(super) async fn end_tasks(

@@ -3,24 +3,29 @@
 use sqlx::{QueryBuilder, Row, Sqlite};
 use time::OffsetDateTime;
 
-use super::super::batch::push_task_inserts;
+use super::super::batch::push_task_insert;
 use super::{SqliteTx, corrupt};
 use crate::model::{Selector, Task, TaskState, unix};
 use crate::store::sql::push_selector;
 use crate::store::{StoreResult, TaskSelector};
 
-pub(super) async fn insert_task(tx: &mut SqliteTx, t: &Task) -> StoreResult<()> {
-    // Nobody reads its outcome: it rides with the transaction's next trip
-    // (its own next statement, or the commit), still inside its savepoint.
-    // Task ids are fresh and the agent exists, so it fails only as the
-    // whole store would. The statement is the batcher's (batch.rs).
-    let mut pushed = Ok(());
-    tx.tx.defer(|q| pushed = push_task_inserts(q, [t])).await?;
-    pushed?;
-    tx.tx
-        .state
-        .remember_user(&t.id, t.on_behalf_of.as_ref().map(|u| u.id.clone()));
-    Ok(())
+pub(super) async fn insert_task(tx: &mut SqliteTx, t: &Task) -> StoreResult<bool> {
+    // Its outcome decides the open: a trip of its own (the batch checks
+    // the same in its statement, batch.rs).
+    let mut q = QueryBuilder::new("");
+    push_task_insert(&mut q, t)?;
+    let written = q
+        .build()
+        .execute(tx.tx.conn().await?)
+        .await?
+        .rows_affected()
+        == 1;
+    if written {
+        tx.tx
+            .state
+            .remember_user(&t.id, t.on_behalf_of.as_ref().map(|u| u.id.clone()));
+    }
+    Ok(written)
 }
 
 pub(super) async fn end_tasks(
