@@ -37,11 +37,10 @@
 //! a transaction of its own, exactly as without the batcher: some member
 //! was refused, a lease's task had ended, a `jti` had been seen, or a
 //! task's agent was no longer active or its parent task no longer open (a
-//! check
-//! in the trip stops it before the commit; the events were chained through
-//! the refused member, so the savepoint is rolled back, and each member
-//! writes alone, the refused learning it then: a `jti` used twice in one
-//! batch is thus settled one at a time), or a statement of the batch failed
+//! check in the trip stops it before the commit; the events were chained
+//! through the refused member, so the savepoint is rolled back, and each
+//! member writes alone, the refused learning it then: a `jti` used twice in
+//! one batch is thus settled one at a time), or a statement of the batch failed
 //! (nothing of the batch is kept). When the trip failed and cannot tell
 //! whether before its commit or in it, the whole group is rolled back, as
 //! when a commit fails: nobody is told a write landed that did not. A
@@ -373,10 +372,10 @@ const REFUSED: &str = refused!();
 /// belongs, and stop the statement (with [`REFUSED`]) on a task whose
 /// agent is not active or whose parent task is not open (a suspension, the
 /// kill switch or the parent's end committed after the request read them),
-/// a `jti` seen before, or a lease whose task is not open. An agent's `last_used_at` is
-/// rewritten only when it moves (once a second at most): its page is not
-/// written again with every group. Temporary: they live with the
-/// connection, in memory.
+/// a `jti` seen before, or a lease whose task is not open. An agent's
+/// `last_used_at` is rewritten only when it moves (once a second at most):
+/// its page is not written again with every group. Temporary: they live
+/// with the connection, in memory.
 pub(super) const BATCH_ROWS: &str = concat!(
     "CREATE TEMP VIEW IF NOT EXISTS batch_rows \
      (kind, c1, c2, c3, c4, c5, c6, c7, c8, c9, c10, c11, c12, c13, c14, c15, c16, c17) AS \
