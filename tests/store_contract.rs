@@ -376,6 +376,28 @@ async fn racing_lease_writes_keep_each_its_fate() {
     verify_chain(&evs, 0, GENESIS_HASH.to_owned()).expect("one unbroken chain");
 }
 
+/// Opens `task` of `a1` with assertion id `jti` and an event whose reason
+/// is the task's id.
+async fn open_with_event(
+    store: &dyn Store,
+    jti: &str,
+    task: &keygate::model::Task,
+    t: time::OffsetDateTime,
+) -> keygate::store::TaskOpen {
+    let use_ = keygate::store::JtiUse {
+        agent_id: "a1".into(),
+        jti: jti.into(),
+        expires_at: t + time::Duration::minutes(5),
+    };
+    let ev = AuditEvent::new(&Actor::System, "test.open")
+        .task(&task.id)
+        .reason(task.id.clone());
+    store
+        .open_task_recorded(&use_, task, vec![ev])
+        .await
+        .unwrap()
+}
+
 /// Task opens racing each other (the SQLite engine batches them): each
 /// `jti` opens one task however many present it at once, a `jti` seen
 /// before opens none, and every task reported open is there with its
@@ -401,18 +423,7 @@ async fn racing_task_opens_spend_each_jti_once() {
             };
             set.spawn(async move {
                 let task = common::store::open_task(&format!("tk_{i:04}"), t);
-                let use_ = JtiUse {
-                    agent_id: "a1".into(),
-                    jti: jti.clone(),
-                    expires_at: t + time::Duration::minutes(5),
-                };
-                let ev = AuditEvent::new(&Actor::System, "test.open")
-                    .task(&task.id)
-                    .reason(task.id.clone());
-                let opened = store
-                    .open_task_recorded(&use_, &task, vec![ev])
-                    .await
-                    .unwrap();
+                let opened = open_with_event(store.as_ref(), &jti, &task, t).await;
                 (jti, task.id, opened == TaskOpen::Opened)
             });
         }
@@ -476,7 +487,7 @@ async fn racing_task_opens_spend_each_jti_once() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_task_open_overtaken_by_a_suspension_or_its_parents_end_writes_nothing() {
     use keygate::model::{AgentStatus, Task, TaskState, now};
-    use keygate::store::{JtiUse, TaskOpen, TaskSelector};
+    use keygate::store::{TaskOpen, TaskSelector};
     let (_dir, path) = db_path();
     let store = open(&path).await;
     agent_with_tasks(store.as_ref(), &["tk_parent"], &[]).await;
@@ -494,16 +505,8 @@ async fn a_task_open_overtaken_by_a_suspension_or_its_parents_end_writes_nothing
         for (task, jti) in tasks {
             let store = Arc::clone(&store);
             set.spawn(async move {
-                let use_ = JtiUse {
-                    agent_id: "a1".into(),
-                    jti: jti.into(),
-                    expires_at: t + time::Duration::minutes(5),
-                };
-                let ev = AuditEvent::new(&Actor::System, "test.open")
-                    .task(&task.id)
-                    .reason(task.id.clone());
-                let r = store.open_task_recorded(&use_, &task, vec![ev]).await;
-                (task.id, r.unwrap())
+                let opened = open_with_event(store.as_ref(), jti, &task, t).await;
+                (task.id, opened)
             });
         }
         set.join_all()
