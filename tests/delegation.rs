@@ -24,6 +24,10 @@ struct Cast {
 }
 
 async fn start() -> (TestBroker, Cast) {
+    start_with("").await
+}
+
+async fn start_with(extra_config: &str) -> (TestBroker, Cast) {
     let cast = Cast {
         orch: TestAgent::new("orch", "ES256"),
         sub: TestAgent::new("sub", "EdDSA"),
@@ -44,6 +48,7 @@ forbid (principal == Keygate::Agent::"{}", action, resource == Keygate::Scope::"
             ),
             ("narrow.cedar".into(), forbid),
         ],
+        extra_config: extra_config.into(),
         ..Setup::default()
     })
     .await;
@@ -402,4 +407,70 @@ async fn however_a_parent_ends_every_task_below_it_ends() {
         "the chain ends with the kill switch on its top",
     )
     .await;
+}
+
+/// Exchanges in flight while the parent ends (its token revoked, or the
+/// kill switch on its agent): each is answered, a child is either refused
+/// (`invalid_grant`) or ended with its parent, never left open below an
+/// ended task.
+#[tokio::test]
+async fn exchanges_racing_the_parents_end_leave_no_child_open() {
+    use std::time::Duration;
+    // As many exchanges as the race needs (the per-client limit's burst is 60).
+    let (b, c) = start_with("[limits]\nper_client_per_minute = 0\n").await;
+    let (mut children, mut refused) = (Vec::new(), 0);
+    for round in 0..8u64 {
+        let parent = b.token_ttl(&c.orch, Some(3600)).await;
+        let mut set = tokio::task::JoinSet::new();
+        for _ in 0..16 {
+            let (http, url) = (b.http.clone(), b.url("/oauth/token"));
+            let form = [
+                ("grant_type", EXCHANGE.to_owned()),
+                ("subject_token", parent.token.clone()),
+                ("subject_token_type", ACCESS.to_owned()),
+                ("actor_token", c.sub.assertion()),
+                ("actor_token_type", JWT.to_owned()),
+                ("scope", "x509-svid".to_owned()),
+            ];
+            set.spawn(async move {
+                let r = http.post(url).form(&form).send().await.unwrap();
+                (r.status().as_u16(), r.json::<Value>().await.unwrap())
+            });
+        }
+        tokio::time::sleep(Duration::from_millis(2 * round)).await;
+        if round % 2 == 0 {
+            assert_eq!(revoke(&b, &parent.token, &parent.token).await, 200);
+        } else {
+            let body = json!({ "agent": c.orch.id, "reason": "race" });
+            b.post("/v1/revocations", Some(&b.ops.secops), &body)
+                .await
+                .expect(200);
+        }
+        for (status, v) in set.join_all().await {
+            match status {
+                200 => children.push(v["access_token"].as_str().unwrap().to_owned()),
+                400 if v["error"] == "invalid_grant" => refused += 1,
+                _ => panic!("round {round}: {status} {v}"),
+            }
+        }
+        // The parent is gone for good; so is every child of it.
+        assert_eq!(
+            introspect(&b, &parent.token).await,
+            json!({ "active": false })
+        );
+    }
+    assert_eq!(children.len() + refused, 8 * 16, "every exchange answered");
+    assert!(
+        !children.is_empty() && refused > 0,
+        "the parent's end never fell inside the race: {} children, {refused} refused",
+        children.len()
+    );
+    for child in &children {
+        eventually("every child ends with its parent", || async {
+            (introspect(&b, child).await == json!({ "active": false })).then_some(())
+        })
+        .await;
+        let r = b.credential(child, "x509-svid", Some(60), None).await;
+        assert_eq!(r.status, 401, "a child of an ended task mints: {}", r.text);
+    }
 }
