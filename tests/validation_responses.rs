@@ -507,3 +507,99 @@ action = "step_up"
     let own = open_task(&b, &http, &second).await;
     assert_eq!(ask(&b, &http, &own, "x509-svid").await, 201);
 }
+
+/// A suspension is not a resolution: a stepped-up agent suspended and
+/// resumed is still stepped up until its incident is resolved, and the
+/// approval it waited on ended with its task (a late decision is 409, a
+/// redeem 401), so the resume revives nothing.
+#[tokio::test]
+async fn a_suspension_and_resume_neither_lift_a_step_up_nor_revive_its_approval() {
+    let b = TestBroker::start_with(Setup {
+        extra_config: r#"
+[validation]
+warm_up_observations = 2
+
+[[detectors]]
+name = "new-network"
+signal = "new_source_network"
+severity = "high"
+action = "step_up"
+"#
+        .into(),
+        ..Setup::permissive()
+    })
+    .await;
+    let agent = TestAgent::new("stepped-suspended", "ES256");
+    b.register(&agent, "platform").await;
+    let home = reqwest::Client::new();
+    let t = open_task(&b, &home, &agent).await;
+    assert_eq!(ask(&b, &home, &t, "x509-svid").await, 201);
+    assert_eq!(ask(&b, &home, &t, "x509-svid").await, 201);
+    // A task from a network it was never seen on: stepped up, and its
+    // request waits for a human.
+    let away = client_from("127.1.0.11");
+    let t2 = open_task(&b, &away, &agent).await;
+    let list = incidents(&b, &agent).await;
+    assert_eq!(detectors_of(&list), ["new-network"], "{list:?}");
+    let incident = list[0]["id"].as_str().unwrap().to_owned();
+    let pending = b
+        .post(
+            "/v1/credentials",
+            Some(&t2),
+            &json!({ "scope": "x509-svid", "ttl": 300, "justification": "rotating" }),
+        )
+        .await
+        .expect(202);
+    let approval = pending["approval_id"].as_str().unwrap().to_owned();
+
+    // SecOps suspends it while looking; an approver decides too late.
+    b.post(
+        &format!("/v1/agents/{}/suspend", agent.id),
+        Some(&b.ops.secops),
+        &json!({ "reason": "looking into the new network" }),
+    )
+    .await
+    .expect(200);
+    let late = b
+        .post(
+            &format!("/v1/approvals/{approval}/decision"),
+            Some(&b.ops.approver),
+            &json!({ "decision": "approve", "reason": "looks fine" }),
+        )
+        .await;
+    assert_eq!(late.status, 409, "{}", late.text);
+
+    // Resumed: the old task and its approval stay ended.
+    b.admin_post(
+        &format!("/v1/agents/{}/resume", agent.id),
+        &json!({ "reason": "the agent's owner vouches" }),
+    )
+    .await
+    .expect(200);
+    let redeem = b
+        .post(
+            &format!("/v1/approvals/{approval}/redeem"),
+            Some(&t2),
+            &json!({}),
+        )
+        .await;
+    assert_eq!(redeem.status, 401, "{}", redeem.text);
+    // Still stepped up: a new task's request, from home, waits for a human.
+    let shown = b
+        .get(&format!("/v1/agents/{}", agent.id), Some(&b.ops.admin))
+        .await
+        .expect(200);
+    assert_eq!(shown["status"], "active");
+    assert_eq!(shown["step_up"]["incident"], incident.as_str(), "{shown}");
+    let t3 = open_task(&b, &home, &agent).await;
+    assert_eq!(ask(&b, &home, &t3, "x509-svid").await, 202);
+    // Resolving the incident lifts it.
+    b.post(
+        &format!("/v1/incidents/{incident}/resolve"),
+        Some(&b.ops.secops),
+        &json!({ "reason": "a new office" }),
+    )
+    .await
+    .expect(200);
+    assert_eq!(ask(&b, &home, &t3, "x509-svid").await, 201);
+}
