@@ -147,6 +147,54 @@ async fn a_kill_switch_on_one_replica_is_seen_on_every_replica_at_once() {
     assert!(crls.iter().all(|c| c.status == 200), "crl fetch failed");
 }
 
+/// A session every replica has served (and remembers as verified) dies on
+/// all of them when another suspends its agent, and stays dead after a
+/// third resumes it; a token revoked (RFC 7009) at one is refused at all.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_session_every_replica_remembers_ends_everywhere_and_a_resume_does_not_revive_it() {
+    let (r, _db) = replicas(Setup::default()).await;
+    let agent = TestAgent::new("remembered", "ES256");
+    r[0].register(&agent, "platform").await;
+    let refused_everywhere = |token: String, when: &'static str| {
+        let r = &r;
+        async move {
+            for (i, b) in r.iter().enumerate() {
+                let resp = b.credential(&token, "x509-svid", Some(60), None).await;
+                assert_eq!(resp.status, 401, "replica {i} {when}: {}", resp.text);
+            }
+        }
+    };
+    let s = r[0].token_ttl(&agent, Some(3600)).await;
+    for b in &r {
+        b.x509(&s.token, Some(60)).await;
+    }
+    let path = |what: &str| format!("/v1/agents/{}/{what}", agent.id);
+    r[1].admin_post(&path("suspend"), &json!({ "reason": "on replica 1" }))
+        .await
+        .expect(200);
+    refused_everywhere(s.token.clone(), "after the suspension").await;
+    r[2].admin_post(&path("resume"), &json!({ "reason": "on replica 2" }))
+        .await
+        .expect(200);
+    refused_everywhere(s.token.clone(), "after the resume").await;
+
+    // A new session works everywhere until revoked at one replica.
+    let s2 = r[1].token_ttl(&agent, Some(3600)).await;
+    for b in &r {
+        b.x509(&s2.token, Some(60)).await;
+    }
+    let revoked = r[0]
+        .http
+        .post(r[0].url("/oauth/revoke"))
+        .bearer_auth(&s2.token)
+        .form(&[("token", s2.token.as_str())])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(revoked.status(), 200);
+    refused_everywhere(s2.token.clone(), "after RFC 7009").await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_second_process_on_one_sqlite_file_is_refused() {
     let mut a = TestBroker::prepare(Setup::default());
