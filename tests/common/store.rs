@@ -211,6 +211,40 @@ impl TestBroker {
         }
     }
 
+    /// A count (`SELECT count(*) …`, `?` placeholders bound as text) read
+    /// straight from the broker's store.
+    pub async fn store_count(&self, sql: &str, binds: &[&str]) -> i64 {
+        let sql = sqlx::AssertSqlSafe(match engine() {
+            Engine::Sqlite => sql.to_owned(),
+            Engine::Postgres => numbered(sql),
+        });
+        match engine() {
+            Engine::Sqlite => {
+                let mut db = self.db().await;
+                let mut q = sqlx::query_scalar::<_, i64>(sql);
+                for v in binds {
+                    q = q.bind(v.to_string());
+                }
+                let n = q.fetch_one(&mut db).await.unwrap();
+                sqlx::Connection::close(db).await.unwrap();
+                n
+            }
+            Engine::Postgres => {
+                use sqlx::Connection;
+                let mut db = sqlx::PgConnection::connect(&Engine::Postgres.url(&self.dir))
+                    .await
+                    .unwrap();
+                let mut q = sqlx::query_scalar::<_, i64>(sql);
+                for v in binds {
+                    q = q.bind(v.to_string());
+                }
+                let n = q.fetch_one(&mut db).await.unwrap();
+                db.close().await.unwrap();
+                n
+            }
+        }
+    }
+
     /// What an attacker with write access does first: lift the guards
     /// that keep audit events append-only.
     pub async fn lift_audit_guards(&self) {
