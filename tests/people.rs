@@ -202,6 +202,39 @@ async fn remove_unused_excludes_an_unused_scope_until_an_admin_lifts_it() {
     assert_eq!(twice.status, 404, "{}", twice.text);
 }
 
+/// The console reads an operator's roles from the config at each request:
+/// restarted with an operator removed, her session signs in again (and her
+/// token no longer does); with a role taken away, its pages are refused.
+#[tokio::test]
+async fn a_console_session_follows_the_operators_config_across_a_restart() {
+    let (mut b, people) = start("").await;
+    let olga = ConsoleClient::sign_in(&b, &people.olga).await;
+    let root2 = ConsoleClient::sign_in(&b, &people.root2).await;
+    assert_eq!(olga.get(&b, "/ui/audit").await, (200, None));
+    assert_eq!(root2.get(&b, "/ui/agents").await, (200, None));
+
+    b.stop_gracefully().await;
+    let path = b.dir.join("keygate.toml");
+    let config = std::fs::read_to_string(&path).unwrap();
+    let root2_block = config.find("[[operators]]\nname = \"root2\"").unwrap();
+    let end = root2_block + config[root2_block..].find("\n\n").unwrap();
+    let config = format!("{}{}", &config[..root2_block], &config[end + 2..]);
+    let narrowed = "name = \"olga\"\nroles = [\"approver\"]";
+    let config = config.replace("name = \"olga\"\nroles = [\"auditor\"]", narrowed);
+    assert!(config.contains(narrowed) && !config.contains("\"root2\""));
+    std::fs::write(&path, config).unwrap();
+    b.start_again().await;
+
+    let (status, location) = root2.get(&b, "/ui/agents").await;
+    assert_eq!(status, 303);
+    assert_eq!(location.as_deref(), Some("/ui/login?next=%2Fui%2Fagents"));
+    let (status, page) = ConsoleClient::try_sign_in(&b, &people.root2).await;
+    assert_eq!(status, 401, "{page}");
+    assert!(page.contains("not an operator"), "{page}");
+    assert_eq!(olga.get(&b, "/ui/audit").await.0, 403);
+    assert_eq!(olga.get(&b, "/ui").await, (200, None));
+}
+
 /// An operator's console session over plain HTTP (no browser needed to
 /// see where the console sends it).
 struct ConsoleClient {
