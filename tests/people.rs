@@ -203,7 +203,7 @@ async fn remove_unused_excludes_an_unused_scope_until_an_admin_lifts_it() {
 }
 
 /// The console reads an operator's roles from the config at each request:
-/// restarted with an operator removed, her session signs in again (and her
+/// restarted with an operator removed, her session is sent to sign in (and her
 /// token no longer does); with a role taken away, its pages are refused.
 #[tokio::test]
 async fn a_console_session_follows_the_operators_config_across_a_restart() {
