@@ -204,6 +204,10 @@ pub trait Store: Send + Sync + 'static {
     }
     async fn get_revocation(&self, id: &str) -> StoreResult<Option<Revocation>>;
     async fn revocation_progress(&self, id: &str) -> StoreResult<RevocationProgress>;
+    /// Whether a lease of revocation `id` still waits for its provider: one
+    /// index seek, where [`Store::revocation_progress`] counts every lease
+    /// (100,000 of them after a large kill switch), so cheap to poll.
+    async fn revocation_unfinished(&self, id: &str) -> StoreResult<bool>;
     /// Leases matching an emergency selector that may still be working
     /// credentials: pending, active, revoking, and expiring (released, but
     /// their backend cannot kill them).

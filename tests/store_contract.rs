@@ -272,6 +272,56 @@ async fn no_lease_is_written_for_an_ended_task() {
     tx.commit().await.unwrap();
 }
 
+/// A revocation is unfinished while any of its leases waits for its
+/// provider (what the kill switch's `wait` polls), finished once the last
+/// is confirmed, and its progress counts agree.
+#[tokio::test]
+async fn a_revocation_is_unfinished_until_its_last_lease_is_confirmed() {
+    use keygate::model::{LeaseState, Revocation, Selector, now};
+    use keygate::store::LeaseSelector;
+    let (_dir, path) = db_path();
+    let store = open(&path).await;
+    agent_with_tasks(store.as_ref(), &["tk_1"], &[]).await;
+    let leases = [lease_in("tk_1"), lease_in("tk_1")];
+    let mut tx = store.begin().await.unwrap();
+    for l in &leases {
+        assert!(tx.insert_lease(l).await.unwrap().written());
+    }
+    tx.insert_revocation(&Revocation {
+        id: "rv_1".into(),
+        selector: Selector::Agent("a1".into()),
+        reason: "test".into(),
+        operator: "op".into(),
+        created_at: now(),
+        tasks_ended: 0,
+    })
+    .await
+    .unwrap();
+    let tasks = LeaseSelector::Tasks(vec!["tk_1".into()]);
+    let queued = tx
+        .queue_revocations(&tasks, "test", Some("rv_1"), now())
+        .await
+        .unwrap();
+    assert_eq!(queued.len(), 2);
+    tx.commit().await.unwrap();
+    assert!(store.revocation_unfinished("rv_1").await.unwrap());
+    assert!(!store.revocation_unfinished("rv_none").await.unwrap());
+    for (i, l) in leases.iter().enumerate() {
+        let mut tx = store.begin().await.unwrap();
+        tx.finish_revocations(&[l.id.clone()], LeaseState::Revoked, now())
+            .await
+            .unwrap();
+        tx.commit().await.unwrap();
+        let last = i + 1 == leases.len();
+        assert_eq!(store.revocation_unfinished("rv_1").await.unwrap(), !last);
+        let p = store.revocation_progress("rv_1").await.unwrap();
+        assert_eq!(
+            (p.found, p.revoked, p.pending),
+            (2, i as u64 + 1, 1 - i as u64)
+        );
+    }
+}
+
 /// Lease writes racing each other (the SQLite engine batches them into
 /// one statement): each keeps its own fate. A lease of an ended task is
 /// refused without taking the others in its batch with it, every lease

@@ -188,13 +188,13 @@ impl Broker {
             .await?;
         let deadline =
             tokio::time::Instant::now() + Duration::from_secs(req.wait.unwrap_or(5).min(60));
-        let leases = loop {
-            let p = self.store.revocation_progress(&id).await?;
-            if p.pending == 0 || tokio::time::Instant::now() >= deadline {
-                break p;
-            }
+        // Polled by an index seek, not a count: counting 100,000 leases
+        // every 25 ms took a core from the revocations being waited for.
+        while self.store.revocation_unfinished(&id).await? && tokio::time::Instant::now() < deadline
+        {
             tokio::time::sleep(Duration::from_millis(25)).await;
-        };
+        }
+        let leases = self.store.revocation_progress(&id).await?;
         Ok(RevocationReport {
             revocation_id: id,
             selector,

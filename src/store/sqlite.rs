@@ -355,6 +355,18 @@ impl Store for SqliteStore {
         Ok(p)
     }
 
+    async fn revocation_unfinished(&self, id: &str) -> StoreResult<bool> {
+        // States listed, not excluded: each is one seek in
+        // `leases_revocation (revocation_id, state)`.
+        Ok(sqlx::query_scalar(
+            "SELECT EXISTS (SELECT 1 FROM leases WHERE revocation_id = ? \
+             AND state IN ('pending', 'active', 'revoking'))",
+        )
+        .bind(id)
+        .fetch_one(&mut *self.read.get().await?)
+        .await?)
+    }
+
     async fn live_leases(&self, sel: &Selector) -> StoreResult<Vec<Lease>> {
         let mut q = QueryBuilder::<Sqlite>::new(
             "SELECT * FROM leases WHERE state IN ('pending', 'active', 'revoking', 'expiring')",
