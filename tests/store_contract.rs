@@ -308,7 +308,7 @@ async fn a_revocation_is_unfinished_until_its_last_lease_is_confirmed() {
     assert!(!store.revocation_unfinished("rv_none").await.unwrap());
     for (i, l) in leases.iter().enumerate() {
         let mut tx = store.begin().await.unwrap();
-        tx.finish_revocations(&[l.id.clone()], LeaseState::Revoked, now())
+        tx.finish_revocations(std::slice::from_ref(&l.id), LeaseState::Revoked, now())
             .await
             .unwrap();
         tx.commit().await.unwrap();
