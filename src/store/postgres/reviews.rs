@@ -52,17 +52,13 @@ pub(super) async fn put_exclusion(
     scope: &str,
     exclusion: &Exclusion,
 ) -> StoreResult<bool> {
-    // FOR NO KEY UPDATE: the map is read, changed here and written back,
-    // and another replica's transaction could change it in between
-    // (SQLite's single writer rules that out); the row lock holds it until
-    // commit. Not FOR UPDATE: no key changes, and FOR UPDATE would also
-    // block every foreign-key check on the agent (a task or lease insert)
-    // until commit, the deadlock `set_agent_status` once had.
-    let Some(row) =
-        sqlx::query("SELECT excluded_scopes FROM agents WHERE id = $1 FOR NO KEY UPDATE")
-            .bind(agent_id)
-            .fetch_optional(&mut *db)
-            .await?
+    // FOR UPDATE: the map is read, changed here and written back, and
+    // another replica's transaction could change it in between (SQLite's
+    // single writer rules that out); the row lock holds it until commit.
+    let Some(row) = sqlx::query("SELECT excluded_scopes FROM agents WHERE id = $1 FOR UPDATE")
+        .bind(agent_id)
+        .fetch_optional(&mut *db)
+        .await?
     else {
         return Ok(false);
     };

@@ -303,9 +303,8 @@ impl StoreTx for PostgresTx {
     async fn approval(&mut self, id: &str) -> StoreResult<Option<Approval>> {
         // Read to decide on (a quorum, a redemption): locked until commit,
         // so two replicas deciding at once take turns and the second sees
-        // the first's decision. NO KEY: a decision's or notification's
-        // foreign-key check on the approval need not wait for this commit.
-        sqlx::query("SELECT 1 FROM approvals WHERE id = $1 FOR NO KEY UPDATE")
+        // the first's decision.
+        sqlx::query("SELECT 1 FROM approvals WHERE id = $1 FOR UPDATE")
             .bind(id)
             .execute(self.conn())
             .await?;
@@ -430,9 +429,8 @@ impl StoreTx for PostgresTx {
         id: &str,
     ) -> StoreResult<Option<crate::governance::reviews::ReviewItem>> {
         // Read to be decided on and written back: locked until commit, so a
-        // decision on another replica waits and then sees this one (NO KEY:
-        // a notification's foreign-key check need not wait).
-        sqlx::query("SELECT * FROM review_items WHERE id = $1 FOR NO KEY UPDATE")
+        // decision on another replica waits and then sees this one.
+        sqlx::query("SELECT * FROM review_items WHERE id = $1 FOR UPDATE")
             .bind(id)
             .fetch_optional(self.conn())
             .await?
