@@ -55,6 +55,12 @@ pub(super) async fn put_exclusion(
     // FOR UPDATE: the map is read, changed here and written back, and
     // another replica's transaction could change it in between (SQLite's
     // single writer rules that out); the row lock holds it until commit.
+    // Not FOR NO KEY UPDATE, although no key changes: FOR UPDATE also makes
+    // a concurrent lease insert's foreign-key check on the agent wait for
+    // this commit, so the read of the agent after that lease commits sees
+    // the exclusion and revokes it. Without that wait a lease committed
+    // between this scan of live leases and this commit stayed live in the
+    // excluded scope (`policy_reload_races` caught it).
     let Some(row) = sqlx::query("SELECT excluded_scopes FROM agents WHERE id = $1 FOR UPDATE")
         .bind(agent_id)
         .fetch_optional(&mut *db)
