@@ -27,6 +27,7 @@ mod restart;
 mod secrets_never_leak;
 mod startup;
 mod store_contract;
+mod store_contract_tasks;
 mod store_migrate;
 mod store_reads;
 

@@ -24,5 +24,7 @@ mod provisioning;
 mod review_reminders;
 mod reviews;
 mod revocation;
+mod revocation_at_scale;
 mod validation;
 mod validation_responses;
+mod validation_step_ups;

@@ -1,0 +1,159 @@
+//! Step-ups that reach beyond one request: a new delegation target steps
+//! up the orchestrator and every task below it, and neither a suspension
+//! nor a resume lifts a step-up or revives the approval it waited on.
+
+use serde_json::{Value, json};
+
+use crate::common;
+use crate::validation::{ask, client_from, detectors_of, incidents, open_task};
+use common::{Setup, TestAgent, TestBroker};
+
+/// A broker whose one detector, `name`, steps up on `signal` after
+/// `warm_up` observations.
+async fn stepping_up(name: &str, signal: &str, warm_up: u32) -> TestBroker {
+    TestBroker::start_with(Setup {
+        extra_config: format!(
+            "[validation]\nwarm_up_observations = {warm_up}\n\n[[detectors]]\nname = \"{name}\"\nsignal = \"{signal}\"\nseverity = \"high\"\naction = \"step_up\"\n"
+        ),
+        ..Setup::permissive()
+    })
+    .await
+}
+
+const EXCHANGE: &str = "urn:ietf:params:oauth:grant-type:token-exchange";
+const ACCESS: &str = "urn:ietf:params:oauth:token-type:access_token";
+const JWT: &str = "urn:ietf:params:oauth:token-type:jwt";
+
+/// A child task for `actor` under the session `parent`: its token.
+async fn delegate(b: &TestBroker, parent: &str, actor: &TestAgent) -> String {
+    let assertion = actor.assertion();
+    let r = b
+        .token_form(&[
+            ("grant_type", EXCHANGE),
+            ("subject_token", parent),
+            ("subject_token_type", ACCESS),
+            ("actor_token", assertion.as_str()),
+            ("actor_token_type", JWT),
+        ])
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let v: Value = serde_json::from_str(&r.text).unwrap();
+    v["access_token"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn a_new_delegation_target_steps_up_the_orchestrator_and_every_request_made_below_it() {
+    let b = stepping_up("new-delegate", "new_delegation_target", 3).await;
+    let (orch, first, second) = (
+        TestAgent::new("orch", "ES256"),
+        TestAgent::new("helper", "ES256"),
+        TestAgent::new("stranger", "ES256"),
+    );
+    let mut spec = orch.spec("platform");
+    spec["delegation"] = json!({ "max_depth": 2, "targets": [first.id, second.id] });
+    b.admin_post("/v1/agents", &spec).await.expect(201);
+    b.register(&first, "platform").await;
+    b.register(&second, "platform").await;
+    let http = reqwest::Client::new();
+    let t = open_task(&b, &http, &orch).await;
+    assert_eq!(ask(&b, &http, &t, "x509-svid").await, 201);
+    // Its usual helper, learned during the warm-up, then again.
+    let helper = delegate(&b, &t, &first).await;
+    delegate(&b, &t, &first).await;
+    assert_eq!(ask(&b, &http, &helper, "x509-svid").await, 201);
+    assert!(incidents(&b, &orch).await.is_empty());
+    // A target it never delegated to: the orchestrator is stepped up.
+    let stranger = delegate(&b, &t, &second).await;
+    let list = incidents(&b, &orch).await;
+    assert_eq!(detectors_of(&list), ["new-delegate"], "{list:?}");
+    assert_eq!(list[0]["evidence"]["target"], second.id.as_str());
+    // Its own requests, and those of every task below it (opened before
+    // or after), need a human; the sub-agents' own tasks do not.
+    assert_eq!(ask(&b, &http, &t, "x509-svid").await, 202);
+    assert_eq!(ask(&b, &http, &helper, "x509-svid").await, 202);
+    assert_eq!(ask(&b, &http, &stranger, "x509-svid").await, 202);
+    let own = open_task(&b, &http, &second).await;
+    assert_eq!(ask(&b, &http, &own, "x509-svid").await, 201);
+}
+
+/// A suspension is not a resolution: a stepped-up agent suspended and
+/// resumed is still stepped up until its incident is resolved, and the
+/// approval it waited on ended with its task (a late decision is 409, a
+/// redeem 401), so the resume revives nothing.
+#[tokio::test]
+async fn a_suspension_and_resume_neither_lift_a_step_up_nor_revive_its_approval() {
+    let b = stepping_up("new-network", "new_source_network", 2).await;
+    let agent = TestAgent::new("stepped-suspended", "ES256");
+    b.register(&agent, "platform").await;
+    let home = reqwest::Client::new();
+    let t = open_task(&b, &home, &agent).await;
+    assert_eq!(ask(&b, &home, &t, "x509-svid").await, 201);
+    assert_eq!(ask(&b, &home, &t, "x509-svid").await, 201);
+    // A task from a network it was never seen on: stepped up, and its
+    // request waits for a human.
+    let away = client_from("127.1.0.11");
+    let t2 = open_task(&b, &away, &agent).await;
+    let list = incidents(&b, &agent).await;
+    assert_eq!(detectors_of(&list), ["new-network"], "{list:?}");
+    let incident = list[0]["id"].as_str().unwrap().to_owned();
+    let pending = b
+        .post(
+            "/v1/credentials",
+            Some(&t2),
+            &json!({ "scope": "x509-svid", "ttl": 300, "justification": "rotating" }),
+        )
+        .await
+        .expect(202);
+    let approval = pending["approval_id"].as_str().unwrap().to_owned();
+
+    // SecOps suspends it while looking; an approver decides too late.
+    b.post(
+        &format!("/v1/agents/{}/suspend", agent.id),
+        Some(&b.ops.secops),
+        &json!({ "reason": "looking into the new network" }),
+    )
+    .await
+    .expect(200);
+    let late = b
+        .post(
+            &format!("/v1/approvals/{approval}/decision"),
+            Some(&b.ops.approver),
+            &json!({ "decision": "approve", "reason": "looks fine" }),
+        )
+        .await;
+    assert_eq!(late.status, 409, "{}", late.text);
+
+    // Resumed: the old task and its approval stay ended.
+    b.admin_post(
+        &format!("/v1/agents/{}/resume", agent.id),
+        &json!({ "reason": "the agent's owner vouches" }),
+    )
+    .await
+    .expect(200);
+    let redeem = b
+        .post(
+            &format!("/v1/approvals/{approval}/redeem"),
+            Some(&t2),
+            &json!({}),
+        )
+        .await;
+    assert_eq!(redeem.status, 401, "{}", redeem.text);
+    // Still stepped up: a new task's request, from home, waits for a human.
+    let shown = b
+        .get(&format!("/v1/agents/{}", agent.id), Some(&b.ops.admin))
+        .await
+        .expect(200);
+    assert_eq!(shown["status"], "active");
+    assert_eq!(shown["step_up"]["incident"], incident.as_str(), "{shown}");
+    let t3 = open_task(&b, &home, &agent).await;
+    assert_eq!(ask(&b, &home, &t3, "x509-svid").await, 202);
+    // Resolving the incident lifts it.
+    b.post(
+        &format!("/v1/incidents/{incident}/resolve"),
+        Some(&b.ops.secops),
+        &json!({ "reason": "a new office" }),
+    )
+    .await
+    .expect(200);
+    assert_eq!(ask(&b, &home, &t3, "x509-svid").await, 201);
+}
