@@ -43,25 +43,7 @@ async fn a_kill_switch_cut_short_by_a_crash_finishes_after_the_restart() {
     // Many more live leases of one of its tasks, written while it is down.
     let task = b.token_ttl(&agent, Some(3600)).await;
     b.kill().await;
-    let (now, until) = (common::unix_now(), common::unix_now() + 3600);
-    let seed = match common::store::engine() {
-        common::store::Engine::Sqlite => format!(
-            "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i + 1 < {SEEDED}) \
-             INSERT INTO leases (id, agent_id, task_id, scope, provider, state, revocability, \
-             created_at, expires_at) SELECT printf('ls_seed_%05d', i), ?, ?, 'jwt-svid', 'ca', \
-             'active', 'revocable', {now}, {until} FROM n"
-        ),
-        common::store::Engine::Postgres => format!(
-            "INSERT INTO leases (id, agent_id, task_id, scope, provider, state, revocability, \
-             created_at, expires_at) SELECT 'ls_seed_' || lpad(i::text, 5, '0'), ?, ?, \
-             'jwt-svid', 'ca', 'active', 'revocable', {now}, {until} \
-             FROM generate_series(0, {SEEDED} - 1) AS i"
-        ),
-    };
-    b.store_exec(&seed, &[&agent.id, &task.task_id])
-        .await
-        .unwrap();
-    ids.extend((0..SEEDED).map(|i| format!("ls_seed_{i:05}")));
+    ids.extend(seed_leases(&b, &agent, &task.task_id, SEEDED).await);
     b.start_again().await;
 
     // Answered at once (`wait` 0), not once the revocations are done.
@@ -88,6 +70,76 @@ async fn a_kill_switch_cut_short_by_a_crash_finishes_after_the_restart() {
     })
     .await;
     each_revoked_once(&b, &agent, &ids, true).await;
+}
+
+/// `GET /v1/revocations/{id}?wait=` answers once every lease is settled:
+/// a kill switch over 10,000 leases answered at once (`wait` 0) is still
+/// under way when looked at without `wait`, and looked at with it, the
+/// answer is the finished count. A `wait` that is not a number, or a
+/// misspelt parameter, is refused with a clear error rather than answered
+/// at once.
+#[tokio::test]
+async fn a_look_at_a_revocation_can_wait_for_its_end() {
+    const SEEDED: usize = 10_000;
+    let mut b = TestBroker::start_with(Setup::permissive()).await;
+    let agent = TestAgent::new("waited", "ES256");
+    b.register(&agent, "red").await;
+    let task = b.token_ttl(&agent, Some(3600)).await;
+    b.kill().await;
+    seed_leases(&b, &agent, &task.task_id, SEEDED).await;
+    b.start_again().await;
+
+    let body = json!({ "agent": agent.id, "reason": "waited for", "wait": 0 });
+    let rv = b
+        .post("/v1/revocations", Some(&b.ops.secops), &body)
+        .await
+        .expect(200);
+    let id = rv["revocation_id"].as_str().unwrap();
+    let path = format!("/v1/revocations/{id}");
+    let now = b.get(&path, Some(&b.ops.auditor)).await.expect(200);
+    assert!(
+        now["pending"].as_u64().unwrap() > 0,
+        "finished before it was looked at: nothing to wait for: {now}"
+    );
+    let done = b
+        .get(&format!("{path}?wait=60"), Some(&b.ops.auditor))
+        .await
+        .expect(200);
+    assert_eq!(done["pending"].as_u64(), Some(0), "{done}");
+    assert_eq!(done["found"].as_u64(), Some(SEEDED as u64), "{done}");
+    assert_eq!(done["revoked"].as_u64(), Some(SEEDED as u64), "{done}");
+
+    for bad in ["wait=soon", "wait=-1", "wiat=5"] {
+        let r = b.get(&format!("{path}?{bad}"), Some(&b.ops.auditor)).await;
+        assert_eq!(r.status, 400, "{bad}: {}", r.text);
+        assert!(
+            r.text.contains("the query is not valid"),
+            "{bad}: {}",
+            r.text
+        );
+    }
+}
+
+/// Writes `n` live local-CA leases of `task` straight into the store of the
+/// stopped broker `b`; their ids.
+async fn seed_leases(b: &TestBroker, agent: &TestAgent, task: &str, n: usize) -> Vec<String> {
+    let (now, until) = (common::unix_now(), common::unix_now() + 3600);
+    let seed = match common::store::engine() {
+        common::store::Engine::Sqlite => format!(
+            "WITH RECURSIVE n(i) AS (SELECT 0 UNION ALL SELECT i + 1 FROM n WHERE i + 1 < {n}) \
+             INSERT INTO leases (id, agent_id, task_id, scope, provider, state, revocability, \
+             created_at, expires_at) SELECT printf('ls_seed_%05d', i), ?, ?, 'jwt-svid', 'ca', \
+             'active', 'revocable', {now}, {until} FROM n"
+        ),
+        common::store::Engine::Postgres => format!(
+            "INSERT INTO leases (id, agent_id, task_id, scope, provider, state, revocability, \
+             created_at, expires_at) SELECT 'ls_seed_' || lpad(i::text, 5, '0'), ?, ?, \
+             'jwt-svid', 'ca', 'active', 'revocable', {now}, {until} \
+             FROM generate_series(0, {n} - 1) AS i"
+        ),
+    };
+    b.store_exec(&seed, &[&agent.id, task]).await.unwrap();
+    (0..n).map(|i| format!("ls_seed_{i:05}")).collect()
 }
 
 /// `n` X.509-SVIDs for `agent` over three sessions: the sessions' tokens

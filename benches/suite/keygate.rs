@@ -307,13 +307,13 @@ impl Keygate {
                 t0.elapsed() < Duration::from_secs(600),
                 "revocation stuck: {progress}"
             );
-            // Every 50 ms: each answer counts the revocation's leases
-            // (100,000 index entries); asked back to back, every 5 ms, the
-            // count took a core from the revocations it was timing.
-            tokio::time::sleep(Duration::from_millis(50)).await;
+            // Answered once every lease is settled (Keygate looks every
+            // 25 ms with one index seek), or after 60 s: polled instead,
+            // each answer counted the revocation's 100,000 leases, a cost
+            // the revocations being timed paid.
             progress = self
                 .http
-                .get(format!("{base}/v1/revocations/{id}"))
+                .get(format!("{base}/v1/revocations/{id}?wait=60"))
                 .bearer_auth(SECOPS_TOKEN)
                 .send()
                 .await

@@ -13,6 +13,10 @@ use crate::model::{
 };
 use crate::store::{LeaseSelector, TaskSelector};
 
+/// Most seconds a kill switch or a look at its progress waits for its
+/// leases to be settled before answering.
+pub const MAX_WAIT: u64 = 60;
+
 /// `POST /v1/revocations` body: exactly one selector and a reason.
 #[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
@@ -186,14 +190,7 @@ impl Broker {
         let fenced = self
             .put_up_fences(&actor, &id, &selector, req.revoke_older_sessions, cut_off)
             .await?;
-        let deadline =
-            tokio::time::Instant::now() + Duration::from_secs(req.wait.unwrap_or(5).min(60));
-        // Polled by an index seek, not a count: counting 100,000 leases
-        // every 25 ms took a core from the revocations being waited for.
-        while self.store.revocation_unfinished(&id).await? && tokio::time::Instant::now() < deadline
-        {
-            tokio::time::sleep(Duration::from_millis(25)).await;
-        }
+        self.await_revocation(&id, req.wait.unwrap_or(5)).await?;
         let leases = self.store.revocation_progress(&id).await?;
         Ok(RevocationReport {
             revocation_id: id,
@@ -207,13 +204,28 @@ impl Broker {
         })
     }
 
-    /// Progress of an earlier revocation.
-    pub async fn revocation_status(&self, id: &str) -> BrokerResult<RevocationReport> {
+    /// Waits until every lease of revocation `id` is settled (revoked,
+    /// expired or expiring) or `wait` seconds (at most [`MAX_WAIT`]) pass.
+    async fn await_revocation(&self, id: &str, wait: u64) -> BrokerResult<()> {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(wait.min(MAX_WAIT));
+        // Polled by an index seek, not a count: counting 100,000 leases
+        // every 25 ms took a core from the revocations being waited for.
+        while self.store.revocation_unfinished(id).await? && tokio::time::Instant::now() < deadline
+        {
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        Ok(())
+    }
+
+    /// Progress of an earlier revocation, once every lease is settled or
+    /// after `wait` seconds (at most [`MAX_WAIT`]; `0`: at once).
+    pub async fn revocation_status(&self, id: &str, wait: u64) -> BrokerResult<RevocationReport> {
         let r = self
             .store
             .get_revocation(id)
             .await?
             .ok_or_else(|| BrokerError::NotFound(format!("no revocation `{id}`")))?;
+        self.await_revocation(id, wait).await?;
         let of_revocation = FenceFilter {
             revocation: Some(id.to_owned()),
             ..FenceFilter::default()

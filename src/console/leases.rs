@@ -265,7 +265,7 @@ pub async fn progress(State(b): State<AppState>, v: Viewer, Path(id): Path<Strin
     if let Err(r) = v.require(READERS) {
         return *r;
     }
-    let r = match b.revocation_status(&id).await {
+    let r = match b.revocation_status(&id, 0).await {
         Ok(r) => r,
         Err(e) => return broker_error(&v, e),
     };

@@ -200,18 +200,32 @@ pub async fn revoke(
     Ok(Json(b.revoke(&op.name, req).await?))
 }
 
-/// `GET /v1/revocations/{id}`.
+/// `GET /v1/revocations/{id}?wait=` query.
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct ProgressQuery {
+    /// Seconds to wait for every lease to be settled (default 0, at most 60).
+    #[serde(default)]
+    wait: u64,
+}
+
+/// `GET /v1/revocations/{id}?wait=`.
 #[utoipa::path(get, path = "/v1/revocations/{id}", tag = OPERATOR,
     summary = "A revocation and how far it has got",
-    params(("id" = String, Path, description = "The revocation")),
+    params(
+        ("id" = String, Path, description = "The revocation"),
+        ("wait" = Option<u64>, Query, description = "Answer once every lease is settled or after this many seconds (default 0: at once; at most 60)"),
+    ),
     responses((status = 200, description = "Its progress", body = RevocationReport)))]
 pub async fn revocation(
     State(b): State<AppState>,
     op: Operator,
     Path(id): Path<String>,
+    RawQuery(q): RawQuery,
 ) -> Result<impl IntoResponse, ApiError> {
     op.require(READERS)?;
-    Ok(Json(b.revocation_status(&id).await?))
+    let q: ProgressQuery = parse_query(q.as_deref())?;
+    Ok(Json(b.revocation_status(&id, q.wait).await?))
 }
 
 /// `GET /v1/fences?revocation=&provider=&active=true&limit=&cursor=`, oldest first.
