@@ -104,6 +104,58 @@ async fn revocations_wait_out_an_outage() {
     nothing_left(&peers, &creds).await;
 }
 
+/// A kill switch's `wait`, and a look at its progress with `wait`, run out
+/// while Vault is down: each answers once its seconds pass, not sooner and
+/// not never, with the leases still pending; once Vault is back a look
+/// that waits answers with every lease revoked.
+#[tokio::test]
+async fn a_kill_switch_waits_out_its_seconds_while_vault_is_down() {
+    let mut peers = VaultPeers::start(Storage::Raft).await;
+    let b = TestBroker::start_with(broker_setup(&peers)).await;
+    let agent = TestAgent::new("waits", "ES256");
+    b.register(&agent, "platform").await;
+    let s = b.token(&agent).await;
+    let creds = mint(&b, &s).await;
+
+    peers.bao.stop().await;
+    let t0 = std::time::Instant::now();
+    let body = serde_json::json!({ "agent": agent.id, "reason": "outage", "wait": 2 });
+    let rv = b
+        .post("/v1/revocations", Some(&b.ops.secops), &body)
+        .await
+        .expect(200);
+    let waited = t0.elapsed();
+    assert!(waited >= std::time::Duration::from_secs(2), "{waited:?}");
+    assert!(waited < std::time::Duration::from_secs(30), "{waited:?}");
+    assert_eq!(
+        (rv["found"].as_u64(), rv["pending"].as_u64()),
+        (Some(3), Some(3)),
+        "{rv}"
+    );
+    let path = format!("/v1/revocations/{}", rv["revocation_id"].as_str().unwrap());
+    let t0 = std::time::Instant::now();
+    let look = b
+        .get(&format!("{path}?wait=1"), Some(&b.ops.auditor))
+        .await
+        .expect(200);
+    assert!(t0.elapsed() >= std::time::Duration::from_secs(1));
+    assert_eq!(look["pending"].as_u64(), Some(3), "{look}");
+    assert_eq!(look["revoked"].as_u64(), Some(0), "{look}");
+    assert!(
+        peers.pg.can_login(&creds.0, &creds.1).await,
+        "nothing revoked while Vault is down"
+    );
+
+    peers.bao.restart().await;
+    let done = b
+        .get(&format!("{path}?wait=60"), Some(&b.ops.auditor))
+        .await
+        .expect(200);
+    assert_eq!(done["pending"].as_u64(), Some(0), "{done}");
+    assert_eq!(done["revoked"].as_u64(), Some(3), "{done}");
+    nothing_left(&peers, &creds).await;
+}
+
 #[tokio::test]
 async fn the_queue_resumes_after_a_keygate_crash() {
     let mut peers = VaultPeers::start(Storage::Raft).await;
