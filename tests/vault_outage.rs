@@ -116,8 +116,43 @@ async fn a_kill_switch_waits_out_its_seconds_while_vault_is_down() {
     b.register(&agent, "platform").await;
     let s = b.token(&agent).await;
     let creds = mint(&b, &s).await;
+    let other = TestAgent::new("follows", "ES256");
+    b.register(&other, "platform").await;
+    let others = mint(&b, &b.token(&other).await).await;
 
     peers.bao.stop().await;
+    // `keygate revoke` follows the progress until its timeout, then says
+    // what is still pending and fails.
+    let t0 = std::time::Instant::now();
+    let args = [
+        "revoke",
+        "--agent",
+        &other.id,
+        "--reason",
+        "outage",
+        "--timeout",
+        "2",
+    ];
+    let out = b.cli(&args, Some(&b.ops.secops)).await;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("3 lease(s) still pending"), "{stderr}");
+    assert!(
+        t0.elapsed() >= std::time::Duration::from_secs(2),
+        "{:?}",
+        t0.elapsed()
+    );
+    assert!(
+        t0.elapsed() < std::time::Duration::from_secs(30),
+        "{:?}",
+        t0.elapsed()
+    );
+    let followed: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let followed = format!(
+        "/v1/revocations/{}",
+        followed["revocation_id"].as_str().unwrap()
+    );
+
     let t0 = std::time::Instant::now();
     let body = serde_json::json!({ "agent": agent.id, "reason": "outage", "wait": 2 });
     let rv = b
@@ -153,7 +188,13 @@ async fn a_kill_switch_waits_out_its_seconds_while_vault_is_down() {
         .expect(200);
     assert_eq!(done["pending"].as_u64(), Some(0), "{done}");
     assert_eq!(done["revoked"].as_u64(), Some(3), "{done}");
+    let done = b
+        .get(&format!("{followed}?wait=60"), Some(&b.ops.auditor))
+        .await
+        .expect(200);
+    assert_eq!(done["revoked"].as_u64(), Some(3), "{done}");
     nothing_left(&peers, &creds).await;
+    nothing_left(&peers, &others).await;
 }
 
 #[tokio::test]

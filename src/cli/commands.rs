@@ -392,12 +392,15 @@ async fn revoke(c: &Client, body: serde_json::Value, timeout: u64) -> anyhow::Re
     loop {
         let done = last["revoked"].as_u64().unwrap_or(0) + last["expiring"].as_u64().unwrap_or(0);
         bar.set_position(done);
-        if last["pending"].as_u64().unwrap_or(0) == 0 || tokio::time::Instant::now() >= deadline {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        if last["pending"].as_u64().unwrap_or(0) == 0 || left.is_zero() {
             break;
         }
-        tokio::time::sleep(Duration::from_millis(250)).await;
+        // Answered the moment every lease is settled, or after a second
+        // with the progress so far (one count of the leases a second; the
+        // timeout may be passed by less than that second).
         last = c
-            .json(c.request(Method::GET, &format!("/v1/revocations/{id}")))
+            .json(c.request(Method::GET, &format!("/v1/revocations/{id}?wait=1")))
             .await?;
     }
     bar.finish_and_clear();
