@@ -39,7 +39,7 @@ pub use credentials::{
 pub use fences::{FenceFailure, LiftRequest};
 pub use policy_changes::{OnChange, PolicyDiff, PolicyFiles, PolicyReload};
 pub use renewals::RenewedLease;
-pub use revocations::{RevocationReport, RevocationRequest};
+pub use revocations::{RevocationLooks, RevocationReport, RevocationRequest};
 pub use sessions::{
     JWT_BEARER_ASSERTION, JWT_BEARER_GRANT, OAuthError, Presented, Session, TOKEN_EXCHANGE,
     TokenRequest, TokenResponse,
@@ -123,6 +123,9 @@ pub struct Broker {
     pub auth_failures: crate::limits::AuthFailures,
     /// Continuous validation: per-agent signals and the detectors over them.
     pub validation: crate::validation::Validation,
+    /// Whether revocations are finished, as last looked at by those
+    /// waiting on them.
+    pub revocation_looks: RevocationLooks,
 }
 
 impl std::fmt::Debug for Broker {

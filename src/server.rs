@@ -98,6 +98,7 @@ pub async fn build_broker(config: Config) -> anyhow::Result<Broker> {
             config_limits.auth_failure_interval_secs,
         )),
         validation,
+        revocation_looks: Default::default(),
     };
     if broker.validation.enabled() {
         let n = broker

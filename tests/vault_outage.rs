@@ -176,6 +176,27 @@ async fn a_kill_switch_waits_out_its_seconds_while_vault_is_down() {
     assert!(t0.elapsed() >= std::time::Duration::from_secs(1));
     assert_eq!(look["pending"].as_u64(), Some(3), "{look}");
     assert_eq!(look["revoked"].as_u64(), Some(0), "{look}");
+    // Many waiting looks at once (they share one check a moment): each
+    // answers after its second with the same progress.
+    let mut looks = tokio::task::JoinSet::new();
+    for _ in 0..64 {
+        let (http, url) = (b.http.clone(), b.url(&format!("{path}?wait=1")));
+        let auditor = b.ops.auditor.clone();
+        looks.spawn(async move {
+            let t0 = std::time::Instant::now();
+            let r = http.get(url).bearer_auth(auditor).send().await.unwrap();
+            (
+                r.status().as_u16(),
+                t0.elapsed(),
+                r.json::<Value>().await.unwrap(),
+            )
+        });
+    }
+    for (status, took, look) in looks.join_all().await {
+        assert_eq!(status, 200, "{look}");
+        assert!(took >= std::time::Duration::from_secs(1), "{took:?}");
+        assert_eq!(look["pending"].as_u64(), Some(3), "{look}");
+    }
     assert!(
         peers.pg.can_login(&creds.0, &creds.1).await,
         "nothing revoked while Vault is down"

@@ -1,6 +1,7 @@
 //! Emergency revocation: the SecOps kill switch.
 
-use std::time::Duration;
+use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
@@ -16,6 +17,40 @@ use crate::store::{LeaseSelector, TaskSelector};
 /// Most seconds a kill switch or a look at its progress waits for its
 /// leases to be settled before answering.
 pub const MAX_WAIT: u64 = 60;
+
+/// How often those waiting look whether a revocation is finished.
+const LOOK_EVERY: Duration = Duration::from_millis(25);
+
+/// The latest look at whether each revocation still had leases to settle,
+/// shared by everyone waiting on it: many waiting looks at one revocation
+/// (an auditor's script, a console tab each) cost one index seek a
+/// [`LOOK_EVERY`], not one each.
+#[derive(Default)]
+pub struct RevocationLooks(std::sync::Mutex<HashMap<String, (Instant, bool)>>);
+
+impl RevocationLooks {
+    fn looks(&self) -> std::sync::MutexGuard<'_, HashMap<String, (Instant, bool)>> {
+        // Only whole entries are written under it: a panic leaves none half-made.
+        self.0
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// The look at `id` made less than [`LOOK_EVERY`] ago, if any.
+    fn recent(&self, id: &str) -> Option<bool> {
+        let looks = self.looks();
+        let (at, unfinished) = looks.get(id)?;
+        (at.elapsed() < LOOK_EVERY).then_some(*unfinished)
+    }
+
+    fn record(&self, id: &str, unfinished: bool) {
+        let mut looks = self.looks();
+        // Old looks go as new ones come: the map holds the revocations
+        // looked at in the last moment, a handful.
+        looks.retain(|_, (at, _)| at.elapsed() < LOOK_EVERY);
+        looks.insert(id.to_owned(), (Instant::now(), unfinished));
+    }
+}
 
 /// `POST /v1/revocations` body: exactly one selector and a reason.
 #[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
@@ -208,13 +243,23 @@ impl Broker {
     /// expired or expiring) or `wait` seconds (at most [`MAX_WAIT`]) pass.
     async fn await_revocation(&self, id: &str, wait: u64) -> BrokerResult<()> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(wait.min(MAX_WAIT));
-        // Polled by an index seek, not a count: counting 100,000 leases
-        // every 25 ms took a core from the revocations being waited for.
-        while self.store.revocation_unfinished(id).await? && tokio::time::Instant::now() < deadline
-        {
-            tokio::time::sleep(Duration::from_millis(25)).await;
+        while self.revocation_unfinished(id).await? && tokio::time::Instant::now() < deadline {
+            tokio::time::sleep(LOOK_EVERY).await;
         }
         Ok(())
+    }
+
+    /// Whether revocation `id` still has leases to settle: an index seek,
+    /// not a count (counting 100,000 leases every 25 ms took a core from
+    /// the revocations being waited for), and one a [`LOOK_EVERY`] for
+    /// everyone waiting on it, however many wait.
+    async fn revocation_unfinished(&self, id: &str) -> BrokerResult<bool> {
+        if let Some(unfinished) = self.revocation_looks.recent(id) {
+            return Ok(unfinished);
+        }
+        let unfinished = self.store.revocation_unfinished(id).await?;
+        self.revocation_looks.record(id, unfinished);
+        Ok(unfinished)
     }
 
     /// Progress of an earlier revocation, once every lease is settled or
