@@ -1,6 +1,7 @@
 //! Step-ups that reach beyond one request: a new delegation target steps
-//! up the orchestrator and every task below it, and neither a suspension
-//! nor a resume lifts a step-up or revives the approval it waited on.
+//! up the orchestrator and every task below it, and neither a suspension,
+//! a resume nor the kill switch lifts a step-up or revives the approval it
+//! waited on.
 
 use serde_json::{Value, json};
 
@@ -148,6 +149,81 @@ async fn a_suspension_and_resume_neither_lift_a_step_up_nor_revive_its_approval(
     let t3 = open_task(&b, &home, &agent).await;
     assert_eq!(ask(&b, &home, &t3, "x509-svid").await, 202);
     // Resolving the incident lifts it.
+    b.post(
+        &format!("/v1/incidents/{incident}/resolve"),
+        Some(&b.ops.secops),
+        &json!({ "reason": "a new office" }),
+    )
+    .await
+    .expect(200);
+    assert_eq!(ask(&b, &home, &t3, "x509-svid").await, 201);
+}
+
+/// The kill switch by team, pulled while an agent of the team is stepped up
+/// with a request waiting for a human: the request's task is ended (a late
+/// decision is refused, the old token cannot redeem), and the step-up is
+/// not lifted by it: the agent's next task still waits for a human until
+/// the incident is resolved. The other team's agent is untouched.
+#[tokio::test]
+async fn a_kill_switch_by_team_neither_lifts_a_step_up_nor_leaves_its_approval_live() {
+    let b = stepping_up("new-network", "new_source_network", 2).await;
+    let agent = TestAgent::new("stepped-killed", "ES256");
+    b.register(&agent, "platform").await;
+    let bystander = TestAgent::new("other-team", "ES256");
+    b.register(&bystander, "finance").await;
+    let home = reqwest::Client::new();
+    let t = open_task(&b, &home, &agent).await;
+    assert_eq!(ask(&b, &home, &t, "x509-svid").await, 201);
+    assert_eq!(ask(&b, &home, &t, "x509-svid").await, 201);
+    let other = open_task(&b, &home, &bystander).await;
+    let away = client_from("127.1.0.12");
+    let t2 = open_task(&b, &away, &agent).await;
+    let list = incidents(&b, &agent).await;
+    assert_eq!(detectors_of(&list), ["new-network"], "{list:?}");
+    let incident = list[0]["id"].as_str().unwrap().to_owned();
+    let pending = b
+        .post(
+            "/v1/credentials",
+            Some(&t2),
+            &json!({ "scope": "x509-svid", "ttl": 300, "justification": "rotating" }),
+        )
+        .await
+        .expect(202);
+    let approval = pending["approval_id"].as_str().unwrap().to_owned();
+
+    let rv = b
+        .post(
+            "/v1/revocations",
+            Some(&b.ops.secops),
+            &json!({ "team": "platform", "reason": "the new network", "wait": 30 }),
+        )
+        .await
+        .expect(200);
+    assert_eq!(rv["pending"].as_u64(), Some(0), "{rv}");
+    let late = b
+        .post(
+            &format!("/v1/approvals/{approval}/decision"),
+            Some(&b.ops.approver),
+            &json!({ "decision": "approve", "reason": "looks fine" }),
+        )
+        .await;
+    assert_eq!(late.status, 409, "{}", late.text);
+    let redeem = b
+        .post(
+            &format!("/v1/approvals/{approval}/redeem"),
+            Some(&t2),
+            &json!({}),
+        )
+        .await;
+    assert_eq!(redeem.status, 401, "{}", redeem.text);
+    assert_eq!(ask(&b, &home, &t, "x509-svid").await, 401);
+    // The other team's task goes on.
+    assert_eq!(ask(&b, &home, &other, "x509-svid").await, 201);
+
+    // The agent was not suspended: a new task opens, from home, and its
+    // request still waits for a human until the incident is resolved.
+    let t3 = open_task(&b, &home, &agent).await;
+    assert_eq!(ask(&b, &home, &t3, "x509-svid").await, 202);
     b.post(
         &format!("/v1/incidents/{incident}/resolve"),
         Some(&b.ops.secops),
