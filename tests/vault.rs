@@ -10,4 +10,5 @@ mod common;
 mod vault_conformance;
 mod vault_crash;
 mod vault_flow;
+mod vault_kill_switch;
 mod vault_outage;
