@@ -205,8 +205,7 @@ pub async fn revoke(
 #[serde(deny_unknown_fields)]
 struct ProgressQuery {
     /// Seconds to wait for every lease to be settled (default 0, at most 60).
-    #[serde(default)]
-    wait: u64,
+    wait: Option<String>,
 }
 
 /// `GET /v1/revocations/{id}?wait=`.
@@ -225,7 +224,17 @@ pub async fn revocation(
 ) -> Result<impl IntoResponse, ApiError> {
     op.require(READERS)?;
     let q: ProgressQuery = parse_query(q.as_deref())?;
-    Ok(Json(b.revocation_status(&id, q.wait).await?))
+    let wait = match q.wait.as_deref() {
+        None => 0,
+        Some(w) => w.parse::<u64>().map_err(|_| {
+            ApiError::bad_request(format!(
+                "`wait` is a whole number of seconds (0 to {}), not `{}`",
+                crate::broker::MAX_WAIT,
+                crate::limits::clip_message(w)
+            ))
+        })?,
+    };
+    Ok(Json(b.revocation_status(&id, wait).await?))
 }
 
 /// `GET /v1/fences?revocation=&provider=&active=true&limit=&cursor=`, oldest first.
