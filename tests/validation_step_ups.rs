@@ -86,26 +86,13 @@ async fn a_suspension_and_resume_neither_lift_a_step_up_nor_revive_its_approval(
     let b = stepping_up("new-network", "new_source_network", 2).await;
     let agent = TestAgent::new("stepped-suspended", "ES256");
     b.register(&agent, "platform").await;
-    let home = reqwest::Client::new();
-    let t = open_task(&b, &home, &agent).await;
-    assert_eq!(ask(&b, &home, &t, "x509-svid").await, 201);
-    assert_eq!(ask(&b, &home, &t, "x509-svid").await, 201);
-    // A task from a network it was never seen on: stepped up, and its
-    // request waits for a human.
-    let away = client_from("127.1.0.11");
-    let t2 = open_task(&b, &away, &agent).await;
-    let list = incidents(&b, &agent).await;
-    assert_eq!(detectors_of(&list), ["new-network"], "{list:?}");
-    let incident = list[0]["id"].as_str().unwrap().to_owned();
-    let pending = b
-        .post(
-            "/v1/credentials",
-            Some(&t2),
-            &json!({ "scope": "x509-svid", "ttl": 300, "justification": "rotating" }),
-        )
-        .await
-        .expect(202);
-    let approval = pending["approval_id"].as_str().unwrap().to_owned();
+    let Waiting {
+        home,
+        away_task: t2,
+        incident,
+        approval,
+        ..
+    } = waiting_from_a_new_network(&b, &agent, "127.1.0.11").await;
 
     // SecOps suspends it while looking; an approver decides too late.
     b.post(
@@ -115,13 +102,7 @@ async fn a_suspension_and_resume_neither_lift_a_step_up_nor_revive_its_approval(
     )
     .await
     .expect(200);
-    let late = b
-        .post(
-            &format!("/v1/approvals/{approval}/decision"),
-            Some(&b.ops.approver),
-            &json!({ "decision": "approve", "reason": "looks fine" }),
-        )
-        .await;
+    let late = approve(&b, &approval).await;
     assert_eq!(late.status, 409, "{}", late.text);
 
     // Resumed: the old task and its approval stay ended.
@@ -149,13 +130,7 @@ async fn a_suspension_and_resume_neither_lift_a_step_up_nor_revive_its_approval(
     let t3 = open_task(&b, &home, &agent).await;
     assert_eq!(ask(&b, &home, &t3, "x509-svid").await, 202);
     // Resolving the incident lifts it.
-    b.post(
-        &format!("/v1/incidents/{incident}/resolve"),
-        Some(&b.ops.secops),
-        &json!({ "reason": "a new office" }),
-    )
-    .await
-    .expect(200);
+    resolve(&b, &incident).await;
     assert_eq!(ask(&b, &home, &t3, "x509-svid").await, 201);
 }
 
@@ -171,25 +146,14 @@ async fn a_kill_switch_by_team_neither_lifts_a_step_up_nor_leaves_its_approval_l
     b.register(&agent, "platform").await;
     let bystander = TestAgent::new("other-team", "ES256");
     b.register(&bystander, "finance").await;
-    let home = reqwest::Client::new();
-    let t = open_task(&b, &home, &agent).await;
-    assert_eq!(ask(&b, &home, &t, "x509-svid").await, 201);
-    assert_eq!(ask(&b, &home, &t, "x509-svid").await, 201);
+    let Waiting {
+        home,
+        home_task: t,
+        away_task: t2,
+        incident,
+        approval,
+    } = waiting_from_a_new_network(&b, &agent, "127.1.0.12").await;
     let other = open_task(&b, &home, &bystander).await;
-    let away = client_from("127.1.0.12");
-    let t2 = open_task(&b, &away, &agent).await;
-    let list = incidents(&b, &agent).await;
-    assert_eq!(detectors_of(&list), ["new-network"], "{list:?}");
-    let incident = list[0]["id"].as_str().unwrap().to_owned();
-    let pending = b
-        .post(
-            "/v1/credentials",
-            Some(&t2),
-            &json!({ "scope": "x509-svid", "ttl": 300, "justification": "rotating" }),
-        )
-        .await
-        .expect(202);
-    let approval = pending["approval_id"].as_str().unwrap().to_owned();
 
     let rv = b
         .post(
@@ -200,13 +164,7 @@ async fn a_kill_switch_by_team_neither_lifts_a_step_up_nor_leaves_its_approval_l
         .await
         .expect(200);
     assert_eq!(rv["pending"].as_u64(), Some(0), "{rv}");
-    let late = b
-        .post(
-            &format!("/v1/approvals/{approval}/decision"),
-            Some(&b.ops.approver),
-            &json!({ "decision": "approve", "reason": "looks fine" }),
-        )
-        .await;
+    let late = approve(&b, &approval).await;
     assert_eq!(late.status, 409, "{}", late.text);
     let redeem = b
         .post(
@@ -224,6 +182,61 @@ async fn a_kill_switch_by_team_neither_lifts_a_step_up_nor_leaves_its_approval_l
     // request still waits for a human until the incident is resolved.
     let t3 = open_task(&b, &home, &agent).await;
     assert_eq!(ask(&b, &home, &t3, "x509-svid").await, 202);
+    resolve(&b, &incident).await;
+    assert_eq!(ask(&b, &home, &t3, "x509-svid").await, 201);
+}
+
+/// An agent stepped up, with a request waiting for a human.
+struct Waiting {
+    home: reqwest::Client,
+    /// Its task from its usual network, learned during the warm-up.
+    home_task: String,
+    /// Its task from the new network, whose request waits.
+    away_task: String,
+    incident: String,
+    approval: String,
+}
+
+/// `agent` works from home through the warm-up, then opens a task from
+/// `ip`, a network it was never seen on: stepped up, and that task's
+/// request waits for a human.
+async fn waiting_from_a_new_network(b: &TestBroker, agent: &TestAgent, ip: &str) -> Waiting {
+    let home = reqwest::Client::new();
+    let home_task = open_task(b, &home, agent).await;
+    assert_eq!(ask(b, &home, &home_task, "x509-svid").await, 201);
+    assert_eq!(ask(b, &home, &home_task, "x509-svid").await, 201);
+    let away_task = open_task(b, &client_from(ip), agent).await;
+    let list = incidents(b, agent).await;
+    assert_eq!(detectors_of(&list), ["new-network"], "{list:?}");
+    let pending = b
+        .post(
+            "/v1/credentials",
+            Some(&away_task),
+            &json!({ "scope": "x509-svid", "ttl": 300, "justification": "rotating" }),
+        )
+        .await
+        .expect(202);
+    Waiting {
+        home,
+        home_task,
+        away_task,
+        incident: list[0]["id"].as_str().unwrap().to_owned(),
+        approval: pending["approval_id"].as_str().unwrap().to_owned(),
+    }
+}
+
+/// An approver approves `approval`.
+async fn approve(b: &TestBroker, approval: &str) -> common::Resp {
+    b.post(
+        &format!("/v1/approvals/{approval}/decision"),
+        Some(&b.ops.approver),
+        &json!({ "decision": "approve", "reason": "looks fine" }),
+    )
+    .await
+}
+
+/// SecOps resolves `incident`, lifting its step-up.
+async fn resolve(b: &TestBroker, incident: &str) {
     b.post(
         &format!("/v1/incidents/{incident}/resolve"),
         Some(&b.ops.secops),
@@ -231,5 +244,4 @@ async fn a_kill_switch_by_team_neither_lifts_a_step_up_nor_leaves_its_approval_l
     )
     .await
     .expect(200);
-    assert_eq!(ask(&b, &home, &t3, "x509-svid").await, 201);
 }
