@@ -91,9 +91,17 @@ impl SqliteStore {
             // it (below this, it is reused as it is: group.rs).
             .pragma("journal_size_limit", checkpoint::WAL_FILE_LIMIT.to_string())
             // The writer's savepoints journal in memory, not in a temporary
-            // file, and it keeps the hot pages of the indexes it appends to.
+            // file.
             .pragma("temp_store", "memory")
-            .pragma("cache_size", "-32768")
+            // A small page cache (2 MiB, about SQLite's default): when a
+            // B-tree split reorders its new pages, SQLite parks one at the
+            // pending-byte page number, and the next commit walks the whole
+            // cache to drop pages past the end of the file. With 32 MiB that
+            // walk was 3.6% of the server's CPU during task opens (the
+            // `jti` index splits often) and slowed the kill switch's
+            // commits; with 2 MiB the right edges the writer appends to
+            // still fit (README, Performance: the fourteenth run).
+            .pragma("cache_size", "-2048")
             // A batch's statement differs with its size (batch.rs): room
             // for each size next to the other statements.
             .statement_cache_capacity(512)
