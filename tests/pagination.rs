@@ -70,6 +70,21 @@ async fn lease_lists_page_with_a_cursor_and_the_cli_follows_it() {
         .await;
     assert_eq!(r.status, 400, "{}", r.text);
     assert_eq!(r.error(), "invalid_request");
+    // A parameter of the wrong type is named in the error, on every list.
+    for path in [
+        "/v1/leases?limit=lots",
+        "/v1/audit?limit=lots",
+        "/v1/fences?limit=lots",
+    ] {
+        let r = b.get(path, Some(&b.ops.auditor)).await;
+        assert_eq!(r.status, 400, "{path}: {}", r.text);
+        assert!(
+            r.text
+                .contains("the query is not valid: `limit`: invalid digit found in string"),
+            "{path}: {}",
+            r.text
+        );
+    }
 
     // The CLI: one page says more follow; --all lists them all.
     let out = b

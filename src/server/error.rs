@@ -230,12 +230,22 @@ pub fn parse_json<T: serde::de::DeserializeOwned>(body: &[u8]) -> Result<T, ApiE
     })
 }
 
-/// Parses a query string, after the role check, with a JSON error.
+/// Parses a query string, after the role check, with a JSON error that
+/// names the parameter at fault (`limit`: invalid digit found in string),
+/// not only what went wrong.
 pub fn parse_query<T: serde::de::DeserializeOwned>(query: Option<&str>) -> Result<T, ApiError> {
-    serde_urlencoded::from_str(query.unwrap_or("")).map_err(|e| {
+    let pairs = form_urlencoded::parse(query.unwrap_or("").as_bytes());
+    serde_path_to_error::deserialize(serde_urlencoded::Deserializer::new(pairs)).map_err(|e| {
+        let (path, inner) = (e.path().to_string(), e.inner().to_string());
+        // An unknown field names itself already.
+        let what = if path == "." || inner.contains(&format!("`{path}`")) {
+            inner
+        } else {
+            format!("`{path}`: {inner}")
+        };
         ApiError::bad_request(format!(
             "the query is not valid: {}",
-            crate::limits::clip_message(&e.to_string())
+            crate::limits::clip_message(&what)
         ))
     })
 }
