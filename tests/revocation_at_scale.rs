@@ -77,7 +77,8 @@ async fn a_kill_switch_cut_short_by_a_crash_finishes_after_the_restart() {
 /// under way when looked at without `wait`, and looked at with it, the
 /// answer is the finished count. A `wait` that is not a number, or a
 /// misspelt parameter, is refused with a clear error rather than answered
-/// at once.
+/// at once; a `wait` past 60 is held to 60; an unknown revocation is a 404
+/// at once, not after its wait.
 #[tokio::test]
 async fn a_look_at_a_revocation_can_wait_for_its_end() {
     const SEEDED: usize = 10_000;
@@ -108,6 +109,26 @@ async fn a_look_at_a_revocation_can_wait_for_its_end() {
     assert_eq!(done["pending"].as_u64(), Some(0), "{done}");
     assert_eq!(done["found"].as_u64(), Some(SEEDED as u64), "{done}");
     assert_eq!(done["revoked"].as_u64(), Some(SEEDED as u64), "{done}");
+
+    // A wait past the cap is held to it, not refused; nothing is left to
+    // wait for here, so it answers at once.
+    let capped = b
+        .get(&format!("{path}?wait=3600"), Some(&b.ops.auditor))
+        .await
+        .expect(200);
+    assert_eq!(capped["pending"].as_u64(), Some(0), "{capped}");
+    // A revocation that does not exist is a 404 at once, not after the wait.
+    let asked = std::time::Instant::now();
+    let r = b
+        .get("/v1/revocations/rv_none?wait=30", Some(&b.ops.auditor))
+        .await;
+    assert_eq!(r.status, 404, "{}", r.text);
+    assert!(r.text.contains("no revocation `rv_none`"), "{}", r.text);
+    assert!(
+        asked.elapsed() < std::time::Duration::from_secs(20),
+        "an unknown revocation was waited on: {:?}",
+        asked.elapsed()
+    );
 
     for (bad, says) in [
         (
