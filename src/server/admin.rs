@@ -205,7 +205,20 @@ pub async fn revoke(
 #[serde(deny_unknown_fields)]
 struct ProgressQuery {
     /// Seconds to wait for every lease to be settled (default 0, at most 60).
-    wait: Option<String>,
+    #[serde(default, deserialize_with = "wait_seconds")]
+    wait: u64,
+}
+
+/// A `wait` that is not a whole number says what it takes (`parse_query`
+/// puts it in its error).
+fn wait_seconds<'de, D: serde::Deserializer<'de>>(d: D) -> Result<u64, D::Error> {
+    let w = String::deserialize(d)?;
+    w.parse().map_err(|_| {
+        serde::de::Error::custom(format!(
+            "`wait` is a whole number of seconds (0 to {}), not `{w}`",
+            crate::broker::MAX_WAIT
+        ))
+    })
 }
 
 /// `GET /v1/revocations/{id}?wait=`.
@@ -224,17 +237,7 @@ pub async fn revocation(
 ) -> Result<impl IntoResponse, ApiError> {
     op.require(READERS)?;
     let q: ProgressQuery = parse_query(q.as_deref())?;
-    let wait = match q.wait.as_deref() {
-        None => 0,
-        Some(w) => w.parse::<u64>().map_err(|_| {
-            ApiError::bad_request(format!(
-                "`wait` is a whole number of seconds (0 to {}), not `{}`",
-                crate::broker::MAX_WAIT,
-                crate::limits::clip_message(w)
-            ))
-        })?,
-    };
-    Ok(Json(b.revocation_status(&id, wait).await?))
+    Ok(Json(b.revocation_status(&id, q.wait).await?))
 }
 
 /// `GET /v1/fences?revocation=&provider=&active=true&limit=&cursor=`, oldest first.
