@@ -126,6 +126,49 @@ pub struct Broker {
     /// Whether revocations are finished, as last looked at by those
     /// waiting on them.
     pub revocation_looks: RevocationLooks,
+    /// Set when the server begins to stop.
+    pub stopping: Stopping,
+}
+
+/// Set once the server begins to stop (SIGTERM, SIGINT). A request that
+/// waits for something to happen — a long-poll on an approval, a look at a
+/// revocation waiting for its end, a release waiting for its provider —
+/// answers at once with what it has then, instead of holding the
+/// shutdown's drain until it is cut: the caller gets an answer it can act
+/// on and asks again once the server is back.
+#[derive(Debug)]
+pub struct Stopping(tokio::sync::watch::Sender<bool>);
+
+impl Default for Stopping {
+    fn default() -> Self {
+        Self(tokio::sync::watch::channel(false).0)
+    }
+}
+
+impl Stopping {
+    /// The server begins to stop.
+    pub fn begin(&self) {
+        self.0.send_replace(true);
+    }
+
+    pub fn has_begun(&self) -> bool {
+        *self.0.borrow()
+    }
+
+    /// Completes once the server begins to stop (at once if it has).
+    pub async fn begun(&self) {
+        let mut rx = self.0.subscribe();
+        // The sender lives as long as `self`: `wait_for` cannot fail here.
+        let _ = rx.wait_for(|s| *s).await;
+    }
+
+    /// Sleeps `d`, or less if the server begins to stop meanwhile.
+    pub async fn sleep(&self, d: Duration) {
+        tokio::select! {
+            () = tokio::time::sleep(d) => {}
+            () = self.begun() => {}
+        }
+    }
 }
 
 impl std::fmt::Debug for Broker {
@@ -156,7 +199,8 @@ impl Broker {
     /// to confirm before answering with what is still pending.
     pub const CONFIRM_WAIT: Duration = Duration::from_secs(5);
 
-    /// Waits until none of `lease_ids` is still queued, or `wait` passes.
+    /// Waits until none of `lease_ids` is still queued, or `wait` passes,
+    /// or the server begins to stop.
     pub(crate) async fn await_revocations(&self, lease_ids: &[String], wait: Duration) {
         let deadline = tokio::time::Instant::now() + wait;
         loop {
@@ -169,10 +213,10 @@ impl Broker {
                     break;
                 }
             }
-            if !pending || tokio::time::Instant::now() >= deadline {
+            if !pending || tokio::time::Instant::now() >= deadline || self.stopping.has_begun() {
                 return;
             }
-            tokio::time::sleep(Duration::from_millis(20)).await;
+            self.stopping.sleep(Duration::from_millis(20)).await;
         }
     }
 }

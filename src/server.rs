@@ -99,6 +99,7 @@ pub async fn build_broker(config: Config) -> anyhow::Result<Broker> {
         )),
         validation,
         revocation_looks: Default::default(),
+        stopping: Default::default(),
     };
     if broker.validation.enabled() {
         let n = broker
@@ -246,7 +247,13 @@ pub async fn serve(config_path: &Path, listen: Option<std::net::SocketAddr>) -> 
             std::future::pending(),
         ));
     }
-    listen::serve(listener, None, app, limits, shutdown_signal()).await;
+    let stop = async {
+        shutdown_signal().await;
+        // Requests waiting for something answer now, with what they have,
+        // rather than holding the drain below until it cuts them.
+        broker.stopping.begin();
+    };
+    listen::serve(listener, None, app, limits, stop).await;
     // What agents were learned to do since the last snapshot is kept.
     save_validation(&broker).await;
     // Counted failures not yet in the audit log go in before exit.

@@ -241,19 +241,24 @@ impl Broker {
             .ok_or_else(|| BrokerError::NotFound(format!("no approval `{id}` for this agent")))
     }
 
-    /// Waits up to `wait` for a pending approval to be decided, then returns it.
+    /// Waits up to `wait` for a pending approval to be decided (less if the
+    /// server begins to stop), then returns it.
     pub async fn await_approval(&self, a: Approval, wait: Duration) -> BrokerResult<Approval> {
         let wait = wait.min(Duration::from_secs(self.config.approvals.max_wait_secs));
         let deadline = tokio::time::Instant::now() + wait;
         let mut current = a;
-        while current.state == ApprovalState::Pending && tokio::time::Instant::now() < deadline {
+        while current.state == ApprovalState::Pending
+            && tokio::time::Instant::now() < deadline
+            && !self.stopping.has_begun()
+        {
             let changed = self.approvals_changed.notified();
-            // A decision, or the reaper's expiry, or the deadline.
-            let _ = tokio::time::timeout_at(
-                deadline.min(tokio::time::Instant::now() + Duration::from_secs(1)),
-                changed,
-            )
-            .await;
+            // A decision, or the reaper's expiry, or the deadline, or the
+            // server stopping.
+            let until = deadline.min(tokio::time::Instant::now() + Duration::from_secs(1));
+            tokio::select! {
+                _ = tokio::time::timeout_at(until, changed) => {}
+                () = self.stopping.begun() => {}
+            }
             current = self.approval(&current.id).await?;
         }
         Ok(current)

@@ -240,11 +240,15 @@ impl Broker {
     }
 
     /// Waits until every lease of revocation `id` is settled (revoked,
-    /// expired or expiring) or `wait` seconds (at most [`MAX_WAIT`]) pass.
+    /// expired or expiring) or `wait` seconds (at most [`MAX_WAIT`]) pass,
+    /// or the server begins to stop.
     async fn await_revocation(&self, id: &str, wait: u64) -> BrokerResult<()> {
         let deadline = tokio::time::Instant::now() + Duration::from_secs(wait.min(MAX_WAIT));
-        while self.revocation_unfinished(id).await? && tokio::time::Instant::now() < deadline {
-            tokio::time::sleep(LOOK_EVERY).await;
+        while !self.stopping.has_begun()
+            && self.revocation_unfinished(id).await?
+            && tokio::time::Instant::now() < deadline
+        {
+            self.stopping.sleep(LOOK_EVERY).await;
         }
         Ok(())
     }
