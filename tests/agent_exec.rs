@@ -221,6 +221,48 @@ async fn a_sensitive_scope_waits_for_its_approval() {
     all_revoked(&b, &agent).await;
 }
 
+/// The broker restarted (SIGTERM, then started again on the same address)
+/// while `keygate exec` waits for an approval: the long-poll is answered
+/// `pending` as the broker stops, exec keeps asking until it is back (the
+/// approval waits in its store), and an approval decided after the
+/// restart runs the command.
+#[tokio::test(flavor = "multi_thread")]
+async fn exec_waits_for_its_approval_across_a_broker_restart() {
+    let mut b = TestBroker::start_with(Setup::default()).await;
+    b.listen = b.addr.to_string();
+    let (agent, key) = agent(&b, "exec-restart").await;
+    let (mut child, id, mut lines) = exec_waiting(
+        &b,
+        &agent,
+        &key,
+        &[],
+        "test -f \"$KEYGATE_PAYMENTS_CA_CERTIFICATE_FILE\"",
+    )
+    .await;
+    b.stop_gracefully().await;
+    b.start_again().await;
+    if let Some(gave_up) = child.try_wait().unwrap() {
+        let mut said = Vec::new();
+        while let Ok(Some(line)) = lines.next_line().await {
+            said.push(line);
+        }
+        panic!("keygate exec gave up while the broker restarted ({gave_up}): {said:?}");
+    }
+    b.post(
+        &format!("/v1/approvals/{id}/decision"),
+        Some(&b.ops.approver),
+        &json!({ "decision": "approve", "reason": "exec test" }),
+    )
+    .await
+    .expect(200);
+    let status = tokio::time::timeout(Duration::from_secs(60), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "the command saw its certificate");
+    all_revoked(&b, &agent).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_denial_or_a_kill_switch_while_exec_waits_runs_nothing_and_revokes_what_it_had() {
     let b = TestBroker::start_with(Setup::default()).await;

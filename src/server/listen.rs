@@ -83,6 +83,9 @@ pub async fn serve(
             }
         });
     }
+    // New connections are refused from here, not left in the backlog to be
+    // reset when the process exits.
+    drop(listener);
     let _ = stop.send(true);
     // Every connection holds a permit: all of them back means all closed.
     let _ = tokio::time::timeout(DRAIN, permits.acquire_many(max as u32)).await;

@@ -337,13 +337,24 @@ impl Session {
                 bail!("approval {approval_id} for scope `{scope}` was not decided in time");
             }
             let poll = left.as_secs().clamp(1, 30);
-            let resp = self
+            let sent = self
                 .call(
                     reqwest::Method::GET,
                     &format!("/v1/approvals/{approval_id}?wait={poll}"),
                 )?
                 .send()
-                .await?;
+                .await;
+            let resp = match sent {
+                // The broker restarting (it answers a long-poll `pending`
+                // as it stops, then refuses connections, or a kept-alive
+                // one is found closed): the approval waits in its store,
+                // so ask again until the deadline.
+                Err(e) if e.is_connect() || e.is_request() => {
+                    tokio::time::sleep(Duration::from_secs(1).min(left)).await;
+                    continue;
+                }
+                sent => sent?,
+            };
             if !resp.status().is_success() {
                 return Err(refusal(resp, &format!("approval {approval_id}")).await);
             }
