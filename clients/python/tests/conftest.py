@@ -59,13 +59,20 @@ class Broker:
         self.config.write_text(config)
         self.log = tmp / "keygate.log"
         self._log_file = open(self.log, "wb")
-        self.proc = subprocess.Popen(
-            [str(binary), "serve", "--config", str(self.config)],
-            cwd=tmp,
-            stdout=self._log_file,
-            stderr=subprocess.STDOUT,
-        )
+        self._command = [str(binary), "serve", "--config", str(self.config)]
+        self._cwd = tmp
+        self._start()
+
+    def _start(self) -> None:
+        self.proc = subprocess.Popen(self._command, cwd=self._cwd, stdout=self._log_file, stderr=subprocess.STDOUT)
         self._wait_ready()
+
+    def restart(self) -> None:
+        """Stops the broker as an operator would (SIGTERM) and starts it
+        again on the same address and store."""
+        self.proc.terminate()
+        self.proc.wait(timeout=15)
+        self._start()
 
     def _wait_ready(self) -> None:
         deadline = time.monotonic() + 60

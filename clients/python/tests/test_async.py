@@ -7,7 +7,7 @@ import asyncio
 import pytest
 
 import keygate
-from conftest import KEYS
+from conftest import KEYS, Broker
 
 
 def test_async_flow_with_approval_and_delegation(broker):
@@ -37,3 +37,28 @@ def test_async_flow_with_approval_and_delegation(broker):
                 await child.credential("x509-svid")
 
     asyncio.run(main())
+
+
+def test_async_approval_wait_goes_on_through_a_broker_restart(tmp_path):
+    # As the sync client's test: a broker of its own, restarted while the
+    # client awaits the approval.
+    b = Broker(tmp_path)
+
+    async def main() -> None:
+        pem = b.register("py-async-restart-agent")
+        async with keygate.AsyncAgent("py-async-restart-agent", key_pem=pem, server=b.url) as agent:
+            async with agent.task("python async: across a restart", ttl=600) as task:
+                pending = await task.request("payments-ca", ttl=300, justification="restart")
+                assert isinstance(pending, keygate.PendingApproval)
+                waiting = asyncio.create_task(task.wait_for_approval(pending, timeout=60))
+                await asyncio.sleep(0.5)
+                await asyncio.to_thread(b.restart)
+                assert not waiting.done(), "the client gave up while the broker restarted"
+                await asyncio.to_thread(lambda: b.decide_when_pending("payments-ca", "approve", delay=0).join())
+                cred = await waiting
+                assert cred.scope == "payments-ca" and "certificate" in cred
+
+    try:
+        asyncio.run(main())
+    finally:
+        b.stop()

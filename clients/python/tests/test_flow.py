@@ -3,6 +3,7 @@ complete (by leaving the block, on any path), delegation, DPoP, approvals."""
 
 from __future__ import annotations
 
+import threading
 import time
 
 import httpx
@@ -90,6 +91,33 @@ def test_an_undecided_approval_times_out_on_the_client_side(broker, agent_factor
     while broker.operator("dev-approver-token", "GET", path).json()["state"] != "cancelled":
         assert time.monotonic() < deadline, "never cancelled"
         time.sleep(0.2)
+
+
+def test_an_approval_wait_goes_on_through_a_broker_restart(tmp_path):
+    # A broker of its own, restarted (SIGTERM, then started again on the
+    # same address) while the client waits: its long-poll is answered
+    # `pending` as the broker stops, it asks again until the broker is
+    # back, and the approval decided after the restart is redeemed.
+    b = Broker(tmp_path)
+    try:
+        pem = b.register("py-restart-agent")
+        with keygate.Agent("py-restart-agent", key_pem=pem, server=b.url) as agent:
+            with agent.task("python: across a restart", ttl=600) as task:
+                pending = task.request("payments-ca", ttl=300, justification="restart")
+                assert isinstance(pending, keygate.PendingApproval)
+                got: list = []
+                waiter = threading.Thread(
+                    target=lambda: got.append(task.wait_for_approval(pending, timeout=60)), daemon=True
+                )
+                waiter.start()
+                time.sleep(0.5)
+                b.restart()
+                assert waiter.is_alive(), "the client gave up while the broker restarted"
+                b.decide_when_pending("payments-ca", "approve", delay=0).join()
+                waiter.join(60)
+                assert got and got[0].scope == "payments-ca" and "certificate" in got[0]
+    finally:
+        b.stop()
 
 
 def test_delegation_gives_the_sub_agent_a_slice_that_ends_with_the_parent(broker, agent_factory):

@@ -286,6 +286,14 @@ def approval_outcome(approval_id: str, scope: str, body: Dict[str, Any]) -> Opti
     return cls(text, approval_id=approval_id)
 
 
+def retry_in(deadline: float) -> float:
+    """Seconds to wait before asking an unreachable broker again (1, or
+    what is left before ``deadline``)."""
+    import time
+
+    return max(0.0, min(1.0, deadline - time.monotonic()))
+
+
 def next_wait(approval_id: str, deadline: float, timeout: float) -> int:
     """Seconds for the next long poll of an approval (1 to 30), or
     :class:`ApprovalTimeout` once the client has waited ``timeout``."""

@@ -3,6 +3,7 @@ Requests and answers are built and read by the same code (``_model``)."""
 
 from __future__ import annotations
 
+import asyncio
 import time
 from typing import Any, Awaitable, Callable, Dict, Generator, Optional, Sequence, Union
 
@@ -10,7 +11,7 @@ import httpx
 
 from . import _model as m
 from .client import DEFAULT_SERVER, PathLike, _Identity, log
-from .errors import KeygateError
+from .errors import KeygateError, TransportError
 
 
 class AsyncAgent(_Identity):
@@ -181,7 +182,12 @@ class AsyncTask:
         deadline = time.monotonic() + timeout
         while True:
             wait = m.next_wait(approval_id, deadline, timeout)
-            resp = await self._call("GET", f"/v1/approvals/{approval_id}?wait={wait}", timeout=wait + 30)
+            try:
+                resp = await self._call("GET", f"/v1/approvals/{approval_id}?wait={wait}", timeout=wait + 30)
+            except TransportError:
+                # The broker restarting: the approval waits in its store.
+                await asyncio.sleep(m.retry_in(deadline))
+                continue
             body = m.check(resp)
             failed = m.approval_outcome(approval_id, scope or body.get("scope", ""), body)
             if failed is not None:

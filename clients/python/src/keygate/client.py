@@ -12,7 +12,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 
 from . import _jws
 from . import _model as m
-from .errors import ConfigurationError, KeygateError
+from .errors import ConfigurationError, KeygateError, TransportError
 
 DEFAULT_SERVER = "http://127.0.0.1:8470"
 log = logging.getLogger("keygate")
@@ -245,13 +245,20 @@ class Task:
         return self.wait_for_approval(got, timeout=approval_timeout)
 
     def wait_for_approval(self, pending: Union[m.PendingApproval, str], *, timeout: float = 600.0) -> m.Credential:
-        """Waits for an approval's decision and redeems it (once)."""
+        """Waits for an approval's decision and redeems it (once), through
+        a restart of the broker too (asking again until it is back)."""
         approval_id = pending.approval_id if isinstance(pending, m.PendingApproval) else pending
         scope = pending.scope if isinstance(pending, m.PendingApproval) else ""
         deadline = time.monotonic() + timeout
         while True:
             wait = m.next_wait(approval_id, deadline, timeout)
-            body = m.check(self._call("GET", f"/v1/approvals/{approval_id}?wait={wait}", timeout=wait + 30))
+            try:
+                resp = self._call("GET", f"/v1/approvals/{approval_id}?wait={wait}", timeout=wait + 30)
+            except TransportError:
+                # The broker restarting: the approval waits in its store.
+                time.sleep(m.retry_in(deadline))
+                continue
+            body = m.check(resp)
             failed = m.approval_outcome(approval_id, scope or body.get("scope", ""), body)
             if failed is not None:
                 raise failed
