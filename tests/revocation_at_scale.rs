@@ -170,6 +170,85 @@ async fn a_look_at_a_revocation_can_wait_for_its_end() {
     }
 }
 
+/// `keygate revoke` following a kill switch over 10,000 leases while the
+/// broker is stopped (SIGTERM) mid-revocation and started again on the
+/// same address: it looks again until the broker is back, where the
+/// revocations resume, and returns once every lease is revoked, each once.
+#[tokio::test]
+async fn the_cli_follows_a_kill_switch_through_a_broker_restart() {
+    use tokio::io::{AsyncBufReadExt, AsyncReadExt, BufReader};
+    const SEEDED: usize = 10_000;
+    let mut b = TestBroker::start_with(Setup::permissive()).await;
+    b.listen = b.addr.to_string();
+    let agent = TestAgent::new("followed", "ES256");
+    b.register(&agent, "red").await;
+    let task = b.token_ttl(&agent, Some(3600)).await;
+    b.kill().await;
+    let ids = seed_leases(&b, &agent, &task.task_id, SEEDED).await;
+    let ids: std::collections::BTreeSet<String> = ids.into_iter().collect();
+    b.start_again().await;
+
+    let args = [
+        "revoke",
+        "--agent",
+        &agent.id,
+        "--reason",
+        "followed",
+        "--timeout",
+        "120",
+    ];
+    let mut cli = b
+        .cli_command(&args, Some(&b.ops.secops))
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut said = BufReader::new(cli.stderr.take().unwrap()).lines();
+    let queued = tokio::time::timeout(std::time::Duration::from_secs(30), async {
+        while let Some(line) = said.next_line().await.unwrap() {
+            if line.contains("live lease(s) queued") {
+                return line;
+            }
+        }
+        panic!("keygate revoke never said what it queued")
+    })
+    .await
+    .unwrap();
+    // What it says from here on is kept for a failure's message.
+    let rest = tokio::spawn(async move {
+        let mut all = Vec::new();
+        while let Ok(Some(line)) = said.next_line().await {
+            all.push(line);
+        }
+        all
+    });
+    b.stop_gracefully().await;
+    let revoking = "SELECT count(*) FROM leases WHERE agent_id = ? AND state = 'revoking'";
+    let left = b.store_count(revoking, &[&agent.id]).await;
+    assert!(
+        left > 0,
+        "stopped after every revocation: nothing to follow ({queued})"
+    );
+    b.start_again().await;
+
+    let mut out = String::new();
+    cli.stdout
+        .take()
+        .unwrap()
+        .read_to_string(&mut out)
+        .await
+        .unwrap();
+    let status = cli.wait().await.unwrap();
+    let said = rest.await.unwrap();
+    assert!(status.success(), "{status}: {said:?}\n{out}");
+    let last: Value = serde_json::from_str(&out).unwrap();
+    assert_eq!(last["pending"].as_u64(), Some(0), "{last}");
+    assert_eq!(last["revoked"].as_u64(), Some(SEEDED as u64), "{last}");
+    // Stopped mid-revocation: the CA may have listed a lease whose record
+    // had not committed, as after a crash.
+    each_revoked_once(&b, &agent, &ids, true).await;
+}
+
 /// Writes `n` live local-CA leases of `task` straight into the store of the
 /// stopped broker `b`; their ids.
 async fn seed_leases(b: &TestBroker, agent: &TestAgent, task: &str, n: usize) -> Vec<String> {

@@ -367,6 +367,13 @@ async fn agents(c: &Client, cmd: AgentsCmd) -> anyhow::Result<()> {
     print_json(&v)
 }
 
+/// The broker did not answer at all (refused, or a kept-alive connection
+/// found closed): as while it restarts, not an answer saying no.
+fn unreachable(e: &anyhow::Error) -> bool {
+    e.downcast_ref::<reqwest::Error>()
+        .is_some_and(|e| e.is_connect() || e.is_request())
+}
+
 async fn revoke(c: &Client, body: serde_json::Value, timeout: u64) -> anyhow::Result<()> {
     let first = c
         .json(c.request(Method::POST, "/v1/revocations").json(&body))
@@ -399,9 +406,23 @@ async fn revoke(c: &Client, body: serde_json::Value, timeout: u64) -> anyhow::Re
         // Answered the moment every lease is settled, or after a second
         // with the progress so far (one count of the leases a second; the
         // timeout may be passed by less than that second).
-        last = c
+        let look = c
             .json(c.request(Method::GET, &format!("/v1/revocations/{id}?wait=1")))
-            .await?;
+            .await;
+        last = match look {
+            Ok(v) => {
+                bar.set_message("");
+                v
+            }
+            // The broker restarting: its revocations resume when it is
+            // back (the queue is in its store), so look again until then.
+            Err(e) if unreachable(&e) => {
+                bar.set_message("(the broker is unreachable: looking again)");
+                tokio::time::sleep(Duration::from_secs(1).min(left)).await;
+                continue;
+            }
+            Err(e) => return Err(e),
+        };
     }
     bar.finish_and_clear();
     print_json(&last)?;

@@ -301,6 +301,11 @@ impl TestBroker {
     /// Runs the `keygate` CLI against this broker (`KEYGATE_SERVER`), with
     /// `KEYGATE_TOKEN` set to `token`.
     pub async fn cli(&self, args: &[&str], token: Option<&str>) -> std::process::Output {
+        self.cli_command(args, token).output().await.unwrap()
+    }
+
+    /// The `keygate` CLI pointed at this broker, not started.
+    pub fn cli_command(&self, args: &[&str], token: Option<&str>) -> Command {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_keygate"));
         cmd.args(args)
             .env("KEYGATE_SERVER", format!("http://{}", self.addr))
@@ -309,7 +314,7 @@ impl TestBroker {
         if let Some(t) = token {
             cmd.env("KEYGATE_TOKEN", t);
         }
-        cmd.output().await.unwrap()
+        cmd
     }
 
     /// A direct connection to the broker's database, as someone with file
