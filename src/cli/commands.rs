@@ -396,6 +396,8 @@ async fn revoke(c: &Client, body: serde_json::Value, timeout: u64) -> anyhow::Re
     );
     let deadline = tokio::time::Instant::now() + Duration::from_secs(timeout);
     let mut last = first;
+    // The last look the broker did not answer, while none has since.
+    let mut unanswered: Option<anyhow::Error> = None;
     loop {
         let done = last["revoked"].as_u64().unwrap_or(0) + last["expiring"].as_u64().unwrap_or(0);
         bar.set_position(done);
@@ -412,12 +414,14 @@ async fn revoke(c: &Client, body: serde_json::Value, timeout: u64) -> anyhow::Re
         last = match look {
             Ok(v) => {
                 bar.set_message("");
+                unanswered = None;
                 v
             }
             // The broker restarting: its revocations resume when it is
             // back (the queue is in its store), so look again until then.
             Err(e) if unreachable(&e) => {
                 bar.set_message("(the broker is unreachable: looking again)");
+                unanswered = Some(e);
                 tokio::time::sleep(Duration::from_secs(1).min(left)).await;
                 continue;
             }
@@ -427,6 +431,11 @@ async fn revoke(c: &Client, body: serde_json::Value, timeout: u64) -> anyhow::Re
     bar.finish_and_clear();
     print_json(&last)?;
     let pending = last["pending"].as_u64().unwrap_or(0);
+    if let Some(e) = unanswered {
+        return Err(e.context(format!(
+            "{pending} lease(s) were still pending when the broker last answered; it resumes them when it is back"
+        )));
+    }
     if pending > 0 {
         bail!(
             "{pending} lease(s) still pending; the broker keeps retrying (see `keygate leases list --state revoking`)"
