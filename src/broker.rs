@@ -151,6 +151,7 @@ impl Stopping {
         self.0.send_replace(true);
     }
 
+    /// Whether the server has begun to stop.
     pub fn has_begun(&self) -> bool {
         *self.0.borrow()
     }

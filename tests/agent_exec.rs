@@ -172,8 +172,24 @@ async fn exec_waiting(
     String,
     tokio::io::Lines<BufReader<tokio::process::ChildStderr>>,
 ) {
+    exec_waiting_up_to(b, agent, key, first, script, "60").await
+}
+
+/// [`exec_waiting`] with `--approval-timeout` `secs`.
+async fn exec_waiting_up_to(
+    b: &TestBroker,
+    agent: &TestAgent,
+    key: &str,
+    first: &[&str],
+    script: &str,
+    secs: &str,
+) -> (
+    tokio::process::Child,
+    String,
+    tokio::io::Lines<BufReader<tokio::process::ChildStderr>>,
+) {
     let mut args = first.to_vec();
-    args.extend(["--scope", "payments-ca", "--approval-timeout", "60"]);
+    args.extend(["--scope", "payments-ca", "--approval-timeout", secs]);
     let mut child = exec(b, agent, key, &args, script)
         .stderr(Stdio::piped())
         .spawn()
@@ -261,6 +277,35 @@ async fn exec_waits_for_its_approval_across_a_broker_restart() {
         .unwrap();
     assert_eq!(status.code(), Some(0), "the command saw its certificate");
     all_revoked(&b, &agent).await;
+}
+
+/// The broker stopped for good while `keygate exec` waits for an approval:
+/// when `--approval-timeout` runs out, exec runs nothing and says the broker
+/// was unreachable, not that nobody decided.
+#[tokio::test(flavor = "multi_thread")]
+async fn exec_says_the_broker_was_unreachable_when_its_wait_runs_out() {
+    let mut b = TestBroker::start_with(Setup::default()).await;
+    let (agent, key) = agent(&b, "exec-gone").await;
+    let (mut child, id, mut lines) =
+        exec_waiting_up_to(&b, &agent, &key, &[], "touch ran.txt", "4").await;
+    b.stop_gracefully().await;
+    let status = tokio::time::timeout(Duration::from_secs(60), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    let mut said = Vec::new();
+    while let Ok(Some(line)) = lines.next_line().await {
+        said.push(line);
+    }
+    assert_eq!(status.code(), Some(1), "{said:?}");
+    let said = said.join("\n");
+    assert!(
+        said.contains(&format!(
+            "approval {id} for scope `payments-ca`: the broker was unreachable when the wait ran out"
+        )),
+        "{said}"
+    );
+    assert!(!b.dir.join("ran.txt").exists(), "the command ran");
 }
 
 #[tokio::test(flavor = "multi_thread")]

@@ -331,9 +331,16 @@ impl Session {
             wait.as_secs()
         );
         let deadline = tokio::time::Instant::now() + wait;
+        // The last poll the broker did not answer, while none has since.
+        let mut unanswered: Option<reqwest::Error> = None;
         loop {
             let left = deadline.saturating_duration_since(tokio::time::Instant::now());
             if left.is_zero() {
+                if let Some(e) = unanswered {
+                    return Err(anyhow::Error::new(e).context(format!(
+                        "approval {approval_id} for scope `{scope}`: the broker was unreachable when the wait ran out"
+                    )));
+                }
                 bail!("approval {approval_id} for scope `{scope}` was not decided in time");
             }
             let poll = left.as_secs().clamp(1, 30);
@@ -350,11 +357,13 @@ impl Session {
                 // one is found closed): the approval waits in its store,
                 // so ask again until the deadline.
                 Err(e) if e.is_connect() || e.is_request() => {
+                    unanswered = Some(e);
                     tokio::time::sleep(Duration::from_secs(1).min(left)).await;
                     continue;
                 }
                 sent => sent?,
             };
+            unanswered = None;
             if !resp.status().is_success() {
                 return Err(refusal(resp, &format!("approval {approval_id}")).await);
             }
