@@ -238,13 +238,14 @@ pub async fn serve(config_path: &Path, listen: Option<std::net::SocketAddr>) -> 
         tracing::info!(addr = %tls_addr, trust_domain = %tls.trust_domain, "mTLS listener ready");
         println!("keygate mtls listening on {tls_addr}");
         let tls_app = app.clone();
-        // Ends with the process: the plain listener's shutdown ends `main`.
+        // Stops with the plain listener (below), whose end ends `main`.
+        let stopping = Arc::clone(&broker);
         tokio::spawn(listen::serve(
             tls_listener,
             Some(acceptor),
             tls_app,
             limits,
-            std::future::pending(),
+            async move { stopping.stopping.begun().await },
         ));
     }
     let stop = async {
