@@ -121,6 +121,12 @@ async fn a_look_at_a_revocation_can_wait_for_its_end() {
     assert_eq!(seen["found"].as_u64(), Some(SEEDED as u64), "{seen}");
     let settled = ["revoked", "expiring", "pending"].map(|k| seen[k].as_u64().unwrap());
     assert_eq!(settled.iter().sum::<u64>(), SEEDED as u64, "{seen}");
+    // The stop did not wait for the look's end: leases were still queued
+    // when the process exited, so the look answered before them.
+    let revoking = "SELECT count(*) FROM leases WHERE agent_id = ? AND state = 'revoking'";
+    let left = b.store_count(revoking, &[&agent.id]).await;
+    assert!(left > 0, "the stop waited for every revocation: {seen}");
+    assert!(seen["pending"].as_u64().unwrap() >= left as u64, "{seen}");
     b.start_again().await;
     let done = b
         .get(&format!("{path}?wait=60"), Some(&b.ops.auditor))
