@@ -11,6 +11,7 @@ mod agent_exec;
 mod approval_notifications;
 mod approval_policy;
 mod approvals;
+mod approvals_restarts;
 mod ascode;
 mod console;
 mod evidence;
