@@ -208,6 +208,29 @@ async fn exec_waiting_up_to(
     (child, id, lines)
 }
 
+/// An approver approves `id`; the waiting `keygate exec` runs its command,
+/// which sees its certificate, and every credential is revoked after it.
+async fn approve_and_see_it_run(
+    b: &TestBroker,
+    agent: &TestAgent,
+    child: &mut tokio::process::Child,
+    id: &str,
+) {
+    b.post(
+        &format!("/v1/approvals/{id}/decision"),
+        Some(&b.ops.approver),
+        &json!({ "decision": "approve", "reason": "exec test" }),
+    )
+    .await
+    .expect(200);
+    let status = tokio::time::timeout(Duration::from_secs(60), child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(status.code(), Some(0), "the command saw its certificate");
+    all_revoked(b, agent).await;
+}
+
 #[tokio::test(flavor = "multi_thread")]
 async fn a_sensitive_scope_waits_for_its_approval() {
     let b = TestBroker::start_with(Setup::default()).await;
@@ -222,19 +245,7 @@ async fn a_sensitive_scope_waits_for_its_approval() {
         "test -f \"$KEYGATE_PAYMENTS_CA_CERTIFICATE_FILE\"",
     )
     .await;
-    b.post(
-        &format!("/v1/approvals/{id}/decision"),
-        Some(&b.ops.approver),
-        &json!({ "decision": "approve", "reason": "exec test" }),
-    )
-    .await
-    .expect(200);
-    let status = tokio::time::timeout(Duration::from_secs(60), child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(status.code(), Some(0), "the command saw its certificate");
-    all_revoked(&b, &agent).await;
+    approve_and_see_it_run(&b, &agent, &mut child, &id).await;
 }
 
 /// The broker restarted (SIGTERM, then started again on the same address)
@@ -264,19 +275,7 @@ async fn exec_waits_for_its_approval_across_a_broker_restart() {
         }
         panic!("keygate exec gave up while the broker restarted ({gave_up}): {said:?}");
     }
-    b.post(
-        &format!("/v1/approvals/{id}/decision"),
-        Some(&b.ops.approver),
-        &json!({ "decision": "approve", "reason": "exec test" }),
-    )
-    .await
-    .expect(200);
-    let status = tokio::time::timeout(Duration::from_secs(60), child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(status.code(), Some(0), "the command saw its certificate");
-    all_revoked(&b, &agent).await;
+    approve_and_see_it_run(&b, &agent, &mut child, &id).await;
 }
 
 /// The broker stopped for good while `keygate exec` waits for an approval:

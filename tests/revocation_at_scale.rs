@@ -54,8 +54,7 @@ async fn a_kill_switch_cut_short_by_a_crash_finishes_after_the_restart() {
         .expect(200);
     assert_eq!(rv["found"].as_u64(), Some(ids.len() as u64), "{rv}");
     b.kill().await;
-    let revoking = "SELECT count(*) FROM leases WHERE agent_id = ? AND state = 'revoking'";
-    let left = b.store_count(revoking, &[&agent.id]).await;
+    let left = still_revoking(&b, &agent).await;
     assert!(
         left > 0,
         "the crash fell after every revocation: nothing to resume"
@@ -66,7 +65,7 @@ async fn a_kill_switch_cut_short_by_a_crash_finishes_after_the_restart() {
         assert_eq!(r.status, 401, "{}", r.text);
     }
     eventually("every lease revoked after the restart", || async {
-        (b.store_count(revoking, &[&agent.id]).await == 0).then_some(())
+        (still_revoking(&b, &agent).await == 0).then_some(())
     })
     .await;
     each_revoked_once(&b, &agent, &ids, true).await;
@@ -123,8 +122,7 @@ async fn a_look_at_a_revocation_can_wait_for_its_end() {
     assert_eq!(settled.iter().sum::<u64>(), SEEDED as u64, "{seen}");
     // The stop did not wait for the look's end: leases were still queued
     // when the process exited, so the look answered before them.
-    let revoking = "SELECT count(*) FROM leases WHERE agent_id = ? AND state = 'revoking'";
-    let left = b.store_count(revoking, &[&agent.id]).await;
+    let left = still_revoking(&b, &agent).await;
     assert!(left > 0, "the stop waited for every revocation: {seen}");
     assert!(seen["pending"].as_u64().unwrap() >= left as u64, "{seen}");
     b.start_again().await;
@@ -229,8 +227,7 @@ async fn the_cli_follows_a_kill_switch_through_a_broker_restart() {
         all
     });
     b.stop_gracefully().await;
-    let revoking = "SELECT count(*) FROM leases WHERE agent_id = ? AND state = 'revoking'";
-    let left = b.store_count(revoking, &[&agent.id]).await;
+    let left = still_revoking(&b, &agent).await;
     assert!(
         left > 0,
         "stopped after every revocation: nothing to follow ({queued})"
@@ -253,6 +250,12 @@ async fn the_cli_follows_a_kill_switch_through_a_broker_restart() {
     // Stopped mid-revocation: the CA may have listed a lease whose record
     // had not committed, as after a crash.
     each_revoked_once(&b, &agent, &ids, true).await;
+}
+
+/// How many of `agent`'s leases are still queued for revocation.
+async fn still_revoking(b: &TestBroker, agent: &TestAgent) -> i64 {
+    let revoking = "SELECT count(*) FROM leases WHERE agent_id = ? AND state = 'revoking'";
+    b.store_count(revoking, &[&agent.id]).await
 }
 
 /// Writes `n` live local-CA leases of `task` straight into the store of the

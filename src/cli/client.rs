@@ -32,6 +32,13 @@ impl Client {
         }
     }
 
+    /// Whether `e` says the broker did not answer at all (refused, or a
+    /// kept-alive connection found closed), as while it restarts, rather
+    /// than answering no.
+    pub fn no_answer(e: &reqwest::Error) -> bool {
+        e.is_connect() || e.is_request()
+    }
+
     /// Sends and turns an error answer into a readable error.
     pub async fn send(&self, rb: RequestBuilder) -> anyhow::Result<Response> {
         let resp = rb

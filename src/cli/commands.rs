@@ -367,13 +367,6 @@ async fn agents(c: &Client, cmd: AgentsCmd) -> anyhow::Result<()> {
     print_json(&v)
 }
 
-/// The broker did not answer at all (refused, or a kept-alive connection
-/// found closed): as while it restarts, not an answer saying no.
-fn unreachable(e: &anyhow::Error) -> bool {
-    e.downcast_ref::<reqwest::Error>()
-        .is_some_and(|e| e.is_connect() || e.is_request())
-}
-
 async fn revoke(c: &Client, body: serde_json::Value, timeout: u64) -> anyhow::Result<()> {
     let first = c
         .json(c.request(Method::POST, "/v1/revocations").json(&body))
@@ -419,7 +412,7 @@ async fn revoke(c: &Client, body: serde_json::Value, timeout: u64) -> anyhow::Re
             }
             // The broker restarting: its revocations resume when it is
             // back (the queue is in its store), so look again until then.
-            Err(e) if unreachable(&e) => {
+            Err(e) if e.downcast_ref().is_some_and(Client::no_answer) => {
                 bar.set_message("(the broker is unreachable: looking again)");
                 unanswered = Some(e);
                 tokio::time::sleep(Duration::from_secs(1).min(left)).await;

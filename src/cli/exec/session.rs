@@ -356,7 +356,7 @@ impl Session {
                 // as it stops, then refuses connections, or a kept-alive
                 // one is found closed): the approval waits in its store,
                 // so ask again until the deadline.
-                Err(e) if e.is_connect() || e.is_request() => {
+                Err(e) if crate::cli::client::Client::no_answer(&e) => {
                     unanswered = Some(e);
                     tokio::time::sleep(Duration::from_secs(1).min(left)).await;
                     continue;
