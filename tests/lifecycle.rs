@@ -8,6 +8,7 @@
 mod common;
 
 mod agent_exec;
+mod agent_moves;
 mod approval_notifications;
 mod approval_policy;
 mod approvals;

@@ -239,3 +239,83 @@ when {{ principal.purpose == "night shift" && context.weekday == "{tomorrow}" &&
         "integration test agent"
     );
 }
+
+/// A held change is judged again on the agent as it is when granted: two
+/// changes, each harmless alone (a held sponsor change that also sets a
+/// purpose, then an environment applied at once), would together reach a
+/// scope no approver was shown; and a change asked of a `pending` agent
+/// does not apply to the active agent it became.
+#[tokio::test]
+async fn a_held_change_is_judged_again_on_the_agent_as_it_is_when_granted() {
+    let payroll = r#"
+@id("payroll-prod-jwt")
+permit (principal, action == Keygate::Action::"request_credential", resource == Keygate::Scope::"jwt-svid")
+when { principal.purpose == "payroll" && principal.environment == "prod" };
+"#;
+    let b = TestBroker::start_with(Setup {
+        policies: vec![("payroll.cedar".into(), payroll.into())],
+        extra_config: PROVISIONING.into(),
+        ..Setup::default()
+    })
+    .await;
+    let agent = TestAgent::new("combo", "ES256");
+    let id = register_in(&b, &agent, "combo").await;
+    // Asked while the agent is pending, granted once it is active: refused.
+    let early = patch(&b, &agent.id, json!({ "sponsor": "early@keygate.test" }))
+        .await
+        .expect(202)["approval"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    decide(&b, &id, "approve").await.expect(200);
+    let r = decide(&b, &early, "approve").await;
+    assert_eq!(r.status, 409, "{}", r.text);
+    assert!(r.text.contains("not pending as when"), "{}", r.text);
+
+    let held = patch(
+        &b,
+        &agent.id,
+        json!({ "purpose": "payroll", "sponsor": "carol@keygate.test" }),
+    )
+    .await
+    .expect(202);
+    assert_eq!(
+        held["approval"]["request"]["widened_scopes"],
+        json!([]),
+        "{held}"
+    );
+    let held = held["approval"]["id"].as_str().unwrap().to_owned();
+    let r = patch(&b, &agent.id, json!({ "environment": "prod" })).await;
+    assert_eq!(r.expect(200)["environment"], "prod");
+    let r = decide(&b, &held, "approve").await;
+    assert_eq!(r.status, 409, "{}", r.text);
+    assert!(
+        r.text.contains("jwt-svid") && r.text.contains("ask again"),
+        "{}",
+        r.text
+    );
+    let now = b.admin_get(&format!("/v1/agents/{}", agent.id)).await;
+    assert_eq!(
+        (now["purpose"].as_str(), now["sponsor"].as_str()),
+        (Some("integration test agent"), Some("owner@keygate.test")),
+        "{now}"
+    );
+    assert_eq!(approval(&b, &held).await["state"], "pending");
+}
+
+/// A denied registration cancels the agent's other changes waiting for
+/// approval, as any decommission does.
+#[tokio::test]
+async fn a_denied_registration_cancels_the_agents_other_held_changes() {
+    let b = start(Vec::new()).await;
+    let agent = TestAgent::new("denied-too", "ES256");
+    let id = register_pending(&b, &agent).await;
+    let other = TestAgent::new("denied-too", "ES256");
+    patch(&b, &agent.id, json!({ "jwks": { "keys": [other.jwk] } }))
+        .await
+        .expect(202);
+    assert_eq!(open_approvals(&b, &agent.id).await.len(), 2);
+    decide(&b, &id, "deny").await.expect(200);
+    assert_eq!(status(&b, &agent.id).await, "decommissioned");
+    assert_eq!(open_approvals(&b, &agent.id).await, Vec::<Value>::new());
+}

@@ -283,7 +283,7 @@ impl Broker {
                     &before,
                     serde_json::json!({
                         "change": "update", "update": change, "widened_scopes": widened,
-                        "identity_changes": identity,
+                        "identity_changes": identity, "status": before.status,
                     }),
                     format!("agent `{id}`: {}", what.join("; ")),
                 )

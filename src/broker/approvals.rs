@@ -392,12 +392,18 @@ impl Broker {
         let approvals = a.approvals().count() as u32 + 1;
         let quorum = approvals >= a.required;
         if req.decision == Verdict::Approve && quorum && !a.sponsor_alone {
+            // The sponsor when it was asked and the sponsor now: a sponsor
+            // named meanwhile answers for the agent just the same.
+            let now_sponsor = self.store.get_agent(&a.agent_id).await?.map(|g| g.sponsor);
+            let sponsors = [Some(a.sponsor.as_str()), now_sponsor.as_deref()];
+            let sponsor_of =
+                |o: &OperatorConfig| sponsors.iter().flatten().any(|s| Self::is_sponsor(o, s));
             let others = a.approvals().any(|d| {
                 self.operator_config(&d.operator)
-                    .map(|o| !Self::is_sponsor(o, &a.sponsor))
+                    .map(|o| !sponsor_of(o))
                     .unwrap_or(true)
             });
-            if Self::is_sponsor(op, &a.sponsor) && !others {
+            if sponsor_of(op) && !others {
                 return Err(BrokerError::Forbidden(format!(
                     "separation of duties: `{operator}` sponsors agent `{}` and cannot be the only approver of its request",
                     a.agent_id
@@ -486,6 +492,23 @@ impl Broker {
                     "approval `{id}` is granted, but its policy set was not made active: {e}"
                 ))
             })?;
+        }
+        if after.kind == ApprovalKind::Provisioning
+            && after.state == ApprovalState::Approved
+            && after.request["change"] == "update"
+        {
+            // As a change made at once does (agents.rs): what the agent uses
+            // from now on is learned, and what it holds is judged again on
+            // its new attributes.
+            self.validation.relearn(Some(&after.agent_id));
+            self.recheck_agent(&actor, &after.agent_id)
+                .await
+                .map_err(|e| {
+                    BrokerError::Conflict(format!(
+                        "approval `{id}` is granted and the change applied, but what agent `{}` holds was not judged again: {e}",
+                        after.agent_id
+                    ))
+                })?;
         }
         Ok(after)
     }

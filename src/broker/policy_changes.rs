@@ -292,7 +292,13 @@ impl Broker {
         let gone = self
             .not_permitted(&policy, &Selector::Agent(agent_id.to_owned()))
             .await?;
-        if gone.is_empty() {
+        // An agent left with no scope at all loses its open tasks even when
+        // it holds no lease the change forbids (none at all, say): its
+        // session tokens must stop working as the README says.
+        let agent = self.agent(agent_id).await?;
+        let nothing_left = self.reachable_scopes_under(&policy, &agent).is_empty();
+        let revoking = self.config.policy.on_change == OnChange::Revoke;
+        if gone.is_empty() && !(nothing_left && revoking) {
             return Ok(Vec::new());
         }
         let reason = format!(
@@ -305,8 +311,7 @@ impl Broker {
                 let t = now();
                 let mut revoked =
                     queue_not_permitted(&mut *tx, actor, &gone, &reason, policy.hash(), t).await?;
-                let agent = self.agent(agent_id).await?;
-                if self.reachable_scopes_under(&policy, &agent).is_empty() {
+                if nothing_left {
                     let (_, leases) = self
                         .end_when_nothing_left(&mut *tx, actor, agent_id, &reason, t)
                         .await?;

@@ -48,10 +48,18 @@ impl Broker {
                 )
                 .await?
                 .ok_or_else(not_pending)?;
-                // Like any decommission: whatever it holds ends now.
+                // Like any decommission: whatever it holds ends now, and
+                // its other changes waiting for approval are cancelled.
                 let (tasks, leases) = self
                     .end_agent_work(tx, &a.agent_id, "provisioning denied", t)
                     .await?;
+                self.cancel_provisioning(
+                    tx,
+                    actor,
+                    &a.agent_id,
+                    "the agent's registration was denied",
+                )
+                .await?;
                 tx.audit(
                     approval_event(actor, "agent.decommissioned", a)
                         .reason("provisioning denied".to_owned())
@@ -77,8 +85,40 @@ impl Broker {
                 let update: super::agents::AgentUpdate =
                     serde_json::from_value(a.request["update"].clone())
                         .map_err(|e| BrokerError::Internal(format!("stored change: {e}")))?;
+                // Applied to the agent as it is now, so judged as it is now:
+                // in the state it was asked in, and widening it no further
+                // than the approvers saw (changes applied meanwhile, each
+                // harmless alone, may make this one reach more).
+                if let Some(asked) = a.request["status"].as_str()
+                    && asked != agent.status.as_str()
+                {
+                    return Err(BrokerError::Conflict(format!(
+                        "agent `{}` is {} now, not {asked} as when this change was asked; ask again",
+                        a.agent_id, agent.status
+                    )));
+                }
                 let before = agent.clone();
                 update.apply(&mut agent)?;
+                let probe = |x: &Agent| {
+                    self.reachable_scopes(&Agent {
+                        status: AgentStatus::Active,
+                        ..x.clone()
+                    })
+                };
+                let was = probe(&before);
+                let seen = &a.request["widened_scopes"];
+                let unseen: Vec<String> = probe(&agent)
+                    .into_iter()
+                    .filter(|s| !was.contains(s))
+                    .filter(|s| !seen.as_array().is_some_and(|v| v.iter().any(|w| w == s)))
+                    .collect();
+                if !unseen.is_empty() {
+                    return Err(BrokerError::Conflict(format!(
+                        "agent `{}` changed since this change was asked: it would now also reach {}, which the approvers were not shown; ask again",
+                        a.agent_id,
+                        unseen.join(", ")
+                    )));
+                }
                 agent.updated_at = t;
                 tx.update_agent(&agent).await?;
                 tx.audit(
