@@ -159,6 +159,42 @@ async fn a_signal_reaches_the_command_and_the_task_still_completes() {
     all_revoked(&b, &agent).await;
 }
 
+/// Told to stop (SIGTERM, SIGINT) while a scope waits for approval, before
+/// any command runs: exec runs nothing, exits 128 + the signal's number,
+/// and still completes the task, so the credential it already had is
+/// revoked.
+#[tokio::test(flavor = "multi_thread")]
+async fn a_signal_while_exec_waits_for_approval_runs_nothing_and_ends_the_task() {
+    let b = TestBroker::start_with(Setup::default()).await;
+    for (signal, code) in [("-TERM", 143), ("-INT", 130)] {
+        let (agent, key) = agent(&b, "exec-stopped").await;
+        let (mut child, _, mut lines) =
+            exec_waiting(&b, &agent, &key, &["--scope", "x509-svid"], "touch ran.txt").await;
+        let pid = child.id().unwrap().to_string();
+        Command::new("kill")
+            .args([signal, &pid])
+            .status()
+            .await
+            .unwrap();
+        let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+            .await
+            .expect("keygate exec stops when told to")
+            .unwrap();
+        assert_eq!(status.code(), Some(code), "{signal}");
+        let mut rest = String::new();
+        while let Ok(Some(l)) = lines.next_line().await {
+            rest.push_str(&l);
+            rest.push('\n');
+        }
+        assert!(
+            rest.contains("stopped by a signal") && rest.contains("completed"),
+            "{signal}: {rest}"
+        );
+        assert!(!b.dir.join("ran.txt").exists(), "the command ran");
+        all_revoked(&b, &agent).await;
+    }
+}
+
 /// `keygate exec` asking for `payments-ca` with `first` before it, and the
 /// approval id it names on stderr (the rest of stderr stays readable).
 async fn exec_waiting(

@@ -78,9 +78,19 @@ pub struct ExecArgs {
 /// Runs the command; returns its exit code (128 + signal when a signal
 /// ended it), after the task was completed.
 pub async fn run(args: ExecArgs) -> anyhow::Result<i32> {
-    let session = Session::open(&args.agent, &args.task, args.ttl).await?;
+    // Caught from the start, not only once the command runs: told to stop
+    // while the task opens or a scope is obtained (an approval can take
+    // minutes), exec runs nothing and still completes the task.
+    let mut signals = Signals::new()?;
+    let session = tokio::select! {
+        s = Session::open(&args.agent, &args.task, args.ttl) => s?,
+        sig = signals.next() => {
+            note!("keygate: stopped by a signal before the task was opened; nothing was run");
+            return Ok(128 + sig.as_raw());
+        }
+    };
     note!("keygate: task {} opened", session.task_id);
-    let outcome = run_in_task(&args, &session).await;
+    let outcome = run_in_task(&args, &session, &mut signals).await;
     // However the command ended (or failed to start), the task ends and
     // the broker revokes everything it issued.
     match session.complete().await {
@@ -96,11 +106,21 @@ pub async fn run(args: ExecArgs) -> anyhow::Result<i32> {
     outcome
 }
 
-async fn run_in_task(args: &ExecArgs, session: &Session) -> anyhow::Result<i32> {
+async fn run_in_task(
+    args: &ExecArgs,
+    session: &Session,
+    signals: &mut Signals,
+) -> anyhow::Result<i32> {
     let wait = Duration::from_secs(args.approval_timeout);
     let mut creds: BTreeMap<String, Value> = BTreeMap::new();
     for scope in &args.scopes {
-        let v = session.credential(scope, args.credential_ttl, wait).await?;
+        let v = tokio::select! {
+            v = session.credential(scope, args.credential_ttl, wait) => v?,
+            sig = signals.next() => {
+                note!("keygate: stopped by a signal while obtaining `{scope}`; the command was not run");
+                return Ok(128 + sig.as_raw());
+            }
+        };
         creds.insert(scope.clone(), stamped(v));
     }
     // 0700, removed when dropped (any return from here on).
@@ -133,7 +153,6 @@ async fn run_in_task(args: &ExecArgs, session: &Session) -> anyhow::Result<i32> 
         "USR2" => Some(rustix::process::Signal::USR2),
         _ => None,
     };
-    let mut signals = Signals::new()?;
     loop {
         let next = next_refresh(&creds);
         tokio::select! {
