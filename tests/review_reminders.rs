@@ -211,5 +211,49 @@ secret = "env:KG_REVIEW_HOOK"
     assert_eq!(r["status"], "retired", "{r}");
     let a = b.admin_get(&format!("/v1/agents/{}", late.id)).await;
     assert_eq!(a["status"], "decommissioned", "{a}");
+
+    // Olga leaves. A reminder of hers still in Slack is clicked afterwards:
+    // the click counts for nothing, as her approval clicks would not, and
+    // the item stays open for whoever reviews in her place.
+    let after = TestAgent::new("rv-after", "ES256");
+    b.register(&after, "platform").await;
+    let started = b
+        .admin_post(
+            "/v1/reviews",
+            &json!({ "name": "after-departure", "due_days": 7 }),
+        )
+        .await
+        .expect(201);
+    let after_item = item_of(&started, &after.id)["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    b.admin_post(
+        &format!("/v1/people/{SPONSOR}/depart"),
+        &json!({ "reason": "left the company" }),
+    )
+    .await
+    .expect(200);
+    let click = common::slack::click_body(
+        "UOLGA",
+        "keygate_review_attest",
+        &after_item,
+        &slack.response_url(4),
+    );
+    let r = common::slack::post_click(&b, &click, Some(SIGNING), common::unix_now())
+        .await
+        .expect(200);
+    assert_eq!(r["ok"], false, "{r}");
+    let refused = b.audit("action=review.decision_refused").await;
+    assert!(
+        refused
+            .iter()
+            .any(|e| e["actor"] == "operator:olga" && e.to_string().contains("departed")),
+        "{refused:?}"
+    );
+    let shown = b
+        .admin_get(&format!("/v1/reviews/items/{after_item}"))
+        .await;
+    assert_eq!(shown["state"], "open", "{shown}");
     drop(people);
 }

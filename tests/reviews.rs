@@ -274,6 +274,46 @@ async fn a_tier_3_agent_needs_a_second_reviewer_who_is_not_the_sponsor() {
     );
 }
 
+/// An agent raised to tier 3 after its campaign began needs the two
+/// attestations too: the sponsor alone does not settle its item.
+#[tokio::test]
+async fn an_agent_raised_to_tier_3_during_a_campaign_needs_a_second_reviewer() {
+    let (b, people) = start("").await;
+    let agent = TestAgent::new("rv-raised", "ES256");
+    b.register(&agent, "platform").await;
+    let started = b
+        .admin_post("/v1/reviews", &json!({ "name": "raised", "due_days": 7 }))
+        .await
+        .expect(201);
+    let it = item_of(&started, &agent.id);
+    assert_eq!(it["attestations"], 1, "{it}");
+    let id = it["id"].as_str().unwrap().to_owned();
+    let r = b
+        .call(
+            reqwest::Method::PATCH,
+            &format!("/v1/agents/{}", agent.id),
+            Some(&b.ops.admin),
+            Some(&json!({ "risk_tier": 3 })),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+
+    let first = decide(&b, &people.olga, &id, json!({ "decision": "attest" }))
+        .await
+        .expect(200);
+    assert_eq!(
+        (first["state"].as_str(), first["attestations"].as_u64()),
+        (Some("open"), Some(2)),
+        "the sponsor alone is not enough at tier 3: {first}"
+    );
+    let a = b.admin_get(&format!("/v1/agents/{}", agent.id)).await;
+    assert!(a["last_review_at"].is_null(), "not reviewed yet: {a}");
+    let done = decide(&b, &b.ops.approver, &id, json!({ "decision": "attest" }))
+        .await
+        .expect(200);
+    assert_eq!(done["state"], "attested", "{done}");
+}
+
 #[tokio::test]
 async fn an_overdue_review_escalates_to_the_team_lead_then_the_overdue_action() {
     let (b, _people) =

@@ -383,6 +383,15 @@ impl Broker {
         req: DecisionRequest,
     ) -> BrokerResult<ReviewItem> {
         let actor = Actor::Operator(who.operator.clone());
+        // Checked here, not only at the API's bearer token: a Slack click
+        // carries no token, and a departed person's clicks no longer count.
+        if let Some(d) = self.operator_departure(&who.operator).await? {
+            return Err(BrokerError::Forbidden(format!(
+                "operator `{}` departed on {}; their decisions no longer count",
+                who.operator,
+                d.departed_at.date()
+            )));
+        }
         let people = self.directory().await?;
         let email = people.operator(&who.operator).map(|p| p.email.clone());
         let item = self.review_item(item_id).await?;
@@ -407,6 +416,12 @@ impl Broker {
                 agent.id
             )));
         }
+        // Two attestations if the agent needs them now (its tier raised, or
+        // separation turned on, since the campaign began), never fewer than
+        // the item was opened with.
+        let mut item = item;
+        let two = agent.risk_tier >= 3 || self.config.governance.review_separation;
+        item.attestations = item.attestations.max(if two { 2 } else { 1 });
         let is_sponsor = email.as_deref().is_some_and(|e| {
             super::people::normalize(e) == super::people::normalize(&agent.sponsor)
         });
@@ -533,6 +548,7 @@ impl Broker {
             )));
         }
         let t = decision.at;
+        cur.attestations = cur.attestations.max(item.attestations);
         cur.decisions.push(decision.clone());
         let action = match done {
             Some(state) => {
