@@ -68,6 +68,22 @@ pub async fn build_broker(config: Config) -> anyhow::Result<Broker> {
     // PostgreSQL counts it among the live replicas.
     let leases = LeaseEngine::default();
     store.register_replica(leases.boot_id()).await?;
+    // With provisioning approval on, files on disk that differ from the set
+    // already active in the store are not simply made active by a start:
+    // the broker starts on the active set and then reloads the files as a
+    // reload would (below), so a widening waits for its approval.
+    let (policy, policy_files, reload_disk) = match store.published_policy(policy.hash()).await? {
+        Some((_, active)) if config.provisioning.require_approval => {
+            match PolicyEngine::from_files(&active) {
+                Ok(p) => (p, active, true),
+                Err(e) => {
+                    tracing::warn!(error = %e, "the policy set active in the store does not load; starting on the files on disk");
+                    (policy, policy_files, false)
+                }
+            }
+        }
+        _ => (policy, policy_files, false),
+    };
     // The set this replica starts with is every replica's (as a reload).
     store.publish_policy(policy.hash(), &policy_files).await?;
     let signer = SessionSigner::open(&config.sessions.signing_key_file, &config.server.issuer)?;
@@ -110,6 +126,20 @@ pub async fn build_broker(config: Config) -> anyhow::Result<Broker> {
                 agents = n,
                 "continuous validation: read back what agents were learned to do"
             );
+        }
+    }
+    if reload_disk {
+        let done = broker
+            .reload_policy(&crate::audit::Actor::System, &Default::default())
+            .await
+            .map_err(|e| anyhow::anyhow!("reloading the policy files on disk: {e}"))?;
+        match &done.held {
+            Some(a) => {
+                tracing::warn!(approval = %a.id, dir = %broker.config.policy.dir.display(), "the policy files on disk widen the active set: held for provisioning approval; the broker runs on the active set")
+            }
+            None => {
+                tracing::info!(hash = %broker.policy.current().hash(), "the policy files on disk changed since the last run: reloaded")
+            }
         }
     }
     if let Some(dir) = broker.config.registry.seed_dir.clone() {

@@ -22,6 +22,7 @@ mod policy_and_roles;
 mod policy_cases;
 mod policy_reload;
 mod policy_reload_races;
+mod policy_restart;
 mod provisioning;
 mod review_reminders;
 mod reviews;

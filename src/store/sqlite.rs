@@ -299,6 +299,44 @@ impl Store for SqliteStore {
         Ok(())
     }
 
+    async fn publish_policy(
+        &self,
+        hash: &str,
+        files: &std::collections::BTreeMap<String, String>,
+    ) -> StoreResult<()> {
+        let files = serde_json::to_string(files)
+            .map_err(|e| StoreError::Invalid(format!("policy files: {e}")))?;
+        let mut tx = self.write.begin().await?;
+        sqlx::query(
+            "INSERT INTO policy_active (id, hash, files, at) VALUES (1, ?, ?, ?) \
+             ON CONFLICT (id) DO UPDATE SET hash = excluded.hash, files = excluded.files, at = excluded.at",
+        )
+        .bind(hash)
+        .bind(files)
+        .bind(unix(OffsetDateTime::now_utc()))
+        .execute(tx.conn().await?)
+        .await?;
+        tx.commit().await
+    }
+
+    async fn published_policy(
+        &self,
+        unless: &str,
+    ) -> StoreResult<Option<(String, std::collections::BTreeMap<String, String>)>> {
+        let Some(row) =
+            sqlx::query("SELECT hash, files FROM policy_active WHERE id = 1 AND hash <> ?")
+                .bind(unless)
+                .fetch_optional(&mut *self.read.get().await?)
+                .await?
+        else {
+            return Ok(None);
+        };
+        let files: String = row.try_get("files")?;
+        let files = serde_json::from_str(&files)
+            .map_err(|e| StoreError::Corrupt(format!("the active policy set's files: {e}")))?;
+        Ok(Some((row.try_get("hash")?, files)))
+    }
+
     async fn claim_job(&self, _name: &str, _holder: &str, _until_ms: i64) -> StoreResult<bool> {
         // One process per file: every job is this one's.
         Ok(true)

@@ -1,0 +1,110 @@
+//! A policy set held for provisioning approval stays held across a restart
+//! of the broker: a start does not make the files on disk active when they
+//! differ from the set active in the store, it reloads them as a reload
+//! would (held if they widen, applied if they only narrow).
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use crate::common;
+
+use common::{Setup, TestAgent, TestBroker};
+use serde_json::json;
+
+use super::policy_reload::policy_dir;
+
+/// Lets the research team obtain JWT-SVIDs.
+const RESEARCH_JWT: &str = r#"
+@id("research-jwt")
+permit (
+  principal,
+  action == Keygate::Action::"request_credential",
+  resource == Keygate::Scope::"jwt-svid"
+)
+when { principal.team == "research" };
+"#;
+
+async fn hash(b: &TestBroker) -> String {
+    b.get("/v1/policy", Some(&b.ops.auditor)).await.expect(200)["hash"]
+        .as_str()
+        .unwrap()
+        .to_owned()
+}
+
+async fn approve(b: &TestBroker, id: &str) -> common::Resp {
+    b.post(
+        &format!("/v1/approvals/{id}/decision"),
+        Some(&b.ops.approver),
+        &json!({ "decision": "approve", "reason": "reviewed the diff" }),
+    )
+    .await
+}
+
+async fn jwt_svid(b: &TestBroker, agent: &TestAgent) -> common::Resp {
+    let s = b.token(agent).await;
+    b.credential(
+        &s.token,
+        "jwt-svid",
+        Some(60),
+        Some(json!({ "audience": common::JWT_AUDIENCE })),
+    )
+    .await
+}
+
+async fn held_policy_approvals(b: &TestBroker) -> Vec<String> {
+    b.admin_get("/v1/approvals?state=pending&kind=provisioning")
+        .await
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|a| a["request"]["change"] == "policy")
+        .map(|a| a["id"].as_str().unwrap().to_owned())
+        .collect()
+}
+
+#[tokio::test]
+async fn a_held_widening_stays_held_across_a_restart_and_a_narrowing_applies() {
+    let mut b = TestBroker::start_with(Setup {
+        extra_config: "[provisioning]\nrequire_approval = true\napprovals = 1\n".into(),
+        ..Setup::default()
+    })
+    .await;
+    let agent = TestAgent::new("researcher", "ES256");
+    let held = b
+        .admin_post("/v1/agents", &agent.spec("research"))
+        .await
+        .expect(202);
+    approve(&b, held["approval"]["id"].as_str().unwrap())
+        .await
+        .expect(200);
+    let before = hash(&b).await;
+    std::fs::write(policy_dir(&b).join("research.cedar"), RESEARCH_JWT).unwrap();
+    let r = b
+        .post("/v1/policy/reload", Some(&b.ops.admin), &json!({}))
+        .await;
+    assert_eq!(r.status, 202, "{}", r.text);
+    let approval = r.json()["held"]["id"].as_str().unwrap().to_owned();
+
+    // A crash and a start with the widened files still on disk: the broker
+    // runs on the set that was active, and the same approval waits.
+    b.restart().await;
+    assert_eq!(hash(&b).await, before);
+    let r = jwt_svid(&b, &agent).await;
+    assert_eq!(r.status, 403, "{}", r.text);
+    assert_eq!(held_policy_approvals(&b).await, vec![approval.clone()]);
+
+    // Granted: that set becomes active, and stays so across a restart.
+    approve(&b, &approval).await.expect(200);
+    let widened = hash(&b).await;
+    assert_ne!(widened, before);
+    jwt_svid(&b, &agent).await.expect(201);
+    b.restart().await;
+    assert_eq!(hash(&b).await, widened);
+    jwt_svid(&b, &agent).await.expect(201);
+
+    // A narrowing on disk needs nobody's approval: a start applies it.
+    std::fs::remove_file(policy_dir(&b).join("research.cedar")).unwrap();
+    b.restart().await;
+    assert_ne!(hash(&b).await, widened);
+    let r = jwt_svid(&b, &agent).await;
+    assert_eq!(r.status, 403, "{}", r.text);
+    assert_eq!(held_policy_approvals(&b).await, Vec::<String>::new());
+}
