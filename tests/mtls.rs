@@ -350,11 +350,27 @@ async fn a_certificate_keygate_revoked_no_longer_authenticates() {
         "{v}"
     );
 
-    // Task end revokes too.
+    // Task end revokes too: the certificate opens nothing more, and the
+    // session it opened while live stops working with it.
     let cred = w.b.x509(&s.token, Some(600)).await;
+    let c = svid_client(&w, &cred);
+    let (status, v) = token(&c, &w, &agent.id).await.unwrap();
+    assert_eq!(status, 200, "{v}");
+    let bound = v["access_token"].as_str().unwrap().to_owned();
+    let ask = || {
+        c.post(format!("{}/v1/credentials", w.mtls))
+            .bearer_auth(&bound)
+            .json(&json!({ "scope": "x509-svid", "ttl": 60 }))
+            .send()
+    };
+    assert_eq!(ask().await.unwrap().status(), 201);
     w.b.complete(&s.token).await;
     let (status, _) = token(&svid_client(&w, &cred), &w, &agent.id).await.unwrap();
     assert_eq!(status, 401);
+    let r = ask().await.unwrap();
+    assert_eq!(r.status(), 401);
+    let text = r.text().await.unwrap();
+    assert!(text.contains("was revoked by provider"), "{text}");
 }
 
 #[tokio::test]

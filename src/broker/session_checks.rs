@@ -171,6 +171,17 @@ impl Broker {
         Ok(())
     }
 
+    /// The provider whose CA issued `cert` (DER) and has revoked it since:
+    /// a certificate Keygate revoked still chains to the trust bundle.
+    pub(crate) async fn certificate_revoked_by(&self, cert: &[u8]) -> Option<String> {
+        for (name, p) in self.registry.providers() {
+            if p.certificate_revoked(cert).await {
+                return Some(name.to_owned());
+            }
+        }
+        None
+    }
+
     /// Sender constraint of a session (RFC 9449 §7): a DPoP-bound token must
     /// come as `Authorization: DPoP` with a fresh, unreplayed proof by its
     /// key for this method and URL; an unbound one as `Bearer`.
@@ -187,10 +198,15 @@ impl Broker {
             method,
             path,
         } = *req;
-        if let Some(x5t) = &s.x5t
-            && cert.map(crate::server::tls::thumbprint).as_ref() != Some(x5t)
-        {
-            return Err("this session token is bound to a client certificate: call over mTLS with that certificate".into());
+        if let Some(x5t) = &s.x5t {
+            let Some(cert) = cert.filter(|c| &crate::server::tls::thumbprint(c) == x5t) else {
+                return Err("this session token is bound to a client certificate: call over mTLS with that certificate".into());
+            };
+            // Revoked since the task opened (released, its own task ended,
+            // a kill switch): the session it opened stops with it.
+            if let Some(name) = self.certificate_revoked_by(cert).await {
+                return Err(format!("the client certificate this session token is bound to was revoked by provider `{name}`").into());
+            }
         }
         let dpop_scheme = scheme.eq_ignore_ascii_case("dpop");
         let Some(jkt) = &s.jkt else {

@@ -57,13 +57,11 @@ impl Broker {
             .map_err(|e| OAuthError::new("invalid_client", e))?;
         // A certificate Keygate itself revoked (release, task end, kill
         // switch) chains to the bundle still: ask the CAs that issued it.
-        for (name, p) in self.registry.providers() {
-            if p.certificate_revoked(cert).await {
-                return Err(OAuthError::new(
-                    "invalid_client",
-                    format!("the client certificate was revoked by provider `{name}`"),
-                ));
-            }
+        if let Some(name) = self.certificate_revoked_by(cert).await {
+            return Err(OAuthError::new(
+                "invalid_client",
+                format!("the client certificate was revoked by provider `{name}`"),
+            ));
         }
         let agent = self
             .store
