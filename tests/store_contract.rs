@@ -323,6 +323,62 @@ async fn a_revocation_is_unfinished_until_its_last_lease_is_confirmed() {
     }
 }
 
+/// A renewal the reaper overtook: the lease is `expired`, the renewal's
+/// update finds it no longer active, and the lease is queued for revocation
+/// after all (its backend extended it); only an expired lease is.
+#[tokio::test]
+async fn an_expired_lease_a_renewal_extended_is_queued_for_revocation() {
+    use keygate::model::{LeaseState, now};
+    let (_dir, path) = db_path();
+    let store = open(&path).await;
+    agent_with_tasks(store.as_ref(), &["tk_1"], &[]).await;
+    let (expired, active) = (lease_in("tk_1"), lease_in("tk_1"));
+    let t = now();
+    let mut tx = store.begin().await.unwrap();
+    for (l, until) in [
+        (&expired, t - time::Duration::seconds(1)),
+        (&active, t + time::Duration::minutes(5)),
+    ] {
+        assert!(tx.insert_lease(l).await.unwrap().written());
+        tx.record_issued(
+            &l.id,
+            &serde_json::json!({}),
+            keygate::model::Revocability::Revocable,
+            until,
+        )
+        .await
+        .unwrap();
+    }
+    let gone = tx.expire_leases(t).await.unwrap();
+    assert_eq!(
+        gone.iter().map(|l| &l.id).collect::<Vec<_>>(),
+        [&expired.id]
+    );
+    assert!(
+        !tx.renew_lease(&expired.id, t + time::Duration::minutes(5))
+            .await
+            .unwrap()
+    );
+    assert!(
+        tx.revoke_expired(&expired.id, "renewed as it expired", t)
+            .await
+            .unwrap()
+    );
+    assert!(!tx.revoke_expired(&expired.id, "twice", t).await.unwrap());
+    assert!(
+        !tx.revoke_expired(&active.id, "not expired", t)
+            .await
+            .unwrap()
+    );
+    tx.commit().await.unwrap();
+    let state = |id: String| {
+        let store = std::sync::Arc::clone(&store);
+        async move { store.get_lease(&id).await.unwrap().unwrap().state }
+    };
+    assert_eq!(state(expired.id.clone()).await, LeaseState::Revoking);
+    assert_eq!(state(active.id.clone()).await, LeaseState::Active);
+}
+
 /// Lease writes racing each other (the SQLite engine batches them into
 /// one statement): each keeps its own fate. A lease of an ended task is
 /// refused without taking the others in its batch with it, every lease

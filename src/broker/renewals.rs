@@ -61,6 +61,11 @@ impl Broker {
         let max_ttl = time::Duration::seconds(s.agent.cap_ttl(spec.max_ttl.as_secs()) as i64);
         let not_after = (lease.created_at + max_ttl).min(s.task.expires_at);
         let t = now();
+        if lease.expires_at <= t {
+            return Err(BrokerError::Conflict(format!(
+                "lease `{lease_id}` has expired; request a new credential"
+            )));
+        }
         if not_after <= t + time::Duration::seconds(1) {
             return Err(BrokerError::NotRenewable(format!(
                 "lease `{lease_id}` has reached its limit (scope `max_ttl`, the agent's `max_ttl_secs` or the task's expiry)"
@@ -98,8 +103,23 @@ impl Broker {
         let actor = Actor::Agent(s.agent.id.clone());
         let mut tx = self.store.begin().await?;
         if !tx.renew_lease(&lease.id, expires_at).await? {
+            // The backend extended a credential whose lease ended meanwhile.
+            // Revoked or queued, the revocation kills it; marked expired by
+            // the reaper (which revokes nothing), the extension would
+            // outlive its lease: it is queued for revocation instead.
+            let reason = "expired while it was being renewed: the extension is revoked";
+            if tx.revoke_expired(&lease.id, reason, now()).await? {
+                tx.audit(
+                    AuditEvent::new(&actor, "lease.renewal_revoked")
+                        .about_lease(&lease)
+                        .reason(reason.to_owned()),
+                )
+                .await?;
+                tx.commit().await?;
+                self.leases.wake();
+            }
             return Err(BrokerError::Conflict(format!(
-                "lease `{lease_id}` ended while it was being renewed"
+                "lease `{lease_id}` ended while it was being renewed; request a new credential"
             )));
         }
         tx.audit(

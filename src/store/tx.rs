@@ -110,6 +110,15 @@ pub trait StoreTx: Send {
     /// Moves an active lease's expiry after a renewal. Returns `false` when
     /// the lease is no longer active (a revocation overtook the renewal).
     async fn renew_lease(&mut self, id: &str, expires_at: OffsetDateTime) -> StoreResult<bool>;
+    /// Queues an `expired` lease for revocation after all: its backend
+    /// extended the credential (a renewal) as the reaper marked it expired,
+    /// which revokes nothing. Returns `false` when it is not `expired`.
+    async fn revoke_expired(
+        &mut self,
+        id: &str,
+        reason: &str,
+        now: OffsetDateTime,
+    ) -> StoreResult<bool>;
     /// A pending lease whose provider refused: nothing exists to revoke.
     async fn mark_failed(&mut self, id: &str, error: &str, now: OffsetDateTime) -> StoreResult<()>;
     /// Queues live leases matching the selector for revocation. Returns the

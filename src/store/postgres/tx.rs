@@ -207,6 +207,24 @@ impl StoreTx for PostgresTx {
         leases::renew_lease(self, id, expires_at).await
     }
 
+    async fn revoke_expired(
+        &mut self,
+        id: &str,
+        reason: &str,
+        now: OffsetDateTime,
+    ) -> StoreResult<bool> {
+        let done = sqlx::query(
+            "UPDATE leases SET state = 'revoking', attempts = 0, last_error = NULL, \
+             next_attempt_at = $1, ended_at = NULL, end_reason = $2 WHERE id = $3 AND state = 'expired'",
+        )
+        .bind(unix(now))
+        .bind(reason)
+        .bind(id)
+        .execute(self.conn())
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
     async fn mark_failed(&mut self, id: &str, error: &str, now: OffsetDateTime) -> StoreResult<()> {
         leases::mark_failed(self, id, error, now).await
     }

@@ -190,6 +190,24 @@ impl StoreTx for SqliteTx {
         leases::renew_lease(self, id, expires_at).await
     }
 
+    async fn revoke_expired(
+        &mut self,
+        id: &str,
+        reason: &str,
+        now: OffsetDateTime,
+    ) -> StoreResult<bool> {
+        let done = sqlx::query(
+            "UPDATE leases SET state = 'revoking', attempts = 0, last_error = NULL, \
+             next_attempt_at = ?, ended_at = NULL, end_reason = ? WHERE id = ? AND state = 'expired'",
+        )
+        .bind(unix(now))
+        .bind(reason)
+        .bind(id)
+        .execute(self.tx.conn().await?)
+        .await?;
+        Ok(done.rows_affected() == 1)
+    }
+
     async fn mark_failed(&mut self, id: &str, error: &str, now: OffsetDateTime) -> StoreResult<()> {
         leases::mark_failed(self, id, error, now).await
     }
