@@ -223,6 +223,42 @@ async fn delegation_only_narrows_and_respects_targets_and_depth() {
     assert_eq!(introspect(&b, &deep_token).await["active"], false);
 }
 
+/// A delegator's `max_depth` lowered while its task is open binds that task
+/// and every task below it from then on, not only tasks opened later.
+#[tokio::test]
+async fn a_lowered_delegation_depth_binds_the_tasks_already_open() {
+    let (b, c) = start().await;
+    let parent = b.token(&c.orch).await;
+    let v = exchange(&b, &parent.token, &c.sub, None).await.expect(200);
+    let sub_token = v["access_token"].as_str().unwrap().to_owned();
+    // The orchestrator may now delegate one level only: its sub-agent's
+    // task, at that level already, may not pass it on.
+    let r = b
+        .call(
+            reqwest::Method::PATCH,
+            &format!("/v1/agents/{}", c.orch.id),
+            Some(&b.ops.admin),
+            Some(&json!({ "delegation": { "max_depth": 1, "targets": [c.sub.id, c.narrow.id] } })),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let r = exchange(&b, &sub_token, &c.deep, Some("x509-svid")).await;
+    assert_eq!(r.json()["error"], "invalid_grant", "{}", r.text);
+    assert!(r.text.contains("depth limit"), "{}", r.text);
+    // Lowered to 0: its own open task may not delegate at all.
+    let r = b
+        .call(
+            reqwest::Method::PATCH,
+            &format!("/v1/agents/{}", c.orch.id),
+            Some(&b.ops.admin),
+            Some(&json!({ "delegation": { "max_depth": 0, "targets": [c.sub.id, c.narrow.id] } })),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let r = exchange(&b, &parent.token, &c.sub, None).await;
+    assert_eq!(r.json()["error"], "invalid_grant", "{}", r.text);
+}
+
 #[tokio::test]
 async fn introspection_and_revocation_of_session_tokens() {
     let (b, c) = start().await;

@@ -130,7 +130,25 @@ impl Broker {
                 ),
             ));
         }
-        if parent.task.delegation_budget == 0 {
+        // The budget the task opened with, cut by what each delegator's
+        // registration allows now: a `max_depth` lowered since binds the
+        // tasks already open too.
+        let mut budget = parent.task.delegation_budget.min(from.delegation.max_depth);
+        for (depth, id) in parent.task.chain.iter().enumerate() {
+            let allows = match self
+                .store
+                .get_agent(id)
+                .await
+                .map_err(|e| super::sessions::internal(&e))?
+            {
+                Some(a) => (depth as u8)
+                    .saturating_add(a.delegation.max_depth)
+                    .saturating_sub(parent.task.depth),
+                None => 0,
+            };
+            budget = budget.min(allows);
+        }
+        if budget == 0 {
             return Err(OAuthError::new(
                 "invalid_grant",
                 format!(
@@ -162,7 +180,7 @@ impl Broker {
             end_reason: None,
             parent_task_id: Some(parent.task.id.clone()),
             depth: parent.task.depth + 1,
-            delegation_budget: (parent.task.delegation_budget - 1).min(child.delegation.max_depth),
+            delegation_budget: (budget - 1).min(child.delegation.max_depth),
             scopes: Some(requested.clone()),
             chain: chain.clone(),
             // A sub-agent acts for whomever its orchestrator acts for.
