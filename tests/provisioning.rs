@@ -319,3 +319,53 @@ async fn a_denied_registration_cancels_the_agents_other_held_changes() {
     assert_eq!(status(&b, &agent.id).await, "decommissioned");
     assert_eq!(open_approvals(&b, &agent.id).await, Vec::<Value>::new());
 }
+
+/// Lifting an exclusion gives the agent its scope back: a widening, held
+/// for approval like any other, and lifted only once it is granted.
+#[tokio::test]
+async fn lifting_an_exclusion_waits_for_approval() {
+    let b = TestBroker::start_with(Setup {
+        extra_config: PROVISIONING.into(),
+        ..Setup::default()
+    })
+    .await;
+    let agent = TestAgent::new("included", "ES256");
+    let id = register_in(&b, &agent, "platform").await;
+    decide(&b, &id, "approve").await.expect(200);
+    let path = format!("/v1/agents/{}/exclusions", agent.id);
+    b.admin_post(
+        &path,
+        &json!({ "scope": "x509-svid", "reason": "not needed" }),
+    )
+    .await
+    .expect(200);
+    let (lift, body) = (
+        format!("{path}/x509-svid"),
+        json!({ "reason": "needed again" }),
+    );
+    let include = || {
+        b.call(
+            reqwest::Method::DELETE,
+            &lift,
+            Some(&b.ops.admin),
+            Some(&body),
+        )
+    };
+    let held = include().await.expect(202);
+    let approval = held["approval"]["id"].as_str().unwrap().to_owned();
+    assert_eq!(held["widened_scopes"], json!(["x509-svid"]), "{held}");
+    // Asked again: the same approval; meanwhile the scope stays excluded.
+    assert_eq!(
+        include().await.expect(202)["approval"]["id"],
+        approval.as_str()
+    );
+    let s = b.token(&agent).await;
+    let r = b.credential(&s.token, "x509-svid", Some(60), None).await;
+    assert_eq!(r.status, 403, "{}", r.text);
+
+    decide(&b, &approval, "approve").await.expect(200);
+    b.x509(&s.token, Some(60)).await;
+    let ev = b.audit("action=agent.scope_included").await;
+    assert_eq!(ev.len(), 1, "{ev:?}");
+    assert_eq!(ev[0]["details"]["approval"], approval.as_str(), "{ev:?}");
+}

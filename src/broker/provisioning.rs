@@ -130,6 +130,13 @@ impl Broker {
                 )
                 .await?;
             }
+            ("include", ApprovalState::Approved) => {
+                let scope = a.request["scope"].as_str().unwrap_or_default();
+                let reason = a.request["reason"].as_str().unwrap_or_default();
+                // Lifted meanwhile by other means: nothing left to do.
+                self.lift_exclusion(tx, actor, &a.agent_id, scope, reason, Some(&a.id))
+                    .await?;
+            }
             _ => {}
         }
         Ok(())

@@ -7,8 +7,8 @@
 
 use crate::audit::{Actor, AuditEvent};
 use crate::broker::{Broker, BrokerError, BrokerResult};
-use crate::model::{AgentStatus, Exclusion, now};
-use crate::store::LeaseSelector;
+use crate::model::{Agent, AgentStatus, Approval, ApprovalKind, ApprovalState, Exclusion, now};
+use crate::store::{LeaseSelector, StoreTx};
 
 use super::people::{Departure, Person, normalize};
 
@@ -83,31 +83,122 @@ impl Broker {
         Ok(true)
     }
 
-    /// Lifts an exclusion: policy alone decides the scope again.
+    /// Lifts an exclusion: policy alone decides the scope again. With
+    /// `[provisioning] require_approval`, lifting one that lets the agent
+    /// reach the scope again widens it, and waits for approval like any
+    /// widening: the approval is returned, nothing is lifted yet.
     pub async fn include_scope(
         &self,
         actor: &Actor,
         agent_id: &str,
         scope: &str,
         reason: &str,
-    ) -> BrokerResult<()> {
+    ) -> BrokerResult<Option<Approval>> {
         let agent = self.agent(agent_id).await?;
-        let Some(was) = agent.exclusion(scope) else {
+        if agent.exclusion(scope).is_none() {
             return Err(BrokerError::NotFound(format!(
                 "agent `{agent_id}` has no standing exclusion of scope `{}`",
                 crate::limits::claimed_label(scope)
             )));
+        }
+        if self.config.provisioning.require_approval {
+            let reaches = |a: &Agent| {
+                self.reachable_scopes(&Agent {
+                    status: AgentStatus::Active,
+                    ..a.clone()
+                })
+                .iter()
+                .any(|s| s == scope)
+            };
+            let mut lifted = agent.clone();
+            lifted.excluded_scopes.remove(scope);
+            if reaches(&lifted) && !reaches(&agent) {
+                return self
+                    .hold_include(actor, &agent, scope, reason)
+                    .await
+                    .map(Some);
+            }
+        }
+        let mut tx = self.store.begin().await?;
+        if !self
+            .lift_exclusion(&mut *tx, actor, agent_id, scope, reason, None)
+            .await?
+        {
+            return Err(BrokerError::Conflict(format!(
+                "the exclusion of `{scope}` from `{agent_id}` was lifted already"
+            )));
+        }
+        tx.commit().await?;
+        Ok(None)
+    }
+
+    /// The provisioning approval for lifting `scope`'s exclusion (the one
+    /// already waiting, if asked again).
+    async fn hold_include(
+        &self,
+        actor: &Actor,
+        agent: &Agent,
+        scope: &str,
+        reason: &str,
+    ) -> BrokerResult<Approval> {
+        let waiting = self
+            .store
+            .list_approvals(&crate::model::ApprovalFilter {
+                kind: Some(ApprovalKind::Provisioning),
+                state: Some(ApprovalState::Pending),
+                agent: Some(agent.id.clone()),
+                ..Default::default()
+            })
+            .await?
+            .into_iter()
+            .find(|a| a.request["change"] == "include" && a.request["scope"] == scope);
+        if let Some(a) = waiting {
+            return Ok(a);
+        }
+        let mut tx = self.store.begin().await?;
+        let approval = self
+            .open_provisioning_approval(
+                &mut *tx,
+                actor,
+                agent,
+                serde_json::json!({
+                    "change": "include", "scope": scope,
+                    "reason": crate::limits::clip_message(reason.trim()),
+                    "widened_scopes": [scope], "status": agent.status,
+                }),
+                format!(
+                    "agent `{}`: lifting the exclusion of `{scope}` widens it to: {scope}",
+                    agent.id
+                ),
+            )
+            .await?;
+        tx.commit().await?;
+        self.notifier.wake();
+        Ok(approval)
+    }
+
+    /// Marks the exclusion of `scope` lifted, audited (naming the approval
+    /// that granted it, if any). `false`: it was lifted already.
+    pub(crate) async fn lift_exclusion(
+        &self,
+        tx: &mut dyn StoreTx,
+        actor: &Actor,
+        agent_id: &str,
+        scope: &str,
+        reason: &str,
+        approval: Option<&str>,
+    ) -> BrokerResult<bool> {
+        let agent = self.agent(agent_id).await?;
+        let Some(was) = agent.exclusion(scope) else {
+            return Ok(false);
         };
         let lifted = Exclusion {
             lifted_by: Some(actor.render()),
             lifted_at: Some(now()),
             ..was.clone()
         };
-        let mut tx = self.store.begin().await?;
         if !tx.put_exclusion(agent_id, scope, &lifted).await? {
-            return Err(BrokerError::Conflict(format!(
-                "the exclusion of `{scope}` from `{agent_id}` was lifted already"
-            )));
+            return Ok(false);
         }
         tx.audit(
             AuditEvent::new(actor, "agent.scope_included")
@@ -115,11 +206,11 @@ impl Broker {
                 .scope(scope)
                 .reason(crate::limits::clip_message(reason.trim()))
                 .details(serde_json::json!({
-                    "excluded_by": was.by, "excluded_for": was.reason,
+                    "excluded_by": was.by, "excluded_for": was.reason, "approval": approval,
                 })),
         )
         .await?;
-        tx.commit().await.map_err(Into::into)
+        Ok(true)
     }
 
     /// Records that `email` left (idempotent: the first departure stands).

@@ -192,7 +192,8 @@ pub async fn exclude(
     summary = "Lift an exclusion (admin)",
     params(("id" = String, Path, description = "The agent"), ("scope" = String, Path, description = "The scope")),
     request_body(content = Option<ReasonBody>, description = "Optional"),
-    responses((status = 200, description = "The agent", body = crate::model::Agent)))]
+    responses((status = 200, description = "The agent", body = crate::model::Agent),
+        (status = 202, description = "Held for provisioning approval (`require_approval`): the agent as it is and the approval")))]
 pub async fn include(
     State(b): State<AppState>,
     op: Operator,
@@ -206,8 +207,17 @@ pub async fn include(
     } else {
         r.reason
     };
-    b.include_scope(&op.actor(), &id, &scope, &reason).await?;
-    Ok(Json(b.agent(&id).await?))
+    let held = b.include_scope(&op.actor(), &id, &scope, &reason).await?;
+    let agent = b.agent(&id).await?;
+    Ok(match held {
+        None => (StatusCode::OK, Json(serde_json::json!(agent))),
+        Some(approval) => (
+            StatusCode::ACCEPTED,
+            Json(serde_json::json!({
+                "agent": agent, "approval": approval, "widened_scopes": [scope],
+            })),
+        ),
+    })
 }
 
 /// `POST /v1/ascode/plan` (admin, auditor): what applying the agent files
