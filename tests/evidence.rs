@@ -98,6 +98,14 @@ async fn the_evidence_pack_holds_the_periods_records_and_verifies_against_the_au
     let now = time::OffsetDateTime::now_utc()
         .format(&time::format_description::well_known::Rfc3339)
         .unwrap();
+    // A review does not come with the change it reviews (it would certify
+    // itself), nor from the future.
+    let r = patch(json!({ "sponsor": "someone@keygate.test", "last_review_at": now })).await;
+    assert_eq!(r.status, 400, "{}", r.text);
+    assert!(r.text.contains("new owner's review"), "{}", r.text);
+    let r = patch(json!({ "last_review_at": "2999-01-01T00:00:00Z" })).await;
+    assert_eq!(r.status, 400, "{}", r.text);
+    assert!(r.text.contains("future"), "{}", r.text);
     patch(json!({ "last_review_at": now })).await.expect(200);
     let compliance = b
         .admin_get(&format!("/v1/agents/{}/compliance", worker.id))

@@ -117,7 +117,22 @@ impl AgentUpdate {
             max_ttl_secs: self.max_ttl_secs.or(agent.max_ttl_secs),
         };
         spec.validate()?;
-        if agent.team != spec.team || agent.sponsor != spec.sponsor {
+        let moved = agent.team != spec.team || agent.sponsor != spec.sponsor;
+        if let Some(at) = self.last_review_at {
+            // A review is the new owner's, after the change: recorded with
+            // it, the change would certify itself.
+            if moved {
+                return Err(super::BrokerError::InvalidRequest(
+                    "`last_review_at` cannot be set in the change that moves the agent's team or sponsor: the new owner's review is recorded after it".into(),
+                ));
+            }
+            if at > crate::model::now() + time::Duration::minutes(5) {
+                return Err(super::BrokerError::InvalidRequest(
+                    "`last_review_at` is in the future: record a review that happened".into(),
+                ));
+            }
+        }
+        if moved {
             agent.owner_changed_at = Some(crate::model::now());
         }
         agent.team = spec.team;
