@@ -141,6 +141,49 @@ async fn a_dormant_agent_is_flagged_then_suspended_and_a_resume_is_respected() {
     assert_eq!(dormant["close_reason"], "resolved", "{dormant} {r}");
 }
 
+/// A dormant agent suspended by someone else before its deadline: the
+/// sweep has carried nothing out, so nothing is recorded as done; resumed
+/// while still dormant, the next sweep suspends it then.
+#[tokio::test]
+async fn a_lifecycle_action_someone_else_took_first_is_not_recorded_as_done() {
+    let b = TestBroker::start_with(Setup::permissive()).await;
+    let agent = TestAgent::new("dormant-too", "ES256");
+    b.register(&agent, "platform").await;
+    age(&b, &agent.id, 70, Some(61)).await;
+    sweep(&b).await;
+    b.admin_post(
+        &format!("/v1/agents/{}/suspend", agent.id),
+        &json!({ "reason": "incident" }),
+    )
+    .await
+    .expect(200);
+    age(&b, &agent.id, 90, Some(76)).await;
+    let r = sweep(&b).await;
+    assert!(
+        !r["acted"].to_string().contains(&agent.id),
+        "nothing was carried out: {r}"
+    );
+    let acted = |evs: Vec<Value>| evs.iter().any(|e| e["agent"] == agent.id.as_str());
+    assert!(!acted(b.audit("action=governance.action").await));
+
+    b.admin_post(
+        &format!("/v1/agents/{}/resume", agent.id),
+        &json!({ "reason": "incident closed" }),
+    )
+    .await
+    .expect(200);
+    let r = sweep(&b).await;
+    assert!(
+        r["acted"]
+            .as_array()
+            .unwrap()
+            .contains(&json!([agent.id, "suspend"])),
+        "{r}"
+    );
+    assert_eq!(status(&b, &agent.id).await, "suspended");
+    assert!(acted(b.audit("action=governance.action").await));
+}
+
 #[tokio::test]
 async fn lifecycle_policies_match_by_tier_and_decommission_when_configured() {
     let mut setup = Setup::permissive();

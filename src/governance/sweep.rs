@@ -499,6 +499,13 @@ impl Broker {
                 LifecycleAction::Decommission => AgentStatus::Decommissioned,
             };
             let current = self.agent(&a.id).await?.status;
+            if to == AgentStatus::Suspended && current == AgentStatus::Suspended {
+                // Suspended by other means (an admin, a detector, the kill
+                // switch): the action has not been carried out, so it is
+                // not recorded as done. Should the agent be resumed while
+                // the finding stands, the next sweep suspends it then.
+                continue;
+            }
             let applies = match to {
                 AgentStatus::Suspended => {
                     matches!(current, AgentStatus::Active | AgentStatus::Pending)
