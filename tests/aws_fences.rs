@@ -362,6 +362,59 @@ when { resource.provider == "aws" && !resource.sensitive && resource != Keygate:
 "#;
 
 /// The fences standing on `role` named `name`.
+/// A kill switch by one provider ends whole tasks, so it revokes their
+/// leases of other providers too; an STS session among them, which AWS
+/// cannot revoke, is fenced by session, as a policy change's is.
+#[tokio::test]
+async fn a_kill_switch_by_provider_fences_the_sts_sessions_of_the_tasks_it_ends() {
+    let moto = Moto::start().await;
+    moto.create_role("reports").await;
+    moto.create_role("billing").await;
+    let x509 = "[[scopes]]\nname = \"x509-svid\"\nprovider = \"ca\"\nmax_ttl_secs = 3600\nparams = { kind = \"x509_svid\" }\n";
+    let mut setup = moto.setup(&format!("{}\n{x509}", scopes()));
+    setup.policies.push(common::config::permit_provider("ca"));
+    let b = TestBroker::start_with(setup).await;
+    let (agent, token, leases) = with_sessions(&b, "mixed", &["reports"]).await;
+    b.x509(&token, Some(600)).await;
+    let all = b.admin_get("/v1/leases").await;
+    let task = all
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|l| l["id"] == leases[0].as_str())
+        .unwrap()["task_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let rv = b
+        .post(
+            "/v1/revocations",
+            Some(&b.ops.secops),
+            &json!({ "provider": "ca", "reason": "ca rotation" }),
+        )
+        .await
+        .expect(200);
+    let name = format!("keygate-revoked-sessions-{}", agent.id);
+    let fences = standing(&b, "reports", &name).await;
+    assert_eq!(fences.len(), 1, "{fences:?} {rv}");
+    assert_eq!(
+        fences[0]["revocation_id"], rv["revocation_id"],
+        "{fences:?}"
+    );
+    let doc = moto.role_policy("reports", &name).await.unwrap();
+    let cond = deny_condition(&doc);
+    assert_eq!(
+        cond["StringEquals"]["aws:SourceIdentity"],
+        agent.id.as_str()
+    );
+    assert_eq!(
+        cond["StringLike"]["aws:userid"],
+        json!([format!("*:{task}")])
+    );
+    // The role the task never used is left alone.
+    assert!(moto.role_policy("billing", &name).await.is_none());
+}
+
 async fn standing(b: &TestBroker, role: &str, name: &str) -> Vec<Value> {
     b.admin_get("/v1/fences?active=true")
         .await

@@ -201,11 +201,12 @@ impl Broker {
         // One rule for every way a task ends: all of its live leases are
         // queued in the same commit. A selector by provider ends whole tasks,
         // so their leases of other providers go too.
+        let mut others = Vec::new();
         if !tasks.is_empty() {
-            queued.extend(
-                tx.queue_revocations(&LeaseSelector::Tasks(tasks.clone()), &why, Some(&id), t)
-                    .await?,
-            );
+            others = tx
+                .queue_revocations(&LeaseSelector::Tasks(tasks.clone()), &why, Some(&id), t)
+                .await?;
+            queued.extend(others.iter().cloned());
         }
         tx.audit(
             AuditEvent::new(&actor, "revocation.emergency")
@@ -225,6 +226,13 @@ impl Broker {
         let fenced = self
             .put_up_fences(&actor, &id, &selector, req.revoke_older_sessions, cut_off)
             .await?;
+        // Leases of other providers in the tasks a provider's kill switch
+        // ended are not the selector's: where their backend cannot revoke
+        // them one by one (STS), their sessions are fenced as a policy
+        // change's are.
+        if matches!(selector, Selector::Provider(_)) && !others.is_empty() {
+            self.fence_sessions(&actor, &id, &others).await;
+        }
         self.await_revocation(&id, req.wait.unwrap_or(5)).await?;
         let leases = self.store.revocation_progress(&id).await?;
         Ok(RevocationReport {
