@@ -12,6 +12,7 @@ mod agent_moves;
 mod approval_notifications;
 mod approval_policy;
 mod approvals;
+mod approvals_delegated;
 mod approvals_restarts;
 mod ascode;
 mod console;

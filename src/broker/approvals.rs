@@ -115,6 +115,21 @@ impl Broker {
             // Approvers see why a scope that needs no approval asks for one.
             request["step_up"] = serde_json::json!(incident);
         }
+        // In a delegated task the request is every delegator's too: the
+        // highest tier on the chain sets the quorum and whether it must be
+        // decided in Keygate, and no delegator's sponsor approves it alone.
+        let mut tiers = vec![s.agent.risk_tier];
+        let mut delegator_sponsors = Vec::new();
+        for id in &s.task.chain {
+            if let Some(d) = self.store.get_agent(id).await? {
+                tiers.push(d.risk_tier);
+                delegator_sponsors.push(d.sponsor);
+            }
+        }
+        let top_tier = tiers.iter().copied().max().unwrap_or(s.agent.risk_tier);
+        if !delegator_sponsors.is_empty() {
+            request["delegator_sponsors"] = serde_json::json!(delegator_sponsors);
+        }
         let waiting = self
             .store
             .list_approvals(&crate::model::ApprovalFilter {
@@ -160,7 +175,7 @@ impl Broker {
                 waiting.len()
             )));
         }
-        let tier = usize::from(s.agent.risk_tier.clamp(1, 3)) - 1;
+        let tier = usize::from(top_tier.clamp(1, 3)) - 1;
         let cfg = &self.config.approvals;
         let t = now();
         let expires_at =
@@ -179,7 +194,7 @@ impl Broker {
             approver_teams: scope_cfg.approver_teams.clone(),
             sponsor: s.agent.sponsor.clone(),
             sponsor_alone: cfg.sponsor_may_approve_alone,
-            confirm_in_api: cfg.confirm_in_api_tiers.contains(&s.agent.risk_tier),
+            confirm_in_api: tiers.iter().any(|t| cfg.confirm_in_api_tiers.contains(t)),
             created_at: t,
             expires_at,
             decided_at: None,
@@ -395,9 +410,13 @@ impl Broker {
             // The sponsor when it was asked and the sponsor now: a sponsor
             // named meanwhile answers for the agent just the same.
             let now_sponsor = self.store.get_agent(&a.agent_id).await?.map(|g| g.sponsor);
-            let sponsors = [Some(a.sponsor.as_str()), now_sponsor.as_deref()];
-            let sponsor_of =
-                |o: &OperatorConfig| sponsors.iter().flatten().any(|s| Self::is_sponsor(o, s));
+            let delegators = a.request["delegator_sponsors"].as_array();
+            let sponsors: Vec<&str> = [Some(a.sponsor.as_str()), now_sponsor.as_deref()]
+                .into_iter()
+                .flatten()
+                .chain(delegators.into_iter().flatten().filter_map(|v| v.as_str()))
+                .collect();
+            let sponsor_of = |o: &OperatorConfig| sponsors.iter().any(|s| Self::is_sponsor(o, s));
             let others = a.approvals().any(|d| {
                 self.operator_config(&d.operator)
                     .map(|o| !sponsor_of(o))

@@ -1,0 +1,73 @@
+//! Approvals asked in a delegated task: the request is every delegator's
+//! too, so the highest risk tier on the chain sets the quorum, and no
+//! delegator's sponsor approves it alone.
+#![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
+
+use crate::approvals::{ask, decide, world_with};
+use crate::common::{TestAgent, TestBroker};
+use serde_json::json;
+
+/// Lets tier-3 agents reach the CA's scopes too (the world's own permit
+/// stops at tier 2).
+const PERMIT_TIER_3: &str = r#"
+@id("test-permit-tier-3-ca")
+permit (principal, action == Keygate::Action::"request_credential", resource)
+when { resource.provider == "ca" && principal.risk_tier == 3 };
+"#;
+
+/// `orchestrator` (tier `tier`, sponsored by `owner@keygate.test`, the
+/// operator `owner`) delegates `any-approver` to a tier-1 sub-agent with a
+/// sponsor of its own; the sub-agent's child-task token.
+async fn delegated(b: &TestBroker, prefix: &str, tier: u8) -> String {
+    let sub = TestAgent::new(&format!("{prefix}-sub"), "ES256");
+    let mut spec = sub.spec("platform");
+    spec["risk_tier"] = json!(1);
+    spec["sponsor"] = json!("sub-owner@keygate.test");
+    b.admin_post("/v1/agents", &spec).await.expect(201);
+    let orch = TestAgent::new(&format!("{prefix}-orch"), "ES256");
+    let mut spec = orch.spec("platform");
+    spec["risk_tier"] = json!(tier);
+    spec["delegation"] = json!({ "max_depth": 1, "targets": [sub.id] });
+    b.admin_post("/v1/agents", &spec).await.expect(201);
+    let parent = b.token(&orch).await;
+    let assertion = sub.assertion();
+    let r = b
+        .token_form(&[
+            (
+                "grant_type",
+                "urn:ietf:params:oauth:grant-type:token-exchange",
+            ),
+            ("subject_token", parent.token.as_str()),
+            (
+                "subject_token_type",
+                "urn:ietf:params:oauth:token-type:access_token",
+            ),
+            ("actor_token", assertion.as_str()),
+            ("actor_token_type", "urn:ietf:params:oauth:token-type:jwt"),
+            ("scope", "any-approver"),
+        ])
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    r.json()["access_token"].as_str().unwrap().to_owned()
+}
+
+#[tokio::test]
+async fn a_delegated_request_is_approved_as_its_highest_delegator_would_be() {
+    let w = world_with("", &[("tier3.cedar", PERMIT_TIER_3)]).await;
+    let (b, ap) = (&w.b, &w.ap);
+
+    // A tier-1 sub-agent asking for a tier-3 orchestrator: tier 3's quorum.
+    let token = delegated(b, "t3", 3).await;
+    let id = ask(b, &token, "any-approver").await;
+    let a = b.admin_get(&format!("/v1/approvals/{id}")).await;
+    assert_eq!(a["required"], 2, "{a}");
+
+    // The orchestrator's sponsor may not be the only approver.
+    let token = delegated(b, "t1", 1).await;
+    let id = ask(b, &token, "any-approver").await;
+    let r = decide(b, &ap.owner, &id, "approve").await;
+    assert_eq!(r.status, 403, "{}", r.text);
+    assert!(r.text.contains("separation of duties"), "{}", r.text);
+    let v = decide(b, &ap.carol, &id, "approve").await.expect(200);
+    assert_eq!(v["state"], "approved", "{v}");
+}
