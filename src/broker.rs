@@ -128,6 +128,10 @@ pub struct Broker {
     pub revocation_looks: RevocationLooks,
     /// Set when the server begins to stop.
     pub stopping: Stopping,
+    /// Counts agents whose attributes changed (bumped before what they
+    /// hold is judged again): a credential request that read its agent
+    /// before a change judges its lease again once written (`Session`).
+    pub agents_changed: std::sync::atomic::AtomicU64,
 }
 
 /// Set once the server begins to stop (SIGTERM, SIGINT). A request that

@@ -116,6 +116,7 @@ pub async fn build_broker(config: Config) -> anyhow::Result<Broker> {
         validation,
         revocation_looks: Default::default(),
         stopping: Default::default(),
+        agents_changed: Default::default(),
     };
     if broker.validation.enabled() {
         let n = broker

@@ -170,3 +170,101 @@ async fn requests_racing_an_exclusion_leave_nothing_live_in_its_scope() {
         .await
         .expect(403);
 }
+
+/// Lets the research team obtain JWT-SVIDs (so an agent moved there still
+/// reaches a scope, and its task stays open).
+const RESEARCH_JWT: &str = r#"
+@id("research-jwt")
+permit (principal, action == Keygate::Action::"request_credential", resource == Keygate::Scope::"jwt-svid")
+when { principal.team == "research" };
+"#;
+
+/// X.509-SVID requests racing an admin's move of their agent to a team that
+/// may not hold them (but may hold JWT-SVIDs, so its task stays open): a
+/// request that read its agent before the move and wrote its lease after
+/// the move's scan of what the agent holds judges that lease again.
+/// Whatever the interleaving, once the move has answered and the requests
+/// stopped, no X.509 lease of the agent is live and every certificate
+/// handed over is on the CRL.
+#[tokio::test]
+async fn requests_racing_an_agents_move_leave_nothing_live_it_may_no_longer_hold() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    let b = Arc::new(
+        TestBroker::start_with(Setup {
+            policies: vec![("research.cedar".into(), RESEARCH_JWT.into())],
+            ..Setup::default()
+        })
+        .await,
+    );
+    let agent = TestAgent::new("mover", "ES256");
+    b.register(&agent, "platform").await;
+    let s = b.token_ttl(&agent, Some(3600)).await;
+    let issued = Arc::new(AtomicUsize::new(0));
+    let mut workers = Vec::new();
+    for _ in 0..4 {
+        let (b, token, issued) = (b.clone(), s.token.clone(), issued.clone());
+        workers.push(tokio::spawn(async move {
+            let mut certs = Vec::new();
+            for _ in 0..150 {
+                let r = b.credential(&token, "x509-svid", Some(600), None).await;
+                match r.status.as_u16() {
+                    201 => {
+                        let v: Value = serde_json::from_str(&r.text).unwrap();
+                        certs.push(v["credential"]["certificate"].as_str().unwrap().to_owned());
+                        issued.fetch_add(1, Ordering::SeqCst);
+                    }
+                    // Denied on the new team, or judged again and refused.
+                    403 => break,
+                    other => panic!("unexpected {other}: {}", r.text),
+                }
+            }
+            certs
+        }));
+    }
+    eventually("some certificates issued", || async {
+        (issued.load(Ordering::SeqCst) >= 20).then_some(())
+    })
+    .await;
+    let r = b
+        .call(
+            reqwest::Method::PATCH,
+            &format!("/v1/agents/{}", agent.id),
+            Some(&b.ops.admin),
+            Some(&json!({ "team": "research" })),
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let mut certs = Vec::new();
+    for w in workers {
+        certs.extend(w.await.unwrap());
+    }
+    assert!(certs.len() >= 20, "{}", certs.len());
+    let live = || {
+        let b = b.clone();
+        let agent = agent.id.clone();
+        async move {
+            let mut n = 0;
+            for state in ["active", "pending", "revoking"] {
+                n += b
+                    .leases(&format!("agent={agent}&state={state}&limit=1000"))
+                    .await
+                    .into_iter()
+                    .filter(|l| l["scope"] == "x509-svid")
+                    .count();
+            }
+            n
+        }
+    };
+    eventually("every x509 lease ended", || async {
+        (live().await == 0).then_some(())
+    })
+    .await;
+    for cert in &certs {
+        let v = b.verify(&json!({ "x509_svid": cert })).await;
+        assert_eq!(v["valid"], false, "a certificate outlived the move: {v}");
+    }
+    // The task itself stays open: the agent still reaches JWT-SVIDs.
+    b.jwt_svid(&s.token, Some(60)).await;
+}

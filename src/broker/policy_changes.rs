@@ -288,6 +288,10 @@ impl Broker {
         actor: &Actor,
         agent_id: &str,
     ) -> BrokerResult<Vec<String>> {
+        // Before the scan: a credential request that read the agent before
+        // the change and writes its lease after the scan judges it again.
+        self.agents_changed
+            .fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         let policy = self.policy.current();
         let gone = self
             .not_permitted(&policy, &Selector::Agent(agent_id.to_owned()))

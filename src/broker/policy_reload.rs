@@ -314,8 +314,25 @@ impl Broker {
                 "scope `{}` was excluded from agent `{}` while this request was decided ({}: {})",
                 lease.scope, s.agent.id, e.by, e.reason
             )
+        } else if self.config.policy.on_change != super::OnChange::Revoke {
+            return Ok(());
+        } else if self
+            .agents_changed
+            .load(std::sync::atomic::Ordering::SeqCst)
+            != s.agents_seen
+            && let Some(agent) = self.store.get_agent(&s.agent.id).await?
+            && !self
+                .still_permitted(&policy, &agent, &s.task, lease, Some(ttl))
+                .await?
+        {
+            // An agent changed after this request read its own, and the
+            // scan of what it holds may have run before this lease was
+            // written.
+            format!(
+                "agent `{}` changed while this request was decided; it is no longer permitted this scope",
+                s.agent.id
+            )
         } else if decided_hash.is_none_or(|h| h == policy.hash())
-            || self.config.policy.on_change != super::OnChange::Revoke
             || self
                 .still_permitted(&policy, &s.agent, &s.task, lease, Some(ttl))
                 .await?

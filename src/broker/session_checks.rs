@@ -42,6 +42,9 @@ impl Broker {
     /// and its agent still active. Ended tasks fail here at once.
     pub async fn session(&self, token: &str) -> Result<Session, SessionRefusal> {
         let claims = self.signer.verify(token).map_err(|e| e.to_string())?;
+        let agents_seen = self
+            .agents_changed
+            .load(std::sync::atomic::Ordering::SeqCst);
         let (task, agent) = self
             .store
             .task_with_agent(&claims.task_id)
@@ -66,6 +69,7 @@ impl Broker {
         Ok(Session {
             agent,
             task,
+            agents_seen,
             jkt: claims
                 .cnf
                 .as_ref()

@@ -173,6 +173,8 @@ pub struct Session {
     /// The address this request came from (set by the HTTP layer), kept
     /// with each credential it mints for per-scope usage.
     pub source: Option<std::net::IpAddr>,
+    /// [`Broker::agents_changed`] before the agent was read.
+    pub agents_seen: u64,
 }
 
 impl Broker {
