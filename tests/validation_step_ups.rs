@@ -77,6 +77,62 @@ async fn a_new_delegation_target_steps_up_the_orchestrator_and_every_request_mad
     assert_eq!(ask(&b, &http, &own, "x509-svid").await, 201);
 }
 
+/// Two step-ups on one agent: the stricter holds. An incident that steps up
+/// only sensitive scopes, opened while one that steps up every scope is
+/// open, does not loosen it; once that one is resolved, the other holds.
+#[tokio::test]
+async fn a_weaker_step_up_does_not_loosen_a_stricter_one() {
+    let b = TestBroker::start_with(Setup {
+        extra_config: "[validation]\nwarm_up_observations = 3\n\n\
+            [[detectors]]\nname = \"new-delegate\"\nsignal = \"new_delegation_target\"\nseverity = \"high\"\naction = \"step_up\"\n\n\
+            [[detectors]]\nname = \"new-network\"\nsignal = \"new_source_network\"\nseverity = \"medium\"\naction = \"step_up\"\nstep_up_scopes = \"sensitive\"\n"
+            .into(),
+        ..Setup::permissive()
+    })
+    .await;
+    let (orch, first, second) = (
+        TestAgent::new("strict", "ES256"),
+        TestAgent::new("strict-helper", "ES256"),
+        TestAgent::new("strict-stranger", "ES256"),
+    );
+    let mut spec = orch.spec("platform");
+    spec["delegation"] = json!({ "max_depth": 1, "targets": [first.id, second.id] });
+    b.admin_post("/v1/agents", &spec).await.expect(201);
+    b.register(&first, "platform").await;
+    b.register(&second, "platform").await;
+    let http = reqwest::Client::new();
+    let t = open_task(&b, &http, &orch).await;
+    assert_eq!(ask(&b, &http, &t, "x509-svid").await, 201);
+    delegate(&b, &t, &first).await;
+    delegate(&b, &t, &first).await;
+    // Every scope stepped up.
+    delegate(&b, &t, &second).await;
+    assert_eq!(ask(&b, &http, &t, "x509-svid").await, 202);
+    // Then a step-up of sensitive scopes only, from a new network.
+    open_task(&b, &client_from("127.1.0.21"), &orch).await;
+    let list = incidents(&b, &orch).await;
+    let mut fired = detectors_of(&list);
+    fired.sort();
+    assert_eq!(fired, ["new-delegate", "new-network"], "{list:?}");
+    assert_eq!(
+        ask(&b, &http, &t, "x509-svid").await,
+        202,
+        "the stricter step-up still holds"
+    );
+    // The stricter one resolved: the other, sensitive scopes only, holds.
+    let all = list
+        .iter()
+        .find(|i| i["detector"] == "new-delegate")
+        .unwrap()["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    resolve(&b, &all).await;
+    assert_eq!(ask(&b, &http, &t, "x509-svid").await, 201);
+    let agent = b.admin_get(&format!("/v1/agents/{}", orch.id)).await;
+    assert_eq!(agent["step_up"]["scopes"], "sensitive", "{agent}");
+}
+
 /// A suspension is not a resolution: a stepped-up agent suspended and
 /// resumed is still stepped up until its incident is resolved, and the
 /// approval it waited on ended with its task (a late decision is 409, a

@@ -163,16 +163,24 @@ impl Broker {
     /// The step-up on the session's agent, or on any agent that delegated
     /// to it along the task's chain: a stepped-up orchestrator's requests
     /// through its sub-agents need a human too.
+    /// The strictest holds: one of every scope anywhere on the chain is not
+    /// hidden by a sub-agent's own step-up of sensitive scopes only.
     async fn step_up_of(&self, s: &Session) -> BrokerResult<Option<crate::model::StepUp>> {
-        if let Some(u) = &s.agent.step_up {
-            return Ok(Some(u.clone()));
-        }
+        let mut found = s.agent.step_up.clone();
         for id in &s.task.chain {
-            if let Some(u) = self.store.get_agent(id).await?.and_then(|a| a.step_up) {
-                return Ok(Some(u));
+            if found
+                .as_ref()
+                .is_some_and(|u| u.scopes == crate::validation::StepUpScopes::All)
+            {
+                break;
+            }
+            if let Some(u) = self.store.get_agent(id).await?.and_then(|a| a.step_up)
+                && (found.is_none() || u.scopes == crate::validation::StepUpScopes::All)
+            {
+                found = Some(u);
             }
         }
-        Ok(None)
+        Ok(found)
     }
 
     /// A configured scope with a provider behind it.

@@ -7,7 +7,7 @@
 use serde::Serialize;
 use serde_json::json;
 
-use super::{Action, Observation, StepUp, Trigger};
+use super::{Action, Observation, StepUp, StepUpScopes, Trigger};
 use crate::audit::{Actor, AuditEvent};
 use crate::broker::{Broker, BrokerError, BrokerResult, RevocationRequest};
 use crate::model::{from_unix, new_id, now};
@@ -132,6 +132,16 @@ impl Broker {
         // The incident, its step-up and its alerts commit together: an
         // alert is never sent for an incident that was not recorded, nor
         // lost for one that was.
+        // A step-up of sensitive scopes only does not replace one of every
+        // scope that an open incident holds: the stricter holds.
+        let holding = if !dry_run && d.action == Action::StepUp {
+            self.store
+                .get_agent(&t.agent)
+                .await?
+                .and_then(|a| a.step_up)
+        } else {
+            None
+        };
         let mut tx = self.store.begin().await?;
         tx.audit(ev).await?;
         if !dry_run && d.action == Action::StepUp {
@@ -140,7 +150,12 @@ impl Broker {
                 scopes: d.step_up_scopes.unwrap_or_default(),
                 since: t_now,
             };
-            tx.set_step_up(&t.agent, Some(&step_up), None).await?;
+            if !holding
+                .as_ref()
+                .is_some_and(|h| stricter(h.scopes, step_up.scopes))
+            {
+                tx.set_step_up(&t.agent, Some(&step_up), None).await?;
+            }
         }
         let alerts = if dry_run || d.action == Action::Record {
             Vec::new()
@@ -256,32 +271,40 @@ impl Broker {
         }
         // The step-up this incident holds on the agent ends with it, unless
         // another open step-up incident of the agent still holds one: then
-        // that one (the newest) holds it. A step-up another incident holds
-        // stays as it is.
+        // that one (the strictest, the newest of those) holds it. A step-up
+        // another incident holds stays as it is.
         let agent = self.store.get_agent(&i.agent).await?;
         let step_up = agent.and_then(|a| a.step_up).filter(|s| s.incident == id);
         let next = match &step_up {
-            Some(_) => self
-                .incidents(Some(&i.agent))
-                .await?
-                .into_iter()
-                .find(|o| {
-                    o.id != id
-                        && o.state == IncidentState::Open
-                        && o.action == Action::StepUp
-                        && !o.dry_run
-                })
-                .map(|o| StepUp {
-                    scopes: self
-                        .config
-                        .detectors
-                        .iter()
-                        .find(|d| d.name == o.detector)
-                        .and_then(|d| d.step_up_scopes)
-                        .unwrap_or_default(),
-                    incident: o.id,
-                    since: o.opened_at,
-                }),
+            Some(_) => {
+                let open: Vec<StepUp> = self
+                    .incidents(Some(&i.agent))
+                    .await?
+                    .into_iter()
+                    .filter(|o| {
+                        o.id != id
+                            && o.state == IncidentState::Open
+                            && o.action == Action::StepUp
+                            && !o.dry_run
+                    })
+                    .map(|o| StepUp {
+                        scopes: self
+                            .config
+                            .detectors
+                            .iter()
+                            .find(|d| d.name == o.detector)
+                            .and_then(|d| d.step_up_scopes)
+                            .unwrap_or_default(),
+                        incident: o.id,
+                        since: o.opened_at,
+                    })
+                    .collect();
+                let strictest = open
+                    .iter()
+                    .position(|u| u.scopes == StepUpScopes::All)
+                    .unwrap_or(0);
+                open.into_iter().nth(strictest)
+            }
             None => None,
         };
         let mut tx = self.store.begin().await?;
@@ -308,4 +331,10 @@ impl Broker {
         i.resolution = Some(reason);
         Ok(i)
     }
+}
+
+/// Whether a step-up of `held` scopes asks a human for more than one of
+/// `new` scopes (every scope over sensitive ones only).
+fn stricter(held: StepUpScopes, new: StepUpScopes) -> bool {
+    held == StepUpScopes::All && new == StepUpScopes::Sensitive
 }
