@@ -106,6 +106,45 @@ async fn a_token_works_until_released() {
     assert!(!leases[0].to_string().contains(token));
 }
 
+/// A token's holder can extend it at Vault itself (`renew-self`, which the
+/// `default` policy allows) past the lease Keygate recorded: at the lease's
+/// TTL Keygate revokes it, so it lives its lease, not the extension.
+#[tokio::test]
+async fn a_token_renewed_at_vault_by_its_holder_still_dies_with_its_lease() {
+    let (peers, b, agent) = start().await;
+    let s = b.token(&agent).await;
+    let cred = b
+        .credential(&s.token, "vault-token", Some(3), None)
+        .await
+        .expect(201);
+    let token = cred["credential"]["token"].as_str().unwrap();
+    let lease_id = cred["lease_id"].as_str().unwrap().to_owned();
+    let (status, renewed) = peers
+        .bao
+        .request(
+            "POST",
+            "auth/token/renew-self",
+            Some(token),
+            Some(json!({ "increment": "600s" })),
+        )
+        .await;
+    assert_eq!(status, 200, "{renewed}");
+    assert!(
+        renewed["auth"]["lease_duration"].as_u64().unwrap() > 60,
+        "{renewed}"
+    );
+    common::eventually("the lease revoked at its ttl", || async {
+        let l = b.leases(&format!("task={}", s.task_id)).await;
+        let l = l.iter().find(|l| l["id"] == lease_id.as_str()).unwrap();
+        (l["state"] == "revoked").then_some(())
+    })
+    .await;
+    assert!(
+        !peers.token_works(token).await,
+        "a token its holder renewed outlived its lease"
+    );
+}
+
 #[tokio::test]
 async fn renewal_is_capped_and_refused_where_impossible() {
     let (_peers, b, agent) = start().await;

@@ -34,6 +34,20 @@ impl Provider for VaultProvider {
         Ok(())
     }
 
+    /// A renewable token can be extended by its holder
+    /// (`auth/token/renew-self`, which Vault's `default` policy allows)
+    /// past the lease Keygate recorded: it is revoked at its TTL, never
+    /// left to die by itself.
+    fn acts_at_expiry(&self, scope: &ScopeSpec) -> bool {
+        matches!(
+            scope::parse(&scope.params),
+            Ok(ScopeKind::Token {
+                renewable: true,
+                ..
+            })
+        )
+    }
+
     async fn issue(&self, req: &IssueRequest) -> Result<Issued, ProviderError> {
         match scope::parse(&req.scope.params)? {
             ScopeKind::Token {
