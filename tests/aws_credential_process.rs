@@ -154,6 +154,50 @@ async fn sdk_refreshes_share_one_task_until_it_ends() {
 
 /// A Python with boto3: the one `scripts/install-peers` installed moto into
 /// (moto depends on boto3). Missing, it fails the test with the fix.
+/// A cached task too close to its end to hold a whole session (STS refuses
+/// one shorter than 900 s) is not used: the call opens a new task instead
+/// of failing for the last quarter hour of every task; and a `--ttl` that
+/// could never hold one is refused, saying why.
+#[tokio::test]
+async fn a_task_near_its_end_gives_way_to_a_new_one() {
+    let moto = Moto::start().await;
+    moto.create_role("reports").await;
+    let b = TestBroker::start_with(moto.setup(&scopes())).await;
+    let agent = TestAgent::new("sdk-late", "ES256");
+    b.register(&agent, "platform").await;
+    let (ok, first, err) = process(&b, &agent, "reports").await;
+    assert!(ok, "{err}");
+    let task = session_name(&moto, &first).await;
+    // Ten minutes left in the task, in the store and in the cache alike.
+    let left = common::unix_now() + 600;
+    b.store_exec(
+        "UPDATE tasks SET expires_at = ? WHERE id = ?",
+        &[&left.to_string(), &task],
+    )
+    .await
+    .unwrap();
+    let cache = b.dir.join("cache/process.json");
+    let mut c: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(&cache).unwrap()).unwrap();
+    c["task_expires_at"] = json!(left);
+    std::fs::write(&cache, c.to_string()).unwrap();
+    let (ok, second, err) = process(&b, &agent, "reports").await;
+    assert!(ok, "{err}");
+    assert_ne!(session_name(&moto, &second).await, task, "a new task");
+
+    let key = b.dir.join("agent.pem");
+    let out = tokio::process::Command::new(env!("CARGO_BIN_EXE_keygate"))
+        .args(["credential-process", "--server", &b.url("")])
+        .args(["--agent", &agent.id, "--key-file", key.to_str().unwrap()])
+        .args(["--scope", "reports", "--ttl", "600"])
+        .output()
+        .await
+        .unwrap();
+    assert!(!out.status.success());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("leaves no room for a session"), "{err}");
+}
+
 fn moto_python() -> String {
     let ok = std::process::Command::new("python3")
         .args(["-c", "import boto3"])

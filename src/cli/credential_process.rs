@@ -70,12 +70,26 @@ fn cache_path(args: &CredentialProcessArgs) -> anyhow::Result<PathBuf> {
     Ok(base.join("keygate").join(name))
 }
 
-/// The cached task if it is this agent's on this broker and lives a while
-/// yet.
+/// STS's shortest session: a credential the task's end would cut shorter
+/// is refused.
+const STS_MIN_SECS: u64 = 900;
+
+/// How long a task must still live to hold one more session: the session's
+/// own lifetime (at least STS's shortest) and a minute to spare.
+fn room_needed(args: &CredentialProcessArgs) -> u64 {
+    args.credential_ttl
+        .unwrap_or(STS_MIN_SECS)
+        .max(STS_MIN_SECS)
+        + 60
+}
+
+/// The cached task if it is this agent's on this broker and lives long
+/// enough yet for a whole session; else a new task is opened.
 fn load(path: &std::path::Path, args: &CredentialProcessArgs) -> Option<Session> {
     let text = std::fs::read_to_string(path).ok()?;
     let c: Cached = serde_json::from_str(&text).ok()?;
-    let fresh = c.task_expires_at > OffsetDateTime::now_utc().unix_timestamp() + 60;
+    let left = c.task_expires_at - OffsetDateTime::now_utc().unix_timestamp();
+    let fresh = left > i64::try_from(room_needed(args)).unwrap_or(i64::MAX);
     (fresh && c.server == args.agent.server && c.agent == args.agent.agent)
         .then(|| Session::resume(&args.agent, SecretString::from(c.session_token), c.task_id).ok())
         .flatten()
@@ -111,6 +125,13 @@ pub async fn run(args: CredentialProcessArgs) -> anyhow::Result<()> {
     if args.agent.dpop {
         bail!(
             "--dpop binds a task to a key that lives in one process, and credential-process keeps its task between calls in a file: use `keygate exec --dpop` for a DPoP-bound task"
+        );
+    }
+    if args.ttl < room_needed(&args) {
+        bail!(
+            "--ttl {} leaves no room for a session: each task must outlive the session it hands out ({} s at least, STS's shortest being {STS_MIN_SECS} s), and a minute to spare",
+            args.ttl,
+            room_needed(&args)
         );
     }
     let path = cache_path(&args)?;
