@@ -213,3 +213,40 @@ async fn a_flood_of_failed_logins_costs_a_bounded_audit_log() {
         .sum();
     assert!(kept < 4_000_000, "the store grew to {kept} bytes");
 }
+
+/// Bad operator tokens, at the API and at the console's sign-in, are limited
+/// per address and audited in bursts: the first of a kind at once, the
+/// repeats counted, so a flood neither guesses on unchecked nor fills the
+/// audit log.
+#[tokio::test]
+async fn failed_operator_tokens_are_limited_and_audited_in_bursts() {
+    // 60 a minute: a burst of 6, then 429.
+    let b = start("per_address_per_minute = 60").await;
+    for _ in 0..6 {
+        let r = b.get("/v1/agents", Some("not-an-operator-token")).await;
+        assert_eq!(r.status, 401, "{}", r.text);
+    }
+    let r = b.get("/v1/agents", Some("not-an-operator-token")).await;
+    assert_eq!(r.status, 429, "{}", r.text);
+    let fails = b.audit("action=operator.auth").await;
+    assert_eq!(fails.len(), 1, "one event for the burst: {fails:?}");
+    assert!(
+        !serde_json::to_string(&fails)
+            .unwrap()
+            .contains("not-an-operator-token")
+    );
+    // A good token from the same address still works: only failures count.
+    b.get("/v1/agents", Some(&b.ops.admin)).await.expect(200);
+
+    // The console's sign-in page and form share a limit per address.
+    let mut limited = false;
+    for _ in 0..10 {
+        let r = b.http.get(b.url("/ui/login")).send().await.unwrap();
+        if r.status() == 429 {
+            limited = true;
+            break;
+        }
+        assert_eq!(r.status(), 200);
+    }
+    assert!(limited, "the sign-in was never limited");
+}

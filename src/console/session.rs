@@ -158,11 +158,10 @@ pub async fn login(
         resp
     };
     let Some(op) = crate::server::find_operator(&b, f.token.expose_secret().trim()) else {
-        let ev = AuditEvent::new(&Actor::Unauthenticated(None), "operator.auth")
-            .failure("unknown operator token at the console sign-in");
-        if let Err(e) = b.audit_alone(ev).await {
-            tracing::error!(error = %e, "cannot audit a console sign-in failure");
-        }
+        // Sign-ins are limited per address (`limit_by_address`); failures
+        // are audited in bursts.
+        b.record_operator_auth_failure(None, "unknown operator token at the console sign-in")
+            .await;
         return refuse("That token is not an operator's. Check it and try again.");
     };
     match b.operator_departure(&op.name).await {

@@ -236,11 +236,30 @@ impl FromRequestParts<AppState> for Operator {
                 }
             },
             None => {
-                let ev = AuditEvent::new(&Actor::Unauthenticated(None), "operator.auth")
-                    .failure(format!("unknown operator token on {}", parts.uri.path()));
-                if let Err(e) = state.audit_alone(ev).await {
-                    tracing::error!(error = %e, "cannot audit an operator authentication failure");
+                // Failures are limited per address and audited in bursts:
+                // a flood of bad tokens neither guesses on unchecked nor
+                // fills the audit log.
+                let source = parts
+                    .extensions
+                    .get::<axum::extract::ConnectInfo<super::ClientConn>>()
+                    .map(|c| c.0.addr.ip());
+                if let Some(ip) = source
+                    && let Err(l) = state.limits.check_address("operator", ip)
+                {
+                    state.metrics.limited(l.limit);
+                    let secs = l.retry_after_secs();
+                    return Err(ApiError::rate_limited(
+                        format!(
+                            "too many failed operator authentications from this address; retry in {secs} s"
+                        ),
+                        secs,
+                    ));
                 }
+                let why = format!(
+                    "unknown operator token on {}",
+                    crate::limits::claimed_label(parts.uri.path())
+                );
+                state.record_operator_auth_failure(source, &why).await;
                 Err(ApiError::unauthorized("the operator token is not valid"))
             }
         }

@@ -164,13 +164,16 @@ pub async fn log_requests(req: Request, next: Next) -> Response {
 
 /// Rate-limits the unauthenticated doors by source address, before anything
 /// else runs (authentication, body parsing, audit writes): the token,
-/// introspection and revocation endpoints and the Slack hook.
+/// introspection and revocation endpoints, the Slack hook and the console's
+/// sign-in. (Failed operator tokens at the API are limited where they fail,
+/// `auth.rs`.)
 pub async fn limit_by_address(State(b): State<AppState>, req: Request, next: Next) -> Response {
     let door = match req.uri().path() {
         "/oauth/token" => "token",
         "/oauth/introspect" => "introspect",
         "/oauth/revoke" => "revoke",
         "/v1/hooks/slack/interactions" => "slack",
+        "/ui/login" => "console_login",
         _ => return next.run(req).await,
     };
     let source = req
