@@ -77,11 +77,10 @@ async fn a_new_delegation_target_steps_up_the_orchestrator_and_every_request_mad
     assert_eq!(ask(&b, &http, &own, "x509-svid").await, 201);
 }
 
-/// Two step-ups on one agent: the stricter holds. An incident that steps up
-/// only sensitive scopes, opened while one that steps up every scope is
-/// open, does not loosen it; once that one is resolved, the other holds.
-#[tokio::test]
-async fn a_weaker_step_up_does_not_loosen_a_stricter_one() {
+/// An orchestrator stepped up twice: every scope (a new delegation target),
+/// then sensitive scopes only (a new network). The broker, a client, the
+/// orchestrator's task and its two incidents (the every-scope one first).
+async fn stepped_up_twice() -> (TestBroker, TestAgent, reqwest::Client, String, [String; 2]) {
     let b = TestBroker::start_with(Setup {
         extra_config: "[validation]\nwarm_up_observations = 3\n\n\
             [[detectors]]\nname = \"new-delegate\"\nsignal = \"new_delegation_target\"\nseverity = \"high\"\naction = \"step_up\"\n\n\
@@ -111,26 +110,48 @@ async fn a_weaker_step_up_does_not_loosen_a_stricter_one() {
     // Then a step-up of sensitive scopes only, from a new network.
     open_task(&b, &client_from("127.1.0.21"), &orch).await;
     let list = incidents(&b, &orch).await;
-    let mut fired = detectors_of(&list);
-    fired.sort();
-    assert_eq!(fired, ["new-delegate", "new-network"], "{list:?}");
+    assert_eq!(
+        detectors_of(&list),
+        ["new-delegate", "new-network"],
+        "{list:?}"
+    );
+    let id = |d: &str| {
+        list.iter().find(|i| i["detector"] == d).unwrap()["id"]
+            .as_str()
+            .unwrap()
+            .to_owned()
+    };
+    let ids = [id("new-delegate"), id("new-network")];
+    (b, orch, http, t, ids)
+}
+
+/// Two step-ups on one agent: the stricter holds. An incident that steps up
+/// only sensitive scopes, opened while one that steps up every scope is
+/// open, does not loosen it; once that one is resolved, the other holds.
+#[tokio::test]
+async fn a_weaker_step_up_does_not_loosen_a_stricter_one() {
+    let (b, orch, http, t, [all, _]) = stepped_up_twice().await;
     assert_eq!(
         ask(&b, &http, &t, "x509-svid").await,
         202,
         "the stricter step-up still holds"
     );
-    // The stricter one resolved: the other, sensitive scopes only, holds.
-    let all = list
-        .iter()
-        .find(|i| i["detector"] == "new-delegate")
-        .unwrap()["id"]
-        .as_str()
-        .unwrap()
-        .to_owned();
     resolve(&b, &all).await;
     assert_eq!(ask(&b, &http, &t, "x509-svid").await, 201);
     let agent = b.admin_get(&format!("/v1/agents/{}", orch.id)).await;
     assert_eq!(agent["step_up"]["scopes"], "sensitive", "{agent}");
+}
+
+/// Both incidents resolved at the same moment: neither hands the step-up to
+/// the other as it is resolved, and the agent is not left stepped up under
+/// an incident nobody can resolve again.
+#[tokio::test]
+async fn two_incidents_resolved_at_once_lift_the_step_up() {
+    let (b, orch, http, t, [all, sensitive]) = stepped_up_twice().await;
+    tokio::join!(resolve(&b, &all), resolve(&b, &sensitive));
+    let agent = b.admin_get(&format!("/v1/agents/{}", orch.id)).await;
+    assert!(agent["step_up"].is_null(), "{agent}");
+    assert_eq!(ask(&b, &http, &t, "x509-svid").await, 201);
 }
 
 /// A suspension is not a resolution: a stepped-up agent suspended and

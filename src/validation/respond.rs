@@ -276,35 +276,7 @@ impl Broker {
         let agent = self.store.get_agent(&i.agent).await?;
         let step_up = agent.and_then(|a| a.step_up).filter(|s| s.incident == id);
         let next = match &step_up {
-            Some(_) => {
-                let open: Vec<StepUp> = self
-                    .incidents(Some(&i.agent))
-                    .await?
-                    .into_iter()
-                    .filter(|o| {
-                        o.id != id
-                            && o.state == IncidentState::Open
-                            && o.action == Action::StepUp
-                            && !o.dry_run
-                    })
-                    .map(|o| StepUp {
-                        scopes: self
-                            .config
-                            .detectors
-                            .iter()
-                            .find(|d| d.name == o.detector)
-                            .and_then(|d| d.step_up_scopes)
-                            .unwrap_or_default(),
-                        incident: o.id,
-                        since: o.opened_at,
-                    })
-                    .collect();
-                let strictest = open
-                    .iter()
-                    .position(|u| u.scopes == StepUpScopes::All)
-                    .unwrap_or(0);
-                open.into_iter().nth(strictest)
-            }
+            Some(_) => self.next_step_up(&i.agent, id).await?,
             None => None,
         };
         let mut tx = self.store.begin().await?;
@@ -325,11 +297,67 @@ impl Broker {
         )
         .await?;
         tx.commit().await?;
+        // Another incident of the agent resolved at the same moment may
+        // have been handed the step-up here, or have handed it to this one.
+        self.settle_step_up(&i.agent).await?;
         i.state = IncidentState::Resolved;
         i.resolved_at = Some(now());
         i.resolved_by = Some(actor.render());
         i.resolution = Some(reason);
         Ok(i)
+    }
+
+    /// The step-up that holds once `except` no longer does: the strictest
+    /// of the agent's other open step-up incidents (the newest of those).
+    async fn next_step_up(&self, agent: &str, except: &str) -> BrokerResult<Option<StepUp>> {
+        let open: Vec<StepUp> = self
+            .incidents(Some(agent))
+            .await?
+            .into_iter()
+            .filter(|o| {
+                o.id != except
+                    && o.state == IncidentState::Open
+                    && o.action == Action::StepUp
+                    && !o.dry_run
+            })
+            .map(|o| StepUp {
+                scopes: self
+                    .config
+                    .detectors
+                    .iter()
+                    .find(|d| d.name == o.detector)
+                    .and_then(|d| d.step_up_scopes)
+                    .unwrap_or_default(),
+                incident: o.id,
+                since: o.opened_at,
+            })
+            .collect();
+        let strictest = open
+            .iter()
+            .position(|u| u.scopes == StepUpScopes::All)
+            .unwrap_or(0);
+        Ok(open.into_iter().nth(strictest))
+    }
+
+    /// After a resolve has committed: while the agent's step-up is held by
+    /// an incident already resolved (two resolved at once, each handing it
+    /// on from what it read before the other committed), it passes to the
+    /// next open one, or is lifted. Every resolve runs it after its own
+    /// commit, so whichever commits last sees the other's resolution.
+    async fn settle_step_up(&self, agent: &str) -> BrokerResult<()> {
+        for _ in 0..4 {
+            let Some(held) = self.store.get_agent(agent).await?.and_then(|a| a.step_up) else {
+                return Ok(());
+            };
+            if self.incident(&held.incident).await?.state != IncidentState::Resolved {
+                return Ok(());
+            }
+            let next = self.next_step_up(agent, &held.incident).await?;
+            let mut tx = self.store.begin().await?;
+            tx.set_step_up(agent, next.as_ref(), Some(&held)).await?;
+            tx.commit().await?;
+        }
+        Ok(())
     }
 }
 
