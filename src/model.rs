@@ -209,6 +209,9 @@ pub struct ConsoleSession {
     pub operator: String,
     /// How they signed in: `token` or `oidc`.
     pub method: String,
+    /// A fingerprint of what they signed in with (the configured token's
+    /// hash, or the OIDC subject): the session ends when it changes.
+    pub credential: Option<String>,
     pub created_at: OffsetDateTime,
     pub expires_at: OffsetDateTime,
 }

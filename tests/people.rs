@@ -310,3 +310,39 @@ impl ConsoleClient {
         (r.status().as_u16(), location)
     }
 }
+
+/// Rotating an operator's token (a new `token_sha256` in config, then a
+/// restart) ends the console sessions the old token opened: a leaked token
+/// rotated away does not live on in a browser for the session's 8 hours.
+#[tokio::test]
+async fn a_rotated_operator_token_ends_the_console_sessions_it_opened() {
+    let mut b = TestBroker::start().await;
+    let console = ConsoleClient::sign_in(&b, &b.ops.admin).await;
+    assert_eq!(console.get(&b, "/ui").await, (200, None));
+    // A restart alone keeps it.
+    b.restart().await;
+    assert_eq!(console.get(&b, "/ui").await, (200, None));
+
+    let path = b.dir.join("keygate.toml");
+    let config = std::fs::read_to_string(&path).unwrap();
+    let old = common::config::sha256_hex(&b.ops.admin);
+    assert!(config.contains(&old), "the admin's token hash is in config");
+    let rotated = config.replace(
+        &old,
+        &common::config::sha256_hex("kgop-rotated-admin-token"),
+    );
+    std::fs::write(&path, rotated).unwrap();
+    b.restart().await;
+    let (status, location) = console.get(&b, "/ui").await;
+    assert_eq!(status, 303);
+    assert!(
+        location
+            .as_deref()
+            .unwrap_or_default()
+            .starts_with("/ui/login"),
+        "{location:?}"
+    );
+    // The new token signs in.
+    let again = ConsoleClient::sign_in(&b, "kgop-rotated-admin-token").await;
+    assert_eq!(again.get(&b, "/ui").await, (200, None));
+}

@@ -171,6 +171,13 @@ impl FromRequestParts<AppState> for Viewer {
         else {
             return Err(to_login(parts));
         };
+        // Signed in with what config still says: a rotated token (or a
+        // changed OIDC subject) ends the sessions it opened.
+        if session.credential.is_none()
+            || session.credential != super::session::credential_of(op, &session.method)
+        {
+            return Err(to_login(parts));
+        }
         if b.operator_departure(&op.name)
             .await
             .map_err(|e| unavailable(&e))?

@@ -200,9 +200,16 @@ pub(super) async fn begin(
         return no_randomness();
     };
     let t = now();
+    let credential = b
+        .config
+        .operators
+        .iter()
+        .find(|o| o.name == operator)
+        .and_then(|o| credential_of(o, method));
     let session = ConsoleSession {
         operator: operator.to_owned(),
         method: method.to_owned(),
+        credential,
         created_at: t,
         expires_at: t + time::Duration::hours(SESSION_HOURS),
     };
@@ -310,4 +317,18 @@ mod tests {
         }
         assert_eq!(safe_next(None), "/ui");
     }
+}
+
+/// A fingerprint of what an operator signs in with by `method`: its
+/// configured token's hash, or its OIDC subject. A session records it at
+/// sign-in and ends once config says otherwise (a rotated token, a changed
+/// subject).
+pub(super) fn credential_of(op: &crate::config::OperatorConfig, method: &str) -> Option<String> {
+    let what = match method {
+        "token" => op.token_sha256.to_ascii_lowercase(),
+        "oidc" => op.oidc_subject.clone()?,
+        _ => return None,
+    };
+    let hex = sha256_hex(&format!("{method}:{what}"));
+    Some(hex.get(..32).unwrap_or(&hex).to_owned())
 }

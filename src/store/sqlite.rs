@@ -495,6 +495,7 @@ impl Store for SqliteStore {
                 Ok(crate::model::ConsoleSession {
                     operator: r.try_get("operator")?,
                     method: r.try_get("method")?,
+                    credential: r.try_get("credential")?,
                     created_at: crate::model::from_unix(r.try_get("created_at")?),
                     expires_at: crate::model::from_unix(r.try_get("expires_at")?),
                 })

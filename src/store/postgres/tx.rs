@@ -92,12 +92,13 @@ impl StoreTx for PostgresTx {
             .execute(self.conn())
             .await?;
         sqlx::query(
-            "INSERT INTO console_sessions (id_sha256, operator, method, created_at, expires_at) \
-             VALUES ($1, $2, $3, $4, $5)",
+            "INSERT INTO console_sessions (id_sha256, operator, method, credential, created_at, expires_at) \
+             VALUES ($1, $2, $3, $4, $5, $6)",
         )
         .bind(id_sha256)
         .bind(&s.operator)
         .bind(&s.method)
+        .bind(&s.credential)
         .bind(unix(s.created_at))
         .bind(unix(s.expires_at))
         .execute(self.conn())

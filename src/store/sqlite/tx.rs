@@ -77,12 +77,13 @@ impl StoreTx for SqliteTx {
             .execute(self.tx.conn().await?)
             .await?;
         sqlx::query(
-            "INSERT INTO console_sessions (id_sha256, operator, method, created_at, expires_at) \
-             VALUES (?, ?, ?, ?, ?)",
+            "INSERT INTO console_sessions (id_sha256, operator, method, credential, created_at, expires_at) \
+             VALUES (?, ?, ?, ?, ?, ?)",
         )
         .bind(id_sha256)
         .bind(&s.operator)
         .bind(&s.method)
+        .bind(&s.credential)
         .bind(unix(s.created_at))
         .bind(unix(s.expires_at))
         .execute(self.tx.conn().await?)
