@@ -299,6 +299,20 @@ pub async fn logout(
     resp
 }
 
+/// A fingerprint of what an operator signs in with by `method`: its
+/// configured token's hash, or its OIDC subject. A session records it at
+/// sign-in and ends once config says otherwise (a rotated token, a changed
+/// subject).
+pub(super) fn credential_of(op: &crate::config::OperatorConfig, method: &str) -> Option<String> {
+    let what = match method {
+        "token" => op.token_sha256.to_ascii_lowercase(),
+        "oidc" => op.oidc_subject.clone()?,
+        _ => return None,
+    };
+    let hex = sha256_hex(&format!("{method}:{what}"));
+    Some(hex.get(..32).unwrap_or(&hex).to_owned())
+}
+
 #[cfg(test)]
 mod tests {
     use super::safe_next;
@@ -317,18 +331,4 @@ mod tests {
         }
         assert_eq!(safe_next(None), "/ui");
     }
-}
-
-/// A fingerprint of what an operator signs in with by `method`: its
-/// configured token's hash, or its OIDC subject. A session records it at
-/// sign-in and ends once config says otherwise (a rotated token, a changed
-/// subject).
-pub(super) fn credential_of(op: &crate::config::OperatorConfig, method: &str) -> Option<String> {
-    let what = match method {
-        "token" => op.token_sha256.to_ascii_lowercase(),
-        "oidc" => op.oidc_subject.clone()?,
-        _ => return None,
-    };
-    let hex = sha256_hex(&format!("{method}:{what}"));
-    Some(hex.get(..32).unwrap_or(&hex).to_owned())
 }
