@@ -96,6 +96,19 @@ impl Broker {
                 "subject_token is bound to a client certificate (cnf.x5t#S256): exchange it over the mTLS listener with that certificate",
             ));
         }
+        // Revoked since its task opened: the session it opened delegates
+        // nothing, as it issues nothing (`check_sender`).
+        if parent.x5t.is_some()
+            && let Some(cert) = req.client_cert.as_deref()
+            && let Some(name) = self.certificate_revoked_by(cert).await
+        {
+            return Err(OAuthError::new(
+                "invalid_grant",
+                format!(
+                    "subject_token is bound to a client certificate provider `{name}` has revoked"
+                ),
+            ));
+        }
         let actor_iss = unverified_issuer(&actor)
             .map_err(|e| OAuthError::new("invalid_client", format!("actor_token: {e}")))?;
         // The sub-agent proves itself with its client assertion (`iss` = its

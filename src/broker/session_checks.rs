@@ -207,8 +207,13 @@ impl Broker {
                 return Err("this session token is bound to a client certificate: call over mTLS with that certificate".into());
             };
             // Revoked since the task opened (released, its own task ended,
-            // a kill switch): the session it opened stops with it.
-            if let Some(name) = self.certificate_revoked_by(cert).await {
+            // a kill switch): the session it opened gets nothing more, but
+            // may still end itself and give back what it holds.
+            let ending = matches!(
+                (method, path),
+                ("POST", "/v1/tasks/complete") | ("POST", "/oauth/revoke")
+            ) || (method == "DELETE" && path.starts_with("/v1/credentials/"));
+            if !ending && let Some(name) = self.certificate_revoked_by(cert).await {
                 return Err(format!("the client certificate this session token is bound to was revoked by provider `{name}`").into());
             }
         }
