@@ -227,11 +227,24 @@ impl Broker {
             .put_up_fences(&actor, &id, &selector, req.revoke_older_sessions, cut_off)
             .await?;
         // Leases of other providers in the tasks a provider's kill switch
-        // ended are not the selector's: where their backend cannot revoke
+        // ended (and in the delegated tasks below them, which ended with
+        // them) are not the selector's: where their backend cannot revoke
         // them one by one (STS), their sessions are fenced as a policy
         // change's are.
-        if matches!(selector, Selector::Provider(_)) && !others.is_empty() {
-            self.fence_sessions(&actor, &id, &others).await;
+        if let Selector::Provider(hit) = &selector
+            && self.registry.providers().any(|(_, p)| p.puts_up_fences())
+        {
+            let mut fence = others;
+            for task in &tasks {
+                for l in self.revoking_leases_of(task).await? {
+                    if &l.provider != hit && !fence.contains(&l.id) {
+                        fence.push(l.id);
+                    }
+                }
+            }
+            if !fence.is_empty() {
+                self.fence_sessions(&actor, &id, &fence).await;
+            }
         }
         self.await_revocation(&id, req.wait.unwrap_or(5)).await?;
         let leases = self.store.revocation_progress(&id).await?;
@@ -245,6 +258,32 @@ impl Broker {
             fences: fenced.fences,
             fence_failures: fenced.failures,
         })
+    }
+
+    /// The leases of `task` queued for revocation, every page of them.
+    async fn revoking_leases_of(&self, task: &str) -> BrokerResult<Vec<crate::model::Lease>> {
+        let mut out = Vec::new();
+        let mut cursor = None;
+        loop {
+            let page = self
+                .store
+                .list_leases(&crate::model::LeaseFilter {
+                    task: Some(task.to_owned()),
+                    state: Some(crate::model::LeaseState::Revoking),
+                    cursor: cursor.take(),
+                    ..Default::default()
+                })
+                .await?;
+            let full = page.len() == crate::model::MAX_PAGE as usize;
+            cursor = page
+                .last()
+                .filter(|_| full)
+                .map(|l| crate::model::Cursor::of(l.created_at, &l.id));
+            out.extend(page);
+            if cursor.is_none() {
+                return Ok(out);
+            }
+        }
     }
 
     /// Waits until every lease of revocation `id` is settled (revoked,
