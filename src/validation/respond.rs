@@ -150,10 +150,16 @@ impl Broker {
                 scopes: d.step_up_scopes.unwrap_or_default(),
                 since: t_now,
             };
-            if !holding
+            // Kept only if it still holds as read (compare-and-set in this
+            // transaction): lifted meanwhile, this one is written instead.
+            let kept = match holding
                 .as_ref()
-                .is_some_and(|h| stricter(h.scopes, step_up.scopes))
+                .filter(|h| stricter(h.scopes, step_up.scopes))
             {
+                Some(h) => tx.set_step_up(&t.agent, Some(h), Some(h)).await?,
+                None => false,
+            };
+            if !kept {
                 tx.set_step_up(&t.agent, Some(&step_up), None).await?;
             }
         }
