@@ -74,14 +74,9 @@ fn cache_path(args: &CredentialProcessArgs) -> anyhow::Result<PathBuf> {
 /// is refused.
 const STS_MIN_SECS: u64 = 900;
 
-/// How long a task must still live to hold one more session: the session's
-/// own lifetime (at least STS's shortest) and a minute to spare.
-fn room_needed(args: &CredentialProcessArgs) -> u64 {
-    args.credential_ttl
-        .unwrap_or(STS_MIN_SECS)
-        .max(STS_MIN_SECS)
-        + 60
-}
+/// How long a task must still live to hold one more session STS accepts
+/// (a session is cut to its task's end), and a minute to spare.
+const ROOM_NEEDED: u64 = STS_MIN_SECS + 60;
 
 /// The cached task if it is this agent's on this broker and lives long
 /// enough yet for a whole session; else a new task is opened.
@@ -89,7 +84,7 @@ fn load(path: &std::path::Path, args: &CredentialProcessArgs) -> Option<Session>
     let text = std::fs::read_to_string(path).ok()?;
     let c: Cached = serde_json::from_str(&text).ok()?;
     let left = c.task_expires_at - OffsetDateTime::now_utc().unix_timestamp();
-    let fresh = left > i64::try_from(room_needed(args)).unwrap_or(i64::MAX);
+    let fresh = left > i64::try_from(ROOM_NEEDED).unwrap_or(i64::MAX);
     (fresh && c.server == args.agent.server && c.agent == args.agent.agent)
         .then(|| Session::resume(&args.agent, SecretString::from(c.session_token), c.task_id).ok())
         .flatten()
@@ -127,11 +122,10 @@ pub async fn run(args: CredentialProcessArgs) -> anyhow::Result<()> {
             "--dpop binds a task to a key that lives in one process, and credential-process keeps its task between calls in a file: use `keygate exec --dpop` for a DPoP-bound task"
         );
     }
-    if args.ttl < room_needed(&args) {
+    if args.ttl < ROOM_NEEDED {
         bail!(
-            "--ttl {} leaves no room for a session: each task must outlive the session it hands out ({} s at least, STS's shortest being {STS_MIN_SECS} s), and a minute to spare",
-            args.ttl,
-            room_needed(&args)
+            "--ttl {} leaves no room for a session: a task must be able to hold the shortest session STS issues ({STS_MIN_SECS} s) with a minute to spare, so at least {ROOM_NEEDED} s",
+            args.ttl
         );
     }
     let path = cache_path(&args)?;
