@@ -520,14 +520,11 @@ impl Broker {
             // from now on is learned, and what it holds is judged again on
             // its new attributes.
             self.validation.relearn(Some(&after.agent_id));
-            self.recheck_agent(&actor, &after.agent_id)
-                .await
-                .map_err(|e| {
-                    BrokerError::Conflict(format!(
-                        "approval `{id}` is granted and the change applied, but what agent `{}` holds was not judged again: {e}",
-                        after.agent_id
-                    ))
-                })?;
+            // The decision and the change are committed: a failure here is
+            // the store's, logged, and not reported as a refused decision.
+            if let Err(e) = self.recheck_agent(&actor, &after.agent_id).await {
+                tracing::error!(approval = %id, agent = %after.agent_id, error = %e, "judging again what the agent holds after its change was granted failed");
+            }
         }
         Ok(after)
     }
