@@ -45,19 +45,31 @@ impl Broker {
     }
 
     /// Counts and audits a failed operator authentication (an unknown
-    /// token at the API or the console's sign-in) as token failures are:
+    /// token at the API or the console's sign-in, a departed operator's
+    /// token at the API) as token failures are:
     /// the first of a burst at once, repeats as one counted event when the
     /// interval ends, so a flood of bad tokens cannot fill the audit log.
-    pub async fn record_operator_auth_failure(&self, source: Option<std::net::IpAddr>, why: &str) {
+    pub async fn record_operator_auth_failure(
+        &self,
+        source: Option<std::net::IpAddr>,
+        operator: Option<&str>,
+        why: &str,
+    ) {
         self.metrics.auth("failure");
         let source = source.map_or_else(|| "unknown".to_owned(), |s| s.to_string());
-        tracing::info!(%source, reason = %why, "operator authentication failed");
-        if !self.auth_failures.record(&source, "", why) {
+        tracing::info!(%source, ?operator, reason = %why, "operator authentication failed");
+        if !self
+            .auth_failures
+            .record(&source, operator.unwrap_or(""), why)
+        {
             return;
         }
-        let ev = AuditEvent::new(&Actor::Unauthenticated(None), "operator.auth")
-            .failure(why.to_owned())
-            .details(serde_json::json!({ "source": source }));
+        let ev = AuditEvent::new(
+            &Actor::Unauthenticated(operator.map(str::to_owned)),
+            "operator.auth",
+        )
+        .failure(why.to_owned())
+        .details(serde_json::json!({ "source": source }));
         if let Err(err) = self.audit_alone(ev).await {
             tracing::error!(error = %err, "cannot audit an operator authentication failure");
         }

@@ -160,7 +160,7 @@ pub async fn login(
     let Some(op) = crate::server::find_operator(&b, f.token.expose_secret().trim()) else {
         // Sign-ins are limited per address (`limit_by_address`); failures
         // are audited in bursts.
-        b.record_operator_auth_failure(None, "unknown operator token at the console sign-in")
+        b.record_operator_auth_failure(None, None, "unknown operator token at the console sign-in")
             .await;
         return refuse("That token is not an operator's. Check it and try again.");
     };

@@ -7,7 +7,7 @@ use axum::http::request::Parts;
 use sha2::{Digest, Sha256};
 
 use super::{ApiError, AppState};
-use crate::audit::{Actor, AuditEvent};
+use crate::audit::Actor;
 use crate::broker::Session;
 use crate::config::Role;
 
@@ -224,14 +224,9 @@ impl FromRequestParts<AppState> for Operator {
                         o.name,
                         d.departed_at.date()
                     );
-                    let ev = AuditEvent::new(
-                        &Actor::Unauthenticated(Some(o.name.clone())),
-                        "operator.auth",
-                    )
-                    .failure(why.clone());
-                    if let Err(e) = state.audit_alone(ev).await {
-                        tracing::error!(error = %e, "cannot audit an operator authentication failure");
-                    }
+                    state
+                        .record_operator_auth_failure(source_of(parts), Some(&o.name), &why)
+                        .await;
                     Err(ApiError::unauthorized(why))
                 }
             },
@@ -239,10 +234,7 @@ impl FromRequestParts<AppState> for Operator {
                 // Failures are limited per address and audited in bursts:
                 // a flood of bad tokens neither guesses on unchecked nor
                 // fills the audit log.
-                let source = parts
-                    .extensions
-                    .get::<axum::extract::ConnectInfo<super::ClientConn>>()
-                    .map(|c| c.0.addr.ip());
+                let source = source_of(parts);
                 if let Some(ip) = source
                     && let Err(l) = state.limits.check_address("operator", ip)
                 {
@@ -255,13 +247,24 @@ impl FromRequestParts<AppState> for Operator {
                         secs,
                     ));
                 }
-                let why = format!(
-                    "unknown operator token on {}",
-                    crate::limits::claimed_label(parts.uri.path())
-                );
-                state.record_operator_auth_failure(source, &why).await;
+                // The route, not the path: a flood over made-up paths is
+                // one burst per route, not one audit row per request.
+                let route = parts
+                    .extensions
+                    .get::<axum::extract::MatchedPath>()
+                    .map_or("(no route)", |p| p.as_str());
+                let why = format!("unknown operator token on {route}");
+                state.record_operator_auth_failure(source, None, &why).await;
                 Err(ApiError::unauthorized("the operator token is not valid"))
             }
         }
     }
+}
+
+/// The address a request came from, when the listener recorded it.
+fn source_of(parts: &Parts) -> Option<std::net::IpAddr> {
+    parts
+        .extensions
+        .get::<axum::extract::ConnectInfo<super::ClientConn>>()
+        .map(|c| c.0.addr.ip())
 }
