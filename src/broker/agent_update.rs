@@ -126,7 +126,8 @@ impl AgentUpdate {
                     "`last_review_at` cannot be set in the change that moves the agent's team or sponsor: the new owner's review is recorded after it".into(),
                 ));
             }
-            if at > crate::model::now() + time::Duration::minutes(5) {
+            // Whole seconds, as the store keeps them.
+            if at.unix_timestamp() > crate::model::now().unix_timestamp() {
                 return Err(super::BrokerError::InvalidRequest(
                     "`last_review_at` is in the future: record a review that happened".into(),
                 ));
