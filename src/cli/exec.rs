@@ -82,15 +82,17 @@ pub async fn run(args: ExecArgs) -> anyhow::Result<i32> {
     // while the task opens or a scope is obtained (an approval can take
     // minutes), exec runs nothing and still completes the task.
     let mut signals = Signals::new()?;
-    let session = tokio::select! {
-        s = Session::open(&args.agent, &args.task, args.ttl) => s?,
-        sig = signals.next() => {
-            note!("keygate: stopped by a signal before the task was opened; nothing was run");
-            return Ok(128 + sig.as_raw());
-        }
-    };
+    // Not cut short by a signal: a task the broker opened must be known to
+    // be completed. One that came meanwhile is acted on once it is open.
+    let session = Session::open(&args.agent, &args.task, args.ttl).await?;
     note!("keygate: task {} opened", session.task_id);
-    let outcome = run_in_task(&args, &session, &mut signals).await;
+    let outcome = match signals.pending() {
+        Some(sig) => {
+            note!("keygate: stopped by a signal while the task opened; the command was not run");
+            Ok(128 + sig.as_raw())
+        }
+        None => run_in_task(&args, &session, &mut signals).await,
+    };
     // However the command ended (or failed to start), the task ends and
     // the broker revokes everything it issued.
     match session.complete().await {
@@ -292,6 +294,15 @@ impl Signals {
             out.push((s, signal(k)?));
         }
         Ok(Self(out))
+    }
+
+    /// A signal that has come already, if any (without waiting).
+    fn pending(&mut self) -> Option<rustix::process::Signal> {
+        let waker = std::task::Waker::noop();
+        let mut cx = std::task::Context::from_waker(waker);
+        self.0
+            .iter_mut()
+            .find_map(|(s, sig)| sig.poll_recv(&mut cx).is_ready().then_some(*s))
     }
 
     async fn next(&mut self) -> rustix::process::Signal {
