@@ -132,6 +132,10 @@ pub struct Broker {
     /// hold is judged again): a credential request that read its agent
     /// before a change judges its lease again once written (`Session`).
     pub agents_changed: std::sync::atomic::AtomicU64,
+    /// Held while fences are put up or taken down: a lift reads the fences
+    /// of its name still standing and then deletes the policy, which must
+    /// not interleave with a fence of that name going up.
+    pub fences_changing: tokio::sync::Mutex<()>,
 }
 
 /// Set once the server begins to stop (SIGTERM, SIGINT). A request that

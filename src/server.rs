@@ -117,6 +117,7 @@ pub async fn build_broker(config: Config) -> anyhow::Result<Broker> {
         revocation_looks: Default::default(),
         stopping: Default::default(),
         agents_changed: Default::default(),
+        fences_changing: Default::default(),
     };
     if broker.validation.enabled() {
         let n = broker

@@ -67,6 +67,7 @@ impl Broker {
             return Ok(out);
         }
         let leases = self.store.live_leases(selector).await?;
+        let _one_at_a_time = self.fences_changing.lock().await;
         for (provider, targets) in self.fence_targets(leases) {
             let req = FenceRequest {
                 revocation_id: revocation_id.to_owned(),
@@ -110,6 +111,7 @@ impl Broker {
             found.extend(self.store.get_lease(id).await?);
         }
         let mut out = FenceResults::default();
+        let _one_at_a_time = self.fences_changing.lock().await;
         for (provider, targets) in self.fence_targets(found) {
             let standing = FenceFilter {
                 provider: Some(provider.clone()),
@@ -304,13 +306,21 @@ impl Broker {
         let provider = self.registry.provider(&fence.provider).ok_or_else(|| {
             BrokerError::Provider(format!("provider `{}` is not configured", fence.provider))
         })?;
+        // From reading the twins still standing to recording the lift, no
+        // fence goes up: one of this name put up meanwhile would be deleted
+        // with the policy while recorded as standing.
+        let _one_at_a_time = self.fences_changing.lock().await;
         let lift = LiftFenceRequest {
             fence: to_provider_fence(fence),
             remaining: self.standing_twins(fence).await?,
         };
         let event = AuditEvent::new(actor, "fence.lifted").reason(reason.to_owned());
-        if let Err(e) = provider.lift_fence(&lift).await {
-            let msg = e.to_string();
+        let timeout = Duration::from_secs(self.config.leases.issue_timeout_secs);
+        let lifted = match tokio::time::timeout(timeout, provider.lift_fence(&lift)).await {
+            Ok(r) => r.map_err(|e| e.to_string()),
+            Err(_) => Err(format!("no answer within {}s", timeout.as_secs())),
+        };
+        if let Err(msg) = lifted {
             // An operator's failed lift is audited; the broker's own retries
             // of a moot fence (harmless while it stands) are only logged,
             // so a backend that stays down cannot fill the audit log.
