@@ -413,6 +413,50 @@ async fn a_kill_switch_by_provider_fences_the_sts_sessions_of_the_tasks_it_ends(
     );
     // The role the task never used is left alone.
     assert!(moto.role_policy("billing", &name).await.is_none());
+
+    // A delegated task below one the kill switch hits ends with it: its
+    // STS session is fenced too.
+    let orch = TestAgent::new("orch-mixed", "ES256");
+    let sub = TestAgent::new("sub-mixed", "ES256");
+    b.register(&sub, "platform").await;
+    let mut spec = orch.spec("platform");
+    spec["delegation"] = json!({ "max_depth": 1, "targets": [sub.id] });
+    b.admin_post("/v1/agents", &spec).await.expect(201);
+    let parent = b.token_ttl(&orch, Some(3600)).await;
+    b.x509(&parent.token, Some(600)).await;
+    let assertion = sub.assertion();
+    let child = b
+        .token_form(&[
+            (
+                "grant_type",
+                "urn:ietf:params:oauth:grant-type:token-exchange",
+            ),
+            ("subject_token", parent.token.as_str()),
+            (
+                "subject_token_type",
+                "urn:ietf:params:oauth:token-type:access_token",
+            ),
+            ("actor_token", assertion.as_str()),
+            ("actor_token_type", "urn:ietf:params:oauth:token-type:jwt"),
+            ("scope", "reports"),
+            ("ttl", "1800"),
+        ])
+        .await;
+    assert_eq!(child.status, 200, "{}", child.text);
+    let child_token = child.json()["access_token"].as_str().unwrap().to_owned();
+    b.credential(&child_token, "reports", Some(900), None)
+        .await
+        .expect(201);
+    b.post(
+        "/v1/revocations",
+        Some(&b.ops.secops),
+        &json!({ "provider": "ca", "reason": "ca rotation again" }),
+    )
+    .await
+    .expect(200);
+    let name = format!("keygate-revoked-sessions-{}", sub.id);
+    assert_eq!(standing(&b, "reports", &name).await.len(), 1);
+    assert!(moto.role_policy("reports", &name).await.is_some());
 }
 
 async fn standing(b: &TestBroker, role: &str, name: &str) -> Vec<Value> {

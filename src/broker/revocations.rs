@@ -260,8 +260,11 @@ impl Broker {
         })
     }
 
-    /// The leases of `task` queued for revocation, every page of them.
+    /// The leases of `task` being revoked, or already found to outlive
+    /// their revocation (`expiring`: STS sessions, once the worker asked),
+    /// every page of them.
     async fn revoking_leases_of(&self, task: &str) -> BrokerResult<Vec<crate::model::Lease>> {
+        use crate::model::LeaseState;
         let mut out = Vec::new();
         let mut cursor = None;
         loop {
@@ -269,7 +272,6 @@ impl Broker {
                 .store
                 .list_leases(&crate::model::LeaseFilter {
                     task: Some(task.to_owned()),
-                    state: Some(crate::model::LeaseState::Revoking),
                     cursor: cursor.take(),
                     ..Default::default()
                 })
@@ -279,7 +281,10 @@ impl Broker {
                 .last()
                 .filter(|_| full)
                 .map(|l| crate::model::Cursor::of(l.created_at, &l.id));
-            out.extend(page);
+            out.extend(
+                page.into_iter()
+                    .filter(|l| matches!(l.state, LeaseState::Revoking | LeaseState::Expiring)),
+            );
             if cursor.is_none() {
                 return Ok(out);
             }
