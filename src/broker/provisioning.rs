@@ -38,6 +38,15 @@ impl Broker {
                         .reason("provisioning approved".to_owned()),
                 )
                 .await?;
+                // Changes asked while it was pending apply only to a pending
+                // agent: cancelled now, not left to be refused when granted.
+                self.cancel_provisioning(
+                    tx,
+                    actor,
+                    &a.agent_id,
+                    "asked while the agent was pending; it is active now: ask again",
+                )
+                .await?;
             }
             ("register", ApprovalState::Denied) => {
                 tx.set_agent_status(
