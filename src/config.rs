@@ -480,9 +480,18 @@ impl Config {
             ));
         }
         let mut fed = std::collections::BTreeSet::new();
+        let mut urls = std::collections::BTreeMap::new();
         for i in &self.federation.issuers {
             if !fed.insert(i.name.as_str()) {
                 return bad(format!("federation issuer `{}` is declared twice", i.name));
+            }
+            // A token names its issuer by URL: a second entry for the same
+            // URL would never be the one a token is checked against.
+            if let Some(first) = urls.insert(i.issuer.trim_end_matches('/'), i.name.as_str()) {
+                return bad(format!(
+                    "federation issuers `{first}` and `{}` both name issuer `{}`: a token is checked against one entry per issuer, so declare it once",
+                    i.name, i.issuer
+                ));
             }
             check_outbound_url(&format!("federation issuer `{}`", i.name), &i.issuer)?;
             if let Some(u) = &i.jwks_url {

@@ -54,6 +54,32 @@ auth = { method = "approle", role_id = "r", secret_id = "s3cr3t-literal-value" }
     nothing_written(&b);
 }
 
+/// Two `[[federation.issuers]]` entries for one issuer URL: a token is
+/// checked against one entry per issuer, so the second would silently never
+/// be used; the start is refused, naming both.
+#[tokio::test]
+async fn two_federation_entries_for_one_issuer_are_refused() {
+    let entry = |name: &str, audience: &str| {
+        format!(
+            "[[federation.issuers]]\nname = \"{name}\"\nissuer = \"https://idp.example.test\"\njwks_url = \"https://idp.example.test/jwks\"\naudience = \"{audience}\"\nalgorithms = [\"RS256\"]\n"
+        )
+    };
+    let b = TestBroker::prepare(Setup {
+        extra_config: format!(
+            "{}\n{}",
+            entry("workloads", "keygate"),
+            entry("people", "console")
+        ),
+        ..Setup::default()
+    });
+    let err = refused(&b).await;
+    assert!(
+        err.contains("`workloads` and `people` both name issuer"),
+        "{err}"
+    );
+    nothing_written(&b);
+}
+
 #[tokio::test]
 async fn a_password_in_the_store_url_is_refused_without_being_repeated() {
     let b = TestBroker::prepare(Setup::default());
