@@ -19,12 +19,7 @@ async fn an_agent_moved_to_a_team_without_access_loses_its_tasks_without_leases(
     b.register(&agent, "platform").await;
     let s = b.token_ttl(&agent, Some(3600)).await;
     let r = b
-        .call(
-            reqwest::Method::PATCH,
-            &format!("/v1/agents/{}", agent.id),
-            Some(&b.ops.admin),
-            Some(&json!({ "team": "research" })),
-        )
+        .patch_agent(&agent.id, &json!({ "team": "research" }))
         .await;
     assert_eq!(r.status, 200, "{}", r.text);
     let refused = b.credential(&s.token, "jwt-svid", Some(60), None).await;
@@ -69,12 +64,7 @@ async fn a_move_granted_through_approval_revokes_what_the_new_team_may_not_hold(
         .unwrap()
         .to_owned();
     let r = b
-        .call(
-            reqwest::Method::PATCH,
-            &format!("/v1/agents/{}", agent.id),
-            Some(&b.ops.admin),
-            Some(&json!({ "team": "research" })),
-        )
+        .patch_agent(&agent.id, &json!({ "team": "research" }))
         .await;
     let held = r.expect(202);
     // Held: nothing changes yet.

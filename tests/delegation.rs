@@ -234,11 +234,9 @@ async fn a_lowered_delegation_depth_binds_the_tasks_already_open() {
     // The orchestrator may now delegate one level only: its sub-agent's
     // task, at that level already, may not pass it on.
     let r = b
-        .call(
-            reqwest::Method::PATCH,
-            &format!("/v1/agents/{}", c.orch.id),
-            Some(&b.ops.admin),
-            Some(&json!({ "delegation": { "max_depth": 1, "targets": [c.sub.id, c.narrow.id] } })),
+        .patch_agent(
+            &c.orch.id,
+            &json!({ "delegation": { "max_depth": 1, "targets": [c.sub.id, c.narrow.id] } }),
         )
         .await;
     assert_eq!(r.status, 200, "{}", r.text);
@@ -247,11 +245,9 @@ async fn a_lowered_delegation_depth_binds_the_tasks_already_open() {
     assert!(r.text.contains("depth limit"), "{}", r.text);
     // Lowered to 0: its own open task may not delegate at all.
     let r = b
-        .call(
-            reqwest::Method::PATCH,
-            &format!("/v1/agents/{}", c.orch.id),
-            Some(&b.ops.admin),
-            Some(&json!({ "delegation": { "max_depth": 0, "targets": [c.sub.id, c.narrow.id] } })),
+        .patch_agent(
+            &c.orch.id,
+            &json!({ "delegation": { "max_depth": 0, "targets": [c.sub.id, c.narrow.id] } }),
         )
         .await;
     assert_eq!(r.status, 200, "{}", r.text);

@@ -31,7 +31,7 @@ pub(crate) fn policy_dir(b: &TestBroker) -> std::path::PathBuf {
     b.dir.join("policies")
 }
 
-async fn hash(b: &TestBroker) -> String {
+pub(crate) async fn hash(b: &TestBroker) -> String {
     b.get("/v1/policy", Some(&b.ops.auditor)).await.expect(200)["hash"]
         .as_str()
         .unwrap()
@@ -240,7 +240,7 @@ async fn a_reload_judges_the_decided_ttl_not_the_moved_expiry() {
 }
 
 /// Lets the research team obtain JWT-SVIDs.
-const RESEARCH_JWT: &str = r#"
+pub(crate) const RESEARCH_JWT: &str = r#"
 @id("research-jwt")
 permit (
   principal,
@@ -250,7 +250,7 @@ permit (
 when { principal.team == "research" };
 "#;
 
-async fn approve(b: &TestBroker, id: &str) -> common::Resp {
+pub(crate) async fn approve(b: &TestBroker, id: &str) -> common::Resp {
     b.post(
         &format!("/v1/approvals/{id}/decision"),
         Some(&b.ops.approver),

@@ -7,30 +7,27 @@ use crate::common;
 use common::{Setup, TestAgent, TestBroker, eventually};
 use serde_json::{Value, json};
 
-use crate::policy_reload::{narrowed, policy_dir};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicUsize, Ordering};
 
-/// X.509-SVID requests racing a reload that forbids them: the local CA
-/// signs before its lease is written (one commit, nothing exists outside
-/// the process until then), so a request decided under the old set can
-/// commit its lease after the reload's scan. Whatever the interleaving,
-/// once the reload has answered and the requests stopped, no X.509 lease
-/// of the agent is live and every certificate handed over is on the CRL.
-#[tokio::test]
-async fn requests_racing_a_reload_that_forbids_them_leave_nothing_live() {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicUsize, Ordering};
+use crate::policy_reload::{RESEARCH_JWT, narrowed, policy_dir};
 
-    let b = Arc::new(TestBroker::start_with(Setup::default()).await);
-    let agent = TestAgent::new("racer", "ES256");
-    b.register(&agent, "platform").await;
-    let s = b.token_ttl(&agent, Some(3600)).await;
+/// Four clients asking for X.509-SVIDs with `token` (`rounds` each) until
+/// refused (403); once 20 are issued, `change` runs. Every certificate
+/// handed over, once the clients have stopped.
+async fn race_x509(
+    b: &Arc<TestBroker>,
+    token: &str,
+    rounds: usize,
+    change: impl std::future::Future<Output = ()>,
+) -> Vec<String> {
     let issued = Arc::new(AtomicUsize::new(0));
     let mut workers = Vec::new();
     for _ in 0..4 {
-        let (b, token, issued) = (b.clone(), s.token.clone(), issued.clone());
+        let (b, token, issued) = (b.clone(), token.to_owned(), issued.clone());
         workers.push(tokio::spawn(async move {
             let mut certs = Vec::new();
-            for _ in 0..150 {
+            for _ in 0..rounds {
                 let r = b.credential(&token, "x509-svid", Some(600), None).await;
                 match r.status.as_u16() {
                     201 => {
@@ -38,7 +35,7 @@ async fn requests_racing_a_reload_that_forbids_them_leave_nothing_live() {
                         certs.push(v["credential"]["certificate"].as_str().unwrap().to_owned());
                         issued.fetch_add(1, Ordering::SeqCst);
                     }
-                    // Denied by the new set, or judged again and refused.
+                    // Refused by the change, or judged again and refused.
                     403 => break,
                     other => panic!("unexpected {other}: {}", r.text),
                 }
@@ -50,39 +47,65 @@ async fn requests_racing_a_reload_that_forbids_them_leave_nothing_live() {
         (issued.load(Ordering::SeqCst) >= 20).then_some(())
     })
     .await;
-    std::fs::write(policy_dir(&b).join("agents.cedar"), narrowed()).unwrap();
-    b.post("/v1/policy/reload", Some(&b.ops.admin), &json!({}))
-        .await
-        .expect(200);
+    change.await;
     let mut certs = Vec::new();
     for w in workers {
         certs.extend(w.await.unwrap());
     }
     assert!(certs.len() >= 20, "{}", certs.len());
-    let leases = |state: &'static str| {
-        let b = b.clone();
-        let agent = agent.id.clone();
-        async move {
-            b.leases(&format!("agent={agent}&state={state}&limit=1000"))
-                .await
-                .into_iter()
-                .filter(|l| l["scope"] == "x509-svid")
-                .count()
-        }
-    };
+    certs
+}
+
+/// `agent`'s X.509 leases in `state`.
+async fn x509_leases(b: &TestBroker, agent: &str, state: &str) -> usize {
+    b.leases(&format!("agent={agent}&state={state}&limit=1000"))
+        .await
+        .into_iter()
+        .filter(|l| l["scope"] == "x509-svid")
+        .count()
+}
+
+/// Waits until none of `agent`'s X.509 leases is live, then checks every
+/// one of `certs` is on the CRL (`what`: the change they must not outlive).
+async fn nothing_live(b: &TestBroker, agent: &str, certs: &[String], what: &str) {
     eventually("every x509 lease ended", || async {
-        (leases("active").await + leases("pending").await + leases("revoking").await == 0)
-            .then_some(())
+        let mut n = 0;
+        for state in ["active", "pending", "revoking"] {
+            n += x509_leases(b, agent, state).await;
+        }
+        (n == 0).then_some(())
     })
     .await;
+    for cert in certs {
+        let v = b.verify(&json!({ "x509_svid": cert })).await;
+        assert_eq!(v["valid"], false, "a certificate outlived {what}: {v}");
+    }
+}
+
+/// X.509-SVID requests racing a reload that forbids them: the local CA
+/// signs before its lease is written (one commit, nothing exists outside
+/// the process until then), so a request decided under the old set can
+/// commit its lease after the reload's scan. Whatever the interleaving,
+/// once the reload has answered and the requests stopped, no X.509 lease
+/// of the agent is live and every certificate handed over is on the CRL.
+#[tokio::test]
+async fn requests_racing_a_reload_that_forbids_them_leave_nothing_live() {
+    let b = Arc::new(TestBroker::start_with(Setup::default()).await);
+    let agent = TestAgent::new("racer", "ES256");
+    b.register(&agent, "platform").await;
+    let s = b.token_ttl(&agent, Some(3600)).await;
+    let certs = race_x509(&b, &s.token, 150, async {
+        std::fs::write(policy_dir(&b).join("agents.cedar"), narrowed()).unwrap();
+        b.post("/v1/policy/reload", Some(&b.ops.admin), &json!({}))
+            .await
+            .expect(200);
+    })
+    .await;
+    nothing_live(&b, &agent.id, &certs, "the reload").await;
     assert!(
-        leases("revoked").await >= certs.len(),
+        x509_leases(&b, &agent.id, "revoked").await >= certs.len(),
         "every one handed over was revoked"
     );
-    for cert in &certs {
-        let v = b.verify(&json!({ "x509_svid": cert })).await;
-        assert_eq!(v["valid"], false, "a certificate outlived the reload: {v}");
-    }
 }
 
 /// X.509-SVID requests racing an admin's exclusion of their scope.
@@ -93,91 +116,26 @@ async fn requests_racing_a_reload_that_forbids_them_leave_nothing_live() {
 /// is live, and every certificate handed over is on the CRL.
 #[tokio::test]
 async fn requests_racing_an_exclusion_leave_nothing_live_in_its_scope() {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
     let b = Arc::new(TestBroker::start_with(Setup::default()).await);
     let agent = TestAgent::new("excluded-racer", "ES256");
     b.register(&agent, "platform").await;
     let s = b.token_ttl(&agent, Some(3600)).await;
-    let issued = Arc::new(AtomicUsize::new(0));
-    let mut workers = Vec::new();
-    for _ in 0..4 {
-        let (b, token, issued) = (b.clone(), s.token.clone(), issued.clone());
-        workers.push(tokio::spawn(async move {
-            let mut certs = Vec::new();
-            for _ in 0..200 {
-                let r = b.credential(&token, "x509-svid", Some(600), None).await;
-                match r.status.as_u16() {
-                    201 => {
-                        let v: Value = serde_json::from_str(&r.text).unwrap();
-                        certs.push(v["credential"]["certificate"].as_str().unwrap().to_owned());
-                        issued.fetch_add(1, Ordering::SeqCst);
-                    }
-                    // Excluded: refused by policy's check, or judged again.
-                    403 => break,
-                    other => panic!("unexpected {other}: {}", r.text),
-                }
-            }
-            certs
-        }));
-    }
-    eventually("some certificates issued", || async {
-        (issued.load(Ordering::SeqCst) >= 20).then_some(())
+    let certs = race_x509(&b, &s.token, 200, async {
+        b.post(
+            &format!("/v1/agents/{}/exclusions", agent.id),
+            Some(&b.ops.admin),
+            &json!({ "scope": "x509-svid", "reason": "racing test" }),
+        )
+        .await
+        .expect(200);
     })
     .await;
-    b.post(
-        &format!("/v1/agents/{}/exclusions", agent.id),
-        Some(&b.ops.admin),
-        &json!({ "scope": "x509-svid", "reason": "racing test" }),
-    )
-    .await
-    .expect(200);
-    let mut certs = Vec::new();
-    for w in workers {
-        certs.extend(w.await.unwrap());
-    }
-    assert!(certs.len() >= 20, "{}", certs.len());
-    let live = || {
-        let b = b.clone();
-        let agent = agent.id.clone();
-        async move {
-            let mut n = 0;
-            for state in ["active", "pending", "revoking"] {
-                n += b
-                    .leases(&format!("agent={agent}&state={state}&limit=1000"))
-                    .await
-                    .into_iter()
-                    .filter(|l| l["scope"] == "x509-svid")
-                    .count();
-            }
-            n
-        }
-    };
-    eventually("every x509 lease ended", || async {
-        (live().await == 0).then_some(())
-    })
-    .await;
-    for cert in &certs {
-        let v = b.verify(&json!({ "x509_svid": cert })).await;
-        assert_eq!(
-            v["valid"], false,
-            "a certificate outlived the exclusion: {v}"
-        );
-    }
+    nothing_live(&b, &agent.id, &certs, "the exclusion").await;
     // The exclusion holds for new requests.
     b.credential(&s.token, "x509-svid", Some(60), None)
         .await
         .expect(403);
 }
-
-/// Lets the research team obtain JWT-SVIDs (so an agent moved there still
-/// reaches a scope, and its task stays open).
-const RESEARCH_JWT: &str = r#"
-@id("research-jwt")
-permit (principal, action == Keygate::Action::"request_credential", resource == Keygate::Scope::"jwt-svid")
-when { principal.team == "research" };
-"#;
 
 /// X.509-SVID requests racing an admin's move of their agent to a team that
 /// may not hold them (but may hold JWT-SVIDs, so its task stays open): a
@@ -188,9 +146,6 @@ when { principal.team == "research" };
 /// handed over is on the CRL.
 #[tokio::test]
 async fn requests_racing_an_agents_move_leave_nothing_live_it_may_no_longer_hold() {
-    use std::sync::Arc;
-    use std::sync::atomic::{AtomicUsize, Ordering};
-
     let b = Arc::new(
         TestBroker::start_with(Setup {
             policies: vec![("research.cedar".into(), RESEARCH_JWT.into())],
@@ -201,70 +156,14 @@ async fn requests_racing_an_agents_move_leave_nothing_live_it_may_no_longer_hold
     let agent = TestAgent::new("mover", "ES256");
     b.register(&agent, "platform").await;
     let s = b.token_ttl(&agent, Some(3600)).await;
-    let issued = Arc::new(AtomicUsize::new(0));
-    let mut workers = Vec::new();
-    for _ in 0..4 {
-        let (b, token, issued) = (b.clone(), s.token.clone(), issued.clone());
-        workers.push(tokio::spawn(async move {
-            let mut certs = Vec::new();
-            for _ in 0..150 {
-                let r = b.credential(&token, "x509-svid", Some(600), None).await;
-                match r.status.as_u16() {
-                    201 => {
-                        let v: Value = serde_json::from_str(&r.text).unwrap();
-                        certs.push(v["credential"]["certificate"].as_str().unwrap().to_owned());
-                        issued.fetch_add(1, Ordering::SeqCst);
-                    }
-                    // Denied on the new team, or judged again and refused.
-                    403 => break,
-                    other => panic!("unexpected {other}: {}", r.text),
-                }
-            }
-            certs
-        }));
-    }
-    eventually("some certificates issued", || async {
-        (issued.load(Ordering::SeqCst) >= 20).then_some(())
+    let certs = race_x509(&b, &s.token, 150, async {
+        let r = b
+            .patch_agent(&agent.id, &json!({ "team": "research" }))
+            .await;
+        assert_eq!(r.status, 200, "{}", r.text);
     })
     .await;
-    let r = b
-        .call(
-            reqwest::Method::PATCH,
-            &format!("/v1/agents/{}", agent.id),
-            Some(&b.ops.admin),
-            Some(&json!({ "team": "research" })),
-        )
-        .await;
-    assert_eq!(r.status, 200, "{}", r.text);
-    let mut certs = Vec::new();
-    for w in workers {
-        certs.extend(w.await.unwrap());
-    }
-    assert!(certs.len() >= 20, "{}", certs.len());
-    let live = || {
-        let b = b.clone();
-        let agent = agent.id.clone();
-        async move {
-            let mut n = 0;
-            for state in ["active", "pending", "revoking"] {
-                n += b
-                    .leases(&format!("agent={agent}&state={state}&limit=1000"))
-                    .await
-                    .into_iter()
-                    .filter(|l| l["scope"] == "x509-svid")
-                    .count();
-            }
-            n
-        }
-    };
-    eventually("every x509 lease ended", || async {
-        (live().await == 0).then_some(())
-    })
-    .await;
-    for cert in &certs {
-        let v = b.verify(&json!({ "x509_svid": cert })).await;
-        assert_eq!(v["valid"], false, "a certificate outlived the move: {v}");
-    }
+    nothing_live(&b, &agent.id, &certs, "the move").await;
     // The task itself stays open: the agent still reaches JWT-SVIDs.
     b.jwt_svid(&s.token, Some(60)).await;
 }

@@ -9,34 +9,7 @@ use crate::common;
 use common::{Setup, TestAgent, TestBroker};
 use serde_json::json;
 
-use super::policy_reload::policy_dir;
-
-/// Lets the research team obtain JWT-SVIDs.
-const RESEARCH_JWT: &str = r#"
-@id("research-jwt")
-permit (
-  principal,
-  action == Keygate::Action::"request_credential",
-  resource == Keygate::Scope::"jwt-svid"
-)
-when { principal.team == "research" };
-"#;
-
-async fn hash(b: &TestBroker) -> String {
-    b.get("/v1/policy", Some(&b.ops.auditor)).await.expect(200)["hash"]
-        .as_str()
-        .unwrap()
-        .to_owned()
-}
-
-async fn approve(b: &TestBroker, id: &str) -> common::Resp {
-    b.post(
-        &format!("/v1/approvals/{id}/decision"),
-        Some(&b.ops.approver),
-        &json!({ "decision": "approve", "reason": "reviewed the diff" }),
-    )
-    .await
-}
+use super::policy_reload::{RESEARCH_JWT, approve, hash, policy_dir};
 
 async fn jwt_svid(b: &TestBroker, agent: &TestAgent) -> common::Resp {
     let s = b.token(agent).await;

@@ -288,14 +288,7 @@ async fn an_agent_raised_to_tier_3_during_a_campaign_needs_a_second_reviewer() {
     let it = item_of(&started, &agent.id);
     assert_eq!(it["attestations"], 1, "{it}");
     let id = it["id"].as_str().unwrap().to_owned();
-    let r = b
-        .call(
-            reqwest::Method::PATCH,
-            &format!("/v1/agents/{}", agent.id),
-            Some(&b.ops.admin),
-            Some(&json!({ "risk_tier": 3 })),
-        )
-        .await;
+    let r = b.patch_agent(&agent.id, &json!({ "risk_tier": 3 })).await;
     assert_eq!(r.status, 200, "{}", r.text);
 
     let first = decide(&b, &people.olga, &id, json!({ "decision": "attest" }))

@@ -47,6 +47,51 @@ impl TestBroker {
         self.post(path, Some(&self.ops.admin), body).await
     }
 
+    /// `PATCH /v1/agents/{id}` as the admin.
+    pub async fn patch_agent(&self, id: &str, body: &Value) -> Resp {
+        self.call(
+            Method::PATCH,
+            &format!("/v1/agents/{id}"),
+            Some(&self.ops.admin),
+            Some(body),
+        )
+        .await
+    }
+
+    /// An RFC 8693 token exchange: `actor` takes over the task of the
+    /// session `parent`, narrowed to `scope` (when given) for `ttl` seconds
+    /// (when given). The answer, as the token endpoint gave it.
+    pub async fn exchange(
+        &self,
+        parent: &str,
+        actor: &TestAgent,
+        scope: Option<&str>,
+        ttl: Option<u64>,
+    ) -> Resp {
+        let assertion = actor.assertion();
+        let ttl = ttl.map(|t| t.to_string());
+        let mut form = vec![
+            (
+                "grant_type",
+                "urn:ietf:params:oauth:grant-type:token-exchange",
+            ),
+            ("subject_token", parent),
+            (
+                "subject_token_type",
+                "urn:ietf:params:oauth:token-type:access_token",
+            ),
+            ("actor_token", assertion.as_str()),
+            ("actor_token_type", "urn:ietf:params:oauth:token-type:jwt"),
+        ];
+        if let Some(s) = scope {
+            form.push(("scope", s));
+        }
+        if let Some(t) = &ttl {
+            form.push(("ttl", t));
+        }
+        self.token_form(&form).await
+    }
+
     /// Registers `agent` in `team` (risk tier 2, dev); asserts 201.
     pub async fn register(&self, agent: &TestAgent, team: &str) -> Value {
         self.admin_post("/v1/agents", &agent.spec(team))
