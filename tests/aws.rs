@@ -11,4 +11,5 @@ mod aws_credential_process;
 mod aws_example;
 mod aws_fences;
 mod aws_secrets;
+mod aws_session_fences;
 mod aws_sts;

@@ -1,9 +1,11 @@
-//! Approvals asked in a delegated task: the request is every delegator's
-//! too, so the highest risk tier on the chain sets the quorum, and no
-//! delegator's sponsor approves it alone.
+//! Separation of duties beyond the approval's own record: a sponsor named
+//! after the request was made answers for the agent too, and a request
+//! asked in a delegated task is every delegator's, so the highest risk tier
+//! on the chain sets the quorum and no delegator's sponsor approves it
+//! alone.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use crate::approvals::{ask, decide, world_with};
+use crate::approvals::{ask, decide, world, world_with};
 use crate::common::{TestAgent, TestBroker};
 use serde_json::json;
 
@@ -30,22 +32,8 @@ async fn delegated(b: &TestBroker, prefix: &str, tier: u8) -> String {
     spec["delegation"] = json!({ "max_depth": 1, "targets": [sub.id] });
     b.admin_post("/v1/agents", &spec).await.expect(201);
     let parent = b.token(&orch).await;
-    let assertion = sub.assertion();
     let r = b
-        .token_form(&[
-            (
-                "grant_type",
-                "urn:ietf:params:oauth:grant-type:token-exchange",
-            ),
-            ("subject_token", parent.token.as_str()),
-            (
-                "subject_token_type",
-                "urn:ietf:params:oauth:token-type:access_token",
-            ),
-            ("actor_token", assertion.as_str()),
-            ("actor_token_type", "urn:ietf:params:oauth:token-type:jwt"),
-            ("scope", "any-approver"),
-        ])
+        .exchange(&parent.token, &sub, Some("any-approver"), None)
         .await;
     assert_eq!(r.status, 200, "{}", r.text);
     r.json()["access_token"].as_str().unwrap().to_owned()
@@ -69,5 +57,24 @@ async fn a_delegated_request_is_approved_as_its_highest_delegator_would_be() {
     assert_eq!(r.status, 403, "{}", r.text);
     assert!(r.text.contains("separation of duties"), "{}", r.text);
     let v = decide(b, &ap.carol, &id, "approve").await.expect(200);
+    assert_eq!(v["state"], "approved", "{v}");
+}
+
+/// A sponsor named after the request was made answers for the agent just
+/// the same: they may not be the only approver either.
+#[tokio::test]
+async fn a_sponsor_named_meanwhile_cannot_approve_alone() {
+    let w = world("").await;
+    let (b, ap) = (&w.b, &w.ap);
+    let (agent, s) = b.agent_with_task("resp", "platform").await;
+    let id = ask(b, &s.token, "any-approver").await;
+    let r = b
+        .patch_agent(&agent.id, &json!({ "sponsor": "carol" }))
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    let r = decide(b, &ap.carol, &id, "approve").await;
+    assert_eq!(r.status, 403, "{}", r.text);
+    assert!(r.text.contains("separation of duties"), "{}", r.text);
+    let v = decide(b, &ap.alice, &id, "approve").await.expect(200);
     assert_eq!(v["state"], "approved", "{v}");
 }
