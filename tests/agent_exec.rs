@@ -181,11 +181,7 @@ async fn a_signal_while_exec_waits_for_approval_runs_nothing_and_ends_the_task()
             .expect("keygate exec stops when told to")
             .unwrap();
         assert_eq!(status.code(), Some(code), "{signal}");
-        let mut rest = String::new();
-        while let Ok(Some(l)) = lines.next_line().await {
-            rest.push_str(&l);
-            rest.push('\n');
-        }
+        let rest = rest_of(&mut lines).await;
         assert!(
             rest.contains("stopped by a signal") && rest.contains("completed"),
             "{signal}: {rest}"
@@ -193,6 +189,16 @@ async fn a_signal_while_exec_waits_for_approval_runs_nothing_and_ends_the_task()
         assert!(!b.dir.join("ran.txt").exists(), "the command ran");
         all_revoked(&b, &agent).await;
     }
+}
+
+/// What exec writes on stderr from here to its end.
+async fn rest_of(lines: &mut tokio::io::Lines<BufReader<tokio::process::ChildStderr>>) -> String {
+    let mut rest = String::new();
+    while let Ok(Some(l)) = lines.next_line().await {
+        rest.push_str(&l);
+        rest.push('\n');
+    }
+    rest
 }
 
 /// `keygate exec` asking for `payments-ca` with `first` before it, and the
@@ -368,11 +374,7 @@ async fn a_denial_or_a_kill_switch_while_exec_waits_runs_nothing_and_revokes_wha
         .unwrap()
         .unwrap();
     assert_eq!(status.code(), Some(1));
-    let mut rest = String::new();
-    while let Ok(Some(l)) = lines.next_line().await {
-        rest.push_str(&l);
-        rest.push('\n');
-    }
+    let rest = rest_of(&mut lines).await;
     assert!(rest.contains("denied"), "{rest}");
     assert!(!b.dir.join("ran.txt").exists(), "the command ran");
     all_revoked(&b, &denied).await;
