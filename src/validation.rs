@@ -214,7 +214,7 @@ fn bucket_count(d: &DetectorConfig, b: &Bucket) -> u64 {
 fn distinct_key(signal: Signal, obs: &Observation) -> Option<String> {
     match (signal, obs) {
         (Signal::DistinctScopes, Observation::Request { scope, .. }) => Some(scope.clone()),
-        (Signal::SourceAddresses, o) => source_of(o).map(|ip| ip.to_string()),
+        (Signal::SourceAddresses, o) if teaches(o) => source_of(o).map(|ip| ip.to_string()),
         _ => None,
     }
 }
@@ -369,7 +369,7 @@ impl Validation {
                 Observation::Renewed { .. } => b.renewals += 1,
                 Observation::TaskOpened { .. } | Observation::Delegated { .. } => {}
             }
-            if let Some(ip) = source_of(&obs) {
+            if let Some(ip) = source_of(&obs).filter(|_| teaches(&obs)) {
                 bump(&mut b.sources, ip);
             }
         }
@@ -419,7 +419,9 @@ impl Validation {
         // Novelties are judged before this observation is learned.
         let l = &mut a.learned;
         let warm = l.observations >= self.config.warm_up_observations;
-        let net = source_of(&obs).map(network);
+        // Only what the agent did is new about it: anyone who knows its id
+        // can fail a login as it, from anywhere (`teaches`).
+        let net = source_of(&obs).filter(|_| teaches(&obs)).map(network);
         // Per novelty: whether the observation has one, and when its value
         // was last seen.
         let last = |seen: &BTreeMap<String, i64>, k: &str| seen.get(k).copied();

@@ -56,22 +56,31 @@ pub(crate) fn client_from(ip: &str) -> reqwest::Client {
         .unwrap()
 }
 
-pub(crate) async fn open_task(b: &TestBroker, http: &reqwest::Client, agent: &TestAgent) -> String {
-    let r = http
-        .post(b.url("/oauth/token"))
+/// A task open as `id` with `assertion`, from `http`'s address.
+async fn login(
+    b: &TestBroker,
+    http: &reqwest::Client,
+    id: &str,
+    assertion: &str,
+) -> reqwest::Response {
+    http.post(b.url("/oauth/token"))
         .form(&[
             ("grant_type", "client_credentials"),
-            ("client_id", agent.id.as_str()),
+            ("client_id", id),
             (
                 "client_assertion_type",
                 "urn:ietf:params:oauth:client-assertion-type:jwt-bearer",
             ),
-            ("client_assertion", agent.assertion().as_str()),
+            ("client_assertion", assertion),
             ("task", "validation test"),
         ])
         .send()
         .await
-        .unwrap();
+        .unwrap()
+}
+
+pub(crate) async fn open_task(b: &TestBroker, http: &reqwest::Client, agent: &TestAgent) -> String {
+    let r = login(b, http, &agent.id, &agent.assertion()).await;
     assert_eq!(r.status(), 200);
     let v: Value = r.json().await.unwrap();
     v["access_token"].as_str().unwrap().to_owned()
@@ -478,4 +487,59 @@ max_credentials_per_minute = 6
         statuses.iter().all(|s| *s == 201 || *s == 429),
         "{statuses:?}"
     );
+}
+
+/// Anyone who knows an agent's id can fail a login as it, from anywhere:
+/// those failures are no network or address of the agent's, so a novelty
+/// or a count of addresses acting on them (here: suspend) would hand the
+/// agent's off switch to whoever guesses its id.
+#[tokio::test]
+async fn failed_logins_from_a_new_network_are_not_the_agents_network() {
+    let b = TestBroker::start_with(Setup {
+        extra_config: r#"
+[validation]
+warm_up_observations = 3
+
+[[detectors]]
+name = "new-network"
+signal = "new_source_network"
+severity = "high"
+action = "suspend"
+
+[[detectors]]
+name = "many-addresses"
+signal = "source_addresses"
+threshold = 2
+window_secs = 60
+severity = "high"
+action = "suspend"
+"#
+        .into(),
+        ..Setup::permissive()
+    })
+    .await;
+    let agent = TestAgent::new("guessable", "ES256");
+    b.register(&agent, "platform").await;
+    let home = reqwest::Client::new();
+    let t = open_task(&b, &home, &agent).await;
+    for _ in 0..3 {
+        assert_eq!(ask(&b, &home, &t, "x509-svid").await, 201);
+    }
+    let impostor = TestAgent::new("impostor", "ES256");
+    for ip in ["127.1.0.9", "127.2.0.9", "127.3.0.9"] {
+        let forged = impostor.sign(&agent.claims());
+        let r = login(&b, &client_from(ip), &agent.id, &forged).await;
+        assert_eq!(r.status(), 401);
+    }
+    let a = b
+        .get(&format!("/v1/agents/{}", agent.id), Some(&b.ops.admin))
+        .await
+        .expect(200);
+    assert_eq!(a["status"], "active", "{a}");
+    assert!(incidents(&b, &agent).await.is_empty());
+    assert_eq!(ask(&b, &home, &t, "x509-svid").await, 201);
+    // The agent itself on a network it was never seen on still fires.
+    login(&b, &client_from("127.1.0.9"), &agent.id, &agent.assertion()).await;
+    let list = incidents(&b, &agent).await;
+    assert_eq!(detectors_of(&list), ["new-network"], "{list:?}");
 }
