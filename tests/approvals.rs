@@ -61,7 +61,7 @@ impl Approvers {
             op(
                 "bob",
                 &self.bob,
-                "team = \"payments\"\nslack_user_id = \"UBOB\"",
+                "team = \"payments\"\nslack_user_id = \"UBOB\"\nemail = \"bob@keygate.test\"",
             ),
             op(
                 "carol",

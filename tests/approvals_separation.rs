@@ -78,3 +78,26 @@ async fn a_sponsor_named_meanwhile_cannot_approve_alone() {
     let v = decide(b, &ap.alice, &id, "approve").await.expect(200);
     assert_eq!(v["state"], "approved", "{v}");
 }
+
+/// An approval counts towards the quorum only while whoever gave it still
+/// may decide: one given by an approver who departed since does not.
+#[tokio::test]
+async fn a_departed_approvers_earlier_approval_no_longer_counts() {
+    let w = world("").await;
+    let (b, ap) = (&w.b, &w.ap);
+    let (_, s) = b.agent_with_task("quorum", "platform").await;
+    // Bob sponsors another agent: the people API knows him by that.
+    let other = TestAgent::new("quorum-bobs", "ES256");
+    let mut spec = other.spec("platform");
+    spec["sponsor"] = json!("bob@keygate.test");
+    b.admin_post("/v1/agents", &spec).await.expect(201);
+    let id = ask(b, &s.token, "two-approvers").await;
+    decide(b, &ap.bob, &id, "approve").await.expect(200);
+    b.admin_post("/v1/people/bob@keygate.test/depart", &json!({ "reason": "left" }))
+        .await
+        .expect(200);
+    let v = decide(b, &ap.alice, &id, "approve").await.expect(200);
+    assert_eq!(v["state"], "pending", "a departed approver made up the quorum: {v}");
+    let v = decide(b, &ap.carol, &id, "approve").await.expect(200);
+    assert_eq!(v["state"], "approved", "{v}");
+}

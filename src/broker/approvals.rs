@@ -327,6 +327,25 @@ impl Broker {
         }
     }
 
+    /// Whether `operator`'s earlier approval of `a` still counts towards
+    /// its quorum: still configured, still an approver (of one of its
+    /// teams, where it names some), not departed.
+    async fn approval_still_counts(&self, operator: &str, a: &Approval) -> BrokerResult<bool> {
+        let Ok(op) = self.operator_config(operator) else {
+            return Ok(false);
+        };
+        if !op.roles.contains(&Role::Approver)
+            || (!a.approver_teams.is_empty()
+                && !op
+                    .team
+                    .as_ref()
+                    .is_some_and(|t| a.approver_teams.contains(t)))
+        {
+            return Ok(false);
+        }
+        Ok(self.operator_departure(operator).await?.is_none())
+    }
+
     async fn try_decide(
         &self,
         operator: &str,
@@ -404,7 +423,16 @@ impl Broker {
                 d.decision
             )));
         }
-        let approvals = a.approvals().count() as u32 + 1;
+        // Earlier approvals count only while whoever gave them still may:
+        // one who departed, lost the approver role or left the approving
+        // teams since no longer makes up the quorum.
+        let mut counted = Vec::new();
+        for d in a.approvals() {
+            if self.approval_still_counts(&d.operator, &a).await? {
+                counted.push(d.operator.as_str());
+            }
+        }
+        let approvals = counted.len() as u32 + 1;
         let quorum = approvals >= a.required;
         if req.decision == Verdict::Approve && quorum && !a.sponsor_alone {
             // The sponsor when it was asked and the sponsor now: a sponsor
@@ -417,8 +445,8 @@ impl Broker {
                 .chain(delegators.into_iter().flatten().filter_map(|v| v.as_str()))
                 .collect();
             let sponsor_of = |o: &OperatorConfig| sponsors.iter().any(|s| Self::is_sponsor(o, s));
-            let others = a.approvals().any(|d| {
-                self.operator_config(&d.operator)
+            let others = counted.iter().any(|d| {
+                self.operator_config(d)
                     .map(|o| !sponsor_of(o))
                     .unwrap_or(true)
             });
