@@ -106,6 +106,17 @@ async fn the_evidence_pack_holds_the_periods_records_and_verifies_against_the_au
     let r = patch(json!({ "last_review_at": "2999-01-01T00:00:00Z" })).await;
     assert_eq!(r.status, 400, "{}", r.text);
     assert!(r.text.contains("future"), "{}", r.text);
+    // Nor the previous owner's review, dated before the move.
+    let r = patch(json!({ "last_review_at": "2020-01-01T00:00:00Z" })).await;
+    assert_eq!(r.status, 400, "{}", r.text);
+    assert!(r.text.contains("before the agent's team or sponsor changed"), "{}", r.text);
+    // A review from the future is refused at registration too.
+    let late = common::TestAgent::new("rv-from-the-future", "ES256");
+    let mut spec = late.spec("platform");
+    spec["last_review_at"] = json!("2999-01-01T00:00:00Z");
+    let r = b.admin_post("/v1/agents", &spec).await;
+    assert_eq!(r.status, 400, "{}", r.text);
+    assert!(r.text.contains("future"), "{}", r.text);
     patch(json!({ "last_review_at": now })).await.expect(200);
     let compliance = b
         .admin_get(&format!("/v1/agents/{}/compliance", worker.id))

@@ -126,11 +126,15 @@ impl AgentUpdate {
                     "`last_review_at` cannot be set in the change that moves the agent's team or sponsor: the new owner's review is recorded after it".into(),
                 ));
             }
-            // Whole seconds, as the store keeps them.
-            if at.unix_timestamp() > crate::model::now().unix_timestamp() {
-                return Err(super::BrokerError::InvalidRequest(
-                    "`last_review_at` is in the future: record a review that happened".into(),
-                ));
+            // (A future one was refused with the spec.) One from before
+            // the last ownership change is the previous owner's.
+            if let Some(moved_at) = agent.owner_changed_at
+                && at.unix_timestamp() < moved_at.unix_timestamp()
+            {
+                return Err(super::BrokerError::InvalidRequest(format!(
+                    "`last_review_at` is before the agent's team or sponsor changed ({}): the new owner's review is recorded after it",
+                    crate::model::rfc3339(moved_at)
+                )));
             }
         }
         if moved {

@@ -97,6 +97,13 @@ impl AgentSpec {
         if self.purpose.trim().is_empty() {
             return bad("`purpose` is required: say what the agent is for".into());
         }
+        // Whole seconds, as the store keeps them.
+        if self
+            .last_review_at
+            .is_some_and(|at| at.unix_timestamp() > crate::model::now().unix_timestamp())
+        {
+            return bad("`last_review_at` is in the future: record a review that happened".into());
+        }
         if self.max_ttl_secs == Some(0) {
             return bad("`max_ttl_secs` must be at least 1 (omit it for no cap of its own)".into());
         }
@@ -320,7 +327,7 @@ impl Broker {
     }
 
     /// A sponsor must be an active person when the directory is configured.
-    async fn check_sponsor(&self, sponsor: &str) -> BrokerResult<()> {
+    pub(super) async fn check_sponsor(&self, sponsor: &str) -> BrokerResult<()> {
         use crate::governance::people::Standing;
         match self.directory().await?.standing(sponsor) {
             Standing::Active | Standing::Unknown => Ok(()),
