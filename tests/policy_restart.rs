@@ -1,7 +1,10 @@
 //! A policy set held for provisioning approval stays held across a restart
 //! of the broker: a start does not make the files on disk active when they
 //! differ from the set active in the store, it reloads them as a reload
-//! would (held if they widen, applied if they only narrow).
+//! would (held if they widen, applied if they only narrow). Nor is it lost
+//! or stretched by agents changing while it waits: granting the agent it
+//! hangs on keeps it, and an agent that would gain what the approvers were
+//! not shown has it asked again.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use crate::common;
@@ -80,4 +83,63 @@ async fn a_held_widening_stays_held_across_a_restart_and_a_narrowing_applies() {
     let r = jwt_svid(&b, &agent).await;
     assert_eq!(r.status, 403, "{}", r.text);
     assert_eq!(held_policy_approvals(&b).await, Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn a_held_set_survives_its_agents_grant_and_is_asked_again_when_it_would_widen_more() {
+    let b = TestBroker::start_with(Setup {
+        extra_config: "[provisioning]\nrequire_approval = true\napprovals = 1\n".into(),
+        ..Setup::default()
+    })
+    .await;
+    let register = |agent: &TestAgent| {
+        let spec = agent.spec("research");
+        let b = &b;
+        async move {
+            b.admin_post("/v1/agents", &spec).await.expect(202)["approval"]["id"]
+                .as_str()
+                .unwrap()
+                .to_owned()
+        }
+    };
+    // The set is held while the only agent it widens is still pending.
+    let first = TestAgent::new("rx-first", "ES256");
+    let registration = register(&first).await;
+    std::fs::write(policy_dir(&b).join("research.cedar"), RESEARCH_JWT).unwrap();
+    let r = b
+        .post("/v1/policy/reload", Some(&b.ops.admin), &json!({}))
+        .await;
+    assert_eq!(r.status, 202, "{}", r.text);
+    let set = r.json()["held"]["id"].as_str().unwrap().to_owned();
+    // Granting the agent's registration leaves the set's approval waiting.
+    approve(&b, &registration).await.expect(200);
+    assert_eq!(held_policy_approvals(&b).await, vec![set.clone()]);
+
+    // Another agent joins meanwhile: the set would widen it too.
+    let late = TestAgent::new("rx-late", "ES256");
+    let registration = register(&late).await;
+    approve(&b, &registration).await.expect(200);
+    let before = hash(&b).await;
+    let r = approve(&b, &set).await;
+    assert_eq!(r.status, 409, "{}", r.text);
+    let unseen = format!("{} gains jwt-svid", late.id);
+    assert!(r.text.contains(&unseen), "{}", r.text);
+    assert_eq!(hash(&b).await, before);
+    assert_eq!(jwt_svid(&b, &late).await.status, 403);
+    // Reloaded again: a new approval that shows both.
+    let r = b
+        .post("/v1/policy/reload", Some(&b.ops.admin), &json!({}))
+        .await;
+    assert_eq!(r.status, 202, "{}", r.text);
+    let again = r.json()["held"].clone();
+    let why = again["justification"].as_str().unwrap();
+    for agent in [&first, &late] {
+        assert!(why.contains(&format!("{} gains", agent.id)), "{why}");
+    }
+    let again = again["id"].as_str().unwrap().to_owned();
+    assert_ne!(again, set);
+    assert_eq!(held_policy_approvals(&b).await, vec![again.clone()]);
+    approve(&b, &again).await.expect(200);
+    jwt_svid(&b, &first).await.expect(201);
+    jwt_svid(&b, &late).await.expect(201);
 }

@@ -143,6 +143,23 @@ async fn an_approval_granted_after_the_agent_left_pending_revives_nothing() {
         .await;
     assert_eq!(cancelled.len(), 1, "{cancelled:?}");
 
+    // Suspended while pending by a kill switch on its team: the same.
+    let swept = TestAgent::new("swept", "ES256");
+    let id = register_in(&b, &swept, "red").await;
+    let r = b
+        .post(
+            "/v1/revocations",
+            Some(&b.ops.secops),
+            &json!({ "team": "red", "suspend": true, "reason": "team compromised" }),
+        )
+        .await
+        .expect(200);
+    assert_eq!(r["agents_suspended"], 1, "{r}");
+    assert_eq!(status(&b, &swept.id).await, "suspended");
+    assert_eq!(approval(&b, &id).await["state"], "cancelled");
+    assert_eq!(decide(&b, &id, "approve").await.status, 409);
+    assert_eq!(status(&b, &swept.id).await, "suspended");
+
     // A denied registration decommissions the agent.
     let denied = TestAgent::new("deny", "ES256");
     let id = register_pending(&b, &denied).await;
@@ -301,6 +318,26 @@ when { principal.purpose == "payroll" && principal.environment == "prod" };
         "{now}"
     );
     assert_eq!(approval(&b, &held).await["state"], "pending");
+
+    // The sponsor a held change names departs before it is granted.
+    let other = TestAgent::new("combo-dave", "ES256");
+    let mut spec = other.spec("combo");
+    spec["sponsor"] = json!("dave@keygate.test");
+    b.admin_post("/v1/agents", &spec).await.expect(202);
+    let named = patch(&b, &agent.id, json!({ "sponsor": "dave@keygate.test" }))
+        .await
+        .expect(202)["approval"]["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    b.admin_post("/v1/people/dave@keygate.test/depart", &json!({ "reason": "left" }))
+        .await
+        .expect(200);
+    let r = decide(&b, &named, "approve").await;
+    assert_eq!(r.status, 409, "{}", r.text);
+    assert!(r.text.contains("left on"), "{}", r.text);
+    let now = b.admin_get(&format!("/v1/agents/{}", agent.id)).await;
+    assert_eq!(now["sponsor"], "owner@keygate.test", "{now}");
 }
 
 /// A denied registration cancels the agent's other changes waiting for

@@ -129,6 +129,23 @@ impl Broker {
                 .await?;
             return Err(BrokerError::Conflict(why));
         }
+        // Agents changed since it was asked (moved, registered, an
+        // exclusion lifted) may gain under this set what the approvers were
+        // not shown: that is asked again, not granted.
+        if let Some(a) = approved {
+            let unseen = unseen_gains(a, &diff);
+            if !unseen.is_empty() {
+                let why = format!(
+                    "agents changed since it was asked: under this set {} too, which the approvers were not shown; nothing changed: reload again",
+                    unseen.join("; ")
+                );
+                self.audit_alone(
+                    AuditEvent::new(actor, "policy.reload_refused").failure(why.clone()),
+                )
+                .await?;
+                return Err(BrokerError::Conflict(why));
+            }
+        }
         if approved.is_none()
             && self.config.provisioning.require_approval
             && diff.agents.iter().any(|a| !a.gained.is_empty())
@@ -230,14 +247,33 @@ impl Broker {
                     && a.request["to_hash"] == diff.to_hash.as_str()
                     && a.request["from_hash"] == from_hash
             });
-        if let Some(a) = waiting {
-            return Ok(a);
-        }
         let widened: Vec<&AgentDiff> = diff
             .agents
             .iter()
             .filter(|a| !a.gained.is_empty())
             .collect();
+        let shown = serde_json::json!(
+            widened
+                .iter()
+                .map(|a| serde_json::json!({ "agent": a.agent, "gained": a.gained }))
+                .collect::<Vec<_>>()
+        );
+        if let Some(a) = waiting {
+            // The same set asked again: the same approval, unless what it
+            // widens changed since (then approving it would be refused).
+            if unseen_gains(&a, diff).is_empty() {
+                return Ok(a);
+            }
+            let mut tx = self.store.begin().await?;
+            self.cancel_approval(
+                &mut *tx,
+                actor,
+                &a,
+                "the agents this set widens changed: asked again",
+            )
+            .await?;
+            tx.commit().await?;
+        }
         let Some(first) = widened.first() else {
             return Err(BrokerError::Internal("nothing widens".into()));
         };
@@ -258,7 +294,7 @@ impl Broker {
                 serde_json::json!({
                     "change": "policy", "files": files, "from_hash": from_hash,
                     "to_hash": diff.to_hash,
-                    "widened": widened.iter().map(|a| serde_json::json!({ "agent": a.agent, "gained": a.gained })).collect::<Vec<_>>(),
+                    "widened": shown,
                 }),
                 format!(
                     "policy set {} widens: {}",
@@ -377,4 +413,25 @@ impl Broker {
             policies: Vec::new(),
         })
     }
+}
+
+/// What agents gain under `diff` that held approval `a` did not show its
+/// approvers, as "agent gains scope".
+fn unseen_gains(a: &crate::model::Approval, diff: &PolicyDiff) -> Vec<String> {
+    let shown = |agent: &str, scope: &str| {
+        a.request["widened"].as_array().is_some_and(|w| {
+            w.iter().any(|e| {
+                e["agent"] == agent && e["gained"].as_array().is_some_and(|g| g.iter().any(|s| s == scope))
+            })
+        })
+    };
+    diff.agents
+        .iter()
+        .flat_map(|d| {
+            d.gained
+                .iter()
+                .filter(|s| !shown(&d.agent, s))
+                .map(move |s| format!("{} gains {s}", d.agent))
+        })
+        .collect()
 }

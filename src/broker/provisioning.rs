@@ -108,6 +108,13 @@ impl Broker {
                 }
                 let before = agent.clone();
                 update.apply(&mut agent)?;
+                // A sponsor who left since the change was asked is no
+                // sponsor to name now.
+                if agent.sponsor != before.sponsor {
+                    self.check_sponsor(&agent.sponsor)
+                        .await
+                        .map_err(|e| BrokerError::Conflict(format!("{e}; ask again")))?;
+                }
                 let probe = |x: &Agent| {
                     self.reachable_scopes(&Agent {
                         status: AgentStatus::Active,
@@ -170,26 +177,41 @@ impl Broker {
                 cursor: None,
             })
             .await?;
-        let t = now();
         let mut cancelled = Vec::new();
         for a in open {
-            if !tx
-                .finish_approval(&a.id, ApprovalState::Cancelled, reason, t)
-                .await?
-            {
-                continue;
+            // A held policy set is anchored on an agent but is the whole
+            // set's: it stays for the approvers (and `keygate apply`).
+            if a.request["change"] != "policy" && self.cancel_approval(tx, actor, &a, reason).await? {
+                cancelled.push(a.id);
             }
-            let Some(after) = tx.approval(&a.id).await? else {
-                continue;
-            };
-            tx.audit(approval_event(actor, "approval.cancelled", &after).reason(reason.to_owned()))
-                .await?;
-            for n in self.notifier.decided(&after) {
-                tx.insert_notification(&n).await?;
-            }
-            cancelled.push(a.id);
         }
         Ok(cancelled)
+    }
+
+    /// Cancels approval `a` if it is still pending, audited and announced;
+    /// whether it was.
+    pub(crate) async fn cancel_approval(
+        &self,
+        tx: &mut dyn StoreTx,
+        actor: &Actor,
+        a: &crate::model::Approval,
+        reason: &str,
+    ) -> BrokerResult<bool> {
+        if !tx
+            .finish_approval(&a.id, ApprovalState::Cancelled, reason, now())
+            .await?
+        {
+            return Ok(false);
+        }
+        let Some(after) = tx.approval(&a.id).await? else {
+            return Ok(false);
+        };
+        tx.audit(approval_event(actor, "approval.cancelled", &after).reason(reason.to_owned()))
+            .await?;
+        for n in self.notifier.decided(&after) {
+            tx.insert_notification(&n).await?;
+        }
+        Ok(true)
     }
 
     /// Scopes policy lets `agent` reach at some time: probed with the

@@ -158,18 +158,30 @@ impl Broker {
                     Selector::Team(team) => &agent.team == team,
                     _ => false,
                 };
-                if hit
-                    && tx
-                        .set_agent_status(
-                            &agent.id,
-                            &[AgentStatus::Active],
-                            AgentStatus::Suspended,
-                            t,
-                        )
-                        .await?
-                        .is_some()
-                {
+                if !hit {
+                    continue;
+                }
+                // A pending agent is suspended too, and its provisioning
+                // approvals end: granting one later must not activate it.
+                let was = tx
+                    .set_agent_status(
+                        &agent.id,
+                        &[AgentStatus::Active, AgentStatus::Pending],
+                        AgentStatus::Suspended,
+                        t,
+                    )
+                    .await?;
+                if was.is_some() {
                     suspended += 1;
+                }
+                if was == Some(AgentStatus::Pending) {
+                    self.cancel_provisioning(
+                        &mut *tx,
+                        &actor,
+                        &agent.id,
+                        &format!("agent suspended by {why}"),
+                    )
+                    .await?;
                 }
             }
         }
