@@ -395,6 +395,21 @@ pub struct Revocation {
     pub created_at: OffsetDateTime,
     /// Sessions ended by this revocation.
     pub tasks_ended: u64,
+    /// Agents it suspended (`suspend`).
+    pub agents_suspended: u64,
+    /// Fences its providers could not put up.
+    pub fence_failures: Vec<FenceFailure>,
+}
+
+/// A fence a provider could not put up: the kill switch is incomplete there.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, utoipa::ToSchema)]
+pub struct FenceFailure {
+    pub provider: String,
+    /// The role (or other target) it was for, when the provider got that far.
+    pub target: Option<String>,
+    pub name: Option<String>,
+    pub agent: Option<String>,
+    pub error: String,
 }
 
 /// Progress counts of the leases an emergency revocation queued.

@@ -423,15 +423,32 @@ async fn however_a_parent_ends_every_task_below_it_ends() {
     assert_eq!(revoke(&b, &parent.token, &parent.token).await, 200);
     ended(mid, deep, lease, "the chain ends with its revoked parent").await;
 
-    // 3. The kill switch hits the orchestrator only.
+    // 3. The kill switch hits the orchestrator only (and suspends it): the
+    // sub-agents' lease below counts in its progress, then and later.
     let (_parent, mid, deep, lease) = chain().await;
-    b.post(
-        "/v1/revocations",
-        Some(&b.ops.secops),
-        &json!({ "agent": c.orch.id, "reason": "compromised orchestrator" }),
-    )
-    .await
-    .expect(200);
+    let r = b
+        .post(
+            "/v1/revocations",
+            Some(&b.ops.secops),
+            &json!({ "agent": c.orch.id, "reason": "compromised orchestrator", "suspend": true }),
+        )
+        .await
+        .expect(200);
+    assert_eq!(
+        (&r["found"], &r["agents_suspended"]),
+        (&json!(1), &json!(1)),
+        "{r}"
+    );
+    let id = r["revocation_id"].as_str().unwrap();
+    let later = b
+        .get(&format!("/v1/revocations/{id}?wait=5"), Some(&b.ops.auditor))
+        .await
+        .expect(200);
+    assert_eq!(
+        (&later["found"], &later["revoked"], &later["agents_suspended"]),
+        (&json!(1), &json!(1), &json!(1)),
+        "{later}"
+    );
     ended(
         mid,
         deep,

@@ -278,7 +278,7 @@ async fn no_lease_is_written_for_an_ended_task() {
 /// is confirmed, and its progress counts agree.
 #[tokio::test]
 async fn a_revocation_is_unfinished_until_its_last_lease_is_confirmed() {
-    use keygate::model::{LeaseState, Revocation, Selector, now};
+    use keygate::model::{LeaseState, now};
     use keygate::store::LeaseSelector;
     let (_dir, path) = db_path();
     let store = open(&path).await;
@@ -288,16 +288,7 @@ async fn a_revocation_is_unfinished_until_its_last_lease_is_confirmed() {
     for l in &leases {
         assert!(tx.insert_lease(l).await.unwrap().written());
     }
-    tx.insert_revocation(&Revocation {
-        id: "rv_1".into(),
-        selector: Selector::Agent("a1".into()),
-        reason: "test".into(),
-        operator: "op".into(),
-        created_at: now(),
-        tasks_ended: 0,
-    })
-    .await
-    .unwrap();
+    tx.insert_revocation(&revocation("rv_1")).await.unwrap();
     let tasks = LeaseSelector::Tasks(vec!["tk_1".into()]);
     let queued = tx
         .queue_revocations(&tasks, "test", Some("rv_1"), now())
@@ -321,6 +312,92 @@ async fn a_revocation_is_unfinished_until_its_last_lease_is_confirmed() {
             (2, i as u64 + 1, 1 - i as u64)
         );
     }
+}
+
+/// An emergency revocation of agent `a1` that suspended two agents.
+fn revocation(id: &str) -> keygate::model::Revocation {
+    keygate::model::Revocation {
+        id: id.into(),
+        selector: keygate::model::Selector::Agent("a1".into()),
+        reason: "test".into(),
+        operator: "op".into(),
+        created_at: keygate::model::now(),
+        tasks_ended: 0,
+        agents_suspended: 2,
+        fence_failures: Vec::new(),
+    }
+}
+
+/// A lease already being revoked counts towards every emergency revocation
+/// that selects it: one queued without a revocation (its task ended) takes
+/// the first's id; one the first queued stays the first's and counts for the
+/// second too (it no longer moves, leaving the first to report done early).
+/// A revocation keeps what it suspended and every fence failure added.
+#[tokio::test]
+async fn overlapping_revocations_each_count_the_leases_they_select() {
+    use keygate::model::{FenceFailure, LeaseState, Selector, now};
+    use keygate::store::LeaseSelector;
+    let (_dir, path) = db_path();
+    let store = open(&path).await;
+    agent_with_tasks(store.as_ref(), &["tk_1", "tk_2"], &[]).await;
+    let (ended, held) = (lease_in("tk_1"), lease_in("tk_2"));
+    let failure = FenceFailure {
+        provider: "aws".into(),
+        target: Some("role".into()),
+        name: None,
+        agent: Some("a1".into()),
+        error: "denied".into(),
+    };
+    let agent = LeaseSelector::Emergency(Selector::Agent("a1".into()));
+    let mut tx = store.begin().await.unwrap();
+    for l in [&ended, &held] {
+        assert!(tx.insert_lease(l).await.unwrap().written());
+    }
+    tx.queue_revocations(&LeaseSelector::Task("tk_1".into()), "task ended", None, now())
+        .await
+        .unwrap();
+    tx.insert_revocation(&revocation("rv_1")).await.unwrap();
+    let mut first = tx
+        .queue_revocations(&agent, "test", Some("rv_1"), now())
+        .await
+        .unwrap();
+    tx.insert_revocation(&revocation("rv_2")).await.unwrap();
+    let mut second = tx
+        .queue_revocations(&agent, "test", Some("rv_2"), now())
+        .await
+        .unwrap();
+    tx.add_fence_failures("rv_2", std::slice::from_ref(&failure))
+        .await
+        .unwrap();
+    tx.add_fence_failures("rv_2", std::slice::from_ref(&failure))
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    let mut both = vec![ended.id.clone(), held.id.clone()];
+    both.sort();
+    first.sort();
+    second.sort();
+    assert_eq!((&first, &second), (&both, &both));
+    for rv in ["rv_1", "rv_2"] {
+        let p = store.revocation_progress(rv).await.unwrap();
+        assert_eq!((p.found, p.pending), (2, 2), "{rv}");
+        assert!(store.revocation_unfinished(rv).await.unwrap(), "{rv}");
+    }
+    let mut tx = store.begin().await.unwrap();
+    tx.finish_revocations(&both, LeaseState::Revoked, now())
+        .await
+        .unwrap();
+    tx.commit().await.unwrap();
+    for rv in ["rv_1", "rv_2"] {
+        let p = store.revocation_progress(rv).await.unwrap();
+        assert_eq!((p.found, p.revoked), (2, 2), "{rv}");
+        assert!(!store.revocation_unfinished(rv).await.unwrap(), "{rv}");
+    }
+    let r = store.get_revocation("rv_2").await.unwrap().unwrap();
+    assert_eq!(r.agents_suspended, 2);
+    assert_eq!(r.fence_failures, vec![failure.clone(), failure]);
+    let r = store.get_revocation("rv_1").await.unwrap().unwrap();
+    assert!(r.fence_failures.is_empty());
 }
 
 /// A renewal the reaper overtook: the lease is `expired`, the renewal's

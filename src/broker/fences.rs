@@ -6,23 +6,14 @@ use std::collections::BTreeMap;
 use std::time::Duration;
 
 use keygate_provider_api::{Fence, FenceRequest, FenceTarget, LiftFenceRequest, RevokeHandle};
-use serde::{Deserialize, Serialize};
+use serde::Deserialize;
 use time::OffsetDateTime;
 
 use super::{Broker, BrokerError, BrokerResult};
 use crate::audit::{Actor, AuditEvent};
 use crate::model::{FenceFilter, FenceRecord, Lease, Selector, new_id, now};
 
-/// A fence a provider could not put up: the kill switch is incomplete there.
-#[derive(Debug, Clone, Serialize, Deserialize, utoipa::ToSchema)]
-pub struct FenceFailure {
-    pub provider: String,
-    /// The role (or other target) it was for, when the provider got that far.
-    pub target: Option<String>,
-    pub name: Option<String>,
-    pub agent: Option<String>,
-    pub error: String,
-}
+pub use crate::model::FenceFailure;
 
 /// The fences an emergency revocation put up, and those that failed.
 #[derive(Debug, Default)]
@@ -200,6 +191,9 @@ impl Broker {
                 })),
             )
             .await?;
+        }
+        if !out.failures.is_empty() {
+            tx.add_fence_failures(revocation_id, &out.failures).await?;
         }
         for f in &out.failures {
             tx.audit(

@@ -200,6 +200,8 @@ impl Broker {
             operator: operator.to_owned(),
             created_at: t,
             tasks_ended: tasks.len() as u64,
+            agents_suspended: suspended,
+            fence_failures: Vec::new(),
         })
         .await?;
         let mut queued = tx
@@ -346,12 +348,12 @@ impl Broker {
         Ok(RevocationReport {
             leases: self.store.revocation_progress(id).await?,
             fences: self.store.list_fences(&of_revocation).await?,
-            fence_failures: Vec::new(),
+            fence_failures: r.fence_failures,
             revocation_id: r.id,
             selector: r.selector,
             reason: r.reason,
             tasks_ended: r.tasks_ended,
-            agents_suspended: 0,
+            agents_suspended: r.agents_suspended,
         })
     }
 }

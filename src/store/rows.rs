@@ -175,6 +175,8 @@ pub(crate) fn revocation_from_row(r: &impl Get) -> StoreResult<Revocation> {
         operator: r.get("operator")?,
         created_at: time_col(r, "created_at")?,
         tasks_ended: u64::try_from(r.get::<i64>("tasks_ended")?).unwrap_or(0),
+        agents_suspended: u64::try_from(r.get::<i64>("agents_suspended")?).unwrap_or(0),
+        fence_failures: json_col(r, "fence_failures")?,
     })
 }
 

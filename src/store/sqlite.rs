@@ -383,7 +383,9 @@ impl Store for SqliteStore {
 
     async fn revocation_progress(&self, id: &str) -> StoreResult<RevocationProgress> {
         let rows = sqlx::query(
-            "SELECT state, COUNT(*) AS n FROM leases WHERE revocation_id = ? GROUP BY state",
+            "SELECT state, COUNT(*) AS n FROM (SELECT state FROM leases WHERE revocation_id = ?1 \
+             UNION ALL SELECT l.state FROM revocation_overlaps o JOIN leases l ON l.id = o.lease_id \
+             WHERE o.revocation_id = ?1) AS hit GROUP BY state",
         )
         .bind(id)
         .fetch_all(&mut *self.read.get().await?)
@@ -405,8 +407,10 @@ impl Store for SqliteStore {
         // States listed, not excluded: each is one seek in
         // `leases_revocation (revocation_id, state)`.
         Ok(sqlx::query_scalar(
-            "SELECT EXISTS (SELECT 1 FROM leases WHERE revocation_id = ? \
-             AND state IN ('pending', 'active', 'revoking'))",
+            "SELECT EXISTS (SELECT 1 FROM leases WHERE revocation_id = ?1 \
+             AND state IN ('pending', 'active', 'revoking')) OR EXISTS (SELECT 1 \
+             FROM revocation_overlaps o JOIN leases l ON l.id = o.lease_id \
+             WHERE o.revocation_id = ?1 AND l.state IN ('pending', 'active', 'revoking'))",
         )
         .bind(id)
         .fetch_one(&mut *self.read.get().await?)

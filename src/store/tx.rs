@@ -180,6 +180,13 @@ pub trait StoreTx: Send {
     async fn expired_tasks(&mut self, now: OffsetDateTime) -> StoreResult<Vec<String>>;
 
     async fn insert_revocation(&mut self, revocation: &Revocation) -> StoreResult<()>;
+    /// Adds to emergency revocation `id`'s fence failures (none: no such
+    /// revocation, as for a policy change's fences).
+    async fn add_fence_failures(
+        &mut self,
+        id: &str,
+        failures: &[crate::model::FenceFailure],
+    ) -> StoreResult<()>;
 
     async fn insert_approval(&mut self, approval: &Approval) -> StoreResult<()>;
     /// Reads an approval inside the transaction (decisions included).

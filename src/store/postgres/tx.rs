@@ -301,8 +301,8 @@ impl StoreTx for PostgresTx {
 
     async fn insert_revocation(&mut self, r: &Revocation) -> StoreResult<()> {
         sqlx::query(
-            "INSERT INTO revocations (id, selector, reason, operator, created_at, tasks_ended) \
-             VALUES ($1, $2, $3, $4, $5, $6)",
+            "INSERT INTO revocations (id, selector, reason, operator, created_at, tasks_ended, \
+             agents_suspended, fence_failures) VALUES ($1, $2, $3, $4, $5, $6, $7, $8)",
         )
         .bind(&r.id)
         .bind(serde_json::to_string(&r.selector).map_err(corrupt)?)
@@ -310,6 +310,24 @@ impl StoreTx for PostgresTx {
         .bind(&r.operator)
         .bind(unix(r.created_at))
         .bind(i64::try_from(r.tasks_ended).unwrap_or(i64::MAX))
+        .bind(i64::try_from(r.agents_suspended).unwrap_or(i64::MAX))
+        .bind(serde_json::to_string(&r.fence_failures).map_err(corrupt)?)
+        .execute(self.conn())
+        .await?;
+        Ok(())
+    }
+
+    async fn add_fence_failures(
+        &mut self,
+        id: &str,
+        failures: &[crate::model::FenceFailure],
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE revocations SET fence_failures = (fence_failures::jsonb || $1::jsonb)::text \
+             WHERE id = $2",
+        )
+        .bind(serde_json::to_string(failures).map_err(corrupt)?)
+        .bind(id)
         .execute(self.conn())
         .await?;
         Ok(())

@@ -285,8 +285,8 @@ impl StoreTx for SqliteTx {
 
     async fn insert_revocation(&mut self, r: &Revocation) -> StoreResult<()> {
         sqlx::query(
-            "INSERT INTO revocations (id, selector, reason, operator, created_at, tasks_ended) \
-             VALUES (?, ?, ?, ?, ?, ?)",
+            "INSERT INTO revocations (id, selector, reason, operator, created_at, tasks_ended, \
+             agents_suspended, fence_failures) VALUES (?, ?, ?, ?, ?, ?, ?, ?)",
         )
         .bind(&r.id)
         .bind(serde_json::to_string(&r.selector).map_err(corrupt)?)
@@ -294,6 +294,25 @@ impl StoreTx for SqliteTx {
         .bind(&r.operator)
         .bind(unix(r.created_at))
         .bind(r.tasks_ended as i64)
+        .bind(r.agents_suspended as i64)
+        .bind(serde_json::to_string(&r.fence_failures).map_err(corrupt)?)
+        .execute(self.tx.conn().await?)
+        .await?;
+        Ok(())
+    }
+
+    async fn add_fence_failures(
+        &mut self,
+        id: &str,
+        failures: &[crate::model::FenceFailure],
+    ) -> StoreResult<()> {
+        sqlx::query(
+            "UPDATE revocations SET fence_failures = (SELECT json_group_array(json(value)) FROM \
+             (SELECT value FROM json_each(fence_failures) UNION ALL SELECT value FROM json_each(?1))) \
+             WHERE id = ?2",
+        )
+        .bind(serde_json::to_string(failures).map_err(corrupt)?)
+        .bind(id)
         .execute(self.tx.conn().await?)
         .await?;
         Ok(())

@@ -169,19 +169,44 @@ pub(super) async fn queue_revocations(
     q.push(" RETURNING id");
     let rows = q.build().fetch_all(tx.conn()).await?;
     let mut ids = PostgresTx::ids(&rows)?;
-    // Leases already queued by an earlier call still count towards an
-    // emergency revocation's progress.
-    if let (Some(rid), LeaseSelector::Emergency(s)) = (revocation_id, sel) {
+    // Leases of the selection already being revoked count towards an
+    // emergency revocation's progress too: one queued without a revocation
+    // (a task's end, a delegated task ending with its parent) takes its id;
+    // one an earlier revocation queued keeps that id and counts for both.
+    if let Some(rid) = revocation_id {
         let mut q2 = QueryBuilder::<Postgres>::new("UPDATE leases SET revocation_id = ");
         q2.push_bind(rid.to_owned())
-            .push(" WHERE state = 'revoking' AND revocation_id IS DISTINCT FROM ")
-            .push_bind(rid.to_owned());
-        push_selector(&mut q2, s, "agent_id");
-        q2.push(" RETURNING id");
-        let rows = q2.build().fetch_all(tx.conn()).await?;
-        ids.extend(PostgresTx::ids(&rows)?);
+            .push(" WHERE state = 'revoking' AND revocation_id IS NULL");
+        if push_revocation_selection(&mut q2, sel) {
+            q2.push(" RETURNING id");
+            let rows = q2.build().fetch_all(tx.conn()).await?;
+            ids.extend(PostgresTx::ids(&rows)?);
+            let mut q3 = QueryBuilder::<Postgres>::new(
+                "INSERT INTO revocation_overlaps (revocation_id, lease_id) SELECT ",
+            );
+            q3.push_bind(rid.to_owned())
+                .push(", id FROM leases WHERE state = 'revoking' AND revocation_id <> ")
+                .push_bind(rid.to_owned());
+            push_revocation_selection(&mut q3, sel);
+            q3.push(" ON CONFLICT DO NOTHING RETURNING lease_id AS id");
+            let rows = q3.build().fetch_all(tx.conn()).await?;
+            ids.extend(PostgresTx::ids(&rows)?);
+        }
     }
     Ok(ids)
+}
+
+/// Narrows `q` to the leases an emergency revocation's selection names (its
+/// selector, or the tasks it ended); false for other selections.
+fn push_revocation_selection(q: &mut QueryBuilder<Postgres>, sel: &LeaseSelector) -> bool {
+    match sel {
+        LeaseSelector::Emergency(s) => push_selector(q, s, "agent_id"),
+        LeaseSelector::Tasks(ts) => {
+            q.push(" AND task_id = ANY(").push_bind(ts.clone()).push(")");
+        }
+        _ => return false,
+    }
+    true
 }
 
 pub(super) async fn finish_revocation(

@@ -157,20 +157,48 @@ pub(super) async fn queue_revocations(
         .iter()
         .map(|r| r.try_get::<String, _>("id"))
         .collect::<Result<_, _>>()?;
-    // Leases already queued by an earlier call still count towards an
-    // emergency revocation's progress.
-    if let (Some(rid), LeaseSelector::Emergency(s)) = (revocation_id, sel) {
+    // Leases of the selection already being revoked count towards an
+    // emergency revocation's progress too: one queued without a revocation
+    // (a task's end, a delegated task ending with its parent) takes its id;
+    // one an earlier revocation queued keeps that id and counts for both.
+    if let Some(rid) = revocation_id {
         let mut q2 = QueryBuilder::<Sqlite>::new("UPDATE leases SET revocation_id = ");
         q2.push_bind(rid.to_owned())
-            .push(" WHERE state = 'revoking' AND revocation_id IS NOT ")
-            .push_bind(rid.to_owned());
-        push_selector(&mut q2, s, "agent_id");
-        q2.push(" RETURNING id");
-        for r in q2.build().fetch_all(tx.tx.conn().await?).await? {
-            ids.push(r.try_get::<String, _>("id")?);
+            .push(" WHERE state = 'revoking' AND revocation_id IS NULL");
+        if push_revocation_selection(&mut q2, sel)? {
+            q2.push(" RETURNING id");
+            for r in q2.build().fetch_all(tx.tx.conn().await?).await? {
+                ids.push(r.try_get::<String, _>("id")?);
+            }
+            let mut q3 = QueryBuilder::<Sqlite>::new(
+                "INSERT INTO revocation_overlaps (revocation_id, lease_id) SELECT ",
+            );
+            q3.push_bind(rid.to_owned())
+                .push(", id FROM leases WHERE state = 'revoking' AND revocation_id != ")
+                .push_bind(rid.to_owned());
+            push_revocation_selection(&mut q3, sel)?;
+            q3.push(" ON CONFLICT DO NOTHING RETURNING lease_id");
+            for r in q3.build().fetch_all(tx.tx.conn().await?).await? {
+                ids.push(r.try_get::<String, _>("lease_id")?);
+            }
         }
     }
     Ok(ids)
+}
+
+/// Narrows `q` to the leases an emergency revocation's selection names (its
+/// selector, or the tasks it ended); false for other selections.
+fn push_revocation_selection(q: &mut QueryBuilder<Sqlite>, sel: &LeaseSelector) -> StoreResult<bool> {
+    match sel {
+        LeaseSelector::Emergency(s) => push_selector(q, s, "agent_id"),
+        LeaseSelector::Tasks(ts) => {
+            q.push(" AND task_id IN (SELECT value FROM json_each(")
+                .push_bind(serde_json::to_string(ts).map_err(corrupt)?)
+                .push("))");
+        }
+        _ => return Ok(false),
+    }
+    Ok(true)
 }
 
 pub(super) async fn finish_revocation(
