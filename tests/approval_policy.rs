@@ -159,3 +159,29 @@ when { context.ttl <= 60 };
     let v = decide(b, &ap.alice, &id, "approve").await.expect(200);
     assert_eq!(v["state"], "approved");
 }
+
+/// Asked again while it waits, a request is the same approval even when what
+/// would be granted shrank: with no TTL asked, the task's time left, one
+/// second less a second later. Another TTL asked is another request.
+#[tokio::test]
+async fn asking_again_a_second_later_is_the_same_approval() {
+    let w = world("").await;
+    let b = &w.b;
+    let (agent, _) = b.agent_with_task("again", "platform").await;
+    let s = b.token_ttl(&agent, Some(300)).await;
+    let ask = |body: Value| {
+        let token = s.token.clone();
+        async move {
+            b.post("/v1/credentials", Some(&token), &body)
+                .await
+                .expect(202)["approval_id"]
+                .clone()
+        }
+    };
+    let body = json!({ "scope": "any-approver", "justification": "invoice" });
+    let first = ask(body.clone()).await;
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    assert_eq!(ask(body).await, first);
+    let other = json!({ "scope": "any-approver", "justification": "invoice", "ttl": 120 });
+    assert_ne!(ask(other).await, first);
+}

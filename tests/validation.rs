@@ -343,6 +343,23 @@ action = "record"
         .expect(200);
     assert_eq!(ask(&b, &home, &t, "jwt-svid").await, 201);
     assert!(incidents(&b, &reloaded).await.is_empty());
+    // A scope excluded from it, then given back: learned too.
+    let (given_back, t) = warm(TestAgent::new("given-back", "ES256")).await;
+    let path = format!("/v1/agents/{}/exclusions", given_back.id);
+    b.admin_post(&path, &json!({ "scope": "jwt-svid", "reason": "unused" }))
+        .await
+        .expect(200);
+    assert_eq!(ask(&b, &home, &t, "jwt-svid").await, 403);
+    b.call(
+        reqwest::Method::DELETE,
+        &format!("{path}/jwt-svid"),
+        Some(&b.ops.admin),
+        Some(&json!({ "reason": "needed after all" })),
+    )
+    .await
+    .expect(200);
+    assert_eq!(ask(&b, &home, &t, "jwt-svid").await, 201);
+    assert!(incidents(&b, &given_back).await.is_empty());
 }
 
 #[tokio::test]

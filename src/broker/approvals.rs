@@ -110,7 +110,10 @@ impl Broker {
                 scope_cfg.name
             )));
         }
-        let mut request = serde_json::json!({ "ttl": ttl, "params": ask.params });
+        // `ttl`: what would be granted (cut to what is left of the task, so
+        // it shrinks every second); `asked_ttl`: what the agent asked.
+        let mut request =
+            serde_json::json!({ "ttl": ttl, "asked_ttl": ask.ttl, "params": ask.params });
         if let Some(incident) = step_up {
             // Approvers see why a scope that needs no approval asks for one.
             request["step_up"] = serde_json::json!(incident);
@@ -141,11 +144,20 @@ impl Broker {
             })
             .await?;
         // The same request asked again while it waits is the same request:
-        // no second message to the approvers.
+        // no second message to the approvers. Compared as asked: the TTL
+        // cut to the task's time left differs from one second to the next.
+        let as_asked = |r: &serde_json::Value| {
+            let mut r = r.clone();
+            if let Some(o) = r.as_object_mut() {
+                o.remove("ttl");
+            }
+            r
+        };
+        let asked = as_asked(&request);
         if let Some(same) = waiting.iter().find(|a| {
             a.task_id.as_deref() == Some(s.task.id.as_str())
                 && a.scope.as_deref() == Some(scope_cfg.name.as_str())
-                && a.request == request
+                && as_asked(&a.request) == asked
         }) {
             return Ok(same.clone());
         }
@@ -539,6 +551,13 @@ impl Broker {
                     "approval `{id}` is granted, but its policy set was not made active: {e}"
                 ))
             })?;
+        }
+        if after.kind == ApprovalKind::Provisioning
+            && after.state == ApprovalState::Approved
+            && after.request["change"] == "include"
+        {
+            // An exclusion lifted: the scope is the agent's again, learned.
+            self.validation.relearn(Some(&after.agent_id));
         }
         if after.kind == ApprovalKind::Provisioning
             && after.state == ApprovalState::Approved

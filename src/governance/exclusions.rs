@@ -129,6 +129,8 @@ impl Broker {
             )));
         }
         tx.commit().await?;
+        // The agent may use the scope again: learned, not flagged as new.
+        self.validation.relearn(Some(agent_id));
         Ok(None)
     }
 
