@@ -322,3 +322,52 @@ async fn resolve(b: &TestBroker, incident: &str) {
     .await
     .expect(200);
 }
+
+/// An approval asked before an incident stepped the agent up was decided
+/// without knowing of it: redeemed after, it is refused (ask again), and
+/// the new approval names the incident.
+#[tokio::test]
+async fn an_approval_from_before_a_step_up_is_asked_again() {
+    let b = stepping_up("new-network", "new_source_network", 3).await;
+    let agent = TestAgent::new("before-incident", "ES256");
+    b.register(&agent, "platform").await;
+    let http = reqwest::Client::new();
+    let t = open_task(&b, &http, &agent).await;
+    for _ in 0..2 {
+        assert_eq!(ask(&b, &http, &t, "x509-svid").await, 201);
+    }
+    let body = json!({ "scope": "payments-ca", "ttl": 300, "justification": "invoice run" });
+    let asked = b.post("/v1/credentials", Some(&t), &body).await.expect(202);
+    let id = asked["approval_id"].as_str().unwrap().to_owned();
+    b.post(
+        &format!("/v1/approvals/{id}/decision"),
+        Some(&b.ops.approver),
+        &json!({ "decision": "approve", "reason": "routine" }),
+    )
+    .await
+    .expect(200);
+    // The agent shows up on a network it was never seen on: stepped up.
+    open_task(&b, &client_from("127.1.0.33"), &agent).await;
+    let list = incidents(&b, &agent).await;
+    assert_eq!(detectors_of(&list), ["new-network"], "{list:?}");
+    let incident = list[0]["id"].as_str().unwrap();
+    let redeem = format!("/v1/approvals/{id}/redeem");
+    let r = b.post(&redeem, Some(&t), &json!({})).await;
+    assert_eq!(r.status, 409, "{}", r.text);
+    assert!(
+        r.text.contains(incident) && r.text.contains("ask again"),
+        "{}",
+        r.text
+    );
+    assert!(b.leases(&format!("agent={}", agent.id)).await.len() == 2);
+    let again = b.post("/v1/credentials", Some(&t), &body).await.expect(202);
+    assert_ne!(again["approval_id"], id.as_str());
+    let approval = b
+        .get(
+            &format!("/v1/approvals/{}", again["approval_id"].as_str().unwrap()),
+            Some(&b.ops.approver),
+        )
+        .await
+        .expect(200);
+    assert_eq!(approval["request"]["step_up"], incident, "{approval}");
+}

@@ -165,7 +165,10 @@ impl Broker {
     /// through its sub-agents need a human too.
     /// The strictest holds: one of every scope anywhere on the chain is not
     /// hidden by a sub-agent's own step-up of sensitive scopes only.
-    async fn step_up_of(&self, s: &Session) -> BrokerResult<Option<crate::model::StepUp>> {
+    pub(crate) async fn step_up_of(
+        &self,
+        s: &Session,
+    ) -> BrokerResult<Option<crate::model::StepUp>> {
         let mut found = s.agent.step_up.clone();
         for id in &s.task.chain {
             if found

@@ -68,6 +68,18 @@ impl Broker {
         }
         let scope_name = a.scope.clone().unwrap_or_default();
         let scope_cfg = self.scope_config(&scope_name)?;
+        // A step-up by an incident the approval does not name began after it
+        // was asked: its approvers decided without knowing of it. Asked
+        // again, the new approval names the incident.
+        if let Some(u) = self.step_up_of(s).await?
+            && (u.scopes == crate::validation::StepUpScopes::All || scope_cfg.sensitive)
+            && a.request["step_up"].as_str() != Some(u.incident.as_str())
+        {
+            return Err(BrokerError::Conflict(format!(
+                "incident `{}` stepped this agent up after approval `{id}` was asked, and its approvers were not told: ask again (the new approval names the incident)",
+                u.incident
+            )));
+        }
         let ttl = a.request["ttl"].as_u64().unwrap_or(scope_cfg.max_ttl_secs);
         // Policy is asked again: an approval does not outlive a policy change.
         let decided = self
