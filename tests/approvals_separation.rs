@@ -1,12 +1,14 @@
 //! Separation of duties beyond the approval's own record: a sponsor named
-//! after the request was made answers for the agent too, and a request
-//! asked in a delegated task is every delegator's, so the highest risk tier
-//! on the chain sets the quorum and no delegator's sponsor approves it
-//! alone.
+//! after the request was made answers for the agent too, a request asked
+//! in a delegated task is every delegator's, so the highest risk tier on
+//! the chain sets the quorum and no delegator's sponsor approves it alone,
+//! a risk tier raised while it waits raises its quorum, and an approval
+//! counts only while whoever gave it still may decide.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
-use crate::approvals::{ask, decide, world, world_with};
-use crate::common::{TestAgent, TestBroker};
+use crate::approvals::{SIGNING_SECRET, ask, decide, world, world_with};
+use crate::common::slack::{click_body, post_click};
+use crate::common::{TestAgent, TestBroker, unix_now};
 use serde_json::json;
 
 /// Lets tier-3 agents reach the CA's scopes too (the world's own permit
@@ -99,5 +101,34 @@ async fn a_departed_approvers_earlier_approval_no_longer_counts() {
     let v = decide(b, &ap.alice, &id, "approve").await.expect(200);
     assert_eq!(v["state"], "pending", "a departed approver made up the quorum: {v}");
     let v = decide(b, &ap.carol, &id, "approve").await.expect(200);
+    assert_eq!(v["state"], "approved", "{v}");
+}
+
+/// Raised to tier 3 while its request waits, the agent's request needs
+/// tier 3's quorum (2) and must be decided in Keygate if tier 3 must.
+#[tokio::test]
+async fn a_risk_tier_raised_while_a_request_waits_raises_its_bar() {
+    let w = world("[approvals]\nconfirm_in_api_tiers = [3]\n").await;
+    let (b, ap) = (&w.b, &w.ap);
+    let (agent, s) = b.agent_with_task("raised", "platform").await;
+    let id = ask(b, &s.token, "any-approver").await;
+    let a = b.admin_get(&format!("/v1/approvals/{id}")).await;
+    assert_eq!((&a["required"], &a["confirm_in_api"]), (&json!(1), &json!(false)), "{a}");
+    b.patch_agent(&agent.id, &json!({ "risk_tier": 3 }))
+        .await
+        .expect(200);
+    let click = click_body("UALICE", "keygate_approve", &id, &w.slack.response_url(3));
+    let v = post_click(b, &click, Some(SIGNING_SECRET), unix_now())
+        .await
+        .expect(200);
+    assert!(
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("must be decided in Keygate")),
+        "{v}"
+    );
+    let v = decide(b, &ap.alice, &id, "approve").await.expect(200);
+    assert_eq!(v["state"], "pending", "one approval granted a tier-3 request: {v}");
+    let v = decide(b, &ap.bob, &id, "approve").await.expect(200);
     assert_eq!(v["state"], "approved", "{v}");
 }

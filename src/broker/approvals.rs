@@ -339,6 +339,32 @@ impl Broker {
         }
     }
 
+    /// The quorum and whether Slack may decide, for credential approval `a`
+    /// with its agent's risk tier as it is now: never lower than when it was
+    /// asked (a scope's own `approvals` stands as set).
+    async fn approval_bar_now(&self, a: &Approval) -> BrokerResult<(u32, bool)> {
+        let agent = match a.kind {
+            ApprovalKind::Credential => self.store.get_agent(&a.agent_id).await?,
+            ApprovalKind::Provisioning => None,
+        };
+        let Some(agent) = agent else {
+            return Ok((a.required, a.confirm_in_api));
+        };
+        let cfg = &self.config.approvals;
+        let tier = usize::from(agent.risk_tier.clamp(1, 3)) - 1;
+        let explicit = a
+            .scope
+            .as_deref()
+            .and_then(|s| self.config.scopes.iter().find(|c| c.name == s))
+            .and_then(|c| c.approvals);
+        let required = match explicit {
+            Some(_) => a.required,
+            None => a.required.max(cfg.quorum_by_tier[tier]),
+        };
+        let confirm = a.confirm_in_api || cfg.confirm_in_api_tiers.contains(&agent.risk_tier);
+        Ok((required, confirm))
+    }
+
     /// Whether `operator`'s earlier approval of `a` still counts towards
     /// its quorum: still configured, still an approver (of one of its
     /// teams, where it names some), not departed.
@@ -424,7 +450,10 @@ impl Broker {
                 "operator `{operator}` asked for this change and cannot also decide it"
             )));
         }
-        if channel == DecisionChannel::Slack && a.confirm_in_api {
+        // The bar as the agent is now: a risk tier raised while the request
+        // waited raises its quorum and may send it to the CLI/API.
+        let (required, confirm_in_api) = self.approval_bar_now(&a).await?;
+        if channel == DecisionChannel::Slack && confirm_in_api {
             return Err(BrokerError::Forbidden(format!(
                 "approval `{id}` must be decided in Keygate, not in Slack: `keygate approvals approve {id}` or POST /v1/approvals/{id}/decision"
             )));
@@ -445,7 +474,7 @@ impl Broker {
             }
         }
         let approvals = counted.len() as u32 + 1;
-        let quorum = approvals >= a.required;
+        let quorum = approvals >= required;
         if req.decision == Verdict::Approve && quorum && !a.sponsor_alone {
             // The sponsor when it was asked and the sponsor now: a sponsor
             // named meanwhile answers for the agent just the same.
@@ -486,7 +515,7 @@ impl Broker {
             approval_event(&actor, "approval.decision", &a)
                 .details(serde_json::json!({
                     "approval": id, "decision": req.decision, "channel": channel.as_str(),
-                    "approvals": approvals, "required": a.required,
+                    "approvals": approvals, "required": required,
                 }))
                 .reason(decision.reason.clone().unwrap_or_default()),
         )
@@ -505,7 +534,7 @@ impl Broker {
             )),
             Verdict::Approve if quorum => Some((
                 ApprovalState::Approved,
-                format!("approved by {approvals} of {} required", a.required),
+                format!("approved by {approvals} of {required} required"),
             )),
             Verdict::Approve => None,
         };
