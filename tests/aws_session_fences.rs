@@ -1,6 +1,6 @@
 //! Fences by session: STS sessions cannot be revoked one by one, so what a
-//! policy change, an exclusion or a kill switch by another provider revokes
-//! is fenced session by session (by the task id as session name), not the
+//! policy change, an exclusion, a kill switch by another provider or the end
+//! of a delegating task revokes is fenced session by session (by the task id as session name), not the
 //! agent's every session; such fences lift themselves once those sessions
 //! have expired. As in `aws_fences.rs`, the policies Keygate writes are
 //! checked, never that AWS would deny a call with them.
@@ -80,9 +80,41 @@ async fn a_kill_switch_by_provider_fences_the_sts_sessions_of_the_tasks_it_ends(
     assert!(moto.role_policy("billing", &name).await.is_none());
 
     // A delegated task below one the kill switch hits ends with it: its
-    // STS session is fenced too.
-    let orch = TestAgent::new("orch-mixed", "ES256");
-    let sub = TestAgent::new("sub-mixed", "ES256");
+    // STS session is fenced too, however the top ended (a kill switch by
+    // provider, by its agent, its suspension).
+    let (_, sub) = delegated_session(&b, "by-provider").await;
+    b.post(
+        "/v1/revocations",
+        Some(&b.ops.secops),
+        &json!({ "provider": "ca", "reason": "ca rotation again" }),
+    )
+    .await
+    .expect(200);
+    fenced_below(&b, &moto, &sub).await;
+    let (orch, sub) = delegated_session(&b, "by-agent").await;
+    b.post(
+        "/v1/revocations",
+        Some(&b.ops.secops),
+        &json!({ "agent": orch.id, "reason": "orchestrator compromised" }),
+    )
+    .await
+    .expect(200);
+    fenced_below(&b, &moto, &sub).await;
+    let (orch, sub) = delegated_session(&b, "suspended").await;
+    b.admin_post(
+        &format!("/v1/agents/{}/suspend", orch.id),
+        &json!({ "reason": "orchestrator compromised" }),
+    )
+    .await
+    .expect(200);
+    fenced_below(&b, &moto, &sub).await;
+}
+
+/// An orchestrator holding an X.509-SVID whose sub-agent holds an STS
+/// session of `reports` in a delegated task: (orchestrator, sub-agent).
+async fn delegated_session(b: &TestBroker, prefix: &str) -> (TestAgent, TestAgent) {
+    let orch = TestAgent::new(&format!("orch-{prefix}"), "ES256");
+    let sub = TestAgent::new(&format!("sub-{prefix}"), "ES256");
     b.register(&sub, "platform").await;
     let mut spec = orch.spec("platform");
     spec["delegation"] = json!({ "max_depth": 1, "targets": [sub.id] });
@@ -97,15 +129,13 @@ async fn a_kill_switch_by_provider_fences_the_sts_sessions_of_the_tasks_it_ends(
     b.credential(&child_token, "reports", Some(900), None)
         .await
         .expect(201);
-    b.post(
-        "/v1/revocations",
-        Some(&b.ops.secops),
-        &json!({ "provider": "ca", "reason": "ca rotation again" }),
-    )
-    .await
-    .expect(200);
+    (orch, sub)
+}
+
+/// `sub`'s sessions of `reports` are fenced, in Keygate and on the role.
+async fn fenced_below(b: &TestBroker, moto: &Moto, sub: &TestAgent) {
     let name = format!("keygate-revoked-sessions-{}", sub.id);
-    assert_eq!(standing(&b, "reports", &name).await.len(), 1);
+    assert_eq!(standing(b, "reports", &name).await.len(), 1, "{}", sub.id);
     assert!(moto.role_policy("reports", &name).await.is_some());
 }
 

@@ -523,3 +523,39 @@ async fn exchanges_racing_the_parents_end_leave_no_child_open() {
         assert_eq!(r.status, 401, "a child of an ended task mints: {}", r.text);
     }
 }
+
+/// A scope excluded from an orchestrator is taken from its sub-agents too,
+/// in the tasks it delegated: their live credentials of it are revoked, as
+/// their next request for it is refused.
+#[tokio::test]
+async fn an_exclusion_of_the_orchestrator_revokes_what_its_sub_agents_hold_of_it() {
+    let (b, c) = start().await;
+    let parent = b.token_ttl(&c.orch, Some(3600)).await;
+    let child = exchange(&b, &parent.token, &c.sub, Some("x509-svid"))
+        .await
+        .expect(200);
+    let child = child["access_token"].as_str().unwrap().to_owned();
+    let held = b.x509(&child, Some(300)).await["lease_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // The sub-agent's own task, not delegated, keeps its credential.
+    let own = b.token(&c.sub).await;
+    let kept = b.x509(&own.token, Some(300)).await["lease_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    b.admin_post(
+        &format!("/v1/agents/{}/exclusions", c.orch.id),
+        &json!({ "scope": "x509-svid", "reason": "no more certificates" }),
+    )
+    .await
+    .expect(200);
+    eventually("the delegated certificate revoked", || async {
+        (b.lease_state(&held).await == "revoked").then_some(())
+    })
+    .await;
+    assert_eq!(b.lease_state(&kept).await, "active");
+    let r = b.credential(&child, "x509-svid", Some(300), None).await;
+    assert_eq!(r.status, 403, "{}", r.text);
+}

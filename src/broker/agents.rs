@@ -437,14 +437,24 @@ impl Broker {
         }
         self.leases.wake();
         if matches!(target, AgentStatus::Suspended | AgentStatus::Decommissioned) {
-            // Sessions released earlier may still live (STS): fence them all.
-            let live: Vec<String> = self
+            // Sessions released earlier may still live (STS): fence them all,
+            // and those of sub-agents in the delegated tasks that ended
+            // with its own.
+            let mut live: Vec<String> = self
                 .store
                 .live_leases(&Selector::Agent(id.to_owned()))
                 .await?
                 .into_iter()
                 .map(|l| l.id)
                 .collect();
+            let below = self
+                .uncovered_leases_of(&Selector::Agent(id.to_owned()), &tasks, Vec::new())
+                .await?;
+            for l in below {
+                if !live.contains(&l) {
+                    live.push(l);
+                }
+            }
             self.fence_sessions(actor, &format!("agent-{target}"), &live)
                 .await;
         }

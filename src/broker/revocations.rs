@@ -240,25 +240,16 @@ impl Broker {
         let fenced = self
             .put_up_fences(&actor, &id, &selector, req.revoke_older_sessions, cut_off)
             .await?;
-        // Leases of other providers in the tasks a provider's kill switch
-        // ended (and in the delegated tasks below them, which ended with
-        // them) are not the selector's: where their backend cannot revoke
-        // them one by one (STS), their sessions are fenced as a policy
-        // change's are.
-        if let Selector::Provider(hit) = &selector
-            && self.registry.providers().any(|(_, p)| p.puts_up_fences())
-        {
-            let mut fence = others;
-            for task in &tasks {
-                for l in self.revoking_leases_of(task).await? {
-                    if &l.provider != hit && !fence.contains(&l.id) {
-                        fence.push(l.id);
-                    }
-                }
-            }
-            if !fence.is_empty() {
-                self.fence_sessions(&actor, &id, &fence).await;
-            }
+        // Leases in the tasks it ended that the selector's own fences do not
+        // cover (other providers' in a provider's kill switch; sub-agents'
+        // in the delegated tasks that ended with an agent's or a team's):
+        // where their backend cannot revoke them one by one (STS), their
+        // sessions are fenced as a policy change's are.
+        let fence = self
+            .uncovered_leases_of(&selector, &tasks, others)
+            .await?;
+        if !fence.is_empty() {
+            self.fence_sessions(&actor, &id, &fence).await;
         }
         self.await_revocation(&id, req.wait.unwrap_or(5)).await?;
         let leases = self.store.revocation_progress(&id).await?;
@@ -272,6 +263,46 @@ impl Broker {
             fences: fenced.fences,
             fence_failures: fenced.failures,
         })
+    }
+
+    /// The leases being revoked (or outliving their revocation) in `tasks`
+    /// that fences put up for `selector` do not cover, with `queued` (their
+    /// ids, as the tasks' end queued them); none where no provider fences.
+    pub(super) async fn uncovered_leases_of(
+        &self,
+        selector: &Selector,
+        tasks: &[String],
+        queued: Vec<String>,
+    ) -> BrokerResult<Vec<String>> {
+        if matches!(selector, Selector::All)
+            || !self.registry.providers().any(|(_, p)| p.puts_up_fences())
+        {
+            return Ok(Vec::new());
+        }
+        let mut leases = Vec::new();
+        for id in queued {
+            leases.extend(self.store.get_lease(&id).await?);
+        }
+        for task in tasks {
+            leases.extend(self.revoking_leases_of(task).await?);
+        }
+        let mut out: Vec<String> = Vec::new();
+        for l in leases {
+            let covered = match selector {
+                Selector::Provider(p) => &l.provider == p,
+                Selector::Agent(a) => &l.agent_id == a,
+                Selector::Team(t) => self
+                    .store
+                    .get_agent(&l.agent_id)
+                    .await?
+                    .is_some_and(|g| &g.team == t),
+                Selector::All => true,
+            };
+            if !covered && !out.contains(&l.id) {
+                out.push(l.id);
+            }
+        }
+        Ok(out)
     }
 
     /// The leases of `task` being revoked, or already found to outlive

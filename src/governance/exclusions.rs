@@ -56,7 +56,7 @@ impl Broker {
         // Its live leases, found in the same transaction after the
         // exclusion is written: a lease written before it is queued here,
         // one written after it sees the exclusion (`judge_again_if_reloaded`).
-        let revoked = tx
+        let mut revoked = tx
             .queue_revocations(
                 &LeaseSelector::AgentScope {
                     agent: agent_id.to_owned(),
@@ -67,6 +67,21 @@ impl Broker {
                 t,
             )
             .await?;
+        // And its sub-agents' of that scope in the tasks it delegated: no
+        // delegated task may hold what a delegator may not (checked on
+        // every request along the chain).
+        revoked.extend(
+            tx.queue_revocations(
+                &LeaseSelector::DelegatedScope {
+                    delegator: agent_id.to_owned(),
+                    scope: scope.to_owned(),
+                },
+                &exclusion.reason,
+                None,
+                t,
+            )
+            .await?,
+        );
         tx.audit(
             AuditEvent::new(actor, "agent.scope_excluded")
                 .agent(agent_id)

@@ -328,5 +328,11 @@ pub enum LeaseSelector {
         agent: String,
         scope: String,
     },
+    /// Every live lease in one scope of the open tasks delegated, at any
+    /// depth, from one agent's (an exclusion's, for its sub-agents).
+    DelegatedScope {
+        delegator: String,
+        scope: String,
+    },
     Emergency(Selector),
 }

@@ -156,6 +156,16 @@ pub(super) async fn queue_revocations(
                 .push(" AND scope = ")
                 .push_bind(scope.clone());
         }
+        LeaseSelector::DelegatedScope { delegator, scope } => {
+            q.push(" AND scope = ")
+                .push_bind(scope.clone())
+                .push(
+                    " AND task_id IN (SELECT id FROM tasks WHERE state = 'open' \
+                     AND jsonb_exists(chain::jsonb, ",
+                )
+                .push_bind(delegator.clone())
+                .push("))");
+        }
         LeaseSelector::Tasks(ts) => {
             q.push(" AND task_id = ANY(")
                 .push_bind(ts.clone())

@@ -122,7 +122,10 @@ pub(super) async fn queue_revocations(
     // list.
     let named = matches!(
         sel,
-        LeaseSelector::Tasks(_) | LeaseSelector::Leases(_) | LeaseSelector::AgentScope { .. }
+        LeaseSelector::Tasks(_)
+            | LeaseSelector::Leases(_)
+            | LeaseSelector::AgentScope { .. }
+            | LeaseSelector::DelegatedScope { .. }
     );
     q.push(if named { "+state" } else { "state" })
         .push(" IN ('pending', 'active')");
@@ -138,6 +141,16 @@ pub(super) async fn queue_revocations(
                 .push_bind(agent.clone())
                 .push(" AND scope = ")
                 .push_bind(scope.clone());
+        }
+        LeaseSelector::DelegatedScope { delegator, scope } => {
+            q.push(" AND scope = ")
+                .push_bind(scope.clone())
+                .push(
+                    " AND task_id IN (SELECT id FROM tasks WHERE state = 'open' \
+                     AND EXISTS (SELECT 1 FROM json_each(tasks.chain) WHERE value = ",
+                )
+                .push_bind(delegator.clone())
+                .push("))");
         }
         LeaseSelector::Tasks(ts) => {
             q.push(" AND task_id IN (SELECT value FROM json_each(")
