@@ -346,10 +346,12 @@ impl Worker {
             tx.audit(AuditEvent::new(&Actor::System, "task.expired").task(&task))
                 .await?;
         }
-        // A lease whose provider must act at its TTL (rotate a secret) goes
-        // through the queue; the rest die by themselves.
-        let acting = self.registry.scopes_acting_at_expiry();
-        for id in tx.queue_expired(&acting, t).await? {
+        // A lease whose provider must act at its TTL (rotate a secret, end a
+        // renewable token), or whose scope was removed from config since,
+        // goes through the queue; the rest die by themselves.
+        let passive = self.registry.scopes_passive_at_expiry();
+        let providers: Vec<String> = self.registry.provider_names().map(str::to_owned).collect();
+        for id in tx.queue_expired(&passive, &providers, t).await? {
             tx.audit(
                 AuditEvent::new(&Actor::System, "lease.ttl_reached")
                     .lease(&id)

@@ -92,9 +92,12 @@ impl Registry {
         })
     }
 
-    /// The scopes configured on one provider instance.
-    /// The scopes whose provider must act when a lease reaches its TTL.
-    pub fn scopes_acting_at_expiry(&self) -> Vec<String> {
+    /// The scopes configured now whose provider need not act when a lease
+    /// reaches its TTL (the credential dies by itself). A lease of any other
+    /// scope of a configured provider goes through the revocation queue at
+    /// its TTL: one whose scope was removed from config since it was issued
+    /// may have been minted to need it (a renewable Vault token).
+    pub fn scopes_passive_at_expiry(&self) -> Vec<String> {
         let mut out = Vec::new();
         for (provider, specs) in &self.by_provider {
             let Some(p) = self.providers.get(provider) else {
@@ -103,13 +106,14 @@ impl Registry {
             out.extend(
                 specs
                     .iter()
-                    .filter(|s| p.acts_at_expiry(s))
+                    .filter(|s| !p.acts_at_expiry(s))
                     .map(|s| s.name.clone()),
             );
         }
         out
     }
 
+    /// The scopes configured on one provider instance.
     pub fn provider_scopes(&self, provider: &str) -> &[ScopeSpec] {
         self.by_provider.get(provider).map_or(&[], Vec::as_slice)
     }

@@ -145,6 +145,50 @@ async fn a_token_renewed_at_vault_by_its_holder_still_dies_with_its_lease() {
     );
 }
 
+/// A renewable token whose scope left the config before its TTL (renamed,
+/// the broker restarted) still dies with its lease: what its provider must
+/// do at the TTL was decided when it was minted, not by today's config.
+#[tokio::test]
+async fn a_renewable_token_whose_scope_left_the_config_still_dies_with_its_lease() {
+    let (peers, mut b, agent) = start().await;
+    let s = b.token(&agent).await;
+    let cred = b
+        .credential(&s.token, "vault-token", Some(3), None)
+        .await
+        .expect(201);
+    let token = cred["credential"]["token"].as_str().unwrap().to_owned();
+    let lease_id = cred["lease_id"].as_str().unwrap().to_owned();
+    let (status, renewed) = peers
+        .bao
+        .request(
+            "POST",
+            "auth/token/renew-self",
+            Some(&token),
+            Some(json!({ "increment": "600s" })),
+        )
+        .await;
+    assert_eq!(status, 200, "{renewed}");
+    let path = b.dir.join("keygate.toml");
+    let config = std::fs::read_to_string(&path).unwrap();
+    assert!(config.contains("name = \"vault-token\""), "{config}");
+    std::fs::write(
+        &path,
+        config.replace("name = \"vault-token\"", "name = \"vault-token-v2\""),
+    )
+    .unwrap();
+    b.restart().await;
+    common::eventually("the lease revoked at its ttl", || async {
+        let l = b.leases(&format!("task={}", s.task_id)).await;
+        let l = l.iter().find(|l| l["id"] == lease_id.as_str()).unwrap();
+        (l["state"] == "revoked").then_some(())
+    })
+    .await;
+    assert!(
+        !peers.token_works(&token).await,
+        "a token its holder renewed outlived its lease"
+    );
+}
+
 #[tokio::test]
 async fn renewal_is_capped_and_refused_where_impossible() {
     let (_peers, b, agent) = start().await;

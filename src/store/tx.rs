@@ -156,11 +156,13 @@ pub trait StoreTx: Send {
         error: &str,
         next_attempt_at: OffsetDateTime,
     ) -> StoreResult<()>;
-    /// Active leases of `scopes` (whose provider must act at expiry) whose
-    /// expiry passed are queued for revocation. Returns their ids.
+    /// Active leases of `providers` whose expiry passed are queued for
+    /// revocation, but for those of `passive` scopes (whose credentials die
+    /// by themselves). Returns their ids.
     async fn queue_expired(
         &mut self,
-        scopes: &[String],
+        passive: &[String],
+        providers: &[String],
         now: OffsetDateTime,
     ) -> StoreResult<Vec<String>>;
     /// Active and expiring leases whose expiry passed become `Expired`.

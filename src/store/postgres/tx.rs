@@ -270,10 +270,11 @@ impl StoreTx for PostgresTx {
 
     async fn queue_expired(
         &mut self,
-        scopes: &[String],
+        passive: &[String],
+        providers: &[String],
         now: OffsetDateTime,
     ) -> StoreResult<Vec<String>> {
-        leases::queue_expired(self, scopes, now).await
+        leases::queue_expired(self, passive, providers, now).await
     }
 
     async fn expire_leases(&mut self, now: OffsetDateTime) -> StoreResult<Vec<Lease>> {
