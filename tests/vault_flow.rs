@@ -189,6 +189,44 @@ async fn a_renewable_token_whose_scope_left_the_config_still_dies_with_its_lease
     );
 }
 
+/// A database lease Vault extended without Keygate knowing (a renewal
+/// whose answer was lost: a timeout, a gateway's 5xx after forwarding it)
+/// is still revoked at the lease's TTL: the user does not outlive it.
+#[tokio::test]
+async fn a_database_lease_vault_extended_unseen_still_dies_with_its_lease() {
+    let (peers, b, agent) = start().await;
+    let s = b.token(&agent).await;
+    let cred = b
+        .credential(&s.token, "vault-db", Some(3), None)
+        .await
+        .expect(201);
+    let lease_id = cred["lease_id"].as_str().unwrap().to_owned();
+    let (user, pw) = (
+        cred["credential"]["username"].as_str().unwrap(),
+        cred["credential"]["password"].as_str().unwrap(),
+    );
+    for key in peers.live_db_leases().await {
+        let id = format!("database/creds/{}/{key}", common::vault::DB_ROLE);
+        peers
+            .bao
+            .api(
+                "PUT",
+                "sys/leases/renew",
+                Some(json!({ "lease_id": id, "increment": 600 })),
+            )
+            .await;
+    }
+    assert!(peers.db_lease_ttls().await.iter().all(|t| *t > 60));
+    common::eventually("the lease revoked at its ttl", || async {
+        let l = b.leases(&format!("task={}", s.task_id)).await;
+        let l = l.iter().find(|l| l["id"] == lease_id.as_str()).unwrap();
+        (l["state"] == "revoked").then_some(())
+    })
+    .await;
+    assert!(peers.live_db_leases().await.is_empty());
+    assert!(!peers.pg.can_login(user, pw).await, "the user outlived its lease");
+}
+
 #[tokio::test]
 async fn renewal_is_capped_and_refused_where_impossible() {
     let (_peers, b, agent) = start().await;

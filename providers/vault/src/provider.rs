@@ -38,13 +38,17 @@ impl Provider for VaultProvider {
     /// (`auth/token/renew-self`, which Vault's `default` policy allows)
     /// past the lease Keygate recorded: it is revoked at its TTL, never
     /// left to die by itself.
+    /// A renewable token (its holder may renew it past the lease) and a
+    /// database lease (a renewal Vault applied but whose answer was lost
+    /// extended it past the lease) are revoked at the lease's TTL; revoking
+    /// what Vault already expired changes nothing.
     fn acts_at_expiry(&self, scope: &ScopeSpec) -> bool {
         matches!(
             scope::parse(&scope.params),
             Ok(ScopeKind::Token {
                 renewable: true,
                 ..
-            })
+            } | ScopeKind::Database { .. })
         )
     }
 
