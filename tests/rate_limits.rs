@@ -249,4 +249,9 @@ async fn failed_operator_tokens_are_limited_and_audited_in_bursts() {
         assert_eq!(r.status(), 200);
     }
     assert!(limited, "the sign-in was never limited");
+    // The OIDC sign-in and its callback (which call the issuer) share it.
+    for path in ["/ui/login/oidc", "/ui/login/oidc/callback?state=s&code=c"] {
+        let r = b.http.get(b.url(path)).send().await.unwrap();
+        assert_eq!(r.status(), 429, "{path}");
+    }
 }

@@ -173,7 +173,8 @@ pub async fn limit_by_address(State(b): State<AppState>, req: Request, next: Nex
         "/oauth/introspect" => "introspect",
         "/oauth/revoke" => "revoke",
         "/v1/hooks/slack/interactions" => "slack",
-        "/ui/login" => "console_login",
+        // The OIDC sign-in and its callback make Keygate call the issuer.
+        "/ui/login" | "/ui/login/oidc" | "/ui/login/oidc/callback" => "console_login",
         _ => return next.run(req).await,
     };
     let source = req
