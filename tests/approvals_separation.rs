@@ -132,3 +132,48 @@ async fn a_risk_tier_raised_while_a_request_waits_raises_its_bar() {
     let v = decide(b, &ap.bob, &id, "approve").await.expect(200);
     assert_eq!(v["state"], "approved", "{v}");
 }
+
+/// A held policy set answers for every agent it widens: the sponsor of any
+/// of them (not only the one its approval hangs on) may not approve it
+/// alone; nor may the sponsor a held change would name approve that.
+#[tokio::test]
+async fn no_sponsor_of_an_agent_a_change_is_for_approves_it_alone() {
+    let w = world("[provisioning]\nrequire_approval = true\napprovals = 1\n").await;
+    let (b, ap) = (&w.b, &w.ap);
+    let first = TestAgent::new("rx-a", "ES256");
+    for (agent, sponsor) in [
+        (first.clone(), "owner@keygate.test"),
+        (TestAgent::new("rx-b", "ES256"), "carol"),
+    ] {
+        let mut spec = agent.spec("research");
+        spec["risk_tier"] = json!(3);
+        spec["sponsor"] = json!(sponsor);
+        let held = b.admin_post("/v1/agents", &spec).await.expect(202);
+        let id = held["approval"]["id"].as_str().unwrap();
+        decide(b, &ap.alice, id, "approve").await.expect(200);
+    }
+    std::fs::write(b.dir.join("policies/tier3.cedar"), PERMIT_TIER_3).unwrap();
+    let r = b.admin_post("/v1/policy/reload", &json!({})).await;
+    assert_eq!(r.status, 202, "{}", r.text);
+    let held = r.json()["held"].clone();
+    assert!(
+        held["agent_id"].as_str().unwrap().starts_with("rx-a"),
+        "{held}"
+    );
+    let id = held["id"].as_str().unwrap();
+    let r = decide(b, &ap.carol, id, "approve").await;
+    assert_eq!(r.status, 403, "{}", r.text);
+    assert!(r.text.contains("separation of duties"), "{}", r.text);
+    let v = decide(b, &ap.alice, id, "approve").await.expect(200);
+    assert_eq!(v["state"], "approved", "{v}");
+
+    let held = b
+        .patch_agent(&first.id, &json!({ "sponsor": "bob" }))
+        .await
+        .expect(202);
+    let id = held["approval"]["id"].as_str().unwrap();
+    let r = decide(b, &ap.bob, id, "approve").await;
+    assert_eq!(r.status, 403, "{}", r.text);
+    assert!(r.text.contains("separation of duties"), "{}", r.text);
+    decide(b, &ap.alice, id, "approve").await.expect(200);
+}

@@ -477,13 +477,20 @@ impl Broker {
         let quorum = approvals >= required;
         if req.decision == Verdict::Approve && quorum && !a.sponsor_alone {
             // The sponsor when it was asked and the sponsor now: a sponsor
-            // named meanwhile answers for the agent just the same.
+            // named meanwhile answers for the agent just the same; so do the
+            // sponsor a held change would name, a delegated request's
+            // delegators' and those of every agent a policy set widens.
             let now_sponsor = self.store.get_agent(&a.agent_id).await?.map(|g| g.sponsor);
-            let delegators = a.request["delegator_sponsors"].as_array();
-            let sponsors: Vec<&str> = [Some(a.sponsor.as_str()), now_sponsor.as_deref()]
+            let incoming = a.request["update"]["sponsor"].as_str();
+            let listed = ["delegator_sponsors", "widened_sponsors"]
+                .into_iter()
+                .filter_map(|k| a.request[k].as_array())
+                .flatten()
+                .filter_map(|v| v.as_str());
+            let sponsors: Vec<&str> = [Some(a.sponsor.as_str()), now_sponsor.as_deref(), incoming]
                 .into_iter()
                 .flatten()
-                .chain(delegators.into_iter().flatten().filter_map(|v| v.as_str()))
+                .chain(listed)
                 .collect();
             let sponsor_of = |o: &OperatorConfig| sponsors.iter().any(|s| Self::is_sponsor(o, s));
             let others = counted.iter().any(|d| {

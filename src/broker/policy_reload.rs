@@ -277,10 +277,18 @@ impl Broker {
         let Some(first) = widened.first() else {
             return Err(BrokerError::Internal("nothing widens".into()));
         };
-        // The approval hangs on the first agent it widens; nobody is its
-        // sponsor, so no sponsor approves a policy change alone.
+        // The approval hangs on the first agent it widens; every widened
+        // agent's sponsor is one who may not approve it alone.
         let mut anchor = self.agent(&first.agent).await?;
         anchor.sponsor = String::new();
+        let mut sponsors: Vec<String> = Vec::new();
+        for a in &widened {
+            if let Some(g) = self.store.get_agent(&a.agent).await?
+                && !sponsors.contains(&g.sponsor)
+            {
+                sponsors.push(g.sponsor);
+            }
+        }
         let what: Vec<String> = widened
             .iter()
             .map(|a| format!("{} gains {}", a.agent, a.gained.join(", ")))
@@ -294,7 +302,7 @@ impl Broker {
                 serde_json::json!({
                     "change": "policy", "files": files, "from_hash": from_hash,
                     "to_hash": diff.to_hash,
-                    "widened": shown,
+                    "widened": shown, "widened_sponsors": sponsors,
                 }),
                 format!(
                     "policy set {} widens: {}",
