@@ -274,6 +274,46 @@ async fn a_tier_3_agent_needs_a_second_reviewer_who_is_not_the_sponsor() {
     );
 }
 
+/// A narrowing takes the scope away at once, but at tier 3 one reviewer's
+/// narrowing is one decision of two: the agent counts as reviewed (and the
+/// item closes, narrowed) only once a second reviewer attests.
+#[tokio::test]
+async fn a_tier_3_agent_narrowed_by_one_reviewer_still_needs_a_second() {
+    let (b, people) = start("").await;
+    let agent = TestAgent::new("rv-t3-narrow", "ES256");
+    let mut spec = agent.spec("platform");
+    spec["risk_tier"] = 3.into();
+    b.admin_post("/v1/agents", &spec).await.expect(201);
+    let started = b
+        .admin_post("/v1/reviews", &json!({ "name": "t3n", "due_days": 7 }))
+        .await
+        .expect(201);
+    let id = item_of(&started, &agent.id)["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let first = decide(
+        &b,
+        &people.olga,
+        &id,
+        json!({ "decision": "narrow", "scopes": ["x509-svid"] }),
+    )
+    .await
+    .expect(200);
+    assert_eq!(first["state"], "open", "the sponsor alone reviewed it: {first}");
+    let a = b.admin_get(&format!("/v1/agents/{}", agent.id)).await;
+    assert!(a["last_review_at"].is_null(), "not reviewed yet: {a}");
+    assert!(a["excluded_scopes"]["x509-svid"].is_object(), "{a}");
+    let again = decide(&b, &people.olga, &id, json!({ "decision": "attest" })).await;
+    assert_eq!(again.status, 409, "{}", again.text);
+    let done = decide(&b, &b.ops.approver, &id, json!({ "decision": "attest" }))
+        .await
+        .expect(200);
+    assert_eq!(done["state"], "narrowed", "{done}");
+    let a = b.admin_get(&format!("/v1/agents/{}", agent.id)).await;
+    assert!(!a["last_review_at"].is_null(), "{a}");
+}
+
 /// An agent raised to tier 3 after its campaign began needs the two
 /// attestations too: the sponsor alone does not settle its item.
 #[tokio::test]

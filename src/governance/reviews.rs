@@ -447,19 +447,16 @@ impl Broker {
                     )));
                 }
                 let attested = item.decisions.len() + 1;
-                if attested < usize::from(item.attestations) {
-                    self.record_review_decision(&actor, &item, decision, None, is_sponsor)
-                        .await
+                // A scope an earlier reviewer took away stays taken: the
+                // item closes narrowed.
+                let closed = if item.decisions.iter().any(|d| d.decision == Verdict::Narrow) {
+                    ReviewState::Narrowed
                 } else {
-                    self.record_review_decision(
-                        &actor,
-                        &item,
-                        decision,
-                        Some(ReviewState::Attested),
-                        is_sponsor,
-                    )
+                    ReviewState::Attested
+                };
+                let done = (attested >= usize::from(item.attestations)).then_some(closed);
+                self.record_review_decision(&actor, &item, decision, done, is_sponsor)
                     .await
-                }
             }
             Verdict::Narrow => {
                 let permitted: Vec<String> = item.snapshot["permitted_scopes"]
@@ -480,6 +477,12 @@ impl Broker {
                         permitted.join(", ")
                     )));
                 }
+                if item.decisions.iter().any(|d| d.by == who.operator) {
+                    return Err(BrokerError::Conflict(format!(
+                        "operator `{}` has decided on review item `{item_id}` already; a second reviewer must",
+                        who.operator
+                    )));
+                }
                 let reason = format!(
                     "review `{}`: narrowed by {}",
                     item.campaign_id, who.operator
@@ -488,14 +491,14 @@ impl Broker {
                     self.exclude_scope(&actor, &item.agent_id, s, &reason)
                         .await?;
                 }
-                self.record_review_decision(
-                    &actor,
-                    &item,
-                    decision,
-                    Some(ReviewState::Narrowed),
-                    is_sponsor,
-                )
-                .await
+                // The scopes go at once; the review itself is one decision
+                // of those the item needs (two at tier 3: a sponsor never
+                // reviews alone).
+                let decided = item.decisions.len() + 1;
+                let done = (decided >= usize::from(item.attestations))
+                    .then_some(ReviewState::Narrowed);
+                self.record_review_decision(&actor, &item, decision, done, is_sponsor)
+                    .await
             }
             Verdict::Retire => {
                 if !req.scopes.is_empty() {
