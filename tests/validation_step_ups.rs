@@ -154,6 +154,21 @@ async fn two_incidents_resolved_at_once_lift_the_step_up() {
     assert_eq!(ask(&b, &http, &t, "x509-svid").await, 201);
 }
 
+/// Whatever two changes made at once left on the agent (here: its step-up
+/// wiped, as two incidents opening together could), the next incident
+/// opened or resolved puts back the step-up its open incidents hold.
+#[tokio::test]
+async fn a_lost_step_up_is_put_back_from_the_open_incidents() {
+    let (b, orch, http, t, [all, sensitive]) = stepped_up_twice().await;
+    b.store_exec("UPDATE agents SET step_up = NULL WHERE id = ?", &[&orch.id])
+        .await
+        .unwrap();
+    resolve(&b, &sensitive).await;
+    let agent = b.admin_get(&format!("/v1/agents/{}", orch.id)).await;
+    assert_eq!(agent["step_up"]["incident"], all.as_str(), "{agent}");
+    assert_eq!(ask(&b, &http, &t, "x509-svid").await, 202);
+}
+
 /// A suspension is not a resolution: a stepped-up agent suspended and
 /// resumed is still stepped up until its incident is resolved, and the
 /// approval it waited on ended with its task (a late decision is 409, a

@@ -186,6 +186,9 @@ impl Broker {
             }
             Action::StepUp => {
                 tracing::warn!(incident = %id, agent = %t.agent, detector = %d.name, "continuous validation: the agent's requests need an approval until the incident is resolved");
+                // Another incident opened or resolved at once may have
+                // written over this one's step-up from what it read before.
+                self.settle_step_up(&t.agent).await?;
             }
             Action::Suspend => {
                 tracing::warn!(incident = %id, agent = %t.agent, detector = %d.name, "continuous validation: suspending the agent");
@@ -345,22 +348,31 @@ impl Broker {
         Ok(open.into_iter().nth(strictest))
     }
 
-    /// After a resolve has committed: while the agent's step-up is held by
-    /// an incident already resolved (two resolved at once, each handing it
-    /// on from what it read before the other committed), it passes to the
-    /// next open one, or is lifted. Every resolve runs it after its own
-    /// commit, so whichever commits last sees the other's resolution.
+    /// After a step-up incident opened or was resolved and committed: the
+    /// agent's step-up is made to agree with its open step-up incidents (the
+    /// strictest holds), whatever changes made at once wrote from what they
+    /// read before the other committed: held by a resolved incident, it
+    /// passes to the next open one or is lifted; held by none (or by a
+    /// weaker one) while an open incident steps the agent up, that one
+    /// holds. Every open and resolve runs it after its own commit, so
+    /// whichever commits last sees the other's.
     async fn settle_step_up(&self, agent: &str) -> BrokerResult<()> {
         for _ in 0..4 {
-            let Some(held) = self.store.get_agent(agent).await?.and_then(|a| a.step_up) else {
-                return Ok(());
+            let held = self.store.get_agent(agent).await?.and_then(|a| a.step_up);
+            let want = self.next_step_up(agent, "").await?;
+            let keep = match (&held, &want) {
+                (None, None) => true,
+                (None, Some(_)) => false,
+                (Some(h), want) => {
+                    self.incident(&h.incident).await?.state != IncidentState::Resolved
+                        && want.as_ref().is_none_or(|w| !stricter(w.scopes, h.scopes))
+                }
             };
-            if self.incident(&held.incident).await?.state != IncidentState::Resolved {
+            if keep {
                 return Ok(());
             }
-            let next = self.next_step_up(agent, &held.incident).await?;
             let mut tx = self.store.begin().await?;
-            tx.set_step_up(agent, next.as_ref(), Some(&held)).await?;
+            tx.set_step_up(agent, want.as_ref(), held.as_ref()).await?;
             tx.commit().await?;
         }
         Ok(())
