@@ -129,6 +129,7 @@ async fn a_risk_tier_raised_while_a_request_waits_raises_its_bar() {
     );
     let v = decide(b, &ap.alice, &id, "approve").await.expect(200);
     assert_eq!(v["state"], "pending", "one approval granted a tier-3 request: {v}");
+    assert_eq!((&v["required"], &v["confirm_in_api"]), (&json!(2), &json!(true)), "{v}");
     let v = decide(b, &ap.bob, &id, "approve").await.expect(200);
     assert_eq!(v["state"], "approved", "{v}");
 }

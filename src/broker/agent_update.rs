@@ -126,8 +126,9 @@ impl AgentUpdate {
                     "`last_review_at` cannot be set in the change that moves the agent's team or sponsor: the new owner's review is recorded after it".into(),
                 ));
             }
-            // (A future one was refused with the spec.) One from before
-            // the last ownership change is the previous owner's.
+            super::agents::check_review_date(Some(at))?;
+            // One from before the last ownership change is the previous
+            // owner's.
             if let Some(moved_at) = agent.owner_changed_at
                 && at.unix_timestamp() < moved_at.unix_timestamp()
             {

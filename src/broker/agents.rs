@@ -58,6 +58,17 @@ fn default_auth() -> AuthMethod {
     AuthMethod::PrivateKeyJwt
 }
 
+/// A review recorded with an agent (registered, or set in an update)
+/// happened: not in the future (whole seconds, as the store keeps them).
+pub(super) fn check_review_date(at: Option<time::OffsetDateTime>) -> BrokerResult<()> {
+    if at.is_some_and(|at| at.unix_timestamp() > crate::model::now().unix_timestamp()) {
+        return Err(BrokerError::InvalidRequest(
+            "`last_review_at` is in the future: record a review that happened".into(),
+        ));
+    }
+    Ok(())
+}
+
 /// Agent ids become SPIFFE path segments and Cedar entity ids: keep them plain.
 fn valid_id(id: &str) -> bool {
     (2..=64).contains(&id.len())
@@ -74,7 +85,8 @@ impl AgentSpec {
     /// The checks registration makes, for callers that build specs
     /// themselves (`keygate plan`).
     pub fn check(&self) -> BrokerResult<()> {
-        self.validate()
+        self.validate()?;
+        check_review_date(self.last_review_at)
     }
 
     pub(super) fn validate(&self) -> BrokerResult<()> {
@@ -96,13 +108,6 @@ impl AgentSpec {
         }
         if self.purpose.trim().is_empty() {
             return bad("`purpose` is required: say what the agent is for".into());
-        }
-        // Whole seconds, as the store keeps them.
-        if self
-            .last_review_at
-            .is_some_and(|at| at.unix_timestamp() > crate::model::now().unix_timestamp())
-        {
-            return bad("`last_review_at` is in the future: record a review that happened".into());
         }
         if self.max_ttl_secs == Some(0) {
             return bad("`max_ttl_secs` must be at least 1 (omit it for no cap of its own)".into());
@@ -150,6 +155,7 @@ impl Broker {
     /// `pending` until its provisioning approval is met; otherwise `active`.
     pub async fn register_agent(&self, actor: &Actor, spec: AgentSpec) -> BrokerResult<Registered> {
         spec.validate()?;
+        check_review_date(spec.last_review_at)?;
         self.check_sponsor(&spec.sponsor).await?;
         if let Some(f) = &spec.federated
             && f.issuer == super::sessions::SPIFFE_ISSUER

@@ -481,6 +481,15 @@ impl Broker {
             // sponsor a held change would name, a delegated request's
             // delegators' and those of every agent a policy set widens.
             let now_sponsor = self.store.get_agent(&a.agent_id).await?.map(|g| g.sponsor);
+            // A policy set's widened agents, as they are now.
+            let mut widened_now = Vec::new();
+            for w in a.request["widened"].as_array().into_iter().flatten() {
+                if let Some(id) = w["agent"].as_str()
+                    && let Some(g) = self.store.get_agent(id).await?
+                {
+                    widened_now.push(g.sponsor);
+                }
+            }
             let incoming = a.request["update"]["sponsor"].as_str();
             let listed = ["delegator_sponsors", "widened_sponsors"]
                 .into_iter()
@@ -491,6 +500,7 @@ impl Broker {
                 .into_iter()
                 .flatten()
                 .chain(listed)
+                .chain(widened_now.iter().map(String::as_str))
                 .collect();
             let sponsor_of = |o: &OperatorConfig| sponsors.iter().any(|s| Self::is_sponsor(o, s));
             let others = counted.iter().any(|d| {
@@ -512,6 +522,9 @@ impl Broker {
             reason: req.reason.clone().filter(|r| !r.trim().is_empty()),
             at: t,
         };
+        if (required, confirm_in_api) != (a.required, a.confirm_in_api) {
+            tx.raise_approval_bar(id, required, confirm_in_api).await?;
+        }
         if !tx.add_decision(id, &decision).await? {
             return Err(BrokerError::Conflict(format!(
                 "operator `{operator}` already decided on approval `{id}`"

@@ -268,6 +268,8 @@ impl Broker {
     /// The leases being revoked (or outliving their revocation) in `tasks`
     /// that fences put up for `selector` do not cover, with `queued` (their
     /// ids, as the tasks' end queued them); none where no provider fences.
+    /// An agent's or a team's fences cover its own tasks: only the delegated
+    /// tasks of other agents below them are read.
     pub(super) async fn uncovered_leases_of(
         &self,
         selector: &Selector,
@@ -279,26 +281,46 @@ impl Broker {
         {
             return Ok(Vec::new());
         }
+        let team: std::collections::HashSet<String> = match selector {
+            Selector::Team(t) => self
+                .store
+                .list_agents(None, None)
+                .await?
+                .into_iter()
+                .filter(|a| &a.team == t)
+                .map(|a| a.id)
+                .collect(),
+            _ => Default::default(),
+        };
+        let covers_agent = |agent: &str| match selector {
+            Selector::Agent(a) => a == agent,
+            Selector::Team(_) => team.contains(agent),
+            _ => false,
+        };
         let mut leases = Vec::new();
         for id in queued {
             leases.extend(self.store.get_lease(&id).await?);
         }
         for task in tasks {
+            if !matches!(selector, Selector::Provider(_))
+                && self
+                    .store
+                    .get_task(task)
+                    .await?
+                    .is_none_or(|t| covers_agent(&t.agent_id))
+            {
+                continue;
+            }
             leases.extend(self.revoking_leases_of(task).await?);
         }
+        let mut seen = std::collections::HashSet::new();
         let mut out: Vec<String> = Vec::new();
         for l in leases {
             let covered = match selector {
                 Selector::Provider(p) => &l.provider == p,
-                Selector::Agent(a) => &l.agent_id == a,
-                Selector::Team(t) => self
-                    .store
-                    .get_agent(&l.agent_id)
-                    .await?
-                    .is_some_and(|g| &g.team == t),
-                Selector::All => true,
+                _ => covers_agent(&l.agent_id),
             };
-            if !covered && !out.contains(&l.id) {
+            if !covered && seen.insert(l.id.clone()) {
                 out.push(l.id);
             }
         }

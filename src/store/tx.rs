@@ -191,6 +191,14 @@ pub trait StoreTx: Send {
     ) -> StoreResult<()>;
 
     async fn insert_approval(&mut self, approval: &Approval) -> StoreResult<()>;
+    /// Raises a pending approval's quorum and whether it must be decided
+    /// in Keygate (its agent's risk tier rose while it waited).
+    async fn raise_approval_bar(
+        &mut self,
+        id: &str,
+        required: u32,
+        confirm_in_api: bool,
+    ) -> StoreResult<()>;
     /// Reads an approval inside the transaction (decisions included).
     async fn approval(&mut self, id: &str) -> StoreResult<Option<Approval>>;
     /// Adds one approver's decision to a pending approval; `false` when the

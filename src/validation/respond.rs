@@ -319,9 +319,13 @@ impl Broker {
     /// The step-up that holds once `except` no longer does: the strictest
     /// of the agent's other open step-up incidents (the newest of those).
     async fn next_step_up(&self, agent: &str, except: &str) -> BrokerResult<Option<StepUp>> {
-        let open: Vec<StepUp> = self
-            .incidents(Some(agent))
-            .await?
+        Ok(self.strictest_open(self.incidents(Some(agent)).await?, except))
+    }
+
+    /// The step-up the strictest of `incidents` still open holds (of every
+    /// scope before sensitive ones only), but for incident `except`.
+    fn strictest_open(&self, incidents: Vec<Incident>, except: &str) -> Option<StepUp> {
+        let open: Vec<StepUp> = incidents
             .into_iter()
             .filter(|o| {
                 o.id != except
@@ -345,7 +349,7 @@ impl Broker {
             .iter()
             .position(|u| u.scopes == StepUpScopes::All)
             .unwrap_or(0);
-        Ok(open.into_iter().nth(strictest))
+        open.into_iter().nth(strictest)
     }
 
     /// After a step-up incident opened or was resolved and committed: the
@@ -359,13 +363,20 @@ impl Broker {
     async fn settle_step_up(&self, agent: &str) -> BrokerResult<()> {
         for _ in 0..4 {
             let held = self.store.get_agent(agent).await?.and_then(|a| a.step_up);
-            let want = self.next_step_up(agent, "").await?;
+            // The agent's incidents, read once (its audit events).
+            let incidents = self.incidents(Some(agent)).await?;
+            let resolved = |id: &str| {
+                incidents
+                    .iter()
+                    .any(|i| i.id == id && i.state == IncidentState::Resolved)
+            };
+            let held_resolved = held.as_ref().is_some_and(|h| resolved(&h.incident));
+            let want = self.strictest_open(incidents, "");
             let keep = match (&held, &want) {
                 (None, None) => true,
                 (None, Some(_)) => false,
                 (Some(h), want) => {
-                    self.incident(&h.incident).await?.state != IncidentState::Resolved
-                        && want.as_ref().is_none_or(|w| !stricter(w.scopes, h.scopes))
+                    !held_resolved && want.as_ref().is_none_or(|w| !stricter(w.scopes, h.scopes))
                 }
             };
             if keep {

@@ -76,7 +76,7 @@ impl Broker {
             && a.request["step_up"].as_str() != Some(u.incident.as_str())
         {
             return Err(BrokerError::Conflict(format!(
-                "incident `{}` stepped this agent up after approval `{id}` was asked, and its approvers were not told: ask again (the new approval names the incident)",
+                "incident `{}` holds a step-up on this agent that approval `{id}` was not asked under (its approvers were not told of it): ask again (the new approval names the incident)",
                 u.incident
             )));
         }

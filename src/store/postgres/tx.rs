@@ -318,6 +318,21 @@ impl StoreTx for PostgresTx {
         Ok(())
     }
 
+    async fn raise_approval_bar(
+        &mut self,
+        id: &str,
+        required: u32,
+        confirm_in_api: bool,
+    ) -> StoreResult<()> {
+        sqlx::query("UPDATE approvals SET required = $1, confirm_in_api = $2 WHERE id = $3 AND state = 'pending'")
+            .bind(i64::from(required))
+            .bind(confirm_in_api)
+            .bind(id)
+            .execute(self.conn())
+            .await?;
+        Ok(())
+    }
+
     async fn add_fence_failures(
         &mut self,
         id: &str,

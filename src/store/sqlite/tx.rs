@@ -302,6 +302,21 @@ impl StoreTx for SqliteTx {
         Ok(())
     }
 
+    async fn raise_approval_bar(
+        &mut self,
+        id: &str,
+        required: u32,
+        confirm_in_api: bool,
+    ) -> StoreResult<()> {
+        sqlx::query("UPDATE approvals SET required = ?, confirm_in_api = ? WHERE id = ? AND state = 'pending'")
+            .bind(i64::from(required))
+            .bind(confirm_in_api)
+            .bind(id)
+            .execute(self.tx.conn().await?)
+            .await?;
+        Ok(())
+    }
+
     async fn add_fence_failures(
         &mut self,
         id: &str,

@@ -133,6 +133,32 @@ pub(super) async fn queue_revocations(
     revocation_id: Option<&str>,
     now: OffsetDateTime,
 ) -> StoreResult<Vec<String>> {
+    let mut earlier = Vec::new();
+    // Leases of the selection already being revoked count towards an
+    // emergency revocation's progress too: one queued without a revocation
+    // (a task's end, a delegated task ending with its parent) takes its id;
+    // one an earlier revocation queued keeps that id and counts for both.
+    // Read before this call queues more, so only those are walked.
+    if let Some(rid) = revocation_id {
+        let mut q2 = QueryBuilder::<Postgres>::new("UPDATE leases SET revocation_id = ");
+        q2.push_bind(rid.to_owned())
+            .push(" WHERE state = 'revoking' AND revocation_id IS NULL");
+        if push_revocation_selection(&mut q2, sel) {
+            q2.push(" RETURNING id");
+            let rows = q2.build().fetch_all(tx.conn()).await?;
+            earlier.extend(PostgresTx::ids(&rows)?);
+            let mut q3 = QueryBuilder::<Postgres>::new(
+                "INSERT INTO revocation_overlaps (revocation_id, lease_id) SELECT ",
+            );
+            q3.push_bind(rid.to_owned())
+                .push(", id FROM leases WHERE state = 'revoking' AND revocation_id <> ")
+                .push_bind(rid.to_owned());
+            push_revocation_selection(&mut q3, sel);
+            q3.push(" ON CONFLICT DO NOTHING RETURNING lease_id AS id");
+            let rows = q3.build().fetch_all(tx.conn()).await?;
+            earlier.extend(PostgresTx::ids(&rows)?);
+        }
+    }
     let mut q = QueryBuilder::<Postgres>::new(
         "UPDATE leases SET state = 'revoking', attempts = 0, last_error = NULL, \
          next_attempt_at = ",
@@ -179,30 +205,7 @@ pub(super) async fn queue_revocations(
     q.push(" RETURNING id");
     let rows = q.build().fetch_all(tx.conn()).await?;
     let mut ids = PostgresTx::ids(&rows)?;
-    // Leases of the selection already being revoked count towards an
-    // emergency revocation's progress too: one queued without a revocation
-    // (a task's end, a delegated task ending with its parent) takes its id;
-    // one an earlier revocation queued keeps that id and counts for both.
-    if let Some(rid) = revocation_id {
-        let mut q2 = QueryBuilder::<Postgres>::new("UPDATE leases SET revocation_id = ");
-        q2.push_bind(rid.to_owned())
-            .push(" WHERE state = 'revoking' AND revocation_id IS NULL");
-        if push_revocation_selection(&mut q2, sel) {
-            q2.push(" RETURNING id");
-            let rows = q2.build().fetch_all(tx.conn()).await?;
-            ids.extend(PostgresTx::ids(&rows)?);
-            let mut q3 = QueryBuilder::<Postgres>::new(
-                "INSERT INTO revocation_overlaps (revocation_id, lease_id) SELECT ",
-            );
-            q3.push_bind(rid.to_owned())
-                .push(", id FROM leases WHERE state = 'revoking' AND revocation_id <> ")
-                .push_bind(rid.to_owned());
-            push_revocation_selection(&mut q3, sel);
-            q3.push(" ON CONFLICT DO NOTHING RETURNING lease_id AS id");
-            let rows = q3.build().fetch_all(tx.conn()).await?;
-            ids.extend(PostgresTx::ids(&rows)?);
-        }
-    }
+    ids.extend(earlier);
     Ok(ids)
 }
 
