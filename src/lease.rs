@@ -309,6 +309,9 @@ impl Worker {
             return Ok(());
         }
         let t = now();
+        // Read before the pass's transaction: each is judged from its
+        // handle, and queued only if still active and past expiry then.
+        let expired = self.store.expired_active_leases(t).await?;
         let mut tx = self.store.begin().await?;
         let orphans = tx
             .queue_orphans(
@@ -347,11 +350,14 @@ impl Worker {
                 .await?;
         }
         // A lease whose provider must act at its TTL (rotate a secret, end a
-        // renewable token), or whose scope was removed from config since,
-        // goes through the queue; the rest die by themselves.
-        let passive = self.registry.scopes_passive_at_expiry();
-        let providers: Vec<String> = self.registry.provider_names().map(str::to_owned).collect();
-        for id in tx.queue_expired(&passive, &providers, t).await? {
+        // renewable token), as it was minted, goes through the queue; the
+        // rest die by themselves.
+        let acting: Vec<String> = expired
+            .iter()
+            .filter(|l| self.registry.acts_at_expiry(l))
+            .map(|l| l.id.clone())
+            .collect();
+        for id in tx.queue_expired(&acting, t).await? {
             tx.audit(
                 AuditEvent::new(&Actor::System, "lease.ttl_reached")
                     .lease(&id)

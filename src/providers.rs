@@ -92,25 +92,19 @@ impl Registry {
         })
     }
 
-    /// The scopes configured now whose provider need not act when a lease
-    /// reaches its TTL (the credential dies by itself). A lease of any other
-    /// scope of a configured provider goes through the revocation queue at
-    /// its TTL: one whose scope was removed from config since it was issued
-    /// may have been minted to need it (a renewable Vault token).
-    pub fn scopes_passive_at_expiry(&self) -> Vec<String> {
-        let mut out = Vec::new();
-        for (provider, specs) in &self.by_provider {
-            let Some(p) = self.providers.get(provider) else {
-                continue;
-            };
-            out.extend(
-                specs
-                    .iter()
-                    .filter(|s| !p.acts_at_expiry(s))
-                    .map(|s| s.name.clone()),
-            );
+    /// Whether `lease`'s provider must act when it reaches its TTL (rotate a
+    /// secret, end a renewable token), judged from what it was minted with:
+    /// its handle, not the scope as configured now. A lease whose provider
+    /// is no longer configured has nobody to act.
+    pub fn acts_at_expiry(&self, lease: &crate::model::Lease) -> bool {
+        let Some(p) = self.providers.get(&lease.provider) else {
+            return false;
+        };
+        let spec = self.scope_or_removed(&lease.scope);
+        match &lease.handle {
+            Some(h) => p.acts_at_expiry_of(&spec, h),
+            None => p.acts_at_expiry(&spec),
         }
-        out
     }
 
     /// The scopes configured on one provider instance.

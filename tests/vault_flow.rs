@@ -145,11 +145,12 @@ async fn a_token_renewed_at_vault_by_its_holder_still_dies_with_its_lease() {
     );
 }
 
-/// A renewable token whose scope left the config before its TTL (renamed,
-/// the broker restarted) still dies with its lease: what its provider must
-/// do at the TTL was decided when it was minted, not by today's config.
+/// A renewable token whose scope was made non-renewable in config before
+/// its TTL (the broker restarted) still dies with its lease: what its
+/// provider must do at the TTL is judged from what it was minted with (its
+/// handle), not by today's config (a scope renamed or removed alike).
 #[tokio::test]
-async fn a_renewable_token_whose_scope_left_the_config_still_dies_with_its_lease() {
+async fn a_renewable_token_whose_scope_changed_in_config_still_dies_with_its_lease() {
     let (peers, mut b, agent) = start().await;
     let s = b.token(&agent).await;
     let cred = b
@@ -169,13 +170,18 @@ async fn a_renewable_token_whose_scope_left_the_config_still_dies_with_its_lease
         .await;
     assert_eq!(status, 200, "{renewed}");
     let path = b.dir.join("keygate.toml");
-    let config = std::fs::read_to_string(&path).unwrap();
-    assert!(config.contains("name = \"vault-token\""), "{config}");
-    std::fs::write(
-        &path,
-        config.replace("name = \"vault-token\"", "name = \"vault-token-v2\""),
-    )
-    .unwrap();
+    let mut config: toml::Table = std::fs::read_to_string(&path).unwrap().parse().unwrap();
+    let scope = config["scopes"]
+        .as_array_mut()
+        .unwrap()
+        .iter_mut()
+        .find(|s| s["name"].as_str() == Some("vault-token"))
+        .unwrap();
+    scope["params"]
+        .as_table_mut()
+        .unwrap()
+        .insert("renewable".into(), false.into());
+    std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
     b.restart().await;
     common::eventually("the lease revoked at its ttl", || async {
         let l = b.leases(&format!("task={}", s.task_id)).await;

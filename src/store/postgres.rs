@@ -352,6 +352,16 @@ impl Store for PostgresStore {
             .collect()
     }
 
+    async fn expired_active_leases(&self, now: OffsetDateTime) -> StoreResult<Vec<Lease>> {
+        sqlx::query("SELECT * FROM leases WHERE state = 'active' AND expires_at <= $1")
+            .bind(crate::model::unix(now))
+            .fetch_all(&self.read)
+            .await?
+            .iter()
+            .map(lease_from_row)
+            .collect()
+    }
+
     async fn get_fence(&self, id: &str) -> StoreResult<Option<FenceRecord>> {
         fences::get(&self.read, id).await
     }

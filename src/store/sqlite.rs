@@ -431,6 +431,16 @@ impl Store for SqliteStore {
             .collect()
     }
 
+    async fn expired_active_leases(&self, now: OffsetDateTime) -> StoreResult<Vec<Lease>> {
+        sqlx::query("SELECT * FROM leases WHERE state = 'active' AND expires_at <= ?")
+            .bind(unix(now))
+            .fetch_all(&mut *self.read.get().await?)
+            .await?
+            .iter()
+            .map(lease_from_row)
+            .collect()
+    }
+
     async fn get_fence(&self, id: &str) -> StoreResult<Option<FenceRecord>> {
         fences::get(&mut *self.read.get().await?, id).await
     }

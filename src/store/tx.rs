@@ -156,13 +156,12 @@ pub trait StoreTx: Send {
         error: &str,
         next_attempt_at: OffsetDateTime,
     ) -> StoreResult<()>;
-    /// Active leases of `providers` whose expiry passed are queued for
-    /// revocation, but for those of `passive` scopes (whose credentials die
-    /// by themselves). Returns their ids.
+    /// Of leases `ids` (whose provider must act at expiry), those still
+    /// active whose expiry passed are queued for revocation. Returns their
+    /// ids.
     async fn queue_expired(
         &mut self,
-        passive: &[String],
-        providers: &[String],
+        ids: &[String],
         now: OffsetDateTime,
     ) -> StoreResult<Vec<String>>;
     /// Active and expiring leases whose expiry passed become `Expired`.

@@ -135,6 +135,15 @@ pub trait Provider: Send + Sync + 'static {
         false
     }
 
+    /// Whether the credential a lease's `handle` names needs this provider
+    /// to act at the lease's TTL, judged from what it was minted with (the
+    /// handle), so a scope edited or removed from config since does not
+    /// change it. By default: what [`Provider::acts_at_expiry`] says of the
+    /// scope as configured now.
+    fn acts_at_expiry_of(&self, scope: &ScopeSpec, _handle: &serde_json::Value) -> bool {
+        self.acts_at_expiry(scope)
+    }
+
     /// Called once when Keygate shuts down gracefully: release what the
     /// provider holds of its own (e.g. its login to the backend).
     async fn shutdown(&self) {}

@@ -30,6 +30,11 @@ impl Provider for AwsProvider {
         )
     }
 
+    /// As read: a secret whose handle names a rotation.
+    fn acts_at_expiry_of(&self, _scope: &ScopeSpec, handle: &Value) -> bool {
+        handle["kind"] == "secret" && handle["rotation"].as_str().is_some_and(|r| r != "none")
+    }
+
     async fn issue(&self, req: &IssueRequest) -> Result<Issued, ProviderError> {
         if !matches!(&req.request_params, Value::Null)
             && req.request_params.as_object().is_none_or(|o| !o.is_empty())

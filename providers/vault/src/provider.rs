@@ -52,6 +52,15 @@ impl Provider for VaultProvider {
         )
     }
 
+    /// As minted: a token its handle says is renewable, any database lease.
+    fn acts_at_expiry_of(&self, _scope: &ScopeSpec, handle: &serde_json::Value) -> bool {
+        match handle["kind"].as_str() {
+            Some("token") => handle["renewable"].as_bool().unwrap_or(true),
+            Some("database") => true,
+            _ => false,
+        }
+    }
+
     async fn issue(&self, req: &IssueRequest) -> Result<Issued, ProviderError> {
         match scope::parse(&req.scope.params)? {
             ScopeKind::Token {

@@ -270,11 +270,10 @@ impl StoreTx for PostgresTx {
 
     async fn queue_expired(
         &mut self,
-        passive: &[String],
-        providers: &[String],
+        ids: &[String],
         now: OffsetDateTime,
     ) -> StoreResult<Vec<String>> {
-        leases::queue_expired(self, passive, providers, now).await
+        leases::queue_expired(self, ids, now).await
     }
 
     async fn expire_leases(&mut self, now: OffsetDateTime) -> StoreResult<Vec<Lease>> {

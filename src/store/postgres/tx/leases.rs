@@ -285,19 +285,19 @@ pub(super) async fn revocation_failed(
 
 pub(super) async fn queue_expired(
     tx: &mut PostgresTx,
-    passive: &[String],
-    providers: &[String],
+    ids: &[String],
     now: OffsetDateTime,
 ) -> StoreResult<Vec<String>> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
     let rows = sqlx::query(
         "UPDATE leases SET state = 'revoking', attempts = 0, last_error = NULL, \
          next_attempt_at = $1, end_reason = 'ttl reached; its provider acts at expiry' \
-         WHERE state = 'active' AND expires_at <= $1 AND NOT (scope = ANY($2)) \
-         AND provider = ANY($3) RETURNING id",
+         WHERE id = ANY($2) AND state = 'active' AND expires_at <= $1 RETURNING id",
     )
     .bind(unix(now))
-    .bind(passive)
-    .bind(providers)
+    .bind(ids)
     .fetch_all(tx.conn())
     .await?;
     PostgresTx::ids(&rows)

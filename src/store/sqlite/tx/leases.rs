@@ -281,21 +281,21 @@ pub(super) async fn revocation_failed(
 
 pub(super) async fn queue_expired(
     tx: &mut SqliteTx,
-    passive: &[String],
-    providers: &[String],
+    ids: &[String],
     now: OffsetDateTime,
 ) -> StoreResult<Vec<String>> {
+    if ids.is_empty() {
+        return Ok(Vec::new());
+    }
     let rows = sqlx::query(
         "UPDATE leases SET state = 'revoking', attempts = 0, last_error = NULL, \
          next_attempt_at = ?, end_reason = 'ttl reached; its provider acts at expiry' \
-         WHERE state = 'active' AND expires_at <= ? \
-         AND scope NOT IN (SELECT value FROM json_each(?)) \
-         AND provider IN (SELECT value FROM json_each(?)) RETURNING id",
+         WHERE id IN (SELECT value FROM json_each(?)) AND +state = 'active' \
+         AND expires_at <= ? RETURNING id",
     )
     .bind(unix(now))
+    .bind(serde_json::to_string(ids).map_err(corrupt)?)
     .bind(unix(now))
-    .bind(serde_json::to_string(passive).map_err(corrupt)?)
-    .bind(serde_json::to_string(providers).map_err(corrupt)?)
     .fetch_all(tx.tx.conn().await?)
     .await?;
     rows.iter()
