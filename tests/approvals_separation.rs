@@ -95,11 +95,17 @@ async fn a_departed_approvers_earlier_approval_no_longer_counts() {
     b.admin_post("/v1/agents", &spec).await.expect(201);
     let id = ask(b, &s.token, "two-approvers").await;
     decide(b, &ap.bob, &id, "approve").await.expect(200);
-    b.admin_post("/v1/people/bob@keygate.test/depart", &json!({ "reason": "left" }))
-        .await
-        .expect(200);
+    b.admin_post(
+        "/v1/people/bob@keygate.test/depart",
+        &json!({ "reason": "left" }),
+    )
+    .await
+    .expect(200);
     let v = decide(b, &ap.alice, &id, "approve").await.expect(200);
-    assert_eq!(v["state"], "pending", "a departed approver made up the quorum: {v}");
+    assert_eq!(
+        v["state"], "pending",
+        "a departed approver made up the quorum: {v}"
+    );
     let v = decide(b, &ap.carol, &id, "approve").await.expect(200);
     assert_eq!(v["state"], "approved", "{v}");
 }
@@ -113,7 +119,11 @@ async fn a_risk_tier_raised_while_a_request_waits_raises_its_bar() {
     let (agent, s) = b.agent_with_task("raised", "platform").await;
     let id = ask(b, &s.token, "any-approver").await;
     let a = b.admin_get(&format!("/v1/approvals/{id}")).await;
-    assert_eq!((&a["required"], &a["confirm_in_api"]), (&json!(1), &json!(false)), "{a}");
+    assert_eq!(
+        (&a["required"], &a["confirm_in_api"]),
+        (&json!(1), &json!(false)),
+        "{a}"
+    );
     b.patch_agent(&agent.id, &json!({ "risk_tier": 3 }))
         .await
         .expect(200);
@@ -128,8 +138,15 @@ async fn a_risk_tier_raised_while_a_request_waits_raises_its_bar() {
         "{v}"
     );
     let v = decide(b, &ap.alice, &id, "approve").await.expect(200);
-    assert_eq!(v["state"], "pending", "one approval granted a tier-3 request: {v}");
-    assert_eq!((&v["required"], &v["confirm_in_api"]), (&json!(2), &json!(true)), "{v}");
+    assert_eq!(
+        v["state"], "pending",
+        "one approval granted a tier-3 request: {v}"
+    );
+    assert_eq!(
+        (&v["required"], &v["confirm_in_api"]),
+        (&json!(2), &json!(true)),
+        "{v}"
+    );
     let v = decide(b, &ap.bob, &id, "approve").await.expect(200);
     assert_eq!(v["state"], "approved", "{v}");
 }

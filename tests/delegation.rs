@@ -441,11 +441,18 @@ async fn however_a_parent_ends_every_task_below_it_ends() {
     );
     let id = r["revocation_id"].as_str().unwrap();
     let later = b
-        .get(&format!("/v1/revocations/{id}?wait=5"), Some(&b.ops.auditor))
+        .get(
+            &format!("/v1/revocations/{id}?wait=5"),
+            Some(&b.ops.auditor),
+        )
         .await
         .expect(200);
     assert_eq!(
-        (&later["found"], &later["revoked"], &later["agents_suspended"]),
+        (
+            &later["found"],
+            &later["revoked"],
+            &later["agents_suspended"]
+        ),
         (&json!(1), &json!(1), &json!(1)),
         "{later}"
     );

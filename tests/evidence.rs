@@ -109,7 +109,12 @@ async fn the_evidence_pack_holds_the_periods_records_and_verifies_against_the_au
     // Nor the previous owner's review, dated before the move.
     let r = patch(json!({ "last_review_at": "2020-01-01T00:00:00Z" })).await;
     assert_eq!(r.status, 400, "{}", r.text);
-    assert!(r.text.contains("before the agent's team or sponsor changed"), "{}", r.text);
+    assert!(
+        r.text
+            .contains("before the agent's team or sponsor changed"),
+        "{}",
+        r.text
+    );
     // A review from the future is refused at registration too.
     let late = common::TestAgent::new("rv-from-the-future", "ES256");
     let mut spec = late.spec("platform");

@@ -330,9 +330,12 @@ when { principal.purpose == "payroll" && principal.environment == "prod" };
         .as_str()
         .unwrap()
         .to_owned();
-    b.admin_post("/v1/people/dave@keygate.test/depart", &json!({ "reason": "left" }))
-        .await
-        .expect(200);
+    b.admin_post(
+        "/v1/people/dave@keygate.test/depart",
+        &json!({ "reason": "left" }),
+    )
+    .await
+    .expect(200);
     let r = decide(&b, &named, "approve").await;
     assert_eq!(r.status, 409, "{}", r.text);
     assert!(r.text.contains("left on"), "{}", r.text);

@@ -300,7 +300,10 @@ async fn a_tier_3_agent_narrowed_by_one_reviewer_still_needs_a_second() {
     )
     .await
     .expect(200);
-    assert_eq!(first["state"], "open", "the sponsor alone reviewed it: {first}");
+    assert_eq!(
+        first["state"], "open",
+        "the sponsor alone reviewed it: {first}"
+    );
     let a = b.admin_get(&format!("/v1/agents/{}", agent.id)).await;
     assert!(a["last_review_at"].is_null(), "not reviewed yet: {a}");
     assert!(a["excluded_scopes"]["x509-svid"].is_object(), "{a}");

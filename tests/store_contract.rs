@@ -353,9 +353,14 @@ async fn overlapping_revocations_each_count_the_leases_they_select() {
     for l in [&ended, &held] {
         assert!(tx.insert_lease(l).await.unwrap().written());
     }
-    tx.queue_revocations(&LeaseSelector::Task("tk_1".into()), "task ended", None, now())
-        .await
-        .unwrap();
+    tx.queue_revocations(
+        &LeaseSelector::Task("tk_1".into()),
+        "task ended",
+        None,
+        now(),
+    )
+    .await
+    .unwrap();
     tx.insert_revocation(&revocation("rv_1")).await.unwrap();
     let mut first = tx
         .queue_revocations(&agent, "test", Some("rv_1"), now())

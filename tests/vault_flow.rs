@@ -230,7 +230,10 @@ async fn a_database_lease_vault_extended_unseen_still_dies_with_its_lease() {
     })
     .await;
     assert!(peers.live_db_leases().await.is_empty());
-    assert!(!peers.pg.can_login(user, pw).await, "the user outlived its lease");
+    assert!(
+        !peers.pg.can_login(user, pw).await,
+        "the user outlived its lease"
+    );
 }
 
 #[tokio::test]

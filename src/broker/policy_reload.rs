@@ -429,7 +429,10 @@ fn unseen_gains(a: &crate::model::Approval, diff: &PolicyDiff) -> Vec<String> {
     let shown = |agent: &str, scope: &str| {
         a.request["widened"].as_array().is_some_and(|w| {
             w.iter().any(|e| {
-                e["agent"] == agent && e["gained"].as_array().is_some_and(|g| g.iter().any(|s| s == scope))
+                e["agent"] == agent
+                    && e["gained"]
+                        .as_array()
+                        .is_some_and(|g| g.iter().any(|s| s == scope))
             })
         })
     };

@@ -181,7 +181,9 @@ impl Broker {
         for a in open {
             // A held policy set is anchored on an agent but is the whole
             // set's: it stays for the approvers (and `keygate apply`).
-            if a.request["change"] != "policy" && self.cancel_approval(tx, actor, &a, reason).await? {
+            if a.request["change"] != "policy"
+                && self.cancel_approval(tx, actor, &a, reason).await?
+            {
                 cancelled.push(a.id);
             }
         }

@@ -245,9 +245,7 @@ impl Broker {
         // in the delegated tasks that ended with an agent's or a team's):
         // where their backend cannot revoke them one by one (STS), their
         // sessions are fenced as a policy change's are.
-        let fence = self
-            .uncovered_leases_of(&selector, &tasks, others)
-            .await?;
+        let fence = self.uncovered_leases_of(&selector, &tasks, others).await?;
         if !fence.is_empty() {
             self.fence_sessions(&actor, &id, &fence).await;
         }

@@ -495,8 +495,8 @@ impl Broker {
                 // of those the item needs (two at tier 3: a sponsor never
                 // reviews alone).
                 let decided = item.decisions.len() + 1;
-                let done = (decided >= usize::from(item.attestations))
-                    .then_some(ReviewState::Narrowed);
+                let done =
+                    (decided >= usize::from(item.attestations)).then_some(ReviewState::Narrowed);
                 self.record_review_decision(&actor, &item, decision, done, is_sponsor)
                     .await
             }

@@ -215,7 +215,9 @@ fn push_revocation_selection(q: &mut QueryBuilder<Postgres>, sel: &LeaseSelector
     match sel {
         LeaseSelector::Emergency(s) => push_selector(q, s, "agent_id"),
         LeaseSelector::Tasks(ts) => {
-            q.push(" AND task_id = ANY(").push_bind(ts.clone()).push(")");
+            q.push(" AND task_id = ANY(")
+                .push_bind(ts.clone())
+                .push(")");
         }
         _ => return false,
     }

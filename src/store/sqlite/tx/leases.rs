@@ -204,7 +204,10 @@ pub(super) async fn queue_revocations(
 
 /// Narrows `q` to the leases an emergency revocation's selection names (its
 /// selector, or the tasks it ended); false for other selections.
-fn push_revocation_selection(q: &mut QueryBuilder<Sqlite>, sel: &LeaseSelector) -> StoreResult<bool> {
+fn push_revocation_selection(
+    q: &mut QueryBuilder<Sqlite>,
+    sel: &LeaseSelector,
+) -> StoreResult<bool> {
     match sel {
         LeaseSelector::Emergency(s) => push_selector(q, s, "agent_id"),
         LeaseSelector::Tasks(ts) => {
