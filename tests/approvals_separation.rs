@@ -41,6 +41,13 @@ async fn delegated(b: &TestBroker, prefix: &str, tier: u8) -> String {
     r.json()["access_token"].as_str().unwrap().to_owned()
 }
 
+/// `operator` may not approve `id` alone: separation of duties.
+async fn refused_alone(b: &TestBroker, operator: &str, id: &str) {
+    let r = decide(b, operator, id, "approve").await;
+    assert_eq!(r.status, 403, "{}", r.text);
+    assert!(r.text.contains("separation of duties"), "{}", r.text);
+}
+
 #[tokio::test]
 async fn a_delegated_request_is_approved_as_its_highest_delegator_would_be() {
     let w = world_with("", &[("tier3.cedar", PERMIT_TIER_3)]).await;
@@ -55,9 +62,7 @@ async fn a_delegated_request_is_approved_as_its_highest_delegator_would_be() {
     // The orchestrator's sponsor may not be the only approver.
     let token = delegated(b, "t1", 1).await;
     let id = ask(b, &token, "any-approver").await;
-    let r = decide(b, &ap.owner, &id, "approve").await;
-    assert_eq!(r.status, 403, "{}", r.text);
-    assert!(r.text.contains("separation of duties"), "{}", r.text);
+    refused_alone(b, &ap.owner, &id).await;
     let v = decide(b, &ap.carol, &id, "approve").await.expect(200);
     assert_eq!(v["state"], "approved", "{v}");
 }
@@ -74,9 +79,7 @@ async fn a_sponsor_named_meanwhile_cannot_approve_alone() {
         .patch_agent(&agent.id, &json!({ "sponsor": "carol" }))
         .await;
     assert_eq!(r.status, 200, "{}", r.text);
-    let r = decide(b, &ap.carol, &id, "approve").await;
-    assert_eq!(r.status, 403, "{}", r.text);
-    assert!(r.text.contains("separation of duties"), "{}", r.text);
+    refused_alone(b, &ap.carol, &id).await;
     let v = decide(b, &ap.alice, &id, "approve").await.expect(200);
     assert_eq!(v["state"], "approved", "{v}");
 }
@@ -179,9 +182,7 @@ async fn no_sponsor_of_an_agent_a_change_is_for_approves_it_alone() {
         "{held}"
     );
     let id = held["id"].as_str().unwrap();
-    let r = decide(b, &ap.carol, id, "approve").await;
-    assert_eq!(r.status, 403, "{}", r.text);
-    assert!(r.text.contains("separation of duties"), "{}", r.text);
+    refused_alone(b, &ap.carol, id).await;
     let v = decide(b, &ap.alice, id, "approve").await.expect(200);
     assert_eq!(v["state"], "approved", "{v}");
 
@@ -190,8 +191,6 @@ async fn no_sponsor_of_an_agent_a_change_is_for_approves_it_alone() {
         .await
         .expect(202);
     let id = held["approval"]["id"].as_str().unwrap();
-    let r = decide(b, &ap.bob, id, "approve").await;
-    assert_eq!(r.status, 403, "{}", r.text);
-    assert!(r.text.contains("separation of duties"), "{}", r.text);
+    refused_alone(b, &ap.bob, id).await;
     decide(b, &ap.alice, id, "approve").await.expect(200);
 }

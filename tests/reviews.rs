@@ -222,17 +222,23 @@ async fn a_campaign_attests_narrows_and_retires_and_skips_agents_with_nothing_to
     }
 }
 
-#[tokio::test]
-async fn a_tier_3_agent_needs_a_second_reviewer_who_is_not_the_sponsor() {
-    let (b, people) = start("").await;
-    let agent = TestAgent::new("rv-tier3", "ES256");
+/// A tier-3 agent registered, and a campaign started over it.
+async fn tier_3_under_review(b: &TestBroker, prefix: &str) -> (TestAgent, Value) {
+    let agent = TestAgent::new(prefix, "ES256");
     let mut spec = agent.spec("platform");
     spec["risk_tier"] = 3.into();
     b.admin_post("/v1/agents", &spec).await.expect(201);
     let started = b
-        .admin_post("/v1/reviews", &json!({ "name": "t3", "due_days": 7 }))
+        .admin_post("/v1/reviews", &json!({ "name": prefix, "due_days": 7 }))
         .await
         .expect(201);
+    (agent, started)
+}
+
+#[tokio::test]
+async fn a_tier_3_agent_needs_a_second_reviewer_who_is_not_the_sponsor() {
+    let (b, people) = start("").await;
+    let (agent, started) = tier_3_under_review(&b, "rv-tier3").await;
     let it = item_of(&started, &agent.id);
     assert_eq!(it["attestations"], 2, "{it}");
     let id = it["id"].as_str().unwrap().to_owned();
@@ -280,14 +286,7 @@ async fn a_tier_3_agent_needs_a_second_reviewer_who_is_not_the_sponsor() {
 #[tokio::test]
 async fn a_tier_3_agent_narrowed_by_one_reviewer_still_needs_a_second() {
     let (b, people) = start("").await;
-    let agent = TestAgent::new("rv-t3-narrow", "ES256");
-    let mut spec = agent.spec("platform");
-    spec["risk_tier"] = 3.into();
-    b.admin_post("/v1/agents", &spec).await.expect(201);
-    let started = b
-        .admin_post("/v1/reviews", &json!({ "name": "t3n", "due_days": 7 }))
-        .await
-        .expect(201);
+    let (agent, started) = tier_3_under_review(&b, "rv-t3-narrow").await;
     let id = item_of(&started, &agent.id)["id"]
         .as_str()
         .unwrap()

@@ -109,16 +109,8 @@ async fn a_token_works_until_released() {
 /// A token's holder can extend it at Vault itself (`renew-self`, which the
 /// `default` policy allows) past the lease Keygate recorded: at the lease's
 /// TTL Keygate revokes it, so it lives its lease, not the extension.
-#[tokio::test]
-async fn a_token_renewed_at_vault_by_its_holder_still_dies_with_its_lease() {
-    let (peers, b, agent) = start().await;
-    let s = b.token(&agent).await;
-    let cred = b
-        .credential(&s.token, "vault-token", Some(3), None)
-        .await
-        .expect(201);
-    let token = cred["credential"]["token"].as_str().unwrap();
-    let lease_id = cred["lease_id"].as_str().unwrap().to_owned();
+/// The token's holder extends it at Vault itself, ten minutes past its lease.
+async fn renew_at_vault(peers: &VaultPeers, token: &str) {
     let (status, renewed) = peers
         .bao
         .request(
@@ -133,12 +125,30 @@ async fn a_token_renewed_at_vault_by_its_holder_still_dies_with_its_lease() {
         renewed["auth"]["lease_duration"].as_u64().unwrap() > 60,
         "{renewed}"
     );
+}
+
+/// Waits until lease `lease_id` of task `task` is revoked (at its TTL).
+async fn revoked_at_ttl(b: &TestBroker, task: &str, lease_id: &str) {
     common::eventually("the lease revoked at its ttl", || async {
-        let l = b.leases(&format!("task={}", s.task_id)).await;
-        let l = l.iter().find(|l| l["id"] == lease_id.as_str()).unwrap();
+        let l = b.leases(&format!("task={task}")).await;
+        let l = l.iter().find(|l| l["id"] == lease_id).unwrap();
         (l["state"] == "revoked").then_some(())
     })
     .await;
+}
+
+#[tokio::test]
+async fn a_token_renewed_at_vault_by_its_holder_still_dies_with_its_lease() {
+    let (peers, b, agent) = start().await;
+    let s = b.token(&agent).await;
+    let cred = b
+        .credential(&s.token, "vault-token", Some(3), None)
+        .await
+        .expect(201);
+    let token = cred["credential"]["token"].as_str().unwrap();
+    let lease_id = cred["lease_id"].as_str().unwrap().to_owned();
+    renew_at_vault(&peers, token).await;
+    revoked_at_ttl(&b, &s.task_id, &lease_id).await;
     assert!(
         !peers.token_works(token).await,
         "a token its holder renewed outlived its lease"
@@ -159,16 +169,7 @@ async fn a_renewable_token_whose_scope_changed_in_config_still_dies_with_its_lea
         .expect(201);
     let token = cred["credential"]["token"].as_str().unwrap().to_owned();
     let lease_id = cred["lease_id"].as_str().unwrap().to_owned();
-    let (status, renewed) = peers
-        .bao
-        .request(
-            "POST",
-            "auth/token/renew-self",
-            Some(&token),
-            Some(json!({ "increment": "600s" })),
-        )
-        .await;
-    assert_eq!(status, 200, "{renewed}");
+    renew_at_vault(&peers, &token).await;
     let path = b.dir.join("keygate.toml");
     let mut config: toml::Table = std::fs::read_to_string(&path).unwrap().parse().unwrap();
     let scope = config["scopes"]
@@ -183,12 +184,7 @@ async fn a_renewable_token_whose_scope_changed_in_config_still_dies_with_its_lea
         .insert("renewable".into(), false.into());
     std::fs::write(&path, toml::to_string(&config).unwrap()).unwrap();
     b.restart().await;
-    common::eventually("the lease revoked at its ttl", || async {
-        let l = b.leases(&format!("task={}", s.task_id)).await;
-        let l = l.iter().find(|l| l["id"] == lease_id.as_str()).unwrap();
-        (l["state"] == "revoked").then_some(())
-    })
-    .await;
+    revoked_at_ttl(&b, &s.task_id, &lease_id).await;
     assert!(
         !peers.token_works(&token).await,
         "a token its holder renewed outlived its lease"
@@ -223,12 +219,7 @@ async fn a_database_lease_vault_extended_unseen_still_dies_with_its_lease() {
             .await;
     }
     assert!(peers.db_lease_ttls().await.iter().all(|t| *t > 60));
-    common::eventually("the lease revoked at its ttl", || async {
-        let l = b.leases(&format!("task={}", s.task_id)).await;
-        let l = l.iter().find(|l| l["id"] == lease_id.as_str()).unwrap();
-        (l["state"] == "revoked").then_some(())
-    })
-    .await;
+    revoked_at_ttl(&b, &s.task_id, &lease_id).await;
     assert!(peers.live_db_leases().await.is_empty());
     assert!(
         !peers.pg.can_login(user, pw).await,

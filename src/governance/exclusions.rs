@@ -56,32 +56,25 @@ impl Broker {
         // Its live leases, found in the same transaction after the
         // exclusion is written: a lease written before it is queued here,
         // one written after it sees the exclusion (`judge_again_if_reloaded`).
-        let mut revoked = tx
-            .queue_revocations(
-                &LeaseSelector::AgentScope {
-                    agent: agent_id.to_owned(),
-                    scope: scope.to_owned(),
-                },
-                &exclusion.reason,
-                None,
-                t,
-            )
-            .await?;
         // And its sub-agents' of that scope in the tasks it delegated: no
         // delegated task may hold what a delegator may not (checked on
         // every request along the chain).
-        revoked.extend(
-            tx.queue_revocations(
-                &LeaseSelector::DelegatedScope {
-                    delegator: agent_id.to_owned(),
-                    scope: scope.to_owned(),
-                },
-                &exclusion.reason,
-                None,
-                t,
-            )
-            .await?,
-        );
+        let mut revoked = Vec::new();
+        for sel in [
+            LeaseSelector::AgentScope {
+                agent: agent_id.to_owned(),
+                scope: scope.to_owned(),
+            },
+            LeaseSelector::DelegatedScope {
+                delegator: agent_id.to_owned(),
+                scope: scope.to_owned(),
+            },
+        ] {
+            revoked.extend(
+                tx.queue_revocations(&sel, &exclusion.reason, None, t)
+                    .await?,
+            );
+        }
         tx.audit(
             AuditEvent::new(actor, "agent.scope_excluded")
                 .agent(agent_id)
