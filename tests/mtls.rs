@@ -381,6 +381,78 @@ async fn a_certificate_keygate_revoked_no_longer_authenticates() {
     assert_eq!(r.status(), 200, "{}", r.text().await.unwrap());
 }
 
+/// The documented CA rotation (old files moved away, a new CA made on
+/// start) keeps the revocation list: with the old CA still trusted at the
+/// door while its SVIDs run out, the revoked ones stay refused and only the
+/// live ones log in.
+#[tokio::test]
+async fn a_certificate_revoked_before_the_ca_rotated_stays_refused() {
+    let mut w = start_trusting(Some("ca/ca-cert.pem")).await;
+    let agent = TestAgent::new("rotsvid", "ES256");
+    let mut spec = agent.spec("platform");
+    spec["federated"] = json!({
+        "issuer": "spiffe",
+        "subject": format!("spiffe://{TRUST_DOMAIN}/agent/{}", agent.id),
+    });
+    w.b.admin_post("/v1/agents", &spec).await.expect(201);
+    let s = w.b.token(&agent).await;
+    let revoked = w.b.x509(&s.token, Some(600)).await;
+    let live = w.b.x509(&s.token, Some(600)).await;
+    let lease = revoked["lease_id"].as_str().unwrap();
+    let r =
+        w.b.call(
+            reqwest::Method::DELETE,
+            &format!("/v1/credentials/{lease}"),
+            Some(&s.token),
+            None,
+        )
+        .await;
+    assert_eq!(r.status, 200, "{}", r.text);
+
+    // Rotate: the old key and certificate move away, the bundle keeps the
+    // old certificate, and the broker makes a new CA on start.
+    w.b.stop_gracefully().await;
+    let ca_dir = w.b.dir.join("ca");
+    std::fs::rename(ca_dir.join("ca-key.pem"), ca_dir.join("old-ca-key.pem")).unwrap();
+    std::fs::rename(ca_dir.join("ca-cert.pem"), ca_dir.join("old-ca-cert.pem")).unwrap();
+    let config = w.b.dir.join("keygate.toml");
+    let toml = std::fs::read_to_string(&config).unwrap();
+    assert!(
+        toml.contains(r#"client_ca_file = "ca/ca-cert.pem""#),
+        "{toml}"
+    );
+    let toml = toml.replace(
+        r#"client_ca_file = "ca/ca-cert.pem""#,
+        r#"client_ca_file = "ca/old-ca-cert.pem""#,
+    );
+    std::fs::write(&config, toml).unwrap();
+    w.b.start_again().await;
+    w.mtls = format!(
+        "https://{}",
+        w.b.stdout_line("keygate mtls listening on ").await
+    );
+    let old = std::fs::read(ca_dir.join("old-ca-cert.pem")).unwrap();
+    assert_ne!(
+        std::fs::read(ca_dir.join("ca-cert.pem")).unwrap(),
+        old,
+        "the broker made a new CA"
+    );
+
+    let (status, v) = token(&svid_client(&w, &revoked), &w, &agent.id)
+        .await
+        .unwrap();
+    assert_eq!(
+        status, 401,
+        "a revoked SVID of the old CA must not log in: {v}"
+    );
+    assert!(
+        v["error_description"].as_str().unwrap().contains("revoked"),
+        "{v}"
+    );
+    let (status, v) = token(&svid_client(&w, &live), &w, &agent.id).await.unwrap();
+    assert_eq!(status, 200, "a live SVID of the old CA still logs in: {v}");
+}
+
 #[tokio::test]
 async fn a_certificate_bound_token_is_not_exchanged_without_its_certificate() {
     let w = start().await;

@@ -126,14 +126,21 @@ pub(crate) fn verify(
     verdict::with_reason(reason, subject, Some(expires_at))
 }
 
-/// The serial (hex) of `der` when this CA signed it (a certificate of
+/// The serial (hex) of `der` when this CA, under its key now or an earlier
+/// one, may have signed it: its issuer is this CA's name (a certificate of
 /// another CA is not ours to judge).
+///
+/// The signature is deliberately not checked against today's key. A CA
+/// rotated the documented way (old files moved away, a new key made under
+/// the same name) keeps its revocation list, and an operator who keeps the
+/// old certificate in a trust bundle while the old SVIDs run out must still
+/// have the revoked ones refused. The answer only ever refuses: a stranger
+/// naming this CA as issuer gains nothing by it, and serials derive from
+/// lease ids, so none collides with a serial this CA revoked by chance.
 pub(crate) fn serial_if_ours(ca: &Ca, der: &[u8]) -> Option<String> {
     let (_, cert) = x509_parser::parse_x509_certificate(der).ok()?;
     let (_, ca_cert) = x509_parser::parse_x509_certificate(ca.cert_der()).ok()?;
-    (cert.issuer() == ca_cert.subject()
-        && cert.verify_signature(Some(ca_cert.public_key())).is_ok())
-    .then(|| hex::encode(cert.raw_serial()))
+    (cert.issuer() == ca_cert.subject()).then(|| hex::encode(cert.raw_serial()))
 }
 
 /// The certificate's one `spiffe://` URI SAN; `None` if there is not exactly one.
