@@ -453,6 +453,74 @@ async fn a_certificate_revoked_before_the_ca_rotated_stays_refused() {
     assert_eq!(status, 200, "a live SVID of the old CA still logs in: {v}");
 }
 
+/// A revocation list that cannot be read refuses the certificate with a
+/// retryable 503 that says so, not a 401 claiming it was revoked; once it
+/// reads again the certificate logs in.
+#[tokio::test]
+async fn an_unreadable_revocation_list_refuses_certificates_with_a_retryable_error() {
+    use common::store::{Engine, engine};
+    if engine() != Engine::Postgres {
+        // One process's list lives in memory (its file is read at start):
+        // only the shared list in PostgreSQL is read per check.
+        return;
+    }
+    let w = start_trusting(Some("ca/ca-cert.pem")).await;
+    let agent = TestAgent::new("crlread", "ES256");
+    let mut spec = agent.spec("platform");
+    spec["federated"] = json!({
+        "issuer": "spiffe",
+        "subject": format!("spiffe://{TRUST_DOMAIN}/agent/{}", agent.id),
+    });
+    w.b.admin_post("/v1/agents", &spec).await.expect(201);
+    let s = w.b.token(&agent).await;
+    let cred = w.b.x509(&s.token, Some(600)).await;
+    let c = svid_client(&w, &cred);
+    let (status, v) = token(&c, &w, &agent.id).await.unwrap();
+    assert_eq!(status, 200, "{v}");
+    let bound = v["access_token"].as_str().unwrap().to_owned();
+
+    w.b.store_exec(
+        "ALTER TABLE ca_revocations RENAME TO ca_revocations_away",
+        &[],
+    )
+    .await
+    .unwrap();
+    let (status, v) = token(&svid_client(&w, &cred), &w, &agent.id).await.unwrap();
+    assert_eq!(status, 503, "{v}");
+    assert_eq!(v["error"], "temporarily_unavailable", "{v}");
+    let why = v["error_description"].as_str().unwrap();
+    assert!(
+        why.contains("cannot read its revocation list") && why.contains("retry"),
+        "{v}"
+    );
+    let r = c
+        .post(format!("{}/v1/credentials", w.mtls))
+        .bearer_auth(&bound)
+        .json(&json!({ "scope": "x509-svid", "ttl": 60 }))
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(
+        r.status(),
+        503,
+        "the bound session is refused too, retryably"
+    );
+    let text = r.text().await.unwrap();
+    assert!(text.contains("cannot read its revocation list"), "{text}");
+
+    w.b.store_exec(
+        "ALTER TABLE ca_revocations_away RENAME TO ca_revocations",
+        &[],
+    )
+    .await
+    .unwrap();
+    let (status, v) = token(&svid_client(&w, &cred), &w, &agent.id).await.unwrap();
+    assert_eq!(
+        status, 200,
+        "readable again, the live certificate logs in: {v}"
+    );
+}
+
 #[tokio::test]
 async fn a_certificate_bound_token_is_not_exchanged_without_its_certificate() {
     let w = start().await;

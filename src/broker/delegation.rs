@@ -100,7 +100,10 @@ impl Broker {
         // nothing, as it issues nothing (`check_sender`).
         if parent.x5t.is_some()
             && let Some(cert) = req.client_cert.as_deref()
-            && let Some(name) = self.certificate_revoked_by(cert).await
+            && let Some(name) = self
+                .certificate_revoked_by(cert)
+                .await
+                .map_err(|m| OAuthError::new("temporarily_unavailable", m))?
         {
             return Err(OAuthError::new(
                 "invalid_grant",

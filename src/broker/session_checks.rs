@@ -176,14 +176,26 @@ impl Broker {
     }
 
     /// The provider whose CA issued `cert` (DER) and has revoked it since:
-    /// a certificate Keygate revoked still chains to the trust bundle.
-    pub(crate) async fn certificate_revoked_by(&self, cert: &[u8]) -> Option<String> {
+    /// a certificate Keygate revoked still chains to the trust bundle. An
+    /// error when a provider cannot tell right now (its revocation list is
+    /// unreadable): the certificate is refused, with a message to retry.
+    pub(crate) async fn certificate_revoked_by(
+        &self,
+        cert: &[u8],
+    ) -> Result<Option<String>, String> {
         for (name, p) in self.registry.providers() {
-            if p.certificate_revoked(cert).await {
-                return Some(name.to_owned());
+            match p.certificate_revoked(cert).await {
+                Ok(true) => return Ok(Some(name.to_owned())),
+                Ok(false) => {}
+                Err(e) => {
+                    tracing::warn!(provider = %name, error = %e, "cannot read the revocation list; refusing the client certificate");
+                    return Err(format!(
+                        "provider `{name}` cannot read its revocation list right now, so the client certificate is refused; retry"
+                    ));
+                }
             }
         }
-        None
+        Ok(None)
     }
 
     /// Sender constraint of a session (RFC 9449 §7): a DPoP-bound token must
@@ -213,7 +225,12 @@ impl Broker {
                 (method, path),
                 ("POST", "/v1/tasks/complete") | ("POST", "/oauth/revoke")
             ) || (method == "DELETE" && path.starts_with("/v1/credentials/"));
-            if !ending && let Some(name) = self.certificate_revoked_by(cert).await {
+            if !ending
+                && let Some(name) = self
+                    .certificate_revoked_by(cert)
+                    .await
+                    .map_err(SessionRefusal::Unavailable)?
+            {
                 return Err(format!("the client certificate this session token is bound to was revoked by provider `{name}`").into());
             }
         }

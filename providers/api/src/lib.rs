@@ -86,10 +86,11 @@ pub trait Provider: Send + Sync + 'static {
     /// Whether `cert_der` (a client certificate presented to Keygate's mTLS
     /// listener) is one this provider issued and has since revoked, so it
     /// must not authenticate anyone. The default knows no certificate. A
-    /// provider that cannot tell (its revocation list is unreachable) says
-    /// it is revoked: the mTLS door fails closed.
-    async fn certificate_revoked(&self, _cert_der: &[u8]) -> bool {
-        false
+    /// provider that cannot tell (its revocation list is unreachable)
+    /// answers an error: the mTLS door fails closed, and the caller learns
+    /// to retry rather than that its certificate was revoked.
+    async fn certificate_revoked(&self, _cert_der: &[u8]) -> Result<bool, ProviderError> {
+        Ok(false)
     }
 
     /// Emergency revocation for credentials the backend cannot revoke one by

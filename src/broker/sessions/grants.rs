@@ -57,7 +57,11 @@ impl Broker {
             .map_err(|e| OAuthError::new("invalid_client", e))?;
         // A certificate Keygate itself revoked (release, task end, kill
         // switch) chains to the bundle still: ask the CAs that issued it.
-        if let Some(name) = self.certificate_revoked_by(cert).await {
+        if let Some(name) = self
+            .certificate_revoked_by(cert)
+            .await
+            .map_err(|m| OAuthError::new("temporarily_unavailable", m))?
+        {
             return Err(OAuthError::new(
                 "invalid_client",
                 format!("the client certificate was revoked by provider `{name}`"),
