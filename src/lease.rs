@@ -25,6 +25,9 @@ use crate::model::{Lease, LeaseState, Revocability, TaskState, now};
 use crate::providers::Registry;
 use crate::store::{LeaseSelector, Store, StoreResult, TaskSelector};
 
+/// Expired leases the reaper reads and judges at a time.
+const EXPIRED_PAGE: u32 = 5_000;
+
 /// Wakes the revocation worker; cheap to clone into request handlers.
 #[derive(Debug, Clone)]
 pub struct LeaseEngine {
@@ -309,9 +312,28 @@ impl Worker {
             return Ok(());
         }
         let t = now();
-        // Read before the pass's transaction: each is judged from its
+        // Read before the pass's transaction, a page at a time (a restart
+        // after a long stop may find a million): each is judged from its
         // handle, and queued only if still active and past expiry then.
-        let expired = self.store.expired_active_leases(t).await?;
+        let mut acting: Vec<String> = Vec::new();
+        let mut after = None;
+        loop {
+            let page = self
+                .store
+                .expired_active_leases(t, after.take(), EXPIRED_PAGE)
+                .await?;
+            acting.extend(
+                page.iter()
+                    .filter(|l| self.registry.acts_at_expiry(l))
+                    .map(|l| l.id.clone()),
+            );
+            match page.last() {
+                Some(l) if page.len() == EXPIRED_PAGE as usize => {
+                    after = Some((crate::model::unix(l.expires_at), l.id.clone()));
+                }
+                _ => break,
+            }
+        }
         let mut tx = self.store.begin().await?;
         let orphans = tx
             .queue_orphans(
@@ -352,11 +374,6 @@ impl Worker {
         // A lease whose provider must act at its TTL (rotate a secret, end a
         // renewable token), as it was minted, goes through the queue; the
         // rest die by themselves.
-        let acting: Vec<String> = expired
-            .iter()
-            .filter(|l| self.registry.acts_at_expiry(l))
-            .map(|l| l.id.clone())
-            .collect();
         for id in tx.queue_expired(&acting, t).await? {
             tx.audit(
                 AuditEvent::new(&Actor::System, "lease.ttl_reached")

@@ -212,8 +212,15 @@ pub trait Store: Send + Sync + 'static {
     /// credentials: pending, active, revoking, and expiring (released, but
     /// their backend cannot kill them).
     async fn live_leases(&self, selector: &Selector) -> StoreResult<Vec<Lease>>;
-    /// Active leases whose expiry passed by `now` (the reaper's next).
-    async fn expired_active_leases(&self, now: OffsetDateTime) -> StoreResult<Vec<Lease>>;
+    /// Active leases whose expiry passed by `now` (the reaper's next), in
+    /// order of expiry then id, after `after` (the last one's expiry, in
+    /// Unix seconds, and id), at most `limit`.
+    async fn expired_active_leases(
+        &self,
+        now: OffsetDateTime,
+        after: Option<(i64, String)>,
+        limit: u32,
+    ) -> StoreResult<Vec<Lease>>;
     async fn get_fence(&self, id: &str) -> StoreResult<Option<FenceRecord>>;
     /// Fences, oldest first.
     async fn list_fences(&self, filter: &FenceFilter) -> StoreResult<Vec<FenceRecord>>;

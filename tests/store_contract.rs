@@ -405,6 +405,65 @@ async fn overlapping_revocations_each_count_the_leases_they_select() {
     assert!(r.fence_failures.is_empty());
 }
 
+/// The reaper reads expired active leases a page at a time, in order of
+/// expiry then id, and only those queued by id whose expiry passed are.
+#[tokio::test]
+async fn expired_leases_are_read_in_pages_and_queued_by_id() {
+    use keygate::model::{now, unix};
+    let (_dir, path) = db_path();
+    let store = open(&path).await;
+    agent_with_tasks(store.as_ref(), &["tk_1"], &[]).await;
+    let t = now();
+    let leases = [
+        lease_in("tk_1"),
+        lease_in("tk_1"),
+        lease_in("tk_1"),
+        lease_in("tk_1"),
+    ];
+    let mut tx = store.begin().await.unwrap();
+    for (i, l) in leases.iter().enumerate() {
+        assert!(tx.insert_lease(l).await.unwrap().written());
+        // Two share an expiry; the last has not expired.
+        let until = match i {
+            0 | 1 => t - time::Duration::seconds(10),
+            2 => t - time::Duration::seconds(5),
+            _ => t + time::Duration::minutes(5),
+        };
+        tx.record_issued(
+            &l.id,
+            &serde_json::json!({}),
+            keygate::model::Revocability::Revocable,
+            until,
+        )
+        .await
+        .unwrap();
+    }
+    tx.commit().await.unwrap();
+    let mut read = Vec::new();
+    let mut after = None;
+    loop {
+        let page = store
+            .expired_active_leases(t, after.take(), 2)
+            .await
+            .unwrap();
+        read.extend(page.iter().map(|l| l.id.clone()));
+        match page.last() {
+            Some(l) if page.len() == 2 => after = Some((unix(l.expires_at), l.id.clone())),
+            _ => break,
+        }
+    }
+    let mut first_two = [leases[0].id.clone(), leases[1].id.clone()];
+    first_two.sort();
+    assert_eq!(read, [&first_two[..], &[leases[2].id.clone()]].concat());
+    let mut tx = store.begin().await.unwrap();
+    let ids = [leases[2].id.clone(), leases[3].id.clone()];
+    assert_eq!(
+        tx.queue_expired(&ids, t).await.unwrap(),
+        [leases[2].id.clone()]
+    );
+    tx.commit().await.unwrap();
+}
+
 /// A renewal the reaper overtook: the lease is `expired`, the renewal's
 /// update finds it no longer active, and the lease is queued for revocation
 /// after all (its backend extended it); only an expired lease is.

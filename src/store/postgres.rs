@@ -352,14 +352,26 @@ impl Store for PostgresStore {
             .collect()
     }
 
-    async fn expired_active_leases(&self, now: OffsetDateTime) -> StoreResult<Vec<Lease>> {
-        sqlx::query("SELECT * FROM leases WHERE state = 'active' AND expires_at <= $1")
-            .bind(crate::model::unix(now))
-            .fetch_all(&self.read)
-            .await?
-            .iter()
-            .map(lease_from_row)
-            .collect()
+    async fn expired_active_leases(
+        &self,
+        now: OffsetDateTime,
+        after: Option<(i64, String)>,
+        limit: u32,
+    ) -> StoreResult<Vec<Lease>> {
+        let (at, id) = after.unwrap_or((i64::MIN, String::new()));
+        sqlx::query(
+            "SELECT * FROM leases WHERE state = 'active' AND expires_at <= $1 \
+             AND (expires_at, id) > ($2, $3) ORDER BY expires_at, id LIMIT $4",
+        )
+        .bind(crate::model::unix(now))
+        .bind(at)
+        .bind(id)
+        .bind(i64::from(limit))
+        .fetch_all(&self.read)
+        .await?
+        .iter()
+        .map(lease_from_row)
+        .collect()
     }
 
     async fn get_fence(&self, id: &str) -> StoreResult<Option<FenceRecord>> {
