@@ -64,6 +64,7 @@ pub async fn build_broker(config: Config) -> anyhow::Result<Broker> {
             None => None,
         };
     let store = crate::store::open_with(&config.store.url, store_password.as_ref()).await?;
+    check_providers_kept(store.as_ref(), &config).await?;
     // From here on this process serves: SQLite takes its file's lock,
     // PostgreSQL counts it among the live replicas.
     let leases = LeaseEngine::default();
@@ -476,4 +477,49 @@ async fn shutdown_signal() {
         _ = term => {},
     }
     tracing::info!("shutting down");
+}
+
+/// Refuses to start without a provider the store still holds unexpired
+/// credentials of: its live leases could be neither revoked nor fenced,
+/// and (PostgreSQL) its local CA's shared revocation list, kept by name,
+/// would be served by no one, so a certificate or JWT-SVID it revoked
+/// would pass again under a renamed provider. The names are the store's
+/// keys; renaming one waits until what it holds has expired.
+async fn check_providers_kept(
+    store: &dyn crate::store::Store,
+    config: &crate::config::Config,
+) -> anyhow::Result<()> {
+    let held = store.unexpired_holdings(crate::model::now()).await?;
+    let missing: Vec<String> = held
+        .iter()
+        .filter(|h| !config.providers.contains_key(&h.provider))
+        .map(|h| {
+            let until = h
+                .until
+                .format(&time::format_description::well_known::Rfc3339)
+                .unwrap_or_else(|_| h.until.to_string());
+            let mut what = Vec::new();
+            if h.live_leases > 0 {
+                what.push(format!("{} live lease(s)", h.live_leases));
+            }
+            if h.revocations > 0 {
+                what.push(format!(
+                    "{} revocation(s) its local CA still serves",
+                    h.revocations
+                ));
+            }
+            format!(
+                "provider `{}` is not configured, but the store holds {} of it until {until}",
+                h.provider,
+                what.join(" and ")
+            )
+        })
+        .collect();
+    if missing.is_empty() {
+        return Ok(());
+    }
+    anyhow::bail!(
+        "{}: those could be neither revoked nor checked. Configure it again under the same name (a renamed provider must keep its name while it holds anything), or start after that time",
+        missing.join("; ")
+    )
 }

@@ -58,6 +58,18 @@ pub struct AuditFilter {
 }
 
 /// A lease the revocation queue should attempt now.
+/// What the store holds of one provider that has not expired yet: leases
+/// that may still be working credentials, and revocations a local CA's
+/// shared list still serves.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ProviderHoldings {
+    pub provider: String,
+    pub live_leases: i64,
+    pub revocations: i64,
+    /// When the last of them expires.
+    pub until: OffsetDateTime,
+}
+
 #[derive(Debug, Clone)]
 pub struct DueRevocation {
     pub lease: Lease,
@@ -221,6 +233,10 @@ pub trait Store: Send + Sync + 'static {
         after: Option<(i64, String)>,
         limit: u32,
     ) -> StoreResult<Vec<Lease>>;
+    /// Per provider, sorted by name: the live leases (pending, active,
+    /// revoking, expiring) and shared revocation-list entries that have not
+    /// expired by `now`.
+    async fn unexpired_holdings(&self, now: OffsetDateTime) -> StoreResult<Vec<ProviderHoldings>>;
     async fn get_fence(&self, id: &str) -> StoreResult<Option<FenceRecord>>;
     /// Fences, oldest first.
     async fn list_fences(&self, filter: &FenceFilter) -> StoreResult<Vec<FenceRecord>>;

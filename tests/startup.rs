@@ -285,3 +285,70 @@ async fn a_bad_worker_count_is_refused_by_name_and_a_good_one_serves() {
         child.kill().await.unwrap();
     }
 }
+
+/// Provider names are the store's keys: a provider still holding live
+/// credentials cannot be renamed (or removed) away, so none is left that
+/// could be neither revoked nor checked. Once what it holds has ended,
+/// the rename starts; on SQLite the CA's revocation list is its file, kept
+/// across the rename, while on PostgreSQL it is kept by name, so a rename
+/// still waits for the revoked credentials to expire.
+#[tokio::test]
+async fn a_provider_still_holding_credentials_is_not_renamed_away() {
+    use common::store::{Engine, engine};
+    let mut b = TestBroker::start().await;
+    let agent = TestAgent::new("renamed", "ES256");
+    b.register(&agent, "platform").await;
+    let s = b.token(&agent).await;
+    let cred = b.x509(&s.token, Some(600)).await;
+    let cert = cred["credential"]["certificate"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    b.stop_gracefully().await;
+
+    let config = b.dir.join("keygate.toml");
+    let original = std::fs::read_to_string(&config).unwrap();
+    let renamed = original
+        .replace("[providers.ca]", "[providers.ca2]")
+        .replace(r#"provider = "ca""#, r#"provider = "ca2""#);
+    assert!(renamed.contains("[providers.ca2]") && !renamed.contains(r#"provider = "ca""#));
+    std::fs::write(&config, &renamed).unwrap();
+    let err = refused(&b).await;
+    assert!(
+        err.contains(
+            "provider `ca` is not configured, but the store holds 1 live lease(s) of it until"
+        ) && err.contains("under the same name"),
+        "{err}"
+    );
+
+    // Back under its name, nothing was lost: the lease is there to end.
+    std::fs::write(&config, &original).unwrap();
+    b.start_again().await;
+    b.complete(&s.token).await.expect(200);
+    let lease = cred["lease_id"].as_str().unwrap();
+    assert_eq!(b.lease_state(lease).await, "revoked");
+    b.stop_gracefully().await;
+
+    std::fs::write(&config, &renamed).unwrap();
+    match engine() {
+        Engine::Sqlite => {
+            b.start_again().await;
+            let v = b
+                .post(
+                    "/v1/providers/ca2/verify",
+                    None,
+                    &serde_json::json!({ "x509_svid": cert }),
+                )
+                .await
+                .expect(200);
+            assert_eq!(v["reason"], "revoked", "the renamed CA still lists it: {v}");
+        }
+        Engine::Postgres => {
+            let err = refused(&b).await;
+            assert!(
+                err.contains("provider `ca` is not configured, but the store holds 1 revocation(s) its local CA still serves"),
+                "{err}"
+            );
+        }
+    }
+}

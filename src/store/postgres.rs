@@ -374,6 +374,37 @@ impl Store for PostgresStore {
         .collect()
     }
 
+    async fn unexpired_holdings(
+        &self,
+        now: OffsetDateTime,
+    ) -> StoreResult<Vec<super::ProviderHoldings>> {
+        // The shared local-CA revocation lists live here too, by name.
+        let rows = sqlx::query(
+            "SELECT provider, sum(live)::bigint AS live, sum(revoked)::bigint AS revoked, \
+             max(until) AS until FROM ( \
+               SELECT provider, count(*) AS live, 0 AS revoked, max(expires_at) AS until \
+               FROM leases WHERE state IN ('pending', 'active', 'revoking', 'expiring') \
+               AND expires_at > $1 GROUP BY provider \
+               UNION ALL \
+               SELECT provider, 0, count(*), max(expires_at) FROM ca_revocations \
+               WHERE expires_at > $1 GROUP BY provider \
+             ) held GROUP BY provider ORDER BY provider",
+        )
+        .bind(crate::model::unix(now))
+        .fetch_all(&self.read)
+        .await?;
+        rows.iter()
+            .map(|r| {
+                Ok(super::ProviderHoldings {
+                    provider: r.try_get("provider")?,
+                    live_leases: r.try_get("live")?,
+                    revocations: r.try_get("revoked")?,
+                    until: crate::model::from_unix(r.try_get("until")?),
+                })
+            })
+            .collect()
+    }
+
     async fn get_fence(&self, id: &str) -> StoreResult<Option<FenceRecord>> {
         fences::get(&self.read, id).await
     }

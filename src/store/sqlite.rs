@@ -15,6 +15,7 @@ mod current;
 mod fences;
 mod findings;
 mod group;
+mod lease_reads;
 mod read_batches;
 mod reads;
 mod reviews;
@@ -437,21 +438,14 @@ impl Store for SqliteStore {
         after: Option<(i64, String)>,
         limit: u32,
     ) -> StoreResult<Vec<Lease>> {
-        let (at, id) = after.unwrap_or((i64::MIN, String::new()));
-        sqlx::query(
-            "SELECT * FROM leases WHERE state = 'active' AND expires_at <= ?1 \
-             AND (expires_at > ?2 OR (expires_at = ?2 AND id > ?3)) \
-             ORDER BY expires_at, id LIMIT ?4",
-        )
-        .bind(unix(now))
-        .bind(at)
-        .bind(id)
-        .bind(i64::from(limit))
-        .fetch_all(&mut *self.read.get().await?)
-        .await?
-        .iter()
-        .map(lease_from_row)
-        .collect()
+        lease_reads::expired_active(&mut *self.read.get().await?, now, after, limit).await
+    }
+
+    async fn unexpired_holdings(
+        &self,
+        now: OffsetDateTime,
+    ) -> StoreResult<Vec<super::ProviderHoldings>> {
+        lease_reads::unexpired_holdings(&mut *self.read.get().await?, now).await
     }
 
     async fn get_fence(&self, id: &str) -> StoreResult<Option<FenceRecord>> {
