@@ -448,3 +448,76 @@ async fn keys_are_cached_and_unknown_kids_refresh_at_most_once_per_floor() {
     exchange(&b, &token(&new, &new.kid)).await.expect(200);
     assert_eq!(hits.load(SeqCst), 3, "the rotated set is cached too");
 }
+
+/// Each issuer's `ca_file` vouches for that issuer only: a JWKS endpoint
+/// presenting a certificate of another issuer's private CA (someone who
+/// holds one, in the middle) is not trusted for this issuer's keys.
+#[tokio::test]
+async fn one_issuers_ca_file_does_not_vouch_for_another_issuer() {
+    let dir = std::env::temp_dir().join(format!("keygate-fedca-{}", uuid::Uuid::new_v4()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let a = common::https::TestPki::new("issuer a private ca");
+    let b_ca = common::https::TestPki::new("issuer b private ca");
+    std::fs::write(dir.join("a.pem"), &a.ca_pem).unwrap();
+    std::fs::write(dir.join("b.pem"), &b_ca.ca_pem).unwrap();
+    // One JWKS endpoint with issuer A's certificate, holding the key that
+    // signs both issuers' tokens below.
+    let (key_pem, public) = keygate::identity::generate_agent_key("ES256").unwrap();
+    let jwks = json!({ "keys": [public.jwk] });
+    let app = axum::Router::new().route(
+        "/jwks",
+        axum::routing::get(move || {
+            let jwks = jwks.clone();
+            async move { axum::Json(jwks) }
+        }),
+    );
+    let tcp = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let jwks_url = format!("https://{}/jwks", tcp.local_addr().unwrap());
+    let _server = common::https::serve(tcp, app, a.server_config());
+    let issuer = |name: &str, ca: &str| {
+        format!(
+            "[[federation.issuers]]\nname = \"{name}\"\nissuer = \"https://{name}.issuer.test\"\naudience = \"{AUDIENCE}\"\nalgorithms = [\"ES256\"]\njwks_url = \"{jwks_url}\"\nca_file = \"{}\"\n",
+            dir.join(ca).display()
+        )
+    };
+    let b = TestBroker::start_with(Setup {
+        extra_config: format!("{}{}", issuer("a", "a.pem"), issuer("b", "b.pem")),
+        ..Setup::permissive()
+    })
+    .await;
+    let token_of = |iss: &str, sub: &str| {
+        let mut header = jsonwebtoken::Header::new(jsonwebtoken::Algorithm::ES256);
+        header.kid = Some(public.kid.clone());
+        let key = jsonwebtoken::EncodingKey::from_ec_pem(
+            secrecy::ExposeSecret::expose_secret(&key_pem).as_bytes(),
+        )
+        .unwrap();
+        let c = claims(json!({
+            "iss": format!("https://{iss}.issuer.test"), "sub": sub,
+            "iat": unix_now(), "exp": unix_now() + 300,
+        }));
+        jsonwebtoken::encode(&header, &c, &key).unwrap()
+    };
+    for (name, iss) in [("fed-a", "a"), ("fed-b", "b")] {
+        let agent = TestAgent::new(name, "ES256");
+        let mut spec = agent.spec("platform");
+        spec["jwks"] = json!({ "keys": [] });
+        spec["federated"] = json!({ "issuer": iss, "subject": format!("{name}-workload") });
+        b.admin_post("/v1/agents", &spec).await.expect(201);
+    }
+
+    // Issuer A's own CA vouches for its endpoint: its token opens a task.
+    let r = exchange(&b, &token_of("a", "fed-a-workload")).await;
+    assert_eq!(r.status, 200, "{}", r.text);
+    // Issuer B's CA does not sign that endpoint's certificate: B's keys
+    // cannot be had there, so nothing is opened, retryably.
+    let r = exchange(&b, &token_of("b", "fed-b-workload")).await;
+    assert_eq!(r.status, 503, "{}", r.text);
+    assert_eq!(r.json()["error"], "temporarily_unavailable", "{}", r.text);
+    assert!(
+        r.text.contains("issuer `b`: keys unavailable"),
+        "{}",
+        r.text
+    );
+    let _ = std::fs::remove_dir_all(&dir);
+}

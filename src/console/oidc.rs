@@ -59,7 +59,8 @@ async fn endpoints(b: &AppState, i: &TrustedIssuer) -> Result<(String, String), 
     );
     let doc: serde_json::Value = b
         .federation
-        .http()
+        .http(i)
+        .map_err(|e| Box::new(unavailable("discovery", &e)))?
         .get(&url)
         .send()
         .await
@@ -211,14 +212,11 @@ pub async fn callback(
             Err(e) => return unavailable("the client secret", &e),
         }
     }
-    let answer: serde_json::Value = match b
-        .federation
-        .http()
-        .post(&token_endpoint)
-        .form(&form)
-        .send()
-        .await
-    {
+    let http = match b.federation.http(i) {
+        Ok(h) => h,
+        Err(e) => return unavailable("the token endpoint", &e),
+    };
+    let answer: serde_json::Value = match http.post(&token_endpoint).form(&form).send().await {
         Ok(r) if r.status().is_success() => match r.json().await {
             Ok(v) => v,
             Err(e) => return unavailable("the token endpoint", &e),

@@ -87,7 +87,10 @@ fn no_such_key(i: &TrustedIssuer, kid: Option<&str>) -> AuthError {
 /// The trusted issuers and their key caches.
 pub struct Federation {
     issuers: Vec<TrustedIssuer>,
-    http: reqwest::Client,
+    /// One client per issuer, trusting the system roots and that issuer's
+    /// own `ca_file` only: one issuer's private CA must not vouch for
+    /// another issuer's keys or its token endpoint.
+    http: HashMap<String, reqwest::Client>,
     cache: HashMap<String, IssuerKeys>,
 }
 
@@ -127,16 +130,34 @@ impl Federation {
                 }
             }
         }
-        let mut builder = reqwest::Client::builder()
-            .timeout(Duration::from_secs(10))
-            .redirect(reqwest::redirect::Policy::none());
+        let builder = || {
+            reqwest::Client::builder()
+                .timeout(Duration::from_secs(10))
+                .redirect(reqwest::redirect::Policy::none())
+        };
+        // Issuers without a `ca_file` share one client (connections too).
+        let shared = builder().build()?;
+        let mut http = HashMap::new();
         for i in &issuers {
-            if let Some(ca) = &i.ca_file {
-                let pem = std::fs::read(ca).map_err(|e| {
-                    anyhow::anyhow!("federation issuer `{}`: `{}`: {e}", i.name, ca.display())
-                })?;
-                builder = builder.add_root_certificate(reqwest::Certificate::from_pem(&pem)?);
-            }
+            let client = match &i.ca_file {
+                Some(ca) => {
+                    let in_file = |e: &dyn std::fmt::Display| {
+                        anyhow::anyhow!("federation issuer `{}`: `{}`: {e}", i.name, ca.display())
+                    };
+                    let pem = std::fs::read(ca).map_err(|e| in_file(&e))?;
+                    let roots =
+                        reqwest::Certificate::from_pem_bundle(&pem).map_err(|e| in_file(&e))?;
+                    if roots.is_empty() {
+                        return Err(in_file(&"no PEM certificate in it"));
+                    }
+                    roots
+                        .into_iter()
+                        .fold(builder(), reqwest::ClientBuilder::add_root_certificate)
+                        .build()?
+                }
+                None => shared.clone(),
+            };
+            http.insert(i.name.clone(), client);
         }
         let cache = issuers
             .iter()
@@ -144,7 +165,7 @@ impl Federation {
             .collect();
         Ok(Self {
             issuers,
-            http: builder.build()?,
+            http,
             cache,
         })
     }
@@ -155,9 +176,11 @@ impl Federation {
         self.issuers.iter().find(|i| i.name == name)
     }
 
-    /// The client that talks to the issuers (their extra roots included).
-    pub fn http(&self) -> &reqwest::Client {
-        &self.http
+    /// The client that talks to issuer `i` (its own extra roots only).
+    pub fn http(&self, i: &TrustedIssuer) -> Result<&reqwest::Client, AuthError> {
+        self.http
+            .get(&i.name)
+            .ok_or_else(|| AuthError::Unavailable(format!("issuer `{}` is not configured", i.name)))
     }
 
     pub fn trusts_issuer_url(&self, iss: &str) -> bool {
@@ -181,7 +204,7 @@ impl Federation {
                     i.issuer.trim_end_matches('/')
                 );
                 let doc: serde_json::Value = self
-                    .http
+                    .http(i)?
                     .get(&discovery)
                     .send()
                     .await
@@ -197,7 +220,7 @@ impl Federation {
             }
         };
         let mut resp = self
-            .http
+            .http(i)?
             .get(&url)
             .send()
             .await

@@ -8,10 +8,8 @@
 
 use std::path::{Path, PathBuf};
 use std::process::Stdio;
-use std::sync::Arc;
 use std::time::Duration;
 
-use rcgen::{BasicConstraints, CertificateParams, DnType, IsCa, Issuer, KeyPair};
 use serde_json::{Value, json};
 use tokio::io::{AsyncBufReadExt, BufReader};
 use tokio::process::Child;
@@ -45,36 +43,6 @@ pub const READER_TOKEN_SECS: u64 = 1200;
 pub const WI_ISSUER: &str = "https://oidc.cluster.test";
 pub const WI_SUBJECT: &str = "system:serviceaccount:keygate:broker";
 pub const WI_AUDIENCE: &str = "api://AzureADTokenExchange";
-
-/// The test CA and the server certificate both stand-ins present.
-struct TestPki {
-    ca_pem: String,
-    server_cert_pem: String,
-    server_cert_der: Vec<u8>,
-    server_key_pem: String,
-    server_key_der: Vec<u8>,
-}
-
-fn test_pki() -> TestPki {
-    let ca_key = KeyPair::generate().unwrap();
-    let mut ca = CertificateParams::new(Vec::<String>::new()).unwrap();
-    ca.is_ca = IsCa::Ca(BasicConstraints::Unconstrained);
-    ca.distinguished_name
-        .push(DnType::CommonName, "keygate azure test ca");
-    let ca_cert = ca.self_signed(&ca_key).unwrap();
-    let issuer = Issuer::new(ca, ca_key);
-    let key = KeyPair::generate().unwrap();
-    let params =
-        CertificateParams::new(vec!["127.0.0.1".to_owned(), "localhost".to_owned()]).unwrap();
-    let cert = params.signed_by(&key, &issuer).unwrap();
-    TestPki {
-        ca_pem: ca_cert.pem(),
-        server_cert_pem: cert.pem(),
-        server_cert_der: cert.der().to_vec(),
-        server_key_pem: key.serialize_pem(),
-        server_key_der: key.serialize_der(),
-    }
-}
 
 /// The Entra token endpoint stand-in; killed on drop.
 pub struct TokenServer {
@@ -142,7 +110,7 @@ impl AzurePeers {
         let dir =
             std::env::temp_dir().join(format!("keygate-azure-{}", uuid::Uuid::new_v4().simple()));
         std::fs::create_dir_all(&dir).unwrap();
-        let pki = test_pki();
+        let pki = super::https::TestPki::new("keygate azure test ca");
         let ca_file = dir.join("ca.pem");
         std::fs::write(&ca_file, &pki.ca_pem).unwrap();
         std::fs::write(dir.join("server.pem"), &pki.server_cert_pem).unwrap();
@@ -176,14 +144,8 @@ impl AzurePeers {
             .timeout(Duration::from_secs(30))
             .build()
             .unwrap();
-        let tls = rustls::ServerConfig::builder()
-            .with_no_client_auth()
-            .with_single_cert(
-                vec![pki.server_cert_der.clone().into()],
-                rustls::pki_types::PrivateKeyDer::Pkcs8(pki.server_key_der.clone().into()),
-            )
-            .unwrap();
-        let graph = GraphFake::start(Arc::new(tls), &http, &token.jwks_url(), &token.issuer).await;
+        let tls = pki.server_config();
+        let graph = GraphFake::start(tls, &http, &token.jwks_url(), &token.issuer).await;
         graph.add_app(APP_OBJECT);
         Self {
             dir,

@@ -12,10 +12,8 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use std::collections::BTreeMap;
-use std::net::SocketAddr;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
 
 use axum::Router;
 use axum::extract::{Path, Query, State};
@@ -27,10 +25,8 @@ use jsonwebtoken::{Algorithm, DecodingKey, Validation};
 use serde_json::{Value, json};
 use time::OffsetDateTime;
 use time::format_description::well_known::Rfc3339;
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpListener;
 use tokio::sync::Notify;
-use tokio_rustls::TlsAcceptor;
-use tokio_rustls::server::TlsStream;
 
 /// One password credential of an application, as the fake keeps it.
 #[derive(Debug, Clone)]
@@ -153,13 +149,7 @@ impl GraphFake {
             .route("/v1.0/applications/{id}", get(get_application))
             .route("/v1.0/applications/{id}/{action}", post(application_action))
             .with_state(Arc::clone(&state));
-        let listener = TlsListener {
-            tcp,
-            acceptor: TlsAcceptor::from(tls),
-        };
-        let server = tokio::spawn(async move {
-            axum::serve(listener, app).await.unwrap();
-        });
+        let server = super::https::serve(tcp, app, tls);
         Self {
             url: format!("{resource}/v1.0"),
             resource,
@@ -451,32 +441,4 @@ fn remove_password(s: &FakeState, id: &str, body: &str) -> Response {
         );
     }
     StatusCode::NO_CONTENT.into_response()
-}
-
-/// A TCP listener that completes the TLS handshake before handing the
-/// connection to axum.
-struct TlsListener {
-    tcp: TcpListener,
-    acceptor: TlsAcceptor,
-}
-
-impl axum::serve::Listener for TlsListener {
-    type Io = TlsStream<TcpStream>;
-    type Addr = SocketAddr;
-
-    async fn accept(&mut self) -> (Self::Io, Self::Addr) {
-        loop {
-            let Ok((tcp, addr)) = self.tcp.accept().await else {
-                continue;
-            };
-            let handshake = self.acceptor.accept(tcp);
-            if let Ok(Ok(tls)) = tokio::time::timeout(Duration::from_secs(5), handshake).await {
-                return (tls, addr);
-            }
-        }
-    }
-
-    fn local_addr(&self) -> std::io::Result<Self::Addr> {
-        self.tcp.local_addr()
-    }
 }

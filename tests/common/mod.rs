@@ -15,6 +15,7 @@ pub mod config;
 pub mod example;
 pub mod governance;
 mod graph_fake;
+pub mod https;
 pub mod oidc;
 pub mod peers;
 pub mod postgres;
