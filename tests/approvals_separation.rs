@@ -2,8 +2,9 @@
 //! after the request was made answers for the agent too, a request asked
 //! in a delegated task is every delegator's, so the highest risk tier on
 //! the chain sets the quorum and no delegator's sponsor approves it alone,
-//! a risk tier raised while it waits raises its quorum, and an approval
-//! counts only while whoever gave it still may decide.
+//! a risk tier raised while it waits (the agent's or a delegator's) raises
+//! its quorum, and an approval counts only while whoever gave it still may
+//! decide.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use crate::approvals::{SIGNING_SECRET, ask, decide, world, world_with};
@@ -21,8 +22,9 @@ when { resource.provider == "ca" && principal.risk_tier == 3 };
 
 /// `orchestrator` (tier `tier`, sponsored by `owner@keygate.test`, the
 /// operator `owner`) delegates `any-approver` to a tier-1 sub-agent with a
-/// sponsor of its own; the sub-agent's child-task token.
-async fn delegated(b: &TestBroker, prefix: &str, tier: u8) -> String {
+/// sponsor of its own; the sub-agent's child-task token and the
+/// orchestrator's id.
+async fn delegated(b: &TestBroker, prefix: &str, tier: u8) -> (String, String) {
     let sub = TestAgent::new(&format!("{prefix}-sub"), "ES256");
     let mut spec = sub.spec("platform");
     spec["risk_tier"] = json!(1);
@@ -38,7 +40,10 @@ async fn delegated(b: &TestBroker, prefix: &str, tier: u8) -> String {
         .exchange(&parent.token, &sub, Some("any-approver"), None)
         .await;
     assert_eq!(r.status, 200, "{}", r.text);
-    r.json()["access_token"].as_str().unwrap().to_owned()
+    (
+        r.json()["access_token"].as_str().unwrap().to_owned(),
+        orch.id,
+    )
 }
 
 /// `operator` may not approve `id` alone: separation of duties.
@@ -54,13 +59,13 @@ async fn a_delegated_request_is_approved_as_its_highest_delegator_would_be() {
     let (b, ap) = (&w.b, &w.ap);
 
     // A tier-1 sub-agent asking for a tier-3 orchestrator: tier 3's quorum.
-    let token = delegated(b, "t3", 3).await;
+    let (token, _) = delegated(b, "t3", 3).await;
     let id = ask(b, &token, "any-approver").await;
     let a = b.admin_get(&format!("/v1/approvals/{id}")).await;
     assert_eq!(a["required"], 2, "{a}");
 
     // The orchestrator's sponsor may not be the only approver.
-    let token = delegated(b, "t1", 1).await;
+    let (token, _) = delegated(b, "t1", 1).await;
     let id = ask(b, &token, "any-approver").await;
     refused_alone(b, &ap.owner, &id).await;
     let v = decide(b, &ap.carol, &id, "approve").await.expect(200);
@@ -151,6 +156,68 @@ async fn a_risk_tier_raised_while_a_request_waits_raises_its_bar() {
         "{v}"
     );
     let v = decide(b, &ap.bob, &id, "approve").await.expect(200);
+    assert_eq!(v["state"], "approved", "{v}");
+}
+
+/// The chain as it is at the decision: a delegator raised to tier 3 while
+/// its sub-agent's request waits raises the request's quorum and sends it
+/// to Keygate, as a tier raised on the agent itself does.
+#[tokio::test]
+async fn a_delegators_tier_raised_while_a_request_waits_raises_its_bar() {
+    let w = world_with(
+        "[approvals]\nconfirm_in_api_tiers = [3]\n",
+        &[("tier3.cedar", PERMIT_TIER_3)],
+    )
+    .await;
+    let (b, ap) = (&w.b, &w.ap);
+    let (token, orch) = delegated(b, "draised", 1).await;
+    let id = ask(b, &token, "any-approver").await;
+    let a = b.admin_get(&format!("/v1/approvals/{id}")).await;
+    assert_eq!(
+        (&a["required"], &a["confirm_in_api"]),
+        (&json!(1), &json!(false)),
+        "{a}"
+    );
+    b.patch_agent(&orch, &json!({ "risk_tier": 3 }))
+        .await
+        .expect(200);
+    let click = click_body("UALICE", "keygate_approve", &id, &w.slack.response_url(3));
+    let v = post_click(b, &click, Some(SIGNING_SECRET), unix_now())
+        .await
+        .expect(200);
+    assert!(
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("must be decided in Keygate")),
+        "{v}"
+    );
+    let v = decide(b, &ap.alice, &id, "approve").await.expect(200);
+    assert_eq!(
+        v["state"], "pending",
+        "one approval granted a request a tier-3 delegator answers for: {v}"
+    );
+    assert_eq!(
+        (&v["required"], &v["confirm_in_api"]),
+        (&json!(2), &json!(true)),
+        "{v}"
+    );
+    let v = decide(b, &ap.bob, &id, "approve").await.expect(200);
+    assert_eq!(v["state"], "approved", "{v}");
+}
+
+/// A delegator's sponsor named after its sub-agent's request was made may
+/// not approve that request alone either.
+#[tokio::test]
+async fn a_delegators_sponsor_named_meanwhile_cannot_approve_alone() {
+    let w = world("").await;
+    let (b, ap) = (&w.b, &w.ap);
+    let (token, orch) = delegated(b, "dsponsor", 1).await;
+    let id = ask(b, &token, "any-approver").await;
+    b.patch_agent(&orch, &json!({ "sponsor": "carol" }))
+        .await
+        .expect(200);
+    refused_alone(b, &ap.carol, &id).await;
+    let v = decide(b, &ap.alice, &id, "approve").await.expect(200);
     assert_eq!(v["state"], "approved", "{v}");
 }
 

@@ -59,8 +59,9 @@ impl Broker {
     }
 
     /// The quorum and whether Slack may decide, for credential approval `a`
-    /// with its agent's risk tier as it is now: never lower than when it was
-    /// asked (a scope's own `approvals` stands as set).
+    /// with the risk tiers of its agent and, in a delegated task, of every
+    /// delegator as they are now: never lower than when it was asked (a
+    /// scope's own `approvals` stands as set).
     async fn approval_bar_now(&self, a: &Approval) -> BrokerResult<(u32, bool)> {
         let agent = match a.kind {
             ApprovalKind::Credential => self.store.get_agent(&a.agent_id).await?,
@@ -69,8 +70,11 @@ impl Broker {
         let Some(agent) = agent else {
             return Ok((a.required, a.confirm_in_api));
         };
+        let mut tiers = vec![agent.risk_tier];
+        tiers.extend(self.delegators_now(a).await?.iter().map(|d| d.risk_tier));
+        let top = tiers.iter().copied().max().unwrap_or(agent.risk_tier);
         let cfg = &self.config.approvals;
-        let tier = usize::from(agent.risk_tier.clamp(1, 3)) - 1;
+        let tier = usize::from(top.clamp(1, 3)) - 1;
         let explicit = a
             .scope
             .as_deref()
@@ -80,8 +84,25 @@ impl Broker {
             Some(_) => a.required,
             None => a.required.max(cfg.quorum_by_tier[tier]),
         };
-        let confirm = a.confirm_in_api || cfg.confirm_in_api_tiers.contains(&agent.risk_tier);
+        let confirm =
+            a.confirm_in_api || tiers.iter().any(|t| cfg.confirm_in_api_tiers.contains(t));
         Ok((required, confirm))
+    }
+
+    /// The delegators of credential approval `a`'s task, as they are now
+    /// (none for a task the agent opened itself).
+    async fn delegators_now(&self, a: &Approval) -> BrokerResult<Vec<crate::model::Agent>> {
+        let task = match (&a.kind, a.task_id.as_deref()) {
+            (ApprovalKind::Credential, Some(id)) => self.store.get_task(id).await?,
+            _ => None,
+        };
+        let mut out = Vec::new();
+        for id in task.iter().flat_map(|t| &t.chain) {
+            if let Some(d) = self.store.get_agent(id).await? {
+                out.push(d);
+            }
+        }
+        Ok(out)
     }
 
     /// Whether `operator`'s earlier approval of `a` still counts towards
@@ -200,6 +221,12 @@ impl Broker {
             // sponsor a held change would name, a delegated request's
             // delegators' and those of every agent a policy set widens.
             let now_sponsor = self.store.get_agent(&a.agent_id).await?.map(|g| g.sponsor);
+            let delegators_now: Vec<String> = self
+                .delegators_now(&a)
+                .await?
+                .into_iter()
+                .map(|d| d.sponsor)
+                .collect();
             // A policy set's widened agents, as they are now.
             let mut widened_now = Vec::new();
             for w in a.request["widened"].as_array().into_iter().flatten() {
@@ -220,6 +247,7 @@ impl Broker {
                 .flatten()
                 .chain(listed)
                 .chain(widened_now.iter().map(String::as_str))
+                .chain(delegators_now.iter().map(String::as_str))
                 .collect();
             let sponsor_of = |o: &OperatorConfig| sponsors.iter().any(|s| Self::is_sponsor(o, s));
             let others = counted.iter().any(|d| {
