@@ -409,3 +409,55 @@ async fn lifting_an_exclusion_waits_for_approval() {
     assert_eq!(ev.len(), 1, "{ev:?}");
     assert_eq!(ev[0]["details"]["approval"], approval.as_str(), "{ev:?}");
 }
+
+/// A held lift of an exclusion is granted only on the agent as it was when
+/// asked: suspended meanwhile, the grant is refused (409) and the scope
+/// stays excluded, until the agent is active again; a decommissioned
+/// agent's exclusions are its record, never lifted.
+#[tokio::test]
+async fn a_held_lift_of_an_exclusion_applies_only_to_the_agent_as_asked() {
+    let b = TestBroker::start_with(Setup {
+        extra_config: PROVISIONING.into(),
+        ..Setup::default()
+    })
+    .await;
+    let agent = TestAgent::new("liftsusp", "ES256");
+    let id = register_in(&b, &agent, "platform").await;
+    decide(&b, &id, "approve").await.expect(200);
+    let path = format!("/v1/agents/{}/exclusions", agent.id);
+    let (exclusion, lifted) = (
+        json!({ "scope": "x509-svid", "reason": "not needed" }),
+        json!({ "reason": "needed again" }),
+    );
+    let lift_path = format!("{path}/x509-svid");
+    let exclude = || b.admin_post(&path, &exclusion);
+    exclude().await.expect(200);
+    let lift = || {
+        b.call(
+            reqwest::Method::DELETE,
+            &lift_path,
+            Some(&b.ops.admin),
+            Some(&lifted),
+        )
+    };
+    let held = lift().await.expect(202);
+    let approval_id = held["approval"]["id"].as_str().unwrap().to_owned();
+
+    admin(&b, &agent.id, "suspend").await.expect(200);
+    let r = decide(&b, &approval_id, "approve").await;
+    assert_eq!(r.status, 409, "{}", r.text);
+    assert!(r.text.contains("suspended now, not active"), "{}", r.text);
+    assert_eq!(approval(&b, &approval_id).await["state"], "pending");
+    assert!(b.audit("action=agent.scope_included").await.is_empty());
+
+    // Active again, as asked: the grant applies.
+    admin(&b, &agent.id, "resume").await.expect(200);
+    decide(&b, &approval_id, "approve").await.expect(200);
+    assert_eq!(b.audit("action=agent.scope_included").await.len(), 1);
+
+    exclude().await.expect(200);
+    admin(&b, &agent.id, "decommission").await.expect(200);
+    let r = lift().await;
+    assert_eq!(r.status, 409, "{}", r.text);
+    assert!(r.text.contains("decommissioned"), "{}", r.text);
+}

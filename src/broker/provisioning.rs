@@ -82,30 +82,14 @@ impl Broker {
                 }
             }
             ("update", ApprovalState::Approved) => {
-                let Some(mut agent) = self.store.get_agent(&a.agent_id).await? else {
-                    return Err(BrokerError::NotFound(format!("no agent `{}`", a.agent_id)));
-                };
-                if agent.status == AgentStatus::Decommissioned {
-                    return Err(BrokerError::Conflict(format!(
-                        "agent `{}` is decommissioned; the change cannot apply",
-                        a.agent_id
-                    )));
-                }
-                let update: super::agents::AgentUpdate =
-                    serde_json::from_value(a.request["update"].clone())
-                        .map_err(|e| BrokerError::Internal(format!("stored change: {e}")))?;
                 // Applied to the agent as it is now, so judged as it is now:
                 // in the state it was asked in, and widening it no further
                 // than the approvers saw (changes applied meanwhile, each
                 // harmless alone, may make this one reach more).
-                if let Some(asked) = a.request["status"].as_str()
-                    && asked != agent.status.as_str()
-                {
-                    return Err(BrokerError::Conflict(format!(
-                        "agent `{}` is {} now, not {asked} as when this change was asked; ask again",
-                        a.agent_id, agent.status
-                    )));
-                }
+                let mut agent = self.agent_as_asked(a).await?;
+                let update: super::agents::AgentUpdate =
+                    serde_json::from_value(a.request["update"].clone())
+                        .map_err(|e| BrokerError::Internal(format!("stored change: {e}")))?;
                 let before = agent.clone();
                 update.apply(&mut agent)?;
                 // A sponsor who left since the change was asked is no
@@ -147,6 +131,8 @@ impl Broker {
                 .await?;
             }
             ("include", ApprovalState::Approved) => {
+                // Not on an agent suspended (or decommissioned) since.
+                self.agent_as_asked(a).await?;
                 let scope = a.request["scope"].as_str().unwrap_or_default();
                 let reason = a.request["reason"].as_str().unwrap_or_default();
                 // Lifted meanwhile by other means: nothing left to do.
@@ -156,6 +142,29 @@ impl Broker {
             _ => {}
         }
         Ok(())
+    }
+
+    /// The agent held change `a` is for, if it is still in the state the
+    /// change was asked in (and not decommissioned): else 409, ask again.
+    async fn agent_as_asked(&self, a: &Approval) -> BrokerResult<Agent> {
+        let Some(agent) = self.store.get_agent(&a.agent_id).await? else {
+            return Err(BrokerError::NotFound(format!("no agent `{}`", a.agent_id)));
+        };
+        if agent.status == AgentStatus::Decommissioned {
+            return Err(BrokerError::Conflict(format!(
+                "agent `{}` is decommissioned; the change cannot apply",
+                a.agent_id
+            )));
+        }
+        if let Some(asked) = a.request["status"].as_str()
+            && asked != agent.status.as_str()
+        {
+            return Err(BrokerError::Conflict(format!(
+                "agent `{}` is {} now, not {asked} as when this change was asked; ask again",
+                a.agent_id, agent.status
+            )));
+        }
+        Ok(agent)
     }
 
     /// Cancels the agent's open provisioning approvals (it left `pending`, or

@@ -103,6 +103,11 @@ impl Broker {
         reason: &str,
     ) -> BrokerResult<Option<Approval>> {
         let agent = self.agent(agent_id).await?;
+        if agent.status == AgentStatus::Decommissioned {
+            return Err(BrokerError::Conflict(format!(
+                "agent `{agent_id}` is decommissioned; its record cannot change"
+            )));
+        }
         if agent.exclusion(scope).is_none() {
             return Err(BrokerError::NotFound(format!(
                 "agent `{agent_id}` has no standing exclusion of scope `{}`",
