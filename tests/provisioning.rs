@@ -461,3 +461,31 @@ async fn a_held_lift_of_an_exclusion_applies_only_to_the_agent_as_asked() {
     assert_eq!(r.status, 409, "{}", r.text);
     assert!(r.text.contains("decommissioned"), "{}", r.text);
 }
+
+/// The same held change asked again while it waits (an `apply` run twice,
+/// a retried PATCH) is the same approval, not a second one an approver
+/// could grant after another denied the first; a different change, or the
+/// same one asked after the first was decided, is a request of its own.
+#[tokio::test]
+async fn a_held_change_asked_again_is_the_same_approval() {
+    let b = start(Vec::new()).await;
+    let agent = TestAgent::new("again", "ES256");
+    let id = register_pending(&b, &agent).await;
+    decide(&b, &id, "approve").await.expect(200);
+    let tier = json!({ "risk_tier": 1 });
+    let first = patch(&b, &agent.id, tier.clone()).await.expect(202);
+    let first = first["approval"]["id"].as_str().unwrap().to_owned();
+    let again = patch(&b, &agent.id, tier.clone()).await.expect(202);
+    assert_eq!(again["approval"]["id"], first.as_str(), "{again}");
+    assert_eq!(open_approvals(&b, &agent.id).await.len(), 1);
+
+    let other = patch(&b, &agent.id, json!({ "may_assert_users": true }))
+        .await
+        .expect(202);
+    assert_ne!(other["approval"]["id"], first.as_str(), "{other}");
+    assert_eq!(open_approvals(&b, &agent.id).await.len(), 2);
+
+    decide(&b, &first, "deny").await.expect(200);
+    let after = patch(&b, &agent.id, tier).await.expect(202);
+    assert_ne!(after["approval"]["id"], first.as_str(), "{after}");
+}

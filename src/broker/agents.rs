@@ -278,10 +278,27 @@ impl Broker {
         let change =
             serde_json::to_value(&update).map_err(|e| BrokerError::Internal(e.to_string()))?;
         let identity = identity_changes(&before, &after);
-        let mut tx = self.store.begin().await?;
-        if (!widened.is_empty() || !identity.is_empty())
-            && self.config.provisioning.require_approval
+        let held = (!widened.is_empty() || !identity.is_empty())
+            && self.config.provisioning.require_approval;
+        // The same change asked again while it waits (an `apply` run
+        // twice) is the same request, not a second one to decide.
+        if held
+            && let Some(waiting) = self
+                .waiting_provisioning(id, |r| {
+                    r["change"] == "update"
+                        && r["update"] == change
+                        && r["status"] == before.status.as_str()
+                })
+                .await?
         {
+            return Ok(Registered {
+                agent: before,
+                approval: Some(waiting),
+                widened_scopes: widened,
+            });
+        }
+        let mut tx = self.store.begin().await?;
+        if held {
             let mut what = Vec::new();
             if !widened.is_empty() {
                 what.push(format!("widens it to: {}", widened.join(", ")));

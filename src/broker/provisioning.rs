@@ -144,6 +144,26 @@ impl Broker {
         Ok(())
     }
 
+    /// The agent's provisioning approval still waiting whose request `same`
+    /// recognises (a change asked again is answered with it).
+    pub(crate) async fn waiting_provisioning(
+        &self,
+        agent_id: &str,
+        same: impl Fn(&serde_json::Value) -> bool,
+    ) -> BrokerResult<Option<Approval>> {
+        Ok(self
+            .store
+            .list_approvals(&crate::model::ApprovalFilter {
+                kind: Some(ApprovalKind::Provisioning),
+                state: Some(ApprovalState::Pending),
+                agent: Some(agent_id.to_owned()),
+                ..Default::default()
+            })
+            .await?
+            .into_iter()
+            .find(|a| same(&a.request)))
+    }
+
     /// The agent held change `a` is for, if it is still in the state the
     /// change was asked in (and not decommissioned): else 409, ask again.
     async fn agent_as_asked(&self, a: &Approval) -> BrokerResult<Agent> {

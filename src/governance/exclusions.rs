@@ -7,7 +7,7 @@
 
 use crate::audit::{Actor, AuditEvent};
 use crate::broker::{Broker, BrokerError, BrokerResult};
-use crate::model::{Agent, AgentStatus, Approval, ApprovalKind, ApprovalState, Exclusion, now};
+use crate::model::{Agent, AgentStatus, Approval, Exclusion, now};
 use crate::store::{LeaseSelector, StoreTx};
 
 use super::people::{Departure, Person, normalize};
@@ -157,16 +157,10 @@ impl Broker {
         reason: &str,
     ) -> BrokerResult<Approval> {
         let waiting = self
-            .store
-            .list_approvals(&crate::model::ApprovalFilter {
-                kind: Some(ApprovalKind::Provisioning),
-                state: Some(ApprovalState::Pending),
-                agent: Some(agent.id.clone()),
-                ..Default::default()
+            .waiting_provisioning(&agent.id, |r| {
+                r["change"] == "include" && r["scope"] == scope
             })
-            .await?
-            .into_iter()
-            .find(|a| a.request["change"] == "include" && a.request["scope"] == scope);
+            .await?;
         if let Some(a) = waiting {
             return Ok(a);
         }
