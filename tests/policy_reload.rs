@@ -365,6 +365,15 @@ async fn a_widening_reload_waits_for_provisioning_approval_and_a_stale_one_is_re
     assert_eq!(r.status, 409, "{}", r.text);
     assert!(r.text.contains("changed since it was asked"), "{}", r.text);
     assert_eq!(hash(&b).await, moved);
+    let refused = b.admin_get(&format!("/v1/approvals/{stale}")).await;
+    assert_eq!(refused["state"], "cancelled", "{refused}");
+    let approved = b.audit("action=approval.approved").await;
+    assert!(
+        approved
+            .iter()
+            .all(|e| e["details"]["approval"] != stale.as_str()),
+        "a set that did not apply was recorded approved: {approved:?}"
+    );
 }
 
 #[tokio::test]

@@ -125,6 +125,13 @@ async fn a_held_set_survives_its_agents_grant_and_is_asked_again_when_it_would_w
     let unseen = format!("{} gains jwt-svid", late.id);
     assert!(r.text.contains(&unseen), "{}", r.text);
     assert_eq!(hash(&b).await, before);
+    // Never recorded as approved: the set that could not apply is cancelled.
+    let refused = b.admin_get(&format!("/v1/approvals/{set}")).await;
+    assert_eq!(refused["state"], "cancelled", "{refused}");
+    assert!(
+        refused["end_reason"].as_str().unwrap().contains(&unseen),
+        "{refused}"
+    );
     assert_eq!(jwt_svid(&b, &late).await.status, 403);
     // Reloaded again: a new approval that shows both.
     let r = b

@@ -41,6 +41,24 @@ impl Broker {
             .await
     }
 
+    /// Why held policy set `a` cannot be granted now, if it cannot: checked
+    /// before its grant is recorded, so a set that would not become active
+    /// is never recorded as approved.
+    pub(crate) async fn policy_grant_refusal(
+        &self,
+        a: &crate::model::Approval,
+    ) -> BrokerResult<Option<String>> {
+        let files: BTreeMap<String, String> = serde_json::from_value(a.request["files"].clone())
+            .map_err(|e| BrokerError::Internal(format!("stored policy set: {e}")))?;
+        let old = self.policy.current();
+        if let Some(why) = base_moved(a, old.hash()) {
+            return Ok(Some(why));
+        }
+        let (candidate, _) = self.candidate_files(Some(&files))?;
+        let diff = self.diff_against(&old, &candidate).await?;
+        Ok(grant_refusal(a, old.hash(), &diff))
+    }
+
     /// Several replicas: when another one made a different set active,
     /// makes it this one's too, and revokes what it no longer permits that
     /// this replica issued before it followed (the other replica's own scan
@@ -116,35 +134,18 @@ impl Broker {
         let old = self.policy.current();
         let mut diff = self.diff_against(&old, &candidate).await?;
         let new_hash = candidate.hash().to_owned();
+        // Asked again under the reload lock: a reload may have slipped in
+        // since the grant's own check (`policy_grant_refusal`).
         if let Some(a) = approved
-            && a.request["from_hash"].as_str() != Some(old.hash())
+            && let Some(why) = grant_refusal(a, old.hash(), &diff)
         {
             let why = format!(
-                "approval `{}` is granted, but the active policy set changed since it was asked (it was compared with {}, the active set is {}): nothing changed; reload again",
-                a.id,
-                short(a.request["from_hash"].as_str().unwrap_or_default()),
-                short(old.hash())
+                "approval `{}` is granted, but {why}: nothing changed; reload again",
+                a.id
             );
             self.audit_alone(AuditEvent::new(actor, "policy.reload_refused").failure(why.clone()))
                 .await?;
             return Err(BrokerError::Conflict(why));
-        }
-        // Agents changed since it was asked (moved, registered, an
-        // exclusion lifted) may gain under this set what the approvers were
-        // not shown: that is asked again, not granted.
-        if let Some(a) = approved {
-            let unseen = unseen_gains(a, &diff);
-            if !unseen.is_empty() {
-                let why = format!(
-                    "agents changed since it was asked: under this set {} too, which the approvers were not shown; nothing changed: reload again",
-                    unseen.join("; ")
-                );
-                self.audit_alone(
-                    AuditEvent::new(actor, "policy.reload_refused").failure(why.clone()),
-                )
-                .await?;
-                return Err(BrokerError::Conflict(why));
-            }
         }
         if approved.is_none()
             && self.config.provisioning.require_approval
@@ -425,6 +426,41 @@ impl Broker {
 
 /// What agents gain under `diff` that held approval `a` did not show its
 /// approvers, as "agent gains scope".
+/// Why held policy set `a` cannot be made active over the set `active_hash`
+/// with `diff` (the set against it), if it cannot: the active set is no
+/// longer the one it was compared with, or agents changed since it was
+/// asked (moved, registered, an exclusion lifted) gain under it what the
+/// approvers were not shown. Either is asked again, not granted.
+fn grant_refusal(
+    a: &crate::model::Approval,
+    active_hash: &str,
+    diff: &PolicyDiff,
+) -> Option<String> {
+    if let Some(why) = base_moved(a, active_hash) {
+        return Some(why);
+    }
+    let unseen = unseen_gains(a, diff);
+    (!unseen.is_empty()).then(|| {
+        format!(
+            "agents changed since it was asked: under this set {} too, which the approvers were not shown",
+            unseen.join("; ")
+        )
+    })
+}
+
+/// The first half of [`grant_refusal`]: the active set is not the one `a`
+/// was compared with.
+fn base_moved(a: &crate::model::Approval, active_hash: &str) -> Option<String> {
+    let from = a.request["from_hash"].as_str().unwrap_or_default();
+    (from != active_hash).then(|| {
+        format!(
+            "the active policy set changed since it was asked (it was compared with {}, the active set is {})",
+            short(from),
+            short(active_hash)
+        )
+    })
+}
+
 fn unseen_gains(a: &crate::model::Approval, diff: &PolicyDiff) -> Vec<String> {
     let shown = |agent: &str, scope: &str| {
         a.request["widened"].as_array().is_some_and(|w| {

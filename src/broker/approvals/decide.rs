@@ -144,6 +144,28 @@ impl Broker {
                 "operator `{operator}` is not an approver"
             )));
         }
+        // A policy set that could not become active is never recorded as
+        // approved: one its approvers would grant over a base that moved
+        // on, or under which agents changed since gain what they were not
+        // shown, is cancelled instead (reload again for a fresh one). Asked
+        // before the transaction: the diff probes every agent.
+        if req.decision == Verdict::Approve
+            && let Some(a) = self.store.get_approval(id).await?
+            && a.state == ApprovalState::Pending
+            && a.kind == ApprovalKind::Provisioning
+            && a.request["change"] == "policy"
+            && let Some(why) = self.policy_grant_refusal(&a).await?
+        {
+            let mut tx = self.store.begin().await?;
+            let actor = Actor::Operator(operator.to_owned());
+            self.cancel_approval(&mut *tx, &actor, &a, &format!("not granted: {why}"))
+                .await?;
+            tx.commit().await?;
+            self.notifier.wake();
+            return Err(BrokerError::Conflict(format!(
+                "approval `{id}` cannot be granted: {why}; it is cancelled and nothing changed: reload again for a fresh approval"
+            )));
+        }
         let t = now();
         let mut tx = self.store.begin().await?;
         let a = tx
