@@ -144,6 +144,8 @@ when { context.ttl <= 60 };
         text.contains("Review in Keygate") && !text.contains("keygate_approve"),
         "{text}"
     );
+    // The button opens the console's page of this approval.
+    assert!(text.contains(&format!("/ui/approvals/{id}")), "{text}");
     let click = click_body("UALICE", "keygate_approve", &id, &w.slack.response_url(3));
     let v = post_click(b, &click, Some(SIGNING_SECRET), unix_now())
         .await

@@ -170,6 +170,16 @@ async fn an_auditor_filters_the_registry_and_verifies_the_audit_chain() {
     br.sign_in(&base(&b), &b.ops.auditor).await;
     br.goto(&format!("{}/ui/agents", base(&b))).await;
     assert!(br.text("p.count").await.starts_with("2 of 2"));
+    // The environments offered are the registry's own.
+    for (env, offered) in [
+        ("dev", true),
+        ("test", true),
+        ("prod", true),
+        ("staging", false),
+    ] {
+        let css = format!("#environment option[value='{env}']");
+        assert_eq!(br.has(&css).await, offered, "{env}");
+    }
     br.client
         .find(Locator::Css("#team"))
         .await

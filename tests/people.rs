@@ -6,6 +6,7 @@
 
 use crate::common;
 
+use common::console::ConsoleClient;
 use common::governance::{DAY, SPONSOR, compliance, exec, issue, start, sweep};
 use common::{TestAgent, TestBroker};
 use serde_json::json;
@@ -52,6 +53,14 @@ async fn a_departed_sponsor_orphans_the_agent_after_five_business_days() {
     let (status, page) = ConsoleClient::try_sign_in(&b, &people.olga).await;
     assert_eq!(status, 401, "{page}");
     assert!(page.contains("departed on"), "{page}");
+    // Audited as at the API: by name, from her address.
+    let refused = b.audit("action=operator.auth").await;
+    let at_console = refused
+        .iter()
+        .find(|e| e.to_string().contains("no longer signs in"))
+        .unwrap_or_else(|| panic!("the console refusal was not audited: {refused:?}"));
+    assert_eq!(at_console["details"]["source"], "127.0.0.1", "{at_console}");
+    assert!(at_console.to_string().contains("olga"), "{at_console}");
     let c = compliance(&b, &agent.id).await;
     let i = issue(&c, "sponsor_departed").expect("sponsor_departed");
     assert_eq!(i["action"], "suspend", "{c}");
@@ -233,82 +242,6 @@ async fn a_console_session_follows_the_operators_config_across_a_restart() {
     assert!(page.contains("not an operator"), "{page}");
     assert_eq!(olga.get(&b, "/ui/audit").await.0, 403);
     assert_eq!(olga.get(&b, "/ui").await, (200, None));
-}
-
-/// An operator's console session over plain HTTP (no browser needed to
-/// see where the console sends it).
-struct ConsoleClient {
-    http: reqwest::Client,
-    cookie: String,
-}
-
-impl ConsoleClient {
-    fn http() -> reqwest::Client {
-        reqwest::Client::builder()
-            .redirect(reqwest::redirect::Policy::none())
-            .build()
-            .unwrap()
-    }
-
-    /// Posts the sign-in form as the sign-in page set it up: the status,
-    /// and the session cookie or the page.
-    async fn post_sign_in(b: &TestBroker, token: &str) -> (u16, Result<String, String>) {
-        let http = Self::http();
-        let page = http.get(b.url("/ui/login")).send().await.unwrap();
-        let login = page.headers()["set-cookie"].to_str().unwrap();
-        let login = login.split(';').next().unwrap().to_owned();
-        let nonce = login.split_once('=').unwrap().1.to_owned();
-        let r = http
-            .post(b.url("/ui/login"))
-            .header("cookie", &login)
-            .form(&[("token", token), ("login_csrf", &nonce), ("next", "/ui")])
-            .send()
-            .await
-            .unwrap();
-        let status = r.status().as_u16();
-        let session = r
-            .headers()
-            .get_all("set-cookie")
-            .iter()
-            .filter_map(|c| c.to_str().ok())
-            .find(|c| c.starts_with("keygate_console="))
-            .map(|c| c.split(';').next().unwrap().to_owned());
-        match session {
-            Some(c) => (status, Ok(c)),
-            None => (status, Err(r.text().await.unwrap())),
-        }
-    }
-
-    async fn sign_in(b: &TestBroker, token: &str) -> Self {
-        let (status, cookie) = Self::post_sign_in(b, token).await;
-        assert_eq!(status, 303, "{cookie:?}");
-        Self {
-            http: Self::http(),
-            cookie: cookie.unwrap(),
-        }
-    }
-
-    /// A refused sign-in: its status and page.
-    async fn try_sign_in(b: &TestBroker, token: &str) -> (u16, String) {
-        let (status, page) = Self::post_sign_in(b, token).await;
-        (status, page.expect_err("signed in"))
-    }
-
-    /// A console page: its status and where it redirects.
-    async fn get(&self, b: &TestBroker, path: &str) -> (u16, Option<String>) {
-        let r = self
-            .http
-            .get(b.url(path))
-            .header("cookie", &self.cookie)
-            .send()
-            .await
-            .unwrap();
-        let location = r
-            .headers()
-            .get("location")
-            .map(|l| l.to_str().unwrap().to_owned());
-        (r.status().as_u16(), location)
-    }
 }
 
 /// Rotating an operator's token (a new `token_sha256` in config, then a

@@ -74,7 +74,8 @@ pub async fn list(State(b): State<AppState>, v: Viewer, Query(f): Query<Filters>
             (select("team", "Team", &f.team, &teams))
             (select("status", "State", &f.status, &["pending", "active", "suspended", "decommissioned"]))
             (select("tier", "Risk tier", &f.tier, &["1", "2", "3"]))
-            (select("environment", "Environment", &f.environment, &["dev", "staging", "prod"]))
+            (select("environment", "Environment", &f.environment,
+                &crate::model::Environment::ALL.iter().map(|e| e.as_str()).collect::<Vec<_>>()))
             (select("issue", "Compliance issue", &f.issue, &[
                 "no_sponsor", "sponsor_departed", "review_due", "review_overdue", "dormant",
                 "unused_scope", "long_ttl", "credential_expired", "key_rotation_due",

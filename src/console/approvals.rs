@@ -21,24 +21,38 @@ use crate::server::AppState;
 /// Who reads approvals (as `GET /v1/approvals`).
 const READERS: &[Role] = &[Role::Approver, Role::Admin, Role::Secops, Role::Auditor];
 
+/// How many pending approvals the list shows (the newest).
+const PENDING_SHOWN: u32 = 500;
+
 /// `GET /ui/approvals`: pending first, then the last decided.
 pub async fn list(State(b): State<AppState>, v: Viewer) -> Response {
     if let Err(r) = v.require(READERS) {
         return *r;
     }
-    let all = match b
-        .store
-        .list_approvals(&ApprovalFilter {
-            limit: Some(200),
-            ..ApprovalFilter::default()
-        })
-        .await
-    {
-        Ok(a) => a,
-        Err(e) => return broker_error(&v, e.into()),
+    // Pending ones read on their own: however many were decided since, an
+    // old one still waiting is listed.
+    let filter = |state: Option<ApprovalState>, limit: u32| ApprovalFilter {
+        state,
+        limit: Some(limit),
+        ..ApprovalFilter::default()
     };
-    let (pending, decided): (Vec<_>, Vec<_>) =
-        all.iter().partition(|a| a.state == ApprovalState::Pending);
+    let (pending, recent) = match (
+        b.store
+            .list_approvals(&filter(Some(ApprovalState::Pending), PENDING_SHOWN))
+            .await,
+        b.store
+            .list_approvals(&filter(None, PENDING_SHOWN + 50))
+            .await,
+    ) {
+        (Ok(p), Ok(r)) => (p, r),
+        (Err(e), _) | (_, Err(e)) => return broker_error(&v, e.into()),
+    };
+    let more_pending = pending.len() >= PENDING_SHOWN as usize;
+    let pending: Vec<_> = pending.iter().collect();
+    let decided: Vec<_> = recent
+        .iter()
+        .filter(|a| a.state != ApprovalState::Pending)
+        .collect();
     let table = |list: &[&crate::model::Approval]| {
         html! {
             table {
@@ -65,6 +79,10 @@ pub async fn list(State(b): State<AppState>, v: Viewer) -> Response {
             p.empty { "Nothing waits for a decision." }
         } @else {
             (table(&pending))
+            @if more_pending {
+                p.more { "The newest " (PENDING_SHOWN) " are shown; more wait: "
+                    code { "keygate approvals list" } }
+            }
         }
         h2 { "Recently decided" }
         @if decided.is_empty() {

@@ -181,7 +181,9 @@ pub fn request_message(a: &Approval, channel: &str, public_url: &str) -> serde_j
         when(a.expires_at),
         a.id
     );
-    let link = format!("{public_url}/v1/approvals/{}", a.id);
+    // The console's page, where a person signed in decides it (the API's
+    // URL would answer a browser 401).
+    let link = format!("{public_url}/ui/approvals/{}", a.id);
     let actions = if a.confirm_in_api {
         serde_json::json!([{
             "type": "button",

@@ -12,6 +12,7 @@ pub mod azure;
 pub mod bao_setup;
 pub mod browser;
 pub mod config;
+pub mod console;
 pub mod example;
 pub mod governance;
 mod graph_fake;
