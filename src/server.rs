@@ -4,7 +4,7 @@
 mod admin;
 mod agent;
 mod approvals;
-mod auth;
+pub(crate) mod auth;
 mod error;
 mod governance;
 mod incidents;

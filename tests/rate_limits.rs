@@ -238,6 +238,28 @@ async fn failed_operator_tokens_are_limited_and_audited_in_bursts() {
     // A good token from the same address still works: only failures count.
     b.get("/v1/agents", Some(&b.ops.admin)).await.expect(200);
 
+    // A bad token at the console's sign-in is audited from its address
+    // (a burst of its own: another kind of failure).
+    let login = b.http.get(b.url("/ui/login")).send().await.unwrap();
+    let cookie = login.headers()["set-cookie"].to_str().unwrap();
+    let cookie = cookie.split(';').next().unwrap().to_owned();
+    let nonce = cookie.split_once('=').unwrap().1.to_owned();
+    let r = b
+        .http
+        .post(b.url("/ui/login"))
+        .header("cookie", &cookie)
+        .form(&[("token", "not-a-console-token"), ("login_csrf", &nonce)])
+        .send()
+        .await
+        .unwrap();
+    assert_eq!(r.status(), 401);
+    let fails = b.audit("action=operator.auth").await;
+    let console = fails
+        .iter()
+        .find(|e| e.to_string().contains("console sign-in"))
+        .unwrap_or_else(|| panic!("{fails:?}"));
+    assert_eq!(console["details"]["source"], "127.0.0.1", "{console}");
+
     // The console's sign-in page and form share a limit per address.
     let mut limited = false;
     for _ in 0..10 {

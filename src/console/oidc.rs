@@ -152,6 +152,7 @@ pub struct Callback {
 pub async fn callback(
     State(b): State<AppState>,
     headers: HeaderMap,
+    extensions: axum::http::Extensions,
     Query(q): Query<Callback>,
 ) -> Response {
     let Some(i) = issuer(&b) else {
@@ -261,11 +262,15 @@ pub async fn callback(
     match b.operator_departure(&op.name).await {
         Ok(None) => {}
         Ok(Some(d)) => {
-            return refused(&format!(
+            let why = format!(
                 "Operator `{}` departed on {}.",
                 op.name,
                 d.departed_at.date()
-            ));
+            );
+            let source = crate::server::auth::source_in(&extensions);
+            b.record_operator_auth_failure(source, Some(&op.name), &why)
+                .await;
+            return refused(&why);
         }
         Err(e) => return unavailable("the people directory", &e),
     }

@@ -128,8 +128,10 @@ pub struct LoginForm {
 pub async fn login(
     State(b): State<AppState>,
     headers: HeaderMap,
+    extensions: axum::http::Extensions,
     Form(f): Form<LoginForm>,
 ) -> Response {
+    let source = crate::server::auth::source_in(&extensions);
     let next = safe_next(f.next.as_deref()).to_owned();
     // The form must come from the page that set its cookie.
     let expected = cookie(&headers, LOGIN_COOKIE).unwrap_or_default();
@@ -160,18 +162,26 @@ pub async fn login(
     let Some(op) = crate::server::find_operator(&b, f.token.expose_secret().trim()) else {
         // Sign-ins are limited per address (`limit_by_address`); failures
         // are audited in bursts.
-        b.record_operator_auth_failure(None, None, "unknown operator token at the console sign-in")
-            .await;
+        b.record_operator_auth_failure(
+            source,
+            None,
+            "unknown operator token at the console sign-in",
+        )
+        .await;
         return refuse("That token is not an operator's. Check it and try again.");
     };
     match b.operator_departure(&op.name).await {
         Ok(None) => {}
         Ok(Some(d)) => {
-            return refuse(&format!(
+            let why = format!(
                 "Operator `{}` departed on {}; its token no longer signs in.",
                 op.name,
                 d.departed_at.date()
-            ));
+            );
+            // Audited as the API audits a departed operator's token.
+            b.record_operator_auth_failure(source, Some(&op.name), &why)
+                .await;
+            return refuse(&why);
         }
         Err(e) => {
             tracing::error!(error = %e, "console sign-in: departure check failed");

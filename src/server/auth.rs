@@ -263,8 +263,13 @@ impl FromRequestParts<AppState> for Operator {
 
 /// The address a request came from, when the listener recorded it.
 fn source_of(parts: &Parts) -> Option<std::net::IpAddr> {
-    parts
-        .extensions
+    source_in(&parts.extensions)
+}
+
+/// [`source_of`] from a request's extensions (a handler that also reads
+/// its body takes those).
+pub(crate) fn source_in(extensions: &axum::http::Extensions) -> Option<std::net::IpAddr> {
+    extensions
         .get::<axum::extract::ConnectInfo<super::ClientConn>>()
         .map(|c| c.0.addr.ip())
 }
