@@ -40,3 +40,26 @@ def test_no_secret_in_repr_logs_or_errors(broker, agent_factory, caplog):
         for line in secrets[1].splitlines()[1:-1]:
             assert line not in text
     assert "fields=['" in repr(cred) and "private_key" in repr(cred)
+
+
+def test_a_transport_error_keeps_no_request_behind_it(tmp_path):
+    # The broker goes away mid-task: the error raised for the next call
+    # carries no httpx exception (whose request holds the Authorization
+    # header with the session token), neither as cause nor as context.
+    from conftest import Broker
+
+    b = Broker(tmp_path)
+    pem = b.register("py-transport-secrets")
+    try:
+        with keygate.Agent("py-transport-secrets", key_pem=pem, server=b.url) as agent:
+            task = agent.task("python: broker gone", ttl=600)
+            token = task.token.reveal()
+            b.stop()
+            for call in (lambda: task.credential("x509-svid"), task.complete):
+                with pytest.raises(keygate.TransportError) as e:
+                    call()
+                assert e.value.__cause__ is None and e.value.__context__ is None, repr(e.value.__context__)
+                assert token not in repr(vars(e.value)) and token not in str(e.value)
+    finally:
+        if b.proc.poll() is None:
+            b.stop()

@@ -46,10 +46,14 @@ class AsyncAgent(_Identity):
         await self.aclose()
 
     async def _send(self, method: str, url: str, **kw: Any) -> httpx.Response:
+        # Raised after the except block, not in it: `from None` only hides
+        # httpx's exception, which would stay the error's `__context__` with
+        # the request, its Authorization header and body (a session token).
         try:
             return await self._http.request(method, url, **kw)
         except httpx.HTTPError as e:
-            raise m.transport_error(self.server, e) from None
+            err = m.transport_error(self.server, e)
+        raise err
 
     async def metadata(self) -> m.Metadata:
         if self._meta is None:

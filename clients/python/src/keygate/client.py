@@ -131,10 +131,14 @@ class Agent(_Identity):
         self.close()
 
     def _send(self, method: str, url: str, **kw: Any) -> httpx.Response:
+        # Raised after the except block, not in it: `from None` only hides
+        # httpx's exception, which would stay the error's `__context__` with
+        # the request, its Authorization header and body (a session token).
         try:
             return self._http.request(method, url, **kw)
         except httpx.HTTPError as e:
-            raise m.transport_error(self.server, e) from None
+            err = m.transport_error(self.server, e)
+        raise err
 
     def metadata(self) -> m.Metadata:
         """The broker's RFC 8414 metadata: the token endpoint assertions
