@@ -330,7 +330,8 @@ async fn exec_says_the_broker_was_unreachable_when_its_wait_runs_out() {
     let (mut child, id, mut lines) =
         exec_waiting_up_to(&b, &agent, &key, &[], "touch ran.txt", "4").await;
     b.stop_gracefully().await;
-    let status = tokio::time::timeout(Duration::from_secs(60), child.wait())
+    // The wait runs out, then completing the task is asked again for 30 s.
+    let status = tokio::time::timeout(Duration::from_secs(90), child.wait())
         .await
         .unwrap()
         .unwrap();
@@ -347,6 +348,10 @@ async fn exec_says_the_broker_was_unreachable_when_its_wait_runs_out() {
         "{said}"
     );
     assert!(!b.dir.join("ran.txt").exists(), "the command ran");
+    assert!(
+        said.contains("the broker did not answer; asking again to complete task"),
+        "{said}"
+    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -562,4 +567,110 @@ async fn a_dpop_bound_run_keeps_working_and_its_token_alone_is_refused() {
             .then_some(())
     })
     .await;
+}
+
+/// A refresh waiting for a sensitive scope's new approval does not hold up
+/// the rest: a signal reaches the command at once, the command's exit ends
+/// exec with its code, and the task is completed (it used to wait out the
+/// refresh's approval first, up to `--approval-timeout`).
+#[tokio::test(flavor = "multi_thread")]
+async fn a_refresh_waiting_for_approval_holds_up_no_signal_and_no_exit() {
+    let b = TestBroker::start_with(Setup::default()).await;
+    let (agent, key) = agent(&b, "exec-refwait").await;
+    let script = r#"trap 'echo got-term > term.txt; exit 3' TERM
+        echo started > started.txt
+        while true; do sleep 0.1; done"#;
+    let (mut child, first, _lines) =
+        exec_waiting(&b, &agent, &key, &["--credential-ttl", "6"], script).await;
+    b.post(
+        &format!("/v1/approvals/{first}/decision"),
+        Some(&b.ops.approver),
+        &json!({ "decision": "approve", "reason": "exec test" }),
+    )
+    .await
+    .expect(200);
+    let started = b.dir.join("started.txt");
+    eventually("the command to start", || async {
+        started.exists().then_some(())
+    })
+    .await;
+    // At two thirds of its life the certificate is asked for again, which
+    // waits for a new approval.
+    eventually("the refresh's approval", || async {
+        let pending = b
+            .admin_get(&format!(
+                "/v1/approvals?state=pending&kind=credential&agent={}",
+                agent.id
+            ))
+            .await;
+        pending
+            .as_array()
+            .unwrap()
+            .iter()
+            .any(|a| a["id"] != first.as_str())
+            .then_some(())
+    })
+    .await;
+    let pid = child.id().unwrap().to_string();
+    Command::new("kill")
+        .args(["-TERM", &pid])
+        .status()
+        .await
+        .unwrap();
+    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
+        .await
+        .expect("keygate exec ends with its command, not with the refresh")
+        .unwrap();
+    assert_eq!(status.code(), Some(3));
+    assert!(
+        b.dir.join("term.txt").exists(),
+        "the signal never reached the command"
+    );
+    all_revoked(&b, &agent).await;
+}
+
+/// The command ends while the broker restarts: exec asks again to complete
+/// the task until the broker is back, so its credentials are revoked then,
+/// not left to their TTL.
+#[tokio::test(flavor = "multi_thread")]
+async fn the_task_is_completed_after_a_broker_restart_at_the_commands_exit() {
+    let mut b = TestBroker::start_with(Setup::default()).await;
+    b.listen = b.addr.to_string();
+    let (agent, key) = agent(&b, "exec-endrestart").await;
+    let script = r#"echo started > started.txt
+        while [ ! -f go.txt ]; do sleep 0.1; done"#;
+    let mut child = exec(&b, &agent, &key, &["--scope", "x509-svid"], script)
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
+    let started = b.dir.join("started.txt");
+    eventually("the command to start", || async {
+        started.exists().then_some(())
+    })
+    .await;
+    b.stop_gracefully().await;
+    std::fs::write(b.dir.join("go.txt"), "").unwrap();
+    tokio::time::timeout(Duration::from_secs(30), async {
+        while let Some(line) = lines.next_line().await.unwrap() {
+            if line.contains("the broker did not answer") {
+                return;
+            }
+        }
+        panic!("exec never said it would ask again")
+    })
+    .await
+    .unwrap();
+    b.start_again().await;
+    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+        .await
+        .expect("exec completes the task once the broker is back")
+        .unwrap();
+    let rest = rest_of(&mut lines).await;
+    assert_eq!(status.code(), Some(0), "{rest}");
+    assert!(
+        rest.contains("completed; its credentials are revoked"),
+        "{rest}"
+    );
+    all_revoked(&b, &agent).await;
 }

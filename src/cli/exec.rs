@@ -22,6 +22,7 @@ macro_rules! note {
 pub(crate) use note;
 
 mod env;
+mod refresh;
 mod session;
 
 use std::collections::BTreeMap;
@@ -30,8 +31,8 @@ use std::time::Duration;
 use anyhow::Context;
 use secrecy::ExposeSecret;
 use serde_json::Value;
-use time::OffsetDateTime;
-use time::format_description::well_known::Rfc3339;
+
+use refresh::{Schedule, refresh_all, sleep_until, stamped};
 
 pub use env::{Mapping, var_part, write_private};
 pub use session::{AgentArgs, Refused, Session};
@@ -95,17 +96,67 @@ pub async fn run(args: ExecArgs) -> anyhow::Result<i32> {
     };
     // However the command ended (or failed to start), the task ends and
     // the broker revokes everything it issued.
-    match session.complete().await {
-        Ok(()) => note!(
+    match complete(&session, &mut signals).await {
+        Ok(Completed::Now) => note!(
             "keygate: task {} completed; its credentials are revoked",
             session.task_id
         ),
+        Ok(Completed::Before) => note!(
+            "keygate: task {} had ended already (its ttl, a revocation); its credentials are revoked",
+            session.task_id
+        ),
         Err(e) => note!(
-            "keygate: completing task {} failed ({e}); its ttl will end it",
+            "keygate: completing task {} failed ({e:#}); its ttl will end it",
             session.task_id
         ),
     }
     outcome
+}
+
+/// How long a broker that does not answer (restarting) is asked again to
+/// complete the task.
+const COMPLETE_FOR: Duration = Duration::from_secs(30);
+
+enum Completed {
+    Now,
+    /// The broker no longer knew the session: the task had ended.
+    Before,
+}
+
+/// Completes the task, asking again while the broker does not answer, for
+/// up to [`COMPLETE_FOR`] or until another signal says stop.
+async fn complete(session: &Session, signals: &mut Signals) -> anyhow::Result<Completed> {
+    let deadline = tokio::time::Instant::now() + COMPLETE_FOR;
+    let mut told = false;
+    loop {
+        let e = match session.complete().await {
+            Ok(()) => return Ok(Completed::Now),
+            Err(e) if e.downcast_ref::<Refused>().is_some_and(|r| r.status == 401) => {
+                return Ok(Completed::Before);
+            }
+            Err(e) => e,
+        };
+        let unanswered = e
+            .downcast_ref::<reqwest::Error>()
+            .is_some_and(crate::cli::client::Client::no_answer);
+        if !unanswered || tokio::time::Instant::now() >= deadline {
+            return Err(e);
+        }
+        if !told {
+            note!(
+                "keygate: the broker did not answer; asking again to complete task {} for up to {} s",
+                session.task_id,
+                COMPLETE_FOR.as_secs()
+            );
+            told = true;
+        }
+        tokio::select! {
+            () = tokio::time::sleep(Duration::from_secs(1)) => {}
+            _ = signals.next() => {
+                return Err(e.context("stopped by a signal while the broker did not answer"));
+            }
+        }
+    }
 }
 
 async fn run_in_task(
@@ -155,10 +206,16 @@ async fn run_in_task(
         "USR2" => Some(rustix::process::Signal::USR2),
         _ => None,
     };
+    let mut schedule = Schedule::default();
+    let mut refreshing: Option<std::pin::Pin<Box<dyn Future<Output = _> + Send + '_>>> = None;
     loop {
-        let next = next_refresh(&creds);
+        let next = match refreshing {
+            Some(_) => None,
+            None => schedule.next(&creds),
+        };
         tokio::select! {
             status = child.wait() => {
+                // A refresh still running is dropped with its request.
                 let status = status?;
                 use std::os::unix::process::ExitStatusExt;
                 return Ok(status
@@ -170,98 +227,32 @@ async fn run_in_task(
                 // The command decides what a signal means; it is told.
                 send(pid, sig);
             }
-            () = sleep_until(next) => {
-                let mut changed = false;
-                for (scope, v) in creds.iter_mut() {
-                    if due(v) {
-                        match refresh(session, scope, v, args.credential_ttl, wait).await {
-                            Ok(new) => {
-                                *v = new;
-                                changed = true;
-                            }
-                            Err(e) => note!("keygate: refreshing `{scope}` failed: {e}; retrying"),
-                        }
-                    }
+            () = sleep_until(next), if next.is_some() => {
+                let due = schedule.due(&creds);
+                refreshing = Some(Box::pin(refresh_all(session, due, args.credential_ttl, wait)));
+            }
+            done = async {
+                match refreshing.as_mut() {
+                    Some(f) => f.await,
+                    None => std::future::pending().await,
                 }
-                if changed {
-                    env::materialize(dir.path(), &creds, &args.env)?;
-                    if let Some(s) = refresh_signal {
-                        send(pid, s);
+            } => {
+                refreshing = None;
+                if schedule.settle(&mut creds, done) {
+                    // Not fatal: the command keeps running on what it has
+                    // (its directory may have been removed under it).
+                    match env::materialize(dir.path(), &creds, &args.env) {
+                        Ok(_) => {
+                            if let Some(s) = refresh_signal {
+                                send(pid, s);
+                            }
+                        }
+                        Err(e) => note!("keygate: writing the refreshed credentials failed: {e:#}"),
                     }
                 }
             }
         }
     }
-}
-
-/// A credential's expiry, from its response.
-fn expiry(v: &Value) -> Option<OffsetDateTime> {
-    v["expires_at"]
-        .as_str()
-        .and_then(|s| OffsetDateTime::parse(s, &Rfc3339).ok())
-}
-
-/// Notes when a credential was obtained (`issued_at`, ours), to plan its
-/// refresh.
-fn stamped(mut v: Value) -> Value {
-    if let Ok(now) = OffsetDateTime::now_utc().format(&Rfc3339) {
-        v["issued_at"] = Value::String(now);
-    }
-    v
-}
-
-/// When a credential is due for refresh: two thirds into its life.
-fn refresh_at(v: &Value) -> Option<OffsetDateTime> {
-    let until = expiry(v)?;
-    let issued = v["issued_at"]
-        .as_str()
-        .and_then(|s| OffsetDateTime::parse(s, &Rfc3339).ok())?;
-    let life = (until - issued).max(time::Duration::seconds(3));
-    Some(until - life / 3)
-}
-
-fn due(v: &Value) -> bool {
-    refresh_at(v).is_some_and(|t| t <= OffsetDateTime::now_utc())
-}
-
-fn next_refresh(creds: &BTreeMap<String, Value>) -> Option<OffsetDateTime> {
-    creds.values().filter_map(refresh_at).min()
-}
-
-async fn sleep_until(at: Option<OffsetDateTime>) {
-    match at {
-        Some(t) => {
-            let left = (t - OffsetDateTime::now_utc()).max(time::Duration::seconds(1));
-            tokio::time::sleep(left.unsigned_abs()).await;
-        }
-        None => std::future::pending().await,
-    }
-}
-
-/// Renews the credential where its backend can, else asks again.
-async fn refresh(
-    session: &Session,
-    scope: &str,
-    v: &Value,
-    ttl: Option<u64>,
-    wait: Duration,
-) -> anyhow::Result<Value> {
-    let lease = v["lease_id"].as_str().unwrap_or_default();
-    let life = match (expiry(v), refresh_at(v)) {
-        (Some(until), Some(at)) => {
-            let third: time::Duration = until - at;
-            (third.whole_seconds() * 3).max(1) as u64
-        }
-        _ => ttl.unwrap_or(300),
-    };
-    if let Some(renewed) = session.renew(lease, ttl.unwrap_or(life)).await?
-        && let Some(e) = renewed.get("expires_at")
-    {
-        let mut v = stamped(v.clone());
-        v["expires_at"] = e.clone();
-        return Ok(v);
-    }
-    Ok(stamped(session.credential(scope, ttl, wait).await?))
 }
 
 fn send(pid: u32, sig: rustix::process::Signal) {

@@ -384,8 +384,9 @@ impl Session {
         Ok(resp.json().await?)
     }
 
-    /// Renews a lease for `increment` seconds; `Ok(None)` when its backend
-    /// cannot renew it (then it must be issued again).
+    /// Renews a lease for `increment` seconds; `Ok(None)` when it must be
+    /// issued again instead: its backend cannot renew it, or it is no
+    /// longer live (expired, released: 409, "request a new credential").
     pub async fn renew(&self, lease_id: &str, increment: u64) -> anyhow::Result<Option<Value>> {
         let resp = self
             .post(&format!("/v1/credentials/{lease_id}/renew"))?
@@ -395,15 +396,11 @@ impl Session {
         if resp.status().is_success() {
             return Ok(Some(resp.json().await?));
         }
-        let status = resp.status();
-        let body: Value = resp.json().await.unwrap_or(Value::Null);
-        if body["error"] == "not_renewable" {
-            return Ok(None);
+        let refused = refusal(resp, &format!("renewing lease {lease_id}")).await;
+        match refused.downcast_ref::<Refused>() {
+            Some(r) if r.code == "not_renewable" || r.status == 409 => Ok(None),
+            _ => Err(refused),
         }
-        bail!(
-            "renewing lease {lease_id}: {status} {}",
-            body["message"].as_str().unwrap_or_default()
-        )
     }
 
     /// Releases (revokes) one credential before the task ends.
