@@ -489,3 +489,45 @@ async fn a_held_change_asked_again_is_the_same_approval() {
     let after = patch(&b, &agent.id, tier).await.expect(202);
     assert_ne!(after["approval"]["id"], first.as_str(), "{after}");
 }
+
+/// A lift of an exclusion waiting for approval does not undo a decision
+/// to exclude the scope made after it was asked (a review's narrowing, an
+/// admin's): that decision cancels it.
+#[tokio::test]
+async fn excluding_again_cancels_a_waiting_lift() {
+    let b = TestBroker::start_with(Setup {
+        extra_config: PROVISIONING.into(),
+        ..Setup::default()
+    })
+    .await;
+    let agent = TestAgent::new("relift", "ES256");
+    let id = register_in(&b, &agent, "platform").await;
+    decide(&b, &id, "approve").await.expect(200);
+    let path = format!("/v1/agents/{}/exclusions", agent.id);
+    let exclusion = json!({ "scope": "x509-svid", "reason": "not needed" });
+    b.admin_post(&path, &exclusion).await.expect(200);
+    let lift = b
+        .call(
+            reqwest::Method::DELETE,
+            &format!("{path}/x509-svid"),
+            Some(&b.ops.admin),
+            Some(&json!({ "reason": "needed again" })),
+        )
+        .await
+        .expect(202);
+    let lift = lift["approval"]["id"].as_str().unwrap().to_owned();
+
+    b.admin_post(
+        &path,
+        &json!({ "scope": "x509-svid", "reason": "review: still not needed" }),
+    )
+    .await
+    .expect(200);
+    let a = approval(&b, &lift).await;
+    assert_eq!(a["state"], "cancelled", "{a}");
+    let r = decide(&b, &lift, "approve").await;
+    assert_eq!(r.status, 409, "{}", r.text);
+    let s = b.token(&agent).await;
+    let r = b.credential(&s.token, "x509-svid", Some(60), None).await;
+    assert_eq!(r.status, 403, "the scope stays excluded: {}", r.text);
+}

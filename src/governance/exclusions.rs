@@ -49,8 +49,32 @@ impl Broker {
             lifted_by: None,
             lifted_at: None,
         };
+        // A lift of this exclusion waiting for approval was asked before
+        // this decision to exclude (a review's narrowing, an admin's): it
+        // must not undo it when granted later.
+        let waiting_lift = self
+            .waiting_provisioning(agent_id, |r| {
+                r["change"] == "include" && r["scope"] == scope
+            })
+            .await?;
         let mut tx = self.store.begin().await?;
+        if let Some(a) = &waiting_lift {
+            self.cancel_approval(
+                &mut *tx,
+                actor,
+                a,
+                &format!(
+                    "the scope was excluded again meanwhile: {}",
+                    exclusion.reason
+                ),
+            )
+            .await?;
+        }
         if !tx.put_exclusion(agent_id, scope, &exclusion).await? {
+            tx.commit().await?;
+            if waiting_lift.is_some() {
+                self.notifier.wake();
+            }
             return Ok(false);
         }
         // Its live leases, found in the same transaction after the
@@ -84,6 +108,9 @@ impl Broker {
         )
         .await?;
         tx.commit().await?;
+        if waiting_lift.is_some() {
+            self.notifier.wake();
+        }
         if !revoked.is_empty() {
             self.leases.wake();
             self.fence_sessions(actor, "exclusion", &revoked).await;
