@@ -506,3 +506,87 @@ async fn the_sweep_schedules_a_review_when_one_falls_due_once() {
         .expect(200);
     assert!(sweep(&b).await.get("scheduled").is_none());
 }
+
+/// A review in one campaign is the agent's review: its items still open
+/// in other campaigns (an automatic one, an older one) close with it, as
+/// cancelled, so none of them later goes overdue on an agent just
+/// attested; a campaign counts them apart from the decided.
+#[tokio::test]
+async fn attesting_an_agent_closes_its_items_in_other_campaigns() {
+    let (b, people) =
+        start("[[lifecycle]]\nname = \"strict\"\noverdue_action = \"suspend\"\ngrace_days = 0\n")
+            .await;
+    let agent = TestAgent::new("rv-twice", "ES256");
+    b.register(&agent, "platform").await;
+    let first = b
+        .admin_post("/v1/reviews", &json!({ "name": "first", "due_days": 7 }))
+        .await
+        .expect(201);
+    let second = b
+        .admin_post("/v1/reviews", &json!({ "name": "second", "due_days": 7 }))
+        .await
+        .expect(201);
+    let item = item_of(&second, &agent.id)["id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    decide(&b, &people.olga, &item, json!({ "decision": "attest" }))
+        .await
+        .expect(200);
+    let view = b.admin_get("/v1/reviews/first").await;
+    assert_eq!(
+        (&view["open"], &view["decided"], &view["cancelled"]),
+        (&json!(0), &json!(0), &json!(1)),
+        "{view}"
+    );
+    let cancelled = b.audit("action=review.cancelled").await;
+    assert!(
+        cancelled[0]["reason"].as_str().unwrap().contains(&item),
+        "{cancelled:?}"
+    );
+
+    // Long past the first campaign's due date: nothing escalates, nothing
+    // is suspended.
+    let cid = first["campaign"]["id"].as_str().unwrap();
+    let past = (common::unix_now() - 10 * DAY).to_string();
+    exec(
+        &b,
+        "UPDATE review_campaigns SET due_at = ? WHERE id = ?",
+        &[&past, cid],
+    )
+    .await;
+    assert_eq!(sweep(&b).await["escalated"], 0);
+    let a = b.admin_get(&format!("/v1/agents/{}", agent.id)).await;
+    assert_eq!(a["status"], "active", "{a}");
+}
+
+/// An overdue item of an agent decommissioned meanwhile is cancelled by
+/// the sweep, not escalated to anyone.
+#[tokio::test]
+async fn an_overdue_item_of_a_retired_agent_is_cancelled_not_escalated() {
+    let (b, _people) = start("").await;
+    let agent = TestAgent::new("rv-gone", "ES256");
+    b.register(&agent, "platform").await;
+    let started = b
+        .admin_post("/v1/reviews", &json!({ "name": "gone", "due_days": 7 }))
+        .await
+        .expect(201);
+    b.admin_post(
+        &format!("/v1/agents/{}/decommission", agent.id),
+        &json!({ "reason": "retired" }),
+    )
+    .await
+    .expect(200);
+    let cid = started["campaign"]["id"].as_str().unwrap();
+    let past = (common::unix_now() - DAY).to_string();
+    exec(
+        &b,
+        "UPDATE review_campaigns SET due_at = ? WHERE id = ?",
+        &[&past, cid],
+    )
+    .await;
+    assert_eq!(sweep(&b).await["escalated"], 0);
+    assert!(b.audit("action=review.escalated").await.is_empty());
+    let view = b.admin_get("/v1/reviews/gone").await;
+    assert_eq!(view["cancelled"], 1, "{view}");
+}

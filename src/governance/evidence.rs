@@ -408,7 +408,10 @@ impl Broker {
                 continue;
             }
             summary.review_items += 1;
-            summary.review_items_decided += usize::from(i.decided_at.is_some());
+            // Cancelled items closed without anyone deciding them.
+            summary.review_items_decided += usize::from(
+                i.decided_at.is_some() && i.state != super::reviews::ReviewState::Cancelled,
+            );
             let decisions: Vec<String> = i
                 .decisions
                 .iter()

@@ -38,7 +38,8 @@ pub enum ReviewState {
     Attested,
     Narrowed,
     Retired,
-    /// The agent was decommissioned by other means before anyone decided.
+    /// Closed without a decision of its own: the agent was decommissioned
+    /// by other means, or reviewed in another item, before anyone decided.
     Cancelled,
 }
 
@@ -144,7 +145,11 @@ pub struct CampaignView {
     #[serde(flatten)]
     pub campaign: Campaign,
     pub open: usize,
+    /// Attested, narrowed or retired.
     pub decided: usize,
+    /// Closed without a decision (the agent decommissioned, or reviewed in
+    /// another item).
+    pub cancelled: usize,
     pub items: Vec<ReviewItem>,
 }
 
@@ -343,14 +348,13 @@ impl Broker {
                 ..ReviewFilter::default()
             })
             .await?;
-        let open = items
-            .iter()
-            .filter(|i| i.state == ReviewState::Open)
-            .count();
+        let count = |s: ReviewState| items.iter().filter(|i| i.state == s).count();
+        let (open, cancelled) = (count(ReviewState::Open), count(ReviewState::Cancelled));
         Ok(CampaignView {
             campaign: c,
             open,
-            decided: items.len() - open,
+            decided: items.len() - open - cancelled,
+            cancelled,
             items,
         })
     }

@@ -309,17 +309,20 @@ impl Broker {
         let mut report = SweepReport::default();
         let all = self.store.list_agents(None, None).await?;
         self.record_departures(&all).await?;
+        let (retired, live): (Vec<&Agent>, Vec<&Agent>) = all
+            .iter()
+            .partition(|a| a.status == AgentStatus::Decommissioned);
+        // Nothing is left to fix on a retired agent: its findings close,
+        // and nobody is asked to review it (before any escalation, so an
+        // overdue item of a retired agent is cancelled, not escalated).
+        for a in retired {
+            self.close_findings(a, "agent decommissioned", &mut report)
+                .await?;
+            self.cancel_reviews(a).await?;
+        }
         report.escalated = self.escalate_reviews(now()).await?;
         let ctx = self.governance_context().await?;
-        for a in &all {
-            if a.status == AgentStatus::Decommissioned {
-                // Nothing is left to fix on a retired agent: its findings
-                // close, and nobody is asked to review it.
-                self.close_findings(a, "agent decommissioned", &mut report)
-                    .await?;
-                self.cancel_reviews(a).await?;
-                continue;
-            }
+        for a in live {
             report.agents += 1;
             self.sweep_agent(a, &ctx, &mut report).await?;
         }
@@ -393,11 +396,21 @@ impl Broker {
                 ..ReviewFilter::default()
             })
             .await?;
+        if open.is_empty() {
+            return Ok(());
+        }
+        let campaigns = self.store.review_campaigns().await?;
         for mut i in open {
             i.state = ReviewState::Cancelled;
             i.decided_at = Some(now());
             let mut tx = self.store.begin().await?;
             tx.save_review_item(&i).await?;
+            // Its Slack message and webhooks learn it is closed.
+            if let Some(c) = campaigns.iter().find(|c| c.id == i.campaign_id) {
+                for n in self.notifier.review_decided(&i, c) {
+                    tx.insert_notification(&n).await?;
+                }
+            }
             tx.audit(
                 AuditEvent::new(&Actor::System, "review.cancelled")
                     .agent(&a.id)
@@ -407,6 +420,7 @@ impl Broker {
             .await?;
             tx.commit().await?;
         }
+        self.notifier.wake();
         Ok(())
     }
 

@@ -174,6 +174,26 @@ impl Broker {
         done: Option<ReviewState>,
         is_sponsor: bool,
     ) -> BrokerResult<ReviewItem> {
+        // The agent's other open items (another campaign, an automatic
+        // one): a review that closes this one is their review too.
+        let others: Vec<ReviewItem> = match done {
+            Some(ReviewState::Attested | ReviewState::Narrowed) => self
+                .store
+                .review_items(&super::ReviewFilter {
+                    agent_id: Some(item.agent_id.clone()),
+                    open_only: true,
+                    ..super::ReviewFilter::default()
+                })
+                .await?
+                .into_iter()
+                .filter(|i| i.id != item.id)
+                .collect(),
+            _ => Vec::new(),
+        };
+        let campaigns = match done {
+            Some(_) => self.store.review_campaigns().await?,
+            None => Vec::new(),
+        };
         let mut tx = self.store.begin().await?;
         let mut cur = tx
             .review_item(&item.id)
@@ -194,6 +214,25 @@ impl Broker {
                 cur.decided_at = Some(t);
                 if matches!(state, ReviewState::Attested | ReviewState::Narrowed) {
                     tx.mark_reviewed(&cur.agent_id, t).await?;
+                    for mut other in others {
+                        other.state = ReviewState::Cancelled;
+                        other.decided_at = Some(t);
+                        tx.save_review_item(&other).await?;
+                        if let Some(c) = campaigns.iter().find(|c| c.id == other.campaign_id) {
+                            for n in self.notifier.review_decided(&other, c) {
+                                tx.insert_notification(&n).await?;
+                            }
+                        }
+                        tx.audit(
+                            AuditEvent::new(actor, "review.cancelled")
+                                .agent(&other.agent_id)
+                                .reason(format!("reviewed in item `{}`", cur.id))
+                                .details(serde_json::json!({
+                                    "campaign": other.campaign_id, "item": other.id,
+                                })),
+                        )
+                        .await?;
+                    }
                 }
                 format!("review.{}", state.as_str())
             }
@@ -201,14 +240,9 @@ impl Broker {
         };
         tx.save_review_item(&cur).await?;
         if done.is_some()
-            && let Some(c) = self
-                .store
-                .review_campaigns()
-                .await?
-                .into_iter()
-                .find(|c| c.id == cur.campaign_id)
+            && let Some(c) = campaigns.iter().find(|c| c.id == cur.campaign_id)
         {
-            for n in self.notifier.review_decided(&cur, &c) {
+            for n in self.notifier.review_decided(&cur, c) {
                 tx.insert_notification(&n).await?;
             }
         }
