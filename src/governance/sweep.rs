@@ -430,6 +430,15 @@ impl Broker {
         ctx: &Context,
         report: &mut SweepReport,
     ) -> BrokerResult<()> {
+        // Judged as it is now, not as listed when the pass began: attested,
+        // given a sponsor or used since, it may have nothing left to act on.
+        let Some(a) = self.store.get_agent(&a.id).await? else {
+            return Ok(());
+        };
+        if a.status == AgentStatus::Decommissioned {
+            return Ok(());
+        }
+        let a = &a;
         let t = now();
         let c = self.compliance_in(a, ctx, t).await?;
         let open = self.store.findings(Some(&a.id), true).await?;
