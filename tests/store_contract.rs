@@ -623,3 +623,27 @@ async fn racing_lease_writes_keep_each_its_fate() {
     );
     verify_chain(&evs, 0, GENESIS_HASH.to_owned()).expect("one unbroken chain");
 }
+
+/// What a rewrite of an agent is decided on: the agent as the transaction
+/// sees it, with what other transactions committed before (a review).
+#[tokio::test]
+async fn a_transaction_reads_the_agent_as_committed() {
+    let (_dir, path) = db_path();
+    let store = open(&path).await;
+    agent_with_tasks(store.as_ref(), &[], &[]).await;
+    let stored = store.get_agent("a1").await.unwrap().unwrap();
+    let mut tx = store.begin().await.unwrap();
+    assert_eq!(tx.agent("a1").await.unwrap().as_ref(), Some(&stored));
+    assert!(tx.agent("nobody").await.unwrap().is_none());
+    tx.commit().await.unwrap();
+
+    let at = keygate::model::now();
+    let mut tx = store.begin().await.unwrap();
+    tx.mark_reviewed("a1", at).await.unwrap();
+    tx.commit().await.unwrap();
+    let mut tx = store.begin().await.unwrap();
+    let seen = tx.agent("a1").await.unwrap().unwrap();
+    tx.commit().await.unwrap();
+    assert_eq!(seen.last_review_at, Some(at));
+    assert_ne!(seen, stored);
+}

@@ -326,6 +326,7 @@ impl Broker {
                 widened_scopes: widened,
             });
         }
+        unchanged_since(&mut *tx, &before).await?;
         tx.update_agent(&after).await?;
         tx.audit(
             AuditEvent::new(actor, "agent.updated")
@@ -550,4 +551,25 @@ pub async fn seed_agents(broker: &Broker, dir: &Path) -> anyhow::Result<usize> {
         .seed_declared(files)
         .await
         .map_err(|e| anyhow::anyhow!("agent seed folder `{}`: {e}", dir.display()))
+}
+
+/// Refuses (409) a rewrite decided on `before` when the agent changed since
+/// it was read (another change, a review's attestation, a suspension):
+/// written over, that change would be undone. Its last use is not a change.
+pub(super) async fn unchanged_since(
+    tx: &mut dyn crate::store::StoreTx,
+    before: &Agent,
+) -> BrokerResult<()> {
+    let same = tx.agent(&before.id).await?.is_some_and(|mut now| {
+        now.last_used_at = before.last_used_at;
+        now == *before
+    });
+    if same {
+        Ok(())
+    } else {
+        Err(BrokerError::Conflict(format!(
+            "agent `{}` changed while this change was being made; read it again and retry",
+            before.id
+        )))
+    }
 }

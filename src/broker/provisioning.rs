@@ -120,6 +120,7 @@ impl Broker {
                     )));
                 }
                 agent.updated_at = t;
+                super::agents::unchanged_since(tx, &before).await?;
                 tx.update_agent(&agent).await?;
                 tx.audit(
                     approval_event(actor, "agent.updated", a).details(serde_json::json!({

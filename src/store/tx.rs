@@ -56,6 +56,9 @@ pub trait StoreTx: Send {
     ) -> StoreResult<()>;
     /// Rewrites an agent's attributes (team, sponsor, tier, labels, keys…).
     async fn update_agent(&mut self, agent: &Agent) -> StoreResult<()>;
+    /// An agent as this transaction sees it, held against other writers
+    /// until it ends (read to decide a rewrite on).
+    async fn agent(&mut self, id: &str) -> StoreResult<Option<Agent>>;
 
     /// Records a client-assertion `jti`; `false` when it was seen before.
     async fn record_jti(

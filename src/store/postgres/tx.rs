@@ -144,6 +144,16 @@ impl StoreTx for PostgresTx {
         agents::update_agent(self, a).await
     }
 
+    async fn agent(&mut self, id: &str) -> StoreResult<Option<Agent>> {
+        sqlx::query("SELECT * FROM agents WHERE id = $1 FOR UPDATE")
+            .bind(id)
+            .fetch_optional(self.conn())
+            .await?
+            .as_ref()
+            .map(crate::store::rows::agent_from_row)
+            .transpose()
+    }
+
     async fn record_jti(
         &mut self,
         agent_id: &str,

@@ -133,6 +133,17 @@ impl StoreTx for SqliteTx {
         agents::update_agent(self, a).await
     }
 
+    async fn agent(&mut self, id: &str) -> StoreResult<Option<Agent>> {
+        // The one writer: nothing else writes until this transaction ends.
+        sqlx::query("SELECT * FROM agents WHERE id = ?")
+            .bind(id)
+            .fetch_optional(self.tx.conn().await?)
+            .await?
+            .as_ref()
+            .map(crate::store::rows::agent_from_row)
+            .transpose()
+    }
+
     async fn record_jti(
         &mut self,
         agent_id: &str,
