@@ -542,3 +542,54 @@ async fn a_sponsor_attests_an_item_assigned_to_her_and_downloads_the_evidence_pa
     assert!(html.contains("Agent identity evidence"), "{html:.200}");
     br.close().await;
 }
+
+/// What is live is listed whatever else there is: a credential that
+/// cannot be revoked (`expiring`) on the Leases page and the agent's page,
+/// and an old live credential behind many newer released ones.
+#[tokio::test]
+async fn every_live_credential_is_listed_expiring_and_old_ones_too() {
+    let b = start().await;
+    let (agent, token) = agent_with_task(&b, "livelist", "platform").await;
+    let old = b.x509(&token, Some(600)).await["lease_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let stuck = b.x509(&token, Some(600)).await["lease_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    // Released, but its backend could not end it (as an AWS session).
+    b.store_exec(
+        "UPDATE leases SET state = 'expiring' WHERE id = ?",
+        &[&stuck],
+    )
+    .await
+    .unwrap();
+    for _ in 0..120 {
+        let id = b.x509(&token, Some(600)).await["lease_id"]
+            .as_str()
+            .unwrap()
+            .to_owned();
+        b.call(
+            reqwest::Method::DELETE,
+            &format!("/v1/credentials/{id}"),
+            Some(&token),
+            None,
+        )
+        .await
+        .expect(200);
+    }
+    let console = common::console::ConsoleClient::sign_in(&b, &b.ops.secops).await;
+    let (status, page) = console.page(&b, "/ui/leases").await;
+    assert_eq!(status, 200, "{page}");
+    let expiring = page.split("<h2>Expiring</h2>").nth(1).unwrap();
+    assert!(
+        expiring.contains(&stuck),
+        "the expiring credential is not listed"
+    );
+    let (status, page) = console.page(&b, &format!("/ui/agents/{}", agent.id)).await;
+    assert_eq!(status, 200, "{page}");
+    let live = page.split("Live credentials").nth(1).unwrap();
+    assert!(live.contains(&old), "the old live credential is hidden");
+    assert!(live.contains(&stuck), "the expiring credential is hidden");
+}

@@ -113,6 +113,9 @@ pub async fn list(State(b): State<AppState>, v: Viewer, Query(f): Query<Filters>
     respond(StatusCode::OK, layout(Some(&v), "Agents", body))
 }
 
+/// How many credentials of each live state an agent's page lists.
+const LIVE_SHOWN: u32 = 200;
+
 /// `GET /ui/agents/{id}`.
 pub async fn show(State(b): State<AppState>, v: Viewer, Path(id): Path<String>) -> Response {
     if let Err(r) = v.require(READERS) {
@@ -126,24 +129,27 @@ pub async fn show(State(b): State<AppState>, v: Viewer, Path(id): Path<String>) 
         Ok(c) => c,
         Err(e) => return broker_error(&v, e),
     };
-    let leases = {
-        b.store
-            .list_leases(&LeaseFilter {
-                agent: Some(id.clone()),
-                limit: Some(100),
-                ..LeaseFilter::default()
-            })
-            .await
-            .unwrap_or_default()
-            .into_iter()
-            .filter(|l| {
-                matches!(
-                    l.state,
-                    LeaseState::Pending | LeaseState::Active | LeaseState::Revoking
-                )
-            })
-            .collect::<Vec<_>>()
-    };
+    // Each live state read on its own: an old live credential is not hidden
+    // behind many newer ended ones, and one that cannot be revoked
+    // (`expiring`) is live until it expires.
+    let mut leases = Vec::new();
+    for state in [
+        LeaseState::Pending,
+        LeaseState::Active,
+        LeaseState::Revoking,
+        LeaseState::Expiring,
+    ] {
+        let filter = LeaseFilter {
+            agent: Some(id.clone()),
+            state: Some(state),
+            limit: Some(LIVE_SHOWN),
+            ..LeaseFilter::default()
+        };
+        match b.store.list_leases(&filter).await {
+            Ok(l) => leases.extend(l),
+            Err(e) => return broker_error(&v, e.into()),
+        }
+    }
     let events = if v.has(&[Role::Admin, Role::Auditor]) {
         recent_events(&b, &id).await
     } else {

@@ -41,20 +41,26 @@ fn lease_table(leases: &[crate::model::Lease]) -> Markup {
     }
 }
 
-/// `GET /ui/leases`: what is live, what is being revoked, and the fences.
+/// How many leases of each state the page lists (the newest).
+const SHOWN: u32 = 500;
+
+/// `GET /ui/leases`: what is live (active, expiring, being issued), what
+/// is being revoked, and the fences.
 pub async fn list(State(b): State<AppState>, v: Viewer) -> Response {
     if let Err(r) = v.require(READERS) {
         return *r;
     }
     let of = |state| LeaseFilter {
         state: Some(state),
-        limit: Some(500),
+        limit: Some(SHOWN),
         ..LeaseFilter::default()
     };
-    let (revoking, active, fences) = match async {
+    let (revoking, active, expiring, pending, fences) = match async {
         Ok::<_, crate::broker::BrokerError>((
             b.store.list_leases(&of(LeaseState::Revoking)).await?,
             b.store.list_leases(&of(LeaseState::Active)).await?,
+            b.store.list_leases(&of(LeaseState::Expiring)).await?,
+            b.store.list_leases(&of(LeaseState::Pending)).await?,
             b.fences(&FenceFilter {
                 active: true,
                 ..FenceFilter::default()
@@ -67,18 +73,43 @@ pub async fn list(State(b): State<AppState>, v: Viewer) -> Response {
         Ok(x) => x,
         Err(e) => return broker_error(&v, e),
     };
+    let more = |list: &[crate::model::Lease], state: &str| {
+        html! {
+            @if list.len() >= SHOWN as usize {
+                p.more { "The newest " (SHOWN) " are shown: "
+                    code { "keygate leases list --all --state " (state) } " lists them all." }
+            }
+        }
+    };
     let body = html! {
         h2 { "Being revoked" }
         @if revoking.is_empty() {
             p.empty { "Nothing is waiting for its provider to confirm a revocation." }
         } @else {
             (lease_table(&revoking))
+            (more(&revoking, "revoking"))
         }
         h2 { "Active" }
         @if active.is_empty() {
-            p.empty { "No credential is live." }
+            p.empty { "No credential is active." }
         } @else {
             (lease_table(&active))
+            (more(&active, "active"))
+        }
+        h2 { "Expiring" }
+        p { "Released or revoked, but their backend cannot end them: they work until they expire." }
+        @if expiring.is_empty() {
+            p.empty { "None." }
+        } @else {
+            (lease_table(&expiring))
+            (more(&expiring, "expiring"))
+        }
+        h2 { "Being issued" }
+        @if pending.is_empty() {
+            p.empty { "None." }
+        } @else {
+            (lease_table(&pending))
+            (more(&pending, "pending"))
         }
         h2 { "Standing fences" }
         @if fences.is_empty() {
