@@ -39,7 +39,9 @@ pub use credentials::{
 pub use fences::{FenceFailure, LiftRequest};
 pub use policy_changes::{OnChange, PolicyDiff, PolicyFiles, PolicyReload};
 pub use renewals::RenewedLease;
-pub use revocations::{MAX_WAIT, RevocationLooks, RevocationReport, RevocationRequest};
+pub use revocations::{
+    MAX_WAIT, RevocationLooks, RevocationPreview, RevocationReport, RevocationRequest,
+};
 pub use sessions::{
     JWT_BEARER_ASSERTION, JWT_BEARER_GRANT, OAuthError, Presented, Session, TOKEN_EXCHANGE,
     TokenRequest, TokenResponse,

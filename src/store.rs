@@ -224,6 +224,8 @@ pub trait Store: Send + Sync + 'static {
     /// credentials: pending, active, revoking, and expiring (released, but
     /// their backend cannot kill them).
     async fn live_leases(&self, selector: &Selector) -> StoreResult<Vec<Lease>>;
+    /// The live leases of these tasks (as [`Store::live_leases`]).
+    async fn live_leases_of_tasks(&self, task_ids: &[String]) -> StoreResult<Vec<Lease>>;
     /// Active leases whose expiry passed by `now` (the reaper's next), in
     /// order of expiry then id, after `after` (the last one's expiry, in
     /// Unix seconds, and id), at most `limit`.

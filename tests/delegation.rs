@@ -566,3 +566,46 @@ async fn an_exclusion_of_the_orchestrator_revokes_what_its_sub_agents_hold_of_it
     let r = b.credential(&child, "x509-svid", Some(300), None).await;
     assert_eq!(r.status, 403, "{}", r.text);
 }
+
+/// The kill switch's confirmation in the console names everything the
+/// switch revokes: on the orchestrator, the credentials its sub-agents hold
+/// in the tasks it delegated too, and their agents.
+#[tokio::test]
+async fn the_kill_switch_preview_names_what_the_delegated_tasks_hold() {
+    let (b, c) = start().await;
+    let parent = b.token(&c.orch).await;
+    let own = b.x509(&parent.token, Some(300)).await["lease_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let child = exchange(&b, &parent.token, &c.sub, None).await;
+    let child = child.json()["access_token"].as_str().unwrap().to_owned();
+    let delegated = b.x509(&child, Some(300)).await["lease_id"]
+        .as_str()
+        .unwrap()
+        .to_owned();
+    let console = common::console::ConsoleClient::sign_in(&b, &b.ops.secops).await;
+    let (status, page) = console
+        .submit(
+            &b,
+            "/ui/kill",
+            "/ui/kill",
+            &[
+                ("by", "agent"),
+                ("target", &c.orch.id),
+                ("reason", "preview"),
+            ],
+        )
+        .await;
+    assert_eq!(status, 200, "{page}");
+    assert!(page.contains(&own) && page.contains(&delegated), "{page}");
+    assert!(page.contains("2 live credentials"), "{page}");
+    assert!(
+        page.contains("2 agents") && page.contains(&c.sub.id),
+        "{page}"
+    );
+    assert!(page.contains("2 open tasks"), "{page}");
+    // A preview changes nothing.
+    assert_eq!(b.lease_state(&delegated).await, "active");
+    b.get("/v1/session", Some(&child)).await.expect(200);
+}

@@ -119,7 +119,61 @@ impl RevocationRequest {
     }
 }
 
+/// What a kill switch would revoke, found without pulling it.
+#[derive(Debug, Clone)]
+pub struct RevocationPreview {
+    /// Every live lease it would revoke: the selector's, and those of the
+    /// tasks it ends (their other providers', their sub-agents').
+    pub leases: Vec<crate::model::Lease>,
+    /// The open tasks it would end, delegated ones included.
+    pub tasks: usize,
+    /// The agents those leases and tasks are of.
+    pub agents: std::collections::BTreeSet<String>,
+}
+
 impl Broker {
+    /// What [`Broker::revoke`] on `selector` would revoke: the tasks it
+    /// would end are found by ending them in a transaction that is then
+    /// rolled back (the same statements, so delegated tasks are counted as
+    /// the switch counts them); nothing changes.
+    pub async fn revocation_preview(&self, selector: &Selector) -> BrokerResult<RevocationPreview> {
+        let tasks = {
+            let mut tx = self.store.begin().await?;
+            let ended = tx
+                .end_tasks(
+                    &TaskSelector::Emergency(selector.clone()),
+                    TaskState::Revoked,
+                    "preview",
+                    now(),
+                )
+                .await?;
+            // Dropped, not committed: rolled back.
+            drop(tx);
+            ended
+        };
+        let mut leases = self.store.live_leases(selector).await?;
+        let seen: std::collections::HashSet<String> = leases.iter().map(|l| l.id.clone()).collect();
+        for l in self.store.live_leases_of_tasks(&tasks).await? {
+            if !seen.contains(&l.id) {
+                leases.push(l);
+            }
+        }
+        let mut agents: std::collections::BTreeSet<String> =
+            leases.iter().map(|l| l.agent_id.clone()).collect();
+        agents.extend(
+            self.store
+                .tasks(&tasks)
+                .await?
+                .into_iter()
+                .map(|t| t.agent_id),
+        );
+        Ok(RevocationPreview {
+            leases,
+            tasks: tasks.len(),
+            agents,
+        })
+    }
+
     /// Ends every matching session and queues every matching live lease.
     pub async fn revoke(
         &self,

@@ -237,20 +237,33 @@ pub async fn kill_preview(
         Ok(s) => s,
         Err(m) => return error_page(Some(&v), StatusCode::BAD_REQUEST, &m),
     };
-    let leases = match b.store.live_leases(&selector).await {
-        Ok(l) => l,
-        Err(e) => return broker_error(&v, e.into()),
+    let crate::broker::RevocationPreview {
+        leases,
+        tasks,
+        agents,
+    } = match b.revocation_preview(&selector).await {
+        Ok(p) => p,
+        Err(e) => return broker_error(&v, e),
     };
-    let agents: std::collections::BTreeSet<&str> =
-        leases.iter().map(|l| l.agent_id.as_str()).collect();
+    let shown = &leases[..leases.len().min(SHOWN as usize)];
     let body = html! {
         p.warn role="alert" {
             "This revokes " strong { (leases.len()) " live credential" @if leases.len() != 1 { "s" } }
             " of " strong { (agents.len()) " agent" @if agents.len() != 1 { "s" } }
-            " (" (selector) ") and ends their open tasks."
+            " (" (selector) ") and ends " strong { (tasks) " open task" @if tasks != 1 { "s" } }
+            ", with every credential of those tasks and of the tasks they delegated."
             @if f.suspend { " The agents are also suspended." }
         }
-        @if !leases.is_empty() { (lease_table(&leases)) }
+        @if !agents.is_empty() {
+            p { "Agents: " @for (i, a) in agents.iter().take(50).enumerate() {
+                @if i > 0 { ", " }
+                a href={ "/ui/agents/" (urlencode(a)) } { (a) }
+            } @if agents.len() > 50 { " and " (agents.len() - 50) " more" } }
+        }
+        @if !leases.is_empty() { (lease_table(shown)) }
+        @if leases.len() > shown.len() {
+            p.more { "The first " (shown.len()) " of " (leases.len()) " are listed." }
+        }
         form.kill method="post" action="/ui/kill/confirm" {
             (kill_fields(&v, &f, true))
             button.danger type="submit" { "Revoke now" }

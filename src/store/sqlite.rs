@@ -432,6 +432,10 @@ impl Store for SqliteStore {
             .collect()
     }
 
+    async fn live_leases_of_tasks(&self, task_ids: &[String]) -> StoreResult<Vec<Lease>> {
+        lease_reads::live_of_tasks(&self.read, task_ids).await
+    }
+
     async fn expired_active_leases(
         &self,
         now: OffsetDateTime,

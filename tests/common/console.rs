@@ -90,4 +90,34 @@ impl ConsoleClient {
             .unwrap();
         (r.status().as_u16(), r.text().await.unwrap())
     }
+
+    /// Posts a console form as its page would (`page`, whose anti-forgery
+    /// token goes with it): the status and body.
+    pub async fn submit(
+        &self,
+        b: &TestBroker,
+        page: &str,
+        action: &str,
+        fields: &[(&str, &str)],
+    ) -> (u16, String) {
+        let (status, html) = self.page(b, page).await;
+        assert_eq!(status, 200, "{html}");
+        let csrf = html
+            .split(r#"name="csrf" value=""#)
+            .nth(1)
+            .and_then(|rest| rest.split('"').next())
+            .unwrap_or_else(|| panic!("no anti-forgery token on {page}"))
+            .to_owned();
+        let mut form: Vec<(&str, &str)> = vec![("csrf", &csrf)];
+        form.extend_from_slice(fields);
+        let r = self
+            .http
+            .post(b.url(action))
+            .header("cookie", &self.cookie)
+            .form(&form)
+            .send()
+            .await
+            .unwrap();
+        (r.status().as_u16(), r.text().await.unwrap())
+    }
 }

@@ -1,11 +1,12 @@
-//! Reads over many leases at once for the reaper and for start-up: the
-//! expired active ones a page at a time, and what each provider still
-//! holds.
+//! Reads over many leases at once: the reaper's expired active ones a page
+//! at a time, what each provider still holds (start-up), and the live ones
+//! of many tasks (a kill switch's preview).
 
-use sqlx::Row;
 use sqlx::sqlite::SqliteConnection;
+use sqlx::{QueryBuilder, Row, Sqlite};
 use time::OffsetDateTime;
 
+use super::reads::Reads;
 use crate::model::{Lease, from_unix, unix};
 use crate::store::rows::lease_from_row;
 use crate::store::{ProviderHoldings, StoreResult};
@@ -59,4 +60,24 @@ pub(super) async fn unexpired_holdings(
             })
         })
         .collect()
+}
+
+/// The live leases of `task_ids`, oldest first within each 500 tasks.
+pub(super) async fn live_of_tasks(reads: &Reads, task_ids: &[String]) -> StoreResult<Vec<Lease>> {
+    let mut out = Vec::new();
+    for chunk in task_ids.chunks(500) {
+        let mut q = QueryBuilder::<Sqlite>::new(
+            "SELECT * FROM leases WHERE state IN ('pending', 'active', 'revoking', 'expiring') \
+             AND task_id IN (",
+        );
+        let mut ids = q.separated(", ");
+        for id in chunk {
+            ids.push_bind(id.clone());
+        }
+        q.push(") ORDER BY created_at, id");
+        for r in q.build().fetch_all(&mut *reads.get().await?).await?.iter() {
+            out.push(lease_from_row(r)?);
+        }
+    }
+    Ok(out)
 }
