@@ -306,3 +306,57 @@ async fn the_evidence_pack_holds_the_periods_records_and_verifies_against_the_au
         String::from_utf8_lossy(&bad.stderr)
     );
 }
+
+/// An ownership change the new owner answers by retiring the agent is
+/// handled in time, as one answered by a review is.
+#[tokio::test]
+async fn an_ownership_change_answered_by_retiring_the_agent_is_in_time() {
+    let b = TestBroker::start_with(Setup::permissive()).await;
+    let moved = TestAgent::new("moved-then-retired", "ES256");
+    b.register(&moved, "platform").await;
+    b.call(
+        reqwest::Method::PATCH,
+        &format!("/v1/agents/{}", moved.id),
+        Some(&b.ops.admin),
+        Some(&json!({ "team": "research" })),
+    )
+    .await
+    .expect(200);
+    b.admin_post(
+        &format!("/v1/agents/{}/decommission", moved.id),
+        &json!({ "reason": "the new team does not need it" }),
+    )
+    .await
+    .expect(200);
+    let today = time::OffsetDateTime::now_utc().date().to_string();
+    let out = b.dir.join("pack");
+    let run = b
+        .cli(
+            &[
+                "evidence",
+                "--from",
+                &today,
+                "--to",
+                &today,
+                "--out",
+                out.to_str().unwrap(),
+            ],
+            Some(&b.ops.auditor),
+        )
+        .await;
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    let records: Value =
+        serde_json::from_slice(&std::fs::read(out.join("deprovisioning.json")).unwrap()).unwrap();
+    let change = records
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|r| r["kind"] == "ownership_change")
+        .unwrap_or_else(|| panic!("{records}"));
+    assert_eq!(change["within_deadline"], true, "{change}");
+    assert!(change["done_at"].is_string(), "{change}");
+}

@@ -166,8 +166,9 @@ impl Broker {
     }
 
     /// The first review of `agent` at or after `t`, from the audit log: a
-    /// campaign item attested or narrowed, or an admin recording a review
-    /// (`last_review_at` in an update).
+    /// campaign item attested, narrowed or retired, an admin recording a
+    /// review (`last_review_at` in an update), or the agent decommissioned
+    /// (the change is answered: nobody uses it any more).
     async fn reviewed_after(
         &self,
         agent: &str,
@@ -175,7 +176,13 @@ impl Broker {
     ) -> BrokerResult<Option<OffsetDateTime>> {
         let until = crate::model::now() + Duration::days(1);
         let mut first: Option<OffsetDateTime> = None;
-        for action in ["review.attested", "review.narrowed", "agent.updated"] {
+        for action in [
+            "review.attested",
+            "review.narrowed",
+            "review.retired",
+            "agent.updated",
+            "agent.decommissioned",
+        ] {
             for e in self.events(action, Some(agent), t, until).await? {
                 if action == "agent.updated" && e.details["update"]["last_review_at"].is_null() {
                     continue;
