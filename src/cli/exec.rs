@@ -196,6 +196,11 @@ async fn run_in_task(
     if args.pass_session {
         cmd.env("KEYGATE_SESSION_TOKEN", session.token().expose_secret());
     }
+    // Told to stop while the files were written: nothing runs.
+    if let Some(sig) = signals.pending() {
+        note!("keygate: stopped by a signal before the command ran; it was not run");
+        return Ok(128 + sig.as_raw());
+    }
     let mut child = cmd
         .spawn()
         .with_context(|| format!("cannot run `{program}`"))?;
