@@ -115,6 +115,23 @@ async fn sdk_refreshes_share_one_task_until_it_ends() {
             0o1777,
             "the directory's mode changed"
         );
+        // A file someone made beforehand where a fixed temporary name
+        // would be is never written into (the session token would be theirs).
+        let planted = shared.join("c2.tmp");
+        std::fs::write(&planted, "planted").unwrap();
+        std::fs::set_permissions(&planted, std::fs::Permissions::from_mode(0o666)).unwrap();
+        let (ok, _, err) = process_cached(&b, &agent, "reports", &shared.join("c2.json")).await;
+        assert!(ok, "{err}");
+        assert_eq!(std::fs::read_to_string(&planted).unwrap(), "planted");
+        assert_eq!(mode_of(&shared.join("c2.json")) & 0o777, 0o600);
+    }
+    // SDK processes starting at once on a cold cache: each gets a session
+    // (their cache writes never share a temporary file).
+    let cold = b.dir.join("cold/c.json");
+    let call = || process_cached(&b, &agent, "reports", &cold);
+    let (one, two, three, four) = tokio::join!(call(), call(), call(), call());
+    for (ok, _, err) in [one, two, three, four] {
+        assert!(ok, "{err}");
     }
 
     // The kill switch ends the task: the next call opens another.

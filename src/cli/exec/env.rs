@@ -109,23 +109,25 @@ fn fields(response: &Value) -> BTreeMap<String, String> {
 }
 
 /// Writes `content` to `path` (0600) through a temporary file renamed over
-/// it, so a reader never sees half a credential.
+/// it, so a reader never sees half a credential. The temporary file is a
+/// new one of a random name (created exclusively, 0600): two writers at
+/// once never share it, and a file someone else made beforehand (in a
+/// shared directory) is never written into.
 pub fn write_private(path: &Path, content: &[u8]) -> anyhow::Result<()> {
     use std::io::Write;
-    let tmp = path.with_extension("tmp");
-    let mut opts = std::fs::OpenOptions::new();
-    opts.write(true).create(true).truncate(true);
-    #[cfg(unix)]
-    {
-        use std::os::unix::fs::OpenOptionsExt;
-        opts.mode(0o600);
-    }
-    let mut f = opts
-        .open(&tmp)
-        .with_context(|| format!("writing `{}`", tmp.display()))?;
-    f.write_all(content)?;
-    f.sync_all()?;
-    std::fs::rename(&tmp, path).with_context(|| format!("writing `{}`", path.display()))?;
+    let dir = path
+        .parent()
+        .filter(|d| !d.as_os_str().is_empty())
+        .unwrap_or(Path::new("."));
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".keygate-")
+        .tempfile_in(dir)
+        .with_context(|| format!("writing into `{}`", dir.display()))?;
+    tmp.write_all(content)?;
+    tmp.as_file().sync_all()?;
+    tmp.persist(path)
+        .map_err(|e| e.error)
+        .with_context(|| format!("writing `{}`", path.display()))?;
     Ok(())
 }
 
