@@ -307,3 +307,37 @@ async fn invalid_files_are_refused_naming_file_and_line_and_change_nothing() {
         "no policy was written"
     );
 }
+
+/// What registering or changing an agent would refuse is refused when the
+/// folder is planned, by file and line: an apply never registers one file's
+/// agent and then stops at the next (a sponsor not in the people
+/// directory), leaving the rest and the generated policies unwritten.
+#[tokio::test]
+async fn an_apply_refused_by_a_later_file_changes_nothing() {
+    let (b, _people) = common::governance::start("").await;
+    let f = Folder::new(&b);
+    let first = TestAgent::new("ac-first", "ES256");
+    let second = TestAgent::new("ac-second", "ES256");
+    f.write("a.toml", &plain(&first, "fine"));
+    f.write(
+        "b.toml",
+        &plain(&second, "orphan").replace("owner@keygate.test", "nobody@keygate.test"),
+    );
+    for cmd in ["plan", "apply"] {
+        let (code, _, err) = run(&b, &[cmd, "-f", f.path()]).await;
+        assert_ne!(code, 0, "{cmd}: {err}");
+        assert!(
+            err.contains("b.toml") && err.contains("line 1") && err.contains("nobody@keygate.test"),
+            "{cmd}: {err}"
+        );
+        assert!(err.contains("nothing changed"), "{cmd}: {err}");
+    }
+    let r = b
+        .get(&format!("/v1/agents/{}", first.id), Some(&b.ops.admin))
+        .await;
+    assert_eq!(
+        r.status, 404,
+        "the first file's agent was registered: {}",
+        r.text
+    );
+}

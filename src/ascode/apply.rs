@@ -250,6 +250,26 @@ impl Broker {
                     d.file, d.line, d.spec.id
                 )));
             }
+            // What applying it would refuse is refused now, by file and
+            // line, before anything changes: an apply never stops half
+            // way (a departed sponsor, an unknown issuer, a bad key).
+            let at = |e: BrokerError| {
+                bad(format!(
+                    "`{}` line {}: agent `{}`: {e}",
+                    d.file, d.line, d.spec.id
+                ))
+            };
+            match before {
+                None => self.check_registration(&d.spec).await.map_err(at)?,
+                Some(a) if !changes.is_empty() => {
+                    let mut after = a.clone();
+                    update_of(&d.spec).apply(&mut after).map_err(at)?;
+                    if after.sponsor != a.sponsor {
+                        self.check_sponsor(&after.sponsor).await.map_err(at)?;
+                    }
+                }
+                Some(_) => {}
+            }
             let was: Vec<String> = before
                 .map(|a| {
                     self.reachable_scopes_under(
@@ -346,23 +366,10 @@ impl Broker {
                 (AgentAction::Create, Some(d)) => {
                     Some(self.register_agent(actor, d.spec.clone()).await?)
                 }
-                (AgentAction::Update, Some(d)) => {
-                    let s = &d.spec;
-                    let update = AgentUpdate {
-                        team: Some(s.team.clone()),
-                        sponsor: Some(s.sponsor.clone()),
-                        risk_tier: Some(s.risk_tier),
-                        environment: Some(s.environment),
-                        purpose: Some(s.purpose.clone()),
-                        labels: Some(s.labels.clone()),
-                        jwks: Some(s.jwks.clone()),
-                        last_review_at: None,
-                        delegation: Some(s.delegation.clone()),
-                        may_assert_users: Some(s.may_assert_users),
-                        max_ttl_secs: s.max_ttl_secs,
-                    };
-                    Some(self.update_agent(actor, &s.id, update).await?)
-                }
+                (AgentAction::Update, Some(d)) => Some(
+                    self.update_agent(actor, &d.spec.id, update_of(&d.spec))
+                        .await?,
+                ),
                 (AgentAction::Decommission, _) => {
                     self.set_agent_status(
                         actor,
@@ -448,5 +455,22 @@ impl Broker {
         }
         self.write_generated(&Actor::System, &p.writes).await?;
         Ok(n)
+    }
+}
+
+/// The change that makes a registered agent what `s` declares.
+fn update_of(s: &crate::broker::AgentSpec) -> AgentUpdate {
+    AgentUpdate {
+        team: Some(s.team.clone()),
+        sponsor: Some(s.sponsor.clone()),
+        risk_tier: Some(s.risk_tier),
+        environment: Some(s.environment),
+        purpose: Some(s.purpose.clone()),
+        labels: Some(s.labels.clone()),
+        jwks: Some(s.jwks.clone()),
+        last_review_at: None,
+        delegation: Some(s.delegation.clone()),
+        may_assert_users: Some(s.may_assert_users),
+        max_ttl_secs: s.max_ttl_secs,
     }
 }

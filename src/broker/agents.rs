@@ -154,34 +154,7 @@ impl Broker {
     /// Registers an agent. With `provisioning.require_approval` it starts
     /// `pending` until its provisioning approval is met; otherwise `active`.
     pub async fn register_agent(&self, actor: &Actor, spec: AgentSpec) -> BrokerResult<Registered> {
-        spec.validate()?;
-        check_review_date(spec.last_review_at)?;
-        self.check_sponsor(&spec.sponsor).await?;
-        if let Some(f) = &spec.federated
-            && f.issuer == super::sessions::SPIFFE_ISSUER
-        {
-            let Some(tls) = &self.config.server.tls else {
-                return Err(BrokerError::InvalidRequest(
-                    "`federated.issuer = \"spiffe\"` needs the mTLS listener ([server.tls])".into(),
-                ));
-            };
-            if !f
-                .subject
-                .starts_with(&format!("spiffe://{}/", tls.trust_domain))
-            {
-                return Err(BrokerError::InvalidRequest(format!(
-                    "`federated.subject` must be a SPIFFE ID in trust domain `{}`",
-                    tls.trust_domain
-                )));
-            }
-        } else if let Some(f) = &spec.federated
-            && !self.federation.knows(&f.issuer)
-        {
-            return Err(BrokerError::InvalidRequest(format!(
-                "`federated.issuer`: no trusted issuer `{}` under [[federation.issuers]]",
-                f.issuer
-            )));
-        }
+        self.check_registration(&spec).await?;
         let t = now();
         let held = self.config.provisioning.require_approval;
         let agent = Agent {
@@ -242,6 +215,41 @@ impl Broker {
             approval,
             widened_scopes: Vec::new(),
         })
+    }
+
+    /// Everything registering `spec` checks before it writes anything (the
+    /// spec itself, its review date, its sponsor, its federated identity):
+    /// also what `keygate apply` checks before it changes anything.
+    pub(crate) async fn check_registration(&self, spec: &AgentSpec) -> BrokerResult<()> {
+        spec.validate()?;
+        check_review_date(spec.last_review_at)?;
+        self.check_sponsor(&spec.sponsor).await?;
+        if let Some(f) = &spec.federated
+            && f.issuer == super::sessions::SPIFFE_ISSUER
+        {
+            let Some(tls) = &self.config.server.tls else {
+                return Err(BrokerError::InvalidRequest(
+                    "`federated.issuer = \"spiffe\"` needs the mTLS listener ([server.tls])".into(),
+                ));
+            };
+            if !f
+                .subject
+                .starts_with(&format!("spiffe://{}/", tls.trust_domain))
+            {
+                return Err(BrokerError::InvalidRequest(format!(
+                    "`federated.subject` must be a SPIFFE ID in trust domain `{}`",
+                    tls.trust_domain
+                )));
+            }
+        } else if let Some(f) = &spec.federated
+            && !self.federation.knows(&f.issuer)
+        {
+            return Err(BrokerError::InvalidRequest(format!(
+                "`federated.issuer`: no trusted issuer `{}` under [[federation.issuers]]",
+                f.issuer
+            )));
+        }
+        Ok(())
     }
 
     /// Changes an agent's attributes. A change that makes more scopes
@@ -351,7 +359,7 @@ impl Broker {
     }
 
     /// A sponsor must be an active person when the directory is configured.
-    pub(super) async fn check_sponsor(&self, sponsor: &str) -> BrokerResult<()> {
+    pub(crate) async fn check_sponsor(&self, sponsor: &str) -> BrokerResult<()> {
         use crate::governance::people::Standing;
         match self.directory().await?.standing(sponsor) {
             Standing::Active | Standing::Unknown => Ok(()),
