@@ -590,3 +590,34 @@ async fn an_overdue_item_of_a_retired_agent_is_cancelled_not_escalated() {
     let view = b.admin_get("/v1/reviews/gone").await;
     assert_eq!(view["cancelled"], 1, "{view}");
 }
+
+/// An item is the reviewer's as the agent is now: a sponsor named after
+/// the campaign began reviews it (and sees it, once the sweep reassigns
+/// it), as the one it was opened for no longer does.
+#[tokio::test]
+async fn a_sponsor_named_during_a_campaign_reviews_the_agent() {
+    let (b, people) = start("").await;
+    let agent = TestAgent::new("rv-handover", "ES256");
+    let mut spec = agent.spec("platform");
+    spec["sponsor"] = json!("root2@keygate.test");
+    b.admin_post("/v1/agents", &spec).await.expect(201);
+    let started = b
+        .admin_post("/v1/reviews", &json!({ "name": "handover", "due_days": 7 }))
+        .await
+        .expect(201);
+    let item = item_of(&started, &agent.id);
+    assert_eq!(item["reviewer"], "root2@keygate.test");
+    let item = item["id"].as_str().unwrap().to_owned();
+    b.patch_agent(&agent.id, &json!({ "sponsor": SPONSOR }))
+        .await
+        .expect(200);
+
+    sweep(&b).await;
+    let now = b.admin_get(&format!("/v1/reviews/items/{item}")).await;
+    assert_eq!(now["reviewer"], SPONSOR, "{now}");
+    let moved = b.audit("action=review.reassigned").await;
+    assert_eq!(moved[0]["details"]["to"], SPONSOR, "{moved:?}");
+    decide(&b, &people.olga, &item, json!({ "decision": "attest" }))
+        .await
+        .expect(200);
+}

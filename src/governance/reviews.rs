@@ -245,13 +245,7 @@ impl Broker {
                 });
                 continue;
             }
-            let reviewer = match ctx.people.standing(&a.sponsor) {
-                Standing::Active | Standing::Unknown => a.sponsor.clone(),
-                Standing::Departed(_) | Standing::Gone => ctx
-                    .people
-                    .team_lead(&a.team)
-                    .map_or_else(|| a.sponsor.clone(), |p| p.email.clone()),
-            };
+            let reviewer = reviewer_of(&ctx.people, &a);
             let two = a.risk_tier >= 3 || self.config.governance.review_separation;
             items.push(ReviewItem {
                 id: new_id("ri"),
@@ -378,5 +372,16 @@ impl Broker {
                     .is_some_and(|e| e.eq_ignore_ascii_case(email))
             })
             .and_then(|o| o.slack_user_id.clone())
+    }
+}
+
+/// Who reviews agent `a` as it is now: its sponsor, or its team's lead
+/// (`lead = true`) when the sponsor has left.
+pub(crate) fn reviewer_of(people: &super::people::Directory, a: &crate::model::Agent) -> String {
+    match people.standing(&a.sponsor) {
+        Standing::Active | Standing::Unknown => a.sponsor.clone(),
+        Standing::Departed(_) | Standing::Gone => people
+            .team_lead(&a.team)
+            .map_or_else(|| a.sponsor.clone(), |p| p.email.clone()),
     }
 }

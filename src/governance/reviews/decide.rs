@@ -35,15 +35,19 @@ impl Broker {
                 item.state.as_str()
             )));
         }
+        // Assigned as the agent is now, not as it was when the campaign
+        // began: a sponsor named since reviews it, one who left (or was
+        // replaced) no longer does, and the lead stands in for a departed one.
+        let agent = self.agent(&item.agent_id).await?;
+        let reviewer = super::reviewer_of(&people, &agent);
         let assigned = email.as_deref().map(crate::governance::people::normalize)
-            == Some(crate::governance::people::normalize(&item.reviewer));
+            == Some(crate::governance::people::normalize(&reviewer));
         if !who.any_item && !assigned {
             return Err(BrokerError::Forbidden(format!(
-                "review item `{item_id}` is assigned to `{}`; operator `{}` may decide it only with the admin or approver role",
-                item.reviewer, who.operator
+                "review item `{item_id}` is assigned to `{reviewer}`; operator `{}` may decide it only with the admin or approver role",
+                who.operator
             )));
         }
-        let agent = self.agent(&item.agent_id).await?;
         if agent.status == AgentStatus::Decommissioned {
             return Err(BrokerError::Conflict(format!(
                 "agent `{}` was decommissioned meanwhile; the sweep cancels its review item",

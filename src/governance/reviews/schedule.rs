@@ -75,10 +75,35 @@ impl Broker {
             let Some(c) = campaigns.iter().find(|c| c.id == i.campaign_id) else {
                 continue;
             };
+            let agent = self.store.get_agent(&i.agent_id).await?;
+            // Whoever reviews the agent now (a sponsor named or departed
+            // since the campaign began): the item is theirs to see.
+            let was = i.reviewer.clone();
+            if let Some(a) = &agent {
+                i.reviewer = super::reviewer_of(&people, a);
+            }
             if i.escalated_at.is_some() || c.due_at > t {
+                if i.reviewer != was {
+                    let mut tx = self.store.begin().await?;
+                    tx.save_review_item(&i).await?;
+                    tx.audit(
+                        AuditEvent::new(&Actor::System, "review.reassigned")
+                            .agent(&i.agent_id)
+                            .details(serde_json::json!({
+                                "campaign": c.id, "item": i.id, "from": was, "to": i.reviewer,
+                            })),
+                    )
+                    .await?;
+                    tx.commit().await?;
+                }
                 continue;
             }
-            let team = i.snapshot["team"].as_str().unwrap_or_default().to_owned();
+            // To the lead of the agent's team now (it may have moved since
+            // the campaign began).
+            let team = match &agent {
+                Some(a) => a.team.clone(),
+                None => i.snapshot["team"].as_str().unwrap_or_default().to_owned(),
+            };
             let lead = people.team_lead(&team).map(|p| p.email.clone());
             i.escalated_at = Some(t);
             let mut tx = self.store.begin().await?;

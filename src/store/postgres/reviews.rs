@@ -180,13 +180,14 @@ pub(super) async fn insert_item(db: impl PgExecutor<'_>, i: &ReviewItem) -> Stor
 
 pub(super) async fn save_item(db: impl PgExecutor<'_>, i: &ReviewItem) -> StoreResult<()> {
     sqlx::query(
-        "UPDATE review_items SET state = $1, decisions = $2, decided_at = $3, escalated_at = $4 \
-         WHERE id = $5",
+        "UPDATE review_items SET state = $1, decisions = $2, decided_at = $3, escalated_at = $4, \
+         reviewer = $5 WHERE id = $6",
     )
     .bind(i.state.as_str())
     .bind(serde_json::to_string(&i.decisions).map_err(corrupt)?)
     .bind(i.decided_at.map(unix))
     .bind(i.escalated_at.map(unix))
+    .bind(&i.reviewer)
     .bind(&i.id)
     .execute(db)
     .await?;

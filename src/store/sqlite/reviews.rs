@@ -174,13 +174,14 @@ pub(super) async fn insert_item(db: impl SqliteExecutor<'_>, i: &ReviewItem) -> 
 
 pub(super) async fn save_item(db: impl SqliteExecutor<'_>, i: &ReviewItem) -> StoreResult<()> {
     sqlx::query(
-        "UPDATE review_items SET state = ?, decisions = ?, decided_at = ?, escalated_at = ? \
-         WHERE id = ?",
+        "UPDATE review_items SET state = ?, decisions = ?, decided_at = ?, escalated_at = ?, \
+         reviewer = ? WHERE id = ?",
     )
     .bind(i.state.as_str())
     .bind(serde_json::to_string(&i.decisions).map_err(corrupt)?)
     .bind(i.decided_at.map(unix))
     .bind(i.escalated_at.map(unix))
+    .bind(&i.reviewer)
     .bind(&i.id)
     .execute(db)
     .await?;
