@@ -196,6 +196,11 @@ pub struct LeaseConfig {
     pub revoke_backoff_base_ms: u64,
     /// Longest delay between revocation attempts.
     pub revoke_backoff_max_secs: u64,
+    /// Providers no longer configured whose leases still in the store are
+    /// given up: start-up no longer refuses for them, and Keygate will
+    /// never revoke those credentials (their backend may be gone for good).
+    #[serde(default)]
+    pub abandoned_providers: Vec<String>,
 }
 
 impl Default for LeaseConfig {
@@ -206,6 +211,7 @@ impl Default for LeaseConfig {
             revoke_concurrency: 32,
             revoke_backoff_base_ms: 500,
             revoke_backoff_max_secs: 300,
+            abandoned_providers: Vec::new(),
         }
     }
 }

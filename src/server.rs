@@ -479,47 +479,75 @@ async fn shutdown_signal() {
     tracing::info!("shutting down");
 }
 
-/// Refuses to start without a provider the store still holds unexpired
+/// Refuses to start without a provider the store still holds live
 /// credentials of: its live leases could be neither revoked nor fenced,
 /// and (PostgreSQL) its local CA's shared revocation list, kept by name,
 /// would be served by no one, so a certificate or JWT-SVID it revoked
 /// would pass again under a renamed provider. The names are the store's
-/// keys; renaming one waits until what it holds has expired.
+/// keys. A provider listed in `[leases] abandoned_providers` is given up
+/// instead, audited as such.
 async fn check_providers_kept(
     store: &dyn crate::store::Store,
     config: &crate::config::Config,
 ) -> anyhow::Result<()> {
+    let abandoned = &config.leases.abandoned_providers;
+    if let Some(name) = abandoned.iter().find(|n| config.providers.contains_key(*n)) {
+        anyhow::bail!(
+            "`leases.abandoned_providers` names `{name}`, which is configured under [providers]: remove one or the other"
+        );
+    }
     let held = store.unexpired_holdings(crate::model::now()).await?;
-    let missing: Vec<String> = held
+    let mut missing = Vec::new();
+    for h in held
         .iter()
         .filter(|h| !config.providers.contains_key(&h.provider))
-        .map(|h| {
-            let until = h
-                .until
-                .format(&time::format_description::well_known::Rfc3339)
-                .unwrap_or_else(|_| h.until.to_string());
-            let mut what = Vec::new();
-            if h.live_leases > 0 {
-                what.push(format!("{} live lease(s)", h.live_leases));
-            }
-            if h.revocations > 0 {
-                what.push(format!(
-                    "{} revocation(s) its local CA still serves",
-                    h.revocations
-                ));
-            }
-            format!(
-                "provider `{}` is not configured, but the store holds {} of it until {until}",
-                h.provider,
-                what.join(" and ")
+    {
+        let until = h
+            .until
+            .format(&time::format_description::well_known::Rfc3339)
+            .unwrap_or_else(|_| h.until.to_string());
+        let mut what = Vec::new();
+        if h.live_leases > 0 {
+            what.push(format!(
+                "{} live lease(s) (still to be revoked, or not expired)",
+                h.live_leases
+            ));
+        }
+        if h.revocations > 0 {
+            what.push(format!(
+                "{} revocation(s) its local CA still serves",
+                h.revocations
+            ));
+        }
+        let what = what.join(" and ");
+        if abandoned.contains(&h.provider) {
+            tracing::warn!(provider = %h.provider, held = %what, "provider abandoned by config: Keygate will not revoke what it still holds");
+            let mut tx = store.begin().await?;
+            tx.audit(
+                crate::audit::AuditEvent::new(&crate::audit::Actor::System, "provider.abandoned")
+                    .reason(format!(
+                        "`{}` is listed in leases.abandoned_providers",
+                        h.provider
+                    ))
+                    .details(serde_json::json!({
+                        "provider": h.provider, "live_leases": h.live_leases,
+                        "revocations": h.revocations, "last_expiry": until,
+                    })),
             )
-        })
-        .collect();
+            .await?;
+            tx.commit().await?;
+            continue;
+        }
+        missing.push(format!(
+            "provider `{}` is not configured, but the store holds {what} of it (the last expiring at {until})",
+            h.provider
+        ));
+    }
     if missing.is_empty() {
         return Ok(());
     }
     anyhow::bail!(
-        "{}: those could be neither revoked nor checked. Configure it again under the same name (a renamed provider must keep its name while it holds anything), or start after that time",
+        "{}: those could be neither revoked nor checked. Configure it again under the same name (a renamed provider keeps its name while it holds anything; revoke what it holds first), or give them up for good by listing it in `[leases] abandoned_providers`",
         missing.join("; ")
     )
 }

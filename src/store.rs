@@ -57,7 +57,6 @@ pub struct AuditFilter {
     pub limit: u32,
 }
 
-/// A lease the revocation queue should attempt now.
 /// What the store holds of one provider that has not expired yet: leases
 /// that may still be working credentials, and revocations a local CA's
 /// shared list still serves.
@@ -70,6 +69,7 @@ pub struct ProviderHoldings {
     pub until: OffsetDateTime,
 }
 
+/// A lease the revocation queue should attempt now.
 #[derive(Debug, Clone)]
 pub struct DueRevocation {
     pub lease: Lease,
@@ -235,9 +235,9 @@ pub trait Store: Send + Sync + 'static {
         after: Option<(i64, String)>,
         limit: u32,
     ) -> StoreResult<Vec<Lease>>;
-    /// Per provider, sorted by name: the live leases (pending, active,
-    /// revoking, expiring) and shared revocation-list entries that have not
-    /// expired by `now`.
+    /// Per provider, sorted by name: the live leases (pending and revoking
+    /// ones whatever their expiry; active and expiring ones not expired by
+    /// `now`) and shared revocation-list entries not expired by `now`.
     async fn unexpired_holdings(&self, now: OffsetDateTime) -> StoreResult<Vec<ProviderHoldings>>;
     async fn get_fence(&self, id: &str) -> StoreResult<Option<FenceRecord>>;
     /// Fences, oldest first.

@@ -315,9 +315,9 @@ async fn a_provider_still_holding_credentials_is_not_renamed_away() {
     std::fs::write(&config, &renamed).unwrap();
     let err = refused(&b).await;
     assert!(
-        err.contains(
-            "provider `ca` is not configured, but the store holds 1 live lease(s) of it until"
-        ) && err.contains("under the same name"),
+        err.contains("provider `ca` is not configured, but the store holds 1 live lease(s)")
+            && err.contains("under the same name")
+            && err.contains("abandoned_providers"),
         "{err}"
     );
 
@@ -351,4 +351,38 @@ async fn a_provider_still_holding_credentials_is_not_renamed_away() {
             );
         }
     }
+}
+
+/// A provider whose backend is gone for good can be given up: listed in
+/// `[leases] abandoned_providers`, it no longer stops the start, and that
+/// is audited; listing one still configured is refused.
+#[tokio::test]
+async fn a_provider_given_up_in_config_no_longer_stops_the_start() {
+    let mut b = TestBroker::start().await;
+    let agent = TestAgent::new("abandoned", "ES256");
+    b.register(&agent, "platform").await;
+    let s = b.token(&agent).await;
+    b.x509(&s.token, Some(600)).await;
+    b.stop_gracefully().await;
+    let config = b.dir.join("keygate.toml");
+    let original = std::fs::read_to_string(&config).unwrap();
+    assert!(original.contains("[leases]\n"), "{original}");
+    std::fs::write(
+        &config,
+        original.replace("[leases]\n", "[leases]\nabandoned_providers = [\"ca\"]\n"),
+    )
+    .unwrap();
+    let err = refused(&b).await;
+    assert!(err.contains("names `ca`, which is configured"), "{err}");
+
+    let gone = original
+        .replace("[providers.ca]", "[providers.ca2]")
+        .replace(r#"provider = "ca""#, r#"provider = "ca2""#)
+        .replace("[leases]\n", "[leases]\nabandoned_providers = [\"ca\"]\n");
+    std::fs::write(&config, gone).unwrap();
+    b.start_again().await;
+    let ev = b.audit("action=provider.abandoned").await;
+    assert_eq!(ev.len(), 1, "{ev:?}");
+    assert_eq!(ev[0]["details"]["provider"], "ca", "{ev:?}");
+    assert_eq!(ev[0]["details"]["live_leases"], 1, "{ev:?}");
 }

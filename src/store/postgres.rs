@@ -402,8 +402,8 @@ impl Store for PostgresStore {
             "SELECT provider, sum(live)::bigint AS live, sum(revoked)::bigint AS revoked, \
              max(until) AS until FROM ( \
                SELECT provider, count(*) AS live, 0 AS revoked, max(expires_at) AS until \
-               FROM leases WHERE state IN ('pending', 'active', 'revoking', 'expiring') \
-               AND expires_at > $1 GROUP BY provider \
+               FROM leases WHERE state IN ('pending', 'revoking') \
+               OR (state IN ('active', 'expiring') AND expires_at > $1) GROUP BY provider \
                UNION ALL \
                SELECT provider, 0, count(*), max(expires_at) FROM ca_revocations \
                WHERE expires_at > $1 GROUP BY provider \

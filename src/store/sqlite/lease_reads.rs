@@ -36,15 +36,18 @@ pub(super) async fn expired_active(
     .collect()
 }
 
-/// Live leases per provider that have not expired by `now` (each local
-/// CA keeps its revocation list in its own file, not here).
+/// Live leases per provider: those still to be issued or revoked whatever
+/// their expiry (a renewable token outlives it until revoked), and active
+/// or expiring ones that have not expired by `now` (each local CA keeps its
+/// revocation list in its own file, not here).
 pub(super) async fn unexpired_holdings(
     conn: &mut SqliteConnection,
     now: OffsetDateTime,
 ) -> StoreResult<Vec<ProviderHoldings>> {
     let rows = sqlx::query(
         "SELECT provider, count(*) AS n, max(expires_at) AS until FROM leases \
-         WHERE state IN ('pending', 'active', 'revoking', 'expiring') AND expires_at > ? \
+         WHERE state IN ('pending', 'revoking') \
+            OR (state IN ('active', 'expiring') AND expires_at > ?) \
          GROUP BY provider ORDER BY provider",
     )
     .bind(unix(now))
