@@ -50,6 +50,10 @@ impl Broker {
     ) -> BrokerResult<Option<String>> {
         let files: BTreeMap<String, String> = serde_json::from_value(a.request["files"].clone())
             .map_err(|e| BrokerError::Internal(format!("stored policy set: {e}")))?;
+        // Judged against the set every replica decides with (another one
+        // may have reloaded a moment ago), not a copy this one has not
+        // caught up with yet.
+        self.follow_policy().await?;
         let old = self.policy.current();
         if let Some(why) = base_moved(a, old.hash()) {
             return Ok(Some(why));
@@ -424,8 +428,6 @@ impl Broker {
     }
 }
 
-/// What agents gain under `diff` that held approval `a` did not show its
-/// approvers, as "agent gains scope".
 /// Why held policy set `a` cannot be made active over the set `active_hash`
 /// with `diff` (the set against it), if it cannot: the active set is no
 /// longer the one it was compared with, or agents changed since it was
@@ -461,6 +463,8 @@ fn base_moved(a: &crate::model::Approval, active_hash: &str) -> Option<String> {
     })
 }
 
+/// What agents gain under `diff` that held approval `a` did not show its
+/// approvers, as "agent gains scope".
 fn unseen_gains(a: &crate::model::Approval, diff: &PolicyDiff) -> Vec<String> {
     let shown = |agent: &str, scope: &str| {
         a.request["widened"].as_array().is_some_and(|w| {

@@ -185,7 +185,9 @@ impl Broker {
     ) -> BrokerResult<Approval> {
         let waiting = self
             .waiting_provisioning(&agent.id, |r| {
-                r["change"] == "include" && r["scope"] == scope
+                r["change"] == "include"
+                    && r["scope"] == scope
+                    && r["status"] == agent.status.as_str()
             })
             .await?;
         if let Some(a) = waiting {

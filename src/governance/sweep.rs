@@ -400,11 +400,17 @@ impl Broker {
             return Ok(());
         }
         let campaigns = self.store.review_campaigns().await?;
-        for mut i in open {
+        for listed in open {
+            let mut tx = self.store.begin().await?;
+            // As the store has it now; decided meanwhile, that decision stands.
+            let Some(mut i) = tx.review_item(&listed.id).await? else {
+                continue;
+            };
             i.state = ReviewState::Cancelled;
             i.decided_at = Some(now());
-            let mut tx = self.store.begin().await?;
-            tx.save_review_item(&i).await?;
+            if !tx.save_review_item(&i).await? {
+                continue;
+            }
             // Its Slack message and webhooks learn it is closed.
             if let Some(c) = campaigns.iter().find(|c| c.id == i.campaign_id) {
                 for n in self.notifier.review_decided(&i, c) {

@@ -292,11 +292,13 @@ pub trait StoreTx: Send {
         &mut self,
         id: &str,
     ) -> StoreResult<Option<crate::governance::reviews::ReviewItem>>;
-    /// Writes the item's state, decisions and dates.
+    /// Writes the item's state, decisions, dates and reviewer, if it is
+    /// still open in the store (every change starts from an open item):
+    /// `false` when another writer closed it meanwhile, and nothing written.
     async fn save_review_item(
         &mut self,
         item: &crate::governance::reviews::ReviewItem,
-    ) -> StoreResult<()>;
+    ) -> StoreResult<bool>;
     /// Marks a standing fence lifted; `false` when it was lifted already.
     async fn lift_fence(
         &mut self,

@@ -149,22 +149,35 @@ impl Broker {
         // on, or under which agents changed since gain what they were not
         // shown, is cancelled instead (reload again for a fresh one). Asked
         // before the transaction: the diff probes every agent.
+        // Only by an approver who may decide it (not its requester, of its
+        // teams where it names some).
         if req.decision == Verdict::Approve
             && let Some(a) = self.store.get_approval(id).await?
             && a.state == ApprovalState::Pending
             && a.kind == ApprovalKind::Provisioning
             && a.request["change"] == "policy"
+            && a.requester != format!("operator:{operator}")
+            && (a.approver_teams.is_empty()
+                || op
+                    .team
+                    .as_ref()
+                    .is_some_and(|t| a.approver_teams.contains(t)))
             && let Some(why) = self.policy_grant_refusal(&a).await?
         {
             let mut tx = self.store.begin().await?;
             let actor = Actor::Operator(operator.to_owned());
-            self.cancel_approval(&mut *tx, &actor, &a, &format!("not granted: {why}"))
+            let cancelled = self
+                .cancel_approval(&mut *tx, &actor, &a, &format!("not granted: {why}"))
                 .await?;
             tx.commit().await?;
             self.notifier.wake();
-            return Err(BrokerError::Conflict(format!(
-                "approval `{id}` cannot be granted: {why}; it is cancelled and nothing changed: reload again for a fresh approval"
-            )));
+            return Err(BrokerError::Conflict(if cancelled {
+                format!(
+                    "approval `{id}` cannot be granted: {why}; it is cancelled and nothing changed: reload again for a fresh approval"
+                )
+            } else {
+                format!("approval `{id}` was decided meanwhile; read it again")
+            }));
         }
         let t = now();
         let mut tx = self.store.begin().await?;

@@ -218,10 +218,17 @@ impl Broker {
                 cur.decided_at = Some(t);
                 if matches!(state, ReviewState::Attested | ReviewState::Narrowed) {
                     tx.mark_reviewed(&cur.agent_id, t).await?;
-                    for mut other in others {
+                    for listed in others {
+                        // As the store has it now; closed meanwhile
+                        // (decided, cancelled), it is left as is.
+                        let Some(mut other) = tx.review_item(&listed.id).await? else {
+                            continue;
+                        };
                         other.state = ReviewState::Cancelled;
                         other.decided_at = Some(t);
-                        tx.save_review_item(&other).await?;
+                        if !tx.save_review_item(&other).await? {
+                            continue;
+                        }
                         if let Some(c) = campaigns.iter().find(|c| c.id == other.campaign_id) {
                             for n in self.notifier.review_decided(&other, c) {
                                 tx.insert_notification(&n).await?;
@@ -242,7 +249,12 @@ impl Broker {
             }
             None => "review.attestation_recorded".to_owned(),
         };
-        tx.save_review_item(&cur).await?;
+        if !tx.save_review_item(&cur).await? {
+            return Err(BrokerError::Conflict(format!(
+                "review item `{}` changed while deciding; read it again",
+                item.id
+            )));
+        }
         if done.is_some()
             && let Some(c) = campaigns.iter().find(|c| c.id == cur.campaign_id)
         {

@@ -85,7 +85,15 @@ impl Broker {
             if i.escalated_at.is_some() || c.due_at > t {
                 if i.reviewer != was {
                     let mut tx = self.store.begin().await?;
-                    tx.save_review_item(&i).await?;
+                    // As the store has it now: only its reviewer changes
+                    // (decided meanwhile: nothing to reassign).
+                    let Some(mut fresh) = tx.review_item(&i.id).await? else {
+                        continue;
+                    };
+                    fresh.reviewer = i.reviewer.clone();
+                    if !tx.save_review_item(&fresh).await? {
+                        continue;
+                    }
                     tx.audit(
                         AuditEvent::new(&Actor::System, "review.reassigned")
                             .agent(&i.agent_id)
@@ -105,9 +113,21 @@ impl Broker {
                 None => i.snapshot["team"].as_str().unwrap_or_default().to_owned(),
             };
             let lead = people.team_lead(&team).map(|p| p.email.clone());
-            i.escalated_at = Some(t);
             let mut tx = self.store.begin().await?;
-            tx.save_review_item(&i).await?;
+            // As the store has it now (an attestation may have landed since
+            // the list was read): only its reviewer and escalation change.
+            let Some(mut fresh) = tx.review_item(&i.id).await? else {
+                continue;
+            };
+            if fresh.state != super::ReviewState::Open || fresh.escalated_at.is_some() {
+                continue;
+            }
+            fresh.reviewer = i.reviewer.clone();
+            fresh.escalated_at = Some(t);
+            let i = fresh;
+            if !tx.save_review_item(&i).await? {
+                continue;
+            }
             tx.audit(
                 AuditEvent::new(&Actor::System, "review.escalated")
                     .agent(&i.agent_id)

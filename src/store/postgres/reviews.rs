@@ -178,10 +178,10 @@ pub(super) async fn insert_item(db: impl PgExecutor<'_>, i: &ReviewItem) -> Stor
     Ok(())
 }
 
-pub(super) async fn save_item(db: impl PgExecutor<'_>, i: &ReviewItem) -> StoreResult<()> {
-    sqlx::query(
+pub(super) async fn save_item(db: impl PgExecutor<'_>, i: &ReviewItem) -> StoreResult<bool> {
+    let done = sqlx::query(
         "UPDATE review_items SET state = $1, decisions = $2, decided_at = $3, escalated_at = $4, \
-         reviewer = $5 WHERE id = $6",
+         reviewer = $5 WHERE id = $6 AND state = 'open'",
     )
     .bind(i.state.as_str())
     .bind(serde_json::to_string(&i.decisions).map_err(corrupt)?)
@@ -191,5 +191,5 @@ pub(super) async fn save_item(db: impl PgExecutor<'_>, i: &ReviewItem) -> StoreR
     .bind(&i.id)
     .execute(db)
     .await?;
-    Ok(())
+    Ok(done.rows_affected() == 1)
 }

@@ -503,7 +503,7 @@ impl StoreTx for PostgresTx {
     async fn save_review_item(
         &mut self,
         i: &crate::governance::reviews::ReviewItem,
-    ) -> StoreResult<()> {
+    ) -> StoreResult<bool> {
         reviews::save_item(self.conn(), i).await
     }
 

@@ -172,10 +172,10 @@ pub(super) async fn insert_item(db: impl SqliteExecutor<'_>, i: &ReviewItem) -> 
     Ok(())
 }
 
-pub(super) async fn save_item(db: impl SqliteExecutor<'_>, i: &ReviewItem) -> StoreResult<()> {
-    sqlx::query(
+pub(super) async fn save_item(db: impl SqliteExecutor<'_>, i: &ReviewItem) -> StoreResult<bool> {
+    let done = sqlx::query(
         "UPDATE review_items SET state = ?, decisions = ?, decided_at = ?, escalated_at = ?, \
-         reviewer = ? WHERE id = ?",
+         reviewer = ? WHERE id = ? AND state = 'open'",
     )
     .bind(i.state.as_str())
     .bind(serde_json::to_string(&i.decisions).map_err(corrupt)?)
@@ -185,5 +185,5 @@ pub(super) async fn save_item(db: impl SqliteExecutor<'_>, i: &ReviewItem) -> St
     .bind(&i.id)
     .execute(db)
     .await?;
-    Ok(())
+    Ok(done.rows_affected() == 1)
 }

@@ -471,7 +471,7 @@ impl StoreTx for SqliteTx {
     async fn save_review_item(
         &mut self,
         i: &crate::governance::reviews::ReviewItem,
-    ) -> StoreResult<()> {
+    ) -> StoreResult<bool> {
         reviews::save_item(self.tx.conn().await?, i).await
     }
 
