@@ -16,7 +16,7 @@ use crate::common;
 use common::{Setup, TestAgent, TestBroker, eventually};
 
 /// A registered agent with its key in a file in the broker's dir.
-async fn agent(b: &TestBroker, prefix: &str) -> (TestAgent, String) {
+pub(super) async fn agent(b: &TestBroker, prefix: &str) -> (TestAgent, String) {
     let agent = TestAgent::new(prefix, "ES256");
     b.register(&agent, "platform").await;
     let key = b.dir.join(format!("{}.pem", agent.id));
@@ -25,7 +25,13 @@ async fn agent(b: &TestBroker, prefix: &str) -> (TestAgent, String) {
 }
 
 /// `keygate exec` for `agent` with `args` before `--`, then `sh -c script`.
-fn exec(b: &TestBroker, agent: &TestAgent, key: &str, args: &[&str], script: &str) -> Command {
+pub(super) fn exec(
+    b: &TestBroker,
+    agent: &TestAgent,
+    key: &str,
+    args: &[&str],
+    script: &str,
+) -> Command {
     let mut cmd = Command::new(env!("CARGO_BIN_EXE_keygate"));
     cmd.arg("exec")
         .args(["--server", &b.url("")])
@@ -38,11 +44,11 @@ fn exec(b: &TestBroker, agent: &TestAgent, key: &str, args: &[&str], script: &st
     cmd
 }
 
-async fn leases_of(b: &TestBroker, agent: &TestAgent) -> Vec<Value> {
+pub(super) async fn leases_of(b: &TestBroker, agent: &TestAgent) -> Vec<Value> {
     b.leases(&format!("agent={}&limit=1000", agent.id)).await
 }
 
-async fn all_revoked(b: &TestBroker, agent: &TestAgent) {
+pub(super) async fn all_revoked(b: &TestBroker, agent: &TestAgent) {
     eventually("every lease of the agent revoked", || async {
         let leases = leases_of(b, agent).await;
         (!leases.is_empty() && leases.iter().all(|l| l["state"] == "revoked")).then_some(())
@@ -192,7 +198,9 @@ async fn a_signal_while_exec_waits_for_approval_runs_nothing_and_ends_the_task()
 }
 
 /// What exec writes on stderr from here to its end.
-async fn rest_of(lines: &mut tokio::io::Lines<BufReader<tokio::process::ChildStderr>>) -> String {
+pub(super) async fn rest_of(
+    lines: &mut tokio::io::Lines<BufReader<tokio::process::ChildStderr>>,
+) -> String {
     let mut rest = String::new();
     while let Ok(Some(l)) = lines.next_line().await {
         rest.push_str(&l);
@@ -203,7 +211,7 @@ async fn rest_of(lines: &mut tokio::io::Lines<BufReader<tokio::process::ChildStd
 
 /// `keygate exec` asking for `payments-ca` with `first` before it, and the
 /// approval id it names on stderr (the rest of stderr stays readable).
-async fn exec_waiting(
+pub(super) async fn exec_waiting(
     b: &TestBroker,
     agent: &TestAgent,
     key: &str,
@@ -218,7 +226,7 @@ async fn exec_waiting(
 }
 
 /// [`exec_waiting`] with `--approval-timeout` `secs`.
-async fn exec_waiting_up_to(
+pub(super) async fn exec_waiting_up_to(
     b: &TestBroker,
     agent: &TestAgent,
     key: &str,
@@ -252,7 +260,7 @@ async fn exec_waiting_up_to(
 
 /// An approver approves `id`; the waiting `keygate exec` runs its command,
 /// which sees its certificate, and every credential is revoked after it.
-async fn approve_and_see_it_run(
+pub(super) async fn approve_and_see_it_run(
     b: &TestBroker,
     agent: &TestAgent,
     child: &mut tokio::process::Child,
@@ -288,70 +296,6 @@ async fn a_sensitive_scope_waits_for_its_approval() {
     )
     .await;
     approve_and_see_it_run(&b, &agent, &mut child, &id).await;
-}
-
-/// The broker restarted (SIGTERM, then started again on the same address)
-/// while `keygate exec` waits for an approval: the long-poll is answered
-/// `pending` as the broker stops, exec keeps asking until it is back (the
-/// approval waits in its store), and an approval decided after the
-/// restart runs the command.
-#[tokio::test(flavor = "multi_thread")]
-async fn exec_waits_for_its_approval_across_a_broker_restart() {
-    let mut b = TestBroker::start_with(Setup::default()).await;
-    b.listen = b.addr.to_string();
-    let (agent, key) = agent(&b, "exec-restart").await;
-    let (mut child, id, mut lines) = exec_waiting(
-        &b,
-        &agent,
-        &key,
-        &[],
-        "test -f \"$KEYGATE_PAYMENTS_CA_CERTIFICATE_FILE\"",
-    )
-    .await;
-    b.stop_gracefully().await;
-    b.start_again().await;
-    if let Some(gave_up) = child.try_wait().unwrap() {
-        let mut said = Vec::new();
-        while let Ok(Some(line)) = lines.next_line().await {
-            said.push(line);
-        }
-        panic!("keygate exec gave up while the broker restarted ({gave_up}): {said:?}");
-    }
-    approve_and_see_it_run(&b, &agent, &mut child, &id).await;
-}
-
-/// The broker stopped for good while `keygate exec` waits for an approval:
-/// when `--approval-timeout` runs out, exec runs nothing and says the broker
-/// was unreachable, not that nobody decided.
-#[tokio::test(flavor = "multi_thread")]
-async fn exec_says_the_broker_was_unreachable_when_its_wait_runs_out() {
-    let mut b = TestBroker::start_with(Setup::default()).await;
-    let (agent, key) = agent(&b, "exec-gone").await;
-    let (mut child, id, mut lines) =
-        exec_waiting_up_to(&b, &agent, &key, &[], "touch ran.txt", "4").await;
-    b.stop_gracefully().await;
-    // The wait runs out, then completing the task is asked again for 30 s.
-    let status = tokio::time::timeout(Duration::from_secs(90), child.wait())
-        .await
-        .unwrap()
-        .unwrap();
-    let mut said = Vec::new();
-    while let Ok(Some(line)) = lines.next_line().await {
-        said.push(line);
-    }
-    assert_eq!(status.code(), Some(1), "{said:?}");
-    let said = said.join("\n");
-    assert!(
-        said.contains(&format!(
-            "approval {id} for scope `payments-ca`: the broker was unreachable when the wait ran out"
-        )),
-        "{said}"
-    );
-    assert!(!b.dir.join("ran.txt").exists(), "the command ran");
-    assert!(
-        said.contains("the broker did not answer; asking again to complete task"),
-        "{said}"
-    );
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -409,54 +353,6 @@ async fn a_denial_or_a_kill_switch_while_exec_waits_runs_nothing_and_revokes_wha
     assert_eq!(status.code(), Some(1));
     assert!(!b.dir.join("ran2.txt").exists(), "the command ran");
     all_revoked(&b, &killed).await;
-}
-
-#[tokio::test(flavor = "multi_thread")]
-async fn a_short_lived_credential_is_refreshed_under_the_running_command() {
-    let b = TestBroker::start_with(Setup::default()).await;
-    let (agent, key) = agent(&b, "exec-fresh").await;
-    // Every USR1, the certificate file's first serial line is noted.
-    let script = r#"trap 'cksum < "$KEYGATE_X509_SVID_CERTIFICATE_FILE" >> seen.txt' USR1
-        cksum < "$KEYGATE_X509_SVID_CERTIFICATE_FILE" > seen.txt
-        i=0; while [ $i -lt 120 ]; do sleep 0.1; i=$((i+1)); done"#;
-    let out = exec(
-        &b,
-        &agent,
-        &key,
-        &[
-            "--scope",
-            "x509-svid",
-            "--credential-ttl",
-            "6",
-            "--refresh-signal",
-            "USR1",
-        ],
-        script,
-    )
-    .output()
-    .await
-    .unwrap();
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let seen = std::fs::read_to_string(b.dir.join("seen.txt")).unwrap();
-    let sums: std::collections::BTreeSet<&str> = seen.lines().collect();
-    assert!(sums.len() >= 2, "the file never changed: {seen}");
-    let leases = leases_of(&b, &agent).await;
-    assert!(leases.len() >= 2, "not issued again: {leases:?}");
-    // Those that ran out before the command ended expired; the rest were
-    // revoked with the task.
-    eventually("every lease of the agent ended", || async {
-        let leases = leases_of(&b, &agent).await;
-        let ended = leases
-            .iter()
-            .all(|l| l["state"] == "revoked" || l["state"] == "expired");
-        (ended && leases.iter().any(|l| l["state"] == "revoked")).then_some(())
-    })
-    .await;
 }
 
 #[tokio::test(flavor = "multi_thread")]
@@ -567,110 +463,4 @@ async fn a_dpop_bound_run_keeps_working_and_its_token_alone_is_refused() {
             .then_some(())
     })
     .await;
-}
-
-/// A refresh waiting for a sensitive scope's new approval does not hold up
-/// the rest: a signal reaches the command at once, the command's exit ends
-/// exec with its code, and the task is completed (it used to wait out the
-/// refresh's approval first, up to `--approval-timeout`).
-#[tokio::test(flavor = "multi_thread")]
-async fn a_refresh_waiting_for_approval_holds_up_no_signal_and_no_exit() {
-    let b = TestBroker::start_with(Setup::default()).await;
-    let (agent, key) = agent(&b, "exec-refwait").await;
-    let script = r#"trap 'echo got-term > term.txt; exit 3' TERM
-        echo started > started.txt
-        while true; do sleep 0.1; done"#;
-    let (mut child, first, _lines) =
-        exec_waiting(&b, &agent, &key, &["--credential-ttl", "6"], script).await;
-    b.post(
-        &format!("/v1/approvals/{first}/decision"),
-        Some(&b.ops.approver),
-        &json!({ "decision": "approve", "reason": "exec test" }),
-    )
-    .await
-    .expect(200);
-    let started = b.dir.join("started.txt");
-    eventually("the command to start", || async {
-        started.exists().then_some(())
-    })
-    .await;
-    // At two thirds of its life the certificate is asked for again, which
-    // waits for a new approval.
-    eventually("the refresh's approval", || async {
-        let pending = b
-            .admin_get(&format!(
-                "/v1/approvals?state=pending&kind=credential&agent={}",
-                agent.id
-            ))
-            .await;
-        pending
-            .as_array()
-            .unwrap()
-            .iter()
-            .any(|a| a["id"] != first.as_str())
-            .then_some(())
-    })
-    .await;
-    let pid = child.id().unwrap().to_string();
-    Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .await
-        .unwrap();
-    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
-        .await
-        .expect("keygate exec ends with its command, not with the refresh")
-        .unwrap();
-    assert_eq!(status.code(), Some(3));
-    assert!(
-        b.dir.join("term.txt").exists(),
-        "the signal never reached the command"
-    );
-    all_revoked(&b, &agent).await;
-}
-
-/// The command ends while the broker restarts: exec asks again to complete
-/// the task until the broker is back, so its credentials are revoked then,
-/// not left to their TTL.
-#[tokio::test(flavor = "multi_thread")]
-async fn the_task_is_completed_after_a_broker_restart_at_the_commands_exit() {
-    let mut b = TestBroker::start_with(Setup::default()).await;
-    b.listen = b.addr.to_string();
-    let (agent, key) = agent(&b, "exec-endrestart").await;
-    let script = r#"echo started > started.txt
-        while [ ! -f go.txt ]; do sleep 0.1; done"#;
-    let mut child = exec(&b, &agent, &key, &["--scope", "x509-svid"], script)
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap();
-    let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let started = b.dir.join("started.txt");
-    eventually("the command to start", || async {
-        started.exists().then_some(())
-    })
-    .await;
-    b.stop_gracefully().await;
-    std::fs::write(b.dir.join("go.txt"), "").unwrap();
-    tokio::time::timeout(Duration::from_secs(30), async {
-        while let Some(line) = lines.next_line().await.unwrap() {
-            if line.contains("the broker did not answer") {
-                return;
-            }
-        }
-        panic!("exec never said it would ask again")
-    })
-    .await
-    .unwrap();
-    b.start_again().await;
-    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
-        .await
-        .expect("exec completes the task once the broker is back")
-        .unwrap();
-    let rest = rest_of(&mut lines).await;
-    assert_eq!(status.code(), Some(0), "{rest}");
-    assert!(
-        rest.contains("completed; its credentials are revoked"),
-        "{rest}"
-    );
-    all_revoked(&b, &agent).await;
 }

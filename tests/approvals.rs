@@ -583,27 +583,3 @@ when { principal.risk_tier == 3 };"#;
     let v = decide(b, &ap.bob, &id, "approve").await.expect(200);
     assert_eq!(v["state"], "approved", "{v}");
 }
-
-/// The console lists every pending approval, however many were decided
-/// since the oldest was asked (it read the newest 200 of any state).
-#[tokio::test]
-async fn the_console_lists_an_old_pending_approval_behind_many_decided() {
-    let w = world("").await;
-    let (b, ap) = (&w.b, &w.ap);
-    let (_, s) = b.agent_with_task("behind", "platform").await;
-    let old = ask(b, &s.token, "any-approver").await;
-    let (_, busy) = b.agent_with_task("busy", "platform").await;
-    for _ in 0..210 {
-        let id = ask(b, &busy.token, "any-approver").await;
-        decide(b, &ap.alice, &id, "deny").await.expect(200);
-    }
-    let console = common::console::ConsoleClient::sign_in(b, &ap.alice).await;
-    let (status, page) = console.page(b, "/ui/approvals").await;
-    assert_eq!(status, 200, "{page}");
-    let (waiting, decided) = page.split_once("Recently decided").unwrap();
-    assert!(
-        waiting.contains(&old),
-        "the old pending approval is not listed"
-    );
-    assert!(!decided.contains(&old));
-}
