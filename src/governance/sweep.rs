@@ -10,7 +10,7 @@ use time::OffsetDateTime;
 use super::compliance::{self, Facts, Issue, Reachable};
 use super::maturity::{self, AgentMaturity};
 use super::people::{Directory, Standing};
-use super::reviews::{ReviewFilter, ReviewState};
+use super::reviews::ReviewFilter;
 use super::{Finding, ScopeUsage};
 use crate::audit::{Actor, AuditEvent};
 use crate::broker::{Broker, BrokerResult};
@@ -400,31 +400,16 @@ impl Broker {
             return Ok(());
         }
         let campaigns = self.store.review_campaigns().await?;
-        for listed in open {
+        for i in open {
             let mut tx = self.store.begin().await?;
-            // As the store has it now; decided meanwhile, that decision stands.
-            let Some(mut i) = tx.review_item(&listed.id).await? else {
-                continue;
-            };
-            i.state = ReviewState::Cancelled;
-            i.decided_at = Some(now());
-            if !tx.save_review_item(&i).await? {
-                continue;
+            let actor = Actor::System;
+            let reason = "agent decommissioned";
+            if self
+                .cancel_review_item(&mut *tx, &actor, &i.id, reason, &campaigns, now())
+                .await?
+            {
+                tx.commit().await?;
             }
-            // Its Slack message and webhooks learn it is closed.
-            if let Some(c) = campaigns.iter().find(|c| c.id == i.campaign_id) {
-                for n in self.notifier.review_decided(&i, c) {
-                    tx.insert_notification(&n).await?;
-                }
-            }
-            tx.audit(
-                AuditEvent::new(&Actor::System, "review.cancelled")
-                    .agent(&a.id)
-                    .reason("agent decommissioned")
-                    .details(serde_json::json!({ "campaign": i.campaign_id, "item": i.id })),
-            )
-            .await?;
-            tx.commit().await?;
         }
         self.notifier.wake();
         Ok(())

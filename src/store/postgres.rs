@@ -355,15 +355,7 @@ impl Store for PostgresStore {
     async fn live_leases_of_tasks(&self, task_ids: &[String]) -> StoreResult<Vec<Lease>> {
         let mut out = Vec::new();
         for chunk in task_ids.chunks(500) {
-            let mut q = QueryBuilder::<Postgres>::new(
-                "SELECT * FROM leases WHERE state IN ('pending', 'active', 'revoking', 'expiring') \
-                 AND task_id IN (",
-            );
-            let mut ids = q.separated(", ");
-            for id in chunk {
-                ids.push_bind(id.clone());
-            }
-            q.push(") ORDER BY created_at, id");
+            let mut q = super::sql::live_leases_of_tasks::<Postgres>(chunk);
             for r in q.build().fetch_all(&self.read).await?.iter() {
                 out.push(lease_from_row(r)?);
             }

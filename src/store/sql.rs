@@ -61,3 +61,21 @@ where
         Selector::All => {}
     }
 }
+
+/// The query of the live leases of `task_ids` (at most a few hundred: the
+/// caller reads many in chunks), oldest first.
+pub(super) fn live_leases_of_tasks<DB: Database>(task_ids: &[String]) -> QueryBuilder<DB>
+where
+    for<'t> String: Encode<'t, DB> + Type<DB>,
+{
+    let mut q = QueryBuilder::<DB>::new(
+        "SELECT * FROM leases WHERE state IN ('pending', 'active', 'revoking', 'expiring') \
+         AND task_id IN (",
+    );
+    let mut ids = q.separated(", ");
+    for id in task_ids {
+        ids.push_bind(id.clone());
+    }
+    q.push(") ORDER BY created_at, id");
+    q
+}

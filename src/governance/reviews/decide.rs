@@ -218,31 +218,10 @@ impl Broker {
                 cur.decided_at = Some(t);
                 if matches!(state, ReviewState::Attested | ReviewState::Narrowed) {
                     tx.mark_reviewed(&cur.agent_id, t).await?;
-                    for listed in others {
-                        // As the store has it now; closed meanwhile
-                        // (decided, cancelled), it is left as is.
-                        let Some(mut other) = tx.review_item(&listed.id).await? else {
-                            continue;
-                        };
-                        other.state = ReviewState::Cancelled;
-                        other.decided_at = Some(t);
-                        if !tx.save_review_item(&other).await? {
-                            continue;
-                        }
-                        if let Some(c) = campaigns.iter().find(|c| c.id == other.campaign_id) {
-                            for n in self.notifier.review_decided(&other, c) {
-                                tx.insert_notification(&n).await?;
-                            }
-                        }
-                        tx.audit(
-                            AuditEvent::new(actor, "review.cancelled")
-                                .agent(&other.agent_id)
-                                .reason(format!("reviewed in item `{}`", cur.id))
-                                .details(serde_json::json!({
-                                    "campaign": other.campaign_id, "item": other.id,
-                                })),
-                        )
-                        .await?;
+                    let why = format!("reviewed in item `{}`", cur.id);
+                    for other in others {
+                        self.cancel_review_item(&mut *tx, actor, &other.id, &why, &campaigns, t)
+                            .await?;
                     }
                 }
                 format!("review.{}", state.as_str())
@@ -284,5 +263,40 @@ impl Broker {
             self.notifier.wake();
         }
         Ok(cur)
+    }
+
+    /// Cancels open review item `id` in `tx`, as the store has it there (one
+    /// decided meanwhile stays decided), telling its Slack message and
+    /// webhooks, audited with `reason`. Whether it was cancelled.
+    pub(crate) async fn cancel_review_item(
+        &self,
+        tx: &mut dyn crate::store::StoreTx,
+        actor: &Actor,
+        id: &str,
+        reason: &str,
+        campaigns: &[super::Campaign],
+        at: time::OffsetDateTime,
+    ) -> BrokerResult<bool> {
+        let Some(mut i) = tx.review_item(id).await? else {
+            return Ok(false);
+        };
+        i.state = ReviewState::Cancelled;
+        i.decided_at = Some(at);
+        if !tx.save_review_item(&i).await? {
+            return Ok(false);
+        }
+        if let Some(c) = campaigns.iter().find(|c| c.id == i.campaign_id) {
+            for n in self.notifier.review_decided(&i, c) {
+                tx.insert_notification(&n).await?;
+            }
+        }
+        tx.audit(
+            AuditEvent::new(actor, "review.cancelled")
+                .agent(&i.agent_id)
+                .reason(reason.to_owned())
+                .details(serde_json::json!({ "campaign": i.campaign_id, "item": i.id })),
+        )
+        .await?;
+        Ok(true)
     }
 }

@@ -3,7 +3,7 @@
 //! of many tasks (a kill switch's preview).
 
 use sqlx::sqlite::SqliteConnection;
-use sqlx::{QueryBuilder, Row, Sqlite};
+use sqlx::{Row, Sqlite};
 use time::OffsetDateTime;
 
 use super::reads::Reads;
@@ -69,15 +69,7 @@ pub(super) async fn unexpired_holdings(
 pub(super) async fn live_of_tasks(reads: &Reads, task_ids: &[String]) -> StoreResult<Vec<Lease>> {
     let mut out = Vec::new();
     for chunk in task_ids.chunks(500) {
-        let mut q = QueryBuilder::<Sqlite>::new(
-            "SELECT * FROM leases WHERE state IN ('pending', 'active', 'revoking', 'expiring') \
-             AND task_id IN (",
-        );
-        let mut ids = q.separated(", ");
-        for id in chunk {
-            ids.push_bind(id.clone());
-        }
-        q.push(") ORDER BY created_at, id");
+        let mut q = crate::store::sql::live_leases_of_tasks::<Sqlite>(chunk);
         for r in q.build().fetch_all(&mut *reads.get().await?).await?.iter() {
             out.push(lease_from_row(r)?);
         }
