@@ -129,32 +129,50 @@ async fn the_command_gets_its_credentials_and_they_die_with_it() {
     assert!(!stderr.contains("PRIVATE KEY"), "{stderr}");
 }
 
-#[tokio::test(flavor = "multi_thread")]
-async fn a_signal_reaches_the_command_and_the_task_still_completes() {
-    let b = TestBroker::start_with(Setup::default()).await;
-    let (agent, key) = agent(&b, "exec-sig").await;
-    let script = r#"trap 'echo got-term > term.txt; exit 3' TERM
+/// A command that says it started (`started.txt`), then waits; told
+/// SIGTERM, it says so (`term.txt`) and exits 3.
+pub(super) const UNTIL_TERM: &str = r#"trap 'echo got-term > term.txt; exit 3' TERM
         echo started > started.txt
         while true; do sleep 0.1; done"#;
-    let mut child = exec(&b, &agent, &key, &["--scope", "x509-svid"], script)
-        .stderr(Stdio::null())
-        .spawn()
-        .unwrap();
+
+/// Waits until the command wrote `started.txt` in the broker's dir.
+pub(super) async fn command_started(b: &TestBroker) {
     let started = b.dir.join("started.txt");
     eventually("the command to start", || async {
         started.exists().then_some(())
     })
     .await;
+}
+
+/// Sends SIGTERM to `keygate exec` and waits up to `secs` for it to end
+/// (`what`: why it should, in a timeout's message).
+pub(super) async fn terminate(
+    child: &mut tokio::process::Child,
+    secs: u64,
+    what: &str,
+) -> std::process::ExitStatus {
     let pid = child.id().unwrap().to_string();
     Command::new("kill")
         .args(["-TERM", &pid])
         .status()
         .await
         .unwrap();
-    let status = tokio::time::timeout(Duration::from_secs(30), child.wait())
+    tokio::time::timeout(Duration::from_secs(secs), child.wait())
         .await
-        .expect("keygate exec ends with its command")
+        .expect(what)
+        .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread")]
+async fn a_signal_reaches_the_command_and_the_task_still_completes() {
+    let b = TestBroker::start_with(Setup::default()).await;
+    let (agent, key) = agent(&b, "exec-sig").await;
+    let mut child = exec(&b, &agent, &key, &["--scope", "x509-svid"], UNTIL_TERM)
+        .stderr(Stdio::null())
+        .spawn()
         .unwrap();
+    command_started(&b).await;
+    let status = terminate(&mut child, 30, "keygate exec ends with its command").await;
     assert_eq!(status.code(), Some(3));
     assert_eq!(
         std::fs::read_to_string(b.dir.join("term.txt"))

@@ -9,11 +9,10 @@ use std::time::Duration;
 
 use serde_json::json;
 use tokio::io::{AsyncBufReadExt, BufReader};
-use tokio::process::Command;
 
 use crate::agent_exec::{
-    agent, all_revoked, approve_and_see_it_run, exec, exec_waiting, exec_waiting_up_to, leases_of,
-    rest_of,
+    UNTIL_TERM, agent, all_revoked, approve_and_see_it_run, command_started, exec, exec_waiting,
+    exec_waiting_up_to, leases_of, rest_of, terminate,
 };
 use crate::common;
 use common::{Setup, TestBroker, eventually};
@@ -138,11 +137,8 @@ async fn a_short_lived_credential_is_refreshed_under_the_running_command() {
 async fn a_refresh_waiting_for_approval_holds_up_no_signal_and_no_exit() {
     let b = TestBroker::start_with(Setup::default()).await;
     let (agent, key) = agent(&b, "exec-refwait").await;
-    let script = r#"trap 'echo got-term > term.txt; exit 3' TERM
-        echo started > started.txt
-        while true; do sleep 0.1; done"#;
     let (mut child, first, _lines) =
-        exec_waiting(&b, &agent, &key, &["--credential-ttl", "6"], script).await;
+        exec_waiting(&b, &agent, &key, &["--credential-ttl", "6"], UNTIL_TERM).await;
     b.post(
         &format!("/v1/approvals/{first}/decision"),
         Some(&b.ops.approver),
@@ -150,11 +146,7 @@ async fn a_refresh_waiting_for_approval_holds_up_no_signal_and_no_exit() {
     )
     .await
     .expect(200);
-    let started = b.dir.join("started.txt");
-    eventually("the command to start", || async {
-        started.exists().then_some(())
-    })
-    .await;
+    command_started(&b).await;
     // At two thirds of its life the certificate is asked for again, which
     // waits for a new approval.
     eventually("the refresh's approval", || async {
@@ -172,16 +164,12 @@ async fn a_refresh_waiting_for_approval_holds_up_no_signal_and_no_exit() {
             .then_some(())
     })
     .await;
-    let pid = child.id().unwrap().to_string();
-    Command::new("kill")
-        .args(["-TERM", &pid])
-        .status()
-        .await
-        .unwrap();
-    let status = tokio::time::timeout(Duration::from_secs(15), child.wait())
-        .await
-        .expect("keygate exec ends with its command, not with the refresh")
-        .unwrap();
+    let status = terminate(
+        &mut child,
+        15,
+        "keygate exec ends with its command, not with the refresh",
+    )
+    .await;
     assert_eq!(status.code(), Some(3));
     assert!(
         b.dir.join("term.txt").exists(),
@@ -205,11 +193,7 @@ async fn the_task_is_completed_after_a_broker_restart_at_the_commands_exit() {
         .spawn()
         .unwrap();
     let mut lines = BufReader::new(child.stderr.take().unwrap()).lines();
-    let started = b.dir.join("started.txt");
-    eventually("the command to start", || async {
-        started.exists().then_some(())
-    })
-    .await;
+    command_started(&b).await;
     b.stop_gracefully().await;
     std::fs::write(b.dir.join("go.txt"), "").unwrap();
     tokio::time::timeout(Duration::from_secs(30), async {

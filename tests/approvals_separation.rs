@@ -89,6 +89,41 @@ async fn a_sponsor_named_meanwhile_cannot_approve_alone() {
     assert_eq!(v["state"], "approved", "{v}");
 }
 
+/// Approval `id` asks one approver, decidable in Slack; `raised` is raised
+/// to tier 3 (the agent itself or a delegator): a Slack click is refused,
+/// one approval leaves it pending (`what` if not), and two grant it.
+async fn raised_to_tier_3(w: &crate::approvals::World, id: &str, raised: &str, what: &str) {
+    let (b, ap) = (&w.b, &w.ap);
+    let a = b.admin_get(&format!("/v1/approvals/{id}")).await;
+    assert_eq!(
+        (&a["required"], &a["confirm_in_api"]),
+        (&json!(1), &json!(false)),
+        "{a}"
+    );
+    b.patch_agent(raised, &json!({ "risk_tier": 3 }))
+        .await
+        .expect(200);
+    let click = click_body("UALICE", "keygate_approve", id, &w.slack.response_url(3));
+    let v = post_click(b, &click, Some(SIGNING_SECRET), unix_now())
+        .await
+        .expect(200);
+    assert!(
+        v["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("must be decided in Keygate")),
+        "{v}"
+    );
+    let v = decide(b, &ap.alice, id, "approve").await.expect(200);
+    assert_eq!(v["state"], "pending", "{what}: {v}");
+    assert_eq!(
+        (&v["required"], &v["confirm_in_api"]),
+        (&json!(2), &json!(true)),
+        "{v}"
+    );
+    let v = decide(b, &ap.bob, id, "approve").await.expect(200);
+    assert_eq!(v["state"], "approved", "{v}");
+}
+
 /// An approval counts towards the quorum only while whoever gave it still
 /// may decide: one given by an approver who departed since does not.
 #[tokio::test]
@@ -123,40 +158,10 @@ async fn a_departed_approvers_earlier_approval_no_longer_counts() {
 #[tokio::test]
 async fn a_risk_tier_raised_while_a_request_waits_raises_its_bar() {
     let w = world("[approvals]\nconfirm_in_api_tiers = [3]\n").await;
-    let (b, ap) = (&w.b, &w.ap);
+    let b = &w.b;
     let (agent, s) = b.agent_with_task("raised", "platform").await;
     let id = ask(b, &s.token, "any-approver").await;
-    let a = b.admin_get(&format!("/v1/approvals/{id}")).await;
-    assert_eq!(
-        (&a["required"], &a["confirm_in_api"]),
-        (&json!(1), &json!(false)),
-        "{a}"
-    );
-    b.patch_agent(&agent.id, &json!({ "risk_tier": 3 }))
-        .await
-        .expect(200);
-    let click = click_body("UALICE", "keygate_approve", &id, &w.slack.response_url(3));
-    let v = post_click(b, &click, Some(SIGNING_SECRET), unix_now())
-        .await
-        .expect(200);
-    assert!(
-        v["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("must be decided in Keygate")),
-        "{v}"
-    );
-    let v = decide(b, &ap.alice, &id, "approve").await.expect(200);
-    assert_eq!(
-        v["state"], "pending",
-        "one approval granted a tier-3 request: {v}"
-    );
-    assert_eq!(
-        (&v["required"], &v["confirm_in_api"]),
-        (&json!(2), &json!(true)),
-        "{v}"
-    );
-    let v = decide(b, &ap.bob, &id, "approve").await.expect(200);
-    assert_eq!(v["state"], "approved", "{v}");
+    raised_to_tier_3(&w, &id, &agent.id, "one approval granted a tier-3 request").await;
 }
 
 /// The chain as it is at the decision: a delegator raised to tier 3 while
@@ -169,40 +174,16 @@ async fn a_delegators_tier_raised_while_a_request_waits_raises_its_bar() {
         &[("tier3.cedar", PERMIT_TIER_3)],
     )
     .await;
-    let (b, ap) = (&w.b, &w.ap);
+    let b = &w.b;
     let (token, orch) = delegated(b, "draised", 1).await;
     let id = ask(b, &token, "any-approver").await;
-    let a = b.admin_get(&format!("/v1/approvals/{id}")).await;
-    assert_eq!(
-        (&a["required"], &a["confirm_in_api"]),
-        (&json!(1), &json!(false)),
-        "{a}"
-    );
-    b.patch_agent(&orch, &json!({ "risk_tier": 3 }))
-        .await
-        .expect(200);
-    let click = click_body("UALICE", "keygate_approve", &id, &w.slack.response_url(3));
-    let v = post_click(b, &click, Some(SIGNING_SECRET), unix_now())
-        .await
-        .expect(200);
-    assert!(
-        v["message"]
-            .as_str()
-            .is_some_and(|m| m.contains("must be decided in Keygate")),
-        "{v}"
-    );
-    let v = decide(b, &ap.alice, &id, "approve").await.expect(200);
-    assert_eq!(
-        v["state"], "pending",
-        "one approval granted a request a tier-3 delegator answers for: {v}"
-    );
-    assert_eq!(
-        (&v["required"], &v["confirm_in_api"]),
-        (&json!(2), &json!(true)),
-        "{v}"
-    );
-    let v = decide(b, &ap.bob, &id, "approve").await.expect(200);
-    assert_eq!(v["state"], "approved", "{v}");
+    raised_to_tier_3(
+        &w,
+        &id,
+        &orch,
+        "one approval granted a request a tier-3 delegator answers for",
+    )
+    .await;
 }
 
 /// A delegator's sponsor named after its sub-agent's request was made may

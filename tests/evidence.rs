@@ -11,6 +11,33 @@ use serde_json::{Value, json};
 
 const PROVISIONING: &str = "[provisioning]\nrequire_approval = true\napprovals = 1\n";
 
+/// Today's evidence pack, written by `keygate evidence` as the auditor into
+/// the broker's dir: its folder.
+async fn todays_pack(b: &TestBroker) -> std::path::PathBuf {
+    let today = time::OffsetDateTime::now_utc().date().to_string();
+    let out = b.dir.join("pack");
+    let run = b
+        .cli(
+            &[
+                "evidence",
+                "--from",
+                &today,
+                "--to",
+                &today,
+                "--out",
+                out.to_str().unwrap(),
+            ],
+            Some(&b.ops.auditor),
+        )
+        .await;
+    assert!(
+        run.status.success(),
+        "{}",
+        String::from_utf8_lossy(&run.stderr)
+    );
+    out
+}
+
 #[tokio::test]
 async fn the_evidence_pack_holds_the_periods_records_and_verifies_against_the_audit_log() {
     let mut setup = Setup::permissive();
@@ -131,27 +158,7 @@ async fn the_evidence_pack_holds_the_periods_records_and_verifies_against_the_au
         "{compliance}"
     );
 
-    let today = time::OffsetDateTime::now_utc().date().to_string();
-    let out = b.dir.join("pack");
-    let run = b
-        .cli(
-            &[
-                "evidence",
-                "--from",
-                &today,
-                "--to",
-                &today,
-                "--out",
-                out.to_str().unwrap(),
-            ],
-            Some(&b.ops.auditor),
-        )
-        .await;
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
+    let out = todays_pack(&b).await;
     let read = |name: &str| -> Value {
         serde_json::from_slice(&std::fs::read(out.join(name)).unwrap()).unwrap()
     };
@@ -328,27 +335,7 @@ async fn an_ownership_change_answered_by_retiring_the_agent_is_in_time() {
     )
     .await
     .expect(200);
-    let today = time::OffsetDateTime::now_utc().date().to_string();
-    let out = b.dir.join("pack");
-    let run = b
-        .cli(
-            &[
-                "evidence",
-                "--from",
-                &today,
-                "--to",
-                &today,
-                "--out",
-                out.to_str().unwrap(),
-            ],
-            Some(&b.ops.auditor),
-        )
-        .await;
-    assert!(
-        run.status.success(),
-        "{}",
-        String::from_utf8_lossy(&run.stderr)
-    );
+    let out = todays_pack(&b).await;
     let records: Value =
         serde_json::from_slice(&std::fs::read(out.join("deprovisioning.json")).unwrap()).unwrap();
     let change = records

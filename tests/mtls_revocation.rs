@@ -5,16 +5,15 @@
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use crate::common;
-use crate::mtls::{start_trusting, svid_client, token};
+use crate::mtls::{World, start_trusting, svid_client, token};
 
 use common::{TRUST_DOMAIN, TestAgent};
 use serde_json::json;
 
-#[tokio::test]
-async fn a_certificate_keygate_revoked_no_longer_authenticates() {
-    // The mTLS listener trusts the broker's own CA: its X.509-SVIDs log in.
-    let w = start_trusting(Some("ca/ca-cert.pem")).await;
-    let agent = TestAgent::new("revsvid", "ES256");
+/// An agent bound to its SPIFFE ID (it keeps its key too, to open the task
+/// its X.509-SVIDs are issued in), and that task.
+async fn svid_agent(w: &World, prefix: &str) -> (TestAgent, common::Session) {
+    let agent = TestAgent::new(prefix, "ES256");
     let mut spec = agent.spec("platform");
     spec["federated"] = json!({
         "issuer": "spiffe",
@@ -22,6 +21,14 @@ async fn a_certificate_keygate_revoked_no_longer_authenticates() {
     });
     w.b.admin_post("/v1/agents", &spec).await.expect(201);
     let s = w.b.token(&agent).await;
+    (agent, s)
+}
+
+#[tokio::test]
+async fn a_certificate_keygate_revoked_no_longer_authenticates() {
+    // The mTLS listener trusts the broker's own CA: its X.509-SVIDs log in.
+    let w = start_trusting(Some("ca/ca-cert.pem")).await;
+    let (agent, s) = svid_agent(&w, "revsvid").await;
     let cred = w.b.x509(&s.token, Some(600)).await;
     let c = svid_client(&w, &cred);
     let (status, v) = token(&c, &w, &agent.id).await.unwrap();
@@ -84,14 +91,7 @@ async fn a_certificate_keygate_revoked_no_longer_authenticates() {
 #[tokio::test]
 async fn a_certificate_revoked_before_the_ca_rotated_stays_refused() {
     let mut w = start_trusting(Some("ca/ca-cert.pem")).await;
-    let agent = TestAgent::new("rotsvid", "ES256");
-    let mut spec = agent.spec("platform");
-    spec["federated"] = json!({
-        "issuer": "spiffe",
-        "subject": format!("spiffe://{TRUST_DOMAIN}/agent/{}", agent.id),
-    });
-    w.b.admin_post("/v1/agents", &spec).await.expect(201);
-    let s = w.b.token(&agent).await;
+    let (agent, s) = svid_agent(&w, "rotsvid").await;
     let revoked = w.b.x509(&s.token, Some(600)).await;
     let live = w.b.x509(&s.token, Some(600)).await;
     let lease = revoked["lease_id"].as_str().unwrap();
@@ -161,14 +161,7 @@ async fn an_unreadable_revocation_list_refuses_certificates_with_a_retryable_err
         return;
     }
     let w = start_trusting(Some("ca/ca-cert.pem")).await;
-    let agent = TestAgent::new("crlread", "ES256");
-    let mut spec = agent.spec("platform");
-    spec["federated"] = json!({
-        "issuer": "spiffe",
-        "subject": format!("spiffe://{TRUST_DOMAIN}/agent/{}", agent.id),
-    });
-    w.b.admin_post("/v1/agents", &spec).await.expect(201);
-    let s = w.b.token(&agent).await;
+    let (agent, s) = svid_agent(&w, "crlread").await;
     let cred = w.b.x509(&s.token, Some(600)).await;
     let c = svid_client(&w, &cred);
     let (status, v) = token(&c, &w, &agent.id).await.unwrap();

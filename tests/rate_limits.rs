@@ -7,6 +7,7 @@
 
 use crate::common;
 
+use common::console::ConsoleClient;
 use common::{JWT_BEARER, Resp, Setup, TestAgent, TestBroker, eventually};
 use serde_json::json;
 
@@ -240,19 +241,8 @@ async fn failed_operator_tokens_are_limited_and_audited_in_bursts() {
 
     // A bad token at the console's sign-in is audited from its address
     // (a burst of its own: another kind of failure).
-    let login = b.http.get(b.url("/ui/login")).send().await.unwrap();
-    let cookie = login.headers()["set-cookie"].to_str().unwrap();
-    let cookie = cookie.split(';').next().unwrap().to_owned();
-    let nonce = cookie.split_once('=').unwrap().1.to_owned();
-    let r = b
-        .http
-        .post(b.url("/ui/login"))
-        .header("cookie", &cookie)
-        .form(&[("token", "not-a-console-token"), ("login_csrf", &nonce)])
-        .send()
-        .await
-        .unwrap();
-    assert_eq!(r.status(), 401);
+    let (status, _) = ConsoleClient::try_sign_in(&b, "not-a-console-token").await;
+    assert_eq!(status, 401);
     let fails = b.audit("action=operator.auth").await;
     let console = fails
         .iter()

@@ -6,7 +6,7 @@
 use crate::common;
 
 use common::TestAgent;
-use common::governance::{DAY, SPONSOR, exec, item_of, sweep};
+use common::governance::{SPONSOR, campaign_due, item_of, sweep};
 use serde_json::json;
 
 const SIGNING: &str = "review-signing-secret";
@@ -180,12 +180,7 @@ secret = "env:KG_REVIEW_HOOK"
         .unwrap()
         .to_owned();
     let cid = started["campaign"]["id"].as_str().unwrap().to_owned();
-    exec(
-        &b,
-        "UPDATE review_campaigns SET due_at = ? WHERE id = ?",
-        &[&(now - DAY).to_string(), &cid],
-    )
-    .await;
+    campaign_due(&b, &cid, 1).await;
     // Both agents are in it: both items escalate.
     assert_eq!(sweep(&b).await["escalated"], 2);
     let escalation = common::eventually("the escalation is posted", || async {

@@ -5,7 +5,9 @@
 
 use crate::common;
 
-use common::governance::{DAY, SPONSOR, compliance, exec, issue, item_of, start, sweep};
+use common::governance::{
+    DAY, SPONSOR, campaign_due, compliance, exec, issue, item_of, start, sweep,
+};
 use common::{TestAgent, TestBroker};
 use serde_json::{Value, json};
 
@@ -364,13 +366,7 @@ async fn an_overdue_review_escalates_to_the_team_lead_then_the_overdue_action() 
     assert!(sweep(&b).await["escalated"] == 0);
 
     // Eight days on: due yesterday. Escalated once, to the lead.
-    let now = common::unix_now();
-    exec(
-        &b,
-        "UPDATE review_campaigns SET due_at = ? WHERE id = ?",
-        &[&(now - DAY).to_string(), &cid],
-    )
-    .await;
+    campaign_due(&b, &cid, 1).await;
     let r = sweep(&b).await;
     assert_eq!(r["escalated"], 1, "{r}");
     assert_eq!(sweep(&b).await["escalated"], 0, "escalated once");
@@ -385,12 +381,7 @@ async fn an_overdue_review_escalates_to_the_team_lead_then_the_overdue_action() 
     assert_eq!(c["status"], "active");
 
     // Past the grace: suspended without an operator.
-    exec(
-        &b,
-        "UPDATE review_campaigns SET due_at = ? WHERE id = ?",
-        &[&(now - 4 * DAY).to_string(), &cid],
-    )
-    .await;
+    campaign_due(&b, &cid, 4).await;
     sweep(&b).await;
     let a = b.admin_get(&format!("/v1/agents/{}", agent.id)).await;
     assert_eq!(a["status"], "suspended", "{a}");

@@ -8,7 +8,7 @@ use crate::common;
 use crate::reviews::decide;
 
 use common::TestAgent;
-use common::governance::{DAY, SPONSOR, exec, item_of, start, sweep};
+use common::governance::{SPONSOR, campaign_due, item_of, start, sweep};
 use serde_json::json;
 
 /// A review in one campaign is the agent's review: its items still open
@@ -52,13 +52,7 @@ async fn attesting_an_agent_closes_its_items_in_other_campaigns() {
     // Long past the first campaign's due date: nothing escalates, nothing
     // is suspended.
     let cid = first["campaign"]["id"].as_str().unwrap();
-    let past = (common::unix_now() - 10 * DAY).to_string();
-    exec(
-        &b,
-        "UPDATE review_campaigns SET due_at = ? WHERE id = ?",
-        &[&past, cid],
-    )
-    .await;
+    campaign_due(&b, cid, 10).await;
     assert_eq!(sweep(&b).await["escalated"], 0);
     let a = b.admin_get(&format!("/v1/agents/{}", agent.id)).await;
     assert_eq!(a["status"], "active", "{a}");
@@ -82,13 +76,7 @@ async fn an_overdue_item_of_a_retired_agent_is_cancelled_not_escalated() {
     .await
     .expect(200);
     let cid = started["campaign"]["id"].as_str().unwrap();
-    let past = (common::unix_now() - DAY).to_string();
-    exec(
-        &b,
-        "UPDATE review_campaigns SET due_at = ? WHERE id = ?",
-        &[&past, cid],
-    )
-    .await;
+    campaign_due(&b, cid, 1).await;
     assert_eq!(sweep(&b).await["escalated"], 0);
     assert!(b.audit("action=review.escalated").await.is_empty());
     let view = b.admin_get("/v1/reviews/gone").await;

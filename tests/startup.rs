@@ -286,6 +286,27 @@ async fn a_bad_worker_count_is_refused_by_name_and_a_good_one_serves() {
     }
 }
 
+/// A broker whose agent holds a live X.509-SVID, stopped: its task and the
+/// credential.
+async fn stopped_holding_a_certificate(
+    prefix: &str,
+) -> (TestBroker, common::Session, serde_json::Value) {
+    let mut b = TestBroker::start().await;
+    let agent = TestAgent::new(prefix, "ES256");
+    b.register(&agent, "platform").await;
+    let s = b.token(&agent).await;
+    let cred = b.x509(&s.token, Some(600)).await;
+    b.stop_gracefully().await;
+    (b, s, cred)
+}
+
+/// The config with the local CA `ca` renamed `ca2`, its scopes too.
+fn ca_renamed(config: &str) -> String {
+    config
+        .replace("[providers.ca]", "[providers.ca2]")
+        .replace(r#"provider = "ca""#, r#"provider = "ca2""#)
+}
+
 /// Provider names are the store's keys: a provider still holding live
 /// credentials cannot be renamed (or removed) away, so none is left that
 /// could be neither revoked nor checked. Once what it holds has ended,
@@ -295,22 +316,15 @@ async fn a_bad_worker_count_is_refused_by_name_and_a_good_one_serves() {
 #[tokio::test]
 async fn a_provider_still_holding_credentials_is_not_renamed_away() {
     use common::store::{Engine, engine};
-    let mut b = TestBroker::start().await;
-    let agent = TestAgent::new("renamed", "ES256");
-    b.register(&agent, "platform").await;
-    let s = b.token(&agent).await;
-    let cred = b.x509(&s.token, Some(600)).await;
+    let (mut b, s, cred) = stopped_holding_a_certificate("renamed").await;
     let cert = cred["credential"]["certificate"]
         .as_str()
         .unwrap()
         .to_owned();
-    b.stop_gracefully().await;
 
     let config = b.dir.join("keygate.toml");
     let original = std::fs::read_to_string(&config).unwrap();
-    let renamed = original
-        .replace("[providers.ca]", "[providers.ca2]")
-        .replace(r#"provider = "ca""#, r#"provider = "ca2""#);
+    let renamed = ca_renamed(&original);
     assert!(renamed.contains("[providers.ca2]") && !renamed.contains(r#"provider = "ca""#));
     std::fs::write(&config, &renamed).unwrap();
     let err = refused(&b).await;
@@ -358,12 +372,7 @@ async fn a_provider_still_holding_credentials_is_not_renamed_away() {
 /// is audited; listing one still configured is refused.
 #[tokio::test]
 async fn a_provider_given_up_in_config_no_longer_stops_the_start() {
-    let mut b = TestBroker::start().await;
-    let agent = TestAgent::new("abandoned", "ES256");
-    b.register(&agent, "platform").await;
-    let s = b.token(&agent).await;
-    b.x509(&s.token, Some(600)).await;
-    b.stop_gracefully().await;
+    let (mut b, _, _) = stopped_holding_a_certificate("abandoned").await;
     let config = b.dir.join("keygate.toml");
     let original = std::fs::read_to_string(&config).unwrap();
     assert!(original.contains("[leases]\n"), "{original}");
@@ -375,10 +384,8 @@ async fn a_provider_given_up_in_config_no_longer_stops_the_start() {
     let err = refused(&b).await;
     assert!(err.contains("names `ca`, which is configured"), "{err}");
 
-    let gone = original
-        .replace("[providers.ca]", "[providers.ca2]")
-        .replace(r#"provider = "ca""#, r#"provider = "ca2""#)
-        .replace("[leases]\n", "[leases]\nabandoned_providers = [\"ca\"]\n");
+    let gone =
+        ca_renamed(&original).replace("[leases]\n", "[leases]\nabandoned_providers = [\"ca\"]\n");
     std::fs::write(&config, gone).unwrap();
     b.start_again().await;
     let ev = b.audit("action=provider.abandoned").await;

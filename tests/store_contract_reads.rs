@@ -6,6 +6,23 @@
 
 use crate::store_contract::{agent_with_tasks, db_path, lease_in, open};
 
+/// Writes lease `l` as issued (revocable) until `until`.
+async fn issued_until(
+    tx: &mut dyn keygate::store::StoreTx,
+    l: &keygate::model::Lease,
+    until: time::OffsetDateTime,
+) {
+    assert!(tx.insert_lease(l).await.unwrap().written());
+    tx.record_issued(
+        &l.id,
+        &serde_json::json!({}),
+        keygate::model::Revocability::Revocable,
+        until,
+    )
+    .await
+    .unwrap();
+}
+
 /// The reaper reads expired active leases a page at a time, in order of
 /// expiry then id, and only those queued by id whose expiry passed are.
 #[tokio::test]
@@ -23,21 +40,13 @@ async fn expired_leases_are_read_in_pages_and_queued_by_id() {
     ];
     let mut tx = store.begin().await.unwrap();
     for (i, l) in leases.iter().enumerate() {
-        assert!(tx.insert_lease(l).await.unwrap().written());
         // Two share an expiry; the last has not expired.
         let until = match i {
             0 | 1 => t - time::Duration::seconds(10),
             2 => t - time::Duration::seconds(5),
             _ => t + time::Duration::minutes(5),
         };
-        tx.record_issued(
-            &l.id,
-            &serde_json::json!({}),
-            keygate::model::Revocability::Revocable,
-            until,
-        )
-        .await
-        .unwrap();
+        issued_until(tx.as_mut(), l, until).await;
     }
     tx.commit().await.unwrap();
     let mut read = Vec::new();
@@ -81,15 +90,7 @@ async fn an_expired_lease_a_renewal_extended_is_queued_for_revocation() {
         (&expired, t - time::Duration::seconds(1)),
         (&active, t + time::Duration::minutes(5)),
     ] {
-        assert!(tx.insert_lease(l).await.unwrap().written());
-        tx.record_issued(
-            &l.id,
-            &serde_json::json!({}),
-            keygate::model::Revocability::Revocable,
-            until,
-        )
-        .await
-        .unwrap();
+        issued_until(tx.as_mut(), l, until).await;
     }
     let gone = tx.expire_leases(t).await.unwrap();
     assert_eq!(

@@ -63,15 +63,19 @@ impl ConsoleClient {
         (status, page.expect_err("signed in"))
     }
 
-    /// A console page: its status and where it redirects.
-    pub async fn get(&self, b: &TestBroker, path: &str) -> (u16, Option<String>) {
-        let r = self
-            .http
+    /// GETs a console page with the session's cookie.
+    async fn fetch(&self, b: &TestBroker, path: &str) -> reqwest::Response {
+        self.http
             .get(b.url(path))
             .header("cookie", &self.cookie)
             .send()
             .await
-            .unwrap();
+            .unwrap()
+    }
+
+    /// A console page: its status and where it redirects.
+    pub async fn get(&self, b: &TestBroker, path: &str) -> (u16, Option<String>) {
+        let r = self.fetch(b, path).await;
         let location = r
             .headers()
             .get("location")
@@ -81,13 +85,7 @@ impl ConsoleClient {
 
     /// A console page's status and body (after no redirect).
     pub async fn page(&self, b: &TestBroker, path: &str) -> (u16, String) {
-        let r = self
-            .http
-            .get(b.url(path))
-            .header("cookie", &self.cookie)
-            .send()
-            .await
-            .unwrap();
+        let r = self.fetch(b, path).await;
         (r.status().as_u16(), r.text().await.unwrap())
     }
 

@@ -106,6 +106,17 @@ pub async fn exec(b: &TestBroker, sql: &'static str, binds: &[&str]) {
     b.store_exec(sql, binds).await.unwrap();
 }
 
+/// Moves campaign `id`'s due date to `days_ago` days before now.
+pub async fn campaign_due(b: &TestBroker, id: &str, days_ago: i64) {
+    let at = (super::unix_now() - days_ago * DAY).to_string();
+    exec(
+        b,
+        "UPDATE review_campaigns SET due_at = ? WHERE id = ?",
+        &[&at, id],
+    )
+    .await;
+}
+
 /// The item of `agent` in a started campaign.
 pub fn item_of<'a>(started: &'a Value, agent: &str) -> &'a Value {
     started["items"]
