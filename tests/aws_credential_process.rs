@@ -126,22 +126,34 @@ async fn sdk_refreshes_share_one_task_until_it_ends() {
         assert_eq!(mode_of(&shared.join("c2.json")) & 0o777, 0o600);
     }
     // SDK processes starting at once on a cold cache: each gets a session
-    // (their cache writes never share a temporary file).
+    // (their cache writes never share a temporary file), all of one task:
+    // the first to take the cache's lock opens it, the others find it
+    // cached.
     let cold = b.dir.join("cold/c.json");
     let call = || process_cached(&b, &agent, "reports", &cold);
     let (one, two, three, four) = tokio::join!(call(), call(), call(), call());
-    for (ok, _, err) in [one, two, three, four] {
+    let mut tasks = std::collections::BTreeSet::new();
+    for (ok, out, err) in [one, two, three, four] {
         assert!(ok, "{err}");
+        tasks.insert(session_name(&moto, &out).await);
     }
+    assert_eq!(tasks.len(), 1, "one task opened between them: {tasks:?}");
+    assert!(!tasks.contains(&task), "the cold cache's task is its own");
 
-    // The kill switch ends the task: the next call opens another.
+    // The kill switch ends the task: the next calls open another, one
+    // between them (whoever comes second finds it cached).
     let body = json!({ "agent": agent.id, "reason": "rotate" });
     b.post("/v1/revocations", Some(&b.ops.secops), &body)
         .await
         .expect(200);
-    let (ok, third, err) = process(&b, &agent, "reports").await;
-    assert!(ok, "{err}");
-    assert_ne!(session_name(&moto, &third).await, task);
+    let ((ok, third, err), (ok2, fourth, err2)) = tokio::join!(
+        process(&b, &agent, "reports"),
+        process(&b, &agent, "reports")
+    );
+    assert!(ok && ok2, "{err}{err2}");
+    let reopened = session_name(&moto, &third).await;
+    assert_ne!(reopened, task);
+    assert_eq!(session_name(&moto, &fourth).await, reopened);
 
     // A scope that is not an AWS session is refused, saying so.
     let (ok, out, err) = process(&b, &agent, "x509-svid").await;

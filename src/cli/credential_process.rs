@@ -3,7 +3,11 @@
 //! (`Version: 1`, `Expiration`); the task is kept between calls in a private
 //! cache file (0600), so an SDK refreshing its credentials does not open a
 //! task each time. When the cached task has ended (completed, expired, or
-//! ended by the kill switch), the next call opens a new one.
+//! ended by the kill switch), the next call opens a new one. Calls that
+//! find no task to use (a cold cache, or the cached task ended) decide
+//! under an exclusive lock on a file beside the cache (`<cache>.lock`), so
+//! SDK processes starting at once open one task between them, not one
+//! each.
 //!
 //! The cache holds the task's session token: it is the agent's own secret,
 //! as its key file is, and lives beside it with the same permissions.
@@ -90,10 +94,10 @@ fn load(path: &std::path::Path, args: &CredentialProcessArgs) -> Option<Session>
         .flatten()
 }
 
-fn store(path: &std::path::Path, args: &CredentialProcessArgs, s: &Session) -> anyhow::Result<()> {
-    // A directory that is not there yet is created private (0700); one
-    // that exists is the user's and keeps its permissions (the cache file
-    // itself is 0600 either way).
+/// Creates the cache's directory if it is not there yet, private (0700);
+/// one that exists is the user's and keeps its permissions (the cache file
+/// itself is 0600 either way).
+fn cache_dir(path: &std::path::Path) -> anyhow::Result<()> {
     if let Some(dir) = path.parent()
         && !dir.as_os_str().is_empty()
         && !dir.exists()
@@ -105,6 +109,64 @@ fn store(path: &std::path::Path, args: &CredentialProcessArgs, s: &Session) -> a
         b.create(dir)
             .with_context(|| format!("creating `{}`", dir.display()))?;
     }
+    Ok(())
+}
+
+/// How long a call waits for another to finish opening the task before it
+/// goes on without the lock (a lock file someone else holds open in a
+/// shared directory must not hang every SDK call).
+const LOCK_WAIT: std::time::Duration = std::time::Duration::from_secs(30);
+
+/// An exclusive lock on `<cache>.lock`, held until dropped; `None` when it
+/// cannot be had (the file cannot be opened, or it stays held past
+/// [`LOCK_WAIT`]): the call then goes on alone, as without one.
+async fn lock(path: &std::path::Path) -> Option<std::fs::File> {
+    let mut name = path.as_os_str().to_owned();
+    name.push(".lock");
+    let mut open = std::fs::OpenOptions::new();
+    // Nothing is ever written to it: it exists to be locked.
+    open.append(true).create(true);
+    #[cfg(unix)]
+    std::os::unix::fs::OpenOptionsExt::mode(&mut open, 0o600);
+    let file = open.open(&name).ok()?;
+    let until = std::time::Instant::now() + LOCK_WAIT;
+    loop {
+        match file.try_lock() {
+            Ok(()) => return Some(file),
+            Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < until => {
+                tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+            }
+            Err(_) => {
+                super::exec::note!(
+                    "keygate: `{}` stays locked; opening a task without waiting for it",
+                    std::path::Path::new(&name).display()
+                );
+                return None;
+            }
+        }
+    }
+}
+
+/// The cached task, or a new one opened and cached, decided under the
+/// cache's lock; whether it came from the cache. `ended`: the id of a
+/// cached task found ended, not to be used again (another call may have
+/// opened and cached a new one meanwhile, which is used).
+async fn session(
+    path: &std::path::Path,
+    args: &CredentialProcessArgs,
+    ended: Option<&str>,
+) -> anyhow::Result<(Session, bool)> {
+    cache_dir(path)?;
+    let _held = lock(path).await;
+    if let Some(s) = load(path, args).filter(|s| Some(s.task_id.as_str()) != ended) {
+        return Ok((s, true));
+    }
+    let s = Session::open(&args.agent, &args.task, Some(args.ttl)).await?;
+    store(path, args, &s)?;
+    Ok((s, false))
+}
+
+fn store(path: &std::path::Path, args: &CredentialProcessArgs, s: &Session) -> anyhow::Result<()> {
     let c = Cached {
         server: args.agent.server.clone(),
         agent: args.agent.agent.clone(),
@@ -130,24 +192,18 @@ pub async fn run(args: CredentialProcessArgs) -> anyhow::Result<()> {
     }
     let path = cache_path(&args)?;
     let wait = std::time::Duration::from_secs(600);
-    let cached = match load(&path, &args) {
-        Some(s) => match s.credential(&args.scope, args.credential_ttl, wait).await {
-            Ok(c) => Some((s, c)),
-            // The cached task ended (or the token is no longer good): a
-            // new task below. Anything else is the answer.
-            Err(e) if e.downcast_ref::<Refused>().is_some_and(|r| r.status == 401) => None,
-            Err(e) => return Err(e),
-        },
-        None => None,
-    };
-    let (session, cred) = match cached {
-        Some(found) => found,
-        None => {
-            let s = Session::open(&args.agent, &args.task, Some(args.ttl)).await?;
-            store(&path, &args, &s)?;
+    let (s, cached) = session(&path, &args, None).await?;
+    let (session, cred) = match s.credential(&args.scope, args.credential_ttl, wait).await {
+        Ok(c) => (s, c),
+        // The cached task ended (or the token is no longer good): a new
+        // task, or the one another call opened meanwhile. Anything else is
+        // the answer.
+        Err(e) if cached && e.downcast_ref::<Refused>().is_some_and(|r| r.status == 401) => {
+            let (s, _) = session(&path, &args, Some(&s.task_id)).await?;
             let c = s.credential(&args.scope, args.credential_ttl, wait).await?;
             (s, c)
         }
+        Err(e) => return Err(e),
     };
     match process_json(&args.scope, &cred) {
         Ok(out) => {
