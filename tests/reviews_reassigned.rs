@@ -58,6 +58,55 @@ async fn attesting_an_agent_closes_its_items_in_other_campaigns() {
     assert_eq!(a["status"], "active", "{a}");
 }
 
+/// Attesting an agent's items in two campaigns at the same moment: one
+/// attestation stands and cancels the other item, the other is told its
+/// item changed (409) — never a failure of the store. On PostgreSQL each
+/// decision locks its item and then the other's; without one order for
+/// those locks the two would lock them crosswise and one would die as a
+/// deadlock. Raced for several agents, since the crosswise order needs
+/// both to have locked their own item first.
+#[tokio::test]
+async fn attesting_an_agent_in_two_campaigns_at_once_keeps_one_attestation() {
+    let (b, people) = start("").await;
+    let agents: Vec<TestAgent> = (0..6)
+        .map(|n| TestAgent::new(&format!("rv-race-{n}"), "ES256"))
+        .collect();
+    for a in &agents {
+        b.register(a, "platform").await;
+    }
+    let first = b
+        .admin_post("/v1/reviews", &json!({ "name": "first", "due_days": 7 }))
+        .await
+        .expect(201);
+    let second = b
+        .admin_post("/v1/reviews", &json!({ "name": "second", "due_days": 7 }))
+        .await
+        .expect(201);
+    for a in &agents {
+        let id = |c: &serde_json::Value| item_of(c, &a.id)["id"].as_str().unwrap().to_owned();
+        let (one, two) = (id(&first), id(&second));
+        let attest = json!({ "decision": "attest" });
+        let (r1, r2) = tokio::join!(
+            decide(&b, &people.olga, &one, attest.clone()),
+            decide(&b, &people.olga, &two, attest.clone())
+        );
+        let mut codes = [r1.status.as_u16(), r2.status.as_u16()];
+        codes.sort_unstable();
+        assert_eq!(codes, [200, 409], "{}: {} / {}", a.id, r1.text, r2.text);
+    }
+    let (v1, v2) = (
+        b.admin_get("/v1/reviews/first").await,
+        b.admin_get("/v1/reviews/second").await,
+    );
+    for (what, n) in [("decided", 6), ("cancelled", 6), ("open", 0)] {
+        assert_eq!(
+            v1[what].as_u64().unwrap() + v2[what].as_u64().unwrap(),
+            n,
+            "{what}: {v1} {v2}"
+        );
+    }
+}
+
 /// An overdue item of an agent decommissioned meanwhile is cancelled by
 /// the sweep, not escalated to anyone.
 #[tokio::test]

@@ -199,6 +199,12 @@ impl Broker {
             None => Vec::new(),
         };
         let mut tx = self.store.begin().await?;
+        // The agent first, so decisions on its items take their locks in
+        // one order (PostgreSQL): two closing items of one agent in two
+        // campaigns at once, each cancelling the other's, would otherwise
+        // lock them crosswise and one would fail as a deadlock. The second
+        // waits here, then finds its item cancelled.
+        tx.agent(&item.agent_id).await?;
         let mut cur = tx
             .review_item(&item.id)
             .await?
