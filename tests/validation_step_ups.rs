@@ -386,3 +386,65 @@ async fn an_approval_from_before_a_step_up_is_asked_again() {
         .expect(200);
     assert_eq!(approval["request"]["step_up"], incident, "{approval}");
 }
+
+/// A sub-agent's own step-up does not hide a later one on its
+/// orchestrator: an approval asked through a delegated task while the
+/// sub-agent is stepped up names that incident; approved, and then the
+/// orchestrator is stepped up by another, its redeem is refused (its
+/// approvers were not told of the second), and asked again it names both.
+#[tokio::test]
+async fn a_sub_agents_own_step_up_does_not_hide_a_later_one_on_its_orchestrator() {
+    let b = TestBroker::start_with(Setup {
+        extra_config: "[validation]\nwarm_up_observations = 3\n\n\
+            [[detectors]]\nname = \"new-delegate\"\nsignal = \"new_delegation_target\"\nseverity = \"high\"\naction = \"step_up\"\n\n\
+            [[detectors]]\nname = \"new-network\"\nsignal = \"new_source_network\"\nseverity = \"medium\"\naction = \"step_up\"\n"
+            .into(),
+        ..Setup::permissive()
+    })
+    .await;
+    let (orch, helper, stranger) = (
+        TestAgent::new("chain-orch", "ES256"),
+        TestAgent::new("chain-helper", "ES256"),
+        TestAgent::new("chain-stranger", "ES256"),
+    );
+    let mut spec = orch.spec("platform");
+    spec["delegation"] = json!({ "max_depth": 1, "targets": [helper.id, stranger.id] });
+    b.admin_post("/v1/agents", &spec).await.expect(201);
+    b.register(&helper, "platform").await;
+    b.register(&stranger, "platform").await;
+    let http = reqwest::Client::new();
+    let t = open_task(&b, &http, &orch).await;
+    assert_eq!(ask(&b, &http, &t, "x509-svid").await, 201);
+    let sub = delegate(&b, &t, &helper).await;
+    delegate(&b, &t, &helper).await;
+    // The helper, on a network it was never seen on: stepped up.
+    let own = waiting_from_a_new_network(&b, &helper, "127.1.0.41").await;
+    let body = json!({ "scope": "x509-svid", "ttl": 300, "justification": "batch" });
+    let asked = b.post("/v1/credentials", Some(&sub), &body).await.expect(202);
+    let id = asked["approval_id"].as_str().unwrap().to_owned();
+    approve(&b, &id).await.expect(200);
+    // Then the orchestrator delegates where it never did: stepped up too.
+    delegate(&b, &t, &stranger).await;
+    let list = incidents(&b, &orch).await;
+    assert_eq!(detectors_of(&list), ["new-delegate"], "{list:?}");
+    let later = list[0]["id"].as_str().unwrap();
+    let r = b
+        .post(&format!("/v1/approvals/{id}/redeem"), Some(&sub), &json!({}))
+        .await;
+    assert_eq!(r.status, 409, "{}", r.text);
+    assert!(r.text.contains(later), "{}", r.text);
+    let again = b.post("/v1/credentials", Some(&sub), &body).await.expect(202);
+    let approval = b
+        .get(
+            &format!("/v1/approvals/{}", again["approval_id"].as_str().unwrap()),
+            Some(&b.ops.approver),
+        )
+        .await
+        .expect(200);
+    assert_eq!(
+        approval["request"]["step_ups"],
+        json!([own.incident, later]),
+        "{approval}"
+    );
+    assert_eq!(approval["request"]["step_up"], own.incident.as_str());
+}

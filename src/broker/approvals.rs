@@ -82,7 +82,7 @@ impl Broker {
     }
 
     /// Opens an approval for a sensitive scope that policy permits, or for
-    /// any scope while an incident's step-up (`step_up`) holds.
+    /// any scope while incidents' step-ups (`step_ups`) hold.
     pub(crate) async fn open_credential_approval(
         &self,
         s: &Session,
@@ -90,7 +90,7 @@ impl Broker {
         ttl: u64,
         ask: CredentialAsk,
         decided: AuditEvent,
-        step_up: Option<&crate::model::StepUp>,
+        step_ups: &[crate::model::StepUp],
     ) -> BrokerResult<Approval> {
         let justification = ask
             .justification
@@ -99,11 +99,14 @@ impl Broker {
             .filter(|j| !j.is_empty())
             .unwrap_or(s.task.description.trim())
             .to_owned();
-        let step_up = step_up.map(|u| u.incident.clone());
+        let incidents: Vec<&str> = step_ups.iter().map(|u| u.incident.as_str()).collect();
         if justification.is_empty() {
-            let why = match &step_up {
-                Some(incident) => format!("needs an approval while incident `{incident}` holds"),
-                None => "is sensitive".to_owned(),
+            let why = match incidents.as_slice() {
+                [] => "is sensitive".to_owned(),
+                all => format!(
+                    "needs an approval while incident `{}` holds",
+                    all.join("`, `")
+                ),
             };
             return Err(BrokerError::InvalidRequest(format!(
                 "scope `{}` {why}: say why you need it in `justification` (or open the task with a description)",
@@ -114,9 +117,12 @@ impl Broker {
         // it shrinks every second); `asked_ttl`: what the agent asked.
         let mut request =
             serde_json::json!({ "ttl": ttl, "asked_ttl": ask.ttl, "params": ask.params });
-        if let Some(incident) = step_up {
-            // Approvers see why a scope that needs no approval asks for one.
-            request["step_up"] = serde_json::json!(incident);
+        if let Some(first) = incidents.first() {
+            // Approvers see why a scope that needs no approval asks for one:
+            // every incident whose step-up holds on the agent or a delegator
+            // (`step_up`: the first, as approvals asked before named one).
+            request["step_up"] = serde_json::json!(first);
+            request["step_ups"] = serde_json::json!(incidents);
         }
         // In a delegated task the request is every delegator's too: the
         // highest tier on the chain sets the quorum and whether it must be

@@ -160,27 +160,30 @@ impl Broker {
         result
     }
 
-    /// The step-up on the session's agent, or on any agent that delegated
-    /// to it along the task's chain: a stepped-up orchestrator's requests
-    /// through its sub-agents need a human too.
-    /// The strictest holds: one of every scope anywhere on the chain is not
-    /// hidden by a sub-agent's own step-up of sensitive scopes only.
-    pub(crate) async fn step_up_of(
+    /// Every step-up that sends a request for a scope (`sensitive` or
+    /// not) to a human: the session's agent's own, then those of the
+    /// agents that delegated to it along the task's chain, nearest first (a
+    /// stepped-up orchestrator's requests through its sub-agents need a
+    /// human too), each that covers the scope (every scope, or sensitive
+    /// ones). None hides another: an approval is asked, and redeemed, under
+    /// all of them.
+    pub(crate) async fn step_ups_of(
         &self,
         s: &Session,
-    ) -> BrokerResult<Option<crate::model::StepUp>> {
-        let mut found = s.agent.step_up.clone();
+        sensitive: bool,
+    ) -> BrokerResult<Vec<crate::model::StepUp>> {
+        let covers =
+            |u: &crate::model::StepUp| u.scopes == crate::validation::StepUpScopes::All || sensitive;
+        let mut found: Vec<_> = s.agent.step_up.iter().filter(|u| covers(u)).cloned().collect();
         for id in &s.task.chain {
-            if found
-                .as_ref()
-                .is_some_and(|u| u.scopes == crate::validation::StepUpScopes::All)
+            if let Some(u) = self
+                .store
+                .get_agent(id)
+                .await?
+                .and_then(|a| a.step_up)
+                .filter(covers)
             {
-                break;
-            }
-            if let Some(u) = self.store.get_agent(id).await?.and_then(|a| a.step_up)
-                && (found.is_none() || u.scopes == crate::validation::StepUpScopes::All)
-            {
-                found = Some(u);
+                found.push(u);
             }
         }
         Ok(found)
@@ -225,13 +228,10 @@ impl Broker {
         self.check_usage_rate(s, &ask.scope).await?;
         // An incident's step-up sends this request to a human: every scope,
         // or the sensitive ones without policy's automatic approval.
-        let step_up = self
-            .step_up_of(s)
-            .await?
-            .filter(|u| u.scopes == crate::validation::StepUpScopes::All || scope_cfg.sensitive);
-        if step_up.is_some() {
+        let step_ups = self.step_ups_of(s, scope_cfg.sensitive).await?;
+        if !step_ups.is_empty() {
             return self
-                .open_credential_approval(s, scope_cfg, ttl, ask, decided, step_up.as_ref())
+                .open_credential_approval(s, scope_cfg, ttl, ask, decided, &step_ups)
                 .await
                 .map(|a| CredentialOutcome::Pending(Box::new(a)));
         }
@@ -248,7 +248,7 @@ impl Broker {
                 .map_err(|e| BrokerError::Internal(e.to_string()))?;
             if !auto.allow {
                 return self
-                    .open_credential_approval(s, scope_cfg, ttl, ask, decided, None)
+                    .open_credential_approval(s, scope_cfg, ttl, ask, decided, &[])
                     .await
                     .map(|a| CredentialOutcome::Pending(Box::new(a)));
             }

@@ -136,8 +136,9 @@ pub async fn show(State(b): State<AppState>, v: Viewer, Path(id): Path<String>) 
             @if let Some(t) = &a.task_id { dt { "Task" } dd { code { (t) } } }
             dt { "Justification" } dd.text { (a.justification) }
             dt { "Request" } dd { code.text { (a.request) } }
-            @if let Some(i) = a.request["step_up"].as_str() {
-                dt { "Step-up" } dd.warn { "Incident " (i) " holds: this agent's requests need a human until it is resolved." }
+            @let incidents = a.step_up_incidents();
+            @if !incidents.is_empty() {
+                dt { "Step-up" } dd.warn { "Incident " (incidents.join(", ")) " holds: this agent's requests need a human until it is resolved." }
             }
             dt { "Policies" } dd { @if policies.is_empty() { "none recorded" } @else { (policies.join(", ")) } }
             dt { "Approvals needed" } dd {

@@ -71,6 +71,16 @@ pub struct Approval {
 }
 
 impl Approval {
+    /// The incidents whose step-ups this approval was asked under
+    /// (`request.step_ups`; one, `request.step_up`, in approvals asked
+    /// before every step-up on a delegation chain was named).
+    pub fn step_up_incidents(&self) -> Vec<&str> {
+        match self.request["step_ups"].as_array() {
+            Some(all) => all.iter().filter_map(|i| i.as_str()).collect(),
+            None => self.request["step_up"].as_str().into_iter().collect(),
+        }
+    }
+
     /// Approvals so far.
     pub fn approvals(&self) -> impl Iterator<Item = &ApprovalDecision> {
         self.decisions

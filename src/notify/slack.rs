@@ -165,10 +165,19 @@ pub fn closed_blocks(a: &Approval, by: Option<&str>) -> serde_json::Value {
 
 /// `chat.postMessage` body announcing a pending approval.
 pub fn request_message(a: &Approval, channel: &str, public_url: &str) -> serde_json::Value {
-    let step_up = a.request["step_up"]
-        .as_str()
-        .map(|i| format!("\n*Step-up:* incident `{}` holds: this agent's requests need a human until it is resolved", escape_mrkdwn(i, 64)))
-        .unwrap_or_default();
+    let incidents: Vec<String> = a
+        .step_up_incidents()
+        .iter()
+        .map(|i| escape_mrkdwn(i, 64))
+        .collect();
+    let step_up = if incidents.is_empty() {
+        String::new()
+    } else {
+        format!(
+            "\n*Step-up:* incident `{}` holds: this agent's requests need a human until it is resolved",
+            incidents.join("`, `")
+        )
+    };
     let details = format!(
         "*Justification:* {}\n*Approvals needed:* {}{}\n*Expires:* {}\n*Request:* `{}`{step_up}",
         escape_mrkdwn(&a.justification, MAX_FREE_TEXT),

@@ -68,12 +68,16 @@ impl Broker {
         }
         let scope_name = a.scope.clone().unwrap_or_default();
         let scope_cfg = self.scope_config(&scope_name)?;
-        // A step-up by an incident the approval does not name began after it
-        // was asked: its approvers decided without knowing of it. Asked
-        // again, the new approval names the incident.
-        if let Some(u) = self.step_up_of(s).await?
-            && (u.scopes == crate::validation::StepUpScopes::All || scope_cfg.sensitive)
-            && a.request["step_up"].as_str() != Some(u.incident.as_str())
+        // A step-up by an incident the approval does not name (on the agent
+        // or on any delegator along the chain) began after it was asked:
+        // its approvers decided without knowing of it. Asked again, the new
+        // approval names every incident.
+        let named = a.step_up_incidents();
+        if let Some(u) = self
+            .step_ups_of(s, scope_cfg.sensitive)
+            .await?
+            .into_iter()
+            .find(|u| !named.contains(&u.incident.as_str()))
         {
             return Err(BrokerError::Conflict(format!(
                 "incident `{}` holds a step-up on this agent that approval `{id}` was not asked under (its approvers were not told of it): ask again (the new approval names the incident)",
