@@ -25,6 +25,20 @@ const LOOK_EVERY: Duration = Duration::from_millis(25);
 /// shared by everyone waiting on it: many waiting looks at one revocation
 /// (an auditor's script, a console tab each) cost one index seek a
 /// [`LOOK_EVERY`], not one each.
+/// What a kill switch wrote in its transaction, for what follows the
+/// commit ([`Broker::after_revocation`]).
+pub(crate) struct Pulled {
+    id: String,
+    selector: Selector,
+    reason: String,
+    tasks: Vec<String>,
+    /// Leases of the ended tasks that the selector itself did not queue.
+    others: Vec<String>,
+    /// Leases queued in all.
+    queued: usize,
+    suspended: u64,
+}
+
 #[derive(Default)]
 pub struct RevocationLooks(std::sync::Mutex<HashMap<String, (Instant, bool)>>);
 
@@ -180,6 +194,21 @@ impl Broker {
         operator: &str,
         req: RevocationRequest,
     ) -> BrokerResult<RevocationReport> {
+        let (selector, reason) = self.checked_revocation(&req).await?;
+        let mut tx = self.store.begin().await?;
+        let pulled = self
+            .revoke_in(&mut *tx, operator, &req, selector, reason)
+            .await?;
+        tx.commit().await?;
+        self.after_revocation(operator, &req, pulled).await
+    }
+
+    /// The selector and reason of a kill switch, checked before anything is
+    /// written.
+    pub(crate) async fn checked_revocation(
+        &self,
+        req: &RevocationRequest,
+    ) -> BrokerResult<(Selector, String)> {
         let selector = req.selector()?;
         let reason = super::required_reason(req.reason.as_deref())?;
         match &selector {
@@ -196,11 +225,26 @@ impl Broker {
                 "`suspend` applies to `agent` and `team` revocations only".into(),
             ));
         }
+        Ok((selector, reason))
+    }
+
+    /// The kill switch's writes, in `tx` (committed by the caller, with
+    /// whatever else must land with them: an incident that pulled it): the
+    /// agents suspended, the tasks ended, the revocation recorded, the
+    /// leases queued, audited. What follows the commit is
+    /// [`Self::after_revocation`].
+    pub(crate) async fn revoke_in(
+        &self,
+        tx: &mut dyn crate::store::StoreTx,
+        operator: &str,
+        req: &RevocationRequest,
+        selector: Selector,
+        reason: String,
+    ) -> BrokerResult<Pulled> {
         let actor = Actor::Operator(operator.to_owned());
         let t = now();
         let id = new_id("rv");
         let why = format!("emergency revocation {id}: {reason}");
-        let mut tx = self.store.begin().await?;
         // Suspended before their tasks end: a task open racing this either
         // lands first and is ended below, or finds its agent suspended and
         // writes nothing (PostgreSQL: the agent's row lock orders them).
@@ -286,8 +330,36 @@ impl Broker {
                 })),
         )
         .await?;
-        tx.commit().await?;
-        tracing::warn!(revocation = %id, selector = %selector, leases = queued.len(), tasks = tasks.len(), "emergency revocation");
+        Ok(Pulled {
+            id,
+            selector,
+            reason,
+            tasks,
+            others,
+            queued: queued.len(),
+            suspended,
+        })
+    }
+
+    /// What follows a kill switch's commit: the revocation queue woken,
+    /// the fences put up, and the wait for its leases' revocation.
+    pub(crate) async fn after_revocation(
+        &self,
+        operator: &str,
+        req: &RevocationRequest,
+        pulled: Pulled,
+    ) -> BrokerResult<RevocationReport> {
+        let Pulled {
+            id,
+            selector,
+            reason,
+            tasks,
+            others,
+            queued,
+            suspended,
+        } = pulled;
+        let actor = Actor::Operator(operator.to_owned());
+        tracing::warn!(revocation = %id, selector = %selector, leases = queued, tasks = tasks.len(), "emergency revocation");
         self.leases.wake();
         // Sessions issued up to the end of this second count as older.
         let cut_off = now() + time::Duration::SECOND;

@@ -142,8 +142,35 @@ impl Broker {
         } else {
             None
         };
+        // A `suspend` pulls the kill switch in the incident's own commit:
+        // the incident, its alert ("suspended") and the suspension, the
+        // tasks ended and the leases queued land together or not at all,
+        // so a crash between them cannot leave the agent running under an
+        // incident that says it was stopped. Fences and the wait follow.
+        let suspension = if !dry_run && d.action == Action::Suspend {
+            let req = RevocationRequest {
+                agent: Some(t.agent.clone()),
+                reason: Some(format!("incident {id}: detector `{}`", d.name)),
+                suspend: true,
+                // Answer now; the revocation queue finishes the work.
+                wait: Some(0),
+                ..RevocationRequest::default()
+            };
+            let checked = self.checked_revocation(&req).await?;
+            Some((req, checked))
+        } else {
+            None
+        };
         let mut tx = self.store.begin().await?;
         tx.audit(ev).await?;
+        let pulled = match suspension {
+            Some((req, (selector, reason))) => Some((
+                self.revoke_in(&mut *tx, ACTOR, &req, selector, reason)
+                    .await?,
+                req,
+            )),
+            None => None,
+        };
         if !dry_run && d.action == Action::StepUp {
             let step_up = StepUp {
                 incident: id.clone(),
@@ -191,19 +218,10 @@ impl Broker {
                 self.settle_step_up(&t.agent).await?;
             }
             Action::Suspend => {
-                tracing::warn!(incident = %id, agent = %t.agent, detector = %d.name, "continuous validation: suspending the agent");
-                self.revoke(
-                    ACTOR,
-                    RevocationRequest {
-                        agent: Some(t.agent.clone()),
-                        reason: Some(format!("incident {id}: detector `{}`", d.name)),
-                        suspend: true,
-                        // Answer now; the revocation queue finishes the work.
-                        wait: Some(0),
-                        ..RevocationRequest::default()
-                    },
-                )
-                .await?;
+                tracing::warn!(incident = %id, agent = %t.agent, detector = %d.name, "continuous validation: the agent was suspended");
+                if let Some((pulled, req)) = pulled {
+                    self.after_revocation(ACTOR, &req, pulled).await?;
+                }
             }
         }
         Ok(())
