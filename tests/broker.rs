@@ -10,6 +10,7 @@ mod common;
 mod audit_chain;
 mod connections;
 mod delegation;
+mod delegation_ends;
 mod dpop;
 mod federation;
 mod flow;

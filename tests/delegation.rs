@@ -15,9 +15,9 @@ const JWT: &str = "urn:ietf:params:oauth:token-type:jwt";
 
 /// An orchestrator, two sub-agents and an outsider, in team `research`
 /// (the shipped policies favour no such team); `narrow` may not hold JWT-SVIDs.
-struct Cast {
-    orch: TestAgent,
-    sub: TestAgent,
+pub(crate) struct Cast {
+    pub orch: TestAgent,
+    pub sub: TestAgent,
     narrow: TestAgent,
     deep: TestAgent,
     outsider: TestAgent,
@@ -27,7 +27,7 @@ async fn start() -> (TestBroker, Cast) {
     start_with("").await
 }
 
-async fn start_with(extra_config: &str) -> (TestBroker, Cast) {
+pub(crate) async fn start_with(extra_config: &str) -> (TestBroker, Cast) {
     let cast = Cast {
         orch: TestAgent::new("orch", "ES256"),
         sub: TestAgent::new("sub", "EdDSA"),
@@ -81,7 +81,7 @@ forbid (principal == Keygate::Agent::"{}", action, resource == Keygate::Scope::"
     (b, cast)
 }
 
-async fn exchange(b: &TestBroker, parent: &str, actor: &TestAgent, scope: Option<&str>) -> Resp {
+pub(crate) async fn exchange(b: &TestBroker, parent: &str, actor: &TestAgent, scope: Option<&str>) -> Resp {
     let assertion = actor.assertion();
     let mut form = vec![
         ("grant_type", EXCHANGE),
@@ -96,7 +96,7 @@ async fn exchange(b: &TestBroker, parent: &str, actor: &TestAgent, scope: Option
     b.token_form(&form).await
 }
 
-async fn introspect(b: &TestBroker, token: &str) -> Value {
+pub(crate) async fn introspect(b: &TestBroker, token: &str) -> Value {
     let resp = b
         .http
         .post(b.url("/oauth/introspect"))
@@ -109,7 +109,7 @@ async fn introspect(b: &TestBroker, token: &str) -> Value {
     resp.json().await.unwrap()
 }
 
-async fn revoke(b: &TestBroker, bearer: &str, token: &str) -> u16 {
+pub(crate) async fn revoke(b: &TestBroker, bearer: &str, token: &str) -> u16 {
     b.http
         .post(b.url("/oauth/revoke"))
         .bearer_auth(bearer)

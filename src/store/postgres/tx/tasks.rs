@@ -65,6 +65,22 @@ pub(super) async fn end_tasks(
     reason: &str,
     now: OffsetDateTime,
 ) -> StoreResult<Vec<String>> {
+    // Every open task this ends, with the tasks delegated below them,
+    // locked first and in one order (their ids): a task tree ended from two
+    // sides at once (its root completed while a kill switch by team or by
+    // provider reaches a sub-agent's task first in its own scan order)
+    // would otherwise lock the two crosswise, and one would fail as a
+    // deadlock: the kill switch, usually.
+    let mut lock = QueryBuilder::<Postgres>::new(
+        "WITH RECURSIVE tree(id) AS (SELECT id FROM tasks WHERE state = 'open'",
+    );
+    push_task_selector(&mut lock, sel);
+    lock.push(
+        " UNION SELECT t.id FROM tasks t JOIN tree ON t.parent_task_id = tree.id \
+         WHERE t.state = 'open') \
+         SELECT id FROM tasks WHERE id IN (SELECT id FROM tree) ORDER BY id FOR NO KEY UPDATE",
+    );
+    lock.build().execute(tx.conn()).await?;
     let mut q = QueryBuilder::<Postgres>::new("UPDATE tasks SET state = ");
     q.push_bind(state.as_str())
         .push(", ended_at = ")
@@ -72,20 +88,7 @@ pub(super) async fn end_tasks(
         .push(", end_reason = ")
         .push_bind(reason.to_owned())
         .push(" WHERE state = 'open'");
-    match sel {
-        TaskSelector::Task(id) => {
-            q.push(" AND id = ").push_bind(id.clone());
-        }
-        TaskSelector::Emergency(Selector::Provider(p)) => {
-            q.push(
-                " AND id IN (SELECT task_id FROM leases WHERE state IN \
-                 ('pending','active','revoking','expiring') AND provider = ",
-            )
-            .push_bind(p.clone())
-            .push(")");
-        }
-        TaskSelector::Emergency(s) => push_selector(&mut q, s, "agent_id"),
-    }
+    push_task_selector(&mut q, sel);
     q.push(" RETURNING id");
     let rows = q.build().fetch_all(tx.conn()).await?;
     let mut ended = PostgresTx::ids(&rows)?;
@@ -119,6 +122,24 @@ pub(super) async fn end_tasks(
         level = children;
     }
     Ok(ended)
+}
+
+/// `sel`'s condition on `tasks`, after a `WHERE`.
+fn push_task_selector(q: &mut QueryBuilder<Postgres>, sel: &TaskSelector) {
+    match sel {
+        TaskSelector::Task(id) => {
+            q.push(" AND id = ").push_bind(id.clone());
+        }
+        TaskSelector::Emergency(Selector::Provider(p)) => {
+            q.push(
+                " AND id IN (SELECT task_id FROM leases WHERE state IN \
+                 ('pending','active','revoking','expiring') AND provider = ",
+            )
+            .push_bind(p.clone())
+            .push(")");
+        }
+        TaskSelector::Emergency(s) => push_selector(q, s, "agent_id"),
+    }
 }
 
 pub(super) async fn record_jti(
