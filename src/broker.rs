@@ -39,6 +39,7 @@ pub use credentials::{
 pub use fences::{FenceFailure, LiftRequest};
 pub use policy_changes::{OnChange, PolicyDiff, PolicyFiles, PolicyReload};
 pub use renewals::RenewedLease;
+pub(crate) use revocations::Pulled;
 pub use revocations::{
     MAX_WAIT, RevocationLooks, RevocationPreview, RevocationReport, RevocationRequest,
 };
@@ -78,6 +79,10 @@ pub enum BrokerError {
         message: String,
         retry_after_secs: u64,
     },
+    /// Nothing was done, and the same call may succeed in a moment (a
+    /// transaction rolled back after colliding with another).
+    #[error("{0}")]
+    Unavailable(String),
     #[error("{0}")]
     Internal(String),
 }
@@ -86,6 +91,7 @@ impl From<StoreError> for BrokerError {
     fn from(e: StoreError) -> Self {
         match e {
             StoreError::Conflict(what) => Self::Conflict(format!("{what} already exists")),
+            StoreError::Contention(m) => Self::Unavailable(m),
             StoreError::Invalid(m) => Self::InvalidRequest(m),
             other => Self::Internal(other.to_string()),
         }
@@ -93,6 +99,27 @@ impl From<StoreError> for BrokerError {
 }
 
 pub type BrokerResult<T> = Result<T, BrokerError>;
+
+/// How many times a change that must not be lost to a race runs.
+const COLLISION_TRIES: u64 = 4;
+
+/// Whether `what`, a whole transaction that failed with `e` on its
+/// `attempt`th run, runs again: the database rolled it back for colliding
+/// with another change at the same moment (PostgreSQL: a deadlock, a
+/// serialization failure; nothing of it was kept), up to
+/// [`COLLISION_TRIES`] runs. Waits a moment first. For what must not be
+/// lost to a race: the kill switch, an incident's response.
+pub(crate) async fn run_again(what: &str, attempt: u64, e: &BrokerError) -> bool {
+    let BrokerError::Unavailable(why) = e else {
+        return false;
+    };
+    if attempt >= COLLISION_TRIES {
+        return false;
+    }
+    tracing::warn!(attempt, error = %why, "{what} collided with another change; running it again");
+    tokio::time::sleep(std::time::Duration::from_millis(20 * attempt)).await;
+    true
+}
 
 /// A mandatory, non-blank `reason` (kill switch, lifting a fence).
 pub(crate) fn required_reason(reason: Option<&str>) -> BrokerResult<String> {

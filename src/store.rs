@@ -36,6 +36,11 @@ pub enum StoreError {
     Conflict(String),
     #[error("database error: {0}")]
     Database(String),
+    /// The database rolled the transaction back because it collided with
+    /// another at the same moment (PostgreSQL: a deadlock, a serialization
+    /// failure): nothing of it was kept, and running it again may succeed.
+    #[error("{0}")]
+    Contention(String),
     #[error("stored data is corrupt: {0}")]
     Corrupt(String),
     /// A caller's argument the store cannot use (a bad cursor).

@@ -67,7 +67,7 @@ impl RevocationLooks {
 }
 
 /// `POST /v1/revocations` body: exactly one selector and a reason.
-#[derive(Debug, Default, Deserialize, utoipa::ToSchema)]
+#[derive(Debug, Clone, Default, Deserialize, utoipa::ToSchema)]
 #[serde(deny_unknown_fields)]
 pub struct RevocationRequest {
     pub agent: Option<String>,
@@ -195,12 +195,37 @@ impl Broker {
         req: RevocationRequest,
     ) -> BrokerResult<RevocationReport> {
         let (selector, reason) = self.checked_revocation(&req).await?;
+        // The emergency path does not give up on a collision with another
+        // change at the same moment (PostgreSQL rolls one of them back):
+        // nothing of the attempt was kept, so it is run again.
+        let mut attempt = 0;
+        let pulled = loop {
+            attempt += 1;
+            match self
+                .revoke_once(operator, &req, selector.clone(), reason.clone())
+                .await
+            {
+                Err(e) if super::run_again("the kill switch", attempt, &e).await => {}
+                done => break done?,
+            }
+        };
+        self.after_revocation(operator, &req, pulled).await
+    }
+
+    /// The kill switch's writes in a transaction of their own, committed.
+    async fn revoke_once(
+        &self,
+        operator: &str,
+        req: &RevocationRequest,
+        selector: Selector,
+        reason: String,
+    ) -> BrokerResult<Pulled> {
         let mut tx = self.store.begin().await?;
         let pulled = self
-            .revoke_in(&mut *tx, operator, &req, selector, reason)
+            .revoke_in(&mut *tx, operator, req, selector, reason)
             .await?;
         tx.commit().await?;
-        self.after_revocation(operator, &req, pulled).await
+        Ok(pulled)
     }
 
     /// The selector and reason of a kill switch, checked before anything is

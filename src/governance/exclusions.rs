@@ -59,6 +59,9 @@ impl Broker {
             .await?;
         let mut tx = self.store.begin().await?;
         if let Some(a) = &waiting_lift {
+            // The agent before its approval (PostgreSQL), in the order a
+            // decision on that approval takes them.
+            tx.agent(agent_id).await?;
             self.cancel_approval(
                 &mut *tx,
                 actor,

@@ -137,6 +137,11 @@ impl From<BrokerError> for ApiError {
                 message,
                 retry_after_secs,
             } => Self::rate_limited(message, retry_after_secs),
+            BrokerError::Unavailable(m) => {
+                let mut e = Self::new(S::SERVICE_UNAVAILABLE, "temporarily_unavailable", m);
+                e.retry_after = Some(1);
+                e
+            }
             BrokerError::Internal(m) => {
                 tracing::error!(error = %m, "internal error");
                 Self::new(

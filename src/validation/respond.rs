@@ -161,44 +161,37 @@ impl Broker {
         } else {
             None
         };
-        let mut tx = self.store.begin().await?;
-        tx.audit(ev).await?;
-        let pulled = match suspension {
-            Some((req, (selector, reason))) => Some((
-                self.revoke_in(&mut *tx, ACTOR, &req, selector, reason)
-                    .await?,
-                req,
-            )),
-            None => None,
-        };
-        if !dry_run && d.action == Action::StepUp {
-            let step_up = StepUp {
-                incident: id.clone(),
-                scopes: d.step_up_scopes.unwrap_or_default(),
-                since: t_now,
-            };
-            // Kept only if it still holds as read (compare-and-set in this
-            // transaction): lifted meanwhile, this one is written instead.
-            let kept = match holding
-                .as_ref()
-                .filter(|h| stricter(h.scopes, step_up.scopes))
-            {
-                Some(h) => tx.set_step_up(&t.agent, Some(h), Some(h)).await?,
-                None => false,
-            };
-            if !kept {
-                tx.set_step_up(&t.agent, Some(&step_up), None).await?;
-            }
-        }
         let alerts = if dry_run || d.action == Action::Record {
             Vec::new()
         } else {
             self.notifier.incident_opened(&incident)
         };
-        for n in &alerts {
-            tx.insert_notification(n).await?;
-        }
-        tx.commit().await?;
+        let step_up = (!dry_run && d.action == Action::StepUp).then(|| StepUp {
+            incident: id.clone(),
+            scopes: d.step_up_scopes.unwrap_or_default(),
+            since: t_now,
+        });
+        // Run again if the database rolled it back for colliding with
+        // another change (PostgreSQL): an incident, above all one that
+        // suspends, is not dropped for that.
+        let mut attempt = 0;
+        let pulled = loop {
+            attempt += 1;
+            match self
+                .record_incident(
+                    &t.agent,
+                    ev.clone(),
+                    suspension.as_ref(),
+                    step_up.as_ref(),
+                    holding.as_ref(),
+                    &alerts,
+                )
+                .await
+            {
+                Err(e) if crate::broker::run_again("an incident", attempt, &e).await => {}
+                done => break done?,
+            }
+        };
         if !alerts.is_empty() {
             self.notifier.wake();
         }
@@ -225,6 +218,44 @@ impl Broker {
             }
         }
         Ok(())
+    }
+
+    /// The incident's event, its step-up (kept only if `holding`, a
+    /// stricter one, still holds as read: a compare-and-set), its
+    /// suspension (the kill switch's writes) and its alerts, in one commit.
+    async fn record_incident(
+        &self,
+        agent: &str,
+        ev: AuditEvent,
+        suspension: Option<&(RevocationRequest, (crate::model::Selector, String))>,
+        step_up: Option<&StepUp>,
+        holding: Option<&StepUp>,
+        alerts: &[crate::model::Notification],
+    ) -> BrokerResult<Option<(crate::broker::Pulled, RevocationRequest)>> {
+        let mut tx = self.store.begin().await?;
+        tx.audit(ev).await?;
+        let pulled = match suspension {
+            Some((req, (selector, reason))) => Some((
+                self.revoke_in(&mut *tx, ACTOR, req, selector.clone(), reason.clone())
+                    .await?,
+                req.clone(),
+            )),
+            None => None,
+        };
+        if let Some(step_up) = step_up {
+            let kept = match holding.filter(|h| stricter(h.scopes, step_up.scopes)) {
+                Some(h) => tx.set_step_up(agent, Some(h), Some(h)).await?,
+                None => false,
+            };
+            if !kept {
+                tx.set_step_up(agent, Some(step_up), None).await?;
+            }
+        }
+        for n in alerts {
+            tx.insert_notification(n).await?;
+        }
+        tx.commit().await?;
+        Ok(pulled)
     }
 
     /// Every incident (of `agent`), newest first.

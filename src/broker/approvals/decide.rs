@@ -180,7 +180,20 @@ impl Broker {
             }));
         }
         let t = now();
+        // A provisioning approval's agent first (PostgreSQL): a suspension
+        // or a decommission locks the agent and then cancels its
+        // approvals, and a grant locks the agent to apply it; taking the
+        // approval first would lock the two crosswise.
+        let agent_first = self
+            .store
+            .get_approval(id)
+            .await?
+            .filter(|a| a.kind == ApprovalKind::Provisioning)
+            .map(|a| a.agent_id);
         let mut tx = self.store.begin().await?;
+        if let Some(agent) = &agent_first {
+            tx.agent(agent).await?;
+        }
         let a = tx
             .approval(id)
             .await?
