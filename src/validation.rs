@@ -494,6 +494,16 @@ impl Validation {
                     (u64::from(hit), hit)
                 }
                 Signal::RequestRateBaseline => match &deviation {
+                    // Fired this hour already, before a restart read the
+                    // baseline back (the quiet period is not saved).
+                    _ if a
+                        .learned
+                        .baseline
+                        .as_ref()
+                        .is_some_and(|b| b.fired_this_hour(&d.name)) =>
+                    {
+                        (0, false)
+                    }
                     Some(dev) => (u64::from(dev.observed), dev.sigmas > d.threshold as f32),
                     None => (0, false),
                 },
@@ -502,9 +512,11 @@ impl Validation {
                 continue;
             }
             let mut quiet = now + d.window_secs as i64;
-            if let (Signal::RequestRateBaseline, Some(b)) = (d.signal, &a.learned.baseline) {
+            if let (Signal::RequestRateBaseline, Some(b)) = (d.signal, &mut a.learned.baseline) {
                 // One incident per unusual hour.
                 quiet = quiet.max(b.hour_ends());
+                b.mark_fired(&d.name);
+                a.dirty = true;
             }
             a.quiet_until.insert(d.name.clone(), quiet);
             let l = &a.learned;

@@ -80,6 +80,11 @@ pub(super) struct Baseline {
     count: u32,
     week: Vec<Slot>,
     day: Vec<Slot>,
+    /// The rate detectors that fired in the hour being counted (saved with
+    /// the rest, so a restart within the hour does not fire them again:
+    /// one incident per unusual hour).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    fired: Vec<String>,
 }
 
 /// What the hour in progress is compared with.
@@ -108,6 +113,19 @@ impl Baseline {
             count: 0,
             week: vec![Slot::default(); WEEK],
             day: vec![Slot::default(); 24],
+            fired: Vec::new(),
+        }
+    }
+
+    /// Whether `detector` fired in the hour being counted.
+    pub fn fired_this_hour(&self, detector: &str) -> bool {
+        self.fired.iter().any(|d| d == detector)
+    }
+
+    /// `detector` fired in the hour being counted.
+    pub fn mark_fired(&mut self, detector: &str) {
+        if !self.fired_this_hour(detector) {
+            self.fired.push(detector.to_owned());
         }
     }
 
@@ -133,6 +151,7 @@ impl Baseline {
         }
         self.hour = hour;
         self.count = 0;
+        self.fired.clear();
     }
 
     fn learn(&mut self, hour: i64, x: f32, alpha: f32) {

@@ -252,6 +252,20 @@ fn the_baseline_is_relearned_after_a_change_and_saved_in_snapshots() {
             .sum::<usize>()
     };
     assert_eq!(burst(&restarted), 1);
+    // Saved again mid-hour and read back by a third process: the hour has
+    // had its incident, and a burst in the next hour has its own.
+    let again = Validation::new(ValidationConfig::default(), vec![baseline_detector()]);
+    assert_eq!(again.restore(restarted.take_snapshots()), 1);
+    assert_eq!(burst(&again), 0, "one incident per unusual hour");
+    let next = |v: &Validation| {
+        (0..40)
+            .map(|i| {
+                v.observe("a", request("s3", false, "10.0.0.1"), night + 3600 + i)
+                    .len()
+            })
+            .sum::<usize>()
+    };
+    assert_eq!(next(&again), 1);
     // A legitimate change: what the agent does next is learned, not judged.
     v.relearn(Some("a"));
     assert_eq!(burst(&v), 0);

@@ -252,10 +252,13 @@ pub(super) async fn notification_attempted(
             (None, Some(error.as_str()), retry_at.map(unix), None)
         }
     };
+    // Never back to undelivered: a replica whose claim ran out mid-send
+    // (another then claimed and delivered it) reporting a late failure
+    // would have it sent again.
     sqlx::query(
         "UPDATE notifications SET attempts = attempts + 1, delivered_at = $1, last_error = $2, \
          next_attempt_at = $3, receipt = COALESCE($4, receipt), claimed_by = NULL, \
-         claim_until = NULL WHERE id = $5",
+         claim_until = NULL WHERE id = $5 AND delivered_at IS NULL",
     )
     .bind(delivered)
     .bind(error)

@@ -263,7 +263,8 @@ pub(super) async fn notification_attempted(
     };
     sqlx::query(
         "UPDATE notifications SET attempts = attempts + 1, delivered_at = ?, last_error = ?, \
-         next_attempt_at = ?, receipt = COALESCE(?, receipt) WHERE id = ?",
+         next_attempt_at = ?, receipt = COALESCE(?, receipt) \
+         WHERE id = ? AND delivered_at IS NULL",
     )
     .bind(delivered)
     .bind(error)
