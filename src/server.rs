@@ -373,12 +373,22 @@ async fn close_stale_approvals(broker: AppState) {
 }
 
 /// Several replicas: every second, takes up the policy set another replica
-/// made active (one process: nothing to follow).
+/// made active, and relearns the agents changed through another (one
+/// process: nothing to follow).
 async fn follow_policy(broker: AppState) {
+    // From the log's head at start: an earlier change was relearned by the
+    // replicas running then, and reaches this one through their snapshots.
+    let mut seen = None;
+    if let Err(e) = broker.follow_agent_changes(&mut seen).await {
+        tracing::error!(error = %e, "following agents changed through other replicas failed");
+    }
     loop {
         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
         if let Err(e) = broker.follow_policy().await {
             tracing::error!(error = %e, "following the active policy set failed");
+        }
+        if let Err(e) = broker.follow_agent_changes(&mut seen).await {
+            tracing::error!(error = %e, "following agents changed through other replicas failed");
         }
     }
 }

@@ -543,3 +543,56 @@ async fn replicas_wait_out_a_postgresql_restart_under_load_and_lose_nothing() {
         "the password reached the log"
     );
 }
+
+/// An agent changed through one replica is relearned on every replica
+/// (continuous validation): the scope it uses next, through another
+/// replica, is learned there, not flagged as new, as on the replica that
+/// made the change. An agent nobody changed is still flagged there.
+#[tokio::test(flavor = "multi_thread")]
+async fn an_agent_changed_on_one_replica_is_relearned_on_the_others() {
+    let (r, _) = replicas(Setup {
+        extra_config: "[validation]\nwarm_up_observations = 3\n\n[[detectors]]\n\
+            name = \"new-scope\"\nsignal = \"new_scope\"\nseverity = \"low\"\naction = \"record\"\n"
+            .into(),
+        ..Setup::permissive()
+    })
+    .await;
+    let audience = Some(json!({ "audience": "https://api.keygate.test" }));
+    let incidents = |agent: &TestAgent| {
+        let path = format!("/v1/incidents?agent={}", agent.id);
+        let r = &r;
+        async move { r[1].get(&path, Some(&r[1].ops.secops)).await.expect(200) }
+    };
+    let mut sessions = Vec::new();
+    for name in ["changed", "unchanged"] {
+        let agent = TestAgent::new(name, "ES256");
+        r[0].register(&agent, "platform").await;
+        // Learned through replica 1: a task and two X.509-SVIDs.
+        let s = r[1].token_ttl(&agent, Some(3600)).await;
+        for _ in 0..2 {
+            r[1].credential(&s.token, "x509-svid", Some(60), None)
+                .await
+                .expect(201);
+        }
+        sessions.push((agent, s.token));
+    }
+    let (changed, unchanged) = (&sessions[0], &sessions[1]);
+    r[0].call(
+        reqwest::Method::PATCH,
+        &format!("/v1/agents/{}", changed.0.id),
+        Some(&r[0].ops.admin),
+        Some(&json!({ "purpose": "now also signs JWTs" })),
+    )
+    .await
+    .expect(200);
+    // The others look for such changes every second.
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+    for (_, token) in [changed, unchanged] {
+        r[1].credential(token, "jwt-svid", Some(60), audience.clone())
+            .await
+            .expect(201);
+    }
+    assert_eq!(incidents(&changed.0).await, json!([]));
+    let flagged = incidents(&unchanged.0).await;
+    assert_eq!(flagged[0]["detector"], "new-scope", "{flagged}");
+}

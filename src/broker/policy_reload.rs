@@ -67,6 +67,50 @@ impl Broker {
     /// makes it this one's too, and revokes what it no longer permits that
     /// this replica issued before it followed (the other replica's own scan
     /// could not see those). Returns whether it changed the set.
+    /// Agents changed through another replica (several on one database):
+    /// what each uses from then on is learned here too, as on the replica
+    /// that made the change (continuous validation), not judged new. Reads
+    /// the audit log past `seen` (the last sequence number looked at;
+    /// `None`: the log's head, so nothing before this start) for the
+    /// changes that have an agent relearned: `agent.updated` (made at once
+    /// or granted) and `agent.scope_included`.
+    pub async fn follow_agent_changes(&self, seen: &mut Option<i64>) -> BrokerResult<()> {
+        if !self.validation.enabled() {
+            return Ok(());
+        }
+        let Some(after) = *seen else {
+            *seen = Some(self.store.audit_head().await?.map_or(0, |h| h.0));
+            return Ok(());
+        };
+        const PAGE: u32 = 500;
+        let mut next = after;
+        let mut cut: Option<i64> = None;
+        for action in ["agent.updated", "agent.scope_included"] {
+            let events = self
+                .store
+                .audit_events(&crate::store::AuditFilter {
+                    after_seq: after,
+                    action: Some(action.to_owned()),
+                    limit: PAGE,
+                    ..crate::store::AuditFilter::default()
+                })
+                .await?;
+            for ev in &events {
+                if let Some(agent) = &ev.agent {
+                    self.validation.relearn(Some(agent));
+                }
+            }
+            let last = events.last().map_or(after, |e| e.seq);
+            next = next.max(last);
+            if events.len() == PAGE as usize {
+                // More of this kind wait: the next look starts before them.
+                cut = Some(cut.map_or(last, |c| c.min(last)));
+            }
+        }
+        *seen = Some(cut.unwrap_or(next));
+        Ok(())
+    }
+
     pub async fn follow_policy(&self) -> BrokerResult<bool> {
         // Read under the reload lock: a reload here swaps its set before it
         // publishes it, and must not be undone by a read taken before.
