@@ -81,7 +81,12 @@ forbid (principal == Keygate::Agent::"{}", action, resource == Keygate::Scope::"
     (b, cast)
 }
 
-pub(crate) async fn exchange(b: &TestBroker, parent: &str, actor: &TestAgent, scope: Option<&str>) -> Resp {
+pub(crate) async fn exchange(
+    b: &TestBroker,
+    parent: &str,
+    actor: &TestAgent,
+    scope: Option<&str>,
+) -> Resp {
     let assertion = actor.assertion();
     let mut form = vec![
         ("grant_type", EXCHANGE),

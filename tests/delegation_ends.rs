@@ -30,7 +30,8 @@ async fn a_tree_ended_by_its_root_and_by_the_kill_switch_at_once_ends_once() {
             tokens.push(child["access_token"].as_str().unwrap().to_owned());
             tokens.push(parent.token);
         }
-        for token in tokens.iter().skip(1).step_by(2).cloned() {
+        let roots: Vec<String> = tokens.iter().skip(1).step_by(2).cloned().collect();
+        for token in roots {
             let (http, url) = (b.http.clone(), b.url("/oauth/revoke"));
             set.spawn(async move {
                 let r = http

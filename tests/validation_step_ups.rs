@@ -420,7 +420,10 @@ async fn a_sub_agents_own_step_up_does_not_hide_a_later_one_on_its_orchestrator(
     // The helper, on a network it was never seen on: stepped up.
     let own = waiting_from_a_new_network(&b, &helper, "127.1.0.41").await;
     let body = json!({ "scope": "x509-svid", "ttl": 300, "justification": "batch" });
-    let asked = b.post("/v1/credentials", Some(&sub), &body).await.expect(202);
+    let asked = b
+        .post("/v1/credentials", Some(&sub), &body)
+        .await
+        .expect(202);
     let id = asked["approval_id"].as_str().unwrap().to_owned();
     approve(&b, &id).await.expect(200);
     // Then the orchestrator delegates where it never did: stepped up too.
@@ -429,11 +432,18 @@ async fn a_sub_agents_own_step_up_does_not_hide_a_later_one_on_its_orchestrator(
     assert_eq!(detectors_of(&list), ["new-delegate"], "{list:?}");
     let later = list[0]["id"].as_str().unwrap();
     let r = b
-        .post(&format!("/v1/approvals/{id}/redeem"), Some(&sub), &json!({}))
+        .post(
+            &format!("/v1/approvals/{id}/redeem"),
+            Some(&sub),
+            &json!({}),
+        )
         .await;
     assert_eq!(r.status, 409, "{}", r.text);
     assert!(r.text.contains(later), "{}", r.text);
-    let again = b.post("/v1/credentials", Some(&sub), &body).await.expect(202);
+    let again = b
+        .post("/v1/credentials", Some(&sub), &body)
+        .await
+        .expect(202);
     let approval = b
         .get(
             &format!("/v1/approvals/{}", again["approval_id"].as_str().unwrap()),

@@ -172,9 +172,16 @@ impl Broker {
         s: &Session,
         sensitive: bool,
     ) -> BrokerResult<Vec<crate::model::StepUp>> {
-        let covers =
-            |u: &crate::model::StepUp| u.scopes == crate::validation::StepUpScopes::All || sensitive;
-        let mut found: Vec<_> = s.agent.step_up.iter().filter(|u| covers(u)).cloned().collect();
+        let covers = |u: &crate::model::StepUp| {
+            u.scopes == crate::validation::StepUpScopes::All || sensitive
+        };
+        let mut found: Vec<_> = s
+            .agent
+            .step_up
+            .iter()
+            .filter(|u| covers(u))
+            .cloned()
+            .collect();
         for id in &s.task.chain {
             if let Some(u) = self
                 .store
