@@ -243,7 +243,8 @@ impl Notifier {
                 Err(Attempt::RetryAfter(error, after)) => self.failed(n, t, error, after),
             };
             let mut tx = store.begin().await?;
-            tx.notification_attempted(&n.id, &outcome, now()).await?;
+            tx.notification_attempted(&n.id, &outcome, boot_id, now())
+                .await?;
             tx.commit().await?;
         }
         Ok(due.len())

@@ -586,6 +586,21 @@ impl Validation {
             None => agents.values_mut().for_each(reset),
         }
     }
+
+    /// `detector` fired for `agent` but nothing of its response was
+    /// recorded (the store failed): it is not kept quiet, so the next
+    /// observation that crosses its threshold fires it again.
+    pub fn not_fired(&self, agent: &str, detector: &str) {
+        let Ok(mut agents) = self.agents.lock() else {
+            return;
+        };
+        if let Some(a) = agents.get_mut(agent) {
+            a.quiet_until.remove(detector);
+            if let Some(b) = &mut a.learned.baseline {
+                b.unmark_fired(detector);
+            }
+        }
+    }
 }
 
 #[cfg(test)]

@@ -59,4 +59,6 @@ async fn a_tree_ended_by_its_root_and_by_the_kill_switch_at_once_ends_once() {
             assert_eq!(introspect(&b, token).await, json!({ "active": false }));
         }
     }
+    // Not by running again: they never collided.
+    assert!(!b.log().contains("collided"), "{}", b.log());
 }

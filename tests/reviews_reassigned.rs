@@ -98,6 +98,7 @@ async fn attesting_an_agent_in_two_campaigns_at_once_keeps_one_attestation() {
         b.admin_get("/v1/reviews/first").await,
         b.admin_get("/v1/reviews/second").await,
     );
+    assert!(!b.log().contains("collided"), "{}", b.log());
     for (what, n) in [("decided", 6), ("cancelled", 6), ("open", 0)] {
         assert_eq!(
             v1[what].as_u64().unwrap() + v2[what].as_u64().unwrap(),

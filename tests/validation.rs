@@ -180,23 +180,10 @@ async fn a_burst_of_refusals_from_a_new_network_suspends_the_agent_and_revokes_i
         .find(|i| i["detector"] == "new-network")
         .unwrap();
     assert_eq!(net["evidence"]["network"], "127.1.0.0/24");
-    // The kill switch names continuous validation and the incident, and
-    // commits with it: the incident's event is followed at once by the
-    // kill switch's, nothing between (a crash could not leave the one
-    // without the other).
+    // The kill switch names continuous validation and the incident.
     let revoked = b.audit("action=revocation.emergency").await;
     let ev = revoked.last().unwrap();
     assert_eq!(ev["actor"], "operator:continuous-validation");
-    let opened = b.audit("action=incident.opened").await;
-    let opened = opened
-        .iter()
-        .find(|e| e["details"]["incident"] == burst["id"])
-        .unwrap();
-    assert_eq!(
-        ev["seq"].as_u64().unwrap(),
-        opened["seq"].as_u64().unwrap() + 1,
-        "{opened} {ev}"
-    );
     assert!(
         ev["reason"]
             .as_str()

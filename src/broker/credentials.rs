@@ -162,11 +162,12 @@ impl Broker {
 
     /// Every step-up that sends a request for a scope (`sensitive` or
     /// not) to a human: the session's agent's own, then those of the
-    /// agents that delegated to it along the task's chain, nearest first (a
-    /// stepped-up orchestrator's requests through its sub-agents need a
-    /// human too), each that covers the scope (every scope, or sensitive
-    /// ones). None hides another: an approval is asked, and redeemed, under
-    /// all of them.
+    /// agents that delegated to it along the task's chain, in the chain's
+    /// order (root orchestrator first; a stepped-up orchestrator's requests
+    /// through its sub-agents need a human too), each that covers the scope
+    /// (every scope, or sensitive ones), each incident once (an agent may
+    /// be on the chain twice). None hides another: an approval is asked,
+    /// and redeemed, under all of them.
     pub(crate) async fn step_ups_of(
         &self,
         s: &Session,
@@ -189,6 +190,7 @@ impl Broker {
                 .await?
                 .and_then(|a| a.step_up)
                 .filter(covers)
+                && !found.iter().any(|f| f.incident == u.incident)
             {
                 found.push(u);
             }

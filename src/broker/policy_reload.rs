@@ -63,10 +63,6 @@ impl Broker {
         Ok(grant_refusal(a, old.hash(), &diff))
     }
 
-    /// Several replicas: when another one made a different set active,
-    /// makes it this one's too, and revokes what it no longer permits that
-    /// this replica issued before it followed (the other replica's own scan
-    /// could not see those). Returns whether it changed the set.
     /// Agents changed through another replica (several on one database):
     /// what each uses from then on is learned here too, as on the replica
     /// that made the change (continuous validation), not judged new. Reads
@@ -111,6 +107,10 @@ impl Broker {
         Ok(())
     }
 
+    /// Several replicas: when another one made a different set active,
+    /// makes it this one's too, and revokes what it no longer permits that
+    /// this replica issued before it followed (the other replica's own scan
+    /// could not see those). Returns whether it changed the set.
     pub async fn follow_policy(&self) -> BrokerResult<bool> {
         // Read under the reload lock: a reload here swaps its set before it
         // publishes it, and must not be undone by a read taken before.

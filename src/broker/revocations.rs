@@ -21,10 +21,6 @@ pub const MAX_WAIT: u64 = 60;
 /// How often those waiting look whether a revocation is finished.
 const LOOK_EVERY: Duration = Duration::from_millis(25);
 
-/// The latest look at whether each revocation still had leases to settle,
-/// shared by everyone waiting on it: many waiting looks at one revocation
-/// (an auditor's script, a console tab each) cost one index seek a
-/// [`LOOK_EVERY`], not one each.
 /// What a kill switch wrote in its transaction, for what follows the
 /// commit ([`Broker::after_revocation`]).
 pub(crate) struct Pulled {
@@ -39,6 +35,10 @@ pub(crate) struct Pulled {
     suspended: u64,
 }
 
+/// The latest look at whether each revocation still had leases to settle,
+/// shared by everyone waiting on it: many waiting looks at one revocation
+/// (an auditor's script, a console tab each) cost one index seek a
+/// [`LOOK_EVERY`], not one each.
 #[derive(Default)]
 pub struct RevocationLooks(std::sync::Mutex<HashMap<String, (Instant, bool)>>);
 
@@ -209,7 +209,16 @@ impl Broker {
                 done => break done?,
             }
         };
-        self.after_revocation(operator, &req, pulled).await
+        let id = pulled.id.clone();
+        self.after_revocation(operator, &req, pulled)
+            .await
+            .map_err(|e| match e {
+                // Committed already: "retry" would pull it a second time.
+                BrokerError::Unavailable(why) => BrokerError::Internal(format!(
+                    "emergency revocation {id} is committed (sessions ended, leases queued), but what follows it failed: {why}"
+                )),
+                e => e,
+            })
     }
 
     /// The kill switch's writes in a transaction of their own, committed.

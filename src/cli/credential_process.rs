@@ -136,9 +136,16 @@ async fn lock(path: &std::path::Path) -> Option<std::fs::File> {
             Err(std::fs::TryLockError::WouldBlock) if std::time::Instant::now() < until => {
                 tokio::time::sleep(std::time::Duration::from_millis(20)).await;
             }
-            Err(_) => {
+            Err(std::fs::TryLockError::WouldBlock) => {
                 super::exec::note!(
                     "keygate: `{}` stays locked; opening a task without waiting for it",
+                    std::path::Path::new(&name).display()
+                );
+                return None;
+            }
+            Err(std::fs::TryLockError::Error(e)) => {
+                super::exec::note!(
+                    "keygate: cannot lock `{}` ({e}); opening a task without it",
                     std::path::Path::new(&name).display()
                 );
                 return None;
@@ -156,9 +163,15 @@ async fn session(
     args: &CredentialProcessArgs,
     ended: Option<&str>,
 ) -> anyhow::Result<(Session, bool)> {
+    let usable = |s: &Session| Some(s.task_id.as_str()) != ended;
+    // A task to use needs no lock: only calls that would open one wait.
+    if let Some(s) = load(path, args).filter(usable) {
+        return Ok((s, true));
+    }
     cache_dir(path)?;
     let _held = lock(path).await;
-    if let Some(s) = load(path, args).filter(|s| Some(s.task_id.as_str()) != ended) {
+    // Another call may have opened one while this one waited.
+    if let Some(s) = load(path, args).filter(usable) {
         return Ok((s, true));
     }
     let s = Session::open(&args.agent, &args.task, Some(args.ttl)).await?;

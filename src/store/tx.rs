@@ -234,10 +234,16 @@ pub trait StoreTx: Send {
     /// task ended. Returns them in their new state.
     async fn close_stale_approvals(&mut self, now: OffsetDateTime) -> StoreResult<Vec<Approval>>;
     async fn insert_notification(&mut self, notification: &Notification) -> StoreResult<()>;
+    /// The outcome of `boot_id`'s attempt at a notification. A delivery is
+    /// recorded whoever claims it now; a failure only while the claim is
+    /// still `boot_id`'s (or nobody's): one that ran out and was taken by
+    /// another replica, now sending it, is not undone by a late failure.
+    /// Never back to undelivered.
     async fn notification_attempted(
         &mut self,
         id: &str,
         outcome: &Delivery,
+        boot_id: &str,
         now: OffsetDateTime,
     ) -> StoreResult<()>;
     /// Records a signed inbound request's digest; `false` when it was seen

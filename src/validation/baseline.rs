@@ -122,6 +122,11 @@ impl Baseline {
         self.fired.iter().any(|d| d == detector)
     }
 
+    /// `detector`'s firing in the hour being counted did not count.
+    pub fn unmark_fired(&mut self, detector: &str) {
+        self.fired.retain(|d| d != detector);
+    }
+
     /// `detector` fired in the hour being counted.
     pub fn mark_fired(&mut self, detector: &str) {
         if !self.fired_this_hour(detector) {

@@ -81,12 +81,19 @@ impl Broker {
         }
         let fired = self.validation.observe(agent, obs, self.validation.now());
         for t in fired {
+            let (who, what) = (t.agent.clone(), t.detector.name.clone());
             if let Err(e) = self.respond(t).await {
                 tracing::error!(error = %e, "continuous validation could not respond to a detector");
+                // Its incident was not recorded (the commit holds the
+                // incident with its response): it may fire again.
+                self.validation.not_fired(&who, &what);
             }
         }
     }
 
+    /// Records the incident with its response, then does what follows the
+    /// commit (fences, settling a step-up), logging what fails there: an
+    /// error means nothing was recorded.
     async fn respond(&self, t: Trigger) -> BrokerResult<()> {
         let d = &t.detector;
         let dry_run = self.validation.dry_run(d);
@@ -208,12 +215,16 @@ impl Broker {
                 tracing::warn!(incident = %id, agent = %t.agent, detector = %d.name, "continuous validation: the agent's requests need an approval until the incident is resolved");
                 // Another incident opened or resolved at once may have
                 // written over this one's step-up from what it read before.
-                self.settle_step_up(&t.agent).await?;
+                if let Err(e) = self.settle_step_up(&t.agent).await {
+                    tracing::error!(incident = %id, error = %e, "settling the agent's step-up failed; the next incident opened or resolved settles it");
+                }
             }
             Action::Suspend => {
                 tracing::warn!(incident = %id, agent = %t.agent, detector = %d.name, "continuous validation: the agent was suspended");
-                if let Some((pulled, req)) = pulled {
-                    self.after_revocation(ACTOR, &req, pulled).await?;
+                if let Some((pulled, req)) = pulled
+                    && let Err(e) = self.after_revocation(ACTOR, &req, pulled).await
+                {
+                    tracing::error!(incident = %id, error = %e, "the suspension is committed, but its fences or its wait failed");
                 }
             }
         }

@@ -348,3 +348,20 @@ fn a_scope_not_used_for_its_stale_days_is_new_again() {
         .is_err_and(|e| e.contains("novelties"))
     );
 }
+
+#[test]
+fn a_firing_whose_response_was_not_recorded_fires_again() {
+    let v = Validation::new(
+        ValidationConfig::default(),
+        vec![detector("burst", Signal::Denials, 2, 60)],
+    );
+    let deny = |at: i64| {
+        v.observe("a", request("s3", true, "10.0.0.1"), MONDAY + at)
+            .len()
+    };
+    assert_eq!((0..3).map(deny).sum::<usize>(), 1);
+    assert_eq!(deny(3), 0, "quiet for its window once it fired");
+    // Its incident could not be committed: not kept quiet.
+    v.not_fired("a", "burst");
+    assert_eq!(deny(4), 1);
+}

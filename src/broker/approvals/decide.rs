@@ -151,8 +151,9 @@ impl Broker {
         // before the transaction: the diff probes every agent.
         // Only by an approver who may decide it (not its requester, of its
         // teams where it names some).
+        let read = self.store.get_approval(id).await?;
         if req.decision == Verdict::Approve
-            && let Some(a) = self.store.get_approval(id).await?
+            && let Some(a) = &read
             && a.state == ApprovalState::Pending
             && a.kind == ApprovalKind::Provisioning
             && a.request["change"] == "policy"
@@ -162,12 +163,12 @@ impl Broker {
                     .team
                     .as_ref()
                     .is_some_and(|t| a.approver_teams.contains(t)))
-            && let Some(why) = self.policy_grant_refusal(&a).await?
+            && let Some(why) = self.policy_grant_refusal(a).await?
         {
             let mut tx = self.store.begin().await?;
             let actor = Actor::Operator(operator.to_owned());
             let cancelled = self
-                .cancel_approval(&mut *tx, &actor, &a, &format!("not granted: {why}"))
+                .cancel_approval(&mut *tx, &actor, a, &format!("not granted: {why}"))
                 .await?;
             tx.commit().await?;
             self.notifier.wake();
@@ -184,10 +185,7 @@ impl Broker {
         // or a decommission locks the agent and then cancels its
         // approvals, and a grant locks the agent to apply it; taking the
         // approval first would lock the two crosswise.
-        let agent_first = self
-            .store
-            .get_approval(id)
-            .await?
+        let agent_first = read
             .filter(|a| a.kind == ApprovalKind::Provisioning)
             .map(|a| a.agent_id);
         let mut tx = self.store.begin().await?;

@@ -80,7 +80,7 @@ impl Broker {
             .find(|u| !named.contains(&u.incident.as_str()))
         {
             return Err(BrokerError::Conflict(format!(
-                "incident `{}` holds a step-up on this agent that approval `{id}` was not asked under (its approvers were not told of it): ask again (the new approval names the incident)",
+                "incident `{}` holds a step-up on this agent (or on one that delegated to it) that approval `{id}` was not asked under (its approvers were not told of it): ask again (the new approval names the incident)",
                 u.incident
             )));
         }

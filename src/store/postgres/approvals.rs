@@ -243,6 +243,7 @@ pub(super) async fn notification_attempted(
     db: impl PgExecutor<'_>,
     id: &str,
     outcome: &crate::store::Delivery,
+    boot_id: &str,
     now: OffsetDateTime,
 ) -> StoreResult<()> {
     use crate::store::Delivery;
@@ -252,19 +253,22 @@ pub(super) async fn notification_attempted(
             (None, Some(error.as_str()), retry_at.map(unix), None)
         }
     };
-    // Never back to undelivered: a replica whose claim ran out mid-send
-    // (another then claimed and delivered it) reporting a late failure
-    // would have it sent again.
+    // Never back to undelivered, and a failure only from the claim's
+    // holder: a replica whose claim ran out mid-send (another claimed it
+    // and is sending it, or delivered it) reporting a late failure would
+    // free it for a third send.
     sqlx::query(
         "UPDATE notifications SET attempts = attempts + 1, delivered_at = $1, last_error = $2, \
          next_attempt_at = $3, receipt = COALESCE($4, receipt), claimed_by = NULL, \
-         claim_until = NULL WHERE id = $5 AND delivered_at IS NULL",
+         claim_until = NULL WHERE id = $5 AND delivered_at IS NULL \
+         AND ($1::BIGINT IS NOT NULL OR claimed_by IS NULL OR claimed_by = $6)",
     )
     .bind(delivered)
     .bind(error)
     .bind(retry)
     .bind(receipt)
     .bind(id)
+    .bind(boot_id)
     .execute(db)
     .await?;
     Ok(())

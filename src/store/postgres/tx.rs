@@ -414,9 +414,10 @@ impl StoreTx for PostgresTx {
         &mut self,
         id: &str,
         outcome: &Delivery,
+        boot_id: &str,
         now: OffsetDateTime,
     ) -> StoreResult<()> {
-        approvals::notification_attempted(self.conn(), id, outcome, now).await
+        approvals::notification_attempted(self.conn(), id, outcome, boot_id, now).await
     }
 
     async fn record_replay(

@@ -252,6 +252,7 @@ pub(super) async fn notification_attempted(
     db: impl SqliteExecutor<'_>,
     id: &str,
     outcome: &crate::store::Delivery,
+    _boot_id: &str,
     now: OffsetDateTime,
 ) -> StoreResult<()> {
     use crate::store::Delivery;

@@ -393,9 +393,10 @@ impl StoreTx for SqliteTx {
         &mut self,
         id: &str,
         outcome: &Delivery,
+        boot_id: &str,
         now: OffsetDateTime,
     ) -> StoreResult<()> {
-        approvals::notification_attempted(self.tx.conn().await?, id, outcome, now).await
+        approvals::notification_attempted(self.tx.conn().await?, id, outcome, boot_id, now).await
     }
 
     async fn record_replay(
