@@ -256,7 +256,13 @@ pub async fn serve(config_path: &Path, listen: Option<std::net::SocketAddr>) -> 
     tokio::spawn(flush_auth_failures(Arc::clone(&broker)));
     tokio::spawn(run_governance(Arc::clone(&broker)));
     tokio::spawn(reload_on_sighup(Arc::clone(&broker)));
-    tokio::spawn(follow_policy(Arc::clone(&broker)));
+    // Agents changed through other replicas are followed from the log's
+    // head now, before this one serves: an earlier change was relearned by
+    // the replicas running then, and reaches this one through their
+    // snapshots.
+    let mut seen = None;
+    broker.follow_agent_changes(&mut seen).await?;
+    tokio::spawn(follow_policy(Arc::clone(&broker), seen));
     tokio::spawn(snapshot_validation(Arc::clone(&broker)));
     let listener = TcpListener::bind(broker.config.server.listen).await?;
     let addr = listener.local_addr()?;
@@ -375,13 +381,7 @@ async fn close_stale_approvals(broker: AppState) {
 /// Several replicas: every second, takes up the policy set another replica
 /// made active, and relearns the agents changed through another (one
 /// process: nothing to follow).
-async fn follow_policy(broker: AppState) {
-    // From the log's head at start: an earlier change was relearned by the
-    // replicas running then, and reaches this one through their snapshots.
-    let mut seen = None;
-    if let Err(e) = broker.follow_agent_changes(&mut seen).await {
-        tracing::error!(error = %e, "following agents changed through other replicas failed");
-    }
+async fn follow_policy(broker: AppState, mut seen: Option<i64>) {
     loop {
         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
         if let Err(e) = broker.follow_policy().await {

@@ -52,6 +52,18 @@ pub enum StoreError {
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
+/// A lock held across processes until dropped ([`Store::hold_fences`]);
+/// its sender is kept only to be dropped.
+#[derive(Default)]
+pub struct Held(#[allow(dead_code)] Option<tokio::sync::oneshot::Sender<()>>);
+
+impl Held {
+    /// Held until `release` is dropped (or sent on).
+    pub(crate) fn until(release: tokio::sync::oneshot::Sender<()>) -> Self {
+        Self(Some(release))
+    }
+}
+
 /// Audit events matching a filter, after a sequence number.
 #[derive(Debug, Clone, Default)]
 pub struct AuditFilter {
@@ -274,6 +286,16 @@ pub trait Store: Send + Sync + 'static {
     async fn ping(&self) -> StoreResult<()>;
     /// The last audit event's `seq` and hash (`None`: the log is empty).
     async fn audit_head(&self) -> StoreResult<Option<(i64, String)>>;
+    /// Held while fences are put up or lifted, against every process that
+    /// shares the store (PostgreSQL: other replicas), until dropped: the
+    /// standing fences read, the backend's policy written from them and
+    /// the record committed are one step, so a lift on one replica cannot
+    /// take down a policy another has just rebuilt with a new fence. One
+    /// process on its file (SQLite): nothing to hold beyond the broker's
+    /// own lock.
+    async fn hold_fences(&self) -> StoreResult<Held> {
+        Ok(Held::default())
+    }
     /// Per scope: when the agent was last issued a credential, and how many.
     async fn scope_usage(&self, agent_id: &str) -> StoreResult<Vec<crate::governance::ScopeUsage>>;
     /// Governance findings, of one agent or all, open only or all.

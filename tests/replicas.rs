@@ -586,7 +586,7 @@ async fn an_agent_changed_on_one_replica_is_relearned_on_the_others() {
     .await
     .expect(200);
     // The others look for such changes every second.
-    tokio::time::sleep(Duration::from_millis(2500)).await;
+    tokio::time::sleep(Duration::from_millis(3000)).await;
     for (_, token) in [changed, unchanged] {
         r[1].credential(token, "jwt-svid", Some(60), audience.clone())
             .await

@@ -145,3 +145,36 @@ async fn a_transaction_reads_the_agent_as_committed() {
     assert_eq!(seen.last_review_at, Some(at));
     assert_ne!(seen, stored);
 }
+
+/// Fences change one at a time across every process sharing a PostgreSQL
+/// store (replicas): while one holds the fences' lock, another waits for
+/// it, and takes it once the first lets go. On PostgreSQL whatever the
+/// harness's engine: only there is a store shared.
+#[tokio::test]
+async fn the_fences_lock_is_held_across_processes_sharing_a_store() {
+    use std::time::Duration;
+    let pg = crate::common::store::cluster();
+    let name = format!("kg_fences_{}", uuid::Uuid::new_v4().simple());
+    pg.create_database(&name);
+    let url = format!("postgres://postgres@127.0.0.1:{}/{name}", pg.port);
+    let password = secrecy::SecretString::from(pg.password.clone());
+    let a = keygate::store::open_with(&url, Some(&password))
+        .await
+        .unwrap();
+    let b = keygate::store::open_with(&url, Some(&password))
+        .await
+        .unwrap();
+    let held = a.hold_fences().await.unwrap();
+    let waiting = tokio::spawn(async move { b.hold_fences().await.map(|_| ()) });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert!(
+        !waiting.is_finished(),
+        "taken while another process held it"
+    );
+    drop(held);
+    tokio::time::timeout(Duration::from_secs(5), waiting)
+        .await
+        .expect("still waiting once it was let go")
+        .unwrap()
+        .unwrap();
+}

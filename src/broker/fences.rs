@@ -59,6 +59,7 @@ impl Broker {
         }
         let leases = self.store.live_leases(selector).await?;
         let _one_at_a_time = self.fences_changing.lock().await;
+        let _across_replicas = self.store.hold_fences().await?;
         for (provider, targets) in self.fence_targets(leases) {
             let req = FenceRequest {
                 revocation_id: revocation_id.to_owned(),
@@ -103,6 +104,7 @@ impl Broker {
         }
         let mut out = FenceResults::default();
         let _one_at_a_time = self.fences_changing.lock().await;
+        let _across_replicas = self.store.hold_fences().await?;
         for (provider, targets) in self.fence_targets(found) {
             let standing = FenceFilter {
                 provider: Some(provider.clone()),
@@ -304,6 +306,7 @@ impl Broker {
         // fence goes up: one of this name put up meanwhile would be deleted
         // with the policy while recorded as standing.
         let _one_at_a_time = self.fences_changing.lock().await;
+        let _across_replicas = self.store.hold_fences().await?;
         let lift = LiftFenceRequest {
             fence: to_provider_fence(fence),
             remaining: self.standing_twins(fence).await?,

@@ -47,6 +47,8 @@ use tx::PostgresTx;
 /// ("keygate-audit" folded into 63 bits; any fixed key works, it only has
 /// to differ from the migration lock's).
 pub(super) const AUDIT_CHAIN_LOCK: i64 = 0x6b65_7967_6174_6561;
+/// The advisory lock held while fences change ([`Store::hold_fences`]).
+const FENCES_LOCK: i64 = 0x6b65_7967_6665_6e63;
 
 /// How many connections one replica keeps.
 const POOL_SIZE: u32 = 16;
@@ -147,6 +149,25 @@ fn redact(message: &str, password: Option<&SecretString>) -> String {
 
 #[async_trait]
 impl Store for PostgresStore {
+    async fn hold_fences(&self) -> StoreResult<crate::store::Held> {
+        let mut tx = self.write.begin().await?;
+        sqlx::query("SELECT pg_advisory_xact_lock($1)")
+            .bind(FENCES_LOCK)
+            .execute(&mut *tx)
+            .await?;
+        // Released by rolling the holding transaction back once the guard
+        // is dropped (a dropped transaction would roll back only when its
+        // connection is next used).
+        let (release, released) = tokio::sync::oneshot::channel::<()>();
+        tokio::spawn(async move {
+            let _ = released.await;
+            if let Err(e) = tx.rollback().await {
+                tracing::warn!(error = %e, "releasing the fences' lock failed; it goes with its connection");
+            }
+        });
+        Ok(crate::store::Held::until(release))
+    }
+
     async fn begin(&self) -> StoreResult<Box<dyn StoreTx>> {
         Ok(Box::new(PostgresTx {
             tx: self.write.begin().await?,
