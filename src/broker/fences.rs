@@ -41,6 +41,22 @@ fn to_provider_fence(r: &FenceRecord) -> Fence {
 }
 
 impl Broker {
+    /// The fences of `provider` standing now, as the provider sees them.
+    async fn standing_fences(&self, provider: &str) -> BrokerResult<Vec<Fence>> {
+        let standing = FenceFilter {
+            provider: Some(provider.to_owned()),
+            active: true,
+            ..FenceFilter::default()
+        };
+        Ok(self
+            .store
+            .list_fences(&standing)
+            .await?
+            .iter()
+            .map(to_provider_fence)
+            .collect())
+    }
+
     /// Asks every provider holding live leases that `selector` hits to fence
     /// them, then records and audits what each did.
     pub(super) async fn put_up_fences(
@@ -67,7 +83,10 @@ impl Broker {
                 revoke_older_sessions,
                 issued_before: at,
                 sessions_only: false,
-                standing: Vec::new(),
+                // A policy of a name some fence already holds keeps what
+                // it denies (another kill switch's later cut-off, put up
+                // first, is not written over with this one's earlier one).
+                standing: self.standing_fences(&provider).await?,
             };
             self.fence_one(&provider, req, &mut out).await;
         }
@@ -106,24 +125,13 @@ impl Broker {
         let _one_at_a_time = self.fences_changing.lock().await;
         let _across_replicas = self.store.hold_fences().await?;
         for (provider, targets) in self.fence_targets(found) {
-            let standing = FenceFilter {
-                provider: Some(provider.clone()),
-                active: true,
-                ..FenceFilter::default()
-            };
             let req = FenceRequest {
                 revocation_id: cause.to_owned(),
                 targets,
                 revoke_older_sessions: false,
                 issued_before: now(),
                 sessions_only: true,
-                standing: self
-                    .store
-                    .list_fences(&standing)
-                    .await?
-                    .iter()
-                    .map(to_provider_fence)
-                    .collect(),
+                standing: self.standing_fences(&provider).await?,
             };
             self.fence_one(&provider, req, &mut out).await;
         }

@@ -215,7 +215,17 @@ impl AwsProvider {
                 planned.push(older_sessions_fence(role_arn, role_name, &cut_off));
             }
             for f in planned {
-                match self.put_policy(&f, &[&f]).await {
+                // Fences of one name are one policy: keep denying what the
+                // standing ones of this name deny (a later cut-off of
+                // older sessions, put up first by another kill switch,
+                // stays the one written).
+                let mut all = vec![&f];
+                all.extend(
+                    req.standing
+                        .iter()
+                        .filter(|s| s.target == f.target && s.name == f.name),
+                );
+                match self.put_policy(&f, &all).await {
                     Ok(()) => out.fences.push(f),
                     Err(e) => out.failed.push((f, e)),
                 }
