@@ -52,6 +52,25 @@ pub enum StoreError {
 
 pub type StoreResult<T> = Result<T, StoreError>;
 
+/// What either engine's error means to a caller.
+impl From<sqlx::Error> for StoreError {
+    fn from(e: sqlx::Error) -> Self {
+        match &e {
+            sqlx::Error::Database(d) if d.is_unique_violation() => {
+                StoreError::Conflict(d.message().to_owned())
+            }
+            // PostgreSQL's deadlock_detected and serialization_failure.
+            sqlx::Error::Database(d) if matches!(d.code().as_deref(), Some("40P01" | "40001")) => {
+                tracing::warn!(error = %d.message(), "a transaction collided with another and was rolled back");
+                StoreError::Contention(
+                    "the change collided with another made at the same moment and was rolled back; nothing of it was kept: retry".into(),
+                )
+            }
+            _ => StoreError::Database(e.to_string()),
+        }
+    }
+}
+
 /// A lock held across processes until dropped ([`Store::hold_fences`]);
 /// its sender is kept only to be dropped.
 #[derive(Default)]

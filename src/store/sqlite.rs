@@ -40,24 +40,6 @@ use crate::model::{
 };
 use tx::SqliteTx;
 
-impl From<sqlx::Error> for StoreError {
-    fn from(e: sqlx::Error) -> Self {
-        match &e {
-            sqlx::Error::Database(d) if d.is_unique_violation() => {
-                StoreError::Conflict(d.message().to_owned())
-            }
-            // PostgreSQL's deadlock_detected and serialization_failure.
-            sqlx::Error::Database(d) if matches!(d.code().as_deref(), Some("40P01" | "40001")) => {
-                tracing::warn!(error = %d.message(), "a transaction collided with another and was rolled back");
-                StoreError::Contention(
-                    "the change collided with another made at the same moment and was rolled back; nothing of it was kept: retry".into(),
-                )
-            }
-            _ => StoreError::Database(e.to_string()),
-        }
-    }
-}
-
 /// SQLite-backed [`Store`].
 pub struct SqliteStore {
     write: group::Writer,
