@@ -205,14 +205,30 @@ async fn kill_switch_fences_the_roles_and_lifting_takes_the_policies_down() {
         (ev[0]["actor"].as_str(), ev[0]["reason"].as_str()),
         (Some("operator:test-secops"), Some("agent re-keyed"))
     );
-    assert_eq!(
-        b.admin_get("/v1/fences?active=true")
-            .await
-            .as_array()
-            .unwrap()
-            .len(),
-        3
+    // Lifting the agent's fence lets it work again, not the sessions the
+    // kill switch ended: those were fenced one by one first, on each role
+    // they are on, by fences that lift themselves once they expire.
+    let sessions = format!("keygate-revoked-sessions-{}", red.id);
+    let task = b.leases(&format!("agent={}", red.id)).await[0]["task_id"].clone();
+    for role in ["reports", "billing"] {
+        let doc = moto.role_policy(role, &sessions).await.unwrap();
+        assert!(doc.to_string().contains(task.as_str().unwrap()), "{doc}");
+    }
+    let standing = b.admin_get("/v1/fences?active=true").await;
+    let by_session: Vec<&Value> = standing
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|f| f["name"] == sessions.as_str())
+        .collect();
+    assert_eq!(by_session.len(), 2, "{standing}");
+    assert!(
+        by_session
+            .iter()
+            .all(|f| f["revocation_id"] == id && f["expires_at"].is_string()),
+        "{standing}"
     );
+    assert_eq!(standing.as_array().unwrap().len(), 5, "{standing}");
 }
 
 #[tokio::test]

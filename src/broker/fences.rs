@@ -11,7 +11,7 @@ use time::OffsetDateTime;
 
 use super::{Broker, BrokerError, BrokerResult};
 use crate::audit::{Actor, AuditEvent};
-use crate::model::{FenceFilter, FenceRecord, Lease, Selector, new_id, now};
+use crate::model::{FenceFilter, FenceRecord, Lease, LeaseState, Selector, new_id, now};
 
 pub use crate::model::FenceFailure;
 
@@ -107,15 +107,16 @@ impl Broker {
         }
     }
 
+    /// [`Self::fence_sessions`], saying what it could not fence.
     async fn try_fence_sessions(
         &self,
         actor: &Actor,
         cause: &str,
         leases: &[String],
-    ) -> BrokerResult<()> {
+    ) -> BrokerResult<Vec<FenceFailure>> {
         if !self.registry.providers().any(|(_, p)| p.puts_up_fences()) {
             // Nothing configured can fence: no lease to read.
-            return Ok(());
+            return Ok(Vec::new());
         }
         let mut found = Vec::new();
         for id in leases {
@@ -138,7 +139,7 @@ impl Broker {
         if !out.fences.is_empty() || !out.failures.is_empty() {
             self.record_fences(actor, cause, &out).await?;
         }
-        Ok(())
+        Ok(out.failures)
     }
 
     /// Lifts the fences whose every denied session has expired (a policy
@@ -291,6 +292,37 @@ impl Broker {
             )));
         }
         let actor = Actor::Operator(operator.to_owned());
+        // An agent's fence stands until lifted and denies every session of
+        // the agent, those the kill switch ended included (their backend
+        // cannot end them: their leases are `expiring`). Lifted to let the
+        // agent work again, it must not give those back: they are fenced
+        // one by one first, by fences that lift themselves once they have
+        // expired; if that fails, the fence stays.
+        if fence.agent.is_some() && fence.expires_at.is_none() {
+            let agent = Selector::Agent(fence.agent.clone().unwrap_or_default());
+            let ended: Vec<String> = self
+                .store
+                .live_leases(&agent)
+                .await?
+                .into_iter()
+                .filter(|l| {
+                    l.provider == fence.provider
+                        && matches!(l.state, LeaseState::Revoking | LeaseState::Expiring)
+                })
+                .map(|l| l.id)
+                .collect();
+            if !ended.is_empty() {
+                let failed = self
+                    .try_fence_sessions(&actor, &fence.revocation_id, &ended)
+                    .await?;
+                if let Some(f) = failed.first() {
+                    return Err(BrokerError::Provider(format!(
+                        "fence `{id}` stays: the sessions it denies that were ended could not be fenced one by one first ({}), and lifting it would let them work again until they expire",
+                        f.error
+                    )));
+                }
+            }
+        }
         self.take_down(&fence, &actor, &reason).await
     }
 
