@@ -153,8 +153,24 @@ impl Broker {
             self.judge_again_if_reloaded(s, &lease, ttl, decided_hash.as_deref(), false, excluded)
                 .await?;
         }
+        // The issue's time counts from the lease's `created_at`, not from
+        // here: the reaper takes a pending lease older than the issue
+        // timeout (and a margin) for an orphan whose call cannot still be
+        // in flight, so a call that starts late (a slow commit before it)
+        // gets only what is left, and none once that is spent.
         let timeout = Duration::from_secs(self.config.leases.issue_timeout_secs);
-        let issued = match tokio::time::timeout(timeout, provider.issue(&req)).await {
+        let spent = Duration::try_from(now() - t).unwrap_or_default();
+        let left = timeout.saturating_sub(spent);
+        if left.is_zero() {
+            let e = ProviderError::NotSent(format!(
+                "the issue's {}s ran out before the backend was asked",
+                timeout.as_secs()
+            ));
+            return Err(self
+                .failed_before_handover(s, scope_cfg, &lease, redeem, unwritten, &actor, e)
+                .await);
+        }
+        let issued = match tokio::time::timeout(left, provider.issue(&req)).await {
             Ok(Ok(issued)) => issued,
             Ok(Err(e)) => {
                 return Err(self
