@@ -11,6 +11,15 @@ use common::TestAgent;
 use common::governance::{SPONSOR, campaign_due, item_of, start, sweep};
 use serde_json::json;
 
+/// Two campaigns, `first` and `second`, due in a week: their answers.
+async fn two_campaigns(b: &common::TestBroker) -> (serde_json::Value, serde_json::Value) {
+    let campaign = |name: &str| {
+        let body = json!({ "name": name, "due_days": 7 });
+        async move { b.admin_post("/v1/reviews", &body).await.expect(201) }
+    };
+    (campaign("first").await, campaign("second").await)
+}
+
 /// A review in one campaign is the agent's review: its items still open
 /// in other campaigns (an automatic one, an older one) close with it, as
 /// cancelled, so none of them later goes overdue on an agent just
@@ -22,14 +31,7 @@ async fn attesting_an_agent_closes_its_items_in_other_campaigns() {
             .await;
     let agent = TestAgent::new("rv-twice", "ES256");
     b.register(&agent, "platform").await;
-    let first = b
-        .admin_post("/v1/reviews", &json!({ "name": "first", "due_days": 7 }))
-        .await
-        .expect(201);
-    let second = b
-        .admin_post("/v1/reviews", &json!({ "name": "second", "due_days": 7 }))
-        .await
-        .expect(201);
+    let (first, second) = two_campaigns(&b).await;
     let item = item_of(&second, &agent.id)["id"]
         .as_str()
         .unwrap()
@@ -74,14 +76,7 @@ async fn attesting_an_agent_in_two_campaigns_at_once_keeps_one_attestation() {
     for a in &agents {
         b.register(a, "platform").await;
     }
-    let first = b
-        .admin_post("/v1/reviews", &json!({ "name": "first", "due_days": 7 }))
-        .await
-        .expect(201);
-    let second = b
-        .admin_post("/v1/reviews", &json!({ "name": "second", "due_days": 7 }))
-        .await
-        .expect(201);
+    let (first, second) = two_campaigns(&b).await;
     for a in &agents {
         let id = |c: &serde_json::Value| item_of(c, &a.id)["id"].as_str().unwrap().to_owned();
         let (one, two) = (id(&first), id(&second));

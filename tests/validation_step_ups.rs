@@ -77,22 +77,32 @@ async fn a_new_delegation_target_steps_up_the_orchestrator_and_every_request_mad
     assert_eq!(ask(&b, &http, &own, "x509-svid").await, 201);
 }
 
-/// An orchestrator stepped up twice: every scope (a new delegation target),
-/// then sensitive scopes only (a new network). The broker, a client, the
-/// orchestrator's task and its two incidents (the every-scope one first).
-async fn stepped_up_twice() -> (TestBroker, TestAgent, reqwest::Client, String, [String; 2]) {
-    let b = TestBroker::start_with(Setup {
-        extra_config: "[validation]\nwarm_up_observations = 3\n\n\
+/// A broker that steps up on a new delegation target (every scope) and on
+/// a new network (`network_line`: every scope, or a `step_up_scopes` line).
+async fn stepping_up_on_both(network_line: &str) -> TestBroker {
+    TestBroker::start_with(Setup {
+        extra_config: format!(
+            "[validation]\nwarm_up_observations = 3\n\n\
             [[detectors]]\nname = \"new-delegate\"\nsignal = \"new_delegation_target\"\nseverity = \"high\"\naction = \"step_up\"\n\n\
-            [[detectors]]\nname = \"new-network\"\nsignal = \"new_source_network\"\nseverity = \"medium\"\naction = \"step_up\"\nstep_up_scopes = \"sensitive\"\n"
-            .into(),
+            [[detectors]]\nname = \"new-network\"\nsignal = \"new_source_network\"\nseverity = \"medium\"\naction = \"step_up\"\n{network_line}"
+        ),
         ..Setup::permissive()
     })
-    .await;
+    .await
+}
+
+/// An orchestrator `name` that may delegate to `<name>-helper` and
+/// `<name>-stranger` (all of `platform`), its task from the default
+/// client, and one credential in it: the three agents, the client, the
+/// task.
+async fn orchestrator_of_two(
+    b: &TestBroker,
+    name: &str,
+) -> (TestAgent, TestAgent, TestAgent, reqwest::Client, String) {
     let (orch, first, second) = (
-        TestAgent::new("strict", "ES256"),
-        TestAgent::new("strict-helper", "ES256"),
-        TestAgent::new("strict-stranger", "ES256"),
+        TestAgent::new(name, "ES256"),
+        TestAgent::new(&format!("{name}-helper"), "ES256"),
+        TestAgent::new(&format!("{name}-stranger"), "ES256"),
     );
     let mut spec = orch.spec("platform");
     spec["delegation"] = json!({ "max_depth": 1, "targets": [first.id, second.id] });
@@ -100,8 +110,17 @@ async fn stepped_up_twice() -> (TestBroker, TestAgent, reqwest::Client, String, 
     b.register(&first, "platform").await;
     b.register(&second, "platform").await;
     let http = reqwest::Client::new();
-    let t = open_task(&b, &http, &orch).await;
-    assert_eq!(ask(&b, &http, &t, "x509-svid").await, 201);
+    let t = open_task(b, &http, &orch).await;
+    assert_eq!(ask(b, &http, &t, "x509-svid").await, 201);
+    (orch, first, second, http, t)
+}
+
+/// An orchestrator stepped up twice: every scope (a new delegation target),
+/// then sensitive scopes only (a new network). The broker, a client, the
+/// orchestrator's task and its two incidents (the every-scope one first).
+async fn stepped_up_twice() -> (TestBroker, TestAgent, reqwest::Client, String, [String; 2]) {
+    let b = stepping_up_on_both("step_up_scopes = \"sensitive\"\n").await;
+    let (orch, first, second, http, t) = orchestrator_of_two(&b, "strict").await;
     delegate(&b, &t, &first).await;
     delegate(&b, &t, &first).await;
     // Every scope stepped up.
@@ -394,27 +413,8 @@ async fn an_approval_from_before_a_step_up_is_asked_again() {
 /// approvers were not told of the second), and asked again it names both.
 #[tokio::test]
 async fn a_sub_agents_own_step_up_does_not_hide_a_later_one_on_its_orchestrator() {
-    let b = TestBroker::start_with(Setup {
-        extra_config: "[validation]\nwarm_up_observations = 3\n\n\
-            [[detectors]]\nname = \"new-delegate\"\nsignal = \"new_delegation_target\"\nseverity = \"high\"\naction = \"step_up\"\n\n\
-            [[detectors]]\nname = \"new-network\"\nsignal = \"new_source_network\"\nseverity = \"medium\"\naction = \"step_up\"\n"
-            .into(),
-        ..Setup::permissive()
-    })
-    .await;
-    let (orch, helper, stranger) = (
-        TestAgent::new("chain-orch", "ES256"),
-        TestAgent::new("chain-helper", "ES256"),
-        TestAgent::new("chain-stranger", "ES256"),
-    );
-    let mut spec = orch.spec("platform");
-    spec["delegation"] = json!({ "max_depth": 1, "targets": [helper.id, stranger.id] });
-    b.admin_post("/v1/agents", &spec).await.expect(201);
-    b.register(&helper, "platform").await;
-    b.register(&stranger, "platform").await;
-    let http = reqwest::Client::new();
-    let t = open_task(&b, &http, &orch).await;
-    assert_eq!(ask(&b, &http, &t, "x509-svid").await, 201);
+    let b = stepping_up_on_both("").await;
+    let (orch, helper, stranger, _, t) = orchestrator_of_two(&b, "chain").await;
     let sub = delegate(&b, &t, &helper).await;
     delegate(&b, &t, &helper).await;
     // The helper, on a network it was never seen on: stepped up.

@@ -41,16 +41,20 @@ fn to_provider_fence(r: &FenceRecord) -> Fence {
 }
 
 impl Broker {
-    /// The fences of `provider` standing now, as the provider sees them.
-    async fn standing_fences(&self, provider: &str) -> BrokerResult<Vec<Fence>> {
+    /// The fences of `provider` standing now.
+    async fn standing_records(&self, provider: &str) -> BrokerResult<Vec<FenceRecord>> {
         let standing = FenceFilter {
             provider: Some(provider.to_owned()),
             active: true,
             ..FenceFilter::default()
         };
+        Ok(self.store.list_fences(&standing).await?)
+    }
+
+    /// The fences of `provider` standing now, as the provider sees them.
+    async fn standing_fences(&self, provider: &str) -> BrokerResult<Vec<Fence>> {
         Ok(self
-            .store
-            .list_fences(&standing)
+            .standing_records(provider)
             .await?
             .iter()
             .map(to_provider_fence)
@@ -386,14 +390,8 @@ impl Broker {
     /// Other standing fences of the same provider, target and name (put up
     /// by other revocations), which lifting `fence` must keep in force.
     async fn standing_twins(&self, fence: &FenceRecord) -> BrokerResult<Vec<Fence>> {
-        let standing = FenceFilter {
-            provider: Some(fence.provider.clone()),
-            active: true,
-            ..FenceFilter::default()
-        };
         Ok(self
-            .store
-            .list_fences(&standing)
+            .standing_records(&fence.provider)
             .await?
             .iter()
             .filter(|f| f.id != fence.id && f.target == fence.target && f.name == fence.name)

@@ -62,6 +62,30 @@ where
     }
 }
 
+/// `sel`'s condition on `tasks`, after a `WHERE`.
+pub(super) fn push_task_selector<DB: Database>(
+    q: &mut QueryBuilder<DB>,
+    sel: &crate::store::TaskSelector,
+) where
+    for<'t> String: Encode<'t, DB> + Type<DB>,
+{
+    use crate::store::TaskSelector;
+    match sel {
+        TaskSelector::Task(id) => {
+            q.push(" AND id = ").push_bind(id.clone());
+        }
+        TaskSelector::Emergency(Selector::Provider(p)) => {
+            q.push(
+                " AND id IN (SELECT task_id FROM leases WHERE state IN \
+                 ('pending','active','revoking','expiring') AND provider = ",
+            )
+            .push_bind(p.clone())
+            .push(")");
+        }
+        TaskSelector::Emergency(s) => push_selector(q, s, "agent_id"),
+    }
+}
+
 /// The query of the live leases of `task_ids` (at most a few hundred: the
 /// caller reads many in chunks), oldest first.
 pub(super) fn live_leases_of_tasks<DB: Database>(task_ids: &[String]) -> QueryBuilder<DB>

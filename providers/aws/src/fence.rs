@@ -215,20 +215,7 @@ impl AwsProvider {
                 planned.push(older_sessions_fence(role_arn, role_name, &cut_off));
             }
             for f in planned {
-                // Fences of one name are one policy: keep denying what the
-                // standing ones of this name deny (a later cut-off of
-                // older sessions, put up first by another kill switch,
-                // stays the one written).
-                let mut all = vec![&f];
-                all.extend(
-                    req.standing
-                        .iter()
-                        .filter(|s| s.target == f.target && s.name == f.name),
-                );
-                match self.put_policy(&f, &all).await {
-                    Ok(()) => out.fences.push(f),
-                    Err(e) => out.failed.push((f, e)),
-                }
+                self.put_with_standing(f, &req.standing, &mut out).await;
             }
         }
         Ok(out)
@@ -251,20 +238,26 @@ impl AwsProvider {
         for ((role_arn, agent), sessions) in &by_role {
             let role_name = limits::role_name(role_arn)?;
             let f = sessions_fence(role_arn, role_name, agent, sessions)?;
-            // Fences of one name are one policy: keep denying what the
-            // standing ones of this name deny.
-            let mut all = vec![&f];
-            all.extend(
-                req.standing
-                    .iter()
-                    .filter(|s| s.target == f.target && s.name == f.name),
-            );
-            match self.put_policy(&f, &all).await {
-                Ok(()) => out.fences.push(f),
-                Err(e) => out.failed.push((f, e)),
-            }
+            self.put_with_standing(f, &req.standing, &mut out).await;
         }
         Ok(out)
+    }
+
+    /// Puts `f` up into `out`. Fences of one name are one policy: it keeps
+    /// denying what the `standing` ones of its name deny (another kill
+    /// switch's later cut-off of older sessions, put up first, stays the
+    /// one written; sessions fenced before stay fenced).
+    async fn put_with_standing(&self, f: Fence, standing: &[Fence], out: &mut Fenced) {
+        let mut all = vec![&f];
+        all.extend(
+            standing
+                .iter()
+                .filter(|s| s.target == f.target && s.name == f.name),
+        );
+        match self.put_policy(&f, &all).await {
+            Ok(()) => out.fences.push(f),
+            Err(e) => out.failed.push((f, e)),
+        }
     }
 
     /// Writes the inline policy for `fence`, built from `all` of that name

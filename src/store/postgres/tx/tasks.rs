@@ -4,8 +4,8 @@ use sqlx::{Postgres, QueryBuilder};
 use time::OffsetDateTime;
 
 use super::{PostgresTx, corrupt};
-use crate::model::{Selector, Task, TaskState, unix};
-use crate::store::sql::{json_opt, push_selector};
+use crate::model::{Task, TaskState, unix};
+use crate::store::sql::{json_opt, push_task_selector};
 use crate::store::{StoreResult, TaskSelector};
 
 pub(super) async fn insert_task(tx: &mut PostgresTx, t: &Task) -> StoreResult<bool> {
@@ -122,24 +122,6 @@ pub(super) async fn end_tasks(
         level = children;
     }
     Ok(ended)
-}
-
-/// `sel`'s condition on `tasks`, after a `WHERE`.
-fn push_task_selector(q: &mut QueryBuilder<Postgres>, sel: &TaskSelector) {
-    match sel {
-        TaskSelector::Task(id) => {
-            q.push(" AND id = ").push_bind(id.clone());
-        }
-        TaskSelector::Emergency(Selector::Provider(p)) => {
-            q.push(
-                " AND id IN (SELECT task_id FROM leases WHERE state IN \
-                 ('pending','active','revoking','expiring') AND provider = ",
-            )
-            .push_bind(p.clone())
-            .push(")");
-        }
-        TaskSelector::Emergency(s) => push_selector(q, s, "agent_id"),
-    }
 }
 
 pub(super) async fn record_jti(

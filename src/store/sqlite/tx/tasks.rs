@@ -5,8 +5,8 @@ use time::OffsetDateTime;
 
 use super::super::batch::push_task_insert;
 use super::{SqliteTx, corrupt};
-use crate::model::{Selector, Task, TaskState, unix};
-use crate::store::sql::push_selector;
+use crate::model::{Task, TaskState, unix};
+use crate::store::sql::push_task_selector;
 use crate::store::{StoreResult, TaskSelector};
 
 pub(super) async fn insert_task(tx: &mut SqliteTx, t: &Task) -> StoreResult<bool> {
@@ -42,20 +42,7 @@ pub(super) async fn end_tasks(
         .push(", end_reason = ")
         .push_bind(reason.to_owned())
         .push(" WHERE state = 'open'");
-    match sel {
-        TaskSelector::Task(id) => {
-            q.push(" AND id = ").push_bind(id.clone());
-        }
-        TaskSelector::Emergency(Selector::Provider(p)) => {
-            q.push(
-                " AND id IN (SELECT task_id FROM leases WHERE state IN \
-                 ('pending','active','revoking','expiring') AND provider = ",
-            )
-            .push_bind(p.clone())
-            .push(")");
-        }
-        TaskSelector::Emergency(s) => push_selector(&mut q, s, "agent_id"),
-    }
+    push_task_selector(&mut q, sel);
     q.push(" RETURNING id");
     let rows = q.build().fetch_all(tx.tx.conn().await?).await?;
     let mut ended: Vec<String> = rows
