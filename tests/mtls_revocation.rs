@@ -24,6 +24,17 @@ async fn svid_agent(w: &World, prefix: &str) -> (TestAgent, common::Session) {
     (agent, s)
 }
 
+/// `token`'s session releases `lease`.
+async fn release(w: &World, lease: &str, token: &str) -> common::Resp {
+    w.b.call(
+        reqwest::Method::DELETE,
+        &format!("/v1/credentials/{lease}"),
+        Some(token),
+        None,
+    )
+    .await
+}
+
 #[tokio::test]
 async fn a_certificate_keygate_revoked_no_longer_authenticates() {
     // The mTLS listener trusts the broker's own CA: its X.509-SVIDs log in.
@@ -36,14 +47,7 @@ async fn a_certificate_keygate_revoked_no_longer_authenticates() {
 
     // Released: on the CA's revocation list, and refused at the door.
     let lease = cred["lease_id"].as_str().unwrap();
-    let r =
-        w.b.call(
-            reqwest::Method::DELETE,
-            &format!("/v1/credentials/{lease}"),
-            Some(&s.token),
-            None,
-        )
-        .await;
+    let r = release(&w, lease, &s.token).await;
     assert_eq!(r.status, 200, "{}", r.text);
     assert_eq!(w.b.lease_state(lease).await, "revoked");
     let (status, v) = token(&svid_client(&w, &cred), &w, &agent.id).await.unwrap();
@@ -95,14 +99,7 @@ async fn a_certificate_revoked_before_the_ca_rotated_stays_refused() {
     let revoked = w.b.x509(&s.token, Some(600)).await;
     let live = w.b.x509(&s.token, Some(600)).await;
     let lease = revoked["lease_id"].as_str().unwrap();
-    let r =
-        w.b.call(
-            reqwest::Method::DELETE,
-            &format!("/v1/credentials/{lease}"),
-            Some(&s.token),
-            None,
-        )
-        .await;
+    let r = release(&w, lease, &s.token).await;
     assert_eq!(r.status, 200, "{}", r.text);
 
     // Rotate: the old key and certificate move away, the bundle keeps the

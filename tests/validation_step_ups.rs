@@ -223,13 +223,7 @@ async fn a_suspension_and_resume_neither_lift_a_step_up_nor_revive_its_approval(
     )
     .await
     .expect(200);
-    let redeem = b
-        .post(
-            &format!("/v1/approvals/{approval}/redeem"),
-            Some(&t2),
-            &json!({}),
-        )
-        .await;
+    let redeem = redeem(&b, &approval, &t2).await;
     assert_eq!(redeem.status, 401, "{}", redeem.text);
     // Still stepped up: a new task's request, from home, waits for a human.
     let shown = b
@@ -277,13 +271,7 @@ async fn a_kill_switch_by_team_neither_lifts_a_step_up_nor_leaves_its_approval_l
     assert_eq!(rv["pending"].as_u64(), Some(0), "{rv}");
     let late = approve(&b, &approval).await;
     assert_eq!(late.status, 409, "{}", late.text);
-    let redeem = b
-        .post(
-            &format!("/v1/approvals/{approval}/redeem"),
-            Some(&t2),
-            &json!({}),
-        )
-        .await;
+    let redeem = redeem(&b, &approval, &t2).await;
     assert_eq!(redeem.status, 401, "{}", redeem.text);
     assert_eq!(ask(&b, &home, &t, "x509-svid").await, 401);
     // The other team's task goes on.
@@ -346,6 +334,16 @@ async fn approve(b: &TestBroker, approval: &str) -> common::Resp {
     .await
 }
 
+/// `token`'s session redeems `approval`.
+async fn redeem(b: &TestBroker, approval: &str, token: &str) -> common::Resp {
+    b.post(
+        &format!("/v1/approvals/{approval}/redeem"),
+        Some(token),
+        &json!({}),
+    )
+    .await
+}
+
 /// SecOps resolves `incident`, lifting its step-up.
 async fn resolve(b: &TestBroker, incident: &str) {
     b.post(
@@ -385,8 +383,7 @@ async fn an_approval_from_before_a_step_up_is_asked_again() {
     let list = incidents(&b, &agent).await;
     assert_eq!(detectors_of(&list), ["new-network"], "{list:?}");
     let incident = list[0]["id"].as_str().unwrap();
-    let redeem = format!("/v1/approvals/{id}/redeem");
-    let r = b.post(&redeem, Some(&t), &json!({})).await;
+    let r = redeem(&b, &id, &t).await;
     assert_eq!(r.status, 409, "{}", r.text);
     assert!(
         r.text.contains(incident) && r.text.contains("ask again"),
@@ -431,13 +428,7 @@ async fn a_sub_agents_own_step_up_does_not_hide_a_later_one_on_its_orchestrator(
     let list = incidents(&b, &orch).await;
     assert_eq!(detectors_of(&list), ["new-delegate"], "{list:?}");
     let later = list[0]["id"].as_str().unwrap();
-    let r = b
-        .post(
-            &format!("/v1/approvals/{id}/redeem"),
-            Some(&sub),
-            &json!({}),
-        )
-        .await;
+    let r = redeem(&b, &id, &sub).await;
     assert_eq!(r.status, 409, "{}", r.text);
     assert!(r.text.contains(later), "{}", r.text);
     let again = b
