@@ -126,3 +126,30 @@ async fn postgres_events_a_dead_replica_staged_are_chained() {
     assert_eq!(reasons(&evs), ["before", "before+", "read", "swept"]);
     verify_chain(&evs, 0, GENESIS_HASH.to_owned()).expect("one unbroken chain");
 }
+
+/// An event carrying a NUL character (a refused token request names the
+/// client id it was given, `%00` included) is kept, and the chain goes on
+/// after it: PostgreSQL's text cannot hold NUL, and one staged as it was
+/// would have stopped every chaining pass after it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_event_with_a_nul_character_does_not_stop_the_chain() {
+    let (_dir, path) = db_path();
+    let store = open(&path).await;
+    let mut tx = store.begin().await.unwrap();
+    tx.audit(
+        AuditEvent::new(&Actor::Agent("bad\0id".into()), "test.nul")
+            .agent("bad\0id")
+            .reason("nul\0here")
+            .details(serde_json::json!({ "client_id": "x\0y", "k\0": ["\0"] })),
+    )
+    .await
+    .unwrap();
+    tx.commit().await.unwrap();
+    commit_one(store.as_ref(), "after".into()).await;
+    let evs = events(store.as_ref()).await;
+    let got = reasons(&evs);
+    assert_eq!(got.len(), 3, "{got:?}");
+    assert!(got[2].starts_with("nul"), "{got:?}");
+    assert_eq!(&got[..2], ["after", "after+"]);
+    verify_chain(&evs, 0, GENESIS_HASH.to_owned()).expect("one unbroken chain");
+}

@@ -10,7 +10,7 @@
 //! transaction's events are staged with its change, unchained, and each
 //! replica's chainer moves them into the chain in batches under one
 //! advisory lock (`chain.rs`); every read of the log chains what is pending
-//! first. The chain's order is the order in which changes became visible.
+//! first. A change made after another's was visible is chained after it.
 //!
 //! Migrations (`migrations/postgres/`) run at start under sqlx's migration
 //! advisory lock, so replicas starting together apply them once.
@@ -49,8 +49,10 @@ pub(super) const AUDIT_CHAIN_LOCK: i64 = 0x6b65_7967_6174_6561;
 /// The advisory lock held while fences change ([`Store::hold_fences`]).
 const FENCES_LOCK: i64 = 0x6b65_7967_6665_6e63;
 
-/// How many connections one replica keeps.
+/// How many connections one replica keeps, and how many more its audit
+/// chainer does.
 const POOL_SIZE: u32 = 16;
+const CHAIN_POOL_SIZE: u32 = 2;
 
 /// PostgreSQL-backed [`Store`].
 pub struct PostgresStore {
@@ -71,9 +73,9 @@ impl PostgresStore {
     /// with `password` (never part of the URL) and applies the migrations.
     pub async fn open(url: &str, password: Option<&SecretString>) -> StoreResult<Self> {
         let opts = connect_options(url, password)?;
-        let pool = |opts: PgConnectOptions| async move {
+        let pool = |opts: PgConnectOptions, size: u32| async move {
             PgPoolOptions::new()
-                .max_connections(POOL_SIZE)
+                .max_connections(size)
                 .acquire_timeout(std::time::Duration::from_secs(5))
                 .connect_with(opts)
                 .await
@@ -84,7 +86,7 @@ impl PostgresStore {
                     ))
                 })
         };
-        let write = pool(opts.clone()).await?;
+        let write = pool(opts.clone(), POOL_SIZE).await?;
         sqlx::migrate!("./migrations/postgres")
             .run(&write)
             .await
@@ -93,7 +95,10 @@ impl PostgresStore {
         // under load (tests/policy_reload.rs) stalled past the acquire
         // timeout, and the cause is not understood yet.
         let read = write.clone();
-        let chain = chain::Chain::start(write.clone());
+        // The chainer's own connections: a request holding one of the pool's
+        // while it reads the log (which chains first) never waits for a
+        // pass that waits for the pool.
+        let chain = chain::Chain::start(pool(opts.clone(), CHAIN_POOL_SIZE).await?);
         Ok(Self {
             write,
             read,

@@ -3,7 +3,8 @@
 //! A transaction writes its events, unchained, as one row of
 //! `audit_pending` with its change: durable at the same commit, and no lock
 //! shared between replicas on the way. The [`Chain`] then moves pending rows
-//! into `audit_events` in batches, in the order they became visible, under
+//! into `audit_events` in batches, in the order they were staged (a change
+//! made after another's was visible is staged after it), under
 //! the chain's advisory lock: one lock, one head read and one commit for
 //! many transactions' events instead of one each. Before, every transaction
 //! with events held that lock from its head read to its commit, and the
@@ -87,24 +88,24 @@ impl Chain {
         self.wake.notify_one();
     }
 
-    /// Chains every pending event committed before this call.
+    /// Chains every pending event committed before this call (and no
+    /// more: under constant writes a read still ends).
     pub(super) async fn chain_pending(&self) -> StoreResult<()> {
         let _pass = self.pass.lock().await;
-        loop {
-            // By the key's index: rows chained and not yet vacuumed cost
-            // nothing here.
-            let first: Option<i64> =
-                sqlx::query_scalar("SELECT id FROM audit_pending ORDER BY id LIMIT 1")
-                    .fetch_optional(&self.pool)
-                    .await?;
-            if first.is_none() || self.pass_once().await? < PASS_ROWS {
-                return Ok(());
-            }
-        }
+        // By the key's index: rows chained and not yet vacuumed cost
+        // nothing here.
+        let last: Option<i64> =
+            sqlx::query_scalar("SELECT id FROM audit_pending ORDER BY id DESC LIMIT 1")
+                .fetch_optional(&self.pool)
+                .await?;
+        let Some(last) = last else { return Ok(()) };
+        while self.pass_once(last).await? == PASS_ROWS {}
+        Ok(())
     }
 
-    /// One batch chained in one transaction; how many pending rows it took.
-    async fn pass_once(&self) -> StoreResult<i64> {
+    /// One batch (of rows up to `last`) chained in one transaction; how
+    /// many pending rows it took.
+    async fn pass_once(&self, last: i64) -> StoreResult<i64> {
         let mut tx = self.pool.begin().await?;
         sqlx::query("SELECT pg_advisory_xact_lock($1)")
             .bind(AUDIT_CHAIN_LOCK)
@@ -114,8 +115,10 @@ impl Chain {
         // before it, so no row is chained twice.
         let mut rows: Vec<(i64, String)> = sqlx::query(
             "DELETE FROM audit_pending WHERE id IN \
-             (SELECT id FROM audit_pending ORDER BY id LIMIT $1) RETURNING id, events",
+             (SELECT id FROM audit_pending WHERE id <= $1 ORDER BY id LIMIT $2) \
+             RETURNING id, events",
         )
+        .bind(last)
         .bind(PASS_ROWS)
         .fetch_all(&mut *tx)
         .await?
@@ -189,9 +192,61 @@ async fn append(conn: &mut PgConnection, mut events: Vec<AuditEvent>) -> StoreRe
     Ok(())
 }
 
-/// A transaction's events as one pending row holds them.
+/// A transaction's events as one pending row holds them. PostgreSQL's text
+/// cannot hold a NUL character, which JSON carries as `\u0000`: one staged
+/// (a client id of `%00` in a refused token request's event) would be
+/// refused by every pass that took its row, and stop the chain. It is kept
+/// as U+FFFD instead.
 pub(super) fn staged(events: &[AuditEvent]) -> StoreResult<String> {
-    serde_json::to_string(events).map_err(corrupt)
+    let mut events = events.to_vec();
+    for ev in &mut events {
+        without_nul(ev);
+    }
+    serde_json::to_string(&events).map_err(corrupt)
+}
+
+fn without_nul(ev: &mut AuditEvent) {
+    fn text(s: &mut String) {
+        if s.contains('\0') {
+            *s = s.replace('\0', "\u{fffd}");
+        }
+    }
+    fn value(v: &mut serde_json::Value) {
+        match v {
+            serde_json::Value::String(s) => text(s),
+            serde_json::Value::Array(items) => items.iter_mut().for_each(value),
+            serde_json::Value::Object(map) => {
+                if map.keys().any(|k| k.contains('\0')) {
+                    *map = std::mem::take(map)
+                        .into_iter()
+                        .map(|(k, v)| (k.replace('\0', "\u{fffd}"), v))
+                        .collect();
+                }
+                map.values_mut().for_each(value);
+            }
+            _ => {}
+        }
+    }
+    for s in [&mut ev.actor, &mut ev.action, &mut ev.outcome] {
+        text(s);
+    }
+    for s in [
+        &mut ev.agent,
+        &mut ev.task,
+        &mut ev.scope,
+        &mut ev.lease,
+        &mut ev.decision,
+        &mut ev.policy_hash,
+        &mut ev.reason,
+        &mut ev.on_behalf_of,
+    ]
+    .into_iter()
+    .flatten()
+    {
+        text(s);
+    }
+    ev.policy_ids.iter_mut().for_each(text);
+    value(&mut ev.details);
 }
 
 /// Writes a transaction's events (`staged`), unchained, as one pending row

@@ -145,10 +145,11 @@ pub(super) async fn record_jti(
 /// A task opened in one statement, committed alone, with its assertion's
 /// `jti` and its staged events (`staged`, the JSON of
 /// `store/postgres/chain.rs`): one round trip instead of a transaction's
-/// seven. What [`insert_task`] and [`record_jti`] check holds here too: the
-/// agent's row locked and active, the parent's locked and open (a
-/// suspension or the parent's end committing meanwhile is waited for and
-/// read as it ends), and the `jti` recorded only with the task.
+/// seven. What [`insert_task`] and [`record_jti`] check holds here too, in
+/// the same order: the agent's row locked and active, the parent's locked
+/// and open (a suspension or the parent's end committing meanwhile is
+/// waited for and read as it ends), then the `jti`, recorded only with the
+/// task.
 pub(in crate::store::postgres) async fn open_task_staged(
     db: &sqlx::PgPool,
     jti: &JtiUse,
@@ -162,7 +163,7 @@ pub(in crate::store::postgres) async fn open_task_staged(
               ok AS (SELECT EXISTS (SELECT 1 FROM a) \
                      AND ($7::text IS NULL OR EXISTS (SELECT 1 FROM p)) AS ok), \
               j AS (INSERT INTO assertion_jtis (agent_id, jti, expires_at) \
-                    SELECT $2, $13, $14 FROM ok WHERE ok.ok \
+                    SELECT $16, $13, $14 FROM ok WHERE ok.ok \
                     ON CONFLICT DO NOTHING RETURNING 1), \
               t AS (INSERT INTO tasks (id, agent_id, description, state, opened_at, \
                     expires_at, parent_task_id, depth, delegation_budget, scopes, chain, \
@@ -171,9 +172,7 @@ pub(in crate::store::postgres) async fn open_task_staged(
               u AS (UPDATE agents SET last_used_at = $5 \
                     WHERE id = $2 AND EXISTS (SELECT 1 FROM j)), \
               e AS (INSERT INTO audit_pending (events) SELECT $15 FROM j) \
-         SELECT (SELECT count(*) FROM j) AS opened, (SELECT ok FROM ok) AS ok, \
-                EXISTS (SELECT 1 FROM assertion_jtis WHERE agent_id = $2 AND jti = $13) \
-                AS seen",
+         SELECT (SELECT count(*) FROM j) AS opened, (SELECT ok FROM ok) AS ok",
     )
     .bind(&t.id)
     .bind(&t.agent_id)
@@ -190,17 +189,16 @@ pub(in crate::store::postgres) async fn open_task_staged(
     .bind(&jti.jti)
     .bind(unix(jti.expires_at))
     .bind(staged)
+    .bind(&jti.agent_id)
     .fetch_one(db)
     .await?;
     let opened: i64 = row.try_get("opened")?;
     let ok: bool = row.try_get("ok")?;
-    // `seen` is read in the statement's snapshot: a `jti` another open
-    // committed meanwhile is not in it, but its conflict left `opened` 0
-    // with `ok` true, which says replayed as well.
-    let seen: bool = row.try_get("seen")?;
+    // As in a transaction of its own (`open_task_alone`): the agent and the
+    // parent judged first, then the `jti`.
     Ok(if opened == 1 {
         TaskOpen::Opened
-    } else if ok || seen {
+    } else if ok {
         TaskOpen::Replayed
     } else {
         TaskOpen::Overtaken
