@@ -7,5 +7,3 @@ CREATE TABLE audit_pending (
     id     BIGSERIAL PRIMARY KEY,
     events TEXT NOT NULL
 );
--- (0001's comment on audit_events, writers serialising on the lock, held
--- until this step: now only the chainers take it.)

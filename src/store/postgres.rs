@@ -93,7 +93,7 @@ impl PostgresStore {
             .map_err(|e| StoreError::Database(format!("migration failed: {e}")))?;
         // One pool for transactions and reads: with two, the policy reload
         // under load (tests/policy_reload.rs) stalled past the acquire
-        // timeout, and the cause is not understood yet.
+        // timeout (a caller holding one's connection waits on the other).
         let read = write.clone();
         // The chainer's own connections: a request holding one of the pool's
         // while it reads the log (which chains first) never waits for a

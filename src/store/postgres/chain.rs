@@ -154,6 +154,7 @@ async fn append(conn: &mut PgConnection, mut events: Vec<AuditEvent>) -> StoreRe
     };
     let mut rows = Vec::with_capacity(events.len());
     for mut ev in events.drain(..) {
+        without_nul(&mut ev);
         ev.chain_after(seq, &hash);
         seq = ev.seq;
         hash.clone_from(&ev.hash);
@@ -192,39 +193,21 @@ async fn append(conn: &mut PgConnection, mut events: Vec<AuditEvent>) -> StoreRe
     Ok(())
 }
 
-/// A transaction's events as one pending row holds them. PostgreSQL's text
-/// cannot hold a NUL character, which JSON carries as `\u0000`: one staged
-/// (a client id of `%00` in a refused token request's event) would be
-/// refused by every pass that took its row, and stop the chain. It is kept
-/// as U+FFFD instead.
+/// A transaction's events as one pending row holds them.
 pub(super) fn staged(events: &[AuditEvent]) -> StoreResult<String> {
-    let mut events = events.to_vec();
-    for ev in &mut events {
-        without_nul(ev);
-    }
-    serde_json::to_string(&events).map_err(corrupt)
+    serde_json::to_string(events).map_err(corrupt)
 }
 
+/// PostgreSQL's text cannot hold a NUL character, which an event's plain
+/// text fields may carry (a refused token request names the client id it
+/// was given, `%00` included) and JSON carries as `\u0000`: such an event,
+/// inserted as it is, would be refused by every pass that took its row and
+/// stop the chain. Its NULs are kept as U+FFFD, before it is hashed.
+/// (`details` and `policy_ids` are stored as JSON text, NUL escaped.)
 fn without_nul(ev: &mut AuditEvent) {
     fn text(s: &mut String) {
         if s.contains('\0') {
             *s = s.replace('\0', "\u{fffd}");
-        }
-    }
-    fn value(v: &mut serde_json::Value) {
-        match v {
-            serde_json::Value::String(s) => text(s),
-            serde_json::Value::Array(items) => items.iter_mut().for_each(value),
-            serde_json::Value::Object(map) => {
-                if map.keys().any(|k| k.contains('\0')) {
-                    *map = std::mem::take(map)
-                        .into_iter()
-                        .map(|(k, v)| (k.replace('\0', "\u{fffd}"), v))
-                        .collect();
-                }
-                map.values_mut().for_each(value);
-            }
-            _ => {}
         }
     }
     for s in [&mut ev.actor, &mut ev.action, &mut ev.outcome] {
@@ -245,8 +228,6 @@ fn without_nul(ev: &mut AuditEvent) {
     {
         text(s);
     }
-    ev.policy_ids.iter_mut().for_each(text);
-    value(&mut ev.details);
 }
 
 /// Writes a transaction's events (`staged`), unchained, as one pending row
