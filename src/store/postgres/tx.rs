@@ -1,12 +1,11 @@
 //! Changes in the PostgreSQL engine: one [`StoreTx`] is one PostgreSQL
-//! transaction; its audit events are staged at commit and chained after it.
+//! transaction; its audit events are chained and appended at commit.
+
+use std::collections::HashMap;
 
 mod agents;
 mod chain;
-pub(super) use chain::TaskUsers;
 mod leases;
-pub(super) use leases::insert_lease_staged;
-pub(super) use tasks::open_task_staged;
 mod tasks;
 
 use async_trait::async_trait;
@@ -24,12 +23,10 @@ use crate::store::{Delivery, LeaseSelector, StoreError, StoreResult, StoreTx, Ta
 
 pub(super) struct PostgresTx {
     pub(super) tx: Transaction<'static, Postgres>,
-    /// Audit events of this transaction, staged at commit.
+    /// Audit events of this transaction, chained and inserted at commit.
     pub(super) events: Vec<AuditEvent>,
-    /// Chains them once committed.
-    pub(super) chain: std::sync::Arc<super::chain::Chain>,
-    /// Each task's user (`on_behalf_of`), as this replica learnt it.
-    pub(super) users: std::sync::Arc<chain::TaskUsers>,
+    /// Each task's user (`on_behalf_of`) as this transaction learnt it.
+    pub(super) users: HashMap<String, Option<String>>,
 }
 
 impl PostgresTx {
@@ -44,18 +41,20 @@ impl PostgresTx {
 #[async_trait]
 impl StoreTx for PostgresTx {
     async fn commit(mut self: Box<Self>) -> StoreResult<()> {
-        if self.events.is_empty() {
-            self.tx.commit().await?;
-            return Ok(());
+        if !self.events.is_empty() {
+            self.append_events().await?;
         }
-        super::chain::stage(&mut self.tx, super::chain::staged(&self.events)?).await?;
         self.tx.commit().await?;
-        self.chain.wake();
         Ok(())
     }
 
     async fn audit(&mut self, mut ev: AuditEvent) -> StoreResult<()> {
-        self.name_user(&mut ev).await?;
+        // Every event of a task that acts for a user names the user.
+        if ev.on_behalf_of.is_none()
+            && let Some(task) = ev.task.clone()
+        {
+            ev.on_behalf_of = self.user_of(&task).await?;
+        }
         self.events.push(ev);
         Ok(())
     }
@@ -537,6 +536,6 @@ async fn settle<T>(sp: Transaction<'_, Postgres>, done: StoreResult<T>) -> Store
     }
 }
 
-pub(super) fn corrupt(e: serde_json::Error) -> StoreError {
+fn corrupt(e: serde_json::Error) -> StoreError {
     StoreError::Corrupt(e.to_string())
 }
