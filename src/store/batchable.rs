@@ -61,7 +61,8 @@ pub struct JtiUse {
 pub enum TaskOpen {
     /// The task is open and the `jti` recorded, durably.
     Opened,
-    /// The `jti` was seen before: nothing was written.
+    /// The `jti` was seen before (the agent active and the parent open):
+    /// nothing was written.
     Replayed,
     /// The agent is no longer active, or the parent task no longer open,
     /// as the write finds them (a suspension, the kill switch or the
@@ -77,15 +78,19 @@ pub(crate) async fn open_task_alone(
     task: &Task,
     events: Vec<AuditEvent>,
 ) -> StoreResult<TaskOpen> {
+    // The task first: on PostgreSQL its write locks the agent's row, and
+    // every task open takes that lock before the `jti`'s key, as the
+    // engine's one-statement open does (in the other order, one assertion
+    // presented on both paths at once deadlocked).
+    if !tx.insert_task(task).await? {
+        return Ok(TaskOpen::Overtaken);
+    }
     if !tx
         .record_jti(&jti.agent_id, &jti.jti, jti.expires_at)
         .await?
     {
+        // Dropped: the task is not kept either.
         return Ok(TaskOpen::Replayed);
-    }
-    if !tx.insert_task(task).await? {
-        // Dropped: the `jti` is not kept either.
-        return Ok(TaskOpen::Overtaken);
     }
     tx.touch_agent(&task.agent_id, task.opened_at).await?;
     for ev in events {

@@ -7,26 +7,25 @@
 //! stale state — what the SQLite engine gets from its single writer.
 //!
 //! The audit chain stays one chain with writers on many replicas: a
-//! transaction's events are kept aside until `commit`, which then takes a
-//! transaction-scoped advisory lock, reads the head, chains and inserts the
-//! events and commits. Only that last step is serialised, and the chain's
-//! order is the order in which changes became visible.
+//! transaction's events are staged with its change, unchained, and each
+//! replica's chainer moves them into the chain in batches under one
+//! advisory lock (`chain.rs`); every read of the log chains what is pending
+//! first. A change made after another's was visible is chained after it.
 //!
 //! Migrations (`migrations/postgres/`) run at start under sqlx's migration
 //! advisory lock, so replicas starting together apply them once.
 
 mod approvals;
+mod chain;
+mod connect;
 mod fences;
 mod findings;
 mod replicas;
 mod reviews;
 mod tx;
 
-use std::collections::HashMap;
-use std::str::FromStr;
-
 use async_trait::async_trait;
-use secrecy::{ExposeSecret, SecretString};
+use secrecy::SecretString;
 use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
 use sqlx::{Postgres, QueryBuilder, Row};
 use time::OffsetDateTime;
@@ -50,8 +49,10 @@ pub(super) const AUDIT_CHAIN_LOCK: i64 = 0x6b65_7967_6174_6561;
 /// The advisory lock held while fences change ([`Store::hold_fences`]).
 const FENCES_LOCK: i64 = 0x6b65_7967_6665_6e63;
 
-/// How many connections one replica keeps.
+/// How many connections one replica keeps, and how many more its audit
+/// chainer does.
 const POOL_SIZE: u32 = 16;
+const CHAIN_POOL_SIZE: u32 = 2;
 
 /// PostgreSQL-backed [`Store`].
 pub struct PostgresStore {
@@ -61,6 +62,10 @@ pub struct PostgresStore {
     opts: PgConnectOptions,
     /// Whether this replica holds its liveness lock (once registered).
     registered: std::sync::OnceLock<std::sync::Arc<std::sync::atomic::AtomicBool>>,
+    /// Chains the events transactions staged.
+    chain: std::sync::Arc<chain::Chain>,
+    /// Each task's user, for its events.
+    users: std::sync::Arc<tx::TaskUsers>,
 }
 
 impl PostgresStore {
@@ -68,9 +73,9 @@ impl PostgresStore {
     /// with `password` (never part of the URL) and applies the migrations.
     pub async fn open(url: &str, password: Option<&SecretString>) -> StoreResult<Self> {
         let opts = connect_options(url, password)?;
-        let pool = |opts: PgConnectOptions| async move {
+        let pool = |opts: PgConnectOptions, size: u32| async move {
             PgPoolOptions::new()
-                .max_connections(POOL_SIZE)
+                .max_connections(size)
                 .acquire_timeout(std::time::Duration::from_secs(5))
                 .connect_with(opts)
                 .await
@@ -81,20 +86,26 @@ impl PostgresStore {
                     ))
                 })
         };
-        let write = pool(opts.clone()).await?;
+        let write = pool(opts.clone(), POOL_SIZE).await?;
         sqlx::migrate!("./migrations/postgres")
             .run(&write)
             .await
             .map_err(|e| StoreError::Database(format!("migration failed: {e}")))?;
         // One pool for transactions and reads: with two, the policy reload
         // under load (tests/policy_reload.rs) stalled past the acquire
-        // timeout, and the cause is not understood yet.
+        // timeout (a caller holding one's connection waits on the other).
         let read = write.clone();
+        // The chainer's own connections: a request holding one of the pool's
+        // while it reads the log (which chains first) never waits for a
+        // pass that waits for the pool.
+        let chain = chain::Chain::start(pool(opts.clone(), CHAIN_POOL_SIZE).await?);
         Ok(Self {
             write,
             read,
             opts,
             registered: std::sync::OnceLock::new(),
+            chain,
+            users: Default::default(),
         })
     }
 
@@ -114,38 +125,8 @@ impl PostgresStore {
     }
 }
 
-/// How to connect to `url` with `password`; a password in the URL is
-/// refused (it would sit in the config in clear).
-pub(crate) fn connect_options(
-    url: &str,
-    password: Option<&SecretString>,
-) -> StoreResult<PgConnectOptions> {
-    if url::Url::parse(url).is_ok_and(|u| u.password().is_some()) {
-        return Err(StoreError::Invalid(
-            "the store url carries a password: give it as `store.password`, a secret \
-             reference (env:, file:, aws-sm:), so it is never written in the config"
-                .into(),
-        ));
-    }
-    let mut opts = PgConnectOptions::from_str(url).map_err(|e| {
-        StoreError::Invalid(format!("store url: {}", redact(&e.to_string(), password)))
-    })?;
-    if let Some(p) = password {
-        opts = opts.password(p.expose_secret());
-    }
-    Ok(opts.application_name("keygate"))
-}
-
-/// A driver message with the password cut out, should a driver ever quote
-/// it.
-fn redact(message: &str, password: Option<&SecretString>) -> String {
-    match password {
-        Some(p) if !p.expose_secret().is_empty() => {
-            message.replace(p.expose_secret(), "[redacted]")
-        }
-        _ => message.to_owned(),
-    }
-}
+pub(crate) use connect::connect_options;
+use connect::redact;
 
 #[async_trait]
 impl Store for PostgresStore {
@@ -168,11 +149,29 @@ impl Store for PostgresStore {
         Ok(crate::store::Held::until(release))
     }
 
+    async fn insert_lease_audited(
+        &self,
+        lease: &Lease,
+        events: Vec<AuditEvent>,
+    ) -> StoreResult<crate::store::LeaseInsert> {
+        chain::insert_lease_audited(self, lease, events).await
+    }
+
+    async fn open_task_recorded(
+        &self,
+        jti: &crate::store::JtiUse,
+        task: &Task,
+        events: Vec<AuditEvent>,
+    ) -> StoreResult<crate::store::TaskOpen> {
+        chain::open_task_recorded(self, jti, task, events).await
+    }
+
     async fn begin(&self) -> StoreResult<Box<dyn StoreTx>> {
         Ok(Box::new(PostgresTx {
             tx: self.write.begin().await?,
             events: Vec::new(),
-            users: HashMap::new(),
+            chain: self.chain.clone(),
+            users: self.users.clone(),
         }))
     }
 
@@ -230,6 +229,7 @@ impl Store for PostgresStore {
         ids: &[String],
         actions: &[&str],
     ) -> StoreResult<Vec<AuditEvent>> {
+        self.chain.chain_pending().await?;
         sqlx::query(
             "SELECT * FROM audit_events WHERE task = ANY($1) AND action = ANY($2) ORDER BY seq",
         )
@@ -446,6 +446,7 @@ impl Store for PostgresStore {
     }
 
     async fn audit_events(&self, f: &AuditFilter) -> StoreResult<Vec<AuditEvent>> {
+        self.chain.chain_pending().await?;
         let mut q = QueryBuilder::<Postgres>::new("SELECT * FROM audit_events WHERE seq > ");
         q.push_bind(f.after_seq);
         if let Some(a) = &f.agent {
@@ -518,6 +519,7 @@ impl Store for PostgresStore {
     }
 
     async fn audit_head(&self) -> StoreResult<Option<(i64, String)>> {
+        self.chain.chain_pending().await?;
         Ok(
             sqlx::query("SELECT seq, hash FROM audit_events ORDER BY seq DESC LIMIT 1")
                 .fetch_optional(&self.read)

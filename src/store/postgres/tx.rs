@@ -1,11 +1,12 @@
 //! Changes in the PostgreSQL engine: one [`StoreTx`] is one PostgreSQL
-//! transaction; its audit events are chained and appended at commit.
-
-use std::collections::HashMap;
+//! transaction; its audit events are staged at commit and chained after it.
 
 mod agents;
 mod chain;
+pub(super) use chain::TaskUsers;
 mod leases;
+pub(super) use leases::insert_lease_staged;
+pub(super) use tasks::open_task_staged;
 mod tasks;
 
 use async_trait::async_trait;
@@ -23,10 +24,12 @@ use crate::store::{Delivery, LeaseSelector, StoreError, StoreResult, StoreTx, Ta
 
 pub(super) struct PostgresTx {
     pub(super) tx: Transaction<'static, Postgres>,
-    /// Audit events of this transaction, chained and inserted at commit.
+    /// Audit events of this transaction, staged at commit.
     pub(super) events: Vec<AuditEvent>,
-    /// Each task's user (`on_behalf_of`) as this transaction learnt it.
-    pub(super) users: HashMap<String, Option<String>>,
+    /// Chains them once committed.
+    pub(super) chain: std::sync::Arc<super::chain::Chain>,
+    /// Each task's user (`on_behalf_of`), as this replica learnt it.
+    pub(super) users: std::sync::Arc<chain::TaskUsers>,
 }
 
 impl PostgresTx {
@@ -41,20 +44,18 @@ impl PostgresTx {
 #[async_trait]
 impl StoreTx for PostgresTx {
     async fn commit(mut self: Box<Self>) -> StoreResult<()> {
-        if !self.events.is_empty() {
-            self.append_events().await?;
+        if self.events.is_empty() {
+            self.tx.commit().await?;
+            return Ok(());
         }
+        super::chain::stage(&mut self.tx, super::chain::staged(&self.events)?).await?;
         self.tx.commit().await?;
+        self.chain.wake();
         Ok(())
     }
 
     async fn audit(&mut self, mut ev: AuditEvent) -> StoreResult<()> {
-        // Every event of a task that acts for a user names the user.
-        if ev.on_behalf_of.is_none()
-            && let Some(task) = ev.task.clone()
-        {
-            ev.on_behalf_of = self.user_of(&task).await?;
-        }
+        self.name_user(&mut ev).await?;
         self.events.push(ev);
         Ok(())
     }
@@ -536,6 +537,6 @@ async fn settle<T>(sp: Transaction<'_, Postgres>, done: StoreResult<T>) -> Store
     }
 }
 
-fn corrupt(e: serde_json::Error) -> StoreError {
+pub(super) fn corrupt(e: serde_json::Error) -> StoreError {
     StoreError::Corrupt(e.to_string())
 }

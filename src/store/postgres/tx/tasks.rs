@@ -1,12 +1,12 @@
 //! Tasks in the PostgreSQL engine: opened, ended (with their delegated tasks and live leases), and the assertion ids that may not be replayed.
 
-use sqlx::{Postgres, QueryBuilder};
+use sqlx::{Postgres, QueryBuilder, Row};
 use time::OffsetDateTime;
 
 use super::{PostgresTx, corrupt};
 use crate::model::{Task, TaskState, unix};
 use crate::store::sql::{json_opt, push_task_selector};
-use crate::store::{StoreResult, TaskSelector};
+use crate::store::{JtiUse, StoreResult, TaskOpen, TaskSelector};
 
 pub(super) async fn insert_task(tx: &mut PostgresTx, t: &Task) -> StoreResult<bool> {
     // The agent's row, and the parent task's, locked: a suspension (or the
@@ -54,7 +54,7 @@ pub(super) async fn insert_task(tx: &mut PostgresTx, t: &Task) -> StoreResult<bo
     .execute(tx.conn())
     .await?;
     tx.users
-        .insert(t.id.clone(), t.on_behalf_of.as_ref().map(|u| u.id.clone()));
+        .learn(&t.id, t.on_behalf_of.as_ref().map(|u| u.id.clone()));
     Ok(true)
 }
 
@@ -140,4 +140,67 @@ pub(super) async fn record_jti(
     .execute(tx.conn())
     .await?;
     Ok(done.rows_affected() == 1)
+}
+
+/// A task opened in one statement, committed alone, with its assertion's
+/// `jti` and its staged events (`staged`, the JSON of
+/// `store/postgres/chain.rs`): one round trip instead of a transaction's
+/// seven. What [`insert_task`] and [`record_jti`] check holds here too, in
+/// the same order: the agent's row locked and active, the parent's locked
+/// and open (a suspension or the parent's end committing meanwhile is
+/// waited for and read as it ends), then the `jti`, recorded only with the
+/// task.
+pub(in crate::store::postgres) async fn open_task_staged(
+    db: &sqlx::PgPool,
+    jti: &JtiUse,
+    t: &Task,
+    staged: String,
+) -> StoreResult<TaskOpen> {
+    let row = sqlx::query(
+        "WITH a AS (SELECT 1 FROM agents WHERE id = $2 AND status = 'active' \
+                    FOR NO KEY UPDATE), \
+              p AS (SELECT 1 FROM tasks WHERE id = $7 AND state = 'open' FOR SHARE), \
+              ok AS (SELECT EXISTS (SELECT 1 FROM a) \
+                     AND ($7::text IS NULL OR EXISTS (SELECT 1 FROM p)) AS ok), \
+              j AS (INSERT INTO assertion_jtis (agent_id, jti, expires_at) \
+                    SELECT $16, $13, $14 FROM ok WHERE ok.ok \
+                    ON CONFLICT DO NOTHING RETURNING 1), \
+              t AS (INSERT INTO tasks (id, agent_id, description, state, opened_at, \
+                    expires_at, parent_task_id, depth, delegation_budget, scopes, chain, \
+                    on_behalf_of) \
+                    SELECT $1, $2, $3, $4, $5, $6, $7, $8, $9, $10, $11, $12 FROM j), \
+              u AS (UPDATE agents SET last_used_at = $5 \
+                    WHERE id = $2 AND EXISTS (SELECT 1 FROM j)), \
+              e AS (INSERT INTO audit_pending (events) SELECT $15 FROM j) \
+         SELECT (SELECT count(*) FROM j) AS opened, (SELECT ok FROM ok) AS ok",
+    )
+    .bind(&t.id)
+    .bind(&t.agent_id)
+    .bind(&t.description)
+    .bind(t.state.as_str())
+    .bind(unix(t.opened_at))
+    .bind(unix(t.expires_at))
+    .bind(&t.parent_task_id)
+    .bind(i64::from(t.depth))
+    .bind(i64::from(t.delegation_budget))
+    .bind(json_opt(t.scopes.as_ref())?)
+    .bind(serde_json::to_string(&t.chain).map_err(corrupt)?)
+    .bind(json_opt(t.on_behalf_of.as_ref())?)
+    .bind(&jti.jti)
+    .bind(unix(jti.expires_at))
+    .bind(staged)
+    .bind(&jti.agent_id)
+    .fetch_one(db)
+    .await?;
+    let opened: i64 = row.try_get("opened")?;
+    let ok: bool = row.try_get("ok")?;
+    // As in a transaction of its own (`open_task_alone`): the agent and the
+    // parent judged first, then the `jti`.
+    Ok(if opened == 1 {
+        TaskOpen::Opened
+    } else if ok {
+        TaskOpen::Replayed
+    } else {
+        TaskOpen::Overtaken
+    })
 }

@@ -86,8 +86,8 @@ pub(super) async fn record_jti(
     jti: &str,
     expires_at: OffsetDateTime,
 ) -> StoreResult<bool> {
-    // Usually the transaction's first statement: one trip opens the
-    // savepoint and records the jti (a row back: it was fresh).
+    // One trip opens the savepoint, if this is the transaction's first
+    // statement, and records the jti (a row back: it was fresh).
     let mut trip = tx.tx.trip();
     trip.q
         .push("INSERT INTO assertion_jtis (agent_id, jti, expires_at) VALUES (")
