@@ -508,3 +508,32 @@ async fn racing_lease_writes_keep_each_its_fate() {
     );
     verify_chain(&evs, 0, GENESIS_HASH.to_owned()).expect("one unbroken chain");
 }
+
+/// On PostgreSQL a replica's pools are open whole before its store is:
+/// a connection opened on a request's path under load took seconds (the
+/// driver's SCRAM key derivation yields to the runtime every fifth of its
+/// 4,096 rounds, each yield behind every ready task), and requests waiting
+/// for it failed with 503s.
+#[tokio::test]
+async fn a_postgres_store_opens_its_whole_pool_before_it_is_used() {
+    if engine() != Engine::Postgres {
+        return; // SQLite opens its file.
+    }
+    use sqlx::Connection;
+    let (_dir, path) = db_path();
+    let _store = open(&path).await;
+    let dir = std::path::Path::new(&path).parent().unwrap();
+    let mut db = sqlx::PgConnection::connect(&Engine::Postgres.url(dir))
+        .await
+        .unwrap();
+    let open: i64 = sqlx::query_scalar(
+        "SELECT count(*) FROM pg_stat_activity \
+         WHERE datname = current_database() AND application_name = 'keygate' \
+         AND pid <> pg_backend_pid()",
+    )
+    .fetch_one(&mut db)
+    .await
+    .unwrap();
+    // Sixteen for requests, two for the audit chainer.
+    assert!(open >= 18, "{open} connections open");
+}

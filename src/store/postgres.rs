@@ -26,7 +26,7 @@ mod tx;
 
 use async_trait::async_trait;
 use secrecy::SecretString;
-use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions, PgRow};
+use sqlx::postgres::{PgConnectOptions, PgPool, PgRow};
 use sqlx::{Postgres, QueryBuilder, Row};
 use time::OffsetDateTime;
 
@@ -74,26 +74,19 @@ impl PostgresStore {
     pub async fn open(url: &str, password: Option<&SecretString>) -> StoreResult<Self> {
         let opts = connect_options(url, password)?;
         let pool = |opts: PgConnectOptions, size: u32| async move {
-            PgPoolOptions::new()
-                .max_connections(size)
-                .acquire_timeout(std::time::Duration::from_secs(5))
-                .connect_with(opts)
-                .await
-                .map_err(|e| {
-                    StoreError::Database(format!(
-                        "cannot connect to the store: {}",
-                        redact(&e.to_string(), password)
-                    ))
-                })
+            connect::open_pool(opts, size).await.map_err(|e| {
+                StoreError::Database(format!(
+                    "cannot connect to the store: {}",
+                    redact(&e.to_string(), password)
+                ))
+            })
         };
         let write = pool(opts.clone(), POOL_SIZE).await?;
         sqlx::migrate!("./migrations/postgres")
             .run(&write)
             .await
             .map_err(|e| StoreError::Database(format!("migration failed: {e}")))?;
-        // One pool for transactions and reads: with two, the policy reload
-        // under load (tests/policy_reload.rs) stalled past the acquire
-        // timeout (a caller holding one's connection waits on the other).
+        // One pool for transactions and reads.
         let read = write.clone();
         // The chainer's own connections: a request holding one of the pool's
         // while it reads the log (which chains first) never waits for a

@@ -1,10 +1,11 @@
 //! How the PostgreSQL engine connects: options from the store's URL and a
-//! password given apart from it, and driver messages without the password.
+//! password given apart from it, pools opened whole before the replica
+//! serves, and driver messages without the password.
 
 use std::str::FromStr;
 
 use secrecy::{ExposeSecret, SecretString};
-use sqlx::postgres::PgConnectOptions;
+use sqlx::postgres::{PgConnectOptions, PgPool, PgPoolOptions};
 
 use crate::store::{StoreError, StoreResult};
 
@@ -28,6 +29,40 @@ pub(crate) fn connect_options(
         opts = opts.password(p.expose_secret());
     }
     Ok(opts.application_name("keygate"))
+}
+
+/// A pool of `size` connections, every one of them opened now (together)
+/// and kept open: none is opened on a request's path.
+///
+/// Opening one under load took seconds: the driver's SCRAM key derivation
+/// (4,096 HMAC rounds) yields to the runtime every fifth round, and each
+/// yield waits behind every task that is ready to run, so with 32 clients
+/// at work a connection opened on demand stayed in `authentication` past
+/// the 5 s acquire timeout and requests failed with 503s (the policy reload
+/// under load on PostgreSQL, `tests/policy_reload.rs`). With the pool kept
+/// full, a request waits only for a connection another one releases; one
+/// lost is replaced by the pool's own background task.
+pub(super) async fn open_pool(opts: PgConnectOptions, size: u32) -> Result<PgPool, sqlx::Error> {
+    let pool = PgPoolOptions::new()
+        .max_connections(size)
+        .min_connections(size)
+        .acquire_timeout(std::time::Duration::from_secs(5))
+        .connect_lazy_with(opts);
+    let opening: Vec<_> = (0..size)
+        .map(|_| {
+            let pool = pool.clone();
+            tokio::spawn(async move { pool.acquire().await })
+        })
+        .collect();
+    let mut opened = Vec::with_capacity(opening.len());
+    for conn in opening {
+        opened.push(
+            conn.await
+                .map_err(|e| sqlx::Error::Io(std::io::Error::other(e)))??,
+        );
+    }
+    drop(opened);
+    Ok(pool)
 }
 
 /// A driver message with the password cut out, should a driver ever quote
