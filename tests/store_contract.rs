@@ -537,3 +537,38 @@ async fn a_postgres_store_opens_its_whole_pool_before_it_is_used() {
     // Sixteen for requests, two for the audit chainer.
     assert!(open >= 18, "{open} connections open");
 }
+
+/// On PostgreSQL, connections the database dropped while they sat in the
+/// pool (a restart, an administrator) are replaced before they are handed
+/// out: the next reads all succeed.
+#[tokio::test]
+async fn a_postgres_store_replaces_connections_the_database_dropped() {
+    if engine() != Engine::Postgres {
+        return; // SQLite has no connections to lose.
+    }
+    use sqlx::Connection;
+    let (_dir, path) = db_path();
+    let store = open(&path).await;
+    store.ping().await.unwrap();
+    let dir = std::path::Path::new(&path).parent().unwrap();
+    let mut db = sqlx::PgConnection::connect(&Engine::Postgres.url(dir))
+        .await
+        .unwrap();
+    let dropped: i64 = sqlx::query_scalar(
+        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
+         WHERE datname = current_database() AND application_name = 'keygate' \
+         AND pid <> pg_backend_pid()",
+    )
+    .fetch_one(&mut db)
+    .await
+    .unwrap();
+    assert!(dropped >= 18, "{dropped} connections dropped");
+    // Idle past the moment a pooled connection is asked again.
+    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    for i in 0..40 {
+        store
+            .ping()
+            .await
+            .unwrap_or_else(|e| panic!("read {i} after the drop: {e}"));
+    }
+}

@@ -31,6 +31,10 @@ pub(crate) fn connect_options(
     Ok(opts.application_name("keygate"))
 }
 
+/// How long a pooled connection may sit idle before it is asked whether it
+/// is still alive when next handed out.
+const ASK_AFTER_IDLE: std::time::Duration = std::time::Duration::from_secs(1);
+
 /// A pool of `size` connections, every one of them opened now (together)
 /// and kept open: none is opened on a request's path.
 ///
@@ -40,12 +44,33 @@ pub(crate) fn connect_options(
 /// at work a connection opened on demand stayed in `authentication` past
 /// the 5 s acquire timeout and requests failed with 503s (the policy reload
 /// under load on PostgreSQL, `tests/policy_reload.rs`). With the pool kept
-/// full, a request waits only for a connection another one releases; one
-/// lost is replaced by the pool's own background task.
+/// full, a request waits only for a connection another one releases. No
+/// lifetime ends them: the driver's default (30 minutes) would close all of
+/// them within moments of each other, since they open together, and their
+/// replacements would be opened on requests' paths under whatever load
+/// there is then. Only a lost connection is opened again.
 pub(super) async fn open_pool(opts: PgConnectOptions, size: u32) -> Result<PgPool, sqlx::Error> {
     let pool = PgPoolOptions::new()
         .max_connections(size)
         .min_connections(size)
+        .max_lifetime(None)
+        // By default the driver asks every connection it hands out whether
+        // it is alive: a round trip before each statement, when it already
+        // asks as each is given back (and drops a broken one). Only one
+        // that sat idle for a while is asked again, so a connection the
+        // database dropped meanwhile (a restart) is replaced, not handed
+        // out; under load none sits that long. Side by side at 32 clients,
+        // X.509-SVIDs on PostgreSQL: 1,224 and 1,203/s without the extra
+        // round trip, 1,157 and 1,034/s with it.
+        .test_before_acquire(false)
+        .before_acquire(|conn, meta| {
+            Box::pin(async move {
+                if meta.idle_for > ASK_AFTER_IDLE {
+                    sqlx::Connection::ping(conn).await?;
+                }
+                Ok(true)
+            })
+        })
         .acquire_timeout(std::time::Duration::from_secs(5))
         .connect_lazy_with(opts);
     let opening: Vec<_> = (0..size)
