@@ -538,9 +538,10 @@ async fn a_postgres_store_opens_its_whole_pool_before_it_is_used() {
     assert!(open >= 18, "{open} connections open");
 }
 
-/// On PostgreSQL, connections the database dropped while they sat in the
-/// pool (a restart, an administrator) are replaced before they are handed
-/// out: the next reads all succeed.
+/// On PostgreSQL, connections the database dropped while they sat idle in
+/// the pool for over a second (a restart, an administrator, during a quiet
+/// spell) are replaced before they are handed out: the next reads all
+/// succeed.
 #[tokio::test]
 async fn a_postgres_store_replaces_connections_the_database_dropped() {
     if engine() != Engine::Postgres {
@@ -571,4 +572,33 @@ async fn a_postgres_store_replaces_connections_the_database_dropped() {
             .await
             .unwrap_or_else(|e| panic!("read {i} after the drop: {e}"));
     }
+}
+
+/// On PostgreSQL, a wrong password stops the store from opening with an
+/// error that says so without repeating the password, once (the pool's
+/// other connections, opening together, are stopped and closed).
+#[tokio::test]
+async fn a_postgres_store_with_a_wrong_password_does_not_open() {
+    if engine() != Engine::Postgres {
+        return; // SQLite has no password.
+    }
+    let (_dir, path) = db_path();
+    drop(open(&path).await);
+    let dir = std::path::Path::new(&path).parent().unwrap();
+    let mut url = url::Url::parse(&Engine::Postgres.url(dir)).unwrap();
+    url.set_password(None).unwrap();
+    let wrong = secrecy::SecretString::from("not-the-password-0451".to_owned());
+    let opened = tokio::time::timeout(
+        std::time::Duration::from_secs(60),
+        keygate::store::open_with(url.as_str(), Some(&wrong)),
+    )
+    .await
+    .expect("the open ends");
+    let Err(e) = opened else {
+        panic!("a wrong password opened the store")
+    };
+    let msg = e.to_string();
+    assert!(msg.contains("cannot connect to the store"), "{msg}");
+    assert!(msg.contains("password authentication failed"), "{msg}");
+    assert!(!msg.contains("not-the-password-0451"), "{msg}");
 }

@@ -36,7 +36,7 @@ pub(crate) fn connect_options(
 const ASK_AFTER_IDLE: std::time::Duration = std::time::Duration::from_secs(1);
 
 /// A pool of `size` connections, every one of them opened now (together)
-/// and kept open: none is opened on a request's path.
+/// and kept open, so that a request does not open one on its way.
 ///
 /// Opening one under load took seconds: the driver's SCRAM key derivation
 /// (4,096 HMAC rounds) yields to the runtime every fifth round, and each
@@ -44,24 +44,31 @@ const ASK_AFTER_IDLE: std::time::Duration = std::time::Duration::from_secs(1);
 /// at work a connection opened on demand stayed in `authentication` past
 /// the 5 s acquire timeout and requests failed with 503s (the policy reload
 /// under load on PostgreSQL, `tests/policy_reload.rs`). With the pool kept
-/// full, a request waits only for a connection another one releases. No
-/// lifetime ends them: the driver's default (30 minutes) would close all of
-/// them within moments of each other, since they open together, and their
-/// replacements would be opened on requests' paths under whatever load
-/// there is then. Only a lost connection is opened again.
+/// full, a request waits only for a connection another one releases.
+///
+/// Neither a lifetime nor idleness ends a connection: the driver's defaults
+/// (30 minutes of life, 10 idle) would close them and the replacements
+/// would be opened wherever a request waits, under whatever load there is
+/// then; opened together, they would also all reach their lifetime at
+/// once. Only a connection that is lost (the database restarted or dropped
+/// it) is opened again, and that one on the path of the request that finds
+/// the pool short.
 pub(super) async fn open_pool(opts: PgConnectOptions, size: u32) -> Result<PgPool, sqlx::Error> {
     let pool = PgPoolOptions::new()
         .max_connections(size)
         .min_connections(size)
         .max_lifetime(None)
+        .idle_timeout(None)
         // By default the driver asks every connection it hands out whether
-        // it is alive: a round trip before each statement, when it already
-        // asks as each is given back (and drops a broken one). Only one
-        // that sat idle for a while is asked again, so a connection the
-        // database dropped meanwhile (a restart) is replaced, not handed
-        // out; under load none sits that long. Side by side at 32 clients,
-        // X.509-SVIDs on PostgreSQL: 1,224 and 1,203/s without the extra
-        // round trip, 1,157 and 1,034/s with it.
+        // it is alive: a round trip at the start of each transaction and
+        // each statement run alone, when it already asks as each is given
+        // back (and drops a broken one). Only one that sat idle for over a
+        // second is asked again, so one the database dropped during a quiet
+        // spell is replaced, not handed out; under load none sits that long
+        // (one dropped then fails the one statement it is handed to, as one
+        // in use would have). Side by side at 32 clients, X.509-SVIDs on
+        // PostgreSQL: 1,224 and 1,203/s without the extra round trip, 1,157
+        // and 1,034/s with it.
         .test_before_acquire(false)
         .before_acquire(|conn, meta| {
             Box::pin(async move {
@@ -73,18 +80,24 @@ pub(super) async fn open_pool(opts: PgConnectOptions, size: u32) -> Result<PgPoo
         })
         .acquire_timeout(std::time::Duration::from_secs(5))
         .connect_lazy_with(opts);
-    let opening: Vec<_> = (0..size)
+    let mut opening: tokio::task::JoinSet<_> = (0..size)
         .map(|_| {
             let pool = pool.clone();
-            tokio::spawn(async move { pool.acquire().await })
+            async move { pool.acquire().await }
         })
         .collect();
-    let mut opened = Vec::with_capacity(opening.len());
-    for conn in opening {
-        opened.push(
-            conn.await
-                .map_err(|e| sqlx::Error::Io(std::io::Error::other(e)))??,
-        );
+    let mut opened = Vec::with_capacity(size as usize);
+    while let Some(conn) = opening.join_next().await {
+        match conn.map_err(|e| sqlx::Error::Io(std::io::Error::other(e))) {
+            Ok(Ok(conn)) => opened.push(conn),
+            Ok(Err(e)) | Err(e) => {
+                // The others are stopped and what was opened is closed.
+                opening.abort_all();
+                drop(opened);
+                pool.close().await;
+                return Err(e);
+            }
+        }
     }
     drop(opened);
     Ok(pool)
