@@ -538,12 +538,13 @@ async fn a_postgres_store_opens_its_whole_pool_before_it_is_used() {
     assert!(open >= 18, "{open} connections open");
 }
 
-/// On PostgreSQL, connections the database dropped while they sat idle in
-/// the pool for over a second (a restart, an administrator, during a quiet
-/// spell) are replaced before they are handed out: the next reads all
-/// succeed.
+/// On PostgreSQL, a database that goes away (every connection dropped,
+/// new ones refused) and comes back: a read while it is away ends in an
+/// error, and once it is back the connections it dropped, idle in the pool
+/// for over a second, are replaced before they are handed out, so the next
+/// reads all succeed.
 #[tokio::test]
-async fn a_postgres_store_replaces_connections_the_database_dropped() {
+async fn a_postgres_store_carries_on_when_its_database_comes_back() {
     if engine() != Engine::Postgres {
         return; // SQLite has no connections to lose.
     }
@@ -552,25 +553,40 @@ async fn a_postgres_store_replaces_connections_the_database_dropped() {
     let store = open(&path).await;
     store.ping().await.unwrap();
     let dir = std::path::Path::new(&path).parent().unwrap();
-    let mut db = sqlx::PgConnection::connect(&Engine::Postgres.url(dir))
+    // As an administrator, from another database.
+    let mut url = url::Url::parse(&Engine::Postgres.url(dir)).unwrap();
+    let name = url.path().trim_start_matches('/').to_owned();
+    url.set_path("/postgres");
+    let mut db = sqlx::PgConnection::connect(url.as_str()).await.unwrap();
+    let allow = |on: bool| format!("ALTER DATABASE \"{name}\" ALLOW_CONNECTIONS {on}");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(allow(false)))
+        .execute(&mut db)
         .await
         .unwrap();
     let dropped: i64 = sqlx::query_scalar(
         "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
-         WHERE datname = current_database() AND application_name = 'keygate' \
-         AND pid <> pg_backend_pid()",
+         WHERE datname = $1 AND application_name = 'keygate'",
     )
+    .bind(&name)
     .fetch_one(&mut db)
     .await
     .unwrap();
     assert!(dropped >= 18, "{dropped} connections dropped");
     // Idle past the moment a pooled connection is asked again.
     tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
+    let away = tokio::time::timeout(std::time::Duration::from_secs(60), store.ping())
+        .await
+        .expect("a read while the database is away ends");
+    assert!(away.is_err(), "a read while the database is away");
+    sqlx::raw_sql(sqlx::AssertSqlSafe(allow(true)))
+        .execute(&mut db)
+        .await
+        .unwrap();
     for i in 0..40 {
         store
             .ping()
             .await
-            .unwrap_or_else(|e| panic!("read {i} after the drop: {e}"));
+            .unwrap_or_else(|e| panic!("read {i} once the database is back: {e}"));
     }
 }
 
