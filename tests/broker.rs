@@ -30,6 +30,7 @@ mod secrets_never_leak;
 mod startup;
 mod store_contract;
 mod store_contract_chain;
+mod store_contract_pool;
 mod store_contract_reads;
 mod store_contract_tasks;
 mod store_migrate;

@@ -5,7 +5,8 @@
 //! stays one unbroken chain, and no lease is written for an ended task.
 //! What only one engine does (SQLite's WAL) is checked for that engine.
 //! What session checks and agent lookups read: `store_reads.rs`; task
-//! opens: `store_contract_tasks.rs`.
+//! opens: `store_contract_tasks.rs`; PostgreSQL's connections:
+//! `store_contract_pool.rs`.
 #![allow(clippy::unwrap_used, clippy::expect_used, clippy::panic)]
 
 use crate::common;
@@ -507,114 +508,4 @@ async fn racing_lease_writes_keep_each_its_fate() {
         "each written lease has its event, no other has one"
     );
     verify_chain(&evs, 0, GENESIS_HASH.to_owned()).expect("one unbroken chain");
-}
-
-/// On PostgreSQL a replica's pools are open whole before its store is:
-/// a connection opened on a request's path under load took seconds (the
-/// driver's SCRAM key derivation yields to the runtime every fifth of its
-/// 4,096 rounds, each yield behind every ready task), and requests waiting
-/// for it failed with 503s.
-#[tokio::test]
-async fn a_postgres_store_opens_its_whole_pool_before_it_is_used() {
-    if engine() != Engine::Postgres {
-        return; // SQLite opens its file.
-    }
-    use sqlx::Connection;
-    let (_dir, path) = db_path();
-    let _store = open(&path).await;
-    let dir = std::path::Path::new(&path).parent().unwrap();
-    let mut db = sqlx::PgConnection::connect(&Engine::Postgres.url(dir))
-        .await
-        .unwrap();
-    let open: i64 = sqlx::query_scalar(
-        "SELECT count(*) FROM pg_stat_activity \
-         WHERE datname = current_database() AND application_name = 'keygate' \
-         AND pid <> pg_backend_pid()",
-    )
-    .fetch_one(&mut db)
-    .await
-    .unwrap();
-    // Sixteen for requests, two for the audit chainer.
-    assert!(open >= 18, "{open} connections open");
-}
-
-/// On PostgreSQL, a database that goes away (every connection dropped,
-/// new ones refused) and comes back: a read while it is away ends in an
-/// error, and once it is back the connections it dropped, idle in the pool
-/// for over a second, are replaced before they are handed out, so the next
-/// reads all succeed.
-#[tokio::test]
-async fn a_postgres_store_carries_on_when_its_database_comes_back() {
-    if engine() != Engine::Postgres {
-        return; // SQLite has no connections to lose.
-    }
-    use sqlx::Connection;
-    let (_dir, path) = db_path();
-    let store = open(&path).await;
-    store.ping().await.unwrap();
-    let dir = std::path::Path::new(&path).parent().unwrap();
-    // As an administrator, from another database.
-    let mut url = url::Url::parse(&Engine::Postgres.url(dir)).unwrap();
-    let name = url.path().trim_start_matches('/').to_owned();
-    url.set_path("/postgres");
-    let mut db = sqlx::PgConnection::connect(url.as_str()).await.unwrap();
-    let allow = |on: bool| format!("ALTER DATABASE \"{name}\" ALLOW_CONNECTIONS {on}");
-    sqlx::raw_sql(sqlx::AssertSqlSafe(allow(false)))
-        .execute(&mut db)
-        .await
-        .unwrap();
-    let dropped: i64 = sqlx::query_scalar(
-        "SELECT count(pg_terminate_backend(pid)) FROM pg_stat_activity \
-         WHERE datname = $1 AND application_name = 'keygate'",
-    )
-    .bind(&name)
-    .fetch_one(&mut db)
-    .await
-    .unwrap();
-    assert!(dropped >= 18, "{dropped} connections dropped");
-    // Idle past the moment a pooled connection is asked again.
-    tokio::time::sleep(std::time::Duration::from_millis(1500)).await;
-    let away = tokio::time::timeout(std::time::Duration::from_secs(60), store.ping())
-        .await
-        .expect("a read while the database is away ends");
-    assert!(away.is_err(), "a read while the database is away");
-    sqlx::raw_sql(sqlx::AssertSqlSafe(allow(true)))
-        .execute(&mut db)
-        .await
-        .unwrap();
-    for i in 0..40 {
-        store
-            .ping()
-            .await
-            .unwrap_or_else(|e| panic!("read {i} once the database is back: {e}"));
-    }
-}
-
-/// On PostgreSQL, a wrong password stops the store from opening with an
-/// error that says so without repeating the password, once (the pool's
-/// other connections, opening together, are stopped and closed).
-#[tokio::test]
-async fn a_postgres_store_with_a_wrong_password_does_not_open() {
-    if engine() != Engine::Postgres {
-        return; // SQLite has no password.
-    }
-    let (_dir, path) = db_path();
-    drop(open(&path).await);
-    let dir = std::path::Path::new(&path).parent().unwrap();
-    let mut url = url::Url::parse(&Engine::Postgres.url(dir)).unwrap();
-    url.set_password(None).unwrap();
-    let wrong = secrecy::SecretString::from("not-the-password-0451".to_owned());
-    let opened = tokio::time::timeout(
-        std::time::Duration::from_secs(60),
-        keygate::store::open_with(url.as_str(), Some(&wrong)),
-    )
-    .await
-    .expect("the open ends");
-    let Err(e) = opened else {
-        panic!("a wrong password opened the store")
-    };
-    let msg = e.to_string();
-    assert!(msg.contains("cannot connect to the store"), "{msg}");
-    assert!(msg.contains("password authentication failed"), "{msg}");
-    assert!(!msg.contains("not-the-password-0451"), "{msg}");
 }
